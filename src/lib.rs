@@ -1,0 +1,11 @@
+//! turbine: a self-hosted SDXL-Turbo image-generation server on candle, speaking the OpenAI
+//! Images API.
+//!
+//! Layers, from the bottom up:
+//! - [`model`]: the SDXL-Turbo models written here (tokenizers, both CLIP text encoders, the
+//!   UNet, the VAE, the Euler-ancestral scheduler) and the [`model::pipeline::Pipeline`] that
+//!   turns a batch of prompts + seeds of one shape into 8-bit RGB images.
+//! - [`device`]: picking a candle device and dtype from user strings.
+
+pub mod device;
+pub mod model;

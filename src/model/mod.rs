@@ -1,0 +1,13 @@
+//! The SDXL-Turbo models, written here against diffusers/transformers semantics.
+//!
+//! One concept per file; struct and field names follow the checkpoint's tensor names so
+//! `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` maps to code directly.
+
+pub mod clip;
+pub mod loader;
+pub mod noise;
+pub mod pipeline;
+pub mod scheduler;
+pub mod tokenizer;
+pub mod unet;
+pub mod vae;
