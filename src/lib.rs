@@ -7,5 +7,6 @@
 //!   turns a batch of prompts + seeds of one shape into 8-bit RGB images.
 //! - [`device`]: picking a candle device and dtype from user strings.
 
+pub mod cli;
 pub mod device;
 pub mod model;

@@ -1,0 +1,8 @@
+//! `turbine generate` (placeholder until implemented).
+
+#[derive(Debug, clap::Args)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("`turbine generate` is not implemented yet")
+}

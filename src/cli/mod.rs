@@ -1,0 +1,41 @@
+//! Command-line entry points. Each subcommand owns its `Args` (clap) and `run`.
+
+pub mod bench;
+pub mod download;
+pub mod generate;
+pub mod serve;
+
+use std::process::ExitCode;
+
+/// An error caused by the user's input (bad flag value, missing file): exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// Logs go to stderr; `RUST_LOG` overrides the default `info` level.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Maps a command's result to the process exit code: 0 ok, 2 usage error, 1 anything else.
+pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<UsageError>().is_some()
+                || e.downcast_ref::<crate::model::loader::LoadError>()
+                    .is_some()
+            {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
