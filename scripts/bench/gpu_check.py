@@ -290,7 +290,10 @@ def main():
         hdr.append(f"- machine: {m['cpu']}, {m['cores']} cores, {(m['memory_bytes'] or 0) / 2**30:.0f} GiB ({m['host']})")
     hdr.append(f"- commit: {a.commit}; command: `scripts/gpu_check.sh` (budget {a.budget_s:.0f} s, used "
                f"{time.time() - START:.0f} s)")
-    hdr.append(f"- setting: full SDXL-Turbo architecture, random weights (diffusers, seed 0, fp16 variant files), "
+    arch = ("full SDXL-Turbo architecture" if a.config_dir.name == "sdxl-turbo"
+            else f"architecture of {a.config_dir}")
+    files = "fp16 variant files" if gpu else "f32 files"
+    hdr.append(f"- setting: {arch}, random weights (diffusers, seed 0, {files}), "
                f"{a.size}, {a.steps} step, {a.dtype}, guidance 0, end to end incl. VAE decode and 8-bit images; "
                f"{len(PROMPTS)} prompts and initial latents cycled over each batch; warm-up excluded, median of "
                f">= 3 runs and >= {a.min_time:g} s per batch size; peak = NVML device memory above the idle "
