@@ -95,10 +95,10 @@ EOF
 fi
 
 if [ "$MODE" = dry-run ]; then
-    if [ -d "$CARRY" ]; then
+    if [ -x "$CARRY/turbine" ]; then
         carry_check || exit 1
     else
-        echo "note: $CARRY not prepared (no CUDA build yet): carry checks skipped" >&2
+        echo "note: $CARRY/turbine not prepared (no CUDA build yet): carry checks skipped" >&2
     fi
     py="${TURBINE_BENCH_PYTHON:-/work/pyenv/bin/python}"
     [ -x "$py" ] || py=target/bench-venv/bin/python
