@@ -2,3 +2,5 @@
 //! Reference outputs come from `scripts/make_fixtures.sh` (see `scripts/fixtures/`).
 
 mod common;
+mod unet;
+mod vae;
