@@ -6,15 +6,13 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::model::loader::{self, LoadError, LoadResult, ModelDir, Weights};
 use crate::model::unet::attention::SpatialSelfAttention;
-use crate::model::unet::layers::Conv2d;
-use crate::model::unet::resnet::{
-    group_norm, Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D,
-};
+use crate::model::unet::layers::{Conv2d, GroupNorm};
+use crate::model::unet::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 
 /// diffusers' `Encoder`/`Decoder` hard-code this epsilon for every norm of the VAE.
 const VAE_EPS: f64 = 1e-6;
@@ -136,7 +134,7 @@ impl AutoencoderKLConfig {
             .block_out_channels
             .iter()
             .enumerate()
-            .find(|(_, &c)| g == 0 || c % g != 0)
+            .find(|(_, &c)| g == 0 || !c.is_multiple_of(g))
         {
             return Err(invalid(format!(
                 "`block_out_channels[{i}]` = {c} is not divisible by `norm_num_groups` = {g}"
@@ -264,7 +262,7 @@ impl Encoder {
             conv_in: Conv2d::new(vb.pp("conv_in"), cfg.in_channels, ch[0], 3, 1, 1)?,
             down_blocks,
             mid_block: MidBlock::new(vb.pp("mid_block"), last, g, cfg.mid_block_add_attention)?,
-            conv_norm_out: group_norm(vb.pp("conv_norm_out"), g, last, VAE_EPS)?,
+            conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), g, last, VAE_EPS)?,
             // double_z: the encoder emits mean and log-variance.
             conv_out: Conv2d::new(vb.pp("conv_out"), last, 2 * cfg.latent_channels, 3, 1, 1)?,
         })
@@ -279,7 +277,7 @@ impl Encoder {
             }
         }
         let xs = self.mid_block.forward(&xs)?;
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }
@@ -327,7 +325,7 @@ impl Decoder {
             conv_in: Conv2d::new(vb.pp("conv_in"), cfg.latent_channels, last, 3, 1, 1)?,
             mid_block: MidBlock::new(vb.pp("mid_block"), last, g, cfg.mid_block_add_attention)?,
             up_blocks,
-            conv_norm_out: group_norm(vb.pp("conv_norm_out"), g, ch[0], VAE_EPS)?,
+            conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), g, ch[0], VAE_EPS)?,
             conv_out: Conv2d::new(vb.pp("conv_out"), ch[0], cfg.out_channels, 3, 1, 1)?,
         })
     }
@@ -341,7 +339,7 @@ impl Decoder {
                 xs = u.forward(&xs, None)?;
             }
         }
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }

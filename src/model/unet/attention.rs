@@ -4,10 +4,9 @@
 //! `Transformer2DModel`), plus the VAE's single-head spatial self-attention.
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{GroupNorm, LayerNorm, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
-use super::layers::{matmul, Conv2d, Linear};
-use super::resnet::group_norm;
+use super::layers::{matmul, Conv2d, GroupNorm, Linear};
 
 /// Upper bound on the elements of one attention score matrix `[B*heads, rows, keys]`.
 ///
@@ -261,7 +260,7 @@ pub struct Transformer2DConfig {
 impl Transformer2DModel {
     pub fn new(vb: VarBuilder, cfg: &Transformer2DConfig) -> Result<Self> {
         let c = cfg.channels;
-        if cfg.heads == 0 || c % cfg.heads != 0 {
+        if cfg.heads == 0 || !c.is_multiple_of(cfg.heads) {
             candle_core::bail!(
                 "{}: {c} channels cannot be split into {} attention heads",
                 vb.prefix(),
@@ -285,7 +284,7 @@ impl Transformer2DModel {
         let lin = cfg.use_linear_projection;
         Ok(Self {
             // Transformer2DModel hard-codes eps 1e-6 for this norm, unlike the resnets.
-            norm: group_norm(vb.pp("norm"), cfg.norm_num_groups, c, 1e-6)?,
+            norm: GroupNorm::new(vb.pp("norm"), cfg.norm_num_groups, c, 1e-6)?,
             proj_in: Projection::new(vb.pp("proj_in"), c, c, lin)?,
             transformer_blocks,
             proj_out: Projection::new(vb.pp("proj_out"), c, c, lin)?,
@@ -347,7 +346,7 @@ impl SpatialSelfAttention {
         eps: f64,
         rescale_output_factor: f64,
     ) -> Result<Self> {
-        if head_dim == 0 || channels % head_dim != 0 {
+        if head_dim == 0 || !channels.is_multiple_of(head_dim) {
             candle_core::bail!(
                 "{}: {channels} channels cannot be split into heads of {head_dim}",
                 vb.prefix()
@@ -355,7 +354,7 @@ impl SpatialSelfAttention {
         }
         let heads = channels / head_dim;
         Ok(Self {
-            group_norm: group_norm(vb.pp("group_norm"), groups, channels, eps)?,
+            group_norm: GroupNorm::new(vb.pp("group_norm"), groups, channels, eps)?,
             attn: Attention::new(vb, channels, None, heads, head_dim, true)?,
             rescale_output_factor,
         })

@@ -54,7 +54,7 @@ impl Timesteps {
         } else {
             Tensor::cat(&[sin, cos], D::Minus1)?
         };
-        if self.num_channels % 2 == 1 {
+        if !self.num_channels.is_multiple_of(2) {
             emb.pad_with_zeros(D::Minus1, 0, 1)
         } else {
             Ok(emb)

@@ -14,14 +14,13 @@ pub mod resnet;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::model::loader::{self, LoadError, LoadResult, ModelDir, Weights};
 use blocks::{AttnSpec, BlockConfig, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D};
 use embeddings::{TextTimeEmbedding, TimestepEmbedding, Timesteps};
-use layers::Conv2d;
-use resnet::group_norm;
+use layers::{Conv2d, GroupNorm};
 
 /// An option given either once for all blocks or once per down block.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -423,14 +422,14 @@ impl UNet2DConditionConfig {
             ));
         };
         for (i, &c) in self.block_out_channels.iter().enumerate() {
-            if groups == 0 || c % groups != 0 {
+            if groups == 0 || !c.is_multiple_of(groups) {
                 return Err(invalid(format!(
                     "`block_out_channels[{i}]` = {c} is not divisible by `norm_num_groups` = \
                      {groups}"
                 )));
             }
             let heads = self.heads(i);
-            if heads == 0 || c % heads != 0 {
+            if heads == 0 || !c.is_multiple_of(heads) {
                 return Err(invalid(format!(
                     "`block_out_channels[{i}]` = {c} is not divisible by the {heads} attention \
                      heads of `attention_head_dim[{i}]`"
@@ -441,7 +440,7 @@ impl UNet2DConditionConfig {
             ("conv_in_kernel", self.conv_in_kernel),
             ("conv_out_kernel", self.conv_out_kernel),
         ] {
-            if k % 2 == 0 {
+            if k.is_multiple_of(2) {
                 return Err(unsupported(
                     field,
                     k.to_string(),
@@ -607,7 +606,7 @@ impl UNet2DConditionModel {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: group_norm(vb.pp("conv_norm_out"), groups, ch[0], eps)?,
+            conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), groups, ch[0], eps)?,
             conv_out: Conv2d::new(
                 vb.pp("conv_out"),
                 ch[0],
@@ -663,7 +662,7 @@ impl UNet2DConditionModel {
         // diffusers forwards explicit upsample sizes as soon as one side is not a multiple of
         // 2^num_upsamplers; otherwise every upsampler doubles.
         let factor = 1usize << self.num_upsamplers;
-        let forward_upsample_size = h % factor != 0 || w % factor != 0;
+        let forward_upsample_size = !h.is_multiple_of(factor) || !w.is_multiple_of(factor);
 
         if self.center_input_sample {
             sample = sample.affine(2.0, -1.0)?;
@@ -709,7 +708,7 @@ impl UNet2DConditionModel {
         }
 
         // 6. post-process
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }

@@ -3,9 +3,9 @@
 //! `models/upsampling.py` `Upsample2D`).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
-use super::layers::{Conv2d, Linear};
+use super::layers::{Conv2d, GroupNorm, Linear};
 
 /// Shape of one [`ResnetBlock2D`].
 #[derive(Debug, Clone, Copy)]
@@ -20,17 +20,6 @@ pub struct ResnetConfig {
     pub eps: f64,
     /// The block's output is divided by this (1 everywhere in SDXL).
     pub output_scale_factor: f64,
-}
-
-/// `GroupNorm` whose statistics stay in f32 for half dtypes (candle's implementation upcasts),
-/// which is what keeps bf16 activations from losing the mean of large feature maps.
-pub(crate) fn group_norm(
-    vb: VarBuilder,
-    num_groups: usize,
-    num_channels: usize,
-    eps: f64,
-) -> Result<GroupNorm> {
-    candle_nn::group_norm(num_groups, num_channels, eps, vb)
 }
 
 /// GroupNorm → SiLU → conv → (+ time embedding) → GroupNorm → SiLU → conv, plus a 1x1-conv
@@ -59,10 +48,10 @@ impl ResnetBlock2D {
             None
         };
         Ok(Self {
-            norm1: group_norm(vb.pp("norm1"), cfg.groups, cin, cfg.eps)?,
+            norm1: GroupNorm::new(vb.pp("norm1"), cfg.groups, cin, cfg.eps)?,
             conv1: Conv2d::new(vb.pp("conv1"), cin, cout, 3, 1, 1)?,
             time_emb_proj,
-            norm2: group_norm(vb.pp("norm2"), cfg.groups_out, cout, cfg.eps)?,
+            norm2: GroupNorm::new(vb.pp("norm2"), cfg.groups_out, cout, cfg.eps)?,
             conv2: Conv2d::new(vb.pp("conv2"), cout, cout, 3, 1, 1)?,
             conv_shortcut,
             output_scale_factor: cfg.output_scale_factor,
@@ -72,13 +61,13 @@ impl ResnetBlock2D {
     /// `temb_act` is the time embedding *after* the SiLU that diffusers applies inside every
     /// resnet: the UNet computes it once per forward instead of once per block.
     pub fn forward(&self, xs: &Tensor, temb_act: Option<&Tensor>) -> Result<Tensor> {
-        let h = self.norm1.forward(xs)?.silu()?;
+        let h = self.norm1.forward_silu(xs)?;
         let mut h = self.conv1.forward(&h)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb_act) {
             let t = proj.forward(temb)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.norm2.forward(&h)?.silu()?;
+        let h = self.norm2.forward_silu(&h)?;
         let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,
