@@ -5,3 +5,5 @@ mod clip;
 mod common;
 mod scheduler;
 mod tokenizer;
+mod unet;
+mod vae;
