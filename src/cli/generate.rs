@@ -68,7 +68,7 @@ pub fn parse_size(s: &str) -> Result<(usize, usize), UsageError> {
     let (w, h) = s.trim().split_once(['x', 'X']).ok_or_else(bad)?;
     let w: usize = w.trim().parse().map_err(|_| bad())?;
     let h: usize = h.trim().parse().map_err(|_| bad())?;
-    if w == 0 || h == 0 || w % 8 != 0 || h % 8 != 0 {
+    if w == 0 || h == 0 || !w.is_multiple_of(8) || !h.is_multiple_of(8) {
         return Err(UsageError(format!(
             "invalid --size '{s}': width and height must be positive multiples of 8"
         )));
@@ -120,10 +120,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         0 => vec![String::new(); n],
         1 => vec![args.negative_prompt[0].clone(); n],
         k if k == n => args.negative_prompt.clone(),
-        k => return Err(UsageError(format!(
+        k => {
+            return Err(UsageError(format!(
             "--negative-prompt given {k} times for {n} prompts: give it once, or once per prompt"
         ))
-        .into()),
+            .into())
+        }
     };
     if args.steps == 0 || args.steps > 1000 {
         return Err(UsageError(format!(

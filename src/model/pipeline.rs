@@ -340,11 +340,13 @@ impl Pipeline {
             Some(t) => check("init latents", t)?,
             None => noise::batch_noise(&seeds, 0, (c, lh, lw), &self.device)?,
         };
+        // diffusers' trailing spacing can give one more timestep than asked for (61, 103, ...
+        // steps): noise is needed per timestep actually run.
+        let n_timesteps = scheduler.timesteps().len();
         if let Some(steps) = noise.and_then(|o| o.step_noise.as_ref()) {
-            if steps.len() != settings.steps {
+            if steps.len() != n_timesteps {
                 return Err(InvalidInput(format!(
-                    "step noise must have one tensor per step ({}), got {}",
-                    settings.steps,
+                    "step noise must have one tensor per denoising step ({n_timesteps}), got {}",
                     steps.len()
                 ))
                 .into());
