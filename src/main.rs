@@ -22,7 +22,7 @@ enum Command {
     /// Download a model's weights from the Hugging Face Hub (or a mirror).
     Download(turbine::cli::download::Args),
     /// Measure end-to-end images/s and per-stage times over a sweep of batch sizes.
-    Bench(turbine::cli::bench::Args),
+    Bench(Box<turbine::cli::bench::Args>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -32,7 +32,7 @@ fn main() -> std::process::ExitCode {
         Command::Generate(a) => turbine::cli::generate::run(*a),
         Command::Serve(a) => turbine::cli::serve::run(a),
         Command::Download(a) => turbine::cli::download::run(a),
-        Command::Bench(a) => turbine::cli::bench::run(a),
+        Command::Bench(a) => turbine::cli::bench::run(*a),
     };
     turbine::cli::exit_code(result)
 }

@@ -94,7 +94,7 @@ pub fn output_path(out: &Path, i: usize, n: usize) -> PathBuf {
     out.with_file_name(name)
 }
 
-fn load_init_latents(path: &Path, device: &Device) -> anyhow::Result<candle_core::Tensor> {
+pub fn load_init_latents(path: &Path, device: &Device) -> anyhow::Result<candle_core::Tensor> {
     let mut tensors = candle_core::safetensors::load(path, device).map_err(|e| {
         UsageError(format!(
             "cannot read --init-latents {}: {e}",

@@ -213,6 +213,19 @@ impl Pipeline {
         self.dtype
     }
 
+    /// The components, for per-stage benchmarks (benches/model.rs) that time each one alone.
+    pub fn tokenizers(&self) -> (&ClipTokenizer, &ClipTokenizer) {
+        (&self.tokenizer, &self.tokenizer_2)
+    }
+
+    pub fn text_encoders(&self) -> (&ClipTextModel, &ClipTextModel) {
+        (&self.text_encoder, &self.text_encoder_2)
+    }
+
+    pub fn unet(&self) -> &UNet2DConditionModel {
+        &self.unet
+    }
+
     /// Image sides must be multiples of this (the VAE's downsampling factor, 8 for SDXL).
     pub fn vae_scale_factor(&self) -> usize {
         self.vae.scale_factor()
