@@ -142,7 +142,12 @@ SITE=$(python3 -c "import site; print(site.getsitepackages()[0])")
 for d in "$SITE/nvidia/cu13/lib" "$SITE/nvidia/cudnn/lib"; do
     [ -d "$d" ] || echo "warning: $d missing" >&2
 done
-export LD_LIBRARY_PATH="$SITE/nvidia/cu13/lib:$SITE/nvidia/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# cu13/lib and cudnn/lib first (cuBLAS, cuRAND, NVRTC, cudart; cuDNN), then any other wheel's lib.
+libs="$SITE/nvidia/cu13/lib:$SITE/nvidia/cudnn/lib"
+for d in "$SITE"/nvidia/*/lib; do
+    case ":$libs:" in *":$d:"*) ;; *) libs="$libs:$d" ;; esac
+done
+export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "== ldd $CARRY/turbine"
 ldd "$CARRY/turbine" | grep -E "cuda|cublas|curand|nvrtc|cudnn|not found"
 if ldd "$CARRY/turbine" | grep -q "not found"; then
