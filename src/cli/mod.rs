@@ -28,6 +28,10 @@ pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            // Distinct codes per cause (network, token, disk...) for scripts/download_weights.sh.
+            if let Some(h) = e.downcast_ref::<crate::hub::HubError>() {
+                return ExitCode::from(h.exit_code());
+            }
             if e.downcast_ref::<UsageError>().is_some()
                 || e.downcast_ref::<crate::model::loader::LoadError>()
                     .is_some()
