@@ -68,7 +68,8 @@ impl std::fmt::Debug for HubConfig {
 
 impl HubConfig {
     /// From the environment, as `huggingface_hub` reads it: `HF_ENDPOINT`, `HF_TOKEN` (then
-    /// `HUGGING_FACE_HUB_TOKEN`, then `$HF_HOME/token`), `HF_HOME`, `HF_HUB_OFFLINE`.
+    /// `HUGGING_FACE_HUB_TOKEN`, then `$HF_HOME/token`), `HF_HOME`, `HF_HUB_OFFLINE`; plus
+    /// `TURBINE_DOWNLOAD_RETRIES` (default 4).
     pub fn from_env() -> Self {
         let hf_home = env_nonempty("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
             let cache = env_nonempty("XDG_CACHE_HOME")
@@ -99,7 +100,9 @@ impl HubConfig {
             token_source,
             offline,
             progress: std::io::stderr().is_terminal(),
-            retries: 4,
+            retries: env_nonempty("TURBINE_DOWNLOAD_RETRIES")
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(4),
             retry_delay: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(20),
             read_timeout: Duration::from_secs(60),
