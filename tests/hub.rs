@@ -138,8 +138,16 @@ fn binary_downloads_a_repo_through_hf_endpoint() {
 #[test]
 fn script_downloads_the_sdxl_turbo_manifest_with_the_vae_extra() {
     let hub = FakeHub::start();
-    let turbo_commit = hub.add_repo("stabilityai/sdxl-turbo", support::tiny_as_sdxl_turbo(), None);
-    let fix_commit = hub.add_repo("madebyollin/sdxl-vae-fp16-fix", support::tiny_vae_fix(), None);
+    let turbo_commit = hub.add_repo(
+        "stabilityai/sdxl-turbo",
+        support::tiny_as_sdxl_turbo(),
+        None,
+    );
+    let fix_commit = hub.add_repo(
+        "madebyollin/sdxl-vae-fp16-fix",
+        support::tiny_vae_fix(),
+        None,
+    );
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("sdxl-turbo");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/download_weights.sh");
@@ -167,7 +175,10 @@ fn script_downloads_the_sdxl_turbo_manifest_with_the_vae_extra() {
     let lock = assert_downloaded(&dir, &expected);
     assert_eq!(lock.model, "sdxl-turbo");
     assert_eq!(lock.main.commit, turbo_commit);
-    assert_eq!(lock.extras["vae-fp16-fix"].repo, "madebyollin/sdxl-vae-fp16-fix");
+    assert_eq!(
+        lock.extras["vae-fp16-fix"].repo,
+        "madebyollin/sdxl-vae-fp16-fix"
+    );
     assert_eq!(lock.extras["vae-fp16-fix"].commit, fix_commit);
     // Only the fp16 variants the manifest names (the look-alike has no others to offer, so
     // check the request log for the exact weight files).
@@ -206,7 +217,10 @@ fn script_downloads_the_sdxl_turbo_manifest_with_the_vae_extra() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains(&format!("cannot reach {dead}")), "{stderr}");
-    assert!(stderr.contains("HF_ENDPOINT=https://hf-mirror.com"), "{stderr}");
+    assert!(
+        stderr.contains("HF_ENDPOINT=https://hf-mirror.com"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -224,7 +238,9 @@ fn second_run_verifies_and_skips_present_files() {
     assert_eq!(second.already_present, n);
     let again = &hub.requests()[before..];
     // Only the commit lookup and one HEAD per file; no body was transferred.
-    assert!(again.iter().all(|r| r.method == "HEAD" || r.path.starts_with("/api/")));
+    assert!(again
+        .iter()
+        .all(|r| r.method == "HEAD" || r.path.starts_with("/api/")));
     assert!(again.iter().all(|r| r.server == "hub"));
     assert_downloaded(&plan.dir, &support::tiny_model());
 }
@@ -244,7 +260,10 @@ fn interrupted_download_resumes_with_a_range_request_on_the_next_run() {
     assert!(msg.contains(UNET) && msg.contains("resume"), "{msg}");
     let final_path = plan.dir.join(UNET);
     let partial = hub::download::incomplete_path(&final_path);
-    assert!(!final_path.exists(), "a partial file was left looking complete");
+    assert!(
+        !final_path.exists(),
+        "a partial file was left looking complete"
+    );
     let kept = std::fs::metadata(&partial).unwrap().len();
     let full = support::tiny_model()[UNET].len() as u64;
     assert!(kept > 0 && kept < full, "kept {kept} of {full}");
@@ -298,9 +317,24 @@ fn bytes_that_do_not_match_the_advertised_sha256_are_rejected() {
     let plan = repo_plan(&tmp.path().join("m"));
     let err = hub::download_blocking(&plan, &config(&hub)).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, HubError::Checksum { algo: "SHA-256", .. }), "{msg}");
-    assert!(msg.contains("checksum mismatch for unet/diffusion_pytorch_model.safetensors"), "{msg}");
-    assert!(msg.contains(&sha256_hex(&support::tiny_model()[UNET])), "{msg}");
+    assert!(
+        matches!(
+            err,
+            HubError::Checksum {
+                algo: "SHA-256",
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("checksum mismatch for unet/diffusion_pytorch_model.safetensors"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&sha256_hex(&support::tiny_model()[UNET])),
+        "{msg}"
+    );
     assert_eq!(err.exit_code(), 7);
     assert!(!plan.dir.join(UNET).exists());
     assert!(no_incomplete_files(&plan.dir));
@@ -317,7 +351,13 @@ fn small_files_are_checked_against_the_git_blob_sha1() {
     let plan = repo_plan(&tmp.path().join("m"));
     let err = hub::download_blocking(&plan, &config(&hub)).unwrap_err();
     assert!(
-        matches!(err, HubError::Checksum { algo: "git blob SHA-1", .. }),
+        matches!(
+            err,
+            HubError::Checksum {
+                algo: "git blob SHA-1",
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(!plan.dir.join("unet/config.json").exists());
@@ -343,8 +383,15 @@ fn a_corrupt_local_file_is_found_offline_and_fetched_again() {
     let err = hub::verify_offline(&plan, false).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, HubError::Offline { .. }));
-    assert!(msg.contains("SHA-256 differs") && msg.contains(vae), "{msg}");
-    assert_eq!(hub.request_count(), before, "offline verification used the network");
+    assert!(
+        msg.contains("SHA-256 differs") && msg.contains(vae),
+        "{msg}"
+    );
+    assert_eq!(
+        hub.request_count(),
+        before,
+        "offline verification used the network"
+    );
 
     let report = hub::download_blocking(&plan, &config(&hub)).unwrap();
     assert_eq!(report.fetched, [vae]);
@@ -426,7 +473,11 @@ fn missing_files_are_downloaded_on_first_use_then_resolved_without_the_network()
         .unwrap();
         assert_eq!(again, resolved);
     }
-    assert_eq!(hub.request_count(), before, "a complete directory needs no request");
+    assert_eq!(
+        hub.request_count(),
+        before,
+        "a complete directory needs no request"
+    );
 
     // A requested revision the directory does not hold counts as missing.
     let err = ModelArgs {
@@ -436,7 +487,10 @@ fn missing_files_are_downloaded_on_first_use_then_resolved_without_the_network()
     }
     .resolve_with(&config(&hub))
     .unwrap_err();
-    assert!(err.to_string().contains("not test/tiny-sdxl at `v2`"), "{err}");
+    assert!(
+        err.to_string().contains("not test/tiny-sdxl at `v2`"),
+        "{err}"
+    );
     let ok = ModelArgs {
         offline: true,
         revision: Some(commit[..10].to_string()),
@@ -457,16 +511,24 @@ fn gated_repository_needs_the_token() {
     let err = hub::download_blocking(&plan, &config(&hub)).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, HubError::Auth { status: 401, .. }), "{msg}");
-    assert!(msg.contains("No token was sent") && msg.contains("HF_TOKEN"), "{msg}");
+    assert!(
+        msg.contains("No token was sent") && msg.contains("HF_TOKEN"),
+        "{msg}"
+    );
     assert!(msg.contains(repo) && msg.contains("restricted"), "{msg}");
     assert_eq!(err.exit_code(), 4);
 
     let mut wrong = config(&hub);
     wrong.token = Some("hf_wrong".into());
     wrong.token_source = TokenSource::Env;
-    let msg = hub::download_blocking(&plan, &wrong).unwrap_err().to_string();
+    let msg = hub::download_blocking(&plan, &wrong)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("The token in HF_TOKEN was rejected"), "{msg}");
-    assert!(!msg.contains("hf_wrong"), "the token must not be printed: {msg}");
+    assert!(
+        !msg.contains("hf_wrong"),
+        "the token must not be printed: {msg}"
+    );
 
     let mut good = config(&hub);
     good.token = Some("hf_sesame".into());
@@ -509,13 +571,21 @@ fn binary_reads_the_token_from_hf_token_and_from_hf_home() {
     assert!(stderr.contains("set HF_TOKEN=hf_..."), "{stderr}");
 
     let out = run("b", Some("hf_sesame"), &empty_home);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let home = tmp.path().join("logged-in");
     std::fs::create_dir_all(&home).unwrap();
     std::fs::write(home.join("token"), "hf_sesame\n").unwrap();
     let out = run("c", None, &home);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_downloaded(&tmp.path().join("c"), &support::tiny_model());
 }
 
@@ -529,19 +599,30 @@ fn wrong_repository_revision_or_file_is_a_404_with_advice() {
     let mut with_token = config(&hub);
     with_token.token = Some("hf_any".into());
     with_token.token_source = TokenSource::Env;
-    let err = hub::download_blocking(&Plan::for_repo("test/nope", "main", &dir).unwrap(), &with_token)
-        .unwrap_err();
+    let err = hub::download_blocking(
+        &Plan::for_repo("test/nope", "main", &dir).unwrap(),
+        &with_token,
+    )
+    .unwrap_err();
     assert!(matches!(err, HubError::NotFound { .. }), "{err}");
-    assert!(err.to_string().contains("repository test/nope was not found"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("repository test/nope was not found"),
+        "{err}"
+    );
     assert_eq!(err.exit_code(), 5);
 
     let err = hub::download_blocking(&Plan::for_repo(TINY, "v9", &dir).unwrap(), &config(&hub))
         .unwrap_err();
-    assert!(err.to_string().contains("revision `v9` of test/tiny-sdxl"), "{err}");
+    assert!(
+        err.to_string().contains("revision `v9` of test/tiny-sdxl"),
+        "{err}"
+    );
 
     // A manifest naming a file the repository lacks fails before anything is transferred.
     let mut m = tiny_manifest(tmp.path());
-    m.files.push("unet/diffusion_pytorch_model.fp16.safetensors".into());
+    m.files
+        .push("unet/diffusion_pytorch_model.fp16.safetensors".into());
     let plan = m.plan(&dir, None, None, true).unwrap();
     let err = hub::download_blocking(&plan, &config(&hub)).unwrap_err();
     assert!(
@@ -549,7 +630,10 @@ fn wrong_repository_revision_or_file_is_a_404_with_advice() {
             .contains("unet/diffusion_pytorch_model.fp16.safetensors (in test/tiny-sdxl"),
         "{err}"
     );
-    assert!(hub.requests().iter().all(|r| r.method != "GET" || r.path.starts_with("/api/")));
+    assert!(hub
+        .requests()
+        .iter()
+        .all(|r| r.method != "GET" || r.path.starts_with("/api/")));
 }
 
 #[test]
@@ -563,7 +647,10 @@ fn unreachable_endpoint_suggests_a_mirror() {
     let err = hub::download_blocking(&repo_plan(&tmp.path().join("m")), &cfg).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, HubError::Unreachable { .. }), "{msg}");
-    assert!(msg.contains("HF_ENDPOINT") && msg.contains(&endpoint), "{msg}");
+    assert!(
+        msg.contains("HF_ENDPOINT") && msg.contains(&endpoint),
+        "{msg}"
+    );
 }
 
 #[cfg(target_os = "linux")]
@@ -627,8 +714,16 @@ fn model_dir_and_random_weights_need_no_download() {
 #[test]
 fn vae_extra_resolves_to_its_folder() {
     let hub = FakeHub::start();
-    hub.add_repo("stabilityai/sdxl-turbo", support::tiny_as_sdxl_turbo(), None);
-    hub.add_repo("madebyollin/sdxl-vae-fp16-fix", support::tiny_vae_fix(), None);
+    hub.add_repo(
+        "stabilityai/sdxl-turbo",
+        support::tiny_as_sdxl_turbo(),
+        None,
+    );
+    hub.add_repo(
+        "madebyollin/sdxl-vae-fp16-fix",
+        support::tiny_vae_fix(),
+        None,
+    );
     let tmp = tempfile::tempdir().unwrap();
     let args = ModelArgs {
         models_root: tmp.path().to_path_buf(),
@@ -639,7 +734,9 @@ fn vae_extra_resolves_to_its_folder() {
     let dir = tmp.path().join("sdxl-turbo");
     assert_eq!(r.vae_dir, Some(dir.join("vae-fp16-fix")));
     assert_eq!(r.origin.len(), 2);
-    assert!(dir.join("vae-fp16-fix/diffusion_pytorch_model.safetensors").is_file());
+    assert!(dir
+        .join("vae-fp16-fix/diffusion_pytorch_model.safetensors")
+        .is_file());
     // The same directory through --model-dir finds the extra too.
     let r2 = ModelArgs {
         model_dir: Some(dir.clone()),

@@ -2,7 +2,7 @@
 //! `HF_ENDPOINT`) into `models/<name>/`, resuming and verifying; `--offline` re-hashes what
 //! is there against `turbine-lock.json` without touching the network.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::hub::{self, HubConfig, HubError, Manifest, Plan, VaeVariant};
 
@@ -39,7 +39,7 @@ pub struct Args {
 
     /// Do not use the network: re-hash every file against turbine-lock.json and report what
     /// is missing or corrupt. HF_HUB_OFFLINE=1 does the same.
-    #[arg(long, env = "TURBINE_OFFLINE")]
+    #[arg(long, env = "TURBINE_OFFLINE", value_parser = clap::builder::BoolishValueParser::new())]
     pub offline: bool,
 }
 
@@ -71,7 +71,7 @@ pub fn plan(args: &Args) -> Result<Plan, HubError> {
                 &dir,
                 args.revision.as_deref(),
                 args.vae.map(VaeVariant::key),
-                args.dir.is_some() || args.models_root != PathBuf::from("models"),
+                args.dir.is_some() || args.models_root != Path::new("models"),
             )
         }
     }

@@ -71,29 +71,31 @@ impl HubConfig {
     /// `HUGGING_FACE_HUB_TOKEN`, then `$HF_HOME/token`), `HF_HOME`, `HF_HUB_OFFLINE`; plus
     /// `TURBINE_DOWNLOAD_RETRIES` (default 4).
     pub fn from_env() -> Self {
-        let hf_home = env_nonempty("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
-            let cache = env_nonempty("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| env_nonempty("HOME").map(|h| PathBuf::from(h).join(".cache")))
-                .unwrap_or_else(|| PathBuf::from(".cache"));
-            cache.join("huggingface")
-        });
-        let (token, token_source) = match env_nonempty("HF_TOKEN")
-            .or_else(|| env_nonempty("HUGGING_FACE_HUB_TOKEN"))
-        {
-            Some(t) => (Some(t), TokenSource::Env),
-            // hf-hub's Cache knows the token file's place relative to its `hub` folder.
-            None => match Cache::new(hf_home.join("hub")).token() {
-                Some(t) => (Some(t), TokenSource::File),
-                None => (None, TokenSource::None),
-            },
-        };
+        let hf_home = env_nonempty("HF_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let cache = env_nonempty("XDG_CACHE_HOME")
+                    .map(PathBuf::from)
+                    .or_else(|| env_nonempty("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                    .unwrap_or_else(|| PathBuf::from(".cache"));
+                cache.join("huggingface")
+            });
+        let (token, token_source) =
+            match env_nonempty("HF_TOKEN").or_else(|| env_nonempty("HUGGING_FACE_HUB_TOKEN")) {
+                Some(t) => (Some(t), TokenSource::Env),
+                // hf-hub's Cache knows the token file's place relative to its `hub` folder.
+                None => match Cache::new(hf_home.join("hub")).token() {
+                    Some(t) => (Some(t), TokenSource::File),
+                    None => (None, TokenSource::None),
+                },
+            };
         let endpoint = env_nonempty("HF_ENDPOINT")
             .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string())
             .trim_end_matches('/')
             .to_string();
-        let offline = env_nonempty("HF_HUB_OFFLINE")
-            .is_some_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"));
+        let offline = env_nonempty("HF_HUB_OFFLINE").is_some_and(|v| {
+            matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+        });
         Self {
             endpoint,
             token,
@@ -210,8 +212,10 @@ pub fn local_status(plan: &Plan) -> LocalStatus {
             (Some(f), _) => f.iter().map(|f| source.local_name(f)).collect(),
             (None, Some(rec)) => rec.files.keys().cloned().collect(),
             (None, None) => {
-                st.missing
-                    .push(format!("(the file list of {}: never downloaded)", source.repo));
+                st.missing.push(format!(
+                    "(the file list of {}: never downloaded)",
+                    source.repo
+                ));
                 continue;
             }
         };
@@ -578,7 +582,11 @@ impl<'a> Hub<'a> {
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(cfg.connect_timeout)
             .read_timeout(cfg.read_timeout)
-            .user_agent(concat!("turbine/", env!("CARGO_PKG_VERSION"), "; hf-hub/0.4"))
+            .user_agent(concat!(
+                "turbine/",
+                env!("CARGO_PKG_VERSION"),
+                "; hf-hub/0.4"
+            ))
             .build()
             .map_err(|e| HubError::Usage(format!("cannot set up the HTTP client: {e}")))?;
         Ok(Self {
@@ -618,14 +626,11 @@ impl<'a> Hub<'a> {
             return Err(self.status_error(&response, source, None));
         }
         let info: hf_hub::api::RepoInfo =
-            response
-                .json()
-                .await
-                .map_err(|e| HubError::BadResponse {
-                    endpoint: self.cfg.endpoint.clone(),
-                    url: url.clone(),
-                    problem: format!("the repository info is not the Hub's JSON ({e})"),
-                })?;
+            response.json().await.map_err(|e| HubError::BadResponse {
+                endpoint: self.cfg.endpoint.clone(),
+                url: url.clone(),
+                problem: format!("the repository info is not the Hub's JSON ({e})"),
+            })?;
         if info.sha.is_empty() || !info.sha.chars().all(|c| c.is_ascii_alphanumeric()) {
             return Err(HubError::BadResponse {
                 endpoint: self.cfg.endpoint.clone(),
@@ -880,7 +885,8 @@ impl<'a> Hub<'a> {
         let bar = ui.bar("fetching", &task.local, task.remote.size);
         let mut hashes = Hashes::new(&task.remote);
         if resumed {
-            hashes = hash_prefix(partial, hashes, &bar).map_err(|e| failed(HubError::io(partial, e)))?;
+            hashes =
+                hash_prefix(partial, hashes, &bar).map_err(|e| failed(HubError::io(partial, e)))?;
         }
         let mut written = have;
         if task.remote.size != Some(have) || !resumed {
@@ -979,10 +985,7 @@ impl<'a> Hub<'a> {
                 return Err(Attempt::Restart(HubError::BadResponse {
                     endpoint: self.cfg.endpoint.clone(),
                     url: task.remote.url.clone(),
-                    problem: format!(
-                        "{} is {written} bytes, {size} were announced",
-                        task.local
-                    ),
+                    problem: format!("{} is {written} bytes, {size} were announced", task.local),
                 }));
             }
         }
@@ -1035,7 +1038,10 @@ fn content_range_start(headers: &HeaderMap) -> Option<u64> {
 
 /// `W/"abc"` and `"abc"` to `abc`.
 fn normalize_etag(v: &str) -> String {
-    v.trim().trim_start_matches("W/").trim_matches('"').to_string()
+    v.trim()
+        .trim_start_matches("W/")
+        .trim_matches('"')
+        .to_string()
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
@@ -1171,7 +1177,10 @@ fn verify_existing(task: &Task, ui: &Progress) -> Result<Option<LockedFile>, Hub
         Expect::Sha256(_) | Expect::GitSha1(_) => got.mismatch(&task.remote.expect).is_none(),
         // Nothing to check against but our own earlier record of the same Hub file.
         Expect::Unknown => task.previous.as_ref().is_some_and(|p| {
-            p.etag.is_some() && p.etag == task.remote.etag && p.size == len && p.sha256 == got.sha256
+            p.etag.is_some()
+                && p.etag == task.remote.etag
+                && p.size == len
+                && p.sha256 == got.sha256
         }),
     };
     Ok(ok.then(|| LockedFile {
@@ -1211,10 +1220,11 @@ impl Progress {
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ");
-        let bar = self.multi.add(bar.with_style(style));
-        bar.set_prefix(verb.to_string());
-        bar.set_message(name.to_string());
-        bar
+        self.multi.add(
+            bar.with_style(style)
+                .with_prefix(verb.to_string())
+                .with_message(name.to_string()),
+        )
     }
 
     fn note(&self, msg: &str) {

@@ -79,7 +79,10 @@ impl Lock {
                 None
             }
             Err(e) => {
-                tracing::warn!("{}: unreadable lock file ({e}); ignoring it", path.display());
+                tracing::warn!(
+                    "{}: unreadable lock file ({e}); ignoring it",
+                    path.display()
+                );
                 None
             }
         }

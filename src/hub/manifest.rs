@@ -351,15 +351,16 @@ pub fn check_relative_path(p: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("`{p}` is not a relative path inside the repository"))
+        Err(format!(
+            "`{p}` is not a relative path inside the repository"
+        ))
     }
 }
 
 /// Quotes a path for a shell command shown to the user, only when it needs it.
 pub(crate) fn shell_quote(s: &str) -> String {
     if !s.is_empty()
-        && s
-            .chars()
+        && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./=:@+,".contains(c))
     {
         s.to_string()
@@ -394,7 +395,9 @@ mod tests {
         );
         let fix = &m.vae["fp16-fix"];
         assert_eq!(fix.repo, "madebyollin/sdxl-vae-fp16-fix");
-        assert!(fix.files.contains(&"diffusion_pytorch_model.safetensors".to_string()));
+        assert!(fix
+            .files
+            .contains(&"diffusion_pytorch_model.safetensors".to_string()));
     }
 
     #[test]
@@ -408,13 +411,22 @@ mod tests {
         committed.retain(|f| {
             f != MANIFEST_FILE
                 && !f.ends_with(".safetensors")
-                && !m.vae.values().any(|x| f.starts_with(&format!("{}/", x.dir)))
+                && !m
+                    .vae
+                    .values()
+                    .any(|x| f.starts_with(&format!("{}/", x.dir)))
         });
         for f in &committed {
-            assert!(m.files.contains(f), "{f} is committed but not in the manifest");
+            assert!(
+                m.files.contains(f),
+                "{f} is committed but not in the manifest"
+            );
         }
         for f in m.files.iter().filter(|f| !f.ends_with(".safetensors")) {
-            assert!(committed.contains(f), "{f} is in the manifest but not committed");
+            assert!(
+                committed.contains(f),
+                "{f} is in the manifest but not committed"
+            );
         }
     }
 
@@ -424,7 +436,11 @@ mod tests {
             if p.is_dir() {
                 collect(root, &p, out);
             } else {
-                let rel = p.strip_prefix(root).unwrap().to_string_lossy().replace('\\', "/");
+                let rel = p
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .replace('\\', "/");
                 if !rel.ends_with(".incomplete") && !rel.contains("turbine-lock") {
                     out.push(rel);
                 }
@@ -448,7 +464,9 @@ mod tests {
             p.command,
             "turbine download --model sdxl-turbo --revision v1 --dir /data/m --vae fp16-fix"
         );
-        let err = m.plan(Path::new("m"), None, Some("nope"), false).unwrap_err();
+        let err = m
+            .plan(Path::new("m"), None, Some("nope"), false)
+            .unwrap_err();
         assert!(err.to_string().contains("fp16-fix"), "{err}");
     }
 

@@ -11,7 +11,7 @@ pub mod lock;
 pub mod manifest;
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 pub use download::{
     download, download_blocking, local_status, verify_offline, DownloadReport, HubConfig,
@@ -65,13 +65,13 @@ pub struct ModelArgs {
 
     /// Never use the network: when files are missing, fail with their list and the command
     /// that fetches them. HF_HUB_OFFLINE=1 does the same.
-    #[arg(long, env = "TURBINE_OFFLINE")]
+    #[arg(long, env = "TURBINE_OFFLINE", value_parser = clap::builder::BoolishValueParser::new())]
     pub offline: bool,
 
     /// Build the full architecture with deterministic random weights from the configs alone
     /// (benchmarks on machines without the weights; the images are noise). Nothing is
     /// downloaded; the configs come from --model-dir or MODELS_ROOT/NAME.
-    #[arg(long, env = "TURBINE_RANDOM_WEIGHTS")]
+    #[arg(long, env = "TURBINE_RANDOM_WEIGHTS", value_parser = clap::builder::BoolishValueParser::new())]
     pub random_weights: bool,
 
     /// Replace the model's VAE: fp16-fix (madebyollin/sdxl-vae-fp16-fix, about 335 MB, kept
@@ -193,13 +193,12 @@ impl ModelArgs {
             &dir,
             self.revision.as_deref(),
             self.vae.map(VaeVariant::key),
-            self.models_root != PathBuf::from("models"),
+            self.models_root != Path::new("models"),
         )?;
-        let vae_dir = plan.sources.iter().find_map(|s| {
-            s.extra
-                .as_ref()
-                .map(|_| dir.join(&s.subdir))
-        });
+        let vae_dir = plan
+            .sources
+            .iter()
+            .find_map(|s| s.extra.as_ref().map(|_| dir.join(&s.subdir)));
         let status = local_status(&plan);
         let offline = self.offline || hub.offline;
         let origin = if status.is_complete() {
@@ -261,5 +260,43 @@ impl ModelArgs {
             )));
         }
         Ok(vae_dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        model: ModelArgs,
+    }
+
+    #[test]
+    fn model_args_parse_and_default_to_sdxl_turbo() {
+        let a = Cli::try_parse_from(["t"]).unwrap().model;
+        assert_eq!(a.model, "sdxl-turbo");
+        assert_eq!(a.models_root, PathBuf::from("models"));
+        assert!(!a.offline && !a.random_weights && a.vae.is_none());
+        let a = Cli::try_parse_from([
+            "t",
+            "--model-dir",
+            "/m",
+            "--revision",
+            "abc",
+            "--offline",
+            "--random-weights",
+            "--vae",
+            "fp16-fix",
+        ])
+        .unwrap()
+        .model;
+        assert_eq!(a.model_dir, Some(PathBuf::from("/m")));
+        assert_eq!(a.revision.as_deref(), Some("abc"));
+        assert!(a.offline && a.random_weights);
+        assert_eq!(a.vae, Some(VaeVariant::Fp16Fix));
+        assert!(Cli::try_parse_from(["t", "--vae", "other"]).is_err());
     }
 }

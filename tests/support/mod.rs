@@ -37,9 +37,11 @@ pub struct Logged {
     pub authorization: Option<String>,
 }
 
+type Files = BTreeMap<String, Arc<Vec<u8>>>;
+
 struct RepoFixture {
     commit: String,
-    files: BTreeMap<String, Arc<Vec<u8>>>,
+    files: Files,
     token: Option<String>,
 }
 
@@ -51,11 +53,14 @@ struct Faults {
     corrupt: HashSet<String>,
 }
 
+/// (repository path, bytes) of an LFS file.
+type Blob = (String, Arc<Vec<u8>>);
+
 #[derive(Default)]
 struct Shared {
     repos: Mutex<HashMap<String, RepoFixture>>,
     /// sha256 -> (path, bytes), what the CDN serves.
-    blobs: Mutex<HashMap<String, (String, Arc<Vec<u8>>)>>,
+    blobs: Mutex<HashMap<String, Blob>>,
     log: Mutex<Vec<Logged>>,
     faults: Mutex<Faults>,
     cdn: Mutex<String>,
@@ -121,8 +126,7 @@ impl FakeHub {
             h.update(bytes);
         }
         let commit = hex::encode(h.finalize());
-        let files: BTreeMap<String, Arc<Vec<u8>>> =
-            files.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+        let files: Files = files.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
         {
             let mut blobs = self.shared.blobs.lock().unwrap();
             for (name, bytes) in &files {
@@ -302,7 +306,7 @@ fn authorize(
     headers: &HeaderMap,
     repo: &str,
     rev: &str,
-) -> Result<(String, BTreeMap<String, Arc<Vec<u8>>>), Response<Body>> {
+) -> Result<(String, Files), Response<Body>> {
     let auth = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
@@ -393,7 +397,10 @@ fn resolve(
             .header("x-repo-commit", &commit)
             .header("x-linked-etag", format!("\"{sha}\""))
             .header("x-linked-size", bytes.len().to_string())
-            .header(header::ETAG, format!("\"{}\"", git_blob_sha1(sha.as_bytes())))
+            .header(
+                header::ETAG,
+                format!("\"{}\"", git_blob_sha1(sha.as_bytes())),
+            )
             .body(Body::empty())
             .unwrap();
     }
@@ -479,7 +486,10 @@ fn serve_bytes(
                     0 => Some((Ok(half), 1)),
                     1 => {
                         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                        Some((Err(std::io::Error::other("look-alike drops the connection")), 2))
+                        Some((
+                            Err(std::io::Error::other("look-alike drops the connection")),
+                            2,
+                        ))
                     }
                     _ => None,
                 }
