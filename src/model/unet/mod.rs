@@ -30,12 +30,14 @@ pub enum PerBlock<T> {
     Each(Vec<T>),
 }
 
-impl<T: Copy> PerBlock<T> {
+impl<T: Copy + Default> PerBlock<T> {
+    /// The value for block `i`. `validate` checks list lengths; on an unvalidated config an
+    /// out-of-range index reads the last entry (or the default of an empty list) instead of
+    /// panicking.
     fn get(&self, i: usize) -> T {
         match self {
             Self::All(v) => *v,
-            // Lengths are checked against `down_block_types` by `validate`.
-            Self::Each(v) => v[i.min(v.len().saturating_sub(1))],
+            Self::Each(v) => v.get(i).or(v.last()).copied().unwrap_or_default(),
         }
     }
 
@@ -207,7 +209,7 @@ impl UNet2DConditionConfig {
     pub fn transformer_layers(&self, i: usize) -> usize {
         match &self.transformer_layers_per_block {
             TransformerLayers::All(n) => *n,
-            TransformerLayers::Each(v) => v[i.min(v.len().saturating_sub(1))],
+            TransformerLayers::Each(v) => v.get(i).or(v.last()).copied().unwrap_or_default(),
             // Rejected by `validate`.
             TransformerLayers::PerLayer(_) => 0,
         }
@@ -474,13 +476,10 @@ impl UNet2DConditionModel {
     /// Builds the model from a validated config; tensors are read from `vb` (in its dtype and
     /// on its device) under the checkpoint's names.
     pub fn new(vb: VarBuilder, cfg: &UNet2DConditionConfig) -> Result<Self> {
+        // `from_file` has validated already; a config built in code gets the same checks.
+        cfg.validate(Path::new("unet/config.json"))
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let n = cfg.block_out_channels.len();
-        if n == 0 || cfg.down_block_types.len() != n || cfg.up_block_types.len() != n {
-            candle_core::bail!(
-                "UNet config: block_out_channels, down_block_types and up_block_types must have \
-                 the same, non-zero length (validate the config first)"
-            );
-        }
         let ch = &cfg.block_out_channels;
         let groups = cfg.norm_num_groups.unwrap_or(32);
         let eps = cfg.norm_eps;
