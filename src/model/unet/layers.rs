@@ -43,6 +43,15 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     gemm_in_f32_on_cpu(&[a, b], |t| t[0].matmul(&t[1]))
 }
 
+/// SiLU taken in f32 and rounded once for half-precision input (candle's half SiLU rounds after
+/// each of its three steps); for the small embedding vectors, where the cost is nil.
+pub fn silu(xs: &Tensor) -> Result<Tensor> {
+    match xs.dtype() {
+        DType::BF16 | DType::F16 => xs.to_dtype(DType::F32)?.silu()?.to_dtype(xs.dtype()),
+        _ => xs.silu(),
+    }
+}
+
 /// `x @ wᵀ + b` with the weight stored `[out, in]` as in PyTorch checkpoints.
 #[derive(Debug, Clone)]
 pub struct Linear {

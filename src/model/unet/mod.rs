@@ -215,7 +215,8 @@ impl UNet2DConditionConfig {
         }
     }
 
-    /// Width of the time embedding fed to every resnet.
+    /// Width of the time embedding fed to every resnet: `time_embedding_dim`, else diffusers'
+    /// 4 x `block_out_channels[0]`.
     pub fn time_embed_dim(&self) -> usize {
         self.time_embedding_dim
             .unwrap_or(4 * self.block_out_channels.first().copied().unwrap_or(0))
@@ -643,8 +644,10 @@ impl UNet2DConditionModel {
     /// Predicts the noise (epsilon) for `sample` `[B, C, h, w]` at `timestep`, conditioned on
     /// `encoder_hidden_states` `[B, S, cross_attention_dim]` and, for SDXL's `text_time`
     /// addition embedding, the pooled `text_embeds` `[B, proj]` and `time_ids` `[B, 6]`
-    /// (original size, crop top-left, target size; in pixels). Inputs are cast to the model's
-    /// dtype; the output is `[B, out_channels, h, w]` in that dtype.
+    /// (original size, crop top-left, target size; in pixels), which are ignored when the
+    /// config has no `addition_embed_type`. Inputs are cast to the model's dtype; the output
+    /// is `[B, out_channels, h, w]` in that dtype. Any latent size works: sides that do not
+    /// divide by 2^num_upsamplers are handled like diffusers' `upsample_size`.
     pub fn forward(
         &self,
         sample: &Tensor,
@@ -675,7 +678,7 @@ impl UNet2DConditionModel {
             emb = (emb + add.forward(text_embeds, time_ids, dtype)?)?;
         }
         // Every resnet applies SiLU to the same embedding before its projection: do it once.
-        let temb_act = emb.silu()?;
+        let temb_act = layers::silu(&emb)?;
 
         // 2. pre-process
         let mut xs = self.conv_in.forward(&sample)?;
