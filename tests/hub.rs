@@ -775,3 +775,59 @@ fn hf_hub_crate_downloads_from_the_look_alike() {
         assert!(std::fs::read(path).unwrap() == tiny[file], "{file}");
     }
 }
+
+#[test]
+fn an_image_is_generated_from_the_downloaded_directory() {
+    use candle_core::{DType, Device};
+    use turbine::model::pipeline::{GenerationSettings, ImageRequest, Pipeline};
+
+    // The tiny model published under stabilityai/sdxl-turbo's fp16 file names, fetched with
+    // the real sdxl-turbo manifest on first use, as `turbine serve --model sdxl-turbo` would.
+    let hub = FakeHub::start();
+    hub.add_repo(
+        "stabilityai/sdxl-turbo",
+        support::tiny_as_sdxl_turbo(),
+        None,
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let resolved = ModelArgs {
+        models_root: tmp.path().to_path_buf(),
+        ..Default::default()
+    }
+    .resolve_with(&config(&hub))
+    .unwrap();
+    assert!(resolved
+        .dir
+        .join("unet/diffusion_pytorch_model.fp16.safetensors")
+        .is_file());
+
+    let settings = GenerationSettings {
+        width: 64,
+        height: 64,
+        steps: 2,
+        guidance_scale: 0.0,
+    };
+    let items = [ImageRequest {
+        prompt: "a lighthouse at dusk".into(),
+        negative_prompt: String::new(),
+        seed: 7,
+    }];
+    let generate = |dir: &Path| {
+        Pipeline::load(dir, &Device::Cpu, DType::F32)
+            .unwrap()
+            .generate(&settings, &items, None)
+            .unwrap()
+            .images
+    };
+    let downloaded = generate(&resolved.dir);
+    assert_eq!(downloaded.len(), 1);
+    assert_eq!(downloaded[0].dimensions(), (64, 64));
+    let pixels = downloaded[0].as_raw();
+    assert!(
+        pixels.iter().any(|&p| p != pixels[0]),
+        "a flat image is not a generated one"
+    );
+    // The same weights straight from the committed fixture give the same image.
+    let reference = generate(&support::fixture_dir());
+    assert!(downloaded[0] == reference[0]);
+}
