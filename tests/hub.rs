@@ -831,3 +831,23 @@ fn an_image_is_generated_from_the_downloaded_directory() {
     let reference = generate(&support::fixture_dir());
     assert!(downloaded[0] == reference[0]);
 }
+
+#[test]
+fn two_downloads_into_one_directory_take_turns() {
+    let hub = FakeHub::start();
+    hub.add_repo(TINY, support::tiny_model(), None);
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = repo_plan(&tmp.path().join("m"));
+    let cfg = config(&hub);
+    let reports: Vec<_> = std::thread::scope(|s| {
+        let a = s.spawn(|| hub::download_blocking(&plan, &cfg).unwrap());
+        let b = s.spawn(|| hub::download_blocking(&plan, &cfg).unwrap());
+        vec![a.join().unwrap(), b.join().unwrap()]
+    });
+    // One transferred everything, the other found it all present; nothing was fetched twice.
+    let n = support::tiny_model().len();
+    let fetched: usize = reports.iter().map(|r| r.fetched.len()).sum();
+    assert_eq!(fetched, n);
+    assert!(reports.iter().any(|r| r.already_present == n));
+    assert_downloaded(&plan.dir, &support::tiny_model());
+}

@@ -356,6 +356,7 @@ pub async fn download(plan: &Plan, cfg: &HubConfig) -> Result<DownloadReport, Hu
     std::fs::create_dir_all(&plan.dir).map_err(|e| HubError::io(&plan.dir, e))?;
     let hub = Hub::new(cfg)?;
     let ui = Progress::new(cfg.progress);
+    let _exclusive = lock_dir(&plan.dir, &ui)?;
     let mut lock = Lock::read(&plan.dir).unwrap_or_else(|| Lock::new(&plan.name, &cfg.endpoint));
     lock.model = plan.name.clone();
     lock.endpoint = cfg.endpoint.clone();
@@ -501,6 +502,31 @@ pub async fn download(plan: &Plan, cfg: &HubConfig) -> Result<DownloadReport, Hu
         lock.write(&plan.dir)?;
     }
     Ok(report)
+}
+
+/// Name of the advisory lock file that keeps two downloads out of one directory.
+pub const DOWNLOAD_LOCK_FILE: &str = ".turbine-download.lock";
+
+/// Holds an exclusive advisory lock on the model directory until dropped: two processes
+/// appending to the same `.incomplete` file would corrupt it (two servers starting at once
+/// on a fresh machine). The second waits, then finds the files present and verifies them.
+fn lock_dir(dir: &Path, ui: &Progress) -> Result<std::fs::File, HubError> {
+    use fs2::FileExt;
+    let path = dir.join(DOWNLOAD_LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| HubError::io(&path, e))?;
+    if file.try_lock_exclusive().is_err() {
+        ui.note(&format!(
+            "another turbine download is writing to {}; waiting for it to finish",
+            dir.display()
+        ));
+        file.lock_exclusive().map_err(|e| HubError::io(&path, e))?;
+    }
+    Ok(file)
 }
 
 /// `<file>.incomplete`: the bytes received so far, never read by the loader.

@@ -193,6 +193,8 @@ pub fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             let p = e.path();
             if p.is_dir() {
                 walk(root, &p, out);
+            } else if p.file_name().is_some_and(|n| n == ".turbine-download.lock") {
+                // The empty advisory lock file of a download, not content.
             } else {
                 let rel = p
                     .strip_prefix(root)
