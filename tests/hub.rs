@@ -133,6 +133,23 @@ fn binary_downloads_a_repo_through_hf_endpoint() {
     // stderr is not a terminal here: no progress bar drawing, one log line per file instead.
     assert!(!stderr.contains('\r'), "{stderr}");
     assert!(stderr.contains(&format!("fetched {UNET}")), "{stderr}");
+
+    // `--offline` re-hashes against the lock and never touches the endpoint.
+    let before = hub.request_count();
+    let out = turbine()
+        .args(["download", "--offline", "--repo", TINY, "--dir"])
+        .arg(&dir)
+        .env("HF_ENDPOINT", &hub.endpoint)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("{n} file(s)")) && stdout.contains("verified offline"));
+    assert_eq!(hub.request_count(), before);
 }
 
 #[test]

@@ -91,10 +91,17 @@ pub fn run_with(args: &Args, cfg: &HubConfig) -> Result<hub::DownloadReport, Hub
             "{}: {} file(s), {} verified offline against {}",
             plan.dir.display(),
             r.files,
-            hub::error::human_bytes(r.total_bytes),
+            hub::error::human_bytes(r.verified_bytes),
             hub::LOCK_FILE
         );
-        r
+        hub::DownloadReport {
+            dir: plan.dir.clone(),
+            files: r.files,
+            already_present: r.files,
+            total_bytes: r.verified_bytes,
+            commits: r.commits,
+            ..Default::default()
+        }
     } else {
         let r = hub::download_blocking(&plan, cfg)?;
         let commits: Vec<String> = r

@@ -149,41 +149,49 @@ pub struct DownloadReport {
     pub commits: Vec<(String, String)>,
 }
 
-/// What a model directory holds, judged without the network and without hashing.
+/// What a model directory holds compared with its plan and lock, judged without the network.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LocalStatus {
     /// Files of the plan not on disk.
     pub missing: Vec<String>,
     /// On disk, but not recorded as verified in the lock, or with another size than recorded.
     pub unverified: Vec<String>,
+    /// On disk with the recorded size, but another SHA-256 (only when re-hashed).
+    pub corrupt: Vec<String>,
     /// Sources whose lock records another repository or revision than the plan asks for.
     pub other_revision: Vec<String>,
     /// (repository, commit) of each source the lock records.
     pub commits: Vec<(String, String)>,
+    /// Files of the plan, and the bytes of those that checked out.
+    pub files: usize,
+    pub verified_bytes: u64,
 }
 
 impl LocalStatus {
     pub fn is_complete(&self) -> bool {
-        self.missing.is_empty() && self.unverified.is_empty() && self.other_revision.is_empty()
+        self.missing.is_empty()
+            && self.unverified.is_empty()
+            && self.corrupt.is_empty()
+            && self.other_revision.is_empty()
     }
 
     /// One phrase per kind of problem, naming the files.
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
-        if !self.missing.is_empty() {
-            out.push(format!(
-                "{} missing file(s): {}",
-                self.missing.len(),
-                self.missing.join(", ")
-            ));
-        }
-        if !self.unverified.is_empty() {
-            out.push(format!(
-                "{} file(s) not verified (absent from turbine-lock.json or changed size since): {}",
-                self.unverified.len(),
-                self.unverified.join(", ")
-            ));
-        }
+        let mut list = |what: &str, files: &[String]| {
+            if !files.is_empty() {
+                out.push(format!("{} {what}: {}", files.len(), files.join(", ")));
+            }
+        };
+        list("missing file(s)", &self.missing);
+        list(
+            "file(s) not verified (absent from turbine-lock.json, or another size than it records)",
+            &self.unverified,
+        );
+        list(
+            "file(s) whose SHA-256 differs from turbine-lock.json (corrupt or replaced)",
+            &self.corrupt,
+        );
         out.extend(self.other_revision.iter().cloned());
         out
     }
@@ -191,21 +199,40 @@ impl LocalStatus {
 
 /// The plan's files as they are on disk, checked against the lock by size only: cheap enough
 /// for every start of the server (hashing 7 GB is not; `turbine download` hashes).
-///
-/// Sources without a file list (`--repo`) take theirs from the lock.
 pub fn local_status(plan: &Plan) -> LocalStatus {
+    // Without re-hashing no file is read, so there is no error to report.
+    inspect(plan, None).unwrap_or_default()
+}
+
+/// Re-hashes every file of the plan against the lock, without any network access.
+pub fn verify_offline(plan: &Plan, progress: bool) -> Result<LocalStatus, HubError> {
+    let status = inspect(plan, Some(&Progress::new(progress)))?;
+    if !status.is_complete() {
+        return Err(HubError::Offline {
+            model: plan.name.clone(),
+            dir: plan.dir.clone(),
+            problems: status.problems(),
+            command: plan.command.clone(),
+        });
+    }
+    Ok(status)
+}
+
+/// Compares the directory with the plan and the lock; with `rehash`, also each file's SHA-256.
+/// Sources without a file list (`--repo`) take theirs from the lock.
+fn inspect(plan: &Plan, rehash: Option<&Progress>) -> Result<LocalStatus, HubError> {
     let lock = Lock::read(&plan.dir);
     let mut st = LocalStatus::default();
     for source in &plan.sources {
         let locked = lock.as_ref().and_then(|l| l.repo(source.extra.as_deref()));
         if let Some(rec) = locked {
-            if rec.repo != source.repo || !revision_matches(rec, &source.revision) {
+            if rec.repo == source.repo && revision_matches(rec, &source.revision) {
+                st.commits.push((rec.repo.clone(), rec.commit.clone()));
+            } else {
                 st.other_revision.push(format!(
                     "the directory holds {} at revision `{}` (commit {}), not {} at `{}`",
                     rec.repo, rec.revision, rec.commit, source.repo, source.revision
                 ));
-            } else {
-                st.commits.push((rec.repo.clone(), rec.commit.clone()));
             }
         }
         let files: Vec<String> = match (&source.files, locked) {
@@ -213,120 +240,46 @@ pub fn local_status(plan: &Plan) -> LocalStatus {
             (None, Some(rec)) => rec.files.keys().cloned().collect(),
             (None, None) => {
                 st.missing.push(format!(
-                    "(the file list of {}: never downloaded)",
+                    "(every file of {}: no turbine-lock.json lists them)",
                     source.repo
                 ));
                 continue;
             }
         };
         for local in files {
+            st.files += 1;
             let path = plan.dir.join(&local);
-            match std::fs::metadata(&path) {
-                Ok(m) if m.is_file() => {
-                    let ok = locked
-                        .and_then(|r| r.files.get(&local))
-                        .is_some_and(|f| f.size == m.len());
-                    if !ok {
-                        st.unverified.push(local);
-                    }
+            let len = match std::fs::metadata(&path) {
+                Ok(m) if m.is_file() => m.len(),
+                _ => {
+                    st.missing.push(local);
+                    continue;
                 }
-                _ => st.missing.push(local),
+            };
+            let Some(rec) = locked
+                .and_then(|r| r.files.get(&local))
+                .filter(|f| f.size == len)
+            else {
+                st.unverified.push(local);
+                continue;
+            };
+            if let Some(ui) = rehash {
+                let bar = ui.bar("verifying", &local, Some(len));
+                let got = hash_file(&path, None, &bar).map_err(|e| HubError::io(&path, e))?;
+                bar.finish();
+                if got.sha256 != rec.sha256 {
+                    st.corrupt.push(local);
+                    continue;
+                }
             }
+            st.verified_bytes += len;
         }
     }
-    st
+    Ok(st)
 }
 
 fn revision_matches(rec: &LockedRepo, wanted: &str) -> bool {
     rec.revision == wanted || (wanted.len() >= 7 && rec.commit.starts_with(wanted))
-}
-
-/// Re-hashes every file of the plan against the lock, without any network access.
-pub fn verify_offline(plan: &Plan, progress: bool) -> Result<DownloadReport, HubError> {
-    let lock = Lock::read(&plan.dir);
-    let ui = Progress::new(progress);
-    let mut problems = Vec::new();
-    let mut report = DownloadReport {
-        dir: plan.dir.clone(),
-        ..Default::default()
-    };
-    let (mut missing, mut unverified, mut corrupt) = (Vec::new(), Vec::new(), Vec::new());
-    for source in &plan.sources {
-        let locked = lock.as_ref().and_then(|l| l.repo(source.extra.as_deref()));
-        match locked {
-            Some(rec) if rec.repo == source.repo && revision_matches(rec, &source.revision) => {
-                report.commits.push((rec.repo.clone(), rec.commit.clone()));
-            }
-            Some(rec) => problems.push(format!(
-                "the directory holds {} at revision `{}` (commit {}), not {} at `{}`",
-                rec.repo, rec.revision, rec.commit, source.repo, source.revision
-            )),
-            None => {}
-        }
-        let files: Vec<String> = match (&source.files, locked) {
-            (Some(f), _) => f.iter().map(|f| source.local_name(f)).collect(),
-            (None, Some(rec)) => rec.files.keys().cloned().collect(),
-            (None, None) => {
-                problems.push(format!(
-                    "no turbine-lock.json records which files of {} to expect",
-                    source.repo
-                ));
-                continue;
-            }
-        };
-        for local in files {
-            report.files += 1;
-            let path = plan.dir.join(&local);
-            if !path.is_file() {
-                missing.push(local);
-                continue;
-            }
-            let Some(rec) = locked.and_then(|r| r.files.get(&local)) else {
-                unverified.push(local);
-                continue;
-            };
-            let bar = ui.bar("verifying", &local, Some(rec.size));
-            let hashes = hash_file(&path, None, &bar).map_err(|e| HubError::io(&path, e))?;
-            bar.finish();
-            let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-            if hashes.sha256 == rec.sha256 && len == rec.size {
-                report.already_present += 1;
-                report.total_bytes += len;
-            } else {
-                corrupt.push(local);
-            }
-        }
-    }
-    if !missing.is_empty() {
-        problems.push(format!(
-            "{} missing file(s): {}",
-            missing.len(),
-            missing.join(", ")
-        ));
-    }
-    if !unverified.is_empty() {
-        problems.push(format!(
-            "{} file(s) with no record in turbine-lock.json: {}",
-            unverified.len(),
-            unverified.join(", ")
-        ));
-    }
-    if !corrupt.is_empty() {
-        problems.push(format!(
-            "{} file(s) whose SHA-256 differs from turbine-lock.json (corrupt or replaced): {}",
-            corrupt.len(),
-            corrupt.join(", ")
-        ));
-    }
-    if !problems.is_empty() {
-        return Err(HubError::Offline {
-            model: plan.name.clone(),
-            dir: plan.dir.clone(),
-            problems,
-            command: plan.command.clone(),
-        });
-    }
-    Ok(report)
 }
 
 /// Runs [`download`] to completion from synchronous code, inside or outside a tokio runtime
