@@ -1,8 +1,9 @@
 //! The real SDXL-Turbo architecture without weights: the tensor names and shapes our code reads
 //! for the Hub's configs (models/sdxl-turbo) are exactly those of the checkpoint diffusers /
 //! transformers write for those configs (models/sdxl-turbo/tensors.json, produced by
-//! scripts/fixtures/real_manifest.py on the meta device). Nothing is allocated: the models are
-//! built on a recording backend that hands out broadcast zeros.
+//! scripts/fixtures/real_manifest.py on the meta device). Almost nothing is allocated (the models are
+//! built on a recording backend that hands out broadcast zeros; only weights the model transforms
+//! at build time, like the attention scale folded into `to_q`, are materialised).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
