@@ -154,7 +154,7 @@ fn init_latents_fix_the_image_whatever_the_batch() {
 fn random_weights_from_configs() {
     let o = bench(&[
         "--random-weights",
-        "--config-dir",
+        "--model-dir",
         tiny().to_str().unwrap(),
         "--size",
         "64x64",
@@ -208,10 +208,9 @@ fn usage_errors_exit_2_and_name_the_flag() {
             "--init-latents",
         ),
         (
-            vec!["--model-dir", m, "--random-weights"],
+            vec!["--model-dir", m, "--random-weights=maybe"],
             "--random-weights",
         ),
-        (vec![], "--model-dir"),
     ] {
         let o = bench(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));

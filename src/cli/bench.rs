@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::generate::{load_init_latents, parse_size};
 use crate::cli::UsageError;
 use crate::device::{parse_device, parse_dtype};
+use crate::hub::ModelArgs;
 use crate::model::pipeline::{GenerationSettings, ImageRequest, NoiseOverride, Pipeline};
 
 /// Prompts cycled over a batch when none are given: varied lengths, so tokenisation and the
@@ -30,21 +31,8 @@ pub const DEFAULT_PROMPTS: [&str; 4] = [
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A model directory in the Hub's diffusers layout (model_index.json, unet/, vae/, ...).
-    #[arg(
-        long,
-        env = "TURBINE_MODEL_DIR",
-        required_unless_present = "random_weights",
-        conflicts_with = "random_weights"
-    )]
-    pub model_dir: Option<PathBuf>,
-    /// Build the full architecture from the configs in --config-dir with random weights, so the
-    /// speed of the real model can be measured without downloading it.
-    #[arg(long)]
-    pub random_weights: bool,
-    /// Config directory for --random-weights.
-    #[arg(long, default_value = "models/sdxl-turbo")]
-    pub config_dir: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Image size as WIDTHxHEIGHT; both multiples of 8.
     #[arg(long, default_value = "512x512")]
     pub size: String,
@@ -87,7 +75,7 @@ pub struct Args {
     /// Also write the results as JSON (with machine, device, dtype and commit) to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Seed of the random weights and of the first image's noise (image i gets seed + i).
+    /// Seed of the first image's noise (image i gets seed + i).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
@@ -340,6 +328,19 @@ pub fn machine() -> Machine {
     }
 }
 
+/// The model in words, from the flags (the pipeline has resolved the same flags).
+fn describe_model(m: &ModelArgs) -> String {
+    let dir = match &m.model_dir {
+        Some(d) => d.display().to_string(),
+        None => m.models_root.join(&m.model).display().to_string(),
+    };
+    if m.random_weights {
+        format!("random weights from the configs in {dir}")
+    } else {
+        dir
+    }
+}
+
 /// The device in words: `cpu`, or `cuda:N (name)` from nvidia-smi when it is there.
 fn describe_device(spec: &str, device: &Device) -> String {
     if !device.is_cuda() {
@@ -431,22 +432,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let started = Instant::now();
-    let (pipeline, model) = if args.random_weights {
-        let p = Pipeline::random(&args.config_dir, &device, dtype, args.seed)?;
-        (
-            p,
-            format!("random weights from {}", args.config_dir.display()),
-        )
-    } else {
-        let dir = args
-            .model_dir
-            .as_deref()
-            .ok_or_else(|| UsageError("--model-dir or --random-weights is required".into()))?;
-        (
-            Pipeline::load(dir, &device, dtype)?,
-            dir.display().to_string(),
-        )
-    };
+    let pipeline = crate::cli::load_pipeline(&args.model, &device, dtype)?;
+    let model = describe_model(&args.model);
     device.synchronize()?;
     let load_s = started.elapsed().as_secs_f64();
     tracing::info!(load_s, dtype = dtype_name(dtype), "model loaded");
