@@ -18,7 +18,7 @@ use crate::cli::generate::{load_init_latents, parse_size};
 use crate::cli::UsageError;
 use crate::device::{parse_device, parse_dtype};
 use crate::hub::ModelArgs;
-use crate::model::pipeline::{GenerationSettings, ImageRequest, NoiseOverride, Pipeline};
+use crate::model::pipeline::{GenerationSettings, ImageRequest, NoiseOverride};
 
 /// Prompts cycled over a batch when none are given: varied lengths, so tokenisation and the
 /// text encoders see realistic padding (SDXL always pads to 77 tokens, so the cost is equal).
