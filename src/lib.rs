@@ -6,7 +6,10 @@
 //!   UNet, the VAE, the Euler-ancestral scheduler) and the [`model::pipeline::Pipeline`] that
 //!   turns a batch of prompts + seeds of one shape into 8-bit RGB images.
 //! - [`device`]: picking a candle device and dtype from user strings.
+//! - [`server`]: the OpenAI Images API over HTTP, with a dynamic batcher feeding one model
+//!   thread per device.
 
 pub mod cli;
 pub mod device;
 pub mod model;
+pub mod server;
