@@ -9,12 +9,14 @@ use anyhow::Context;
 
 use crate::cli::UsageError;
 use crate::model::pipeline::Pipeline;
+use crate::model::tokenizer::ClipTokenizer;
 use crate::server::api::ResponseFormat;
 use crate::server::auth::{read_keys_file, ApiKey};
 use crate::server::config::{
     AuthConfig, BatchingConfig, ModelIdentity, RequestLimits, ServerConfig, StoreConfig,
 };
-use crate::server::{ImageBackend, WorkerSpec};
+use crate::server::{ImageBackend, TokenCounter, WorkerSpec};
+use std::sync::Arc;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -293,10 +295,25 @@ pub fn worker_specs(
         .collect()
 }
 
+/// Counts a prompt's tokens as the first CLIP tokenizer sees them (BOS, the prompt's tokens
+/// after truncation to 77, EOS), for `usage`. That tokenizer pads with EOS, so the count is the
+/// position of the first pad id plus one, or the full length when nothing is padded.
+pub fn token_counter(model_dir: &std::path::Path) -> anyhow::Result<TokenCounter> {
+    let tokenizer = ClipTokenizer::from_dir(&model_dir.join("tokenizer"))?;
+    Ok(Arc::new(move |text: &str| match tokenizer.encode(text) {
+        Ok(ids) => ids
+            .iter()
+            .position(|&id| id == tokenizer.pad_id())
+            .map_or(ids.len(), |i| i + 1),
+        Err(_) => 0,
+    }))
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let config = args.config()?;
     let model_dir = resolve_model_dir(&args.model)?;
     let workers = worker_specs(&args.model, &model_dir)?;
+    let tokens = token_counter(&model_dir)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("turbine-http")
@@ -307,7 +324,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
-        crate::server::serve(config, listener, workers, None, shutdown_signal()).await
+        crate::server::serve(config, listener, workers, Some(tokens), shutdown_signal()).await
     })
 }
 

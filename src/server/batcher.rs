@@ -76,10 +76,12 @@ impl Queue {
     /// Queues all of a request's images, or answers `QueueFull` with a `Retry-After` from the
     /// measured throughput: the time for the images over capacity to leave the queue.
     pub fn submit(&self, entries: Vec<Entry<Item>>) -> Result<(), InferError> {
+        let count = entries.len();
         let mut state = self.lock();
         match state.try_push(entries) {
             Ok(()) => {
                 self.metrics.set_queue_images(state.len());
+                self.metrics.enqueued(count);
                 drop(state);
                 self.arrivals.notify_waiters();
                 Ok(())

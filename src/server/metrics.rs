@@ -135,6 +135,7 @@ struct Inner {
 pub struct Metrics {
     inner: Mutex<Inner>,
     images_generated: AtomicU64,
+    images_enqueued: AtomicU64,
     batches_failed: AtomicU64,
     queue_images: AtomicI64,
     in_flight: AtomicI64,
@@ -161,6 +162,7 @@ impl Metrics {
                 throughput: None,
             }),
             images_generated: AtomicU64::new(0),
+            images_enqueued: AtomicU64::new(0),
             batches_failed: AtomicU64::new(0),
             queue_images: AtomicI64::new(0),
             in_flight: AtomicI64::new(0),
@@ -229,6 +231,11 @@ impl Metrics {
             Some(old) => 0.8 * old + 0.2 * rate,
             None => rate,
         });
+    }
+
+    pub fn enqueued(&self, images: usize) {
+        self.images_enqueued
+            .fetch_add(images as u64, Ordering::Relaxed);
     }
 
     pub fn batch_failed(&self) {

@@ -181,11 +181,12 @@ fn drop_unwanted(entries: Vec<Entry<Item>>, now: Instant, metrics: &Metrics) -> 
     let live = entries
         .into_iter()
         .filter(|e| {
-            if e.payload.reply.is_closed() {
-                gone += 1;
-                false
-            } else if e.deadline <= now {
+            // Deadline first: a timed-out request has also closed its channel.
+            if e.deadline <= now {
                 expired += 1;
+                false
+            } else if e.payload.reply.is_closed() {
+                gone += 1;
                 false
             } else {
                 true
