@@ -2,9 +2,9 @@
 //! the tiny fixture model, on CPU) on 127.0.0.1:0, spoken to over HTTP.
 //!
 //! Images are 64x64 with 1 step unless a test needs the device busy for a while; then a
-//! "blocker" request of several larger, many-step images holds the single worker (batch size
-//! 1) so later requests are still queued when the test acts on them. Tests wait on metrics,
-//! never on the clock.
+//! "blocker" request of several larger, many-step images holds the single worker (one image
+//! per batch) so later requests are still queued when the test acts on them. Tests wait on
+//! metrics, never on the clock.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -18,18 +18,19 @@ use crate::server::config::{
 use crate::server::{ImageBackend, TokenCounter, WorkerSpec};
 use std::sync::Arc;
 
+/// The option groups are boxed so the `Command` enum of `main` stays small.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    pub model: ModelArgs,
+    pub model: Box<ModelArgs>,
     #[command(flatten)]
-    pub http: HttpArgs,
+    pub http: Box<HttpArgs>,
     #[command(flatten)]
-    pub batching: BatchingArgs,
+    pub batching: Box<BatchingArgs>,
     #[command(flatten)]
-    pub limits: LimitArgs,
+    pub limits: Box<LimitArgs>,
     #[command(flatten)]
-    pub auth: AuthArgs,
+    pub auth: Box<AuthArgs>,
 }
 
 /// Which weights to serve, where.

@@ -132,7 +132,7 @@ impl ServerConfig {
             ("--max-image-side", l.max_side),
         ] {
             ensure!(
-                v >= 8 && v % 8 == 0,
+                v >= 8 && v.is_multiple_of(8),
                 "{name} must be a positive multiple of 8 (the VAE's scale factor), got {v}"
             );
         }
@@ -144,7 +144,7 @@ impl ServerConfig {
         );
         let (w, h) = l.default_size;
         for side in [w, h] {
-            if side % 8 != 0 || side < l.min_side || side > l.max_side {
+            if !side.is_multiple_of(8) || side < l.min_side || side > l.max_side {
                 bail!(
                     "--default-size {w}x{h} must have sides that are multiples of 8 between \
                      {} and {}",

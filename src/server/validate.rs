@@ -174,16 +174,13 @@ pub fn validate(
     };
     let output_compression = f.integer("output_compression", 0, 100)?.unwrap_or(100) as u8;
 
-    match f.one_of("background", &["auto", "opaque", "transparent"])? {
-        Some("transparent") => {
-            return Err(ApiError::invalid(
-                "background",
-                "unsupported_value",
-                "background \"transparent\" is not supported: SDXL-Turbo generates opaque \
+    if f.one_of("background", &["auto", "opaque", "transparent"])? == Some("transparent") {
+        return Err(ApiError::invalid(
+            "background",
+            "unsupported_value",
+            "background \"transparent\" is not supported: SDXL-Turbo generates opaque \
                  images; use \"auto\" or \"opaque\"",
-            ))
-        }
-        _ => {}
+        ));
     }
     f.one_of("moderation", &["auto", "low"])?;
     f.one_of("style", &["vivid", "natural"])?;
@@ -402,7 +399,7 @@ fn parse_size(size: Option<&str>, limits: &RequestLimits) -> Result<(u32, u32), 
             return Err(bad());
         }
         let v: u32 = t.parse().map_err(|_| bad())?;
-        if v % 8 != 0 || v < limits.min_side || v > limits.max_side {
+        if !v.is_multiple_of(8) || v < limits.min_side || v > limits.max_side {
             return Err(bad());
         }
         Ok(v)
