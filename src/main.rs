@@ -16,7 +16,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate images from prompts and write them as PNG files.
-    Generate(turbine::cli::generate::Args),
+    Generate(Box<turbine::cli::generate::Args>),
     /// Serve the OpenAI Images API over HTTP.
     Serve(turbine::cli::serve::Args),
     /// Download a model's weights from the Hugging Face Hub (or a mirror).
@@ -29,7 +29,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     turbine::cli::init_tracing();
     let result = match cli.command {
-        Command::Generate(a) => turbine::cli::generate::run(a),
+        Command::Generate(a) => turbine::cli::generate::run(*a),
         Command::Serve(a) => turbine::cli::serve::run(a),
         Command::Download(a) => turbine::cli::download::run(a),
         Command::Bench(a) => turbine::cli::bench::run(a),

@@ -361,13 +361,9 @@ impl AutoencoderKL {
     /// Builds the model from a validated config; tensors are read from `vb` (in its dtype and
     /// on its device) under the checkpoint's names.
     pub fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
-        let n = cfg.block_out_channels.len();
-        if n == 0 || cfg.down_block_types.len() != n || cfg.up_block_types.len() != n {
-            candle_core::bail!(
-                "VAE config: block_out_channels, down_block_types and up_block_types must have \
-                 the same, non-zero length (validate the config first)"
-            );
-        }
+        // `from_file` has validated already; a config built in code gets the same checks.
+        cfg.validate(Path::new("vae/config.json"))
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let l = cfg.latent_channels;
         let quant_conv = if cfg.use_quant_conv {
             Some(Conv2d::new(vb.pp("quant_conv"), 2 * l, 2 * l, 1, 0, 1)?)

@@ -3,6 +3,7 @@
 
 mod clip;
 mod common;
+mod pipeline;
 mod scheduler;
 mod tokenizer;
 mod unet;

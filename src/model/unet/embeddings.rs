@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::{Module, VarBuilder};
 
-use super::layers::Linear;
+use super::layers::{silu, Linear};
 
 /// Sinusoidal projection of scalar positions (timesteps or SDXL's size/crop ids).
 ///
@@ -28,8 +28,8 @@ impl Timesteps {
         device: &Device,
     ) -> Result<Self> {
         let half = num_channels / 2;
-        // The frequency table is computed in f32 in the same order as torch (scale the index,
-        // divide, exponentiate), so the table matches diffusers to the last bit or so.
+        // 10000 is diffusers' `max_period`. The table is computed in f32 in torch's order (scale
+        // the index, divide, exponentiate), so it matches diffusers to the last bit or so.
         let log_max_period = -(10000f64.ln()) as f32;
         let denom = (half as f64 - downscale_freq_shift) as f32;
         let freqs: Vec<f32> = (0..half)
@@ -80,7 +80,7 @@ impl TimestepEmbedding {
 
 impl Module for TimestepEmbedding {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&self.linear_1.forward(xs)?.silu()?)
+        self.linear_2.forward(&silu(&self.linear_1.forward(xs)?)?)
     }
 }
 

@@ -1,26 +1,54 @@
-//! Linear and convolution layers shared by the UNet and the VAE, over one matmul seam.
+//! Linear, convolution and GroupNorm layers shared by the UNet and the VAE, with one matmul
+//! seam.
 //!
 //! candle's CPU backend has no bf16 GEMM (neither `matmul` nor `conv2d`, which lowers to it).
-//! On the CPU, bf16 products are therefore computed in f32 and rounded to bf16, which is also
-//! what CUDA's bf16 GEMMs do (f32 accumulation, bf16 output): bf16 runs work everywhere and
-//! behave alike. Every other dtype/device goes straight to candle.
+//! On the CPU, half-precision products (bf16 and f16) are therefore computed in f32, bias
+//! included, and rounded once to the model dtype, which is what CUDA's half GEMMs do too (f32
+//! accumulation, one rounding in the epilogue): half-precision runs work on every device and
+//! round alike. f32, and every dtype on CUDA, goes straight to candle.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-/// Whether `t` is a bf16 tensor on a device without bf16 GEMM.
-fn emulate_bf16(t: &Tensor) -> bool {
-    t.dtype() == DType::BF16 && t.device().is_cpu()
+/// The dtype to round results back to when `t` is a half-precision tensor on the CPU, whose
+/// products we take in f32; `None` everywhere else.
+fn cpu_half(t: &Tensor) -> Option<DType> {
+    let dt = t.dtype();
+    (t.device().is_cpu() && matches!(dt, DType::BF16 | DType::F16)).then_some(dt)
 }
 
-/// Batched `a @ b` (candle semantics) that also works for bf16 on the CPU.
+/// Calls `f` on `args`, or, for half-precision CPU tensors, on their f32 copies, rounding the
+/// result back once.
+fn gemm_in_f32_on_cpu(
+    args: &[&Tensor],
+    f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let half = args.first().and_then(|t| cpu_half(t));
+    let args = args
+        .iter()
+        .map(|t| match half {
+            Some(_) => t.to_dtype(DType::F32),
+            None => Ok((*t).clone()),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let out = f(&args)?;
+    match half {
+        Some(dt) => out.to_dtype(dt),
+        None => Ok(out),
+    }
+}
+
+/// Batched `a @ b` (candle semantics), in f32 for half-precision CPU tensors.
 pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if emulate_bf16(a) {
-        a.to_dtype(DType::F32)?
-            .matmul(&b.to_dtype(DType::F32)?)?
-            .to_dtype(DType::BF16)
-    } else {
-        a.matmul(b)
+    gemm_in_f32_on_cpu(&[a, b], |t| t[0].matmul(&t[1]))
+}
+
+/// SiLU taken in f32 and rounded once for half-precision input (candle's half SiLU rounds after
+/// each of its three steps); for the small embedding vectors, where the cost is nil.
+pub fn silu(xs: &Tensor) -> Result<Tensor> {
+    match xs.dtype() {
+        DType::BF16 | DType::F16 => xs.to_dtype(DType::F32)?.silu()?.to_dtype(xs.dtype()),
+        _ => xs.silu(),
     }
 }
 
@@ -65,22 +93,12 @@ impl Module for Linear {
         // One 2-D GEMM over all leading dimensions (candle's batched matmul with a broadcast
         // weight is much slower); reshape is free on contiguous input.
         let flat = xs.reshape((rows, in_dim))?;
-        let out = if emulate_bf16(&flat) {
-            // Bias added before the single rounding to bf16, as a fused GEMM epilogue does.
-            let out = flat
-                .to_dtype(DType::F32)?
-                .matmul(&self.weight.to_dtype(DType::F32)?.t()?)?;
-            match &self.bias {
-                Some(b) => out.broadcast_add(&b.to_dtype(DType::F32)?)?,
-                None => out,
-            }
-            .to_dtype(DType::BF16)?
-        } else {
-            let out = flat.matmul(&self.weight.t()?)?;
-            match &self.bias {
-                Some(b) => out.broadcast_add(b)?,
-                None => out,
-            }
+        // The bias is added before the single rounding, as a fused GEMM epilogue does.
+        let out = match &self.bias {
+            Some(b) => gemm_in_f32_on_cpu(&[&flat, &self.weight, b], |t| {
+                t[0].matmul(&t[1].t()?)?.broadcast_add(&t[2])
+            })?,
+            None => gemm_in_f32_on_cpu(&[&flat, &self.weight], |t| t[0].matmul(&t[1].t()?))?,
         };
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
@@ -119,20 +137,10 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let conv = |x: &Tensor, w: &Tensor, b: &Tensor| {
-            x.conv2d(w, self.padding, self.stride, 1, 1)?
-                .broadcast_add(&b.reshape((1, (), 1, 1))?)
-        };
-        if emulate_bf16(xs) {
-            conv(
-                &xs.to_dtype(DType::F32)?,
-                &self.weight.to_dtype(DType::F32)?,
-                &self.bias.to_dtype(DType::F32)?,
-            )?
-            .to_dtype(DType::BF16)
-        } else {
-            conv(xs, &self.weight, &self.bias)
-        }
+        gemm_in_f32_on_cpu(&[xs, &self.weight, &self.bias], |t| {
+            t[0].conv2d(&t[1], self.padding, self.stride, 1, 1)?
+                .broadcast_add(&t[2].reshape((1, (), 1, 1))?)
+        })
     }
 }
 

@@ -30,12 +30,14 @@ pub enum PerBlock<T> {
     Each(Vec<T>),
 }
 
-impl<T: Copy> PerBlock<T> {
+impl<T: Copy + Default> PerBlock<T> {
+    /// The value for block `i`. `validate` checks list lengths; on an unvalidated config an
+    /// out-of-range index reads the last entry (or the default of an empty list) instead of
+    /// panicking.
     fn get(&self, i: usize) -> T {
         match self {
             Self::All(v) => *v,
-            // Lengths are checked against `down_block_types` by `validate`.
-            Self::Each(v) => v[i.min(v.len().saturating_sub(1))],
+            Self::Each(v) => v.get(i).or(v.last()).copied().unwrap_or_default(),
         }
     }
 
@@ -207,13 +209,14 @@ impl UNet2DConditionConfig {
     pub fn transformer_layers(&self, i: usize) -> usize {
         match &self.transformer_layers_per_block {
             TransformerLayers::All(n) => *n,
-            TransformerLayers::Each(v) => v[i.min(v.len().saturating_sub(1))],
+            TransformerLayers::Each(v) => v.get(i).or(v.last()).copied().unwrap_or_default(),
             // Rejected by `validate`.
             TransformerLayers::PerLayer(_) => 0,
         }
     }
 
-    /// Width of the time embedding fed to every resnet.
+    /// Width of the time embedding fed to every resnet: `time_embedding_dim`, else diffusers'
+    /// 4 x `block_out_channels[0]`.
     pub fn time_embed_dim(&self) -> usize {
         self.time_embedding_dim
             .unwrap_or(4 * self.block_out_channels.first().copied().unwrap_or(0))
@@ -474,13 +477,10 @@ impl UNet2DConditionModel {
     /// Builds the model from a validated config; tensors are read from `vb` (in its dtype and
     /// on its device) under the checkpoint's names.
     pub fn new(vb: VarBuilder, cfg: &UNet2DConditionConfig) -> Result<Self> {
+        // `from_file` has validated already; a config built in code gets the same checks.
+        cfg.validate(Path::new("unet/config.json"))
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let n = cfg.block_out_channels.len();
-        if n == 0 || cfg.down_block_types.len() != n || cfg.up_block_types.len() != n {
-            candle_core::bail!(
-                "UNet config: block_out_channels, down_block_types and up_block_types must have \
-                 the same, non-zero length (validate the config first)"
-            );
-        }
         let ch = &cfg.block_out_channels;
         let groups = cfg.norm_num_groups.unwrap_or(32);
         let eps = cfg.norm_eps;
@@ -644,8 +644,10 @@ impl UNet2DConditionModel {
     /// Predicts the noise (epsilon) for `sample` `[B, C, h, w]` at `timestep`, conditioned on
     /// `encoder_hidden_states` `[B, S, cross_attention_dim]` and, for SDXL's `text_time`
     /// addition embedding, the pooled `text_embeds` `[B, proj]` and `time_ids` `[B, 6]`
-    /// (original size, crop top-left, target size; in pixels). Inputs are cast to the model's
-    /// dtype; the output is `[B, out_channels, h, w]` in that dtype.
+    /// (original size, crop top-left, target size; in pixels), which are ignored when the
+    /// config has no `addition_embed_type`. Inputs are cast to the model's dtype; the output
+    /// is `[B, out_channels, h, w]` in that dtype. Any latent size works: sides that do not
+    /// divide by 2^num_upsamplers are handled like diffusers' `upsample_size`.
     pub fn forward(
         &self,
         sample: &Tensor,
@@ -676,7 +678,7 @@ impl UNet2DConditionModel {
             emb = (emb + add.forward(text_embeds, time_ids, dtype)?)?;
         }
         // Every resnet applies SiLU to the same embedding before its projection: do it once.
-        let temb_act = emb.silu()?;
+        let temb_act = layers::silu(&emb)?;
 
         // 2. pre-process
         let mut xs = self.conv_in.forward(&sample)?;
