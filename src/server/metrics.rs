@@ -299,6 +299,17 @@ impl Metrics {
         );
         header(
             &mut out,
+            "turbine_images_enqueued_total",
+            "counter",
+            "Images accepted into the queue.",
+        );
+        let _ = writeln!(
+            out,
+            "turbine_images_enqueued_total {}",
+            self.images_enqueued.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
             "turbine_images_dropped_total",
             "counter",
             "Queued images dropped before running, by reason.",
@@ -401,6 +412,7 @@ mod tests {
             "turbine_images_dropped_total{reason=\"client_disconnected\"} 3",
             "turbine_queue_images 5",
             "turbine_images_generated_total 5",
+            "turbine_images_enqueued_total 0",
             "turbine_batch_size_bucket{le=\"1\"} 1",
             "turbine_batch_size_bucket{le=\"2\"} 1",
             "turbine_batch_size_bucket{le=\"4\"} 2",
