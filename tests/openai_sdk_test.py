@@ -9,8 +9,8 @@ import base64
 import struct
 import sys
 import traceback
+import urllib.request
 
-import httpx
 import openai
 from openai import OpenAI
 
@@ -64,10 +64,11 @@ def test_url_then_fetch(client: OpenAI):
     )
     url = resp.data[0].url
     assert url and "/v1/images/files/" in url and resp.data[0].b64_json is None
-    fetched = httpx.get(url)
-    assert fetched.status_code == 200
-    assert fetched.headers["content-type"] == "image/jpeg"
-    assert fetched.content[:3] == b"\xff\xd8\xff", "not a JPEG"
+    # Fetched like a browser would: no API key, the id is the secret.
+    with urllib.request.urlopen(url, timeout=60) as fetched:
+        assert fetched.status == 200
+        assert fetched.headers["content-type"] == "image/jpeg"
+        assert fetched.read()[:3] == b"\xff\xd8\xff", "not a JPEG"
 
 
 def test_n3_seeded_distinct_and_reproducible(client: OpenAI):
