@@ -330,6 +330,13 @@ fn seeded_images_are_reproducible_and_distinct() {
     let second = s.generate_ok(&json!({"prompt": "a castle at dusk", "seed": 101}));
     assert_eq!(images(&second)[0], imgs[1]);
 
+    // The extensions reach the model: guidance with a negative prompt, and more steps, each
+    // change the image (and guided requests batch under their own key).
+    let guided = s.generate_ok(&json!({"prompt": "a castle at dusk", "seed": 100, "guidance_scale": 3.0, "negative_prompt": "fog"}));
+    let stepped = s.generate_ok(&json!({"prompt": "a castle at dusk", "seed": 100, "steps": 3}));
+    assert_ne!(images(&guided)[0], imgs[0]);
+    assert_ne!(images(&stepped)[0], imgs[0]);
+
     // Without a seed the server draws one, reports it, and it reproduces the image.
     let drawn = s.generate_ok(&json!({"prompt": "a castle at dusk", "n": 2}));
     let d = drawn["data"].as_array().unwrap();
@@ -410,39 +417,44 @@ fn sixteen_concurrent_requests_batch_and_match_images_generated_alone() {
 
 #[test]
 fn idle_request_overhead_is_measured() {
-    let s = TestServer::start(test_config());
-    let body = json!({"prompt": "a teapot", "seed": 3});
-    s.generate_ok(&body);
-    let before = s.metrics();
-    let rounds = 10;
-    let start = Instant::now();
-    for _ in 0..rounds {
+    // With the default batch delay (an idle request waits that long for company) and without.
+    for delay_ms in [20, 0] {
+        let mut config = test_config();
+        config.batching.max_batch_delay = Duration::from_millis(delay_ms);
+        let s = TestServer::start(config);
+        let body = json!({"prompt": "a teapot", "seed": 3});
         s.generate_ok(&body);
+        let before = s.metrics();
+        let rounds = 10;
+        let start = Instant::now();
+        for _ in 0..rounds {
+            s.generate_ok(&body);
+        }
+        let wall = start.elapsed().as_secs_f64() / rounds as f64;
+        let after = s.metrics();
+        let delta =
+            |series: &str| (metric_in(&after, series) - metric_in(&before, series)) / rounds as f64;
+        let stage = |name: &str| {
+            delta(&format!(
+                "turbine_stage_duration_seconds_sum{{stage=\"{name}\"}}"
+            ))
+        };
+        let model = stage("text_encode") + stage("unet") + stage("vae_decode");
+        println!(
+            "idle, 64x64 png, batch delay {delay_ms} ms: wall {:.2} ms/request, model {:.2} ms, added {:.2} ms \
+             (queue wait {:.2} ms, encode {:.2} ms, HTTP+JSON+base64 the rest)",
+            wall * 1e3,
+            model * 1e3,
+            (wall - model) * 1e3,
+            stage("queue_wait") * 1e3,
+            stage("image_encode") * 1e3
+        );
+        assert_eq!(
+            delta("turbine_stage_duration_seconds_count{stage=\"queue_wait\"}"),
+            1.0
+        );
+        assert_eq!(delta("turbine_images_generated_total"), 1.0);
     }
-    let wall = start.elapsed().as_secs_f64() / rounds as f64;
-    let after = s.metrics();
-    let delta =
-        |series: &str| (metric_in(&after, series) - metric_in(&before, series)) / rounds as f64;
-    let stage = |name: &str| {
-        delta(&format!(
-            "turbine_stage_duration_seconds_sum{{stage=\"{name}\"}}"
-        ))
-    };
-    let model = stage("text_encode") + stage("unet") + stage("vae_decode");
-    println!(
-        "idle, 64x64 png: wall {:.2} ms/request, model {:.2} ms, added {:.2} ms (queue wait {:.2} ms incl. the \
-         batch delay, encode {:.2} ms, HTTP+JSON+base64 the rest)",
-        wall * 1e3,
-        model * 1e3,
-        (wall - model) * 1e3,
-        stage("queue_wait") * 1e3,
-        stage("image_encode") * 1e3
-    );
-    assert_eq!(
-        delta("turbine_stage_duration_seconds_count{stage=\"queue_wait\"}"),
-        1.0
-    );
-    assert_eq!(delta("turbine_images_generated_total"), 1.0);
 }
 
 #[test]

@@ -169,6 +169,21 @@ impl ServerConfig {
             !b.request_timeout.is_zero(),
             "--request-timeout must be positive"
         );
+        // Deadlines are `Instant + Duration`, which panics on overflow: keep durations sane.
+        const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+        for (name, d) in [
+            ("--request-timeout", b.request_timeout),
+            ("--max-batch-delay-ms", b.max_batch_delay),
+            ("--priority-aging-secs", b.priority_aging),
+            ("--image-url-ttl-secs", self.store.ttl),
+            ("--shutdown-grace-secs", self.shutdown_grace),
+        ] {
+            ensure!(
+                d <= YEAR,
+                "{name} must be at most a year, got {} s",
+                d.as_secs()
+            );
+        }
         ensure!(
             !self.model.id.is_empty(),
             "--served-model-name must not be empty"
@@ -180,5 +195,36 @@ impl ServerConfig {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_pass_and_bad_settings_name_their_option() {
+        ServerConfig::default().check().unwrap();
+        let cases: Vec<(fn(&mut ServerConfig), &str)> = vec![
+            (|c| c.limits.min_side = 100, "--min-image-side"),
+            (
+                |c| c.limits.min_side = 2048,
+                "--min-image-side (2048) must not exceed",
+            ),
+            (|c| c.limits.default_size = (520, 4), "--default-size"),
+            (|c| c.batching.max_batch_size = 0, "--max-batch-size"),
+            (|c| c.batching.max_queued_images = 9, "--max-queued-images"),
+            (
+                |c| c.batching.request_timeout = Duration::from_secs(u64::MAX),
+                "--request-timeout",
+            ),
+            (|c| c.public_url = Some("ftp://x".into()), "--public-url"),
+        ];
+        for (tweak, fragment) in cases {
+            let mut c = ServerConfig::default();
+            tweak(&mut c);
+            let e = c.check().unwrap_err().to_string();
+            assert!(e.contains(fragment), "{e:?} lacks {fragment:?}");
+        }
     }
 }
