@@ -281,6 +281,14 @@ impl IntoResponse for ApiError {
                 HeaderValue::from(after.as_millis().max(1) as u64),
             );
         }
+        if matches!(self, ApiError::PayloadTooLarge { .. }) {
+            // The unread rest of the body makes the connection unusable: tell the client not
+            // to send its next request on it.
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                HeaderValue::from_static("close"),
+            );
+        }
         response.extensions_mut().insert(ErrorMetric(info.metric));
         response
     }
