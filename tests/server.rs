@@ -814,6 +814,24 @@ fn malformed_requests_get_the_right_status_and_the_server_keeps_serving() {
             );
         }
     }
+    // Over the limit without a declared length (chunked): counted while reading, still a 413.
+    let chunked =
+        std::io::Cursor::new(format!("{{\"prompt\": \"{}\"}}", "c".repeat(2 << 20)).into_bytes());
+    let r = s
+        .client
+        .post(s.url("/v1/images/generations"))
+        .header("content-type", "application/json")
+        .body(reqwest::blocking::Body::new(chunked))
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    assert_openai_error(status, &r.text().unwrap(), 413, None, "chunked 2 MB body");
+    assert_eq!(
+        images(&s.generate_ok(&valid)).remove(0),
+        reference,
+        "after the chunked body"
+    );
+
     let invalid = cases
         .iter()
         .filter(|c| c.status == 400 && c.param.is_some())
