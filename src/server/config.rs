@@ -205,7 +205,8 @@ mod tests {
     #[test]
     fn defaults_pass_and_bad_settings_name_their_option() {
         ServerConfig::default().check().unwrap();
-        let cases: Vec<(fn(&mut ServerConfig), &str)> = vec![
+        type Case = (fn(&mut ServerConfig), &'static str);
+        let cases: Vec<Case> = vec![
             (|c| c.limits.min_side = 100, "--min-image-side"),
             (
                 |c| c.limits.min_side = 2048,
