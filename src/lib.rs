@@ -8,8 +8,11 @@
 //! - [`device`]: picking a candle device and dtype from user strings.
 //! - [`server`]: the OpenAI Images API over HTTP, with a dynamic batcher feeding one model
 //!   thread per device.
+//! - [`hub`]: model manifests, `turbine download` from the Hugging Face Hub or a mirror, and
+//!   [`hub::ModelArgs`], which finds (or fetches) the model directory to load.
 
 pub mod cli;
 pub mod device;
+pub mod hub;
 pub mod model;
 pub mod server;

@@ -7,24 +7,13 @@ use candle_core::{DType, Device};
 
 use crate::cli::UsageError;
 use crate::device::{parse_device, parse_dtype};
-use crate::model::pipeline::{GenerationSettings, ImageRequest, NoiseOverride, Pipeline};
+use crate::hub::ModelArgs;
+use crate::model::pipeline::{GenerationSettings, ImageRequest, NoiseOverride};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// A model directory in the Hub's diffusers layout (model_index.json, unet/, vae/, ...).
-    #[arg(
-        long,
-        env = "TURBINE_MODEL_DIR",
-        required_unless_present = "random_weights"
-    )]
-    pub model_dir: Option<PathBuf>,
-    /// Build the full architecture from the configs in --config-dir with random weights
-    /// (for benchmarks and smoke tests on machines without the weights).
-    #[arg(long)]
-    pub random_weights: bool,
-    /// Config directory for --random-weights.
-    #[arg(long, default_value = "models/sdxl-turbo")]
-    pub config_dir: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// A prompt; repeat the flag for several images in one batch.
     #[arg(long, required = true)]
     pub prompt: Vec<String>,
@@ -162,15 +151,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let started = std::time::Instant::now();
-    let pipeline = if args.random_weights {
-        Pipeline::random(&args.config_dir, &device, dtype, 0)?
-    } else {
-        let dir = args
-            .model_dir
-            .as_deref()
-            .ok_or_else(|| UsageError("--model-dir is required".into()))?;
-        Pipeline::load(dir, &device, dtype)?
-    };
+    let pipeline = crate::cli::load_pipeline(&args.model, &device, dtype)?;
     tracing::info!(elapsed = ?started.elapsed(), ?dtype, "model loaded");
 
     let settings = GenerationSettings {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::cli::UsageError;
-use crate::model::pipeline::Pipeline;
+use crate::hub::ModelArgs;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::server::api::ResponseFormat;
 use crate::server::auth::{read_keys_file, ApiKey};
@@ -24,6 +24,8 @@ pub struct Args {
     #[command(flatten)]
     pub model: Box<ModelArgs>,
     #[command(flatten)]
+    pub devices: Box<DeviceArgs>,
+    #[command(flatten)]
     pub http: Box<HttpArgs>,
     #[command(flatten)]
     pub batching: Box<BatchingArgs>,
@@ -33,13 +35,10 @@ pub struct Args {
     pub auth: Box<AuthArgs>,
 }
 
-/// Which weights to serve, where.
+/// Where to run the model and what to call it.
 #[derive(Debug, clap::Args)]
-#[command(next_help_heading = "Model")]
-pub struct ModelArgs {
-    /// Model directory in the Hugging Face diffusers layout (model_index.json, unet/, vae/, ...).
-    #[arg(long, env = "TURBINE_MODEL_DIR")]
-    pub model_dir: Option<PathBuf>,
+#[command(next_help_heading = "Devices")]
+pub struct DeviceArgs {
     /// Device to run a model worker on: `cpu`, `cuda` or `cuda:N`. Repeat (or separate with
     /// commas) for one worker per GPU, all fed from the same queue. Default: cuda:0 when this
     /// build has CUDA and a GPU is present, else cpu.
@@ -201,9 +200,9 @@ impl Args {
         }
         let config = ServerConfig {
             model: ModelIdentity {
-                id: self.model.served_model_name.clone(),
+                id: self.devices.served_model_name.clone(),
                 aliases: self
-                    .model
+                    .devices
                     .model_aliases
                     .iter()
                     .map(|a| a.trim().to_string())
@@ -249,24 +248,10 @@ fn parse_size(s: &str) -> Option<(u32, u32)> {
     Some((w.parse().ok()?, h.parse().ok()?))
 }
 
-/// The model directory to serve. The one place model selection happens, so the shared model
-/// flags (`--model sdxl-turbo`, `--offline`, ...) can replace it.
-pub fn resolve_model_dir(model: &ModelArgs) -> anyhow::Result<PathBuf> {
-    match &model.model_dir {
-        Some(dir) => Ok(dir.clone()),
-        None => Err(UsageError(
-            "no model given: pass --model-dir DIR (a diffusers-layout model directory)".into(),
-        )
-        .into()),
-    }
-}
-
-/// One worker per `--device`, each loading the pipeline on its own thread.
-pub fn worker_specs(
-    model: &ModelArgs,
-    model_dir: &std::path::Path,
-) -> anyhow::Result<Vec<WorkerSpec>> {
-    let devices = if model.devices.is_empty() {
+/// One worker per `--device`, each resolving and loading the model on its own thread (so
+/// `/health` answers 503 meanwhile).
+pub fn worker_specs(model: &ModelArgs, devices: &DeviceArgs) -> anyhow::Result<Vec<WorkerSpec>> {
+    let labels = if devices.devices.is_empty() {
         vec![if candle_core::utils::cuda_is_available() {
             "cuda:0"
         } else {
@@ -274,18 +259,18 @@ pub fn worker_specs(
         }
         .to_string()]
     } else {
-        model.devices.clone()
+        devices.devices.clone()
     };
-    devices
+    labels
         .iter()
         .map(|label| {
             let device = crate::device::parse_device(label)
                 .map_err(|e| UsageError(format!("--device: {e:#}")))?;
-            let dtype = crate::device::parse_dtype(model.dtype.as_deref(), &device)
+            let dtype = crate::device::parse_dtype(devices.dtype.as_deref(), &device)
                 .map_err(|e| UsageError(format!("--dtype: {e:#}")))?;
-            let dir = model_dir.to_path_buf();
+            let model = model.clone();
             let factory: crate::server::BackendFactory = Box::new(move || {
-                let pipeline = Pipeline::load(&dir, &device, dtype)?;
+                let pipeline = crate::cli::load_pipeline(&model, &device, dtype)?;
                 Ok(Box::new(pipeline) as Box<dyn ImageBackend>)
             });
             Ok(WorkerSpec {
@@ -312,9 +297,12 @@ pub fn token_counter(model_dir: &std::path::Path) -> anyhow::Result<TokenCounter
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let config = args.config()?;
-    let model_dir = resolve_model_dir(&args.model)?;
-    let workers = worker_specs(&args.model, &model_dir)?;
-    let tokens = token_counter(&model_dir)?;
+    // Resolved (and downloaded if missing) once here, before listening; the workers then find
+    // the files in place.
+    let model = args.model.resolve()?;
+    tracing::info!("model: {model}");
+    let tokens = token_counter(&model.dir)?;
+    let workers = worker_specs(&args.model, &args.devices)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("turbine-http")

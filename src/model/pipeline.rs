@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use crate::model::clip::{ClipTextConfig, ClipTextModel};
 use crate::model::loader::{
-    read_json, weights_error, LoadError, LoadResult, ModelDir, RandomWeights, Weights,
+    find_weights, read_json, weights_error, LoadError, LoadResult, ModelDir, RandomWeights, Weights,
 };
 use crate::model::noise;
 use crate::model::scheduler::{EulerAncestralConfig, EulerAncestralScheduler};
@@ -123,18 +123,39 @@ pub struct Pipeline {
 impl Pipeline {
     /// Loads a model directory in the Hub's diffusers layout.
     pub fn load(model_dir: &Path, device: &Device, dtype: DType) -> LoadResult<Self> {
+        Self::load_with_vae(model_dir, None, device, dtype)
+    }
+
+    /// Like [`Pipeline::load`], with the VAE read from `vae_dir` (config.json + weights)
+    /// instead of `model_dir/vae` when given (e.g. the fp16-safe `sdxl-vae-fp16-fix`).
+    pub fn load_with_vae(
+        model_dir: &Path,
+        vae_dir: Option<&Path>,
+        device: &Device,
+        dtype: DType,
+    ) -> LoadResult<Self> {
         let dir = ModelDir::open(model_dir)?;
-        Self::build(&dir, Source::Files, device, dtype)
+        Self::build(&dir, vae_dir, Source::Files, device, dtype)
     }
 
     /// The full architecture described by the configs in `config_dir` (same layout, no weights
     /// needed) with deterministic random weights: for benchmarks on machines without weights.
     pub fn random(config_dir: &Path, device: &Device, dtype: DType, seed: u64) -> LoadResult<Self> {
         let dir = ModelDir::open(config_dir)?;
-        Self::build(&dir, Source::Random(seed), device, dtype)
+        Self::build(&dir, None, Source::Random(seed), device, dtype)
     }
 
-    fn build(dir: &ModelDir, source: Source, device: &Device, dtype: DType) -> LoadResult<Self> {
+    fn build(
+        dir: &ModelDir,
+        vae_dir: Option<&Path>,
+        source: Source,
+        device: &Device,
+        dtype: DType,
+    ) -> LoadResult<Self> {
+        let vae_dir = match vae_dir {
+            Some(d) => ModelDir::open(d)?.root().to_path_buf(),
+            None => dir.component("vae")?,
+        };
         let index: ModelIndex = read_json(&dir.root().join("model_index.json"))?;
         let te_cfg =
             ClipTextConfig::from_file(&dir.component("text_encoder")?.join("config.json"))?;
@@ -142,7 +163,7 @@ impl Pipeline {
             ClipTextConfig::from_file(&dir.component("text_encoder_2")?.join("config.json"))?;
         let unet_cfg =
             UNet2DConditionConfig::from_file(&dir.component("unet")?.join("config.json"))?;
-        let vae_cfg = AutoencoderKLConfig::from_file(&dir.component("vae")?.join("config.json"))?;
+        let vae_cfg = AutoencoderKLConfig::from_file(&vae_dir.join("config.json"))?;
         let scheduler_config: EulerAncestralConfig = EulerAncestralConfig::from_file(
             &dir.component("scheduler")?.join("scheduler_config.json"),
         )?;
@@ -157,32 +178,33 @@ impl Pipeline {
             dtype
         };
 
-        let text_encoder =
-            load_component(dir, &source, "text_encoder", "model", dtype, device, |vb| {
-                ClipTextModel::new(vb, &te_cfg, false)
-            })?;
-        let text_encoder_2 = load_component(
-            dir,
+        let text_encoder = load_component(
+            &dir.component("text_encoder")?,
             &source,
-            "text_encoder_2",
+            "model",
+            dtype,
+            device,
+            |vb| ClipTextModel::new(vb, &te_cfg, false),
+        )?;
+        let text_encoder_2 = load_component(
+            &dir.component("text_encoder_2")?,
+            &source,
             "model",
             dtype,
             device,
             |vb| ClipTextModel::new(vb, &te2_cfg, true),
         )?;
         let unet = load_component(
-            dir,
+            &dir.component("unet")?,
             &source,
-            "unet",
             "diffusion_pytorch_model",
             dtype,
             device,
             |vb| UNet2DConditionModel::new(vb, &unet_cfg),
         )?;
         let vae = load_component(
-            dir,
+            &vae_dir,
             &source,
-            "vae",
             "diffusion_pytorch_model",
             vae_dtype,
             device,
@@ -419,9 +441,8 @@ impl Pipeline {
 /// Reads one component's weights (or draws random ones) and builds it, naming the file on error
 /// and refusing a checkpoint whose tensors the model did not all read.
 fn load_component<T>(
-    dir: &ModelDir,
+    folder: &Path,
     source: &Source,
-    component: &str,
     stem: &str,
     dtype: DType,
     device: &Device,
@@ -429,7 +450,7 @@ fn load_component<T>(
 ) -> LoadResult<T> {
     match source {
         Source::Files => {
-            let path = dir.weights(component, stem)?;
+            let path = find_weights(folder, stem)?;
             let weights = Weights::open(&path, dtype, device)?;
             let model = build(weights.vb.clone()).map_err(|e| weights_error(&path, e))?;
             weights.ensure_all_used()?;
@@ -438,7 +459,7 @@ fn load_component<T>(
         Source::Random(seed) => {
             let vb = RandomWeights::new(*seed).into_var_builder(dtype, device);
             build(vb).map_err(|e| LoadError::Weights {
-                path: dir.root().join(component),
+                path: folder.to_path_buf(),
                 message: format!("building random weights: {e}"),
             })
         }
