@@ -75,14 +75,14 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let start = Instant::now();
     let mut response = next.run(req).instrument(span.clone()).await;
+    let (status, secs) = (response.status().as_u16(), start.elapsed().as_secs_f64());
     span.in_scope(|| {
-        tracing::info!(
-            %method,
-            path,
-            status = response.status().as_u16(),
-            secs = start.elapsed().as_secs_f64(),
-            "request done"
-        )
+        // Probes and scrapers poll: their lines would drown the API's.
+        if path == "/health" || path == "/metrics" {
+            tracing::debug!(%method, path, status, secs, "request done")
+        } else {
+            tracing::info!(%method, path, status, secs, "request done")
+        }
     });
     if let Ok(v) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", v);
@@ -244,6 +244,21 @@ async fn generations(
         priority = caller.priority.as_str(),
         "generating"
     );
+    // Tokenising a 32000-character prompt takes milliseconds: off the async workers, and
+    // alongside the generation.
+    let token_count = {
+        let tokens = app.tokens.clone();
+        let (prompt, negative) = (req.prompt.clone(), req.negative_prompt.clone());
+        tokio::task::spawn_blocking(move || {
+            let count = |s: &str| tokens.as_ref().map_or(0, |t| t(s) as u64);
+            count(&prompt)
+                + if negative.is_empty() {
+                    0
+                } else {
+                    count(&negative)
+                }
+        })
+    };
     let encoded = generate(&app, &caller, &req, seed).await?;
 
     let now = Instant::now();
@@ -285,13 +300,7 @@ async fn generations(
             seed: seed + i as u64,
         });
     }
-    let count = |s: &str| app.tokens.as_ref().map_or(0, |t| t(s) as u64);
-    let text_tokens = count(&req.prompt)
-        + if req.negative_prompt.is_empty() {
-            0
-        } else {
-            count(&req.negative_prompt)
-        };
+    let text_tokens = token_count.await.unwrap_or(0);
     let response = ImagesResponse {
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
