@@ -6,7 +6,9 @@
 //!   UNet, the VAE, the Euler-ancestral scheduler) and the [`model::pipeline::Pipeline`] that
 //!   turns a batch of prompts + seeds of one shape into 8-bit RGB images.
 //! - [`device`]: picking a candle device and dtype from user strings.
+//! - [`ops`]: fused GroupNorm(+SiLU), GEGLU and attention: our CUDA kernels, CPU references.
 
 pub mod cli;
 pub mod device;
 pub mod model;
+pub mod ops;
