@@ -60,6 +60,8 @@ fn apply(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool, d: &Dims)
     )
 }
 
+/// The CPU path, in f32 whatever the dtype: candle's CPU matmul has no faster half-precision
+/// kernel, and rounding the logits to bf16 would cost accuracy for nothing.
 fn composed(
     q: &Tensor,
     k: &Tensor,
@@ -68,9 +70,9 @@ fn composed(
     causal: bool,
     d: &Dims,
 ) -> Result<Tensor> {
-    let dtype = q.dtype();
-    let scores = q.contiguous()?.matmul(&k.contiguous()?.t()?)?;
-    let mut scores = (scores.to_dtype(DType::F32)? * scale)?;
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let scores = f32(q)?.matmul(&f32(k)?.t()?)?;
+    let mut scores = (scores * scale)?;
     if causal {
         let mask: Vec<f32> = (0..d.lq)
             .flat_map(|i| (0..d.lk).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
@@ -78,8 +80,9 @@ fn composed(
         let mask = Tensor::from_vec(mask, (d.lq, d.lk), q.device())?;
         scores = scores.broadcast_add(&mask)?;
     }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-    probs.matmul(&v.contiguous()?)
+    candle_nn::ops::softmax_last_dim(&scores)?
+        .matmul(&f32(v)?)?
+        .to_dtype(q.dtype())
 }
 
 fn check_dtypes(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
