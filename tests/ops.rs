@@ -32,7 +32,11 @@ const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 fn devices(test: &str) -> Vec<Device> {
     let mut devices = vec![Device::Cpu];
     let cuda = if candle_core::utils::cuda_is_available() {
-        Device::new_cuda(0).map_err(|e| format!("no GPU ({e})"))
+        // The first line only: candle appends a backtrace.
+        Device::new_cuda(0).map_err(|e| {
+            let e = e.to_string();
+            format!("no GPU ({})", e.lines().next().unwrap_or_default())
+        })
     } else {
         Err("no GPU (built without the `cuda` feature)".to_string())
     };
