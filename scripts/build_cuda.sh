@@ -3,9 +3,10 @@
 # machine with or without a GPU, and prints its size.
 #
 #   [CUDA_COMPUTE_CAP=90] bash scripts/build_cuda.sh [--with-tests]
-#     -> target/cuda-release/turbine, and with --with-tests target/cuda-release/ops-test: the
+#     -> target/cuda-release/turbine, and with --with-tests target/cuda-release/tests/ops: the
 #        tests/ops.rs binary, whose CUDA half compares our kernels with candle compositions
-#        (run it on the GPU machine as `TURBINE_REQUIRE_GPU=1 target/cuda-release/ops-test`,
+#        (scripts/gpu_check.sh carries and runs target/cuda-release/tests/*; by hand, run it on
+#        the GPU machine as `TURBINE_REQUIRE_GPU=1 target/cuda-release/tests/ops`,
 #        so that a missing GPU fails instead of skipping; it needs no file from the source tree).
 #
 # CUDA_COMPUTE_CAP names the GPU the binary is for: 90 (default) for H100/H200, 89 for the
@@ -41,10 +42,13 @@ CARGO_ARGS=(--release --locked --features cuda,cudnn --target-dir target/cuda-bu
 mkdir -p target/cuda-release
 
 CARRY_BYTES=0
-# Strips $1 into target/cuda-release/$2 (and $2.gz) and reports the sizes.
+# Strips $1 into target/cuda-release/$2 (and $2.gz, not executable, so that whoever collects
+# the executables there skips it) and reports the sizes.
 install_stripped() {
+  mkdir -p "$(dirname "target/cuda-release/$2")"
   strip -o "target/cuda-release/$2" "$1"
   gzip -1 -kf "target/cuda-release/$2"
+  chmod -x "target/cuda-release/$2.gz"
   local size gz
   size=$(stat -c %s "target/cuda-release/$2")
   gz=$(stat -c %s "target/cuda-release/$2.gz")
@@ -71,5 +75,5 @@ for line in sys.stdin:
     echo "error: cargo reported no executable for tests/ops.rs" >&2
     exit 1
   fi
-  install_stripped "$exe" ops-test
+  install_stripped "$exe" tests/ops
 fi

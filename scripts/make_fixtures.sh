@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Regenerates every test fixture: the tiny random SDXL model (tests/fixtures/tiny-sdxl) and the
-# diffusers/transformers reference outputs (tests/fixtures/reference), by running
-# scripts/fixtures/make_tiny_model.py and then each scripts/fixtures/ref_*.py in sorted order.
+# Regenerates every test fixture: the tiny random SDXL model (tests/fixtures/tiny-sdxl), the real
+# model's tensor manifest (models/sdxl-turbo/tensors.json) and the diffusers/transformers reference
+# outputs (tests/fixtures/reference), by running scripts/fixtures/make_tiny_model.py,
+# real_manifest.py, then each scripts/fixtures/ref_*.py in sorted order.
 #
 # Python: $TURBINE_PYTHON if set, else a venv in target/fixtures-venv made from
 # scripts/fixtures/requirements.txt (created once, reused after).
@@ -30,6 +31,8 @@ export HF_HUB_OFFLINE=1
 
 echo "== make_tiny_model.py" >&2
 "$py" scripts/fixtures/make_tiny_model.py
+echo "== real_manifest.py" >&2
+"$py" scripts/fixtures/real_manifest.py
 
 mkdir -p tests/fixtures/reference
 for script in $(ls scripts/fixtures/ref_*.py 2>/dev/null | LC_ALL=C sort); do

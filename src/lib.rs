@@ -7,8 +7,11 @@
 //!   turns a batch of prompts + seeds of one shape into 8-bit RGB images.
 //! - [`device`]: picking a candle device and dtype from user strings.
 //! - [`ops`]: fused GroupNorm(+SiLU), GEGLU and attention: our CUDA kernels, CPU references.
+//! - [`hub`]: model manifests, `turbine download` from the Hugging Face Hub or a mirror, and
+//!   [`hub::ModelArgs`], which finds (or fetches) the model directory to load.
 
 pub mod cli;
 pub mod device;
+pub mod hub;
 pub mod model;
 pub mod ops;

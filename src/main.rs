@@ -16,23 +16,23 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate images from prompts and write them as PNG files.
-    Generate(turbine::cli::generate::Args),
+    Generate(Box<turbine::cli::generate::Args>),
     /// Serve the OpenAI Images API over HTTP.
     Serve(turbine::cli::serve::Args),
     /// Download a model's weights from the Hugging Face Hub (or a mirror).
     Download(turbine::cli::download::Args),
     /// Measure end-to-end images/s and per-stage times over a sweep of batch sizes.
-    Bench(turbine::cli::bench::Args),
+    Bench(Box<turbine::cli::bench::Args>),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     turbine::cli::init_tracing();
     let result = match cli.command {
-        Command::Generate(a) => turbine::cli::generate::run(a),
+        Command::Generate(a) => turbine::cli::generate::run(*a),
         Command::Serve(a) => turbine::cli::serve::run(a),
         Command::Download(a) => turbine::cli::download::run(a),
-        Command::Bench(a) => turbine::cli::bench::run(a),
+        Command::Bench(a) => turbine::cli::bench::run(*a),
     };
     turbine::cli::exit_code(result)
 }

@@ -1,8 +1,660 @@
-//! `turbine bench` (placeholder until implemented).
+//! `turbine bench`: end-to-end images/s and per-stage milliseconds over a sweep of batch sizes.
+//!
+//! Each batch size gets `--warmup` untimed runs first (allocator growth, cuBLAS/cuDNN algorithm
+//! choice and page faults land there), then at least `--runs` timed runs, and more until
+//! `--min-time` seconds of timed runs have passed. A run is one `Pipeline::generate` call: text
+//! encoders, UNet steps, VAE decode and the conversion to 8-bit images; the pipeline
+//! synchronises the device before each stage's clock read. Medians are reported, so one
+//! disturbed run does not move the figure.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::cli::generate::{load_init_latents, parse_size};
+use crate::cli::UsageError;
+use crate::device::{parse_device, parse_dtype};
+use crate::hub::ModelArgs;
+use crate::model::pipeline::{GenerationSettings, ImageRequest, NoiseOverride};
+
+/// Prompts cycled over a batch when none are given: varied lengths, so tokenisation and the
+/// text encoders see realistic padding (SDXL always pads to 77 tokens, so the cost is equal).
+pub const DEFAULT_PROMPTS: [&str; 4] = [
+    "a photograph of an astronaut riding a horse on the moon",
+    "a watercolour painting of a lighthouse at dawn",
+    "a bowl of ramen, studio lighting, 35mm",
+    "an isometric pixel-art city at night",
+];
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Image size as WIDTHxHEIGHT; both multiples of 8.
+    #[arg(long, default_value = "512x512")]
+    pub size: String,
+    /// Denoising steps per image.
+    #[arg(long, default_value_t = 1)]
+    pub steps: usize,
+    /// Classifier-free guidance scale; above 1 the UNet runs on twice the batch.
+    #[arg(long, default_value_t = 0.0)]
+    pub guidance: f64,
+    /// f32, f16 or bf16 (default: f32 on CPU, bf16 on CUDA).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Batch sizes to measure, in order, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    pub batch_sizes: Vec<usize>,
+    /// Untimed runs before the timed ones, per batch size.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Timed runs per batch size (at least).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Keep adding timed runs until they add up to this many seconds (at most 1000 runs).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_time: f64,
+    /// A prompt; repeat for several. Cycled over each batch (default: four built-in prompts).
+    #[arg(long)]
+    pub prompt: Vec<String>,
+    /// A safetensors file with one tensor `latents` `[n, 4, h/8, w/8]` (unscaled standard
+    /// normal) to start every batch from; rows are cycled over a batch. Lets another
+    /// implementation start from exactly the same noise.
+    #[arg(long)]
+    pub init_latents: Option<PathBuf>,
+    /// Write the images of the last timed run of each batch size here as PNGs
+    /// (`bs{B}_{i}.png`, one per distinct prompt/latent row).
+    #[arg(long)]
+    pub save_images: Option<PathBuf>,
+    /// Also write the results as JSON (with machine, device, dtype and commit) to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Seed of the first image's noise (image i gets seed + i).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`turbine bench` is not implemented yet")
+/// One timed `generate` call.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RunSample {
+    pub total: Duration,
+    pub text_encode: Duration,
+    pub unet: Duration,
+    pub vae_decode: Duration,
+}
+
+/// The figures of one batch size.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    pub batch: usize,
+    pub runs: usize,
+    /// Median wall time of one batch, seconds.
+    pub median_s: f64,
+    pub min_s: f64,
+    pub max_s: f64,
+    pub images_per_s: f64,
+    pub ms_per_image: f64,
+    /// Medians of the stages, milliseconds per batch.
+    pub text_encode_ms: f64,
+    pub unet_ms: f64,
+    pub vae_decode_ms: f64,
+    /// Every timed run, seconds.
+    pub seconds: Vec<f64>,
+    /// Wall-clock window of the warm-up and timed runs, so an outside sampler (GPU memory in
+    /// scripts/gpu_check.sh) can attribute its samples to a batch size.
+    pub started_unix_s: f64,
+    pub finished_unix_s: f64,
+    /// Peak resident memory of the process during this batch size (Linux; the peak is reset
+    /// before each batch size where the kernel allows it).
+    pub peak_rss_bytes: Option<u64>,
+}
+
+/// Where and on what the benchmark ran.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Machine {
+    pub host: String,
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_bytes: Option<u64>,
+    pub os: String,
+}
+
+/// The whole `--json` document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub tool: String,
+    pub version: String,
+    pub commit: String,
+    pub date_utc: String,
+    pub machine: Machine,
+    pub device: String,
+    pub dtype: String,
+    pub threads: usize,
+    pub model: String,
+    pub size: String,
+    pub steps: usize,
+    pub guidance: f64,
+    pub warmup: usize,
+    pub load_s: f64,
+    pub rows: Vec<Row>,
+}
+
+fn median(sorted: &[f64]) -> f64 {
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+fn median_of(samples: &[RunSample], f: impl Fn(&RunSample) -> Duration) -> f64 {
+    let mut v: Vec<f64> = samples.iter().map(|s| f(s).as_secs_f64()).collect();
+    v.sort_by(f64::total_cmp);
+    median(&v)
+}
+
+/// Reduces the timed runs of one batch size to its row; `None` without runs.
+pub fn summarize(batch: usize, samples: &[RunSample]) -> Option<Row> {
+    if samples.is_empty() || batch == 0 {
+        return None;
+    }
+    let seconds: Vec<f64> = samples.iter().map(|s| s.total.as_secs_f64()).collect();
+    let med = median_of(samples, |s| s.total);
+    Some(Row {
+        batch,
+        runs: samples.len(),
+        median_s: med,
+        min_s: seconds.iter().copied().fold(f64::INFINITY, f64::min),
+        max_s: seconds.iter().copied().fold(0.0, f64::max),
+        images_per_s: batch as f64 / med,
+        ms_per_image: med * 1e3 / batch as f64,
+        text_encode_ms: median_of(samples, |s| s.text_encode) * 1e3,
+        unet_ms: median_of(samples, |s| s.unet) * 1e3,
+        vae_decode_ms: median_of(samples, |s| s.vae_decode) * 1e3,
+        seconds,
+        started_unix_s: 0.0,
+        finished_unix_s: 0.0,
+        peak_rss_bytes: None,
+    })
+}
+
+/// The table printed to stdout.
+pub fn render_table(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "| batch | runs | ms/batch | ms/image | images/s | text enc ms | unet ms | vae ms | peak RSS GB |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let rss = r
+            .peak_rss_bytes
+            .map(|b| format!("{:.2}", b as f64 / 1e9))
+            .unwrap_or_else(|| "-".into());
+        s.push_str(&format!(
+            "| {} | {} | {:.1} | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {} |\n",
+            r.batch,
+            r.runs,
+            r.median_s * 1e3,
+            r.ms_per_image,
+            r.images_per_s,
+            r.text_encode_ms,
+            r.unet_ms,
+            r.vae_decode_ms,
+            rss
+        ));
+    }
+    s
+}
+
+/// Requests of one batch: prompts cycled, image i seeded `seed + i`.
+pub fn batch_items(prompts: &[String], batch: usize, seed: u64) -> Vec<ImageRequest> {
+    (0..batch)
+        .map(|i| ImageRequest {
+            prompt: prompts[i % prompts.len()].clone(),
+            negative_prompt: String::new(),
+            seed: seed.wrapping_add(i as u64),
+        })
+        .collect()
+}
+
+/// `batch` rows of `latents` `[n, ...]`, cycling through its rows.
+pub fn cycle_rows(latents: &Tensor, batch: usize) -> candle_core::Result<Tensor> {
+    let n = latents.dim(0)?;
+    let idx: Vec<u32> = (0..batch).map(|i| (i % n) as u32).collect();
+    let idx = Tensor::new(idx.as_slice(), latents.device())?;
+    latents.index_select(&idx, 0)
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in UTC for a unix time (civil-from-days, proleptic Gregorian).
+pub fn utc_date(unix_s: u64) -> String {
+    let days = (unix_s / 86_400) as i64;
+    let secs = unix_s % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// The commit this binary measures: `TURBINE_COMMIT` at run time (set by scripts that run a
+/// binary away from its checkout), else `TURBINE_GIT_COMMIT` at build time, else
+/// `git rev-parse` in the current directory, else "unknown".
+pub fn commit() -> String {
+    if let Ok(c) = std::env::var("TURBINE_COMMIT") {
+        if !c.trim().is_empty() {
+            return c.trim().to_string();
+        }
+    }
+    if let Some(c) = option_env!("TURBINE_GIT_COMMIT") {
+        return c.to_string();
+    }
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match git(&["rev-parse", "--short=12", "HEAD"]) {
+        Some(c) if !c.is_empty() => {
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty());
+            if dirty {
+                format!("{c}-dirty")
+            } else {
+                c
+            }
+        }
+        _ => "unknown".into(),
+    }
+}
+
+fn read_proc_field(path: &str, key: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_string())
+}
+
+fn kib_field(path: &str, key: &str) -> Option<u64> {
+    read_proc_field(path, key)?
+        .split_whitespace()
+        .next()?
+        .parse::<u64>()
+        .ok()
+        .map(|k| k * 1024)
+}
+
+pub fn machine() -> Machine {
+    let os_release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    Machine {
+        host: std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".into()),
+        cpu: read_proc_field("/proc/cpuinfo", "model name").unwrap_or_else(|| "unknown".into()),
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        memory_bytes: kib_field("/proc/meminfo", "MemTotal:"),
+        os: format!("{} {}", std::env::consts::OS, os_release)
+            .trim()
+            .to_string(),
+    }
+}
+
+/// The model in words, from the flags (the pipeline has resolved the same flags).
+fn describe_model(m: &ModelArgs) -> String {
+    let dir = match &m.model_dir {
+        Some(d) => d.display().to_string(),
+        None => m.models_root.join(&m.model).display().to_string(),
+    };
+    if m.random_weights {
+        format!("random weights from the configs in {dir}")
+    } else {
+        dir
+    }
+}
+
+/// The device in words: `cpu`, or `cuda:N (name)` from nvidia-smi when it is there.
+fn describe_device(spec: &str, device: &Device) -> String {
+    if !device.is_cuda() {
+        return "cpu".into();
+    }
+    let ordinal = spec.rsplit_once(':').map(|(_, n)| n).unwrap_or("0");
+    let name = std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=name,driver_version",
+            "--format=csv,noheader",
+            "-i",
+            ordinal,
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match name {
+        Some(n) if !n.is_empty() => format!("cuda:{ordinal} ({n})"),
+        _ => format!("cuda:{ordinal}"),
+    }
+}
+
+/// Resets the process's peak-RSS counter (Linux >= 4.0: writing 5 to clear_refs); returns
+/// whether it worked, so a peak read later belongs to this batch size alone.
+fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn peak_rss() -> Option<u64> {
+    kib_field("/proc/self/status", "VmHWM:")
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "other",
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let (width, height) = parse_size(&args.size)?;
+    if args.batch_sizes.is_empty() || args.batch_sizes.contains(&0) {
+        return Err(UsageError(format!(
+            "--batch-sizes must be positive integers, got {:?}",
+            args.batch_sizes
+        ))
+        .into());
+    }
+    if args.runs == 0 {
+        return Err(UsageError("--runs must be at least 1, got 0".into()).into());
+    }
+    if !args.min_time.is_finite() || args.min_time < 0.0 {
+        return Err(UsageError(format!(
+            "--min-time must be a number of seconds >= 0, got {}",
+            args.min_time
+        ))
+        .into());
+    }
+    if args.steps == 0 {
+        return Err(UsageError("--steps must be at least 1, got 0".into()).into());
+    }
+    if !args.guidance.is_finite() || args.guidance < 0.0 {
+        return Err(UsageError(format!(
+            "--guidance must be a finite number >= 0, got {}",
+            args.guidance
+        ))
+        .into());
+    }
+    let device = parse_device(&args.device).map_err(|e| UsageError(e.to_string()))?;
+    let dtype =
+        parse_dtype(args.dtype.as_deref(), &device).map_err(|e| UsageError(e.to_string()))?;
+    let prompts: Vec<String> = if args.prompt.is_empty() {
+        DEFAULT_PROMPTS.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.prompt.clone()
+    };
+    let init_latents = match &args.init_latents {
+        Some(p) => Some(load_init_latents(p, &device)?),
+        None => None,
+    };
+    let settings = GenerationSettings {
+        width,
+        height,
+        steps: args.steps,
+        guidance_scale: args.guidance,
+    };
+
+    let started = Instant::now();
+    let pipeline = crate::cli::load_pipeline(&args.model, &device, dtype)?;
+    let model = describe_model(&args.model);
+    device.synchronize()?;
+    let load_s = started.elapsed().as_secs_f64();
+    tracing::info!(load_s, dtype = dtype_name(dtype), "model loaded");
+    pipeline
+        .validate(&settings, 1)
+        .map_err(|e| UsageError(e.to_string()))?;
+    if let Some(l) = &init_latents {
+        let (c, h, w) = pipeline.latent_shape(&settings);
+        if l.rank() != 4 || l.dims()[1..] != [c, h, w] {
+            return Err(UsageError(format!(
+                "--init-latents must have shape [n, {c}, {h}, {w}] for --size {}, got {:?}",
+                args.size,
+                l.dims()
+            ))
+            .into());
+        }
+    }
+    let distinct = prompts
+        .len()
+        .max(init_latents.as_ref().map_or(1, |l| l.dims()[0]));
+
+    let mut rows = Vec::new();
+    for &b in &args.batch_sizes {
+        let items = batch_items(&prompts, b, args.seed);
+        let noise = match &init_latents {
+            Some(l) => Some(NoiseOverride {
+                init_latents: Some(cycle_rows(l, b)?),
+                step_noise: None,
+            }),
+            None => None,
+        };
+        let rss_reset = reset_peak_rss();
+        let window_start = unix_now();
+        for i in 0..args.warmup {
+            let t = Instant::now();
+            pipeline.generate(&settings, &items, noise.as_ref())?;
+            tracing::info!(
+                batch = b,
+                run = i,
+                secs = t.elapsed().as_secs_f64(),
+                "warm-up"
+            );
+        }
+        let mut samples = Vec::new();
+        let mut timed = 0.0;
+        let mut last = None;
+        while samples.len() < args.runs || (timed < args.min_time && samples.len() < 1000) {
+            let t = Instant::now();
+            let out = pipeline
+                .generate(&settings, &items, noise.as_ref())
+                .with_context(|| format!("generating a batch of {b}"))?;
+            let total = t.elapsed();
+            timed += total.as_secs_f64();
+            samples.push(RunSample {
+                total,
+                text_encode: out.timings.text_encode,
+                unet: out.timings.unet,
+                vae_decode: out.timings.vae_decode,
+            });
+            last = Some(out.images);
+        }
+        let window_end = unix_now();
+        let mut row = summarize(b, &samples)
+            .ok_or_else(|| anyhow::anyhow!("no timed runs for batch {b} (this is a bug)"))?;
+        row.started_unix_s = window_start;
+        row.finished_unix_s = window_end;
+        row.peak_rss_bytes = if rss_reset || rows.is_empty() {
+            peak_rss()
+        } else {
+            None
+        };
+        tracing::info!(
+            batch = b,
+            images_per_s = row.images_per_s,
+            ms_per_batch = row.median_s * 1e3,
+            "measured"
+        );
+        if let (Some(dir), Some(images)) = (&args.save_images, last) {
+            save_images(dir, b, &images[..b.min(distinct)])?;
+        }
+        rows.push(row);
+    }
+
+    let report = Report {
+        tool: "turbine bench".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        commit: commit(),
+        date_utc: utc_date(unix_now() as u64),
+        machine: machine(),
+        device: describe_device(&args.device, &device),
+        dtype: dtype_name(dtype).into(),
+        threads: candle_core::utils::get_num_threads(),
+        model,
+        size: format!("{width}x{height}"),
+        steps: args.steps,
+        guidance: args.guidance,
+        warmup: args.warmup,
+        load_s,
+        rows,
+    };
+    println!(
+        "turbine bench: {} on {}, {}, {} {} step(s), guidance {}, commit {}, model {} (loaded in {:.1} s)",
+        report.dtype,
+        report.device,
+        report.machine.cpu,
+        report.size,
+        report.steps,
+        report.guidance,
+        report.commit,
+        report.model,
+        report.load_s
+    );
+    print!("{}", render_table(&report.rows));
+    if let Some(path) = &args.json {
+        write_json(path, &report)?;
+    }
+    Ok(())
+}
+
+fn write_json(path: &Path, report: &Report) -> anyhow::Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let text = serde_json::to_string_pretty(report)?;
+    std::fs::write(path, text).with_context(|| format!("writing --json {}", path.display()))
+}
+
+fn save_images(dir: &Path, batch: usize, images: &[image::RgbImage]) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (i, img) in images.iter().enumerate() {
+        let path = dir.join(format!("bs{batch}_{i}.png"));
+        img.save_with_format(&path, image::ImageFormat::Png)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(total_ms: u64) -> RunSample {
+        RunSample {
+            total: Duration::from_millis(total_ms),
+            text_encode: Duration::from_millis(total_ms / 10),
+            unet: Duration::from_millis(total_ms / 2),
+            vae_decode: Duration::from_millis(total_ms / 4),
+        }
+    }
+
+    #[test]
+    fn summary_takes_medians_and_rates() {
+        let r = summarize(4, &[sample(300), sample(100), sample(200)]).unwrap();
+        assert_eq!(r.runs, 3);
+        assert!((r.median_s - 0.2).abs() < 1e-12);
+        assert!((r.min_s - 0.1).abs() < 1e-12 && (r.max_s - 0.3).abs() < 1e-12);
+        assert!((r.images_per_s - 20.0).abs() < 1e-9);
+        assert!((r.ms_per_image - 50.0).abs() < 1e-9);
+        assert!((r.unet_ms - 100.0).abs() < 1e-9);
+        assert_eq!(r.seconds, vec![0.3, 0.1, 0.2]);
+        // An even count averages the middle two.
+        let r = summarize(1, &[sample(100), sample(400), sample(200), sample(300)]).unwrap();
+        assert!((r.median_s - 0.25).abs() < 1e-12);
+        assert!(summarize(1, &[]).is_none());
+        assert!(summarize(0, &[sample(1)]).is_none());
+    }
+
+    #[test]
+    fn table_has_a_line_per_batch() {
+        let rows: Vec<Row> = [1, 8]
+            .iter()
+            .map(|&b| summarize(b, &[sample(100)]).unwrap())
+            .collect();
+        let t = render_table(&rows);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4);
+        assert!(
+            lines[2].starts_with("| 1 | 1 | 100.0 | 100.0 | 10.00 |"),
+            "{t}"
+        );
+        assert!(
+            lines[3].starts_with("| 8 | 1 | 100.0 | 12.5 | 80.00 |"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn items_and_latent_rows_cycle() -> candle_core::Result<()> {
+        let prompts = vec!["a".to_string(), "b".to_string()];
+        let items = batch_items(&prompts, 5, 10);
+        let p: Vec<&str> = items.iter().map(|i| i.prompt.as_str()).collect();
+        assert_eq!(p, ["a", "b", "a", "b", "a"]);
+        assert_eq!(items[4].seed, 14);
+        let lat = Tensor::arange(0f32, 6.0, &Device::Cpu)?.reshape((3, 2))?;
+        let got: Vec<Vec<f32>> = cycle_rows(&lat, 5)?.to_vec2()?;
+        assert_eq!(
+            got,
+            vec![
+                vec![0., 1.],
+                vec![2., 3.],
+                vec![4., 5.],
+                vec![0., 1.],
+                vec![2., 3.]
+            ]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc_date(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_date(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc_date(1_700_000_000), "2023-11-14 22:13:20");
+        assert_eq!(utc_date(4_107_542_399), "2100-02-28 23:59:59");
+    }
+
+    #[test]
+    fn machine_is_described() {
+        let m = machine();
+        assert!(m.cores >= 1);
+        assert!(!m.host.is_empty() && !m.cpu.is_empty());
+    }
 }

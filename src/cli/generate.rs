@@ -1,8 +1,216 @@
-//! `turbine generate` (placeholder until implemented).
+//! `turbine generate`: prompts in, PNG files out, without a server.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+
+use crate::cli::UsageError;
+use crate::device::{parse_device, parse_dtype};
+use crate::hub::ModelArgs;
+use crate::model::pipeline::{GenerationSettings, ImageRequest, NoiseOverride};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A prompt; repeat the flag for several images in one batch.
+    #[arg(long, required = true)]
+    pub prompt: Vec<String>,
+    /// Negative prompt (used when --guidance > 1): once for every prompt, or once per prompt.
+    #[arg(long)]
+    pub negative_prompt: Vec<String>,
+    /// Image size as WIDTHxHEIGHT; both multiples of 8.
+    #[arg(long, default_value = "512x512")]
+    pub size: String,
+    /// Denoising steps (SDXL-Turbo is trained for 1 to 4).
+    #[arg(long, default_value_t = 1)]
+    pub steps: usize,
+    /// Classifier-free guidance scale; guidance runs only above 1 (SDXL-Turbo uses 0).
+    #[arg(long, default_value_t = 0.0)]
+    pub guidance: f64,
+    /// Seed of the first image; image i gets seed + i. Random when absent.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// f32, f16 or bf16 (default: f32 on CPU, bf16 on CUDA).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// A safetensors file with one tensor `latents` of shape [n_prompts, 4, h/8, w/8]
+    /// (unscaled standard normal, diffusers' `latents=` convention) to start from.
+    #[arg(long)]
+    pub init_latents: Option<PathBuf>,
+    /// Output PNG path; with several prompts, `-0`, `-1`, ... go before the extension.
+    #[arg(long)]
+    pub out: PathBuf,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`turbine generate` is not implemented yet")
+/// Parses `WIDTHxHEIGHT`.
+pub fn parse_size(s: &str) -> Result<(usize, usize), UsageError> {
+    let bad = || {
+        UsageError(format!(
+            "invalid --size '{s}': expected WIDTHxHEIGHT, e.g. 512x512"
+        ))
+    };
+    let (w, h) = s.trim().split_once(['x', 'X']).ok_or_else(bad)?;
+    let w: usize = w.trim().parse().map_err(|_| bad())?;
+    let h: usize = h.trim().parse().map_err(|_| bad())?;
+    if w == 0 || h == 0 || !w.is_multiple_of(8) || !h.is_multiple_of(8) {
+        return Err(UsageError(format!(
+            "invalid --size '{s}': width and height must be positive multiples of 8"
+        )));
+    }
+    if w > 4096 || h > 4096 {
+        return Err(UsageError(format!(
+            "invalid --size '{s}': each side must be at most 4096"
+        )));
+    }
+    Ok((w, h))
+}
+
+/// The file for image `i` of `n`: `PATH` itself for one image, else `stem-i.ext`.
+pub fn output_path(out: &Path, i: usize, n: usize) -> PathBuf {
+    if n == 1 {
+        return out.to_path_buf();
+    }
+    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+    let name = match out.extension().and_then(|e| e.to_str()) {
+        Some(ext) => format!("{stem}-{i}.{ext}"),
+        None => format!("{stem}-{i}"),
+    };
+    out.with_file_name(name)
+}
+
+pub fn load_init_latents(path: &Path, device: &Device) -> anyhow::Result<candle_core::Tensor> {
+    let mut tensors = candle_core::safetensors::load(path, device).map_err(|e| {
+        UsageError(format!(
+            "cannot read --init-latents {}: {e}",
+            path.display()
+        ))
+    })?;
+    tensors.remove("latents").ok_or_else(|| {
+        UsageError(format!(
+            "--init-latents {} has no tensor named `latents`",
+            path.display()
+        ))
+        .into()
+    })
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let (width, height) = parse_size(&args.size)?;
+    let device = parse_device(&args.device).map_err(|e| UsageError(e.to_string()))?;
+    let dtype: DType =
+        parse_dtype(args.dtype.as_deref(), &device).map_err(|e| UsageError(e.to_string()))?;
+    let n = args.prompt.len();
+    let negatives: Vec<String> = match args.negative_prompt.len() {
+        0 => vec![String::new(); n],
+        1 => vec![args.negative_prompt[0].clone(); n],
+        k if k == n => args.negative_prompt.clone(),
+        k => {
+            return Err(UsageError(format!(
+            "--negative-prompt given {k} times for {n} prompts: give it once, or once per prompt"
+        ))
+            .into())
+        }
+    };
+    if args.steps == 0 || args.steps > 1000 {
+        return Err(UsageError(format!(
+            "--steps must be between 1 and 1000, got {}",
+            args.steps
+        ))
+        .into());
+    }
+    if !args.guidance.is_finite() || args.guidance < 0.0 {
+        return Err(UsageError(format!(
+            "--guidance must be a finite number >= 0, got {}",
+            args.guidance
+        ))
+        .into());
+    }
+    let base_seed = args.seed.unwrap_or_else(rand::random);
+    let items: Vec<ImageRequest> = args
+        .prompt
+        .iter()
+        .zip(negatives)
+        .enumerate()
+        .map(|(i, (p, neg))| ImageRequest {
+            prompt: p.clone(),
+            negative_prompt: neg,
+            seed: base_seed.wrapping_add(i as u64),
+        })
+        .collect();
+    let noise = match &args.init_latents {
+        Some(p) => Some(NoiseOverride {
+            init_latents: Some(load_init_latents(p, &device)?),
+            step_noise: None,
+        }),
+        None => None,
+    };
+
+    let started = std::time::Instant::now();
+    let pipeline = crate::cli::load_pipeline(&args.model, &device, dtype)?;
+    tracing::info!(elapsed = ?started.elapsed(), ?dtype, "model loaded");
+
+    let settings = GenerationSettings {
+        width,
+        height,
+        steps: args.steps,
+        guidance_scale: args.guidance,
+    };
+    pipeline
+        .validate(&settings, n)
+        .map_err(|e| UsageError(e.to_string()))?;
+    let started = std::time::Instant::now();
+    let batch = pipeline
+        .generate(&settings, &items, noise.as_ref())
+        .map_err(
+            |e| match e.downcast::<crate::model::pipeline::InvalidInput>() {
+                Ok(bad) => UsageError(bad.0).into(),
+                Err(e) => e,
+            },
+        )?;
+    let t = batch.timings;
+    tracing::info!(
+        total = ?started.elapsed(),
+        text_encode = ?t.text_encode,
+        unet = ?t.unet,
+        vae_decode = ?t.vae_decode,
+        "generated {n} image(s)"
+    );
+    for (i, (img, item)) in batch.images.iter().zip(&items).enumerate() {
+        let path = output_path(&args.out, i, n);
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        img.save_with_format(&path, image::ImageFormat::Png)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("{} seed={}", path.display(), item.seed);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512x512").unwrap(), (512, 512));
+        assert_eq!(parse_size("64X40").unwrap(), (64, 40));
+        for bad in ["", "abc", "512", "0x512", "513x512", "512x-8", "8192x8192"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn output_paths() {
+        let p = Path::new("out/cat.png");
+        assert_eq!(output_path(p, 0, 1), PathBuf::from("out/cat.png"));
+        assert_eq!(output_path(p, 1, 3), PathBuf::from("out/cat-1.png"));
+        assert_eq!(output_path(Path::new("cat"), 2, 3), PathBuf::from("cat-2"));
+    }
 }

@@ -7,6 +7,23 @@ pub mod serve;
 
 use std::process::ExitCode;
 
+use candle_core::{DType, Device};
+
+use crate::hub::ModelArgs;
+use crate::model::pipeline::Pipeline;
+
+/// Resolves `--model/--model-dir/--random-weights/--vae` (downloading missing weights unless
+/// offline) and loads the pipeline: the one way every command gets its model.
+pub fn load_pipeline(model: &ModelArgs, device: &Device, dtype: DType) -> anyhow::Result<Pipeline> {
+    let m = model.resolve()?;
+    let pipeline = if m.random_weights {
+        Pipeline::random(&m.dir, device, dtype, 0)?
+    } else {
+        Pipeline::load_with_vae(&m.dir, m.vae_dir.as_deref(), device, dtype)?
+    };
+    Ok(pipeline)
+}
+
 /// An error caused by the user's input (bad flag value, missing file): exit code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -28,6 +45,10 @@ pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            // Distinct codes per cause (network, token, disk...) for scripts/download_weights.sh.
+            if let Some(h) = e.downcast_ref::<crate::hub::HubError>() {
+                return ExitCode::from(h.exit_code());
+            }
             if e.downcast_ref::<UsageError>().is_some()
                 || e.downcast_ref::<crate::model::loader::LoadError>()
                     .is_some()

@@ -1,9 +1,31 @@
 //! The SDXL-Turbo text-to-image pipeline: prompts + seeds of one shape in, 8-bit RGB out.
+//!
+//! Mirrors diffusers' `StableDiffusionXLPipeline.__call__` for what SDXL-Turbo uses:
+//! both CLIP encoders (penultimate hidden states concatenated, pooled + projected output of the
+//! second), micro-conditioning time ids `(h, w, 0, 0, h, w)`, classifier-free guidance when
+//! `guidance_scale > 1` (zero embeddings for an empty negative prompt when the model forces
+//! zeros), the Euler-ancestral scheduler, the VAE decoder and diffusers' 8-bit rounding.
+//!
+//! Every image depends only on its own prompt, negative prompt and seed: noise is drawn per
+//! image from its seed ([`crate::model::noise`]) and nothing mixes across the batch dimension,
+//! so an image generated alone equals the same image generated inside a batch.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use crate::model::clip::{ClipTextConfig, ClipTextModel};
+use crate::model::loader::{
+    find_weights, read_json, weights_error, LoadError, LoadResult, ModelDir, RandomWeights, Weights,
+};
+use crate::model::noise;
+use crate::model::scheduler::{EulerAncestralConfig, EulerAncestralScheduler};
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::model::vae::{AutoencoderKL, AutoencoderKLConfig};
 
 /// Settings shared by every image of a batch (the batch key).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -13,6 +35,13 @@ pub struct GenerationSettings {
     pub steps: usize,
     /// Classifier-free guidance runs when this is > 1 (as in diffusers).
     pub guidance_scale: f64,
+}
+
+impl GenerationSettings {
+    /// Whether classifier-free guidance runs (diffusers: `guidance_scale > 1`).
+    pub fn uses_guidance(&self) -> bool {
+        self.guidance_scale > 1.0
+    }
 }
 
 /// One image to generate.
@@ -35,7 +64,7 @@ pub struct NoiseOverride {
     pub step_noise: Option<Vec<Tensor>>,
 }
 
-/// Wall time per stage of one batch.
+/// Wall time per stage of one batch (the device is synchronised before each clock read).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StageTimings {
     pub text_encode: Duration,
@@ -50,19 +79,151 @@ pub struct GeneratedBatch {
     pub timings: StageTimings,
 }
 
+/// Invalid generation input; the message names the parameter.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidInput(pub String);
+
+/// The pipeline-level config diffusers keeps in `model_index.json`.
+#[derive(Debug, Deserialize)]
+struct ModelIndex {
+    #[serde(default = "default_true")]
+    force_zeros_for_empty_prompt: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Where component weights come from.
+enum Source {
+    /// The component weights files of the model directory.
+    Files,
+    /// Deterministic random weights from this seed (configs and tokenizers still from disk).
+    Random(u64),
+}
+
 /// Loaded SDXL-Turbo models on one device.
 pub struct Pipeline {
     device: Device,
     dtype: DType,
+    vae_dtype: DType,
+    tokenizer: ClipTokenizer,
+    tokenizer_2: ClipTokenizer,
+    text_encoder: ClipTextModel,
+    text_encoder_2: ClipTextModel,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    vae_config: AutoencoderKLConfig,
+    scheduler_config: EulerAncestralConfig,
+    force_zeros_for_empty_prompt: bool,
+    latent_channels: usize,
 }
 
 impl Pipeline {
     /// Loads a model directory in the Hub's diffusers layout.
-    pub fn load(model_dir: &Path, device: &Device, dtype: DType) -> anyhow::Result<Self> {
-        let _ = model_dir;
+    pub fn load(model_dir: &Path, device: &Device, dtype: DType) -> LoadResult<Self> {
+        Self::load_with_vae(model_dir, None, device, dtype)
+    }
+
+    /// Like [`Pipeline::load`], with the VAE read from `vae_dir` (config.json + weights)
+    /// instead of `model_dir/vae` when given (e.g. the fp16-safe `sdxl-vae-fp16-fix`).
+    pub fn load_with_vae(
+        model_dir: &Path,
+        vae_dir: Option<&Path>,
+        device: &Device,
+        dtype: DType,
+    ) -> LoadResult<Self> {
+        let dir = ModelDir::open(model_dir)?;
+        Self::build(&dir, vae_dir, Source::Files, device, dtype)
+    }
+
+    /// The full architecture described by the configs in `config_dir` (same layout, no weights
+    /// needed) with deterministic random weights: for benchmarks on machines without weights.
+    pub fn random(config_dir: &Path, device: &Device, dtype: DType, seed: u64) -> LoadResult<Self> {
+        let dir = ModelDir::open(config_dir)?;
+        Self::build(&dir, None, Source::Random(seed), device, dtype)
+    }
+
+    fn build(
+        dir: &ModelDir,
+        vae_dir: Option<&Path>,
+        source: Source,
+        device: &Device,
+        dtype: DType,
+    ) -> LoadResult<Self> {
+        let vae_dir = match vae_dir {
+            Some(d) => ModelDir::open(d)?.root().to_path_buf(),
+            None => dir.component("vae")?,
+        };
+        let index: ModelIndex = read_json(&dir.root().join("model_index.json"))?;
+        let te_cfg =
+            ClipTextConfig::from_file(&dir.component("text_encoder")?.join("config.json"))?;
+        let te2_cfg =
+            ClipTextConfig::from_file(&dir.component("text_encoder_2")?.join("config.json"))?;
+        let unet_cfg =
+            UNet2DConditionConfig::from_file(&dir.component("unet")?.join("config.json"))?;
+        let vae_cfg = AutoencoderKLConfig::from_file(&vae_dir.join("config.json"))?;
+        let scheduler_config: EulerAncestralConfig = EulerAncestralConfig::from_file(
+            &dir.component("scheduler")?.join("scheduler_config.json"),
+        )?;
+        let tokenizer = ClipTokenizer::from_dir(&dir.component("tokenizer")?)?;
+        let tokenizer_2 = ClipTokenizer::from_dir(&dir.component("tokenizer_2")?)?;
+
+        // The SDXL VAE overflows in f16 (diffusers upcasts it when `force_upcast` is set), so an
+        // f16 run decodes in f32; bf16 has f32's range and is safe.
+        let vae_dtype = if dtype == DType::F16 && vae_cfg.force_upcast {
+            DType::F32
+        } else {
+            dtype
+        };
+
+        let text_encoder = load_component(
+            &dir.component("text_encoder")?,
+            &source,
+            "model",
+            dtype,
+            device,
+            |vb| ClipTextModel::new(vb, &te_cfg, false),
+        )?;
+        let text_encoder_2 = load_component(
+            &dir.component("text_encoder_2")?,
+            &source,
+            "model",
+            dtype,
+            device,
+            |vb| ClipTextModel::new(vb, &te2_cfg, true),
+        )?;
+        let unet = load_component(
+            &dir.component("unet")?,
+            &source,
+            "diffusion_pytorch_model",
+            dtype,
+            device,
+            |vb| UNet2DConditionModel::new(vb, &unet_cfg),
+        )?;
+        let vae = load_component(
+            &vae_dir,
+            &source,
+            "diffusion_pytorch_model",
+            vae_dtype,
+            device,
+            |vb| AutoencoderKL::new(vb, &vae_cfg),
+        )?;
         Ok(Self {
             device: device.clone(),
             dtype,
+            vae_dtype,
+            tokenizer,
+            tokenizer_2,
+            text_encoder,
+            text_encoder_2,
+            unet,
+            vae,
+            latent_channels: unet_cfg.in_channels,
+            vae_config: vae_cfg,
+            scheduler_config,
+            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
         })
     }
 
@@ -74,6 +235,106 @@ impl Pipeline {
         self.dtype
     }
 
+    /// The components, for per-stage benchmarks (benches/model.rs) that time each one alone.
+    pub fn tokenizers(&self) -> (&ClipTokenizer, &ClipTokenizer) {
+        (&self.tokenizer, &self.tokenizer_2)
+    }
+
+    pub fn text_encoders(&self) -> (&ClipTextModel, &ClipTextModel) {
+        (&self.text_encoder, &self.text_encoder_2)
+    }
+
+    pub fn unet(&self) -> &UNet2DConditionModel {
+        &self.unet
+    }
+
+    /// Image sides must be multiples of this (the VAE's downsampling factor, 8 for SDXL).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae.scale_factor()
+    }
+
+    /// Checks settings and batch before any work; the message names the parameter.
+    pub fn validate(&self, settings: &GenerationSettings, n: usize) -> Result<(), InvalidInput> {
+        let f = self.vae_scale_factor();
+        if n == 0 {
+            return Err(InvalidInput("at least one image is required".into()));
+        }
+        for (name, v) in [("width", settings.width), ("height", settings.height)] {
+            if v == 0 || v % f != 0 {
+                return Err(InvalidInput(format!(
+                    "{name} must be a positive multiple of {f}, got {v}"
+                )));
+            }
+        }
+        if settings.steps == 0 {
+            return Err(InvalidInput("steps must be at least 1, got 0".into()));
+        }
+        if !settings.guidance_scale.is_finite() {
+            return Err(InvalidInput(format!(
+                "guidance_scale must be a finite number, got {}",
+                settings.guidance_scale
+            )));
+        }
+        Ok(())
+    }
+
+    /// Latent shape `[c, h/f, w/f]` for an image of the given size.
+    pub fn latent_shape(&self, settings: &GenerationSettings) -> (usize, usize, usize) {
+        let f = self.vae_scale_factor();
+        (
+            self.latent_channels,
+            settings.height / f,
+            settings.width / f,
+        )
+    }
+
+    /// Encodes prompts with both text encoders: `([B, S, H1+H2], pooled [B, P])` in run dtype.
+    pub fn encode_prompts(&self, prompts: &[&str]) -> anyhow::Result<(Tensor, Tensor)> {
+        let ids = self.tokenizer.encode_batch(prompts, &self.device)?;
+        let ids_2 = self.tokenizer_2.encode_batch(prompts, &self.device)?;
+        let out = self.text_encoder.forward(&ids)?;
+        let out_2 = self.text_encoder_2.forward(&ids_2)?;
+        let embeds = Tensor::cat(&[&out.penultimate, &out_2.penultimate], D::Minus1)?;
+        Ok((embeds, out_2.pooled))
+    }
+
+    /// Prompt embeddings for a batch, with the negative (unconditional) half first when
+    /// guidance runs, as diffusers concatenates them.
+    fn text_conditioning(
+        &self,
+        items: &[ImageRequest],
+        guidance: bool,
+    ) -> anyhow::Result<(Tensor, Tensor)> {
+        let prompts: Vec<&str> = items.iter().map(|i| i.prompt.as_str()).collect();
+        let (embeds, pooled) = self.encode_prompts(&prompts)?;
+        if !guidance {
+            return Ok((embeds, pooled));
+        }
+        let negatives: Vec<&str> = items.iter().map(|i| i.negative_prompt.as_str()).collect();
+        let (mut neg_embeds, mut neg_pooled) = self.encode_prompts(&negatives)?;
+        if self.force_zeros_for_empty_prompt {
+            // Per image: an empty negative prompt means zero embeddings (diffusers'
+            // `negative_prompt=None` with force_zeros_for_empty_prompt).
+            let keep: Vec<f32> = items
+                .iter()
+                .map(|i| {
+                    if i.negative_prompt.is_empty() {
+                        0.0
+                    } else {
+                        1.0
+                    }
+                })
+                .collect();
+            let keep = Tensor::new(keep, &self.device)?.to_dtype(neg_embeds.dtype())?;
+            neg_embeds = neg_embeds.broadcast_mul(&keep.reshape((items.len(), 1, 1))?)?;
+            neg_pooled = neg_pooled.broadcast_mul(&keep.reshape((items.len(), 1))?)?;
+        }
+        Ok((
+            Tensor::cat(&[&neg_embeds, &embeds], 0)?,
+            Tensor::cat(&[&neg_pooled, &pooled], 0)?,
+        ))
+    }
+
     /// Generates one image per request, all with the same settings, in one batch.
     pub fn generate(
         &self,
@@ -81,7 +342,161 @@ impl Pipeline {
         items: &[ImageRequest],
         noise: Option<&NoiseOverride>,
     ) -> anyhow::Result<GeneratedBatch> {
-        let _ = (settings, items, noise);
-        anyhow::bail!("pipeline not implemented yet")
+        self.validate(settings, items.len())?;
+        let n = items.len();
+        let guidance = settings.uses_guidance();
+        let (c, lh, lw) = self.latent_shape(settings);
+        let seeds: Vec<u64> = items.iter().map(|i| i.seed).collect();
+        let expect_shape = [n, c, lh, lw];
+        let check = |what: &str, t: &Tensor| -> anyhow::Result<Tensor> {
+            if t.dims() != expect_shape {
+                return Err(InvalidInput(format!(
+                    "{what} must have shape {expect_shape:?}, got {:?}",
+                    t.dims()
+                ))
+                .into());
+            }
+            Ok(t.to_dtype(DType::F32)?.to_device(&self.device)?)
+        };
+
+        let t0 = Instant::now();
+        let (embeds, pooled) = self.text_conditioning(items, guidance)?;
+        let rows = if guidance { 2 * n } else { n };
+        let (h, w) = (settings.height as f32, settings.width as f32);
+        let time_ids = Tensor::new(&[h, w, 0.0, 0.0, h, w], &self.device)?
+            .to_dtype(self.dtype)?
+            .reshape((1, 6))?
+            .repeat((rows, 1))?;
+        self.device.synchronize()?;
+        let t1 = Instant::now();
+
+        let scheduler = EulerAncestralScheduler::new(&self.scheduler_config, settings.steps)?;
+        let init = match noise.and_then(|o| o.init_latents.as_ref()) {
+            Some(t) => check("init latents", t)?,
+            None => noise::batch_noise(&seeds, 0, (c, lh, lw), &self.device)?,
+        };
+        // diffusers' trailing spacing can give one more timestep than asked for (61, 103, ...
+        // steps): noise is needed per timestep actually run.
+        let n_timesteps = scheduler.timesteps().len();
+        if let Some(steps) = noise.and_then(|o| o.step_noise.as_ref()) {
+            if steps.len() != n_timesteps {
+                return Err(InvalidInput(format!(
+                    "step noise must have one tensor per denoising step ({n_timesteps}), got {}",
+                    steps.len()
+                ))
+                .into());
+            }
+        }
+        // Latents stay in f32 across steps (the scheduler's arithmetic is f32 in diffusers
+        // too); only the UNet's input is cast to the run dtype.
+        let mut latents = (init * scheduler.init_noise_sigma())?;
+        for (i, &t) in scheduler.timesteps().iter().enumerate() {
+            let model_in = if guidance {
+                Tensor::cat(&[&latents, &latents], 0)?
+            } else {
+                latents.clone()
+            };
+            let model_in = scheduler
+                .scale_model_input(&model_in, i)?
+                .to_dtype(self.dtype)?;
+            let pred = self
+                .unet
+                .forward(&model_in, t, &embeds, &pooled, &time_ids)?
+                .to_dtype(DType::F32)?;
+            let pred = if guidance {
+                let uncond = pred.narrow(0, 0, n)?;
+                let cond = pred.narrow(0, n, n)?;
+                (&uncond + ((cond - &uncond)? * settings.guidance_scale)?)?
+            } else {
+                pred
+            };
+            let step_noise = match noise.and_then(|o| o.step_noise.as_ref()) {
+                Some(v) => check("step noise", &v[i])?,
+                None => noise::batch_noise(&seeds, i as u64 + 1, (c, lh, lw), &self.device)?,
+            };
+            latents = scheduler.step(&pred, i, &latents, &step_noise)?;
+        }
+        self.device.synchronize()?;
+        let t2 = Instant::now();
+
+        let decoded = self.decode_latents(&latents)?;
+        let images = to_rgb8(&decoded)?;
+        let t3 = Instant::now();
+        Ok(GeneratedBatch {
+            images,
+            timings: StageTimings {
+                text_encode: t1 - t0,
+                unet: t2 - t1,
+                vae_decode: t3 - t2,
+            },
+        })
     }
+
+    /// Final latents → images in [0, 1], NCHW f32 (diffusers' `postprocess` before rounding).
+    pub fn decode_latents(&self, latents: &Tensor) -> anyhow::Result<Tensor> {
+        let cfg = &self.vae_config;
+        let z = match (&cfg.latents_mean, &cfg.latents_std) {
+            (Some(mean), Some(std)) => {
+                let c = mean.len();
+                let mean = Tensor::new(mean.as_slice(), &self.device)?.reshape((1, c, 1, 1))?;
+                let std = Tensor::new(std.as_slice(), &self.device)?.reshape((1, c, 1, 1))?;
+                latents
+                    .broadcast_mul(&(std / cfg.scaling_factor)?)?
+                    .broadcast_add(&mean)?
+            }
+            _ => (latents / cfg.scaling_factor)?,
+        };
+        let image = self.vae.decode(&z.to_dtype(self.vae_dtype)?)?;
+        Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+    }
+}
+
+/// Reads one component's weights (or draws random ones) and builds it, naming the file on error
+/// and refusing a checkpoint whose tensors the model did not all read.
+fn load_component<T>(
+    folder: &Path,
+    source: &Source,
+    stem: &str,
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder<'_>) -> candle_core::Result<T>,
+) -> LoadResult<T> {
+    match source {
+        Source::Files => {
+            let path = find_weights(folder, stem)?;
+            let weights = Weights::open(&path, dtype, device)?;
+            let model = build(weights.vb.clone()).map_err(|e| weights_error(&path, e))?;
+            weights.ensure_all_used()?;
+            Ok(model)
+        }
+        Source::Random(seed) => {
+            let vb = RandomWeights::new(*seed).into_var_builder(dtype, device);
+            build(vb).map_err(|e| LoadError::Weights {
+                path: folder.to_path_buf(),
+                message: format!("building random weights: {e}"),
+            })
+        }
+    }
+}
+
+/// `[B, 3, H, W]` in [0, 1] → 8-bit images, rounding like diffusers' `numpy_to_pil`
+/// (`(x * 255).round()`, numpy's round-half-to-even).
+pub fn to_rgb8(images: &Tensor) -> anyhow::Result<Vec<image::RgbImage>> {
+    let (b, c, h, w) = images.dims4()?;
+    if c != 3 {
+        anyhow::bail!("the VAE produced {c} channels; expected 3 (RGB)");
+    }
+    let hwc = images.permute((0, 2, 3, 1))?.contiguous()?;
+    let mut out = Vec::with_capacity(b);
+    for i in 0..b {
+        let data: Vec<f32> = hwc.get(i)?.flatten_all()?.to_vec1()?;
+        let bytes: Vec<u8> = data
+            .iter()
+            .map(|&v| (v * 255.0).round_ties_even().clamp(0.0, 255.0) as u8)
+            .collect();
+        let img = image::RgbImage::from_raw(w as u32, h as u32, bytes)
+            .ok_or_else(|| anyhow::anyhow!("image buffer size mismatch (this is a bug)"))?;
+        out.push(img);
+    }
+    Ok(out)
 }

@@ -1,1 +1,468 @@
-//! TODO: vae
+//! SDXL's VAE, mirroring diffusers 0.42.1 `AutoencoderKL`
+//! (`models/autoencoders/autoencoder_kl.py`, `Encoder`/`Decoder` in
+//! `models/autoencoders/vae.py`), built from the UNet's resnet, resampler and attention
+//! layers.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use crate::model::loader::{self, LoadError, LoadResult, ModelDir, Weights};
+use crate::model::unet::attention::SpatialSelfAttention;
+use crate::model::unet::layers::{Conv2d, GroupNorm};
+use crate::model::unet::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+
+/// diffusers' `Encoder`/`Decoder` hard-code this epsilon for every norm of the VAE.
+const VAE_EPS: f64 = 1e-6;
+
+/// The `vae/config.json` of a diffusers checkpoint; field names and defaults are those of
+/// [`AutoencoderKL.__init__`](https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/autoencoder_kl.py)
+/// (SDXL-Turbo's file: <https://huggingface.co/stabilityai/sdxl-turbo/blob/main/vae/config.json>).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
+pub struct AutoencoderKLConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub act_fn: String,
+    pub latent_channels: usize,
+    pub norm_num_groups: usize,
+    /// Latents are multiplied by this after encoding and divided by it before decoding.
+    pub scaling_factor: f64,
+    /// Used by SD3/Flux pipelines only; the SDXL pipeline ignores it.
+    pub shift_factor: Option<f64>,
+    /// Per-channel latent statistics; when present the SDXL pipeline un-normalises with them
+    /// (`z * std / scaling_factor + mean`) instead of dividing by `scaling_factor` alone.
+    pub latents_mean: Option<Vec<f64>>,
+    pub latents_std: Option<Vec<f64>>,
+    /// diffusers runs this VAE in f32 even in a half-precision pipeline when set (the stock
+    /// SDXL VAE overflows in f16).
+    pub force_upcast: bool,
+    pub use_quant_conv: bool,
+    pub use_post_quant_conv: bool,
+    pub mid_block_add_attention: bool,
+}
+
+impl Default for AutoencoderKLConfig {
+    fn default() -> Self {
+        Self {
+            in_channels: 3,
+            out_channels: 3,
+            down_block_types: vec![DOWN_BLOCK.to_string()],
+            up_block_types: vec![UP_BLOCK.to_string()],
+            block_out_channels: vec![64],
+            layers_per_block: 1,
+            act_fn: "silu".to_string(),
+            latent_channels: 4,
+            norm_num_groups: 32,
+            scaling_factor: 0.18215,
+            shift_factor: None,
+            latents_mean: None,
+            latents_std: None,
+            force_upcast: true,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+            mid_block_add_attention: true,
+        }
+    }
+}
+
+const DOWN_BLOCK: &str = "DownEncoderBlock2D";
+const UP_BLOCK: &str = "UpDecoderBlock2D";
+
+impl AutoencoderKLConfig {
+    /// Reads and validates `vae/config.json`.
+    pub fn from_file(path: &Path) -> LoadResult<Self> {
+        let cfg: Self = loader::read_json(path)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Image pixels per latent pixel along each side.
+    pub fn scale_factor(&self) -> usize {
+        1 << self.block_out_channels.len().saturating_sub(1)
+    }
+
+    /// Rejects configurations this implementation does not build, naming the field.
+    pub fn validate(&self, path: &Path) -> LoadResult<()> {
+        let unsupported = |field: String, value: String, why: &str| LoadError::Unsupported {
+            path: path.to_path_buf(),
+            field,
+            value,
+            why: why.to_string(),
+        };
+        let invalid = |message: String| LoadError::Config {
+            path: path.to_path_buf(),
+            message,
+        };
+        let n = self.block_out_channels.len();
+        if n == 0 {
+            return Err(invalid("`block_out_channels` is empty".into()));
+        }
+        for (field, types, allowed) in [
+            ("down_block_types", &self.down_block_types, DOWN_BLOCK),
+            ("up_block_types", &self.up_block_types, UP_BLOCK),
+        ] {
+            if types.len() != n {
+                return Err(invalid(format!(
+                    "`{field}` has {} entries but `block_out_channels` has {n}",
+                    types.len()
+                )));
+            }
+            if let Some((i, t)) = types.iter().enumerate().find(|(_, t)| *t != allowed) {
+                return Err(unsupported(
+                    format!("{field}[{i}]"),
+                    format!("{t:?}"),
+                    &format!("only {allowed} is implemented"),
+                ));
+            }
+        }
+        if self.act_fn != "silu" && self.act_fn != "swish" {
+            return Err(unsupported(
+                "act_fn".into(),
+                format!("{:?}", self.act_fn),
+                "only silu is implemented",
+            ));
+        }
+        let g = self.norm_num_groups;
+        if let Some((i, c)) = self
+            .block_out_channels
+            .iter()
+            .enumerate()
+            .find(|(_, &c)| g == 0 || !c.is_multiple_of(g))
+        {
+            return Err(invalid(format!(
+                "`block_out_channels[{i}]` = {c} is not divisible by `norm_num_groups` = {g}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `UNetMidBlock2D` without time embedding: `resnets.0`, then (`attentions.0`, `resnets.1`).
+#[derive(Debug, Clone)]
+struct MidBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<SpatialSelfAttention>,
+}
+
+impl MidBlock {
+    fn new(vb: VarBuilder, channels: usize, groups: usize, add_attention: bool) -> Result<Self> {
+        let rcfg = unconditioned(channels, channels, groups);
+        let rvb = vb.pp("resnets");
+        let resnets = (0..2)
+            .map(|i| ResnetBlock2D::new(rvb.pp(i.to_string()), &rcfg))
+            .collect::<Result<Vec<_>>>()?;
+        let attentions = if add_attention {
+            // attention_head_dim = channels: one head over all channels.
+            vec![SpatialSelfAttention::new(
+                vb.pp("attentions").pp("0"),
+                channels,
+                channels,
+                groups,
+                VAE_EPS,
+                1.0,
+            )?]
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            resnets,
+            attentions,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = self.resnets[0].forward(xs, None)?;
+        if let Some(attn) = self.attentions.first() {
+            xs = attn.forward(&xs)?;
+        }
+        self.resnets[1].forward(&xs, None)
+    }
+}
+
+fn unconditioned(in_channels: usize, out_channels: usize, groups: usize) -> ResnetConfig {
+    ResnetConfig {
+        in_channels,
+        out_channels,
+        temb_channels: None,
+        groups,
+        groups_out: groups,
+        eps: VAE_EPS,
+        output_scale_factor: 1.0,
+    }
+}
+
+/// `resnets.*` then an optional resampler: `DownEncoderBlock2D` / `UpDecoderBlock2D`.
+#[derive(Debug, Clone)]
+struct ResnetStack {
+    resnets: Vec<ResnetBlock2D>,
+}
+
+impl ResnetStack {
+    fn new(vb: &VarBuilder, cin: usize, cout: usize, layers: usize, groups: usize) -> Result<Self> {
+        let rvb = vb.pp("resnets");
+        let resnets = (0..layers)
+            .map(|i| {
+                let c = if i == 0 { cin } else { cout };
+                ResnetBlock2D::new(rvb.pp(i.to_string()), &unconditioned(c, cout, groups))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { resnets })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for r in &self.resnets {
+            xs = r.forward(&xs, None)?;
+        }
+        Ok(xs)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Encoder {
+    conv_in: Conv2d,
+    down_blocks: Vec<(ResnetStack, Option<Downsample2D>)>,
+    mid_block: MidBlock,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Encoder {
+    fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
+        let ch = &cfg.block_out_channels;
+        let (n, g) = (ch.len(), cfg.norm_num_groups);
+        let dvb = vb.pp("down_blocks");
+        let mut down_blocks = Vec::with_capacity(n);
+        for i in 0..n {
+            let bvb = dvb.pp(i.to_string());
+            let cin = if i == 0 { ch[0] } else { ch[i - 1] };
+            let stack = ResnetStack::new(&bvb, cin, ch[i], cfg.layers_per_block, g)?;
+            // The encoder's downsamplers use padding 0 (pad bottom/right by one, then conv).
+            let down = if i + 1 < n {
+                Some(Downsample2D::new(
+                    bvb.pp("downsamplers").pp("0"),
+                    ch[i],
+                    ch[i],
+                    0,
+                )?)
+            } else {
+                None
+            };
+            down_blocks.push((stack, down));
+        }
+        let last = ch[n - 1];
+        Ok(Self {
+            conv_in: Conv2d::new(vb.pp("conv_in"), cfg.in_channels, ch[0], 3, 1, 1)?,
+            down_blocks,
+            mid_block: MidBlock::new(vb.pp("mid_block"), last, g, cfg.mid_block_add_attention)?,
+            conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), g, last, VAE_EPS)?,
+            // double_z: the encoder emits mean and log-variance.
+            conv_out: Conv2d::new(vb.pp("conv_out"), last, 2 * cfg.latent_channels, 3, 1, 1)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = self.conv_in.forward(xs)?;
+        for (stack, down) in &self.down_blocks {
+            xs = stack.forward(&xs)?;
+            if let Some(d) = down {
+                xs = d.forward(&xs)?;
+            }
+        }
+        let xs = self.mid_block.forward(&xs)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
+        self.conv_out.forward(&xs)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Decoder {
+    conv_in: Conv2d,
+    mid_block: MidBlock,
+    up_blocks: Vec<(ResnetStack, Option<Upsample2D>)>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Decoder {
+    fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
+        let ch = &cfg.block_out_channels;
+        let (n, g) = (ch.len(), cfg.norm_num_groups);
+        let last = ch[n - 1];
+        let uvb = vb.pp("up_blocks");
+        let mut up_blocks = Vec::with_capacity(n);
+        let mut output_channel = last;
+        for i in 0..n {
+            let bvb = uvb.pp(i.to_string());
+            let prev_output_channel = output_channel;
+            output_channel = ch[n - 1 - i];
+            let stack = ResnetStack::new(
+                &bvb,
+                prev_output_channel,
+                output_channel,
+                cfg.layers_per_block + 1,
+                g,
+            )?;
+            let up = if i + 1 < n {
+                Some(Upsample2D::new(
+                    bvb.pp("upsamplers").pp("0"),
+                    output_channel,
+                    output_channel,
+                )?)
+            } else {
+                None
+            };
+            up_blocks.push((stack, up));
+        }
+        Ok(Self {
+            conv_in: Conv2d::new(vb.pp("conv_in"), cfg.latent_channels, last, 3, 1, 1)?,
+            mid_block: MidBlock::new(vb.pp("mid_block"), last, g, cfg.mid_block_add_attention)?,
+            up_blocks,
+            conv_norm_out: GroupNorm::new(vb.pp("conv_norm_out"), g, ch[0], VAE_EPS)?,
+            conv_out: Conv2d::new(vb.pp("conv_out"), ch[0], cfg.out_channels, 3, 1, 1)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.conv_in.forward(xs)?;
+        let mut xs = self.mid_block.forward(&xs)?;
+        for (stack, up) in &self.up_blocks {
+            xs = stack.forward(&xs)?;
+            if let Some(u) = up {
+                xs = u.forward(&xs, None)?;
+            }
+        }
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
+        self.conv_out.forward(&xs)
+    }
+}
+
+/// The KL autoencoder: `encoder.*`, `quant_conv`, `post_quant_conv`, `decoder.*`.
+#[derive(Debug, Clone)]
+pub struct AutoencoderKL {
+    encoder: Encoder,
+    decoder: Decoder,
+    quant_conv: Option<Conv2d>,
+    post_quant_conv: Option<Conv2d>,
+    latent_channels: usize,
+    scaling_factor: f64,
+    scale_factor: usize,
+    dtype: DType,
+}
+
+impl AutoencoderKL {
+    /// Builds the model from a validated config; tensors are read from `vb` (in its dtype and
+    /// on its device) under the checkpoint's names.
+    pub fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
+        // `from_file` has validated already; a config built in code gets the same checks.
+        cfg.validate(Path::new("vae/config.json"))
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let l = cfg.latent_channels;
+        let quant_conv = if cfg.use_quant_conv {
+            Some(Conv2d::new(vb.pp("quant_conv"), 2 * l, 2 * l, 1, 0, 1)?)
+        } else {
+            None
+        };
+        let post_quant_conv = if cfg.use_post_quant_conv {
+            Some(Conv2d::new(vb.pp("post_quant_conv"), l, l, 1, 0, 1)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            encoder: Encoder::new(vb.pp("encoder"), cfg)?,
+            decoder: Decoder::new(vb.pp("decoder"), cfg)?,
+            quant_conv,
+            post_quant_conv,
+            latent_channels: l,
+            scaling_factor: cfg.scaling_factor,
+            scale_factor: cfg.scale_factor(),
+            dtype: vb.dtype(),
+        })
+    }
+
+    /// Reads `vae/config.json` and `vae/diffusion_pytorch_model[.fp16].safetensors` from a
+    /// model directory, and checks that every tensor of the file was used.
+    pub fn load(dir: &ModelDir, dtype: DType, device: &Device) -> LoadResult<Self> {
+        let cfg = AutoencoderKLConfig::from_file(&dir.component("vae")?.join("config.json"))?;
+        let weights = Weights::open(
+            &dir.weights("vae", "diffusion_pytorch_model")?,
+            dtype,
+            device,
+        )?;
+        let model = Self::new(weights.vb.clone(), &cfg)
+            .map_err(|e| loader::weights_error(&weights.path, e))?;
+        weights.ensure_all_used()?;
+        Ok(model)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The config's `scaling_factor` (0.13025 for SDXL).
+    pub fn scaling_factor(&self) -> f64 {
+        self.scaling_factor
+    }
+
+    /// Image pixels per latent pixel along each side: 2^(len(block_out_channels) - 1).
+    pub fn scale_factor(&self) -> usize {
+        self.scale_factor
+    }
+
+    /// Latents `z` `[B, latent, h, w]` (already divided by `scaling_factor`, as diffusers'
+    /// `vae.decode` takes them) to images `[B, out_channels, h*f, w*f]` in about [-1, 1].
+    pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        let mut z = z.to_dtype(self.dtype)?;
+        if let Some(c) = &self.post_quant_conv {
+            z = c.forward(&z)?;
+        }
+        self.decoder.forward(&z)
+    }
+
+    /// The posterior's parameters `[B, 2*latent, H/f, W/f]` (mean, then log-variance before
+    /// diffusers' clamp to [-30, 20]) for images `[B, in_channels, H, W]` in [-1, 1].
+    pub fn encode_moments(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.encoder.forward(&xs.to_dtype(self.dtype)?)?;
+        match &self.quant_conv {
+            Some(c) => c.forward(&xs),
+            None => Ok(xs),
+        }
+    }
+
+    /// The posterior mean (diffusers' `latent_dist.mode()`), unscaled.
+    pub fn encode(&self, xs: &Tensor) -> Result<Tensor> {
+        self.encode_moments(xs)?.narrow(1, 0, self.latent_channels)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_diffusers_and_errors_name_fields() {
+        let cfg: AutoencoderKLConfig = serde_json::from_str("{}").unwrap();
+        assert_eq!(cfg, AutoencoderKLConfig::default());
+        assert_eq!(cfg.scale_factor(), 1);
+        let cfg: AutoencoderKLConfig = serde_json::from_str(
+            r#"{"block_out_channels": [8, 16, 16, 16], "norm_num_groups": 4,
+                "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D",
+                                     "DownEncoderBlock2D", "DownEncoderBlock2D"],
+                "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D",
+                                   "UpDecoderBlock2D", "AttnUpDecoderBlock2D"]}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.scale_factor(), 8);
+        match cfg.validate(Path::new("vae/config.json")) {
+            Err(LoadError::Unsupported { field, .. }) => assert_eq!(field, "up_block_types[3]"),
+            other => panic!("expected Unsupported, got {other:?}"),
+        }
+    }
+}

@@ -1,4 +1,10 @@
 //! Parity with diffusers/transformers on the tiny random model in `tests/fixtures/tiny-sdxl`.
 //! Reference outputs come from `scripts/make_fixtures.sh` (see `scripts/fixtures/`).
 
+mod clip;
 mod common;
+mod pipeline;
+mod scheduler;
+mod tokenizer;
+mod unet;
+mod vae;

@@ -1,0 +1,225 @@
+//! Per-stage and whole-pipeline benchmarks, named `{device}/{stage}/bs{N}`.
+//!
+//! Default: the tiny fixture model (tests/fixtures/tiny-sdxl) on the CPU in f32, so
+//! `cargo bench` runs anywhere in a few minutes. With `--features cuda` and
+//! `TURBINE_BENCH_DEVICE=cuda:0`: the full SDXL-Turbo architecture from models/sdxl-turbo with
+//! random weights, in bf16, at 512x512.
+//!
+//! Overrides: `TURBINE_BENCH_MODEL` (a model directory to load instead), `TURBINE_BENCH_DTYPE`
+//! (f32|f16|bf16), `TURBINE_BENCH_SIZE` (WIDTHxHEIGHT; default 128x128 for the tiny model, where
+//! larger sizes spend the time budget in the VAE, and 512x512 otherwise).
+//!
+//! Every timing is taken with `iter_custom` and a device synchronise before each clock read:
+//! candle's CUDA ops are asynchronous, so a bare `iter` would time kernel launches only.
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use turbine::cli::generate::parse_size;
+use turbine::device::{parse_device, parse_dtype};
+use turbine::model::pipeline::{GenerationSettings, ImageRequest, Pipeline};
+
+/// The SDXL-Turbo timestep of a 1-step run (trailing spacing: the last of 1000 training steps).
+const TURBO_TIMESTEP: f64 = 999.0;
+
+struct Setup {
+    prefix: &'static str,
+    device: Device,
+    dtype: DType,
+    pipeline: Pipeline,
+    width: usize,
+    height: usize,
+}
+
+fn setup() -> Setup {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let spec = std::env::var("TURBINE_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let device = parse_device(&spec).expect("TURBINE_BENCH_DEVICE");
+    let dtype = parse_dtype(
+        std::env::var("TURBINE_BENCH_DTYPE").ok().as_deref(),
+        &device,
+    )
+    .expect("TURBINE_BENCH_DTYPE");
+    let model = std::env::var_os("TURBINE_BENCH_MODEL").map(PathBuf::from);
+    let tiny = model.is_none() && !device.is_cuda();
+    let pipeline = match (&model, tiny) {
+        (Some(dir), _) => Pipeline::load(dir, &device, dtype).expect("loading TURBINE_BENCH_MODEL"),
+        (None, true) => Pipeline::load(&root.join("tests/fixtures/tiny-sdxl"), &device, dtype)
+            .expect("loading tests/fixtures/tiny-sdxl"),
+        (None, false) => Pipeline::random(&root.join("models/sdxl-turbo"), &device, dtype, 0)
+            .expect("building the full architecture from models/sdxl-turbo"),
+    };
+    let default_size = if tiny { "128x128" } else { "512x512" };
+    let size = std::env::var("TURBINE_BENCH_SIZE").unwrap_or_else(|_| default_size.into());
+    let (width, height) = parse_size(&size).expect("TURBINE_BENCH_SIZE");
+    let prefix = if device.is_cuda() { "cuda" } else { "cpu" };
+    eprintln!(
+        "benchmarking on {spec} in {dtype:?} at {width}x{height}: {}",
+        match (&model, tiny) {
+            (Some(d), _) => d.display().to_string(),
+            (None, true) => "tiny fixture model".into(),
+            (None, false) => "SDXL-Turbo architecture, random weights".into(),
+        }
+    );
+    Setup {
+        prefix,
+        device,
+        dtype,
+        pipeline,
+        width,
+        height,
+    }
+}
+
+/// Times `iters` calls of `f`, synchronising the device before each clock read.
+fn timed<T>(device: &Device, iters: u64, mut f: impl FnMut() -> T) -> Duration {
+    device.synchronize().expect("device synchronize");
+    let start = Instant::now();
+    for _ in 0..iters {
+        black_box(f());
+    }
+    device.synchronize().expect("device synchronize");
+    start.elapsed()
+}
+
+fn prompts(n: usize) -> Vec<&'static str> {
+    const P: [&str; 4] = [
+        "a photograph of an astronaut riding a horse on the moon",
+        "a watercolour painting of a lighthouse at dawn",
+        "a bowl of ramen, studio lighting, 35mm",
+        "an isometric pixel-art city at night",
+    ];
+    (0..n).map(|i| P[i % P.len()]).collect()
+}
+
+fn stages(c: &mut Criterion) {
+    let s = setup();
+    let p = &s.pipeline;
+    let dev = &s.device;
+    let settings = GenerationSettings {
+        width: s.width,
+        height: s.height,
+        steps: 1,
+        guidance_scale: 0.0,
+    };
+    let (lc, lh, lw) = p.latent_shape(&settings);
+
+    let mut g = c.benchmark_group(format!("{}/tokenize", s.prefix));
+    for bs in [1, 8] {
+        let texts = prompts(bs);
+        g.throughput(Throughput::Elements(bs as u64));
+        g.bench_function(BenchmarkId::from_parameter(format!("bs{bs}")), |b| {
+            b.iter_custom(|iters| {
+                timed(dev, iters, || {
+                    let (t1, t2) = p.tokenizers();
+                    let a = t1.encode_batch(&texts, dev).expect("tokenize");
+                    let b = t2.encode_batch(&texts, dev).expect("tokenize 2");
+                    (a, b)
+                })
+            })
+        });
+    }
+    g.finish();
+
+    for (name, second) in [("text_encoder", false), ("text_encoder_2", true)] {
+        let mut g = c.benchmark_group(format!("{}/{name}", s.prefix));
+        for bs in [1, 4] {
+            let texts = prompts(bs);
+            let ((t1, t2), (e1, e2)) = (p.tokenizers(), p.text_encoders());
+            let (tok, enc) = if second { (t2, e2) } else { (t1, e1) };
+            let ids = tok.encode_batch(&texts, dev).expect("tokenize");
+            g.throughput(Throughput::Elements(bs as u64));
+            g.bench_function(BenchmarkId::from_parameter(format!("bs{bs}")), |b| {
+                b.iter_custom(|iters| timed(dev, iters, || enc.forward(&ids).expect(name)))
+            });
+        }
+        g.finish();
+    }
+
+    let mut g = c.benchmark_group(format!("{}/unet", s.prefix));
+    for bs in [1, 4] {
+        let (embeds, pooled) = p.encode_prompts(&prompts(bs)).expect("encode prompts");
+        let latents = Tensor::randn(0f32, 1.0, (bs, lc, lh, lw), dev)
+            .and_then(|t| t.to_dtype(s.dtype))
+            .expect("latents");
+        let (h, w) = (s.height as f32, s.width as f32);
+        let time_ids = Tensor::new(&[h, w, 0.0, 0.0, h, w], dev)
+            .and_then(|t| t.to_dtype(s.dtype)?.reshape((1, 6))?.repeat((bs, 1)))
+            .expect("time ids");
+        g.throughput(Throughput::Elements(bs as u64));
+        g.bench_function(BenchmarkId::from_parameter(format!("bs{bs}")), |b| {
+            b.iter_custom(|iters| {
+                timed(dev, iters, || {
+                    p.unet()
+                        .forward(&latents, TURBO_TIMESTEP, &embeds, &pooled, &time_ids)
+                        .expect("unet")
+                })
+            })
+        });
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group(format!("{}/vae_decode", s.prefix));
+    for bs in [1, 4] {
+        let latents = Tensor::randn(0f32, 1.0, (bs, lc, lh, lw), dev).expect("latents");
+        g.throughput(Throughput::Elements(bs as u64));
+        g.bench_function(BenchmarkId::from_parameter(format!("bs{bs}")), |b| {
+            b.iter_custom(|iters| {
+                timed(dev, iters, || {
+                    p.decode_latents(&latents).expect("vae decode")
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+/// Whole-pipeline batch scaling: text encoders, one UNet step, VAE decode and the conversion
+/// to 8-bit images, per batch; throughput in images.
+fn pipeline(c: &mut Criterion) {
+    let s = setup();
+    let settings = GenerationSettings {
+        width: s.width,
+        height: s.height,
+        steps: 1,
+        guidance_scale: 0.0,
+    };
+    let mut g = c.benchmark_group(format!("{}/pipeline", s.prefix));
+    for bs in [1, 2, 4, 8] {
+        let items: Vec<ImageRequest> = prompts(bs)
+            .into_iter()
+            .enumerate()
+            .map(|(i, prompt)| ImageRequest {
+                prompt: prompt.into(),
+                negative_prompt: String::new(),
+                seed: i as u64,
+            })
+            .collect();
+        g.throughput(Throughput::Elements(bs as u64));
+        g.bench_function(BenchmarkId::from_parameter(format!("bs{bs}")), |b| {
+            b.iter_custom(|iters| {
+                timed(&s.device, iters, || {
+                    s.pipeline
+                        .generate(&settings, &items, None)
+                        .expect("generate")
+                })
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    // Few samples and short windows: whole-pipeline runs take up to seconds on a CPU, and the
+    // suite must finish in minutes.
+    config = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = stages, pipeline
+}
+criterion_main!(benches);

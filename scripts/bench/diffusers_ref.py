@@ -1,0 +1,505 @@
+#!/usr/bin/env python3
+"""The diffusers side of the side-by-side benchmarks (scripts/compare_cpu.sh, scripts/gpu_check.sh).
+
+Subcommands (all paths explicit; nothing is fetched from the Hub):
+
+  make-model   the full architecture of a config directory (models/sdxl-turbo) with fixed-seed
+               random weights, written in the Hub's diffusers layout, one component at a time
+  latents      standard-normal initial latents `[n, 4, h/8, w/8]` (safetensors, tensor `latents`:
+               the file `turbine generate/bench --init-latents` reads)
+  generate     StableDiffusionXLPipeline on those latents: PNGs and per-run seconds (JSON)
+  sweep        images/s, batch latency and peak memory over batch sizes (eager or torch.compile);
+               prompts cycle over DEFAULT_PROMPTS and latent rows cycle, as in `turbine bench`
+  diff         max / mean absolute pixel difference between two sets of PNGs
+  devinfo      the GPU's measured bf16 matrix rate and copy bandwidth (METHOD.md's two ceilings)
+
+Timing: the device is synchronised before every clock read; warm-up runs are excluded.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+DEFAULT_PROMPTS = [
+    "a photograph of an astronaut riding a horse on the moon",
+    "a watercolour painting of a lighthouse at dawn",
+    "a bowl of ramen, studio lighting, 35mm",
+    "an isometric pixel-art city at night",
+]
+
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --- writing random models ---------------------------------------------------------------------
+
+
+def save_safetensors(state, path: Path, dtype):
+    """Writes a safetensors file tensor by tensor, so a 10 GB UNet never needs a second copy
+    in memory (safetensors.torch.save_file serialises everything to bytes first)."""
+    header, offset, items = {}, 0, []
+    for name in sorted(state):
+        t = state[name].detach().to(dtype).contiguous()
+        n = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": ST_DTYPES[dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
+        offset += n
+        items.append((name, t))
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for _, t in items:
+            f.write(t.cpu().reshape(-1).view(torch.uint8).numpy().data)
+    tmp.rename(path)
+
+
+def make_model(a):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    src, out = Path(a.config_dir), Path(a.out)
+    dtype = DTYPES[a.dtype]
+    variant = ".fp16" if a.variant_fp16 else ""
+    device = torch.device(a.device)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in ["model_index.json"]:
+        shutil.copy(src / f, out / f)
+    for d in ["scheduler", "tokenizer", "tokenizer_2"]:
+        shutil.copytree(src / d, out / d, dirs_exist_ok=True)
+
+    def unet():
+        return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(src / "unet"))
+
+    def vae():
+        return AutoencoderKL.from_config(AutoencoderKL.load_config(src / "vae"))
+
+    def te(cls):
+        return lambda comp: cls(CLIPTextConfig.from_pretrained(src / comp))
+
+    components = [
+        ("text_encoder", te(CLIPTextModel), "model"),
+        ("text_encoder_2", te(CLIPTextModelWithProjection), "model"),
+        ("vae", lambda _: vae(), "diffusion_pytorch_model"),
+        ("unet", lambda _: unet(), "diffusion_pytorch_model"),
+    ]
+    for i, (comp, build, stem) in enumerate(components):
+        path = out / comp / f"{stem}{variant}.safetensors"
+        if path.exists() and not a.force:
+            log(f"{path} exists, kept")
+            continue
+        t0 = time.time()
+        # One seed per component: each file is reproducible on its own.
+        torch.manual_seed(a.seed + i)
+        with device:
+            model = build(comp)
+        model.eval()
+        (out / comp).mkdir(exist_ok=True)
+        if hasattr(model, "save_config"):
+            model.save_config(out / comp)
+        else:
+            model.config.save_pretrained(out / comp)
+        save_safetensors(model.state_dict(), path, dtype)
+        n = sum(p.numel() for p in model.parameters())
+        log(f"{comp}: {n / 1e6:.1f} M params -> {path} ({path.stat().st_size / 1e9:.2f} GB, "
+            f"{time.time() - t0:.1f} s)")
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# --- latents -----------------------------------------------------------------------------------
+
+
+def write_latents(a):
+    from safetensors.torch import save_file
+
+    w, h = parse_size(a.size)
+    g = torch.Generator().manual_seed(a.seed)
+    lat = torch.randn((a.n, 4, h // 8, w // 8), generator=g, dtype=torch.float32)
+    save_file({"latents": lat}, a.out)
+    log(f"latents {list(lat.shape)} -> {a.out}")
+
+
+def read_latents(path, n, device):
+    """Rows cycle when a batch is larger than the file, as in `turbine bench`."""
+    from safetensors.torch import load_file
+
+    lat = load_file(path)["latents"]
+    idx = [i % lat.shape[0] for i in range(n)]
+    return lat[idx].to(device)
+
+
+# --- the pipeline ------------------------------------------------------------------------------
+
+
+def parse_size(s):
+    w, h = (int(x) for x in s.lower().split("x"))
+    return w, h
+
+
+def load_pipeline(model_dir, dtype, device, variant=None):
+    from diffusers import StableDiffusionXLPipeline
+
+    t0 = time.time()
+    kw = {"variant": variant} if variant else {}
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        model_dir, dtype=DTYPES[dtype], local_files_only=True, **kw
+    ).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    sync(device)
+    log(f"diffusers pipeline loaded in {time.time() - t0:.1f} s ({dtype}, {device})")
+    return pipe
+
+
+def run_batch(pipe, prompts, latents, w, h, steps, device):
+    """One end-to-end batch (text encoders, UNet steps, VAE decode, 8-bit images)."""
+    sync(device)
+    t0 = time.perf_counter()
+    images = pipe(
+        prompt=prompts,
+        num_inference_steps=steps,
+        guidance_scale=0.0,
+        width=w,
+        height=h,
+        latents=latents,
+        output_type="pil",
+    ).images
+    sync(device)
+    return images, time.perf_counter() - t0
+
+
+def variant_of(model_dir):
+    unet = Path(model_dir) / "unet"
+    if (unet / "diffusion_pytorch_model.safetensors").exists():
+        return None
+    return "fp16"
+
+
+def generate(a):
+    device = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    w, h = parse_size(a.size)
+    prompts = a.prompt or DEFAULT_PROMPTS[:1]
+    pipe = load_pipeline(a.model_dir, a.dtype, device, variant_of(a.model_dir))
+    latents = read_latents(a.latents, len(prompts), device)
+    runs = []
+    for i in range(a.warmup + a.runs):
+        images, dt = run_batch(pipe, prompts, latents, w, h, a.steps, device)
+        kind = "warm-up" if i < a.warmup else "timed"
+        log(f"diffusers {kind} run {i}: {dt:.3f} s for {len(images)} image(s)")
+        if i >= a.warmup:
+            runs.append(dt)
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        img.save(out / f"{i}.png")
+    result = {
+        "impl": "diffusers",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "dtype": a.dtype,
+        "device": str(device),
+        "images_per_run": len(prompts),
+        "seconds": runs,
+    }
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+# --- throughput sweep on a GPU -----------------------------------------------------------------
+
+
+class GpuMemSampler:
+    """Device memory in use (NVML, the whole device: what the process really holds, caching
+    allocators included), sampled every 20 ms in a thread, so that peaks of a separate process
+    (turbine) and of this one (diffusers) are measured the same way."""
+
+    def __init__(self, index=0, period=0.02):
+        import pynvml
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        self._h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        self.samples = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, args=(period,), daemon=True)
+        self.baseline = self.used()
+
+    def used(self):
+        return self._nvml.nvmlDeviceGetMemoryInfo(self._h).used
+
+    def _loop(self, period):
+        while not self._stop.is_set():
+            self.samples.append((time.time(), self.used()))
+            time.sleep(period)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+    def peak(self, t0=None, t1=None):
+        """Peak bytes above the baseline taken before the measured process started."""
+        vals = [u for t, u in self.samples if (t0 is None or t >= t0) and (t1 is None or t <= t1)]
+        return (max(vals) - self.baseline) if vals else None
+
+    def dump(self, path):
+        Path(path).write_text(json.dumps({"baseline": self.baseline, "samples": self.samples}))
+
+
+def sweep(a):
+    device = torch.device(a.device)
+    w, h = parse_size(a.size)
+    deadline = time.time() + a.budget_s if a.budget_s else None
+    batches = [int(b) for b in a.batch_sizes.split(",")]
+    sampler = GpuMemSampler() if device.type == "cuda" else None
+    if sampler:
+        sampler.__enter__()
+    try:
+        pipe = load_pipeline(a.model_dir, a.dtype, device, variant_of(a.model_dir))
+        mode = "eager"
+        if a.compile:
+            mode = "compile"
+            # diffusers' documented recipe: channels_last + compile of the UNet and VAE decoder.
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+            pipe.unet = torch.compile(pipe.unet, mode=a.compile_mode, fullgraph=True)
+            pipe.vae.decode = torch.compile(pipe.vae.decode, mode=a.compile_mode, fullgraph=True)
+        rows = []
+        for b in batches:
+            prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(b)]
+            latents = read_latents(a.latents, b, device).to(DTYPES[a.dtype])
+            if deadline and time.time() > deadline:
+                log(f"{mode}: time budget spent, stopping before batch {b}")
+                break
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t_start = time.time()
+            try:
+                for _ in range(a.warmup):
+                    _, dt = run_batch(pipe, prompts, latents, w, h, a.steps, device)
+                    log(f"{mode} bs{b} warm-up {dt:.3f} s")
+                times = []
+                t_timed = time.time()
+                while len(times) < a.runs or (sum(times) < a.min_time and len(times) < 1000):
+                    images, dt = run_batch(pipe, prompts, latents, w, h, a.steps, device)
+                    times.append(dt)
+                    if deadline and time.time() > deadline and len(times) >= 1:
+                        break
+            except torch.OutOfMemoryError as e:
+                log(f"{mode} bs{b}: out of memory ({e})")
+                rows.append({"batch": b, "error": "out of memory"})
+                break
+            t_end = time.time()
+            if a.save_images:
+                # One file per distinct prompt/latent row, named as `turbine bench` names them.
+                Path(a.save_images).mkdir(parents=True, exist_ok=True)
+                for i, img in enumerate(images[: min(b, len(DEFAULT_PROMPTS))]):
+                    img.save(Path(a.save_images) / f"bs{b}_{i}.png")
+            med = float(np.median(times))
+            row = {
+                "batch": b,
+                "runs": len(times),
+                "median_s": med,
+                "min_s": min(times),
+                "images_per_s": b / med,
+                "warmup_s": t_timed - t_start,
+                "started_unix_s": t_start,
+                "finished_unix_s": t_end,
+            }
+            if device.type == "cuda":
+                row["torch_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+                row["torch_max_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
+                row["peak_bytes"] = sampler.peak(t_start, t_end)
+            log(f"{mode} bs{b}: {med * 1e3:.1f} ms/batch, {b / med:.2f} images/s "
+                f"({len(times)} runs)")
+            rows.append(row)
+    finally:
+        if sampler:
+            sampler.__exit__()
+    result = {
+        "impl": f"diffusers-{mode}",
+        "torch": torch.__version__,
+        "dtype": a.dtype,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "size": a.size,
+        "steps": a.steps,
+        "attention": "SDPA (AttnProcessor2_0)",
+        "rows": rows,
+    }
+    if sampler:
+        result["peak_bytes_overall"] = sampler.peak()
+    Path(a.json).write_text(json.dumps(result, indent=2))
+
+
+# --- comparing images --------------------------------------------------------------------------
+
+
+def pixel_diff(paths_a, paths_b):
+    from PIL import Image
+
+    if len(paths_a) != len(paths_b) or not paths_a:
+        raise SystemExit(f"diff: {len(paths_a)} vs {len(paths_b)} images")
+    worst, total, n, per = 0, 0.0, 0, []
+    for pa, pb in zip(paths_a, paths_b):
+        x = np.asarray(Image.open(pa).convert("RGB"), dtype=np.int16)
+        y = np.asarray(Image.open(pb).convert("RGB"), dtype=np.int16)
+        if x.shape != y.shape:
+            raise SystemExit(f"diff: {pa} is {x.shape}, {pb} is {y.shape}")
+        d = np.abs(x - y)
+        per.append({"a": str(pa), "b": str(pb), "max": int(d.max()), "mean": float(d.mean()),
+                    "std_a": float(x.std()), "std_b": float(y.std())})
+        worst = max(worst, int(d.max()))
+        total += float(d.sum())
+        n += d.size
+    return {"max": worst, "mean": total / n, "images": per}
+
+
+def diff(a):
+    r = pixel_diff(a.a, a.b)
+    if a.json:
+        Path(a.json).write_text(json.dumps(r, indent=2))
+    print(json.dumps({"max": r["max"], "mean": r["mean"]}))
+
+
+# --- ceilings ------------------------------------------------------------------------------------
+
+
+def devinfo(a):
+    """The two ceilings of METHOD.md, measured: bf16 matrix rate on random data and a large
+    device-to-device copy (bytes read + written)."""
+    dev = torch.device("cuda")
+    n = 8192
+    x = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    y = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        x @ y
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        x @ y
+    end.record()
+    torch.cuda.synchronize()
+    tflops = 10 * 2 * n**3 / (start.elapsed_time(end) / 1e3) / 1e12
+    src = torch.empty(2 * 1024**3, dtype=torch.uint8, device=dev).random_()
+    dst = torch.empty_like(src)
+    for _ in range(2):
+        dst.copy_(src)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    tbps = 10 * 2 * src.numel() / (start.elapsed_time(end) / 1e3) / 1e12
+    p = torch.cuda.get_device_properties(dev)
+    r = {"name": p.name, "sms": p.multi_processor_count, "memory_bytes": p.total_memory,
+         "bf16_tflops": tflops, "copy_tbps": tbps, "torch": torch.__version__,
+         "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    Path(a.json).write_text(json.dumps(r, indent=2))
+    print(json.dumps(r))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("make-model")
+    p.add_argument("--config-dir", default="models/sdxl-turbo")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=DTYPES, default="f32", help="dtype stored in the files")
+    p.add_argument("--variant-fp16", action="store_true",
+                   help="name the files *.fp16.safetensors (the Hub's fp16 variant)")
+    p.add_argument("--device", default="cpu", help="where weights are initialised")
+    p.add_argument("--force", action="store_true", help="rewrite files that exist")
+    p.set_defaults(fn=make_model)
+
+    p = sub.add_parser("latents")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=1)
+    p.add_argument("--size", default="512x512")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=write_latents)
+
+    p = sub.add_parser("generate")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--latents", required=True)
+    p.add_argument("--prompt", action="append")
+    p.add_argument("--size", default="512x512")
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--dtype", choices=DTYPES, default="f32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--json")
+    p.set_defaults(fn=generate)
+
+    p = sub.add_parser("sweep")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--latents", required=True)
+    p.add_argument("--batch-sizes", default="1,2,4,8,16,32")
+    p.add_argument("--size", default="512x512")
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--dtype", choices=DTYPES, default="bf16")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--min-time", type=float, default=2.0, help="seconds of timed runs at least")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", default="default")
+    p.add_argument("--budget-s", type=float, help="stop starting new batch sizes after this")
+    p.add_argument("--save-images", help="PNGs of the last run of each batch size here")
+    p.add_argument("--json", required=True)
+    p.set_defaults(fn=sweep)
+
+    p = sub.add_parser("diff")
+    p.add_argument("--a", nargs="+", required=True)
+    p.add_argument("--b", nargs="+", required=True)
+    p.add_argument("--json")
+    p.set_defaults(fn=diff)
+
+    p = sub.add_parser("devinfo")
+    p.add_argument("--json", required=True)
+    p.set_defaults(fn=devinfo)
+
+    a = ap.parse_args()
+    a.fn(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+#!/usr/bin/env python3
+"""The measuring half of scripts/gpu_check.sh: turbine vs diffusers on one GPU, in one call.
+
+Steps, each bounded by what is left of --budget-s:
+ 1. the device's two ceilings (bf16 matrix rate, copy bandwidth), measured;
+ 2. diffusers writes the full architecture of --config-dir with fixed-seed random weights
+    (initialised on the device, stored as the Hub's fp16 variant files);
+ 3. `turbine bench` loads those files and sweeps the batch sizes end to end (text encoders,
+    UNet, VAE decode, 8-bit images) from the same prompts and initial latents as diffusers,
+    with device memory sampled through NVML;
+ 4. diffusers eager (SDPA) sweeps the same, in its own process;
+ 5. the pixel difference between turbine's and diffusers' images of the same batch;
+ 6. diffusers + torch.compile sweeps with the time left, in its own process;
+ 7. one table (markdown) and every figure (JSON) under --out.
+
+With --device cpu (scripts/gpu_check.sh --dry-run) the same steps run on the CPU at a tiny
+size, so the whole flow is exercised without a GPU; no figure of such a run means anything.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+START = time.time()
+PROMPTS = [
+    "a photograph of an astronaut riding a horse on the moon",
+    "a watercolour painting of a lighthouse at dawn",
+    "a bowl of ramen, studio lighting, 35mm",
+    "an isometric pixel-art city at night",
+]
+
+
+def log(*a):
+    t = time.time() - START
+    print(f"[{t:6.1f}s]", *a, file=sys.stderr, flush=True)
+
+
+class Budget:
+    def __init__(self, seconds):
+        self.deadline = START + seconds
+
+    def left(self):
+        return self.deadline - time.time()
+
+
+def run(cmd, timeout=None, env=None, check=True):
+    cmd = [str(c) for c in cmd]
+    log("+ " + " ".join(cmd))
+    try:
+        r = subprocess.run(cmd, timeout=max(1, timeout) if timeout else None, env=env)
+    except subprocess.TimeoutExpired:
+        log(f"timed out after {timeout:.0f} s: {cmd[0]} {cmd[1] if len(cmd) > 1 else ''}")
+        return 124
+    if check and r.returncode != 0:
+        log(f"failed ({r.returncode})")
+    return r.returncode
+
+
+def load(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def gb(b):
+    return f"{b / 2**30:.1f}" if b else "-"
+
+
+def best(rows):
+    ok = [r for r in rows or [] if "images_per_s" in r]
+    return max(ok, key=lambda r: r["images_per_s"]) if ok else None
+
+
+def row_at(rows, b):
+    return next((r for r in rows or [] if r.get("batch") == b and "images_per_s" in r), None)
+
+
+def turbine_peaks(report, sampler):
+    """Attributes NVML samples to each batch size by the wall-clock window turbine reports."""
+    for r in report.get("rows", []):
+        r["peak_bytes"] = sampler.peak(r["started_unix_s"], r["finished_unix_s"])
+
+
+def table(res, batches):
+    t, e, c = (res.get(k) or {} for k in ("turbine", "eager", "compile"))
+    lines = [
+        "| batch | turbine img/s | turbine ms/batch | turbine peak GiB | diffusers eager img/s "
+        "| eager ms/batch | eager peak GiB | diffusers compile img/s | compile ms/batch "
+        "| compile peak GiB | turbine / eager | turbine / compile |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for b in batches:
+        rt, re_, rc = row_at(t.get("rows"), b), row_at(e.get("rows"), b), row_at(c.get("rows"), b)
+
+        def cells(r):
+            if not r:
+                return ["-", "-", "-"]
+            return [f"{r['images_per_s']:.2f}", f"{r['median_s'] * 1e3:.1f}", gb(r.get("peak_bytes"))]
+
+        ratio = lambda x, y: f"{x['images_per_s'] / y['images_per_s']:.2f}" if x and y else "-"  # noqa
+        lines.append("| " + " | ".join([str(b)] + cells(rt) + cells(re_) + cells(rc)
+                                       + [ratio(rt, re_), ratio(rt, rc)]) + " |")
+    return "\n".join(lines)
+
+
+def targets(res):
+    """Issue 6's targets, each with the figures it was judged on."""
+    t, e, c = (res.get(k) or {} for k in ("turbine", "eager", "compile"))
+    bt, be, bc = best(t.get("rows")), best(e.get("rows")), best(c.get("rows"))
+    out = []
+
+    def verdict(ok):
+        return "met" if ok else "NOT met"
+
+    if bt and be:
+        r = bt["images_per_s"] / be["images_per_s"]
+        out.append(f"- peak images/s vs diffusers eager: turbine {bt['images_per_s']:.2f} (bs{bt['batch']}) "
+                   f"/ eager {be['images_per_s']:.2f} (bs{be['batch']}) = {r:.2f}x (target >= 1.5x: {verdict(r >= 1.5)})")
+    if bt and bc:
+        r = bt["images_per_s"] / bc["images_per_s"]
+        out.append(f"- peak images/s vs diffusers + torch.compile: {bt['images_per_s']:.2f} / "
+                   f"{bc['images_per_s']:.2f} (bs{bc['batch']}) = {r:.2f}x (target >= 1.0x: {verdict(r >= 1.0)})")
+    elif bt:
+        out.append("- diffusers + torch.compile: no figure (did not finish in the time left)")
+    t1, e1 = row_at(t.get("rows"), 1), row_at(e.get("rows"), 1)
+    if t1 and e1:
+        out.append(f"- batch-1 latency: turbine {t1['median_s'] * 1e3:.1f} ms, eager {e1['median_s'] * 1e3:.1f} ms "
+                   f"(target <=: {verdict(t1['median_s'] <= e1['median_s'])})")
+    if bt and be and bt.get("peak_bytes") and be.get("peak_bytes"):
+        same = row_at(e.get("rows"), bt["batch"])
+        extra = (f"; eager at bs{bt['batch']}: {gb(same.get('peak_bytes'))} GiB" if same else "")
+        out.append(f"- peak GPU memory at the best batch size: turbine {gb(bt['peak_bytes'])} GiB (bs{bt['batch']}), "
+                   f"eager {gb(be['peak_bytes'])} GiB (bs{be['batch']}){extra} "
+                   f"(target <=: {verdict(bt['peak_bytes'] <= be['peak_bytes'])})")
+    d = res.get("pixel_diff")
+    if d:
+        out.append(f"- pixels, turbine vs diffusers eager, bf16, {len(d['images'])} images of batch "
+                   f"{res.get('diff_batch')}: max {d['max']}, mean {d['mean']:.3f} (8-bit)")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--turbine", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/turbine-gpu-check"))
+    ap.add_argument("--config-dir", type=Path, default=ROOT / "models" / "sdxl-turbo")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--size", default="512x512")
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--batch-sizes", default="1,2,4,8,16,32")
+    ap.add_argument("--diff-batch", type=int, default=4, help="batch whose images are compared")
+    ap.add_argument("--budget-s", type=float, default=450.0, help="whole run, seconds")
+    ap.add_argument("--compile-reserve-s", type=float, default=20.0,
+                    help="seconds kept back for the table after torch.compile")
+    ap.add_argument("--min-time", type=float, default=2.0, help="timed seconds per batch size")
+    ap.add_argument("--commit", default="unknown")
+    ap.add_argument("--kernel-tests", default="", help="result line of the CUDA kernel tests")
+    ap.add_argument("--skip-compile", action="store_true")
+    a = ap.parse_args()
+    batches = [int(b) for b in a.batch_sizes.split(",")]
+    if not batches or min(batches) < 1 or a.diff_batch not in batches:
+        raise SystemExit(f"--batch-sizes {a.batch_sizes} must be positive and hold --diff-batch {a.diff_batch}")
+    budget = Budget(a.budget_s)
+    gpu = a.device.startswith("cuda")
+    py = sys.executable
+    ref = [py, HERE / "diffusers_ref.py"]
+    a.out.mkdir(parents=True, exist_ok=True)
+    if a.work.exists():
+        shutil.rmtree(a.work)
+    a.work.mkdir(parents=True)
+    res = {"started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "commit": a.commit, "device": a.device, "dtype": a.dtype, "size": a.size,
+           "steps": a.steps, "batches": batches, "diff_batch": a.diff_batch,
+           "kernel_tests": a.kernel_tests}
+
+    def save():
+        (a.out / "gpu_check.json").write_text(json.dumps(res, indent=2, default=str))
+
+    # 1. ceilings
+    if gpu:
+        run(ref + ["devinfo", "--json", a.work / "devinfo.json"], timeout=min(60, budget.left()))
+        res["devinfo"] = load(a.work / "devinfo.json")
+    save()
+
+    # 2. the model, random weights, fp16 variant files
+    model = a.work / "model"
+    mk = ref + ["make-model", "--config-dir", a.config_dir, "--out", model, "--seed", "0",
+                "--device", a.device]
+    mk += ["--dtype", "f16", "--variant-fp16"] if gpu else ["--dtype", "f32"]
+    t0 = time.time()
+    if run(mk, timeout=budget.left() - 60) != 0:
+        res["error"] = "writing the random model failed"
+        save()
+        raise SystemExit(1)
+    res["make_model_s"] = time.time() - t0
+    lat = a.work / "latents.safetensors"
+    run(ref + ["latents", "--out", lat, "--n", len(PROMPTS), "--size", a.size, "--seed", "1"])
+
+    # 3. turbine
+    env = dict(os.environ, TURBINE_COMMIT=a.commit)
+    timg = a.work / "turbine-images"
+    tjson = a.work / "turbine.json"
+    tcmd = [a.turbine, "bench", "--model-dir", model, "--device", a.device if a.device != "cuda" else "cuda:0",
+            "--dtype", a.dtype, "--size", a.size, "--steps", a.steps, "--batch-sizes", a.batch_sizes,
+            "--warmup", "2", "--runs", "3", "--min-time", a.min_time, "--init-latents", lat,
+            "--save-images", timg, "--json", tjson]
+    for p in PROMPTS:
+        tcmd += ["--prompt", p]
+    t_budget = max(60.0, budget.left() * 0.35)
+    if gpu:
+        from diffusers_ref import GpuMemSampler
+
+        with GpuMemSampler() as sampler:
+            rc = run(tcmd, timeout=t_budget, env=env)
+        res["turbine"] = load(tjson)
+        if res["turbine"]:
+            turbine_peaks(res["turbine"], sampler)
+            res["turbine"]["peak_bytes_overall"] = sampler.peak()
+    else:
+        rc = run(tcmd, timeout=t_budget, env=env)
+        res["turbine"] = load(tjson)
+    res["turbine_rc"] = rc
+    save()
+
+    # 4. diffusers eager
+    eimg = a.work / "eager-images"
+    ejson = a.work / "eager.json"
+    common = ["--model-dir", model, "--latents", lat, "--batch-sizes", a.batch_sizes, "--size", a.size,
+              "--steps", a.steps, "--dtype", a.dtype, "--device", a.device, "--min-time", a.min_time]
+    e_budget = max(60.0, (budget.left() - a.compile_reserve_s) * (0.45 if not a.skip_compile else 0.9))
+    res["eager_rc"] = run(ref + ["sweep", "--json", ejson, "--save-images", eimg, "--budget-s",
+                                 e_budget - 30] + common, timeout=e_budget)
+    res["eager"] = load(ejson)
+    save()
+
+    # 5. pixels
+    names = [f"bs{a.diff_batch}_{i}.png" for i in range(min(a.diff_batch, len(PROMPTS)))]
+    if all((timg / n).exists() and (eimg / n).exists() for n in names):
+        run(ref + ["diff", "--a"] + [timg / n for n in names] + ["--b"] + [eimg / n for n in names]
+            + ["--json", a.work / "diff.json"])
+        res["pixel_diff"] = load(a.work / "diff.json")
+        shutil.copy(timg / names[0], a.out / "turbine_0.png")
+        shutil.copy(eimg / names[0], a.out / "diffusers_0.png")
+    else:
+        log("images for the pixel comparison are missing")
+    save()
+
+    # 6. torch.compile with what is left
+    c_budget = budget.left() - a.compile_reserve_s
+    if a.skip_compile:
+        log("torch.compile skipped (--skip-compile)")
+    elif c_budget < 60:
+        log(f"torch.compile skipped: {c_budget:.0f} s left")
+    else:
+        cjson = a.work / "compile.json"
+        res["compile_rc"] = run(ref + ["sweep", "--compile", "--json", cjson, "--budget-s",
+                                       c_budget - 20] + common, timeout=c_budget)
+        res["compile"] = load(cjson)
+    save()
+
+    # 7. the table
+    di = res.get("devinfo") or {}
+    fl_cmd = [py, ROOT / "scripts" / "floors.py", "--model-dir",
+              a.config_dir, "--size", a.size, "--steps", str(a.steps), "--json", a.work / "floors.json"]
+    if di.get("bf16_tflops"):
+        fl_cmd += ["--tflops", f"{di['bf16_tflops']:.0f}", "--tbps", f"{di['copy_tbps']:.2f}"]
+    subprocess.run([str(c) for c in fl_cmd], stdout=subprocess.DEVNULL)
+    res["floors"] = load(a.work / "floors.json")
+    t = res.get("turbine") or {}
+    hdr = [f"### gpu_check.sh ({res['started_utc']})", ""]
+    hdr.append(f"- device: {t.get('device', a.device)}"
+               + (f"; measured bf16 matmul {di['bf16_tflops']:.0f} TFLOP/s, copy {di['copy_tbps']:.2f} TB/s; "
+                  f"torch {di['torch']}, CUDA {di['cuda']}, cuDNN {di['cudnn']}" if di else ""))
+    if t.get("machine"):
+        m = t["machine"]
+        hdr.append(f"- machine: {m['cpu']}, {m['cores']} cores, {(m['memory_bytes'] or 0) / 2**30:.0f} GiB ({m['host']})")
+    hdr.append(f"- commit: {a.commit}; command: `scripts/gpu_check.sh` (budget {a.budget_s:.0f} s, used "
+               f"{time.time() - START:.0f} s)")
+    arch = ("full SDXL-Turbo architecture" if a.config_dir.name == "sdxl-turbo"
+            else f"architecture of {a.config_dir}")
+    files = "fp16 variant files" if gpu else "f32 files"
+    hdr.append(f"- setting: {arch}, random weights (diffusers, seed 0, {files}), "
+               f"{a.size}, {a.steps} step, {a.dtype}, guidance 0, end to end incl. VAE decode and 8-bit images; "
+               f"{len(PROMPTS)} prompts and initial latents cycled over each batch; warm-up excluded, median of "
+               f">= 3 runs and >= {a.min_time:g} s per batch size; peak = NVML device memory above the idle "
+               f"baseline, per batch size")
+    if res.get("floors"):
+        fl = res["floors"]
+        hdr.append(f"- floor: {sum(fl['flops'].values()) / 1e12:.2f} TFLOP/image -> {fl['flop_floor_ms']:.2f} ms "
+                   f"= {1e3 / fl['flop_floor_ms']:.0f} images/s at {fl['tflops']:g} TFLOP/s")
+        bt = best(t.get("rows"))
+        if bt:
+            hdr.append(f"- turbine's best: {bt['images_per_s']:.2f} images/s = "
+                       f"{100 * bt['images_per_s'] * fl['flop_floor_ms'] / 1e3:.1f}% of the floor")
+    if a.kernel_tests:
+        hdr.append(f"- CUDA kernel tests: {a.kernel_tests}")
+    for k in ("turbine_rc", "eager_rc", "compile_rc"):
+        if res.get(k) not in (None, 0):
+            hdr.append(f"- {k.split('_')[0]} exited with {res[k]} (see gpu_check.log)")
+    md = "\n".join(hdr) + "\n\n" + table(res, batches) + "\n\n" + targets(res) + "\n"
+    (a.out / "gpu_check.md").write_text(md)
+    save()
+    print("\n" + md, flush=True)
+    if res.get("turbine_rc") != 0 or not res.get("turbine"):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,443 @@
+#!/usr/bin/env python3
+"""The two speed floors of one SDXL-Turbo image: arithmetic over the matrix rate, bytes over
+memory bandwidth. Counted by walking the model's own config.json files, never guessed.
+
+    python3 scripts/floors.py [--model-dir models/sdxl-turbo] [--size 512x512] [--steps 1]
+                              [--tflops 790] [--tbps 4.8] [--batch 1,8,32] [--json PATH]
+                              [--check-manifest] [--check-torch]
+
+What is counted (per image, batch rows independent):
+- FLOPs of every matrix product and convolution (2 per multiply-add): both CLIP text encoders
+  at 77 tokens (the first one's last layer is skipped: SDXL reads its penultimate hidden state;
+  the second one runs all layers, its pooled output needs the last), the UNet at the latent
+  size once per step, the VAE decoder at the image size. Attention counts QK^T and AV.
+  Norms, softmax, activations and residual adds are elementwise and not in this number (they
+  are memory traffic, below).
+- Bytes: the weights the image needs, read once per batch (bf16, 2 bytes a parameter; of the
+  token-embedding tables only the 77 rows used), plus activations: each matrix-product /
+  convolution output written once and read once (bf16), i.e. every elementwise op fused into a
+  neighbour and attention scores never stored. That is a floor, not an estimate of real traffic.
+
+The floor of one image at batch B is max(FLOPs / rate, (weights / B + activations) / bandwidth).
+Defaults are the H200 figures of this workplace: ~790 TFLOP/s dense bf16 (an 8192^3 bf16
+product measured 769-798 TFLOP/s) and the 4.8 TB/s datasheet bandwidth (a device copy measured
+~4.3 TB/s).
+
+--check-manifest compares the parameter counts with models/sdxl-turbo/tensors.json (the tensor
+list diffusers/transformers write for these configs); --check-torch counts the same FLOPs with
+torch.utils.flop_counter on diffusers/transformers models built on the meta device (needs
+torch, diffusers and transformers; nothing is allocated).
+"""
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+BF16 = 2
+CLIP_TOKENS = 77
+
+
+class Counter:
+    """FLOPs, parameters and activation elements, by component and by kind of op."""
+
+    def __init__(self):
+        self.flops = defaultdict(float)
+        self.params = defaultdict(int)
+        self.read_params = defaultdict(int)  # parameters an image actually reads
+        self.act = defaultdict(int)  # output elements of matrix products / convolutions
+        self.by_kind = defaultdict(float)
+
+    def linear(self, comp, tokens, cin, cout, bias=True, kind="linear"):
+        p = cin * cout + (cout if bias else 0)
+        self.params[comp] += p
+        self.read_params[comp] += p
+        self.flops[comp] += 2 * tokens * cin * cout
+        self.by_kind[(comp, kind)] += 2 * tokens * cin * cout
+        self.act[comp] += tokens * cout
+
+    def conv(self, comp, h, w, cin, cout, k, kind="conv"):
+        """A k x k convolution producing an h x w map (stride already applied to h, w)."""
+        p = cin * cout * k * k + cout
+        self.params[comp] += p
+        self.read_params[comp] += p
+        f = 2 * h * w * cin * cout * k * k
+        self.flops[comp] += f
+        self.by_kind[(comp, kind)] += f
+        self.act[comp] += h * w * cout
+
+    def attention(self, comp, nq, nk, dim):
+        """Scores and weighted sum over all heads (head count does not change the FLOPs)."""
+        f = 2 * 2 * nq * nk * dim
+        self.flops[comp] += f
+        self.by_kind[(comp, "attention")] += f
+        self.act[comp] += nq * dim
+
+    def norm(self, comp, channels):
+        self.params[comp] += 2 * channels
+        self.read_params[comp] += 2 * channels
+
+    def embedding(self, comp, rows, dim, used_rows):
+        self.params[comp] += rows * dim
+        self.read_params[comp] += used_rows * dim
+
+
+# --- CLIP text encoders (transformers CLIPTextModel / CLIPTextModelWithProjection) -----------
+
+
+def clip_text(c, comp, cfg, projection, layers_run):
+    d, inter, n = cfg["hidden_size"], cfg["intermediate_size"], CLIP_TOKENS
+    c.embedding(comp, cfg["vocab_size"], d, n)
+    c.embedding(comp, cfg["max_position_embeddings"], d, cfg["max_position_embeddings"])
+    for layer in range(cfg["num_hidden_layers"]):
+        if layer >= layers_run:
+            # Present in the checkpoint (weights count) but its output is never needed.
+            c.params[comp] += 4 * (d * d + d) + 2 * 2 * d + d * inter + inter + inter * d + d
+            continue
+        c.norm(comp, d)
+        for _ in range(3):
+            c.linear(comp, n, d, d)
+        c.attention(comp, n, n, d)
+        c.linear(comp, n, d, d)
+        c.norm(comp, d)
+        c.linear(comp, n, d, inter, kind="mlp")
+        c.linear(comp, n, inter, d, kind="mlp")
+    c.norm(comp, d)  # final_layer_norm
+    if projection:
+        # Applied to the pooled (end-of-text) token only.
+        c.linear(comp, 1, d, cfg["projection_dim"], bias=False)
+
+
+# --- UNet2DConditionModel (diffusers), SDXL's block types --------------------------------------
+
+
+def unet(c, cfg, lh, lw, context_len):
+    comp = "unet"
+    boc = cfg["block_out_channels"]
+    temb = boc[0] * 4
+    cross = cfg["cross_attention_dim"]
+    lpb = cfg["layers_per_block"]
+    tlpb = cfg["transformer_layers_per_block"]
+    if isinstance(tlpb, int):
+        tlpb = [tlpb] * len(boc)
+    if cfg.get("addition_embed_type") != "text_time":
+        raise SystemExit("unet: only addition_embed_type text_time (SDXL) is counted")
+    if not cfg.get("use_linear_projection", False):
+        raise SystemExit("unet: only use_linear_projection=true (SDXL) is counted")
+
+    # Time embedding: sinusoid(boc[0]) -> temb -> temb; text_time: 6 ids x addition_time_embed_dim
+    # sinusoids + pooled text embedding -> temb -> temb.
+    c.linear(comp, 1, boc[0], temb, kind="embedding")
+    c.linear(comp, 1, temb, temb, kind="embedding")
+    c.linear(comp, 1, cfg["projection_class_embeddings_input_dim"], temb, kind="embedding")
+    c.linear(comp, 1, temb, temb, kind="embedding")
+
+    def resnet(h, w, cin, cout):
+        c.norm(comp, cin)
+        c.conv(comp, h, w, cin, cout, 3, kind="resnet")
+        c.linear(comp, 1, temb, cout, kind="resnet")  # time_emb_proj
+        c.norm(comp, cout)
+        c.conv(comp, h, w, cout, cout, 3, kind="resnet")
+        if cin != cout:
+            c.conv(comp, h, w, cin, cout, 1, kind="resnet")
+
+    def transformer(h, w, ch, layers):
+        n = h * w
+        c.norm(comp, ch)
+        c.linear(comp, n, ch, ch, kind="proj")  # proj_in
+        for _ in range(layers):
+            c.norm(comp, ch)
+            for _ in range(3):
+                c.linear(comp, n, ch, ch, bias=False, kind="attn1")
+            c.attention(comp, n, n, ch)
+            c.linear(comp, n, ch, ch, kind="attn1")
+            c.norm(comp, ch)
+            c.linear(comp, n, ch, ch, bias=False, kind="attn2")
+            c.linear(comp, context_len, cross, ch, bias=False, kind="attn2")
+            c.linear(comp, context_len, cross, ch, bias=False, kind="attn2")
+            c.attention(comp, n, context_len, ch)
+            c.linear(comp, n, ch, ch, kind="attn2")
+            c.norm(comp, ch)
+            c.linear(comp, n, ch, 8 * ch, kind="ff")  # GEGLU: value and gate
+            c.linear(comp, n, 4 * ch, ch, kind="ff")
+        c.linear(comp, n, ch, ch, kind="proj")  # proj_out
+
+    h, w = lh, lw
+    c.conv(comp, h, w, cfg["in_channels"], boc[0], cfg.get("conv_in_kernel", 3))
+    skips = [boc[0]]
+    out_ch = boc[0]
+    for i, kind in enumerate(cfg["down_block_types"]):
+        in_ch, out_ch = out_ch, boc[i]
+        for j in range(lpb):
+            resnet(h, w, in_ch if j == 0 else out_ch, out_ch)
+            if kind.startswith("CrossAttn"):
+                transformer(h, w, out_ch, tlpb[i])
+            skips.append(out_ch)
+        if i < len(boc) - 1:
+            h, w = (h + 1) // 2, (w + 1) // 2
+            c.conv(comp, h, w, out_ch, out_ch, 3, kind="downsample")
+            skips.append(out_ch)
+
+    mid = boc[-1]
+    resnet(h, w, mid, mid)
+    transformer(h, w, mid, tlpb[-1])
+    resnet(h, w, mid, mid)
+
+    rev = list(reversed(boc))
+    rev_tlpb = list(reversed(tlpb))
+    out_ch = rev[0]
+    for i, kind in enumerate(cfg["up_block_types"]):
+        prev_out, out_ch = out_ch, rev[i]
+        for j in range(lpb + 1):
+            skip = skips.pop()
+            resnet(h, w, (prev_out if j == 0 else out_ch) + skip, out_ch)
+            if kind.startswith("CrossAttn"):
+                transformer(h, w, out_ch, rev_tlpb[i])
+        if i < len(boc) - 1:
+            h, w = h * 2, w * 2
+            c.conv(comp, h, w, out_ch, out_ch, 3, kind="upsample")
+    c.norm(comp, boc[0])
+    c.conv(comp, h, w, boc[0], cfg["out_channels"], cfg.get("conv_out_kernel", 3))
+
+
+# --- AutoencoderKL decoder (diffusers) ----------------------------------------------------------
+
+
+def vae_decoder(c, cfg, lh, lw):
+    comp = "vae_decoder"
+    boc = cfg["block_out_channels"]
+    lc = cfg["latent_channels"]
+    if cfg.get("use_post_quant_conv", True):
+        c.conv(comp, lh, lw, lc, lc, 1)
+
+    def resnet(h, w, cin, cout):
+        c.norm(comp, cin)
+        c.conv(comp, h, w, cin, cout, 3, kind="resnet")
+        c.norm(comp, cout)
+        c.conv(comp, h, w, cout, cout, 3, kind="resnet")
+        if cin != cout:
+            c.conv(comp, h, w, cin, cout, 1, kind="resnet")
+
+    h, w = lh, lw
+    top = boc[-1]
+    c.conv(comp, h, w, lc, top, 3)
+    resnet(h, w, top, top)
+    c.norm(comp, top)
+    for _ in range(3):
+        c.linear(comp, h * w, top, top, kind="attention")
+    c.attention(comp, h * w, h * w, top)
+    c.linear(comp, h * w, top, top, kind="attention")
+    resnet(h, w, top, top)
+    rev = list(reversed(boc))
+    out_ch = rev[0]
+    for i in range(len(boc)):
+        prev, out_ch = out_ch, rev[i]
+        for j in range(cfg["layers_per_block"] + 1):
+            resnet(h, w, prev if j == 0 else out_ch, out_ch)
+        if i < len(boc) - 1:
+            h, w = h * 2, w * 2
+            c.conv(comp, h, w, out_ch, out_ch, 3, kind="upsample")
+    c.norm(comp, boc[0])
+    c.conv(comp, h, w, boc[0], cfg["out_channels"], 3)
+    return h, w
+
+
+def count(model_dir: Path, width: int, height: int, steps: int) -> Counter:
+    def cfg(name, file="config.json"):
+        return json.loads((model_dir / name / file).read_text())
+
+    vae_cfg = cfg("vae")
+    f = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    if width % f or height % f:
+        raise SystemExit(f"--size {width}x{height}: sides must be multiples of {f}")
+    lh, lw = height // f, width // f
+
+    te1, te2, unet_cfg = cfg("text_encoder"), cfg("text_encoder_2"), cfg("unet")
+    c = Counter()
+    # SDXL reads the penultimate hidden state of the first encoder: its last layer is dead work.
+    clip_text(c, "text_encoder", te1, False, te1["num_hidden_layers"] - 1)
+    clip_text(c, "text_encoder_2", te2, True, te2["num_hidden_layers"])
+    context = te1["hidden_size"] + te2["hidden_size"]
+    if context != unet_cfg["cross_attention_dim"]:
+        raise SystemExit(
+            f"unet cross_attention_dim {unet_cfg['cross_attention_dim']} != text hidden sizes "
+            f"{context}"
+        )
+    one_step = Counter()
+    unet(one_step, unet_cfg, lh, lw, CLIP_TOKENS)
+    for k in one_step.flops:
+        c.flops[k] += steps * one_step.flops[k]
+        c.act[k] += steps * one_step.act[k]
+    for k, v in one_step.by_kind.items():
+        c.by_kind[k] += steps * v
+    for k in one_step.params:
+        c.params[k] += one_step.params[k]
+        c.read_params[k] += one_step.read_params[k]
+    oh, ow = vae_decoder(c, vae_cfg, lh, lw)
+    if (oh, ow) != (height, width):
+        raise SystemExit(f"vae decoder output {ow}x{oh} != requested {width}x{height}")
+    return c
+
+
+def check_manifest(c: Counter, model_dir: Path) -> list:
+    manifest = json.loads((model_dir / "tensors.json").read_text())
+    rows = []
+    for comp, prefix_ok in [
+        ("text_encoder", None),
+        ("text_encoder_2", None),
+        ("unet", None),
+        ("vae_decoder", ("decoder.", "post_quant_conv.")),
+    ]:
+        tensors = manifest["vae" if comp == "vae_decoder" else comp]
+        n = sum(
+            math.prod(s)
+            for name, s in tensors.items()
+            if prefix_ok is None or name.startswith(prefix_ok)
+        )
+        rows.append((comp, c.params[comp], n))
+    return rows
+
+
+def torch_flops(model_dir: Path, width: int, height: int) -> dict:
+    """FLOPs by torch's own counter, on meta-device diffusers/transformers models."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    out = {}
+    meta = torch.device("meta")
+    with meta:
+        te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(model_dir / "text_encoder"))
+        te2 = CLIPTextModelWithProjection(
+            CLIPTextConfig.from_pretrained(model_dir / "text_encoder_2")
+        )
+        unet_m = UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(model_dir / "unet")
+        )
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(model_dir / "vae"))
+    f = 2 ** (len(vae.config.block_out_channels) - 1)
+    ids = torch.zeros((1, CLIP_TOKENS), dtype=torch.long, device=meta)
+
+    def measure(fn):
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            fn()
+        return fc.get_total_flops()
+
+    out["text_encoder"] = measure(lambda: te1(ids, output_hidden_states=True))
+    out["text_encoder_2"] = measure(lambda: te2(ids, output_hidden_states=True))
+    ctx = te1.config.hidden_size + te2.config.hidden_size
+    out["unet"] = measure(
+        lambda: unet_m(
+            torch.zeros((1, 4, height // f, width // f), device=meta),
+            torch.tensor([999.0], device=meta),
+            encoder_hidden_states=torch.zeros((1, CLIP_TOKENS, ctx), device=meta),
+            added_cond_kwargs={
+                "text_embeds": torch.zeros((1, te2.config.projection_dim), device=meta),
+                "time_ids": torch.zeros((1, 6), device=meta),
+            },
+        )
+    )
+    out["vae_decoder"] = measure(
+        lambda: vae.decode(torch.zeros((1, 4, height // f, width // f), device=meta))
+    )
+    return out
+
+
+def main():
+    root = Path(__file__).resolve().parents[1]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-dir", type=Path, default=root / "models" / "sdxl-turbo")
+    ap.add_argument("--size", default="512x512", help="WIDTHxHEIGHT")
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--tflops", type=float, default=790.0, help="dense bf16 matrix rate")
+    ap.add_argument("--tbps", type=float, default=4.8, help="memory bandwidth, TB/s")
+    ap.add_argument("--batch", default="1,8,32", help="batch sizes for the bytes floor")
+    ap.add_argument("--json", type=Path, help="also write the numbers here")
+    ap.add_argument("--check-manifest", action="store_true")
+    ap.add_argument("--check-torch", action="store_true")
+    a = ap.parse_args()
+    try:
+        width, height = (int(x) for x in a.size.lower().split("x"))
+        batches = [int(b) for b in a.batch.split(",")]
+    except ValueError:
+        sys.exit(f"bad --size '{a.size}' or --batch '{a.batch}'")
+    if a.steps < 1 or any(b < 1 for b in batches):
+        sys.exit("--steps and every --batch must be >= 1")
+
+    c = count(a.model_dir, width, height, a.steps)
+    comps = ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
+    total_flops = sum(c.flops[k] for k in comps)
+    weight_bytes = sum(c.read_params[k] for k in comps) * BF16
+    act_bytes = sum(c.act[k] for k in comps) * 2 * BF16  # written once, read once
+    t_flops = total_flops / (a.tflops * 1e12)
+
+    print(f"SDXL-Turbo, {width}x{height}, {a.steps} step(s), per image, from {a.model_dir}")
+    print()
+    print("| component | params | weights read (bf16) | GFLOP | activations (bf16, w+r) |")
+    print("|---|---:|---:|---:|---:|")
+    for k in comps:
+        label = k if k != "unet" else f"unet (x{a.steps} step)"
+        print(
+            f"| {label} | {c.params[k] / 1e6:.1f} M | {c.read_params[k] * BF16 / 1e9:.3f} GB "
+            f"| {c.flops[k] / 1e9:.1f} | {c.act[k] * 2 * BF16 / 1e9:.3f} GB |"
+        )
+    print(
+        f"| **total** | {sum(c.params[k] for k in comps) / 1e6:.1f} M | "
+        f"{weight_bytes / 1e9:.3f} GB | {total_flops / 1e9:.1f} | {act_bytes / 1e9:.3f} GB |"
+    )
+    print()
+    print(
+        f"FLOP floor: {total_flops / 1e12:.3f} TFLOP / {a.tflops:g} TFLOP/s = "
+        f"{t_flops * 1e3:.2f} ms per image ({1 / t_flops:.0f} images/s)"
+    )
+    rows = []
+    for b in batches:
+        t_bytes = (weight_bytes / b + act_bytes) / (a.tbps * 1e12)
+        floor = max(t_flops, t_bytes)
+        rows.append(
+            {"batch": b, "bytes_ms": t_bytes * 1e3, "floor_ms": floor * 1e3,
+             "images_per_s": 1 / floor}
+        )
+        print(
+            f"bytes floor at batch {b}: ({weight_bytes / 1e9:.2f} GB / {b} + "
+            f"{act_bytes / 1e9:.2f} GB) / {a.tbps:g} TB/s = {t_bytes * 1e3:.2f} ms per image; "
+            f"floor {floor * 1e3:.2f} ms = {1 / floor:.0f} images/s "
+            f"({'arithmetic' if t_flops >= t_bytes else 'memory'}-bound)"
+        )
+    print()
+    print("Matrix FLOPs by kind of op:")
+    for (comp, kind), v in sorted(c.by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {comp:15s} {kind:10s} {v / 1e9:10.1f} GFLOP  {100 * v / total_flops:5.1f}%")
+
+    ok = True
+    if a.check_manifest:
+        print()
+        for comp, ours, theirs in check_manifest(c, a.model_dir):
+            same = ours == theirs
+            ok &= same
+            print(f"params {comp}: counted {ours}, tensors.json {theirs}: "
+                  f"{'equal' if same else 'DIFFERENT'}")
+    if a.check_torch:
+        print()
+        theirs = torch_flops(a.model_dir, width, height)
+        for comp in comps:
+            ours = c.flops[comp] / (a.steps if comp == "unet" else 1)
+            rel = (ours - theirs[comp]) / theirs[comp]
+            print(f"flops {comp}: counted {ours / 1e9:.2f} G, torch counter "
+                  f"{theirs[comp] / 1e9:.2f} G ({100 * rel:+.2f}%)")
+    if a.json:
+        a.json.write_text(json.dumps({
+            "size": [width, height], "steps": a.steps, "tflops": a.tflops, "tbps": a.tbps,
+            "flops": {k: c.flops[k] for k in comps}, "params": {k: c.params[k] for k in comps},
+            "weight_bytes": weight_bytes, "activation_bytes": act_bytes,
+            "flop_floor_ms": t_flops * 1e3, "by_batch": rows,
+        }, indent=2))
+    if not ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

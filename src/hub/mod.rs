@@ -1,0 +1,302 @@
+//! Getting model weights onto the machine: manifests (`models/<name>/manifest.json`), the
+//! download from the Hugging Face Hub or a mirror (`turbine download`), and [`ModelArgs`], the
+//! options `generate` / `serve` / `bench` share to find the model directory they load.
+//!
+//! A model directory is the Hub's diffusers layout (what [`crate::model::loader::ModelDir`]
+//! reads) plus `turbine-lock.json`, which records where each file came from and its SHA-256.
+
+pub mod download;
+pub mod error;
+pub mod lock;
+pub mod manifest;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use download::{
+    download, download_blocking, local_status, verify_offline, DownloadReport, HubConfig,
+    LocalStatus,
+};
+pub use error::{HubError, TokenSource};
+pub use lock::{Lock, LOCK_FILE};
+pub use manifest::{Manifest, Plan};
+
+/// A replacement VAE from the model's manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum VaeVariant {
+    /// madebyollin/sdxl-vae-fp16-fix: the SDXL VAE fine-tuned so that decoding in float16 does
+    /// not overflow (the stock VAE gives NaN, i.e. black images, in fp16 unless upcast).
+    #[value(name = "fp16-fix")]
+    Fp16Fix,
+}
+
+impl VaeVariant {
+    /// The key of this variant in a manifest's `vae` table.
+    pub fn key(self) -> &'static str {
+        match self {
+            VaeVariant::Fp16Fix => "fp16-fix",
+        }
+    }
+}
+
+/// Which model to load, shared by `generate`, `serve` and `bench` (flatten it into their Args).
+#[derive(Debug, Clone, PartialEq, clap::Args)]
+pub struct ModelArgs {
+    /// Model to load, by the name of its manifest (models/NAME/manifest.json; built in:
+    /// sdxl-turbo). Its files live in MODELS_ROOT/NAME/; missing ones are downloaded on first
+    /// use (about 7 GB for sdxl-turbo) unless --offline.
+    #[arg(long, env = "TURBINE_MODEL", default_value = "sdxl-turbo")]
+    pub model: String,
+
+    /// Folder holding one folder per model, relative to the working directory.
+    #[arg(long, env = "TURBINE_MODELS_ROOT", default_value = "models")]
+    pub models_root: PathBuf,
+
+    /// Load this diffusers-layout directory as is, without manifest, download or check (for
+    /// example a snapshot from Python's huggingface_hub cache:
+    /// ~/.cache/huggingface/hub/models--stabilityai--sdxl-turbo/snapshots/COMMIT).
+    #[arg(long, env = "TURBINE_MODEL_DIR")]
+    pub model_dir: Option<PathBuf>,
+
+    /// Hub branch, tag or commit to fetch when files are missing (default: the manifest's,
+    /// `main`). A directory downloaded at another revision counts as missing.
+    #[arg(long, env = "TURBINE_REVISION")]
+    pub revision: Option<String>,
+
+    /// Never use the network: when files are missing, fail with their list and the command
+    /// that fetches them. HF_HUB_OFFLINE=1 does the same.
+    #[arg(long, env = "TURBINE_OFFLINE", value_parser = clap::builder::BoolishValueParser::new())]
+    pub offline: bool,
+
+    /// Build the full architecture with deterministic random weights from the configs alone
+    /// (benchmarks on machines without the weights; the images are noise). Nothing is
+    /// downloaded; the configs come from --model-dir or MODELS_ROOT/NAME.
+    #[arg(long, env = "TURBINE_RANDOM_WEIGHTS", value_parser = clap::builder::BoolishValueParser::new())]
+    pub random_weights: bool,
+
+    /// Replace the model's VAE: fp16-fix (madebyollin/sdxl-vae-fp16-fix, about 335 MB, kept
+    /// in MODEL_DIR/vae-fp16-fix/) decodes in float16 without overflowing.
+    #[arg(long, env = "TURBINE_VAE", value_enum)]
+    pub vae: Option<VaeVariant>,
+}
+
+impl Default for ModelArgs {
+    fn default() -> Self {
+        Self {
+            model: "sdxl-turbo".into(),
+            models_root: PathBuf::from("models"),
+            model_dir: None,
+            revision: None,
+            offline: false,
+            random_weights: false,
+            vae: None,
+        }
+    }
+}
+
+/// The directory to load, and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedModel {
+    /// A directory in the diffusers layout. With `random_weights`, only its configs and
+    /// tokenizer files are read.
+    pub dir: PathBuf,
+    /// A VAE folder (config.json + weights) that replaces `dir/vae`, when `--vae` asked for one.
+    pub vae_dir: Option<PathBuf>,
+    /// Build the models with [`crate::model::loader::RandomWeights`] instead of reading weights.
+    pub random_weights: bool,
+    /// (repository, commit) of each source, from the lock; empty for `--model-dir`.
+    pub origin: Vec<(String, String)>,
+}
+
+impl fmt::Display for ResolvedModel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.dir.display())?;
+        if self.random_weights {
+            write!(f, " (configs only: random weights)")?;
+        }
+        for (repo, commit) in &self.origin {
+            write!(f, " [{repo}@{}]", &commit[..commit.len().min(12)])?;
+        }
+        if let Some(v) = &self.vae_dir {
+            write!(f, " with VAE {}", v.display())?;
+        }
+        Ok(())
+    }
+}
+
+impl ModelArgs {
+    /// The model directory to load, downloading what is missing (see [`Self::resolve_with`]),
+    /// with the Hub settings from the environment (`HF_ENDPOINT`, `HF_TOKEN`, ...).
+    pub fn resolve(&self) -> anyhow::Result<ResolvedModel> {
+        Ok(self.resolve_with(&HubConfig::from_env())?)
+    }
+
+    /// - `--random-weights`: the configs directory (`--model-dir`, else MODELS_ROOT/NAME), no
+    ///   network.
+    /// - `--model-dir DIR`: DIR as is.
+    /// - otherwise MODELS_ROOT/NAME from the manifest: complete and recorded in the lock (by
+    ///   size; `turbine download` re-hashes) → used without network; missing or unverified
+    ///   files → downloaded, or with `--offline` an error listing them with the command to
+    ///   fetch them (files present without a lock record are used offline, with a warning).
+    pub fn resolve_with(&self, hub: &HubConfig) -> Result<ResolvedModel, HubError> {
+        if self.random_weights {
+            let dir = self
+                .model_dir
+                .clone()
+                .unwrap_or_else(|| self.models_root.join(&self.model));
+            if !dir.join("model_index.json").is_file() && !dir.join("unet").is_dir() {
+                return Err(HubError::Usage(format!(
+                    "--random-weights needs the model's config files, but {} has no \
+                     model_index.json or unet/ (use --model-dir with a diffusers-layout \
+                     directory)",
+                    dir.display()
+                )));
+            }
+            return Ok(ResolvedModel {
+                dir,
+                vae_dir: None,
+                random_weights: true,
+                origin: Vec::new(),
+            });
+        }
+
+        if let Some(dir) = &self.model_dir {
+            if !dir.is_dir() {
+                return Err(HubError::Usage(format!(
+                    "--model-dir {} is not a directory",
+                    dir.display()
+                )));
+            }
+            let vae_dir = match self.vae {
+                None => None,
+                Some(v) => Some(self.extra_dir_in(dir, v)?),
+            };
+            let origin = Lock::read(dir)
+                .map(|l| {
+                    std::iter::once(&l.main)
+                        .chain(l.extras.values())
+                        .map(|r| (r.repo.clone(), r.commit.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            return Ok(ResolvedModel {
+                dir: dir.clone(),
+                vae_dir,
+                random_weights: false,
+                origin,
+            });
+        }
+
+        let manifest = Manifest::find(&self.models_root, &self.model)?;
+        let dir = self.models_root.join(&manifest.name);
+        let plan = manifest.plan(
+            &dir,
+            self.revision.as_deref(),
+            self.vae.map(VaeVariant::key),
+            self.models_root != Path::new("models"),
+        )?;
+        let vae_dir = plan
+            .sources
+            .iter()
+            .find_map(|s| s.extra.as_ref().map(|_| dir.join(&s.subdir)));
+        let status = local_status(&plan);
+        let offline = self.offline || hub.offline;
+        let origin = if status.is_complete() {
+            status.commits
+        } else if offline {
+            let fatal = !status.missing.is_empty() || !status.other_revision.is_empty();
+            if fatal {
+                return Err(HubError::Offline {
+                    model: plan.name.clone(),
+                    dir: plan.dir.clone(),
+                    problems: status.problems(),
+                    command: plan.command.clone(),
+                });
+            }
+            tracing::warn!(
+                "offline: using {} although {} (run `{}` with network access to check them)",
+                dir.display(),
+                status.problems().join("; "),
+                plan.command
+            );
+            status.commits
+        } else {
+            tracing::info!(
+                "{}: {}; fetching from {}",
+                dir.display(),
+                status.problems().join("; "),
+                hub.endpoint
+            );
+            download_blocking(&plan, hub)?.commits
+        };
+        Ok(ResolvedModel {
+            dir,
+            vae_dir,
+            random_weights: false,
+            origin,
+        })
+    }
+
+    /// The extra's folder inside a user-supplied directory.
+    fn extra_dir_in(&self, dir: &std::path::Path, v: VaeVariant) -> Result<PathBuf, HubError> {
+        let manifest = Manifest::find(&self.models_root, &self.model)?;
+        let extra = manifest.vae.get(v.key()).ok_or_else(|| {
+            HubError::Usage(format!(
+                "model `{}` has no VAE `{}` in its manifest",
+                manifest.name,
+                v.key()
+            ))
+        })?;
+        let vae_dir = dir.join(&extra.dir);
+        if !vae_dir.join("config.json").is_file() {
+            return Err(HubError::Usage(format!(
+                "--vae {} with --model-dir: {} has no config.json. Fetch it with `turbine \
+                 download --model {} --dir {} --vae {}`",
+                v.key(),
+                vae_dir.display(),
+                manifest.name,
+                manifest::shell_quote(&dir.display().to_string()),
+                v.key()
+            )));
+        }
+        Ok(vae_dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        model: ModelArgs,
+    }
+
+    #[test]
+    fn model_args_parse_and_default_to_sdxl_turbo() {
+        let a = Cli::try_parse_from(["t"]).unwrap().model;
+        assert_eq!(a.model, "sdxl-turbo");
+        assert_eq!(a.models_root, PathBuf::from("models"));
+        assert!(!a.offline && !a.random_weights && a.vae.is_none());
+        let a = Cli::try_parse_from([
+            "t",
+            "--model-dir",
+            "/m",
+            "--revision",
+            "abc",
+            "--offline",
+            "--random-weights",
+            "--vae",
+            "fp16-fix",
+        ])
+        .unwrap()
+        .model;
+        assert_eq!(a.model_dir, Some(PathBuf::from("/m")));
+        assert_eq!(a.revision.as_deref(), Some("abc"));
+        assert!(a.offline && a.random_weights);
+        assert_eq!(a.vae, Some(VaeVariant::Fp16Fix));
+        assert!(Cli::try_parse_from(["t", "--vae", "other"]).is_err());
+    }
+}

@@ -1,0 +1,225 @@
+//! Linear, convolution and GroupNorm layers shared by the UNet and the VAE, with one matmul
+//! seam.
+//!
+//! candle's CPU backend has no bf16 GEMM (neither `matmul` nor `conv2d`, which lowers to it).
+//! On the CPU, half-precision products (bf16 and f16) are therefore computed in f32, bias
+//! included, and rounded once to the model dtype, which is what CUDA's half GEMMs do too (f32
+//! accumulation, one rounding in the epilogue): half-precision runs work on every device and
+//! round alike. f32, and every dtype on CUDA, goes straight to candle.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// The dtype to round results back to when `t` is a half-precision tensor on the CPU, whose
+/// products we take in f32; `None` everywhere else.
+fn cpu_half(t: &Tensor) -> Option<DType> {
+    let dt = t.dtype();
+    (t.device().is_cpu() && matches!(dt, DType::BF16 | DType::F16)).then_some(dt)
+}
+
+/// Calls `f` on `args`, or, for half-precision CPU tensors, on their f32 copies, rounding the
+/// result back once.
+fn gemm_in_f32_on_cpu(
+    args: &[&Tensor],
+    f: impl FnOnce(&[Tensor]) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let half = args.first().and_then(|t| cpu_half(t));
+    let args = args
+        .iter()
+        .map(|t| match half {
+            Some(_) => t.to_dtype(DType::F32),
+            None => Ok((*t).clone()),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let out = f(&args)?;
+    match half {
+        Some(dt) => out.to_dtype(dt),
+        None => Ok(out),
+    }
+}
+
+/// Batched `a @ b` (candle semantics), in f32 for half-precision CPU tensors.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    gemm_in_f32_on_cpu(&[a, b], |t| t[0].matmul(&t[1]))
+}
+
+/// SiLU taken in f32 and rounded once for half-precision input (candle's half SiLU rounds after
+/// each of its three steps); for the small embedding vectors, where the cost is nil.
+pub fn silu(xs: &Tensor) -> Result<Tensor> {
+    match xs.dtype() {
+        DType::BF16 | DType::F16 => xs.to_dtype(DType::F32)?.silu()?.to_dtype(xs.dtype()),
+        _ => xs.silu(),
+    }
+}
+
+/// `x @ wᵀ + b` with the weight stored `[out, in]` as in PyTorch checkpoints.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Reads `{vb}.weight` `[out, in]` and, when `bias`, `{vb}.bias` `[out]`.
+    pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    /// The same layer with weight and bias multiplied by `scale` (folds a constant factor on
+    /// the output into the weights, for free at run time).
+    pub fn scaled(&self, scale: f64) -> Result<Self> {
+        Ok(Self {
+            weight: self.weight.affine(scale, 0.0)?,
+            bias: self
+                .bias
+                .as_ref()
+                .map(|b| b.affine(scale, 0.0))
+                .transpose()?,
+        })
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dims = xs.dims();
+        let in_dim = dims.last().copied().unwrap_or(1);
+        let rows = xs.elem_count() / in_dim.max(1);
+        // One 2-D GEMM over all leading dimensions (candle's batched matmul with a broadcast
+        // weight is much slower); reshape is free on contiguous input.
+        let flat = xs.reshape((rows, in_dim))?;
+        // The bias is added before the single rounding, as a fused GEMM epilogue does.
+        let out = match &self.bias {
+            Some(b) => gemm_in_f32_on_cpu(&[&flat, &self.weight, b], |t| {
+                t[0].matmul(&t[1].t()?)?.broadcast_add(&t[2])
+            })?,
+            None => gemm_in_f32_on_cpu(&[&flat, &self.weight], |t| t[0].matmul(&t[1].t()?))?,
+        };
+        let mut out_dims = dims.to_vec();
+        if let Some(last) = out_dims.last_mut() {
+            *last = self.weight.dim(0)?;
+        }
+        out.reshape(out_dims)
+    }
+}
+
+/// 2-D convolution (dilation 1, one group) with bias, weight `[out, in, k, k]`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Tensor,
+    padding: usize,
+    stride: usize,
+}
+
+impl Conv2d {
+    pub fn new(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        padding: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get((out_channels, in_channels, kernel, kernel), "weight")?,
+            bias: vb.get(out_channels, "bias")?,
+            padding,
+            stride,
+        })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        gemm_in_f32_on_cpu(&[xs, &self.weight, &self.bias], |t| {
+            t[0].conv2d(&t[1], self.padding, self.stride, 1, 1)?
+                .broadcast_add(&t[2].reshape((1, (), 1, 1))?)
+        })
+    }
+}
+
+/// GroupNorm over `[B, C, ...]` with all arithmetic in f32 and a single rounding to the input
+/// dtype at the end.
+///
+/// For half dtypes this matters twice: the statistics of a 128x128x512 feature map would lose
+/// their low bits in bf16, and applying the affine weight and bias after rounding (as candle's
+/// `GroupNorm` does) adds two more bf16 roundings per element. The per-channel weight and bias
+/// are kept in f32 and folded with each group's 1/std into one scale, so the big tensor sees one
+/// multiply and one add.
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    /// `[1, C, 1]` f32.
+    weight: Tensor,
+    /// `[1, C, 1]` f32.
+    bias: Tensor,
+    num_groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(vb: VarBuilder, num_groups: usize, num_channels: usize, eps: f64) -> Result<Self> {
+        if num_groups == 0 || !num_channels.is_multiple_of(num_groups) {
+            candle_core::bail!(
+                "{}: {num_groups} groups do not divide {num_channels} channels",
+                vb.prefix()
+            );
+        }
+        let param = |name| -> Result<Tensor> {
+            vb.get(num_channels, name)?
+                .to_dtype(DType::F32)?
+                .reshape((1, num_channels, 1))
+        };
+        Ok(Self {
+            weight: param("weight")?,
+            bias: param("bias")?,
+            num_groups,
+            eps,
+        })
+    }
+}
+
+impl GroupNorm {
+    /// `silu(group_norm(x))`, the pairing of every resnet and output head, with the SiLU also
+    /// taken in f32 before the one rounding (candle's half SiLU rounds three times).
+    pub fn forward_silu(&self, xs: &Tensor) -> Result<Tensor> {
+        self.normalize(xs, true)
+    }
+
+    fn normalize(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        let dims = xs.dims();
+        if dims.len() < 3 {
+            candle_core::bail!("GroupNorm expects [B, C, ...], got {:?}", dims);
+        }
+        let (b, c) = (dims[0], dims[1]);
+        let g = self.num_groups;
+        let x = xs.to_dtype(DType::F32)?.reshape((b, g, ()))?;
+        let mean = x.mean_keepdim(2)?;
+        // Two-pass variance: E[(x - mean)^2] stays accurate when |mean| >> std.
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(2)?;
+        let inv_std = (var + self.eps)?.sqrt()?.recip()?;
+        // [B, G, 1] → [B, C, 1]: each channel takes its group's 1/std, times its weight.
+        let inv_std = inv_std.broadcast_as((b, g, c / g))?.reshape((b, c, 1))?;
+        let scale = inv_std.broadcast_mul(&self.weight)?;
+        let mut out = centered
+            .reshape((b, c, ()))?
+            .broadcast_mul(&scale)?
+            .broadcast_add(&self.bias)?;
+        if silu {
+            out = out.silu()?;
+        }
+        out.to_dtype(xs.dtype())?.reshape(dims)
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.normalize(xs, false)
+    }
+}

@@ -1,0 +1,223 @@
+//! `turbine bench` end to end on the tiny fixture model: the table, the JSON report, warm-up
+//! exclusion, saved images, `--init-latents`, `--random-weights`, and usage errors. No timing
+//! is asserted (speed is for benchmarks); only that the figures are consistent with each other.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use turbine::cli::bench::Report;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tiny() -> PathBuf {
+    root().join("tests/fixtures/tiny-sdxl")
+}
+
+fn bench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_turbine"))
+        .arg("bench")
+        .args(args)
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .expect("running turbine bench")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn pixels(p: &Path) -> image::RgbImage {
+    image::open(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .to_rgb8()
+}
+
+#[test]
+fn sweep_writes_table_json_and_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("out/report.json");
+    let images = dir.path().join("images");
+    let o = bench(&[
+        "--model-dir",
+        tiny().to_str().unwrap(),
+        "--size",
+        "64x64",
+        "--batch-sizes",
+        "1,3",
+        "--warmup",
+        "1",
+        "--runs",
+        "2",
+        "--prompt",
+        "a red cube",
+        "--prompt",
+        "a blue sphere",
+        "--json",
+        json.to_str().unwrap(),
+        "--save-images",
+        images.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let table: Vec<&str> = stdout.lines().filter(|l| l.starts_with("| ")).collect();
+    assert_eq!(table.len(), 3, "header + 2 rows:\n{stdout}");
+    assert!(table[0].contains("images/s") && table[0].contains("unet ms"));
+    assert!(table[1].starts_with("| 1 | 2 |") && table[2].starts_with("| 3 | 2 |"));
+
+    let report: Report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report.tool, "turbine bench");
+    assert_eq!(
+        (report.device.as_str(), report.dtype.as_str()),
+        ("cpu", "f32")
+    );
+    assert_eq!(
+        (report.size.as_str(), report.steps, report.warmup),
+        ("64x64", 1, 1)
+    );
+    assert!(!report.commit.is_empty() && report.machine.cores >= 1 && report.threads >= 1);
+    assert_eq!(report.rows.len(), 2);
+    for (row, b) in report.rows.iter().zip([1usize, 3]) {
+        assert_eq!(row.batch, b);
+        // Warm-up runs are not among the timed ones.
+        assert_eq!((row.runs, row.seconds.len()), (2, 2));
+        assert!(row.min_s <= row.median_s && row.median_s <= row.max_s);
+        assert!((row.images_per_s - b as f64 / row.median_s).abs() < 1e-9 * row.images_per_s);
+        assert!(row.unet_ms > 0.0 && row.vae_decode_ms > 0.0 && row.text_encode_ms > 0.0);
+        assert!(row.finished_unix_s > row.started_unix_s);
+    }
+    // One PNG per distinct prompt, of the requested size.
+    for name in ["bs1_0.png", "bs3_0.png", "bs3_1.png"] {
+        assert_eq!(pixels(&images.join(name)).dimensions(), (64, 64), "{name}");
+    }
+    assert!(!images.join("bs1_1.png").exists() && !images.join("bs3_2.png").exists());
+}
+
+#[test]
+fn init_latents_fix_the_image_whatever_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let lat = dir.path().join("lat.safetensors");
+    let noise =
+        turbine::model::noise::batch_noise(&[7, 8], 0, (4, 8, 8), &candle_core::Device::Cpu)
+            .unwrap();
+    candle_core::safetensors::save(&[("latents", noise)].into_iter().collect(), &lat).unwrap();
+    let run = |seed: &str, images: &Path| {
+        let o = bench(&[
+            "--model-dir",
+            tiny().to_str().unwrap(),
+            "--size",
+            "64x64",
+            "--batch-sizes",
+            "1,2",
+            "--warmup",
+            "0",
+            "--runs",
+            "1",
+            "--prompt",
+            "a red cube",
+            "--init-latents",
+            lat.to_str().unwrap(),
+            "--seed",
+            seed,
+            "--save-images",
+            images.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", text(&o));
+    };
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    run("1", &a);
+    run("999", &b);
+    // With the initial latents given, the seed no longer matters (one step adds no noise).
+    assert_eq!(pixels(&a.join("bs2_0.png")), pixels(&b.join("bs2_0.png")));
+    // Row 0 of the latents alone and inside a batch of two: the same image (within one 8-bit
+    // step, for batched-kernel rounding).
+    let (x, y) = (pixels(&a.join("bs1_0.png")), pixels(&a.join("bs2_0.png")));
+    let worst = x
+        .as_raw()
+        .iter()
+        .zip(y.as_raw())
+        .map(|(p, q)| p.abs_diff(*q))
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "batch changed image 0 by {worst}");
+    // The two latent rows give two different images.
+    assert_ne!(pixels(&a.join("bs2_0.png")), pixels(&a.join("bs2_1.png")));
+}
+
+#[test]
+fn random_weights_from_configs() {
+    let o = bench(&[
+        "--random-weights",
+        "--model-dir",
+        tiny().to_str().unwrap(),
+        "--size",
+        "64x64",
+        "--batch-sizes",
+        "2",
+        "--warmup",
+        "0",
+        "--runs",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("random weights from"), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("| 2 | 1 |")),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2_and_name_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad_lat = dir.path().join("lat.safetensors");
+    let t = candle_core::Tensor::zeros(
+        (1, 4, 3, 3),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    candle_core::safetensors::save(&[("latents", t)].into_iter().collect(), &bad_lat).unwrap();
+    let model = tiny();
+    let m = model.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec!["--model-dir", m, "--batch-sizes", "1,0"],
+            "--batch-sizes",
+        ),
+        (vec!["--model-dir", m, "--runs", "0"], "--runs"),
+        (vec!["--model-dir", m, "--size", "65x64"], "--size"),
+        (vec!["--model-dir", m, "--min-time=-1"], "--min-time"),
+        (vec!["--model-dir", m, "--dtype", "f8"], "dtype"),
+        (
+            vec![
+                "--model-dir",
+                m,
+                "--size",
+                "64x64",
+                "--init-latents",
+                bad_lat.to_str().unwrap(),
+            ],
+            "--init-latents",
+        ),
+        (
+            vec!["--model-dir", m, "--random-weights=maybe"],
+            "--random-weights",
+        ),
+    ] {
+        let o = bench(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(needle),
+            "{args:?} should name {needle}: {}",
+            text(&o)
+        );
+    }
+}

@@ -1,0 +1,268 @@
+//! `turbine generate` end to end: the real binary on the tiny fixture model.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn tiny() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl")
+}
+
+fn turbine(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_turbine"))
+        .arg("generate")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("failed to run turbine")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn dims(p: &Path) -> (u32, u32) {
+    let img = image::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    (img.width(), img.height())
+}
+
+#[test]
+fn one_prompt_writes_the_png_and_prints_the_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cat.png");
+    let o = turbine(&[
+        "--model-dir",
+        tiny().to_str().unwrap(),
+        "--prompt",
+        "a cat",
+        "--size",
+        "64x40",
+        "--seed",
+        "7",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(dims(&out), (64, 40));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("seed=7"), "stdout: {stdout}");
+}
+
+#[test]
+fn several_prompts_get_numbered_files_and_consecutive_seeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("img.png");
+    let o = turbine(&[
+        "--model-dir",
+        tiny().to_str().unwrap(),
+        "--prompt",
+        "a cat",
+        "--prompt",
+        "a dog",
+        "--size",
+        "64x64",
+        "--seed",
+        "100",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let a = image::open(dir.path().join("img-0.png")).unwrap().to_rgb8();
+    let b = image::open(dir.path().join("img-1.png")).unwrap().to_rgb8();
+    assert_ne!(
+        a, b,
+        "different prompts and seeds must give different images"
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("seed=100") && stdout.contains("seed=101"),
+        "{stdout}"
+    );
+
+    // The same seed and prompt again, alone: the same image as inside the batch.
+    let single = dir.path().join("single.png");
+    let o = turbine(&[
+        "--model-dir",
+        tiny().to_str().unwrap(),
+        "--prompt",
+        "a dog",
+        "--size",
+        "64x64",
+        "--seed",
+        "101",
+        "--out",
+        single.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let c = image::open(&single).unwrap().to_rgb8();
+    let max = b
+        .as_raw()
+        .iter()
+        .zip(c.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap();
+    assert!(max <= 1, "batched vs alone differ by {max}/255");
+}
+
+#[test]
+fn invalid_input_exits_2_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let model = tiny();
+    let m = model.to_str().unwrap();
+    let o = out.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "--model-dir",
+                m,
+                "--prompt",
+                "x",
+                "--size",
+                "513x512",
+                "--out",
+                o,
+            ],
+            "multiples of 8",
+        ),
+        (
+            vec![
+                "--model-dir",
+                m,
+                "--prompt",
+                "x",
+                "--size",
+                "abc",
+                "--out",
+                o,
+            ],
+            "WIDTHxHEIGHT",
+        ),
+        (
+            vec![
+                "--model-dir",
+                m,
+                "--prompt",
+                "x",
+                "--steps",
+                "0",
+                "--out",
+                o,
+            ],
+            "--steps",
+        ),
+        (
+            vec![
+                "--model-dir",
+                m,
+                "--prompt",
+                "x",
+                "--dtype",
+                "f8",
+                "--out",
+                o,
+            ],
+            "dtype",
+        ),
+        (
+            vec![
+                "--model-dir",
+                m,
+                "--prompt",
+                "x",
+                "--device",
+                "tpu",
+                "--out",
+                o,
+            ],
+            "device",
+        ),
+        (
+            vec![
+                "--model-dir",
+                "/nonexistent/model",
+                "--prompt",
+                "x",
+                "--out",
+                o,
+            ],
+            "/nonexistent/model",
+        ),
+        (
+            vec![
+                "--model-dir",
+                m,
+                "--prompt",
+                "x",
+                "--init-latents",
+                "/nonexistent.safetensors",
+                "--out",
+                o,
+            ],
+            "init-latents",
+        ),
+        (
+            vec![
+                "--model-dir",
+                m,
+                "--prompt",
+                "a",
+                "--prompt",
+                "b",
+                "--negative-prompt",
+                "1",
+                "--negative-prompt",
+                "2",
+                "--negative-prompt",
+                "3",
+                "--out",
+                o,
+            ],
+            "negative-prompt",
+        ),
+    ];
+    for (args, needle) in cases {
+        let r = turbine(&args);
+        let err = stderr(&r);
+        assert_eq!(r.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: expected '{needle}' in: {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
+    }
+    assert!(!out.exists());
+}
+
+#[test]
+fn init_latents_of_the_wrong_shape_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let lat = dir.path().join("lat.safetensors");
+    let t = candle_core::Tensor::zeros(
+        (1, 4, 4, 4),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents".to_string(), t)]),
+        &lat,
+    )
+    .unwrap();
+    let out = dir.path().join("x.png");
+    let r = turbine(&[
+        "--model-dir",
+        tiny().to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--size",
+        "64x64",
+        "--init-latents",
+        lat.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let err = stderr(&r);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(err.contains("[1, 4, 8, 8]"), "{err}");
+}

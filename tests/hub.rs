@@ -1,0 +1,870 @@
+//! `turbine download` and `ModelArgs::resolve` against a Hub look-alike on 127.0.0.1
+//! (tests/support): downloads, resume, corruption, offline use, tokens and error messages.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use support::{sha256_hex, FakeHub};
+use turbine::hub::{self, HubConfig, HubError, Lock, Manifest, ModelArgs, Plan, TokenSource};
+
+const TINY: &str = "test/tiny-sdxl";
+const UNET: &str = "unet/diffusion_pytorch_model.safetensors";
+
+fn config(hub: &FakeHub) -> HubConfig {
+    let mut c = HubConfig::for_endpoint(&hub.endpoint);
+    c.retries = 0;
+    c.retry_delay = Duration::ZERO;
+    c
+}
+
+fn repo_plan(dir: &Path) -> Plan {
+    Plan::for_repo(TINY, "main", dir).unwrap()
+}
+
+/// Writes a manifest for the tiny model under `root/tiny/`, listing all its files.
+fn tiny_manifest(root: &Path) -> Manifest {
+    let files: Vec<String> = support::tiny_model().keys().cloned().collect();
+    let m = Manifest {
+        name: "tiny".into(),
+        description: String::new(),
+        repo: TINY.into(),
+        revision: "main".into(),
+        files,
+        vae: Default::default(),
+    };
+    std::fs::create_dir_all(root.join("tiny")).unwrap();
+    std::fs::write(
+        root.join("tiny/manifest.json"),
+        serde_json::to_string_pretty(&m).unwrap(),
+    )
+    .unwrap();
+    m
+}
+
+/// Asserts `dir` holds exactly `expected` (plus the lock), byte for byte, and that the lock
+/// records each file's size and SHA-256.
+fn assert_downloaded(dir: &Path, expected: &BTreeMap<String, Vec<u8>>) -> Lock {
+    let mut got = support::read_tree(dir);
+    assert!(got.remove(hub::LOCK_FILE).is_some(), "no lock in {dir:?}");
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
+    for (name, bytes) in expected {
+        assert!(got[name] == *bytes, "{name} differs from the served bytes");
+    }
+    let lock = Lock::read(dir).unwrap();
+    let mut recorded: BTreeMap<&String, _> = lock.main.files.iter().collect();
+    for extra in lock.extras.values() {
+        recorded.extend(extra.files.iter());
+    }
+    assert_eq!(recorded.len(), expected.len());
+    for (name, bytes) in expected {
+        let rec = recorded[name];
+        assert_eq!(rec.size, bytes.len() as u64, "{name}");
+        assert_eq!(rec.sha256, sha256_hex(bytes), "{name}");
+    }
+    lock
+}
+
+fn no_incomplete_files(dir: &Path) -> bool {
+    !support::read_tree(dir)
+        .keys()
+        .any(|k| k.ends_with(".incomplete"))
+}
+
+fn turbine() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_turbine"));
+    for v in [
+        "HF_TOKEN",
+        "HUGGING_FACE_HUB_TOKEN",
+        "HF_HUB_OFFLINE",
+        "TURBINE_MODEL",
+        "TURBINE_REPO",
+        "TURBINE_REVISION",
+        "TURBINE_DOWNLOAD_DIR",
+        "TURBINE_MODELS_ROOT",
+        "TURBINE_VAE",
+        "TURBINE_OFFLINE",
+    ] {
+        c.env_remove(v);
+    }
+    c
+}
+
+#[test]
+fn binary_downloads_a_repo_through_hf_endpoint() {
+    let hub = FakeHub::start();
+    let commit = hub.add_repo(TINY, support::tiny_model(), None);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    let out = turbine()
+        .args(["download", "--repo", TINY, "--dir"])
+        .arg(&dir)
+        .env("HF_ENDPOINT", &hub.endpoint)
+        .env("HF_HOME", tmp.path().join("hf-home"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    let lock = assert_downloaded(&dir, &support::tiny_model());
+    assert_eq!(lock.main.repo, TINY);
+    assert_eq!(lock.main.revision, "main");
+    assert_eq!(lock.main.commit, commit);
+    assert_eq!(lock.endpoint, hub.endpoint);
+    let n = support::tiny_model().len();
+    assert!(stdout.contains(&format!("{n} file(s)")), "{stdout}");
+    assert!(stdout.contains(&commit[..12]), "{stdout}");
+    // Files are fetched at the resolved commit, so a moving branch cannot mix two commits.
+    let resolves: Vec<_> = hub
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.contains("/resolve/"))
+        .collect();
+    assert!(!resolves.is_empty());
+    assert!(resolves
+        .iter()
+        .all(|r| r.path.contains(&format!("/resolve/{commit}/"))));
+    // stderr is not a terminal here: no progress bar drawing, one log line per file instead.
+    assert!(!stderr.contains('\r'), "{stderr}");
+    assert!(stderr.contains(&format!("fetched {UNET}")), "{stderr}");
+
+    // `--offline` re-hashes against the lock and never touches the endpoint.
+    let before = hub.request_count();
+    let out = turbine()
+        .args(["download", "--offline", "--repo", TINY, "--dir"])
+        .arg(&dir)
+        .env("HF_ENDPOINT", &hub.endpoint)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&format!("{n} file(s)")) && stdout.contains("verified offline"));
+    assert_eq!(hub.request_count(), before);
+}
+
+#[test]
+fn script_downloads_the_sdxl_turbo_manifest_with_the_vae_extra() {
+    let hub = FakeHub::start();
+    let turbo_commit = hub.add_repo(
+        "stabilityai/sdxl-turbo",
+        support::tiny_as_sdxl_turbo(),
+        None,
+    );
+    let fix_commit = hub.add_repo(
+        "madebyollin/sdxl-vae-fp16-fix",
+        support::tiny_vae_fix(),
+        None,
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sdxl-turbo");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/download_weights.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .args(["sdxl-turbo", "--vae", "fp16-fix", "--dir"])
+        .arg(&dir)
+        .env("TURBINE_BIN", env!("CARGO_BIN_EXE_turbine"))
+        .env("HF_ENDPOINT", &hub.endpoint)
+        .env("HF_HOME", tmp.path().join("hf-home"))
+        .env_remove("HF_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut expected = support::tiny_as_sdxl_turbo();
+    for (name, bytes) in support::tiny_vae_fix() {
+        if name != "README.md" {
+            expected.insert(format!("vae-fp16-fix/{name}"), bytes);
+        }
+    }
+    let lock = assert_downloaded(&dir, &expected);
+    assert_eq!(lock.model, "sdxl-turbo");
+    assert_eq!(lock.main.commit, turbo_commit);
+    assert_eq!(
+        lock.extras["vae-fp16-fix"].repo,
+        "madebyollin/sdxl-vae-fp16-fix"
+    );
+    assert_eq!(lock.extras["vae-fp16-fix"].commit, fix_commit);
+    // Only the fp16 variants the manifest names (the look-alike has no others to offer, so
+    // check the request log for the exact weight files).
+    let weights: Vec<String> = hub
+        .requests()
+        .into_iter()
+        .filter(|r| r.server == "hub" && r.method == "GET" && r.path.ends_with(".safetensors"))
+        .map(|r| r.path.rsplit("/resolve/").next().unwrap().to_string())
+        .map(|p| p.split_once('/').unwrap().1.to_string())
+        .collect();
+    assert_eq!(
+        weights,
+        [
+            "text_encoder/model.fp16.safetensors",
+            "text_encoder_2/model.fp16.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            "vae/diffusion_pytorch_model.fp16.safetensors",
+            "diffusion_pytorch_model.safetensors",
+        ]
+    );
+
+    // The same script against an endpoint nobody listens on: exit code 3 and the hint.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let out = Command::new("bash")
+        .arg(&script)
+        .args(["sdxl-turbo", "--dir"])
+        .arg(tmp.path().join("other"))
+        .env("TURBINE_BIN", env!("CARGO_BIN_EXE_turbine"))
+        .env("HF_ENDPOINT", &dead)
+        .env("HF_HOME", tmp.path().join("hf-home"))
+        .env("TURBINE_DOWNLOAD_RETRIES", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains(&format!("cannot reach {dead}")), "{stderr}");
+    assert!(
+        stderr.contains("HF_ENDPOINT=https://hf-mirror.com"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn second_run_verifies_and_skips_present_files() {
+    let hub = FakeHub::start();
+    hub.add_repo(TINY, support::tiny_model(), None);
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = repo_plan(&tmp.path().join("m"));
+    let first = hub::download_blocking(&plan, &config(&hub)).unwrap();
+    let n = support::tiny_model().len();
+    assert_eq!(first.fetched.len(), n);
+    let before = hub.request_count();
+    let second = hub::download_blocking(&plan, &config(&hub)).unwrap();
+    assert!(second.fetched.is_empty(), "{:?}", second.fetched);
+    assert_eq!(second.already_present, n);
+    let again = &hub.requests()[before..];
+    // Only the commit lookup and one HEAD per file; no body was transferred.
+    assert!(again
+        .iter()
+        .all(|r| r.method == "HEAD" || r.path.starts_with("/api/")));
+    assert!(again.iter().all(|r| r.server == "hub"));
+    assert_downloaded(&plan.dir, &support::tiny_model());
+}
+
+#[test]
+fn interrupted_download_resumes_with_a_range_request_on_the_next_run() {
+    let hub = FakeHub::start();
+    hub.add_repo(TINY, support::tiny_model(), None);
+    hub.drop_half_once(UNET);
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = repo_plan(&tmp.path().join("m"));
+    let cfg = config(&hub);
+
+    let err = hub::download_blocking(&plan, &cfg).unwrap_err();
+    assert!(matches!(err, HubError::Interrupted { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains(UNET) && msg.contains("resume"), "{msg}");
+    let final_path = plan.dir.join(UNET);
+    let partial = hub::download::incomplete_path(&final_path);
+    assert!(
+        !final_path.exists(),
+        "a partial file was left looking complete"
+    );
+    let kept = std::fs::metadata(&partial).unwrap().len();
+    let full = support::tiny_model()[UNET].len() as u64;
+    assert!(kept > 0 && kept < full, "kept {kept} of {full}");
+    let lock = Lock::read(&plan.dir).unwrap();
+    assert!(!lock.main.files.contains_key(UNET));
+
+    let report = hub::download_blocking(&plan, &cfg).unwrap();
+    // The interrupted file first, then those the first run never reached; none twice.
+    assert_eq!(report.fetched[0], UNET);
+    assert!(report
+        .fetched
+        .iter()
+        .all(|f| !lock.main.files.contains_key(f)));
+    assert_eq!(
+        lock.main.files.len() + report.fetched.len(),
+        support::tiny_model().len()
+    );
+    assert!(!partial.exists());
+    assert_downloaded(&plan.dir, &support::tiny_model());
+    let ranges: Vec<_> = hub
+        .requests()
+        .into_iter()
+        .filter_map(|r| r.range.filter(|_| r.server == "cdn" && r.method == "GET"))
+        .collect();
+    assert_eq!(ranges, [format!("bytes={kept}-")]);
+}
+
+#[test]
+fn a_dropped_connection_is_retried_within_one_run() {
+    let hub = FakeHub::start();
+    hub.add_repo(TINY, support::tiny_model(), None);
+    hub.drop_half_once(UNET);
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = repo_plan(&tmp.path().join("m"));
+    let mut cfg = config(&hub);
+    cfg.retries = 1;
+    hub::download_blocking(&plan, &cfg).unwrap();
+    assert_downloaded(&plan.dir, &support::tiny_model());
+    assert!(hub
+        .requests()
+        .iter()
+        .any(|r| r.server == "cdn" && r.range.as_deref().is_some_and(|r| r != "bytes=0-")));
+}
+
+#[test]
+fn bytes_that_do_not_match_the_advertised_sha256_are_rejected() {
+    let hub = FakeHub::start();
+    hub.add_repo(TINY, support::tiny_model(), None);
+    hub.corrupt(UNET);
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = repo_plan(&tmp.path().join("m"));
+    let err = hub::download_blocking(&plan, &config(&hub)).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(
+            err,
+            HubError::Checksum {
+                algo: "SHA-256",
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("checksum mismatch for unet/diffusion_pytorch_model.safetensors"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&sha256_hex(&support::tiny_model()[UNET])),
+        "{msg}"
+    );
+    assert_eq!(err.exit_code(), 7);
+    assert!(!plan.dir.join(UNET).exists());
+    assert!(no_incomplete_files(&plan.dir));
+    let lock = Lock::read(&plan.dir).unwrap();
+    assert!(!lock.main.files.contains_key(UNET));
+}
+
+#[test]
+fn small_files_are_checked_against_the_git_blob_sha1() {
+    let hub = FakeHub::start();
+    hub.add_repo(TINY, support::tiny_model(), None);
+    hub.corrupt("unet/config.json");
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = repo_plan(&tmp.path().join("m"));
+    let err = hub::download_blocking(&plan, &config(&hub)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            HubError::Checksum {
+                algo: "git blob SHA-1",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!plan.dir.join("unet/config.json").exists());
+    assert!(no_incomplete_files(&plan.dir));
+}
+
+#[test]
+fn a_corrupt_local_file_is_found_offline_and_fetched_again() {
+    let hub = FakeHub::start();
+    hub.add_repo(TINY, support::tiny_model(), None);
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = repo_plan(&tmp.path().join("m"));
+    hub::download_blocking(&plan, &config(&hub)).unwrap();
+    hub::verify_offline(&plan, false).unwrap();
+
+    let vae = "vae/diffusion_pytorch_model.safetensors";
+    let path = plan.dir.join(vae);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[1000] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let before = hub.request_count();
+    let err = hub::verify_offline(&plan, false).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, HubError::Offline { .. }));
+    assert!(
+        msg.contains("SHA-256 differs") && msg.contains(vae),
+        "{msg}"
+    );
+    assert_eq!(
+        hub.request_count(),
+        before,
+        "offline verification used the network"
+    );
+
+    let report = hub::download_blocking(&plan, &config(&hub)).unwrap();
+    assert_eq!(report.fetched, [vae]);
+    assert_downloaded(&plan.dir, &support::tiny_model());
+}
+
+#[test]
+fn offline_with_missing_files_fails_fast_naming_them_and_the_command() {
+    let hub = FakeHub::start();
+    hub.add_repo(TINY, support::tiny_model(), None);
+    let tmp = tempfile::tempdir().unwrap();
+    tiny_manifest(tmp.path());
+    let args = ModelArgs {
+        model: "tiny".into(),
+        models_root: tmp.path().to_path_buf(),
+        offline: true,
+        ..Default::default()
+    };
+    let err = args.resolve_with(&config(&hub)).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, HubError::Offline { .. }), "{msg}");
+    let n = support::tiny_model().len();
+    assert!(msg.contains(&format!("{n} missing file(s)")), "{msg}");
+    assert!(msg.contains(UNET), "{msg}");
+    let command = format!(
+        "`turbine download --model tiny --dir {}`",
+        tmp.path().join("tiny").display()
+    );
+    assert!(msg.contains(&command), "{msg}");
+    assert_eq!(err.exit_code(), 8);
+    assert_eq!(hub.request_count(), 0);
+
+    // HF_HUB_OFFLINE (as read into the config) means the same.
+    let mut cfg = config(&hub);
+    cfg.offline = true;
+    let args = ModelArgs {
+        offline: false,
+        ..args
+    };
+    assert!(matches!(
+        args.resolve_with(&cfg),
+        Err(HubError::Offline { .. })
+    ));
+    assert_eq!(hub.request_count(), 0);
+}
+
+#[test]
+fn missing_files_are_downloaded_on_first_use_then_resolved_without_the_network() {
+    let hub = FakeHub::start();
+    let commit = hub.add_repo(TINY, support::tiny_model(), None);
+    let tmp = tempfile::tempdir().unwrap();
+    tiny_manifest(tmp.path());
+    let args = ModelArgs {
+        model: "tiny".into(),
+        models_root: tmp.path().to_path_buf(),
+        ..Default::default()
+    };
+    let resolved = args.resolve_with(&config(&hub)).unwrap();
+    let dir = tmp.path().join("tiny");
+    assert_eq!(resolved.dir, dir);
+    assert!(!resolved.random_weights);
+    assert_eq!(resolved.origin, [(TINY.to_string(), commit.clone())]);
+    let mut expected = support::tiny_model();
+    expected.insert(
+        "manifest.json".into(),
+        std::fs::read(dir.join("manifest.json")).unwrap(),
+    );
+    let mut on_disk = support::read_tree(&dir);
+    on_disk.remove(hub::LOCK_FILE);
+    assert_eq!(on_disk, expected);
+
+    let before = hub.request_count();
+    for offline in [true, false] {
+        let again = ModelArgs {
+            offline,
+            ..args.clone()
+        }
+        .resolve_with(&config(&hub))
+        .unwrap();
+        assert_eq!(again, resolved);
+    }
+    assert_eq!(
+        hub.request_count(),
+        before,
+        "a complete directory needs no request"
+    );
+
+    // A requested revision the directory does not hold counts as missing.
+    let err = ModelArgs {
+        offline: true,
+        revision: Some("v2".into()),
+        ..args.clone()
+    }
+    .resolve_with(&config(&hub))
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("not test/tiny-sdxl at `v2`"),
+        "{err}"
+    );
+    let ok = ModelArgs {
+        offline: true,
+        revision: Some(commit[..10].to_string()),
+        ..args
+    }
+    .resolve_with(&config(&hub));
+    assert!(ok.is_ok(), "a commit prefix of the locked commit matches");
+}
+
+#[test]
+fn gated_repository_needs_the_token() {
+    let hub = FakeHub::start();
+    let repo = "acme/gated-tiny";
+    hub.add_repo(repo, support::tiny_model(), Some("hf_sesame"));
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = Plan::for_repo(repo, "main", &tmp.path().join("m")).unwrap();
+
+    let err = hub::download_blocking(&plan, &config(&hub)).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, HubError::Auth { status: 401, .. }), "{msg}");
+    assert!(
+        msg.contains("No token was sent") && msg.contains("HF_TOKEN"),
+        "{msg}"
+    );
+    assert!(msg.contains(repo) && msg.contains("restricted"), "{msg}");
+    assert_eq!(err.exit_code(), 4);
+
+    let mut wrong = config(&hub);
+    wrong.token = Some("hf_wrong".into());
+    wrong.token_source = TokenSource::Env;
+    let msg = hub::download_blocking(&plan, &wrong)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("The token in HF_TOKEN was rejected"), "{msg}");
+    assert!(
+        !msg.contains("hf_wrong"),
+        "the token must not be printed: {msg}"
+    );
+
+    let mut good = config(&hub);
+    good.token = Some("hf_sesame".into());
+    good.token_source = TokenSource::Env;
+    hub::download_blocking(&plan, &good).unwrap();
+    assert_downloaded(&plan.dir, &support::tiny_model());
+    let log = hub.requests();
+    assert!(log
+        .iter()
+        .any(|r| r.server == "hub" && r.authorization.as_deref() == Some("Bearer hf_sesame")));
+    assert!(
+        log.iter()
+            .filter(|r| r.server == "cdn")
+            .all(|r| r.authorization.is_none()),
+        "the token went to the CDN"
+    );
+}
+
+#[test]
+fn binary_reads_the_token_from_hf_token_and_from_hf_home() {
+    let hub = FakeHub::start();
+    let repo = "acme/gated-tiny";
+    hub.add_repo(repo, support::tiny_model(), Some("hf_sesame"));
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |dir: &str, token: Option<&str>, home: &Path| {
+        let mut c = turbine();
+        c.args(["download", "--repo", repo, "--dir"])
+            .arg(tmp.path().join(dir))
+            .env("HF_ENDPOINT", &hub.endpoint)
+            .env("HF_HOME", home);
+        if let Some(t) = token {
+            c.env("HF_TOKEN", t);
+        }
+        c.output().unwrap()
+    };
+    let empty_home = tmp.path().join("empty-home");
+    let out = run("a", None, &empty_home);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("set HF_TOKEN=hf_..."), "{stderr}");
+
+    let out = run("b", Some("hf_sesame"), &empty_home);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let home = tmp.path().join("logged-in");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(home.join("token"), "hf_sesame\n").unwrap();
+    let out = run("c", None, &home);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_downloaded(&tmp.path().join("c"), &support::tiny_model());
+}
+
+#[test]
+fn wrong_repository_revision_or_file_is_a_404_with_advice() {
+    let hub = FakeHub::start();
+    hub.add_repo(TINY, support::tiny_model(), None);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+
+    let mut with_token = config(&hub);
+    with_token.token = Some("hf_any".into());
+    with_token.token_source = TokenSource::Env;
+    let err = hub::download_blocking(
+        &Plan::for_repo("test/nope", "main", &dir).unwrap(),
+        &with_token,
+    )
+    .unwrap_err();
+    assert!(matches!(err, HubError::NotFound { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("repository test/nope was not found"),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), 5);
+
+    let err = hub::download_blocking(&Plan::for_repo(TINY, "v9", &dir).unwrap(), &config(&hub))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("revision `v9` of test/tiny-sdxl"),
+        "{err}"
+    );
+
+    // A manifest naming a file the repository lacks fails before anything is transferred.
+    let mut m = tiny_manifest(tmp.path());
+    m.files
+        .push("unet/diffusion_pytorch_model.fp16.safetensors".into());
+    let plan = m.plan(&dir, None, None, true).unwrap();
+    let err = hub::download_blocking(&plan, &config(&hub)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("unet/diffusion_pytorch_model.fp16.safetensors (in test/tiny-sdxl"),
+        "{err}"
+    );
+    assert!(hub
+        .requests()
+        .iter()
+        .all(|r| r.method != "GET" || r.path.starts_with("/api/")));
+}
+
+#[test]
+fn unreachable_endpoint_suggests_a_mirror() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = HubConfig::for_endpoint(&endpoint);
+    cfg.retries = 0;
+    let err = hub::download_blocking(&repo_plan(&tmp.path().join("m")), &cfg).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, HubError::Unreachable { .. }), "{msg}");
+    assert!(
+        msg.contains("HF_ENDPOINT") && msg.contains(&endpoint),
+        "{msg}"
+    );
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_disk_is_reported_and_nothing_looks_complete() {
+    // Writes to /dev/full fail with ENOSPC: aim the partial file of the UNet at it.
+    assert!(Path::new("/dev/full").exists());
+    let hub = FakeHub::start();
+    hub.add_repo(TINY, support::tiny_model(), None);
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = repo_plan(&tmp.path().join("m"));
+    let target = plan.dir.join(UNET);
+    std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+    std::os::unix::fs::symlink("/dev/full", hub::download::incomplete_path(&target)).unwrap();
+    let err = hub::download_blocking(&plan, &config(&hub)).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, HubError::DiskFull { .. }), "{msg}");
+    assert!(msg.contains("not enough disk space"), "{msg}");
+    assert_eq!(err.exit_code(), 6);
+    assert!(!target.exists());
+}
+
+#[test]
+fn model_dir_and_random_weights_need_no_download() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = FakeHub::start();
+    let cfg = config(&hub);
+    let fixture = support::fixture_dir();
+
+    let r = ModelArgs {
+        model_dir: Some(fixture.clone()),
+        ..Default::default()
+    }
+    .resolve_with(&cfg)
+    .unwrap();
+    assert_eq!(r.dir, fixture);
+    assert!(!r.random_weights && r.vae_dir.is_none() && r.origin.is_empty());
+
+    // The committed sdxl-turbo configs are enough for random weights.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    let r = ModelArgs {
+        models_root: root.clone(),
+        random_weights: true,
+        ..Default::default()
+    }
+    .resolve_with(&cfg)
+    .unwrap();
+    assert_eq!(r.dir, root.join("sdxl-turbo"));
+    assert!(r.random_weights);
+
+    let err = ModelArgs {
+        model_dir: Some(tmp.path().join("absent")),
+        ..Default::default()
+    }
+    .resolve_with(&cfg)
+    .unwrap_err();
+    assert!(err.to_string().contains("is not a directory"), "{err}");
+    assert_eq!(hub.request_count(), 0);
+}
+
+#[test]
+fn vae_extra_resolves_to_its_folder() {
+    let hub = FakeHub::start();
+    hub.add_repo(
+        "stabilityai/sdxl-turbo",
+        support::tiny_as_sdxl_turbo(),
+        None,
+    );
+    hub.add_repo(
+        "madebyollin/sdxl-vae-fp16-fix",
+        support::tiny_vae_fix(),
+        None,
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let args = ModelArgs {
+        models_root: tmp.path().to_path_buf(),
+        vae: Some(hub::VaeVariant::Fp16Fix),
+        ..Default::default()
+    };
+    let r = args.resolve_with(&config(&hub)).unwrap();
+    let dir = tmp.path().join("sdxl-turbo");
+    assert_eq!(r.vae_dir, Some(dir.join("vae-fp16-fix")));
+    assert_eq!(r.origin.len(), 2);
+    assert!(dir
+        .join("vae-fp16-fix/diffusion_pytorch_model.safetensors")
+        .is_file());
+    // The same directory through --model-dir finds the extra too.
+    let r2 = ModelArgs {
+        model_dir: Some(dir.clone()),
+        models_root: PathBuf::from("/nonexistent"),
+        vae: Some(hub::VaeVariant::Fp16Fix),
+        ..Default::default()
+    }
+    .resolve_with(&config(&hub))
+    .unwrap();
+    assert_eq!(r2.vae_dir, r.vae_dir);
+}
+
+#[test]
+fn hf_hub_crate_downloads_from_the_look_alike() {
+    // The look-alike answers the way the hf-hub client expects (Range 0-0 metadata through
+    // the redirect, commit and ETag headers), not only the way turbine reads it.
+    let hub = FakeHub::start();
+    hub.add_repo(TINY, support::tiny_model(), None);
+    let tmp = tempfile::tempdir().unwrap();
+    let api = hf_hub::api::tokio::ApiBuilder::new()
+        .with_endpoint(hub.endpoint.clone())
+        .with_cache_dir(tmp.path().to_path_buf())
+        .with_token(None)
+        .with_progress(false)
+        .build()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let tiny = support::tiny_model();
+    for file in [UNET, "unet/config.json"] {
+        let path = rt
+            .block_on(api.model(TINY.to_string()).download(file))
+            .unwrap();
+        assert!(std::fs::read(path).unwrap() == tiny[file], "{file}");
+    }
+}
+
+#[test]
+fn an_image_is_generated_from_the_downloaded_directory() {
+    use candle_core::{DType, Device};
+    use turbine::model::pipeline::{GenerationSettings, ImageRequest, Pipeline};
+
+    // The tiny model published under stabilityai/sdxl-turbo's fp16 file names, fetched with
+    // the real sdxl-turbo manifest on first use, as `turbine serve --model sdxl-turbo` would.
+    let hub = FakeHub::start();
+    hub.add_repo(
+        "stabilityai/sdxl-turbo",
+        support::tiny_as_sdxl_turbo(),
+        None,
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let resolved = ModelArgs {
+        models_root: tmp.path().to_path_buf(),
+        ..Default::default()
+    }
+    .resolve_with(&config(&hub))
+    .unwrap();
+    assert!(resolved
+        .dir
+        .join("unet/diffusion_pytorch_model.fp16.safetensors")
+        .is_file());
+
+    let settings = GenerationSettings {
+        width: 64,
+        height: 64,
+        steps: 2,
+        guidance_scale: 0.0,
+    };
+    let items = [ImageRequest {
+        prompt: "a lighthouse at dusk".into(),
+        negative_prompt: String::new(),
+        seed: 7,
+    }];
+    let generate = |dir: &Path| {
+        Pipeline::load(dir, &Device::Cpu, DType::F32)
+            .unwrap()
+            .generate(&settings, &items, None)
+            .unwrap()
+            .images
+    };
+    let downloaded = generate(&resolved.dir);
+    assert_eq!(downloaded.len(), 1);
+    assert_eq!(downloaded[0].dimensions(), (64, 64));
+    let pixels = downloaded[0].as_raw();
+    assert!(
+        pixels.iter().any(|&p| p != pixels[0]),
+        "a flat image is not a generated one"
+    );
+    // The same weights straight from the committed fixture give the same image.
+    let reference = generate(&support::fixture_dir());
+    assert!(downloaded[0] == reference[0]);
+}
+
+#[test]
+fn two_downloads_into_one_directory_take_turns() {
+    let hub = FakeHub::start();
+    hub.add_repo(TINY, support::tiny_model(), None);
+    let tmp = tempfile::tempdir().unwrap();
+    let plan = repo_plan(&tmp.path().join("m"));
+    let cfg = config(&hub);
+    let reports: Vec<_> = std::thread::scope(|s| {
+        let a = s.spawn(|| hub::download_blocking(&plan, &cfg).unwrap());
+        let b = s.spawn(|| hub::download_blocking(&plan, &cfg).unwrap());
+        vec![a.join().unwrap(), b.join().unwrap()]
+    });
+    // One transferred everything, the other found it all present; nothing was fetched twice.
+    let n = support::tiny_model().len();
+    let fetched: usize = reports.iter().map(|r| r.fetched.len()).sum();
+    assert_eq!(fetched, n);
+    assert!(reports.iter().any(|r| r.already_present == n));
+    assert_downloaded(&plan.dir, &support::tiny_model());
+}

@@ -1,0 +1,236 @@
+//! End to end against diffusers' `StableDiffusionXLPipeline` on the tiny model: same prompts,
+//! same initial latents and ancestral noise (scripts/fixtures/ref_pipeline.py), 8-bit images
+//! within 2/255 max and 0.5/255 mean. Plus batch invariance and half-precision runs.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+use turbine::model::pipeline::{GenerationSettings, ImageRequest, NoiseOverride, Pipeline};
+
+use crate::common::{assert_close, fixtures, reference, tiny_model};
+
+#[derive(Deserialize)]
+struct Case {
+    prompts: Vec<String>,
+    negative_prompts: Option<Vec<String>>,
+    width: usize,
+    height: usize,
+    steps: usize,
+    guidance_scale: f64,
+}
+
+fn cases() -> BTreeMap<String, Case> {
+    let p = fixtures().join("reference/pipeline_cases.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn pipeline() -> &'static Pipeline {
+    static P: OnceLock<Pipeline> = OnceLock::new();
+    P.get_or_init(|| Pipeline::load(&tiny_model(), &Device::Cpu, DType::F32).unwrap())
+}
+
+fn u8_images(t: &Tensor) -> Vec<u8> {
+    t.flatten_all().unwrap().to_vec1::<u8>().unwrap()
+}
+
+/// (max, mean) absolute difference in 8-bit levels.
+fn pixel_diff(ours: &[u8], theirs: &[u8]) -> (u8, f64) {
+    assert_eq!(ours.len(), theirs.len());
+    let mut max = 0u8;
+    let mut sum = 0u64;
+    for (a, b) in ours.iter().zip(theirs) {
+        let d = a.abs_diff(*b);
+        max = max.max(d);
+        sum += d as u64;
+    }
+    (max, sum as f64 / ours.len() as f64)
+}
+
+fn run_case(name: &str) {
+    let case = &cases()[name];
+    let refs = reference(&format!("pipeline_{name}"));
+    let p = pipeline();
+    let n = case.prompts.len();
+    let items: Vec<ImageRequest> = (0..n)
+        .map(|i| ImageRequest {
+            prompt: case.prompts[i].clone(),
+            negative_prompt: case
+                .negative_prompts
+                .as_ref()
+                .map(|v| v[i].clone())
+                .unwrap_or_default(),
+            seed: 0,
+        })
+        .collect();
+
+    let prompts: Vec<&str> = case.prompts.iter().map(String::as_str).collect();
+    let (embeds, pooled) = p.encode_prompts(&prompts).unwrap();
+    assert_close(
+        &format!("{name}/prompt_embeds"),
+        &embeds,
+        &refs["prompt_embeds"],
+        1e-4,
+    );
+    assert_close(
+        &format!("{name}/pooled"),
+        &pooled,
+        &refs["pooled_prompt_embeds"],
+        1e-4,
+    );
+    if let Some(neg) = &case.negative_prompts {
+        let neg: Vec<&str> = neg.iter().map(String::as_str).collect();
+        let (e, p2) = p.encode_prompts(&neg).unwrap();
+        assert_close(
+            &format!("{name}/negative_embeds"),
+            &e,
+            &refs["negative_prompt_embeds"],
+            1e-4,
+        );
+        assert_close(
+            &format!("{name}/negative_pooled"),
+            &p2,
+            &refs["negative_pooled_prompt_embeds"],
+            1e-4,
+        );
+    }
+
+    let noise = NoiseOverride {
+        init_latents: Some(refs["latents"].clone()),
+        step_noise: Some(
+            (0..case.steps)
+                .map(|k| refs[&format!("step_noise_{k}")].clone())
+                .collect(),
+        ),
+    };
+    let settings = GenerationSettings {
+        width: case.width,
+        height: case.height,
+        steps: case.steps,
+        guidance_scale: case.guidance_scale,
+    };
+    let batch = p.generate(&settings, &items, Some(&noise)).unwrap();
+    assert_eq!(batch.images.len(), n);
+    let ours: Vec<u8> = batch
+        .images
+        .iter()
+        .flat_map(|im| im.as_raw().iter().copied())
+        .collect();
+    let theirs = u8_images(&refs["image_u8"]);
+    let (max, mean) = pixel_diff(&ours, &theirs);
+    eprintln!("{name}: 8-bit image difference max {max}/255, mean {mean:.4}/255");
+    assert!(max <= 2, "{name}: max pixel difference {max}/255 > 2");
+    assert!(
+        mean <= 0.5,
+        "{name}: mean pixel difference {mean}/255 > 0.5"
+    );
+}
+
+#[test]
+fn e2e_one_prompt() {
+    run_case("one_prompt");
+}
+
+#[test]
+fn e2e_two_prompts() {
+    run_case("two_prompts");
+}
+
+#[test]
+fn e2e_non_square() {
+    run_case("non_square");
+}
+
+#[test]
+fn e2e_empty_prompt() {
+    run_case("empty_prompt");
+}
+
+#[test]
+fn e2e_long_prompt() {
+    run_case("long_prompt");
+}
+
+#[test]
+fn e2e_cfg_negative() {
+    run_case("cfg_negative");
+}
+
+#[test]
+fn e2e_cfg_no_negative() {
+    run_case("cfg_no_negative");
+}
+
+#[test]
+fn e2e_two_steps() {
+    run_case("two_steps");
+}
+
+fn req(prompt: &str, seed: u64) -> ImageRequest {
+    ImageRequest {
+        prompt: prompt.into(),
+        negative_prompt: String::new(),
+        seed,
+    }
+}
+
+/// An image depends only on its own prompt, seed and settings: generated alone it equals the
+/// same image inside a batch of 4 with other prompts and seeds, with and without guidance.
+#[test]
+fn batch_invariance() {
+    let p = pipeline();
+    for (steps, guidance) in [(1, 0.0), (2, 3.0)] {
+        let settings = GenerationSettings {
+            width: 64,
+            height: 48,
+            steps,
+            guidance_scale: guidance,
+        };
+        let batch = vec![
+            req("a red cube", 11),
+            req("a blue sphere", 12),
+            req("", 13),
+            req("a green cone", 14),
+        ];
+        let together = p.generate(&settings, &batch, None).unwrap().images;
+        for (i, item) in batch.iter().enumerate() {
+            let alone = p
+                .generate(&settings, std::slice::from_ref(item), None)
+                .unwrap()
+                .images;
+            let (max, mean) = pixel_diff(alone[0].as_raw(), together[i].as_raw());
+            eprintln!("steps {steps} guidance {guidance} image {i}: alone vs batch max {max} mean {mean:.4}");
+            assert!(max <= 1, "image {i} differs alone vs in batch by {max}/255");
+        }
+        // Different seeds, same prompt: different images (the seed really drives the noise).
+        let a = p.generate(&settings, &[req("x", 1)], None).unwrap().images;
+        let b = p.generate(&settings, &[req("x", 2)], None).unwrap().images;
+        assert!(pixel_diff(a[0].as_raw(), b[0].as_raw()).1 > 1.0);
+    }
+}
+
+/// f16 and bf16 runs give finite images close to the f32 run (the VAE is upcast for f16).
+#[test]
+fn half_precision_close_to_f32() {
+    let settings = GenerationSettings {
+        width: 64,
+        height: 64,
+        steps: 2,
+        guidance_scale: 0.0,
+    };
+    let items = vec![req("a lighthouse at dusk", 5), req("a bowl of fruit", 6)];
+    let reference = pipeline().generate(&settings, &items, None).unwrap().images;
+    for dtype in [DType::F16, DType::BF16] {
+        let p = Pipeline::load(&tiny_model(), &Device::Cpu, dtype).unwrap();
+        let images = p.generate(&settings, &items, None).unwrap().images;
+        for (a, b) in images.iter().zip(&reference) {
+            let (max, mean) = pixel_diff(a.as_raw(), b.as_raw());
+            eprintln!("{dtype:?} vs f32: max {max}/255 mean {mean:.3}/255");
+            assert!(
+                mean < 6.0,
+                "{dtype:?}: mean difference {mean}/255 too large"
+            );
+        }
+    }
+}
