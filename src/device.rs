@@ -22,7 +22,39 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
              (rebuild with `cargo build --release --features cuda,cudnn`)"
         );
     }
-    Ok(Device::new_cuda(ordinal)?)
+    let device = Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    {
+        let ctx = device.as_cuda_device()?.cuda_stream().context().clone();
+        let (major, minor) = ctx.compute_capability()?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown GPU".to_string());
+        check_compute_capability(BUILD_COMPUTE_CAP, (major, minor), &format!("{s} ({name})"))?;
+    }
+    Ok(device)
+}
+
+/// The `CUDA_COMPUTE_CAP` this binary's kernels were compiled for (e.g. "90"), recorded by
+/// `build.rs`.
+#[cfg(feature = "cuda")]
+pub const BUILD_COMPUTE_CAP: &str = env!("TURBINE_CUDA_COMPUTE_CAP");
+
+/// Refuses a GPU whose compute capability differs from the build's. candle's kernels are built
+/// for the exact architecture (`sm_90a` for 90), which no other GPU can load, and a mismatch would
+/// otherwise surface as an obscure PTX/module error at the first kernel launch, mid-request.
+pub fn check_compute_capability(
+    built: &str,
+    (major, minor): (i32, i32),
+    device: &str,
+) -> anyhow::Result<()> {
+    let actual = format!("{major}{minor}");
+    if built == actual {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{device} has compute capability {major}.{minor}, but this turbine binary was built for \
+         CUDA_COMPUTE_CAP={built}; rebuild for this GPU with \
+         `CUDA_COMPUTE_CAP={actual} scripts/build_cuda.sh`"
+    )
 }
 
 /// Parses `f32|f16|bf16`; `None` picks the default for the device (f32 on CPU, bf16 on CUDA).
@@ -39,5 +71,27 @@ pub fn parse_dtype(s: Option<&str>, device: &Device) -> anyhow::Result<DType> {
             "bf16" | "bfloat16" => Ok(DType::BF16),
             other => anyhow::bail!("invalid dtype '{other}': expected f32, f16 or bf16"),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_compute_capability;
+
+    #[test]
+    fn compute_capability_must_match_the_build() {
+        assert!(check_compute_capability("90", (9, 0), "cuda:0 (H200)").is_ok());
+        let err = check_compute_capability("90", (8, 9), "cuda:0 (RTX 4090)")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cuda:0 (RTX 4090) has compute capability 8.9"),
+            "{err}"
+        );
+        assert!(err.contains("CUDA_COMPUTE_CAP=90"), "{err}");
+        assert!(
+            err.contains("CUDA_COMPUTE_CAP=89 scripts/build_cuda.sh"),
+            "{err}"
+        );
     }
 }

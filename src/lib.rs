@@ -8,6 +8,7 @@
 //! - [`device`]: picking a candle device and dtype from user strings.
 //! - [`server`]: the OpenAI Images API over HTTP, with a dynamic batcher feeding one model
 //!   thread per device.
+//! - [`ops`]: fused GroupNorm(+SiLU), GEGLU and attention: our CUDA kernels, CPU references.
 //! - [`hub`]: model manifests, `turbine download` from the Hugging Face Hub or a mirror, and
 //!   [`hub::ModelArgs`], which finds (or fetches) the model directory to load.
 
@@ -15,4 +16,5 @@ pub mod cli;
 pub mod device;
 pub mod hub;
 pub mod model;
+pub mod ops;
 pub mod server;

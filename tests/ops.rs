@@ -1,0 +1,470 @@
+//! The fused ops of `turbine::ops` against plain compositions of candle ops, on the CPU (the
+//! reference implementations) and, when this test binary has CUDA and a GPU, on CUDA (our kernels).
+//!
+//! Inputs are random and fresh every run (the seed is printed; `TURBINE_TEST_SEED` replays one),
+//! never zero, and every op's output buffer is poisoned with NaN before the op runs, so an element
+//! a kernel forgets to write fails the comparison. The composition runs in f32 on the CPU from the
+//! same (already rounded) inputs; errors are max|got - want| / max|want|.
+//!
+//! Without a GPU the CUDA half prints "CUDA half skipped: no GPU" on stderr;
+//! `TURBINE_REQUIRE_GPU=1` (set by scripts/gpu_check.sh) turns that into a failure.
+
+use std::io::Write;
+
+use candle_core::{DType, Device, Tensor, D};
+use rand::{Rng, SeedableRng};
+use turbine::ops;
+
+/// Relative error bounds by dtype: f32 from the brief (1e-5); bf16 (8-bit mantissa) 1e-2; f16
+/// (11-bit mantissa) 2e-3.
+fn tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-5,
+        DType::F16 => 2e-3,
+        DType::BF16 => 1e-2,
+        other => panic!("no tolerance for {other:?}"),
+    }
+}
+
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// The devices to test: the CPU, and CUDA when the binary was built with it and a GPU answers.
+fn devices(test: &str) -> Vec<Device> {
+    let mut devices = vec![Device::Cpu];
+    let cuda = if candle_core::utils::cuda_is_available() {
+        // The first line only: candle appends a backtrace.
+        Device::new_cuda(0).map_err(|e| {
+            let e = e.to_string();
+            format!("no GPU ({})", e.lines().next().unwrap_or_default())
+        })
+    } else {
+        Err("no GPU (built without the `cuda` feature)".to_string())
+    };
+    match cuda {
+        Ok(dev) => devices.push(dev),
+        Err(why) => {
+            if std::env::var("TURBINE_REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                panic!("{test}: TURBINE_REQUIRE_GPU=1 but {why}");
+            }
+            // Written to the stream directly: the test harness captures println!/eprintln! of
+            // passing tests, and this line must be seen.
+            let _ = writeln!(std::io::stderr(), "{test}: CUDA half skipped: {why}");
+        }
+    }
+    devices
+}
+
+fn rng(test: &str) -> rand::rngs::StdRng {
+    let seed = match std::env::var("TURBINE_TEST_SEED") {
+        Ok(s) => s.parse().expect("TURBINE_TEST_SEED must be an integer"),
+        Err(_) => rand::rng().random(),
+    };
+    let _ = writeln!(std::io::stderr(), "{test}: seed {seed}");
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// Random values with magnitude in [0.05, 2) and random sign, plus `offset`: never zero.
+fn random(rng: &mut impl Rng, shape: &[usize], offset: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let data: Vec<f32> = (0..n)
+        .map(|_| {
+            let m: f32 = rng.random_range(0.05..2.0);
+            let v = if rng.random::<bool>() { m } else { -m };
+            v + offset
+        })
+        .collect();
+    assert!(data.iter().all(|v| *v != 0.0));
+    Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+}
+
+/// Rounds an f32 CPU tensor to `dtype` and moves it to `dev`; also returns the rounded values in
+/// f32 on the CPU, the composition's input.
+fn place(t: &Tensor, dtype: DType, dev: &Device) -> (Tensor, Tensor) {
+    let rounded = t.to_dtype(dtype).unwrap();
+    let exact = rounded.to_dtype(DType::F32).unwrap();
+    (rounded.to_device(dev).unwrap(), exact)
+}
+
+/// Fills the device's allocator with a NaN buffer of the output's size and frees it, so an
+/// output allocated next likely starts as NaN rather than as a previous run's results. (The CPU
+/// references allocate their outputs NaN-filled themselves.)
+fn poison(dev: &Device, elems: usize, dtype: DType) {
+    if dev.is_cuda() {
+        let t = Tensor::full(f32::NAN, elems, dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        dev.synchronize().unwrap();
+        drop(t);
+    }
+}
+
+fn assert_close(got: &Tensor, want: &Tensor, tol: f64, what: &str) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let got: Vec<f32> = got
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+    if let Some(i) = got.iter().position(|v| !v.is_finite()) {
+        panic!("{what}: element {i} is {} (not written?)", got[i]);
+    }
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    let (mut worst, mut at) = (0f64, 0);
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let e = (*g as f64 - *w as f64).abs();
+        if e > worst {
+            (worst, at) = (e, i);
+        }
+    }
+    let rel = worst / scale.max(1e-12);
+    let _ = writeln!(
+        std::io::stderr(),
+        "{what}: rel err {rel:.2e} (max abs {worst:.2e} at {at}, bound {tol:.0e})"
+    );
+    assert!(
+        rel <= tol,
+        "{what}: rel err {rel:.3e} > {tol:.0e} (element {at}: got {}, want {})",
+        got[at],
+        want[at]
+    );
+}
+
+fn dev_name(dev: &Device) -> &'static str {
+    if dev.is_cuda() {
+        "cuda"
+    } else {
+        "cpu"
+    }
+}
+
+// ---- GroupNorm ----
+
+/// torch's F.group_norm (+ F.silu) as plain candle ops in f32.
+fn group_norm_composed(
+    x: &Tensor,
+    groups: usize,
+    w: &Tensor,
+    b: &Tensor,
+    eps: f64,
+    silu: bool,
+) -> Tensor {
+    let dims = x.dims().to_vec();
+    let (n, c) = (dims[0], dims[1]);
+    let xs = x.reshape((n, groups, ())).unwrap();
+    let mean = xs.mean_keepdim(2).unwrap();
+    let centered = xs.broadcast_sub(&mean).unwrap();
+    let var = centered.sqr().unwrap().mean_keepdim(2).unwrap();
+    let normed = centered
+        .broadcast_div(&(var + eps).unwrap().sqrt().unwrap())
+        .unwrap()
+        .reshape(dims.as_slice())
+        .unwrap();
+    let mut wshape = vec![1; dims.len()];
+    wshape[1] = c;
+    let y = normed
+        .broadcast_mul(&w.reshape(wshape.as_slice()).unwrap())
+        .unwrap()
+        .broadcast_add(&b.reshape(wshape.as_slice()).unwrap())
+        .unwrap();
+    if silu {
+        candle_nn::ops::silu(&y).unwrap()
+    } else {
+        y
+    }
+}
+
+#[test]
+fn group_norm_matches_composition() {
+    let mut rng = rng("group_norm");
+    // (shape, groups): SDXL-like 4D, odd spatial sizes, rank 3 and rank 2 (HW = 1), groups large
+    // enough for several statistics blocks (> 8192 elements) and planes for several apply blocks
+    // (HW > 4096) on CUDA.
+    let cases: [(&[usize], usize); 7] = [
+        (&[2, 32, 8, 8], 8),
+        (&[1, 64, 16, 16], 32),
+        (&[3, 12, 5, 7], 4),
+        (&[2, 40, 33], 8),
+        (&[4, 16], 4),
+        (&[1, 128, 48, 48], 32),
+        (&[1, 8, 96, 96], 2),
+    ];
+    for dev in devices("group_norm") {
+        for (shape, groups) in cases {
+            let c = shape[1];
+            // A mean far from zero exercises the variance's cancellation guard.
+            let x = random(&mut rng, shape, 3.0);
+            let w = random(&mut rng, &[c], 0.0);
+            let b = random(&mut rng, &[c], 0.0);
+            for dtype in DTYPES {
+                for silu in [false, true] {
+                    let (xd, xe) = place(&x, dtype, &dev);
+                    let (wd, we) = place(&w, dtype, &dev);
+                    let (bd, be) = place(&b, dtype, &dev);
+                    let want = group_norm_composed(&xe, groups, &we, &be, 1e-5, silu);
+                    poison(&dev, x.elem_count(), dtype);
+                    let got = ops::group_norm(&xd, groups, &wd, &bd, 1e-5, silu).unwrap();
+                    assert_eq!(got.dtype(), dtype);
+                    let what = format!(
+                        "group_norm {} {dtype:?} {shape:?} groups={groups} silu={silu}",
+                        dev_name(&dev)
+                    );
+                    assert_close(&got, &want, tolerance(dtype), &what);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn group_norm_accepts_strided_input_and_other_weight_dtype() {
+    let mut rng = rng("group_norm strided");
+    for dev in devices("group_norm strided") {
+        // [N, H, W, C] transposed to [N, C, W, H]: not contiguous.
+        let x = random(&mut rng, &[2, 6, 5, 16], 0.5)
+            .permute((0, 3, 2, 1))
+            .unwrap();
+        let w = random(&mut rng, &[16], 0.0);
+        let b = random(&mut rng, &[16], 0.0);
+        let want = group_norm_composed(&x.contiguous().unwrap(), 4, &w, &b, 1e-6, true);
+        let (xd, _) = place(&x, DType::F32, &dev);
+        // f32 input, bf16 weights: the op casts the weights to the input's dtype.
+        let wd = w.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
+        let bd = b.to_dtype(DType::BF16).unwrap().to_device(&dev).unwrap();
+        let got = ops::group_norm(&xd, 4, &wd, &bd, 1e-6, true).unwrap();
+        assert_eq!(got.dtype(), DType::F32);
+        // Weights rounded to bf16 bound the error, not the f32 arithmetic.
+        assert_close(
+            &got,
+            &want,
+            1e-2,
+            &format!("group_norm strided {}", dev_name(&dev)),
+        );
+    }
+}
+
+#[test]
+fn group_norm_rejects_bad_arguments() {
+    let x = Tensor::ones((2, 12, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    let w = Tensor::ones(12, DType::F32, &Device::Cpu).unwrap();
+    let bad_w = Tensor::ones(10, DType::F32, &Device::Cpu).unwrap();
+    let err = ops::group_norm(&x, 5, &w, &w, 1e-5, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("5 groups do not divide the input's 12 channels"),
+        "{err}"
+    );
+    let err = ops::group_norm(&x, 0, &w, &w, 1e-5, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("0 groups"), "{err}");
+    let err = ops::group_norm(&x, 4, &bad_w, &w, 1e-5, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("weight has shape [10]"), "{err}");
+    let err = ops::group_norm(&x, 4, &w, &bad_w, 1e-5, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bias has shape [10]"), "{err}");
+    let flat = Tensor::ones(12, DType::F32, &Device::Cpu).unwrap();
+    let err = ops::group_norm(&flat, 4, &w, &w, 1e-5, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("must be [N, C, ...]"), "{err}");
+}
+
+// ---- GEGLU ----
+
+fn geglu_composed(x: &Tensor) -> Tensor {
+    let d = x.dim(D::Minus1).unwrap() / 2;
+    let a = x.narrow(D::Minus1, 0, d).unwrap();
+    let gate = x.narrow(D::Minus1, d, d).unwrap();
+    (a * gate.gelu_erf().unwrap()).unwrap()
+}
+
+#[test]
+fn geglu_matches_composition() {
+    let mut rng = rng("geglu");
+    // Widths below, at and above one 256-thread column block, and SDXL's 4·640 projection.
+    let cases: [&[usize]; 5] = [&[2, 7, 80], &[3, 640], &[1, 5, 600], &[20], &[2, 9, 5120]];
+    for dev in devices("geglu") {
+        for shape in cases {
+            let x = random(&mut rng, shape, 0.0);
+            for dtype in DTYPES {
+                let (xd, xe) = place(&x, dtype, &dev);
+                let want = geglu_composed(&xe);
+                poison(&dev, x.elem_count() / 2, dtype);
+                let got = ops::geglu(&xd).unwrap();
+                assert_eq!(got.dtype(), dtype);
+                let what = format!("geglu {} {dtype:?} {shape:?}", dev_name(&dev));
+                assert_close(&got, &want, tolerance(dtype), &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn geglu_rejects_odd_width() {
+    let x = Tensor::ones((2, 7), DType::F32, &Device::Cpu).unwrap();
+    let err = ops::geglu(&x).unwrap_err().to_string();
+    assert!(err.contains("must be even"), "{err}");
+}
+
+// ---- Attention ----
+
+fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Tensor {
+    let mut s = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+    if causal {
+        let (lq, lk) = (q.dim(D::Minus2).unwrap(), k.dim(D::Minus2).unwrap());
+        let mask: Vec<f32> = (0..lq * lk)
+            .map(|i| {
+                if i % lk > i / lk {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        s = s
+            .broadcast_add(&Tensor::from_vec(mask, (lq, lk), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    candle_nn::ops::softmax(&s, D::Minus1)
+        .unwrap()
+        .matmul(v)
+        .unwrap()
+}
+
+/// (batch, heads, Lq, Lk, D, Dv, causal)
+type AttnCase = (usize, usize, usize, usize, usize, usize, bool);
+
+const ATTN_CASES: [AttnCase; 6] = [
+    (2, 3, 17, 17, 64, 64, false), // self-attention, head dim 64
+    (2, 3, 17, 17, 64, 64, true),  // CLIP-style causal
+    (1, 2, 33, 77, 64, 64, false), // cross-attention onto 77 text tokens
+    (2, 2, 40, 9, 8, 8, false),    // small head dim, fewer keys than a warp
+    (1, 2, 6, 11, 16, 24, true),   // Lq < Lk causal, Dv != D
+    (1, 2, 130, 300, 64, 64, false),
+];
+
+fn run_attention(
+    rng: &mut rand::rngs::StdRng,
+    dev: &Device,
+    (b, h, lq, lk, d, dv, causal): AttnCase,
+    apply: impl Fn(&Tensor, &Tensor, &Tensor, f64, bool) -> Tensor,
+    label: &str,
+) {
+    let scale = 1.0 / (d as f64).sqrt();
+    let q = random(rng, &[b, h, lq, d], 0.0);
+    let k = random(rng, &[b, h, lk, d], 0.0);
+    let v = random(rng, &[b, h, lk, dv], 0.0);
+    for dtype in DTYPES {
+        let (qd, qe) = place(&q, dtype, dev);
+        let (kd, ke) = place(&k, dtype, dev);
+        let (vd, ve) = place(&v, dtype, dev);
+        let want = attention_composed(&qe, &ke, &ve, scale, causal);
+        poison(dev, b * h * lq * dv, dtype);
+        let got = apply(&qd, &kd, &vd, scale, causal);
+        assert_eq!(got.dtype(), dtype);
+        let what = format!(
+            "{label} {} {dtype:?} b={b} h={h} lq={lq} lk={lk} d={d} dv={dv} causal={causal}",
+            dev_name(dev)
+        );
+        assert_close(&got, &want, tolerance(dtype), &what);
+    }
+}
+
+#[test]
+fn fused_attention_matches_composition() {
+    let mut rng = rng("fused_attention");
+    for dev in devices("fused_attention") {
+        for case in ATTN_CASES {
+            let op = |q: &Tensor, k: &Tensor, v: &Tensor, s, c| {
+                ops::fused_attention(q, k, v, s, c).unwrap()
+            };
+            run_attention(&mut rng, &dev, case, op, "fused_attention");
+        }
+    }
+}
+
+#[test]
+fn attention_matches_composition() {
+    let mut rng = rng("attention");
+    for dev in devices("attention") {
+        for case in ATTN_CASES {
+            let op =
+                |q: &Tensor, k: &Tensor, v: &Tensor, s, c| ops::attention(q, k, v, s, c).unwrap();
+            run_attention(&mut rng, &dev, case, op, "attention");
+        }
+    }
+}
+
+#[test]
+fn fused_attention_in_chunks_matches_composition() {
+    // A scores budget of three (batch·head) slices forces the CUDA path through several chunks,
+    // the last one partial (8 slices = 3 + 3 + 2).
+    let mut rng = rng("attention chunks");
+    for dev in devices("attention chunks") {
+        let (lq, lk) = (20, 30);
+        let op = ops::AttentionOp {
+            scale: 0.125,
+            causal: false,
+            chunk_bytes: 3 * lq * lk * (4 + 4),
+        };
+        let apply =
+            |q: &Tensor, k: &Tensor, v: &Tensor, _s, _c| q.apply_op3_no_bwd(k, v, &op).unwrap();
+        run_attention(
+            &mut rng,
+            &dev,
+            (2, 4, lq, lk, 64, 64, false),
+            apply,
+            "attention chunks",
+        );
+    }
+}
+
+#[test]
+fn attention_rejects_mismatched_shapes() {
+    let t = |s: &[usize]| Tensor::ones(s, DType::F32, &Device::Cpu).unwrap();
+    let err = ops::attention(
+        &t(&[2, 3, 4, 8]),
+        &t(&[2, 3, 5, 7]),
+        &t(&[2, 3, 5, 8]),
+        1.0,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("head dim 7"), "{err}");
+    let err = ops::attention(
+        &t(&[2, 3, 4, 8]),
+        &t(&[2, 3, 5, 8]),
+        &t(&[2, 3, 6, 8]),
+        1.0,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("has 6 positions"), "{err}");
+    let err = ops::attention(
+        &t(&[2, 3, 4, 8]),
+        &t(&[2, 4, 5, 8]),
+        &t(&[2, 4, 5, 8]),
+        1.0,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("leading (batch, head) dims"), "{err}");
+    let half = Tensor::ones((2, 3, 5, 8), DType::F16, &Device::Cpu).unwrap();
+    let err = ops::attention(&t(&[2, 3, 4, 8]), &half, &half, 1.0, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("must share a dtype"), "{err}");
+}
