@@ -6,6 +6,8 @@
 //!   UNet, the VAE, the Euler-ancestral scheduler) and the [`model::pipeline::Pipeline`] that
 //!   turns a batch of prompts + seeds of one shape into 8-bit RGB images.
 //! - [`device`]: picking a candle device and dtype from user strings.
+//! - [`server`]: the OpenAI Images API over HTTP, with a dynamic batcher feeding one model
+//!   thread per device.
 //! - [`hub`]: model manifests, `turbine download` from the Hugging Face Hub or a mirror, and
 //!   [`hub::ModelArgs`], which finds (or fetches) the model directory to load.
 
@@ -13,3 +15,4 @@ pub mod cli;
 pub mod device;
 pub mod hub;
 pub mod model;
+pub mod server;

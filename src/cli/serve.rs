@@ -1,8 +1,346 @@
-//! `turbine serve` (placeholder until implemented).
+//! `turbine serve`: the OpenAI Images API over HTTP (see [`crate::server`]).
+//!
+//! Every option is also read from a `TURBINE_*` environment variable (container deployments).
 
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::cli::UsageError;
+use crate::hub::ModelArgs;
+use crate::model::tokenizer::ClipTokenizer;
+use crate::server::api::ResponseFormat;
+use crate::server::auth::{read_keys_file, ApiKey};
+use crate::server::config::{
+    AuthConfig, BatchingConfig, ModelIdentity, RequestLimits, ServerConfig, StoreConfig,
+};
+use crate::server::{ImageBackend, TokenCounter, WorkerSpec};
+use std::sync::Arc;
+
+/// The option groups are boxed so the `Command` enum of `main` stays small.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    #[command(flatten)]
+    pub model: Box<ModelArgs>,
+    #[command(flatten)]
+    pub devices: Box<DeviceArgs>,
+    #[command(flatten)]
+    pub http: Box<HttpArgs>,
+    #[command(flatten)]
+    pub batching: Box<BatchingArgs>,
+    #[command(flatten)]
+    pub limits: Box<LimitArgs>,
+    #[command(flatten)]
+    pub auth: Box<AuthArgs>,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("`turbine serve` is not implemented yet")
+/// Where to run the model and what to call it.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Devices")]
+pub struct DeviceArgs {
+    /// Device to run a model worker on: `cpu`, `cuda` or `cuda:N`. Repeat (or separate with
+    /// commas) for one worker per GPU, all fed from the same queue. Default: cuda:0 when this
+    /// build has CUDA and a GPU is present, else cpu.
+    #[arg(long = "device", env = "TURBINE_DEVICES", value_delimiter = ',')]
+    pub devices: Vec<String>,
+    /// Weights dtype: f32, f16 or bf16. Default: f32 on CPU, bf16 on CUDA.
+    #[arg(long, env = "TURBINE_DTYPE")]
+    pub dtype: Option<String>,
+    /// The model id that `/v1/models` lists and requests name in `model`.
+    #[arg(long, env = "TURBINE_SERVED_MODEL_NAME", default_value = "sdxl-turbo")]
+    pub served_model_name: String,
+    /// Other model names that also mean the served model, so clients written for OpenAI work
+    /// unchanged. Pass an empty value to accept only the served name.
+    #[arg(
+        long = "model-alias",
+        env = "TURBINE_MODEL_ALIASES",
+        value_delimiter = ',',
+        default_value = "gpt-image-1,dall-e-2,dall-e-3"
+    )]
+    pub model_aliases: Vec<String>,
+}
+
+/// Listening and request lifetime.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "HTTP")]
+pub struct HttpArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TURBINE_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the log says which).
+    #[arg(long, env = "TURBINE_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// Base of the URLs returned for `response_format: "url"`, e.g. https://images.example.com
+    /// behind a proxy. Default: http:// + the Host header of the request.
+    #[arg(long, env = "TURBINE_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Largest accepted request body in bytes (larger: 413). The default fits the longest
+    /// prompt and negative prompt (32000 characters each, up to 4 bytes per character).
+    #[arg(long, env = "TURBINE_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Seconds a generation request may take from arrival to its last image; after that it
+    /// gets 503 and its images that have not started leave the queue.
+    #[arg(long, env = "TURBINE_REQUEST_TIMEOUT", default_value_t = 300)]
+    pub request_timeout: u64,
+    /// After SIGTERM/SIGINT: seconds to finish queued and running work (new requests get 503)
+    /// before exiting.
+    #[arg(long, env = "TURBINE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+}
+
+/// The dynamic batcher.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Batching")]
+pub struct BatchingArgs {
+    /// Most images per batch on one device (images of one size, step count and guidance).
+    #[arg(long, env = "TURBINE_MAX_BATCH_SIZE", default_value_t = 8)]
+    pub max_batch_size: usize,
+    /// Longest wait, in ms, for more images of the same shape when the device is idle.
+    #[arg(long, env = "TURBINE_MAX_BATCH_DELAY_MS", default_value_t = 20)]
+    pub max_batch_delay_ms: u64,
+    /// Most images waiting in the queue; requests beyond it get 429 with Retry-After.
+    #[arg(long, env = "TURBINE_MAX_QUEUED_IMAGES", default_value_t = 256)]
+    pub max_queued_images: usize,
+    /// Seconds of waiting that lift a request by one priority class (low never starves).
+    #[arg(long, env = "TURBINE_PRIORITY_AGING_SECS", default_value_t = 30)]
+    pub priority_aging_secs: u64,
+    /// Images in each device's warm-up batch, run before /health reports ready (0: the
+    /// maximum batch size, which also proves the largest batch fits in memory).
+    #[arg(long, env = "TURBINE_WARMUP_IMAGES", default_value_t = 0)]
+    pub warmup_images: usize,
+}
+
+/// Request bounds and the URL image store.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Request limits")]
+pub struct LimitArgs {
+    /// Smallest image side in pixels (a multiple of 8).
+    #[arg(long, env = "TURBINE_MIN_IMAGE_SIDE", default_value_t = 256)]
+    pub min_image_side: u32,
+    /// Largest image side in pixels (a multiple of 8).
+    #[arg(long, env = "TURBINE_MAX_IMAGE_SIDE", default_value_t = 1536)]
+    pub max_image_side: u32,
+    /// What `size: "auto"` (or no size) means, WIDTHxHEIGHT; also the warm-up batch's size.
+    #[arg(long, env = "TURBINE_DEFAULT_SIZE", default_value = "512x512")]
+    pub default_size: String,
+    /// Longest prompt (and negative prompt) in characters.
+    #[arg(long, env = "TURBINE_MAX_PROMPT_CHARS", default_value_t = 32_000)]
+    pub max_prompt_chars: usize,
+    /// Most denoising steps a request may ask for with `steps`.
+    #[arg(long, env = "TURBINE_MAX_STEPS", default_value_t = 50)]
+    pub max_steps: u32,
+    /// Largest `guidance_scale` a request may ask for.
+    #[arg(long, env = "TURBINE_MAX_GUIDANCE_SCALE", default_value_t = 30.0)]
+    pub max_guidance_scale: f64,
+    /// `response_format` when a request gives none: b64_json or url.
+    #[arg(
+        long,
+        env = "TURBINE_DEFAULT_RESPONSE_FORMAT",
+        default_value = "b64_json"
+    )]
+    pub default_response_format: String,
+    /// Seconds an image behind a `url` response stays available (OpenAI: 60 minutes).
+    #[arg(long, env = "TURBINE_IMAGE_URL_TTL_SECS", default_value_t = 3600)]
+    pub image_url_ttl_secs: u64,
+    /// Bytes of encoded images kept for `url` responses; the oldest go first.
+    #[arg(long, env = "TURBINE_IMAGE_STORE_MAX_BYTES", default_value_t = 512 << 20)]
+    pub image_store_max_bytes: usize,
+}
+
+/// API keys.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Authentication")]
+pub struct AuthArgs {
+    /// An accepted API key (Authorization: Bearer KEY), normal priority, no limits. Repeat, or
+    /// separate with commas in the environment variable. No keys at all: the API is open.
+    #[arg(
+        long = "api-key",
+        env = "TURBINE_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+    /// File of API keys, one per line: `KEY [priority=high|normal|low]
+    /// [requests_per_minute=N] [images_per_minute=N]`; `#` starts a comment.
+    #[arg(long, env = "TURBINE_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Header whose value (high|normal|low) sets a request's priority. Only for deployments
+    /// where a trusted proxy sets it: any client could otherwise claim high priority.
+    #[arg(long, env = "TURBINE_PRIORITY_HEADER")]
+    pub priority_header: Option<String>,
+}
+
+impl Args {
+    /// The server configuration these options describe.
+    pub fn config(&self) -> anyhow::Result<ServerConfig> {
+        let default_size = parse_size(&self.limits.default_size).ok_or_else(|| {
+            UsageError(format!(
+                "--default-size must be WIDTHxHEIGHT, got {:?}",
+                self.limits.default_size
+            ))
+        })?;
+        let default_response_format = ResponseFormat::parse(&self.limits.default_response_format)
+            .ok_or_else(|| {
+            UsageError(format!(
+                "--default-response-format must be b64_json or url, got {:?}",
+                self.limits.default_response_format
+            ))
+        })?;
+        let mut keys: Vec<ApiKey> = self
+            .auth
+            .api_keys
+            .iter()
+            .map(|k| k.trim())
+            .filter(|k| !k.is_empty())
+            .map(ApiKey::plain)
+            .collect();
+        if let Some(path) = &self.auth.api_keys_file {
+            keys.extend(read_keys_file(path)?);
+        }
+        let config = ServerConfig {
+            model: ModelIdentity {
+                id: self.devices.served_model_name.clone(),
+                aliases: self
+                    .devices
+                    .model_aliases
+                    .iter()
+                    .map(|a| a.trim().to_string())
+                    .filter(|a| !a.is_empty())
+                    .collect(),
+            },
+            limits: RequestLimits {
+                min_side: self.limits.min_image_side,
+                max_side: self.limits.max_image_side,
+                default_size,
+                max_prompt_chars: self.limits.max_prompt_chars,
+                max_steps: self.limits.max_steps,
+                max_guidance_scale: self.limits.max_guidance_scale,
+                max_body_bytes: self.http.max_body_bytes,
+                default_response_format,
+            },
+            batching: BatchingConfig {
+                max_batch_size: self.batching.max_batch_size,
+                max_batch_delay: Duration::from_millis(self.batching.max_batch_delay_ms),
+                max_queued_images: self.batching.max_queued_images,
+                priority_aging: Duration::from_secs(self.batching.priority_aging_secs),
+                request_timeout: Duration::from_secs(self.http.request_timeout),
+            },
+            store: StoreConfig {
+                ttl: Duration::from_secs(self.limits.image_url_ttl_secs),
+                max_bytes: self.limits.image_store_max_bytes,
+            },
+            auth: AuthConfig {
+                keys,
+                priority_header: self.auth.priority_header.clone(),
+            },
+            public_url: self.http.public_url.clone(),
+            shutdown_grace: Duration::from_secs(self.http.shutdown_grace_secs),
+            warmup_images: self.batching.warmup_images,
+        };
+        config.check().map_err(|e| UsageError(format!("{e:#}")))?;
+        Ok(config)
+    }
+}
+
+fn parse_size(s: &str) -> Option<(u32, u32)> {
+    let (w, h) = s.trim().split_once('x')?;
+    Some((w.parse().ok()?, h.parse().ok()?))
+}
+
+/// One worker per `--device`, each resolving and loading the model on its own thread (so
+/// `/health` answers 503 meanwhile).
+pub fn worker_specs(model: &ModelArgs, devices: &DeviceArgs) -> anyhow::Result<Vec<WorkerSpec>> {
+    let labels = if devices.devices.is_empty() {
+        vec![if candle_core::utils::cuda_is_available() {
+            "cuda:0"
+        } else {
+            "cpu"
+        }
+        .to_string()]
+    } else {
+        devices.devices.clone()
+    };
+    labels
+        .iter()
+        .map(|label| {
+            let device = crate::device::parse_device(label)
+                .map_err(|e| UsageError(format!("--device: {e:#}")))?;
+            let dtype = crate::device::parse_dtype(devices.dtype.as_deref(), &device)
+                .map_err(|e| UsageError(format!("--dtype: {e:#}")))?;
+            let model = model.clone();
+            let factory: crate::server::BackendFactory = Box::new(move || {
+                let pipeline = crate::cli::load_pipeline(&model, &device, dtype)?;
+                Ok(Box::new(pipeline) as Box<dyn ImageBackend>)
+            });
+            Ok(WorkerSpec {
+                label: label.trim().to_string(),
+                factory,
+            })
+        })
+        .collect()
+}
+
+/// Counts a prompt's tokens as the first CLIP tokenizer sees them (BOS, the prompt's tokens
+/// after truncation to 77, EOS), for `usage`. That tokenizer pads with EOS, so the count is the
+/// position of the first pad id plus one, or the full length when nothing is padded.
+pub fn token_counter(model_dir: &std::path::Path) -> anyhow::Result<TokenCounter> {
+    let tokenizer = ClipTokenizer::from_dir(&model_dir.join("tokenizer"))?;
+    Ok(Arc::new(move |text: &str| match tokenizer.encode(text) {
+        Ok(ids) => ids
+            .iter()
+            .position(|&id| id == tokenizer.pad_id())
+            .map_or(ids.len(), |i| i + 1),
+        Err(_) => 0,
+    }))
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let config = args.config()?;
+    // Resolved (and downloaded if missing) once here, before listening; the workers then find
+    // the files in place.
+    let model = args.model.resolve()?;
+    tracing::info!("model: {model}");
+    let tokens = token_counter(&model.dir)?;
+    let workers = worker_specs(&args.model, &args.devices)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("turbine-http")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let addr = format!("{}:{}", args.http.host, args.http.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        crate::server::serve(config, listener, workers, Some(tokens), shutdown_signal()).await
+    })
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!("cannot listen for Ctrl-C: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
 }

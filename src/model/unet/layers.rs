@@ -55,27 +55,41 @@ pub fn silu(xs: &Tensor) -> Result<Tensor> {
 /// `x @ wᵀ + b` with the weight stored `[out, in]` as in PyTorch checkpoints.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    /// `[in, out]`, laid out contiguously: candle's CPU GEMM on a transposed `[out, in]` view
+    /// rounds differently depending on the number of rows, which made an image depend on the
+    /// batch it ran in (by 1/255 here and there). A contiguous right-hand side does not.
+    weight_t: Tensor,
     bias: Option<Tensor>,
+}
+
+/// `w.t()` laid out contiguously. A broadcast tensor (the recording backend's zeros, which
+/// has no data) stays a view, so building the full-size model to list its tensors allocates
+/// nothing for it.
+fn transposed(w: &Tensor) -> Result<Tensor> {
+    if w.stride().iter().all(|&s| s == 0) {
+        w.t()
+    } else {
+        w.t()?.contiguous()
+    }
 }
 
 impl Linear {
     /// Reads `{vb}.weight` `[out, in]` and, when `bias`, `{vb}.bias` `[out]`.
     pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let weight_t = transposed(&vb.get((out_dim, in_dim), "weight")?)?;
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self { weight_t, bias })
     }
 
     /// The same layer with weight and bias multiplied by `scale` (folds a constant factor on
     /// the output into the weights, for free at run time).
     pub fn scaled(&self, scale: f64) -> Result<Self> {
         Ok(Self {
-            weight: self.weight.affine(scale, 0.0)?,
+            weight_t: self.weight_t.affine(scale, 0.0)?,
             bias: self
                 .bias
                 .as_ref()
@@ -95,14 +109,14 @@ impl Module for Linear {
         let flat = xs.reshape((rows, in_dim))?;
         // The bias is added before the single rounding, as a fused GEMM epilogue does.
         let out = match &self.bias {
-            Some(b) => gemm_in_f32_on_cpu(&[&flat, &self.weight, b], |t| {
-                t[0].matmul(&t[1].t()?)?.broadcast_add(&t[2])
+            Some(b) => gemm_in_f32_on_cpu(&[&flat, &self.weight_t, b], |t| {
+                t[0].matmul(&t[1])?.broadcast_add(&t[2])
             })?,
-            None => gemm_in_f32_on_cpu(&[&flat, &self.weight], |t| t[0].matmul(&t[1].t()?))?,
+            None => gemm_in_f32_on_cpu(&[&flat, &self.weight_t], |t| t[0].matmul(&t[1]))?,
         };
         let mut out_dims = dims.to_vec();
         if let Some(last) = out_dims.last_mut() {
-            *last = self.weight.dim(0)?;
+            *last = self.weight_t.dim(1)?;
         }
         out.reshape(out_dims)
     }

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Contract test with the official `openai` Python SDK as the client: starts the real
+# `turbine serve` on a free port with the tiny fixture model on CPU, runs
+# tests/openai_sdk_test.py against it, stops the server.
+#
+# The SDK goes into a venv under target/ (created on first use). Environment:
+#   PYTHON              interpreter for the venv (default python3)
+#   OPENAI_SDK_VERSION  the SDK version to install (default: the one this test was written with)
+#   TURBINE_BIN         a prebuilt turbine binary (default: `cargo build` and target/debug/turbine)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=target/openai-venv
+SDK_VERSION=${OPENAI_SDK_VERSION:-3.57.0}
+if ! "$VENV/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '$SDK_VERSION')" 2>/dev/null; then
+    echo "installing openai==$SDK_VERSION into $VENV" >&2
+    "${PYTHON:-python3}" -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai==$SDK_VERSION"
+fi
+
+if [ -z "${TURBINE_BIN:-}" ]; then
+    cargo build --quiet --bin turbine
+    TURBINE_BIN=target/debug/turbine
+fi
+
+work=$(mktemp -d)
+server_pid=
+cleanup() {
+    if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
+        kill -TERM "$server_pid"
+        wait "$server_pid" || true
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+cat > "$work/keys" <<KEYS
+sk-sdk-test
+sk-sdk-limited requests_per_minute=1
+KEYS
+
+NO_COLOR=1 RUST_LOG=info "$TURBINE_BIN" serve \
+    --model-dir tests/fixtures/tiny-sdxl --device cpu \
+    --host 127.0.0.1 --port 0 \
+    --min-image-side 64 --default-size 64x64 --warmup-images 1 \
+    --api-keys-file "$work/keys" \
+    2> "$work/server.log" &
+server_pid=$!
+
+# The server logs its address once listening; /health turns 200 after the warm-up batch.
+base=
+for _ in $(seq 1 600); do
+    base=$(grep -o 'listening on http://[0-9.:]*' "$work/server.log" | head -n1 | sed 's/listening on //' || true)
+    [ -n "$base" ] && break
+    kill -0 "$server_pid" 2>/dev/null || { cat "$work/server.log" >&2; echo "server exited" >&2; exit 1; }
+    sleep 0.1
+done
+[ -n "$base" ] || { cat "$work/server.log" >&2; echo "server never listened" >&2; exit 1; }
+"$VENV/bin/python" - "$base/health" <<'PY'
+import sys, time, urllib.request, urllib.error
+for _ in range(3000):
+    try:
+        if urllib.request.urlopen(sys.argv[1], timeout=5).status == 200:
+            sys.exit(0)
+    except (urllib.error.URLError, ConnectionError):
+        pass
+    time.sleep(0.1)
+sys.exit("server never became healthy")
+PY
+
+status=0
+"$VENV/bin/python" tests/openai_sdk_test.py --base-url "$base/v1" \
+    --api-key sk-sdk-test --limited-key sk-sdk-limited || status=$?
+if [ "$status" -ne 0 ]; then
+    echo "--- server log ---" >&2
+    cat "$work/server.log" >&2
+fi
+exit "$status"

@@ -1,0 +1,287 @@
+//! The thin runtime around the queue [`State`]: a shared [`Queue`] that HTTP handlers submit
+//! to and cancel from, and one batcher task per device that forms batches and hands them to
+//! that device's worker thread through a channel of capacity one. The channel is the prefetch:
+//! while the device runs batch k, the batcher forms k+1 and parks it there (TEI's design); the
+//! worker then tops k+1 up with entries of its key that arrived meanwhile.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use image::RgbImage;
+use tokio::sync::{mpsc, Notify};
+
+use super::error::{BackendError, InferError};
+use super::metrics::{DropReason, Metrics};
+use super::queue::{Batch, Entry, Next, QueuePolicy, RequestId, ShapeKey, State};
+use crate::model::pipeline::ImageRequest;
+
+/// What travels with each queued image.
+#[derive(Debug)]
+pub struct Item {
+    /// Position of the image in its request's `data`.
+    pub index: usize,
+    pub image: ImageRequest,
+    /// Closed when the request is gone (client disconnected, timed out, already failed).
+    pub reply: mpsc::UnboundedSender<ItemOutcome>,
+    /// The request's span, so the worker's logs carry the request id across the thread hop.
+    pub span: tracing::Span,
+}
+
+/// One image's result, sent back to its request.
+#[derive(Debug)]
+pub struct ItemOutcome {
+    pub index: usize,
+    pub result: Result<RgbImage, BackendError>,
+}
+
+/// The queue shared by every handler and every device.
+#[derive(Debug)]
+pub struct Queue {
+    state: Mutex<State<Item>>,
+    /// Wakes the batchers on new entries.
+    arrivals: Notify,
+    metrics: Arc<Metrics>,
+    workers: AtomicUsize,
+}
+
+impl Queue {
+    pub fn new(policy: QueuePolicy, metrics: Arc<Metrics>) -> Self {
+        Queue {
+            state: Mutex::new(State::new(policy, Instant::now())),
+            arrivals: Notify::new(),
+            metrics,
+            workers: AtomicUsize::new(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<Item>> {
+        // No method of `State` panics between two consistent states, so a poisoned lock (a
+        // panic elsewhere while holding it) still guards consistent data.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn set_workers(&self, n: usize) {
+        self.workers.store(n.max(1), Ordering::Relaxed);
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Queues all of a request's images, or answers `QueueFull` with a `Retry-After` from the
+    /// measured throughput: the time for the images over capacity to leave the queue.
+    pub fn submit(&self, entries: Vec<Entry<Item>>) -> Result<(), InferError> {
+        let count = entries.len();
+        let mut state = self.lock();
+        match state.try_push(entries) {
+            Ok(()) => {
+                self.metrics.set_queue_images(state.len());
+                self.metrics.enqueued(count);
+                drop(state);
+                self.arrivals.notify_waiters();
+                Ok(())
+            }
+            Err(full) => {
+                drop(state);
+                let over = (full.queued + full.requested)
+                    .saturating_sub(full.capacity)
+                    .max(1);
+                let secs = match self.metrics.throughput() {
+                    Some(rate) if rate > 0.0 => over as f64 / rate,
+                    _ => 1.0,
+                };
+                Err(InferError::QueueFull {
+                    queued: full.queued,
+                    requested: full.requested,
+                    capacity: full.capacity,
+                    retry_after: Duration::from_secs_f64(secs.clamp(1.0, 3600.0)),
+                })
+            }
+        }
+    }
+
+    /// Drops a request's images that have not started; returns how many.
+    pub fn cancel(&self, request: RequestId, reason: DropReason) -> usize {
+        let mut state = self.lock();
+        let n = state.cancel(request).len();
+        self.metrics.set_queue_images(state.len());
+        drop(state);
+        self.metrics.dropped(reason, n);
+        n
+    }
+
+    /// More entries of `key` for a batch formed earlier (see the module doc).
+    pub(crate) fn top_up(&self, key: &ShapeKey, room: usize) -> Vec<Entry<Item>> {
+        if room == 0 {
+            return Vec::new();
+        }
+        let mut state = self.lock();
+        let taken = state.take_key(key, room);
+        self.metrics.set_queue_images(state.len());
+        taken
+    }
+
+    /// Removes entries nobody waits for any more, counting them by reason.
+    fn purge(&self, state: &mut State<Item>, now: Instant) {
+        let expired = state.take_expired(now).len();
+        let gone = state.remove_where(|e| e.payload.reply.is_closed()).len();
+        self.metrics.dropped(DropReason::Timeout, expired);
+        self.metrics.dropped(DropReason::ClientDisconnected, gone);
+    }
+}
+
+/// Forms batches for one device until its worker is gone.
+pub async fn run_batcher(
+    queue: Arc<Queue>,
+    to_worker: mpsc::Sender<Batch<Item>>,
+    max_batch: usize,
+) {
+    loop {
+        // Wait for the prefetch slot first, so a batch is formed as late as possible.
+        let Ok(permit) = to_worker.reserve().await else {
+            return;
+        };
+        let batch = loop {
+            let arrived = queue.arrivals.notified();
+            tokio::pin!(arrived);
+            // Registered before looking at the queue, so no arrival is missed in between.
+            arrived.as_mut().enable();
+            let next = {
+                let now = Instant::now();
+                let mut state = queue.lock();
+                queue.purge(&mut state, now);
+                let next = state.next_batch(now, max_batch);
+                queue.metrics.set_queue_images(state.len());
+                next
+            };
+            match next {
+                Next::Batch(batch) => break batch,
+                Next::WaitUntil(t) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(t.into()) => {}
+                        _ = &mut arrived => {}
+                    }
+                }
+                Next::Empty => arrived.await,
+            }
+        };
+        permit.send(batch);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::queue::{Guidance, Priority};
+
+    fn policy(capacity: usize) -> QueuePolicy {
+        QueuePolicy {
+            capacity,
+            aging: Duration::from_secs(10),
+            max_batch_delay: Duration::from_millis(5),
+        }
+    }
+
+    fn entry(request: u64, reply: &mpsc::UnboundedSender<ItemOutcome>) -> Entry<Item> {
+        let now = Instant::now();
+        Entry {
+            request: RequestId(request),
+            key: ShapeKey {
+                width: 64,
+                height: 64,
+                steps: 1,
+                guidance: Guidance::Off,
+            },
+            priority: Priority::Normal,
+            enqueued: now,
+            deadline: now + Duration::from_secs(60),
+            payload: Item {
+                index: 0,
+                image: ImageRequest {
+                    prompt: "p".into(),
+                    negative_prompt: String::new(),
+                    seed: request,
+                },
+                reply: reply.clone(),
+                span: tracing::Span::none(),
+            },
+        }
+    }
+
+    #[test]
+    fn full_queue_answers_with_retry_after_from_throughput() {
+        let metrics = Arc::new(Metrics::new());
+        metrics.calibrate(2, Duration::from_secs(1), 1);
+        let q = Queue::new(policy(2), metrics);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        q.submit(vec![entry(1, &tx), entry(1, &tx)]).unwrap();
+        match q.submit(vec![
+            entry(2, &tx),
+            entry(2, &tx),
+            entry(2, &tx),
+            entry(2, &tx),
+            entry(2, &tx),
+            entry(2, &tx),
+        ]) {
+            // 6 images over capacity at 2 images/s: 3 s.
+            Err(InferError::QueueFull { retry_after, .. }) => {
+                assert_eq!(retry_after, Duration::from_secs(3))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn cancel_counts_dropped_images() {
+        let metrics = Arc::new(Metrics::new());
+        let q = Queue::new(policy(8), metrics.clone());
+        let (tx, _rx) = mpsc::unbounded_channel();
+        q.submit(vec![entry(1, &tx), entry(1, &tx), entry(2, &tx)])
+            .unwrap();
+        assert_eq!(q.cancel(RequestId(1), DropReason::ClientDisconnected), 2);
+        assert_eq!(q.len(), 1);
+        assert!(metrics
+            .render()
+            .contains("turbine_images_dropped_total{reason=\"client_disconnected\"} 2"));
+        assert!(metrics.render().contains("turbine_queue_images 1"));
+    }
+
+    #[tokio::test]
+    async fn batcher_skips_gone_clients_and_prefetches_one_batch() {
+        let metrics = Arc::new(Metrics::new());
+        let q = Arc::new(Queue::new(policy(16), metrics.clone()));
+        let (to_worker, mut from_batcher) = mpsc::channel(1);
+        tokio::spawn(run_batcher(q.clone(), to_worker, 2));
+        let (gone_tx, gone_rx) = mpsc::unbounded_channel();
+        drop(gone_rx);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        q.submit(vec![entry(1, &gone_tx)]).unwrap();
+        q.submit(vec![
+            entry(2, &tx),
+            entry(3, &tx),
+            entry(4, &tx),
+            entry(5, &tx),
+            entry(6, &tx),
+        ])
+        .unwrap();
+        let first = from_batcher.recv().await.unwrap();
+        let seeds: Vec<u64> = first.entries.iter().map(|e| e.payload.image.seed).collect();
+        assert_eq!(seeds, [2, 3]);
+        // The worker has not taken another batch: exactly one more is formed and parked.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(q.len(), 1);
+        let second = from_batcher.recv().await.unwrap();
+        assert_eq!(second.entries.len(), 2);
+        let third = from_batcher.recv().await.unwrap();
+        assert_eq!(third.entries.len(), 1);
+        assert!(metrics
+            .render()
+            .contains("turbine_images_dropped_total{reason=\"client_disconnected\"} 1"));
+    }
+}

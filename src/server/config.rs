@@ -1,0 +1,231 @@
+//! The server's configuration as one value (built from the CLI by `turbine serve`, or directly
+//! by tests), with the defaults of SDXL-Turbo and of OpenAI's API.
+
+use std::time::Duration;
+
+use anyhow::{bail, ensure};
+
+use super::api::ResponseFormat;
+use super::auth::ApiKey;
+
+/// The most images one request may ask for (OpenAI's bound for `n`).
+pub const MAX_N: u32 = 10;
+
+/// The served model's identity.
+#[derive(Debug, Clone)]
+pub struct ModelIdentity {
+    /// What `GET /v1/models` lists and what `model` in a request normally names.
+    pub id: String,
+    /// Other names that mean the served model, so OpenAI-shaped clients work unchanged.
+    pub aliases: Vec<String>,
+}
+
+impl ModelIdentity {
+    pub fn matches(&self, name: &str) -> bool {
+        self.id == name || self.aliases.iter().any(|a| a == name)
+    }
+}
+
+/// Bounds a request is validated against.
+#[derive(Debug, Clone)]
+pub struct RequestLimits {
+    /// Smallest and largest image side in pixels (multiples of 8: the VAE's scale factor).
+    pub min_side: u32,
+    pub max_side: u32,
+    /// What `size: "auto"` (or no size) means.
+    pub default_size: (u32, u32),
+    pub max_prompt_chars: usize,
+    pub max_steps: u32,
+    pub max_guidance_scale: f64,
+    /// Request bodies above this are refused with 413 before parsing.
+    pub max_body_bytes: usize,
+    pub default_response_format: ResponseFormat,
+}
+
+/// The batcher's knobs.
+#[derive(Debug, Clone)]
+pub struct BatchingConfig {
+    pub max_batch_size: usize,
+    pub max_batch_delay: Duration,
+    pub max_queued_images: usize,
+    /// Virtual-time gap between priority classes (see `queue`).
+    pub priority_aging: Duration,
+    /// A request not finished by then gets 503 and its unstarted images leave the queue.
+    pub request_timeout: Duration,
+}
+
+/// The store behind `response_format: "url"`.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub ttl: Duration,
+    pub max_bytes: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AuthConfig {
+    /// Empty: the API is open.
+    pub keys: Vec<ApiKey>,
+    /// A header whose value (`high|normal|low`) sets a request's priority; only for
+    /// deployments where a trusted proxy sets it.
+    pub priority_header: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub model: ModelIdentity,
+    pub limits: RequestLimits,
+    pub batching: BatchingConfig,
+    pub store: StoreConfig,
+    pub auth: AuthConfig,
+    /// Base of the URLs returned for `response_format: "url"` (e.g. `https://img.example.com`);
+    /// `None`: `http://` + the request's `Host` header.
+    pub public_url: Option<String>,
+    /// After SIGTERM/SIGINT, how long queued and running work may take before the server exits.
+    pub shutdown_grace: Duration,
+    /// Images in the warm-up batch each worker runs before `/health` turns 200 (0: the batch
+    /// size limit, which also proves the largest batch fits in device memory).
+    pub warmup_images: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            model: ModelIdentity {
+                id: "sdxl-turbo".into(),
+                aliases: vec!["gpt-image-1".into(), "dall-e-2".into(), "dall-e-3".into()],
+            },
+            limits: RequestLimits {
+                min_side: 256,
+                max_side: 1536,
+                default_size: (512, 512),
+                max_prompt_chars: 32_000,
+                max_steps: 50,
+                max_guidance_scale: 30.0,
+                max_body_bytes: 1 << 20,
+                default_response_format: ResponseFormat::B64Json,
+            },
+            batching: BatchingConfig {
+                max_batch_size: 8,
+                max_batch_delay: Duration::from_millis(20),
+                max_queued_images: 256,
+                priority_aging: Duration::from_secs(30),
+                request_timeout: Duration::from_secs(300),
+            },
+            store: StoreConfig {
+                ttl: Duration::from_secs(3600),
+                max_bytes: 512 << 20,
+            },
+            auth: AuthConfig::default(),
+            public_url: None,
+            shutdown_grace: Duration::from_secs(30),
+            warmup_images: 0,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Rejects inconsistent settings at start-up, naming the option at fault.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let l = &self.limits;
+        for (name, v) in [
+            ("--min-image-side", l.min_side),
+            ("--max-image-side", l.max_side),
+        ] {
+            ensure!(
+                v >= 8 && v.is_multiple_of(8),
+                "{name} must be a positive multiple of 8 (the VAE's scale factor), got {v}"
+            );
+        }
+        ensure!(
+            l.min_side <= l.max_side,
+            "--min-image-side ({}) must not exceed --max-image-side ({})",
+            l.min_side,
+            l.max_side
+        );
+        let (w, h) = l.default_size;
+        for side in [w, h] {
+            if !side.is_multiple_of(8) || side < l.min_side || side > l.max_side {
+                bail!(
+                    "--default-size {w}x{h} must have sides that are multiples of 8 between \
+                     {} and {}",
+                    l.min_side,
+                    l.max_side
+                );
+            }
+        }
+        ensure!(l.max_steps >= 1, "--max-steps must be at least 1");
+        ensure!(
+            l.max_body_bytes >= 1024,
+            "--max-body-bytes must be at least 1024"
+        );
+        let b = &self.batching;
+        ensure!(b.max_batch_size >= 1, "--max-batch-size must be at least 1");
+        ensure!(
+            b.max_queued_images >= MAX_N as usize,
+            "--max-queued-images must be at least {MAX_N} (the largest n), got {}",
+            b.max_queued_images
+        );
+        ensure!(
+            !b.request_timeout.is_zero(),
+            "--request-timeout must be positive"
+        );
+        // Deadlines are `Instant + Duration`, which panics on overflow: keep durations sane.
+        const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+        for (name, d) in [
+            ("--request-timeout", b.request_timeout),
+            ("--max-batch-delay-ms", b.max_batch_delay),
+            ("--priority-aging-secs", b.priority_aging),
+            ("--image-url-ttl-secs", self.store.ttl),
+            ("--shutdown-grace-secs", self.shutdown_grace),
+        ] {
+            ensure!(
+                d <= YEAR,
+                "{name} must be at most a year, got {} s",
+                d.as_secs()
+            );
+        }
+        ensure!(
+            !self.model.id.is_empty(),
+            "--served-model-name must not be empty"
+        );
+        if let Some(url) = &self.public_url {
+            ensure!(
+                url.starts_with("http://") || url.starts_with("https://"),
+                "--public-url must start with http:// or https://, got {url}"
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_pass_and_bad_settings_name_their_option() {
+        ServerConfig::default().check().unwrap();
+        type Case = (fn(&mut ServerConfig), &'static str);
+        let cases: Vec<Case> = vec![
+            (|c| c.limits.min_side = 100, "--min-image-side"),
+            (
+                |c| c.limits.min_side = 2048,
+                "--min-image-side (2048) must not exceed",
+            ),
+            (|c| c.limits.default_size = (520, 4), "--default-size"),
+            (|c| c.batching.max_batch_size = 0, "--max-batch-size"),
+            (|c| c.batching.max_queued_images = 9, "--max-queued-images"),
+            (
+                |c| c.batching.request_timeout = Duration::from_secs(u64::MAX),
+                "--request-timeout",
+            ),
+            (|c| c.public_url = Some("ftp://x".into()), "--public-url"),
+        ];
+        for (tweak, fragment) in cases {
+            let mut c = ServerConfig::default();
+            tweak(&mut c);
+            let e = c.check().unwrap_err().to_string();
+            assert!(e.contains(fragment), "{e:?} lacks {fragment:?}");
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! Errors in three layers (TEI's shape): [`BackendError`] (the model failed), [`InferError`]
+//! (the request could not be served: queue, timeout, shutdown, backend), [`ApiError`] (what
+//! the HTTP layer answers). [`ApiError::info`] is the one table from error kind to HTTP
+//! status, OpenAI error `type`/`code` and metrics label; every error response goes through it
+//! and carries OpenAI's body `{"error": {"message", "type", "param", "code"}}`.
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// The model failed on a batch. Cloned to every request of that batch, hence text only.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    #[error("image generation failed on {device}: {message}")]
+    Failed { device: String, message: String },
+    #[error("the model worker on {device} panicked: {message}")]
+    Panicked { device: String, message: String },
+    #[error("the model worker stopped before generating this image")]
+    WorkerGone,
+}
+
+/// A valid request that could not be served.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InferError {
+    #[error(
+        "the server is at capacity: {queued} images are queued (at most {capacity}) and this \
+         request needs {requested}; retry after {} s",
+        retry_after.as_secs()
+    )]
+    QueueFull {
+        queued: usize,
+        requested: usize,
+        capacity: usize,
+        retry_after: Duration,
+    },
+    #[error("the request timed out after {} s before all its images were generated", after.as_secs())]
+    Timeout { after: Duration },
+    #[error("the model is still loading; retry shortly")]
+    NotReady,
+    #[error("the server is shutting down and accepts no new requests")]
+    ShuttingDown,
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("encoding the image as {format} failed: {message}")]
+    Encode {
+        format: &'static str,
+        message: String,
+    },
+    #[error("cannot store the image for its URL: {0}")]
+    Store(String),
+}
+
+/// What the HTTP layer answers with.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    /// A field is missing, of the wrong type, out of bounds, unknown or unsupported.
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+        code: &'static str,
+    },
+    #[error("{0}")]
+    InvalidJson(String),
+    #[error("the request body must be a JSON object, got {0}")]
+    NotAnObject(&'static str),
+    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    ModelNotFound(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
+    #[error("the request body exceeds the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("Content-Type must be application/json, got {}", got.as_deref().unwrap_or("none"))]
+    UnsupportedMediaType { got: Option<String> },
+    #[error(
+        "You didn't provide an API key. Provide it in the Authorization header with Bearer \
+         auth (Authorization: Bearer YOUR_KEY)."
+    )]
+    MissingApiKey,
+    #[error("Incorrect API key provided.")]
+    InvalidApiKey,
+    #[error(
+        "rate limit reached for {kind} per minute: limit {limit}, this request needs {needed}; \
+         retry after {} s",
+        retry_after.as_secs()
+    )]
+    RateLimited {
+        kind: &'static str,
+        limit: u32,
+        needed: u32,
+        retry_after: Duration,
+    },
+    #[error(transparent)]
+    Infer(#[from] InferError),
+}
+
+impl From<BackendError> for ApiError {
+    fn from(e: BackendError) -> Self {
+        ApiError::Infer(InferError::Backend(e))
+    }
+}
+
+/// One row of the status table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorInfo {
+    pub status: StatusCode,
+    /// OpenAI's error `type`.
+    pub kind: &'static str,
+    /// OpenAI's error `code` (when the kind has a fixed one).
+    pub code: Option<&'static str>,
+    /// The `type` label of `turbine_errors_total`.
+    pub metric: &'static str,
+}
+
+const INVALID: &str = "invalid_request_error";
+const SERVER: &str = "server_error";
+
+impl ApiError {
+    pub fn invalid(param: &str, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError::InvalidRequest {
+            message: message.into(),
+            param: Some(param.to_string()),
+            code,
+        }
+    }
+
+    /// The status table.
+    pub fn info(&self) -> ErrorInfo {
+        use StatusCode as S;
+        let row = |status, kind, code, metric| ErrorInfo {
+            status,
+            kind,
+            code,
+            metric,
+        };
+        match self {
+            ApiError::InvalidRequest { code, .. } => {
+                row(S::BAD_REQUEST, INVALID, Some(*code), "invalid_request")
+            }
+            ApiError::InvalidJson(_) => row(S::BAD_REQUEST, INVALID, None, "invalid_json"),
+            ApiError::NotAnObject(_) => row(S::UNPROCESSABLE_ENTITY, INVALID, None, "invalid_json"),
+            ApiError::ModelNotFound(_) => row(
+                S::NOT_FOUND,
+                INVALID,
+                Some("model_not_found"),
+                "model_not_found",
+            ),
+            ApiError::NotFound(_) => row(S::NOT_FOUND, INVALID, None, "not_found"),
+            ApiError::MethodNotAllowed { .. } => {
+                row(S::METHOD_NOT_ALLOWED, INVALID, None, "method_not_allowed")
+            }
+            ApiError::PayloadTooLarge { .. } => {
+                row(S::PAYLOAD_TOO_LARGE, INVALID, None, "payload_too_large")
+            }
+            ApiError::UnsupportedMediaType { .. } => row(
+                S::UNSUPPORTED_MEDIA_TYPE,
+                INVALID,
+                None,
+                "unsupported_media_type",
+            ),
+            ApiError::MissingApiKey => row(
+                S::UNAUTHORIZED,
+                INVALID,
+                Some("missing_api_key"),
+                "unauthorized",
+            ),
+            ApiError::InvalidApiKey => row(
+                S::UNAUTHORIZED,
+                INVALID,
+                Some("invalid_api_key"),
+                "unauthorized",
+            ),
+            ApiError::RateLimited { kind, .. } => row(
+                S::TOO_MANY_REQUESTS,
+                kind,
+                Some("rate_limit_exceeded"),
+                "rate_limited",
+            ),
+            ApiError::Infer(e) => match e {
+                InferError::QueueFull { .. } => row(
+                    S::TOO_MANY_REQUESTS,
+                    SERVER,
+                    Some("queue_full"),
+                    "queue_full",
+                ),
+                InferError::Timeout { .. } => {
+                    row(S::SERVICE_UNAVAILABLE, SERVER, Some("timeout"), "timeout")
+                }
+                InferError::NotReady => row(
+                    S::SERVICE_UNAVAILABLE,
+                    SERVER,
+                    Some("model_loading"),
+                    "not_ready",
+                ),
+                InferError::ShuttingDown => row(
+                    S::SERVICE_UNAVAILABLE,
+                    SERVER,
+                    Some("shutting_down"),
+                    "shutting_down",
+                ),
+                InferError::Backend(BackendError::Panicked { .. }) => {
+                    row(S::INTERNAL_SERVER_ERROR, SERVER, None, "backend_panic")
+                }
+                InferError::Backend(_) => row(S::INTERNAL_SERVER_ERROR, SERVER, None, "backend"),
+                InferError::Encode { .. } => row(S::INTERNAL_SERVER_ERROR, SERVER, None, "encode"),
+                InferError::Store(_) => row(S::INTERNAL_SERVER_ERROR, SERVER, None, "store"),
+            },
+        }
+    }
+
+    pub fn param(&self) -> Option<&str> {
+        match self {
+            ApiError::InvalidRequest { param, .. } => param.as_deref(),
+            ApiError::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// How long a client should wait before retrying, where that is known.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ApiError::RateLimited { retry_after, .. }
+            | ApiError::Infer(InferError::QueueFull { retry_after, .. }) => Some(*retry_after),
+            ApiError::Infer(InferError::NotReady) => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        let info = self.info();
+        ErrorBody {
+            error: ErrorObject {
+                message: self.to_string(),
+                kind: info.kind.to_string(),
+                param: self.param().map(str::to_string),
+                code: info.code.map(str::to_string),
+            },
+        }
+    }
+}
+
+/// OpenAI's error body.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct ErrorBody {
+    pub error: ErrorObject,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct ErrorObject {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+/// Put on error responses so the metrics layer can count errors by type.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorMetric(pub &'static str);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let info = self.info();
+        if info.status.is_server_error() {
+            tracing::error!(status = info.status.as_u16(), "{self}");
+        } else {
+            tracing::debug!(status = info.status.as_u16(), "{self}");
+        }
+        let mut response = (info.status, axum::Json(self.body())).into_response();
+        if let Some(after) = self.retry_after() {
+            // Whole seconds, rounded up, never 0 (clients treat 0 as "retry at once").
+            let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+            let headers = response.headers_mut();
+            headers.insert("retry-after", HeaderValue::from(secs.max(1)));
+            headers.insert(
+                "retry-after-ms",
+                HeaderValue::from(after.as_millis().max(1) as u64),
+            );
+        }
+        if matches!(self, ApiError::PayloadTooLarge { .. }) {
+            // The unread rest of the body makes the connection unusable: tell the client not
+            // to send its next request on it.
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                HeaderValue::from_static("close"),
+            );
+        }
+        response.extensions_mut().insert(ErrorMetric(info.metric));
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_table_covers_the_statuses_the_sdks_map() {
+        let cases: Vec<(ApiError, u16)> = vec![
+            (ApiError::invalid("n", "integer_above_max_value", "n"), 400),
+            (ApiError::InvalidJson("bad".into()), 400),
+            (ApiError::NotAnObject("an array"), 422),
+            (ApiError::MissingApiKey, 401),
+            (ApiError::InvalidApiKey, 401),
+            (ApiError::ModelNotFound("x".into()), 404),
+            (ApiError::PayloadTooLarge { limit: 10 }, 413),
+            (ApiError::UnsupportedMediaType { got: None }, 415),
+            (
+                ApiError::RateLimited {
+                    kind: "requests",
+                    limit: 1,
+                    needed: 1,
+                    retry_after: Duration::from_millis(1500),
+                },
+                429,
+            ),
+            (
+                InferError::QueueFull {
+                    queued: 1,
+                    requested: 1,
+                    capacity: 1,
+                    retry_after: Duration::from_secs(3),
+                }
+                .into(),
+                429,
+            ),
+            (BackendError::WorkerGone.into(), 500),
+            (InferError::ShuttingDown.into(), 503),
+            (InferError::NotReady.into(), 503),
+        ];
+        for (err, status) in cases {
+            assert_eq!(err.info().status.as_u16(), status, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn body_has_openai_shape_and_param() {
+        let err = ApiError::invalid("size", "invalid_value", "size must be WxH, got \"abc\"");
+        let json = serde_json::to_value(err.body()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"error": {
+                "message": "size must be WxH, got \"abc\"",
+                "type": "invalid_request_error",
+                "param": "size",
+                "code": "invalid_value",
+            }})
+        );
+    }
+
+    #[test]
+    fn retry_after_is_rounded_up_to_whole_seconds() {
+        let err = ApiError::RateLimited {
+            kind: "images",
+            limit: 4,
+            needed: 2,
+            retry_after: Duration::from_millis(1200),
+        };
+        let response = err.into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()["retry-after"], "2");
+        assert_eq!(response.headers()["retry-after-ms"], "1200");
+    }
+}

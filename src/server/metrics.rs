@@ -1,0 +1,443 @@
+//! Prometheus metrics in the text exposition format (version 0.0.4), written by hand: a few
+//! counters, gauges and histograms do not need a registry crate.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Stages whose durations are histogrammed (the `stage` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    QueueWait,
+    TextEncode,
+    Unet,
+    VaeDecode,
+    ImageEncode,
+}
+
+impl Stage {
+    const ALL: [Stage; 5] = [
+        Stage::QueueWait,
+        Stage::TextEncode,
+        Stage::Unet,
+        Stage::VaeDecode,
+        Stage::ImageEncode,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Stage::QueueWait => "queue_wait",
+            Stage::TextEncode => "text_encode",
+            Stage::Unet => "unet",
+            Stage::VaeDecode => "vae_decode",
+            Stage::ImageEncode => "image_encode",
+        }
+    }
+}
+
+/// Why queued images were dropped before running (the `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DropReason {
+    ClientDisconnected,
+    Timeout,
+    /// Another image of the same request failed, so the request already got its error.
+    RequestFailed,
+}
+
+impl DropReason {
+    fn label(self) -> &'static str {
+        match self {
+            DropReason::ClientDisconnected => "client_disconnected",
+            DropReason::Timeout => "timeout",
+            DropReason::RequestFailed => "request_failed",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Histogram {
+    bounds: &'static [f64],
+    /// Per bucket (not cumulative), plus one for +Inf.
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            counts: vec![0; bounds.len() + 1],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    fn observe(&mut self, v: f64) {
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| v <= *b)
+            .unwrap_or(self.bounds.len());
+        self.counts[i] += 1;
+        self.sum += v;
+        self.count += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
+            cumulative += count;
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
+            self.count
+        );
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
+    }
+}
+
+/// Batch sizes are powers of two in practice; 1 and 2 separated so "batches > 1" is visible.
+const BATCH_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
+/// From sub-millisecond (encode of a tiny image, idle queue) to minutes (a large batch on CPU).
+const SECONDS_BOUNDS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0,
+];
+
+#[derive(Debug)]
+struct Inner {
+    requests: BTreeMap<(String, u16), u64>,
+    errors: BTreeMap<&'static str, u64>,
+    dropped: BTreeMap<DropReason, u64>,
+    batch_size: Histogram,
+    stages: BTreeMap<Stage, Histogram>,
+    /// Images per second of the whole server, smoothed (for `Retry-After`).
+    throughput: Option<f64>,
+}
+
+/// All of the server's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+    images_generated: AtomicU64,
+    images_enqueued: AtomicU64,
+    batches_failed: AtomicU64,
+    queue_images: AtomicI64,
+    in_flight: AtomicI64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Metrics {
+            inner: Mutex::new(Inner {
+                requests: BTreeMap::new(),
+                errors: BTreeMap::new(),
+                dropped: BTreeMap::new(),
+                batch_size: Histogram::new(BATCH_BOUNDS),
+                stages: Stage::ALL
+                    .iter()
+                    .map(|s| (*s, Histogram::new(SECONDS_BOUNDS)))
+                    .collect(),
+                throughput: None,
+            }),
+            images_generated: AtomicU64::new(0),
+            images_enqueued: AtomicU64::new(0),
+            batches_failed: AtomicU64::new(0),
+            queue_images: AtomicI64::new(0),
+            in_flight: AtomicI64::new(0),
+        }
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // Plain counters: a panic elsewhere while holding the lock leaves nothing inconsistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn request(&self, route: &str, status: u16) {
+        *self
+            .inner()
+            .requests
+            .entry((route.to_string(), status))
+            .or_default() += 1;
+    }
+
+    pub fn error(&self, kind: &'static str) {
+        *self.inner().errors.entry(kind).or_default() += 1;
+    }
+
+    pub fn dropped(&self, reason: DropReason, images: usize) {
+        if images > 0 {
+            *self.inner().dropped.entry(reason).or_default() += images as u64;
+        }
+    }
+
+    pub fn stage(&self, stage: Stage, d: Duration) {
+        if let Some(h) = self.inner().stages.get_mut(&stage) {
+            h.observe(d.as_secs_f64());
+        }
+    }
+
+    /// A finished batch: its size, and the rate it ran at for `Retry-After` estimates.
+    pub fn batch_done(&self, images: usize, elapsed: Duration, workers: usize) {
+        self.images_generated
+            .fetch_add(images as u64, Ordering::Relaxed);
+        let mut inner = self.inner();
+        inner.batch_size.observe(images as f64);
+        self.update_throughput(&mut inner, images, elapsed, workers);
+    }
+
+    /// A warm-up batch: calibrates the throughput estimate without counting as served work.
+    pub fn calibrate(&self, images: usize, elapsed: Duration, workers: usize) {
+        let mut inner = self.inner();
+        self.update_throughput(&mut inner, images, elapsed, workers);
+    }
+
+    fn update_throughput(
+        &self,
+        inner: &mut Inner,
+        images: usize,
+        elapsed: Duration,
+        workers: usize,
+    ) {
+        let secs = elapsed.as_secs_f64();
+        if images == 0 || secs <= 0.0 {
+            return;
+        }
+        // Each worker runs its batches one at a time; all workers together run `workers`x.
+        let rate = images as f64 / secs * workers.max(1) as f64;
+        // Weight 0.2: follows a change of load within ~5 batches, smooths single outliers.
+        inner.throughput = Some(match inner.throughput {
+            Some(old) => 0.8 * old + 0.2 * rate,
+            None => rate,
+        });
+    }
+
+    pub fn enqueued(&self, images: usize) {
+        self.images_enqueued
+            .fetch_add(images as u64, Ordering::Relaxed);
+    }
+
+    pub fn batch_failed(&self) {
+        self.batches_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn throughput(&self) -> Option<f64> {
+        self.inner().throughput
+    }
+
+    pub fn set_queue_images(&self, n: usize) {
+        self.queue_images.store(n as i64, Ordering::Relaxed);
+    }
+
+    pub fn in_flight(&self, delta: i64) {
+        self.in_flight.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let inner = self.inner();
+        let mut out = String::new();
+        let header = |out: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+
+        header(
+            &mut out,
+            "turbine_http_requests_total",
+            "counter",
+            "HTTP requests by route and status.",
+        );
+        for ((route, status), n) in &inner.requests {
+            let _ = writeln!(
+                out,
+                "turbine_http_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
+                escape(route)
+            );
+        }
+        header(
+            &mut out,
+            "turbine_http_requests_in_flight",
+            "gauge",
+            "Image generation requests being served.",
+        );
+        let _ = writeln!(
+            out,
+            "turbine_http_requests_in_flight {}",
+            self.in_flight.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "turbine_images_generated_total",
+            "counter",
+            "Images generated for requests.",
+        );
+        let _ = writeln!(
+            out,
+            "turbine_images_generated_total {}",
+            self.images_generated.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "turbine_images_enqueued_total",
+            "counter",
+            "Images accepted into the queue.",
+        );
+        let _ = writeln!(
+            out,
+            "turbine_images_enqueued_total {}",
+            self.images_enqueued.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "turbine_images_dropped_total",
+            "counter",
+            "Queued images dropped before running, by reason.",
+        );
+        for (reason, n) in &inner.dropped {
+            let _ = writeln!(
+                out,
+                "turbine_images_dropped_total{{reason=\"{}\"}} {n}",
+                reason.label()
+            );
+        }
+        header(
+            &mut out,
+            "turbine_queue_images",
+            "gauge",
+            "Images waiting in the queue.",
+        );
+        let _ = writeln!(
+            out,
+            "turbine_queue_images {}",
+            self.queue_images.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "turbine_batches_failed_total",
+            "counter",
+            "Batches whose generation failed or panicked.",
+        );
+        let _ = writeln!(
+            out,
+            "turbine_batches_failed_total {}",
+            self.batches_failed.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "turbine_batch_size",
+            "histogram",
+            "Images per batch run on a device.",
+        );
+        inner.batch_size.render(&mut out, "turbine_batch_size", "");
+        header(&mut out, "turbine_stage_duration_seconds", "histogram", "Duration of each stage: queue_wait and image_encode per image, the model stages per batch.");
+        for (stage, h) in &inner.stages {
+            h.render(
+                &mut out,
+                "turbine_stage_duration_seconds",
+                &format!("stage=\"{}\"", stage.label()),
+            );
+        }
+        header(
+            &mut out,
+            "turbine_errors_total",
+            "counter",
+            "Error responses by type.",
+        );
+        for (kind, n) in &inner.errors {
+            let _ = writeln!(out, "turbine_errors_total{{type=\"{kind}\"}} {n}");
+        }
+        header(
+            &mut out,
+            "turbine_throughput_images_per_second",
+            "gauge",
+            "Smoothed images/s of all devices (drives Retry-After).",
+        );
+        let _ = writeln!(
+            out,
+            "turbine_throughput_images_per_second {}",
+            inner.throughput.unwrap_or(0.0)
+        );
+        out
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_counters_gauges_and_cumulative_histograms() {
+        let m = Metrics::new();
+        m.request("/v1/images/generations", 200);
+        m.request("/v1/images/generations", 200);
+        m.request("/health", 503);
+        m.error("queue_full");
+        m.dropped(DropReason::ClientDisconnected, 3);
+        m.set_queue_images(5);
+        m.batch_done(1, Duration::from_secs(1), 1);
+        m.batch_done(4, Duration::from_secs(1), 1);
+        m.stage(Stage::Unet, Duration::from_millis(30));
+        let text = m.render();
+        for line in [
+            "turbine_http_requests_total{route=\"/v1/images/generations\",status=\"200\"} 2",
+            "turbine_http_requests_total{route=\"/health\",status=\"503\"} 1",
+            "turbine_errors_total{type=\"queue_full\"} 1",
+            "turbine_images_dropped_total{reason=\"client_disconnected\"} 3",
+            "turbine_queue_images 5",
+            "turbine_images_generated_total 5",
+            "turbine_images_enqueued_total 0",
+            "turbine_batch_size_bucket{le=\"1\"} 1",
+            "turbine_batch_size_bucket{le=\"2\"} 1",
+            "turbine_batch_size_bucket{le=\"4\"} 2",
+            "turbine_batch_size_bucket{le=\"+Inf\"} 2",
+            "turbine_batch_size_sum 5",
+            "turbine_batch_size_count 2",
+            "turbine_stage_duration_seconds_bucket{stage=\"unet\",le=\"0.025\"} 0",
+            "turbine_stage_duration_seconds_bucket{stage=\"unet\",le=\"0.05\"} 1",
+            "turbine_stage_duration_seconds_count{stage=\"unet\"} 1",
+            "# TYPE turbine_batch_size histogram",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn throughput_is_smoothed_and_scaled_by_workers() {
+        let m = Metrics::new();
+        assert_eq!(m.throughput(), None);
+        m.calibrate(4, Duration::from_secs(2), 2);
+        assert_eq!(m.throughput(), Some(4.0));
+        m.batch_done(8, Duration::from_secs(1), 2);
+        assert!((m.throughput().unwrap() - (0.8 * 4.0 + 0.2 * 16.0)).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,270 @@
+//! `turbine serve`: the OpenAI Images API over HTTP, feeding a dynamic batcher.
+//!
+//! ```text
+//! HTTP (axum) ─ validate ─▶ Queue (queue::State: shape keys, priorities, expiry)
+//!                              │  one batcher task per device forms batches,
+//!                              ▼  prefetching one through a channel of size 1
+//!                        worker thread per device (ImageBackend: the Pipeline)
+//!                              │  RgbImage per item, back to its request
+//!                              ▼
+//!              encode on the blocking pool ─▶ b64_json, or url via the ImageStore
+//! ```
+//!
+//! Modules: [`config`] (one `ServerConfig`), [`api`] (wire types), [`validate`] (raw JSON →
+//! `ValidRequest`), [`error`] (error layers and the status table), [`queue`] (pure queue
+//! logic), [`batcher`] and [`worker`] (the runtime around it), [`encode`], [`store`],
+//! [`auth`], [`metrics`], [`routes`].
+
+pub mod api;
+pub mod auth;
+pub mod batcher;
+pub mod config;
+pub mod encode;
+pub mod error;
+pub mod metrics;
+pub mod queue;
+pub mod routes;
+pub mod store;
+pub mod validate;
+pub mod worker;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+pub use config::ServerConfig;
+pub use worker::{BackendFactory, ImageBackend, WorkerSpec};
+
+use auth::Authenticator;
+use batcher::Queue;
+use metrics::Metrics;
+use queue::{Guidance, QueuePolicy, ShapeKey};
+use store::ImageStore;
+use worker::{Warmup, WorkerContext};
+
+/// Counts a prompt's CLIP tokens (for `usage`); `None` in the server means "unknown" (0).
+pub type TokenCounter = Arc<dyn Fn(&str) -> usize + Send + Sync>;
+
+/// Where the server is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Weights loading or warm-up running: `/health` 503, generation 503.
+    Loading = 0,
+    Ready = 1,
+    /// SIGTERM/SIGINT received: draining; `/health` and new generation requests 503.
+    ShuttingDown = 2,
+}
+
+/// Shared state of the HTTP layer.
+pub struct App {
+    pub config: ServerConfig,
+    pub queue: Arc<Queue>,
+    pub metrics: Arc<Metrics>,
+    pub auth: Authenticator,
+    pub store: Mutex<ImageStore>,
+    pub tokens: Option<TokenCounter>,
+    /// Unix time the server started (the models' `created`).
+    pub started: u64,
+    phase: AtomicU8,
+    next_request: AtomicU64,
+    in_flight: AtomicUsize,
+    idle: Notify,
+}
+
+impl App {
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Acquire) {
+            0 => Phase::Loading,
+            1 => Phase::Ready,
+            _ => Phase::ShuttingDown,
+        }
+    }
+
+    fn set_phase(&self, p: Phase) {
+        self.phase.store(p as u8, Ordering::Release);
+    }
+
+    pub fn next_request_id(&self) -> queue::RequestId {
+        queue::RequestId(self.next_request.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Marks a generation request as in flight until the guard drops (shutdown waits for 0).
+    pub fn enter(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.metrics.in_flight(1);
+        InFlight(self.clone())
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+/// See [`App::enter`].
+pub struct InFlight(Arc<App>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.metrics.in_flight(-1);
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves, then drains (see [`Phase::ShuttingDown`]) for at most
+/// `config.shutdown_grace` and returns. The listener accepts from the start, so `/health`
+/// answers 503 while the workers load their models and run their warm-up batch. Fails if a
+/// worker cannot load its model.
+pub async fn serve(
+    config: ServerConfig,
+    listener: tokio::net::TcpListener,
+    workers: Vec<WorkerSpec>,
+    tokens: Option<TokenCounter>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    config.check()?;
+    anyhow::ensure!(!workers.is_empty(), "no device to serve from");
+    let now = Instant::now();
+    let metrics = Arc::new(Metrics::new());
+    let b = &config.batching;
+    let queue = Arc::new(Queue::new(
+        QueuePolicy {
+            capacity: b.max_queued_images,
+            aging: b.priority_aging,
+            max_batch_delay: b.max_batch_delay,
+        },
+        metrics.clone(),
+    ));
+    queue.set_workers(workers.len());
+    let auth = Authenticator::new(
+        &config.auth.keys,
+        config.auth.priority_header.as_deref(),
+        now,
+    )?;
+    if auth.is_open() {
+        tracing::warn!("no API keys configured: the API is open to anyone who can reach it");
+    }
+    let (w, h) = config.limits.default_size;
+    let warmup = Warmup {
+        key: ShapeKey {
+            width: w,
+            height: h,
+            steps: 1,
+            guidance: Guidance::Off,
+        },
+        images: if config.warmup_images == 0 {
+            b.max_batch_size
+        } else {
+            config.warmup_images
+        },
+    };
+    let max_batch = b.max_batch_size;
+    let app = Arc::new(App {
+        store: Mutex::new(ImageStore::new(config.store.ttl, config.store.max_bytes)),
+        config,
+        queue: queue.clone(),
+        metrics: metrics.clone(),
+        auth,
+        tokens,
+        started: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        phase: AtomicU8::new(Phase::Loading as u8),
+        next_request: AtomicU64::new(0),
+        in_flight: AtomicUsize::new(0),
+        idle: Notify::new(),
+    });
+
+    let n_workers = workers.len();
+    let mut ready = Vec::new();
+    for spec in workers {
+        let (tx, rx) = mpsc::channel(1);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let label = spec.label.clone();
+        let ctx = WorkerContext {
+            queue: queue.clone(),
+            metrics: metrics.clone(),
+            max_batch,
+            workers: n_workers,
+            warmup,
+        };
+        worker::spawn(spec, ctx, rx, ready_tx)
+            .with_context(|| format!("cannot start the worker thread for {label}"))?;
+        tokio::spawn(batcher::run_batcher(queue.clone(), tx, max_batch));
+        ready.push((label, ready_rx));
+    }
+
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let router = routes::router(app.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    tracing::info!("listening on http://{addr}");
+
+    let loaded = async {
+        for (label, rx) in ready {
+            match rx.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.context(format!("device {label}"))),
+                Err(_) => anyhow::bail!("the worker thread for {label} exited during start-up"),
+            }
+        }
+        Ok(())
+    };
+    tokio::pin!(shutdown);
+    tokio::select! {
+        r = loaded => {
+            if let Err(e) = r {
+                let _ = stop_tx.send(());
+                return Err(e);
+            }
+            app.set_phase(Phase::Ready);
+            tracing::info!("ready: serving the model as {:?}", app.config.model.id);
+            (&mut shutdown).await;
+        }
+        _ = &mut shutdown => {}
+    }
+
+    app.set_phase(Phase::ShuttingDown);
+    let grace = app.config.shutdown_grace;
+    tracing::info!(
+        queued_images = queue.len(),
+        grace_secs = grace.as_secs_f64(),
+        "shutting down: finishing queued and running work"
+    );
+    let deadline = Instant::now() + grace;
+    if tokio::time::timeout(grace, app.wait_idle()).await.is_err() {
+        tracing::warn!("shutdown grace period over with requests still running; exiting anyway");
+    }
+    let _ = stop_tx.send(());
+    // Idle keep-alive connections close at once; bound what is left by the grace period.
+    let rest = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(100));
+    match tokio::time::timeout(rest, server).await {
+        Ok(Ok(Ok(()))) | Err(_) => {}
+        Ok(Ok(Err(e))) => return Err(anyhow::Error::new(e).context("HTTP server failed")),
+        Ok(Err(e)) => return Err(anyhow::anyhow!("HTTP server task failed: {e}")),
+    }
+    tracing::info!("shut down");
+    Ok(())
+}

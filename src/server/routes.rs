@@ -1,0 +1,500 @@
+//! The HTTP routes and middleware.
+//!
+//! Layers, outermost first: `x-request-id` (echo or create; a span per request), request
+//! metrics (by route and status, errors by type), then per route: API-key check and rate
+//! limits (`/v1/images/generations`, `/v1/models*`), in-flight tracking for generations (what
+//! shutdown waits for). `/health`, `/metrics` and `/v1/images/files/{id}` need no key: probes
+//! and scrapers carry none, and file ids are unguessable, like OpenAI's signed URLs.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use http_body_util::BodyExt;
+use rand::Rng;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use super::api::{ImageData, ImagesResponse, Model, ModelList, ResponseFormat, Usage};
+use super::auth::Caller;
+use super::batcher::{Item, ItemOutcome, Queue};
+use super::encode::{spawn_encode, EncodeTask, Encoded};
+use super::error::{ApiError, ErrorMetric, InferError};
+use super::metrics::{DropReason, Stage};
+use super::queue::{Entry, RequestId};
+use super::store::StoredImage;
+use super::validate::{validate, ValidRequest};
+use super::{App, Phase};
+use crate::model::pipeline::ImageRequest;
+
+/// The `x-request-id` of a request (echoed from the client, or created).
+#[derive(Debug, Clone)]
+pub struct XRequestId(pub String);
+
+pub fn router(app: Arc<App>) -> Router {
+    let generations =
+        post(generations).layer(middleware::from_fn_with_state(app.clone(), track_in_flight));
+    let authed = Router::new()
+        .route("/v1/images/generations", generations)
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
+        .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
+    Router::new()
+        .merge(authed)
+        .route("/v1/images/files/{id}", get(get_file))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(app.clone(), count_requests))
+        .layer(middleware::from_fn(request_id))
+        .with_state(app)
+}
+
+async fn request_id(mut req: Request, next: Next) -> Response {
+    // Echo only what can go back unchanged into a header and a log line.
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() <= 200 && s.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            let mut raw = [0u8; 16];
+            rand::rng().fill(&mut raw);
+            hex::encode(raw)
+        });
+    req.extensions_mut().insert(XRequestId(id.clone()));
+    let span = tracing::info_span!("request", id = %id);
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let start = Instant::now();
+    let mut response = next.run(req).instrument(span.clone()).await;
+    let (status, secs) = (response.status().as_u16(), start.elapsed().as_secs_f64());
+    span.in_scope(|| {
+        // Probes and scrapers poll: their lines would drown the API's.
+        if path == "/health" || path == "/metrics" {
+            tracing::debug!(%method, path, status, secs, "request done")
+        } else {
+            tracing::info!(%method, path, status, secs, "request done")
+        }
+    });
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    response
+}
+
+async fn count_requests(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let response = next.run(req).await;
+    app.metrics.request(&route, response.status().as_u16());
+    if let Some(ErrorMetric(kind)) = response.extensions().get::<ErrorMetric>() {
+        app.metrics.error(kind);
+    }
+    response
+}
+
+async fn authenticate(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
+    let caller = match app.auth.authenticate(req.headers()) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let mut response = match app.auth.consume(&caller, 1, 0, Instant::now()) {
+        Ok(()) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(e) => e.into_response(),
+    };
+    for (name, value) in app.auth.rate_limit_headers(&caller, Instant::now()) {
+        response.headers_mut().insert(name, value);
+    }
+    response
+}
+
+async fn track_in_flight(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let _in_flight = app.enter();
+    next.run(req).await
+}
+
+async fn health(State(app): State<Arc<App>>) -> Response {
+    let (status, text) = match app.phase() {
+        Phase::Ready => (StatusCode::OK, "ok"),
+        Phase::Loading => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
+        Phase::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+    };
+    (status, Json(serde_json::json!({ "status": text }))).into_response()
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        app.metrics.render(),
+    )
+        .into_response()
+}
+
+fn model_object(app: &App, id: &str) -> Model {
+    Model {
+        id: id.to_string(),
+        object: "model".into(),
+        created: app.started,
+        owned_by: "turbine".into(),
+    }
+}
+
+async fn list_models(State(app): State<Arc<App>>) -> Json<ModelList> {
+    let m = &app.config.model;
+    let data = std::iter::once(&m.id)
+        .chain(&m.aliases)
+        .map(|id| model_object(&app, id))
+        .collect();
+    Json(ModelList {
+        object: "list".into(),
+        data,
+    })
+}
+
+async fn get_model(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Json<Model>, ApiError> {
+    if app.config.model.matches(&id) {
+        Ok(Json(model_object(&app, &id)))
+    } else {
+        Err(ApiError::ModelNotFound(id))
+    }
+}
+
+async fn get_file(
+    State(app): State<Arc<App>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let found = app
+        .store
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&id, Instant::now());
+    let image = found
+        .ok_or_else(|| ApiError::NotFound(format!("no image with id {id:?} (images expire)")))?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, image.content_type),
+            (header::CACHE_CONTROL, "private, max-age=3600, immutable"),
+        ],
+        image.bytes,
+    )
+        .into_response())
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+    }
+}
+
+async fn generations(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    match app.phase() {
+        Phase::Ready => {}
+        Phase::Loading => return Err(InferError::NotReady.into()),
+        Phase::ShuttingDown => return Err(InferError::ShuttingDown.into()),
+    }
+    check_json_content_type(&headers)?;
+    let bytes = read_body(body, &headers, app.config.limits.max_body_bytes).await?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::InvalidJson(format!(
+            "We could not parse the JSON body of your request: {e}"
+        ))
+    })?;
+    let req = validate(&value, &app.config.limits, &app.config.model)?;
+    app.auth.consume(&caller, 0, req.n, Instant::now())?;
+    // 32-bit random seeds: easy to read back and type in again.
+    let seed = req
+        .seed
+        .unwrap_or_else(|| rand::rng().random_range(0..=u64::from(u32::MAX)));
+    tracing::info!(
+        user = req.user.as_deref().unwrap_or(""),
+        n = req.n,
+        width = req.width,
+        height = req.height,
+        steps = req.steps,
+        seed,
+        priority = caller.priority.as_str(),
+        "generating"
+    );
+    // Tokenising a 32000-character prompt takes milliseconds: off the async workers, and
+    // alongside the generation.
+    let token_count = {
+        let tokens = app.tokens.clone();
+        let (prompt, negative) = (req.prompt.clone(), req.negative_prompt.clone());
+        tokio::task::spawn_blocking(move || {
+            let count = |s: &str| tokens.as_ref().map_or(0, |t| t(s) as u64);
+            count(&prompt)
+                + if negative.is_empty() {
+                    0
+                } else {
+                    count(&negative)
+                }
+        })
+    };
+    let encoded = generate(&app, &caller, &req, seed).await?;
+
+    let now = Instant::now();
+    let base = if req.response_format == ResponseFormat::Url {
+        Some(url_base(&app, &headers))
+    } else {
+        None
+    };
+    let mut data = Vec::with_capacity(encoded.len());
+    for (i, task) in encoded.into_iter().enumerate() {
+        let (out, took) = task.finish().await?;
+        app.metrics.stage(Stage::ImageEncode, took);
+        let (b64_json, url) = match (out, &base) {
+            (Encoded::Base64(text), _) => (Some(text), None),
+            (Encoded::Bytes(bytes), Some(base)) => {
+                let image = StoredImage {
+                    bytes: Bytes::from(bytes),
+                    content_type: req.output_format.content_type(),
+                };
+                let id = app
+                    .store
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(image, now)
+                    .map_err(|e| InferError::Store(e.to_string()))?;
+                (None, Some(format!("{base}/v1/images/files/{id}")))
+            }
+            (Encoded::Bytes(_), None) => {
+                return Err(InferError::Store(
+                    "no URL base for a url response (this is a bug)".into(),
+                )
+                .into())
+            }
+        };
+        data.push(ImageData {
+            b64_json,
+            url,
+            revised_prompt: None,
+            seed: seed + i as u64,
+        });
+    }
+    let text_tokens = token_count.await.unwrap_or(0);
+    let response = ImagesResponse {
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        data,
+        background: "opaque".into(),
+        output_format: req.output_format.as_str().into(),
+        quality: req.quality.into(),
+        size: format!("{}x{}", req.width, req.height),
+        usage: Usage::new(text_tokens, req.n, req.width, req.height),
+    };
+    Ok(Json(response).into_response())
+}
+
+/// While a request waits for its images: when dropped before `done`, its images still in the
+/// queue are dropped (the client went away, the request timed out or already failed).
+struct QueuedRequest {
+    queue: Arc<Queue>,
+    id: RequestId,
+    /// Why the remaining images are dropped if this guard drops now; `None` once all came back.
+    reason: Option<DropReason>,
+}
+
+impl Drop for QueuedRequest {
+    fn drop(&mut self) {
+        if let Some(reason) = self.reason {
+            let n = self.queue.cancel(self.id, reason);
+            if n > 0 {
+                tracing::info!(
+                    images = n,
+                    ?reason,
+                    "dropped queued images of an unfinished request"
+                );
+            }
+        }
+    }
+}
+
+/// Queues the request's images and starts encoding each one as it comes back.
+async fn generate(
+    app: &Arc<App>,
+    caller: &Caller,
+    req: &ValidRequest,
+    seed: u64,
+) -> Result<Vec<EncodeTask>, ApiError> {
+    let n = req.n as usize;
+    let now = Instant::now();
+    let timeout = app.config.batching.request_timeout;
+    let deadline = now + timeout;
+    let id = app.next_request_id();
+    let key = req.key();
+    let (tx, mut rx) = mpsc::unbounded_channel::<ItemOutcome>();
+    let entries = (0..n)
+        .map(|i| Entry {
+            request: id,
+            key,
+            priority: caller.priority,
+            enqueued: now,
+            deadline,
+            payload: Item {
+                index: i,
+                image: ImageRequest {
+                    prompt: req.prompt.clone(),
+                    negative_prompt: req.negative_prompt.clone(),
+                    seed: seed + i as u64,
+                },
+                reply: tx.clone(),
+                span: tracing::Span::current(),
+            },
+        })
+        .collect();
+    // Only the queued items hold senders now: `recv` ends if they all disappear.
+    drop(tx);
+    app.queue.submit(entries)?;
+    let mut guard = QueuedRequest {
+        queue: app.queue.clone(),
+        id,
+        reason: Some(DropReason::ClientDisconnected),
+    };
+
+    let base64 = req.response_format == ResponseFormat::B64Json;
+    let mut tasks: Vec<Option<EncodeTask>> = (0..n).map(|_| None).collect();
+    let collect = async {
+        for _ in 0..n {
+            match rx.recv().await {
+                Some(ItemOutcome {
+                    index,
+                    result: Ok(image),
+                }) => {
+                    if let Some(slot) = tasks.get_mut(index) {
+                        *slot = Some(spawn_encode(
+                            image,
+                            req.output_format,
+                            req.output_compression,
+                            base64,
+                        ));
+                    }
+                }
+                Some(ItemOutcome { result: Err(e), .. }) => return Err(ApiError::from(e)),
+                None if Instant::now() >= deadline => break,
+                None => return Err(super::error::BackendError::WorkerGone.into()),
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout_at(deadline.into(), collect).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            guard.reason = Some(DropReason::RequestFailed);
+            return Err(e);
+        }
+        Err(_) => {
+            guard.reason = Some(DropReason::Timeout);
+            return Err(InferError::Timeout { after: timeout }.into());
+        }
+    }
+    let tasks: Option<Vec<EncodeTask>> = tasks.into_iter().collect();
+    match tasks {
+        Some(tasks) => {
+            guard.reason = None;
+            Ok(tasks)
+        }
+        None => {
+            guard.reason = Some(DropReason::Timeout);
+            Err(InferError::Timeout { after: timeout }.into())
+        }
+    }
+}
+
+fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let got = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let is_json = got.as_deref().is_some_and(|ct| {
+        ct.split(';')
+            .next()
+            .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
+    });
+    if is_json {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType { got })
+    }
+}
+
+/// A body over the limit is still read and dropped up to this many bytes, so a client that is
+/// still sending receives the 413 instead of a connection reset; past it the connection closes.
+const DRAIN_CAP: usize = 16 << 20;
+
+/// Reads at most `limit` bytes: a larger declared or actual body is a 413, never buffered.
+async fn read_body(mut body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        if declared.is_some_and(|len| len <= DRAIN_CAP as u64) {
+            drain(body, 0).await;
+        }
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| ApiError::InvalidJson(format!("could not read the request body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                drain(body, buf.len() + data.len()).await;
+                return Err(ApiError::PayloadTooLarge { limit });
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(Bytes::from(buf))
+}
+
+async fn drain(mut body: Body, mut seen: usize) {
+    while seen <= DRAIN_CAP {
+        match body.frame().await {
+            Some(Ok(frame)) => seen += frame.data_ref().map_or(0, |d| d.len()),
+            _ => return,
+        }
+    }
+}
+
+/// `--public-url`, or `http://` + the `Host` the client used.
+fn url_base(app: &App, headers: &HeaderMap) -> String {
+    if let Some(base) = &app.config.public_url {
+        return base.trim_end_matches('/').to_string();
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or("localhost");
+    format!("http://{host}")
+}

@@ -1,0 +1,693 @@
+//! Turns a request's JSON object into a [`ValidRequest`], or into a 400/404 that names the
+//! `param` at fault and the bound it broke ("n must be an integer between 1 and 10, got 11").
+//! After this, the batcher and the model may assume valid input.
+//!
+//! JSON `null` means "not given" for every optional field, as in OpenAI's API (the SDKs send
+//! `null` for fields set to `None`).
+//!
+//! `quality` maps to denoising steps (SDXL-Turbo is distilled for 1–4 steps; its model card
+//! uses 1): `auto` and `low` → 1 step, `standard` and `medium` → 2, `high` and `hd` → 4. The
+//! response reports the level used (`low`, `medium` or `high`). The `steps` extension
+//! overrides the mapping.
+
+use serde_json::{Map, Value};
+
+use super::api::{OutputFormat, ResponseFormat};
+use super::config::{ModelIdentity, RequestLimits, MAX_N};
+use super::error::ApiError;
+use super::queue::{Guidance, ShapeKey};
+
+/// The largest seed: JSON numbers above 2^53 - 1 lose precision in JavaScript clients, which
+/// could then not reproduce an image from the seed they were given.
+pub const MAX_SEED: u64 = (1 << 53) - 1;
+
+/// `quality` value → (level reported back, denoising steps).
+pub const QUALITY_STEPS: &[(&str, &str, u32)] = &[
+    ("auto", "low", 1),
+    ("low", "low", 1),
+    ("standard", "medium", 2),
+    ("medium", "medium", 2),
+    ("high", "high", 4),
+    ("hd", "high", 4),
+];
+
+/// Fields the server knows; anything else is refused (as OpenAI does) rather than ignored, so
+/// a client never silently loses an option it believed was applied.
+const KNOWN_FIELDS: &[&str] = &[
+    "prompt",
+    "model",
+    "n",
+    "size",
+    "quality",
+    "response_format",
+    "output_format",
+    "output_compression",
+    "background",
+    "moderation",
+    "style",
+    "user",
+    "safety_identifier",
+    "complexity",
+    "stream",
+    "partial_images",
+    "frame_count",
+    "frame_duration_ms",
+    "svg",
+    "seed",
+    "steps",
+    "guidance_scale",
+    "negative_prompt",
+];
+
+/// A request that passed validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidRequest {
+    pub prompt: String,
+    /// Empty: none.
+    pub negative_prompt: String,
+    pub n: u32,
+    pub width: u32,
+    pub height: u32,
+    pub steps: u32,
+    pub guidance_scale: f64,
+    /// `None`: the server draws one.
+    pub seed: Option<u64>,
+    /// The quality level reported back (`low|medium|high`).
+    pub quality: &'static str,
+    pub response_format: ResponseFormat,
+    pub output_format: OutputFormat,
+    /// JPEG quality 0–100 (100 = best); WebP is lossless and PNG ignores it.
+    pub output_compression: u8,
+    /// `user` or `safety_identifier`, for the logs.
+    pub user: Option<String>,
+}
+
+impl ValidRequest {
+    pub fn key(&self) -> ShapeKey {
+        ShapeKey {
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            guidance: Guidance::from_scale(self.guidance_scale),
+        }
+    }
+}
+
+/// Validates a parsed JSON body against the configured bounds and the served model.
+pub fn validate(
+    body: &Value,
+    limits: &RequestLimits,
+    model: &ModelIdentity,
+) -> Result<ValidRequest, ApiError> {
+    let obj = match body {
+        Value::Object(obj) => obj,
+        other => return Err(ApiError::NotAnObject(json_kind(other))),
+    };
+    if let Some(unknown) = obj.keys().find(|k| !KNOWN_FIELDS.contains(&k.as_str())) {
+        return Err(ApiError::invalid(
+            unknown,
+            "unknown_parameter",
+            format!("Unrecognized request argument supplied: {unknown}"),
+        ));
+    }
+    let f = Fields(obj);
+
+    if let Some(name) = f.string("model")? {
+        if !model.matches(name) {
+            return Err(ApiError::ModelNotFound(name.to_string()));
+        }
+    }
+
+    let prompt = match f.get("prompt") {
+        None => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "missing_required_parameter",
+                "prompt is required",
+            ))
+        }
+        Some(_) => f.string("prompt")?.unwrap_or_default(),
+    };
+    if prompt.trim().is_empty() {
+        return Err(ApiError::invalid(
+            "prompt",
+            "invalid_value",
+            "prompt must not be empty",
+        ));
+    }
+    check_length("prompt", prompt, limits.max_prompt_chars)?;
+    let negative_prompt = f.string("negative_prompt")?.unwrap_or_default();
+    check_length("negative_prompt", negative_prompt, limits.max_prompt_chars)?;
+
+    let n = f.integer("n", 1, i128::from(MAX_N))?.unwrap_or(1) as u32;
+    let (width, height) = parse_size(f.string("size")?, limits)?;
+
+    let quality_names: Vec<&str> = QUALITY_STEPS.iter().map(|q| q.0).collect();
+    let quality = f.one_of("quality", &quality_names)?.unwrap_or("auto");
+    let (reported_quality, quality_steps) = QUALITY_STEPS
+        .iter()
+        .find(|q| q.0 == quality)
+        .map(|q| (q.1, q.2))
+        .unwrap_or(("low", 1));
+
+    let response_format = match f.one_of("response_format", ResponseFormat::NAMES)? {
+        Some(s) => ResponseFormat::parse(s).unwrap_or(limits.default_response_format),
+        None => limits.default_response_format,
+    };
+
+    let output_format = match f.get("output_format") {
+        None => OutputFormat::Png,
+        Some(v) => match v.as_str().and_then(OutputFormat::parse) {
+            Some(fmt) => fmt,
+            None if v.is_string() => {
+                return Err(ApiError::invalid(
+                    "output_format",
+                    "unsupported_value",
+                    format!(
+                        "output_format {} is not supported; use one of png, jpeg, webp",
+                        show(v)
+                    ),
+                ))
+            }
+            None => return Err(type_error("output_format", "one of png, jpeg, webp", v)),
+        },
+    };
+    let output_compression = f.integer("output_compression", 0, 100)?.unwrap_or(100) as u8;
+
+    if f.one_of("background", &["auto", "opaque", "transparent"])? == Some("transparent") {
+        return Err(ApiError::invalid(
+            "background",
+            "unsupported_value",
+            "background \"transparent\" is not supported: SDXL-Turbo generates opaque \
+                 images; use \"auto\" or \"opaque\"",
+        ));
+    }
+    f.one_of("moderation", &["auto", "low"])?;
+    f.one_of("style", &["vivid", "natural"])?;
+    f.one_of("complexity", &["low", "medium", "high"])?;
+    let user = f.string("user")?;
+    let safety_identifier = f.string("safety_identifier")?;
+    let user = safety_identifier
+        .filter(|s| !s.is_empty())
+        .or(user)
+        .map(str::to_string);
+
+    if f.boolean("stream")? == Some(true) {
+        return Err(ApiError::invalid(
+            "stream",
+            "unsupported_value",
+            "streaming is not supported; omit stream or set it to false",
+        ));
+    }
+    if let Some(p) = f.integer("partial_images", 0, 3)? {
+        if p > 0 {
+            return Err(ApiError::invalid(
+                "partial_images",
+                "unsupported_value",
+                "partial_images needs streaming, which is not supported; use 0 or omit it",
+            ));
+        }
+    }
+    for field in ["frame_count", "frame_duration_ms", "svg"] {
+        if f.get(field).is_some() {
+            return Err(ApiError::invalid(
+                field,
+                "unsupported_value",
+                format!(
+                    "{field} applies only to gif/svg output, which this server does not produce"
+                ),
+            ));
+        }
+    }
+
+    let steps = f
+        .integer("steps", 1, i128::from(limits.max_steps))?
+        .map_or(quality_steps, |s| s as u32);
+    let guidance_scale = f
+        .number("guidance_scale", 0.0, limits.max_guidance_scale)?
+        .unwrap_or(0.0);
+    // Image i gets seed + i, so the last image's seed must stay within bounds too.
+    let max_seed = MAX_SEED - u64::from(n - 1);
+    let seed = f
+        .integer("seed", 0, i128::from(max_seed))?
+        .map(|s| s as u64);
+
+    Ok(ValidRequest {
+        prompt: prompt.to_string(),
+        negative_prompt: negative_prompt.to_string(),
+        n,
+        width,
+        height,
+        steps,
+        guidance_scale,
+        seed,
+        quality: reported_quality,
+        response_format,
+        output_format,
+        output_compression,
+        user,
+    })
+}
+
+/// Accessors that produce the error for a wrong type or bound.
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl<'a> Fields<'a> {
+    fn get(&self, name: &str) -> Option<&'a Value> {
+        self.0.get(name).filter(|v| !v.is_null())
+    }
+
+    fn string(&self, name: &str) -> Result<Option<&'a str>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(type_error(name, "a string", v)),
+        }
+    }
+
+    fn boolean(&self, name: &str) -> Result<Option<bool>, ApiError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(type_error(name, "a boolean", v)),
+        }
+    }
+
+    fn one_of(
+        &self,
+        name: &str,
+        allowed: &[&'static str],
+    ) -> Result<Option<&'static str>, ApiError> {
+        let Some(v) = self.get(name) else {
+            return Ok(None);
+        };
+        let expected = format!("one of {}", allowed.join(", "));
+        match v.as_str() {
+            Some(s) => allowed
+                .iter()
+                .find(|a| **a == s)
+                .copied()
+                .map(Some)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        name,
+                        "invalid_value",
+                        format!("{name} must be {expected}, got {}", show(v)),
+                    )
+                }),
+            None => Err(type_error(name, &expected, v)),
+        }
+    }
+
+    /// An integer in `lo..=hi`. JSON numbers with a fraction or exponent are not integers.
+    fn integer(&self, name: &str, lo: i128, hi: i128) -> Result<Option<i128>, ApiError> {
+        let Some(v) = self.get(name) else {
+            return Ok(None);
+        };
+        let expected = format!("an integer between {lo} and {hi}");
+        let value = match v {
+            Value::Number(num) => num
+                .as_i64()
+                .map(i128::from)
+                .or_else(|| num.as_u64().map(i128::from)),
+            _ => None,
+        };
+        if !v.is_number() {
+            return Err(type_error(name, &expected, v));
+        }
+        let Some(value) = value else {
+            // Integers beyond 64 bits arrive as floats: out of range, not a type error.
+            let code = match v.as_f64() {
+                Some(x) if x.fract() == 0.0 && x > 0.0 => "integer_above_max_value",
+                Some(x) if x.fract() == 0.0 && x < 0.0 => "integer_below_min_value",
+                _ => "invalid_type",
+            };
+            return Err(ApiError::invalid(
+                name,
+                code,
+                format!("{name} must be {expected}, got {}", show(v)),
+            ));
+        };
+        if value < lo || value > hi {
+            let code = if value < lo {
+                "integer_below_min_value"
+            } else {
+                "integer_above_max_value"
+            };
+            return Err(ApiError::invalid(
+                name,
+                code,
+                format!("{name} must be {expected}, got {value}"),
+            ));
+        }
+        Ok(Some(value))
+    }
+
+    fn number(&self, name: &str, lo: f64, hi: f64) -> Result<Option<f64>, ApiError> {
+        let Some(v) = self.get(name) else {
+            return Ok(None);
+        };
+        let expected = format!("a number between {lo} and {hi}");
+        match v.as_f64() {
+            Some(x) if (lo..=hi).contains(&x) => Ok(Some(x)),
+            Some(_) => Err(ApiError::invalid(
+                name,
+                "invalid_value",
+                format!("{name} must be {expected}, got {}", show(v)),
+            )),
+            None => Err(type_error(name, &expected, v)),
+        }
+    }
+}
+
+fn check_length(name: &str, s: &str, max_chars: usize) -> Result<(), ApiError> {
+    // Byte length bounds the char count from above: skip counting for short strings.
+    if s.len() > max_chars {
+        let chars = s.chars().count();
+        if chars > max_chars {
+            return Err(ApiError::invalid(
+                name,
+                "string_above_max_length",
+                format!("{name} must be at most {max_chars} characters, got {chars}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn parse_size(size: Option<&str>, limits: &RequestLimits) -> Result<(u32, u32), ApiError> {
+    let s = match size {
+        None | Some("auto") => return Ok(limits.default_size),
+        Some(s) => s,
+    };
+    let bad = || {
+        ApiError::invalid(
+            "size",
+            "invalid_value",
+            format!(
+                "size must be \"auto\" or WIDTHxHEIGHT with both sides multiples of 8 between \
+                 {} and {}, got {}",
+                limits.min_side,
+                limits.max_side,
+                show(&Value::String(s.to_string()))
+            ),
+        )
+    };
+    let (w, h) = s.split_once('x').ok_or_else(bad)?;
+    let side = |t: &str| -> Result<u32, ApiError> {
+        if t.is_empty() || t.len() > 6 || !t.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let v: u32 = t.parse().map_err(|_| bad())?;
+        if !v.is_multiple_of(8) || v < limits.min_side || v > limits.max_side {
+            return Err(bad());
+        }
+        Ok(v)
+    };
+    Ok((side(w)?, side(h)?))
+}
+
+fn type_error(name: &str, expected: &str, got: &Value) -> ApiError {
+    ApiError::invalid(
+        name,
+        "invalid_type",
+        format!(
+            "{name} must be {expected}, got {} {}",
+            json_kind(got),
+            show(got)
+        ),
+    )
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A value for an error message, cut short so a 1 MB field is never echoed back.
+fn show(v: &Value) -> String {
+    const MAX: usize = 40;
+    let text = v.to_string();
+    if text.chars().count() <= MAX {
+        text
+    } else {
+        let cut: String = text.chars().take(MAX).collect();
+        format!("{cut}…")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::config::ServerConfig;
+    use serde_json::json;
+
+    fn check(body: Value) -> Result<ValidRequest, ApiError> {
+        let cfg = ServerConfig::default();
+        validate(&body, &cfg.limits, &cfg.model)
+    }
+
+    fn err(body: Value) -> (u16, Option<String>, String) {
+        let e = check(body).unwrap_err();
+        (
+            e.info().status.as_u16(),
+            e.param().map(str::to_string),
+            e.to_string(),
+        )
+    }
+
+    #[test]
+    fn minimal_request_gets_the_defaults() {
+        let v = check(json!({"prompt": "a cat"})).unwrap();
+        assert_eq!(
+            v,
+            ValidRequest {
+                prompt: "a cat".into(),
+                negative_prompt: String::new(),
+                n: 1,
+                width: 512,
+                height: 512,
+                steps: 1,
+                guidance_scale: 0.0,
+                seed: None,
+                quality: "low",
+                response_format: ResponseFormat::B64Json,
+                output_format: OutputFormat::Png,
+                output_compression: 100,
+                user: None,
+            }
+        );
+    }
+
+    #[test]
+    fn full_request_is_read_field_by_field() {
+        let v = check(json!({
+            "prompt": "a cat", "model": "dall-e-3", "n": 3, "size": "768x256",
+            "quality": "hd", "response_format": "url", "output_format": "webp",
+            "output_compression": 50, "background": "opaque", "moderation": "low",
+            "style": "vivid", "user": "u1", "seed": 42, "steps": 3,
+            "guidance_scale": 2.5, "negative_prompt": "blurry", "stream": false,
+            "partial_images": 0, "complexity": "low"
+        }))
+        .unwrap();
+        assert_eq!((v.n, v.width, v.height, v.steps), (3, 768, 256, 3));
+        assert_eq!(v.quality, "high");
+        assert_eq!(v.response_format, ResponseFormat::Url);
+        assert_eq!(v.output_format, OutputFormat::Webp);
+        assert_eq!((v.output_compression, v.seed), (50, Some(42)));
+        assert_eq!(v.negative_prompt, "blurry");
+        assert_eq!(v.user.as_deref(), Some("u1"));
+        assert_eq!(v.key().guidance, Guidance::from_scale(2.5));
+    }
+
+    #[test]
+    fn quality_levels_map_to_steps() {
+        for (quality, reported, steps) in QUALITY_STEPS {
+            let v = check(json!({"prompt": "p", "quality": quality})).unwrap();
+            assert_eq!((v.quality, v.steps), (*reported, *steps));
+        }
+    }
+
+    #[test]
+    fn nulls_mean_not_given() {
+        let v = check(json!({"prompt": "p", "n": null, "size": null, "seed": null})).unwrap();
+        assert_eq!((v.n, v.width, v.seed), (1, 512, None));
+    }
+
+    #[test]
+    fn errors_name_the_param_and_the_bound() {
+        let cases: Vec<(Value, u16, Option<&str>, &str)> = vec![
+            (json!({}), 400, Some("prompt"), "prompt is required"),
+            (
+                json!({"prompt": "  "}),
+                400,
+                Some("prompt"),
+                "must not be empty",
+            ),
+            (
+                json!({"prompt": 5}),
+                400,
+                Some("prompt"),
+                "must be a string",
+            ),
+            (
+                json!({"prompt": "p", "n": 11}),
+                400,
+                Some("n"),
+                "between 1 and 10, got 11",
+            ),
+            (
+                json!({"prompt": "p", "n": 0}),
+                400,
+                Some("n"),
+                "between 1 and 10, got 0",
+            ),
+            (json!({"prompt": "p", "n": 1.5}), 400, Some("n"), "got 1.5"),
+            (
+                json!({"prompt": "p", "n": "2"}),
+                400,
+                Some("n"),
+                "got a string \"2\"",
+            ),
+            (
+                json!({"prompt": "p", "size": "513x512"}),
+                400,
+                Some("size"),
+                "multiples of 8 between 256 and 1536",
+            ),
+            (
+                json!({"prompt": "p", "size": "0x0"}),
+                400,
+                Some("size"),
+                "got \"0x0\"",
+            ),
+            (
+                json!({"prompt": "p", "size": "512X512"}),
+                400,
+                Some("size"),
+                "WIDTHxHEIGHT",
+            ),
+            (
+                json!({"prompt": "p", "size": "99999999999x512"}),
+                400,
+                Some("size"),
+                "WIDTHxHEIGHT",
+            ),
+            (
+                json!({"prompt": "p", "seed": -1}),
+                400,
+                Some("seed"),
+                "between 0 and 9007199254740991, got -1",
+            ),
+            (
+                json!({"prompt": "p", "n": 2, "seed": MAX_SEED}),
+                400,
+                Some("seed"),
+                "between 0 and 9007199254740990",
+            ),
+            (
+                json!({"prompt": "p", "seed": 1e30}),
+                400,
+                Some("seed"),
+                "got 1e+30",
+            ),
+            (
+                json!({"prompt": "p", "model": "gpt-5"}),
+                404,
+                Some("model"),
+                "`gpt-5` does not exist",
+            ),
+            (
+                json!({"prompt": "p", "background": "transparent"}),
+                400,
+                Some("background"),
+                "not supported",
+            ),
+            (
+                json!({"prompt": "p", "output_format": "gif"}),
+                400,
+                Some("output_format"),
+                "not supported",
+            ),
+            (
+                json!({"prompt": "p", "output_compression": 101}),
+                400,
+                Some("output_compression"),
+                "between 0 and 100",
+            ),
+            (
+                json!({"prompt": "p", "steps": 0}),
+                400,
+                Some("steps"),
+                "between 1 and 50",
+            ),
+            (
+                json!({"prompt": "p", "guidance_scale": -1}),
+                400,
+                Some("guidance_scale"),
+                "between 0 and 30",
+            ),
+            (
+                json!({"prompt": "p", "stream": true}),
+                400,
+                Some("stream"),
+                "streaming is not supported",
+            ),
+            (
+                json!({"prompt": "p", "foo": 1}),
+                400,
+                Some("foo"),
+                "Unrecognized request argument supplied: foo",
+            ),
+            (
+                json!({"prompt": "p", "quality": "ultra"}),
+                400,
+                Some("quality"),
+                "one of auto, low",
+            ),
+            (
+                json!(["prompt"]),
+                422,
+                None,
+                "must be a JSON object, got an array",
+            ),
+        ];
+        for (body, status, param, fragment) in cases {
+            let (s, p, msg) = err(body.clone());
+            assert_eq!(s, status, "{body}: {msg}");
+            assert_eq!(p.as_deref(), param, "{body}: {msg}");
+            assert!(msg.contains(fragment), "{body}: {msg:?} lacks {fragment:?}");
+        }
+    }
+
+    #[test]
+    fn long_prompts_are_measured_in_characters_and_not_echoed() {
+        let at_limit = "é".repeat(32_000);
+        assert!(check(json!({"prompt": at_limit})).is_ok());
+        let (status, param, msg) = err(json!({"prompt": "a".repeat(40_000)}));
+        assert_eq!((status, param.as_deref()), (400, Some("prompt")));
+        assert!(msg.contains("at most 32000 characters, got 40000"), "{msg}");
+        let (_, _, msg) = err(json!({"prompt": "p", "style": "x".repeat(10_000)}));
+        assert!(msg.len() < 200, "{msg}");
+    }
+
+    #[test]
+    fn size_bounds_come_from_the_config() {
+        let mut cfg = ServerConfig::default();
+        cfg.limits.min_side = 64;
+        let v = validate(
+            &json!({"prompt": "p", "size": "64x128"}),
+            &cfg.limits,
+            &cfg.model,
+        )
+        .unwrap();
+        assert_eq!((v.width, v.height), (64, 128));
+        assert!(check(json!({"prompt": "p", "size": "64x128"})).is_err());
+    }
+}

@@ -1,0 +1,464 @@
+//! One OS thread per device runs the model: the model never runs on a tokio worker, where a
+//! multi-second batch would stall every connection. The thread builds its backend itself (so
+//! the weights live on the thread that uses them), runs a warm-up batch, then takes batches
+//! from its batcher with `blocking_recv` and sends each image back to its request.
+//!
+//! A failing batch fails only its own requests (500); a panic in the model is caught, reported
+//! to those requests and logged, and the thread keeps serving.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::batcher::{Item, ItemOutcome, Queue};
+use super::error::BackendError;
+use super::metrics::{DropReason, Metrics, Stage};
+use super::queue::{Batch, Entry, ShapeKey};
+use crate::model::pipeline::{GeneratedBatch, GenerationSettings, ImageRequest, Pipeline};
+
+/// The seam between the batcher and a model: a batch of images of one shape in, images out.
+pub trait ImageBackend: Send + 'static {
+    /// Generates one image per item, in order, all with `settings`.
+    fn generate(
+        &mut self,
+        settings: &GenerationSettings,
+        items: &[ImageRequest],
+    ) -> anyhow::Result<GeneratedBatch>;
+}
+
+impl ImageBackend for Pipeline {
+    fn generate(
+        &mut self,
+        settings: &GenerationSettings,
+        items: &[ImageRequest],
+    ) -> anyhow::Result<GeneratedBatch> {
+        Pipeline::generate(self, settings, items, None)
+    }
+}
+
+/// Builds a device's backend, on that device's thread.
+pub type BackendFactory = Box<dyn FnOnce() -> anyhow::Result<Box<dyn ImageBackend>> + Send>;
+
+/// One device to serve from.
+pub struct WorkerSpec {
+    /// For logs and errors (`cpu`, `cuda:0`).
+    pub label: String,
+    pub factory: BackendFactory,
+}
+
+/// The warm-up batch every worker runs before the server reports healthy.
+#[derive(Debug, Clone, Copy)]
+pub struct Warmup {
+    pub key: ShapeKey,
+    pub images: usize,
+}
+
+/// How the warm-up went.
+#[derive(Debug, Clone, Copy)]
+pub struct WarmupReport {
+    pub images: usize,
+    pub elapsed: Duration,
+}
+
+/// What a worker needs besides its spec.
+pub struct WorkerContext {
+    pub queue: Arc<Queue>,
+    pub metrics: Arc<Metrics>,
+    pub max_batch: usize,
+    /// How many workers share the queue (scales the throughput estimate).
+    pub workers: usize,
+    pub warmup: Warmup,
+}
+
+/// Starts the worker thread. `ready` gets the warm-up's result (or why loading failed).
+pub fn spawn(
+    spec: WorkerSpec,
+    ctx: WorkerContext,
+    batches: mpsc::Receiver<Batch<Item>>,
+    ready: oneshot::Sender<anyhow::Result<WarmupReport>>,
+) -> std::io::Result<JoinHandle<()>> {
+    let label = spec.label.clone();
+    std::thread::Builder::new()
+        .name(format!("turbine-{label}"))
+        .spawn(move || {
+            let mut backend = match start(spec.factory, &label, &ctx) {
+                Ok((backend, report)) => {
+                    let _ = ready.send(Ok(report));
+                    backend
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            };
+            serve(&mut *backend, &label, &ctx, batches);
+            tracing::debug!(device = %label, "worker stopped");
+        })
+}
+
+fn start(
+    factory: BackendFactory,
+    label: &str,
+    ctx: &WorkerContext,
+) -> anyhow::Result<(Box<dyn ImageBackend>, WarmupReport)> {
+    let t = Instant::now();
+    let mut backend = catch_unwind(AssertUnwindSafe(factory)).map_err(|p| {
+        anyhow::anyhow!(
+            "loading the model on {label} panicked: {}",
+            panic_message(&p)
+        )
+    })??;
+    tracing::info!(device = %label, secs = t.elapsed().as_secs_f64(), "model loaded");
+    let items: Vec<ImageRequest> = (0..ctx.warmup.images as u64)
+        .map(|seed| ImageRequest {
+            prompt: "warm-up".into(),
+            negative_prompt: String::new(),
+            seed,
+        })
+        .collect();
+    let settings = ctx.warmup.key.settings();
+    let t = Instant::now();
+    let out = catch_unwind(AssertUnwindSafe(|| backend.generate(&settings, &items)))
+        .map_err(|p| {
+            anyhow::anyhow!(
+                "the warm-up batch on {label} panicked: {}",
+                panic_message(&p)
+            )
+        })?
+        .map_err(|e| e.context(format!("the warm-up batch on {label} failed")))?;
+    let report = WarmupReport {
+        images: out.images.len(),
+        elapsed: t.elapsed(),
+    };
+    anyhow::ensure!(
+        report.images == items.len(),
+        "the warm-up batch on {label} returned {} images for {} requests",
+        report.images,
+        items.len()
+    );
+    ctx.metrics
+        .calibrate(report.images, report.elapsed, ctx.workers);
+    tracing::info!(
+        device = %label,
+        images = report.images,
+        width = settings.width,
+        height = settings.height,
+        secs = report.elapsed.as_secs_f64(),
+        "warm-up batch done"
+    );
+    Ok((backend, report))
+}
+
+fn serve(
+    backend: &mut dyn ImageBackend,
+    label: &str,
+    ctx: &WorkerContext,
+    mut batches: mpsc::Receiver<Batch<Item>>,
+) {
+    while let Some(mut batch) = batches.blocking_recv() {
+        let room = ctx.max_batch.saturating_sub(batch.entries.len());
+        batch.entries.extend(ctx.queue.top_up(&batch.key, room));
+        let now = Instant::now();
+        let live = drop_unwanted(batch.entries, now, &ctx.metrics);
+        if live.is_empty() {
+            continue;
+        }
+        for e in &live {
+            ctx.metrics
+                .stage(Stage::QueueWait, now.saturating_duration_since(e.enqueued));
+            tracing::debug!(parent: &e.payload.span, device = %label, batch = live.len(), "image started");
+        }
+        run_batch(backend, label, ctx, batch.key, live);
+    }
+}
+
+/// Keeps the entries someone still waits for; counts the others as dropped.
+fn drop_unwanted(entries: Vec<Entry<Item>>, now: Instant, metrics: &Metrics) -> Vec<Entry<Item>> {
+    let (mut gone, mut expired) = (0, 0);
+    let live = entries
+        .into_iter()
+        .filter(|e| {
+            // Deadline first: a timed-out request has also closed its channel.
+            if e.deadline <= now {
+                expired += 1;
+                false
+            } else if e.payload.reply.is_closed() {
+                gone += 1;
+                false
+            } else {
+                true
+            }
+        })
+        .collect();
+    metrics.dropped(DropReason::ClientDisconnected, gone);
+    metrics.dropped(DropReason::Timeout, expired);
+    live
+}
+
+fn run_batch(
+    backend: &mut dyn ImageBackend,
+    label: &str,
+    ctx: &WorkerContext,
+    key: ShapeKey,
+    live: Vec<Entry<Item>>,
+) {
+    let settings = key.settings();
+    let requests: Vec<ImageRequest> = live.iter().map(|e| e.payload.image.clone()).collect();
+    let start = Instant::now();
+    let result = catch_unwind(AssertUnwindSafe(|| backend.generate(&settings, &requests)));
+    let elapsed = start.elapsed();
+    let failure = match result {
+        Ok(Ok(out)) if out.images.len() == live.len() => {
+            ctx.metrics.batch_done(live.len(), elapsed, ctx.workers);
+            ctx.metrics
+                .stage(Stage::TextEncode, out.timings.text_encode);
+            ctx.metrics.stage(Stage::Unet, out.timings.unet);
+            ctx.metrics.stage(Stage::VaeDecode, out.timings.vae_decode);
+            tracing::debug!(device = %label, images = live.len(), secs = elapsed.as_secs_f64(), "batch done");
+            for (e, image) in live.into_iter().zip(out.images) {
+                // A closed channel means the request is gone; nothing to do.
+                let _ = e.payload.reply.send(ItemOutcome {
+                    index: e.payload.index,
+                    result: Ok(image),
+                });
+            }
+            return;
+        }
+        Ok(Ok(out)) => BackendError::Failed {
+            device: label.to_string(),
+            message: format!(
+                "the model returned {} images for a batch of {}",
+                out.images.len(),
+                live.len()
+            ),
+        },
+        Ok(Err(e)) => BackendError::Failed {
+            device: label.to_string(),
+            message: format!("{e:#}"),
+        },
+        Err(panic) => BackendError::Panicked {
+            device: label.to_string(),
+            message: panic_message(&panic),
+        },
+    };
+    ctx.metrics.batch_failed();
+    tracing::error!(device = %label, images = live.len(), "batch failed: {failure}");
+    for e in live {
+        let _ = e.payload.reply.send(ItemOutcome {
+            index: e.payload.index,
+            result: Err(failure.clone()),
+        });
+    }
+}
+
+fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The worker against a fake backend: the only place a fake model is used, to provoke
+    //! failures the real pipeline cannot be made to produce on demand.
+    use super::*;
+    use crate::model::pipeline::StageTimings;
+    use crate::server::batcher::run_batcher;
+    use crate::server::queue::{Guidance, Priority, QueuePolicy, RequestId};
+    use image::RgbImage;
+
+    /// Paints each image with its seed; fails or panics on magic prompts.
+    struct Fake;
+
+    impl ImageBackend for Fake {
+        fn generate(
+            &mut self,
+            s: &GenerationSettings,
+            items: &[ImageRequest],
+        ) -> anyhow::Result<GeneratedBatch> {
+            if items.iter().any(|i| i.prompt == "fail") {
+                anyhow::bail!("out of memory (fake)");
+            }
+            if items.iter().any(|i| i.prompt == "panic") {
+                panic!("index out of bounds (fake)");
+            }
+            let images = items
+                .iter()
+                .map(|i| {
+                    RgbImage::from_pixel(
+                        s.width as u32,
+                        s.height as u32,
+                        image::Rgb([i.seed as u8; 3]),
+                    )
+                })
+                .collect();
+            Ok(GeneratedBatch {
+                images,
+                timings: StageTimings::default(),
+            })
+        }
+    }
+
+    const KEY: ShapeKey = ShapeKey {
+        width: 8,
+        height: 8,
+        steps: 1,
+        guidance: Guidance::Off,
+    };
+
+    struct Harness {
+        queue: Arc<Queue>,
+        metrics: Arc<Metrics>,
+        next: u64,
+    }
+
+    impl Harness {
+        async fn start() -> Self {
+            let metrics = Arc::new(Metrics::new());
+            let policy = QueuePolicy {
+                capacity: 64,
+                aging: Duration::from_secs(10),
+                max_batch_delay: Duration::from_millis(1),
+            };
+            let queue = Arc::new(Queue::new(policy, metrics.clone()));
+            let (tx, rx) = mpsc::channel(1);
+            let (ready_tx, ready_rx) = oneshot::channel();
+            let ctx = WorkerContext {
+                queue: queue.clone(),
+                metrics: metrics.clone(),
+                max_batch: 4,
+                workers: 1,
+                warmup: Warmup {
+                    key: KEY,
+                    images: 2,
+                },
+            };
+            let spec = WorkerSpec {
+                label: "fake".into(),
+                factory: Box::new(|| Ok(Box::new(Fake) as Box<dyn ImageBackend>)),
+            };
+            spawn(spec, ctx, rx, ready_tx).unwrap();
+            let report = ready_rx.await.unwrap().unwrap();
+            assert_eq!(report.images, 2);
+            tokio::spawn(run_batcher(queue.clone(), tx, 4));
+            Harness {
+                queue,
+                metrics,
+                next: 0,
+            }
+        }
+
+        /// Submits one request of `n` images and returns its outcomes in index order.
+        async fn request(&mut self, prompt: &str, n: usize) -> Vec<Result<u8, BackendError>> {
+            self.next += 1;
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let now = Instant::now();
+            let entries = (0..n)
+                .map(|i| Entry {
+                    request: RequestId(self.next),
+                    key: KEY,
+                    priority: Priority::Normal,
+                    enqueued: now,
+                    deadline: now + Duration::from_secs(60),
+                    payload: Item {
+                        index: i,
+                        image: ImageRequest {
+                            prompt: prompt.into(),
+                            negative_prompt: String::new(),
+                            seed: 10 + i as u64,
+                        },
+                        reply: tx.clone(),
+                        span: tracing::Span::none(),
+                    },
+                })
+                .collect();
+            drop(tx);
+            self.queue.submit(entries).unwrap();
+            let mut out: Vec<Option<Result<u8, BackendError>>> = (0..n).map(|_| None).collect();
+            while let Some(o) = rx.recv().await {
+                out[o.index] = Some(o.result.map(|img| img.get_pixel(0, 0)[0]));
+            }
+            out.into_iter()
+                .map(|o| o.expect("every image gets an outcome"))
+                .collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn images_come_back_in_request_order() {
+        let mut h = Harness::start().await;
+        let out = h.request("a cat", 3).await;
+        assert_eq!(
+            out.into_iter().map(|r| r.unwrap()).collect::<Vec<_>>(),
+            [10, 11, 12]
+        );
+        assert!(h
+            .metrics
+            .render()
+            .contains("turbine_images_generated_total 3"));
+    }
+
+    #[tokio::test]
+    async fn a_failing_batch_fails_only_its_requests_and_the_worker_keeps_serving() {
+        let mut h = Harness::start().await;
+        let out = h.request("fail", 2).await;
+        assert!(out.iter().all(|r| matches!(r, Err(BackendError::Failed { message, .. }) if message.contains("out of memory"))));
+        let out = h.request("fine", 1).await;
+        assert_eq!(out[0].as_ref().unwrap(), &10);
+    }
+
+    #[tokio::test]
+    async fn a_panic_is_caught_reported_and_the_worker_keeps_serving() {
+        let mut h = Harness::start().await;
+        let out = h.request("panic", 1).await;
+        match &out[0] {
+            Err(BackendError::Panicked { device, message }) => {
+                assert_eq!(device, "fake");
+                assert!(message.contains("index out of bounds"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let out = h.request("fine", 2).await;
+        assert!(out.iter().all(|r| r.is_ok()));
+        assert!(h
+            .metrics
+            .render()
+            .contains("turbine_batches_failed_total 1"));
+    }
+
+    #[tokio::test]
+    async fn a_model_that_fails_to_load_reports_why() {
+        let metrics = Arc::new(Metrics::new());
+        let policy = QueuePolicy {
+            capacity: 16,
+            aging: Duration::from_secs(10),
+            max_batch_delay: Duration::from_millis(1),
+        };
+        let ctx = WorkerContext {
+            queue: Arc::new(Queue::new(policy, metrics.clone())),
+            metrics,
+            max_batch: 4,
+            workers: 1,
+            warmup: Warmup {
+                key: KEY,
+                images: 1,
+            },
+        };
+        let (_tx, rx) = mpsc::channel(1);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let spec = WorkerSpec {
+            label: "fake".into(),
+            factory: Box::new(|| anyhow::bail!("missing file unet/config.json")),
+        };
+        spawn(spec, ctx, rx, ready_tx).unwrap();
+        let err = ready_rx.await.unwrap().err().unwrap();
+        assert!(format!("{err:#}").contains("unet/config.json"));
+    }
+}

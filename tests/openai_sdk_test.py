@@ -1,0 +1,177 @@
+"""Contract test: the official `openai` Python SDK against a running `turbine serve`.
+
+Run by scripts/test_openai_sdk.sh, which starts the server (tiny model, CPU, 64x64 default size)
+with two API keys: a plain one and one limited to 1 request per minute.
+"""
+
+import argparse
+import base64
+import struct
+import sys
+import traceback
+import urllib.request
+
+import openai
+from openai import OpenAI
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk."""
+    assert data[:8] == PNG_SIGNATURE, "not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def seed_of(image) -> int:
+    """The `seed` extension field on an image (kept by the SDK's models as an extra field)."""
+    return image.model_extra["seed"]
+
+
+def test_b64_json(client: OpenAI):
+    resp = client.images.generate(
+        model="sdxl-turbo",
+        prompt="a watercolor fox",
+        size="64x64",
+        response_format="b64_json",
+        extra_body={"seed": 11},
+    )
+    assert resp.created > 0
+    assert resp.size == "64x64"
+    assert resp.output_format == "png"
+    assert resp.quality == "low"
+    assert resp.background == "opaque"
+    assert resp.usage is not None and resp.usage.output_tokens == 64
+    assert resp.usage.input_tokens == resp.usage.input_tokens_details.text_tokens > 0
+    assert len(resp.data) == 1
+    image = resp.data[0]
+    assert image.url is None and image.revised_prompt is None
+    assert seed_of(image) == 11
+    assert png_size(base64.b64decode(image.b64_json)) == (64, 64)
+
+
+def test_openai_model_alias_and_defaults(client: OpenAI):
+    # A client written for OpenAI: model name of theirs, default size ("auto" = 64x64 here).
+    resp = client.images.generate(model="gpt-image-1", prompt="a lighthouse", quality="high")
+    assert resp.quality == "high"
+    assert png_size(base64.b64decode(resp.data[0].b64_json)) == (64, 64)
+
+
+def test_url_then_fetch(client: OpenAI):
+    resp = client.images.generate(
+        model="dall-e-3", prompt="a red bicycle", response_format="url", output_format="jpeg"
+    )
+    url = resp.data[0].url
+    assert url and "/v1/images/files/" in url and resp.data[0].b64_json is None
+    # Fetched like a browser would: no API key, the id is the secret.
+    with urllib.request.urlopen(url, timeout=60) as fetched:
+        assert fetched.status == 200
+        assert fetched.headers["content-type"] == "image/jpeg"
+        assert fetched.read()[:3] == b"\xff\xd8\xff", "not a JPEG"
+
+
+def test_n3_seeded_distinct_and_reproducible(client: OpenAI):
+    def run():
+        return client.images.generate(prompt="three moons", n=3, extra_body={"seed": 500})
+
+    first = run()
+    assert [seed_of(d) for d in first.data] == [500, 501, 502]
+    blobs = [base64.b64decode(d.b64_json) for d in first.data]
+    assert len(set(blobs)) == 3, "the three images must differ"
+    again = [base64.b64decode(d.b64_json) for d in run().data]
+    assert again == blobs, "same prompt and seed must reproduce the images"
+    alone = client.images.generate(prompt="three moons", extra_body={"seed": 502})
+    assert base64.b64decode(alone.data[0].b64_json) == blobs[2]
+
+
+def test_models(client: OpenAI):
+    ids = [m.id for m in client.models.list()]
+    assert ids[0] == "sdxl-turbo" and "dall-e-3" in ids, ids
+    assert client.models.retrieve("sdxl-turbo").owned_by == "turbine"
+
+
+def expect(exc_type, fn, param=None, code=None):
+    try:
+        fn()
+    except exc_type as e:
+        err = e.body if isinstance(e.body, dict) else {}
+        if param is not None:
+            assert err.get("param") == param, (err, param)
+        if code is not None:
+            assert err.get("code") == code, (err, code)
+        return e
+    raise AssertionError(f"expected {exc_type.__name__}")
+
+
+def test_bad_request(client: OpenAI):
+    expect(openai.BadRequestError, lambda: client.images.generate(prompt="x", n=11), param="n")
+    expect(openai.BadRequestError, lambda: client.images.generate(prompt="x", size="abc"), param="size")
+    expect(
+        openai.BadRequestError,
+        lambda: client.images.generate(prompt="x", background="transparent"),
+        param="background",
+    )
+    expect(openai.BadRequestError, lambda: client.images.generate(prompt=""), param="prompt")
+
+
+def test_authentication(base_url: str):
+    bad = OpenAI(base_url=base_url, api_key="sk-wrong", max_retries=0)
+    expect(openai.AuthenticationError, lambda: bad.images.generate(prompt="x"), code="invalid_api_key")
+
+
+def test_not_found(client: OpenAI):
+    expect(
+        openai.NotFoundError,
+        lambda: client.images.generate(model="no-such-model", prompt="x"),
+        param="model",
+        code="model_not_found",
+    )
+
+
+def test_rate_limit(base_url: str, limited_key: str):
+    limited = OpenAI(base_url=base_url, api_key=limited_key, max_retries=0)
+    raw = limited.images.with_raw_response.generate(prompt="first of the minute")
+    assert raw.headers["x-ratelimit-limit-requests"] == "1"
+    assert raw.headers["x-ratelimit-remaining-requests"] == "0"
+    e = expect(
+        openai.RateLimitError,
+        lambda: limited.images.generate(prompt="second"),
+        code="rate_limit_exceeded",
+    )
+    assert int(e.response.headers["retry-after"]) >= 1
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base-url", required=True)
+    ap.add_argument("--api-key", required=True)
+    ap.add_argument("--limited-key", required=True)
+    args = ap.parse_args()
+    client = OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=600)
+    tests = [
+        ("b64_json", lambda: test_b64_json(client)),
+        ("model alias and defaults", lambda: test_openai_model_alias_and_defaults(client)),
+        ("url then fetch", lambda: test_url_then_fetch(client)),
+        ("n=3 seeded", lambda: test_n3_seeded_distinct_and_reproducible(client)),
+        ("models", lambda: test_models(client)),
+        ("BadRequestError", lambda: test_bad_request(client)),
+        ("AuthenticationError", lambda: test_authentication(args.base_url)),
+        ("NotFoundError", lambda: test_not_found(client)),
+        ("RateLimitError", lambda: test_rate_limit(args.base_url, args.limited_key)),
+    ]
+    failed = 0
+    for name, fn in tests:
+        try:
+            fn()
+            print(f"ok     {name}")
+        except Exception:
+            failed += 1
+            print(f"FAILED {name}")
+            traceback.print_exc()
+    print(f"openai {openai.__version__}: {len(tests) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

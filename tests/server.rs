@@ -1,0 +1,1207 @@
+//! HTTP contract tests: the real server (axum, batcher, worker thread, the real `Pipeline` on
+//! the tiny fixture model, on CPU) on 127.0.0.1:0, spoken to over HTTP.
+//!
+//! Images are 64x64 with 1 step unless a test needs the device busy for a while; then a
+//! "blocker" request of several larger, many-step images holds the single worker (one image
+//! per batch) so later requests are still queued when the test acts on them. Tests wait on
+//! metrics, never on the clock.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use candle_core::{DType, Device};
+use image::{GenericImageView, RgbImage};
+use reqwest::blocking::{Client, Response};
+use serde_json::{json, Value};
+use turbine::model::pipeline::Pipeline;
+use turbine::server::auth::ApiKey;
+use turbine::server::queue::Priority;
+use turbine::server::{ImageBackend, ServerConfig, WorkerSpec};
+
+fn model_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl")
+}
+
+/// A blocker: enough work to keep one worker busy while the test queues, cancels or times out
+/// other requests behind it (6 images of 256x256 at 4 steps, one per batch: seconds on a CPU).
+fn blocker() -> Value {
+    json!({"prompt": "blocker", "n": 6, "size": "256x256", "steps": 4, "seed": 1})
+}
+
+/// Test defaults: tiny images, one warm-up image.
+fn test_config() -> ServerConfig {
+    let mut c = ServerConfig::default();
+    c.limits.min_side = 64;
+    c.limits.max_side = 512;
+    c.limits.default_size = (64, 64);
+    c.batching.max_batch_size = 4;
+    c.warmup_images = 1;
+    c.shutdown_grace = Duration::from_secs(5);
+    c
+}
+
+struct TestServer {
+    base: String,
+    client: Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    fn start(config: ServerConfig) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                let dir = model_dir();
+                let tokens = turbine::cli::serve::token_counter(&dir)?;
+                let spec = WorkerSpec {
+                    label: "cpu".into(),
+                    factory: Box::new(move || {
+                        let p = Pipeline::load(&dir, &Device::Cpu, DType::F32)?;
+                        Ok(Box::new(p) as Box<dyn ImageBackend>)
+                    }),
+                };
+                turbine::server::serve(config, listener, vec![spec], Some(tokens), async {
+                    let _ = stop_rx.await;
+                })
+                .await
+            })
+        });
+        let server = TestServer {
+            base: format!("http://{addr}"),
+            client: Client::builder()
+                .timeout(Duration::from_secs(600))
+                .build()
+                .unwrap(),
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        };
+        server.wait_healthy();
+        server
+    }
+
+    fn wait_healthy(&self) {
+        loop {
+            if let Ok(r) = self.client.get(format!("{}/health", self.base)).send() {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            if self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+                panic!("server exited during start-up (see stderr)");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn generate(&self, body: &Value) -> Response {
+        self.client
+            .post(self.url("/v1/images/generations"))
+            .json(body)
+            .send()
+            .unwrap()
+    }
+
+    fn generate_ok(&self, body: &Value) -> Value {
+        let r = self.generate(body);
+        let status = r.status();
+        let text = r.text().unwrap();
+        assert_eq!(status, 200, "{body}: {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    }
+
+    /// The value of a metric line (exact name and labels), 0 if absent.
+    fn metric(&self, series: &str) -> f64 {
+        metric_in(&self.metrics(), series)
+    }
+
+    /// Polls `/metrics` until `pred` holds for the series (a hang guard, not a timing check).
+    fn wait_metric(&self, series: &str, pred: impl Fn(f64) -> bool) -> f64 {
+        let start = Instant::now();
+        loop {
+            let v = self.metric(series);
+            if pred(v) {
+                return v;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(300),
+                "gave up waiting on {series} (last {v})"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn metric_in(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
+fn decode_b64(item: &Value) -> RgbImage {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(item["b64_json"].as_str().expect("b64_json"))
+        .unwrap();
+    image::load_from_memory(&bytes).unwrap().to_rgb8()
+}
+
+fn images(resp: &Value) -> Vec<RgbImage> {
+    resp["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(decode_b64)
+        .collect()
+}
+
+fn assert_openai_error(
+    status: u16,
+    body: &str,
+    want_status: u16,
+    want_param: Option<&str>,
+    what: &str,
+) -> Value {
+    assert_eq!(status, want_status, "{what}: {body}");
+    let v: Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {body}"));
+    let err = &v["error"];
+    let obj = err
+        .as_object()
+        .unwrap_or_else(|| panic!("{what}: no error object: {body}"));
+    for k in ["message", "type", "param", "code"] {
+        assert!(obj.contains_key(k), "{what}: error lacks {k}: {body}");
+    }
+    assert!(!err["message"].as_str().unwrap().is_empty(), "{what}");
+    assert_eq!(err["param"].as_str(), want_param, "{what}: {body}");
+    v
+}
+
+#[test]
+fn b64_json_response_has_the_openai_shape() {
+    let s = TestServer::start(test_config());
+    let r = s
+        .client
+        .post(s.url("/v1/images/generations"))
+        .header("x-request-id", "req-abc-123")
+        .json(&json!({"prompt": "a red fox", "size": "64x64", "seed": 7, "model": "gpt-image-1"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-request-id"], "req-abc-123");
+    assert!(
+        r.headers().get("x-ratelimit-limit-requests").is_none(),
+        "no limits configured"
+    );
+    let v: Value = r.json().unwrap();
+    assert!(v["created"].as_u64().unwrap() > 1_600_000_000);
+    assert_eq!(v["size"], "64x64");
+    assert_eq!(v["output_format"], "png");
+    assert_eq!(v["quality"], "low");
+    assert_eq!(v["background"], "opaque");
+    let data = v["data"].as_array().unwrap();
+    assert_eq!(data.len(), 1);
+    let item = data[0].as_object().unwrap();
+    assert!(item["revised_prompt"].is_null());
+    assert_eq!(item["seed"], 7);
+    assert!(!item.contains_key("url"));
+    let img = decode_b64(&data[0]);
+    assert_eq!(img.dimensions(), (64, 64));
+    // "a red fox": BOS + 3 tokens + EOS; one output token per 8x8 patch.
+    let usage = &v["usage"];
+    assert_eq!(usage["input_tokens"], 5);
+    assert_eq!(usage["input_tokens_details"]["text_tokens"], 5);
+    assert_eq!(usage["output_tokens"], 64);
+    assert_eq!(usage["total_tokens"], 69);
+
+    // A server-made request id is 128 random bits in hex.
+    let r = s.generate(&json!({"prompt": "a red fox", "seed": 7}));
+    let id = r.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(id.len(), 32);
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+    // Same prompt and seed, size "auto" (the configured default, 64x64): the same image.
+    let again: Value = r.json().unwrap();
+    assert_eq!(images(&again)[0], img);
+}
+
+#[test]
+fn url_responses_serve_the_image_with_its_content_type() {
+    let s = TestServer::start(test_config());
+    for (format, mime, fmt) in [
+        ("png", "image/png", image::ImageFormat::Png),
+        ("jpeg", "image/jpeg", image::ImageFormat::Jpeg),
+        ("webp", "image/webp", image::ImageFormat::WebP),
+    ] {
+        let v = s.generate_ok(&json!({"prompt": "a lighthouse", "response_format": "url", "output_format": format, "output_compression": 80, "n": 2}));
+        assert_eq!(v["output_format"], format);
+        let data = v["data"].as_array().unwrap();
+        assert_eq!(data.len(), 2);
+        let mut urls = Vec::new();
+        for item in data {
+            assert!(item.get("b64_json").is_none());
+            let url = item["url"].as_str().unwrap();
+            assert!(
+                url.starts_with(&format!("{}/v1/images/files/img_", s.base)),
+                "{url}"
+            );
+            urls.push(url.to_string());
+            // No API key needed, like OpenAI's signed URLs.
+            let r = s.client.get(url).send().unwrap();
+            assert_eq!(r.status(), 200);
+            assert_eq!(r.headers()["content-type"], mime);
+            let bytes = r.bytes().unwrap();
+            assert_eq!(image::guess_format(&bytes).unwrap(), fmt);
+            assert_eq!(
+                image::load_from_memory(&bytes).unwrap().dimensions(),
+                (64, 64)
+            );
+        }
+        assert_ne!(urls[0], urls[1]);
+    }
+    let r = s
+        .client
+        .get(s.url("/v1/images/files/img_00000000000000000000000000000000"))
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    assert_openai_error(status, &r.text().unwrap(), 404, None, "unknown file id");
+}
+
+#[test]
+fn seeded_images_are_reproducible_and_distinct() {
+    let s = TestServer::start(test_config());
+    let three = s.generate_ok(&json!({"prompt": "a castle at dusk", "n": 3, "seed": 100}));
+    let seeds: Vec<u64> = three["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["seed"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seeds, [100, 101, 102]);
+    let imgs = images(&three);
+    assert_ne!(imgs[0], imgs[1]);
+    assert_ne!(imgs[1], imgs[2]);
+    assert_ne!(imgs[0], imgs[2]);
+    assert_eq!(
+        images(&s.generate_ok(&json!({"prompt": "a castle at dusk", "n": 3, "seed": 100}))),
+        imgs
+    );
+    // Image i of a request with seed s is the image of seed s + i alone.
+    let second = s.generate_ok(&json!({"prompt": "a castle at dusk", "seed": 101}));
+    assert_eq!(images(&second)[0], imgs[1]);
+
+    // The extensions reach the model: guidance with a negative prompt, and more steps, each
+    // change the image (and guided requests batch under their own key).
+    let guided = s.generate_ok(&json!({"prompt": "a castle at dusk", "seed": 100, "guidance_scale": 3.0, "negative_prompt": "fog"}));
+    let stepped = s.generate_ok(&json!({"prompt": "a castle at dusk", "seed": 100, "steps": 3}));
+    assert_ne!(images(&guided)[0], imgs[0]);
+    assert_ne!(images(&stepped)[0], imgs[0]);
+
+    // Without a seed the server draws one, reports it, and it reproduces the image.
+    let drawn = s.generate_ok(&json!({"prompt": "a castle at dusk", "n": 2}));
+    let d = drawn["data"].as_array().unwrap();
+    let s0 = d[0]["seed"].as_u64().unwrap();
+    assert_eq!(d[1]["seed"].as_u64().unwrap(), s0 + 1);
+    let again = s.generate_ok(&json!({"prompt": "a castle at dusk", "seed": s0 + 1}));
+    assert_eq!(images(&again)[0], images(&drawn)[1]);
+}
+
+#[test]
+fn sixteen_concurrent_requests_batch_and_match_images_generated_alone() {
+    let mut config = test_config();
+    config.batching.max_batch_size = 8;
+    config.batching.max_batch_delay = Duration::from_millis(50);
+    let s = Arc::new(TestServer::start(config));
+    let body =
+        |i: usize| json!({"prompt": format!("prompt number {i}: a small boat"), "seed": 1000 + i});
+
+    let barrier = Arc::new(Barrier::new(16));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..16)
+        .map(|i| {
+            let (s, barrier) = (s.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                s.generate_ok(&body(i))
+            })
+        })
+        .collect();
+    let batched: Vec<RgbImage> = handles
+        .into_iter()
+        .map(|h| images(&h.join().unwrap()).remove(0))
+        .collect();
+    let elapsed = start.elapsed();
+
+    let m = s.metrics();
+    let batches = metric_in(&m, "turbine_batch_size_count");
+    let single = metric_in(&m, "turbine_batch_size_bucket{le=\"1\"}");
+    let mut sizes = String::new();
+    for le in ["1", "2", "4", "8"] {
+        sizes += &format!(
+            " le{le}={}",
+            metric_in(&m, &format!("turbine_batch_size_bucket{{le=\"{le}\"}}"))
+        );
+    }
+    println!(
+        "16 concurrent clients: {batches} batches (cumulative{sizes}), {:.2} s, {:.2} images/s",
+        elapsed.as_secs_f64(),
+        16.0 / elapsed.as_secs_f64()
+    );
+    assert_eq!(metric_in(&m, "turbine_batch_size_sum"), 16.0);
+    assert!(
+        batches < 16.0 && single < batches,
+        "no batch larger than 1:\n{m}"
+    );
+
+    let mut differing = Vec::new();
+    for (i, img) in batched.iter().enumerate() {
+        let alone = images(&s.generate_ok(&body(i))).remove(0);
+        let diff = alone
+            .as_raw()
+            .iter()
+            .zip(img.as_raw())
+            .filter(|(a, b)| a != b);
+        let (count, max) = diff.fold((0, 0), |(n, m), (a, b)| (n + 1, m.max(a.abs_diff(*b))));
+        if count > 0 {
+            differing.push(format!(
+                "image {i}: {count} bytes differ, by up to {max}/255"
+            ));
+        }
+    }
+    assert!(
+        differing.is_empty(),
+        "batched images differ from the same images generated alone:\n{}",
+        differing.join("\n")
+    );
+}
+
+#[test]
+fn idle_request_overhead_is_measured() {
+    // With the default batch delay (an idle request waits that long for company) and without.
+    for delay_ms in [20, 0] {
+        let mut config = test_config();
+        config.batching.max_batch_delay = Duration::from_millis(delay_ms);
+        let s = TestServer::start(config);
+        let body = json!({"prompt": "a teapot", "seed": 3});
+        s.generate_ok(&body);
+        let before = s.metrics();
+        let rounds = 10;
+        let start = Instant::now();
+        for _ in 0..rounds {
+            s.generate_ok(&body);
+        }
+        let wall = start.elapsed().as_secs_f64() / rounds as f64;
+        let after = s.metrics();
+        let delta =
+            |series: &str| (metric_in(&after, series) - metric_in(&before, series)) / rounds as f64;
+        let stage = |name: &str| {
+            delta(&format!(
+                "turbine_stage_duration_seconds_sum{{stage=\"{name}\"}}"
+            ))
+        };
+        let model = stage("text_encode") + stage("unet") + stage("vae_decode");
+        println!(
+            "idle, 64x64 png, batch delay {delay_ms} ms: wall {:.2} ms/request, model {:.2} ms, added {:.2} ms \
+             (queue wait {:.2} ms, encode {:.2} ms, HTTP+JSON+base64 the rest)",
+            wall * 1e3,
+            model * 1e3,
+            (wall - model) * 1e3,
+            stage("queue_wait") * 1e3,
+            stage("image_encode") * 1e3
+        );
+        assert_eq!(
+            delta("turbine_stage_duration_seconds_count{stage=\"queue_wait\"}"),
+            1.0
+        );
+        assert_eq!(delta("turbine_images_generated_total"), 1.0);
+    }
+}
+
+#[test]
+fn models_health_metrics_and_unknown_routes() {
+    let s = TestServer::start(test_config());
+    let v: Value = s
+        .client
+        .get(s.url("/v1/models"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(v["object"], "list");
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["sdxl-turbo", "gpt-image-1", "dall-e-2", "dall-e-3"]);
+    for m in v["data"].as_array().unwrap() {
+        assert_eq!(m["object"], "model");
+        assert!(m["created"].as_u64().is_some());
+        assert_eq!(m["owned_by"], "turbine");
+    }
+    let m: Value = s
+        .client
+        .get(s.url("/v1/models/dall-e-3"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(m["id"], "dall-e-3");
+    let r = s.client.get(s.url("/v1/models/gpt-5")).send().unwrap();
+    let status = r.status().as_u16();
+    let v = assert_openai_error(
+        status,
+        &r.text().unwrap(),
+        404,
+        Some("model"),
+        "unknown model",
+    );
+    assert_eq!(v["error"]["code"], "model_not_found");
+
+    let r = s.client.get(s.url("/health")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().unwrap()["status"], "ok");
+
+    let r = s
+        .client
+        .get(s.url("/nope"))
+        .header("x-request-id", "abc")
+        .send()
+        .unwrap();
+    assert_eq!(r.headers()["x-request-id"], "abc");
+    let status = r.status().as_u16();
+    assert_openai_error(status, &r.text().unwrap(), 404, None, "unknown route");
+    let r = s
+        .client
+        .get(s.url("/v1/images/generations"))
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    assert_openai_error(status, &r.text().unwrap(), 405, None, "wrong method");
+
+    let r = s.client.get(s.url("/metrics")).send().unwrap();
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let m = r.text().unwrap();
+    for line in [
+        // One from `wait_healthy`, one above.
+        "turbine_http_requests_total{route=\"/health\",status=\"200\"} 2",
+        "turbine_http_requests_total{route=\"/v1/models/{id}\",status=\"404\"} 1",
+        "turbine_http_requests_total{route=\"unmatched\",status=\"404\"} 1",
+        "turbine_errors_total{type=\"model_not_found\"} 1",
+        "turbine_errors_total{type=\"method_not_allowed\"} 1",
+        "turbine_queue_images 0",
+    ] {
+        assert!(m.lines().any(|l| l == line), "missing {line:?} in\n{m}");
+    }
+    for name in [
+        "queue_wait",
+        "text_encode",
+        "unet",
+        "vae_decode",
+        "image_encode",
+    ] {
+        assert!(
+            m.contains(&format!(
+                "turbine_stage_duration_seconds_count{{stage=\"{name}\"}}"
+            )),
+            "{name}"
+        );
+    }
+}
+
+/// A malformed request: how it is sent and what must come back.
+struct Bad {
+    what: &'static str,
+    content_type: Option<&'static str>,
+    body: Vec<u8>,
+    status: u16,
+    param: Option<&'static str>,
+}
+
+fn bad(what: &'static str, body: Value, status: u16, param: Option<&'static str>) -> Bad {
+    Bad {
+        what,
+        content_type: Some("application/json"),
+        body: serde_json::to_vec(&body).unwrap(),
+        status,
+        param,
+    }
+}
+
+fn bad_raw(
+    what: &'static str,
+    content_type: Option<&'static str>,
+    body: &[u8],
+    status: u16,
+) -> Bad {
+    Bad {
+        what,
+        content_type,
+        body: body.to_vec(),
+        status,
+        param: None,
+    }
+}
+
+#[test]
+fn malformed_requests_get_the_right_status_and_the_server_keeps_serving() {
+    let s = TestServer::start(test_config());
+    let p = |extra: Value| {
+        let mut v = json!({"prompt": "a cat"});
+        for (k, val) in extra.as_object().unwrap() {
+            v[k] = val.clone();
+        }
+        v
+    };
+    let huge_prompt = "a".repeat((1 << 20) + 10);
+    let cases = vec![
+        bad("missing prompt", json!({}), 400, Some("prompt")),
+        bad("null prompt", json!({"prompt": null}), 400, Some("prompt")),
+        bad("empty prompt", json!({"prompt": ""}), 400, Some("prompt")),
+        bad(
+            "blank prompt",
+            json!({"prompt": "   "}),
+            400,
+            Some("prompt"),
+        ),
+        bad("number prompt", json!({"prompt": 42}), 400, Some("prompt")),
+        bad(
+            "array prompt",
+            json!({"prompt": ["a", "b"]}),
+            400,
+            Some("prompt"),
+        ),
+        bad(
+            "40k-char prompt",
+            json!({"prompt": "b".repeat(40_000)}),
+            400,
+            Some("prompt"),
+        ),
+        bad("1 MB prompt", json!({"prompt": huge_prompt}), 413, None),
+        bad("n = 0", p(json!({"n": 0})), 400, Some("n")),
+        bad("n = 11", p(json!({"n": 11})), 400, Some("n")),
+        bad("n = -1", p(json!({"n": -1})), 400, Some("n")),
+        bad("n string", p(json!({"n": "2"})), 400, Some("n")),
+        bad("n float", p(json!({"n": 1.5})), 400, Some("n")),
+        bad("size abc", p(json!({"size": "abc"})), 400, Some("size")),
+        bad("size 0x0", p(json!({"size": "0x0"})), 400, Some("size")),
+        bad(
+            "size 513x512",
+            p(json!({"size": "513x512"})),
+            400,
+            Some("size"),
+        ),
+        bad(
+            "size 100000x100000",
+            p(json!({"size": "100000x100000"})),
+            400,
+            Some("size"),
+        ),
+        bad(
+            "size above max",
+            p(json!({"size": "1024x1024"})),
+            400,
+            Some("size"),
+        ),
+        bad(
+            "size below min",
+            p(json!({"size": "56x64"})),
+            400,
+            Some("size"),
+        ),
+        bad("size number", p(json!({"size": 512})), 400, Some("size")),
+        bad(
+            "size 3 sides",
+            p(json!({"size": "64x64x64"})),
+            400,
+            Some("size"),
+        ),
+        bad("negative seed", p(json!({"seed": -5})), 400, Some("seed")),
+        bad(
+            "huge seed",
+            p(json!({"seed": 18446744073709551615u64})),
+            400,
+            Some("seed"),
+        ),
+        bad(
+            "seed beyond 64 bits",
+            p(json!({"seed": 1e25})),
+            400,
+            Some("seed"),
+        ),
+        bad("seed string", p(json!({"seed": "42"})), 400, Some("seed")),
+        bad(
+            "unknown output_format",
+            p(json!({"output_format": "bmp"})),
+            400,
+            Some("output_format"),
+        ),
+        bad(
+            "output_compression 101",
+            p(json!({"output_compression": 101})),
+            400,
+            Some("output_compression"),
+        ),
+        bad(
+            "transparent background",
+            p(json!({"background": "transparent"})),
+            400,
+            Some("background"),
+        ),
+        bad(
+            "unknown response_format",
+            p(json!({"response_format": "xml"})),
+            400,
+            Some("response_format"),
+        ),
+        bad(
+            "unknown quality",
+            p(json!({"quality": "ultra"})),
+            400,
+            Some("quality"),
+        ),
+        bad(
+            "unknown model",
+            p(json!({"model": "midjourney"})),
+            404,
+            Some("model"),
+        ),
+        bad("steps 0", p(json!({"steps": 0})), 400, Some("steps")),
+        bad(
+            "steps above max",
+            p(json!({"steps": 51})),
+            400,
+            Some("steps"),
+        ),
+        bad(
+            "guidance string",
+            p(json!({"guidance_scale": "high"})),
+            400,
+            Some("guidance_scale"),
+        ),
+        bad(
+            "negative guidance",
+            p(json!({"guidance_scale": -2})),
+            400,
+            Some("guidance_scale"),
+        ),
+        bad(
+            "negative_prompt number",
+            p(json!({"negative_prompt": 5})),
+            400,
+            Some("negative_prompt"),
+        ),
+        bad(
+            "user object",
+            p(json!({"user": {"id": 1}})),
+            400,
+            Some("user"),
+        ),
+        bad(
+            "unknown field",
+            p(json!({"temperature": 0.7})),
+            400,
+            Some("temperature"),
+        ),
+        bad("stream", p(json!({"stream": true})), 400, Some("stream")),
+        bad("style", p(json!({"style": "cartoon"})), 400, Some("style")),
+        bad_raw(
+            "invalid JSON",
+            Some("application/json"),
+            br#"{"prompt": "a cat""#,
+            400,
+        ),
+        bad_raw(
+            "trailing garbage",
+            Some("application/json"),
+            br#"{"prompt": "a cat"} x"#,
+            400,
+        ),
+        bad_raw("empty body", Some("application/json"), b"", 400),
+        bad_raw(
+            "not UTF-8",
+            Some("application/json"),
+            b"{\"prompt\": \"\xff\xfe\"}",
+            400,
+        ),
+        bad_raw("JSON array", Some("application/json"), br#"["a cat"]"#, 422),
+        bad_raw("JSON string", Some("application/json"), br#""a cat""#, 422),
+        bad_raw(
+            "text/plain",
+            Some("text/plain"),
+            br#"{"prompt": "a cat"}"#,
+            415,
+        ),
+        bad_raw(
+            "form",
+            Some("application/x-www-form-urlencoded"),
+            b"prompt=a+cat",
+            415,
+        ),
+        bad_raw("no content type", None, br#"{"prompt": "a cat"}"#, 415),
+    ];
+    assert!(cases.len() >= 30);
+    let valid = json!({"prompt": "a cat", "seed": 5});
+    let reference = images(&s.generate_ok(&valid)).remove(0);
+    for (i, case) in cases.iter().enumerate() {
+        let mut req = s
+            .client
+            .post(s.url("/v1/images/generations"))
+            .body(case.body.clone());
+        if let Some(ct) = case.content_type {
+            req = req.header("content-type", ct);
+        }
+        let r = req.send().unwrap();
+        let status = r.status().as_u16();
+        assert_openai_error(
+            status,
+            &r.text().unwrap(),
+            case.status,
+            case.param,
+            case.what,
+        );
+        // Every few cases, a valid request still gets the same image.
+        if i % 8 == 7 || i == cases.len() - 1 {
+            assert_eq!(
+                images(&s.generate_ok(&valid)).remove(0),
+                reference,
+                "after {}",
+                case.what
+            );
+        }
+    }
+    // Over the limit without a declared length (chunked): counted while reading, still a 413.
+    let chunked =
+        std::io::Cursor::new(format!("{{\"prompt\": \"{}\"}}", "c".repeat(2 << 20)).into_bytes());
+    let r = s
+        .client
+        .post(s.url("/v1/images/generations"))
+        .header("content-type", "application/json")
+        .body(reqwest::blocking::Body::new(chunked))
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    assert_openai_error(status, &r.text().unwrap(), 413, None, "chunked 2 MB body");
+    assert_eq!(
+        images(&s.generate_ok(&valid)).remove(0),
+        reference,
+        "after the chunked body"
+    );
+
+    let invalid = cases
+        .iter()
+        .filter(|c| c.status == 400 && c.param.is_some())
+        .count();
+    let m = s.metrics();
+    assert_eq!(
+        metric_in(&m, "turbine_errors_total{type=\"invalid_request\"}"),
+        invalid as f64,
+        "{m}"
+    );
+}
+
+#[test]
+fn api_keys_priorities_and_rate_limits() {
+    let mut config = test_config();
+    let mut limited = ApiKey::plain("sk-limited");
+    limited.priority = Priority::Low;
+    limited.requests_per_minute = Some(2);
+    limited.images_per_minute = Some(3);
+    config.auth.keys = vec![ApiKey::plain("sk-open"), limited];
+    let s = TestServer::start(config);
+    let body = json!({"prompt": "a cat", "n": 2});
+    let post = |key: Option<&str>| {
+        let mut req = s.client.post(s.url("/v1/images/generations")).json(&body);
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        req.send().unwrap()
+    };
+
+    let r = post(None);
+    let status = r.status().as_u16();
+    let v = assert_openai_error(status, &r.text().unwrap(), 401, None, "no key");
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    let r = post(Some("sk-wrong"));
+    let status = r.status().as_u16();
+    let v = assert_openai_error(status, &r.text().unwrap(), 401, None, "wrong key");
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+    let r = s.client.get(s.url("/v1/models")).send().unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(s.client.get(s.url("/health")).send().unwrap().status(), 200);
+
+    let r = post(Some("sk-open"));
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-ratelimit-limit-requests").is_none());
+
+    let r = post(Some("sk-limited"));
+    assert_eq!(r.status(), 200);
+    let h = r.headers();
+    assert_eq!(h["x-ratelimit-limit-requests"], "2");
+    assert_eq!(h["x-ratelimit-remaining-requests"], "1");
+    assert_eq!(h["x-ratelimit-limit-images"], "3");
+    assert_eq!(h["x-ratelimit-remaining-images"], "1");
+    assert!(h["x-ratelimit-reset-requests"]
+        .to_str()
+        .unwrap()
+        .ends_with('s'));
+    assert!(h["x-ratelimit-reset-images"]
+        .to_str()
+        .unwrap()
+        .ends_with('s'));
+
+    // Two more images than the bucket holds: 429 on images, with Retry-After.
+    let r = post(Some("sk-limited"));
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "0");
+    let v = assert_openai_error(429, &r.text().unwrap(), 429, None, "images limit");
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(v["error"]["type"], "images");
+    // Both requests of the minute are used: 429 on requests.
+    let r = post(Some("sk-limited"));
+    assert_eq!(r.status(), 429);
+    let v = assert_openai_error(429, &r.text().unwrap(), 429, None, "requests limit");
+    assert_eq!(v["error"]["type"], "requests");
+    assert_eq!(post(Some("sk-open")).status(), 200);
+}
+
+#[test]
+fn a_full_queue_answers_429_with_retry_after() {
+    let mut config = test_config();
+    config.batching.max_batch_size = 1;
+    config.batching.max_queued_images = 10;
+    let s = Arc::new(TestServer::start(config));
+    let blocker = {
+        let s = s.clone();
+        std::thread::spawn(move || {
+            s.generate_ok(&json!({"prompt": "blocker", "n": 10, "size": "256x256", "steps": 8}))
+        })
+    };
+    // The blocker's images are queued (some may already run): at least 7 of 10 slots taken.
+    s.wait_metric("turbine_images_enqueued_total", |v| v >= 10.0);
+    let r = s.generate(&json!({"prompt": "one too many", "n": 4}));
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1);
+    let v = assert_openai_error(429, &r.text().unwrap(), 429, None, "queue full");
+    assert_eq!(v["error"]["code"], "queue_full");
+    assert_eq!(
+        blocker.join().unwrap()["data"].as_array().unwrap().len(),
+        10
+    );
+    // Once drained, the same request is served.
+    s.generate_ok(&json!({"prompt": "one too many", "n": 4}));
+    assert_eq!(s.metric("turbine_errors_total{type=\"queue_full\"}"), 1.0);
+}
+
+/// Sends a generation request on a raw connection, so the test can hang up mid-request.
+fn raw_request(addr: &str, body: &Value) -> TcpStream {
+    let mut stream = TcpStream::connect(addr.trim_start_matches("http://")).unwrap();
+    let body = body.to_string();
+    write!(
+        stream,
+        "POST /v1/images/generations HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    stream
+}
+
+#[test]
+fn a_disconnected_clients_images_never_run() {
+    let mut config = test_config();
+    config.batching.max_batch_size = 1;
+    let s = Arc::new(TestServer::start(config));
+    let blocker_thread = {
+        let s = s.clone();
+        std::thread::spawn(move || s.generate_ok(&blocker()))
+    };
+    s.wait_metric("turbine_images_enqueued_total", |v| v >= 6.0);
+    let gone = raw_request(
+        &s.base,
+        &json!({"prompt": "never mind", "n": 3, "size": "64x64"}),
+    );
+    s.wait_metric("turbine_images_enqueued_total", |v| v >= 9.0);
+    // Its images wait behind the blocker's (first come, first served): hang up now.
+    drop(gone);
+    s.wait_metric(
+        "turbine_images_dropped_total{reason=\"client_disconnected\"}",
+        |v| v >= 3.0,
+    );
+    assert_eq!(
+        blocker_thread.join().unwrap()["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        6
+    );
+    let m = s.metrics();
+    assert_eq!(metric_in(&m, "turbine_images_generated_total"), 6.0, "{m}");
+    assert_eq!(
+        metric_in(
+            &m,
+            "turbine_images_dropped_total{reason=\"client_disconnected\"}"
+        ),
+        3.0
+    );
+    assert_eq!(metric_in(&m, "turbine_queue_images"), 0.0);
+    s.generate_ok(&json!({"prompt": "still serving"}));
+}
+
+#[test]
+fn a_request_past_its_timeout_gets_503_and_its_unstarted_images_are_dropped() {
+    let mut config = test_config();
+    config.batching.max_batch_size = 1;
+    config.batching.request_timeout = Duration::from_secs(1);
+    let s = TestServer::start(config);
+    // One image of these alone takes over a second on a CPU (about 1.5 s here).
+    let r = s.generate(&json!({"prompt": "slow", "n": 6, "size": "256x256", "steps": 8}));
+    let status = r.status().as_u16();
+    let v = assert_openai_error(status, &r.text().unwrap(), 503, None, "timeout");
+    assert_eq!(v["error"]["code"], "timeout");
+    // The images that were running or prefetched finish or get dropped after the response;
+    // wait until all six are accounted for, then the idle server still serves.
+    let accounted = |m: &str| {
+        metric_in(m, "turbine_images_generated_total")
+            + metric_in(m, "turbine_images_dropped_total{reason=\"timeout\"}")
+    };
+    while accounted(&s.metrics()) < 6.0 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let m = s.metrics();
+    let dropped = metric_in(&m, "turbine_images_dropped_total{reason=\"timeout\"}");
+    assert!(dropped >= 1.0, "{m}");
+    assert_eq!(
+        accounted(&m),
+        6.0,
+        "every image either ran or was dropped, once:\n{m}"
+    );
+    assert_eq!(metric_in(&m, "turbine_queue_images"), 0.0);
+    println!(
+        "timeout: {} of 6 images ran ({:.2} s in the UNet), {dropped} dropped",
+        metric_in(&m, "turbine_images_generated_total"),
+        metric_in(&m, "turbine_stage_duration_seconds_sum{stage=\"unet\"}")
+    );
+    s.generate_ok(&json!({"prompt": "fast"}));
+}
+
+/// The real binary, for signals.
+struct ServerProcess {
+    child: Child,
+    base: String,
+}
+
+impl ServerProcess {
+    fn start(extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_turbine"))
+            .args(["serve", "--model-dir"])
+            .arg(model_dir())
+            .args([
+                "--device",
+                "cpu",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--min-image-side",
+                "64",
+            ])
+            .args(["--default-size", "64x64", "--warmup-images", "1"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let addr: SocketAddr = loop {
+            let line = lines
+                .next()
+                .expect("server exited before listening")
+                .unwrap();
+            eprintln!("[server] {line}");
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                let addr: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                    .collect();
+                break addr.parse().unwrap();
+            }
+        };
+        // Keep draining the log so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                eprintln!("[server] {line}");
+            }
+        });
+        let p = ServerProcess {
+            child,
+            base: format!("http://{addr}"),
+        };
+        let client = Client::new();
+        while client
+            .get(format!("{}/health", p.base))
+            .send()
+            .map_or(true, |r| r.status() != 200)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn sigterm_stops_accepting_and_drains_queued_work_then_exits_zero() {
+    let mut p = ServerProcess::start(&["--max-batch-size", "2", "--shutdown-grace-secs", "120"]);
+    let client = Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    let metrics = || {
+        client
+            .get(format!("{}/metrics", p.base))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    };
+
+    // A request whose body is still arriving when the signal comes: it holds the drain open,
+    // so the test can see the draining server answer 503 however fast the queue empties.
+    let mut partial = TcpStream::connect(p.base.trim_start_matches("http://")).unwrap();
+    let body = json!({"prompt": "late body", "seed": 9}).to_string();
+    let (head, tail) = body.split_at(5);
+    write!(
+        partial,
+        "POST /v1/images/generations HTTP/1.1\r\nhost: t\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{head}",
+        body.len()
+    )
+    .unwrap();
+    partial.flush().unwrap();
+
+    let queued: Vec<_> = (0..4)
+        .map(|i| {
+            let (client, base) = (client.clone(), p.base.clone());
+            std::thread::spawn(move || {
+                client
+                    .post(format!("{base}/v1/images/generations"))
+                    .json(&json!({"prompt": format!("queued {i}"), "n": 2, "size": "256x256", "steps": 4}))
+                    .send()
+                    .unwrap()
+            })
+        })
+        .collect();
+    while metric_in(&metrics(), "turbine_http_requests_in_flight") < 5.0 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    while client
+        .get(format!("{}/health", p.base))
+        .send()
+        .unwrap()
+        .status()
+        != 503
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let r = client
+        .post(format!("{}/v1/images/generations", p.base))
+        .json(&json!({"prompt": "too late"}))
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    let v = assert_openai_error(status, &r.text().unwrap(), 503, None, "while draining");
+    assert_eq!(v["error"]["code"], "shutting_down");
+
+    for h in queued {
+        let r = h.join().unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().unwrap();
+        assert_eq!(v["data"].as_array().unwrap().len(), 2);
+    }
+    // The request that began before the signal is still served.
+    partial.write_all(tail.as_bytes()).unwrap();
+    let mut response = String::new();
+    partial.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response:.200}");
+
+    let start = Instant::now();
+    loop {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            assert_eq!(status.code(), Some(0));
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "server did not exit after draining"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
