@@ -4,11 +4,13 @@
 # device time a session). Everything it measures lands in $OUT: gpu_check.md (the table for
 # benches/RESULTS.md), gpu_check.json (every figure), gpu_check.log, and one image of each side.
 #
-#   scripts/gpu_check.sh --prepare   here: copy the CUDA binary (scripts/build_cuda.sh makes
-#                                    target/cuda-release/turbine), the CUDA kernel-test binaries
-#                                    (target/cuda-release/tests/*, if any) and the diffusers wheel
-#                                    into target/gpu-check/, record the commit, check the size of
-#                                    what travels, print the `run` call
+#   scripts/gpu_check.sh --prepare   here: xz the CUDA binary (scripts/build_cuda.sh makes
+#                                    target/cuda-release/turbine) and every other executable in
+#                                    target/cuda-release/ (the CUDA kernel-test binaries, e.g.
+#                                    ops-test) into target/gpu-check/, add the diffusers wheel,
+#                                    record the commit and sha256, check the size of what
+#                                    travels (the checkout the session started in, plus the
+#                                    carry), print the `run` call
 #   scripts/gpu_check.sh --dry-run   here, without a GPU: the carry checks, then the whole
 #                                    measuring flow on the CPU with the tiny fixture model and a
 #                                    CPU build of turbine (target/release/turbine), into
@@ -45,17 +47,31 @@ travel_size_check() {
     [ "$total" -lt "$limit" ] || die "what travels is over 64 MiB: strip the binary or carry less"
 }
 
-# The carry dir must hold a CUDA build and the diffusers wheel.
+# An x86-64 ELF executable (e_machine 0x3e) built with CUDA (it links libcudart; cuBLAS, cuRAND,
+# NVRTC and cuDNN are opened at run time, so ldd does not list them).
+binary_check() {
+    [ "$(od -An -tx1 -j0 -N5 "$1" | tr -d ' ')" = 7f454c4602 ] \
+        && [ "$(od -An -tx1 -j18 -N1 "$1" | tr -d ' ')" = 3e ] \
+        || die "$1 is not an x86-64 ELF executable"
+    # (ldd's output is captured first: under pipefail, grep -q closing the pipe early fails it.)
+    local deps
+    deps=$(ldd "$1" 2>&1)
+    [[ "$deps" == *libcudart* ]] || die "$1 does not link libcudart: not a --features cuda build"
+}
+
+# xz-compressed binaries travel (PTX-heavy CUDA builds shrink ~8x: 38 MB -> 4.6 MB), so the
+# binary, the kernel-test binaries and the diffusers wheel fit beside a 25 MB working tree.
+# Python's lzma unpacks them there (no assumption that xz is installed).
+unxz_to() {
+    python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2" \
+        && chmod +x "$2" || die "cannot unpack $1"
+}
+
+# The carry dir must hold the compressed CUDA build, its build info and the diffusers wheel.
 carry_check() {
-    [ -x "$CARRY/turbine" ] || die "$CARRY/turbine missing: run scripts/build_cuda.sh, then scripts/gpu_check.sh --prepare"
+    [ -f "$CARRY/turbine.xz" ] || die "$CARRY/turbine.xz missing: run scripts/build_cuda.sh, then scripts/gpu_check.sh --prepare"
     ls "$CARRY"/wheels/diffusers-*.whl >/dev/null 2>&1 || die "$CARRY/wheels has no diffusers wheel: run --prepare"
     [ -f "$CARRY/BUILD_INFO" ] || die "$CARRY/BUILD_INFO missing: run --prepare"
-    # ELF, 64-bit, x86-64 (e_machine 0x3e): what the device machine runs.
-    [ "$(od -An -tx1 -j0 -N5 "$CARRY/turbine" | tr -d ' ')" = 7f454c4602 ] \
-        && [ "$(od -An -tx1 -j18 -N1 "$CARRY/turbine" | tr -d ' ')" = 3e ] \
-        || die "$CARRY/turbine is not an x86-64 ELF executable"
-    # A CUDA build links the CUDA libraries; a CPU build here would measure nothing there.
-    ldd "$CARRY/turbine" | grep -q "libcublas" || die "$CARRY/turbine does not link cuBLAS: not a --features cuda build"
     # There is no git checkout on the device machine; the size was checked before it travelled.
     [ "$MODE" = device ] || travel_size_check
 }
@@ -63,13 +79,18 @@ carry_check() {
 if [ "$MODE" = prepare ]; then
     src=target/cuda-release/turbine
     [ -x "$src" ] || die "$src missing: run scripts/build_cuda.sh first"
-    rm -rf "$CARRY/tests"
+    binary_check "$src"
+    rm -rf "$CARRY/tests" "$CARRY/turbine.xz"
     mkdir -p "$CARRY/wheels" "$CARRY/tests"
-    cp "$src" "$CARRY/turbine"
-    strip "$CARRY/turbine" 2>/dev/null || true
-    if [ -d target/cuda-release/tests ]; then
-        find target/cuda-release/tests -maxdepth 1 -type f -executable -exec cp {} "$CARRY/tests/" \;
-    fi
+    xz -T0 -9 -c "$src" > "$CARRY/turbine.xz" || die "compressing $src failed"
+    # Every other executable in target/cuda-release is a CUDA kernel-test binary (`cargo test
+    # --no-run` output, e.g. ops-test): they run first there, with TURBINE_REQUIRE_GPU=1.
+    ntests=0
+    for t in target/cuda-release/* target/cuda-release/tests/*; do
+        [ -f "$t" ] && [ -x "$t" ] && [ "$t" != "$src" ] || continue
+        xz -T0 -9 -c "$t" > "$CARRY/tests/$(basename "$t").xz" || die "compressing $t failed"
+        ntests=$((ntests + 1))
+    done
     if ! ls "$CARRY"/wheels/diffusers-0.42.1-*.whl >/dev/null 2>&1; then
         # diffusers is the one package of the reference that the device image lacks (its torch,
         # transformers, accelerate, safetensors and nvidia-ml-py are there); python 3.12 there.
@@ -78,12 +99,12 @@ if [ "$MODE" = prepare ]; then
             || die "downloading the diffusers wheel failed"
     fi
     {
-        echo "commit=$(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD -- . ':!benches/RESULTS.md' || echo -dirty)"
+        echo "commit=$(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD -- src kernels build.rs Cargo.toml Cargo.lock 2>/dev/null || echo -dirty)"
         echo "built=$(date -u -r "$src" '+%Y-%m-%d %H:%M UTC')"
-        echo "sha256=$(sha256sum "$CARRY/turbine" | cut -d' ' -f1)"
+        echo "sha256=$(sha256sum "$src" | cut -d' ' -f1)"
     } > "$CARRY/BUILD_INFO"
     cat "$CARRY/BUILD_INFO"
-    echo "kernel tests carried: $(ls "$CARRY/tests" | wc -l)"
+    echo "kernel-test binaries carried: $ntests"
     carry_check
     cat <<'EOF'
 
@@ -95,10 +116,14 @@ EOF
 fi
 
 if [ "$MODE" = dry-run ]; then
-    if [ -x "$CARRY/turbine" ]; then
+    if [ -f "$CARRY/turbine.xz" ]; then
         carry_check || exit 1
+        unxz_to "$CARRY/turbine.xz" target/gpu-check-unpacked
+        binary_check target/gpu-check-unpacked
+        rm -f target/gpu-check-unpacked
+        echo "carry: $CARRY/turbine.xz unpacks to a CUDA build; $(ls "$CARRY/tests" | wc -l) kernel-test binaries"
     else
-        echo "note: $CARRY/turbine not prepared (no CUDA build yet): carry checks skipped" >&2
+        echo "note: $CARRY/turbine.xz not prepared (no CUDA build yet): carry checks skipped" >&2
     fi
     py="${TURBINE_BENCH_PYTHON:-/work/pyenv/bin/python}"
     [ -x "$py" ] || py=target/bench-venv/bin/python
@@ -128,7 +153,16 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 echo "== $(date -u) on $(hostname)"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm --format=csv || true
 carry_check || exit 1
+cat "$CARRY/BUILD_INFO"
 commit=$(sed -n 's/^commit=//p' "$CARRY/BUILD_INFO")
+BIN=/tmp/turbine-bin
+mkdir -p "$BIN/tests"
+unxz_to "$CARRY/turbine.xz" "$BIN/turbine"
+[ "$(sha256sum "$BIN/turbine" | cut -d' ' -f1)" = "$(sed -n 's/^sha256=//p' "$CARRY/BUILD_INFO")" ] \
+    || die "$BIN/turbine does not match the sha256 in BUILD_INFO"
+for t in "$CARRY"/tests/*.xz; do
+    [ -f "$t" ] && unxz_to "$t" "$BIN/tests/$(basename "$t" .xz)"
+done
 
 # diffusers into a private target dir; everything else is the image's own torch venv.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -137,39 +171,37 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import torch, diffusers, transformers, pynvml; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" \
     || die "the device's python lacks a reference package"
 
-# turbine links the CUDA libraries of the torch venv (cuBLAS, cuRAND, NVRTC, cuDNN).
+# turbine uses the CUDA libraries of the torch venv: libcudart through the dynamic linker (ldd
+# shows it), cuBLAS/cuBLASLt/cuRAND/NVRTC/cuDNN opened at run time (ldd cannot show them, so
+# their files are looked for on the path below).
 SITE=$(python3 -c "import site; print(site.getsitepackages()[0])")
-for d in "$SITE/nvidia/cu13/lib" "$SITE/nvidia/cudnn/lib"; do
-    [ -d "$d" ] || echo "warning: $d missing" >&2
-done
-# cu13/lib and cudnn/lib first (cuBLAS, cuRAND, NVRTC, cudart; cuDNN), then any other wheel's lib.
 libs="$SITE/nvidia/cu13/lib:$SITE/nvidia/cudnn/lib"
 for d in "$SITE"/nvidia/*/lib; do
     case ":$libs:" in *":$d:"*) ;; *) libs="$libs:$d" ;; esac
 done
 export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-echo "== ldd $CARRY/turbine"
-ldd "$CARRY/turbine" | grep -E "cuda|cublas|curand|nvrtc|cudnn|not found"
-if ldd "$CARRY/turbine" | grep -q "not found"; then
-    die "unresolved libraries (above): the binary and the venv's CUDA libraries disagree"
-fi
+echo "== ldd $BIN/turbine (LD_LIBRARY_PATH: $LD_LIBRARY_PATH)"
+ldd "$BIN/turbine"
+[[ "$(ldd "$BIN/turbine" 2>&1)" == *"not found"* ]] && echo "WARNING: unresolved libraries above: turbine will not start"
+for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcudnn.so.9; do
+    found=$(IFS=:; for d in $LD_LIBRARY_PATH; do ls "$d/$lib" 2>/dev/null; done | head -1)
+    echo "  $lib => ${found:-NOT FOUND}"
+done
 
-kernel=""
-if ls "$CARRY"/tests/* >/dev/null 2>&1; then
+kernel="not carried"
+if ls "$BIN"/tests/* >/dev/null 2>&1; then
     pass=0; fail=0
-    for t in "$CARRY"/tests/*; do
-        echo "== kernel tests: $t"
-        if timeout 120 "$t" --test-threads=1 2>&1; then pass=$((pass + 1)); else fail=$((fail + 1)); fi
+    for t in "$BIN"/tests/*; do
+        echo "== CUDA kernel tests: $t"
+        if TURBINE_REQUIRE_GPU=1 timeout 150 "$t" --test-threads=1 2>&1; then pass=$((pass + 1)); else fail=$((fail + 1)); fi
     done
-    kernel="$pass binaries passed, $fail failed"
-    echo "== kernel tests: $kernel"
-else
-    kernel="not carried"
+    kernel="$pass test binaries passed, $fail failed (TURBINE_REQUIRE_GPU=1)"
+    echo "== CUDA kernel tests: $kernel"
 fi
 
-# What the kernel tests spent comes off the budget.
+# What the steps above spent comes off the budget.
 used=$SECONDS
-python3 scripts/bench/gpu_check.py --turbine "$CARRY/turbine" --out "$OUT" --work /tmp/turbine-gpu-check \
+python3 scripts/bench/gpu_check.py --turbine "$BIN/turbine" --out "$OUT" --work /tmp/turbine-gpu-check \
     --budget-s $((BUDGET - used)) --commit "$commit" --kernel-tests "$kernel"
 rc=$?
 echo "== done in $SECONDS s, exit $rc"

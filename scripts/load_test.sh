@@ -136,7 +136,12 @@ CPU=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
     echo
     echo "- machine: $CPU, $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f", $2/1048576}' /proc/meminfo) GiB"
     echo "- command: \`scripts/load_test.sh --concurrency $CONC --requests-per-client $PER_CLIENT --size $SIZE --format $FORMAT\`"
-    echo "- commit: $COMMIT; server: $MODEL_DESC; load generator: hey $(dpkg-query -W -f='${Version}' hey 2>/dev/null), one image per request"
+    if [ -n "${TURBINE_BIN:-}" ]; then
+        echo "- commit: $COMMIT (this checkout; the server binary was given: $TURBINE_BIN, built $(date -u -r "$TURBINE_BIN" '+%Y-%m-%d %H:%M UTC' 2>/dev/null))"
+    else
+        echo "- commit: $COMMIT"
+    fi
+    echo "- server: $MODEL_DESC; load generator: hey $(dpkg-query -W -f='${Version}' hey 2>/dev/null), one image per request"
     echo
     echo "| concurrency | requests | errors | images/s | p50 ms | p95 ms | p99 ms | mean batch size |"
     echo "|---:|---:|---:|---:|---:|---:|---:|---:|"

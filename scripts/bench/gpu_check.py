@@ -133,7 +133,9 @@ def targets(res):
         out.append(f"- peak images/s vs diffusers + torch.compile: {bt['images_per_s']:.2f} / "
                    f"{bc['images_per_s']:.2f} (bs{bc['batch']}) = {r:.2f}x (target >= 1.0x: {verdict(r >= 1.0)})")
     elif bt:
-        out.append("- diffusers + torch.compile: no figure (did not finish in the time left)")
+        why = ("did not finish in the time left" if "compile_rc" in res
+               else "skipped: too little time left, or --skip-compile")
+        out.append(f"- diffusers + torch.compile: no figure ({why})")
     t1, e1 = row_at(t.get("rows"), 1), row_at(e.get("rows"), 1)
     if t1 and e1:
         out.append(f"- batch-1 latency: turbine {t1['median_s'] * 1e3:.1f} ms, eager {e1['median_s'] * 1e3:.1f} ms "
@@ -146,7 +148,7 @@ def targets(res):
                    f"(target <=: {verdict(bt['peak_bytes'] <= be['peak_bytes'])})")
     d = res.get("pixel_diff")
     if d:
-        out.append(f"- pixels, turbine vs diffusers eager, bf16, {len(d['images'])} images of batch "
+        out.append(f"- pixels, turbine vs diffusers eager, both {res['dtype']}, {len(d['images'])} images of batch "
                    f"{res.get('diff_batch')}: max {d['max']}, mean {d['mean']:.3f} (8-bit)")
     return "\n".join(out)
 
