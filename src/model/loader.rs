@@ -293,6 +293,20 @@ impl Weights<'_> {
     }
 }
 
+/// Builds a model from the weights file at `path` (cast to `dtype` on `device`), naming the
+/// file on any error and refusing a checkpoint whose tensors the model did not all read.
+pub fn build_checked<T>(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder<'_>) -> candle_core::Result<T>,
+) -> LoadResult<T> {
+    let weights = Weights::open(path, dtype, device)?;
+    let model = build(weights.vb.clone()).map_err(|e| weights_error(path, e))?;
+    weights.ensure_all_used()?;
+    Ok(model)
+}
+
 /// Wraps a candle error raised while building a model from `path` so it names the file.
 pub fn weights_error(path: &Path, e: candle_core::Error) -> LoadError {
     LoadError::Weights {

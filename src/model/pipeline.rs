@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use crate::model::clip::{ClipTextConfig, ClipTextModel};
 use crate::model::loader::{
-    find_weights, read_json, weights_error, LoadError, LoadResult, ModelDir, RandomWeights, Weights,
+    build_checked, find_weights, read_json, LoadError, LoadResult, ModelDir, RandomWeights,
 };
 use crate::model::noise;
 use crate::model::scheduler::{EulerAncestralConfig, EulerAncestralScheduler};
@@ -462,13 +462,7 @@ fn load_component<T>(
     build: impl FnOnce(VarBuilder<'_>) -> candle_core::Result<T>,
 ) -> LoadResult<T> {
     match source {
-        Source::Files => {
-            let path = find_weights(folder, stem)?;
-            let weights = Weights::open(&path, dtype, device)?;
-            let model = build(weights.vb.clone()).map_err(|e| weights_error(&path, e))?;
-            weights.ensure_all_used()?;
-            Ok(model)
-        }
+        Source::Files => build_checked(&find_weights(folder, stem)?, dtype, device, build),
         Source::Random(seed) => {
             let vb = RandomWeights::new(*seed).into_var_builder(dtype, device);
             build(vb).map_err(|e| LoadError::Weights {

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::model::loader::{self, LoadError, LoadResult, ModelDir, Weights};
+use crate::model::loader::{self, LoadError, LoadResult, ModelDir};
 use crate::model::unet::attention::SpatialSelfAttention;
 use crate::model::unet::layers::{Conv2d, GroupNorm};
 use crate::model::unet::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
@@ -391,15 +391,12 @@ impl AutoencoderKL {
     /// model directory, and checks that every tensor of the file was used.
     pub fn load(dir: &ModelDir, dtype: DType, device: &Device) -> LoadResult<Self> {
         let cfg = AutoencoderKLConfig::from_file(&dir.component("vae")?.join("config.json"))?;
-        let weights = Weights::open(
+        loader::build_checked(
             &dir.weights("vae", "diffusion_pytorch_model")?,
             dtype,
             device,
-        )?;
-        let model = Self::new(weights.vb.clone(), &cfg)
-            .map_err(|e| loader::weights_error(&weights.path, e))?;
-        weights.ensure_all_used()?;
-        Ok(model)
+            |vb| Self::new(vb, &cfg),
+        )
     }
 
     pub fn dtype(&self) -> DType {

@@ -17,7 +17,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::model::loader::{self, LoadError, LoadResult, ModelDir, Weights};
+use crate::model::loader::{self, LoadError, LoadResult, ModelDir};
 use blocks::{AttnSpec, BlockConfig, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D};
 use embeddings::{TextTimeEmbedding, TimestepEmbedding, Timesteps};
 use layers::{Conv2d, GroupNorm};
@@ -626,15 +626,12 @@ impl UNet2DConditionModel {
     pub fn load(dir: &ModelDir, dtype: DType, device: &Device) -> LoadResult<Self> {
         let config_path: PathBuf = dir.component("unet")?.join("config.json");
         let cfg = UNet2DConditionConfig::from_file(&config_path)?;
-        let weights = Weights::open(
+        loader::build_checked(
             &dir.weights("unet", "diffusion_pytorch_model")?,
             dtype,
             device,
-        )?;
-        let model = Self::new(weights.vb.clone(), &cfg)
-            .map_err(|e| loader::weights_error(&weights.path, e))?;
-        weights.ensure_all_used()?;
-        Ok(model)
+            |vb| Self::new(vb, &cfg),
+        )
     }
 
     pub fn dtype(&self) -> DType {
