@@ -105,6 +105,10 @@ def main():
     if a.rounds < 1 or a.runs < 1 or a.warmup < 0 or a.threads < 1:
         raise SystemExit("--rounds, --runs, --threads must be >= 1 and --warmup >= 0")
 
+    # Taken before anything runs: the checkout may move while the run takes its half hour.
+    commit_at_start = commit()
+    if os.environ.get("TURBINE_BIN"):
+        commit_at_start += f" (checkout; the turbine binary was given: {a.turbine})"
     work = a.work
     work.mkdir(parents=True, exist_ok=True)
     model = work / "sdxl-turbo-random"
@@ -173,7 +177,7 @@ def main():
 
 - machine: {m['cpu']}, {m['cores']} cores, {(m['memory_bytes'] or 0) / 2**30:.0f} GiB ({m['host']}, {m['os']})
 - command: `{a.command_line}` (threads {a.threads}, {a.rounds} process(es) per implementation alternating ABBA, {a.warmup} warm-up + {a.runs} timed run(s) each)
-- commit: {commit()}
+- commit: {commit_at_start}
 - model: full SDXL-Turbo architecture, random weights (seed {a.seed}) written by diffusers in the Hub layout, {size_gb:.1f} GB of f32 safetensors; turbine loaded the same files
 - setting: {a.size}, {a.steps} step, f32, guidance 0, one prompt, the same initial latents
 - memory: one implementation in memory at a time (separate processes); peak RSS diffusers {gb(d_rss)} GB, turbine {gb(t_rss)} GB
