@@ -29,8 +29,41 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
         let (major, minor) = ctx.compute_capability()?;
         let name = ctx.name().unwrap_or_else(|_| "unknown GPU".to_string());
         check_compute_capability(BUILD_COMPUTE_CAP, (major, minor), &format!("{s} ({name})"))?;
+        keep_freed_memory(&ctx)?;
     }
     Ok(device)
+}
+
+/// Keeps memory freed by dropped tensors in the device's stream-ordered pool instead of handing
+/// it back to the driver at every synchronisation.
+///
+/// candle allocates through cudarc's `cuMemAllocAsync` on the device's default pool, whose release
+/// threshold is 0: each `synchronize` (one per batch at least, for the images' copy back) returns
+/// every free block to the driver, and the next batch maps its ~GBs of activations afresh. With the
+/// threshold at "never", the pool behaves like PyTorch's caching allocator: after the first batch of
+/// a shape, allocation is a pool lookup. The memory stays reserved by this process, which is what a
+/// dedicated inference server wants.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(
+    ctx: &candle_core::cuda_backend::cudarc::driver::CudaContext,
+) -> anyhow::Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    if !ctx.has_async_alloc() {
+        // Synchronous cuMemAlloc: no pool to configure.
+        return Ok(());
+    }
+    ctx.bind_to_thread()?;
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: the device comes from a live context; the attribute takes a u64 (cuuint64_t).
+    unsafe {
+        let pool = result::device::get_mem_pool(ctx.cu_device())?;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )?;
+    }
+    Ok(())
 }
 
 /// The `CUDA_COMPUTE_CAP` this binary's kernels were compiled for (e.g. "90"), recorded by

@@ -48,6 +48,11 @@ pub struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// turbine's own kernels to use: `all`, `none` (candle's ops only, the baseline), or a
+    /// comma-separated list of group-norm, geglu, attention, conv, channels-last,
+    /// bias-residual, postprocess; `-name` removes one (`all,-attention`).
+    #[arg(long, env = "TURBINE_KERNELS", default_value = "all", value_parser = crate::ops::Kernels::parse)]
+    pub kernels: crate::ops::Kernels,
     /// Batch sizes to measure, in order, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     pub batch_sizes: Vec<usize>,
@@ -135,6 +140,9 @@ pub struct Report {
     pub machine: Machine,
     pub device: String,
     pub dtype: String,
+    /// `--kernels` as given (`all`, `none` or the list of levers on).
+    #[serde(default)]
+    pub kernels: String,
     pub threads: usize,
     pub model: String,
     pub size: String,
@@ -384,6 +392,7 @@ fn dtype_name(d: DType) -> &'static str {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    crate::ops::set_kernels(args.kernels);
     let (width, height) = parse_size(&args.size)?;
     if args.batch_sizes.is_empty() || args.batch_sizes.contains(&0) {
         return Err(UsageError(format!(
@@ -525,6 +534,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         machine: machine(),
         device: describe_device(&args.device, &device),
         dtype: dtype_name(dtype).into(),
+        kernels: args.kernels.to_string(),
         threads: candle_core::utils::get_num_threads(),
         model,
         size: format!("{width}x{height}"),
@@ -535,13 +545,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         rows,
     };
     println!(
-        "turbine bench: {} on {}, {}, {} {} step(s), guidance {}, commit {}, model {} (loaded in {:.1} s)",
+        "turbine bench: {} on {}, {}, {} {} step(s), guidance {}, kernels {}, commit {}, model {} (loaded in {:.1} s)",
         report.dtype,
         report.device,
         report.machine.cpu,
         report.size,
         report.steps,
         report.guidance,
+        report.kernels,
         report.commit,
         report.model,
         report.load_s

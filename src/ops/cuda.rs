@@ -19,6 +19,10 @@ pub const GEGLU: Module = Module {
     name: "turbine_geglu",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/geglu.ptx")),
 };
+pub const POSTPROCESS: Module = Module {
+    name: "turbine_postprocess",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/postprocess.ptx")),
+};
 pub const ATTN_SOFTMAX: Module = Module {
     name: "turbine_attn_softmax",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/attn_softmax.ptx")),

@@ -7,6 +7,9 @@
 //!   kernels with f32 temporaries).
 //! - [`geglu`]: `a * gelu_erf(gate)` on the two halves of the feed-forward projection.
 //! - [`attention`]: softmax(scale · Q·Kᵀ)·V with the logits in f32, optionally causal.
+//! - [`to_rgb8`]: the VAE's output to 8-bit NHWC RGB, diffusers' postprocess in one pass.
+//!
+//! Which of them the models use is chosen by [`Kernels`] (`--kernels`).
 //!
 //! Each op is a candle custom op carrying both a CPU reference (`cpu_fwd`) and the CUDA path
 //! (`cuda_fwd`); `tests/ops.rs` checks both against plain compositions of candle ops.
@@ -16,10 +19,14 @@ mod attention;
 mod cuda;
 mod geglu;
 mod group_norm;
+mod postprocess;
+mod select;
 
 pub use attention::{attention, fused_attention, AttentionOp};
 pub use geglu::{geglu, GegluOp};
 pub use group_norm::{group_norm, GroupNormOp};
+pub use postprocess::to_rgb8;
+pub use select::{enabled, kernels, set_kernels, with_kernels, Kernels};
 
 use candle_core::{bail, CpuStorage, DType, Layout, Result, WithDType};
 

@@ -1,0 +1,213 @@
+//! Which of turbine's own kernels the models use, so that every speed lever can be switched off
+//! and measured against candle's ops (`--kernels` on `generate`, `bench` and `serve`;
+//! `scripts/gpu_check.sh` times the ablations side by side).
+//!
+//! The choice is process-wide, set once at start-up; [`with_kernels`] overrides it for the
+//! current thread only, so tests running in parallel can compare two choices without racing.
+//! Model code asks [`enabled`] at each call site; a lever that does not apply to a device
+//! (a CUDA-only kernel on the CPU) is the call site's business, not this module's.
+
+use std::cell::Cell;
+use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A set of levers, as a bit set.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Kernels(u32);
+
+impl Kernels {
+    /// Fused GroupNorm (+ SiLU) instead of candle's composition (~13 kernels, f32 temporaries).
+    pub const GROUP_NORM: Self = Self(1);
+    /// Fused GEGLU (`a * gelu(gate)`) in the UNet's feed-forwards.
+    pub const GEGLU: Self = Self(1 << 1);
+    /// Attention through [`crate::ops::attention`] (cuBLAS GEMMs + fused f32 softmax on CUDA)
+    /// instead of candle matmul + softmax with a materialised f32 copy of the scores.
+    pub const ATTENTION: Self = Self(1 << 2);
+    /// turbine's cuDNN convolution (algorithm chosen once per shape, workspace reused, bias and
+    /// residual fused) instead of candle's `conv2d` + separate bias add.
+    pub const CONV: Self = Self(1 << 3);
+    /// The VAE decoder in channels-last (NHWC) layout, so cuDNN's tensor-core convolutions need
+    /// no layout transposes.
+    pub const CHANNELS_LAST: Self = Self(1 << 4);
+    /// Bias and residual adds fused into one pass after the UNet's GEMMs.
+    pub const BIAS_RESIDUAL: Self = Self(1 << 5);
+    /// VAE output → 8-bit RGB on the device (one kernel, a quarter of the bytes copied back).
+    pub const POSTPROCESS: Self = Self(1 << 6);
+
+    pub const NONE: Self = Self(0);
+    pub const ALL: Self = Self((1 << 7) - 1);
+
+    /// Every lever with its `--kernels` name, in a stable order.
+    pub const NAMED: [(&'static str, Self); 7] = [
+        ("group-norm", Self::GROUP_NORM),
+        ("geglu", Self::GEGLU),
+        ("attention", Self::ATTENTION),
+        ("conv", Self::CONV),
+        ("channels-last", Self::CHANNELS_LAST),
+        ("bias-residual", Self::BIAS_RESIDUAL),
+        ("postprocess", Self::POSTPROCESS),
+    ];
+
+    pub fn contains(self, other: Self) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    pub fn union(self, other: Self) -> Self {
+        Self(self.0 | other.0)
+    }
+
+    pub fn without(self, other: Self) -> Self {
+        Self(self.0 & !other.0)
+    }
+
+    /// Parses `all`, `none`, or a comma-separated list of lever names, where `-name` removes a
+    /// lever from what the items before it selected (`all,-attention`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut set = Self::NONE;
+        let mut any = false;
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            any = true;
+            let (remove, name) = match item.strip_prefix('-') {
+                Some(rest) => (true, rest),
+                None => (false, item),
+            };
+            let lever = match name {
+                "all" => Self::ALL,
+                "none" => Self::NONE,
+                _ => Self::NAMED
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, k)| *k)
+                    .ok_or_else(|| {
+                        format!(
+                            "unknown kernel {name:?}: expected all, none or a comma-separated \
+                             list of {} (prefix a name with - to remove it)",
+                            Self::NAMED.map(|(n, _)| n).join(", ")
+                        )
+                    })?,
+            };
+            set = if remove {
+                set.without(lever)
+            } else {
+                set.union(lever)
+            };
+        }
+        if !any {
+            return Err("--kernels is empty: expected all, none or a list of kernel names".into());
+        }
+        Ok(set)
+    }
+}
+
+impl fmt::Display for Kernels {
+    /// `all`, `none`, or the names of the levers that are on.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self == Self::ALL {
+            return f.write_str("all");
+        }
+        if *self == Self::NONE {
+            return f.write_str("none");
+        }
+        let names: Vec<&str> = Self::NAMED
+            .iter()
+            .filter(|(_, k)| self.contains(*k))
+            .map(|(n, _)| *n)
+            .collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+impl fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Kernels({self})")
+    }
+}
+
+impl std::str::FromStr for Kernels {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse(s)
+    }
+}
+
+static PROCESS: AtomicU32 = AtomicU32::new(Kernels::ALL.0);
+
+thread_local! {
+    static THREAD: Cell<Option<Kernels>> = const { Cell::new(None) };
+}
+
+/// Sets the process-wide choice (start-up, before any model runs).
+pub fn set_kernels(k: Kernels) {
+    PROCESS.store(k.0, Ordering::Relaxed);
+}
+
+/// The choice in force on this thread.
+pub fn kernels() -> Kernels {
+    THREAD
+        .with(Cell::get)
+        .unwrap_or_else(|| Kernels(PROCESS.load(Ordering::Relaxed)))
+}
+
+/// Whether `lever` is on for this thread.
+pub fn enabled(lever: Kernels) -> bool {
+    kernels().contains(lever)
+}
+
+/// Runs `f` with `k` in force on this thread only (restored afterwards, also on panic).
+pub fn with_kernels<R>(k: Kernels, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Kernels>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            THREAD.with(|t| t.set(self.0));
+        }
+    }
+    let _restore = Restore(THREAD.with(|t| t.replace(Some(k))));
+    f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_names_lists_and_removals() {
+        assert_eq!(Kernels::parse("all").unwrap(), Kernels::ALL);
+        assert_eq!(Kernels::parse("none").unwrap(), Kernels::NONE);
+        assert_eq!(
+            Kernels::parse("group-norm, geglu").unwrap(),
+            Kernels::GROUP_NORM.union(Kernels::GEGLU)
+        );
+        let k = Kernels::parse("all,-attention").unwrap();
+        assert!(!k.contains(Kernels::ATTENTION));
+        assert!(k.contains(Kernels::CONV));
+        assert_eq!(k.to_string().split(',').count(), Kernels::NAMED.len() - 1);
+        for (name, lever) in Kernels::NAMED {
+            assert_eq!(Kernels::parse(name).unwrap(), lever);
+            assert_eq!(lever.to_string(), name);
+        }
+    }
+
+    #[test]
+    fn rejects_unknown_and_empty() {
+        let e = Kernels::parse("group-norm,flash").unwrap_err();
+        assert!(
+            e.contains("\"flash\"") && e.contains("channels-last"),
+            "{e}"
+        );
+        assert!(Kernels::parse(" , ").is_err());
+    }
+
+    #[test]
+    fn thread_override_is_scoped_to_the_thread() {
+        let before = kernels();
+        with_kernels(Kernels::NONE, || {
+            assert_eq!(kernels(), Kernels::NONE);
+            // Another thread still sees the process-wide choice.
+            let other = std::thread::spawn(kernels).join().unwrap();
+            assert_eq!(other, Kernels(PROCESS.load(Ordering::Relaxed)));
+            with_kernels(Kernels::GEGLU, || assert!(enabled(Kernels::GEGLU)));
+            assert_eq!(kernels(), Kernels::NONE);
+        });
+        assert_eq!(kernels(), before);
+    }
+}
