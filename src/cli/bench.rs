@@ -3,8 +3,9 @@
 //! Each batch size gets `--warmup` untimed runs first (allocator growth, cuBLAS/cuDNN algorithm
 //! choice and page faults land there), then at least `--runs` timed runs, and more until
 //! `--min-time` seconds of timed runs have passed. A run is one `Pipeline::generate` call: text
-//! encoders, UNet steps, VAE decode and the conversion to 8-bit images; the pipeline
-//! synchronises the device before each stage's clock read. Medians are reported, so one
+//! encoders, UNet steps, VAE decode and the conversion to 8-bit images, timed on the host from
+//! the call to the images in memory; the per-stage times are the GPU's own (events on the
+//! stream, no synchronisation between stages) on CUDA, wall time on the CPU. Medians are reported, so one
 //! disturbed run does not move the figure.
 
 use std::path::{Path, PathBuf};
