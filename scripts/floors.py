@@ -49,6 +49,12 @@ class Counter:
         self.read_params = defaultdict(int)  # parameters an image actually reads
         self.act = defaultdict(int)  # output elements of matrix products / convolutions
         self.by_kind = defaultdict(float)
+        # Elements that elementwise work touches, by (component, what): what each of turbine's
+        # kernel levers saves passes over (see levers()).
+        self.elems = defaultdict(int)
+
+    def tally(self, comp, what, n):
+        self.elems[(comp, what)] += n
 
     def linear(self, comp, tokens, cin, cout, bias=True, kind="linear"):
         p = cin * cout + (cout if bias else 0)
@@ -67,6 +73,8 @@ class Counter:
         self.flops[comp] += f
         self.by_kind[(comp, kind)] += f
         self.act[comp] += h * w * cout
+        self.tally(comp, "conv_out", h * w * cout)
+        self.tally(comp, "conv_in", h * w * cin)
 
     def attention(self, comp, nq, nk, dim):
         """Scores and weighted sum over all heads (head count does not change the FLOPs)."""
@@ -136,33 +144,45 @@ def unet(c, cfg, lh, lw, context_len):
 
     def resnet(h, w, cin, cout):
         c.norm(comp, cin)
+        c.tally(comp, "gn_silu", h * w * cin)
         c.conv(comp, h, w, cin, cout, 3, kind="resnet")
         c.linear(comp, 1, temb, cout, kind="resnet")  # time_emb_proj
         c.norm(comp, cout)
+        c.tally(comp, "gn_silu", h * w * cout)
         c.conv(comp, h, w, cout, cout, 3, kind="resnet")
+        c.tally(comp, "conv_residual", h * w * cout)
         if cin != cout:
             c.conv(comp, h, w, cin, cout, 1, kind="resnet")
 
     def transformer(h, w, ch, layers):
         n = h * w
+        heads = ch // 64  # SDXL's heads are 64 wide
         c.norm(comp, ch)
+        c.tally(comp, "gn", n * ch)
         c.linear(comp, n, ch, ch, kind="proj")  # proj_in
         for _ in range(layers):
             c.norm(comp, ch)
             for _ in range(3):
                 c.linear(comp, n, ch, ch, bias=False, kind="attn1")
             c.attention(comp, n, n, ch)
+            c.tally(comp, "scores", heads * n * n)
             c.linear(comp, n, ch, ch, kind="attn1")
+            c.tally(comp, "linear_residual", n * ch)
             c.norm(comp, ch)
             c.linear(comp, n, ch, ch, bias=False, kind="attn2")
             c.linear(comp, context_len, cross, ch, bias=False, kind="attn2")
             c.linear(comp, context_len, cross, ch, bias=False, kind="attn2")
             c.attention(comp, n, context_len, ch)
+            c.tally(comp, "scores", heads * n * context_len)
             c.linear(comp, n, ch, ch, kind="attn2")
+            c.tally(comp, "linear_residual", n * ch)
             c.norm(comp, ch)
             c.linear(comp, n, ch, 8 * ch, kind="ff")  # GEGLU: value and gate
+            c.tally(comp, "geglu_out", n * 4 * ch)
             c.linear(comp, n, 4 * ch, ch, kind="ff")
+            c.tally(comp, "linear_residual", n * ch)
         c.linear(comp, n, ch, ch, kind="proj")  # proj_out
+        c.tally(comp, "linear_residual", n * ch)
 
     h, w = lh, lw
     c.conv(comp, h, w, cfg["in_channels"], boc[0], cfg.get("conv_in_kernel", 3))
@@ -199,6 +219,7 @@ def unet(c, cfg, lh, lw, context_len):
             h, w = h * 2, w * 2
             c.conv(comp, h, w, out_ch, out_ch, 3, kind="upsample")
     c.norm(comp, boc[0])
+    c.tally(comp, "gn_silu", h * w * boc[0])
     c.conv(comp, h, w, boc[0], cfg["out_channels"], cfg.get("conv_out_kernel", 3))
 
 
@@ -214,9 +235,12 @@ def vae_decoder(c, cfg, lh, lw):
 
     def resnet(h, w, cin, cout):
         c.norm(comp, cin)
+        c.tally(comp, "gn_silu", h * w * cin)
         c.conv(comp, h, w, cin, cout, 3, kind="resnet")
         c.norm(comp, cout)
+        c.tally(comp, "gn_silu", h * w * cout)
         c.conv(comp, h, w, cout, cout, 3, kind="resnet")
+        c.tally(comp, "conv_residual", h * w * cout)
         if cin != cout:
             c.conv(comp, h, w, cin, cout, 1, kind="resnet")
 
@@ -225,9 +249,11 @@ def vae_decoder(c, cfg, lh, lw):
     c.conv(comp, h, w, lc, top, 3)
     resnet(h, w, top, top)
     c.norm(comp, top)
+    c.tally(comp, "gn", h * w * top)
     for _ in range(3):
         c.linear(comp, h * w, top, top, kind="attention")
     c.attention(comp, h * w, h * w, top)
+    c.tally(comp, "scores", h * w * h * w)  # one head
     c.linear(comp, h * w, top, top, kind="attention")
     resnet(h, w, top, top)
     rev = list(reversed(boc))
@@ -240,7 +266,9 @@ def vae_decoder(c, cfg, lh, lw):
             h, w = h * 2, w * 2
             c.conv(comp, h, w, out_ch, out_ch, 3, kind="upsample")
     c.norm(comp, boc[0])
+    c.tally(comp, "gn_silu", h * w * boc[0])
     c.conv(comp, h, w, boc[0], cfg["out_channels"], 3)
+    c.tally(comp, "rgb", h * w * cfg["out_channels"])
     return h, w
 
 
@@ -272,6 +300,8 @@ def count(model_dir: Path, width: int, height: int, steps: int) -> Counter:
         c.act[k] += steps * one_step.act[k]
     for k, v in one_step.by_kind.items():
         c.by_kind[k] += steps * v
+    for k, v in one_step.elems.items():
+        c.elems[k] += steps * v
     for k in one_step.params:
         c.params[k] += one_step.params[k]
         c.read_params[k] += one_step.read_params[k]
@@ -279,6 +309,52 @@ def count(model_dir: Path, width: int, height: int, steps: int) -> Counter:
     if (oh, ow) != (height, width):
         raise SystemExit(f"vae decoder output {ow}x{oh} != requested {width}x{height}")
     return c
+
+
+# Bytes per element that each lever saves, bf16 activations (2 B), from what the code paths do
+# (`--kernels none` is candle's ops as turbine composes them):
+# - group-norm: layers::GroupNorm's composition reads bf16 and writes f32 (6), mean (4),
+#   sub (8), sqr (8), mean (4), scale (8), bias (8), [SiLU (8)], back to bf16 (6): 52 B, 60
+#   with SiLU; the fused op reads twice and writes once: 6 B.
+# - geglu: gelu on the strided gate half (r2 w2), then value * gelu (r4 w2): 10 B per output;
+#   fused: 6 B.
+# - attention: scores written by the GEMM in bf16 (2), to f32 (r2 w4), softmax (r4 w4), to bf16
+#   (r4 w2), read by the second GEMM (2): 24 B per score; the op: f32 scores (4), softmax (r4
+#   w2), read (2): 12 B.
+# - conv: the bias add after every convolution (r2 w2) disappears into the conv's epilogue, and
+#   the resnet's residual add (r4 w2) becomes one extra read in it (2): 4 B per conv output + 4 B
+#   per resnet output.
+# - channels-last: cuDNN's tensor-core kernels want NHWC; given NCHW it transposes the input
+#   (r2 w2) and the output (r2 w2) of each convolution: 4 B per input + 4 B per output element,
+#   VAE decoder only (the UNet stays NCHW). The least certain figure: how much of it cuDNN 9
+#   avoids with native NCHW kernels is what the measurement will tell.
+# - bias-residual: a Linear's bias add (r2 w2) folded into the residual add that follows: 4 B.
+# - postprocess: f32 NCHW -> host (12 B per pixel over PCIe, pageable ~10 GB/s) becomes u8 (3 B).
+LEVER_BYTES = {
+    "group-norm": [("gn_silu", 60 - 6), ("gn", 52 - 6)],
+    "geglu": [("geglu_out", 10 - 6)],
+    "attention": [("scores", 24 - 12)],
+    "conv": [("conv_out", 4), ("conv_residual", 4)],
+    "channels-last": [("conv_in", 4), ("conv_out", 4)],
+    "bias-residual": [("linear_residual", 4)],
+}
+CHANNELS_LAST_COMPONENTS = ("vae_decoder",)
+PCIE_BPS = 10e9
+
+
+def levers(c: Counter, tbps: float) -> dict:
+    """Predicted ms saved per image by each lever, at `tbps` for elementwise kernels."""
+    out = {}
+    for lever, parts in LEVER_BYTES.items():
+        b = 0
+        for (comp, what), n in c.elems.items():
+            if lever == "channels-last" and comp not in CHANNELS_LAST_COMPONENTS:
+                continue
+            b += sum(per * n for w, per in parts if w == what)
+        out[lever] = {"bytes": b, "ms": b / (tbps * 1e12) * 1e3}
+    rgb = sum(n for (comp, what), n in c.elems.items() if what == "rgb")
+    out["postprocess"] = {"bytes": rgb * (4 - 1), "ms": rgb * (4 - 1) / PCIE_BPS * 1e3}
+    return out
 
 
 def check_manifest(c: Counter, model_dir: Path) -> list:
@@ -358,6 +434,12 @@ def main():
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     ap.add_argument("--check-manifest", action="store_true")
     ap.add_argument("--check-torch", action="store_true")
+    ap.add_argument("--levers", action="store_true",
+                    help="print each kernel lever's predicted saving (see LEVER_BYTES)")
+    ap.add_argument("--elementwise-tbps", type=float, default=3.0,
+                    help="bandwidth candle's elementwise kernels reach, TB/s (for --levers)")
+    ap.add_argument("--levers-json", type=Path,
+                    help="write the predictions in benches/levers.json's format here")
     a = ap.parse_args()
     try:
         width, height = (int(x) for x in a.size.lower().split("x"))
@@ -411,6 +493,26 @@ def main():
     print("Matrix FLOPs by kind of op:")
     for (comp, kind), v in sorted(c.by_kind.items(), key=lambda kv: -kv[1]):
         print(f"  {comp:15s} {kind:10s} {v / 1e9:10.1f} GFLOP  {100 * v / total_flops:5.1f}%")
+
+    if a.levers or a.levers_json:
+        pred = levers(c, a.elementwise_tbps)
+        print()
+        print(f"Predicted saving per image by kernel lever (elementwise at {a.elementwise_tbps:g} TB/s, "
+              f"PCIe {PCIE_BPS / 1e9:g} GB/s):")
+        print("| lever | GB saved | ms saved |")
+        print("|---|---:|---:|")
+        for k, v in pred.items():
+            print(f"| {k} | {v['bytes'] / 1e9:.2f} | {v['ms']:.2f} |")
+        if a.levers_json:
+            a.levers_json.write_text(json.dumps({
+                "_about": "Predicted ms saved per image by each turbine kernel lever against candle's "
+                          f"ops, {width}x{height}, {a.steps} step(s), bf16, written by `scripts/floors.py "
+                          f"--levers-json` (bytes per element: LEVER_BYTES there; elementwise kernels at "
+                          f"{a.elementwise_tbps:g} TB/s). scripts/bench/gpu_check.py prints them next to "
+                          "the measured ablation.",
+                **{k: {"predicted_ms_per_image": round(v["ms"], 2), "bytes_saved": v["bytes"]}
+                   for k, v in pred.items()},
+            }, indent=2) + "\n")
 
     ok = True
     if a.check_manifest:
