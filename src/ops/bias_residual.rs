@@ -99,17 +99,18 @@ impl BiasResidualOp {
             .zip(y.par_chunks(plane))
             .zip(r.par_chunks(plane))
             .enumerate()
-            // Short rows (a Linear's 320..1280 columns) in batches of ~16k elements per task.
-            .with_min_len((1 << 14) / plane + 1)
+            // Short rows (a Linear's 320..1280 columns) in batches of ~64k elements per task.
+            .with_min_len((1 << 16) / plane + 1)
             .for_each(|(p, ((o, yp), rp))| {
-                let plane_bias = b[p % channels].to_f64();
-                for (k, ((ov, yv), rv)) in o.iter_mut().zip(yp).zip(rp).enumerate() {
-                    let bv = if per_column {
-                        b[k].to_f64()
-                    } else {
-                        plane_bias
-                    };
+                let sum = |(ov, (yv, rv)): (&mut T, (&T, &T)), bv: f64| {
                     *ov = T::from_f64(yv.to_f64() + bv + rv.to_f64());
+                };
+                let elems = o.iter_mut().zip(yp.iter().zip(rp));
+                if per_column {
+                    elems.zip(b).for_each(|(e, bv)| sum(e, bv.to_f64()));
+                } else {
+                    let bv = b[p % channels].to_f64();
+                    elems.for_each(|e| sum(e, bv));
                 }
             });
         out
