@@ -7,7 +7,8 @@
 // no __syncthreads. Pass 1 is an online max/sum (one exp per element); pass 2 re-reads the row,
 // which is still in L1/L2 (a 4096-long f32 row is 16 KiB), and writes it.
 // Causal masking is top-left aligned (key j is visible to query i iff j <= i), as torch's
-// scaled_dot_product_attention(is_causal=True); CLIP's text encoders use it.
+// scaled_dot_product_attention(is_causal=True); CLIP's text encoders use it. The scores may be a
+// chunk of query rows: `lq` rows of each slice starting at query `row_offset`.
 #include <math_constants.h>
 
 #include "common.cuh"
@@ -16,13 +17,13 @@
 
 template <typename T>
 __device__ void attn_softmax(const float* __restrict__ s, T* __restrict__ p, int64_t rows, int lq,
-                             int lk, float scale, int causal) {
+                             int lk, float scale, int causal, int row_offset) {
   const int64_t row = (int64_t)blockIdx.x * SM_WARPS + threadIdx.x / 32;
   if (row >= rows) return;
   const int lane = threadIdx.x % 32;
   const float* sr = s + row * lk;
   T* pr = p + row * lk;
-  const int visible = causal ? min(lk, (int)(row % lq) + 1) : lk;
+  const int visible = causal ? min(lk, (int)(row % lq) + row_offset + 1) : lk;
   // Work in base 2: exp(x) = exp2(x * log2(e)), folded into the scale.
   const float k = scale * 1.4426950408889634f;
   float m = -CUDART_INF_F, l = 0.f;
@@ -45,9 +46,10 @@ __device__ void attn_softmax(const float* __restrict__ s, T* __restrict__ p, int
   }
 }
 
-#define SM_ENTRY(NAME, T)                                                                       \
-  extern "C" __global__ void attn_softmax_##NAME(const float* s, T* p, int64_t rows, int lq,  \
-                                                 int lk, float scale, int causal) {            \
-    attn_softmax<T>(s, p, rows, lq, lk, scale, causal);                                        \
+#define SM_ENTRY(NAME, T)                                                                      \
+  extern "C" __global__ void attn_softmax_##NAME(const float* s, T* p, int64_t rows, int lq, \
+                                                 int lk, float scale, int causal,             \
+                                                 int row_offset) {                            \
+    attn_softmax<T>(s, p, rows, lq, lk, scale, causal, row_offset);                           \
   }
 TURBINE_FOR_EACH_DTYPE(SM_ENTRY)

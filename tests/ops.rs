@@ -468,3 +468,293 @@ fn attention_rejects_mismatched_shapes() {
         .to_string();
     assert!(err.contains("must share a dtype"), "{err}");
 }
+
+// ---- Bias + residual ----
+
+/// `y + bias + residual` as plain candle ops in f32, `bias` broadcast as numpy would.
+fn bias_residual_composed(y: &Tensor, bias: &Tensor, residual: &Tensor) -> Tensor {
+    (y.broadcast_add(bias).unwrap() + residual).unwrap()
+}
+
+#[test]
+fn bias_residual_matches_composition() {
+    let mut rng = rng("bias_residual");
+    // (y shape, bias shape): a Linear's output with rows narrower and wider than a 256-thread
+    // block (bias on the last dim), and NCHW-like per-channel biases whose planes span one and
+    // several 4096-element chunks on CUDA.
+    let cases: [(&[usize], &[usize]); 6] = [
+        (&[2, 7, 40], &[40]),
+        (&[3, 640], &[640]),
+        (&[1, 5, 1280], &[1280]),
+        (&[2, 5, 33], &[5, 1]),
+        (&[1, 3, 90, 90], &[3, 1, 1]),
+        (&[6], &[6]),
+    ];
+    for dev in devices("bias_residual") {
+        for (shape, bias_shape) in cases {
+            let y = random(&mut rng, shape, 0.0);
+            let b = random(&mut rng, bias_shape, 0.0);
+            let r = random(&mut rng, shape, 0.0);
+            for dtype in DTYPES {
+                let (yd, ye) = place(&y, dtype, &dev);
+                let (bd, be) = place(&b, dtype, &dev);
+                let (rd, re) = place(&r, dtype, &dev);
+                let want = bias_residual_composed(&ye, &be, &re);
+                poison(&dev, y.elem_count(), dtype);
+                let got = ops::bias_residual(&yd, &bd, &rd).unwrap();
+                assert_eq!(got.dtype(), dtype);
+                let what = format!(
+                    "bias_residual {} {dtype:?} {shape:?} bias {bias_shape:?}",
+                    dev_name(&dev)
+                );
+                assert_close(&got, &want, tolerance(dtype), &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn bias_residual_accepts_strided_input_and_other_bias_dtype() {
+    let mut rng = rng("bias_residual strided");
+    for dev in devices("bias_residual strided") {
+        // y transposed [B, C, S] -> [B, S, C]: not contiguous; the bias in bf16 for f32 data.
+        let y = random(&mut rng, &[2, 24, 9], 0.0).transpose(1, 2).unwrap();
+        let r = random(&mut rng, &[2, 9, 24], 0.0);
+        let b = random(&mut rng, &[24], 0.0).to_dtype(DType::BF16).unwrap();
+        let want = bias_residual_composed(
+            &y.contiguous().unwrap(),
+            &b.to_dtype(DType::F32).unwrap(),
+            &r,
+        );
+        let (yd, _) = place(&y, DType::F32, &dev);
+        let (rd, _) = place(&r, DType::F32, &dev);
+        let got = ops::bias_residual(&yd, &b.to_device(&dev).unwrap(), &rd).unwrap();
+        assert_eq!(got.dtype(), DType::F32);
+        let what = format!("bias_residual strided {}", dev_name(&dev));
+        assert_close(&got, &want, tolerance(DType::F32), &what);
+    }
+}
+
+#[test]
+fn bias_residual_rejects_bad_arguments() {
+    let t = |s: &[usize]| Tensor::ones(s, DType::F32, &Device::Cpu).unwrap();
+    let err = |y: &[usize], b: &[usize], r: &[usize]| {
+        ops::bias_residual(&t(y), &t(b), &t(r))
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err(&[2, 3, 4], &[4], &[2, 3, 5]);
+    assert!(e.contains("differ in shape"), "{e}");
+    let e = err(&[2, 3, 4], &[3], &[2, 3, 4]);
+    assert!(e.contains("does not broadcast onto y [2, 3, 4]"), "{e}");
+    let e = err(&[2, 3, 4], &[3, 4], &[2, 3, 4]);
+    assert!(e.contains("[C] or [C, 1, ..., 1]"), "{e}");
+    let half = Tensor::ones((2, 3), DType::F16, &Device::Cpu).unwrap();
+    let e = ops::bias_residual(&t(&[2, 3]), &t(&[3]), &half)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("residual has dtype F16"), "{e}");
+}
+
+// ---- Multi-head attention on interleaved heads ----
+
+/// `[B, L, H*D]` to `[B, H, L, D]` and back, for the composition.
+fn heads_apart(x: &Tensor, heads: usize) -> Tensor {
+    let (b, l, w) = x.dims3().unwrap();
+    x.reshape((b, l, heads, w / heads))
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+}
+
+fn heads_together(x: &Tensor) -> Tensor {
+    let (b, h, l, d) = x.dims4().unwrap();
+    x.transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((b, l, h * d))
+        .unwrap()
+}
+
+/// (batch, heads, Lq, Lk, D, Dv, causal, chunk_bytes: None for the default)
+type MhaCase = (
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    bool,
+    Option<usize>,
+);
+
+/// Runs `apply` on `[B, L, H*D]` inputs and compares with the composition on split heads.
+fn run_multi_head(
+    rng: &mut rand::rngs::StdRng,
+    dev: &Device,
+    (b, h, lq, lk, d, dv, causal, _): MhaCase,
+    apply: impl Fn(&Tensor, &Tensor, &Tensor, f64, bool) -> Tensor,
+    label: &str,
+) {
+    let scale = 1.0 / (d as f64).sqrt();
+    let q = random(rng, &[b, lq, h * d], 0.0);
+    let k = random(rng, &[b, lk, h * d], 0.0);
+    let v = random(rng, &[b, lk, h * dv], 0.0);
+    for dtype in DTYPES {
+        let (qd, qe) = place(&q, dtype, dev);
+        let (kd, ke) = place(&k, dtype, dev);
+        let (vd, ve) = place(&v, dtype, dev);
+        let want = heads_together(&attention_composed(
+            &heads_apart(&qe, h),
+            &heads_apart(&ke, h),
+            &heads_apart(&ve, h),
+            scale,
+            causal,
+        ));
+        poison(dev, b * lq * h * dv, dtype);
+        let got = apply(&qd, &kd, &vd, scale, causal);
+        assert_eq!(got.dtype(), dtype);
+        let what = format!(
+            "{label} {} {dtype:?} b={b} h={h} lq={lq} lk={lk} d={d} dv={dv} causal={causal}",
+            dev_name(dev)
+        );
+        assert_close(&got, &want, tolerance(dtype), &what);
+    }
+}
+
+const MHA_CASES: [MhaCase; 10] = [
+    (2, 3, 17, 17, 64, 64, false, None), // self-attention, head dim 64
+    (2, 3, 17, 17, 64, 64, true, None),  // CLIP-style causal
+    (1, 5, 33, 77, 64, 64, false, None), // cross-attention onto 77 text tokens
+    (3, 2, 40, 9, 8, 8, false, None),    // batch > 2, few keys
+    (4, 3, 10, 12, 16, 16, true, None),  // batch > 2, causal
+    (1, 2, 6, 11, 16, 24, true, None),   // Lq < Lk causal, Dv != D
+    (2, 1, 50, 50, 32, 32, false, None), // one head: the images are the GEMM batch
+    // Scores budget of 2 slices of 20x30 (f32 + f16/bf16 probabilities): chunks of heads.
+    (2, 5, 20, 30, 16, 16, false, Some(2 * 20 * 30 * 8)),
+    // Budget of 7 query rows (of 30 keys): row chunks of one slice, the last one partial, with
+    // the causal mask offset by each chunk's first row.
+    (2, 3, 20, 30, 16, 8, true, Some(7 * 30 * 8)),
+    (3, 1, 20, 20, 16, 16, true, Some(6 * 20 * 8)),
+];
+
+#[test]
+fn fused_multi_head_attention_matches_composition() {
+    let mut rng = rng("fused_multi_head_attention");
+    for dev in devices("fused_multi_head_attention") {
+        for case in MHA_CASES {
+            let (_, heads, .., chunk_bytes) = case;
+            let apply = |q: &Tensor, k: &Tensor, v: &Tensor, scale, causal| match chunk_bytes {
+                None => ops::fused_multi_head_attention(q, k, v, heads, scale, causal).unwrap(),
+                Some(chunk_bytes) => {
+                    let op = ops::MultiHeadAttentionOp {
+                        heads,
+                        attention: ops::AttentionOp {
+                            scale,
+                            causal,
+                            chunk_bytes,
+                        },
+                    };
+                    q.apply_op3_no_bwd(k, v, &op).unwrap()
+                }
+            };
+            run_multi_head(&mut rng, &dev, case, apply, "fused_multi_head_attention");
+        }
+    }
+}
+
+#[test]
+fn multi_head_attention_matches_composition() {
+    // The dispatching entry point: on CUDA the interleaved op, or for small problems at batch > 2
+    // with several heads the op on heads copied apart (the two "batch > 2" cases of MHA_CASES);
+    // on the CPU the composition.
+    let mut rng = rng("multi_head_attention");
+    for dev in devices("multi_head_attention") {
+        for case in MHA_CASES {
+            let heads = case.1;
+            let apply = |q: &Tensor, k: &Tensor, v: &Tensor, scale, causal| {
+                ops::multi_head_attention(q, k, v, heads, scale, causal).unwrap()
+            };
+            run_multi_head(&mut rng, &dev, case, apply, "multi_head_attention");
+            let composed = |q: &Tensor, k: &Tensor, v: &Tensor, scale, causal| {
+                ops::multi_head_attention_composed(q, k, v, heads, scale, causal).unwrap()
+            };
+            run_multi_head(
+                &mut rng,
+                &dev,
+                case,
+                composed,
+                "multi_head_attention_composed",
+            );
+        }
+    }
+}
+
+#[test]
+fn fused_attention_in_row_chunks_matches_composition() {
+    // A scores budget below one (batch·head) slice: query rows in chunks of 6 (of 20), causal,
+    // through the split-layout op.
+    let mut rng = rng("attention row chunks");
+    for dev in devices("attention row chunks") {
+        let (lq, lk) = (20, 24);
+        let apply = |q: &Tensor, k: &Tensor, v: &Tensor, scale, causal| {
+            let op = ops::AttentionOp {
+                scale,
+                causal,
+                chunk_bytes: 6 * lk * (4 + 4),
+            };
+            q.apply_op3_no_bwd(k, v, &op).unwrap()
+        };
+        run_attention(
+            &mut rng,
+            &dev,
+            (2, 2, lq, lk, 32, 16, true),
+            apply,
+            "attention row chunks",
+        );
+        let composed = |q: &Tensor, k: &Tensor, v: &Tensor, s, c| {
+            ops::attention_composed(q, k, v, s, c).unwrap()
+        };
+        run_attention(
+            &mut rng,
+            &dev,
+            (2, 2, lq, lk, 32, 16, true),
+            composed,
+            "attention_composed",
+        );
+    }
+}
+
+#[test]
+fn multi_head_attention_rejects_bad_heads() {
+    let t = |s: &[usize]| Tensor::ones(s, DType::F32, &Device::Cpu).unwrap();
+    let e = ops::multi_head_attention(
+        &t(&[2, 4, 12]),
+        &t(&[2, 5, 12]),
+        &t(&[2, 5, 12]),
+        5,
+        1.0,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not a multiple of 5 heads"), "{e}");
+    let e = ops::multi_head_attention(
+        &t(&[2, 4, 12]),
+        &t(&[2, 5, 12]),
+        &t(&[2, 5, 12]),
+        0,
+        1.0,
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("heads must be at least 1"), "{e}");
+    let e = ops::multi_head_attention(&t(&[4, 12]), &t(&[5, 12]), &t(&[5, 12]), 2, 1.0, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("must be [B, L, heads * D]"), "{e}");
+}

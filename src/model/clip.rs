@@ -12,12 +12,13 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::loader::{read_json, LoadError, LoadResult};
+use crate::ops::{self, Kernels};
 
 /// The MLP activation (`hidden_act`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -196,25 +197,21 @@ impl ClipAttention {
         })
     }
 
-    /// `mask` is the additive causal mask `[seq, seq]` in f32.
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let (b, s, h) = x.dims3()?;
-        let heads = |t: Tensor| -> Result<Tensor> {
-            t.reshape((b, s, self.num_heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+    /// Causal self-attention. With [`Kernels::ATTENTION`], [`ops::multi_head_attention`] (on
+    /// CUDA the fused op, on the heads where the projections wrote them); otherwise candle's
+    /// composition. Either way the logits and the softmax are f32 whatever the run dtype, as
+    /// transformers does: half-precision exponentials of unscaled logits lose the small
+    /// attention weights.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let scale = (self.head_dim as f64).powf(-0.5);
-        let q = heads(self.q_proj.forward(x)?.affine(scale, 0.0)?)?;
-        let k = heads(self.k_proj.forward(x)?)?;
-        let v = heads(self.v_proj.forward(x)?)?;
-        let scores = q.matmul(&k.t()?)?;
-        // Softmax in f32 whatever the run dtype, as transformers does: half-precision
-        // exponentials of unscaled logits lose the small attention weights.
-        let weights =
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?.broadcast_add(mask)?)?
-                .to_dtype(x.dtype())?;
-        let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
+        let q = self.q_proj.forward(x)?;
+        let k = self.k_proj.forward(x)?;
+        let v = self.v_proj.forward(x)?;
+        let out = if ops::enabled(Kernels::ATTENTION) {
+            ops::multi_head_attention(&q, &k, &v, self.num_heads, scale, true)?
+        } else {
+            ops::multi_head_attention_composed(&q, &k, &v, self.num_heads, scale, true)?
+        };
         self.out_proj.forward(&out)
     }
 }
@@ -269,10 +266,8 @@ impl ClipEncoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let x = (x + self
-            .self_attn
-            .forward(&self.layer_norm1.forward(x)?, mask)?)?;
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = (x + self.self_attn.forward(&self.layer_norm1.forward(x)?)?)?;
         &x + self.mlp.forward(&self.layer_norm2.forward(&x)?)?
     }
 }
@@ -360,11 +355,10 @@ impl ClipTextModel {
             .token_embedding
             .forward(&input_ids)?
             .broadcast_add(&self.position_embedding.narrow(0, 0, s)?)?;
-        let mask = causal_mask(s, device)?;
         let mut penultimate = x.clone();
         for layer in &self.layers {
             penultimate = x;
-            x = layer.forward(&penultimate, &mask)?;
+            x = layer.forward(&penultimate)?;
         }
         let last = self.final_layer_norm.forward(&x)?;
         let h = last.dim(D::Minus1)?;
@@ -409,17 +403,10 @@ impl ClipTextModel {
     }
 }
 
-/// Additive `[seq, seq]` mask: 0 on and below the diagonal, -inf above.
-fn causal_mask(s: usize, device: &Device) -> Result<Tensor> {
-    let data: Vec<f32> = (0..s)
-        .flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(data, (s, s), device)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     fn cfg(json: &str) -> ClipTextConfig {
         serde_json::from_str(json).unwrap()

@@ -23,6 +23,10 @@ pub const POSTPROCESS: Module = Module {
     name: "turbine_postprocess",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/postprocess.ptx")),
 };
+pub const BIAS_RESIDUAL: Module = Module {
+    name: "turbine_bias_residual",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/bias_residual.ptx")),
+};
 pub const ATTN_SOFTMAX: Module = Module {
     name: "turbine_attn_softmax",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/attn_softmax.ptx")),

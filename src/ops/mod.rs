@@ -6,7 +6,9 @@
 //!   dtype (diffusers' UNet calls GroupNorm 46 times per pass; candle composes it from ~13
 //!   kernels with f32 temporaries).
 //! - [`geglu`]: `a * gelu_erf(gate)` on the two halves of the feed-forward projection.
-//! - [`attention`]: softmax(scale · Q·Kᵀ)·V with the logits in f32, optionally causal.
+//! - [`attention`]: softmax(scale · Q·Kᵀ)·V with the logits in f32, optionally causal;
+//!   [`multi_head_attention`] on `[B, L, H·D]` projections, without splitting the heads apart.
+//! - [`bias_residual`]: `y + bias + residual` in one pass after a GEMM run without its bias.
 //! - [`to_rgb8`]: the VAE's output to 8-bit NHWC RGB, diffusers' postprocess in one pass.
 //!
 //! Which of them the models use is chosen by [`Kernels`] (`--kernels`).
@@ -15,6 +17,7 @@
 //! (`cuda_fwd`); `tests/ops.rs` checks both against plain compositions of candle ops.
 
 mod attention;
+mod bias_residual;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod geglu;
@@ -22,7 +25,11 @@ mod group_norm;
 mod postprocess;
 mod select;
 
-pub use attention::{attention, fused_attention, AttentionOp};
+pub use attention::{
+    attention, attention_composed, fused_attention, fused_multi_head_attention,
+    multi_head_attention, multi_head_attention_composed, AttentionOp, MultiHeadAttentionOp,
+};
+pub use bias_residual::{bias_residual, BiasResidualOp};
 pub use geglu::{geglu, GegluOp};
 pub use group_norm::{group_norm, GroupNormOp};
 pub use postprocess::to_rgb8;

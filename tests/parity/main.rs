@@ -3,6 +3,7 @@
 
 mod clip;
 mod common;
+mod kernels;
 mod pipeline;
 mod scheduler;
 mod tokenizer;

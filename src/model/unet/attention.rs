@@ -3,60 +3,11 @@
 //! `models/activations.py` `GEGLU`, `models/transformers/transformer_2d.py`
 //! `Transformer2DModel`), plus the VAE's single-head spatial self-attention.
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{LayerNorm, VarBuilder};
 
-use super::layers::{matmul, Conv2d, GroupNorm, Linear};
-
-/// Upper bound on the elements of one attention score matrix `[B*heads, rows, keys]`.
-///
-/// 2^27 elements is 512 MiB in f32. Past it the queries are processed in row chunks, which
-/// gives identical results (each row's softmax is independent) at bounded memory. Without it
-/// the VAE decoder's single-head mid-block attention at 1024x1024 (16384 tokens) would need a
-/// 1 GiB score matrix per image, plus its softmax copy.
-const MAX_SCORE_ELEMENTS: usize = 1 << 27;
-
-/// `softmax(q kᵀ) v` over `[B*heads, S, d]` tensors whose `q` already carries the
-/// `1/sqrt(d)` scale. Half-precision scores are softmaxed in f32: candle's half softmax sums
-/// in half precision, which loses the tail of a 4096-key row.
-pub fn scaled_dot_product(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    scaled_dot_product_chunked(q, k, v, MAX_SCORE_ELEMENTS)
-}
-
-fn scaled_dot_product_chunked(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    max_score_elements: usize,
-) -> Result<Tensor> {
-    let (bh, sq, _) = q.dims3()?;
-    let sk = k.dim(1)?;
-    let kt = k.t()?;
-    let rows = (max_score_elements / (bh * sk).max(1)).max(1);
-    if rows >= sq {
-        return attend(q, &kt, v);
-    }
-    let mut outs = Vec::with_capacity(sq.div_ceil(rows));
-    let mut start = 0;
-    while start < sq {
-        let len = rows.min(sq - start);
-        outs.push(attend(&q.narrow(1, start, len)?, &kt, v)?);
-        start += len;
-    }
-    Tensor::cat(&outs, 1)
-}
-
-fn attend(q: &Tensor, kt: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let scores = matmul(q, kt)?;
-    let dtype = scores.dtype();
-    let probs = match dtype {
-        DType::F16 | DType::BF16 => {
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?
-        }
-        _ => candle_nn::ops::softmax_last_dim(&scores)?,
-    };
-    matmul(&probs, v)
-}
+use super::layers::{Conv2d, GroupNorm, Linear};
+use crate::ops::{self, Kernels};
 
 /// Multi-head attention with `to_q`, `to_k`, `to_v`, `to_out.0` projections on `[B, S, C]`.
 #[derive(Debug, Clone)]
@@ -69,7 +20,6 @@ pub struct Attention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
-    head_dim: usize,
 }
 
 impl Attention {
@@ -92,39 +42,43 @@ impl Attention {
             to_v: Linear::new(vb.pp("to_v"), kv_dim, inner, qkv_bias)?,
             to_out: Linear::new(vb.pp("to_out").pp("0"), inner, query_dim, true)?,
             heads,
-            head_dim,
         })
     }
 
-    /// `[B, S, H*d]` to contiguous `[B*H, S, d]`.
-    fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, s, _) = xs.dims3()?;
-        if self.heads == 1 {
-            return xs.contiguous();
+    /// `softmax(q kᵀ) v` for `xs` `[B, S, C]`, keys and values from `context`
+    /// `[B, S_ctx, C_ctx]` when given; `[B, S, H*d]`, before `to_out`.
+    ///
+    /// With [`Kernels::ATTENTION`], [`ops::multi_head_attention`]: on CUDA the fused op, which
+    /// reads the heads where `to_q`/`to_k`/`to_v` wrote them. Otherwise candle's composition,
+    /// which copies the heads apart and back.
+    fn attend(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let ctx = context.unwrap_or(xs);
+        let q = self.to_q.forward(xs)?;
+        let k = self.to_k.forward(ctx)?;
+        let v = self.to_v.forward(ctx)?;
+        // The scale is folded into `to_q`.
+        if ops::enabled(Kernels::ATTENTION) {
+            ops::multi_head_attention(&q, &k, &v, self.heads, 1.0, false)
+        } else {
+            ops::multi_head_attention_composed(&q, &k, &v, self.heads, 1.0, false)
         }
-        xs.reshape((b, s, self.heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b * self.heads, s, self.head_dim))
     }
 
     /// `xs` `[B, S, C]`; keys and values come from `context` `[B, S_ctx, C_ctx]` when given.
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let (b, s, _) = xs.dims3()?;
-        let ctx = context.unwrap_or(xs);
-        let q = self.split_heads(&self.to_q.forward(xs)?)?;
-        let k = self.split_heads(&self.to_k.forward(ctx)?)?;
-        let v = self.split_heads(&self.to_v.forward(ctx)?)?;
-        let out = scaled_dot_product(&q, &k, &v)?;
-        let out = if self.heads == 1 {
-            out
-        } else {
-            out.reshape((b, self.heads, s, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?
-                .reshape((b, s, self.heads * self.head_dim))?
-        };
-        self.to_out.forward(&out)
+        self.to_out.forward(&self.attend(xs, context)?)
+    }
+
+    /// `forward(xs, context) + residual`, with `to_out`'s bias and the residual in one pass
+    /// under [`Kernels::BIAS_RESIDUAL`].
+    pub fn forward_residual(
+        &self,
+        xs: &Tensor,
+        context: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        self.to_out
+            .forward_residual(&self.attend(xs, context)?, residual)
     }
 }
 
@@ -136,8 +90,13 @@ pub struct GeGlu {
 }
 
 impl Module for GeGlu {
+    /// With [`Kernels::GEGLU`], [`ops::geglu`]: one pass with the GELU in f32, instead of
+    /// candle's `gelu` and `mul` (two passes, rounding in between).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(xs)?;
+        if ops::enabled(Kernels::GEGLU) {
+            return ops::geglu(&h);
+        }
         let value = h.narrow(D::Minus1, 0, self.inner)?;
         let gate = h.narrow(D::Minus1, self.inner, self.inner)?;
         value.mul(&gate.gelu_erf()?)
@@ -163,6 +122,13 @@ impl FeedForward {
             },
             out: Linear::new(net.pp("2"), inner, dim, true)?,
         })
+    }
+
+    /// `forward(xs) + residual`, with `net.2`'s bias and the residual in one pass under
+    /// [`Kernels::BIAS_RESIDUAL`].
+    pub fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.out
+            .forward_residual(&self.geglu.forward(xs)?, residual)
     }
 }
 
@@ -211,12 +177,13 @@ impl BasicTransformerBlock {
     }
 
     pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let xs = (self.attn1.forward(&self.norm1.forward(xs)?, None)? + xs)?;
-        let xs = (self
+        let xs = self
+            .attn1
+            .forward_residual(&self.norm1.forward(xs)?, None, xs)?;
+        let xs = self
             .attn2
-            .forward(&self.norm2.forward(&xs)?, Some(context))?
-            + xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+            .forward_residual(&self.norm2.forward(&xs)?, Some(context), &xs)?;
+        self.ff.forward_residual(&self.norm3.forward(&xs)?, &xs)
     }
 }
 
@@ -303,20 +270,16 @@ impl Transformer2DModel {
         for block in &self.transformer_blocks {
             hs = block.forward(&hs, context)?;
         }
-        // The permuted view goes straight into the residual add, whose output is contiguous,
-        // so the NHWC → NCHW transpose costs no extra copy.
-        let out = match &self.proj_out {
-            Projection::Linear(l) => l
-                .forward(&hs)?
-                .reshape((b, h, w, c))?
-                .permute((0, 3, 1, 2))?,
-            Projection::Conv(conv) => conv.forward(
-                &hs.reshape((b, h, w, c))?
-                    .permute((0, 3, 1, 2))?
-                    .contiguous()?,
-            )?,
-        };
-        out + xs
+        match &self.proj_out {
+            Projection::Linear(l) => l.forward_channels_first_residual(&hs, xs),
+            Projection::Conv(conv) => {
+                conv.forward(
+                    &hs.reshape((b, h, w, c))?
+                        .permute((0, 3, 1, 2))?
+                        .contiguous()?,
+                )? + xs
+            }
+        }
     }
 }
 
@@ -378,19 +341,38 @@ impl SpatialSelfAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
+    /// A spatial transformer (linear projections, as SDXL's) with every lever on equals the
+    /// same with every lever off, on the CPU: the fused GEGLU, bias + residual (including the
+    /// transposed `proj_out` GEMM) and GroupNorm paths against candle's compositions.
     #[test]
-    fn chunked_attention_equals_single_pass() -> Result<()> {
+    fn transformer_levers_match_composition() -> Result<()> {
         let dev = Device::Cpu;
-        let q = Tensor::randn(0f32, 1.0, (3, 37, 8), &dev)?;
-        let k = Tensor::randn(0f32, 1.0, (3, 11, 8), &dev)?;
-        let v = Tensor::randn(0f32, 1.0, (3, 11, 8), &dev)?;
-        let full = scaled_dot_product_chunked(&q, &k, &v, usize::MAX)?;
-        // 3 * 11 * 5 elements per chunk: 5 query rows at a time, last chunk of 2.
-        let chunked = scaled_dot_product_chunked(&q, &k, &v, 3 * 11 * 5)?;
-        let diff: f32 = (full - chunked)?.abs()?.max_all()?.to_scalar()?;
-        assert!(diff < 1e-6, "chunked attention differs by {diff}");
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+            let vb = crate::model::loader::RandomWeights::new(7).into_var_builder(dtype, &dev);
+            let cfg = Transformer2DConfig {
+                channels: 32,
+                heads: 4,
+                num_layers: 2,
+                cross_attention_dim: 24,
+                norm_num_groups: 8,
+                use_linear_projection: true,
+            };
+            let model = Transformer2DModel::new(vb, &cfg)?;
+            let xs = Tensor::randn(0f32, 1.0, (2, 32, 5, 3), &dev)?.to_dtype(dtype)?;
+            let ctx = Tensor::randn(0f32, 1.0, (2, 7, 24), &dev)?.to_dtype(dtype)?;
+            let run = |k| ops::with_kernels(k, || model.forward(&xs, &ctx));
+            let off = run(Kernels::NONE)?.to_dtype(DType::F32)?;
+            let on = run(Kernels::ALL)?.to_dtype(DType::F32)?;
+            assert_eq!(on.dims(), xs.dims());
+            let scale: f32 = off.abs()?.max_all()?.to_scalar()?;
+            let diff: f32 = (on - &off)?.abs()?.max_all()?.to_scalar()?;
+            assert!(
+                diff <= tol * scale,
+                "{dtype:?}: levers on differ from off by {diff} (max |out| {scale})"
+            );
+        }
         Ok(())
     }
 }
