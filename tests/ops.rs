@@ -834,6 +834,18 @@ fn conv2d_cuda_matches_cpu_reference() {
         let _ = writeln!(std::io::stderr(), "conv2d plan: {p}");
     }
     assert_eq!(plans.len(), expected, "plans built");
+    // cuDNN may decline a channels-last shape with odd channel counts (the op then runs candle's
+    // ops, checked above all the same), but never NCHW (candle's own cuDNN call runs those) nor
+    // the SDXL-like channel counts: a fallback there would hide a broken cuDNN path.
+    for p in &plans {
+        let sdxl_like = CONV_BIG_CASES
+            .iter()
+            .any(|k| p.contains(&format!("x[n={} c={} h={} w={}]", k.n, k.c, k.h, k.w)));
+        assert!(
+            !(p.contains(ops::CONV_FALLBACK) && (p.contains(" NCHW ") || sdxl_like)),
+            "unexpected fallback: {p}"
+        );
+    }
 }
 
 /// `layers::Conv2d` on a random 3x3 layer: NCHW and its channels-last copy, with and without the
