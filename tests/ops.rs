@@ -758,3 +758,446 @@ fn multi_head_attention_rejects_bad_heads() {
         .to_string();
     assert!(e.contains("must be [B, L, heads * D]"), "{e}");
 }
+
+// ---- Convolution ----
+
+/// One convolution case: input `[n, c, h, w]` (NCHW sizes), `o` outputs, a `k`x`k` kernel.
+#[derive(Debug, Clone, Copy)]
+struct ConvCase {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    k: usize,
+    padding: usize,
+    stride: usize,
+    residual: bool,
+}
+
+/// 1x1 and 3x3, padding 0/1, stride 1/2, odd sizes and channel counts, with and without residual.
+const CONV_CASES: [ConvCase; 7] = [
+    ConvCase {
+        n: 2,
+        c: 8,
+        h: 9,
+        w: 7,
+        o: 16,
+        k: 3,
+        padding: 1,
+        stride: 1,
+        residual: true,
+    },
+    ConvCase {
+        n: 1,
+        c: 5,
+        h: 11,
+        w: 13,
+        o: 3,
+        k: 3,
+        padding: 1,
+        stride: 1,
+        residual: false,
+    },
+    ConvCase {
+        n: 2,
+        c: 16,
+        h: 8,
+        w: 8,
+        o: 8,
+        k: 1,
+        padding: 0,
+        stride: 1,
+        residual: true,
+    },
+    ConvCase {
+        n: 3,
+        c: 7,
+        h: 6,
+        w: 5,
+        o: 9,
+        k: 1,
+        padding: 0,
+        stride: 1,
+        residual: false,
+    },
+    ConvCase {
+        n: 2,
+        c: 8,
+        h: 9,
+        w: 10,
+        o: 8,
+        k: 3,
+        padding: 1,
+        stride: 2,
+        residual: false,
+    },
+    ConvCase {
+        n: 1,
+        c: 6,
+        h: 10,
+        w: 9,
+        o: 4,
+        k: 3,
+        padding: 0,
+        stride: 2,
+        residual: true,
+    },
+    ConvCase {
+        n: 2,
+        c: 4,
+        h: 7,
+        w: 7,
+        o: 6,
+        k: 3,
+        padding: 0,
+        stride: 1,
+        residual: true,
+    },
+];
+
+/// NCHW `[n, c, h, w]` → `[n, h, w, c]` (also weight `[o, c, k, k]` → KRSC `[o, k, k, c]`).
+fn to_channels_last(t: &Tensor) -> Tensor {
+    t.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap()
+}
+
+/// The case's random f32 tensors in NCHW: x, weight, bias, residual.
+fn conv_inputs(rng: &mut rand::rngs::StdRng, k: &ConvCase) -> [Tensor; 4] {
+    let (oh, ow) = (
+        (k.h + 2 * k.padding - k.k) / k.stride + 1,
+        (k.w + 2 * k.padding - k.k) / k.stride + 1,
+    );
+    [
+        random(rng, &[k.n, k.c, k.h, k.w], 0.0),
+        random(rng, &[k.o, k.c, k.k, k.k], 0.0),
+        random(rng, &[k.o], 0.0),
+        random(rng, &[k.n, k.o, oh, ow], 0.0),
+    ]
+}
+
+/// `conv(x, w) + bias (+ residual)` with candle's ops in f32 on the CPU, NCHW.
+fn conv_composed(x: &Tensor, w: &Tensor, b: &Tensor, r: Option<&Tensor>, k: &ConvCase) -> Tensor {
+    let y = x
+        .conv2d(w, k.padding, k.stride, 1, 1)
+        .unwrap()
+        .broadcast_add(&b.reshape((1, (), 1, 1)).unwrap())
+        .unwrap();
+    match r {
+        Some(r) => (y + r).unwrap(),
+        None => y,
+    }
+}
+
+/// Runs `ops::conv2d` on `dev` for one case, dtype and layout; compares with the composition
+/// from the same rounded inputs.
+fn check_conv(
+    dev: &Device,
+    inputs: &[Tensor; 4],
+    case: &ConvCase,
+    dtype: DType,
+    channels_last: bool,
+    tol: f64,
+    label: &str,
+) {
+    let [x, w, b, r] = inputs;
+    let (xd, xe) = place(x, dtype, dev);
+    let (wd, we) = place(w, dtype, dev);
+    let (bd, be) = place(b, dtype, dev);
+    let (rd, re) = place(r, dtype, dev);
+    let mut want = conv_composed(&xe, &we, &be, case.residual.then_some(&re), case);
+    let (xd, wd, rd) = if channels_last {
+        want = to_channels_last(&want);
+        (
+            to_channels_last(&xd),
+            to_channels_last(&wd),
+            to_channels_last(&rd),
+        )
+    } else {
+        (xd, wd, rd)
+    };
+    let params = ops::ConvParams {
+        padding: case.padding,
+        stride: case.stride,
+        channels_last,
+    };
+    poison(dev, want.elem_count(), dtype);
+    let got = ops::conv2d(&xd, &wd, &bd, case.residual.then_some(&rd), params).unwrap();
+    assert_eq!(got.dtype(), dtype);
+    let what = format!(
+        "{label} {} {dtype:?} channels_last={channels_last} {case:?}",
+        dev_name(dev)
+    );
+    assert_close(&got, &want, tol, &what);
+}
+
+#[test]
+fn conv2d_matches_composition_on_cpu() {
+    let mut rng = rng("conv2d cpu");
+    for case in CONV_CASES {
+        let inputs = conv_inputs(&mut rng, &case);
+        for dtype in DTYPES {
+            for channels_last in [false, true] {
+                check_conv(
+                    &Device::Cpu,
+                    &inputs,
+                    &case,
+                    dtype,
+                    channels_last,
+                    tolerance(dtype),
+                    "conv2d",
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn conv2d_composed_equals_op_on_cpu() {
+    // On the CPU the op is the composition; the public baseline must be the very same numbers.
+    let mut rng = rng("conv2d composed");
+    let case = CONV_CASES[0];
+    let [x, w, b, r] = conv_inputs(&mut rng, &case);
+    let (x, w, r) = (
+        to_channels_last(&x),
+        to_channels_last(&w),
+        to_channels_last(&r),
+    );
+    let p = ops::ConvParams {
+        padding: 1,
+        stride: 1,
+        channels_last: true,
+    };
+    for dtype in DTYPES {
+        let t = |t: &Tensor| t.to_dtype(dtype).unwrap();
+        let a = ops::conv2d(&t(&x), &t(&w), &b, Some(&t(&r)), p).unwrap();
+        let c = ops::conv2d_composed(&t(&x), &t(&w), &b, Some(&t(&r)), p).unwrap();
+        let diff = (a.to_dtype(DType::F32).unwrap() - c.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{dtype:?}");
+    }
+}
+
+#[test]
+fn conv2d_rejects_bad_arguments() {
+    let t = |s: &[usize]| Tensor::ones(s, DType::F32, &Device::Cpu).unwrap();
+    let nchw = ops::ConvParams {
+        padding: 1,
+        stride: 1,
+        channels_last: false,
+    };
+    let err = |x: &Tensor, w: &Tensor, b: &Tensor, r: Option<&Tensor>, p| {
+        ops::conv2d(x, w, b, r, p).unwrap_err().to_string()
+    };
+    let e = err(&t(&[1, 4, 5, 5]), &t(&[8, 3, 3, 3]), &t(&[8]), None, nchw);
+    assert!(
+        e.contains("has 3 input channels") && e.contains("has 4"),
+        "{e}"
+    );
+    // The same weight read as KRSC has 3 input channels too, x [N, H, W, C] has 5.
+    let cl = ops::ConvParams {
+        channels_last: true,
+        ..nchw
+    };
+    let e = err(&t(&[1, 4, 5, 5]), &t(&[8, 3, 3, 3]), &t(&[8]), None, cl);
+    assert!(e.contains("channels-last"), "{e}");
+    let e = err(&t(&[1, 4, 5, 5]), &t(&[8, 4, 3, 3]), &t(&[7]), None, nchw);
+    assert!(e.contains("bias has shape [7]"), "{e}");
+    let e = err(
+        &t(&[1, 4, 5, 5]),
+        &t(&[8, 4, 3, 3]),
+        &t(&[8]),
+        Some(&t(&[1, 8, 4, 5])),
+        nchw,
+    );
+    assert!(
+        e.contains("residual has shape [1, 8, 4, 5]") && e.contains("[1, 8, 5, 5]"),
+        "{e}"
+    );
+    let e = err(&t(&[1, 4, 2, 2]), &t(&[8, 4, 5, 5]), &t(&[8]), None, nchw);
+    assert!(e.contains("does not fit"), "{e}");
+    let e = err(&t(&[4, 5, 5]), &t(&[8, 4, 3, 3]), &t(&[8]), None, nchw);
+    assert!(e.contains("must both be 4-D"), "{e}");
+    let zero = ops::ConvParams { stride: 0, ..nchw };
+    let e = err(&t(&[1, 4, 5, 5]), &t(&[8, 4, 3, 3]), &t(&[8]), None, zero);
+    assert!(e.contains("stride"), "{e}");
+    let half = t(&[8, 4, 3, 3]).to_dtype(DType::BF16).unwrap();
+    let e = err(&t(&[1, 4, 5, 5]), &half, &t(&[8]), None, nchw);
+    assert!(e.contains("weight has dtype BF16"), "{e}");
+}
+
+/// CUDA bounds for the cuDNN path: bf16 1e-2 (the brief's), f16 4e-3 and f32 1e-4 (twice and ten
+/// times the CPU bounds): cuDNN may pick Winograd or FFT algorithms, whose transforms round more
+/// than a direct sum, and the prefill epilogue rounds `bias + residual` once before the sum.
+fn cuda_conv_tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-4,
+        DType::F16 => 4e-3,
+        DType::BF16 => 1e-2,
+        other => panic!("no tolerance for {other:?}"),
+    }
+}
+
+/// Larger than any of [`CONV_CASES`], SDXL-like channel counts: a second plan, and most likely a
+/// larger workspace than the small cases needed (the shared workspace grows).
+const CONV_BIG_CASES: [ConvCase; 2] = [
+    ConvCase {
+        n: 2,
+        c: 64,
+        h: 40,
+        w: 40,
+        o: 64,
+        k: 3,
+        padding: 1,
+        stride: 1,
+        residual: true,
+    },
+    ConvCase {
+        n: 1,
+        c: 32,
+        h: 64,
+        w: 48,
+        o: 64,
+        k: 3,
+        padding: 1,
+        stride: 2,
+        residual: false,
+    },
+];
+
+#[test]
+fn conv2d_cuda_matches_cpu_reference() {
+    let mut rng = rng("conv2d cuda");
+    let Some(dev) = devices("conv2d cuda").into_iter().find(|d| d.is_cuda()) else {
+        return;
+    };
+    let modes = [
+        ops::ConvEpilogue::Measure,
+        ops::ConvEpilogue::Fused,
+        ops::ConvEpilogue::Prefill,
+    ];
+    // Every epilogue for bf16 (the model's dtype on CUDA), the default (measured) one for f32 and
+    // f16: each new (shape, dtype, layout, mode) runs cudnnFind, and gpu_check gives this whole
+    // binary 150 s.
+    let modes_for = |dtype: DType| {
+        if dtype == DType::BF16 {
+            &modes[..]
+        } else {
+            &modes[..1]
+        }
+    };
+    for case in CONV_CASES.iter().chain(&CONV_BIG_CASES) {
+        let inputs = conv_inputs(&mut rng, case);
+        for dtype in DTYPES {
+            for channels_last in [false, true] {
+                for &mode in modes_for(dtype) {
+                    // Twice: the second call runs the plan the first one built.
+                    for call in ["first", "cached"] {
+                        ops::with_conv_epilogue(mode, || {
+                            check_conv(
+                                &dev,
+                                &inputs,
+                                case,
+                                dtype,
+                                channels_last,
+                                cuda_conv_tolerance(dtype),
+                                &format!("conv2d {mode:?} {call}"),
+                            )
+                        });
+                    }
+                }
+            }
+        }
+    }
+    // After the big shapes, the small ones again: their cached plans with the grown workspace.
+    for case in &CONV_CASES[..2] {
+        let inputs = conv_inputs(&mut rng, case);
+        check_conv(
+            &dev,
+            &inputs,
+            case,
+            DType::BF16,
+            true,
+            1e-2,
+            "conv2d after growth",
+        );
+    }
+    let plans = ops::conv_plans();
+    // One plan per (case, dtype, layout, mode): the cached calls built none.
+    let per_layout: usize = DTYPES.iter().map(|&d| modes_for(d).len()).sum();
+    let expected = (CONV_CASES.len() + CONV_BIG_CASES.len()) * 2 * per_layout;
+    for p in &plans {
+        let _ = writeln!(std::io::stderr(), "conv2d plan: {p}");
+    }
+    assert_eq!(plans.len(), expected, "plans built");
+    // cuDNN may decline a channels-last shape with odd channel counts (the op then runs candle's
+    // ops, checked above all the same), but never NCHW (candle's own cuDNN call runs those) nor
+    // the SDXL-like channel counts: a fallback there would hide a broken cuDNN path.
+    for p in &plans {
+        let sdxl_like = CONV_BIG_CASES
+            .iter()
+            .any(|k| p.contains(&format!("x[n={} c={} h={} w={}]", k.n, k.c, k.h, k.w)));
+        assert!(
+            !(p.contains(ops::CONV_FALLBACK) && (p.contains(" NCHW ") || sdxl_like)),
+            "unexpected fallback: {p}"
+        );
+    }
+}
+
+/// `layers::Conv2d` on a random 3x3 layer: NCHW and its channels-last copy, with and without the
+/// `conv` lever, against the lever-off NCHW layer on the CPU (candle's path, the baseline).
+#[test]
+fn conv2d_layer_layouts_and_lever_agree() {
+    use candle_core::Module;
+    use std::collections::HashMap;
+    use turbine::model::unet::layers::Conv2d;
+
+    let mut rng = rng("conv2d layer");
+    let (c, o) = (8, 12);
+    let weight = random(&mut rng, &[o, c, 3, 3], 0.0);
+    let bias = random(&mut rng, &[o], 0.0);
+    let x = random(&mut rng, &[2, c, 9, 11], 0.0);
+    let r = random(&mut rng, &[2, o, 9, 11], 0.0);
+    let layer = |dev: &Device| {
+        let weights = HashMap::from([
+            ("weight".to_string(), weight.to_device(dev).unwrap()),
+            ("bias".to_string(), bias.to_device(dev).unwrap()),
+        ]);
+        let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, dev);
+        Conv2d::new(vb, c, o, 3, 1, 1).unwrap()
+    };
+    let want = ops::with_kernels(ops::Kernels::NONE, || {
+        layer(&Device::Cpu).forward_residual(&x, Some(&r)).unwrap()
+    });
+    for dev in devices("conv2d layer") {
+        let nchw = layer(&dev);
+        let cl = nchw.to_channels_last().unwrap();
+        assert!(cl.is_channels_last() && !nchw.is_channels_last());
+        let (xd, rd) = (x.to_device(&dev).unwrap(), r.to_device(&dev).unwrap());
+        for k in [ops::Kernels::NONE, ops::Kernels::CONV] {
+            // candle's f32 convolution on CUDA (the lever off) runs cuDNN's default math, which
+            // may use TF32 tensor cores (10-bit mantissa); ours keeps f32 (FMA math).
+            let tol = match (dev.is_cuda(), k == ops::Kernels::CONV) {
+                (false, _) => 1e-5,
+                (true, true) => 1e-4,
+                (true, false) => 5e-3,
+            };
+            let what = format!("conv2d layer {} kernels={k}", dev_name(&dev));
+            ops::with_kernels(k, || {
+                let got = nchw.forward_residual(&xd, Some(&rd)).unwrap();
+                assert_close(&got, &want, tol, &format!("{what} NCHW"));
+                let got = cl
+                    .forward_residual(&to_channels_last(&xd), Some(&to_channels_last(&rd)))
+                    .unwrap();
+                assert_close(&got, &to_channels_last(&want), tol, &format!("{what} NHWC"));
+                let plain = (nchw.forward(&xd).unwrap() + &rd).unwrap();
+                assert_close(&plain, &want, tol, &format!("{what} forward + r"));
+            });
+        }
+    }
+}

@@ -1,4 +1,4 @@
-//! Fused operations the models call unconditionally: on CUDA they run turbine's own kernels
+//! Fused operations the models call (each behind its [`Kernels`] lever): on CUDA they run turbine's own kernels
 //! (`kernels/*.cu`, compiled to PTX by `build.rs`), on the CPU a reference implementation or
 //! candle's own ops.
 //!
@@ -9,6 +9,8 @@
 //! - [`attention`]: softmax(scale · Q·Kᵀ)·V with the logits in f32, optionally causal;
 //!   [`multi_head_attention`] on `[B, L, H·D]` projections, without splitting the heads apart.
 //! - [`bias_residual`]: `y + bias + residual` in one pass after a GEMM run without its bias.
+//! - [`conv2d`]: convolution + bias (+ residual), NCHW or channels-last; on CUDA cuDNN with one
+//!   plan per shape (algorithm timed once, workspace reused) and bias/residual fused.
 //! - [`to_rgb8`]: the VAE's output to 8-bit NHWC RGB, diffusers' postprocess in one pass.
 //!
 //! Which of them the models use is chosen by [`Kernels`] (`--kernels`).
@@ -18,6 +20,7 @@
 
 mod attention;
 mod bias_residual;
+mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod geglu;
@@ -30,6 +33,10 @@ pub use attention::{
     multi_head_attention, multi_head_attention_composed, AttentionOp, MultiHeadAttentionOp,
 };
 pub use bias_residual::{bias_residual, BiasResidualOp};
+pub use conv::{
+    conv2d, conv2d_composed, conv_plans, with_conv_epilogue, ConvEpilogue, ConvParams,
+    CONV_FALLBACK,
+};
 pub use geglu::{geglu, GegluOp};
 pub use group_norm::{group_norm, GroupNormOp};
 pub use postprocess::to_rgb8;
