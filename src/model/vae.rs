@@ -1,7 +1,7 @@
 //! SDXL's VAE, mirroring diffusers 0.42.1 `AutoencoderKL`
 //! (`models/autoencoders/autoencoder_kl.py`, `Encoder`/`Decoder` in
 //! `models/autoencoders/vae.py`), built from the UNet's resnet, resampler and attention
-//! layers.
+//! layers, plus the mid-block's spatial self-attention, which only the VAE has.
 
 use std::path::Path;
 
@@ -10,7 +10,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::model::loader::{self, LoadError, LoadResult, ModelDir};
-use crate::model::unet::attention::SpatialSelfAttention;
+use crate::model::unet::attention::{to_tokens, Attention};
 use crate::model::unet::layers::{Conv2d, GroupNorm};
 use crate::model::unet::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 
@@ -141,6 +141,53 @@ impl AutoencoderKLConfig {
             )));
         }
         Ok(())
+    }
+}
+
+/// The VAE mid-block's attention: GroupNorm, single-head self-attention over all pixels
+/// (`to_q`/`to_k`/`to_v` with bias, `to_out.0`), residual. (Checkpoints older than diffusers
+/// 0.14 name these `query`/`key`/`value`/`proj_attn`; they are not supported.)
+#[derive(Debug, Clone)]
+pub struct SpatialSelfAttention {
+    group_norm: GroupNorm,
+    attn: Attention,
+    rescale_output_factor: f64,
+}
+
+impl SpatialSelfAttention {
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        head_dim: usize,
+        groups: usize,
+        eps: f64,
+        rescale_output_factor: f64,
+    ) -> Result<Self> {
+        if head_dim == 0 || !channels.is_multiple_of(head_dim) {
+            candle_core::bail!(
+                "{}: {channels} channels cannot be split into heads of {head_dim}",
+                vb.prefix()
+            );
+        }
+        let heads = channels / head_dim;
+        Ok(Self {
+            group_norm: GroupNorm::new(vb.pp("group_norm"), groups, channels, eps)?,
+            attn: Attention::new(vb, channels, None, heads, head_dim, true)?,
+            rescale_output_factor,
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let normed = self.group_norm.forward(xs)?;
+        let tokens = to_tokens(&normed)?;
+        let out = self.attn.forward(&tokens, None)?;
+        let out = (out.reshape((b, h, w, c))?.permute((0, 3, 1, 2))? + xs)?;
+        if self.rescale_output_factor == 1.0 {
+            Ok(out)
+        } else {
+            out.affine(1.0 / self.rescale_output_factor, 0.0)
+        }
     }
 }
 
