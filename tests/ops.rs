@@ -468,3 +468,189 @@ fn attention_rejects_mismatched_shapes() {
         .to_string();
     assert!(err.contains("must share a dtype"), "{err}");
 }
+
+// ---- GroupNorm, channels last ----
+
+/// `[N, ..., C]` → `[N, C, ...]` (contiguous), the layout `group_norm_composed` takes.
+fn channels_first(x: &Tensor) -> Tensor {
+    let r = x.rank();
+    let mut order: Vec<usize> = vec![0, r - 1];
+    order.extend(1..r - 1);
+    x.permute(order).unwrap().contiguous().unwrap()
+}
+
+/// `[N, C, ...]` → `[N, ..., C]` (contiguous).
+fn channels_last(x: &Tensor) -> Tensor {
+    let r = x.rank();
+    let mut order: Vec<usize> = vec![0];
+    order.extend(2..r);
+    order.push(1);
+    x.permute(order).unwrap().contiguous().unwrap()
+}
+
+#[test]
+fn group_norm_channels_last_matches_composition() {
+    let mut rng = rng("group_norm_channels_last");
+    // (shape [N, ..., C], groups), chosen against the CUDA kernels' tiling (blocks of
+    // positions x all channels, channel strips of 256, per-group accumulators):
+    let cases: [(&[usize], usize); 10] = [
+        // fewer channels than a strip, idle threads (256 % 12 != 0), several samples
+        (&[3, 5, 7, 12], 4),
+        // the VAE's 32 groups of 4; > 1024 positions, several per block, the last block short,
+        // more partials per group (834) than gn_finalize has threads
+        (&[1, 50, 50, 32], 8),
+        (&[2, 24, 24, 128], 32),
+        // two full strips of 256 channels
+        (&[1, 40, 40, 512], 32),
+        // groups of 10 straddle the strip boundary at channel 256
+        (&[1, 37, 41, 320], 32),
+        // one group wider than a strip
+        (&[2, 6, 6, 512], 1),
+        // a group per channel
+        (&[2, 9, 9, 64], 64),
+        // many positions per thread
+        (&[1, 128, 128, 64], 32),
+        // rank 3 and rank 2 (one position)
+        (&[2, 33, 40], 8),
+        (&[4, 16], 4),
+    ];
+    for dev in devices("group_norm_channels_last") {
+        for (shape, groups) in cases {
+            let c = shape[shape.len() - 1];
+            let x = random(&mut rng, shape, 3.0);
+            let w = random(&mut rng, &[c], 0.0);
+            let b = random(&mut rng, &[c], 0.0);
+            for dtype in DTYPES {
+                for silu in [false, true] {
+                    let (xd, xe) = place(&x, dtype, &dev);
+                    let (wd, we) = place(&w, dtype, &dev);
+                    let (bd, be) = place(&b, dtype, &dev);
+                    let want = channels_last(&group_norm_composed(
+                        &channels_first(&xe),
+                        groups,
+                        &we,
+                        &be,
+                        1e-6,
+                        silu,
+                    ));
+                    poison(&dev, x.elem_count(), dtype);
+                    let got =
+                        ops::group_norm_channels_last(&xd, groups, &wd, &bd, 1e-6, silu).unwrap();
+                    assert_eq!(got.dtype(), dtype);
+                    let what = format!(
+                        "group_norm_channels_last {} {dtype:?} {shape:?} groups={groups} \
+                         silu={silu}",
+                        dev_name(&dev)
+                    );
+                    assert_close(&got, &want, tolerance(dtype), &what);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn group_norm_channels_last_equals_channels_first_permuted() {
+    // The same statistics in both layouts: the two CPU references (and, on a GPU, the two
+    // kernel families) agree to rounding, in the model's own dtype.
+    let mut rng = rng("group_norm layouts");
+    for dev in devices("group_norm layouts") {
+        let x = random(&mut rng, &[2, 64, 20, 20], -1.0);
+        let w = random(&mut rng, &[64], 0.0);
+        let b = random(&mut rng, &[64], 0.0);
+        for dtype in DTYPES {
+            let (xd, _) = place(&x, dtype, &dev);
+            let (wd, _) = place(&w, dtype, &dev);
+            let (bd, _) = place(&b, dtype, &dev);
+            let first = ops::group_norm(&xd, 16, &wd, &bd, 1e-6, true).unwrap();
+            let xl = xd.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+            poison(&dev, x.elem_count(), dtype);
+            let last = ops::group_norm_channels_last(&xl, 16, &wd, &bd, 1e-6, true).unwrap();
+            let want = first
+                .permute((0, 2, 3, 1))
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap();
+            let what = format!("group_norm layouts {} {dtype:?}", dev_name(&dev));
+            // Both round the same f32 (CUDA) or f64 (CPU) value once; the statistics are summed
+            // in different orders, so allow one rounding step of the dtype.
+            assert_close(&last, &want, tolerance(dtype), &what);
+        }
+    }
+}
+
+#[test]
+fn group_norm_channels_last_accepts_strided_input() {
+    let mut rng = rng("group_norm_channels_last strided");
+    for dev in devices("group_norm_channels_last strided") {
+        // [N, C, H, W] permuted to [N, H, W, C]: channels last, not contiguous.
+        let x = random(&mut rng, &[2, 16, 5, 6], 0.5)
+            .permute((0, 2, 3, 1))
+            .unwrap();
+        let w = random(&mut rng, &[16], 0.0);
+        let b = random(&mut rng, &[16], 0.0);
+        let want = channels_last(&group_norm_composed(
+            &channels_first(&x.contiguous().unwrap()),
+            4,
+            &w,
+            &b,
+            1e-5,
+            false,
+        ));
+        let (xd, _) = place(&x, DType::F32, &dev);
+        let (wd, _) = place(&w, DType::F32, &dev);
+        let (bd, _) = place(&b, DType::F32, &dev);
+        let got = ops::group_norm_channels_last(&xd, 4, &wd, &bd, 1e-5, false).unwrap();
+        assert_close(
+            &got,
+            &want,
+            tolerance(DType::F32),
+            &format!("group_norm_channels_last strided {}", dev_name(&dev)),
+        );
+    }
+}
+
+#[test]
+fn group_norm_channels_last_rejects_bad_arguments() {
+    let x = Tensor::ones((2, 4, 4, 12), DType::F32, &Device::Cpu).unwrap();
+    let w = Tensor::ones(12, DType::F32, &Device::Cpu).unwrap();
+    let wrong = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+    let err = ops::group_norm_channels_last(&x, 5, &w, &w, 1e-5, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("5 groups do not divide the input's 12 channels"),
+        "{err}"
+    );
+    // A weight sized for dim 1 (the channels-first reading of this tensor) is refused.
+    let err = ops::group_norm_channels_last(&x, 4, &wrong, &w, 1e-5, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("weight has shape [4], expected [12]"), "{err}");
+    let flat = Tensor::ones(12, DType::F32, &Device::Cpu).unwrap();
+    let err = ops::group_norm_channels_last(&flat, 4, &w, &w, 1e-5, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("must be [N, ..., C]"), "{err}");
+}
+
+#[test]
+fn group_norm_channels_last_bounds_groups_on_cuda() {
+    // The CPU reference takes any group count; the CUDA stats kernel keeps one accumulator per
+    // group in shared memory and must refuse more than it holds, by name, not fail to launch.
+    for dev in devices("group_norm_channels_last groups bound") {
+        let x = Tensor::ones((1, 2, 4096), DType::F32, &dev).unwrap();
+        let w = Tensor::ones(4096, DType::F32, &dev).unwrap();
+        let got = ops::group_norm_channels_last(&x, 4096, &w, &w, 1e-5, false);
+        if dev.is_cuda() {
+            let err = got.unwrap_err().to_string();
+            assert!(err.contains("4096 groups exceed the 2048"), "{err}");
+        } else {
+            // One element per group: each normalises to 0, plus the bias of 1.
+            let v: Vec<f32> = got.unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert!(v.iter().all(|&v| v == 1.0));
+        }
+    }
+}

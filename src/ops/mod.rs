@@ -4,7 +4,7 @@
 //!
 //! - [`group_norm`]: GroupNorm with optional SiLU, f32 statistics, one rounding to the storage
 //!   dtype (diffusers' UNet calls GroupNorm 46 times per pass; candle composes it from ~13
-//!   kernels with f32 temporaries).
+//!   kernels with f32 temporaries); [`group_norm_channels_last`] for `[N, ..., C]` input.
 //! - [`geglu`]: `a * gelu_erf(gate)` on the two halves of the feed-forward projection.
 //! - [`attention`]: softmax(scale · Q·Kᵀ)·V with the logits in f32, optionally causal.
 //! - [`to_rgb8`]: the VAE's output to 8-bit NHWC RGB, diffusers' postprocess in one pass.
@@ -24,7 +24,7 @@ mod select;
 
 pub use attention::{attention, fused_attention, AttentionOp};
 pub use geglu::{geglu, GegluOp};
-pub use group_norm::{group_norm, GroupNormOp};
+pub use group_norm::{group_norm, group_norm_channels_last, GroupNormOp};
 pub use postprocess::to_rgb8;
 pub use select::{enabled, kernels, set_kernels, with_kernels, Kernels};
 
