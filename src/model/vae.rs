@@ -13,6 +13,7 @@ use crate::model::loader::{self, LoadError, LoadResult, ModelDir};
 use crate::model::unet::attention::{to_tokens, Attention};
 use crate::model::unet::layers::{Conv2d, GroupNorm};
 use crate::model::unet::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use crate::ops::{self, Kernels};
 
 /// diffusers' `Encoder`/`Decoder` hard-code this epsilon for every norm of the VAE.
 const VAE_EPS: f64 = 1e-6;
@@ -145,49 +146,29 @@ impl AutoencoderKLConfig {
 }
 
 /// The VAE mid-block's attention: GroupNorm, single-head self-attention over all pixels
-/// (`to_q`/`to_k`/`to_v` with bias, `to_out.0`), residual. (Checkpoints older than diffusers
+/// (`to_q`/`to_k`/`to_v` with bias, `to_out.0`), residual. diffusers builds it with
+/// `attention_head_dim = channels` (one head) and the mid-block's `output_scale_factor` of 1 as
+/// `rescale_output_factor`, so neither is a parameter here. (Checkpoints older than diffusers
 /// 0.14 name these `query`/`key`/`value`/`proj_attn`; they are not supported.)
 #[derive(Debug, Clone)]
-pub struct SpatialSelfAttention {
+struct SpatialSelfAttention {
     group_norm: GroupNorm,
     attn: Attention,
-    rescale_output_factor: f64,
 }
 
 impl SpatialSelfAttention {
-    pub fn new(
-        vb: VarBuilder,
-        channels: usize,
-        head_dim: usize,
-        groups: usize,
-        eps: f64,
-        rescale_output_factor: f64,
-    ) -> Result<Self> {
-        if head_dim == 0 || !channels.is_multiple_of(head_dim) {
-            candle_core::bail!(
-                "{}: {channels} channels cannot be split into heads of {head_dim}",
-                vb.prefix()
-            );
-        }
-        let heads = channels / head_dim;
+    fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
         Ok(Self {
-            group_norm: GroupNorm::new(vb.pp("group_norm"), groups, channels, eps)?,
-            attn: Attention::new(vb, channels, None, heads, head_dim, true)?,
-            rescale_output_factor,
+            group_norm: GroupNorm::new(vb.pp("group_norm"), groups, channels, VAE_EPS)?,
+            attn: Attention::new(vb, channels, None, 1, channels, true)?,
         })
     }
 
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let normed = self.group_norm.forward(xs)?;
-        let tokens = to_tokens(&normed)?;
-        let out = self.attn.forward(&tokens, None)?;
-        let out = (out.reshape((b, h, w, c))?.permute((0, 3, 1, 2))? + xs)?;
-        if self.rescale_output_factor == 1.0 {
-            Ok(out)
-        } else {
-            out.affine(1.0 / self.rescale_output_factor, 0.0)
-        }
+        let out = self.attn.forward(&to_tokens(&normed)?, None)?;
+        out.reshape((b, h, w, c))?.permute((0, 3, 1, 2))? + xs
     }
 }
 
@@ -206,14 +187,10 @@ impl MidBlock {
             .map(|i| ResnetBlock2D::new(rvb.pp(i.to_string()), &rcfg))
             .collect::<Result<Vec<_>>>()?;
         let attentions = if add_attention {
-            // attention_head_dim = channels: one head over all channels.
             vec![SpatialSelfAttention::new(
                 vb.pp("attentions").pp("0"),
                 channels,
-                channels,
                 groups,
-                VAE_EPS,
-                1.0,
             )?]
         } else {
             Vec::new()
@@ -338,6 +315,17 @@ struct Decoder {
     conv_out: Conv2d,
 }
 
+/// `(in, out)` channels of each of the decoder's `up_blocks`, in order (widest first); every
+/// block but the last ends with an upsampler.
+fn up_block_channels(cfg: &AutoencoderKLConfig) -> Vec<(usize, usize)> {
+    let ch = &cfg.block_out_channels;
+    let mut prev = ch[ch.len() - 1];
+    ch.iter()
+        .rev()
+        .map(|&c| (std::mem::replace(&mut prev, c), c))
+        .collect()
+}
+
 impl Decoder {
     fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
         let ch = &cfg.block_out_channels;
@@ -345,24 +333,11 @@ impl Decoder {
         let last = ch[n - 1];
         let uvb = vb.pp("up_blocks");
         let mut up_blocks = Vec::with_capacity(n);
-        let mut output_channel = last;
-        for i in 0..n {
+        for (i, (cin, cout)) in up_block_channels(cfg).into_iter().enumerate() {
             let bvb = uvb.pp(i.to_string());
-            let prev_output_channel = output_channel;
-            output_channel = ch[n - 1 - i];
-            let stack = ResnetStack::new(
-                &bvb,
-                prev_output_channel,
-                output_channel,
-                cfg.layers_per_block + 1,
-                g,
-            )?;
+            let stack = ResnetStack::new(&bvb, cin, cout, cfg.layers_per_block + 1, g)?;
             let up = if i + 1 < n {
-                Some(Upsample2D::new(
-                    bvb.pp("upsamplers").pp("0"),
-                    output_channel,
-                    output_channel,
-                )?)
+                Some(Upsample2D::new(bvb.pp("upsamplers").pp("0"), cout, cout)?)
             } else {
                 None
             };
@@ -391,11 +366,233 @@ impl Decoder {
     }
 }
 
+// ---- The decoder in channels-last (NHWC) layout ----
+//
+// cuDNN's tensor-core convolutions compute in NHWC; handed NCHW bf16 tensors, they transpose the
+// input and the output of every convolution. The decoder is most of an image's FLOPs and
+// activation bytes (3x3 convolutions of 128..512 channels at 64^2..512^2), so on CUDA it runs
+// NHWC from end to end: the latents are transposed once on the way in (4 channels), and the
+// image leaves as an NCHW view of the NHWC result. The layers below read the same checkpoint
+// tensors as the NCHW ones, with the convolution weights permuted once to KRSC `[O, kh, kw, I]`,
+// and are built only where this path runs (see `AutoencoderKL::new`).
+
+/// A stride-1 convolution on `[N, H, W, C]`, weight `[O, kh, kw, I]`.
+#[derive(Debug, Clone)]
+struct ConvNhwc {
+    weight: Tensor,
+    bias: Tensor,
+    padding: usize,
+}
+
+impl ConvNhwc {
+    fn new(vb: VarBuilder, cin: usize, cout: usize, kernel: usize, padding: usize) -> Result<Self> {
+        let weight = vb.get((cout, cin, kernel, kernel), "weight")?;
+        Ok(Self {
+            weight: weight.permute((0, 2, 3, 1))?.contiguous()?,
+            bias: vb.get(cout, "bias")?,
+            padding,
+        })
+    }
+
+    /// `conv(xs) + bias (+ residual)`, the residual added in the convolution's epilogue.
+    fn forward(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        conv2d_nhwc(xs, &self.weight, &self.bias, residual, self.padding)
+    }
+}
+
+/// GroupNorm (+ SiLU) on `[N, H, W, C]`, weight and bias in the model dtype (what diffusers
+/// holds in a half-precision pipeline), statistics in f32.
+#[derive(Debug, Clone)]
+struct GroupNormNhwc {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+}
+
+impl GroupNormNhwc {
+    fn new(vb: VarBuilder, groups: usize, channels: usize) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            groups,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        ops::group_norm_channels_last(xs, self.groups, &self.weight, &self.bias, VAE_EPS, silu)
+    }
+}
+
+/// [`ResnetBlock2D`] as the VAE builds it (no time embedding, output scale 1), with the
+/// shortcut added inside `conv2`.
+#[derive(Debug, Clone)]
+struct ResnetNhwc {
+    norm1: GroupNormNhwc,
+    conv1: ConvNhwc,
+    norm2: GroupNormNhwc,
+    conv2: ConvNhwc,
+    conv_shortcut: Option<ConvNhwc>,
+}
+
+impl ResnetNhwc {
+    fn new(vb: VarBuilder, cin: usize, cout: usize, groups: usize) -> Result<Self> {
+        let conv_shortcut = if cin != cout {
+            Some(ConvNhwc::new(vb.pp("conv_shortcut"), cin, cout, 1, 0)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: GroupNormNhwc::new(vb.pp("norm1"), groups, cin)?,
+            conv1: ConvNhwc::new(vb.pp("conv1"), cin, cout, 3, 1)?,
+            norm2: GroupNormNhwc::new(vb.pp("norm2"), groups, cout)?,
+            conv2: ConvNhwc::new(vb.pp("conv2"), cout, cout, 3, 1)?,
+            conv_shortcut,
+        })
+    }
+
+    /// `layers` resnets under `{vb}.resnets.*`, the first taking `cin` channels.
+    fn stack(
+        vb: &VarBuilder,
+        cin: usize,
+        cout: usize,
+        layers: usize,
+        groups: usize,
+    ) -> Result<Vec<Self>> {
+        let rvb = vb.pp("resnets");
+        (0..layers)
+            .map(|i| {
+                let c = if i == 0 { cin } else { cout };
+                Self::new(rvb.pp(i.to_string()), c, cout, groups)
+            })
+            .collect()
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(xs, true)?, None)?;
+        let h = self.norm2.forward(&h, true)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(c) => c.forward(xs, None)?,
+            None => xs.clone(),
+        };
+        self.conv2.forward(&h, Some(&shortcut))
+    }
+}
+
+/// [`SpatialSelfAttention`] on `[N, H, W, C]`: the pixels are already tokens `[N, HW, C]`, so
+/// the two transposes around the attention disappear.
+#[derive(Debug, Clone)]
+struct SpatialSelfAttentionNhwc {
+    group_norm: GroupNormNhwc,
+    /// The NCHW block's projections (shared tensors: they do not depend on the layout).
+    attn: Attention,
+}
+
+impl SpatialSelfAttentionNhwc {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, h, w, c) = xs.dims4()?;
+        let tokens = self.group_norm.forward(xs, false)?.reshape((b, h * w, c))?;
+        self.attn.forward(&tokens, None)?.reshape((b, h, w, c))? + xs
+    }
+}
+
+/// Nearest-neighbour 2x upsampling of `[N, H, W, C]`: one copy of a broadcast view, each
+/// pixel's channel vector written to its four destinations.
+fn upsample_nearest_2x_nhwc(xs: &Tensor) -> Result<Tensor> {
+    let (b, h, w, c) = xs.dims4()?;
+    xs.reshape((b, h, 1, w, 1, c))?
+        .broadcast_as((b, h, 2, w, 2, c))?
+        .contiguous()?
+        .reshape((b, 2 * h, 2 * w, c))
+}
+
+/// The [`Decoder`] in channels-last layout.
+#[derive(Debug, Clone)]
+struct DecoderNhwc {
+    conv_in: ConvNhwc,
+    mid_resnets: [ResnetNhwc; 2],
+    mid_attention: Option<SpatialSelfAttentionNhwc>,
+    /// Each up block's resnets, then its upsampler's convolution.
+    up_blocks: Vec<(Vec<ResnetNhwc>, Option<ConvNhwc>)>,
+    conv_norm_out: GroupNormNhwc,
+    conv_out: ConvNhwc,
+}
+
+impl DecoderNhwc {
+    /// `nchw` is the decoder already built from `vb`: its attention projections are reused.
+    fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig, nchw: &Decoder) -> Result<Self> {
+        let ch = &cfg.block_out_channels;
+        let (n, g) = (ch.len(), cfg.norm_num_groups);
+        let last = ch[n - 1];
+        let mvb = vb.pp("mid_block");
+        let mid_resnet =
+            |i: usize| ResnetNhwc::new(mvb.pp("resnets").pp(i.to_string()), last, last, g);
+        let mid_attention = match nchw.mid_block.attentions.first() {
+            Some(a) => Some(SpatialSelfAttentionNhwc {
+                group_norm: GroupNormNhwc::new(
+                    mvb.pp("attentions").pp("0").pp("group_norm"),
+                    g,
+                    last,
+                )?,
+                attn: a.attn.clone(),
+            }),
+            None => None,
+        };
+        let uvb = vb.pp("up_blocks");
+        let mut up_blocks = Vec::with_capacity(n);
+        for (i, (cin, cout)) in up_block_channels(cfg).into_iter().enumerate() {
+            let bvb = uvb.pp(i.to_string());
+            let resnets = ResnetNhwc::stack(&bvb, cin, cout, cfg.layers_per_block + 1, g)?;
+            let up = if i + 1 < n {
+                Some(ConvNhwc::new(
+                    bvb.pp("upsamplers").pp("0").pp("conv"),
+                    cout,
+                    cout,
+                    3,
+                    1,
+                )?)
+            } else {
+                None
+            };
+            up_blocks.push((resnets, up));
+        }
+        Ok(Self {
+            conv_in: ConvNhwc::new(vb.pp("conv_in"), cfg.latent_channels, last, 3, 1)?,
+            mid_resnets: [mid_resnet(0)?, mid_resnet(1)?],
+            mid_attention,
+            up_blocks,
+            conv_norm_out: GroupNormNhwc::new(vb.pp("conv_norm_out"), g, ch[0])?,
+            conv_out: ConvNhwc::new(vb.pp("conv_out"), ch[0], cfg.out_channels, 3, 1)?,
+        })
+    }
+
+    /// `[N, h, w, latent]` to `[N, H, W, out_channels]`.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.conv_in.forward(xs, None)?;
+        let mut xs = self.mid_resnets[0].forward(&xs)?;
+        if let Some(attn) = &self.mid_attention {
+            xs = attn.forward(&xs)?;
+        }
+        xs = self.mid_resnets[1].forward(&xs)?;
+        for (resnets, up) in &self.up_blocks {
+            for r in resnets {
+                xs = r.forward(&xs)?;
+            }
+            if let Some(conv) = up {
+                xs = conv.forward(&upsample_nearest_2x_nhwc(&xs)?, None)?;
+            }
+        }
+        let xs = self.conv_norm_out.forward(&xs, true)?;
+        self.conv_out.forward(&xs, None)
+    }
+}
+
 /// The KL autoencoder: `encoder.*`, `quant_conv`, `post_quant_conv`, `decoder.*`.
 #[derive(Debug, Clone)]
 pub struct AutoencoderKL {
     encoder: Encoder,
     decoder: Decoder,
+    /// The decoder's channels-last twin, where that path can run.
+    decoder_nhwc: Option<DecoderNhwc>,
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
     latent_channels: usize,
@@ -406,8 +603,23 @@ pub struct AutoencoderKL {
 
 impl AutoencoderKL {
     /// Builds the model from a validated config; tensors are read from `vb` (in its dtype and
-    /// on its device) under the checkpoint's names.
+    /// on its device) under the checkpoint's names. On CUDA with [`Kernels::CHANNELS_LAST`] on,
+    /// the decoder's channels-last weights are built too (a second copy of the decoder's
+    /// convolution weights, ~100 MB in bf16 for SDXL), so that [`AutoencoderKL::decode`] can
+    /// take that path.
     pub fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
+        let channels_last = vb.device().is_cuda() && ops::enabled(Kernels::CHANNELS_LAST);
+        Self::new_with_channels_last(vb, cfg, channels_last)
+    }
+
+    /// [`AutoencoderKL::new`] with the choice made by the caller: `channels_last` builds the
+    /// decoder's channels-last weights on any device, for
+    /// [`AutoencoderKL::decode_channels_last`].
+    pub fn new_with_channels_last(
+        vb: VarBuilder,
+        cfg: &AutoencoderKLConfig,
+        channels_last: bool,
+    ) -> Result<Self> {
         // `from_file` has validated already; a config built in code gets the same checks.
         cfg.validate(Path::new("vae/config.json"))
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
@@ -422,9 +634,16 @@ impl AutoencoderKL {
         } else {
             None
         };
+        let decoder = Decoder::new(vb.pp("decoder"), cfg)?;
+        let decoder_nhwc = if channels_last {
+            Some(DecoderNhwc::new(vb.pp("decoder"), cfg, &decoder)?)
+        } else {
+            None
+        };
         Ok(Self {
             encoder: Encoder::new(vb.pp("encoder"), cfg)?,
-            decoder: Decoder::new(vb.pp("decoder"), cfg)?,
+            decoder,
+            decoder_nhwc,
             quant_conv,
             post_quant_conv,
             latent_channels: l,
@@ -462,12 +681,45 @@ impl AutoencoderKL {
 
     /// Latents `z` `[B, latent, h, w]` (already divided by `scaling_factor`, as diffusers'
     /// `vae.decode` takes them) to images `[B, out_channels, h*f, w*f]` in about [-1, 1].
+    ///
+    /// On CUDA, with [`Kernels::CHANNELS_LAST`] on and the channels-last weights built, this is
+    /// [`AutoencoderKL::decode_channels_last`], whose result is an NCHW view of NHWC memory;
+    /// otherwise the NCHW decoder, with a contiguous result.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let mut z = z.to_dtype(self.dtype)?;
-        if let Some(c) = &self.post_quant_conv {
-            z = c.forward(&z)?;
+        if self.decoder_nhwc.is_some()
+            && z.device().is_cuda()
+            && ops::enabled(Kernels::CHANNELS_LAST)
+        {
+            return self.decode_channels_last(z);
         }
-        self.decoder.forward(&z)
+        self.decoder.forward(&self.post_quant(z)?)
+    }
+
+    /// [`AutoencoderKL::decode`] through the channels-last decoder, on any device: the same
+    /// images `[B, out_channels, H, W]`, as a permuted view of an `[B, H, W, out_channels]`
+    /// tensor (consumers that want NHWC pixels read it without a copy). Fails when the model
+    /// was built without the channels-last weights.
+    pub fn decode_channels_last(&self, z: &Tensor) -> Result<Tensor> {
+        let decoder = self.decoder_nhwc.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg(
+                "vae: decode_channels_last needs the channels-last decoder weights; build the \
+                 model with AutoencoderKL::new_with_channels_last(.., true)"
+                    .into(),
+            )
+        })?;
+        // post_quant_conv is a 1x1 convolution over the 4 latent channels: it stays NCHW, and
+        // the transpose of its small output is the path's only one on the way in.
+        let z = self.post_quant(z)?.permute((0, 2, 3, 1))?.contiguous()?;
+        decoder.forward(&z)?.permute((0, 3, 1, 2))
+    }
+
+    /// `z` in the model dtype, through `post_quant_conv` when the checkpoint has one.
+    fn post_quant(&self, z: &Tensor) -> Result<Tensor> {
+        let z = z.to_dtype(self.dtype)?;
+        match &self.post_quant_conv {
+            Some(c) => c.forward(&z),
+            None => Ok(z),
+        }
     }
 
     /// The posterior's parameters `[B, 2*latent, H/f, W/f]` (mean, then log-variance before
@@ -484,6 +736,29 @@ impl AutoencoderKL {
     pub fn encode(&self, xs: &Tensor) -> Result<Tensor> {
         self.encode_moments(xs)?.narrow(1, 0, self.latent_channels)
     }
+}
+
+/// TEMPORARY stand-in for `ops::conv2d(.., ConvParams { channels_last: true, .. })` until the
+/// `conv` branch lands: candle's NCHW convolution in f32, bias and residual added in f32, one
+/// rounding.
+fn conv2d_nhwc(
+    xs: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    padding: usize,
+) -> Result<Tensor> {
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let x = f32(xs)?.permute((0, 3, 1, 2))?.contiguous()?;
+    let w = f32(weight)?.permute((0, 3, 1, 2))?.contiguous()?;
+    let mut y = x
+        .conv2d(&w, padding, 1, 1, 1)?
+        .broadcast_add(&f32(bias)?.reshape((1, (), 1, 1))?)?
+        .permute((0, 2, 3, 1))?;
+    if let Some(r) = residual {
+        y = (y + f32(r)?)?;
+    }
+    y.to_dtype(xs.dtype())?.contiguous()
 }
 
 #[cfg(test)]
