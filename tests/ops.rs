@@ -654,3 +654,98 @@ fn group_norm_channels_last_bounds_groups_on_cuda() {
         }
     }
 }
+
+// ---- Nearest 2x upsampling, channels last ----
+
+#[test]
+fn upsample_nearest2x_channels_last_matches_candle() {
+    let mut rng = rng("upsample_nearest2x_channels_last");
+    // Channel counts whose pixels move in 16-, 8-, 4- and 2-byte units depending on the dtype
+    // (3 x bf16 = 6 bytes: 2-byte units; 3 x f32: 4; 4 x bf16: 8; 8 x bf16, 512 x any: 16), odd
+    // sizes, a batch, and rows wider than one 256-unit block.
+    let cases: [&[usize]; 6] = [
+        &[2, 3, 5, 3],
+        &[1, 4, 7, 4],
+        &[3, 2, 3, 8],
+        &[1, 5, 9, 512],
+        &[1, 2, 300, 16],
+        &[2, 1, 1, 1],
+    ];
+    for dev in devices("upsample_nearest2x_channels_last") {
+        for shape in cases {
+            let x = random(&mut rng, shape, 0.0);
+            for dtype in DTYPES {
+                let (xd, xe) = place(&x, dtype, &dev);
+                let (_, h, w, _) = xe.dims4().unwrap();
+                let want = xe
+                    .permute((0, 3, 1, 2))
+                    .unwrap()
+                    .upsample_nearest2d(2 * h, 2 * w)
+                    .unwrap()
+                    .permute((0, 2, 3, 1))
+                    .unwrap()
+                    .contiguous()
+                    .unwrap();
+                poison(&dev, 4 * x.elem_count(), dtype);
+                let got = ops::upsample_nearest2x_channels_last(&xd).unwrap();
+                assert_eq!(got.dtype(), dtype);
+                let what = format!(
+                    "upsample_nearest2x_channels_last {} {dtype:?} {shape:?}",
+                    dev_name(&dev)
+                );
+                // A copy: exact.
+                assert_close(&got, &want, 0.0, &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn upsample_nearest2x_channels_last_reads_views_at_any_offset() {
+    // Views that start inside their buffer: one sample in (a whole number of pixels), and one
+    // element in (a flat buffer reshaped, so a 16-byte pixel starts at a 2- or 4-byte boundary
+    // and the CUDA kernel must move narrower units); a channel slice is strided, which the op
+    // copies first.
+    let mut rng = rng("upsample views");
+    for dev in devices("upsample views") {
+        let x = random(&mut rng, &[3, 4, 5, 8], 0.0);
+        let flat = random(&mut rng, &[1 + 2 * 2 * 3 * 8], 0.0);
+        for dtype in DTYPES {
+            let (xd, xe) = place(&x, dtype, &dev);
+            let (fd, fe) = place(&flat, dtype, &dev);
+            let shifted = |t: &Tensor| t.narrow(0, 1, 2 * 2 * 3 * 8).unwrap().reshape((2, 2, 3, 8));
+            let views = [
+                ("sample offset", xd.narrow(0, 1, 2), xe.narrow(0, 1, 2)),
+                ("element offset", shifted(&fd), shifted(&fe)),
+                ("channel slice", xd.narrow(3, 1, 3), xe.narrow(3, 1, 3)),
+            ];
+            for (label, got_in, want_in) in views {
+                let want_in = want_in.unwrap().contiguous().unwrap();
+                let (_, h, w, _) = want_in.dims4().unwrap();
+                let want = want_in
+                    .permute((0, 3, 1, 2))
+                    .unwrap()
+                    .upsample_nearest2d(2 * h, 2 * w)
+                    .unwrap()
+                    .permute((0, 2, 3, 1))
+                    .unwrap()
+                    .contiguous()
+                    .unwrap();
+                let got = ops::upsample_nearest2x_channels_last(&got_in.unwrap()).unwrap();
+                let what = format!("upsample {label} {} {dtype:?}", dev_name(&dev));
+                assert_close(&got, &want, 0.0, &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn upsample_nearest2x_channels_last_rejects_non_images() {
+    let x = Tensor::ones((2, 3, 4), DType::F32, &Device::Cpu).unwrap();
+    let err = ops::upsample_nearest2x_channels_last(&x)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("must be [N, H, W, C]"), "{err}");
+    let x = Tensor::ones((1, 2, 2, 3), DType::U8, &Device::Cpu).unwrap();
+    assert!(ops::upsample_nearest2x_channels_last(&x).is_err());
+}

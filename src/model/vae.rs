@@ -495,16 +495,6 @@ impl SpatialSelfAttentionNhwc {
     }
 }
 
-/// Nearest-neighbour 2x upsampling of `[N, H, W, C]`: one copy of a broadcast view, each
-/// pixel's channel vector written to its four destinations.
-fn upsample_nearest_2x_nhwc(xs: &Tensor) -> Result<Tensor> {
-    let (b, h, w, c) = xs.dims4()?;
-    xs.reshape((b, h, 1, w, 1, c))?
-        .broadcast_as((b, h, 2, w, 2, c))?
-        .contiguous()?
-        .reshape((b, 2 * h, 2 * w, c))
-}
-
 /// The [`Decoder`] in channels-last layout.
 #[derive(Debug, Clone)]
 struct DecoderNhwc {
@@ -578,7 +568,7 @@ impl DecoderNhwc {
                 xs = r.forward(&xs)?;
             }
             if let Some(conv) = up {
-                xs = conv.forward(&upsample_nearest_2x_nhwc(&xs)?, None)?;
+                xs = conv.forward(&ops::upsample_nearest2x_channels_last(&xs)?, None)?;
             }
         }
         let xs = self.conv_norm_out.forward(&xs, true)?;

@@ -8,6 +8,7 @@
 //! - [`geglu`]: `a * gelu_erf(gate)` on the two halves of the feed-forward projection.
 //! - [`attention`]: softmax(scale · Q·Kᵀ)·V with the logits in f32, optionally causal.
 //! - [`to_rgb8`]: the VAE's output to 8-bit NHWC RGB, diffusers' postprocess in one pass.
+//! - [`upsample_nearest2x_channels_last`]: the VAE decoder's nearest 2x upsampling in NHWC.
 //!
 //! Which of them the models use is chosen by [`Kernels`] (`--kernels`).
 //!
@@ -21,12 +22,14 @@ mod geglu;
 mod group_norm;
 mod postprocess;
 mod select;
+mod upsample;
 
 pub use attention::{attention, fused_attention, AttentionOp};
 pub use geglu::{geglu, GegluOp};
 pub use group_norm::{group_norm, group_norm_channels_last, GroupNormOp};
 pub use postprocess::to_rgb8;
 pub use select::{enabled, kernels, set_kernels, with_kernels, Kernels};
+pub use upsample::{upsample_nearest2x_channels_last, UpsampleNearest2xNhwc};
 
 use candle_core::{bail, CpuStorage, DType, Layout, Result, WithDType};
 
