@@ -221,3 +221,77 @@ fn usage_errors_exit_2_and_name_the_flag() {
         );
     }
 }
+
+/// `--ablate`: one row per kernel set (none, all, each lever alone, all but each lever), every
+/// set's images compared with those of `none`. On the CPU in f32 the levers that apply here
+/// (fused GroupNorm, GEGLU, attention, convolution, 8-bit postprocess) compute the same
+/// functions as candle's ops, so the pictures may differ by rounding only.
+#[test]
+fn ablation_measures_every_kernel_set_and_compares_pictures() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let o = bench(&[
+        "--model-dir",
+        tiny().to_str().unwrap(),
+        "--size",
+        "64x64",
+        "--batch-sizes",
+        "1",
+        "--warmup",
+        "0",
+        "--runs",
+        "1",
+        "--ablate",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let report: Report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report.kernels, "all");
+    let names: Vec<&str> = report.ablation.iter().map(|r| r.kernels.as_str()).collect();
+    let levers = turbine::ops::Kernels::NAMED.len();
+    assert_eq!(names.len(), 2 + 2 * levers, "{names:?}");
+    assert_eq!(&names[..3], ["none", "all", "group-norm"]);
+    assert!(names.contains(&"geglu,attention,conv,channels-last,bias-residual,postprocess"));
+    for r in &report.ablation {
+        assert_eq!(r.row.batch, 2);
+        assert!(r.row.images_per_s > 0.0, "{r:?}");
+        assert!(
+            r.max_diff_vs_none <= 2 && r.mean_diff_vs_none < 0.05,
+            "kernels {} changed the pictures: max {} mean {}",
+            r.kernels,
+            r.max_diff_vs_none,
+            r.mean_diff_vs_none
+        );
+    }
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("| kernels | batch | images/s | vs none |"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| none | 2 |") && stdout.contains("1.00x"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn bad_kernels_and_ablate_values_are_usage_errors() {
+    let model = tiny();
+    for args in [
+        &["--kernels", "group-norm,flash"][..],
+        &["--kernels", ""][..],
+        &["--ablate", "0"][..],
+    ] {
+        let mut all = vec!["--model-dir", model.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let o = bench(&all);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("kernel") || err.contains("--ablate"),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -469,6 +469,278 @@ fn attention_rejects_mismatched_shapes() {
     assert!(err.contains("must share a dtype"), "{err}");
 }
 
+// ---- Convolution ----
+
+/// One convolution case: input `[n, c, h, w]` (NCHW sizes), `o` outputs, a `k`x`k` kernel.
+#[derive(Debug, Clone, Copy)]
+struct ConvCase {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    k: usize,
+    padding: usize,
+    stride: usize,
+    residual: bool,
+}
+
+/// 1x1 and 3x3, padding 0/1, stride 1/2, odd sizes and channel counts, with and without residual.
+const CONV_CASES: [ConvCase; 7] = [
+    ConvCase {
+        n: 2,
+        c: 8,
+        h: 9,
+        w: 7,
+        o: 16,
+        k: 3,
+        padding: 1,
+        stride: 1,
+        residual: true,
+    },
+    ConvCase {
+        n: 1,
+        c: 5,
+        h: 11,
+        w: 13,
+        o: 3,
+        k: 3,
+        padding: 1,
+        stride: 1,
+        residual: false,
+    },
+    ConvCase {
+        n: 2,
+        c: 16,
+        h: 8,
+        w: 8,
+        o: 8,
+        k: 1,
+        padding: 0,
+        stride: 1,
+        residual: true,
+    },
+    ConvCase {
+        n: 3,
+        c: 7,
+        h: 6,
+        w: 5,
+        o: 9,
+        k: 1,
+        padding: 0,
+        stride: 1,
+        residual: false,
+    },
+    ConvCase {
+        n: 2,
+        c: 8,
+        h: 9,
+        w: 10,
+        o: 8,
+        k: 3,
+        padding: 1,
+        stride: 2,
+        residual: false,
+    },
+    ConvCase {
+        n: 1,
+        c: 6,
+        h: 10,
+        w: 9,
+        o: 4,
+        k: 3,
+        padding: 0,
+        stride: 2,
+        residual: true,
+    },
+    ConvCase {
+        n: 2,
+        c: 4,
+        h: 7,
+        w: 7,
+        o: 6,
+        k: 3,
+        padding: 0,
+        stride: 1,
+        residual: true,
+    },
+];
+
+/// NCHW `[n, c, h, w]` → `[n, h, w, c]` (also weight `[o, c, k, k]` → KRSC `[o, k, k, c]`).
+fn to_channels_last(t: &Tensor) -> Tensor {
+    t.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap()
+}
+
+/// The case's random f32 tensors in NCHW: x, weight, bias, residual.
+fn conv_inputs(rng: &mut rand::rngs::StdRng, k: &ConvCase) -> [Tensor; 4] {
+    let (oh, ow) = (
+        (k.h + 2 * k.padding - k.k) / k.stride + 1,
+        (k.w + 2 * k.padding - k.k) / k.stride + 1,
+    );
+    [
+        random(rng, &[k.n, k.c, k.h, k.w], 0.0),
+        random(rng, &[k.o, k.c, k.k, k.k], 0.0),
+        random(rng, &[k.o], 0.0),
+        random(rng, &[k.n, k.o, oh, ow], 0.0),
+    ]
+}
+
+/// `conv(x, w) + bias (+ residual)` with candle's ops in f32 on the CPU, NCHW.
+fn conv_composed(x: &Tensor, w: &Tensor, b: &Tensor, r: Option<&Tensor>, k: &ConvCase) -> Tensor {
+    let y = x
+        .conv2d(w, k.padding, k.stride, 1, 1)
+        .unwrap()
+        .broadcast_add(&b.reshape((1, (), 1, 1)).unwrap())
+        .unwrap();
+    match r {
+        Some(r) => (y + r).unwrap(),
+        None => y,
+    }
+}
+
+/// Runs `ops::conv2d` on `dev` for one case, dtype and layout; compares with the composition
+/// from the same rounded inputs.
+fn check_conv(
+    dev: &Device,
+    inputs: &[Tensor; 4],
+    case: &ConvCase,
+    dtype: DType,
+    channels_last: bool,
+    tol: f64,
+    label: &str,
+) {
+    let [x, w, b, r] = inputs;
+    let (xd, xe) = place(x, dtype, dev);
+    let (wd, we) = place(w, dtype, dev);
+    let (bd, be) = place(b, dtype, dev);
+    let (rd, re) = place(r, dtype, dev);
+    let mut want = conv_composed(&xe, &we, &be, case.residual.then_some(&re), case);
+    let (xd, wd, rd) = if channels_last {
+        want = to_channels_last(&want);
+        (
+            to_channels_last(&xd),
+            to_channels_last(&wd),
+            to_channels_last(&rd),
+        )
+    } else {
+        (xd, wd, rd)
+    };
+    let params = ops::ConvParams {
+        padding: case.padding,
+        stride: case.stride,
+        channels_last,
+    };
+    poison(dev, want.elem_count(), dtype);
+    let got = ops::conv2d(&xd, &wd, &bd, case.residual.then_some(&rd), params).unwrap();
+    assert_eq!(got.dtype(), dtype);
+    let what = format!(
+        "{label} {} {dtype:?} channels_last={channels_last} {case:?}",
+        dev_name(dev)
+    );
+    assert_close(&got, &want, tol, &what);
+}
+
+#[test]
+fn conv2d_matches_composition_on_cpu() {
+    let mut rng = rng("conv2d cpu");
+    for case in CONV_CASES {
+        let inputs = conv_inputs(&mut rng, &case);
+        for dtype in DTYPES {
+            for channels_last in [false, true] {
+                check_conv(
+                    &Device::Cpu,
+                    &inputs,
+                    &case,
+                    dtype,
+                    channels_last,
+                    tolerance(dtype),
+                    "conv2d",
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn conv2d_composed_equals_op_on_cpu() {
+    // On the CPU the op is the composition; the public baseline must be the very same numbers.
+    let mut rng = rng("conv2d composed");
+    let case = CONV_CASES[0];
+    let [x, w, b, r] = conv_inputs(&mut rng, &case);
+    let (x, w, r) = (
+        to_channels_last(&x),
+        to_channels_last(&w),
+        to_channels_last(&r),
+    );
+    let p = ops::ConvParams {
+        padding: 1,
+        stride: 1,
+        channels_last: true,
+    };
+    for dtype in DTYPES {
+        let t = |t: &Tensor| t.to_dtype(dtype).unwrap();
+        let a = ops::conv2d(&t(&x), &t(&w), &b, Some(&t(&r)), p).unwrap();
+        let c = ops::conv2d_composed(&t(&x), &t(&w), &b, Some(&t(&r)), p).unwrap();
+        let diff = (a.to_dtype(DType::F32).unwrap() - c.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{dtype:?}");
+    }
+}
+
+#[test]
+fn conv2d_rejects_bad_arguments() {
+    let t = |s: &[usize]| Tensor::ones(s, DType::F32, &Device::Cpu).unwrap();
+    let nchw = ops::ConvParams {
+        padding: 1,
+        stride: 1,
+        channels_last: false,
+    };
+    let err = |x: &Tensor, w: &Tensor, b: &Tensor, r: Option<&Tensor>, p| {
+        ops::conv2d(x, w, b, r, p).unwrap_err().to_string()
+    };
+    let e = err(&t(&[1, 4, 5, 5]), &t(&[8, 3, 3, 3]), &t(&[8]), None, nchw);
+    assert!(
+        e.contains("has 3 input channels") && e.contains("has 4"),
+        "{e}"
+    );
+    // The same weight read as KRSC has 3 input channels too, x [N, H, W, C] has 5.
+    let cl = ops::ConvParams {
+        channels_last: true,
+        ..nchw
+    };
+    let e = err(&t(&[1, 4, 5, 5]), &t(&[8, 3, 3, 3]), &t(&[8]), None, cl);
+    assert!(e.contains("channels-last"), "{e}");
+    let e = err(&t(&[1, 4, 5, 5]), &t(&[8, 4, 3, 3]), &t(&[7]), None, nchw);
+    assert!(e.contains("bias has shape [7]"), "{e}");
+    let e = err(
+        &t(&[1, 4, 5, 5]),
+        &t(&[8, 4, 3, 3]),
+        &t(&[8]),
+        Some(&t(&[1, 8, 4, 5])),
+        nchw,
+    );
+    assert!(
+        e.contains("residual has shape [1, 8, 4, 5]") && e.contains("[1, 8, 5, 5]"),
+        "{e}"
+    );
+    let e = err(&t(&[1, 4, 2, 2]), &t(&[8, 4, 5, 5]), &t(&[8]), None, nchw);
+    assert!(e.contains("does not fit"), "{e}");
+    let e = err(&t(&[4, 5, 5]), &t(&[8, 4, 3, 3]), &t(&[8]), None, nchw);
+    assert!(e.contains("must both be 4-D"), "{e}");
+    let zero = ops::ConvParams { stride: 0, ..nchw };
+    let e = err(&t(&[1, 4, 5, 5]), &t(&[8, 4, 3, 3]), &t(&[8]), None, zero);
+    assert!(e.contains("stride"), "{e}");
+    let half = t(&[8, 4, 3, 3]).to_dtype(DType::BF16).unwrap();
+    let e = err(&t(&[1, 4, 5, 5]), &half, &t(&[8]), None, nchw);
+    assert!(e.contains("weight has dtype BF16"), "{e}");
+}
+
 // ---- GroupNorm, channels last ----
 
 /// `[N, ..., C]` → `[N, C, ...]` (contiguous), the layout `group_norm_composed` takes.

@@ -7,7 +7,9 @@ Steps, each bounded by what is left of --budget-s:
     (initialised on the device, stored as the Hub's fp16 variant files);
  3. `turbine bench` loads those files and sweeps the batch sizes end to end (text encoders,
     UNet, VAE decode, 8-bit images) from the same prompts and initial latents as diffusers,
-    with device memory sampled through NVML;
+    with device memory sampled through NVML; then, at --ablate-batch, every kernel set (candle's
+    ops only, all of turbine's kernels, each lever alone, all but each lever), each set's images
+    compared with candle's, against the predictions in benches/levers.json;
  4. diffusers eager (SDPA) sweeps the same, in its own process;
  5. the pixel difference between turbine's and diffusers' images of the same batch;
  6. diffusers + torch.compile sweeps with the time left, in its own process;
@@ -115,6 +117,41 @@ def table(res, batches):
     return "\n".join(lines)
 
 
+def ablation_table(res):
+    """turbine's kernel ablation: measured ms/image of each lever next to its prediction."""
+    rows = (res.get("turbine") or {}).get("ablation") or []
+    if not rows:
+        return ""
+    preds = load(ROOT / "benches" / "levers.json") or {}
+    by = {r["kernels"]: r["row"] for r in rows}
+    none, every = by.get("none"), by.get("all")
+    lines = ["| kernels | batch | images/s | vs none | ms/image | text ms | unet ms | vae ms "
+             "| max diff vs none | mean diff vs none | lever alone saves ms/image | lever in all saves "
+             "ms/image | predicted ms/image |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        row, k = r["row"], r["kernels"]
+        rel = f"{row['images_per_s'] / none['images_per_s']:.2f}x" if none else "-"
+        alone = in_all = pred = "-"
+        lever = preds.get(k, {})
+        if lever and none:
+            alone = f"{none['ms_per_image'] - row['ms_per_image']:.2f}"
+            # "all but k" prints as the other levers' names, in the same order.
+            without = by.get(",".join(n for n in every_names(rows) if n != k))
+            if without and every:
+                in_all = f"{without['ms_per_image'] - every['ms_per_image']:.2f}"
+            pred = f"{lever.get('predicted_ms_per_image', '-')}"
+        lines.append(f"| {k} | {row['batch']} | {row['images_per_s']:.2f} | {rel} | {row['ms_per_image']:.2f} "
+                     f"| {row['text_encode_ms']:.1f} | {row['unet_ms']:.1f} | {row['vae_decode_ms']:.1f} "
+                     f"| {r['max_diff_vs_none']} | {r['mean_diff_vs_none']:.3f} | {alone} | {in_all} | {pred} |")
+    return "\n".join(lines)
+
+
+def every_names(rows):
+    """The lever names: the single-lever sets of the ablation."""
+    return [r["kernels"] for r in rows if r["kernels"] not in ("none", "all") and "," not in r["kernels"]]
+
+
 def targets(res):
     """Issue 6's targets, each with the figures it was judged on."""
     t, e, c = (res.get(k) or {} for k in ("turbine", "eager", "compile"))
@@ -165,6 +202,8 @@ def main():
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32")
     ap.add_argument("--diff-batch", type=int, default=4, help="batch whose images are compared")
+    ap.add_argument("--ablate-batch", type=int, default=8,
+                    help="batch size of turbine's kernel ablation (0: none)")
     ap.add_argument("--budget-s", type=float, default=450.0, help="whole run, seconds")
     ap.add_argument("--compile-reserve-s", type=float, default=20.0,
                     help="seconds kept back for the table after torch.compile")
@@ -220,6 +259,8 @@ def main():
             "--dtype", a.dtype, "--size", a.size, "--steps", a.steps, "--batch-sizes", a.batch_sizes,
             "--warmup", "2", "--runs", "3", "--min-time", a.min_time, "--init-latents", lat,
             "--save-images", timg, "--json", tjson]
+    if a.ablate_batch:
+        tcmd += ["--ablate", a.ablate_batch]
     for p in PROMPTS:
         tcmd += ["--prompt", p]
     t_budget = max(60.0, budget.left() * 0.35)
@@ -314,6 +355,10 @@ def main():
         if res.get(k) not in (None, 0):
             hdr.append(f"- {k.split('_')[0]} exited with {res[k]} (see gpu_check.log)")
     md = "\n".join(hdr) + "\n\n" + table(res, batches) + "\n\n" + targets(res) + "\n"
+    abl = ablation_table(res)
+    if abl:
+        md += ("\nturbine's kernels, one set at a time (`turbine bench --ablate`; 'diff vs none' is the 8-bit "
+               "difference from candle's ops, all images of the batch):\n\n" + abl + "\n")
     (a.out / "gpu_check.md").write_text(md)
     save()
     print("\n" + md, flush=True)

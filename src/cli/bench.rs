@@ -3,8 +3,9 @@
 //! Each batch size gets `--warmup` untimed runs first (allocator growth, cuBLAS/cuDNN algorithm
 //! choice and page faults land there), then at least `--runs` timed runs, and more until
 //! `--min-time` seconds of timed runs have passed. A run is one `Pipeline::generate` call: text
-//! encoders, UNet steps, VAE decode and the conversion to 8-bit images; the pipeline
-//! synchronises the device before each stage's clock read. Medians are reported, so one
+//! encoders, UNet steps, VAE decode and the conversion to 8-bit images, timed on the host from
+//! the call to the images in memory; the per-stage times are the GPU's own (events on the
+//! stream, no synchronisation between stages) on CUDA, wall time on the CPU. Medians are reported, so one
 //! disturbed run does not move the figure.
 
 use std::path::{Path, PathBuf};
@@ -13,6 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
+
+use crate::ops::Kernels;
 
 use crate::cli::generate::{load_init_latents, parse_size};
 use crate::cli::UsageError;
@@ -83,6 +86,12 @@ pub struct Args {
     /// Seed of the first image's noise (image i gets seed + i).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// After the sweep, measure this batch size once per kernel set — `none` (candle's ops),
+    /// `all`, each lever alone and `all` without each lever; one warm-up and --runs timed runs
+    /// each — and compare every set's images with those of `none`: what each lever gains, and
+    /// that it does not change the pictures.
+    #[arg(long)]
+    pub ablate: Option<usize>,
 }
 
 /// One timed `generate` call.
@@ -120,6 +129,17 @@ pub struct Row {
     pub peak_rss_bytes: Option<u64>,
 }
 
+/// One kernel set of `--ablate`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AblationRow {
+    /// The set, as `--kernels` would take it.
+    pub kernels: String,
+    pub row: Row,
+    /// 8-bit difference of this set's images from those of `none`, all images of the batch.
+    pub max_diff_vs_none: u8,
+    pub mean_diff_vs_none: f64,
+}
+
 /// Where and on what the benchmark ran.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Machine {
@@ -151,6 +171,9 @@ pub struct Report {
     pub warmup: usize,
     pub load_s: f64,
     pub rows: Vec<Row>,
+    /// `--ablate`'s rows (empty without it).
+    #[serde(default)]
+    pub ablation: Vec<AblationRow>,
 }
 
 fn median(sorted: &[f64]) -> f64 {
@@ -214,6 +237,68 @@ pub fn render_table(rows: &[Row]) -> String {
             r.unet_ms,
             r.vae_decode_ms,
             rss
+        ));
+    }
+    s
+}
+
+/// `--ablate`'s kernel sets: the baseline first (the others' images are compared with it), then
+/// everything, each lever alone, and everything but each lever.
+pub fn ablation_sets() -> Vec<Kernels> {
+    let mut sets = vec![Kernels::NONE, Kernels::ALL];
+    sets.extend(Kernels::NAMED.iter().map(|(_, k)| *k));
+    sets.extend(Kernels::NAMED.iter().map(|(_, k)| Kernels::ALL.without(*k)));
+    sets
+}
+
+/// Max and mean absolute 8-bit difference over all bytes of two equally long image lists (255
+/// when the lists or sizes differ: nothing to compare is a failure, not a match).
+pub fn image_diff(a: &[image::RgbImage], b: &[image::RgbImage]) -> (u8, f64) {
+    if a.len() != b.len()
+        || a.iter()
+            .zip(b)
+            .any(|(x, y)| x.dimensions() != y.dimensions())
+    {
+        return (255, 255.0);
+    }
+    let (mut max, mut sum, mut n) = (0u8, 0u64, 0u64);
+    for (x, y) in a.iter().zip(b) {
+        for (p, q) in x.as_raw().iter().zip(y.as_raw()) {
+            let d = p.abs_diff(*q);
+            max = max.max(d);
+            sum += u64::from(d);
+            n += 1;
+        }
+    }
+    (max, if n == 0 { 0.0 } else { sum as f64 / n as f64 })
+}
+
+/// The ablation as a markdown table, with each set's speed relative to `none`.
+pub fn render_ablation(rows: &[AblationRow]) -> String {
+    let base = rows
+        .iter()
+        .find(|r| r.kernels == "none")
+        .map(|r| r.row.images_per_s);
+    let mut s = String::from(
+        "| kernels | batch | images/s | vs none | text enc ms | unet ms | vae ms | max diff vs none | mean diff vs none |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let rel = base
+            .filter(|b| *b > 0.0)
+            .map(|b| format!("{:.2}x", r.row.images_per_s / b))
+            .unwrap_or_else(|| "-".into());
+        s.push_str(&format!(
+            "| {} | {} | {:.2} | {} | {:.1} | {:.1} | {:.1} | {} | {:.3} |\n",
+            r.kernels,
+            r.row.batch,
+            r.row.images_per_s,
+            rel,
+            r.row.text_encode_ms,
+            r.row.unet_ms,
+            r.row.vae_decode_ms,
+            r.max_diff_vs_none,
+            r.mean_diff_vs_none
         ));
     }
     s
@@ -401,6 +486,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ))
         .into());
     }
+    if args.ablate == Some(0) {
+        return Err(UsageError("--ablate must be a batch size of at least 1, got 0".into()).into());
+    }
     if args.runs == 0 {
         return Err(UsageError("--runs must be at least 1, got 0".into()).into());
     }
@@ -464,19 +552,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .len()
         .max(init_latents.as_ref().map_or(1, |l| l.dims()[0]));
 
-    let mut rows = Vec::new();
-    for &b in &args.batch_sizes {
-        let items = batch_items(&prompts, b, args.seed);
-        let noise = match &init_latents {
+    let noise_for = |b: usize| -> anyhow::Result<Option<NoiseOverride>> {
+        Ok(match &init_latents {
             Some(l) => Some(NoiseOverride {
                 init_latents: Some(cycle_rows(l, b)?),
                 step_noise: None,
             }),
             None => None,
-        };
+        })
+    };
+    // (warm-up runs, timed runs at least, timed seconds at least)
+    let measure = |b: usize,
+                   first: bool,
+                   (warmup, runs, min_time): (usize, usize, f64)|
+     -> anyhow::Result<(Row, Vec<image::RgbImage>)> {
+        let items = batch_items(&prompts, b, args.seed);
+        let noise = noise_for(b)?;
         let rss_reset = reset_peak_rss();
         let window_start = unix_now();
-        for i in 0..args.warmup {
+        for i in 0..warmup {
             let t = Instant::now();
             pipeline.generate(&settings, &items, noise.as_ref())?;
             tracing::info!(
@@ -488,8 +582,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         let mut samples = Vec::new();
         let mut timed = 0.0;
-        let mut last = None;
-        while samples.len() < args.runs || (timed < args.min_time && samples.len() < 1000) {
+        let mut last = Vec::new();
+        while samples.len() < runs || (timed < min_time && samples.len() < 1000) {
             let t = Instant::now();
             let out = pipeline
                 .generate(&settings, &items, noise.as_ref())
@@ -502,28 +596,55 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 unet: out.timings.unet,
                 vae_decode: out.timings.vae_decode,
             });
-            last = Some(out.images);
+            last = out.images;
         }
         let window_end = unix_now();
         let mut row = summarize(b, &samples)
             .ok_or_else(|| anyhow::anyhow!("no timed runs for batch {b} (this is a bug)"))?;
         row.started_unix_s = window_start;
         row.finished_unix_s = window_end;
-        row.peak_rss_bytes = if rss_reset || rows.is_empty() {
-            peak_rss()
-        } else {
-            None
-        };
+        row.peak_rss_bytes = if rss_reset || first { peak_rss() } else { None };
         tracing::info!(
             batch = b,
+            kernels = %crate::ops::kernels(),
             images_per_s = row.images_per_s,
             ms_per_batch = row.median_s * 1e3,
             "measured"
         );
-        if let (Some(dir), Some(images)) = (&args.save_images, last) {
-            save_images(dir, b, &images[..b.min(distinct)])?;
+        Ok((row, last))
+    };
+
+    let mut rows = Vec::new();
+    for &b in &args.batch_sizes {
+        let (row, images) = measure(b, rows.is_empty(), (args.warmup, args.runs, args.min_time))?;
+        if let Some(dir) = &args.save_images {
+            save_images(dir, b, &images[..b.min(distinct).min(images.len())])?;
         }
         rows.push(row);
+    }
+
+    let mut ablation = Vec::new();
+    if let Some(b) = args.ablate {
+        let mut baseline: Option<Vec<image::RgbImage>> = None;
+        for set in ablation_sets() {
+            // Lighter than the sweep (16 sets): one warm-up (the first of a set builds its
+            // plans and kernels), then --runs timed runs.
+            let (row, images) =
+                crate::ops::with_kernels(set, || measure(b, false, (1, args.runs, 0.0)))?;
+            let (max, mean) = match &baseline {
+                Some(base) => image_diff(base, &images),
+                None => (0, 0.0),
+            };
+            if baseline.is_none() {
+                baseline = Some(images);
+            }
+            ablation.push(AblationRow {
+                kernels: set.to_string(),
+                row,
+                max_diff_vs_none: max,
+                mean_diff_vs_none: mean,
+            });
+        }
     }
 
     let report = Report {
@@ -543,6 +664,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         warmup: args.warmup,
         load_s,
         rows,
+        ablation,
     };
     println!(
         "turbine bench: {} on {}, {}, {} {} step(s), guidance {}, kernels {}, commit {}, model {} (loaded in {:.1} s)",
@@ -558,6 +680,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         report.load_s
     );
     print!("{}", render_table(&report.rows));
+    if !report.ablation.is_empty() {
+        print!("\n{}", render_ablation(&report.ablation));
+    }
     if let Some(path) = &args.json {
         write_json(path, &report)?;
     }

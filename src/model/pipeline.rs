@@ -26,6 +26,7 @@ use crate::model::scheduler::{EulerAncestralConfig, EulerAncestralScheduler};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::model::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::ops::{self, Kernels};
 
 /// Settings shared by every image of a batch (the batch key).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -64,7 +65,8 @@ pub struct NoiseOverride {
     pub step_noise: Option<Vec<Tensor>>,
 }
 
-/// Wall time per stage of one batch (the device is synchronised before each clock read).
+/// Time per stage of one batch: the device's own timestamps on CUDA (events between stages, no
+/// synchronisation), wall time on the CPU. `vae_decode` includes the conversion to 8-bit.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct StageTimings {
     pub text_encode: Duration,
@@ -359,7 +361,7 @@ impl Pipeline {
             Ok(t.to_dtype(DType::F32)?.to_device(&self.device)?)
         };
 
-        let t0 = Instant::now();
+        let mut clock = StageClock::start(&self.device)?;
         let (embeds, pooled) = self.text_conditioning(items, guidance)?;
         let rows = if guidance { 2 * n } else { n };
         let (h, w) = (settings.height as f32, settings.width as f32);
@@ -367,8 +369,7 @@ impl Pipeline {
             .to_dtype(self.dtype)?
             .reshape((1, 6))?
             .repeat((rows, 1))?;
-        self.device.synchronize()?;
-        let t1 = Instant::now();
+        clock.mark()?;
 
         let scheduler = EulerAncestralScheduler::new(&self.scheduler_config, settings.steps)?;
         let init = match noise.and_then(|o| o.init_latents.as_ref()) {
@@ -416,24 +417,37 @@ impl Pipeline {
             };
             latents = scheduler.step(&pred, i, &latents, &step_noise)?;
         }
-        self.device.synchronize()?;
-        let t2 = Instant::now();
+        clock.mark()?;
 
-        let decoded = self.decode_latents(&latents)?;
-        let images = to_rgb8(&decoded)?;
-        let t3 = Instant::now();
+        let raw = self.vae_output(&latents)?;
+        let pixels = if ops::enabled(Kernels::POSTPROCESS) {
+            ops::to_rgb8(&raw)?
+        } else {
+            // The baseline: f32 [0, 1] NCHW, permuted and quantised on the host.
+            postprocess(&raw)?.permute((0, 2, 3, 1))?
+        };
+        clock.mark()?;
+        // The one copy back (and the one wait for the device) of the batch.
+        let images = rgb8_images(&pixels)?;
+        let stages = clock.finish()?;
         Ok(GeneratedBatch {
             images,
             timings: StageTimings {
-                text_encode: t1 - t0,
-                unet: t2 - t1,
-                vae_decode: t3 - t2,
+                text_encode: stages[0],
+                unet: stages[1],
+                vae_decode: stages[2],
             },
         })
     }
 
     /// Final latents → images in [0, 1], NCHW f32 (diffusers' `postprocess` before rounding).
     pub fn decode_latents(&self, latents: &Tensor) -> anyhow::Result<Tensor> {
+        postprocess(&self.vae_output(latents)?)
+    }
+
+    /// Final latents → the VAE decoder's output `[B, 3, H, W]` (nominally in [-1, 1]), in the
+    /// VAE's dtype.
+    fn vae_output(&self, latents: &Tensor) -> anyhow::Result<Tensor> {
         let cfg = &self.vae_config;
         let z = match (&cfg.latents_mean, &cfg.latents_std) {
             (Some(mean), Some(std)) => {
@@ -446,8 +460,76 @@ impl Pipeline {
             }
             _ => (latents / cfg.scaling_factor)?,
         };
-        let image = self.vae.decode(&z.to_dtype(self.vae_dtype)?)?;
-        Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+        Ok(self.vae.decode(&z.to_dtype(self.vae_dtype)?)?)
+    }
+}
+
+/// diffusers' `(image / 2 + 0.5).clamp(0, 1)` in f32.
+fn postprocess(image: &Tensor) -> anyhow::Result<Tensor> {
+    Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+}
+
+/// Stage boundaries of one batch, read once the batch is done.
+///
+/// On CUDA each mark is an event on the device's stream, so the host never waits for the GPU
+/// between stages (it queues the UNet while the text encoders still run, and the GPU never idles
+/// on a synchronisation); the durations are the GPU's own timestamps, read after the batch's one
+/// copy back. On the CPU, where every op has finished when it returns, a wall clock.
+struct StageClock {
+    device: Device,
+    marks: Vec<Mark>,
+}
+
+enum Mark {
+    Host(Instant),
+    #[cfg(feature = "cuda")]
+    Cuda(candle_core::cuda_backend::cudarc::driver::CudaEvent),
+}
+
+impl StageClock {
+    fn start(device: &Device) -> anyhow::Result<Self> {
+        let mut clock = Self {
+            device: device.clone(),
+            marks: Vec::with_capacity(4),
+        };
+        clock.mark()?;
+        Ok(clock)
+    }
+
+    fn mark(&mut self) -> anyhow::Result<()> {
+        let mark = match &self.device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(dev) => {
+                use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+                // Timing events (the default flags of cudarc disable timing).
+                Mark::Cuda(
+                    dev.cuda_stream()
+                        .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                        .map_err(candle_core::Error::wrap)?,
+                )
+            }
+            _ => Mark::Host(Instant::now()),
+        };
+        self.marks.push(mark);
+        Ok(())
+    }
+
+    /// The time between consecutive marks (waits for the last CUDA event, which the batch's
+    /// copy back has passed already).
+    fn finish(&self) -> anyhow::Result<Vec<Duration>> {
+        self.marks
+            .windows(2)
+            .map(|w| match (&w[0], &w[1]) {
+                (Mark::Host(a), Mark::Host(b)) => Ok(b.saturating_duration_since(*a)),
+                #[cfg(feature = "cuda")]
+                (Mark::Cuda(a), Mark::Cuda(b)) => {
+                    let ms = a.elapsed_ms(b).map_err(candle_core::Error::wrap)?;
+                    Ok(Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3))
+                }
+                #[cfg(feature = "cuda")]
+                _ => anyhow::bail!("stage clock mixed host and device marks (this is a bug)"),
+            })
+            .collect()
     }
 }
 
@@ -476,21 +558,33 @@ fn load_component<T>(
 /// `[B, 3, H, W]` in [0, 1] → 8-bit images, rounding like diffusers' `numpy_to_pil`
 /// (`(x * 255).round()`, numpy's round-half-to-even).
 pub fn to_rgb8(images: &Tensor) -> anyhow::Result<Vec<image::RgbImage>> {
-    let (b, c, h, w) = images.dims4()?;
+    rgb8_images(&images.permute((0, 2, 3, 1))?)
+}
+
+/// `[B, H, W, 3]` pixels → one image each, with one copy from the device for the whole batch:
+/// u8 (the device-side postprocess) as they are, f32 in [0, 1] rounded like diffusers'
+/// `numpy_to_pil` (`(x * 255).round()`, numpy's round-half-to-even).
+fn rgb8_images(pixels: &Tensor) -> anyhow::Result<Vec<image::RgbImage>> {
+    let (b, h, w, c) = pixels.dims4()?;
     if c != 3 {
         anyhow::bail!("the VAE produced {c} channels; expected 3 (RGB)");
     }
-    let hwc = images.permute((0, 2, 3, 1))?.contiguous()?;
-    let mut out = Vec::with_capacity(b);
-    for i in 0..b {
-        let data: Vec<f32> = hwc.get(i)?.flatten_all()?.to_vec1()?;
-        let bytes: Vec<u8> = data
+    let flat = pixels.contiguous()?.flatten_all()?;
+    let bytes: Vec<u8> = match flat.dtype() {
+        DType::U8 => flat.to_vec1()?,
+        _ => flat
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?
             .iter()
             .map(|&v| (v * 255.0).round_ties_even().clamp(0.0, 255.0) as u8)
-            .collect();
-        let img = image::RgbImage::from_raw(w as u32, h as u32, bytes)
-            .ok_or_else(|| anyhow::anyhow!("image buffer size mismatch (this is a bug)"))?;
-        out.push(img);
-    }
-    Ok(out)
+            .collect(),
+    };
+    bytes
+        .chunks_exact(h * w * 3)
+        .take(b)
+        .map(|img| {
+            image::RgbImage::from_raw(w as u32, h as u32, img.to_vec())
+                .ok_or_else(|| anyhow::anyhow!("image buffer size mismatch (this is a bug)"))
+        })
+        .collect()
 }

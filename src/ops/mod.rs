@@ -7,6 +7,8 @@
 //!   kernels with f32 temporaries); [`group_norm_channels_last`] for `[N, ..., C]` input.
 //! - [`geglu`]: `a * gelu_erf(gate)` on the two halves of the feed-forward projection.
 //! - [`attention`]: softmax(scale · Q·Kᵀ)·V with the logits in f32, optionally causal.
+//! - [`conv2d`]: convolution + bias (+ residual), NCHW or channels-last; on CUDA cuDNN with one
+//!   plan per shape (algorithm timed once, workspace reused) and bias/residual fused.
 //! - [`to_rgb8`]: the VAE's output to 8-bit NHWC RGB, diffusers' postprocess in one pass.
 //! - [`upsample_nearest2x_channels_last`]: the VAE decoder's nearest 2x upsampling in NHWC.
 //!
@@ -16,6 +18,7 @@
 //! (`cuda_fwd`); `tests/ops.rs` checks both against plain compositions of candle ops.
 
 mod attention;
+mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod geglu;
@@ -25,6 +28,7 @@ mod select;
 mod upsample;
 
 pub use attention::{attention, fused_attention, AttentionOp};
+pub use conv::{conv2d, conv2d_composed, conv_plans, with_conv_epilogue, ConvEpilogue, ConvParams};
 pub use geglu::{geglu, GegluOp};
 pub use group_norm::{group_norm, group_norm_channels_last, GroupNormOp};
 pub use postprocess::to_rgb8;

@@ -1,0 +1,270 @@
+//! 2-D convolution with its bias and an optional residual in one op:
+//! `y = conv(x, w) + bias (+ residual)`, in NCHW or channels-last (NHWC) layout.
+//!
+//! Every convolution of the UNet and the VAE is followed by its bias add, and the second
+//! convolution of every resnet by the block's residual add. candle runs those as separate passes
+//! over the output (each reads and writes it once more), and its cuDNN call builds every
+//! descriptor, asks cuDNN's heuristic for an algorithm and allocates and zeroes a fresh workspace
+//! on each call. Here the CUDA path (with the `cudnn` feature) keeps one plan per shape and folds
+//! bias and residual into the convolution (see below).
+//!
+//! On the CPU (and on CUDA without the `cudnn` feature) the op is candle's `conv2d` followed by
+//! the adds. Half-precision CPU inputs are computed in f32 (candle's CPU backend has no bf16
+//! GEMM) with bias and residual added before the one rounding, the arithmetic of a fused GEMM
+//! epilogue; channels-last inputs are permuted to NCHW around candle's convolution.
+//!
+//! # The CUDA path
+//!
+//! See `conv/cudnn.rs`: per (device, dtype, layout, N, C, H, W, O, kh, kw, padding, stride,
+//! residual) one plan: descriptors built once, tensor-op math for half dtypes with f32
+//! accumulation, the algorithm chosen once by timing them (`cudnnFindConvolutionForwardAlgorithm`,
+//! what `torch.backends.cudnn.benchmark` does), and one workspace per device that only grows.
+
+use candle_core::{bail, DType, Result, Shape, Tensor};
+
+use super::check_float_dtype;
+
+#[cfg(feature = "cudnn")]
+mod cudnn;
+
+/// How a convolution is laid out and strided. Dilation is 1 and groups 1 everywhere in SDXL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConvParams {
+    /// Zero padding on every side of both spatial dims.
+    pub padding: usize,
+    /// The same stride on both spatial dims.
+    pub stride: usize,
+    /// `x` is `[N, H, W, C]`, `weight` `[O, kh, kw, I]` (cuDNN's KRSC), `y` `[N, H', W', O]`;
+    /// otherwise `x` `[N, C, H, W]`, `weight` `[O, I, kh, kw]`, `y` `[N, O, H', W']`.
+    pub channels_last: bool,
+}
+
+/// How the CUDA path applies bias and residual (the `cudnn` module docs weigh the two).
+/// [`Measure`](Self::Measure), the default, times both once per shape and keeps the faster;
+/// the other two force one, so that tests cover both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ConvEpilogue {
+    #[default]
+    Measure,
+    /// `cudnnConvolutionBiasActivationForward` with an identity activation (bias and residual in
+    /// the convolution's epilogue); falls back to `Prefill` where cuDNN does not support it.
+    Fused,
+    /// `y` filled with `bias (+ residual)` by our kernel, then the convolution accumulates into
+    /// it (`beta = 1`) with the fastest algorithm.
+    Prefill,
+}
+
+thread_local! {
+    static EPILOGUE: std::cell::Cell<ConvEpilogue> = const { std::cell::Cell::new(ConvEpilogue::Measure) };
+}
+
+/// Runs `f` with the CUDA epilogue forced to `e` on this thread (restored afterwards, also on
+/// panic). Without the `cudnn` feature there is only one path and this changes nothing.
+pub fn with_conv_epilogue<R>(e: ConvEpilogue, f: impl FnOnce() -> R) -> R {
+    struct Restore(ConvEpilogue);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            EPILOGUE.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(EPILOGUE.with(|c| c.replace(e)));
+    f()
+}
+
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+fn conv_epilogue() -> ConvEpilogue {
+    EPILOGUE.with(std::cell::Cell::get)
+}
+
+/// One line per cuDNN plan this thread has built (shape, algorithm, epilogue, measured times),
+/// for tests and benchmarks to print; empty without the `cudnn` feature.
+pub fn conv_plans() -> Vec<String> {
+    #[cfg(feature = "cudnn")]
+    {
+        cudnn::plan_summaries()
+    }
+    #[cfg(not(feature = "cudnn"))]
+    {
+        Vec::new()
+    }
+}
+
+/// `conv(x, weight) + bias (+ residual)`; shapes as in [`ConvParams::channels_last`], `bias`
+/// `[O]`, `residual` the output's shape. `weight` and `residual` must have `x`'s dtype; `bias` is
+/// converted to it. On CUDA with the `cudnn` feature this is the planned cuDNN path for f32,
+/// f16 and bf16, elsewhere candle's ops ([`conv2d_composed`]).
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    params: ConvParams,
+) -> Result<Tensor> {
+    let geometry = Geometry::check(x, weight, bias, residual, &params)?;
+    #[cfg(feature = "cudnn")]
+    if x.device().is_cuda() && cudnn::supports(x.dtype()) && geometry.elems_out() > 0 {
+        return cudnn::conv2d(x, weight, bias, residual, params, &geometry);
+    }
+    let _ = geometry;
+    composed(x, weight, bias, residual, params)
+}
+
+/// [`conv2d`] with candle's ops on any device: the CPU path, and on CUDA the baseline the
+/// `--kernels` lever is measured against (a channels-last layer with the lever off).
+pub fn conv2d_composed(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    params: ConvParams,
+) -> Result<Tensor> {
+    Geometry::check(x, weight, bias, residual, &params)?;
+    composed(x, weight, bias, residual, params)
+}
+
+fn composed(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    p: ConvParams,
+) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let wide = if x.device().is_cpu() && matches!(dtype, DType::BF16 | DType::F16) {
+        DType::F32
+    } else {
+        dtype
+    };
+    let (mut xs, mut ws) = (x.to_dtype(wide)?, weight.to_dtype(wide)?);
+    if p.channels_last {
+        xs = xs.permute((0, 3, 1, 2))?.contiguous()?;
+        ws = ws.permute((0, 3, 1, 2))?.contiguous()?;
+    }
+    let b = bias.to_dtype(wide)?.reshape((1, (), 1, 1))?;
+    let mut y = xs
+        .conv2d(&ws, p.padding, p.stride, 1, 1)?
+        .broadcast_add(&b)?;
+    if p.channels_last {
+        y = y.permute((0, 2, 3, 1))?.contiguous()?;
+    }
+    if let Some(r) = residual {
+        y = (y + r.to_dtype(wide)?)?;
+    }
+    y.to_dtype(dtype)
+}
+
+/// The sizes of one convolution, whatever its layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+struct Geometry {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Geometry {
+    fn check(
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        residual: Option<&Tensor>,
+        p: &ConvParams,
+    ) -> Result<Self> {
+        let layout = if p.channels_last {
+            "channels-last: x [N, H, W, C], weight [O, kh, kw, C]"
+        } else {
+            "NCHW: x [N, C, H, W], weight [O, C, kh, kw]"
+        };
+        let (Ok(xd), Ok(wd)) = (x.dims4(), weight.dims4()) else {
+            bail!(
+                "conv2d: x {:?} and weight {:?} must both be 4-D ({layout})",
+                x.shape(),
+                weight.shape()
+            );
+        };
+        let ((n, c, h, w), (o, wc, kh, kw)) = if p.channels_last {
+            ((xd.0, xd.3, xd.1, xd.2), (wd.0, wd.3, wd.1, wd.2))
+        } else {
+            (xd, wd)
+        };
+        if wc != c {
+            bail!(
+                "conv2d: weight {:?} has {wc} input channels, x {:?} has {c} ({layout})",
+                weight.shape(),
+                x.shape()
+            );
+        }
+        if p.stride == 0 {
+            bail!("conv2d: stride must be at least 1");
+        }
+        if kh == 0 || kw == 0 || h + 2 * p.padding < kh || w + 2 * p.padding < kw {
+            bail!(
+                "conv2d: kernel {kh}x{kw} does not fit input {h}x{w} with padding {}",
+                p.padding
+            );
+        }
+        if bias.dims() != [o] {
+            bail!(
+                "conv2d: bias has shape {:?}, expected [{o}] for weight {:?}",
+                bias.shape(),
+                weight.shape()
+            );
+        }
+        let g = Self {
+            n,
+            c,
+            h,
+            w,
+            o,
+            kh,
+            kw,
+            oh: (h + 2 * p.padding - kh) / p.stride + 1,
+            ow: (w + 2 * p.padding - kw) / p.stride + 1,
+        };
+        check_float_dtype(x.dtype(), "conv2d", "x")?;
+        check_float_dtype(bias.dtype(), "conv2d", "bias")?;
+        if weight.dtype() != x.dtype() {
+            bail!(
+                "conv2d: weight has dtype {:?}, x has {:?}",
+                weight.dtype(),
+                x.dtype()
+            );
+        }
+        if let Some(r) = residual {
+            let want = g.out_shape(p.channels_last);
+            if r.shape() != &want {
+                bail!(
+                    "conv2d: residual has shape {:?}, the output has {want:?}",
+                    r.shape()
+                );
+            }
+            if r.dtype() != x.dtype() {
+                bail!(
+                    "conv2d: residual has dtype {:?}, x has {:?}",
+                    r.dtype(),
+                    x.dtype()
+                );
+            }
+        }
+        Ok(g)
+    }
+
+    fn out_shape(&self, channels_last: bool) -> Shape {
+        if channels_last {
+            Shape::from_dims(&[self.n, self.oh, self.ow, self.o])
+        } else {
+            Shape::from_dims(&[self.n, self.o, self.oh, self.ow])
+        }
+    }
+
+    #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+    fn elems_out(&self) -> usize {
+        self.n * self.o * self.oh * self.ow
+    }
+}
