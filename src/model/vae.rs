@@ -13,7 +13,7 @@ use crate::model::loader::{self, LoadError, LoadResult, ModelDir};
 use crate::model::unet::attention::{to_tokens, Attention};
 use crate::model::unet::layers::{Conv2d, GroupNorm};
 use crate::model::unet::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
-use crate::ops::{self, Kernels};
+use crate::ops::{self, ConvParams, Kernels};
 
 /// diffusers' `Encoder`/`Decoder` hard-code this epsilon for every norm of the VAE.
 const VAE_EPS: f64 = 1e-6;
@@ -394,9 +394,18 @@ impl ConvNhwc {
         })
     }
 
-    /// `conv(xs) + bias (+ residual)`, the residual added in the convolution's epilogue.
+    /// `conv(xs) + bias (+ residual)`, bias and residual in the convolution's epilogue.
+    ///
+    /// Always turbine's convolution, whatever [`Kernels::CONV`] says: candle's is NCHW only,
+    /// so a channels-last layer on it would pay the very transposes this path exists to
+    /// remove. `--kernels all,-channels-last` against `all` is what measures this path.
     fn forward(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        conv2d_nhwc(xs, &self.weight, &self.bias, residual, self.padding)
+        let params = ConvParams {
+            padding: self.padding,
+            stride: 1,
+            channels_last: true,
+        };
+        ops::conv2d(xs, &self.weight, &self.bias, residual, params)
     }
 }
 
@@ -726,29 +735,6 @@ impl AutoencoderKL {
     pub fn encode(&self, xs: &Tensor) -> Result<Tensor> {
         self.encode_moments(xs)?.narrow(1, 0, self.latent_channels)
     }
-}
-
-/// TEMPORARY stand-in for `ops::conv2d(.., ConvParams { channels_last: true, .. })` until the
-/// `conv` branch lands: candle's NCHW convolution in f32, bias and residual added in f32, one
-/// rounding.
-fn conv2d_nhwc(
-    xs: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    residual: Option<&Tensor>,
-    padding: usize,
-) -> Result<Tensor> {
-    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-    let x = f32(xs)?.permute((0, 3, 1, 2))?.contiguous()?;
-    let w = f32(weight)?.permute((0, 3, 1, 2))?.contiguous()?;
-    let mut y = x
-        .conv2d(&w, padding, 1, 1, 1)?
-        .broadcast_add(&f32(bias)?.reshape((1, (), 1, 1))?)?
-        .permute((0, 2, 3, 1))?;
-    if let Some(r) = residual {
-        y = (y + f32(r)?)?;
-    }
-    y.to_dtype(xs.dtype())?.contiguous()
 }
 
 #[cfg(test)]
