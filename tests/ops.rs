@@ -1021,3 +1021,71 @@ fn upsample_nearest2x_channels_last_rejects_non_images() {
     let x = Tensor::ones((1, 2, 2, 3), DType::U8, &Device::Cpu).unwrap();
     assert!(ops::upsample_nearest2x_channels_last(&x).is_err());
 }
+
+// ---- The VAE decoder in channels-last layout, end to end ----
+
+/// The channels-last decoder (channels-last GroupNorm, NHWC upsampling, channels-last
+/// `ops::conv2d` with the shortcut fused, attention on `[N, HW, C]` tokens) against the NCHW
+/// decoder of the same weights, on every device; on CUDA also `decode`'s choice of path. The
+/// parity tests check the CPU path against diffusers; this is where the CUDA path is checked
+/// (random weights built in code: this binary runs on the GPU machine without the source tree).
+#[test]
+fn vae_channels_last_decoder_matches_nchw() {
+    use turbine::model::loader::RandomWeights;
+    use turbine::model::vae::{AutoencoderKL, AutoencoderKLConfig};
+    use turbine::ops::Kernels;
+
+    // Three levels (two upsamplers), channel counts of the real model's order of magnitude
+    // scaled down, 32 groups, a shortcut conv where the channels change (128 -> 64).
+    let cfg: AutoencoderKLConfig = serde_json::from_str(
+        r#"{"block_out_channels": [64, 128, 128], "layers_per_block": 1,
+            "norm_num_groups": 32, "latent_channels": 4,
+            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]}"#,
+    )
+    .unwrap();
+    let mut rng = rng("vae channels-last");
+    let z = random(&mut rng, &[2, 4, 12, 10], 0.0);
+    let mut cpu_out: Vec<(DType, Tensor)> = Vec::new();
+    for dev in devices("vae channels-last") {
+        for dtype in [DType::F32, DType::BF16] {
+            let vb = RandomWeights::new(7).into_var_builder(dtype, &dev);
+            let vae = AutoencoderKL::new_with_channels_last(vb, &cfg, true).unwrap();
+            let (zd, _) = place(&z, dtype, &dev);
+            let nchw = ops::with_kernels(Kernels::NONE, || vae.decode(&zd)).unwrap();
+            assert!(nchw.is_contiguous(), "NCHW decode");
+            assert_eq!(nchw.dims(), [2, 3, 48, 40]);
+            let nchw = nchw
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap();
+            poison(&dev, 2 * 64 * 48 * 40, dtype);
+            let cl = vae.decode_channels_last(&zd).unwrap();
+            assert_eq!(cl.dtype(), dtype);
+            // bf16: both paths round every layer's output, at different points (fused vs
+            // separate residual adds, f32 vs bf16 norm weights); f32 on CUDA: cuDNN and candle
+            // may pick algorithms (FFT, Winograd) with errors around 1e-4 of the output's scale.
+            let tol = match (dtype, dev.is_cuda()) {
+                (DType::F32, false) => 1e-5,
+                (DType::F32, true) => 1e-3,
+                _ => 5e-2,
+            };
+            let what = format!("vae channels-last vs NCHW {} {dtype:?}", dev_name(&dev));
+            assert_close(&cl, &nchw, tol, &what);
+            if dev.is_cuda() {
+                // With the lever on, `decode` on CUDA is the channels-last path: an NCHW view
+                // of NHWC memory.
+                let auto = ops::with_kernels(Kernels::CHANNELS_LAST, || vae.decode(&zd)).unwrap();
+                assert!(!auto.is_contiguous(), "decode on CUDA with CHANNELS_LAST");
+                assert_eq!(auto.stride()[1], 1, "channels are the innermost dim");
+                let (_, cpu) = cpu_out.iter().find(|(d, _)| *d == dtype).unwrap();
+                let what = format!("vae channels-last cuda vs cpu {dtype:?}");
+                assert_close(&cl, cpu, tol, &what);
+            } else {
+                let cl = cl.to_dtype(DType::F32).unwrap();
+                cpu_out.push((dtype, cl));
+            }
+        }
+    }
+}

@@ -605,9 +605,12 @@ impl AutoencoderKL {
     /// on its device) under the checkpoint's names. On CUDA with [`Kernels::CHANNELS_LAST`] on,
     /// the decoder's channels-last weights are built too (a second copy of the decoder's
     /// convolution weights, ~100 MB in bf16 for SDXL), so that [`AutoencoderKL::decode`] can
-    /// take that path.
+    /// take that path. Not in a build without the `cudnn` feature: there `ops::conv2d` is
+    /// candle's NCHW convolution between two transposes, which this path would only add to.
     pub fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
-        let channels_last = vb.device().is_cuda() && ops::enabled(Kernels::CHANNELS_LAST);
+        let channels_last = cfg!(feature = "cudnn")
+            && vb.device().is_cuda()
+            && ops::enabled(Kernels::CHANNELS_LAST);
         Self::new_with_channels_last(vb, cfg, channels_last)
     }
 
