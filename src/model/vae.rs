@@ -605,11 +605,15 @@ impl AutoencoderKL {
     /// on its device) under the checkpoint's names. On CUDA with [`Kernels::CHANNELS_LAST`] on,
     /// the decoder's channels-last weights are built too (a second copy of the decoder's
     /// convolution weights, ~100 MB in bf16 for SDXL), so that [`AutoencoderKL::decode`] can
-    /// take that path. Not in a build without the `cudnn` feature: there `ops::conv2d` is
-    /// candle's NCHW convolution between two transposes, which this path would only add to.
+    /// take that path. Only in half precision: the transposes it saves are those of cuDNN's
+    /// tensor-core kernels, and f32 convolutions run FMA math (no TF32), NCHW natively (an f16
+    /// pipeline decodes in f32 when the VAE's `force_upcast` is set). And not in a build without
+    /// the `cudnn` feature: there `ops::conv2d` is candle's NCHW convolution between two
+    /// transposes, which this path would only add to.
     pub fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
         let channels_last = cfg!(feature = "cudnn")
             && vb.device().is_cuda()
+            && matches!(vb.dtype(), DType::BF16 | DType::F16)
             && ops::enabled(Kernels::CHANNELS_LAST);
         Self::new_with_channels_last(vb, cfg, channels_last)
     }
