@@ -741,6 +741,154 @@ fn conv2d_rejects_bad_arguments() {
     assert!(e.contains("weight has dtype BF16"), "{e}");
 }
 
+/// CUDA bounds for the cuDNN path: bf16 1e-2 (the brief's), f16 4e-3 and f32 1e-4 (twice and ten
+/// times the CPU bounds): cuDNN may pick Winograd or FFT algorithms, whose transforms round more
+/// than a direct sum, and the prefill epilogue rounds `bias + residual` once before the sum.
+fn cuda_conv_tolerance(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => 1e-4,
+        DType::F16 => 4e-3,
+        DType::BF16 => 1e-2,
+        other => panic!("no tolerance for {other:?}"),
+    }
+}
+
+/// Larger than any of [`CONV_CASES`], SDXL-like channel counts: a second plan, and most likely a
+/// larger workspace than the small cases needed (the shared workspace grows).
+const CONV_BIG_CASES: [ConvCase; 2] = [
+    ConvCase {
+        n: 2,
+        c: 64,
+        h: 40,
+        w: 40,
+        o: 64,
+        k: 3,
+        padding: 1,
+        stride: 1,
+        residual: true,
+    },
+    ConvCase {
+        n: 1,
+        c: 32,
+        h: 64,
+        w: 48,
+        o: 64,
+        k: 3,
+        padding: 1,
+        stride: 2,
+        residual: false,
+    },
+];
+
+#[test]
+fn conv2d_cuda_matches_cpu_reference() {
+    let mut rng = rng("conv2d cuda");
+    let Some(dev) = devices("conv2d cuda").into_iter().find(|d| d.is_cuda()) else {
+        return;
+    };
+    let modes = [
+        ops::ConvEpilogue::Measure,
+        ops::ConvEpilogue::Fused,
+        ops::ConvEpilogue::Prefill,
+    ];
+    for case in CONV_CASES.iter().chain(&CONV_BIG_CASES) {
+        let inputs = conv_inputs(&mut rng, case);
+        for dtype in DTYPES {
+            for channels_last in [false, true] {
+                for mode in modes {
+                    // Twice: the second call runs the plan the first one built.
+                    for call in ["first", "cached"] {
+                        ops::with_conv_epilogue(mode, || {
+                            check_conv(
+                                &dev,
+                                &inputs,
+                                case,
+                                dtype,
+                                channels_last,
+                                cuda_conv_tolerance(dtype),
+                                &format!("conv2d {mode:?} {call}"),
+                            )
+                        });
+                    }
+                }
+            }
+        }
+    }
+    // After the big shapes, the small ones again: their cached plans with the grown workspace.
+    for case in &CONV_CASES[..2] {
+        let inputs = conv_inputs(&mut rng, case);
+        check_conv(
+            &dev,
+            &inputs,
+            case,
+            DType::BF16,
+            true,
+            1e-2,
+            "conv2d after growth",
+        );
+    }
+    let plans = ops::conv_plans();
+    // One plan per (case, dtype, layout, mode): the cached calls built none.
+    let expected = (CONV_CASES.len() + CONV_BIG_CASES.len()) * DTYPES.len() * 2 * modes.len();
+    for p in &plans {
+        let _ = writeln!(std::io::stderr(), "conv2d plan: {p}");
+    }
+    assert_eq!(plans.len(), expected, "plans built");
+}
+
+/// `layers::Conv2d` on a random 3x3 layer: NCHW and its channels-last copy, with and without the
+/// `conv` lever, against the lever-off NCHW layer on the CPU (candle's path, the baseline).
+#[test]
+fn conv2d_layer_layouts_and_lever_agree() {
+    use candle_core::Module;
+    use std::collections::HashMap;
+    use turbine::model::unet::layers::Conv2d;
+
+    let mut rng = rng("conv2d layer");
+    let (c, o) = (8, 12);
+    let weight = random(&mut rng, &[o, c, 3, 3], 0.0);
+    let bias = random(&mut rng, &[o], 0.0);
+    let x = random(&mut rng, &[2, c, 9, 11], 0.0);
+    let r = random(&mut rng, &[2, o, 9, 11], 0.0);
+    let layer = |dev: &Device| {
+        let weights = HashMap::from([
+            ("weight".to_string(), weight.to_device(dev).unwrap()),
+            ("bias".to_string(), bias.to_device(dev).unwrap()),
+        ]);
+        let vb = candle_nn::VarBuilder::from_tensors(weights, DType::F32, dev);
+        Conv2d::new(vb, c, o, 3, 1, 1).unwrap()
+    };
+    let want = ops::with_kernels(ops::Kernels::NONE, || {
+        layer(&Device::Cpu).forward_residual(&x, Some(&r)).unwrap()
+    });
+    for dev in devices("conv2d layer") {
+        let nchw = layer(&dev);
+        let cl = nchw.to_channels_last().unwrap();
+        assert!(cl.is_channels_last() && !nchw.is_channels_last());
+        let (xd, rd) = (x.to_device(&dev).unwrap(), r.to_device(&dev).unwrap());
+        for k in [ops::Kernels::NONE, ops::Kernels::CONV] {
+            // candle's f32 convolution on CUDA (the lever off) runs cuDNN's default math, which
+            // may use TF32 tensor cores (10-bit mantissa); ours keeps f32 (FMA math).
+            let tol = match (dev.is_cuda(), k == ops::Kernels::CONV) {
+                (false, _) => 1e-5,
+                (true, true) => 1e-4,
+                (true, false) => 5e-3,
+            };
+            let what = format!("conv2d layer {} kernels={k}", dev_name(&dev));
+            ops::with_kernels(k, || {
+                let got = nchw.forward_residual(&xd, Some(&rd)).unwrap();
+                assert_close(&got, &want, tol, &format!("{what} NCHW"));
+                let got = cl
+                    .forward_residual(&to_channels_last(&xd), Some(&to_channels_last(&rd)))
+                    .unwrap();
+                assert_close(&got, &to_channels_last(&want), tol, &format!("{what} NHWC"));
+                let plain = (nchw.forward(&xd).unwrap() + &rd).unwrap();
+                assert_close(&plain, &want, tol, &format!("{what} forward + r"));
+            });
+        }
+    }
+}
+
 // ---- GroupNorm, channels last ----
 
 /// `[N, ..., C]` → `[N, C, ...]` (contiguous), the layout `group_norm_composed` takes.

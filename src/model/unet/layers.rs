@@ -10,6 +10,8 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::ops::{self, ConvParams, Kernels};
+
 /// The dtype to round results back to when `t` is a half-precision tensor on the CPU, whose
 /// products we take in f32; `None` everywhere else.
 fn cpu_half(t: &Tensor) -> Option<DType> {
@@ -122,13 +124,13 @@ impl Module for Linear {
     }
 }
 
-/// 2-D convolution (dilation 1, one group) with bias, weight `[out, in, k, k]`.
+/// 2-D convolution (dilation 1, one group) with bias, weight `[out, in, k, k]`, or KRSC
+/// `[out, k, k, in]` for channels-last input (see [`Conv2d::to_channels_last`]).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
     bias: Tensor,
-    padding: usize,
-    stride: usize,
+    params: ConvParams,
 }
 
 impl Conv2d {
@@ -143,18 +145,67 @@ impl Conv2d {
         Ok(Self {
             weight: vb.get((out_channels, in_channels, kernel, kernel), "weight")?,
             bias: vb.get(out_channels, "bias")?,
-            padding,
-            stride,
+            params: ConvParams {
+                padding,
+                stride,
+                channels_last: false,
+            },
         })
+    }
+
+    /// The same layer for `[N, H, W, C]` input and output, its weight permuted to KRSC
+    /// `[out, k, k, in]` here, once at load, so no call pays for the transpose. (A broadcast
+    /// weight, the recording backend's zeros, stays a view: listing the model allocates nothing.)
+    pub fn to_channels_last(&self) -> Result<Self> {
+        if self.params.channels_last {
+            return Ok(self.clone());
+        }
+        let krsc = self.weight.permute((0, 2, 3, 1))?;
+        let weight = if krsc.stride().iter().all(|&s| s == 0) {
+            krsc
+        } else {
+            krsc.contiguous()?
+        };
+        Ok(Self {
+            weight,
+            bias: self.bias.clone(),
+            params: ConvParams {
+                channels_last: true,
+                ..self.params
+            },
+        })
+    }
+
+    /// Whether this layer takes `[N, H, W, C]` input.
+    pub fn is_channels_last(&self) -> bool {
+        self.params.channels_last
+    }
+
+    /// `conv(xs) + bias + residual`. With the `conv` lever the residual is folded into the
+    /// convolution ([`ops::conv2d`]: on CUDA in cuDNN's epilogue, no separate pass over the
+    /// output); without it, candle's conv and adds (the baseline).
+    pub fn forward_residual(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let (w, b, p) = (&self.weight, &self.bias, self.params);
+        if ops::enabled(Kernels::CONV) {
+            return ops::conv2d(xs, w, b, residual, p);
+        }
+        if p.channels_last {
+            return ops::conv2d_composed(xs, w, b, residual, p);
+        }
+        let out = gemm_in_f32_on_cpu(&[xs, w, b], |t| {
+            t[0].conv2d(&t[1], p.padding, p.stride, 1, 1)?
+                .broadcast_add(&t[2].reshape((1, (), 1, 1))?)
+        })?;
+        match residual {
+            Some(r) => out + r,
+            None => Ok(out),
+        }
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        gemm_in_f32_on_cpu(&[xs, &self.weight, &self.bias], |t| {
-            t[0].conv2d(&t[1], self.padding, self.stride, 1, 1)?
-                .broadcast_add(&t[2].reshape((1, (), 1, 1))?)
-        })
+        self.forward_residual(xs, None)
     }
 }
 

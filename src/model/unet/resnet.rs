@@ -68,17 +68,17 @@ impl ResnetBlock2D {
             h = h.broadcast_add(&t)?;
         }
         let h = self.norm2.forward_silu(&h)?;
-        let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),
         };
-        let out = (shortcut + h)?;
         if self.output_scale_factor == 1.0 {
-            Ok(out)
-        } else {
-            out.affine(1.0 / self.output_scale_factor, 0.0)
+            // SDXL's case: the residual add is folded into conv2 (with the `conv` lever on CUDA,
+            // into cuDNN's epilogue instead of a separate pass over the output).
+            return self.conv2.forward_residual(&h, Some(&shortcut));
         }
+        let out = (shortcut + self.conv2.forward(&h)?)?;
+        out.affine(1.0 / self.output_scale_factor, 0.0)
     }
 }
 

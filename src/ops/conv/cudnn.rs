@@ -1,24 +1,864 @@
-//! The cuDNN path of [`super::conv2d`] (being written: until then CUDA uses candle's ops).
+//! The cuDNN path of [`super::conv2d`]: one plan per shape, bias and residual fused.
+//!
+//! # Plans
+//!
+//! A plan is built the first time a (device, dtype, layout, N, C, H, W, O, kh, kw, padding,
+//! stride, residual) combination is seen on a thread, and reused for every later call:
+//! - the tensor, filter, convolution and activation descriptors, built once;
+//! - the math type: tensor-op math for f16/bf16 with f32 accumulation (cuDNN's PSEUDO_HALF and
+//!   PSEUDO_BFLOAT16 configurations, one rounding of the output, as the CPU path computes);
+//!   FMA math for f32, so f32 stays f32 (no TF32);
+//! - the algorithm, chosen by `cudnnFindConvolutionForwardAlgorithm`, which runs every algorithm
+//!   on the shape and returns them by measured time (what `torch.backends.cudnn.benchmark = True`
+//!   does). cuDNN's heuristic (`cudnnGetConvolutionForwardAlgorithm_v7`, what candle asks on every
+//!   call) guesses from the shape alone; timing costs a few milliseconds per shape once, at the
+//!   server's warm-up batch for its batch size, and a shape's first batch for other sizes.
+//!   Algorithms needing more than [`MAX_WORKSPACE`] are passed over;
+//! - the epilogue (below), measured too.
+//!
+//! The workspace is one buffer per device and thread that only grows, shared by every plan (the
+//! convolutions of a thread run one after another on one stream): no allocation and no zeroing
+//! per call, where candle allocates and memsets a fresh one each time.
+//!
+//! cuDNN handles are not `Send`; like candle's, ours live in a thread-local map keyed by device
+//! (turbine runs one worker thread per device), and the plans and workspace with them.
+//!
+//! # Bias and residual: the bytes
+//!
+//! Let |y| be the bytes of the output (the residual has the same size). The unfused form
+//! (candle's conv, then `broadcast_add(bias)`, then `+ residual`) moves 2|y| for the bias pass
+//! (read y, write y) and 3|y| for the residual pass (read both, write the sum) beyond the
+//! convolution's own write of y.
+//! - [`Epilogue::Fused`]: `cudnnConvolutionBiasActivationForward` with an identity activation
+//!   computes `y = conv(x, w) + 1·z + bias` in the convolution's epilogue, z = the residual: the
+//!   extra traffic is one read of z (|y|) with a residual, nothing without (the bias is a vector).
+//!   Saves 4|y| (residual) or 2|y| (bias only). Its catch: cuDNN runs an identity activation only
+//!   with `IMPLICIT_PRECOMP_GEMM`, which may not be the fastest algorithm for the shape.
+//! - [`Epilogue::Prefill`]: our kernel writes `bias (+ residual)` into y (|y| written, |y| read
+//!   with a residual), then the fastest algorithm accumulates with `beta = 1` (one more read of
+//!   y): 3|y| with a residual, 2|y| without. Saves 2|y| (residual) and nothing but a kernel
+//!   launch without; it rounds twice (the prefill, then the sum), which is within bf16's bound.
+//!
+//! So the fused call wins on bytes everywhere, by 2|y| per convolution, unless
+//! `IMPLICIT_PRECOMP_GEMM` is slower than the best algorithm by more than moving 2|y| costs, or
+//! cuDNN does not support the fused call for the dtype/layout (it then returns
+//! `CUDNN_STATUS_NOT_SUPPORTED`, which we catch). Rather than guess, the plan times both once
+//! (CUDA events, after a warm-up call) and keeps the faster; [`super::with_conv_epilogue`]
+//! forces one, for the tests.
+//!
+//! Without a residual, the fused call is given z = y with `alpha2 = 0`: cuDNN does not read z
+//! when its scale is zero (TensorFlow's fused convolution relies on the same), and the tests run
+//! this on outputs poisoned with NaN.
 
-use candle_core::{bail, DType, Result, Tensor};
+use std::cell::RefCell;
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::Arc;
 
-use super::{ConvParams, Geometry};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cudnn::{result as dnn, sys, CudnnError};
+use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{bail, CudaStorage, DType, Layout, Result, Storage, Tensor, WithDType};
 
-pub(super) fn supports(_dtype: DType) -> bool {
-    false
+use super::{conv_epilogue, ConvEpilogue, ConvParams, Geometry};
+use crate::ops::cuda::{contiguous_view, to_i32, to_u32};
+
+/// Largest workspace a plan may use: 1 GiB, under 1% of an H200 and 4% of a 24 GB card. The
+/// implicit-GEMM kernels that win on tensor cores need far less; only FFT-based algorithms on
+/// the VAE's largest maps at large batches want more.
+const MAX_WORKSPACE: usize = 1 << 30;
+
+/// Calls per candidate when timing the epilogues (after one untimed warm-up call).
+const TIMED_RUNS: usize = 3;
+
+const PREFILL_MODULE: &str = "turbine_conv_prefill";
+const PREFILL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_prefill.ptx"));
+
+pub(super) fn supports(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
 }
 
-pub(super) fn conv2d(
-    _x: &Tensor,
-    _weight: &Tensor,
-    _bias: &Tensor,
-    _residual: Option<&Tensor>,
-    _params: ConvParams,
-    _geometry: &Geometry,
-) -> Result<Tensor> {
-    bail!("conv2d: the cuDNN path is not written yet")
+/// A failed cuDNN call as a candle error naming the op and the call.
+fn failed(call: &'static str) -> impl FnOnce(CudnnError) -> candle_core::Error {
+    move |e| candle_core::Error::Msg(format!("conv2d: {call} failed: {e:?}"))
+}
+
+/// RAII owners of cuDNN objects (destroy errors are ignored: there is nothing to do about them
+/// in a destructor).
+macro_rules! cudnn_object {
+    ($name:ident, $raw:ty, $destroy:path) => {
+        struct $name($raw);
+        impl Drop for $name {
+            fn drop(&mut self) {
+                // SAFETY: created by the matching cudnnCreate* call and destroyed only here.
+                let _ = unsafe { $destroy(self.0) };
+            }
+        }
+    };
+}
+
+unsafe fn destroy_handle(h: sys::cudnnHandle_t) -> sys::cudnnStatus_t {
+    sys::cudnnDestroy(h)
+}
+unsafe fn destroy_tensor(d: sys::cudnnTensorDescriptor_t) -> sys::cudnnStatus_t {
+    sys::cudnnDestroyTensorDescriptor(d)
+}
+unsafe fn destroy_filter(d: sys::cudnnFilterDescriptor_t) -> sys::cudnnStatus_t {
+    sys::cudnnDestroyFilterDescriptor(d)
+}
+unsafe fn destroy_conv(d: sys::cudnnConvolutionDescriptor_t) -> sys::cudnnStatus_t {
+    sys::cudnnDestroyConvolutionDescriptor(d)
+}
+unsafe fn destroy_activation(d: sys::cudnnActivationDescriptor_t) -> sys::cudnnStatus_t {
+    sys::cudnnDestroyActivationDescriptor(d)
+}
+
+cudnn_object!(Handle, sys::cudnnHandle_t, destroy_handle);
+cudnn_object!(TensorDesc, sys::cudnnTensorDescriptor_t, destroy_tensor);
+cudnn_object!(FilterDesc, sys::cudnnFilterDescriptor_t, destroy_filter);
+cudnn_object!(ConvDesc, sys::cudnnConvolutionDescriptor_t, destroy_conv);
+cudnn_object!(
+    ActivationDesc,
+    sys::cudnnActivationDescriptor_t,
+    destroy_activation
+);
+
+impl Handle {
+    fn new(stream: &CudaStream) -> Result<Self> {
+        stream.context().bind_to_thread().w()?;
+        let handle = Self(dnn::create_handle().map_err(failed("cudnnCreate"))?);
+        // SAFETY: both are live; cuDNN then enqueues everything on candle's stream for the
+        // device, in order with candle's own kernels.
+        unsafe { dnn::set_stream(handle.0, stream.cu_stream() as sys::cudaStream_t) }
+            .map_err(failed("cudnnSetStream"))?;
+        Ok(handle)
+    }
+}
+
+fn data_type(dtype: DType) -> Result<sys::cudnnDataType_t> {
+    Ok(match dtype {
+        DType::F32 => sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+        DType::F16 => sys::cudnnDataType_t::CUDNN_DATA_HALF,
+        DType::BF16 => sys::cudnnDataType_t::CUDNN_DATA_BFLOAT16,
+        other => bail!("conv2d: no cuDNN path for dtype {other:?}"),
+    })
+}
+
+fn tensor_desc(
+    dtype: sys::cudnnDataType_t,
+    format: sys::cudnnTensorFormat_t,
+    dims: [i32; 4],
+) -> Result<TensorDesc> {
+    let d =
+        TensorDesc(dnn::create_tensor_descriptor().map_err(failed("cudnnCreateTensorDescriptor"))?);
+    // SAFETY: `d` is a live descriptor.
+    unsafe { dnn::set_tensor4d_descriptor(d.0, format, dtype, dims) }
+        .map_err(failed("cudnnSetTensor4dDescriptor"))?;
+    Ok(d)
+}
+
+/// The descriptors of one shape.
+struct Descriptors {
+    x: TensorDesc,
+    w: FilterDesc,
+    y: TensorDesc,
+    bias: TensorDesc,
+    conv: ConvDesc,
+    act: ActivationDesc,
+}
+
+impl Descriptors {
+    fn new(dtype: DType, g: &Geometry, p: &ConvParams) -> Result<Self> {
+        let dt = data_type(dtype)?;
+        let format = if p.channels_last {
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
+        } else {
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
+        };
+        let i = |v: usize, what| to_i32(v, what);
+        // cuDNN takes logical (N, C, H, W) sizes whatever the format; the format sets the strides.
+        let x = tensor_desc(
+            dt,
+            format,
+            [
+                i(g.n, "batch")?,
+                i(g.c, "channels")?,
+                i(g.h, "height")?,
+                i(g.w, "width")?,
+            ],
+        )?;
+        let y = tensor_desc(
+            dt,
+            format,
+            [
+                i(g.n, "batch")?,
+                i(g.o, "out channels")?,
+                i(g.oh, "out height")?,
+                i(g.ow, "out width")?,
+            ],
+        )?;
+        let bias = tensor_desc(dt, format, [1, i(g.o, "out channels")?, 1, 1])?;
+
+        let w = FilterDesc(
+            dnn::create_filter_descriptor().map_err(failed("cudnnCreateFilterDescriptor"))?,
+        );
+        // NHWC filters are KRSC ([O, kh, kw, C]), the layout `ConvParams::channels_last` asks for.
+        let dims = [
+            i(g.o, "out channels")?,
+            i(g.c, "channels")?,
+            i(g.kh, "kernel")?,
+            i(g.kw, "kernel")?,
+        ];
+        // SAFETY: `w` is a live descriptor.
+        unsafe { dnn::set_filter4d_descriptor(w.0, dt, format, dims) }
+            .map_err(failed("cudnnSetFilter4dDescriptor"))?;
+
+        let conv = ConvDesc(
+            dnn::create_convolution_descriptor()
+                .map_err(failed("cudnnCreateConvolutionDescriptor"))?,
+        );
+        let (pad, stride) = (i(p.padding, "padding")?, i(p.stride, "stride")?);
+        // SAFETY: `conv` is a live descriptor. Compute type f32 for every dtype.
+        unsafe {
+            dnn::set_convolution2d_descriptor(
+                conv.0,
+                pad,
+                pad,
+                stride,
+                stride,
+                1,
+                1,
+                sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                sys::cudnnDataType_t::CUDNN_DATA_FLOAT,
+            )
+        }
+        .map_err(failed("cudnnSetConvolution2dDescriptor"))?;
+
+        let act = ActivationDesc(
+            dnn::create_activation_descriptor()
+                .map_err(failed("cudnnCreateActivationDescriptor"))?,
+        );
+        // SAFETY: `act` is a live descriptor.
+        unsafe {
+            dnn::set_activation_descriptor(
+                act.0,
+                sys::cudnnActivationMode_t::CUDNN_ACTIVATION_IDENTITY,
+                sys::cudnnNanPropagation_t::CUDNN_PROPAGATE_NAN,
+                0.0,
+            )
+        }
+        .map_err(failed("cudnnSetActivationDescriptor"))?;
+        Ok(Self {
+            x,
+            w,
+            y,
+            bias,
+            conv,
+            act,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Epilogue {
+    Fused,
+    Prefill,
+}
+
+/// What a plan runs.
+#[derive(Debug, Clone, Copy)]
+struct Choice {
+    algo: sys::cudnnConvolutionFwdAlgo_t,
+    math: sys::cudnnMathType_t,
+    workspace: usize,
+    epilogue: Epilogue,
+}
+
+struct Plan {
+    desc: Descriptors,
+    choice: Choice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct PlanKey {
+    dtype: DType,
+    geometry: Geometry,
+    params: ConvParams,
+    residual: bool,
+    mode: ConvEpilogue,
+}
+
+/// One device's cuDNN state on this thread.
+struct DeviceState {
+    handle: Handle,
+    /// Grows to the largest workspace any plan needs; never shrinks.
+    workspace: Option<CudaSlice<u8>>,
+    plans: HashMap<PlanKey, Plan>,
+    summaries: Vec<String>,
+}
+
+thread_local! {
+    static STATE: RefCell<HashMap<DeviceId, DeviceState>> = RefCell::new(HashMap::new());
 }
 
 pub(super) fn plan_summaries() -> Vec<String> {
-    Vec::new()
+    STATE.with(|s| {
+        s.borrow()
+            .values()
+            .flat_map(|d| d.summaries.iter().cloned())
+            .collect()
+    })
+}
+
+/// The operands of one call, as views of candle's storage.
+struct Operands<'a, T> {
+    x: CudaView<'a, T>,
+    w: CudaView<'a, T>,
+    bias: CudaView<'a, T>,
+    residual: Option<CudaView<'a, T>>,
+}
+
+pub(super) fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    residual: Option<&Tensor>,
+    params: ConvParams,
+    g: &Geometry,
+) -> Result<Tensor> {
+    for (name, t) in [("weight", weight), ("bias", bias)]
+        .into_iter()
+        .chain(residual.map(|r| ("residual", r)))
+    {
+        if !t.device().same_device(x.device()) {
+            bail!(
+                "conv2d: {name} is on {:?}, x on {:?}",
+                t.device().location(),
+                x.device().location()
+            );
+        }
+    }
+    let x = x.contiguous()?;
+    let weight = weight.contiguous()?;
+    let bias = bias.to_dtype(x.dtype())?.contiguous()?;
+    let residual = residual.map(Tensor::contiguous).transpose()?;
+
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = weight.storage_and_layout();
+    let (bs, bl) = bias.storage_and_layout();
+    let res = residual.as_ref().map(|r| r.storage_and_layout());
+    let xs = (cuda(&xs, "x")?, xl);
+    let ws = (cuda(&ws, "weight")?, wl);
+    let bs = (cuda(&bs, "bias")?, bl);
+    let rs = match &res {
+        Some((s, l)) => Some((cuda(s, "residual")?, *l)),
+        None => None,
+    };
+    let dev = xs.0.device().clone();
+    let y = match x.dtype() {
+        DType::F32 => run::<f32>(&dev, xs, ws, bs, rs, params, g)?,
+        DType::F16 => run::<half::f16>(&dev, xs, ws, bs, rs, params, g)?,
+        DType::BF16 => run::<half::bf16>(&dev, xs, ws, bs, rs, params, g)?,
+        other => bail!("conv2d: no cuDNN path for dtype {other:?}"),
+    };
+    Ok(Tensor::from_storage(
+        Storage::Cuda(y),
+        g.out_shape(params.channels_last),
+        BackpropOp::none(),
+        false,
+    ))
+}
+
+type Operand<'a> = (&'a CudaStorage, &'a Layout);
+
+fn cuda<'a>(s: &'a Storage, what: &str) -> Result<&'a CudaStorage> {
+    match s {
+        Storage::Cuda(c) => Ok(c),
+        _ => bail!("conv2d: {what} is not in CUDA memory"),
+    }
+}
+
+fn run<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    x: Operand,
+    w: Operand,
+    bias: Operand,
+    residual: Option<Operand>,
+    params: ConvParams,
+    g: &Geometry,
+) -> Result<CudaStorage> {
+    let ops = Operands {
+        x: contiguous_view::<T>(x.0, x.1, "conv2d x")?,
+        w: contiguous_view::<T>(w.0, w.1, "conv2d weight")?,
+        bias: contiguous_view::<T>(bias.0, bias.1, "conv2d bias")?,
+        residual: residual
+            .map(|r| contiguous_view::<T>(r.0, r.1, "conv2d residual"))
+            .transpose()?,
+    };
+    let stream = dev.cuda_stream();
+    stream.context().bind_to_thread().w()?;
+    // SAFETY: every element is written: by cuDNN (beta = 0), or by the prefill kernel and then
+    // cuDNN accumulating into it (beta = 1).
+    let mut y = unsafe { dev.alloc::<T>(g.elems_out())? };
+    let key = PlanKey {
+        dtype: T::DTYPE,
+        geometry: *g,
+        params,
+        residual: ops.residual.is_some(),
+        mode: conv_epilogue(),
+    };
+    STATE.with(|state| -> Result<()> {
+        let mut map = state.borrow_mut();
+        let st = match map.entry(dev.id()) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(DeviceState {
+                handle: Handle::new(&stream)?,
+                workspace: None,
+                plans: HashMap::new(),
+                summaries: Vec::new(),
+            }),
+        };
+        let DeviceState {
+            handle,
+            workspace,
+            plans,
+            summaries,
+        } = st;
+        let plan = match plans.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let desc = Descriptors::new(T::DTYPE, g, &params)?;
+                let (choice, summary) = choose(dev, handle, &desc, &key, &ops, &mut y, workspace)?;
+                tracing::debug!("conv2d plan: {summary}");
+                summaries.push(summary);
+                e.insert(Plan { desc, choice })
+            }
+        };
+        grow_workspace(dev, workspace, plan.choice.workspace)?;
+        launch(
+            dev,
+            handle,
+            &plan.desc,
+            plan.choice,
+            &ops,
+            &mut y,
+            workspace,
+            g,
+            &params,
+        )
+    })?;
+    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+}
+
+/// Makes `ws` hold at least `bytes`, rounded up to whole MiB so that a series of slightly larger
+/// shapes does not reallocate each time.
+fn grow_workspace(dev: &CudaDevice, ws: &mut Option<CudaSlice<u8>>, bytes: usize) -> Result<()> {
+    if bytes == 0 || ws.as_ref().is_some_and(|w| w.len() >= bytes) {
+        return Ok(());
+    }
+    // Freed first (stream-ordered, after the calls that used it), so the peak is the new size.
+    *ws = None;
+    // SAFETY: cuDNN scratch memory, never read before cuDNN writes it.
+    *ws = Some(unsafe { dev.alloc::<u8>(bytes.next_multiple_of(1 << 20))? });
+    Ok(())
+}
+
+/// `cudnnConvolutionFwdAlgoPerf_t` with its enums as plain integers, so that a value this cudarc
+/// version does not know (a newer cuDNN's) cannot be read into a Rust enum.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+struct AlgoPerf {
+    algo: u32,
+    status: u32,
+    time: f32,
+    memory: usize,
+    determinism: u32,
+    math_type: u32,
+    reserved: [i32; 3],
+}
+
+const _: () = assert!(
+    std::mem::size_of::<AlgoPerf>() == std::mem::size_of::<sys::cudnnConvolutionFwdAlgoPerf_t>()
+        && std::mem::align_of::<AlgoPerf>()
+            == std::mem::align_of::<sys::cudnnConvolutionFwdAlgoPerf_t>()
+);
+
+fn algo_from(v: u32) -> Option<sys::cudnnConvolutionFwdAlgo_t> {
+    use sys::cudnnConvolutionFwdAlgo_t as A;
+    Some(match v {
+        0 => A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+        1 => A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+        2 => A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+        3 => A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+        4 => A::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+        5 => A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+        6 => A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+        7 => A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+        _ => return None,
+    })
+}
+
+fn math_from(v: u32) -> Option<sys::cudnnMathType_t> {
+    use sys::cudnnMathType_t as M;
+    Some(match v {
+        0 => M::CUDNN_DEFAULT_MATH,
+        1 => M::CUDNN_TENSOR_OP_MATH,
+        2 => M::CUDNN_TENSOR_OP_MATH_ALLOW_CONVERSION,
+        3 => M::CUDNN_FMA_MATH,
+        _ => return None,
+    })
+}
+
+/// Times every algorithm (`cudnnFindConvolutionForwardAlgorithm`, which uses its own buffers)
+/// and returns the usable ones, fastest first: succeeded, workspace within [`MAX_WORKSPACE`],
+/// and for f32 FMA math only (the default math may run TF32 on tensor cores).
+fn find(handle: &Handle, desc: &Descriptors, dtype: DType) -> Result<(Vec<Choice>, String)> {
+    let mut max = 0i32;
+    // SAFETY: live handle, valid out pointer.
+    unsafe { sys::cudnnGetConvolutionForwardAlgorithmMaxCount(handle.0, &mut max) }
+        .result()
+        .map_err(failed("cudnnGetConvolutionForwardAlgorithmMaxCount"))?;
+    let mut perf = vec![AlgoPerf::default(); max.max(1) as usize];
+    let mut count = 0i32;
+    // SAFETY: live handle and descriptors; `perf` has room for `max` results, and AlgoPerf has
+    // the layout of cudnnConvolutionFwdAlgoPerf_t (checked above).
+    unsafe {
+        sys::cudnnFindConvolutionForwardAlgorithm(
+            handle.0,
+            desc.x.0,
+            desc.w.0,
+            desc.conv.0,
+            desc.y.0,
+            perf.len() as i32,
+            &mut count,
+            perf.as_mut_ptr()
+                .cast::<sys::cudnnConvolutionFwdAlgoPerf_t>(),
+        )
+    }
+    .result()
+    .map_err(failed("cudnnFindConvolutionForwardAlgorithm"))?;
+    perf.truncate(count.clamp(0, perf.len() as i32) as usize);
+    let report = perf
+        .iter()
+        .map(|p| match p.status {
+            0 => format!(
+                "{}:{:.3}ms/{}KiB/m{}",
+                p.algo,
+                p.time,
+                p.memory >> 10,
+                p.math_type
+            ),
+            s => format!("{}:status{s}", p.algo),
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let usable = perf
+        .iter()
+        .filter(|p| p.status == 0 && p.memory <= MAX_WORKSPACE)
+        .filter(|p| dtype != DType::F32 || p.math_type == 3)
+        .filter_map(|p| {
+            Some(Choice {
+                algo: algo_from(p.algo)?,
+                math: math_from(p.math_type)?,
+                workspace: p.memory,
+                epilogue: Epilogue::Prefill,
+            })
+        })
+        .collect();
+    Ok((usable, report))
+}
+
+/// The plan's algorithm and epilogue for `key.mode`; runs the candidates on this call's buffers
+/// (`y` is overwritten afterwards by the real call).
+#[allow(clippy::too_many_arguments)]
+fn choose<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    handle: &Handle,
+    desc: &Descriptors,
+    key: &PlanKey,
+    ops: &Operands<T>,
+    y: &mut CudaSlice<T>,
+    workspace: &mut Option<CudaSlice<u8>>,
+) -> Result<(Choice, String)> {
+    let initial = if key.dtype == DType::F32 {
+        sys::cudnnMathType_t::CUDNN_FMA_MATH
+    } else {
+        sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+    };
+    // SAFETY: live descriptor.
+    unsafe { dnn::set_convolution_math_type(desc.conv.0, initial) }
+        .map_err(failed("cudnnSetConvolutionMathType"))?;
+    let (usable, found) = find(handle, desc, key.dtype)?;
+    let best = match usable.first() {
+        Some(c) => *c,
+        // Nothing usable (every algorithm over the workspace cap, say): implicit GEMM, which
+        // supports every configuration.
+        None => {
+            let algo = sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM;
+            let mut bytes = 0usize;
+            // SAFETY: live handle and descriptors, valid out pointer.
+            unsafe {
+                sys::cudnnGetConvolutionForwardWorkspaceSize(
+                    handle.0,
+                    desc.x.0,
+                    desc.w.0,
+                    desc.conv.0,
+                    desc.y.0,
+                    algo,
+                    &mut bytes,
+                )
+            }
+            .result()
+            .map_err(failed("cudnnGetConvolutionForwardWorkspaceSize"))?;
+            Choice {
+                algo,
+                math: initial,
+                workspace: bytes,
+                epilogue: Epilogue::Prefill,
+            }
+        }
+    };
+    let fused = usable
+        .iter()
+        .find(|c| {
+            c.algo
+                == sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM
+        })
+        .map(|c| Choice {
+            epilogue: Epilogue::Fused,
+            ..*c
+        });
+    let g = &key.geometry;
+    let p = &key.params;
+    let run = |c: Choice, y: &mut CudaSlice<T>, ws: &mut Option<CudaSlice<u8>>| {
+        grow_workspace(dev, ws, c.workspace)?;
+        launch(dev, handle, desc, c, ops, y, ws, g, p)
+    };
+    let (choice, timings) = match (key.mode, fused) {
+        (ConvEpilogue::Prefill, _) | (_, None) => (best, String::new()),
+        (ConvEpilogue::Fused, Some(f)) => match run(f, y, workspace) {
+            Ok(()) => (f, String::new()),
+            Err(e) => (best, format!(" (fused call refused: {e})")),
+        },
+        (ConvEpilogue::Measure, Some(f)) => {
+            let stream = dev.cuda_stream();
+            let t_fused = time_ms(&stream, || run(f, y, workspace));
+            let t_prefill = time_ms(&stream, || run(best, y, workspace))?;
+            match t_fused {
+                Ok(t) if t <= t_prefill => {
+                    (f, format!(" fused {t:.3}ms, prefill {t_prefill:.3}ms"))
+                }
+                Ok(t) => (best, format!(" fused {t:.3}ms, prefill {t_prefill:.3}ms")),
+                Err(e) => (best, format!(" (fused call refused: {e})")),
+            }
+        }
+    };
+    // SAFETY: live descriptor.
+    unsafe { dnn::set_convolution_math_type(desc.conv.0, choice.math) }
+        .map_err(failed("cudnnSetConvolutionMathType"))?;
+    let summary = format!(
+        "{:?} {} x[n={} c={} h={} w={}] o={} k={}x{} pad={} stride={} residual={} mode={:?}: \
+         {:?} {:?} {:?} workspace {} KiB;{timings} find: {found}",
+        key.dtype,
+        if p.channels_last { "NHWC" } else { "NCHW" },
+        g.n,
+        g.c,
+        g.h,
+        g.w,
+        g.o,
+        g.kh,
+        g.kw,
+        p.padding,
+        p.stride,
+        key.residual,
+        key.mode,
+        choice.epilogue,
+        choice.algo,
+        choice.math,
+        choice.workspace >> 10,
+    );
+    Ok((choice, summary))
+}
+
+/// Mean milliseconds of `f` over [`TIMED_RUNS`] calls after one warm-up call (which may build
+/// and compile a kernel).
+fn time_ms(stream: &Arc<CudaStream>, mut f: impl FnMut() -> Result<()>) -> Result<f32> {
+    f()?;
+    let timed = Some(CUevent_flags::CU_EVENT_DEFAULT);
+    let start = stream.record_event(timed).w()?;
+    for _ in 0..TIMED_RUNS {
+        f()?;
+    }
+    let end = stream.record_event(timed).w()?;
+    Ok(start.elapsed_ms(&end).w()? / TIMED_RUNS as f32)
+}
+
+/// Enqueues one convolution with `c` on the handle's stream (the device's): `y = conv(x, w) +
+/// bias (+ residual)`.
+#[allow(clippy::too_many_arguments)]
+fn launch<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    handle: &Handle,
+    desc: &Descriptors,
+    c: Choice,
+    ops: &Operands<T>,
+    y: &mut CudaSlice<T>,
+    workspace: &mut Option<CudaSlice<u8>>,
+    g: &Geometry,
+    p: &ConvParams,
+) -> Result<()> {
+    // SAFETY: live descriptor; the math type is a host-side setting read by the next call.
+    unsafe { dnn::set_convolution_math_type(desc.conv.0, c.math) }
+        .map_err(failed("cudnnSetConvolutionMathType"))?;
+    if c.epilogue == Epilogue::Prefill {
+        prefill(dev, ops, y, g, p)?;
+    }
+    let stream = dev.cuda_stream();
+    let (xp, _x_done) = ops.x.device_ptr(&stream);
+    let (wp, _w_done) = ops.w.device_ptr(&stream);
+    let (bp, _b_done) = ops.bias.device_ptr(&stream);
+    let residual = ops.residual.as_ref().map(|r| r.device_ptr(&stream));
+    let (yp, _y_done) = y.device_ptr_mut(&stream);
+    let (ws_ptr, ws_bytes, _ws_done) = match workspace.as_mut() {
+        Some(ws) if c.workspace > 0 => {
+            if ws.len() < c.workspace {
+                bail!(
+                    "conv2d: workspace of {} bytes, the plan needs {} (this is a bug)",
+                    ws.len(),
+                    c.workspace
+                );
+            }
+            let (ptr, done) = ws.device_ptr_mut(&stream);
+            (ptr as *mut c_void, c.workspace, Some(done))
+        }
+        _ if c.workspace > 0 => bail!(
+            "conv2d: no workspace, the plan needs {} bytes (this is a bug)",
+            c.workspace
+        ),
+        _ => (std::ptr::null_mut(), 0, None),
+    };
+    // Scaling factors are f32 for f32, f16 and bf16 data.
+    let one = 1f32;
+    let one_ptr = (&one as *const f32).cast::<c_void>();
+    match c.epilogue {
+        Epilogue::Fused => {
+            let (z, alpha2) = match &residual {
+                Some((r, _)) => (*r, 1f32),
+                None => (yp, 0f32),
+            };
+            // SAFETY: the pointers are live device buffers of the sizes the descriptors give
+            // (contiguous views of x, w, bias, residual; y allocated for the output; the
+            // workspace at least `ws_bytes`), all used on the handle's stream, and their
+            // SyncOnDrop guards live until after this call is enqueued.
+            unsafe {
+                dnn::convolution_bias_activation_forward(
+                    handle.0,
+                    one_ptr,
+                    desc.x.0,
+                    xp as *const c_void,
+                    desc.w.0,
+                    wp as *const c_void,
+                    desc.conv.0,
+                    c.algo,
+                    ws_ptr,
+                    ws_bytes,
+                    (&alpha2 as *const f32).cast::<c_void>(),
+                    desc.y.0,
+                    z as *const c_void,
+                    desc.bias.0,
+                    bp as *const c_void,
+                    desc.act.0,
+                    desc.y.0,
+                    yp as *mut c_void,
+                )
+            }
+            .map_err(failed("cudnnConvolutionBiasActivationForward"))
+        }
+        Epilogue::Prefill => {
+            // SAFETY: as above; beta = 1 accumulates onto the prefilled y.
+            unsafe {
+                dnn::convolution_forward(
+                    handle.0,
+                    one_ptr,
+                    desc.x.0,
+                    xp as *const c_void,
+                    desc.w.0,
+                    wp as *const c_void,
+                    desc.conv.0,
+                    c.algo,
+                    ws_ptr,
+                    ws_bytes,
+                    one_ptr,
+                    desc.y.0,
+                    yp as *mut c_void,
+                )
+            }
+            .map_err(failed("cudnnConvolutionForward"))
+        }
+    }
+}
+
+/// `y = bias[channel] (+ residual)` (kernels/conv_prefill.cu).
+fn prefill<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    ops: &Operands<T>,
+    y: &mut CudaSlice<T>,
+    g: &Geometry,
+    p: &ConvParams,
+) -> Result<()> {
+    const THREADS: usize = 256;
+    // Grid-stride loop: 65536 blocks of 256 threads already fill an H200 (132 SMs x 2048) ~60x.
+    const MAX_BLOCKS: usize = 1 << 16;
+    let suffix = match T::DTYPE {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => bail!("conv2d: no prefill kernel for dtype {other:?}"),
+    };
+    let f = dev
+        .get_or_load_custom_func(
+            &format!("conv_prefill_{suffix}"),
+            PREFILL_MODULE,
+            PREFILL_PTX,
+        )?
+        .into_cuda_function();
+    let total = g.elems_out();
+    let inner = if p.channels_last { 1 } else { g.oh * g.ow };
+    let (total_arg, inner_arg) = (total as i64, inner as i64);
+    let channels_arg = to_i32(g.o, "conv2d out channels")?;
+    let has_residual = i32::from(ops.residual.is_some());
+    // Without a residual the kernel never reads its residual argument; bias stands in for it.
+    let residual = ops.residual.as_ref().unwrap_or(&ops.bias);
+    let stream = dev.cuda_stream();
+    let mut launch = stream.launch_builder(&f);
+    launch.arg(&ops.bias).arg(residual).arg(y);
+    launch
+        .arg(&total_arg)
+        .arg(&inner_arg)
+        .arg(&channels_arg)
+        .arg(&has_residual);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            to_u32(
+                total.div_ceil(THREADS).min(MAX_BLOCKS),
+                "conv2d prefill blocks",
+            )?,
+            1,
+            1,
+        ),
+        block_dim: (THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: argument list matches conv_prefill_* in kernels/conv_prefill.cu: (const T* bias
+    // [O], const T* residual [total] (read only when has_residual), T* y [total], i64 total,
+    // i64 inner, i32 channels, i32 has_residual); y holds `total` elements.
+    unsafe { launch.launch(cfg) }.w()?;
+    Ok(())
 }
