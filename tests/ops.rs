@@ -1222,11 +1222,15 @@ fn vae_channels_last_decoder_matches_nchw() {
             let what = format!("vae channels-last vs NCHW {} {dtype:?}", dev_name(&dev));
             assert_close(&cl, &nchw, tol, &what);
             if dev.is_cuda() {
-                // With the lever on, `decode` on CUDA is the channels-last path: an NCHW view
-                // of NHWC memory.
-                let auto = ops::with_kernels(Kernels::CHANNELS_LAST, || vae.decode(&zd)).unwrap();
+                // With its levers on, `decode` on CUDA is the channels-last path: an NCHW view
+                // of NHWC memory; without CONV it is not.
+                let levers = Kernels::CHANNELS_LAST.union(Kernels::CONV);
+                let auto = ops::with_kernels(levers, || vae.decode(&zd)).unwrap();
                 assert!(!auto.is_contiguous(), "decode on CUDA with CHANNELS_LAST");
                 assert_eq!(auto.stride()[1], 1, "channels are the innermost dim");
+                let without_conv =
+                    ops::with_kernels(Kernels::CHANNELS_LAST, || vae.decode(&zd)).unwrap();
+                assert!(without_conv.is_contiguous(), "decode without CONV");
                 let (_, cpu) = cpu_out.iter().find(|(d, _)| *d == dtype).unwrap();
                 let what = format!("vae channels-last cuda vs cpu {dtype:?}");
                 assert_close(&cl, cpu, tol, &what);

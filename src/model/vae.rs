@@ -13,10 +13,16 @@ use crate::model::loader::{self, LoadError, LoadResult, ModelDir};
 use crate::model::unet::attention::{to_tokens, Attention};
 use crate::model::unet::layers::{Conv2d, GroupNorm};
 use crate::model::unet::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
-use crate::ops::{self, ConvParams, Kernels};
+use crate::ops::{self, Kernels};
 
 /// diffusers' `Encoder`/`Decoder` hard-code this epsilon for every norm of the VAE.
 const VAE_EPS: f64 = 1e-6;
+
+/// Whether the levers of the channels-last decoder are on: [`Kernels::CHANNELS_LAST`], and
+/// [`Kernels::CONV`], whose convolution it is a layout of.
+fn channels_last_levers() -> bool {
+    ops::enabled(Kernels::CHANNELS_LAST) && ops::enabled(Kernels::CONV)
+}
 
 /// The `vae/config.json` of a diffusers checkpoint; field names and defaults are those of
 /// [`AutoencoderKL.__init__`](https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/autoencoder_kl.py)
@@ -375,38 +381,15 @@ impl Decoder {
 // image leaves as an NCHW view of the NHWC result. The layers below read the same checkpoint
 // tensors as the NCHW ones, with the convolution weights permuted once to KRSC `[O, kh, kw, I]`,
 // and are built only where this path runs (see `AutoencoderKL::new`).
+//
+// The path is a layout for turbine's convolution ([`Kernels::CONV`]): candle's is NCHW only, so
+// without that lever every convolution here would be wrapped in the very transposes the path
+// exists to remove, and `decode` takes it only with both levers on. What it saves is measured as
+// `--kernels all` against `all,-channels-last`.
 
-/// A stride-1 convolution on `[N, H, W, C]`, weight `[O, kh, kw, I]`.
-#[derive(Debug, Clone)]
-struct ConvNhwc {
-    weight: Tensor,
-    bias: Tensor,
-    padding: usize,
-}
-
-impl ConvNhwc {
-    fn new(vb: VarBuilder, cin: usize, cout: usize, kernel: usize, padding: usize) -> Result<Self> {
-        let weight = vb.get((cout, cin, kernel, kernel), "weight")?;
-        Ok(Self {
-            weight: weight.permute((0, 2, 3, 1))?.contiguous()?,
-            bias: vb.get(cout, "bias")?,
-            padding,
-        })
-    }
-
-    /// `conv(xs) + bias (+ residual)`, bias and residual in the convolution's epilogue.
-    ///
-    /// Always turbine's convolution, whatever [`Kernels::CONV`] says: candle's is NCHW only,
-    /// so a channels-last layer on it would pay the very transposes this path exists to
-    /// remove. `--kernels all,-channels-last` against `all` is what measures this path.
-    fn forward(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        let params = ConvParams {
-            padding: self.padding,
-            stride: 1,
-            channels_last: true,
-        };
-        ops::conv2d(xs, &self.weight, &self.bias, residual, params)
-    }
+/// A stride-1 convolution on `[N, H, W, C]` (weight `[O, kh, kw, I]`), read from `vb`.
+fn conv_nhwc(vb: VarBuilder, cin: usize, cout: usize, kernel: usize, pad: usize) -> Result<Conv2d> {
+    Conv2d::new(vb, cin, cout, kernel, pad, 1)?.to_channels_last()
 }
 
 /// GroupNorm (+ SiLU) on `[N, H, W, C]`, weight and bias in the model dtype (what diffusers
@@ -437,24 +420,24 @@ impl GroupNormNhwc {
 #[derive(Debug, Clone)]
 struct ResnetNhwc {
     norm1: GroupNormNhwc,
-    conv1: ConvNhwc,
+    conv1: Conv2d,
     norm2: GroupNormNhwc,
-    conv2: ConvNhwc,
-    conv_shortcut: Option<ConvNhwc>,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
 }
 
 impl ResnetNhwc {
     fn new(vb: VarBuilder, cin: usize, cout: usize, groups: usize) -> Result<Self> {
         let conv_shortcut = if cin != cout {
-            Some(ConvNhwc::new(vb.pp("conv_shortcut"), cin, cout, 1, 0)?)
+            Some(conv_nhwc(vb.pp("conv_shortcut"), cin, cout, 1, 0)?)
         } else {
             None
         };
         Ok(Self {
             norm1: GroupNormNhwc::new(vb.pp("norm1"), groups, cin)?,
-            conv1: ConvNhwc::new(vb.pp("conv1"), cin, cout, 3, 1)?,
+            conv1: conv_nhwc(vb.pp("conv1"), cin, cout, 3, 1)?,
             norm2: GroupNormNhwc::new(vb.pp("norm2"), groups, cout)?,
-            conv2: ConvNhwc::new(vb.pp("conv2"), cout, cout, 3, 1)?,
+            conv2: conv_nhwc(vb.pp("conv2"), cout, cout, 3, 1)?,
             conv_shortcut,
         })
     }
@@ -477,13 +460,13 @@ impl ResnetNhwc {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(xs, true)?, None)?;
+        let h = self.conv1.forward(&self.norm1.forward(xs, true)?)?;
         let h = self.norm2.forward(&h, true)?;
         let shortcut = match &self.conv_shortcut {
-            Some(c) => c.forward(xs, None)?,
+            Some(c) => c.forward(xs)?,
             None => xs.clone(),
         };
-        self.conv2.forward(&h, Some(&shortcut))
+        self.conv2.forward_residual(&h, Some(&shortcut))
     }
 }
 
@@ -507,13 +490,13 @@ impl SpatialSelfAttentionNhwc {
 /// The [`Decoder`] in channels-last layout.
 #[derive(Debug, Clone)]
 struct DecoderNhwc {
-    conv_in: ConvNhwc,
+    conv_in: Conv2d,
     mid_resnets: [ResnetNhwc; 2],
     mid_attention: Option<SpatialSelfAttentionNhwc>,
     /// Each up block's resnets, then its upsampler's convolution.
-    up_blocks: Vec<(Vec<ResnetNhwc>, Option<ConvNhwc>)>,
+    up_blocks: Vec<(Vec<ResnetNhwc>, Option<Conv2d>)>,
     conv_norm_out: GroupNormNhwc,
-    conv_out: ConvNhwc,
+    conv_out: Conv2d,
 }
 
 impl DecoderNhwc {
@@ -542,7 +525,7 @@ impl DecoderNhwc {
             let bvb = uvb.pp(i.to_string());
             let resnets = ResnetNhwc::stack(&bvb, cin, cout, cfg.layers_per_block + 1, g)?;
             let up = if i + 1 < n {
-                Some(ConvNhwc::new(
+                Some(conv_nhwc(
                     bvb.pp("upsamplers").pp("0").pp("conv"),
                     cout,
                     cout,
@@ -555,18 +538,18 @@ impl DecoderNhwc {
             up_blocks.push((resnets, up));
         }
         Ok(Self {
-            conv_in: ConvNhwc::new(vb.pp("conv_in"), cfg.latent_channels, last, 3, 1)?,
+            conv_in: conv_nhwc(vb.pp("conv_in"), cfg.latent_channels, last, 3, 1)?,
             mid_resnets: [mid_resnet(0)?, mid_resnet(1)?],
             mid_attention,
             up_blocks,
             conv_norm_out: GroupNormNhwc::new(vb.pp("conv_norm_out"), g, ch[0])?,
-            conv_out: ConvNhwc::new(vb.pp("conv_out"), ch[0], cfg.out_channels, 3, 1)?,
+            conv_out: conv_nhwc(vb.pp("conv_out"), ch[0], cfg.out_channels, 3, 1)?,
         })
     }
 
     /// `[N, h, w, latent]` to `[N, H, W, out_channels]`.
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = self.conv_in.forward(xs, None)?;
+        let xs = self.conv_in.forward(xs)?;
         let mut xs = self.mid_resnets[0].forward(&xs)?;
         if let Some(attn) = &self.mid_attention {
             xs = attn.forward(&xs)?;
@@ -577,11 +560,11 @@ impl DecoderNhwc {
                 xs = r.forward(&xs)?;
             }
             if let Some(conv) = up {
-                xs = conv.forward(&ops::upsample_nearest2x_channels_last(&xs)?, None)?;
+                xs = conv.forward(&ops::upsample_nearest2x_channels_last(&xs)?)?;
             }
         }
         let xs = self.conv_norm_out.forward(&xs, true)?;
-        self.conv_out.forward(&xs, None)
+        self.conv_out.forward(&xs)
     }
 }
 
@@ -602,19 +585,20 @@ pub struct AutoencoderKL {
 
 impl AutoencoderKL {
     /// Builds the model from a validated config; tensors are read from `vb` (in its dtype and
-    /// on its device) under the checkpoint's names. On CUDA with [`Kernels::CHANNELS_LAST`] on,
-    /// the decoder's channels-last weights are built too (a second copy of the decoder's
-    /// convolution weights, ~100 MB in bf16 for SDXL), so that [`AutoencoderKL::decode`] can
-    /// take that path. Only in half precision: the transposes it saves are those of cuDNN's
-    /// tensor-core kernels, and f32 convolutions run FMA math (no TF32), NCHW natively (an f16
-    /// pipeline decodes in f32 when the VAE's `force_upcast` is set). And not in a build without
-    /// the `cudnn` feature: there `ops::conv2d` is candle's NCHW convolution between two
-    /// transposes, which this path would only add to.
+    /// on its device) under the checkpoint's names.
+    ///
+    /// On CUDA with [`Kernels::CHANNELS_LAST`] and [`Kernels::CONV`] on, the decoder's
+    /// channels-last layers are built too (a second copy of the decoder's convolution weights,
+    /// ~100 MB in bf16 for SDXL), so that [`AutoencoderKL::decode`] can take that path. Only in
+    /// half precision: the transposes it saves are those of cuDNN's tensor-core kernels, while
+    /// f32 convolutions run FMA math (no TF32) on NCHW natively (an f16 pipeline decodes in f32
+    /// when the VAE's `force_upcast` is set). And only with the `cudnn` feature: without it
+    /// `ops::conv2d` is candle's NCHW convolution between two transposes.
     pub fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
         let channels_last = cfg!(feature = "cudnn")
             && vb.device().is_cuda()
             && matches!(vb.dtype(), DType::BF16 | DType::F16)
-            && ops::enabled(Kernels::CHANNELS_LAST);
+            && channels_last_levers();
         Self::new_with_channels_last(vb, cfg, channels_last)
     }
 
@@ -688,14 +672,11 @@ impl AutoencoderKL {
     /// Latents `z` `[B, latent, h, w]` (already divided by `scaling_factor`, as diffusers'
     /// `vae.decode` takes them) to images `[B, out_channels, h*f, w*f]` in about [-1, 1].
     ///
-    /// On CUDA, with [`Kernels::CHANNELS_LAST`] on and the channels-last weights built, this is
-    /// [`AutoencoderKL::decode_channels_last`], whose result is an NCHW view of NHWC memory;
-    /// otherwise the NCHW decoder, with a contiguous result.
+    /// On CUDA, with [`Kernels::CHANNELS_LAST`] and [`Kernels::CONV`] on and the channels-last
+    /// weights built, this is [`AutoencoderKL::decode_channels_last`], whose result is an NCHW
+    /// view of NHWC memory; otherwise the NCHW decoder, with a contiguous result.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        if self.decoder_nhwc.is_some()
-            && z.device().is_cuda()
-            && ops::enabled(Kernels::CHANNELS_LAST)
-        {
+        if self.decoder_nhwc.is_some() && z.device().is_cuda() && channels_last_levers() {
             return self.decode_channels_last(z);
         }
         self.decoder.forward(&self.post_quant(z)?)
@@ -703,8 +684,9 @@ impl AutoencoderKL {
 
     /// [`AutoencoderKL::decode`] through the channels-last decoder, on any device: the same
     /// images `[B, out_channels, H, W]`, as a permuted view of an `[B, H, W, out_channels]`
-    /// tensor (consumers that want NHWC pixels read it without a copy). Fails when the model
-    /// was built without the channels-last weights.
+    /// tensor (consumers that want NHWC pixels read it without a copy). Its convolutions follow
+    /// [`Kernels::CONV`] like every [`Conv2d`] (candle's between transposes when it is off).
+    /// Fails when the model was built without the channels-last weights.
     pub fn decode_channels_last(&self, z: &Tensor) -> Result<Tensor> {
         let decoder = self.decoder_nhwc.as_ref().ok_or_else(|| {
             candle_core::Error::Msg(

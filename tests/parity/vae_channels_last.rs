@@ -1,6 +1,6 @@
 //! The VAE decoder's channels-last path (`AutoencoderKL::decode_channels_last`, what `decode`
-//! runs on CUDA under `Kernels::CHANNELS_LAST`) on the CPU, against diffusers' reference images
-//! and against the NCHW decoder, with the bounds of `vae.rs`.
+//! runs on CUDA under `Kernels::CHANNELS_LAST` and `Kernels::CONV`) on the CPU, against
+//! diffusers' reference images and against the NCHW decoder, with the bounds of `vae.rs`.
 
 use candle_core::{DType, Device, Tensor};
 
