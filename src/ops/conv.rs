@@ -76,8 +76,9 @@ fn conv_epilogue() -> ConvEpilogue {
     EPILOGUE.with(std::cell::Cell::get)
 }
 
-/// One line per cuDNN plan this thread has built (shape, algorithm, epilogue, measured times),
-/// for tests and benchmarks to print; empty without the `cudnn` feature.
+/// One line per cuDNN plan this thread has built (shape, algorithm, epilogue, measured times,
+/// or [`CONV_FALLBACK`] and why for a shape cuDNN could not plan), for tests and benchmarks to
+/// print; empty without the `cudnn` feature.
 pub fn conv_plans() -> Vec<String> {
     #[cfg(feature = "cudnn")]
     {
@@ -89,10 +90,14 @@ pub fn conv_plans() -> Vec<String> {
     }
 }
 
+/// Marks a [`conv_plans`] line of a shape that runs candle's ops because cuDNN could not plan it.
+pub const CONV_FALLBACK: &str = "fallback to candle's ops";
+
 /// `conv(x, weight) + bias (+ residual)`; shapes as in [`ConvParams::channels_last`], `bias`
 /// `[O]`, `residual` the output's shape. `weight` and `residual` must have `x`'s dtype; `bias` is
 /// converted to it. On CUDA with the `cudnn` feature this is the planned cuDNN path for f32,
-/// f16 and bf16, elsewhere candle's ops ([`conv2d_composed`]).
+/// f16 and bf16 (candle's ops for a shape cuDNN cannot plan), elsewhere candle's ops
+/// ([`conv2d_composed`]).
 pub fn conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -103,7 +108,9 @@ pub fn conv2d(
     let geometry = Geometry::check(x, weight, bias, residual, &params)?;
     #[cfg(feature = "cudnn")]
     if x.device().is_cuda() && cudnn::supports(x.dtype()) && geometry.elems_out() > 0 {
-        return cudnn::conv2d(x, weight, bias, residual, params, &geometry);
+        if let Some(y) = cudnn::conv2d(x, weight, bias, residual, params, &geometry)? {
+            return Ok(y);
+        }
     }
     let _ = geometry;
     composed(x, weight, bias, residual, params)

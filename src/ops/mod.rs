@@ -28,7 +28,10 @@ mod select;
 mod upsample;
 
 pub use attention::{attention, fused_attention, AttentionOp};
-pub use conv::{conv2d, conv2d_composed, conv_plans, with_conv_epilogue, ConvEpilogue, ConvParams};
+pub use conv::{
+    conv2d, conv2d_composed, conv_plans, with_conv_epilogue, ConvEpilogue, ConvParams,
+    CONV_FALLBACK,
+};
 pub use geglu::{geglu, GegluOp};
 pub use group_norm::{group_norm, group_norm_channels_last, GroupNormOp};
 pub use postprocess::to_rgb8;

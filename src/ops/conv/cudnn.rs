@@ -58,6 +58,7 @@ use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cudnn::{result as dnn, sys, CudnnError};
+use candle_core::cuda_backend::cudarc::driver::result::memset_d8_async;
 use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
@@ -67,7 +68,7 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Storage, Tensor, WithDType};
 
-use super::{conv_epilogue, ConvEpilogue, ConvParams, Geometry};
+use super::{conv_epilogue, ConvEpilogue, ConvParams, Geometry, CONV_FALLBACK as FALLBACK};
 use crate::ops::cuda::{contiguous_view, to_i32, to_u32};
 
 /// Largest workspace a plan may use: 1 GiB, under 1% of an H200 and 4% of a 24 GB card. The
@@ -284,6 +285,42 @@ struct Choice {
 struct Plan {
     desc: Descriptors,
     choice: Choice,
+    /// How the choice was made (timings, refusals, cuDNN's list), for [`plan_summaries`].
+    note: String,
+}
+
+impl Plan {
+    fn describe(&self) -> String {
+        let c = &self.choice;
+        format!(
+            "{:?} {:?} {:?} workspace {} KiB;{}",
+            c.epilogue,
+            c.algo,
+            c.math,
+            c.workspace >> 10,
+            self.note
+        )
+    }
+}
+
+fn describe(key: &PlanKey) -> String {
+    let (g, p) = (&key.geometry, &key.params);
+    format!(
+        "{:?} {} x[n={} c={} h={} w={}] o={} k={}x{} pad={} stride={} residual={} mode={:?}",
+        key.dtype,
+        if p.channels_last { "NHWC" } else { "NCHW" },
+        g.n,
+        g.c,
+        g.h,
+        g.w,
+        g.o,
+        g.kh,
+        g.kw,
+        p.padding,
+        p.stride,
+        key.residual,
+        key.mode,
+    )
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -300,7 +337,8 @@ struct DeviceState {
     handle: Handle,
     /// Grows to the largest workspace any plan needs; never shrinks.
     workspace: Option<CudaSlice<u8>>,
-    plans: HashMap<PlanKey, Plan>,
+    /// `None`: cuDNN could not plan the shape; it runs candle's ops.
+    plans: HashMap<PlanKey, Option<Plan>>,
     summaries: Vec<String>,
 }
 
@@ -325,6 +363,9 @@ struct Operands<'a, T> {
     residual: Option<CudaView<'a, T>>,
 }
 
+/// The convolution through its plan, or `None` when cuDNN could not plan the shape (an error
+/// while building it: the caller then runs candle's ops, and the plan summary says why).
+/// Errors of an established plan are errors.
 pub(super) fn conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -332,7 +373,7 @@ pub(super) fn conv2d(
     residual: Option<&Tensor>,
     params: ConvParams,
     g: &Geometry,
-) -> Result<Tensor> {
+) -> Result<Option<Tensor>> {
     for (name, t) in [("weight", weight), ("bias", bias)]
         .into_iter()
         .chain(residual.map(|r| ("residual", r)))
@@ -368,12 +409,14 @@ pub(super) fn conv2d(
         DType::BF16 => run::<half::bf16>(&dev, xs, ws, bs, rs, params, g)?,
         other => bail!("conv2d: no cuDNN path for dtype {other:?}"),
     };
-    Ok(Tensor::from_storage(
-        Storage::Cuda(y),
-        g.out_shape(params.channels_last),
-        BackpropOp::none(),
-        false,
-    ))
+    Ok(y.map(|y| {
+        Tensor::from_storage(
+            Storage::Cuda(y),
+            g.out_shape(params.channels_last),
+            BackpropOp::none(),
+            false,
+        )
+    }))
 }
 
 type Operand<'a> = (&'a CudaStorage, &'a Layout);
@@ -393,7 +436,7 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
     residual: Option<Operand>,
     params: ConvParams,
     g: &Geometry,
-) -> Result<CudaStorage> {
+) -> Result<Option<CudaStorage>> {
     let ops = Operands {
         x: contiguous_view::<T>(x.0, x.1, "conv2d x")?,
         w: contiguous_view::<T>(w.0, w.1, "conv2d weight")?,
@@ -414,7 +457,7 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
         residual: ops.residual.is_some(),
         mode: conv_epilogue(),
     };
-    STATE.with(|state| -> Result<()> {
+    let planned = STATE.with(|state| -> Result<bool> {
         let mut map = state.borrow_mut();
         let st = match map.entry(dev.id()) {
             Entry::Occupied(e) => e.into_mut(),
@@ -434,12 +477,29 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
         let plan = match plans.entry(key) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
-                let desc = Descriptors::new(T::DTYPE, g, &params)?;
-                let (choice, summary) = choose(dev, handle, &desc, &key, &ops, &mut y, workspace)?;
-                tracing::debug!("conv2d plan: {summary}");
-                summaries.push(summary);
-                e.insert(Plan { desc, choice })
+                let planned = Descriptors::new(T::DTYPE, g, &params).and_then(|desc| {
+                    let (choice, note) = choose(dev, handle, &desc, &key, &ops, &mut y, workspace)?;
+                    Ok(Plan { desc, choice, note })
+                });
+                let plan = match planned {
+                    Ok(plan) => {
+                        let summary = format!("{}: {}", describe(&key), plan.describe());
+                        tracing::debug!("conv2d plan: {summary}");
+                        summaries.push(summary);
+                        Some(plan)
+                    }
+                    Err(err) => {
+                        let summary = format!("{}: {FALLBACK}: {err}", describe(&key));
+                        tracing::warn!("conv2d plan: {summary}");
+                        summaries.push(summary);
+                        None
+                    }
+                };
+                e.insert(plan)
             }
+        };
+        let Some(plan) = plan else {
+            return Ok(false);
         };
         grow_workspace(dev, workspace, plan.choice.workspace)?;
         launch(
@@ -452,9 +512,10 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
             workspace,
             g,
             &params,
-        )
+        )?;
+        Ok(true)
     })?;
-    Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    Ok(planned.then(|| CudaStorage::wrap_cuda_slice(y, dev.clone())))
 }
 
 /// Makes `ws` hold at least `bytes`, rounded up to whole MiB so that a series of slightly larger
@@ -575,8 +636,8 @@ fn find(handle: &Handle, desc: &Descriptors, dtype: DType) -> Result<(Vec<Choice
     Ok((usable, report))
 }
 
-/// The plan's algorithm and epilogue for `key.mode`; runs the candidates on this call's buffers
-/// (`y` is overwritten afterwards by the real call).
+/// The plan's algorithm and epilogue for `key.mode`, and a note on how they were chosen; runs the
+/// candidates on this call's buffers (`y` is overwritten afterwards by the real call).
 #[allow(clippy::too_many_arguments)]
 fn choose<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
@@ -641,50 +702,67 @@ fn choose<T: CudaDType + DeviceRepr + WithDType>(
         grow_workspace(dev, ws, c.workspace)?;
         launch(dev, handle, desc, c, ops, y, ws, g, p)
     };
-    let (choice, timings) = match (key.mode, fused) {
-        (ConvEpilogue::Prefill, _) | (_, None) => (best, String::new()),
-        (ConvEpilogue::Fused, Some(f)) => match run(f, y, workspace) {
-            Ok(()) => (f, String::new()),
-            Err(e) => (best, format!(" (fused call refused: {e})")),
+    // The fused call is tried once before it may be chosen: cuDNN refuses configurations it
+    // does not support, and without a residual `check_fused` also proves that z is not read.
+    let (fused, mut note) = match (key.mode, fused) {
+        (ConvEpilogue::Prefill, _) | (_, None) => (None, String::new()),
+        (_, Some(f)) => match check_fused(dev, y, key.residual, |y| run(f, y, workspace)) {
+            Ok(None) => (Some(f), String::new()),
+            Ok(Some(why)) => (None, format!(" fused refused: {why};")),
+            Err(e) => (None, format!(" fused refused: {e};")),
         },
+    };
+    let choice = match (key.mode, fused) {
         (ConvEpilogue::Measure, Some(f)) => {
             let stream = dev.cuda_stream();
-            let t_fused = time_ms(&stream, || run(f, y, workspace));
+            let t_fused = time_ms(&stream, || run(f, y, workspace))?;
             let t_prefill = time_ms(&stream, || run(best, y, workspace))?;
-            match t_fused {
-                Ok(t) if t <= t_prefill => {
-                    (f, format!(" fused {t:.3}ms, prefill {t_prefill:.3}ms"))
-                }
-                Ok(t) => (best, format!(" fused {t:.3}ms, prefill {t_prefill:.3}ms")),
-                Err(e) => (best, format!(" (fused call refused: {e})")),
+            note = format!(" fused {t_fused:.3}ms, prefill {t_prefill:.3}ms;");
+            if t_fused <= t_prefill {
+                f
+            } else {
+                best
             }
         }
+        (_, Some(f)) => f,
+        (_, None) => best,
     };
     // SAFETY: live descriptor.
     unsafe { dnn::set_convolution_math_type(desc.conv.0, choice.math) }
         .map_err(failed("cudnnSetConvolutionMathType"))?;
-    let summary = format!(
-        "{:?} {} x[n={} c={} h={} w={}] o={} k={}x{} pad={} stride={} residual={} mode={:?}: \
-         {:?} {:?} {:?} workspace {} KiB;{timings} find: {found}",
-        key.dtype,
-        if p.channels_last { "NHWC" } else { "NCHW" },
-        g.n,
-        g.c,
-        g.h,
-        g.w,
-        g.o,
-        g.kh,
-        g.kw,
-        p.padding,
-        p.stride,
-        key.residual,
-        key.mode,
-        choice.epilogue,
-        choice.algo,
-        choice.math,
-        choice.workspace >> 10,
-    );
-    Ok((choice, summary))
+    Ok((choice, format!("{note} find: {found}")))
+}
+
+/// Runs the fused call once (`run`). Without a residual, first fills y with NaN (all bits set):
+/// z = y is passed with `alpha2 = 0`, and should cuDNN read it anyway, 0 · NaN would make the
+/// output NaN, so the head of y is read back and checked (a NaN in x would refuse the fused call
+/// too, which only costs speed). Returns why the fused call must not be used, if it must not.
+fn check_fused<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    y: &mut CudaSlice<T>,
+    residual: bool,
+    run: impl FnOnce(&mut CudaSlice<T>) -> Result<()>,
+) -> Result<Option<String>> {
+    /// Elements read back: all of y is NaN if z is read, so a prefix tells.
+    const PROBE: usize = 4096;
+    let stream = dev.cuda_stream();
+    if !residual {
+        let bytes = y.num_bytes();
+        let (ptr, _done) = y.device_ptr_mut(&stream);
+        // SAFETY: `ptr` is y's allocation of `bytes` bytes, written on y's stream.
+        unsafe { memset_d8_async(ptr, 0xFF, bytes, stream.cu_stream()) }.w()?;
+    }
+    run(y)?;
+    if residual {
+        return Ok(None);
+    }
+    let head = stream.clone_dtoh(&y.slice(..y.len().min(PROBE))).w()?;
+    stream.synchronize().w()?;
+    Ok(if head.iter().all(|v| v.to_f64().is_finite()) {
+        None
+    } else {
+        Some("the output came out non-finite from NaN-filled z at alpha2 = 0".to_string())
+    })
 }
 
 /// Mean milliseconds of `f` over [`TIMED_RUNS`] calls after one warm-up call (which may build
