@@ -1,14 +1,22 @@
-// Fused GroupNorm (+ optional SiLU) over a contiguous [N, C, HW] tensor, statistics in f32.
+// Fused GroupNorm (+ optional SiLU), statistics in f32, in two layouts.
 //
 // candle composes GroupNorm from ~13 kernels with f32 temporaries of the whole activation; this
 // reads the input twice and writes it once, in three launches:
-//   1. gn_stats_T:  grid N*G*splits. Each block reduces one chunk of one group to a partial
-//                   (count, mean, M2), so even batch 1 with 32 groups fills the GPU when groups
-//                   are large (the VAE's 512x512 levels have 1M elements per group).
-//   2. gn_finalize: one thread per group merges its partials in f64 -> (mean, 1/sqrt(var+eps)).
-//   3. gn_apply_T:  grid (N*C, chunks). Each block works inside one channel plane, so the
-//                   per-channel scale and shift are computed once per block, not per element.
-// A group (n, g) is the contiguous span of cpg*HW elements starting at (n*G + g)*cpg*HW.
+//   1. statistics: each block reduces one chunk to a partial (count, mean, M2) per group, so even
+//      batch 1 with 32 groups fills the GPU when groups are large (the VAE's 512x512 levels have
+//      1M elements per group).
+//        gn_stats_T     [N, C, HW]: grid N*G*splits, one chunk of one group (a contiguous span).
+//        gn_cl_stats_T  [N, HW, C]: grid (splits, N), a run of positions of one sample, all
+//                       channels, so each warp reads consecutive channels (coalesced); a partial
+//                       per group of the chunk.
+//   2. gn_finalize: one block per group merges its partials in f64 -> (mean, 1/sqrt(var+eps)).
+//      Both layouts write partials as [N*G][splits][3], so this kernel serves both.
+//   3. apply, one multiply-add per element with a per-(n, channel) scale and shift:
+//        gn_apply_T     grid (N*C, chunks): each block inside one channel plane.
+//        gn_cl_apply_T  grid (chunks, N): each block a run of positions, all channels.
+// Channels-first: a group (n, g) is the contiguous span of cpg*HW elements starting at
+// (n*G + g)*cpg*HW. Channels-last: group (n, g) is channels [g*cpg, (g+1)*cpg) of every position
+// of sample n; element (n, p, c) is at (n*HW + p)*C + c.
 #include "common.cuh"
 
 #define GN_THREADS 256
@@ -78,25 +86,61 @@ __device__ void gn_stats(const T* __restrict__ x, float* __restrict__ partial, i
   }
 }
 
+// Threads per gn_finalize block: the VAE's largest norms have ~4000 partials per group.
+#define GN_FIN_THREADS 128
+
+struct Partial64 {
+  double n, mean, m2;
+};
+
+__device__ __forceinline__ void merge64(Partial64& a, double nb, double mb, double m2b) {
+  if (nb == 0.) return;
+  if (a.n == 0.) {
+    a.n = nb;
+    a.mean = mb;
+    a.m2 = m2b;
+    return;
+  }
+  const double n = a.n + nb;
+  const double d = mb - a.mean;
+  const double fb = nb / n;
+  a.mean += d * fb;
+  a.m2 += m2b + d * d * a.n * fb;
+  a.n = n;
+}
+
+// One block per group (grid num_groups). Each thread merges a strided subset of the group's
+// partials, then the block merges its threads' results. f64: the merged count can exceed f32's
+// exact integer range (2^24) for large images.
 extern "C" __global__ void gn_finalize(const float* __restrict__ partial, float* __restrict__ stats,
                                        int num_groups, int splits, float eps) {
-  const int g = blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t g = blockIdx.x;
   if (g >= num_groups) return;
-  const float* p = partial + (int64_t)g * splits * 3;
-  // f64: the merged count can exceed f32's exact integer range (2^24) for large images.
-  double n = 0., mean = 0., m2 = 0.;
-  for (int i = 0; i < splits; ++i) {
-    const double nb = p[3 * i], mb = p[3 * i + 1], m2b = p[3 * i + 2];
-    if (nb == 0.) continue;
-    const double nn = n + nb;
-    const double d = mb - mean;
-    mean += d * nb / nn;
-    m2 += m2b + d * d * n * nb / nn;
-    n = nn;
+  const float* p = partial + g * splits * 3;
+  Partial64 acc = {0., 0., 0.};
+  for (int i = threadIdx.x; i < splits; i += GN_FIN_THREADS) {
+    merge64(acc, p[3 * i], p[3 * i + 1], p[3 * i + 2]);
   }
-  const double var = n > 0. ? m2 / n : 0.;
-  stats[2 * g] = (float)mean;
-  stats[2 * g + 1] = (float)(1.0 / sqrt(var + (double)eps));
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const double nb = __shfl_down_sync(0xffffffffu, acc.n, o);
+    const double mb = __shfl_down_sync(0xffffffffu, acc.mean, o);
+    const double m2b = __shfl_down_sync(0xffffffffu, acc.m2, o);
+    merge64(acc, nb, mb, m2b);
+  }
+  __shared__ Partial64 warps[GN_FIN_THREADS / 32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) warps[warp] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    Partial64 total = warps[0];
+    for (int w = 1; w < GN_FIN_THREADS / 32; ++w) {
+      merge64(total, warps[w].n, warps[w].mean, warps[w].m2);
+    }
+    const double var = total.n > 0. ? total.m2 / total.n : 0.;
+    stats[2 * g] = (float)total.mean;
+    stats[2 * g + 1] = (float)(1.0 / sqrt(var + (double)eps));
+  }
 }
 
 template <typename T>
@@ -121,6 +165,102 @@ __device__ void gn_apply(const T* __restrict__ x, const float* __restrict__ stat
   }
 }
 
+
+// ---- Channels last ----
+//
+// A block covers `rows` consecutive positions of one sample and every channel, in strips of
+// `width` = min(C, GN_THREADS) channels: thread t owns channel c0 + t % width of each strip and
+// every `phases`-th position (phases = GN_THREADS / width; threads t >= phases*width idle), so
+// the 32 threads of a warp touch 32 consecutive channels of one position.
+
+template <typename T>
+__device__ void gn_cl_stats(const T* __restrict__ x, float* __restrict__ partial, int64_t hw,
+                            int channels, int channels_per_group, int rows, int splits) {
+  // One accumulator per group of the sample: `groups` entries, sized at launch.
+  extern __shared__ Partial acc[];
+  __shared__ Partial part[GN_THREADS];
+  const int groups = channels / channels_per_group;
+  const int64_t n = blockIdx.y;
+  const int split = blockIdx.x;
+  const int64_t p0 = (int64_t)split * rows;
+  const int64_t p1 = min(p0 + (int64_t)rows, hw);
+  const int width = min(channels, GN_THREADS);
+  const int phases = GN_THREADS / width;
+  const int phase = threadIdx.x / width, lane = threadIdx.x % width;
+  const T* xs = x + n * hw * channels;
+  for (int g = threadIdx.x; g < groups; g += GN_THREADS) acc[g] = Partial{0.f, 0.f, 0.f};
+  __syncthreads();
+  for (int c0 = 0; c0 < channels; c0 += width) {
+    const int c = c0 + lane;
+    Partial p = {0.f, 0.f, 0.f};
+    if (phase < phases && c < channels) {
+      // Shifted sums, as in gn_stats; the shift is this channel's value at the chunk's start.
+      const float shift = to_f32(xs[p0 * channels + c]);
+      float s = 0.f, q = 0.f;
+      int count = 0;
+      for (int64_t r = p0 + phase; r < p1; r += phases) {
+        const float d = to_f32(xs[r * channels + c]) - shift;
+        s += d;
+        q += d * d;
+        ++count;
+      }
+      p.n = (float)count;
+      p.mean = count ? shift + s / count : 0.f;
+      p.m2 = count ? fmaxf(q - s * s / count, 0.f) : 0.f;
+    }
+    part[threadIdx.x] = p;
+    __syncthreads();
+    // Thread i folds the strip's channels of the i-th group overlapping the strip into acc: at
+    // most width/cpg + 2 <= GN_THREADS groups overlap a strip (cpg >= 2), or width (cpg = 1).
+    const int c_end = min(c0 + width, channels);
+    const int g = c0 / channels_per_group + threadIdx.x;
+    if ((int64_t)g * channels_per_group < c_end) {
+      const int lo = max(c0, g * channels_per_group);
+      const int hi = min(c_end, (g + 1) * channels_per_group);
+      Partial total = acc[g];
+      for (int ph = 0; ph < phases; ++ph) {
+        for (int cc = lo; cc < hi; ++cc) merge(total, part[ph * width + (cc - c0)]);
+      }
+      acc[g] = total;
+    }
+    __syncthreads();
+  }
+  for (int g = threadIdx.x; g < groups; g += GN_THREADS) {
+    float* out = partial + ((n * groups + g) * splits + split) * 3;
+    out[0] = acc[g].n;
+    out[1] = acc[g].mean;
+    out[2] = acc[g].m2;
+  }
+}
+
+template <typename T>
+__device__ void gn_cl_apply(const T* __restrict__ x, const float* __restrict__ stats,
+                            const T* __restrict__ weight, const T* __restrict__ bias,
+                            T* __restrict__ y, int64_t hw, int channels, int channels_per_group,
+                            int rows, int silu) {
+  const int width = min(channels, GN_THREADS);
+  const int phases = GN_THREADS / width;
+  const int phase = threadIdx.x / width, lane = threadIdx.x % width;
+  if (phase >= phases) return;
+  const int groups = channels / channels_per_group;
+  const int64_t n = blockIdx.y;
+  const int64_t p0 = (int64_t)blockIdx.x * rows;
+  const int64_t p1 = min(p0 + (int64_t)rows, hw);
+  const int64_t base = n * hw * channels;
+  for (int c = lane; c < channels; c += width) {
+    const int64_t group = n * groups + c / channels_per_group;
+    const float mean = stats[2 * group], rstd = stats[2 * group + 1];
+    const float scale = rstd * to_f32(weight[c]);
+    const float shift = to_f32(bias[c]) - mean * scale;
+    for (int64_t r = p0 + phase; r < p1; r += phases) {
+      const int64_t i = base + r * channels + c;
+      float v = to_f32(x[i]) * scale + shift;
+      if (silu) v = v / (1.f + __expf(-v));
+      y[i] = from_f32<T>(v);
+    }
+  }
+}
+
 #define GN_ENTRY(NAME, T)                                                                        \
   extern "C" __global__ void gn_stats_##NAME(const T* x, float* partial, int64_t group_len,    \
                                              int64_t chunk_len, int splits) {                   \
@@ -133,3 +273,16 @@ __device__ void gn_apply(const T* __restrict__ x, const float* __restrict__ stat
     gn_apply<T>(x, stats, weight, bias, y, channels, channels_per_group, hw, chunk_len, silu); \
   }
 TURBINE_FOR_EACH_DTYPE(GN_ENTRY)
+
+#define GN_CL_ENTRY(NAME, T)                                                                     \
+  extern "C" __global__ void gn_cl_stats_##NAME(const T* x, float* partial, int64_t hw,         \
+                                                int channels, int channels_per_group, int rows, \
+                                                int splits) {                                   \
+    gn_cl_stats<T>(x, partial, hw, channels, channels_per_group, rows, splits);                 \
+  }                                                                                              \
+  extern "C" __global__ void gn_cl_apply_##NAME(const T* x, const float* stats, const T* weight,\
+                                                const T* bias, T* y, int64_t hw, int channels,  \
+                                                int channels_per_group, int rows, int silu) {   \
+    gn_cl_apply<T>(x, stats, weight, bias, y, hw, channels, channels_per_group, rows, silu);    \
+  }
+TURBINE_FOR_EACH_DTYPE(GN_CL_ENTRY)

@@ -1201,3 +1201,356 @@ fn conv2d_layer_layouts_and_lever_agree() {
         }
     }
 }
+
+// ---- GroupNorm, channels last ----
+
+/// `[N, ..., C]` → `[N, C, ...]` (contiguous), the layout `group_norm_composed` takes.
+fn channels_first(x: &Tensor) -> Tensor {
+    let r = x.rank();
+    let mut order: Vec<usize> = vec![0, r - 1];
+    order.extend(1..r - 1);
+    x.permute(order).unwrap().contiguous().unwrap()
+}
+
+/// `[N, C, ...]` → `[N, ..., C]` (contiguous).
+fn channels_last(x: &Tensor) -> Tensor {
+    let r = x.rank();
+    let mut order: Vec<usize> = vec![0];
+    order.extend(2..r);
+    order.push(1);
+    x.permute(order).unwrap().contiguous().unwrap()
+}
+
+#[test]
+fn group_norm_channels_last_matches_composition() {
+    let mut rng = rng("group_norm_channels_last");
+    // (shape [N, ..., C], groups), chosen against the CUDA kernels' tiling (blocks of
+    // positions x all channels, channel strips of 256, per-group accumulators):
+    let cases: [(&[usize], usize); 10] = [
+        // fewer channels than a strip, idle threads (256 % 12 != 0), several samples
+        (&[3, 5, 7, 12], 4),
+        // the VAE's 32 groups of 4; > 1024 positions, several per block, the last block short,
+        // more partials per group (834) than gn_finalize has threads
+        (&[1, 50, 50, 32], 8),
+        (&[2, 24, 24, 128], 32),
+        // two full strips of 256 channels
+        (&[1, 40, 40, 512], 32),
+        // groups of 10 straddle the strip boundary at channel 256
+        (&[1, 37, 41, 320], 32),
+        // one group wider than a strip
+        (&[2, 6, 6, 512], 1),
+        // a group per channel
+        (&[2, 9, 9, 64], 64),
+        // many positions per thread
+        (&[1, 128, 128, 64], 32),
+        // rank 3 and rank 2 (one position)
+        (&[2, 33, 40], 8),
+        (&[4, 16], 4),
+    ];
+    for dev in devices("group_norm_channels_last") {
+        for (shape, groups) in cases {
+            let c = shape[shape.len() - 1];
+            let x = random(&mut rng, shape, 3.0);
+            let w = random(&mut rng, &[c], 0.0);
+            let b = random(&mut rng, &[c], 0.0);
+            for dtype in DTYPES {
+                for silu in [false, true] {
+                    let (xd, xe) = place(&x, dtype, &dev);
+                    let (wd, we) = place(&w, dtype, &dev);
+                    let (bd, be) = place(&b, dtype, &dev);
+                    let want = channels_last(&group_norm_composed(
+                        &channels_first(&xe),
+                        groups,
+                        &we,
+                        &be,
+                        1e-6,
+                        silu,
+                    ));
+                    poison(&dev, x.elem_count(), dtype);
+                    let got =
+                        ops::group_norm_channels_last(&xd, groups, &wd, &bd, 1e-6, silu).unwrap();
+                    assert_eq!(got.dtype(), dtype);
+                    let what = format!(
+                        "group_norm_channels_last {} {dtype:?} {shape:?} groups={groups} \
+                         silu={silu}",
+                        dev_name(&dev)
+                    );
+                    assert_close(&got, &want, tolerance(dtype), &what);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn group_norm_channels_last_equals_channels_first_permuted() {
+    // The same statistics in both layouts: the two CPU references (and, on a GPU, the two
+    // kernel families) agree to rounding, in the model's own dtype.
+    let mut rng = rng("group_norm layouts");
+    for dev in devices("group_norm layouts") {
+        let x = random(&mut rng, &[2, 64, 20, 20], -1.0);
+        let w = random(&mut rng, &[64], 0.0);
+        let b = random(&mut rng, &[64], 0.0);
+        for dtype in DTYPES {
+            let (xd, _) = place(&x, dtype, &dev);
+            let (wd, _) = place(&w, dtype, &dev);
+            let (bd, _) = place(&b, dtype, &dev);
+            let first = ops::group_norm(&xd, 16, &wd, &bd, 1e-6, true).unwrap();
+            let xl = xd.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+            poison(&dev, x.elem_count(), dtype);
+            let last = ops::group_norm_channels_last(&xl, 16, &wd, &bd, 1e-6, true).unwrap();
+            let want = first
+                .permute((0, 2, 3, 1))
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap();
+            let what = format!("group_norm layouts {} {dtype:?}", dev_name(&dev));
+            // Both round the same f32 (CUDA) or f64 (CPU) value once; the statistics are summed
+            // in different orders, so allow one rounding step of the dtype.
+            assert_close(&last, &want, tolerance(dtype), &what);
+        }
+    }
+}
+
+#[test]
+fn group_norm_channels_last_accepts_strided_input() {
+    let mut rng = rng("group_norm_channels_last strided");
+    for dev in devices("group_norm_channels_last strided") {
+        // [N, C, H, W] permuted to [N, H, W, C]: channels last, not contiguous.
+        let x = random(&mut rng, &[2, 16, 5, 6], 0.5)
+            .permute((0, 2, 3, 1))
+            .unwrap();
+        let w = random(&mut rng, &[16], 0.0);
+        let b = random(&mut rng, &[16], 0.0);
+        let want = channels_last(&group_norm_composed(
+            &channels_first(&x.contiguous().unwrap()),
+            4,
+            &w,
+            &b,
+            1e-5,
+            false,
+        ));
+        let (xd, _) = place(&x, DType::F32, &dev);
+        let (wd, _) = place(&w, DType::F32, &dev);
+        let (bd, _) = place(&b, DType::F32, &dev);
+        let got = ops::group_norm_channels_last(&xd, 4, &wd, &bd, 1e-5, false).unwrap();
+        assert_close(
+            &got,
+            &want,
+            tolerance(DType::F32),
+            &format!("group_norm_channels_last strided {}", dev_name(&dev)),
+        );
+    }
+}
+
+#[test]
+fn group_norm_channels_last_rejects_bad_arguments() {
+    let x = Tensor::ones((2, 4, 4, 12), DType::F32, &Device::Cpu).unwrap();
+    let w = Tensor::ones(12, DType::F32, &Device::Cpu).unwrap();
+    let wrong = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+    let err = ops::group_norm_channels_last(&x, 5, &w, &w, 1e-5, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("5 groups do not divide the input's 12 channels"),
+        "{err}"
+    );
+    // A weight sized for dim 1 (the channels-first reading of this tensor) is refused.
+    let err = ops::group_norm_channels_last(&x, 4, &wrong, &w, 1e-5, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("weight has shape [4], expected [12]"), "{err}");
+    let flat = Tensor::ones(12, DType::F32, &Device::Cpu).unwrap();
+    let err = ops::group_norm_channels_last(&flat, 4, &w, &w, 1e-5, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("must be [N, ..., C]"), "{err}");
+}
+
+#[test]
+fn group_norm_channels_last_bounds_groups_on_cuda() {
+    // The CPU reference takes any group count; the CUDA stats kernel keeps one accumulator per
+    // group in shared memory and must refuse more than it holds, by name, not fail to launch.
+    for dev in devices("group_norm_channels_last groups bound") {
+        let x = Tensor::ones((1, 2, 4096), DType::F32, &dev).unwrap();
+        let w = Tensor::ones(4096, DType::F32, &dev).unwrap();
+        let got = ops::group_norm_channels_last(&x, 4096, &w, &w, 1e-5, false);
+        if dev.is_cuda() {
+            let err = got.unwrap_err().to_string();
+            assert!(err.contains("4096 groups exceed the 2048"), "{err}");
+        } else {
+            // One element per group: each normalises to 0, plus the bias of 1.
+            let v: Vec<f32> = got.unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            assert!(v.iter().all(|&v| v == 1.0));
+        }
+    }
+}
+
+// ---- Nearest 2x upsampling, channels last ----
+
+#[test]
+fn upsample_nearest2x_channels_last_matches_candle() {
+    let mut rng = rng("upsample_nearest2x_channels_last");
+    // Channel counts whose pixels move in 16-, 8-, 4- and 2-byte units depending on the dtype
+    // (3 x bf16 = 6 bytes: 2-byte units; 3 x f32: 4; 4 x bf16: 8; 8 x bf16, 512 x any: 16), odd
+    // sizes, a batch, and rows wider than one 256-unit block.
+    let cases: [&[usize]; 6] = [
+        &[2, 3, 5, 3],
+        &[1, 4, 7, 4],
+        &[3, 2, 3, 8],
+        &[1, 5, 9, 512],
+        &[1, 2, 300, 16],
+        &[2, 1, 1, 1],
+    ];
+    for dev in devices("upsample_nearest2x_channels_last") {
+        for shape in cases {
+            let x = random(&mut rng, shape, 0.0);
+            for dtype in DTYPES {
+                let (xd, xe) = place(&x, dtype, &dev);
+                let (_, h, w, _) = xe.dims4().unwrap();
+                let want = xe
+                    .permute((0, 3, 1, 2))
+                    .unwrap()
+                    .upsample_nearest2d(2 * h, 2 * w)
+                    .unwrap()
+                    .permute((0, 2, 3, 1))
+                    .unwrap()
+                    .contiguous()
+                    .unwrap();
+                poison(&dev, 4 * x.elem_count(), dtype);
+                let got = ops::upsample_nearest2x_channels_last(&xd).unwrap();
+                assert_eq!(got.dtype(), dtype);
+                let what = format!(
+                    "upsample_nearest2x_channels_last {} {dtype:?} {shape:?}",
+                    dev_name(&dev)
+                );
+                // A copy: exact.
+                assert_close(&got, &want, 0.0, &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn upsample_nearest2x_channels_last_reads_views_at_any_offset() {
+    // Views that start inside their buffer: one sample in (a whole number of pixels), and one
+    // element in (a flat buffer reshaped, so a 16-byte pixel starts at a 2- or 4-byte boundary
+    // and the CUDA kernel must move narrower units); a channel slice is strided, which the op
+    // copies first.
+    let mut rng = rng("upsample views");
+    for dev in devices("upsample views") {
+        let x = random(&mut rng, &[3, 4, 5, 8], 0.0);
+        let flat = random(&mut rng, &[1 + 2 * 2 * 3 * 8], 0.0);
+        for dtype in DTYPES {
+            let (xd, xe) = place(&x, dtype, &dev);
+            let (fd, fe) = place(&flat, dtype, &dev);
+            let shifted = |t: &Tensor| t.narrow(0, 1, 2 * 2 * 3 * 8).unwrap().reshape((2, 2, 3, 8));
+            let views = [
+                ("sample offset", xd.narrow(0, 1, 2), xe.narrow(0, 1, 2)),
+                ("element offset", shifted(&fd), shifted(&fe)),
+                ("channel slice", xd.narrow(3, 1, 3), xe.narrow(3, 1, 3)),
+            ];
+            for (label, got_in, want_in) in views {
+                let want_in = want_in.unwrap().contiguous().unwrap();
+                let (_, h, w, _) = want_in.dims4().unwrap();
+                let want = want_in
+                    .permute((0, 3, 1, 2))
+                    .unwrap()
+                    .upsample_nearest2d(2 * h, 2 * w)
+                    .unwrap()
+                    .permute((0, 2, 3, 1))
+                    .unwrap()
+                    .contiguous()
+                    .unwrap();
+                let got = ops::upsample_nearest2x_channels_last(&got_in.unwrap()).unwrap();
+                let what = format!("upsample {label} {} {dtype:?}", dev_name(&dev));
+                assert_close(&got, &want, 0.0, &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn upsample_nearest2x_channels_last_rejects_non_images() {
+    let x = Tensor::ones((2, 3, 4), DType::F32, &Device::Cpu).unwrap();
+    let err = ops::upsample_nearest2x_channels_last(&x)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("must be [N, H, W, C]"), "{err}");
+    let x = Tensor::ones((1, 2, 2, 3), DType::U8, &Device::Cpu).unwrap();
+    assert!(ops::upsample_nearest2x_channels_last(&x).is_err());
+}
+
+// ---- The VAE decoder in channels-last layout, end to end ----
+
+/// The channels-last decoder (channels-last GroupNorm, NHWC upsampling, channels-last
+/// `ops::conv2d` with the shortcut fused, attention on `[N, HW, C]` tokens) against the NCHW
+/// decoder of the same weights, on every device; on CUDA also `decode`'s choice of path. The
+/// parity tests check the CPU path against diffusers; this is where the CUDA path is checked
+/// (random weights built in code: this binary runs on the GPU machine without the source tree).
+#[test]
+fn vae_channels_last_decoder_matches_nchw() {
+    use turbine::model::loader::RandomWeights;
+    use turbine::model::vae::{AutoencoderKL, AutoencoderKLConfig};
+    use turbine::ops::Kernels;
+
+    // Three levels (two upsamplers), channel counts of the real model's order of magnitude
+    // scaled down, 32 groups, a shortcut conv where the channels change (128 -> 64).
+    let cfg: AutoencoderKLConfig = serde_json::from_str(
+        r#"{"block_out_channels": [64, 128, 128], "layers_per_block": 1,
+            "norm_num_groups": 32, "latent_channels": 4,
+            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]}"#,
+    )
+    .unwrap();
+    let mut rng = rng("vae channels-last");
+    let z = random(&mut rng, &[2, 4, 12, 10], 0.0);
+    let mut cpu_out: Vec<(DType, Tensor)> = Vec::new();
+    for dev in devices("vae channels-last") {
+        for dtype in [DType::F32, DType::BF16] {
+            let vb = RandomWeights::new(7).into_var_builder(dtype, &dev);
+            let vae = AutoencoderKL::new_with_channels_last(vb, &cfg, true).unwrap();
+            let (zd, _) = place(&z, dtype, &dev);
+            let nchw = ops::with_kernels(Kernels::NONE, || vae.decode(&zd)).unwrap();
+            assert!(nchw.is_contiguous(), "NCHW decode");
+            assert_eq!(nchw.dims(), [2, 3, 48, 40]);
+            let nchw = nchw
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap();
+            poison(&dev, 2 * 64 * 48 * 40, dtype);
+            let cl = vae.decode_channels_last(&zd).unwrap();
+            assert_eq!(cl.dtype(), dtype);
+            // bf16: both paths round every layer's output, at different points (fused vs
+            // separate residual adds, f32 vs bf16 norm weights); f32 on CUDA: cuDNN and candle
+            // may pick algorithms (FFT, Winograd) with errors around 1e-4 of the output's scale.
+            let tol = match (dtype, dev.is_cuda()) {
+                (DType::F32, false) => 1e-5,
+                (DType::F32, true) => 1e-3,
+                _ => 5e-2,
+            };
+            let what = format!("vae channels-last vs NCHW {} {dtype:?}", dev_name(&dev));
+            assert_close(&cl, &nchw, tol, &what);
+            if dev.is_cuda() {
+                // With its levers on, `decode` on CUDA is the channels-last path: an NCHW view
+                // of NHWC memory; without CONV it is not.
+                let levers = Kernels::CHANNELS_LAST.union(Kernels::CONV);
+                let auto = ops::with_kernels(levers, || vae.decode(&zd)).unwrap();
+                assert!(!auto.is_contiguous(), "decode on CUDA with CHANNELS_LAST");
+                assert_eq!(auto.stride()[1], 1, "channels are the innermost dim");
+                let without_conv =
+                    ops::with_kernels(Kernels::CHANNELS_LAST, || vae.decode(&zd)).unwrap();
+                assert!(without_conv.is_contiguous(), "decode without CONV");
+                let (_, cpu) = cpu_out.iter().find(|(d, _)| *d == dtype).unwrap();
+                let what = format!("vae channels-last cuda vs cpu {dtype:?}");
+                assert_close(&cl, cpu, tol, &what);
+            } else {
+                let cl = cl.to_dtype(DType::F32).unwrap();
+                cpu_out.push((dtype, cl));
+            }
+        }
+    }
+}

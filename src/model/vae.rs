@@ -1,7 +1,7 @@
 //! SDXL's VAE, mirroring diffusers 0.42.1 `AutoencoderKL`
 //! (`models/autoencoders/autoencoder_kl.py`, `Encoder`/`Decoder` in
 //! `models/autoencoders/vae.py`), built from the UNet's resnet, resampler and attention
-//! layers.
+//! layers, plus the mid-block's spatial self-attention, which only the VAE has.
 
 use std::path::Path;
 
@@ -10,12 +10,19 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::model::loader::{self, LoadError, LoadResult, ModelDir};
-use crate::model::unet::attention::SpatialSelfAttention;
+use crate::model::unet::attention::{to_tokens, Attention};
 use crate::model::unet::layers::{Conv2d, GroupNorm};
 use crate::model::unet::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use crate::ops::{self, Kernels};
 
 /// diffusers' `Encoder`/`Decoder` hard-code this epsilon for every norm of the VAE.
 const VAE_EPS: f64 = 1e-6;
+
+/// Whether the levers of the channels-last decoder are on: [`Kernels::CHANNELS_LAST`], and
+/// [`Kernels::CONV`], whose convolution it is a layout of.
+fn channels_last_levers() -> bool {
+    ops::enabled(Kernels::CHANNELS_LAST) && ops::enabled(Kernels::CONV)
+}
 
 /// The `vae/config.json` of a diffusers checkpoint; field names and defaults are those of
 /// [`AutoencoderKL.__init__`](https://github.com/huggingface/diffusers/blob/v0.42.1/src/diffusers/models/autoencoders/autoencoder_kl.py)
@@ -144,6 +151,33 @@ impl AutoencoderKLConfig {
     }
 }
 
+/// The VAE mid-block's attention: GroupNorm, single-head self-attention over all pixels
+/// (`to_q`/`to_k`/`to_v` with bias, `to_out.0`), residual. diffusers builds it with
+/// `attention_head_dim = channels` (one head) and the mid-block's `output_scale_factor` of 1 as
+/// `rescale_output_factor`, so neither is a parameter here. (Checkpoints older than diffusers
+/// 0.14 name these `query`/`key`/`value`/`proj_attn`; they are not supported.)
+#[derive(Debug, Clone)]
+struct SpatialSelfAttention {
+    group_norm: GroupNorm,
+    attn: Attention,
+}
+
+impl SpatialSelfAttention {
+    fn new(vb: VarBuilder, channels: usize, groups: usize) -> Result<Self> {
+        Ok(Self {
+            group_norm: GroupNorm::new(vb.pp("group_norm"), groups, channels, VAE_EPS)?,
+            attn: Attention::new(vb, channels, None, 1, channels, true)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let normed = self.group_norm.forward(xs)?;
+        let out = self.attn.forward(&to_tokens(&normed)?, None)?;
+        out.reshape((b, h, w, c))?.permute((0, 3, 1, 2))? + xs
+    }
+}
+
 /// `UNetMidBlock2D` without time embedding: `resnets.0`, then (`attentions.0`, `resnets.1`).
 #[derive(Debug, Clone)]
 struct MidBlock {
@@ -159,14 +193,10 @@ impl MidBlock {
             .map(|i| ResnetBlock2D::new(rvb.pp(i.to_string()), &rcfg))
             .collect::<Result<Vec<_>>>()?;
         let attentions = if add_attention {
-            // attention_head_dim = channels: one head over all channels.
             vec![SpatialSelfAttention::new(
                 vb.pp("attentions").pp("0"),
                 channels,
-                channels,
                 groups,
-                VAE_EPS,
-                1.0,
             )?]
         } else {
             Vec::new()
@@ -291,6 +321,17 @@ struct Decoder {
     conv_out: Conv2d,
 }
 
+/// `(in, out)` channels of each of the decoder's `up_blocks`, in order (widest first); every
+/// block but the last ends with an upsampler.
+fn up_block_channels(cfg: &AutoencoderKLConfig) -> Vec<(usize, usize)> {
+    let ch = &cfg.block_out_channels;
+    let mut prev = ch[ch.len() - 1];
+    ch.iter()
+        .rev()
+        .map(|&c| (std::mem::replace(&mut prev, c), c))
+        .collect()
+}
+
 impl Decoder {
     fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
         let ch = &cfg.block_out_channels;
@@ -298,24 +339,11 @@ impl Decoder {
         let last = ch[n - 1];
         let uvb = vb.pp("up_blocks");
         let mut up_blocks = Vec::with_capacity(n);
-        let mut output_channel = last;
-        for i in 0..n {
+        for (i, (cin, cout)) in up_block_channels(cfg).into_iter().enumerate() {
             let bvb = uvb.pp(i.to_string());
-            let prev_output_channel = output_channel;
-            output_channel = ch[n - 1 - i];
-            let stack = ResnetStack::new(
-                &bvb,
-                prev_output_channel,
-                output_channel,
-                cfg.layers_per_block + 1,
-                g,
-            )?;
+            let stack = ResnetStack::new(&bvb, cin, cout, cfg.layers_per_block + 1, g)?;
             let up = if i + 1 < n {
-                Some(Upsample2D::new(
-                    bvb.pp("upsamplers").pp("0"),
-                    output_channel,
-                    output_channel,
-                )?)
+                Some(Upsample2D::new(bvb.pp("upsamplers").pp("0"), cout, cout)?)
             } else {
                 None
             };
@@ -344,11 +372,209 @@ impl Decoder {
     }
 }
 
+// ---- The decoder in channels-last (NHWC) layout ----
+//
+// cuDNN's tensor-core convolutions compute in NHWC; handed NCHW bf16 tensors, they transpose the
+// input and the output of every convolution. The decoder is most of an image's FLOPs and
+// activation bytes (3x3 convolutions of 128..512 channels at 64^2..512^2), so on CUDA it runs
+// NHWC from end to end: the latents are transposed once on the way in (4 channels), and the
+// image leaves as an NCHW view of the NHWC result. The layers below read the same checkpoint
+// tensors as the NCHW ones, with the convolution weights permuted once to KRSC `[O, kh, kw, I]`,
+// and are built only where this path runs (see `AutoencoderKL::new`).
+//
+// The path is a layout for turbine's convolution ([`Kernels::CONV`]): candle's is NCHW only, so
+// without that lever every convolution here would be wrapped in the very transposes the path
+// exists to remove, and `decode` takes it only with both levers on. What it saves is measured as
+// `--kernels all` against `all,-channels-last`.
+
+/// A stride-1 convolution on `[N, H, W, C]` (weight `[O, kh, kw, I]`), read from `vb`.
+fn conv_nhwc(vb: VarBuilder, cin: usize, cout: usize, kernel: usize, pad: usize) -> Result<Conv2d> {
+    Conv2d::new(vb, cin, cout, kernel, pad, 1)?.to_channels_last()
+}
+
+/// GroupNorm (+ SiLU) on `[N, H, W, C]`, weight and bias in the model dtype (what diffusers
+/// holds in a half-precision pipeline), statistics in f32.
+#[derive(Debug, Clone)]
+struct GroupNormNhwc {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+}
+
+impl GroupNormNhwc {
+    fn new(vb: VarBuilder, groups: usize, channels: usize) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(channels, "weight")?,
+            bias: vb.get(channels, "bias")?,
+            groups,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        ops::group_norm_channels_last(xs, self.groups, &self.weight, &self.bias, VAE_EPS, silu)
+    }
+}
+
+/// [`ResnetBlock2D`] as the VAE builds it (no time embedding, output scale 1), with the
+/// shortcut added inside `conv2`.
+#[derive(Debug, Clone)]
+struct ResnetNhwc {
+    norm1: GroupNormNhwc,
+    conv1: Conv2d,
+    norm2: GroupNormNhwc,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+}
+
+impl ResnetNhwc {
+    fn new(vb: VarBuilder, cin: usize, cout: usize, groups: usize) -> Result<Self> {
+        let conv_shortcut = if cin != cout {
+            Some(conv_nhwc(vb.pp("conv_shortcut"), cin, cout, 1, 0)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: GroupNormNhwc::new(vb.pp("norm1"), groups, cin)?,
+            conv1: conv_nhwc(vb.pp("conv1"), cin, cout, 3, 1)?,
+            norm2: GroupNormNhwc::new(vb.pp("norm2"), groups, cout)?,
+            conv2: conv_nhwc(vb.pp("conv2"), cout, cout, 3, 1)?,
+            conv_shortcut,
+        })
+    }
+
+    /// `layers` resnets under `{vb}.resnets.*`, the first taking `cin` channels.
+    fn stack(
+        vb: &VarBuilder,
+        cin: usize,
+        cout: usize,
+        layers: usize,
+        groups: usize,
+    ) -> Result<Vec<Self>> {
+        let rvb = vb.pp("resnets");
+        (0..layers)
+            .map(|i| {
+                let c = if i == 0 { cin } else { cout };
+                Self::new(rvb.pp(i.to_string()), c, cout, groups)
+            })
+            .collect()
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(xs, true)?)?;
+        let h = self.norm2.forward(&h, true)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(c) => c.forward(xs)?,
+            None => xs.clone(),
+        };
+        self.conv2.forward_residual(&h, Some(&shortcut))
+    }
+}
+
+/// [`SpatialSelfAttention`] on `[N, H, W, C]`: the pixels are already tokens `[N, HW, C]`, so
+/// the two transposes around the attention disappear.
+#[derive(Debug, Clone)]
+struct SpatialSelfAttentionNhwc {
+    group_norm: GroupNormNhwc,
+    /// The NCHW block's projections (shared tensors: they do not depend on the layout).
+    attn: Attention,
+}
+
+impl SpatialSelfAttentionNhwc {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, h, w, c) = xs.dims4()?;
+        let tokens = self.group_norm.forward(xs, false)?.reshape((b, h * w, c))?;
+        self.attn.forward(&tokens, None)?.reshape((b, h, w, c))? + xs
+    }
+}
+
+/// The [`Decoder`] in channels-last layout.
+#[derive(Debug, Clone)]
+struct DecoderNhwc {
+    conv_in: Conv2d,
+    mid_resnets: [ResnetNhwc; 2],
+    mid_attention: Option<SpatialSelfAttentionNhwc>,
+    /// Each up block's resnets, then its upsampler's convolution.
+    up_blocks: Vec<(Vec<ResnetNhwc>, Option<Conv2d>)>,
+    conv_norm_out: GroupNormNhwc,
+    conv_out: Conv2d,
+}
+
+impl DecoderNhwc {
+    /// `nchw` is the decoder already built from `vb`: its attention projections are reused.
+    fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig, nchw: &Decoder) -> Result<Self> {
+        let ch = &cfg.block_out_channels;
+        let (n, g) = (ch.len(), cfg.norm_num_groups);
+        let last = ch[n - 1];
+        let mvb = vb.pp("mid_block");
+        let mid_resnet =
+            |i: usize| ResnetNhwc::new(mvb.pp("resnets").pp(i.to_string()), last, last, g);
+        let mid_attention = match nchw.mid_block.attentions.first() {
+            Some(a) => Some(SpatialSelfAttentionNhwc {
+                group_norm: GroupNormNhwc::new(
+                    mvb.pp("attentions").pp("0").pp("group_norm"),
+                    g,
+                    last,
+                )?,
+                attn: a.attn.clone(),
+            }),
+            None => None,
+        };
+        let uvb = vb.pp("up_blocks");
+        let mut up_blocks = Vec::with_capacity(n);
+        for (i, (cin, cout)) in up_block_channels(cfg).into_iter().enumerate() {
+            let bvb = uvb.pp(i.to_string());
+            let resnets = ResnetNhwc::stack(&bvb, cin, cout, cfg.layers_per_block + 1, g)?;
+            let up = if i + 1 < n {
+                Some(conv_nhwc(
+                    bvb.pp("upsamplers").pp("0").pp("conv"),
+                    cout,
+                    cout,
+                    3,
+                    1,
+                )?)
+            } else {
+                None
+            };
+            up_blocks.push((resnets, up));
+        }
+        Ok(Self {
+            conv_in: conv_nhwc(vb.pp("conv_in"), cfg.latent_channels, last, 3, 1)?,
+            mid_resnets: [mid_resnet(0)?, mid_resnet(1)?],
+            mid_attention,
+            up_blocks,
+            conv_norm_out: GroupNormNhwc::new(vb.pp("conv_norm_out"), g, ch[0])?,
+            conv_out: conv_nhwc(vb.pp("conv_out"), ch[0], cfg.out_channels, 3, 1)?,
+        })
+    }
+
+    /// `[N, h, w, latent]` to `[N, H, W, out_channels]`.
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.conv_in.forward(xs)?;
+        let mut xs = self.mid_resnets[0].forward(&xs)?;
+        if let Some(attn) = &self.mid_attention {
+            xs = attn.forward(&xs)?;
+        }
+        xs = self.mid_resnets[1].forward(&xs)?;
+        for (resnets, up) in &self.up_blocks {
+            for r in resnets {
+                xs = r.forward(&xs)?;
+            }
+            if let Some(conv) = up {
+                xs = conv.forward(&ops::upsample_nearest2x_channels_last(&xs)?)?;
+            }
+        }
+        let xs = self.conv_norm_out.forward(&xs, true)?;
+        self.conv_out.forward(&xs)
+    }
+}
+
 /// The KL autoencoder: `encoder.*`, `quant_conv`, `post_quant_conv`, `decoder.*`.
 #[derive(Debug, Clone)]
 pub struct AutoencoderKL {
     encoder: Encoder,
     decoder: Decoder,
+    /// The decoder's channels-last twin, where that path can run.
+    decoder_nhwc: Option<DecoderNhwc>,
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
     latent_channels: usize,
@@ -360,7 +586,30 @@ pub struct AutoencoderKL {
 impl AutoencoderKL {
     /// Builds the model from a validated config; tensors are read from `vb` (in its dtype and
     /// on its device) under the checkpoint's names.
+    ///
+    /// On CUDA with [`Kernels::CHANNELS_LAST`] and [`Kernels::CONV`] on, the decoder's
+    /// channels-last layers are built too (a second copy of the decoder's convolution weights,
+    /// ~100 MB in bf16 for SDXL), so that [`AutoencoderKL::decode`] can take that path. Only in
+    /// half precision: the transposes it saves are those of cuDNN's tensor-core kernels, while
+    /// f32 convolutions run FMA math (no TF32) on NCHW natively (an f16 pipeline decodes in f32
+    /// when the VAE's `force_upcast` is set). And only with the `cudnn` feature: without it
+    /// `ops::conv2d` is candle's NCHW convolution between two transposes.
     pub fn new(vb: VarBuilder, cfg: &AutoencoderKLConfig) -> Result<Self> {
+        let channels_last = cfg!(feature = "cudnn")
+            && vb.device().is_cuda()
+            && matches!(vb.dtype(), DType::BF16 | DType::F16)
+            && channels_last_levers();
+        Self::new_with_channels_last(vb, cfg, channels_last)
+    }
+
+    /// [`AutoencoderKL::new`] with the choice made by the caller: `channels_last` builds the
+    /// decoder's channels-last weights on any device, for
+    /// [`AutoencoderKL::decode_channels_last`].
+    pub fn new_with_channels_last(
+        vb: VarBuilder,
+        cfg: &AutoencoderKLConfig,
+        channels_last: bool,
+    ) -> Result<Self> {
         // `from_file` has validated already; a config built in code gets the same checks.
         cfg.validate(Path::new("vae/config.json"))
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
@@ -375,9 +624,16 @@ impl AutoencoderKL {
         } else {
             None
         };
+        let decoder = Decoder::new(vb.pp("decoder"), cfg)?;
+        let decoder_nhwc = if channels_last {
+            Some(DecoderNhwc::new(vb.pp("decoder"), cfg, &decoder)?)
+        } else {
+            None
+        };
         Ok(Self {
             encoder: Encoder::new(vb.pp("encoder"), cfg)?,
-            decoder: Decoder::new(vb.pp("decoder"), cfg)?,
+            decoder,
+            decoder_nhwc,
             quant_conv,
             post_quant_conv,
             latent_channels: l,
@@ -415,12 +671,43 @@ impl AutoencoderKL {
 
     /// Latents `z` `[B, latent, h, w]` (already divided by `scaling_factor`, as diffusers'
     /// `vae.decode` takes them) to images `[B, out_channels, h*f, w*f]` in about [-1, 1].
+    ///
+    /// On CUDA, with [`Kernels::CHANNELS_LAST`] and [`Kernels::CONV`] on and the channels-last
+    /// weights built, this is [`AutoencoderKL::decode_channels_last`], whose result is an NCHW
+    /// view of NHWC memory; otherwise the NCHW decoder, with a contiguous result.
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
-        let mut z = z.to_dtype(self.dtype)?;
-        if let Some(c) = &self.post_quant_conv {
-            z = c.forward(&z)?;
+        if self.decoder_nhwc.is_some() && z.device().is_cuda() && channels_last_levers() {
+            return self.decode_channels_last(z);
         }
-        self.decoder.forward(&z)
+        self.decoder.forward(&self.post_quant(z)?)
+    }
+
+    /// [`AutoencoderKL::decode`] through the channels-last decoder, on any device: the same
+    /// images `[B, out_channels, H, W]`, as a permuted view of an `[B, H, W, out_channels]`
+    /// tensor (consumers that want NHWC pixels read it without a copy). Its convolutions follow
+    /// [`Kernels::CONV`] like every [`Conv2d`] (candle's between transposes when it is off).
+    /// Fails when the model was built without the channels-last weights.
+    pub fn decode_channels_last(&self, z: &Tensor) -> Result<Tensor> {
+        let decoder = self.decoder_nhwc.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg(
+                "vae: decode_channels_last needs the channels-last decoder weights; build the \
+                 model with AutoencoderKL::new_with_channels_last(.., true)"
+                    .into(),
+            )
+        })?;
+        // post_quant_conv is a 1x1 convolution over the 4 latent channels: it stays NCHW, and
+        // the transpose of its small output is the path's only one on the way in.
+        let z = self.post_quant(z)?.permute((0, 2, 3, 1))?.contiguous()?;
+        decoder.forward(&z)?.permute((0, 3, 1, 2))
+    }
+
+    /// `z` in the model dtype, through `post_quant_conv` when the checkpoint has one.
+    fn post_quant(&self, z: &Tensor) -> Result<Tensor> {
+        let z = z.to_dtype(self.dtype)?;
+        match &self.post_quant_conv {
+            Some(c) => c.forward(&z),
+            None => Ok(z),
+        }
     }
 
     /// The posterior's parameters `[B, 2*latent, H/f, W/f]` (mean, then log-variance before

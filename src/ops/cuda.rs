@@ -15,6 +15,10 @@ pub const GROUP_NORM: Module = Module {
     name: "turbine_group_norm",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/group_norm.ptx")),
 };
+pub const UPSAMPLE: Module = Module {
+    name: "turbine_upsample",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/upsample.ptx")),
+};
 pub const GEGLU: Module = Module {
     name: "turbine_geglu",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/geglu.ptx")),

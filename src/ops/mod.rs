@@ -4,7 +4,7 @@
 //!
 //! - [`group_norm`]: GroupNorm with optional SiLU, f32 statistics, one rounding to the storage
 //!   dtype (diffusers' UNet calls GroupNorm 46 times per pass; candle composes it from ~13
-//!   kernels with f32 temporaries).
+//!   kernels with f32 temporaries); [`group_norm_channels_last`] for `[N, ..., C]` input.
 //! - [`geglu`]: `a * gelu_erf(gate)` on the two halves of the feed-forward projection.
 //! - [`attention`]: softmax(scale · Q·Kᵀ)·V with the logits in f32, optionally causal;
 //!   [`multi_head_attention`] on `[B, L, H·D]` projections, without splitting the heads apart.
@@ -12,6 +12,7 @@
 //! - [`conv2d`]: convolution + bias (+ residual), NCHW or channels-last; on CUDA cuDNN with one
 //!   plan per shape (algorithm timed once, workspace reused) and bias/residual fused.
 //! - [`to_rgb8`]: the VAE's output to 8-bit NHWC RGB, diffusers' postprocess in one pass.
+//! - [`upsample_nearest2x_channels_last`]: the VAE decoder's nearest 2x upsampling in NHWC.
 //!
 //! Which of them the models use is chosen by [`Kernels`] (`--kernels`).
 //!
@@ -27,6 +28,7 @@ mod geglu;
 mod group_norm;
 mod postprocess;
 mod select;
+mod upsample;
 
 pub use attention::{
     attention, attention_composed, fused_attention, fused_multi_head_attention,
@@ -38,9 +40,10 @@ pub use conv::{
     CONV_FALLBACK,
 };
 pub use geglu::{geglu, GegluOp};
-pub use group_norm::{group_norm, GroupNormOp};
+pub use group_norm::{group_norm, group_norm_channels_last, GroupNormOp};
 pub use postprocess::to_rgb8;
 pub use select::{enabled, kernels, set_kernels, with_kernels, Kernels};
+pub use upsample::{upsample_nearest2x_channels_last, UpsampleNearest2xNhwc};
 
 use candle_core::{bail, CpuStorage, DType, Layout, Result, WithDType};
 

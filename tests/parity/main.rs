@@ -9,3 +9,4 @@ mod scheduler;
 mod tokenizer;
 mod unet;
 mod vae;
+mod vae_channels_last;

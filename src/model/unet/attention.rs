@@ -284,58 +284,11 @@ impl Transformer2DModel {
 }
 
 /// `[B, C, H, W]` to contiguous `[B, HW, C]`.
-fn to_tokens(xs: &Tensor) -> Result<Tensor> {
+pub(crate) fn to_tokens(xs: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = xs.dims4()?;
     xs.permute((0, 2, 3, 1))?
         .contiguous()?
         .reshape((b, h * w, c))
-}
-
-/// The VAE mid-block's attention: GroupNorm, single-head self-attention over all pixels
-/// (`to_q`/`to_k`/`to_v` with bias, `to_out.0`), residual. (Checkpoints older than diffusers
-/// 0.14 name these `query`/`key`/`value`/`proj_attn`; they are not supported.)
-#[derive(Debug, Clone)]
-pub struct SpatialSelfAttention {
-    group_norm: GroupNorm,
-    attn: Attention,
-    rescale_output_factor: f64,
-}
-
-impl SpatialSelfAttention {
-    pub fn new(
-        vb: VarBuilder,
-        channels: usize,
-        head_dim: usize,
-        groups: usize,
-        eps: f64,
-        rescale_output_factor: f64,
-    ) -> Result<Self> {
-        if head_dim == 0 || !channels.is_multiple_of(head_dim) {
-            candle_core::bail!(
-                "{}: {channels} channels cannot be split into heads of {head_dim}",
-                vb.prefix()
-            );
-        }
-        let heads = channels / head_dim;
-        Ok(Self {
-            group_norm: GroupNorm::new(vb.pp("group_norm"), groups, channels, eps)?,
-            attn: Attention::new(vb, channels, None, heads, head_dim, true)?,
-            rescale_output_factor,
-        })
-    }
-
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = xs.dims4()?;
-        let normed = self.group_norm.forward(xs)?;
-        let tokens = to_tokens(&normed)?;
-        let out = self.attn.forward(&tokens, None)?;
-        let out = (out.reshape((b, h, w, c))?.permute((0, 3, 1, 2))? + xs)?;
-        if self.rescale_output_factor == 1.0 {
-            Ok(out)
-        } else {
-            out.affine(1.0 / self.rescale_output_factor, 0.0)
-        }
-    }
 }
 
 #[cfg(test)]
