@@ -27,7 +27,9 @@ impl Kernels {
     /// residual fused) instead of candle's `conv2d` + separate bias add.
     pub const CONV: Self = Self(1 << 3);
     /// The VAE decoder in channels-last (NHWC) layout, so cuDNN's tensor-core convolutions need
-    /// no layout transposes.
+    /// no layout transposes. Takes effect only with [`Self::CONV`] too (candle's convolution is
+    /// NCHW only), on CUDA, in f16/bf16 and in a `cudnn` build: measure it as `all` against
+    /// `all,-channels-last`.
     pub const CHANNELS_LAST: Self = Self(1 << 4);
     /// Bias and residual adds fused into one pass after the UNet's GEMMs.
     pub const BIAS_RESIDUAL: Self = Self(1 << 5);
