@@ -20,6 +20,8 @@
 # The `run` call (timeout_s 480; the script stops itself at $GPU_CHECK_BUDGET_S, default 420):
 #   command: bash scripts/gpu_check.sh
 #   carry:   ["target/gpu-check"]
+# GPU_CHECK_KERNELS (default all) is turbine's --kernels for the sweep, e.g. `all,-flash` to rerun
+# without a lever whose kernel test or ablation row failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +31,7 @@ case "${1:-}" in
     --prepare) MODE=prepare ;;
     --dry-run) MODE=dry-run ;;
     "") ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "usage: scripts/gpu_check.sh [--prepare|--dry-run]" >&2; exit 2 ;;
 esac
 
@@ -193,7 +195,7 @@ if ls "$BIN"/tests/* >/dev/null 2>&1; then
     pass=0; fail=0
     for t in "$BIN"/tests/*; do
         echo "== CUDA kernel tests: $t"
-        if TURBINE_REQUIRE_GPU=1 timeout 150 "$t" --test-threads=1 2>&1; then pass=$((pass + 1)); else fail=$((fail + 1)); fi
+        if TURBINE_REQUIRE_GPU=1 timeout 200 "$t" --test-threads=1 2>&1; then pass=$((pass + 1)); else fail=$((fail + 1)); fi
     done
     kernel="$pass test binaries passed, $fail failed (TURBINE_REQUIRE_GPU=1)"
     echo "== CUDA kernel tests: $kernel"
@@ -202,7 +204,8 @@ fi
 # What the steps above spent comes off the budget.
 used=$SECONDS
 python3 scripts/bench/gpu_check.py --turbine "$BIN/turbine" --out "$OUT" --work /tmp/turbine-gpu-check \
-    --budget-s $((BUDGET - used)) --commit "$commit" --kernel-tests "$kernel"
+    --budget-s $((BUDGET - used)) --commit "$commit" --kernel-tests "$kernel" \
+    --kernels "${GPU_CHECK_KERNELS:-all}"
 rc=$?
 echo "== done in $SECONDS s, exit $rc"
 exit $rc

@@ -202,6 +202,8 @@ def main():
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32")
     ap.add_argument("--diff-batch", type=int, default=4, help="batch whose images are compared")
+    ap.add_argument("--kernels", default="all",
+                    help="turbine's --kernels for the sweep (the ablation always covers every set)")
     ap.add_argument("--ablate-batch", type=int, default=8,
                     help="batch size of turbine's kernel ablation (0: none)")
     ap.add_argument("--budget-s", type=float, default=450.0, help="whole run, seconds")
@@ -226,7 +228,7 @@ def main():
     res = {"started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "commit": a.commit, "device": a.device, "dtype": a.dtype, "size": a.size,
            "steps": a.steps, "batches": batches, "diff_batch": a.diff_batch,
-           "kernel_tests": a.kernel_tests}
+           "kernel_tests": a.kernel_tests, "kernels": a.kernels}
 
     def save():
         (a.out / "gpu_check.json").write_text(json.dumps(res, indent=2, default=str))
@@ -259,6 +261,7 @@ def main():
             "--dtype", a.dtype, "--size", a.size, "--steps", a.steps, "--batch-sizes", a.batch_sizes,
             "--warmup", "2", "--runs", "3", "--min-time", a.min_time, "--init-latents", lat,
             "--save-images", timg, "--json", tjson]
+    tcmd += ["--kernels", a.kernels]
     if a.ablate_batch:
         tcmd += ["--ablate", a.ablate_batch]
     for p in PROMPTS:
@@ -349,6 +352,7 @@ def main():
         if bt:
             hdr.append(f"- turbine's best: {bt['images_per_s']:.2f} images/s = "
                        f"{100 * bt['images_per_s'] * fl['flop_floor_ms'] / 1e3:.1f}% of the floor")
+    hdr.append(f"- turbine's kernels in the sweep: `--kernels {a.kernels}`")
     if a.kernel_tests:
         hdr.append(f"- CUDA kernel tests: {a.kernel_tests}")
     for k in ("turbine_rc", "eager_rc", "compile_rc"):
