@@ -86,7 +86,7 @@ pub fn flash_attention(
 /// (rows are H·64 elements apart, so then every row is 16-byte aligned). A contiguous view at an
 /// odd offset (a narrow of a larger buffer) is copied; `contiguous()` would keep its offset.
 fn aligned(x: &Tensor) -> Result<Tensor> {
-    if x.is_contiguous() && x.layout().start_offset() % 8 == 0 {
+    if x.is_contiguous() && x.layout().start_offset().is_multiple_of(8) {
         Ok(x.clone())
     } else {
         x.force_contiguous()
@@ -253,7 +253,7 @@ mod cuda_impl {
         let v = cuda::contiguous_view::<T>(vs, vl, "flash attention v")?;
         for (name, view) in [("q", &q), ("k", &k), ("v", &v)] {
             let (ptr, _guard) = view.device_ptr(&stream);
-            if ptr % 16 != 0 {
+            if !ptr.is_multiple_of(16) {
                 bail!(
                     "flash attention: {name} starts at device address {ptr:#x}, not 16-byte \
                      aligned (flash_attention copies such inputs; this is a bug in the caller)"
