@@ -30,6 +30,11 @@
 // scratch with 68 (64 + 4). wmma needs 256-bit-aligned fragment pointers and ldm a multiple of 8
 // (16-bit) or 4 (f32): every fragment starts at a multiple of 16 rows and 16 columns, i.e. at
 // 16*144 = 2304 or 16*272 = 4352 bytes (multiples of 32) plus 32 or 64 bytes per 16 columns.
+//
+// Checked without a GPU: scripts/cuda_host/flash_attn_check.sh runs this source on the host
+// (CUDA emulated, wmma alignment asserted, under AddressSanitizer and ThreadSanitizer too) and
+// scripts/flash_attn_emulate.py re-derives the same steps in numpy, both against plain softmax
+// attention. tests/ops.rs checks the compiled kernel on a GPU.
 #include <math_constants.h>
 #include <mma.h>
 
