@@ -24,10 +24,12 @@
 //!
 //! Cross-attention (77 keys) and sequences up to 4096 (1024x1024 images) go through the same path.
 //!
-//! The first point is moot for one case: under [`Kernels::FLASH`], [`multi_head_attention`] hands
-//! the UNet's attention (CUDA, f16/bf16, head dim 64, not causal) to [`super::flash_attention`],
-//! a kernel written for exactly that shape, which keeps the scores on chip and so saves the ~12
-//! bytes per score this path moves. Everything else stays here.
+//! One case has a flash kernel all the same: under [`Kernels::FLASH`], [`multi_head_attention`]
+//! hands the UNet's attention (CUDA, f16/bf16, head dim 64, not causal) to
+//! [`super::flash_attention`], written for exactly that shape and checked by emulating it on the
+//! host, which keeps the scores on chip and so saves the ~12 bytes per score this path moves.
+//! Everything else stays here.
+//!
 //! The composed forms ([`attention_composed`], [`multi_head_attention_composed`]) are candle's
 //! ops, the baseline that `--kernels -attention` measures, and the CPU path of both layouts.
 
