@@ -253,7 +253,7 @@ fn ablation_measures_every_kernel_set_and_compares_pictures() {
     let levers = turbine::ops::Kernels::NAMED.len();
     assert_eq!(names.len(), 2 + 2 * levers, "{names:?}");
     assert_eq!(&names[..3], ["none", "all", "group-norm"]);
-    assert!(names.contains(&"geglu,attention,conv,channels-last,bias-residual,postprocess"));
+    assert!(names.contains(&"geglu,attention,conv,channels-last,bias-residual,postprocess,flash"));
     for r in &report.ablation {
         assert_eq!(r.row.batch, 2);
         assert!(r.row.images_per_s > 0.0, "{r:?}");
@@ -280,7 +280,7 @@ fn ablation_measures_every_kernel_set_and_compares_pictures() {
 fn bad_kernels_and_ablate_values_are_usage_errors() {
     let model = tiny();
     for args in [
-        &["--kernels", "group-norm,flash"][..],
+        &["--kernels", "group-norm,warp-drive"][..],
         &["--kernels", ""][..],
         &["--ablate", "0"][..],
     ] {

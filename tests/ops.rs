@@ -1554,3 +1554,246 @@ fn vae_channels_last_decoder_matches_nchw() {
         }
     }
 }
+
+// ---- Flash attention (the UNet's case of multi-head attention: head dim 64, not causal) ----
+
+/// (batch, heads, Lq, Lk, gain on q). A gain of 10 makes logits of ±40 or so: each row has a
+/// dominant key and the running max moves between key tiles, which exercises the rescaling.
+type FlashCase = (usize, usize, usize, usize, f32);
+
+const FLASH_CASES: [FlashCase; 9] = [
+    (1, 1, 1, 1, 1.0),        // one query, one key: 63 masked keys, 63 unwritten rows
+    (3, 5, 15, 77, 1.0),      // cross-attention: a full key tile + 13; Lq below one wmma tile
+    (1, 10, 100, 100, 1.0),   // multiples of neither 64 nor 16
+    (1, 1, 256, 256, 10.0),   // whole tiles, dominant keys
+    (3, 1, 77, 1030, 10.0),   // 17 key tiles, the last of 6 keys
+    (1, 5, 1030, 15, 1.0),    // 17 query tiles, the last of 6 rows; fewer keys than a wmma tile
+    (2, 10, 64, 64, 1.0),     // exactly one tile each way
+    (1, 20, 256, 77, 10.0),   // SDXL's 1280-channel cross-attention at 512x512
+    (2, 10, 1024, 1024, 1.0), // SDXL's 640-channel self-attention at 512x512
+];
+
+/// Cases with more scores than this run on CUDA only: on the CPU the op is the reference itself.
+const FLASH_CPU_MAX_SCORES: usize = 1 << 20;
+
+/// The reference for `[B, L, H*64]` inputs: the f64 loops of `fused_multi_head_attention` on
+/// the CPU, from the same rounded values.
+fn flash_reference(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Tensor {
+    ops::fused_multi_head_attention(q, k, v, heads, scale, false).unwrap()
+}
+
+#[test]
+fn flash_attention_matches_reference() {
+    let mut rng = rng("flash_attention");
+    let devs = devices("flash_attention");
+    let scale = 1.0 / 8.0;
+    for (b, h, lq, lk, gain) in FLASH_CASES {
+        let q = (random(&mut rng, &[b, lq, h * 64], 0.0) * gain as f64).unwrap();
+        let k = random(&mut rng, &[b, lk, h * 64], 0.0);
+        let v = random(&mut rng, &[b, lk, h * 64], 0.0);
+        for dtype in [DType::BF16, DType::F16] {
+            let (_, qe) = place(&q, dtype, &Device::Cpu);
+            let (_, ke) = place(&k, dtype, &Device::Cpu);
+            let (_, ve) = place(&v, dtype, &Device::Cpu);
+            let want = flash_reference(&qe, &ke, &ve, h, scale);
+            for dev in &devs {
+                if !dev.is_cuda() && b * h * lq * lk > FLASH_CPU_MAX_SCORES {
+                    continue;
+                }
+                let (qd, _) = place(&q, dtype, dev);
+                let (kd, _) = place(&k, dtype, dev);
+                let (vd, _) = place(&v, dtype, dev);
+                poison(dev, b * lq * h * 64, dtype);
+                let before = ops::flash_launches();
+                let got = ops::flash_attention(&qd, &kd, &vd, h, scale).unwrap();
+                assert_eq!(
+                    ops::flash_launches() - before,
+                    u64::from(dev.is_cuda()),
+                    "one kernel launch on CUDA, none on the CPU"
+                );
+                assert_eq!(got.dtype(), dtype);
+                let what = format!(
+                    "flash_attention {} {dtype:?} b={b} h={h} lq={lq} lk={lk} gain={gain}",
+                    dev_name(dev)
+                );
+                assert_close(&got, &want, tolerance(dtype), &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn flash_attention_rejects_bad_arguments() {
+    let t = |s: &[usize], dtype| Tensor::ones(s, dtype, &Device::Cpu).unwrap();
+    let bf = |s: &[usize]| t(s, DType::BF16);
+    let err = |q: &Tensor, k: &Tensor, v: &Tensor, heads, scale| {
+        ops::flash_attention(q, k, v, heads, scale)
+            .unwrap_err()
+            .to_string()
+    };
+    let f32s = t(&[1, 4, 64], DType::F32);
+    let e = err(&f32s, &f32s, &f32s, 1, 1.0);
+    assert!(e.contains("q has dtype F32"), "{e}");
+    let e = err(
+        &bf(&[1, 4, 64]),
+        &t(&[1, 4, 64], DType::F16),
+        &bf(&[1, 4, 64]),
+        1,
+        1.0,
+    );
+    assert!(e.contains("share a dtype"), "{e}");
+    let e = err(&bf(&[1, 4, 96]), &bf(&[1, 4, 96]), &bf(&[1, 4, 96]), 2, 1.0);
+    assert!(e.contains("q [1, 4, 96] has width 96"), "{e}");
+    let e = err(
+        &bf(&[1, 4, 128]),
+        &bf(&[1, 5, 128]),
+        &bf(&[1, 5, 64]),
+        2,
+        1.0,
+    );
+    assert!(e.contains("v [1, 5, 64]"), "{e}");
+    let e = err(
+        &bf(&[1, 4, 64]),
+        &bf(&[1, 5, 64]),
+        &bf(&[1, 5, 64]),
+        1,
+        f64::NAN,
+    );
+    assert!(e.contains("scale NaN is not finite"), "{e}");
+    // No queries: an empty result of the right shape, no kernel.
+    let out = ops::flash_attention(
+        &bf(&[2, 0, 128]),
+        &bf(&[2, 3, 128]),
+        &bf(&[2, 3, 128]),
+        2,
+        1.0,
+    )
+    .unwrap();
+    assert_eq!(out.dims(), [2, 0, 128]);
+}
+
+/// `multi_head_attention` takes the flash kernel on CUDA exactly when FLASH is on and the call
+/// is the UNet's case, and gives the same values either way; a contiguous view at an offset
+/// that is not a multiple of 8 elements still works (copied to an aligned buffer first).
+#[test]
+fn multi_head_attention_takes_flash_path_when_it_applies() {
+    use turbine::ops::Kernels;
+    let mut rng = rng("flash dispatch");
+    let (b, h, lq, lk) = (2, 3, 70, 77);
+    let scale = 0.125;
+    let q = random(&mut rng, &[b, lq, h * 64], 0.0);
+    let k = random(&mut rng, &[b, lk, h * 64], 0.0);
+    let v = random(&mut rng, &[b, lk, h * 64], 0.0);
+    let no_flash = Kernels::ALL.without(Kernels::FLASH);
+    for dev in devices("flash dispatch") {
+        let flash = u64::from(dev.is_cuda());
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            let (qd, qe) = place(&q, dtype, &dev);
+            let (kd, ke) = place(&k, dtype, &dev);
+            let (vd, ve) = place(&v, dtype, &dev);
+            let want = flash_reference(&qe, &ke, &ve, h, scale);
+            let expect = if dtype == DType::F32 { 0 } else { flash };
+            let run = |kernels, q: &Tensor, causal| {
+                let before = ops::flash_launches();
+                let out = ops::with_kernels(kernels, || {
+                    ops::multi_head_attention(q, &kd, &vd, h, scale, causal)
+                })
+                .unwrap();
+                (out, ops::flash_launches() - before)
+            };
+            let what = |path: &str| format!("flash dispatch {} {dtype:?} {path}", dev_name(&dev));
+
+            let (out, n) = run(Kernels::ALL, &qd, false);
+            assert_eq!(n, expect, "{}", what("all"));
+            assert_close(&out, &want, tolerance(dtype), &what("all"));
+            let (out, n) = run(no_flash, &qd, false);
+            assert_eq!(n, 0, "{}", what("without flash"));
+            assert_close(&out, &want, tolerance(dtype), &what("without flash"));
+            let (_, n) = run(Kernels::ALL, &qd, true);
+            assert_eq!(n, 0, "{}", what("causal"));
+
+            // q as a view 3 elements into a larger buffer.
+            let n_q = b * lq * h * 64;
+            let padded = Tensor::cat(
+                &[
+                    &Tensor::zeros(3, dtype, &dev).unwrap(),
+                    &qd.flatten_all().unwrap(),
+                ],
+                0,
+            )
+            .unwrap();
+            let view = padded
+                .narrow(0, 3, n_q)
+                .unwrap()
+                .reshape((b, lq, h * 64))
+                .unwrap();
+            assert_eq!(view.layout().start_offset(), 3);
+            let (out, n) = run(Kernels::ALL, &view, false);
+            assert_eq!(n, expect, "{}", what("offset view"));
+            assert_close(&out, &want, tolerance(dtype), &what("offset view"));
+        }
+        // Head dim 32 is not the kernel's.
+        let (q32, _) = place(&random(&mut rng, &[1, 5, 64], 0.0), DType::BF16, &dev);
+        let before = ops::flash_launches();
+        ops::multi_head_attention(&q32, &q32, &q32, 2, 1.0, false).unwrap();
+        assert_eq!(ops::flash_launches() - before, 0, "head dim 32");
+    }
+}
+
+/// A UNet whose attention heads are 64 wide (as SDXL's), random weights: on CUDA the flash lever
+/// must launch the kernel from the model's attention layers and change the prediction by
+/// rounding only; on the CPU the lever changes nothing.
+#[test]
+fn unet_with_flash_matches_unet_without() {
+    use turbine::model::loader::RandomWeights;
+    use turbine::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+    use turbine::ops::Kernels;
+
+    // Two levels of 64 and 128 channels with 1 and 2 heads: head dim 64 everywhere.
+    let cfg: UNet2DConditionConfig = serde_json::from_str(
+        r#"{"block_out_channels": [64, 128], "layers_per_block": 1,
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "attention_head_dim": [1, 2], "cross_attention_dim": 64,
+            "norm_num_groups": 32, "use_linear_projection": true}"#,
+    )
+    .unwrap();
+    let mut rng = rng("unet flash");
+    let sample = random(&mut rng, &[2, 4, 16, 16], 0.0);
+    let context = random(&mut rng, &[2, 77, 64], 0.0);
+    let unused = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+    for dev in devices("unet flash") {
+        for (dtype, tol) in [(DType::BF16, 5e-2), (DType::F16, 1e-2)] {
+            let vb = RandomWeights::new(11).into_var_builder(dtype, &dev);
+            let unet = UNet2DConditionModel::new(vb, &cfg).unwrap();
+            let (s, _) = place(&sample, dtype, &dev);
+            let (c, _) = place(&context, dtype, &dev);
+            let run = |kernels| {
+                let before = ops::flash_launches();
+                let out =
+                    ops::with_kernels(kernels, || unet.forward(&s, 500.0, &c, &unused, &unused))
+                        .unwrap();
+                (out, ops::flash_launches() - before)
+            };
+            // Only the attention levers, so that the comparison isolates the flash kernel.
+            let (without, n) = run(Kernels::ATTENTION);
+            assert_eq!(n, 0);
+            let without = without
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap();
+            let (with, n) = run(Kernels::ATTENTION.union(Kernels::FLASH));
+            // Self- and cross-attention in each of 7 transformer blocks: 1 per down block,
+            // 1 in the mid block, 2 per up block (diffusers builds 14 `Attention`s from this
+            // config).
+            let expect = if dev.is_cuda() { 14 } else { 0 };
+            assert_eq!(n, expect, "flash launches in the UNet");
+            let what = format!(
+                "unet flash vs cuBLAS attention {} {dtype:?}",
+                dev_name(&dev)
+            );
+            assert_close(&with, &without, tol, &what);
+        }
+    }
+}

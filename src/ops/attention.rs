@@ -23,6 +23,13 @@
 //!   only the probabilities are rounded, as flash attention does before its P·V product.
 //!
 //! Cross-attention (77 keys) and sequences up to 4096 (1024x1024 images) go through the same path.
+//!
+//! One case has a flash kernel all the same: under [`Kernels::FLASH`], [`multi_head_attention`]
+//! hands the UNet's attention (CUDA, f16/bf16, head dim 64, not causal) to
+//! [`super::flash_attention`], written for exactly that shape and checked by emulating it on the
+//! host, which keeps the scores on chip and so saves the ~12 bytes per score this path moves.
+//! Everything else stays here.
+//!
 //! The composed forms ([`attention_composed`], [`multi_head_attention_composed`]) are candle's
 //! ops, the baseline that `--kernels -attention` measures, and the CPU path of both layouts.
 
@@ -30,7 +37,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use super::{check_float_dtype, contiguous_slice};
+use super::{check_float_dtype, contiguous_slice, flash, Kernels};
 
 /// Attention for `q: [..., Lq, D]`, `k: [..., Lk, D]`, `v: [..., Lk, Dv]` with equal leading
 /// (batch, head) dims and one dtype; returns `[..., Lq, Dv]`. `causal` hides key `j` from query
@@ -77,8 +84,9 @@ pub fn attention_composed(
 
 /// Attention over `heads` heads interleaved in the last dim: `q: [B, Lq, H·D]`,
 /// `k: [B, Lk, H·D]`, `v: [B, Lk, H·Dv]`, head `h` being columns `h·D..(h+1)·D`; returns
-/// `[B, Lq, H·Dv]` in the same layout. On CUDA the fused op, on the CPU
-/// [`multi_head_attention_composed`].
+/// `[B, Lq, H·Dv]` in the same layout. On CUDA [`super::flash_attention`] under
+/// [`Kernels::FLASH`] where it applies (f16/bf16, head dim 64, not causal), else the fused op; on
+/// the CPU [`multi_head_attention_composed`].
 pub fn multi_head_attention(
     q: &Tensor,
     k: &Tensor,
@@ -91,6 +99,9 @@ pub fn multi_head_attention(
     check_dtypes(q, k, v)?;
     if !q.device().is_cuda() {
         return multi_head_attention_composed(q, k, v, heads, scale, causal);
+    }
+    if uses_flash(q.dtype(), &dims, causal) {
+        return super::flash_attention(q, k, v, heads, scale);
     }
     if dims.heads > 1
         && dims.batch > LOOP_MAX_BATCH
@@ -113,6 +124,13 @@ pub fn multi_head_attention(
         attention: AttentionOp::new(scale, causal),
     };
     apply(q, k, v, &op, &dims)
+}
+
+/// Whether [`multi_head_attention`] on CUDA runs the flash kernel: [`Kernels::FLASH`] is on for
+/// this thread and the kernel covers the call.
+fn uses_flash(dtype: DType, dims: &Dims, causal: bool) -> bool {
+    super::enabled(Kernels::FLASH)
+        && flash::supports(dtype, causal, (dims.d, dims.dv), (dims.batch, dims.heads))
 }
 
 /// Above this batch, [`multi_head_attention`] on CUDA splits the heads of small problems apart
@@ -864,6 +882,34 @@ mod tests {
             );
         }
         Ok(())
+    }
+
+    #[test]
+    fn flash_is_used_only_with_its_lever_and_where_it_applies() {
+        use crate::ops::with_kernels;
+        let s = |d: &[usize]| Shape::from_dims(d);
+        let dims = |q: &[usize], kv: &[usize], heads| {
+            Dims::interleaved(&s(q), &s(kv), &s(kv), heads).unwrap()
+        };
+        let unet = dims(&[2, 1024, 640], &[2, 1024, 640], 10);
+        let cross = dims(&[2, 256, 1280], &[2, 77, 1280], 20);
+        let clip = dims(&[2, 77, 768], &[2, 77, 768], 12);
+        let vae = dims(&[1, 4096, 512], &[1, 4096, 512], 1);
+        with_kernels(Kernels::ALL, || {
+            assert!(uses_flash(DType::BF16, &unet, false));
+            assert!(uses_flash(DType::F16, &cross, false));
+            assert!(!uses_flash(DType::F32, &unet, false), "f32");
+            assert!(!uses_flash(DType::BF16, &clip, true), "causal");
+            assert!(!uses_flash(DType::BF16, &vae, false), "head dim 512");
+        });
+        with_kernels(Kernels::ALL.without(Kernels::FLASH), || {
+            assert!(!uses_flash(DType::BF16, &unet, false));
+        });
+        // The lever alone decides here; that the models call this op only under ATTENTION is
+        // theirs to decide.
+        with_kernels(Kernels::FLASH, || {
+            assert!(uses_flash(DType::BF16, &unet, false));
+        });
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub const ATTN_SOFTMAX: Module = Module {
     name: "turbine_attn_softmax",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/attn_softmax.ptx")),
 };
+pub const FLASH_ATTN: Module = Module {
+    name: "turbine_flash_attn",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx")),
+};
 
 /// The kernel `{base}_{f32|f16|bf16}` for `dtype`; the PTX is loaded once per device (candle
 /// caches modules by name).

@@ -8,6 +8,8 @@
 //! - [`geglu`]: `a * gelu_erf(gate)` on the two halves of the feed-forward projection.
 //! - [`attention`]: softmax(scale · Q·Kᵀ)·V with the logits in f32, optionally causal;
 //!   [`multi_head_attention`] on `[B, L, H·D]` projections, without splitting the heads apart.
+//! - [`flash_attention`]: the UNet's case of it (head dim 64, not causal, 16-bit) in one kernel
+//!   that keeps the scores on chip; [`multi_head_attention`] takes it under [`Kernels::FLASH`].
 //! - [`bias_residual`]: `y + bias + residual` in one pass after a GEMM run without its bias.
 //! - [`conv2d`]: convolution + bias (+ residual), NCHW or channels-last; on CUDA cuDNN with one
 //!   plan per shape (algorithm timed once, workspace reused) and bias/residual fused.
@@ -24,6 +26,7 @@ mod bias_residual;
 mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod flash;
 mod geglu;
 mod group_norm;
 mod postprocess;
@@ -39,6 +42,7 @@ pub use conv::{
     conv2d, conv2d_composed, conv_plans, with_conv_epilogue, ConvEpilogue, ConvParams,
     CONV_FALLBACK,
 };
+pub use flash::{flash_attention, flash_launches, FlashAttentionOp, FLASH_HEAD_DIM};
 pub use geglu::{geglu, GegluOp};
 pub use group_norm::{group_norm, group_norm_channels_last, GroupNormOp};
 pub use postprocess::to_rgb8;

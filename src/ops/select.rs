@@ -35,12 +35,19 @@ impl Kernels {
     pub const BIAS_RESIDUAL: Self = Self(1 << 5);
     /// VAE output → 8-bit RGB on the device (one kernel, a quarter of the bytes copied back).
     pub const POSTPROCESS: Self = Self(1 << 6);
+    /// Flash attention (`kernels/flash_attn.cu`: the scores stay in shared memory) for the
+    /// [`crate::ops::multi_head_attention`] calls it covers, the UNet's: CUDA, f16/bf16, head
+    /// dim 64, not causal. Others (CLIP's causal attention, f32) keep the cuBLAS path. Takes
+    /// effect only with [`Self::ATTENTION`] too (the models call that op only then): measure it
+    /// as `all` against `all,-flash`.
+    pub const FLASH: Self = Self(1 << 7);
 
     pub const NONE: Self = Self(0);
-    pub const ALL: Self = Self((1 << 7) - 1);
+    pub const ALL: Self = Self((1 << 8) - 1);
 
-    /// Every lever with its `--kernels` name, in a stable order.
-    pub const NAMED: [(&'static str, Self); 7] = [
+    /// Every lever with its `--kernels` name, in a stable order (new levers go last, so earlier
+    /// ablation tables keep their row order).
+    pub const NAMED: [(&'static str, Self); 8] = [
         ("group-norm", Self::GROUP_NORM),
         ("geglu", Self::GEGLU),
         ("attention", Self::ATTENTION),
@@ -48,6 +55,7 @@ impl Kernels {
         ("channels-last", Self::CHANNELS_LAST),
         ("bias-residual", Self::BIAS_RESIDUAL),
         ("postprocess", Self::POSTPROCESS),
+        ("flash", Self::FLASH),
     ];
 
     pub fn contains(self, other: Self) -> bool {
@@ -191,9 +199,9 @@ mod tests {
 
     #[test]
     fn rejects_unknown_and_empty() {
-        let e = Kernels::parse("group-norm,flash").unwrap_err();
+        let e = Kernels::parse("group-norm,warp-drive").unwrap_err();
         assert!(
-            e.contains("\"flash\"") && e.contains("channels-last"),
+            e.contains("\"warp-drive\"") && e.contains("channels-last") && e.contains("flash"),
             "{e}"
         );
         assert!(Kernels::parse(" , ").is_err());
