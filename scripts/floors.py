@@ -329,6 +329,8 @@ def count(model_dir: Path, width: int, height: int, steps: int) -> Counter:
 #   VAE decoder only (the UNet stays NCHW). The least certain figure: how much of it cuDNN 9
 #   avoids with native NCHW kernels is what the measurement will tell.
 # - bias-residual: a Linear's bias add (r2 w2) folded into the residual add that follows: 4 B.
+# - flash (on top of attention): the f32 scores written and read back (8) and the probabilities
+#   written and read (4) never leave the kernel: 12 B per score.
 # - postprocess: f32 NCHW -> host (12 B per pixel over PCIe, pageable ~10 GB/s) becomes u8 (3 B).
 LEVER_BYTES = {
     "group-norm": [("gn_silu", 60 - 6), ("gn", 52 - 6)],
@@ -337,6 +339,7 @@ LEVER_BYTES = {
     "conv": [("conv_out", 4), ("conv_residual", 4)],
     "channels-last": [("conv_in", 4), ("conv_out", 4)],
     "bias-residual": [("linear_residual", 4)],
+    "flash": [("scores", 12)],
 }
 CHANNELS_LAST_COMPONENTS = ("vae_decoder",)
 PCIE_BPS = 10e9
