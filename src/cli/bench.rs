@@ -623,6 +623,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         rows.push(row);
     }
 
+    let mut report = Report {
+        tool: "turbine bench".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        commit: commit(),
+        date_utc: utc_date(unix_now() as u64),
+        machine: machine(),
+        device: describe_device(&args.device, &device),
+        dtype: dtype_name(dtype).into(),
+        kernels: args.kernels.to_string(),
+        threads: candle_core::utils::get_num_threads(),
+        model,
+        size: format!("{width}x{height}"),
+        steps: args.steps,
+        guidance: args.guidance,
+        warmup: args.warmup,
+        load_s,
+        rows,
+        ablation: Vec::new(),
+    };
+
+    if let (Some(_), Some(path)) = (args.ablate, &args.json) {
+        // The sweep's figures are on disk before the ablation starts: a run stopped during it
+        // (scripts/gpu_check.sh gives the whole bench a time limit) still leaves them.
+        write_json(path, &report)?;
+    }
     let mut ablation = Vec::new();
     if let Some(b) = args.ablate {
         let mut baseline: Option<Vec<image::RgbImage>> = None;
@@ -646,26 +671,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             });
         }
     }
+    report.ablation = ablation;
 
-    let report = Report {
-        tool: "turbine bench".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-        commit: commit(),
-        date_utc: utc_date(unix_now() as u64),
-        machine: machine(),
-        device: describe_device(&args.device, &device),
-        dtype: dtype_name(dtype).into(),
-        kernels: args.kernels.to_string(),
-        threads: candle_core::utils::get_num_threads(),
-        model,
-        size: format!("{width}x{height}"),
-        steps: args.steps,
-        guidance: args.guidance,
-        warmup: args.warmup,
-        load_s,
-        rows,
-        ablation,
-    };
     println!(
         "turbine bench: {} on {}, {}, {} {} step(s), guidance {}, kernels {}, commit {}, model {} (loaded in {:.1} s)",
         report.dtype,
