@@ -60,7 +60,11 @@ install_stripped() {
   fi
 }
 
+# The commit the binaries are built from, read by scripts/gpu_check.sh --prepare (HEAD at
+# packing time may be later than the build).
+BUILD_COMMIT="$(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD -- src kernels build.rs Cargo.toml Cargo.lock 2>/dev/null || echo -dirty)"
 cargo build "${CARGO_ARGS[@]}" --bin turbine
+echo "$BUILD_COMMIT" > target/cuda-release/BUILD_COMMIT
 install_stripped target/cuda-build/release/turbine turbine
 
 if [ "$WITH_TESTS" = 1 ]; then

@@ -101,7 +101,9 @@ if [ "$MODE" = prepare ]; then
             || die "downloading the diffusers wheel failed"
     fi
     {
-        echo "commit=$(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD -- src kernels build.rs Cargo.toml Cargo.lock 2>/dev/null || echo -dirty)"
+        # The commit scripts/build_cuda.sh built from (not HEAD now, which may be later).
+        [ -f target/cuda-release/BUILD_COMMIT ] || die "target/cuda-release/BUILD_COMMIT missing: rebuild with scripts/build_cuda.sh"
+        echo "commit=$(cat target/cuda-release/BUILD_COMMIT)"
         echo "built=$(date -u -r "$src" '+%Y-%m-%d %H:%M UTC')"
         echo "sha256=$(sha256sum "$src" | cut -d' ' -f1)"
     } > "$CARRY/BUILD_INFO"
