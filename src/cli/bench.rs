@@ -51,11 +51,8 @@ pub struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// turbine's own kernels to use: `all`, `none` (candle's ops only, the baseline), or a
-    /// comma-separated list of group-norm, geglu, attention, conv, channels-last,
-    /// bias-residual, postprocess; `-name` removes one (`all,-attention`).
-    #[arg(long, env = "TURBINE_KERNELS", default_value = "all", value_parser = crate::ops::Kernels::parse)]
-    pub kernels: crate::ops::Kernels,
+    #[command(flatten)]
+    pub kernels: crate::cli::KernelArgs,
     /// Batch sizes to measure, in order, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
     pub batch_sizes: Vec<usize>,
@@ -477,7 +474,7 @@ fn dtype_name(d: DType) -> &'static str {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    crate::ops::set_kernels(args.kernels);
+    args.kernels.apply();
     let (width, height) = parse_size(&args.size)?;
     if args.batch_sizes.is_empty() || args.batch_sizes.contains(&0) {
         return Err(UsageError(format!(
@@ -631,7 +628,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         machine: machine(),
         device: describe_device(&args.device, &device),
         dtype: dtype_name(dtype).into(),
-        kernels: args.kernels.to_string(),
+        kernels: args.kernels.kernels.to_string(),
         threads: candle_core::utils::get_num_threads(),
         model,
         size: format!("{width}x{height}"),

@@ -38,11 +38,8 @@ pub struct Args {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// turbine's own kernels to use: `all`, `none` (candle's ops only, the baseline), or a
-    /// comma-separated list of group-norm, geglu, attention, conv, channels-last,
-    /// bias-residual, postprocess; `-name` removes one (`all,-attention`).
-    #[arg(long, env = "TURBINE_KERNELS", default_value = "all", value_parser = crate::ops::Kernels::parse)]
-    pub kernels: crate::ops::Kernels,
+    #[command(flatten)]
+    pub kernels: crate::cli::KernelArgs,
     /// A safetensors file with one tensor `latents` of shape [n_prompts, 4, h/8, w/8]
     /// (unscaled standard normal, diffusers' `latents=` convention) to start from.
     #[arg(long)]
@@ -105,7 +102,7 @@ pub fn load_init_latents(path: &Path, device: &Device) -> anyhow::Result<candle_
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    crate::ops::set_kernels(args.kernels);
+    args.kernels.apply();
     let (width, height) = parse_size(&args.size)?;
     let device = parse_device(&args.device).map_err(|e| UsageError(e.to_string()))?;
     let dtype: DType =

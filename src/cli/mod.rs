@@ -24,6 +24,23 @@ pub fn load_pipeline(model: &ModelArgs, device: &Device, dtype: DType) -> anyhow
     Ok(pipeline)
 }
 
+/// `--kernels`, shared by every command that runs the model.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KernelArgs {
+    /// turbine's own kernels to use: `all`, `none` (candle's ops only, the baseline), or a
+    /// comma-separated list of group-norm, geglu, attention, conv, channels-last,
+    /// bias-residual, postprocess, flash; `-name` removes one (`all,-flash`).
+    #[arg(long, env = "TURBINE_KERNELS", default_value = "all", value_parser = crate::ops::Kernels::parse)]
+    pub kernels: crate::ops::Kernels,
+}
+
+impl KernelArgs {
+    /// Makes the choice process-wide; call before the model runs.
+    pub fn apply(&self) {
+        crate::ops::set_kernels(self.kernels);
+    }
+}
+
 /// An error caused by the user's input (bad flag value, missing file): exit code 2.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

@@ -47,11 +47,8 @@ pub struct DeviceArgs {
     /// Weights dtype: f32, f16 or bf16. Default: f32 on CPU, bf16 on CUDA.
     #[arg(long, env = "TURBINE_DTYPE")]
     pub dtype: Option<String>,
-    /// turbine's own kernels to use: `all`, `none` (candle's ops only, the baseline), or a
-    /// comma-separated list of group-norm, geglu, attention, conv, channels-last,
-    /// bias-residual, postprocess; `-name` removes one (`all,-attention`).
-    #[arg(long, env = "TURBINE_KERNELS", default_value = "all", value_parser = crate::ops::Kernels::parse)]
-    pub kernels: crate::ops::Kernels,
+    #[command(flatten)]
+    pub kernels: crate::cli::KernelArgs,
     /// The model id that `/v1/models` lists and requests name in `model`.
     #[arg(long, env = "TURBINE_SERVED_MODEL_NAME", default_value = "sdxl-turbo")]
     pub served_model_name: String,
@@ -301,7 +298,7 @@ pub fn token_counter(model_dir: &std::path::Path) -> anyhow::Result<TokenCounter
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    crate::ops::set_kernels(args.devices.kernels);
+    args.devices.kernels.apply();
     let config = args.config()?;
     // Resolved (and downloaded if missing) once here, before listening; the workers then find
     // the files in place.
