@@ -303,7 +303,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Resolved (and downloaded if missing) once here, before listening; the workers then find
     // the files in place.
     let model = args.model.resolve()?;
-    tracing::info!("model: {model}");
+    tracing::info!("model: {model}; kernels: {}", crate::ops::kernels());
     let tokens = token_counter(&model.dir)?;
     let workers = worker_specs(&args.model, &args.devices)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
