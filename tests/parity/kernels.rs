@@ -5,17 +5,17 @@
 //! f32 against diffusers' f32 outputs; bf16 against the same f32 references with the bf16 bounds
 //! of `unet.rs` (relative 5e-2) and `pipeline.rs` (mean 6/255).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use serde::Deserialize;
 use turbine::model::loader::{find_weights, Weights};
-use turbine::model::pipeline::{GenerationSettings, ImageRequest, NoiseOverride, Pipeline};
+use turbine::model::pipeline::Pipeline;
 use turbine::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use turbine::model::vae::{AutoencoderKL, AutoencoderKLConfig};
 use turbine::ops::{with_kernels, Kernels};
 
-use crate::common::{assert_close, fixtures, reference, tiny_model};
+use crate::common::{assert_close, reference, tiny_model};
+use crate::pipeline::{cases, pixel_diff, u8_images, Case};
 
 const SETTINGS: [(&str, Kernels); 2] = [("none", Kernels::NONE), ("all", Kernels::ALL)];
 
@@ -77,16 +77,6 @@ fn vae_decode_matches_diffusers_with_kernels_off_and_on() {
     }
 }
 
-#[derive(Deserialize)]
-struct Case {
-    prompts: Vec<String>,
-    negative_prompts: Option<Vec<String>>,
-    width: usize,
-    height: usize,
-    steps: usize,
-    guidance_scale: f64,
-}
-
 /// Generates reference case `name` with diffusers' latents and noise under `kernels`; returns
 /// the prompt embeddings and the 8-bit images.
 fn generate(
@@ -95,34 +85,7 @@ fn generate(
     refs: &HashMap<String, Tensor>,
     kernels: Kernels,
 ) -> (Tensor, Vec<u8>) {
-    let items: Vec<ImageRequest> = case
-        .prompts
-        .iter()
-        .enumerate()
-        .map(|(i, prompt)| ImageRequest {
-            prompt: prompt.clone(),
-            negative_prompt: case
-                .negative_prompts
-                .as_ref()
-                .map(|v| v[i].clone())
-                .unwrap_or_default(),
-            seed: 0,
-        })
-        .collect();
-    let noise = NoiseOverride {
-        init_latents: Some(refs["latents"].clone()),
-        step_noise: Some(
-            (0..case.steps)
-                .map(|k| refs[&format!("step_noise_{k}")].clone())
-                .collect(),
-        ),
-    };
-    let settings = GenerationSettings {
-        width: case.width,
-        height: case.height,
-        steps: case.steps,
-        guidance_scale: case.guidance_scale,
-    };
+    let (items, noise, settings) = case.inputs(refs);
     let prompts: Vec<&str> = case.prompts.iter().map(String::as_str).collect();
     with_kernels(kernels, || {
         let (embeds, _) = p.encode_prompts(&prompts).unwrap();
@@ -136,34 +99,16 @@ fn generate(
     })
 }
 
-/// (max, mean) absolute difference in 8-bit levels.
-fn pixel_diff(ours: &[u8], theirs: &[u8]) -> (u8, f64) {
-    assert_eq!(ours.len(), theirs.len());
-    let max = ours.iter().zip(theirs).map(|(a, b)| a.abs_diff(*b)).max();
-    let sum: u64 = ours
-        .iter()
-        .zip(theirs)
-        .map(|(a, b)| a.abs_diff(*b) as u64)
-        .sum();
-    (max.unwrap_or(0), sum as f64 / ours.len().max(1) as f64)
-}
-
 #[test]
 fn pipeline_matches_diffusers_with_kernels_off_and_on() {
-    let path = fixtures().join("reference/pipeline_cases.json");
-    let cases: BTreeMap<String, Case> =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let cases = cases();
     for dtype in [DType::F32, DType::BF16] {
         let p = Pipeline::load(&tiny_model(), &Device::Cpu, dtype).unwrap();
         // Two prompts (batch 2) and guidance with a negative prompt (batch doubled).
         for name in ["two_prompts", "cfg_negative"] {
             let case = &cases[name];
             let refs = reference(&format!("pipeline_{name}"));
-            let theirs = refs["image_u8"]
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<u8>()
-                .unwrap();
+            let theirs = u8_images(&refs["image_u8"]);
             for (kernels_name, kernels) in SETTINGS {
                 let what = format!("{name} {dtype:?} kernels={kernels_name}");
                 let (embeds, ours) = generate(&p, case, &refs, kernels);

@@ -2,7 +2,7 @@
 //! same initial latents and ancestral noise (scripts/fixtures/ref_pipeline.py), 8-bit images
 //! within 2/255 max and 0.5/255 mean. Plus batch invariance and half-precision runs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
@@ -11,17 +11,57 @@ use turbine::model::pipeline::{GenerationSettings, ImageRequest, NoiseOverride, 
 
 use crate::common::{assert_close, fixtures, reference, tiny_model};
 
+/// One case of `reference/pipeline_cases.json`.
 #[derive(Deserialize)]
-struct Case {
-    prompts: Vec<String>,
-    negative_prompts: Option<Vec<String>>,
+pub struct Case {
+    pub prompts: Vec<String>,
+    pub negative_prompts: Option<Vec<String>>,
     width: usize,
     height: usize,
     steps: usize,
     guidance_scale: f64,
 }
 
-fn cases() -> BTreeMap<String, Case> {
+impl Case {
+    /// The case's requests, diffusers' latents and ancestral noise from its reference file, and
+    /// its settings: what `generate` needs to reproduce diffusers' images.
+    pub fn inputs(
+        &self,
+        refs: &HashMap<String, Tensor>,
+    ) -> (Vec<ImageRequest>, NoiseOverride, GenerationSettings) {
+        let items = self
+            .prompts
+            .iter()
+            .enumerate()
+            .map(|(i, prompt)| ImageRequest {
+                prompt: prompt.clone(),
+                negative_prompt: self
+                    .negative_prompts
+                    .as_ref()
+                    .map(|v| v[i].clone())
+                    .unwrap_or_default(),
+                seed: 0,
+            })
+            .collect();
+        let noise = NoiseOverride {
+            init_latents: Some(refs["latents"].clone()),
+            step_noise: Some(
+                (0..self.steps)
+                    .map(|k| refs[&format!("step_noise_{k}")].clone())
+                    .collect(),
+            ),
+        };
+        let settings = GenerationSettings {
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            guidance_scale: self.guidance_scale,
+        };
+        (items, noise, settings)
+    }
+}
+
+pub fn cases() -> BTreeMap<String, Case> {
     let p = fixtures().join("reference/pipeline_cases.json");
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
@@ -31,12 +71,12 @@ fn pipeline() -> &'static Pipeline {
     P.get_or_init(|| Pipeline::load(&tiny_model(), &Device::Cpu, DType::F32).unwrap())
 }
 
-fn u8_images(t: &Tensor) -> Vec<u8> {
+pub fn u8_images(t: &Tensor) -> Vec<u8> {
     t.flatten_all().unwrap().to_vec1::<u8>().unwrap()
 }
 
 /// (max, mean) absolute difference in 8-bit levels.
-fn pixel_diff(ours: &[u8], theirs: &[u8]) -> (u8, f64) {
+pub fn pixel_diff(ours: &[u8], theirs: &[u8]) -> (u8, f64) {
     assert_eq!(ours.len(), theirs.len());
     let mut max = 0u8;
     let mut sum = 0u64;
@@ -53,17 +93,7 @@ fn run_case(name: &str) {
     let refs = reference(&format!("pipeline_{name}"));
     let p = pipeline();
     let n = case.prompts.len();
-    let items: Vec<ImageRequest> = (0..n)
-        .map(|i| ImageRequest {
-            prompt: case.prompts[i].clone(),
-            negative_prompt: case
-                .negative_prompts
-                .as_ref()
-                .map(|v| v[i].clone())
-                .unwrap_or_default(),
-            seed: 0,
-        })
-        .collect();
+    let (items, noise, settings) = case.inputs(&refs);
 
     let prompts: Vec<&str> = case.prompts.iter().map(String::as_str).collect();
     let (embeds, pooled) = p.encode_prompts(&prompts).unwrap();
@@ -96,20 +126,6 @@ fn run_case(name: &str) {
         );
     }
 
-    let noise = NoiseOverride {
-        init_latents: Some(refs["latents"].clone()),
-        step_noise: Some(
-            (0..case.steps)
-                .map(|k| refs[&format!("step_noise_{k}")].clone())
-                .collect(),
-        ),
-    };
-    let settings = GenerationSettings {
-        width: case.width,
-        height: case.height,
-        steps: case.steps,
-        guidance_scale: case.guidance_scale,
-    };
     let batch = p.generate(&settings, &items, Some(&noise)).unwrap();
     assert_eq!(batch.images.len(), n);
     let ours: Vec<u8> = batch
