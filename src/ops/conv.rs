@@ -20,7 +20,7 @@
 //! accumulation, the algorithm chosen once by timing them (`cudnnFindConvolutionForwardAlgorithm`,
 //! what `torch.backends.cudnn.benchmark` does), and one workspace per device that only grows.
 
-use candle_core::{bail, DType, Result, Shape, Tensor};
+use candle_core::{bail, Result, Shape, Tensor};
 
 use super::check_float_dtype;
 
@@ -138,11 +138,7 @@ fn composed(
     p: ConvParams,
 ) -> Result<Tensor> {
     let dtype = x.dtype();
-    let wide = if x.device().is_cpu() && matches!(dtype, DType::BF16 | DType::F16) {
-        DType::F32
-    } else {
-        dtype
-    };
+    let wide = super::gemm_dtype(x);
     let (mut xs, mut ws) = (x.to_dtype(wide)?, weight.to_dtype(wide)?);
     if p.channels_last {
         xs = xs.permute((0, 3, 1, 2))?.contiguous()?;

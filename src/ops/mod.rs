@@ -49,7 +49,7 @@ pub use postprocess::to_rgb8;
 pub use select::{enabled, kernels, set_kernels, with_kernels, Kernels};
 pub use upsample::{upsample_nearest2x_channels_last, UpsampleNearest2xNhwc};
 
-use candle_core::{bail, CpuStorage, DType, Layout, Result, WithDType};
+use candle_core::{bail, CpuStorage, DType, Layout, Result, Tensor, WithDType};
 
 /// The contiguous part of a CPU storage that `layout` describes; the public wrappers make their
 /// inputs contiguous, so a strided layout here is a bug in the caller of the raw op.
@@ -73,5 +73,15 @@ fn check_float_dtype(dtype: DType, op: &str, what: &str) -> Result<()> {
     match dtype {
         DType::F32 | DType::F16 | DType::BF16 | DType::F64 => Ok(()),
         other => bail!("{op}: {what} has dtype {other:?}; expected f32, f16 or bf16"),
+    }
+}
+
+/// The dtype products of `t` are taken in: f32 for a half-precision tensor on the CPU (candle's
+/// CPU backend has no half-precision GEMM or convolution; computing in f32 and rounding once is
+/// what CUDA's half GEMMs do too), `t`'s own dtype everywhere else.
+pub(crate) fn gemm_dtype(t: &Tensor) -> DType {
+    match t.dtype() {
+        DType::BF16 | DType::F16 if t.device().is_cpu() => DType::F32,
+        dt => dt,
     }
 }

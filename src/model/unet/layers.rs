@@ -15,8 +15,7 @@ use crate::ops::{self, ConvParams, Kernels};
 /// The dtype to round results back to when `t` is a half-precision tensor on the CPU, whose
 /// products we take in f32; `None` everywhere else.
 fn cpu_half(t: &Tensor) -> Option<DType> {
-    let dt = t.dtype();
-    (t.device().is_cpu() && matches!(dt, DType::BF16 | DType::F16)).then_some(dt)
+    (ops::gemm_dtype(t) != t.dtype()).then_some(t.dtype())
 }
 
 /// Calls `f` on `args`, or, for half-precision CPU tensors, on their f32 copies, rounding the
