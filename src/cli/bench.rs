@@ -84,9 +84,10 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// After the sweep, measure this batch size once per kernel set — `none` (candle's ops),
-    /// `all`, each lever alone and `all` without each lever; one warm-up and --runs timed runs
-    /// each — and compare every set's images with those of `none`: what each lever gains, and
-    /// that it does not change the pictures.
+    /// the --kernels set, each of its levers alone and the set without each of its levers; one
+    /// warm-up and --runs timed runs each — and compare every set's images with those of
+    /// `none`: what each lever gains, and that it does not change the pictures. A set that
+    /// fails is listed and the others still run.
     #[arg(long)]
     pub ablate: Option<usize>,
 }
@@ -132,9 +133,24 @@ pub struct AblationRow {
     /// The set, as `--kernels` would take it.
     pub kernels: String,
     pub row: Row,
-    /// 8-bit difference of this set's images from those of `none`, all images of the batch.
-    pub max_diff_vs_none: u8,
-    pub mean_diff_vs_none: f64,
+    /// 8-bit difference of this set's images from those of `none`, all images of the batch
+    /// (absent when `none` itself failed: there is nothing to compare with).
+    pub max_diff_vs_none: Option<u8>,
+    pub mean_diff_vs_none: Option<f64>,
+}
+
+/// A batch size of the sweep or a kernel set of the ablation that failed. The others are still
+/// measured: a GPU run is one try, and an out-of-memory batch size or one broken kernel must not
+/// cost the remaining figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    /// `sweep` or `ablation`.
+    pub stage: String,
+    pub batch: usize,
+    /// The kernel set it ran with, as `--kernels` would take it.
+    pub kernels: String,
+    /// The error with its causes.
+    pub error: String,
 }
 
 /// Where and on what the benchmark ran.
@@ -171,6 +187,9 @@ pub struct Report {
     /// `--ablate`'s rows (empty without it).
     #[serde(default)]
     pub ablation: Vec<AblationRow>,
+    /// What failed, in the order it ran (the exit status is non-zero when this is not empty).
+    #[serde(default)]
+    pub failures: Vec<Failure>,
 }
 
 fn median(sorted: &[f64]) -> f64 {
@@ -239,12 +258,26 @@ pub fn render_table(rows: &[Row]) -> String {
     s
 }
 
-/// `--ablate`'s kernel sets: the baseline first (the others' images are compared with it), then
-/// everything, each lever alone, and everything but each lever.
-pub fn ablation_sets() -> Vec<Kernels> {
-    let mut sets = vec![Kernels::NONE, Kernels::ALL];
-    sets.extend(Kernels::NAMED.iter().map(|(_, k)| *k));
-    sets.extend(Kernels::NAMED.iter().map(|(_, k)| Kernels::ALL.without(*k)));
+/// `--ablate`'s kernel sets within `within` (the `--kernels` of the run): the baseline first
+/// (the others' images are compared with it), then `within`, each of its levers alone, and
+/// `within` without each of its levers; no set twice. A lever left out of `--kernels` (say its
+/// kernel test failed on this GPU) is left out of the ablation too, so it cannot take the other
+/// sets' figures down with it.
+pub fn ablation_sets(within: Kernels) -> Vec<Kernels> {
+    let levers: Vec<Kernels> = Kernels::NAMED
+        .iter()
+        .map(|(_, k)| *k)
+        .filter(|k| within.contains(*k))
+        .collect();
+    let mut sets = vec![Kernels::NONE, within];
+    sets.extend(levers.iter().copied());
+    sets.extend(levers.iter().map(|k| within.without(*k)));
+    let mut seen = Vec::with_capacity(sets.len());
+    sets.retain(|k| {
+        let new = !seen.contains(k);
+        seen.push(*k);
+        new
+    });
     sets
 }
 
@@ -285,8 +318,12 @@ pub fn render_ablation(rows: &[AblationRow]) -> String {
             .filter(|b| *b > 0.0)
             .map(|b| format!("{:.2}x", r.row.images_per_s / b))
             .unwrap_or_else(|| "-".into());
+        let max = r.max_diff_vs_none.map_or("-".into(), |m| m.to_string());
+        let mean = r
+            .mean_diff_vs_none
+            .map_or("-".into(), |m| format!("{m:.3}"));
         s.push_str(&format!(
-            "| {} | {} | {:.2} | {} | {:.1} | {:.1} | {:.1} | {} | {:.3} |\n",
+            "| {} | {} | {:.2} | {} | {:.1} | {:.1} | {:.1} | {} | {} |\n",
             r.kernels,
             r.row.batch,
             r.row.images_per_s,
@@ -294,11 +331,95 @@ pub fn render_ablation(rows: &[AblationRow]) -> String {
             r.row.text_encode_ms,
             r.row.unet_ms,
             r.row.vae_decode_ms,
-            r.max_diff_vs_none,
-            r.mean_diff_vs_none
+            max,
+            mean
         ));
     }
     s
+}
+
+/// The failures as a markdown list, one line each.
+pub fn render_failures(failures: &[Failure]) -> String {
+    failures
+        .iter()
+        .map(|f| {
+            format!(
+                "- {} batch {} with --kernels {}: {}\n",
+                f.stage, f.batch, f.kernels, f.error
+            )
+        })
+        .collect()
+}
+
+/// One `generate` measurement: (batch size, whether it is the first of the process, (warm-up
+/// runs, timed runs at least, timed seconds at least)) to the row and the last run's images.
+type Measure<'a> =
+    dyn FnMut(usize, bool, (usize, usize, f64)) -> anyhow::Result<(Row, Vec<image::RgbImage>)> + 'a;
+
+/// Everything `run` measures after loading: the sweep over `batches`, then (with `ablate`) one
+/// batch size under every kernel set. A failure is recorded in `report.failures` and the next
+/// figure is measured anyway; `save` gets the report after every figure, so a run stopped from
+/// outside (scripts/gpu_check.sh bounds the whole bench) keeps what it measured.
+fn measure_all(
+    report: &mut Report,
+    batches: &[usize],
+    ablate: Option<usize>,
+    timing: (usize, usize, f64),
+    measure: &mut Measure<'_>,
+    keep_images: &mut dyn FnMut(usize, &[image::RgbImage]) -> anyhow::Result<()>,
+    save: &mut dyn FnMut(&Report) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let failed =
+        |report: &mut Report, stage: &str, batch: usize, kernels: Kernels, e: anyhow::Error| {
+            let kernels = kernels.to_string();
+            tracing::error!(stage, batch, %kernels, "measurement failed: {e:#}");
+            report.failures.push(Failure {
+                stage: stage.into(),
+                batch,
+                kernels,
+                error: format!("{e:#}"),
+            });
+        };
+    for &b in batches {
+        match measure(b, report.rows.is_empty(), timing) {
+            Ok((row, images)) => {
+                keep_images(b, &images)?;
+                report.rows.push(row);
+            }
+            Err(e) => failed(report, "sweep", b, crate::ops::kernels(), e),
+        }
+        save(report)?;
+    }
+    let Some(b) = ablate else {
+        return Ok(());
+    };
+    let mut baseline: Option<Vec<image::RgbImage>> = None;
+    for set in ablation_sets(crate::ops::kernels()) {
+        // Lighter than the sweep (18 sets): one warm-up (the first of a set builds its plans
+        // and kernels), then the timed runs.
+        match crate::ops::with_kernels(set, || measure(b, false, (1, timing.1, 0.0))) {
+            Ok((row, images)) => {
+                let (max, mean) = if set == Kernels::NONE {
+                    baseline = Some(images);
+                    (Some(0), Some(0.0))
+                } else if let Some(base) = &baseline {
+                    let (max, mean) = image_diff(base, &images);
+                    (Some(max), Some(mean))
+                } else {
+                    (None, None)
+                };
+                report.ablation.push(AblationRow {
+                    kernels: set.to_string(),
+                    row,
+                    max_diff_vs_none: max,
+                    mean_diff_vs_none: mean,
+                });
+            }
+            Err(e) => failed(report, "ablation", b, set, e),
+        }
+        save(report)?;
+    }
+    Ok(())
 }
 
 /// Requests of one batch: prompts cycled, image i seeded `seed + i`.
@@ -559,9 +680,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         })
     };
     // (warm-up runs, timed runs at least, timed seconds at least)
-    let measure = |b: usize,
-                   first: bool,
-                   (warmup, runs, min_time): (usize, usize, f64)|
+    let mut measure = |b: usize,
+                       first: bool,
+                       (warmup, runs, min_time): (usize, usize, f64)|
      -> anyhow::Result<(Row, Vec<image::RgbImage>)> {
         let items = batch_items(&prompts, b, args.seed);
         let noise = noise_for(b)?;
@@ -611,15 +732,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Ok((row, last))
     };
 
-    let mut rows = Vec::new();
-    for &b in &args.batch_sizes {
-        let (row, images) = measure(b, rows.is_empty(), (args.warmup, args.runs, args.min_time))?;
-        if let Some(dir) = &args.save_images {
-            save_images(dir, b, &images[..b.min(distinct).min(images.len())])?;
-        }
-        rows.push(row);
-    }
-
     let mut report = Report {
         tool: "turbine bench".into(),
         version: env!("CARGO_PKG_VERSION").into(),
@@ -636,39 +748,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         guidance: args.guidance,
         warmup: args.warmup,
         load_s,
-        rows,
+        rows: Vec::new(),
         ablation: Vec::new(),
+        failures: Vec::new(),
     };
-
-    if let (Some(_), Some(path)) = (args.ablate, &args.json) {
-        // The sweep's figures are on disk before the ablation starts: a run stopped during it
-        // (scripts/gpu_check.sh gives the whole bench a time limit) still leaves them.
-        write_json(path, &report)?;
-    }
-    let mut ablation = Vec::new();
-    if let Some(b) = args.ablate {
-        let mut baseline: Option<Vec<image::RgbImage>> = None;
-        for set in ablation_sets() {
-            // Lighter than the sweep (16 sets): one warm-up (the first of a set builds its
-            // plans and kernels), then --runs timed runs.
-            let (row, images) =
-                crate::ops::with_kernels(set, || measure(b, false, (1, args.runs, 0.0)))?;
-            let (max, mean) = match &baseline {
-                Some(base) => image_diff(base, &images),
-                None => (0, 0.0),
-            };
-            if baseline.is_none() {
-                baseline = Some(images);
-            }
-            ablation.push(AblationRow {
-                kernels: set.to_string(),
-                row,
-                max_diff_vs_none: max,
-                mean_diff_vs_none: mean,
-            });
-        }
-    }
-    report.ablation = ablation;
+    measure_all(
+        &mut report,
+        &args.batch_sizes,
+        args.ablate,
+        (args.warmup, args.runs, args.min_time),
+        &mut measure,
+        &mut |b, images| match &args.save_images {
+            Some(dir) => save_images(dir, b, &images[..b.min(distinct).min(images.len())]),
+            None => Ok(()),
+        },
+        &mut |report| match &args.json {
+            Some(path) => write_json(path, report),
+            None => Ok(()),
+        },
+    )?;
 
     println!(
         "turbine bench: {} on {}, {}, {} {} step(s), guidance {}, kernels {}, commit {}, model {} (loaded in {:.1} s)",
@@ -687,8 +785,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if !report.ablation.is_empty() {
         print!("\n{}", render_ablation(&report.ablation));
     }
-    if let Some(path) = &args.json {
-        write_json(path, &report)?;
+    if !report.failures.is_empty() {
+        print!("\nfailed:\n{}", render_failures(&report.failures));
+        anyhow::bail!(
+            "{} of the measurements failed (listed above; the others are in the table{})",
+            report.failures.len(),
+            if args.json.is_some() {
+                " and --json"
+            } else {
+                ""
+            }
+        );
     }
     Ok(())
 }
@@ -781,6 +888,172 @@ mod tests {
             ]
         );
         Ok(())
+    }
+
+    fn levers_in(k: Kernels) -> usize {
+        Kernels::NAMED
+            .iter()
+            .filter(|(_, l)| k.contains(*l))
+            .count()
+    }
+
+    fn empty_report() -> Report {
+        Report {
+            tool: "turbine bench".into(),
+            version: "0".into(),
+            commit: "c".into(),
+            date_utc: utc_date(0),
+            machine: machine(),
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            kernels: "all".into(),
+            threads: 1,
+            model: "m".into(),
+            size: "8x8".into(),
+            steps: 1,
+            guidance: 0.0,
+            warmup: 0,
+            load_s: 0.0,
+            rows: Vec::new(),
+            ablation: Vec::new(),
+            failures: Vec::new(),
+        }
+    }
+
+    /// A failing batch size and a failing kernel set are recorded, everything else is still
+    /// measured, each figure is saved as it comes, and images are compared with `none`'s.
+    #[test]
+    fn failures_are_recorded_and_the_rest_still_measured() {
+        let mut report = empty_report();
+        let mut calls = Vec::new();
+        let mut measure = |b: usize, _first: bool, _t: (usize, usize, f64)| {
+            let k = crate::ops::kernels();
+            calls.push((b, k.to_string()));
+            if b == 2 {
+                anyhow::bail!("out of memory at batch {b}");
+            }
+            if crate::ops::enabled(Kernels::GEGLU) && k != Kernels::ALL {
+                anyhow::bail!("geglu kernel failed");
+            }
+            // One pixel per set: 10 + its lever count.
+            let v = 10 + levers_in(k) as u8;
+            let img = image::RgbImage::from_pixel(1, 1, image::Rgb([v, v, v]));
+            Ok((summarize(b, &[sample(100)]).unwrap(), vec![img; b]))
+        };
+        let mut kept = Vec::new();
+        let mut saves = Vec::new();
+        crate::ops::with_kernels(Kernels::ALL, || {
+            measure_all(
+                &mut report,
+                &[1, 2, 4],
+                Some(4),
+                (1, 1, 0.0),
+                &mut measure,
+                &mut |b, images| {
+                    kept.push((b, images.len()));
+                    Ok(())
+                },
+                &mut |r| {
+                    saves.push((r.rows.len(), r.ablation.len(), r.failures.len()));
+                    Ok(())
+                },
+            )
+        })
+        .unwrap();
+        // The sweep went on past batch 2.
+        let batches: Vec<usize> = report.rows.iter().map(|r| r.batch).collect();
+        assert_eq!(batches, [1, 4]);
+        assert_eq!(kept, [(1, 1), (4, 4)]);
+        // Every set ran; the ones with geglu (other than `all`) failed and were recorded.
+        let sets = ablation_sets(Kernels::ALL);
+        assert_eq!(calls.len(), 3 + sets.len());
+        let failed: Vec<(&str, usize, &str)> = report
+            .failures
+            .iter()
+            .map(|f| (f.stage.as_str(), f.batch, f.kernels.as_str()))
+            .collect();
+        assert_eq!(failed[0], ("sweep", 2, "all"));
+        assert!(report.failures[0]
+            .error
+            .contains("out of memory at batch 2"));
+        let geglu_sets: Vec<String> = sets
+            .iter()
+            .filter(|k| k.contains(Kernels::GEGLU) && **k != Kernels::ALL)
+            .map(|k| k.to_string())
+            .collect();
+        assert_eq!(
+            failed[1..].iter().map(|f| f.2).collect::<Vec<_>>(),
+            geglu_sets
+        );
+        assert!(failed[1..].iter().all(|f| f.0 == "ablation" && f.1 == 4));
+        assert_eq!(report.ablation.len(), sets.len() - geglu_sets.len());
+        // Diffs against `none`: one pixel value per lever.
+        for r in &report.ablation {
+            let levers = levers_in(r.kernels.parse().unwrap());
+            assert_eq!(r.max_diff_vs_none, Some(levers as u8), "{}", r.kernels);
+            assert_eq!(r.mean_diff_vs_none, Some(levers as f64), "{}", r.kernels);
+        }
+        // Saved after each of the 3 batch sizes and each of the sets.
+        assert_eq!(saves.len(), 3 + sets.len());
+        assert_eq!(saves[2], (2, 0, 1));
+        assert_eq!(
+            *saves.last().unwrap(),
+            (2, report.ablation.len(), report.failures.len())
+        );
+        let listed = render_failures(&report.failures);
+        assert_eq!(listed.lines().count(), report.failures.len());
+        assert!(listed.starts_with("- sweep batch 2 with --kernels all: out of memory"));
+    }
+
+    #[test]
+    fn ablation_sets_stay_within_the_kernels_asked_for() {
+        let all = ablation_sets(Kernels::ALL);
+        assert_eq!(all.len(), 2 + 2 * Kernels::NAMED.len());
+        assert_eq!(&all[..2], [Kernels::NONE, Kernels::ALL]);
+        let some: Kernels = "all,-flash,-conv".parse().unwrap();
+        let sets = ablation_sets(some);
+        assert_eq!(sets.len(), 2 + 2 * 6);
+        assert!(sets
+            .iter()
+            .all(|k| !k.contains(Kernels::FLASH) && !k.contains(Kernels::CONV)));
+        assert_eq!(sets[1], some);
+        assert!(sets.contains(&some.without(Kernels::GEGLU)));
+        // One lever: the set and the lever alone are the same, the set without it is `none`.
+        assert_eq!(
+            ablation_sets(Kernels::GEGLU),
+            [Kernels::NONE, Kernels::GEGLU]
+        );
+        assert_eq!(ablation_sets(Kernels::NONE), [Kernels::NONE]);
+    }
+
+    /// Without `none`'s images there is nothing to compare with: the diff is absent, not 0.
+    #[test]
+    fn ablation_without_a_baseline_has_no_diffs() {
+        let mut report = empty_report();
+        let mut measure = |b: usize, _first: bool, _t: (usize, usize, f64)| {
+            if crate::ops::kernels() == Kernels::NONE {
+                anyhow::bail!("baseline failed");
+            }
+            let img = image::RgbImage::new(1, 1);
+            Ok((summarize(b, &[sample(100)]).unwrap(), vec![img; b]))
+        };
+        measure_all(
+            &mut report,
+            &[],
+            Some(1),
+            (1, 1, 0.0),
+            &mut measure,
+            &mut |_, _| Ok(()),
+            &mut |_| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(report.failures.len(), 1);
+        assert_eq!(report.ablation.len(), ablation_sets(Kernels::ALL).len() - 1);
+        assert!(report
+            .ablation
+            .iter()
+            .all(|r| r.max_diff_vs_none.is_none() && r.mean_diff_vs_none.is_none()));
+        assert!(render_ablation(&report.ablation).contains("| - | - |"));
     }
 
     #[test]
