@@ -1555,6 +1555,66 @@ fn vae_channels_last_decoder_matches_nchw() {
     }
 }
 
+// ---- VAE output to 8-bit RGB ----
+
+/// diffusers' postprocess in f32 candle ops: `(x / 2 + 0.5).clamp(0, 1)`, then numpy's
+/// `(x * 255).round()` (half to even), NCHW to NHWC.
+fn to_rgb8_composed(x: &Tensor) -> Vec<u8> {
+    let v = x.affine(0.5, 0.5).unwrap().clamp(0f32, 1f32).unwrap();
+    let v = (v * 255.0).unwrap().permute((0, 2, 3, 1)).unwrap();
+    let v: Vec<f32> = v.flatten_all().unwrap().to_vec1().unwrap();
+    v.iter().map(|x| x.round_ties_even() as u8).collect()
+}
+
+#[test]
+fn to_rgb8_matches_composition() {
+    let mut rng = rng("to_rgb8");
+    // Values in ±[0.05, 2): both clamp edges and the inside. A ragged last block (5·7·3 bytes),
+    // a whole 64x64 image, and four channels.
+    let cases: [&[usize]; 3] = [&[2, 3, 5, 7], &[1, 3, 64, 64], &[3, 4, 9, 11]];
+    for dev in devices("to_rgb8") {
+        for shape in cases {
+            let x = random(&mut rng, shape, 0.0);
+            for dtype in DTYPES {
+                let (xd, xe) = place(&x, dtype, &dev);
+                let want = to_rgb8_composed(&xe);
+                if dev.is_cuda() {
+                    // 0xab is no byte the op can write for every element: a skipped one shows.
+                    let t = Tensor::full(0xabu8, x.elem_count(), &dev).unwrap();
+                    dev.synchronize().unwrap();
+                    drop(t);
+                }
+                let got = ops::to_rgb8(&xd).unwrap();
+                let what = format!("to_rgb8 {} {dtype:?} {shape:?}", dev_name(&dev));
+                assert_eq!(got.dtype(), DType::U8, "{what}");
+                assert_eq!(
+                    got.dims(),
+                    [shape[0], shape[2], shape[3], shape[1]],
+                    "{what}"
+                );
+                let got: Vec<u8> = got
+                    .to_device(&Device::Cpu)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let wrong: Vec<usize> = (0..want.len()).filter(|&i| got[i] != want[i]).collect();
+                let _ = writeln!(std::io::stderr(), "{what}: {} bytes differ", wrong.len());
+                assert!(
+                    wrong.is_empty(),
+                    "{what}: {} of {} bytes differ; first at {}: got {}, want {}",
+                    wrong.len(),
+                    want.len(),
+                    wrong[0],
+                    got[wrong[0]],
+                    want[wrong[0]]
+                );
+            }
+        }
+    }
+}
+
 // ---- Flash attention (the UNet's case of multi-head attention: head dim 64, not causal) ----
 
 /// (batch, heads, Lq, Lk, gain on q). A gain of 10 makes logits of ±40 or so: each row has a
