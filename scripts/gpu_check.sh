@@ -20,8 +20,11 @@
 # The `run` call (timeout_s 480; the script stops itself at $GPU_CHECK_BUDGET_S, default 420):
 #   command: bash scripts/gpu_check.sh
 #   carry:   ["target/gpu-check"]
-# GPU_CHECK_KERNELS (default all) is turbine's --kernels for the sweep, e.g. `all,-flash` to rerun
-# without a lever whose kernel test or ablation row failed.
+# The carried CUDA kernel tests run first; a lever whose test fails (alone, in a fresh process) is
+# left out of turbine's sweep and ablation, so one broken kernel costs its own figures only.
+# GPU_CHECK_KERNELS (default auto: all but those levers) sets turbine's --kernels instead, e.g.
+# `all,-flash`. If turbine measures nothing with its kernels, it runs again with candle's ops
+# (`--kernels none`) so that the baseline figure is there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +34,7 @@ case "${1:-}" in
     --prepare) MODE=prepare ;;
     --dry-run) MODE=dry-run ;;
     "") ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "usage: scripts/gpu_check.sh [--prepare|--dry-run]" >&2; exit 2 ;;
 esac
 
@@ -140,13 +143,32 @@ if [ "$MODE" = dry-run ]; then
     rm -rf "$out"
     mkdir -p "$out"
     set -o pipefail
+    # A fake kernel-test binary with one failing lever (geglu) and one victim test (conv).
+    mkdir -p "$out/tests"
+    cp scripts/bench/fake_libtest.sh "$out/tests/ops-fake"
     "$py" scripts/bench/gpu_check.py --turbine "$bin" --out "$out" --work target/gpu-check-dry/work \
         --config-dir tests/fixtures/tiny-sdxl --device cpu --dtype f32 --size 64x64 \
-        --batch-sizes 1,2,4 --diff-batch 4 --budget-s 300 --min-time 0 --skip-compile \
-        --commit "$(git rev-parse --short=12 HEAD)" 2>&1 | tee "$out/gpu_check.log"
+        --batch-sizes 1,2,4 --diff-batch 4 --budget-s 600 --min-time 0 --skip-compile \
+        --tests-dir "$out/tests" --commit "$(git rev-parse --short=12 HEAD)" 2>&1 | tee "$out/gpu_check.log"
     rc=$?
     echo "dry run: exit $rc; files in $out: $(ls "$out" | tr '\n' ' ')"
-    exit $rc
+    [ "$rc" = 0 ] || exit "$rc"
+    # The failing lever was left out of the sweep and the ablation, the victim was not.
+    "$py" - "$out/gpu_check.json" <<'PY' || exit 1
+import json, sys
+r = json.load(open(sys.argv[1]))
+kt = r["kernel_tests"]
+assert kt["failed"] == ["geglu_matches_composition"] and kt["levers"] == ["geglu"], kt
+assert kt["victims"] == ["conv2d_cuda_matches_cpu_reference"], kt
+assert r["kernels"] == "all,-geglu", r["kernels"]
+t = r["turbine"]
+assert t["kernels"] == "group-norm,attention,conv,channels-last,bias-residual,postprocess,flash", t["kernels"]
+sets = [a["kernels"] for a in t["ablation"]]
+assert len(sets) == 2 + 2 * 7 and not any("geglu" in s for s in sets), sets
+assert not t["failures"], t["failures"]
+print("dry run: kernel tests, lever exclusion and ablation sets as expected")
+PY
+    exit 0
 fi
 
 # --- on the device machine ---------------------------------------------------------------------
@@ -192,22 +214,11 @@ for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 lib
     echo "  $lib => ${found:-NOT FOUND}"
 done
 
-kernel="not carried"
-if ls "$BIN"/tests/* >/dev/null 2>&1; then
-    pass=0; fail=0
-    for t in "$BIN"/tests/*; do
-        echo "== CUDA kernel tests: $t"
-        if TURBINE_REQUIRE_GPU=1 timeout 200 "$t" --test-threads=1 2>&1; then pass=$((pass + 1)); else fail=$((fail + 1)); fi
-    done
-    kernel="$pass test binaries passed, $fail failed (TURBINE_REQUIRE_GPU=1)"
-    echo "== CUDA kernel tests: $kernel"
-fi
-
 # What the steps above spent comes off the budget.
 used=$SECONDS
 python3 scripts/bench/gpu_check.py --turbine "$BIN/turbine" --out "$OUT" --work /tmp/turbine-gpu-check \
-    --budget-s $((BUDGET - used)) --commit "$commit" --kernel-tests "$kernel" \
-    --kernels "${GPU_CHECK_KERNELS:-all}"
+    --budget-s $((BUDGET - used)) --commit "$commit" --tests-dir "$BIN/tests" \
+    --kernels "${GPU_CHECK_KERNELS:-auto}"
 rc=$?
 echo "== done in $SECONDS s, exit $rc"
 exit $rc

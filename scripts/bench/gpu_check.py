@@ -89,6 +89,99 @@ def row_at(rows, b):
     return next((r for r in rows or [] if r.get("batch") == b and "images_per_s" in r), None)
 
 
+# Which `--kernels` lever each CUDA test of tests/ops.rs exercises: the first pattern found in the
+# test's name wins (so `group_norm_channels_last_*` is channels-last, not group-norm).
+LEVER_OF_TEST = [
+    ("flash", "flash"),
+    ("channels_last", "channels-last"),
+    ("upsample", "channels-last"),
+    ("group_norm", "group-norm"),
+    ("geglu", "geglu"),
+    ("bias_residual", "bias-residual"),
+    ("conv2d", "conv"),
+    ("attention", "attention"),
+    ("to_rgb8", "postprocess"),
+]
+
+
+def lever_of(test):
+    return next((lever for pat, lever in LEVER_OF_TEST if pat in test), None)
+
+
+def libtest_results(text):
+    """`test NAME ... ok|FAILED|ignored` lines of a libtest run: {name: outcome}."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[0] == "test" and parts[2] == "..." and parts[3] in ("ok", "FAILED", "ignored"):
+            out[parts[1]] = parts[3]
+    return out
+
+
+def kernel_tests(tests_dir, budget):
+    """Runs every carried test binary with TURBINE_REQUIRE_GPU=1. A binary that fails has each of
+    its tests that did not pass rerun alone, in a fresh process: a kernel that corrupts memory
+    leaves the CUDA context unusable, so the tests after it fail too, and only a rerun tells the
+    broken kernel from its victims. Returns the summary and the levers whose tests failed alone."""
+    env = dict(os.environ, TURBINE_REQUIRE_GPU="1")
+    bins = sorted(p for p in Path(tests_dir).iterdir() if p.is_file() and os.access(p, os.X_OK))
+    res = {"binaries": [], "failed": [], "victims": [], "levers": []}
+    for b in bins:
+        log(f"== CUDA kernel tests: {b}")
+        try:
+            r = subprocess.run([b, "--test-threads=1"], env=env, capture_output=True, text=True,
+                               timeout=max(10, min(200, budget.left() - 300)))
+            text, rc = r.stdout + r.stderr, r.returncode
+        except subprocess.TimeoutExpired as e:
+            # (TimeoutExpired keeps bytes even with text=True)
+            out = e.stdout or b""
+            text, rc = (out.decode(errors="replace") if isinstance(out, bytes) else out), 124
+        print(text, file=sys.stderr, flush=True)
+        outcome = libtest_results(text)
+        entry = {"binary": b.name, "rc": rc, "passed": sum(v == "ok" for v in outcome.values()),
+                 "failed": sorted(k for k, v in outcome.items() if v == "FAILED")}
+        res["binaries"].append(entry)
+        if rc == 0:
+            continue
+        listed = subprocess.run([b, "--list", "--format", "terse"], capture_output=True, text=True, timeout=30).stdout
+        names = [ln[: -len(": test")] for ln in listed.splitlines() if ln.endswith(": test")]
+        for name in names:
+            if outcome.get(name) in ("ok", "ignored"):
+                continue
+            if budget.left() < 330:
+                log(f"no time left to rerun {name} alone")
+                res["failed"].append(name)
+                continue
+            try:
+                alone = subprocess.run([b, "--exact", name, "--test-threads=1"], env=env, capture_output=True,
+                                       text=True, timeout=60)
+                ok = alone.returncode == 0
+                if not ok:
+                    print(alone.stdout + alone.stderr, file=sys.stderr, flush=True)
+            except subprocess.TimeoutExpired:
+                ok = False
+            log(f"   alone: {name} {'ok (failed only after another test)' if ok else 'FAILED'}")
+            res["victims" if ok else "failed"].append(name)
+    res["levers"] = sorted({lever_of(t) for t in res["failed"]} - {None})
+    res["unmapped"] = [t for t in res["failed"] if lever_of(t) is None]
+    passed = sum(e["rc"] == 0 for e in res["binaries"])
+    line = f"{passed} of {len(res['binaries'])} test binaries passed (TURBINE_REQUIRE_GPU=1)"
+    if res["failed"]:
+        line += f"; failed alone: {', '.join(res['failed'])} (levers: {', '.join(res['levers']) or 'none mapped'})"
+    if res["victims"]:
+        line += f"; failed only after another test: {', '.join(res['victims'])}"
+    res["summary"] = line
+    log("== CUDA kernel tests: " + line)
+    return res
+
+
+def sweep_kernels(asked, failed_levers):
+    """`auto`: every lever but those whose kernel tests failed; anything else as given."""
+    if asked != "auto":
+        return asked
+    return ",".join(["all"] + [f"-{lever}" for lever in failed_levers])
+
+
 def turbine_peaks(report, sampler):
     """Attributes NVML samples to each batch size by the wall-clock window turbine reports."""
     for r in report.get("rows", []):
@@ -124,7 +217,8 @@ def ablation_table(res):
         return ""
     preds = load(ROOT / "benches" / "levers.json") or {}
     by = {r["kernels"]: r["row"] for r in rows}
-    none, every = by.get("none"), by.get("all")
+    # The second set is the run's --kernels (`all`, or all but the levers left out).
+    none, every = by.get("none"), (rows[1]["row"] if len(rows) > 1 else None)
     lines = ["| kernels | batch | images/s | vs none | ms/image | text ms | unet ms | vae ms "
              "| max diff vs none | mean diff vs none | lever alone saves ms/image | lever in all saves "
              "ms/image | predicted ms/image |",
@@ -137,14 +231,19 @@ def ablation_table(res):
         if lever and none:
             alone = f"{none['ms_per_image'] - row['ms_per_image']:.2f}"
             # "all but k" prints as the other levers' names, in the same order.
-            without = by.get(",".join(n for n in every_names(rows) if n != k))
+            without = by.get(",".join(n for n in every_names(rows) if n != k) or "none")
             if without and every:
                 in_all = f"{without['ms_per_image'] - every['ms_per_image']:.2f}"
             pred = f"{lever.get('predicted_ms_per_image', '-')}"
         lines.append(f"| {k} | {row['batch']} | {row['images_per_s']:.2f} | {rel} | {row['ms_per_image']:.2f} "
                      f"| {row['text_encode_ms']:.1f} | {row['unet_ms']:.1f} | {row['vae_decode_ms']:.1f} "
-                     f"| {r['max_diff_vs_none']} | {r['mean_diff_vs_none']:.3f} | {alone} | {in_all} | {pred} |")
+                     f"| {dash(r['max_diff_vs_none'])} | {dash(r['mean_diff_vs_none'], '.3f')} | {alone} | {in_all} "
+                     f"| {pred} |")
     return "\n".join(lines)
+
+
+def dash(v, fmt=""):
+    return "-" if v is None else format(v, fmt)
 
 
 def every_names(rows):
@@ -202,8 +301,11 @@ def main():
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32")
     ap.add_argument("--diff-batch", type=int, default=4, help="batch whose images are compared")
-    ap.add_argument("--kernels", default="all",
-                    help="turbine's --kernels for the sweep (the ablation always covers every set)")
+    ap.add_argument("--kernels", default="auto",
+                    help="turbine's --kernels for the sweep and the ablation; auto: all but the levers "
+                         "whose CUDA kernel tests failed")
+    ap.add_argument("--tests-dir", type=Path,
+                    help="CUDA kernel-test binaries to run first (TURBINE_REQUIRE_GPU=1)")
     ap.add_argument("--ablate-batch", type=int, default=8,
                     help="batch size of turbine's kernel ablation (0: none)")
     ap.add_argument("--budget-s", type=float, default=450.0, help="whole run, seconds")
@@ -211,7 +313,6 @@ def main():
                     help="seconds kept back for the table after torch.compile")
     ap.add_argument("--min-time", type=float, default=2.0, help="timed seconds per batch size")
     ap.add_argument("--commit", default="unknown")
-    ap.add_argument("--kernel-tests", default="", help="result line of the CUDA kernel tests")
     ap.add_argument("--skip-compile", action="store_true")
     a = ap.parse_args()
     batches = [int(b) for b in a.batch_sizes.split(",")]
@@ -228,10 +329,18 @@ def main():
     res = {"started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "commit": a.commit, "device": a.device, "dtype": a.dtype, "size": a.size,
            "steps": a.steps, "batches": batches, "diff_batch": a.diff_batch,
-           "kernel_tests": a.kernel_tests, "kernels": a.kernels}
+           "kernels_asked": a.kernels}
 
     def save():
         (a.out / "gpu_check.json").write_text(json.dumps(res, indent=2, default=str))
+
+    # 0. the CUDA kernel tests; a lever whose tests fail is left out of the sweep (--kernels auto)
+    failed_levers = []
+    if a.tests_dir and a.tests_dir.is_dir():
+        res["kernel_tests"] = kernel_tests(a.tests_dir, budget)
+        failed_levers = res["kernel_tests"]["levers"]
+    res["kernels"] = kernels = sweep_kernels(a.kernels, failed_levers)
+    save()
 
     # 1. ceilings
     if gpu:
@@ -261,25 +370,34 @@ def main():
             "--dtype", a.dtype, "--size", a.size, "--steps", a.steps, "--batch-sizes", a.batch_sizes,
             "--warmup", "2", "--runs", "3", "--min-time", a.min_time, "--init-latents", lat,
             "--save-images", timg, "--json", tjson]
-    tcmd += ["--kernels", a.kernels]
-    if a.ablate_batch:
-        tcmd += ["--ablate", a.ablate_batch]
     for p in PROMPTS:
         tcmd += ["--prompt", p]
-    t_budget = max(60.0, budget.left() * 0.35)
-    if gpu:
-        from diffusers_ref import GpuMemSampler
 
-        with GpuMemSampler() as sampler:
-            rc = run(tcmd, timeout=t_budget, env=env)
-        res["turbine"] = load(tjson)
-        if res["turbine"]:
-            turbine_peaks(res["turbine"], sampler)
-            res["turbine"]["peak_bytes_overall"] = sampler.peak()
-    else:
-        rc = run(tcmd, timeout=t_budget, env=env)
-        res["turbine"] = load(tjson)
-    res["turbine_rc"] = rc
+    def turbine(kernels, ablate, seconds):
+        cmd = tcmd + ["--kernels", kernels] + (["--ablate", ablate] if ablate else [])
+        if tjson.exists():
+            tjson.unlink()
+        if gpu:
+            from diffusers_ref import GpuMemSampler
+
+            with GpuMemSampler() as sampler:
+                rc = run(cmd, timeout=seconds, env=env)
+            rep = load(tjson)
+            if rep:
+                turbine_peaks(rep, sampler)
+                rep["peak_bytes_overall"] = sampler.peak()
+        else:
+            rc = run(cmd, timeout=seconds, env=env)
+            rep = load(tjson)
+        return rc, rep
+
+    res["turbine_rc"], res["turbine"] = turbine(kernels, a.ablate_batch, max(60.0, budget.left() * 0.35))
+    if not best((res["turbine"] or {}).get("rows")) and kernels != "none":
+        # Nothing measured with our kernels: candle's ops alone still give the baseline figure.
+        log(f"turbine measured nothing with --kernels {kernels}; once more with --kernels none")
+        res["turbine_first"] = {"kernels": kernels, "rc": res["turbine_rc"], "report": res["turbine"]}
+        res["kernels"] = kernels = "none"
+        res["turbine_rc"], res["turbine"] = turbine("none", 0, max(45.0, budget.left() * 0.2))
     save()
 
     # 4. diffusers eager
@@ -352,9 +470,22 @@ def main():
         if bt:
             hdr.append(f"- turbine's best: {bt['images_per_s']:.2f} images/s = "
                        f"{100 * bt['images_per_s'] * fl['flop_floor_ms'] / 1e3:.1f}% of the floor")
-    hdr.append(f"- turbine's kernels in the sweep: `--kernels {a.kernels}`")
-    if a.kernel_tests:
-        hdr.append(f"- CUDA kernel tests: {a.kernel_tests}")
+    hdr.append(f"- turbine's kernels in the sweep and the ablation: `--kernels {kernels}`"
+               + (f" (asked: {a.kernels})" if a.kernels != kernels else ""))
+    if res.get("turbine_first"):
+        f = res["turbine_first"]
+        hdr.append(f"- turbine with `--kernels {f['kernels']}` measured nothing (exit {f['rc']}); "
+                   f"the figures are candle's ops alone")
+    kt = res.get("kernel_tests")
+    if kt:
+        hdr.append(f"- CUDA kernel tests: {kt['summary']}")
+    elif a.tests_dir:
+        hdr.append(f"- CUDA kernel tests: none carried in {a.tests_dir}")
+    first = (res.get("turbine_first") or {}).get("report") or {}
+    fails = (first.get("failures") or []) + (t.get("failures") or [])
+    for f in fails:
+        err = f["error"] if len(f["error"]) < 300 else f["error"][:300] + "..."
+        hdr.append(f"- turbine failed: {f['stage']} batch {f['batch']} with `--kernels {f['kernels']}`: {err}")
     for k in ("turbine_rc", "eager_rc", "compile_rc"):
         if res.get(k) not in (None, 0):
             hdr.append(f"- {k.split('_')[0]} exited with {res[k]} (see gpu_check.log)")
