@@ -17,7 +17,8 @@
 #                                    target/gpu-check-dry/
 #   scripts/gpu_check.sh             on the device machine (what the `run` call executes)
 #
-# The `run` call (timeout_s 480; the script stops itself at $GPU_CHECK_BUDGET_S, default 420):
+# The `run` call (timeout_s 540; the script stops itself at $GPU_CHECK_BUDGET_S, default 480, and
+# writes gpu_check.md after every step, so even a run cut short leaves what it measured):
 #   command: bash scripts/gpu_check.sh
 #   carry:   ["target/gpu-check"]
 # The carried CUDA kernel tests run first; a lever whose test fails (alone, in a fresh process) is
@@ -34,7 +35,7 @@ case "${1:-}" in
     --prepare) MODE=prepare ;;
     --dry-run) MODE=dry-run ;;
     "") ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "usage: scripts/gpu_check.sh [--prepare|--dry-run]" >&2; exit 2 ;;
 esac
 
@@ -116,7 +117,7 @@ if [ "$MODE" = prepare ]; then
     cat <<'EOF'
 
 Now, with the device tool (one call; nothing else runs there):
-  run(command="bash scripts/gpu_check.sh", carry=["target/gpu-check"], timeout_s=480)
+  run(command="bash scripts/gpu_check.sh", carry=["target/gpu-check"], timeout_s=540)
 then copy $files_at/gpu_check.md into benches/RESULTS.md.
 EOF
     exit 0
@@ -173,7 +174,7 @@ fi
 
 # --- on the device machine ---------------------------------------------------------------------
 : "${OUT:?OUT is not set: this mode runs inside the device tool (use --dry-run here)}"
-BUDGET="${GPU_CHECK_BUDGET_S:-420}"
+BUDGET="${GPU_CHECK_BUDGET_S:-480}"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 echo "== $(date -u) on $(hostname)"

@@ -246,6 +246,16 @@ def dash(v, fmt=""):
     return "-" if v is None else format(v, fmt)
 
 
+def compile_order(batches, res):
+    """torch.compile compiles per batch shape and the time left rarely covers the whole sweep, so
+    the batch sizes most likely to hold its peak go first (eager's best, then turbine's, then
+    the rest from the largest down): its peak must not be judged from the small batches alone."""
+    first = [r["batch"] for r in (best((res.get("eager") or {}).get("rows")),
+                                  best((res.get("turbine") or {}).get("rows"))) if r]
+    rest = sorted(batches, reverse=True)
+    return list(dict.fromkeys([b for b in first if b in batches] + rest))
+
+
 def every_names(rows):
     """The lever names: the single-lever sets of the ablation."""
     return [r["kernels"] for r in rows if r["kernels"] not in ("none", "all") and "," not in r["kernels"]]
@@ -287,6 +297,67 @@ def targets(res):
         out.append(f"- pixels, turbine vs diffusers eager, both {res['dtype']}, {len(d['images'])} images of batch "
                    f"{res.get('diff_batch')}: max {d['max']}, mean {d['mean']:.3f} (8-bit)")
     return "\n".join(out)
+
+
+def render_md(res, a, batches, gpu):
+    """gpu_check.md from what `res` holds so far: written at every step, so a run stopped from
+    outside still leaves the figures it measured."""
+    di = res.get("devinfo") or {}
+    kernels = res.get("kernels", a.kernels)
+    t = res.get("turbine") or {}
+    hdr = [f"### gpu_check.sh ({res['started_utc']})", ""]
+    hdr.append(f"- device: {t.get('device', a.device)}"
+               + (f"; measured bf16 matmul {di['bf16_tflops']:.0f} TFLOP/s, copy {di['copy_tbps']:.2f} TB/s; "
+                  f"torch {di['torch']}, CUDA {di['cuda']}, cuDNN {di['cudnn']}" if di else ""))
+    if t.get("machine"):
+        m = t["machine"]
+        hdr.append(f"- machine: {m['cpu']}, {m['cores']} cores, {(m['memory_bytes'] or 0) / 2**30:.0f} GiB ({m['host']})")
+    hdr.append(f"- commit: {a.commit}; command: `scripts/gpu_check.sh` (budget {a.budget_s:.0f} s, used "
+               f"{time.time() - START:.0f} s)")
+    arch = ("full SDXL-Turbo architecture" if a.config_dir.name == "sdxl-turbo"
+            else f"architecture of {a.config_dir}")
+    files = "fp16 variant files" if gpu else "f32 files"
+    hdr.append(f"- setting: {arch}, random weights (diffusers, seed 0, {files}), "
+               f"{a.size}, {a.steps} step, {a.dtype}, guidance 0, end to end incl. VAE decode and 8-bit images; "
+               f"{len(PROMPTS)} prompts and initial latents cycled over each batch; warm-up excluded, median of "
+               f">= 3 runs and >= {a.min_time:g} s per batch size; peak = NVML device memory above the idle "
+               f"baseline, per batch size")
+    if res.get("floors"):
+        fl = res["floors"]
+        hdr.append(f"- floor: {sum(fl['flops'].values()) / 1e12:.2f} TFLOP/image -> {fl['flop_floor_ms']:.2f} ms "
+                   f"= {1e3 / fl['flop_floor_ms']:.0f} images/s at {fl['tflops']:g} TFLOP/s")
+        bt = best(t.get("rows"))
+        if bt:
+            hdr.append(f"- turbine's best: {bt['images_per_s']:.2f} images/s = "
+                       f"{100 * bt['images_per_s'] * fl['flop_floor_ms'] / 1e3:.1f}% of the floor")
+    hdr.append(f"- turbine's kernels in the sweep and the ablation: `--kernels {kernels}`"
+               + (f" (asked: {a.kernels})" if a.kernels != kernels else ""))
+    if res.get("turbine_first"):
+        f = res["turbine_first"]
+        hdr.append(f"- turbine with `--kernels {f['kernels']}` measured nothing (exit {f['rc']}); "
+                   f"the figures are candle's ops alone")
+    kt = res.get("kernel_tests")
+    if kt:
+        hdr.append(f"- CUDA kernel tests: {kt['summary']}")
+    elif a.tests_dir:
+        hdr.append(f"- CUDA kernel tests: none carried in {a.tests_dir}")
+    first = (res.get("turbine_first") or {}).get("report") or {}
+    fails = (first.get("failures") or []) + (t.get("failures") or [])
+    for f in fails:
+        err = f["error"] if len(f["error"]) < 300 else f["error"][:300] + "..."
+        hdr.append(f"- turbine failed: {f['stage']} batch {f['batch']} with `--kernels {f['kernels']}`: {err}")
+    for k in ("turbine_rc", "eager_rc", "compile_rc"):
+        if res.get(k) not in (None, 0):
+            hdr.append(f"- {k.split('_')[0]} exited with {res[k]} (see gpu_check.log)")
+    md = "\n".join(hdr) + "\n\n" + table(res, batches) + "\n\n" + targets(res) + "\n"
+    abl = ablation_table(res)
+    if abl:
+        md += ("\nturbine's kernels, one set at a time (`turbine bench --ablate`; 'diff vs none' is the 8-bit "
+               "difference from candle's ops, all images of the batch):\n\n" + abl + "\n")
+    if not res.get("finished"):
+        md = ("**Unfinished run**: stopped before its last step (the figures below are what it measured; "
+              "see gpu_check.log).\n\n" + md)
+    return md
 
 
 def main():
@@ -333,6 +404,9 @@ def main():
 
     def save():
         (a.out / "gpu_check.json").write_text(json.dumps(res, indent=2, default=str))
+        md = render_md(res, a, batches, gpu)
+        (a.out / "gpu_check.md").write_text(md)
+        return md
 
     # 0. the CUDA kernel tests; a lever whose tests fail is left out of the sweep (--kernels auto)
     failed_levers = []
@@ -346,6 +420,13 @@ def main():
     if gpu:
         run(ref + ["devinfo", "--json", a.work / "devinfo.json"], timeout=min(60, budget.left()))
         res["devinfo"] = load(a.work / "devinfo.json")
+    di = res.get("devinfo") or {}
+    fl_cmd = [py, ROOT / "scripts" / "floors.py", "--model-dir",
+              a.config_dir, "--size", a.size, "--steps", str(a.steps), "--json", a.work / "floors.json"]
+    if di.get("bf16_tflops"):
+        fl_cmd += ["--tflops", f"{di['bf16_tflops']:.0f}", "--tbps", f"{di['copy_tbps']:.2f}"]
+    subprocess.run([str(c) for c in fl_cmd], stdout=subprocess.DEVNULL)
+    res["floors"] = load(a.work / "floors.json")
     save()
 
     # 2. the model, random weights, fp16 variant files
@@ -431,71 +512,18 @@ def main():
         log(f"torch.compile skipped: {c_budget:.0f} s left")
     else:
         cjson = a.work / "compile.json"
+        order = compile_order(batches, res)
+        log(f"torch.compile batch sizes, in the order the time allows: {order}")
+        ccommon = list(common)
+        ccommon[ccommon.index("--batch-sizes") + 1] = ",".join(map(str, order))
         res["compile_rc"] = run(ref + ["sweep", "--compile", "--json", cjson, "--budget-s",
-                                       c_budget - 20] + common, timeout=c_budget)
+                                       c_budget - 20] + ccommon, timeout=c_budget)
         res["compile"] = load(cjson)
     save()
 
     # 7. the table
-    di = res.get("devinfo") or {}
-    fl_cmd = [py, ROOT / "scripts" / "floors.py", "--model-dir",
-              a.config_dir, "--size", a.size, "--steps", str(a.steps), "--json", a.work / "floors.json"]
-    if di.get("bf16_tflops"):
-        fl_cmd += ["--tflops", f"{di['bf16_tflops']:.0f}", "--tbps", f"{di['copy_tbps']:.2f}"]
-    subprocess.run([str(c) for c in fl_cmd], stdout=subprocess.DEVNULL)
-    res["floors"] = load(a.work / "floors.json")
-    t = res.get("turbine") or {}
-    hdr = [f"### gpu_check.sh ({res['started_utc']})", ""]
-    hdr.append(f"- device: {t.get('device', a.device)}"
-               + (f"; measured bf16 matmul {di['bf16_tflops']:.0f} TFLOP/s, copy {di['copy_tbps']:.2f} TB/s; "
-                  f"torch {di['torch']}, CUDA {di['cuda']}, cuDNN {di['cudnn']}" if di else ""))
-    if t.get("machine"):
-        m = t["machine"]
-        hdr.append(f"- machine: {m['cpu']}, {m['cores']} cores, {(m['memory_bytes'] or 0) / 2**30:.0f} GiB ({m['host']})")
-    hdr.append(f"- commit: {a.commit}; command: `scripts/gpu_check.sh` (budget {a.budget_s:.0f} s, used "
-               f"{time.time() - START:.0f} s)")
-    arch = ("full SDXL-Turbo architecture" if a.config_dir.name == "sdxl-turbo"
-            else f"architecture of {a.config_dir}")
-    files = "fp16 variant files" if gpu else "f32 files"
-    hdr.append(f"- setting: {arch}, random weights (diffusers, seed 0, {files}), "
-               f"{a.size}, {a.steps} step, {a.dtype}, guidance 0, end to end incl. VAE decode and 8-bit images; "
-               f"{len(PROMPTS)} prompts and initial latents cycled over each batch; warm-up excluded, median of "
-               f">= 3 runs and >= {a.min_time:g} s per batch size; peak = NVML device memory above the idle "
-               f"baseline, per batch size")
-    if res.get("floors"):
-        fl = res["floors"]
-        hdr.append(f"- floor: {sum(fl['flops'].values()) / 1e12:.2f} TFLOP/image -> {fl['flop_floor_ms']:.2f} ms "
-                   f"= {1e3 / fl['flop_floor_ms']:.0f} images/s at {fl['tflops']:g} TFLOP/s")
-        bt = best(t.get("rows"))
-        if bt:
-            hdr.append(f"- turbine's best: {bt['images_per_s']:.2f} images/s = "
-                       f"{100 * bt['images_per_s'] * fl['flop_floor_ms'] / 1e3:.1f}% of the floor")
-    hdr.append(f"- turbine's kernels in the sweep and the ablation: `--kernels {kernels}`"
-               + (f" (asked: {a.kernels})" if a.kernels != kernels else ""))
-    if res.get("turbine_first"):
-        f = res["turbine_first"]
-        hdr.append(f"- turbine with `--kernels {f['kernels']}` measured nothing (exit {f['rc']}); "
-                   f"the figures are candle's ops alone")
-    kt = res.get("kernel_tests")
-    if kt:
-        hdr.append(f"- CUDA kernel tests: {kt['summary']}")
-    elif a.tests_dir:
-        hdr.append(f"- CUDA kernel tests: none carried in {a.tests_dir}")
-    first = (res.get("turbine_first") or {}).get("report") or {}
-    fails = (first.get("failures") or []) + (t.get("failures") or [])
-    for f in fails:
-        err = f["error"] if len(f["error"]) < 300 else f["error"][:300] + "..."
-        hdr.append(f"- turbine failed: {f['stage']} batch {f['batch']} with `--kernels {f['kernels']}`: {err}")
-    for k in ("turbine_rc", "eager_rc", "compile_rc"):
-        if res.get(k) not in (None, 0):
-            hdr.append(f"- {k.split('_')[0]} exited with {res[k]} (see gpu_check.log)")
-    md = "\n".join(hdr) + "\n\n" + table(res, batches) + "\n\n" + targets(res) + "\n"
-    abl = ablation_table(res)
-    if abl:
-        md += ("\nturbine's kernels, one set at a time (`turbine bench --ablate`; 'diff vs none' is the 8-bit "
-               "difference from candle's ops, all images of the batch):\n\n" + abl + "\n")
-    (a.out / "gpu_check.md").write_text(md)
-    save()
+    res["finished"] = True
+    md = save()
     print("\n" + md, flush=True)
     if res.get("turbine_rc") != 0 or not res.get("turbine"):
         sys.exit(1)
