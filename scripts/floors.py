@@ -104,6 +104,7 @@ def clip_text(c, comp, cfg, projection, layers_run):
             # Present in the checkpoint (weights count) but its output is never needed.
             c.params[comp] += 4 * (d * d + d) + 2 * 2 * d + d * inter + inter + inter * d + d
             continue
+        c.tally(comp, "launches", CLIP_LAUNCHES_PER_LAYER)
         c.norm(comp, d)
         for _ in range(3):
             c.linear(comp, n, d, d)
@@ -344,9 +345,21 @@ LEVER_BYTES = {
 CHANNELS_LAST_COMPONENTS = ("vae_decoder",)
 PCIE_BPS = 10e9
 
+# overlap: the GPU idles between batches while the host queues the next batch's text encoders,
+# whose small kernels the GPU runs faster than candle can queue them (CLIP, per layer: 2 layer
+# norms, 4 Linears of matmul + bias add, attention's 2 GEMMs + softmax, 2 residual adds, the MLP's
+# 2 Linears and its activation (up to 3 ops): ~22 launches), and while it turns the last batch's
+# bytes into images. candle's host cost per CUDA op (allocation + launch) ~7 us; the GPU's own
+# time on the text encoders is subtracted. Saved once per batch, so per image it shrinks with the
+# batch: predicted at the ablation's batch size.
+CLIP_LAUNCHES_PER_LAYER = 22
+HOST_US_PER_LAUNCH = 7.0
+HOST_IMAGE_BYTES_PER_S = 5e9  # bytes -> RgbImage copies on the host
 
-def levers(c: Counter, tbps: float) -> dict:
-    """Predicted ms saved per image by each lever, at `tbps` for elementwise kernels."""
+
+def levers(c: Counter, tbps: float, tflops: float = 790.0, batch: int = 8) -> dict:
+    """Predicted ms saved per image by each lever, at `tbps` for elementwise kernels (overlap at
+    `batch` images per batch, `tflops` for the text encoders' GPU time)."""
     out = {}
     for lever, parts in LEVER_BYTES.items():
         b = 0
@@ -357,6 +370,10 @@ def levers(c: Counter, tbps: float) -> dict:
         out[lever] = {"bytes": b, "ms": b / (tbps * 1e12) * 1e3}
     rgb = sum(n for (comp, what), n in c.elems.items() if what == "rgb")
     out["postprocess"] = {"bytes": rgb * (4 - 1), "ms": rgb * (4 - 1) / PCIE_BPS * 1e3}
+    launches = sum(n for (comp, what), n in c.elems.items() if what == "launches")
+    text_gpu_ms = sum(v for comp, v in c.flops.items() if comp.startswith("text_encoder")) * batch / (tflops * 1e12) * 1e3
+    idle_ms = max(0.0, launches * HOST_US_PER_LAUNCH / 1e3 - text_gpu_ms) + rgb * batch / HOST_IMAGE_BYTES_PER_S * 1e3
+    out["overlap"] = {"bytes": 0, "ms": idle_ms / batch, "launches_per_batch": launches}
     return out
 
 
@@ -443,6 +460,8 @@ def main():
                     help="bandwidth candle's elementwise kernels reach, TB/s (for --levers)")
     ap.add_argument("--levers-json", type=Path,
                     help="write the predictions in benches/levers.json's format here")
+    ap.add_argument("--levers-batch", type=int, default=8,
+                    help="batch size of the overlap prediction (gpu_check.sh's ablation batch)")
     a = ap.parse_args()
     try:
         width, height = (int(x) for x in a.size.lower().split("x"))
@@ -498,7 +517,7 @@ def main():
         print(f"  {comp:15s} {kind:10s} {v / 1e9:10.1f} GFLOP  {100 * v / total_flops:5.1f}%")
 
     if a.levers or a.levers_json:
-        pred = levers(c, a.elementwise_tbps)
+        pred = levers(c, a.elementwise_tbps, a.tflops, a.levers_batch)
         print()
         print(f"Predicted saving per image by kernel lever (elementwise at {a.elementwise_tbps:g} TB/s, "
               f"PCIe {PCIE_BPS / 1e9:g} GB/s):")
@@ -511,7 +530,9 @@ def main():
                 "_about": "Predicted ms saved per image by each turbine kernel lever against candle's "
                           f"ops, {width}x{height}, {a.steps} step(s), bf16, written by `scripts/floors.py "
                           f"--levers-json` (bytes per element: LEVER_BYTES there; elementwise kernels at "
-                          f"{a.elementwise_tbps:g} TB/s). scripts/bench/gpu_check.py prints them next to "
+                          f"{a.elementwise_tbps:g} TB/s; overlap at batch {a.levers_batch}: "
+                          "CLIP_LAUNCHES_PER_LAYER, HOST_US_PER_LAUNCH there). "
+                          "scripts/bench/gpu_check.py prints them next to "
                           "the measured ablation.",
                 **{k: {"predicted_ms_per_image": round(v["ms"], 2), "bytes_saved": v["bytes"]}
                    for k, v in pred.items()},

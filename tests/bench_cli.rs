@@ -91,6 +91,8 @@ fn sweep_writes_table_json_and_images() {
         assert!((row.images_per_s - b as f64 / row.median_s).abs() < 1e-9 * row.images_per_s);
         assert!(row.unet_ms > 0.0 && row.vae_decode_ms > 0.0 && row.text_encode_ms > 0.0);
         assert!(row.finished_unix_s > row.started_unix_s);
+        // `all` includes OVERLAP: the latency of a batch alone is measured apart.
+        assert!(row.latency_s.is_some_and(|l| l > 0.0), "{row:?}");
     }
     // One PNG per distinct prompt, of the requested size.
     for name in ["bs1_0.png", "bs3_0.png", "bs3_1.png"] {
@@ -253,7 +255,8 @@ fn ablation_measures_every_kernel_set_and_compares_pictures() {
     let levers = turbine::ops::Kernels::NAMED.len();
     assert_eq!(names.len(), 2 + 2 * levers, "{names:?}");
     assert_eq!(&names[..3], ["none", "all", "group-norm"]);
-    assert!(names.contains(&"geglu,attention,conv,channels-last,bias-residual,postprocess,flash"));
+    assert!(names
+        .contains(&"geglu,attention,conv,channels-last,bias-residual,postprocess,flash,overlap"));
     for r in &report.ablation {
         assert_eq!(r.row.batch, 2);
         assert!(r.row.images_per_s > 0.0, "{r:?}");

@@ -1615,6 +1615,70 @@ fn to_rgb8_matches_composition() {
     }
 }
 
+// ---- The batch's copy back, queued (the OVERLAP lever) ----
+
+fn random_bytes(rng: &mut impl Rng, shape: &[usize], dev: &Device) -> (Tensor, Vec<u8>) {
+    let n: usize = shape.iter().product();
+    let bytes: Vec<u8> = (0..n).map(|_| rng.random()).collect();
+    let t = Tensor::from_vec(bytes.clone(), shape, &Device::Cpu)
+        .unwrap()
+        .to_device(dev)
+        .unwrap();
+    (t, bytes)
+}
+
+#[test]
+fn copy_to_host_returns_the_bytes_of_each_copy() {
+    let mut rng = rng("copy_to_host");
+    for dev in devices("copy_to_host") {
+        let name = dev_name(&dev);
+        // Two copies in flight, collected in the other order, with device work queued after
+        // them; a batch of 8 512x512 images is 6.3 MB.
+        let (a, a_bytes) = random_bytes(&mut rng, &[8, 512, 512, 3], &dev);
+        let (b, b_bytes) = random_bytes(&mut rng, &[3, 5, 7, 3], &dev);
+        let copy_a = ops::copy_to_host(&a).unwrap();
+        let copy_b = ops::copy_to_host(&b).unwrap();
+        assert_eq!(copy_a.is_pending(), dev.is_cuda(), "{name}");
+        let busy = (a.to_dtype(DType::F32).unwrap() * 2.0).unwrap();
+        drop(a);
+        let got_b = copy_b.wait_with(|bytes| bytes.to_vec()).unwrap();
+        let got_a = copy_a.wait_with(|bytes| bytes.to_vec()).unwrap();
+        assert!(got_b == b_bytes, "{name}: the second copy's bytes differ");
+        assert!(got_a == a_bytes, "{name}: the first copy's bytes differ");
+        drop(busy);
+
+        // A copy dropped uncollected gives its buffer back; the next copy of that size reuses
+        // it and still gets its own bytes.
+        let (c, _) = random_bytes(&mut rng, &[3, 5, 7, 3], &dev);
+        drop(ops::copy_to_host(&c).unwrap());
+        let (d, d_bytes) = random_bytes(&mut rng, &[3, 5, 7, 3], &dev);
+        let got_d = ops::copy_to_host(&d)
+            .unwrap()
+            .wait_with(|bytes| bytes.to_vec())
+            .unwrap();
+        assert!(got_d == d_bytes, "{name}: the reused buffer's bytes differ");
+
+        // A strided view comes back in its logical order.
+        let t = d.permute((0, 3, 1, 2)).unwrap();
+        let want: Vec<u8> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let got = ops::copy_to_host(&t)
+            .unwrap()
+            .wait_with(|bytes| bytes.to_vec())
+            .unwrap();
+        assert!(got == want, "{name}: the permuted view's bytes differ");
+
+        let empty = Tensor::zeros((0, 3), DType::U8, &dev).unwrap();
+        let got = ops::copy_to_host(&empty)
+            .unwrap()
+            .wait_with(|bytes| bytes.len())
+            .unwrap();
+        assert_eq!(got, 0, "{name}");
+        let f = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
+        let err = ops::copy_to_host(&f).err().unwrap().to_string();
+        assert!(err.contains("u8 tensors only"), "{name}: {err}");
+    }
+}
+
 // ---- Flash attention (the UNet's case of multi-head attention: head dim 64, not causal) ----
 
 /// (batch, heads, Lq, Lk, gain on q). A gain of 10 makes logits of ±40 or so: each row has a

@@ -101,6 +101,7 @@ LEVER_OF_TEST = [
     ("conv2d", "conv"),
     ("attention", "attention"),
     ("to_rgb8", "postprocess"),
+    ("copy_to_host", "overlap"),
 ]
 
 
@@ -284,8 +285,11 @@ def targets(res):
         out.append(f"- diffusers + torch.compile: no figure ({why})")
     t1, e1 = row_at(t.get("rows"), 1), row_at(e.get("rows"), 1)
     if t1 and e1:
-        out.append(f"- batch-1 latency: turbine {t1['median_s'] * 1e3:.1f} ms, eager {e1['median_s'] * 1e3:.1f} ms "
-                   f"(target <=: {verdict(t1['median_s'] <= e1['median_s'])})")
+        # turbine's latency_s: a batch alone (with OVERLAP its median_s is the interval between
+        # overlapping batches, not a latency).
+        lat = t1.get("latency_s") or t1["median_s"]
+        out.append(f"- batch-1 latency: turbine {lat * 1e3:.1f} ms, eager {e1['median_s'] * 1e3:.1f} ms "
+                   f"(target <=: {verdict(lat <= e1['median_s'])})")
     if bt and be and bt.get("peak_bytes") and be.get("peak_bytes"):
         same = row_at(e.get("rows"), bt["batch"])
         extra = (f"; eager at bs{bt['batch']}: {gb(same.get('peak_bytes'))} GiB" if same else "")

@@ -344,6 +344,19 @@ impl Pipeline {
         items: &[ImageRequest],
         noise: Option<&NoiseOverride>,
     ) -> anyhow::Result<GeneratedBatch> {
+        self.launch(settings, items, noise)?.wait()
+    }
+
+    /// [`Self::generate`] up to the batch's copy back: with the [`Kernels::OVERLAP`] lever (and
+    /// [`Kernels::POSTPROCESS`]) the copy is only queued, and the caller can queue the next
+    /// batch behind it before it collects this one's images with [`PendingBatch::wait`];
+    /// otherwise the images are already on the host.
+    pub fn launch(
+        &self,
+        settings: &GenerationSettings,
+        items: &[ImageRequest],
+        noise: Option<&NoiseOverride>,
+    ) -> anyhow::Result<PendingBatch> {
         self.validate(settings, items.len())?;
         let n = items.len();
         let guidance = settings.uses_guidance();
@@ -427,17 +440,19 @@ impl Pipeline {
             postprocess(&raw)?.permute((0, 2, 3, 1))?
         };
         clock.mark()?;
-        // The one copy back (and the one wait for the device) of the batch.
-        let images = rgb8_images(&pixels)?;
-        let stages = clock.finish()?;
-        Ok(GeneratedBatch {
-            images,
-            timings: StageTimings {
-                text_encode: stages[0],
-                unet: stages[1],
-                vae_decode: stages[2],
-            },
-        })
+        // The one copy back (and the one wait for the device) of the batch: queued with
+        // OVERLAP, done here otherwise.
+        let pixels = if ops::enabled(Kernels::OVERLAP) && pixels.dtype() == DType::U8 {
+            let (b, h, w, c) = pixels.dims4()?;
+            check_rgb(c)?;
+            Pixels::Copy {
+                copy: ops::copy_to_host(&pixels)?,
+                dims: (b, h, w),
+            }
+        } else {
+            Pixels::Images(rgb8_images(&pixels)?)
+        };
+        Ok(PendingBatch { pixels, clock })
     }
 
     /// Final latents → images in [0, 1], NCHW f32 (diffusers' `postprocess` before rounding).
@@ -467,6 +482,48 @@ impl Pipeline {
 /// diffusers' `(image / 2 + 0.5).clamp(0, 1)` in f32.
 fn postprocess(image: &Tensor) -> anyhow::Result<Tensor> {
     Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+}
+
+/// A batch whose work is queued on the device ([`Pipeline::launch`]).
+pub struct PendingBatch {
+    pixels: Pixels,
+    clock: StageClock,
+}
+
+enum Pixels {
+    Images(Vec<image::RgbImage>),
+    Copy {
+        copy: ops::HostCopy,
+        /// (batch, height, width) of the RGB bytes.
+        dims: (usize, usize, usize),
+    },
+}
+
+impl PendingBatch {
+    /// Whether the batch may still be running on the device (its copy back was only queued).
+    pub fn is_queued(&self) -> bool {
+        matches!(&self.pixels, Pixels::Copy { copy, .. } if copy.is_pending())
+    }
+
+    /// Waits for the batch's images (and its stage times, which its last event ends).
+    pub fn wait(self) -> anyhow::Result<GeneratedBatch> {
+        let images = match self.pixels {
+            Pixels::Images(images) => images,
+            Pixels::Copy {
+                copy,
+                dims: (b, h, w),
+            } => copy.wait_with(|bytes| images_from_bytes(bytes, b, h, w))??,
+        };
+        let stages = self.clock.finish()?;
+        Ok(GeneratedBatch {
+            images,
+            timings: StageTimings {
+                text_encode: stages[0],
+                unet: stages[1],
+                vae_decode: stages[2],
+            },
+        })
+    }
 }
 
 /// Stage boundaries of one batch, read once the batch is done.
@@ -566,9 +623,7 @@ pub fn to_rgb8(images: &Tensor) -> anyhow::Result<Vec<image::RgbImage>> {
 /// `numpy_to_pil` (`(x * 255).round()`, numpy's round-half-to-even).
 fn rgb8_images(pixels: &Tensor) -> anyhow::Result<Vec<image::RgbImage>> {
     let (b, h, w, c) = pixels.dims4()?;
-    if c != 3 {
-        anyhow::bail!("the VAE produced {c} channels; expected 3 (RGB)");
-    }
+    check_rgb(c)?;
     let flat = pixels.contiguous()?.flatten_all()?;
     let bytes: Vec<u8> = match flat.dtype() {
         DType::U8 => flat.to_vec1()?,
@@ -579,9 +634,31 @@ fn rgb8_images(pixels: &Tensor) -> anyhow::Result<Vec<image::RgbImage>> {
             .map(|&v| (v * 255.0).round_ties_even().clamp(0.0, 255.0) as u8)
             .collect(),
     };
+    images_from_bytes(&bytes, b, h, w)
+}
+
+fn check_rgb(channels: usize) -> anyhow::Result<()> {
+    if channels != 3 {
+        anyhow::bail!("the VAE produced {channels} channels; expected 3 (RGB)");
+    }
+    Ok(())
+}
+
+/// `b` RGB images of `h` x `w` from their bytes, image after image.
+fn images_from_bytes(
+    bytes: &[u8],
+    b: usize,
+    h: usize,
+    w: usize,
+) -> anyhow::Result<Vec<image::RgbImage>> {
+    if h * w == 0 || bytes.len() != b * h * w * 3 {
+        anyhow::bail!(
+            "{} bytes for {b} images of {w}x{h} (this is a bug)",
+            bytes.len()
+        );
+    }
     bytes
         .chunks_exact(h * w * 3)
-        .take(b)
         .map(|img| {
             image::RgbImage::from_raw(w as u32, h as u32, img.to_vec())
                 .ok_or_else(|| anyhow::anyhow!("image buffer size mismatch (this is a bug)"))

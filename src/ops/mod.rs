@@ -15,6 +15,7 @@
 //!   plan per shape (algorithm timed once, workspace reused) and bias/residual fused.
 //! - [`to_rgb8`]: the VAE's output to 8-bit NHWC RGB, diffusers' postprocess in one pass.
 //! - [`upsample_nearest2x_channels_last`]: the VAE decoder's nearest 2x upsampling in NHWC.
+//! - [`copy_to_host`]: a batch's bytes to the host, queued rather than waited for.
 //!
 //! Which of them the models use is chosen by [`Kernels`] (`--kernels`).
 //!
@@ -29,6 +30,7 @@ mod cuda;
 mod flash;
 mod geglu;
 mod group_norm;
+mod host_copy;
 mod postprocess;
 mod select;
 mod upsample;
@@ -45,6 +47,7 @@ pub use conv::{
 pub use flash::{flash_attention, flash_launches, FlashAttentionOp, FLASH_HEAD_DIM};
 pub use geglu::{geglu, GegluOp};
 pub use group_norm::{group_norm, group_norm_channels_last, GroupNormOp};
+pub use host_copy::{copy_to_host, HostCopy};
 pub use postprocess::to_rgb8;
 pub use select::{enabled, kernels, set_kernels, with_kernels, Kernels};
 pub use upsample::{upsample_nearest2x_channels_last, UpsampleNearest2xNhwc};

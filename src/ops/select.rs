@@ -41,13 +41,19 @@ impl Kernels {
     /// effect only with [`Self::ATTENTION`] too (the models call that op only then): measure it
     /// as `all` against `all,-flash`.
     pub const FLASH: Self = Self(1 << 7);
+    /// Adjacent batches overlap: the batch's one copy back is queued into page-locked memory
+    /// (`ops::copy_to_host`) instead of waited for, so `turbine bench` and the server's worker
+    /// queue the next batch (tokenising, the text encoders' ~1000 small kernels) while the GPU
+    /// still runs this one, and collect this one's images after. Takes effect with
+    /// [`Self::POSTPROCESS`] (the copy is of the u8 images); a batch's images do not change.
+    pub const OVERLAP: Self = Self(1 << 8);
 
     pub const NONE: Self = Self(0);
-    pub const ALL: Self = Self((1 << 8) - 1);
+    pub const ALL: Self = Self((1 << 9) - 1);
 
     /// Every lever with its `--kernels` name, in a stable order (new levers go last, so earlier
     /// ablation tables keep their row order).
-    pub const NAMED: [(&'static str, Self); 8] = [
+    pub const NAMED: [(&'static str, Self); 9] = [
         ("group-norm", Self::GROUP_NORM),
         ("geglu", Self::GEGLU),
         ("attention", Self::ATTENTION),
@@ -56,6 +62,7 @@ impl Kernels {
         ("bias-residual", Self::BIAS_RESIDUAL),
         ("postprocess", Self::POSTPROCESS),
         ("flash", Self::FLASH),
+        ("overlap", Self::OVERLAP),
     ];
 
     pub fn contains(self, other: Self) -> bool {

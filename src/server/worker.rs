@@ -17,7 +17,9 @@ use super::batcher::{Item, ItemOutcome, Queue};
 use super::error::BackendError;
 use super::metrics::{DropReason, Metrics, Stage};
 use super::queue::{Batch, Entry, ShapeKey};
-use crate::model::pipeline::{GeneratedBatch, GenerationSettings, ImageRequest, Pipeline};
+use crate::model::pipeline::{
+    GeneratedBatch, GenerationSettings, ImageRequest, PendingBatch, Pipeline,
+};
 
 /// The seam between the batcher and a model: a batch of images of one shape in, images out.
 pub trait ImageBackend: Send + 'static {
@@ -27,6 +29,42 @@ pub trait ImageBackend: Send + 'static {
         settings: &GenerationSettings,
         items: &[ImageRequest],
     ) -> anyhow::Result<GeneratedBatch>;
+
+    /// Queues a batch and returns what collects its images, so the worker can queue the next
+    /// batch before it waits for this one. A backend that cannot queue runs the batch here.
+    fn launch(
+        &mut self,
+        settings: &GenerationSettings,
+        items: &[ImageRequest],
+    ) -> anyhow::Result<Launched> {
+        self.generate(settings, items).map(Launched::Done)
+    }
+}
+
+/// A batch handed to a backend: done, or still running on its device.
+pub enum Launched {
+    Done(GeneratedBatch),
+    Queued(Box<dyn PendingImages>),
+}
+
+/// What collects a queued batch's images.
+pub trait PendingImages {
+    fn wait(self: Box<Self>) -> anyhow::Result<GeneratedBatch>;
+}
+
+impl PendingImages for PendingBatch {
+    fn wait(self: Box<Self>) -> anyhow::Result<GeneratedBatch> {
+        PendingBatch::wait(*self)
+    }
+}
+
+impl Launched {
+    fn wait(self) -> anyhow::Result<GeneratedBatch> {
+        match self {
+            Launched::Done(out) => Ok(out),
+            Launched::Queued(pending) => pending.wait(),
+        }
+    }
 }
 
 impl ImageBackend for Pipeline {
@@ -36,6 +74,19 @@ impl ImageBackend for Pipeline {
         items: &[ImageRequest],
     ) -> anyhow::Result<GeneratedBatch> {
         Pipeline::generate(self, settings, items, None)
+    }
+
+    fn launch(
+        &mut self,
+        settings: &GenerationSettings,
+        items: &[ImageRequest],
+    ) -> anyhow::Result<Launched> {
+        let pending = Pipeline::launch(self, settings, items, None)?;
+        Ok(if pending.is_queued() {
+            Launched::Queued(Box::new(pending))
+        } else {
+            Launched::Done(pending.wait()?)
+        })
     }
 }
 
@@ -152,26 +203,159 @@ fn start(
     Ok((backend, report))
 }
 
+/// Takes batches until the batcher is gone. While a batch is still running on the device (the
+/// OVERLAP lever), a batch that is already waiting is launched before the running one is
+/// collected, so the device has the next batch queued behind the current one; an idle worker
+/// takes one batch at a time, so a lone request's latency does not change, and a batch that
+/// ran to completion in `launch` (the CPU) is answered before the next starts.
 fn serve(
     backend: &mut dyn ImageBackend,
     label: &str,
     ctx: &WorkerContext,
     mut batches: mpsc::Receiver<Batch<Item>>,
 ) {
-    while let Some(mut batch) = batches.blocking_recv() {
-        let room = ctx.max_batch.saturating_sub(batch.entries.len());
-        batch.entries.extend(ctx.queue.top_up(&batch.key, room));
-        let now = Instant::now();
-        let live = drop_unwanted(batch.entries, now, &ctx.metrics);
-        if live.is_empty() {
-            continue;
+    let mut in_flight: Option<InFlight> = None;
+    let mut last_done: Option<Instant> = None;
+    loop {
+        let next = match &in_flight {
+            Some(InFlight {
+                launched: Launched::Queued(_),
+                ..
+            }) => batches.try_recv().ok(),
+            Some(_) => None,
+            None => match batches.blocking_recv() {
+                Some(batch) => Some(batch),
+                None => break,
+            },
+        };
+        let launched = next.and_then(|batch| launch_batch(backend, label, ctx, batch));
+        if let Some(batch) = in_flight.take() {
+            last_done = Some(finish_batch(label, ctx, batch, last_done));
         }
-        for e in &live {
+        in_flight = launched;
+    }
+}
+
+/// A launched batch and the requests waiting for it.
+struct InFlight {
+    launched: Launched,
+    live: Vec<Entry<Item>>,
+    started: Instant,
+}
+
+/// Tops the batch up from the queue, drops what nobody waits for, and hands the rest to the
+/// backend; `None` when nothing was left to run or the launch failed (its requests are
+/// answered then).
+fn launch_batch(
+    backend: &mut dyn ImageBackend,
+    label: &str,
+    ctx: &WorkerContext,
+    mut batch: Batch<Item>,
+) -> Option<InFlight> {
+    let room = ctx.max_batch.saturating_sub(batch.entries.len());
+    batch.entries.extend(ctx.queue.top_up(&batch.key, room));
+    let now = Instant::now();
+    let live = drop_unwanted(batch.entries, now, &ctx.metrics);
+    if live.is_empty() {
+        return None;
+    }
+    for e in &live {
+        ctx.metrics
+            .stage(Stage::QueueWait, now.saturating_duration_since(e.enqueued));
+        tracing::debug!(parent: &e.payload.span, device = %label, batch = live.len(), "image started");
+    }
+    let settings = batch.key.settings();
+    let requests: Vec<ImageRequest> = live.iter().map(|e| e.payload.image.clone()).collect();
+    let started = Instant::now();
+    match catch_unwind(AssertUnwindSafe(|| backend.launch(&settings, &requests))) {
+        Ok(Ok(launched)) => Some(InFlight {
+            launched,
+            live,
+            started,
+        }),
+        Ok(Err(e)) => {
+            fail_batch(label, ctx, live, failed(label, e));
+            None
+        }
+        Err(panic) => {
+            fail_batch(label, ctx, live, panicked(label, &panic));
+            None
+        }
+    }
+}
+
+/// Waits for a launched batch and answers its requests. Returns when it finished, so the next
+/// batch's busy time starts there: batches that overlap must not count their shared time twice
+/// in the throughput estimate.
+fn finish_batch(
+    label: &str,
+    ctx: &WorkerContext,
+    batch: InFlight,
+    last_done: Option<Instant>,
+) -> Instant {
+    let InFlight {
+        launched,
+        live,
+        started,
+    } = batch;
+    let result = catch_unwind(AssertUnwindSafe(|| launched.wait()));
+    let done = Instant::now();
+    let busy_from = last_done.map_or(started, |t| t.max(started));
+    let elapsed = done.saturating_duration_since(busy_from);
+    let failure = match result {
+        Ok(Ok(out)) if out.images.len() == live.len() => {
+            ctx.metrics.batch_done(live.len(), elapsed, ctx.workers);
             ctx.metrics
-                .stage(Stage::QueueWait, now.saturating_duration_since(e.enqueued));
-            tracing::debug!(parent: &e.payload.span, device = %label, batch = live.len(), "image started");
+                .stage(Stage::TextEncode, out.timings.text_encode);
+            ctx.metrics.stage(Stage::Unet, out.timings.unet);
+            ctx.metrics.stage(Stage::VaeDecode, out.timings.vae_decode);
+            tracing::debug!(device = %label, images = live.len(), secs = elapsed.as_secs_f64(), "batch done");
+            for (e, image) in live.into_iter().zip(out.images) {
+                // A closed channel means the request is gone; nothing to do.
+                let _ = e.payload.reply.send(ItemOutcome {
+                    index: e.payload.index,
+                    result: Ok(image),
+                });
+            }
+            return done;
         }
-        run_batch(backend, label, ctx, batch.key, live);
+        Ok(Ok(out)) => BackendError::Failed {
+            device: label.to_string(),
+            message: format!(
+                "the model returned {} images for a batch of {}",
+                out.images.len(),
+                live.len()
+            ),
+        },
+        Ok(Err(e)) => failed(label, e),
+        Err(panic) => panicked(label, &panic),
+    };
+    fail_batch(label, ctx, live, failure);
+    done
+}
+
+fn failed(label: &str, e: anyhow::Error) -> BackendError {
+    BackendError::Failed {
+        device: label.to_string(),
+        message: format!("{e:#}"),
+    }
+}
+
+fn panicked(label: &str, panic: &Box<dyn std::any::Any + Send>) -> BackendError {
+    BackendError::Panicked {
+        device: label.to_string(),
+        message: panic_message(panic),
+    }
+}
+
+fn fail_batch(label: &str, ctx: &WorkerContext, live: Vec<Entry<Item>>, failure: BackendError) {
+    ctx.metrics.batch_failed();
+    tracing::error!(device = %label, images = live.len(), "batch failed: {failure}");
+    for e in live {
+        let _ = e.payload.reply.send(ItemOutcome {
+            index: e.payload.index,
+            result: Err(failure.clone()),
+        });
     }
 }
 
@@ -196,62 +380,6 @@ fn drop_unwanted(entries: Vec<Entry<Item>>, now: Instant, metrics: &Metrics) -> 
     metrics.dropped(DropReason::ClientDisconnected, gone);
     metrics.dropped(DropReason::Timeout, expired);
     live
-}
-
-fn run_batch(
-    backend: &mut dyn ImageBackend,
-    label: &str,
-    ctx: &WorkerContext,
-    key: ShapeKey,
-    live: Vec<Entry<Item>>,
-) {
-    let settings = key.settings();
-    let requests: Vec<ImageRequest> = live.iter().map(|e| e.payload.image.clone()).collect();
-    let start = Instant::now();
-    let result = catch_unwind(AssertUnwindSafe(|| backend.generate(&settings, &requests)));
-    let elapsed = start.elapsed();
-    let failure = match result {
-        Ok(Ok(out)) if out.images.len() == live.len() => {
-            ctx.metrics.batch_done(live.len(), elapsed, ctx.workers);
-            ctx.metrics
-                .stage(Stage::TextEncode, out.timings.text_encode);
-            ctx.metrics.stage(Stage::Unet, out.timings.unet);
-            ctx.metrics.stage(Stage::VaeDecode, out.timings.vae_decode);
-            tracing::debug!(device = %label, images = live.len(), secs = elapsed.as_secs_f64(), "batch done");
-            for (e, image) in live.into_iter().zip(out.images) {
-                // A closed channel means the request is gone; nothing to do.
-                let _ = e.payload.reply.send(ItemOutcome {
-                    index: e.payload.index,
-                    result: Ok(image),
-                });
-            }
-            return;
-        }
-        Ok(Ok(out)) => BackendError::Failed {
-            device: label.to_string(),
-            message: format!(
-                "the model returned {} images for a batch of {}",
-                out.images.len(),
-                live.len()
-            ),
-        },
-        Ok(Err(e)) => BackendError::Failed {
-            device: label.to_string(),
-            message: format!("{e:#}"),
-        },
-        Err(panic) => BackendError::Panicked {
-            device: label.to_string(),
-            message: panic_message(&panic),
-        },
-    };
-    ctx.metrics.batch_failed();
-    tracing::error!(device = %label, images = live.len(), "batch failed: {failure}");
-    for e in live {
-        let _ = e.payload.reply.send(ItemOutcome {
-            index: e.payload.index,
-            result: Err(failure.clone()),
-        });
-    }
 }
 
 fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
@@ -431,6 +559,170 @@ mod tests {
             .metrics
             .render()
             .contains("turbine_batches_failed_total 1"));
+    }
+
+    /// Records what a queued backend was asked to do, in order.
+    type Log = Arc<std::sync::Mutex<Vec<String>>>;
+
+    /// Like [`Fake`], but every batch stays "on the device" until collected (the OVERLAP
+    /// path); prompts "fail-wait" fail when collected.
+    struct Queued(Log);
+
+    struct FakePending {
+        log: Log,
+        name: String,
+        out: anyhow::Result<GeneratedBatch>,
+    }
+
+    impl PendingImages for FakePending {
+        fn wait(self: Box<Self>) -> anyhow::Result<GeneratedBatch> {
+            self.log.lock().unwrap().push(format!("wait {}", self.name));
+            self.out
+        }
+    }
+
+    impl ImageBackend for Queued {
+        fn generate(
+            &mut self,
+            s: &GenerationSettings,
+            items: &[ImageRequest],
+        ) -> anyhow::Result<GeneratedBatch> {
+            Fake.generate(s, items)
+        }
+
+        fn launch(
+            &mut self,
+            s: &GenerationSettings,
+            items: &[ImageRequest],
+        ) -> anyhow::Result<Launched> {
+            let name = items[0].prompt.clone();
+            self.0.lock().unwrap().push(format!("launch {name}"));
+            let out = if name == "fail-wait" {
+                Err(anyhow::anyhow!("device lost (fake)"))
+            } else {
+                Fake.generate(s, items)
+            };
+            Ok(Launched::Queued(Box::new(FakePending {
+                log: self.0.clone(),
+                name,
+                out,
+            })))
+        }
+    }
+
+    /// One batch of one image per prompt, seeds 0, 1, ...; returns the batch and what its
+    /// requests will receive.
+    fn batch(prompt: &str) -> (Batch<Item>, mpsc::UnboundedReceiver<ItemOutcome>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let now = Instant::now();
+        let entries = vec![Entry {
+            request: RequestId(1),
+            key: KEY,
+            priority: Priority::Normal,
+            enqueued: now,
+            deadline: now + Duration::from_secs(60),
+            payload: Item {
+                index: 0,
+                image: ImageRequest {
+                    prompt: prompt.into(),
+                    negative_prompt: String::new(),
+                    seed: prompt.len() as u64,
+                },
+                reply: tx,
+                span: tracing::Span::none(),
+            },
+        }];
+        (Batch { key: KEY, entries }, rx)
+    }
+
+    fn context() -> WorkerContext {
+        let metrics = Arc::new(Metrics::new());
+        let policy = QueuePolicy {
+            capacity: 16,
+            aging: Duration::from_secs(10),
+            max_batch_delay: Duration::from_millis(1),
+        };
+        WorkerContext {
+            queue: Arc::new(Queue::new(policy, metrics.clone())),
+            metrics,
+            max_batch: 4,
+            workers: 1,
+            warmup: Warmup {
+                key: KEY,
+                images: 1,
+            },
+        }
+    }
+
+    /// With batches still on the device, a waiting batch is launched before the running one is
+    /// collected; every request gets its own images, and a batch that fails when collected
+    /// fails alone.
+    #[test]
+    fn a_waiting_batch_is_launched_before_the_running_one_is_collected() {
+        let log = Log::default();
+        let (tx, rx) = mpsc::channel(8);
+        let mut replies = Vec::new();
+        for prompt in ["a", "fail-wait", "ccc"] {
+            let (b, r) = batch(prompt);
+            tx.try_send(b).ok().unwrap();
+            replies.push(r);
+        }
+        drop(tx);
+        let ctx = context();
+        serve(&mut Queued(log.clone()), "fake", &ctx, rx);
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                "launch a",
+                "launch fail-wait",
+                "wait a",
+                "launch ccc",
+                "wait fail-wait",
+                "wait ccc"
+            ]
+        );
+        let got: Vec<Result<u8, BackendError>> = replies
+            .iter_mut()
+            .map(|r| r.try_recv().unwrap().result.map(|i| i.get_pixel(0, 0)[0]))
+            .collect();
+        assert_eq!(got[0].as_ref().unwrap(), &1);
+        assert!(
+            matches!(&got[1], Err(BackendError::Failed { message, .. }) if message.contains("device lost"))
+        );
+        assert_eq!(got[2].as_ref().unwrap(), &3);
+        let m = ctx.metrics.render();
+        assert!(m.contains("turbine_images_generated_total 2"), "{m}");
+        assert!(m.contains("turbine_batches_failed_total 1"), "{m}");
+    }
+
+    /// A backend that finishes in `launch` (the CPU) answers each batch before the next starts.
+    #[test]
+    fn a_finished_batch_is_answered_before_the_next_is_launched() {
+        /// Notes, at each batch, how many images the worker had answered before it.
+        struct Counting(Arc<Metrics>, Vec<bool>);
+        impl ImageBackend for Counting {
+            fn generate(
+                &mut self,
+                s: &GenerationSettings,
+                items: &[ImageRequest],
+            ) -> anyhow::Result<GeneratedBatch> {
+                let answered = self.0.render().contains("turbine_images_generated_total 1");
+                self.1.push(answered);
+                Fake.generate(s, items)
+            }
+        }
+        let (tx, rx) = mpsc::channel(8);
+        let (b1, mut r1) = batch("a");
+        let (b2, mut r2) = batch("bb");
+        tx.try_send(b1).ok().unwrap();
+        tx.try_send(b2).ok().unwrap();
+        drop(tx);
+        let ctx = context();
+        let mut backend = Counting(ctx.metrics.clone(), Vec::new());
+        serve(&mut backend, "fake", &ctx, rx);
+        assert_eq!(backend.1, [false, true]);
+        assert_eq!(r1.try_recv().unwrap().result.unwrap().get_pixel(0, 0)[0], 1);
+        assert_eq!(r2.try_recv().unwrap().result.unwrap().get_pixel(0, 0)[0], 2);
     }
 
     #[tokio::test]
