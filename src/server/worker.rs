@@ -1,7 +1,9 @@
 //! One OS thread per device runs the model: the model never runs on a tokio worker, where a
 //! multi-second batch would stall every connection. The thread builds its backend itself (so
 //! the weights live on the thread that uses them), runs a warm-up batch, then takes batches
-//! from its batcher with `blocking_recv` and sends each image back to its request.
+//! from its batcher and sends each image back to its request. On a GPU with the OVERLAP lever a
+//! batch that is already waiting is queued behind the running one before the running one's
+//! images are collected, so the GPU does not idle between batches under load.
 //!
 //! A failing batch fails only its own requests (500); a panic in the model is caught, reported
 //! to those requests and logged, and the thread keeps serving.
