@@ -8,6 +8,7 @@
 //! stream, no synchronisation between stages) on CUDA, wall time on the CPU. Medians are reported, so one
 //! disturbed run does not move the figure.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -393,8 +394,17 @@ fn measure_all(
                 error: format!("{e:#}"),
             });
         };
+    // A panic (a CUDA library missing a symbol, say) fails its figure, not the whole run.
+    let mut guarded = |b: usize, first: bool, t: (usize, usize, f64)| {
+        catch_unwind(AssertUnwindSafe(|| measure(b, first, t))).unwrap_or_else(|p| {
+            Err(anyhow::anyhow!(
+                "panicked: {}",
+                crate::server::worker::panic_message(&p)
+            ))
+        })
+    };
     for &b in batches {
-        match measure(b, report.rows.is_empty(), timing) {
+        match guarded(b, report.rows.is_empty(), timing) {
             Ok((row, images)) => {
                 keep_images(b, &images)?;
                 report.rows.push(row);
@@ -410,7 +420,7 @@ fn measure_all(
     for set in ablation_sets(crate::ops::kernels()) {
         // Lighter than the sweep (18 sets): one warm-up (the first of a set builds its plans
         // and kernels), then the timed runs.
-        match crate::ops::with_kernels(set, || measure(b, false, (1, timing.1, 0.0))) {
+        match crate::ops::with_kernels(set, || guarded(b, false, (1, timing.1, 0.0))) {
             Ok((row, images)) => {
                 let (max, mean) = if set == Kernels::NONE {
                     baseline = Some(images);
@@ -981,6 +991,9 @@ mod tests {
             if crate::ops::enabled(Kernels::GEGLU) && k != Kernels::ALL {
                 anyhow::bail!("geglu kernel failed");
             }
+            if k == Kernels::FLASH {
+                panic!("flash kernel panicked");
+            }
             // One pixel per set: 10 + its lever count.
             let v = 10 + levers_in(k) as u8;
             let img = image::RgbImage::from_pixel(1, 1, image::Rgb([v, v, v]));
@@ -1010,7 +1023,8 @@ mod tests {
         let batches: Vec<usize> = report.rows.iter().map(|r| r.batch).collect();
         assert_eq!(batches, [1, 4]);
         assert_eq!(kept, [(1, 1), (4, 4)]);
-        // Every set ran; the ones with geglu (other than `all`) failed and were recorded.
+        // Every set ran; the ones with geglu (other than `all`) failed and `flash` alone
+        // panicked, and both were recorded.
         let sets = ablation_sets(Kernels::ALL);
         assert_eq!(calls.len(), 3 + sets.len());
         let failed: Vec<(&str, usize, &str)> = report
@@ -1022,17 +1036,25 @@ mod tests {
         assert!(report.failures[0]
             .error
             .contains("out of memory at batch 2"));
-        let geglu_sets: Vec<String> = sets
+        let failing_sets: Vec<String> = sets
             .iter()
-            .filter(|k| k.contains(Kernels::GEGLU) && **k != Kernels::ALL)
+            .filter(|k| {
+                (k.contains(Kernels::GEGLU) && **k != Kernels::ALL) || **k == Kernels::FLASH
+            })
             .map(|k| k.to_string())
             .collect();
         assert_eq!(
             failed[1..].iter().map(|f| f.2).collect::<Vec<_>>(),
-            geglu_sets
+            failing_sets
         );
         assert!(failed[1..].iter().all(|f| f.0 == "ablation" && f.1 == 4));
-        assert_eq!(report.ablation.len(), sets.len() - geglu_sets.len());
+        let panicked = report
+            .failures
+            .iter()
+            .find(|f| f.kernels == "flash")
+            .unwrap();
+        assert_eq!(panicked.error, "panicked: flash kernel panicked");
+        assert_eq!(report.ablation.len(), sets.len() - failing_sets.len());
         // Diffs against `none`: one pixel value per lever.
         for r in &report.ablation {
             let levers = levers_in(r.kernels.parse().unwrap());

@@ -384,7 +384,8 @@ fn drop_unwanted(entries: Vec<Entry<Item>>, now: Instant, metrics: &Metrics) -> 
     live
 }
 
-fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
+/// The message of a caught panic.
+pub(crate) fn panic_message(payload: &Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {
