@@ -163,9 +163,10 @@ assert kt["failed"] == ["geglu_matches_composition"] and kt["levers"] == ["geglu
 assert kt["victims"] == ["conv2d_cuda_matches_cpu_reference"], kt
 assert r["kernels"] == "all,-geglu", r["kernels"]
 t = r["turbine"]
-assert t["kernels"] == "group-norm,attention,conv,channels-last,bias-residual,postprocess,flash", t["kernels"]
+levers = t["kernels"].split(",")
+assert "geglu" not in levers and "group-norm" in levers and "overlap" in levers, t["kernels"]
 sets = [a["kernels"] for a in t["ablation"]]
-assert len(sets) == 2 + 2 * 7 and not any("geglu" in s for s in sets), sets
+assert len(sets) == 2 + 2 * len(levers) and not any("geglu" in s for s in sets), sets
 assert not t["failures"], t["failures"]
 print("dry run: kernel tests, lever exclusion and ablation sets as expected")
 PY
