@@ -347,9 +347,16 @@ def sweep(a):
             log(f"{mode} bs{b}: {med * 1e3:.1f} ms/batch, {b / med:.2f} images/s "
                 f"({len(times)} runs)")
             rows.append(row)
+            write_sweep(a, device, mode, rows, sampler)
     finally:
         if sampler:
             sampler.__exit__()
+    write_sweep(a, device, mode, rows, sampler)
+
+
+def write_sweep(a, device, mode, rows, sampler):
+    """The sweep's JSON; written after every batch size too, so a sweep stopped from outside
+    (gpu_check.py bounds torch.compile's, which compiles once per batch shape) keeps its rows."""
     result = {
         "impl": f"diffusers-{mode}",
         "torch": torch.__version__,
