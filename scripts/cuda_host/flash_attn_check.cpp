@@ -1,49 +1,16 @@
 // Runs the source of kernels/flash_attn.cu on the host (see cuda_mock.h and mma.h) and compares
 // it with softmax attention in double precision. flash_attn_check.sh builds and runs it.
 //
-// Every block of the grid runs in turn as 128 threads over a shared-memory buffer filled with
+// Every block of the grid runs as 128 threads (host_runtime.h) over shared memory filled with
 // 0xff bytes (NaN in f16, bf16 and f32), and the output starts as NaN: an unwritten output
 // element or a read of shared memory the kernel never wrote shows up as a non-finite result.
-#include <barrier>
 #include <cstdio>
-#include <memory>
 #include <random>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include FLASH_ATTN_SOURCE
-
-thread_local mock_dim3 threadIdx;
-mock_dim3 blockIdx;
-
-namespace {
-constexpr unsigned kThreads = 128;  // FA_THREADS
-std::barrier<> block_barrier(kThreads);
-std::unique_ptr<std::barrier<>> warp_barrier[kThreads / 32];
-float shuffle_slots[kThreads / 32][32];
-alignas(128) unsigned char shared_memory[48 * 1024];
-
-float exchange(float v, int src_lane) {
-  const int w = threadIdx.x / 32;
-  shuffle_slots[w][threadIdx.x % 32] = v;
-  warp_barrier[w]->arrive_and_wait();
-  const float got = shuffle_slots[w][src_lane & 31];
-  warp_barrier[w]->arrive_and_wait();
-  return got;
-}
-}  // namespace
-
-void __syncthreads() { block_barrier.arrive_and_wait(); }
-void __syncwarp(unsigned) { warp_barrier[threadIdx.x / 32]->arrive_and_wait(); }
-float __shfl_sync(unsigned, float v, int src_lane) { return exchange(v, src_lane); }
-float __shfl_xor_sync(unsigned, float v, int lane_mask) {
-  return exchange(v, (threadIdx.x % 32) ^ lane_mask);
-}
-unsigned char* mock_shared_memory(size_t bytes) {
-  if (bytes > sizeof shared_memory) abort();
-  return shared_memory;
-}
+#include "host_runtime.h"
 
 template <class T>
 T from_float(float f);
@@ -73,19 +40,12 @@ bool check(Kernel kernel, const char* name, Case c, double bound, std::mt19937& 
   const double scale = 0.125;
   const float scale_log2 = (float)(scale * 1.4426950408889634);
 
-  for (int bz = 0; bz < c.batch; ++bz)
-    for (int by = 0; by < c.heads; ++by)
-      for (int bx = 0; bx < (c.lq + 63) / 64; ++bx) {
-        blockIdx = {(unsigned)bx, (unsigned)by, (unsigned)bz};
-        memset(shared_memory, 0xff, sizeof shared_memory);
-        std::vector<std::thread> threads;
-        for (unsigned t = 0; t < kThreads; ++t)
-          threads.emplace_back([&, t] {
-            threadIdx = {t, 0, 0};
-            kernel(q.data(), k.data(), v.data(), o.data(), c.heads, c.lq, c.lk, scale_log2);
-          });
-        for (auto& t : threads) t.join();
-      }
+  // Grid (ceil(Lq / 64), H, B) of FA_THREADS, as src/ops/flash.rs launches it.
+  cuda_host::launch({(unsigned)(c.lq + 63) / 64, (unsigned)c.heads, (unsigned)c.batch},
+                    {FA_THREADS, 1, 1}, 0, [&] {
+                      kernel(q.data(), k.data(), v.data(), o.data(), c.heads, c.lq, c.lk,
+                             scale_log2);
+                    });
 
   auto at = [&](const std::vector<T>& x, int b, int len, int i, int h, int col) {
     return (double)nvcuda::wmma::elem(x[((int64_t)b * len + i) * ld + h * 64 + col]);
@@ -123,7 +83,6 @@ bool check(Kernel kernel, const char* name, Case c, double bound, std::mt19937& 
 }
 
 int main(int argc, char** argv) {
-  for (auto& w : warp_barrier) w = std::make_unique<std::barrier<>>(32);
   const std::vector<Case> all = {
       {1, 1, 1, 1, 1},       // one query, one key
       {3, 5, 15, 77, 1},     // cross-attention, Lq below one wmma tile
