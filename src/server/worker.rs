@@ -730,22 +730,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_model_that_fails_to_load_reports_why() {
-        let metrics = Arc::new(Metrics::new());
-        let policy = QueuePolicy {
-            capacity: 16,
-            aging: Duration::from_secs(10),
-            max_batch_delay: Duration::from_millis(1),
-        };
-        let ctx = WorkerContext {
-            queue: Arc::new(Queue::new(policy, metrics.clone())),
-            metrics,
-            max_batch: 4,
-            workers: 1,
-            warmup: Warmup {
-                key: KEY,
-                images: 1,
-            },
-        };
+        let ctx = context();
         let (_tx, rx) = mpsc::channel(1);
         let (ready_tx, ready_rx) = oneshot::channel();
         let spec = WorkerSpec {
