@@ -168,6 +168,8 @@ assert "geglu" not in levers and "group-norm" in levers and "overlap" in levers,
 sets = [a["kernels"] for a in t["ablation"]]
 assert len(sets) == 2 + 2 * len(levers) and not any("geglu" in s for s in sets), sets
 assert not t["failures"], t["failures"]
+assert [p["kernels"] for p in t["profiles"]] == [t["kernels"], "none"], t["profiles"]
+assert r["eager"]["profile"]["kinds_ms"]["conv"] > 0, r["eager"]["profile"]
 print("dry run: kernel tests, lever exclusion and ablation sets as expected")
 PY
     exit 0

@@ -299,3 +299,90 @@ fn bad_kernels_and_ablate_values_are_usage_errors() {
         );
     }
 }
+
+/// `--profile`: one recorded batch under `--kernels` and one under `none`, its device time by
+/// stage and kind of layer; every model layer kind shows up where it runs, the spans fit in
+/// their stage, and the table is printed.
+#[test]
+fn profile_splits_each_stage_by_kind_of_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let o = bench(&[
+        "--model-dir",
+        tiny().to_str().unwrap(),
+        "--size",
+        "64x64",
+        "--batch-sizes",
+        "1",
+        "--warmup",
+        "0",
+        "--runs",
+        "1",
+        "--profile",
+        "2",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let report: Report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let sets: Vec<&str> = report.profiles.iter().map(|p| p.kernels.as_str()).collect();
+    assert_eq!(sets, ["all", "none"]);
+    for p in &report.profiles {
+        assert_eq!(p.batch, 2);
+        let kinds = |stage: &str| -> Vec<&str> {
+            p.entries
+                .iter()
+                .filter(|e| e.stage == stage)
+                .map(|e| e.kind.as_str())
+                .collect()
+        };
+        assert_eq!(
+            kinds("text_encode"),
+            ["attention", "layer-norm", "linear"],
+            "{p:?}"
+        );
+        assert_eq!(
+            kinds("unet"),
+            [
+                "attention",
+                "conv",
+                "geglu",
+                "group-norm",
+                "layer-norm",
+                "linear",
+                "upsample"
+            ],
+            "{p:?}"
+        );
+        assert_eq!(
+            kinds("vae_decode"),
+            ["attention", "conv", "group-norm", "linear", "upsample"],
+            "{p:?}"
+        );
+        for (stage, total) in [
+            ("text_encode", p.text_encode_ms),
+            ("unet", p.unet_ms),
+            ("vae_decode", p.vae_decode_ms),
+        ] {
+            let inside: f64 = p
+                .entries
+                .iter()
+                .filter(|e| e.stage == stage)
+                .map(|e| e.ms)
+                .sum();
+            assert!(
+                inside > 0.0 && inside <= total * 1.001 + 0.01,
+                "{stage}: spans {inside} ms of a {total} ms stage"
+            );
+            assert!(p.entries.iter().all(|e| e.calls > 0 && e.ms >= 0.0));
+        }
+    }
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains(
+            "| stage | kind | ms/image (all) | ms/image (none) | share of stage | calls |"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("| unet | other |"), "{stdout}");
+}

@@ -196,6 +196,54 @@ def run_batch(pipe, prompts, latents, w, h, steps, device):
     return images, time.perf_counter() - t0
 
 
+# The kind of layer each aten op's kernels belong to, as turbine's `bench --profile` names them;
+# the first pattern found in the op's name wins.
+KINDS = [
+    ("conv", "conv"), ("cudnn", "conv"),
+    ("scaled_dot_product", "attention"), ("flash", "attention"), ("efficient_attention", "attention"),
+    ("softmax", "attention"), ("baddbmm", "attention"), ("bmm", "attention"),
+    ("addmm", "linear"), ("::mm", "linear"), ("matmul", "linear"), ("linear", "linear"),
+    ("group_norm", "group-norm"), ("layer_norm", "layer-norm"), ("gelu", "geglu"),
+    ("upsample", "upsample"),
+]
+
+
+def kind_of(op):
+    op = op.lower()
+    return next((k for pat, k in KINDS if pat in op), "other")
+
+
+def profile_batch(pipe, prompts, latents, w, h, steps, device):
+    """One batch under torch.profiler: the device time of the kernels each aten op launched (its
+    own, not its children's), summed by kind of layer; on the CPU, the ops' own CPU time. The
+    sum over ops is checked against the sum over kernels: what no op claims is `unattributed`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    run_batch(pipe, prompts, latents, w, h, steps, device)
+    with profile(activities=acts) as prof:
+        _, dt = run_batch(pipe, prompts, latents, w, h, steps, device)
+    kinds, kernels_us = {}, 0.0
+    for e in prof.key_averages():
+        on_host = str(e.device_type).endswith("CPU")
+        if cuda:
+            t = getattr(e, "self_device_time_total", None)
+            t = getattr(e, "self_cuda_time_total", 0.0) if t is None else t
+            if not on_host:
+                kernels_us += t
+                continue
+        else:
+            t = e.self_cpu_time_total if on_host else 0.0
+        if t:
+            kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0.0) + t
+    out = {"batch": len(prompts), "wall_ms": dt * 1e3, "kinds_ms": {k: v / 1e3 for k, v in kinds.items()}}
+    if cuda:
+        out["kernels_ms"] = kernels_us / 1e3
+        out["kinds_ms"]["unattributed"] = max(0.0, (kernels_us - sum(kinds.values())) / 1e3)
+    return out
+
+
 def variant_of(model_dir):
     unet = Path(model_dir) / "unet"
     if (unet / "diffusion_pytorch_model.safetensors").exists():
@@ -298,7 +346,7 @@ def sweep(a):
             pipe.vae.to(memory_format=torch.channels_last)
             pipe.unet = torch.compile(pipe.unet, mode=a.compile_mode, fullgraph=True)
             pipe.vae.decode = torch.compile(pipe.vae.decode, mode=a.compile_mode, fullgraph=True)
-        rows = []
+        rows, profiled = [], None
         for b in batches:
             prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(b)]
             latents = read_latents(a.latents, b, device).to(DTYPES[a.dtype])
@@ -348,13 +396,24 @@ def sweep(a):
                 f"({len(times)} runs)")
             rows.append(row)
             write_sweep(a, device, mode, rows, sampler)
+        if a.profile_batch and not (deadline and time.time() > deadline):
+            b = a.profile_batch
+            prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(b)]
+            latents = read_latents(a.latents, b, device).to(DTYPES[a.dtype])
+            try:
+                profiled = profile_batch(pipe, prompts, latents, w, h, a.steps, device)
+                log(f"{mode} profile bs{b}: " + ", ".join(
+                    f"{k} {v / b:.2f}" for k, v in sorted(profiled["kinds_ms"].items())) + " ms/image")
+            except Exception as e:  # the profile is a diagnosis: its failure must not cost the sweep
+                log(f"{mode} profile bs{b} failed: {e!r}")
+                profiled = {"batch": b, "error": repr(e)}
     finally:
         if sampler:
             sampler.__exit__()
-    write_sweep(a, device, mode, rows, sampler)
+    write_sweep(a, device, mode, rows, sampler, profiled)
 
 
-def write_sweep(a, device, mode, rows, sampler):
+def write_sweep(a, device, mode, rows, sampler, profiled=None):
     """The sweep's JSON; written after every batch size too, so a sweep stopped from outside
     (gpu_check.py bounds torch.compile's, which compiles once per batch shape) keeps its rows."""
     result = {
@@ -369,6 +428,8 @@ def write_sweep(a, device, mode, rows, sampler):
     }
     if sampler:
         result["peak_bytes_overall"] = sampler.peak()
+    if profiled:
+        result["profile"] = profiled
     Path(a.json).write_text(json.dumps(result, indent=2))
 
 
@@ -491,6 +552,8 @@ def main():
     p.add_argument("--compile-mode", default="default")
     p.add_argument("--budget-s", type=float, help="stop starting new batch sizes after this")
     p.add_argument("--save-images", help="PNGs of the last run of each batch size here")
+    p.add_argument("--profile-batch", type=int,
+                   help="after the sweep, one batch of this size under torch.profiler, by kind of layer")
     p.add_argument("--json", required=True)
     p.set_defaults(fn=sweep)
 

@@ -2,15 +2,19 @@
 """The measuring half of scripts/gpu_check.sh: turbine vs diffusers on one GPU, in one call.
 
 Steps, each bounded by what is left of --budget-s:
+ 0. the carried CUDA kernel tests (--tests-dir); a lever whose tests fail alone is left out of
+    turbine's kernels (--kernels auto);
  1. the device's two ceilings (bf16 matrix rate, copy bandwidth), measured;
  2. diffusers writes the full architecture of --config-dir with fixed-seed random weights
     (initialised on the device, stored as the Hub's fp16 variant files);
  3. `turbine bench` loads those files and sweeps the batch sizes end to end (text encoders,
     UNet, VAE decode, 8-bit images) from the same prompts and initial latents as diffusers,
-    with device memory sampled through NVML; then, at --ablate-batch, every kernel set (candle's
-    ops only, all of turbine's kernels, each lever alone, all but each lever), each set's images
-    compared with candle's, against the predictions in benches/levers.json;
- 4. diffusers eager (SDPA) sweeps the same, in its own process;
+    with device memory sampled through NVML; then, at --ablate-batch, one batch profiled by
+    kind of layer (its kernels, and candle's ops) and every kernel set (candle's ops only, all
+    of turbine's kernels, each lever alone, all but each lever), each set's images compared
+    with candle's, against the predictions in benches/levers.json;
+ 4. diffusers eager (SDPA) sweeps the same, in its own process, and profiles one batch of
+    --ablate-batch with torch.profiler;
  5. the pixel difference between turbine's and diffusers' images of the same batch;
  6. diffusers + torch.compile sweeps with the time left, in its own process;
  7. one table (markdown) and every figure (JSON) under --out.
@@ -243,6 +247,33 @@ def ablation_table(res):
     return "\n".join(lines)
 
 
+def profile_table(res):
+    """Where a batch's device time goes, by kind of layer: turbine under its kernels and under
+    candle's ops (`bench --profile`), diffusers eager (torch.profiler), ms per image."""
+    runs = (res.get("turbine") or {}).get("profiles") or []
+    eager = (res.get("eager") or {}).get("profile") or {}
+    if not runs and not eager.get("kinds_ms"):
+        return ""
+    cols = []
+    for r in runs:
+        kinds = {}
+        for e in r["entries"]:
+            kinds[e["kind"]] = kinds.get(e["kind"], 0.0) + e["ms"]
+        total = r["text_encode_ms"] + r["unet_ms"] + r["vae_decode_ms"]
+        kinds["other"] = max(0.0, total - sum(kinds.values()))
+        cols.append((f"turbine `{r['kernels']}`", r["batch"], kinds, total))
+    if eager.get("kinds_ms"):
+        k = eager["kinds_ms"]
+        cols.append(("diffusers eager", eager["batch"], k, eager.get("kernels_ms", sum(k.values()))))
+    names = sorted({n for _, _, k, _ in cols for n in k}, key=lambda n: (n in ("other", "unattributed"), n))
+    lines = ["| kind | " + " | ".join(f"{c[0]} ms/image (bs{c[1]})" for c in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for n in names + ["total"]:
+        cells = [(c[3] if n == "total" else c[2].get(n, 0.0)) / c[1] for c in cols]
+        lines.append(f"| {n} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
+    return "\n".join(lines)
+
+
 def dash(v, fmt=""):
     return "-" if v is None else format(v, fmt)
 
@@ -359,6 +390,11 @@ def render_md(res, a, batches, gpu):
         if res.get(k) not in (None, 0):
             hdr.append(f"- {k.split('_')[0]} exited with {res[k]} (see gpu_check.log)")
     md = "\n".join(hdr) + "\n\n" + table(res, batches) + "\n\n" + targets(res) + "\n"
+    prof = profile_table(res)
+    if prof:
+        md += ("\nWhere one batch's device time goes, by kind of layer (turbine: `bench --profile`, CUDA events "
+               "around each layer call, `other` = the stages' time outside them; diffusers: torch.profiler, "
+               "each aten op's own kernel time):\n\n" + prof + "\n")
     abl = ablation_table(res)
     if abl:
         md += ("\nturbine's kernels, one set at a time (`turbine bench --ablate`; 'diff vs none' is the 8-bit "
@@ -464,7 +500,7 @@ def main():
         tcmd += ["--prompt", p]
 
     def turbine(kernels, ablate, seconds):
-        cmd = tcmd + ["--kernels", kernels] + (["--ablate", ablate] if ablate else [])
+        cmd = tcmd + ["--kernels", kernels] + (["--ablate", ablate, "--profile", ablate] if ablate else [])
         if tjson.exists():
             tjson.unlink()
         if gpu:
@@ -496,8 +532,9 @@ def main():
     common = ["--model-dir", model, "--latents", lat, "--batch-sizes", a.batch_sizes, "--size", a.size,
               "--steps", a.steps, "--dtype", a.dtype, "--device", a.device, "--min-time", a.min_time]
     e_budget = max(60.0, (budget.left() - a.compile_reserve_s) * (0.45 if not a.skip_compile else 0.9))
+    eprof = ["--profile-batch", a.ablate_batch] if a.ablate_batch else []
     res["eager_rc"] = run(ref + ["sweep", "--json", ejson, "--save-images", eimg, "--budget-s",
-                                 e_budget - 30] + common, timeout=e_budget)
+                                 e_budget - 30] + eprof + common, timeout=e_budget)
     res["eager"] = load(ejson)
     save()
 

@@ -23,6 +23,7 @@ use crate::cli::UsageError;
 use crate::device::{parse_device, parse_dtype};
 use crate::hub::ModelArgs;
 use crate::model::pipeline::{GenerationSettings, ImageRequest, NoiseOverride};
+use crate::model::profile::{self, ProfileEntry};
 
 /// Prompts cycled over a batch when none are given: varied lengths, so tokenisation and the
 /// text encoders see realistic padding (SDXL always pads to 77 tokens, so the cost is equal).
@@ -91,6 +92,12 @@ pub struct Args {
     /// fails is listed and the others still run.
     #[arg(long)]
     pub ablate: Option<usize>,
+    /// After the sweep, record where one batch of this size spends its device time, by stage
+    /// and kind of layer (linear, conv, group-norm, layer-norm, attention, geglu, upsample,
+    /// other), under --kernels and under candle's ops (`none`). Pick a batch big enough that
+    /// the GPU, not the host, is the bottleneck: the timing marks cost the host ~3 us each.
+    #[arg(long)]
+    pub profile: Option<usize>,
 }
 
 /// One timed `generate` call.
@@ -195,9 +202,35 @@ pub struct Report {
     /// `--ablate`'s rows (empty without it).
     #[serde(default)]
     pub ablation: Vec<AblationRow>,
+    /// `--profile`'s runs (empty without it).
+    #[serde(default)]
+    pub profiles: Vec<ProfileRun>,
     /// What failed, in the order it ran (the exit status is non-zero when this is not empty).
     #[serde(default)]
     pub failures: Vec<Failure>,
+}
+
+/// One batch of `--profile`: its stages' device times and where they went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileRun {
+    pub kernels: String,
+    pub batch: usize,
+    pub text_encode_ms: f64,
+    pub unet_ms: f64,
+    pub vae_decode_ms: f64,
+    /// Time inside the spans of each (stage, kind); a stage's remainder is its `other`.
+    pub entries: Vec<ProfileEntry>,
+}
+
+impl ProfileRun {
+    fn stage_ms(&self, stage: &str) -> f64 {
+        match stage {
+            "text_encode" => self.text_encode_ms,
+            "unet" => self.unet_ms,
+            "vae_decode" => self.vae_decode_ms,
+            _ => 0.0,
+        }
+    }
 }
 
 fn median(sorted: &[f64]) -> f64 {
@@ -352,6 +385,70 @@ pub fn render_ablation(rows: &[AblationRow]) -> String {
     s
 }
 
+/// `--profile`'s runs as one markdown table: per stage and kind, milliseconds per image under
+/// each kernel set, and the share of the stage (the first set's).
+pub fn render_profiles(runs: &[ProfileRun]) -> String {
+    let Some(first) = runs.first() else {
+        return String::new();
+    };
+    let mut rows: Vec<(String, String)> = Vec::new();
+    for stage in ["text_encode", "unet", "vae_decode"] {
+        let mut kinds: Vec<String> = runs
+            .iter()
+            .flat_map(|r| r.entries.iter())
+            .filter(|e| e.stage == stage)
+            .map(|e| e.kind.clone())
+            .collect();
+        kinds.sort();
+        kinds.dedup();
+        kinds.push("other".into());
+        rows.extend(kinds.into_iter().map(|k| (stage.to_string(), k)));
+    }
+    let ms = |r: &ProfileRun, stage: &str, kind: &str| -> f64 {
+        let inside = |k: Option<&str>| -> f64 {
+            r.entries
+                .iter()
+                .filter(|e| e.stage == stage && k.is_none_or(|k| e.kind == k))
+                .map(|e| e.ms)
+                .sum()
+        };
+        if kind == "other" {
+            (r.stage_ms(stage) - inside(None)).max(0.0)
+        } else {
+            inside(Some(kind))
+        }
+    };
+    let mut s = String::from("| stage | kind |");
+    for r in runs {
+        s.push_str(&format!(" ms/image ({}) |", r.kernels));
+    }
+    s.push_str(" share of stage | calls |\n|---|---|");
+    s.push_str(&"---:|".repeat(runs.len() + 2));
+    s.push('\n');
+    for (stage, kind) in rows {
+        s.push_str(&format!("| {stage} | {kind} |"));
+        for r in runs {
+            s.push_str(&format!(
+                " {:.3} |",
+                ms(r, &stage, &kind) / r.batch.max(1) as f64
+            ));
+        }
+        let total = first.stage_ms(&stage);
+        let share = if total > 0.0 {
+            format!("{:.0}%", 100.0 * ms(first, &stage, &kind) / total)
+        } else {
+            "-".into()
+        };
+        let calls = first
+            .entries
+            .iter()
+            .find(|e| e.stage == stage && e.kind == kind)
+            .map_or("-".into(), |e| e.calls.to_string());
+        s.push_str(&format!(" {share} | {calls} |\n"));
+    }
+    s
+}
+
 /// The failures as a markdown list, one line each.
 pub fn render_failures(failures: &[Failure]) -> String {
     failures
@@ -365,6 +462,15 @@ pub fn render_failures(failures: &[Failure]) -> String {
         .collect()
 }
 
+/// What [`measure_all`] measures: the sweep's batch sizes, the batch sizes of `--profile` and
+/// `--ablate`, and (warm-up runs, timed runs at least, timed seconds at least).
+struct Plan<'a> {
+    batches: &'a [usize],
+    profile: Option<usize>,
+    ablate: Option<usize>,
+    timing: (usize, usize, f64),
+}
+
 /// One `generate` measurement: (batch size, whether it is the first of the process, (warm-up
 /// runs, timed runs at least, timed seconds at least)) to the row and the last run's images.
 type Measure<'a> =
@@ -376,13 +482,13 @@ type Measure<'a> =
 /// outside (scripts/gpu_check.sh bounds the whole bench) keeps what it measured.
 fn measure_all(
     report: &mut Report,
-    batches: &[usize],
-    ablate: Option<usize>,
-    timing: (usize, usize, f64),
+    plan: &Plan<'_>,
     measure: &mut Measure<'_>,
+    profile: &mut dyn FnMut(usize) -> anyhow::Result<ProfileRun>,
     keep_images: &mut dyn FnMut(usize, &[image::RgbImage]) -> anyhow::Result<()>,
     save: &mut dyn FnMut(&Report) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
+    let timing = plan.timing;
     let failed =
         |report: &mut Report, stage: &str, batch: usize, kernels: Kernels, e: anyhow::Error| {
             let kernels = kernels.to_string();
@@ -403,7 +509,7 @@ fn measure_all(
             ))
         })
     };
-    for &b in batches {
+    for &b in plan.batches {
         match guarded(b, report.rows.is_empty(), timing) {
             Ok((row, images)) => {
                 keep_images(b, &images)?;
@@ -413,7 +519,29 @@ fn measure_all(
         }
         save(report)?;
     }
-    let Some(b) = ablate else {
+    if let Some(b) = plan.profile {
+        let run_kernels = crate::ops::kernels();
+        let mut sets = vec![run_kernels];
+        if run_kernels != Kernels::NONE {
+            sets.push(Kernels::NONE);
+        }
+        for set in sets {
+            let result = crate::ops::with_kernels(set, || {
+                catch_unwind(AssertUnwindSafe(|| profile(b))).unwrap_or_else(|p| {
+                    Err(anyhow::anyhow!(
+                        "panicked: {}",
+                        crate::server::worker::panic_message(&p)
+                    ))
+                })
+            });
+            match result {
+                Ok(run) => report.profiles.push(run),
+                Err(e) => failed(report, "profile", b, set, e),
+            }
+            save(report)?;
+        }
+    }
+    let Some(b) = plan.ablate else {
         return Ok(());
     };
     let mut baseline: Option<Vec<image::RgbImage>> = None;
@@ -806,14 +934,38 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         load_s,
         rows: Vec::new(),
         ablation: Vec::new(),
+        profiles: Vec::new(),
         failures: Vec::new(),
+    };
+    let mut profile_run = |b: usize| -> anyhow::Result<ProfileRun> {
+        let items = batch_items(&prompts, b, args.seed);
+        let noise = noise_for(b)?;
+        // A warm-up first: the set's plans and kernels are built outside the recorded batch.
+        pipeline.generate(&settings, &items, noise.as_ref())?;
+        let (out, entries) = profile::record(&device, || {
+            pipeline.generate(&settings, &items, noise.as_ref())
+        })?;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        Ok(ProfileRun {
+            kernels: crate::ops::kernels().to_string(),
+            batch: b,
+            text_encode_ms: ms(out.timings.text_encode),
+            unet_ms: ms(out.timings.unet),
+            vae_decode_ms: ms(out.timings.vae_decode),
+            entries,
+        })
+    };
+    let plan = Plan {
+        batches: &args.batch_sizes,
+        profile: args.profile,
+        ablate: args.ablate,
+        timing: (args.warmup, args.runs, args.min_time),
     };
     measure_all(
         &mut report,
-        &args.batch_sizes,
-        args.ablate,
-        (args.warmup, args.runs, args.min_time),
+        &plan,
         &mut measure,
+        &mut profile_run,
         &mut |b, images| match &args.save_images {
             Some(dir) => save_images(dir, b, &images[..b.min(distinct).min(images.len())]),
             None => Ok(()),
@@ -840,6 +992,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     print!("{}", render_table(&report.rows));
     if !report.ablation.is_empty() {
         print!("\n{}", render_ablation(&report.ablation));
+    }
+    if !report.profiles.is_empty() {
+        print!("\n{}", render_profiles(&report.profiles));
     }
     if !report.failures.is_empty() {
         print!("\nfailed:\n{}", render_failures(&report.failures));
@@ -946,6 +1101,10 @@ mod tests {
         Ok(())
     }
 
+    fn no_profile(_: usize) -> anyhow::Result<ProfileRun> {
+        panic!("no --profile was asked for")
+    }
+
     fn levers_in(k: Kernels) -> usize {
         Kernels::NAMED
             .iter()
@@ -972,6 +1131,7 @@ mod tests {
             load_s: 0.0,
             rows: Vec::new(),
             ablation: Vec::new(),
+            profiles: Vec::new(),
             failures: Vec::new(),
         }
     }
@@ -1004,10 +1164,14 @@ mod tests {
         crate::ops::with_kernels(Kernels::ALL, || {
             measure_all(
                 &mut report,
-                &[1, 2, 4],
-                Some(4),
-                (1, 1, 0.0),
+                &Plan {
+                    batches: &[1, 2, 4],
+                    profile: None,
+                    ablate: Some(4),
+                    timing: (1, 1, 0.0),
+                },
                 &mut measure,
+                &mut no_profile,
                 &mut |b, images| {
                     kept.push((b, images.len()));
                     Ok(())
@@ -1094,6 +1258,78 @@ mod tests {
         assert_eq!(ablation_sets(Kernels::NONE), [Kernels::NONE]);
     }
 
+    /// `--profile` runs after the sweep, under the run's kernels and then `none`; a failing
+    /// profile is a failure like any other.
+    #[test]
+    fn profiles_follow_the_sweep_and_fail_alone() {
+        let order = std::cell::RefCell::new(Vec::new());
+        let mut report = empty_report();
+        let mut measure = |b: usize, _first: bool, _t: (usize, usize, f64)| {
+            order.borrow_mut().push(format!("measure {b}"));
+            let img = image::RgbImage::new(1, 1);
+            Ok((summarize(b, &[sample(100)]).unwrap(), vec![img; b]))
+        };
+        let mut profile = |b: usize| {
+            let k = crate::ops::kernels();
+            order.borrow_mut().push(format!("profile {b} {k}"));
+            anyhow::ensure!(k != Kernels::NONE, "no timing events");
+            Ok(ProfileRun {
+                kernels: k.to_string(),
+                batch: b,
+                text_encode_ms: 1.0,
+                unet_ms: 10.0,
+                vae_decode_ms: 5.0,
+                entries: vec![ProfileEntry {
+                    stage: "unet".into(),
+                    kind: "conv".into(),
+                    ms: 4.0,
+                    calls: 3,
+                }],
+            })
+        };
+        crate::ops::with_kernels(Kernels::ALL, || {
+            measure_all(
+                &mut report,
+                &Plan {
+                    batches: &[1],
+                    profile: Some(2),
+                    ablate: None,
+                    timing: (1, 1, 0.0),
+                },
+                &mut measure,
+                &mut profile,
+                &mut |_, _| Ok(()),
+                &mut |_| Ok(()),
+            )
+        })
+        .unwrap();
+        assert_eq!(
+            *order.borrow(),
+            ["measure 1", "profile 2 all", "profile 2 none"]
+        );
+        assert_eq!(report.profiles.len(), 1);
+        let f = &report.failures[0];
+        assert_eq!(
+            (f.stage.as_str(), f.batch, f.kernels.as_str()),
+            ("profile", 2, "none")
+        );
+        let table = render_profiles(&report.profiles);
+        // conv 4 of the UNet's 10 ms; the other 6 ms are its `other`; per image (batch 2).
+        assert!(
+            table.contains("| unet | conv | 2.000 | 40% | 3 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| unet | other | 3.000 | 60% | - |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| text_encode | other | 0.500 | 100% | - |"),
+            "{table}"
+        );
+        assert_eq!(render_profiles(&[]), "");
+    }
+
     /// Without `none`'s images there is nothing to compare with: the diff is absent, not 0.
     #[test]
     fn ablation_without_a_baseline_has_no_diffs() {
@@ -1107,10 +1343,14 @@ mod tests {
         };
         measure_all(
             &mut report,
-            &[],
-            Some(1),
-            (1, 1, 0.0),
+            &Plan {
+                batches: &[],
+                profile: None,
+                ablate: Some(1),
+                timing: (1, 1, 0.0),
+            },
             &mut measure,
+            &mut no_profile,
             &mut |_, _| Ok(()),
             &mut |_| Ok(()),
         )

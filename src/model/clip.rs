@@ -18,7 +18,13 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::loader::{read_json, LoadError, LoadResult};
+use crate::model::profile::{layer_norm, span};
 use crate::ops::{self, Kernels};
+
+/// A candle `Linear` as a profile span.
+fn linear(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    span("linear", || l.forward(x))
+}
 
 /// The MLP activation (`hidden_act`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -204,15 +210,17 @@ impl ClipAttention {
     /// attention weights.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let scale = (self.head_dim as f64).powf(-0.5);
-        let q = self.q_proj.forward(x)?;
-        let k = self.k_proj.forward(x)?;
-        let v = self.v_proj.forward(x)?;
-        let out = if ops::enabled(Kernels::ATTENTION) {
-            ops::multi_head_attention(&q, &k, &v, self.num_heads, scale, true)?
-        } else {
-            ops::multi_head_attention_composed(&q, &k, &v, self.num_heads, scale, true)?
-        };
-        self.out_proj.forward(&out)
+        let q = linear(&self.q_proj, x)?;
+        let k = linear(&self.k_proj, x)?;
+        let v = linear(&self.v_proj, x)?;
+        let out = span("attention", || {
+            if ops::enabled(Kernels::ATTENTION) {
+                ops::multi_head_attention(&q, &k, &v, self.num_heads, scale, true)
+            } else {
+                ops::multi_head_attention_composed(&q, &k, &v, self.num_heads, scale, true)
+            }
+        })?;
+        linear(&self.out_proj, &out)
     }
 }
 
@@ -233,7 +241,7 @@ impl ClipMlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.fc1.forward(x)?;
+        let x = linear(&self.fc1, x)?;
         let x = match &self.activation {
             ClipActivation::QuickGelu => (&x * candle_nn::ops::sigmoid(&x.affine(1.702, 0.0)?)?)?,
             ClipActivation::Gelu => x.gelu_erf()?,
@@ -243,7 +251,7 @@ impl ClipMlp {
                 )))
             }
         };
-        self.fc2.forward(&x)
+        linear(&self.fc2, &x)
     }
 }
 
@@ -267,8 +275,8 @@ impl ClipEncoderLayer {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = (x + self.self_attn.forward(&self.layer_norm1.forward(x)?)?)?;
-        &x + self.mlp.forward(&self.layer_norm2.forward(&x)?)?
+        let x = (x + self.self_attn.forward(&layer_norm(&self.layer_norm1, x)?)?)?;
+        &x + self.mlp.forward(&layer_norm(&self.layer_norm2, &x)?)?
     }
 }
 
@@ -360,7 +368,7 @@ impl ClipTextModel {
             penultimate = x;
             x = layer.forward(&penultimate)?;
         }
-        let last = self.final_layer_norm.forward(&x)?;
+        let last = layer_norm(&self.final_layer_norm, &x)?;
         let h = last.dim(D::Minus1)?;
         let index: Vec<u32> = positions
             .iter()

@@ -7,6 +7,7 @@ pub mod clip;
 pub mod loader;
 pub mod noise;
 pub mod pipeline;
+pub mod profile;
 pub mod scheduler;
 pub mod tokenizer;
 pub mod unet;

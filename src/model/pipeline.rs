@@ -11,7 +11,7 @@
 //! so an image generated alone equals the same image generated inside a batch.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
@@ -22,6 +22,7 @@ use crate::model::loader::{
     build_checked, find_weights, read_json, LoadError, LoadResult, ModelDir, RandomWeights,
 };
 use crate::model::noise;
+use crate::model::profile::{self, Mark};
 use crate::model::scheduler::{EulerAncestralConfig, EulerAncestralScheduler};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
@@ -531,62 +532,36 @@ impl PendingBatch {
 /// On CUDA each mark is an event on the device's stream, so the host never waits for the GPU
 /// between stages (it queues the UNet while the text encoders still run, and the GPU never idles
 /// on a synchronisation); the durations are the GPU's own timestamps, read after the batch's one
-/// copy back. On the CPU, where every op has finished when it returns, a wall clock.
+/// copy back. On the CPU, where every op has finished when it returns, a wall clock. Each mark
+/// also names the stage that follows for a profile being recorded ([`profile::set_stage`]).
 struct StageClock {
     device: Device,
     marks: Vec<Mark>,
 }
 
-enum Mark {
-    Host(Instant),
-    #[cfg(feature = "cuda")]
-    Cuda(candle_core::cuda_backend::cudarc::driver::CudaEvent),
-}
+/// The stages in the order the pipeline runs them, as the profile names them.
+const STAGES: [&str; 3] = ["text_encode", "unet", "vae_decode"];
 
 impl StageClock {
     fn start(device: &Device) -> anyhow::Result<Self> {
         let mut clock = Self {
             device: device.clone(),
-            marks: Vec::with_capacity(4),
+            marks: Vec::with_capacity(STAGES.len() + 1),
         };
         clock.mark()?;
         Ok(clock)
     }
 
     fn mark(&mut self) -> anyhow::Result<()> {
-        let mark = match &self.device {
-            #[cfg(feature = "cuda")]
-            Device::Cuda(dev) => {
-                use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
-                // Timing events (the default flags of cudarc disable timing).
-                Mark::Cuda(
-                    dev.cuda_stream()
-                        .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                        .map_err(candle_core::Error::wrap)?,
-                )
-            }
-            _ => Mark::Host(Instant::now()),
-        };
-        self.marks.push(mark);
+        self.marks.push(Mark::now(&self.device)?);
+        profile::set_stage(STAGES.get(self.marks.len() - 1).copied().unwrap_or("-"));
         Ok(())
     }
 
     /// The time between consecutive marks (waits for the last CUDA event, which the batch's
     /// copy back has passed already).
     fn finish(&self) -> anyhow::Result<Vec<Duration>> {
-        self.marks
-            .windows(2)
-            .map(|w| match (&w[0], &w[1]) {
-                (Mark::Host(a), Mark::Host(b)) => Ok(b.saturating_duration_since(*a)),
-                #[cfg(feature = "cuda")]
-                (Mark::Cuda(a), Mark::Cuda(b)) => {
-                    let ms = a.elapsed_ms(b).map_err(candle_core::Error::wrap)?;
-                    Ok(Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3))
-                }
-                #[cfg(feature = "cuda")]
-                _ => anyhow::bail!("stage clock mixed host and device marks (this is a bug)"),
-            })
-            .collect()
+        self.marks.windows(2).map(|w| w[0].until(&w[1])).collect()
     }
 }
 

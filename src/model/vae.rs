@@ -10,6 +10,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::model::loader::{self, LoadError, LoadResult, ModelDir};
+use crate::model::profile::span;
 use crate::model::unet::attention::{to_tokens, Attention};
 use crate::model::unet::layers::{Conv2d, GroupNorm};
 use crate::model::unet::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
@@ -411,7 +412,9 @@ impl GroupNormNhwc {
     }
 
     fn forward(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
-        ops::group_norm_channels_last(xs, self.groups, &self.weight, &self.bias, VAE_EPS, silu)
+        span("group-norm", || {
+            ops::group_norm_channels_last(xs, self.groups, &self.weight, &self.bias, VAE_EPS, silu)
+        })
     }
 }
 
@@ -560,7 +563,8 @@ impl DecoderNhwc {
                 xs = r.forward(&xs)?;
             }
             if let Some(conv) = up {
-                xs = conv.forward(&ops::upsample_nearest2x_channels_last(&xs)?)?;
+                let up = span("upsample", || ops::upsample_nearest2x_channels_last(&xs))?;
+                xs = conv.forward(&up)?;
             }
         }
         let xs = self.conv_norm_out.forward(&xs, true)?;

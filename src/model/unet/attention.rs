@@ -7,6 +7,7 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{LayerNorm, VarBuilder};
 
 use super::layers::{Conv2d, GroupNorm, Linear};
+use crate::model::profile::{layer_norm, span};
 use crate::ops::{self, Kernels};
 
 /// Multi-head attention with `to_q`, `to_k`, `to_v`, `to_out.0` projections on `[B, S, C]`.
@@ -57,11 +58,13 @@ impl Attention {
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
         // The scale is folded into `to_q`.
-        if ops::enabled(Kernels::ATTENTION) {
-            ops::multi_head_attention(&q, &k, &v, self.heads, 1.0, false)
-        } else {
-            ops::multi_head_attention_composed(&q, &k, &v, self.heads, 1.0, false)
-        }
+        span("attention", || {
+            if ops::enabled(Kernels::ATTENTION) {
+                ops::multi_head_attention(&q, &k, &v, self.heads, 1.0, false)
+            } else {
+                ops::multi_head_attention_composed(&q, &k, &v, self.heads, 1.0, false)
+            }
+        })
     }
 
     /// `xs` `[B, S, C]`; keys and values come from `context` `[B, S_ctx, C_ctx]` when given.
@@ -94,12 +97,14 @@ impl Module for GeGlu {
     /// candle's `gelu` and `mul` (two passes, rounding in between).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(xs)?;
-        if ops::enabled(Kernels::GEGLU) {
-            return ops::geglu(&h);
-        }
-        let value = h.narrow(D::Minus1, 0, self.inner)?;
-        let gate = h.narrow(D::Minus1, self.inner, self.inner)?;
-        value.mul(&gate.gelu_erf()?)
+        span("geglu", || {
+            if ops::enabled(Kernels::GEGLU) {
+                return ops::geglu(&h);
+            }
+            let value = h.narrow(D::Minus1, 0, self.inner)?;
+            let gate = h.narrow(D::Minus1, self.inner, self.inner)?;
+            value.mul(&gate.gelu_erf()?)
+        })
     }
 }
 
@@ -179,11 +184,12 @@ impl BasicTransformerBlock {
     pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
         let xs = self
             .attn1
-            .forward_residual(&self.norm1.forward(xs)?, None, xs)?;
+            .forward_residual(&layer_norm(&self.norm1, xs)?, None, xs)?;
         let xs = self
             .attn2
-            .forward_residual(&self.norm2.forward(&xs)?, Some(context), &xs)?;
-        self.ff.forward_residual(&self.norm3.forward(&xs)?, &xs)
+            .forward_residual(&layer_norm(&self.norm2, &xs)?, Some(context), &xs)?;
+        self.ff
+            .forward_residual(&layer_norm(&self.norm3, &xs)?, &xs)
     }
 }
 

@@ -10,6 +10,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::model::profile::span;
 use crate::ops::{self, ConvParams, Kernels};
 
 /// The dtype to round results back to when `t` is a half-precision tensor on the CPU, whose
@@ -125,12 +126,12 @@ impl Linear {
     /// and [`ops::bias_residual`] adds bias and residual in one pass (two passes over the output
     /// instead of three).
     pub fn forward_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        match &self.bias {
+        span("linear", || match &self.bias {
             Some(b) if ops::enabled(Kernels::BIAS_RESIDUAL) => {
                 ops::bias_residual(&self.gemm(xs)?, b, residual)
             }
             _ => self.forward(xs)? + residual,
-        }
+        })
     }
 
     /// `forward(xs) + residual` for tokens `xs` `[B, S, in]` whose output goes back to a
@@ -144,6 +145,10 @@ impl Linear {
         xs: &Tensor,
         residual: &Tensor,
     ) -> Result<Tensor> {
+        span("linear", || self.channels_first_residual(xs, residual))
+    }
+
+    fn channels_first_residual(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let (b, s, _) = xs.dims3()?;
         let out_dim = self.weight_t.dim(1)?;
         let res = residual.reshape((b, out_dim, s))?;
@@ -166,12 +171,14 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let Some(b) = &self.bias else {
-            return self.gemm(xs);
+            return span("linear", || self.gemm(xs));
         };
         // The bias is added before the single rounding, as a fused GEMM epilogue does.
-        self.on_rows(xs, |flat| {
-            gemm_in_f32_on_cpu(&[flat, &self.weight_t, b], |t| {
-                t[0].matmul(&t[1])?.broadcast_add(&t[2])
+        span("linear", || {
+            self.on_rows(xs, |flat| {
+                gemm_in_f32_on_cpu(&[flat, &self.weight_t, b], |t| {
+                    t[0].matmul(&t[1])?.broadcast_add(&t[2])
+                })
             })
         })
     }
@@ -238,6 +245,10 @@ impl Conv2d {
     /// convolution ([`ops::conv2d`]: on CUDA in cuDNN's epilogue, no separate pass over the
     /// output); without it, candle's conv and adds (the baseline).
     pub fn forward_residual(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        span("conv", || self.conv_residual(xs, residual))
+    }
+
+    fn conv_residual(&self, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let (w, b, p) = (&self.weight, &self.bias, self.params);
         if ops::enabled(Kernels::CONV) {
             return ops::conv2d(xs, w, b, residual, p);
@@ -321,6 +332,10 @@ impl GroupNorm {
     }
 
     fn normalize(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        span("group-norm", || self.normalize_unprofiled(xs, silu))
+    }
+
+    fn normalize_unprofiled(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
         let dims = xs.dims();
         if dims.len() < 3 {
             candle_core::bail!("GroupNorm expects [B, C, ...], got {:?}", dims);

@@ -6,6 +6,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{Conv2d, GroupNorm, Linear};
+use crate::model::profile::span;
 
 /// Shape of one [`ResnetBlock2D`].
 #[derive(Debug, Clone, Copy)]
@@ -136,7 +137,7 @@ impl Upsample2D {
     pub fn forward(&self, xs: &Tensor, output_size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let (oh, ow) = output_size.unwrap_or((2 * h, 2 * w));
-        let xs = xs.upsample_nearest2d(oh, ow)?;
+        let xs = span("upsample", || xs.upsample_nearest2d(oh, ow))?;
         self.conv.forward(&xs)
     }
 }
