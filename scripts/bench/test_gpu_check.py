@@ -1,0 +1,145 @@
+"""Unit tests of gpu_check.py's logic and report, on made-up figures: the GPU run is one try, so
+every branch of the table it writes (fallback to candle's ops, failures, targets met and not,
+compile rows, memory, profiles) must work before it runs. The dry run (`scripts/gpu_check.sh
+--dry-run`) covers the flow end to end on the CPU; this covers what a CPU run cannot reach.
+
+    python3 -m unittest discover -s scripts/bench -p 'test_*.py'
+"""
+
+import argparse
+import os
+import stat
+import tempfile
+import unittest
+from pathlib import Path
+
+import gpu_check as g
+
+HERE = Path(__file__).resolve().parent
+
+
+def row(batch, ips, peak=None, latency=None):
+    r = {"batch": batch, "images_per_s": ips, "median_s": batch / ips, "ms_per_image": 1e3 / ips,
+         "text_encode_ms": 1.0, "unet_ms": 2.0, "vae_decode_ms": 3.0}
+    if peak is not None:
+        r["peak_bytes"] = peak
+    if latency is not None:
+        r["latency_s"] = latency
+    return r
+
+
+def args(**kw):
+    a = argparse.Namespace(device="cuda", kernels="auto", commit="abc", budget_s=480.0, size="512x512",
+                           steps=1, dtype="bf16", min_time=2.0, config_dir=Path("models/sdxl-turbo"),
+                           tests_dir=Path("/tmp/tests"))
+    for k, v in kw.items():
+        setattr(a, k, v)
+    return a
+
+
+class Levers(unittest.TestCase):
+    def test_tests_map_to_levers_first_pattern_wins(self):
+        self.assertEqual(g.lever_of("group_norm_channels_last_matches_composition"), "channels-last")
+        self.assertEqual(g.lever_of("group_norm_matches_composition"), "group-norm")
+        self.assertEqual(g.lever_of("multi_head_attention_takes_flash_path_when_it_applies"), "flash")
+        self.assertEqual(g.lever_of("fused_attention_in_chunks_matches_composition"), "attention")
+        self.assertEqual(g.lever_of("conv2d_cuda_matches_cpu_reference"), "conv")
+        self.assertEqual(g.lever_of("to_rgb8_matches_composition"), "postprocess")
+        self.assertEqual(g.lever_of("copy_to_host_returns_the_bytes_of_each_copy"), "overlap")
+        self.assertIsNone(g.lever_of("something_else"))
+
+    def test_libtest_lines_are_parsed(self):
+        out = g.libtest_results("running 3 tests\ntest a ... ok\ntest b ... FAILED\ntest c ... ignored\n"
+                                "a: test\ntest result: FAILED. 1 passed; 1 failed\n")
+        self.assertEqual(out, {"a": "ok", "b": "FAILED", "c": "ignored"})
+
+    def test_auto_kernels_leave_out_failed_levers(self):
+        self.assertEqual(g.sweep_kernels("auto", []), "all")
+        self.assertEqual(g.sweep_kernels("auto", ["conv", "flash"]), "all,-conv,-flash")
+        self.assertEqual(g.sweep_kernels("all,-flash", ["conv"]), "all,-flash")
+
+    def test_kernel_tests_rerun_failures_alone(self):
+        with tempfile.TemporaryDirectory() as d:
+            fake = Path(d) / "ops"
+            fake.write_text((HERE / "fake_libtest.sh").read_text())
+            fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+            budget = g.Budget(10_000)
+            res = g.kernel_tests(Path(d), budget)
+        self.assertEqual(res["failed"], ["geglu_matches_composition"])
+        self.assertEqual(res["victims"], ["conv2d_cuda_matches_cpu_reference"])
+        self.assertEqual(res["levers"], ["geglu"])
+        self.assertIn("0 of 1 test binaries passed", res["summary"])
+
+    def test_compile_starts_where_the_peaks_are(self):
+        res = {"eager": {"rows": [row(8, 50), row(16, 40)]}, "turbine": {"rows": [row(32, 90)]}}
+        self.assertEqual(g.compile_order([1, 2, 4, 8, 16, 32], res), [8, 32, 16, 4, 2, 1])
+
+
+class Report(unittest.TestCase):
+    def res(self, **kw):
+        res = {"started_utc": "2026-11-29T10:00:00+00:00", "batches": [1, 8], "dtype": "bf16", "diff_batch": 8,
+               "kernels": "all", "finished": True,
+               "turbine": {"kernels": "all", "device": "cuda:0 (H200)",
+                           "rows": [row(1, 40, peak=10 << 30, latency=0.02), row(8, 120, peak=20 << 30)],
+                           "failures": []},
+               "eager": {"rows": [row(1, 45, peak=11 << 30), row(8, 70, peak=25 << 30)]},
+               "compile": {"rows": [row(8, 100, peak=24 << 30)]},
+               "pixel_diff": {"max": 3, "mean": 0.2, "images": [{}] * 8}}
+        res.update(kw)
+        return res
+
+    def test_targets_met_and_not(self):
+        t = g.targets(self.res())
+        self.assertIn("= 1.71x (target >= 1.5x: met)", t)
+        self.assertIn("120.00 / 100.00 (bs8) = 1.20x (target >= 1.0x: met)", t)
+        # Batch-1 latency is the lone batch's (20 ms), not the overlapped interval (25 ms).
+        self.assertIn("batch-1 latency: turbine 20.0 ms, eager 22.2 ms (target <=: met)", t)
+        self.assertIn("turbine 20.0 GiB (bs8), eager 25.0 GiB (bs8)", t)
+        slow = self.res(turbine={"rows": [row(1, 10, latency=0.1), row(8, 60, peak=30 << 30)]})
+        t = g.targets(slow)
+        self.assertEqual(t.count("NOT met"), 4, t)
+
+    def test_no_compile_figure_says_why(self):
+        res = self.res(compile=None, compile_rc=124)
+        self.assertIn("did not finish in the time left", g.targets(res))
+
+    def test_fallback_failures_and_unfinished_runs_are_said(self):
+        first = {"failures": [{"stage": "sweep", "batch": 1, "kernels": "all", "error": "CUDA_ERROR_ILLEGAL_ADDRESS"}]}
+        res = self.res(kernels="none", finished=False, turbine_rc=1,
+                       turbine_first={"kernels": "all", "rc": 1, "report": first},
+                       kernel_tests={"summary": "0 of 1 test binaries passed"})
+        md = g.render_md(res, args(), [1, 8], True)
+        self.assertTrue(md.startswith("**Unfinished run**"), md)
+        self.assertIn("turbine with `--kernels all` measured nothing (exit 1)", md)
+        self.assertIn("turbine failed: sweep batch 1 with `--kernels all`: CUDA_ERROR_ILLEGAL_ADDRESS", md)
+        self.assertIn("`--kernels none` (asked: auto)", md)
+        self.assertIn("- CUDA kernel tests: 0 of 1 test binaries passed", md)
+        self.assertIn("turbine exited with 1", md)
+        self.assertIn("| 8 | 120.00 | 66.7 | 20.0 | 70.00 |", md)
+
+    def test_profile_and_ablation_tables(self):
+        prof = {"kernels": "all", "batch": 8, "text_encode_ms": 8.0, "unet_ms": 40.0, "vae_decode_ms": 32.0,
+                "entries": [{"stage": "unet", "kind": "conv", "ms": 16.0, "calls": 40},
+                            {"stage": "vae_decode", "kind": "conv", "ms": 24.0, "calls": 30}]}
+        res = self.res()
+        res["turbine"]["profiles"] = [prof]
+        res["eager"]["profile"] = {"batch": 8, "kinds_ms": {"conv": 48.0, "unattributed": 8.0}, "kernels_ms": 96.0}
+        p = g.profile_table(res)
+        self.assertIn("| conv | 5.000 | 6.000 |", p)
+        self.assertIn("| other | 5.000 | 0.000 |", p)
+        self.assertIn("| total | 10.000 | 12.000 |", p)
+        abl = [{"kernels": "none", "row": row(8, 50), "max_diff_vs_none": 0, "mean_diff_vs_none": 0.0},
+               {"kernels": "all", "row": row(8, 100), "max_diff_vs_none": 2, "mean_diff_vs_none": 0.1},
+               {"kernels": "conv", "row": row(8, 60), "max_diff_vs_none": None, "mean_diff_vs_none": None}]
+        res["turbine"]["ablation"] = abl
+        a = g.ablation_table(res)
+        self.assertIn("| all | 8 | 100.00 | 2.00x |", a)
+        self.assertIn("| - | - |", a)
+        md = g.render_md(res, args(), [1, 8], True)
+        self.assertIn("by kind of layer", md)
+        self.assertIn("one set at a time", md)
+
+
+if __name__ == "__main__":
+    os.chdir(HERE)
+    unittest.main()
