@@ -93,6 +93,7 @@ fn sweep_writes_table_json_and_images() {
         assert!(row.finished_unix_s > row.started_unix_s);
         // `all` includes OVERLAP: the latency of a batch alone is measured apart.
         assert!(row.latency_s.is_some_and(|l| l > 0.0), "{row:?}");
+        assert!(row.host_queue_ms.is_some_and(|q| q > 0.0), "{row:?}");
     }
     // One PNG per distinct prompt, of the requested size.
     for name in ["bs1_0.png", "bs3_0.png", "bs3_1.png"] {

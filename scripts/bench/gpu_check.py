@@ -376,6 +376,12 @@ def render_md(res, a, batches, gpu):
         f = res["turbine_first"]
         hdr.append(f"- turbine with `--kernels {f['kernels']}` measured nothing (exit {f['rc']}); "
                    f"the figures are candle's ops alone")
+    queued = [r for r in t.get("rows") or [] if r.get("host_queue_ms") is not None]
+    if queued:
+        hdr.append("- turbine's host time to queue one batch against its ms/batch (the host sets the pace, launch "
+                   "overhead and the case for CUDA graphs, where the two are close): "
+                   + ", ".join(f"bs{r['batch']} {r['host_queue_ms']:.1f} of {r['median_s'] * 1e3:.1f} ms"
+                               for r in queued))
     kt = res.get("kernel_tests")
     if kt:
         hdr.append(f"- CUDA kernel tests: {kt['summary']}")

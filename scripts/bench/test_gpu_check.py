@@ -117,6 +117,14 @@ class Report(unittest.TestCase):
         self.assertIn("turbine exited with 1", md)
         self.assertIn("| 8 | 120.00 | 66.7 | 20.0 | 70.00 |", md)
 
+    def test_host_queue_time_is_shown_when_measured(self):
+        res = self.res()
+        res["turbine"]["rows"][0]["host_queue_ms"] = 21.5
+        md = g.render_md(res, args(), [1, 8], True)
+        self.assertIn("against its ms/batch", md)
+        self.assertIn("bs1 21.5 of 25.0 ms", md)
+        self.assertNotIn("bs8 ", md.split("against its ms/batch")[1].split("\n")[0])
+
     def test_profile_and_ablation_tables(self):
         prof = {"kernels": "all", "batch": 8, "text_encode_ms": 8.0, "unet_ms": 40.0, "vae_decode_ms": 32.0,
                 "entries": [{"stage": "unet", "kind": "conv", "ms": 16.0, "calls": 40},

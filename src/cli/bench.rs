@@ -127,6 +127,11 @@ pub struct Row {
     /// is measured by separate runs.
     #[serde(default)]
     pub latency_s: Option<f64>,
+    /// With the OVERLAP lever, the median host time to queue one batch (`Pipeline::launch`
+    /// returns without waiting for the GPU), milliseconds. Near `median_s` the host, not the
+    /// GPU, sets the pace: launch overhead, the case for CUDA graphs.
+    #[serde(default)]
+    pub host_queue_ms: Option<f64>,
     /// Medians of the stages, milliseconds per batch.
     pub text_encode_ms: f64,
     pub unet_ms: f64,
@@ -263,6 +268,7 @@ pub fn summarize(batch: usize, samples: &[RunSample]) -> Option<Row> {
         images_per_s: batch as f64 / med,
         ms_per_image: med * 1e3 / batch as f64,
         latency_s: Some(med),
+        host_queue_ms: None,
         text_encode_ms: median_of(samples, |s| s.text_encode) * 1e3,
         unet_ms: median_of(samples, |s| s.unet) * 1e3,
         vae_decode_ms: median_of(samples, |s| s.vae_decode) * 1e3,
@@ -852,10 +858,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut samples = Vec::new();
         let mut timed = 0.0;
         let mut last = Vec::new();
-        let launch = || {
-            pipeline
+        let mut queue_s = Vec::new();
+        let mut launch = || {
+            let t = Instant::now();
+            let pending = pipeline
                 .launch(&settings, &items, noise.as_ref())
-                .with_context(|| format!("generating a batch of {b}"))
+                .with_context(|| format!("generating a batch of {b}"))?;
+            queue_s.push(t.elapsed().as_secs_f64());
+            anyhow::Ok(pending)
         };
         // Whether another run follows `done` runs that took `timed` seconds.
         let more = |done: usize, timed: f64| done < runs || (timed < min_time && done < 1000);
@@ -901,6 +911,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             alone.sort_by(f64::total_cmp);
             row.latency_s = Some(median(&alone));
+            queue_s.sort_by(f64::total_cmp);
+            row.host_queue_ms = Some(median(&queue_s) * 1e3);
         }
         let window_end = unix_now();
         row.started_unix_s = window_start;
