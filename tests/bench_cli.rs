@@ -39,6 +39,33 @@ fn pixels(p: &Path) -> image::RgbImage {
         .to_rgb8()
 }
 
+/// A sweep of one batch of 1 (no warm-up, one run) on the tiny model at 64x64, plus `extra`;
+/// the run must succeed. Returns its output and JSON report.
+fn one_quick_batch(extra: &[&str]) -> (Output, Report) {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("report.json");
+    let tiny = tiny();
+    let mut args = vec![
+        "--model-dir",
+        tiny.to_str().unwrap(),
+        "--size",
+        "64x64",
+        "--batch-sizes",
+        "1",
+        "--warmup",
+        "0",
+        "--runs",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = bench(&args);
+    assert!(o.status.success(), "{}", text(&o));
+    let report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (o, report)
+}
+
 #[test]
 fn sweep_writes_table_json_and_images() {
     let dir = tempfile::tempdir().unwrap();
@@ -231,26 +258,7 @@ fn usage_errors_exit_2_and_name_the_flag() {
 /// functions as candle's ops, so the pictures may differ by rounding only.
 #[test]
 fn ablation_measures_every_kernel_set_and_compares_pictures() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("report.json");
-    let o = bench(&[
-        "--model-dir",
-        tiny().to_str().unwrap(),
-        "--size",
-        "64x64",
-        "--batch-sizes",
-        "1",
-        "--warmup",
-        "0",
-        "--runs",
-        "1",
-        "--ablate",
-        "2",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
-    let report: Report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (o, report) = one_quick_batch(&["--ablate", "2"]);
     assert_eq!(report.kernels, "all");
     let names: Vec<&str> = report.ablation.iter().map(|r| r.kernels.as_str()).collect();
     let levers = turbine::ops::Kernels::NAMED.len();
@@ -306,26 +314,7 @@ fn bad_kernels_and_ablate_values_are_usage_errors() {
 /// their stage, and the table is printed.
 #[test]
 fn profile_splits_each_stage_by_kind_of_layer() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("report.json");
-    let o = bench(&[
-        "--model-dir",
-        tiny().to_str().unwrap(),
-        "--size",
-        "64x64",
-        "--batch-sizes",
-        "1",
-        "--warmup",
-        "0",
-        "--runs",
-        "1",
-        "--profile",
-        "2",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", text(&o));
-    let report: Report = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (o, report) = one_quick_batch(&["--profile", "2"]);
     let sets: Vec<&str> = report.profiles.iter().map(|p| p.kernels.as_str()).collect();
     assert_eq!(sets, ["all", "none"]);
     for p in &report.profiles {
