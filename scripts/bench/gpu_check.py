@@ -506,7 +506,8 @@ def main():
         tcmd += ["--prompt", p]
 
     def turbine(kernels, ablate, seconds):
-        cmd = tcmd + ["--kernels", kernels] + (["--ablate", ablate, "--profile", ablate] if ablate else [])
+        cmd = tcmd + ["--kernels", kernels] + (["--ablate", ablate] if ablate else [])
+        cmd += ["--profile", a.ablate_batch] if a.ablate_batch else []
         if tjson.exists():
             tjson.unlink()
         if gpu:
