@@ -490,25 +490,8 @@ mod tests {
         async fn request(&mut self, prompt: &str, n: usize) -> Vec<Result<u8, BackendError>> {
             self.next += 1;
             let (tx, mut rx) = mpsc::unbounded_channel();
-            let now = Instant::now();
             let entries = (0..n)
-                .map(|i| Entry {
-                    request: RequestId(self.next),
-                    key: KEY,
-                    priority: Priority::Normal,
-                    enqueued: now,
-                    deadline: now + Duration::from_secs(60),
-                    payload: Item {
-                        index: i,
-                        image: ImageRequest {
-                            prompt: prompt.into(),
-                            negative_prompt: String::new(),
-                            seed: 10 + i as u64,
-                        },
-                        reply: tx.clone(),
-                        span: tracing::Span::none(),
-                    },
-                })
+                .map(|i| entry(self.next, i, prompt, 10 + i as u64, tx.clone()))
                 .collect();
             drop(tx);
             self.queue.submit(entries).unwrap();
@@ -613,28 +596,39 @@ mod tests {
         }
     }
 
-    /// One batch of one image per prompt, seeds 0, 1, ...; returns the batch and what its
-    /// requests will receive.
-    fn batch(prompt: &str) -> (Batch<Item>, mpsc::UnboundedReceiver<ItemOutcome>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    /// Image `index` of request `request`, due in a minute.
+    fn entry(
+        request: u64,
+        index: usize,
+        prompt: &str,
+        seed: u64,
+        reply: mpsc::UnboundedSender<ItemOutcome>,
+    ) -> Entry<Item> {
         let now = Instant::now();
-        let entries = vec![Entry {
-            request: RequestId(1),
+        Entry {
+            request: RequestId(request),
             key: KEY,
             priority: Priority::Normal,
             enqueued: now,
             deadline: now + Duration::from_secs(60),
             payload: Item {
-                index: 0,
+                index,
                 image: ImageRequest {
                     prompt: prompt.into(),
                     negative_prompt: String::new(),
-                    seed: prompt.len() as u64,
+                    seed,
                 },
-                reply: tx,
+                reply,
                 span: tracing::Span::none(),
             },
-        }];
+        }
+    }
+
+    /// A batch of one image of `prompt`, seeded with the prompt's length; returns the batch and
+    /// what its request will receive.
+    fn batch(prompt: &str) -> (Batch<Item>, mpsc::UnboundedReceiver<ItemOutcome>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let entries = vec![entry(1, 0, prompt, prompt.len() as u64, tx)];
         (Batch { key: KEY, entries }, rx)
     }
 
