@@ -236,7 +236,8 @@ def profile_batch(pipe, prompts, latents, w, h, steps, device):
         else:
             t = e.self_cpu_time_total if on_host else 0.0
         if t:
-            kinds[kind_of(e.key)] = kinds.get(kind_of(e.key), 0.0) + t
+            kind = kind_of(e.key)
+            kinds[kind] = kinds.get(kind, 0.0) + t
     out = {"batch": len(prompts), "wall_ms": dt * 1e3, "kinds_ms": {k: v / 1e3 for k, v in kinds.items()}}
     if cuda:
         out["kernels_ms"] = kernels_us / 1e3

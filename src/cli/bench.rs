@@ -468,6 +468,17 @@ pub fn render_failures(failures: &[Failure]) -> String {
         .collect()
 }
 
+/// `f`, with a panic (a CUDA library missing a symbol, say) turned into an error: it fails its
+/// figure, not the whole run.
+fn caught<R>(f: impl FnOnce() -> anyhow::Result<R>) -> anyhow::Result<R> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        Err(anyhow::anyhow!(
+            "panicked: {}",
+            crate::server::worker::panic_message(&p)
+        ))
+    })
+}
+
 /// What [`measure_all`] measures: the sweep's batch sizes, the batch sizes of `--profile` and
 /// `--ablate`, and (warm-up runs, timed runs at least, timed seconds at least).
 struct Plan<'a> {
@@ -506,15 +517,8 @@ fn measure_all(
                 error: format!("{e:#}"),
             });
         };
-    // A panic (a CUDA library missing a symbol, say) fails its figure, not the whole run.
-    let mut guarded = |b: usize, first: bool, t: (usize, usize, f64)| {
-        catch_unwind(AssertUnwindSafe(|| measure(b, first, t))).unwrap_or_else(|p| {
-            Err(anyhow::anyhow!(
-                "panicked: {}",
-                crate::server::worker::panic_message(&p)
-            ))
-        })
-    };
+    let mut guarded =
+        |b: usize, first: bool, t: (usize, usize, f64)| caught(|| measure(b, first, t));
     for &b in plan.batches {
         match guarded(b, report.rows.is_empty(), timing) {
             Ok((row, images)) => {
@@ -532,14 +536,7 @@ fn measure_all(
             sets.push(Kernels::NONE);
         }
         for set in sets {
-            let result = crate::ops::with_kernels(set, || {
-                catch_unwind(AssertUnwindSafe(|| profile(b))).unwrap_or_else(|p| {
-                    Err(anyhow::anyhow!(
-                        "panicked: {}",
-                        crate::server::worker::panic_message(&p)
-                    ))
-                })
-            });
+            let result = crate::ops::with_kernels(set, || caught(|| profile(b)));
             match result {
                 Ok(run) => report.profiles.push(run),
                 Err(e) => failed(report, "profile", b, set, e),
