@@ -212,6 +212,61 @@ fn pipeline(c: &mut Criterion) {
     g.finish();
 }
 
+/// The SDXL UNet's and VAE decoder's upsamplers (nearest 2x + 3x3 convolution) at their real
+/// channel counts and the bench's image size, random weights, one image: with the
+/// `upsample-conv` lever (`phases`: one 2x2 convolution of the low-resolution input, 4/9 of the
+/// FLOPs) and without it (`plain`: the upsampled tensor, then the 3x3 convolution), every other
+/// lever on. On CUDA the VAE's run channels-last, as the decoder does there.
+fn upsamplers(c: &mut Criterion) {
+    use turbine::model::loader::RandomWeights;
+    use turbine::model::unet::layers::{Conv2d, UpsampleConv};
+    use turbine::ops::{with_kernels, Kernels};
+
+    let s = setup();
+    let dev = &s.device;
+    let (lh, lw) = (s.height / 8, s.width / 8);
+    // (name, channels, low-resolution height and width, channels-last on CUDA)
+    let layers = [
+        ("unet_up0_1280ch", 1280, lh / 4, lw / 4, false),
+        ("unet_up1_640ch", 640, lh / 2, lw / 2, false),
+        ("vae_up0_512ch", 512, lh, lw, true),
+        ("vae_up1_512ch", 512, 2 * lh, 2 * lw, true),
+        ("vae_up2_256ch", 256, 4 * lh, 4 * lw, true),
+    ];
+    let mut g = c.benchmark_group(format!("{}/upsampler", s.prefix));
+    for (name, ch, h, w, vae) in layers {
+        let channels_last = vae && dev.is_cuda();
+        let vb = RandomWeights::new(0).into_var_builder(s.dtype, dev);
+        let mut conv = Conv2d::new(vb.pp(name), ch, ch, 3, 1, 1).expect("conv");
+        if channels_last {
+            conv = conv.to_channels_last().expect("channels-last conv");
+        }
+        let up = with_kernels(Kernels::ALL, || UpsampleConv::new(conv)).expect("upsampler");
+        let shape = if channels_last {
+            (1, h, w, ch)
+        } else {
+            (1, ch, h, w)
+        };
+        let x = Tensor::randn(0f32, 1.0, shape, dev)
+            .and_then(|t| t.to_dtype(s.dtype))
+            .expect("input");
+        for (variant, kernels) in [
+            ("plain", Kernels::ALL.without(Kernels::UPSAMPLE_CONV)),
+            ("phases", Kernels::ALL),
+        ] {
+            let id = format!("{name}_{h}x{w}/{variant}");
+            g.bench_function(BenchmarkId::from_parameter(id), |b| {
+                b.iter_custom(|iters| {
+                    with_kernels(kernels, || {
+                        timed(dev, iters, || up.forward(&x).expect("upsampler"))
+                    })
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     // Few samples and short windows: whole-pipeline runs take up to seconds on a CPU, and the
@@ -220,6 +275,6 @@ criterion_group! {
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = stages, pipeline
+    targets = stages, pipeline, upsamplers
 }
 criterion_main!(benches);

@@ -75,6 +75,17 @@ class Counter:
         self.act[comp] += h * w * cout
         self.tally(comp, "conv_out", h * w * cout)
         self.tally(comp, "conv_in", h * w * cin)
+        if kind == "upsample":
+            # upsample-conv: the same output from one 2x2 convolution of the (h/2) x (w/2) input
+            # with padding 1 ((h/2+1) x (w/2+1) pixels) and 4 x cout channels.
+            lh, lw = h // 2, w // 2
+            self.tally(comp, "upsample_flops_saved", f - 2 * (lh + 1) * (lw + 1) * cin * 4 * cout * 4)
+            # Elements moved (2 B each) before: upsampling reads the input and writes 4x it, the
+            # convolution reads that and writes its output; after: the convolution reads the
+            # input and writes the phases, the interleave reads them and writes the output.
+            before = lh * lw * cin + 2 * h * w * cin + h * w * cout
+            after = lh * lw * cin + 2 * (lh + 1) * (lw + 1) * 4 * cout + h * w * cout
+            self.tally(comp, "upsample_elems_saved", before - after)
 
     def attention(self, comp, nq, nk, dim):
         """Scores and weighted sum over all heads (head count does not change the FLOPs)."""
@@ -352,6 +363,9 @@ PCIE_BPS = 10e9
 # bytes into images. candle's host cost per CUDA op (allocation + launch) ~7 us; the GPU's own
 # time on the text encoders is subtracted. Saved once per batch, so per image it shrinks with the
 # batch: predicted at the ablation's batch size.
+# upsample-conv: the FLOPs the phases save, at the share of the bf16 matrix rate turbine's
+# convolutions are assumed to reach (RESULTS.md's 50-60%), less the time of the bytes it adds.
+CONV_MATRIX_EFFICIENCY = 0.55
 CLIP_LAUNCHES_PER_LAYER = 22
 HOST_US_PER_LAUNCH = 7.0
 HOST_IMAGE_BYTES_PER_S = 5e9  # bytes -> RgbImage copies on the host
@@ -374,6 +388,13 @@ def levers(c: Counter, tbps: float, tflops: float = 790.0, batch: int = 8) -> di
     text_gpu_ms = sum(v for comp, v in c.flops.items() if comp.startswith("text_encoder")) * batch / (tflops * 1e12) * 1e3
     idle_ms = max(0.0, launches * HOST_US_PER_LAUNCH / 1e3 - text_gpu_ms) + rgb * batch / HOST_IMAGE_BYTES_PER_S * 1e3
     out["overlap"] = {"bytes": 0, "ms": idle_ms / batch, "launches_per_batch": launches}
+    saved_flops = sum(n for (comp, what), n in c.elems.items() if what == "upsample_flops_saved")
+    saved_bytes = 2 * sum(n for (comp, what), n in c.elems.items() if what == "upsample_elems_saved")
+    out["upsample-conv"] = {
+        "bytes": saved_bytes,
+        "ms": (saved_flops / (tflops * 1e12 * CONV_MATRIX_EFFICIENCY) + saved_bytes / (tbps * 1e12)) * 1e3,
+        "flops_saved": saved_flops,
+    }
     return out
 
 
@@ -531,7 +552,8 @@ def main():
                           f"ops, {width}x{height}, {a.steps} step(s), bf16, written by `scripts/floors.py "
                           f"--levers-json` (bytes per element: LEVER_BYTES there; elementwise kernels at "
                           f"{a.elementwise_tbps:g} TB/s; overlap at batch {a.levers_batch}: "
-                          "CLIP_LAUNCHES_PER_LAYER, HOST_US_PER_LAUNCH there). "
+                          "CLIP_LAUNCHES_PER_LAYER, HOST_US_PER_LAUNCH there; upsample-conv: the "
+                          f"FLOPs saved at {CONV_MATRIX_EFFICIENCY:g} of {a.tflops:g} TFLOP/s). "
                           "scripts/bench/gpu_check.py prints them next to "
                           "the measured ablation.",
                 **{k: {"predicted_ms_per_image": round(v["ms"], 2), "bytes_saved": v["bytes"]}

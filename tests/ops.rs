@@ -1483,6 +1483,207 @@ fn upsample_nearest2x_channels_last_rejects_non_images() {
     assert!(ops::upsample_nearest2x_channels_last(&x).is_err());
 }
 
+// ---- Upsampling + 3x3 convolution as four 2x2 phases ----
+
+/// `interleave_phases` composed from candle ops (narrows and stacks): `[N, H+1, W+1, 4O]` →
+/// `[N, 2H, 2W, O]` channels-last, `[N, 4O, H+1, W+1]` → `[N, O, 2H, 2W]` otherwise.
+fn interleave_composed(y: &Tensor, channels_last: bool) -> Tensor {
+    let (hd, wd, cd) = if channels_last { (1, 2, 3) } else { (2, 3, 1) };
+    let (h, w, o) = (
+        y.dim(hd).unwrap() - 1,
+        y.dim(wd).unwrap() - 1,
+        y.dim(cd).unwrap() / 4,
+    );
+    let n = y.dim(0).unwrap();
+    let phase = |a: usize, b: usize| {
+        y.narrow(hd, a, h)
+            .unwrap()
+            .narrow(wd, b, w)
+            .unwrap()
+            .narrow(cd, (2 * a + b) * o, o)
+            .unwrap()
+    };
+    let rows: Vec<Tensor> = (0..2)
+        .map(|a| {
+            // Columns 2j and 2j+1 side by side, then rows 2i and 2i+1.
+            let pair = Tensor::stack(&[phase(a, 0), phase(a, 1)], wd + 1).unwrap();
+            if channels_last {
+                pair.reshape((n, h, 2 * w, o)).unwrap()
+            } else {
+                pair.reshape((n, o, h, 2 * w)).unwrap()
+            }
+        })
+        .collect();
+    let out = Tensor::stack(&rows, hd + 1).unwrap();
+    if channels_last {
+        out.reshape((n, 2 * h, 2 * w, o)).unwrap()
+    } else {
+        out.reshape((n, o, 2 * h, 2 * w)).unwrap()
+    }
+}
+
+/// (N, C, H, W, O) of the upsampler cases: odd sizes, a batch, channel counts whose pixels move
+/// in every copy unit on CUDA (3 x f32: 4-byte units, 3 x bf16: 2, 4 x bf16: 8, 8 x any: 16),
+/// rows wider than one 256-thread block, and one SDXL-like width.
+const PHASE_CASES: [(usize, usize, usize, usize, usize); 6] = [
+    (2, 3, 5, 4, 3),
+    (1, 4, 7, 3, 4),
+    (2, 5, 2, 3, 8),
+    (1, 2, 3, 150, 16),
+    (1, 64, 6, 5, 64),
+    (1, 2, 1, 1, 1),
+];
+
+#[test]
+fn interleave_phases_equals_composition() {
+    let mut rng = rng("interleave_phases");
+    for dev in devices("interleave_phases") {
+        for (n, _, h, w, o) in PHASE_CASES {
+            for channels_last in [false, true] {
+                let shape = if channels_last {
+                    [n, h + 1, w + 1, 4 * o]
+                } else {
+                    [n, 4 * o, h + 1, w + 1]
+                };
+                let y = random(&mut rng, &shape, 0.0);
+                for dtype in DTYPES {
+                    let (yd, ye) = place(&y, dtype, &dev);
+                    poison(&dev, 4 * n * o * h * w, dtype);
+                    let got = ops::interleave_phases(&yd, channels_last).unwrap();
+                    assert_eq!(got.dtype(), dtype);
+                    let what = format!(
+                        "interleave_phases {} {dtype:?} {shape:?} channels_last={channels_last}",
+                        dev_name(&dev)
+                    );
+                    // A copy: exact.
+                    assert_close(&got, &interleave_composed(&ye, channels_last), 0.0, &what);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn interleave_phases_reads_views_at_any_offset() {
+    // A flat buffer one element in, reshaped: an 8-channel bf16 pixel (16 bytes) starts at a
+    // 2-byte boundary, so the CUDA kernel must move narrower units; and a strided view, which the
+    // op copies first.
+    let mut rng = rng("interleave_phases views");
+    let shape = [2, 3, 4, 8];
+    let elems: usize = shape.iter().product();
+    for dev in devices("interleave_phases views") {
+        let flat = random(&mut rng, &[1 + elems], 0.0);
+        let wide = random(&mut rng, &[2, 3, 4, 12], 0.0);
+        for dtype in DTYPES {
+            let (fd, fe) = place(&flat, dtype, &dev);
+            let (wd, we) = place(&wide, dtype, &dev);
+            let shifted = |t: &Tensor| t.narrow(0, 1, elems).unwrap().reshape(&shape[..]).unwrap();
+            let views = [
+                ("element offset", shifted(&fd), shifted(&fe)),
+                (
+                    "channel slice",
+                    wd.narrow(3, 2, 8).unwrap(),
+                    we.narrow(3, 2, 8).unwrap(),
+                ),
+            ];
+            for (label, got_in, want_in) in views {
+                let got = ops::interleave_phases(&got_in, true).unwrap();
+                let want = interleave_composed(&want_in.contiguous().unwrap(), true);
+                let what = format!("interleave_phases {label} {} {dtype:?}", dev_name(&dev));
+                assert_close(&got, &want, 0.0, &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn upsample_conv_phases_match_upsample_then_conv() {
+    // The whole rewrite: the phase convolution (ops::conv2d, cuDNN on CUDA) then the interleave,
+    // against candle's nearest upsampling and 3x3 convolution in f32 on the CPU, from the same
+    // rounded inputs. The phase weights are sums of the rounded weights, rounded once more.
+    let mut rng = rng("upsample_conv_phases");
+    for dev in devices("upsample_conv_phases") {
+        for (n, c, h, w, o) in PHASE_CASES {
+            let x = random(&mut rng, &[n, c, h, w], 0.0);
+            let weight = random(&mut rng, &[o, c, 3, 3], 0.0);
+            let bias = random(&mut rng, &[o], 0.0);
+            for dtype in DTYPES {
+                let (xd, xe) = place(&x, dtype, &dev);
+                let (wd, we) = place(&weight, dtype, &dev);
+                let (bd, be) = place(&bias, dtype, &dev);
+                let want = xe
+                    .upsample_nearest2d(2 * h, 2 * w)
+                    .unwrap()
+                    .conv2d(&we, 1, 1, 1, 1)
+                    .unwrap()
+                    .broadcast_add(&be.reshape((1, o, 1, 1)).unwrap())
+                    .unwrap();
+                let tol = if dev.is_cuda() {
+                    cuda_conv_tolerance(dtype)
+                } else {
+                    tolerance(dtype)
+                };
+                for channels_last in [false, true] {
+                    let (xs, ws) = if channels_last {
+                        (to_channels_last(&xd), to_channels_last(&wd))
+                    } else {
+                        (xd.clone(), wd.clone())
+                    };
+                    let (w4, b4) = ops::upsample_conv_phases(&ws, &bd, channels_last).unwrap();
+                    assert_eq!(w4.dtype(), dtype);
+                    let params = ops::ConvParams {
+                        padding: 1,
+                        stride: 1,
+                        channels_last,
+                    };
+                    let ys = ops::conv2d(&xs, &w4, &b4, None, params).unwrap();
+                    poison(&dev, want.elem_count(), dtype);
+                    let mut got = ops::interleave_phases(&ys, channels_last).unwrap();
+                    if channels_last {
+                        got = got.permute((0, 3, 1, 2)).unwrap();
+                    }
+                    let what = format!(
+                        "upsample + conv as phases {} {dtype:?} x [{n}, {c}, {h}, {w}] -> {o} \
+                         channels, channels_last={channels_last}",
+                        dev_name(&dev)
+                    );
+                    assert_close(&got, &want, tol, &what);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn upsample_conv_phases_and_interleave_reject_bad_shapes() {
+    let t = |s: &[usize]| Tensor::ones(s, DType::F32, &Device::Cpu).unwrap();
+    let e = ops::upsample_conv_phases(&t(&[4, 2, 1, 1]), &t(&[4]), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("must be 3x3"), "{e}");
+    let e = ops::upsample_conv_phases(&t(&[4, 2, 3, 3]), &t(&[3]), false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("bias has shape [3], expected [4]"), "{e}");
+    let e = ops::upsample_conv_phases(&t(&[4, 3, 3]), &t(&[4]), true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("must be 4-D"), "{e}");
+    for (shape, channels_last) in [
+        (&[1, 6, 3, 3][..], false),
+        (&[1, 3, 3, 6][..], true),
+        (&[1, 8, 1, 3][..], false),
+        (&[1, 3, 3][..], true),
+    ] {
+        let e = ops::interleave_phases(&t(shape), channels_last)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("interleave_phases"), "{shape:?}: {e}");
+    }
+    let x = Tensor::ones((1, 2, 2, 4), DType::U8, &Device::Cpu).unwrap();
+    assert!(ops::interleave_phases(&x, true).is_err());
+}
+
 // ---- The VAE decoder in channels-last layout, end to end ----
 
 /// The channels-last decoder (channels-last GroupNorm, NHWC upsampling, channels-last

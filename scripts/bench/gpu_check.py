@@ -98,6 +98,8 @@ def row_at(rows, b):
 LEVER_OF_TEST = [
     ("flash", "flash"),
     ("channels_last", "channels-last"),
+    ("upsample_conv", "upsample-conv"),
+    ("interleave_phases", "upsample-conv"),
     ("upsample", "channels-last"),
     ("group_norm", "group-norm"),
     ("geglu", "geglu"),

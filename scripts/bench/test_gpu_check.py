@@ -46,6 +46,9 @@ class Levers(unittest.TestCase):
         self.assertEqual(g.lever_of("conv2d_cuda_matches_cpu_reference"), "conv")
         self.assertEqual(g.lever_of("to_rgb8_matches_composition"), "postprocess")
         self.assertEqual(g.lever_of("copy_to_host_returns_the_bytes_of_each_copy"), "overlap")
+        self.assertEqual(g.lever_of("upsample_conv_phases_match_upsample_then_conv"), "upsample-conv")
+        self.assertEqual(g.lever_of("interleave_phases_equals_composition"), "upsample-conv")
+        self.assertEqual(g.lever_of("upsample_nearest2x_channels_last_matches_candle"), "channels-last")
         self.assertIsNone(g.lever_of("something_else"))
 
     def test_libtest_lines_are_parsed(self):

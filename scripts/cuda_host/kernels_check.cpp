@@ -786,6 +786,113 @@ void check_upsample(bool small) {
   }
 }
 
+// ---- Upsampling + 3x3 convolution as four phases: the interleave ----
+
+struct PhasesCase {
+  const char* label;
+  bool channels_last;
+  size_t n, h, w, o;  // the low resolution; the input has (h+1) x (w+1) pixels of 4*o channels
+  size_t offset;      // the input is a view this many elements into its allocation
+  bool small;
+};
+
+// Mirrors src/ops/upsample_conv.rs InterleavePhases::cuda; returns the unit it moves (NHWC: the
+// widest that divides a pixel and both pointers, as for the upsampling; NCHW: one element).
+template <class T>
+size_t launch_phases(const PhasesCase& c, const T* x, const Buffer<T>& y) {
+  const size_t THREADS = 256;
+  const int height = to_i32(c.h, "interleave_phases height");
+  const int width = to_i32(c.w, "interleave_phases width");
+  size_t unit = 0, rows, row_len, last;
+  if (c.channels_last) {
+    const size_t pixel_bytes = c.o * sizeof(T);
+    const size_t align = (size_t)((uintptr_t)x | (uintptr_t)y.data());
+    for (size_t u : {16, 8, 4, 2})
+      if (pixel_bytes % u == 0 && align % u == 0) {
+        unit = u;
+        break;
+      }
+    if (!unit) cuda_host::fail("interleave_phases: no copy unit (Rust bails)");
+    const size_t units = pixel_bytes / unit;
+    rows = c.n * 2 * c.h, row_len = 2 * c.w * units, last = units;
+  } else {
+    unit = sizeof(T), rows = c.n * c.o * 2 * c.h, row_len = 2 * c.w, last = c.o;
+  }
+  to_i32(row_len, "interleave_phases row length");
+  const int last_arg = to_i32(last, "interleave_phases units or channels");
+  const mock_dim3 grid = {to_u32(rows, "interleave_phases output rows"),
+                          to_u32(div_ceil(row_len, THREADS), "interleave_phases blocks per row"),
+                          1};
+  if (grid.x > 0x7fffffffu || grid.y > 65535)
+    cuda_host::fail("interleave_phases: too large (Rust bails)");
+  auto run = [&]<class U>(void (*kernel)(const U*, U*, int, int, int)) {
+    cuda_host::launch(grid, {(unsigned)THREADS, 1, 1}, 0, [&] {
+      kernel(reinterpret_cast<const U*>(x), reinterpret_cast<U*>(y.data()), height, width,
+             last_arg);
+    });
+  };
+  if (c.channels_last) {
+    switch (unit) {
+      case 16: run(phases_nhwc_u16); break;
+      case 8: run(phases_nhwc_u8); break;
+      case 4: run(phases_nhwc_u4); break;
+      default: run(phases_nhwc_u2); break;
+    }
+  } else if (unit == 4) {
+    run(phases_nchw_u4);
+  } else {
+    run(phases_nchw_u2);
+  }
+  return unit;
+}
+
+void check_phases(bool small) {
+  // The VAE decoder's first upsampler (64x64 of 512 channels, channels-last) at its size; the
+  // UNet's (NCHW, 1280 channels at 32x32) with fewer channels; odd sizes, batches, channel
+  // counts and offsets that select every copy unit, rows wider than one block.
+  const PhasesCase cases[] = {
+      {"vae up 512ch 64x64", true, 1, 64, 64, 512, 0, false},
+      {"unet up 32x32, 64ch batch 2", false, 2, 32, 32, 64, 0, false},
+      {"17x23 256ch batch 2", true, 2, 17, 23, 256, 0, false},
+      {"3 channels", true, 1, 5, 7, 3, 0, true},
+      {"4 channels batch 2", true, 2, 3, 4, 4, 0, true},
+      {"8 channels, input at element 1", true, 1, 4, 5, 8, 1, true},
+      {"1 channel, 1x1", true, 1, 1, 1, 1, 0, true},
+      {"3 channels nchw batch 2", false, 2, 5, 7, 3, 0, true},
+      {"nchw rows wider than a block", false, 1, 2, 300, 2, 0, true},
+      {"1 channel nchw 1x1", false, 1, 1, 1, 1, 0, true},
+  };
+  for (const auto& c : cases) {
+    if (small && !c.small) continue;
+    for_each_dtype([&]<class T>() {
+      const size_t in = c.n * (c.h + 1) * (c.w + 1) * 4 * c.o, out = c.n * 4 * c.h * c.w * c.o;
+      auto alloc = random_buffer<T>(c.offset + in);
+      const T* x = alloc.data() + c.offset;
+      auto y = Buffer<T>::uninit(out);
+      const size_t unit = launch_phases(c, x, y);
+      char what[160];
+      snprintf(what, sizeof what, "phases_%s_u%zu (%s) %s %s",
+               c.channels_last ? "nhwc" : "nchw", unit, Entry<T>::dtype, c.label,
+               dims({c.n, c.h, c.w, c.o}).c_str());
+      const size_t h1 = c.h + 1, w1 = c.w + 1, o = c.o;
+      report_exact(what, out, [&](size_t i) {
+        size_t src;
+        if (c.channels_last) {
+          const size_t ch = i % o, ow = i / o % (2 * c.w), oh = i / o / (2 * c.w) % (2 * c.h),
+                       n = i / o / (2 * c.w) / (2 * c.h), a = oh % 2, b = ow % 2;
+          src = (((n * h1 + oh / 2 + a) * w1 + ow / 2 + b) * 4 + 2 * a + b) * o + ch;
+        } else {
+          const size_t ow = i % (2 * c.w), oh = i / (2 * c.w) % (2 * c.h),
+                       plane = i / (2 * c.w) / (2 * c.h), n = plane / o, ch = plane % o,
+                       a = oh % 2, b = ow % 2;
+          src = ((n * 4 * o + (2 * a + b) * o + ch) * h1 + oh / 2 + a) * w1 + ow / 2 + b;
+        }
+        return memcmp(&y[i], &x[src], sizeof(T)) == 0;
+      });
+    });
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -798,6 +905,7 @@ int main(int argc, char** argv) {
   check_geglu(small);
   check_postprocess(small);
   check_upsample(small);
+  check_phases(small);
   printf(failures ? "FAILED: %d cases\n" : "ok\n", failures);
   return failures ? 1 : 0;
 }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use crate::model::loader::{self, LoadError, LoadResult, ModelDir};
 use crate::model::profile::span;
 use crate::model::unet::attention::{to_tokens, Attention};
-use crate::model::unet::layers::{Conv2d, GroupNorm};
+use crate::model::unet::layers::{Conv2d, GroupNorm, UpsampleConv};
 use crate::model::unet::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::ops::{self, Kernels};
 
@@ -496,8 +496,8 @@ struct DecoderNhwc {
     conv_in: Conv2d,
     mid_resnets: [ResnetNhwc; 2],
     mid_attention: Option<SpatialSelfAttentionNhwc>,
-    /// Each up block's resnets, then its upsampler's convolution.
-    up_blocks: Vec<(Vec<ResnetNhwc>, Option<Conv2d>)>,
+    /// Each up block's resnets, then its upsampler.
+    up_blocks: Vec<(Vec<ResnetNhwc>, Option<UpsampleConv>)>,
     conv_norm_out: GroupNormNhwc,
     conv_out: Conv2d,
 }
@@ -528,13 +528,8 @@ impl DecoderNhwc {
             let bvb = uvb.pp(i.to_string());
             let resnets = ResnetNhwc::stack(&bvb, cin, cout, cfg.layers_per_block + 1, g)?;
             let up = if i + 1 < n {
-                Some(conv_nhwc(
-                    bvb.pp("upsamplers").pp("0").pp("conv"),
-                    cout,
-                    cout,
-                    3,
-                    1,
-                )?)
+                let conv = conv_nhwc(bvb.pp("upsamplers").pp("0").pp("conv"), cout, cout, 3, 1)?;
+                Some(UpsampleConv::new(conv)?)
             } else {
                 None
             };
@@ -562,9 +557,8 @@ impl DecoderNhwc {
             for r in resnets {
                 xs = r.forward(&xs)?;
             }
-            if let Some(conv) = up {
-                let up = span("upsample", || ops::upsample_nearest2x_channels_last(&xs))?;
-                xs = conv.forward(&up)?;
+            if let Some(up) = up {
+                xs = up.forward(&xs)?;
             }
         }
         let xs = self.conv_norm_out.forward(&xs, true)?;

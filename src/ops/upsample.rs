@@ -72,22 +72,13 @@ impl UpsampleNearest2xNhwc {
         let y = unsafe { dev.alloc::<T>(n * 4 * h * w * c)? };
         let stream = dev.cuda_stream();
         let pixel_bytes = c * T::DTYPE.size_in_bytes();
-        // The widest unit that divides a pixel and both base addresses (the input may be a view
-        // at an offset into its allocation).
+        // The input may be a view at an offset into its allocation.
         let align = {
             let (xp, _) = x.device_ptr(&stream);
             let (yp, _) = y.device_ptr(&stream);
             (xp | yp) as usize
         };
-        let unit = [16, 8, 4, 2]
-            .into_iter()
-            .find(|u| pixel_bytes.is_multiple_of(*u) && align.is_multiple_of(*u))
-            .ok_or_else(|| {
-                candle_core::Error::Msg(format!(
-                    "upsample_nearest2x_channels_last: {pixel_bytes}-byte pixels at address \
-                     alignment {align:#x} fit no copy unit (this is a bug)"
-                ))
-            })?;
+        let unit = copy_unit(pixel_bytes, align, "upsample_nearest2x_channels_last")?;
         let units = pixel_bytes / unit;
         let row_units = 2 * w * units;
         let f = cuda::func_untyped(dev, &cuda::UPSAMPLE, &format!("nearest2x_nhwc_u{unit}"))?;
@@ -117,6 +108,22 @@ impl UpsampleNearest2xNhwc {
         unsafe { launch.launch(cfg) }.w()?;
         Ok(candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone()))
     }
+}
+
+/// The widest unit (16, 8, 4 or 2 bytes) that divides a pixel's bytes and `align`, the OR of the
+/// base addresses the kernel reads and writes: the unit the copy kernels of kernels/upsample.cu
+/// move a channels-last pixel in.
+#[cfg(feature = "cuda")]
+pub(super) fn copy_unit(pixel_bytes: usize, align: usize, op: &str) -> Result<usize> {
+    [16, 8, 4, 2]
+        .into_iter()
+        .find(|u| pixel_bytes.is_multiple_of(*u) && align.is_multiple_of(*u))
+        .ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "{op}: {pixel_bytes}-byte pixels at address alignment {align:#x} fit no copy \
+                 unit (this is a bug)"
+            ))
+        })
 }
 
 fn out_shape(l: &Layout) -> Result<((usize, usize, usize, usize), Shape)> {

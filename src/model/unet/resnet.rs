@@ -5,7 +5,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{Conv2d, GroupNorm, Linear};
+use super::layers::{Conv2d, GroupNorm, Linear, UpsampleConv};
 use crate::model::profile::span;
 
 /// Shape of one [`ResnetBlock2D`].
@@ -120,13 +120,13 @@ impl Module for Downsample2D {
 /// Nearest-neighbour upsampling followed by a 3x3 convolution (tensor `conv`).
 #[derive(Debug, Clone)]
 pub struct Upsample2D {
-    conv: Conv2d,
+    up: UpsampleConv,
 }
 
 impl Upsample2D {
     pub fn new(vb: VarBuilder, channels: usize, out_channels: usize) -> Result<Self> {
         Ok(Self {
-            conv: Conv2d::new(vb.pp("conv"), channels, out_channels, 3, 1, 1)?,
+            up: UpsampleConv::new(Conv2d::new(vb.pp("conv"), channels, out_channels, 3, 1, 1)?)?,
         })
     }
 
@@ -136,8 +136,12 @@ impl Upsample2D {
     /// `upsample_size` does. candle's nearest index `floor(dst * in / out)` is torch's.
     pub fn forward(&self, xs: &Tensor, output_size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
-        let (oh, ow) = output_size.unwrap_or((2 * h, 2 * w));
-        let xs = span("upsample", || xs.upsample_nearest2d(oh, ow))?;
-        self.conv.forward(&xs)
+        match output_size {
+            Some((oh, ow)) if (oh, ow) != (2 * h, 2 * w) => {
+                let xs = span("upsample", || xs.upsample_nearest2d(oh, ow))?;
+                self.up.conv().forward(&xs)
+            }
+            _ => self.up.forward(xs),
+        }
     }
 }
