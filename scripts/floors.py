@@ -328,8 +328,9 @@ def count(model_dir: Path, width: int, height: int, steps: int) -> Counter:
 # - group-norm: layers::GroupNorm's composition reads bf16 and writes f32 (6), mean (4),
 #   sub (8), sqr (8), mean (4), scale (8), bias (8), [SiLU (8)], back to bf16 (6): 52 B, 60
 #   with SiLU; the fused op reads twice and writes once: 6 B.
-# - geglu: gelu on the strided gate half (r2 w2), then value * gelu (r4 w2): 10 B per output;
-#   fused: 6 B.
+# - geglu: the projection's bias add over both halves (r2 w2 per projection element: 8 B per
+#   output), gelu on the strided gate half (r2 w2), then value * gelu (r4 w2): 18 B per output;
+#   fused (bias, GELU and product in one pass after a GEMM without its bias): 6 B.
 # - attention: scores written by the GEMM in bf16 (2), to f32 (r2 w4), softmax (r4 w4), to bf16
 #   (r4 w2), read by the second GEMM (2): 24 B per score; the op: f32 scores (4), softmax (r4
 #   w2), read (2): 12 B.
@@ -346,7 +347,7 @@ def count(model_dir: Path, width: int, height: int, steps: int) -> Counter:
 # - postprocess: f32 NCHW -> host (12 B per pixel over PCIe, pageable ~10 GB/s) becomes u8 (3 B).
 LEVER_BYTES = {
     "group-norm": [("gn_silu", 60 - 6), ("gn", 52 - 6)],
-    "geglu": [("geglu_out", 10 - 6)],
+    "geglu": [("geglu_out", 18 - 6)],
     "attention": [("scores", 24 - 12)],
     "conv": [("conv_out", 4), ("conv_residual", 4)],
     "channels-last": [("conv_in", 4), ("conv_out", 4)],

@@ -310,10 +310,45 @@ fn geglu_matches_composition() {
 }
 
 #[test]
+fn geglu_bias_matches_composition() {
+    // The projection's bias added inside the op: against the bias add then GEGLU, in f32 from
+    // the same rounded inputs; the bias also in another dtype than the input (converted).
+    let mut rng = rng("geglu_bias");
+    let cases: [&[usize]; 4] = [&[2, 7, 80], &[1, 5, 600], &[20], &[2, 9, 5120]];
+    for dev in devices("geglu_bias") {
+        for shape in cases {
+            let x = random(&mut rng, shape, 0.0);
+            let bias = random(&mut rng, &shape[shape.len() - 1..], 0.0);
+            for dtype in DTYPES {
+                let (xd, xe) = place(&x, dtype, &dev);
+                let (bd, be) = place(&bias, dtype, &dev);
+                let want = geglu_composed(&xe.broadcast_add(&be).unwrap());
+                for (label, b) in [
+                    ("same dtype", bd.clone()),
+                    ("f32 bias", be.to_device(&dev).unwrap()),
+                ] {
+                    poison(&dev, x.elem_count() / 2, dtype);
+                    let got = ops::geglu_bias(&xd, &b).unwrap();
+                    assert_eq!(got.dtype(), dtype);
+                    let what = format!("geglu_bias {} {dtype:?} {shape:?} {label}", dev_name(&dev));
+                    assert_close(&got, &want, tolerance(dtype), &what);
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn geglu_rejects_odd_width() {
     let x = Tensor::ones((2, 7), DType::F32, &Device::Cpu).unwrap();
     let err = ops::geglu(&x).unwrap_err().to_string();
     assert!(err.contains("must be even"), "{err}");
+    let b = Tensor::ones(7, DType::F32, &Device::Cpu).unwrap();
+    let err = ops::geglu_bias(&x, &b).unwrap_err().to_string();
+    assert!(err.contains("must be even"), "{err}");
+    let x = Tensor::ones((2, 8), DType::F32, &Device::Cpu).unwrap();
+    let err = ops::geglu_bias(&x, &b).unwrap_err().to_string();
+    assert!(err.contains("bias has shape [7], expected [8]"), "{err}");
 }
 
 // ---- Attention ----

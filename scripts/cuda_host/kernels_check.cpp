@@ -50,6 +50,7 @@ struct Entry;
     static constexpr auto bias_residual = bias_residual_##NAME; \
     static constexpr auto conv_prefill = conv_prefill_##NAME;  \
     static constexpr auto geglu = geglu_##NAME;                \
+    static constexpr auto geglu_bias = geglu_bias_##NAME;      \
     static constexpr auto to_rgb8 = to_rgb8_##NAME;            \
   };
 TURBINE_FOR_EACH_DTYPE(ENTRY)
@@ -607,15 +608,20 @@ struct GegluCase {
   bool small;
 };
 
-// Mirrors src/ops/geglu.rs GegluOp::cuda_fwd.
+// Mirrors src/ops/geglu.rs cuda_fwd: geglu_* without a bias, geglu_bias_* with one.
 template <class T>
-void launch_geglu(const GegluCase& c, const Buffer<T>& x, const Buffer<T>& y) {
+void launch_geglu(const GegluCase& c, const Buffer<T>& x, const Buffer<T>* bias,
+                  const Buffer<T>& y) {
   const size_t THREADS = 256;
   const int d_arg = to_i32(c.d, "geglu width");
   cuda_host::launch({to_u32(c.rows, "geglu rows"),
                      to_u32(div_ceil(c.d, THREADS), "geglu column blocks"), 1},
-                    {(unsigned)THREADS, 1, 1}, 0,
-                    [&] { Entry<T>::geglu(x.data(), y.data(), d_arg); });
+                    {(unsigned)THREADS, 1, 1}, 0, [&] {
+                      if (bias)
+                        Entry<T>::geglu_bias(x.data(), bias->data(), y.data(), d_arg);
+                      else
+                        Entry<T>::geglu(x.data(), y.data(), d_arg);
+                    });
 }
 
 void check_geglu(bool small) {
@@ -630,20 +636,25 @@ void check_geglu(bool small) {
   };
   for (const auto& c : cases) {
     if (small && !c.small) continue;
-    for_each_dtype([&]<class T>() {
-      // Gates out to +-4: GELU's whole bend, and its tails.
-      auto x = random_buffer<T>(c.rows * 2 * c.d, 0.f, 2.f);
-      auto y = Buffer<T>::uninit(c.rows * c.d);
-      launch_geglu(c, x, y);
-      Error e;
-      for (size_t r = 0; r < c.rows; ++r)
-        for (size_t j = 0; j < c.d; ++j) {
-          const double a = value(x[r * 2 * c.d + j]), g = value(x[r * 2 * c.d + c.d + j]);
-          // torch's F.gelu(approximate="none"), as src/ops/geglu.rs's gelu_erf.
-          e.add(r * c.d + j, value(y[r * c.d + j]), a * 0.5 * g * (1 + erf(g * M_SQRT1_2)));
-        }
-      report(std::string("geglu ") + Entry<T>::dtype + " " + c.label, e, tolerance<T>());
-    });
+    for (bool with_bias : {false, true})
+      for_each_dtype([&]<class T>() {
+        // Gates out to +-4: GELU's whole bend, and its tails.
+        auto x = random_buffer<T>(c.rows * 2 * c.d, 0.f, 2.f);
+        auto bias = random_buffer<T>(2 * c.d, 0.f, 0.5f);
+        auto y = Buffer<T>::uninit(c.rows * c.d);
+        launch_geglu(c, x, with_bias ? &bias : nullptr, y);
+        Error e;
+        for (size_t r = 0; r < c.rows; ++r)
+          for (size_t j = 0; j < c.d; ++j) {
+            double a = value(x[r * 2 * c.d + j]), g = value(x[r * 2 * c.d + c.d + j]);
+            if (with_bias) a += value(bias[j]), g += value(bias[c.d + j]);
+            // torch's F.gelu(approximate="none"), as src/ops/geglu.rs's gelu_erf.
+            e.add(r * c.d + j, value(y[r * c.d + j]), a * 0.5 * g * (1 + erf(g * M_SQRT1_2)));
+          }
+        report(std::string(with_bias ? "geglu_bias " : "geglu ") + Entry<T>::dtype + " " +
+                   c.label,
+               e, tolerance<T>());
+      });
   }
 }
 

@@ -5,7 +5,8 @@
 //! - [`group_norm`]: GroupNorm with optional SiLU, f32 statistics, one rounding to the storage
 //!   dtype (diffusers' UNet calls GroupNorm 46 times per pass; candle composes it from ~13
 //!   kernels with f32 temporaries); [`group_norm_channels_last`] for `[N, ..., C]` input.
-//! - [`geglu`]: `a * gelu_erf(gate)` on the two halves of the feed-forward projection.
+//! - [`geglu`]: `a * gelu_erf(gate)` on the two halves of the feed-forward projection;
+//!   [`geglu_bias`] adds the projection's bias in the same pass.
 //! - [`attention`]: softmax(scale · Q·Kᵀ)·V with the logits in f32, optionally causal;
 //!   [`multi_head_attention`] on `[B, L, H·D]` projections, without splitting the heads apart.
 //! - [`flash_attention`]: the UNet's case of it (head dim 64, not causal, 16-bit) in one kernel
@@ -48,7 +49,7 @@ pub use conv::{
     CONV_FALLBACK,
 };
 pub use flash::{flash_attention, flash_launches, FlashAttentionOp, FLASH_HEAD_DIM};
-pub use geglu::{geglu, GegluOp};
+pub use geglu::{geglu, geglu_bias, GegluBiasOp, GegluOp};
 pub use group_norm::{group_norm, group_norm_channels_last, GroupNormOp};
 pub use host_copy::{copy_to_host, HostCopy};
 pub use postprocess::to_rgb8;

@@ -93,14 +93,19 @@ pub struct GeGlu {
 }
 
 impl Module for GeGlu {
-    /// With [`Kernels::GEGLU`], [`ops::geglu`]: one pass with the GELU in f32, instead of
-    /// candle's `gelu` and `mul` (two passes, rounding in between).
+    /// With [`Kernels::GEGLU`], [`ops::geglu_bias`]: the projection's GEMM without its bias,
+    /// then one pass that adds the bias and applies the GELU in f32, instead of candle's bias
+    /// add, `gelu` and `mul` (three passes, rounding in between).
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if ops::enabled(Kernels::GEGLU) {
+            let (h, bias) = self.proj.forward_unbiased(xs)?;
+            return span("geglu", || match bias {
+                Some(b) => ops::geglu_bias(&h, b),
+                None => ops::geglu(&h),
+            });
+        }
         let h = self.proj.forward(xs)?;
         span("geglu", || {
-            if ops::enabled(Kernels::GEGLU) {
-                return ops::geglu(&h);
-            }
             let value = h.narrow(D::Minus1, 0, self.inner)?;
             let gate = h.narrow(D::Minus1, self.inner, self.inner)?;
             value.mul(&gate.gelu_erf()?)

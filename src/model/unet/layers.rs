@@ -122,6 +122,12 @@ impl Linear {
         self.on_rows(xs, |flat| matmul(flat, &self.weight_t))
     }
 
+    /// `x @ wᵀ` and the bias it leaves out, for an op that adds the bias in its own pass
+    /// ([`ops::geglu_bias`]).
+    pub fn forward_unbiased(&self, xs: &Tensor) -> Result<(Tensor, Option<&Tensor>)> {
+        Ok((span("linear", || self.gemm(xs))?, self.bias.as_ref()))
+    }
+
     /// `forward(xs) + residual`. With [`Kernels::BIAS_RESIDUAL`] the GEMM runs without its bias
     /// and [`ops::bias_residual`] adds bias and residual in one pass (two passes over the output
     /// instead of three).
