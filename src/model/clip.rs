@@ -12,7 +12,7 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 use serde_json::Value;
@@ -345,10 +345,43 @@ impl ClipTextModel {
     }
 
     /// `input_ids`: `[batch, seq]` token ids (any integer dtype), `seq <=
-    /// max_position_embeddings`.
+    /// max_position_embeddings`. The pooling positions are found on the host, so on CUDA this
+    /// reads the ids back (a wait for everything queued before); [`Self::forward_ids`] takes
+    /// the ids from the host instead and waits for nothing.
     pub fn forward(&self, input_ids: &Tensor) -> Result<ClipTextOutput> {
         let input_ids = input_ids.to_dtype(DType::U32)?;
-        let (b, s) = input_ids.dims2()?;
+        let (_, s) = input_ids.dims2()?;
+        self.check_seq(s)?;
+        let rows: Vec<Vec<u32>> = input_ids.to_vec2()?;
+        let positions = self.pooling_positions(&rows);
+        self.run(&input_ids, &positions)
+    }
+
+    /// [`Self::forward`] on `batch` rows of token ids held on the host (what the tokenizer
+    /// makes), uploaded to `device` here. Nothing is read back from the device, so the host
+    /// can queue a batch's text encoders while the GPU still runs the previous batch (the
+    /// `overlap` lever depends on it).
+    pub fn forward_ids(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        device: &Device,
+    ) -> Result<ClipTextOutput> {
+        if batch == 0 || !ids.len().is_multiple_of(batch) {
+            return Err(candle_core::Error::Msg(format!(
+                "CLIP text encoder: {} token ids do not split into {batch} rows",
+                ids.len()
+            )));
+        }
+        let s = ids.len() / batch;
+        self.check_seq(s)?;
+        let rows: Vec<&[u32]> = ids.chunks(s).collect();
+        let positions = self.pooling_positions(&rows);
+        let input_ids = Tensor::from_slice(ids, (batch, s), device)?;
+        self.run(&input_ids, &positions)
+    }
+
+    fn check_seq(&self, s: usize) -> Result<()> {
         if s == 0 || s > self.max_positions {
             return Err(candle_core::Error::Msg(format!(
                 "CLIP text encoder: sequence length {s} must be between 1 and \
@@ -356,12 +389,16 @@ impl ClipTextModel {
                 self.max_positions
             )));
         }
-        let device = input_ids.device();
-        let positions = self.pooling_positions(&input_ids)?;
+        Ok(())
+    }
 
+    /// The encoder on `input_ids` `[batch, seq]` (u32), pooling each row at `positions`.
+    fn run(&self, input_ids: &Tensor, positions: &[usize]) -> Result<ClipTextOutput> {
+        let (b, s) = input_ids.dims2()?;
+        let device = input_ids.device();
         let mut x = self
             .token_embedding
-            .forward(&input_ids)?
+            .forward(input_ids)?
             .broadcast_add(&self.position_embedding.narrow(0, 0, s)?)?;
         let mut penultimate = x.clone();
         for layer in &self.layers {
@@ -387,10 +424,9 @@ impl ClipTextModel {
         })
     }
 
-    fn pooling_positions(&self, input_ids: &Tensor) -> Result<Vec<usize>> {
-        let rows: Vec<Vec<u32>> = input_ids.to_vec2()?;
-        Ok(rows
-            .iter()
+    fn pooling_positions<R: AsRef<[u32]>>(&self, rows: &[R]) -> Vec<usize> {
+        rows.iter()
+            .map(|row| row.as_ref())
             .map(|row| match self.pooling {
                 // torch.argmax returns the first of equal maxima.
                 PoolingRule::ArgmaxId => {
@@ -407,7 +443,7 @@ impl ClipTextModel {
                 }
                 PoolingRule::FirstEos(eos) => row.iter().position(|&id| id == eos).unwrap_or(0),
             })
-            .collect())
+            .collect()
     }
 }
 
@@ -467,8 +503,9 @@ mod tests {
         let vb =
             crate::model::loader::RandomWeights::new(0).into_var_builder(DType::F32, &Device::Cpu);
         let m = ClipTextModel::new(vb, &c, false)?;
-        let ids = Tensor::new(&[[0u32, 3, 9, 9, 9], [5, 1, 1, 1, 1]], &Device::Cpu)?;
-        assert_eq!(m.pooling_positions(&ids)?, vec![2, 0]);
+        let rows = [[0u32, 3, 9, 9, 9], [5, 1, 1, 1, 1]];
+        let ids = Tensor::new(&rows, &Device::Cpu)?;
+        assert_eq!(m.pooling_positions(&rows), vec![2, 0]);
         let out = m.forward(&ids)?;
         assert_eq!(out.penultimate.dims(), &[2, 5, 4]);
         assert_eq!(out.pooled.dims(), &[2, 4]);

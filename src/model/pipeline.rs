@@ -293,10 +293,13 @@ impl Pipeline {
 
     /// Encodes prompts with both text encoders: `([B, S, H1+H2], pooled [B, P])` in run dtype.
     pub fn encode_prompts(&self, prompts: &[&str]) -> anyhow::Result<(Tensor, Tensor)> {
-        let ids = self.tokenizer.encode_batch(prompts, &self.device)?;
-        let ids_2 = self.tokenizer_2.encode_batch(prompts, &self.device)?;
-        let out = self.text_encoder.forward(&ids)?;
-        let out_2 = self.text_encoder_2.forward(&ids_2)?;
+        // The ids stay on the host for the pooling positions: reading them back from the GPU
+        // would wait for the batch still running there (see `ClipTextModel::forward_ids`).
+        let n = prompts.len();
+        let ids = self.tokenizer.encode_ids(prompts)?;
+        let ids_2 = self.tokenizer_2.encode_ids(prompts)?;
+        let out = self.text_encoder.forward_ids(&ids, n, &self.device)?;
+        let out_2 = self.text_encoder_2.forward_ids(&ids_2, n, &self.device)?;
         let embeds = Tensor::cat(&[&out.penultimate, &out_2.penultimate], D::Minus1)?;
         Ok((embeds, out_2.pooled))
     }

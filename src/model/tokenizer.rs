@@ -192,11 +192,20 @@ impl ClipTokenizer {
 
     /// A `u32` tensor `[texts.len(), max_length]` on `device`.
     pub fn encode_batch(&self, texts: &[&str], device: &Device) -> candle_core::Result<Tensor> {
+        Tensor::from_vec(
+            self.encode_ids(texts)?,
+            (texts.len(), self.max_length),
+            device,
+        )
+    }
+
+    /// [`Self::encode_batch`]'s ids on the host: `texts.len()` rows of `max_length`, flat.
+    pub fn encode_ids(&self, texts: &[&str]) -> candle_core::Result<Vec<u32>> {
         let mut ids = Vec::with_capacity(texts.len() * self.max_length);
         for text in texts {
             ids.extend(self.encode(text)?);
         }
-        Tensor::from_vec(ids, (texts.len(), self.max_length), device)
+        Ok(ids)
     }
 }
 

@@ -177,3 +177,52 @@ fn unprefixed_checkpoint_loads_identically() {
     );
     common::assert_close("unprefixed pooled", &out.pooled, &r["te1_pooled"], 1e-4);
 }
+
+/// `forward_ids` (host ids, what the pipeline calls so that nothing is read back from the GPU)
+/// is `forward` on the same ids, bit for bit, for both encoders and their pooling rules; and it
+/// names a flat id list that does not split into the rows asked for.
+#[test]
+fn host_ids_encode_as_the_tensor_does() {
+    let r = reference();
+    for case in &CASES {
+        let dir = common::tiny_model().join(case.folder);
+        let cfg = ClipTextConfig::from_file(&dir.join("config.json")).unwrap();
+        let weights = Weights::open(
+            &find_weights(&dir, "model").unwrap(),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let model = ClipTextModel::new(weights.vb.clone(), &cfg, case.with_projection).unwrap();
+        let ids = r[case.ids].to_dtype(DType::U32).unwrap();
+        let (b, _) = ids.dims2().unwrap();
+        let flat: Vec<u32> = ids.flatten_all().unwrap().to_vec1().unwrap();
+        let from_tensor = model.forward(&ids).unwrap();
+        let from_host = model.forward_ids(&flat, b, &Device::Cpu).unwrap();
+        for (what, a, t) in [
+            (
+                "penultimate",
+                &from_host.penultimate,
+                &from_tensor.penultimate,
+            ),
+            ("pooled", &from_host.pooled, &from_tensor.pooled),
+        ] {
+            let diff: f32 = (a - t)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert_eq!(diff, 0.0, "{} {what}", case.folder);
+        }
+        common::assert_close(case.pooled, &from_host.pooled, &r[case.pooled], 1e-4);
+        let err = model
+            .forward_ids(&flat[1..], b, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("do not split into"), "{err}");
+        assert!(model.forward_ids(&flat, 0, &Device::Cpu).is_err());
+    }
+}
