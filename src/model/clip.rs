@@ -367,6 +367,29 @@ impl ClipTextModel {
         batch: usize,
         device: &Device,
     ) -> Result<ClipTextOutput> {
+        let s = self.row_len(ids, batch)?;
+        let rows: Vec<&[u32]> = ids.chunks(s).collect();
+        let positions = self.pooling_positions(&rows);
+        let input_ids = Tensor::from_slice(ids, (batch, s), device)?;
+        self.run(&input_ids, &positions)
+    }
+
+    /// Only the penultimate layer's hidden states of [`Self::forward_ids`], which is all SDXL
+    /// reads from its first text encoder (its pooled output is unused): the last layer, the
+    /// final layer norm and the pooling are not run.
+    pub fn penultimate_ids(&self, ids: &[u32], batch: usize, device: &Device) -> Result<Tensor> {
+        let s = self.row_len(ids, batch)?;
+        let input_ids = Tensor::from_slice(ids, (batch, s), device)?;
+        let mut x = self.embed(&input_ids)?;
+        let run = self.layers.len().saturating_sub(1);
+        for layer in &self.layers[..run] {
+            x = layer.forward(&x)?;
+        }
+        Ok(x)
+    }
+
+    /// The row length of `batch` rows of token ids, flat, checked.
+    fn row_len(&self, ids: &[u32], batch: usize) -> Result<usize> {
         if batch == 0 || !ids.len().is_multiple_of(batch) {
             return Err(candle_core::Error::Msg(format!(
                 "CLIP text encoder: {} token ids do not split into {batch} rows",
@@ -375,10 +398,15 @@ impl ClipTextModel {
         }
         let s = ids.len() / batch;
         self.check_seq(s)?;
-        let rows: Vec<&[u32]> = ids.chunks(s).collect();
-        let positions = self.pooling_positions(&rows);
-        let input_ids = Tensor::from_slice(ids, (batch, s), device)?;
-        self.run(&input_ids, &positions)
+        Ok(s)
+    }
+
+    /// Token plus position embeddings of `input_ids` `[batch, seq]`.
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (_, s) = input_ids.dims2()?;
+        self.token_embedding
+            .forward(input_ids)?
+            .broadcast_add(&self.position_embedding.narrow(0, 0, s)?)
     }
 
     fn check_seq(&self, s: usize) -> Result<()> {
@@ -396,10 +424,7 @@ impl ClipTextModel {
     fn run(&self, input_ids: &Tensor, positions: &[usize]) -> Result<ClipTextOutput> {
         let (b, s) = input_ids.dims2()?;
         let device = input_ids.device();
-        let mut x = self
-            .token_embedding
-            .forward(input_ids)?
-            .broadcast_add(&self.position_embedding.narrow(0, 0, s)?)?;
+        let mut x = self.embed(input_ids)?;
         let mut penultimate = x.clone();
         for layer in &self.layers {
             penultimate = x;

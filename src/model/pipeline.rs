@@ -298,9 +298,10 @@ impl Pipeline {
         let n = prompts.len();
         let ids = self.tokenizer.encode_ids(prompts)?;
         let ids_2 = self.tokenizer_2.encode_ids(prompts)?;
-        let out = self.text_encoder.forward_ids(&ids, n, &self.device)?;
+        // SDXL reads the first encoder's penultimate layer only (its pooled output is unused).
+        let penultimate = self.text_encoder.penultimate_ids(&ids, n, &self.device)?;
         let out_2 = self.text_encoder_2.forward_ids(&ids_2, n, &self.device)?;
-        let embeds = Tensor::cat(&[&out.penultimate, &out_2.penultimate], D::Minus1)?;
+        let embeds = Tensor::cat(&[&penultimate, &out_2.penultimate], D::Minus1)?;
         Ok((embeds, out_2.pooled))
     }
 

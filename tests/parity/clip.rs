@@ -179,8 +179,8 @@ fn unprefixed_checkpoint_loads_identically() {
 }
 
 /// `forward_ids` (host ids, what the pipeline calls so that nothing is read back from the GPU)
-/// is `forward` on the same ids, bit for bit, for both encoders and their pooling rules; and it
-/// names a flat id list that does not split into the rows asked for.
+/// and `penultimate_ids` are `forward` on the same ids, bit for bit, for both encoders and their
+/// pooling rules; and a flat id list that does not split into the rows asked for is named.
 #[test]
 fn host_ids_encode_as_the_tensor_does() {
     let r = reference();
@@ -218,6 +218,17 @@ fn host_ids_encode_as_the_tensor_does() {
             assert_eq!(diff, 0.0, "{} {what}", case.folder);
         }
         common::assert_close(case.pooled, &from_host.pooled, &r[case.pooled], 1e-4);
+        // What the pipeline takes from the first encoder: the penultimate layer alone.
+        let penultimate = model.penultimate_ids(&flat, b, &Device::Cpu).unwrap();
+        let diff: f32 = (&penultimate - &from_tensor.penultimate)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{} penultimate_ids", case.folder);
         let err = model
             .forward_ids(&flat[1..], b, &Device::Cpu)
             .unwrap_err()
