@@ -150,6 +150,37 @@ class Report(unittest.TestCase):
         self.assertIn("by kind of layer", md)
         self.assertIn("one set at a time", md)
 
+    def test_tuned_run_drops_slower_levers_and_can_hold_the_peak(self):
+        def abl(kernels, ips):
+            return {"kernels": kernels, "row": row(8, ips), "max_diff_vs_none": 0, "mean_diff_vs_none": 0.0}
+
+        res = self.res()
+        # all: 100; without flash: 105 (flash slows it down), without conv: 80, without geglu: 101
+        # (within the 2% margin: kept).
+        res["turbine"]["ablation"] = [
+            abl("none", 50), abl("all", 100), abl("conv", 60), abl("flash", 55), abl("geglu", 51),
+            abl("flash,geglu", 80), abl("conv,geglu", 105), abl("conv,flash", 101)]
+        self.assertEqual(g.slower_levers(res), ["flash"])
+        self.assertEqual(g.slower_levers(self.res()), [])
+        # The tuned run at the sweep's best batch beats the sweep: it holds turbine's peak.
+        res.update(tuned_kernels="all,-flash", tuned_rc=0, tuned={"rows": [row(8, 130, peak=19 << 30)]})
+        best = g.turbine_best(res)
+        self.assertEqual((best["run"], best["kernels"], best["images_per_s"]), ("tuned", "all,-flash", 130))
+        t = g.targets(res)
+        self.assertIn("from the tuned run, `--kernels all,-flash`", t)
+        self.assertIn("with `all`: 120.00 images/s", t)
+        self.assertIn("vs diffusers eager: turbine 130.00 (bs8)", t)
+        self.assertIn("turbine 19.0 GiB (bs8)", t)
+        md = g.render_md(res, args(), [1, 8], True)
+        self.assertIn("- tuned run: `--kernels all,-flash`", md)
+        self.assertIn("130.00 images/s at bs8, peak 19.0 GiB", md)
+        # A slower tuned run leaves the sweep's peak in place.
+        res["tuned"] = {"rows": [row(8, 110)]}
+        self.assertEqual(g.turbine_best(res)["run"], "turbine")
+        self.assertNotIn("from the tuned run", g.targets(res))
+        res.update(tuned=None, tuned_rc=124)
+        self.assertIn("no figure (exit 124)", g.render_md(res, args(), [1, 8], True))
+
 
 if __name__ == "__main__":
     os.chdir(HERE)
