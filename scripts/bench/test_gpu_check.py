@@ -97,7 +97,15 @@ class Report(unittest.TestCase):
         self.assertIn("120.00 / 100.00 (bs8) = 1.20x (target >= 1.0x: met)", t)
         # Batch-1 latency is the lone batch's (20 ms), not the overlapped interval (25 ms).
         self.assertIn("batch-1 latency: turbine 20.0 ms, eager 22.2 ms (target <=: met)", t)
-        self.assertIn("turbine 20.0 GiB (bs8), eager 25.0 GiB (bs8)", t)
+        self.assertIn("at turbine's best batch size (bs8): turbine 20.0 GiB, eager 25.0 GiB at the same batch "
+                      "size (target <=: met); eager at its own best (bs8): 25.0 GiB", t)
+        # Different best batch sizes: memory is compared at turbine's, where eager measured it.
+        apart = self.res(eager={"rows": [row(1, 45, peak=11 << 30), row(8, 40, peak=25 << 30)]},
+                         turbine={"rows": [row(1, 40, peak=10 << 30), row(8, 120, peak=24 << 30)]})
+        self.assertIn("turbine 24.0 GiB, eager 25.0 GiB at the same batch size (target <=: met); eager at "
+                      "its own best (bs1): 11.0 GiB", g.targets(apart))
+        only = self.res(eager={"rows": [row(1, 45, peak=11 << 30)]})
+        self.assertIn("eager has no figure at bs8) (target <=: NOT met)", g.targets(only))
         slow = self.res(turbine={"rows": [row(1, 10, latency=0.1), row(8, 60, peak=30 << 30)]})
         t = g.targets(slow)
         self.assertEqual(t.count("NOT met"), 4, t)
@@ -170,7 +178,7 @@ class Report(unittest.TestCase):
         self.assertIn("from the tuned run, `--kernels all,-flash`", t)
         self.assertIn("with `all`: 120.00 images/s", t)
         self.assertIn("vs diffusers eager: turbine 130.00 (bs8)", t)
-        self.assertIn("turbine 19.0 GiB (bs8)", t)
+        self.assertIn("turbine 19.0 GiB, eager 25.0 GiB at the same batch size", t)
         md = g.render_md(res, args(), [1, 8], True)
         self.assertIn("- tuned run: `--kernels all,-flash`", md)
         self.assertIn("130.00 images/s at bs8, peak 19.0 GiB", md)
