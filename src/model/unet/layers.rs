@@ -464,7 +464,8 @@ mod tests {
     use candle_core::Device;
     use std::collections::HashMap;
 
-    /// A 3x3 convolution of `cin` → `cout` channels with random weights, NCHW.
+    /// A `kernel` x `kernel` convolution (padding 1) of `cin` → `cout` channels with random
+    /// weights, NCHW.
     fn conv(cin: usize, cout: usize, kernel: usize) -> Conv2d {
         let dev = Device::Cpu;
         let tensors = HashMap::from([
