@@ -62,7 +62,7 @@ impl UpsampleNearest2xNhwc {
             + WithDType,
     {
         use super::cuda::{self, to_i32, to_u32};
-        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
 
         // Matches NU_THREADS in kernels/upsample.cu.
@@ -72,13 +72,13 @@ impl UpsampleNearest2xNhwc {
         let y = unsafe { dev.alloc::<T>(n * 4 * h * w * c)? };
         let stream = dev.cuda_stream();
         let pixel_bytes = c * T::DTYPE.size_in_bytes();
-        // The input may be a view at an offset into its allocation.
-        let align = {
-            let (xp, _) = x.device_ptr(&stream);
-            let (yp, _) = y.device_ptr(&stream);
-            (xp | yp) as usize
-        };
-        let unit = copy_unit(pixel_bytes, align, "upsample_nearest2x_channels_last")?;
+        let unit = copy_unit(
+            &x,
+            &y,
+            &stream,
+            pixel_bytes,
+            "upsample_nearest2x_channels_last",
+        )?;
         let units = pixel_bytes / unit;
         let row_units = 2 * w * units;
         let f = cuda::func_untyped(dev, &cuda::UPSAMPLE, &format!("nearest2x_nhwc_u{unit}"))?;
@@ -110,11 +110,23 @@ impl UpsampleNearest2xNhwc {
     }
 }
 
-/// The widest unit (16, 8, 4 or 2 bytes) that divides a pixel's bytes and `align`, the OR of the
-/// base addresses the kernel reads and writes: the unit the copy kernels of kernels/upsample.cu
-/// move a channels-last pixel in.
+/// The widest unit (16, 8, 4 or 2 bytes) that divides a pixel's bytes and both base addresses
+/// (the input may be a view at an offset into its allocation): the unit the copy kernels of
+/// kernels/upsample.cu move a channels-last pixel in.
 #[cfg(feature = "cuda")]
-pub(super) fn copy_unit(pixel_bytes: usize, align: usize, op: &str) -> Result<usize> {
+pub(super) fn copy_unit<T>(
+    x: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,
+    y: &candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+    pixel_bytes: usize,
+    op: &str,
+) -> Result<usize> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let align = {
+        let (xp, _) = x.device_ptr(stream);
+        let (yp, _) = y.device_ptr(stream);
+        (xp | yp) as usize
+    };
     [16, 8, 4, 2]
         .into_iter()
         .find(|u| pixel_bytes.is_multiple_of(*u) && align.is_multiple_of(*u))

@@ -221,7 +221,7 @@ impl InterleavePhases {
             + WithDType,
     {
         use super::cuda::{self, to_i32, to_u32};
-        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
 
         // Matches NU_THREADS in kernels/upsample.cu.
@@ -238,12 +238,8 @@ impl InterleavePhases {
         // The kernels index within an output row in 32 bits, and every source index in 64.
         let (f, rows, row_len, last_arg) = if self.channels_last {
             let pixel_bytes = o * elem;
-            let align = {
-                let (xp, _) = x.device_ptr(&stream);
-                let (yp, _) = y.device_ptr(&stream);
-                (xp | yp) as usize
-            };
-            let unit = super::upsample::copy_unit(pixel_bytes, align, "interleave_phases")?;
+            let unit =
+                super::upsample::copy_unit(&x, &y, &stream, pixel_bytes, "interleave_phases")?;
             let units = pixel_bytes / unit;
             let f = cuda::func_untyped(dev, &cuda::UPSAMPLE, &format!("phases_nhwc_u{unit}"))?;
             (f, n * 2 * h, 2 * w * units, units)
