@@ -11,18 +11,9 @@ use super::{check_float_dtype, contiguous_slice};
 
 /// `x[..., :d] * gelu_erf(x[..., d:])` for `x` of shape `[..., 2d]`; the result is `[..., d]`.
 pub fn geglu(x: &Tensor) -> Result<Tensor> {
-    let Some(&last) = x.dims().last() else {
-        bail!("geglu: input must have at least one dimension, got a scalar");
-    };
-    if last % 2 != 0 {
-        bail!(
-            "geglu: the last dimension of input {:?} must be even (two halves)",
-            x.shape()
-        );
-    }
-    check_float_dtype(x.dtype(), "geglu", "input")?;
+    let width = checked_width(x, "geglu")?;
     if x.elem_count() == 0 {
-        return x.narrow(x.rank() - 1, 0, last / 2);
+        return x.narrow(x.rank() - 1, 0, width / 2);
     }
     x.contiguous()?.apply_op1_no_bwd(&GegluOp)
 }
@@ -31,29 +22,36 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
 /// projection's bias added here, in f32, so its GEMM runs without it and no pass over the
 /// projection's output is spent on the bias alone.
 pub fn geglu_bias(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let Some(&last) = x.dims().last() else {
-        bail!("geglu_bias: input must have at least one dimension, got a scalar");
-    };
-    if bias.dims() != [last] {
+    let width = checked_width(x, "geglu_bias")?;
+    if bias.dims() != [width] {
         bail!(
-            "geglu_bias: bias has shape {:?}, expected [{last}] for input {:?}",
+            "geglu_bias: bias has shape {:?}, expected [{width}] for input {:?}",
             bias.shape(),
             x.shape()
         );
     }
+    check_float_dtype(bias.dtype(), "geglu_bias", "bias")?;
     if x.elem_count() == 0 {
         return geglu(x);
     }
-    check_float_dtype(x.dtype(), "geglu_bias", "input")?;
-    check_float_dtype(bias.dtype(), "geglu_bias", "bias")?;
     let bias = bias.to_dtype(x.dtype())?.contiguous()?;
-    if last % 2 != 0 {
+    x.contiguous()?.apply_op2_no_bwd(&bias, &GegluBiasOp)
+}
+
+/// What both entry points check of `x`: a float dtype and an even last dimension (the two
+/// halves), which is returned.
+fn checked_width(x: &Tensor, op: &str) -> Result<usize> {
+    let Some(&width) = x.dims().last() else {
+        bail!("{op}: input must have at least one dimension, got a scalar");
+    };
+    if width % 2 != 0 {
         bail!(
-            "geglu_bias: the last dimension of input {:?} must be even (two halves)",
+            "{op}: the last dimension of input {:?} must be even (two halves)",
             x.shape()
         );
     }
-    x.contiguous()?.apply_op2_no_bwd(&bias, &GegluBiasOp)
+    check_float_dtype(x.dtype(), op, "input")?;
+    Ok(width)
 }
 
 /// The custom op behind [`geglu`]; its input must be contiguous.
@@ -204,6 +202,17 @@ impl CustomOp1 for GegluOp {
     }
 }
 
+/// [`GegluBiasOp`] called directly (not through [`geglu_bias`]): the bias must already have
+/// the input's dtype and one value per input column.
+fn check_raw_bias((dtype, l): (DType, &Layout), (bias_dtype, bl): (DType, &Layout)) -> Result<()> {
+    if bias_dtype != dtype
+        || bl.shape().elem_count() != l.shape().dims().last().copied().unwrap_or(0)
+    {
+        bail!("geglu_bias: the bias must have the input's dtype and last dimension");
+    }
+    Ok(())
+}
+
 impl CustomOp2 for GegluBiasOp {
     fn name(&self) -> &'static str {
         "turbine-geglu-bias"
@@ -216,11 +225,7 @@ impl CustomOp2 for GegluBiasOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if bs.dtype() != s.dtype()
-            || bl.shape().elem_count() != l.shape().dims().last().copied().unwrap_or(0)
-        {
-            bail!("geglu_bias: the bias must have the input's dtype and last dimension");
-        }
+        check_raw_bias((s.dtype(), l), (bs.dtype(), bl))?;
         cpu_fwd((s, l), Some((bs, bl)))
     }
 
@@ -233,11 +238,7 @@ impl CustomOp2 for GegluBiasOp {
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        if bs.dtype() != s.dtype()
-            || bl.shape().elem_count() != l.shape().dims().last().copied().unwrap_or(0)
-        {
-            bail!("geglu_bias: the bias must have the input's dtype and last dimension");
-        }
+        check_raw_bias((s.dtype(), l), (bs.dtype(), bl))?;
         cuda_fwd((s, l), Some((bs, bl)))
     }
 }
