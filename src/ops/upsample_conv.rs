@@ -33,17 +33,12 @@ pub fn upsample_conv_phases(
     bias: &Tensor,
     channels_last: bool,
 ) -> Result<(Tensor, Tensor)> {
-    let d = weight.dims4().map_err(|_| {
-        candle_core::Error::Msg(format!(
-            "upsample_conv_phases: weight must be 4-D, got shape {:?}",
-            weight.shape()
-        ))
-    })?;
-    let (o, kh, kw, i) = if channels_last {
-        d
-    } else {
-        (d.0, d.2, d.3, d.1)
-    };
+    let (o, i, kh, kw) = channels_first_dims(
+        weight.shape(),
+        channels_last,
+        "upsample_conv_phases",
+        "weight",
+    )?;
     if (kh, kw) != (3, 3) {
         bail!(
             "upsample_conv_phases: the kernel must be 3x3, weight {:?} is {kh}x{kw}",
@@ -99,17 +94,8 @@ pub fn upsample_conv_phases(
 /// `[N, O, 2H, 2W]`, or channels-last `[N, H+1, W+1, 4O]` to `[N, 2H, 2W, O]`; output pixel
 /// `(2i+a, 2j+b)` is channels `(2a+b)*O ..` of input pixel `(i+a, j+b)`. A copy, exact.
 pub fn interleave_phases(y: &Tensor, channels_last: bool) -> Result<Tensor> {
-    let d = y.dims4().map_err(|_| {
-        candle_core::Error::Msg(format!(
-            "interleave_phases: input must be 4-D, got shape {:?}",
-            y.shape()
-        ))
-    })?;
-    let (n, c4, h1, w1) = if channels_last {
-        (d.0, d.3, d.1, d.2)
-    } else {
-        d
-    };
+    let (n, c4, h1, w1) =
+        channels_first_dims(y.shape(), channels_last, "interleave_phases", "input")?;
     if c4 == 0 || !c4.is_multiple_of(4) || h1 < 2 || w1 < 2 {
         bail!(
             "interleave_phases: input {:?} must have a multiple of 4 channels (four phases) and \
@@ -118,17 +104,31 @@ pub fn interleave_phases(y: &Tensor, channels_last: bool) -> Result<Tensor> {
         );
     }
     check_float_dtype(y.dtype(), "interleave_phases", "input")?;
+    let op = InterleavePhases { channels_last };
     if n == 0 {
-        let (o, h, w) = (c4 / 4, 2 * (h1 - 1), 2 * (w1 - 1));
-        let shape = if channels_last {
-            (n, h, w, o)
-        } else {
-            (n, o, h, w)
-        };
+        let (_, shape) = op.dims(y.layout())?;
         return Tensor::zeros(shape, y.dtype(), y.device());
     }
-    y.contiguous()?
-        .apply_op1_no_bwd(&InterleavePhases { channels_last })
+    y.contiguous()?.apply_op1_no_bwd(&op)
+}
+
+/// The four dims of `shape` in channels-first order (`[N, C, H, W]`, or a weight's
+/// `[O, I, kh, kw]`), read from a channels-last tensor (`[N, H, W, C]`, KRSC) when
+/// `channels_last`.
+fn channels_first_dims(
+    shape: &Shape,
+    channels_last: bool,
+    op: &str,
+    what: &str,
+) -> Result<(usize, usize, usize, usize)> {
+    let d = shape.dims4().map_err(|_| {
+        candle_core::Error::Msg(format!("{op}: {what} must be 4-D, got shape {shape:?}"))
+    })?;
+    Ok(if channels_last {
+        (d.0, d.3, d.1, d.2)
+    } else {
+        d
+    })
 }
 
 /// The op behind [`interleave_phases`], on a contiguous input.
@@ -149,12 +149,8 @@ struct Dims {
 
 impl InterleavePhases {
     fn dims(&self, l: &Layout) -> Result<(Dims, Shape)> {
-        let d = l.shape().dims4()?;
-        let (n, c4, h1, w1) = if self.channels_last {
-            (d.0, d.3, d.1, d.2)
-        } else {
-            d
-        };
+        let (n, c4, h1, w1) =
+            channels_first_dims(l.shape(), self.channels_last, "interleave_phases", "input")?;
         let dims = Dims {
             n,
             o: c4 / 4,
