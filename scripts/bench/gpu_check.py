@@ -240,8 +240,7 @@ def ablation_table(res):
         lever = preds.get(k, {})
         if lever and none:
             alone = f"{none['ms_per_image'] - row['ms_per_image']:.2f}"
-            # "all but k" prints as the other levers' names, in the same order.
-            without = by.get(",".join(n for n in every_names(rows) if n != k) or "none")
+            without = all_but(by, every_names(rows), k)
             if without and every:
                 in_all = f"{without['ms_per_image'] - every['ms_per_image']:.2f}"
             pred = f"{lever.get('predicted_ms_per_image', '-')}"
@@ -293,6 +292,12 @@ def compile_order(batches, res):
     return list(dict.fromkeys([b for b in first if b in batches] + rest))
 
 
+def all_but(by, names, lever):
+    """The ablation row of the run's set without `lever`: turbine prints that set as the other
+    levers' names, in the same order (`none` when nothing is left)."""
+    return by.get(",".join(n for n in names if n != lever) or "none")
+
+
 def every_names(rows):
     """The lever names: the single-lever sets of the ablation."""
     return [r["kernels"] for r in rows if r["kernels"] not in ("none", "all") and "," not in r["kernels"]]
@@ -309,7 +314,7 @@ def slower_levers(res, margin=0.02):
     names = every_names(rows)
     out = []
     for k in names:
-        without = by.get(",".join(n for n in names if n != k) or "none")
+        without = all_but(by, names, k)
         if without and without["images_per_s"] > every["images_per_s"] * (1 + margin):
             out.append(k)
     return out
