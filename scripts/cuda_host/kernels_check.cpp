@@ -723,6 +723,15 @@ void check_postprocess(bool small) {
 
 // ---- Nearest 2x upsampling ----
 
+// Mirrors src/ops/upsample.rs copy_unit: the widest unit (16, 8, 4 or 2 bytes) that divides a
+// pixel's bytes and both base addresses.
+size_t copy_unit(size_t pixel_bytes, const void* x, const void* y, const char* op) {
+  const size_t align = (size_t)((uintptr_t)x | (uintptr_t)y);
+  for (size_t u : {16, 8, 4, 2})
+    if (pixel_bytes % u == 0 && align % u == 0) return u;
+  cuda_host::fail("%s: no copy unit (Rust bails)", op);
+}
+
 struct UpsampleCase {
   const char* label;
   size_t n, h, w, c;
@@ -736,14 +745,7 @@ template <class T>
 size_t launch_upsample(const UpsampleCase& c, const T* x, const Buffer<T>& y) {
   const size_t THREADS = 256;
   const size_t pixel_bytes = c.c * sizeof(T);
-  const size_t align = (size_t)((uintptr_t)x | (uintptr_t)y.data());
-  size_t unit = 0;
-  for (size_t u : {16, 8, 4, 2})
-    if (pixel_bytes % u == 0 && align % u == 0) {
-      unit = u;
-      break;
-    }
-  if (!unit) cuda_host::fail("upsample: no copy unit (Rust bails)");
+  const size_t unit = copy_unit(pixel_bytes, x, y.data(), "upsample");
   const size_t units = pixel_bytes / unit, row_units = 2 * c.w * units;
   const int width_arg = to_i32(c.w, "upsample width");
   const int units_arg = to_i32(units, "upsample units per pixel");
@@ -817,13 +819,7 @@ size_t launch_phases(const PhasesCase& c, const T* x, const Buffer<T>& y) {
   size_t unit = 0, rows, row_len, last;
   if (c.channels_last) {
     const size_t pixel_bytes = c.o * sizeof(T);
-    const size_t align = (size_t)((uintptr_t)x | (uintptr_t)y.data());
-    for (size_t u : {16, 8, 4, 2})
-      if (pixel_bytes % u == 0 && align % u == 0) {
-        unit = u;
-        break;
-      }
-    if (!unit) cuda_host::fail("interleave_phases: no copy unit (Rust bails)");
+    unit = copy_unit(pixel_bytes, x, y.data(), "interleave_phases");
     const size_t units = pixel_bytes / unit;
     rows = c.n * 2 * c.h, row_len = 2 * c.w * units, last = units;
   } else {
