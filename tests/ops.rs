@@ -1107,10 +1107,18 @@ const CONV_BIG_CASES: [ConvCase; 2] = [
 
 #[test]
 fn conv2d_cuda_matches_cpu_reference() {
-    let mut rng = rng("conv2d cuda");
+    let rng = rng("conv2d cuda");
     let Some(dev) = devices("conv2d cuda").into_iter().find(|d| d.is_cuda()) else {
         return;
     };
+    // The legacy cuDNN path alone: graph-API plans (`conv-graph`) have their own test below, so
+    // that gpu_check.sh can leave that lever out without losing `conv`.
+    ops::with_kernels(ops::Kernels::ALL.without(ops::Kernels::CONV_GRAPH), || {
+        conv2d_cuda_legacy(rng, dev)
+    });
+}
+
+fn conv2d_cuda_legacy(mut rng: rand::rngs::StdRng, dev: Device) {
     let modes = [
         ops::ConvEpilogue::Measure,
         ops::ConvEpilogue::Fused,
@@ -1181,6 +1189,83 @@ fn conv2d_cuda_matches_cpu_reference() {
             !(p.contains(ops::CONV_FALLBACK) && (p.contains(" NCHW ") || sdxl_like)),
             "unexpected fallback: {p}"
         );
+    }
+}
+
+/// The `conv-graph` lever: cuDNN graph-API plans, forced (`ConvEpilogue::Graph`) and weighed by
+/// time (`Measure` with the lever), against the CPU reference, in both layouts and half dtypes.
+/// Forced, the SDXL-like shapes must actually run a graph plan: a GPU where none is usable fails
+/// here (its plan lines say why), and gpu_check.sh then leaves `conv-graph` out of the sweep.
+#[test]
+fn conv_graph_cuda_matches_cpu_reference() {
+    let mut rng = rng("conv graph cuda");
+    let Some(dev) = devices("conv graph cuda").into_iter().find(|d| d.is_cuda()) else {
+        return;
+    };
+    let modes = [ops::ConvEpilogue::Graph, ops::ConvEpilogue::Measure];
+    ops::with_kernels(ops::Kernels::ALL, || {
+        for case in CONV_CASES.iter().chain(&CONV_BIG_CASES) {
+            let inputs = conv_inputs(&mut rng, case);
+            for dtype in [DType::BF16, DType::F16] {
+                for channels_last in [false, true] {
+                    for mode in modes {
+                        for call in ["first", "cached"] {
+                            ops::with_conv_epilogue(mode, || {
+                                check_conv(
+                                    &dev,
+                                    &inputs,
+                                    case,
+                                    dtype,
+                                    channels_last,
+                                    cuda_conv_tolerance(dtype),
+                                    &format!("conv graph {mode:?} {call}"),
+                                )
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        // f32 never builds graph plans (the graph engines may run TF32): forced, it is Prefill.
+        let case = &CONV_CASES[0];
+        let inputs = conv_inputs(&mut rng, case);
+        ops::with_conv_epilogue(ops::ConvEpilogue::Graph, || {
+            check_conv(
+                &dev,
+                &inputs,
+                case,
+                DType::F32,
+                false,
+                1e-5,
+                "conv graph f32",
+            )
+        });
+    });
+    let plans = ops::conv_plans();
+    for p in &plans {
+        let _ = writeln!(std::io::stderr(), "conv graph plan: {p}");
+    }
+    // One plan per (case, half dtype, layout, mode), and the f32 one.
+    let expected = (CONV_CASES.len() + CONV_BIG_CASES.len()) * 2 * 2 * modes.len() + 1;
+    assert_eq!(plans.len(), expected, "plans built");
+    assert!(
+        plans
+            .iter()
+            .filter(|p| p.starts_with("F32"))
+            .all(|p| p.contains("graph=false") && !p.contains(": Graph ")),
+        "f32 must stay on the legacy path"
+    );
+    for p in plans.iter().filter(|p| !p.starts_with("F32")) {
+        assert!(
+            p.contains("graph=true"),
+            "the lever or the mode did not ask: {p}"
+        );
+        let sdxl_like = CONV_BIG_CASES
+            .iter()
+            .any(|k| p.contains(&format!("x[n={} c={} h={} w={}]", k.n, k.c, k.h, k.w)));
+        if sdxl_like && p.contains("mode=Graph") {
+            assert!(p.contains(": Graph engine"), "no graph plan ran: {p}");
+        }
     }
 }
 

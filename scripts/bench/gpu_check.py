@@ -107,6 +107,7 @@ LEVER_OF_TEST = [
     ("group_norm", "group-norm"),
     ("geglu", "geglu"),
     ("bias_residual", "bias-residual"),
+    ("conv_graph", "conv-graph"),
     ("conv2d", "conv"),
     ("attention", "attention"),
     ("to_rgb8", "postprocess"),
@@ -385,6 +386,22 @@ def targets(res):
     return "\n".join(out)
 
 
+def conv_plan_summary(plans):
+    """One line on turbine's cuDNN plans (`bench --json`'s conv_plans): of the shapes whose plan
+    weighed graph-API engines (the conv-graph lever), how many run one; None without plans."""
+    if not plans:
+        return None
+    built = [p for p in plans if "legacy from now on" not in p]
+    failed = len(plans) - len(built)
+    weighed = [p for p in built if " graph=true" in p and "mode=Measure" in p]
+    won = sum(": Graph engine" in p for p in weighed)
+    line = (f"cuDNN plans: {len(built)} built; graph-API engines weighed for {len(weighed)}, "
+            f"faster than the legacy algorithm (so chosen) for {won}")
+    if failed:
+        line += f"; {failed} graph plan(s) failed after being chosen (legacy from then on)"
+    return line + " (every plan line is in gpu_check.json, turbine.conv_plans)"
+
+
 def render_md(res, a, batches, gpu):
     """gpu_check.md from what `res` holds so far: written at every step, so a run stopped from
     outside still leaves the figures it measured."""
@@ -439,6 +456,9 @@ def render_md(res, a, batches, gpu):
                    "overhead and the case for CUDA graphs, where the two are close): "
                    + ", ".join(f"bs{r['batch']} {r['host_queue_ms']:.1f} of {r['median_s'] * 1e3:.1f} ms"
                                for r in queued))
+    cps = conv_plan_summary(t.get("conv_plans"))
+    if cps:
+        hdr.append(f"- {cps}")
     kt = res.get("kernel_tests")
     if kt:
         hdr.append(f"- CUDA kernel tests: {kt['summary']}")

@@ -37,6 +37,22 @@ def args(**kw):
     return a
 
 
+class ConvPlans(unittest.TestCase):
+    def test_summary_counts_the_weighed_shapes_and_the_graph_wins(self):
+        self.assertIsNone(g.conv_plan_summary(None))
+        self.assertIsNone(g.conv_plan_summary([]))
+        key = "BF16 NHWC x[n=8 c=128 h=512 w=512] o=128 k=3x3 pad=1 stride=1 residual=false"
+        plans = [
+            f"{key} mode=Measure graph=true: Graph engine 12 (heuristic #0) workspace 0 KiB (legacy ...)",
+            f"{key} mode=Measure graph=true: Fused CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM ...",
+            f"{key} mode=Measure graph=false: Prefill CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM ...",
+            f"{key} mode=Measure graph=true: graph plan engine 12 (heuristic #0) failed, legacy from now on: x",
+        ]
+        line = g.conv_plan_summary(plans)
+        self.assertTrue(line.startswith("cuDNN plans: 3 built; graph-API engines weighed for 2, faster than "
+                                        "the legacy algorithm (so chosen) for 1; 1 graph plan(s) failed"), line)
+
+
 class Levers(unittest.TestCase):
     def test_tests_map_to_levers_first_pattern_wins(self):
         self.assertEqual(g.lever_of("group_norm_channels_last_matches_composition"), "channels-last")
@@ -48,6 +64,8 @@ class Levers(unittest.TestCase):
         self.assertEqual(g.lever_of("copy_to_host_returns_the_bytes_of_each_copy"), "overlap")
         self.assertEqual(g.lever_of("upsample_conv_phases_match_upsample_then_conv"), "upsample-conv")
         self.assertEqual(g.lever_of("interleave_phases_equals_composition"), "upsample-conv")
+        self.assertEqual(g.lever_of("conv_graph_cuda_matches_cpu_reference"), "conv-graph")
+        self.assertEqual(g.lever_of("conv2d_cuda_matches_cpu_reference"), "conv")
         self.assertEqual(g.lever_of("upsample_nearest2x_channels_last_matches_candle"), "channels-last")
         self.assertIsNone(g.lever_of("something_else"))
 

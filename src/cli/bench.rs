@@ -213,6 +213,48 @@ pub struct Report {
     /// What failed, in the order it ran (the exit status is non-zero when this is not empty).
     #[serde(default)]
     pub failures: Vec<Failure>,
+    /// The cuDNN convolution plans the run built, one line per (shape, kernel set) as
+    /// `ops::conv_plans` gives them: the legacy algorithm or graph-API engine each shape runs
+    /// and the timings it was chosen by. Empty without the `cudnn` feature.
+    #[serde(default)]
+    pub conv_plans: Vec<String>,
+}
+
+/// One line on the cuDNN plans of a run: how many shapes run a graph-API engine, a legacy
+/// algorithm, or candle's ops, and how many graph plans failed after they were chosen. `None`
+/// when no plan was built (the CPU, or a build without `cudnn`).
+pub fn summarize_conv_plans(plans: &[String]) -> Option<String> {
+    if plans.is_empty() {
+        return None;
+    }
+    let failed = plans
+        .iter()
+        .filter(|p| p.contains("legacy from now on"))
+        .count();
+    let built: Vec<&String> = plans
+        .iter()
+        .filter(|p| !p.contains("legacy from now on"))
+        .collect();
+    let graph = built
+        .iter()
+        .filter(|p| p.contains(": Graph engine"))
+        .count();
+    let fallback = built
+        .iter()
+        .filter(|p| p.contains(crate::ops::CONV_FALLBACK))
+        .count();
+    let weighed = built.iter().filter(|p| p.contains(" graph=true")).count();
+    Some(format!(
+        "cuDNN convolution plans: {} built; {graph} run a graph-API engine, {} a legacy \
+         algorithm, {fallback} candle's ops; graph engines weighed for {weighed}{}",
+        built.len(),
+        built.len() - graph - fallback,
+        if failed > 0 {
+            format!("; {failed} graph plan(s) failed after being chosen")
+        } else {
+            String::new()
+        }
+    ))
 }
 
 /// One batch of `--profile`: its stages' device times and where they went.
@@ -945,6 +987,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ablation: Vec::new(),
         profiles: Vec::new(),
         failures: Vec::new(),
+        conv_plans: Vec::new(),
     };
     let mut profile_run = |b: usize| -> anyhow::Result<ProfileRun> {
         let items = batch_items(&prompts, b, args.seed);
@@ -980,10 +1023,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             None => Ok(()),
         },
         &mut |report| match &args.json {
-            Some(path) => write_json(path, report),
+            Some(path) => {
+                // The plans built so far go with every save: a run cut short keeps them too.
+                let mut r = report.clone();
+                r.conv_plans = crate::ops::conv_plans();
+                write_json(path, &r)
+            }
             None => Ok(()),
         },
     )?;
+    report.conv_plans = crate::ops::conv_plans();
 
     println!(
         "turbine bench: {} on {}, {}, {} {} step(s), guidance {}, kernels {}, commit {}, model {} (loaded in {:.1} s)",
@@ -1004,6 +1053,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if !report.profiles.is_empty() {
         print!("\n{}", render_profiles(&report.profiles));
+    }
+    if let Some(line) = summarize_conv_plans(&report.conv_plans) {
+        println!("\n{line}");
     }
     if !report.failures.is_empty() {
         print!("\nfailed:\n{}", render_failures(&report.failures));
@@ -1121,6 +1173,25 @@ mod tests {
             .count()
     }
 
+    #[test]
+    fn conv_plan_summary_counts_each_kind() {
+        assert_eq!(summarize_conv_plans(&[]), None);
+        let key = "BF16 NHWC x[n=8 c=128 h=512 w=512] o=128 k=3x3 pad=1 stride=1 residual=false";
+        let plans = vec![
+            format!("{key} mode=Measure graph=true: Graph engine 12 (heuristic #0) workspace 0 KiB (legacy fallback: Prefill ...)"),
+            format!("{key} mode=Measure graph=true: Fused CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM ..."),
+            format!("{key} mode=Measure graph=false: Prefill CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM ..."),
+            format!("{key} mode=Measure graph=true: {}: no plan", crate::ops::CONV_FALLBACK),
+            format!("{key} mode=Measure graph=true: graph plan engine 12 (heuristic #0) failed, legacy from now on: x"),
+        ];
+        let line = summarize_conv_plans(&plans).unwrap();
+        assert_eq!(
+            line,
+            "cuDNN convolution plans: 4 built; 1 run a graph-API engine, 2 a legacy algorithm, \
+             1 candle's ops; graph engines weighed for 3; 1 graph plan(s) failed after being chosen"
+        );
+    }
+
     fn empty_report() -> Report {
         Report {
             tool: "turbine bench".into(),
@@ -1142,6 +1213,7 @@ mod tests {
             ablation: Vec::new(),
             profiles: Vec::new(),
             failures: Vec::new(),
+            conv_plans: Vec::new(),
         }
     }
 

@@ -52,6 +52,11 @@ pub enum ConvEpilogue {
     /// `y` filled with `bias (+ residual)` by our kernel, then the convolution accumulates into
     /// it (`beta = 1`) with the fastest algorithm.
     Prefill,
+    /// `Prefill` with a plan of cuDNN's graph API (the fastest of those whose output agrees
+    /// with the legacy algorithm's), whatever its time; the legacy `Prefill` where no graph plan
+    /// is usable (the plan summary says why). f16/bf16 only: f32 runs `Prefill`. Under
+    /// `Measure`, the `conv-graph` lever weighs the same plans by time.
+    Graph,
 }
 
 thread_local! {
@@ -270,5 +275,125 @@ impl Geometry {
     #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
     fn elems_out(&self) -> usize {
         self.n * self.o * self.oh * self.ow
+    }
+}
+
+/// The byte alignment cuDNN graph-API plans declare for their tensors (the `conv-graph` lever);
+/// calls whose pointers miss it run the legacy algorithm.
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+const GRAPH_ALIGNMENT: u64 = 16;
+
+/// Whether every device pointer meets [`GRAPH_ALIGNMENT`].
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+fn aligned(ptrs: &[u64]) -> bool {
+    ptrs.iter().all(|p| p % GRAPH_ALIGNMENT == 0)
+}
+
+/// Strides, in elements, of a tensor with logical dims `[a, b, c, d]` (N, C, H, W for data;
+/// O, C, kh, kw for a filter) as cuDNN's backend API takes them: stored in that order, or
+/// channels-last (N, H, W, C, the filter KRSC: dim 1 innermost).
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+fn backend_strides(dims: [i64; 4], channels_last: bool) -> [i64; 4] {
+    let [_, c, h, w] = dims;
+    if channels_last {
+        [h * w * c, 1, w * c, c]
+    } else {
+        [c * h * w, h * w, w, 1]
+    }
+}
+
+/// Why `got` is not the same convolution output as `want` (the same elements of two plans'
+/// outputs), if it is not: each element within 1% of `want`'s largest finite magnitude plus 1.6%
+/// of itself (two half-precision roundings; the plans sum in different orders), and finite
+/// wherever `want` is.
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+fn disagreement(want: &[f64], got: &[f64]) -> Option<String> {
+    if want.len() != got.len() {
+        return Some(format!("{} elements against {}", got.len(), want.len()));
+    }
+    let scale = want
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0f64, |m, v| m.max(v.abs()));
+    want.iter()
+        .zip(got)
+        .enumerate()
+        .filter(|(_, (w, _))| w.is_finite())
+        .find(|(_, (w, g))| {
+            // A NaN difference (g non-finite) disagrees too.
+            let err = (*g - *w).abs();
+            err.is_nan() || err > 1e-2 * scale + 1.6e-2 * w.abs()
+        })
+        .map(|(i, (w, g))| format!("element {i} is {g}, the legacy plan's {w}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_strides_of_both_layouts() {
+        // x [N=2, C=3, H=4, W=5], NCHW: (n, c, h, w) at ((n*C + c)*H + h)*W + w.
+        assert_eq!(backend_strides([2, 3, 4, 5], false), [60, 20, 5, 1]);
+        // NHWC: (n, c, h, w) at ((n*H + h)*W + w)*C + c.
+        assert_eq!(backend_strides([2, 3, 4, 5], true), [60, 1, 15, 3]);
+        // A KRSC filter [O=8, C=3, kh=3, kw=3]: (o, c, r, s) at ((o*kh + r)*kw + s)*C + c.
+        assert_eq!(backend_strides([8, 3, 3, 3], true), [27, 1, 9, 3]);
+        // The strides address every element of a candle tensor of the same layout exactly once.
+        let t = Tensor::arange(0u32, 120, &candle_core::Device::Cpu)
+            .unwrap()
+            .reshape((2, 4, 5, 3))
+            .unwrap(); // NHWC storage of logical [2, 3, 4, 5]
+        let s = backend_strides([2, 3, 4, 5], true);
+        let v = t.flatten_all().unwrap().to_vec1::<u32>().unwrap();
+        for (n, c, h, w) in [(0, 0, 0, 0), (1, 2, 3, 4), (0, 1, 2, 3), (1, 0, 3, 1)] {
+            let at = (n * s[0] + c * s[1] + h * s[2] + w * s[3]) as usize;
+            let want = t
+                .get(n as usize)
+                .unwrap()
+                .get(h as usize)
+                .unwrap()
+                .get(w as usize)
+                .unwrap()
+                .get(c as usize)
+                .unwrap()
+                .to_scalar::<u32>()
+                .unwrap();
+            assert_eq!(v[at], want, "(n, c, h, w) = ({n}, {c}, {h}, {w})");
+        }
+    }
+
+    #[test]
+    fn alignment_of_pointers() {
+        assert!(aligned(&[0, 16, 4096, 1 << 40]));
+        assert!(!aligned(&[16, 8]));
+        assert!(!aligned(&[2]));
+        assert!(aligned(&[]));
+    }
+
+    #[test]
+    fn disagreement_tolerates_rounding_and_refuses_the_rest() {
+        let want = [1.0, -2.0, 0.5, 100.0, f64::NAN];
+        // One bf16 rounding (2^-8 relative) on every element, and any value where want is NaN.
+        let close: Vec<f64> = want.iter().map(|v| v * (1.0 + 1.0 / 256.0)).collect();
+        let mut close_nan = close.clone();
+        close_nan[4] = 7.0;
+        assert_eq!(disagreement(&want, &close), None);
+        assert_eq!(disagreement(&want, &close_nan), None);
+        // Off by 2% of the probe's largest magnitude: refused, and the message names the element.
+        let mut off = close.clone();
+        off[2] = 0.5 + 2.0;
+        let why = disagreement(&want, &off).unwrap();
+        assert!(why.starts_with("element 2 is 2.5"), "{why}");
+        // Non-finite where want is finite.
+        for bad in [f64::NAN, f64::INFINITY] {
+            let mut b = close.clone();
+            b[0] = bad;
+            assert!(disagreement(&want, &b).unwrap().starts_with("element 0"));
+        }
+        // A permutation (a layout bug) is refused.
+        let permuted = [100.0, -2.0, 0.5, 1.0, 0.0];
+        assert!(disagreement(&want, &permuted).is_some());
+        assert!(disagreement(&want, &want[..3]).is_some());
     }
 }

@@ -53,13 +53,20 @@ impl Kernels {
     /// upsampled tensor is never written. The phase weights are built at load when the lever is
     /// on then; on every device and with either convolution.
     pub const UPSAMPLE_CONV: Self = Self(1 << 9);
+    /// turbine's cuDNN convolution also weighs cuDNN's graph (backend) API: per shape, the
+    /// engines its heuristic ranks first (pre-compiled ones) are checked against the legacy
+    /// algorithm's output and timed beside it, and the faster runs. The graph API is what
+    /// PyTorch's convolutions call; the legacy one may not reach every Hopper engine. Takes
+    /// effect only with [`Self::CONV`] too, on CUDA, in f16/bf16 and in a `cudnn` build: measure
+    /// it as `all` against `all,-conv-graph`.
+    pub const CONV_GRAPH: Self = Self(1 << 10);
 
     pub const NONE: Self = Self(0);
-    pub const ALL: Self = Self((1 << 10) - 1);
+    pub const ALL: Self = Self((1 << 11) - 1);
 
     /// Every lever with its `--kernels` name, in a stable order (new levers go last, so earlier
     /// ablation tables keep their row order).
-    pub const NAMED: [(&'static str, Self); 10] = [
+    pub const NAMED: [(&'static str, Self); 11] = [
         ("group-norm", Self::GROUP_NORM),
         ("geglu", Self::GEGLU),
         ("attention", Self::ATTENTION),
@@ -70,6 +77,7 @@ impl Kernels {
         ("flash", Self::FLASH),
         ("overlap", Self::OVERLAP),
         ("upsample-conv", Self::UPSAMPLE_CONV),
+        ("conv-graph", Self::CONV_GRAPH),
     ];
 
     pub fn contains(self, other: Self) -> bool {

@@ -46,6 +46,20 @@
 //! (CUDA events, after a warm-up call) and keeps the faster; [`super::with_conv_epilogue`]
 //! forces one, for the tests.
 //!
+//! # Graph-API plans (the `conv-graph` lever)
+//!
+//! cuDNN's legacy call reaches the engines it maps to its algorithm enums; its graph API (what
+//! PyTorch's convolutions call) lists engines by its own heuristic, and on a new GPU the two sets
+//! need not be the same. With the lever (and [`ConvEpilogue::Measure`], f16/bf16), a plan also
+//! builds up to [`MAX_GRAPH_CANDIDATES`] graph-API plans (`graph.rs`: heuristic mode A,
+//! pre-compiled engines only), runs each once on the call's buffers with the `Prefill` epilogue
+//! and compares both ends of its output with the legacy choice's ([`GRAPH_PROBE`] elements
+//! each), times those that agree, and keeps the fastest if it beats the legacy choice.
+//! Anything that goes wrong on the way (no engine, a refused finalize, a disagreeing output, a
+//! failed call later) leaves the legacy choice, which also runs any call whose pointers miss
+//! the graph plans' declared alignment. [`ConvEpilogue::Graph`] forces the graph plan, for the
+//! tests.
+//!
 //! Without a residual, the fused call is given z = y with `alpha2 = 0`: cuDNN does not read z
 //! when its scale is zero (TensorFlow's fused convolution relies on the same), and the tests run
 //! this on outputs poisoned with NaN.
@@ -68,8 +82,14 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Storage, Tensor, WithDType};
 
-use super::{conv_epilogue, ConvEpilogue, ConvParams, Geometry, CONV_FALLBACK as FALLBACK};
+use super::{
+    aligned, conv_epilogue, disagreement, ConvEpilogue, ConvParams, Geometry,
+    CONV_FALLBACK as FALLBACK,
+};
 use crate::ops::cuda::{contiguous_view, to_i32, to_u32};
+use crate::ops::select::{enabled, Kernels};
+
+mod graph;
 
 /// Largest workspace a plan may use: 1 GiB, under 1% of an H200 and 4% of a 24 GB card. The
 /// implicit-GEMM kernels that win on tensor cores need far less; only FFT-based algorithms on
@@ -78,6 +98,12 @@ const MAX_WORKSPACE: usize = 1 << 30;
 
 /// Calls per candidate when timing the epilogues (after one untimed warm-up call).
 const TIMED_RUNS: usize = 3;
+
+/// Graph-API plans checked and timed per shape (`conv-graph`), the heuristic's best first.
+const MAX_GRAPH_CANDIDATES: usize = 3;
+
+/// Elements of y compared at each end when a graph plan is checked against the legacy choice.
+const GRAPH_PROBE: usize = 1 << 14;
 
 const PREFILL_MODULE: &str = "turbine_conv_prefill";
 const PREFILL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_prefill.ptx"));
@@ -284,7 +310,12 @@ struct Choice {
 
 struct Plan {
     desc: Descriptors,
+    /// The legacy algorithm: what runs when there is no graph plan, or a call's pointers do not
+    /// meet its alignment.
     choice: Choice,
+    /// A graph-API plan that was checked against `choice`'s output and (unless forced by
+    /// [`ConvEpilogue::Graph`]) measured faster; runs with the `Prefill` epilogue.
+    graph: Option<graph::GraphPlan>,
     /// How the choice was made (timings, refusals, cuDNN's list), for [`plan_summaries`].
     note: String,
 }
@@ -292,12 +323,21 @@ struct Plan {
 impl Plan {
     fn describe(&self) -> String {
         let c = &self.choice;
+        let runs = match &self.graph {
+            Some(g) => format!(
+                "Graph {} workspace {} KiB (legacy fallback: ",
+                g.name,
+                g.workspace >> 10
+            ),
+            None => String::new(),
+        };
         format!(
-            "{:?} {:?} {:?} workspace {} KiB;{}",
+            "{runs}{:?} {:?} {:?} workspace {} KiB{};{}",
             c.epilogue,
             c.algo,
             c.math,
             c.workspace >> 10,
+            if self.graph.is_some() { ")" } else { "" },
             self.note
         )
     }
@@ -306,7 +346,8 @@ impl Plan {
 fn describe(key: &PlanKey) -> String {
     let (g, p) = (&key.geometry, &key.params);
     format!(
-        "{:?} {} x[n={} c={} h={} w={}] o={} k={}x{} pad={} stride={} residual={} mode={:?}",
+        "{:?} {} x[n={} c={} h={} w={}] o={} k={}x{} pad={} stride={} residual={} mode={:?} \
+         graph={}",
         key.dtype,
         if p.channels_last { "NHWC" } else { "NCHW" },
         g.n,
@@ -320,6 +361,7 @@ fn describe(key: &PlanKey) -> String {
         p.stride,
         key.residual,
         key.mode,
+        key.graph,
     )
 }
 
@@ -330,16 +372,20 @@ struct PlanKey {
     params: ConvParams,
     residual: bool,
     mode: ConvEpilogue,
+    /// Graph-API plans are weighed: [`ConvEpilogue::Graph`], or the `conv-graph` lever with
+    /// [`ConvEpilogue::Measure`]; half dtypes only.
+    graph: bool,
 }
 
-/// One device's cuDNN state on this thread.
+/// One device's cuDNN state on this thread. Fields drop in declaration order: the plans (whose
+/// graph-API execution plans were built on the handle) before the handle.
 struct DeviceState {
-    handle: Handle,
-    /// Grows to the largest workspace any plan needs; never shrinks.
-    workspace: Option<CudaSlice<u8>>,
     /// `None`: cuDNN could not plan the shape; it runs candle's ops.
     plans: HashMap<PlanKey, Option<Plan>>,
     summaries: Vec<String>,
+    /// Grows to the largest workspace any plan needs; never shrinks.
+    workspace: Option<CudaSlice<u8>>,
+    handle: Handle,
 }
 
 thread_local! {
@@ -450,12 +496,16 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
     // SAFETY: every element is written: by cuDNN (beta = 0), or by the prefill kernel and then
     // cuDNN accumulating into it (beta = 1).
     let mut y = unsafe { dev.alloc::<T>(g.elems_out())? };
+    let mode = conv_epilogue();
     let key = PlanKey {
         dtype: T::DTYPE,
         geometry: *g,
         params,
         residual: ops.residual.is_some(),
-        mode: conv_epilogue(),
+        mode,
+        graph: T::DTYPE != DType::F32
+            && (mode == ConvEpilogue::Graph
+                || (mode == ConvEpilogue::Measure && enabled(Kernels::CONV_GRAPH))),
     };
     let planned = STATE.with(|state| -> Result<bool> {
         let mut map = state.borrow_mut();
@@ -478,8 +528,14 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
                 let planned = Descriptors::new(T::DTYPE, g, &params).and_then(|desc| {
-                    let (choice, note) = choose(dev, handle, &desc, &key, &ops, &mut y, workspace)?;
-                    Ok(Plan { desc, choice, note })
+                    let (choice, graph, note) =
+                        choose(dev, handle, &desc, &key, &ops, &mut y, workspace)?;
+                    Ok(Plan {
+                        desc,
+                        choice,
+                        graph,
+                        note,
+                    })
                 });
                 let plan = match planned {
                     Ok(plan) => {
@@ -501,6 +557,24 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
         let Some(plan) = plan else {
             return Ok(false);
         };
+        if let Some(gp) = &plan.graph {
+            if pointers_aligned(&stream, &ops, &y) {
+                match launch_graph(dev, handle, gp, &ops, &mut y, workspace, g, &params) {
+                    Ok(()) => return Ok(true),
+                    Err(err) => {
+                        // The legacy choice below overwrites all of y.
+                        let summary = format!(
+                            "{}: graph plan {} failed, legacy from now on: {err}",
+                            describe(&key),
+                            gp.name
+                        );
+                        tracing::warn!("conv2d plan: {summary}");
+                        summaries.push(summary);
+                        plan.graph = None;
+                    }
+                }
+            }
+        }
         grow_workspace(dev, workspace, plan.choice.workspace)?;
         launch(
             dev,
@@ -647,7 +721,7 @@ fn choose<T: CudaDType + DeviceRepr + WithDType>(
     ops: &Operands<T>,
     y: &mut CudaSlice<T>,
     workspace: &mut Option<CudaSlice<u8>>,
-) -> Result<(Choice, String)> {
+) -> Result<(Choice, Option<graph::GraphPlan>, String)> {
     let initial = if key.dtype == DType::F32 {
         sys::cudnnMathType_t::CUDNN_FMA_MATH
     } else {
@@ -705,7 +779,7 @@ fn choose<T: CudaDType + DeviceRepr + WithDType>(
     // The fused call is tried once before it may be chosen: cuDNN refuses configurations it
     // does not support, and without a residual `check_fused` also proves that z is not read.
     let (fused, mut note) = match (key.mode, fused) {
-        (ConvEpilogue::Prefill, _) | (_, None) => (None, String::new()),
+        (ConvEpilogue::Prefill | ConvEpilogue::Graph, _) | (_, None) => (None, String::new()),
         (_, Some(f)) => match check_fused(dev, y, key.residual, |y| run(f, y, workspace)) {
             Ok(None) => (Some(f), String::new()),
             Ok(Some(why)) => (None, format!(" fused refused: {why};")),
@@ -730,7 +804,158 @@ fn choose<T: CudaDType + DeviceRepr + WithDType>(
     // SAFETY: live descriptor.
     unsafe { dnn::set_convolution_math_type(desc.conv.0, choice.math) }
         .map_err(failed("cudnnSetConvolutionMathType"))?;
-    Ok((choice, format!("{note} find: {found}")))
+    // A graph plan's failure leaves the legacy choice, never the shape unplanned.
+    let (graph, graph_note) = if key.graph {
+        choose_graph(dev, handle, desc, key, ops, y, workspace, choice)
+            .unwrap_or_else(|e| (None, format!(" graph: failed ({e});")))
+    } else {
+        (None, String::new())
+    };
+    Ok((choice, graph, format!("{note}{graph_note} find: {found}")))
+}
+
+/// The graph-API plan for the shape, if one passes: each candidate ([`graph::candidates`]) runs
+/// once on this call's buffers and its output is compared with `legacy`'s at both ends of y
+/// ([`GRAPH_PROBE`] elements each); those that agree are timed, and the fastest is kept if it
+/// beats `legacy` (or in any case under [`ConvEpilogue::Graph`]). Returns it and a note.
+#[allow(clippy::too_many_arguments)]
+fn choose_graph<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    handle: &Handle,
+    desc: &Descriptors,
+    key: &PlanKey,
+    ops: &Operands<T>,
+    y: &mut CudaSlice<T>,
+    workspace: &mut Option<CudaSlice<u8>>,
+    legacy: Choice,
+) -> Result<(Option<graph::GraphPlan>, String)> {
+    let (g, p) = (&key.geometry, &key.params);
+    let (candidates, listed) = match graph::candidates(
+        handle.0,
+        key.dtype,
+        g,
+        p,
+        MAX_GRAPH_CANDIDATES,
+        MAX_WORKSPACE,
+    ) {
+        Ok(c) => c,
+        Err(e) => return Ok((None, format!(" graph: none ({e});"))),
+    };
+    if candidates.is_empty() {
+        return Ok((None, format!(" graph: none usable ({listed});")));
+    }
+    let stream = dev.cuda_stream();
+    if !pointers_aligned(&stream, ops, y) {
+        return Ok((
+            None,
+            format!(
+                " graph: not tried, this call's pointers are not {}-byte aligned;",
+                graph::ALIGNMENT
+            ),
+        ));
+    }
+    launch(dev, handle, desc, legacy, ops, y, workspace, g, p)?;
+    let reference = probe(&stream, y)?;
+    let mut best: Option<(graph::GraphPlan, f32)> = None;
+    let mut tried = Vec::new();
+    for cand in candidates {
+        let out = launch_graph(dev, handle, &cand, ops, y, workspace, g, p)
+            .and_then(|()| probe(&stream, y));
+        let why = match out {
+            Err(e) => Some(e.to_string()),
+            Ok(got) => disagreement(&reference, &got),
+        };
+        if let Some(why) = why {
+            tried.push(format!("{}: refused, {why}", cand.name));
+            continue;
+        }
+        let t = time_ms(&stream, || {
+            launch_graph(dev, handle, &cand, ops, y, workspace, g, p)
+        })?;
+        tried.push(format!("{} {t:.3}ms", cand.name));
+        if best.as_ref().is_none_or(|(_, bt)| t < *bt) {
+            best = Some((cand, t));
+        }
+    }
+    let tried = tried.join(", ");
+    let Some((plan, t_graph)) = best else {
+        return Ok((None, format!(" graph: none agreed ({tried}; {listed});")));
+    };
+    let t_legacy = time_ms(&stream, || {
+        launch(dev, handle, desc, legacy, ops, y, workspace, g, p)
+    })?;
+    let forced = key.mode == ConvEpilogue::Graph;
+    let use_graph = forced || t_graph < t_legacy;
+    let note = format!(
+        " graph {t_graph:.3}ms vs legacy {t_legacy:.3}ms: {}{} ({tried}; {listed});",
+        if use_graph { "graph" } else { "legacy" },
+        if forced { " (forced)" } else { "" },
+    );
+    Ok((use_graph.then_some(plan), note))
+}
+
+/// Whether x, w and y meet the alignment graph plans are built for.
+fn pointers_aligned<T: CudaDType + DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    ops: &Operands<T>,
+    y: &CudaSlice<T>,
+) -> bool {
+    let (xp, _x) = ops.x.device_ptr(stream);
+    let (wp, _w) = ops.w.device_ptr(stream);
+    let (yp, _y) = y.device_ptr(stream);
+    aligned(&[xp, wp, yp])
+}
+
+/// The first and last [`GRAPH_PROBE`] elements of y, read back (waits for the stream).
+fn probe<T: CudaDType + DeviceRepr + WithDType>(
+    stream: &Arc<CudaStream>,
+    y: &CudaSlice<T>,
+) -> Result<Vec<f64>> {
+    let n = y.len();
+    let k = GRAPH_PROBE.min(n);
+    let mut v = stream.clone_dtoh(&y.slice(..k)).w()?;
+    v.extend(stream.clone_dtoh(&y.slice(n - k..)).w()?);
+    stream.synchronize().w()?;
+    Ok(v.iter().map(|x| x.to_f64()).collect())
+}
+
+/// Enqueues `plan` with the `Prefill` epilogue: our kernel writes `bias (+ residual)` into y,
+/// then the graph plan accumulates the convolution onto it.
+#[allow(clippy::too_many_arguments)]
+fn launch_graph<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    handle: &Handle,
+    plan: &graph::GraphPlan,
+    ops: &Operands<T>,
+    y: &mut CudaSlice<T>,
+    workspace: &mut Option<CudaSlice<u8>>,
+    g: &Geometry,
+    p: &ConvParams,
+) -> Result<()> {
+    grow_workspace(dev, workspace, plan.workspace)?;
+    prefill(dev, ops, y, g, p)?;
+    let stream = dev.cuda_stream();
+    let (xp, _x_done) = ops.x.device_ptr(&stream);
+    let (wp, _w_done) = ops.w.device_ptr(&stream);
+    let (yp, _y_done) = y.device_ptr_mut(&stream);
+    if !aligned(&[xp, wp, yp]) {
+        bail!("conv2d: a graph plan on unaligned pointers (this is a bug)");
+    }
+    let (ws_ptr, _ws_done) = match workspace.as_mut() {
+        Some(ws) if plan.workspace > 0 => {
+            let (ptr, done) = ws.device_ptr_mut(&stream);
+            (ptr as *mut c_void, Some(done))
+        }
+        _ if plan.workspace > 0 => bail!(
+            "conv2d: no workspace, the graph plan needs {} bytes (this is a bug)",
+            plan.workspace
+        ),
+        _ => (std::ptr::null_mut(), None),
+    };
+    // SAFETY: x, w and y are live buffers of the plan's geometry (the plan key), checked aligned;
+    // the workspace was grown to the plan's size above; the guards live until after the
+    // enqueue, and everything runs on the handle's stream.
+    unsafe { graph::execute(handle.0, plan, xp, wp, yp, ws_ptr) }
 }
 
 /// Runs the fused call once (`run`). Without a residual, first fills y with NaN (all bits set):
