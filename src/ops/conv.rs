@@ -17,7 +17,7 @@
 //!
 //! See `conv/cudnn.rs`: per (device, dtype, layout, N, C, H, W, O, kh, kw, padding, stride,
 //! residual) one plan: descriptors built once, tensor-op math for half dtypes with f32
-//! accumulation, the algorithm chosen once by timing them (`cudnnFindConvolutionForwardAlgorithm`,
+//! accumulation, the algorithm chosen once by timing them (`cudnnFindConvolutionForwardAlgorithmEx`,
 //! what `torch.backends.cudnn.benchmark` does), and one workspace per device that only grows.
 
 use candle_core::{bail, Result, Shape, Tensor};

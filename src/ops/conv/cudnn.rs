@@ -8,12 +8,16 @@
 //! - the math type: tensor-op math for f16/bf16 with f32 accumulation (cuDNN's PSEUDO_HALF and
 //!   PSEUDO_BFLOAT16 configurations, one rounding of the output, as the CPU path computes);
 //!   FMA math for f32, so f32 stays f32 (no TF32);
-//! - the algorithm, chosen by `cudnnFindConvolutionForwardAlgorithm`, which runs every algorithm
+//! - the algorithm, chosen by `cudnnFindConvolutionForwardAlgorithmEx`, which runs every algorithm
 //!   on the shape and returns them by measured time (what `torch.backends.cudnn.benchmark = True`
 //!   does). cuDNN's heuristic (`cudnnGetConvolutionForwardAlgorithm_v7`, what candle asks on every
 //!   call) guesses from the shape alone; timing costs a few milliseconds per shape once, at the
 //!   server's warm-up batch for its batch size, and a shape's first batch for other sizes.
-//!   Algorithms needing more than [`MAX_WORKSPACE`] are passed over;
+//!   The search runs on the call's own x, w and y and a workspace of at most [`MAX_WORKSPACE`]
+//!   that is freed after it, so it costs no memory beyond that: the variant without `Ex`
+//!   allocates its own x, y and workspace, several GiB at once for the VAE decoder's largest
+//!   maps at batch 16-32, a spike any measurement of peak memory sees. Algorithms needing more
+//!   than [`MAX_WORKSPACE`] are passed over;
 //! - the epilogue (below), measured too.
 //!
 //! The workspace is one buffer per device and thread that only grows, shared by every plan (the
@@ -91,10 +95,19 @@ use crate::ops::select::{enabled, Kernels};
 
 mod graph;
 
-/// Largest workspace a plan may use: 1 GiB, under 1% of an H200 and 4% of a 24 GB card. The
-/// implicit-GEMM kernels that win on tensor cores need far less; only FFT-based algorithms on
-/// the VAE's largest maps at large batches want more.
-const MAX_WORKSPACE: usize = 1 << 30;
+/// Largest workspace a plan may use, and the most the algorithm search is given: 256 MiB, 2% of
+/// the VAE decoder's activations at batch 16 and 1% of a 24 GB card. The implicit-GEMM kernels
+/// that win on tensor cores need far less (kilobytes to a few MiB); the explicit-GEMM and
+/// FFT-based algorithms that want more are the slow ones in half precision. The workspace is
+/// memory the server holds (peak GPU memory is one of its targets), so it is capped, not free.
+const MAX_WORKSPACE: usize = 256 << 20;
+
+/// The algorithm search's workspace for a shape: four times its x and y together (no fast
+/// algorithm needs that much), at least 16 MiB, at most [`MAX_WORKSPACE`].
+fn find_workspace_bytes(g: &Geometry, elem_bytes: usize) -> usize {
+    let xy = (g.n * g.c * g.h * g.w + g.elems_out()) * elem_bytes;
+    xy.saturating_mul(4).clamp(16 << 20, MAX_WORKSPACE)
+}
 
 /// Calls per candidate when timing the epilogues (after one untimed warm-up call).
 const TIMED_RUNS: usize = 3;
@@ -651,10 +664,19 @@ fn math_from(v: u32) -> Option<sys::cudnnMathType_t> {
     })
 }
 
-/// Times every algorithm (`cudnnFindConvolutionForwardAlgorithm`, which uses its own buffers)
-/// and returns the usable ones, fastest first: succeeded, workspace within [`MAX_WORKSPACE`],
-/// and for f32 FMA math only (the default math may run TF32 on tensor cores).
-fn find(handle: &Handle, desc: &Descriptors, dtype: DType) -> Result<(Vec<Choice>, String)> {
+/// Times every algorithm (`cudnnFindConvolutionForwardAlgorithmEx` on this call's x and w, with y
+/// as its output and a scratch workspace of [`find_workspace_bytes`], freed afterwards) and
+/// returns the usable ones, fastest first: succeeded, workspace within [`MAX_WORKSPACE`], and for
+/// f32 FMA math only (the default math may run TF32 on tensor cores).
+fn find<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    handle: &Handle,
+    desc: &Descriptors,
+    key: &PlanKey,
+    ops: &Operands<T>,
+    y: &mut CudaSlice<T>,
+) -> Result<(Vec<Choice>, String)> {
+    let dtype = key.dtype;
     let mut max = 0i32;
     // SAFETY: live handle, valid out pointer.
     unsafe { sys::cudnnGetConvolutionForwardAlgorithmMaxCount(handle.0, &mut max) }
@@ -662,23 +684,42 @@ fn find(handle: &Handle, desc: &Descriptors, dtype: DType) -> Result<(Vec<Choice
         .map_err(failed("cudnnGetConvolutionForwardAlgorithmMaxCount"))?;
     let mut perf = vec![AlgoPerf::default(); max.max(1) as usize];
     let mut count = 0i32;
-    // SAFETY: live handle and descriptors; `perf` has room for `max` results, and AlgoPerf has
-    // the layout of cudnnConvolutionFwdAlgoPerf_t (checked above).
-    unsafe {
-        sys::cudnnFindConvolutionForwardAlgorithm(
-            handle.0,
-            desc.x.0,
-            desc.w.0,
-            desc.conv.0,
-            desc.y.0,
-            perf.len() as i32,
-            &mut count,
-            perf.as_mut_ptr()
-                .cast::<sys::cudnnConvolutionFwdAlgoPerf_t>(),
-        )
+    let ws_bytes = find_workspace_bytes(&key.geometry, key.dtype.size_in_bytes());
+    // SAFETY: scratch memory, never read before cuDNN writes it.
+    let mut ws = unsafe { dev.alloc::<u8>(ws_bytes)? };
+    let stream = dev.cuda_stream();
+    {
+        let (xp, _x_done) = ops.x.device_ptr(&stream);
+        let (wp, _w_done) = ops.w.device_ptr(&stream);
+        let (yp, _y_done) = y.device_ptr_mut(&stream);
+        let (wsp, _ws_done) = ws.device_ptr_mut(&stream);
+        // SAFETY: live handle and descriptors; x, w and y are live buffers of the sizes the
+        // descriptors give (y is overwritten later by the real call), the workspace `ws_bytes`
+        // long, all on the handle's stream; `perf` has room for `max` results, and AlgoPerf has
+        // the layout of cudnnConvolutionFwdAlgoPerf_t (checked above).
+        unsafe {
+            sys::cudnnFindConvolutionForwardAlgorithmEx(
+                handle.0,
+                desc.x.0,
+                xp as *const c_void,
+                desc.w.0,
+                wp as *const c_void,
+                desc.conv.0,
+                desc.y.0,
+                yp as *mut c_void,
+                perf.len() as i32,
+                &mut count,
+                perf.as_mut_ptr()
+                    .cast::<sys::cudnnConvolutionFwdAlgoPerf_t>(),
+                wsp as *mut c_void,
+                ws_bytes,
+            )
+        }
+        .result()
+        .map_err(failed("cudnnFindConvolutionForwardAlgorithmEx"))?;
     }
-    .result()
-    .map_err(failed("cudnnFindConvolutionForwardAlgorithm"))?;
+    // Freed now (stream-ordered), before any plan's own workspace is grown.
+    drop(ws);
     perf.truncate(count.clamp(0, perf.len() as i32) as usize);
     let report = perf
         .iter()
@@ -730,7 +771,7 @@ fn choose<T: CudaDType + DeviceRepr + WithDType>(
     // SAFETY: live descriptor.
     unsafe { dnn::set_convolution_math_type(desc.conv.0, initial) }
         .map_err(failed("cudnnSetConvolutionMathType"))?;
-    let (usable, found) = find(handle, desc, key.dtype)?;
+    let (usable, found) = find(dev, handle, desc, key, ops, y)?;
     let best = match usable.first() {
         Some(c) => *c,
         // Nothing usable (every algorithm over the workspace cap, say): implicit GEMM, which
