@@ -8,6 +8,8 @@
 //!
 //! Without a GPU the CUDA half prints "CUDA half skipped: no GPU" on stderr;
 //! `TURBINE_REQUIRE_GPU=1` (set by scripts/gpu_check.sh) turns that into a failure.
+//! gpu_check.sh also sets `TURBINE_KERNELS=all,-conv-graph`, the default kernel set of tests that
+//! do not choose one, so that cuDNN graph-API plans run only in their own test.
 
 use std::io::Write;
 

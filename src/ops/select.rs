@@ -162,7 +162,43 @@ impl std::str::FromStr for Kernels {
     }
 }
 
-static PROCESS: AtomicU32 = AtomicU32::new(Kernels::ALL.0);
+/// The process-wide choice; [`UNSET`] until [`set_kernels`] or the first [`kernels`] call.
+static PROCESS: AtomicU32 = AtomicU32::new(UNSET);
+
+/// No set has every bit: `ALL` leaves the high bits clear.
+const UNSET: u32 = u32::MAX;
+
+/// The default before any [`set_kernels`]: `TURBINE_KERNELS` from the environment (what
+/// `--kernels` reads too, so a library user, a test binary or `gpu_check.sh`'s kernel tests can
+/// narrow it without code), else [`Kernels::ALL`]. An unparsable value is reported and ignored.
+fn default_kernels() -> Kernels {
+    kernels_from_env(std::env::var("TURBINE_KERNELS").ok().as_deref())
+}
+
+fn kernels_from_env(value: Option<&str>) -> Kernels {
+    match value {
+        Some(v) => Kernels::parse(v).unwrap_or_else(|e| {
+            tracing::warn!("TURBINE_KERNELS={v:?} ignored ({e}); using all");
+            Kernels::ALL
+        }),
+        None => Kernels::ALL,
+    }
+}
+
+fn process_kernels() -> Kernels {
+    let v = PROCESS.load(Ordering::Relaxed);
+    if v != UNSET {
+        return Kernels(v);
+    }
+    // A racing set_kernels wins over the default.
+    let _ = PROCESS.compare_exchange(
+        UNSET,
+        default_kernels().0,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    Kernels(PROCESS.load(Ordering::Relaxed))
+}
 
 thread_local! {
     static THREAD: Cell<Option<Kernels>> = const { Cell::new(None) };
@@ -175,9 +211,7 @@ pub fn set_kernels(k: Kernels) {
 
 /// The choice in force on this thread.
 pub fn kernels() -> Kernels {
-    THREAD
-        .with(Cell::get)
-        .unwrap_or_else(|| Kernels(PROCESS.load(Ordering::Relaxed)))
+    THREAD.with(Cell::get).unwrap_or_else(process_kernels)
 }
 
 /// Whether `lever` is on for this thread.
@@ -230,13 +264,26 @@ mod tests {
     }
 
     #[test]
+    fn default_comes_from_the_environment_value() {
+        assert_eq!(kernels_from_env(None), Kernels::ALL);
+        assert_eq!(
+            kernels_from_env(Some("all,-conv-graph")),
+            Kernels::ALL.without(Kernels::CONV_GRAPH)
+        );
+        assert_eq!(kernels_from_env(Some("none")), Kernels::NONE);
+        // Unparsable: ignored (and logged), not a panic in library code.
+        assert_eq!(kernels_from_env(Some("warp-drive")), Kernels::ALL);
+        assert_ne!(Kernels::ALL.0, UNSET);
+    }
+
+    #[test]
     fn thread_override_is_scoped_to_the_thread() {
         let before = kernels();
         with_kernels(Kernels::NONE, || {
             assert_eq!(kernels(), Kernels::NONE);
             // Another thread still sees the process-wide choice.
             let other = std::thread::spawn(kernels).join().unwrap();
-            assert_eq!(other, Kernels(PROCESS.load(Ordering::Relaxed)));
+            assert_eq!(other, process_kernels());
             with_kernels(Kernels::GEGLU, || assert!(enabled(Kernels::GEGLU)));
             assert_eq!(kernels(), Kernels::NONE);
         });
