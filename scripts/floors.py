@@ -407,6 +407,10 @@ def levers(c: Counter, tbps: float, tflops: float = 790.0, batch: int = 8) -> di
         "ms": conv_flops / (tflops * 1e12) * (1 / CONV_MATRIX_EFFICIENCY - 1 / GRAPH_CONV_EFFICIENCY) * 1e3,
         "conv_flops": conv_flops,
     }
+    # stream-order: host time only (two CUDA events created and destroyed per allocation); at the
+    # ablation's batch the GPU sets the pace and overlap hides the host, so nothing per image.
+    # RESULTS.md gives its expected effect on the host's time per batch (batch-1 latency).
+    out["stream-order"] = {"bytes": 0, "ms": 0.0}
     return out
 
 

@@ -66,6 +66,49 @@ fn keep_freed_memory(
     Ok(())
 }
 
+/// Applies the [`Kernels::STREAM_ORDER`](crate::ops::Kernels::STREAM_ORDER) lever of this
+/// thread's kernel set to `device` (call before queueing a batch; nothing on the CPU).
+///
+/// candle runs a device on the calling thread's default stream (`CU_STREAM_PER_THREAD`), which
+/// leaves cudarc out of its multi-stream mode: it then never waits on or records the read and
+/// write events it gives every buffer, and stream order alone orders every use and every
+/// stream-ordered free. It still creates the two events at each allocation and destroys them
+/// at the free while "event tracking" is on, its default; with the lever it is off and those
+/// calls are gone. Buffers made while it was on keep their (unused) events. (The page-locked
+/// copy back of [`crate::ops::copy_to_host`] records an event of its own either way.)
+pub fn apply_stream_order(device: &Device) -> candle_core::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        let ctx = d.cuda_stream().context().clone();
+        let untracked = crate::ops::enabled(crate::ops::Kernels::STREAM_ORDER);
+        if untracked == ctx.is_event_tracking() {
+            // SAFETY: outside cudarc's multi-stream mode (turbine creates no stream of its own;
+            // see above) the tracked events are never waited on or recorded, so turning tracking
+            // off or on changes no synchronisation, only whether new buffers carry them.
+            unsafe {
+                if untracked {
+                    ctx.disable_event_tracking()
+                } else {
+                    ctx.enable_event_tracking()
+                }
+            }
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+    Ok(())
+}
+
+/// Whether cudarc tracks the uses of `device`'s buffers with events (CUDA; `false` elsewhere).
+pub fn tracks_events(device: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        return d.is_event_tracking();
+    }
+    let _ = device;
+    false
+}
+
 /// The `CUDA_COMPUTE_CAP` this binary's kernels were compiled for (e.g. "90"), recorded by
 /// `build.rs`.
 #[cfg(feature = "cuda")]

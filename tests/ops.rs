@@ -1950,6 +1950,70 @@ fn random_bytes(rng: &mut impl Rng, shape: &[usize], dev: &Device) -> (Tensor, V
     (t, bytes)
 }
 
+/// A copy back queued behind ~a hundred milliseconds of device work (CUDA; a token amount on the
+/// CPU), into a reused buffer that holds another copy's stale bytes, returns the new bytes: the
+/// wait really waits for the device.
+fn late_copy_back_matches(rng: &mut rand::rngs::StdRng, dev: &Device) {
+    let name = dev_name(dev);
+    let shape = [4, 256, 256, 3];
+    // Stale bytes in the pool: a copy of the same size, collected and given back.
+    let (stale, stale_bytes) = random_bytes(rng, &shape, dev);
+    let got = ops::copy_to_host(&stale)
+        .unwrap()
+        .wait_with(|b| b.to_vec())
+        .unwrap();
+    assert!(got == stale_bytes, "{name}");
+    drop(stale);
+    let (a, a_bytes) = random_bytes(rng, &shape, dev);
+    assert!(a_bytes != stale_bytes);
+    // Work queued ahead of the bytes: on CUDA 24 products of 4096x4096 f32 (~3 TFLOP).
+    let (n, reps) = if dev.is_cuda() { (4096, 24) } else { (64, 2) };
+    let m = Tensor::randn(0f32, 1.0 / (n as f32).sqrt(), (n, n), dev).unwrap();
+    let mut busy = m.clone();
+    for _ in 0..reps {
+        busy = busy.matmul(&m).unwrap();
+    }
+    // The bytes, recomputed on the device behind that work.
+    let late = a.to_dtype(DType::F32).unwrap().to_dtype(DType::U8).unwrap();
+    drop(a);
+    let copy = ops::copy_to_host(&late).unwrap();
+    drop(late);
+    assert_eq!(copy.is_pending(), dev.is_cuda(), "{name}");
+    let got = copy.wait_with(|b| b.to_vec()).unwrap();
+    assert!(
+        got == a_bytes,
+        "{name}: the copy back was read before the device wrote it"
+    );
+    drop(busy);
+}
+
+/// The `stream-order` lever turns cudarc's event tracking off (and back on without it), and a
+/// copy back waits for the device: behind ~a hundred milliseconds of queued work, into a reused
+/// page-locked buffer that holds another copy's stale bytes. (cudarc never records the buffer's
+/// own event on candle's per-thread stream, tracking or not: `copy_to_host` records its own.)
+#[test]
+fn stream_order_copy_back_waits_for_its_bytes() {
+    let mut rng = rng("stream order");
+    let Some(dev) = devices("stream order").into_iter().find(|d| d.is_cuda()) else {
+        return;
+    };
+    ops::with_kernels(ops::Kernels::ALL, || {
+        turbine::device::apply_stream_order(&dev).unwrap();
+        assert!(
+            !turbine::device::tracks_events(&dev),
+            "the lever left tracking on"
+        );
+        late_copy_back_matches(&mut rng, &dev);
+    });
+    ops::with_kernels(
+        ops::Kernels::ALL.without(ops::Kernels::STREAM_ORDER),
+        || {
+            turbine::device::apply_stream_order(&dev).unwrap();
+            assert!(turbine::device::tracks_events(&dev), "tracking stayed off");
+        },
+    );
+}
+
 #[test]
 fn copy_to_host_returns_the_bytes_of_each_copy() {
     let mut rng = rng("copy_to_host");
@@ -1999,6 +2063,8 @@ fn copy_to_host_returns_the_bytes_of_each_copy() {
         let f = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
         let err = ops::copy_to_host(&f).err().unwrap().to_string();
         assert!(err.contains("u8 tensors only"), "{name}: {err}");
+
+        late_copy_back_matches(&mut rng, &dev);
     }
 }
 

@@ -111,6 +111,7 @@ LEVER_OF_TEST = [
     ("conv2d", "conv"),
     ("attention", "attention"),
     ("to_rgb8", "postprocess"),
+    ("stream_order", "stream-order"),
     ("copy_to_host", "overlap"),
 ]
 

@@ -29,8 +29,8 @@ pub fn load_pipeline(model: &ModelArgs, device: &Device, dtype: DType) -> anyhow
 pub struct KernelArgs {
     /// turbine's own kernels to use: `all`, `none` (candle's ops only, the baseline), or a
     /// comma-separated list of group-norm, geglu, attention, conv, channels-last,
-    /// bias-residual, postprocess, flash, overlap, upsample-conv, conv-graph; `-name` removes one
-    /// (`all,-flash`).
+    /// bias-residual, postprocess, flash, overlap, upsample-conv, conv-graph, stream-order;
+    /// `-name` removes one (`all,-flash`).
     #[arg(long, env = "TURBINE_KERNELS", default_value = "all", value_parser = crate::ops::Kernels::parse)]
     pub kernels: crate::ops::Kernels,
 }

@@ -363,6 +363,7 @@ impl Pipeline {
         noise: Option<&NoiseOverride>,
     ) -> anyhow::Result<PendingBatch> {
         self.validate(settings, items.len())?;
+        crate::device::apply_stream_order(&self.device)?;
         let n = items.len();
         let guidance = settings.uses_guidance();
         let (c, lh, lw) = self.latent_shape(settings);

@@ -77,7 +77,8 @@ impl Drop for HostCopy {
 mod cuda {
     use std::sync::{Arc, Mutex};
 
-    use candle_core::cuda_backend::cudarc::driver::{CudaContext, PinnedHostSlice};
+    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+    use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaEvent, PinnedHostSlice};
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
     use candle_core::{bail, Result, Storage, Tensor};
 
@@ -87,12 +88,13 @@ mod cuda {
 
     static POOL: Mutex<Vec<PinnedHostSlice<u8>>> = Mutex::new(Vec::new());
 
-    /// A page-locked buffer with a copy queued into it.
-    pub struct Pinned(PinnedHostSlice<u8>);
+    /// A page-locked buffer with a copy queued into it, and an event recorded after the copy.
+    pub struct Pinned(PinnedHostSlice<u8>, CudaEvent);
 
     impl Pinned {
-        /// The bytes, once the copy is done (waits on the event the copy recorded).
+        /// The bytes, once the copy is done (waits on the event recorded after it).
         pub fn wait(&self) -> Result<&[u8]> {
+            self.1.synchronize().w()?;
             self.0.as_slice().w()
         }
     }
@@ -105,10 +107,16 @@ mod cuda {
         let src = super::super::cuda::contiguous_view::<u8>(s, layout, "copy_to_host tensor")?;
         let stream = dev.cuda_stream();
         let mut host = take(stream.context(), src.len())?;
-        // Queued on the stream after the kernels that wrote `src`; records `host`'s event, which
-        // `wait` (and any later copy into the same buffer) waits on.
+        // Queued on the stream after the kernels that wrote `src`. cudarc records `host`'s own
+        // event only in its multi-stream mode, which candle's per-thread stream never enters:
+        // its `as_slice` would then return at once, before the copy has run. So the copy's end
+        // gets an event of its own, which `wait` waits on. A later copy into the same buffer is
+        // queued on the same stream, after this one.
         stream.memcpy_dtoh(&src, &mut host).w()?;
-        Ok(Pinned(host))
+        let done = stream
+            .record_event(Some(CUevent_flags::CU_EVENT_BLOCKING_SYNC))
+            .w()?;
+        Ok(Pinned(host, done))
     }
 
     /// An idle pooled buffer of exactly `len` bytes in `ctx`, or a new one.
@@ -130,9 +138,13 @@ mod cuda {
         unsafe { ctx.alloc_pinned_with_flags::<u8>(len, 0) }.w()
     }
 
-    /// Returns a buffer to the pool (its copy may still be running: the next copy into it and
-    /// every read wait for its event).
+    /// Returns a buffer to the pool, once its copy is done.
     pub fn give_back(p: Pinned) {
+        // A copy dropped unread may still be running: it ends before its buffer is reused or
+        // freed (freeing page-locked memory under a running copy is undefined, and the
+        // buffer's own event, which cudarc's free waits on, was never recorded). Immediate
+        // when the bytes were read.
+        let _ = p.1.synchronize();
         let evicted = {
             let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
             pool.push(p.0);

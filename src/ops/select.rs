@@ -60,13 +60,20 @@ impl Kernels {
     /// effect only with [`Self::CONV`] too, on CUDA, in f16/bf16 and in a `cudnn` build: measure
     /// it as `all` against `all,-conv-graph`.
     pub const CONV_GRAPH: Self = Self(1 << 10);
+    /// Allocations on a device skip cudarc's per-buffer events
+    /// ([`crate::device::apply_stream_order`]): candle runs each device on the calling thread's
+    /// default stream, where cudarc never waits on or records those events (they serve its
+    /// multi-stream mode, which that stream does not enter), yet it creates two per allocation
+    /// and destroys them at the free: four driver calls per op on the host, for nothing. Host
+    /// time only (batch-1 latency, the text encoders' small ops); CUDA.
+    pub const STREAM_ORDER: Self = Self(1 << 11);
 
     pub const NONE: Self = Self(0);
-    pub const ALL: Self = Self((1 << 11) - 1);
+    pub const ALL: Self = Self((1 << 12) - 1);
 
     /// Every lever with its `--kernels` name, in a stable order (new levers go last, so earlier
     /// ablation tables keep their row order).
-    pub const NAMED: [(&'static str, Self); 11] = [
+    pub const NAMED: [(&'static str, Self); 12] = [
         ("group-norm", Self::GROUP_NORM),
         ("geglu", Self::GEGLU),
         ("attention", Self::ATTENTION),
@@ -78,6 +85,7 @@ impl Kernels {
         ("overlap", Self::OVERLAP),
         ("upsample-conv", Self::UPSAMPLE_CONV),
         ("conv-graph", Self::CONV_GRAPH),
+        ("stream-order", Self::STREAM_ORDER),
     ];
 
     pub fn contains(self, other: Self) -> bool {
