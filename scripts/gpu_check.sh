@@ -166,7 +166,13 @@ t = r["turbine"]
 levers = t["kernels"].split(",")
 assert "geglu" not in levers and "group-norm" in levers and "overlap" in levers, t["kernels"]
 sets = [a["kernels"] for a in t["ablation"]]
-assert len(sets) == 2 + 2 * len(levers) and not any("geglu" in s for s in sets), sets
+assert not any("geglu" in s for s in sets), sets
+# The run's set without each of its levers, then the levers that work alone.
+without = [a["lever"] for a in t["ablation"] if a["role"] == "without"]
+alone = [a["lever"] for a in t["ablation"] if a["role"] == "alone"]
+assert without == levers, (without, levers)
+assert set(alone) < set(levers) and "group-norm" in alone and "flash" not in alone, alone
+assert len(sets) == 2 + len(without) + len(alone), sets
 assert not t["failures"], t["failures"]
 assert [p["kernels"] for p in t["profiles"]] == [t["kernels"], "none"], t["profiles"]
 assert r["eager"]["profile"]["kinds_ms"]["conv"] > 0, r["eager"]["profile"]

@@ -263,11 +263,29 @@ fn ablation_measures_every_kernel_set_and_compares_pictures() {
     assert_eq!(report.kernels, "all");
     let names: Vec<&str> = report.ablation.iter().map(|r| r.kernels.as_str()).collect();
     let levers = Kernels::NAMED.len();
-    assert_eq!(names.len(), 2 + 2 * levers, "{names:?}");
-    assert_eq!(&names[..3], ["none", "all", "group-norm"]);
+    let independent = Kernels::NAMED
+        .iter()
+        .filter(|(_, k)| k.prerequisites() == Kernels::NONE)
+        .count();
+    assert_eq!(names.len(), 2 + levers + independent, "{names:?}");
+    let roles: Vec<(&str, Option<&str>)> = report
+        .ablation
+        .iter()
+        .map(|r| (r.role.as_str(), r.lever.as_deref()))
+        .collect();
+    assert_eq!(
+        &roles[..3],
+        [
+            ("none", None),
+            ("all", None),
+            ("without", Some("group-norm"))
+        ]
+    );
     let all_but_group_norm = Kernels::ALL.without(Kernels::GROUP_NORM).to_string();
     assert!(all_but_group_norm.starts_with("geglu,attention,conv,channels-last,"));
-    assert!(names.contains(&all_but_group_norm.as_str()), "{names:?}");
+    assert_eq!(&names[..3], ["none", "all", all_but_group_norm.as_str()]);
+    assert_eq!(roles[2 + levers], ("alone", Some("group-norm")));
+    assert_eq!(names[2 + levers], "group-norm");
     for r in &report.ablation {
         assert_eq!(r.row.batch, 2);
         assert!(r.row.images_per_s > 0.0, "{r:?}");
@@ -282,7 +300,11 @@ fn ablation_measures_every_kernel_set_and_compares_pictures() {
     }
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
-        stdout.contains("| kernels | batch | images/s | vs none |"),
+        stdout.contains("| set | kernels | batch | images/s | vs none |"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| all but group-norm | geglu,attention,"),
         "{stdout}"
     );
     assert!(

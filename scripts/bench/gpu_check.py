@@ -227,7 +227,8 @@ def table(res, batches):
 
 
 def ablation_table(res):
-    """turbine's kernel ablation: measured ms/image of each lever next to its prediction."""
+    """turbine's kernel ablation: each set's speed, and on the rows of one lever (`all but X`,
+    `X alone`) what that lever saved next to its prediction."""
     rows = (res.get("turbine") or {}).get("ablation") or []
     if not rows:
         return ""
@@ -235,25 +236,27 @@ def ablation_table(res):
     by = {r["kernels"]: r["row"] for r in rows}
     # The second set is the run's --kernels (`all`, or all but the levers left out).
     none, every = by.get("none"), (rows[1]["row"] if len(rows) > 1 else None)
-    lines = ["| kernels | batch | images/s | vs none | ms/image | text ms | unet ms | vae ms "
+    without = without_rows(rows)
+    lines = ["| set | kernels | batch | images/s | vs none | ms/image | text ms | unet ms | vae ms "
              "| max diff vs none | mean diff vs none | lever alone saves ms/image | lever in all saves "
              "ms/image | predicted ms/image |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         row, k = r["row"], r["kernels"]
+        role, lever = row_role(r, rows)
         rel = f"{row['images_per_s'] / none['images_per_s']:.2f}x" if none else "-"
         alone = in_all = pred = "-"
-        lever = preds.get(k, {})
-        if lever and none:
+        if lever:
+            pred = f"{(preds.get(lever) or {}).get('predicted_ms_per_image', '-')}"
+        if role == "alone" and none:
             alone = f"{none['ms_per_image'] - row['ms_per_image']:.2f}"
-            without = all_but(by, every_names(rows), k)
-            if without and every:
-                in_all = f"{without['ms_per_image'] - every['ms_per_image']:.2f}"
-            pred = f"{lever.get('predicted_ms_per_image', '-')}"
-        lines.append(f"| {k} | {row['batch']} | {row['images_per_s']:.2f} | {rel} | {row['ms_per_image']:.2f} "
-                     f"| {row['text_encode_ms']:.1f} | {row['unet_ms']:.1f} | {row['vae_decode_ms']:.1f} "
-                     f"| {dash(r['max_diff_vs_none'])} | {dash(r['mean_diff_vs_none'], '.3f')} | {alone} | {in_all} "
-                     f"| {pred} |")
+        if role in ("alone", "without") and lever in without and every:
+            in_all = f"{without[lever]['ms_per_image'] - every['ms_per_image']:.2f}"
+        label = {"without": f"all but {lever}", "alone": f"{lever} alone"}.get(role, role)
+        lines.append(f"| {label} | {k} | {row['batch']} | {row['images_per_s']:.2f} | {rel} "
+                     f"| {row['ms_per_image']:.2f} | {row['text_encode_ms']:.1f} | {row['unet_ms']:.1f} "
+                     f"| {row['vae_decode_ms']:.1f} | {dash(r['max_diff_vs_none'])} "
+                     f"| {dash(r['mean_diff_vs_none'], '.3f')} | {alone} | {in_all} | {pred} |")
     return "\n".join(lines)
 
 
@@ -298,15 +301,34 @@ def compile_order(batches, res):
     return list(dict.fromkeys([b for b in first if b in batches] + rest))
 
 
-def all_but(by, names, lever):
-    """The ablation row of the run's set without `lever`: turbine prints that set as the other
-    levers' names, in the same order (`none` when nothing is left)."""
-    return by.get(",".join(n for n in names if n != lever) or "none")
+def row_role(r, rows):
+    """(role, lever) of an ablation row: `turbine bench` names them (`none`, `all`, `without`,
+    `alone`); reports from before it did are read by their kernel strings (a single name is that
+    lever alone, the set of all levers but one is `without` that one)."""
+    if r.get("role"):
+        return r["role"], r.get("lever")
+    k = r["kernels"]
+    if k == "none":
+        return "none", None
+    if rows and r is rows[1]:
+        return "all", None
+    names = [x["kernels"] for x in rows if x["kernels"] not in ("none", "all") and "," not in x["kernels"]]
+    if k in names:
+        return "alone", k
+    for lever in names:
+        if k == (",".join(n for n in names if n != lever) or "none"):
+            return "without", lever
+    return "", None
 
 
-def every_names(rows):
-    """The lever names: the single-lever sets of the ablation."""
-    return [r["kernels"] for r in rows if r["kernels"] not in ("none", "all") and "," not in r["kernels"]]
+def without_rows(rows):
+    """lever -> the ablation row of the run's set without that lever."""
+    out = {}
+    for r in rows:
+        role, lever = row_role(r, rows)
+        if role == "without" and lever:
+            out[lever] = r["row"]
+    return out
 
 
 def slower_levers(res, margin=0.02):
@@ -315,15 +337,9 @@ def slower_levers(res, margin=0.02):
     rows = (res.get("turbine") or {}).get("ablation") or []
     if len(rows) < 2:
         return []
-    by = {r["kernels"]: r["row"] for r in rows}
     every = rows[1]["row"]
-    names = every_names(rows)
-    out = []
-    for k in names:
-        without = all_but(by, names, k)
-        if without and without["images_per_s"] > every["images_per_s"] * (1 + margin):
-            out.append(k)
-    return out
+    return [lever for lever, without in without_rows(rows).items()
+            if without["images_per_s"] > every["images_per_s"] * (1 + margin)]
 
 
 def turbine_best(res):

@@ -178,6 +178,30 @@ class Report(unittest.TestCase):
         self.assertIn("by kind of layer", md)
         self.assertIn("one set at a time", md)
 
+    def test_ablation_rows_with_roles(self):
+        def abl(kernels, ips, role, lever=None):
+            return {"kernels": kernels, "role": role, "lever": lever, "row": row(8, ips),
+                    "max_diff_vs_none": 0, "mean_diff_vs_none": 0.0}
+
+        res = self.res()
+        # The set without each lever first, then the levers that work alone (flash needs
+        # attention: it has no row of its own).
+        res["turbine"]["ablation"] = [
+            abl("none", 50, "none"), abl("all", 100, "all"),
+            abl("attention,flash", 80, "without", "conv"), abl("conv,flash", 90, "without", "attention"),
+            abl("conv,attention", 104, "without", "flash"), abl("conv", 60, "alone", "conv")]
+        self.assertEqual(g.slower_levers(res), ["flash"])
+        a = g.ablation_table(res)
+        # all but conv: 12.5 ms/image against all's 10.0; conv alone: 20.0 - 16.67 against none.
+        self.assertIn("| all but conv | attention,flash | 8 | 80.00 | 1.60x | 12.50 |", a)
+        self.assertIn("| 2.50 |", a)
+        self.assertIn("| conv alone | conv | 8 | 60.00 | 1.20x | 16.67 |", a)
+        self.assertIn("| 3.33 | 2.50 |", a)
+        self.assertIn("| all but flash | conv,attention |", a)
+        # Truncated before any `alone` row: the `without` rows still name their levers.
+        res["turbine"]["ablation"] = res["turbine"]["ablation"][:4]
+        self.assertEqual(sorted(g.without_rows(res["turbine"]["ablation"])), ["attention", "conv"])
+
     def test_tuned_run_drops_slower_levers_and_can_hold_the_peak(self):
         def abl(kernels, ips):
             return {"kernels": kernels, "row": row(8, ips), "max_diff_vs_none": 0, "mean_diff_vs_none": 0.0}

@@ -86,10 +86,10 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// After the sweep, measure this batch size once per kernel set — `none` (candle's ops),
-    /// the --kernels set, each of its levers alone and the set without each of its levers; one
-    /// warm-up and --runs timed runs each — and compare every set's images with those of
-    /// `none`: what each lever gains, and that it does not change the pictures. A set that
-    /// fails is listed and the others still run.
+    /// the --kernels set, the set without each of its levers, then each lever alone (except
+    /// those that take effect only with another); one warm-up and --runs timed runs each — and
+    /// compare every set's images with those of `none`: what each lever gains, and that it
+    /// does not change the pictures. A set that fails is listed and the others still run.
     #[arg(long)]
     pub ablate: Option<usize>,
     /// After the sweep, record where one batch of this size spends its device time, by stage
@@ -152,6 +152,13 @@ pub struct Row {
 pub struct AblationRow {
     /// The set, as `--kernels` would take it.
     pub kernels: String,
+    /// What the set is ([`AblationSet::role`]): `none`, `all` (the run's `--kernels`),
+    /// `without` (that set less `lever`) or `alone` (`lever` by itself).
+    #[serde(default)]
+    pub role: String,
+    /// The lever a `without` or `alone` set is about.
+    #[serde(default)]
+    pub lever: Option<String>,
     pub row: Row,
     /// 8-bit difference of this set's images from those of `none`, all images of the batch
     /// (absent when `none` itself failed: there is nothing to compare with).
@@ -353,24 +360,50 @@ pub fn render_table(rows: &[Row]) -> String {
     s
 }
 
+/// One kernel set of `--ablate` and what it measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AblationSet {
+    pub kernels: Kernels,
+    /// `none`, `all`, `without` or `alone` (see [`AblationRow::role`]).
+    pub role: &'static str,
+    pub lever: Option<&'static str>,
+}
+
 /// `--ablate`'s kernel sets within `within` (the `--kernels` of the run): the baseline first
-/// (the others' images are compared with it), then `within`, each of its levers alone, and
-/// `within` without each of its levers; no set twice. A lever left out of `--kernels` (say its
-/// kernel test failed on this GPU) is left out of the ablation too, so it cannot take the other
-/// sets' figures down with it.
-pub fn ablation_sets(within: Kernels) -> Vec<Kernels> {
-    let levers: Vec<Kernels> = Kernels::NAMED
+/// (the others' images are compared with it), then `within`, `within` without each of its
+/// levers (what each lever is worth among the others: the figures the tuned run of
+/// scripts/gpu_check.sh acts on, so they come before the rest, should time run out), then each
+/// lever alone, except those that take effect only with another lever
+/// ([`Kernels::prerequisites`]: alone they would time `none` again); no set twice. A lever left
+/// out of `--kernels` (say its kernel test failed on this GPU) is left out of the ablation too,
+/// so it cannot take the other sets' figures down with it.
+pub fn ablation_sets(within: Kernels) -> Vec<AblationSet> {
+    let levers: Vec<(&'static str, Kernels)> = Kernels::NAMED
         .iter()
-        .map(|(_, k)| *k)
-        .filter(|k| within.contains(*k))
+        .copied()
+        .filter(|(_, k)| within.contains(*k))
         .collect();
-    let mut sets = vec![Kernels::NONE, within];
-    sets.extend(levers.iter().copied());
-    sets.extend(levers.iter().map(|k| within.without(*k)));
+    let set = |kernels, role, lever| AblationSet {
+        kernels,
+        role,
+        lever,
+    };
+    let mut sets = vec![set(Kernels::NONE, "none", None), set(within, "all", None)];
+    sets.extend(
+        levers
+            .iter()
+            .map(|&(name, k)| set(within.without(k), "without", Some(name))),
+    );
+    sets.extend(
+        levers
+            .iter()
+            .filter(|(_, k)| k.prerequisites() == Kernels::NONE)
+            .map(|&(name, k)| set(k, "alone", Some(name))),
+    );
     let mut seen = Vec::with_capacity(sets.len());
-    sets.retain(|k| {
-        let new = !seen.contains(k);
-        seen.push(*k);
+    sets.retain(|s| {
+        let new = !seen.contains(&s.kernels);
+        seen.push(s.kernels);
         new
     });
     sets
@@ -405,10 +438,16 @@ pub fn render_ablation(rows: &[AblationRow]) -> String {
         .find(|r| r.kernels == "none")
         .map(|r| r.row.images_per_s);
     let mut s = String::from(
-        "| kernels | batch | images/s | vs none | text enc ms | unet ms | vae ms | max diff vs none | mean diff vs none |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| set | kernels | batch | images/s | vs none | text enc ms | unet ms | vae ms | max diff vs none | mean diff vs none |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
+        let set = match (r.role.as_str(), &r.lever) {
+            ("without", Some(l)) => format!("all but {l}"),
+            ("alone", Some(l)) => format!("{l} alone"),
+            ("", _) => "-".to_string(),
+            (role, _) => role.to_string(),
+        };
         let rel = base
             .filter(|b| *b > 0.0)
             .map(|b| format!("{:.2}x", r.row.images_per_s / b))
@@ -418,7 +457,7 @@ pub fn render_ablation(rows: &[AblationRow]) -> String {
             .mean_diff_vs_none
             .map_or("-".into(), |m| format!("{m:.3}"));
         s.push_str(&format!(
-            "| {} | {} | {:.2} | {} | {:.1} | {:.1} | {:.1} | {} | {} |\n",
+            "| {set} | {} | {} | {:.2} | {} | {:.1} | {:.1} | {:.1} | {} | {} |\n",
             r.kernels,
             r.row.batch,
             r.row.images_per_s,
@@ -590,8 +629,13 @@ fn measure_all(
         return Ok(());
     };
     let mut baseline: Option<Vec<image::RgbImage>> = None;
-    for set in ablation_sets(crate::ops::kernels()) {
-        // Lighter than the sweep (18 sets): one warm-up (the first of a set builds its plans
+    for AblationSet {
+        kernels: set,
+        role,
+        lever,
+    } in ablation_sets(crate::ops::kernels())
+    {
+        // Lighter than the sweep (~20 sets): one warm-up (the first of a set builds its plans
         // and kernels), then the timed runs.
         match crate::ops::with_kernels(set, || guarded(b, false, (1, timing.1, 0.0))) {
             Ok((row, images)) => {
@@ -606,6 +650,8 @@ fn measure_all(
                 };
                 report.ablation.push(AblationRow {
                     kernels: set.to_string(),
+                    role: role.to_string(),
+                    lever: lever.map(str::to_string),
                     row,
                     max_diff_vs_none: max,
                     mean_diff_vs_none: mean,
@@ -1232,8 +1278,8 @@ mod tests {
             if crate::ops::enabled(Kernels::GEGLU) && k != Kernels::ALL {
                 anyhow::bail!("geglu kernel failed");
             }
-            if k == Kernels::FLASH {
-                panic!("flash kernel panicked");
+            if k == Kernels::GROUP_NORM {
+                panic!("group-norm kernel panicked");
             }
             // One pixel per set: 10 + its lever count.
             let v = 10 + levers_in(k) as u8;
@@ -1268,9 +1314,12 @@ mod tests {
         let batches: Vec<usize> = report.rows.iter().map(|r| r.batch).collect();
         assert_eq!(batches, [1, 4]);
         assert_eq!(kept, [(1, 1), (4, 4)]);
-        // Every set ran; the ones with geglu (other than `all`) failed and `flash` alone
+        // Every set ran; the ones with geglu (other than `all`) failed and `group-norm` alone
         // panicked, and both were recorded.
-        let sets = ablation_sets(Kernels::ALL);
+        let sets: Vec<Kernels> = ablation_sets(Kernels::ALL)
+            .iter()
+            .map(|s| s.kernels)
+            .collect();
         assert_eq!(calls.len(), 3 + sets.len());
         let failed: Vec<(&str, usize, &str)> = report
             .failures
@@ -1284,7 +1333,7 @@ mod tests {
         let failing_sets: Vec<String> = sets
             .iter()
             .filter(|k| {
-                (k.contains(Kernels::GEGLU) && **k != Kernels::ALL) || **k == Kernels::FLASH
+                (k.contains(Kernels::GEGLU) && **k != Kernels::ALL) || **k == Kernels::GROUP_NORM
             })
             .map(|k| k.to_string())
             .collect();
@@ -1296,9 +1345,9 @@ mod tests {
         let panicked = report
             .failures
             .iter()
-            .find(|f| f.kernels == "flash")
+            .find(|f| f.kernels == "group-norm")
             .unwrap();
-        assert_eq!(panicked.error, "panicked: flash kernel panicked");
+        assert_eq!(panicked.error, "panicked: group-norm kernel panicked");
         assert_eq!(report.ablation.len(), sets.len() - failing_sets.len());
         // Diffs against `none`: one pixel value per lever.
         for r in &report.ablation {
@@ -1320,23 +1369,45 @@ mod tests {
 
     #[test]
     fn ablation_sets_stay_within_the_kernels_asked_for() {
+        let kernels = |sets: &[AblationSet]| sets.iter().map(|s| s.kernels).collect::<Vec<_>>();
+        let levers = Kernels::NAMED.len();
+        let independent = Kernels::NAMED
+            .iter()
+            .filter(|(_, k)| k.prerequisites() == Kernels::NONE)
+            .count();
+        assert_eq!(independent, levers - 4);
         let all = ablation_sets(Kernels::ALL);
-        assert_eq!(all.len(), 2 + 2 * Kernels::NAMED.len());
-        assert_eq!(&all[..2], [Kernels::NONE, Kernels::ALL]);
+        assert_eq!(all.len(), 2 + levers + independent);
+        assert_eq!(kernels(&all[..2]), [Kernels::NONE, Kernels::ALL]);
+        assert_eq!((all[0].role, all[1].role), ("none", "all"));
+        // Every set without one lever comes before any lever alone.
+        for (i, (name, k)) in Kernels::NAMED.iter().enumerate() {
+            let s = all[2 + i];
+            assert_eq!(
+                (s.kernels, s.role, s.lever),
+                (Kernels::ALL.without(*k), "without", Some(*name))
+            );
+        }
+        let alone: Vec<&str> = all[2 + levers..].iter().map(|s| s.lever.unwrap()).collect();
+        assert!(all[2 + levers..].iter().all(|s| s.role == "alone"));
+        for name in ["channels-last", "conv-graph", "flash", "overlap"] {
+            assert!(!alone.contains(&name), "{name} alone times none again");
+        }
+        assert_eq!(alone[0], "group-norm");
+
         let some: Kernels = "all,-flash,-conv".parse().unwrap();
         let sets = ablation_sets(some);
-        assert_eq!(sets.len(), 2 + 2 * (Kernels::NAMED.len() - 2));
         assert!(sets
             .iter()
-            .all(|k| !k.contains(Kernels::FLASH) && !k.contains(Kernels::CONV)));
-        assert_eq!(sets[1], some);
-        assert!(sets.contains(&some.without(Kernels::GEGLU)));
+            .all(|s| !s.kernels.contains(Kernels::FLASH) && !s.kernels.contains(Kernels::CONV)));
+        assert_eq!(sets[1].kernels, some);
+        assert!(kernels(&sets).contains(&some.without(Kernels::GEGLU)));
         // One lever: the set and the lever alone are the same, the set without it is `none`.
         assert_eq!(
-            ablation_sets(Kernels::GEGLU),
+            kernels(&ablation_sets(Kernels::GEGLU)),
             [Kernels::NONE, Kernels::GEGLU]
         );
-        assert_eq!(ablation_sets(Kernels::NONE), [Kernels::NONE]);
+        assert_eq!(kernels(&ablation_sets(Kernels::NONE)), [Kernels::NONE]);
     }
 
     /// `--profile` runs after the sweep, under the run's kernels and then `none`; a failing

@@ -88,6 +88,23 @@ impl Kernels {
         ("stream-order", Self::STREAM_ORDER),
     ];
 
+    /// The levers these take effect only with, beyond themselves: `conv` for `channels-last`
+    /// and `conv-graph`, `attention` for `flash`, `postprocess` for `overlap`.
+    pub fn prerequisites(self) -> Self {
+        let mut needs = Self::NONE;
+        for (lever, needed) in [
+            (Self::CHANNELS_LAST, Self::CONV),
+            (Self::CONV_GRAPH, Self::CONV),
+            (Self::FLASH, Self::ATTENTION),
+            (Self::OVERLAP, Self::POSTPROCESS),
+        ] {
+            if self.contains(lever) {
+                needs = needs.union(needed);
+            }
+        }
+        needs.without(self)
+    }
+
     pub fn contains(self, other: Self) -> bool {
         self.0 & other.0 == other.0
     }
@@ -269,6 +286,21 @@ mod tests {
             "{e}"
         );
         assert!(Kernels::parse(" , ").is_err());
+    }
+
+    #[test]
+    fn prerequisites_of_the_levers_that_need_another() {
+        assert_eq!(Kernels::CHANNELS_LAST.prerequisites(), Kernels::CONV);
+        assert_eq!(Kernels::CONV_GRAPH.prerequisites(), Kernels::CONV);
+        assert_eq!(Kernels::FLASH.prerequisites(), Kernels::ATTENTION);
+        assert_eq!(Kernels::OVERLAP.prerequisites(), Kernels::POSTPROCESS);
+        assert_eq!(Kernels::GROUP_NORM.prerequisites(), Kernels::NONE);
+        // What a set holds already is not a prerequisite.
+        assert_eq!(Kernels::ALL.prerequisites(), Kernels::NONE);
+        assert_eq!(
+            Kernels::FLASH.union(Kernels::OVERLAP).prerequisites(),
+            Kernels::ATTENTION.union(Kernels::POSTPROCESS)
+        );
     }
 
     #[test]
