@@ -153,6 +153,10 @@ fn tensor(uid: i64, dt: sys::cudnnDataType_t, dims: [i64; 4], channels_last: boo
 /// A finalized execution plan and every descriptor it was built from (kept alive with it).
 pub(super) struct GraphPlan {
     plan: Desc,
+    /// The last call's variant pack and the pointers it holds (x, w, y, workspace): the
+    /// stream-ordered pool tends to hand a shape the same addresses batch after batch, and a
+    /// pack is six cuDNN calls to build.
+    last_pack: std::cell::RefCell<Option<([u64; 4], Desc)>>,
     _cfg: Desc,
     _graph: std::rc::Rc<Vec<Desc>>,
     /// Workspace bytes the plan needs.
@@ -398,6 +402,7 @@ fn plan_for(
     }
     Ok(Ok(GraphPlan {
         plan,
+        last_pack: std::cell::RefCell::new(None),
         _cfg: cfg,
         _graph: keep.clone(),
         workspace,
@@ -419,6 +424,23 @@ pub(super) unsafe fn execute(
     y: u64,
     workspace: *mut c_void,
 ) -> Result<()> {
+    let key = [x, w, y, workspace as u64];
+    let mut last = plan.last_pack.borrow_mut();
+    if !matches!(&*last, Some((k, _)) if *k == key) {
+        *last = Some((key, variant_pack(x, w, y, workspace)?));
+    }
+    let Some((_, pack)) = &*last else {
+        bail!("conv2d graph: no variant pack (this is a bug)")
+    };
+    // SAFETY: live handle, finalized plan and pack; the pointers per this function's contract.
+    check(
+        unsafe { sys::cudnnBackendExecute(handle, plan.plan.0, pack.0) },
+        || "execute".to_string(),
+    )
+}
+
+/// A finalized variant pack binding x, w, y and the workspace to the plan's tensors.
+fn variant_pack(x: u64, w: u64, y: u64, workspace: *mut c_void) -> Result<Desc> {
     let pack = Desc::new(D::CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR)?;
     pack.set(
         A::CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS,
@@ -437,9 +459,5 @@ pub(super) unsafe fn execute(
         &[workspace],
     )?;
     pack.finalize("variant pack")?;
-    // SAFETY: live handle, finalized plan and pack; the pointers per this function's contract.
-    check(
-        unsafe { sys::cudnnBackendExecute(handle, plan.plan.0, pack.0) },
-        || "execute".to_string(),
-    )
+    Ok(pack)
 }
