@@ -80,7 +80,7 @@ use candle_core::cuda_backend::cudarc::driver::result::memset_d8_async;
 use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
-    PushKernelArg,
+    PushKernelArg, SyncOnDrop,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
 use candle_core::op::BackpropOp;
@@ -829,27 +829,29 @@ fn choose<T: CudaDType + DeviceRepr + WithDType>(
             Err(e) => (None, format!(" fused refused: {e};")),
         },
     };
-    let choice = match (key.mode, fused) {
+    // The chosen legacy call's time, when it was measured (the graph plans are weighed against
+    // it).
+    let (choice, measured) = match (key.mode, fused) {
         (ConvEpilogue::Measure, Some(f)) => {
             let stream = dev.cuda_stream();
             let t_fused = time_ms(&stream, || run(f, y, workspace))?;
             let t_prefill = time_ms(&stream, || run(best, y, workspace))?;
             note = format!(" fused {t_fused:.3}ms, prefill {t_prefill:.3}ms;");
             if t_fused <= t_prefill {
-                f
+                (f, Some(t_fused))
             } else {
-                best
+                (best, Some(t_prefill))
             }
         }
-        (_, Some(f)) => f,
-        (_, None) => best,
+        (_, Some(f)) => (f, None),
+        (_, None) => (best, None),
     };
     // SAFETY: live descriptor.
     unsafe { dnn::set_convolution_math_type(desc.conv.0, choice.math) }
         .map_err(failed("cudnnSetConvolutionMathType"))?;
     // A graph plan's failure leaves the legacy choice, never the shape unplanned.
     let (graph, graph_note) = if key.graph {
-        choose_graph(dev, handle, desc, key, ops, y, workspace, choice)
+        choose_graph(dev, handle, desc, key, ops, y, workspace, choice, measured)
             .unwrap_or_else(|e| (None, format!(" graph: failed ({e});")))
     } else {
         (None, String::new())
@@ -860,7 +862,8 @@ fn choose<T: CudaDType + DeviceRepr + WithDType>(
 /// The graph-API plan for the shape, if one passes: each candidate ([`graph::candidates`]) runs
 /// once on this call's buffers and its output is compared with `legacy`'s at both ends of y
 /// ([`GRAPH_PROBE`] elements each); those that agree are timed, and the fastest is kept if it
-/// beats `legacy` (or in any case under [`ConvEpilogue::Graph`]). Returns it and a note.
+/// beats `legacy` (or in any case under [`ConvEpilogue::Graph`]), whose time is `legacy_ms` when
+/// it was measured already. Returns it and a note.
 #[allow(clippy::too_many_arguments)]
 fn choose_graph<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
@@ -871,6 +874,7 @@ fn choose_graph<T: CudaDType + DeviceRepr + WithDType>(
     y: &mut CudaSlice<T>,
     workspace: &mut Option<CudaSlice<u8>>,
     legacy: Choice,
+    legacy_ms: Option<f32>,
 ) -> Result<(Option<graph::GraphPlan>, String)> {
     let (g, p) = (&key.geometry, &key.params);
     let (candidates, listed) = match graph::candidates(
@@ -925,9 +929,12 @@ fn choose_graph<T: CudaDType + DeviceRepr + WithDType>(
     let Some((plan, t_graph)) = best else {
         return Ok((None, format!(" graph: none agreed ({tried}; {listed});")));
     };
-    let t_legacy = time_ms(&stream, || {
-        launch(dev, handle, desc, legacy, ops, y, workspace, g, p)
-    })?;
+    let t_legacy = match legacy_ms {
+        Some(t) => t,
+        None => time_ms(&stream, || {
+            launch(dev, handle, desc, legacy, ops, y, workspace, g, p)
+        })?,
+    };
     let forced = key.mode == ConvEpilogue::Graph;
     let use_graph = forced || t_graph < t_legacy;
     let note = format!(
@@ -985,21 +992,33 @@ fn launch_graph<T: CudaDType + DeviceRepr + WithDType>(
     if !aligned(&[xp, wp, yp]) {
         bail!("conv2d: a graph plan on unaligned pointers (this is a bug)");
     }
-    let (ws_ptr, _ws_done) = match workspace.as_mut() {
-        Some(ws) if plan.workspace > 0 => {
-            let (ptr, done) = ws.device_ptr_mut(&stream);
-            (ptr as *mut c_void, Some(done))
-        }
-        _ if plan.workspace > 0 => bail!(
-            "conv2d: no workspace, the graph plan needs {} bytes (this is a bug)",
-            plan.workspace
-        ),
-        _ => (std::ptr::null_mut(), None),
-    };
+    let (ws_ptr, _ws_done) = workspace_ptr(workspace, plan.workspace, &stream)?;
     // SAFETY: x, w and y are live buffers of the plan's geometry (the plan key), checked aligned;
     // the workspace was grown to the plan's size above; the guards live until after the
     // enqueue, and everything runs on the handle's stream.
     unsafe { graph::execute(handle.0, plan, xp, wp, yp, ws_ptr) }
+}
+
+/// The device pointer of the shared workspace for a call that needs `bytes` of it (null when it
+/// needs none), with its guard; the workspace must have been grown to `bytes` first.
+fn workspace_ptr<'a>(
+    workspace: &'a mut Option<CudaSlice<u8>>,
+    bytes: usize,
+    stream: &'a CudaStream,
+) -> Result<(*mut c_void, Option<SyncOnDrop<'a>>)> {
+    if bytes == 0 {
+        return Ok((std::ptr::null_mut(), None));
+    }
+    match workspace.as_mut() {
+        Some(ws) if ws.len() >= bytes => {
+            let (ptr, done) = ws.device_ptr_mut(stream);
+            Ok((ptr as *mut c_void, Some(done)))
+        }
+        ws => bail!(
+            "conv2d: a workspace of {} bytes, the plan needs {bytes} (this is a bug)",
+            ws.map_or(0, |w| w.len())
+        ),
+    }
 }
 
 /// Runs the fused call once (`run`). Without a residual, first fills y with NaN (all bits set):
@@ -1078,24 +1097,8 @@ fn launch<T: CudaDType + DeviceRepr + WithDType>(
     let (bp, _b_done) = ops.bias.device_ptr(&stream);
     let residual = ops.residual.as_ref().map(|r| r.device_ptr(&stream));
     let (yp, _y_done) = y.device_ptr_mut(&stream);
-    let (ws_ptr, ws_bytes, _ws_done) = match workspace.as_mut() {
-        Some(ws) if c.workspace > 0 => {
-            if ws.len() < c.workspace {
-                bail!(
-                    "conv2d: workspace of {} bytes, the plan needs {} (this is a bug)",
-                    ws.len(),
-                    c.workspace
-                );
-            }
-            let (ptr, done) = ws.device_ptr_mut(&stream);
-            (ptr as *mut c_void, c.workspace, Some(done))
-        }
-        _ if c.workspace > 0 => bail!(
-            "conv2d: no workspace, the plan needs {} bytes (this is a bug)",
-            c.workspace
-        ),
-        _ => (std::ptr::null_mut(), 0, None),
-    };
+    let (ws_ptr, _ws_done) = workspace_ptr(workspace, c.workspace, &stream)?;
+    let ws_bytes = c.workspace;
     // Scaling factors are f32 for f32, f16 and bf16 data.
     let one = 1f32;
     let one_ptr = (&one as *const f32).cast::<c_void>();

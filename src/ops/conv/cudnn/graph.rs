@@ -309,9 +309,9 @@ pub(super) fn candidates(
     Ok((plans, note))
 }
 
-/// An engine's behavior or numerical notes, as plain integers: a newer cuDNN may know values
-/// this build's enums do not.
-/// Asks for `kinds` of them, the count of kinds in this build's header (as cudnn-frontend does).
+/// An engine's behavior or numerical notes, as plain integers (a newer cuDNN may know values
+/// this build's enums do not), asking for `kinds` of them: the count of kinds in this build's
+/// header, as cudnn-frontend does.
 fn notes(
     engine: &Desc,
     name: sys::cudnnBackendAttributeName_t,
