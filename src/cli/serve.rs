@@ -120,7 +120,9 @@ pub struct LimitArgs {
     /// Smallest image side in pixels (a multiple of 8).
     #[arg(long, env = "TURBINE_MIN_IMAGE_SIDE", default_value_t = 256)]
     pub min_image_side: u32,
-    /// Largest image side in pixels (a multiple of 8).
+    /// Largest image side in pixels (a multiple of 8). Batches of large images are split to
+    /// keep every tensor under 2^31 elements, but one image must fit: SDXL's VAE decoder holds
+    /// square images up to 2896 pixels a side; a larger one fails with a message that says so.
     #[arg(long, env = "TURBINE_MAX_IMAGE_SIDE", default_value_t = 1536)]
     pub max_image_side: u32,
     /// What `size: "auto"` (or no size) means, WIDTHxHEIGHT; also the warm-up batch's size.

@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use crate::model::chunks::MAX_TENSOR_ELEMENTS;
 use crate::model::clip::{ClipTextConfig, ClipTextModel};
 use crate::model::loader::{
     build_checked, find_weights, read_json, LoadError, LoadResult, ModelDir, RandomWeights,
@@ -271,6 +272,20 @@ impl Pipeline {
         }
         if settings.steps == 0 {
             return Err(InvalidInput("steps must be at least 1, got 0".into()));
+        }
+        // A batch is split into runs that fit 32-bit element counts (`model::chunks`), but
+        // one image must fit on its own.
+        let (_, lh, lw) = self.latent_shape(settings);
+        let largest = self
+            .unet
+            .elements_per_row(lh, lw)
+            .max(self.vae.decoder_elements_at(lh, lw));
+        if largest > MAX_TENSOR_ELEMENTS {
+            return Err(InvalidInput(format!(
+                "a {}x{} image is too large for this model: one of its activations would hold \
+                 {largest} elements, over the {MAX_TENSOR_ELEMENTS} a call can hold",
+                settings.width, settings.height
+            )));
         }
         if !settings.guidance_scale.is_finite() {
             return Err(InvalidInput(format!(

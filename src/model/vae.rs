@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use crate::model::chunks::{map_runs, MAX_TENSOR_ELEMENTS};
 use crate::model::loader::{self, LoadError, LoadResult, ModelDir};
 use crate::model::profile::span;
 use crate::model::unet::attention::{to_tokens, Attention};
@@ -94,6 +95,29 @@ impl AutoencoderKLConfig {
     /// Image pixels per latent pixel along each side.
     pub fn scale_factor(&self) -> usize {
         1 << self.block_out_channels.len().saturating_sub(1)
+    }
+
+    /// An upper bound on the elements of the decoder's largest activation for one image, per
+    /// latent pixel: every map is `channels x (h << level) x (w << level)`, so the largest is
+    /// the widest of `conv_in`/the mid-block's, each up block's input and output, and each
+    /// upsampler's output (which is also the size of the four-phase output of the
+    /// `upsample-conv` lever). The mid-block attention's scores are chunked by the attention op
+    /// itself and are not counted.
+    pub fn decoder_elements_per_latent_pixel(&self) -> usize {
+        let ch = &self.block_out_channels;
+        let Some(&last) = ch.last() else {
+            return 0;
+        };
+        let mut widest = last.max(self.latent_channels);
+        let n = ch.len();
+        for (i, (cin, cout)) in up_block_channels(self).into_iter().enumerate() {
+            let area = 1usize << (2 * i);
+            widest = widest.max(cin.max(cout) * area);
+            if i + 1 < n {
+                widest = widest.max(cout * area * 4);
+            }
+        }
+        widest.max(self.out_channels << (2 * (n - 1)))
     }
 
     /// Rejects configurations this implementation does not build, naming the field.
@@ -578,6 +602,8 @@ pub struct AutoencoderKL {
     latent_channels: usize,
     scaling_factor: f64,
     scale_factor: usize,
+    /// [`AutoencoderKLConfig::decoder_elements_per_latent_pixel`].
+    decoder_width: usize,
     dtype: DType,
 }
 
@@ -637,6 +663,7 @@ impl AutoencoderKL {
             latent_channels: l,
             scaling_factor: cfg.scaling_factor,
             scale_factor: cfg.scale_factor(),
+            decoder_width: cfg.decoder_elements_per_latent_pixel(),
             dtype: vb.dtype(),
         })
     }
@@ -672,12 +699,24 @@ impl AutoencoderKL {
     ///
     /// On CUDA, with [`Kernels::CHANNELS_LAST`] and [`Kernels::CONV`] on and the channels-last
     /// weights built, this is [`AutoencoderKL::decode_channels_last`], whose result is an NCHW
-    /// view of NHWC memory; otherwise the NCHW decoder, with a contiguous result.
+    /// view of NHWC memory; otherwise the NCHW decoder, with a contiguous result. A batch whose
+    /// largest map would outgrow [`MAX_TENSOR_ELEMENTS`] is decoded in runs of images
+    /// ([`AutoencoderKL::decode_within`]).
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
+        self.decode_within(z, MAX_TENSOR_ELEMENTS)
+    }
+
+    /// [`AutoencoderKL::decode`] with no decoder activation over `max_elements`: the batch
+    /// runs in the fewest even runs of images that keep within it (the same images, since the
+    /// decoder treats each image on its own). Fails when one image alone is over it.
+    pub fn decode_within(&self, z: &Tensor, max_elements: usize) -> Result<Tensor> {
         if self.decoder_nhwc.is_some() && z.device().is_cuda() && channels_last_levers() {
-            return self.decode_channels_last(z);
+            return self.decode_channels_last_within(z, max_elements);
         }
-        self.decoder.forward(&self.post_quant(z)?)
+        let per_image = self.decoder_elements_per_image(z)?;
+        map_runs(z, per_image, max_elements, &self.what(z)?, |z, _, _| {
+            self.decoder.forward(&self.post_quant(z)?)
+        })
     }
 
     /// [`AutoencoderKL::decode`] through the channels-last decoder, on any device: the same
@@ -686,6 +725,13 @@ impl AutoencoderKL {
     /// [`Kernels::CONV`] like every [`Conv2d`] (candle's between transposes when it is off).
     /// Fails when the model was built without the channels-last weights.
     pub fn decode_channels_last(&self, z: &Tensor) -> Result<Tensor> {
+        self.decode_channels_last_within(z, MAX_TENSOR_ELEMENTS)
+    }
+
+    /// [`AutoencoderKL::decode_channels_last`] in runs of images, as
+    /// [`AutoencoderKL::decode_within`]; the runs are joined in NHWC, so the result is still one
+    /// permuted view.
+    pub fn decode_channels_last_within(&self, z: &Tensor, max_elements: usize) -> Result<Tensor> {
         let decoder = self.decoder_nhwc.as_ref().ok_or_else(|| {
             candle_core::Error::Msg(
                 "vae: decode_channels_last needs the channels-last decoder weights; build the \
@@ -693,10 +739,33 @@ impl AutoencoderKL {
                     .into(),
             )
         })?;
-        // post_quant_conv is a 1x1 convolution over the 4 latent channels: it stays NCHW, and
-        // the transpose of its small output is the path's only one on the way in.
-        let z = self.post_quant(z)?.permute((0, 2, 3, 1))?.contiguous()?;
-        decoder.forward(&z)?.permute((0, 3, 1, 2))
+        let per_image = self.decoder_elements_per_image(z)?;
+        let nhwc = map_runs(z, per_image, max_elements, &self.what(z)?, |z, _, _| {
+            // post_quant_conv is a 1x1 convolution over the 4 latent channels: it stays NCHW,
+            // and the transpose of its small output is the path's only one on the way in.
+            let z = self.post_quant(z)?.permute((0, 2, 3, 1))?.contiguous()?;
+            decoder.forward(&z)
+        })?;
+        nhwc.permute((0, 3, 1, 2))
+    }
+
+    /// Elements of the decoder's largest map for one image of `z`'s latent size.
+    fn decoder_elements_per_image(&self, z: &Tensor) -> Result<usize> {
+        let (_, _, h, w) = z.dims4()?;
+        Ok(self.decoder_elements_at(h, w))
+    }
+
+    /// Elements of the decoder's largest map for one image of an `h x w` latent (an upper
+    /// bound: [`AutoencoderKLConfig::decoder_elements_per_latent_pixel`]).
+    pub fn decoder_elements_at(&self, h: usize, w: usize) -> usize {
+        self.decoder_width.saturating_mul(h).saturating_mul(w)
+    }
+
+    /// "a WxH image", for [`crate::model::chunks::batch_runs`]' error.
+    fn what(&self, z: &Tensor) -> Result<String> {
+        let (_, _, h, w) = z.dims4()?;
+        let f = self.scale_factor;
+        Ok(format!("a {}x{} image in the VAE decoder", w * f, h * f))
     }
 
     /// `z` in the model dtype, through `post_quant_conv` when the checkpoint has one.
@@ -727,6 +796,26 @@ impl AutoencoderKL {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::chunks::batch_runs;
+
+    /// SDXL-Turbo's decoder (models/sdxl-turbo/vae/config.json): its largest maps are the 256
+    /// channels at full resolution (up block 2's upsampler output, up block 3's input), 2^26
+    /// elements for a 512x512 image. 32 of them are exactly 2^31 and must run as 2 x 16; 8
+    /// images of 1024x1024 likewise as 2 x 4.
+    #[test]
+    fn sdxl_decoder_bound_and_runs() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/sdxl-turbo/vae/config.json");
+        let cfg = AutoencoderKLConfig::from_file(&path).unwrap();
+        assert_eq!(cfg.decoder_elements_per_latent_pixel(), 256 * 64);
+        let per_image = cfg.decoder_elements_per_latent_pixel() * 64 * 64;
+        assert_eq!(per_image, 1 << 26);
+        let runs = |n, per| batch_runs(n, per, MAX_TENSOR_ELEMENTS, "x").unwrap();
+        assert_eq!(runs(31, per_image), vec![(0, 31)]);
+        assert_eq!(runs(32, per_image), vec![(0, 16), (16, 16)]);
+        assert_eq!(runs(8, 4 * per_image), vec![(0, 4), (4, 4)]);
+        // The server's largest side by default, 1536: 3 images a run.
+        assert_eq!(runs(8, 9 * per_image).len(), 3);
+    }
 
     #[test]
     fn defaults_match_diffusers_and_errors_name_fields() {

@@ -250,3 +250,28 @@ fn half_precision_close_to_f32() {
         }
     }
 }
+
+/// An image too large for one call of the models is refused up front, naming its size, before
+/// anything runs (a batch is split into runs that fit, but one image cannot be).
+#[test]
+fn too_large_an_image_is_invalid_input() {
+    let p = pipeline();
+    // The tiny VAE's widest full-resolution map has 16 channels: 2^32 elements at 16384^2.
+    let settings = GenerationSettings {
+        width: 16384,
+        height: 16384,
+        steps: 1,
+        guidance_scale: 0.0,
+    };
+    let err = p.validate(&settings, 1).unwrap_err().to_string();
+    assert!(
+        err.contains("a 16384x16384 image is too large for this model"),
+        "{err}"
+    );
+    let ok = GenerationSettings {
+        width: 1024,
+        height: 1024,
+        ..settings
+    };
+    assert!(p.validate(&ok, 64).is_ok());
+}

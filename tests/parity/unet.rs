@@ -140,3 +140,45 @@ fn unet_unsupported_config_value_is_named() {
         other => panic!("expected Unsupported, got {other:?}"),
     }
 }
+
+/// A batch run in runs of rows (`forward_within`, what `forward` does when a batch's largest
+/// activation would outgrow 2^31 - 1 elements) gives the prediction of one call, each row with
+/// its own conditioning.
+#[test]
+fn unet_in_runs_of_rows_matches_one_call_and_diffusers() {
+    let (unet, _) = build(DType::F32);
+    let refs = common::reference("unet");
+    let get = |k: &str| refs[&format!("b2_8x8.{k}")].clone();
+    let timestep = get("timestep").to_vec1::<f32>().unwrap()[0] as f64;
+    let per_row = unet.elements_per_row(8, 8);
+    let (ours, _) = run_case(&unet, &refs, "b2_8x8");
+    let runs = unet
+        .forward_within(
+            &get("sample"),
+            timestep,
+            &get("encoder_hidden_states"),
+            &get("text_embeds"),
+            &get("time_ids"),
+            per_row,
+        )
+        .unwrap();
+    common::assert_close("unet b2 8x8 in runs of 1 vs one call", &runs, &ours, 1e-6);
+    common::assert_close(
+        "unet b2 8x8 in runs of 1 vs diffusers",
+        &runs,
+        &get("out"),
+        1e-4,
+    );
+    let err = unet
+        .forward_within(
+            &get("sample"),
+            timestep,
+            &get("encoder_hidden_states"),
+            &get("text_embeds"),
+            &get("time_ids"),
+            per_row - 1,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("latent in the UNet needs"), "{err}");
+}

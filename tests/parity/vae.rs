@@ -123,3 +123,33 @@ fn vae_wrong_shaped_tensor_is_named_in_the_error() {
         "error does not name the tensor: {err}"
     );
 }
+
+/// A batch decoded in runs of images (`decode_within`, what `decode` does when a batch's
+/// largest map would outgrow 2^31 - 1 elements) gives the images of one call.
+#[test]
+fn vae_decode_in_runs_matches_one_call() {
+    let (vae, _) = build(DType::F32);
+    let refs = common::reference("vae");
+    for case in ["decode_8x8", "decode_8x5"] {
+        let z = &refs[&format!("{case}.z")];
+        let (_, _, h, w) = z.dims4().unwrap();
+        let per_image = vae.decoder_elements_at(h, w);
+        // The reference's 2 images one at a time, against diffusers.
+        let runs_of_one = vae.decode_within(z, per_image).unwrap();
+        common::assert_close(
+            &format!("vae {case} in runs of 1"),
+            &runs_of_one,
+            &refs[&format!("{case}.out")],
+            1e-4,
+        );
+        // 5 images (the 2 and their negations, then the first again) in runs of 2, 2, 1.
+        let z5 = Tensor::cat(&[z, &z.neg().unwrap(), &z.narrow(0, 0, 1).unwrap()], 0).unwrap();
+        let whole = vae.decode(&z5).unwrap();
+        let runs = vae.decode_within(&z5, 2 * per_image + 1).unwrap();
+        assert_eq!(runs.dims(), whole.dims());
+        common::assert_close(&format!("vae {case} in runs of 2"), &runs, &whole, 1e-6);
+        // One image over the limit is an error, not a wrong image.
+        let err = vae.decode_within(z, per_image - 1).unwrap_err().to_string();
+        assert!(err.contains("image in the VAE decoder needs"), "{err}");
+    }
+}

@@ -98,3 +98,36 @@ fn channels_last_weights_are_built_only_when_asked_for() {
     assert!(err.contains("channels-last decoder weights"), "{err}");
     assert!(vae.decode(&z).is_ok());
 }
+
+/// The channels-last decoder in runs of images: the same images as one call, still one NCHW
+/// view of NHWC memory (the runs are joined before the permute).
+#[test]
+fn channels_last_decode_in_runs_matches_one_call() {
+    let (vae, _) = build(DType::F32, true);
+    let refs = common::reference("vae");
+    for case in CASES {
+        let z = &refs[&format!("{case}.z")];
+        let (_, _, h, w) = z.dims4().unwrap();
+        let z3 = Tensor::cat(&[z, &z.neg().unwrap()], 0).unwrap();
+        let z3 = z3.narrow(0, 0, 3).unwrap();
+        let whole = vae.decode_channels_last(&z3).unwrap();
+        let runs = vae
+            .decode_channels_last_within(&z3, vae.decoder_elements_at(h, w))
+            .unwrap();
+        let (b, c, oh, ow) = runs.dims4().unwrap();
+        assert_eq!(b, 3);
+        assert_eq!(runs.stride(), [oh * ow * c, 1, ow * c, c], "{case}: layout");
+        common::assert_close(
+            &format!("vae channels-last {case} in runs"),
+            &runs,
+            &whole,
+            1e-6,
+        );
+        common::assert_close(
+            &format!("vae channels-last {case} in runs vs diffusers"),
+            &runs.narrow(0, 0, 2).unwrap(),
+            &refs[&format!("{case}.out")],
+            1e-4,
+        );
+    }
+}

@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use crate::model::chunks::{map_runs, MAX_TENSOR_ELEMENTS};
 use crate::model::loader::{self, LoadError, LoadResult, ModelDir};
 use blocks::{AttnSpec, BlockConfig, DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D};
 use embeddings::{TextTimeEmbedding, TimestepEmbedding, Timesteps};
@@ -225,6 +226,33 @@ impl UNet2DConditionConfig {
     /// The number of 2x upsamplers, i.e. `log2` of the factor latent sizes "should" divide by.
     pub fn num_upsamplers(&self) -> usize {
         self.num_blocks().saturating_sub(1)
+    }
+
+    /// An upper bound on the elements of the UNet's largest activation for one row of the
+    /// batch at an `h x w` latent (attention scores aside: the attention ops chunk those). Level
+    /// `l`'s maps have `ceil(h / 2^l) x ceil(w / 2^l)` positions, and at most 3x the widest of
+    /// its own and its neighbours' channels (an up block's resnet takes the skip connection
+    /// concatenated to its input), or, at a level with transformers, 8x its own channels
+    /// (GEGLU's projection to 2 x 4C).
+    pub fn elements_per_row(&self, h: usize, w: usize) -> usize {
+        let ch = &self.block_out_channels;
+        let n = ch.len();
+        let up_types: Vec<&String> = self.up_block_types.iter().rev().collect();
+        (0..n)
+            .map(|l| {
+                let neighbours = ch[l.saturating_sub(1)..(l + 2).min(n)].iter().max();
+                let mut width = 3 * neighbours.copied().unwrap_or(0);
+                let transformers = self.down_block_types[l] == CROSS_DOWN_BLOCK
+                    || up_types.get(l).is_some_and(|t| *t == CROSS_UP_BLOCK)
+                    || (l + 1 == n && self.mid_block_type.is_some());
+                if transformers {
+                    width = width.max(8 * ch[l]);
+                }
+                width * h.div_ceil(1 << l) * w.div_ceil(1 << l)
+            })
+            .max()
+            .unwrap_or(0)
+            .max(self.in_channels.max(self.out_channels) * h * w)
     }
 
     /// Rejects configurations this implementation does not build, naming the field.
@@ -470,6 +498,8 @@ pub struct UNet2DConditionModel {
     conv_out: Conv2d,
     center_input_sample: bool,
     num_upsamplers: usize,
+    /// The config, for [`UNet2DConditionConfig::elements_per_row`].
+    config: UNet2DConditionConfig,
     dtype: DType,
 }
 
@@ -617,6 +647,7 @@ impl UNet2DConditionModel {
             )?,
             center_input_sample: cfg.center_input_sample,
             num_upsamplers: cfg.num_upsamplers(),
+            config: cfg.clone(),
             dtype: vb.dtype(),
         })
     }
@@ -638,14 +669,79 @@ impl UNet2DConditionModel {
         self.dtype
     }
 
+    /// [`UNet2DConditionConfig::elements_per_row`] of this model's config.
+    pub fn elements_per_row(&self, h: usize, w: usize) -> usize {
+        self.config.elements_per_row(h, w)
+    }
+
     /// Predicts the noise (epsilon) for `sample` `[B, C, h, w]` at `timestep`, conditioned on
     /// `encoder_hidden_states` `[B, S, cross_attention_dim]` and, for SDXL's `text_time`
     /// addition embedding, the pooled `text_embeds` `[B, proj]` and `time_ids` `[B, 6]`
     /// (original size, crop top-left, target size; in pixels), which are ignored when the
     /// config has no `addition_embed_type`. Inputs are cast to the model's dtype; the output
     /// is `[B, out_channels, h, w]` in that dtype. Any latent size works: sides that do not
-    /// divide by 2^num_upsamplers are handled like diffusers' `upsample_size`.
+    /// divide by 2^num_upsamplers are handled like diffusers' `upsample_size`. A batch whose
+    /// largest activation would outgrow [`MAX_TENSOR_ELEMENTS`] runs in runs of rows
+    /// ([`Self::forward_within`]).
     pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        text_embeds: &Tensor,
+        time_ids: &Tensor,
+    ) -> Result<Tensor> {
+        self.forward_within(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            text_embeds,
+            time_ids,
+            MAX_TENSOR_ELEMENTS,
+        )
+    }
+
+    /// [`Self::forward`] with no activation over `max_elements`: the batch runs in the fewest
+    /// even runs of rows that keep within it ([`UNet2DConditionConfig::elements_per_row`]),
+    /// each row with its own conditioning (a conditioning tensor of one row is shared). Every
+    /// row is independent of the others, so the result is that of one call.
+    pub fn forward_within(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        text_embeds: &Tensor,
+        time_ids: &Tensor,
+        max_elements: usize,
+    ) -> Result<Tensor> {
+        let (b, _, h, w) = sample.dims4()?;
+        let per_row = self.config.elements_per_row(h, w);
+        let what = format!("a {w}x{h} latent in the UNet");
+        map_runs(
+            sample,
+            per_row,
+            max_elements,
+            &what,
+            |sample, start, len| {
+                let rows = |t: &Tensor| -> Result<Tensor> {
+                    if len == b || t.dim(0)? != b {
+                        Ok(t.clone())
+                    } else {
+                        t.narrow(0, start, len)
+                    }
+                };
+                self.forward_run(
+                    sample,
+                    timestep,
+                    &rows(encoder_hidden_states)?,
+                    &rows(text_embeds)?,
+                    &rows(time_ids)?,
+                )
+            },
+        )
+    }
+
+    fn forward_run(
         &self,
         sample: &Tensor,
         timestep: f64,
@@ -715,6 +811,22 @@ impl UNet2DConditionModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SDXL-Turbo's UNet (models/sdxl-turbo/unet/config.json) at a 64x64 latent: level 0 (no
+    /// transformers) bounds at 3 x 640 channels over 4096 positions, above level 1's GEGLU
+    /// projection (8 x 640 over 1024). The true largest is level 0's up-block input, 960
+    /// channels: the bound is within 2x of it, and a call holds 273 rows.
+    #[test]
+    fn sdxl_unet_row_bound() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/sdxl-turbo/unet/config.json");
+        let cfg = UNet2DConditionConfig::from_file(&path).unwrap();
+        assert_eq!(cfg.elements_per_row(64, 64), 3 * 640 * 4096);
+        assert!(cfg.elements_per_row(64, 64) >= 960 * 4096);
+        assert_eq!(MAX_TENSOR_ELEMENTS / cfg.elements_per_row(64, 64), 273);
+        // Odd sides round up at each level, as the downsamplers do: at 3x3, level 1's 2x2
+        // positions of 8 x 640 (20480) are the largest, over level 0's 9 of 3 x 640 (17280).
+        assert_eq!(cfg.elements_per_row(3, 3), 8 * 640 * 2 * 2);
+    }
 
     fn parse(json: &str) -> LoadResult<UNet2DConditionConfig> {
         let cfg: UNet2DConditionConfig =
