@@ -1350,7 +1350,8 @@ fn channels_last(x: &Tensor) -> Tensor {
 fn group_norm_channels_last_matches_composition() {
     let mut rng = rng("group_norm_channels_last");
     // (shape [N, ..., C], groups), chosen against the CUDA kernels' tiling (blocks of
-    // positions x all channels, channel strips of 256, per-group accumulators):
+    // positions x all channels, channel strips of 256 channels or 16-byte vectors, per-group
+    // accumulators; vectors over 1 or 2 groups, or not at all):
     let cases: [(&[usize], usize); 10] = [
         // fewer channels than a strip, idle threads (256 % 12 != 0), several samples
         (&[3, 5, 7, 12], 4),
@@ -1391,16 +1392,33 @@ fn group_norm_channels_last_matches_composition() {
                         1e-6,
                         silu,
                     ));
-                    poison(&dev, x.elem_count(), dtype);
-                    let got =
-                        ops::group_norm_channels_last(&xd, groups, &wd, &bd, 1e-6, silu).unwrap();
-                    assert_eq!(got.dtype(), dtype);
-                    let what = format!(
-                        "group_norm_channels_last {} {dtype:?} {shape:?} groups={groups} \
-                         silu={silu}",
-                        dev_name(&dev)
-                    );
-                    assert_close(&got, &want, tolerance(dtype), &what);
+                    // Each input as it is and as a view one element into its buffer: on CUDA
+                    // the first takes the 16-byte-vector kernels where the channels allow, the
+                    // misaligned view always the scalar ones.
+                    for offset in [0, 1] {
+                        let input = if offset == 0 {
+                            xd.clone()
+                        } else {
+                            let pad = Tensor::zeros(1, dtype, &dev).unwrap();
+                            Tensor::cat(&[&pad, &xd.flatten_all().unwrap()], 0)
+                                .unwrap()
+                                .narrow(0, 1, x.elem_count())
+                                .unwrap()
+                                .reshape(shape)
+                                .unwrap()
+                        };
+                        poison(&dev, x.elem_count(), dtype);
+                        let got =
+                            ops::group_norm_channels_last(&input, groups, &wd, &bd, 1e-6, silu)
+                                .unwrap();
+                        assert_eq!(got.dtype(), dtype);
+                        let what = format!(
+                            "group_norm_channels_last {} {dtype:?} {shape:?} groups={groups} \
+                             silu={silu} offset={offset}",
+                            dev_name(&dev)
+                        );
+                        assert_close(&got, &want, tolerance(dtype), &what);
+                    }
                 }
             }
         }

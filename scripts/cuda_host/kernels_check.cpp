@@ -46,6 +46,8 @@ struct Entry;
     static constexpr auto gn_apply = gn_apply_##NAME;          \
     static constexpr auto gn_cl_stats = gn_cl_stats_##NAME;    \
     static constexpr auto gn_cl_apply = gn_cl_apply_##NAME;    \
+    static constexpr auto gn_cl_stats_vec = gn_cl_stats_vec_##NAME; \
+    static constexpr auto gn_cl_apply_vec = gn_cl_apply_vec_##NAME; \
     static constexpr auto attn_softmax = attn_softmax_##NAME;  \
     static constexpr auto bias_residual = bias_residual_##NAME; \
     static constexpr auto conv_prefill = conv_prefill_##NAME;  \
@@ -192,13 +194,28 @@ struct GroupNormCase {
   bool silu;
   float offset;  // on x: mean >> std exercises the kernels' shifted sums
   bool small;    // in the ThreadSanitizer set
+  // x one element into its buffer (a view at an offset): not 16-byte aligned, so the
+  // channels-last launch takes the scalar kernels.
+  bool misaligned = false;
 };
+
+// Mirrors src/ops/group_norm.rs vector_layout: which 16-byte-vector kernels a channels-last
+// launch takes.
+struct VectorLayout {
+  bool stats, apply;
+};
+VectorLayout vector_layout(size_t elem_bytes, size_t c, size_t cpg, uintptr_t ptr_bits) {
+  const size_t SLOTS = 2, vec = 16 / elem_bytes;
+  const bool apply = c % vec == 0 && ptr_bits % 16 == 0;
+  const bool groups_fit = cpg > 0 && (cpg % vec == 0 || (vec % cpg == 0 && vec / cpg <= SLOTS));
+  return {apply && groups_fit, apply};
+}
 
 // Mirrors src/ops/group_norm.rs GroupNormOp::cuda: statistics (gn_stats / gn_cl_stats),
 // gn_finalize, then gn_apply / gn_cl_apply, with that function's constants.
 template <class T>
-void launch_group_norm(const GroupNormCase& s, const Buffer<T>& x, const Buffer<T>& w,
-                       const Buffer<T>& b, const Buffer<T>& y) {
+VectorLayout launch_group_norm(const GroupNormCase& s, const T* xp, const Buffer<T>& w,
+                               const Buffer<T>& b, const Buffer<T>& y) {
   using E = Entry<T>;
   const size_t STATS_CHUNK = 8192, APPLY_CHUNK = 4096, CL_STATS_ELEMS = 16384,
                CL_STATS_BLOCKS = 1024, CL_APPLY_ELEMS = 8192, CL_MAX_GROUPS = 2048,
@@ -217,6 +234,10 @@ void launch_group_norm(const GroupNormCase& s, const Buffer<T>& x, const Buffer<
       s.channels_last ? div_ceil(s.hw, cl_rows) : div_ceil(group_len, STATS_CHUNK);
   auto partial = Buffer<float>::uninit(num_groups * splits * 3);
   const int splits_arg = to_i32(splits, "group_norm splits");
+  const VectorLayout vec =
+      s.channels_last
+          ? vector_layout(sizeof(T), s.c, cpg, (uintptr_t)xp | (uintptr_t)y.data())
+          : VectorLayout{false, false};
   if (s.channels_last) {
     if (s.groups > CL_MAX_GROUPS || s.n > MAX_GRID_Y) cuda_host::fail("group_norm: Rust bails");
     const int64_t hw_arg = (int64_t)s.hw;
@@ -224,16 +245,16 @@ void launch_group_norm(const GroupNormCase& s, const Buffer<T>& x, const Buffer<
     cuda_host::launch({to_u32(splits, "group_norm stats blocks"),
                        to_u32(s.n, "group_norm batch"), 1},
                       {THREADS, 1, 1}, to_u32(s.groups * 12, "group_norm shared memory"), [&] {
-                        E::gn_cl_stats(x.data(), partial.data(), hw_arg, channels_arg, cpg_arg,
-                                       rows_arg, splits_arg);
+                        (vec.stats ? E::gn_cl_stats_vec : E::gn_cl_stats)(
+                            xp, partial.data(), hw_arg, channels_arg, cpg_arg, rows_arg,
+                            splits_arg);
                       });
   } else {
     const size_t stats_chunk = div_ceil(group_len, splits);
     const int64_t group_len_arg = (int64_t)group_len, chunk_arg = (int64_t)stats_chunk;
     cuda_host::launch({to_u32(num_groups * splits, "group_norm stats blocks"), 1, 1},
                       {THREADS, 1, 1}, 0, [&] {
-                        E::gn_stats(x.data(), partial.data(), group_len_arg, chunk_arg,
-                                    splits_arg);
+                        E::gn_stats(xp, partial.data(), group_len_arg, chunk_arg, splits_arg);
                       });
   }
 
@@ -255,8 +276,9 @@ void launch_group_norm(const GroupNormCase& s, const Buffer<T>& x, const Buffer<
     cuda_host::launch({to_u32(div_ceil(s.hw, rows), "group_norm apply blocks"),
                        to_u32(s.n, "group_norm batch"), 1},
                       {THREADS, 1, 1}, 0, [&] {
-                        E::gn_cl_apply(x.data(), stats.data(), w.data(), b.data(), y.data(),
-                                       hw_arg, channels_arg, cpg_arg, rows_arg, silu_arg);
+                        (vec.apply ? E::gn_cl_apply_vec : E::gn_cl_apply)(
+                            xp, stats.data(), w.data(), b.data(), y.data(), hw_arg,
+                            channels_arg, cpg_arg, rows_arg, silu_arg);
                       });
   } else {
     const size_t apply_chunk = std::max<size_t>(APPLY_CHUNK, div_ceil(s.hw, 65535));
@@ -264,10 +286,11 @@ void launch_group_norm(const GroupNormCase& s, const Buffer<T>& x, const Buffer<
     cuda_host::launch({to_u32(s.n * s.c, "group_norm planes"),
                        to_u32(div_ceil(s.hw, apply_chunk), "group_norm chunks"), 1},
                       {THREADS, 1, 1}, 0, [&] {
-                        E::gn_apply(x.data(), stats.data(), w.data(), b.data(), y.data(),
+                        E::gn_apply(xp, stats.data(), w.data(), b.data(), y.data(),
                                     channels_arg, cpg_arg, hw_arg, apply_chunk_arg, silu_arg);
                       });
   }
+  return vec;
 }
 
 // torch's F.group_norm (biased variance, eps inside the square root, affine) then F.silu, as
@@ -340,6 +363,21 @@ void check_group_norm(bool small) {
       {"16@5x7 batch 3", true, 3, 16, 5 * 7, 4, 1e-5, true, 0, true},
       // CL_MAX_GROUPS: 2048 groups of one channel, 24 KiB of dynamic shared memory.
       {"2048 groups 2048@1x3", true, 1, 2048, 3, 2048, 1e-5, false, 0, false},
+      // The 16-byte-vector kernels (most channels-last cases above take them: see each line's
+      // "vec" tag) and the scalar ones on the same shapes through a misaligned view.
+      {"vae 128@130x130 mean 300", true, 1, 128, 130 * 130, 32, 1e-6, true, 300, false, true},
+      {"16@5x7 batch 3", true, 3, 16, 5 * 7, 4, 1e-5, true, 0, true, true},
+      {"vae mid 512@64x64", true, 1, 512, 64 * 64, 32, 1e-6, true, 0, false, true},
+      // 2304 channels in groups of 4: 2 strips of vectors (bf16: 256 + 32 lanes; f32: 256 +
+      // 256 + 64), each bf16 vector over 2 groups.
+      {"2304@5x3 in 576 groups", true, 2, 2304, 5 * 3, 576, 1e-5, true, 0, true},
+      // Groups of 2 channels: 4 a bf16 vector, over the 2 slots (scalar stats, vector apply);
+      // f32 vectors hold 2 groups each.
+      {"64@9x7 in 32 groups", true, 1, 64, 9 * 7, 32, 1e-5, false, 0, true},
+      // Groups of 24: 3 bf16 vectors or 6 f32 ones each; 12 channels is not a whole number of
+      // bf16 vectors.
+      {"96@11x13 in 4 groups", true, 2, 96, 11 * 13, 4, 1e-5, true, 0, true},
+      {"12@6x6 in 3 groups", true, 1, 12, 6 * 6, 3, 1e-5, false, 0, true},
   };
   for (const auto& s : cases) {
     if (small && !s.small) continue;
@@ -348,15 +386,20 @@ void check_group_norm(bool small) {
       auto w = random_buffer<T>(s.c);
       auto b = random_buffer<T>(s.c);
       auto y = Buffer<T>::uninit(x.size());
-      launch_group_norm(s, x, w, b, y);
+      // A misaligned case reads x one element into a buffer one element longer.
+      Buffer<T> shifted(s.misaligned ? x.size() + 1 : 0, T{});
+      if (s.misaligned) std::copy(x.data(), x.data() + x.size(), shifted.data() + 1);
+      const VectorLayout vec =
+          launch_group_norm(s, s.misaligned ? shifted.data() + 1 : x.data(), w, b, y);
       const auto want = group_norm_reference(s, x, w, b);
       Error e;
       for (size_t i = 0; i < y.size(); ++i) e.add(i, value(y[i]), want[i]);
       char what[160];
-      snprintf(what, sizeof what, "group_norm %s %s %s %s G=%zu%s",
+      snprintf(what, sizeof what, "group_norm %s %s %s %s G=%zu%s%s%s",
                s.channels_last ? "NHWC" : "NCHW", Entry<T>::dtype, s.label,
                (s.channels_last ? dims({s.n, s.hw, s.c}) : dims({s.n, s.c, s.hw})).c_str(),
-               s.groups, s.silu ? " silu" : "");
+               s.groups, s.silu ? " silu" : "", vec.stats ? " vec-stats" : "",
+               vec.apply ? " vec-apply" : "");
       report(what, e, tolerance<T>());
     });
   }

@@ -259,6 +259,16 @@ impl GroupNormOp {
         let silu_arg = i32::from(self.silu);
         // SAFETY: every element is written by the apply kernel below.
         let y = unsafe { dev.alloc::<T>(d.n * d.c * d.hw)? };
+        // Channels last: the 16-byte-vector kernels where the layout allows them.
+        let (vec_stats, vec_apply) = if self.channels_last {
+            use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+            let (xp, _x_done) = x.device_ptr(&stream);
+            let (yp, _y_done) = y.device_ptr(&stream);
+            let fits = vector_layout(T::DTYPE.size_in_bytes(), d.c, cpg, xp | yp);
+            (fits.stats, fits.apply)
+        } else {
+            (false, false)
+        };
 
         // 1. Partials, [N*G][splits][3] in both layouts.
         let (partial, splits) = if self.channels_last {
@@ -282,7 +292,12 @@ impl GroupNormOp {
             let splits = d.hw.div_ceil(rows);
             // SAFETY: gn_cl_stats writes all G partials of each of its N*splits blocks.
             let partial = unsafe { dev.alloc::<f32>(num_groups * splits * 3)? };
-            let f = cuda::func(dev, &cuda::GROUP_NORM, "gn_cl_stats", T::DTYPE)?;
+            let kernel = if vec_stats {
+                "gn_cl_stats_vec"
+            } else {
+                "gn_cl_stats"
+            };
+            let f = cuda::func(dev, &cuda::GROUP_NORM, kernel, T::DTYPE)?;
             let hw_arg = d.hw as i64;
             let rows_arg = to_i32(rows, "group_norm rows per block")?;
             let splits_arg = to_i32(splits, "group_norm splits")?;
@@ -349,7 +364,12 @@ impl GroupNormOp {
         // 3. y = x * scale + shift (+ SiLU).
         if self.channels_last {
             let rows = (CL_APPLY_ELEMS / d.c).max(1);
-            let f = cuda::func(dev, &cuda::GROUP_NORM, "gn_cl_apply", T::DTYPE)?;
+            let kernel = if vec_apply {
+                "gn_cl_apply_vec"
+            } else {
+                "gn_cl_apply"
+            };
+            let f = cuda::func(dev, &cuda::GROUP_NORM, kernel, T::DTYPE)?;
             let hw_arg = d.hw as i64;
             let rows_arg = to_i32(rows, "group_norm rows per block")?;
             let mut launch = stream.launch_builder(&f);
@@ -388,6 +408,40 @@ impl GroupNormOp {
             unsafe { launch.launch(cfg) }.w()?;
         }
         Ok(candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone()))
+    }
+}
+
+/// Which of the channels-last 16-byte-vector kernels (`gn_cl_stats_vec`, `gn_cl_apply_vec` in
+/// kernels/group_norm.cu) a tensor can take: a vector is 16 bytes of consecutive channels, so
+/// both need `C` a multiple of its elements and 16-byte aligned pointers (`ptr_bits`: the
+/// pointers or'ed together); the statistics also need each vector inside one group or over at
+/// most `GN_VEC_SLOTS` (2) whole groups.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub(crate) struct VectorLayout {
+    pub stats: bool,
+    pub apply: bool,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn vector_layout(
+    elem_bytes: usize,
+    c: usize,
+    cpg: usize,
+    ptr_bits: u64,
+) -> VectorLayout {
+    // GN_VEC_SLOTS in kernels/group_norm.cu.
+    const SLOTS: usize = 2;
+    let vec = 16 / elem_bytes;
+    let apply = elem_bytes <= 16
+        && 16 % elem_bytes == 0
+        && c.is_multiple_of(vec)
+        && ptr_bits.is_multiple_of(16);
+    let groups_fit =
+        cpg > 0 && (cpg.is_multiple_of(vec) || (vec.is_multiple_of(cpg) && vec / cpg <= SLOTS));
+    VectorLayout {
+        stats: apply && groups_fit,
+        apply,
     }
 }
 
@@ -450,5 +504,54 @@ impl CustomOp3 for GroupNormOp {
             other => bail!("group_norm: no CUDA kernel for dtype {other:?}"),
         };
         Ok((y, xl.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{vector_layout, VectorLayout};
+
+    #[test]
+    fn vector_kernels_need_whole_vectors_aligned_pointers_and_fitting_groups() {
+        let both = VectorLayout {
+            stats: true,
+            apply: true,
+        };
+        // The VAE decoder's norms, bf16 (8 channels a vector): groups of 4, 8 and 16 channels.
+        for (c, cpg) in [(128, 4), (256, 8), (512, 16)] {
+            assert_eq!(
+                vector_layout(2, c, cpg, 0x7f00_0000_0100),
+                both,
+                "{c} {cpg}"
+            );
+        }
+        // f32 vectors are 4 channels: groups of 2 (2 a vector) and 12 (3 vectors a group).
+        assert_eq!(vector_layout(4, 64, 2, 0), both);
+        assert_eq!(vector_layout(4, 48, 12, 0), both);
+        // A view 2 bytes into its buffer, or 8: the scalar kernels.
+        for misaligned in [2, 8] {
+            assert_eq!(
+                vector_layout(2, 128, 4, 0x1000 | misaligned),
+                VectorLayout {
+                    stats: false,
+                    apply: false
+                }
+            );
+        }
+        // Channels not a whole number of vectors.
+        assert!(!vector_layout(2, 12, 4, 0).apply);
+        assert!(vector_layout(4, 12, 4, 0).apply);
+        // Groups a vector cannot be split along: 10 channels (320 = 32 groups), 3, or 1
+        // channel (8 groups a bf16 vector, over the 2 slots). The apply pass still vectorises.
+        for (c, cpg) in [(320, 10), (48, 3), (2048, 1)] {
+            assert_eq!(
+                vector_layout(2, c, cpg, 0),
+                VectorLayout {
+                    stats: false,
+                    apply: true
+                },
+                "{c} {cpg}"
+            );
+        }
     }
 }
