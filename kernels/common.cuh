@@ -28,6 +28,44 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// V consecutive elements moved as one access: a 16-byte vector load or store (one instruction,
+// the pointer 16-byte aligned) when V elements are 16 bytes, element by element otherwise (V = 1
+// for the scalar kernels). The memcpy between the vector and the elements is register moves.
+template <typename T, int V>
+struct Pack {
+  T v[V];
+};
+
+template <typename T>
+struct Vec16 {
+  static constexpr int N = 16 / sizeof(T);
+};
+
+template <typename T, int V>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
+  Pack<T, V> out;
+  if constexpr (V * sizeof(T) == 16) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    memcpy(&out, &raw, 16);
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) out.v[k] = p[k];
+  }
+  return out;
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& x) {
+  if constexpr (V * sizeof(T) == 16) {
+    uint4 raw;
+    memcpy(&raw, &x, 16);
+    *reinterpret_cast<uint4*>(p) = raw;
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) p[k] = x.v[k];
+  }
+}
+
 // Instantiates `extern "C"` entry points NAME_f32, NAME_f16, NAME_bf16 from a macro that takes
 // (suffix, type); PTX has no templates, so each dtype needs its own symbol.
 #define TURBINE_FOR_EACH_DTYPE(M) \

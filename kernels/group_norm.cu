@@ -283,30 +283,10 @@ __device__ void gn_cl_apply(const T* __restrict__ x, const float* __restrict__ s
 #define GN_VEC_SLOTS 2
 
 template <typename T>
-struct Vec16 {
-  static constexpr int N = 16 / sizeof(T);
-  T v[N];
-};
-
-template <typename T>
-__device__ __forceinline__ Vec16<T> load16(const T* p) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
-  Vec16<T> out;
-  memcpy(&out, &raw, 16);
-  return out;
-}
-
-template <typename T>
-__device__ __forceinline__ void store16(T* p, const Vec16<T>& v) {
-  uint4 raw;
-  memcpy(&raw, &v, 16);
-  *reinterpret_cast<uint4*>(p) = raw;
-}
-
-template <typename T>
 __device__ void gn_cl_stats_vec(const T* __restrict__ x, float* __restrict__ partial, int64_t hw,
                                 int channels, int channels_per_group, int rows, int splits) {
   constexpr int VEC = Vec16<T>::N;
+  using V = Pack<T, VEC>;
   extern __shared__ Partial acc[];
   // Slot i of thread t: the i-th group its vector touches (its only one when cpg >= VEC).
   __shared__ Partial part[GN_THREADS * GN_VEC_SLOTS];
@@ -331,7 +311,7 @@ __device__ void gn_cl_stats_vec(const T* __restrict__ x, float* __restrict__ par
     if (phase < phases && v < lanes) {
       const int c = v * VEC;
       // Shifted sums per channel, as in gn_cl_stats.
-      const Vec16<T> first = load16(xs + p0 * channels + c);
+      const V first = load_pack<T, VEC>(xs + p0 * channels + c);
       float shift[VEC], s[VEC], q[VEC];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
@@ -341,7 +321,7 @@ __device__ void gn_cl_stats_vec(const T* __restrict__ x, float* __restrict__ par
       }
       int count = 0;
       for (int64_t r = p0 + phase; r < p1; r += phases) {
-        const Vec16<T> in = load16(xs + r * channels + c);
+        const V in = load_pack<T, VEC>(xs + r * channels + c);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           const float d = to_f32(in.v[k]) - shift[k];
@@ -397,6 +377,7 @@ __device__ void gn_cl_apply_vec(const T* __restrict__ x, const float* __restrict
                                 T* __restrict__ y, int64_t hw, int channels,
                                 int channels_per_group, int rows, int silu) {
   constexpr int VEC = Vec16<T>::N;
+  using V = Pack<T, VEC>;
   const int lanes = channels / VEC;
   const int width = min(lanes, GN_THREADS);
   const int phases = GN_THREADS / width;
@@ -419,15 +400,15 @@ __device__ void gn_cl_apply_vec(const T* __restrict__ x, const float* __restrict
     }
     for (int64_t r = p0 + phase; r < p1; r += phases) {
       const int64_t i = base + r * channels + c;
-      const Vec16<T> in = load16(x + i);
-      Vec16<T> out;
+      const V in = load_pack<T, VEC>(x + i);
+      V out;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         float v = (to_f32(in.v[k]) - mean[k]) * scale[k] + beta[k];
         if (silu) v = v / (1.f + __expf(-v));
         out.v[k] = from_f32<T>(v);
       }
-      store16(y + i, out);
+      store_pack<T, VEC>(y + i, out);
     }
   }
 }

@@ -50,7 +50,10 @@ struct Entry;
     static constexpr auto gn_cl_apply_vec = gn_cl_apply_vec_##NAME; \
     static constexpr auto attn_softmax = attn_softmax_##NAME;  \
     static constexpr auto bias_residual = bias_residual_##NAME; \
-    static constexpr auto conv_prefill = conv_prefill_##NAME;  \
+    static constexpr auto conv_prefill_rows = conv_prefill_rows_##NAME; \
+    static constexpr auto conv_prefill_rows_vec = conv_prefill_rows_vec_##NAME; \
+    static constexpr auto conv_prefill_planes = conv_prefill_planes_##NAME; \
+    static constexpr auto conv_prefill_planes_vec = conv_prefill_planes_vec_##NAME; \
     static constexpr auto geglu = geglu_##NAME;                \
     static constexpr auto geglu_bias = geglu_bias_##NAME;      \
     static constexpr auto to_rgb8 = to_rgb8_##NAME;            \
@@ -585,27 +588,51 @@ struct PrefillCase {
   const char* label;
   size_t n, o, oh, ow;  // the convolution's output geometry
   bool channels_last, residual, small;
+  // y and the residual one element into their buffers (views at an offset): the scalar form.
+  bool misaligned = false;
 };
 
-// Mirrors src/ops/conv/cudnn.rs prefill: y = bias[channel] (+ residual), before cuDNN
-// accumulates the convolution into y.
+// Mirrors src/ops/conv.rs prefill_launch and src/ops/conv/cudnn.rs prefill: y = bias[channel]
+// (+ residual), before cuDNN accumulates the convolution into y. Returns whether it took the
+// 16-byte-vector form.
 template <class T>
-void launch_prefill(const PrefillCase& c, const Buffer<T>& bias, const Buffer<T>* residual,
-                    const Buffer<T>& y) {
-  const size_t THREADS = 256, MAX_BLOCKS = 1 << 16;
-  const size_t total = c.n * c.o * c.oh * c.ow;
-  const size_t inner = c.channels_last ? 1 : c.oh * c.ow;
-  const int64_t total_arg = (int64_t)total, inner_arg = (int64_t)inner;
+bool launch_prefill(const PrefillCase& c, const Buffer<T>& bias, const T* residual, T* y) {
+  const size_t THREADS = 256, ROW_BLOCK_ELEMS = 8192, PLANE_CHUNK = 4096, MAX_GRID_Y = 65535;
+  const size_t vec = 16 / sizeof(T);
+  const bool aligned = (((uintptr_t)y | (uintptr_t)residual) % 16) == 0;
   const int channels_arg = to_i32(c.o, "conv2d out channels");
   const int has_residual = residual != nullptr;
   // Without a residual the kernel never reads its residual argument; bias stands in for it.
-  const T* r = residual ? residual->data() : bias.data();
-  cuda_host::launch({to_u32(std::min(div_ceil(total, THREADS), MAX_BLOCKS),
-                            "conv2d prefill blocks"), 1, 1},
+  const T* r = residual ? residual : bias.data();
+  if (c.channels_last) {
+    const size_t rows = c.n * c.oh * c.ow;
+    const size_t per_block = std::max<size_t>(ROW_BLOCK_ELEMS / c.o, 1);
+    const bool v = aligned && c.o % vec == 0;
+    const int64_t rows_arg = (int64_t)rows;
+    const int per_block_arg = to_i32(per_block, "conv2d prefill rows per block");
+    cuda_host::launch({(unsigned)to_i32(div_ceil(rows, per_block), "conv2d prefill blocks"), 1, 1},
+                      {(unsigned)THREADS, 1, 1}, 0, [&] {
+                        (v ? Entry<T>::conv_prefill_rows_vec : Entry<T>::conv_prefill_rows)(
+                            bias.data(), r, y, rows_arg, channels_arg, per_block_arg,
+                            has_residual);
+                      });
+    return v;
+  }
+  const size_t plane_len = c.oh * c.ow;
+  const bool v = aligned && plane_len % vec == 0;
+  const size_t unit = v ? vec : 1;
+  const size_t chunk =
+      div_ceil(std::max(PLANE_CHUNK, div_ceil(plane_len, MAX_GRID_Y)), unit) * unit;
+  const int64_t plane_len_arg = (int64_t)plane_len, chunk_arg = (int64_t)chunk;
+  const unsigned chunks = to_u32(div_ceil(plane_len, chunk), "conv2d prefill chunks");
+  if (chunks > MAX_GRID_Y) cuda_host::fail("conv2d prefill: Rust bails");
+  cuda_host::launch({(unsigned)to_i32(c.n * c.o, "conv2d prefill blocks"), chunks, 1},
                     {(unsigned)THREADS, 1, 1}, 0, [&] {
-                      Entry<T>::conv_prefill(bias.data(), r, y.data(), total_arg, inner_arg,
-                                             channels_arg, has_residual);
+                      (v ? Entry<T>::conv_prefill_planes_vec : Entry<T>::conv_prefill_planes)(
+                          bias.data(), r, y, plane_len_arg, channels_arg, chunk_arg,
+                          has_residual);
                     });
+  return v;
 }
 
 void check_conv_prefill(bool small) {
@@ -615,29 +642,45 @@ void check_conv_prefill(bool small) {
       {"unet resnet conv2 320@64x64 + shortcut", 1, 320, 64, 64, false, true, false},
       {"unet conv 1280@16x16 batch 2", 2, 1280, 16, 16, false, false, false},
       {"vae conv 512@64x64", 1, 512, 64, 64, true, false, false},
-      // 16.9M elements: the grid is capped at 65536 blocks and the loop strides around twice
-      // (the VAE's last convolutions at 512x512, 33.5M elements, do the same).
-      {"vae resnet conv2 128@363x363 + shortcut", 1, 128, 363, 363, true, true, false},
+      // 33 chunks a plane (the last short) in NCHW; 64 rows a block, 2059 blocks in NHWC.
+      {"resnet conv2 128@363x363 + shortcut", 1, 128, 363, 363, true, true, false},
+      {"resnet conv2 16@363x363 + shortcut", 1, 16, 363, 363, false, true, false},
       {"5@7x3 batch 3 + residual", 3, 5, 7, 3, false, true, true},
       {"7@5x3 batch 2", 2, 7, 5, 3, true, false, true},
+      // 320 channels: 40 bf16 lanes, 6 phases, 16 threads idle; 25 rows a block.
+      {"320@9x7 batch 2 + residual", 2, 320, 9, 7, true, true, true},
+      // More channels than a block's 8192 elements: one row a block, lanes striding twice.
+      {"10240@2x3 + residual", 1, 10240, 2, 3, true, true, true},
+      // Planes of 8x8: whole vectors (64 elements).
+      {"24@8x8 batch 2 + residual", 2, 24, 8, 8, false, true, true},
+      // The scalar forms on shapes the vector forms take, through misaligned views.
+      {"vae conv 128@33x31 + residual", 1, 128, 33, 31, true, true, true, true},
+      {"unet 320@16x16 + residual", 1, 320, 16, 16, false, true, true, true},
   };
   for (const auto& c : cases) {
     if (small && !c.small) continue;
     for_each_dtype([&]<class T>() {
       const size_t total = c.n * c.o * c.oh * c.ow, plane = c.oh * c.ow;
+      const size_t skew = c.misaligned ? 1 : 0;
       auto bias = random_buffer<T>(c.o);
-      auto residual = random_buffer<T>(c.residual ? total : 0);
-      auto y = Buffer<T>::uninit(total);
-      launch_prefill(c, bias, c.residual ? &residual : nullptr, y);
+      auto residual = random_buffer<T>(c.residual ? total + skew : 0);
+      // y one element longer when misaligned: the element before the view must keep its
+      // poison (NaN).
+      auto y = Buffer<T>::uninit(total + skew);
+      const bool v = launch_prefill(c, bias, c.residual ? residual.data() + skew : nullptr,
+                                    y.data() + skew);
       Error e;
       for (size_t i = 0; i < total; ++i) {
         const size_t ch = c.channels_last ? i % c.o : i / plane % c.o;
-        e.add(i, value(y[i]), value(bias[ch]) + (c.residual ? value(residual[i]) : 0.));
+        e.add(i, value(y[i + skew]),
+              value(bias[ch]) + (c.residual ? value(residual[i + skew]) : 0.));
       }
+      if (skew) e.outside(std::isnan(value(y[0])));
       const auto shape =
           c.channels_last ? dims({c.n, c.oh, c.ow, c.o}) : dims({c.n, c.o, c.oh, c.ow});
       report(std::string("conv_prefill ") + Entry<T>::dtype +
-                 (c.channels_last ? " NHWC " : " NCHW ") + c.label + " " + shape,
+                 (c.channels_last ? " NHWC " : " NCHW ") + c.label + " " + shape +
+                 (v ? " vec" : ""),
              e, tolerance<T>());
     });
   }

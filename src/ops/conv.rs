@@ -302,6 +302,73 @@ fn backend_strides(dims: [i64; 4], channels_last: bool) -> [i64; 4] {
     }
 }
 
+/// How the `Prefill` epilogue's kernel (kernels/conv_prefill.cu) is launched for an output.
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PrefillLaunch {
+    /// `conv_prefill_rows` (channels last) or `conv_prefill_planes` (NCHW), `_vec` for the
+    /// 16-byte-vector form; the dtype suffix is added by the caller.
+    kernel: &'static str,
+    grid: (usize, usize),
+    /// Rows per block (rows) or elements per chunk (planes): the kernel's `rows_per_block` or
+    /// `chunk_len` argument.
+    per_block: usize,
+}
+
+/// Threads per prefill block (PF_THREADS in kernels/conv_prefill.cu).
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+const PREFILL_THREADS: usize = 256;
+
+/// The prefill's launch for an output of geometry `g`: channels last, `[rows = N*H'*W', O]` in
+/// blocks of about 8192 elements (whole rows); NCHW, one block row per `[N*O]` plane of H'W'
+/// elements, in chunks of at least 4096 (more when a plane would need over 65535 chunks).
+/// `ptr_bits` is y's address or'ed with the residual's (when there is one): the vector form
+/// needs it 16-byte aligned and the rows' channels (or the planes and chunks) whole 16-byte
+/// vectors of `elem_bytes` elements.
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+fn prefill_launch(
+    g: &Geometry,
+    channels_last: bool,
+    elem_bytes: usize,
+    ptr_bits: u64,
+) -> PrefillLaunch {
+    const ROW_BLOCK_ELEMS: usize = 8192;
+    const PLANE_CHUNK: usize = 4096;
+    const MAX_GRID_Y: usize = 65535;
+    let vec = 16 / elem_bytes;
+    let aligned = ptr_bits.is_multiple_of(16);
+    if channels_last {
+        let rows = g.n * g.oh * g.ow;
+        let per_block = (ROW_BLOCK_ELEMS / g.o).max(1);
+        let v = aligned && g.o.is_multiple_of(vec);
+        PrefillLaunch {
+            kernel: if v {
+                "conv_prefill_rows_vec"
+            } else {
+                "conv_prefill_rows"
+            },
+            grid: (rows.div_ceil(per_block), 1),
+            per_block,
+        }
+    } else {
+        let plane_len = g.oh * g.ow;
+        let v = aligned && plane_len.is_multiple_of(vec);
+        let unit = if v { vec } else { 1 };
+        let chunk = PLANE_CHUNK
+            .max(plane_len.div_ceil(MAX_GRID_Y))
+            .next_multiple_of(unit);
+        PrefillLaunch {
+            kernel: if v {
+                "conv_prefill_planes_vec"
+            } else {
+                "conv_prefill_planes"
+            },
+            grid: (g.n * g.o, plane_len.div_ceil(chunk)),
+            per_block: chunk,
+        }
+    }
+}
+
 /// Why `got` is not the same convolution output as `want` (the same elements of two plans'
 /// outputs), if it is not: each element within 1% of `want`'s largest finite magnitude plus 1.6%
 /// of itself (two half-precision roundings; the plans sum in different orders), and finite
@@ -325,6 +392,78 @@ fn disagreement(want: &[f64], got: &[f64]) -> Option<String> {
             err.is_nan() || err > 1e-2 * scale + 1.6e-2 * w.abs()
         })
         .map(|(i, (w, g))| format!("element {i} is {g}, the legacy plan's {w}"))
+}
+
+#[cfg(test)]
+mod prefill_tests {
+    use super::{prefill_launch, Geometry, PrefillLaunch};
+
+    fn out(n: usize, o: usize, oh: usize, ow: usize) -> Geometry {
+        Geometry {
+            n,
+            c: 1,
+            h: oh,
+            w: ow,
+            o,
+            kh: 1,
+            kw: 1,
+            oh,
+            ow,
+        }
+    }
+
+    #[test]
+    fn prefill_launches_by_layout_vectors_and_alignment() {
+        // The VAE's channels-last outputs, bf16: 8192 / 128 = 64 rows a block, 16-byte vectors.
+        let vae = out(8, 128, 512, 512);
+        assert_eq!(
+            prefill_launch(&vae, true, 2, 0x7f00_0000_0000),
+            PrefillLaunch {
+                kernel: "conv_prefill_rows_vec",
+                grid: (8 * 512 * 512 / 64, 1),
+                per_block: 64,
+            }
+        );
+        // A residual view 2 bytes into its buffer, or channels that are not whole vectors.
+        assert_eq!(prefill_launch(&vae, true, 2, 2).kernel, "conv_prefill_rows");
+        assert_eq!(
+            prefill_launch(&out(1, 12, 5, 5), true, 2, 0).kernel,
+            "conv_prefill_rows"
+        );
+        // f32 vectors are 4 channels; more channels than a block's 8192 elements: a row a block.
+        assert_eq!(
+            prefill_launch(&out(1, 12, 5, 5), true, 4, 0).kernel,
+            "conv_prefill_rows_vec"
+        );
+        assert_eq!(
+            prefill_launch(&out(2, 10000, 3, 3), true, 2, 0).per_block,
+            1
+        );
+        // The UNet's NCHW outputs: one plane of 64x64 per block row, one chunk each.
+        assert_eq!(
+            prefill_launch(&out(2, 320, 64, 64), false, 2, 0),
+            PrefillLaunch {
+                kernel: "conv_prefill_planes_vec",
+                grid: (640, 1),
+                per_block: 4096,
+            }
+        );
+        // 7x7 planes: not whole vectors. 363x363 planes: 33 chunks of 4096 (the last short).
+        assert_eq!(
+            prefill_launch(&out(1, 4, 7, 7), false, 2, 0).kernel,
+            "conv_prefill_planes"
+        );
+        let big = prefill_launch(&out(1, 3, 363, 363), false, 2, 0);
+        assert_eq!(big.kernel, "conv_prefill_planes");
+        assert_eq!(big.grid, (3, (363usize * 363).div_ceil(4096)));
+        // A plane over 65535 chunks of 4096 gets longer chunks, still whole vectors.
+        let huge = prefill_launch(&out(1, 1, 1 << 14, 1 << 14), false, 2, 0);
+        assert!(
+            huge.grid.1 <= 65535 && huge.per_block.is_multiple_of(8),
+            "{huge:?}"
+        );
+        assert!(huge.grid.1 * huge.per_block >= 1 << 28);
+    }
 }
 
 #[cfg(test)]

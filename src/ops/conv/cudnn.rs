@@ -1160,7 +1160,8 @@ fn launch<T: CudaDType + DeviceRepr + WithDType>(
     }
 }
 
-/// `y = bias[channel] (+ residual)` (kernels/conv_prefill.cu).
+/// `y = bias[channel] (+ residual)` (kernels/conv_prefill.cu; launch by
+/// [`super::prefill_launch`]).
 fn prefill<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
     ops: &Operands<T>,
@@ -1168,52 +1169,66 @@ fn prefill<T: CudaDType + DeviceRepr + WithDType>(
     g: &Geometry,
     p: &ConvParams,
 ) -> Result<()> {
-    const THREADS: usize = 256;
-    // Grid-stride loop: 65536 blocks of 256 threads already fill an H200 (132 SMs x 2048) ~60x.
-    const MAX_BLOCKS: usize = 1 << 16;
     let suffix = match T::DTYPE {
         DType::F32 => "f32",
         DType::F16 => "f16",
         DType::BF16 => "bf16",
         other => bail!("conv2d: no prefill kernel for dtype {other:?}"),
     };
+    let stream = dev.cuda_stream();
+    let ptr_bits = {
+        let (yp, _y_done) = y.device_ptr(&stream);
+        let rp = ops.residual.as_ref().map_or(0, |r| r.device_ptr(&stream).0);
+        yp | rp
+    };
+    let pl = super::prefill_launch(g, p.channels_last, T::DTYPE.size_in_bytes(), ptr_bits);
     let f = dev
         .get_or_load_custom_func(
-            &format!("conv_prefill_{suffix}"),
+            &format!("{}_{suffix}", pl.kernel),
             PREFILL_MODULE,
             PREFILL_PTX,
         )?
         .into_cuda_function();
-    let total = g.elems_out();
-    let inner = if p.channels_last { 1 } else { g.oh * g.ow };
-    let (total_arg, inner_arg) = (total as i64, inner as i64);
     let channels_arg = to_i32(g.o, "conv2d out channels")?;
     let has_residual = i32::from(ops.residual.is_some());
     // Without a residual the kernel never reads its residual argument; bias stands in for it.
     let residual = ops.residual.as_ref().unwrap_or(&ops.bias);
-    let stream = dev.cuda_stream();
     let mut launch = stream.launch_builder(&f);
     launch.arg(&ops.bias).arg(residual).arg(y);
-    launch
-        .arg(&total_arg)
-        .arg(&inner_arg)
-        .arg(&channels_arg)
-        .arg(&has_residual);
+    let (rows_arg, per_block_i32, plane_len_arg, chunk_arg);
+    if p.channels_last {
+        rows_arg = (g.n * g.oh * g.ow) as i64;
+        per_block_i32 = to_i32(pl.per_block, "conv2d prefill rows per block")?;
+        launch
+            .arg(&rows_arg)
+            .arg(&channels_arg)
+            .arg(&per_block_i32)
+            .arg(&has_residual);
+    } else {
+        plane_len_arg = (g.oh * g.ow) as i64;
+        chunk_arg = pl.per_block as i64;
+        launch
+            .arg(&plane_len_arg)
+            .arg(&channels_arg)
+            .arg(&chunk_arg)
+            .arg(&has_residual);
+    }
+    let blocks = to_i32(pl.grid.0, "conv2d prefill blocks")?;
+    let chunks = to_u32(pl.grid.1, "conv2d prefill chunks")?;
+    if chunks > 65535 {
+        bail!("conv2d prefill: {chunks} chunks per plane exceed grid y's 65535");
+    }
     let cfg = LaunchConfig {
-        grid_dim: (
-            to_u32(
-                total.div_ceil(THREADS).min(MAX_BLOCKS),
-                "conv2d prefill blocks",
-            )?,
-            1,
-            1,
-        ),
-        block_dim: (THREADS as u32, 1, 1),
+        grid_dim: (blocks as u32, chunks, 1),
+        block_dim: (super::PREFILL_THREADS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: argument list matches conv_prefill_* in kernels/conv_prefill.cu: (const T* bias
-    // [O], const T* residual [total] (read only when has_residual), T* y [total], i64 total,
-    // i64 inner, i32 channels, i32 has_residual); y holds `total` elements.
+    // SAFETY: argument lists match kernels/conv_prefill.cu: rows (const T* bias [O], const T*
+    // residual [rows*O] (read only when has_residual), T* y, i64 rows, i32 channels, i32
+    // rows_per_block, i32 has_residual); planes (bias, residual [N*O*plane_len], y, i64
+    // plane_len, i32 channels, i64 chunk_len, i32 has_residual). y holds N*O*H'*W' elements;
+    // the vector forms were chosen only for 16-byte-aligned y and residual and whole vectors
+    // (`prefill_launch`).
     unsafe { launch.launch(cfg) }.w()?;
     Ok(())
 }
