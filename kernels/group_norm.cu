@@ -173,119 +173,25 @@ __device__ void gn_apply(const T* __restrict__ x, const float* __restrict__ stat
 
 // ---- Channels last ----
 //
-// A block covers `rows` consecutive positions of one sample and every channel, in strips of
-// `width` = min(C, GN_THREADS) channels: thread t owns channel c0 + t % width of each strip and
-// every `phases`-th position (phases = GN_THREADS / width; threads t >= phases*width idle), so
-// the 32 threads of a warp touch 32 consecutive channels of one position.
-
-template <typename T>
-__device__ void gn_cl_stats(const T* __restrict__ x, float* __restrict__ partial, int64_t hw,
-                            int channels, int channels_per_group, int rows, int splits) {
-  // One accumulator per group of the sample: `groups` entries, sized at launch.
-  extern __shared__ Partial acc[];
-  __shared__ Partial part[GN_THREADS];
-  const int groups = channels / channels_per_group;
-  const int64_t n = blockIdx.y;
-  const int split = blockIdx.x;
-  const int64_t p0 = (int64_t)split * rows;
-  const int64_t p1 = min(p0 + (int64_t)rows, hw);
-  const int width = min(channels, GN_THREADS);
-  const int phases = GN_THREADS / width;
-  const int phase = threadIdx.x / width, lane = threadIdx.x % width;
-  const T* xs = x + n * hw * channels;
-  for (int g = threadIdx.x; g < groups; g += GN_THREADS) acc[g] = Partial{0.f, 0.f, 0.f};
-  __syncthreads();
-  for (int c0 = 0; c0 < channels; c0 += width) {
-    const int c = c0 + lane;
-    Partial p = {0.f, 0.f, 0.f};
-    if (phase < phases && c < channels) {
-      // Shifted sums, as in gn_stats; the shift is this channel's value at the chunk's start.
-      const float shift = to_f32(xs[p0 * channels + c]);
-      float s = 0.f, q = 0.f;
-      int count = 0;
-      for (int64_t r = p0 + phase; r < p1; r += phases) {
-        const float d = to_f32(xs[r * channels + c]) - shift;
-        s += d;
-        q += d * d;
-        ++count;
-      }
-      p.n = (float)count;
-      p.mean = count ? shift + s / count : 0.f;
-      p.m2 = count ? fmaxf(q - s * s / count, 0.f) : 0.f;
-    }
-    part[threadIdx.x] = p;
-    __syncthreads();
-    // Thread i folds the strip's channels of the i-th group overlapping the strip into acc: at
-    // most width/cpg + 2 <= GN_THREADS groups overlap a strip (cpg >= 2), or width (cpg = 1).
-    const int c_end = min(c0 + width, channels);
-    const int g = c0 / channels_per_group + threadIdx.x;
-    if ((int64_t)g * channels_per_group < c_end) {
-      const int lo = max(c0, g * channels_per_group);
-      const int hi = min(c_end, (g + 1) * channels_per_group);
-      Partial total = acc[g];
-      for (int ph = 0; ph < phases; ++ph) {
-        for (int cc = lo; cc < hi; ++cc) merge(total, part[ph * width + (cc - c0)]);
-      }
-      acc[g] = total;
-    }
-    __syncthreads();
-  }
-  for (int g = threadIdx.x; g < groups; g += GN_THREADS) {
-    float* out = partial + ((n * groups + g) * splits + split) * 3;
-    out[0] = acc[g].n;
-    out[1] = acc[g].mean;
-    out[2] = acc[g].m2;
-  }
-}
-
-template <typename T>
-__device__ void gn_cl_apply(const T* __restrict__ x, const float* __restrict__ stats,
-                            const T* __restrict__ weight, const T* __restrict__ bias,
-                            T* __restrict__ y, int64_t hw, int channels, int channels_per_group,
-                            int rows, int silu) {
-  const int width = min(channels, GN_THREADS);
-  const int phases = GN_THREADS / width;
-  const int phase = threadIdx.x / width, lane = threadIdx.x % width;
-  if (phase >= phases) return;
-  const int groups = channels / channels_per_group;
-  const int64_t n = blockIdx.y;
-  const int64_t p0 = (int64_t)blockIdx.x * rows;
-  const int64_t p1 = min(p0 + (int64_t)rows, hw);
-  const int64_t base = n * hw * channels;
-  for (int c = lane; c < channels; c += width) {
-    const int64_t group = n * groups + c / channels_per_group;
-    const float mean = stats[2 * group], rstd = stats[2 * group + 1];
-    const float scale = rstd * to_f32(weight[c]);
-    const float beta = to_f32(bias[c]);
-    for (int64_t r = p0 + phase; r < p1; r += phases) {
-      const int64_t i = base + r * channels + c;
-      float v = (to_f32(x[i]) - mean) * scale + beta;
-      if (silu) v = v / (1.f + __expf(-v));
-      y[i] = from_f32<T>(v);
-    }
-  }
-}
-
-// ---- Channels last, 16-byte vectors ----
+// A block covers `rows` consecutive positions of one sample and every channel. Each thread moves
+// V consecutive channels of a position at a time: V = 1 (the scalar kernels gn_cl_*_T) or
+// V = 16 / sizeof(T), one 16-byte load or store (gn_cl_*_vec_T). Lane l of a strip of `width` =
+// min(C / V, GN_THREADS) lanes owns channels [l*V, l*V + V) and every `phases`-th position
+// (phases = GN_THREADS / width; threads t >= phases*width idle), so a warp touches 32*V
+// consecutive channels of one position. The vector form keeps several times the bytes in flight
+// per SM that HBM needs to stream (the scalar one about half, with nvcc's 4-way unroll) and
+// spends fewer instructions per element: the VAE decoder's norms (channels-last, 128-512
+// channels, groups of 4-16 channels) take it.
 //
-// gn_cl_stats and gn_cl_apply with each thread moving VEC = 16 / sizeof(T) consecutive channels
-// of a position in one 16-byte load (and store): a warp's access is 512 bytes instead of 32
-// elements, so each SM keeps several times the bytes in flight that HBM needs to stream (the
-// scalar kernels keep about half, with nvcc's 4-way unroll). The VAE decoder's norms run here:
-// channels-last, 128-512 channels, groups of 4-16 channels.
-//
-// Launched when C % VEC == 0 and the pointers are 16-byte aligned; the stats kernel also needs
-// every vector inside one group or over GN_VEC_SLOTS whole groups (cpg % VEC == 0, or VEC % cpg
-// == 0 with VEC / cpg <= GN_VEC_SLOTS). Lane v of a strip owns channels [v*VEC, v*VEC + VEC).
-// The apply pass does the scalar kernel's arithmetic per element, so the two give the same bits;
-// the statistics merge the same partial sums in another order.
+// src/ops launches the vector form when C % V == 0 and the pointers are 16-byte aligned; the
+// statistics also need every vector inside one group or over at most GN_VEC_SLOTS whole groups
+// (cpg % V == 0, or V % cpg == 0 with V / cpg <= GN_VEC_SLOTS). V = 1 always qualifies.
 
 #define GN_VEC_SLOTS 2
 
-template <typename T>
-__device__ void gn_cl_stats_vec(const T* __restrict__ x, float* __restrict__ partial, int64_t hw,
-                                int channels, int channels_per_group, int rows, int splits) {
-  constexpr int VEC = Vec16<T>::N;
+template <typename T, int VEC>
+__device__ void gn_cl_stats(const T* __restrict__ x, float* __restrict__ partial, int64_t hw,
+                            int channels, int channels_per_group, int rows, int splits) {
   using V = Pack<T, VEC>;
   extern __shared__ Partial acc[];
   // Slot i of thread t: the i-th group its vector touches (its only one when cpg >= VEC).
@@ -310,7 +216,8 @@ __device__ void gn_cl_stats_vec(const T* __restrict__ x, float* __restrict__ par
     for (int i = 0; i < GN_VEC_SLOTS; ++i) slot[i] = Partial{0.f, 0.f, 0.f};
     if (phase < phases && v < lanes) {
       const int c = v * VEC;
-      // Shifted sums per channel, as in gn_cl_stats.
+      // Shifted sums per channel, as in gn_stats: the shift is the channel's value at the
+      // chunk's first position.
       const V first = load_pack<T, VEC>(xs + p0 * channels + c);
       float shift[VEC], s[VEC], q[VEC];
 #pragma unroll
@@ -371,12 +278,11 @@ __device__ void gn_cl_stats_vec(const T* __restrict__ x, float* __restrict__ par
   }
 }
 
-template <typename T>
-__device__ void gn_cl_apply_vec(const T* __restrict__ x, const float* __restrict__ stats,
-                                const T* __restrict__ weight, const T* __restrict__ bias,
-                                T* __restrict__ y, int64_t hw, int channels,
-                                int channels_per_group, int rows, int silu) {
-  constexpr int VEC = Vec16<T>::N;
+template <typename T, int VEC>
+__device__ void gn_cl_apply(const T* __restrict__ x, const float* __restrict__ stats,
+                            const T* __restrict__ weight, const T* __restrict__ bias,
+                            T* __restrict__ y, int64_t hw, int channels, int channels_per_group,
+                            int rows, int silu) {
   using V = Pack<T, VEC>;
   const int lanes = channels / VEC;
   const int width = min(lanes, GN_THREADS);
@@ -430,24 +336,24 @@ TURBINE_FOR_EACH_DTYPE(GN_ENTRY)
   extern "C" __global__ void gn_cl_stats_##NAME(const T* x, float* partial, int64_t hw,         \
                                                 int channels, int channels_per_group, int rows, \
                                                 int splits) {                                   \
-    gn_cl_stats<T>(x, partial, hw, channels, channels_per_group, rows, splits);                 \
+    gn_cl_stats<T, 1>(x, partial, hw, channels, channels_per_group, rows, splits);              \
   }                                                                                              \
   extern "C" __global__ void gn_cl_apply_##NAME(const T* x, const float* stats, const T* weight,\
                                                 const T* bias, T* y, int64_t hw, int channels,  \
                                                 int channels_per_group, int rows, int silu) {   \
-    gn_cl_apply<T>(x, stats, weight, bias, y, hw, channels, channels_per_group, rows, silu);    \
+    gn_cl_apply<T, 1>(x, stats, weight, bias, y, hw, channels, channels_per_group, rows, silu); \
   }                                                                                              \
   extern "C" __global__ void gn_cl_stats_vec_##NAME(const T* x, float* partial, int64_t hw,     \
                                                     int channels, int channels_per_group,       \
                                                     int rows, int splits) {                     \
-    gn_cl_stats_vec<T>(x, partial, hw, channels, channels_per_group, rows, splits);             \
+    gn_cl_stats<T, Vec16<T>::N>(x, partial, hw, channels, channels_per_group, rows, splits);    \
   }                                                                                              \
   extern "C" __global__ void gn_cl_apply_vec_##NAME(const T* x, const float* stats,             \
                                                     const T* weight, const T* bias, T* y,       \
                                                     int64_t hw, int channels,                   \
                                                     int channels_per_group, int rows,           \
                                                     int silu) {                                 \
-    gn_cl_apply_vec<T>(x, stats, weight, bias, y, hw, channels, channels_per_group, rows,      \
-                       silu);                                                                    \
+    gn_cl_apply<T, Vec16<T>::N>(x, stats, weight, bias, y, hw, channels, channels_per_group,   \
+                                rows, silu);                                                     \
   }
 TURBINE_FOR_EACH_DTYPE(GN_CL_ENTRY)

@@ -238,7 +238,7 @@ impl GroupNormOp {
         // 8192 elements per channels-last apply block (32 per thread).
         const CL_APPLY_ELEMS: usize = 8192;
         // The channels-last stats kernel keeps one 12-byte accumulator per group in dynamic
-        // shared memory, next to 3 KB of static: 2048 groups (24 KB) stays well inside the
+        // shared memory, next to 6 KB of static: 2048 groups (24 KB) stays well inside the
         // 48 KB a launch may use without opting in.
         const CL_MAX_GROUPS: usize = 2048;
         // gn_cl_* put the batch on grid y.
