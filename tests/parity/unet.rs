@@ -152,16 +152,17 @@ fn unet_in_runs_of_rows_matches_one_call_and_diffusers() {
     let timestep = get("timestep").to_vec1::<f32>().unwrap()[0] as f64;
     let per_row = unet.elements_per_row(8, 8);
     let (ours, _) = run_case(&unet, &refs, "b2_8x8");
-    let runs = unet
-        .forward_within(
+    let within = |limit: usize| {
+        unet.forward_within(
             &get("sample"),
             timestep,
             &get("encoder_hidden_states"),
             &get("text_embeds"),
             &get("time_ids"),
-            per_row,
+            limit,
         )
-        .unwrap();
+    };
+    let runs = within(per_row).unwrap();
     common::assert_close("unet b2 8x8 in runs of 1 vs one call", &runs, &ours, 1e-6);
     common::assert_close(
         "unet b2 8x8 in runs of 1 vs diffusers",
@@ -169,16 +170,6 @@ fn unet_in_runs_of_rows_matches_one_call_and_diffusers() {
         &get("out"),
         1e-4,
     );
-    let err = unet
-        .forward_within(
-            &get("sample"),
-            timestep,
-            &get("encoder_hidden_states"),
-            &get("text_embeds"),
-            &get("time_ids"),
-            per_row - 1,
-        )
-        .unwrap_err()
-        .to_string();
+    let err = within(per_row - 1).unwrap_err().to_string();
     assert!(err.contains("latent in the UNet needs"), "{err}");
 }
