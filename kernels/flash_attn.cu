@@ -25,11 +25,14 @@
 // start below Lk), so each row's running max is finite after the first tile and no -inf - -inf
 // (NaN) can arise; masked keys give exp2(-inf) = 0 against zero-filled V rows.
 //
-// Shared memory (static, 44 KiB, below the 48 KiB static limit): 16-bit tiles with a leading
+// Shared memory (static, 45 KiB, below the 48 KiB static limit): 16-bit tiles with a leading
 // dimension of 72 (64 + 8: rows 144 bytes apart spread ldmatrix accesses over the banks), f32
-// scratch with 68 (64 + 4). wmma needs 256-bit-aligned fragment pointers and ldm a multiple of 8
-// (16-bit) or 4 (f32): every fragment starts at a multiple of 16 rows and 16 columns, i.e. at
-// 16*144 = 2304 or 16*272 = 4352 bytes (multiples of 32) plus 32 or 64 bytes per 16 columns.
+// scratch with 72 too (64 + 8: sm_90 stores and loads the accumulators as 64-bit pairs, lane
+// (g, t) = (lane / 4, lane % 4) at words g*ldf + 2t and 2t + 1, which a row stride of 72 words
+// spreads over all 32 banks per half-warp; 68 left 2-way conflicts, 64 4-way). wmma needs
+// 256-bit-aligned fragment pointers and ldm a multiple of 8 (16-bit) or 4 (f32): every fragment
+// starts at a multiple of 16 rows and 16 columns, i.e. at 16*144 = 2304 or 16*288 = 4608 bytes
+// (multiples of 32) plus 32 or 64 bytes per 16 columns.
 //
 // Checked without a GPU: scripts/cuda_host/flash_attn_check.sh runs this source on the host
 // (CUDA emulated, wmma alignment asserted, under AddressSanitizer and ThreadSanitizer too) and
@@ -48,7 +51,7 @@ using namespace nvcuda;
 #define FA_WARPS 4
 #define FA_THREADS (32 * FA_WARPS)
 #define FA_LDH 72
-#define FA_LDF 68
+#define FA_LDF 72
 
 #define FA_TILE_BYTES (FA_BQ * FA_LDH * 2)
 #define FA_SCRATCH_BYTES (FA_WARPS * 16 * FA_LDF * 4)
@@ -219,5 +222,9 @@ __device__ void flash_attn(const T* __restrict__ q, const T* __restrict__ k,
                         float scale_log2) {                                                  \
     flash_attn<T>(q, k, v, o, heads, lq, lk, scale_log2);                                    \
   }
+// wmma on bf16 needs sm_80 (f16 sm_70): a build for an older GPU gets no flash kernel, and
+// src/ops/flash.rs `supports` keeps the lever off there.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 FA_ENTRY(f16, __half)
 FA_ENTRY(bf16, __nv_bfloat16)
+#endif

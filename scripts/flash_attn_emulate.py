@@ -3,7 +3,7 @@
 attention, so the kernel's indexing, tiling and online softmax can be checked without a GPU.
 
 What is mirrored exactly: the global offsets (heads interleaved, rows H*64 apart), the 16-byte
-chunked tile loads with zero fill, the shared-memory layout (leading dims 72 and 68, Q and P
+chunked tile loads with zero fill, the shared-memory layout (leading dims 72 and 72, Q and P
 sharing one buffer, one f32 scratch per warp used for S and then for O), every wmma fragment
 pointer and leading dimension (row/column-major as the kernel declares them), the per-lane
 masking, the online max/sum with exp2 and the folded scale, the rounding of P to the storage
@@ -25,7 +25,7 @@ BK = 64
 WARPS = 4
 THREADS = 32 * WARPS
 LDH = 72
-LDF = 68
+LDF = 72
 
 
 def round_bf16(x):

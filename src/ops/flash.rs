@@ -42,6 +42,20 @@ pub fn flash_launches() -> u64 {
     LAUNCHES.with(Cell::get)
 }
 
+/// Whether this build has the flash kernel: kernels/flash_attn.cu's wmma on bf16 needs
+/// compute capability 8.0, so a CUDA build for an older GPU leaves it out (the CPU reference is
+/// always there).
+fn built_with_flash() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        crate::device::BUILD_COMPUTE_CAP
+            .parse::<u32>()
+            .is_ok_and(|cc| cc >= 80)
+    }
+    #[cfg(not(feature = "cuda"))]
+    true
+}
+
 /// Whether the flash kernel covers a multi-head attention call: 16-bit dtype, head dims
 /// `(d, dv)` both 64, not causal, and `(batch, heads)` within the launch grid. The device and the
 /// lever are the caller's business.
@@ -51,7 +65,8 @@ pub(crate) fn supports(
     (d, dv): (usize, usize),
     (batch, heads): (usize, usize),
 ) -> bool {
-    matches!(dtype, DType::F16 | DType::BF16)
+    built_with_flash()
+        && matches!(dtype, DType::F16 | DType::BF16)
         && !causal
         && d == FLASH_HEAD_DIM
         && dv == FLASH_HEAD_DIM
