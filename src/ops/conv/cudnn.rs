@@ -16,8 +16,9 @@
 //!   The search runs on the call's own x, w and y and a workspace of at most [`MAX_WORKSPACE`]
 //!   that is freed after it, so it costs no memory beyond that: the variant without `Ex`
 //!   allocates its own x, y and workspace, several GiB at once for the VAE decoder's largest
-//!   maps at batch 16-32, a spike any measurement of peak memory sees. Algorithms needing more
-//!   than [`MAX_WORKSPACE`] are passed over;
+//!   maps at batch 16-32, a spike any measurement of peak memory sees. An algorithm that needs
+//!   more workspace than the search gets (`find_workspace_bytes`: 4x the shape's x and y, 16 MiB
+//!   to [`MAX_WORKSPACE`]) reports `ALLOC_FAILED` there and is passed over;
 //! - the epilogue (below), measured too.
 //!
 //! The workspace is one buffer per device and thread that only grows, shared by every plan (the
@@ -172,8 +173,31 @@ cudnn_object!(
     destroy_activation
 );
 
+/// cuDNN 9.0.0 as `cudnnGetVersion` reports it (major * 10000 + minor * 100 + patch).
+const CUDNN_MAJOR_MIN: usize = 90_000;
+/// The cuDNN release whose headers cudarc's bindings were generated from (its `cudnn-09021`
+/// feature, which candle's `cudnn` feature selects).
+const CUDNN_BINDINGS: usize = 92_100;
+
 impl Handle {
     fn new(stream: &CudaStream) -> Result<Self> {
+        // cudarc's bindings (cuDNN 9.21's headers) read every returned status as their enum, so
+        // a library of another major version, whose codes differ, is refused before any call
+        // returns one; a later 9.x is only warned about (new codes are rare and not expected
+        // from the calls used here).
+        let version = dnn::get_version();
+        if !(CUDNN_MAJOR_MIN..CUDNN_MAJOR_MIN + 10_000).contains(&version) {
+            bail!(
+                "conv2d: the loaded cuDNN is version {version}; turbine's convolutions need \
+                 cuDNN 9 (libcudnn.so.9)"
+            );
+        }
+        if version > CUDNN_BINDINGS {
+            tracing::warn!(
+                version,
+                "cuDNN is newer than the bindings turbine was built with ({CUDNN_BINDINGS})"
+            );
+        }
         stream.context().bind_to_thread().w()?;
         let handle = Self(dnn::create_handle().map_err(failed("cudnnCreate"))?);
         // SAFETY: both are live; cuDNN then enqueues everything on candle's stream for the
@@ -539,6 +563,7 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
             plans,
             summaries,
         } = st;
+        let fresh = !plans.contains_key(&key);
         let plan = match plans.entry(key) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
@@ -590,8 +615,7 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
                 }
             }
         }
-        grow_workspace(dev, workspace, plan.choice.workspace)?;
-        launch(
+        let launched = launch(
             dev,
             handle,
             &plan.desc,
@@ -601,8 +625,24 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
             workspace,
             g,
             &params,
-        )?;
-        Ok(true)
+        );
+        match launched {
+            Ok(()) => Ok(true),
+            // The first call of a plan that never ran its choice with this epilogue (FindEx
+            // timed beta = 0 only; its fallback algorithm was never run at all): a failure
+            // drops the plan for candle's ops instead of failing every call of the shape.
+            Err(err) if fresh => {
+                let summary = format!(
+                    "{}: {FALLBACK}: the plan's first call failed: {err}",
+                    describe(&key)
+                );
+                tracing::warn!("conv2d plan: {summary}");
+                summaries.push(summary);
+                plans.insert(key, None);
+                Ok(false)
+            }
+            Err(err) => Err(err),
+        }
     })?;
     Ok(planned.then(|| CudaStorage::wrap_cuda_slice(y, dev.clone())))
 }
@@ -1085,6 +1125,9 @@ fn launch<T: CudaDType + DeviceRepr + WithDType>(
     g: &Geometry,
     p: &ConvParams,
 ) -> Result<()> {
+    // Every caller's choice gets its workspace here (a no-op once the buffer is large enough):
+    // the graph search runs the legacy choice before anything else has grown it.
+    grow_workspace(dev, workspace, c.workspace)?;
     // SAFETY: live descriptor; the math type is a host-side setting read by the next call.
     unsafe { dnn::set_convolution_math_type(desc.conv.0, c.math) }
         .map_err(failed("cudnnSetConvolutionMathType"))?;
