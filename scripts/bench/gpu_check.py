@@ -412,14 +412,19 @@ def conv_plan_summary(plans):
     weighed graph-API engines (the conv-graph lever), how many run one; None without plans."""
     if not plans:
         return None
-    built = [p for p in plans if "legacy from now on" not in p]
-    failed = len(plans) - len(built)
+    # Lines about a plan already listed: a graph plan that failed later (src/ops/conv/cudnn.rs),
+    # or a plan whose first call failed (src/ops/conv.rs CONV_FIRST_CALL_FAILED).
+    later = [p for p in plans if "legacy from now on" in p]
+    first = [p for p in plans if "the plan's first call failed" in p]
+    built = [p for p in plans if p not in later and p not in first]
     weighed = [p for p in built if " graph=true" in p and "mode=Measure" in p]
     won = sum(": Graph engine" in p for p in weighed)
     line = (f"cuDNN plans: {len(built)} built; graph-API engines weighed for {len(weighed)}, "
             f"faster than the legacy algorithm (so chosen) for {won}")
-    if failed:
-        line += f"; {failed} graph plan(s) failed after being chosen (legacy from then on)"
+    if later:
+        line += f"; {len(later)} graph plan(s) failed after being chosen (legacy from then on)"
+    if first:
+        line += f"; {len(first)} plan(s) failed at their first call (candle's ops from then on)"
     return line + " (every plan line is in gpu_check.json, turbine.conv_plans)"
 
 

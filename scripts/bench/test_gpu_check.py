@@ -47,10 +47,12 @@ class ConvPlans(unittest.TestCase):
             f"{key} mode=Measure graph=true: Fused CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM ...",
             f"{key} mode=Measure graph=false: Prefill CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM ...",
             f"{key} mode=Measure graph=true: graph plan engine 12 (heuristic #0) failed, legacy from now on: x",
+            f"{key} mode=Measure graph=false: fallback to candle's ops: the plan's first call failed: x",
         ]
         line = g.conv_plan_summary(plans)
         self.assertTrue(line.startswith("cuDNN plans: 3 built; graph-API engines weighed for 2, faster than "
                                         "the legacy algorithm (so chosen) for 1; 1 graph plan(s) failed"), line)
+        self.assertIn("; 1 plan(s) failed at their first call (candle's ops from then on)", line)
 
 
 class Levers(unittest.TestCase):

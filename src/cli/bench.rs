@@ -234,13 +234,21 @@ pub fn summarize_conv_plans(plans: &[String]) -> Option<String> {
     if plans.is_empty() {
         return None;
     }
+    // Lines about a plan already counted: a graph plan that failed later, or a plan whose
+    // first call failed (candle's ops since).
     let failed = plans
         .iter()
         .filter(|p| p.contains("legacy from now on"))
         .count();
+    let first_failed = plans
+        .iter()
+        .filter(|p| p.contains(crate::ops::CONV_FIRST_CALL_FAILED))
+        .count();
     let built: Vec<&String> = plans
         .iter()
-        .filter(|p| !p.contains("legacy from now on"))
+        .filter(|p| {
+            !p.contains("legacy from now on") && !p.contains(crate::ops::CONV_FIRST_CALL_FAILED)
+        })
         .collect();
     let graph = built
         .iter()
@@ -253,11 +261,16 @@ pub fn summarize_conv_plans(plans: &[String]) -> Option<String> {
     let weighed = built.iter().filter(|p| p.contains(" graph=true")).count();
     Some(format!(
         "cuDNN convolution plans: {} built; {graph} run a graph-API engine, {} a legacy \
-         algorithm, {fallback} candle's ops; graph engines weighed for {weighed}{}",
+         algorithm, {fallback} candle's ops; graph engines weighed for {weighed}{}{}",
         built.len(),
         built.len() - graph - fallback,
         if failed > 0 {
             format!("; {failed} graph plan(s) failed after being chosen")
+        } else {
+            String::new()
+        },
+        if first_failed > 0 {
+            format!("; {first_failed} plan(s) failed at their first call (candle's ops since)")
         } else {
             String::new()
         }
@@ -1229,12 +1242,18 @@ mod tests {
             format!("{key} mode=Measure graph=false: Prefill CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM ..."),
             format!("{key} mode=Measure graph=true: {}: no plan", crate::ops::CONV_FALLBACK),
             format!("{key} mode=Measure graph=true: graph plan engine 12 (heuristic #0) failed, legacy from now on: x"),
+            format!(
+                "{key} mode=Measure graph=false: {}: {}: x",
+                crate::ops::CONV_FALLBACK,
+                crate::ops::CONV_FIRST_CALL_FAILED
+            ),
         ];
         let line = summarize_conv_plans(&plans).unwrap();
         assert_eq!(
             line,
             "cuDNN convolution plans: 4 built; 1 run a graph-API engine, 2 a legacy algorithm, \
-             1 candle's ops; graph engines weighed for 3; 1 graph plan(s) failed after being chosen"
+             1 candle's ops; graph engines weighed for 3; 1 graph plan(s) failed after being \
+             chosen; 1 plan(s) failed at their first call (candle's ops since)"
         );
     }
 

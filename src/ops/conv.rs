@@ -99,6 +99,11 @@ pub fn conv_plans() -> Vec<String> {
 /// Marks a [`conv_plans`] line of a shape that runs candle's ops because cuDNN could not plan it.
 pub const CONV_FALLBACK: &str = "fallback to candle's ops";
 
+/// Marks a [`conv_plans`] line of a shape whose plan was built (its own line says how) but whose
+/// first call failed: it runs candle's ops from then on (the line also carries
+/// [`CONV_FALLBACK`]).
+pub const CONV_FIRST_CALL_FAILED: &str = "the plan's first call failed";
+
 /// `conv(x, weight) + bias (+ residual)`; shapes as in [`ConvParams::channels_last`], `bias`
 /// `[O]`, `residual` the output's shape. `weight` and `residual` must have `x`'s dtype; `bias` is
 /// converted to it. On CUDA with the `cudnn` feature this is the planned cuDNN path for f32,

@@ -89,7 +89,7 @@ use candle_core::{bail, CudaStorage, DType, Layout, Result, Storage, Tensor, Wit
 
 use super::{
     aligned, conv_epilogue, disagreement, ConvEpilogue, ConvParams, Geometry,
-    CONV_FALLBACK as FALLBACK,
+    CONV_FALLBACK as FALLBACK, CONV_FIRST_CALL_FAILED,
 };
 use crate::ops::cuda::{contiguous_view, to_i32, to_u32};
 use crate::ops::select::{enabled, Kernels};
@@ -633,7 +633,7 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
             // drops the plan for candle's ops instead of failing every call of the shape.
             Err(err) if fresh => {
                 let summary = format!(
-                    "{}: {FALLBACK}: the plan's first call failed: {err}",
+                    "{}: {FALLBACK}: {CONV_FIRST_CALL_FAILED}: {err}",
                     describe(&key)
                 );
                 tracing::warn!("conv2d plan: {summary}");
