@@ -1107,6 +1107,39 @@ const CONV_BIG_CASES: [ConvCase; 2] = [
     },
 ];
 
+/// Every conv case (the small ones, then the SDXL-like ones) on `dev` in each dtype, both layouts
+/// and each of `modes_for(dtype)`, twice: the second call runs the plan the first one built.
+fn check_conv_cases<'m>(
+    dev: &Device,
+    rng: &mut rand::rngs::StdRng,
+    dtypes: &[DType],
+    modes_for: impl Fn(DType) -> &'m [ops::ConvEpilogue],
+    label: &str,
+) {
+    for case in CONV_CASES.iter().chain(&CONV_BIG_CASES) {
+        let inputs = conv_inputs(rng, case);
+        for &dtype in dtypes {
+            for channels_last in [false, true] {
+                for &mode in modes_for(dtype) {
+                    for call in ["first", "cached"] {
+                        ops::with_conv_epilogue(mode, || {
+                            check_conv(
+                                dev,
+                                &inputs,
+                                case,
+                                dtype,
+                                channels_last,
+                                cuda_conv_tolerance(dtype),
+                                &format!("{label} {mode:?} {call}"),
+                            )
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn conv2d_cuda_matches_cpu_reference() {
     let rng = rng("conv2d cuda");
@@ -1136,29 +1169,7 @@ fn conv2d_cuda_legacy(mut rng: rand::rngs::StdRng, dev: Device) {
             &modes[..1]
         }
     };
-    for case in CONV_CASES.iter().chain(&CONV_BIG_CASES) {
-        let inputs = conv_inputs(&mut rng, case);
-        for dtype in DTYPES {
-            for channels_last in [false, true] {
-                for &mode in modes_for(dtype) {
-                    // Twice: the second call runs the plan the first one built.
-                    for call in ["first", "cached"] {
-                        ops::with_conv_epilogue(mode, || {
-                            check_conv(
-                                &dev,
-                                &inputs,
-                                case,
-                                dtype,
-                                channels_last,
-                                cuda_conv_tolerance(dtype),
-                                &format!("conv2d {mode:?} {call}"),
-                            )
-                        });
-                    }
-                }
-            }
-        }
-    }
+    check_conv_cases(&dev, &mut rng, &DTYPES, modes_for, "conv2d");
     // After the big shapes, the small ones again: their cached plans with the grown workspace.
     for case in &CONV_CASES[..2] {
         let inputs = conv_inputs(&mut rng, case);
@@ -1207,28 +1218,13 @@ fn conv_graph_cuda_matches_cpu_reference() {
     };
     let modes = [ops::ConvEpilogue::Graph, ops::ConvEpilogue::Measure];
     ops::with_kernels(ops::Kernels::ALL, || {
-        for case in CONV_CASES.iter().chain(&CONV_BIG_CASES) {
-            let inputs = conv_inputs(&mut rng, case);
-            for dtype in [DType::BF16, DType::F16] {
-                for channels_last in [false, true] {
-                    for mode in modes {
-                        for call in ["first", "cached"] {
-                            ops::with_conv_epilogue(mode, || {
-                                check_conv(
-                                    &dev,
-                                    &inputs,
-                                    case,
-                                    dtype,
-                                    channels_last,
-                                    cuda_conv_tolerance(dtype),
-                                    &format!("conv graph {mode:?} {call}"),
-                                )
-                            });
-                        }
-                    }
-                }
-            }
-        }
+        check_conv_cases(
+            &dev,
+            &mut rng,
+            &[DType::BF16, DType::F16],
+            |_| &modes[..],
+            "conv graph",
+        );
         // f32 never builds graph plans (the graph engines may run TF32): forced, it is Prefill.
         let case = &CONV_CASES[0];
         let inputs = conv_inputs(&mut rng, case);

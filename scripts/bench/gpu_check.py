@@ -412,8 +412,8 @@ def conv_plan_summary(plans):
     weighed graph-API engines (the conv-graph lever), how many run one; None without plans."""
     if not plans:
         return None
-    # Lines about a plan already listed: a graph plan that failed later (src/ops/conv/cudnn.rs),
-    # or a plan whose first call failed (src/ops/conv.rs CONV_FIRST_CALL_FAILED).
+    # Lines about a plan already listed: a graph plan that failed later, or a plan whose first
+    # call failed (src/ops/conv.rs CONV_GRAPH_FAILED_LATER, CONV_FIRST_CALL_FAILED).
     later = [p for p in plans if "legacy from now on" in p]
     first = [p for p in plans if "the plan's first call failed" in p]
     built = [p for p in plans if p not in later and p not in first]

@@ -234,31 +234,21 @@ pub fn summarize_conv_plans(plans: &[String]) -> Option<String> {
     if plans.is_empty() {
         return None;
     }
+    use crate::ops::{CONV_FALLBACK, CONV_FIRST_CALL_FAILED, CONV_GRAPH_FAILED_LATER};
+    let count = |lines: &[&String], mark: &str| lines.iter().filter(|p| p.contains(mark)).count();
+    let all: Vec<&String> = plans.iter().collect();
     // Lines about a plan already counted: a graph plan that failed later, or a plan whose
     // first call failed (candle's ops since).
-    let failed = plans
+    let failed = count(&all, CONV_GRAPH_FAILED_LATER);
+    let first_failed = count(&all, CONV_FIRST_CALL_FAILED);
+    let built: Vec<&String> = all
         .iter()
-        .filter(|p| p.contains("legacy from now on"))
-        .count();
-    let first_failed = plans
-        .iter()
-        .filter(|p| p.contains(crate::ops::CONV_FIRST_CALL_FAILED))
-        .count();
-    let built: Vec<&String> = plans
-        .iter()
-        .filter(|p| {
-            !p.contains("legacy from now on") && !p.contains(crate::ops::CONV_FIRST_CALL_FAILED)
-        })
+        .copied()
+        .filter(|p| !p.contains(CONV_GRAPH_FAILED_LATER) && !p.contains(CONV_FIRST_CALL_FAILED))
         .collect();
-    let graph = built
-        .iter()
-        .filter(|p| p.contains(": Graph engine"))
-        .count();
-    let fallback = built
-        .iter()
-        .filter(|p| p.contains(crate::ops::CONV_FALLBACK))
-        .count();
-    let weighed = built.iter().filter(|p| p.contains(" graph=true")).count();
+    let graph = count(&built, ": Graph engine");
+    let fallback = count(&built, CONV_FALLBACK);
+    let weighed = count(&built, " graph=true");
     Some(format!(
         "cuDNN convolution plans: {} built; {graph} run a graph-API engine, {} a legacy \
          algorithm, {fallback} candle's ops; graph engines weighed for {weighed}{}{}",

@@ -104,6 +104,10 @@ pub const CONV_FALLBACK: &str = "fallback to candle's ops";
 /// [`CONV_FALLBACK`]).
 pub const CONV_FIRST_CALL_FAILED: &str = "the plan's first call failed";
 
+/// Marks a [`conv_plans`] line of a shape whose chosen graph-API plan failed at a later call: it
+/// runs its legacy algorithm from then on.
+pub const CONV_GRAPH_FAILED_LATER: &str = "legacy from now on";
+
 /// `conv(x, weight) + bias (+ residual)`; shapes as in [`ConvParams::channels_last`], `bias`
 /// `[O]`, `residual` the output's shape. `weight` and `residual` must have `x`'s dtype; `bias` is
 /// converted to it. On CUDA with the `cudnn` feature this is the planned cuDNN path for f32,

@@ -89,7 +89,7 @@ use candle_core::{bail, CudaStorage, DType, Layout, Result, Storage, Tensor, Wit
 
 use super::{
     aligned, conv_epilogue, disagreement, ConvEpilogue, ConvParams, Geometry,
-    CONV_FALLBACK as FALLBACK, CONV_FIRST_CALL_FAILED,
+    CONV_FALLBACK as FALLBACK, CONV_FIRST_CALL_FAILED, CONV_GRAPH_FAILED_LATER,
 };
 use crate::ops::cuda::{contiguous_view, to_i32, to_u32};
 use crate::ops::select::{enabled, Kernels};
@@ -563,10 +563,12 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
             plans,
             summaries,
         } = st;
-        let fresh = !plans.contains_key(&key);
+        // Whether this call built the plan (its first call is the one below).
+        let mut fresh = false;
         let plan = match plans.entry(key) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
+                fresh = true;
                 let planned = Descriptors::new(T::DTYPE, g, &params).and_then(|desc| {
                     let (choice, graph, note) =
                         choose(dev, handle, &desc, &key, &ops, &mut y, workspace)?;
@@ -604,7 +606,7 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
                     Err(err) => {
                         // The legacy choice below overwrites all of y.
                         let summary = format!(
-                            "{}: graph plan {} failed, legacy from now on: {err}",
+                            "{}: graph plan {} failed, {CONV_GRAPH_FAILED_LATER}: {err}",
                             describe(&key),
                             gp.name
                         );
@@ -856,7 +858,6 @@ fn choose<T: CudaDType + DeviceRepr + WithDType>(
     let g = &key.geometry;
     let p = &key.params;
     let run = |c: Choice, y: &mut CudaSlice<T>, ws: &mut Option<CudaSlice<u8>>| {
-        grow_workspace(dev, ws, c.workspace)?;
         launch(dev, handle, desc, c, ops, y, ws, g, p)
     };
     // The fused call is tried once before it may be chosen: cuDNN refuses configurations it
