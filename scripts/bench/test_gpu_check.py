@@ -43,10 +43,10 @@ class ConvPlans(unittest.TestCase):
         self.assertIsNone(g.conv_plan_summary([]))
         key = "BF16 NHWC x[n=8 c=128 h=512 w=512] o=128 k=3x3 pad=1 stride=1 residual=false"
         plans = [
-            f"{key} mode=Measure graph=true: Graph engine 12 (heuristic #0) workspace 0 KiB (legacy ...)",
+            f"{key} mode=Measure graph=true: Graph engine 12 (mode A #0) workspace 0 KiB (legacy ...)",
             f"{key} mode=Measure graph=true: Fused CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM ...",
             f"{key} mode=Measure graph=false: Prefill CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM ...",
-            f"{key} mode=Measure graph=true: graph plan engine 12 (heuristic #0) failed, legacy from now on: x",
+            f"{key} mode=Measure graph=true: graph plan engine 12 (mode A #0) failed, legacy from now on: x",
             f"{key} mode=Measure graph=false: fallback to candle's ops: the plan's first call failed: x",
         ]
         line = g.conv_plan_summary(plans)
@@ -77,6 +77,33 @@ class Levers(unittest.TestCase):
         out = g.libtest_results("running 3 tests\ntest a ... ok\ntest b ... FAILED\ntest c ... ignored\n"
                                 "a: test\ntest result: FAILED. 1 passed; 1 failed\n")
         self.assertEqual(out, {"a": "ok", "b": "FAILED", "c": "ignored"})
+
+    def test_a_test_that_never_finished_is_started(self):
+        out = g.libtest_results("running 3 tests\ntest a ... ok\ntest b ... \n")
+        self.assertEqual(out, {"a": "ok", "b": "started"})
+
+    def test_a_hung_test_fails_its_lever_and_the_unreached_keep_theirs(self):
+        hung = "\n".join([
+            "#!/usr/bin/env bash",
+            'case "${1:-}" in',
+            "    --list) for t in group_norm_matches_composition geglu_matches_composition "
+            "to_rgb8_matches_composition; do echo \"$t: test\"; done; exit 0 ;;",
+            "esac",
+            'echo "running 3 tests"',
+            'echo "test group_norm_matches_composition ... ok"',
+            'echo "test geglu_matches_composition ... "',
+            "exit 124",
+        ])
+        with tempfile.TemporaryDirectory() as d:
+            fake = Path(d) / "ops"
+            fake.write_text(hung + "\n")
+            fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+            # No time left to rerun: the unreached test is not run, not failed.
+            res = g.kernel_tests(Path(d), g.Budget(300))
+        self.assertEqual(res["failed"], ["geglu_matches_composition"])
+        self.assertEqual(res["not_run"], ["to_rgb8_matches_composition"])
+        self.assertEqual(res["levers"], ["geglu"])
+        self.assertIn("never ran (no time): to_rgb8_matches_composition", res["summary"])
 
     def test_auto_kernels_leave_out_failed_levers(self):
         self.assertEqual(g.sweep_kernels("auto", []), "all")

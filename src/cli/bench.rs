@@ -1227,11 +1227,11 @@ mod tests {
         assert_eq!(summarize_conv_plans(&[]), None);
         let key = "BF16 NHWC x[n=8 c=128 h=512 w=512] o=128 k=3x3 pad=1 stride=1 residual=false";
         let plans = vec![
-            format!("{key} mode=Measure graph=true: Graph engine 12 (heuristic #0) workspace 0 KiB (legacy fallback: Prefill ...)"),
+            format!("{key} mode=Measure graph=true: Graph engine 12 (mode A #0) workspace 0 KiB (legacy fallback: Prefill ...)"),
             format!("{key} mode=Measure graph=true: Fused CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM ..."),
             format!("{key} mode=Measure graph=false: Prefill CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM ..."),
             format!("{key} mode=Measure graph=true: {}: no plan", crate::ops::CONV_FALLBACK),
-            format!("{key} mode=Measure graph=true: graph plan engine 12 (heuristic #0) failed, legacy from now on: x"),
+            format!("{key} mode=Measure graph=true: graph plan engine 12 (mode A #0) failed, legacy from now on: x"),
             format!(
                 "{key} mode=Measure graph=false: {}: {}: x",
                 crate::ops::CONV_FALLBACK,

@@ -205,9 +205,10 @@ impl ClipAttention {
 
     /// Causal self-attention. With [`Kernels::ATTENTION`], [`ops::multi_head_attention`] (on
     /// CUDA the fused op, on the heads where the projections wrote them); otherwise candle's
-    /// composition. Either way the logits and the softmax are f32 whatever the run dtype, as
-    /// transformers does: half-precision exponentials of unscaled logits lose the small
-    /// attention weights.
+    /// composition. Either way the softmax is f32 whatever the run dtype, as transformers does:
+    /// half-precision exponentials of unscaled logits lose the small attention weights. (The
+    /// fused op also keeps the logits f32 from the GEMM on; the composition rounds them to the
+    /// run dtype once on CUDA, see [`ops::attention_composed`].)
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let scale = (self.head_dim as f64).powf(-0.5);
         let q = linear(&self.q_proj, x)?;

@@ -45,7 +45,9 @@ pub fn batch_noise(
     for &s in seeds {
         data.extend(standard_normal(s, stream, per));
     }
-    Tensor::from_vec(data, (seeds.len(), c, h, w), &Device::Cpu)?.to_device(device)
+    // Through page-locked memory on CUDA: the upload is queued behind the batch still running
+    // there instead of waiting for it (see `ops::upload_f32`).
+    crate::ops::upload_f32(&data, (seeds.len(), c, h, w), device)
 }
 
 #[cfg(test)]

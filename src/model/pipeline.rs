@@ -445,11 +445,19 @@ impl Pipeline {
             } else {
                 pred
             };
+            // The last step (SDXL-Turbo's only one) goes to sigma 0 and adds no noise: none is
+            // drawn for it (an override's tensor is still checked).
             let step_noise = match noise.and_then(|o| o.step_noise.as_ref()) {
-                Some(v) => check("step noise", &v[i])?,
-                None => noise::batch_noise(&seeds, i as u64 + 1, (c, lh, lw), &self.device)?,
+                Some(v) => Some(check("step noise", &v[i])?),
+                None if scheduler.adds_noise(i)? => Some(noise::batch_noise(
+                    &seeds,
+                    i as u64 + 1,
+                    (c, lh, lw),
+                    &self.device,
+                )?),
+                None => None,
             };
-            latents = scheduler.step(&pred, i, &latents, &step_noise)?;
+            latents = scheduler.step(&pred, i, &latents, step_noise.as_ref())?;
         }
         clock.mark()?;
 

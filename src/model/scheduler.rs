@@ -418,19 +418,28 @@ impl EulerAncestralScheduler {
         sample.affine(1.0 / (sigma * sigma + 1.0).sqrt(), 0.0)
     }
 
+    /// Whether the step at `step_index` adds ancestral noise: every step but the last, which
+    /// goes to sigma 0 (so SDXL-Turbo's one step never does, and its noise need not be drawn).
+    pub fn adds_noise(&self, step_index: usize) -> Result<bool> {
+        self.sigma(step_index)?;
+        Ok(self.sigmas[step_index + 1] > 0.0)
+    }
+
     /// One ancestral Euler step from `sample` at `step_index` to the next noise level, with
-    /// `noise` (standard normal, the sample's shape) as the ancestral noise. Computed in f32;
+    /// `noise` (standard normal, the sample's shape) as the ancestral noise, which a step that
+    /// [adds noise](Self::adds_noise) must be given (any other ignores it). Computed in f32;
     /// returned in `model_output`'s dtype, as diffusers does.
     pub fn step(
         &self,
         model_output: &Tensor,
         step_index: usize,
         sample: &Tensor,
-        noise: &Tensor,
+        noise: Option<&Tensor>,
     ) -> Result<Tensor> {
         let sigma = self.sigma(step_index)?;
         let sigma_to = self.sigmas[step_index + 1];
-        for (name, t) in [("model_output", model_output), ("noise", noise)] {
+        let inputs = [("model_output", Some(model_output)), ("noise", noise)];
+        for (name, t) in inputs.iter().filter_map(|(n, t)| t.map(|t| (n, t))) {
             if t.dims() != sample.dims() {
                 return Err(candle_core::Error::Msg(format!(
                     "scheduler step: {name} has shape {:?} but the sample has {:?}",
@@ -461,6 +470,11 @@ impl EulerAncestralScheduler {
         let m = model_output.to_dtype(DType::F32)?;
         let mut prev = (x.affine(c_sample, 0.0)? + m.affine(c_model, 0.0)?)?;
         if sigma_up > 0.0 {
+            let Some(noise) = noise else {
+                return Err(candle_core::Error::Msg(format!(
+                    "scheduler step {step_index} adds noise (sigma_up {sigma_up}) and was given none"
+                )));
+            };
             prev = (prev + noise.to_dtype(DType::F32)?.affine(sigma_up, 0.0)?)?;
         }
         prev.to_dtype(model_output.dtype())
@@ -492,6 +506,20 @@ mod tests {
     }
 
     #[test]
+    fn every_step_but_the_last_needs_its_noise() {
+        let s = EulerAncestralScheduler::new(&turbo(), 4).unwrap();
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::new(&[1.0f32, 2.0], &dev).unwrap();
+        let eps = Tensor::new(&[0.5f32, -0.5], &dev).unwrap();
+        for i in 0..4 {
+            assert_eq!(s.adds_noise(i).unwrap(), i < 3, "step {i}");
+        }
+        let err = s.step(&eps, 0, &x, None).unwrap_err().to_string();
+        assert!(err.contains("given none"), "{err}");
+        assert!(s.adds_noise(4).is_err());
+    }
+
+    #[test]
     fn last_step_of_one_step_schedule_is_the_denoised_sample() {
         let s = EulerAncestralScheduler::new(&turbo(), 1).unwrap();
         assert_eq!(s.timesteps(), &[999.0]);
@@ -500,7 +528,15 @@ mod tests {
         let x = Tensor::new(&[1.0f32, 2.0], &dev).unwrap();
         let eps = Tensor::new(&[0.5f32, -0.5], &dev).unwrap();
         let noise = Tensor::new(&[100.0f32, 100.0], &dev).unwrap();
-        let out: Vec<f32> = s.step(&eps, 0, &x, &noise).unwrap().to_vec1().unwrap();
+        assert!(!s.adds_noise(0).unwrap());
+        let out: Vec<f32> = s
+            .step(&eps, 0, &x, Some(&noise))
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // The noise is not read: none at all gives the same sample.
+        let without: Vec<f32> = s.step(&eps, 0, &x, None).unwrap().to_vec1().unwrap();
+        assert_eq!(out, without);
         let sigma = s.sigmas()[0];
         let want = [1.0 - sigma * 0.5, 2.0 + sigma * 0.5];
         for (o, w) in out.iter().zip(want) {

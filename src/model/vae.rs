@@ -418,7 +418,9 @@ fn conv_nhwc(vb: VarBuilder, cin: usize, cout: usize, kernel: usize, pad: usize)
 }
 
 /// GroupNorm (+ SiLU) on `[N, H, W, C]`, weight and bias in the model dtype (what diffusers
-/// holds in a half-precision pipeline), statistics in f32.
+/// holds in a half-precision pipeline), statistics in f32: one [`ops::group_norm_channels_last`]
+/// call with [`Kernels::GROUP_NORM`], otherwise composed from candle ops in NHWC as
+/// [`GroupNorm`] composes it in NCHW (so that `all,-group-norm` measures the lever here too).
 #[derive(Debug, Clone)]
 struct GroupNormNhwc {
     weight: Tensor,
@@ -437,8 +439,40 @@ impl GroupNormNhwc {
 
     fn forward(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
         span("group-norm", || {
-            ops::group_norm_channels_last(xs, self.groups, &self.weight, &self.bias, VAE_EPS, silu)
+            if ops::enabled(Kernels::GROUP_NORM) {
+                ops::group_norm_channels_last(
+                    xs,
+                    self.groups,
+                    &self.weight,
+                    &self.bias,
+                    VAE_EPS,
+                    silu,
+                )
+            } else {
+                self.composed(xs, silu)
+            }
         })
+    }
+
+    /// The f32 composition: `[N, H·W, G, C/G]`, the group's mean and two-pass variance over
+    /// dims 1 and 3, one scale and one shift per channel, one rounding at the end.
+    fn composed(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        let (n, h, w, c) = xs.dims4()?;
+        let g = self.groups;
+        let per_group = |t: &Tensor| t.to_dtype(DType::F32)?.reshape((1, 1, g, c / g));
+        let x = xs.to_dtype(DType::F32)?.reshape((n, h * w, g, c / g))?;
+        let mean = x.mean_keepdim(3)?.mean_keepdim(1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(3)?.mean_keepdim(1)?;
+        let inv_std = (var + VAE_EPS)?.sqrt()?.recip()?;
+        let scale = inv_std.broadcast_mul(&per_group(&self.weight)?)?;
+        let mut out = centered
+            .broadcast_mul(&scale)?
+            .broadcast_add(&per_group(&self.bias)?)?;
+        if silu {
+            out = out.silu()?;
+        }
+        out.to_dtype(xs.dtype())?.reshape((n, h, w, c))
     }
 }
 

@@ -68,8 +68,10 @@ pub fn fused_attention(
 }
 
 /// [`attention`] as candle ops, on any device: the GEMMs in the inputs' dtype (in f32 on the CPU
-/// for half dtypes, which candle's CPU backend has no fast GEMM for), the logits and softmax in
-/// f32, query rows in chunks so that the f32 scores stay within 512 MiB.
+/// for half dtypes, which candle's CPU backend has no fast GEMM for), so on CUDA the logits are
+/// rounded once to that dtype as the GEMM writes them; the scaling and softmax in f32, query rows
+/// in chunks so that the f32 scores stay within 512 MiB. (This is candle's way, the baseline;
+/// [`attention`] keeps the logits f32 from the GEMM on.)
 pub fn attention_composed(
     q: &Tensor,
     k: &Tensor,

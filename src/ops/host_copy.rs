@@ -1,4 +1,5 @@
-//! A batch's one copy back to the host, queued on the device's stream rather than waited for.
+//! A batch's one copy back to the host, queued on the device's stream rather than waited for;
+//! and its uploads ([`upload_f32`]), queued the same way.
 //!
 //! `Tensor::to_vec1` on CUDA copies into pageable memory and returns when the copy is done, so
 //! the host sits idle until the GPU has finished the whole batch, and then the GPU idles while
@@ -11,10 +12,15 @@
 //! Page-locked buffers are slow to allocate (the driver pins every page), so they are kept in a
 //! small pool and reused; a copy must fill its buffer exactly (cudarc copies the destination's
 //! length), so buffers are matched by exact size, which repeats from batch to batch of one shape.
+//!
+//! Uploads need the same care for the opposite reason: a copy from pageable memory to the device
+//! may wait for everything already queued on the stream (CUDA's "API synchronization behavior":
+//! the driver may synchronise with the stream to stage pageable memory), so a batch's noise
+//! uploaded while the previous batch still runs could hold the host until that batch is done,
+//! which is what [`Kernels::OVERLAP`](super::Kernels::OVERLAP) exists to avoid. [`upload_f32`]
+//! stages the bytes in page-locked memory of its own pool, whose copies are always queued.
 
-#[cfg(feature = "cuda")]
-use candle_core::Device;
-use candle_core::{bail, DType, Result, Tensor};
+use candle_core::{bail, DType, Device, Result, Shape, Tensor};
 
 /// Bytes on their way to the host.
 pub struct HostCopy {
@@ -62,6 +68,31 @@ impl HostCopy {
     }
 }
 
+/// `data` as an f32 tensor of `shape` on `device`. On CUDA with
+/// [`Kernels::OVERLAP`](super::Kernels::OVERLAP) (the lever that queues a batch behind the one
+/// still running) through page-locked memory, the copy queued on the device's stream: the call
+/// never waits for the device. Otherwise candle's upload from pageable memory.
+pub fn upload_f32(data: &[f32], shape: impl Into<Shape>, device: &Device) -> Result<Tensor> {
+    let shape = shape.into();
+    if shape.elem_count() != data.len() {
+        bail!("upload_f32: {} values for shape {shape:?}", data.len());
+    }
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        if !data.is_empty() && super::enabled(super::Kernels::OVERLAP) {
+            let storage =
+                candle_core::CudaStorage::wrap_cuda_slice(cuda::upload(dev, data)?, dev.clone());
+            return Ok(Tensor::from_storage(
+                candle_core::Storage::Cuda(storage),
+                shape,
+                candle_core::op::BackpropOp::none(),
+                false,
+            ));
+        }
+    }
+    Tensor::from_slice(data, shape, device)
+}
+
 #[cfg(feature = "cuda")]
 impl Drop for HostCopy {
     fn drop(&mut self) {
@@ -78,7 +109,9 @@ mod cuda {
     use std::sync::{Arc, Mutex};
 
     use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
-    use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaEvent, PinnedHostSlice};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaContext, CudaEvent, CudaSlice, PinnedHostSlice,
+    };
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
     use candle_core::{bail, Result, Storage, Tensor};
 
@@ -152,5 +185,54 @@ mod cuda {
         };
         // Dropped outside the lock: freeing waits for the buffer's last copy.
         drop(evicted);
+    }
+
+    /// Staging buffers of uploads, each with the event recorded after its last copy out of it.
+    /// The pool holds a few batches' worth of one or two shapes.
+    static UPLOADS: Mutex<Vec<(PinnedHostSlice<f32>, CudaEvent)>> = Mutex::new(Vec::new());
+
+    /// Upload staging buffers kept idle, at most.
+    const UPLOADS_MAX: usize = 8;
+
+    /// `data` in a new device buffer, copied through a page-locked staging buffer: the copy is
+    /// queued on the stream and the call returns without waiting for the device.
+    pub fn upload(dev: &CudaDevice, data: &[f32]) -> Result<CudaSlice<f32>> {
+        let stream = dev.cuda_stream();
+        let ctx = stream.context();
+        // A staging buffer of exactly this length whose last copy has run (a buffer still being
+        // copied from must not be overwritten), or a new one.
+        let reused = {
+            let mut pool = UPLOADS.lock().unwrap_or_else(|e| e.into_inner());
+            pool.iter()
+                .position(|(h, done)| {
+                    h.len() == data.len() && Arc::ptr_eq(h.context(), ctx) && done.is_complete()
+                })
+                .map(|i| pool.swap_remove(i).0)
+        };
+        let mut staging = match reused {
+            Some(h) => h,
+            // Write-combined (cudarc's default for `alloc_pinned`): the host only writes it.
+            // SAFETY: every element is written below before the copy out of it is queued.
+            None => unsafe { ctx.alloc_pinned::<f32>(data.len()) }.w()?,
+        };
+        // (`as_mut_slice` waits on the buffer's own cudarc event, which candle's per-thread
+        // stream never records: it returns at once; the copy it guards is this pool's event.)
+        staging.as_mut_slice().w()?.copy_from_slice(data);
+        // SAFETY: fully written by the copy queued next, before anything reads it.
+        let mut dst = unsafe { dev.alloc::<f32>(data.len()) }?;
+        stream.memcpy_htod(&staging, &mut dst).w()?;
+        let done = stream.record_event(None).w()?;
+        let evicted = {
+            let mut pool = UPLOADS.lock().unwrap_or_else(|e| e.into_inner());
+            pool.push((staging, done));
+            (pool.len() > UPLOADS_MAX).then(|| pool.remove(0))
+        };
+        if let Some((buffer, done)) = evicted {
+            // Freeing page-locked memory under a running copy is undefined: wait for it first
+            // (the oldest buffer's copy was queued batches ago, so this is immediate).
+            done.synchronize().w()?;
+            drop(buffer);
+        }
+        Ok(dst)
     }
 }

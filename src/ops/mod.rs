@@ -18,7 +18,8 @@
 //! - [`upsample_nearest2x_channels_last`]: the VAE decoder's nearest 2x upsampling in NHWC.
 //! - [`upsample_conv_phases`] + [`interleave_phases`]: nearest 2x upsampling followed by a 3x3
 //!   convolution as four 2x2 convolutions of the low-resolution input (4/9 of the FLOPs).
-//! - [`copy_to_host`]: a batch's bytes to the host, queued rather than waited for.
+//! - [`copy_to_host`]: a batch's bytes to the host, queued rather than waited for;
+//!   [`upload_f32`]: host values to the device, queued the same way.
 //!
 //! Which of them the models use is chosen by [`Kernels`] (`--kernels`).
 //!
@@ -51,7 +52,7 @@ pub use conv::{
 pub use flash::{flash_attention, flash_launches, FlashAttentionOp, FLASH_HEAD_DIM};
 pub use geglu::{geglu, geglu_bias, GegluBiasOp, GegluOp};
 pub use group_norm::{group_norm, group_norm_channels_last, GroupNormOp};
-pub use host_copy::{copy_to_host, HostCopy};
+pub use host_copy::{copy_to_host, upload_f32, HostCopy};
 pub use postprocess::to_rgb8;
 pub use select::{enabled, kernels, set_kernels, with_kernels, Kernels};
 pub use upsample::{upsample_nearest2x_channels_last, UpsampleNearest2xNhwc};

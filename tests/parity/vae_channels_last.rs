@@ -55,6 +55,34 @@ fn channels_last_decode_matches_diffusers_and_nchw_f32() {
     }
 }
 
+/// Without the `group-norm` lever the channels-last decoder composes its norms from candle ops
+/// (in NHWC): the same images as the fused op's, to f32 rounding.
+#[test]
+fn channels_last_decode_without_the_group_norm_lever_matches() {
+    let (vae, _) = build(DType::F32, true);
+    let refs = common::reference("vae");
+    for case in CASES {
+        let z = &refs[&format!("{case}.z")];
+        let fused = ops::with_kernels(Kernels::ALL, || vae.decode_channels_last(z)).unwrap();
+        let composed = ops::with_kernels(Kernels::ALL.without(Kernels::GROUP_NORM), || {
+            vae.decode_channels_last(z)
+        })
+        .unwrap();
+        common::assert_close(
+            &format!("vae channels-last {case}: composed vs fused group norm"),
+            &composed,
+            &fused,
+            1e-5,
+        );
+        common::assert_close(
+            &format!("vae channels-last {case}: composed group norm vs diffusers"),
+            &composed,
+            &refs[&format!("{case}.out")],
+            1e-4,
+        );
+    }
+}
+
 #[test]
 fn channels_last_decode_matches_diffusers_and_nchw_bf16() {
     let (vae, _) = build(DType::BF16, true);

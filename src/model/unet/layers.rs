@@ -179,7 +179,9 @@ impl Module for Linear {
         let Some(b) = &self.bias else {
             return span("linear", || self.gemm(xs));
         };
-        // The bias is added before the single rounding, as a fused GEMM epilogue does.
+        // On the CPU the bias is added before the single rounding to a half dtype, as a fused
+        // GEMM epilogue does; on CUDA candle's GEMM rounds its product first (the
+        // `bias-residual` and `geglu` levers move most biases into their f32 passes).
         span("linear", || {
             self.on_rows(xs, |flat| {
                 gemm_in_f32_on_cpu(&[flat, &self.weight_t, b], |t| {

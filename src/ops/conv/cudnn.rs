@@ -56,10 +56,11 @@
 //! cuDNN's legacy call reaches the engines it maps to its algorithm enums; its graph API (what
 //! PyTorch's convolutions call) lists engines by its own heuristic, and on a new GPU the two sets
 //! need not be the same. With the lever (and [`ConvEpilogue::Measure`], f16/bf16), a plan also
-//! builds up to [`MAX_GRAPH_CANDIDATES`] graph-API plans (`graph.rs`: heuristic mode A,
-//! pre-compiled engines only), runs each once on the call's buffers with the `Prefill` epilogue
-//! and compares both ends of its output with the legacy choice's ([`GRAPH_PROBE`] elements
-//! each), times those that agree, and keeps the fastest if it beats the legacy choice.
+//! builds up to [`MAX_GRAPH_CANDIDATES`] graph-API plans (`graph.rs`: heuristic mode A, then
+//! its fallback list, pre-compiled engines only), runs each once on the call's buffers with the
+//! `Prefill` epilogue and compares [`GRAPH_PROBE`] elements of its output, spread over the whole
+//! tensor, with the legacy choice's, times those that agree (as the legacy choice is timed:
+//! behind an untimed call), and keeps the fastest if it beats the legacy choice.
 //! Anything that goes wrong on the way (no engine, a refused finalize, a disagreeing output, a
 //! failed call later) leaves the legacy choice, which also runs any call whose pointers miss
 //! the graph plans' declared alignment. [`ConvEpilogue::Graph`] forces the graph plan, for the
@@ -88,7 +89,7 @@ use candle_core::op::BackpropOp;
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Storage, Tensor, WithDType};
 
 use super::{
-    aligned, conv_epilogue, disagreement, ConvEpilogue, ConvParams, Geometry,
+    aligned, conv_epilogue, disagreement, probe_ranges, ConvEpilogue, ConvParams, Geometry,
     CONV_FALLBACK as FALLBACK, CONV_FIRST_CALL_FAILED, CONV_GRAPH_FAILED_LATER,
 };
 use crate::ops::cuda::{contiguous_view, to_i32, to_u32};
@@ -110,16 +111,21 @@ fn find_workspace_bytes(g: &Geometry, elem_bytes: usize) -> usize {
     xy.saturating_mul(4).clamp(16 << 20, MAX_WORKSPACE)
 }
 
-/// Calls per candidate when timing the epilogues (after one untimed warm-up call).
-const TIMED_RUNS: usize = 3;
+/// Calls per candidate when timing the epilogues and graph plans (after one untimed warm-up
+/// call). A small UNet convolution runs in tens of microseconds, so a few calls more keep one
+/// slow call from deciding; the largest (~10 ms) are planned once per batch size.
+const TIMED_RUNS: usize = 5;
 
 /// Graph-API plans checked and timed per shape (`conv-graph`), the heuristic's best first. Each
 /// costs four runs of the convolution at planning time (the VAE decoder's largest at batch 32
 /// is ~10 ms a run on an H200), once per shape and batch size.
 const MAX_GRAPH_CANDIDATES: usize = 2;
 
-/// Elements of y compared at each end when a graph plan is checked against the legacy choice.
-const GRAPH_PROBE: usize = 1 << 14;
+/// Elements of y compared when a graph plan is checked against the legacy choice, in
+/// [`PROBE_RUNS`] runs spread evenly over y (so that every part of the batch and, in NCHW, of the
+/// channels is looked at).
+const GRAPH_PROBE: usize = 1 << 15;
+const PROBE_RUNS: usize = 64;
 
 const PREFILL_MODULE: &str = "turbine_conv_prefill";
 const PREFILL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_prefill.ptx"));
@@ -192,6 +198,7 @@ impl Handle {
                  cuDNN 9 (libcudnn.so.9)"
             );
         }
+        tracing::info!(version, "cuDNN loaded");
         if version > CUDNN_BINDINGS {
             tracing::warn!(
                 version,
@@ -630,9 +637,9 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
         );
         match launched {
             Ok(()) => Ok(true),
-            // The first call of a plan that never ran its choice with this epilogue (FindEx
-            // timed beta = 0 only; its fallback algorithm was never run at all): a failure
-            // drops the plan for candle's ops instead of failing every call of the shape.
+            // The first call of a fresh plan (its choice ran once while planning, but on
+            // other pointers, and a fused choice only in the NaN check): a failure drops the
+            // plan for candle's ops instead of failing every call of the shape.
             Err(err) if fresh => {
                 let summary = format!(
                     "{}: {FALLBACK}: {CONV_FIRST_CALL_FAILED}: {err}",
@@ -795,6 +802,37 @@ fn find<T: CudaDType + DeviceRepr>(
     Ok((usable, report))
 }
 
+/// Implicit GEMM with the workspace cuDNN asks for it, in `math`: the algorithm every
+/// configuration supports, the last resort of [`choose`].
+fn implicit_gemm_choice(
+    handle: &Handle,
+    desc: &Descriptors,
+    math: sys::cudnnMathType_t,
+) -> Result<Choice> {
+    let algo = sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM;
+    let mut bytes = 0usize;
+    // SAFETY: live handle and descriptors, valid out pointer.
+    unsafe {
+        sys::cudnnGetConvolutionForwardWorkspaceSize(
+            handle.0,
+            desc.x.0,
+            desc.w.0,
+            desc.conv.0,
+            desc.y.0,
+            algo,
+            &mut bytes,
+        )
+    }
+    .result()
+    .map_err(failed("cudnnGetConvolutionForwardWorkspaceSize"))?;
+    Ok(Choice {
+        algo,
+        math,
+        workspace: bytes,
+        epilogue: Epilogue::Prefill,
+    })
+}
+
 /// The plan's algorithm and epilogue for `key.mode`, and a note on how they were chosen; runs the
 /// candidates on this call's buffers (`y` is overwritten afterwards by the real call).
 #[allow(clippy::too_many_arguments)]
@@ -816,34 +854,40 @@ fn choose<T: CudaDType + DeviceRepr + WithDType>(
     unsafe { dnn::set_convolution_math_type(desc.conv.0, initial) }
         .map_err(failed("cudnnSetConvolutionMathType"))?;
     let (usable, found) = find(dev, handle, desc, key, ops, y)?;
-    let best = match usable.first() {
-        Some(c) => *c,
-        // Nothing usable (every algorithm over the workspace cap, say): implicit GEMM, which
-        // supports every configuration.
-        None => {
-            let algo = sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM;
-            let mut bytes = 0usize;
-            // SAFETY: live handle and descriptors, valid out pointer.
-            unsafe {
-                sys::cudnnGetConvolutionForwardWorkspaceSize(
-                    handle.0,
-                    desc.x.0,
-                    desc.w.0,
-                    desc.conv.0,
-                    desc.y.0,
-                    algo,
-                    &mut bytes,
-                )
-            }
-            .result()
-            .map_err(failed("cudnnGetConvolutionForwardWorkspaceSize"))?;
-            Choice {
-                algo,
-                math: initial,
-                workspace: bytes,
-                epilogue: Epilogue::Prefill,
-            }
+    let g = &key.geometry;
+    let p = &key.params;
+    // FindEx timed the algorithms with beta = 0; the plan runs its choice with beta = 1, onto
+    // the prefill. The fastest that cuDNN runs so is the choice (as PyTorch walks its perf
+    // results until one runs): each is tried once on this call's buffers, then implicit GEMM,
+    // which supports every configuration, whatever its workspace. Only if none runs is the
+    // shape left to candle's ops.
+    let implicit_gemm = sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM;
+    let mut tries = usable.clone();
+    if !usable.iter().any(|c| c.algo == implicit_gemm) {
+        match implicit_gemm_choice(handle, desc, initial) {
+            Ok(c) => tries.push(c),
+            Err(e) => tracing::debug!("conv2d: no implicit-GEMM fallback: {e}"),
         }
+    }
+    let mut refused = Vec::new();
+    let mut best = None;
+    for c in tries {
+        match launch(dev, handle, desc, c, ops, y, workspace, g, p) {
+            Ok(()) => {
+                best = Some(c);
+                break;
+            }
+            Err(e) => refused.push(format!("{}: {e}", c.algo as u32)),
+        }
+    }
+    let refused = refused.join(", ");
+    let Some(best) = best else {
+        bail!("no algorithm runs onto the prefill (beta = 1): {refused}; find: {found}");
+    };
+    let prefill_note = if refused.is_empty() {
+        String::new()
+    } else {
+        format!(" prefill refused: {refused};")
     };
     let fused = usable
         .iter()
@@ -855,8 +899,6 @@ fn choose<T: CudaDType + DeviceRepr + WithDType>(
             epilogue: Epilogue::Fused,
             ..*c
         });
-    let g = &key.geometry;
-    let p = &key.params;
     let run = |c: Choice, y: &mut CudaSlice<T>, ws: &mut Option<CudaSlice<u8>>| {
         launch(dev, handle, desc, c, ops, y, ws, g, p)
     };
@@ -897,12 +939,16 @@ fn choose<T: CudaDType + DeviceRepr + WithDType>(
     } else {
         (None, String::new())
     };
-    Ok((choice, graph, format!("{note}{graph_note} find: {found}")))
+    Ok((
+        choice,
+        graph,
+        format!("{prefill_note}{note}{graph_note} find: {found}"),
+    ))
 }
 
 /// The graph-API plan for the shape, if one passes: each candidate ([`graph::candidates`]) runs
-/// once on this call's buffers and its output is compared with `legacy`'s at both ends of y
-/// ([`GRAPH_PROBE`] elements each); those that agree are timed, and the fastest is kept if it
+/// once on this call's buffers and its output is compared with `legacy`'s ([`GRAPH_PROBE`]
+/// elements of y, [`probe_ranges`]); those that agree are timed, and the fastest is kept if it
 /// beats `legacy` (or in any case under [`ConvEpilogue::Graph`]), whose time is `legacy_ms` when
 /// it was measured already. Returns it and a note.
 #[allow(clippy::too_many_arguments)]
@@ -957,8 +1003,9 @@ fn choose_graph<T: CudaDType + DeviceRepr + WithDType>(
             tried.push(format!("{}: refused, {why}", cand.name));
             continue;
         }
-        // The check above was its warm-up.
-        let t = time_warm_ms(&stream, || {
+        // Timed as the legacy choice is: behind an untimed call, so that the host's time to
+        // enqueue the first timed call is not counted (the check above ended in a sync).
+        let t = time_ms(&stream, || {
             launch_graph(dev, handle, &cand, ops, y, workspace, g, p)
         })?;
         tried.push(format!("{} {t:.3}ms", cand.name));
@@ -998,15 +1045,15 @@ fn pointers_aligned<T: CudaDType + DeviceRepr>(
     aligned(&[xp, wp, yp])
 }
 
-/// The first and last [`GRAPH_PROBE`] elements of y, read back (waits for the stream).
+/// The [`probe_ranges`] of y, read back (waits for the stream).
 fn probe<T: CudaDType + DeviceRepr + WithDType>(
     stream: &Arc<CudaStream>,
     y: &CudaSlice<T>,
 ) -> Result<Vec<f64>> {
-    let n = y.len();
-    let k = GRAPH_PROBE.min(n);
-    let mut v = stream.clone_dtoh(&y.slice(..k)).w()?;
-    v.extend(stream.clone_dtoh(&y.slice(n - k..)).w()?);
+    let mut v = Vec::with_capacity(GRAPH_PROBE);
+    for r in probe_ranges(y.len(), GRAPH_PROBE, PROBE_RUNS) {
+        v.extend(stream.clone_dtoh(&y.slice(r)).w()?);
+    }
     stream.synchronize().w()?;
     Ok(v.iter().map(|x| x.to_f64()).collect())
 }
@@ -1095,14 +1142,10 @@ fn check_fused<T: CudaDType + DeviceRepr + WithDType>(
 }
 
 /// Mean milliseconds of `f` over [`TIMED_RUNS`] calls after one warm-up call (which may build
-/// and compile a kernel).
+/// and compile a kernel). The start event is recorded behind the warm-up, still queued, so the
+/// device is busy from it on and the host's enqueueing is not timed.
 fn time_ms(stream: &Arc<CudaStream>, mut f: impl FnMut() -> Result<()>) -> Result<f32> {
     f()?;
-    time_warm_ms(stream, f)
-}
-
-/// [`time_ms`] for a call that has just run once already (its warm-up).
-fn time_warm_ms(stream: &Arc<CudaStream>, mut f: impl FnMut() -> Result<()>) -> Result<f32> {
     let timed = Some(CUevent_flags::CU_EVENT_DEFAULT);
     let start = stream.record_event(timed).w()?;
     for _ in 0..TIMED_RUNS {

@@ -10,7 +10,8 @@
 //! The graph is a single convolution-forward operation with `alpha = 1, beta = 1` (the caller
 //! prefills `y` with `bias (+ residual)`, the legacy path's `Prefill` epilogue), on the same
 //! logical NCHW dims as the legacy descriptors with strides for NCHW or NHWC (filters KRSC).
-//! Engine configurations come from heuristic mode A, best first; engines that compile at run
+//! Engine configurations come from heuristic mode A, best first (its fallback list when none of
+//! mode A's passes); engines that compile at run
 //! time (NVRTC, seconds per plan), that are non-deterministic, that down-convert inputs or that
 //! sum in reduced precision are passed over, as are plans whose workspace exceeds the cap.
 //!
@@ -165,9 +166,6 @@ pub(super) struct GraphPlan {
     pub(super) name: String,
 }
 
-/// Engines the heuristic lists that are looked at per shape, at most.
-const MAX_CONSIDERED: usize = 8;
-
 /// Up to `max` finalized plans for the convolution, the heuristic's best first, and a note on
 /// the engines passed over. `Err` when the operation graph itself cannot be built (cuDNN too old,
 /// or the shape unsupported by the graph API).
@@ -262,12 +260,65 @@ pub(super) fn candidates(
     )?;
     graph.finalize("operation graph")?;
 
+    let keep = std::rc::Rc::new(vec![x, w, y, conv, op, graph]);
+    let op_graph = keep
+        .last()
+        .expect("the graph was pushed last (this is a bug)");
+    let mut plans = Vec::new();
+    let mut skipped = Vec::new();
+    let mut listed = Vec::new();
+    // Mode A's list first; cuDNN's fallback list (as PyTorch asks for) only when nothing in it
+    // passed. Every listed engine is looked at until `max` plans are finalized: the notes are
+    // read on the host, and the heuristic may rank engines that are passed over first.
+    for (mode, name) in [
+        (sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A, "mode A"),
+        (
+            sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_FALLBACK,
+            "fallback",
+        ),
+    ] {
+        if !plans.is_empty() {
+            break;
+        }
+        let cfgs = match heuristic(op_graph, mode) {
+            Ok(cfgs) => cfgs,
+            Err(e) => {
+                listed.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        listed.push(format!("{name} listed {}", cfgs.len()));
+        for (rank, cfg) in cfgs.into_iter().enumerate() {
+            if plans.len() >= max {
+                break;
+            }
+            match plan_for(handle, name, rank, cfg, &keep, max_workspace) {
+                Ok(Ok(plan)) => plans.push(plan),
+                Ok(Err(why)) => skipped.push(format!("{name} #{rank} {why}")),
+                Err(e) => skipped.push(format!("{name} #{rank} {e}")),
+            }
+        }
+    }
+    let listed = listed.join(", ");
+    let note = format!(
+        "heuristic {listed}; {}",
+        if skipped.is_empty() {
+            "none passed over".to_string()
+        } else {
+            format!("passed over: {}", skipped.join(", "))
+        }
+    );
+    Ok((plans, note))
+}
+
+/// The engine configurations cuDNN's heuristic lists for `graph` in `mode`, best first.
+fn heuristic(graph: &Desc, mode: sys::cudnnBackendHeurMode_t) -> Result<Vec<Desc>> {
     let heur = Desc::new(D::CUDNN_BACKEND_ENGINEHEUR_DESCRIPTOR)?;
-    heur.set_desc(A::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, &graph)?;
+    heur.set_desc(A::CUDNN_ATTR_ENGINEHEUR_OPERATION_GRAPH, graph)?;
     heur.set(
         A::CUDNN_ATTR_ENGINEHEUR_MODE,
         T::CUDNN_TYPE_HEUR_MODE,
-        &[sys::cudnnBackendHeurMode_t::CUDNN_HEUR_MODE_A],
+        &[mode],
     )?;
     heur.finalize("engine heuristic")?;
     let listed = heur.get::<sys::cudnnBackendDescriptor_t>(
@@ -275,7 +326,7 @@ pub(super) fn candidates(
         T::CUDNN_TYPE_BACKEND_DESCRIPTOR,
         &mut [],
     )?;
-    let cfgs = (0..listed.min(MAX_CONSIDERED))
+    let cfgs = (0..listed)
         .map(|_| Desc::new(D::CUDNN_BACKEND_ENGINECFG_DESCRIPTOR))
         .collect::<Result<Vec<_>>>()?;
     let mut raw: Vec<sys::cudnnBackendDescriptor_t> = cfgs.iter().map(|d| d.0).collect();
@@ -284,29 +335,7 @@ pub(super) fn candidates(
         T::CUDNN_TYPE_BACKEND_DESCRIPTOR,
         &mut raw,
     )?;
-    let keep = std::rc::Rc::new(vec![x, w, y, conv, op, graph, heur]);
-
-    let mut plans = Vec::new();
-    let mut skipped = Vec::new();
-    for (rank, cfg) in cfgs.into_iter().take(got).enumerate() {
-        if plans.len() >= max {
-            break;
-        }
-        match plan_for(handle, rank, cfg, &keep, max_workspace) {
-            Ok(Ok(plan)) => plans.push(plan),
-            Ok(Err(why)) => skipped.push(format!("#{rank} {why}")),
-            Err(e) => skipped.push(format!("#{rank} {e}")),
-        }
-    }
-    let note = format!(
-        "heuristic listed {listed}; {}",
-        if skipped.is_empty() {
-            "none passed over".to_string()
-        } else {
-            format!("passed over: {}", skipped.join(", "))
-        }
-    );
-    Ok((plans, note))
+    Ok(cfgs.into_iter().take(got).collect())
 }
 
 /// An engine's behavior or numerical notes, as plain integers (a newer cuDNN may know values
@@ -327,6 +356,7 @@ fn notes(
 /// The plan of one engine configuration, or why it is passed over (`Ok(Err(..))`).
 fn plan_for(
     handle: sys::cudnnHandle_t,
+    list: &str,
     rank: usize,
     cfg: Desc,
     keep: &std::rc::Rc<Vec<Desc>>,
@@ -412,7 +442,7 @@ fn plan_for(
         _cfg: cfg,
         _graph: keep.clone(),
         workspace,
-        name: format!("{engine_name} (heuristic #{rank})"),
+        name: format!("{engine_name} ({list} #{rank})"),
     }))
 }
 
