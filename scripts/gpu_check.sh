@@ -17,7 +17,7 @@
 #                                    target/gpu-check-dry/
 #   scripts/gpu_check.sh             on the device machine (what the `run` call executes)
 #
-# The `run` call (timeout_s 540; the script stops itself at $GPU_CHECK_BUDGET_S, default 480, and
+# The `run` call (timeout_s 600; the script stops itself at $GPU_CHECK_BUDGET_S, default 555, and
 # writes gpu_check.md after every step, so even a run cut short leaves what it measured):
 #   command: bash scripts/gpu_check.sh
 #   carry:   ["target/gpu-check"]
@@ -117,7 +117,7 @@ if [ "$MODE" = prepare ]; then
     cat <<'EOF'
 
 Now, with the device tool (one call; nothing else runs there):
-  run(command="bash scripts/gpu_check.sh", carry=["target/gpu-check"], timeout_s=540)
+  run(command="bash scripts/gpu_check.sh", carry=["target/gpu-check"], timeout_s=600)
 then copy $files_at/gpu_check.md into benches/RESULTS.md.
 EOF
     exit 0
@@ -183,7 +183,7 @@ fi
 
 # --- on the device machine ---------------------------------------------------------------------
 : "${OUT:?OUT is not set: this mode runs inside the device tool (use --dry-run here)}"
-BUDGET="${GPU_CHECK_BUDGET_S:-480}"
+BUDGET="${GPU_CHECK_BUDGET_S:-555}"
 exec > >(tee "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 echo "== $(date -u) on $(hostname)"

@@ -8,7 +8,9 @@
 //!
 //! Every image depends only on its own prompt, negative prompt and seed: noise is drawn per
 //! image from its seed ([`crate::model::noise`]) and nothing mixes across the batch dimension,
-//! so an image generated alone equals the same image generated inside a batch.
+//! so an image generated alone is the same image generated inside a batch (bit for bit on the
+//! CPU; on CUDA to a rounding step, since cuBLAS and cuDNN choose kernels, and so summation
+//! orders, by the batch's shape).
 
 use std::path::Path;
 use std::time::Duration;
