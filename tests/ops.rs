@@ -2045,52 +2045,59 @@ fn stream_order_copy_back_waits_for_its_bytes() {
 }
 
 /// Uploads through the staging pool: behind ~a hundred milliseconds of queued device work (on
-/// CUDA), more uploads of one size than the pool keeps (so buffers are reused and evicted while
-/// earlier copies may still be queued), each tensor holding its own values; an empty upload and
-/// a shape that does not match the values.
+/// CUDA), more uploads than the pool keeps, of three staging sizes (so buffers are reused and
+/// evicted while earlier copies may still be queued), each tensor holding its own values; an
+/// empty upload and a shape that does not match the values.
 #[test]
 fn upload_f32_gives_each_upload_its_values() {
     let mut rng = rng("upload_f32");
     for dev in devices("upload_f32") {
-        let name = dev_name(&dev);
-        let (n, reps) = if dev.is_cuda() { (4096, 24) } else { (64, 2) };
-        let m = Tensor::randn(0f32, 1.0 / (n as f32).sqrt(), (n, n), &dev).unwrap();
-        let mut busy = m.clone();
-        for _ in 0..reps {
-            busy = busy.matmul(&m).unwrap();
-        }
-        let mut uploads = Vec::new();
-        for i in 0..20 {
-            let shape = if i % 3 == 2 {
-                vec![3, 5]
-            } else {
-                vec![2, 4, 8, 8]
-            };
-            let len: usize = shape.iter().product();
-            let values: Vec<f32> = (0..len).map(|_| rng.random_range(-4.0f32..4.0)).collect();
-            let t = ops::upload_f32(&values, shape.as_slice(), &dev).unwrap();
-            assert_eq!(t.dims(), shape.as_slice(), "{name}");
-            assert_eq!(t.dtype(), DType::F32, "{name}");
-            assert!(t.device().same_device(&dev), "{name}");
-            // Device work that reads it, queued behind the busy work.
-            let doubled = (&t * 2.0).unwrap();
-            uploads.push((values, t, doubled));
-        }
-        for (i, (values, t, doubled)) in uploads.iter().enumerate() {
-            let got: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-            assert!(&got == values, "{name}: upload {i} holds other values");
-            let got: Vec<f32> = doubled.flatten_all().unwrap().to_vec1().unwrap();
-            let want: Vec<f32> = values.iter().map(|v| v * 2.0).collect();
-            assert!(got == want, "{name}: upload {i} read by the device differs");
-        }
-        drop(busy);
-        let empty = ops::upload_f32(&[], (0, 4), &dev).unwrap();
-        assert_eq!(empty.dims(), [0, 4], "{name}");
-        let err = ops::upload_f32(&[1.0, 2.0], (3,), &dev)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("2 values for shape [3]"), "{name}: {err}");
+        // The staging path is the overlap lever's.
+        ops::with_kernels(ops::Kernels::ALL, || uploads_match(&mut rng, &dev));
     }
+}
+
+fn uploads_match(rng: &mut rand::rngs::StdRng, dev: &Device) {
+    let name = dev_name(dev);
+    let (n, reps) = if dev.is_cuda() { (4096, 24) } else { (64, 2) };
+    let m = Tensor::randn(0f32, 1.0 / (n as f32).sqrt(), (n, n), dev).unwrap();
+    let mut busy = m.clone();
+    for _ in 0..reps {
+        busy = busy.matmul(&m).unwrap();
+    }
+    let mut uploads = Vec::new();
+    // More uploads than the staging pool keeps, while the first are still queued; sizes of
+    // three staging classes.
+    for i in 0..40 {
+        let shape = match i % 3 {
+            0 => vec![2, 4, 8, 8],
+            1 => vec![3, 5],
+            _ => vec![5, 4, 64, 64],
+        };
+        let len: usize = shape.iter().product();
+        let values: Vec<f32> = (0..len).map(|_| rng.random_range(-4.0f32..4.0)).collect();
+        let t = ops::upload_f32(&values, shape.as_slice(), dev).unwrap();
+        assert_eq!(t.dims(), shape.as_slice(), "{name}");
+        assert_eq!(t.dtype(), DType::F32, "{name}");
+        assert!(t.device().same_device(dev), "{name}");
+        // Device work that reads it, queued behind the busy work.
+        let doubled = (&t * 2.0).unwrap();
+        uploads.push((values, t, doubled));
+    }
+    for (i, (values, t, doubled)) in uploads.iter().enumerate() {
+        let got: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(&got == values, "{name}: upload {i} holds other values");
+        let got: Vec<f32> = doubled.flatten_all().unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = values.iter().map(|v| v * 2.0).collect();
+        assert!(got == want, "{name}: upload {i} read by the device differs");
+    }
+    drop(busy);
+    let empty = ops::upload_f32(&[], (0, 4), dev).unwrap();
+    assert_eq!(empty.dims(), [0, 4], "{name}");
+    let err = ops::upload_f32(&[1.0, 2.0], (3,), dev)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("2 values for shape [3]"), "{name}: {err}");
 }
 
 #[test]

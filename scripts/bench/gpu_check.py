@@ -19,7 +19,8 @@ Steps, each bounded by what is left of --budget-s:
  4. diffusers eager (SDPA) sweeps the same, in its own process, and profiles one batch of
     --ablate-batch with torch.profiler;
  5. the pixel difference between turbine's and diffusers' images of the same batch;
- 6. diffusers + torch.compile sweeps with the time left, in its own process;
+ 6. diffusers + torch.compile at eager's and turbine's best batch sizes (static shapes), in its
+    own process, in the time set aside for it (--compile-s) and what is left;
  7. one table (markdown) and every figure (JSON) under --out.
 
 With --device cpu (scripts/gpu_check.sh --dry-run) the same steps run on the CPU at a tiny
@@ -471,6 +472,9 @@ def render_md(res, a, batches, gpu):
                f"{len(PROMPTS)} prompts and initial latents cycled over each batch; warm-up excluded, median of "
                f">= 3 runs and >= {a.min_time:g} s per batch size; peak = NVML device memory above the idle "
                f"baseline, per batch size")
+    hdr.append("- diffusers: PyTorch's defaults (SDPA attention, cuDNN heuristics: `cudnn.benchmark` off); "
+               "compile = UNet and VAE decoder in channels_last, `torch.compile(mode=default, fullgraph=True, "
+               "dynamic=False)`, at most two batch sizes (eager's best first), compile time excluded")
     ran = t.get("kernels", "")  # as turbine prints the set: `all` or the levers' names
     if ran == "all" or "overlap" in ran.split(","):
         hdr.append("- with turbine's overlap lever its ms/batch is the interval between back-to-back batches (the "

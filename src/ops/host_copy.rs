@@ -93,6 +93,14 @@ pub fn upload_f32(data: &[f32], shape: impl Into<Shape>, device: &Device) -> Res
     Tensor::from_slice(data, shape, device)
 }
 
+/// Elements of the staging buffer an upload of `len` f32 values takes: powers of two of at least
+/// 64 KiB, so that batches of varying sizes reuse buffers instead of pinning and freeing memory
+/// each time (both are slow, and freeing page-locked memory may synchronise the device).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn staging_elements(len: usize) -> usize {
+    len.next_power_of_two().max(1 << 14)
+}
+
 #[cfg(feature = "cuda")]
 impl Drop for HostCopy {
     fn drop(&mut self) {
@@ -110,7 +118,7 @@ mod cuda {
 
     use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaContext, CudaEvent, CudaSlice, PinnedHostSlice,
+        result, CudaContext, CudaEvent, CudaSlice, DevicePtrMut, PinnedHostSlice,
     };
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
     use candle_core::{bail, Result, Storage, Tensor};
@@ -187,52 +195,85 @@ mod cuda {
         drop(evicted);
     }
 
-    /// Staging buffers of uploads, each with the event recorded after its last copy out of it.
-    /// The pool holds a few batches' worth of one or two shapes.
+    /// Staging buffers of uploads, oldest first, each with the event recorded after its last
+    /// copy out of it.
     static UPLOADS: Mutex<Vec<(PinnedHostSlice<f32>, CudaEvent)>> = Mutex::new(Vec::new());
 
-    /// Upload staging buffers kept idle, at most.
+    /// Staging buffers the pool keeps; past it, buffers whose copy has run are freed. (A buffer
+    /// whose copy is still queued is never freed to keep to it, unless the pool has grown to
+    /// [`UPLOADS_HARD_MAX`]: freeing page-locked memory under a queued copy is undefined, and
+    /// waiting for it is what staging avoids.)
     const UPLOADS_MAX: usize = 8;
+    const UPLOADS_HARD_MAX: usize = 32;
 
     /// `data` in a new device buffer, copied through a page-locked staging buffer: the copy is
     /// queued on the stream and the call returns without waiting for the device.
     pub fn upload(dev: &CudaDevice, data: &[f32]) -> Result<CudaSlice<f32>> {
         let stream = dev.cuda_stream();
         let ctx = stream.context();
-        // A staging buffer of exactly this length whose last copy has run (a buffer still being
-        // copied from must not be overwritten), or a new one.
+        let class = super::staging_elements(data.len());
+        // A staging buffer of this class whose last copy has run (a buffer still being copied
+        // from must not be overwritten), or a new one.
         let reused = {
             let mut pool = UPLOADS.lock().unwrap_or_else(|e| e.into_inner());
             pool.iter()
                 .position(|(h, done)| {
-                    h.len() == data.len() && Arc::ptr_eq(h.context(), ctx) && done.is_complete()
+                    h.len() == class && Arc::ptr_eq(h.context(), ctx) && done.is_complete()
                 })
-                .map(|i| pool.swap_remove(i).0)
+                .map(|i| pool.remove(i).0)
         };
         let mut staging = match reused {
             Some(h) => h,
             // Write-combined (cudarc's default for `alloc_pinned`): the host only writes it.
-            // SAFETY: every element is written below before the copy out of it is queued.
-            None => unsafe { ctx.alloc_pinned::<f32>(data.len()) }.w()?,
+            // SAFETY: the elements copied out are written below before the copy is queued.
+            None => unsafe { ctx.alloc_pinned::<f32>(class) }.w()?,
         };
         // (`as_mut_slice` waits on the buffer's own cudarc event, which candle's per-thread
         // stream never records: it returns at once; the copy it guards is this pool's event.)
-        staging.as_mut_slice().w()?.copy_from_slice(data);
+        staging.as_mut_slice().w()?[..data.len()].copy_from_slice(data);
         // SAFETY: fully written by the copy queued next, before anything reads it.
         let mut dst = unsafe { dev.alloc::<f32>(data.len()) }?;
-        stream.memcpy_htod(&staging, &mut dst).w()?;
+        {
+            let host = &staging.as_slice().w()?[..data.len()];
+            let (dst_ptr, _dst_done) = dst.device_ptr_mut(&stream);
+            // SAFETY: `dst` holds `data.len()` elements; `host` is page-locked memory of this
+            // context that is neither written nor freed before `done` (below) has completed.
+            unsafe { result::memcpy_htod_async(dst_ptr, host, stream.cu_stream()) }.w()?;
+        }
         let done = stream.record_event(None).w()?;
         let evicted = {
             let mut pool = UPLOADS.lock().unwrap_or_else(|e| e.into_inner());
             pool.push((staging, done));
-            (pool.len() > UPLOADS_MAX).then(|| pool.remove(0))
+            if pool.len() > UPLOADS_HARD_MAX {
+                Some(pool.remove(0))
+            } else if pool.len() > UPLOADS_MAX {
+                pool.iter()
+                    .position(|(_, done)| done.is_complete())
+                    .map(|i| pool.remove(i))
+            } else {
+                None
+            }
         };
         if let Some((buffer, done)) = evicted {
-            // Freeing page-locked memory under a running copy is undefined: wait for it first
-            // (the oldest buffer's copy was queued batches ago, so this is immediate).
+            // Immediate unless the pool outgrew its hard cap: freeing page-locked memory under
+            // a queued copy is undefined.
             done.synchronize().w()?;
             drop(buffer);
         }
         Ok(dst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::staging_elements;
+
+    #[test]
+    fn staging_sizes_are_powers_of_two_of_at_least_64_kib() {
+        assert_eq!(staging_elements(1), 1 << 14);
+        assert_eq!(staging_elements(1 << 14), 1 << 14);
+        assert_eq!(staging_elements((1 << 14) + 1), 1 << 15);
+        // Batch 8 and batch 5 of 512x512 latents share a class.
+        assert_eq!(staging_elements(8 * 16384), staging_elements(5 * 16384));
     }
 }
