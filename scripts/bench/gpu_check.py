@@ -502,8 +502,9 @@ def render_md(res, a, batches, gpu):
                    f"the figures are candle's ops alone")
     queued = [r for r in t.get("rows") or [] if r.get("host_queue_ms") is not None]
     if queued:
-        hdr.append("- turbine's host time to queue one batch against its ms/batch (the host sets the pace, launch "
-                   "overhead and the case for CUDA graphs, where the two are close): "
+        hdr.append("- turbine's host time to queue one batch behind the running one against its ms/batch (well "
+                   "below it: the GPU sets the pace; close to it: the host does, or the driver's launch queue "
+                   "filled behind a busy GPU, which the profile tells apart): "
                    + ", ".join(f"bs{r['batch']} {r['host_queue_ms']:.1f} of {r['median_s'] * 1e3:.1f} ms"
                                for r in queued))
     cps = conv_plan_summary(t.get("conv_plans"))

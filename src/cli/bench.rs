@@ -127,9 +127,11 @@ pub struct Row {
     /// is measured by separate runs.
     #[serde(default)]
     pub latency_s: Option<f64>,
-    /// With the OVERLAP lever, the median host time to queue one batch (`Pipeline::launch`
-    /// returns without waiting for the GPU), milliseconds. Near `median_s` the host, not the
-    /// GPU, sets the pace: launch overhead, the case for CUDA graphs.
+    /// With the OVERLAP lever, the median host time to queue one batch behind the one still
+    /// running (`Pipeline::launch` returns without waiting for the GPU), milliseconds. Well
+    /// below `median_s`, the GPU sets the pace. Near it, either the host does (launch overhead,
+    /// the case for CUDA graphs) or the GPU is so far behind that the driver's queue of pending
+    /// launches filled and held the host: only the profile tells which.
     #[serde(default)]
     pub host_queue_ms: Option<f64>,
     /// Medians of the stages, milliseconds per batch.
@@ -563,24 +565,44 @@ fn caught<R>(f: impl FnOnce() -> anyhow::Result<R>) -> anyhow::Result<R> {
     })
 }
 
+/// What the failure recorded when the device cannot be used after another failure says (a
+/// CUDA fault poisons the context for the rest of the process).
+pub const DEVICE_UNUSABLE: &str = "the device is unusable";
+
+/// How one batch size is measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Timing {
+    warmup: usize,
+    /// Timed runs, at least.
+    runs: usize,
+    /// Timed seconds, at least.
+    min_time: f64,
+    /// With the overlap lever, also a batch alone `runs` times (its latency): the sweep's rows
+    /// report it, the ablation's do not need it.
+    latency: bool,
+}
+
 /// What [`measure_all`] measures: the sweep's batch sizes, the batch sizes of `--profile` and
-/// `--ablate`, and (warm-up runs, timed runs at least, timed seconds at least).
+/// `--ablate`, and how.
 struct Plan<'a> {
     batches: &'a [usize],
     profile: Option<usize>,
     ablate: Option<usize>,
-    timing: (usize, usize, f64),
+    timing: Timing,
 }
 
-/// One `generate` measurement: (batch size, whether it is the first of the process, (warm-up
-/// runs, timed runs at least, timed seconds at least)) to the row and the last run's images.
+/// One `generate` measurement: (batch size, whether it is the first of the process, how) to the
+/// row and the last run's images.
 type Measure<'a> =
-    dyn FnMut(usize, bool, (usize, usize, f64)) -> anyhow::Result<(Row, Vec<image::RgbImage>)> + 'a;
+    dyn FnMut(usize, bool, Timing) -> anyhow::Result<(Row, Vec<image::RgbImage>)> + 'a;
 
 /// Everything `run` measures after loading: the sweep over `batches`, then (with `ablate`) one
 /// batch size under every kernel set. A failure is recorded in `report.failures` and the next
-/// figure is measured anyway; `save` gets the report after every figure, so a run stopped from
-/// outside (scripts/gpu_check.sh bounds the whole bench) keeps what it measured.
+/// figure is measured anyway, unless `healthy` (a device synchronise) then fails too: a CUDA
+/// fault poisons the context, every later call would fail at once, so the rest is recorded as
+/// not measured, with the reason. `save` gets the report after every figure, so a run stopped
+/// from outside (scripts/gpu_check.sh bounds the whole bench) keeps what it measured.
+#[allow(clippy::too_many_arguments)]
 fn measure_all(
     report: &mut Report,
     plan: &Plan<'_>,
@@ -588,28 +610,49 @@ fn measure_all(
     profile: &mut dyn FnMut(usize) -> anyhow::Result<ProfileRun>,
     keep_images: &mut dyn FnMut(usize, &[image::RgbImage]) -> anyhow::Result<()>,
     save: &mut dyn FnMut(&Report) -> anyhow::Result<()>,
+    healthy: &mut dyn FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let timing = plan.timing;
-    let failed =
+    // Records a failure; false when the device is unusable after it (measuring stops).
+    let mut failed =
         |report: &mut Report, stage: &str, batch: usize, kernels: Kernels, e: anyhow::Error| {
             let kernels = kernels.to_string();
             tracing::error!(stage, batch, %kernels, "measurement failed: {e:#}");
             report.failures.push(Failure {
                 stage: stage.into(),
                 batch,
-                kernels,
+                kernels: kernels.clone(),
                 error: format!("{e:#}"),
             });
+            match healthy() {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!("the device is unusable, nothing more is measured: {e:#}");
+                    report.failures.push(Failure {
+                        stage: "device".into(),
+                        batch,
+                        kernels,
+                        error: format!(
+                            "{DEVICE_UNUSABLE} after this set's failure, nothing more was \
+                             measured: {e:#}"
+                        ),
+                    });
+                    false
+                }
+            }
         };
-    let mut guarded =
-        |b: usize, first: bool, t: (usize, usize, f64)| caught(|| measure(b, first, t));
+    let mut guarded = |b: usize, first: bool, t: Timing| caught(|| measure(b, first, t));
     for &b in plan.batches {
         match guarded(b, report.rows.is_empty(), timing) {
             Ok((row, images)) => {
                 keep_images(b, &images)?;
                 report.rows.push(row);
             }
-            Err(e) => failed(report, "sweep", b, crate::ops::kernels(), e),
+            Err(e) => {
+                if !failed(report, "sweep", b, crate::ops::kernels(), e) {
+                    return save(report);
+                }
+            }
         }
         save(report)?;
     }
@@ -623,7 +666,11 @@ fn measure_all(
             let result = crate::ops::with_kernels(set, || caught(|| profile(b)));
             match result {
                 Ok(run) => report.profiles.push(run),
-                Err(e) => failed(report, "profile", b, set, e),
+                Err(e) => {
+                    if !failed(report, "profile", b, set, e) {
+                        return save(report);
+                    }
+                }
             }
             save(report)?;
         }
@@ -639,8 +686,14 @@ fn measure_all(
     } in ablation_sets(crate::ops::kernels())
     {
         // Lighter than the sweep (~20 sets): one warm-up (the first of a set builds its plans
-        // and kernels), then the timed runs.
-        match crate::ops::with_kernels(set, || guarded(b, false, (1, timing.1, 0.0))) {
+        // and kernels), then the timed runs, no latency runs.
+        let light = Timing {
+            warmup: 1,
+            min_time: 0.0,
+            latency: false,
+            ..timing
+        };
+        match crate::ops::with_kernels(set, || guarded(b, false, light)) {
             Ok((row, images)) => {
                 let (max, mean) = if set == Kernels::NONE {
                     baseline = Some(images);
@@ -660,7 +713,11 @@ fn measure_all(
                     mean_diff_vs_none: mean,
                 });
             }
-            Err(e) => failed(report, "ablation", b, set, e),
+            Err(e) => {
+                if !failed(report, "ablation", b, set, e) {
+                    return save(report);
+                }
+            }
         }
         save(report)?;
     }
@@ -924,10 +981,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             None => None,
         })
     };
-    // (warm-up runs, timed runs at least, timed seconds at least)
     let mut measure = |b: usize,
                        first: bool,
-                       (warmup, runs, min_time): (usize, usize, f64)|
+                       Timing {
+                           warmup,
+                           runs,
+                           min_time,
+                           latency,
+                       }: Timing|
      -> anyhow::Result<(Row, Vec<image::RgbImage>)> {
         let items = batch_items(&prompts, b, args.seed);
         let noise = noise_for(b)?;
@@ -946,28 +1007,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut samples = Vec::new();
         let mut timed = 0.0;
         let mut last = Vec::new();
+        // The host's time to queue a batch behind the one still running (overlap only).
         let mut queue_s = Vec::new();
-        let mut launch = || {
-            let t = Instant::now();
-            let pending = pipeline
+        let launch = || {
+            pipeline
                 .launch(&settings, &items, noise.as_ref())
-                .with_context(|| format!("generating a batch of {b}"))?;
-            queue_s.push(t.elapsed().as_secs_f64());
-            anyhow::Ok(pending)
+                .with_context(|| format!("generating a batch of {b}"))
         };
         // Whether another run follows `done` runs that took `timed` seconds.
         let more = |done: usize, timed: f64| done < runs || (timed < min_time && done < 1000);
-        let overlap = crate::ops::enabled(Kernels::OVERLAP);
-        // A run's time is from the previous run's images (or the start) to its own: without
-        // OVERLAP that is one whole batch; with it the next batch is queued before this one's
-        // images are collected, as the server's worker does under load, and it is the
-        // interval between batches.
+        // A run's time is from the previous run's images to its own: without overlap that is
+        // one whole batch; with it (the OVERLAP lever, when the batch's copy back was only
+        // queued: it also needs POSTPROCESS) the next batch is queued before this one's images
+        // are collected, as the server's worker does under load, and it is the interval
+        // between batches. The first overlapped batch has nothing queued ahead of it, so its
+        // time is a whole batch's: it leads in and is not a sample.
         let mut previous = Instant::now();
-        let mut pending = Some(launch()?);
+        let first_batch = launch()?;
+        let overlap = first_batch.is_queued();
+        let mut lead_in = overlap;
+        let mut pending = Some(first_batch);
         while let Some(batch) = pending.take() {
-            // (This run counts as done: the next one is queued before it is collected.)
-            if overlap && more(samples.len() + 1, timed + previous.elapsed().as_secs_f64()) {
+            // (This run counts as done, unless it leads in: the next one is queued before it
+            // is collected.)
+            let done = samples.len() + usize::from(!lead_in);
+            if overlap && more(done, timed + previous.elapsed().as_secs_f64()) {
+                let t = Instant::now();
                 pending = Some(launch()?);
+                queue_s.push(t.elapsed().as_secs_f64());
             }
             let out = batch
                 .wait()
@@ -975,6 +1042,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let now = Instant::now();
             let total = now - previous;
             previous = now;
+            if std::mem::take(&mut lead_in) {
+                last = out.images;
+                continue;
+            }
             timed += total.as_secs_f64();
             samples.push(RunSample {
                 total,
@@ -990,7 +1061,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         let mut row = summarize(b, &samples)
             .ok_or_else(|| anyhow::anyhow!("no timed runs for batch {b} (this is a bug)"))?;
-        if overlap {
+        if overlap && latency {
             let mut alone = Vec::with_capacity(runs);
             for _ in 0..runs {
                 let t = Instant::now();
@@ -999,6 +1070,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             alone.sort_by(f64::total_cmp);
             row.latency_s = Some(median(&alone));
+        }
+        if !queue_s.is_empty() {
             queue_s.sort_by(f64::total_cmp);
             row.host_queue_ms = Some(median(&queue_s) * 1e3);
         }
@@ -1060,7 +1133,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         batches: &args.batch_sizes,
         profile: args.profile,
         ablate: args.ablate,
-        timing: (args.warmup, args.runs, args.min_time),
+        timing: Timing {
+            warmup: args.warmup,
+            runs: args.runs,
+            min_time: args.min_time,
+            latency: true,
+        },
     };
     measure_all(
         &mut report,
@@ -1080,6 +1158,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             None => Ok(()),
         },
+        &mut || Ok(device.synchronize()?),
     )?;
     report.conv_plans = crate::ops::conv_plans();
 
@@ -1127,7 +1206,13 @@ fn write_json(path: &Path, report: &Report) -> anyhow::Result<()> {
             .with_context(|| format!("creating {}", parent.display()))?;
     }
     let text = serde_json::to_string_pretty(report)?;
-    std::fs::write(path, text).with_context(|| format!("writing --json {}", path.display()))
+    // Written beside it and renamed over it: the bench is saved after every figure and may be
+    // killed at any moment (scripts/gpu_check.sh bounds it), which must never leave half a file.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing --json {}", path.display()))
 }
 
 fn save_images(dir: &Path, batch: usize, images: &[image::RgbImage]) -> anyhow::Result<()> {
@@ -1143,6 +1228,13 @@ fn save_images(dir: &Path, batch: usize, images: &[image::RgbImage]) -> anyhow::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const TIMING: Timing = Timing {
+        warmup: 1,
+        runs: 1,
+        min_time: 0.0,
+        latency: true,
+    };
 
     fn sample(total_ms: u64) -> RunSample {
         RunSample {
@@ -1274,11 +1366,71 @@ mod tests {
 
     /// A failing batch size and a failing kernel set are recorded, everything else is still
     /// measured, each figure is saved as it comes, and images are compared with `none`'s.
+    /// A failure after which the device cannot even synchronise (a CUDA fault poisons the
+    /// context) stops the measuring: the rest would fail at once, and the report says why it
+    /// ends there. The ablation asks for no latency runs, the sweep does.
+    #[test]
+    fn an_unusable_device_stops_the_measuring() {
+        let mut report = empty_report();
+        let mut calls = Vec::new();
+        let poisoned = std::cell::Cell::new(false);
+        let mut measure = |b: usize, _first: bool, t: Timing| {
+            let k = crate::ops::kernels();
+            calls.push((b, k.to_string(), t.latency));
+            if k == Kernels::ALL.without(Kernels::GEGLU) {
+                poisoned.set(true);
+                anyhow::bail!("CUDA_ERROR_ILLEGAL_ADDRESS");
+            }
+            let img = image::RgbImage::new(1, 1);
+            Ok((summarize(b, &[sample(100)]).unwrap(), vec![img; b]))
+        };
+        crate::ops::with_kernels(Kernels::ALL, || {
+            measure_all(
+                &mut report,
+                &Plan {
+                    batches: &[1, 2],
+                    profile: None,
+                    ablate: Some(4),
+                    timing: TIMING,
+                },
+                &mut measure,
+                &mut no_profile,
+                &mut |_, _| Ok(()),
+                &mut |_| Ok(()),
+                &mut || {
+                    anyhow::ensure!(!poisoned.get(), "CUDA_ERROR_ILLEGAL_ADDRESS (sticky)");
+                    Ok(())
+                },
+            )
+        })
+        .unwrap();
+        assert_eq!(
+            calls.iter().map(|c| c.2).collect::<Vec<_>>()[..3],
+            [true, true, false],
+            "{calls:?}"
+        );
+        let sets: Vec<String> = ablation_sets(Kernels::ALL)
+            .iter()
+            .map(|s| s.kernels.to_string())
+            .collect();
+        let stop = sets
+            .iter()
+            .position(|k| *k == Kernels::ALL.without(Kernels::GEGLU).to_string())
+            .unwrap();
+        // Nothing after the poisoned set ran.
+        assert_eq!(calls.len(), 2 + stop + 1);
+        assert_eq!(report.ablation.len(), stop);
+        let stages: Vec<&str> = report.failures.iter().map(|f| f.stage.as_str()).collect();
+        assert_eq!(stages, ["ablation", "device"]);
+        assert!(report.failures[1].error.contains(DEVICE_UNUSABLE));
+        assert!(report.failures[1].error.contains("sticky"));
+    }
+
     #[test]
     fn failures_are_recorded_and_the_rest_still_measured() {
         let mut report = empty_report();
         let mut calls = Vec::new();
-        let mut measure = |b: usize, _first: bool, _t: (usize, usize, f64)| {
+        let mut measure = |b: usize, _first: bool, _t: Timing| {
             let k = crate::ops::kernels();
             calls.push((b, k.to_string()));
             if b == 2 {
@@ -1304,7 +1456,7 @@ mod tests {
                     batches: &[1, 2, 4],
                     profile: None,
                     ablate: Some(4),
-                    timing: (1, 1, 0.0),
+                    timing: TIMING,
                 },
                 &mut measure,
                 &mut no_profile,
@@ -1316,6 +1468,7 @@ mod tests {
                     saves.push((r.rows.len(), r.ablation.len(), r.failures.len()));
                     Ok(())
                 },
+                &mut || Ok(()),
             )
         })
         .unwrap();
@@ -1425,7 +1578,7 @@ mod tests {
     fn profiles_follow_the_sweep_and_fail_alone() {
         let order = std::cell::RefCell::new(Vec::new());
         let mut report = empty_report();
-        let mut measure = |b: usize, _first: bool, _t: (usize, usize, f64)| {
+        let mut measure = |b: usize, _first: bool, _t: Timing| {
             order.borrow_mut().push(format!("measure {b}"));
             let img = image::RgbImage::new(1, 1);
             Ok((summarize(b, &[sample(100)]).unwrap(), vec![img; b]))
@@ -1455,12 +1608,13 @@ mod tests {
                     batches: &[1],
                     profile: Some(2),
                     ablate: None,
-                    timing: (1, 1, 0.0),
+                    timing: TIMING,
                 },
                 &mut measure,
                 &mut profile,
                 &mut |_, _| Ok(()),
                 &mut |_| Ok(()),
+                &mut || Ok(()),
             )
         })
         .unwrap();
@@ -1495,7 +1649,7 @@ mod tests {
     #[test]
     fn ablation_without_a_baseline_has_no_diffs() {
         let mut report = empty_report();
-        let mut measure = |b: usize, _first: bool, _t: (usize, usize, f64)| {
+        let mut measure = |b: usize, _first: bool, _t: Timing| {
             if crate::ops::kernels() == Kernels::NONE {
                 anyhow::bail!("baseline failed");
             }
@@ -1508,12 +1662,13 @@ mod tests {
                 batches: &[],
                 profile: None,
                 ablate: Some(1),
-                timing: (1, 1, 0.0),
+                timing: TIMING,
             },
             &mut measure,
             &mut no_profile,
             &mut |_, _| Ok(()),
             &mut |_| Ok(()),
+            &mut || Ok(()),
         )
         .unwrap();
         assert_eq!(report.failures.len(), 1);
