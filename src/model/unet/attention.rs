@@ -21,6 +21,8 @@ pub struct Attention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
+    /// The logits' scale still to apply (1 where it is folded into `to_q`).
+    scale: f64,
 }
 
 impl Attention {
@@ -37,12 +39,23 @@ impl Attention {
         let inner = heads * head_dim;
         let kv_dim = context_dim.unwrap_or(query_dim);
         let scale = 1.0 / (head_dim as f64).sqrt();
+        let to_q = Linear::new(vb.pp("to_q"), query_dim, inner, qkv_bias)?;
+        // The scale is folded into `to_q` where that is exact, a power of two (the UNet's head
+        // dim 64: 1/8). Otherwise (the VAE's one head of 512) the attention applies it to the
+        // f32 logits, as diffusers' SDPA does, rather than rounding `to_q`'s half-precision
+        // weights once more.
+        let (to_q, scale) = if scale.log2().fract() == 0.0 {
+            (to_q.scaled(scale)?, 1.0)
+        } else {
+            (to_q, scale)
+        };
         Ok(Self {
-            to_q: Linear::new(vb.pp("to_q"), query_dim, inner, qkv_bias)?.scaled(scale)?,
+            to_q,
             to_k: Linear::new(vb.pp("to_k"), kv_dim, inner, qkv_bias)?,
             to_v: Linear::new(vb.pp("to_v"), kv_dim, inner, qkv_bias)?,
             to_out: Linear::new(vb.pp("to_out").pp("0"), inner, query_dim, true)?,
             heads,
+            scale,
         })
     }
 
@@ -57,12 +70,11 @@ impl Attention {
         let q = self.to_q.forward(xs)?;
         let k = self.to_k.forward(ctx)?;
         let v = self.to_v.forward(ctx)?;
-        // The scale is folded into `to_q`.
         span("attention", || {
             if ops::enabled(Kernels::ATTENTION) {
-                ops::multi_head_attention(&q, &k, &v, self.heads, 1.0, false)
+                ops::multi_head_attention(&q, &k, &v, self.heads, self.scale, false)
             } else {
-                ops::multi_head_attention_composed(&q, &k, &v, self.heads, 1.0, false)
+                ops::multi_head_attention_composed(&q, &k, &v, self.heads, self.scale, false)
             }
         })
     }
@@ -306,6 +318,30 @@ pub(crate) fn to_tokens(xs: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+
+    /// The logits' scale is folded into `to_q` only where that is exact: head dim 64 (1/8), not
+    /// the VAE's 512 (1/√512), whose scale the attention applies; both give softmax(q·kᵀ/√d)·v.
+    #[test]
+    fn scale_is_folded_only_where_exact() -> Result<()> {
+        let dev = Device::Cpu;
+        for (head_dim, folded) in [(64, true), (16, true), (512, false), (8, false)] {
+            let vb = crate::model::loader::RandomWeights::new(3).into_var_builder(DType::F32, &dev);
+            let a = Attention::new(vb.clone(), head_dim, None, 1, head_dim, true)?;
+            let want = 1.0 / (head_dim as f64).sqrt();
+            assert_eq!(a.scale, if folded { 1.0 } else { want }, "d {head_dim}");
+            // The same layer's output either way: the unfolded reference from the same weights.
+            let xs = Tensor::randn(0f32, 1.0, (1, 6, head_dim), &dev)?;
+            let q = (Linear::new(vb.pp("to_q"), head_dim, head_dim, true)?.forward(&xs)? * want)?;
+            let k = Linear::new(vb.pp("to_k"), head_dim, head_dim, true)?.forward(&xs)?;
+            let v = Linear::new(vb.pp("to_v"), head_dim, head_dim, true)?.forward(&xs)?;
+            let p = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
+            let want_out = p.matmul(&v)?;
+            let got = a.attend(&xs, None)?;
+            let diff: f32 = (got - want_out)?.abs()?.max_all()?.to_scalar()?;
+            assert!(diff < 1e-4, "d {head_dim}: {diff}");
+        }
+        Ok(())
+    }
 
     /// A spatial transformer (linear projections, as SDXL's) with every lever on equals the
     /// same with every lever off, on the CPU: the fused GEGLU, bias + residual (including the
