@@ -476,7 +476,8 @@ def render_md(res, a, batches, gpu):
                "compile = UNet and VAE decoder in channels_last, `torch.compile(mode=default, fullgraph=True, "
                "dynamic=False)`, at most two batch sizes (eager's best first), compile time excluded")
     ran = t.get("kernels", "")  # as turbine prints the set: `all` or the levers' names
-    if ran == "all" or "overlap" in ran.split(","):
+    overlapped = any(r.get("host_queue_ms") is not None for r in t.get("rows") or [])
+    if (ran == "all" or "overlap" in ran.split(",")) and overlapped:
         hdr.append("- with turbine's overlap lever its ms/batch is the interval between back-to-back batches (the "
                    "next one queued before this one's images are collected, as its server does under load) and "
                    "its batch-1 latency a batch alone; diffusers runs its batches one after another")
