@@ -22,7 +22,12 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
              (rebuild with `cargo build --release --features cuda,cudnn`)"
         );
     }
-    let device = Device::new_cuda(ordinal)?;
+    let device = Device::new_cuda(ordinal).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open CUDA device {ordinal} ('{s}'): {e}. Is the NVIDIA driver loaded and the \
+             GPU visible (`nvidia-smi`, CUDA_VISIBLE_DEVICES)?"
+        )
+    })?;
     #[cfg(feature = "cuda")]
     {
         let ctx = device.as_cuda_device()?.cuda_stream().context().clone();
