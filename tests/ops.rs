@@ -1211,9 +1211,7 @@ fn conv2d_cuda_legacy(mut rng: rand::rngs::StdRng, dev: Device) {
 fn plans_built(plans: &[String]) -> usize {
     plans
         .iter()
-        .filter(|p| {
-            !p.contains(ops::CONV_FIRST_CALL_FAILED) && !p.contains(ops::CONV_GRAPH_FAILED_LATER)
-        })
+        .filter(|p| !ops::is_conv_plan_followup(p))
         .count()
 }
 

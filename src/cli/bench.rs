@@ -243,10 +243,9 @@ pub fn summarize_conv_plans(plans: &[String]) -> Option<String> {
     // first call failed (candle's ops since).
     let failed = count(&all, CONV_GRAPH_FAILED_LATER);
     let first_failed = count(&all, CONV_FIRST_CALL_FAILED);
-    let built: Vec<&String> = all
+    let built: Vec<&String> = plans
         .iter()
-        .copied()
-        .filter(|p| !p.contains(CONV_GRAPH_FAILED_LATER) && !p.contains(CONV_FIRST_CALL_FAILED))
+        .filter(|p| !crate::ops::is_conv_plan_followup(p))
         .collect();
     let graph = count(&built, ": Graph engine");
     let fallback = count(&built, CONV_FALLBACK);

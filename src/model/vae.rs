@@ -13,7 +13,7 @@ use crate::model::chunks::{map_runs, MAX_TENSOR_ELEMENTS};
 use crate::model::loader::{self, LoadError, LoadResult, ModelDir};
 use crate::model::profile::span;
 use crate::model::unet::attention::{to_tokens, Attention};
-use crate::model::unet::layers::{Conv2d, GroupNorm, UpsampleConv};
+use crate::model::unet::layers::{group_norm_composed, Conv2d, GroupNorm, UpsampleConv};
 use crate::model::unet::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::ops::{self, Kernels};
 
@@ -454,25 +454,17 @@ impl GroupNormNhwc {
         })
     }
 
-    /// The f32 composition: `[N, H·W, G, C/G]`, the group's mean and two-pass variance over
-    /// dims 1 and 3, one scale and one shift per channel, one rounding at the end.
+    /// The f32 composition ([`group_norm_composed`]) on `[N, H·W, G, C/G]`, one rounding at
+    /// the end.
     fn composed(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
         let (n, h, w, c) = xs.dims4()?;
         let g = self.groups;
         let per_group = |t: &Tensor| t.to_dtype(DType::F32)?.reshape((1, 1, g, c / g));
         let x = xs.to_dtype(DType::F32)?.reshape((n, h * w, g, c / g))?;
-        let mean = x.mean_keepdim(3)?.mean_keepdim(1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(3)?.mean_keepdim(1)?;
-        let inv_std = (var + VAE_EPS)?.sqrt()?.recip()?;
-        let scale = inv_std.broadcast_mul(&per_group(&self.weight)?)?;
-        let mut out = centered
-            .broadcast_mul(&scale)?
-            .broadcast_add(&per_group(&self.bias)?)?;
-        if silu {
-            out = out.silu()?;
-        }
-        out.to_dtype(xs.dtype())?.reshape((n, h, w, c))
+        let (weight, bias) = (per_group(&self.weight)?, per_group(&self.bias)?);
+        group_norm_composed(&x, &[1, 3], &weight, &bias, VAE_EPS, silu)?
+            .to_dtype(xs.dtype())?
+            .reshape((n, h, w, c))
     }
 }
 
@@ -747,8 +739,8 @@ impl AutoencoderKL {
         if self.decoder_nhwc.is_some() && z.device().is_cuda() && channels_last_levers() {
             return self.decode_channels_last_within(z, max_elements);
         }
-        let per_image = self.decoder_elements_per_image(z)?;
-        map_runs(z, per_image, max_elements, &self.what(z)?, |z, _, _| {
+        let (per_image, what) = self.run_bound(z)?;
+        map_runs(z, per_image, max_elements, &what, |z, _, _| {
             self.decoder.forward(&self.post_quant(z)?)
         })
     }
@@ -773,8 +765,8 @@ impl AutoencoderKL {
                     .into(),
             )
         })?;
-        let per_image = self.decoder_elements_per_image(z)?;
-        let nhwc = map_runs(z, per_image, max_elements, &self.what(z)?, |z, _, _| {
+        let (per_image, what) = self.run_bound(z)?;
+        let nhwc = map_runs(z, per_image, max_elements, &what, |z, _, _| {
             // post_quant_conv is a 1x1 convolution over the 4 latent channels: it stays NCHW,
             // and the transpose of its small output is the path's only one on the way in.
             let z = self.post_quant(z)?.permute((0, 2, 3, 1))?.contiguous()?;
@@ -783,23 +775,19 @@ impl AutoencoderKL {
         nhwc.permute((0, 3, 1, 2))
     }
 
-    /// Elements of the decoder's largest map for one image of `z`'s latent size.
-    fn decoder_elements_per_image(&self, z: &Tensor) -> Result<usize> {
+    /// Elements of the decoder's largest map for one image of `z`'s latent size, and "a WxH
+    /// image" for [`crate::model::chunks::batch_runs`]' error.
+    fn run_bound(&self, z: &Tensor) -> Result<(usize, String)> {
         let (_, _, h, w) = z.dims4()?;
-        Ok(self.decoder_elements_at(h, w))
+        let f = self.scale_factor;
+        let what = format!("a {}x{} image in the VAE decoder", w * f, h * f);
+        Ok((self.decoder_elements_at(h, w), what))
     }
 
     /// Elements of the decoder's largest map for one image of an `h x w` latent (an upper
     /// bound: [`AutoencoderKLConfig::decoder_elements_per_latent_pixel`]).
     pub fn decoder_elements_at(&self, h: usize, w: usize) -> usize {
         self.decoder_width.saturating_mul(h).saturating_mul(w)
-    }
-
-    /// "a WxH image", for [`crate::model::chunks::batch_runs`]' error.
-    fn what(&self, z: &Tensor) -> Result<String> {
-        let (_, _, h, w) = z.dims4()?;
-        let f = self.scale_factor;
-        Ok(format!("a {}x{} image in the VAE decoder", w * f, h * f))
     }
 
     /// `z` in the model dtype, through `post_quant_conv` when the checkpoint has one.

@@ -108,6 +108,12 @@ pub const CONV_FIRST_CALL_FAILED: &str = "the plan's first call failed";
 /// runs its legacy algorithm from then on.
 pub const CONV_GRAPH_FAILED_LATER: &str = "legacy from now on";
 
+/// Whether a [`conv_plans`] line is a second line about a plan already listed (its first call
+/// failed, or its graph plan failed later) rather than a plan of its own.
+pub fn is_conv_plan_followup(line: &str) -> bool {
+    line.contains(CONV_FIRST_CALL_FAILED) || line.contains(CONV_GRAPH_FAILED_LATER)
+}
+
 /// `conv(x, weight) + bias (+ residual)`; shapes as in [`ConvParams::channels_last`], `bias`
 /// `[O]`, `residual` the output's shape. `weight` and `residual` must have `x`'s dtype; `bias` is
 /// converted to it. On CUDA with the `cudnn` feature this is the planned cuDNN path for f32,

@@ -369,9 +369,9 @@ impl UpsampleConv {
 /// with each group's 1/std into one scale, so the big tensor sees one multiply and one add.
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
-    /// `[1, C, 1]` f32, for the composition.
+    /// `[1, G, C/G, 1]` f32, for the composition.
     weight: Tensor,
-    /// `[1, C, 1]` f32, for the composition.
+    /// `[1, G, C/G, 1]` f32, for the composition.
     bias: Tensor,
     /// `[C]` in the model dtype, for the op, which takes them in the input's dtype: holding that
     /// copy means nothing is converted per call. (The model-dtype values are what the checkpoint
@@ -393,7 +393,8 @@ impl GroupNorm {
         let weight_op = vb.get(num_channels, "weight")?;
         let bias_op = vb.get(num_channels, "bias")?;
         let composed = |t: &Tensor| -> Result<Tensor> {
-            t.to_dtype(DType::F32)?.reshape((1, num_channels, 1))
+            t.to_dtype(DType::F32)?
+                .reshape((1, num_groups, num_channels / num_groups, 1))
         };
         Ok(Self {
             weight: composed(&weight_op)?,
@@ -434,23 +435,37 @@ impl GroupNorm {
         }
         let (b, c) = (dims[0], dims[1]);
         let g = self.num_groups;
-        let x = xs.to_dtype(DType::F32)?.reshape((b, g, ()))?;
-        let mean = x.mean_keepdim(2)?;
-        // Two-pass variance: E[(x - mean)^2] stays accurate when |mean| >> std.
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(2)?;
-        let inv_std = (var + self.eps)?.sqrt()?.recip()?;
-        // [B, G, 1] → [B, C, 1]: each channel takes its group's 1/std, times its weight.
-        let inv_std = inv_std.broadcast_as((b, g, c / g))?.reshape((b, c, 1))?;
-        let scale = inv_std.broadcast_mul(&self.weight)?;
-        let mut out = centered
-            .reshape((b, c, ()))?
-            .broadcast_mul(&scale)?
-            .broadcast_add(&self.bias)?;
-        if silu {
-            out = out.silu()?;
-        }
-        out.to_dtype(xs.dtype())?.reshape(dims)
+        let x = xs.to_dtype(DType::F32)?.reshape((b, g, c / g, ()))?;
+        group_norm_composed(&x, &[2, 3], &self.weight, &self.bias, self.eps, silu)?
+            .to_dtype(xs.dtype())?
+            .reshape(dims)
+    }
+}
+
+/// GroupNorm's f32 arithmetic from candle ops, for either layout: `x` (f32) is shaped so that
+/// one group's elements are its `group_dims` (`[B, G, C/G, H·W]` over dims 2 and 3 in NCHW,
+/// `[N, H·W, G, C/G]` over 1 and 3 in NHWC), and `weight` and `bias` (f32) broadcast to it per
+/// channel. The mean, then the two-pass variance (E[(x - mean)^2] stays accurate when
+/// |mean| >> std); each group's 1/std is folded with the weight into one scale, so the big
+/// tensor sees one multiply and one add; SiLU in f32 too. The caller rounds once.
+pub(crate) fn group_norm_composed(
+    x: &Tensor,
+    group_dims: &[usize],
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let mean = x.mean_keepdim(group_dims)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(group_dims)?;
+    let inv_std = (var + eps)?.sqrt()?.recip()?;
+    let scale = inv_std.broadcast_mul(weight)?;
+    let out = centered.broadcast_mul(&scale)?.broadcast_add(bias)?;
+    if silu {
+        out.silu()
+    } else {
+        Ok(out)
     }
 }
 

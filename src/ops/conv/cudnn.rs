@@ -856,6 +856,9 @@ fn choose<T: CudaDType + DeviceRepr + WithDType>(
     let (usable, found) = find(dev, handle, desc, key, ops, y)?;
     let g = &key.geometry;
     let p = &key.params;
+    let run = |c: Choice, y: &mut CudaSlice<T>, ws: &mut Option<CudaSlice<u8>>| {
+        launch(dev, handle, desc, c, ops, y, ws, g, p)
+    };
     // FindEx timed the algorithms with beta = 0; the plan runs its choice with beta = 1, onto
     // the prefill. The fastest that cuDNN runs so is the choice (as PyTorch walks its perf
     // results until one runs): each is tried once on this call's buffers, then implicit GEMM,
@@ -872,7 +875,7 @@ fn choose<T: CudaDType + DeviceRepr + WithDType>(
     let mut refused = Vec::new();
     let mut best = None;
     for c in tries {
-        match launch(dev, handle, desc, c, ops, y, workspace, g, p) {
+        match run(c, y, workspace) {
             Ok(()) => {
                 best = Some(c);
                 break;
@@ -899,9 +902,6 @@ fn choose<T: CudaDType + DeviceRepr + WithDType>(
             epilogue: Epilogue::Fused,
             ..*c
         });
-    let run = |c: Choice, y: &mut CudaSlice<T>, ws: &mut Option<CudaSlice<u8>>| {
-        launch(dev, handle, desc, c, ops, y, ws, g, p)
-    };
     // The fused call is tried once before it may be chosen: cuDNN refuses configurations it
     // does not support, and without a residual `check_fused` also proves that z is not read.
     let (fused, mut note) = match (key.mode, fused) {

@@ -11,9 +11,9 @@
 //! prefills `y` with `bias (+ residual)`, the legacy path's `Prefill` epilogue), on the same
 //! logical NCHW dims as the legacy descriptors with strides for NCHW or NHWC (filters KRSC).
 //! Engine configurations come from heuristic mode A, best first (its fallback list when none of
-//! mode A's passes); engines that compile at run
-//! time (NVRTC, seconds per plan), that are non-deterministic, that down-convert inputs or that
-//! sum in reduced precision are passed over, as are plans whose workspace exceeds the cap.
+//! mode A's passes); engines that compile at run time (NVRTC, seconds per plan), that are
+//! non-deterministic, that down-convert inputs or that sum in reduced precision are passed
+//! over, as are plans whose workspace exceeds the cap.
 //!
 //! Every tensor is declared [`ALIGNMENT`]-byte aligned (what the fast kernels want); the caller
 //! runs a plan only on pointers that are (`super::super::aligned`) and otherwise uses its legacy
