@@ -13,8 +13,16 @@
 #                                    carry), print the `run` call
 #   scripts/gpu_check.sh --dry-run   here, without a GPU: the carry checks, then the whole
 #                                    measuring flow on the CPU with the tiny fixture model and a
-#                                    CPU build of turbine (target/release/turbine), into
+#                                    CPU build of turbine (target/release/turbine), torch.compile
+#                                    included (GPU_CHECK_DRY_COMPILE=0 leaves it out), into
 #                                    target/gpu-check-dry/
+#   scripts/gpu_check.sh --rehearse  here, without a GPU: the device machine's own steps up to the
+#                                    measuring, with the python of scripts/bench/device_env.sh
+#                                    (the device image's versions) as its python3 and the CUDA
+#                                    toolkit's libcuda stub as its driver: unpack and check the
+#                                    carry, install the wheel, import the reference, find every
+#                                    CUDA library in that torch venv, start the CUDA binary (on the
+#                                    CPU; on cuda:0 it must fail cleanly) and list the kernel tests
 #   scripts/gpu_check.sh             on the device machine (what the `run` call executes)
 #
 # The `run` call (timeout_s 600; the script stops itself at $GPU_CHECK_BUDGET_S, default 555, and
@@ -22,7 +30,8 @@
 #   command: bash scripts/gpu_check.sh
 #   carry:   ["target/gpu-check"]
 # The carried CUDA kernel tests run first; a lever whose test fails (alone, in a fresh process) is
-# left out of turbine's sweep and ablation, so one broken kernel costs its own figures only.
+# left out of turbine's sweep and ablation, so one broken kernel costs its own figures only. The
+# reruns get 90 s in all (gpu_check.py --rerun-s); a failed test not rerun by then counts as failed.
 # GPU_CHECK_KERNELS (default auto: all but those levers) sets turbine's --kernels instead, e.g.
 # `all,-flash`. If turbine measures nothing with its kernels, it runs again with candle's ops
 # (`--kernels none`) so that the baseline figure is there.
@@ -34,9 +43,10 @@ MODE=device
 case "${1:-}" in
     --prepare) MODE=prepare ;;
     --dry-run) MODE=dry-run ;;
+    --rehearse) MODE=rehearse ;;
     "") ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
-    *) echo "usage: scripts/gpu_check.sh [--prepare|--dry-run]" >&2; exit 2 ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+    *) echo "usage: scripts/gpu_check.sh [--prepare|--dry-run|--rehearse]" >&2; exit 2 ;;
 esac
 
 die() { echo "error: $*" >&2; exit 1; }
@@ -116,7 +126,8 @@ if [ "$MODE" = prepare ]; then
     carry_check
     cat <<'EOF'
 
-Now, with the device tool (one call; nothing else runs there):
+First, here: bash scripts/bench/device_env.sh && bash scripts/gpu_check.sh --rehearse
+Then, with the device tool (one call; nothing else runs there):
   run(command="bash scripts/gpu_check.sh", carry=["target/gpu-check"], timeout_s=600)
 then copy $files_at/gpu_check.md into benches/RESULTS.md.
 EOF
@@ -147,17 +158,25 @@ if [ "$MODE" = dry-run ]; then
     # A fake kernel-test binary with one failing lever (geglu) and one victim test (conv).
     mkdir -p "$out/tests"
     cp scripts/bench/fake_libtest.sh "$out/tests/ops-fake"
+    # torch.compile on the CPU: a cold inductor compile of the tiny model takes about a minute a
+    # batch size on 2 cores, hence its own 300 s (and 900 s in all).
+    compile_args=(--compile-s 300)
+    [ "${GPU_CHECK_DRY_COMPILE:-1}" = 0 ] && compile_args=(--skip-compile)
     "$py" scripts/bench/gpu_check.py --turbine "$bin" --out "$out" --work target/gpu-check-dry/work \
         --config-dir tests/fixtures/tiny-sdxl --device cpu --dtype f32 --size 64x64 \
-        --batch-sizes 1,2,4 --diff-batch 4 --budget-s 600 --min-time 0 --skip-compile \
+        --batch-sizes 1,2,4 --diff-batch 4 --budget-s 900 --min-time 0 "${compile_args[@]}" \
         --tests-dir "$out/tests" --commit "$(git rev-parse --short=12 HEAD)" 2>&1 | tee "$out/gpu_check.log"
     rc=$?
     echo "dry run: exit $rc; files in $out: $(ls "$out" | tr '\n' ' ')"
     [ "$rc" = 0 ] || exit "$rc"
     # The failing lever was left out of the sweep and the ablation, the victim was not.
-    "$py" - "$out/gpu_check.json" <<'PY' || exit 1
+    "$py" - "$out/gpu_check.json" "${GPU_CHECK_DRY_COMPILE:-1}" <<'PY' || exit 1
 import json, sys
 r = json.load(open(sys.argv[1]))
+if sys.argv[2] != "0":
+    # torch.compile measured two batch sizes (fullgraph: a graph break would have failed it).
+    c = r.get("compile") or {}
+    assert r.get("compile_rc") == 0 and len([x for x in c.get("rows", []) if "images_per_s" in x]) == 2, c
 kt = r["kernel_tests"]
 assert kt["failed"] == ["geglu_matches_composition"] and kt["levers"] == ["geglu"], kt
 assert kt["victims"] == ["conv2d_cuda_matches_cpu_reference"], kt
@@ -181,6 +200,28 @@ PY
     exit 0
 fi
 
+if [ "$MODE" = rehearse ]; then
+    py="${TURBINE_BENCH_PYTHON:-target/device-venv/bin/python}"
+    [ -x "$py" ] || die "$py missing: run scripts/bench/device_env.sh (a venv of the device image's packages)"
+    stub="${CUDA_HOME:-}/lib/stubs/libcuda.so"
+    [ -f "$stub" ] || die "no libcuda stub at '$stub': source the CUDA toolkit's env.sh (scripts/setup_cuda_toolkit.sh)"
+    carry_check || exit 1
+    r=$PWD/target/gpu-check-rehearse
+    rm -rf "$r"
+    mkdir -p "$r/bin" "$r/driver" "$r/out"
+    # The device's `python3` is its torch venv's; its libcuda.so.1 is the driver's (here a stub
+    # that links but finds no device).
+    # (the venv's own path: resolving its symlink would leave the venv)
+    printf '#!/bin/sh\nexec %s "$@"\n' "$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" > "$r/bin/python3"
+    chmod +x "$r/bin/python3"
+    ln -s "$(realpath "$stub")" "$r/driver/libcuda.so.1"
+    env -u LD_LIBRARY_PATH -u PYTHONPATH -u RUST_BACKTRACE OUT="$r/out" PATH="$r/bin:$PATH" GPU_CHECK_REHEARSE="$r" \
+        GPU_CHECK_DRIVER_LIBS="$r/driver" bash "$0"
+    rc=$?
+    echo "rehearsal: exit $rc; log in $r/out/gpu_check.log"
+    exit "$rc"
+fi
+
 # --- on the device machine ---------------------------------------------------------------------
 : "${OUT:?OUT is not set: this mode runs inside the device tool (use --dry-run here)}"
 BUDGET="${GPU_CHECK_BUDGET_S:-555}"
@@ -188,10 +229,15 @@ exec > >(tee "$OUT/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 echo "== $(date -u) on $(hostname)"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm --format=csv || true
+ldd --version 2>&1 | head -1
 carry_check || exit 1
 cat "$CARRY/BUILD_INFO"
 commit=$(sed -n 's/^commit=//p' "$CARRY/BUILD_INFO")
-BIN=/tmp/turbine-bin
+# (--rehearse runs these steps here, in its own folder.)
+REHEARSE="${GPU_CHECK_REHEARSE:-}"
+BIN=${REHEARSE:-/tmp}/turbine-bin
+SITE_DIR=${REHEARSE:-/tmp}/site
+rm -rf "$BIN"
 mkdir -p "$BIN/tests"
 unxz_to "$CARRY/turbine.xz" "$BIN/turbine"
 [ "$(sha256sum "$BIN/turbine" | cut -d' ' -f1)" = "$(sed -n 's/^sha256=//p' "$CARRY/BUILD_INFO")" ] \
@@ -202,8 +248,8 @@ done
 
 # diffusers into a private target dir; everything else is the image's own torch venv.
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site "$CARRY"/wheels/*.whl || die "installing the carried wheels failed"
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    --target "$SITE_DIR" "$CARRY"/wheels/*.whl || die "installing the carried wheels failed"
+export PYTHONPATH=$SITE_DIR${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import torch, diffusers, transformers, pynvml; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" \
     || die "the device's python lacks a reference package"
 
@@ -215,14 +261,42 @@ libs="$SITE/nvidia/cu13/lib:$SITE/nvidia/cudnn/lib"
 for d in "$SITE"/nvidia/*/lib; do
     case ":$libs:" in *":$d:"*) ;; *) libs="$libs:$d" ;; esac
 done
-export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_LIBRARY_PATH="$libs${GPU_CHECK_DRIVER_LIBS:+:$GPU_CHECK_DRIVER_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "== ldd $BIN/turbine (LD_LIBRARY_PATH: $LD_LIBRARY_PATH)"
 ldd "$BIN/turbine"
-[[ "$(ldd "$BIN/turbine" 2>&1)" == *"not found"* ]] && echo "WARNING: unresolved libraries above: turbine will not start"
+missing=0
+[[ "$(ldd "$BIN/turbine" 2>&1)" == *"not found"* ]] && { missing=1; echo "WARNING: unresolved libraries above: turbine will not start"; }
 for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13 libcudnn.so.9; do
     found=$(IFS=:; for d in $LD_LIBRARY_PATH; do ls "$d/$lib" 2>/dev/null; done | head -1)
     echo "  $lib => ${found:-NOT FOUND}"
+    [ -n "$found" ] || missing=1
 done
+
+if [ -n "$REHEARSE" ]; then
+    # Here the measuring cannot run; what can is checked instead, and the rehearsal ends.
+    [ "$missing" = 0 ] || die "rehearsal: a CUDA library is missing from the torch venv's path"
+    cpu_run=(--model-dir tests/fixtures/tiny-sdxl --size 64x64 --batch-sizes 1 --warmup 0 --runs 1
+             --min-time 0 --dtype f32)
+    "$BIN/turbine" bench --device cpu "${cpu_run[@]}" --json "$REHEARSE/cpu.json" >"$REHEARSE/cpu.log" 2>&1 \
+        || { cat "$REHEARSE/cpu.log"; die "rehearsal: the CUDA build failed to run on the CPU"; }
+    echo "rehearsal: the CUDA build ran bench --device cpu on the tiny model"
+    "$BIN/turbine" bench --device cuda:0 "${cpu_run[@]}" >"$REHEARSE/cuda.log" 2>&1
+    rc=$?
+    cat "$REHEARSE/cuda.log"
+    # The stub driver has no device: a clean error (exit 1, no panic) naming what to check.
+    if [ "$rc" = 0 ] || grep -q "panicked" "$REHEARSE/cuda.log" || ! grep -q "cannot open CUDA device 0" "$REHEARSE/cuda.log"; then
+        die "rehearsal: without a usable driver, --device cuda:0 should fail cleanly (exit $rc)"
+    fi
+    echo "rehearsal: --device cuda:0 without a GPU fails cleanly (exit $rc)"
+    for t in "$BIN"/tests/*; do
+        [ -x "$t" ] || continue
+        n=$("$t" --list --format terse 2>/dev/null | grep -c ': test$')
+        [ "$n" -gt 0 ] || die "rehearsal: $t lists no tests"
+        echo "rehearsal: kernel tests $(basename "$t"): $n listed"
+    done
+    echo "rehearsal: the device machine's steps before the measuring all passed"
+    exit 0
+fi
 
 # What the steps above spent comes off the budget.
 used=$SECONDS

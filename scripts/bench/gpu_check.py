@@ -136,18 +136,24 @@ def libtest_results(text):
     return out
 
 
-def kernel_tests(tests_dir, budget):
+def kernel_tests(tests_dir, budget, rerun_s=90.0):
     """Runs every carried test binary with TURBINE_REQUIRE_GPU=1. A binary that fails has each of
     its tests that did not pass rerun alone, in a fresh process: a kernel that corrupts memory
     leaves the CUDA context unusable, so the tests after it fail too, and only a rerun tells the
     broken kernel from its victims. Returns the summary and the levers whose tests failed alone.
+
+    The reruns together get `rerun_s` seconds: where most tests fail for one cause (a driver or
+    module-load error, a kernel that hangs in every test that calls it), rerunning each of them
+    for up to a minute would eat the time of the measuring. A failed test left without its rerun
+    counts as failed, to be safe; one that never ran counts as not run.
 
     The tests' default kernel set (TURBINE_KERNELS) leaves out conv-graph: the graph-API
     convolution plans run only in their own test (which asks for them explicitly), so a fault
     there is charged to conv-graph alone, never to the levers whose tests call a convolution."""
     env = dict(os.environ, TURBINE_REQUIRE_GPU="1", TURBINE_KERNELS="all,-conv-graph")
     bins = sorted(p for p in Path(tests_dir).iterdir() if p.is_file() and os.access(p, os.X_OK))
-    res = {"binaries": [], "failed": [], "victims": [], "not_run": [], "levers": []}
+    res = {"binaries": [], "failed": [], "victims": [], "not_run": [], "not_rerun": [], "levers": []}
+    rerun_deadline = None  # set at the first rerun
     for b in bins:
         log(f"== CUDA kernel tests: {b}")
         try:
@@ -181,15 +187,23 @@ def kernel_tests(tests_dir, budget):
                 log(f"   {name} never finished (hung): FAILED")
                 res["failed"].append(name)
                 continue
-            if budget.left() < 330:
+            if rerun_deadline is None:
+                rerun_deadline = time.time() + rerun_s
+            rerun_left = rerun_deadline - time.time()
+            if budget.left() < 330 or rerun_left <= 0:
                 # A test that failed cannot be told from a victim without its rerun: its lever is
                 # left out, to be safe. One that never ran says nothing about its lever.
-                log(f"no time left to rerun {name} alone")
-                res["failed" if outcome.get(name) == "FAILED" else "not_run"].append(name)
+                why = "no time left" if budget.left() < 330 else f"the reruns' {rerun_s:g} s are spent"
+                log(f"{why}: {name} not rerun alone")
+                if outcome.get(name) == "FAILED":
+                    res["failed"].append(name)
+                    res["not_rerun"].append(name)
+                else:
+                    res["not_run"].append(name)
                 continue
             try:
                 alone = subprocess.run([b, "--exact", name, "--test-threads=1"], env=env, capture_output=True,
-                                       text=True, timeout=60)
+                                       text=True, timeout=max(1.0, min(60.0, rerun_left)))
                 ok = alone.returncode == 0
                 if not ok:
                     print(alone.stdout + alone.stderr, file=sys.stderr, flush=True)
@@ -201,8 +215,13 @@ def kernel_tests(tests_dir, budget):
     res["unmapped"] = [t for t in res["failed"] if lever_of(t) is None]
     passed = sum(e["rc"] == 0 for e in res["binaries"])
     line = f"{passed} of {len(res['binaries'])} test binaries passed (TURBINE_REQUIRE_GPU=1)"
+    alone = [t for t in res["failed"] if t not in res["not_rerun"]]
+    if alone:
+        line += f"; failed alone: {', '.join(alone)}"
+    if res["not_rerun"]:
+        line += f"; failed, not rerun alone (no time): {', '.join(res['not_rerun'])}"
     if res["failed"]:
-        line += f"; failed alone: {', '.join(res['failed'])} (levers: {', '.join(res['levers']) or 'none mapped'})"
+        line += f" (levers left out: {', '.join(res['levers']) or 'none mapped'})"
     if res["victims"]:
         line += f"; failed only after another test: {', '.join(res['victims'])}"
     if res["not_run"]:
@@ -572,6 +591,8 @@ def main():
     ap.add_argument("--min-time", type=float, default=2.0, help="timed seconds per batch size")
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument("--rerun-s", type=float, default=90.0,
+                    help="seconds for rerunning failed kernel tests alone, all of them together")
     a = ap.parse_args()
     batches = [int(b) for b in a.batch_sizes.split(",")]
     if not batches or min(batches) < 1 or a.diff_batch not in batches:
@@ -598,7 +619,7 @@ def main():
     # 0. the CUDA kernel tests; a lever whose tests fail is left out of the sweep (--kernels auto)
     failed_levers = []
     if a.tests_dir and a.tests_dir.is_dir():
-        res["kernel_tests"] = kernel_tests(a.tests_dir, budget)
+        res["kernel_tests"] = kernel_tests(a.tests_dir, budget, a.rerun_s)
         failed_levers = res["kernel_tests"]["levers"]
     res["kernels"] = kernels = sweep_kernels(a.kernels, failed_levers)
     save()

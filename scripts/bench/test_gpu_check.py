@@ -28,6 +28,13 @@ def row(batch, ips, peak=None, latency=None):
     return r
 
 
+def fake_tests(d, script):
+    """A stand-in kernel-test binary `ops` in folder d: a bash script answering like libtest."""
+    fake = Path(d) / "ops"
+    fake.write_text(script if script.endswith("\n") else script + "\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+
+
 def args(**kw):
     a = argparse.Namespace(device="cuda", kernels="auto", commit="abc", budget_s=480.0, size="512x512",
                            steps=1, dtype="bf16", min_time=2.0, config_dir=Path("models/sdxl-turbo"),
@@ -95,9 +102,7 @@ class Levers(unittest.TestCase):
             "exit 124",
         ])
         with tempfile.TemporaryDirectory() as d:
-            fake = Path(d) / "ops"
-            fake.write_text(hung + "\n")
-            fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+            fake_tests(d, hung)
             # No time left to rerun: the unreached test is not run, not failed.
             res = g.kernel_tests(Path(d), g.Budget(300))
         self.assertEqual(res["failed"], ["geglu_matches_composition"])
@@ -112,15 +117,40 @@ class Levers(unittest.TestCase):
 
     def test_kernel_tests_rerun_failures_alone(self):
         with tempfile.TemporaryDirectory() as d:
-            fake = Path(d) / "ops"
-            fake.write_text((HERE / "fake_libtest.sh").read_text())
-            fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+            fake_tests(d, (HERE / "fake_libtest.sh").read_text())
             budget = g.Budget(10_000)
             res = g.kernel_tests(Path(d), budget)
         self.assertEqual(res["failed"], ["geglu_matches_composition"])
         self.assertEqual(res["victims"], ["conv2d_cuda_matches_cpu_reference"])
         self.assertEqual(res["levers"], ["geglu"])
         self.assertIn("0 of 1 test binaries passed", res["summary"])
+
+    def test_reruns_stop_when_their_time_is_spent(self):
+        # Every test fails, and each rerun takes a second and fails again (one cause for all):
+        # the reruns stop after their 2.5 s, and the tests left without one count as failed.
+        every = "\n".join([
+            "#!/usr/bin/env bash",
+            "tests=(group_norm_matches_composition geglu_matches_composition to_rgb8_matches_composition "
+            "flash_attention_matches_reference upsample_conv_phases_match_upsample_then_conv "
+            "bias_residual_matches_composition)",
+            'case "${1:-}" in',
+            '    --list) for t in "${tests[@]}"; do echo "$t: test"; done; exit 0 ;;',
+            '    --exact) echo "$2" >> "$(dirname "$0")/reruns"; sleep 1; echo "test $2 ... FAILED"; exit 101 ;;',
+            "esac",
+            'for t in "${tests[@]}"; do echo "test $t ... FAILED"; done',
+            "exit 101",
+        ])
+        with tempfile.TemporaryDirectory() as d:
+            fake_tests(d, every)
+            res = g.kernel_tests(Path(d), g.Budget(10_000), rerun_s=2.5)
+            reruns = (Path(d) / "reruns").read_text().split()
+        self.assertEqual(len(res["failed"]), 6)
+        self.assertEqual(res["victims"], [])
+        self.assertTrue(2 <= len(reruns) <= 3, reruns)
+        self.assertEqual(res["not_rerun"], res["failed"][len(reruns):])
+        self.assertRegex(res["summary"], r"failed, not rerun alone \(no time\): [a-z_, ]*bias_residual_matches_composition")
+        self.assertEqual(res["levers"], sorted({"group-norm", "geglu", "postprocess", "flash",
+                                                "upsample-conv", "bias-residual"}))
 
     def test_compile_starts_where_the_peaks_are(self):
         res = {"eager": {"rows": [row(8, 50), row(16, 40)]}, "turbine": {"rows": [row(32, 90)]}}
