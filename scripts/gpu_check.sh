@@ -15,7 +15,9 @@
 #                                    measuring flow on the CPU with the tiny fixture model and a
 #                                    CPU build of turbine (target/release/turbine), torch.compile
 #                                    included (GPU_CHECK_DRY_COMPILE=0 leaves it out), into
-#                                    target/gpu-check-dry/
+#                                    target/gpu-check-dry/; with GPU_CHECK_DRY_FULL=1 instead, the
+#                                    full architecture from fp16 variant files, bf16, 64x64, the
+#                                    parity target judged (target/gpu-check-dry-full/)
 #   scripts/gpu_check.sh --rehearse  here, without a GPU: the device machine's own steps up to the
 #                                    measuring, with the python of scripts/bench/device_env.sh
 #                                    (the device image's versions) as its python3 and the CUDA
@@ -45,7 +47,7 @@ case "${1:-}" in
     --dry-run) MODE=dry-run ;;
     --rehearse) MODE=rehearse ;;
     "") ;;
-    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
     *) echo "usage: scripts/gpu_check.sh [--prepare|--dry-run|--rehearse]" >&2; exit 2 ;;
 esac
 
@@ -151,10 +153,28 @@ if [ "$MODE" = dry-run ]; then
     if [ -z "${TURBINE_BIN:-}" ]; then
         cargo build --release --bin turbine || die "cargo build --release failed"
     fi
+    set -o pipefail
+    if [ "${GPU_CHECK_DRY_FULL:-0}" = 1 ]; then
+        # The full SDXL-Turbo architecture (random weights, written as the fp16 variant files the
+        # device run uses), bf16 on both sides, at 64x64 so that the CPU gets through it: the
+        # loading of those files and the parity target. ~15 GB of memory, a few minutes.
+        out=target/gpu-check-dry-full
+        rm -rf "$out"
+        mkdir -p "$out"
+        "$py" scripts/bench/gpu_check.py --turbine "$bin" --out "$out" --work "$out/work" \
+            --config-dir models/sdxl-turbo --device cpu --dtype bf16 --size 64x64 --batch-sizes 4 \
+            --diff-batch 4 --ablate-batch 0 --budget-s 1200 --min-time 0 --skip-compile \
+            --commit "$(git rev-parse --short=12 HEAD)" 2>&1 | tee "$out/gpu_check.log"
+        rc=$?
+        [ "$rc" = 0 ] || exit "$rc"
+        grep -q "(target: mean <= [0-9.]*: met)" "$out/gpu_check.md" \
+            || die "full-architecture dry run: turbine's bf16 images are outside the parity target"
+        grep "pixels, turbine vs diffusers" "$out/gpu_check.md"
+        exit 0
+    fi
     out=target/gpu-check-dry
     rm -rf "$out"
     mkdir -p "$out"
-    set -o pipefail
     # A fake kernel-test binary with one failing lever (geglu) and one victim test (conv).
     mkdir -p "$out/tests"
     cp scripts/bench/fake_libtest.sh "$out/tests/ops-fake"

@@ -185,9 +185,12 @@ class Report(unittest.TestCase):
                       "its own best (bs1): 11.0 GiB", g.targets(apart))
         only = self.res(eager={"rows": [row(1, 45, peak=11 << 30)]})
         self.assertIn("eager has no figure at bs8) (target <=: NOT met)", g.targets(only))
-        slow = self.res(turbine={"rows": [row(1, 10, latency=0.1), row(8, 60, peak=30 << 30)]})
+        self.assertIn("8 images of batch 8: max 3, mean 0.200 (8-bit) (target: mean <= 2.0: met)", t)
+        slow = self.res(turbine={"rows": [row(1, 10, latency=0.1), row(8, 60, peak=30 << 30)]},
+                        pixel_diff={"max": 90, "mean": 21.5, "images": [{}] * 8})
         t = g.targets(slow)
-        self.assertEqual(t.count("NOT met"), 4, t)
+        self.assertEqual(t.count("NOT met"), 5, t)
+        self.assertIn("max 90, mean 21.500 (8-bit) (target: mean <= 2.0: NOT met)", t)
 
     def test_no_compile_figure_says_why(self):
         res = self.res(compile=None, compile_rc=124)
