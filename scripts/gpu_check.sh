@@ -303,7 +303,7 @@ if [ -n "$REHEARSE" ]; then
     "$BIN/turbine" bench --device cuda:0 "${cpu_run[@]}" >"$REHEARSE/cuda.log" 2>&1
     rc=$?
     cat "$REHEARSE/cuda.log"
-    # The stub driver has no device: a clean error (exit 1, no panic) naming what to check.
+    # The stub driver has no device: a clean error (non-zero exit, no panic) naming what to check.
     if [ "$rc" = 0 ] || grep -q "panicked" "$REHEARSE/cuda.log" || ! grep -q "cannot open CUDA device 0" "$REHEARSE/cuda.log"; then
         die "rehearsal: without a usable driver, --device cuda:0 should fail cleanly (exit $rc)"
     fi
