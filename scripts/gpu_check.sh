@@ -128,7 +128,8 @@ if [ "$MODE" = prepare ]; then
     carry_check
     cat <<'EOF'
 
-First, here: bash scripts/bench/device_env.sh && bash scripts/gpu_check.sh --rehearse
+First, here, with the CUDA toolkit's env.sh sourced (its libcuda stub stands in for the driver):
+  bash scripts/bench/device_env.sh && bash scripts/gpu_check.sh --rehearse
 Then, with the device tool (one call; nothing else runs there):
   run(command="bash scripts/gpu_check.sh", carry=["target/gpu-check"], timeout_s=600)
 then copy $files_at/gpu_check.md into benches/RESULTS.md.
