@@ -109,11 +109,13 @@ if [ "$MODE" = prepare ]; then
         xz -T0 -9 -c "$t" > "$CARRY/tests/$(basename "$t").xz" || die "compressing $t failed"
         ntests=$((ntests + 1))
     done
-    if ! ls "$CARRY"/wheels/diffusers-0.42.1-*.whl >/dev/null 2>&1; then
+    # The reference's diffusers version is pinned once, in scripts/bench/requirements.txt.
+    pin=$(grep -m1 '^diffusers==' scripts/bench/requirements.txt) || die "no diffusers pin in scripts/bench/requirements.txt"
+    if ! ls "$CARRY"/wheels/diffusers-"${pin#diffusers==}"-*.whl >/dev/null 2>&1; then
         # diffusers is the one package of the reference that the device image lacks (its torch,
         # transformers, accelerate, safetensors and nvidia-ml-py are there); python 3.12 there.
         python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-            --implementation cp --platform manylinux_2_17_x86_64 -d "$CARRY/wheels" diffusers==0.42.1 \
+            --implementation cp --platform manylinux_2_17_x86_64 -d "$CARRY/wheels" "$pin" \
             || die "downloading the diffusers wheel failed"
     fi
     {

@@ -34,14 +34,11 @@ done
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 "$VENV/bin/python" -m pip install -q -r "$REQ"
 
-# diffusers as gpu_check.sh installs it there: the carried wheel, no dependencies.
-whl=$(ls target/gpu-check/wheels/diffusers-0.42.1-*.whl 2>/dev/null | head -1 || true)
-if [ -z "$whl" ]; then
-    mkdir -p target/device-wheels
-    "$VENV/bin/python" -m pip download -q --no-deps --only-binary=:all: -d target/device-wheels diffusers==0.42.1
-    whl=$(ls target/device-wheels/diffusers-0.42.1-*.whl | head -1)
-fi
-"$VENV/bin/python" -m pip install -q --no-deps "$whl"
+# diffusers as gpu_check.sh installs it there, without dependencies: the carried wheel, or
+# (none carried yet) the same version, pinned in scripts/bench/requirements.txt, from PyPI.
+pin=$(grep -m1 '^diffusers==' scripts/bench/requirements.txt)
+whl=$(ls target/gpu-check/wheels/diffusers-"${pin#diffusers==}"-*.whl 2>/dev/null | head -1 || true)
+"$VENV/bin/python" -m pip install -q --no-deps "${whl:-$pin}"
 "$VENV/bin/python" -c "import sys, torch, diffusers, transformers, numpy, pynvml
 print('python', sys.version.split()[0], 'torch', torch.__version__, 'diffusers', diffusers.__version__,
       'transformers', transformers.__version__, 'numpy', numpy.__version__)"
