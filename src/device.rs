@@ -138,6 +138,17 @@ pub fn check_compute_capability(
     )
 }
 
+/// Whether an error message is the device running out of memory: the CUDA driver's
+/// (`CUDA_ERROR_OUT_OF_MEMORY`), cuBLAS's or cuDNN's (`*_STATUS_ALLOC_FAILED`) status for it,
+/// as cudarc prints them, or a message that says so. Such a failure is not the input's fault
+/// and fewer images at once may avoid it, so callers neither cache it as a verdict nor fail
+/// other work for it.
+pub fn is_out_of_memory(message: &str) -> bool {
+    message.contains("OUT_OF_MEMORY")
+        || message.contains("ALLOC_FAILED")
+        || message.to_ascii_lowercase().contains("out of memory")
+}
+
 /// Parses `f32|f16|bf16`; `None` picks the default for the device (f32 on CPU, bf16 on CUDA).
 pub fn parse_dtype(s: Option<&str>, device: &Device) -> anyhow::Result<DType> {
     match s.map(|s| s.trim().to_ascii_lowercase()) {

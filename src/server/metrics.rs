@@ -137,6 +137,7 @@ pub struct Metrics {
     images_generated: AtomicU64,
     images_enqueued: AtomicU64,
     batches_failed: AtomicU64,
+    batches_split: AtomicU64,
     queue_images: AtomicI64,
     in_flight: AtomicI64,
 }
@@ -164,6 +165,7 @@ impl Metrics {
             images_generated: AtomicU64::new(0),
             images_enqueued: AtomicU64::new(0),
             batches_failed: AtomicU64::new(0),
+            batches_split: AtomicU64::new(0),
             queue_images: AtomicI64::new(0),
             in_flight: AtomicI64::new(0),
         }
@@ -240,6 +242,11 @@ impl Metrics {
 
     pub fn batch_failed(&self) {
         self.batches_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A batch that ran out of device memory and is run again in smaller parts.
+    pub fn batch_split(&self) {
+        self.batches_split.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn throughput(&self) -> Option<f64> {
@@ -342,6 +349,17 @@ impl Metrics {
             out,
             "turbine_batches_failed_total {}",
             self.batches_failed.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "turbine_batches_split_total",
+            "counter",
+            "Batches that ran out of device memory and were run again in smaller parts.",
+        );
+        let _ = writeln!(
+            out,
+            "turbine_batches_split_total {}",
+            self.batches_split.load(Ordering::Relaxed)
         );
         header(
             &mut out,

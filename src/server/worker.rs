@@ -6,8 +6,13 @@
 //! images are collected, so the GPU does not idle between batches under load.
 //!
 //! A failing batch fails only its own requests (500); a panic in the model is caught, reported
-//! to those requests and logged, and the thread keeps serving.
+//! to those requests and logged, and the thread keeps serving. A batch that runs out of device
+//! memory is not failed: it runs again in halves, down to single images, so a request for large
+//! images cannot take the images of the requests batched with it down with its own; only an
+//! image that does not fit alone fails. The worker then keeps batches of that shape at the size
+//! that fitted.
 
+use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -209,7 +214,9 @@ fn start(
 /// OVERLAP lever), a batch that is already waiting is launched before the running one is
 /// collected, so the device has the next batch queued behind the current one; an idle worker
 /// takes one batch at a time, so a lone request's latency does not change, and a batch that
-/// ran to completion in `launch` (the CPU) is answered before the next starts.
+/// ran to completion in `launch` (the CPU) is answered before the next starts. Batches that ran
+/// out of memory (at launch or when collected) run again in parts, one part at a time, once the
+/// batch before them is collected.
 fn serve(
     backend: &mut dyn ImageBackend,
     label: &str,
@@ -218,6 +225,7 @@ fn serve(
 ) {
     let mut in_flight: Option<InFlight> = None;
     let mut last_done: Option<Instant> = None;
+    let mut caps = BatchCaps::default();
     loop {
         let next = match &in_flight {
             Some(InFlight {
@@ -230,36 +238,97 @@ fn serve(
                 None => break,
             },
         };
-        let launched = next.and_then(|batch| launch_batch(backend, label, ctx, batch));
+        let launched = next.and_then(|batch| launch_batch(backend, label, ctx, &caps, batch));
+        let mut retry = Vec::new();
         if let Some(batch) = in_flight.take() {
-            last_done = Some(finish_batch(label, ctx, batch, last_done));
+            let (done, again) = finish_batch(label, ctx, batch, last_done);
+            last_done = Some(done);
+            retry.extend(again);
         }
-        in_flight = launched;
+        match launched {
+            Some(Launch::Running(batch)) => in_flight = Some(batch),
+            Some(Launch::InParts(parts)) => retry.push(parts),
+            None => {}
+        }
+        for parts in retry {
+            last_done = Some(run_in_parts(backend, label, ctx, &mut caps, parts));
+        }
     }
+}
+
+/// The most images per batch known to fit, for shapes whose batches ran out of device memory.
+#[derive(Default)]
+struct BatchCaps(HashMap<ShapeKey, usize>);
+
+impl BatchCaps {
+    fn get(&self, key: &ShapeKey) -> Option<usize> {
+        self.0.get(key).copied()
+    }
+
+    /// A batch of `images` of `key` ran out of memory: from now on at most half as many.
+    fn lower(&mut self, key: ShapeKey, images: usize) -> usize {
+        let cap = images.div_ceil(2).max(1);
+        let cap = self.get(&key).map_or(cap, |old| old.min(cap));
+        self.0.insert(key, cap);
+        cap
+    }
+}
+
+/// Whether a failure is the device running out of memory, which fewer images at once can
+/// avoid: the CUDA driver's, cuBLAS's or cuDNN's status for it, in the error or its causes.
+pub(crate) fn out_of_memory(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|cause| crate::device::is_out_of_memory(&cause.to_string()))
+}
+
+/// Images to run again in smaller batches, and why.
+struct Parts {
+    key: ShapeKey,
+    live: Vec<Entry<Item>>,
+    /// The out-of-memory error that sent them here; `None` when the shape's cap did.
+    cause: Option<String>,
+}
+
+/// What became of a batch handed to the backend.
+enum Launch {
+    Running(InFlight),
+    InParts(Parts),
 }
 
 /// A launched batch and the requests waiting for it.
 struct InFlight {
     launched: Launched,
+    key: ShapeKey,
     live: Vec<Entry<Item>>,
     started: Instant,
 }
 
-/// Tops the batch up from the queue, drops what nobody waits for, and hands the rest to the
-/// backend; `None` when nothing was left to run or the launch failed (its requests are
-/// answered then).
+/// Tops the batch up from the queue (up to the shape's cap, if it has one), drops what nobody
+/// waits for, and hands the rest to the backend; `None` when nothing was left to run or the
+/// launch failed (its requests are answered then). A batch over its shape's cap, or one that
+/// ran out of memory while it was queued, comes back to be run in parts.
 fn launch_batch(
     backend: &mut dyn ImageBackend,
     label: &str,
     ctx: &WorkerContext,
+    caps: &BatchCaps,
     mut batch: Batch<Item>,
-) -> Option<InFlight> {
-    let room = ctx.max_batch.saturating_sub(batch.entries.len());
+) -> Option<Launch> {
+    let cap = caps.get(&batch.key);
+    let most = cap.map_or(ctx.max_batch, |c| c.min(ctx.max_batch));
+    let room = most.saturating_sub(batch.entries.len());
     batch.entries.extend(ctx.queue.top_up(&batch.key, room));
     let now = Instant::now();
     let live = drop_unwanted(batch.entries, now, &ctx.metrics);
     if live.is_empty() {
         return None;
+    }
+    if cap.is_some_and(|c| live.len() > c) {
+        return Some(Launch::InParts(Parts {
+            key: batch.key,
+            live,
+            cause: None,
+        }));
     }
     for e in &live {
         ctx.metrics
@@ -270,11 +339,17 @@ fn launch_batch(
     let requests: Vec<ImageRequest> = live.iter().map(|e| e.payload.image.clone()).collect();
     let started = Instant::now();
     match catch_unwind(AssertUnwindSafe(|| backend.launch(&settings, &requests))) {
-        Ok(Ok(launched)) => Some(InFlight {
+        Ok(Ok(launched)) => Some(Launch::Running(InFlight {
             launched,
+            key: batch.key,
             live,
             started,
-        }),
+        })),
+        Ok(Err(e)) if live.len() > 1 && out_of_memory(&e) => Some(Launch::InParts(Parts {
+            key: batch.key,
+            live,
+            cause: Some(format!("{e:#}")),
+        })),
         Ok(Err(e)) => {
             fail_batch(label, ctx, live, failed(label, e));
             None
@@ -286,17 +361,19 @@ fn launch_batch(
     }
 }
 
-/// Waits for a launched batch and answers its requests. Returns when it finished, so the next
-/// batch's busy time starts there: batches that overlap must not count their shared time twice
-/// in the throughput estimate.
+/// Waits for a launched batch and answers its requests, or hands back a batch that ran out of
+/// memory to be run in parts. Returns when it finished, so the next batch's busy time starts
+/// there: batches that overlap must not count their shared time twice in the throughput
+/// estimate.
 fn finish_batch(
     label: &str,
     ctx: &WorkerContext,
     batch: InFlight,
     last_done: Option<Instant>,
-) -> Instant {
+) -> (Instant, Option<Parts>) {
     let InFlight {
         launched,
+        key,
         live,
         started,
     } = batch;
@@ -306,20 +383,8 @@ fn finish_batch(
     let elapsed = done.saturating_duration_since(busy_from);
     let failure = match result {
         Ok(Ok(out)) if out.images.len() == live.len() => {
-            ctx.metrics.batch_done(live.len(), elapsed, ctx.workers);
-            ctx.metrics
-                .stage(Stage::TextEncode, out.timings.text_encode);
-            ctx.metrics.stage(Stage::Unet, out.timings.unet);
-            ctx.metrics.stage(Stage::VaeDecode, out.timings.vae_decode);
-            tracing::debug!(device = %label, images = live.len(), secs = elapsed.as_secs_f64(), "batch done");
-            for (e, image) in live.into_iter().zip(out.images) {
-                // A closed channel means the request is gone; nothing to do.
-                let _ = e.payload.reply.send(ItemOutcome {
-                    index: e.payload.index,
-                    result: Ok(image),
-                });
-            }
-            return done;
+            answer(label, ctx, live, out, elapsed);
+            return (done, None);
         }
         Ok(Ok(out)) => BackendError::Failed {
             device: label.to_string(),
@@ -329,11 +394,137 @@ fn finish_batch(
                 live.len()
             ),
         },
+        Ok(Err(e)) if live.len() > 1 && out_of_memory(&e) => {
+            let cause = Some(format!("{e:#}"));
+            return (done, Some(Parts { key, live, cause }));
+        }
         Ok(Err(e)) => failed(label, e),
         Err(panic) => panicked(label, &panic),
     };
     fail_batch(label, ctx, live, failure);
-    done
+    (done, None)
+}
+
+/// Runs images that did not fit in one batch, synchronously, in batches of at most the shape's
+/// cap (lowered here at every out-of-memory), halving any part that still runs out of memory;
+/// an image that runs out of memory alone fails with that error. Returns when the last part
+/// finished.
+fn run_in_parts(
+    backend: &mut dyn ImageBackend,
+    label: &str,
+    ctx: &WorkerContext,
+    caps: &mut BatchCaps,
+    parts: Parts,
+) -> Instant {
+    let Parts {
+        key,
+        mut live,
+        cause,
+    } = parts;
+    if let Some(cause) = &cause {
+        ctx.metrics.batch_split();
+        let cap = caps.lower(key, live.len());
+        tracing::warn!(
+            device = %label,
+            images = live.len(),
+            width = key.width,
+            height = key.height,
+            "batch ran out of device memory; running it again in batches of at most {cap} \
+             (and keeping this size's batches to that; a lower --max-batch-size avoids the \
+             retry): {cause}"
+        );
+    }
+    if cause.is_none() {
+        // Sent here by the cap before `launch_batch` counted their wait.
+        let now = Instant::now();
+        for e in &live {
+            ctx.metrics
+                .stage(Stage::QueueWait, now.saturating_duration_since(e.enqueued));
+        }
+    }
+    let settings = key.settings();
+    let cap = caps.get(&key).unwrap_or(live.len()).max(1);
+    let mut todo = VecDeque::new();
+    while live.len() > cap {
+        let rest = live.split_off(cap);
+        todo.push_back(std::mem::replace(&mut live, rest));
+    }
+    todo.push_back(live);
+    let mut last_done = Instant::now();
+    while let Some(part) = todo.pop_front() {
+        let now = Instant::now();
+        let part = drop_unwanted(part, now, &ctx.metrics);
+        if part.is_empty() {
+            continue;
+        }
+        let requests: Vec<ImageRequest> = part.iter().map(|e| e.payload.image.clone()).collect();
+        let result = catch_unwind(AssertUnwindSafe(|| backend.generate(&settings, &requests)));
+        last_done = Instant::now();
+        let failure = match result {
+            Ok(Ok(out)) if out.images.len() == part.len() => {
+                answer(
+                    label,
+                    ctx,
+                    part,
+                    out,
+                    last_done.saturating_duration_since(now),
+                );
+                continue;
+            }
+            Ok(Ok(out)) => BackendError::Failed {
+                device: label.to_string(),
+                message: format!(
+                    "the model returned {} images for a batch of {}",
+                    out.images.len(),
+                    part.len()
+                ),
+            },
+            Ok(Err(e)) if part.len() > 1 && out_of_memory(&e) => {
+                ctx.metrics.batch_split();
+                let cap = caps.lower(key, part.len());
+                tracing::warn!(device = %label, images = part.len(), "part ran out of device memory too; halving it (at most {cap} of this size from now on)");
+                let mut first = part;
+                let second = first.split_off(first.len().div_ceil(2));
+                todo.push_front(second);
+                todo.push_front(first);
+                continue;
+            }
+            Ok(Err(e)) if out_of_memory(&e) => failed(
+                label,
+                e.context(format!(
+                    "one {}x{} image does not fit in {label}'s free memory",
+                    key.width, key.height
+                )),
+            ),
+            Ok(Err(e)) => failed(label, e),
+            Err(panic) => panicked(label, &panic),
+        };
+        fail_batch(label, ctx, part, failure);
+    }
+    last_done
+}
+
+/// Sends each image of a finished batch to its request and counts the batch.
+fn answer(
+    label: &str,
+    ctx: &WorkerContext,
+    live: Vec<Entry<Item>>,
+    out: GeneratedBatch,
+    elapsed: Duration,
+) {
+    ctx.metrics.batch_done(live.len(), elapsed, ctx.workers);
+    ctx.metrics
+        .stage(Stage::TextEncode, out.timings.text_encode);
+    ctx.metrics.stage(Stage::Unet, out.timings.unet);
+    ctx.metrics.stage(Stage::VaeDecode, out.timings.vae_decode);
+    tracing::debug!(device = %label, images = live.len(), secs = elapsed.as_secs_f64(), "batch done");
+    for (e, image) in live.into_iter().zip(out.images) {
+        // A closed channel means the request is gone; nothing to do.
+        let _ = e.payload.reply.send(ItemOutcome {
+            index: e.payload.index,
+            result: Ok(image),
+        });
+    }
 }
 
 fn failed(label: &str, e: anyhow::Error) -> BackendError {
@@ -415,7 +606,7 @@ mod tests {
             items: &[ImageRequest],
         ) -> anyhow::Result<GeneratedBatch> {
             if items.iter().any(|i| i.prompt == "fail") {
-                anyhow::bail!("out of memory (fake)");
+                anyhow::bail!("device lost (fake)");
             }
             if items.iter().any(|i| i.prompt == "panic") {
                 panic!("index out of bounds (fake)");
@@ -523,7 +714,7 @@ mod tests {
     async fn a_failing_batch_fails_only_its_requests_and_the_worker_keeps_serving() {
         let mut h = Harness::start().await;
         let out = h.request("fail", 2).await;
-        assert!(out.iter().all(|r| matches!(r, Err(BackendError::Failed { message, .. }) if message.contains("out of memory"))));
+        assert!(out.iter().all(|r| matches!(r, Err(BackendError::Failed { message, .. }) if message.contains("device lost"))));
         let out = h.request("fine", 1).await;
         assert_eq!(out[0].as_ref().unwrap(), &10);
     }
@@ -573,6 +764,8 @@ mod tests {
             s: &GenerationSettings,
             items: &[ImageRequest],
         ) -> anyhow::Result<GeneratedBatch> {
+            let name = format!("generate {} x{}", items[0].prompt, items.len());
+            self.0.lock().unwrap().push(name);
             Fake.generate(s, items)
         }
 
@@ -585,6 +778,8 @@ mod tests {
             self.0.lock().unwrap().push(format!("launch {name}"));
             let out = if name == "fail-wait" {
                 Err(anyhow::anyhow!("device lost (fake)"))
+            } else if name == "oom-wait" && items.len() > 1 {
+                Err(anyhow::anyhow!(CUDA_OOM).context("vae decode"))
             } else {
                 Fake.generate(s, items)
             };
@@ -690,6 +885,167 @@ mod tests {
         let m = ctx.metrics.render();
         assert!(m.contains("turbine_images_generated_total 2"), "{m}");
         assert!(m.contains("turbine_batches_failed_total 1"), "{m}");
+    }
+
+    /// How cudarc's out-of-memory error reads once candle has passed it on.
+    const CUDA_OOM: &str = "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")";
+
+    /// A batch of one image per request, request `i` prompting `prompts[i]` with seed `10 + i`;
+    /// returns the batch and each request's receiver.
+    fn batch_of(
+        first_request: u64,
+        prompts: &[&str],
+    ) -> (Batch<Item>, Vec<mpsc::UnboundedReceiver<ItemOutcome>>) {
+        let (entries, replies) = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, prompt)| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let e = entry(first_request + i as u64, 0, prompt, 10 + i as u64, tx);
+                (e, rx)
+            })
+            .unzip();
+        (Batch { key: KEY, entries }, replies)
+    }
+
+    /// Each request's one outcome: its image's seed (the fake paints it), or its error.
+    fn outcomes(replies: &mut [mpsc::UnboundedReceiver<ItemOutcome>]) -> Vec<Result<u8, String>> {
+        replies
+            .iter_mut()
+            .map(|r| {
+                let o = r.try_recv().expect("every image gets an outcome");
+                o.result
+                    .map(|img| img.get_pixel(0, 0)[0])
+                    .map_err(|e| e.to_string())
+            })
+            .collect()
+    }
+
+    /// Runs out of device memory for batches of more than `fits` images, and for any batch
+    /// holding the prompt "huge"; logs the size of every batch it is given.
+    struct Tight {
+        fits: usize,
+        sizes: Vec<usize>,
+    }
+
+    impl ImageBackend for Tight {
+        fn generate(
+            &mut self,
+            s: &GenerationSettings,
+            items: &[ImageRequest],
+        ) -> anyhow::Result<GeneratedBatch> {
+            self.sizes.push(items.len());
+            if items.len() > self.fits || items.iter().any(|i| i.prompt == "huge") {
+                return Err(anyhow::anyhow!(CUDA_OOM).context("unet forward"));
+            }
+            Fake.generate(s, items)
+        }
+    }
+
+    #[test]
+    fn out_of_memory_is_told_apart_from_other_failures() {
+        let oom = [
+            anyhow::anyhow!(CUDA_OOM),
+            anyhow::anyhow!(CUDA_OOM).context("vae decode"),
+            anyhow::anyhow!("CublasError(CUBLAS_STATUS_ALLOC_FAILED)"),
+            anyhow::anyhow!("conv2d: CudnnError(CUDNN_STATUS_ALLOC_FAILED)"),
+        ];
+        assert!(oom.iter().all(out_of_memory));
+        let other = [
+            anyhow::anyhow!("DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access was encountered\")"),
+            anyhow::anyhow!("shape mismatch in matmul").context("unet forward"),
+        ];
+        assert!(!other.iter().any(out_of_memory));
+    }
+
+    /// Four requests share a batch too large for the device: the batch runs again in halves and
+    /// every request gets its image; the next batch of that shape is split before it runs.
+    #[test]
+    fn a_batch_that_runs_out_of_memory_runs_again_in_halves_and_its_shape_keeps_the_size_that_fitted(
+    ) {
+        let (tx, rx) = mpsc::channel(8);
+        let (b1, mut r1) = batch_of(1, &["a", "b", "c", "d"]);
+        let (b2, mut r2) = batch_of(5, &["e", "f", "g"]);
+        tx.try_send(b1).ok().unwrap();
+        tx.try_send(b2).ok().unwrap();
+        drop(tx);
+        let ctx = context();
+        let mut backend = Tight {
+            fits: 2,
+            sizes: Vec::new(),
+        };
+        serve(&mut backend, "fake", &ctx, rx);
+        assert_eq!(backend.sizes, [4, 2, 2, 2, 1]);
+        assert_eq!(outcomes(&mut r1), [Ok(10), Ok(11), Ok(12), Ok(13)]);
+        assert_eq!(outcomes(&mut r2), [Ok(10), Ok(11), Ok(12)]);
+        let m = ctx.metrics.render();
+        assert!(m.contains("turbine_images_generated_total 7"), "{m}");
+        assert!(m.contains("turbine_batches_split_total 1"), "{m}");
+        assert!(m.contains("turbine_batches_failed_total 0"), "{m}");
+    }
+
+    /// One request's image does not fit even alone: it fails with a message that says so, and
+    /// the three requests batched with it get their images.
+    #[test]
+    fn an_image_that_does_not_fit_alone_fails_alone() {
+        let (tx, rx) = mpsc::channel(8);
+        let (b, mut r) = batch_of(1, &["a", "huge", "b", "c"]);
+        tx.try_send(b).ok().unwrap();
+        drop(tx);
+        let ctx = context();
+        let mut backend = Tight {
+            fits: 4,
+            sizes: Vec::new(),
+        };
+        serve(&mut backend, "fake", &ctx, rx);
+        assert_eq!(backend.sizes, [4, 2, 1, 1, 2]);
+        let got = outcomes(&mut r);
+        assert_eq!(got[0], Ok(10));
+        assert_eq!(got[2..], [Ok(12), Ok(13)]);
+        let err = got[1].as_ref().unwrap_err();
+        assert!(
+            err.contains("one 8x8 image does not fit") && err.contains("CUDA_ERROR_OUT_OF_MEMORY"),
+            "{err}"
+        );
+        let m = ctx.metrics.render();
+        assert!(m.contains("turbine_batches_split_total 2"), "{m}");
+        assert!(m.contains("turbine_batches_failed_total 1"), "{m}");
+    }
+
+    /// A queued batch that runs out of memory when collected (OVERLAP) runs again in parts once
+    /// it is collected, before the batch queued behind it is.
+    #[test]
+    fn a_queued_batch_that_runs_out_of_memory_runs_again_in_parts() {
+        let log = Log::default();
+        let (tx, rx) = mpsc::channel(8);
+        let (b1, mut r1) = batch_of(1, &["a"]);
+        let (b2, mut r2) = batch_of(2, &["oom-wait", "oom-wait"]);
+        let (b3, mut r3) = batch_of(4, &["ccc"]);
+        for b in [b1, b2, b3] {
+            tx.try_send(b).ok().unwrap();
+        }
+        drop(tx);
+        let ctx = context();
+        serve(&mut Queued(log.clone()), "fake", &ctx, rx);
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                "launch a",
+                "launch oom-wait",
+                "wait a",
+                "launch ccc",
+                "wait oom-wait",
+                "generate oom-wait x1",
+                "generate oom-wait x1",
+                "wait ccc"
+            ]
+        );
+        assert_eq!(outcomes(&mut r1), [Ok(10)]);
+        assert_eq!(outcomes(&mut r2), [Ok(10), Ok(11)]);
+        assert_eq!(outcomes(&mut r3), [Ok(10)]);
+        let m = ctx.metrics.render();
+        assert!(m.contains("turbine_images_generated_total 4"), "{m}");
+        assert!(m.contains("turbine_batches_split_total 1"), "{m}");
     }
 
     /// A backend that finishes in `launch` (the CPU) answers each batch before the next starts.

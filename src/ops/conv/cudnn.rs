@@ -587,6 +587,12 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
                     })
                 });
                 let plan = match planned {
+                    // Out of memory says nothing about the shape: no verdict is kept, the
+                    // batch fails (the server runs it again in smaller parts) and the next call
+                    // of this shape plans again.
+                    Err(err) if crate::device::is_out_of_memory(&err.to_string()) => {
+                        return Err(err);
+                    }
                     Ok(plan) => {
                         let summary = format!("{}: {}", describe(&key), plan.describe());
                         tracing::debug!("conv2d plan: {summary}");
@@ -610,6 +616,10 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
             if pointers_aligned(&stream, &ops, &y) {
                 match launch_graph(dev, handle, gp, &ops, &mut y, workspace, g, &params) {
                     Ok(()) => return Ok(true),
+                    // Keeps the graph plan: the engine did not fail, the memory ran out.
+                    Err(err) if crate::device::is_out_of_memory(&err.to_string()) => {
+                        return Err(err);
+                    }
                     Err(err) => {
                         // The legacy choice below overwrites all of y.
                         let summary = format!(
@@ -640,7 +650,7 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
             // The first call of a fresh plan (its choice ran once while planning, but on
             // other pointers, and a fused choice only in the NaN check): a failure drops the
             // plan for candle's ops instead of failing every call of the shape.
-            Err(err) if fresh => {
+            Err(err) if fresh && !crate::device::is_out_of_memory(&err.to_string()) => {
                 let summary = format!(
                     "{}: {FALLBACK}: {CONV_FIRST_CALL_FAILED}: {err}",
                     describe(&key)
