@@ -386,14 +386,7 @@ fn finish_batch(
             answer(label, ctx, live, out, elapsed);
             return (done, None);
         }
-        Ok(Ok(out)) => BackendError::Failed {
-            device: label.to_string(),
-            message: format!(
-                "the model returned {} images for a batch of {}",
-                out.images.len(),
-                live.len()
-            ),
-        },
+        Ok(Ok(out)) => wrong_count(label, out.images.len(), live.len()),
         Ok(Err(e)) if live.len() > 1 && out_of_memory(&e) => {
             let cause = Some(format!("{e:#}"));
             return (done, Some(Parts { key, live, cause }));
@@ -471,14 +464,7 @@ fn run_in_parts(
                 );
                 continue;
             }
-            Ok(Ok(out)) => BackendError::Failed {
-                device: label.to_string(),
-                message: format!(
-                    "the model returned {} images for a batch of {}",
-                    out.images.len(),
-                    part.len()
-                ),
-            },
+            Ok(Ok(out)) => wrong_count(label, out.images.len(), part.len()),
             Ok(Err(e)) if part.len() > 1 && out_of_memory(&e) => {
                 ctx.metrics.batch_split();
                 let cap = caps.lower(key, part.len());
@@ -524,6 +510,13 @@ fn answer(
             index: e.payload.index,
             result: Ok(image),
         });
+    }
+}
+
+fn wrong_count(label: &str, images: usize, batch: usize) -> BackendError {
+    BackendError::Failed {
+        device: label.to_string(),
+        message: format!("the model returned {images} images for a batch of {batch}"),
     }
 }
 
