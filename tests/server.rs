@@ -19,7 +19,7 @@ use candle_core::{DType, Device};
 use image::{GenericImageView, RgbImage};
 use reqwest::blocking::{Client, Response};
 use serde_json::{json, Value};
-use turbine::model::pipeline::Pipeline;
+use turbine::model::pipeline::{GeneratedBatch, GenerationSettings, ImageRequest, Pipeline};
 use turbine::server::auth::ApiKey;
 use turbine::server::queue::Priority;
 use turbine::server::{ImageBackend, ServerConfig, WorkerSpec};
@@ -46,6 +46,9 @@ fn test_config() -> ServerConfig {
     c
 }
 
+/// Wraps a worker's Pipeline into the backend it serves with.
+type MakeBackend = Box<dyn FnOnce(Pipeline) -> Box<dyn ImageBackend> + Send>;
+
 struct TestServer {
     base: String,
     client: Client,
@@ -55,6 +58,19 @@ struct TestServer {
 
 impl TestServer {
     fn start(config: ServerConfig) -> Self {
+        Self::start_with(config, |p| Box::new(p))
+    }
+
+    /// A server whose one worker, "cpu", runs `backend(the tiny model's Pipeline)`.
+    fn start_with(
+        config: ServerConfig,
+        backend: impl FnOnce(Pipeline) -> Box<dyn ImageBackend> + Send + 'static,
+    ) -> Self {
+        Self::start_devices(config, vec![("cpu", Box::new(backend))])
+    }
+
+    /// A server with one worker per (label, backend(the tiny model's Pipeline)).
+    fn start_devices(config: ServerConfig, devices: Vec<(&'static str, MakeBackend)>) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -68,14 +84,19 @@ impl TestServer {
                 let listener = tokio::net::TcpListener::from_std(listener)?;
                 let dir = model_dir();
                 let tokens = turbine::cli::serve::token_counter(&dir)?;
-                let spec = WorkerSpec {
-                    label: "cpu".into(),
-                    factory: Box::new(move || {
-                        let p = Pipeline::load(&dir, &Device::Cpu, DType::F32)?;
-                        Ok(Box::new(p) as Box<dyn ImageBackend>)
-                    }),
-                };
-                turbine::server::serve(config, listener, vec![spec], Some(tokens), async {
+                let specs = devices
+                    .into_iter()
+                    .map(|(label, backend)| {
+                        let dir = dir.clone();
+                        WorkerSpec {
+                            label: label.into(),
+                            factory: Box::new(move || {
+                                Ok(backend(Pipeline::load(&dir, &Device::Cpu, DType::F32)?))
+                            }),
+                        }
+                    })
+                    .collect();
+                turbine::server::serve(config, listener, specs, Some(tokens), async {
                     let _ = stop_rx.await;
                 })
                 .await
@@ -949,6 +970,191 @@ fn a_full_queue_answers_429_with_retry_after() {
 }
 
 /// Sends a generation request on a raw connection, so the test can hang up mid-request.
+/// The tiny model, except that a batch prompting "fault" waits for `release`, then fails as a
+/// CUDA fault does and leaves the device unusable: every later call fails, the health check
+/// too.
+struct FaultyDevice {
+    inner: Pipeline,
+    release: std::sync::mpsc::Receiver<()>,
+    poisoned: bool,
+}
+
+const CUDA_FAULT: &str =
+    "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access was encountered\")";
+
+impl ImageBackend for FaultyDevice {
+    fn healthy(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(!self.poisoned, "{CUDA_FAULT}");
+        Ok(())
+    }
+
+    fn generate(
+        &mut self,
+        settings: &GenerationSettings,
+        items: &[ImageRequest],
+    ) -> anyhow::Result<GeneratedBatch> {
+        if items.iter().any(|i| i.prompt == "fault") {
+            let _ = self.release.recv_timeout(Duration::from_secs(300));
+            self.poisoned = true;
+        }
+        anyhow::ensure!(!self.poisoned, "{CUDA_FAULT}");
+        self.inner.generate(settings, items, None)
+    }
+}
+
+/// The only device faults: the faulting request gets a 500 with the driver's error, the one
+/// queued behind it and any sent later a 503 `device_failed`, `/health` 503 `device_failed`
+/// naming the device while the server drains, and `serve` then returns an error (the process
+/// exits 1 for its supervisor to restart it).
+#[test]
+fn a_device_left_unusable_fails_fast_and_stops_the_server() {
+    let (release, rx) = std::sync::mpsc::channel();
+    let mut config = test_config();
+    config.shutdown_grace = Duration::from_secs(120);
+    let mut server = TestServer::start_with(config, move |inner| {
+        Box::new(FaultyDevice {
+            inner,
+            release: rx,
+            poisoned: false,
+        })
+    });
+    let served = server.generate_ok(&json!({"prompt": "fine", "seed": 1}));
+    assert_eq!(images(&served).len(), 1);
+
+    // A request whose body is still arriving holds the drain open, so /health can be seen.
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let mut partial = TcpStream::connect(&addr).unwrap();
+    let body = json!({"prompt": "late body", "seed": 9}).to_string();
+    let (head, tail) = body.split_at(5);
+    write!(
+        partial,
+        "POST /v1/images/generations HTTP/1.1\r\nhost: t\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{head}",
+        body.len()
+    )
+    .unwrap();
+    partial.flush().unwrap();
+
+    let send = |prompt: &'static str, size: &'static str| {
+        let (client, url) = (server.client.clone(), server.url("/v1/images/generations"));
+        std::thread::spawn(move || {
+            let r = client
+                .post(url)
+                .json(&json!({"prompt": prompt, "size": size, "seed": 2}))
+                .send()
+                .unwrap();
+            (r.status().as_u16(), r.text().unwrap())
+        })
+    };
+    let faulting = send("fault", "64x64");
+    server.wait_metric("turbine_images_enqueued_total", |v| v >= 2.0);
+    server.wait_metric("turbine_queue_images", |v| v == 0.0);
+    // Another shape, so it cannot join the faulting batch: it waits in the queue or is parked
+    // for the worker.
+    let behind = send("behind", "128x128");
+    server.wait_metric("turbine_images_enqueued_total", |v| v >= 3.0);
+    release.send(()).unwrap();
+
+    let (status, text) = faulting.join().unwrap();
+    assert_openai_error(status, &text, 500, None, "the faulting batch");
+    assert!(text.contains("CUDA_ERROR_ILLEGAL_ADDRESS"), "{text}");
+    let (status, text) = behind.join().unwrap();
+    let v = assert_openai_error(status, &text, 503, None, "queued behind the fault");
+    assert_eq!(v["error"]["code"], "device_failed");
+    assert!(text.contains("cpu is unusable"), "{text}");
+
+    let health: Value = loop {
+        let r = server.client.get(server.url("/health")).send().unwrap();
+        if r.status() == 503 {
+            break r.json().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(health["status"], "device_failed", "{health}");
+    assert_eq!(health["failed_devices"][0]["device"], "cpu", "{health}");
+    assert!(health["failed_devices"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("ILLEGAL_ADDRESS"));
+    let r = server.generate(&json!({"prompt": "too late"}));
+    let status = r.status().as_u16();
+    let v = assert_openai_error(status, &r.text().unwrap(), 503, None, "after the fault");
+    assert_eq!(v["error"]["code"], "device_failed");
+
+    // The request that began before the fault is refused at once, not left to time out.
+    partial.write_all(tail.as_bytes()).unwrap();
+    let mut response = String::new();
+    partial.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 503"), "{response:.300}");
+    assert!(response.contains("device_failed"), "{response:.300}");
+
+    let result = server.thread.take().unwrap().join().unwrap();
+    let err = format!("{:#}", result.unwrap_err());
+    assert!(
+        err.contains("every device became unusable") && err.contains("cpu"),
+        "{err}"
+    );
+}
+
+/// Of two devices one faults: the server keeps serving on the other, every request after the
+/// fault included (images parked for the failed device go back to the queue), and `/health`
+/// stays 200 but names the failed device.
+#[test]
+fn with_two_devices_one_fault_leaves_the_other_serving() {
+    let (release, rx) = std::sync::mpsc::channel();
+    release.send(()).unwrap();
+    let mut config = test_config();
+    config.batching.max_batch_size = 1;
+    let faulty: MakeBackend = Box::new(move |inner| {
+        Box::new(FaultyDevice {
+            inner,
+            release: rx,
+            poisoned: false,
+        })
+    });
+    let plain: MakeBackend = Box::new(|p| Box::new(p));
+    let server = TestServer::start_devices(config, vec![("cpu:0", faulty), ("cpu:1", plain)]);
+
+    // "fault" runs on whichever device takes it; on cpu:1 it is an ordinary image.
+    let mut faulted = false;
+    let mut seed = 0;
+    while !faulted {
+        seed += 1;
+        assert!(seed < 200, "cpu:0 never took a \"fault\" request");
+        let r = server.generate(&json!({"prompt": "fault", "seed": seed}));
+        faulted = r.status() == 500;
+    }
+    let health: Value = loop {
+        let r = server.client.get(server.url("/health")).send().unwrap();
+        assert_eq!(r.status(), 200);
+        let v: Value = r.json().unwrap();
+        if v.get("failed_devices").is_some() {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["failed_devices"][0]["device"], "cpu:0", "{health}");
+
+    // Several at once, so some would have been parked for cpu:0 had it still taken any.
+    let sent: Vec<_> = (0..6)
+        .map(|i| {
+            let (client, url) = (server.client.clone(), server.url("/v1/images/generations"));
+            std::thread::spawn(move || {
+                let r = client
+                    .post(url)
+                    .json(&json!({"prompt": format!("after {i}"), "n": 2}))
+                    .send()
+                    .unwrap();
+                (r.status().as_u16(), r.text().unwrap())
+            })
+        })
+        .collect();
+    for h in sent {
+        let (status, text) = h.join().unwrap();
+        assert_eq!(status, 200, "{text}");
+    }
+}
+
 fn raw_request(addr: &str, body: &Value) -> TcpStream {
     let mut stream = TcpStream::connect(addr.trim_start_matches("http://")).unwrap();
     let body = body.to_string();

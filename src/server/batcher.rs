@@ -5,7 +5,7 @@
 //! worker then tops k+1 up with entries of its key that arrived meanwhile.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use image::RgbImage;
@@ -43,6 +43,8 @@ pub struct Queue {
     arrivals: Notify,
     metrics: Arc<Metrics>,
     workers: AtomicUsize,
+    /// Set (under the state's lock) once no device is left: why every submit fails.
+    closed: OnceLock<BackendError>,
 }
 
 impl Queue {
@@ -52,6 +54,7 @@ impl Queue {
             arrivals: Notify::new(),
             metrics,
             workers: AtomicUsize::new(1),
+            closed: OnceLock::new(),
         }
     }
 
@@ -63,6 +66,53 @@ impl Queue {
 
     pub(crate) fn set_workers(&self, n: usize) {
         self.workers.store(n.max(1), Ordering::Relaxed);
+    }
+
+    /// How many workers serve the queue (scales the throughput estimate).
+    pub(crate) fn workers(&self) -> usize {
+        self.workers.load(Ordering::Relaxed)
+    }
+
+    /// Puts back images a device took but can no longer run, for the other devices; fails
+    /// them instead when no device is left ([`Queue::close`]).
+    pub(crate) fn requeue(&self, entries: Vec<Entry<Item>>) {
+        if entries.is_empty() {
+            return;
+        }
+        let mut state = self.lock();
+        if let Some(error) = self.closed.get() {
+            drop(state);
+            for e in entries {
+                let _ = e.payload.reply.send(ItemOutcome {
+                    index: e.payload.index,
+                    result: Err(error.clone()),
+                });
+            }
+            return;
+        }
+        state.requeue(entries);
+        self.metrics.set_queue_images(state.len());
+        drop(state);
+        self.arrivals.notify_waiters();
+    }
+
+    /// No device is left to run anything: fails every queued image with `error`, and every
+    /// later `submit` too; returns how many images were queued.
+    pub(crate) fn close(&self, error: BackendError) -> usize {
+        let failed = {
+            let mut state = self.lock();
+            let _ = self.closed.set(error.clone());
+            let failed = state.remove_where(|_| true);
+            self.metrics.set_queue_images(state.len());
+            failed
+        };
+        for e in &failed {
+            let _ = e.payload.reply.send(ItemOutcome {
+                index: e.payload.index,
+                result: Err(error.clone()),
+            });
+        }
+        failed.len()
     }
 
     pub fn len(&self) -> usize {
@@ -78,6 +128,9 @@ impl Queue {
     pub fn submit(&self, entries: Vec<Entry<Item>>) -> Result<(), InferError> {
         let count = entries.len();
         let mut state = self.lock();
+        if let Some(error) = self.closed.get() {
+            return Err(error.clone().into());
+        }
         match state.try_push(entries) {
             Ok(()) => {
                 self.metrics.set_queue_images(state.len());
@@ -135,7 +188,8 @@ impl Queue {
     }
 }
 
-/// Forms batches for one device until its worker is gone.
+/// Forms batches for one device until its worker is gone (it closes the channel when its
+/// device fails: then a batch formed meanwhile goes back to the queue, for the other devices).
 pub async fn run_batcher(
     queue: Arc<Queue>,
     to_worker: mpsc::Sender<Batch<Item>>,
@@ -147,6 +201,9 @@ pub async fn run_batcher(
             return;
         };
         let batch = loop {
+            if to_worker.is_closed() {
+                return;
+            }
             let arrived = queue.arrivals.notified();
             tokio::pin!(arrived);
             // Registered before looking at the queue, so no arrival is missed in between.
@@ -165,11 +222,24 @@ pub async fn run_batcher(
                     tokio::select! {
                         _ = tokio::time::sleep_until(t.into()) => {}
                         _ = &mut arrived => {}
+                        _ = to_worker.closed() => {}
                     }
                 }
-                Next::Empty => arrived.await,
+                Next::Empty => {
+                    tokio::select! {
+                        _ = &mut arrived => {}
+                        _ = to_worker.closed() => {}
+                    }
+                }
             }
         };
+        // A worker whose device failed closes the channel: the batch goes back for the other
+        // devices. Should it close between this look and the send, it still receives what was
+        // sent until this task drops the channel, so nothing is lost either way.
+        if to_worker.is_closed() {
+            queue.requeue(batch.entries);
+            return;
+        }
         permit.send(batch);
     }
 }
@@ -283,5 +353,75 @@ mod tests {
         assert!(metrics
             .render()
             .contains("turbine_images_dropped_total{reason=\"client_disconnected\"} 1"));
+    }
+
+    /// Images handed back by a failed device run before later arrivals, in their first order;
+    /// once the queue is closed (no device left) they, everything queued and every later
+    /// request fail with the device's error.
+    #[test]
+    fn requeued_images_keep_their_place_and_a_closed_queue_fails_everything() {
+        let q = Queue::new(policy(8), Arc::new(Metrics::new()));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        q.submit(vec![entry(1, &tx), entry(2, &tx)]).unwrap();
+        let taken = match q
+            .lock()
+            .next_batch(Instant::now() + Duration::from_secs(1), 2)
+        {
+            Next::Batch(b) => b.entries,
+            _ => panic!("no batch"),
+        };
+        q.submit(vec![entry(3, &tx)]).unwrap();
+        q.requeue(taken);
+        let order = match q
+            .lock()
+            .next_batch(Instant::now() + Duration::from_secs(1), 3)
+        {
+            Next::Batch(b) => b.entries,
+            _ => panic!("no batch"),
+        };
+        let seeds: Vec<u64> = order.iter().map(|e| e.payload.image.seed).collect();
+        assert_eq!(seeds, [1, 2, 3]);
+        q.requeue(order);
+
+        let error = BackendError::DeviceFailed {
+            device: "cuda:0".into(),
+            message: "CUDA_ERROR_ILLEGAL_ADDRESS".into(),
+        };
+        assert_eq!(q.close(error), 3);
+        assert!(q.is_empty());
+        for _ in 0..3 {
+            let o = rx.try_recv().unwrap();
+            assert!(matches!(o.result, Err(BackendError::DeviceFailed { .. })));
+        }
+        match q.submit(vec![entry(4, &tx)]) {
+            Err(InferError::Backend(BackendError::DeviceFailed { device, .. })) => {
+                assert_eq!(device, "cuda:0")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Handed back after the close: answered at once too.
+        q.requeue(vec![entry(5, &tx)]);
+        assert!(rx.try_recv().unwrap().result.is_err());
+        assert!(q.is_empty());
+    }
+
+    /// A worker that closed its channel (its device failed) makes its batcher stop without
+    /// taking anything more from the queue, which the other devices' batchers serve.
+    #[tokio::test]
+    async fn a_batcher_whose_worker_closed_the_channel_stops_and_takes_nothing() {
+        let q = Arc::new(Queue::new(policy(8), Arc::new(Metrics::new())));
+        let (to_worker, mut from_batcher) = mpsc::channel(1);
+        let batcher = tokio::spawn(run_batcher(q.clone(), to_worker, 2));
+        // Let it reserve the slot and wait for arrivals, then close as a failing worker does.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        from_batcher.close();
+        tokio::time::timeout(Duration::from_secs(10), batcher)
+            .await
+            .expect("the batcher stops")
+            .unwrap();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        q.submit(vec![entry(1, &tx)]).unwrap();
+        assert_eq!(q.len(), 1);
+        assert!(from_batcher.recv().await.is_none());
     }
 }

@@ -19,6 +19,10 @@ pub enum BackendError {
     Panicked { device: String, message: String },
     #[error("the model worker stopped before generating this image")]
     WorkerGone,
+    /// The device failed in a way that leaves it unusable (a CUDA fault poisons its context
+    /// until the process exits); its worker stopped, and these images never ran.
+    #[error("the device {device} is unusable and this server no longer uses it ({message}); retry on another server or after a restart")]
+    DeviceFailed { device: String, message: String },
 }
 
 /// A valid request that could not be served.
@@ -202,6 +206,12 @@ impl ApiError {
                     Some("shutting_down"),
                     "shutting_down",
                 ),
+                InferError::Backend(BackendError::DeviceFailed { .. }) => row(
+                    S::SERVICE_UNAVAILABLE,
+                    SERVER,
+                    Some("device_failed"),
+                    "device_failed",
+                ),
                 InferError::Backend(BackendError::Panicked { .. }) => {
                     row(S::INTERNAL_SERVER_ERROR, SERVER, None, "backend_panic")
                 }
@@ -329,6 +339,14 @@ mod tests {
                 429,
             ),
             (BackendError::WorkerGone.into(), 500),
+            (
+                BackendError::DeviceFailed {
+                    device: "cuda:0".into(),
+                    message: "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS)".into(),
+                }
+                .into(),
+                503,
+            ),
             (InferError::ShuttingDown.into(), 503),
             (InferError::NotReady.into(), 503),
         ];

@@ -44,6 +44,8 @@ pub enum DropReason {
     Timeout,
     /// Another image of the same request failed, so the request already got its error.
     RequestFailed,
+    /// The device that was to run it became unusable (the request got `device_failed`).
+    DeviceFailed,
 }
 
 impl DropReason {
@@ -52,6 +54,7 @@ impl DropReason {
             DropReason::ClientDisconnected => "client_disconnected",
             DropReason::Timeout => "timeout",
             DropReason::RequestFailed => "request_failed",
+            DropReason::DeviceFailed => "device_failed",
         }
     }
 }

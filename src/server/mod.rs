@@ -37,10 +37,11 @@ use anyhow::Context;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 pub use config::ServerConfig;
-pub use worker::{BackendFactory, ImageBackend, WorkerSpec};
+pub use worker::{BackendFactory, DeviceHealth, FailedDevice, ImageBackend, WorkerSpec};
 
 use auth::Authenticator;
 use batcher::Queue;
+use error::BackendError;
 use metrics::Metrics;
 use queue::{Guidance, QueuePolicy, ShapeKey};
 use store::ImageStore;
@@ -58,6 +59,10 @@ pub enum Phase {
     Ready = 1,
     /// SIGTERM/SIGINT received: draining; `/health` and new generation requests 503.
     ShuttingDown = 2,
+    /// Every device became unusable: `/health` and generation 503 (`device_failed`) while the
+    /// server drains, then `serve` returns an error (the process exits 1, so a supervisor
+    /// restarts it with fresh CUDA contexts).
+    Failed = 3,
 }
 
 /// Shared state of the HTTP layer.
@@ -68,6 +73,8 @@ pub struct App {
     pub auth: Authenticator,
     pub store: Mutex<ImageStore>,
     pub tokens: Option<TokenCounter>,
+    /// The devices whose workers stopped (`/health` lists them).
+    pub health: Arc<DeviceHealth>,
     /// Unix time the server started (the models' `created`).
     pub started: u64,
     phase: AtomicU8,
@@ -81,7 +88,8 @@ impl App {
         match self.phase.load(Ordering::Acquire) {
             0 => Phase::Loading,
             1 => Phase::Ready,
-            _ => Phase::ShuttingDown,
+            2 => Phase::ShuttingDown,
+            _ => Phase::Failed,
         }
     }
 
@@ -173,6 +181,7 @@ pub async fn serve(
         },
     };
     let max_batch = b.max_batch_size;
+    let health = Arc::new(DeviceHealth::default());
     let app = Arc::new(App {
         store: Mutex::new(ImageStore::new(config.store.ttl, config.store.max_bytes)),
         config,
@@ -180,6 +189,7 @@ pub async fn serve(
         metrics: metrics.clone(),
         auth,
         tokens,
+        health: health.clone(),
         started: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
@@ -199,8 +209,9 @@ pub async fn serve(
             queue: queue.clone(),
             metrics: metrics.clone(),
             max_batch,
-            workers: n_workers,
             warmup,
+            health: health.clone(),
+            suspect: Default::default(),
         };
         worker::spawn(spec, ctx, rx, ready_tx)
             .with_context(|| format!("cannot start the worker thread for {label}"))?;
@@ -231,6 +242,7 @@ pub async fn serve(
         Ok(())
     };
     tokio::pin!(shutdown);
+    let mut failure: Option<Vec<FailedDevice>> = None;
     tokio::select! {
         r = loaded => {
             if let Err(e) = r {
@@ -239,12 +251,39 @@ pub async fn serve(
             }
             app.set_phase(Phase::Ready);
             tracing::info!("ready: serving the model as {:?}", app.config.model.id);
-            (&mut shutdown).await;
+            tokio::select! {
+                _ = &mut shutdown => {}
+                failed = every_device_failed(&health, &queue, n_workers) => {
+                    failure = Some(failed);
+                }
+            }
         }
         _ = &mut shutdown => {}
     }
 
-    app.set_phase(Phase::ShuttingDown);
+    if let Some(failed) = &failure {
+        app.set_phase(Phase::Failed);
+        let error = BackendError::DeviceFailed {
+            device: failed
+                .iter()
+                .map(|d| d.device.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            message: failed
+                .iter()
+                .map(|d| d.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+        };
+        let queued = queue.close(error);
+        metrics.dropped(metrics::DropReason::DeviceFailed, queued);
+        tracing::error!(
+            queued_images = queued,
+            "every device is unusable: failing the queued images and stopping"
+        );
+    } else {
+        app.set_phase(Phase::ShuttingDown);
+    }
     let grace = app.config.shutdown_grace;
     tracing::info!(
         queued_images = queue.len(),
@@ -265,6 +304,37 @@ pub async fn serve(
         Ok(Ok(Err(e))) => return Err(anyhow::Error::new(e).context("HTTP server failed")),
         Ok(Err(e)) => return Err(anyhow::anyhow!("HTTP server task failed: {e}")),
     }
+    if let Some(failed) = failure {
+        let why: Vec<String> = failed
+            .iter()
+            .map(|d| format!("{}: {}", d.device, d.message))
+            .collect();
+        anyhow::bail!(
+            "every device became unusable; restart turbine ({})",
+            why.join("; ")
+        );
+    }
     tracing::info!("shut down");
     Ok(())
+}
+
+/// Returns once all `workers` devices have failed; until then keeps the queue's worker count
+/// (its throughput and `Retry-After` estimates) at the devices still serving.
+async fn every_device_failed(
+    health: &DeviceHealth,
+    queue: &Queue,
+    workers: usize,
+) -> Vec<FailedDevice> {
+    let mut rx = health.subscribe();
+    loop {
+        let failed = rx.borrow_and_update().clone();
+        if failed.len() >= workers {
+            return failed;
+        }
+        queue.set_workers(workers - failed.len());
+        if rx.changed().await.is_err() {
+            // The sender lives in `App` as long as `serve` runs.
+            std::future::pending::<()>().await;
+        }
+    }
 }

@@ -207,6 +207,14 @@ impl<T> State<T> {
                 capacity: self.policy.capacity,
             });
         }
+        self.requeue(entries);
+        Ok(())
+    }
+
+    /// Puts back entries taken for a device that can no longer run them, ahead of later
+    /// arrivals of their priority as before (their place follows from their enqueue time);
+    /// capacity does not apply, they were admitted once.
+    pub fn requeue(&mut self, entries: Vec<Entry<T>>) {
         for entry in entries {
             let virtual_time = entry.enqueued.saturating_duration_since(self.epoch)
                 + self.policy.aging * entry.priority.penalty_periods();
@@ -217,7 +225,6 @@ impl<T> State<T> {
             });
             self.next_seq += 1;
         }
-        Ok(())
     }
 
     /// Forms the next batch of at most `max` images, if one is ready (see the module doc).

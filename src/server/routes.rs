@@ -25,7 +25,7 @@ use super::api::{ImageData, ImagesResponse, Model, ModelList, ResponseFormat, Us
 use super::auth::Caller;
 use super::batcher::{Item, ItemOutcome, Queue};
 use super::encode::{spawn_encode, EncodeTask, Encoded};
-use super::error::{ApiError, ErrorMetric, InferError};
+use super::error::{ApiError, BackendError, ErrorMetric, InferError};
 use super::metrics::{DropReason, Stage};
 use super::queue::{Entry, RequestId};
 use super::store::StoredImage;
@@ -131,8 +131,18 @@ async fn health(State(app): State<Arc<App>>) -> Response {
         Phase::Ready => (StatusCode::OK, "ok"),
         Phase::Loading => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
         Phase::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+        Phase::Failed => (StatusCode::SERVICE_UNAVAILABLE, "device_failed"),
     };
-    (status, Json(serde_json::json!({ "status": text }))).into_response()
+    let mut body = serde_json::json!({ "status": text });
+    // With several devices the server keeps serving on the others; it says which stopped.
+    let failed = app.health.failed();
+    if !failed.is_empty() {
+        body["failed_devices"] = failed
+            .iter()
+            .map(|d| serde_json::json!({ "device": d.device, "message": d.message }))
+            .collect();
+    }
+    (status, Json(body)).into_response()
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
@@ -220,6 +230,13 @@ async fn generations(
         Phase::Ready => {}
         Phase::Loading => return Err(InferError::NotReady.into()),
         Phase::ShuttingDown => return Err(InferError::ShuttingDown.into()),
+        Phase::Failed => {
+            return Err(BackendError::DeviceFailed {
+                device: "every device".into(),
+                message: "every device failed; the server is stopping".into(),
+            }
+            .into())
+        }
     }
     check_json_content_type(&headers)?;
     let bytes = read_body(body, &headers, app.config.limits.max_body_bytes).await?;
@@ -401,7 +418,7 @@ async fn generate(
                 }
                 Some(ItemOutcome { result: Err(e), .. }) => return Err(ApiError::from(e)),
                 None if Instant::now() >= deadline => break,
-                None => return Err(super::error::BackendError::WorkerGone.into()),
+                None => return Err(BackendError::WorkerGone.into()),
             }
         }
         Ok(())

@@ -12,13 +12,14 @@
 //! image that does not fit alone fails. The worker then keeps batches of that shape at the size
 //! that fitted.
 
+use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::batcher::{Item, ItemOutcome, Queue};
 use super::error::BackendError;
@@ -36,6 +37,13 @@ pub trait ImageBackend: Send + 'static {
         settings: &GenerationSettings,
         items: &[ImageRequest],
     ) -> anyhow::Result<GeneratedBatch>;
+
+    /// Whether the device can still be used after a batch failed. On CUDA a fault (an illegal
+    /// address, a failed launch) poisons the context for the rest of the process: every later
+    /// call fails, and a synchronise is the cheapest call that says so. The CPU always can.
+    fn healthy(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
 
     /// Queues a batch and returns what collects its images, so the worker can queue the next
     /// batch before it waits for this one. A backend that cannot queue runs the batch here.
@@ -75,6 +83,10 @@ impl Launched {
 }
 
 impl ImageBackend for Pipeline {
+    fn healthy(&mut self) -> anyhow::Result<()> {
+        Ok(self.device().synchronize()?)
+    }
+
     fn generate(
         &mut self,
         settings: &GenerationSettings,
@@ -126,9 +138,43 @@ pub struct WorkerContext {
     pub queue: Arc<Queue>,
     pub metrics: Arc<Metrics>,
     pub max_batch: usize,
-    /// How many workers share the queue (scales the throughput estimate).
-    pub workers: usize,
     pub warmup: Warmup,
+    /// Where the worker reports that its device became unusable.
+    pub health: Arc<DeviceHealth>,
+    /// Set when a batch failed: the worker then checks that its device is still usable.
+    pub suspect: Cell<bool>,
+}
+
+/// A device whose worker stopped because the device became unusable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedDevice {
+    pub device: String,
+    pub message: String,
+}
+
+/// The devices whose workers stopped, shared by the workers, the server and `/health`.
+#[derive(Debug)]
+pub struct DeviceHealth(watch::Sender<Vec<FailedDevice>>);
+
+impl Default for DeviceHealth {
+    fn default() -> Self {
+        DeviceHealth(watch::channel(Vec::new()).0)
+    }
+}
+
+impl DeviceHealth {
+    pub fn failed(&self) -> Vec<FailedDevice> {
+        self.0.borrow().clone()
+    }
+
+    fn mark_failed(&self, device: FailedDevice) {
+        self.0.send_modify(|failed| failed.push(device));
+    }
+
+    /// Follows the list as devices fail.
+    pub fn subscribe(&self) -> watch::Receiver<Vec<FailedDevice>> {
+        self.0.subscribe()
+    }
 }
 
 /// Starts the worker thread. `ready` gets the warm-up's result (or why loading failed).
@@ -198,7 +244,7 @@ fn start(
         items.len()
     );
     ctx.metrics
-        .calibrate(report.images, report.elapsed, ctx.workers);
+        .calibrate(report.images, report.elapsed, ctx.queue.workers());
     tracing::info!(
         device = %label,
         images = report.images,
@@ -253,7 +299,55 @@ fn serve(
         for parts in retry {
             last_done = Some(run_in_parts(backend, label, ctx, &mut caps, parts));
         }
+        if ctx.suspect.take() {
+            if let Err(message) = probe(backend) {
+                stop(label, ctx, in_flight.take(), batches, message);
+                return;
+            }
+        }
     }
+}
+
+/// After a failed batch: `Err` (why) when the device is no longer usable.
+fn probe(backend: &mut dyn ImageBackend) -> Result<(), String> {
+    match catch_unwind(AssertUnwindSafe(|| backend.healthy())) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("{e:#}")),
+        Err(panic) => Err(format!(
+            "the health check panicked: {}",
+            panic_message(&panic)
+        )),
+    }
+}
+
+/// Stops a worker whose device is unusable: the batch still on the device is collected (it
+/// fails, as everything there does now); the batch parked for this worker and anything that
+/// would have run in parts go back to the queue for the other devices (the queue fails them
+/// with [`BackendError::DeviceFailed`] when no device is left); and the device is reported
+/// failed (the server stops when none is left).
+fn stop(
+    label: &str,
+    ctx: &WorkerContext,
+    in_flight: Option<InFlight>,
+    mut batches: mpsc::Receiver<Batch<Item>>,
+    message: String,
+) {
+    tracing::error!(device = %label, "the device is unusable after a failed batch; its worker stops: {message}");
+    let mut never_ran = Vec::new();
+    if let Some(batch) = in_flight {
+        let (_, parts) = finish_batch(label, ctx, batch, None);
+        never_ran.extend(parts.map(|p| p.live).unwrap_or_default());
+    }
+    // The batcher sees the channel closed and lets go of it; whatever it sent before is here.
+    batches.close();
+    while let Some(batch) = batches.blocking_recv() {
+        never_ran.extend(batch.entries);
+    }
+    ctx.queue.requeue(never_ran);
+    ctx.health.mark_failed(FailedDevice {
+        device: label.to_string(),
+        message,
+    });
 }
 
 /// The most images per batch known to fit, for shapes whose batches ran out of device memory.
@@ -498,7 +592,8 @@ fn answer(
     out: GeneratedBatch,
     elapsed: Duration,
 ) {
-    ctx.metrics.batch_done(live.len(), elapsed, ctx.workers);
+    ctx.metrics
+        .batch_done(live.len(), elapsed, ctx.queue.workers());
     ctx.metrics
         .stage(Stage::TextEncode, out.timings.text_encode);
     ctx.metrics.stage(Stage::Unet, out.timings.unet);
@@ -535,6 +630,7 @@ fn panicked(label: &str, panic: &Box<dyn std::any::Any + Send>) -> BackendError 
 }
 
 fn fail_batch(label: &str, ctx: &WorkerContext, live: Vec<Entry<Item>>, failure: BackendError) {
+    ctx.suspect.set(true);
     ctx.metrics.batch_failed();
     tracing::error!(device = %label, images = live.len(), "batch failed: {failure}");
     for e in live {
@@ -649,11 +745,12 @@ mod tests {
                 queue: queue.clone(),
                 metrics: metrics.clone(),
                 max_batch: 4,
-                workers: 1,
                 warmup: Warmup {
                     key: KEY,
                     images: 2,
                 },
+                health: Default::default(),
+                suspect: Default::default(),
             };
             let spec = WorkerSpec {
                 label: "fake".into(),
@@ -831,11 +928,12 @@ mod tests {
             queue: Arc::new(Queue::new(policy, metrics.clone())),
             metrics,
             max_batch: 4,
-            workers: 1,
             warmup: Warmup {
                 key: KEY,
                 images: 1,
             },
+            health: Default::default(),
+            suspect: Default::default(),
         }
     }
 
@@ -1039,6 +1137,107 @@ mod tests {
         let m = ctx.metrics.render();
         assert!(m.contains("turbine_images_generated_total 4"), "{m}");
         assert!(m.contains("turbine_batches_split_total 1"), "{m}");
+    }
+
+    const CUDA_FAULT: &str =
+        "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access was encountered\")";
+
+    /// A device that a batch with the prompt "fault" poisons: that batch and every later call
+    /// fail, the health check included, as after a CUDA fault. Logs each batch's first prompt.
+    struct Poisonable {
+        poisoned: bool,
+        ran: Vec<String>,
+    }
+
+    impl ImageBackend for Poisonable {
+        fn healthy(&mut self) -> anyhow::Result<()> {
+            if self.poisoned {
+                anyhow::bail!("{CUDA_FAULT}");
+            }
+            Ok(())
+        }
+
+        fn generate(
+            &mut self,
+            s: &GenerationSettings,
+            items: &[ImageRequest],
+        ) -> anyhow::Result<GeneratedBatch> {
+            self.ran.push(items[0].prompt.clone());
+            if self.poisoned || items[0].prompt == "fault" {
+                self.poisoned = true;
+                anyhow::bail!("{CUDA_FAULT}");
+            }
+            Fake.generate(s, items)
+        }
+    }
+
+    /// After a failed batch the worker checks its device: a device that is still usable keeps
+    /// serving; one that is not stops its worker, the batch parked for it goes back to the
+    /// queue (for other devices), and the device is reported failed.
+    #[test]
+    fn a_device_left_unusable_by_a_failure_stops_its_worker() {
+        let (tx, rx) = mpsc::channel(8);
+        let mut replies = Vec::new();
+        for prompt in ["fine", "fail", "fault", "after"] {
+            let (b, r) = batch_of(replies.len() as u64 + 1, &[prompt]);
+            tx.try_send(b).ok().unwrap();
+            replies.push(r);
+        }
+        let ctx = context();
+        // "fail" fails with the device still usable: the worker carries on.
+        struct Both(Poisonable);
+        impl ImageBackend for Both {
+            fn healthy(&mut self) -> anyhow::Result<()> {
+                self.0.healthy()
+            }
+            fn generate(
+                &mut self,
+                s: &GenerationSettings,
+                items: &[ImageRequest],
+            ) -> anyhow::Result<GeneratedBatch> {
+                if items[0].prompt == "fail" {
+                    self.0.ran.push("fail".into());
+                    anyhow::bail!("shape mismatch (fake)");
+                }
+                self.0.generate(s, items)
+            }
+        }
+        let mut backend = Both(Poisonable {
+            poisoned: false,
+            ran: Vec::new(),
+        });
+        drop(tx);
+        serve(&mut backend, "cuda:7", &ctx, rx);
+        assert_eq!(backend.0.ran, ["fine", "fail", "fault"]);
+        let got: Vec<Result<u8, String>> =
+            replies[..3].iter_mut().flat_map(|r| outcomes(r)).collect();
+        assert_eq!(got[0], Ok(10));
+        assert!(got[1].as_ref().unwrap_err().contains("shape mismatch"));
+        assert!(got[2]
+            .as_ref()
+            .unwrap_err()
+            .contains("CUDA_ERROR_ILLEGAL_ADDRESS"));
+        // "after" never ran here and is waiting again, with no answer yet.
+        assert!(replies[3][0].try_recv().is_err());
+        assert_eq!(ctx.queue.len(), 1);
+        let error = BackendError::DeviceFailed {
+            device: "cuda:7".into(),
+            message: CUDA_FAULT.into(),
+        };
+        // With no device left the server closes the queue, which answers it.
+        assert_eq!(ctx.queue.close(error), 1);
+        let parked = outcomes(&mut replies[3]).remove(0);
+        let parked = parked.as_ref().unwrap_err();
+        assert!(
+            parked.contains("cuda:7 is unusable") && parked.contains("ILLEGAL_ADDRESS"),
+            "{parked}"
+        );
+        let failed = ctx.health.failed();
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].device, "cuda:7");
+        assert!(failed[0].message.contains("ILLEGAL_ADDRESS"));
+        let m = ctx.metrics.render();
+        assert!(m.contains("turbine_batches_failed_total 2"), "{m}");
     }
 
     /// A backend that finishes in `launch` (the CPU) answers each batch before the next starts.
