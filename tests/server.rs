@@ -1022,17 +1022,7 @@ fn a_device_left_unusable_fails_fast_and_stops_the_server() {
     assert_eq!(images(&served).len(), 1);
 
     // A request whose body is still arriving holds the drain open, so /health can be seen.
-    let addr = server.base.trim_start_matches("http://").to_string();
-    let mut partial = TcpStream::connect(&addr).unwrap();
-    let body = json!({"prompt": "late body", "seed": 9}).to_string();
-    let (head, tail) = body.split_at(5);
-    write!(
-        partial,
-        "POST /v1/images/generations HTTP/1.1\r\nhost: t\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{head}",
-        body.len()
-    )
-    .unwrap();
-    partial.flush().unwrap();
+    let (mut partial, tail) = partial_request(&server.base);
 
     let send = |prompt: &'static str, size: &'static str| {
         let (client, url) = (server.client.clone(), server.url("/v1/images/generations"));
@@ -1153,6 +1143,22 @@ fn with_two_devices_one_fault_leaves_the_other_serving() {
         let (status, text) = h.join().unwrap();
         assert_eq!(status, 200, "{text}");
     }
+}
+
+/// A generation request whose body has only begun to arrive (the server counts it in flight,
+/// so a drain waits for it), and the rest of its body for the test to send when it likes.
+fn partial_request(base: &str) -> (TcpStream, String) {
+    let mut partial = TcpStream::connect(base.trim_start_matches("http://")).unwrap();
+    let body = json!({"prompt": "late body", "seed": 9}).to_string();
+    let (head, tail) = body.split_at(5);
+    write!(
+        partial,
+        "POST /v1/images/generations HTTP/1.1\r\nhost: t\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{head}",
+        body.len()
+    )
+    .unwrap();
+    partial.flush().unwrap();
+    (partial, tail.to_string())
 }
 
 fn raw_request(addr: &str, body: &Value) -> TcpStream {
@@ -1336,16 +1342,7 @@ fn sigterm_stops_accepting_and_drains_queued_work_then_exits_zero() {
 
     // A request whose body is still arriving when the signal comes: it holds the drain open,
     // so the test can see the draining server answer 503 however fast the queue empties.
-    let mut partial = TcpStream::connect(p.base.trim_start_matches("http://")).unwrap();
-    let body = json!({"prompt": "late body", "seed": 9}).to_string();
-    let (head, tail) = body.split_at(5);
-    write!(
-        partial,
-        "POST /v1/images/generations HTTP/1.1\r\nhost: t\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{head}",
-        body.len()
-    )
-    .unwrap();
-    partial.flush().unwrap();
+    let (mut partial, tail) = partial_request(&p.base);
 
     let queued: Vec<_> = (0..4)
         .map(|i| {
