@@ -19,9 +19,9 @@ pub enum BackendError {
     Panicked { device: String, message: String },
     #[error("the model worker stopped before generating this image")]
     WorkerGone,
-    /// The device failed in a way that leaves it unusable (a CUDA fault poisons its context
-    /// until the process exits); its worker stopped, and these images never ran.
-    #[error("the device {device} is unusable and this server no longer uses it ({message}); retry on another server or after a restart")]
+    /// Every device failed in a way that leaves it unusable (a CUDA fault poisons its context
+    /// until the process exits): the image never ran and the server is stopping.
+    #[error("no device of this server is usable any more ({device}: {message}); retry on another server or after this one restarts")]
     DeviceFailed { device: String, message: String },
 }
 

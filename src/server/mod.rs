@@ -97,6 +97,17 @@ impl App {
         self.phase.store(p as u8, Ordering::Release);
     }
 
+    /// What requests get once no device is usable: the failed devices and why.
+    pub fn device_failed(&self) -> BackendError {
+        let failed = self.health.failed();
+        let join =
+            |f: fn(&FailedDevice) -> &str| failed.iter().map(f).collect::<Vec<_>>().join("; ");
+        BackendError::DeviceFailed {
+            device: join(|d| d.device.as_str()),
+            message: join(|d| d.message.as_str()),
+        }
+    }
+
     pub fn next_request_id(&self) -> queue::RequestId {
         queue::RequestId(self.next_request.fetch_add(1, Ordering::Relaxed))
     }
@@ -261,20 +272,9 @@ pub async fn serve(
         _ = &mut shutdown => {}
     }
 
-    if let Some(failed) = &failure {
+    if failure.is_some() {
         app.set_phase(Phase::Failed);
-        let error = BackendError::DeviceFailed {
-            device: failed
-                .iter()
-                .map(|d| d.device.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-            message: failed
-                .iter()
-                .map(|d| d.message.as_str())
-                .collect::<Vec<_>>()
-                .join("; "),
-        };
+        let error = app.device_failed();
         let queued = queue.close(error);
         metrics.dropped(metrics::DropReason::DeviceFailed, queued);
         tracing::error!(

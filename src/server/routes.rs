@@ -230,13 +230,7 @@ async fn generations(
         Phase::Ready => {}
         Phase::Loading => return Err(InferError::NotReady.into()),
         Phase::ShuttingDown => return Err(InferError::ShuttingDown.into()),
-        Phase::Failed => {
-            return Err(BackendError::DeviceFailed {
-                device: "every device".into(),
-                message: "every device failed; the server is stopping".into(),
-            }
-            .into())
-        }
+        Phase::Failed => return Err(app.device_failed().into()),
     }
     check_json_content_type(&headers)?;
     let bytes = read_body(body, &headers, app.config.limits.max_body_bytes).await?;

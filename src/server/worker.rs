@@ -1229,7 +1229,8 @@ mod tests {
         let parked = outcomes(&mut replies[3]).remove(0);
         let parked = parked.as_ref().unwrap_err();
         assert!(
-            parked.contains("cuda:7 is unusable") && parked.contains("ILLEGAL_ADDRESS"),
+            parked.contains("no device of this server is usable any more (cuda:7: ")
+                && parked.contains("ILLEGAL_ADDRESS"),
             "{parked}"
         );
         let failed = ctx.health.failed();
