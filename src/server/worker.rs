@@ -232,7 +232,20 @@ fn start(
                 panic_message(&p)
             )
         })?
-        .map_err(|e| e.context(format!("the warm-up batch on {label} failed")))?;
+        .map_err(|e| {
+            let hint = if out_of_memory(&e) {
+                format!(
+                    " (out of memory: {} images of {}x{} at once; lower --max-batch-size, which \
+                     sets the warm-up's size unless --warmup-images does)",
+                    items.len(),
+                    settings.width,
+                    settings.height
+                )
+            } else {
+                String::new()
+            };
+            e.context(format!("the warm-up batch on {label} failed{hint}"))
+        })?;
     let report = WarmupReport {
         images: out.images.len(),
         elapsed: t.elapsed(),
@@ -1269,6 +1282,32 @@ mod tests {
         assert_eq!(backend.1, [false, true]);
         assert_eq!(r1.try_recv().unwrap().result.unwrap().get_pixel(0, 0)[0], 1);
         assert_eq!(r2.try_recv().unwrap().result.unwrap().get_pixel(0, 0)[0], 2);
+    }
+
+    /// A warm-up batch too large for the device fails start-up with what to change.
+    #[tokio::test]
+    async fn a_warm_up_that_runs_out_of_memory_says_which_flag_to_lower() {
+        let ctx = context();
+        let (_tx, rx) = mpsc::channel(1);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let spec = WorkerSpec {
+            label: "cuda:0".into(),
+            factory: Box::new(|| {
+                Ok(Box::new(Tight {
+                    fits: 0,
+                    sizes: Vec::new(),
+                }) as Box<dyn ImageBackend>)
+            }),
+        };
+        spawn(spec, ctx, rx, ready_tx).unwrap();
+        let err = format!("{:#}", ready_rx.await.unwrap().err().unwrap());
+        assert!(
+            err.contains(
+                "the warm-up batch on cuda:0 failed (out of memory: 1 images of 8x8 at once"
+            ) && err.contains("--max-batch-size")
+                && err.contains("CUDA_ERROR_OUT_OF_MEMORY"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
