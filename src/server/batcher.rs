@@ -82,12 +82,9 @@ impl Queue {
         let mut state = self.lock();
         if let Some(error) = self.closed.get() {
             drop(state);
-            for e in entries {
-                let _ = e.payload.reply.send(ItemOutcome {
-                    index: e.payload.index,
-                    result: Err(error.clone()),
-                });
-            }
+            self.metrics
+                .dropped(DropReason::DeviceFailed, entries.len());
+            fail_all(entries, error);
             return;
         }
         state.requeue(entries);
@@ -106,13 +103,10 @@ impl Queue {
             self.metrics.set_queue_images(state.len());
             failed
         };
-        for e in &failed {
-            let _ = e.payload.reply.send(ItemOutcome {
-                index: e.payload.index,
-                result: Err(error.clone()),
-            });
-        }
-        failed.len()
+        let n = failed.len();
+        self.metrics.dropped(DropReason::DeviceFailed, n);
+        fail_all(failed, &error);
+        n
     }
 
     pub fn len(&self) -> usize {
@@ -185,6 +179,16 @@ impl Queue {
         let gone = state.remove_where(|e| e.payload.reply.is_closed()).len();
         self.metrics.dropped(DropReason::Timeout, expired);
         self.metrics.dropped(DropReason::ClientDisconnected, gone);
+    }
+}
+
+/// Answers each image with `error` (a request that is gone is skipped).
+pub(crate) fn fail_all(entries: Vec<Entry<Item>>, error: &BackendError) {
+    for e in entries {
+        let _ = e.payload.reply.send(ItemOutcome {
+            index: e.payload.index,
+            result: Err(error.clone()),
+        });
     }
 }
 

@@ -253,7 +253,7 @@ pub async fn serve(
         Ok(())
     };
     tokio::pin!(shutdown);
-    let mut failure: Option<Vec<FailedDevice>> = None;
+    let mut all_failed = false;
     tokio::select! {
         r = loaded => {
             if let Err(e) = r {
@@ -264,19 +264,15 @@ pub async fn serve(
             tracing::info!("ready: serving the model as {:?}", app.config.model.id);
             tokio::select! {
                 _ = &mut shutdown => {}
-                failed = every_device_failed(&health, &queue, n_workers) => {
-                    failure = Some(failed);
-                }
+                _ = every_device_failed(&health, &queue, n_workers) => all_failed = true,
             }
         }
         _ = &mut shutdown => {}
     }
 
-    if failure.is_some() {
+    if all_failed {
         app.set_phase(Phase::Failed);
-        let error = app.device_failed();
-        let queued = queue.close(error);
-        metrics.dropped(metrics::DropReason::DeviceFailed, queued);
+        let queued = queue.close(app.device_failed());
         tracing::error!(
             queued_images = queued,
             "every device is unusable: failing the queued images and stopping"
@@ -304,8 +300,9 @@ pub async fn serve(
         Ok(Ok(Err(e))) => return Err(anyhow::Error::new(e).context("HTTP server failed")),
         Ok(Err(e)) => return Err(anyhow::anyhow!("HTTP server task failed: {e}")),
     }
-    if let Some(failed) = failure {
-        let why: Vec<String> = failed
+    if all_failed {
+        let why: Vec<String> = health
+            .failed()
             .iter()
             .map(|d| format!("{}: {}", d.device, d.message))
             .collect();
@@ -320,18 +317,14 @@ pub async fn serve(
 
 /// Returns once all `workers` devices have failed; until then keeps the queue's worker count
 /// (its throughput and `Retry-After` estimates) at the devices still serving.
-async fn every_device_failed(
-    health: &DeviceHealth,
-    queue: &Queue,
-    workers: usize,
-) -> Vec<FailedDevice> {
+async fn every_device_failed(health: &DeviceHealth, queue: &Queue, workers: usize) {
     let mut rx = health.subscribe();
     loop {
-        let failed = rx.borrow_and_update().clone();
-        if failed.len() >= workers {
-            return failed;
+        let failed = rx.borrow_and_update().len();
+        if failed >= workers {
+            return;
         }
-        queue.set_workers(workers - failed.len());
+        queue.set_workers(workers - failed);
         if rx.changed().await.is_err() {
             // The sender lives in `App` as long as `serve` runs.
             std::future::pending::<()>().await;

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::batcher::{Item, ItemOutcome, Queue};
+use super::batcher::{fail_all, Item, ItemOutcome, Queue};
 use super::error::BackendError;
 use super::metrics::{DropReason, Metrics, Stage};
 use super::queue::{Batch, Entry, ShapeKey};
@@ -521,25 +521,15 @@ fn run_in_parts(
         mut live,
         cause,
     } = parts;
-    if let Some(cause) = &cause {
-        ctx.metrics.batch_split();
-        let cap = caps.lower(key, live.len());
-        tracing::warn!(
-            device = %label,
-            images = live.len(),
-            width = key.width,
-            height = key.height,
-            "batch ran out of device memory; running it again in batches of at most {cap} \
-             (and keeping this size's batches to that; a lower --max-batch-size avoids the \
-             retry): {cause}"
-        );
-    }
-    if cause.is_none() {
-        // Sent here by the cap before `launch_batch` counted their wait.
-        let now = Instant::now();
-        for e in &live {
-            ctx.metrics
-                .stage(Stage::QueueWait, now.saturating_duration_since(e.enqueued));
+    match &cause {
+        Some(cause) => split(label, ctx, caps, key, live.len(), cause),
+        None => {
+            // Sent here by the cap before `launch_batch` counted their wait.
+            let now = Instant::now();
+            for e in &live {
+                ctx.metrics
+                    .stage(Stage::QueueWait, now.saturating_duration_since(e.enqueued));
+            }
         }
     }
     let settings = key.settings();
@@ -573,9 +563,7 @@ fn run_in_parts(
             }
             Ok(Ok(out)) => wrong_count(label, out.images.len(), part.len()),
             Ok(Err(e)) if part.len() > 1 && out_of_memory(&e) => {
-                ctx.metrics.batch_split();
-                let cap = caps.lower(key, part.len());
-                tracing::warn!(device = %label, images = part.len(), "part ran out of device memory too; halving it (at most {cap} of this size from now on)");
+                split(label, ctx, caps, key, part.len(), &format!("{e:#}"));
                 let mut first = part;
                 let second = first.split_off(first.len().div_ceil(2));
                 todo.push_front(second);
@@ -595,6 +583,28 @@ fn run_in_parts(
         fail_batch(label, ctx, part, failure);
     }
     last_done
+}
+
+/// A batch of `images` ran out of memory and runs again in parts: counts it, lowers the
+/// shape's cap and says so.
+fn split(
+    label: &str,
+    ctx: &WorkerContext,
+    caps: &mut BatchCaps,
+    key: ShapeKey,
+    images: usize,
+    cause: &str,
+) {
+    ctx.metrics.batch_split();
+    let cap = caps.lower(key, images);
+    tracing::warn!(
+        device = %label,
+        images,
+        width = key.width,
+        height = key.height,
+        "batch ran out of device memory; running it again in batches of at most {cap}, as this \
+         size's batches from now on (a lower --max-batch-size avoids the retry): {cause}"
+    );
 }
 
 /// Sends each image of a finished batch to its request and counts the batch.
@@ -646,12 +656,7 @@ fn fail_batch(label: &str, ctx: &WorkerContext, live: Vec<Entry<Item>>, failure:
     ctx.suspect.set(true);
     ctx.metrics.batch_failed();
     tracing::error!(device = %label, images = live.len(), "batch failed: {failure}");
-    for e in live {
-        let _ = e.payload.reply.send(ItemOutcome {
-            index: e.payload.index,
-            result: Err(failure.clone()),
-        });
-    }
+    fail_all(live, &failure);
 }
 
 /// Keeps the entries someone still waits for; counts the others as dropped.
