@@ -108,10 +108,68 @@ pub const CONV_FIRST_CALL_FAILED: &str = "the plan's first call failed";
 /// runs its legacy algorithm from then on.
 pub const CONV_GRAPH_FAILED_LATER: &str = "legacy from now on";
 
-/// Whether a [`conv_plans`] line is a second line about a plan already listed (its first call
-/// failed, or its graph plan failed later) rather than a plan of its own.
+/// Marks a [`conv_plans`] line of a batch shape that runs as several calls of fewer images (its
+/// fast algorithms' workspace, which grows with the batch, is over the cap for the whole batch):
+/// each sub-batch has a plan line of its own.
+pub const CONV_SUB_BATCHES: &str = "in sub-batches of";
+
+/// Whether a [`conv_plans`] line is not a plan of its own: a second line about a plan already
+/// listed (its first call failed, or its graph plan failed later), or a batch shape's split into
+/// sub-batches ([`CONV_SUB_BATCHES`]).
 pub fn is_conv_plan_followup(line: &str) -> bool {
-    line.contains(CONV_FIRST_CALL_FAILED) || line.contains(CONV_GRAPH_FAILED_LATER)
+    line.contains(CONV_FIRST_CALL_FAILED)
+        || line.contains(CONV_GRAPH_FAILED_LATER)
+        || line.contains(CONV_SUB_BATCHES)
+}
+
+thread_local! {
+    static SUB_BATCH_CAP: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with the workspace cap that decides sub-batches ([`CONV_SUB_BATCHES`]) set to
+/// `bytes` on this thread (restored afterwards, also on panic), so that tests reach the split on
+/// small shapes. Plans themselves keep the usual cap. Without the `cudnn` feature nothing splits
+/// and this changes nothing.
+pub fn with_conv_sub_batch_cap<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<usize>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SUB_BATCH_CAP.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(SUB_BATCH_CAP.with(|c| c.replace(Some(bytes))));
+    f()
+}
+
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+fn sub_batch_cap() -> Option<usize> {
+    SUB_BATCH_CAP.with(std::cell::Cell::get)
+}
+
+/// Images per call for a convolution of `n` images whose fast algorithm needs `bytes` of
+/// workspace for all of them, when a call may use `cap`: all `n` if that fits; otherwise the
+/// largest power of two whose share fits (the workspace grows with the batch: cuDNN's implicit
+/// precomputed GEMM keeps per-pixel offsets), at least one. Powers of two, so that the batch
+/// sizes a server runs (1, 2, 4, ... up to its maximum) share their sub-batches' plans.
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+fn sub_batch(n: usize, bytes: usize, cap: usize) -> usize {
+    if n <= 1 || bytes <= cap {
+        return n.max(1);
+    }
+    let per_image = bytes.div_ceil(n).max(1);
+    let fit = (cap / per_image).max(1);
+    let pow2 = 1usize << (usize::BITS - 1 - fit.leading_zeros());
+    pow2.min(n)
+}
+
+/// `(first image, images)` of each call when `n` images run `per_call` at a time, in order; the
+/// last call takes what is left.
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+fn sub_batches(n: usize, per_call: usize) -> impl Iterator<Item = (usize, usize)> {
+    let per_call = per_call.max(1);
+    (0..n)
+        .step_by(per_call)
+        .map(move |start| (start, per_call.min(n - start)))
 }
 
 /// `conv(x, weight) + bias (+ residual)`; shapes as in [`ConvParams::channels_last`], `bias`
@@ -509,6 +567,60 @@ mod prefill_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sub_batches_keep_the_workspace_under_the_cap() {
+        const MIB: usize = 1 << 20;
+        // Fits: the whole batch in one call.
+        assert_eq!(sub_batch(8, 100 * MIB, 256 * MIB), 8);
+        assert_eq!(sub_batch(8, 256 * MIB, 256 * MIB), 8);
+        assert_eq!(sub_batch(1, 900 * MIB, 256 * MIB), 1);
+        assert_eq!(sub_batch(4, 0, 0), 4);
+        // The H200's first run: the VAE's 512-channel 128x128 convolution at bs8 wanted 260 MiB
+        // (32.5 per image), its 256->128 3x3 at 512x512 192 MiB per image, the UNet's 960->320
+        // 3x3 at 64x64 325 MiB at bs32.
+        assert_eq!(sub_batch(8, 260 * MIB, 256 * MIB), 4);
+        assert_eq!(sub_batch(32, 32 * 192 * MIB, 256 * MIB), 1);
+        assert_eq!(sub_batch(32, 325 * MIB, 256 * MIB), 16);
+        // A power of two at most n, even where more would fit; never zero.
+        assert_eq!(sub_batch(6, 7 * MIB, 6 * MIB), 4);
+        assert_eq!(sub_batch(3, 1000 * MIB, 1), 1);
+        for n in 1..40 {
+            for bytes in [1, 7 * MIB, 300 * MIB, 5000 * MIB] {
+                let m = sub_batch(n, bytes, 256 * MIB);
+                assert!(m >= 1 && m <= n, "n {n} bytes {bytes}: {m}");
+                assert!(m == n || m.is_power_of_two(), "n {n} bytes {bytes}: {m}");
+                // The share of a sub-batch fits, unless one image alone is over the cap.
+                let share = bytes.div_ceil(n) * m;
+                assert!(
+                    share <= 256 * MIB || m == 1 || m == n,
+                    "n {n} bytes {bytes}: {m}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn sub_batches_cover_the_batch_once_in_order() {
+        assert_eq!(
+            sub_batches(5, 2).collect::<Vec<_>>(),
+            [(0, 2), (2, 2), (4, 1)]
+        );
+        assert_eq!(sub_batches(8, 4).collect::<Vec<_>>(), [(0, 4), (4, 4)]);
+        assert_eq!(sub_batches(3, 8).collect::<Vec<_>>(), [(0, 3)]);
+        assert_eq!(sub_batches(2, 0).collect::<Vec<_>>(), [(0, 1), (1, 1)]);
+        for n in 1..20 {
+            for m in 1..=n {
+                let mut next = 0;
+                for (start, len) in sub_batches(n, m) {
+                    assert_eq!(start, next);
+                    assert!(len >= 1 && len <= m);
+                    next += len;
+                }
+                assert_eq!(next, n);
+            }
+        }
+    }
 
     #[test]
     fn backend_strides_of_both_layouts() {

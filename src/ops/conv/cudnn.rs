@@ -81,16 +81,17 @@ use candle_core::cuda_backend::cudarc::cudnn::{result as dnn, sys, CudnnError};
 use candle_core::cuda_backend::cudarc::driver::result::memset_d8_async;
 use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
-    PushKernelArg, SyncOnDrop,
+    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice,
+    LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Storage, Tensor, WithDType};
 
 use super::{
-    aligned, conv_epilogue, disagreement, probe_ranges, ConvEpilogue, ConvParams, Geometry,
-    CONV_FALLBACK as FALLBACK, CONV_FIRST_CALL_FAILED, CONV_GRAPH_FAILED_LATER,
+    aligned, conv_epilogue, disagreement, probe_ranges, sub_batch, sub_batch_cap, sub_batches,
+    ConvEpilogue, ConvParams, Geometry, CONV_FALLBACK as FALLBACK, CONV_FIRST_CALL_FAILED,
+    CONV_GRAPH_FAILED_LATER, CONV_SUB_BATCHES,
 };
 use crate::ops::cuda::{contiguous_view, to_i32, to_u32};
 use crate::ops::select::{enabled, Kernels};
@@ -98,10 +99,12 @@ use crate::ops::select::{enabled, Kernels};
 mod graph;
 
 /// Largest workspace a plan may use, and the most the algorithm search is given: 256 MiB, 2% of
-/// the VAE decoder's activations at batch 16 and 1% of a 24 GB card. The implicit-GEMM kernels
-/// that win on tensor cores need far less (kilobytes to a few MiB); the explicit-GEMM and
-/// FFT-based algorithms that want more are the slow ones in half precision. The workspace is
-/// memory the server holds (peak GPU memory is one of its targets), so it is capped, not free.
+/// the VAE decoder's activations at batch 16 and 1% of a 24 GB card. The workspace is memory the
+/// server holds (peak GPU memory is one of its targets), so it is capped, not free. The fast
+/// tensor-core algorithms' workspace grows with the batch (the H200's first gpu_check run: 33 MiB
+/// an image for the VAE decoder's 512-channel 128x128 convolution, 192 MiB for its 256->128 one
+/// at 512x512), so a batch whose share is over the cap runs in sub-batches
+/// ([`DeviceState::sub_batch`]) rather than with an algorithm that needs none.
 const MAX_WORKSPACE: usize = 256 << 20;
 
 /// The algorithm search's workspace for a shape: four times its x and y together (no fast
@@ -428,6 +431,9 @@ struct PlanKey {
 struct DeviceState {
     /// `None`: cuDNN could not plan the shape; it runs candle's ops.
     plans: HashMap<PlanKey, Option<Plan>>,
+    /// Images per call of a batch shape, for the sub-batch cap it was decided under
+    /// ([`DeviceState::sub_batch`]).
+    splits: HashMap<(PlanKey, usize), usize>,
     summaries: Vec<String>,
     /// Grows to the largest workspace any plan needs; never shrinks.
     workspace: Option<CudaSlice<u8>>,
@@ -540,7 +546,7 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
     let stream = dev.cuda_stream();
     stream.context().bind_to_thread().w()?;
     // SAFETY: every element is written: by cuDNN (beta = 0), or by the prefill kernel and then
-    // cuDNN accumulating into it (beta = 1).
+    // cuDNN accumulating into it (beta = 1), one sub-batch after another when the batch is split.
     let mut y = unsafe { dev.alloc::<T>(g.elems_out())? };
     let mode = conv_epilogue();
     let key = PlanKey {
@@ -561,109 +567,222 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
                 handle: Handle::new(&stream)?,
                 workspace: None,
                 plans: HashMap::new(),
+                splits: HashMap::new(),
                 summaries: Vec::new(),
             }),
         };
-        let DeviceState {
-            handle,
-            workspace,
-            plans,
-            summaries,
-        } = st;
-        // Whether this call built the plan (its first call is the one below).
-        let mut fresh = false;
-        let plan = match plans.entry(key) {
-            Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => {
-                fresh = true;
-                let planned = Descriptors::new(T::DTYPE, g, &params).and_then(|desc| {
-                    let (choice, graph, note) =
-                        choose(dev, handle, &desc, &key, &ops, &mut y, workspace)?;
-                    Ok(Plan {
-                        desc,
-                        choice,
-                        graph,
-                        note,
-                    })
-                });
-                let plan = match planned {
-                    // Out of memory says nothing about the shape: no verdict is kept, the
-                    // batch fails (the server runs it again in smaller parts) and the next call
-                    // of this shape plans again.
-                    Err(err) if crate::device::is_out_of_memory(&err.to_string()) => {
-                        return Err(err);
-                    }
-                    Ok(plan) => {
-                        let summary = format!("{}: {}", describe(&key), plan.describe());
-                        tracing::debug!("conv2d plan: {summary}");
-                        summaries.push(summary);
-                        Some(plan)
-                    }
-                    Err(err) => {
-                        let summary = format!("{}: {FALLBACK}: {err}", describe(&key));
-                        tracing::warn!("conv2d plan: {summary}");
-                        summaries.push(summary);
-                        None
-                    }
-                };
-                e.insert(plan)
+        let per_call = st.sub_batch(&key);
+        if per_call >= g.n {
+            return call(dev, st, key, &ops, &mut y.as_view_mut());
+        }
+        // The batch in sub-batches, each on its slice of x, residual and y (the batch is the
+        // outermost dimension in both layouts), with the plan of its own size.
+        let (x_image, y_image) = (g.c * g.h * g.w, g.elems_out() / g.n);
+        for (first, n) in sub_batches(g.n, per_call) {
+            let (xr, yr) = (
+                first * x_image..(first + n) * x_image,
+                first * y_image..(first + n) * y_image,
+            );
+            let part = Operands {
+                x: ops.x.slice(xr),
+                w: ops.w.slice(..),
+                bias: ops.bias.slice(..),
+                residual: ops.residual.as_ref().map(|r| r.slice(yr.clone())),
+            };
+            let sub = PlanKey {
+                geometry: Geometry { n, ..*g },
+                ..key
+            };
+            // A sub-batch that cuDNN cannot plan sends the whole call to candle's ops.
+            if !call(dev, st, sub, &part, &mut y.slice_mut(yr))? {
+                return Ok(false);
             }
-        };
-        let Some(plan) = plan else {
-            return Ok(false);
-        };
-        if let Some(gp) = &plan.graph {
-            if pointers_aligned(&stream, &ops, &y) {
-                match launch_graph(dev, handle, gp, &ops, &mut y, workspace, g, &params) {
-                    Ok(()) => return Ok(true),
-                    // Keeps the graph plan: the engine did not fail, the memory ran out.
-                    Err(err) if crate::device::is_out_of_memory(&err.to_string()) => {
-                        return Err(err);
-                    }
-                    Err(err) => {
-                        // The legacy choice below overwrites all of y.
-                        let summary = format!(
-                            "{}: graph plan {} failed, {CONV_GRAPH_FAILED_LATER}: {err}",
-                            describe(&key),
-                            gp.name
-                        );
-                        tracing::warn!("conv2d plan: {summary}");
-                        summaries.push(summary);
-                        plan.graph = None;
-                    }
+        }
+        Ok(true)
+    })?;
+    Ok(planned.then(|| CudaStorage::wrap_cuda_slice(y, dev.clone())))
+}
+
+impl DeviceState {
+    /// Images per call for `key`'s batch ([`sub_batch`]), decided once per shape from the
+    /// workspace cuDNN's implicit precomputed GEMM asks for the whole batch: that algorithm, or
+    /// the graph API's engine like it, is the fastest on tensor cores for nearly every shape of
+    /// the model, and its workspace grows with the batch (on an H200 about 33 MiB an image for
+    /// the VAE decoder's 512-channel 128x128 convolution, 192 MiB for its 256->128 one at
+    /// 512x512). Over the cap, a plan for the whole batch could only pick the slow algorithms
+    /// that need none (17.9 ms instead of 2 x 0.57 ms at batch 8, measured); sub-batches run
+    /// the fast one at the same speed per image with a bounded workspace.
+    fn sub_batch(&mut self, key: &PlanKey) -> usize {
+        let n = key.geometry.n;
+        let cap = sub_batch_cap().unwrap_or(MAX_WORKSPACE);
+        if n <= 1 {
+            return n;
+        }
+        *self.splits.entry((*key, cap)).or_insert_with(|| {
+            let bytes = match precomp_gemm_workspace(&self.handle, key) {
+                Ok(b) => b,
+                // Nothing to go by: the plan decides for the whole batch, as without a split.
+                Err(e) => {
+                    tracing::debug!("conv2d: {}: no workspace query: {e}", describe(key));
+                    return n;
+                }
+            };
+            let per_call = sub_batch(n, bytes, cap);
+            if per_call < n {
+                let summary = format!(
+                    "{}: {CONV_SUB_BATCHES} {per_call} (implicit precomputed GEMM asks {} MiB \
+                     of workspace for {n} images, the cap is {} MiB)",
+                    describe(key),
+                    bytes >> 20,
+                    cap >> 20
+                );
+                tracing::debug!("conv2d plan: {summary}");
+                self.summaries.push(summary);
+            }
+            per_call
+        })
+    }
+}
+
+/// The workspace `CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM` asks for `key`'s shape, in
+/// the math the plan would use (tensor-op for f16/bf16, FMA for f32).
+fn precomp_gemm_workspace(handle: &Handle, key: &PlanKey) -> Result<usize> {
+    let desc = Descriptors::new(key.dtype, &key.geometry, &key.params)?;
+    let math = if key.dtype == DType::F32 {
+        sys::cudnnMathType_t::CUDNN_FMA_MATH
+    } else {
+        sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
+    };
+    // SAFETY: live descriptor.
+    unsafe { dnn::set_convolution_math_type(desc.conv.0, math) }
+        .map_err(failed("cudnnSetConvolutionMathType"))?;
+    let mut bytes = 0usize;
+    // SAFETY: live handle and descriptors, valid out pointer.
+    unsafe {
+        sys::cudnnGetConvolutionForwardWorkspaceSize(
+            handle.0,
+            desc.x.0,
+            desc.w.0,
+            desc.conv.0,
+            desc.y.0,
+            sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+            &mut bytes,
+        )
+    }
+    .result()
+    .map_err(failed("cudnnGetConvolutionForwardWorkspaceSize"))?;
+    Ok(bytes)
+}
+
+/// One call of `key`'s shape through its plan (built on the first call), writing all of `y`;
+/// `Ok(false)` when cuDNN could not plan the shape (the caller runs candle's ops).
+fn call<T: CudaDType + DeviceRepr + WithDType>(
+    dev: &CudaDevice,
+    st: &mut DeviceState,
+    key: PlanKey,
+    ops: &Operands<T>,
+    y: &mut CudaViewMut<'_, T>,
+) -> Result<bool> {
+    let DeviceState {
+        handle,
+        workspace,
+        plans,
+        summaries,
+        ..
+    } = st;
+    let (g, params) = (&key.geometry, key.params);
+    let stream = dev.cuda_stream();
+    // Whether this call built the plan (its first call is the one below).
+    let mut fresh = false;
+    let plan = match plans.entry(key) {
+        Entry::Occupied(e) => e.into_mut(),
+        Entry::Vacant(e) => {
+            fresh = true;
+            let planned = Descriptors::new(T::DTYPE, g, &params).and_then(|desc| {
+                let (choice, graph, note) = choose(dev, handle, &desc, &key, ops, y, workspace)?;
+                Ok(Plan {
+                    desc,
+                    choice,
+                    graph,
+                    note,
+                })
+            });
+            let plan = match planned {
+                // Out of memory says nothing about the shape: no verdict is kept, the batch
+                // fails (the server runs it again in smaller parts) and the next call of this
+                // shape plans again.
+                Err(err) if crate::device::is_out_of_memory(&err.to_string()) => {
+                    return Err(err);
+                }
+                Ok(plan) => {
+                    let summary = format!("{}: {}", describe(&key), plan.describe());
+                    tracing::debug!("conv2d plan: {summary}");
+                    summaries.push(summary);
+                    Some(plan)
+                }
+                Err(err) => {
+                    let summary = format!("{}: {FALLBACK}: {err}", describe(&key));
+                    tracing::warn!("conv2d plan: {summary}");
+                    summaries.push(summary);
+                    None
+                }
+            };
+            e.insert(plan)
+        }
+    };
+    let Some(plan) = plan else {
+        return Ok(false);
+    };
+    if let Some(gp) = &plan.graph {
+        if pointers_aligned(&stream, ops, y) {
+            match launch_graph(dev, handle, gp, ops, y, workspace, g, &params) {
+                Ok(()) => return Ok(true),
+                // Keeps the graph plan: the engine did not fail, the memory ran out.
+                Err(err) if crate::device::is_out_of_memory(&err.to_string()) => {
+                    return Err(err);
+                }
+                Err(err) => {
+                    // The legacy choice below overwrites all of y.
+                    let summary = format!(
+                        "{}: graph plan {} failed, {CONV_GRAPH_FAILED_LATER}: {err}",
+                        describe(&key),
+                        gp.name
+                    );
+                    tracing::warn!("conv2d plan: {summary}");
+                    summaries.push(summary);
+                    plan.graph = None;
                 }
             }
         }
-        let launched = launch(
-            dev,
-            handle,
-            &plan.desc,
-            plan.choice,
-            &ops,
-            &mut y,
-            workspace,
-            g,
-            &params,
-        );
-        match launched {
-            Ok(()) => Ok(true),
-            // The first call of a fresh plan (its choice ran once while planning, but on
-            // other pointers, and a fused choice only in the NaN check): a failure drops the
-            // plan for candle's ops instead of failing every call of the shape.
-            Err(err) if fresh && !crate::device::is_out_of_memory(&err.to_string()) => {
-                let summary = format!(
-                    "{}: {FALLBACK}: {CONV_FIRST_CALL_FAILED}: {err}",
-                    describe(&key)
-                );
-                tracing::warn!("conv2d plan: {summary}");
-                summaries.push(summary);
-                plans.insert(key, None);
-                Ok(false)
-            }
-            Err(err) => Err(err),
+    }
+    let launched = launch(
+        dev,
+        handle,
+        &plan.desc,
+        plan.choice,
+        ops,
+        y,
+        workspace,
+        g,
+        &params,
+    );
+    match launched {
+        Ok(()) => Ok(true),
+        // The first call of a fresh plan (its choice ran once while planning, but on other
+        // pointers, and a fused choice only in the NaN check): a failure drops the plan for
+        // candle's ops instead of failing every call of the shape.
+        Err(err) if fresh && !crate::device::is_out_of_memory(&err.to_string()) => {
+            let summary = format!(
+                "{}: {FALLBACK}: {CONV_FIRST_CALL_FAILED}: {err}",
+                describe(&key)
+            );
+            tracing::warn!("conv2d plan: {summary}");
+            summaries.push(summary);
+            plans.insert(key, None);
+            Ok(false)
         }
-    })?;
-    Ok(planned.then(|| CudaStorage::wrap_cuda_slice(y, dev.clone())))
+        Err(err) => Err(err),
+    }
 }
 
 /// Makes `ws` hold at least `bytes`, rounded up to whole MiB so that a series of slightly larger
@@ -735,7 +854,7 @@ fn find<T: CudaDType + DeviceRepr>(
     desc: &Descriptors,
     key: &PlanKey,
     ops: &Operands<T>,
-    y: &mut CudaSlice<T>,
+    y: &mut CudaViewMut<'_, T>,
 ) -> Result<(Vec<Choice>, String)> {
     let dtype = key.dtype;
     let mut max = 0i32;
@@ -852,7 +971,7 @@ fn choose<T: CudaDType + DeviceRepr + WithDType>(
     desc: &Descriptors,
     key: &PlanKey,
     ops: &Operands<T>,
-    y: &mut CudaSlice<T>,
+    y: &mut CudaViewMut<'_, T>,
     workspace: &mut Option<CudaSlice<u8>>,
 ) -> Result<(Choice, Option<graph::GraphPlan>, String)> {
     let initial = if key.dtype == DType::F32 {
@@ -866,7 +985,7 @@ fn choose<T: CudaDType + DeviceRepr + WithDType>(
     let (usable, found) = find(dev, handle, desc, key, ops, y)?;
     let g = &key.geometry;
     let p = &key.params;
-    let run = |c: Choice, y: &mut CudaSlice<T>, ws: &mut Option<CudaSlice<u8>>| {
+    let run = |c: Choice, y: &mut CudaViewMut<'_, T>, ws: &mut Option<CudaSlice<u8>>| {
         launch(dev, handle, desc, c, ops, y, ws, g, p)
     };
     // FindEx timed the algorithms with beta = 0; the plan runs its choice with beta = 1, onto
@@ -968,7 +1087,7 @@ fn choose_graph<T: CudaDType + DeviceRepr + WithDType>(
     desc: &Descriptors,
     key: &PlanKey,
     ops: &Operands<T>,
-    y: &mut CudaSlice<T>,
+    y: &mut CudaViewMut<'_, T>,
     workspace: &mut Option<CudaSlice<u8>>,
     legacy: Choice,
     legacy_ms: Option<f32>,
@@ -1049,7 +1168,7 @@ fn choose_graph<T: CudaDType + DeviceRepr + WithDType>(
 fn pointers_aligned<T: CudaDType + DeviceRepr>(
     stream: &Arc<CudaStream>,
     ops: &Operands<T>,
-    y: &CudaSlice<T>,
+    y: &CudaViewMut<'_, T>,
 ) -> bool {
     let (xp, _x) = ops.x.device_ptr(stream);
     let (wp, _w) = ops.w.device_ptr(stream);
@@ -1060,7 +1179,7 @@ fn pointers_aligned<T: CudaDType + DeviceRepr>(
 /// The [`probe_ranges`] of y, read back (waits for the stream).
 fn probe<T: CudaDType + DeviceRepr + WithDType>(
     stream: &Arc<CudaStream>,
-    y: &CudaSlice<T>,
+    y: &CudaViewMut<'_, T>,
 ) -> Result<Vec<f64>> {
     let mut v = Vec::with_capacity(GRAPH_PROBE);
     for r in probe_ranges(y.len(), GRAPH_PROBE, PROBE_RUNS) {
@@ -1078,7 +1197,7 @@ fn launch_graph<T: CudaDType + DeviceRepr + WithDType>(
     handle: &Handle,
     plan: &graph::GraphPlan,
     ops: &Operands<T>,
-    y: &mut CudaSlice<T>,
+    y: &mut CudaViewMut<'_, T>,
     workspace: &mut Option<CudaSlice<u8>>,
     g: &Geometry,
     p: &ConvParams,
@@ -1127,9 +1246,9 @@ fn workspace_ptr<'a>(
 /// too, which only costs speed). Returns why the fused call must not be used, if it must not.
 fn check_fused<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
-    y: &mut CudaSlice<T>,
+    y: &mut CudaViewMut<'_, T>,
     residual: bool,
-    run: impl FnOnce(&mut CudaSlice<T>) -> Result<()>,
+    run: impl FnOnce(&mut CudaViewMut<'_, T>) -> Result<()>,
 ) -> Result<Option<String>> {
     /// Elements read back: all of y is NaN if z is read, so a prefix tells.
     const PROBE: usize = 4096;
@@ -1176,7 +1295,7 @@ fn launch<T: CudaDType + DeviceRepr + WithDType>(
     desc: &Descriptors,
     c: Choice,
     ops: &Operands<T>,
-    y: &mut CudaSlice<T>,
+    y: &mut CudaViewMut<'_, T>,
     workspace: &mut Option<CudaSlice<u8>>,
     g: &Geometry,
     p: &ConvParams,
@@ -1264,7 +1383,7 @@ fn launch<T: CudaDType + DeviceRepr + WithDType>(
 fn prefill<T: CudaDType + DeviceRepr + WithDType>(
     dev: &CudaDevice,
     ops: &Operands<T>,
-    y: &mut CudaSlice<T>,
+    y: &mut CudaViewMut<'_, T>,
     g: &Geometry,
     p: &ConvParams,
 ) -> Result<()> {
