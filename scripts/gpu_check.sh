@@ -36,7 +36,12 @@
 # reruns get 90 s in all (gpu_check.py --rerun-s); a failed test not rerun by then counts as failed.
 # GPU_CHECK_KERNELS (default auto: all but those levers) sets turbine's --kernels instead, e.g.
 # `all,-flash`. If turbine measures nothing with its kernels, it runs again with candle's ops
-# (`--kernels none`) so that the baseline figure is there.
+# (`--kernels none`) so that the baseline figure is there. GPU_CHECK_ARGS adds arguments of
+# scripts/bench/gpu_check.py (split at spaces), for a shorter run when less device time is left:
+#   GPU_CHECK_BUDGET_S=270 GPU_CHECK_ARGS="--skip-compile --ablate-batch 0 --batch-sizes 1,4,8,16,32
+#   --rerun-s 20 --tests-reserve-s 170 --eager-s 50" bash scripts/gpu_check.sh
+# (no torch.compile, no ablation or profiles: turbine's sweep, eager's, the kernel tests and the
+# pixel comparison, about 200 s).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,7 +52,7 @@ case "${1:-}" in
     --dry-run) MODE=dry-run ;;
     --rehearse) MODE=rehearse ;;
     "") ;;
-    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
     *) echo "usage: scripts/gpu_check.sh [--prepare|--dry-run|--rehearse]" >&2; exit 2 ;;
 esac
 
@@ -325,7 +330,7 @@ fi
 used=$SECONDS
 python3 scripts/bench/gpu_check.py --turbine "$BIN/turbine" --out "$OUT" --work /tmp/turbine-gpu-check \
     --budget-s $((BUDGET - used)) --commit "$commit" --tests-dir "$BIN/tests" \
-    --kernels "${GPU_CHECK_KERNELS:-auto}"
+    --kernels "${GPU_CHECK_KERNELS:-auto}" ${GPU_CHECK_ARGS:-}
 rc=$?
 echo "== done in $SECONDS s, exit $rc"
 exit $rc

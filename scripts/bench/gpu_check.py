@@ -136,7 +136,7 @@ def libtest_results(text):
     return out
 
 
-def kernel_tests(tests_dir, budget, rerun_s=90.0):
+def kernel_tests(tests_dir, budget, rerun_s=90.0, reserve_s=300.0):
     """Runs every carried test binary with TURBINE_REQUIRE_GPU=1. A binary that fails has each of
     its tests that did not pass rerun alone, in a fresh process: a kernel that corrupts memory
     leaves the CUDA context unusable, so the tests after it fail too, and only a rerun tells the
@@ -145,7 +145,9 @@ def kernel_tests(tests_dir, budget, rerun_s=90.0):
     The reruns together get `rerun_s` seconds: where most tests fail for one cause (a driver or
     module-load error, a kernel that hangs in every test that calls it), rerunning each of them
     for up to a minute would eat the time of the measuring. A failed test left without its rerun
-    counts as failed, to be safe; one that never ran counts as not run.
+    counts as failed, to be safe; one that never ran counts as not run. `reserve_s` of the budget
+    is kept for the measuring after the tests: a binary gets at most what is left beyond it
+    (200 s at most, 10 s at least), and no rerun starts within 30 s of it.
 
     The tests' default kernel set (TURBINE_KERNELS) leaves out conv-graph: the graph-API
     convolution plans run only in their own test (which asks for them explicitly), so a fault
@@ -158,7 +160,7 @@ def kernel_tests(tests_dir, budget, rerun_s=90.0):
         log(f"== CUDA kernel tests: {b}")
         try:
             r = subprocess.run([b, "--test-threads=1"], env=env, capture_output=True, text=True,
-                               timeout=max(10, min(200, budget.left() - 300)))
+                               timeout=max(10, min(200, budget.left() - reserve_s)))
             text, rc = r.stdout + r.stderr, r.returncode
         except subprocess.TimeoutExpired as e:
             # (TimeoutExpired keeps bytes even with text=True)
@@ -190,10 +192,10 @@ def kernel_tests(tests_dir, budget, rerun_s=90.0):
             if rerun_deadline is None:
                 rerun_deadline = time.time() + rerun_s
             rerun_left = rerun_deadline - time.time()
-            if budget.left() < 330 or rerun_left <= 0:
+            if budget.left() < reserve_s + 30 or rerun_left <= 0:
                 # A test that failed cannot be told from a victim without its rerun: its lever is
                 # left out, to be safe. One that never ran says nothing about its lever.
-                why = "no time left" if budget.left() < 330 else f"the reruns' {rerun_s:g} s are spent"
+                why = "no time left" if budget.left() < reserve_s + 30 else f"the reruns' {rerun_s:g} s are spent"
                 log(f"{why}: {name} not rerun alone")
                 if outcome.get(name) == "FAILED":
                     res["failed"].append(name)
@@ -606,6 +608,8 @@ def main():
     ap.add_argument("--min-time", type=float, default=2.0, help="timed seconds per batch size")
     ap.add_argument("--commit", default="unknown")
     ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument("--tests-reserve-s", type=float, default=300.0,
+                    help="seconds of the budget kept for the measuring while the kernel tests run")
     ap.add_argument("--rerun-s", type=float, default=90.0,
                     help="seconds for rerunning failed kernel tests alone, all of them together")
     a = ap.parse_args()
@@ -634,7 +638,7 @@ def main():
     # 0. the CUDA kernel tests; a lever whose tests fail is left out of the sweep (--kernels auto)
     failed_levers = []
     if a.tests_dir and a.tests_dir.is_dir():
-        res["kernel_tests"] = kernel_tests(a.tests_dir, budget, a.rerun_s)
+        res["kernel_tests"] = kernel_tests(a.tests_dir, budget, a.rerun_s, a.tests_reserve_s)
         failed_levers = res["kernel_tests"]["levers"]
     res["kernels"] = kernels = sweep_kernels(a.kernels, failed_levers)
     save()
