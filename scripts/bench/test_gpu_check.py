@@ -125,6 +125,20 @@ class Levers(unittest.TestCase):
         self.assertEqual(res["levers"], ["geglu"])
         self.assertIn("0 of 1 test binaries passed", res["summary"])
 
+    def test_a_short_run_reserves_less_for_the_measuring(self):
+        # A 270 s run (GPU_CHECK_ARGS="--tests-reserve-s 170 ..."): the failures are still rerun
+        # alone, where the default reserve of 300 s would leave no time for it.
+        with tempfile.TemporaryDirectory() as d:
+            fake_tests(d, (HERE / "fake_libtest.sh").read_text())
+            short = g.kernel_tests(Path(d), g.Budget(270), reserve_s=170)
+            default = g.kernel_tests(Path(d), g.Budget(270))
+        self.assertEqual(short["failed"], ["geglu_matches_composition"])
+        self.assertEqual(short["victims"], ["conv2d_cuda_matches_cpu_reference"])
+        self.assertEqual(short["not_rerun"], [])
+        self.assertEqual(sorted(default["not_rerun"]),
+                         ["conv2d_cuda_matches_cpu_reference", "geglu_matches_composition"])
+        self.assertEqual(default["levers"], ["conv", "geglu"])
+
     def test_reruns_stop_when_their_time_is_spent(self):
         # Every test fails, and each rerun takes a second and fails again (one cause for all):
         # the reruns stop after their 2.5 s, and the tests left without one count as failed.
