@@ -630,11 +630,11 @@ impl DeviceState {
             let per_call = sub_batch(n, bytes, cap);
             if per_call < n {
                 let summary = format!(
-                    "{}: {CONV_SUB_BATCHES} {per_call} (implicit precomputed GEMM asks {} MiB \
-                     of workspace for {n} images, the cap is {} MiB)",
+                    "{}: {CONV_SUB_BATCHES} {per_call} (implicit precomputed GEMM asks {} KiB \
+                     of workspace for {n} images, the cap is {} KiB)",
                     describe(key),
-                    bytes >> 20,
-                    cap >> 20
+                    bytes >> 10,
+                    cap >> 10
                 );
                 tracing::debug!("conv2d plan: {summary}");
                 self.summaries.push(summary);
@@ -645,17 +645,35 @@ impl DeviceState {
 }
 
 /// The workspace `CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM` asks for `key`'s shape, in
-/// the math the plan would use (tensor-op for f16/bf16, FMA for f32).
+/// the math a plan starts from ([`plan_math`]).
 fn precomp_gemm_workspace(handle: &Handle, key: &PlanKey) -> Result<usize> {
     let desc = Descriptors::new(key.dtype, &key.geometry, &key.params)?;
-    let math = if key.dtype == DType::F32 {
+    // SAFETY: live descriptor.
+    unsafe { dnn::set_convolution_math_type(desc.conv.0, plan_math(key.dtype)) }
+        .map_err(failed("cudnnSetConvolutionMathType"))?;
+    workspace_size(
+        handle,
+        &desc,
+        sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+    )
+}
+
+/// The math type a plan searches in: FMA for f32 (no TF32), tensor-op math for f16/bf16.
+fn plan_math(dtype: DType) -> sys::cudnnMathType_t {
+    if dtype == DType::F32 {
         sys::cudnnMathType_t::CUDNN_FMA_MATH
     } else {
         sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
-    };
-    // SAFETY: live descriptor.
-    unsafe { dnn::set_convolution_math_type(desc.conv.0, math) }
-        .map_err(failed("cudnnSetConvolutionMathType"))?;
+    }
+}
+
+/// The workspace cuDNN asks for `algo` on `desc`'s shape, in the math type set on its
+/// convolution descriptor.
+fn workspace_size(
+    handle: &Handle,
+    desc: &Descriptors,
+    algo: sys::cudnnConvolutionFwdAlgo_t,
+) -> Result<usize> {
     let mut bytes = 0usize;
     // SAFETY: live handle and descriptors, valid out pointer.
     unsafe {
@@ -665,7 +683,7 @@ fn precomp_gemm_workspace(handle: &Handle, key: &PlanKey) -> Result<usize> {
             desc.w.0,
             desc.conv.0,
             desc.y.0,
-            sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+            algo,
             &mut bytes,
         )
     }
@@ -939,21 +957,7 @@ fn implicit_gemm_choice(
     math: sys::cudnnMathType_t,
 ) -> Result<Choice> {
     let algo = sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM;
-    let mut bytes = 0usize;
-    // SAFETY: live handle and descriptors, valid out pointer.
-    unsafe {
-        sys::cudnnGetConvolutionForwardWorkspaceSize(
-            handle.0,
-            desc.x.0,
-            desc.w.0,
-            desc.conv.0,
-            desc.y.0,
-            algo,
-            &mut bytes,
-        )
-    }
-    .result()
-    .map_err(failed("cudnnGetConvolutionForwardWorkspaceSize"))?;
+    let bytes = workspace_size(handle, desc, algo)?;
     Ok(Choice {
         algo,
         math,
@@ -974,11 +978,7 @@ fn choose<T: CudaDType + DeviceRepr + WithDType>(
     y: &mut CudaViewMut<'_, T>,
     workspace: &mut Option<CudaSlice<u8>>,
 ) -> Result<(Choice, Option<graph::GraphPlan>, String)> {
-    let initial = if key.dtype == DType::F32 {
-        sys::cudnnMathType_t::CUDNN_FMA_MATH
-    } else {
-        sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH
-    };
+    let initial = plan_math(key.dtype);
     // SAFETY: live descriptor.
     unsafe { dnn::set_convolution_math_type(desc.conv.0, initial) }
         .map_err(failed("cudnnSetConvolutionMathType"))?;
