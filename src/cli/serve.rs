@@ -15,7 +15,7 @@ use crate::server::auth::{read_keys_file, ApiKey};
 use crate::server::config::{
     AuthConfig, BatchingConfig, ModelIdentity, RequestLimits, ServerConfig, StoreConfig,
 };
-use crate::server::{ImageBackend, TokenCounter, WorkerSpec};
+use crate::server::{ImageBackend, TokenCounter, WarmupSizes, WorkerSpec};
 use std::sync::Arc;
 
 /// The option groups are boxed so the `Command` enum of `main` stays small.
@@ -111,6 +111,11 @@ pub struct BatchingArgs {
     /// maximum batch size, which also proves the largest batch fits in memory).
     #[arg(long, env = "TURBINE_WARMUP_IMAGES", default_value_t = 0)]
     pub warmup_images: usize,
+    /// Batch sizes warmed up after that batch: `all` runs one batch of each smaller size too,
+    /// so that no request waits for a size's first-batch planning (cuDNN's convolution plans:
+    /// 1.5-4 s per new size on an H200); `auto` does so on CUDA with cuDNN only.
+    #[arg(long, env = "TURBINE_WARMUP_BATCH_SIZES", value_enum, default_value_t = WarmupSizes::Auto)]
+    pub warmup_batch_sizes: WarmupSizes,
 }
 
 /// Request bounds and the URL image store.
@@ -241,6 +246,7 @@ impl Args {
             public_url: self.http.public_url.clone(),
             shutdown_grace: Duration::from_secs(self.http.shutdown_grace_secs),
             warmup_images: self.batching.warmup_images,
+            warmup_batch_sizes: self.batching.warmup_batch_sizes,
         };
         config.check().map_err(|e| UsageError(format!("{e:#}")))?;
         Ok(config)

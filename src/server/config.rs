@@ -7,6 +7,7 @@ use anyhow::{bail, ensure};
 
 use super::api::ResponseFormat;
 use super::auth::ApiKey;
+use super::worker::WarmupSizes;
 
 /// The most images one request may ask for (OpenAI's bound for `n`).
 pub const MAX_N: u32 = 10;
@@ -85,6 +86,8 @@ pub struct ServerConfig {
     /// Images in the warm-up batch each worker runs before `/health` turns 200 (0: the batch
     /// size limit, which also proves the largest batch fits in device memory).
     pub warmup_images: usize,
+    /// Which smaller batch sizes each worker warms up after that batch.
+    pub warmup_batch_sizes: WarmupSizes,
 }
 
 impl Default for ServerConfig {
@@ -119,6 +122,7 @@ impl Default for ServerConfig {
             public_url: None,
             shutdown_grace: Duration::from_secs(30),
             warmup_images: 0,
+            warmup_batch_sizes: WarmupSizes::Auto,
         }
     }
 }

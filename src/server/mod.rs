@@ -37,7 +37,9 @@ use anyhow::Context;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 pub use config::ServerConfig;
-pub use worker::{BackendFactory, DeviceHealth, FailedDevice, ImageBackend, WorkerSpec};
+pub use worker::{
+    BackendFactory, DeviceHealth, FailedDevice, ImageBackend, WarmupSizes, WorkerSpec,
+};
 
 use auth::Authenticator;
 use batcher::Queue;
@@ -190,6 +192,7 @@ pub async fn serve(
         } else {
             config.warmup_images
         },
+        sizes: config.warmup_batch_sizes,
     };
     let max_batch = b.max_batch_size;
     let health = Arc::new(DeviceHealth::default());

@@ -45,6 +45,14 @@ pub trait ImageBackend: Send + 'static {
         Ok(())
     }
 
+    /// Whether the first batch of each size costs more than later ones because the backend
+    /// plans per batch size: cuDNN's convolution plans (measured on an H200: 1.5-4 s for a new
+    /// batch size's first batch, 0.04-0.4 s for later ones). [`WarmupSizes::Auto`] then warms up
+    /// every size.
+    fn plans_per_batch_size(&self) -> bool {
+        false
+    }
+
     /// Queues a batch and returns what collects its images, so the worker can queue the next
     /// batch before it waits for this one. A backend that cannot queue runs the batch here.
     fn launch(
@@ -87,6 +95,10 @@ impl ImageBackend for Pipeline {
         Ok(self.device().synchronize()?)
     }
 
+    fn plans_per_batch_size(&self) -> bool {
+        cfg!(feature = "cudnn") && self.device().is_cuda()
+    }
+
     fn generate(
         &mut self,
         settings: &GenerationSettings,
@@ -124,6 +136,38 @@ pub struct WorkerSpec {
 pub struct Warmup {
     pub key: ShapeKey,
     pub images: usize,
+    /// Which smaller batches follow it.
+    pub sizes: WarmupSizes,
+}
+
+/// The batch sizes a worker warms up (`--warmup-batch-sizes`): the warm-up batch, then, for
+/// `all`, one batch of each smaller size, so that no request after `/health` turns 200 waits
+/// for a size's first-batch planning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum WarmupSizes {
+    /// `all` where the backend plans per batch size (CUDA with cuDNN), `largest` elsewhere.
+    #[default]
+    Auto,
+    /// Every size from the warm-up batch's down to 1.
+    All,
+    /// The warm-up batch alone.
+    Largest,
+}
+
+impl Warmup {
+    /// The sizes after the warm-up batch, largest first.
+    fn smaller_sizes(&self, backend: &dyn ImageBackend) -> std::ops::Range<usize> {
+        let all = match self.sizes {
+            WarmupSizes::All => true,
+            WarmupSizes::Largest => false,
+            WarmupSizes::Auto => backend.plans_per_batch_size(),
+        };
+        if all {
+            1..self.images
+        } else {
+            0..0
+        }
+    }
 }
 
 /// How the warm-up went.
@@ -266,6 +310,33 @@ fn start(
         secs = report.elapsed.as_secs_f64(),
         "warm-up batch done"
     );
+    let smaller = ctx.warmup.smaller_sizes(&*backend);
+    if !smaller.is_empty() {
+        let t = Instant::now();
+        for n in smaller.clone().rev() {
+            let out = catch_unwind(AssertUnwindSafe(|| {
+                backend.generate(&settings, &items[..n])
+            }))
+            .map_err(|p| {
+                anyhow::anyhow!(
+                    "the warm-up batch of {n} on {label} panicked: {}",
+                    panic_message(&p)
+                )
+            })?
+            .map_err(|e| e.context(format!("the warm-up batch of {n} on {label} failed")))?;
+            anyhow::ensure!(
+                out.images.len() == n,
+                "the warm-up batch of {n} on {label} returned {} images",
+                out.images.len()
+            );
+        }
+        tracing::info!(
+            device = %label,
+            sizes = %format!("{}-{}", smaller.start, smaller.end - 1),
+            secs = t.elapsed().as_secs_f64(),
+            "warm-up of the smaller batch sizes done (--warmup-batch-sizes)"
+        );
+    }
     Ok((backend, report))
 }
 
@@ -766,6 +837,7 @@ mod tests {
                 warmup: Warmup {
                     key: KEY,
                     images: 2,
+                    sizes: WarmupSizes::Auto,
                 },
                 health: Default::default(),
                 suspect: Default::default(),
@@ -949,6 +1021,7 @@ mod tests {
             warmup: Warmup {
                 key: KEY,
                 images: 1,
+                sizes: WarmupSizes::Auto,
             },
             health: Default::default(),
             suspect: Default::default(),
@@ -1311,6 +1384,84 @@ mod tests {
                 "the warm-up batch on cuda:0 failed (out of memory: 1 images of 8x8 at once"
             ) && err.contains("--max-batch-size")
                 && err.contains("CUDA_ERROR_OUT_OF_MEMORY"),
+            "{err}"
+        );
+    }
+
+    /// Records each batch's size; plans per batch size or not; fails batches of `fail_at`.
+    struct Sizes {
+        plans: bool,
+        fail_at: Option<usize>,
+        seen: Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    impl ImageBackend for Sizes {
+        fn generate(
+            &mut self,
+            s: &GenerationSettings,
+            items: &[ImageRequest],
+        ) -> anyhow::Result<GeneratedBatch> {
+            self.seen.lock().unwrap().push(items.len());
+            if self.fail_at == Some(items.len()) {
+                anyhow::bail!("no plan for {} images", items.len());
+            }
+            Fake.generate(s, items)
+        }
+
+        fn plans_per_batch_size(&self) -> bool {
+            self.plans
+        }
+    }
+
+    /// The warm-up batch, then (where the backend plans per size, or when asked) one batch of
+    /// each smaller size, largest first; the report and calibration stay the first batch's.
+    #[test]
+    fn the_warm_up_covers_every_batch_size_where_the_backend_plans_per_size() {
+        use WarmupSizes::{All, Auto, Largest};
+        for (sizes, plans, want) in [
+            (Auto, true, vec![4, 3, 2, 1]),
+            (Auto, false, vec![4]),
+            (All, false, vec![4, 3, 2, 1]),
+            (Largest, true, vec![4]),
+        ] {
+            let mut ctx = context();
+            ctx.warmup = Warmup {
+                key: KEY,
+                images: 4,
+                sizes,
+            };
+            let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let backend = Sizes {
+                plans,
+                fail_at: None,
+                seen: seen.clone(),
+            };
+            let factory: BackendFactory = Box::new(move || Ok(Box::new(backend)));
+            let (_, report) = start(factory, "fake", &ctx).unwrap();
+            assert_eq!(*seen.lock().unwrap(), want, "{sizes:?}, plans {plans}");
+            assert_eq!(report.images, 4);
+        }
+    }
+
+    #[test]
+    fn a_failed_smaller_warm_up_batch_fails_start_up() {
+        let mut ctx = context();
+        ctx.warmup = Warmup {
+            key: KEY,
+            images: 3,
+            sizes: WarmupSizes::All,
+        };
+        let backend = Sizes {
+            plans: false,
+            fail_at: Some(2),
+            seen: Default::default(),
+        };
+        let factory: BackendFactory = Box::new(move || Ok(Box::new(backend)));
+        let err = start(factory, "cuda:1", &ctx).err().unwrap();
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("the warm-up batch of 2 on cuda:1 failed")
+                && err.contains("no plan for 2 images"),
             "{err}"
         );
     }
