@@ -300,8 +300,6 @@ fn start(
         report.images,
         items.len()
     );
-    ctx.metrics
-        .calibrate(report.images, report.elapsed, ctx.queue.workers());
     tracing::info!(
         device = %label,
         images = report.images,
@@ -311,24 +309,12 @@ fn start(
         "warm-up batch done"
     );
     let smaller = ctx.warmup.smaller_sizes(&*backend);
-    if !smaller.is_empty() {
+    let calibration = if smaller.is_empty() {
+        report.elapsed
+    } else {
         let t = Instant::now();
         for n in smaller.clone().rev() {
-            let out = catch_unwind(AssertUnwindSafe(|| {
-                backend.generate(&settings, &items[..n])
-            }))
-            .map_err(|p| {
-                anyhow::anyhow!(
-                    "the warm-up batch of {n} on {label} panicked: {}",
-                    panic_message(&p)
-                )
-            })?
-            .map_err(|e| e.context(format!("the warm-up batch of {n} on {label} failed")))?;
-            anyhow::ensure!(
-                out.images.len() == n,
-                "the warm-up batch of {n} on {label} returned {} images",
-                out.images.len()
-            );
+            warm_up_batch(&mut *backend, &settings, &items[..n], label)?;
         }
         tracing::info!(
             device = %label,
@@ -336,8 +322,38 @@ fn start(
             secs = t.elapsed().as_secs_f64(),
             "warm-up of the smaller batch sizes done (--warmup-batch-sizes)"
         );
-    }
+        // The first batch planned its size, so its time says little about the next ones: the
+        // throughput estimate (Retry-After) starts from the same batch run again, planned.
+        warm_up_batch(&mut *backend, &settings, &items, label)?
+    };
+    ctx.metrics
+        .calibrate(report.images, calibration, ctx.queue.workers());
     Ok((backend, report))
+}
+
+/// One more warm-up batch of `items`, after the first; returns how long it took.
+fn warm_up_batch(
+    backend: &mut dyn ImageBackend,
+    settings: &GenerationSettings,
+    items: &[ImageRequest],
+    label: &str,
+) -> anyhow::Result<Duration> {
+    let n = items.len();
+    let t = Instant::now();
+    let out = catch_unwind(AssertUnwindSafe(|| backend.generate(settings, items)))
+        .map_err(|p| {
+            anyhow::anyhow!(
+                "the warm-up batch of {n} on {label} panicked: {}",
+                panic_message(&p)
+            )
+        })?
+        .map_err(|e| e.context(format!("the warm-up batch of {n} on {label} failed")))?;
+    anyhow::ensure!(
+        out.images.len() == n,
+        "the warm-up batch of {n} on {label} returned {} images",
+        out.images.len()
+    );
+    Ok(t.elapsed())
 }
 
 /// Takes batches until the batcher is gone. While a batch is still running on the device (the
@@ -1414,14 +1430,15 @@ mod tests {
     }
 
     /// The warm-up batch, then (where the backend plans per size, or when asked) one batch of
-    /// each smaller size, largest first; the report and calibration stay the first batch's.
+    /// each smaller size, largest first, and the largest once more, planned, for the throughput
+    /// estimate.
     #[test]
     fn the_warm_up_covers_every_batch_size_where_the_backend_plans_per_size() {
         use WarmupSizes::{All, Auto, Largest};
         for (sizes, plans, want) in [
-            (Auto, true, vec![4, 3, 2, 1]),
+            (Auto, true, vec![4, 3, 2, 1, 4]),
             (Auto, false, vec![4]),
-            (All, false, vec![4, 3, 2, 1]),
+            (All, false, vec![4, 3, 2, 1, 4]),
             (Largest, true, vec![4]),
         ] {
             let mut ctx = context();
@@ -1441,6 +1458,48 @@ mod tests {
             assert_eq!(*seen.lock().unwrap(), want, "{sizes:?}, plans {plans}");
             assert_eq!(report.images, 4);
         }
+    }
+
+    /// The throughput estimate (Retry-After's) comes from a planned batch, not the first one,
+    /// which paid for the planning, when the warm-up covers the smaller sizes.
+    #[test]
+    fn the_throughput_estimate_starts_from_a_planned_batch() {
+        /// Sleeps 300 ms in the first batch of each size (its planning).
+        struct Planning(std::collections::HashSet<usize>);
+        impl ImageBackend for Planning {
+            fn generate(
+                &mut self,
+                s: &GenerationSettings,
+                items: &[ImageRequest],
+            ) -> anyhow::Result<GeneratedBatch> {
+                if self.0.insert(items.len()) {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                Fake.generate(s, items)
+            }
+        }
+        let throughput = |sizes| {
+            let mut ctx = context();
+            ctx.warmup = Warmup {
+                key: KEY,
+                images: 4,
+                sizes,
+            };
+            let factory: BackendFactory = Box::new(|| Ok(Box::new(Planning(Default::default()))));
+            let (_, report) = start(factory, "fake", &ctx).unwrap();
+            assert!(report.elapsed >= Duration::from_millis(300));
+            let m = ctx.metrics.render();
+            let line = m
+                .lines()
+                .find(|l| l.starts_with("turbine_throughput_images_per_second "))
+                .unwrap_or_else(|| panic!("{m}"))
+                .to_string();
+            line.rsplit(' ').next().unwrap().parse::<f64>().unwrap()
+        };
+        // The planned batch: 4 images in well under 300 ms.
+        assert!(throughput(WarmupSizes::All) > 100.0);
+        // Only the first batch: 4 images in at least 300 ms.
+        assert!(throughput(WarmupSizes::Largest) <= 4.0 / 0.3);
     }
 
     #[test]
