@@ -26,6 +26,15 @@
 #                                    CUDA library in that torch venv, start the CUDA binary (on the
 #                                    CPU; on cuda:0 it must fail cleanly) and list the kernel tests
 #   scripts/gpu_check.sh             on the device machine (what the `run` call executes)
+#   scripts/gpu_check.sh --serve     on the device machine, instead of the above: `turbine serve`
+#                                    end to end (scripts/bench/serve_check.py): a random model,
+#                                    the time to /health 200 with the warm-up of every batch
+#                                    size, the first requests after it, then images/s and p50/
+#                                    p95/p99 at 1, 8, 32 and 64 concurrent clients with the mean
+#                                    batch the server formed; serve_check.md and .json in $OUT
+#                                    (budget GPU_CHECK_BUDGET_S, default 240 s here;
+#                                    GPU_SERVE_ARGS adds serve_check.py arguments, e.g.
+#                                    "--max-batch-size 32 --levels 1,32,64")
 #
 # The `run` call (timeout_s 600; the script stops itself at $GPU_CHECK_BUDGET_S, default 555, and
 # writes gpu_check.md after every step, so even a run cut short leaves what it measured):
@@ -51,9 +60,10 @@ case "${1:-}" in
     --prepare) MODE=prepare ;;
     --dry-run) MODE=dry-run ;;
     --rehearse) MODE=rehearse ;;
+    --serve) MODE=serve ;;
     "") ;;
-    -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
-    *) echo "usage: scripts/gpu_check.sh [--prepare|--dry-run|--rehearse]" >&2; exit 2 ;;
+    -h|--help) sed -n '2,53p' "$0"; exit 0 ;;
+    *) echo "usage: scripts/gpu_check.sh [--prepare|--dry-run|--rehearse|--serve]" >&2; exit 2 ;;
 esac
 
 die() { echo "error: $*" >&2; exit 1; }
@@ -252,8 +262,13 @@ fi
 
 # --- on the device machine ---------------------------------------------------------------------
 : "${OUT:?OUT is not set: this mode runs inside the device tool (use --dry-run here)}"
-BUDGET="${GPU_CHECK_BUDGET_S:-555}"
-exec > >(tee "$OUT/gpu_check.log") 2>&1
+if [ "$MODE" = serve ]; then
+    BUDGET="${GPU_CHECK_BUDGET_S:-240}"
+    exec > >(tee "$OUT/serve_check.log") 2>&1
+else
+    BUDGET="${GPU_CHECK_BUDGET_S:-555}"
+    exec > >(tee "$OUT/gpu_check.log") 2>&1
+fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 echo "== $(date -u) on $(hostname)"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm --format=csv || true
@@ -328,6 +343,15 @@ fi
 
 # What the steps above spent comes off the budget.
 used=$SECONDS
+if [ "$MODE" = serve ]; then
+    # (GPU_SERVE_ARGS is split at spaces on purpose.)
+    # shellcheck disable=SC2086
+    TURBINE_COMMIT=$commit python3 scripts/bench/serve_check.py --turbine "$BIN/turbine" --out "$OUT" \
+        --budget-s $((BUDGET - used)) --commit "$commit" ${GPU_SERVE_ARGS:-}
+    rc=$?
+    echo "== done in $SECONDS s, exit $rc"
+    exit $rc
+fi
 python3 scripts/bench/gpu_check.py --turbine "$BIN/turbine" --out "$OUT" --work /tmp/turbine-gpu-check \
     --budget-s $((BUDGET - used)) --commit "$commit" --tests-dir "$BIN/tests" \
     --kernels "${GPU_CHECK_KERNELS:-auto}" ${GPU_CHECK_ARGS:-}

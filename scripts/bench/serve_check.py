@@ -1,0 +1,278 @@
+#!/usr/bin/env python3
+"""`turbine serve` end to end on one device: start-up, then HTTP load, for `gpu_check.sh --serve`.
+
+Where gpu_check.py measures the pipeline (`turbine bench`), this measures the server a client
+talks to: the time from the process start to `/health` 200 (model load, the warm-up batch and,
+with `--warmup-batch-sizes`, every smaller size), the latency of the first requests after it
+(a size planned late would show here as seconds), and images/s and latency percentiles at each
+concurrency level, with the mean batch size the server formed (from /metrics). Standard library
+only (the device machine has no network and `hey` is not there); one thread per client, one image
+per request, PNG as base64, as an OpenAI SDK sends by default.
+
+  python3 scripts/bench/serve_check.py --turbine BIN --out DIR [--model-dir DIR | --config-dir
+      models/sdxl-turbo (a random model written by diffusers_ref.py make-model)] [--device cuda:0]
+      [--size 512x512] [--max-batch-size 16] [--levels 1,8,32,64] [--level-s 20] [--budget-s 200]
+      [-- EXTRA `turbine serve` ARGS]
+
+Writes serve_check.md (a table) and serve_check.json (every figure) into --out.
+"""
+
+import argparse
+import base64
+import concurrent.futures as cf
+import datetime
+import http.client
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+PROMPTS = [
+    "a photograph of an astronaut riding a horse on the moon",
+    "a watercolour painting of a lighthouse at dawn",
+    "a bowl of ramen, studio lighting, 35mm",
+    "an isometric pixel-art city at night",
+]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def log(msg):
+    print(f"[serve_check] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(port, path, timeout=5.0):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("GET", path)
+        r = c.getresponse()
+        return r.status, r.read()
+    finally:
+        c.close()
+
+
+def generate(port, prompt, size, timeout):
+    """One request of one image; (status, seconds, error or None)."""
+    body = json.dumps({"prompt": prompt, "n": 1, "size": size, "response_format": "b64_json"})
+    t = time.perf_counter()
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("POST", "/v1/images/generations", body, {"Content-Type": "application/json"})
+        r = c.getresponse()
+        raw = r.read()
+        dt = time.perf_counter() - t
+        if r.status != 200:
+            return r.status, dt, raw[:200].decode(errors="replace")
+        data = json.loads(raw)["data"]
+        png = base64.b64decode(data[0]["b64_json"])
+        if len(data) != 1 or not png.startswith(PNG_MAGIC):
+            return r.status, dt, "not one PNG"
+        return r.status, dt, None
+    except (OSError, ValueError, KeyError) as e:
+        return 0, time.perf_counter() - t, repr(e)
+    finally:
+        c.close()
+
+
+def batch_histogram(port):
+    """(sum, count) of turbine_batch_size from /metrics."""
+    _, raw = get(port, "/metrics")
+    vals = {}
+    for line in raw.decode().splitlines():
+        m = re.match(r"^turbine_batch_size_(sum|count) ([0-9.eE+-]+)$", line)
+        if m:
+            vals[m.group(1)] = float(m.group(2))
+    return vals.get("sum", 0.0), vals.get("count", 0.0)
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else None
+
+
+def level(port, clients, seconds, size, timeout):
+    """`clients` threads, each sending one request after another for `seconds`."""
+    stop = time.perf_counter() + seconds
+    results, lock = [], threading.Lock()
+
+    def client(i):
+        k = i
+        while time.perf_counter() < stop:
+            r = generate(port, PROMPTS[k % len(PROMPTS)], size, timeout)
+            with lock:
+                results.append(r)
+            k += clients
+
+    s0, c0 = batch_histogram(port)
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(clients) as ex:
+        list(ex.map(client, range(clients)))
+    wall = time.perf_counter() - t0
+    s1, c1 = batch_histogram(port)
+    ok = [dt for st, dt, err in results if st == 200 and err is None]
+    errors = [f"{st}: {err}" for st, dt, err in results if not (st == 200 and err is None)]
+    return {
+        "clients": clients, "requests": len(results), "ok": len(ok), "errors": len(errors),
+        "first_errors": errors[:3], "wall_s": wall,
+        "images_per_s": len(ok) / wall if wall > 0 else 0.0,
+        "p50_ms": pct(ok, 0.5) * 1e3 if ok else None,
+        "p95_ms": pct(ok, 0.95) * 1e3 if ok else None,
+        "p99_ms": pct(ok, 0.99) * 1e3 if ok else None,
+        "mean_batch": (s1 - s0) / (c1 - c0) if c1 > c0 else None,
+    }
+
+
+def render(res):
+    f = lambda v, spec=".1f": "-" if v is None else format(v, spec)  # noqa: E731
+    lines = [f"### serve_check ({res['started_utc']})", ""]
+    lines.append(f"- command: `turbine serve {' '.join(res['serve_args'])}`")
+    lines.append(f"- commit: {res.get('commit', 'unknown')}; device {res['device']}; {res['size']}, "
+                 f"1 step, one image per request, PNG as base64; clients send one request after "
+                 f"another for {res['level_s']:g} s per level")
+    st = res.get("startup") or {}
+    if st:
+        lines.append(f"- start-up to `/health` 200: {f(st.get('healthy_s'))} s (warm-up batch "
+                     f"{f(st.get('warmup_s'), '.2f')} s, smaller sizes {f(st.get('smaller_s'), '.2f')} s)")
+    first = res.get("first_requests") or []
+    if first:
+        lines.append("- the first requests after `/health` 200, one at a time: "
+                     + ", ".join(f"{x * 1e3:.0f} ms" for x in first))
+    if res.get("error"):
+        lines.append(f"- error: {res['error']}")
+    lines += ["", "| clients | requests | errors | images/s | p50 ms | p95 ms | p99 ms | mean batch |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res.get("levels", []):
+        lines.append(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['images_per_s']:.2f} | "
+                     f"{f(r['p50_ms'])} | {f(r['p95_ms'])} | {f(r['p99_ms'])} | {f(r['mean_batch'], '.2f')} |")
+    errs = [e for r in res.get("levels", []) for e in r["first_errors"]]
+    if errs:
+        lines += ["", "First errors: " + "; ".join(errs[:5])]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--turbine", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/turbine-serve-check"))
+    ap.add_argument("--model-dir", type=Path, help="a model to serve (default: write a random one)")
+    ap.add_argument("--config-dir", type=Path, default=ROOT / "models" / "sdxl-turbo")
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--size", default="512x512")
+    ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--levels", default="1,8,32,64")
+    ap.add_argument("--level-s", type=float, default=20.0)
+    ap.add_argument("--first-requests", type=int, default=4)
+    ap.add_argument("--budget-s", type=float, default=200.0)
+    ap.add_argument("--commit", default=os.environ.get("TURBINE_COMMIT", "unknown"))
+    ap.add_argument("serve_args", nargs="*", help="after --: more `turbine serve` arguments")
+    a = ap.parse_args()
+    t_start = time.monotonic()
+    left = lambda: a.budget_s - (time.monotonic() - t_start)  # noqa: E731
+    a.out.mkdir(parents=True, exist_ok=True)
+    a.work.mkdir(parents=True, exist_ok=True)
+    levels = [int(x) for x in a.levels.split(",")]
+    res = {"started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "commit": a.commit, "device": a.device, "size": a.size, "level_s": a.level_s,
+           "levels": []}
+
+    def save():
+        (a.out / "serve_check.json").write_text(json.dumps(res, indent=2))
+        md = render(res)
+        (a.out / "serve_check.md").write_text(md)
+        return md
+
+    model = a.model_dir
+    if model is None:
+        model = a.work / "model"
+        cmd = [sys.executable, str(HERE / "diffusers_ref.py"), "make-model", "--config-dir",
+               str(a.config_dir), "--out", str(model), "--seed", "0", "--device",
+               "cuda" if a.device.startswith("cuda") else "cpu", "--dtype", "f16", "--variant-fp16"]
+        log(" ".join(cmd))
+        if subprocess.run(cmd, timeout=max(10.0, left() - 60)).returncode != 0:
+            res["error"] = "writing the random model failed"
+            save()
+            return 1
+    port = free_port()
+    res["serve_args"] = ["--model-dir", str(model), "--device", a.device, "--host", "127.0.0.1",
+                         "--port", str(port), "--max-batch-size", str(a.max_batch_size),
+                         "--max-queued-images", "4096", "--request-timeout", "600"] + a.serve_args
+    log_path = a.work / "serve.log"
+    env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info"), NO_COLOR="1")
+    t0 = time.monotonic()
+    with open(log_path, "w") as lf:
+        proc = subprocess.Popen([str(a.turbine), "serve"] + res["serve_args"], stdout=lf,
+                                stderr=subprocess.STDOUT, env=env)
+    try:
+        healthy = None
+        while time.monotonic() - t0 < max(10.0, left() - 30):
+            if proc.poll() is not None:
+                break
+            try:
+                if get(port, "/health", timeout=2)[0] == 200:
+                    healthy = time.monotonic() - t0
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        text = log_path.read_text(errors="replace")
+        def secs_after(message):
+            # tracing writes the message, then its fields: `... warm-up batch done ... secs=1.2`
+            m = re.search(re.escape(message) + r".*?secs=([0-9.]+)", text)
+            return float(m.group(1)) if m else None
+
+        res["startup"] = {"healthy_s": healthy, "warmup_s": secs_after("warm-up batch done"),
+                          "smaller_s": secs_after("smaller batch sizes done")}
+        if healthy is None:
+            res["error"] = f"the server did not answer /health 200 (exit {proc.poll()}); log: {text[-800:]}"
+            save()
+            return 1
+        log(f"healthy after {healthy:.1f} s")
+        save()
+        # The first requests, one at a time: each a new batch size for nothing but 1.
+        firsts = []
+        for i in range(a.first_requests):
+            st, dt, err = generate(port, PROMPTS[i % len(PROMPTS)], a.size, 600)
+            if err:
+                res["error"] = f"first request: {st} {err}"
+                save()
+                return 1
+            firsts.append(dt)
+        res["first_requests"] = firsts
+        save()
+        for c in levels:
+            if left() < a.level_s + 15:
+                log(f"{c} clients: skipped, {left():.0f} s left")
+                break
+            r = level(port, c, a.level_s, a.size, 600)
+            log(f"{c} clients: {r['images_per_s']:.2f} images/s, p99 {r['p99_ms']} ms, "
+                f"mean batch {r['mean_batch']}, errors {r['errors']}")
+            res["levels"].append(r)
+            save()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        res["serve_exit"] = proc.returncode
+    md = save()
+    print("\n" + md, flush=True)
+    bad = [r for r in res["levels"] if r["errors"]]
+    return 1 if bad or not res["levels"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
