@@ -23,6 +23,7 @@
 use candle_core::{bail, Result, Shape, Tensor};
 
 use super::check_float_dtype;
+use super::select::with_thread_value;
 
 #[cfg(feature = "cudnn")]
 mod cudnn;
@@ -67,14 +68,7 @@ thread_local! {
 /// Runs `f` with the CUDA epilogue forced to `e` on this thread (restored afterwards, also on
 /// panic). Without the `cudnn` feature there is only one path and this changes nothing.
 pub fn with_conv_epilogue<R>(e: ConvEpilogue, f: impl FnOnce() -> R) -> R {
-    struct Restore(ConvEpilogue);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            EPILOGUE.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(EPILOGUE.with(|c| c.replace(e)));
-    f()
+    with_thread_value(&EPILOGUE, e, f)
 }
 
 #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
@@ -131,14 +125,7 @@ thread_local! {
 /// small shapes. Plans themselves keep the usual cap. Without the `cudnn` feature nothing splits
 /// and this changes nothing.
 pub fn with_conv_sub_batch_cap<R>(bytes: usize, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<usize>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            SUB_BATCH_CAP.with(|c| c.set(self.0));
-        }
-    }
-    let _restore = Restore(SUB_BATCH_CAP.with(|c| c.replace(Some(bytes))));
-    f()
+    with_thread_value(&SUB_BATCH_CAP, Some(bytes), f)
 }
 
 #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]

@@ -246,13 +246,23 @@ pub fn enabled(lever: Kernels) -> bool {
 
 /// Runs `f` with `k` in force on this thread only (restored afterwards, also on panic).
 pub fn with_kernels<R>(k: Kernels, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<Kernels>);
-    impl Drop for Restore {
+    with_thread_value(&THREAD, Some(k), f)
+}
+
+/// Runs `f` with the thread-local `cell` set to `value`, and puts the old value back afterwards,
+/// also when `f` panics: the per-thread overrides of the ops (`with_kernels`, the conv ones).
+pub(crate) fn with_thread_value<T: Copy + 'static, R>(
+    cell: &'static std::thread::LocalKey<Cell<T>>,
+    value: T,
+    f: impl FnOnce() -> R,
+) -> R {
+    struct Restore<T: Copy + 'static>(&'static std::thread::LocalKey<Cell<T>>, T);
+    impl<T: Copy + 'static> Drop for Restore<T> {
         fn drop(&mut self) {
-            THREAD.with(|t| t.set(self.0));
+            self.0.with(|c| c.set(self.1));
         }
     }
-    let _restore = Restore(THREAD.with(|t| t.replace(Some(k))));
+    let _restore = Restore(cell, cell.with(|c| c.replace(value)));
     f()
 }
 
