@@ -268,38 +268,16 @@ fn start(
         })
         .collect();
     let settings = ctx.warmup.key.settings();
-    let t = Instant::now();
-    let out = catch_unwind(AssertUnwindSafe(|| backend.generate(&settings, &items)))
-        .map_err(|p| {
-            anyhow::anyhow!(
-                "the warm-up batch on {label} panicked: {}",
-                panic_message(&p)
-            )
-        })?
-        .map_err(|e| {
-            let hint = if out_of_memory(&e) {
-                format!(
-                    " (out of memory: {} images of {}x{} at once; lower --max-batch-size, which \
-                     sets the warm-up's size unless --warmup-images does)",
-                    items.len(),
-                    settings.width,
-                    settings.height
-                )
-            } else {
-                String::new()
-            };
-            e.context(format!("the warm-up batch on {label} failed{hint}"))
-        })?;
+    let elapsed = warm_up_batch(
+        &mut *backend,
+        &settings,
+        &items,
+        &format!("the warm-up batch on {label}"),
+    )?;
     let report = WarmupReport {
-        images: out.images.len(),
-        elapsed: t.elapsed(),
+        images: items.len(),
+        elapsed,
     };
-    anyhow::ensure!(
-        report.images == items.len(),
-        "the warm-up batch on {label} returned {} images for {} requests",
-        report.images,
-        items.len()
-    );
     tracing::info!(
         device = %label,
         images = report.images,
@@ -314,7 +292,12 @@ fn start(
     } else {
         let t = Instant::now();
         for n in smaller.clone().rev() {
-            warm_up_batch(&mut *backend, &settings, &items[..n], label)?;
+            warm_up_batch(
+                &mut *backend,
+                &settings,
+                &items[..n],
+                &format!("the warm-up batch of {n} on {label}"),
+            )?;
         }
         tracing::info!(
             device = %label,
@@ -324,33 +307,45 @@ fn start(
         );
         // The first batch planned its size, so its time says little about the next ones: the
         // throughput estimate (Retry-After) starts from the same batch run again, planned.
-        warm_up_batch(&mut *backend, &settings, &items, label)?
+        warm_up_batch(
+            &mut *backend,
+            &settings,
+            &items,
+            &format!("the warm-up batch on {label}, planned"),
+        )?
     };
     ctx.metrics
         .calibrate(report.images, calibration, ctx.queue.workers());
     Ok((backend, report))
 }
 
-/// One more warm-up batch of `items`, after the first; returns how long it took.
+/// One warm-up batch of `items`, named `what` in its errors; returns how long it took. Out of
+/// memory gets the flags that size the warm-up in its message.
 fn warm_up_batch(
     backend: &mut dyn ImageBackend,
     settings: &GenerationSettings,
     items: &[ImageRequest],
-    label: &str,
+    what: &str,
 ) -> anyhow::Result<Duration> {
     let n = items.len();
     let t = Instant::now();
     let out = catch_unwind(AssertUnwindSafe(|| backend.generate(settings, items)))
-        .map_err(|p| {
-            anyhow::anyhow!(
-                "the warm-up batch of {n} on {label} panicked: {}",
-                panic_message(&p)
-            )
-        })?
-        .map_err(|e| e.context(format!("the warm-up batch of {n} on {label} failed")))?;
+        .map_err(|p| anyhow::anyhow!("{what} panicked: {}", panic_message(&p)))?
+        .map_err(|e| {
+            let hint = if out_of_memory(&e) {
+                format!(
+                    " (out of memory: {n} images of {}x{} at once; lower --max-batch-size, which \
+                     sets the warm-up's size unless --warmup-images does)",
+                    settings.width, settings.height
+                )
+            } else {
+                String::new()
+            };
+            e.context(format!("{what} failed{hint}"))
+        })?;
     anyhow::ensure!(
         out.images.len() == n,
-        "the warm-up batch of {n} on {label} returned {} images",
+        "{what} returned {} images for {n} requests",
         out.images.len()
     );
     Ok(t.elapsed())
