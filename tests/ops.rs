@@ -103,28 +103,11 @@ fn poison(dev: &Device, elems: usize, dtype: DType) {
 
 fn assert_close(got: &Tensor, want: &Tensor, tol: f64, what: &str) {
     assert_eq!(got.dims(), want.dims(), "{what}: shape");
-    let got: Vec<f32> = got
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+    let (got, want) = (host_f32(got), host_f32(want));
     if let Some(i) = got.iter().position(|v| !v.is_finite()) {
         panic!("{what}: element {i} is {} (not written?)", got[i]);
     }
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-    let (mut worst, mut at) = (0f64, 0);
-    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-        let e = (*g as f64 - *w as f64).abs();
-        if e > worst {
-            (worst, at) = (e, i);
-        }
-    }
-    let rel = worst / scale.max(1e-12);
+    let (rel, worst, at) = worst_err(&got, &want);
     let _ = writeln!(
         std::io::stderr(),
         "{what}: rel err {rel:.2e} (max abs {worst:.2e} at {at}, bound {tol:.0e})"
@@ -140,24 +123,35 @@ fn assert_close(got: &Tensor, want: &Tensor, tol: f64, what: &str) {
 /// The largest absolute difference between `got` and `want` relative to `want`'s largest
 /// magnitude (as [`assert_close`] measures it).
 fn rel_err(got: &Tensor, want: &Tensor) -> f64 {
-    let flat = |t: &Tensor| -> Vec<f32> {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
-    let (got, want) = (flat(got), flat(want));
+    let (got, want) = (host_f32(got), host_f32(want));
     assert_eq!(got.len(), want.len());
+    worst_err(&got, &want).0
+}
+
+/// `t`'s elements as f32 on the host, flattened.
+fn host_f32(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// (largest absolute difference relative to `want`'s largest magnitude, that difference, its
+/// first index).
+fn worst_err(got: &[f32], want: &[f32]) -> (f64, f64, usize) {
     let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
-    let worst = got
-        .iter()
-        .zip(&want)
-        .fold(0f64, |m, (g, w)| m.max((*g as f64 - *w as f64).abs()));
-    worst / scale.max(1e-12)
+    let (mut worst, mut at) = (0f64, 0);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let e = (*g as f64 - *w as f64).abs();
+        if e > worst {
+            (worst, at) = (e, i);
+        }
+    }
+    (worst / scale.max(1e-12), worst, at)
 }
 
 fn dev_name(dev: &Device) -> &'static str {
@@ -1250,10 +1244,11 @@ fn conv2d_in_sub_batches_matches_cpu_reference() {
             split.contains(&format!("{} 1 ", ops::CONV_SUB_BATCHES)),
             "{split}"
         );
-        let shape = split.split(" x[n=").next().unwrap();
-        let rest = split.split(" x[n=").nth(1).unwrap();
-        let rest = &rest[rest.find(' ').unwrap()..];
-        let single = format!("{shape} x[n=1{}", &rest[..rest.find(']').unwrap()]);
+        // "BF16 NCHW x[n=5 c=64 h=20 w=16] ..." -> "BF16 NCHW x[n=1 c=64 h=20 w=16"
+        let head = &split[..split.find(']').unwrap()];
+        let (layout, batch_dims) = head.split_once(" x[n=").unwrap();
+        let (_, dims) = batch_dims.split_once(' ').unwrap();
+        let single = format!("{layout} x[n=1 {dims}");
         assert!(
             plans.iter().any(|p| p.starts_with(&single)),
             "no plan of one image for {split}"
