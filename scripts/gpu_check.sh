@@ -343,18 +343,17 @@ fi
 
 # What the steps above spent comes off the budget.
 used=$SECONDS
+# (GPU_SERVE_ARGS and GPU_CHECK_ARGS are split at spaces on purpose.)
 if [ "$MODE" = serve ]; then
-    # (GPU_SERVE_ARGS is split at spaces on purpose.)
     # shellcheck disable=SC2086
-    TURBINE_COMMIT=$commit python3 scripts/bench/serve_check.py --turbine "$BIN/turbine" --out "$OUT" \
+    python3 scripts/bench/serve_check.py --turbine "$BIN/turbine" --out "$OUT" \
         --budget-s $((BUDGET - used)) --commit "$commit" ${GPU_SERVE_ARGS:-}
-    rc=$?
-    echo "== done in $SECONDS s, exit $rc"
-    exit $rc
+else
+    # shellcheck disable=SC2086
+    python3 scripts/bench/gpu_check.py --turbine "$BIN/turbine" --out "$OUT" --work /tmp/turbine-gpu-check \
+        --budget-s $((BUDGET - used)) --commit "$commit" --tests-dir "$BIN/tests" \
+        --kernels "${GPU_CHECK_KERNELS:-auto}" ${GPU_CHECK_ARGS:-}
 fi
-python3 scripts/bench/gpu_check.py --turbine "$BIN/turbine" --out "$OUT" --work /tmp/turbine-gpu-check \
-    --budget-s $((BUDGET - used)) --commit "$commit" --tests-dir "$BIN/tests" \
-    --kernels "${GPU_CHECK_KERNELS:-auto}" ${GPU_CHECK_ARGS:-}
 rc=$?
 echo "== done in $SECONDS s, exit $rc"
 exit $rc
