@@ -85,14 +85,20 @@ fn timed<T>(device: &Device, iters: u64, mut f: impl FnMut() -> T) -> Duration {
     start.elapsed()
 }
 
-fn prompts(n: usize) -> Vec<&'static str> {
-    const P: [&str; 4] = [
+/// `n` distinct prompts (the pipeline encodes a repeated prompt once): `turbine bench`'s rule.
+fn prompts(n: usize) -> Vec<String> {
+    let p: Vec<String> = [
         "a photograph of an astronaut riding a horse on the moon",
         "a watercolour painting of a lighthouse at dawn",
         "a bowl of ramen, studio lighting, 35mm",
         "an isometric pixel-art city at night",
-    ];
-    (0..n).map(|i| P[i % P.len()]).collect()
+    ]
+    .map(String::from)
+    .to_vec();
+    turbine::cli::bench::batch_items(&p, n, 0)
+        .into_iter()
+        .map(|i| i.prompt)
+        .collect()
 }
 
 fn stages(c: &mut Criterion) {
@@ -109,7 +115,8 @@ fn stages(c: &mut Criterion) {
 
     let mut g = c.benchmark_group(format!("{}/tokenize", s.prefix));
     for bs in [1, 8] {
-        let texts = prompts(bs);
+        let owned = prompts(bs);
+        let texts: Vec<&str> = owned.iter().map(String::as_str).collect();
         g.throughput(Throughput::Elements(bs as u64));
         g.bench_function(BenchmarkId::from_parameter(format!("bs{bs}")), |b| {
             b.iter_custom(|iters| {
@@ -127,7 +134,8 @@ fn stages(c: &mut Criterion) {
     for (name, second) in [("text_encoder", false), ("text_encoder_2", true)] {
         let mut g = c.benchmark_group(format!("{}/{name}", s.prefix));
         for bs in [1, 4] {
-            let texts = prompts(bs);
+            let owned = prompts(bs);
+            let texts: Vec<&str> = owned.iter().map(String::as_str).collect();
             let ((t1, t2), (e1, e2)) = (p.tokenizers(), p.text_encoders());
             let (tok, enc) = if second { (t2, e2) } else { (t1, e1) };
             let ids = tok.encode_ids(&texts).expect("tokenize");
@@ -150,7 +158,9 @@ fn stages(c: &mut Criterion) {
 
     let mut g = c.benchmark_group(format!("{}/unet", s.prefix));
     for bs in [1, 4] {
-        let (embeds, pooled) = p.encode_prompts(&prompts(bs)).expect("encode prompts");
+        let owned = prompts(bs);
+        let texts: Vec<&str> = owned.iter().map(String::as_str).collect();
+        let (embeds, pooled) = p.encode_prompts(&texts).expect("encode prompts");
         let latents = Tensor::randn(0f32, 1.0, (bs, lc, lh, lw), dev)
             .and_then(|t| t.to_dtype(s.dtype))
             .expect("latents");
@@ -202,7 +212,7 @@ fn pipeline(c: &mut Criterion) {
             .into_iter()
             .enumerate()
             .map(|(i, prompt)| ImageRequest {
-                prompt: prompt.into(),
+                prompt,
                 negative_prompt: String::new(),
                 seed: i as u64,
             })

@@ -88,9 +88,10 @@ BODY="$WORK/body.json"
 printf '{"model":"sdxl-turbo","prompt":"a photograph of an astronaut riding a horse on the moon","n":1,"size":"%s","response_format":"b64_json","output_format":"%s"}' \
     "$SIZE" "$FORMAT" >"$BODY"
 
-# turbine_batch_size_{sum,count} from /metrics.
+# turbine_batch_size_{sum,count} and the prompts run through the text encoders, from /metrics.
 batch_stats() {
-    curl -sf "$URL/metrics" | awk '/^turbine_batch_size_sum /{s=$2} /^turbine_batch_size_count /{c=$2} END {print s+0, c+0}'
+    curl -sf "$URL/metrics" | awk '/^turbine_batch_size_sum /{s=$2} /^turbine_batch_size_count /{c=$2}
+        /^turbine_prompt_embeddings_total\{source="encoded"\} /{e=$2} END {print s+0, c+0, e+0}'
 }
 
 # One request first, so connection set-up and the server's lazy work are not in the first level.
@@ -102,15 +103,15 @@ ROWS="$WORK/rows.md"
 IFS=',' read -ra LEVELS <<<"$CONC"
 for c in "${LEVELS[@]}"; do
     n=$((c * PER_CLIENT))
-    read -r s0 c0 < <(batch_stats)
+    read -r s0 c0 e0 < <(batch_stats)
     hey -n "$n" -c "$c" -t "$TIMEOUT" -m POST -T application/json -D "$BODY" -o csv \
         "$URL/v1/images/generations" >"$WORK/c$c.csv"
-    read -r s1 c1 < <(batch_stats)
+    read -r s1 c1 e1 < <(batch_stats)
     # hey's csv: response-time (s), DNS+dialup, DNS, request-write, response-delay, response-read,
     # status-code, offset (s since the start). Requests that got no response at all are missing.
-    python3 - "$WORK/c$c.csv" "$c" "$n" "$s0" "$c0" "$s1" "$c1" >>"$ROWS" <<'PY'
+    python3 - "$WORK/c$c.csv" "$c" "$n" "$s0" "$c0" "$s1" "$c1" "$e0" "$e1" >>"$ROWS" <<'PY'
 import csv, math, sys
-path, conc, n, s0, c0, s1, c1 = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *map(float, sys.argv[4:])
+path, conc, n, s0, c0, s1, c1, e0, e1 = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *map(float, sys.argv[4:])
 rows = list(csv.DictReader(open(path)))
 ok = [r for r in rows if r["status-code"] == "200"]
 errors = n - len(ok)
@@ -122,7 +123,8 @@ def pct(p):
     return lat[k] * 1e3
 wall = max((float(r["offset"]) + float(r["response-time"]) for r in rows), default=float("nan"))
 mean_batch = (s1 - s0) / (c1 - c0) if c1 > c0 else float("nan")
-print(f"| {conc} | {n} | {errors} | {len(ok) / wall:.2f} | {pct(50):.0f} | {pct(95):.0f} | {pct(99):.0f} | {mean_batch:.2f} |")
+print(f"| {conc} | {n} | {errors} | {len(ok) / wall:.2f} | {pct(50):.0f} | {pct(95):.0f} | {pct(99):.0f} | "
+      f"{mean_batch:.2f} | {e1 - e0:.0f} |")
 PY
     tail -1 "$ROWS" >&2
 done
@@ -142,9 +144,11 @@ CPU=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
         echo "- commit: $COMMIT"
     fi
     echo "- server: $MODEL_DESC; load generator: hey $(dpkg-query -W -f='${Version}' hey 2>/dev/null), one image per request"
+    echo "- every request has the same prompt: the server encodes it at most once per batch, and not at all while"
+    echo "  \`--prompt-cache-entries\` (default 256) keeps it; 'prompts encoded' counts the text-encoder runs"
     echo
-    echo "| concurrency | requests | errors | images/s | p50 ms | p95 ms | p99 ms | mean batch size |"
-    echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| concurrency | requests | errors | images/s | p50 ms | p95 ms | p99 ms | mean batch size | prompts encoded |"
+    echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     cat "$ROWS"
 } >"$WORK/result.md"
 cat "$WORK/result.md"

@@ -1324,6 +1324,50 @@ impl Drop for ServerProcess {
     }
 }
 
+/// `--prompt-cache-entries`: a prompt runs through the text encoders once, whether it comes
+/// back within a request (`n` > 1) or in a later one, and `/metrics` says where each prompt's
+/// embeddings came from; the images are the same as with nothing kept.
+#[test]
+fn a_prompt_seen_before_skips_the_text_encoders() {
+    let p = ServerProcess::start(&["--prompt-cache-entries", "4"]);
+    let client = Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    let generate = |body: Value| -> Value {
+        let r = client
+            .post(format!("{}/v1/images/generations", p.base))
+            .json(&body)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().unwrap()
+    };
+    let first = generate(json!({"prompt": "a kept prompt", "n": 3, "seed": 7}));
+    let again = generate(json!({"prompt": "a kept prompt", "n": 1, "seed": 8}));
+    let m = client
+        .get(format!("{}/metrics", p.base))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let source = |s: &str| {
+        metric_in(
+            &m,
+            &format!("turbine_prompt_embeddings_total{{source=\"{s}\"}}"),
+        )
+    };
+    // However the four images were batched, only the first of them ran the encoders.
+    assert_eq!(source("encoded"), 1.0, "{m}");
+    assert_eq!(source("repeated") + source("cached"), 3.0, "{m}");
+    assert!(source("cached") >= 1.0, "{m}");
+    // Seed 8 is the second image of the first request: the same image, from kept embeddings.
+    assert_eq!(
+        decode_b64(&first["data"][1]).as_raw(),
+        decode_b64(&again["data"][0]).as_raw()
+    );
+}
+
 #[test]
 fn sigterm_stops_accepting_and_drains_queued_work_then_exits_zero() {
     let mut p = ServerProcess::start(&["--max-batch-size", "2", "--shutdown-grace-secs", "120"]);

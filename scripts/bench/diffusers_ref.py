@@ -9,7 +9,8 @@ Subcommands (all paths explicit; nothing is fetched from the Hub):
                the file `turbine generate/bench --init-latents` reads)
   generate     StableDiffusionXLPipeline on those latents: PNGs and per-run seconds (JSON)
   sweep        images/s, batch latency and peak memory over batch sizes (eager or torch.compile);
-               prompts cycle over DEFAULT_PROMPTS and latent rows cycle, as in `turbine bench`
+               prompts cycle over DEFAULT_PROMPTS, each image's distinct (`batch_prompts`), and
+               latent rows cycle, as in `turbine bench`
   diff         max / mean absolute pixel difference between two sets of PNGs
   devinfo      the GPU's measured bf16 matrix rate and copy bandwidth (METHOD.md's two ceilings)
 
@@ -32,12 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-DEFAULT_PROMPTS = [
-    "a photograph of an astronaut riding a horse on the moon",
-    "a watercolour painting of a lighthouse at dawn",
-    "a bowl of ramen, studio lighting, 35mm",
-    "an isometric pixel-art city at night",
-]
+from bench_prompts import PROMPTS as DEFAULT_PROMPTS, batch_prompts  # noqa: E402
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -358,7 +354,7 @@ def sweep(a):
                                             dynamic=False)
         rows, profiled = [], None
         for b in batches:
-            prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(b)]
+            prompts = batch_prompts(b)
             latents = read_latents(a.latents, b, device).to(DTYPES[a.dtype])
             if deadline and time.time() > deadline:
                 log(f"{mode}: time budget spent, stopping before batch {b}")
@@ -408,7 +404,7 @@ def sweep(a):
             write_sweep(a, device, mode, rows, sampler)
         if a.profile_batch and not (deadline and time.time() > deadline):
             b = a.profile_batch
-            prompts = [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(b)]
+            prompts = batch_prompts(b)
             latents = read_latents(a.latents, b, device).to(DTYPES[a.dtype])
             try:
                 profiled = profile_batch(pipe, prompts, latents, w, h, a.steps, device)

@@ -42,13 +42,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
+from bench_prompts import PROMPTS  # noqa: E402
+
 START = time.time()
-PROMPTS = [
-    "a photograph of an astronaut riding a horse on the moon",
-    "a watercolour painting of a lighthouse at dawn",
-    "a bowl of ramen, studio lighting, 35mm",
-    "an isometric pixel-art city at night",
-]
 
 
 def log(*a):
@@ -505,7 +501,8 @@ def render_md(res, a, batches, gpu):
     files = "fp16 variant files" if fp16_files(a, gpu) else "f32 files"
     hdr.append(f"- setting: {arch}, random weights (diffusers, seed 0, {files}), "
                f"{a.size}, {a.steps} step, {a.dtype}, guidance 0, end to end incl. VAE decode and 8-bit images; "
-               f"{len(PROMPTS)} prompts and initial latents cycled over each batch; warm-up excluded, median of "
+               f"{len(PROMPTS)} prompts cycled over each batch, every image's its own (\", variation K\" from the "
+               f"second round on), and {len(PROMPTS)} initial latents cycled; warm-up excluded, median of "
                f">= 3 runs and >= {a.min_time:g} s per batch size; peak = NVML device memory above the idle "
                f"baseline, per batch size")
     hdr.append("- diffusers: PyTorch's defaults (SDPA attention, cuDNN heuristics: `cudnn.benchmark` off); "

@@ -22,6 +22,7 @@ import base64
 import concurrent.futures as cf
 import datetime
 import http.client
+import itertools
 import json
 import os
 import re
@@ -34,12 +35,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-PROMPTS = [
-    "a photograph of an astronaut riding a horse on the moon",
-    "a watercolour painting of a lighthouse at dawn",
-    "a bowl of ramen, studio lighting, 35mm",
-    "an isometric pixel-art city at night",
-]
+sys.path.insert(0, str(HERE))
+
+from bench_prompts import prompt_at  # noqa: E402
+
+# Every request of the check gets its own prompt (`prompt_at(next(PROMPT_SEQ))`), so no request
+# is served from the server's prompt cache or shares a batch's encoding: the worst case.
+PROMPT_SEQ = itertools.count()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -86,15 +88,22 @@ def generate(port, prompt, size, timeout):
         c.close()
 
 
-def batch_histogram(port):
-    """(sum, count) of turbine_batch_size from /metrics."""
+def server_counts(port):
+    """(sum, count) of turbine_batch_size and the prompts run through the text encoders, from
+    /metrics."""
     _, raw = get(port, "/metrics")
+    return parse_counts(raw.decode())
+
+
+def parse_counts(text):
     vals = {}
-    for line in raw.decode().splitlines():
-        m = re.match(r"^turbine_batch_size_(sum|count) ([0-9.eE+-]+)$", line)
+    for line in text.splitlines():
+        m = re.match(r'^turbine_(batch_size_sum|batch_size_count|prompt_embeddings_total\{source="encoded"\}) '
+                     r"([0-9.eE+-]+)$", line)
         if m:
-            vals[m.group(1)] = float(m.group(2))
-    return vals.get("sum", 0.0), vals.get("count", 0.0)
+            vals[m.group(1).split("{")[0]] = float(m.group(2))
+    return (vals.get("batch_size_sum", 0.0), vals.get("batch_size_count", 0.0),
+            vals.get("prompt_embeddings_total", 0.0))
 
 
 def pct(xs, q):
@@ -102,25 +111,24 @@ def pct(xs, q):
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else None
 
 
-def level(port, clients, seconds, size, timeout):
-    """`clients` threads, each sending one request after another for `seconds`."""
+def level(port, clients, seconds, size, timeout, prompt=None):
+    """`clients` threads, each sending one request after another for `seconds`: every request
+    its own prompt, or all of them `prompt`."""
     stop = time.perf_counter() + seconds
     results, lock = [], threading.Lock()
 
     def client(i):
-        k = i
         while time.perf_counter() < stop:
-            r = generate(port, PROMPTS[k % len(PROMPTS)], size, timeout)
+            r = generate(port, prompt or prompt_at(next(PROMPT_SEQ)), size, timeout)
             with lock:
                 results.append(r)
-            k += clients
 
-    s0, c0 = batch_histogram(port)
+    s0, c0, e0 = server_counts(port)
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(clients) as ex:
         list(ex.map(client, range(clients)))
     wall = time.perf_counter() - t0
-    s1, c1 = batch_histogram(port)
+    s1, c1, e1 = server_counts(port)
     ok = [dt for st, dt, err in results if st == 200 and err is None]
     errors = [f"{st}: {err}" for st, dt, err in results if not (st == 200 and err is None)]
     return {
@@ -131,6 +139,7 @@ def level(port, clients, seconds, size, timeout):
         "p95_ms": pct(ok, 0.95) * 1e3 if ok else None,
         "p99_ms": pct(ok, 0.99) * 1e3 if ok else None,
         "mean_batch": (s1 - s0) / (c1 - c0) if c1 > c0 else None,
+        "prompts": "distinct" if prompt is None else "one", "encoded": e1 - e0,
     }
 
 
@@ -151,11 +160,17 @@ def render(res):
                      + ", ".join(f"{x * 1e3:.0f} ms" for x in first))
     if res.get("error"):
         lines.append(f"- error: {res['error']}")
-    lines += ["", "| clients | requests | errors | images/s | p50 ms | p95 ms | p99 ms | mean batch |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| clients | prompts | requests | errors | images/s | p50 ms | p95 ms | p99 ms | mean batch | "
+              "prompts encoded |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res.get("levels", []):
-        lines.append(f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['images_per_s']:.2f} | "
-                     f"{f(r['p50_ms'])} | {f(r['p95_ms'])} | {f(r['p99_ms'])} | {f(r['mean_batch'], '.2f')} |")
+        lines.append(f"| {r['clients']} | {r.get('prompts', 'distinct')} | {r['requests']} | {r['errors']} | "
+                     f"{r['images_per_s']:.2f} | {f(r['p50_ms'])} | {f(r['p95_ms'])} | {f(r['p99_ms'])} | "
+                     f"{f(r['mean_batch'], '.2f')} | {f(r.get('encoded'), '.0f')} |")
+    lines += ["", "prompts: `distinct` = every request its own prompt, so each image runs the text encoders "
+              "(none shares a batch's encoding or comes from the prompt cache); `one` = every request the same "
+              "prompt, which the server keeps (`--prompt-cache-entries`). 'prompts encoded' counts the "
+              "text-encoder runs of the level (`turbine_prompt_embeddings_total{source=\"encoded\"}`)."]
     errs = [e for r in res.get("levels", []) for e in r["first_errors"]]
     if errs:
         lines += ["", "First errors: " + "; ".join(errs[:5])]
@@ -173,6 +188,9 @@ def main():
     ap.add_argument("--size", default="512x512")
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--levels", default="1,8,32,64")
+    ap.add_argument("--same-prompt-levels", default="32",
+                    help="client counts to run again after --levels with every request the same prompt "
+                         "(the prompt cache's case); empty: none")
     ap.add_argument("--level-s", type=float, default=20.0)
     ap.add_argument("--first-requests", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=200.0)
@@ -183,7 +201,8 @@ def main():
     left = lambda: a.budget_s - (time.monotonic() - t_start)  # noqa: E731
     a.out.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
-    levels = [int(x) for x in a.levels.split(",")]
+    levels = [(int(x), None) for x in a.levels.split(",")]
+    levels += [(int(x), prompt_at(0)) for x in a.same_prompt_levels.split(",") if x.strip()]
     res = {"started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "commit": a.commit, "device": a.device, "size": a.size, "level_s": a.level_s,
            "levels": []}
@@ -244,7 +263,7 @@ def main():
         # The first requests, one at a time: each a new batch size for nothing but 1.
         firsts = []
         for i in range(a.first_requests):
-            st, dt, err = generate(port, PROMPTS[i % len(PROMPTS)], a.size, 600)
+            st, dt, err = generate(port, prompt_at(next(PROMPT_SEQ)), a.size, 600)
             if err:
                 res["error"] = f"first request: {st} {err}"
                 save()
@@ -252,13 +271,13 @@ def main():
             firsts.append(dt)
         res["first_requests"] = firsts
         save()
-        for c in levels:
+        for c, prompt in levels:
             if left() < a.level_s + 15:
                 log(f"{c} clients: skipped, {left():.0f} s left")
                 break
-            r = level(port, c, a.level_s, a.size, 600)
-            log(f"{c} clients: {r['images_per_s']:.2f} images/s, p99 {r['p99_ms']} ms, "
-                f"mean batch {r['mean_batch']}, errors {r['errors']}")
+            r = level(port, c, a.level_s, a.size, 600, prompt)
+            log(f"{c} clients, {r['prompts']} prompts: {r['images_per_s']:.2f} images/s, p99 {r['p99_ms']} ms, "
+                f"mean batch {r['mean_batch']}, encoded {r['encoded']:.0f}, errors {r['errors']}")
             res["levels"].append(r)
             save()
     finally:

@@ -67,7 +67,10 @@ pub struct Args {
     /// Keep adding timed runs until they add up to this many seconds (at most 1000 runs).
     #[arg(long, default_value_t = 0.0)]
     pub min_time: f64,
-    /// A prompt; repeat for several. Cycled over each batch (default: four built-in prompts).
+    /// A prompt; repeat for several. Cycled over each batch (default: four built-in prompts),
+    /// and from the second round on each gets `, variation K`: every image of a batch has its
+    /// own prompt, so the text encoders run the whole batch (the pipeline encodes a repeated
+    /// prompt once) and a comparison with diffusers compares the same work.
     #[arg(long)]
     pub prompt: Vec<String>,
     /// A safetensors file with one tensor `latents` `[n, 4, h/8, w/8]` (unscaled standard
@@ -723,11 +726,16 @@ fn measure_all(
     Ok(())
 }
 
-/// Requests of one batch: prompts cycled, image i seeded `seed + i`.
+/// Requests of one batch, image i seeded `seed + i`: prompts cycled, each distinct (image i
+/// gets `prompts[i % P]`, with `, variation K` appended from the second round on, K = i / P).
+/// `scripts/bench/diffusers_ref.py` names its batches' prompts by the same rule.
 pub fn batch_items(prompts: &[String], batch: usize, seed: u64) -> Vec<ImageRequest> {
     (0..batch)
         .map(|i| ImageRequest {
-            prompt: prompts[i % prompts.len()].clone(),
+            prompt: match i / prompts.len() {
+                0 => prompts[i].clone(),
+                k => format!("{}, variation {k}", prompts[i % prompts.len()]),
+            },
             negative_prompt: String::new(),
             seed: seed.wrapping_add(i as u64),
         })
@@ -1281,11 +1289,20 @@ mod tests {
     }
 
     #[test]
-    fn items_and_latent_rows_cycle() -> candle_core::Result<()> {
+    fn items_cycle_distinct_prompts_and_latent_rows_cycle() -> candle_core::Result<()> {
         let prompts = vec!["a".to_string(), "b".to_string()];
         let items = batch_items(&prompts, 5, 10);
         let p: Vec<&str> = items.iter().map(|i| i.prompt.as_str()).collect();
-        assert_eq!(p, ["a", "b", "a", "b", "a"]);
+        assert_eq!(
+            p,
+            [
+                "a",
+                "b",
+                "a, variation 1",
+                "b, variation 1",
+                "a, variation 2"
+            ]
+        );
         assert_eq!(items[4].seed, 14);
         let lat = Tensor::arange(0f32, 6.0, &Device::Cpu)?.reshape((3, 2))?;
         let got: Vec<Vec<f32>> = cycle_rows(&lat, 5)?.to_vec2()?;

@@ -9,6 +9,7 @@ pub mod loader;
 pub mod noise;
 pub mod pipeline;
 pub mod profile;
+pub mod prompt_cache;
 pub mod scheduler;
 pub mod tokenizer;
 pub mod unet;

@@ -26,6 +26,7 @@ use crate::model::loader::{
 };
 use crate::model::noise;
 use crate::model::profile::{self, Mark};
+use crate::model::prompt_cache::PromptCache;
 use crate::model::scheduler::{EulerAncestralConfig, EulerAncestralScheduler};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
@@ -78,11 +79,32 @@ pub struct StageTimings {
     pub vae_decode: Duration,
 }
 
+/// Where a batch's prompt embeddings came from, one count per prompt (negative prompts
+/// included when guidance runs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PromptCounts {
+    /// Run through the text encoders.
+    pub encoded: usize,
+    /// The same prompt as an earlier image of the batch: encoded once for all of them.
+    pub repeated: usize,
+    /// Kept from an earlier batch ([`Pipeline::set_prompt_cache_entries`]).
+    pub cached: usize,
+}
+
+impl PromptCounts {
+    fn add(&mut self, other: PromptCounts) {
+        self.encoded += other.encoded;
+        self.repeated += other.repeated;
+        self.cached += other.cached;
+    }
+}
+
 /// The decoded images of one batch, in request order.
 #[derive(Debug)]
 pub struct GeneratedBatch {
     pub images: Vec<image::RgbImage>,
     pub timings: StageTimings,
+    pub prompts: PromptCounts,
 }
 
 /// Invalid generation input; the message names the parameter.
@@ -124,6 +146,7 @@ pub struct Pipeline {
     scheduler_config: EulerAncestralConfig,
     force_zeros_for_empty_prompt: bool,
     latent_channels: usize,
+    prompt_cache: PromptCache,
 }
 
 impl Pipeline {
@@ -230,6 +253,7 @@ impl Pipeline {
             vae_config: vae_cfg,
             scheduler_config,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
+            prompt_cache: PromptCache::new(0),
         })
     }
 
@@ -308,8 +332,119 @@ impl Pipeline {
         )
     }
 
-    /// Encodes prompts with both text encoders: `([B, S, H1+H2], pooled [B, P])` in run dtype.
+    /// Keeps the embeddings of up to `entries` prompts on the device for later batches (least
+    /// recently used out first; 0, the default, keeps none). Each holds `[S, H1+H2]` + `[P]`
+    /// values in the run dtype (about 318 KB for SDXL in bf16). Replaces what was kept.
+    pub fn set_prompt_cache_entries(&mut self, entries: usize) {
+        self.prompt_cache = PromptCache::new(entries);
+    }
+
+    /// How many prompts' embeddings are kept now.
+    pub fn prompt_cache_len(&self) -> usize {
+        self.prompt_cache.len()
+    }
+
+    /// Prompt embeddings `([B, S, H1+H2], pooled [B, P])` in run dtype, one row per prompt: each
+    /// distinct prompt runs through the text encoders once (the rows of a repeated prompt are
+    /// copies of its first), and a prompt kept from an earlier batch not at all. The rows equal
+    /// [`Self::encode_prompts_uncached`]'s, to the rounding a different batch shape may bring
+    /// on CUDA (bit for bit on the CPU).
     pub fn encode_prompts(&self, prompts: &[&str]) -> anyhow::Result<(Tensor, Tensor)> {
+        self.encode_prompts_counted(prompts)
+            .map(|(embeds, pooled, _)| (embeds, pooled))
+    }
+
+    fn encode_prompts_counted(
+        &self,
+        prompts: &[&str],
+    ) -> anyhow::Result<(Tensor, Tensor, PromptCounts)> {
+        if prompts.is_empty() {
+            let (embeds, pooled) = self.encode_prompts_uncached(prompts)?;
+            return Ok((embeds, pooled, PromptCounts::default()));
+        }
+        // The distinct prompts in first-seen order, and each prompt's index among them.
+        let mut distinct: Vec<&str> = Vec::new();
+        let mut index_of: std::collections::HashMap<&str, u32> = Default::default();
+        let rows: Vec<u32> = prompts
+            .iter()
+            .map(|&p| {
+                *index_of.entry(p).or_insert_with(|| {
+                    distinct.push(p);
+                    (distinct.len() - 1) as u32
+                })
+            })
+            .collect();
+        let kept: Vec<Option<(Tensor, Tensor)>> =
+            distinct.iter().map(|p| self.prompt_cache.get(p)).collect();
+        let missing: Vec<&str> = distinct
+            .iter()
+            .zip(&kept)
+            .filter(|(_, k)| k.is_none())
+            .map(|(p, _)| *p)
+            .collect();
+        let counts = PromptCounts {
+            encoded: missing.len(),
+            repeated: prompts.len() - distinct.len(),
+            cached: distinct.len() - missing.len(),
+        };
+        let fresh = if missing.is_empty() {
+            None
+        } else {
+            let (embeds, pooled) = self.encode_prompts_uncached(&missing)?;
+            if self.prompt_cache.capacity() > 0 {
+                for (i, p) in missing.iter().enumerate() {
+                    // Copies, so that a kept row does not keep its whole batch alive.
+                    self.prompt_cache.insert(
+                        p,
+                        (
+                            embeds.narrow(0, i, 1)?.copy()?,
+                            pooled.narrow(0, i, 1)?.copy()?,
+                        ),
+                    );
+                }
+            }
+            Some((embeds, pooled))
+        };
+        let (embeds, pooled) = match fresh {
+            Some(fresh) if counts.cached == 0 => fresh,
+            fresh => {
+                let mut next_fresh = 0;
+                let mut embeds = Vec::with_capacity(distinct.len());
+                let mut pooled = Vec::with_capacity(distinct.len());
+                for k in kept {
+                    let (e, p) = match k {
+                        Some(rows) => rows,
+                        None => {
+                            let (fe, fp) = fresh.as_ref().ok_or_else(|| {
+                                anyhow::anyhow!("a prompt neither kept nor encoded (this is a bug)")
+                            })?;
+                            next_fresh += 1;
+                            (
+                                fe.narrow(0, next_fresh - 1, 1)?,
+                                fp.narrow(0, next_fresh - 1, 1)?,
+                            )
+                        }
+                    };
+                    embeds.push(e);
+                    pooled.push(p);
+                }
+                (Tensor::cat(&embeds, 0)?, Tensor::cat(&pooled, 0)?)
+            }
+        };
+        if counts.repeated == 0 {
+            return Ok((embeds, pooled, counts));
+        }
+        let rows = Tensor::from_vec(rows, prompts.len(), &self.device)?;
+        Ok((
+            embeds.index_select(&rows, 0)?,
+            pooled.index_select(&rows, 0)?,
+            counts,
+        ))
+    }
+
+    /// Encodes every prompt with both text encoders, repeats included, as one batch: `([B, S,
+    /// H1+H2], pooled [B, P])` in run dtype.
+    pub fn encode_prompts_uncached(&self, prompts: &[&str]) -> anyhow::Result<(Tensor, Tensor)> {
         // The ids stay on the host for the pooling positions: reading them back from the GPU
         // would wait for the batch still running there (see `ClipTextModel::forward_ids`).
         let n = prompts.len();
@@ -328,14 +463,16 @@ impl Pipeline {
         &self,
         items: &[ImageRequest],
         guidance: bool,
-    ) -> anyhow::Result<(Tensor, Tensor)> {
+    ) -> anyhow::Result<(Tensor, Tensor, PromptCounts)> {
         let prompts: Vec<&str> = items.iter().map(|i| i.prompt.as_str()).collect();
-        let (embeds, pooled) = self.encode_prompts(&prompts)?;
+        let (embeds, pooled, mut counts) = self.encode_prompts_counted(&prompts)?;
         if !guidance {
-            return Ok((embeds, pooled));
+            return Ok((embeds, pooled, counts));
         }
         let negatives: Vec<&str> = items.iter().map(|i| i.negative_prompt.as_str()).collect();
-        let (mut neg_embeds, mut neg_pooled) = self.encode_prompts(&negatives)?;
+        let (mut neg_embeds, mut neg_pooled, neg_counts) =
+            self.encode_prompts_counted(&negatives)?;
+        counts.add(neg_counts);
         if self.force_zeros_for_empty_prompt {
             // Per image: an empty negative prompt means zero embeddings (diffusers'
             // `negative_prompt=None` with force_zeros_for_empty_prompt).
@@ -356,6 +493,7 @@ impl Pipeline {
         Ok((
             Tensor::cat(&[&neg_embeds, &embeds], 0)?,
             Tensor::cat(&[&neg_pooled, &pooled], 0)?,
+            counts,
         ))
     }
 
@@ -398,7 +536,7 @@ impl Pipeline {
         };
 
         let mut clock = StageClock::start(&self.device)?;
-        let (embeds, pooled) = self.text_conditioning(items, guidance)?;
+        let (embeds, pooled, prompts) = self.text_conditioning(items, guidance)?;
         let rows = if guidance { 2 * n } else { n };
         let (h, w) = (settings.height as f32, settings.width as f32);
         let time_ids = Tensor::new(&[h, w, 0.0, 0.0, h, w], &self.device)?
@@ -483,7 +621,11 @@ impl Pipeline {
         } else {
             Pixels::Images(rgb8_images(&pixels)?)
         };
-        Ok(PendingBatch { pixels, clock })
+        Ok(PendingBatch {
+            pixels,
+            clock,
+            prompts,
+        })
     }
 
     /// Final latents → images in [0, 1], NCHW f32 (diffusers' `postprocess` before rounding).
@@ -519,6 +661,7 @@ fn postprocess(image: &Tensor) -> anyhow::Result<Tensor> {
 pub struct PendingBatch {
     pixels: Pixels,
     clock: StageClock,
+    prompts: PromptCounts,
 }
 
 enum Pixels {
@@ -553,6 +696,7 @@ impl PendingBatch {
                 unet: stages[1],
                 vae_decode: stages[2],
             },
+            prompts: self.prompts,
         })
     }
 }

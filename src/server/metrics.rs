@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::model::pipeline::PromptCounts;
+
 /// Stages whose durations are histogrammed (the `stage` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Stage {
@@ -141,6 +143,8 @@ pub struct Metrics {
     images_enqueued: AtomicU64,
     batches_failed: AtomicU64,
     batches_split: AtomicU64,
+    /// Prompt embeddings by where they came from: encoded, repeated, cached.
+    prompts: [AtomicU64; 3],
     queue_images: AtomicI64,
     in_flight: AtomicI64,
 }
@@ -169,6 +173,7 @@ impl Metrics {
             images_enqueued: AtomicU64::new(0),
             batches_failed: AtomicU64::new(0),
             batches_split: AtomicU64::new(0),
+            prompts: Default::default(),
             queue_images: AtomicI64::new(0),
             in_flight: AtomicI64::new(0),
         }
@@ -250,6 +255,17 @@ impl Metrics {
     /// A batch that ran out of device memory and is run again in smaller parts.
     pub fn batch_split(&self) {
         self.batches_split.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Where a finished batch's prompt embeddings came from.
+    pub fn prompts(&self, counts: PromptCounts) {
+        for (counter, n) in
+            self.prompts
+                .iter()
+                .zip([counts.encoded, counts.repeated, counts.cached])
+        {
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 
     pub fn throughput(&self) -> Option<f64> {
@@ -366,6 +382,21 @@ impl Metrics {
         );
         header(
             &mut out,
+            "turbine_prompt_embeddings_total",
+            "counter",
+            "Prompt embeddings of finished batches (negative prompts included) by source: run \
+             through the text encoders, repeated from an earlier image of the batch, or kept \
+             from an earlier batch (--prompt-cache-entries).",
+        );
+        for (source, n) in ["encoded", "repeated", "cached"].iter().zip(&self.prompts) {
+            let _ = writeln!(
+                out,
+                "turbine_prompt_embeddings_total{{source=\"{source}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        header(
+            &mut out,
             "turbine_batch_size",
             "histogram",
             "Images per batch run on a device.",
@@ -425,6 +456,13 @@ mod tests {
         m.batch_done(1, Duration::from_secs(1), 1);
         m.batch_done(4, Duration::from_secs(1), 1);
         m.stage(Stage::Unet, Duration::from_millis(30));
+        for _ in 0..2 {
+            m.prompts(PromptCounts {
+                encoded: 3,
+                repeated: 5,
+                cached: 1,
+            });
+        }
         let text = m.render();
         for line in [
             "turbine_http_requests_total{route=\"/v1/images/generations\",status=\"200\"} 2",
@@ -444,6 +482,10 @@ mod tests {
             "turbine_stage_duration_seconds_bucket{stage=\"unet\",le=\"0.05\"} 1",
             "turbine_stage_duration_seconds_count{stage=\"unet\"} 1",
             "# TYPE turbine_batch_size histogram",
+            "turbine_prompt_embeddings_total{source=\"encoded\"} 6",
+            "turbine_prompt_embeddings_total{source=\"repeated\"} 10",
+            "turbine_prompt_embeddings_total{source=\"cached\"} 2",
+            "# TYPE turbine_prompt_embeddings_total counter",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

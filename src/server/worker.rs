@@ -260,13 +260,18 @@ fn start(
         )
     })??;
     tracing::info!(device = %label, secs = t.elapsed().as_secs_f64(), "model loaded");
-    let items: Vec<ImageRequest> = (0..ctx.warmup.images as u64)
-        .map(|seed| ImageRequest {
-            prompt: "warm-up".into(),
-            negative_prompt: String::new(),
-            seed,
-        })
-        .collect();
+    // A distinct prompt per image, as under load, so that the text encoders run the whole
+    // batch (a repeated prompt is encoded once) and nothing comes from the prompt cache.
+    let warmup_items = |run: &str| -> Vec<ImageRequest> {
+        (0..ctx.warmup.images as u64)
+            .map(|seed| ImageRequest {
+                prompt: format!("warm-up {run} {seed}"),
+                negative_prompt: String::new(),
+                seed,
+            })
+            .collect()
+    };
+    let items = warmup_items("first");
     let settings = ctx.warmup.key.settings();
     let elapsed = warm_up_batch(
         &mut *backend,
@@ -310,7 +315,7 @@ fn start(
         warm_up_batch(
             &mut *backend,
             &settings,
-            &items,
+            &warmup_items("planned"),
             &format!("the warm-up batch on {label}, planned"),
         )?
     };
@@ -703,6 +708,7 @@ fn answer(
         .stage(Stage::TextEncode, out.timings.text_encode);
     ctx.metrics.stage(Stage::Unet, out.timings.unet);
     ctx.metrics.stage(Stage::VaeDecode, out.timings.vae_decode);
+    ctx.metrics.prompts(out.prompts);
     tracing::debug!(device = %label, images = live.len(), secs = elapsed.as_secs_f64(), "batch done");
     for (e, image) in live.into_iter().zip(out.images) {
         // A closed channel means the request is gone; nothing to do.
@@ -780,7 +786,7 @@ mod tests {
     //! The worker against a fake backend: the only place a fake model is used, to provoke
     //! failures the real pipeline cannot be made to produce on demand.
     use super::*;
-    use crate::model::pipeline::StageTimings;
+    use crate::model::pipeline::{PromptCounts, StageTimings};
     use crate::server::batcher::run_batcher;
     use crate::server::queue::{Guidance, Priority, QueuePolicy, RequestId};
     use image::RgbImage;
@@ -813,6 +819,7 @@ mod tests {
             Ok(GeneratedBatch {
                 images,
                 timings: StageTimings::default(),
+                prompts: PromptCounts::default(),
             })
         }
     }

@@ -7,7 +7,9 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
-use turbine::model::pipeline::{GenerationSettings, ImageRequest, NoiseOverride, Pipeline};
+use turbine::model::pipeline::{
+    GenerationSettings, ImageRequest, NoiseOverride, Pipeline, PromptCounts,
+};
 
 use crate::common::{assert_close, fixtures, reference, tiny_model};
 
@@ -274,4 +276,126 @@ fn too_large_an_image_is_invalid_input() {
         ..settings
     };
     assert!(p.validate(&ok, 64).is_ok());
+}
+
+fn settings_64(steps: usize, guidance_scale: f64) -> GenerationSettings {
+    GenerationSettings {
+        width: 64,
+        height: 64,
+        steps,
+        guidance_scale,
+    }
+}
+
+fn reqs(prompts: &[&str]) -> Vec<ImageRequest> {
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| req(p, 100 + i as u64))
+        .collect()
+}
+
+/// `n` > 1 asks for the same prompt n times: each distinct prompt of a batch runs through the
+/// text encoders once, and the rows of its repeats are its rows, bit for bit what encoding
+/// every prompt gives (on the CPU, where rows do not depend on the batch's shape).
+#[test]
+fn a_repeated_prompt_is_encoded_once_with_the_same_rows() {
+    let p = pipeline();
+    let prompts = [
+        "a red cube",
+        "a blue sphere",
+        "a red cube",
+        "a red cube",
+        "",
+        "a blue sphere",
+    ];
+    let (embeds, pooled) = p.encode_prompts(&prompts).unwrap();
+    let (each_embeds, each_pooled) = p.encode_prompts_uncached(&prompts).unwrap();
+    assert_eq!(embeds.dims(), each_embeds.dims());
+    assert_eq!(pooled.dims(), each_pooled.dims());
+    assert_close("deduplicated embeds", &embeds, &each_embeds, 0.0);
+    assert_close("deduplicated pooled", &pooled, &each_pooled, 0.0);
+
+    let out = p
+        .generate(&settings_64(1, 0.0), &reqs(&prompts), None)
+        .unwrap();
+    assert_eq!(
+        out.prompts,
+        PromptCounts {
+            encoded: 3,
+            repeated: 3,
+            cached: 0
+        }
+    );
+    // With guidance the negative prompts count too: four empty ones, encoded once.
+    let out = p
+        .generate(&settings_64(1, 3.0), &reqs(&prompts[..4]), None)
+        .unwrap();
+    assert_eq!(
+        out.prompts,
+        PromptCounts {
+            encoded: 3,
+            repeated: 5,
+            cached: 0
+        }
+    );
+}
+
+/// Runs `prompts` on `cached` and asserts its images are `plain`'s (which keeps no prompts),
+/// returns where the prompt embeddings came from.
+fn run_both(
+    cached: &Pipeline,
+    plain: &Pipeline,
+    settings: &GenerationSettings,
+    prompts: &[&str],
+) -> PromptCounts {
+    let items = reqs(prompts);
+    let out = cached.generate(settings, &items, None).unwrap();
+    let expected = plain.generate(settings, &items, None).unwrap().images;
+    assert_eq!(out.images.len(), expected.len());
+    for (i, (a, b)) in out.images.iter().zip(&expected).enumerate() {
+        // Bit for bit: on the CPU a prompt's rows do not depend on the batch they ran in.
+        let (max, mean) = pixel_diff(a.as_raw(), b.as_raw());
+        assert!(
+            max == 0,
+            "image {i} of {prompts:?} differs with the cache: max {max}, mean {mean}"
+        );
+    }
+    out.prompts
+}
+
+fn counts(encoded: usize, repeated: usize, cached: usize) -> PromptCounts {
+    PromptCounts {
+        encoded,
+        repeated,
+        cached,
+    }
+}
+
+/// A prompt kept from an earlier batch skips the encoders, and the images are the ones a
+/// pipeline without the cache makes; the least recently used prompt goes first when it is full.
+#[test]
+fn the_prompt_cache_reuses_recent_prompts_and_changes_no_image() {
+    let plain = pipeline();
+    let mut cached = Pipeline::load(&tiny_model(), &Device::Cpu, DType::F32).unwrap();
+    cached.set_prompt_cache_entries(2);
+    let s = settings_64(1, 0.0);
+    assert_eq!(run_both(&cached, plain, &s, &["a", "b"]), counts(2, 0, 0));
+    // "b" is read, so "a" is the least recently used when "c" comes in.
+    assert_eq!(
+        run_both(&cached, plain, &s, &["b", "c", "b"]),
+        counts(1, 1, 1)
+    );
+    assert_eq!(cached.prompt_cache_len(), 2);
+    assert_eq!(run_both(&cached, plain, &s, &["a"]), counts(1, 0, 0));
+    // "a" pushed out "b"; "c" and "a" are kept.
+    assert_eq!(run_both(&cached, plain, &s, &["c", "a"]), counts(0, 0, 2));
+    assert_eq!(run_both(&cached, plain, &s, &["b"]), counts(1, 0, 0));
+
+    // With guidance the negative prompts are kept too.
+    cached.set_prompt_cache_entries(8);
+    assert_eq!(cached.prompt_cache_len(), 0);
+    let g = settings_64(1, 3.0);
+    assert_eq!(run_both(&cached, plain, &g, &["x", "y"]), counts(3, 1, 0));
+    assert_eq!(run_both(&cached, plain, &g, &["y", "z"]), counts(1, 1, 2));
 }
