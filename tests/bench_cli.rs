@@ -119,6 +119,15 @@ fn sweep_writes_table_json_and_images() {
         assert!((row.images_per_s - b as f64 / row.median_s).abs() < 1e-9 * row.images_per_s);
         assert!(row.unet_ms > 0.0 && row.vae_decode_ms > 0.0 && row.text_encode_ms > 0.0);
         assert!(row.finished_unix_s > row.started_unix_s);
+        // The timed runs' window (what gpu_check reads the GPU's busy share over) lies inside
+        // the whole window, after the warm-up, and holds at least the timed runs' time.
+        assert!(row.started_unix_s < row.timed_started_unix_s, "{row:?}");
+        assert!(row.timed_finished_unix_s <= row.finished_unix_s, "{row:?}");
+        let timed: f64 = row.seconds.iter().sum();
+        assert!(
+            row.timed_finished_unix_s - row.timed_started_unix_s >= timed * 0.99,
+            "{row:?}"
+        );
         // `all` includes OVERLAP, but on the CPU a batch is done when `launch` returns: nothing
         // overlaps, each timed run is a whole batch (its latency), and no batch is queued
         // behind another.

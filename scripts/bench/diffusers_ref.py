@@ -23,7 +23,6 @@ import os
 import shutil
 import struct
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench_prompts import PROMPTS as DEFAULT_PROMPTS, batch_prompts  # noqa: E402
+from gpu_sampler import GpuMemSampler  # noqa: E402
 
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -284,47 +284,6 @@ def generate(a):
 # --- throughput sweep on a GPU -----------------------------------------------------------------
 
 
-class GpuMemSampler:
-    """Device memory in use (NVML, the whole device: what the process really holds, caching
-    allocators included), sampled every 20 ms in a thread, so that peaks of a separate process
-    (turbine) and of this one (diffusers) are measured the same way."""
-
-    def __init__(self, index=0, period=0.02):
-        import pynvml
-
-        pynvml.nvmlInit()
-        self._nvml = pynvml
-        self._h = pynvml.nvmlDeviceGetHandleByIndex(index)
-        self.samples = []
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._loop, args=(period,), daemon=True)
-        self.baseline = self.used()
-
-    def used(self):
-        return self._nvml.nvmlDeviceGetMemoryInfo(self._h).used
-
-    def _loop(self, period):
-        while not self._stop.is_set():
-            self.samples.append((time.time(), self.used()))
-            time.sleep(period)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-
-    def peak(self, t0=None, t1=None):
-        """Peak bytes above the baseline taken before the measured process started."""
-        vals = [u for t, u in self.samples if (t0 is None or t >= t0) and (t1 is None or t <= t1)]
-        return (max(vals) - self.baseline) if vals else None
-
-    def dump(self, path):
-        Path(path).write_text(json.dumps({"baseline": self.baseline, "samples": self.samples}))
-
-
 def sweep(a):
     device = torch.device(a.device)
     w, h = parse_size(a.size)
@@ -373,6 +332,7 @@ def sweep(a):
                     times.append(dt)
                     if deadline and time.time() > deadline and len(times) >= 1:
                         break
+                t_timed_end = time.time()
             except torch.OutOfMemoryError as e:
                 log(f"{mode} bs{b}: out of memory ({e})")
                 rows.append({"batch": b, "error": "out of memory"})
@@ -398,6 +358,7 @@ def sweep(a):
                 row["torch_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
                 row["torch_max_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
                 row["peak_bytes"] = sampler.peak(t_start, t_end)
+                row["gpu_busy_pct"] = sampler.busy(t_timed, t_timed_end)
             log(f"{mode} bs{b}: {med * 1e3:.1f} ms/batch, {b / med:.2f} images/s "
                 f"({len(times)} runs)")
             rows.append(row)

@@ -237,9 +237,13 @@ def sweep_kernels(asked, failed_levers):
 
 
 def turbine_peaks(report, sampler):
-    """Attributes NVML samples to each batch size by the wall-clock window turbine reports."""
+    """Attributes NVML samples to each batch size by the wall-clock windows turbine reports:
+    the peak memory over the batch size's whole window, how busy the GPU was over its timed
+    runs (back to back)."""
     for r in report.get("rows", []):
         r["peak_bytes"] = sampler.peak(r["started_unix_s"], r["finished_unix_s"])
+        if r.get("timed_started_unix_s"):
+            r["gpu_busy_pct"] = sampler.busy(r["timed_started_unix_s"], r["timed_finished_unix_s"])
 
 
 def table(res, batches):
@@ -538,9 +542,18 @@ def render_md(res, a, batches, gpu):
     if queued:
         hdr.append("- turbine's host time to queue one batch behind the running one against its ms/batch (well "
                    "below it: the GPU sets the pace; close to it: the host does, or the driver's launch queue "
-                   "filled behind a busy GPU, which the profile tells apart): "
+                   "filled behind a busy GPU, which the GPU busy share below tells apart): "
                    + ", ".join(f"bs{r['batch']} {r['host_queue_ms']:.1f} of {r['median_s'] * 1e3:.1f} ms"
                                for r in queued))
+    busy = []
+    for name in ("turbine", "eager", "compile"):
+        rows = [r for r in (res.get(name) or {}).get("rows") or [] if r.get("gpu_busy_pct") is not None]
+        if rows:
+            busy.append(f"{name} " + ", ".join(f"bs{r['batch']} {r['gpu_busy_pct']:.0f}%" for r in rows))
+    if busy:
+        hdr.append("- GPU busy over the timed runs (NVML utilisation, the share of time a kernel ran; well under "
+                   "100%: the GPU waited for the host, launch overhead or host work between batches, where CUDA "
+                   "graphs or less host work pay; about 100%: the GPU sets the pace): " + "; ".join(busy))
     cps = conv_plan_summary(t.get("conv_plans"))
     if cps:
         hdr.append(f"- {cps}")
@@ -689,7 +702,7 @@ def main():
         if json_path.exists():
             json_path.unlink()
         if gpu:
-            from diffusers_ref import GpuMemSampler
+            from gpu_sampler import GpuMemSampler
 
             with GpuMemSampler() as sampler:
                 rc = run(cmd, timeout=seconds, env=env)

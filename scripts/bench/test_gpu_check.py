@@ -232,6 +232,17 @@ class Report(unittest.TestCase):
         self.assertIn("bs1 21.5 of 25.0 ms", md)
         self.assertNotIn("bs8 ", md.split("against its ms/batch")[1].split("\n")[0])
 
+    def test_gpu_busy_share_is_shown_per_side_when_sampled(self):
+        res = self.res()
+        md = g.render_md(res, args(), [1, 8], True)
+        self.assertNotIn("GPU busy", md)
+        res["turbine"]["rows"][0]["gpu_busy_pct"] = 71.4
+        res["turbine"]["rows"][1]["gpu_busy_pct"] = 99.2
+        res["eager"]["rows"][1]["gpu_busy_pct"] = 88.0
+        md = g.render_md(res, args(), [1, 8], True)
+        line = [x for x in md.splitlines() if x.startswith("- GPU busy")][0]
+        self.assertIn("turbine bs1 71%, bs8 99%; eager bs8 88%", line)
+
     def test_profile_and_ablation_tables(self):
         prof = {"kernels": "all", "batch": 8, "text_encode_ms": 8.0, "unet_ms": 40.0, "vae_decode_ms": 32.0,
                 "entries": [{"stage": "unet", "kind": "conv", "ms": 16.0, "calls": 40},

@@ -147,6 +147,12 @@ pub struct Row {
     /// scripts/gpu_check.sh) can attribute its samples to a batch size.
     pub started_unix_s: f64,
     pub finished_unix_s: f64,
+    /// Wall-clock window of the timed runs alone (no warm-up, no batch-alone latency runs):
+    /// where an outside sampler reads how busy the GPU was while batches ran back to back.
+    #[serde(default)]
+    pub timed_started_unix_s: f64,
+    #[serde(default)]
+    pub timed_finished_unix_s: f64,
     /// Peak resident memory of the process during this batch size (Linux; the peak is reset
     /// before each batch size where the kernel allows it).
     pub peak_rss_bytes: Option<u64>,
@@ -331,6 +337,8 @@ pub fn summarize(batch: usize, samples: &[RunSample]) -> Option<Row> {
         seconds,
         started_unix_s: 0.0,
         finished_unix_s: 0.0,
+        timed_started_unix_s: 0.0,
+        timed_finished_unix_s: 0.0,
         peak_rss_bytes: None,
     })
 }
@@ -1029,6 +1037,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // are collected, as the server's worker does under load, and it is the interval
         // between batches. The first overlapped batch has nothing queued ahead of it, so its
         // time is a whole batch's: it leads in and is not a sample.
+        let timed_start = unix_now();
         let mut previous = Instant::now();
         let first_batch = launch()?;
         let overlap = first_batch.is_queued();
@@ -1066,8 +1075,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 pending = Some(launch()?);
             }
         }
+        let timed_end = unix_now();
         let mut row = summarize(b, &samples)
             .ok_or_else(|| anyhow::anyhow!("no timed runs for batch {b} (this is a bug)"))?;
+        row.timed_started_unix_s = timed_start;
+        row.timed_finished_unix_s = timed_end;
         if overlap && latency {
             let mut alone = Vec::with_capacity(runs);
             for _ in 0..runs {
