@@ -85,6 +85,25 @@ def test_n3_seeded_distinct_and_reproducible(client: OpenAI):
     assert base64.b64decode(alone.data[0].b64_json) == blobs[2]
 
 
+def test_stream(client: OpenAI):
+    # The SDK's image streaming (`stream=True`): one completed event per image, no partial
+    # images (SDXL-Turbo's single step has none to show), the same images as without streaming.
+    plain = client.images.generate(prompt="a streamed lighthouse", n=2, size="64x64", extra_body={"seed": 21})
+    stream = client.images.generate(
+        prompt="a streamed lighthouse", n=2, size="64x64", stream=True, partial_images=1, extra_body={"seed": 21}
+    )
+    events = list(stream)
+    assert [e.type for e in events] == ["image_generation.completed"] * 2, events
+    by_seed = {seed_of(e): e for e in events}
+    assert sorted(by_seed) == [21, 22]
+    for i, seed in enumerate([21, 22]):
+        e = by_seed[seed]
+        assert (e.size, e.output_format, e.quality, e.background) == ("64x64", "png", "low", "opaque")
+        assert e.created_at > 0
+        assert e.usage.output_tokens == 64 and e.usage.input_tokens > 0
+        assert base64.b64decode(e.b64_json) == base64.b64decode(plain.data[i].b64_json)
+
+
 def test_models(client: OpenAI):
     ids = [m.id for m in client.models.list()]
     assert ids[0] == "sdxl-turbo" and "dall-e-3" in ids, ids
@@ -154,6 +173,7 @@ def main() -> int:
         ("model alias and defaults", lambda: test_openai_model_alias_and_defaults(client)),
         ("url then fetch", lambda: test_url_then_fetch(client)),
         ("n=3 seeded", lambda: test_n3_seeded_distinct_and_reproducible(client)),
+        ("stream", lambda: test_stream(client)),
         ("models", lambda: test_models(client)),
         ("BadRequestError", lambda: test_bad_request(client)),
         ("AuthenticationError", lambda: test_authentication(args.base_url)),

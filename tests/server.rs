@@ -768,7 +768,19 @@ fn malformed_requests_get_the_right_status_and_the_server_keeps_serving() {
             400,
             Some("temperature"),
         ),
-        bad("stream", p(json!({"stream": true})), 400, Some("stream")),
+        bad("stream", p(json!({"stream": "yes"})), 400, Some("stream")),
+        bad(
+            "url stream",
+            p(json!({"stream": true, "response_format": "url"})),
+            400,
+            Some("response_format"),
+        ),
+        bad(
+            "partial images without a stream",
+            p(json!({"partial_images": 1})),
+            400,
+            Some("partial_images"),
+        ),
         bad("style", p(json!({"style": "cartoon"})), 400, Some("style")),
         bad_raw(
             "invalid JSON",
@@ -1249,6 +1261,148 @@ fn a_request_past_its_timeout_gets_503_and_its_unstarted_images_are_dropped() {
         metric_in(&m, "turbine_stage_duration_seconds_sum{stage=\"unet\"}")
     );
     s.generate_ok(&json!({"prompt": "fast"}));
+}
+
+/// The events of a `text/event-stream` body: (event name, JSON data).
+fn sse_events(body: &str) -> Vec<(String, Value)> {
+    body.split("\n\n")
+        .filter_map(|block| {
+            let mut name = String::new();
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                }
+            }
+            (!data.is_empty()).then(|| (name, serde_json::from_str(&data).unwrap()))
+        })
+        .collect()
+}
+
+/// `stream: true`: one `image_generation.completed` event per image, with OpenAI's fields and
+/// the seed, carrying the image the same request gives without streaming.
+#[test]
+fn a_streamed_request_sends_each_image_as_an_event() {
+    let s = TestServer::start(test_config());
+    let plain = s.generate_ok(&json!({"prompt": "a streamed fox", "n": 3, "seed": 5}));
+    let r = s.generate(&json!({
+        "prompt": "a streamed fox", "n": 3, "seed": 5, "stream": true, "partial_images": 2
+    }));
+    assert_eq!(r.status(), 200);
+    let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("text/event-stream"), "{ct}");
+    let events = sse_events(&r.text().unwrap());
+    assert_eq!(events.len(), 3, "{events:?}");
+    let mut seeds = Vec::new();
+    for (name, e) in &events {
+        assert_eq!(name, "image_generation.completed");
+        assert_eq!(e["type"], "image_generation.completed");
+        assert_eq!(
+            (
+                &e["size"],
+                &e["quality"],
+                &e["background"],
+                &e["output_format"]
+            ),
+            (
+                &json!("64x64"),
+                &json!("low"),
+                &json!("opaque"),
+                &json!("png")
+            )
+        );
+        assert!(e["created_at"].as_u64().unwrap() > 1_700_000_000);
+        // One image per event: 8x8 latent positions out, the prompt's CLIP tokens in.
+        assert_eq!(e["usage"]["output_tokens"], 64);
+        assert!(e["usage"]["input_tokens"].as_u64().unwrap() > 2);
+        let seed = e["seed"].as_u64().unwrap();
+        seeds.push(seed);
+        let i = (seed - 5) as usize;
+        assert_eq!(
+            decode_b64(e).as_raw(),
+            decode_b64(&plain["data"][i]).as_raw(),
+            "image of seed {seed}"
+        );
+    }
+    seeds.sort();
+    assert_eq!(seeds, [5, 6, 7]);
+    let m = s.metrics();
+    assert_eq!(
+        metric_in(
+            &m,
+            "turbine_http_requests_total{route=\"/v1/images/generations\",status=\"200\"}"
+        ),
+        2.0,
+        "{m}"
+    );
+    assert_eq!(metric_in(&m, "turbine_http_requests_in_flight"), 0.0, "{m}");
+}
+
+/// A backend that fails every batch holding the prompt "fail".
+struct FailsOnPrompt(Pipeline);
+
+impl ImageBackend for FailsOnPrompt {
+    fn generate(
+        &mut self,
+        settings: &GenerationSettings,
+        items: &[ImageRequest],
+    ) -> anyhow::Result<GeneratedBatch> {
+        anyhow::ensure!(
+            items.iter().all(|i| i.prompt != "fail"),
+            "the model failed on purpose"
+        );
+        self.0.generate(settings, items, None)
+    }
+}
+
+/// Once a stream has started, a failure is an `error` event with OpenAI's error body (what the
+/// SDKs raise), the stream ends, and the error is counted.
+#[test]
+fn a_failure_ends_the_stream_with_an_error_event() {
+    let s = TestServer::start_with(test_config(), |p| Box::new(FailsOnPrompt(p)));
+    let r = s.generate(&json!({"prompt": "fail", "n": 2, "stream": true}));
+    assert_eq!(r.status(), 200);
+    let events = sse_events(&r.text().unwrap());
+    assert_eq!(events.len(), 1, "{events:?}");
+    let (name, e) = &events[0];
+    assert_eq!(name, "error");
+    assert_eq!(e["type"], "error");
+    assert_eq!(e["error"]["type"], "server_error");
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(message.contains("the model failed on purpose"), "{message}");
+    assert_eq!(s.metric("turbine_errors_total{type=\"backend\"}"), 1.0);
+    s.generate_ok(&json!({"prompt": "still serving"}));
+}
+
+/// A streaming client that hangs up before its images ran: they are dropped from the queue.
+#[test]
+fn a_disconnected_streams_images_never_run() {
+    let mut config = test_config();
+    config.batching.max_batch_size = 1;
+    let s = Arc::new(TestServer::start(config));
+    let blocker_thread = {
+        let s = s.clone();
+        std::thread::spawn(move || s.generate_ok(&blocker()))
+    };
+    s.wait_metric("turbine_images_enqueued_total", |v| v >= 6.0);
+    let mut gone = raw_request(
+        &s.base,
+        &json!({"prompt": "never mind", "n": 3, "size": "64x64", "stream": true}),
+    );
+    s.wait_metric("turbine_images_enqueued_total", |v| v >= 9.0);
+    // The stream's head has come back (the events have not: they wait behind the blocker).
+    let mut head = [0u8; 12];
+    gone.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    drop(gone);
+    s.wait_metric(
+        "turbine_images_dropped_total{reason=\"client_disconnected\"}",
+        |v| v >= 3.0,
+    );
+    assert_eq!(images(&blocker_thread.join().unwrap()).len(), 6);
+    assert_eq!(s.metric("turbine_images_generated_total"), 6.0);
 }
 
 /// The real binary, for signals.

@@ -88,6 +88,22 @@ pub struct ImageData {
     pub seed: u64,
 }
 
+/// One event of a streamed response (`stream: true`): OpenAI's `image_generation.completed`,
+/// plus the `seed` extension.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StreamedImage {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub b64_json: String,
+    pub created_at: u64,
+    pub size: String,
+    pub quality: &'static str,
+    pub background: &'static str,
+    pub output_format: &'static str,
+    pub usage: Usage,
+    pub seed: u64,
+}
+
 /// Token usage in OpenAI's shape. Text tokens are the prompt's CLIP tokens (both prompts when
 /// a negative prompt is given) counted once per image, since every image encodes its prompt;
 /// output image tokens are one per 8x8 pixel patch (a latent position), per image.

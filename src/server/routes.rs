@@ -13,6 +13,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{MatchedPath, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
@@ -21,7 +22,9 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use super::api::{ImageData, ImagesResponse, Model, ModelList, ResponseFormat, Usage};
+use super::api::{
+    ImageData, ImagesResponse, Model, ModelList, ResponseFormat, StreamedImage, Usage,
+};
 use super::auth::Caller;
 use super::batcher::{Item, ItemOutcome, Queue};
 use super::encode::{spawn_encode, EncodeTask, Encoded};
@@ -270,6 +273,9 @@ async fn generations(
                 }
         })
     };
+    if req.stream {
+        return stream_images(&app, &caller, req, seed, token_count);
+    }
     let encoded = generate(&app, &caller, &req, seed).await?;
 
     let now = Instant::now();
@@ -313,9 +319,7 @@ async fn generations(
     }
     let text_tokens = token_count.await.unwrap_or(0);
     let response = ImagesResponse {
-        created: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        created: unix_secs(),
         data,
         background: "opaque".into(),
         output_format: req.output_format.as_str().into(),
@@ -350,20 +354,27 @@ impl Drop for QueuedRequest {
     }
 }
 
-/// Queues the request's images and starts encoding each one as it comes back.
-async fn generate(
+/// A request's images, queued: where they come back, and what drops those still queued if the
+/// request goes away first.
+struct Submitted {
+    rx: mpsc::UnboundedReceiver<ItemOutcome>,
+    guard: QueuedRequest,
+    deadline: Instant,
+}
+
+/// Queues the request's `n` images (image i seeded `seed + i`).
+fn submit(
     app: &Arc<App>,
     caller: &Caller,
     req: &ValidRequest,
     seed: u64,
-) -> Result<Vec<EncodeTask>, ApiError> {
+) -> Result<Submitted, ApiError> {
     let n = req.n as usize;
     let now = Instant::now();
-    let timeout = app.config.batching.request_timeout;
-    let deadline = now + timeout;
+    let deadline = now + app.config.batching.request_timeout;
     let id = app.next_request_id();
     let key = req.key();
-    let (tx, mut rx) = mpsc::unbounded_channel::<ItemOutcome>();
+    let (tx, rx) = mpsc::unbounded_channel::<ItemOutcome>();
     let entries = (0..n)
         .map(|i| Entry {
             request: id,
@@ -386,11 +397,31 @@ async fn generate(
     // Only the queued items hold senders now: `recv` ends if they all disappear.
     drop(tx);
     app.queue.submit(entries)?;
-    let mut guard = QueuedRequest {
-        queue: app.queue.clone(),
-        id,
-        reason: Some(DropReason::ClientDisconnected),
-    };
+    Ok(Submitted {
+        rx,
+        guard: QueuedRequest {
+            queue: app.queue.clone(),
+            id,
+            reason: Some(DropReason::ClientDisconnected),
+        },
+        deadline,
+    })
+}
+
+/// Queues the request's images and starts encoding each one as it comes back.
+async fn generate(
+    app: &Arc<App>,
+    caller: &Caller,
+    req: &ValidRequest,
+    seed: u64,
+) -> Result<Vec<EncodeTask>, ApiError> {
+    let n = req.n as usize;
+    let timeout = app.config.batching.request_timeout;
+    let Submitted {
+        mut rx,
+        mut guard,
+        deadline,
+    } = submit(app, caller, req, seed)?;
 
     let base64 = req.response_format == ResponseFormat::B64Json;
     let mut tasks: Vec<Option<EncodeTask>> = (0..n).map(|_| None).collect();
@@ -439,6 +470,184 @@ async fn generate(
             Err(InferError::Timeout { after: timeout }.into())
         }
     }
+}
+
+/// `stream: true`: the images as server-sent events, one `image_generation.completed` per image
+/// as soon as it is generated and encoded (in the order they finish), with OpenAI's fields plus
+/// the `seed` extension. Once the events have started, an error (a failed batch, the request's
+/// timeout) is an `error` event carrying OpenAI's error body, and the stream ends. A client that
+/// goes away drops its images still in the queue, as for any request.
+fn stream_images(
+    app: &Arc<App>,
+    caller: &Caller,
+    req: ValidRequest,
+    seed: u64,
+    token_count: tokio::task::JoinHandle<u64>,
+) -> Result<Response, ApiError> {
+    let submitted = submit(app, caller, &req, seed)?;
+    let stream = ImageStream {
+        app: app.clone(),
+        // The response outlives the handler: shutdown waits for the stream, not the handler.
+        _in_flight: app.enter(),
+        submitted,
+        left: req.n as usize,
+        req,
+        seed,
+        token_count: TokenCount::Pending(token_count),
+        ended: false,
+        span: tracing::Span::current(),
+    };
+    let events = futures_util::stream::unfold(stream, |mut s| async move {
+        let event = s.next_event().await?;
+        Some((Ok::<_, std::convert::Infallible>(event), s))
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// The prompt's token count for `usage`, counted alongside the generation.
+enum TokenCount {
+    Pending(tokio::task::JoinHandle<u64>),
+    Done(u64),
+}
+
+/// What a streamed request still waits for.
+struct ImageStream {
+    app: Arc<App>,
+    _in_flight: super::InFlight,
+    submitted: Submitted,
+    /// Images not sent yet.
+    left: usize,
+    req: ValidRequest,
+    seed: u64,
+    token_count: TokenCount,
+    /// An error event was sent: nothing follows it.
+    ended: bool,
+    /// The request's span (its id), for what is logged after the handler returned.
+    span: tracing::Span,
+}
+
+impl ImageStream {
+    /// The next event, or `None` once every image (or an error) was sent.
+    async fn next_event(&mut self) -> Option<Event> {
+        if self.ended || self.left == 0 {
+            return None;
+        }
+        let deadline = self.submitted.deadline;
+        let timeout = self.app.config.batching.request_timeout;
+        let outcome = tokio::time::timeout_at(deadline.into(), self.submitted.rx.recv()).await;
+        let result = match outcome {
+            Ok(Some(ItemOutcome {
+                index,
+                result: Ok(image),
+            })) => self.completed(index, image).await,
+            Ok(Some(ItemOutcome { result: Err(e), .. })) => {
+                Err((DropReason::RequestFailed, e.into()))
+            }
+            Ok(None) if Instant::now() < deadline => {
+                Err((DropReason::RequestFailed, BackendError::WorkerGone.into()))
+            }
+            Ok(None) | Err(_) => Err((
+                DropReason::Timeout,
+                InferError::Timeout { after: timeout }.into(),
+            )),
+        };
+        match result {
+            Ok(event) => {
+                self.left -= 1;
+                if self.left == 0 {
+                    self.submitted.guard.reason = None;
+                }
+                Some(event)
+            }
+            Err((reason, e)) => {
+                self.ended = true;
+                self.submitted.guard.reason = Some(reason);
+                Some(self.error_event(&e))
+            }
+        }
+    }
+
+    async fn completed(
+        &mut self,
+        index: usize,
+        image: image::RgbImage,
+    ) -> Result<Event, (DropReason, ApiError)> {
+        let failed = |e: ApiError| (DropReason::RequestFailed, e);
+        let req = &self.req;
+        let (out, took) = spawn_encode(image, req.output_format, req.output_compression, true)
+            .finish()
+            .await
+            .map_err(|e| failed(e.into()))?;
+        self.app.metrics.stage(Stage::ImageEncode, took);
+        let Encoded::Base64(b64_json) = out else {
+            return Err(failed(
+                InferError::Encode {
+                    format: "base64",
+                    message: "the encoder returned bytes (this is a bug)".into(),
+                }
+                .into(),
+            ));
+        };
+        let text_tokens = match &mut self.token_count {
+            TokenCount::Done(n) => *n,
+            TokenCount::Pending(handle) => {
+                let n = handle.await.unwrap_or(0);
+                self.token_count = TokenCount::Done(n);
+                n
+            }
+        };
+        let req = &self.req;
+        let body = StreamedImage {
+            kind: "image_generation.completed",
+            b64_json,
+            created_at: unix_secs(),
+            size: format!("{}x{}", req.width, req.height),
+            quality: req.quality,
+            background: "opaque",
+            output_format: req.output_format.as_str(),
+            usage: Usage::new(text_tokens, 1, req.width, req.height),
+            seed: self.seed + index as u64,
+        };
+        Event::default()
+            .event(body.kind)
+            .json_data(&body)
+            .map_err(|e| {
+                failed(
+                    InferError::Encode {
+                        format: "an event",
+                        message: e.to_string(),
+                    }
+                    .into(),
+                )
+            })
+    }
+
+    /// OpenAI's error body as an `error` event (the SDKs raise it as an API error), counted and
+    /// logged like an error response.
+    fn error_event(&self, e: &ApiError) -> Event {
+        let info = e.info();
+        self.app.metrics.error(info.metric);
+        self.span.in_scope(|| {
+            tracing::error!(
+                status = info.status.as_u16(),
+                "the stream ends with an error: {e}"
+            )
+        });
+        let mut body = serde_json::to_value(e.body()).unwrap_or_default();
+        body["type"] = "error".into();
+        Event::default()
+            .event("error")
+            .json_data(&body)
+            .unwrap_or_else(|_| Event::default().event("error").data("{}"))
+    }
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {

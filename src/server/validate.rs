@@ -80,6 +80,9 @@ pub struct ValidRequest {
     pub output_compression: u8,
     /// `user` or `safety_identifier`, for the logs.
     pub user: Option<String>,
+    /// `stream: true`: the images go back as server-sent events, one
+    /// `image_generation.completed` each as it is done (always base64).
+    pub stream: bool,
 }
 
 impl ValidRequest {
@@ -150,10 +153,20 @@ pub fn validate(
         .map(|q| (q.1, q.2))
         .unwrap_or(("low", 1));
 
-    let response_format = match f.one_of("response_format", ResponseFormat::NAMES)? {
-        Some(s) => ResponseFormat::parse(s).unwrap_or(limits.default_response_format),
-        None => limits.default_response_format,
-    };
+    let stream = f.boolean("stream")? == Some(true);
+    let response_format =
+        match f.one_of("response_format", ResponseFormat::NAMES)? {
+            Some("url") if stream => return Err(ApiError::invalid(
+                "response_format",
+                "unsupported_value",
+                "streamed images are sent inline as b64_json: use response_format \"b64_json\" \
+                 (or omit it) with stream, or \"url\" without stream",
+            )),
+            Some(s) => ResponseFormat::parse(s).unwrap_or(limits.default_response_format),
+            // A stream carries its images inline whatever the server's default.
+            None if stream => ResponseFormat::B64Json,
+            None => limits.default_response_format,
+        };
 
     let output_format = match f.get("output_format") {
         None => OutputFormat::Png,
@@ -192,19 +205,15 @@ pub fn validate(
         .or(user)
         .map(str::to_string);
 
-    if f.boolean("stream")? == Some(true) {
-        return Err(ApiError::invalid(
-            "stream",
-            "unsupported_value",
-            "streaming is not supported; omit stream or set it to false",
-        ));
-    }
+    // With stream, up to 3 partial images may be asked for; as OpenAI's API allows when an
+    // image is done before them, none is sent: SDXL-Turbo's one step has no earlier image.
     if let Some(p) = f.integer("partial_images", 0, 3)? {
-        if p > 0 {
+        if p > 0 && !stream {
             return Err(ApiError::invalid(
                 "partial_images",
                 "unsupported_value",
-                "partial_images needs streaming, which is not supported; use 0 or omit it",
+                "partial_images applies to streamed responses only: set stream to true, or \
+                 partial_images to 0",
             ));
         }
     }
@@ -246,6 +255,7 @@ pub fn validate(
         output_format,
         output_compression,
         user,
+        stream,
     })
 }
 
@@ -481,8 +491,28 @@ mod tests {
                 output_format: OutputFormat::Png,
                 output_compression: 100,
                 user: None,
+                stream: false,
             }
         );
+    }
+
+    #[test]
+    fn a_stream_is_inline_and_may_ask_for_partial_images() {
+        let v = check(json!({"prompt": "a cat", "stream": true, "partial_images": 3})).unwrap();
+        assert!(v.stream);
+        assert_eq!(v.response_format, ResponseFormat::B64Json);
+        // Whatever the server's default for responses that are not streamed.
+        let mut cfg = ServerConfig::default();
+        cfg.limits.default_response_format = ResponseFormat::Url;
+        let body = json!({"prompt": "a cat", "stream": true});
+        let v = validate(&body, &cfg.limits, &cfg.model).unwrap();
+        assert_eq!(
+            (v.stream, v.response_format),
+            (true, ResponseFormat::B64Json)
+        );
+        let body = json!({"prompt": "a cat", "stream": false});
+        let v = validate(&body, &cfg.limits, &cfg.model).unwrap();
+        assert_eq!((v.stream, v.response_format), (false, ResponseFormat::Url));
     }
 
     #[test]
@@ -634,10 +664,28 @@ mod tests {
                 "between 0 and 30",
             ),
             (
-                json!({"prompt": "p", "stream": true}),
+                json!({"prompt": "p", "stream": true, "response_format": "url"}),
+                400,
+                Some("response_format"),
+                "streamed images are sent inline as b64_json",
+            ),
+            (
+                json!({"prompt": "p", "partial_images": 2}),
+                400,
+                Some("partial_images"),
+                "streamed responses only",
+            ),
+            (
+                json!({"prompt": "p", "stream": true, "partial_images": 4}),
+                400,
+                Some("partial_images"),
+                "between 0 and 3",
+            ),
+            (
+                json!({"prompt": "p", "stream": "yes"}),
                 400,
                 Some("stream"),
-                "streaming is not supported",
+                "boolean",
             ),
             (
                 json!({"prompt": "p", "foo": 1}),
