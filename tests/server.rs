@@ -1185,8 +1185,9 @@ fn raw_request(addr: &str, body: &Value) -> TcpStream {
     stream
 }
 
-#[test]
-fn a_disconnected_clients_images_never_run() {
+/// A server running one image per batch whose worker is busy with the blocker's six images
+/// (queued once this returns), and the thread waiting for the blocker's response.
+fn server_busy_with_a_blocker() -> (Arc<TestServer>, JoinHandle<Value>) {
     let mut config = test_config();
     config.batching.max_batch_size = 1;
     let s = Arc::new(TestServer::start(config));
@@ -1195,6 +1196,12 @@ fn a_disconnected_clients_images_never_run() {
         std::thread::spawn(move || s.generate_ok(&blocker()))
     };
     s.wait_metric("turbine_images_enqueued_total", |v| v >= 6.0);
+    (s, blocker_thread)
+}
+
+#[test]
+fn a_disconnected_clients_images_never_run() {
+    let (s, blocker_thread) = server_busy_with_a_blocker();
     let gone = raw_request(
         &s.base,
         &json!({"prompt": "never mind", "n": 3, "size": "64x64"}),
@@ -1379,14 +1386,7 @@ fn a_failure_ends_the_stream_with_an_error_event() {
 /// A streaming client that hangs up before its images ran: they are dropped from the queue.
 #[test]
 fn a_disconnected_streams_images_never_run() {
-    let mut config = test_config();
-    config.batching.max_batch_size = 1;
-    let s = Arc::new(TestServer::start(config));
-    let blocker_thread = {
-        let s = s.clone();
-        std::thread::spawn(move || s.generate_ok(&blocker()))
-    };
-    s.wait_metric("turbine_images_enqueued_total", |v| v >= 6.0);
+    let (s, blocker_thread) = server_busy_with_a_blocker();
     let mut gone = raw_request(
         &s.base,
         &json!({"prompt": "never mind", "n": 3, "size": "64x64", "stream": true}),
