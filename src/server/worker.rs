@@ -1504,6 +1504,44 @@ mod tests {
         assert!(throughput(WarmupSizes::Largest) <= 4.0 / 0.3);
     }
 
+    /// The warm-up gives every image its own prompt, and the planned rerun new ones: the text
+    /// encoders run the whole batch each time (a repeated prompt is encoded once, a kept one
+    /// not at all), as under load with distinct prompts.
+    #[test]
+    fn warm_up_prompts_are_distinct_and_the_planned_run_repeats_none() {
+        struct Prompts(Arc<std::sync::Mutex<Vec<Vec<String>>>>);
+        impl ImageBackend for Prompts {
+            fn generate(
+                &mut self,
+                s: &GenerationSettings,
+                items: &[ImageRequest],
+            ) -> anyhow::Result<GeneratedBatch> {
+                let prompts = items.iter().map(|i| i.prompt.clone()).collect();
+                self.0.lock().unwrap().push(prompts);
+                Fake.generate(s, items)
+            }
+        }
+        let mut ctx = context();
+        ctx.warmup = Warmup {
+            key: KEY,
+            images: 3,
+            sizes: WarmupSizes::All,
+        };
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let backend = Prompts(seen.clone());
+        let factory: BackendFactory = Box::new(move || Ok(Box::new(backend)));
+        start(factory, "fake", &ctx).unwrap();
+        let batches = seen.lock().unwrap().clone();
+        assert_eq!(batches.len(), 4, "{batches:?}");
+        for b in &batches {
+            let distinct: std::collections::HashSet<_> = b.iter().collect();
+            assert_eq!(distinct.len(), b.len(), "{b:?}");
+        }
+        let (first, planned) = (&batches[0], &batches[3]);
+        assert_eq!(planned.len(), 3);
+        assert!(planned.iter().all(|p| !first.contains(p)), "{batches:?}");
+    }
+
     #[test]
     fn a_failed_smaller_warm_up_batch_fails_start_up() {
         let mut ctx = context();
