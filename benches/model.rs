@@ -110,6 +110,7 @@ fn stages(c: &mut Criterion) {
         height: s.height,
         steps: 1,
         guidance_scale: 0.0,
+        init_step: None,
     };
     let (lc, lh, lw) = p.latent_shape(&settings);
 
@@ -205,6 +206,7 @@ fn pipeline(c: &mut Criterion) {
         height: s.height,
         steps: 1,
         guidance_scale: 0.0,
+        init_step: None,
     };
     let mut g = c.benchmark_group(format!("{}/pipeline", s.prefix));
     for bs in [1, 2, 4, 8] {
@@ -215,6 +217,7 @@ fn pipeline(c: &mut Criterion) {
                 prompt,
                 negative_prompt: String::new(),
                 seed: i as u64,
+                init_image: None,
             })
             .collect();
         g.throughput(Throughput::Elements(bs as u64));

@@ -823,11 +823,13 @@ fn an_image_is_generated_from_the_downloaded_directory() {
         height: 64,
         steps: 2,
         guidance_scale: 0.0,
+        init_step: None,
     };
     let items = [ImageRequest {
         prompt: "a lighthouse at dusk".into(),
         negative_prompt: String::new(),
         seed: 7,
+        init_image: None,
     }];
     let generate = |dir: &Path| {
         Pipeline::load(dir, &Device::Cpu, DType::F32)

@@ -746,6 +746,7 @@ pub fn batch_items(prompts: &[String], batch: usize, seed: u64) -> Vec<ImageRequ
             },
             negative_prompt: String::new(),
             seed: seed.wrapping_add(i as u64),
+            init_image: None,
         })
         .collect()
 }
@@ -961,6 +962,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         height,
         steps: args.steps,
         guidance_scale: args.guidance,
+        init_step: None,
     };
 
     let started = Instant::now();
@@ -992,6 +994,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Some(l) => Some(NoiseOverride {
                 init_latents: Some(cycle_rows(l, b)?),
                 step_noise: None,
+                image_noise: None,
             }),
             None => None,
         })

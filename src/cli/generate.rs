@@ -143,12 +143,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             prompt: p.clone(),
             negative_prompt: neg,
             seed: base_seed.wrapping_add(i as u64),
+            init_image: None,
         })
         .collect();
     let noise = match &args.init_latents {
         Some(p) => Some(NoiseOverride {
             init_latents: Some(load_init_latents(p, &device)?),
             step_noise: None,
+            image_noise: None,
         }),
         None => None,
     };
@@ -162,6 +164,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         height,
         steps: args.steps,
         guidance_scale: args.guidance,
+        init_step: None,
     };
     pipeline
         .validate(&settings, n)

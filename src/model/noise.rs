@@ -3,7 +3,10 @@
 //! The generator is documented so that any client can reproduce an image's noise:
 //! - each image has a `u64` seed;
 //! - stream 0 of that seed gives the initial latents (shape `[4, h/8, w/8]`, row-major),
-//!   stream `k >= 1` gives the Euler-ancestral noise added after denoising step `k-1`;
+//!   stream `k >= 1` gives the Euler-ancestral noise added after denoising step `k-1` (of the
+//!   whole schedule: an edit that starts at step 1 draws stream 2 after its first step);
+//! - an edit adds stream 0 to its image's latents (times the start step's sigma) and samples
+//!   the VAE encoder's posterior with stream [`IMAGE_STREAM`];
 //! - a stream is `ChaCha20` (`rand_chacha::ChaCha20Rng::seed_from_u64(seed)`, then
 //!   `set_stream(k)`), read as `u64`s; each pair `(a, b)` of draws becomes two standard normals
 //!   by the Box–Muller transform with `u1 = ((a >> 11) + 1) * 2^-53` (in (0, 1]) and
@@ -14,6 +17,9 @@
 
 use candle_core::{Device, Result, Tensor};
 use rand::{RngCore, SeedableRng};
+
+/// The stream that samples an edit's VAE posterior (2^32: far from any step's stream).
+pub const IMAGE_STREAM: u64 = 1 << 32;
 
 /// `n` standard-normal f32 values from stream `stream` of `seed`.
 pub fn standard_normal(seed: u64, stream: u64, n: usize) -> Vec<f32> {

@@ -13,6 +13,7 @@
 //! orders, by the batch's shape).
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor, D};
@@ -41,6 +42,11 @@ pub struct GenerationSettings {
     pub steps: usize,
     /// Classifier-free guidance runs when this is > 1 (as in diffusers).
     pub guidance_scale: f64,
+    /// Image-to-image (diffusers' `StableDiffusionXLImg2ImgPipeline`): the images start from
+    /// their [`ImageRequest::init_image`]'s latents, noised to the level of this step of the
+    /// `steps`-step schedule (diffusers' `t_start`, [`img2img_start`]), and run the steps from
+    /// there. `None`: text-to-image from pure noise.
+    pub init_step: Option<usize>,
 }
 
 impl GenerationSettings {
@@ -57,6 +63,55 @@ pub struct ImageRequest {
     /// Empty means "no negative prompt" (zero embeddings when the model forces zeros).
     pub negative_prompt: String,
     pub seed: u64,
+    /// The image to edit, at the batch's size; required exactly when the settings have an
+    /// [`GenerationSettings::init_step`].
+    pub init_image: Option<InitImage>,
+}
+
+/// An edit's input image, shared rather than copied between the request and its batch.
+#[derive(Clone, PartialEq)]
+pub struct InitImage(pub Arc<image::RgbImage>);
+
+impl InitImage {
+    pub fn new(image: image::RgbImage) -> Self {
+        InitImage(Arc::new(image))
+    }
+}
+
+impl std::fmt::Debug for InitImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "InitImage({}x{})", self.0.width(), self.0.height())
+    }
+}
+
+/// diffusers' img2img `get_timesteps`: of a `num_inference_steps` schedule, an edit of
+/// `strength` runs the last `min(int(num_inference_steps * strength), num_inference_steps)`
+/// steps; the index of the first.
+pub fn img2img_start(num_inference_steps: usize, strength: f64) -> usize {
+    let run = ((num_inference_steps as f64 * strength) as usize).min(num_inference_steps);
+    num_inference_steps - run
+}
+
+/// The schedule of an edit that runs `steps` denoising steps at `strength` (in (0, 1]):
+/// `(num_inference_steps, start)` with the smallest `num_inference_steps` for which diffusers'
+/// img2img runs exactly `steps` ([`img2img_start`]). SDXL-Turbo's documented edit,
+/// `num_inference_steps=2, strength=0.5`, is `steps` 1 at strength 0.5.
+pub fn edit_schedule(steps: usize, strength: f64) -> Result<(usize, usize), InvalidInput> {
+    if steps == 0 || !(strength > 0.0 && strength <= 1.0) {
+        return Err(InvalidInput(format!(
+            "an edit needs at least one step and a strength in (0, 1], got {steps} steps at \
+             strength {strength}"
+        )));
+    }
+    let first = ((steps as f64 / strength).floor() as usize).max(steps);
+    (first..first + 3)
+        .find(|&n| n - img2img_start(n, strength) == steps)
+        .map(|n| (n, img2img_start(n, strength)))
+        .ok_or_else(|| {
+            InvalidInput(format!(
+                "no schedule runs {steps} steps at strength {strength} (this is a bug)"
+            ))
+        })
 }
 
 /// Noise supplied by the caller instead of drawing it from each image's seed (diffusers'
@@ -66,8 +121,12 @@ pub struct ImageRequest {
 pub struct NoiseOverride {
     /// `[n, 4, h/8, w/8]`.
     pub init_latents: Option<Tensor>,
-    /// One `[n, 4, h/8, w/8]` tensor per denoising step.
+    /// One `[n, 4, h/8, w/8]` tensor per denoising step run.
     pub step_noise: Option<Vec<Tensor>>,
+    /// Edits: the `[n, 4, h/8, w/8]` standard normals that sample the VAE encoder's posterior
+    /// (diffusers' `latent_dist.sample`). With an edit, `init_latents` is the noise added to
+    /// the image's latents (unscaled: the pipeline multiplies it by the start step's sigma).
+    pub image_noise: Option<Tensor>,
 }
 
 /// Time per stage of one batch: the device's own timestamps on CUDA (events between stages, no
@@ -302,10 +361,17 @@ impl Pipeline {
         // A batch is split into runs that fit 32-bit element counts (`model::chunks`), but
         // one image must fit on its own.
         let (_, lh, lw) = self.latent_shape(settings);
+        let encoder = match settings.init_step {
+            Some(_) => self
+                .vae
+                .encoder_elements_at(settings.height, settings.width),
+            None => 0,
+        };
         let largest = self
             .unet
             .elements_per_row(lh, lw)
-            .max(self.vae.decoder_elements_at(lh, lw));
+            .max(self.vae.decoder_elements_at(lh, lw))
+            .max(encoder);
         if largest > MAX_TENSOR_ELEMENTS {
             return Err(InvalidInput(format!(
                 "a {}x{} image is too large for this model: one of its activations would hold \
@@ -546,26 +612,48 @@ impl Pipeline {
         clock.mark()?;
 
         let scheduler = EulerAncestralScheduler::new(&self.scheduler_config, settings.steps)?;
-        let init = match noise.and_then(|o| o.init_latents.as_ref()) {
-            Some(t) => check("init latents", t)?,
-            None => noise::batch_noise(&seeds, 0, (c, lh, lw), &self.device)?,
-        };
         // diffusers' trailing spacing can give one more timestep than asked for (61, 103, ...
         // steps): noise is needed per timestep actually run.
         let n_timesteps = scheduler.timesteps().len();
+        let start = settings.init_step.unwrap_or(0);
+        if start >= n_timesteps {
+            return Err(InvalidInput(format!(
+                "an edit must start before the last of its schedule's {n_timesteps} steps, got \
+                 step {start}"
+            ))
+            .into());
+        }
         if let Some(steps) = noise.and_then(|o| o.step_noise.as_ref()) {
-            if steps.len() != n_timesteps {
+            if steps.len() != n_timesteps - start {
                 return Err(InvalidInput(format!(
-                    "step noise must have one tensor per denoising step ({n_timesteps}), got {}",
+                    "step noise must have one tensor per denoising step run ({}), got {}",
+                    n_timesteps - start,
                     steps.len()
                 ))
                 .into());
             }
         }
+        let init = match noise.and_then(|o| o.init_latents.as_ref()) {
+            Some(t) => check("init latents", t)?,
+            None => noise::batch_noise(&seeds, 0, (c, lh, lw), &self.device)?,
+        };
         // Latents stay in f32 across steps (the scheduler's arithmetic is f32 in diffusers
         // too); only the UNet's input is cast to the run dtype.
-        let mut latents = (init * scheduler.init_noise_sigma())?;
-        for (i, &t) in scheduler.timesteps().iter().enumerate() {
+        let mut latents = match settings.init_step {
+            None => (init * scheduler.init_noise_sigma())?,
+            Some(_) => {
+                let image_noise = match noise.and_then(|o| o.image_noise.as_ref()) {
+                    Some(t) => check("image noise", t)?,
+                    None => {
+                        noise::batch_noise(&seeds, noise::IMAGE_STREAM, (c, lh, lw), &self.device)?
+                    }
+                };
+                let image_latents = self.image_latents(settings, items, &image_noise)?;
+                // The scheduler's `add_noise` at the start step.
+                (image_latents + (init * scheduler.sigmas()[start])?)?
+            }
+        };
+        for (i, &t) in scheduler.timesteps().iter().enumerate().skip(start) {
             let model_in = if guidance {
                 Tensor::cat(&[&latents, &latents], 0)?
             } else {
@@ -588,7 +676,7 @@ impl Pipeline {
             // The last step (SDXL-Turbo's only one) goes to sigma 0 and adds no noise: none is
             // drawn for it (an override's tensor is still checked).
             let step_noise = match noise.and_then(|o| o.step_noise.as_ref()) {
-                Some(v) => Some(check("step noise", &v[i])?),
+                Some(v) => Some(check("step noise", &v[i - start])?),
                 None if scheduler.adds_noise(i)? => Some(noise::batch_noise(
                     &seeds,
                     i as u64 + 1,
@@ -625,6 +713,67 @@ impl Pipeline {
             pixels,
             clock,
             prompts,
+        })
+    }
+
+    /// Edits: each image's latents as diffusers' img2img `prepare_latents` makes them before
+    /// adding noise. The 8-bit pixels become `x / 255 * 2 - 1` (its `preprocess`), the VAE
+    /// encoder gives the posterior, sampled with `noise` (`mean + exp(logvar / 2) * noise`,
+    /// the log-variance clamped to [-30, 20]), and the sample is scaled into the UNet's
+    /// latent space. f32 from the posterior on.
+    fn image_latents(
+        &self,
+        settings: &GenerationSettings,
+        items: &[ImageRequest],
+        noise: &Tensor,
+    ) -> anyhow::Result<Tensor> {
+        let (w, h) = (settings.width, settings.height);
+        let mut bytes = Vec::with_capacity(items.len() * w * h * 3);
+        for (i, item) in items.iter().enumerate() {
+            let image = item.init_image.as_ref().ok_or_else(|| {
+                InvalidInput(format!("image {i} of an edit batch has no input image"))
+            })?;
+            if (image.0.width() as usize, image.0.height() as usize) != (w, h) {
+                return Err(InvalidInput(format!(
+                    "image {i}'s input image is {}x{}, the batch's size is {w}x{h}",
+                    image.0.width(),
+                    image.0.height()
+                ))
+                .into());
+            }
+            bytes.extend_from_slice(image.0.as_raw());
+        }
+        // Each byte's value through a table made on the host, with numpy's f32 arithmetic
+        // (`x / 255` then `2 * x - 1`): the bytes cross to the device, not 4x as many floats.
+        let table: Vec<f32> = (0..=255u8)
+            .map(|b| (f32::from(b) / 255.0) * 2.0 - 1.0)
+            .collect();
+        let table = Tensor::new(table, &self.device)?;
+        let bytes = Tensor::from_vec(bytes, items.len() * h * w * 3, &self.device)?;
+        let pixels = table
+            .index_select(&bytes, 0)?
+            .reshape((items.len(), h, w, 3))?
+            .permute((0, 3, 1, 2))?;
+        let moments = self
+            .vae
+            .encode_moments(&pixels.to_dtype(self.vae_dtype)?)?
+            .to_dtype(DType::F32)?;
+        let c = moments.dim(1)? / 2;
+        let mean = moments.narrow(1, 0, c)?;
+        let std = (moments.narrow(1, c, c)?.clamp(-30f32, 20f32)? * 0.5)?.exp()?;
+        let sample = (mean + (std * noise)?)?;
+        let cfg = &self.vae_config;
+        Ok(match (&cfg.latents_mean, &cfg.latents_std) {
+            (Some(m), Some(s)) => {
+                let m = Tensor::new(m.as_slice(), &self.device)?
+                    .to_dtype(DType::F32)?
+                    .reshape((1, c, 1, 1))?;
+                let s = Tensor::new(s.as_slice(), &self.device)?
+                    .to_dtype(DType::F32)?
+                    .reshape((1, c, 1, 1))?;
+                (sample.broadcast_sub(&m)? * cfg.scaling_factor)?.broadcast_div(&s)?
+            }
+            _ => (sample * cfg.scaling_factor)?,
         })
     }
 

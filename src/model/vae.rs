@@ -346,6 +346,18 @@ struct Decoder {
     conv_out: Conv2d,
 }
 
+/// The encoder's widest map at each resolution level: `conv_in` and the first block at full
+/// resolution; each later block's input (its predecessor's downsampled output) and output.
+fn encoder_widths(cfg: &AutoencoderKLConfig) -> Vec<usize> {
+    let ch = &cfg.block_out_channels;
+    (0..ch.len())
+        .map(|i| {
+            let input = if i == 0 { cfg.in_channels } else { ch[i - 1] };
+            input.max(ch[i]).max(2 * cfg.latent_channels)
+        })
+        .collect()
+}
+
 /// `(in, out)` channels of each of the decoder's `up_blocks`, in order (widest first); every
 /// block but the last ends with an upsampler.
 fn up_block_channels(cfg: &AutoencoderKLConfig) -> Vec<(usize, usize)> {
@@ -630,6 +642,9 @@ pub struct AutoencoderKL {
     scale_factor: usize,
     /// [`AutoencoderKLConfig::decoder_elements_per_latent_pixel`].
     decoder_width: usize,
+    /// The encoder's widest channel count at each resolution level, full resolution first
+    /// ([`AutoencoderKL::encoder_elements_at`]).
+    encoder_widths: Vec<usize>,
     dtype: DType,
 }
 
@@ -690,6 +705,7 @@ impl AutoencoderKL {
             scaling_factor: cfg.scaling_factor,
             scale_factor: cfg.scale_factor(),
             decoder_width: cfg.decoder_elements_per_latent_pixel(),
+            encoder_widths: encoder_widths(cfg),
             dtype: vb.dtype(),
         })
     }
@@ -799,14 +815,41 @@ impl AutoencoderKL {
         }
     }
 
+    /// Elements of the encoder's largest map for one `height x width` image (an upper bound:
+    /// each down block's widest map at its resolution, one row and column more for the
+    /// downsamplers' bottom/right padding).
+    pub fn encoder_elements_at(&self, height: usize, width: usize) -> usize {
+        self.encoder_widths
+            .iter()
+            .enumerate()
+            .map(|(level, &c)| {
+                c.saturating_mul((height >> level) + 1)
+                    .saturating_mul((width >> level) + 1)
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The posterior's parameters `[B, 2*latent, H/f, W/f]` (mean, then log-variance before
-    /// diffusers' clamp to [-30, 20]) for images `[B, in_channels, H, W]` in [-1, 1].
+    /// diffusers' clamp to [-30, 20]) for images `[B, in_channels, H, W]` in [-1, 1]. A batch
+    /// whose largest map would outgrow [`MAX_TENSOR_ELEMENTS`] runs in runs of images, as
+    /// [`AutoencoderKL::decode`] does.
     pub fn encode_moments(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = self.encoder.forward(&xs.to_dtype(self.dtype)?)?;
-        match &self.quant_conv {
-            Some(c) => c.forward(&xs),
-            None => Ok(xs),
-        }
+        let (_, _, h, w) = xs.dims4()?;
+        let what = format!("a {w}x{h} image in the VAE encoder");
+        map_runs(
+            xs,
+            self.encoder_elements_at(h, w),
+            MAX_TENSOR_ELEMENTS,
+            &what,
+            |xs, _, _| {
+                let xs = self.encoder.forward(&xs.to_dtype(self.dtype)?)?;
+                match &self.quant_conv {
+                    Some(c) => c.forward(&xs),
+                    None => Ok(xs),
+                }
+            },
+        )
     }
 
     /// The posterior mean (diffusers' `latent_dist.mode()`), unscaled.

@@ -280,6 +280,7 @@ mod tests {
                     prompt: "p".into(),
                     negative_prompt: String::new(),
                     seed: request,
+                    init_image: None,
                 },
                 reply: reply.clone(),
                 span: tracing::Span::none(),

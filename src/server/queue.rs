@@ -68,6 +68,7 @@ impl ShapeKey {
             height: self.height as usize,
             steps: self.steps as usize,
             guidance_scale: self.guidance.scale(),
+            init_step: None,
         }
     }
 }

@@ -388,6 +388,7 @@ fn submit(
                     prompt: req.prompt.clone(),
                     negative_prompt: req.negative_prompt.clone(),
                     seed: seed + i as u64,
+                    init_image: None,
                 },
                 reply: tx.clone(),
                 span: tracing::Span::current(),

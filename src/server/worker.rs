@@ -268,6 +268,7 @@ fn start(
                 prompt: format!("warm-up {run} {seed}"),
                 negative_prompt: String::new(),
                 seed,
+                init_image: None,
             })
             .collect()
     };
@@ -1010,6 +1011,7 @@ mod tests {
                     prompt: prompt.into(),
                     negative_prompt: String::new(),
                     seed,
+                    init_image: None,
                 },
                 reply,
                 span: tracing::Span::none(),

@@ -3,6 +3,7 @@
 
 mod clip;
 mod common;
+mod img2img;
 mod kernels;
 mod pipeline;
 mod scheduler;

@@ -43,6 +43,7 @@ impl Case {
                     .map(|v| v[i].clone())
                     .unwrap_or_default(),
                 seed: 0,
+                init_image: None,
             })
             .collect();
         let noise = NoiseOverride {
@@ -52,12 +53,14 @@ impl Case {
                     .map(|k| refs[&format!("step_noise_{k}")].clone())
                     .collect(),
             ),
+            image_noise: None,
         };
         let settings = GenerationSettings {
             width: self.width,
             height: self.height,
             steps: self.steps,
             guidance_scale: self.guidance_scale,
+            init_step: None,
         };
         (items, noise, settings)
     }
@@ -68,7 +71,7 @@ pub fn cases() -> BTreeMap<String, Case> {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
-fn pipeline() -> &'static Pipeline {
+pub fn pipeline() -> &'static Pipeline {
     static P: OnceLock<Pipeline> = OnceLock::new();
     P.get_or_init(|| Pipeline::load(&tiny_model(), &Device::Cpu, DType::F32).unwrap())
 }
@@ -190,6 +193,7 @@ fn req(prompt: &str, seed: u64) -> ImageRequest {
         prompt: prompt.into(),
         negative_prompt: String::new(),
         seed,
+        init_image: None,
     }
 }
 
@@ -204,6 +208,7 @@ fn batch_invariance() {
             height: 48,
             steps,
             guidance_scale: guidance,
+            init_step: None,
         };
         let batch = vec![
             req("a red cube", 11),
@@ -236,6 +241,7 @@ fn half_precision_close_to_f32() {
         height: 64,
         steps: 2,
         guidance_scale: 0.0,
+        init_step: None,
     };
     let items = vec![req("a lighthouse at dusk", 5), req("a bowl of fruit", 6)];
     let reference = pipeline().generate(&settings, &items, None).unwrap().images;
@@ -264,6 +270,7 @@ fn too_large_an_image_is_invalid_input() {
         height: 16384,
         steps: 1,
         guidance_scale: 0.0,
+        init_step: None,
     };
     let err = p.validate(&settings, 1).unwrap_err().to_string();
     assert!(
@@ -284,6 +291,7 @@ fn settings_64(steps: usize, guidance_scale: f64) -> GenerationSettings {
         height: 64,
         steps,
         guidance_scale,
+        init_step: None,
     }
 }
 
