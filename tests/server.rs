@@ -1606,3 +1606,311 @@ fn sigterm_stops_accepting_and_drains_queued_work_then_exits_zero() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A `multipart/form-data` body by hand (text fields, then files), and its content type.
+fn multipart(fields: &[(&str, &str)], files: &[(&str, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "turbine-test-boundary-7f3a";
+    let mut body = Vec::new();
+    for (name, value) in fields {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            )
+            .as_bytes(),
+        );
+    }
+    for (name, bytes) in files {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; \
+                 filename=\"input.png\"\r\nContent-Type: image/png\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+fn png_bytes(image: &RgbImage) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// An 80x48 input with structure in every channel.
+fn edit_input() -> RgbImage {
+    RgbImage::from_fn(80, 48, |x, y| {
+        image::Rgb([(x * 3) as u8, (y * 5) as u8, ((x + y) * 2) as u8])
+    })
+}
+
+impl TestServer {
+    fn edit(&self, fields: &[(&str, &str)], files: &[(&str, &[u8])]) -> (u16, String) {
+        let (ct, body) = multipart(fields, files);
+        let r = self
+            .client
+            .post(self.url("/v1/images/edits"))
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    }
+
+    fn edit_ok(&self, fields: &[(&str, &str)], files: &[(&str, &[u8])]) -> Value {
+        let (status, text) = self.edit(fields, files);
+        assert_eq!(status, 200, "{fields:?}: {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+}
+
+/// `POST /v1/images/edits`: OpenAI's multipart form in, the generation response shape out, and
+/// the images are the library's image-to-image of the same input, prompt, seed and strength.
+#[test]
+fn edits_take_a_multipart_image_and_match_the_pipeline() {
+    use turbine::model::pipeline::{edit_schedule, InitImage};
+
+    let s = TestServer::start(test_config());
+    let png = png_bytes(&edit_input());
+    let fields = [
+        ("prompt", "the same scene in winter"),
+        ("model", "gpt-image-1"),
+        ("size", "64x64"),
+        ("n", "2"),
+        ("seed", "11"),
+        ("input_fidelity", "high"),
+    ];
+    let resp = s.edit_ok(&fields, &[("image", &png)]);
+    assert_eq!(resp["size"], "64x64");
+    assert_eq!(resp["quality"], "low");
+    let data = resp["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    assert_eq!(
+        (data[0]["seed"].as_u64(), data[1]["seed"].as_u64()),
+        (Some(11), Some(12))
+    );
+    // Usage: the input image counts as 8x8 patches per image made, like the output.
+    let usage = &resp["usage"];
+    assert_eq!(usage["output_tokens"], 128);
+    assert_eq!(usage["input_tokens_details"]["image_tokens"], 128);
+    let text = usage["input_tokens_details"]["text_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(text > 2);
+    assert_eq!(usage["input_tokens"].as_u64().unwrap(), 128 + text);
+
+    // The library's edit: 1 step at the default strength 0.5 (diffusers' 2 steps at 0.5), of
+    // the input resized by the server's own decoder.
+    let init = InitImage::new(turbine::server::upload::decode(&png, 64, 64).unwrap());
+    let (steps, start) = edit_schedule(1, 0.5).unwrap();
+    let settings = GenerationSettings {
+        width: 64,
+        height: 64,
+        steps,
+        guidance_scale: 0.0,
+        init_step: Some(start),
+    };
+    let items: Vec<ImageRequest> = (11..13)
+        .map(|seed| ImageRequest {
+            prompt: "the same scene in winter".into(),
+            negative_prompt: String::new(),
+            seed,
+            init_image: Some(init.clone()),
+        })
+        .collect();
+    let p = Pipeline::load(&model_dir(), &Device::Cpu, DType::F32).unwrap();
+    let expected = p.generate(&settings, &items, None).unwrap().images;
+    let got = images(&resp);
+    assert_eq!(got[0], expected[0], "the served edit is the pipeline's");
+    assert_eq!(got[1], expected[1]);
+
+    // Another strength is another image (0.3: one step from timestep 249 of a 4-step schedule,
+    // where 0.5 starts from 499 of 2), unless diffusers' schedule rounds it to the same one
+    // (0.9: still one step from 499 of 2); a text-to-image of the prompt is another still.
+    let with_strength = |strength: &str| {
+        images(&s.edit_ok(
+            &[
+                ("prompt", "the same scene in winter"),
+                ("size", "64x64"),
+                ("seed", "11"),
+                ("strength", strength),
+            ],
+            &[("image", &png)],
+        ))
+        .remove(0)
+    };
+    assert!(
+        with_strength("0.3") != got[0],
+        "strength 0.3 changed nothing"
+    );
+    assert!(
+        with_strength("0.9") == got[0],
+        "strength 0.9 is 0.5's schedule with one step"
+    );
+    let generated =
+        s.generate_ok(&json!({"prompt": "the same scene in winter", "size": "64x64", "seed": 11}));
+    assert!(
+        images(&generated)[0] != got[0],
+        "the edit ignored its image"
+    );
+
+    // No size: the input's aspect ratio at about --default-size's area (64x64 here), each side
+    // at least --min-image-side: 80x48 → 80x64.
+    let auto = s.edit_ok(&[("prompt", "winter"), ("seed", "3")], &[("image", &png)]);
+    assert_eq!(auto["size"], "80x64");
+    assert_eq!(images(&auto)[0].dimensions(), (80, 64));
+
+    // Streamed: image_edit.completed events with the same images.
+    let (ct, body) = multipart(
+        &[
+            ("prompt", "the same scene in winter"),
+            ("size", "64x64"),
+            ("n", "2"),
+            ("seed", "11"),
+            ("stream", "true"),
+        ],
+        &[("image", &png)],
+    );
+    let r = s
+        .client
+        .post(s.url("/v1/images/edits"))
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let events = sse_events(&r.text().unwrap());
+    assert_eq!(events.len(), 2, "{events:?}");
+    for (name, e) in &events {
+        assert_eq!(name, "image_edit.completed");
+        assert_eq!(e["type"], "image_edit.completed");
+        let i = (e["seed"].as_u64().unwrap() - 11) as usize;
+        assert_eq!(decode_b64(e), got[i]);
+        assert_eq!(e["usage"]["input_tokens_details"]["image_tokens"], 64);
+    }
+    let m = s.metrics();
+    assert_eq!(
+        metric_in(
+            &m,
+            "turbine_http_requests_total{route=\"/v1/images/edits\",status=\"200\"}"
+        ),
+        5.0,
+        "{m}"
+    );
+}
+
+/// (what, text fields, files, status, param).
+type BadEdit = (
+    &'static str,
+    Vec<(&'static str, &'static str)>,
+    Vec<(&'static str, Vec<u8>)>,
+    u16,
+    Option<&'static str>,
+);
+
+/// Bad edits get OpenAI's error shape with the field at fault, and the server keeps serving.
+#[test]
+fn malformed_edits_get_the_right_status() {
+    let mut config = test_config();
+    config.limits.max_upload_bytes = 64 << 10;
+    let s = TestServer::start(config);
+    let png = png_bytes(&edit_input());
+    let prompt = [("prompt", "winter")];
+    let cases: Vec<BadEdit> = vec![
+        ("no image", prompt.to_vec(), vec![], 400, Some("image")),
+        (
+            "no prompt",
+            vec![],
+            vec![("image", png.clone())],
+            400,
+            Some("prompt"),
+        ),
+        (
+            "two images",
+            prompt.to_vec(),
+            vec![("image[]", png.clone()), ("image[]", png.clone())],
+            400,
+            Some("image"),
+        ),
+        (
+            "a mask",
+            prompt.to_vec(),
+            vec![("image", png.clone()), ("mask", png.clone())],
+            400,
+            Some("mask"),
+        ),
+        (
+            "not an image",
+            prompt.to_vec(),
+            vec![("image", b"GIF89a, or so it says".to_vec())],
+            400,
+            Some("image"),
+        ),
+        (
+            "strength out of range",
+            vec![("prompt", "winter"), ("strength", "1.5")],
+            vec![("image", png.clone())],
+            400,
+            Some("strength"),
+        ),
+        (
+            "a generation-only field",
+            vec![("prompt", "winter"), ("style", "vivid")],
+            vec![("image", png.clone())],
+            400,
+            Some("style"),
+        ),
+        (
+            "n as words",
+            vec![("prompt", "winter"), ("n", "two")],
+            vec![("image", png.clone())],
+            400,
+            Some("n"),
+        ),
+        (
+            "a field twice",
+            vec![("prompt", "winter"), ("prompt", "summer")],
+            vec![("image", png.clone())],
+            400,
+            Some("prompt"),
+        ),
+        (
+            "an upload over --max-upload-bytes",
+            prompt.to_vec(),
+            vec![("image", vec![7u8; 100 << 10])],
+            413,
+            None,
+        ),
+    ];
+    for (what, fields, files, status, param) in cases {
+        let files: Vec<(&str, &[u8])> = files.iter().map(|(n, b)| (*n, b.as_slice())).collect();
+        let (got, body) = s.edit(&fields, &files);
+        assert_openai_error(got, &body, status, param, what);
+    }
+    // JSON is not a form.
+    let r = s
+        .client
+        .post(s.url("/v1/images/edits"))
+        .json(&json!({"prompt": "winter"}))
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    let body = r.text().unwrap();
+    let v = assert_openai_error(status, &body, 415, None, "json to edits");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("multipart/form-data"),
+        "{body}"
+    );
+    // Still serving.
+    let ok = s.edit_ok(
+        &[("prompt", "winter"), ("size", "64x64")],
+        &[("image", &png)],
+    );
+    assert_eq!(images(&ok)[0].dimensions(), (64, 64));
+}

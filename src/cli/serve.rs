@@ -87,6 +87,10 @@ pub struct HttpArgs {
     /// prompt and negative prompt (32000 characters each, up to 4 bytes per character).
     #[arg(long, env = "TURBINE_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// Largest accepted `POST /v1/images/edits` upload in bytes, the input image and the form
+    /// fields together (larger: 413). OpenAI takes images up to 50 MB; photos are far smaller.
+    #[arg(long, env = "TURBINE_MAX_UPLOAD_BYTES", default_value_t = 32 << 20)]
+    pub max_upload_bytes: usize,
     /// Seconds a generation request may take from arrival to its last image; after that it
     /// gets 503 and its images that have not started leave the queue.
     #[arg(long, env = "TURBINE_REQUEST_TIMEOUT", default_value_t = 300)]
@@ -232,6 +236,7 @@ impl Args {
                 max_steps: self.limits.max_steps,
                 max_guidance_scale: self.limits.max_guidance_scale,
                 max_body_bytes: self.http.max_body_bytes,
+                max_upload_bytes: self.http.max_upload_bytes,
                 default_response_format,
             },
             batching: BatchingConfig {

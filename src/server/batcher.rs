@@ -270,6 +270,7 @@ mod tests {
                 height: 64,
                 steps: 1,
                 guidance: Guidance::Off,
+                init_step: None,
             },
             priority: Priority::Normal,
             enqueued: now,

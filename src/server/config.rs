@@ -40,6 +40,8 @@ pub struct RequestLimits {
     pub max_guidance_scale: f64,
     /// Request bodies above this are refused with 413 before parsing.
     pub max_body_bytes: usize,
+    /// The same for `POST /v1/images/edits`' form uploads (the input image and the fields).
+    pub max_upload_bytes: usize,
     pub default_response_format: ResponseFormat,
 }
 
@@ -105,6 +107,7 @@ impl Default for ServerConfig {
                 max_steps: 50,
                 max_guidance_scale: 30.0,
                 max_body_bytes: 1 << 20,
+                max_upload_bytes: 32 << 20,
                 default_response_format: ResponseFormat::B64Json,
             },
             batching: BatchingConfig {
@@ -161,6 +164,10 @@ impl ServerConfig {
         ensure!(
             l.max_body_bytes >= 1024,
             "--max-body-bytes must be at least 1024"
+        );
+        ensure!(
+            l.max_upload_bytes >= 1024,
+            "--max-upload-bytes must be at least 1024"
         );
         let b = &self.batching;
         ensure!(b.max_batch_size >= 1, "--max-batch-size must be at least 1");

@@ -78,8 +78,11 @@ pub enum ApiError {
     MethodNotAllowed { method: String, path: String },
     #[error("the request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
-    #[error("Content-Type must be application/json, got {}", got.as_deref().unwrap_or("none"))]
-    UnsupportedMediaType { got: Option<String> },
+    #[error("Content-Type must be {expected}, got {}", got.as_deref().unwrap_or("none"))]
+    UnsupportedMediaType {
+        got: Option<String>,
+        expected: &'static str,
+    },
     #[error(
         "You didn't provide an API key. Provide it in the Authorization header with Bearer \
          auth (Authorization: Bearer YOUR_KEY)."
@@ -318,7 +321,13 @@ mod tests {
             (ApiError::InvalidApiKey, 401),
             (ApiError::ModelNotFound("x".into()), 404),
             (ApiError::PayloadTooLarge { limit: 10 }, 413),
-            (ApiError::UnsupportedMediaType { got: None }, 415),
+            (
+                ApiError::UnsupportedMediaType {
+                    got: None,
+                    expected: "application/json",
+                },
+                415,
+            ),
             (
                 ApiError::RateLimited {
                     kind: "requests",

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod queue;
 pub mod routes;
 pub mod store;
+pub mod upload;
 pub mod validate;
 pub mod worker;
 
@@ -186,6 +187,7 @@ pub async fn serve(
             height: h,
             steps: 1,
             guidance: Guidance::Off,
+            init_step: None,
         },
         images: if config.warmup_images == 0 {
             b.max_batch_size

@@ -57,8 +57,12 @@ impl Guidance {
 pub struct ShapeKey {
     pub width: u32,
     pub height: u32,
+    /// The schedule's length (for an edit, diffusers' `num_inference_steps`, of which only the
+    /// steps from `init_step` run).
     pub steps: u32,
     pub guidance: Guidance,
+    /// Edits: the schedule step the images start from ([`GenerationSettings::init_step`]).
+    pub init_step: Option<u32>,
 }
 
 impl ShapeKey {
@@ -68,7 +72,7 @@ impl ShapeKey {
             height: self.height as usize,
             steps: self.steps as usize,
             guidance_scale: self.guidance.scale(),
-            init_step: None,
+            init_step: self.init_step.map(|s| s as usize),
         }
     }
 }
@@ -314,6 +318,7 @@ mod tests {
             height: 64,
             steps: 1,
             guidance: Guidance::Off,
+            init_step: None,
         }
     }
 

@@ -32,9 +32,9 @@ use super::error::{ApiError, BackendError, ErrorMetric, InferError};
 use super::metrics::{DropReason, Stage};
 use super::queue::{Entry, RequestId};
 use super::store::StoredImage;
-use super::validate::{validate, ValidRequest};
+use super::validate::{form_value, validate, validate_edit, ValidRequest};
 use super::{App, Phase};
-use crate::model::pipeline::ImageRequest;
+use crate::model::pipeline::{ImageRequest, InitImage};
 
 /// The `x-request-id` of a request (echoed from the client, or created).
 #[derive(Debug, Clone)]
@@ -43,8 +43,10 @@ pub struct XRequestId(pub String);
 pub fn router(app: Arc<App>) -> Router {
     let generations =
         post(generations).layer(middleware::from_fn_with_state(app.clone(), track_in_flight));
+    let edits = post(edits).layer(middleware::from_fn_with_state(app.clone(), track_in_flight));
     let authed = Router::new()
         .route("/v1/images/generations", generations)
+        .route("/v1/images/edits", edits)
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
@@ -223,18 +225,23 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     }
 }
 
+/// Requests are refused before their body is read unless the server is serving.
+fn check_serving(app: &App) -> Result<(), ApiError> {
+    match app.phase() {
+        Phase::Ready => Ok(()),
+        Phase::Loading => Err(InferError::NotReady.into()),
+        Phase::ShuttingDown => Err(InferError::ShuttingDown.into()),
+        Phase::Failed => Err(app.device_failed().into()),
+    }
+}
+
 async fn generations(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    match app.phase() {
-        Phase::Ready => {}
-        Phase::Loading => return Err(InferError::NotReady.into()),
-        Phase::ShuttingDown => return Err(InferError::ShuttingDown.into()),
-        Phase::Failed => return Err(app.device_failed().into()),
-    }
+    check_serving(&app)?;
     check_json_content_type(&headers)?;
     let bytes = read_body(body, &headers, app.config.limits.max_body_bytes).await?;
     let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
@@ -243,7 +250,152 @@ async fn generations(
         ))
     })?;
     let req = validate(&value, &app.config.limits, &app.config.model)?;
-    app.auth.consume(&caller, 0, req.n, Instant::now())?;
+    run_request(&app, &caller, &headers, req).await
+}
+
+/// `POST /v1/images/edits`: OpenAI's multipart form (`image`, `prompt`, and the generation
+/// fields as text), run as SDXL-Turbo image-to-image. The input image (PNG, JPEG or WebP; its
+/// alpha channel dropped) is resized to the request's `size`, or kept at its aspect ratio.
+async fn edits(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    check_serving(&app)?;
+    let boundary = multipart_boundary(&headers)?;
+    let bytes = read_body(body, &headers, app.config.limits.max_upload_bytes).await?;
+    let form = EditForm::parse(bytes, boundary).await?;
+    let image = form.image()?;
+    let dims = super::upload::dimensions(&image)?;
+    let mut req = validate_edit(
+        &serde_json::Value::Object(form.fields),
+        dims,
+        &app.config.limits,
+        &app.config.model,
+    )?;
+    let (w, h) = (req.width, req.height);
+    let decoded = tokio::task::spawn_blocking(move || super::upload::decode(&image, w, h))
+        .await
+        .map_err(|e| InferError::Encode {
+            format: "the input image",
+            message: e.to_string(),
+        })??;
+    if let Some(edit) = req.edit.as_mut() {
+        edit.image = Some(InitImage::new(decoded));
+    }
+    run_request(&app, &caller, &headers, req).await
+}
+
+/// An edit's multipart form: its text fields (as JSON values, [`form_value`]) and its files.
+struct EditForm {
+    fields: serde_json::Map<String, serde_json::Value>,
+    images: Vec<Bytes>,
+}
+
+impl EditForm {
+    async fn parse(body: Bytes, boundary: String) -> Result<Self, ApiError> {
+        let bad = |e: multer::Error| {
+            ApiError::invalid(
+                "body",
+                "invalid_multipart",
+                format!("could not read the multipart form: {e}"),
+            )
+        };
+        let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(body) });
+        let mut multipart = multer::Multipart::new(stream, boundary);
+        let mut form = EditForm {
+            fields: serde_json::Map::new(),
+            images: Vec::new(),
+        };
+        while let Some(field) = multipart.next_field().await.map_err(bad)? {
+            let name = field.name().unwrap_or_default().to_string();
+            match name.as_str() {
+                "image" | "image[]" => form.images.push(field.bytes().await.map_err(bad)?),
+                "mask" => {
+                    return Err(ApiError::invalid(
+                        "mask",
+                        "unsupported_parameter",
+                        "mask is not supported: this server edits the whole image (SDXL-Turbo \
+                         image-to-image); leave out the mask, and use strength to set how much \
+                         of the input is kept",
+                    ))
+                }
+                _ => {
+                    let bytes = field.bytes().await.map_err(bad)?;
+                    let text = String::from_utf8(bytes.to_vec()).map_err(|_| {
+                        ApiError::invalid(
+                            &name,
+                            "invalid_value",
+                            format!("{name} must be UTF-8 text"),
+                        )
+                    })?;
+                    if form
+                        .fields
+                        .insert(name.clone(), form_value(&name, &text))
+                        .is_some()
+                    {
+                        return Err(ApiError::invalid(
+                            &name,
+                            "invalid_value",
+                            format!("{name} was given more than once"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(form)
+    }
+
+    /// The one input image.
+    fn image(&self) -> Result<Bytes, ApiError> {
+        match self.images.as_slice() {
+            [image] => Ok(image.clone()),
+            [] => Err(ApiError::invalid(
+                "image",
+                "missing_required_parameter",
+                "image is required: send the image to edit as a file field named image",
+            )),
+            more => Err(ApiError::invalid(
+                "image",
+                "invalid_value",
+                format!(
+                    "this server edits one image per request, got {}: send each in a request \
+                     of its own",
+                    more.len()
+                ),
+            )),
+        }
+    }
+}
+
+/// The boundary of a `multipart/form-data` body, or a 415.
+fn multipart_boundary(headers: &HeaderMap) -> Result<String, ApiError> {
+    let got = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    got.as_deref()
+        .filter(|ct| {
+            ct.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("multipart/form-data"))
+        })
+        .and_then(|ct| multer::parse_boundary(ct).ok())
+        .ok_or(ApiError::UnsupportedMediaType {
+            got,
+            expected: "multipart/form-data with a boundary",
+        })
+}
+
+/// A validated request (a generation, or an edit with its decoded image), queued and answered:
+/// JSON with every image, or an event stream.
+async fn run_request(
+    app: &Arc<App>,
+    caller: &Caller,
+    headers: &HeaderMap,
+    req: ValidRequest,
+) -> Result<Response, ApiError> {
+    app.auth.consume(caller, 0, req.n, Instant::now())?;
     // 32-bit random seeds: easy to read back and type in again.
     let seed = req
         .seed
@@ -256,7 +408,13 @@ async fn generations(
         steps = req.steps,
         seed,
         priority = caller.priority.as_str(),
-        "generating"
+        strength = req.edit.as_ref().map(|e| e.strength),
+        "{}",
+        if req.edit.is_some() {
+            "editing"
+        } else {
+            "generating"
+        }
     );
     // Tokenising a 32000-character prompt takes milliseconds: off the async workers, and
     // alongside the generation.
@@ -274,13 +432,13 @@ async fn generations(
         })
     };
     if req.stream {
-        return stream_images(&app, &caller, req, seed, token_count);
+        return stream_images(app, caller, req, seed, token_count);
     }
-    let encoded = generate(&app, &caller, &req, seed).await?;
+    let encoded = generate(app, caller, &req, seed).await?;
 
     let now = Instant::now();
     let base = if req.response_format == ResponseFormat::Url {
-        Some(url_base(&app, &headers))
+        Some(url_base(app, headers))
     } else {
         None
     };
@@ -325,7 +483,7 @@ async fn generations(
         output_format: req.output_format.as_str().into(),
         quality: req.quality.into(),
         size: format!("{}x{}", req.width, req.height),
-        usage: Usage::new(text_tokens, req.n, req.width, req.height),
+        usage: usage(&req, text_tokens, req.n),
     };
     Ok(Json(response).into_response())
 }
@@ -388,7 +546,7 @@ fn submit(
                     prompt: req.prompt.clone(),
                     negative_prompt: req.negative_prompt.clone(),
                     seed: seed + i as u64,
-                    init_image: None,
+                    init_image: req.edit.as_ref().and_then(|e| e.image.clone()),
                 },
                 reply: tx.clone(),
                 span: tracing::Span::current(),
@@ -601,14 +759,18 @@ impl ImageStream {
         };
         let req = &self.req;
         let body = StreamedImage {
-            kind: "image_generation.completed",
+            kind: if req.edit.is_some() {
+                "image_edit.completed"
+            } else {
+                "image_generation.completed"
+            },
             b64_json,
             created_at: unix_secs(),
             size: format!("{}x{}", req.width, req.height),
             quality: req.quality,
             background: "opaque",
             output_format: req.output_format.as_str(),
-            usage: Usage::new(text_tokens, 1, req.width, req.height),
+            usage: usage(req, text_tokens, 1),
             seed: self.seed + index as u64,
         };
         Event::default()
@@ -645,6 +807,19 @@ impl ImageStream {
     }
 }
 
+/// `usage` for `n` of the request's images; an edit also counts its input image, once per
+/// image made from it, as one token per 8x8 patch like the output.
+fn usage(req: &ValidRequest, text_tokens: u64, n: u32) -> Usage {
+    let mut usage = Usage::new(text_tokens, n, req.width, req.height);
+    if req.edit.is_some() {
+        let input = usage.output_tokens;
+        usage.input_tokens += input;
+        usage.input_tokens_details.image_tokens += input;
+        usage.total_tokens += input;
+    }
+    usage
+}
+
 fn unix_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -663,7 +838,10 @@ fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     if is_json {
         Ok(())
     } else {
-        Err(ApiError::UnsupportedMediaType { got })
+        Err(ApiError::UnsupportedMediaType {
+            got,
+            expected: "application/json",
+        })
     }
 }
 

@@ -5,6 +5,11 @@
 //! JSON `null` means "not given" for every optional field, as in OpenAI's API (the SDKs send
 //! `null` for fields set to `None`).
 //!
+//! `POST /v1/images/edits` sends the same fields as multipart form text; [`form_value`] reads
+//! each back into the JSON type the field has, and [`validate_edit`] checks them with the
+//! edit's own fields (`strength`, `input_fidelity`; no `style` or `moderation`...) and a `size`
+//! that defaults to the input image's shape.
+//!
 //! `quality` maps to denoising steps (SDXL-Turbo is distilled for 1–4 steps; its model card
 //! uses 1): `auto` and `low` → 1 step, `standard` and `medium` → 2, `high` and `hd` → 4. The
 //! response reports the level used (`low`, `medium` or `high`). The `steps` extension
@@ -16,6 +21,7 @@ use super::api::{OutputFormat, ResponseFormat};
 use super::config::{ModelIdentity, RequestLimits, MAX_N};
 use super::error::ApiError;
 use super::queue::{Guidance, ShapeKey};
+use crate::model::pipeline::{edit_schedule, InitImage};
 
 /// The largest seed: JSON numbers above 2^53 - 1 lose precision in JavaScript clients, which
 /// could then not reproduce an image from the seed they were given.
@@ -59,6 +65,54 @@ const KNOWN_FIELDS: &[&str] = &[
     "negative_prompt",
 ];
 
+/// The fields `POST /v1/images/edits` knows (its files, `image` and `mask`, are read apart).
+const EDIT_FIELDS: &[&str] = &[
+    "prompt",
+    "model",
+    "n",
+    "size",
+    "quality",
+    "response_format",
+    "output_format",
+    "output_compression",
+    "background",
+    "input_fidelity",
+    "user",
+    "safety_identifier",
+    "stream",
+    "partial_images",
+    "seed",
+    "steps",
+    "strength",
+    "guidance_scale",
+    "negative_prompt",
+];
+
+/// Form fields read as JSON integers, numbers and booleans ([`form_value`]).
+const INTEGER_FIELDS: &[&str] = &["n", "output_compression", "partial_images", "seed", "steps"];
+const NUMBER_FIELDS: &[&str] = &["strength", "guidance_scale"];
+const BOOLEAN_FIELDS: &[&str] = &["stream"];
+
+/// An edit's default `strength`: SDXL-Turbo's documented edit (`num_inference_steps=2,
+/// strength=0.5` in diffusers), half the noise of a generation.
+pub const DEFAULT_STRENGTH: f64 = 0.5;
+
+/// The longest schedule an edit may ask for (`steps / strength`): the model's training
+/// timesteps (1000 for SDXL's scheduler).
+const MAX_SCHEDULE_STEPS: usize = 1000;
+
+/// What an edit adds to a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EditSettings {
+    pub strength: f64,
+    /// diffusers' `num_inference_steps`: the schedule, of which the last `steps` run.
+    pub schedule_steps: u32,
+    /// The schedule step the edit starts from (diffusers' `t_start`).
+    pub start_step: u32,
+    /// The input image at the request's size; set by the handler once decoded.
+    pub image: Option<InitImage>,
+}
+
 /// A request that passed validation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidRequest {
@@ -81,8 +135,10 @@ pub struct ValidRequest {
     /// `user` or `safety_identifier`, for the logs.
     pub user: Option<String>,
     /// `stream: true`: the images go back as server-sent events, one
-    /// `image_generation.completed` each as it is done (always base64).
+    /// `image_generation.completed` (`image_edit.completed`) each as it is done (always base64).
     pub stream: bool,
+    /// `POST /v1/images/edits`; `steps` is then the number of steps run.
+    pub edit: Option<EditSettings>,
 }
 
 impl ValidRequest {
@@ -90,8 +146,9 @@ impl ValidRequest {
         ShapeKey {
             width: self.width,
             height: self.height,
-            steps: self.steps,
+            steps: self.edit.as_ref().map_or(self.steps, |e| e.schedule_steps),
             guidance: Guidance::from_scale(self.guidance_scale),
+            init_step: self.edit.as_ref().map(|e| e.start_step),
         }
     }
 }
@@ -102,11 +159,76 @@ pub fn validate(
     limits: &RequestLimits,
     model: &ModelIdentity,
 ) -> Result<ValidRequest, ApiError> {
+    validate_fields(body, limits, model, None)
+}
+
+/// Validates an edit's form fields (read with [`form_value`]) for an input image of
+/// `image_size` (width, height). Without a `size` (or with `auto`), the output keeps the
+/// input's aspect ratio at about the area of `--default-size` ([`auto_edit_size`]).
+pub fn validate_edit(
+    fields: &Value,
+    image_size: (u32, u32),
+    limits: &RequestLimits,
+    model: &ModelIdentity,
+) -> Result<ValidRequest, ApiError> {
+    validate_fields(fields, limits, model, Some(image_size))
+}
+
+/// A multipart text field's value as the JSON type its field has: integers, numbers and
+/// booleans parsed (`"2"` → 2, `"true"` → true); anything that does not parse stays a string,
+/// for the validator to refuse with the field's bound.
+pub fn form_value(name: &str, text: &str) -> Value {
+    let t = text.trim();
+    if INTEGER_FIELDS.contains(&name) {
+        if let Ok(v) = t.parse::<i64>() {
+            return Value::from(v);
+        }
+        if let Ok(v) = t.parse::<u64>() {
+            return Value::from(v);
+        }
+    } else if NUMBER_FIELDS.contains(&name) {
+        if let Some(v) = t.parse::<f64>().ok().and_then(serde_json::Number::from_f64) {
+            return Value::Number(v);
+        }
+    } else if BOOLEAN_FIELDS.contains(&name) {
+        match t.to_ascii_lowercase().as_str() {
+            "true" => return Value::Bool(true),
+            "false" => return Value::Bool(false),
+            _ => {}
+        }
+    }
+    Value::String(text.to_string())
+}
+
+/// An edit's size when none is given: the input's aspect ratio at about the default size's
+/// area, each side rounded to a multiple of 8 within the configured bounds.
+pub fn auto_edit_size((w, h): (u32, u32), limits: &RequestLimits) -> (u32, u32) {
+    let (dw, dh) = limits.default_size;
+    let scale =
+        ((f64::from(dw) * f64::from(dh)) / (f64::from(w.max(1)) * f64::from(h.max(1)))).sqrt();
+    let side = |v: u32| {
+        let r = ((f64::from(v) * scale / 8.0).round() as u32).saturating_mul(8);
+        r.clamp(limits.min_side, limits.max_side)
+    };
+    (side(w), side(h))
+}
+
+fn validate_fields(
+    body: &Value,
+    limits: &RequestLimits,
+    model: &ModelIdentity,
+    edit_image: Option<(u32, u32)>,
+) -> Result<ValidRequest, ApiError> {
     let obj = match body {
         Value::Object(obj) => obj,
         other => return Err(ApiError::NotAnObject(json_kind(other))),
     };
-    if let Some(unknown) = obj.keys().find(|k| !KNOWN_FIELDS.contains(&k.as_str())) {
+    let known = if edit_image.is_some() {
+        EDIT_FIELDS
+    } else {
+        KNOWN_FIELDS
+    };
+    if let Some(unknown) = obj.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(ApiError::invalid(
             unknown,
             "unknown_parameter",
@@ -143,7 +265,10 @@ pub fn validate(
     check_length("negative_prompt", negative_prompt, limits.max_prompt_chars)?;
 
     let n = f.integer("n", 1, i128::from(MAX_N))?.unwrap_or(1) as u32;
-    let (width, height) = parse_size(f.string("size")?, limits)?;
+    let (width, height) = match (edit_image, f.string("size")?) {
+        (Some(image), None | Some("auto")) => auto_edit_size(image, limits),
+        (_, size) => parse_size(size, limits)?,
+    };
 
     let quality_names: Vec<&str> = QUALITY_STEPS.iter().map(|q| q.0).collect();
     let quality = f.one_of("quality", &quality_names)?.unwrap_or("auto");
@@ -196,6 +321,8 @@ pub fn validate(
         ));
     }
     f.one_of("moderation", &["auto", "low"])?;
+    // Accepted for OpenAI's clients; `strength` says how much of the input an edit keeps.
+    f.one_of("input_fidelity", &["low", "high"])?;
     f.one_of("style", &["vivid", "natural"])?;
     f.one_of("complexity", &["low", "medium", "high"])?;
     let user = f.string("user")?;
@@ -240,6 +367,32 @@ pub fn validate(
     let seed = f
         .integer("seed", 0, i128::from(max_seed))?
         .map(|s| s as u64);
+    let edit = match edit_image {
+        None => None,
+        Some(_) => {
+            let strength = f.number("strength", 0.01, 1.0)?.unwrap_or(DEFAULT_STRENGTH);
+            let (schedule, start) = edit_schedule(steps as usize, strength)
+                .map_err(|e| ApiError::invalid("strength", "invalid_value", e.0))?;
+            if schedule > MAX_SCHEDULE_STEPS {
+                return Err(ApiError::invalid(
+                    "strength",
+                    "invalid_value",
+                    format!(
+                        "{steps} steps at strength {strength} need a schedule of {schedule} \
+                         steps, over the model's {MAX_SCHEDULE_STEPS}: raise strength to at \
+                         least {} or lower steps",
+                        steps as f64 / MAX_SCHEDULE_STEPS as f64
+                    ),
+                ));
+            }
+            Some(EditSettings {
+                strength,
+                schedule_steps: schedule as u32,
+                start_step: start as u32,
+                image: None,
+            })
+        }
+    };
 
     Ok(ValidRequest {
         prompt: prompt.to_string(),
@@ -256,6 +409,7 @@ pub fn validate(
         output_compression,
         user,
         stream,
+        edit,
     })
 }
 
@@ -472,6 +626,124 @@ mod tests {
         )
     }
 
+    /// An edit's form fields (as text, the way a multipart body carries them) for a 640x480
+    /// input image.
+    fn edit(fields: &[(&str, &str)]) -> Result<ValidRequest, ApiError> {
+        let cfg = ServerConfig::default();
+        let map: Map<String, Value> = fields
+            .iter()
+            .map(|(k, v)| (k.to_string(), form_value(k, v)))
+            .collect();
+        validate_edit(&Value::Object(map), (640, 480), &cfg.limits, &cfg.model)
+    }
+
+    #[test]
+    fn form_fields_are_read_as_their_json_types() {
+        assert_eq!(form_value("n", "2"), json!(2));
+        assert_eq!(
+            form_value("seed", "9007199254740991"),
+            json!(9007199254740991u64)
+        );
+        assert_eq!(form_value("strength", "0.25"), json!(0.25));
+        assert_eq!(form_value("guidance_scale", " 3 "), json!(3.0));
+        assert_eq!(form_value("stream", "true"), json!(true));
+        assert_eq!(form_value("stream", "False"), json!(false));
+        assert_eq!(form_value("prompt", "42"), json!("42"), "text stays text");
+        // What does not parse stays a string, for the validator's message.
+        assert_eq!(form_value("n", "two"), json!("two"));
+        assert_eq!(form_value("strength", "NaN"), json!("NaN"));
+    }
+
+    #[test]
+    fn an_edit_gets_its_own_defaults() {
+        let v = edit(&[("prompt", "make it snowy")]).unwrap();
+        // 640x480 at about 512x512's area: 592x440 (multiples of 8).
+        assert_eq!((v.width, v.height), (592, 440));
+        assert_eq!(v.steps, 1);
+        assert_eq!(
+            v.edit,
+            Some(EditSettings {
+                strength: 0.5,
+                schedule_steps: 2,
+                start_step: 1,
+                image: None,
+            })
+        );
+        let key = v.key();
+        assert_eq!((key.steps, key.init_step), (2, Some(1)));
+        // A generation's key has no start step, so the two never share a batch.
+        assert_eq!(check(json!({"prompt": "a"})).unwrap().key().init_step, None);
+
+        let v = edit(&[
+            ("prompt", "x"),
+            ("size", "512x512"),
+            ("n", "3"),
+            ("quality", "medium"),
+            ("strength", "0.7"),
+            ("seed", "5"),
+            ("stream", "true"),
+            ("input_fidelity", "high"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (v.width, v.height, v.n, v.seed, v.stream),
+            (512, 512, 3, Some(5), true)
+        );
+        // 2 steps at 0.7: int(3 * 0.7) = 2 of a 3-step schedule.
+        let e = v.edit.unwrap();
+        assert_eq!((e.schedule_steps, e.start_step), (3, 1));
+    }
+
+    #[test]
+    fn edit_errors_name_the_field() {
+        let param = |fields: &[(&str, &str)]| {
+            let e = edit(fields).unwrap_err();
+            (
+                e.info().status.as_u16(),
+                e.param().map(str::to_string),
+                e.to_string(),
+            )
+        };
+        let (status, p, msg) = param(&[("prompt", "x"), ("strength", "0")]);
+        assert_eq!((status, p.as_deref()), (400, Some("strength")));
+        assert!(msg.contains("between 0.01 and 1"), "{msg}");
+        let (_, p, msg) = param(&[("prompt", "x"), ("strength", "strong")]);
+        assert_eq!(p.as_deref(), Some("strength"));
+        assert!(msg.contains("a string \"strong\""), "{msg}");
+        let (_, p, msg) = param(&[("prompt", "x"), ("steps", "50"), ("strength", "0.01")]);
+        assert_eq!(p.as_deref(), Some("strength"));
+        assert!(
+            msg.contains("5000") && msg.contains("at least 0.05"),
+            "{msg}"
+        );
+        let (_, p, msg) = param(&[("prompt", "x"), ("n", "two")]);
+        assert_eq!(p.as_deref(), Some("n"));
+        assert!(msg.contains("an integer between 1 and 10"), "{msg}");
+        // Generation-only fields are unknown to an edit, and strength to a generation.
+        let (_, p, _) = param(&[("prompt", "x"), ("style", "vivid")]);
+        assert_eq!(p.as_deref(), Some("style"));
+        assert_eq!(
+            err(json!({"prompt": "x", "strength": 0.5})).1.as_deref(),
+            Some("strength")
+        );
+        let (_, p, _) = param(&[("size", "512x512")]);
+        assert_eq!(p.as_deref(), Some("prompt"));
+        let (_, p, _) = param(&[("prompt", "x"), ("size", "500x500")]);
+        assert_eq!(p.as_deref(), Some("size"));
+    }
+
+    #[test]
+    fn auto_edit_sizes_keep_the_aspect_ratio_within_bounds() {
+        let limits = ServerConfig::default().limits;
+        assert_eq!(auto_edit_size((512, 512), &limits), (512, 512));
+        assert_eq!(auto_edit_size((1024, 1024), &limits), (512, 512));
+        assert_eq!(auto_edit_size((4000, 3000), &limits), (592, 440));
+        assert_eq!(auto_edit_size((1920, 1080), &limits), (680, 384));
+        // A very wide image: the short side stops at --min-image-side.
+        assert_eq!(auto_edit_size((8000, 100), &limits), (1536, 256));
+        assert_eq!(auto_edit_size((1, 1), &limits), (512, 512));
+    }
+
     #[test]
     fn minimal_request_gets_the_defaults() {
         let v = check(json!({"prompt": "a cat"})).unwrap();
@@ -492,6 +764,7 @@ mod tests {
                 output_compression: 100,
                 user: None,
                 stream: false,
+                edit: None,
             }
         );
     }

@@ -830,6 +830,7 @@ mod tests {
         height: 8,
         steps: 1,
         guidance: Guidance::Off,
+        init_step: None,
     };
 
     struct Harness {
