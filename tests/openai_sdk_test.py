@@ -104,6 +104,46 @@ def test_stream(client: OpenAI):
         assert base64.b64decode(e.b64_json) == base64.b64decode(plain.data[i].b64_json)
 
 
+def test_edit(client: OpenAI):
+    # images.edit: the SDK's multipart upload of a PNG (one the server made), the extensions
+    # (seed, strength) as form fields through extra_body, the generation response shape back.
+    source = base64.b64decode(
+        client.images.generate(prompt="a harbour", size="64x64", extra_body={"seed": 30}).data[0].b64_json
+    )
+
+    def edit(**kw):
+        return client.images.edit(
+            image=("harbour.png", source, "image/png"),
+            prompt="the harbour at night",
+            size="64x64",
+            **kw,
+        )
+
+    resp = edit(model="gpt-image-1", n=2, extra_body={"seed": 31, "strength": 0.5})
+    assert (resp.size, resp.output_format, resp.quality) == ("64x64", "png", "low")
+    assert [seed_of(d) for d in resp.data] == [31, 32]
+    # The input image is counted like the output: one token per 8x8 patch, per image made.
+    assert resp.usage.input_tokens_details.image_tokens == 128 == resp.usage.output_tokens
+    outputs = [base64.b64decode(d.b64_json) for d in resp.data]
+    assert all(png_size(o) == (64, 64) for o in outputs)
+    assert outputs[0] != outputs[1] and source not in outputs
+    again = edit(extra_body={"seed": 31, "strength": 0.5})
+    assert base64.b64decode(again.data[0].b64_json) == outputs[0], "seeded edits reproduce"
+
+    events = list(edit(n=2, stream=True, extra_body={"seed": 31}))
+    assert [e.type for e in events] == ["image_edit.completed"] * 2, events
+    for e in events:
+        assert base64.b64decode(e.b64_json) == outputs[seed_of(e) - 31]
+
+    expect(
+        openai.BadRequestError,
+        lambda: edit(mask=("mask.png", source, "image/png")),
+        param="mask",
+        code="unsupported_parameter",
+    )
+    expect(openai.BadRequestError, lambda: edit(extra_body={"strength": 2}), param="strength")
+
+
 def test_models(client: OpenAI):
     ids = [m.id for m in client.models.list()]
     assert ids[0] == "sdxl-turbo" and "dall-e-3" in ids, ids
@@ -174,6 +214,7 @@ def main() -> int:
         ("url then fetch", lambda: test_url_then_fetch(client)),
         ("n=3 seeded", lambda: test_n3_seeded_distinct_and_reproducible(client)),
         ("stream", lambda: test_stream(client)),
+        ("edit", lambda: test_edit(client)),
         ("models", lambda: test_models(client)),
         ("BadRequestError", lambda: test_bad_request(client)),
         ("AuthenticationError", lambda: test_authentication(args.base_url)),
