@@ -2,7 +2,7 @@
 //!
 //! Layers, outermost first: `x-request-id` (echo or create; a span per request), request
 //! metrics (by route and status, errors by type), then per route: API-key check and rate
-//! limits (`/v1/images/generations`, `/v1/models*`), in-flight tracking for generations (what
+//! limits (`/v1/images/generations`, `/v1/images/edits`, `/v1/models*`), in-flight tracking for images (what
 //! shutdown waits for). `/health`, `/metrics` and `/v1/images/files/{id}` need no key: probes
 //! and scrapers carry none, and file ids are unguessable, like OpenAI's signed URLs.
 
