@@ -10,6 +10,7 @@ import struct
 import sys
 import traceback
 import urllib.request
+import zlib
 
 import openai
 from openai import OpenAI
@@ -22,6 +23,20 @@ def png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == PNG_SIGNATURE, "not a PNG"
     assert data[12:16] == b"IHDR"
     return struct.unpack(">II", data[16:24])
+
+
+def rgba_png(width: int, height: int, alpha) -> bytes:
+    """A black RGBA PNG whose alpha at (x, y) is alpha(x, y): an OpenAI edit mask."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    rows = b"".join(
+        b"\x00" + b"".join(bytes([0, 0, 0, alpha(x, y)]) for x in range(width)) for y in range(height)
+    )
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
+    return PNG_SIGNATURE + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 def seed_of(image) -> int:
@@ -135,11 +150,17 @@ def test_edit(client: OpenAI):
     for e in events:
         assert base64.b64decode(e.b64_json) == outputs[seed_of(e) - 31]
 
+    # A mask: its transparent square is repainted, the opaque rest kept.
+    mask = rgba_png(64, 64, lambda x, y: 0 if 16 <= x < 48 and 16 <= y < 48 else 255)
+    masked = edit(mask=("mask.png", mask, "image/png"), extra_body={"seed": 31, "strength": 0.5})
+    masked_png = base64.b64decode(masked.data[0].b64_json)
+    assert png_size(masked_png) == (64, 64) and masked_png != outputs[0]
+    # A mask must say what to keep with its alpha channel.
     expect(
         openai.BadRequestError,
         lambda: edit(mask=("mask.png", source, "image/png")),
         param="mask",
-        code="unsupported_parameter",
+        code="invalid_image",
     )
     expect(openai.BadRequestError, lambda: edit(extra_body={"strength": 2}), param="strength")
 

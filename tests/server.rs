@@ -1647,6 +1647,17 @@ fn edit_input() -> RgbImage {
     })
 }
 
+/// An OpenAI mask for `edit_input()`: a transparent rectangle (repaint) in an opaque frame.
+fn edit_mask(w: u32, h: u32) -> Vec<u8> {
+    let rgba = image::RgbaImage::from_fn(w, h, |x, y| {
+        let inside = x >= w / 4 && x < 3 * w / 4 && y >= h / 4 && y < 3 * h / 4;
+        image::Rgba([0, 0, 0, if inside { 0 } else { 255 }])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    rgba.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
 impl TestServer {
     fn edit(&self, fields: &[(&str, &str)], files: &[(&str, &[u8])]) -> (u16, String) {
         let (ct, body) = multipart(fields, files);
@@ -1757,6 +1768,35 @@ fn edits_take_a_multipart_image_and_match_the_pipeline() {
         "the edit ignored its image"
     );
 
+    // With a mask: the library's inpainting of the same image and mask.
+    let mask_png = edit_mask(80, 48);
+    let masked = s.edit_ok(
+        &[
+            ("prompt", "the same scene in winter"),
+            ("size", "64x64"),
+            ("seed", "11"),
+        ],
+        &[("image", &png), ("mask", &mask_png)],
+    );
+    let mask = turbine::server::upload::decode_mask(&mask_png, (80, 48), 64, 64).unwrap();
+    let masked_init = InitImage::with_mask(init.image().clone(), mask);
+    let expected_masked = p
+        .generate(
+            &settings,
+            &[ImageRequest {
+                init_image: Some(masked_init),
+                ..items[0].clone()
+            }],
+            None,
+        )
+        .unwrap()
+        .images;
+    assert!(
+        images(&masked)[0] == expected_masked[0],
+        "the served inpainting is the pipeline's"
+    );
+    assert!(images(&masked)[0] != got[0], "the mask changed nothing");
+
     // No size: the input's aspect ratio at about --default-size's area (64x64 here), each side
     // at least --min-image-side: 80x48 → 80x64.
     let auto = s.edit_ok(&[("prompt", "winter"), ("seed", "3")], &[("image", &png)]);
@@ -1797,7 +1837,7 @@ fn edits_take_a_multipart_image_and_match_the_pipeline() {
             &m,
             "turbine_http_requests_total{route=\"/v1/images/edits\",status=\"200\"}"
         ),
-        5.0,
+        6.0,
         "{m}"
     );
 }
@@ -1836,9 +1876,27 @@ fn malformed_edits_get_the_right_status() {
             Some("image"),
         ),
         (
-            "a mask",
+            "a mask without alpha",
             prompt.to_vec(),
             vec![("image", png.clone()), ("mask", png.clone())],
+            400,
+            Some("mask"),
+        ),
+        (
+            "a mask of another size",
+            prompt.to_vec(),
+            vec![("image", png.clone()), ("mask", edit_mask(40, 24))],
+            400,
+            Some("mask"),
+        ),
+        (
+            "two masks",
+            prompt.to_vec(),
+            vec![
+                ("image", png.clone()),
+                ("mask", edit_mask(80, 48)),
+                ("mask", edit_mask(80, 48)),
+            ],
             400,
             Some("mask"),
         ),

@@ -68,19 +68,48 @@ pub struct ImageRequest {
     pub init_image: Option<InitImage>,
 }
 
-/// An edit's input image, shared rather than copied between the request and its batch.
+/// An edit's input image, and optionally the mask of what to repaint, shared rather than copied
+/// between the request and its batch.
 #[derive(Clone, PartialEq)]
-pub struct InitImage(pub Arc<image::RgbImage>);
+pub struct InitImage {
+    image: Arc<image::RgbImage>,
+    mask: Option<Arc<image::GrayImage>>,
+}
 
 impl InitImage {
+    /// Image-to-image of the whole image (diffusers' `StableDiffusionXLImg2ImgPipeline`).
     pub fn new(image: image::RgbImage) -> Self {
-        InitImage(Arc::new(image))
+        InitImage {
+            image: Arc::new(image),
+            mask: None,
+        }
+    }
+
+    /// Inpainting (diffusers' `StableDiffusionXLInpaintPipeline` with SDXL-Turbo's 4-channel
+    /// UNet): `mask` is diffusers' `mask_image`, the image's size, with values of 128 and up
+    /// (white) where the image is repainted and below (black) where it is kept. The kept latents
+    /// are put back after every step, noised to the next step's level.
+    pub fn with_mask(image: image::RgbImage, mask: image::GrayImage) -> Self {
+        InitImage {
+            image: Arc::new(image),
+            mask: Some(Arc::new(mask)),
+        }
+    }
+
+    pub fn image(&self) -> &image::RgbImage {
+        &self.image
+    }
+
+    pub fn mask(&self) -> Option<&image::GrayImage> {
+        self.mask.as_deref()
     }
 }
 
 impl std::fmt::Debug for InitImage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "InitImage({}x{})", self.0.width(), self.0.height())
+        let (w, h) = self.image.dimensions();
+        let masked = if self.mask.is_some() { ", masked" } else { "" };
+        write!(f, "InitImage({w}x{h}{masked})")
     }
 }
 
@@ -639,6 +668,8 @@ impl Pipeline {
         };
         // Latents stay in f32 across steps (the scheduler's arithmetic is f32 in diffusers
         // too); only the UNet's input is cast to the run dtype.
+        // Inpainting: (latent masks, image latents, the noise they were noised with).
+        let mut inpaint: Option<(Tensor, Tensor, Tensor)> = None;
         let mut latents = match settings.init_step {
             None => (init * scheduler.init_noise_sigma())?,
             Some(_) => {
@@ -650,7 +681,31 @@ impl Pipeline {
                 };
                 let image_latents = self.image_latents(settings, items, &image_noise)?;
                 // The scheduler's `add_noise` at the start step.
-                (image_latents + (init * scheduler.sigmas()[start])?)?
+                let noised = (&image_latents + (&init * scheduler.sigmas()[start])?)?;
+                let masks = self.latent_masks(settings, items)?;
+                let latents = match (&masks, start) {
+                    // diffusers' inpainting at strength 1 starts its images from pure noise, as
+                    // a generation does; img2img noises the image latents even then.
+                    (Some(_), 0) => {
+                        let masked: Vec<f32> = items
+                            .iter()
+                            .map(|i| {
+                                let m = i.init_image.as_ref().and_then(InitImage::mask);
+                                if m.is_some() {
+                                    1.0
+                                } else {
+                                    0.0
+                                }
+                            })
+                            .collect();
+                        let sel = Tensor::from_vec(masked, (n, 1, 1, 1), &self.device)?;
+                        let pure = (&init * scheduler.init_noise_sigma())?;
+                        (pure.broadcast_mul(&sel)? + noised.broadcast_mul(&(1.0 - &sel)?)?)?
+                    }
+                    _ => noised,
+                };
+                inpaint = masks.map(|m| (m, image_latents, init.clone()));
+                latents
             }
         };
         for (i, &t) in scheduler.timesteps().iter().enumerate().skip(start) {
@@ -686,6 +741,18 @@ impl Pipeline {
                 None => None,
             };
             latents = scheduler.step(&pred, i, &latents, step_noise.as_ref())?;
+            if let Some((mask, image_latents, noise)) = &inpaint {
+                // The kept areas go back to the image's latents, noised to the next step's level
+                // (not at all after the last): diffusers'
+                // `(1 - mask) * init_latents_proper + mask * latents`.
+                let proper = if i + 1 < n_timesteps {
+                    (image_latents + (noise * scheduler.sigmas()[i + 1])?)?
+                } else {
+                    image_latents.clone()
+                };
+                let keep = (1.0 - mask)?;
+                latents = (proper.broadcast_mul(&keep)? + latents.broadcast_mul(mask)?)?;
+            }
         }
         clock.mark()?;
 
@@ -733,15 +800,22 @@ impl Pipeline {
             let image = item.init_image.as_ref().ok_or_else(|| {
                 InvalidInput(format!("image {i} of an edit batch has no input image"))
             })?;
-            if (image.0.width() as usize, image.0.height() as usize) != (w, h) {
+            let (iw, ih) = image.image().dimensions();
+            if (iw as usize, ih as usize) != (w, h) {
                 return Err(InvalidInput(format!(
-                    "image {i}'s input image is {}x{}, the batch's size is {w}x{h}",
-                    image.0.width(),
-                    image.0.height()
+                    "image {i}'s input image is {iw}x{ih}, the batch's size is {w}x{h}"
                 ))
                 .into());
             }
-            bytes.extend_from_slice(image.0.as_raw());
+            if let Some((mw, mh)) = image.mask().map(|m| m.dimensions()) {
+                if (mw, mh) != (iw, ih) {
+                    return Err(InvalidInput(format!(
+                        "image {i}'s mask is {mw}x{mh}, its image {iw}x{ih}"
+                    ))
+                    .into());
+                }
+            }
+            bytes.extend_from_slice(image.image().as_raw());
         }
         // Each byte's value through a table made on the host, with numpy's f32 arithmetic
         // (`x / 255` then `2 * x - 1`): the bytes cross to the device, not 4x as many floats.
@@ -775,6 +849,44 @@ impl Pipeline {
             }
             _ => (sample * cfg.scaling_factor)?,
         })
+    }
+
+    /// Edits with masks: `[n, 1, h/f, w/f]` f32, 1 where the latents are repainted and 0 where
+    /// the image's are kept, as diffusers makes it: each mask binarised at 0.5 (`>= 128`), then
+    /// sampled at the latent grid (`interpolate`'s default nearest mode reads pixel `(f*y, f*x)`).
+    /// Images without a mask are repainted everywhere. `None` when no image of the batch has one.
+    fn latent_masks(
+        &self,
+        settings: &GenerationSettings,
+        items: &[ImageRequest],
+    ) -> anyhow::Result<Option<Tensor>> {
+        if !items
+            .iter()
+            .any(|i| i.init_image.as_ref().is_some_and(|im| im.mask().is_some()))
+        {
+            return Ok(None);
+        }
+        let f = self.vae_scale_factor();
+        let (lh, lw) = (settings.height / f, settings.width / f);
+        let mut values = Vec::with_capacity(items.len() * lh * lw);
+        for item in items {
+            match item.init_image.as_ref().and_then(InitImage::mask) {
+                Some(mask) => {
+                    for y in 0..lh {
+                        for x in 0..lw {
+                            let v = mask.get_pixel((f * x) as u32, (f * y) as u32).0[0];
+                            values.push(if v >= 128 { 1f32 } else { 0f32 });
+                        }
+                    }
+                }
+                None => values.extend(std::iter::repeat_n(1f32, lh * lw)),
+            }
+        }
+        Ok(Some(Tensor::from_vec(
+            values,
+            (items.len(), 1, lh, lw),
+            &self.device,
+        )?))
     }
 
     /// Final latents → images in [0, 1], NCHW f32 (diffusers' `postprocess` before rounding).

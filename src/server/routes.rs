@@ -254,8 +254,9 @@ async fn generations(
 }
 
 /// `POST /v1/images/edits`: OpenAI's multipart form (`image`, `prompt`, and the generation
-/// fields as text), run as SDXL-Turbo image-to-image. The input image (PNG, JPEG or WebP; its
-/// alpha channel dropped) is resized to the request's `size`, or kept at its aspect ratio.
+/// fields as text), run as SDXL-Turbo image-to-image, or inpainting with a `mask`. The input
+/// image (PNG, JPEG or WebP; its alpha channel dropped) is resized to the request's `size`, or
+/// kept at its aspect ratio.
 async fn edits(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
@@ -267,6 +268,7 @@ async fn edits(
     let bytes = read_body(body, &headers, app.config.limits.max_upload_bytes).await?;
     let form = EditForm::parse(bytes, boundary).await?;
     let image = form.image()?;
+    let mask = form.mask()?;
     let dims = super::upload::dimensions(&image)?;
     let mut req = validate_edit(
         &serde_json::Value::Object(form.fields),
@@ -275,14 +277,20 @@ async fn edits(
         &app.config.model,
     )?;
     let (w, h) = (req.width, req.height);
-    let decoded = tokio::task::spawn_blocking(move || super::upload::decode(&image, w, h))
-        .await
-        .map_err(|e| InferError::Encode {
-            format: "the input image",
-            message: e.to_string(),
-        })??;
+    let init = tokio::task::spawn_blocking(move || {
+        let rgb = super::upload::decode(&image, w, h)?;
+        Ok::<_, ApiError>(match mask {
+            Some(mask) => InitImage::with_mask(rgb, super::upload::decode_mask(&mask, dims, w, h)?),
+            None => InitImage::new(rgb),
+        })
+    })
+    .await
+    .map_err(|e| InferError::Encode {
+        format: "the input image",
+        message: e.to_string(),
+    })??;
     if let Some(edit) = req.edit.as_mut() {
-        edit.image = Some(InitImage::new(decoded));
+        edit.image = Some(init);
     }
     run_request(&app, &caller, &headers, req).await
 }
@@ -291,6 +299,7 @@ async fn edits(
 struct EditForm {
     fields: serde_json::Map<String, serde_json::Value>,
     images: Vec<Bytes>,
+    masks: Vec<Bytes>,
 }
 
 impl EditForm {
@@ -307,20 +316,13 @@ impl EditForm {
         let mut form = EditForm {
             fields: serde_json::Map::new(),
             images: Vec::new(),
+            masks: Vec::new(),
         };
         while let Some(field) = multipart.next_field().await.map_err(bad)? {
             let name = field.name().unwrap_or_default().to_string();
             match name.as_str() {
                 "image" | "image[]" => form.images.push(field.bytes().await.map_err(bad)?),
-                "mask" => {
-                    return Err(ApiError::invalid(
-                        "mask",
-                        "unsupported_parameter",
-                        "mask is not supported: this server edits the whole image (SDXL-Turbo \
-                         image-to-image); leave out the mask, and use strength to set how much \
-                         of the input is kept",
-                    ))
-                }
+                "mask" => form.masks.push(field.bytes().await.map_err(bad)?),
                 _ => {
                     let bytes = field.bytes().await.map_err(bad)?;
                     let text = String::from_utf8(bytes.to_vec()).map_err(|_| {
@@ -345,6 +347,19 @@ impl EditForm {
             }
         }
         Ok(form)
+    }
+
+    /// The mask, if one was sent.
+    fn mask(&self) -> Result<Option<Bytes>, ApiError> {
+        match self.masks.as_slice() {
+            [] => Ok(None),
+            [mask] => Ok(Some(mask.clone())),
+            more => Err(ApiError::invalid(
+                "mask",
+                "invalid_value",
+                format!("one mask per request, got {}", more.len()),
+            )),
+        }
     }
 
     /// The one input image.

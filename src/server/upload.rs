@@ -7,10 +7,14 @@
 //! most [`MAX_INPUT_ALLOC`] bytes, so a small file that claims a huge image cannot exhaust
 //! memory. An image of another size than the request's is resized (Lanczos, as diffusers'
 //! `preprocess` resizes a PIL image), its aspect ratio not kept when the two differ.
+//!
+//! A mask is OpenAI's: an image of the input's size whose transparent areas (alpha below 128)
+//! are repainted and whose opaque areas are kept. It becomes diffusers' `mask_image` (255 where
+//! repainted, 0 where kept) at the request's size, resized without blending (nearest).
 
 use std::io::Cursor;
 
-use image::{imageops::FilterType, ImageFormat, ImageReader, Limits, RgbImage};
+use image::{imageops::FilterType, GrayImage, ImageFormat, ImageReader, Limits, RgbImage};
 
 use super::error::ApiError;
 
@@ -20,24 +24,103 @@ pub const MAX_INPUT_SIDE: u32 = 8192;
 /// The most the decoder may allocate for one input image (an 8192x8192 RGBA image fits).
 pub const MAX_INPUT_ALLOC: u64 = 512 << 20;
 
+/// Which upload an error is about: the `param` of the 400.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upload {
+    Image,
+    Mask,
+}
+
+impl Upload {
+    fn param(self) -> &'static str {
+        match self {
+            Upload::Image => "image",
+            Upload::Mask => "mask",
+        }
+    }
+}
+
+fn invalid_as(what: Upload, message: String) -> ApiError {
+    ApiError::invalid(what.param(), "invalid_image", message)
+}
+
 fn invalid(message: String) -> ApiError {
-    ApiError::invalid("image", "invalid_image", message)
+    invalid_as(Upload::Image, message)
 }
 
 fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, ApiError> {
+    reader_for(Upload::Image, bytes)
+}
+
+fn reader_for(what: Upload, bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, ApiError> {
+    let invalid = |m: String| invalid_as(what, m);
+    let name = what.param();
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| invalid(format!("could not read the image: {e}")))?;
+        .map_err(|e| invalid(format!("could not read the {name}: {e}")))?;
     match reader.format() {
         Some(ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP) => Ok(reader),
         Some(other) => Err(invalid(format!(
-            "image must be a PNG, JPEG or WebP file, got {}",
+            "{name} must be a PNG, JPEG or WebP file, got {}",
             other.extensions_str().first().unwrap_or(&"another format")
         ))),
-        None => Err(invalid(
-            "image must be a PNG, JPEG or WebP file; this one is none of them".into(),
-        )),
+        None => Err(invalid(format!(
+            "{name} must be a PNG, JPEG or WebP file; this one is none of them"
+        ))),
     }
+}
+
+fn limited(mut reader: ImageReader<Cursor<&[u8]>>) -> ImageReader<Cursor<&[u8]>> {
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(MAX_INPUT_SIDE);
+    limits.max_image_height = Some(MAX_INPUT_SIDE);
+    limits.max_alloc = Some(MAX_INPUT_ALLOC);
+    reader.limits(limits);
+    reader
+}
+
+/// An OpenAI mask for an input image of `image_size`, as diffusers' `mask_image` at `width` x
+/// `height`: 255 where the mask is transparent (alpha below 128: repaint), 0 where it is
+/// opaque (keep).
+pub fn decode_mask(
+    bytes: &[u8],
+    image_size: (u32, u32),
+    width: u32,
+    height: u32,
+) -> Result<GrayImage, ApiError> {
+    let invalid = |m: String| invalid_as(Upload::Mask, m);
+    let size = reader_for(Upload::Mask, bytes)?
+        .into_dimensions()
+        .map_err(|e| invalid(format!("could not read the mask: {e}")))?;
+    if size != image_size {
+        return Err(invalid(format!(
+            "mask must be the size of the image, {}x{}; got {}x{}",
+            image_size.0, image_size.1, size.0, size.1
+        )));
+    }
+    let decoded = limited(reader_for(Upload::Mask, bytes)?)
+        .decode()
+        .map_err(|e| invalid(format!("could not decode the mask: {e}")))?;
+    if !decoded.color().has_alpha() {
+        return Err(invalid(
+            "mask must have an alpha channel: its transparent areas mark what to edit, its \
+             opaque areas what to keep"
+                .into(),
+        ));
+    }
+    let rgba = decoded.into_rgba8();
+    let mask = GrayImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        image::Luma([if rgba.get_pixel(x, y).0[3] < 128 {
+            255
+        } else {
+            0
+        }])
+    });
+    Ok(if mask.dimensions() == (width, height) {
+        mask
+    } else {
+        image::imageops::resize(&mask, width, height, FilterType::Nearest)
+    })
 }
 
 /// The image's (width, height) from its header, checked against [`MAX_INPUT_SIDE`].
@@ -55,13 +138,7 @@ pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32), ApiError> {
 
 /// The image as 8-bit RGB at `width` x `height`.
 pub fn decode(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage, ApiError> {
-    let mut reader = reader(bytes)?;
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(MAX_INPUT_SIDE);
-    limits.max_image_height = Some(MAX_INPUT_SIDE);
-    limits.max_alloc = Some(MAX_INPUT_ALLOC);
-    reader.limits(limits);
-    let rgb = reader
+    let rgb = limited(reader(bytes)?)
         .decode()
         .map_err(|e| invalid(format!("could not decode the image: {e}")))?
         .into_rgb8();
@@ -151,6 +228,47 @@ mod tests {
         let e = dimensions(&png).unwrap_err();
         assert!(e.to_string().contains("100000x100000"), "{e}");
         assert!(decode(&png, 512, 512).is_err());
+    }
+
+    #[test]
+    fn masks_mark_their_transparent_areas_for_repainting() {
+        // Left half transparent (repaint), right half opaque (keep), one half-transparent
+        // column each side of 128.
+        let rgba = image::RgbaImage::from_fn(16, 8, |x, _| {
+            let a = match x {
+                0..=6 => 0,
+                7 => 127,
+                8 => 128,
+                _ => 255,
+            };
+            image::Rgba([9, 9, 9, a])
+        });
+        let png = encode(&image::DynamicImage::ImageRgba8(rgba), ImageFormat::Png);
+        let mask = decode_mask(&png, (16, 8), 16, 8).unwrap();
+        let row: Vec<u8> = (0..16).map(|x| mask.get_pixel(x, 3).0[0]).collect();
+        assert_eq!(row, [[255u8; 8], [0u8; 8]].concat());
+        // Resized without blending: still only 0 and 255.
+        let big = decode_mask(&png, (16, 8), 64, 40).unwrap();
+        assert_eq!(big.dimensions(), (64, 40));
+        assert!(big.pixels().all(|p| p.0[0] == 0 || p.0[0] == 255));
+        assert_eq!(big.get_pixel(0, 0).0[0], 255);
+        assert_eq!(big.get_pixel(63, 39).0[0], 0);
+
+        let e = decode_mask(&png, (32, 8), 16, 8).unwrap_err();
+        assert_eq!(e.param(), Some("mask"));
+        assert!(
+            e.to_string()
+                .contains("the size of the image, 32x8; got 16x8"),
+            "{e}"
+        );
+        let opaque = encode(
+            &image::DynamicImage::ImageRgb8(gradient(16, 8)),
+            ImageFormat::Png,
+        );
+        let e = decode_mask(&opaque, (16, 8), 16, 8).unwrap_err();
+        assert!(e.to_string().contains("alpha channel"), "{e}");
+        let e = decode_mask(b"not a mask", (16, 8), 16, 8).unwrap_err();
+        assert_eq!(e.param(), Some("mask"));
     }
 
     fn crc32(bytes: &[u8]) -> u32 {

@@ -24,6 +24,9 @@ struct Case {
     num_inference_steps: usize,
     strength: f64,
     guidance_scale: f64,
+    /// Inpainting cases: per image, `disc` (the reference's `mask`) or `all` (repainted
+    /// everywhere, which is an image without a mask here).
+    masks: Option<Vec<String>>,
 }
 
 fn cases() -> BTreeMap<String, Case> {
@@ -31,15 +34,28 @@ fn cases() -> BTreeMap<String, Case> {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 
-/// The case's input images, from the reference's `image` tensor `[n, H, W, 3]` u8.
-fn input_images(refs: &HashMap<String, Tensor>) -> Vec<InitImage> {
+/// The case's input images, from the reference's `image` tensor `[n, H, W, 3]` u8, each with
+/// its `mask` row where the case has a `disc` mask for it.
+fn input_images(refs: &HashMap<String, Tensor>, masks: Option<&[String]>) -> Vec<InitImage> {
     let t = &refs["image"];
     let (n, h, w, _) = t.dims4().unwrap();
     let bytes = u8_images(t);
-    bytes
-        .chunks_exact(h * w * 3)
-        .take(n)
-        .map(|b| InitImage::new(image::RgbImage::from_raw(w as u32, h as u32, b.to_vec()).unwrap()))
+    let mask_bytes = masks.map(|_| u8_images(&refs["mask"]));
+    (0..n)
+        .map(|i| {
+            let rgb = bytes[i * h * w * 3..(i + 1) * h * w * 3].to_vec();
+            let rgb = image::RgbImage::from_raw(w as u32, h as u32, rgb).unwrap();
+            match (masks, &mask_bytes) {
+                (Some(m), Some(mb)) if m[i] == "disc" => {
+                    let mask = mb[i * h * w..(i + 1) * h * w].to_vec();
+                    InitImage::with_mask(
+                        rgb,
+                        image::GrayImage::from_raw(w as u32, h as u32, mask).unwrap(),
+                    )
+                }
+                _ => InitImage::new(rgb),
+            }
+        })
         .collect()
 }
 
@@ -103,7 +119,7 @@ fn run_case(name: &str) {
         ),
         image_noise: Some(refs["image_noise"].clone()),
     };
-    let images = input_images(&refs);
+    let images = input_images(&refs, case.masks.as_deref());
     let items = items(case, &images, 0);
     let batch = pipeline()
         .generate(&settings, &items, Some(&noise))
@@ -123,9 +139,12 @@ fn run_case(name: &str) {
     let inverted: Vec<InitImage> = images
         .iter()
         .map(|im| {
-            let mut im = (*im.0).clone();
-            image::imageops::invert(&mut im);
-            InitImage::new(im)
+            let mut rgb = im.image().clone();
+            image::imageops::invert(&mut rgb);
+            match im.mask() {
+                Some(mask) => InitImage::with_mask(rgb, mask.clone()),
+                None => InitImage::new(rgb),
+            }
         })
         .collect();
     let other = pipeline()
@@ -159,6 +178,59 @@ fn edit_cfg() {
 }
 
 #[test]
+fn inpaint_masked() {
+    run_case("masked");
+}
+
+#[test]
+fn inpaint_two_steps_beside_an_unmasked_image() {
+    run_case("masked_two_steps");
+}
+
+#[test]
+fn inpaint_full_strength_starts_from_noise() {
+    run_case("masked_full_strength");
+}
+
+/// Where the mask keeps the image, the output is the image's own latents decoded: an image
+/// masked to keep everything does not depend on the prompt at all (bit for bit), and differs
+/// from the same edit without the mask.
+#[test]
+fn a_mask_that_keeps_everything_ignores_the_prompt() {
+    let cases = cases();
+    let case = &cases["masked"];
+    let refs = reference("img2img_masked");
+    let settings = settings(case);
+    let rgb = input_images(&refs, None)[0].image().clone();
+    let (w, h) = rgb.dimensions();
+    let keep_all = InitImage::with_mask(rgb.clone(), image::GrayImage::new(w, h));
+    let run = |prompt: &str, init: &InitImage| {
+        pipeline()
+            .generate(
+                &settings,
+                &[ImageRequest {
+                    prompt: prompt.into(),
+                    negative_prompt: String::new(),
+                    seed: 1,
+                    init_image: Some(init.clone()),
+                }],
+                None,
+            )
+            .unwrap()
+            .images
+            .remove(0)
+    };
+    let cat = run("a photo of a cat", &keep_all);
+    assert!(
+        run("a red car", &keep_all) == cat,
+        "the prompt reached a kept area"
+    );
+    let repainted = run("a photo of a cat", &InitImage::new(rgb));
+    let (_, mean) = pixel_diff(cat.as_raw(), repainted.as_raw());
+    assert!(mean > 1.0, "the mask changed the edit by only {mean}/255");
+}
+
+#[test]
 fn edit_schedules_follow_diffusers_rounding() {
     // int(num_inference_steps * strength) steps run, from the end of the schedule.
     assert_eq!(img2img_start(2, 0.5), 1);
@@ -188,13 +260,14 @@ fn edits_with_seeded_noise_are_batch_invariant() {
     let case = &cases["two_steps"];
     let refs = reference("img2img_two_steps");
     let settings = settings(case);
-    let images = input_images(&refs);
+    let images = input_images(&refs, None);
     let both = pipeline()
         .generate(&settings, &items(case, &images, 40), None)
         .unwrap();
     let one_case = Case {
         prompts: vec![case.prompts[1].clone()],
         negative_prompts: None,
+        masks: None,
         ..*case
     };
     let alone = pipeline()
@@ -228,7 +301,7 @@ fn edits_refuse_inconsistent_batches() {
     let case = &cases["turbo"];
     let refs = reference("img2img_turbo");
     let settings = settings(case);
-    let images = input_images(&refs);
+    let images = input_images(&refs, None);
     let good = items(case, &images, 0);
     let err = |settings: &GenerationSettings, items: &[ImageRequest]| {
         pipeline()
@@ -266,7 +339,7 @@ fn edits_run_in_half_precision() {
     let case = &cases["turbo"];
     let refs = reference("img2img_turbo");
     let settings = settings(case);
-    let items = items(case, &input_images(&refs), 9);
+    let items = items(case, &input_images(&refs, None), 9);
     let reference = pipeline().generate(&settings, &items, None).unwrap().images;
     for dtype in [DType::F16, DType::BF16] {
         let p = Pipeline::load(&crate::common::tiny_model(), &Device::Cpu, dtype).unwrap();
