@@ -266,3 +266,78 @@ fn init_latents_of_the_wrong_shape_are_refused() {
     assert_eq!(r.status.code(), Some(2), "{err}");
     assert!(err.contains("[1, 4, 8, 8]"), "{err}");
 }
+
+/// `--image` (and `--mask`): the server's edit from the command line, reproducible by seed, and
+/// another image than a generation of the same prompt and seed.
+#[test]
+fn an_image_is_edited_and_a_mask_inpaints() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.png");
+    image::RgbImage::from_fn(96, 64, |x, y| {
+        image::Rgb([(x * 2) as u8, (y * 3) as u8, ((x + y) % 256) as u8])
+    })
+    .save(&input)
+    .unwrap();
+    let mask = dir.path().join("mask.png");
+    image::RgbaImage::from_fn(96, 64, |x, _| {
+        image::Rgba([0, 0, 0, if x < 48 { 0 } else { 255 }])
+    })
+    .save(&mask)
+    .unwrap();
+    let m = tiny();
+    let run = |name: &str, extra: &[&str]| {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "--model-dir",
+            m.to_str().unwrap(),
+            "--prompt",
+            "snow",
+            "--size",
+            "64x64",
+            "--seed",
+            "5",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = turbine(&args);
+        assert!(o.status.success(), "{extra:?}: {}", stderr(&o));
+        assert_eq!(dims(&out), (64, 64));
+        image::open(&out).unwrap().to_rgb8()
+    };
+    let img = input.to_str().unwrap();
+    let edited = run("edit.png", &["--image", img]);
+    assert!(run("again.png", &["--image", img, "--strength", "0.5"]) == edited);
+    assert!(run("generated.png", &[]) != edited, "--image was ignored");
+    let masked = run(
+        "masked.png",
+        &["--image", img, "--mask", mask.to_str().unwrap()],
+    );
+    assert!(masked != edited, "--mask was ignored");
+
+    let out = dir.path().join("x.png");
+    for (extra, want) in [
+        (
+            vec!["--image", img, "--strength", "0"],
+            "strength in (0, 1]",
+        ),
+        (vec!["--mask", img], "--image"),
+        (vec!["--image", "/no/such.png"], "cannot read --image"),
+        (vec!["--image", img, "--mask", img], "alpha channel"),
+    ] {
+        let mut args = vec![
+            "--model-dir",
+            m.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--size",
+            "64x64",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(&extra);
+        let o = turbine(&args);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{extra:?}: {}", stderr(&o));
+    }
+}

@@ -8,7 +8,10 @@ use candle_core::{DType, Device};
 use crate::cli::UsageError;
 use crate::device::{parse_device, parse_dtype};
 use crate::hub::ModelArgs;
-use crate::model::pipeline::{GenerationSettings, ImageRequest, NoiseOverride};
+use crate::model::pipeline::{
+    edit_schedule, GenerationSettings, ImageRequest, InitImage, NoiseOverride,
+};
+use crate::server::upload;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -44,6 +47,18 @@ pub struct Args {
     /// (unscaled standard normal, diffusers' `latents=` convention) to start from.
     #[arg(long)]
     pub init_latents: Option<PathBuf>,
+    /// Edit this image (PNG, JPEG or WebP; resized to --size) instead of starting from noise:
+    /// SDXL-Turbo image-to-image, what `POST /v1/images/edits` runs. Every prompt edits it.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// With --image: an OpenAI mask of the image's size whose transparent areas are repainted
+    /// and opaque areas kept (inpainting).
+    #[arg(long, requires = "image")]
+    pub mask: Option<PathBuf>,
+    /// With --image: how far the image is noised, in (0, 1]; --steps steps run (diffusers'
+    /// `num_inference_steps=2, strength=0.5` is `--steps 1 --strength 0.5`).
+    #[arg(long, requires = "image", default_value_t = 0.5)]
+    pub strength: f64,
     /// Output PNG path; with several prompts, `-0`, `-1`, ... go before the extension.
     #[arg(long)]
     pub out: PathBuf,
@@ -101,6 +116,34 @@ pub fn load_init_latents(path: &Path, device: &Device) -> anyhow::Result<candle_
     })
 }
 
+/// `--image` (and `--mask`) read as the server reads an edit's uploads, at `width` x `height`.
+fn read_init_image(
+    path: &Path,
+    mask: Option<&Path>,
+    width: usize,
+    height: usize,
+) -> anyhow::Result<InitImage> {
+    let read = |flag: &str, p: &Path| {
+        std::fs::read(p).map_err(|e| UsageError(format!("cannot read {flag} {}: {e}", p.display())))
+    };
+    let bad = |flag: &str, p: &Path, e: crate::server::error::ApiError| {
+        UsageError(format!("{flag} {}: {e}", p.display()))
+    };
+    let bytes = read("--image", path)?;
+    let dims = upload::dimensions(&bytes).map_err(|e| bad("--image", path, e))?;
+    let (w, h) = (width as u32, height as u32);
+    let rgb = upload::decode(&bytes, w, h).map_err(|e| bad("--image", path, e))?;
+    Ok(match mask {
+        Some(m) => {
+            let mask_bytes = read("--mask", m)?;
+            let mask =
+                upload::decode_mask(&mask_bytes, dims, w, h).map_err(|e| bad("--mask", m, e))?;
+            InitImage::with_mask(rgb, mask)
+        }
+        None => InitImage::new(rgb),
+    })
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     args.kernels.apply();
     let (width, height) = parse_size(&args.size)?;
@@ -133,6 +176,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ))
         .into());
     }
+    let init_image = match &args.image {
+        Some(path) => Some(read_init_image(path, args.mask.as_deref(), width, height)?),
+        None => None,
+    };
+    let (schedule_steps, init_step) = match &init_image {
+        Some(_) => {
+            let (n, start) =
+                edit_schedule(args.steps, args.strength).map_err(|e| UsageError(e.0))?;
+            (n, Some(start))
+        }
+        None => (args.steps, None),
+    };
     let base_seed = args.seed.unwrap_or_else(rand::random);
     let items: Vec<ImageRequest> = args
         .prompt
@@ -143,7 +198,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             prompt: p.clone(),
             negative_prompt: neg,
             seed: base_seed.wrapping_add(i as u64),
-            init_image: None,
+            init_image: init_image.clone(),
         })
         .collect();
     let noise = match &args.init_latents {
@@ -162,9 +217,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let settings = GenerationSettings {
         width,
         height,
-        steps: args.steps,
+        steps: schedule_steps,
         guidance_scale: args.guidance,
-        init_step: None,
+        init_step,
     };
     pipeline
         .validate(&settings, n)
