@@ -1,10 +1,16 @@
-//! The SDXL-Turbo text-to-image pipeline: prompts + seeds of one shape in, 8-bit RGB out.
+//! The SDXL-Turbo pipeline: prompts + seeds of one shape in, 8-bit RGB out; from noise
+//! (text-to-image), or from input images (edits: [`GenerationSettings::init_step`],
+//! [`InitImage`]).
 //!
 //! Mirrors diffusers' `StableDiffusionXLPipeline.__call__` for what SDXL-Turbo uses:
 //! both CLIP encoders (penultimate hidden states concatenated, pooled + projected output of the
 //! second), micro-conditioning time ids `(h, w, 0, 0, h, w)`, classifier-free guidance when
 //! `guidance_scale > 1` (zero embeddings for an empty negative prompt when the model forces
-//! zeros), the Euler-ancestral scheduler, the VAE decoder and diffusers' 8-bit rounding.
+//! zeros), the Euler-ancestral scheduler, the VAE decoder and diffusers' 8-bit rounding. Edits
+//! mirror `StableDiffusionXLImg2ImgPipeline` (the VAE encoder's posterior sample, noised to the
+//! start step's sigma, the schedule's last steps), and with a mask
+//! `StableDiffusionXLInpaintPipeline` as it runs a 4-channel UNet (the kept latents blended
+//! back after every step).
 //!
 //! Every image depends only on its own prompt, negative prompt and seed: noise is drawn per
 //! image from its seed ([`crate::model::noise`]) and nothing mixes across the batch dimension,
