@@ -250,6 +250,7 @@ async fn generations(
         ))
     })?;
     let req = validate(&value, &app.config.limits, &app.config.model)?;
+    app.auth.consume(&caller, 0, req.n, Instant::now())?;
     run_request(&app, &caller, &headers, req).await
 }
 
@@ -270,12 +271,17 @@ async fn edits(
     let image = form.image()?;
     let mask = form.mask()?;
     let dims = super::upload::dimensions(&image)?;
+    if let Some(mask) = &mask {
+        super::upload::check_mask_size(mask, dims)?;
+    }
     let mut req = validate_edit(
         &serde_json::Value::Object(form.fields),
         dims,
         &app.config.limits,
         &app.config.model,
     )?;
+    // The key's image quota before the decoding work, as for a generation before its queueing.
+    app.auth.consume(&caller, 0, req.n, Instant::now())?;
     let (w, h) = (req.width, req.height);
     let init = tokio::task::spawn_blocking(move || {
         let rgb = super::upload::decode(&image, w, h)?;
@@ -402,15 +408,14 @@ fn multipart_boundary(headers: &HeaderMap) -> Result<String, ApiError> {
         })
 }
 
-/// A validated request (a generation, or an edit with its decoded image), queued and answered:
-/// JSON with every image, or an event stream.
+/// A validated request (a generation, or an edit with its decoded image) whose images the key's
+/// limit has taken, queued and answered: JSON with every image, or an event stream.
 async fn run_request(
     app: &Arc<App>,
     caller: &Caller,
     headers: &HeaderMap,
     req: ValidRequest,
 ) -> Result<Response, ApiError> {
-    app.auth.consume(caller, 0, req.n, Instant::now())?;
     // 32-bit random seeds: easy to read back and type in again.
     let seed = req
         .seed

@@ -79,6 +79,23 @@ fn limited(mut reader: ImageReader<Cursor<&[u8]>>) -> ImageReader<Cursor<&[u8]>>
     reader
 }
 
+/// Checks from its header that a mask is one of the readable formats and the image's size.
+pub fn check_mask_size(bytes: &[u8], image_size: (u32, u32)) -> Result<(), ApiError> {
+    let size = reader_for(Upload::Mask, bytes)?
+        .into_dimensions()
+        .map_err(|e| invalid_as(Upload::Mask, format!("could not read the mask: {e}")))?;
+    if size != image_size {
+        return Err(invalid_as(
+            Upload::Mask,
+            format!(
+                "mask must be the size of the image, {}x{}; got {}x{}",
+                image_size.0, image_size.1, size.0, size.1
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// An OpenAI mask for an input image of `image_size`, as diffusers' `mask_image` at `width` x
 /// `height`: 255 where the mask is transparent (alpha below 128: repaint), 0 where it is
 /// opaque (keep).
@@ -89,15 +106,7 @@ pub fn decode_mask(
     height: u32,
 ) -> Result<GrayImage, ApiError> {
     let invalid = |m: String| invalid_as(Upload::Mask, m);
-    let size = reader_for(Upload::Mask, bytes)?
-        .into_dimensions()
-        .map_err(|e| invalid(format!("could not read the mask: {e}")))?;
-    if size != image_size {
-        return Err(invalid(format!(
-            "mask must be the size of the image, {}x{}; got {}x{}",
-            image_size.0, image_size.1, size.0, size.1
-        )));
-    }
+    check_mask_size(bytes, image_size)?;
     let decoded = limited(reader_for(Upload::Mask, bytes)?)
         .decode()
         .map_err(|e| invalid(format!("could not decode the mask: {e}")))?;
