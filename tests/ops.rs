@@ -2535,3 +2535,100 @@ fn unet_with_flash_matches_unet_without() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Image edits on CUDA: the pipeline's edit path (the 8-bit pixel table, the VAE encoder and its
+// posterior sample, the inpainting blend) on the tiny fixture model, against the CPU's images.
+// No fused op of its own; it runs here because this is the binary gpu_check.sh carries.
+
+/// The tiny fixture model: where the tests were built, or relative to the working directory
+/// (the device machine runs the carried binary from a copy of the checkout elsewhere).
+fn tiny_model() -> std::path::PathBuf {
+    let built = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl");
+    if built.is_dir() {
+        built
+    } else {
+        std::path::PathBuf::from("tests/fixtures/tiny-sdxl")
+    }
+}
+
+/// 8-bit (max, mean) difference of two sets of images.
+fn image_diff(a: &[image::RgbImage], b: &[image::RgbImage]) -> (u8, f64) {
+    let (mut max, mut sum, mut n) = (0u8, 0u64, 0usize);
+    for (x, y) in a.iter().zip(b) {
+        for (p, q) in x.as_raw().iter().zip(y.as_raw()) {
+            let d = p.abs_diff(*q);
+            max = max.max(d);
+            sum += u64::from(d);
+            n += 1;
+        }
+    }
+    (max, sum as f64 / n.max(1) as f64)
+}
+
+#[test]
+fn image_edits_on_cuda_match_the_cpu() {
+    use turbine::model::pipeline::{GenerationSettings, ImageRequest, InitImage, Pipeline};
+
+    let test = "image_edits_on_cuda_match_the_cpu";
+    let devices = devices(test);
+    let Some(cuda) = devices.iter().find(|d| d.is_cuda()) else {
+        return;
+    };
+    let input = image::RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 4) as u8, ((x * y) % 251) as u8])
+    });
+    // Repaint a disc, keep the rest.
+    let mask = image::GrayImage::from_fn(64, 64, |x, y| {
+        let (dx, dy) = (x as f32 - 26.0, y as f32 - 35.0);
+        image::Luma([if dx * dx + dy * dy < 400.0 { 255 } else { 0 }])
+    });
+    let items = [
+        ImageRequest {
+            prompt: "a photo of a cat".into(),
+            negative_prompt: String::new(),
+            seed: 3,
+            init_image: Some(InitImage::new(input.clone())),
+        },
+        ImageRequest {
+            prompt: "A red car on the beach".into(),
+            negative_prompt: String::new(),
+            seed: 4,
+            init_image: Some(InitImage::with_mask(input, mask)),
+        },
+    ];
+    // Two steps of a four-step schedule at strength 0.5: the ancestral noise and the blend of
+    // the kept latents at an intermediate level both run.
+    let settings = GenerationSettings {
+        width: 64,
+        height: 64,
+        steps: 4,
+        guidance_scale: 0.0,
+        init_step: Some(2),
+    };
+    let model = tiny_model();
+    let reference = Pipeline::load(&model, &Device::Cpu, DType::F32)
+        .unwrap()
+        .generate(&settings, &items, None)
+        .unwrap()
+        .images;
+    // f32: the same arithmetic in another order (cuDNN, cuBLAS); bf16: the half-precision bound
+    // of the CPU tests. A broken path (NaN, a wrong layout, an unwritten buffer) is tens of
+    // levels off.
+    for (dtype, max_bound, mean_bound) in [(DType::F32, 8u8, 1.0), (DType::BF16, 255, 6.0)] {
+        let images = Pipeline::load(&model, cuda, dtype)
+            .unwrap()
+            .generate(&settings, &items, None)
+            .unwrap()
+            .images;
+        let (max, mean) = image_diff(&images, &reference);
+        let _ = writeln!(
+            std::io::stderr(),
+            "{test}: cuda {dtype:?} vs cpu f32: max {max}/255, mean {mean:.3}/255"
+        );
+        assert!(
+            max <= max_bound && mean <= mean_bound,
+            "{test}: cuda {dtype:?} differs from the CPU by max {max}, mean {mean:.3}"
+        );
+    }
+}
