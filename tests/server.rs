@@ -1684,7 +1684,10 @@ impl TestServer {
 fn edits_take_a_multipart_image_and_match_the_pipeline() {
     use turbine::model::pipeline::{edit_schedule, InitImage};
 
-    let s = TestServer::start(test_config());
+    // With the edits' warm-up: the real pipeline's edit batches before /health turns 200.
+    let mut config = test_config();
+    config.warmup_edits = true;
+    let s = TestServer::start(config);
     let png = png_bytes(&edit_input());
     let fields = [
         ("prompt", "the same scene in winter"),

@@ -126,6 +126,11 @@ pub struct BatchingArgs {
     /// 1.5-4 s per new size on an H200); `auto` does so on CUDA with cuDNN only.
     #[arg(long, env = "TURBINE_WARMUP_BATCH_SIZES", value_enum, default_value_t = WarmupSizes::Auto)]
     pub warmup_batch_sizes: WarmupSizes,
+    /// Also run an edit batch (POST /v1/images/edits) at each warmed batch size, so that the
+    /// first edits of each size do not wait for the VAE encoder's convolution plans. Off by
+    /// default: it lengthens the start for servers that take no edits.
+    #[arg(long, env = "TURBINE_WARMUP_EDITS")]
+    pub warmup_edits: bool,
 }
 
 /// Request bounds and the URL image store.
@@ -258,6 +263,7 @@ impl Args {
             shutdown_grace: Duration::from_secs(self.http.shutdown_grace_secs),
             warmup_images: self.batching.warmup_images,
             warmup_batch_sizes: self.batching.warmup_batch_sizes,
+            warmup_edits: self.batching.warmup_edits,
         };
         config.check().map_err(|e| UsageError(format!("{e:#}")))?;
         Ok(config)

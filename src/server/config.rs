@@ -90,6 +90,8 @@ pub struct ServerConfig {
     pub warmup_images: usize,
     /// Which smaller batch sizes each worker warms up after that batch.
     pub warmup_batch_sizes: WarmupSizes,
+    /// Whether each worker also runs edit batches at those sizes.
+    pub warmup_edits: bool,
 }
 
 impl Default for ServerConfig {
@@ -126,6 +128,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             warmup_images: 0,
             warmup_batch_sizes: WarmupSizes::Auto,
+            warmup_edits: false,
         }
     }
 }

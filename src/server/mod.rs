@@ -195,6 +195,7 @@ pub async fn serve(
             config.warmup_images
         },
         sizes: config.warmup_batch_sizes,
+        edits: config.warmup_edits,
     };
     let max_batch = b.max_batch_size;
     let health = Arc::new(DeviceHealth::default());

@@ -138,6 +138,35 @@ pub struct Warmup {
     pub images: usize,
     /// Which smaller batches follow it.
     pub sizes: WarmupSizes,
+    /// Edits too (`--warmup-edits`): an edit batch at each warmed size (SDXL-Turbo's one step at
+    /// strength 0.5), so that the first edits do not plan the VAE encoder's convolutions.
+    pub edits: bool,
+}
+
+/// The warm-up's edit batches: `steps` run at strength 0.5 from a mid-grey image.
+fn warmup_edit(
+    settings: &GenerationSettings,
+    items: &[ImageRequest],
+) -> anyhow::Result<(GenerationSettings, Vec<ImageRequest>)> {
+    let (steps, start) = crate::model::pipeline::edit_schedule(settings.steps, 0.5)?;
+    let image = crate::model::pipeline::InitImage::new(image::RgbImage::from_pixel(
+        settings.width as u32,
+        settings.height as u32,
+        image::Rgb([128, 128, 128]),
+    ));
+    let edit = GenerationSettings {
+        steps,
+        init_step: Some(start),
+        ..*settings
+    };
+    let items = items
+        .iter()
+        .map(|i| ImageRequest {
+            init_image: Some(image.clone()),
+            ..i.clone()
+        })
+        .collect();
+    Ok((edit, items))
 }
 
 /// The batch sizes a worker warms up (`--warmup-batch-sizes`): the warm-up batch, then, for
@@ -320,6 +349,26 @@ fn start(
             &format!("the warm-up batch on {label}, planned"),
         )?
     };
+    if ctx.warmup.edits {
+        let t = Instant::now();
+        let (edit, edit_items) = warmup_edit(&settings, &warmup_items("edit"))?;
+        let mut sizes: Vec<usize> = vec![edit_items.len()];
+        sizes.extend(smaller.rev());
+        for &n in &sizes {
+            warm_up_batch(
+                &mut *backend,
+                &edit,
+                &edit_items[..n],
+                &format!("the warm-up edit batch of {n} on {label}"),
+            )?;
+        }
+        tracing::info!(
+            device = %label,
+            batches = sizes.len(),
+            secs = t.elapsed().as_secs_f64(),
+            "warm-up of edits done (--warmup-edits)"
+        );
+    }
     ctx.metrics
         .calibrate(report.images, calibration, ctx.queue.workers());
     Ok((backend, report))
@@ -858,6 +907,7 @@ mod tests {
                     key: KEY,
                     images: 2,
                     sizes: WarmupSizes::Auto,
+                    edits: false,
                 },
                 health: Default::default(),
                 suspect: Default::default(),
@@ -1043,6 +1093,7 @@ mod tests {
                 key: KEY,
                 images: 1,
                 sizes: WarmupSizes::Auto,
+                edits: false,
             },
             health: Default::default(),
             suspect: Default::default(),
@@ -1451,6 +1502,7 @@ mod tests {
                 key: KEY,
                 images: 4,
                 sizes,
+                edits: false,
             };
             let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
             let backend = Sizes {
@@ -1489,6 +1541,7 @@ mod tests {
                 key: KEY,
                 images: 4,
                 sizes,
+                edits: false,
             };
             let factory: BackendFactory = Box::new(|| Ok(Box::new(Planning(Default::default()))));
             let (_, report) = start(factory, "fake", &ctx).unwrap();
@@ -1529,6 +1582,7 @@ mod tests {
             key: KEY,
             images: 3,
             sizes: WarmupSizes::All,
+            edits: false,
         };
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let backend = Prompts(seen.clone());
@@ -1545,6 +1599,67 @@ mod tests {
         assert!(planned.iter().all(|p| !first.contains(p)), "{batches:?}");
     }
 
+    /// `--warmup-edits`: after the generations, an edit batch at each warmed size, largest
+    /// first, each image with an input image of the batch's size and the edit's schedule.
+    #[test]
+    fn edits_are_warmed_up_at_every_warmed_size_when_asked() {
+        type Seen = Arc<std::sync::Mutex<Vec<(usize, Option<usize>, usize, bool)>>>;
+        struct Edits(Seen);
+        impl ImageBackend for Edits {
+            fn generate(
+                &mut self,
+                s: &GenerationSettings,
+                items: &[ImageRequest],
+            ) -> anyhow::Result<GeneratedBatch> {
+                let sized = items.iter().all(|i| {
+                    i.init_image.as_ref().is_some_and(|im| {
+                        im.image().dimensions() == (s.width as u32, s.height as u32)
+                    })
+                });
+                self.0
+                    .lock()
+                    .unwrap()
+                    .push((items.len(), s.init_step, s.steps, sized));
+                Fake.generate(s, items)
+            }
+        }
+        for (sizes, edits, want) in [
+            (
+                WarmupSizes::All,
+                true,
+                vec![
+                    (3, None, 1, false),
+                    (2, None, 1, false),
+                    (1, None, 1, false),
+                    (3, None, 1, false),
+                    // One step at strength 0.5: the second of a two-step schedule.
+                    (3, Some(1), 2, true),
+                    (2, Some(1), 2, true),
+                    (1, Some(1), 2, true),
+                ],
+            ),
+            (
+                WarmupSizes::Largest,
+                true,
+                vec![(3, None, 1, false), (3, Some(1), 2, true)],
+            ),
+            (WarmupSizes::Largest, false, vec![(3, None, 1, false)]),
+        ] {
+            let mut ctx = context();
+            ctx.warmup = Warmup {
+                key: KEY,
+                images: 3,
+                sizes,
+                edits,
+            };
+            let seen: Seen = Default::default();
+            let backend = Edits(seen.clone());
+            let factory: BackendFactory = Box::new(move || Ok(Box::new(backend)));
+            start(factory, "fake", &ctx).unwrap();
+            assert_eq!(*seen.lock().unwrap(), want, "{sizes:?}, edits {edits}");
+        }
+    }
+
     #[test]
     fn a_failed_smaller_warm_up_batch_fails_start_up() {
         let mut ctx = context();
@@ -1552,6 +1667,7 @@ mod tests {
             key: KEY,
             images: 3,
             sizes: WarmupSizes::All,
+            edits: false,
         };
         let backend = Sizes {
             plans: false,
