@@ -2552,22 +2552,9 @@ fn tiny_model() -> std::path::PathBuf {
     }
 }
 
-/// 8-bit (max, mean) difference of two sets of images.
-fn image_diff(a: &[image::RgbImage], b: &[image::RgbImage]) -> (u8, f64) {
-    let (mut max, mut sum, mut n) = (0u8, 0u64, 0usize);
-    for (x, y) in a.iter().zip(b) {
-        for (p, q) in x.as_raw().iter().zip(y.as_raw()) {
-            let d = p.abs_diff(*q);
-            max = max.max(d);
-            sum += u64::from(d);
-            n += 1;
-        }
-    }
-    (max, sum as f64 / n.max(1) as f64)
-}
-
 #[test]
 fn image_edits_on_cuda_match_the_cpu() {
+    use turbine::cli::bench::image_diff;
     use turbine::model::pipeline::{GenerationSettings, ImageRequest, InitImage, Pipeline};
 
     let test = "image_edits_on_cuda_match_the_cpu";

@@ -37,9 +37,9 @@ pub const QUALITY_STEPS: &[(&str, &str, u32)] = &[
     ("hd", "high", 4),
 ];
 
-/// Fields the server knows; anything else is refused (as OpenAI does) rather than ignored, so
-/// a client never silently loses an option it believed was applied.
-const KNOWN_FIELDS: &[&str] = &[
+/// Fields both endpoints know; anything not known to the endpoint is refused (as OpenAI does)
+/// rather than ignored, so a client never silently loses an option it believed was applied.
+const COMMON_FIELDS: &[&str] = &[
     "prompt",
     "model",
     "n",
@@ -49,44 +49,29 @@ const KNOWN_FIELDS: &[&str] = &[
     "output_format",
     "output_compression",
     "background",
-    "moderation",
-    "style",
     "user",
     "safety_identifier",
-    "complexity",
     "stream",
     "partial_images",
-    "frame_count",
-    "frame_duration_ms",
-    "svg",
     "seed",
     "steps",
     "guidance_scale",
     "negative_prompt",
 ];
 
-/// The fields `POST /v1/images/edits` knows (its files, `image` and `mask`, are read apart).
-const EDIT_FIELDS: &[&str] = &[
-    "prompt",
-    "model",
-    "n",
-    "size",
-    "quality",
-    "response_format",
-    "output_format",
-    "output_compression",
-    "background",
-    "input_fidelity",
-    "user",
-    "safety_identifier",
-    "stream",
-    "partial_images",
-    "seed",
-    "steps",
-    "strength",
-    "guidance_scale",
-    "negative_prompt",
+/// What `POST /v1/images/generations` knows besides [`COMMON_FIELDS`].
+const GENERATION_FIELDS: &[&str] = &[
+    "moderation",
+    "style",
+    "complexity",
+    "frame_count",
+    "frame_duration_ms",
+    "svg",
 ];
+
+/// What `POST /v1/images/edits` knows besides [`COMMON_FIELDS`] (its files, `image` and
+/// `mask`, are read apart).
+const EDIT_FIELDS: &[&str] = &["input_fidelity", "strength"];
 
 /// Form fields read as JSON integers, numbers and booleans ([`form_value`]).
 const INTEGER_FIELDS: &[&str] = &["n", "output_compression", "partial_images", "seed", "steps"];
@@ -223,12 +208,13 @@ fn validate_fields(
         Value::Object(obj) => obj,
         other => return Err(ApiError::NotAnObject(json_kind(other))),
     };
-    let known = if edit_image.is_some() {
+    let own = if edit_image.is_some() {
         EDIT_FIELDS
     } else {
-        KNOWN_FIELDS
+        GENERATION_FIELDS
     };
-    if let Some(unknown) = obj.keys().find(|k| !known.contains(&k.as_str())) {
+    let known = |k: &str| COMMON_FIELDS.contains(&k) || own.contains(&k);
+    if let Some(unknown) = obj.keys().find(|k| !known(k)) {
         return Err(ApiError::invalid(
             unknown,
             "unknown_parameter",
