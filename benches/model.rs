@@ -20,7 +20,9 @@ use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use turbine::cli::generate::parse_size;
 use turbine::device::{parse_device, parse_dtype};
-use turbine::model::pipeline::{GenerationSettings, ImageRequest, Pipeline};
+use turbine::model::pipeline::{
+    edit_schedule, GenerationSettings, ImageRequest, InitImage, Pipeline,
+};
 
 /// The SDXL-Turbo timestep of a 1-step run (trailing spacing: the last of 1000 training steps).
 const TURBO_TIMESTEP: f64 = 999.0;
@@ -227,6 +229,43 @@ fn pipeline(c: &mut Criterion) {
                     s.pipeline
                         .generate(&settings, &items, None)
                         .expect("generate")
+                })
+            })
+        });
+    }
+    g.finish();
+
+    // Edits (POST /v1/images/edits' default: one step at strength 0.5, the second of a
+    // two-step schedule): the same work plus the VAE encoder and its posterior sample, per
+    // batch; throughput in images. The `pipeline` group beside it is the generation.
+    let (steps, start) = edit_schedule(1, 0.5).expect("edit schedule");
+    let edit = GenerationSettings {
+        steps,
+        init_step: Some(start),
+        ..settings
+    };
+    let input = InitImage::new(image::RgbImage::from_fn(
+        s.width as u32,
+        s.height as u32,
+        |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8]),
+    ));
+    let mut g = c.benchmark_group(format!("{}/edit", s.prefix));
+    for bs in [1, 2, 4, 8] {
+        let items: Vec<ImageRequest> = prompts(bs)
+            .into_iter()
+            .enumerate()
+            .map(|(i, prompt)| ImageRequest {
+                prompt,
+                negative_prompt: String::new(),
+                seed: i as u64,
+                init_image: Some(input.clone()),
+            })
+            .collect();
+        g.throughput(Throughput::Elements(bs as u64));
+        g.bench_function(BenchmarkId::from_parameter(format!("bs{bs}")), |b| {
+            b.iter_custom(|iters| {
+                timed(&s.device, iters, || {
+                    s.pipeline.generate(&edit, &items, None).expect("edit")
                 })
             })
         });
