@@ -1951,6 +1951,21 @@ fn malformed_edits_get_the_right_status() {
         let (got, body) = s.edit(&fields, &files);
         assert_openai_error(got, &body, status, param, what);
     }
+    // Another file field than image and mask.
+    let (got, body) = s.edit(&prompt, &[("image", &png), ("file", &png)]);
+    assert_openai_error(got, &body, 400, Some("file"), "a file named file");
+    // A form cut off before its closing boundary.
+    let (ct, full) = multipart(&prompt, &[("image", &png)]);
+    let r = s
+        .client
+        .post(s.url("/v1/images/edits"))
+        .header("content-type", ct)
+        .body(full[..full.len() - 30].to_vec())
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    let body = r.text().unwrap();
+    assert_openai_error(status, &body, 400, Some("body"), "a truncated form");
     // JSON is not a form.
     let r = s
         .client

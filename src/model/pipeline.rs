@@ -833,7 +833,8 @@ impl Pipeline {
         let pixels = table
             .index_select(&bytes, 0)?
             .reshape((items.len(), h, w, 3))?
-            .permute((0, 3, 1, 2))?;
+            .permute((0, 3, 1, 2))?
+            .contiguous()?;
         let moments = self
             .vae
             .encode_moments(&pixels.to_dtype(self.vae_dtype)?)?

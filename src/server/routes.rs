@@ -329,6 +329,16 @@ impl EditForm {
             match name.as_str() {
                 "image" | "image[]" => form.images.push(field.bytes().await.map_err(bad)?),
                 "mask" => form.masks.push(field.bytes().await.map_err(bad)?),
+                _ if field.file_name().is_some() => {
+                    return Err(ApiError::invalid(
+                        &name,
+                        "unknown_parameter",
+                        format!(
+                            "unexpected file field {name}: send the image to edit as image, and \
+                             its mask as mask"
+                        ),
+                    ))
+                }
                 _ => {
                     let bytes = field.bytes().await.map_err(bad)?;
                     let text = String::from_utf8(bytes.to_vec()).map_err(|_| {
