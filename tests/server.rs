@@ -1634,6 +1634,14 @@ fn multipart(fields: &[(&str, &str)], files: &[(&str, &[u8])]) -> (String, Vec<u
     (format!("multipart/form-data; boundary={boundary}"), body)
 }
 
+/// A base64 `data:` URL of PNG bytes, as OpenAI's JSON image references carry them.
+fn data_url(png: &[u8]) -> String {
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png)
+    )
+}
+
 fn png_bytes(image: &RgbImage) -> Vec<u8> {
     let mut out = std::io::Cursor::new(Vec::new());
     image.write_to(&mut out, image::ImageFormat::Png).unwrap();
@@ -1800,6 +1808,32 @@ fn edits_take_a_multipart_image_and_match_the_pipeline() {
     );
     assert!(images(&masked)[0] != got[0], "the mask changed nothing");
 
+    // The same edits as OpenAI's JSON body, with base64 data URLs: the same images.
+    let json_edit = |mask: Option<&[u8]>| {
+        let mut body = json!({
+            "prompt": "the same scene in winter",
+            "size": "64x64",
+            "seed": 11,
+            "images": [{"image_url": data_url(&png)}],
+        });
+        if let Some(m) = mask {
+            body["mask"] = json!({"image_url": data_url(m)});
+        }
+        let r = s
+            .client
+            .post(s.url("/v1/images/edits"))
+            .json(&body)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        images(&r.json::<Value>().unwrap()).remove(0)
+    };
+    assert!(json_edit(None) == got[0], "a JSON edit is the form's");
+    assert!(
+        json_edit(Some(&mask_png)) == images(&masked)[0],
+        "a JSON inpainting is the form's"
+    );
+
     // No size: the input's aspect ratio at about --default-size's area (64x64 here), each side
     // at least --min-image-side: 80x48 → 80x64.
     let auto = s.edit_ok(&[("prompt", "winter"), ("seed", "3")], &[("image", &png)]);
@@ -1840,7 +1874,7 @@ fn edits_take_a_multipart_image_and_match_the_pipeline() {
             &m,
             "turbine_http_requests_total{route=\"/v1/images/edits\",status=\"200\"}"
         ),
-        6.0,
+        8.0,
         "{m}"
     );
 }
@@ -1966,21 +2000,57 @@ fn malformed_edits_get_the_right_status() {
     let status = r.status().as_u16();
     let body = r.text().unwrap();
     assert_openai_error(status, &body, 400, Some("body"), "a truncated form");
-    // JSON is not a form.
+    // OpenAI's JSON edit: image references that are not base64 data URLs, or none.
+    let post_json = |body: Value| {
+        let r = s
+            .client
+            .post(s.url("/v1/images/edits"))
+            .json(&body)
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    for (what, body, param) in [
+        ("json without images", json!({"prompt": "winter"}), "images"),
+        (
+            "json with a web URL",
+            json!({"prompt": "winter", "images": [{"image_url": "https://example.com/a.png"}]}),
+            "images",
+        ),
+        (
+            "json with a file id",
+            json!({"prompt": "winter", "images": [{"file_id": "file-1"}]}),
+            "images",
+        ),
+        (
+            "json with a bad mask",
+            json!({"prompt": "winter", "images": [{"image_url": data_url(&png)}],
+                   "mask": {"image_url": "data:image/png;base64,!!"}}),
+            "mask",
+        ),
+        (
+            "json with a form field's type",
+            json!({"prompt": "winter", "images": [{"image_url": data_url(&png)}], "n": "2"}),
+            "n",
+        ),
+    ] {
+        let (status, body) = post_json(body);
+        assert_openai_error(status, &body, 400, Some(param), what);
+    }
+    // Neither a form nor JSON.
     let r = s
         .client
         .post(s.url("/v1/images/edits"))
-        .json(&json!({"prompt": "winter"}))
+        .header("content-type", "text/plain")
+        .body("winter")
         .send()
         .unwrap();
     let status = r.status().as_u16();
     let body = r.text().unwrap();
-    let v = assert_openai_error(status, &body, 415, None, "json to edits");
+    let v = assert_openai_error(status, &body, 415, None, "text to edits");
+    let message = v["error"]["message"].as_str().unwrap();
     assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("multipart/form-data"),
+        message.contains("multipart/form-data") && message.contains("application/json"),
         "{body}"
     );
     // Still serving.

@@ -265,17 +265,30 @@ async fn edits(
     body: Body,
 ) -> Result<Response, ApiError> {
     check_serving(&app)?;
-    let boundary = multipart_boundary(&headers)?;
-    let bytes = read_body(body, &headers, app.config.limits.max_upload_bytes).await?;
-    let form = EditForm::parse(bytes, boundary).await?;
-    let image = form.image()?;
-    let mask = form.mask()?;
+    let limit = app.config.limits.max_upload_bytes;
+    let EditInput {
+        fields,
+        image,
+        mask,
+    } = if content_type_is(&headers, "application/json") {
+        let bytes = read_body(body, &headers, limit).await?;
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::InvalidJson(format!(
+                "We could not parse the JSON body of your request: {e}"
+            ))
+        })?;
+        EditInput::from_json(value)?
+    } else {
+        let boundary = multipart_boundary(&headers)?;
+        let bytes = read_body(body, &headers, limit).await?;
+        EditForm::parse(bytes, boundary).await?.into_input()?
+    };
     let dims = super::upload::dimensions(&image)?;
     if let Some(mask) = &mask {
         super::upload::check_mask_size(mask, dims)?;
     }
     let mut req = validate_edit(
-        &serde_json::Value::Object(form.fields),
+        &serde_json::Value::Object(fields),
         dims,
         &app.config.limits,
         &app.config.model,
@@ -299,6 +312,69 @@ async fn edits(
         edit.image = Some(init);
     }
     run_request(&app, &caller, &headers, req).await
+}
+
+/// What an edit sends, from either body: its fields as JSON values, its image and its mask.
+struct EditInput {
+    fields: serde_json::Map<String, serde_json::Value>,
+    image: Bytes,
+    mask: Option<Bytes>,
+}
+
+impl EditInput {
+    /// OpenAI's JSON edit: `images`, one image reference (`{"image_url": "data:..."}`), an
+    /// optional `mask` reference, and the other fields as for a form.
+    fn from_json(value: serde_json::Value) -> Result<Self, ApiError> {
+        let serde_json::Value::Object(mut fields) = value else {
+            return Err(ApiError::NotAnObject(match value {
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::String(_) => "a string",
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::Bool(_) => "a boolean",
+                _ => "null",
+            }));
+        };
+        let images =
+            match fields.remove("images") {
+                Some(serde_json::Value::Array(images)) => images,
+                Some(_) => return Err(ApiError::invalid(
+                    "images",
+                    "invalid_type",
+                    "images must be an array of image references ({\"image_url\": \"data:...\"})",
+                )),
+                None => Vec::new(),
+            };
+        let image =
+            match images.as_slice() {
+                [one] => super::upload::image_reference("images", one)?,
+                [] => return Err(ApiError::invalid(
+                    "images",
+                    "missing_required_parameter",
+                    "images is required: one image reference, {\"image_url\": \"data:image/png;\
+                     base64,...\"}",
+                )),
+                more => {
+                    return Err(ApiError::invalid(
+                        "images",
+                        "invalid_value",
+                        format!(
+                            "this server edits one image per request, got {}: send each in a \
+                         request of its own",
+                            more.len()
+                        ),
+                    ))
+                }
+            };
+        let mask = match fields.remove("mask") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(m) => Some(Bytes::from(super::upload::image_reference("mask", &m)?)),
+        };
+        Ok(EditInput {
+            fields,
+            image: Bytes::from(image),
+            mask,
+        })
+    }
 }
 
 /// An edit's multipart form: its text fields (as JSON values, [`form_value`]) and its files.
@@ -365,6 +441,14 @@ impl EditForm {
         Ok(form)
     }
 
+    fn into_input(self) -> Result<EditInput, ApiError> {
+        Ok(EditInput {
+            image: self.image()?,
+            mask: self.mask()?,
+            fields: self.fields,
+        })
+    }
+
     /// The mask, if one was sent.
     fn mask(&self) -> Result<Option<Bytes>, ApiError> {
         match self.masks.as_slice() {
@@ -414,7 +498,7 @@ fn multipart_boundary(headers: &HeaderMap) -> Result<String, ApiError> {
         .and_then(|ct| multer::parse_boundary(ct).ok())
         .ok_or(ApiError::UnsupportedMediaType {
             got,
-            expected: "multipart/form-data with a boundary",
+            expected: "multipart/form-data with a boundary, or application/json",
         })
 }
 
@@ -856,20 +940,23 @@ fn unix_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
-    let got = headers
+/// Whether the request's `Content-Type` is `mime` (parameters such as `charset` aside).
+fn content_type_is(headers: &HeaderMap, mime: &str) -> bool {
+    headers
         .get(header::CONTENT_TYPE)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let is_json = got.as_deref().is_some_and(|ct| {
-        ct.split(';')
-            .next()
-            .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
-    });
-    if is_json {
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| ct.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case(mime))
+}
+
+fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    if content_type_is(headers, "application/json") {
         Ok(())
     } else {
         Err(ApiError::UnsupportedMediaType {
-            got,
+            got: headers
+                .get(header::CONTENT_TYPE)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
             expected: "application/json",
         })
     }

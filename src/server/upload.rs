@@ -8,6 +8,10 @@
 //! memory. An image of another size than the request's is resized (Lanczos, as diffusers'
 //! `preprocess` resizes a PIL image), its aspect ratio not kept when the two differ.
 //!
+//! With a JSON body instead of a form, the images come as OpenAI's image references
+//! (`{"image_url": "data:image/png;base64,..."}`): base64 data URLs only, since the server
+//! fetches no URLs and keeps no files ([`image_reference`]).
+//!
 //! A mask is OpenAI's: an image of the input's size whose transparent areas (alpha below 128)
 //! are repainted and whose opaque areas are kept. It becomes diffusers' `mask_image` (255 where
 //! repainted, 0 where kept) at the request's size, resized without blending (nearest).
@@ -132,6 +136,62 @@ pub fn decode_mask(
     })
 }
 
+/// The bytes of an OpenAI image reference (`{"image_url": URL}` or `{"file_id": ID}`), named
+/// `param` in errors: a base64 `data:` URL's payload. Web URLs and file ids are refused with
+/// what to send instead.
+pub fn image_reference(param: &str, reference: &serde_json::Value) -> Result<Vec<u8>, ApiError> {
+    let bad = |code: &'static str, m: String| ApiError::invalid(param, code, m);
+    let obj = reference.as_object().ok_or_else(|| {
+        bad(
+            "invalid_type",
+            format!("{param} must be an object with an image_url (a base64 data URL)"),
+        )
+    })?;
+    if obj.contains_key("file_id") {
+        return Err(bad(
+            "unsupported_value",
+            format!(
+                "{param}: file ids are not supported (this server keeps no files); send the \
+                 image as an image_url with a base64 data URL"
+            ),
+        ));
+    }
+    let url = obj
+        .get("image_url")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| {
+            bad(
+                "invalid_value",
+                format!("{param} needs an image_url string"),
+            )
+        })?;
+    let Some(rest) = url.strip_prefix("data:") else {
+        return Err(bad(
+            "unsupported_value",
+            format!(
+                "{param}: this server fetches no URLs; send the image inline as a base64 data \
+                 URL (data:image/png;base64,...)"
+            ),
+        ));
+    };
+    let (meta, payload) = rest.split_once(',').unwrap_or((rest, ""));
+    if !meta.split(';').any(|p| p.eq_ignore_ascii_case("base64")) {
+        return Err(bad(
+            "invalid_value",
+            format!("{param}: the data URL must be base64 (data:image/png;base64,...)"),
+        ));
+    }
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(payload.trim())
+        .map_err(|e| {
+            bad(
+                "invalid_value",
+                format!("{param}: the data URL's base64 does not decode: {e}"),
+            )
+        })
+}
+
 /// The image's (width, height) from its header, checked against [`MAX_INPUT_SIDE`].
 pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32), ApiError> {
     let (w, h) = reader(bytes)?
@@ -237,6 +297,42 @@ mod tests {
         let e = dimensions(&png).unwrap_err();
         assert!(e.to_string().contains("100000x100000"), "{e}");
         assert!(decode(&png, 512, 512).is_err());
+    }
+
+    #[test]
+    fn image_references_are_base64_data_urls() {
+        use serde_json::json;
+        let png = encode(
+            &image::DynamicImage::ImageRgb8(gradient(4, 4)),
+            ImageFormat::Png,
+        );
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
+        let url = format!("data:image/png;base64,{b64}");
+        assert_eq!(
+            image_reference("images", &json!({"image_url": url})).unwrap(),
+            png
+        );
+        let refused = |v: serde_json::Value, want: &str| {
+            let e = image_reference("mask", &v).unwrap_err();
+            assert_eq!(e.param(), Some("mask"));
+            assert!(e.to_string().contains(want), "{v}: {e}");
+        };
+        refused(
+            json!({"image_url": "https://example.com/a.png"}),
+            "fetches no URLs",
+        );
+        refused(json!({"file_id": "file-123"}), "file ids are not supported");
+        refused(
+            json!({"image_url": "data:image/png,rawbytes"}),
+            "must be base64",
+        );
+        refused(
+            json!({"image_url": "data:image/png;base64,@@@"}),
+            "does not decode",
+        );
+        refused(json!({"url": "x"}), "needs an image_url");
+        refused(json!("data:image/png;base64,AAAA"), "must be an object");
     }
 
     #[test]
