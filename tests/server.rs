@@ -1985,6 +1985,14 @@ fn malformed_edits_get_the_right_status() {
         let (got, body) = s.edit(&fields, &files);
         assert_openai_error(got, &body, status, param, what);
     }
+    // A field name too long to echo back.
+    let long = "x".repeat(5000);
+    let (got, body) = s.edit(
+        &[("prompt", "winter"), (long.as_str(), "1")],
+        &[("image", &png)],
+    );
+    assert_openai_error(got, &body, 400, Some("body"), "a very long field name");
+    assert!(!body.contains(&long[..100]), "the name was echoed");
     // Another file field than image and mask.
     let (got, body) = s.edit(&prompt, &[("image", &png), ("file", &png)]);
     assert_openai_error(got, &body, 400, Some("file"), "a file named file");

@@ -402,6 +402,17 @@ impl EditForm {
         };
         while let Some(field) = multipart.next_field().await.map_err(bad)? {
             let name = field.name().unwrap_or_default().to_string();
+            if name.len() > 64 {
+                // Never echoed: no field of the API has a name this long.
+                return Err(ApiError::invalid(
+                    "body",
+                    "unknown_parameter",
+                    format!(
+                        "a form field has a name of {} bytes; none of this API's is over 64",
+                        name.len()
+                    ),
+                ));
+            }
             match name.as_str() {
                 "image" | "image[]" => form.images.push(field.bytes().await.map_err(bad)?),
                 "mask" => form.masks.push(field.bytes().await.map_err(bad)?),

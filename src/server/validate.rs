@@ -215,10 +215,15 @@ fn validate_fields(
     };
     let known = |k: &str| COMMON_FIELDS.contains(&k) || own.contains(&k);
     if let Some(unknown) = obj.keys().find(|k| !known(k)) {
+        // A name is echoed back at most 64 characters long (the body may be megabytes).
+        let name: String = match unknown.char_indices().nth(64) {
+            Some((cut, _)) => format!("{}…", &unknown[..cut]),
+            None => unknown.clone(),
+        };
         return Err(ApiError::invalid(
-            unknown,
+            &name,
             "unknown_parameter",
-            format!("Unrecognized request argument supplied: {unknown}"),
+            format!("Unrecognized request argument supplied: {name}"),
         ));
     }
     let f = Fields(obj);
@@ -638,6 +643,15 @@ mod tests {
         // What does not parse stays a string, for the validator's message.
         assert_eq!(form_value("n", "two"), json!("two"));
         assert_eq!(form_value("strength", "NaN"), json!("NaN"));
+    }
+
+    #[test]
+    fn a_long_unknown_name_is_cut_short_in_the_error() {
+        let long = "k".repeat(10_000);
+        let (status, param, msg) = err(json!({"prompt": "p", long.clone(): 1}));
+        assert_eq!(status, 400);
+        assert_eq!(param.as_deref(), Some(format!("{}…", &long[..64]).as_str()));
+        assert!(msg.len() < 200, "{msg}");
     }
 
     #[test]
