@@ -411,3 +411,38 @@ fn profile_splits_each_stage_by_kind_of_layer() {
     );
     assert!(stdout.contains("| unet | other |"), "{stdout}");
 }
+
+/// `--edit-strength`: the sweep measures edits (the report says so), whose images are the
+/// library's edits of the bench's synthetic input, and differ from the generation's.
+#[test]
+fn edits_are_benched_with_edit_strength() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let images = dir.path().join(name);
+        let mut args = vec!["--save-images", images.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (o, report) = one_quick_batch(&args);
+        (o, report, pixels(&images.join("bs1_0.png")))
+    };
+    let (o, report, edited) = run("edit", &["--edit-strength", "0.5"]);
+    assert_eq!(report.edit_strength, Some(0.5));
+    assert_eq!(report.rows.len(), 1);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("of edits at strength 0.5"), "{}", text(&o));
+    let (_, report, generated) = run("generate", &[]);
+    assert_eq!(report.edit_strength, None);
+    assert!(edited != generated, "--edit-strength changed nothing");
+    let (_, _, again) = run("again", &["--edit-strength", "0.5"]);
+    assert!(again == edited, "a seeded edit bench is reproducible");
+
+    let o = bench(&[
+        "--model-dir",
+        tiny().to_str().unwrap(),
+        "--size",
+        "64x64",
+        "--edit-strength",
+        "0",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--edit-strength"), "{}", text(&o));
+}
