@@ -50,7 +50,8 @@
 #   GPU_CHECK_BUDGET_S=270 GPU_CHECK_ARGS="--skip-compile --ablate-batch 0 --batch-sizes 1,4,8,16,32
 #   --rerun-s 20 --tests-reserve-s 170 --eager-s 50" bash scripts/gpu_check.sh
 # (no torch.compile, no ablation or profiles: turbine's sweep, eager's, the kernel tests and the
-# pixel comparison, about 200 s).
+# pixel comparison, about 200 s). `--edit-batch-sizes 1,32` in GPU_CHECK_ARGS also times turbine's
+# edits (`bench --edit-strength 0.5`) at those sizes after its sweep (--edit-s, 45 s at most).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -62,7 +63,7 @@ case "${1:-}" in
     --rehearse) MODE=rehearse ;;
     --serve) MODE=serve ;;
     "") ;;
-    -h|--help) sed -n '2,53p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,54p' "$0"; exit 0 ;;
     *) echo "usage: scripts/gpu_check.sh [--prepare|--dry-run|--rehearse|--serve]" >&2; exit 2 ;;
 esac
 
@@ -203,6 +204,7 @@ if [ "$MODE" = dry-run ]; then
     "$py" scripts/bench/gpu_check.py --turbine "$bin" --out "$out" --work target/gpu-check-dry/work \
         --config-dir tests/fixtures/tiny-sdxl --device cpu --dtype f32 --size 64x64 \
         --batch-sizes 1,2,4 --diff-batch 4 --budget-s 900 --min-time 0 "${compile_args[@]}" \
+        --edit-batch-sizes 1,2 \
         --tests-dir "$out/tests" --commit "$(git rev-parse --short=12 HEAD)" 2>&1 | tee "$out/gpu_check.log"
     rc=$?
     echo "dry run: exit $rc; files in $out: $(ls "$out" | tr '\n' ' ')"
@@ -233,7 +235,11 @@ assert len(sets) == 2 + len(without) + len(alone), sets
 assert not t["failures"], t["failures"]
 assert [p["kernels"] for p in t["profiles"]] == [t["kernels"], "none"], t["profiles"]
 assert r["eager"]["profile"]["kinds_ms"]["conv"] > 0, r["eager"]["profile"]
-print("dry run: kernel tests, lever exclusion and ablation sets as expected")
+# The edit step (--edit-batch-sizes 1,2): a report of edits with a row per batch size.
+e = r.get("edits") or {}
+assert r.get("edits_rc") == 0 and e.get("edit_strength") == 0.5, (r.get("edits_rc"), e.get("edit_strength"))
+assert [x["batch"] for x in e["rows"]] == [1, 2], e["rows"]
+print("dry run: kernel tests, lever exclusion, ablation sets and the edit step as expected")
 PY
     exit 0
 fi

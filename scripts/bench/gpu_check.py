@@ -485,6 +485,24 @@ def fp16_files(a, gpu):
     return gpu or a.dtype != "f32"
 
 
+def edits_line(res):
+    """The edits' figures (`--edit-batch-sizes`) against the sweep's generations at the same batch sizes."""
+    if "edits" not in res and "edits_rc" not in res:
+        return None
+    rows = (res.get("edits") or {}).get("rows") or []
+    if not rows:
+        return f"- edits (strength 0.5): no figure (exit {res.get('edits_rc')})"
+    gen = {r["batch"]: r for r in (res.get("turbine") or {}).get("rows") or []}
+    parts = []
+    for r in rows:
+        g = gen.get(r["batch"])
+        vs = (f" against {g['images_per_s']:.2f} generating ({g['images_per_s'] / r['images_per_s']:.2f}x the time)"
+              if g else "")
+        parts.append(f"bs{r['batch']} {r['images_per_s']:.2f} images/s{vs}")
+    return ("- edits (`bench --edit-strength 0.5`: the VAE encoder on top of the same steps; predicted about 1.2x "
+            "a generation's time per image): " + "; ".join(parts))
+
+
 def render_md(res, a, batches, gpu):
     """gpu_check.md from what `res` holds so far: written at every step, so a run stopped from
     outside still leaves the figures it measured."""
@@ -554,6 +572,9 @@ def render_md(res, a, batches, gpu):
         hdr.append("- GPU busy over the timed runs (NVML utilisation, the share of time a kernel ran; well under "
                    "100%: the GPU waited for the host, launch overhead or host work between batches, where CUDA "
                    "graphs or less host work pay; about 100%: the GPU sets the pace): " + "; ".join(busy))
+    ed = edits_line(res)
+    if ed:
+        hdr.append(ed)
     cps = conv_plan_summary(t.get("conv_plans"))
     if cps:
         hdr.append(f"- {cps}")
@@ -567,7 +588,7 @@ def render_md(res, a, batches, gpu):
     for f in fails:
         err = f["error"] if len(f["error"]) < 300 else f["error"][:300] + "..."
         hdr.append(f"- turbine failed: {f['stage']} batch {f['batch']} with `--kernels {f['kernels']}`: {err}")
-    for k in ("turbine_rc", "tuned_rc", "eager_rc", "compile_rc"):
+    for k in ("turbine_rc", "tuned_rc", "edits_rc", "eager_rc", "compile_rc"):
         if res.get(k) not in (None, 0):
             hdr.append(f"- {k.split('_')[0]} exited with {res[k]} (see gpu_check.log)")
     md = "\n".join(hdr) + "\n\n" + table(res, batches) + "\n\n" + targets(res) + "\n"
@@ -622,6 +643,10 @@ def main():
                     help="seconds of the budget kept for the measuring while the kernel tests run")
     ap.add_argument("--rerun-s", type=float, default=90.0,
                     help="seconds for rerunning failed kernel tests alone, all of them together")
+    ap.add_argument("--edit-batch-sizes", default="",
+                    help="also time turbine's edits (bench --edit-strength 0.5, --steps run) at these "
+                         "batch sizes, after its sweep, in at most --edit-s seconds (default: none)")
+    ap.add_argument("--edit-s", type=float, default=45.0, help="seconds for the edit step")
     a = ap.parse_args()
     batches = [int(b) for b in a.batch_sizes.split(",")]
     if not batches or min(batches) < 1 or a.diff_batch not in batches:
@@ -691,8 +716,8 @@ def main():
     for p in PROMPTS:
         tcmd += ["--prompt", p]
 
-    def turbine(kernels, ablate, seconds, batch_sizes=None, json_path=tjson, images=timg):
-        cmd = list(tcmd)
+    def turbine(kernels, ablate, seconds, batch_sizes=None, json_path=tjson, images=timg, extra=()):
+        cmd = list(tcmd) + list(extra)
         cmd[cmd.index("--json") + 1] = json_path
         cmd[cmd.index("--save-images") + 1] = images
         if batch_sizes:
@@ -742,6 +767,17 @@ def main():
                                                 batch_sizes=[bt0["batch"]], json_path=a.work / "tuned.json",
                                                 images=a.work / "tuned-images")
         save()
+
+    # 3c. edits, when asked: the same sweep of edits at strength 0.5 (the VAE encoder on top)
+    edit_sizes = [int(b) for b in a.edit_batch_sizes.split(",") if b.strip()]
+    edit_s = min(a.edit_s, budget.left() - later)
+    if edit_sizes and edit_s >= 20:
+        res["edits_rc"], res["edits"] = turbine(kernels, 0, edit_s, batch_sizes=edit_sizes,
+                                                json_path=a.work / "edits.json", images=a.work / "edit-images",
+                                                extra=["--edit-strength", "0.5"])
+        save()
+    elif edit_sizes:
+        log(f"edits skipped: {edit_s:.0f} s left for them")
 
     # 4. diffusers eager
     eimg = a.work / "eager-images"

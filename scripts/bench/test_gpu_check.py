@@ -232,6 +232,21 @@ class Report(unittest.TestCase):
         self.assertIn("bs1 21.5 of 25.0 ms", md)
         self.assertNotIn("bs8 ", md.split("against its ms/batch")[1].split("\n")[0])
 
+    def test_edits_are_shown_against_the_generations_when_asked(self):
+        res = self.res()
+        self.assertNotIn("- edits", g.render_md(res, args(), [1, 8], True))
+        res["edits"] = {"rows": [row(1, 32.0), row(8, 64.0)]}
+        res["edits_rc"] = 0
+        md = g.render_md(res, args(), [1, 8], True)
+        line = [x for x in md.splitlines() if x.startswith("- edits")][0]
+        gen = {r["batch"]: r["images_per_s"] for r in res["turbine"]["rows"]}
+        self.assertIn(f"bs1 32.00 images/s against {gen[1]:.2f} generating ({gen[1] / 32:.2f}x the time)", line)
+        self.assertIn("bs8 64.00 images/s", line)
+        res["edits"], res["edits_rc"] = None, 124
+        md = g.render_md(res, args(), [1, 8], True)
+        self.assertIn("- edits (strength 0.5): no figure (exit 124)", md)
+        self.assertIn("edits exited with 124", md)
+
     def test_gpu_busy_share_is_shown_per_side_when_sampled(self):
         res = self.res()
         md = g.render_md(res, args(), [1, 8], True)
