@@ -210,30 +210,7 @@ fn pipeline(c: &mut Criterion) {
         guidance_scale: 0.0,
         init_step: None,
     };
-    let mut g = c.benchmark_group(format!("{}/pipeline", s.prefix));
-    for bs in [1, 2, 4, 8] {
-        let items: Vec<ImageRequest> = prompts(bs)
-            .into_iter()
-            .enumerate()
-            .map(|(i, prompt)| ImageRequest {
-                prompt,
-                negative_prompt: String::new(),
-                seed: i as u64,
-                init_image: None,
-            })
-            .collect();
-        g.throughput(Throughput::Elements(bs as u64));
-        g.bench_function(BenchmarkId::from_parameter(format!("bs{bs}")), |b| {
-            b.iter_custom(|iters| {
-                timed(&s.device, iters, || {
-                    s.pipeline
-                        .generate(&settings, &items, None)
-                        .expect("generate")
-                })
-            })
-        });
-    }
-    g.finish();
+    batch_scaling(c, &s, "pipeline", &settings, None);
 
     // Edits (POST /v1/images/edits' default: one step at strength 0.5, the second of a
     // two-step schedule): the same work plus the VAE encoder and its posterior sample, per
@@ -249,7 +226,19 @@ fn pipeline(c: &mut Criterion) {
         s.height as u32,
         |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8]),
     ));
-    let mut g = c.benchmark_group(format!("{}/edit", s.prefix));
+    batch_scaling(c, &s, "edit", &edit, Some(&input));
+}
+
+/// `{device}/{name}/bs{1,2,4,8}`: one `generate` call per batch of distinct prompts, each image
+/// editing `input` when given.
+fn batch_scaling(
+    c: &mut Criterion,
+    s: &Setup,
+    name: &str,
+    settings: &GenerationSettings,
+    input: Option<&InitImage>,
+) {
+    let mut g = c.benchmark_group(format!("{}/{name}", s.prefix));
     for bs in [1, 2, 4, 8] {
         let items: Vec<ImageRequest> = prompts(bs)
             .into_iter()
@@ -258,14 +247,16 @@ fn pipeline(c: &mut Criterion) {
                 prompt,
                 negative_prompt: String::new(),
                 seed: i as u64,
-                init_image: Some(input.clone()),
+                init_image: input.cloned(),
             })
             .collect();
         g.throughput(Throughput::Elements(bs as u64));
         g.bench_function(BenchmarkId::from_parameter(format!("bs{bs}")), |b| {
             b.iter_custom(|iters| {
                 timed(&s.device, iters, || {
-                    s.pipeline.generate(&edit, &items, None).expect("edit")
+                    s.pipeline
+                        .generate(settings, &items, None)
+                        .expect("generate")
                 })
             })
         });

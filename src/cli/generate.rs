@@ -126,22 +126,22 @@ fn read_init_image(
     let read = |flag: &str, p: &Path| {
         std::fs::read(p).map_err(|e| UsageError(format!("cannot read {flag} {}: {e}", p.display())))
     };
-    let bad = |flag: &str, p: &Path, e: crate::server::error::ApiError| {
-        UsageError(format!("{flag} {}: {e}", p.display()))
+    // The error's `param` says which upload it is about.
+    let bad = |e: crate::server::error::ApiError| match (e.param(), mask) {
+        (Some("mask"), Some(m)) => UsageError(format!("--mask {}: {e}", m.display())),
+        _ => UsageError(format!("--image {}: {e}", path.display())),
     };
     let bytes = read("--image", path)?;
-    let dims = upload::dimensions(&bytes).map_err(|e| bad("--image", path, e))?;
-    let (w, h) = (width as u32, height as u32);
-    let rgb = upload::decode(&bytes, w, h).map_err(|e| bad("--image", path, e))?;
-    Ok(match mask {
-        Some(m) => {
-            let mask_bytes = read("--mask", m)?;
-            let mask =
-                upload::decode_mask(&mask_bytes, dims, w, h).map_err(|e| bad("--mask", m, e))?;
-            InitImage::with_mask(rgb, mask)
-        }
-        None => InitImage::new(rgb),
-    })
+    let mask_bytes = mask.map(|m| read("--mask", m)).transpose()?;
+    let dims = upload::dimensions(&bytes).map_err(bad)?;
+    upload::init_image(
+        &bytes,
+        mask_bytes.as_deref(),
+        dims,
+        width as u32,
+        height as u32,
+    )
+    .map_err(|e| bad(e).into())
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {

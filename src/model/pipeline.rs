@@ -674,8 +674,7 @@ impl Pipeline {
         };
         // Latents stay in f32 across steps (the scheduler's arithmetic is f32 in diffusers
         // too); only the UNet's input is cast to the run dtype.
-        // Inpainting: (latent masks, image latents, the noise they were noised with).
-        let mut inpaint: Option<(Tensor, Tensor, Tensor)> = None;
+        let mut inpaint: Option<Inpaint> = None;
         let mut latents = match settings.init_step {
             None => (init * scheduler.init_noise_sigma())?,
             Some(_) => {
@@ -695,14 +694,7 @@ impl Pipeline {
                     (Some(_), 0) => {
                         let masked: Vec<f32> = items
                             .iter()
-                            .map(|i| {
-                                let m = i.init_image.as_ref().and_then(InitImage::mask);
-                                if m.is_some() {
-                                    1.0
-                                } else {
-                                    0.0
-                                }
-                            })
+                            .map(|i| f32::from(u8::from(item_mask(i).is_some())))
                             .collect();
                         let sel = Tensor::from_vec(masked, (n, 1, 1, 1), &self.device)?;
                         let pure = (&init * scheduler.init_noise_sigma())?;
@@ -710,7 +702,15 @@ impl Pipeline {
                     }
                     _ => noised,
                 };
-                inpaint = masks.map(|m| (m, image_latents, init.clone()));
+                inpaint = match masks {
+                    Some(repaint) => Some(Inpaint {
+                        keep: (1.0 - &repaint)?,
+                        repaint,
+                        image_latents,
+                        noise: init.clone(),
+                    }),
+                    None => None,
+                };
                 latents
             }
         };
@@ -747,17 +747,16 @@ impl Pipeline {
                 None => None,
             };
             latents = scheduler.step(&pred, i, &latents, step_noise.as_ref())?;
-            if let Some((mask, image_latents, noise)) = &inpaint {
+            if let Some(p) = &inpaint {
                 // The kept areas go back to the image's latents, noised to the next step's level
                 // (not at all after the last): diffusers'
                 // `(1 - mask) * init_latents_proper + mask * latents`.
                 let proper = if i + 1 < n_timesteps {
-                    (image_latents + (noise * scheduler.sigmas()[i + 1])?)?
+                    (&p.image_latents + (&p.noise * scheduler.sigmas()[i + 1])?)?
                 } else {
-                    image_latents.clone()
+                    p.image_latents.clone()
                 };
-                let keep = (1.0 - mask)?;
-                latents = (proper.broadcast_mul(&keep)? + latents.broadcast_mul(mask)?)?;
+                latents = (proper.broadcast_mul(&p.keep)? + latents.broadcast_mul(&p.repaint)?)?;
             }
         }
         clock.mark()?;
@@ -843,19 +842,26 @@ impl Pipeline {
         let mean = moments.narrow(1, 0, c)?;
         let std = (moments.narrow(1, c, c)?.clamp(-30f32, 20f32)? * 0.5)?.exp()?;
         let sample = (mean + (std * noise)?)?;
-        let cfg = &self.vae_config;
-        Ok(match (&cfg.latents_mean, &cfg.latents_std) {
-            (Some(m), Some(s)) => {
-                let m = Tensor::new(m.as_slice(), &self.device)?
-                    .to_dtype(DType::F32)?
-                    .reshape((1, c, 1, 1))?;
-                let s = Tensor::new(s.as_slice(), &self.device)?
-                    .to_dtype(DType::F32)?
-                    .reshape((1, c, 1, 1))?;
-                (sample.broadcast_sub(&m)? * cfg.scaling_factor)?.broadcast_div(&s)?
-            }
-            _ => (sample * cfg.scaling_factor)?,
+        let sf = self.vae_config.scaling_factor;
+        Ok(match self.latent_stats()? {
+            Some((mean, std)) => (sample.broadcast_sub(&mean)? * sf)?.broadcast_div(&std)?,
+            None => (sample * sf)?,
         })
+    }
+
+    /// The VAE config's per-channel latent statistics `(mean, std)`, each `[1, C, 1, 1]` f32,
+    /// when it has them (SDXL's has not).
+    fn latent_stats(&self) -> anyhow::Result<Option<(Tensor, Tensor)>> {
+        let cfg = &self.vae_config;
+        let (Some(mean), Some(std)) = (&cfg.latents_mean, &cfg.latents_std) else {
+            return Ok(None);
+        };
+        let column = |v: &[f64]| -> candle_core::Result<Tensor> {
+            Tensor::new(v, &self.device)?
+                .to_dtype(DType::F32)?
+                .reshape((1, v.len(), 1, 1))
+        };
+        Ok(Some((column(mean)?, column(std)?)))
     }
 
     /// Edits with masks: `[n, 1, h/f, w/f]` f32, 1 where the latents are repainted and 0 where
@@ -867,17 +873,14 @@ impl Pipeline {
         settings: &GenerationSettings,
         items: &[ImageRequest],
     ) -> anyhow::Result<Option<Tensor>> {
-        if !items
-            .iter()
-            .any(|i| i.init_image.as_ref().is_some_and(|im| im.mask().is_some()))
-        {
+        if !items.iter().any(|i| item_mask(i).is_some()) {
             return Ok(None);
         }
         let f = self.vae_scale_factor();
         let (lh, lw) = (settings.height / f, settings.width / f);
         let mut values = Vec::with_capacity(items.len() * lh * lw);
         for item in items {
-            match item.init_image.as_ref().and_then(InitImage::mask) {
+            match item_mask(item) {
                 Some(mask) => {
                     for y in 0..lh {
                         for x in 0..lw {
@@ -904,17 +907,10 @@ impl Pipeline {
     /// Final latents → the VAE decoder's output `[B, 3, H, W]` (nominally in [-1, 1]), in the
     /// VAE's dtype.
     fn vae_output(&self, latents: &Tensor) -> anyhow::Result<Tensor> {
-        let cfg = &self.vae_config;
-        let z = match (&cfg.latents_mean, &cfg.latents_std) {
-            (Some(mean), Some(std)) => {
-                let c = mean.len();
-                let mean = Tensor::new(mean.as_slice(), &self.device)?.reshape((1, c, 1, 1))?;
-                let std = Tensor::new(std.as_slice(), &self.device)?.reshape((1, c, 1, 1))?;
-                latents
-                    .broadcast_mul(&(std / cfg.scaling_factor)?)?
-                    .broadcast_add(&mean)?
-            }
-            _ => (latents / cfg.scaling_factor)?,
+        let sf = self.vae_config.scaling_factor;
+        let z = match self.latent_stats()? {
+            Some((mean, std)) => latents.broadcast_mul(&(std / sf)?)?.broadcast_add(&mean)?,
+            None => (latents / sf)?,
         };
         Ok(self.vae.decode(&z.to_dtype(self.vae_dtype)?)?)
     }
@@ -923,6 +919,22 @@ impl Pipeline {
 /// diffusers' `(image / 2 + 0.5).clamp(0, 1)` in f32.
 fn postprocess(image: &Tensor) -> anyhow::Result<Tensor> {
     Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+}
+
+/// What a masked edit blends back after every step.
+struct Inpaint {
+    /// `[n, 1, h, w]`: 1 where the latents are repainted ([`Pipeline::latent_masks`]), and its
+    /// complement.
+    repaint: Tensor,
+    keep: Tensor,
+    /// The image latents and the noise they were noised with at the start.
+    image_latents: Tensor,
+    noise: Tensor,
+}
+
+/// An edit's mask, if the image has one.
+fn item_mask(item: &ImageRequest) -> Option<&image::GrayImage> {
+    item.init_image.as_ref().and_then(InitImage::mask)
 }
 
 /// A batch whose work is queued on the device ([`Pipeline::launch`]).

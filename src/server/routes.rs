@@ -32,9 +32,9 @@ use super::error::{ApiError, BackendError, ErrorMetric, InferError};
 use super::metrics::{DropReason, Stage};
 use super::queue::{Entry, RequestId};
 use super::store::StoredImage;
-use super::validate::{form_value, validate, validate_edit, ValidRequest};
+use super::validate::{form_value, json_kind, validate, validate_edit, ValidRequest};
 use super::{App, Phase};
-use crate::model::pipeline::{ImageRequest, InitImage};
+use crate::model::pipeline::ImageRequest;
 
 /// The `x-request-id` of a request (echoed from the client, or created).
 #[derive(Debug, Clone)]
@@ -297,11 +297,7 @@ async fn edits(
     app.auth.consume(&caller, 0, req.n, Instant::now())?;
     let (w, h) = (req.width, req.height);
     let init = tokio::task::spawn_blocking(move || {
-        let rgb = super::upload::decode(&image, w, h)?;
-        Ok::<_, ApiError>(match mask {
-            Some(mask) => InitImage::with_mask(rgb, super::upload::decode_mask(&mask, dims, w, h)?),
-            None => InitImage::new(rgb),
-        })
+        super::upload::init_image(&image, mask.as_deref(), dims, w, h)
     })
     .await
     .map_err(|e| InferError::Encode {
@@ -326,13 +322,7 @@ impl EditInput {
     /// optional `mask` reference, and the other fields as for a form.
     fn from_json(value: serde_json::Value) -> Result<Self, ApiError> {
         let serde_json::Value::Object(mut fields) = value else {
-            return Err(ApiError::NotAnObject(match value {
-                serde_json::Value::Array(_) => "an array",
-                serde_json::Value::String(_) => "a string",
-                serde_json::Value::Number(_) => "a number",
-                serde_json::Value::Bool(_) => "a boolean",
-                _ => "null",
-            }));
+            return Err(ApiError::NotAnObject(json_kind(&value)));
         };
         let images =
             match fields.remove("images") {
@@ -497,18 +487,12 @@ impl EditForm {
 
 /// The boundary of a `multipart/form-data` body, or a 415.
 fn multipart_boundary(headers: &HeaderMap) -> Result<String, ApiError> {
-    let got = headers
-        .get(header::CONTENT_TYPE)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    got.as_deref()
-        .filter(|ct| {
-            ct.split(';')
-                .next()
-                .is_some_and(|m| m.trim().eq_ignore_ascii_case("multipart/form-data"))
-        })
+    let ct = headers.get(header::CONTENT_TYPE);
+    ct.and_then(|v| v.to_str().ok())
+        .filter(|_| content_type_is(headers, "multipart/form-data"))
         .and_then(|ct| multer::parse_boundary(ct).ok())
-        .ok_or(ApiError::UnsupportedMediaType {
-            got,
+        .ok_or_else(|| ApiError::UnsupportedMediaType {
+            got: ct.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
             expected: "multipart/form-data with a boundary, or application/json",
         })
 }

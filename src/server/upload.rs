@@ -21,6 +21,7 @@ use std::io::Cursor;
 use image::{imageops::FilterType, GrayImage, ImageFormat, ImageReader, Limits, RgbImage};
 
 use super::error::ApiError;
+use crate::model::pipeline::InitImage;
 
 /// The largest input side in pixels.
 pub const MAX_INPUT_SIDE: u32 = 8192;
@@ -48,14 +49,6 @@ fn invalid_as(what: Upload, message: String) -> ApiError {
     ApiError::invalid(what.param(), "invalid_image", message)
 }
 
-fn invalid(message: String) -> ApiError {
-    invalid_as(Upload::Image, message)
-}
-
-fn reader(bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, ApiError> {
-    reader_for(Upload::Image, bytes)
-}
-
 fn reader_for(what: Upload, bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, ApiError> {
     let invalid = |m: String| invalid_as(what, m);
     let name = what.param();
@@ -74,20 +67,45 @@ fn reader_for(what: Upload, bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, 
     }
 }
 
-fn limited(mut reader: ImageReader<Cursor<&[u8]>>) -> ImageReader<Cursor<&[u8]>> {
+/// The upload's (width, height) from its header alone.
+fn header_size(what: Upload, bytes: &[u8]) -> Result<(u32, u32), ApiError> {
+    reader_for(what, bytes)?
+        .into_dimensions()
+        .map_err(|e| invalid_as(what, format!("could not read the {}: {e}", what.param())))
+}
+
+/// The upload decoded, the decoder bounded by [`MAX_INPUT_SIDE`] and [`MAX_INPUT_ALLOC`].
+fn decoded(what: Upload, bytes: &[u8]) -> Result<image::DynamicImage, ApiError> {
+    let mut reader = reader_for(what, bytes)?;
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_INPUT_SIDE);
     limits.max_image_height = Some(MAX_INPUT_SIDE);
     limits.max_alloc = Some(MAX_INPUT_ALLOC);
     reader.limits(limits);
     reader
+        .decode()
+        .map_err(|e| invalid_as(what, format!("could not decode the {}: {e}", what.param())))
+}
+
+/// An edit's input image (and mask) as the pipeline takes them, at `width` x `height`
+/// ([`decode`], [`decode_mask`]); `image_size` is the image's own, from [`dimensions`].
+pub fn init_image(
+    image: &[u8],
+    mask: Option<&[u8]>,
+    image_size: (u32, u32),
+    width: u32,
+    height: u32,
+) -> Result<InitImage, ApiError> {
+    let rgb = decode(image, width, height)?;
+    Ok(match mask {
+        Some(mask) => InitImage::with_mask(rgb, decode_mask(mask, image_size, width, height)?),
+        None => InitImage::new(rgb),
+    })
 }
 
 /// Checks from its header that a mask is one of the readable formats and the image's size.
 pub fn check_mask_size(bytes: &[u8], image_size: (u32, u32)) -> Result<(), ApiError> {
-    let size = reader_for(Upload::Mask, bytes)?
-        .into_dimensions()
-        .map_err(|e| invalid_as(Upload::Mask, format!("could not read the mask: {e}")))?;
+    let size = header_size(Upload::Mask, bytes)?;
     if size != image_size {
         return Err(invalid_as(
             Upload::Mask,
@@ -111,9 +129,7 @@ pub fn decode_mask(
 ) -> Result<GrayImage, ApiError> {
     let invalid = |m: String| invalid_as(Upload::Mask, m);
     check_mask_size(bytes, image_size)?;
-    let decoded = limited(reader_for(Upload::Mask, bytes)?)
-        .decode()
-        .map_err(|e| invalid(format!("could not decode the mask: {e}")))?;
+    let decoded = decoded(Upload::Mask, bytes)?;
     if !decoded.color().has_alpha() {
         return Err(invalid(
             "mask must have an alpha channel: its transparent areas mark what to edit, its \
@@ -194,23 +210,19 @@ pub fn image_reference(param: &str, reference: &serde_json::Value) -> Result<Vec
 
 /// The image's (width, height) from its header, checked against [`MAX_INPUT_SIDE`].
 pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32), ApiError> {
-    let (w, h) = reader(bytes)?
-        .into_dimensions()
-        .map_err(|e| invalid(format!("could not read the image: {e}")))?;
+    let (w, h) = header_size(Upload::Image, bytes)?;
     if w == 0 || h == 0 || w > MAX_INPUT_SIDE || h > MAX_INPUT_SIDE {
-        return Err(invalid(format!(
-            "image must be between 1 and {MAX_INPUT_SIDE} pixels a side, got {w}x{h}"
-        )));
+        return Err(invalid_as(
+            Upload::Image,
+            format!("image must be between 1 and {MAX_INPUT_SIDE} pixels a side, got {w}x{h}"),
+        ));
     }
     Ok((w, h))
 }
 
 /// The image as 8-bit RGB at `width` x `height`.
 pub fn decode(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage, ApiError> {
-    let rgb = limited(reader(bytes)?)
-        .decode()
-        .map_err(|e| invalid(format!("could not decode the image: {e}")))?
-        .into_rgb8();
+    let rgb = decoded(Upload::Image, bytes)?.into_rgb8();
     Ok(if rgb.dimensions() == (width, height) {
         rgb
     } else {

@@ -574,7 +574,7 @@ fn type_error(name: &str, expected: &str, got: &Value) -> ApiError {
     )
 }
 
-fn json_kind(v: &Value) -> &'static str {
+pub fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
