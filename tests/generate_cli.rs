@@ -267,7 +267,7 @@ fn init_latents_of_the_wrong_shape_are_refused() {
     assert!(err.contains("[1, 4, 8, 8]"), "{err}");
 }
 
-/// `--image` (and `--mask`): the server's edit from the command line, reproducible by seed, and
+/// `--image` (and `--mask` or `--markup`): the server's edit from the command line, reproducible by seed, and
 /// another image than a generation of the same prompt and seed.
 #[test]
 fn an_image_is_edited_and_a_mask_inpaints() {
@@ -314,6 +314,12 @@ fn an_image_is_edited_and_a_mask_inpaints() {
         &["--image", img, "--mask", mask.to_str().unwrap()],
     );
     assert!(masked != edited, "--mask was ignored");
+    // The mask's image as a markup: its opaque (black) right half drawn over the input.
+    let marked = run(
+        "marked.png",
+        &["--image", img, "--markup", mask.to_str().unwrap()],
+    );
+    assert!(marked != edited && marked != masked, "--markup was ignored");
 
     let out = dir.path().join("x.png");
     for (extra, want) in [
@@ -324,6 +330,11 @@ fn an_image_is_edited_and_a_mask_inpaints() {
         (vec!["--mask", img], "--image"),
         (vec!["--image", "/no/such.png"], "cannot read --image"),
         (vec!["--image", img, "--mask", img], "alpha channel"),
+        (vec!["--image", img, "--markup", img], "--markup"),
+        (
+            vec!["--image", img, "--mask", img, "--markup", img],
+            "cannot be used with",
+        ),
     ] {
         let mut args = vec![
             "--model-dir",

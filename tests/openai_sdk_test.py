@@ -9,11 +9,14 @@ import base64
 import struct
 import sys
 import traceback
+import typing
 import urllib.request
+import warnings
 import zlib
 
 import openai
 from openai import OpenAI
+from openai.types import ImageModel
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -164,11 +167,43 @@ def test_edit(client: OpenAI):
     )
     expect(openai.BadRequestError, lambda: edit(extra_body={"strength": 2}), param="strength")
 
+    # GPT Image 2.5's edit: a markup laid over the image (opaque bar, transparent elsewhere),
+    # quality xhigh, a safety identifier echoed back.
+    markup = rgba_png(64, 64, lambda x, y: 255 if 24 <= x < 40 else 0)
+    marked = edit(
+        model="gpt-image-2.5-flare",
+        markup=("markup.png", markup, "image/png"),
+        quality="xhigh",
+        safety_identifier="user-42",
+        extra_body={"seed": 31},
+    )
+    assert (marked.quality, marked.safety_identifier) == ("xhigh", "user-42")
+    unmarked = edit(model="gpt-image-2.5-flare", quality="xhigh", extra_body={"seed": 31})
+    assert base64.b64decode(marked.data[0].b64_json) != base64.b64decode(unmarked.data[0].b64_json)
+    expect(
+        openai.BadRequestError,
+        lambda: edit(mask=("mask.png", mask, "image/png"), markup=("markup.png", markup, "image/png")),
+        param="markup",
+    )
+
 
 def test_models(client: OpenAI):
     ids = [m.id for m in client.models.list()]
     assert ids[0] == "sdxl-turbo" and "dall-e-3" in ids, ids
     assert client.models.retrieve("sdxl-turbo").owned_by == "turbine"
+    # Every image model name of this SDK means the served model (gpt-image-* is a prefix alias).
+    for name in typing.get_args(ImageModel):
+        assert client.models.retrieve(name).id == name, name
+    resp = client.images.generate(model="gpt-image-2.6-sunburst", prompt="a kite", quality="max", size="64x64")
+    assert resp.quality == "max"
+
+
+def test_retired_variations(client: OpenAI):
+    # OpenAI retired images.create_variation; the server says what to use instead.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the SDK marks the method deprecated
+        e = expect(openai.NotFoundError, lambda: client.images.create_variation(image=("a.png", b"x", "image/png")))
+    assert "/v1/images/edits" in e.body["message"], e.body
 
 
 def expect(exc_type, fn, param=None, code=None):
@@ -237,6 +272,7 @@ def main() -> int:
         ("stream", lambda: test_stream(client)),
         ("edit", lambda: test_edit(client)),
         ("models", lambda: test_models(client)),
+        ("retired variations", lambda: test_retired_variations(client)),
         ("BadRequestError", lambda: test_bad_request(client)),
         ("AuthenticationError", lambda: test_authentication(args.base_url)),
         ("NotFoundError", lambda: test_not_found(client)),

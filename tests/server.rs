@@ -495,7 +495,8 @@ fn models_health_metrics_and_unknown_routes() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["sdxl-turbo", "gpt-image-1", "dall-e-2", "dall-e-3"]);
+    // The prefix aliases (gpt-image-*, chatgpt-image-*) match names but are not listed.
+    assert_eq!(ids, ["sdxl-turbo", "dall-e-2", "dall-e-3"]);
     for m in v["data"].as_array().unwrap() {
         assert_eq!(m["object"], "model");
         assert!(m["created"].as_u64().is_some());
@@ -509,6 +510,20 @@ fn models_health_metrics_and_unknown_routes() {
         .json()
         .unwrap();
     assert_eq!(m["id"], "dall-e-3");
+    // OpenAI's current image models and snapshots, through the default gpt-image-* alias.
+    for name in [
+        "gpt-image-2.5-flare-2026-09-08",
+        "gpt-image-1",
+        "chatgpt-image-latest",
+    ] {
+        let r = s
+            .client
+            .get(s.url(&format!("/v1/models/{name}")))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "{name}");
+        assert_eq!(r.json::<Value>().unwrap()["id"], name);
+    }
     let r = s.client.get(s.url("/v1/models/gpt-5")).send().unwrap();
     let status = r.status().as_u16();
     let v = assert_openai_error(
@@ -533,6 +548,22 @@ fn models_health_metrics_and_unknown_routes() {
     assert_eq!(r.headers()["x-request-id"], "abc");
     let status = r.status().as_u16();
     assert_openai_error(status, &r.text().unwrap(), 404, None, "unknown route");
+    // OpenAI's retired variations endpoint: a 404 that says what to use instead.
+    let r = s
+        .client
+        .post(s.url("/v1/images/variations"))
+        .body("x")
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    let v = assert_openai_error(status, &r.text().unwrap(), 404, None, "variations");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/v1/images/edits"),
+        "{v}"
+    );
     let r = s
         .client
         .get(s.url("/v1/images/generations"))
@@ -551,7 +582,7 @@ fn models_health_metrics_and_unknown_routes() {
         // One from `wait_healthy`, one above.
         "turbine_http_requests_total{route=\"/health\",status=\"200\"} 2",
         "turbine_http_requests_total{route=\"/v1/models/{id}\",status=\"404\"} 1",
-        "turbine_http_requests_total{route=\"unmatched\",status=\"404\"} 1",
+        "turbine_http_requests_total{route=\"unmatched\",status=\"404\"} 2",
         "turbine_errors_total{type=\"model_not_found\"} 1",
         "turbine_errors_total{type=\"method_not_allowed\"} 1",
         "turbine_queue_images 0",
@@ -1879,6 +1910,131 @@ fn edits_take_a_multipart_image_and_match_the_pipeline() {
     );
 }
 
+/// `image` as a PNG whose EXIF says to show it turned a quarter clockwise (orientation 6), as
+/// a phone stores a portrait photo.
+fn png_turned_a_quarter(image: &RgbImage) -> Vec<u8> {
+    use image::ImageEncoder as _;
+    // Little-endian TIFF, one IFD entry: Orientation (0x0112), SHORT, 1 value, 6.
+    let mut tiff = b"II*\0\x08\0\0\0\x01\0\x12\x01\x03\0\x01\0\0\0".to_vec();
+    tiff.extend_from_slice(&[6, 0, 0, 0, 0, 0, 0, 0]);
+    let mut out = Vec::new();
+    let mut e = image::codecs::png::PngEncoder::new(&mut out);
+    e.set_exif_metadata(tiff).unwrap();
+    e.write_image(
+        image.as_raw(),
+        image.width(),
+        image.height(),
+        image::ExtendedColorType::Rgb8,
+    )
+    .unwrap();
+    out
+}
+
+/// What OpenAI's newer clients send to edits: a photo with an EXIF orientation, a `markup`, a
+/// GPT Image 2.5 model name, `quality: "xhigh"`, a `safety_identifier`.
+#[test]
+fn edits_read_photos_upright_and_lay_markups_over_them() {
+    use turbine::model::pipeline::{edit_schedule, InitImage};
+    let s = TestServer::start(test_config());
+    let p = Pipeline::load(&model_dir(), &Device::Cpu, DType::F32).unwrap();
+    let library = |init: InitImage, steps: usize, seed: u64, prompt: &str| {
+        let (schedule, start) = edit_schedule(steps, 0.5).unwrap();
+        let (w, h) = init.image().dimensions();
+        let settings = GenerationSettings {
+            width: w as usize,
+            height: h as usize,
+            steps: schedule,
+            guidance_scale: 0.0,
+            init_step: Some(start),
+        };
+        let item = ImageRequest {
+            prompt: prompt.into(),
+            negative_prompt: String::new(),
+            seed,
+            init_image: Some(init),
+        };
+        p.generate(&settings, &[item], None)
+            .unwrap()
+            .images
+            .remove(0)
+    };
+
+    // Stored 80x48 and tagged to be shown turned: the server edits the upright 48x80 image,
+    // so the automatic size is portrait (64x80 at the default area, sides at least 64).
+    let turned = png_turned_a_quarter(&edit_input());
+    let resp = s.edit_ok(
+        &[("prompt", "winter"), ("seed", "5")],
+        &[("image", &turned)],
+    );
+    assert_eq!(resp["size"], "64x80");
+    let upright = image::imageops::rotate90(&edit_input());
+    let expected = library(
+        InitImage::new(image::imageops::resize(
+            &upright,
+            64,
+            80,
+            image::imageops::FilterType::Lanczos3,
+        )),
+        1,
+        5,
+        "winter",
+    );
+    assert!(images(&resp)[0] == expected, "not the upright image's edit");
+
+    // A markup: a red bar drawn over the image (transparent elsewhere) guides the edit. The
+    // served image is the library's edit of the composite, not of the bare image.
+    let png = png_bytes(&edit_input());
+    let markup = image::RgbaImage::from_fn(80, 48, |x, _| {
+        image::Rgba([255, 0, 0, if (30..50).contains(&x) { 255 } else { 0 }])
+    });
+    let mut markup_png = std::io::Cursor::new(Vec::new());
+    markup
+        .write_to(&mut markup_png, image::ImageFormat::Png)
+        .unwrap();
+    let markup_png = markup_png.into_inner();
+    let fields = [
+        ("prompt", "winter"),
+        ("size", "64x64"),
+        ("seed", "9"),
+        ("model", "gpt-image-2.5-flare"),
+        ("quality", "xhigh"),
+        ("safety_identifier", "user-1234"),
+    ];
+    let marked = s.edit_ok(&fields, &[("image", &png), ("markup", &markup_png)]);
+    assert_eq!(marked["quality"], "xhigh");
+    assert_eq!(marked["safety_identifier"], "user-1234");
+    let composite = turbine::server::upload::overlay(&png, &markup_png, (80, 48)).unwrap();
+    assert_eq!(composite.get_pixel(40, 10).0, [255, 0, 0]);
+    assert_eq!(composite.get_pixel(10, 10), edit_input().get_pixel(10, 10));
+    let resized =
+        image::imageops::resize(&composite, 64, 64, image::imageops::FilterType::Lanczos3);
+    // xhigh: 6 steps, of a 12-step schedule at strength 0.5.
+    let expected = library(InitImage::new(resized), 6, 9, "winter");
+    assert!(images(&marked)[0] == expected, "not the composite's edit");
+    let plain = s.edit_ok(&fields, &[("image", &png)]);
+    assert!(
+        images(&plain)[0] != images(&marked)[0],
+        "the markup changed nothing"
+    );
+    assert!(plain.get("safety_identifier").is_some());
+
+    // The same markup in OpenAI's JSON edit.
+    let r = s
+        .client
+        .post(s.url("/v1/images/edits"))
+        .json(&json!({
+            "prompt": "winter", "size": "64x64", "seed": 9, "quality": "xhigh",
+            "images": [{"image_url": data_url(&png)}],
+            "markup": {"image_url": data_url(&markup_png)},
+        }))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().unwrap();
+    assert!(images(&v)[0] == expected, "a JSON markup is the form's");
+    assert!(v.get("safety_identifier").is_none(), "none was given");
+}
+
 /// (what, text fields, files, status, param).
 type BadEdit = (
     &'static str,
@@ -1971,6 +2127,31 @@ fn malformed_edits_get_the_right_status() {
             vec![("image", png.clone())],
             400,
             Some("prompt"),
+        ),
+        (
+            "a markup and a mask",
+            prompt.to_vec(),
+            vec![
+                ("image", png.clone()),
+                ("mask", edit_mask(80, 48)),
+                ("markup", edit_mask(80, 48)),
+            ],
+            400,
+            Some("markup"),
+        ),
+        (
+            "a markup without alpha",
+            prompt.to_vec(),
+            vec![("image", png.clone()), ("markup", png.clone())],
+            400,
+            Some("markup"),
+        ),
+        (
+            "a markup of another size",
+            prompt.to_vec(),
+            vec![("image", png.clone()), ("markup", edit_mask(40, 24))],
+            400,
+            Some("markup"),
         ),
         (
             "an upload over --max-upload-bytes",

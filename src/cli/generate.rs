@@ -55,6 +55,10 @@ pub struct Args {
     /// and opaque areas kept (inpainting).
     #[arg(long, requires = "image")]
     pub mask: Option<PathBuf>,
+    /// With --image: an OpenAI markup, a partly transparent image of the image's size laid
+    /// over it before the edit (a sketch or colour patch to guide it); not with --mask.
+    #[arg(long, requires = "image", conflicts_with = "mask")]
+    pub markup: Option<PathBuf>,
     /// With --image: how far the image is noised, in (0, 1]; --steps steps run (diffusers'
     /// `num_inference_steps=2, strength=0.5` is `--steps 1 --strength 0.5`).
     #[arg(long, requires = "image", default_value_t = 0.5)]
@@ -116,10 +120,11 @@ pub fn load_init_latents(path: &Path, device: &Device) -> anyhow::Result<candle_
     })
 }
 
-/// `--image` (and `--mask`) read as the server reads an edit's uploads, at `width` x `height`.
+/// `--image` (and `--mask` or `--markup`) read as the server reads an edit's uploads, at
+/// `width` x `height`.
 fn read_init_image(
+    args: &Args,
     path: &Path,
-    mask: Option<&Path>,
     width: usize,
     height: usize,
 ) -> anyhow::Result<InitImage> {
@@ -127,21 +132,31 @@ fn read_init_image(
         std::fs::read(p).map_err(|e| UsageError(format!("cannot read {flag} {}: {e}", p.display())))
     };
     // The error's `param` says which upload it is about.
-    let bad = |e: crate::server::error::ApiError| match (e.param(), mask) {
-        (Some("mask"), Some(m)) => UsageError(format!("--mask {}: {e}", m.display())),
+    let bad = |e: crate::server::error::ApiError| match (e.param(), &args.mask, &args.markup) {
+        (Some("mask"), Some(m), _) => UsageError(format!("--mask {}: {e}", m.display())),
+        (Some("markup"), _, Some(m)) => UsageError(format!("--markup {}: {e}", m.display())),
         _ => UsageError(format!("--image {}: {e}", path.display())),
     };
     let bytes = read("--image", path)?;
-    let mask_bytes = mask.map(|m| read("--mask", m)).transpose()?;
-    let dims = upload::dimensions(&bytes).map_err(bad)?;
-    upload::init_image(
-        &bytes,
-        mask_bytes.as_deref(),
-        dims,
-        width as u32,
-        height as u32,
-    )
-    .map_err(|e| bad(e).into())
+    let mask = args
+        .mask
+        .as_deref()
+        .map(|m| read("--mask", m))
+        .transpose()?;
+    let markup = args
+        .markup
+        .as_deref()
+        .map(|m| read("--markup", m))
+        .transpose()?;
+    let files = upload::EditFiles {
+        image: &bytes,
+        mask: mask.as_deref(),
+        markup: markup.as_deref(),
+    };
+    let dims = files.check().map_err(bad)?;
+    files
+        .init_image(dims, width as u32, height as u32)
+        .map_err(|e| bad(e).into())
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -177,7 +192,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .into());
     }
     let init_image = match &args.image {
-        Some(path) => Some(read_init_image(path, args.mask.as_deref(), width, height)?),
+        Some(path) => Some(read_init_image(&args, path, width, height)?),
         None => None,
     };
     let (schedule_steps, init_step) = match &init_image {

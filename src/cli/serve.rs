@@ -59,12 +59,13 @@ pub struct DeviceArgs {
     #[arg(long, env = "TURBINE_SERVED_MODEL_NAME", default_value = "sdxl-turbo")]
     pub served_model_name: String,
     /// Other model names that also mean the served model, so clients written for OpenAI work
-    /// unchanged. Pass an empty value to accept only the served name.
+    /// unchanged. One ending in `*` matches by prefix (`gpt-image-*`: every GPT image model and
+    /// snapshot; `*`: any name). Pass an empty value to accept only the served name.
     #[arg(
         long = "model-alias",
         env = "TURBINE_MODEL_ALIASES",
         value_delimiter = ',',
-        default_value = "gpt-image-1,dall-e-2,dall-e-3"
+        default_value = "gpt-image-*,chatgpt-image-*,dall-e-2,dall-e-3"
     )]
     pub model_aliases: Vec<String>,
 }
@@ -372,5 +373,25 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => tracing::info!("SIGINT received"),
         _ = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: super::Args,
+    }
+
+    #[test]
+    fn the_cli_defaults_are_the_configs() {
+        let cli = Cli::try_parse_from(["turbine"]).unwrap();
+        let config = cli.serve.config().unwrap();
+        let defaults = crate::server::config::ServerConfig::default();
+        assert_eq!(config.model.id, defaults.model.id);
+        assert_eq!(config.model.aliases, defaults.model.aliases);
     }
 }

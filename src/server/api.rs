@@ -73,6 +73,10 @@ pub struct ImagesResponse {
     pub quality: String,
     pub size: String,
     pub usage: Usage,
+    /// The effective safety identifier: the request's non-empty `safety_identifier`, else its
+    /// `user` (OpenAI's rule); absent when neither was given.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub safety_identifier: Option<String>,
 }
 
 /// One image: exactly one of `b64_json` / `url`, plus its seed (extension).
@@ -101,6 +105,9 @@ pub struct StreamedImage {
     pub background: &'static str,
     pub output_format: &'static str,
     pub usage: Usage,
+    /// As in [`ImagesResponse::safety_identifier`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub safety_identifier: Option<String>,
     pub seed: u64,
 }
 

@@ -12,18 +12,43 @@ use super::worker::WarmupSizes;
 /// The most images one request may ask for (OpenAI's bound for `n`).
 pub const MAX_N: u32 = 10;
 
+/// The model names that mean the served model by default: OpenAI's image models, so clients
+/// written for OpenAI work unchanged. The GPT image models as prefixes, since OpenAI adds
+/// versions and dated snapshots (`gpt-image-2.5-flare-2026-09-08`) and retires older ones
+/// (the official SDK's list in November 2026: `gpt-image-1`, `-1-mini`, `-1.5`, `-2`, `-2.5-*`,
+/// `-2.6-*`, `chatgpt-image-latest`, `dall-e-2`, `dall-e-3`).
+pub const DEFAULT_MODEL_ALIASES: &[&str] =
+    &["gpt-image-*", "chatgpt-image-*", "dall-e-2", "dall-e-3"];
+
 /// The served model's identity.
 #[derive(Debug, Clone)]
 pub struct ModelIdentity {
     /// What `GET /v1/models` lists and what `model` in a request normally names.
     pub id: String,
-    /// Other names that mean the served model, so OpenAI-shaped clients work unchanged.
+    /// Other names that mean the served model, so OpenAI-shaped clients work unchanged. One
+    /// ending in `*` is a prefix: it matches every name that starts with what comes before the
+    /// `*` (`*` alone: any name).
     pub aliases: Vec<String>,
 }
 
 impl ModelIdentity {
     pub fn matches(&self, name: &str) -> bool {
-        self.id == name || self.aliases.iter().any(|a| a == name)
+        self.id == name
+            || self.aliases.iter().any(|a| match a.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => a == name,
+            })
+    }
+
+    /// The names `GET /v1/models` lists: the id, then the aliases that are names rather than
+    /// prefixes.
+    pub fn listed(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.id.as_str()).chain(
+            self.aliases
+                .iter()
+                .filter(|a| !a.ends_with('*'))
+                .map(String::as_str),
+        )
     }
 }
 
@@ -99,7 +124,10 @@ impl Default for ServerConfig {
         Self {
             model: ModelIdentity {
                 id: "sdxl-turbo".into(),
-                aliases: vec!["gpt-image-1".into(), "dall-e-2".into(), "dall-e-3".into()],
+                aliases: DEFAULT_MODEL_ALIASES
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect(),
             },
             limits: RequestLimits {
                 min_side: 256,
@@ -199,9 +227,16 @@ impl ServerConfig {
             );
         }
         ensure!(
-            !self.model.id.is_empty(),
-            "--served-model-name must not be empty"
+            !self.model.id.is_empty() && !self.model.id.contains('*'),
+            "--served-model-name must not be empty or contain *, got {:?}",
+            self.model.id
         );
+        for alias in &self.model.aliases {
+            ensure!(
+                !alias.trim_end_matches('*').contains('*') && alias.matches('*').count() <= 1,
+                "--model-alias {alias:?}: a * may only end an alias (a prefix: gpt-image-*)"
+            );
+        }
         if let Some(url) = &self.public_url {
             ensure!(
                 url.starts_with("http://") || url.starts_with("https://"),
@@ -234,6 +269,14 @@ mod tests {
                 "--request-timeout",
             ),
             (|c| c.public_url = Some("ftp://x".into()), "--public-url"),
+            (
+                |c| c.model.aliases.push("gpt-*-image".into()),
+                "a * may only end an alias",
+            ),
+            (
+                |c| c.model.aliases.push("gpt**".into()),
+                "a * may only end an alias",
+            ),
         ];
         for (tweak, fragment) in cases {
             let mut c = ServerConfig::default();
@@ -241,5 +284,31 @@ mod tests {
             let e = c.check().unwrap_err().to_string();
             assert!(e.contains(fragment), "{e:?} lacks {fragment:?}");
         }
+    }
+
+    #[test]
+    fn aliases_are_names_or_prefixes() {
+        let model = ServerConfig::default().model;
+        for name in [
+            "sdxl-turbo",
+            "gpt-image-1",
+            "gpt-image-2.5-flare-2026-09-08",
+            "gpt-image-2.6-sunburst",
+            "chatgpt-image-latest",
+            "dall-e-3",
+        ] {
+            assert!(model.matches(name), "{name}");
+        }
+        for name in ["sdxl", "gpt-4o", "dall-e-4", "gpt-image", "GPT-IMAGE-1", ""] {
+            assert!(!model.matches(name), "{name}");
+        }
+        let listed: Vec<&str> = model.listed().collect();
+        assert_eq!(listed, ["sdxl-turbo", "dall-e-2", "dall-e-3"]);
+        let any = ModelIdentity {
+            id: "m".into(),
+            aliases: vec!["*".into()],
+        };
+        assert!(any.matches("anything at all") && any.matches(""));
+        assert_eq!(any.listed().collect::<Vec<_>>(), ["m"]);
     }
 }

@@ -32,6 +32,7 @@ use super::error::{ApiError, BackendError, ErrorMetric, InferError};
 use super::metrics::{DropReason, Stage};
 use super::queue::{Entry, RequestId};
 use super::store::StoredImage;
+use super::upload::EditFiles;
 use super::validate::{form_value, json_kind, validate, validate_edit, ValidRequest};
 use super::{App, Phase};
 use crate::model::pipeline::ImageRequest;
@@ -171,9 +172,10 @@ fn model_object(app: &App, id: &str) -> Model {
 }
 
 async fn list_models(State(app): State<Arc<App>>) -> Json<ModelList> {
-    let m = &app.config.model;
-    let data = std::iter::once(&m.id)
-        .chain(&m.aliases)
+    let data = app
+        .config
+        .model
+        .listed()
         .map(|id| model_object(&app, id))
         .collect();
     Json(ModelList {
@@ -215,6 +217,15 @@ async fn get_file(
 }
 
 async fn not_found(uri: Uri) -> ApiError {
+    if uri.path() == "/v1/images/variations" {
+        // The SDKs still have `images.create_variation`; say what to use instead.
+        return ApiError::NotFound(
+            "/v1/images/variations is not served: OpenAI retired it with dall-e-2. Send the \
+             image to /v1/images/edits with a prompt (and the strength extension) to make a \
+             variation of it"
+                .into(),
+        );
+    }
     ApiError::NotFound(format!("no route for {}", uri.path()))
 }
 
@@ -270,6 +281,7 @@ async fn edits(
         fields,
         image,
         mask,
+        markup,
     } = if content_type_is(&headers, "application/json") {
         let bytes = read_body(body, &headers, limit).await?;
         let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
@@ -283,10 +295,12 @@ async fn edits(
         let bytes = read_body(body, &headers, limit).await?;
         EditForm::parse(bytes, boundary).await?.into_input()?
     };
-    let dims = super::upload::dimensions(&image)?;
-    if let Some(mask) = &mask {
-        super::upload::check_mask_size(mask, dims)?;
+    let dims = EditFiles {
+        image: &image,
+        mask: mask.as_deref(),
+        markup: markup.as_deref(),
     }
+    .check()?;
     let mut req = validate_edit(
         &serde_json::Value::Object(fields),
         dims,
@@ -297,7 +311,12 @@ async fn edits(
     app.auth.consume(&caller, 0, req.n, Instant::now())?;
     let (w, h) = (req.width, req.height);
     let init = tokio::task::spawn_blocking(move || {
-        super::upload::init_image(&image, mask.as_deref(), dims, w, h)
+        let files = EditFiles {
+            image: &image,
+            mask: mask.as_deref(),
+            markup: markup.as_deref(),
+        };
+        files.init_image(dims, w, h)
     })
     .await
     .map_err(|e| InferError::Encode {
@@ -310,16 +329,18 @@ async fn edits(
     run_request(&app, &caller, &headers, req).await
 }
 
-/// What an edit sends, from either body: its fields as JSON values, its image and its mask.
+/// What an edit sends, from either body: its fields as JSON values, its image, and its mask
+/// or markup.
 struct EditInput {
     fields: serde_json::Map<String, serde_json::Value>,
     image: Bytes,
     mask: Option<Bytes>,
+    markup: Option<Bytes>,
 }
 
 impl EditInput {
     /// OpenAI's JSON edit: `images`, one image reference (`{"image_url": "data:..."}`), an
-    /// optional `mask` reference, and the other fields as for a form.
+    /// optional `mask` or `markup` reference, and the other fields as for a form.
     fn from_json(value: serde_json::Value) -> Result<Self, ApiError> {
         let serde_json::Value::Object(mut fields) = value else {
             return Err(ApiError::NotAnObject(json_kind(&value)));
@@ -355,14 +376,16 @@ impl EditInput {
                     ))
                 }
             };
-        let mask = match fields.remove("mask") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(m) => Some(Bytes::from(super::upload::image_reference("mask", &m)?)),
+        let mut reference = |name: &str| match fields.remove(name) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(r) => super::upload::image_reference(name, &r).map(|b| Some(Bytes::from(b))),
         };
+        let (mask, markup) = (reference("mask")?, reference("markup")?);
         Ok(EditInput {
             fields,
             image: Bytes::from(image),
             mask,
+            markup,
         })
     }
 }
@@ -372,6 +395,7 @@ struct EditForm {
     fields: serde_json::Map<String, serde_json::Value>,
     images: Vec<Bytes>,
     masks: Vec<Bytes>,
+    markups: Vec<Bytes>,
 }
 
 impl EditForm {
@@ -389,6 +413,7 @@ impl EditForm {
             fields: serde_json::Map::new(),
             images: Vec::new(),
             masks: Vec::new(),
+            markups: Vec::new(),
         };
         while let Some(field) = multipart.next_field().await.map_err(bad)? {
             let name = field.name().unwrap_or_default().to_string();
@@ -406,13 +431,14 @@ impl EditForm {
             match name.as_str() {
                 "image" | "image[]" => form.images.push(field.bytes().await.map_err(bad)?),
                 "mask" => form.masks.push(field.bytes().await.map_err(bad)?),
+                "markup" => form.markups.push(field.bytes().await.map_err(bad)?),
                 _ if field.file_name().is_some() => {
                     return Err(ApiError::invalid(
                         &name,
                         "unknown_parameter",
                         format!(
                             "unexpected file field {name}: send the image to edit as image, and \
-                             its mask as mask"
+                             its mask as mask or its markup as markup"
                         ),
                     ))
                 }
@@ -445,22 +471,10 @@ impl EditForm {
     fn into_input(self) -> Result<EditInput, ApiError> {
         Ok(EditInput {
             image: self.image()?,
-            mask: self.mask()?,
+            mask: at_most_one("mask", &self.masks)?,
+            markup: at_most_one("markup", &self.markups)?,
             fields: self.fields,
         })
-    }
-
-    /// The mask, if one was sent.
-    fn mask(&self) -> Result<Option<Bytes>, ApiError> {
-        match self.masks.as_slice() {
-            [] => Ok(None),
-            [mask] => Ok(Some(mask.clone())),
-            more => Err(ApiError::invalid(
-                "mask",
-                "invalid_value",
-                format!("one mask per request, got {}", more.len()),
-            )),
-        }
     }
 
     /// The one input image.
@@ -482,6 +496,19 @@ impl EditForm {
                 ),
             )),
         }
+    }
+}
+
+/// The one file sent as `name`, if any.
+fn at_most_one(name: &str, files: &[Bytes]) -> Result<Option<Bytes>, ApiError> {
+    match files {
+        [] => Ok(None),
+        [file] => Ok(Some(file.clone())),
+        more => Err(ApiError::invalid(
+            name,
+            "invalid_value",
+            format!("one {name} per request, got {}", more.len()),
+        )),
     }
 }
 
@@ -593,6 +620,7 @@ async fn run_request(
         quality: req.quality.into(),
         size: format!("{}x{}", req.width, req.height),
         usage: usage(&req, text_tokens, req.n),
+        safety_identifier: req.user.clone(),
     };
     Ok(Json(response).into_response())
 }
@@ -880,6 +908,7 @@ impl ImageStream {
             background: "opaque",
             output_format: req.output_format.as_str(),
             usage: usage(req, text_tokens, 1),
+            safety_identifier: req.user.clone(),
             seed: self.seed + index as u64,
         };
         Event::default()

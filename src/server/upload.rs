@@ -15,10 +15,23 @@
 //! A mask is OpenAI's: an image of the input's size whose transparent areas (alpha below 128)
 //! are repainted and whose opaque areas are kept. It becomes diffusers' `mask_image` (255 where
 //! repainted, 0 where kept) at the request's size, resized without blending (nearest).
+//!
+//! A markup (OpenAI's `markup`) is a partly transparent image of the input's size laid over it
+//! before the edit, to guide it: a sketch, an arrow, a colour patch. It is alpha-composited onto
+//! the input at the input's own size, then the result is edited like any input.
+//!
+//! Every upload is read as it is shown: its EXIF orientation (a phone photo taken upright is
+//! stored sideways with an orientation tag) is applied before anything else, so sizes, masks
+//! and markups are all about the upright image, as OpenAI's API and PIL's `exif_transpose`
+//! have it.
 
 use std::io::Cursor;
 
-use image::{imageops::FilterType, GrayImage, ImageFormat, ImageReader, Limits, RgbImage};
+use image::metadata::Orientation;
+use image::{
+    imageops::FilterType, DynamicImage, GrayImage, ImageDecoder, ImageFormat, ImageReader, Limits,
+    RgbImage, RgbaImage,
+};
 
 use super::error::ApiError;
 use crate::model::pipeline::InitImage;
@@ -34,6 +47,7 @@ pub const MAX_INPUT_ALLOC: u64 = 512 << 20;
 pub enum Upload {
     Image,
     Mask,
+    Markup,
 }
 
 impl Upload {
@@ -41,6 +55,7 @@ impl Upload {
         match self {
             Upload::Image => "image",
             Upload::Mask => "mask",
+            Upload::Markup => "markup",
         }
     }
 }
@@ -67,55 +82,170 @@ fn reader_for(what: Upload, bytes: &[u8]) -> Result<ImageReader<Cursor<&[u8]>>, 
     }
 }
 
-/// The upload's (width, height) from its header alone.
-fn header_size(what: Upload, bytes: &[u8]) -> Result<(u32, u32), ApiError> {
-    reader_for(what, bytes)?
-        .into_dimensions()
-        .map_err(|e| invalid_as(what, format!("could not read the {}: {e}", what.param())))
+/// Whether an orientation turns the stored image a quarter (width and height swap).
+fn swaps_sides(o: Orientation) -> bool {
+    matches!(
+        o,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    )
 }
 
-/// The upload decoded, the decoder bounded by [`MAX_INPUT_SIDE`] and [`MAX_INPUT_ALLOC`].
-fn decoded(what: Upload, bytes: &[u8]) -> Result<image::DynamicImage, ApiError> {
+/// The decoder's orientation; a malformed EXIF block is ignored, as PIL's `exif_transpose`
+/// ignores it, rather than refusing an image that decodes.
+fn orientation_of(decoder: &mut impl ImageDecoder) -> Orientation {
+    decoder.orientation().unwrap_or(Orientation::NoTransforms)
+}
+
+/// The upload's (width, height) as shown, from its header alone: the stored size with its EXIF
+/// orientation applied.
+fn header_size(what: Upload, bytes: &[u8]) -> Result<(u32, u32), ApiError> {
+    let unreadable = |e: image::ImageError| {
+        invalid_as(what, format!("could not read the {}: {e}", what.param()))
+    };
+    let mut reader = reader_for(what, bytes)?;
+    reader.no_limits();
+    let mut decoder = reader.into_decoder().map_err(unreadable)?;
+    let (w, h) = decoder.dimensions();
+    Ok(if swaps_sides(orientation_of(&mut decoder)) {
+        (h, w)
+    } else {
+        (w, h)
+    })
+}
+
+/// The upload decoded and turned upright, the decoder bounded by [`MAX_INPUT_SIDE`] and
+/// [`MAX_INPUT_ALLOC`].
+fn decoded(what: Upload, bytes: &[u8]) -> Result<DynamicImage, ApiError> {
+    let undecodable = |e: image::ImageError| {
+        invalid_as(what, format!("could not decode the {}: {e}", what.param()))
+    };
     let mut reader = reader_for(what, bytes)?;
     let mut limits = Limits::default();
     limits.max_image_width = Some(MAX_INPUT_SIDE);
     limits.max_image_height = Some(MAX_INPUT_SIDE);
     limits.max_alloc = Some(MAX_INPUT_ALLOC);
     reader.limits(limits);
-    reader
-        .decode()
-        .map_err(|e| invalid_as(what, format!("could not decode the {}: {e}", what.param())))
+    let mut decoder = reader.into_decoder().map_err(undecodable)?;
+    if decoder.total_bytes() > MAX_INPUT_ALLOC {
+        return Err(invalid_as(
+            what,
+            format!(
+                "the {} would take {} MiB decoded, over the {} MiB an upload may",
+                what.param(),
+                decoder.total_bytes() >> 20,
+                MAX_INPUT_ALLOC >> 20
+            ),
+        ));
+    }
+    let orientation = orientation_of(&mut decoder);
+    let mut image = DynamicImage::from_decoder(decoder).map_err(undecodable)?;
+    image.apply_orientation(orientation);
+    Ok(image)
 }
 
-/// An edit's input image (and mask) as the pipeline takes them, at `width` x `height`
-/// ([`decode`], [`decode_mask`]); `image_size` is the image's own, from [`dimensions`].
-pub fn init_image(
-    image: &[u8],
-    mask: Option<&[u8]>,
-    image_size: (u32, u32),
-    width: u32,
-    height: u32,
-) -> Result<InitImage, ApiError> {
-    let rgb = decode(image, width, height)?;
-    Ok(match mask {
-        Some(mask) => InitImage::with_mask(rgb, decode_mask(mask, image_size, width, height)?),
-        None => InitImage::new(rgb),
-    })
+/// An edit's uploads: the image, and at most one of a mask and a markup.
+#[derive(Debug, Clone, Copy)]
+pub struct EditFiles<'a> {
+    pub image: &'a [u8],
+    pub mask: Option<&'a [u8]>,
+    pub markup: Option<&'a [u8]>,
 }
 
-/// Checks from its header that a mask is one of the readable formats and the image's size.
-pub fn check_mask_size(bytes: &[u8], image_size: (u32, u32)) -> Result<(), ApiError> {
-    let size = header_size(Upload::Mask, bytes)?;
+impl EditFiles<'_> {
+    /// The image's size as shown ([`dimensions`]), with the mask's or markup's checked against
+    /// it, from the headers alone (before the request is validated and its quota taken).
+    pub fn check(&self) -> Result<(u32, u32), ApiError> {
+        let size = dimensions(self.image)?;
+        if self.mask.is_some() && self.markup.is_some() {
+            return Err(ApiError::invalid(
+                "markup",
+                "invalid_value",
+                "markup cannot be combined with mask: send a mask to repaint areas, or a                  markup to draw over the image",
+            ));
+        }
+        if let Some(mask) = self.mask {
+            check_same_size(Upload::Mask, mask, size)?;
+        }
+        if let Some(markup) = self.markup {
+            check_same_size(Upload::Markup, markup, size)?;
+        }
+        Ok(size)
+    }
+
+    /// The input as the pipeline takes it, at `width` x `height`: the image ([`decode`]) with
+    /// the markup laid over it ([`overlay`]), or with its mask ([`decode_mask`]); `image_size`
+    /// is [`Self::check`]'s.
+    pub fn init_image(
+        &self,
+        image_size: (u32, u32),
+        width: u32,
+        height: u32,
+    ) -> Result<InitImage, ApiError> {
+        let rgb = match self.markup {
+            None => decode(self.image, width, height)?,
+            Some(markup) => fit(overlay(self.image, markup, image_size)?, width, height),
+        };
+        Ok(match self.mask {
+            Some(mask) => InitImage::with_mask(rgb, decode_mask(mask, image_size, width, height)?),
+            None => InitImage::new(rgb),
+        })
+    }
+}
+
+/// Checks from its header that a mask or markup is one of the readable formats and the
+/// image's size (both as shown).
+fn check_same_size(what: Upload, bytes: &[u8], image_size: (u32, u32)) -> Result<(), ApiError> {
+    let size = header_size(what, bytes)?;
     if size != image_size {
         return Err(invalid_as(
-            Upload::Mask,
+            what,
             format!(
-                "mask must be the size of the image, {}x{}; got {}x{}",
-                image_size.0, image_size.1, size.0, size.1
+                "{} must be the size of the image, {}x{}; got {}x{}",
+                what.param(),
+                image_size.0,
+                image_size.1,
+                size.0,
+                size.1
             ),
         ));
     }
     Ok(())
+}
+
+/// The image (of `image_size`) with an OpenAI markup composited over it, at the image's own
+/// size: each pixel `markup * a + image * (1 - a)` with the markup's alpha `a` (rounded to
+/// 8 bits). The markup must have an alpha channel and some transparency (a fully opaque one
+/// would replace the image).
+pub fn overlay(image: &[u8], markup: &[u8], image_size: (u32, u32)) -> Result<RgbImage, ApiError> {
+    check_same_size(Upload::Markup, markup, image_size)?;
+    let over = decoded(Upload::Markup, markup)?;
+    if !over.color().has_alpha() {
+        return Err(invalid_as(
+            Upload::Markup,
+            "markup must have an alpha channel: it is laid over the image, which shows where              it is transparent"
+                .into(),
+        ));
+    }
+    let over: RgbaImage = over.into_rgba8();
+    if over.pixels().all(|p| p.0[3] == 255) {
+        return Err(invalid_as(
+            Upload::Markup,
+            "markup must have transparent pixels: it is laid over the image, and an opaque one              would hide all of it"
+                .into(),
+        ));
+    }
+    let mut base = decoded(Upload::Image, image)?.into_rgb8();
+    for (b, o) in base.pixels_mut().zip(over.pixels()) {
+        let a = u32::from(o.0[3]);
+        for c in 0..3 {
+            let mixed = u32::from(o.0[c]) * a + u32::from(b.0[c]) * (255 - a);
+            b.0[c] = ((mixed + 127) / 255) as u8;
+        }
+    }
+    Ok(base)
 }
 
 /// An OpenAI mask for an input image of `image_size`, as diffusers' `mask_image` at `width` x
@@ -128,7 +258,7 @@ pub fn decode_mask(
     height: u32,
 ) -> Result<GrayImage, ApiError> {
     let invalid = |m: String| invalid_as(Upload::Mask, m);
-    check_mask_size(bytes, image_size)?;
+    check_same_size(Upload::Mask, bytes, image_size)?;
     let decoded = decoded(Upload::Mask, bytes)?;
     if !decoded.color().has_alpha() {
         return Err(invalid(
@@ -220,14 +350,22 @@ pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32), ApiError> {
     Ok((w, h))
 }
 
-/// The image as 8-bit RGB at `width` x `height`.
+/// The image as 8-bit RGB at `width` x `height`, upright.
 pub fn decode(bytes: &[u8], width: u32, height: u32) -> Result<RgbImage, ApiError> {
-    let rgb = decoded(Upload::Image, bytes)?.into_rgb8();
-    Ok(if rgb.dimensions() == (width, height) {
+    Ok(fit(
+        decoded(Upload::Image, bytes)?.into_rgb8(),
+        width,
+        height,
+    ))
+}
+
+/// `rgb` at `width` x `height`: resized (Lanczos) unless it already is.
+fn fit(rgb: RgbImage, width: u32, height: u32) -> RgbImage {
+    if rgb.dimensions() == (width, height) {
         rgb
     } else {
         image::imageops::resize(&rgb, width, height, FilterType::Lanczos3)
-    })
+    }
 }
 
 #[cfg(test)]
@@ -386,6 +524,164 @@ mod tests {
         assert!(e.to_string().contains("alpha channel"), "{e}");
         let e = decode_mask(b"not a mask", (16, 8), 16, 8).unwrap_err();
         assert_eq!(e.param(), Some("mask"));
+    }
+
+    /// A little-endian TIFF block with one IFD entry: the EXIF orientation `o`.
+    fn exif_orientation(o: u16) -> Vec<u8> {
+        let mut t = b"II*\0".to_vec();
+        t.extend_from_slice(&8u32.to_le_bytes()); // the IFD's offset
+        t.extend_from_slice(&1u16.to_le_bytes()); // one entry
+        t.extend_from_slice(&0x0112u16.to_le_bytes()); // Orientation
+        t.extend_from_slice(&3u16.to_le_bytes()); // SHORT
+        t.extend_from_slice(&1u32.to_le_bytes());
+        t.extend_from_slice(&u32::from(o).to_le_bytes());
+        t.extend_from_slice(&0u32.to_le_bytes()); // no next IFD
+        t
+    }
+
+    /// `image` encoded as `format` with an EXIF orientation: a JPEG as cameras write it (an
+    /// APP1 `Exif` segment right after SOI), PNG and WebP by the encoders' own EXIF support.
+    fn with_orientation(image: &image::DynamicImage, format: ImageFormat, o: u16) -> Vec<u8> {
+        use image::ImageEncoder as _;
+        let tiff = exif_orientation(o);
+        let mut out = Vec::new();
+        let (w, h) = (image.width(), image.height());
+        let color = image.color().into();
+        match format {
+            ImageFormat::Jpeg => {
+                let plain = encode(image, ImageFormat::Jpeg);
+                let mut app1 = b"Exif\0\0".to_vec();
+                app1.extend_from_slice(&tiff);
+                out.extend_from_slice(&plain[..2]);
+                out.extend_from_slice(&[0xff, 0xe1]);
+                out.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
+                out.extend_from_slice(&app1);
+                out.extend_from_slice(&plain[2..]);
+            }
+            ImageFormat::Png => {
+                let mut e = image::codecs::png::PngEncoder::new(&mut out);
+                e.set_exif_metadata(tiff).unwrap();
+                e.write_image(image.as_bytes(), w, h, color).unwrap();
+            }
+            ImageFormat::WebP => {
+                let mut e = image::codecs::webp::WebPEncoder::new_lossless(&mut out);
+                e.set_exif_metadata(tiff).unwrap();
+                e.write_image(image.as_bytes(), w, h, color).unwrap();
+            }
+            other => panic!("{other:?}"),
+        }
+        out
+    }
+
+    #[test]
+    fn uploads_are_turned_upright_by_their_exif_orientation() {
+        use image::imageops::{flip_horizontal, rotate180, rotate270, rotate90};
+        let stored = gradient(40, 24);
+        let dynamic = image::DynamicImage::ImageRgb8(stored.clone());
+        for format in [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::WebP] {
+            // What the decoder gives before any orientation (JPEG is lossy: its own pixels).
+            let raw = match format {
+                ImageFormat::Jpeg => image::load_from_memory(&encode(&dynamic, format))
+                    .unwrap()
+                    .into_rgb8(),
+                _ => stored.clone(),
+            };
+            let cases: [(u16, RgbImage); 5] = [
+                (1, raw.clone()),
+                (3, rotate180(&raw)),
+                (6, rotate90(&raw)),
+                (8, rotate270(&raw)),
+                (2, flip_horizontal(&raw)),
+            ];
+            for (o, upright) in cases {
+                let bytes = with_orientation(&dynamic, format, o);
+                let shown = upright.dimensions();
+                assert_eq!(
+                    dimensions(&bytes).unwrap(),
+                    shown,
+                    "{format:?} orientation {o}"
+                );
+                let got = decode(&bytes, shown.0, shown.1).unwrap();
+                assert!(got == upright, "{format:?} orientation {o}: not upright");
+            }
+        }
+        // A mask stored sideways is checked and read upright too: its left (stored) column,
+        // transparent, is the top row once turned.
+        let rgba = image::RgbaImage::from_fn(8, 16, |x, _| {
+            image::Rgba([0, 0, 0, if x == 0 { 0 } else { 255 }])
+        });
+        let mask = with_orientation(&image::DynamicImage::ImageRgba8(rgba), ImageFormat::Png, 6);
+        let m = decode_mask(&mask, (16, 8), 16, 8).unwrap();
+        assert!((0..16).all(|x| m.get_pixel(x, 0).0[0] == 255 && m.get_pixel(x, 1).0[0] == 0));
+        let e = decode_mask(&mask, (8, 16), 8, 16).unwrap_err();
+        assert!(e.to_string().contains("got 16x8"), "{e}");
+    }
+
+    #[test]
+    fn a_markup_is_laid_over_the_image() {
+        let base = gradient(16, 8);
+        let image = encode(
+            &image::DynamicImage::ImageRgb8(base.clone()),
+            ImageFormat::Png,
+        );
+        // Transparent on the left, opaque red on the right, half-transparent blue in column 7.
+        let markup = image::RgbaImage::from_fn(16, 8, |x, _| match x {
+            0..=6 => image::Rgba([255, 255, 255, 0]),
+            7 => image::Rgba([0, 0, 255, 128]),
+            _ => image::Rgba([255, 0, 0, 255]),
+        });
+        let markup = encode(&image::DynamicImage::ImageRgba8(markup), ImageFormat::Png);
+        let out = overlay(&image, &markup, (16, 8)).unwrap();
+        for y in 0..8 {
+            for x in 0..7 {
+                assert_eq!(out.get_pixel(x, y), base.get_pixel(x, y));
+            }
+            for x in 8..16 {
+                assert_eq!(out.get_pixel(x, y).0, [255, 0, 0]);
+            }
+            let b = base.get_pixel(7, y).0;
+            let mix = |o: u32, i: u8| ((o * 128 + u32::from(i) * 127 + 127) / 255) as u8;
+            assert_eq!(
+                out.get_pixel(7, y).0,
+                [mix(0, b[0]), mix(0, b[1]), mix(255, b[2])]
+            );
+        }
+        // Through EditFiles, at another size: the overlaid image, resized.
+        let files = EditFiles {
+            image: &image,
+            mask: None,
+            markup: Some(&markup),
+        };
+        assert_eq!(files.check().unwrap(), (16, 8));
+        let init = files.init_image((16, 8), 32, 16).unwrap();
+        assert!(init.mask().is_none());
+        assert_eq!(
+            *init.image(),
+            image::imageops::resize(&out, 32, 16, FilterType::Lanczos3)
+        );
+
+        let refused = |markup: &[u8], mask: Option<&[u8]>, want: &str| {
+            let files = EditFiles {
+                image: &image,
+                mask,
+                markup: Some(markup),
+            };
+            let e = files
+                .check()
+                .and_then(|size| files.init_image(size, 16, 8).map(|_| ()))
+                .unwrap_err();
+            assert_eq!(e.param(), Some("markup"), "{want}");
+            assert!(e.to_string().contains(want), "{e}");
+        };
+        refused(&image, None, "alpha channel");
+        let opaque = image::RgbaImage::from_pixel(16, 8, image::Rgba([1, 2, 3, 255]));
+        let opaque = encode(&image::DynamicImage::ImageRgba8(opaque), ImageFormat::Png);
+        refused(&opaque, None, "transparent pixels");
+        let small = image::RgbaImage::from_pixel(8, 8, image::Rgba([1, 2, 3, 0]));
+        let small = encode(&image::DynamicImage::ImageRgba8(small), ImageFormat::Png);
+        refused(&small, None, "the size of the image, 16x8; got 8x8");
+        refused(&markup, Some(&markup), "cannot be combined with mask");
+        refused(b"scribbles", None, "PNG, JPEG or WebP");
     }
 
     fn crc32(bytes: &[u8]) -> u32 {

@@ -27,7 +27,9 @@ use crate::model::pipeline::{edit_schedule, InitImage};
 /// could then not reproduce an image from the seed they were given.
 pub const MAX_SEED: u64 = (1 << 53) - 1;
 
-/// `quality` value → (level reported back, denoising steps).
+/// `quality` value → (level reported back, denoising steps; at most `--max-steps`).
+/// SDXL-Turbo is distilled for 1–4 steps; OpenAI's `xhigh` and `max` (GPT Image 2.5) run more,
+/// which mostly changes detail.
 pub const QUALITY_STEPS: &[(&str, &str, u32)] = &[
     ("auto", "low", 1),
     ("low", "low", 1),
@@ -35,6 +37,8 @@ pub const QUALITY_STEPS: &[(&str, &str, u32)] = &[
     ("medium", "medium", 2),
     ("high", "high", 4),
     ("hd", "high", 4),
+    ("xhigh", "xhigh", 6),
+    ("max", "max", 8),
 ];
 
 /// Fields both endpoints know; anything not known to the endpoint is refused (as OpenAI does)
@@ -117,7 +121,7 @@ pub struct ValidRequest {
     pub output_format: OutputFormat,
     /// JPEG quality 0–100 (100 = best); WebP is lossless and PNG ignores it.
     pub output_compression: u8,
-    /// `user` or `safety_identifier`, for the logs.
+    /// The effective `safety_identifier` (or `user`): logged, and echoed in the response.
     pub user: Option<String>,
     /// `stream: true`: the images go back as server-sent events, one
     /// `image_generation.completed` (`image_edit.completed`) each as it is done (always base64).
@@ -321,6 +325,7 @@ fn validate_fields(
     let user = safety_identifier
         .filter(|s| !s.is_empty())
         .or(user)
+        .filter(|s| !s.is_empty())
         .map(str::to_string);
 
     // With stream, up to 3 partial images may be asked for; as OpenAI's API allows when an
@@ -349,7 +354,7 @@ fn validate_fields(
 
     let steps = f
         .integer("steps", 1, i128::from(limits.max_steps))?
-        .map_or(quality_steps, |s| s as u32);
+        .map_or(quality_steps.min(limits.max_steps), |s| s as u32);
     let guidance_scale = f
         .number("guidance_scale", 0.0, limits.max_guidance_scale)?
         .unwrap_or(0.0);
@@ -815,6 +820,18 @@ mod tests {
             let v = check(json!({"prompt": "p", "quality": quality})).unwrap();
             assert_eq!((v.quality, v.steps), (*reported, *steps));
         }
+        // A quality's steps stay within --max-steps; `steps` itself is refused past it.
+        let mut limits = RequestLimits {
+            max_steps: 4,
+            ..ServerConfig::default().limits
+        };
+        let model = ServerConfig::default().model;
+        let max = validate(&json!({"prompt": "p", "quality": "max"}), &limits, &model).unwrap();
+        assert_eq!((max.quality, max.steps), ("max", 4));
+        assert!(validate(&json!({"prompt": "p", "steps": 5}), &limits, &model).is_err());
+        limits.max_steps = 1;
+        let high = validate(&json!({"prompt": "p", "quality": "high"}), &limits, &model).unwrap();
+        assert_eq!(high.steps, 1);
     }
 
     #[test]
