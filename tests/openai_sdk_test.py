@@ -174,6 +174,7 @@ def test_edit(client: OpenAI):
         model="gpt-image-2.5-flare",
         markup=("markup.png", markup, "image/png"),
         quality="xhigh",
+        complexity="low",
         safety_identifier="user-42",
         extra_body={"seed": 31},
     )

@@ -73,9 +73,16 @@ const GENERATION_FIELDS: &[&str] = &[
     "svg",
 ];
 
-/// What `POST /v1/images/edits` knows besides [`COMMON_FIELDS`] (its files, `image` and
-/// `mask`, are read apart).
-const EDIT_FIELDS: &[&str] = &["input_fidelity", "strength"];
+/// What `POST /v1/images/edits` knows besides [`COMMON_FIELDS`] (its files, `image`, `mask`
+/// and `markup`, are read apart): the official SDK's edit parameters and `strength`.
+const EDIT_FIELDS: &[&str] = &[
+    "input_fidelity",
+    "strength",
+    "complexity",
+    "frame_count",
+    "frame_duration_ms",
+    "svg",
+];
 
 /// Form fields read as JSON integers, numbers and booleans ([`form_value`]).
 const INTEGER_FIELDS: &[&str] = &["n", "output_compression", "partial_images", "seed", "steps"];
@@ -217,7 +224,8 @@ fn validate_fields(
     } else {
         GENERATION_FIELDS
     };
-    let known = |k: &str| COMMON_FIELDS.contains(&k) || own.contains(&k);
+    // A form sends the `svg` object as `svg[model]`, `svg[reasoning][effort]`: refused below.
+    let known = |k: &str| COMMON_FIELDS.contains(&k) || own.contains(&k) || k.starts_with("svg[");
     if let Some(unknown) = obj.keys().find(|k| !known(k)) {
         // A name is echoed back at most 64 characters long (the body may be megabytes).
         let name: String = match unknown.char_indices().nth(64) {
@@ -341,7 +349,8 @@ fn validate_fields(
         }
     }
     for field in ["frame_count", "frame_duration_ms", "svg"] {
-        if f.get(field).is_some() {
+        let nested = format!("{field}[");
+        if obj.keys().any(|k| k == field || k.starts_with(&nested)) {
             return Err(ApiError::invalid(
                 field,
                 "unsupported_value",
@@ -735,6 +744,20 @@ mod tests {
         assert_eq!(p.as_deref(), Some("prompt"));
         let (_, p, _) = param(&[("prompt", "x"), ("size", "500x500")]);
         assert_eq!(p.as_deref(), Some("size"));
+        // The SDK's other edit parameters: complexity is accepted; GIF and SVG output, also
+        // as the form's nested svg[...] fields, are refused by name.
+        assert!(edit(&[("prompt", "x"), ("complexity", "high")]).is_ok());
+        for field in [
+            "frame_count",
+            "frame_duration_ms",
+            "svg[model]",
+            "svg[reasoning][effort]",
+        ] {
+            let (status, p, msg) = param(&[("prompt", "x"), (field, "4")]);
+            let name = field.split('[').next().unwrap();
+            assert_eq!((status, p.as_deref()), (400, Some(name)), "{field}");
+            assert!(msg.contains("gif/svg output"), "{msg}");
+        }
     }
 
     #[test]
