@@ -2033,6 +2033,27 @@ fn edits_read_photos_upright_and_lay_markups_over_them() {
     let v: Value = r.json().unwrap();
     assert!(images(&v)[0] == expected, "a JSON markup is the form's");
     assert!(v.get("safety_identifier").is_none(), "none was given");
+
+    // More edits at once than the decoder has slots: every one is served, and is the image it
+    // is alone.
+    let k = 2 * turbine::server::UPLOAD_DECODE_SLOTS;
+    let edit_seed = |seed: usize| {
+        let seed = seed.to_string();
+        images(&s.edit_ok(
+            &[("prompt", "winter"), ("size", "64x64"), ("seed", &seed)],
+            &[("image", &turned)],
+        ))
+        .remove(0)
+    };
+    let together: Vec<RgbImage> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..k)
+            .map(|i| scope.spawn(move || edit_seed(100 + i)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, image) in together.iter().enumerate() {
+        assert!(*image == edit_seed(100 + i), "edit {i} of {k}");
+    }
 }
 
 /// (what, text fields, files, status, param).

@@ -68,6 +68,11 @@ pub enum Phase {
     Failed = 3,
 }
 
+/// How many edit uploads are decoded at once. A decode takes milliseconds to tens of them on a
+/// CPU core, far above the GPU's edit rate, while a burst of small files that each claim an
+/// 8192x8192 image must not hold gigabytes together.
+pub const UPLOAD_DECODE_SLOTS: usize = 4;
+
 /// Shared state of the HTTP layer.
 pub struct App {
     pub config: ServerConfig,
@@ -80,6 +85,9 @@ pub struct App {
     pub health: Arc<DeviceHealth>,
     /// Unix time the server started (the models' `created`).
     pub started: u64,
+    /// Edit uploads decoded at once ([`UPLOAD_DECODE_SLOTS`]): a small file may claim a large
+    /// image, and each decode holds up to [`upload::MAX_INPUT_ALLOC`] plus its copies.
+    pub upload_decodes: tokio::sync::Semaphore,
     phase: AtomicU8,
     next_request: AtomicU64,
     in_flight: AtomicUsize,
@@ -210,6 +218,7 @@ pub async fn serve(
         started: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        upload_decodes: tokio::sync::Semaphore::new(UPLOAD_DECODE_SLOTS),
         phase: AtomicU8::new(Phase::Loading as u8),
         next_request: AtomicU64::new(0),
         in_flight: AtomicUsize::new(0),
