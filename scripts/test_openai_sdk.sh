@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Contract test with the official `openai` Python SDK as the client: starts the real
-# `turbine serve` on a free port with the tiny fixture model on CPU, runs
-# tests/openai_sdk_test.py against it, stops the server.
+# Contract test with the official `openai` SDKs as the clients: starts the real `turbine serve`
+# on a free port with the tiny fixture model on CPU, runs tests/openai_sdk_test.py (Python) and
+# then tests/openai_node_test.mjs (Node.js) against it, stops the server. Either failing fails it.
 #
-# The SDK goes into a venv under target/ (created on first use). Environment:
-#   PYTHON              interpreter for the venv (default python3)
-#   OPENAI_SDK_VERSION  the SDK version to install (default: the one this test was written with)
-#   TURBINE_BIN         a prebuilt turbine binary (default: `cargo build` and target/debug/turbine)
+# The Python SDK goes into a venv under target/openai-venv, the Node SDK into
+# target/openai-node (npm), both on first use. Environment:
+#   PYTHON                   interpreter for the venv (default python3)
+#   OPENAI_SDK_VERSION       the Python SDK's version (default: the one the test was written with)
+#   OPENAI_NODE_SDK_VERSION  the Node SDK's version (default: likewise; it needs `node` >= 20)
+#   TURBINE_BIN              a prebuilt turbine binary (default: `cargo build`, target/debug/turbine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +18,19 @@ if ! "$VENV/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '
     echo "installing openai==$SDK_VERSION into $VENV" >&2
     "${PYTHON:-python3}" -m venv "$VENV"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai==$SDK_VERSION"
+fi
+
+NODE_DIR=target/openai-node
+NODE_SDK_VERSION=${OPENAI_NODE_SDK_VERSION:-7.59.0}
+command -v node >/dev/null || { echo "node is required for the Node SDK's contract test" >&2; exit 1; }
+if [ "$(node -p "try { require('./$NODE_DIR/node_modules/openai/package.json').version } catch { '' }")" != "$NODE_SDK_VERSION" ]; then
+    echo "installing openai@$NODE_SDK_VERSION (npm) into $NODE_DIR" >&2
+    mkdir -p "$NODE_DIR"
+    [ -f "$NODE_DIR/package.json" ] || echo '{"private": true}' > "$NODE_DIR/package.json"
+    # The SDK declares node >= 22 and runs on the Node 20 of the CI machines (fetch, FormData,
+    # File): the test is the proof.
+    npm install --prefix "$NODE_DIR" --no-audit --no-fund --loglevel=error --engine-strict=false \
+        "openai@$NODE_SDK_VERSION"
 fi
 
 if [ -z "${TURBINE_BIN:-}" ]; then
@@ -37,6 +52,7 @@ trap cleanup EXIT
 cat > "$work/keys" <<KEYS
 sk-sdk-test
 sk-sdk-limited requests_per_minute=1
+sk-sdk-limited-node requests_per_minute=1
 KEYS
 
 NO_COLOR=1 RUST_LOG=info "$TURBINE_BIN" serve \
@@ -71,6 +87,10 @@ PY
 status=0
 "$VENV/bin/python" tests/openai_sdk_test.py --base-url "$base/v1" \
     --api-key sk-sdk-test --limited-key sk-sdk-limited || status=$?
+# The test runs from the SDK's directory, where its `import "openai"` resolves.
+cp tests/openai_node_test.mjs "$NODE_DIR/"
+node "$NODE_DIR/openai_node_test.mjs" --base-url "$base/v1" \
+    --api-key sk-sdk-test --limited-key sk-sdk-limited-node || status=$?
 if [ "$status" -ne 0 ]; then
     echo "--- server log ---" >&2
     cat "$work/server.log" >&2

@@ -1,0 +1,269 @@
+// Contract test: the official `openai` Node.js SDK against a running `turbine serve`.
+//
+// Run by scripts/test_openai_sdk.sh after the Python SDK's test (tests/openai_sdk_test.py), on
+// the same server (tiny model, CPU, 64x64 default size), with two API keys: a plain one and one
+// limited to 1 request per minute that no other test uses. The Node SDK builds its requests its
+// own way (fetch, its own multipart encoder, extension fields passed as plain params), so this
+// checks the server against a second official client, not the Python one twice.
+//
+//   node openai_node_test.mjs --base-url URL/v1 --api-key KEY --limited-key KEY
+
+import assert from "node:assert/strict";
+import zlib from "node:zlib";
+
+import OpenAI, { toFile } from "openai";
+import { VERSION } from "openai/version";
+
+const PNG_SIGNATURE = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
+
+function pngSize(buf) {
+  assert.ok(buf.subarray(0, 8).equals(PNG_SIGNATURE), "not a PNG");
+  assert.equal(buf.subarray(12, 16).toString("latin1"), "IHDR");
+  return [buf.readUInt32BE(16), buf.readUInt32BE(20)];
+}
+
+const CRC_TABLE = Array.from({ length: 256 }, (_, n) => {
+  let c = n;
+  for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+  return c >>> 0;
+});
+
+function crc32(buf) {
+  let c = 0xffffffff;
+  for (const b of buf) c = CRC_TABLE[(c ^ b) & 0xff] ^ (c >>> 8);
+  return (c ^ 0xffffffff) >>> 0;
+}
+
+/** A black RGBA PNG whose alpha at (x, y) is alpha(x, y): an OpenAI edit mask or markup. */
+function rgbaPng(width, height, alpha) {
+  const chunk = (kind, data) => {
+    const body = Buffer.concat([Buffer.from(kind, "latin1"), data]);
+    const len = Buffer.alloc(4);
+    len.writeUInt32BE(data.length);
+    const crc = Buffer.alloc(4);
+    crc.writeUInt32BE(crc32(body));
+    return Buffer.concat([len, body, crc]);
+  };
+  const rows = [];
+  for (let y = 0; y < height; y++) {
+    rows.push(Buffer.from([0]));
+    for (let x = 0; x < width; x++) rows.push(Buffer.from([0, 0, 0, alpha(x, y)]));
+  }
+  const ihdr = Buffer.alloc(13);
+  ihdr.writeUInt32BE(width, 0);
+  ihdr.writeUInt32BE(height, 4);
+  ihdr.set([8, 6, 0, 0, 0], 8);
+  return Buffer.concat([
+    PNG_SIGNATURE,
+    chunk("IHDR", ihdr),
+    chunk("IDAT", zlib.deflateSync(Buffer.concat(rows))),
+    chunk("IEND", Buffer.alloc(0)),
+  ]);
+}
+
+const b64 = (image) => Buffer.from(image.b64_json, "base64");
+
+/** Runs `fn`, which must throw `type`; checks the error's param and code; returns it. */
+async function expectError(type, fn, { param, code } = {}) {
+  try {
+    await fn();
+  } catch (e) {
+    assert.ok(e instanceof type, `expected ${type.name}, got ${e?.constructor?.name}: ${e}`);
+    if (param !== undefined) assert.equal(e.param, param);
+    if (code !== undefined) assert.equal(e.code, code);
+    return e;
+  }
+  throw new assert.AssertionError({ message: `expected ${type.name}` });
+}
+
+async function testB64Json(client) {
+  // Extensions (seed) are plain params: the Node SDK sends what it is given.
+  const resp = await client.images.generate({
+    model: "sdxl-turbo",
+    prompt: "a watercolor fox",
+    size: "64x64",
+    response_format: "b64_json",
+    seed: 11,
+  });
+  assert.ok(resp.created > 0);
+  assert.deepEqual([resp.size, resp.output_format, resp.quality, resp.background], ["64x64", "png", "low", "opaque"]);
+  assert.equal(resp.usage.output_tokens, 64);
+  assert.ok(resp.usage.input_tokens > 0);
+  assert.equal(resp.data.length, 1);
+  assert.equal(resp.data[0].seed, 11);
+  assert.equal(resp.data[0].url, undefined);
+  assert.deepEqual(pngSize(b64(resp.data[0])), [64, 64]);
+}
+
+async function testUrlThenFetch(client) {
+  const resp = await client.images.generate({
+    model: "gpt-image-2.5-flare",
+    prompt: "a red bicycle",
+    response_format: "url",
+    output_format: "webp",
+  });
+  const url = resp.data[0].url;
+  assert.ok(url && url.includes("/v1/images/files/"), url);
+  assert.equal(resp.data[0].b64_json, undefined);
+  const fetched = await fetch(url);
+  assert.equal(fetched.status, 200);
+  assert.equal(fetched.headers.get("content-type"), "image/webp");
+  const bytes = Buffer.from(await fetched.arrayBuffer());
+  assert.equal(bytes.subarray(0, 4).toString("latin1"), "RIFF");
+  assert.equal(bytes.subarray(8, 12).toString("latin1"), "WEBP");
+}
+
+async function testSeededN(client) {
+  const run = () => client.images.generate({ prompt: "three moons", n: 3, size: "64x64", seed: 500 });
+  const first = await run();
+  assert.deepEqual(first.data.map((d) => d.seed), [500, 501, 502]);
+  const blobs = first.data.map(b64);
+  assert.equal(new Set(blobs.map((b) => b.toString("base64"))).size, 3, "the three images must differ");
+  const again = (await run()).data.map(b64);
+  again.forEach((b, i) => assert.ok(b.equals(blobs[i]), "same prompt and seed must reproduce the images"));
+  const alone = await client.images.generate({ prompt: "three moons", size: "64x64", seed: 502 });
+  assert.ok(b64(alone.data[0]).equals(blobs[2]), "an image of a batch is the image made alone");
+}
+
+async function testStream(client) {
+  const params = { prompt: "a streamed lighthouse", n: 2, size: "64x64", seed: 21, safety_identifier: "node-7" };
+  const plain = await client.images.generate(params);
+  assert.equal(plain.safety_identifier, "node-7");
+  const stream = await client.images.generate({ ...params, stream: true, partial_images: 1 });
+  const events = [];
+  for await (const event of stream) events.push(event);
+  assert.deepEqual(events.map((e) => e.type), ["image_generation.completed", "image_generation.completed"]);
+  for (const e of events) {
+    assert.deepEqual([e.size, e.output_format, e.quality, e.background], ["64x64", "png", "low", "opaque"]);
+    assert.equal(e.safety_identifier, "node-7");
+    assert.ok(b64(e).equals(b64(plain.data[e.seed - 21])), `streamed image ${e.seed}`);
+  }
+}
+
+async function testEdit(client) {
+  const source = b64(
+    (await client.images.generate({ prompt: "a harbour", size: "64x64", seed: 30 })).data[0],
+  );
+  const edit = async (params) =>
+    client.images.edit({
+      image: await toFile(source, "harbour.png", { type: "image/png" }),
+      prompt: "the harbour at night",
+      size: "64x64",
+      ...params,
+    });
+  // Numbers in a multipart form: the Node SDK's encoding of n, seed and strength.
+  const resp = await edit({ model: "gpt-image-2", n: 2, seed: 31, strength: 0.5 });
+  assert.deepEqual([resp.size, resp.output_format, resp.quality], ["64x64", "png", "low"]);
+  assert.deepEqual(resp.data.map((d) => d.seed), [31, 32]);
+  assert.equal(resp.usage.input_tokens_details.image_tokens, 128);
+  const outputs = resp.data.map(b64);
+  outputs.forEach((o) => assert.deepEqual(pngSize(o), [64, 64]));
+  assert.ok(!outputs[0].equals(outputs[1]) && !outputs[0].equals(source));
+  const again = await edit({ seed: 31, strength: 0.5 });
+  assert.ok(b64(again.data[0]).equals(outputs[0]), "seeded edits reproduce");
+
+  // A boolean in the form, and the edit's events.
+  const events = [];
+  for await (const e of await edit({ n: 2, seed: 31, stream: true })) events.push(e);
+  assert.deepEqual(events.map((e) => e.type), ["image_edit.completed", "image_edit.completed"]);
+  for (const e of events) assert.ok(b64(e).equals(outputs[e.seed - 31]));
+
+  // A mask repaints its transparent square; a markup draws over the image; not both.
+  const mask = rgbaPng(64, 64, (x, y) => (x >= 16 && x < 48 && y >= 16 && y < 48 ? 0 : 255));
+  const masked = await edit({ mask: await toFile(mask, "mask.png", { type: "image/png" }), seed: 31 });
+  assert.ok(!b64(masked.data[0]).equals(outputs[0]), "the mask changed nothing");
+  const markup = rgbaPng(64, 64, (x) => (x >= 24 && x < 40 ? 255 : 0));
+  const marked = await edit({ markup: await toFile(markup, "markup.png", { type: "image/png" }), seed: 31 });
+  assert.ok(!b64(marked.data[0]).equals(outputs[0]), "the markup changed nothing");
+  await expectError(
+    OpenAI.BadRequestError,
+    async () =>
+      edit({
+        mask: await toFile(mask, "mask.png", { type: "image/png" }),
+        markup: await toFile(markup, "markup.png", { type: "image/png" }),
+      }),
+    { param: "markup" },
+  );
+  await expectError(
+    OpenAI.BadRequestError,
+    async () => edit({ mask: await toFile(source, "mask.png", { type: "image/png" }) }),
+    { param: "mask", code: "invalid_image" },
+  );
+  await expectError(OpenAI.BadRequestError, () => edit({ strength: 2 }), { param: "strength" });
+}
+
+async function testModels(client) {
+  const ids = [];
+  for await (const m of client.models.list()) ids.push(m.id);
+  assert.equal(ids[0], "sdxl-turbo");
+  assert.ok(ids.includes("dall-e-3"), ids.join(","));
+  for (const name of ["gpt-image-2.6-flare", "chatgpt-image-latest", "sdxl-turbo"]) {
+    const m = await client.models.retrieve(name);
+    assert.deepEqual([m.id, m.owned_by], [name, "turbine"]);
+  }
+}
+
+async function testErrors(client, baseURL) {
+  await expectError(OpenAI.BadRequestError, () => client.images.generate({ prompt: "x", n: 11 }), { param: "n" });
+  await expectError(OpenAI.BadRequestError, () => client.images.generate({ prompt: "x", size: "abc" }), {
+    param: "size",
+  });
+  await expectError(OpenAI.BadRequestError, () => client.images.generate({ prompt: "x", quality: "ultra" }), {
+    param: "quality",
+  });
+  await expectError(OpenAI.NotFoundError, () => client.images.generate({ model: "no-such-model", prompt: "x" }), {
+    param: "model",
+    code: "model_not_found",
+  });
+  const bad = new OpenAI({ baseURL, apiKey: "sk-wrong", maxRetries: 0 });
+  await expectError(OpenAI.AuthenticationError, () => bad.images.generate({ prompt: "x" }), {
+    code: "invalid_api_key",
+  });
+}
+
+async function testRateLimit(baseURL, limitedKey) {
+  const limited = new OpenAI({ baseURL, apiKey: limitedKey, maxRetries: 0 });
+  const { response } = await limited.images.generate({ prompt: "first of the minute", size: "64x64" }).withResponse();
+  assert.equal(response.headers.get("x-ratelimit-limit-requests"), "1");
+  assert.equal(response.headers.get("x-ratelimit-remaining-requests"), "0");
+  const e = await expectError(OpenAI.RateLimitError, () => limited.images.generate({ prompt: "second" }), {
+    code: "rate_limit_exceeded",
+  });
+  assert.ok(Number(e.headers.get("retry-after")) >= 1);
+}
+
+async function main() {
+  const args = process.argv.slice(2);
+  const arg = (name) => {
+    const i = args.indexOf(name);
+    if (i < 0 || i + 1 >= args.length) throw new Error(`missing ${name}`);
+    return args[i + 1];
+  };
+  const baseURL = arg("--base-url");
+  const client = new OpenAI({ baseURL, apiKey: arg("--api-key"), maxRetries: 0, timeout: 600_000 });
+  const tests = [
+    ["b64_json", () => testB64Json(client)],
+    ["url then fetch", () => testUrlThenFetch(client)],
+    ["n=3 seeded", () => testSeededN(client)],
+    ["stream", () => testStream(client)],
+    ["edit", () => testEdit(client)],
+    ["models", () => testModels(client)],
+    ["errors", () => testErrors(client, baseURL)],
+    ["RateLimitError", () => testRateLimit(baseURL, arg("--limited-key"))],
+  ];
+  let failed = 0;
+  for (const [name, fn] of tests) {
+    try {
+      await fn();
+      console.log(`ok     ${name}`);
+    } catch (e) {
+      failed += 1;
+      console.log(`FAILED ${name}`);
+      console.log(e?.stack ?? e);
+    }
+  }
+  console.log(`openai (node) ${VERSION}: ${tests.length - failed} passed, ${failed} failed`);
+  process.exit(failed ? 1 : 0);
+}
+
+await main();
