@@ -2056,6 +2056,45 @@ fn edits_read_photos_upright_and_lay_markups_over_them() {
     }
 }
 
+/// Edits waiting in the queue do not hold the upload decoder's slots: behind a busy worker, more
+/// edits than it has slots are all decoded and queued at once.
+#[test]
+fn queued_edits_do_not_hold_the_upload_decoder() {
+    let (s, blocker_thread) = server_busy_with_a_blocker();
+    let k = 2 * turbine::server::UPLOAD_DECODE_SLOTS;
+    let png = png_bytes(&edit_input());
+    let edits: Vec<_> = (0..k)
+        .map(|i| {
+            let (s, png) = (s.clone(), png.clone());
+            std::thread::spawn(move || {
+                let seed = i.to_string();
+                s.edit_ok(
+                    &[("prompt", "winter"), ("size", "64x64"), ("seed", &seed)],
+                    &[("image", &png)],
+                )
+            })
+        })
+        .collect();
+    s.wait_metric("turbine_images_enqueued_total", |v| v >= (6 + k) as f64);
+    // Were the slots held until an edit's images were made, the last edits would only be
+    // queued after the blocker's 6 images and the first edits' had been generated.
+    let generated = s.metric("turbine_images_generated_total");
+    assert!(
+        generated < (6 + turbine::server::UPLOAD_DECODE_SLOTS) as f64,
+        "{generated} images were made before every edit was queued"
+    );
+    for e in edits {
+        assert_eq!(e.join().unwrap()["data"].as_array().unwrap().len(), 1);
+    }
+    assert_eq!(
+        blocker_thread.join().unwrap()["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        6
+    );
+}
+
 /// (what, text fields, files, status, param).
 type BadEdit = (
     &'static str,

@@ -87,7 +87,7 @@ pub struct App {
     pub started: u64,
     /// Edit uploads decoded at once ([`UPLOAD_DECODE_SLOTS`]): a small file may claim a large
     /// image, and each decode holds up to [`upload::MAX_INPUT_ALLOC`] plus its copies.
-    pub upload_decodes: tokio::sync::Semaphore,
+    pub upload_decodes: Arc<tokio::sync::Semaphore>,
     phase: AtomicU8,
     next_request: AtomicU64,
     in_flight: AtomicUsize,
@@ -218,7 +218,7 @@ pub async fn serve(
         started: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-        upload_decodes: tokio::sync::Semaphore::new(UPLOAD_DECODE_SLOTS),
+        upload_decodes: Arc::new(tokio::sync::Semaphore::new(UPLOAD_DECODE_SLOTS)),
         phase: AtomicU8::new(Phase::Loading as u8),
         next_request: AtomicU64::new(0),
         in_flight: AtomicUsize::new(0),

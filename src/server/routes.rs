@@ -310,16 +310,19 @@ async fn edits(
     // The key's image quota before the decoding work, as for a generation before its queueing.
     app.auth.consume(&caller, 0, req.n, Instant::now())?;
     let (w, h) = (req.width, req.height);
-    // A slot of the bounded decoder: waiting here holds only the upload's bytes.
-    let _slot = app
+    // A slot of the bounded decoder: waiting here holds only the upload's bytes. It is given
+    // back once the upload is decoded (moved into the blocking task), not held while queued.
+    let slot = app
         .upload_decodes
-        .acquire()
+        .clone()
+        .acquire_owned()
         .await
         .map_err(|e| InferError::Encode {
             format: "the input image",
             message: e.to_string(),
         })?;
     let init = tokio::task::spawn_blocking(move || {
+        let _slot = slot;
         let files = EditFiles {
             image: &image,
             mask: mask.as_deref(),
