@@ -979,6 +979,102 @@ fn api_keys_priorities_and_rate_limits() {
     assert_eq!(post(Some("sk-open")).status(), 200);
 }
 
+/// `--cors-allow-origin`: a page of an allowed origin may call the API from a browser (its
+/// preflight answered without a key, every response readable by it, errors included); other
+/// origins, and a server without the option, get no CORS headers.
+#[test]
+fn cors_lets_allowed_origins_call_from_a_browser() {
+    let mut config = test_config();
+    config.auth.keys = vec![ApiKey::plain("sk-web")];
+    config.cors_allow_origins = vec!["https://app.example".into()];
+    let s = TestServer::start(config);
+    let url = s.url("/v1/images/generations");
+    let preflight = |origin: &str| {
+        s.client
+            .request(reqwest::Method::OPTIONS, &url)
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type,x-stainless-os",
+            )
+            .send()
+            .unwrap()
+    };
+    let header = |r: &Response, name: &str| {
+        r.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_ascii_lowercase())
+    };
+    let r = preflight("https://app.example");
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(
+        header(&r, "access-control-allow-origin").as_deref(),
+        Some("https://app.example")
+    );
+    assert!(header(&r, "access-control-allow-methods")
+        .unwrap()
+        .contains("post"));
+    let allowed = header(&r, "access-control-allow-headers").unwrap();
+    for h in ["authorization", "content-type", "x-stainless-os"] {
+        assert!(allowed.contains(h), "{allowed}");
+    }
+    assert_eq!(header(&r, "access-control-max-age").as_deref(), Some("600"));
+    let r = preflight("https://elsewhere.example");
+    assert_eq!(header(&r, "access-control-allow-origin"), None);
+
+    // The call itself, and an error the page must be able to read.
+    let post = |key: Option<&str>| {
+        let mut req = s
+            .client
+            .post(&url)
+            .header("origin", "https://app.example")
+            .json(&json!({"prompt": "a kite", "size": "64x64"}));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        req.send().unwrap()
+    };
+    for (key, status) in [(Some("sk-web"), 200), (None, 401)] {
+        let r = post(key);
+        assert_eq!(r.status().as_u16(), status);
+        assert_eq!(
+            header(&r, "access-control-allow-origin").as_deref(),
+            Some("https://app.example")
+        );
+        let exposed = header(&r, "access-control-expose-headers").unwrap();
+        for h in [
+            "x-request-id",
+            "retry-after",
+            "x-ratelimit-remaining-requests",
+        ] {
+            assert!(exposed.contains(h), "{exposed}");
+        }
+    }
+    drop(s);
+
+    // Without the option: no CORS headers, and OPTIONS is not a method of the API.
+    let s = TestServer::start(test_config());
+    let r = s
+        .client
+        .post(s.url("/v1/images/generations"))
+        .header("origin", "https://app.example")
+        .json(&json!({"prompt": "a kite", "size": "64x64"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "access-control-allow-origin"), None);
+    let r = s
+        .client
+        .request(reqwest::Method::OPTIONS, s.url("/v1/images/generations"))
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(header(&r, "access-control-allow-origin"), None);
+}
+
 #[test]
 fn a_full_queue_answers_429_with_retry_after() {
     let mut config = test_config();

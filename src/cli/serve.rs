@@ -100,6 +100,15 @@ pub struct HttpArgs {
     /// before exiting.
     #[arg(long, env = "TURBINE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+    /// A web origin (https://app.example.com) whose pages may call the API from a browser
+    /// (CORS: preflights answered without a key, the responses readable by the page); repeat
+    /// it, or `*` for any origin. None: no CORS headers.
+    #[arg(
+        long = "cors-allow-origin",
+        env = "TURBINE_CORS_ALLOW_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_allow_origins: Vec<String>,
 }
 
 /// The dynamic batcher.
@@ -261,6 +270,13 @@ impl Args {
                 priority_header: self.auth.priority_header.clone(),
             },
             public_url: self.http.public_url.clone(),
+            cors_allow_origins: self
+                .http
+                .cors_allow_origins
+                .iter()
+                .map(|o| o.trim().to_string())
+                .filter(|o| !o.is_empty())
+                .collect(),
             shutdown_grace: Duration::from_secs(self.http.shutdown_grace_secs),
             warmup_images: self.batching.warmup_images,
             warmup_batch_sizes: self.batching.warmup_batch_sizes,

@@ -117,6 +117,9 @@ pub struct ServerConfig {
     pub warmup_batch_sizes: WarmupSizes,
     /// Whether each worker also runs edit batches at those sizes.
     pub warmup_edits: bool,
+    /// Web origins (`https://app.example.com`) whose pages may call the API from a browser
+    /// (CORS); `*`: any origin; empty: no CORS headers, so browsers refuse cross-origin calls.
+    pub cors_allow_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -157,6 +160,7 @@ impl Default for ServerConfig {
             warmup_images: 0,
             warmup_batch_sizes: WarmupSizes::Auto,
             warmup_edits: false,
+            cors_allow_origins: Vec::new(),
         }
     }
 }
@@ -237,6 +241,17 @@ impl ServerConfig {
                 "--model-alias {alias:?}: a * may only end an alias (a prefix: gpt-image-*)"
             );
         }
+        for origin in &self.cors_allow_origins {
+            let bare = origin.split_once("://").is_some_and(|(scheme, host)| {
+                matches!(scheme, "http" | "https") && !host.is_empty() && !host.contains('/')
+            });
+            ensure!(
+                origin == "*" || (bare && axum::http::HeaderValue::from_str(origin).is_ok()),
+                "--cors-allow-origin {origin:?} must be an origin as browsers send it, \
+                 scheme://host[:port] with no path or trailing slash (https://app.example.com), \
+                 or * for any"
+            );
+        }
         if let Some(url) = &self.public_url {
             ensure!(
                 url.starts_with("http://") || url.starts_with("https://"),
@@ -276,6 +291,14 @@ mod tests {
             (
                 |c| c.model.aliases.push("gpt**".into()),
                 "a * may only end an alias",
+            ),
+            (
+                |c| c.cors_allow_origins = vec!["https://app.example.com/".into()],
+                "--cors-allow-origin",
+            ),
+            (
+                |c| c.cors_allow_origins = vec!["app.example.com".into()],
+                "--cors-allow-origin",
             ),
         ];
         for (tweak, fragment) in cases {

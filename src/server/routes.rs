@@ -51,16 +51,65 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
-    Router::new()
+    let router = Router::new()
         .merge(authed)
         .route("/v1/images/files/{id}", get(get_file))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(app.clone(), count_requests))
+        .layer(middleware::from_fn_with_state(app.clone(), count_requests));
+    // Without origins no CORS layer at all: no headers added, and OPTIONS stays a 405.
+    let router = match cors(&app.config.cors_allow_origins) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router
         .layer(middleware::from_fn(request_id))
         .with_state(app)
+}
+
+/// The response headers a browser page may read besides the simple ones: the request id to
+/// quote, and the backoff and rate-limit headers the SDKs act on.
+const EXPOSED_HEADERS: &[&str] = &[
+    "x-request-id",
+    "retry-after",
+    "retry-after-ms",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-limit-images",
+    "x-ratelimit-remaining-images",
+    "x-ratelimit-reset-images",
+];
+
+/// CORS for `--cors-allow-origin`: preflights (`OPTIONS`) are answered here, before the key is
+/// checked (browsers send none on them); other responses to an allowed origin say so. No
+/// origins: none, so browsers keep refusing cross-origin calls.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        // Checked at start-up (`ServerConfig::check`): each parses as a header value.
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    let layer = CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST])
+        // The SDKs send their own headers (`x-stainless-*`, `openai-*`) besides the key's.
+        .allow_headers(AllowHeaders::mirror_request())
+        .expose_headers(
+            EXPOSED_HEADERS
+                .iter()
+                .map(|h| header::HeaderName::from_static(h))
+                .collect::<Vec<_>>(),
+        )
+        .max_age(std::time::Duration::from_secs(600));
+    Some(layer)
 }
 
 async fn request_id(mut req: Request, next: Next) -> Response {
