@@ -352,3 +352,109 @@ fn an_image_is_edited_and_a_mask_inpaints() {
         assert!(stderr(&o).contains(want), "{extra:?}: {}", stderr(&o));
     }
 }
+
+/// With `--image`, `--init-latents` may also carry `image_noise` (the VAE posterior's normals):
+/// the edit is then the library's with exactly that noise, as a comparison with diffusers
+/// needs; without `--image` the tensor is refused.
+#[test]
+fn an_edits_noise_can_all_be_given() {
+    use candle_core::{DType, Device, Tensor};
+    use turbine::model::pipeline::{
+        edit_schedule, GenerationSettings, ImageRequest, InitImage, NoiseOverride, Pipeline,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.png");
+    let rgb = image::RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 3) as u8, ((x * y) % 256) as u8])
+    });
+    rgb.save(&input).unwrap();
+    let latents = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &Device::Cpu).unwrap();
+    let image_noise = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &Device::Cpu).unwrap();
+    let noise_file = dir.path().join("noise.safetensors");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([
+            ("latents".to_string(), latents.clone()),
+            ("image_noise".to_string(), image_noise.clone()),
+        ]),
+        &noise_file,
+    )
+    .unwrap();
+    let m = tiny();
+    let out = dir.path().join("edit.png");
+    let args = |with_image: bool| {
+        let mut a = vec![
+            "--model-dir",
+            m.to_str().unwrap(),
+            "--prompt",
+            "a photo of a cat",
+            "--prompt",
+            "snow",
+            "--size",
+            "64x64",
+            "--seed",
+            "3",
+            "--init-latents",
+            noise_file.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if with_image {
+            a.extend(["--image", input.to_str().unwrap()]);
+        }
+        a
+    };
+    let o = turbine(&args(true));
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let p = Pipeline::load(&m, &Device::Cpu, DType::F32).unwrap();
+    let (steps, start) = edit_schedule(1, 0.5).unwrap();
+    let settings = GenerationSettings {
+        width: 64,
+        height: 64,
+        steps,
+        guidance_scale: 0.0,
+        init_step: Some(start),
+    };
+    let items: Vec<ImageRequest> = ["a photo of a cat", "snow"]
+        .iter()
+        .enumerate()
+        .map(|(i, prompt)| ImageRequest {
+            prompt: prompt.to_string(),
+            negative_prompt: String::new(),
+            seed: 3 + i as u64,
+            init_image: Some(InitImage::new(rgb.clone())),
+        })
+        .collect();
+    let noise = NoiseOverride {
+        init_latents: Some(latents),
+        step_noise: None,
+        image_noise: Some(image_noise),
+    };
+    let expected = p.generate(&settings, &items, Some(&noise)).unwrap().images;
+    for (i, want) in expected.iter().enumerate() {
+        let got = image::open(dir.path().join(format!("edit-{i}.png")))
+            .unwrap()
+            .to_rgb8();
+        assert!(
+            got == *want,
+            "image {i} is not the pipeline's with that noise"
+        );
+    }
+    // The seeds' own posterior noise gives other images.
+    let seeded = p
+        .generate(
+            &settings,
+            &items,
+            Some(&NoiseOverride {
+                image_noise: None,
+                ..noise
+            }),
+        )
+        .unwrap()
+        .images;
+    assert!(seeded[0] != expected[0], "image_noise changed nothing");
+
+    let o = turbine(&args(false));
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("only an edit"), "{}", stderr(&o));
+}

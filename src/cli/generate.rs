@@ -44,7 +44,10 @@ pub struct Args {
     #[command(flatten)]
     pub kernels: crate::cli::KernelArgs,
     /// A safetensors file with one tensor `latents` of shape [n_prompts, 4, h/8, w/8]
-    /// (unscaled standard normal, diffusers' `latents=` convention) to start from.
+    /// (unscaled standard normal, diffusers' `latents=` convention) to start from. With
+    /// --image, it is the noise added to the image's latents, and the file may also hold
+    /// `image_noise` of the same shape: the normals that sample the VAE encoder's posterior
+    /// (diffusers' `latent_dist.sample`; without it they come from the seeds).
     #[arg(long)]
     pub init_latents: Option<PathBuf>,
     /// Edit this image (PNG, JPEG or WebP; resized to --size) instead of starting from noise:
@@ -105,19 +108,27 @@ pub fn output_path(out: &Path, i: usize, n: usize) -> PathBuf {
 }
 
 pub fn load_init_latents(path: &Path, device: &Device) -> anyhow::Result<candle_core::Tensor> {
+    Ok(load_noise(path, device)?.0)
+}
+
+/// `--init-latents`' `latents`, and its `image_noise` if it has one.
+fn load_noise(
+    path: &Path,
+    device: &Device,
+) -> anyhow::Result<(candle_core::Tensor, Option<candle_core::Tensor>)> {
     let mut tensors = candle_core::safetensors::load(path, device).map_err(|e| {
         UsageError(format!(
             "cannot read --init-latents {}: {e}",
             path.display()
         ))
     })?;
-    tensors.remove("latents").ok_or_else(|| {
+    let latents = tensors.remove("latents").ok_or_else(|| {
         UsageError(format!(
             "--init-latents {} has no tensor named `latents`",
             path.display()
         ))
-        .into()
-    })
+    })?;
+    Ok((latents, tensors.remove("image_noise")))
 }
 
 /// `--image` (and `--mask` or `--markup`) read as the server reads an edit's uploads, at
@@ -217,11 +228,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         })
         .collect();
     let noise = match &args.init_latents {
-        Some(p) => Some(NoiseOverride {
-            init_latents: Some(load_init_latents(p, &device)?),
-            step_noise: None,
-            image_noise: None,
-        }),
+        Some(p) => {
+            let (latents, image_noise) = load_noise(p, &device)?;
+            if image_noise.is_some() && init_image.is_none() {
+                return Err(UsageError(format!(
+                    "--init-latents {} has `image_noise`, which only an edit (--image) uses",
+                    p.display()
+                ))
+                .into());
+            }
+            Some(NoiseOverride {
+                init_latents: Some(latents),
+                step_noise: None,
+                image_noise,
+            })
+        }
         None => None,
     };
 
