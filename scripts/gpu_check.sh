@@ -50,7 +50,9 @@
 #   GPU_CHECK_BUDGET_S=270 GPU_CHECK_ARGS="--skip-compile --ablate-batch 0 --batch-sizes 1,4,8,16,32
 #   --rerun-s 20 --tests-reserve-s 170 --eager-s 50" bash scripts/gpu_check.sh
 # (no torch.compile, no ablation or profiles: turbine's sweep, eager's, the kernel tests and the
-# pixel comparison, about 200 s). `--edit-batch-sizes 1,32` in GPU_CHECK_ARGS also times turbine's
+# pixel comparison, about 200 s). `--edit-parity` in GPU_CHECK_ARGS compares an edit with diffusers'
+# img2img (the same input and noise, one step at strength 0.5; both sides load the model once
+# more: about a minute). `--edit-batch-sizes 1,32` in GPU_CHECK_ARGS also times turbine's
 # edits (`bench --edit-strength 0.5`) at those sizes after its sweep (--edit-s, 45 s at most).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -63,7 +65,7 @@ case "${1:-}" in
     --rehearse) MODE=rehearse ;;
     --serve) MODE=serve ;;
     "") ;;
-    -h|--help) sed -n '2,54p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,56p' "$0"; exit 0 ;;
     *) echo "usage: scripts/gpu_check.sh [--prepare|--dry-run|--rehearse|--serve]" >&2; exit 2 ;;
 esac
 
@@ -182,13 +184,15 @@ if [ "$MODE" = dry-run ]; then
         mkdir -p "$out"
         "$py" scripts/bench/gpu_check.py --turbine "$bin" --out "$out" --work "$out/work" \
             --config-dir models/sdxl-turbo --device cpu --dtype bf16 --size 64x64 --batch-sizes 4 \
-            --diff-batch 4 --ablate-batch 0 --budget-s 1200 --min-time 0 --skip-compile \
+            --diff-batch 4 --ablate-batch 0 --budget-s 1200 --min-time 0 --skip-compile --edit-parity \
             --commit "$(git rev-parse --short=12 HEAD)" 2>&1 | tee "$out/gpu_check.log"
         rc=$?
         [ "$rc" = 0 ] || exit "$rc"
         grep -q "(target: mean <= [0-9.]*: met)" "$out/gpu_check.md" \
             || die "full-architecture dry run: turbine's bf16 images are outside the parity target"
-        grep "pixels, turbine vs diffusers" "$out/gpu_check.md"
+        grep -q "edits, turbine vs diffusers.*(bound: mean <= [0-9.]*: met)" "$out/gpu_check.md" \
+            || die "full-architecture dry run: turbine's bf16 edits are outside the parity bound"
+        grep "pixels, turbine vs diffusers\|edits, turbine vs diffusers" "$out/gpu_check.md"
         exit 0
     fi
     out=target/gpu-check-dry
@@ -204,7 +208,7 @@ if [ "$MODE" = dry-run ]; then
     "$py" scripts/bench/gpu_check.py --turbine "$bin" --out "$out" --work target/gpu-check-dry/work \
         --config-dir tests/fixtures/tiny-sdxl --device cpu --dtype f32 --size 64x64 \
         --batch-sizes 1,2,4 --diff-batch 4 --budget-s 900 --min-time 0 "${compile_args[@]}" \
-        --edit-batch-sizes 1,2 \
+        --edit-batch-sizes 1,2 --edit-parity \
         --tests-dir "$out/tests" --commit "$(git rev-parse --short=12 HEAD)" 2>&1 | tee "$out/gpu_check.log"
     rc=$?
     echo "dry run: exit $rc; files in $out: $(ls "$out" | tr '\n' ' ')"
@@ -239,7 +243,10 @@ assert r["eager"]["profile"]["kinds_ms"]["conv"] > 0, r["eager"]["profile"]
 e = r.get("edits") or {}
 assert r.get("edits_rc") == 0 and e.get("edit_strength") == 0.5, (r.get("edits_rc"), e.get("edit_strength"))
 assert [x["batch"] for x in e["rows"]] == [1, 2], e["rows"]
-print("dry run: kernel tests, lever exclusion, ablation sets and the edit step as expected")
+# The edit parity step (--edit-parity): f32 on the tiny model, so within a level or two.
+d = r.get("edit_pixel_diff") or {}
+assert len(d.get("images", [])) == 2 and d["max"] <= 2 and d["mean"] <= 0.5, d
+print("dry run: kernel tests, lever exclusion, ablation sets, the edit step and edit parity as expected")
 PY
     exit 0
 fi

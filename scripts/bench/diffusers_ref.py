@@ -11,6 +11,9 @@ Subcommands (all paths explicit; nothing is fetched from the Hub):
   sweep        images/s, batch latency and peak memory over batch sizes (eager or torch.compile);
                prompts cycle over DEFAULT_PROMPTS, each image's distinct (`batch_prompts`), and
                latent rows cycle, as in `turbine bench`
+  img2img      StableDiffusionXLImg2ImgPipeline (an edit, the default one step at strength 0.5) of
+               a made input image, every random number it draws fixed and saved in the file
+               `turbine generate --image --init-latents` reads (`latents`, `image_noise`)
   diff         max / mean absolute pixel difference between two sets of PNGs
   devinfo      the GPU's measured bf16 matrix rate and copy bandwidth (METHOD.md's two ceilings)
 
@@ -281,6 +284,104 @@ def generate(a):
     print(json.dumps(result))
 
 
+# --- an edit, with the noise it draws fixed --------------------------------------------------
+
+
+def edit_input(w, h, seed):
+    """The edit's input: smooth colour waves over the frame with some grain, [H, W, 3] u8 (the
+    same picture at any size, so 64x64 and 512x512 runs edit the same thing)."""
+    rng = np.random.default_rng(seed)
+    v, u = np.mgrid[0:h, 0:w].astype(np.float32)
+    u, v = u / w, v / h
+    a, b, c = rng.uniform(1.0, 4.0, size=3)
+    base = np.stack([
+        128 + 100 * np.sin(2 * np.pi * (a * u + b * v)),
+        128 + 100 * np.cos(2 * np.pi * (b * u - c * v)),
+        128 + 100 * np.sin(2 * np.pi * c * (u + v)),
+    ], axis=-1)
+    base += rng.normal(0, 12, size=base.shape)
+    return np.clip(np.round(base), 0, 255).astype(np.uint8)
+
+
+def img2img(a):
+    """diffusers' SDXL img2img of one made input, one edit per prompt. diffusers draws three
+    kinds of noise (the VAE posterior's sample, the noise added at the start step, each
+    Euler-ancestral step's); all are drawn here from --seed and handed back to it in order, and
+    the first two are saved for turbine. The last step's noise is scaled by 0 (no sigma after
+    it), so with one step run the two files give both sides the same numbers."""
+    from PIL import Image
+    from safetensors.torch import save_file
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    import diffusers.models.autoencoders.vae as vae_mod
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img as i2i
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea
+
+    device = torch.device(a.device)
+    w, h = parse_size(a.size)
+    prompts = a.prompt or DEFAULT_PROMPTS[:2]
+    run = min(int(a.steps * a.strength), a.steps)
+    if run != 1:
+        raise SystemExit(f"img2img: num_inference_steps {a.steps} at strength {a.strength} runs {run} "
+                         "steps; turbine can be handed the noise of one step only")
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pixels = edit_input(w, h, a.seed)
+    Image.fromarray(pixels).save(out / "input.png")
+    shape = (len(prompts), 4, h // 8, w // 8)
+    gen = torch.Generator().manual_seed(a.seed)
+    image_noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+    latents = torch.randn(shape, generator=gen, dtype=torch.float32)
+    step_noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+    save_file({"latents": latents.contiguous(), "image_noise": image_noise.contiguous()}, a.noise)
+    queues = {"vae": [image_noise], "pipeline": [latents], "scheduler": [step_noise]}
+
+    def saved(which):
+        def draw(shape_, generator=None, device=None, dtype=None, layout=None):
+            if not queues[which]:
+                raise SystemExit(f"img2img: diffusers drew more {which} noise than was saved")
+            t = queues[which].pop(0)
+            if tuple(shape_) != tuple(t.shape):
+                raise SystemExit(f"img2img: {which} noise of shape {tuple(shape_)}, saved {tuple(t.shape)}")
+            return t.to(device=device, dtype=dtype or t.dtype)
+        return draw
+
+    t0 = time.time()
+    variant = variant_of(a.model_dir)
+    kw = {"variant": variant} if variant else {}
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        a.model_dir, dtype=DTYPES[a.dtype], local_files_only=True, **kw
+    ).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    log(f"diffusers img2img pipeline loaded in {time.time() - t0:.1f} s ({a.dtype}, {device})")
+    originals = (vae_mod.randn_tensor, i2i.randn_tensor, ea.randn_tensor)
+    try:
+        vae_mod.randn_tensor = saved("vae")
+        i2i.randn_tensor = saved("pipeline")
+        ea.randn_tensor = saved("scheduler")
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            images = pipe(
+                prompt=prompts, image=[Image.fromarray(pixels)] * len(prompts),
+                num_inference_steps=a.steps, strength=a.strength, guidance_scale=0.0, output_type="pil",
+            ).images
+        sync(device)
+        dt = time.perf_counter() - t0
+    finally:
+        vae_mod.randn_tensor, i2i.randn_tensor, ea.randn_tensor = originals
+    left = {k: len(q) for k, q in queues.items() if q}
+    if left:
+        raise SystemExit(f"img2img: saved noise not drawn: {left}")
+    for i, img in enumerate(images):
+        img.save(out / f"{i}.png")
+    changed = float(np.mean([np.abs(np.asarray(im, dtype=np.int16) - pixels).mean() for im in images]))
+    result = {"impl": "diffusers img2img", "dtype": a.dtype, "device": str(device), "size": a.size,
+              "num_inference_steps": a.steps, "strength": a.strength, "prompts": prompts, "seconds": dt,
+              "mean_abs_change_from_input": changed}
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
 # --- throughput sweep on a GPU -----------------------------------------------------------------
 
 
@@ -523,6 +624,20 @@ def main():
                    help="after the sweep, one batch of this size under torch.profiler, by kind of layer")
     p.add_argument("--json", required=True)
     p.set_defaults(fn=sweep)
+
+    p = sub.add_parser("img2img")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--prompt", action="append")
+    p.add_argument("--size", default="512x512")
+    p.add_argument("--steps", type=int, default=2, help="num_inference_steps (of which strength runs one)")
+    p.add_argument("--strength", type=float, default=0.5)
+    p.add_argument("--dtype", choices=DTYPES, default="f32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise", required=True, help="safetensors written: latents, image_noise")
+    p.add_argument("--out-dir", required=True, help="input.png and one PNG per prompt")
+    p.add_argument("--json")
+    p.set_defaults(fn=img2img)
 
     p = sub.add_parser("diff")
     p.add_argument("--a", nargs="+", required=True)

@@ -455,7 +455,51 @@ def targets(res):
         out.append(f"- pixels, turbine vs diffusers eager, both {res['dtype']}, {len(d['images'])} images of batch "
                    f"{res.get('diff_batch')}: max {d['max']}, mean {d['mean']:.3f} (8-bit) "
                    f"(target: mean <= {PIXEL_MEAN_BOUND}: {verdict(d['mean'] <= PIXEL_MEAN_BOUND)})")
+    d = res.get("edit_pixel_diff")
+    if d:
+        out.append(f"- edits, turbine vs diffusers img2img (one step at strength 0.5, the same input and noise), "
+                   f"both {res['dtype']}, {len(d['images'])} images: max {d['max']}, mean {d['mean']:.3f} (8-bit) "
+                   f"(bound: mean <= {PIXEL_MEAN_BOUND}: {verdict(d['mean'] <= PIXEL_MEAN_BOUND)})")
+    elif "edit_pixel_diff" in res:
+        out.append("- edits against diffusers: no figure (a side failed; see gpu_check.log)")
     return "\n".join(out)
+
+
+def edit_parity(a, ref, model, kernels, seconds):
+    """diffusers' img2img of a made input (its noise saved), then turbine's edit of the same
+    input with that noise, both at the run's size and dtype, two prompts; the pixel difference
+    (diffusers_ref.py diff's JSON), or None when a side failed."""
+    work = a.work / "edit-parity"
+    noise = work / "noise.safetensors"
+    dref, tdir = work / "diffusers", work / "turbine"
+    tdir.mkdir(parents=True, exist_ok=True)
+    prompts = PROMPTS[:2]
+    t0 = time.time()
+    cmd = ref + ["img2img", "--model-dir", model, "--size", a.size, "--dtype", a.dtype, "--device", a.device,
+                 "--seed", "7", "--noise", noise, "--out-dir", dref, "--json", work / "diffusers.json"]
+    for p in prompts:
+        cmd += ["--prompt", p]
+    if run(cmd, timeout=seconds * 0.6) != 0:
+        log("edit parity: diffusers' img2img failed")
+        return None
+    device = a.device if a.device != "cuda" else "cuda:0"
+    cmd = [a.turbine, "generate", "--model-dir", model, "--device", device, "--dtype", a.dtype,
+           "--size", a.size, "--kernels", kernels, "--image", dref / "input.png", "--init-latents", noise,
+           "--steps", "1", "--strength", "0.5", "--seed", "0", "--out", tdir / "edit.png"]
+    for p in prompts:
+        cmd += ["--prompt", p]
+    if run(cmd, timeout=max(30.0, seconds - (time.time() - t0))) != 0:
+        log("edit parity: turbine generate --image failed")
+        return None
+    names = [f"edit-{i}.png" for i in range(len(prompts))]
+    run(ref + ["diff", "--a"] + [tdir / n for n in names] + ["--b"] + [dref / f"{i}.png" for i in range(len(prompts))]
+        + ["--json", work / "diff.json"])
+    d = load(work / "diff.json")
+    if d:
+        shutil.copy(tdir / names[0], a.out / "turbine_edit_0.png")
+        shutil.copy(dref / "0.png", a.out / "diffusers_edit_0.png")
+        shutil.copy(dref / "input.png", a.out / "edit_input.png")
+    return d
 
 
 def conv_plan_summary(plans):
@@ -647,6 +691,10 @@ def main():
                     help="also time turbine's edits (bench --edit-strength 0.5, --steps run) at these "
                          "batch sizes, after its sweep, in at most --edit-s seconds (default: none)")
     ap.add_argument("--edit-s", type=float, default=45.0, help="seconds for the edit step")
+    ap.add_argument("--edit-parity", action="store_true",
+                    help="after the pixel comparison, an edit (img2img, one step at strength 0.5) of "
+                         "the same input and noise by both sides, pixels compared (loads each model "
+                         "once more)")
     a = ap.parse_args()
     batches = [int(b) for b in a.batch_sizes.split(",")]
     if not batches or min(batches) < 1 or a.diff_batch not in batches:
@@ -803,6 +851,16 @@ def main():
     else:
         log("images for the pixel comparison are missing")
     save()
+
+    # 5b. edits against diffusers, when asked: the same input image and noise through diffusers'
+    # img2img and `turbine generate --image` (one step at strength 0.5), pixels compared
+    if a.edit_parity:
+        left = budget.left() - a.compile_reserve_s - compile_s
+        if left >= 60:
+            res["edit_pixel_diff"] = edit_parity(a, ref, model, kernels, left)
+        else:
+            log(f"edit parity skipped: {left:.0f} s left for it")
+        save()
 
     # 6. torch.compile with what is left
     c_budget = budget.left() - a.compile_reserve_s

@@ -206,6 +206,15 @@ class Report(unittest.TestCase):
         self.assertEqual(t.count("NOT met"), 5, t)
         self.assertIn("max 90, mean 21.500 (8-bit) (target: mean <= 2.0: NOT met)", t)
 
+    def test_edit_parity_is_judged_when_measured(self):
+        self.assertNotIn("edits", g.targets(self.res()))
+        t = g.targets(self.res(edit_pixel_diff={"max": 5, "mean": 0.61, "images": [{}] * 2}))
+        self.assertIn("edits, turbine vs diffusers img2img (one step at strength 0.5, the same input and noise), "
+                      "both bf16, 2 images: max 5, mean 0.610 (8-bit) (bound: mean <= 2.0: met)", t)
+        t = g.targets(self.res(edit_pixel_diff={"max": 200, "mean": 40.0, "images": [{}] * 2}))
+        self.assertIn("mean 40.000 (8-bit) (bound: mean <= 2.0: NOT met)", t)
+        self.assertIn("edits against diffusers: no figure", g.targets(self.res(edit_pixel_diff=None)))
+
     def test_no_compile_figure_says_why(self):
         res = self.res(compile=None, compile_rc=124)
         self.assertIn("did not finish in the time left", g.targets(res))
