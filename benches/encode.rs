@@ -1,6 +1,8 @@
-//! `cpu/encode/{png,jpeg,webp}`: the server's own image encoder on one 512x512 image.
+//! `cpu/encode/{png,jpeg,webp}`: the server's own image encoder on one 512x512 image; and
+//! `cpu/decode/...`: an edit's upload made ready for the pipeline (`EditFiles::init_image`: the
+//! decode, the EXIF turn, a markup's compositing, the resize to 512x512) from a 1024x1024 file.
 //!
-//! Encoding always runs on the CPU (the server does it on tokio's blocking pool), so these names
+//! Both always run on the CPU (the server does them on tokio's blocking pool), so these names
 //! carry the `cpu` prefix whatever TURBINE_BENCH_DEVICE says.
 
 use std::hint::black_box;
@@ -8,18 +10,25 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use turbine::server::api::OutputFormat;
 use turbine::server::encode::encode;
+use turbine::server::upload::EditFiles;
 
 /// A deterministic photo-like 512x512 image. Compression cost depends on content (noise is the
 /// worst case for PNG/WebP, a flat colour the best), so this mixes smooth gradients, hard edges,
 /// fine texture and mild per-pixel noise, as generated images have.
 fn test_image() -> image::RgbImage {
+    image_of_side(512)
+}
+
+/// [`test_image`]'s pattern at `side` x `side`.
+fn image_of_side(side: u32) -> image::RgbImage {
     let mut state = 0x2545_f491_4f6c_dd1du64;
-    image::RgbImage::from_fn(512, 512, |x, y| {
+    let s = side as f32;
+    image::RgbImage::from_fn(side, side, |x, y| {
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
         let noise = (state % 9) as f32 - 4.0;
-        let (fx, fy) = (x as f32 / 512.0, y as f32 / 512.0);
+        let (fx, fy) = (x as f32 / s, y as f32 / s);
         let edge = if (x / 64 + y / 96) % 3 == 0 {
             40.0
         } else {
@@ -52,12 +61,74 @@ fn encoders(c: &mut Criterion) {
     g.finish();
 }
 
+/// `image` as `format` bytes, a JPEG with an EXIF orientation when `orientation` is given (an
+/// APP1 segment after SOI, as cameras write it).
+fn file(
+    image: &image::DynamicImage,
+    format: image::ImageFormat,
+    orientation: Option<u16>,
+) -> Vec<u8> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut out, format)
+        .expect("encoding the test image");
+    let plain = out.into_inner();
+    let Some(o) = orientation else {
+        return plain;
+    };
+    let mut app1 = b"Exif\0\0II*\0\x08\0\0\0\x01\0\x12\x01\x03\0\x01\0\0\0".to_vec();
+    app1.extend_from_slice(&u32::from(o).to_le_bytes());
+    app1.extend_from_slice(&[0; 4]);
+    let mut bytes = plain[..2].to_vec();
+    bytes.extend_from_slice(&[0xff, 0xe1]);
+    bytes.extend_from_slice(&((app1.len() + 2) as u16).to_be_bytes());
+    bytes.extend_from_slice(&app1);
+    bytes.extend_from_slice(&plain[2..]);
+    bytes
+}
+
+fn decoders(c: &mut Criterion) {
+    let photo = image::DynamicImage::ImageRgb8(image_of_side(1024));
+    let png = file(&photo, image::ImageFormat::Png, None);
+    let jpeg = file(&photo, image::ImageFormat::Jpeg, None);
+    let turned = file(&photo, image::ImageFormat::Jpeg, Some(6));
+    // A markup: an opaque red bar across a transparent sheet.
+    let sheet = image::RgbaImage::from_fn(1024, 1024, |x, _| {
+        image::Rgba([255, 0, 0, if (400..600).contains(&x) { 255 } else { 0 }])
+    });
+    let markup = file(
+        &image::DynamicImage::ImageRgba8(sheet),
+        image::ImageFormat::Png,
+        None,
+    );
+    let mut g = c.benchmark_group("cpu/decode");
+    g.throughput(Throughput::Elements(1));
+    let cases: [(&str, &[u8], Option<&[u8]>); 4] = [
+        ("png_1024_to_512", &png, None),
+        ("jpeg_1024_to_512", &jpeg, None),
+        ("jpeg_exif_turned_1024_to_512", &turned, None),
+        ("png_markup_1024_to_512", &png, Some(&markup)),
+    ];
+    for (name, image, markup) in cases {
+        let files = EditFiles {
+            image,
+            mask: None,
+            markup,
+        };
+        let dims = files.check().expect("a readable upload");
+        g.bench_function(name, |b| {
+            b.iter(|| black_box(files.init_image(dims, 512, 512).expect("decode")))
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(20)
         .warm_up_time(std::time::Duration::from_secs(1))
         .measurement_time(std::time::Duration::from_secs(3));
-    targets = encoders
+    targets = encoders, decoders
 }
 criterion_main!(benches);

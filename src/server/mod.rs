@@ -68,9 +68,10 @@ pub enum Phase {
     Failed = 3,
 }
 
-/// How many edit uploads are decoded at once. A decode takes milliseconds to tens of them on a
-/// CPU core, far above the GPU's edit rate, while a burst of small files that each claim an
-/// 8192x8192 image must not hold gigabytes together.
+/// How many edit uploads are decoded at once. A 1024x1024 upload takes 14-18 ms of a CPU core
+/// to be ready at 512x512 (`cargo bench --bench encode -- cpu/decode`, benches/RESULTS.md), so 4
+/// at once make well over 200 a second, above the GPU's edit rate, while a burst of small files
+/// that each claim an 8192x8192 image cannot hold gigabytes together.
 pub const UPLOAD_DECODE_SLOTS: usize = 4;
 
 /// Shared state of the HTTP layer.
