@@ -103,11 +103,15 @@ fn decoders(c: &mut Criterion) {
     );
     let mut g = c.benchmark_group("cpu/decode");
     g.throughput(Throughput::Elements(1));
-    let cases: [(&str, &[u8], Option<&[u8]>); 4] = [
-        ("png_1024_to_512", &png, None),
-        ("jpeg_1024_to_512", &jpeg, None),
-        ("jpeg_exif_turned_1024_to_512", &turned, None),
-        ("png_markup_1024_to_512", &png, Some(&markup)),
+    let cases = [
+        ("png_1024_to_512", png.as_slice(), None),
+        ("jpeg_1024_to_512", jpeg.as_slice(), None),
+        ("jpeg_exif_turned_1024_to_512", turned.as_slice(), None),
+        (
+            "png_markup_1024_to_512",
+            png.as_slice(),
+            Some(markup.as_slice()),
+        ),
     ];
     for (name, image, markup) in cases {
         let files = EditFiles {
