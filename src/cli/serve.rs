@@ -221,12 +221,8 @@ impl Args {
                 self.limits.default_response_format
             ))
         })?;
-        let mut keys: Vec<ApiKey> = self
-            .auth
-            .api_keys
-            .iter()
-            .map(|k| k.trim())
-            .filter(|k| !k.is_empty())
+        let mut keys: Vec<ApiKey> = trimmed(&self.auth.api_keys)
+            .into_iter()
             .map(ApiKey::plain)
             .collect();
         if let Some(path) = &self.auth.api_keys_file {
@@ -235,13 +231,7 @@ impl Args {
         let config = ServerConfig {
             model: ModelIdentity {
                 id: self.devices.served_model_name.clone(),
-                aliases: self
-                    .devices
-                    .model_aliases
-                    .iter()
-                    .map(|a| a.trim().to_string())
-                    .filter(|a| !a.is_empty())
-                    .collect(),
+                aliases: trimmed(&self.devices.model_aliases),
             },
             limits: RequestLimits {
                 min_side: self.limits.min_image_side,
@@ -270,13 +260,7 @@ impl Args {
                 priority_header: self.auth.priority_header.clone(),
             },
             public_url: self.http.public_url.clone(),
-            cors_allow_origins: self
-                .http
-                .cors_allow_origins
-                .iter()
-                .map(|o| o.trim().to_string())
-                .filter(|o| !o.is_empty())
-                .collect(),
+            cors_allow_origins: trimmed(&self.http.cors_allow_origins),
             shutdown_grace: Duration::from_secs(self.http.shutdown_grace_secs),
             warmup_images: self.batching.warmup_images,
             warmup_batch_sizes: self.batching.warmup_batch_sizes,
@@ -294,6 +278,16 @@ fn parse_size(s: &str) -> Option<(u32, u32)> {
 
 /// One worker per `--device`, each resolving and loading the model on its own thread (so
 /// `/health` answers 503 meanwhile).
+/// A comma-separated option's values, trimmed, the empty ones dropped (so `--opt ""` means none).
+fn trimmed(values: &[String]) -> Vec<String> {
+    values
+        .iter()
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 pub fn worker_specs(model: &ModelArgs, devices: &DeviceArgs) -> anyhow::Result<Vec<WorkerSpec>> {
     let labels = if devices.devices.is_empty() {
         vec![if candle_core::utils::cuda_is_available() {

@@ -237,7 +237,7 @@ impl ServerConfig {
         );
         for alias in &self.model.aliases {
             ensure!(
-                !alias.trim_end_matches('*').contains('*') && alias.matches('*').count() <= 1,
+                alias.find('*').is_none_or(|i| i + 1 == alias.len()),
                 "--model-alias {alias:?}: a * may only end an alias (a prefix: gpt-image-*)"
             );
         }

@@ -326,12 +326,7 @@ async fn edits(
 ) -> Result<Response, ApiError> {
     check_serving(&app)?;
     let limit = app.config.limits.max_upload_bytes;
-    let EditInput {
-        fields,
-        image,
-        mask,
-        markup,
-    } = if content_type_is(&headers, "application/json") {
+    let EditInput { fields, uploads } = if content_type_is(&headers, "application/json") {
         let bytes = read_body(body, &headers, limit).await?;
         let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
             ApiError::InvalidJson(format!(
@@ -344,12 +339,7 @@ async fn edits(
         let bytes = read_body(body, &headers, limit).await?;
         EditForm::parse(bytes, boundary).await?.into_input()?
     };
-    let dims = EditFiles {
-        image: &image,
-        mask: mask.as_deref(),
-        markup: markup.as_deref(),
-    }
-    .check()?;
+    let dims = uploads.files().check()?;
     let mut req = validate_edit(
         &serde_json::Value::Object(fields),
         dims,
@@ -372,12 +362,7 @@ async fn edits(
         })?;
     let init = tokio::task::spawn_blocking(move || {
         let _slot = slot;
-        let files = EditFiles {
-            image: &image,
-            mask: mask.as_deref(),
-            markup: markup.as_deref(),
-        };
-        files.init_image(dims, w, h)
+        uploads.files().init_image(dims, w, h)
     })
     .await
     .map_err(|e| InferError::Encode {
@@ -390,13 +375,27 @@ async fn edits(
     run_request(&app, &caller, &headers, req).await
 }
 
-/// What an edit sends, from either body: its fields as JSON values, its image, and its mask
-/// or markup.
+/// What an edit sends, from either body: its fields as JSON values, and its files.
 struct EditInput {
     fields: serde_json::Map<String, serde_json::Value>,
+    uploads: EditUploads,
+}
+
+/// An edit's files as received: its image, and its mask or markup.
+struct EditUploads {
     image: Bytes,
     mask: Option<Bytes>,
     markup: Option<Bytes>,
+}
+
+impl EditUploads {
+    fn files(&self) -> EditFiles<'_> {
+        EditFiles {
+            image: &self.image,
+            mask: self.mask.as_deref(),
+            markup: self.markup.as_deref(),
+        }
+    }
 }
 
 impl EditInput {
@@ -444,9 +443,11 @@ impl EditInput {
         let (mask, markup) = (reference("mask")?, reference("markup")?);
         Ok(EditInput {
             fields,
-            image: Bytes::from(image),
-            mask,
-            markup,
+            uploads: EditUploads {
+                image: Bytes::from(image),
+                mask,
+                markup,
+            },
         })
     }
 }
@@ -531,9 +532,11 @@ impl EditForm {
 
     fn into_input(self) -> Result<EditInput, ApiError> {
         Ok(EditInput {
-            image: self.image()?,
-            mask: at_most_one("mask", &self.masks)?,
-            markup: at_most_one("markup", &self.markups)?,
+            uploads: EditUploads {
+                image: self.image()?,
+                mask: at_most_one("mask", &self.masks)?,
+                markup: at_most_one("markup", &self.markups)?,
+            },
             fields: self.fields,
         })
     }
