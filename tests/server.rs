@@ -2405,3 +2405,437 @@ fn malformed_edits_get_the_right_status() {
     );
     assert_eq!(images(&ok)[0].dimensions(), (64, 64));
 }
+
+// --- The Batch API: /v1/files and /v1/batches ---
+
+impl TestServer {
+    /// `POST /v1/files` with purpose batch, as `key` (none: no Authorization header).
+    fn upload(&self, key: Option<&str>, jsonl: &str) -> (u16, Value) {
+        let (ct, body) = multipart(&[("purpose", "batch")], &[("file", jsonl.as_bytes())]);
+        let mut r = self
+            .client
+            .post(self.url("/v1/files"))
+            .header("content-type", ct)
+            .body(body);
+        if let Some(key) = key {
+            r = r.bearer_auth(key);
+        }
+        let r = r.send().unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().unwrap())
+    }
+
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut r = self.client.request(method.parse().unwrap(), self.url(path));
+        if let Some(key) = key {
+            r = r.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            r = r.json(&body);
+        }
+        let r = r.send().unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().unwrap())
+    }
+
+    fn file_lines(&self, key: Option<&str>, id: &str) -> Vec<Value> {
+        let mut r = self
+            .client
+            .get(self.url(&format!("/v1/files/{id}/content")));
+        if let Some(key) = key {
+            r = r.bearer_auth(key);
+        }
+        let r = r.send().unwrap();
+        assert_eq!(r.status(), 200);
+        r.text()
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Creates a batch over `jsonl` and polls it until it ends (a hang guard, not a timing check).
+    fn run_batch(&self, key: Option<&str>, endpoint: &str, jsonl: &str) -> Value {
+        let (status, file) = self.upload(key, jsonl);
+        assert_eq!(status, 200, "{file}");
+        let (status, batch) = self.call(
+            "POST",
+            "/v1/batches",
+            key,
+            Some(json!({"input_file_id": file["id"], "endpoint": endpoint,
+                        "completion_window": "24h", "metadata": {"job": "test"}})),
+        );
+        assert_eq!(status, 200, "{batch}");
+        assert_eq!(batch["status"], "validating");
+        self.wait_batch(key, batch["id"].as_str().unwrap())
+    }
+
+    fn wait_batch(&self, key: Option<&str>, id: &str) -> Value {
+        let start = Instant::now();
+        loop {
+            let (status, batch) = self.call("GET", &format!("/v1/batches/{id}"), key, None);
+            assert_eq!(status, 200, "{batch}");
+            if ["completed", "failed", "cancelled", "expired"]
+                .contains(&batch["status"].as_str().unwrap())
+            {
+                return batch;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(300),
+                "batch never ended: {batch}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn batch_line(custom_id: &str, url: &str, body: Value) -> String {
+    json!({"custom_id": custom_id, "method": "POST", "url": url, "body": body}).to_string()
+}
+
+/// The results of a batch by custom_id: (status code, body) from the output and error files.
+fn results_by_id(lines: &[Value]) -> std::collections::HashMap<String, Value> {
+    lines
+        .iter()
+        .map(|l| (l["custom_id"].as_str().unwrap().to_string(), l.clone()))
+        .collect()
+}
+
+#[test]
+fn a_batch_of_generations_makes_the_same_images_as_direct_requests() {
+    let s = TestServer::start(test_config());
+    let g = "/v1/images/generations";
+    let jsonl = [
+        batch_line("fox", g, json!({"prompt": "a red fox", "seed": 5, "n": 2})),
+        batch_line("bad-size", g, json!({"prompt": "x", "size": "13x13"})),
+        batch_line(
+            "boat",
+            g,
+            json!({"model": "gpt-image-1", "prompt": "a boat", "seed": 9,
+                                     "output_format": "jpeg"}),
+        ),
+        batch_line("streamed", g, json!({"prompt": "x", "stream": true})),
+    ]
+    .join("\n");
+    let batch = s.run_batch(None, g, &jsonl);
+    assert_eq!(batch["status"], "completed", "{batch}");
+    assert_eq!(batch["object"], "batch");
+    assert_eq!(batch["endpoint"], g);
+    assert_eq!(batch["metadata"], json!({"job": "test"}));
+    assert_eq!(
+        batch["request_counts"],
+        json!({"total": 4, "completed": 2, "failed": 2})
+    );
+    for t in [
+        "in_progress_at",
+        "finalizing_at",
+        "completed_at",
+        "expires_at",
+    ] {
+        assert!(batch[t].as_u64().is_some(), "{t}: {batch}");
+    }
+    // Three images of 64x64: 64 output tokens each.
+    assert_eq!(batch["usage"]["output_tokens"], 3 * 64);
+    assert!(batch["usage"]["input_tokens"].as_u64().unwrap() > 0);
+
+    let output = s.file_lines(None, batch["output_file_id"].as_str().unwrap());
+    let errors = s.file_lines(None, batch["error_file_id"].as_str().unwrap());
+    let (output, errors) = (results_by_id(&output), results_by_id(&errors));
+    assert_eq!(output.len(), 2);
+    assert_eq!(errors.len(), 2);
+    for (id, body) in [
+        ("fox", json!({"prompt": "a red fox", "seed": 5, "n": 2})),
+        (
+            "boat",
+            json!({"prompt": "a boat", "seed": 9, "output_format": "jpeg"}),
+        ),
+    ] {
+        let line = &output[id];
+        assert!(line["id"].as_str().unwrap().starts_with("batch_req_"));
+        assert!(line["error"].is_null());
+        assert_eq!(line["response"]["status_code"], 200);
+        let got = &line["response"]["body"];
+        let direct = s.generate_ok(&body);
+        assert_eq!(
+            got["data"].as_array().unwrap().len(),
+            direct["data"].as_array().unwrap().len()
+        );
+        assert_eq!(got["output_format"], direct["output_format"]);
+        // The same seeds, the same pictures (the batch ran them at low priority, in other
+        // batches of the device).
+        for (a, b) in got["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(direct["data"].as_array().unwrap())
+        {
+            assert_eq!(a["seed"], b["seed"]);
+            assert!(decode_b64(a) == decode_b64(b), "{id}: the images differ");
+        }
+    }
+    let bad = &errors["bad-size"]["response"];
+    assert_eq!(bad["status_code"], 400);
+    assert_eq!(bad["body"]["error"]["param"], "size");
+    let streamed = &errors["streamed"]["response"];
+    assert_eq!(streamed["status_code"], 400);
+    assert_eq!(streamed["body"]["error"]["param"], "stream");
+
+    // The files: input, output and error, newest first; the output is batch_output.
+    let (_, list) = s.call("GET", "/v1/files", None, None);
+    let purposes: Vec<&str> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["purpose"].as_str().unwrap())
+        .collect();
+    assert_eq!(purposes, ["batch_output", "batch_output", "batch"]);
+    let (_, list) = s.call("GET", "/v1/batches?limit=1", None, None);
+    assert_eq!(list["data"][0]["id"], batch["id"]);
+    assert_eq!(list["has_more"], false);
+
+    // Deleted, a file is gone; the batch keeps naming it, as at OpenAI.
+    let out_id = batch["output_file_id"].as_str().unwrap();
+    let (status, deleted) = s.call("DELETE", &format!("/v1/files/{out_id}"), None, None);
+    assert_eq!((status, &deleted["deleted"]), (200, &json!(true)));
+    let (status, e) = s.call("GET", &format!("/v1/files/{out_id}/content"), None, None);
+    assert_openai_error(status, &e.to_string(), 404, None, "batch API");
+}
+
+#[test]
+fn a_batch_of_edits_edits_like_a_direct_request() {
+    let s = TestServer::start(test_config());
+    let e = "/v1/images/edits";
+    let image = data_url(&png_bytes(&edit_input()));
+    let body = json!({"prompt": "the same scene at dusk", "images": [{"image_url": image}],
+                      "seed": 3, "strength": 0.6, "size": "64x64"});
+    let jsonl = [
+        batch_line("dusk", e, body.clone()),
+        batch_line("no-image", e, json!({"prompt": "x"})),
+    ]
+    .join("\n");
+    let batch = s.run_batch(None, e, &jsonl);
+    assert_eq!(batch["status"], "completed", "{batch}");
+    assert_eq!(
+        batch["request_counts"],
+        json!({"total": 2, "completed": 1, "failed": 1})
+    );
+    let output = s.file_lines(None, batch["output_file_id"].as_str().unwrap());
+    let direct: Value = s
+        .client
+        .post(s.url("/v1/images/edits"))
+        .json(&body)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert!(
+        decode_b64(&output[0]["response"]["body"]["data"][0]) == decode_b64(&direct["data"][0]),
+        "the batch's edit differs from the same edit sent directly"
+    );
+    let errors = s.file_lines(None, batch["error_file_id"].as_str().unwrap());
+    assert_eq!(errors[0]["response"]["body"]["error"]["param"], "images");
+}
+
+#[test]
+fn invalid_batches_and_files_are_refused_with_the_lines_at_fault() {
+    let mut config = test_config();
+    config.auth.keys = vec![ApiKey::plain("sk-a"), ApiKey::plain("sk-b")];
+    config.files.max_file_bytes = 4096;
+    let s = TestServer::start(config);
+    let (a, b) = (Some("sk-a"), Some("sk-b"));
+    let g = "/v1/images/generations";
+
+    // Validation fails the whole batch and says where.
+    let jsonl = [
+        batch_line("one", g, json!({"prompt": "x"})),
+        batch_line("one", g, json!({"prompt": "y"})),
+        "not json".to_string(),
+        batch_line("three", "/v1/chat/completions", json!({})),
+    ]
+    .join("\n");
+    let batch = s.run_batch(a, g, &jsonl);
+    assert_eq!(batch["status"], "failed");
+    assert!(batch["failed_at"].as_u64().is_some());
+    let errors: Vec<(String, u64)> = batch["errors"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["code"].as_str().unwrap().into(),
+                e["line"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            ("duplicate_custom_id".into(), 2),
+            ("invalid_json_line".into(), 3),
+            ("mismatched_endpoint".into(), 4)
+        ]
+    );
+    assert!(batch["output_file_id"].is_null());
+
+    // A file and a batch belong to their key: another key gets 404.
+    let (_, file) = s.upload(a, &batch_line("x", g, json!({"prompt": "x"})));
+    let id = file["id"].as_str().unwrap();
+    assert_eq!(
+        file["bytes"].as_u64().unwrap() as usize,
+        batch_line("x", g, json!({"prompt": "x"})).len()
+    );
+    assert_eq!(s.call("GET", &format!("/v1/files/{id}"), a, None).0, 200);
+    assert_eq!(s.call("GET", &format!("/v1/files/{id}"), b, None).0, 404);
+    let (_, listed) = s.call("GET", "/v1/files", b, None);
+    assert_eq!(listed["data"], json!([]));
+    let batch_id = batch["id"].as_str().unwrap();
+    assert_eq!(
+        s.call("GET", &format!("/v1/batches/{batch_id}"), b, None).0,
+        404
+    );
+    let create = |key, body: Value| s.call("POST", "/v1/batches", key, Some(body));
+    let (status, e) = create(
+        b,
+        json!({"input_file_id": id, "endpoint": g, "completion_window": "24h"}),
+    );
+    assert_openai_error(
+        status,
+        &e.to_string(),
+        400,
+        Some("input_file_id"),
+        "batch API",
+    );
+    assert_eq!(s.call("GET", "/v1/files", None, None).0, 401);
+
+    // Bad batch fields.
+    for (body, param) in [
+        (
+            json!({"input_file_id": id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
+            "endpoint",
+        ),
+        (
+            json!({"input_file_id": id, "endpoint": g, "completion_window": "48h"}),
+            "completion_window",
+        ),
+        (
+            json!({"input_file_id": id, "endpoint": g}),
+            "completion_window",
+        ),
+        (
+            json!({"endpoint": g, "completion_window": "24h"}),
+            "input_file_id",
+        ),
+        (
+            json!({"input_file_id": id, "endpoint": g, "completion_window": "24h", "metadata": {"k": 1}}),
+            "metadata",
+        ),
+        (
+            json!({"input_file_id": id, "endpoint": g, "completion_window": "24h", "priority": 1}),
+            "priority",
+        ),
+        (
+            json!({"input_file_id": id, "endpoint": g, "completion_window": "24h",
+                "output_expires_after": {"anchor": "created_at", "seconds": 60}}),
+            "output_expires_after.seconds",
+        ),
+    ] {
+        let (status, e) = create(a, body.clone());
+        assert_openai_error(status, &e.to_string(), 400, Some(param), "batch API");
+    }
+
+    // Bad uploads.
+    let upload = |fields: &[(&str, &str)], files: &[(&str, &[u8])]| {
+        let (ct, body) = multipart(fields, files);
+        let r = s
+            .client
+            .post(s.url("/v1/files"))
+            .bearer_auth("sk-a")
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    let (status, e) = upload(&[("purpose", "fine-tune")], &[("file", b"{}")]);
+    assert_openai_error(status, &e, 400, Some("purpose"), "batch API");
+    let (status, e) = upload(&[("purpose", "batch")], &[]);
+    assert_openai_error(status, &e, 400, Some("file"), "batch API");
+    let (status, e) = upload(
+        &[
+            ("purpose", "batch"),
+            ("expires_after[anchor]", "created_at"),
+        ],
+        &[("file", b"{}")],
+    );
+    assert_openai_error(status, &e, 400, Some("expires_after"), "batch API");
+    let big = vec![b'x'; 5000];
+    let (status, e) = upload(&[("purpose", "batch")], &[("file", &big)]);
+    assert_openai_error(status, &e, 413, None, "batch API");
+    // Nothing of the refused uploads is left: only the two files of this test's key.
+    let (_, listed) = s.call("GET", "/v1/files", a, None);
+    assert_eq!(listed["data"].as_array().unwrap().len(), 2, "{listed}");
+    let (status, e) = s.call("POST", &format!("/v1/batches/{batch_id}/cancel"), a, None);
+    assert_openai_error(status, &e.to_string(), 400, Some("batch_id"), "batch API");
+}
+
+#[test]
+fn a_cancelled_batch_keeps_what_ran_and_lists_what_did_not() {
+    // One image per device batch, so the batch holds two requests in flight; the worker is
+    // busy with the blocker, so the other requests wait for a slot when the cancel comes.
+    let (s, blocker_thread) = server_busy_with_a_blocker();
+    let g = "/v1/images/generations";
+    let jsonl: Vec<String> = (0..6)
+        .map(|i| {
+            batch_line(
+                &format!("r{i}"),
+                g,
+                json!({"prompt": format!("p{i}"), "seed": i}),
+            )
+        })
+        .collect();
+    let (_, file) = s.upload(None, &jsonl.join("\n"));
+    let (_, batch) = s.call(
+        "POST",
+        "/v1/batches",
+        None,
+        Some(json!({"input_file_id": file["id"], "endpoint": g, "completion_window": "24h"})),
+    );
+    let id = batch["id"].as_str().unwrap();
+    // Cancel once the batch's first requests are queued behind the blocker.
+    s.wait_metric("turbine_images_enqueued_total", |v| v >= 8.0);
+    let (status, cancelling) = s.call("POST", &format!("/v1/batches/{id}/cancel"), None, None);
+    assert_eq!(status, 200, "{cancelling}");
+    assert_eq!(cancelling["status"], "cancelling");
+    let batch = s.wait_batch(None, id);
+    blocker_thread.join().unwrap();
+    assert_eq!(batch["status"], "cancelled", "{batch}");
+    assert!(batch["cancelled_at"].as_u64().is_some());
+    let counts = &batch["request_counts"];
+    assert_eq!(counts["total"], 6);
+    assert_eq!(
+        counts["completed"].as_u64().unwrap() + counts["failed"].as_u64().unwrap(),
+        6
+    );
+    let ran = counts["completed"].as_u64().unwrap();
+    assert!((1..=2).contains(&ran), "{batch}");
+    let errors = s.file_lines(None, batch["error_file_id"].as_str().unwrap());
+    assert_eq!(errors.len() as u64, 6 - ran);
+    for e in &errors {
+        assert!(e["response"].is_null());
+        assert_eq!(e["error"]["code"], "batch_cancelled");
+    }
+    let output = s.file_lines(None, batch["output_file_id"].as_str().unwrap());
+    let mut ids: Vec<String> = output
+        .iter()
+        .chain(&errors)
+        .map(|l| l["custom_id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["r0", "r1", "r2", "r3", "r4", "r5"]);
+}

@@ -13,7 +13,8 @@ use crate::model::tokenizer::ClipTokenizer;
 use crate::server::api::ResponseFormat;
 use crate::server::auth::{read_keys_file, ApiKey};
 use crate::server::config::{
-    AuthConfig, BatchingConfig, ModelIdentity, RequestLimits, ServerConfig, StoreConfig,
+    AuthConfig, BatchingConfig, FilesConfig, ModelIdentity, RequestLimits, ServerConfig,
+    StoreConfig,
 };
 use crate::server::{ImageBackend, TokenCounter, WarmupSizes, WorkerSpec};
 use std::sync::Arc;
@@ -33,6 +34,26 @@ pub struct Args {
     pub limits: Box<LimitArgs>,
     #[command(flatten)]
     pub auth: Box<AuthArgs>,
+    #[command(flatten)]
+    pub files: Box<FilesArgs>,
+}
+
+/// OpenAI's Files and Batch APIs (`/v1/files`, `/v1/batches`).
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Files and batches")]
+pub struct FilesArgs {
+    /// Directory for batch input and output files: turbine makes a directory of its own in it
+    /// and removes it when it stops (files and batches do not survive a restart). Default: the
+    /// system's temporary directory. A batch's output holds its images as base64 JSON, about
+    /// 0.5 MB per 512x512 PNG.
+    #[arg(long, env = "TURBINE_FILES_DIR")]
+    pub files_dir: Option<PathBuf>,
+    /// Largest `POST /v1/files` upload in bytes (OpenAI: 200 MB for a batch input file).
+    #[arg(long, env = "TURBINE_MAX_FILE_BYTES", default_value_t = 200 << 20)]
+    pub max_file_bytes: u64,
+    /// Most requests (lines) in one batch (OpenAI: 50,000).
+    #[arg(long, env = "TURBINE_MAX_BATCH_REQUESTS", default_value_t = 50_000)]
+    pub max_batch_requests: usize,
 }
 
 /// Where to run the model and what to call it.
@@ -254,6 +275,12 @@ impl Args {
             store: StoreConfig {
                 ttl: Duration::from_secs(self.limits.image_url_ttl_secs),
                 max_bytes: self.limits.image_store_max_bytes,
+            },
+            files: FilesConfig {
+                dir: self.files.files_dir.clone(),
+                max_file_bytes: self.files.max_file_bytes,
+                max_batch_requests: self.files.max_batch_requests,
+                completion_window: ServerConfig::default().files.completion_window,
             },
             auth: AuthConfig {
                 keys,

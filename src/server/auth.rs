@@ -182,6 +182,13 @@ pub struct Caller {
     pub priority: Priority,
 }
 
+impl Caller {
+    /// Whose files and batches this caller sees: those of its key.
+    pub fn owner(&self) -> Option<usize> {
+        self.key
+    }
+}
+
 /// The configured keys and their limit state.
 pub struct Authenticator {
     entries: Vec<Entry>,

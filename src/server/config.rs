@@ -89,6 +89,20 @@ pub struct StoreConfig {
     pub max_bytes: usize,
 }
 
+/// OpenAI's Files and Batch APIs (`/v1/files`, `/v1/batches`).
+#[derive(Debug, Clone)]
+pub struct FilesConfig {
+    /// Where uploaded and batch output files are kept: a directory of this process's own is
+    /// made in it and removed at exit. `None`: the system's temporary directory.
+    pub dir: Option<std::path::PathBuf>,
+    /// The largest upload (OpenAI's limit for a batch input file: 200 MB).
+    pub max_file_bytes: u64,
+    /// The most requests (lines) in one batch (OpenAI's: 50,000).
+    pub max_batch_requests: usize,
+    /// How long a batch may run before it expires (`completion_window: "24h"`).
+    pub completion_window: Duration,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct AuthConfig {
     /// Empty: the API is open.
@@ -104,6 +118,7 @@ pub struct ServerConfig {
     pub limits: RequestLimits,
     pub batching: BatchingConfig,
     pub store: StoreConfig,
+    pub files: FilesConfig,
     pub auth: AuthConfig,
     /// Base of the URLs returned for `response_format: "url"` (e.g. `https://img.example.com`);
     /// `None`: `http://` + the request's `Host` header.
@@ -153,6 +168,12 @@ impl Default for ServerConfig {
             store: StoreConfig {
                 ttl: Duration::from_secs(3600),
                 max_bytes: 512 << 20,
+            },
+            files: FilesConfig {
+                dir: None,
+                max_file_bytes: 200 << 20,
+                max_batch_requests: 50_000,
+                completion_window: Duration::from_secs(24 * 3600),
             },
             auth: AuthConfig::default(),
             public_url: None,
@@ -204,6 +225,14 @@ impl ServerConfig {
             l.max_upload_bytes >= 1024,
             "--max-upload-bytes must be at least 1024"
         );
+        ensure!(
+            self.files.max_file_bytes >= 1024,
+            "--max-file-bytes must be at least 1024"
+        );
+        ensure!(
+            self.files.max_batch_requests >= 1,
+            "--max-batch-requests must be at least 1"
+        );
         let b = &self.batching;
         ensure!(b.max_batch_size >= 1, "--max-batch-size must be at least 1");
         ensure!(
@@ -223,6 +252,7 @@ impl ServerConfig {
             ("--priority-aging-secs", b.priority_aging),
             ("--image-url-ttl-secs", self.store.ttl),
             ("--shutdown-grace-secs", self.shutdown_grace),
+            ("the batch completion window", self.files.completion_window),
         ] {
             ensure!(
                 d <= YEAR,

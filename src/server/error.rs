@@ -54,6 +54,9 @@ pub enum InferError {
     },
     #[error("cannot store the image for its URL: {0}")]
     Store(String),
+    /// Reading or writing a file of the Files API (`--files-dir`) failed.
+    #[error("file storage failed: {0}")]
+    Files(String),
 }
 
 /// What the HTTP layer answers with.
@@ -221,6 +224,7 @@ impl ApiError {
                 InferError::Backend(_) => row(S::INTERNAL_SERVER_ERROR, SERVER, None, "backend"),
                 InferError::Encode { .. } => row(S::INTERNAL_SERVER_ERROR, SERVER, None, "encode"),
                 InferError::Store(_) => row(S::INTERNAL_SERVER_ERROR, SERVER, None, "store"),
+                InferError::Files(_) => row(S::INTERNAL_SERVER_ERROR, SERVER, None, "files"),
             },
         }
     }

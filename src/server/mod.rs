@@ -18,9 +18,11 @@
 pub mod api;
 pub mod auth;
 pub mod batcher;
+pub mod batches;
 pub mod config;
 pub mod encode;
 pub mod error;
+pub mod files;
 pub mod metrics;
 pub mod queue;
 pub mod routes;
@@ -89,6 +91,13 @@ pub struct App {
     /// Edit uploads decoded at once ([`UPLOAD_DECODE_SLOTS`]): a small file may claim a large
     /// image, and each decode holds up to [`upload::MAX_INPUT_ALLOC`] plus its copies.
     pub upload_decodes: Arc<tokio::sync::Semaphore>,
+    /// The Files API's files (`--files-dir`).
+    pub files: files::FileStore,
+    pub batches: batches::Batches,
+    /// Requests of all running batches in flight at once: two full batches per device, so a
+    /// device finds the next batch queued while one runs, and the rest of the queue's capacity
+    /// stays with interactive requests.
+    pub batch_slots: Arc<tokio::sync::Semaphore>,
     phase: AtomicU8,
     next_request: AtomicU64,
     in_flight: AtomicUsize,
@@ -208,6 +217,9 @@ pub async fn serve(
     };
     let max_batch = b.max_batch_size;
     let health = Arc::new(DeviceHealth::default());
+    let files = files::FileStore::create(config.files.dir.as_deref())?;
+    tracing::info!(dir = %files.dir().display(), "files of the Files and Batch APIs are kept here until the server stops");
+    let batch_slots = 2 * max_batch * workers.len();
     let app = Arc::new(App {
         store: Mutex::new(ImageStore::new(config.store.ttl, config.store.max_bytes)),
         config,
@@ -220,11 +232,17 @@ pub async fn serve(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         upload_decodes: Arc::new(tokio::sync::Semaphore::new(UPLOAD_DECODE_SLOTS)),
+        files,
+        batches: batches::Batches::default(),
+        batch_slots: Arc::new(tokio::sync::Semaphore::new(batch_slots)),
         phase: AtomicU8::new(Phase::Loading as u8),
         next_request: AtomicU64::new(0),
         in_flight: AtomicUsize::new(0),
         idle: Notify::new(),
     });
+
+    // However `serve` returns, the batches stop and their files leave the disk.
+    let _files = RemoveFilesOnExit(app.clone());
 
     let n_workers = workers.len();
     let mut ready = Vec::new();
@@ -329,6 +347,16 @@ pub async fn serve(
     }
     tracing::info!("shut down");
     Ok(())
+}
+
+/// See `serve`: files do not outlive the process that holds their index.
+struct RemoveFilesOnExit(Arc<App>);
+
+impl Drop for RemoveFilesOnExit {
+    fn drop(&mut self) {
+        self.0.batches.stop_all();
+        self.0.files.remove_all();
+    }
 }
 
 /// Returns once all `workers` devices have failed; until then keeps the queue's worker count

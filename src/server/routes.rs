@@ -27,8 +27,10 @@ use super::api::{
 };
 use super::auth::Caller;
 use super::batcher::{Item, ItemOutcome, Queue};
+use super::batches;
 use super::encode::{spawn_encode, EncodeTask, Encoded};
 use super::error::{ApiError, BackendError, ErrorMetric, InferError};
+use super::files::http as files;
 use super::metrics::{DropReason, Stage};
 use super::queue::{Entry, RequestId};
 use super::store::StoredImage;
@@ -50,6 +52,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/images/edits", edits)
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
+        .route("/v1/files", post(files::create).get(files::list))
+        .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
+        .route("/v1/batches", post(batches::create).get(batches::list))
+        .route("/v1/batches/{id}", get(batches::retrieve))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
     let router = Router::new()
         .merge(authed)
@@ -339,6 +347,25 @@ async fn edits(
         let bytes = read_body(body, &headers, limit).await?;
         EditForm::parse(bytes, boundary).await?.into_input()?
     };
+    let req = prepare_edit(&app, fields, uploads, |req| {
+        // The key's image quota before the decoding work, as for a generation before its
+        // queueing.
+        app.auth.consume(&caller, 0, req.n, Instant::now())
+    })
+    .await?;
+    run_request(&app, &caller, &headers, req).await
+}
+
+/// An edit's fields and files made a request: the files' headers checked, the fields
+/// validated against them, `admit` asked (the key's quota), then the upload decoded in a slot of
+/// the bounded decoder. Waiting for a slot holds only the upload's bytes; the slot is given back
+/// once the upload is decoded (moved into the blocking task), not held while queued.
+pub(super) async fn prepare_edit(
+    app: &App,
+    fields: serde_json::Map<String, serde_json::Value>,
+    uploads: EditUploads,
+    admit: impl FnOnce(&ValidRequest) -> Result<(), ApiError>,
+) -> Result<ValidRequest, ApiError> {
     let dims = uploads.files().check()?;
     let mut req = validate_edit(
         &serde_json::Value::Object(fields),
@@ -346,43 +373,38 @@ async fn edits(
         &app.config.limits,
         &app.config.model,
     )?;
-    // The key's image quota before the decoding work, as for a generation before its queueing.
-    app.auth.consume(&caller, 0, req.n, Instant::now())?;
+    admit(&req)?;
     let (w, h) = (req.width, req.height);
-    // A slot of the bounded decoder: waiting here holds only the upload's bytes. It is given
-    // back once the upload is decoded (moved into the blocking task), not held while queued.
+    let decode_failed = |e: String| InferError::Encode {
+        format: "the input image",
+        message: e,
+    };
     let slot = app
         .upload_decodes
         .clone()
         .acquire_owned()
         .await
-        .map_err(|e| InferError::Encode {
-            format: "the input image",
-            message: e.to_string(),
-        })?;
+        .map_err(|e| decode_failed(e.to_string()))?;
     let init = tokio::task::spawn_blocking(move || {
         let _slot = slot;
         uploads.files().init_image(dims, w, h)
     })
     .await
-    .map_err(|e| InferError::Encode {
-        format: "the input image",
-        message: e.to_string(),
-    })??;
+    .map_err(|e| decode_failed(e.to_string()))??;
     if let Some(edit) = req.edit.as_mut() {
         edit.image = Some(init);
     }
-    run_request(&app, &caller, &headers, req).await
+    Ok(req)
 }
 
 /// What an edit sends, from either body: its fields as JSON values, and its files.
-struct EditInput {
-    fields: serde_json::Map<String, serde_json::Value>,
-    uploads: EditUploads,
+pub(super) struct EditInput {
+    pub(super) fields: serde_json::Map<String, serde_json::Value>,
+    pub(super) uploads: EditUploads,
 }
 
 /// An edit's files as received: its image, and its mask or markup.
-struct EditUploads {
+pub(super) struct EditUploads {
     image: Bytes,
     mask: Option<Bytes>,
     markup: Option<Bytes>,
@@ -401,7 +423,7 @@ impl EditUploads {
 impl EditInput {
     /// OpenAI's JSON edit: `images`, one image reference (`{"image_url": "data:..."}`), an
     /// optional `mask` or `markup` reference, and the other fields as for a form.
-    fn from_json(value: serde_json::Value) -> Result<Self, ApiError> {
+    pub(super) fn from_json(value: serde_json::Value) -> Result<Self, ApiError> {
         let serde_json::Value::Object(mut fields) = value else {
             return Err(ApiError::NotAnObject(json_kind(&value)));
         };
@@ -596,6 +618,22 @@ async fn run_request(
     headers: &HeaderMap,
     req: ValidRequest,
 ) -> Result<Response, ApiError> {
+    let (seed, token_count) = start_request(app, caller, &req);
+    if req.stream {
+        return stream_images(app, caller, req, seed, token_count);
+    }
+    let base = (req.response_format == ResponseFormat::Url).then(|| url_base(app, headers));
+    let response = images_response(app, caller, &req, seed, token_count, base.as_deref()).await?;
+    Ok(Json(response).into_response())
+}
+
+/// The request's first seed (drawn when it has none), logged with the request; and its prompt's
+/// token count, counted alongside the generation.
+pub(super) fn start_request(
+    app: &App,
+    caller: &Caller,
+    req: &ValidRequest,
+) -> (u64, tokio::task::JoinHandle<u64>) {
     // 32-bit random seeds: easy to read back and type in again.
     let seed = req
         .seed
@@ -616,37 +654,39 @@ async fn run_request(
             "generating"
         }
     );
-    // Tokenising a 32000-character prompt takes milliseconds: off the async workers, and
-    // alongside the generation.
-    let token_count = {
-        let tokens = app.tokens.clone();
-        let (prompt, negative) = (req.prompt.clone(), req.negative_prompt.clone());
-        tokio::task::spawn_blocking(move || {
-            let count = |s: &str| tokens.as_ref().map_or(0, |t| t(s) as u64);
-            count(&prompt)
-                + if negative.is_empty() {
-                    0
-                } else {
-                    count(&negative)
-                }
-        })
-    };
-    if req.stream {
-        return stream_images(app, caller, req, seed, token_count);
-    }
-    let encoded = generate(app, caller, &req, seed).await?;
+    // Tokenising a 32000-character prompt takes milliseconds: off the async workers.
+    let tokens = app.tokens.clone();
+    let (prompt, negative) = (req.prompt.clone(), req.negative_prompt.clone());
+    let token_count = tokio::task::spawn_blocking(move || {
+        let count = |s: &str| tokens.as_ref().map_or(0, |t| t(s) as u64);
+        count(&prompt)
+            + if negative.is_empty() {
+                0
+            } else {
+                count(&negative)
+            }
+    });
+    (seed, token_count)
+}
 
+/// Generates a (non-streamed) request's images and makes its response: base64 images, or with
+/// `url_base` URLs of images kept in the store.
+pub(super) async fn images_response(
+    app: &Arc<App>,
+    caller: &Caller,
+    req: &ValidRequest,
+    seed: u64,
+    token_count: tokio::task::JoinHandle<u64>,
+    url_base: Option<&str>,
+) -> Result<ImagesResponse, ApiError> {
+    let encoded = generate(app, caller, req, seed).await?;
     let now = Instant::now();
-    let base = if req.response_format == ResponseFormat::Url {
-        Some(url_base(app, headers))
-    } else {
-        None
-    };
+    let base = url_base.filter(|_| req.response_format == ResponseFormat::Url);
     let mut data = Vec::with_capacity(encoded.len());
     for (i, task) in encoded.into_iter().enumerate() {
         let (out, took) = task.finish().await?;
         app.metrics.stage(Stage::ImageEncode, took);
-        let (b64_json, url) = match (out, &base) {
+        let (b64_json, url) = match (out, base) {
             (Encoded::Base64(text), _) => (Some(text), None),
             (Encoded::Bytes(bytes), Some(base)) => {
                 let image = StoredImage {
@@ -676,17 +716,16 @@ async fn run_request(
         });
     }
     let text_tokens = token_count.await.unwrap_or(0);
-    let response = ImagesResponse {
+    Ok(ImagesResponse {
         created: unix_secs(),
         data,
         background: "opaque".into(),
         output_format: req.output_format.as_str().into(),
         quality: req.quality.into(),
         size: format!("{}x{}", req.width, req.height),
-        usage: usage(&req, text_tokens, req.n),
+        usage: usage(req, text_tokens, req.n),
         safety_identifier: req.user.clone(),
-    };
-    Ok(Json(response).into_response())
+    })
 }
 
 /// While a request waits for its images: when dropped before `done`, its images still in the
@@ -1037,7 +1076,7 @@ fn content_type_is(headers: &HeaderMap, mime: &str) -> bool {
         .is_some_and(|m| m.trim().eq_ignore_ascii_case(mime))
 }
 
-fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     if content_type_is(headers, "application/json") {
         Ok(())
     } else {
@@ -1055,7 +1094,11 @@ fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
 const DRAIN_CAP: usize = 16 << 20;
 
 /// Reads at most `limit` bytes: a larger declared or actual body is a 413, never buffered.
-async fn read_body(mut body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, ApiError> {
+pub(super) async fn read_body(
+    mut body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -1091,7 +1134,7 @@ async fn drain(mut body: Body, mut seen: usize) {
 }
 
 /// `--public-url`, or `http://` + the `Host` the client used.
-fn url_base(app: &App, headers: &HeaderMap) -> String {
+pub(super) fn url_base(app: &App, headers: &HeaderMap) -> String {
     if let Some(base) = &app.config.public_url {
         return base.trim_end_matches('/').to_string();
     }

@@ -1,0 +1,686 @@
+//! OpenAI's Files API, as far as the Batch API needs it: uploads with purpose `batch` (a
+//! batch's JSONL input), the batches' output and error files (purpose `batch_output`), and
+//! `GET /v1/files`, `GET /v1/files/{id}`, `GET /v1/files/{id}/content`, `DELETE /v1/files/{id}`.
+//!
+//! Contents live on disk, in a directory of this process's own made under `--files-dir` (the
+//! system's temporary directory by default) and removed when the server stops; the index lives
+//! in memory, so files do not survive a restart. A file belongs to the API key that made it:
+//! another key gets 404 for it, as for a file that does not exist. Files expire when their
+//! `expires_after` says (OpenAI's default for batch files: 30 days); expired files are removed
+//! the next time the index is read.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rand::RngCore;
+use serde::Serialize;
+
+use super::error::ApiError;
+
+/// OpenAI's default lifetime of batch input and output files, and its bounds for
+/// `expires_after.seconds` (one hour to 30 days).
+pub const DEFAULT_TTL_SECS: u64 = 30 * 24 * 3600;
+pub const MIN_TTL_SECS: u64 = 3600;
+pub const MAX_TTL_SECS: u64 = 30 * 24 * 3600;
+
+/// OpenAI's file object.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FileObject {
+    pub id: String,
+    pub object: &'static str,
+    pub bytes: u64,
+    pub created_at: u64,
+    pub expires_at: Option<u64>,
+    pub filename: String,
+    pub purpose: &'static str,
+    pub status: &'static str,
+    pub status_details: Option<String>,
+}
+
+/// Who a file or batch belongs to: the index of the API key that made it (`None` on an open
+/// server, where everything is everyone's).
+pub type Owner = Option<usize>;
+
+#[derive(Debug)]
+struct Stored {
+    object: FileObject,
+    owner: Owner,
+    /// Creation order, for lists (`created_at` has whole seconds only).
+    seq: u64,
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    files: HashMap<String, Stored>,
+    next_seq: u64,
+}
+
+/// The files and the directory behind them.
+#[derive(Debug)]
+pub struct FileStore {
+    dir: PathBuf,
+    index: Mutex<Index>,
+}
+
+/// One page of a list: OpenAI's `{"object": "list", "data", "first_id", "last_id", "has_more"}`.
+#[derive(Debug, Serialize)]
+pub struct ListPage<T> {
+    pub object: &'static str,
+    pub data: Vec<T>,
+    pub first_id: Option<String>,
+    pub last_id: Option<String>,
+    pub has_more: bool,
+}
+
+impl<T> ListPage<T> {
+    /// `items` in list order, of which `id` names each; the page is what follows `after` (or
+    /// the start), at most `limit` long. An `after` that is no longer listed (deleted,
+    /// expired) ends the list rather than starting it over, so a client paging on cannot loop.
+    pub fn of(items: Vec<T>, id: impl Fn(&T) -> &str, after: Option<&str>, limit: usize) -> Self {
+        let start = match after {
+            None => 0,
+            Some(a) => items
+                .iter()
+                .position(|item| id(item) == a)
+                .map_or(items.len(), |i| i + 1),
+        };
+        let has_more = items.len() > start + limit;
+        let data: Vec<T> = items.into_iter().skip(start).take(limit).collect();
+        ListPage {
+            object: "list",
+            first_id: data.first().map(|d| id(d).to_string()),
+            last_id: data.last().map(|d| id(d).to_string()),
+            data,
+            has_more,
+        }
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `prefix` + 96 random bits from the thread-local CSPRNG, as hex: ids are unguessable, so one
+/// key cannot find another's files by counting.
+pub fn new_id(prefix: &str) -> String {
+    let mut raw = [0u8; 12];
+    rand::rng().fill_bytes(&mut raw);
+    format!("{prefix}{}", hex::encode(raw))
+}
+
+impl FileStore {
+    /// Makes this process's directory under `root` (the system's temporary directory if `None`).
+    pub fn create(root: Option<&Path>) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let root = root.map_or_else(std::env::temp_dir, Path::to_path_buf);
+        let dir = root.join(format!(
+            "turbine-files-{}-{}",
+            std::process::id(),
+            &new_id("")[..8]
+        ));
+        std::fs::create_dir_all(&dir).with_context(|| {
+            format!(
+                "cannot make the files directory {} (--files-dir)",
+                dir.display()
+            )
+        })?;
+        Ok(FileStore {
+            dir,
+            index: Mutex::new(Index::default()),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the contents of file `id` are (or will be) kept.
+    pub fn path(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a file whose contents are already at [`FileStore::path`]`(id)`.
+    pub fn insert(&self, object: FileObject, owner: Owner) -> FileObject {
+        let mut index = self.lock();
+        let seq = index.next_seq;
+        index.next_seq += 1;
+        index.files.insert(
+            object.id.clone(),
+            Stored {
+                object: object.clone(),
+                owner,
+                seq,
+            },
+        );
+        object
+    }
+
+    /// Drops expired files from the index and the disk.
+    fn sweep(&self, index: &mut Index, now: u64) {
+        let expired: Vec<String> = index
+            .files
+            .iter()
+            .filter(|(_, f)| f.object.expires_at.is_some_and(|t| t <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            index.files.remove(&id);
+            let _ = std::fs::remove_file(self.path(&id));
+        }
+    }
+
+    /// The owner's file `id`, if it exists and has not expired.
+    pub fn get(&self, owner: Owner, id: &str, now: u64) -> Result<FileObject, ApiError> {
+        let mut index = self.lock();
+        self.sweep(&mut index, now);
+        index
+            .files
+            .get(id)
+            .filter(|f| f.owner == owner)
+            .map(|f| f.object.clone())
+            .ok_or_else(|| no_such_file(id))
+    }
+
+    /// The owner's files, newest first (`asc`: oldest first), of `purpose` if given.
+    pub fn list(
+        &self,
+        owner: Owner,
+        purpose: Option<&str>,
+        ascending: bool,
+        now: u64,
+    ) -> Vec<FileObject> {
+        let mut index = self.lock();
+        self.sweep(&mut index, now);
+        let mut files: Vec<&Stored> = index
+            .files
+            .values()
+            .filter(|f| f.owner == owner && purpose.is_none_or(|p| f.object.purpose == p))
+            .collect();
+        files.sort_by_key(|f| f.seq);
+        if !ascending {
+            files.reverse();
+        }
+        files.into_iter().map(|f| f.object.clone()).collect()
+    }
+
+    /// Removes the owner's file `id` from the index and the disk. A batch already reading it
+    /// keeps its open handle.
+    pub fn delete(&self, owner: Owner, id: &str, now: u64) -> Result<FileObject, ApiError> {
+        let object = self.get(owner, id, now)?;
+        self.lock().files.remove(id);
+        let _ = std::fs::remove_file(self.path(id));
+        Ok(object)
+    }
+
+    /// Removes the directory and everything in it (at shutdown).
+    pub fn remove_all(&self) {
+        self.lock().files.clear();
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            tracing::warn!(dir = %self.dir.display(), "could not remove the files directory: {e}");
+        }
+    }
+}
+
+pub fn no_such_file(id: &str) -> ApiError {
+    ApiError::NotFound(format!("No such File object: {id}"))
+}
+
+/// The handlers of `/v1/files`.
+pub mod http {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use axum::extract::{Path, Query, State};
+    use axum::http::{header, HeaderMap};
+    use axum::response::{IntoResponse, Response};
+    use axum::{Extension, Json};
+    use tokio::io::AsyncWriteExt;
+
+    use super::{unix_now, FileObject, ListPage, DEFAULT_TTL_SECS, MAX_TTL_SECS, MIN_TTL_SECS};
+    use crate::server::auth::Caller;
+    use crate::server::error::{ApiError, InferError};
+    use crate::server::App;
+
+    /// What a form carries besides the file: its fields and their boundaries.
+    const FORM_OVERHEAD: u64 = 64 << 10;
+    /// The longest text field this form has (`purpose`, `expires_after[...]`) is a few bytes.
+    const FIELD_LIMIT: u64 = 256;
+    /// OpenAI's limit on a file name.
+    const MAX_FILENAME_BYTES: usize = 255;
+
+    pub fn storage_error(e: impl std::fmt::Display) -> ApiError {
+        InferError::Files(e.to_string()).into()
+    }
+
+    /// Deletes an upload's partial contents unless it is registered.
+    struct Partial(Option<std::path::PathBuf>);
+
+    impl Drop for Partial {
+        fn drop(&mut self) {
+            if let Some(path) = self.0.take() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+
+    fn multipart_error(e: multer::Error, limit: u64) -> ApiError {
+        match e {
+            multer::Error::StreamSizeExceeded { .. } => ApiError::PayloadTooLarge {
+                limit: limit as usize,
+            },
+            multer::Error::FieldSizeExceeded { field_name, .. } => {
+                let name = field_name.unwrap_or_default();
+                ApiError::invalid(
+                    &name,
+                    "invalid_value",
+                    format!("{name} is over {FIELD_LIMIT} bytes"),
+                )
+            }
+            e => ApiError::invalid(
+                "body",
+                "invalid_multipart",
+                format!("could not read the multipart form: {e}"),
+            ),
+        }
+    }
+
+    /// `POST /v1/files`: OpenAI's upload form (`file`, `purpose`, optional
+    /// `expires_after[anchor]` and `expires_after[seconds]`), streamed to disk as it arrives.
+    /// Only `purpose: "batch"` is kept: this server's files are batch inputs.
+    pub async fn create(
+        State(app): State<Arc<App>>,
+        Extension(caller): Extension<Caller>,
+        headers: HeaderMap,
+        body: Body,
+    ) -> Result<Json<FileObject>, ApiError> {
+        let limit = app.config.files.max_file_bytes;
+        let ct = headers.get(header::CONTENT_TYPE);
+        let boundary = ct
+            .and_then(|v| v.to_str().ok())
+            .and_then(|ct| multer::parse_boundary(ct).ok())
+            .ok_or_else(|| ApiError::UnsupportedMediaType {
+                got: ct.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+                expected: "multipart/form-data with a boundary",
+            })?;
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit + FORM_OVERHEAD) {
+            return Err(ApiError::PayloadTooLarge {
+                limit: limit as usize,
+            });
+        }
+        let sizes = multer::SizeLimit::new()
+            .whole_stream(limit + FORM_OVERHEAD)
+            .for_field("purpose", FIELD_LIMIT)
+            .for_field("expires_after[anchor]", FIELD_LIMIT)
+            .for_field("expires_after[seconds]", FIELD_LIMIT);
+        let mut form = multer::Multipart::with_constraints(
+            body.into_data_stream(),
+            boundary,
+            multer::Constraints::new().size_limit(sizes),
+        );
+        let id = super::new_id("file-");
+        let path = app.files.path(&id);
+        let mut partial = Partial(None);
+        let mut file: Option<(String, u64)> = None;
+        let mut fields: HashMap<String, String> = HashMap::new();
+        let bad = |e| multipart_error(e, limit);
+        while let Some(mut field) = form.next_field().await.map_err(bad)? {
+            let name = field.name().unwrap_or_default().to_string();
+            match name.as_str() {
+                "file" => {
+                    if file.is_some() {
+                        return Err(ApiError::invalid(
+                            "file",
+                            "invalid_value",
+                            "one file per upload",
+                        ));
+                    }
+                    let mut filename = field.file_name().unwrap_or("upload.jsonl").to_string();
+                    while filename.len() > MAX_FILENAME_BYTES {
+                        filename.pop();
+                    }
+                    partial.0 = Some(path.clone());
+                    let mut out = tokio::fs::File::create(&path)
+                        .await
+                        .map_err(storage_error)?;
+                    let mut bytes = 0u64;
+                    while let Some(chunk) = field.chunk().await.map_err(bad)? {
+                        bytes += chunk.len() as u64;
+                        if bytes > limit {
+                            return Err(ApiError::PayloadTooLarge {
+                                limit: limit as usize,
+                            });
+                        }
+                        out.write_all(&chunk).await.map_err(storage_error)?;
+                    }
+                    out.flush().await.map_err(storage_error)?;
+                    file = Some((filename, bytes));
+                }
+                "purpose" | "expires_after[anchor]" | "expires_after[seconds]" => {
+                    let text = field.text().await.map_err(bad)?;
+                    if fields.insert(name.clone(), text).is_some() {
+                        return Err(ApiError::invalid(
+                            &name,
+                            "invalid_value",
+                            format!("{name} was given more than once"),
+                        ));
+                    }
+                }
+                _ => {
+                    let shown: String = name.chars().take(64).collect();
+                    return Err(ApiError::invalid(
+                        &shown,
+                        "unknown_parameter",
+                        format!(
+                            "Unknown parameter: '{shown}' (an upload sends file, purpose and \
+                             optionally expires_after[anchor] and expires_after[seconds])"
+                        ),
+                    ));
+                }
+            }
+        }
+        let (filename, bytes) = file.ok_or_else(|| {
+            ApiError::invalid(
+                "file",
+                "missing_required_parameter",
+                "file is required: the JSONL input of a batch, as a file field named file",
+            )
+        })?;
+        match fields.get("purpose").map(String::as_str) {
+            Some("batch") => {}
+            None => {
+                return Err(ApiError::invalid(
+                    "purpose",
+                    "missing_required_parameter",
+                    "purpose is required: batch",
+                ))
+            }
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "purpose",
+                    "invalid_value",
+                    format!(
+                        "this server keeps files for the Batch API only: purpose must be \
+                         batch, got {:?}",
+                        other.chars().take(64).collect::<String>()
+                    ),
+                ))
+            }
+        }
+        let ttl = expires_after(
+            fields.get("expires_after[anchor]").map(String::as_str),
+            fields.get("expires_after[seconds]").map(String::as_str),
+            "expires_after",
+        )?;
+        let now = unix_now();
+        let object = FileObject {
+            id: id.clone(),
+            object: "file",
+            bytes,
+            created_at: now,
+            expires_at: Some(now + ttl.unwrap_or(DEFAULT_TTL_SECS)),
+            filename,
+            purpose: "batch",
+            status: "processed",
+            status_details: None,
+        };
+        partial.0 = None;
+        tracing::info!(file = %id, bytes, "file uploaded");
+        Ok(Json(app.files.insert(object, caller.owner())))
+    }
+
+    /// OpenAI's `expires_after` (`anchor` `created_at`, `seconds` one hour to 30 days) as
+    /// seconds; `None` when absent. `param` names the object in errors.
+    pub fn expires_after(
+        anchor: Option<&str>,
+        seconds: Option<&str>,
+        param: &str,
+    ) -> Result<Option<u64>, ApiError> {
+        let (anchor, seconds) = match (anchor, seconds) {
+            (None, None) => return Ok(None),
+            (Some(a), Some(s)) => (a, s),
+            _ => {
+                return Err(ApiError::invalid(
+                    param,
+                    "missing_required_parameter",
+                    format!("{param} needs both anchor (created_at) and seconds"),
+                ))
+            }
+        };
+        if anchor != "created_at" {
+            return Err(ApiError::invalid(
+                &format!("{param}.anchor"),
+                "invalid_value",
+                format!("{param}.anchor must be created_at"),
+            ));
+        }
+        match seconds.trim().parse::<u64>() {
+            Ok(s) if (MIN_TTL_SECS..=MAX_TTL_SECS).contains(&s) => Ok(Some(s)),
+            _ => Err(ApiError::invalid(
+                &format!("{param}.seconds"),
+                "invalid_value",
+                format!(
+                    "{param}.seconds must be a whole number between {MIN_TTL_SECS} (one hour) \
+                     and {MAX_TTL_SECS} (30 days), got {:?}",
+                    seconds.chars().take(32).collect::<String>()
+                ),
+            )),
+        }
+    }
+
+    /// A list's `limit` (1 to `max`, default `max`), `order` (`asc` or `desc`) and `after`.
+    pub struct ListParams {
+        pub limit: usize,
+        pub ascending: bool,
+        pub after: Option<String>,
+    }
+
+    impl ListParams {
+        pub fn parse(
+            query: &HashMap<String, String>,
+            max: usize,
+            extra: &[&str],
+        ) -> Result<Self, ApiError> {
+            if let Some(k) = query.keys().find(|k| {
+                !["limit", "order", "after"].contains(&k.as_str()) && !extra.contains(&k.as_str())
+            }) {
+                let shown: String = k.chars().take(64).collect();
+                return Err(ApiError::invalid(
+                    &shown,
+                    "unknown_parameter",
+                    format!("Unknown parameter: '{shown}'"),
+                ));
+            }
+            let limit = match query.get("limit") {
+                None => max,
+                Some(v) => match v.parse::<usize>() {
+                    Ok(n) if (1..=max).contains(&n) => n,
+                    _ => {
+                        return Err(ApiError::invalid(
+                            "limit",
+                            "invalid_value",
+                            format!("limit must be between 1 and {max}"),
+                        ))
+                    }
+                },
+            };
+            let ascending = match query.get("order").map(String::as_str) {
+                None | Some("desc") => false,
+                Some("asc") => true,
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        "order",
+                        "invalid_value",
+                        "order must be asc or desc",
+                    ))
+                }
+            };
+            Ok(ListParams {
+                limit,
+                ascending,
+                after: query.get("after").cloned(),
+            })
+        }
+    }
+
+    /// `GET /v1/files`: the key's files, newest first; `purpose`, `limit` (at most 10,000),
+    /// `order` and `after` as at OpenAI.
+    pub async fn list(
+        State(app): State<Arc<App>>,
+        Extension(caller): Extension<Caller>,
+        Query(query): Query<HashMap<String, String>>,
+    ) -> Result<Json<ListPage<FileObject>>, ApiError> {
+        let params = ListParams::parse(&query, 10_000, &["purpose"])?;
+        let files = app.files.list(
+            caller.owner(),
+            query.get("purpose").map(String::as_str),
+            params.ascending,
+            unix_now(),
+        );
+        Ok(Json(ListPage::of(
+            files,
+            |f| &f.id,
+            params.after.as_deref(),
+            params.limit,
+        )))
+    }
+
+    pub async fn retrieve(
+        State(app): State<Arc<App>>,
+        Extension(caller): Extension<Caller>,
+        Path(id): Path<String>,
+    ) -> Result<Json<FileObject>, ApiError> {
+        app.files.get(caller.owner(), &id, unix_now()).map(Json)
+    }
+
+    /// `GET /v1/files/{id}/content`: the bytes, streamed from disk (a batch's output may be
+    /// gigabytes of base64 images).
+    pub async fn content(
+        State(app): State<Arc<App>>,
+        Extension(caller): Extension<Caller>,
+        Path(id): Path<String>,
+    ) -> Result<Response, ApiError> {
+        let object = app.files.get(caller.owner(), &id, unix_now())?;
+        let file = tokio::fs::File::open(app.files.path(&id))
+            .await
+            .map_err(storage_error)?;
+        let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 256 << 10));
+        Ok((
+            [
+                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                (header::CONTENT_LENGTH, object.bytes.to_string()),
+            ],
+            body,
+        )
+            .into_response())
+    }
+
+    /// OpenAI's answer to a delete.
+    #[derive(serde::Serialize)]
+    pub struct Deleted {
+        id: String,
+        object: &'static str,
+        deleted: bool,
+    }
+
+    pub async fn delete(
+        State(app): State<Arc<App>>,
+        Extension(caller): Extension<Caller>,
+        Path(id): Path<String>,
+    ) -> Result<Json<Deleted>, ApiError> {
+        let object = app.files.delete(caller.owner(), &id, unix_now())?;
+        tracing::info!(file = %object.id, "file deleted");
+        Ok(Json(Deleted {
+            id: object.id,
+            object: "file",
+            deleted: true,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(id: &str, purpose: &'static str, expires_at: Option<u64>) -> FileObject {
+        FileObject {
+            id: id.into(),
+            object: "file",
+            bytes: 3,
+            created_at: 100,
+            expires_at,
+            filename: "in.jsonl".into(),
+            purpose,
+            status: "processed",
+            status_details: None,
+        }
+    }
+
+    #[test]
+    fn files_belong_to_their_key_expire_and_leave_the_disk() {
+        let root = tempfile::tempdir().unwrap();
+        let store = FileStore::create(Some(root.path())).unwrap();
+        for (id, owner, purpose, expires) in [
+            ("file-a", Some(0), "batch", None),
+            ("file-b", Some(0), "batch_output", Some(200)),
+            ("file-c", Some(1), "batch", None),
+        ] {
+            std::fs::write(store.path(id), "abc").unwrap();
+            store.insert(object(id, purpose, expires), owner);
+        }
+        assert!(store.get(Some(0), "file-a", 150).is_ok());
+        // Another key's file is as absent as a missing one.
+        assert!(store.get(Some(1), "file-a", 150).is_err());
+        let ids = |files: Vec<FileObject>| files.into_iter().map(|f| f.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(store.list(Some(0), None, false, 150)),
+            ["file-b", "file-a"]
+        );
+        assert_eq!(
+            ids(store.list(Some(0), None, true, 150)),
+            ["file-a", "file-b"]
+        );
+        assert_eq!(
+            ids(store.list(Some(0), Some("batch"), false, 150)),
+            ["file-a"]
+        );
+        // Expired: gone from the index and the disk.
+        assert_eq!(ids(store.list(Some(0), None, false, 200)), ["file-a"]);
+        assert!(!store.path("file-b").exists());
+        store.delete(Some(0), "file-a", 200).unwrap();
+        assert!(!store.path("file-a").exists());
+        assert!(store.delete(Some(0), "file-a", 200).is_err());
+        store.remove_all();
+        assert!(!store.dir().exists());
+    }
+
+    #[test]
+    fn list_pages_follow_after_and_limit() {
+        let items: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+        let page = ListPage::of(items.clone(), |s| s, None, 2);
+        assert_eq!(
+            (page.data.as_slice(), page.has_more),
+            (&["a".to_string(), "b".into()][..], true)
+        );
+        assert_eq!(page.last_id.as_deref(), Some("b"));
+        let page = ListPage::of(items.clone(), |s| s, Some("b"), 2);
+        assert_eq!((page.data.len(), page.has_more), (2, false));
+        assert_eq!(page.first_id.as_deref(), Some("c"));
+        for after in ["d", "gone"] {
+            let page = ListPage::of(items.clone(), |s| s, Some(after), 2);
+            assert!(page.data.is_empty() && page.first_id.is_none() && !page.has_more);
+        }
+    }
+}
