@@ -232,6 +232,50 @@ async function testRateLimit(baseURL, limitedKey) {
   assert.ok(Number(e.headers.get("retry-after")) >= 1);
 }
 
+async function testBatch(client) {
+  // An edits batch (the Python test runs generations): JSON edits with data URLs as lines.
+  const input = (await client.images.generate({ prompt: "a quay", size: "64x64", seed: 41 })).data[0];
+  const image = `data:image/png;base64,${input.b64_json}`;
+  const lines = [0, 1].map((i) =>
+    JSON.stringify({
+      custom_id: `quay-${i}`,
+      method: "POST",
+      url: "/v1/images/edits",
+      body: { prompt: `the quay at night ${i}`, images: [{ image_url: image }], seed: 60 + i },
+    }),
+  );
+  const file = await client.files.create({
+    file: await toFile(Buffer.from(lines.join("\n")), "edits.jsonl"),
+    purpose: "batch",
+  });
+  assert.equal(file.purpose, "batch");
+  let batch = await client.batches.create({
+    input_file_id: file.id,
+    endpoint: "/v1/images/edits",
+    completion_window: "24h",
+  });
+  const deadline = Date.now() + 300_000;
+  while (!["completed", "failed", "cancelled", "expired"].includes(batch.status)) {
+    assert.ok(Date.now() < deadline, `the batch never ended: ${JSON.stringify(batch)}`);
+    await new Promise((r) => setTimeout(r, 50));
+    batch = await client.batches.retrieve(batch.id);
+  }
+  assert.equal(batch.status, "completed", JSON.stringify(batch));
+  assert.deepEqual(batch.request_counts, { total: 2, completed: 2, failed: 0 });
+  assert.equal(batch.error_file_id, null);
+  const text = await (await client.files.content(batch.output_file_id)).text();
+  const results = text.trim().split("\n").map((l) => JSON.parse(l));
+  assert.deepEqual(results.map((r) => r.custom_id).sort(), ["quay-0", "quay-1"]);
+  for (const r of results) {
+    assert.equal(r.response.status_code, 200);
+    const out = r.response.body.data[0];
+    assert.equal(out.seed, 60 + Number(r.custom_id.split("-")[1]));
+    assert.deepEqual(pngSize(b64(out)), [64, 64]);
+  }
+  const page = await client.batches.list({ limit: 1 });
+  assert.equal(page.data[0].id, batch.id);
+}
+
 async function main() {
   const args = process.argv.slice(2);
   const arg = (name) => {
@@ -248,6 +292,7 @@ async function main() {
     ["stream", () => testStream(client)],
     ["edit", () => testEdit(client)],
     ["models", () => testModels(client)],
+    ["batch", () => testBatch(client)],
     ["errors", () => testErrors(client, baseURL)],
     ["RateLimitError", () => testRateLimit(baseURL, arg("--limited-key"))],
   ];

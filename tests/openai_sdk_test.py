@@ -258,6 +258,66 @@ def test_rate_limit(base_url: str, limited_key: str):
     assert int(e.response.headers["retry-after"]) >= 1
 
 
+def test_batch(client: OpenAI):
+    """The Batch API as OpenAI's batch guide uses it: upload JSONL, create, poll, read."""
+    import json
+    import time
+
+    lines = [
+        {
+            "custom_id": f"lighthouse-{i}",
+            "method": "POST",
+            "url": "/v1/images/generations",
+            "body": {"model": "gpt-image-1", "prompt": f"a lighthouse, study {i}", "size": "64x64", "seed": 700 + i},
+        }
+        for i in range(3)
+    ]
+    lines.append({"custom_id": "too-big", "method": "POST", "url": "/v1/images/generations",
+                  "body": {"prompt": "x", "n": 11}})
+    data = "\n".join(json.dumps(line) for line in lines).encode()
+    uploaded = client.files.create(file=("requests.jsonl", data), purpose="batch")
+    assert uploaded.purpose == "batch" and uploaded.bytes == len(data) and uploaded.status == "processed"
+    assert uploaded.filename == "requests.jsonl"
+    assert client.files.retrieve(uploaded.id).id == uploaded.id
+
+    batch = client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/images/generations",
+        completion_window="24h",
+        metadata={"job": "sdk"},
+    )
+    assert batch.status == "validating" and batch.metadata == {"job": "sdk"}
+    deadline = time.monotonic() + 300
+    while batch.status not in ("completed", "failed", "cancelled", "expired"):
+        assert time.monotonic() < deadline, f"the batch never ended: {batch}"
+        time.sleep(0.05)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed", batch
+    assert batch.request_counts.total == 4
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (3, 1)
+    assert batch.usage is not None and batch.usage.output_tokens == 3 * 64
+
+    results = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(r["custom_id"] for r in results) == ["lighthouse-0", "lighthouse-1", "lighthouse-2"]
+    for r in results:
+        assert r["response"]["status_code"] == 200
+        resp = openai.types.ImagesResponse.model_validate(r["response"]["body"])
+        i = int(r["custom_id"].rsplit("-", 1)[1])
+        assert seed_of(resp.data[0]) == 700 + i
+        assert png_size(base64.b64decode(resp.data[0].b64_json)) == (64, 64)
+    errors = [json.loads(line) for line in client.files.content(batch.error_file_id).text.splitlines()]
+    assert [e["custom_id"] for e in errors] == ["too-big"]
+    assert errors[0]["response"]["status_code"] == 400
+    assert errors[0]["response"]["body"]["error"]["param"] == "n"
+
+    assert batch.id in [b.id for b in client.batches.list(limit=5)]
+    outputs = [f.id for f in client.files.list(purpose="batch_output")]
+    assert batch.output_file_id in outputs and batch.error_file_id in outputs
+    assert client.files.delete(uploaded.id).deleted
+    expect(openai.NotFoundError, lambda: client.files.retrieve(uploaded.id))
+    expect(openai.BadRequestError, lambda: client.batches.cancel(batch.id))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base-url", required=True)
@@ -273,6 +333,7 @@ def main() -> int:
         ("stream", lambda: test_stream(client)),
         ("edit", lambda: test_edit(client)),
         ("models", lambda: test_models(client)),
+        ("batch", lambda: test_batch(client)),
         ("retired variations", lambda: test_retired_variations(client)),
         ("BadRequestError", lambda: test_bad_request(client)),
         ("AuthenticationError", lambda: test_authentication(args.base_url)),
