@@ -2544,6 +2544,12 @@ fn a_batch_of_generations_makes_the_same_images_as_direct_requests() {
     assert_eq!(batch["usage"]["output_tokens"], 3 * 64);
     assert!(batch["usage"]["input_tokens"].as_u64().unwrap() > 0);
 
+    let m = s.metrics();
+    for (outcome, n) in [("completed", 2.0), ("failed", 2.0), ("not_run", 0.0)] {
+        let series = format!("turbine_batch_api_requests_total{{outcome=\"{outcome}\"}}");
+        assert_eq!(metric_in(&m, &series), n, "{series}");
+    }
+    s.wait_metric("turbine_batch_api_running", |v| v == 0.0);
     let output = s.file_lines(None, batch["output_file_id"].as_str().unwrap());
     let errors = s.file_lines(None, batch["error_file_id"].as_str().unwrap());
     let (output, errors) = (results_by_id(&output), results_by_id(&errors));
@@ -2826,6 +2832,10 @@ fn a_cancelled_batch_keeps_what_ran_and_lists_what_did_not() {
     assert!((1..=2).contains(&ran), "{batch}");
     let errors = s.file_lines(None, batch["error_file_id"].as_str().unwrap());
     assert_eq!(errors.len() as u64, 6 - ran);
+    assert_eq!(
+        s.metric("turbine_batch_api_requests_total{outcome=\"not_run\"}"),
+        (6 - ran) as f64
+    );
     for e in &errors {
         assert!(e["response"].is_null());
         assert_eq!(e["error"]["code"], "batch_cancelled");
@@ -2838,4 +2848,65 @@ fn a_cancelled_batch_keeps_what_ran_and_lists_what_did_not() {
         .collect();
     ids.sort();
     assert_eq!(ids, ["r0", "r1", "r2", "r3", "r4", "r5"]);
+}
+
+/// Records the prompts of every batch the device runs, in order.
+struct RecordsPrompts(Pipeline, Arc<std::sync::Mutex<Vec<String>>>);
+
+impl ImageBackend for RecordsPrompts {
+    fn generate(
+        &mut self,
+        settings: &GenerationSettings,
+        items: &[ImageRequest],
+    ) -> anyhow::Result<GeneratedBatch> {
+        let mut seen = self.1.lock().unwrap();
+        seen.extend(items.iter().map(|i| i.prompt.clone()));
+        drop(seen);
+        self.0.generate(settings, items, None)
+    }
+}
+
+/// A batch is background work: its images wait at low priority, so an interactive request
+/// that arrives after them still runs first.
+#[test]
+fn interactive_requests_go_before_a_batch_s_queued_images() {
+    let mut config = test_config();
+    config.batching.max_batch_size = 1;
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = {
+        let seen = seen.clone();
+        Arc::new(TestServer::start_with(config, move |p| {
+            Box::new(RecordsPrompts(p, seen))
+        }))
+    };
+    let blocker_thread = {
+        let s = s.clone();
+        std::thread::spawn(move || s.generate_ok(&blocker()))
+    };
+    s.wait_metric("turbine_images_enqueued_total", |v| v >= 6.0);
+    let g = "/v1/images/generations";
+    let jsonl = [
+        batch_line("b0", g, json!({"prompt": "batch 0"})),
+        batch_line("b1", g, json!({"prompt": "batch 1"})),
+    ]
+    .join("\n");
+    let (_, file) = s.upload(None, &jsonl);
+    let (_, batch) = s.call(
+        "POST",
+        "/v1/batches",
+        None,
+        Some(json!({"input_file_id": file["id"], "endpoint": g, "completion_window": "24h"})),
+    );
+    // Both batch images queued behind the blocker, then the interactive request.
+    s.wait_metric("turbine_images_enqueued_total", |v| v >= 8.0);
+    s.generate_ok(&json!({"prompt": "interactive"}));
+    let batch = s.wait_batch(None, batch["id"].as_str().unwrap());
+    blocker_thread.join().unwrap();
+    assert_eq!(batch["status"], "completed");
+    let seen = seen.lock().unwrap().clone();
+    let at = |p: &str| seen.iter().position(|s| s == p).unwrap();
+    assert!(
+        at("interactive") < at("batch 0") && at("interactive") < at("batch 1"),
+        "{seen:?}"
+    );
 }

@@ -36,6 +36,7 @@ use super::auth::Caller;
 use super::error::{ApiError, InferError};
 use super::files::http::{expires_after, storage_error, ListParams};
 use super::files::{new_id, no_such_file, unix_now, FileObject, ListPage, Owner, DEFAULT_TTL_SECS};
+use super::metrics::BatchRequestOutcome;
 use super::queue::Priority;
 use super::validate::{json_kind, validate, ValidRequest};
 use super::{routes, App, Phase};
@@ -766,6 +767,13 @@ impl Run {
             response,
             error,
         };
+        self.app
+            .metrics
+            .batch_api_request(match (ok, &record.error) {
+                (true, _) => BatchRequestOutcome::Completed,
+                (false, None) => BatchRequestOutcome::Failed,
+                (false, Some(_)) => BatchRequestOutcome::NotRun,
+            });
         let writer = if ok { &self.output } else { &self.errors };
         if let Err(e) = writer.lock().await.write(&self.app, &record).await {
             tracing::error!(batch = %self.id, "cannot write a batch result: {e}");
@@ -789,6 +797,13 @@ struct Job {
 /// Runs a batch: validates its input, runs its requests at most [`App::batch_slots`] at a
 /// time across all batches, then registers its output and error files.
 async fn run_batch(run: Arc<Run>, job: Job) {
+    run.app.metrics.batch_api_running(1);
+    let app = run.app.clone();
+    run_batch_inner(run, job).await;
+    app.metrics.batch_api_running(-1);
+}
+
+async fn run_batch_inner(run: Arc<Run>, job: Job) {
     let app = run.app.clone();
     let max = app.config.files.max_batch_requests;
     let endpoint = job.endpoint;

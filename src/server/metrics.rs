@@ -147,6 +147,18 @@ pub struct Metrics {
     prompts: [AtomicU64; 3],
     queue_images: AtomicI64,
     in_flight: AtomicI64,
+    /// Requests of the Batch API by outcome: completed, failed, not run.
+    batch_api_requests: [AtomicU64; 3],
+    batch_api_running: AtomicI64,
+}
+
+/// What became of one request of a Batch API batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchRequestOutcome {
+    Completed,
+    Failed,
+    /// Cancelled or expired before it ran.
+    NotRun,
 }
 
 impl Default for Metrics {
@@ -176,6 +188,8 @@ impl Metrics {
             prompts: Default::default(),
             queue_images: AtomicI64::new(0),
             in_flight: AtomicI64::new(0),
+            batch_api_requests: Default::default(),
+            batch_api_running: AtomicI64::new(0),
         }
     }
 
@@ -274,6 +288,15 @@ impl Metrics {
 
     pub fn set_queue_images(&self, n: usize) {
         self.queue_images.store(n as i64, Ordering::Relaxed);
+    }
+
+    pub fn batch_api_request(&self, outcome: BatchRequestOutcome) {
+        self.batch_api_requests[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A Batch API batch started (+1) or ended (-1).
+    pub fn batch_api_running(&self, delta: i64) {
+        self.batch_api_running.fetch_add(delta, Ordering::Relaxed);
     }
 
     pub fn in_flight(&self, delta: i64) {
@@ -395,6 +418,34 @@ impl Metrics {
                 n.load(Ordering::Relaxed)
             );
         }
+        header(
+            &mut out,
+            "turbine_batch_api_requests_total",
+            "counter",
+            "Requests of Batch API batches (/v1/batches) by outcome: completed, failed, or not \
+             run (the batch was cancelled or expired first).",
+        );
+        for (outcome, n) in ["completed", "failed", "not_run"]
+            .iter()
+            .zip(&self.batch_api_requests)
+        {
+            let _ = writeln!(
+                out,
+                "turbine_batch_api_requests_total{{outcome=\"{outcome}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        header(
+            &mut out,
+            "turbine_batch_api_running",
+            "gauge",
+            "Batch API batches validating or running.",
+        );
+        let _ = writeln!(
+            out,
+            "turbine_batch_api_running {}",
+            self.batch_api_running.load(Ordering::Relaxed)
+        );
         header(
             &mut out,
             "turbine_batch_size",
