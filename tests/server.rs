@@ -2910,3 +2910,100 @@ fn interactive_requests_go_before_a_batch_s_queued_images() {
         "{seen:?}"
     );
 }
+
+/// Takes a while over every batch, so a batch is still running when its server stops.
+struct Slow(Pipeline);
+
+impl ImageBackend for Slow {
+    fn generate(
+        &mut self,
+        settings: &GenerationSettings,
+        items: &[ImageRequest],
+    ) -> anyhow::Result<GeneratedBatch> {
+        std::thread::sleep(Duration::from_millis(150));
+        self.0.generate(settings, items, None)
+    }
+}
+
+/// With `--files-dir`, a restart keeps the files and resumes an unfinished batch where it
+/// stopped: every request's result exactly once, the same images as without the restart.
+#[test]
+fn a_batch_goes_on_after_a_restart_with_files_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config();
+    config.batching.max_batch_size = 1;
+    config.files.dir = Some(dir.path().to_path_buf());
+    let g = "/v1/images/generations";
+    let body = |i: u64| json!({"prompt": format!("crate {i}"), "seed": 40 + i});
+    let jsonl: Vec<String> = (0..8)
+        .map(|i| batch_line(&format!("c{i}"), g, body(i)))
+        .collect();
+    let (file_id, batch_id) = {
+        let s = TestServer::start_with(config.clone(), |p| Box::new(Slow(p)));
+        let (_, file) = s.upload(None, &jsonl.join("\n"));
+        let (_, batch) = s.call(
+            "POST",
+            "/v1/batches",
+            None,
+            Some(json!({"input_file_id": file["id"], "endpoint": g, "completion_window": "24h"})),
+        );
+        let id = batch["id"].as_str().unwrap().to_string();
+        let start = Instant::now();
+        loop {
+            let (_, b) = s.call("GET", &format!("/v1/batches/{id}"), None, None);
+            if b["request_counts"]["completed"].as_u64().unwrap() >= 1 {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(300), "{b}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (file["id"].as_str().unwrap().to_string(), id)
+    };
+    // Stopped half-way: the record on disk says so, and some results are written.
+    let record: Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join(format!("batches/{batch_id}.json"))).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["object"]["status"], "in_progress");
+    let partial =
+        std::fs::read_to_string(dir.path().join(format!("batches/{batch_id}.output.jsonl")))
+            .unwrap();
+    let before = partial.lines().count();
+    assert!(
+        (1..8).contains(&before),
+        "{before} results before the restart"
+    );
+
+    let s = TestServer::start(config);
+    let (status, file) = s.call("GET", &format!("/v1/files/{file_id}"), None, None);
+    assert_eq!((status, &file["purpose"]), (200, &json!("batch")));
+    let batch = s.wait_batch(None, &batch_id);
+    assert_eq!(batch["status"], "completed", "{batch}");
+    assert_eq!(
+        batch["request_counts"],
+        json!({"total": 8, "completed": 8, "failed": 0})
+    );
+    assert_eq!(batch["usage"]["output_tokens"], 8 * 64);
+    assert!(batch["error_file_id"].is_null());
+    let output = s.file_lines(None, batch["output_file_id"].as_str().unwrap());
+    let mut ids: Vec<&str> = output
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7"]);
+    for line in &output {
+        let i: u64 = line["custom_id"].as_str().unwrap()[1..].parse().unwrap();
+        let direct = s.generate_ok(&body(i));
+        assert!(
+            decode_b64(&line["response"]["body"]["data"][0]) == decode_b64(&direct["data"][0]),
+            "c{i}: the image differs from the same request sent directly"
+        );
+    }
+    // The batch's working files are gone; its results are files of the Files API.
+    let left: Vec<String> = std::fs::read_dir(dir.path().join("batches"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, [format!("{batch_id}.json")]);
+}

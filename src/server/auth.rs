@@ -179,13 +179,16 @@ struct Entry {
 pub struct Caller {
     /// Index of the key, `None` on an open server.
     key: Option<usize>,
+    /// The first half of the key's SHA-256: names the owner of its files and batches on disk,
+    /// the same across restarts and reordered key files, without storing the key.
+    fingerprint: Option<[u8; 16]>,
     pub priority: Priority,
 }
 
 impl Caller {
-    /// Whose files and batches this caller sees: those of its key.
-    pub fn owner(&self) -> Option<usize> {
-        self.key
+    /// Whose files and batches this caller sees: those of its key (`None` on an open server).
+    pub fn owner(&self) -> Option<String> {
+        self.fingerprint.map(hex::encode)
     }
 }
 
@@ -233,6 +236,7 @@ impl Authenticator {
         let mut caller = if self.is_open() {
             Caller {
                 key: None,
+                fingerprint: None,
                 priority: Priority::Normal,
             }
         } else {
@@ -246,8 +250,12 @@ impl Authenticator {
                 .filter(|k| !k.is_empty())
                 .ok_or(ApiError::MissingApiKey)?;
             let index = self.lookup(presented).ok_or(ApiError::InvalidApiKey)?;
+            let digest = &self.entries[index].digest;
+            let mut fingerprint = [0u8; 16];
+            fingerprint.copy_from_slice(&digest[..16]);
             Caller {
                 key: Some(index),
+                fingerprint: Some(fingerprint),
                 priority: self.entries[index].priority,
             }
         };
@@ -266,6 +274,30 @@ impl Authenticator {
             }
         }
         Ok(caller)
+    }
+
+    /// The caller a batch runs as after a restart: the configured key whose fingerprint is
+    /// `owner` (at normal priority; the batch lowers it), or `None` if that key is gone. A batch
+    /// of an open server runs as nobody in particular while the server stays open.
+    pub fn caller_for(&self, owner: &Option<String>) -> Option<Caller> {
+        match owner {
+            None => self.is_open().then_some(Caller {
+                key: None,
+                fingerprint: None,
+                priority: Priority::Normal,
+            }),
+            Some(hex_print) => self.entries.iter().enumerate().find_map(|(i, e)| {
+                (hex::encode(&e.digest[..16]) == *hex_print).then(|| {
+                    let mut fingerprint = [0u8; 16];
+                    fingerprint.copy_from_slice(&e.digest[..16]);
+                    Caller {
+                        key: Some(i),
+                        fingerprint: Some(fingerprint),
+                        priority: Priority::Normal,
+                    }
+                })
+            }),
+        }
     }
 
     /// Compares the presented key's SHA-256 with every configured key's, in constant time and

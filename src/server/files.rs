@@ -2,20 +2,23 @@
 //! batch's JSONL input), the batches' output and error files (purpose `batch_output`), and
 //! `GET /v1/files`, `GET /v1/files/{id}`, `GET /v1/files/{id}/content`, `DELETE /v1/files/{id}`.
 //!
-//! Contents live on disk, in a directory of this process's own made under `--files-dir` (the
-//! system's temporary directory by default) and removed when the server stops; the index lives
-//! in memory, so files do not survive a restart. A file belongs to the API key that made it:
-//! another key gets 404 for it, as for a file that does not exist. Files expire when their
-//! `expires_after` says (OpenAI's default for batch files: 30 days); expired files are removed
-//! the next time the index is read.
+//! Contents live on disk, each file next to a small JSON record of its object and owner:
+//! `DIR/files/{id}` and `DIR/files/{id}.json`, written before the file is listed. With
+//! `--files-dir DIR` they survive restarts (the records are read back at start-up, and a lock
+//! file keeps a second server out of the directory); without it DIR is a directory of this
+//! process's own in the system's temporary directory, removed when the server stops. A file
+//! belongs to the API key that made it: another key gets 404 for it, as for a file that does not
+//! exist. Files expire when their `expires_after` says (OpenAI's default for batch files: 30
+//! days); expired files are removed the next time the index is read.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use anyhow::Context;
 use rand::RngCore;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 
@@ -26,42 +29,64 @@ pub const MIN_TTL_SECS: u64 = 3600;
 pub const MAX_TTL_SECS: u64 = 30 * 24 * 3600;
 
 /// OpenAI's file object.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FileObject {
     pub id: String,
-    pub object: &'static str,
+    pub object: String,
     pub bytes: u64,
     pub created_at: u64,
     pub expires_at: Option<u64>,
     pub filename: String,
-    pub purpose: &'static str,
-    pub status: &'static str,
+    pub purpose: String,
+    pub status: String,
     pub status_details: Option<String>,
 }
 
-/// Who a file or batch belongs to: the index of the API key that made it (`None` on an open
-/// server, where everything is everyone's).
-pub type Owner = Option<usize>;
+impl FileObject {
+    /// A processed file made now, of `bytes` bytes, expiring after `ttl` seconds.
+    pub fn new(id: String, filename: String, purpose: &str, bytes: u64, ttl: u64) -> Self {
+        let now = unix_now();
+        FileObject {
+            id,
+            object: "file".into(),
+            bytes,
+            created_at: now,
+            expires_at: Some(now + ttl),
+            filename,
+            purpose: purpose.into(),
+            status: "processed".into(),
+            status_details: None,
+        }
+    }
+}
 
-#[derive(Debug)]
+/// Who a file or batch belongs to: the fingerprint of the API key that made it
+/// ([`super::auth::Caller::owner`]); `None` on an open server, where everything is everyone's.
+pub type Owner = Option<String>;
+
+/// A file's record on disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Stored {
     object: FileObject,
     owner: Owner,
-    /// Creation order, for lists (`created_at` has whole seconds only).
-    seq: u64,
 }
 
 #[derive(Debug, Default)]
 struct Index {
-    files: HashMap<String, Stored>,
+    /// With their creation order, for lists (`created_at` has whole seconds only).
+    files: HashMap<String, (Stored, u64)>,
     next_seq: u64,
 }
 
 /// The files and the directory behind them.
 #[derive(Debug)]
 pub struct FileStore {
-    dir: PathBuf,
+    root: PathBuf,
+    /// Whether the directory outlives the process (`--files-dir`).
+    persistent: bool,
     index: Mutex<Index>,
+    /// Held open while the server runs: its exclusive lock keeps other servers out.
+    _lock: std::fs::File,
 }
 
 /// One page of a list: OpenAI's `{"object": "list", "data", "first_id", "last_id", "has_more"}`.
@@ -112,55 +137,163 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}{}", hex::encode(raw))
 }
 
+/// Writes `value` as JSON to `path` through a temporary file and a rename, so a crash leaves
+/// the old record or the new one, never half of one.
+pub fn write_record(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(value).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, path)
+}
+
 impl FileStore {
-    /// Makes this process's directory under `root` (the system's temporary directory if `None`).
-    pub fn create(root: Option<&Path>) -> anyhow::Result<Self> {
-        use anyhow::Context;
-        let root = root.map_or_else(std::env::temp_dir, Path::to_path_buf);
-        let dir = root.join(format!(
-            "turbine-files-{}-{}",
-            std::process::id(),
-            &new_id("")[..8]
-        ));
-        std::fs::create_dir_all(&dir).with_context(|| {
+    /// Opens `dir` (`--files-dir`), reading back the files kept there, or makes a directory of
+    /// this process's own in the system's temporary directory when `dir` is `None`.
+    pub fn open(dir: Option<&Path>) -> anyhow::Result<Self> {
+        use fs2::FileExt;
+        let (root, persistent) = match dir {
+            Some(d) => (d.to_path_buf(), true),
+            None => (
+                std::env::temp_dir().join(format!(
+                    "turbine-files-{}-{}",
+                    std::process::id(),
+                    &new_id("")[..8]
+                )),
+                false,
+            ),
+        };
+        for d in [root.join("files"), root.join("batches")] {
+            std::fs::create_dir_all(&d).with_context(|| {
+                format!(
+                    "cannot make the files directory {} (--files-dir)",
+                    d.display()
+                )
+            })?;
+        }
+        let lock_path = root.join(".lock");
+        let lock = std::fs::File::create(&lock_path)
+            .with_context(|| format!("cannot create {}", lock_path.display()))?;
+        lock.try_lock_exclusive().with_context(|| {
             format!(
-                "cannot make the files directory {} (--files-dir)",
-                dir.display()
+                "another turbine server uses {} (--files-dir): give each server its own",
+                root.display()
             )
         })?;
-        Ok(FileStore {
-            dir,
+        let store = FileStore {
+            root,
+            persistent,
             index: Mutex::new(Index::default()),
-        })
+            _lock: lock,
+        };
+        store.load()?;
+        Ok(store)
+    }
+
+    /// Reads the records back, oldest first; contents without a record (an upload cut off by a
+    /// crash) and records without their contents are removed.
+    fn load(&self) -> anyhow::Result<()> {
+        let dir = self.root.join("files");
+        let mut records = Vec::new();
+        let mut contents = Vec::new();
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?
+        {
+            let path = entry?.path();
+            match path.extension().and_then(|e| e.to_str()) {
+                Some("json") => match std::fs::read(&path)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Stored>(&b).ok())
+                {
+                    Some(stored) => records.push(stored),
+                    None => {
+                        tracing::warn!(path = %path.display(), "removing an unreadable file record");
+                        let _ = std::fs::remove_file(&path);
+                    }
+                },
+                Some(_) => {
+                    let _ = std::fs::remove_file(&path);
+                }
+                None => contents.push(path),
+            }
+        }
+        records.sort_by(|a, b| {
+            (a.object.created_at, &a.object.id).cmp(&(b.object.created_at, &b.object.id))
+        });
+        let mut index = self.lock();
+        for stored in records {
+            let content = self.path(&stored.object.id);
+            if std::fs::metadata(&content).map(|m| m.len()).ok() != Some(stored.object.bytes) {
+                tracing::warn!(file = %stored.object.id, "removing a file whose contents are missing or cut short");
+                let _ = std::fs::remove_file(self.record_path(&stored.object.id));
+                let _ = std::fs::remove_file(&content);
+                continue;
+            }
+            let seq = index.next_seq;
+            index.next_seq += 1;
+            index.files.insert(stored.object.id.clone(), (stored, seq));
+        }
+        for path in contents {
+            let known = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|id| index.files.contains_key(id));
+            if !known {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        if !index.files.is_empty() {
+            tracing::info!(files = index.files.len(), dir = %dir.display(), "files read back");
+        }
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.root
+    }
+
+    pub fn persistent(&self) -> bool {
+        self.persistent
+    }
+
+    /// Where the batches keep their records and their files in the making.
+    pub fn batches_dir(&self) -> PathBuf {
+        self.root.join("batches")
     }
 
     /// Where the contents of file `id` are (or will be) kept.
     pub fn path(&self, id: &str) -> PathBuf {
-        self.dir.join(id)
+        self.root.join("files").join(id)
+    }
+
+    fn record_path(&self, id: &str) -> PathBuf {
+        self.root.join("files").join(format!("{id}.json"))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a file whose contents are already at [`FileStore::path`]`(id)`.
-    pub fn insert(&self, object: FileObject, owner: Owner) -> FileObject {
+    /// Registers a file whose contents are already at [`FileStore::path`]`(id)`: its record is
+    /// written first, so a listed file is a kept one.
+    pub fn insert(&self, object: FileObject, owner: Owner) -> std::io::Result<FileObject> {
+        let stored = Stored {
+            object: object.clone(),
+            owner,
+        };
+        write_record(&self.record_path(&object.id), &stored)?;
         let mut index = self.lock();
         let seq = index.next_seq;
         index.next_seq += 1;
-        index.files.insert(
-            object.id.clone(),
-            Stored {
-                object: object.clone(),
-                owner,
-                seq,
-            },
-        );
-        object
+        index.files.insert(object.id.clone(), (stored, seq));
+        Ok(object)
+    }
+
+    fn remove(&self, index: &mut Index, id: &str) {
+        index.files.remove(id);
+        let _ = std::fs::remove_file(self.record_path(id));
+        let _ = std::fs::remove_file(self.path(id));
     }
 
     /// Drops expired files from the index and the disk.
@@ -168,63 +301,65 @@ impl FileStore {
         let expired: Vec<String> = index
             .files
             .iter()
-            .filter(|(_, f)| f.object.expires_at.is_some_and(|t| t <= now))
+            .filter(|(_, (f, _))| f.object.expires_at.is_some_and(|t| t <= now))
             .map(|(id, _)| id.clone())
             .collect();
         for id in expired {
-            index.files.remove(&id);
-            let _ = std::fs::remove_file(self.path(&id));
+            self.remove(index, &id);
         }
     }
 
     /// The owner's file `id`, if it exists and has not expired.
-    pub fn get(&self, owner: Owner, id: &str, now: u64) -> Result<FileObject, ApiError> {
+    pub fn get(&self, owner: &Owner, id: &str, now: u64) -> Result<FileObject, ApiError> {
         let mut index = self.lock();
         self.sweep(&mut index, now);
         index
             .files
             .get(id)
-            .filter(|f| f.owner == owner)
-            .map(|f| f.object.clone())
+            .filter(|(f, _)| &f.owner == owner)
+            .map(|(f, _)| f.object.clone())
             .ok_or_else(|| no_such_file(id))
     }
 
     /// The owner's files, newest first (`asc`: oldest first), of `purpose` if given.
     pub fn list(
         &self,
-        owner: Owner,
+        owner: &Owner,
         purpose: Option<&str>,
         ascending: bool,
         now: u64,
     ) -> Vec<FileObject> {
         let mut index = self.lock();
         self.sweep(&mut index, now);
-        let mut files: Vec<&Stored> = index
+        let mut files: Vec<&(Stored, u64)> = index
             .files
             .values()
-            .filter(|f| f.owner == owner && purpose.is_none_or(|p| f.object.purpose == p))
+            .filter(|(f, _)| &f.owner == owner && purpose.is_none_or(|p| f.object.purpose == p))
             .collect();
-        files.sort_by_key(|f| f.seq);
+        files.sort_by_key(|(_, seq)| *seq);
         if !ascending {
             files.reverse();
         }
-        files.into_iter().map(|f| f.object.clone()).collect()
+        files.into_iter().map(|(f, _)| f.object.clone()).collect()
     }
 
-    /// Removes the owner's file `id` from the index and the disk. A batch already reading it
-    /// keeps its open handle.
-    pub fn delete(&self, owner: Owner, id: &str, now: u64) -> Result<FileObject, ApiError> {
+    /// Removes the owner's file `id` from the index and the disk (a batch reading it has its
+    /// own link to the contents).
+    pub fn delete(&self, owner: &Owner, id: &str, now: u64) -> Result<FileObject, ApiError> {
         let object = self.get(owner, id, now)?;
-        self.lock().files.remove(id);
-        let _ = std::fs::remove_file(self.path(id));
+        let mut index = self.lock();
+        self.remove(&mut index, id);
         Ok(object)
     }
 
-    /// Removes the directory and everything in it (at shutdown).
-    pub fn remove_all(&self) {
+    /// At shutdown: removes the directory of a server without `--files-dir`.
+    pub fn close(&self) {
+        if self.persistent {
+            return;
+        }
         self.lock().files.clear();
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            tracing::warn!(dir = %self.dir.display(), "could not remove the files directory: {e}");
+        if let Err(e) = std::fs::remove_dir_all(&self.root) {
+            tracing::warn!(dir = %self.root.display(), "could not remove the files directory: {e}");
         }
     }
 }
@@ -424,21 +559,20 @@ pub mod http {
             fields.get("expires_after[seconds]").map(String::as_str),
             "expires_after",
         )?;
-        let now = unix_now();
-        let object = FileObject {
-            id: id.clone(),
-            object: "file",
-            bytes,
-            created_at: now,
-            expires_at: Some(now + ttl.unwrap_or(DEFAULT_TTL_SECS)),
+        let object = FileObject::new(
+            id.clone(),
             filename,
-            purpose: "batch",
-            status: "processed",
-            status_details: None,
-        };
+            "batch",
+            bytes,
+            ttl.unwrap_or(DEFAULT_TTL_SECS),
+        );
+        let object = app
+            .files
+            .insert(object, caller.owner())
+            .map_err(storage_error)?;
         partial.0 = None;
         tracing::info!(file = %id, bytes, "file uploaded");
-        Ok(Json(app.files.insert(object, caller.owner())))
+        Ok(Json(object))
     }
 
     /// OpenAI's `expires_after` (`anchor` `created_at`, `seconds` one hour to 30 days) as
@@ -544,7 +678,7 @@ pub mod http {
     ) -> Result<Json<ListPage<FileObject>>, ApiError> {
         let params = ListParams::parse(&query, 10_000, &["purpose"])?;
         let files = app.files.list(
-            caller.owner(),
+            &caller.owner(),
             query.get("purpose").map(String::as_str),
             params.ascending,
             unix_now(),
@@ -562,7 +696,7 @@ pub mod http {
         Extension(caller): Extension<Caller>,
         Path(id): Path<String>,
     ) -> Result<Json<FileObject>, ApiError> {
-        app.files.get(caller.owner(), &id, unix_now()).map(Json)
+        app.files.get(&caller.owner(), &id, unix_now()).map(Json)
     }
 
     /// `GET /v1/files/{id}/content`: the bytes, streamed from disk (a batch's output may be
@@ -572,7 +706,7 @@ pub mod http {
         Extension(caller): Extension<Caller>,
         Path(id): Path<String>,
     ) -> Result<Response, ApiError> {
-        let object = app.files.get(caller.owner(), &id, unix_now())?;
+        let object = app.files.get(&caller.owner(), &id, unix_now())?;
         let file = tokio::fs::File::open(app.files.path(&id))
             .await
             .map_err(storage_error)?;
@@ -600,7 +734,7 @@ pub mod http {
         Extension(caller): Extension<Caller>,
         Path(id): Path<String>,
     ) -> Result<Json<Deleted>, ApiError> {
-        let object = app.files.delete(caller.owner(), &id, unix_now())?;
+        let object = app.files.delete(&caller.owner(), &id, unix_now())?;
         tracing::info!(file = %object.id, "file deleted");
         Ok(Json(Deleted {
             id: object.id,
@@ -614,56 +748,61 @@ pub mod http {
 mod tests {
     use super::*;
 
-    fn object(id: &str, purpose: &'static str, expires_at: Option<u64>) -> FileObject {
-        FileObject {
-            id: id.into(),
-            object: "file",
-            bytes: 3,
-            created_at: 100,
-            expires_at,
-            filename: "in.jsonl".into(),
-            purpose,
-            status: "processed",
-            status_details: None,
-        }
+    fn object(id: &str, purpose: &str, expires_at: Option<u64>) -> FileObject {
+        let mut f = FileObject::new(id.into(), "in.jsonl".into(), purpose, 3, 0);
+        f.created_at = 100;
+        f.expires_at = expires_at;
+        f
     }
 
     #[test]
     fn files_belong_to_their_key_expire_and_leave_the_disk() {
         let root = tempfile::tempdir().unwrap();
-        let store = FileStore::create(Some(root.path())).unwrap();
+        let dir = root.path().join("files-dir");
+        let store = FileStore::open(Some(&dir)).unwrap();
+        let (a, b) = (Some("a".to_string()), Some("b".to_string()));
         for (id, owner, purpose, expires) in [
-            ("file-a", Some(0), "batch", None),
-            ("file-b", Some(0), "batch_output", Some(200)),
-            ("file-c", Some(1), "batch", None),
+            ("file-a", &a, "batch", None),
+            ("file-b", &a, "batch_output", Some(200)),
+            ("file-c", &b, "batch", None),
         ] {
             std::fs::write(store.path(id), "abc").unwrap();
-            store.insert(object(id, purpose, expires), owner);
+            store
+                .insert(object(id, purpose, expires), owner.clone())
+                .unwrap();
         }
-        assert!(store.get(Some(0), "file-a", 150).is_ok());
+        assert!(store.get(&a, "file-a", 150).is_ok());
         // Another key's file is as absent as a missing one.
-        assert!(store.get(Some(1), "file-a", 150).is_err());
+        assert!(store.get(&b, "file-a", 150).is_err());
         let ids = |files: Vec<FileObject>| files.into_iter().map(|f| f.id).collect::<Vec<_>>();
-        assert_eq!(
-            ids(store.list(Some(0), None, false, 150)),
-            ["file-b", "file-a"]
-        );
-        assert_eq!(
-            ids(store.list(Some(0), None, true, 150)),
-            ["file-a", "file-b"]
-        );
-        assert_eq!(
-            ids(store.list(Some(0), Some("batch"), false, 150)),
-            ["file-a"]
-        );
+        assert_eq!(ids(store.list(&a, None, false, 150)), ["file-b", "file-a"]);
+        assert_eq!(ids(store.list(&a, None, true, 150)), ["file-a", "file-b"]);
+        assert_eq!(ids(store.list(&a, Some("batch"), false, 150)), ["file-a"]);
+
+        // A second server is kept out; once this one stops, the files are read back, and
+        // contents without a record (an upload cut off) are removed.
+        assert!(FileStore::open(Some(&dir)).is_err());
+        std::fs::write(store.path("file-partial"), "ab").unwrap();
+        drop(store);
+        let store = FileStore::open(Some(&dir)).unwrap();
+        assert_eq!(ids(store.list(&a, None, false, 150)), ["file-b", "file-a"]);
+        assert_eq!(ids(store.list(&b, None, false, 150)), ["file-c"]);
+        assert!(!store.path("file-partial").exists());
+
         // Expired: gone from the index and the disk.
-        assert_eq!(ids(store.list(Some(0), None, false, 200)), ["file-a"]);
+        assert_eq!(ids(store.list(&a, None, false, 200)), ["file-a"]);
         assert!(!store.path("file-b").exists());
-        store.delete(Some(0), "file-a", 200).unwrap();
+        store.delete(&a, "file-a", 200).unwrap();
         assert!(!store.path("file-a").exists());
-        assert!(store.delete(Some(0), "file-a", 200).is_err());
-        store.remove_all();
-        assert!(!store.dir().exists());
+        assert!(store.delete(&a, "file-a", 200).is_err());
+        // A kept directory stays; a private one goes.
+        store.close();
+        assert!(dir.exists());
+        let private = FileStore::open(None).unwrap();
+        let private_dir = private.dir().to_path_buf();
+        assert!(private_dir.exists());
+        private.close();
+        assert!(!private_dir.exists());
     }
 
     #[test]

@@ -217,8 +217,13 @@ pub async fn serve(
     };
     let max_batch = b.max_batch_size;
     let health = Arc::new(DeviceHealth::default());
-    let files = files::FileStore::create(config.files.dir.as_deref())?;
-    tracing::info!(dir = %files.dir().display(), "files of the Files and Batch APIs are kept here until the server stops");
+    let files = files::FileStore::open(config.files.dir.as_deref())?;
+    if files.persistent() {
+        tracing::info!(dir = %files.dir().display(), "files and batches are kept here across restarts");
+    } else {
+        tracing::info!(dir = %files.dir().display(), "files and batches are kept here until the server stops (--files-dir keeps them across restarts)");
+    }
+    let batches = batches::Batches::open(files.batches_dir())?;
     let batch_slots = 2 * max_batch * workers.len();
     let app = Arc::new(App {
         store: Mutex::new(ImageStore::new(config.store.ttl, config.store.max_bytes)),
@@ -233,7 +238,7 @@ pub async fn serve(
             .map_or(0, |d| d.as_secs()),
         upload_decodes: Arc::new(tokio::sync::Semaphore::new(UPLOAD_DECODE_SLOTS)),
         files,
-        batches: batches::Batches::default(),
+        batches,
         batch_slots: Arc::new(tokio::sync::Semaphore::new(batch_slots)),
         phase: AtomicU8::new(Phase::Loading as u8),
         next_request: AtomicU64::new(0),
@@ -241,8 +246,10 @@ pub async fn serve(
         idle: Notify::new(),
     });
 
-    // However `serve` returns, the batches stop and their files leave the disk.
-    let _files = RemoveFilesOnExit(app.clone());
+    // However `serve` returns, the batches stop (to resume after a restart with --files-dir)
+    // and a private files directory leaves the disk.
+    let _files = CloseFilesOnExit(app.clone());
+    batches::resume(&app);
 
     let n_workers = workers.len();
     let mut ready = Vec::new();
@@ -349,13 +356,17 @@ pub async fn serve(
     Ok(())
 }
 
-/// See `serve`: files do not outlive the process that holds their index.
-struct RemoveFilesOnExit(Arc<App>);
+/// See `serve`.
+struct CloseFilesOnExit(Arc<App>);
 
-impl Drop for RemoveFilesOnExit {
+impl Drop for CloseFilesOnExit {
     fn drop(&mut self) {
-        self.0.batches.stop_all();
-        self.0.files.remove_all();
+        // Batches still running see the server stopping: they write nothing more and, with
+        // --files-dir, resume after a restart.
+        if self.0.phase() != Phase::Failed {
+            self.0.set_phase(Phase::ShuttingDown);
+        }
+        self.0.files.close();
     }
 }
 

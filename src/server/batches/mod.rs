@@ -1,0 +1,767 @@
+//! OpenAI's Batch API for image requests: `POST /v1/batches` over an uploaded JSONL file of
+//! `/v1/images/generations` or `/v1/images/edits` requests, `GET /v1/batches[/{id}]`,
+//! `POST /v1/batches/{id}/cancel`; the results come back as an output file (and an error file)
+//! of the Files API, one JSON line per request, as at OpenAI.
+//!
+//! A batch is background work: its images enter the same queue as everyone's, at priority
+//! `low`, and all running batches together hold at most [`App::batch_slots`] requests in
+//! flight, so interactive requests keep the queue's capacity and go first (until a batch image
+//! has waited past the priority aging, so batches never starve). A request that meets a full
+//! queue or times out in it is retried, with its seed kept, until the batch's completion window
+//! ends; the key's images-per-minute limit is waited for, not failed. A line that is invalid
+//! (bad fields, an undecodable image) fails alone, into the error file.
+//!
+//! Statuses: `validating` (every line read: JSON, a unique `custom_id`, `POST`, the batch's
+//! `url`, a `body`; any error fails the batch with the lines at fault) → `in_progress` →
+//! `finalizing` → `completed`; `cancelling` → `cancelled` and `expired` keep what finished, and
+//! list every request that did not run in the error file (`batch_cancelled`, `batch_expired`).
+//!
+//! Each batch's record (`{id}.json` in the batches directory, written at every change of
+//! status) and its results, appended as they come ([`run`]), let a server with `--files-dir`
+//! resume its unfinished batches after a restart.
+
+mod input;
+mod run;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::{Extension, Json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+pub use input::{read_lines, Line};
+
+use super::api::Usage;
+use super::auth::Caller;
+use super::error::{ApiError, InferError};
+use super::files::http::{expires_after, storage_error, ListParams};
+use super::files::{
+    new_id, no_such_file, unix_now, write_record, ListPage, Owner, DEFAULT_TTL_SECS,
+};
+use super::validate::json_kind;
+use super::{routes, App, Phase};
+
+/// The endpoints a batch may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Endpoint {
+    #[serde(rename = "/v1/images/generations")]
+    Generations,
+    #[serde(rename = "/v1/images/edits")]
+    Edits,
+}
+
+impl Endpoint {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "/v1/images/generations" => Some(Endpoint::Generations),
+            "/v1/images/edits" => Some(Endpoint::Edits),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Generations => "/v1/images/generations",
+            Endpoint::Edits => "/v1/images/edits",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Validating,
+    Failed,
+    InProgress,
+    Finalizing,
+    Completed,
+    Expired,
+    Cancelling,
+    Cancelled,
+}
+
+impl Status {
+    fn as_str(self) -> &'static str {
+        match self {
+            Status::Validating => "validating",
+            Status::Failed => "failed",
+            Status::InProgress => "in_progress",
+            Status::Finalizing => "finalizing",
+            Status::Completed => "completed",
+            Status::Expired => "expired",
+            Status::Cancelling => "cancelling",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the batch still has work to do (a restart resumes it).
+    fn running(self) -> bool {
+        matches!(
+            self,
+            Status::Validating | Status::InProgress | Status::Finalizing | Status::Cancelling
+        )
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct RequestCounts {
+    pub total: u64,
+    pub completed: u64,
+    pub failed: u64,
+}
+
+/// One reason a batch failed validation (OpenAI's `BatchError`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LineError {
+    pub code: String,
+    pub message: String,
+    pub param: Option<String>,
+    /// 1-based line of the input file.
+    pub line: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BatchErrors {
+    pub object: String,
+    pub data: Vec<LineError>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CachedTokens {
+    pub cached_tokens: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReasoningTokens {
+    pub reasoning_tokens: u64,
+}
+
+/// The batch's tokens so far: the sums of its images' `usage`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BatchUsage {
+    pub input_tokens: u64,
+    pub input_tokens_details: CachedTokens,
+    pub output_tokens: u64,
+    pub output_tokens_details: ReasoningTokens,
+    pub total_tokens: u64,
+}
+
+impl BatchUsage {
+    pub fn add(&mut self, u: &Usage) {
+        self.input_tokens += u.input_tokens;
+        self.output_tokens += u.output_tokens;
+        self.total_tokens += u.total_tokens;
+    }
+}
+
+/// OpenAI's batch object.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BatchObject {
+    pub id: String,
+    pub object: String,
+    pub endpoint: String,
+    pub model: String,
+    pub errors: Option<BatchErrors>,
+    pub input_file_id: String,
+    pub completion_window: String,
+    pub status: Status,
+    pub output_file_id: Option<String>,
+    pub error_file_id: Option<String>,
+    pub created_at: u64,
+    pub in_progress_at: Option<u64>,
+    pub expires_at: Option<u64>,
+    pub finalizing_at: Option<u64>,
+    pub completed_at: Option<u64>,
+    pub failed_at: Option<u64>,
+    pub expired_at: Option<u64>,
+    pub cancelling_at: Option<u64>,
+    pub cancelled_at: Option<u64>,
+    pub request_counts: RequestCounts,
+    pub usage: BatchUsage,
+    pub metadata: Option<serde_json::Map<String, Value>>,
+}
+
+/// How a batch's run ended, for its final status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Done,
+    Cancelled,
+    Expired,
+}
+
+impl BatchObject {
+    pub fn start(&mut self, now: u64, total: u64) {
+        if self.status == Status::Validating {
+            self.status = Status::InProgress;
+        }
+        self.in_progress_at = Some(now);
+        self.request_counts.total = total;
+    }
+
+    pub fn fail(&mut self, now: u64, errors: Vec<LineError>) {
+        self.status = Status::Failed;
+        self.failed_at = Some(now);
+        self.errors = Some(BatchErrors {
+            object: "list".into(),
+            data: errors,
+        });
+    }
+
+    /// Asked to cancel: from `validating` or `in_progress`, `cancelling` (what runs finishes);
+    /// again while cancelling, nothing changes. A batch past that cannot be cancelled.
+    pub fn cancel(&mut self, now: u64) -> Result<(), ApiError> {
+        match self.status {
+            Status::Validating | Status::InProgress => {
+                self.status = Status::Cancelling;
+                self.cancelling_at = Some(now);
+                Ok(())
+            }
+            Status::Cancelling => Ok(()),
+            other => Err(ApiError::invalid(
+                "batch_id",
+                "invalid_state",
+                format!("Cannot cancel a batch with status '{}'.", other.as_str()),
+            )),
+        }
+    }
+
+    pub fn finalizing(&mut self, now: u64) {
+        if self.status == Status::InProgress {
+            self.status = Status::Finalizing;
+        }
+        self.finalizing_at = Some(now);
+    }
+
+    pub fn finish(&mut self, now: u64, ending: Ending) {
+        let (status, at) = match ending {
+            _ if self.status == Status::Cancelling => (Status::Cancelled, &mut self.cancelled_at),
+            Ending::Cancelled => (Status::Cancelled, &mut self.cancelled_at),
+            Ending::Expired => (Status::Expired, &mut self.expired_at),
+            Ending::Done => (Status::Completed, &mut self.completed_at),
+        };
+        *at = Some(now);
+        self.status = status;
+    }
+
+    /// Counts one request's outcome; `usage` for one that made images.
+    pub fn record(&mut self, ok: bool, usage: Option<&Usage>) {
+        if ok {
+            self.request_counts.completed += 1;
+        } else {
+            self.request_counts.failed += 1;
+        }
+        if let Some(u) = usage {
+            self.usage.add(u);
+        }
+    }
+}
+
+/// A batch as kept on disk: its object and what running it needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub object: BatchObject,
+    pub owner: Owner,
+    pub endpoint: Endpoint,
+    /// Seconds the output and error files are kept (`output_expires_after`).
+    pub output_ttl: u64,
+    /// The base of `url` responses: the server's address as the batch's creator saw it.
+    pub url_base: Option<String>,
+}
+
+struct Entry {
+    record: Record,
+    seq: u64,
+    cancel: CancellationToken,
+}
+
+/// Every batch, by id, and the directory of their records.
+pub struct Batches {
+    dir: PathBuf,
+    inner: Mutex<(HashMap<String, Entry>, u64)>,
+}
+
+impl Batches {
+    /// Reads back the records in `dir`, oldest first.
+    pub fn open(dir: PathBuf) -> anyhow::Result<Self> {
+        let mut records = Vec::new();
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?
+        {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            match std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
+            {
+                Some(r) => records.push(r),
+                None => {
+                    tracing::warn!(path = %path.display(), "skipping an unreadable batch record")
+                }
+            }
+        }
+        records.sort_by(|a, b| {
+            (a.object.created_at, &a.object.id).cmp(&(b.object.created_at, &b.object.id))
+        });
+        let batches = Batches {
+            dir,
+            inner: Mutex::new((HashMap::new(), 0)),
+        };
+        for record in records {
+            batches.add(record, CancellationToken::new());
+        }
+        Ok(batches)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (HashMap<String, Entry>, u64)> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(&self, record: Record, cancel: CancellationToken) {
+        let mut inner = self.lock();
+        let seq = inner.1;
+        inner.1 += 1;
+        inner.0.insert(
+            record.object.id.clone(),
+            Entry {
+                record,
+                seq,
+                cancel,
+            },
+        );
+    }
+
+    fn save(&self, record: &Record) -> std::io::Result<()> {
+        write_record(&self.dir.join(format!("{}.json", record.object.id)), record)
+    }
+
+    /// A new batch, written down before it is listed.
+    fn insert(&self, record: Record, cancel: CancellationToken) -> std::io::Result<()> {
+        self.save(&record)?;
+        self.add(record, cancel);
+        Ok(())
+    }
+
+    pub fn get(&self, owner: &Owner, id: &str) -> Result<BatchObject, ApiError> {
+        self.lock()
+            .0
+            .get(id)
+            .filter(|e| &e.record.owner == owner)
+            .map(|e| e.record.object.clone())
+            .ok_or_else(|| ApiError::NotFound(format!("No such Batch object: {id}")))
+    }
+
+    /// The owner's batches, newest first.
+    pub fn list(&self, owner: &Owner) -> Vec<BatchObject> {
+        let inner = self.lock();
+        let mut entries: Vec<&Entry> = inner
+            .0
+            .values()
+            .filter(|e| &e.record.owner == owner)
+            .collect();
+        entries.sort_by_key(|e| std::cmp::Reverse(e.seq));
+        entries
+            .into_iter()
+            .map(|e| e.record.object.clone())
+            .collect()
+    }
+
+    /// Changes batch `id`'s counts in memory (a no-op if it is gone): a restart recounts them
+    /// from the results.
+    fn update(&self, id: &str, f: impl FnOnce(&mut BatchObject)) {
+        if let Some(e) = self.lock().0.get_mut(id) {
+            f(&mut e.record.object);
+        }
+    }
+
+    /// Changes batch `id`'s status and writes its record.
+    fn transition(&self, id: &str, f: impl FnOnce(&mut BatchObject)) {
+        let record = {
+            let mut inner = self.lock();
+            let Some(e) = inner.0.get_mut(id) else { return };
+            f(&mut e.record.object);
+            e.record.clone()
+        };
+        if let Err(e) = self.save(&record) {
+            tracing::error!(batch = %id, "cannot write the batch's record: {e}");
+        }
+    }
+
+    pub fn cancel(&self, owner: &Owner, id: &str, now: u64) -> Result<BatchObject, ApiError> {
+        let record = {
+            let mut inner = self.lock();
+            let entry = inner
+                .0
+                .get_mut(id)
+                .filter(|e| &e.record.owner == owner)
+                .ok_or_else(|| ApiError::NotFound(format!("No such Batch object: {id}")))?;
+            entry.record.object.cancel(now)?;
+            entry.cancel.cancel();
+            entry.record.clone()
+        };
+        self.save(&record).map_err(storage_error)?;
+        Ok(record.object)
+    }
+
+    /// The batches a restart interrupted, with their cancellation tokens (already cancelled for
+    /// one that was cancelling).
+    fn unfinished(&self) -> Vec<(Record, CancellationToken)> {
+        let inner = self.lock();
+        let mut entries: Vec<&Entry> = inner
+            .0
+            .values()
+            .filter(|e| e.record.object.status.running())
+            .collect();
+        entries.sort_by_key(|e| e.seq);
+        entries
+            .into_iter()
+            .map(|e| {
+                if e.record.object.status == Status::Cancelling {
+                    e.cancel.cancel();
+                }
+                (e.record.clone(), e.cancel.clone())
+            })
+            .collect()
+    }
+}
+
+/// Resumes the batches a restart interrupted (`serve` calls it once the server is up; their
+/// requests wait for the model to load).
+pub fn resume(app: &Arc<App>) {
+    for (record, cancel) in app.batches.unfinished() {
+        tracing::info!(batch = %record.object.id, status = record.object.status.as_str(), "resuming a batch");
+        run::spawn(app, &record, cancel);
+    }
+}
+
+fn field<'a>(
+    fields: &'a serde_json::Map<String, Value>,
+    name: &str,
+) -> Result<Option<&'a str>, ApiError> {
+    match fields.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(ApiError::invalid(
+            name,
+            "invalid_type",
+            format!("{name} must be a string, got {}", json_kind(other)),
+        )),
+    }
+}
+
+fn required<'a>(
+    fields: &'a serde_json::Map<String, Value>,
+    name: &str,
+) -> Result<&'a str, ApiError> {
+    field(fields, name)?.ok_or_else(|| {
+        ApiError::invalid(
+            name,
+            "missing_required_parameter",
+            format!("Missing required parameter: '{name}'."),
+        )
+    })
+}
+
+/// OpenAI's metadata: at most 16 pairs, keys up to 64 characters, string values up to 512.
+fn metadata(value: Option<&Value>) -> Result<Option<serde_json::Map<String, Value>>, ApiError> {
+    let bad = |message: String| ApiError::invalid("metadata", "invalid_value", message);
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(map)) => {
+            if map.len() > 16 {
+                return Err(bad(format!(
+                    "metadata has at most 16 pairs, got {}",
+                    map.len()
+                )));
+            }
+            for (k, v) in map {
+                let ok = k.chars().count() <= 64
+                    && matches!(v, Value::String(s) if s.chars().count() <= 512);
+                if !ok {
+                    return Err(bad(
+                        "metadata keys are at most 64 characters and values strings of at most \
+                         512"
+                        .into(),
+                    ));
+                }
+            }
+            Ok(Some(map.clone()))
+        }
+        Some(other) => Err(bad(format!(
+            "metadata must be an object, got {}",
+            json_kind(other)
+        ))),
+    }
+}
+
+/// `POST /v1/batches`.
+pub async fn create(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<BatchObject>, ApiError> {
+    match app.phase() {
+        Phase::ShuttingDown => return Err(InferError::ShuttingDown.into()),
+        Phase::Failed => return Err(app.device_failed().into()),
+        Phase::Loading | Phase::Ready => {}
+    }
+    routes::check_json_content_type(&headers)?;
+    let bytes = routes::read_body(body, &headers, app.config.limits.max_body_bytes).await?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::InvalidJson(format!(
+            "We could not parse the JSON body of your request: {e}"
+        ))
+    })?;
+    let Value::Object(fields) = value else {
+        return Err(ApiError::NotAnObject(json_kind(&value)));
+    };
+    const FIELDS: &[&str] = &[
+        "input_file_id",
+        "endpoint",
+        "completion_window",
+        "metadata",
+        "output_expires_after",
+    ];
+    if let Some(k) = fields.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        let shown: String = k.chars().take(64).collect();
+        return Err(ApiError::invalid(
+            &shown,
+            "unknown_parameter",
+            format!("Unknown parameter: '{shown}'."),
+        ));
+    }
+    let endpoint_name = required(&fields, "endpoint")?;
+    let endpoint = Endpoint::parse(endpoint_name).ok_or_else(|| {
+        ApiError::invalid(
+            "endpoint",
+            "invalid_value",
+            format!(
+                "this server batches image requests: endpoint must be /v1/images/generations \
+                 or /v1/images/edits, got {:?}",
+                endpoint_name.chars().take(64).collect::<String>()
+            ),
+        )
+    })?;
+    if required(&fields, "completion_window")? != "24h" {
+        return Err(ApiError::invalid(
+            "completion_window",
+            "invalid_value",
+            "completion_window must be 24h",
+        ));
+    }
+    let metadata = metadata(fields.get("metadata"))?;
+    let output_ttl = match fields.get("output_expires_after") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(o)) => {
+            let text = |k: &str| match o.get(k) {
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            };
+            expires_after(
+                text("anchor").as_deref(),
+                text("seconds").as_deref(),
+                "output_expires_after",
+            )?
+        }
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "output_expires_after",
+                "invalid_type",
+                format!(
+                    "output_expires_after must be an object, got {}",
+                    json_kind(other)
+                ),
+            ))
+        }
+    };
+    let input_file_id = required(&fields, "input_file_id")?;
+    let now = unix_now();
+    let owner = caller.owner();
+    let input = app.files.get(&owner, input_file_id, now).map_err(|_| {
+        ApiError::invalid(
+            "input_file_id",
+            "invalid_value",
+            no_such_file(input_file_id).to_string(),
+        )
+    })?;
+    if input.purpose != "batch" {
+        return Err(ApiError::invalid(
+            "input_file_id",
+            "invalid_value",
+            format!(
+                "the input file must have purpose batch, {} has {}",
+                input.id, input.purpose
+            ),
+        ));
+    }
+    let id = new_id("batch_");
+    // The batch's own link to the input: deleting the file later does not take it away.
+    let paths = run::Paths::of(&app, &id);
+    let source = app.files.path(&input.id);
+    if std::fs::hard_link(&source, &paths.input).is_err() {
+        std::fs::copy(&source, &paths.input).map_err(storage_error)?;
+    }
+    let window = app.config.files.completion_window;
+    let object = BatchObject {
+        id: id.clone(),
+        object: "batch".into(),
+        endpoint: endpoint.as_str().into(),
+        model: app.config.model.id.clone(),
+        errors: None,
+        input_file_id: input.id.clone(),
+        completion_window: "24h".into(),
+        status: Status::Validating,
+        output_file_id: None,
+        error_file_id: None,
+        created_at: now,
+        in_progress_at: None,
+        expires_at: Some(now + window.as_secs()),
+        finalizing_at: None,
+        completed_at: None,
+        failed_at: None,
+        expired_at: None,
+        cancelling_at: None,
+        cancelled_at: None,
+        request_counts: RequestCounts::default(),
+        usage: BatchUsage::default(),
+        metadata,
+    };
+    let record = Record {
+        object: object.clone(),
+        owner,
+        endpoint,
+        output_ttl: output_ttl.unwrap_or(DEFAULT_TTL_SECS),
+        url_base: Some(routes::url_base(&app, &headers)),
+    };
+    let cancel = CancellationToken::new();
+    if let Err(e) = app.batches.insert(record.clone(), cancel.clone()) {
+        let _ = std::fs::remove_file(&paths.input);
+        return Err(storage_error(e));
+    }
+    tracing::info!(batch = %id, input = %input.id, "batch created");
+    run::spawn(&app, &record, cancel);
+    Ok(Json(object))
+}
+
+pub async fn retrieve(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<BatchObject>, ApiError> {
+    app.batches.get(&caller.owner(), &id).map(Json)
+}
+
+/// `GET /v1/batches`: the key's batches, newest first (`after`, `limit` 1-100, default 20).
+pub async fn list(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<ListPage<BatchObject>>, ApiError> {
+    let mut params = ListParams::parse(&query, 100, &[])?;
+    if query.contains_key("order") {
+        return Err(ApiError::invalid(
+            "order",
+            "unknown_parameter",
+            "Unknown parameter: 'order' (batches are listed newest first)",
+        ));
+    }
+    if !query.contains_key("limit") {
+        params.limit = 20;
+    }
+    let batches = app.batches.list(&caller.owner());
+    Ok(Json(ListPage::of(
+        batches,
+        |b| &b.id,
+        params.after.as_deref(),
+        params.limit,
+    )))
+}
+
+/// `POST /v1/batches/{id}/cancel`: `cancelling` at once; requests already running finish,
+/// the rest are listed in the error file as `batch_cancelled`, then `cancelled`.
+pub async fn cancel(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<BatchObject>, ApiError> {
+    let object = app.batches.cancel(&caller.owner(), &id, unix_now())?;
+    tracing::info!(batch = %id, "batch cancelling");
+    Ok(Json(object))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch() -> BatchObject {
+        BatchObject {
+            id: "batch_1".into(),
+            object: "batch".into(),
+            endpoint: "/v1/images/generations".into(),
+            model: "sdxl-turbo".into(),
+            errors: None,
+            input_file_id: "file-1".into(),
+            completion_window: "24h".into(),
+            status: Status::Validating,
+            output_file_id: None,
+            error_file_id: None,
+            created_at: 1,
+            in_progress_at: None,
+            expires_at: Some(86401),
+            finalizing_at: None,
+            completed_at: None,
+            failed_at: None,
+            expired_at: None,
+            cancelling_at: None,
+            cancelled_at: None,
+            request_counts: RequestCounts::default(),
+            usage: BatchUsage::default(),
+            metadata: None,
+        }
+    }
+
+    #[test]
+    fn statuses_move_as_openai_documents_them() {
+        let mut b = batch();
+        b.start(2, 3);
+        assert_eq!((b.status, b.request_counts.total), (Status::InProgress, 3));
+        b.record(true, None);
+        b.record(false, None);
+        b.finalizing(3);
+        b.finish(4, Ending::Done);
+        assert_eq!((b.status, b.completed_at), (Status::Completed, Some(4)));
+        assert_eq!(
+            (b.request_counts.completed, b.request_counts.failed),
+            (1, 1)
+        );
+        assert!(
+            b.cancel(5).is_err(),
+            "a completed batch cannot be cancelled"
+        );
+
+        let mut b = batch();
+        b.start(2, 3);
+        b.cancel(3).unwrap();
+        b.cancel(4).unwrap();
+        assert_eq!((b.status, b.cancelling_at), (Status::Cancelling, Some(3)));
+        b.finalizing(5);
+        assert_eq!(b.status, Status::Cancelling);
+        b.finish(6, Ending::Done);
+        assert_eq!((b.status, b.cancelled_at), (Status::Cancelled, Some(6)));
+
+        let mut b = batch();
+        b.start(2, 3);
+        b.finish(7, Ending::Expired);
+        assert_eq!((b.status, b.expired_at), (Status::Expired, Some(7)));
+    }
+}
