@@ -13,7 +13,8 @@
 //! Modules: [`config`] (one `ServerConfig`), [`api`] (wire types), [`validate`] (raw JSON →
 //! `ValidRequest`), [`error`] (error layers and the status table), [`queue`] (pure queue
 //! logic), [`batcher`] and [`worker`] (the runtime around it), [`encode`], [`store`],
-//! [`auth`], [`metrics`], [`routes`].
+//! [`auth`], [`metrics`], [`routes`]; OpenAI's Files and Batch APIs in [`files`] and
+//! [`batches`], whose requests go through the same queue at low priority.
 
 pub mod api;
 pub mod auth;

@@ -2,8 +2,9 @@
 //!
 //! Layers, outermost first: `x-request-id` (echo or create; a span per request), request
 //! metrics (by route and status, errors by type), then per route: API-key check and rate
-//! limits (`/v1/images/generations`, `/v1/images/edits`, `/v1/models*`), in-flight tracking for images (what
-//! shutdown waits for). `/health`, `/metrics` and `/v1/images/files/{id}` need no key: probes
+//! limits (`/v1/images/generations`, `/v1/images/edits`, `/v1/models*`, `/v1/files*`,
+//! `/v1/batches*`), in-flight tracking for images (what shutdown waits for; a batch's requests
+//! are not waited for, they resume after a restart). `/health`, `/metrics` and `/v1/images/files/{id}` need no key: probes
 //! and scrapers carry none, and file ids are unguessable, like OpenAI's signed URLs.
 
 use std::sync::Arc;
