@@ -197,6 +197,42 @@ pub enum Ending {
 }
 
 impl BatchObject {
+    /// A batch just created (`validating`), expiring at `expires_at`.
+    pub fn new(
+        id: String,
+        endpoint: Endpoint,
+        model: String,
+        input_file_id: String,
+        created_at: u64,
+        expires_at: u64,
+        metadata: Option<serde_json::Map<String, Value>>,
+    ) -> Self {
+        BatchObject {
+            id,
+            object: "batch".into(),
+            endpoint: endpoint.as_str().into(),
+            model,
+            errors: None,
+            input_file_id,
+            completion_window: "24h".into(),
+            status: Status::Validating,
+            output_file_id: None,
+            error_file_id: None,
+            created_at,
+            in_progress_at: None,
+            expires_at: Some(expires_at),
+            finalizing_at: None,
+            completed_at: None,
+            failed_at: None,
+            expired_at: None,
+            cancelling_at: None,
+            cancelled_at: None,
+            request_counts: RequestCounts::default(),
+            usage: BatchUsage::default(),
+            metadata,
+        }
+    }
+
     pub fn start(&mut self, now: u64, total: u64) {
         if self.status == Status::Validating {
             self.status = Status::InProgress;
@@ -612,30 +648,15 @@ pub async fn create(
         std::fs::copy(&source, &paths.input).map_err(storage_error)?;
     }
     let window = app.config.files.completion_window;
-    let object = BatchObject {
-        id: id.clone(),
-        object: "batch".into(),
-        endpoint: endpoint.as_str().into(),
-        model: app.config.model.id.clone(),
-        errors: None,
-        input_file_id: input.id.clone(),
-        completion_window: "24h".into(),
-        status: Status::Validating,
-        output_file_id: None,
-        error_file_id: None,
-        created_at: now,
-        in_progress_at: None,
-        expires_at: Some(now + window.as_secs()),
-        finalizing_at: None,
-        completed_at: None,
-        failed_at: None,
-        expired_at: None,
-        cancelling_at: None,
-        cancelled_at: None,
-        request_counts: RequestCounts::default(),
-        usage: BatchUsage::default(),
+    let object = BatchObject::new(
+        id.clone(),
+        endpoint,
+        app.config.model.id.clone(),
+        input.id.clone(),
+        now,
+        now + window.as_secs(),
         metadata,
-    };
+    );
     let record = Record {
         object: object.clone(),
         owner,
@@ -704,30 +725,15 @@ mod tests {
     use super::*;
 
     fn batch() -> BatchObject {
-        BatchObject {
-            id: "batch_1".into(),
-            object: "batch".into(),
-            endpoint: "/v1/images/generations".into(),
-            model: "sdxl-turbo".into(),
-            errors: None,
-            input_file_id: "file-1".into(),
-            completion_window: "24h".into(),
-            status: Status::Validating,
-            output_file_id: None,
-            error_file_id: None,
-            created_at: 1,
-            in_progress_at: None,
-            expires_at: Some(86401),
-            finalizing_at: None,
-            completed_at: None,
-            failed_at: None,
-            expired_at: None,
-            cancelling_at: None,
-            cancelled_at: None,
-            request_counts: RequestCounts::default(),
-            usage: BatchUsage::default(),
-            metadata: None,
-        }
+        BatchObject::new(
+            "batch_1".into(),
+            Endpoint::Generations,
+            "sdxl-turbo".into(),
+            "file-1".into(),
+            1,
+            86401,
+            None,
+        )
     }
 
     #[test]

@@ -587,16 +587,12 @@ async fn run_requests(
         Ending::Done
     };
     app.batches.transition(&id, |b| b.finalizing(unix_now()));
-    let output = run
-        .output
-        .lock()
-        .await
+    let mut output = run.output.lock().await;
+    let output = output
         .finish(&app, &record, format!("{id}_output.jsonl"))
         .await?;
-    let errors = run
-        .errors
-        .lock()
-        .await
+    let mut errors = run.errors.lock().await;
+    let errors = errors
         .finish(&app, &record, format!("{id}_error.jsonl"))
         .await?;
     let _ = tokio::fs::remove_file(&paths.input).await;
