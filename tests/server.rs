@@ -3007,3 +3007,30 @@ fn a_batch_goes_on_after_a_restart_with_files_dir() {
         .collect();
     assert_eq!(left, [format!("{batch_id}.json")]);
 }
+
+/// A batch still running when its completion window ends expires: what ran is kept, the rest
+/// is listed as `batch_expired`.
+#[test]
+fn a_batch_past_its_completion_window_expires() {
+    let mut config = test_config();
+    config.batching.max_batch_size = 1;
+    config.files.completion_window = Duration::from_secs(1);
+    let s = TestServer::start_with(config, |p| Box::new(Slow(p)));
+    let g = "/v1/images/generations";
+    let jsonl: Vec<String> = (0..12)
+        .map(|i| batch_line(&format!("e{i}"), g, json!({"prompt": "late", "seed": i})))
+        .collect();
+    let batch = s.run_batch(None, g, &jsonl.join("\n"));
+    assert_eq!(batch["status"], "expired", "{batch}");
+    assert!(batch["expired_at"].as_u64().is_some());
+    let counts = &batch["request_counts"];
+    let ran = counts["completed"].as_u64().unwrap();
+    assert_eq!(
+        (counts["total"].as_u64(), counts["failed"].as_u64()),
+        (Some(12), Some(12 - ran))
+    );
+    assert!(ran < 12, "{batch}");
+    let errors = s.file_lines(None, batch["error_file_id"].as_str().unwrap());
+    assert_eq!(errors.len() as u64, 12 - ran);
+    assert!(errors.iter().all(|e| e["error"]["code"] == "batch_expired"));
+}
