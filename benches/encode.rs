@@ -1,4 +1,5 @@
-//! `cpu/encode/{png,jpeg,webp}`: the server's own image encoder on one 512x512 image; and
+//! `cpu/encode/{png,jpeg,webp,jpeg-80,webp-80}`: the server's own image encoder on one 512x512
+//! image; and
 //! `cpu/decode/...`: an edit's upload made ready for the pipeline (`EditFiles::init_image`: the
 //! decode, the EXIF turn, a markup's compositing, the resize to 512x512) from a 1024x1024 file.
 //!
@@ -46,16 +47,19 @@ fn encoders(c: &mut Criterion) {
     let img = test_image();
     let mut g = c.benchmark_group("cpu/encode");
     g.throughput(Throughput::Elements(1));
-    // JPEG at OpenAI's default output_compression (100) is the server's default.
-    for (name, format) in [
-        ("png", OutputFormat::Png),
-        ("jpeg", OutputFormat::Jpeg),
-        ("webp", OutputFormat::Webp),
+    // At OpenAI's default output_compression (100): PNG, JPEG at quality 100, lossless WebP;
+    // then lossy WebP and JPEG at 80, what a client asks for to save bytes.
+    for (name, format, compression) in [
+        ("png", OutputFormat::Png, 100),
+        ("jpeg", OutputFormat::Jpeg, 100),
+        ("webp", OutputFormat::Webp, 100),
+        ("jpeg-80", OutputFormat::Jpeg, 80),
+        ("webp-80", OutputFormat::Webp, 80),
     ] {
-        let bytes = encode(&img, format, 100).expect("encoding the test image");
+        let bytes = encode(&img, format, compression).expect("encoding the test image");
         eprintln!("{name}: {} KiB", bytes.len() / 1024);
         g.bench_function(name, |b| {
-            b.iter(|| black_box(encode(black_box(&img), format, 100).expect("encode")))
+            b.iter(|| black_box(encode(black_box(&img), format, compression).expect("encode")))
         });
     }
     g.finish();

@@ -316,6 +316,10 @@ fn url_responses_serve_the_image_with_its_content_type() {
                 image::load_from_memory(&bytes).unwrap().dimensions(),
                 (64, 64)
             );
+            if format == "webp" {
+                // output_compression 80: lossy WebP (a `VP8 ` chunk; lossless is `VP8L`).
+                assert_eq!(&bytes[12..16], b"VP8 ");
+            }
         }
         assert_ne!(urls[0], urls[1]);
     }
@@ -2521,6 +2525,11 @@ fn a_batch_of_generations_makes_the_same_images_as_direct_requests() {
                                      "output_format": "jpeg"}),
         ),
         batch_line("streamed", g, json!({"prompt": "x", "stream": true})),
+        batch_line(
+            "as-url",
+            g,
+            json!({"prompt": "x", "response_format": "url"}),
+        ),
     ]
     .join("\n");
     let batch = s.run_batch(None, g, &jsonl);
@@ -2530,7 +2539,7 @@ fn a_batch_of_generations_makes_the_same_images_as_direct_requests() {
     assert_eq!(batch["metadata"], json!({"job": "test"}));
     assert_eq!(
         batch["request_counts"],
-        json!({"total": 4, "completed": 2, "failed": 2})
+        json!({"total": 5, "completed": 2, "failed": 3})
     );
     for t in [
         "in_progress_at",
@@ -2545,7 +2554,7 @@ fn a_batch_of_generations_makes_the_same_images_as_direct_requests() {
     assert!(batch["usage"]["input_tokens"].as_u64().unwrap() > 0);
 
     let m = s.metrics();
-    for (outcome, n) in [("completed", 2.0), ("failed", 2.0), ("not_run", 0.0)] {
+    for (outcome, n) in [("completed", 2.0), ("failed", 3.0), ("not_run", 0.0)] {
         let series = format!("turbine_batch_api_requests_total{{outcome=\"{outcome}\"}}");
         assert_eq!(metric_in(&m, &series), n, "{series}");
     }
@@ -2554,7 +2563,7 @@ fn a_batch_of_generations_makes_the_same_images_as_direct_requests() {
     let errors = s.file_lines(None, batch["error_file_id"].as_str().unwrap());
     let (output, errors) = (results_by_id(&output), results_by_id(&errors));
     assert_eq!(output.len(), 2);
-    assert_eq!(errors.len(), 2);
+    assert_eq!(errors.len(), 3);
     for (id, body) in [
         ("fox", json!({"prompt": "a red fox", "seed": 5, "n": 2})),
         (
@@ -2588,9 +2597,11 @@ fn a_batch_of_generations_makes_the_same_images_as_direct_requests() {
     let bad = &errors["bad-size"]["response"];
     assert_eq!(bad["status_code"], 400);
     assert_eq!(bad["body"]["error"]["param"], "size");
-    let streamed = &errors["streamed"]["response"];
-    assert_eq!(streamed["status_code"], 400);
-    assert_eq!(streamed["body"]["error"]["param"], "stream");
+    for (id, param) in [("streamed", "stream"), ("as-url", "response_format")] {
+        let response = &errors[id]["response"];
+        assert_eq!(response["status_code"], 400);
+        assert_eq!(response["body"]["error"]["param"], param);
+    }
 
     // The files: input, output and error, newest first; the output is batch_output.
     let (_, list) = s.call("GET", "/v1/files", None, None);

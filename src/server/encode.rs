@@ -14,8 +14,8 @@ use super::api::OutputFormat;
 use super::error::InferError;
 
 /// Encodes one image. `compression` is OpenAI's `output_compression` (0–100, higher keeps more
-/// quality): the JPEG quality (0 is clamped to 1, the encoder's floor). The `image` crate's
-/// WebP encoder is lossless, so WebP ignores it, as does PNG.
+/// quality): the JPEG quality (0 is clamped to 1, the encoder's floor), and for WebP lossless
+/// at 100 (the default) or libwebp's lossy quality below it. PNG ignores it.
 pub fn encode(
     image: &RgbImage,
     format: OutputFormat,
@@ -33,8 +33,18 @@ pub fn encode(
         }
         OutputFormat::Jpeg => JpegEncoder::new_with_quality(&mut out, compression.clamp(1, 100))
             .write_image(raw, w, h, ExtendedColorType::Rgb8),
-        OutputFormat::Webp => {
+        // 100, the default, keeps every pixel; below it OpenAI's lossy WebP at that quality.
+        OutputFormat::Webp if compression >= 100 => {
             WebPEncoder::new_lossless(&mut out).write_image(raw, w, h, ExtendedColorType::Rgb8)
+        }
+        OutputFormat::Webp => {
+            return webp::Encoder::from_rgb(raw, w, h)
+                .encode_simple(false, f32::from(compression))
+                .map(|bytes| bytes.to_vec())
+                .map_err(|e| InferError::Encode {
+                    format: format.as_str(),
+                    message: format!("{e:?}"),
+                });
         }
     };
     result.map_err(|e| InferError::Encode {
@@ -112,6 +122,51 @@ mod tests {
             let back = image::load_from_memory(&bytes).unwrap().to_rgb8();
             assert_eq!(back, img, "{format:?}");
         }
+    }
+
+    /// A photo-like image: smooth shading with fine texture, where lossy WebP pays off.
+    fn textured(w: u32, h: u32) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| {
+            let noise = ((x.wrapping_mul(7919) ^ y.wrapping_mul(104_729)) % 17) as u8;
+            image::Rgb([
+                (x * 255 / w) as u8 / 2 + noise,
+                (y * 255 / h) as u8 / 2 + noise,
+                128 + noise,
+            ])
+        })
+    }
+
+    #[test]
+    fn webp_is_lossy_below_100_and_smaller_as_compression_drops() {
+        let img = textured(128, 96);
+        let lossless = encode(&img, OutputFormat::Webp, 100).unwrap();
+        let high = encode(&img, OutputFormat::Webp, 90).unwrap();
+        let low = encode(&img, OutputFormat::Webp, 20).unwrap();
+        for bytes in [&lossless, &high, &low] {
+            assert_eq!(
+                image::guess_format(bytes).unwrap(),
+                image::ImageFormat::WebP
+            );
+        }
+        assert!(
+            low.len() < high.len() && high.len() < lossless.len(),
+            "sizes: {} (20) {} (90) {} (lossless)",
+            low.len(),
+            high.len(),
+            lossless.len()
+        );
+        // Lossy, yet the same picture: every channel within a small distance on average.
+        let back = image::load_from_memory(&high).unwrap().to_rgb8();
+        assert_eq!(back.dimensions(), img.dimensions());
+        assert_ne!(back, img);
+        let mean = back
+            .as_raw()
+            .iter()
+            .zip(img.as_raw())
+            .map(|(a, b)| f64::from(a.abs_diff(*b)))
+            .sum::<f64>()
+            / img.as_raw().len() as f64;
+        assert!(mean < 6.0, "mean error {mean}");
     }
 
     #[test]

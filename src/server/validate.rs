@@ -126,7 +126,8 @@ pub struct ValidRequest {
     pub quality: &'static str,
     pub response_format: ResponseFormat,
     pub output_format: OutputFormat,
-    /// JPEG quality 0–100 (100 = best); WebP is lossless and PNG ignores it.
+    /// JPEG quality 0–100 (100 = best); WebP lossless at 100, lossy at that quality below;
+    /// PNG ignores it.
     pub output_compression: u8,
     /// The effective `safety_identifier` (or `user`): logged, and echoed in the response.
     pub user: Option<String>,

@@ -307,8 +307,6 @@ pub struct Record {
     pub endpoint: Endpoint,
     /// Seconds the output and error files are kept (`output_expires_after`).
     pub output_ttl: u64,
-    /// The base of `url` responses: the server's address as the batch's creator saw it.
-    pub url_base: Option<String>,
 }
 
 struct Entry {
@@ -662,7 +660,6 @@ pub async fn create(
         owner,
         endpoint,
         output_ttl: output_ttl.unwrap_or(DEFAULT_TTL_SECS),
-        url_base: Some(routes::url_base(&app, &headers)),
     };
     let cancel = CancellationToken::new();
     if let Err(e) = app.batches.insert(record.clone(), cancel.clone()) {

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::input::{read_lines, Line};
 use super::{BatchUsage, Ending, Endpoint, LineError, Record, Status};
-use crate::server::api::{ImagesResponse, Usage};
+use crate::server::api::{ImagesResponse, ResponseFormat, Usage};
 use crate::server::auth::Caller;
 use crate::server::error::{ApiError, InferError};
 use crate::server::files::{new_id, unix_now, FileObject};
@@ -233,7 +233,6 @@ struct Run {
     id: String,
     caller: Caller,
     endpoint: Endpoint,
-    url_base: Option<String>,
     cancel: CancellationToken,
     deadline: Instant,
     output: tokio::sync::Mutex<Writer>,
@@ -277,15 +276,8 @@ impl Run {
             }
             let (first, tokens) = routes::start_request(app, &self.caller, &req);
             *seed = Some(first);
-            let result = routes::images_response(
-                app,
-                &self.caller,
-                &req,
-                first,
-                tokens,
-                self.url_base.as_deref(),
-            )
-            .await;
+            let result =
+                routes::images_response(app, &self.caller, &req, first, tokens, None).await;
             match result {
                 Ok(resp) => return Outcome::Done(Box::new(resp)),
                 Err(ApiError::Infer(InferError::QueueFull { retry_after, .. })) => {
@@ -303,7 +295,17 @@ impl Run {
     /// The line's body as a request (an edit's image decoded).
     async fn prepare(&self, body: Value) -> Result<ValidRequest, ApiError> {
         let app = &self.app;
-        let req = match self.endpoint {
+        // A batch's images come back in its output file, never as URLs: a batch's worth of
+        // images would push everyone's URL images out of the store long before anyone read them.
+        if body.get("response_format").and_then(Value::as_str) == Some("url") {
+            return Err(ApiError::invalid(
+                "response_format",
+                "invalid_value",
+                "response_format url is not available in a batch: its images come back as \
+                 b64_json in the output file",
+            ));
+        }
+        let mut req = match self.endpoint {
             Endpoint::Generations => validate(&body, &app.config.limits, &app.config.model)?,
             Endpoint::Edits => {
                 let input = routes::EditInput::from_json(body)?;
@@ -311,6 +313,7 @@ impl Run {
                 routes::prepare_edit(app, input.fields, input.uploads, |_| Ok(())).await?
             }
         };
+        req.response_format = ResponseFormat::B64Json;
         if req.stream {
             return Err(ApiError::invalid(
                 "stream",
@@ -533,7 +536,6 @@ async fn run_requests(
         id: id.clone(),
         caller,
         endpoint,
-        url_base: record.url_base.clone(),
         cancel,
         deadline: Instant::now() + Duration::from_secs(left),
         output: tokio::sync::Mutex::new(Writer::new(paths.output.clone(), &output)),
