@@ -558,11 +558,18 @@ async fn run_requests(
                 _ = run.cancel.cancelled() => None,
                 _ = tokio::time::sleep_until(run.deadline.into()) => None,
             };
-            let run = run.clone();
-            running.spawn(async move {
-                let _slot = slot;
-                run.run_line(line).await
-            });
+            match slot {
+                Some(slot) => {
+                    let run = run.clone();
+                    running.spawn(async move {
+                        let _slot = slot;
+                        run.run_line(line).await
+                    });
+                }
+                // Cancelled or expired: the line is written as not run, here, so the lines
+                // left never pile up in memory.
+                None => stopped |= !run.run_line(line).await,
+            }
             while let Some(done) = running.try_join_next() {
                 stopped |= !done.unwrap_or(true);
             }
