@@ -31,7 +31,8 @@
 #                                    the time to /health 200 with the warm-up of every batch
 #                                    size, the first requests after it, then images/s and p50/
 #                                    p95/p99 at 1, 8, 32 and 64 concurrent clients with the mean
-#                                    batch the server formed; serve_check.md and .json in $OUT
+#                                    batch the server formed, then 1000 requests as one Batch API
+#                                    batch; serve_check.md and .json in $OUT
 #                                    (budget GPU_CHECK_BUDGET_S, default 240 s here;
 #                                    GPU_SERVE_ARGS adds serve_check.py arguments, e.g.
 #                                    "--max-batch-size 32 --levels 1,32,64")
@@ -360,7 +361,7 @@ used=$SECONDS
 if [ "$MODE" = serve ]; then
     # shellcheck disable=SC2086
     python3 scripts/bench/serve_check.py --turbine "$BIN/turbine" --out "$OUT" \
-        --budget-s $((BUDGET - used)) --commit "$commit" ${GPU_SERVE_ARGS:-}
+        --budget-s $((BUDGET - used)) --commit "$commit" --batch-requests 1000 ${GPU_SERVE_ARGS:-}
 else
     # shellcheck disable=SC2086
     python3 scripts/bench/gpu_check.py --turbine "$BIN/turbine" --out "$OUT" --work /tmp/turbine-gpu-check \

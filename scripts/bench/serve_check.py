@@ -5,14 +5,16 @@ Where gpu_check.py measures the pipeline (`turbine bench`), this measures the se
 talks to: the time from the process start to `/health` 200 (model load, the warm-up batch and,
 with `--warmup-batch-sizes`, every smaller size), the latency of the first requests after it
 (a size planned late would show here as seconds), and images/s and latency percentiles at each
-concurrency level, with the mean batch size the server formed (from /metrics). Standard library
-only (the device machine has no network and `hey` is not there); one thread per client, one image
-per request, PNG as base64, as an OpenAI SDK sends by default.
+concurrency level, with the mean batch size the server formed (from /metrics); then, with
+`--batch-requests N`, the same images as one Batch API batch of N requests (`/v1/files`,
+`/v1/batches`: upload to completed, its images/s and mean batch, every result line checked).
+Standard library only (the device machine has no network and `hey` is not there); one thread per
+client, one image per request, PNG as base64, as an OpenAI SDK sends by default.
 
   python3 scripts/bench/serve_check.py --turbine BIN --out DIR [--model-dir DIR | --config-dir
       models/sdxl-turbo (a random model written by diffusers_ref.py make-model)] [--device cuda:0]
       [--size 512x512] [--max-batch-size 16] [--levels 1,8,32,64] [--level-s 20] [--budget-s 200]
-      [-- EXTRA `turbine serve` ARGS]
+      [--batch-requests 0] [-- EXTRA `turbine serve` ARGS]
 
 Writes serve_check.md (a table) and serve_check.json (every figure) into --out.
 """
@@ -86,6 +88,105 @@ def generate(port, prompt, size, timeout):
         return 0, time.perf_counter() - t, repr(e)
     finally:
         c.close()
+
+
+def request(port, method, path, body=None, headers=None, timeout=60.0):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request(method, path, body, headers or {})
+        r = c.getresponse()
+        return r.status, r.read()
+    finally:
+        c.close()
+
+
+def batch_input(prompts, size):
+    """The JSONL input of a Batch API batch: one generation per prompt."""
+    return "\n".join(
+        json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/images/generations",
+                    "body": {"prompt": p, "n": 1, "size": size}})
+        for i, p in enumerate(prompts)).encode()
+
+
+def multipart(fields, filename, data, boundary="serve-check-7d1c5e"):
+    """A `multipart/form-data` body of text `fields` and one file field named `file`."""
+    out = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n".encode()
+                   for k, v in fields.items())
+    out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: application/jsonl\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return out, f"multipart/form-data; boundary={boundary}"
+
+
+def check_results(text, n):
+    """(good, problems) of a batch's output file: lines with status 200 and one PNG each, and what
+    is wrong with the others or missing."""
+    good, problems, seen = 0, [], set()
+    for line in text.splitlines():
+        try:
+            r = json.loads(line)
+            seen.add(r["custom_id"])
+            resp = r["response"]
+            if resp["status_code"] != 200:
+                problems.append(f"{r['custom_id']}: status {resp['status_code']}")
+                continue
+            data = resp["body"]["data"]
+            if len(data) == 1 and base64.b64decode(data[0]["b64_json"]).startswith(PNG_MAGIC):
+                good += 1
+            else:
+                problems.append(f"{r['custom_id']}: not one PNG")
+        except (ValueError, KeyError, TypeError) as e:
+            problems.append(f"unreadable line: {e!r}")
+    missing = n - len(seen)
+    if missing > 0:
+        problems.append(f"{missing} requests without a result line")
+    return good, problems
+
+
+def batch_phase(port, n, size, timeout_s):
+    """N requests as one Batch API batch: the wall time from `POST /v1/batches` to its status
+    `completed` (polled every 0.1 s), images/s over it, the mean batch size the server formed,
+    and every result line checked."""
+    res = {"requests": n, "error": None}
+    body, ct = multipart({"purpose": "batch"}, "serve_check.jsonl",
+                         batch_input([prompt_at(next(PROMPT_SEQ)) for _ in range(n)], size))
+    st, raw = request(port, "POST", "/v1/files", body, {"Content-Type": ct})
+    if st != 200:
+        res["error"] = f"upload: {st} {raw[:200]!r}"
+        return res
+    file_id = json.loads(raw)["id"]
+    s0, c0, _ = server_counts(port)
+    t0 = time.perf_counter()
+    st, raw = request(port, "POST", "/v1/batches", json.dumps(
+        {"input_file_id": file_id, "endpoint": "/v1/images/generations", "completion_window": "24h"}),
+        {"Content-Type": "application/json"})
+    if st != 200:
+        res["error"] = f"create: {st} {raw[:200]!r}"
+        return res
+    batch = json.loads(raw)
+    while batch["status"] not in ("completed", "failed", "cancelled", "expired"):
+        if time.perf_counter() - t0 > timeout_s:
+            request(port, "POST", f"/v1/batches/{batch['id']}/cancel")
+            res["error"] = f"not done after {timeout_s:.0f} s: {batch['request_counts']}"
+            return res
+        time.sleep(0.1)
+        batch = json.loads(request(port, "GET", f"/v1/batches/{batch['id']}")[1])
+    wall = time.perf_counter() - t0
+    s1, c1, _ = server_counts(port)
+    res.update({"status": batch["status"], "counts": batch["request_counts"], "wall_s": wall,
+                "mean_batch": (s1 - s0) / (c1 - c0) if c1 > c0 else None})
+    good = 0
+    if batch.get("output_file_id"):
+        st, raw = request(port, "GET", f"/v1/files/{batch['output_file_id']}/content", timeout=600)
+        good, problems = check_results(raw.decode(errors="replace"), n)
+        if problems:
+            res["error"] = "; ".join(problems[:3])
+    res["images_per_s"] = good / wall if wall > 0 else 0.0
+    res["good"] = good
+    if batch["status"] != "completed" and not res["error"]:
+        res["error"] = f"batch {batch['status']}: {batch.get('errors')}"
+    elif good != n and not res["error"]:
+        res["error"] = f"{good} of {n} results good"
+    return res
 
 
 def server_counts(port):
@@ -171,6 +272,12 @@ def render(res):
               "(none shares a batch's encoding or comes from the prompt cache); `one` = every request the same "
               "prompt, which the server keeps (`--prompt-cache-entries`). 'prompts encoded' counts the "
               "text-encoder runs of the level (`turbine_prompt_embeddings_total{source=\"encoded\"}`)."]
+    b = res.get("batch")
+    if b:
+        lines += ["", f"Batch API: {b['requests']} requests as one batch (distinct prompts), from "
+                      f"`POST /v1/batches` to `completed` in {f(b.get('wall_s'), '.2f')} s: "
+                      f"{f(b.get('images_per_s'), '.2f')} images/s, mean batch {f(b.get('mean_batch'), '.2f')}"
+                      + (f"; error: {b['error']}" if b.get("error") else "; every result line a PNG")]
     errs = [e for r in res.get("levels", []) for e in r["first_errors"]]
     if errs:
         lines += ["", "First errors: " + "; ".join(errs[:5])]
@@ -194,6 +301,8 @@ def main():
     ap.add_argument("--level-s", type=float, default=20.0)
     ap.add_argument("--first-requests", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=200.0)
+    ap.add_argument("--batch-requests", type=int, default=0,
+                    help="after the levels, this many requests as one Batch API batch (0: none)")
     ap.add_argument("--commit", default=os.environ.get("TURBINE_COMMIT", "unknown"))
     ap.add_argument("serve_args", nargs="*", help="after --: more `turbine serve` arguments")
     a = ap.parse_args()
@@ -280,6 +389,15 @@ def main():
                 f"mean batch {r['mean_batch']}, encoded {r['encoded']:.0f}, errors {r['errors']}")
             res["levels"].append(r)
             save()
+        if a.batch_requests > 0:
+            if left() < 25:
+                log(f"batch: skipped, {left():.0f} s left")
+            else:
+                b = batch_phase(port, a.batch_requests, a.size, left() - 15)
+                log(f"batch of {b['requests']}: {b.get('images_per_s', 0):.2f} images/s, mean batch "
+                    f"{b.get('mean_batch')}, error {b['error']}")
+                res["batch"] = b
+                save()
     finally:
         proc.terminate()
         try:
@@ -290,7 +408,8 @@ def main():
     md = save()
     print("\n" + md, flush=True)
     bad = [r for r in res["levels"] if r["errors"]]
-    return 1 if bad or not res["levels"] else 0
+    batch_failed = bool(res.get("batch", {}).get("error"))
+    return 1 if bad or batch_failed or not res["levels"] else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Unit tests of serve_check.py's pure parts (the whole script runs in .ci/run's serve-check
 phase against the debug build)."""
 
+import base64
+import json
 import sys
 import unittest
 from pathlib import Path
@@ -48,6 +50,34 @@ class ServeCheck(unittest.TestCase):
         ])
         self.assertEqual(s.parse_counts(text), (40.0, 12.0, 17.0))
         self.assertEqual(s.parse_counts(""), (0.0, 0.0, 0.0))
+
+    def test_a_batch_input_is_one_generation_per_line(self):
+        lines = s.batch_input(["a fox", "a boat"], "512x512").decode().splitlines()
+        self.assertEqual(len(lines), 2)
+        first = json.loads(lines[0])
+        self.assertEqual((first["custom_id"], first["method"], first["url"]),
+                         ("r0", "POST", "/v1/images/generations"))
+        self.assertEqual(first["body"], {"prompt": "a fox", "n": 1, "size": "512x512"})
+
+    def test_results_are_checked_line_by_line(self):
+        png = base64.b64encode(s.PNG_MAGIC + b"rest").decode()
+        ok = json.dumps({"custom_id": "r0", "response": {"status_code": 200, "body": {"data": [{"b64_json": png}]}}})
+        bad = json.dumps({"custom_id": "r1", "response": {"status_code": 500, "body": {"error": {}}}})
+        self.assertEqual(s.check_results(ok, 1), (1, []))
+        good, problems = s.check_results(ok + "\n" + bad + "\n{", 4)
+        self.assertEqual(good, 1)
+        self.assertIn("r1: status 500", problems[0])
+        self.assertIn("unreadable line", problems[1])
+        self.assertIn("2 requests without a result line", problems[2])
+
+    def test_the_batch_line_follows_the_table(self):
+        res = {"started_utc": "x", "device": "cpu", "size": "256x256", "level_s": 3.0,
+               "serve_args": [], "levels": [],
+               "batch": {"requests": 64, "wall_s": 4.0, "images_per_s": 16.0, "mean_batch": 4.0,
+                         "error": None}}
+        self.assertIn("Batch API: 64 requests as one batch (distinct prompts), from `POST /v1/batches` to "
+                      "`completed` in 4.00 s: 16.00 images/s, mean batch 4.00; every result line a PNG",
+                      s.render(res))
 
 
 if __name__ == "__main__":
