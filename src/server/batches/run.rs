@@ -464,7 +464,7 @@ async fn run(app: Arc<App>, record: Record, cancel: CancellationToken) -> anyhow
         .with_context(|| format!("cannot open the batch's input {}", paths.input.display()))?;
 
     let mut status = record.object.status;
-    if status == Status::Validating {
+    let input = if status == Status::Validating {
         let (counted, input) = tokio::task::spawn_blocking(move || {
             let mut input = input;
             let counted = read_lines(std::io::BufReader::new(&input), endpoint, max, |_| true);
@@ -476,6 +476,7 @@ async fn run(app: Arc<App>, record: Record, cancel: CancellationToken) -> anyhow
                 app.batches.transition(&id, |b| b.start(unix_now(), total));
                 tracing::info!(batch = %id, requests = total, endpoint = endpoint.as_str(), "batch started");
                 status = Status::InProgress;
+                input?
             }
             Err(errors) => {
                 tracing::info!(batch = %id, errors = errors.len(), "a batch failed validation");
@@ -484,8 +485,9 @@ async fn run(app: Arc<App>, record: Record, cancel: CancellationToken) -> anyhow
                 return Ok(());
             }
         }
-        return run_requests(app, record, cancel, caller, paths, input?, status).await;
-    }
+    } else {
+        input
+    };
     run_requests(app, record, cancel, caller, paths, input, status).await
 }
 
