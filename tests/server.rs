@@ -2946,7 +2946,8 @@ fn a_batch_goes_on_after_a_restart_with_files_dir() {
     config.files.dir = Some(dir.path().to_path_buf());
     let g = "/v1/images/generations";
     let body = |i: u64| json!({"prompt": format!("crate {i}"), "seed": 40 + i});
-    let jsonl: Vec<String> = (0..8)
+    // 16 requests of 150 ms each, two at a time: over a second to stop the server half-way.
+    let jsonl: Vec<String> = (0..16)
         .map(|i| batch_line(&format!("c{i}"), g, body(i)))
         .collect();
     let (file_id, batch_id) = {
@@ -2992,17 +2993,19 @@ fn a_batch_goes_on_after_a_restart_with_files_dir() {
     assert_eq!(batch["status"], "completed", "{batch}");
     assert_eq!(
         batch["request_counts"],
-        json!({"total": 8, "completed": 8, "failed": 0})
+        json!({"total": 16, "completed": 16, "failed": 0})
     );
-    assert_eq!(batch["usage"]["output_tokens"], 8 * 64);
+    assert_eq!(batch["usage"]["output_tokens"], 16 * 64);
     assert!(batch["error_file_id"].is_null());
     let output = s.file_lines(None, batch["output_file_id"].as_str().unwrap());
-    let mut ids: Vec<&str> = output
+    let mut ids: Vec<String> = output
         .iter()
-        .map(|l| l["custom_id"].as_str().unwrap())
+        .map(|l| l["custom_id"].as_str().unwrap().to_string())
         .collect();
     ids.sort();
-    assert_eq!(ids, ["c0", "c1", "c2", "c3", "c4", "c5", "c6", "c7"]);
+    let mut want: Vec<String> = (0..16).map(|i| format!("c{i}")).collect();
+    want.sort();
+    assert_eq!(ids, want);
     for line in &output {
         let i: u64 = line["custom_id"].as_str().unwrap()[1..].parse().unwrap();
         let direct = s.generate_ok(&body(i));
