@@ -235,13 +235,16 @@ async function testRateLimit(baseURL, limitedKey) {
 async function testBatch(client) {
   // An edits batch (the Python test runs generations): JSON edits with data URLs as lines.
   const input = (await client.images.generate({ prompt: "a quay", size: "64x64", seed: 41 })).data[0];
-  const image = `data:image/png;base64,${input.b64_json}`;
+  // One line carries the image inline, the other names it as a file uploaded once.
+  const photo = await client.files.create({ file: await toFile(b64(input), "quay.png"), purpose: "vision" });
+  assert.equal(photo.purpose, "vision");
+  const references = [{ image_url: `data:image/png;base64,${input.b64_json}` }, { file_id: photo.id }];
   const lines = [0, 1].map((i) =>
     JSON.stringify({
       custom_id: `quay-${i}`,
       method: "POST",
       url: "/v1/images/edits",
-      body: { prompt: `the quay at night ${i}`, images: [{ image_url: image }], seed: 60 + i },
+      body: { prompt: `the quay at night ${i}`, images: [references[i]], seed: 60 + i },
     }),
   );
   const file = await client.files.create({

@@ -2367,7 +2367,7 @@ fn malformed_edits_get_the_right_status() {
             "images",
         ),
         (
-            "json with a file id",
+            "json with an unknown file id",
             json!({"prompt": "winter", "images": [{"file_id": "file-1"}]}),
             "images",
         ),
@@ -2415,7 +2415,11 @@ fn malformed_edits_get_the_right_status() {
 impl TestServer {
     /// `POST /v1/files` with purpose batch, as `key` (none: no Authorization header).
     fn upload(&self, key: Option<&str>, jsonl: &str) -> (u16, Value) {
-        let (ct, body) = multipart(&[("purpose", "batch")], &[("file", jsonl.as_bytes())]);
+        self.upload_as(key, "batch", jsonl.as_bytes())
+    }
+
+    fn upload_as(&self, key: Option<&str>, purpose: &str, bytes: &[u8]) -> (u16, Value) {
+        let (ct, body) = multipart(&[("purpose", purpose)], &[("file", bytes)]);
         let mut r = self
             .client
             .post(self.url("/v1/files"))
@@ -2628,11 +2632,18 @@ fn a_batch_of_generations_makes_the_same_images_as_direct_requests() {
 fn a_batch_of_edits_edits_like_a_direct_request() {
     let s = TestServer::start(test_config());
     let e = "/v1/images/edits";
-    let image = data_url(&png_bytes(&edit_input()));
-    let body = json!({"prompt": "the same scene at dusk", "images": [{"image_url": image}],
+    let png = png_bytes(&edit_input());
+    let body = json!({"prompt": "the same scene at dusk", "images": [{"image_url": data_url(&png)}],
                       "seed": 3, "strength": 0.6, "size": "64x64"});
+    // The same image uploaded once and named by file_id, as bulk edits would.
+    let (status, photo) = s.upload_as(None, "vision", &png);
+    assert_eq!(status, 200, "{photo}");
+    assert_eq!(photo["purpose"], "vision");
+    let mut by_id = body.clone();
+    by_id["images"] = json!([{"file_id": photo["id"]}]);
     let jsonl = [
         batch_line("dusk", e, body.clone()),
+        batch_line("dusk-by-id", e, by_id.clone()),
         batch_line("no-image", e, json!({"prompt": "x"})),
     ]
     .join("\n");
@@ -2640,23 +2651,64 @@ fn a_batch_of_edits_edits_like_a_direct_request() {
     assert_eq!(batch["status"], "completed", "{batch}");
     assert_eq!(
         batch["request_counts"],
-        json!({"total": 2, "completed": 1, "failed": 1})
+        json!({"total": 3, "completed": 2, "failed": 1})
     );
-    let output = s.file_lines(None, batch["output_file_id"].as_str().unwrap());
-    let direct: Value = s
-        .client
-        .post(s.url("/v1/images/edits"))
-        .json(&body)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let output = results_by_id(&s.file_lines(None, batch["output_file_id"].as_str().unwrap()));
+    let direct = |body: &Value| -> Value {
+        let r = s
+            .client
+            .post(s.url("/v1/images/edits"))
+            .json(body)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.json().unwrap()
+    };
+    let want = decode_b64(&direct(&body)["data"][0]);
     assert!(
-        decode_b64(&output[0]["response"]["body"]["data"][0]) == decode_b64(&direct["data"][0]),
-        "the batch's edit differs from the same edit sent directly"
+        decode_b64(&direct(&by_id)["data"][0]) == want,
+        "an edit of a file by id differs from the same edit with the image inline"
     );
+    for id in ["dusk", "dusk-by-id"] {
+        assert!(
+            decode_b64(&output[id]["response"]["body"]["data"][0]) == want,
+            "{id}: the batch's edit differs from the same edit sent directly"
+        );
+    }
     let errors = s.file_lines(None, batch["error_file_id"].as_str().unwrap());
     assert_eq!(errors[0]["response"]["body"]["error"]["param"], "images");
+}
+
+/// A `file_id` must name an image file (purpose vision or user_data) of the caller's key.
+#[test]
+fn edits_name_only_their_own_image_files_by_id() {
+    let mut config = test_config();
+    config.auth.keys = vec![ApiKey::plain("sk-a"), ApiKey::plain("sk-b")];
+    let s = TestServer::start(config);
+    let png = png_bytes(&edit_input());
+    let (_, photo) = s.upload_as(Some("sk-a"), "user_data", &png);
+    let (_, jsonl) = s.upload(Some("sk-a"), "{}");
+    let edit = |key: &str, reference: Value| {
+        let r = s
+            .client
+            .post(s.url("/v1/images/edits"))
+            .bearer_auth(key)
+            .json(&json!({"prompt": "p", "images": [reference], "size": "64x64"}))
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    let (status, text) = edit("sk-a", json!({"file_id": photo["id"]}));
+    assert_eq!(status, 200, "{text}");
+    for (key, reference, why) in [
+        ("sk-b", json!({"file_id": photo["id"]}), "No such File"),
+        ("sk-a", json!({"file_id": jsonl["id"]}), "purpose batch"),
+        ("sk-a", json!({"file_id": "file-none"}), "No such File"),
+    ] {
+        let (status, text) = edit(key, reference);
+        assert_openai_error(status, &text, 400, Some("images"), why);
+        assert!(text.contains(why), "{text}");
+    }
 }
 
 #[test]

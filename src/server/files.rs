@@ -1,5 +1,6 @@
-//! OpenAI's Files API, as far as the Batch API needs it: uploads with purpose `batch` (a
-//! batch's JSONL input), the batches' output and error files (purpose `batch_output`), and
+//! OpenAI's Files API, as far as the Batch API and edits need it: uploads with purpose `batch`
+//! (a batch's JSONL input) or `vision`/`user_data` (an image that JSON edits, a batch's among
+//! them, name by `file_id`), the batches' output and error files (purpose `batch_output`), and
 //! `GET /v1/files`, `GET /v1/files/{id}`, `GET /v1/files/{id}/content`, `DELETE /v1/files/{id}`.
 //!
 //! Contents live on disk, each file next to a small JSON record of its object and owner:
@@ -385,6 +386,9 @@ pub mod http {
     use crate::server::error::{ApiError, InferError};
     use crate::server::App;
 
+    /// What may be uploaded: a batch's input, or an image an edit names by `file_id`.
+    const UPLOAD_PURPOSES: &[&str] = &["batch", "vision", "user_data"];
+
     /// What a form carries besides the file: its fields and their boundaries.
     const FORM_OVERHEAD: u64 = 64 << 10;
     /// The longest text field this form has (`purpose`, `expires_after[...]`) is a few bytes.
@@ -430,7 +434,8 @@ pub mod http {
 
     /// `POST /v1/files`: OpenAI's upload form (`file`, `purpose`, optional
     /// `expires_after[anchor]` and `expires_after[seconds]`), streamed to disk as it arrives.
-    /// Only `purpose: "batch"` is kept: this server's files are batch inputs.
+    /// Purposes: `batch` (a batch's JSONL input), `vision` or `user_data` (an image that edits
+    /// name by `file_id`, read when an edit names it).
     pub async fn create(
         State(app): State<Arc<App>>,
         Extension(caller): Extension<Caller>,
@@ -533,13 +538,14 @@ pub mod http {
                 "file is required: the JSONL input of a batch, as a file field named file",
             )
         })?;
-        match fields.get("purpose").map(String::as_str) {
-            Some("batch") => {}
+        let purpose = match fields.get("purpose").map(String::as_str) {
+            Some(p) if UPLOAD_PURPOSES.contains(&p) => p,
             None => {
                 return Err(ApiError::invalid(
                     "purpose",
                     "missing_required_parameter",
-                    "purpose is required: batch",
+                    "purpose is required: batch (a batch's input), or vision or user_data (an \
+                     image to edit by file_id)",
                 ))
             }
             Some(other) => {
@@ -547,13 +553,13 @@ pub mod http {
                     "purpose",
                     "invalid_value",
                     format!(
-                        "this server keeps files for the Batch API only: purpose must be \
-                         batch, got {:?}",
+                        "purpose must be batch, vision or user_data (the files this server \
+                         uses), got {:?}",
                         other.chars().take(64).collect::<String>()
                     ),
                 ))
             }
-        }
+        };
         let ttl = expires_after(
             fields.get("expires_after[anchor]").map(String::as_str),
             fields.get("expires_after[seconds]").map(String::as_str),
@@ -562,7 +568,7 @@ pub mod http {
         let object = FileObject::new(
             id.clone(),
             filename,
-            "batch",
+            purpose,
             bytes,
             ttl.unwrap_or(DEFAULT_TTL_SECS),
         );

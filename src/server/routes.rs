@@ -32,10 +32,11 @@ use super::batches;
 use super::encode::{spawn_encode, EncodeTask, Encoded};
 use super::error::{ApiError, BackendError, ErrorMetric, InferError};
 use super::files::http as files;
+use super::files::{unix_now, Owner};
 use super::metrics::{DropReason, Stage};
 use super::queue::{Entry, RequestId};
 use super::store::StoredImage;
-use super::upload::EditFiles;
+use super::upload::{EditFiles, ImageSource};
 use super::validate::{form_value, json_kind, validate, validate_edit, ValidRequest};
 use super::{App, Phase};
 use crate::model::pipeline::ImageRequest;
@@ -342,7 +343,9 @@ async fn edits(
                 "We could not parse the JSON body of your request: {e}"
             ))
         })?;
-        EditInput::from_json(value)?
+        JsonEdit::parse(value)?
+            .resolve(&app, &caller.owner())
+            .await?
     } else {
         let boundary = multipart_boundary(&headers)?;
         let bytes = read_body(body, &headers, limit).await?;
@@ -421,10 +424,22 @@ impl EditUploads {
     }
 }
 
-impl EditInput {
-    /// OpenAI's JSON edit: `images`, one image reference (`{"image_url": "data:..."}`), an
+/// OpenAI's JSON edit as received: its fields and its image references, the files among them
+/// not read yet.
+pub(super) struct JsonEdit {
+    fields: serde_json::Map<String, serde_json::Value>,
+    image: ImageSource,
+    mask: Option<ImageSource>,
+    markup: Option<ImageSource>,
+}
+
+/// The purposes of the files an image reference may name (OpenAI's for image inputs).
+const IMAGE_FILE_PURPOSES: &[&str] = &["vision", "user_data"];
+
+impl JsonEdit {
+    /// `images`, one image reference (`{"image_url": "data:..."}` or `{"file_id": ...}`), an
     /// optional `mask` or `markup` reference, and the other fields as for a form.
-    pub(super) fn from_json(value: serde_json::Value) -> Result<Self, ApiError> {
+    pub(super) fn parse(value: serde_json::Value) -> Result<Self, ApiError> {
         let serde_json::Value::Object(mut fields) = value else {
             return Err(ApiError::NotAnObject(json_kind(&value)));
         };
@@ -434,7 +449,8 @@ impl EditInput {
                 Some(_) => return Err(ApiError::invalid(
                     "images",
                     "invalid_type",
-                    "images must be an array of image references ({\"image_url\": \"data:...\"})",
+                    "images must be an array of image references ({\"image_url\": \"data:...\"} \
+                     or {\"file_id\": \"file-...\"})",
                 )),
                 None => Vec::new(),
             };
@@ -445,7 +461,7 @@ impl EditInput {
                     "images",
                     "missing_required_parameter",
                     "images is required: one image reference, {\"image_url\": \"data:image/png;\
-                     base64,...\"}",
+                     base64,...\"} or {\"file_id\": \"file-...\"}",
                 )),
                 more => {
                     return Err(ApiError::invalid(
@@ -461,13 +477,62 @@ impl EditInput {
             };
         let mut reference = |name: &str| match fields.remove(name) {
             None | Some(serde_json::Value::Null) => Ok(None),
-            Some(r) => super::upload::image_reference(name, &r).map(|b| Some(Bytes::from(b))),
+            Some(r) => super::upload::image_reference(name, &r).map(Some),
         };
         let (mask, markup) = (reference("mask")?, reference("markup")?);
-        Ok(EditInput {
+        Ok(JsonEdit {
             fields,
+            image,
+            mask,
+            markup,
+        })
+    }
+
+    /// Reads the references that name files: the owner's, of purpose vision or user_data, at
+    /// most `--max-upload-bytes` (as an upload would be).
+    pub(super) async fn resolve(self, app: &App, owner: &Owner) -> Result<EditInput, ApiError> {
+        let read = |param: &'static str, source: ImageSource| async move {
+            let id = match source {
+                ImageSource::Inline(bytes) => return Ok(Bytes::from(bytes)),
+                ImageSource::File(id) => id,
+            };
+            let bad = |m: String| ApiError::invalid(param, "invalid_value", m);
+            let file = app
+                .files
+                .get(owner, &id, unix_now())
+                .map_err(|e| bad(format!("{param}: {e}")))?;
+            if !IMAGE_FILE_PURPOSES.contains(&file.purpose.as_str()) {
+                return Err(bad(format!(
+                    "{param}: file {id} has purpose {}; images are uploaded with purpose vision \
+                     or user_data",
+                    file.purpose
+                )));
+            }
+            let limit = app.config.limits.max_upload_bytes;
+            if file.bytes > limit as u64 {
+                return Err(bad(format!(
+                    "{param}: file {id} is {} bytes; an image may have at most {limit}",
+                    file.bytes
+                )));
+            }
+            tokio::fs::read(app.files.path(&id))
+                .await
+                .map(Bytes::from)
+                .map_err(super::files::http::storage_error)
+        };
+        let image = read("images", self.image).await?;
+        let mask = match self.mask {
+            Some(m) => Some(read("mask", m).await?),
+            None => None,
+        };
+        let markup = match self.markup {
+            Some(m) => Some(read("markup", m).await?),
+            None => None,
+        };
+        Ok(EditInput {
+            fields: self.fields,
             uploads: EditUploads {
-                image: Bytes::from(image),
+                image,
                 mask,
                 markup,
             },

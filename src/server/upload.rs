@@ -10,7 +10,7 @@
 //!
 //! With a JSON body instead of a form, the images come as OpenAI's image references
 //! (`{"image_url": "data:image/png;base64,..."}`): base64 data URLs only, since the server
-//! fetches no URLs and keeps no files ([`image_reference`]).
+//! fetches no URLs; a `file_id` names a file of the Files API ([`image_reference`]).
 //!
 //! A mask is OpenAI's: an image of the input's size whose transparent areas (alpha below 128)
 //! are repainted and whose opaque areas are kept. It becomes diffusers' `mask_image` (255 where
@@ -282,25 +282,36 @@ pub fn decode_mask(
     })
 }
 
-/// The bytes of an OpenAI image reference (`{"image_url": URL}` or `{"file_id": ID}`), named
-/// `param` in errors: a base64 `data:` URL's payload. Web URLs and file ids are refused with
-/// what to send instead.
-pub fn image_reference(param: &str, reference: &serde_json::Value) -> Result<Vec<u8>, ApiError> {
+/// Where an OpenAI image reference's bytes are: inline, or in a file of the Files API.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageSource {
+    Inline(Vec<u8>),
+    /// A `file_id`, read (for its owner) by the caller.
+    File(String),
+}
+
+/// An OpenAI image reference (`{"image_url": URL}` or `{"file_id": ID}`), named `param` in
+/// errors: a base64 `data:` URL's payload, or the id of an uploaded file. Web URLs are refused
+/// with what to send instead.
+pub fn image_reference(
+    param: &str,
+    reference: &serde_json::Value,
+) -> Result<ImageSource, ApiError> {
     let bad = |code: &'static str, m: String| ApiError::invalid(param, code, m);
     let obj = reference.as_object().ok_or_else(|| {
         bad(
             "invalid_type",
-            format!("{param} must be an object with an image_url (a base64 data URL)"),
+            format!("{param} must be an object with an image_url (a base64 data URL) or a file_id"),
         )
     })?;
-    if obj.contains_key("file_id") {
-        return Err(bad(
-            "unsupported_value",
-            format!(
-                "{param}: file ids are not supported (this server keeps no files); send the \
-                 image as an image_url with a base64 data URL"
-            ),
-        ));
+    if let Some(id) = obj.get("file_id") {
+        return match id.as_str() {
+            Some(id) if !id.is_empty() && obj.len() == 1 => Ok(ImageSource::File(id.to_string())),
+            _ => Err(bad(
+                "invalid_value",
+                format!("{param}: file_id must be a file's id, alone (no image_url beside it)"),
+            )),
+        };
     }
     let url = obj
         .get("image_url")
@@ -330,6 +341,7 @@ pub fn image_reference(param: &str, reference: &serde_json::Value) -> Result<Vec
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD
         .decode(payload.trim())
+        .map(ImageSource::Inline)
         .map_err(|e| {
             bad(
                 "invalid_value",
@@ -461,7 +473,11 @@ mod tests {
         let url = format!("data:image/png;base64,{b64}");
         assert_eq!(
             image_reference("images", &json!({"image_url": url})).unwrap(),
-            png
+            ImageSource::Inline(png)
+        );
+        assert_eq!(
+            image_reference("images", &json!({"file_id": "file-123"})).unwrap(),
+            ImageSource::File("file-123".into())
         );
         let refused = |v: serde_json::Value, want: &str| {
             let e = image_reference("mask", &v).unwrap_err();
@@ -472,7 +488,12 @@ mod tests {
             json!({"image_url": "https://example.com/a.png"}),
             "fetches no URLs",
         );
-        refused(json!({"file_id": "file-123"}), "file ids are not supported");
+        refused(json!({"file_id": ""}), "file_id must be");
+        refused(json!({"file_id": 7}), "file_id must be");
+        refused(
+            json!({"file_id": "file-1", "image_url": "data:image/png;base64,AAAA"}),
+            "alone",
+        );
         refused(
             json!({"image_url": "data:image/png,rawbytes"}),
             "must be base64",

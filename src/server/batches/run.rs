@@ -308,7 +308,9 @@ impl Run {
         let mut req = match self.endpoint {
             Endpoint::Generations => validate(&body, &app.config.limits, &app.config.model)?,
             Endpoint::Edits => {
-                let input = routes::EditInput::from_json(body)?;
+                let input = routes::JsonEdit::parse(body)?
+                    .resolve(app, &self.caller.owner())
+                    .await?;
                 // The key's quota is waited for afterwards (as background work, not refused).
                 routes::prepare_edit(app, input.fields, input.uploads, |_| Ok(())).await?
             }
