@@ -1016,9 +1016,12 @@ fn cors_lets_allowed_origins_call_from_a_browser() {
         header(&r, "access-control-allow-origin").as_deref(),
         Some("https://app.example")
     );
-    assert!(header(&r, "access-control-allow-methods")
-        .unwrap()
-        .contains("post"));
+    // DELETE: a page may delete its files (`DELETE /v1/files/{id}`).
+    let methods = header(&r, "access-control-allow-methods").unwrap();
+    assert!(
+        methods.contains("post") && methods.contains("delete"),
+        "{methods}"
+    );
     let allowed = header(&r, "access-control-allow-headers").unwrap();
     for h in ["authorization", "content-type", "x-stainless-os"] {
         assert!(allowed.contains(h), "{allowed}");

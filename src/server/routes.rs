@@ -109,7 +109,7 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
     };
     let layer = CorsLayer::new()
         .allow_origin(allow)
-        .allow_methods([Method::GET, Method::POST])
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
         // The SDKs send their own headers (`x-stainless-*`, `openai-*`) besides the key's.
         .allow_headers(AllowHeaders::mirror_request())
         .expose_headers(
