@@ -250,6 +250,14 @@ fn b64_json_response_has_the_openai_shape() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-request-id"], "req-abc-123");
+    // OpenAI's timing header: whole milliseconds, at least the generation's (a CPU image is
+    // not instant).
+    let ms: u64 = r.headers()["openai-processing-ms"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(ms > 0, "{ms}");
     assert!(
         r.headers().get("x-ratelimit-limit-requests").is_none(),
         "no limits configured"

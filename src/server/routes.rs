@@ -83,6 +83,7 @@ pub fn router(app: Arc<App>) -> Router {
 /// quote, and the backoff and rate-limit headers the SDKs act on.
 const EXPOSED_HEADERS: &[&str] = &[
     "x-request-id",
+    "openai-processing-ms",
     "retry-after",
     "retry-after-ms",
     "x-ratelimit-limit-requests",
@@ -152,6 +153,12 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     if let Ok(v) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", v);
     }
+    // OpenAI's own timing header, which gateways log as the provider's latency: the time to the
+    // response's head (for a stream, to its start).
+    response.headers_mut().insert(
+        "openai-processing-ms",
+        HeaderValue::from(start.elapsed().as_millis() as u64),
+    );
     response
 }
 
