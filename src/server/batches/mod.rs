@@ -416,33 +416,30 @@ impl Batches {
         }
     }
 
-    /// Changes batch `id`'s status and writes its record.
+    /// Changes batch `id`'s status and writes its record. The record is written under the lock,
+    /// so two changes at once (a cancel as the batch ends) reach the disk in the order they
+    /// were made.
     fn transition(&self, id: &str, f: impl FnOnce(&mut BatchObject)) {
-        let record = {
-            let mut inner = self.lock();
-            let Some(e) = inner.0.get_mut(id) else { return };
-            f(&mut e.record.object);
-            e.record.clone()
-        };
-        if let Err(e) = self.save(&record) {
-            tracing::error!(batch = %id, "cannot write the batch's record: {e}");
+        let mut inner = self.lock();
+        let Some(e) = inner.0.get_mut(id) else { return };
+        f(&mut e.record.object);
+        if let Err(err) = self.save(&e.record) {
+            tracing::error!(batch = %id, "cannot write the batch's record: {err}");
         }
     }
 
     pub fn cancel(&self, owner: &Owner, id: &str, now: u64) -> Result<BatchObject, ApiError> {
-        let record = {
-            let mut inner = self.lock();
-            let entry = inner
-                .0
-                .get_mut(id)
-                .filter(|e| &e.record.owner == owner)
-                .ok_or_else(|| ApiError::NotFound(format!("No such Batch object: {id}")))?;
-            entry.record.object.cancel(now)?;
-            entry.cancel.cancel();
-            entry.record.clone()
-        };
-        self.save(&record).map_err(storage_error)?;
-        Ok(record.object)
+        let mut inner = self.lock();
+        let entry = inner
+            .0
+            .get_mut(id)
+            .filter(|e| &e.record.owner == owner)
+            .ok_or_else(|| ApiError::NotFound(format!("No such Batch object: {id}")))?;
+        entry.record.object.cancel(now)?;
+        entry.cancel.cancel();
+        // Under the lock, as in `transition`.
+        self.save(&entry.record).map_err(storage_error)?;
+        Ok(entry.record.object.clone())
     }
 
     /// The batches a restart interrupted, with their cancellation tokens (already cancelled for
