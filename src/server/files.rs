@@ -310,6 +310,15 @@ impl FileStore {
         }
     }
 
+    /// Removes every expired file now (the server does this every few minutes, so files nobody
+    /// asks for leave the disk too); how many went.
+    pub fn remove_expired(&self, now: u64) -> usize {
+        let mut index = self.lock();
+        let before = index.files.len();
+        self.sweep(&mut index, now);
+        before - index.files.len()
+    }
+
     /// The owner's file `id`, if it exists and has not expired.
     pub fn get(&self, owner: &Owner, id: &str, now: u64) -> Result<FileObject, ApiError> {
         let mut index = self.lock();
@@ -795,9 +804,11 @@ mod tests {
         assert_eq!(ids(store.list(&b, None, false, 150)), ["file-c"]);
         assert!(!store.path("file-partial").exists());
 
-        // Expired: gone from the index and the disk.
-        assert_eq!(ids(store.list(&a, None, false, 200)), ["file-a"]);
+        // Expired: gone from the index and the disk, unasked.
+        assert_eq!(store.remove_expired(199), 0);
+        assert_eq!(store.remove_expired(200), 1);
         assert!(!store.path("file-b").exists());
+        assert_eq!(ids(store.list(&a, None, false, 200)), ["file-a"]);
         store.delete(&a, "file-a", 200).unwrap();
         assert!(!store.path("file-a").exists());
         assert!(store.delete(&a, "file-a", 200).is_err());

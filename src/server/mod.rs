@@ -251,6 +251,7 @@ pub async fn serve(
     // and a private files directory leaves the disk.
     let _files = CloseFilesOnExit(app.clone());
     batches::resume(&app);
+    tokio::spawn(remove_expired_files(app.clone()));
 
     let n_workers = workers.len();
     let mut ready = Vec::new();
@@ -355,6 +356,20 @@ pub async fn serve(
     }
     tracing::info!("shut down");
     Ok(())
+}
+
+/// How often expired files leave the disk when nobody lists or reads them.
+const FILE_SWEEP_INTERVAL: Duration = Duration::from_secs(300);
+
+async fn remove_expired_files(app: Arc<App>) {
+    let mut every = tokio::time::interval(FILE_SWEEP_INTERVAL);
+    loop {
+        every.tick().await;
+        let n = app.files.remove_expired(files::unix_now());
+        if n > 0 {
+            tracing::info!(files = n, "expired files removed");
+        }
+    }
 }
 
 /// See `serve`.

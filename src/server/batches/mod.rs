@@ -345,6 +345,14 @@ impl Batches {
         records.sort_by(|a, b| {
             (a.object.created_at, &a.object.id).cmp(&(b.object.created_at, &b.object.id))
         });
+        // What an ended batch left behind (it ended while its working files were being
+        // removed): its record is all that stays.
+        for record in records.iter().filter(|r| !r.object.status.running()) {
+            for kind in ["input", "output", "error"] {
+                let _ =
+                    std::fs::remove_file(dir.join(format!("{}.{kind}.jsonl", record.object.id)));
+            }
+        }
         let batches = Batches {
             dir,
             inner: Mutex::new((HashMap::new(), 0)),
@@ -728,6 +736,51 @@ mod tests {
             86401,
             None,
         )
+    }
+
+    #[test]
+    fn records_are_read_back_and_ended_batches_leave_no_working_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Batches::open(dir.path().to_path_buf()).unwrap();
+        let record = |id: &str, status: Status| {
+            let mut object = batch();
+            object.id = id.into();
+            object.status = status;
+            Record {
+                object,
+                owner: Some("k".into()),
+                endpoint: Endpoint::Generations,
+                output_ttl: 3600,
+            }
+        };
+        store
+            .insert(
+                record("batch_done", Status::Completed),
+                CancellationToken::new(),
+            )
+            .unwrap();
+        store
+            .insert(
+                record("batch_running", Status::InProgress),
+                CancellationToken::new(),
+            )
+            .unwrap();
+        for id in ["batch_done", "batch_running"] {
+            std::fs::write(dir.path().join(format!("{id}.output.jsonl")), "x").unwrap();
+        }
+        drop(store);
+        let store = Batches::open(dir.path().to_path_buf()).unwrap();
+        let owner = Some("k".to_string());
+        assert_eq!(store.list(&owner).len(), 2);
+        assert!(!dir.path().join("batch_done.output.jsonl").exists());
+        assert!(dir.path().join("batch_running.output.jsonl").exists());
+        let unfinished: Vec<String> = store
+            .unfinished()
+            .into_iter()
+            .map(|(r, _)| r.object.id)
+            .collect();
+        assert_eq!(unfinished, ["batch_running"]);
+        assert!(store.get(&None, "batch_done").is_err(), "another owner's");
     }
 
     #[test]
