@@ -42,10 +42,11 @@ pub struct Args {
 #[derive(Debug, clap::Args)]
 #[command(next_help_heading = "Files and batches")]
 pub struct FilesArgs {
-    /// Directory for batch input and output files: turbine makes a directory of its own in it
-    /// and removes it when it stops (files and batches do not survive a restart). Default: the
-    /// system's temporary directory. A batch's output holds its images as base64 JSON, about
-    /// 0.5 MB per 512x512 PNG.
+    /// Directory that keeps the files (`/v1/files`) and batches (`/v1/batches`) across
+    /// restarts: they are read back at start-up and unfinished batches resume; one server per
+    /// directory (a lock says so). Without it they live in a directory of the process's own in
+    /// the system's temporary directory, removed when the server stops. A batch's output holds
+    /// its images as base64 JSON, about 0.5 MB per 512x512 PNG.
     #[arg(long, env = "TURBINE_FILES_DIR")]
     pub files_dir: Option<PathBuf>,
     /// Largest `POST /v1/files` upload in bytes (OpenAI: 200 MB for a batch input file).

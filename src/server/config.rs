@@ -92,8 +92,8 @@ pub struct StoreConfig {
 /// OpenAI's Files and Batch APIs (`/v1/files`, `/v1/batches`).
 #[derive(Debug, Clone)]
 pub struct FilesConfig {
-    /// Where uploaded and batch output files are kept: a directory of this process's own is
-    /// made in it and removed at exit. `None`: the system's temporary directory.
+    /// Where files and batches are kept across restarts (`--files-dir`). `None`: a directory
+    /// of this process's own in the system's temporary directory, removed at exit.
     pub dir: Option<std::path::PathBuf>,
     /// The largest upload (OpenAI's limit for a batch input file: 200 MB).
     pub max_file_bytes: u64,
