@@ -10,7 +10,7 @@
 //! process's own in the system's temporary directory, removed when the server stops. A file
 //! belongs to the API key that made it: another key gets 404 for it, as for a file that does not
 //! exist. Files expire when their `expires_after` says (OpenAI's default for batch files: 30
-//! days); expired files are removed the next time the index is read.
+//! days): at once invisible, and removed from the disk by the server's sweep every few minutes.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -70,6 +70,13 @@ pub type Owner = Option<String>;
 struct Stored {
     object: FileObject,
     owner: Owner,
+}
+
+impl Stored {
+    /// Not expired at `now`.
+    fn visible_at(&self, now: u64) -> bool {
+        self.object.expires_at.is_none_or(|t| t > now)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -297,36 +304,28 @@ impl FileStore {
         let _ = std::fs::remove_file(self.path(id));
     }
 
-    /// Drops expired files from the index and the disk.
-    fn sweep(&self, index: &mut Index, now: u64) {
-        let expired: Vec<String> = index
-            .files
-            .iter()
-            .filter(|(_, (f, _))| f.object.expires_at.is_some_and(|t| t <= now))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in expired {
-            self.remove(index, &id);
-        }
-    }
-
-    /// Removes every expired file now (the server does this every few minutes, so files nobody
-    /// asks for leave the disk too); how many went.
+    /// Removes every expired file from the index and the disk; how many went. The server runs
+    /// this every few minutes; until then an expired file is already invisible (`visible`).
     pub fn remove_expired(&self, now: u64) -> usize {
         let mut index = self.lock();
-        let before = index.files.len();
-        self.sweep(&mut index, now);
-        before - index.files.len()
+        let expired: Vec<String> = index
+            .files
+            .values()
+            .filter(|(f, _)| !f.visible_at(now))
+            .map(|(f, _)| f.object.id.clone())
+            .collect();
+        for id in &expired {
+            self.remove(&mut index, id);
+        }
+        expired.len()
     }
 
     /// The owner's file `id`, if it exists and has not expired.
     pub fn get(&self, owner: &Owner, id: &str, now: u64) -> Result<FileObject, ApiError> {
-        let mut index = self.lock();
-        self.sweep(&mut index, now);
-        index
+        self.lock()
             .files
             .get(id)
-            .filter(|(f, _)| &f.owner == owner)
+            .filter(|(f, _)| &f.owner == owner && f.visible_at(now))
             .map(|(f, _)| f.object.clone())
             .ok_or_else(|| no_such_file(id))
     }
@@ -339,12 +338,15 @@ impl FileStore {
         ascending: bool,
         now: u64,
     ) -> Vec<FileObject> {
-        let mut index = self.lock();
-        self.sweep(&mut index, now);
+        let index = self.lock();
         let mut files: Vec<&(Stored, u64)> = index
             .files
             .values()
-            .filter(|(f, _)| &f.owner == owner && purpose.is_none_or(|p| f.object.purpose == p))
+            .filter(|(f, _)| {
+                &f.owner == owner
+                    && f.visible_at(now)
+                    && purpose.is_none_or(|p| f.object.purpose == p)
+            })
             .collect();
         files.sort_by_key(|(_, seq)| *seq);
         if !ascending {
@@ -356,8 +358,13 @@ impl FileStore {
     /// Removes the owner's file `id` from the index and the disk (a batch reading it has its
     /// own link to the contents).
     pub fn delete(&self, owner: &Owner, id: &str, now: u64) -> Result<FileObject, ApiError> {
-        let object = self.get(owner, id, now)?;
         let mut index = self.lock();
+        let object = index
+            .files
+            .get(id)
+            .filter(|(f, _)| &f.owner == owner && f.visible_at(now))
+            .map(|(f, _)| f.object.clone())
+            .ok_or_else(|| no_such_file(id))?;
         self.remove(&mut index, id);
         Ok(object)
     }
@@ -452,14 +459,10 @@ pub mod http {
         body: Body,
     ) -> Result<Json<FileObject>, ApiError> {
         let limit = app.config.files.max_file_bytes;
-        let ct = headers.get(header::CONTENT_TYPE);
-        let boundary = ct
-            .and_then(|v| v.to_str().ok())
-            .and_then(|ct| multer::parse_boundary(ct).ok())
-            .ok_or_else(|| ApiError::UnsupportedMediaType {
-                got: ct.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
-                expected: "multipart/form-data with a boundary",
-            })?;
+        let boundary = crate::server::routes::multipart_boundary(
+            &headers,
+            "multipart/form-data with a boundary",
+        )?;
         let declared = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -629,7 +632,8 @@ pub mod http {
         }
     }
 
-    /// A list's `limit` (1 to `max`, default `max`), `order` (`asc` or `desc`) and `after`.
+    /// A list's `limit` (1 to `max`, `default` when absent), `after`, and `order` (`asc` or
+    /// `desc`) where `others` (the list's parameters besides `limit` and `after`) has it.
     pub struct ListParams {
         pub limit: usize,
         pub ascending: bool,
@@ -639,12 +643,11 @@ pub mod http {
     impl ListParams {
         pub fn parse(
             query: &HashMap<String, String>,
-            max: usize,
-            extra: &[&str],
+            (default, max): (usize, usize),
+            others: &[&str],
         ) -> Result<Self, ApiError> {
-            if let Some(k) = query.keys().find(|k| {
-                !["limit", "order", "after"].contains(&k.as_str()) && !extra.contains(&k.as_str())
-            }) {
+            let known = |k: &str| k == "limit" || k == "after" || others.contains(&k);
+            if let Some(k) = query.keys().find(|k| !known(k)) {
                 let shown: String = k.chars().take(64).collect();
                 return Err(ApiError::invalid(
                     &shown,
@@ -653,7 +656,7 @@ pub mod http {
                 ));
             }
             let limit = match query.get("limit") {
-                None => max,
+                None => default,
                 Some(v) => match v.parse::<usize>() {
                     Ok(n) if (1..=max).contains(&n) => n,
                     _ => {
@@ -691,7 +694,7 @@ pub mod http {
         Extension(caller): Extension<Caller>,
         Query(query): Query<HashMap<String, String>>,
     ) -> Result<Json<ListPage<FileObject>>, ApiError> {
-        let params = ListParams::parse(&query, 10_000, &["purpose"])?;
+        let params = ListParams::parse(&query, (10_000, 10_000), &["order", "purpose"])?;
         let files = app.files.list(
             &caller.owner(),
             query.get("purpose").map(String::as_str),

@@ -354,7 +354,10 @@ async fn edits(
             .resolve(&app, &caller.owner())
             .await?
     } else {
-        let boundary = multipart_boundary(&headers)?;
+        let boundary = multipart_boundary(
+            &headers,
+            "multipart/form-data with a boundary, or application/json",
+        )?;
         let bytes = read_body(body, &headers, limit).await?;
         EditForm::parse(bytes, boundary).await?.into_input()?
     };
@@ -672,14 +675,18 @@ fn at_most_one(name: &str, files: &[Bytes]) -> Result<Option<Bytes>, ApiError> {
 }
 
 /// The boundary of a `multipart/form-data` body, or a 415.
-fn multipart_boundary(headers: &HeaderMap) -> Result<String, ApiError> {
+/// The boundary of a `multipart/form-data` body, or a 415 that says the route takes `expected`.
+pub(super) fn multipart_boundary(
+    headers: &HeaderMap,
+    expected: &'static str,
+) -> Result<String, ApiError> {
     let ct = headers.get(header::CONTENT_TYPE);
     ct.and_then(|v| v.to_str().ok())
         .filter(|_| content_type_is(headers, "multipart/form-data"))
         .and_then(|ct| multer::parse_boundary(ct).ok())
         .ok_or_else(|| ApiError::UnsupportedMediaType {
             got: ct.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
-            expected: "multipart/form-data with a boundary, or application/json",
+            expected,
         })
 }
 
@@ -754,12 +761,11 @@ pub(super) async fn images_response(
 ) -> Result<ImagesResponse, ApiError> {
     let encoded = generate(app, caller, req, seed).await?;
     let now = Instant::now();
-    let base = url_base.filter(|_| req.response_format == ResponseFormat::Url);
     let mut data = Vec::with_capacity(encoded.len());
     for (i, task) in encoded.into_iter().enumerate() {
         let (out, took) = task.finish().await?;
         app.metrics.stage(Stage::ImageEncode, took);
-        let (b64_json, url) = match (out, base) {
+        let (b64_json, url) = match (out, url_base) {
             (Encoded::Base64(text), _) => (Some(text), None),
             (Encoded::Bytes(bytes), Some(base)) => {
                 let image = StoredImage {
@@ -1207,7 +1213,7 @@ async fn drain(mut body: Body, mut seen: usize) {
 }
 
 /// `--public-url`, or `http://` + the `Host` the client used.
-pub(super) fn url_base(app: &App, headers: &HeaderMap) -> String {
+fn url_base(app: &App, headers: &HeaderMap) -> String {
     if let Some(base) = &app.config.public_url {
         return base.trim_end_matches('/').to_string();
     }

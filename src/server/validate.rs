@@ -420,19 +420,30 @@ fn validate_fields(
 }
 
 /// Accessors that produce the error for a wrong type or bound.
-struct Fields<'a>(&'a Map<String, Value>);
+pub(super) struct Fields<'a>(pub(super) &'a Map<String, Value>);
 
 impl<'a> Fields<'a> {
     fn get(&self, name: &str) -> Option<&'a Value> {
         self.0.get(name).filter(|v| !v.is_null())
     }
 
-    fn string(&self, name: &str) -> Result<Option<&'a str>, ApiError> {
+    pub(super) fn string(&self, name: &str) -> Result<Option<&'a str>, ApiError> {
         match self.get(name) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
             Some(v) => Err(type_error(name, "a string", v)),
         }
+    }
+
+    /// A string that must be there.
+    pub(super) fn required_string(&self, name: &str) -> Result<&'a str, ApiError> {
+        self.string(name)?.ok_or_else(|| {
+            ApiError::invalid(
+                name,
+                "missing_required_parameter",
+                format!("Missing required parameter: '{name}'."),
+            )
+        })
     }
 
     fn boolean(&self, name: &str) -> Result<Option<bool>, ApiError> {

@@ -45,7 +45,7 @@ use super::files::http::{expires_after, storage_error, ListParams};
 use super::files::{
     new_id, no_such_file, unix_now, write_record, ListPage, Owner, DEFAULT_TTL_SECS,
 };
-use super::validate::json_kind;
+use super::validate::{json_kind, Fields};
 use super::{routes, App, Phase};
 
 /// The endpoints a batch may run.
@@ -481,34 +481,6 @@ pub fn resume(app: &Arc<App>) {
     }
 }
 
-fn field<'a>(
-    fields: &'a serde_json::Map<String, Value>,
-    name: &str,
-) -> Result<Option<&'a str>, ApiError> {
-    match fields.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(other) => Err(ApiError::invalid(
-            name,
-            "invalid_type",
-            format!("{name} must be a string, got {}", json_kind(other)),
-        )),
-    }
-}
-
-fn required<'a>(
-    fields: &'a serde_json::Map<String, Value>,
-    name: &str,
-) -> Result<&'a str, ApiError> {
-    field(fields, name)?.ok_or_else(|| {
-        ApiError::invalid(
-            name,
-            "missing_required_parameter",
-            format!("Missing required parameter: '{name}'."),
-        )
-    })
-}
-
 /// OpenAI's metadata: at most 16 pairs, keys up to 64 characters, string values up to 512.
 fn metadata(value: Option<&Value>) -> Result<Option<serde_json::Map<String, Value>>, ApiError> {
     let bad = |message: String| ApiError::invalid("metadata", "invalid_value", message);
@@ -578,7 +550,8 @@ pub async fn create(
             format!("Unknown parameter: '{shown}'."),
         ));
     }
-    let endpoint_name = required(&fields, "endpoint")?;
+    let f = Fields(&fields);
+    let endpoint_name = f.required_string("endpoint")?;
     let endpoint = Endpoint::parse(endpoint_name).ok_or_else(|| {
         ApiError::invalid(
             "endpoint",
@@ -590,7 +563,7 @@ pub async fn create(
             ),
         )
     })?;
-    if required(&fields, "completion_window")? != "24h" {
+    if f.required_string("completion_window")? != "24h" {
         return Err(ApiError::invalid(
             "completion_window",
             "invalid_value",
@@ -623,7 +596,7 @@ pub async fn create(
             ))
         }
     };
-    let input_file_id = required(&fields, "input_file_id")?;
+    let input_file_id = f.required_string("input_file_id")?;
     let now = unix_now();
     let owner = caller.owner();
     let input = app.files.get(&owner, input_file_id, now).map_err(|_| {
@@ -690,17 +663,8 @@ pub async fn list(
     Extension(caller): Extension<Caller>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Json<ListPage<BatchObject>>, ApiError> {
-    let mut params = ListParams::parse(&query, 100, &[])?;
-    if query.contains_key("order") {
-        return Err(ApiError::invalid(
-            "order",
-            "unknown_parameter",
-            "Unknown parameter: 'order' (batches are listed newest first)",
-        ));
-    }
-    if !query.contains_key("limit") {
-        params.limit = 20;
-    }
+    // OpenAI's batch list has no `order`: newest first.
+    let params = ListParams::parse(&query, (20, 100), &[])?;
     let batches = app.batches.list(&caller.owner());
     Ok(Json(ListPage::of(
         batches,
