@@ -248,6 +248,7 @@ fn batch_scaling(
                 negative_prompt: String::new(),
                 seed: i as u64,
                 init_image: input.cloned(),
+                partials: None,
             })
             .collect();
         g.throughput(Throughput::Elements(bs as u64));

@@ -423,6 +423,7 @@ fn an_edits_noise_can_all_be_given() {
             negative_prompt: String::new(),
             seed: 3 + i as u64,
             init_image: Some(InitImage::new(rgb.clone())),
+            partials: None,
         })
         .collect();
     let noise = NoiseOverride {

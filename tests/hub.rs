@@ -830,6 +830,7 @@ fn an_image_is_generated_from_the_downloaded_directory() {
         negative_prompt: String::new(),
         seed: 7,
         init_image: None,
+        partials: None,
     }];
     let generate = |dir: &Path| {
         Pipeline::load(dir, &Device::Cpu, DType::F32)

@@ -138,6 +138,13 @@ async function testStream(client) {
     assert.equal(e.safety_identifier, "node-7");
     assert.ok(b64(e).equals(b64(plain.data[e.seed - 21])), `streamed image ${e.seed}`);
   }
+  // Two steps: one preview before the image, the first step's estimate (the one-step image).
+  const previewed = [];
+  for await (const e of await client.images.generate({ ...params, n: 1, steps: 2, stream: true, partial_images: 3 }))
+    previewed.push(e);
+  assert.deepEqual(previewed.map((e) => e.type), ["image_generation.partial_image", "image_generation.completed"]);
+  assert.equal(previewed[0].partial_image_index, 0);
+  assert.ok(b64(previewed[0]).equals(b64(plain.data[0])), "the preview after the first step");
 }
 
 async function testEdit(client) {

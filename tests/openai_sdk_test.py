@@ -105,7 +105,8 @@ def test_n3_seeded_distinct_and_reproducible(client: OpenAI):
 
 def test_stream(client: OpenAI):
     # The SDK's image streaming (`stream=True`): one completed event per image, no partial
-    # images (SDXL-Turbo's single step has none to show), the same images as without streaming.
+    # images at one step (SDXL-Turbo's default has none to show), the same images as without
+    # streaming.
     plain = client.images.generate(prompt="a streamed lighthouse", n=2, size="64x64", extra_body={"seed": 21})
     stream = client.images.generate(
         prompt="a streamed lighthouse", n=2, size="64x64", stream=True, partial_images=1, extra_body={"seed": 21}
@@ -120,6 +121,20 @@ def test_stream(client: OpenAI):
         assert e.created_at > 0
         assert e.usage.output_tokens == 64 and e.usage.input_tokens > 0
         assert base64.b64decode(e.b64_json) == base64.b64decode(plain.data[i].b64_json)
+
+    # Four steps (quality high): the previews asked for come first, as the SDK's partial image
+    # events; the first is the one-step image of the same seed (the first step's estimate).
+    events = list(
+        client.images.generate(
+            prompt="a streamed lighthouse", size="64x64", stream=True, partial_images=2, quality="high",
+            extra_body={"seed": 21},
+        )
+    )
+    assert [e.type for e in events] == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    assert all((e.size, e.quality, e.output_format) == ("64x64", "high", "png") for e in events)
+    assert base64.b64decode(events[0].b64_json) == base64.b64decode(plain.data[0].b64_json)
+    assert events[1].b64_json != events[2].b64_json
 
 
 def test_edit(client: OpenAI):

@@ -2576,12 +2576,14 @@ fn image_edits_on_cuda_match_the_cpu() {
             negative_prompt: String::new(),
             seed: 3,
             init_image: Some(InitImage::new(input.clone())),
+            partials: None,
         },
         ImageRequest {
             prompt: "A red car on the beach".into(),
             negative_prompt: String::new(),
             seed: 4,
             init_image: Some(InitImage::with_mask(input, mask)),
+            partials: None,
         },
     ];
     // Two steps of a four-step schedule at strength 0.5: the ancestral noise and the blend of

@@ -1489,6 +1489,86 @@ fn a_streamed_request_sends_each_image_as_an_event() {
     assert_eq!(metric_in(&m, "turbine_http_requests_in_flight"), 0.0, "{m}");
 }
 
+/// `partial_images` with more than one step: each image's previews (the denoised estimates of
+/// the steps before its last) come as `partial_image` events before its completed event, as
+/// many as asked for, at most one per such step. A one-step schedule and every longer one
+/// start at t = 999, and the step to sigma 0 is the denoised estimate: the preview made after
+/// the first step is the one-step image of the same seed.
+#[test]
+fn a_stream_sends_previews_before_each_image() {
+    let s = TestServer::start(test_config());
+    let prompt = "a lighthouse at dusk";
+    let one_step = s.generate_ok(&json!({"prompt": prompt, "n": 2, "seed": 21}));
+    let four_steps =
+        s.generate_ok(&json!({"prompt": prompt, "n": 2, "seed": 21, "quality": "high"}));
+    let r = s.generate(&json!({
+        "prompt": prompt, "n": 2, "seed": 21, "quality": "high", "stream": true,
+        "partial_images": 2
+    }));
+    assert_eq!(r.status(), 200);
+    let events = sse_events(&r.text().unwrap());
+    assert_eq!(events.len(), 6, "{events:?}");
+    for i in 0..2usize {
+        let seed = 21 + i as u64;
+        let mine: Vec<&(String, Value)> =
+            events.iter().filter(|(_, e)| e["seed"] == seed).collect();
+        let names: Vec<&str> = mine.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "image_generation.partial_image",
+                "image_generation.partial_image",
+                "image_generation.completed"
+            ],
+            "seed {seed}"
+        );
+        for (k, (name, e)) in mine[..2].iter().enumerate() {
+            assert_eq!(e["type"], *name);
+            assert_eq!(e["partial_image_index"], k);
+            assert_eq!(
+                (
+                    &e["size"],
+                    &e["quality"],
+                    &e["background"],
+                    &e["output_format"]
+                ),
+                (
+                    &json!("64x64"),
+                    &json!("high"),
+                    &json!("opaque"),
+                    &json!("png")
+                )
+            );
+            assert!(e["created_at"].as_u64().unwrap() > 1_700_000_000);
+            assert!(e.get("usage").is_none(), "a preview is not billed: {e}");
+        }
+        let first = decode_b64(&mine[0].1);
+        let second = decode_b64(&mine[1].1);
+        assert_eq!(first, decode_b64(&one_step["data"][i]), "seed {seed}");
+        assert_ne!(
+            first, second,
+            "seed {seed}: the third step's estimate is another image"
+        );
+        assert_eq!(decode_b64(&mine[2].1), decode_b64(&four_steps["data"][i]));
+    }
+
+    // Two steps have one step before the last: one preview of the three asked for.
+    let r = s.generate(&json!({
+        "prompt": prompt, "seed": 21, "steps": 2, "stream": true, "partial_images": 3
+    }));
+    let events = sse_events(&r.text().unwrap());
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "image_generation.partial_image",
+            "image_generation.completed"
+        ]
+    );
+    assert_eq!(decode_b64(&events[0].1), decode_b64(&one_step["data"][0]));
+    assert_eq!(s.metric("turbine_partial_images_total"), 5.0);
+}
+
 /// A backend that fails every batch holding the prompt "fail".
 struct FailsOnPrompt(Pipeline);
 
@@ -1883,6 +1963,7 @@ fn edits_take_a_multipart_image_and_match_the_pipeline() {
             negative_prompt: String::new(),
             seed,
             init_image: Some(init.clone()),
+            partials: None,
         })
         .collect();
     let p = Pipeline::load(&model_dir(), &Device::Cpu, DType::F32).unwrap();
@@ -2010,13 +2091,37 @@ fn edits_take_a_multipart_image_and_match_the_pipeline() {
         assert_eq!(decode_b64(e), got[i]);
         assert_eq!(e["usage"]["input_tokens_details"]["image_tokens"], 64);
     }
+    // Two steps of an edit: one preview each, as image_edit.partial_image.
+    let (ct, body) = multipart(
+        &[
+            ("prompt", "the same scene in winter"),
+            ("size", "64x64"),
+            ("seed", "11"),
+            ("steps", "2"),
+            ("stream", "true"),
+            ("partial_images", "2"),
+        ],
+        &[("image", &png)],
+    );
+    let r = s
+        .client
+        .post(s.url("/v1/images/edits"))
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .unwrap();
+    let events = sse_events(&r.text().unwrap());
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["image_edit.partial_image", "image_edit.completed"]);
+    assert_eq!(events[0].1["partial_image_index"], 0);
+    assert_ne!(decode_b64(&events[0].1), decode_b64(&events[1].1));
     let m = s.metrics();
     assert_eq!(
         metric_in(
             &m,
             "turbine_http_requests_total{route=\"/v1/images/edits\",status=\"200\"}"
         ),
-        8.0,
+        9.0,
         "{m}"
     );
 }
@@ -2063,6 +2168,7 @@ fn edits_read_photos_upright_and_lay_markups_over_them() {
             negative_prompt: String::new(),
             seed,
             init_image: Some(init),
+            partials: None,
         };
         p.generate(&settings, &[item], None)
             .unwrap()

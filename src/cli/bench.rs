@@ -755,6 +755,7 @@ pub fn batch_items(prompts: &[String], batch: usize, seed: u64) -> Vec<ImageRequ
             negative_prompt: String::new(),
             seed: seed.wrapping_add(i as u64),
             init_image: None,
+            partials: None,
         })
         .collect()
 }

@@ -225,6 +225,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             negative_prompt: neg,
             seed: base_seed.wrapping_add(i as u64),
             init_image: init_image.clone(),
+            partials: None,
         })
         .collect();
     let noise = match &args.init_latents {

@@ -55,6 +55,11 @@ pub struct FilesArgs {
     /// Most requests (lines) in one batch (OpenAI: 50,000).
     #[arg(long, env = "TURBINE_MAX_BATCH_REQUESTS", default_value_t = 50_000)]
     pub max_batch_requests: usize,
+    /// Days a batch that ended (completed, failed, cancelled, expired) stays listed and
+    /// retrievable before its record is removed; its output and error files expire on their own
+    /// (`output_expires_after`, 30 days by default).
+    #[arg(long, env = "TURBINE_BATCH_RETENTION_DAYS", default_value_t = 30)]
+    pub batch_retention_days: u64,
 }
 
 /// Where to run the model and what to call it.
@@ -282,6 +287,9 @@ impl Args {
                 max_file_bytes: self.files.max_file_bytes,
                 max_batch_requests: self.files.max_batch_requests,
                 completion_window: ServerConfig::default().files.completion_window,
+                batch_retention: Duration::from_secs(
+                    self.files.batch_retention_days.saturating_mul(24 * 3600),
+                ),
             },
             auth: AuthConfig {
                 keys,

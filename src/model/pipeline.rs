@@ -72,6 +72,63 @@ pub struct ImageRequest {
     /// The image to edit, at the batch's size; required exactly when the settings have an
     /// [`GenerationSettings::init_step`].
     pub init_image: Option<InitImage>,
+    /// Previews to hand out while the image is denoised (a stream's `partial_images`).
+    pub partials: Option<Partials>,
+}
+
+/// Where an image's previews go while it is denoised: up to `count` of the model's denoised
+/// estimates (diffusers' `pred_original_sample`), at the steps [`partial_steps`] spreads them
+/// over, each decoded and handed to the sink with its 0-based index, in order, on the thread
+/// that runs the batch. An image done in one step has no earlier estimate and gets none. Only
+/// the images that ask for previews are decoded for them; the sink must not block.
+#[derive(Clone)]
+pub struct Partials {
+    count: usize,
+    sink: Arc<dyn Fn(usize, image::RgbImage) + Send + Sync>,
+}
+
+impl Partials {
+    pub fn new(
+        count: usize,
+        sink: impl Fn(usize, image::RgbImage) + Send + Sync + 'static,
+    ) -> Self {
+        Partials {
+            count,
+            sink: Arc::new(sink),
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.count
+    }
+}
+
+impl PartialEq for Partials {
+    fn eq(&self, other: &Self) -> bool {
+        self.count == other.count && Arc::ptr_eq(&self.sink, &other.sink)
+    }
+}
+
+impl std::fmt::Debug for Partials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Partials({})", self.count)
+    }
+}
+
+/// After which of a run's `steps` steps (0-based) each of `count` previews is made: evenly
+/// spread over the steps before the last (whose result is the image itself), every one of them
+/// when there are no more than `count`. Four steps and two previews: after the first and the
+/// third; eight steps and three: after the second, fourth and sixth.
+pub fn partial_steps(steps: usize, count: usize) -> Vec<usize> {
+    let earlier = steps.saturating_sub(1);
+    if count >= earlier {
+        return (0..earlier).collect();
+    }
+    // With count < steps - 1 the spacing steps / (count + 1) exceeds 1: the rounded positions
+    // are distinct, and all within [1, steps - 1].
+    (1..=count)
+        .map(|j| ((j * steps) as f64 / (count + 1) as f64).round() as usize - 1)
+        .collect()
 }
 
 /// An edit's input image, and optionally the mask of what to repaint, shared rather than copied
@@ -714,6 +771,14 @@ impl Pipeline {
                 latents
             }
         };
+        let previews: Vec<Vec<usize>> = items
+            .iter()
+            .map(|item| {
+                item.partials
+                    .as_ref()
+                    .map_or_else(Vec::new, |p| partial_steps(n_timesteps - start, p.count))
+            })
+            .collect();
         for (i, &t) in scheduler.timesteps().iter().enumerate().skip(start) {
             let model_in = if guidance {
                 Tensor::cat(&[&latents, &latents], 0)?
@@ -736,6 +801,14 @@ impl Pipeline {
             };
             // The last step (SDXL-Turbo's only one) goes to sigma 0 and adds no noise: none is
             // drawn for it (an override's tensor is still checked).
+            let wanted: Vec<usize> = (0..n)
+                .filter(|&row| previews[row].contains(&(i - start)))
+                .collect();
+            let estimate = if wanted.is_empty() {
+                None
+            } else {
+                Some(scheduler.denoised(&pred, i, &latents)?)
+            };
             let step_noise = match noise.and_then(|o| o.step_noise.as_ref()) {
                 Some(v) => Some(check("step noise", &v[i - start])?),
                 None if scheduler.adds_noise(i)? => Some(noise::batch_noise(
@@ -758,16 +831,21 @@ impl Pipeline {
                 };
                 latents = (proper.broadcast_mul(&p.keep)? + latents.broadcast_mul(&p.repaint)?)?;
             }
+            if let Some(estimate) = estimate {
+                // A masked edit's preview keeps the image where the image is kept.
+                let estimate = match &inpaint {
+                    Some(p) => {
+                        (p.image_latents.broadcast_mul(&p.keep)?
+                            + estimate.broadcast_mul(&p.repaint)?)?
+                    }
+                    None => estimate,
+                };
+                self.send_previews(&estimate, &wanted, i - start, items, &previews)?;
+            }
         }
         clock.mark()?;
 
-        let raw = self.vae_output(&latents)?;
-        let pixels = if ops::enabled(Kernels::POSTPROCESS) {
-            ops::to_rgb8(&raw)?
-        } else {
-            // The baseline: f32 [0, 1] NCHW, permuted and quantised on the host.
-            postprocess(&raw)?.permute((0, 2, 3, 1))?
-        };
+        let pixels = self.pixels(&latents)?;
         clock.mark()?;
         // The one copy back (and the one wait for the device) of the batch: queued with
         // OVERLAP, done here otherwise.
@@ -897,6 +975,41 @@ impl Pipeline {
             (items.len(), 1, lh, lw),
             &self.device,
         )?))
+    }
+
+    /// Decodes the `rows` of the denoised `estimate` made after step `position` of the run and
+    /// hands each to its image's sink with the preview's index. Its one copy back waits for
+    /// the device: only streams that ask for previews pay for it.
+    fn send_previews(
+        &self,
+        estimate: &Tensor,
+        rows: &[usize],
+        position: usize,
+        items: &[ImageRequest],
+        previews: &[Vec<usize>],
+    ) -> anyhow::Result<()> {
+        let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let index = Tensor::new(index, &self.device)?;
+        let images = rgb8_images(&self.pixels(&estimate.index_select(&index, 0)?)?)?;
+        for (&row, image) in rows.iter().zip(images) {
+            let nth = previews[row].iter().position(|&p| p == position);
+            if let (Some(partials), Some(nth)) = (&items[row].partials, nth) {
+                (partials.sink)(nth, image);
+            }
+        }
+        Ok(())
+    }
+
+    /// Latents → `[B, H, W, 3]` pixels: u8 with the device-side postprocess
+    /// ([`Kernels::POSTPROCESS`]), else f32 in [0, 1] to be quantised on the host.
+    fn pixels(&self, latents: &Tensor) -> anyhow::Result<Tensor> {
+        let raw = self.vae_output(latents)?;
+        Ok(if ops::enabled(Kernels::POSTPROCESS) {
+            ops::to_rgb8(&raw)?
+        } else {
+            // The baseline: f32 [0, 1] NCHW, permuted and quantised on the host.
+            postprocess(&raw)?.permute((0, 2, 3, 1))?
+        })
     }
 
     /// Final latents → images in [0, 1], NCHW f32 (diffusers' `postprocess` before rounding).
@@ -1093,4 +1206,39 @@ fn images_from_bytes(
                 .ok_or_else(|| anyhow::anyhow!("image buffer size mismatch (this is a bug)"))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::partial_steps;
+
+    #[test]
+    fn previews_spread_over_the_steps_before_the_last() {
+        // One step has nothing before its image.
+        for count in 0..=3 {
+            assert_eq!(partial_steps(1, count), Vec::<usize>::new());
+            assert_eq!(partial_steps(0, count), Vec::<usize>::new());
+        }
+        assert_eq!(partial_steps(2, 3), [0]);
+        assert_eq!(partial_steps(4, 3), [0, 1, 2]);
+        assert_eq!(partial_steps(4, 2), [0, 2]);
+        assert_eq!(partial_steps(4, 1), [1]);
+        assert_eq!(partial_steps(8, 3), [1, 3, 5]);
+        assert_eq!(partial_steps(6, 1), [2]);
+        assert_eq!(partial_steps(8, 0), Vec::<usize>::new());
+        for steps in 1..=100 {
+            for count in 0..=3 {
+                let at = partial_steps(steps, count);
+                assert_eq!(at.len(), count.min(steps - 1), "{steps} steps, {count}");
+                assert!(
+                    at.windows(2).all(|w| w[0] < w[1]),
+                    "{steps}, {count}: {at:?}"
+                );
+                assert!(
+                    at.iter().all(|&s| s + 1 < steps),
+                    "{steps}, {count}: {at:?}"
+                );
+            }
+        }
+    }
 }

@@ -425,6 +425,40 @@ impl EulerAncestralScheduler {
         Ok(self.sigmas[step_index + 1] > 0.0)
     }
 
+    /// The denoised estimate at `step_index` (diffusers' `pred_original_sample`): what the
+    /// model predicts the finished latents to be, in f32. The step to sigma 0 (the last) returns
+    /// it; earlier steps move towards it. Streamed partial images are this estimate, decoded.
+    pub fn denoised(
+        &self,
+        model_output: &Tensor,
+        step_index: usize,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
+        let sigma = self.sigma(step_index)?;
+        if model_output.dims() != sample.dims() {
+            return Err(candle_core::Error::Msg(format!(
+                "denoised: model_output has shape {:?} but the sample has {:?}",
+                model_output.dims(),
+                sample.dims()
+            )));
+        }
+        let (a, b) = self.denoised_coefficients(sigma);
+        let x = sample.to_dtype(DType::F32)?;
+        let m = model_output.to_dtype(DType::F32)?;
+        x.affine(b, 0.0)? + m.affine(a, 0.0)?
+    }
+
+    /// The denoised estimate is `a * model_output + b * sample` at `sigma`: `(a, b)`.
+    fn denoised_coefficients(&self, sigma: f64) -> (f64, f64) {
+        match self.prediction {
+            PredictionType::Epsilon => (-sigma, 1.0),
+            PredictionType::VPrediction => (
+                -sigma / (sigma * sigma + 1.0).sqrt(),
+                1.0 / (sigma * sigma + 1.0),
+            ),
+        }
+    }
+
     /// One ancestral Euler step from `sample` at `step_index` to the next noise level, with
     /// `noise` (standard normal, the sample's shape) as the ancestral noise, which a step that
     /// [adds noise](Self::adds_noise) must be given (any other ignores it). Computed in f32;
@@ -457,13 +491,7 @@ impl EulerAncestralScheduler {
         let dt = sigma_down - sigma;
         // The denoised estimate is `a * model_output + b * sample`; the Euler step
         // `sample + (sample - denoised) / sigma * dt` is then linear in both inputs.
-        let (a, b) = match self.prediction {
-            PredictionType::Epsilon => (-sigma, 1.0),
-            PredictionType::VPrediction => (
-                -sigma / (sigma * sigma + 1.0).sqrt(),
-                1.0 / (sigma * sigma + 1.0),
-            ),
-        };
+        let (a, b) = self.denoised_coefficients(sigma);
         let c_sample = 1.0 + dt * (1.0 - b) / sigma;
         let c_model = -dt * a / sigma;
         let x = sample.to_dtype(DType::F32)?;
@@ -542,6 +570,62 @@ mod tests {
         for (o, w) in out.iter().zip(want) {
             assert!((*o as f64 - w).abs() < 1e-4, "{o} vs {w}");
         }
+    }
+
+    /// The estimate a partial image shows: what the step to sigma 0 would give from that
+    /// step, and the point an intermediate step moves towards (`x + (x - d) / sigma * dt`).
+    #[test]
+    fn denoised_is_where_the_step_heads() {
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::new(&[1.5f32, -2.0, 0.25], &dev).unwrap();
+        let eps = Tensor::new(&[0.5f32, -0.75, 2.0], &dev).unwrap();
+        for prediction in ["epsilon", "v_prediction"] {
+            let mut cfg = turbo();
+            cfg.prediction_type = prediction.to_string();
+            let one = EulerAncestralScheduler::new(&cfg, 1).unwrap();
+            let four = EulerAncestralScheduler::new(&cfg, 4).unwrap();
+            // The first step of every trailing schedule is t = 999: the same estimate, which
+            // one step to sigma 0 returns.
+            let last = one
+                .step(&eps, 0, &x, None)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let d1 = one.denoised(&eps, 0, &x).unwrap().to_vec1::<f32>().unwrap();
+            let d4 = four
+                .denoised(&eps, 0, &x)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for ((l, a), b) in last.iter().zip(&d1).zip(&d4) {
+                assert!(
+                    (l - a).abs() <= 1e-5 * l.abs().max(1.0),
+                    "{prediction}: {l} vs {a}"
+                );
+                assert_eq!(a, b, "{prediction}");
+            }
+            // Step 1 of four without ancestral noise (sigma_up's part set to zero) lands on
+            // the line from the sample to the estimate.
+            let d = four
+                .denoised(&eps, 1, &x)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let zero = Tensor::zeros(3, DType::F32, &dev).unwrap();
+            let stepped = four.step(&eps, 1, &x, Some(&zero)).unwrap();
+            let stepped = stepped.to_vec1::<f32>().unwrap();
+            let (sigma, to) = (four.sigmas()[1], four.sigmas()[2]);
+            let dt = to * to / sigma - sigma;
+            let xs = x.to_vec1::<f32>().unwrap();
+            for i in 0..3 {
+                let want = xs[i] as f64 + (xs[i] as f64 - d[i] as f64) / sigma * dt;
+                assert!((stepped[i] as f64 - want).abs() < 1e-4, "{prediction} {i}");
+            }
+        }
+        let four = EulerAncestralScheduler::new(&turbo(), 4).unwrap();
+        assert!(four.denoised(&eps, 4, &x).is_err());
+        let short = Tensor::new(&[1.0f32], &dev).unwrap();
+        assert!(four.denoised(&short, 0, &x).is_err());
     }
 
     #[test]

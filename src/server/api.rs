@@ -111,6 +111,23 @@ pub struct StreamedImage {
     pub seed: u64,
 }
 
+/// One `image_generation.partial_image` (`image_edit.partial_image`) event: a preview of an
+/// image still being denoised, OpenAI's fields plus the `seed` of the image it previews (with
+/// `n` > 1, which image it is).
+#[derive(Debug, Clone, Serialize)]
+pub struct PartialImage {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub b64_json: String,
+    pub created_at: u64,
+    pub size: String,
+    pub quality: &'static str,
+    pub background: &'static str,
+    pub output_format: &'static str,
+    pub partial_image_index: usize,
+    pub seed: u64,
+}
+
 /// Token usage in OpenAI's shape. Text tokens are the prompt's CLIP tokens (both prompts when
 /// a negative prompt is given) counted once per image, since every image encodes its prompt;
 /// output image tokens are one per 8x8 pixel patch (a latent position), per image.

@@ -33,6 +33,9 @@ pub struct Item {
 pub struct ItemOutcome {
     pub index: usize,
     pub result: Result<RgbImage, BackendError>,
+    /// `Some(k)`: the image's preview `k` (a stream's `partial_images`), not the image; its
+    /// image (or error) follows.
+    pub partial: Option<usize>,
 }
 
 /// The queue shared by every handler and every device.
@@ -188,6 +191,7 @@ pub(crate) fn fail_all(entries: Vec<Entry<Item>>, error: &BackendError) {
         let _ = e.payload.reply.send(ItemOutcome {
             index: e.payload.index,
             result: Err(error.clone()),
+            partial: None,
         });
     }
 }
@@ -282,6 +286,7 @@ mod tests {
                     negative_prompt: String::new(),
                     seed: request,
                     init_image: None,
+                    partials: None,
                 },
                 reply: reply.clone(),
                 span: tracing::Span::none(),

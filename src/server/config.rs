@@ -101,6 +101,8 @@ pub struct FilesConfig {
     pub max_batch_requests: usize,
     /// How long a batch may run before it expires (`completion_window: "24h"`).
     pub completion_window: Duration,
+    /// How long a batch that ended stays listed (`--batch-retention-days`).
+    pub batch_retention: Duration,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -174,6 +176,7 @@ impl Default for ServerConfig {
                 max_file_bytes: 200 << 20,
                 max_batch_requests: 50_000,
                 completion_window: Duration::from_secs(24 * 3600),
+                batch_retention: Duration::from_secs(30 * 24 * 3600),
             },
             auth: AuthConfig::default(),
             public_url: None,
@@ -232,6 +235,10 @@ impl ServerConfig {
         ensure!(
             self.files.max_batch_requests >= 1,
             "--max-batch-requests must be at least 1"
+        );
+        ensure!(
+            self.files.batch_retention >= Duration::from_secs(24 * 3600),
+            "--batch-retention-days must be at least 1"
         );
         let b = &self.batching;
         ensure!(b.max_batch_size >= 1, "--max-batch-size must be at least 1");
@@ -314,6 +321,10 @@ mod tests {
                 "--request-timeout",
             ),
             (|c| c.public_url = Some("ftp://x".into()), "--public-url"),
+            (
+                |c| c.files.batch_retention = Duration::ZERO,
+                "--batch-retention-days",
+            ),
             (
                 |c| c.model.aliases.push("gpt-*-image".into()),
                 "a * may only end an alias",

@@ -141,6 +141,8 @@ pub struct Metrics {
     inner: Mutex<Inner>,
     images_generated: AtomicU64,
     images_enqueued: AtomicU64,
+    /// Previews sent as `partial_image` events.
+    partial_images: AtomicU64,
     batches_failed: AtomicU64,
     batches_split: AtomicU64,
     /// Prompt embeddings by where they came from: encoded, repeated, cached.
@@ -183,6 +185,7 @@ impl Metrics {
             }),
             images_generated: AtomicU64::new(0),
             images_enqueued: AtomicU64::new(0),
+            partial_images: AtomicU64::new(0),
             batches_failed: AtomicU64::new(0),
             batches_split: AtomicU64::new(0),
             prompts: Default::default(),
@@ -260,6 +263,11 @@ impl Metrics {
     pub fn enqueued(&self, images: usize) {
         self.images_enqueued
             .fetch_add(images as u64, Ordering::Relaxed);
+    }
+
+    /// A preview went out as a stream's `partial_image` event.
+    pub fn partial_image(&self) {
+        self.partial_images.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn batch_failed(&self) {
@@ -356,6 +364,17 @@ impl Metrics {
             out,
             "turbine_images_enqueued_total {}",
             self.images_enqueued.load(Ordering::Relaxed)
+        );
+        header(
+            &mut out,
+            "turbine_partial_images_total",
+            "counter",
+            "Previews of images being denoised sent to streams (partial_images).",
+        );
+        let _ = writeln!(
+            out,
+            "turbine_partial_images_total {}",
+            self.partial_images.load(Ordering::Relaxed)
         );
         header(
             &mut out,

@@ -358,16 +358,25 @@ pub async fn serve(
     Ok(())
 }
 
-/// How often expired files leave the disk when nobody lists or reads them.
+/// How often expired files leave the disk when nobody lists or reads them, and batches past
+/// their retention are forgotten.
 const FILE_SWEEP_INTERVAL: Duration = Duration::from_secs(300);
 
 async fn remove_expired_files(app: Arc<App>) {
     let mut every = tokio::time::interval(FILE_SWEEP_INTERVAL);
+    let retention = app.config.files.batch_retention.as_secs();
     loop {
         every.tick().await;
-        let n = app.files.remove_expired(files::unix_now());
+        let now = files::unix_now();
+        let n = app.files.remove_expired(now);
         if n > 0 {
             tracing::info!(files = n, "expired files removed");
+        }
+        let n = app
+            .batches
+            .remove_ended_before(now.saturating_sub(retention));
+        if n > 0 {
+            tracing::info!(batches = n, "batches past --batch-retention-days removed");
         }
     }
 }

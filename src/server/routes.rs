@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::api::{
-    ImageData, ImagesResponse, Model, ModelList, ResponseFormat, StreamedImage, Usage,
+    ImageData, ImagesResponse, Model, ModelList, PartialImage, ResponseFormat, StreamedImage, Usage,
 };
 use super::auth::Caller;
 use super::batcher::{Item, ItemOutcome, Queue};
@@ -39,7 +39,7 @@ use super::store::StoredImage;
 use super::upload::{EditFiles, ImageSource};
 use super::validate::{form_value, json_kind, validate, validate_edit, ValidRequest};
 use super::{App, Phase};
-use crate::model::pipeline::ImageRequest;
+use crate::model::pipeline::{ImageRequest, Partials};
 
 /// The `x-request-id` of a request (echoed from the client, or created).
 #[derive(Debug, Clone)]
@@ -852,6 +852,7 @@ fn submit(
     let id = app.next_request_id();
     let key = req.key();
     let (tx, rx) = mpsc::unbounded_channel::<ItemOutcome>();
+    let previews = usize::from(if req.stream { req.partial_images } else { 0 });
     let entries = (0..n)
         .map(|i| Entry {
             request: id,
@@ -866,13 +867,24 @@ fn submit(
                     negative_prompt: req.negative_prompt.clone(),
                     seed: seed + i as u64,
                     init_image: req.edit.as_ref().and_then(|e| e.image.clone()),
+                    partials: (previews > 0).then(|| {
+                        let tx = tx.clone();
+                        Partials::new(previews, move |k, image| {
+                            let _ = tx.send(ItemOutcome {
+                                index: i,
+                                result: Ok(image),
+                                partial: Some(k),
+                            });
+                        })
+                    }),
                 },
                 reply: tx.clone(),
                 span: tracing::Span::current(),
             },
         })
         .collect();
-    // Only the queued items hold senders now: `recv` ends if they all disappear.
+    // Only the queued items hold senders now (their previews' sinks too): `recv` ends if they
+    // all disappear.
     drop(tx);
     app.queue.submit(entries)?;
     Ok(Submitted {
@@ -904,12 +916,19 @@ async fn generate(
     let base64 = req.response_format == ResponseFormat::B64Json;
     let mut tasks: Vec<Option<EncodeTask>> = (0..n).map(|_| None).collect();
     let collect = async {
-        for _ in 0..n {
+        let mut left = n;
+        while left > 0 {
             match rx.recv().await {
+                // Previews are for streams only; none is asked for here.
+                Some(ItemOutcome {
+                    partial: Some(_), ..
+                }) => continue,
                 Some(ItemOutcome {
                     index,
                     result: Ok(image),
+                    partial: None,
                 }) => {
+                    left -= 1;
                     if let Some(slot) = tasks.get_mut(index) {
                         *slot = Some(spawn_encode(
                             image,
@@ -969,6 +988,7 @@ fn stream_images(
         _in_flight: app.enter(),
         submitted,
         left: req.n as usize,
+        previews: vec![Some(0); req.n as usize],
         req,
         seed,
         token_count: TokenCount::Pending(token_count),
@@ -984,6 +1004,20 @@ fn stream_images(
         .into_response())
 }
 
+/// A server-sent event named `kind` with `body` as its JSON data.
+fn event(kind: &str, body: &impl serde::Serialize) -> Result<Event, (DropReason, ApiError)> {
+    Event::default().event(kind).json_data(body).map_err(|e| {
+        (
+            DropReason::RequestFailed,
+            InferError::Encode {
+                format: "an event",
+                message: e.to_string(),
+            }
+            .into(),
+        )
+    })
+}
+
 /// The prompt's token count for `usage`, counted alongside the generation.
 enum TokenCount {
     Pending(tokio::task::JoinHandle<u64>),
@@ -997,6 +1031,10 @@ struct ImageStream {
     submitted: Submitted,
     /// Images not sent yet.
     left: usize,
+    /// Per image, the index of the next preview to send, `None` once the image was sent. An
+    /// image's batch that runs again (in parts, after running out of memory) makes its previews
+    /// again: those already sent are skipped.
+    previews: Vec<Option<usize>>,
     req: ValidRequest,
     seed: u64,
     token_count: TokenCount,
@@ -1014,12 +1052,42 @@ impl ImageStream {
         }
         let deadline = self.submitted.deadline;
         let timeout = self.app.config.batching.request_timeout;
-        let outcome = tokio::time::timeout_at(deadline.into(), self.submitted.rx.recv()).await;
+        let outcome = loop {
+            let outcome = tokio::time::timeout_at(deadline.into(), self.submitted.rx.recv()).await;
+            if let Ok(Some(ItemOutcome {
+                index,
+                result: Ok(_),
+                partial: Some(k),
+            })) = &outcome
+            {
+                match self.previews.get_mut(*index) {
+                    Some(Some(next)) if *next == *k => *next += 1,
+                    // Sent already, or its image was.
+                    _ => continue,
+                }
+            }
+            break outcome;
+        };
         let result = match outcome {
             Ok(Some(ItemOutcome {
                 index,
                 result: Ok(image),
-            })) => self.completed(index, image).await,
+                partial: Some(k),
+            })) => match self.preview(index, k, image).await {
+                // Not an image: `left` stays.
+                Ok(event) => return Some(event),
+                Err(e) => Err(e),
+            },
+            Ok(Some(ItemOutcome {
+                index,
+                result: Ok(image),
+                partial: None,
+            })) => {
+                if let Some(slot) = self.previews.get_mut(index) {
+                    *slot = None;
+                }
+                self.completed(index, image).await
+            }
             Ok(Some(ItemOutcome { result: Err(e), .. })) => {
                 Err((DropReason::RequestFailed, e.into()))
             }
@@ -1047,11 +1115,8 @@ impl ImageStream {
         }
     }
 
-    async fn completed(
-        &mut self,
-        index: usize,
-        image: image::RgbImage,
-    ) -> Result<Event, (DropReason, ApiError)> {
+    /// The image's base64 in the request's format.
+    async fn encode(&self, image: image::RgbImage) -> Result<String, (DropReason, ApiError)> {
         let failed = |e: ApiError| (DropReason::RequestFailed, e);
         let req = &self.req;
         let (out, took) = spawn_encode(image, req.output_format, req.output_compression, true)
@@ -1059,15 +1124,52 @@ impl ImageStream {
             .await
             .map_err(|e| failed(e.into()))?;
         self.app.metrics.stage(Stage::ImageEncode, took);
-        let Encoded::Base64(b64_json) = out else {
-            return Err(failed(
+        match out {
+            Encoded::Base64(b64_json) => Ok(b64_json),
+            _ => Err(failed(
                 InferError::Encode {
                     format: "base64",
                     message: "the encoder returned bytes (this is a bug)".into(),
                 }
                 .into(),
-            ));
+            )),
+        }
+    }
+
+    /// Image `index`'s preview `k` as a `partial_image` event.
+    async fn preview(
+        &mut self,
+        index: usize,
+        k: usize,
+        image: image::RgbImage,
+    ) -> Result<Event, (DropReason, ApiError)> {
+        let b64_json = self.encode(image).await?;
+        let req = &self.req;
+        let body = PartialImage {
+            kind: if req.edit.is_some() {
+                "image_edit.partial_image"
+            } else {
+                "image_generation.partial_image"
+            },
+            b64_json,
+            created_at: unix_secs(),
+            size: format!("{}x{}", req.width, req.height),
+            quality: req.quality,
+            background: "opaque",
+            output_format: req.output_format.as_str(),
+            partial_image_index: k,
+            seed: self.seed + index as u64,
         };
+        self.app.metrics.partial_image();
+        event(body.kind, &body)
+    }
+
+    async fn completed(
+        &mut self,
+        index: usize,
+        image: image::RgbImage,
+    ) -> Result<Event, (DropReason, ApiError)> {
+        let b64_json = self.encode(image).await?;
         let text_tokens = match &mut self.token_count {
             TokenCount::Done(n) => *n,
             TokenCount::Pending(handle) => {
@@ -1093,18 +1195,7 @@ impl ImageStream {
             safety_identifier: req.user.clone(),
             seed: self.seed + index as u64,
         };
-        Event::default()
-            .event(body.kind)
-            .json_data(&body)
-            .map_err(|e| {
-                failed(
-                    InferError::Encode {
-                        format: "an event",
-                        message: e.to_string(),
-                    }
-                    .into(),
-                )
-            })
+        event(body.kind, &body)
     }
 
     /// OpenAI's error body as an `error` event (the SDKs raise it as an API error), counted and

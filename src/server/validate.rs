@@ -134,6 +134,10 @@ pub struct ValidRequest {
     /// `stream: true`: the images go back as server-sent events, one
     /// `image_generation.completed` (`image_edit.completed`) each as it is done (always base64).
     pub stream: bool,
+    /// A stream's `partial_images` (0–3): previews per image, each an
+    /// `image_generation.partial_image` (`image_edit.partial_image`) event before its image's
+    /// completed event; as many as the image has steps before its last (none in one step).
+    pub partial_images: u8,
     /// `POST /v1/images/edits`; `steps` is then the number of steps run.
     pub edit: Option<EditSettings>,
 }
@@ -337,17 +341,17 @@ fn validate_fields(
         .filter(|s| !s.is_empty())
         .map(str::to_string);
 
-    // With stream, up to 3 partial images may be asked for; as OpenAI's API allows when an
-    // image is done before them, none is sent: SDXL-Turbo's one step has no earlier image.
-    if let Some(p) = f.integer("partial_images", 0, 3)? {
-        if p > 0 && !stream {
-            return Err(ApiError::invalid(
-                "partial_images",
-                "unsupported_value",
-                "partial_images applies to streamed responses only: set stream to true, or \
-                 partial_images to 0",
-            ));
-        }
+    // With stream, up to 3 partial images may be asked for: the denoised estimates of the
+    // steps before the last. As OpenAI's API allows when an image is done before them, fewer
+    // are sent when there are fewer such steps (none in SDXL-Turbo's default one step).
+    let partial_images = f.integer("partial_images", 0, 3)?.unwrap_or(0) as u8;
+    if partial_images > 0 && !stream {
+        return Err(ApiError::invalid(
+            "partial_images",
+            "unsupported_value",
+            "partial_images applies to streamed responses only: set stream to true, or \
+             partial_images to 0",
+        ));
     }
     for field in ["frame_count", "frame_duration_ms", "svg"] {
         let nested = format!("{field}[");
@@ -415,6 +419,7 @@ fn validate_fields(
         output_compression,
         user,
         stream,
+        partial_images,
         edit,
     })
 }
@@ -804,6 +809,7 @@ mod tests {
                 output_compression: 100,
                 user: None,
                 stream: false,
+                partial_images: 0,
                 edit: None,
             }
         );
@@ -813,6 +819,7 @@ mod tests {
     fn a_stream_is_inline_and_may_ask_for_partial_images() {
         let v = check(json!({"prompt": "a cat", "stream": true, "partial_images": 3})).unwrap();
         assert!(v.stream);
+        assert_eq!(v.partial_images, 3);
         assert_eq!(v.response_format, ResponseFormat::B64Json);
         // Whatever the server's default for responses that are not streamed.
         let mut cfg = ServerConfig::default();

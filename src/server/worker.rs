@@ -298,6 +298,7 @@ fn start(
                 negative_prompt: String::new(),
                 seed,
                 init_image: None,
+                partials: None,
             })
             .collect()
     };
@@ -765,6 +766,7 @@ fn answer(
         let _ = e.payload.reply.send(ItemOutcome {
             index: e.payload.index,
             result: Ok(image),
+            partial: None,
         });
     }
 }
@@ -1063,6 +1065,7 @@ mod tests {
                     negative_prompt: String::new(),
                     seed,
                     init_image: None,
+                    partials: None,
                 },
                 reply,
                 span: tracing::Span::none(),

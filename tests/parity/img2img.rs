@@ -82,6 +82,7 @@ fn items(case: &Case, images: &[InitImage], seed: u64) -> Vec<ImageRequest> {
                 .unwrap_or_default(),
             seed: seed + i as u64,
             init_image: Some(images[i].clone()),
+            partials: None,
         })
         .collect()
 }
@@ -213,6 +214,7 @@ fn a_mask_that_keeps_everything_ignores_the_prompt() {
                     negative_prompt: String::new(),
                     seed: 1,
                     init_image: Some(init.clone()),
+                    partials: None,
                 }],
                 None,
             )

@@ -44,6 +44,7 @@ impl Case {
                     .unwrap_or_default(),
                 seed: 0,
                 init_image: None,
+                partials: None,
             })
             .collect();
         let noise = NoiseOverride {
@@ -194,6 +195,7 @@ fn req(prompt: &str, seed: u64) -> ImageRequest {
         negative_prompt: String::new(),
         seed,
         init_image: None,
+        partials: None,
     }
 }
 

@@ -286,6 +286,22 @@ impl BatchObject {
         self.status = status;
     }
 
+    /// When the batch ended (completed, failed, cancelled or expired); `None` while it runs.
+    pub fn ended_at(&self) -> Option<u64> {
+        if self.status.running() {
+            return None;
+        }
+        [
+            self.completed_at,
+            self.failed_at,
+            self.cancelled_at,
+            self.expired_at,
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+    }
+
     /// Counts one request's outcome; `usage` for one that made images.
     pub fn record(&mut self, ok: bool, usage: Option<&Usage>) {
         if ok {
@@ -448,6 +464,33 @@ impl Batches {
         // Under the lock, as in `transition`.
         self.save(&entry.record).map_err(storage_error)?;
         Ok(entry.record.object.clone())
+    }
+
+    /// Forgets the batches that ended before `cutoff` (unix seconds), records and all
+    /// (`--batch-retention-days`); returns how many. Their output and error files are the Files
+    /// API's, kept until they expire.
+    pub fn remove_ended_before(&self, cutoff: u64) -> usize {
+        let mut inner = self.lock();
+        let old: Vec<String> = inner
+            .0
+            .values()
+            .filter(|e| e.record.object.ended_at().is_some_and(|t| t < cutoff))
+            .map(|e| e.record.object.id.clone())
+            .collect();
+        for id in &old {
+            let path = self.dir.join(format!("{id}.json"));
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                // Kept listed: a restart would read the record back.
+                Err(e) => {
+                    tracing::error!(batch = %id, "cannot remove the batch's record: {e}");
+                    continue;
+                }
+            }
+            inner.0.remove(id);
+        }
+        old.len()
     }
 
     /// The batches a restart interrupted, with their cancellation tokens (already cancelled for
@@ -745,6 +788,58 @@ mod tests {
             .collect();
         assert_eq!(unfinished, ["batch_running"]);
         assert!(store.get(&None, "batch_done").is_err(), "another owner's");
+    }
+
+    /// Batches that ended before the cutoff are forgotten, on disk too; running ones and those
+    /// that ended later stay.
+    #[test]
+    fn batches_ended_long_ago_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Batches::open(dir.path().to_path_buf()).unwrap();
+        let owner = Some("k".to_string());
+        let add = |id: &str, f: &dyn Fn(&mut BatchObject)| {
+            let mut object = batch();
+            object.id = id.into();
+            f(&mut object);
+            let record = Record {
+                object,
+                owner: owner.clone(),
+                endpoint: Endpoint::Generations,
+                output_ttl: 3600,
+            };
+            store.insert(record, CancellationToken::new()).unwrap();
+        };
+        add("batch_done_early", &|b| {
+            b.start(2, 1);
+            b.finish(100, Ending::Done);
+        });
+        add("batch_failed_early", &|b| b.fail(50, vec![]));
+        add("batch_cancelled_late", &|b| {
+            b.start(2, 1);
+            b.cancel(10).unwrap();
+            b.finish(500, Ending::Done);
+        });
+        add("batch_running", &|b| b.start(2, 1));
+        add("batch_cancelling", &|b| {
+            b.start(2, 1);
+            b.cancel(10).unwrap();
+        });
+        assert_eq!(store.remove_ended_before(101), 2);
+        assert_eq!(store.remove_ended_before(101), 0);
+        let ids = |store: &Batches| -> Vec<String> {
+            let mut ids: Vec<String> = store.list(&owner).into_iter().map(|b| b.id).collect();
+            ids.sort();
+            ids
+        };
+        let left = ["batch_cancelled_late", "batch_cancelling", "batch_running"];
+        assert_eq!(ids(&store), left);
+        assert!(store.get(&owner, "batch_done_early").is_err());
+        assert!(!dir.path().join("batch_done_early.json").exists());
+        drop(store);
+        let store = Batches::open(dir.path().to_path_buf()).unwrap();
+        assert_eq!(ids(&store), left);
+        assert_eq!(store.remove_ended_before(u64::MAX), 1);
+        assert_eq!(ids(&store), ["batch_cancelling", "batch_running"]);
     }
 
     #[test]
