@@ -2064,25 +2064,26 @@ fn edits_take_a_multipart_image_and_match_the_pipeline() {
     assert_eq!(images(&auto)[0].dimensions(), (80, 64));
 
     // Streamed: image_edit.completed events with the same images.
-    let (ct, body) = multipart(
-        &[
+    let stream_edit = |fields: &[(&str, &str)]| {
+        let mut all = vec![
             ("prompt", "the same scene in winter"),
             ("size", "64x64"),
-            ("n", "2"),
             ("seed", "11"),
             ("stream", "true"),
-        ],
-        &[("image", &png)],
-    );
-    let r = s
-        .client
-        .post(s.url("/v1/images/edits"))
-        .header("content-type", ct)
-        .body(body)
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let events = sse_events(&r.text().unwrap());
+        ];
+        all.extend_from_slice(fields);
+        let (ct, body) = multipart(&all, &[("image", &png)]);
+        let r = s
+            .client
+            .post(s.url("/v1/images/edits"))
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        sse_events(&r.text().unwrap())
+    };
+    let events = stream_edit(&[("n", "2")]);
     assert_eq!(events.len(), 2, "{events:?}");
     for (name, e) in &events {
         assert_eq!(name, "image_edit.completed");
@@ -2092,25 +2093,7 @@ fn edits_take_a_multipart_image_and_match_the_pipeline() {
         assert_eq!(e["usage"]["input_tokens_details"]["image_tokens"], 64);
     }
     // Two steps of an edit: one preview each, as image_edit.partial_image.
-    let (ct, body) = multipart(
-        &[
-            ("prompt", "the same scene in winter"),
-            ("size", "64x64"),
-            ("seed", "11"),
-            ("steps", "2"),
-            ("stream", "true"),
-            ("partial_images", "2"),
-        ],
-        &[("image", &png)],
-    );
-    let r = s
-        .client
-        .post(s.url("/v1/images/edits"))
-        .header("content-type", ct)
-        .body(body)
-        .send()
-        .unwrap();
-    let events = sse_events(&r.text().unwrap());
+    let events = stream_edit(&[("steps", "2"), ("partial_images", "2")]);
     let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["image_edit.partial_image", "image_edit.completed"]);
     assert_eq!(events[0].1["partial_image_index"], 0);

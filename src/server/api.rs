@@ -92,40 +92,41 @@ pub struct ImageData {
     pub seed: u64,
 }
 
-/// One event of a streamed response (`stream: true`): OpenAI's `image_generation.completed`,
-/// plus the `seed` extension.
+/// What every event of a streamed response (`stream: true`) says of its image: OpenAI's
+/// fields, plus the `seed` extension (with `n` > 1, which image an event is about).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EventImage {
+    pub b64_json: String,
+    pub created_at: u64,
+    pub size: String,
+    pub quality: &'static str,
+    pub background: &'static str,
+    pub output_format: &'static str,
+    pub seed: u64,
+}
+
+/// OpenAI's `image_generation.completed` (`image_edit.completed`) event: one image, done.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StreamedImage {
     #[serde(rename = "type")]
     pub kind: &'static str,
-    pub b64_json: String,
-    pub created_at: u64,
-    pub size: String,
-    pub quality: &'static str,
-    pub background: &'static str,
-    pub output_format: &'static str,
+    #[serde(flatten)]
+    pub image: EventImage,
     pub usage: Usage,
     /// As in [`ImagesResponse::safety_identifier`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub safety_identifier: Option<String>,
-    pub seed: u64,
 }
 
-/// One `image_generation.partial_image` (`image_edit.partial_image`) event: a preview of an
-/// image still being denoised, OpenAI's fields plus the `seed` of the image it previews (with
-/// `n` > 1, which image it is).
-#[derive(Debug, Clone, Serialize)]
+/// OpenAI's `image_generation.partial_image` (`image_edit.partial_image`) event: a preview of
+/// an image still being denoised.
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct PartialImage {
     #[serde(rename = "type")]
     pub kind: &'static str,
-    pub b64_json: String,
-    pub created_at: u64,
-    pub size: String,
-    pub quality: &'static str,
-    pub background: &'static str,
-    pub output_format: &'static str,
+    #[serde(flatten)]
+    pub image: EventImage,
     pub partial_image_index: usize,
-    pub seed: u64,
 }
 
 /// Token usage in OpenAI's shape. Text tokens are the prompt's CLIP tokens (both prompts when

@@ -24,7 +24,8 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::api::{
-    ImageData, ImagesResponse, Model, ModelList, PartialImage, ResponseFormat, StreamedImage, Usage,
+    EventImage, ImageData, ImagesResponse, Model, ModelList, PartialImage, ResponseFormat,
+    StreamedImage, Usage,
 };
 use super::auth::Caller;
 use super::batcher::{Item, ItemOutcome, Queue};
@@ -1143,22 +1144,10 @@ impl ImageStream {
         k: usize,
         image: image::RgbImage,
     ) -> Result<Event, (DropReason, ApiError)> {
-        let b64_json = self.encode(image).await?;
-        let req = &self.req;
         let body = PartialImage {
-            kind: if req.edit.is_some() {
-                "image_edit.partial_image"
-            } else {
-                "image_generation.partial_image"
-            },
-            b64_json,
-            created_at: unix_secs(),
-            size: format!("{}x{}", req.width, req.height),
-            quality: req.quality,
-            background: "opaque",
-            output_format: req.output_format.as_str(),
+            kind: self.kind("image_generation.partial_image", "image_edit.partial_image"),
+            image: self.event_image(index, image).await?,
             partial_image_index: k,
-            seed: self.seed + index as u64,
         };
         self.app.metrics.partial_image();
         event(body.kind, &body)
@@ -1169,7 +1158,7 @@ impl ImageStream {
         index: usize,
         image: image::RgbImage,
     ) -> Result<Event, (DropReason, ApiError)> {
-        let b64_json = self.encode(image).await?;
+        let image = self.event_image(index, image).await?;
         let text_tokens = match &mut self.token_count {
             TokenCount::Done(n) => *n,
             TokenCount::Pending(handle) => {
@@ -1180,22 +1169,40 @@ impl ImageStream {
         };
         let req = &self.req;
         let body = StreamedImage {
-            kind: if req.edit.is_some() {
-                "image_edit.completed"
-            } else {
-                "image_generation.completed"
-            },
+            kind: self.kind("image_generation.completed", "image_edit.completed"),
+            image,
+            usage: usage(req, text_tokens, 1),
+            safety_identifier: req.user.clone(),
+        };
+        event(body.kind, &body)
+    }
+
+    /// The event type for a generation, or for an edit.
+    fn kind(&self, generation: &'static str, edit: &'static str) -> &'static str {
+        if self.req.edit.is_some() {
+            edit
+        } else {
+            generation
+        }
+    }
+
+    /// Image `index`, encoded, with what every event says of it.
+    async fn event_image(
+        &self,
+        index: usize,
+        image: image::RgbImage,
+    ) -> Result<EventImage, (DropReason, ApiError)> {
+        let b64_json = self.encode(image).await?;
+        let req = &self.req;
+        Ok(EventImage {
             b64_json,
             created_at: unix_secs(),
             size: format!("{}x{}", req.width, req.height),
             quality: req.quality,
             background: "opaque",
             output_format: req.output_format.as_str(),
-            usage: usage(req, text_tokens, 1),
-            safety_identifier: req.user.clone(),
             seed: self.seed + index as u64,
-        };
-        event(body.kind, &body)
+        })
     }
 
     /// OpenAI's error body as an `error` event (the SDKs raise it as an API error), counted and
