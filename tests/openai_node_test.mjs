@@ -9,6 +9,7 @@
 //   node openai_node_test.mjs --base-url URL/v1 --api-key KEY --limited-key KEY
 
 import assert from "node:assert/strict";
+import http from "node:http";
 import zlib from "node:zlib";
 
 import OpenAI, { toFile } from "openai";
@@ -239,6 +240,40 @@ async function testRateLimit(baseURL, limitedKey) {
   assert.ok(Number(e.headers.get("retry-after")) >= 1);
 }
 
+async function testWebhooks(client) {
+  // An endpoint made with the SDK, a test event to a local receiver, checked by the SDK's own
+  // signature verification with the endpoint's secret.
+  const received = [];
+  const server = http.createServer((req, res) => {
+    const chunks = [];
+    req.on("data", (c) => chunks.push(c));
+    req.on("end", () => {
+      received.push({ body: Buffer.concat(chunks).toString("utf8"), headers: req.headers });
+      res.writeHead(200).end();
+    });
+  });
+  await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+  try {
+    const url = `http://127.0.0.1:${server.address().port}/hook`;
+    const endpoint = await client.webhooks.create({ name: "node", url, event_types: ["batch.expired"] });
+    assert.ok(endpoint.signing_secret.startsWith("whsec_"));
+    assert.ok(endpoint.id.startsWith("whe_"));
+    const result = await client.webhooks.test(endpoint.id, { event_type: "batch.expired" });
+    assert.deepEqual([result.status_code, result.success], [200, true]);
+    assert.equal(received.length, 1);
+    const event = await client.webhooks.unwrap(received[0].body, received[0].headers, endpoint.signing_secret);
+    assert.equal(event.type, "batch.expired");
+    const rotated = await client.webhooks.rotateSecret(endpoint.id);
+    await assert.rejects(
+      client.webhooks.unwrap(received[0].body, received[0].headers, rotated.signing_secret),
+      OpenAI.InvalidWebhookSignatureError,
+    );
+    assert.equal((await client.webhooks.delete(endpoint.id)).deleted, true);
+  } finally {
+    server.close();
+  }
+}
+
 async function testBatch(client) {
   // An edits batch (the Python test runs generations): JSON edits with data URLs as lines.
   const input = (await client.images.generate({ prompt: "a quay", size: "64x64", seed: 41 })).data[0];
@@ -303,6 +338,7 @@ async function main() {
     ["edit", () => testEdit(client)],
     ["models", () => testModels(client)],
     ["batch", () => testBatch(client)],
+    ["webhooks", () => testWebhooks(client)],
     ["errors", () => testErrors(client, baseURL)],
     ["RateLimitError", () => testRateLimit(baseURL, arg("--limited-key"))],
   ];

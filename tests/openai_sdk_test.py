@@ -333,6 +333,76 @@ def test_batch(client: OpenAI):
     expect(openai.BadRequestError, lambda: client.batches.cancel(batch.id))
 
 
+def test_webhooks(client: OpenAI):
+    """Webhook endpoints as the SDK manages them, and a batch's end delivered to one: the SDK's
+    `webhooks.unwrap` checks the signature with the endpoint's secret and parses the event."""
+    import http.server
+    import json
+    import queue
+    import threading
+
+    received: "queue.Queue[tuple[bytes, dict]]" = queue.Queue()
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["content-length"]))
+            received.put((body, {k.lower(): v for k, v in self.headers.items()}))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    try:
+        assert client.webhooks.event_types.list().data == [
+            "batch.cancelled", "batch.completed", "batch.expired", "batch.failed"
+        ]
+        endpoint = client.webhooks.create(name="sdk", url=url, event_types=["batch.completed"])
+        assert endpoint.signing_secret.startswith("whsec_") and endpoint.url == url
+        assert client.webhooks.retrieve(endpoint.id).name == "sdk"
+        assert endpoint.id in [e.id for e in client.webhooks.list()]
+        renamed = client.webhooks.update(endpoint.id, name="sdk-renamed")
+        assert renamed.name == "sdk-renamed" and renamed.event_types == ["batch.completed"]
+
+        line = {"custom_id": "hooked", "method": "POST", "url": "/v1/images/generations",
+                "body": {"prompt": "a weather vane", "size": "64x64", "seed": 5}}
+        uploaded = client.files.create(file=("hook.jsonl", json.dumps(line).encode()), purpose="batch")
+        batch = client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/images/generations", completion_window="24h"
+        )
+        body, headers = received.get(timeout=300)
+        event = client.webhooks.unwrap(body, headers, secret=endpoint.signing_secret)
+        assert event.type == "batch.completed" and event.data.id == batch.id, event
+        assert client.batches.retrieve(batch.id).status == "completed"
+        try:
+            client.webhooks.unwrap(body, headers, secret="whsec_" + base64.b64encode(b"x" * 32).decode())
+            raise AssertionError("another secret verified the delivery")
+        except openai.InvalidWebhookSignatureError:
+            pass
+
+        # A rotated secret, the old one kept: a test event carries both signatures.
+        rotated = client.webhooks.rotate_secret(endpoint.id, keep_old_secret_active_for_24_hours=True)
+        assert rotated.signing_secret != endpoint.signing_secret
+        result = client.webhooks.test(endpoint.id, event_type="batch.failed")
+        assert (result.status_code, result.success, result.event_type) == (204, True, "batch.failed")
+        body, headers = received.get(timeout=30)
+        for secret in (rotated.signing_secret, endpoint.signing_secret):
+            assert client.webhooks.unwrap(body, headers, secret=secret).type == "batch.failed"
+
+        expect(
+            openai.BadRequestError,
+            lambda: client.webhooks.create(name="x", url=url, event_types=["response.completed"]),
+            param="event_types",
+        )
+        assert client.webhooks.delete(endpoint.id).deleted
+        expect(openai.NotFoundError, lambda: client.webhooks.retrieve(endpoint.id))
+    finally:
+        server.shutdown()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base-url", required=True)
@@ -349,6 +419,7 @@ def main() -> int:
         ("edit", lambda: test_edit(client)),
         ("models", lambda: test_models(client)),
         ("batch", lambda: test_batch(client)),
+        ("webhooks", lambda: test_webhooks(client)),
         ("retired variations", lambda: test_retired_variations(client)),
         ("BadRequestError", lambda: test_bad_request(client)),
         ("AuthenticationError", lambda: test_authentication(args.base_url)),

@@ -3102,8 +3102,18 @@ fn a_batch_goes_on_after_a_restart_with_files_dir() {
     let jsonl: Vec<String> = (0..16)
         .map(|i| batch_line(&format!("c{i}"), g, body(i)))
         .collect();
-    let (file_id, batch_id) = {
+    let hooks = Receiver::start(vec![]);
+    let (file_id, batch_id, secret) = {
         let s = TestServer::start_with(config.clone(), |p| Box::new(Slow(p)));
+        // A webhook endpoint made before the restart hears of the batch's end after it.
+        let (status, endpoint) = s.call(
+            "POST",
+            "/v1/webhook_endpoints",
+            None,
+            Some(json!({"name": "n", "url": hooks.url, "event_types": ["batch.completed"]})),
+        );
+        assert_eq!(status, 200, "{endpoint}");
+        let secret = endpoint["signing_secret"].as_str().unwrap().to_string();
         let (_, file) = s.upload(None, &jsonl.join("\n"));
         let (_, batch) = s.call(
             "POST",
@@ -3121,7 +3131,7 @@ fn a_batch_goes_on_after_a_restart_with_files_dir() {
             assert!(start.elapsed() < Duration::from_secs(300), "{b}");
             std::thread::sleep(Duration::from_millis(10));
         }
-        (file["id"].as_str().unwrap().to_string(), id)
+        (file["id"].as_str().unwrap().to_string(), id, secret)
     };
     // Stopped half-way: the record on disk says so, and some results are written.
     let record: Value = serde_json::from_slice(
@@ -3172,6 +3182,17 @@ fn a_batch_goes_on_after_a_restart_with_files_dir() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(left, [format!("{batch_id}.json")]);
+    let got = hooks.wait_for(1);
+    check_signed(&got[0], &[&secret]);
+    assert_eq!(got[0].event["data"]["id"], json!(batch_id));
+    assert_eq!(got.len(), 1);
+    // The endpoint's record holds its secret: the server's user alone may read it.
+    #[cfg(unix)]
+    for entry in std::fs::read_dir(dir.path().join("webhooks")).unwrap() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = entry.unwrap().metadata().unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
 }
 
 /// A batch still running when its completion window ends expires: what ran is kept, the rest
@@ -3199,4 +3220,368 @@ fn a_batch_past_its_completion_window_expires() {
     let errors = s.file_lines(None, batch["error_file_id"].as_str().unwrap());
     assert_eq!(errors.len() as u64, 12 - ran);
     assert!(errors.iter().all(|e| e["error"]["code"] == "batch_expired"));
+}
+
+/// A webhook receiver on 127.0.0.1: records each request's headers (lower-cased names) and body,
+/// and answers each with the next of its statuses (200 once they run out).
+struct Receiver {
+    url: String,
+    got: Arc<std::sync::Mutex<Vec<(Headers, String)>>>,
+}
+
+type Headers = std::collections::HashMap<String, String>;
+
+/// One request a [`Receiver`] got: its headers, its body's JSON, and the body as sent (what is
+/// signed).
+struct Delivery {
+    headers: Headers,
+    event: Value,
+    raw: String,
+}
+
+impl Receiver {
+    fn start(statuses: Vec<u16>) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hooks/turbine", listener.local_addr().unwrap());
+        let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = got.clone();
+        std::thread::spawn(move || {
+            let mut statuses = statuses.into_iter();
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let mut reader = BufReader::new(stream);
+                let mut headers = Headers::new();
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                loop {
+                    line.clear();
+                    reader.read_line(&mut line).unwrap();
+                    let l = line.trim_end();
+                    if l.is_empty() {
+                        break;
+                    }
+                    let (k, v) = l.split_once(':').unwrap();
+                    headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+                }
+                let len: usize = headers["content-length"].parse().unwrap();
+                let mut body = vec![0u8; len];
+                reader.read_exact(&mut body).unwrap();
+                record
+                    .lock()
+                    .unwrap()
+                    .push((headers, String::from_utf8(body).unwrap()));
+                let status = statuses.next().unwrap_or(200);
+                let _ = reader.get_mut().write_all(
+                    format!(
+                        "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    )
+                    .as_bytes(),
+                );
+            }
+        });
+        Receiver { url, got }
+    }
+
+    /// The requests received so far.
+    fn requests(&self) -> Vec<Delivery> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(h, b)| Delivery {
+                headers: h.clone(),
+                event: serde_json::from_str(b).unwrap(),
+                raw: b.clone(),
+            })
+            .collect()
+    }
+
+    /// Waits until `n` requests have come (a hang guard, not a timing check).
+    fn wait_for(&self, n: usize) -> Vec<Delivery> {
+        let start = Instant::now();
+        loop {
+            let got = self.requests();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "{} of {n} webhook requests came",
+                got.len()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The signatures of a delivery, checked against `secrets` (each must sign its body as sent,
+/// in order).
+fn check_signed(d: &Delivery, secrets: &[&str]) {
+    let headers = &d.headers;
+    let id = &headers["webhook-id"];
+    assert_eq!(d.event["id"], json!(id));
+    let ts: u64 = headers["webhook-timestamp"].parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(ts <= now && now - ts < 300, "timestamp {ts}, now {now}");
+    let want: Vec<String> = secrets
+        .iter()
+        .map(|s| format!("v1,{}", turbine::server::webhooks::sign(s, id, ts, &d.raw)))
+        .collect();
+    assert_eq!(headers["webhook-signature"], want.join(" "));
+    assert_eq!(headers["content-type"], "application/json");
+}
+
+/// Webhook endpoints: a key's endpoints are told of its batches' ends, signed with their
+/// secret, retried until they answer 2xx, and managed through OpenAI's endpoints (list,
+/// update, rotate the secret, send a test event, delete); other keys see none of them.
+#[test]
+fn webhooks_tell_a_key_when_its_batches_end() {
+    let mut config = test_config();
+    config.auth.keys = vec![ApiKey::plain("sk-a"), ApiKey::plain("sk-b")];
+    config.files.webhook_retry.first_delay = Duration::from_millis(20);
+    config.files.webhook_retry.max_delay = Duration::from_millis(100);
+    config.files.webhook_retry.give_up_after = Duration::from_secs(1);
+    let s = TestServer::start(config);
+    let (a, b) = (Some("sk-a"), Some("sk-b"));
+    let gen = "/v1/images/generations";
+
+    let (status, types) = s.call("GET", "/v1/webhook_event_types", a, None);
+    assert_eq!(status, 200);
+    assert_eq!(
+        types,
+        json!({"object": "list", "data": ["batch.cancelled", "batch.completed", "batch.expired", "batch.failed"]})
+    );
+
+    // The first two attempts fail; the third is answered 200.
+    let hooks = Receiver::start(vec![500, 503]);
+    let (status, created) = s.call(
+        "POST",
+        "/v1/webhook_endpoints",
+        a,
+        Some(json!({"name": "ends", "url": hooks.url, "event_types": ["batch.completed", "batch.failed"]})),
+    );
+    assert_eq!(status, 200, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    let secret = created["signing_secret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    assert_eq!(created["object"], "webhook_endpoint");
+    assert_eq!(created["url"], json!(hooks.url));
+    assert!(created["signing_secret_hint"]
+        .as_str()
+        .unwrap()
+        .ends_with(&secret[secret.len() - 4..]));
+    let (status, got) = s.call("GET", &format!("/v1/webhook_endpoints/{id}"), a, None);
+    assert_eq!(status, 200);
+    assert!(got.get("signing_secret").is_none(), "shown once: {got}");
+    assert_eq!(got["updated_at"], created["created_at"]);
+    // Another key's endpoints, and the events it listens for, are its own.
+    let cancels = Receiver::start(vec![]);
+    let (status, _) = s.call(
+        "POST",
+        "/v1/webhook_endpoints",
+        a,
+        Some(json!({"name": "cancels", "url": cancels.url, "event_types": ["batch.cancelled"]})),
+    );
+    assert_eq!(status, 200);
+    let (status, _) = s.call("GET", &format!("/v1/webhook_endpoints/{id}"), b, None);
+    assert_eq!(status, 404);
+    let (_, list) = s.call("GET", "/v1/webhook_endpoints", b, None);
+    assert_eq!(list["data"], json!([]));
+    let (_, list) = s.call("GET", "/v1/webhook_endpoints?limit=1", a, None);
+    assert_eq!(list["data"][0]["name"], "cancels", "newest first");
+    assert_eq!(list["has_more"], true);
+
+    let line = batch_line("one", gen, json!({"prompt": "a kite", "seed": 3}));
+    let done = s.run_batch(a, gen, &line);
+    assert_eq!(done["status"], "completed");
+    let got = hooks.wait_for(3);
+    let ids: Vec<&String> = got.iter().map(|d| &d.headers["webhook-id"]).collect();
+    assert!(
+        ids.iter().all(|i| *i == ids[0]),
+        "one event, retried: {ids:?}"
+    );
+    check_signed(&got[2], &[&secret]);
+    let event = &got[2].event;
+    assert_eq!(event["type"], "batch.completed");
+    assert_eq!(event["object"], "event");
+    assert_eq!(event["data"], json!({"id": done["id"]}));
+    assert_eq!(event["created_at"], done["completed_at"]);
+    s.wait_metric(
+        "turbine_webhook_deliveries_total{outcome=\"delivered\"}",
+        |v| v == 1.0,
+    );
+    assert_eq!(
+        s.metric("turbine_webhook_deliveries_total{outcome=\"retried\"}"),
+        2.0
+    );
+
+    // Key b's batch is not a's to hear of; a's failed batch is.
+    s.run_batch(b, gen, &line);
+    let failed = s.run_batch(a, gen, &batch_line("bad", gen, json!({"prompt": 5})));
+    let failed = if failed["status"] == "failed" {
+        failed
+    } else {
+        // A line that fails alone completes the batch with an error line.
+        assert_eq!(failed["status"], "completed");
+        let (status, file) = s.upload(a, "not json\n");
+        assert_eq!(status, 200);
+        let (_, batch) = s.call(
+            "POST",
+            "/v1/batches",
+            a,
+            Some(json!({"input_file_id": file["id"], "endpoint": gen, "completion_window": "24h"})),
+        );
+        s.wait_batch(a, batch["id"].as_str().unwrap())
+    };
+    assert_eq!(failed["status"], "failed");
+    let got = hooks.wait_for(5);
+    let types: Vec<&Value> = got[3..].iter().map(|d| &d.event["type"]).collect();
+    assert!(types.contains(&&json!("batch.failed")), "{types:?}");
+    assert_eq!(got.len(), 5, "b's batch told a nothing");
+    assert!(
+        cancels.requests().is_empty(),
+        "it listens for cancellations only"
+    );
+
+    // Updates: the same values change nothing; new ones move updated_at (seconds: wait one).
+    let (status, same) = s.call(
+        "POST",
+        &format!("/v1/webhook_endpoints/{id}"),
+        a,
+        Some(json!({"name": "ends"})),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(same["updated_at"], created["updated_at"]);
+    std::thread::sleep(Duration::from_millis(1100));
+    let (status, updated) = s.call(
+        "POST",
+        &format!("/v1/webhook_endpoints/{id}"),
+        a,
+        Some(json!({"event_types": ["batch.completed"], "name": "completions"})),
+    );
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["event_types"], json!(["batch.completed"]));
+    assert!(updated["updated_at"].as_u64() > created["updated_at"].as_u64());
+
+    // A rotated secret kept for a day: both sign.
+    let (status, rotated) = s.call(
+        "POST",
+        &format!("/v1/webhook_endpoints/{id}/rotate_secret"),
+        a,
+        Some(json!({"keep_old_secret_active_for_24_hours": true})),
+    );
+    assert_eq!(status, 200, "{rotated}");
+    let new_secret = rotated["signing_secret"].as_str().unwrap().to_string();
+    assert_ne!(new_secret, secret);
+    let (status, test) = s.call(
+        "POST",
+        &format!("/v1/webhook_endpoints/{id}/test"),
+        a,
+        Some(json!({"event_type": "batch.expired"})),
+    );
+    assert_eq!(status, 200, "{test}");
+    assert_eq!(
+        (
+            &test["object"],
+            &test["status_code"],
+            &test["success"],
+            &test["event_type"]
+        ),
+        (
+            &json!("webhook_endpoint.test"),
+            &json!(200),
+            &json!(true),
+            &json!("batch.expired")
+        )
+    );
+    let got = hooks.wait_for(6);
+    check_signed(&got[5], &[&new_secret, &secret]);
+    assert_eq!(got[5].event["type"], "batch.expired");
+    // Without keeping it, the old secret stops signing at once.
+    let (_, rotated) = s.call(
+        "POST",
+        &format!("/v1/webhook_endpoints/{id}/rotate_secret"),
+        a,
+        None,
+    );
+    let newest = rotated["signing_secret"].as_str().unwrap().to_string();
+    s.call(
+        "POST",
+        &format!("/v1/webhook_endpoints/{id}/test"),
+        a,
+        Some(json!({"event_type": "batch.completed"})),
+    );
+    let got = hooks.wait_for(7);
+    check_signed(&got[6], &[&newest]);
+
+    // Bad input names its field.
+    for (body, param) in [
+        (
+            json!({"name": "x", "url": "ftp://host/", "event_types": ["batch.completed"]}),
+            "url",
+        ),
+        (
+            json!({"name": "x", "url": hooks.url, "event_types": ["response.completed"]}),
+            "event_types",
+        ),
+        (json!({"name": "x", "url": hooks.url}), "event_types"),
+        (
+            json!({"name": "x", "url": hooks.url, "event_types": ["batch.failed"], "secret": "s"}),
+            "secret",
+        ),
+    ] {
+        let (status, e) = s.call("POST", "/v1/webhook_endpoints", a, Some(body));
+        assert_eq!(status, 400, "{e}");
+        assert_eq!(e["error"]["param"], param, "{e}");
+    }
+
+    // A test to nowhere says so; a batch's event to nowhere is given up after its retries.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = format!("http://{}/", closed.local_addr().unwrap());
+    drop(closed);
+    let (_, gone) = s.call(
+        "POST",
+        "/v1/webhook_endpoints",
+        a,
+        Some(json!({"name": "gone", "url": nowhere, "event_types": ["batch.completed"]})),
+    );
+    let gone_id = gone["id"].as_str().unwrap();
+    let (status, e) = s.call(
+        "POST",
+        &format!("/v1/webhook_endpoints/{gone_id}/test"),
+        a,
+        Some(json!({"event_type": "batch.completed"})),
+    );
+    assert_eq!(
+        (status, &e["error"]["code"]),
+        (400, &json!("webhook_unreachable")),
+        "{e}"
+    );
+    s.run_batch(a, gen, &line);
+    s.wait_metric(
+        "turbine_webhook_deliveries_total{outcome=\"abandoned\"}",
+        |v| v == 1.0,
+    );
+    hooks.wait_for(8);
+
+    // Deleted: gone from the list, 404 after.
+    let (status, deleted) = s.call("DELETE", &format!("/v1/webhook_endpoints/{id}"), a, None);
+    assert_eq!(status, 200);
+    assert_eq!(
+        deleted,
+        json!({"id": id, "object": "webhook_endpoint.deleted", "deleted": true})
+    );
+    let (status, _) = s.call("GET", &format!("/v1/webhook_endpoints/{id}"), a, None);
+    assert_eq!(status, 404);
+    let (_, list) = s.call("GET", "/v1/webhook_endpoints", a, None);
+    let names: Vec<&Value> = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["name"])
+        .collect();
+    assert_eq!(names, [&json!("gone"), &json!("cancels")]);
 }

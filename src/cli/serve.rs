@@ -290,6 +290,7 @@ impl Args {
                 batch_retention: Duration::from_secs(
                     self.files.batch_retention_days.saturating_mul(24 * 3600),
                 ),
+                webhook_retry: Default::default(),
             },
             auth: AuthConfig {
                 keys,

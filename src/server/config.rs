@@ -103,6 +103,8 @@ pub struct FilesConfig {
     pub completion_window: Duration,
     /// How long a batch that ended stays listed (`--batch-retention-days`).
     pub batch_retention: Duration,
+    /// When webhook deliveries (batch events) are retried.
+    pub webhook_retry: super::webhooks::RetryPolicy,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -177,6 +179,7 @@ impl Default for ServerConfig {
                 max_batch_requests: 50_000,
                 completion_window: Duration::from_secs(24 * 3600),
                 batch_retention: Duration::from_secs(30 * 24 * 3600),
+                webhook_retry: Default::default(),
             },
             auth: AuthConfig::default(),
             public_url: None,

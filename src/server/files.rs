@@ -156,6 +156,29 @@ pub fn write_record(path: &Path, value: &impl Serialize) -> std::io::Result<()> 
     std::fs::rename(&tmp, path)
 }
 
+/// The JSON records (`*.json`) in `dir`, in no order; one that cannot be read or parsed is
+/// skipped with a warning naming it as `what`.
+pub fn read_records<T: serde::de::DeserializeOwned>(
+    dir: &Path,
+    what: &str,
+) -> anyhow::Result<Vec<T>> {
+    let mut records = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        match std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<T>(&b).ok())
+        {
+            Some(r) => records.push(r),
+            None => tracing::warn!(path = %path.display(), "skipping an unreadable {what}"),
+        }
+    }
+    Ok(records)
+}
+
 impl FileStore {
     /// Opens `dir` (`--files-dir`), reading back the files kept there, or makes a directory of
     /// this process's own in the system's temporary directory when `dir` is `None`.
@@ -268,6 +291,11 @@ impl FileStore {
     /// Where the batches keep their records and their files in the making.
     pub fn batches_dir(&self) -> PathBuf {
         self.root.join("batches")
+    }
+
+    /// Where the webhook endpoints are kept.
+    pub fn webhooks_dir(&self) -> PathBuf {
+        self.root.join("webhooks")
     }
 
     /// Where the contents of file `id` are (or will be) kept.

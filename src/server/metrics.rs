@@ -152,6 +152,18 @@ pub struct Metrics {
     /// Requests of the Batch API by outcome: completed, failed, not run.
     batch_api_requests: [AtomicU64; 3],
     batch_api_running: AtomicI64,
+    /// Webhook delivery attempts by outcome: delivered, retried, abandoned.
+    webhooks: [AtomicU64; 3],
+}
+
+/// What became of one attempt to deliver a webhook event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookOutcome {
+    Delivered,
+    /// Failed; another attempt follows.
+    Retried,
+    /// Failed, and the retries ran out.
+    Abandoned,
 }
 
 /// What became of one request of a Batch API batch.
@@ -193,6 +205,7 @@ impl Metrics {
             in_flight: AtomicI64::new(0),
             batch_api_requests: Default::default(),
             batch_api_running: AtomicI64::new(0),
+            webhooks: Default::default(),
         }
     }
 
@@ -300,6 +313,10 @@ impl Metrics {
 
     pub fn batch_api_request(&self, outcome: BatchRequestOutcome) {
         self.batch_api_requests[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn webhook(&self, outcome: WebhookOutcome) {
+        self.webhooks[outcome as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// A Batch API batch started (+1) or ended (-1).
@@ -465,6 +482,23 @@ impl Metrics {
             "turbine_batch_api_running {}",
             self.batch_api_running.load(Ordering::Relaxed)
         );
+        header(
+            &mut out,
+            "turbine_webhook_deliveries_total",
+            "counter",
+            "Webhook delivery attempts (batch events) by outcome: delivered, failed and retried \
+             later, failed with the retries run out.",
+        );
+        for (outcome, n) in ["delivered", "retried", "abandoned"]
+            .iter()
+            .zip(&self.webhooks)
+        {
+            let _ = writeln!(
+                out,
+                "turbine_webhook_deliveries_total{{outcome=\"{outcome}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
         header(
             &mut out,
             "turbine_batch_size",

@@ -14,7 +14,8 @@
 //! `ValidRequest`), [`error`] (error layers and the status table), [`queue`] (pure queue
 //! logic), [`batcher`] and [`worker`] (the runtime around it), [`encode`], [`store`],
 //! [`auth`], [`metrics`], [`routes`]; OpenAI's Files and Batch APIs in [`files`] and
-//! [`batches`], whose requests go through the same queue at low priority.
+//! [`batches`], whose requests go through the same queue at low priority, and [`webhooks`]
+//! that tell a key's endpoints when its batches end.
 
 pub mod api;
 pub mod auth;
@@ -30,6 +31,7 @@ pub mod routes;
 pub mod store;
 pub mod upload;
 pub mod validate;
+pub mod webhooks;
 pub mod worker;
 
 use std::future::Future;
@@ -95,6 +97,8 @@ pub struct App {
     /// The Files API's files (`--files-dir`).
     pub files: files::FileStore,
     pub batches: batches::Batches,
+    /// Webhook endpoints, told when their key's batches end.
+    pub webhooks: Arc<webhooks::Webhooks>,
     /// Requests of all running batches in flight at once: two full batches per device, so a
     /// device finds the next batch queued while one runs, and the rest of the queue's capacity
     /// stays with interactive requests.
@@ -225,6 +229,11 @@ pub async fn serve(
         tracing::info!(dir = %files.dir().display(), "files and batches are kept here until the server stops (--files-dir keeps them across restarts)");
     }
     let batches = batches::Batches::open(files.batches_dir())?;
+    let webhooks = Arc::new(webhooks::Webhooks::open(
+        files.webhooks_dir(),
+        config.files.webhook_retry,
+        metrics.clone(),
+    )?);
     let batch_slots = 2 * max_batch * workers.len();
     let app = Arc::new(App {
         store: Mutex::new(ImageStore::new(config.store.ttl, config.store.max_bytes)),
@@ -240,6 +249,7 @@ pub async fn serve(
         upload_decodes: Arc::new(tokio::sync::Semaphore::new(UPLOAD_DECODE_SLOTS)),
         files,
         batches,
+        webhooks,
         batch_slots: Arc::new(tokio::sync::Semaphore::new(batch_slots)),
         phase: AtomicU8::new(Phase::Loading as u8),
         next_request: AtomicU64::new(0),

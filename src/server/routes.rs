@@ -39,6 +39,7 @@ use super::queue::{Entry, RequestId};
 use super::store::StoredImage;
 use super::upload::{EditFiles, ImageSource};
 use super::validate::{form_value, json_kind, validate, validate_edit, ValidRequest};
+use super::webhooks;
 use super::{App, Phase};
 use crate::model::pipeline::{ImageRequest, Partials};
 
@@ -61,6 +62,22 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/batches", post(batches::create).get(batches::list))
         .route("/v1/batches/{id}", get(batches::retrieve))
         .route("/v1/batches/{id}/cancel", post(batches::cancel))
+        .route("/v1/webhook_event_types", get(webhooks::event_types))
+        .route(
+            "/v1/webhook_endpoints",
+            post(webhooks::create).get(webhooks::list),
+        )
+        .route(
+            "/v1/webhook_endpoints/{id}",
+            get(webhooks::retrieve)
+                .post(webhooks::update)
+                .delete(webhooks::delete),
+        )
+        .route(
+            "/v1/webhook_endpoints/{id}/rotate_secret",
+            post(webhooks::rotate_secret),
+        )
+        .route("/v1/webhook_endpoints/{id}/test", post(webhooks::test))
         .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
     let router = Router::new()
         .merge(authed)
@@ -322,11 +339,7 @@ async fn generations(
     check_serving(&app)?;
     check_json_content_type(&headers)?;
     let bytes = read_body(body, &headers, app.config.limits.max_body_bytes).await?;
-    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::InvalidJson(format!(
-            "We could not parse the JSON body of your request: {e}"
-        ))
-    })?;
+    let value = parse_json(&bytes)?;
     let req = validate(&value, &app.config.limits, &app.config.model)?;
     app.auth.consume(&caller, 0, req.n, Instant::now())?;
     run_request(&app, &caller, &headers, req).await
@@ -346,12 +359,7 @@ async fn edits(
     let limit = app.config.limits.max_upload_bytes;
     let EditInput { fields, uploads } = if content_type_is(&headers, "application/json") {
         let bytes = read_body(body, &headers, limit).await?;
-        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-            ApiError::InvalidJson(format!(
-                "We could not parse the JSON body of your request: {e}"
-            ))
-        })?;
-        JsonEdit::parse(value)?
+        JsonEdit::parse(parse_json(&bytes)?)?
             .resolve(&app, &caller.owner())
             .await?
     } else {
@@ -1264,6 +1272,44 @@ pub(super) fn check_json_content_type(headers: &HeaderMap) -> Result<(), ApiErro
             expected: "application/json",
         })
     }
+}
+
+/// A request body as JSON.
+pub(super) fn parse_json(bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::InvalidJson(format!(
+            "We could not parse the JSON body of your request: {e}"
+        ))
+    })
+}
+
+/// The JSON object of a request's body, of at most `limit` bytes, whose fields are all among
+/// `known` (anything else is refused, as OpenAI does, rather than ignored). An empty body is
+/// an empty object: a POST whose fields are all optional may send none.
+pub(super) async fn json_object(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    known: &[&str],
+) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
+    let bytes = read_body(body, headers, limit).await?;
+    if bytes.is_empty() {
+        return Ok(serde_json::Map::new());
+    }
+    check_json_content_type(headers)?;
+    let value = parse_json(&bytes)?;
+    let serde_json::Value::Object(fields) = value else {
+        return Err(ApiError::NotAnObject(json_kind(&value)));
+    };
+    if let Some(k) = fields.keys().find(|k| !known.contains(&k.as_str())) {
+        let shown: String = k.chars().take(64).collect();
+        return Err(ApiError::invalid(
+            &shown,
+            "unknown_parameter",
+            format!("Unknown parameter: '{shown}'."),
+        ));
+    }
+    Ok(fields)
 }
 
 /// A body over the limit is still read and dropped up to this many bytes, so a client that is

@@ -451,7 +451,7 @@ impl<'a> Fields<'a> {
         })
     }
 
-    fn boolean(&self, name: &str) -> Result<Option<bool>, ApiError> {
+    pub(super) fn boolean(&self, name: &str) -> Result<Option<bool>, ApiError> {
         match self.get(name) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),

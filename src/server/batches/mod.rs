@@ -27,7 +27,6 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use anyhow::Context;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
@@ -43,7 +42,7 @@ use super::auth::Caller;
 use super::error::{ApiError, InferError};
 use super::files::http::{expires_after, storage_error, ListParams};
 use super::files::{
-    new_id, no_such_file, unix_now, write_record, ListPage, Owner, DEFAULT_TTL_SECS,
+    new_id, no_such_file, read_records, unix_now, write_record, ListPage, Owner, DEFAULT_TTL_SECS,
 };
 use super::validate::{json_kind, Fields};
 use super::{routes, App, Phase};
@@ -340,24 +339,7 @@ pub struct Batches {
 impl Batches {
     /// Reads back the records in `dir`, oldest first.
     pub fn open(dir: PathBuf) -> anyhow::Result<Self> {
-        let mut records = Vec::new();
-        for entry in
-            std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?
-        {
-            let path = entry?.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                continue;
-            }
-            match std::fs::read(&path)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<Record>(&b).ok())
-            {
-                Some(r) => records.push(r),
-                None => {
-                    tracing::warn!(path = %path.display(), "skipping an unreadable batch record")
-                }
-            }
-        }
+        let mut records: Vec<Record> = read_records(&dir, "batch record")?;
         records.sort_by(|a, b| {
             (a.object.created_at, &a.object.id).cmp(&(b.object.created_at, &b.object.id))
         });
@@ -568,16 +550,6 @@ pub async fn create(
         Phase::Failed => return Err(app.device_failed().into()),
         Phase::Loading | Phase::Ready => {}
     }
-    routes::check_json_content_type(&headers)?;
-    let bytes = routes::read_body(body, &headers, app.config.limits.max_body_bytes).await?;
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::InvalidJson(format!(
-            "We could not parse the JSON body of your request: {e}"
-        ))
-    })?;
-    let Value::Object(fields) = value else {
-        return Err(ApiError::NotAnObject(json_kind(&value)));
-    };
     const FIELDS: &[&str] = &[
         "input_file_id",
         "endpoint",
@@ -585,14 +557,8 @@ pub async fn create(
         "metadata",
         "output_expires_after",
     ];
-    if let Some(k) = fields.keys().find(|k| !FIELDS.contains(&k.as_str())) {
-        let shown: String = k.chars().take(64).collect();
-        return Err(ApiError::invalid(
-            &shown,
-            "unknown_parameter",
-            format!("Unknown parameter: '{shown}'."),
-        ));
-    }
+    let limit = app.config.limits.max_body_bytes;
+    let fields = routes::json_object(&headers, body, limit, FIELDS).await?;
     let f = Fields(&fields);
     let endpoint_name = f.required_string("endpoint")?;
     let endpoint = Endpoint::parse(endpoint_name).ok_or_else(|| {
