@@ -31,8 +31,9 @@
 #                                    the time to /health 200 with the warm-up of every batch
 #                                    size, the first requests after it, then images/s and p50/
 #                                    p95/p99 at 1, 8, 32 and 64 concurrent clients with the mean
-#                                    batch the server formed, then 1000 requests as one Batch API
-#                                    batch; serve_check.md and .json in $OUT
+#                                    batch the server formed, one streamed 4-step request with two
+#                                    previews, then 1000 requests as one Batch API batch whose
+#                                    signed webhook is checked; serve_check.md and .json in $OUT
 #                                    (budget GPU_CHECK_BUDGET_S, default 240 s here;
 #                                    GPU_SERVE_ARGS adds serve_check.py arguments, e.g.
 #                                    "--max-batch-size 32 --levels 1,32,64")

@@ -5,9 +5,11 @@ Where gpu_check.py measures the pipeline (`turbine bench`), this measures the se
 talks to: the time from the process start to `/health` 200 (model load, the warm-up batch and,
 with `--warmup-batch-sizes`, every smaller size), the latency of the first requests after it
 (a size planned late would show here as seconds), and images/s and latency percentiles at each
-concurrency level, with the mean batch size the server formed (from /metrics); then, with
-`--batch-requests N`, the same images as one Batch API batch of N requests (`/v1/files`,
-`/v1/batches`: upload to completed, its images/s and mean batch, every result line checked).
+concurrency level, with the mean batch size the server formed (from /metrics); one streamed
+request with previews (`quality: high`, four steps, `partial_images: 2`: its events, each a PNG,
+and when they came); then, with `--batch-requests N`, the same images as one Batch API batch of N
+requests (`/v1/files`, `/v1/batches`: upload to completed, its images/s and mean batch, every
+result line checked) whose end a webhook endpoint on this machine hears of (signature checked).
 Standard library only (the device machine has no network and `hey` is not there); one thread per
 client, one image per request, PNG as base64, as an OpenAI SDK sends by default.
 
@@ -23,7 +25,10 @@ import argparse
 import base64
 import concurrent.futures as cf
 import datetime
+import hashlib
+import hmac
 import http.client
+import http.server
 import itertools
 import json
 import os
@@ -142,6 +147,91 @@ def check_results(text, n):
     return good, problems
 
 
+def sse_events(lines):
+    """(event name, data JSON) of each event of a `text/event-stream`, from its lines."""
+    name, data = None, []
+    for line in lines:
+        line = line.rstrip("\r\n")
+        if not line:
+            if data:
+                yield name, json.loads("\n".join(data))
+            name, data = None, []
+        elif line.startswith("event:"):
+            name = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
+    if data:
+        yield name, json.loads("\n".join(data))
+
+
+STREAM_EXPECTED = ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+
+
+def stream_check(port, size, timeout):
+    """One streamed request with two previews (four steps): the events in order, each a PNG,
+    with the seconds from the request to each."""
+    res = {"events": [], "at_s": [], "error": None}
+    body = json.dumps({"prompt": prompt_at(next(PROMPT_SEQ)), "size": size, "quality": "high",
+                       "stream": True, "partial_images": 2, "seed": 7})
+    t = time.perf_counter()
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request("POST", "/v1/images/generations", body, {"Content-Type": "application/json"})
+        r = c.getresponse()
+        if r.status != 200:
+            res["error"] = f"{r.status}: {r.read()[:200]!r}"
+            return res
+        lines = (raw.decode() for raw in iter(r.readline, b""))
+        for name, event in sse_events(lines):
+            res["events"].append(name)
+            res["at_s"].append(time.perf_counter() - t)
+            if not base64.b64decode(event.get("b64_json", "")).startswith(PNG_MAGIC):
+                res["error"] = f"{name}: not a PNG ({str(event)[:200]})"
+                return res
+    except (OSError, ValueError) as e:
+        res["error"] = repr(e)
+        return res
+    finally:
+        c.close()
+    if res["events"] != STREAM_EXPECTED:
+        res["error"] = f"events {res['events']}, expected {STREAM_EXPECTED}"
+    return res
+
+
+def signature_ok(secret, headers, body):
+    """Whether a webhook delivery carries a Standard Webhooks signature of `body` by `secret`."""
+    key = base64.b64decode(secret[len("whsec_"):]) if secret.startswith("whsec_") else secret.encode()
+    signed = f"{headers.get('webhook-id')}.{headers.get('webhook-timestamp')}.".encode() + body
+    want = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    return any(hmac.compare_digest(f"v1,{want}", s) for s in headers.get("webhook-signature", "").split())
+
+
+class WebhookReceiver:
+    """A local webhook endpoint: records each delivery (arrival time, headers, body), answers 200."""
+
+    def __init__(self):
+        self.got, self.arrived = [], threading.Event()
+        outer = self
+
+        class Hook(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                outer.got.append((time.perf_counter(), {k.lower(): v for k, v in self.headers.items()}, body))
+                outer.arrived.set()
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
 def batch_phase(port, n, size, timeout_s):
     """N requests as one Batch API batch: the wall time from `POST /v1/batches` to its status
     `completed` (polled every 0.1 s), images/s over it, the mean batch size the server formed,
@@ -154,6 +244,21 @@ def batch_phase(port, n, size, timeout_s):
         res["error"] = f"upload: {st} {raw[:200]!r}"
         return res
     file_id = json.loads(raw)["id"]
+    hook = WebhookReceiver()
+    try:
+        return run_batch(port, n, file_id, hook, res, timeout_s)
+    finally:
+        hook.close()
+
+
+def run_batch(port, n, file_id, hook, res, timeout_s):
+    st, raw = request(port, "POST", "/v1/webhook_endpoints", json.dumps(
+        {"name": "serve_check", "url": hook.url, "event_types": ["batch.completed"]}),
+        {"Content-Type": "application/json"})
+    if st != 200:
+        res["error"] = f"webhook endpoint: {st} {raw[:200]!r}"
+        return res
+    secret = json.loads(raw)["signing_secret"]
     s0, c0, _ = server_counts(port)
     t0 = time.perf_counter()
     st, raw = request(port, "POST", "/v1/batches", json.dumps(
@@ -182,6 +287,17 @@ def batch_phase(port, n, size, timeout_s):
             res["error"] = "; ".join(problems[:3])
     res["images_per_s"] = good / wall if wall > 0 else 0.0
     res["good"] = good
+    hook.arrived.wait(30)
+    if hook.got:
+        at, headers, body = hook.got[0]
+        event = json.loads(body)
+        res["webhook_s"] = at - t0
+        if not signature_ok(secret, headers, body):
+            res["error"] = res["error"] or "the webhook's signature does not verify"
+        elif (event.get("type"), event.get("data", {}).get("id")) != ("batch.completed", batch["id"]):
+            res["error"] = res["error"] or f"the webhook's event is {event}"
+    elif batch["status"] == "completed" and not res["error"]:
+        res["error"] = "no webhook came within 30 s of the batch's end"
     if batch["status"] != "completed" and not res["error"]:
         res["error"] = f"batch {batch['status']}: {batch.get('errors')}"
     elif good != n and not res["error"]:
@@ -259,6 +375,12 @@ def render(res):
     if first:
         lines.append("- the first requests after `/health` 200, one at a time: "
                      + ", ".join(f"{x * 1e3:.0f} ms" for x in first))
+    sc = res.get("stream")
+    if sc:
+        lines.append("- one streamed request, `quality: high` (4 steps), `partial_images: 2`: "
+                     + ", ".join(f"{n.rsplit('.', 1)[-1]} at {t * 1e3:.0f} ms"
+                                 for n, t in zip(sc["events"], sc["at_s"]))
+                     + (f"; error: {sc['error']}" if sc.get("error") else ""))
     if res.get("error"):
         lines.append(f"- error: {res['error']}")
     lines += ["", "| clients | prompts | requests | errors | images/s | p50 ms | p95 ms | p99 ms | mean batch | "
@@ -277,7 +399,9 @@ def render(res):
         lines += ["", f"Batch API: {b['requests']} requests as one batch (distinct prompts), from "
                       f"`POST /v1/batches` to `completed` in {f(b.get('wall_s'), '.2f')} s: "
                       f"{f(b.get('images_per_s'), '.2f')} images/s, mean batch {f(b.get('mean_batch'), '.2f')}"
-                      + (f"; error: {b['error']}" if b.get("error") else "; every result line a PNG")]
+                      + (f"; error: {b['error']}" if b.get("error") else
+                         f"; every result line a PNG; its signed webhook came {f(b.get('webhook_s'), '.2f')} s "
+                         "after the batch was created")]
     errs = [e for r in res.get("levels", []) for e in r["first_errors"]]
     if errs:
         lines += ["", "First errors: " + "; ".join(errs[:5])]
@@ -380,6 +504,10 @@ def main():
             firsts.append(dt)
         res["first_requests"] = firsts
         save()
+        res["stream"] = stream_check(port, a.size, 600)
+        log(f"stream: {res['stream']['events']} at {[round(x, 3) for x in res['stream']['at_s']]} s, "
+            f"error {res['stream']['error']}")
+        save()
         for c, prompt in levels:
             if left() < a.level_s + 15:
                 log(f"{c} clients: skipped, {left():.0f} s left")
@@ -409,7 +537,8 @@ def main():
     print("\n" + md, flush=True)
     bad = [r for r in res["levels"] if r["errors"]]
     batch_failed = bool(res.get("batch", {}).get("error"))
-    return 1 if bad or batch_failed or not res["levels"] else 0
+    stream_failed = bool(res.get("stream", {}).get("error"))
+    return 1 if bad or batch_failed or stream_failed or not res["levels"] else 0
 
 
 if __name__ == "__main__":

@@ -82,3 +82,33 @@ class ServeCheck(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class StreamAndWebhook(unittest.TestCase):
+    def test_events_are_read_from_the_stream_s_lines(self):
+        text = ("event: image_generation.partial_image\ndata: {\"partial_image_index\": 0}\n\n"
+                ": keep-alive\n\n"
+                "event: image_generation.completed\ndata: {\"b64_json\":\n"
+                "data: \"x\"}\n\n")
+        events = list(s.sse_events(text.splitlines(keepends=True)))
+        self.assertEqual(events, [("image_generation.partial_image", {"partial_image_index": 0}),
+                                  ("image_generation.completed", {"b64_json": "x"})])
+
+    def test_signatures_are_standard_webhooks(self):
+        # Standard Webhooks' reference vector.
+        headers = {"webhook-id": "msg_p5jXN8AQM9LWM0D4loKWxJek", "webhook-timestamp": "1614265330",
+                   "webhook-signature": "v1,bad v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="}
+        body = b'{"test": 2432232314}'
+        self.assertTrue(s.signature_ok("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", headers, body))
+        self.assertFalse(s.signature_ok("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", headers, body + b" "))
+        self.assertFalse(s.signature_ok("whsec_" + base64.b64encode(b"other").decode(), headers, body))
+
+    def test_the_table_says_when_the_previews_and_the_webhook_came(self):
+        res = {"started_utc": "2026-11-30T10:00:00+00:00", "device": "cpu", "size": "64x64",
+               "level_s": 2.0, "serve_args": [], "levels": [],
+               "stream": {"events": s.STREAM_EXPECTED, "at_s": [0.1, 0.2, 0.3], "error": None},
+               "batch": {"requests": 32, "wall_s": 4.0, "images_per_s": 8.0, "mean_batch": 4.0,
+                         "error": None, "webhook_s": 4.05}}
+        md = s.render(res)
+        self.assertIn("partial_image at 100 ms, partial_image at 200 ms, completed at 300 ms", md)
+        self.assertIn("its signed webhook came 4.05 s after the batch was created", md)
