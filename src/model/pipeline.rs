@@ -124,8 +124,8 @@ pub fn partial_steps(steps: usize, count: usize) -> Vec<usize> {
     if count >= earlier {
         return (0..earlier).collect();
     }
-    // With count < steps - 1 the spacing steps / (count + 1) exceeds 1: the rounded positions
-    // are distinct, and all within [1, steps - 1].
+    // With count < steps - 1 the spacing steps / (count + 1) exceeds 1: the rounded multiples
+    // of it are distinct and within [1, steps - 1], so the positions within [0, steps - 2].
     (1..=count)
         .map(|j| ((j * steps) as f64 / (count + 1) as f64).round() as usize - 1)
         .collect()
@@ -799,8 +799,7 @@ impl Pipeline {
             } else {
                 pred
             };
-            // The last step (SDXL-Turbo's only one) goes to sigma 0 and adds no noise: none is
-            // drawn for it (an override's tensor is still checked).
+            // The images that want a preview after this step: the estimate from before it.
             let wanted: Vec<usize> = (0..n)
                 .filter(|&row| previews[row].contains(&(i - start)))
                 .collect();
@@ -809,6 +808,8 @@ impl Pipeline {
             } else {
                 Some(scheduler.denoised(&pred, i, &latents)?)
             };
+            // The last step (SDXL-Turbo's only one) goes to sigma 0 and adds no noise: none is
+            // drawn for it (an override's tensor is still checked).
             let step_noise = match noise.and_then(|o| o.step_noise.as_ref()) {
                 Some(v) => Some(check("step noise", &v[i - start])?),
                 None if scheduler.adds_noise(i)? => Some(noise::batch_noise(
@@ -988,9 +989,13 @@ impl Pipeline {
         items: &[ImageRequest],
         previews: &[Vec<usize>],
     ) -> anyhow::Result<()> {
-        let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        let index = Tensor::new(index, &self.device)?;
-        let images = rgb8_images(&self.pixels(&estimate.index_select(&index, 0)?)?)?;
+        let selected = if rows.len() == items.len() {
+            estimate.clone()
+        } else {
+            let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+            estimate.index_select(&Tensor::new(index, &self.device)?, 0)?
+        };
+        let images = rgb8_images(&self.pixels(&selected)?)?;
         for (&row, image) in rows.iter().zip(images) {
             let nth = previews[row].iter().position(|&p| p == position);
             if let (Some(partials), Some(nth)) = (&items[row].partials, nth) {

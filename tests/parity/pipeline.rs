@@ -235,6 +235,68 @@ fn batch_invariance() {
     }
 }
 
+/// Previews come for the images that ask, with their indices in order, and only for them, also
+/// from a batch where other images ask for none or for another count; the first preview is the
+/// one-step image of the same seed (every trailing schedule starts at t = 999, where the step to
+/// sigma 0 is the denoised estimate), and previews change nothing of the images.
+#[test]
+fn previews_go_to_the_images_that_ask() {
+    use std::sync::{Arc, Mutex};
+    use turbine::model::pipeline::Partials;
+    let p = pipeline();
+    let settings = |steps| GenerationSettings {
+        width: 64,
+        height: 48,
+        steps,
+        guidance_scale: 0.0,
+        init_step: None,
+    };
+    let got: Arc<Mutex<Vec<(u64, usize, image::RgbImage)>>> = Arc::default();
+    let asking = |seed: u64, count: usize| {
+        let got = got.clone();
+        let mut r = req("a lighthouse", seed);
+        r.partials = Some(Partials::new(count, move |k, image| {
+            got.lock().unwrap().push((seed, k, image));
+        }));
+        r
+    };
+    let batch = vec![
+        req("a lighthouse", 20),
+        asking(21, 2),
+        req("a barn", 22),
+        asking(23, 3),
+    ];
+    let images = p.generate(&settings(4), &batch, None).unwrap().images;
+    let plain: Vec<ImageRequest> = batch
+        .iter()
+        .map(|r| ImageRequest {
+            partials: None,
+            ..r.clone()
+        })
+        .collect();
+    assert_eq!(
+        images,
+        p.generate(&settings(4), &plain, None).unwrap().images,
+        "previews change nothing of the images"
+    );
+    let got = got.lock().unwrap();
+    let order: Vec<(u64, usize)> = got.iter().map(|(s, k, _)| (*s, *k)).collect();
+    // Seed 21 after steps 1 and 3, seed 23 after steps 1, 2 and 3: in the order made.
+    assert_eq!(order, [(21, 0), (23, 0), (23, 1), (21, 1), (23, 2)]);
+    let one_step = p
+        .generate(
+            &settings(1),
+            &[req("a lighthouse", 21), req("a lighthouse", 23)],
+            None,
+        )
+        .unwrap()
+        .images;
+    assert_eq!(got[0].2, one_step[0]);
+    assert_eq!(got[1].2, one_step[1]);
+    // The last preview is not yet the image.
+    assert_ne!(got[4].2, images[3]);
+}
+
 /// f16 and bf16 runs give finite images close to the f32 run (the VAE is upcast for f16).
 #[test]
 fn half_precision_close_to_f32() {
