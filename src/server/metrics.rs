@@ -2,7 +2,7 @@
 //! counters, gauges and histograms do not need a registry crate.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
+use std::fmt::{Display, Write};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -335,6 +335,23 @@ impl Metrics {
         let header = |out: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         };
+        // One series without labels.
+        let single = |out: &mut String, name: &str, kind: &str, help: &str, value: &dyn Display| {
+            header(out, name, kind, help);
+            let _ = writeln!(out, "{name} {value}");
+        };
+        // One series per value of `label`.
+        let labelled = |out: &mut String,
+                        name: &str,
+                        help: &str,
+                        label: &str,
+                        series: &[(&str, &AtomicU64)]| {
+            header(out, name, "counter", help);
+            for (value, n) in series {
+                let n = n.load(Ordering::Relaxed);
+                let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {n}");
+            }
+        };
 
         header(
             &mut out,
@@ -349,49 +366,33 @@ impl Metrics {
                 escape(route)
             );
         }
-        header(
+        single(
             &mut out,
             "turbine_http_requests_in_flight",
             "gauge",
             "Image generation requests being served.",
+            &self.in_flight.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "turbine_http_requests_in_flight {}",
-            self.in_flight.load(Ordering::Relaxed)
-        );
-        header(
+        single(
             &mut out,
             "turbine_images_generated_total",
             "counter",
             "Images generated for requests.",
+            &self.images_generated.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "turbine_images_generated_total {}",
-            self.images_generated.load(Ordering::Relaxed)
-        );
-        header(
+        single(
             &mut out,
             "turbine_images_enqueued_total",
             "counter",
             "Images accepted into the queue.",
+            &self.images_enqueued.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "turbine_images_enqueued_total {}",
-            self.images_enqueued.load(Ordering::Relaxed)
-        );
-        header(
+        single(
             &mut out,
             "turbine_partial_images_total",
             "counter",
             "Previews of images being denoised sent to streams (partial_images).",
-        );
-        let _ = writeln!(
-            out,
-            "turbine_partial_images_total {}",
-            self.partial_images.load(Ordering::Relaxed)
+            &self.partial_images.load(Ordering::Relaxed),
         );
         header(
             &mut out,
@@ -406,99 +407,74 @@ impl Metrics {
                 reason.label()
             );
         }
-        header(
+        single(
             &mut out,
             "turbine_queue_images",
             "gauge",
             "Images waiting in the queue.",
+            &self.queue_images.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "turbine_queue_images {}",
-            self.queue_images.load(Ordering::Relaxed)
-        );
-        header(
+        single(
             &mut out,
             "turbine_batches_failed_total",
             "counter",
             "Batches whose generation failed or panicked.",
+            &self.batches_failed.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "turbine_batches_failed_total {}",
-            self.batches_failed.load(Ordering::Relaxed)
-        );
-        header(
+        single(
             &mut out,
             "turbine_batches_split_total",
             "counter",
             "Batches that ran out of device memory and were run again in smaller parts.",
+            &self.batches_split.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "turbine_batches_split_total {}",
-            self.batches_split.load(Ordering::Relaxed)
-        );
-        header(
+        let [encoded, repeated, cached] = &self.prompts;
+        labelled(
             &mut out,
             "turbine_prompt_embeddings_total",
-            "counter",
             "Prompt embeddings of finished batches (negative prompts included) by source: run \
              through the text encoders, repeated from an earlier image of the batch, or kept \
              from an earlier batch (--prompt-cache-entries).",
+            "source",
+            &[
+                ("encoded", encoded),
+                ("repeated", repeated),
+                ("cached", cached),
+            ],
         );
-        for (source, n) in ["encoded", "repeated", "cached"].iter().zip(&self.prompts) {
-            let _ = writeln!(
-                out,
-                "turbine_prompt_embeddings_total{{source=\"{source}\"}} {}",
-                n.load(Ordering::Relaxed)
-            );
-        }
-        header(
+        let [completed, failed, not_run] = &self.batch_api_requests;
+        labelled(
             &mut out,
             "turbine_batch_api_requests_total",
-            "counter",
             "Requests of Batch API batches (/v1/batches) by outcome: completed, failed, or not \
              run (the batch was cancelled or expired first).",
+            "outcome",
+            &[
+                ("completed", completed),
+                ("failed", failed),
+                ("not_run", not_run),
+            ],
         );
-        for (outcome, n) in ["completed", "failed", "not_run"]
-            .iter()
-            .zip(&self.batch_api_requests)
-        {
-            let _ = writeln!(
-                out,
-                "turbine_batch_api_requests_total{{outcome=\"{outcome}\"}} {}",
-                n.load(Ordering::Relaxed)
-            );
-        }
-        header(
+        single(
             &mut out,
             "turbine_batch_api_running",
             "gauge",
             "Batch API batches validating or running.",
+            &self.batch_api_running.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            out,
-            "turbine_batch_api_running {}",
-            self.batch_api_running.load(Ordering::Relaxed)
-        );
-        header(
+        let [delivered, retried, abandoned] = &self.webhooks;
+        labelled(
             &mut out,
             "turbine_webhook_deliveries_total",
-            "counter",
             "Webhook delivery attempts (batch events) by outcome: delivered, failed and retried \
              later, failed with the retries run out.",
+            "outcome",
+            &[
+                ("delivered", delivered),
+                ("retried", retried),
+                ("abandoned", abandoned),
+            ],
         );
-        for (outcome, n) in ["delivered", "retried", "abandoned"]
-            .iter()
-            .zip(&self.webhooks)
-        {
-            let _ = writeln!(
-                out,
-                "turbine_webhook_deliveries_total{{outcome=\"{outcome}\"}} {}",
-                n.load(Ordering::Relaxed)
-            );
-        }
         header(
             &mut out,
             "turbine_batch_size",
