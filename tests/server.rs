@@ -3188,10 +3188,15 @@ fn a_batch_goes_on_after_a_restart_with_files_dir() {
     assert_eq!(got.len(), 1);
     // The endpoint's record holds its secret: the server's user alone may read it.
     #[cfg(unix)]
-    for entry in std::fs::read_dir(dir.path().join("webhooks")).unwrap() {
+    {
         use std::os::unix::fs::PermissionsExt;
-        let mode = entry.unwrap().metadata().unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
+        let records: Vec<std::fs::Metadata> = std::fs::read_dir(dir.path().join("webhooks"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap())
+            .filter(|m| m.is_file())
+            .collect();
+        assert_eq!(records.len(), 1, "the endpoint's record");
+        assert_eq!(records[0].permissions().mode() & 0o777, 0o600);
     }
 }
 
@@ -3584,4 +3589,80 @@ fn webhooks_tell_a_key_when_its_batches_end() {
         .map(|e| &e["name"])
         .collect();
     assert_eq!(names, [&json!("gone"), &json!("cancels")]);
+}
+
+/// With `--files-dir`, webhook deliveries outlive the server: one a restart interrupted is made
+/// after it (the same event), and a batch that ended without its events queued (a crash in
+/// between, made here by editing its record) is told of at start-up.
+#[test]
+fn webhook_deliveries_go_on_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config();
+    config.files.dir = Some(dir.path().to_path_buf());
+    // The first life's retry would come an hour later.
+    config.files.webhook_retry.first_delay = Duration::from_secs(3600);
+    let hooks = Receiver::start(vec![500]);
+    let gen = "/v1/images/generations";
+    let pending = || -> usize {
+        std::fs::read_dir(dir.path().join("webhooks/pending"))
+            .unwrap()
+            .count()
+    };
+    let (secret, batch_id) = {
+        let s = TestServer::start(config.clone());
+        let (status, endpoint) = s.call(
+            "POST",
+            "/v1/webhook_endpoints",
+            None,
+            Some(json!({"name": "n", "url": hooks.url, "event_types": ["batch.completed"]})),
+        );
+        assert_eq!(status, 200, "{endpoint}");
+        let line = batch_line("one", gen, json!({"prompt": "a mill", "seed": 9}));
+        let done = s.run_batch(None, gen, &line);
+        hooks.wait_for(1);
+        s.wait_metric(
+            "turbine_webhook_deliveries_total{outcome=\"retried\"}",
+            |v| v == 1.0,
+        );
+        (
+            endpoint["signing_secret"].as_str().unwrap().to_string(),
+            done["id"].as_str().unwrap().to_string(),
+        )
+    };
+    assert_eq!(pending(), 1, "the failed delivery is kept");
+
+    config.files.webhook_retry.first_delay = Duration::from_millis(20);
+    {
+        let s = TestServer::start(config.clone());
+        let got = hooks.wait_for(2);
+        assert_eq!(got[1].headers["webhook-id"], got[0].headers["webhook-id"]);
+        check_signed(&got[1], &[&secret]);
+        assert_eq!(got[1].event["data"]["id"], json!(batch_id));
+        s.wait_metric(
+            "turbine_webhook_deliveries_total{outcome=\"delivered\"}",
+            |v| v == 1.0,
+        );
+        let start = Instant::now();
+        while pending() > 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the delivery stays pending"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    let path = dir.path().join(format!("batches/{batch_id}.json"));
+    let mut record: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(record["notified"], true);
+    record["notified"] = json!(false);
+    std::fs::write(&path, record.to_string()).unwrap();
+    let _s = TestServer::start(config);
+    let got = hooks.wait_for(3);
+    assert_eq!(got[2].event["data"]["id"], json!(batch_id));
+    assert_ne!(got[2].headers["webhook-id"], got[0].headers["webhook-id"]);
+    check_signed(&got[2], &[&secret]);
+    let record: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(record["notified"], true);
+    assert_eq!(hooks.requests().len(), 3);
 }

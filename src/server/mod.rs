@@ -261,6 +261,7 @@ pub async fn serve(
     // and a private files directory leaves the disk.
     let _files = CloseFilesOnExit(app.clone());
     batches::resume(&app);
+    app.webhooks.resume();
     tokio::spawn(remove_expired_files(app.clone()));
 
     let n_workers = workers.len();

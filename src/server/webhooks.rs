@@ -7,8 +7,9 @@
 //! HMAC-SHA256 of "id.timestamp.body">` keyed with the endpoint's `whsec_` secret (one
 //! signature per secret while a rotated one is still active), which the SDKs'
 //! `client.webhooks.unwrap` verifies. A delivery that does not get a 2xx back is retried with
-//! exponential backoff for up to 72 hours; deliveries still waiting when the server stops are
-//! not made after a restart.
+//! exponential backoff for up to 72 hours. Each delivery is written down before its first
+//! attempt and removed once it is done (delivered, given up, or its endpoint deleted): with
+//! `--files-dir`, deliveries a restart interrupted go on after it, within the same 72 hours.
 //!
 //! Endpoints belong to the key that made them, as files and batches do, and are told of that
 //! key's batches only. With `--files-dir` they are kept there (secrets included, readable by
@@ -17,7 +18,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::body::Body;
@@ -35,7 +36,7 @@ use super::auth::Caller;
 use super::batches::{BatchObject, Status};
 use super::error::ApiError;
 use super::files::http::{storage_error, ListParams};
-use super::files::{new_id, read_records, unix_now, ListPage, Owner};
+use super::files::{new_id, read_records, unix_now, write_record, ListPage, Owner};
 use super::metrics::{Metrics, WebhookOutcome};
 use super::routes;
 use super::validate::{json_kind, Fields};
@@ -130,9 +131,28 @@ struct Inner {
     next_seq: u64,
 }
 
+/// A delivery still to be made, as kept in `pending/`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Pending {
+    endpoint: String,
+    event_id: String,
+    body: String,
+    /// Unix milliseconds of the event's first attempt: its retries end 72 hours after it, across
+    /// restarts.
+    since_ms: u64,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Every key's webhook endpoints, and their deliveries.
 pub struct Webhooks {
     dir: PathBuf,
+    /// Deliveries read back at start-up, until [`Webhooks::resume`] starts them.
+    interrupted: Mutex<Vec<Pending>>,
     inner: Mutex<Inner>,
     client: reqwest::Client,
     retry: RetryPolicy,
@@ -202,10 +222,18 @@ fn event_type(status: Status) -> Option<&'static str> {
 }
 
 impl Webhooks {
-    /// Reads back the endpoints kept in `dir`.
+    /// Reads back the endpoints kept in `dir`, and the deliveries a restart interrupted
+    /// ([`Webhooks::resume`] goes on with them).
     pub fn open(dir: PathBuf, retry: RetryPolicy, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("cannot make the webhooks directory {}", dir.display()))?;
+        let pending_dir = dir.join("pending");
+        std::fs::create_dir_all(&pending_dir).with_context(|| {
+            format!(
+                "cannot make the webhooks directory {}",
+                pending_dir.display()
+            )
+        })?;
+        let mut interrupted: Vec<Pending> = read_records(&pending_dir, "webhook delivery")?;
+        interrupted.sort_by_key(|p| p.since_ms);
         let mut stored: Vec<Stored> = read_records(&dir, "webhook endpoint")?;
         stored.sort_by(|a, b| {
             (a.endpoint.created_at, &a.endpoint.id).cmp(&(b.endpoint.created_at, &b.endpoint.id))
@@ -228,6 +256,7 @@ impl Webhooks {
             .context("cannot build the webhook client")?;
         Ok(Webhooks {
             dir,
+            interrupted: Mutex::new(interrupted),
             inner: Mutex::new(inner),
             client,
             retry,
@@ -241,6 +270,28 @@ impl Webhooks {
 
     fn path(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.json"))
+    }
+
+    fn pending_path(&self, p: &Pending) -> PathBuf {
+        self.dir
+            .join("pending")
+            .join(format!("{}.{}.json", p.event_id, p.endpoint))
+    }
+
+    /// Starts the deliveries a restart interrupted (`serve` calls it once, on its runtime).
+    pub fn resume(self: &Arc<Self>) {
+        let interrupted =
+            std::mem::take(&mut *self.interrupted.lock().unwrap_or_else(|p| p.into_inner()));
+        if !interrupted.is_empty() {
+            tracing::info!(
+                deliveries = interrupted.len(),
+                "resuming webhook deliveries a restart interrupted"
+            );
+        }
+        for p in interrupted {
+            let this = self.clone();
+            tokio::spawn(async move { this.deliver(p).await });
+        }
     }
 
     /// Writes the endpoint's record (whole, by a rename), readable by the server's user only
@@ -386,31 +437,52 @@ impl Webhooks {
         for endpoint in targets {
             // One event per endpoint: each its own id, as each is its own delivery.
             let event_id = new_id("evt_");
-            let body = event_body(&event_id, kind, at, &batch.id);
+            let pending = Pending {
+                body: event_body(&event_id, kind, at, &batch.id),
+                endpoint,
+                event_id,
+                since_ms: unix_ms(),
+            };
+            // Written down first: a restart before it is delivered makes it then.
+            if let Err(e) = write_record(&self.pending_path(&pending), &pending) {
+                tracing::error!(event = %pending.event_id, "cannot write down a webhook delivery (it is made, but not after a restart): {e}");
+            }
+            tracing::debug!(batch = %batch.id, endpoint = %pending.endpoint, event = %pending.event_id, kind, "webhook queued");
             let this = self.clone();
-            tracing::debug!(batch = %batch.id, endpoint = %endpoint, event = %event_id, kind, "webhook queued");
-            tokio::spawn(async move { this.deliver(endpoint, event_id, body).await });
+            tokio::spawn(async move { this.deliver(pending).await });
         }
     }
 
     /// Sends the event until the endpoint answers 2xx, the retries run out, or the endpoint is
-    /// deleted. Each attempt reads the endpoint afresh: a new URL or secret applies at once.
-    async fn deliver(&self, endpoint_id: String, event_id: String, body: String) {
-        let start = Instant::now();
+    /// deleted, then forgets it. Each attempt reads the endpoint afresh: a new URL or secret
+    /// applies at once.
+    async fn deliver(&self, pending: Pending) {
+        self.attempt_until_done(&pending).await;
+        let _ = std::fs::remove_file(self.pending_path(&pending));
+    }
+
+    async fn attempt_until_done(&self, pending: &Pending) {
+        let Pending {
+            endpoint: endpoint_id,
+            event_id,
+            body,
+            since_ms,
+        } = pending;
+        let elapsed = || Duration::from_millis(unix_ms().saturating_sub(*since_ms));
         let mut delay = self.retry.first_delay;
         let mut attempts = 0u32;
         loop {
             let Some(stored) = self
                 .lock()
                 .endpoints
-                .get(&endpoint_id)
+                .get(endpoint_id.as_str())
                 .map(|(s, _)| s.clone())
             else {
                 tracing::info!(endpoint = %endpoint_id, event = %event_id, "webhook endpoint deleted: delivery dropped");
                 return;
             };
             attempts += 1;
-            let failure = match self.send(&stored, &event_id, &body).await {
+            let failure = match self.send(&stored, event_id, body).await {
                 Ok(status) if status.is_success() => {
                     self.metrics.webhook(WebhookOutcome::Delivered);
                     tracing::info!(endpoint = %endpoint_id, event = %event_id, attempts, "webhook delivered");
@@ -419,7 +491,7 @@ impl Webhooks {
                 Ok(status) => format!("the endpoint answered {status}"),
                 Err(e) => format!("{e}"),
             };
-            if start.elapsed() + delay > self.retry.give_up_after {
+            if elapsed() + delay > self.retry.give_up_after {
                 self.metrics.webhook(WebhookOutcome::Abandoned);
                 tracing::error!(endpoint = %endpoint_id, event = %event_id, attempts, "webhook not delivered, giving up: {failure}");
                 return;

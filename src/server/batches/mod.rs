@@ -45,6 +45,7 @@ use super::files::{
     new_id, no_such_file, read_records, unix_now, write_record, ListPage, Owner, DEFAULT_TTL_SECS,
 };
 use super::validate::{json_kind, Fields};
+use super::webhooks::Webhooks;
 use super::{routes, App, Phase};
 
 /// The endpoints a batch may run.
@@ -322,6 +323,15 @@ pub struct Record {
     pub endpoint: Endpoint,
     /// Seconds the output and error files are kept (`output_expires_after`).
     pub output_ttl: u64,
+    /// The batch ended and its webhook events are queued (their deliveries are kept with the
+    /// webhooks): a batch that ended without it (a crash in between) is told of at start-up.
+    /// Records from before webhooks count as told.
+    #[serde(default = "told")]
+    pub notified: bool,
+}
+
+fn told() -> bool {
+    true
 }
 
 struct Entry {
@@ -448,6 +458,33 @@ impl Batches {
         Ok(entry.record.object.clone())
     }
 
+    /// Tells `owner`'s webhook endpoints that batch `id` ended, once: queues the events (kept
+    /// on disk with the webhooks) and then marks the batch's record told. A no-op for a batch
+    /// still running or already told.
+    pub fn notify_ended(&self, id: &str, webhooks: &Arc<Webhooks>) {
+        let mut inner = self.lock();
+        let Some(e) = inner.0.get_mut(id) else { return };
+        if e.record.notified || e.record.object.ended_at().is_none() {
+            return;
+        }
+        webhooks.batch_ended(&e.record.owner, &e.record.object);
+        e.record.notified = true;
+        if let Err(err) = self.save(&e.record) {
+            tracing::error!(batch = %id, "cannot write the batch's record: {err}");
+        }
+    }
+
+    /// The batches that ended but whose webhook events were never queued (the server stopped
+    /// in between).
+    fn untold(&self) -> Vec<String> {
+        self.lock()
+            .0
+            .values()
+            .filter(|e| !e.record.notified && e.record.object.ended_at().is_some())
+            .map(|e| e.record.object.id.clone())
+            .collect()
+    }
+
     /// Forgets the batches that ended before `cutoff` (unix seconds), records and all
     /// (`--batch-retention-days`); returns how many. Their output and error files are the Files
     /// API's, kept until they expire.
@@ -500,6 +537,10 @@ impl Batches {
 /// Resumes the batches a restart interrupted (`serve` calls it once the server is up; their
 /// requests wait for the model to load).
 pub fn resume(app: &Arc<App>) {
+    for id in app.batches.untold() {
+        tracing::info!(batch = %id, "telling webhooks of a batch that ended before a restart");
+        app.batches.notify_ended(&id, &app.webhooks);
+    }
     for (record, cancel) in app.batches.unfinished() {
         tracing::info!(batch = %record.object.id, status = record.object.status.as_str(), "resuming a batch");
         run::spawn(app, &record, cancel);
@@ -647,6 +688,7 @@ pub async fn create(
         owner,
         endpoint,
         output_ttl: output_ttl.unwrap_or(DEFAULT_TTL_SECS),
+        notified: false,
     };
     let cancel = CancellationToken::new();
     if let Err(e) = app.batches.insert(record.clone(), cancel.clone()) {
@@ -724,6 +766,7 @@ mod tests {
                 owner: Some("k".into()),
                 endpoint: Endpoint::Generations,
                 output_ttl: 3600,
+                notified: false,
             }
         };
         store
@@ -772,6 +815,7 @@ mod tests {
                 owner: owner.clone(),
                 endpoint: Endpoint::Generations,
                 output_ttl: 3600,
+                notified: false,
             };
             store.insert(record, CancellationToken::new()).unwrap();
         };

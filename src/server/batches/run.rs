@@ -419,7 +419,6 @@ pub(super) fn spawn(app: &Arc<App>, record: &Record, cancel: CancellationToken) 
     tokio::spawn(async move {
         app.metrics.batch_api_running(1);
         let id = record.object.id.clone();
-        let owner = record.owner.clone();
         if let Err(e) = run(app.clone(), record, cancel).await {
             tracing::error!(batch = %id, "the batch failed: {e:#}");
             app.batches.transition(&id, |b| {
@@ -436,9 +435,7 @@ pub(super) fn spawn(app: &Arc<App>, record: &Record, cancel: CancellationToken) 
         }
         app.metrics.batch_api_running(-1);
         // Told only once it ended: a batch the server stopped goes on after a restart.
-        if let Ok(object) = app.batches.get(&owner, &id) {
-            app.webhooks.batch_ended(&owner, &object);
-        }
+        app.batches.notify_ended(&id, &app.webhooks);
     });
 }
 
