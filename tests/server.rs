@@ -3624,6 +3624,7 @@ fn webhook_deliveries_go_on_after_a_restart() {
             "turbine_webhook_deliveries_total{outcome=\"retried\"}",
             |v| v == 1.0,
         );
+        assert_eq!(s.metric("turbine_webhook_deliveries_pending"), 1.0);
         (
             endpoint["signing_secret"].as_str().unwrap().to_string(),
             done["id"].as_str().unwrap().to_string(),
@@ -3642,6 +3643,7 @@ fn webhook_deliveries_go_on_after_a_restart() {
             "turbine_webhook_deliveries_total{outcome=\"delivered\"}",
             |v| v == 1.0,
         );
+        s.wait_metric("turbine_webhook_deliveries_pending", |v| v == 0.0);
         let start = Instant::now();
         while pending() > 0 {
             assert!(

@@ -154,6 +154,7 @@ pub struct Metrics {
     batch_api_running: AtomicI64,
     /// Webhook delivery attempts by outcome: delivered, retried, abandoned.
     webhooks: [AtomicU64; 3],
+    webhooks_pending: AtomicI64,
 }
 
 /// What became of one attempt to deliver a webhook event.
@@ -206,6 +207,7 @@ impl Metrics {
             batch_api_requests: Default::default(),
             batch_api_running: AtomicI64::new(0),
             webhooks: Default::default(),
+            webhooks_pending: AtomicI64::new(0),
         }
     }
 
@@ -317,6 +319,11 @@ impl Metrics {
 
     pub fn webhook(&self, outcome: WebhookOutcome) {
         self.webhooks[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A webhook delivery started (+1) or was done with (-1).
+    pub fn webhooks_pending(&self, delta: i64) {
+        self.webhooks_pending.fetch_add(delta, Ordering::Relaxed);
     }
 
     /// A Batch API batch started (+1) or ended (-1).
@@ -474,6 +481,13 @@ impl Metrics {
                 ("retried", retried),
                 ("abandoned", abandoned),
             ],
+        );
+        single(
+            &mut out,
+            "turbine_webhook_deliveries_pending",
+            "gauge",
+            "Webhook deliveries under way: not yet delivered, given up or dropped.",
+            &self.webhooks_pending.load(Ordering::Relaxed),
         );
         header(
             &mut out,

@@ -457,8 +457,10 @@ impl Webhooks {
     /// deleted, then forgets it. Each attempt reads the endpoint afresh: a new URL or secret
     /// applies at once.
     async fn deliver(&self, pending: Pending) {
+        self.metrics.webhooks_pending(1);
         self.attempt_until_done(&pending).await;
         let _ = std::fs::remove_file(self.pending_path(&pending));
+        self.metrics.webhooks_pending(-1);
     }
 
     async fn attempt_until_done(&self, pending: &Pending) {
