@@ -35,7 +35,7 @@ pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// How to reach the Hub: endpoint, credentials, and the download's patience.
 #[derive(Clone)]
 pub struct HubConfig {
-    /// Base URL without a trailing slash (`HF_ENDPOINT`, default https://huggingface.co).
+    /// Base URL without a trailing slash (`HF_ENDPOINT`, default <https://huggingface.co>).
     pub endpoint: String,
     pub token: Option<String>,
     pub token_source: TokenSource,

@@ -11,7 +11,7 @@
 //! for the scaled-linear SDXL schedule the sigmas differ by up to 1.3e-5 relative at t = 0,
 //! by < 1e-6 for t >= 99 (every timestep of the 1–10 step trailing schedules); for
 //! `squaredcos_cap_v2` up to 2.6e-4 at t = 0. The timesteps themselves are integers or f32
-//! values and match diffusers exactly, including numpy's quirks (see [`trailing_timesteps`]).
+//! values and match diffusers exactly, including numpy's quirks (see `trailing_timesteps`).
 
 use std::path::Path;
 
@@ -387,7 +387,7 @@ impl EulerAncestralScheduler {
 
     /// The UNet's timestep per step. Usually `num_inference_steps` values, but one more for
     /// the step counts where diffusers' trailing spacing yields one more (see
-    /// [`numpy_arange_down`]): loop over these, not over the requested count.
+    /// `numpy_arange_down`): loop over these, not over the requested count.
     pub fn timesteps(&self) -> &[f64] {
         &self.timesteps
     }

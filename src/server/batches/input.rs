@@ -25,7 +25,7 @@ const MAX_CUSTOM_ID_CHARS: usize = 512;
 /// Reads the input file's lines in order, validating each (JSON, a unique non-empty
 /// `custom_id`, `method` POST, `url` the batch's endpoint, a `body` object); blank lines are
 /// skipped. `each` gets every valid line; a false return stops the reading early. The number
-/// of requests, or the errors (at most [`MAX_REPORTED_ERRORS`]) with their lines.
+/// of requests, or the errors (at most `MAX_REPORTED_ERRORS`) with their lines.
 pub fn read_lines(
     input: impl BufRead,
     endpoint: Endpoint,

@@ -17,7 +17,7 @@
 //! list every request that did not run in the error file (`batch_cancelled`, `batch_expired`).
 //!
 //! Each batch's record (`{id}.json` in the batches directory, written at every change of
-//! status) and its results, appended as they come ([`run`]), let a server with `--files-dir`
+//! status) and its results, appended as they come (`run`), let a server with `--files-dir`
 //! resume its unfinished batches after a restart.
 
 mod input;
