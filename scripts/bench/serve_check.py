@@ -7,7 +7,7 @@ with `--warmup-batch-sizes`, every smaller size), the latency of the first reque
 (a size planned late would show here as seconds), and images/s and latency percentiles at each
 concurrency level, with the mean batch size the server formed (from /metrics); one streamed
 request with previews (`quality: high`, four steps, `partial_images: 2`: its events, each a PNG,
-and when they came); then, with `--batch-requests N`, the same images as one Batch API batch of N
+and when they came) and the same without them; then, with `--batch-requests N`, the same images as one Batch API batch of N
 requests (`/v1/files`, `/v1/batches`: upload to completed, its images/s and mean batch, every
 result line checked) whose end a webhook endpoint on this machine hears of (signature checked).
 Standard library only (the device machine has no network and `hey` is not there); one thread per
@@ -167,34 +167,45 @@ def sse_events(lines):
 STREAM_EXPECTED = ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
 
 
-def stream_check(port, size, timeout):
-    """One streamed request with two previews (four steps): the events in order, each a PNG,
-    with the seconds from the request to each."""
-    res = {"events": [], "at_s": [], "error": None}
-    body = json.dumps({"prompt": prompt_at(next(PROMPT_SEQ)), "size": size, "quality": "high",
-                       "stream": True, "partial_images": 2, "seed": 7})
+def stream_events(port, body, timeout):
+    """One streamed request: (event names, seconds from the request to each, error or None),
+    every event's image checked to be a PNG."""
+    names, at = [], []
     t = time.perf_counter()
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        c.request("POST", "/v1/images/generations", body, {"Content-Type": "application/json"})
+        c.request("POST", "/v1/images/generations", json.dumps(body), {"Content-Type": "application/json"})
         r = c.getresponse()
         if r.status != 200:
-            res["error"] = f"{r.status}: {r.read()[:200]!r}"
-            return res
+            return names, at, f"{r.status}: {r.read()[:200]!r}"
         lines = (raw.decode() for raw in iter(r.readline, b""))
         for name, event in sse_events(lines):
-            res["events"].append(name)
-            res["at_s"].append(time.perf_counter() - t)
+            names.append(name)
+            at.append(time.perf_counter() - t)
             if not base64.b64decode(event.get("b64_json", "")).startswith(PNG_MAGIC):
-                res["error"] = f"{name}: not a PNG ({str(event)[:200]})"
-                return res
+                return names, at, f"{name}: not a PNG ({str(event)[:200]})"
     except (OSError, ValueError) as e:
-        res["error"] = repr(e)
-        return res
+        return names, at, repr(e)
     finally:
         c.close()
-    if res["events"] != STREAM_EXPECTED:
-        res["error"] = f"events {res['events']}, expected {STREAM_EXPECTED}"
+    return names, at, None
+
+
+def stream_check(port, size, timeout):
+    """One streamed 4-step request with two previews (the events in order, each a PNG, when each
+    came), then the same request without previews: what the previews cost the image."""
+    body = {"prompt": prompt_at(next(PROMPT_SEQ)), "size": size, "quality": "high", "stream": True,
+            "partial_images": 2, "seed": 7}
+    names, at, error = stream_events(port, body, timeout)
+    res = {"events": names, "at_s": at, "error": error}
+    if error is None and names != STREAM_EXPECTED:
+        res["error"] = f"events {names}, expected {STREAM_EXPECTED}"
+    if res["error"] is None:
+        plain, plain_at, error = stream_events(port, dict(body, partial_images=0), timeout)
+        if error is None and plain != STREAM_EXPECTED[-1:]:
+            error = f"events {plain} without previews, expected {STREAM_EXPECTED[-1:]}"
+        res["error"] = error
+        res["without_previews_s"] = plain_at[-1] if plain_at else None
     return res
 
 
@@ -380,6 +391,8 @@ def render(res):
         lines.append("- one streamed request, `quality: high` (4 steps), `partial_images: 2`: "
                      + ", ".join(f"{n.rsplit('.', 1)[-1]} at {t * 1e3:.0f} ms"
                                  for n, t in zip(sc["events"], sc["at_s"]))
+                     + (f"; the same request without previews: completed at "
+                        f"{sc['without_previews_s'] * 1e3:.0f} ms" if sc.get("without_previews_s") else "")
                      + (f"; error: {sc['error']}" if sc.get("error") else ""))
     if res.get("error"):
         lines.append(f"- error: {res['error']}")

@@ -106,9 +106,11 @@ class StreamAndWebhook(unittest.TestCase):
     def test_the_table_says_when_the_previews_and_the_webhook_came(self):
         res = {"started_utc": "2026-11-30T10:00:00+00:00", "device": "cpu", "size": "64x64",
                "level_s": 2.0, "serve_args": [], "levels": [],
-               "stream": {"events": s.STREAM_EXPECTED, "at_s": [0.1, 0.2, 0.3], "error": None},
+               "stream": {"events": s.STREAM_EXPECTED, "at_s": [0.1, 0.2, 0.3], "error": None,
+                          "without_previews_s": 0.25},
                "batch": {"requests": 32, "wall_s": 4.0, "images_per_s": 8.0, "mean_batch": 4.0,
                          "error": None, "webhook_s": 4.05}}
         md = s.render(res)
-        self.assertIn("partial_image at 100 ms, partial_image at 200 ms, completed at 300 ms", md)
+        self.assertIn("partial_image at 100 ms, partial_image at 200 ms, completed at 300 ms; the same "
+                      "request without previews: completed at 250 ms", md)
         self.assertIn("its signed webhook came 4.05 s after the batch was created", md)
