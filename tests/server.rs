@@ -3348,7 +3348,8 @@ fn webhooks_tell_a_key_when_its_batches_end() {
     config.auth.keys = vec![ApiKey::plain("sk-a"), ApiKey::plain("sk-b")];
     config.files.webhook_retry.first_delay = Duration::from_millis(20);
     config.files.webhook_retry.max_delay = Duration::from_millis(100);
-    config.files.webhook_retry.give_up_after = Duration::from_secs(1);
+    // Long enough for three attempts on a loaded machine; short for the test that gives up.
+    config.files.webhook_retry.give_up_after = Duration::from_secs(3);
     let s = TestServer::start(config);
     let (a, b) = (Some("sk-a"), Some("sk-b"));
     let gen = "/v1/images/generations";
