@@ -97,10 +97,6 @@ impl Partials {
             sink: Arc::new(sink),
         }
     }
-
-    pub fn count(&self) -> usize {
-        self.count
-    }
 }
 
 impl PartialEq for Partials {

@@ -148,11 +148,29 @@ pub fn new_id(prefix: &str) -> String {
 /// Writes `value` as JSON to `path` through a temporary file and a rename, so a crash leaves
 /// the old record or the new one, never half of one.
 pub fn write_record(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+    write_json(path, value, false)
+}
+
+/// [`write_record`] for a record that holds a secret: readable by the server's user only, from
+/// its first byte (on Unix).
+pub fn write_private_record(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+    write_json(path, value, true)
+}
+
+fn write_json(path: &Path, value: &impl Serialize, private: bool) -> std::io::Result<()> {
+    use std::io::Write as _;
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(value).map_err(std::io::Error::other)?,
-    )?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if private {
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    let mut file = options.open(&tmp)?;
+    file.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
+    drop(file);
     std::fs::rename(&tmp, path)
 }
 
@@ -350,7 +368,12 @@ impl FileStore {
 
     /// The owner's file `id`, if it exists and has not expired.
     pub fn get(&self, owner: &Owner, id: &str, now: u64) -> Result<FileObject, ApiError> {
-        self.lock()
+        Self::find(&self.lock(), owner, id, now)
+    }
+
+    /// The owner's file `id` in `index`, if it has not expired.
+    fn find(index: &Index, owner: &Owner, id: &str, now: u64) -> Result<FileObject, ApiError> {
+        index
             .files
             .get(id)
             .filter(|(f, _)| &f.owner == owner && f.visible_at(now))
@@ -387,12 +410,7 @@ impl FileStore {
     /// own link to the contents).
     pub fn delete(&self, owner: &Owner, id: &str, now: u64) -> Result<FileObject, ApiError> {
         let mut index = self.lock();
-        let object = index
-            .files
-            .get(id)
-            .filter(|(f, _)| &f.owner == owner && f.visible_at(now))
-            .map(|(f, _)| f.object.clone())
-            .ok_or_else(|| no_such_file(id))?;
+        let object = Self::find(&index, owner, id, now)?;
         self.remove(&mut index, id);
         Ok(object)
     }

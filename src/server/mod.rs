@@ -262,7 +262,7 @@ pub async fn serve(
     let _files = CloseFilesOnExit(app.clone());
     batches::resume(&app);
     app.webhooks.resume();
-    tokio::spawn(remove_expired_files(app.clone()));
+    tokio::spawn(sweep_files_and_batches(app.clone()));
 
     let n_workers = workers.len();
     let mut ready = Vec::new();
@@ -373,7 +373,7 @@ pub async fn serve(
 /// their retention are forgotten.
 const FILE_SWEEP_INTERVAL: Duration = Duration::from_secs(300);
 
-async fn remove_expired_files(app: Arc<App>) {
+async fn sweep_files_and_batches(app: Arc<App>) {
     let mut every = tokio::time::interval(FILE_SWEEP_INTERVAL);
     let retention = app.config.files.batch_retention.as_secs();
     loop {

@@ -683,7 +683,6 @@ fn at_most_one(name: &str, files: &[Bytes]) -> Result<Option<Bytes>, ApiError> {
     }
 }
 
-/// The boundary of a `multipart/form-data` body, or a 415.
 /// The boundary of a `multipart/form-data` body, or a 415 that says the route takes `expected`.
 pub(super) fn multipart_boundary(
     headers: &HeaderMap,
@@ -861,7 +860,8 @@ fn submit(
     let id = app.next_request_id();
     let key = req.key();
     let (tx, rx) = mpsc::unbounded_channel::<ItemOutcome>();
-    let previews = usize::from(if req.stream { req.partial_images } else { 0 });
+    // Validation allows previews only with `stream`.
+    let previews = usize::from(req.partial_images);
     let entries = (0..n)
         .map(|i| Entry {
             request: id,
@@ -1124,27 +1124,6 @@ impl ImageStream {
         }
     }
 
-    /// The image's base64 in the request's format.
-    async fn encode(&self, image: image::RgbImage) -> Result<String, (DropReason, ApiError)> {
-        let failed = |e: ApiError| (DropReason::RequestFailed, e);
-        let req = &self.req;
-        let (out, took) = spawn_encode(image, req.output_format, req.output_compression, true)
-            .finish()
-            .await
-            .map_err(|e| failed(e.into()))?;
-        self.app.metrics.stage(Stage::ImageEncode, took);
-        match out {
-            Encoded::Base64(b64_json) => Ok(b64_json),
-            _ => Err(failed(
-                InferError::Encode {
-                    format: "base64",
-                    message: "the encoder returned bytes (this is a bug)".into(),
-                }
-                .into(),
-            )),
-        }
-    }
-
     /// Image `index`'s preview `k` as a `partial_image` event.
     async fn preview(
         &mut self,
@@ -1200,8 +1179,22 @@ impl ImageStream {
         index: usize,
         image: image::RgbImage,
     ) -> Result<EventImage, (DropReason, ApiError)> {
-        let b64_json = self.encode(image).await?;
+        let failed = |e: ApiError| (DropReason::RequestFailed, e);
         let req = &self.req;
+        let (out, took) = spawn_encode(image, req.output_format, req.output_compression, true)
+            .finish()
+            .await
+            .map_err(|e| failed(e.into()))?;
+        self.app.metrics.stage(Stage::ImageEncode, took);
+        let Encoded::Base64(b64_json) = out else {
+            return Err(failed(
+                InferError::Encode {
+                    format: "base64",
+                    message: "the encoder returned bytes (this is a bug)".into(),
+                }
+                .into(),
+            ));
+        };
         Ok(EventImage {
             b64_json,
             created_at: unix_secs(),

@@ -36,7 +36,9 @@ use super::auth::Caller;
 use super::batches::{BatchObject, Status};
 use super::error::ApiError;
 use super::files::http::{storage_error, ListParams};
-use super::files::{new_id, read_records, unix_now, write_record, ListPage, Owner};
+use super::files::{
+    new_id, read_records, unix_now, write_private_record, write_record, ListPage, Owner,
+};
 use super::metrics::{Metrics, WebhookOutcome};
 use super::routes;
 use super::validate::{json_kind, Fields};
@@ -169,16 +171,9 @@ fn new_secret() -> String {
     )
 }
 
+/// The secret's last four characters (base64: ASCII), to tell secrets apart.
 fn hint(secret: &str) -> String {
-    let tail: String = secret
-        .chars()
-        .rev()
-        .take(4)
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    format!("whsec_...{tail}")
+    format!("whsec_...{}", &secret[secret.len().saturating_sub(4)..])
 }
 
 /// Standard Webhooks' signature of `body` sent as event `id` at `timestamp`: base64 of the
@@ -294,20 +289,9 @@ impl Webhooks {
         }
     }
 
-    /// Writes the endpoint's record (whole, by a rename), readable by the server's user only
-    /// from its first byte: it holds the secret.
+    /// Writes the endpoint's record, readable by the server's user only: it holds the secret.
     fn save(&self, stored: &Stored) -> std::io::Result<()> {
-        use std::io::Write as _;
-        let path = self.path(&stored.endpoint.id);
-        let tmp = path.with_extension("json.tmp");
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let mut file = options.open(&tmp)?;
-        file.write_all(&serde_json::to_vec(stored).map_err(std::io::Error::other)?)?;
-        drop(file);
-        std::fs::rename(&tmp, &path)
+        write_private_record(&self.path(&stored.endpoint.id), stored)
     }
 
     fn get_stored(&self, owner: &Owner, id: &str) -> Result<Stored, ApiError> {
@@ -319,13 +303,13 @@ impl Webhooks {
             .ok_or_else(|| no_such_endpoint(id))
     }
 
-    /// Changes endpoint `id` of `owner` with `f` and writes it down; `f`'s `Ok(false)` means
+    /// Changes endpoint `id` of `owner` with `f` and writes it down; `f`'s `false` means
     /// nothing changed (nothing is written).
     fn modify(
         &self,
         owner: &Owner,
         id: &str,
-        f: impl FnOnce(&mut Stored) -> Result<bool, ApiError>,
+        f: impl FnOnce(&mut Stored) -> bool,
     ) -> Result<Stored, ApiError> {
         let mut inner = self.lock();
         let (stored, _) = inner
@@ -334,7 +318,7 @@ impl Webhooks {
             .filter(|(s, _)| &s.owner == owner)
             .ok_or_else(|| no_such_endpoint(id))?;
         let mut changed = stored.clone();
-        if f(&mut changed)? {
+        if f(&mut changed) {
             self.save(&changed).map_err(storage_error)?;
             *stored = changed;
         }
@@ -721,7 +705,7 @@ pub async fn update(
         if changed {
             e.updated_at = unix_now();
         }
-        Ok(changed)
+        changed
     })?;
     Ok(Json(stored.endpoint))
 }
@@ -765,7 +749,7 @@ pub async fn rotate_secret(
         s.old_secret = keep_old.then(|| (old, now + OLD_SECRET_SECS));
         s.endpoint.signing_secret_hint = hint(&secret);
         s.endpoint.updated_at = now;
-        Ok(true)
+        true
     })?;
     tracing::info!(endpoint = %id, keep_old, "webhook secret rotated");
     Ok(Json(WithSecret {

@@ -496,6 +496,7 @@ impl Batches {
             .filter(|e| e.record.object.ended_at().is_some_and(|t| t < cutoff))
             .map(|e| e.record.object.id.clone())
             .collect();
+        let mut removed = 0;
         for id in &old {
             let path = self.dir.join(format!("{id}.json"));
             match std::fs::remove_file(&path) {
@@ -508,8 +509,9 @@ impl Batches {
                 }
             }
             inner.0.remove(id);
+            removed += 1;
         }
-        old.len()
+        removed
     }
 
     /// The batches a restart interrupted, with their cancellation tokens (already cancelled for
