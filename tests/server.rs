@@ -24,6 +24,9 @@ use turbine::server::auth::ApiKey;
 use turbine::server::queue::Priority;
 use turbine::server::{ImageBackend, ServerConfig, WorkerSpec};
 
+#[path = "server/fuzz.rs"]
+mod fuzz;
+
 fn model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl")
 }

@@ -436,8 +436,9 @@ pub mod http {
     use std::collections::HashMap;
     use std::sync::Arc;
 
+    use crate::server::routes::PathId;
     use axum::body::Body;
-    use axum::extract::{Path, Query, State};
+    use axum::extract::{Query, State};
     use axum::http::{header, HeaderMap};
     use axum::response::{IntoResponse, Response};
     use axum::{Extension, Json};
@@ -758,7 +759,7 @@ pub mod http {
     pub async fn retrieve(
         State(app): State<Arc<App>>,
         Extension(caller): Extension<Caller>,
-        Path(id): Path<String>,
+        PathId(id): PathId,
     ) -> Result<Json<FileObject>, ApiError> {
         app.files.get(&caller.owner(), &id, unix_now()).map(Json)
     }
@@ -768,7 +769,7 @@ pub mod http {
     pub async fn content(
         State(app): State<Arc<App>>,
         Extension(caller): Extension<Caller>,
-        Path(id): Path<String>,
+        PathId(id): PathId,
     ) -> Result<Response, ApiError> {
         let object = app.files.get(&caller.owner(), &id, unix_now())?;
         let file = tokio::fs::File::open(app.files.path(&id))
@@ -796,7 +797,7 @@ pub mod http {
     pub async fn delete(
         State(app): State<Arc<App>>,
         Extension(caller): Extension<Caller>,
-        Path(id): Path<String>,
+        PathId(id): PathId,
     ) -> Result<Json<Deleted>, ApiError> {
         let object = app.files.delete(&caller.owner(), &id, unix_now())?;
         tracing::info!(file = %object.id, "file deleted");

@@ -7,7 +7,10 @@
 //! are not waited for, they resume after a restart). `/health`, `/metrics` and `/v1/images/files/{id}` need no key: probes
 //! and scrapers carry none, and file ids are unguessable, like OpenAI's signed URLs.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
@@ -42,6 +45,29 @@ use super::validate::{form_value, json_kind, validate, validate_edit, ValidReque
 use super::webhooks;
 use super::{App, Phase};
 use crate::model::pipeline::{ImageRequest, Partials};
+
+/// The `{id}` of a route. axum's own `Path` answers an id that is not UTF-8 once
+/// percent-decoded (`/v1/files/%FF`) with a plain-text 400; no object has such an id, so this
+/// answers it as OpenAI answers any unknown id: a 404 in the error shape.
+pub struct PathId(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PathId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(PathId(id)),
+            Err(e) => Err(ApiError::NotFound(format!(
+                "nothing has the id in {}: {}",
+                parts.uri.path(),
+                e.body_text()
+            ))),
+        }
+    }
+}
 
 /// The `x-request-id` of a request (echoed from the client, or created).
 #[derive(Debug, Clone)]
@@ -94,6 +120,7 @@ pub fn router(app: Arc<App>) -> Router {
     };
     router
         .layer(middleware::from_fn(request_id))
+        .layer(middleware::from_fn(close_unread))
         .with_state(app)
 }
 
@@ -177,6 +204,64 @@ async fn request_id(mut req: Request, next: Next) -> Response {
         "openai-processing-ms",
         HeaderValue::from(start.elapsed().as_millis() as u64),
     );
+    response
+}
+
+/// A request body that notes when it has been read to its end.
+struct ReadToEnd {
+    inner: Body,
+    done: Arc<AtomicBool>,
+}
+
+impl http_body::Body for ReadToEnd {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        // A reader may stop at the last frame (a form's closing boundary) without asking for
+        // the end that follows it: a body whose length is used up is read too.
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.done.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Closes the connection after a response to a request whose body was not read to its end (a
+/// 415, 413 or 401 answered before the body). hyper then does not keep that connection, but
+/// without `Connection: close` the client does not know it: it pools the connection, and its
+/// next request on it fails with the connection closed under it (an error the caller sees, or
+/// a retry a gateway counts against this server). HTTP/1 only: HTTP/2 has no such header and
+/// resets just the stream.
+async fn close_unread(req: Request, next: Next) -> Response {
+    use http_body::Body as _;
+    if req.body().is_end_stream() || req.version() > axum::http::Version::HTTP_11 {
+        return next.run(req).await;
+    }
+    let done = Arc::new(AtomicBool::new(false));
+    let (parts, inner) = req.into_parts();
+    let body = Body::new(ReadToEnd {
+        inner,
+        done: done.clone(),
+    });
+    let mut response = next.run(Request::from_parts(parts, body)).await;
+    if !done.load(Ordering::Relaxed) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     response
 }
 
@@ -270,7 +355,7 @@ async fn list_models(State(app): State<Arc<App>>) -> Json<ModelList> {
 
 async fn get_model(
     State(app): State<Arc<App>>,
-    Path(id): Path<String>,
+    PathId(id): PathId,
 ) -> Result<Json<Model>, ApiError> {
     if app.config.model.matches(&id) {
         Ok(Json(model_object(&app, &id)))
@@ -279,10 +364,7 @@ async fn get_model(
     }
 }
 
-async fn get_file(
-    State(app): State<Arc<App>>,
-    Path(id): Path<String>,
-) -> Result<Response, ApiError> {
+async fn get_file(State(app): State<Arc<App>>, PathId(id): PathId) -> Result<Response, ApiError> {
     let found = app
         .store
         .lock()

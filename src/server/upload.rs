@@ -163,7 +163,8 @@ impl EditFiles<'_> {
             return Err(ApiError::invalid(
                 "markup",
                 "invalid_value",
-                "markup cannot be combined with mask: send a mask to repaint areas, or a                  markup to draw over the image",
+                "markup cannot be combined with mask: send a mask to repaint areas, or a markup \
+                 to draw over the image",
             ));
         }
         if let Some(mask) = self.mask {
@@ -225,7 +226,8 @@ pub fn overlay(image: &[u8], markup: &[u8], image_size: (u32, u32)) -> Result<Rg
     if !over.color().has_alpha() {
         return Err(invalid_as(
             Upload::Markup,
-            "markup must have an alpha channel: it is laid over the image, which shows where              it is transparent"
+            "markup must have an alpha channel: it is laid over the image, which shows where \
+             it is transparent"
                 .into(),
         ));
     }
@@ -233,7 +235,8 @@ pub fn overlay(image: &[u8], markup: &[u8], image_size: (u32, u32)) -> Result<Rg
     if over.pixels().all(|p| p.0[3] == 255) {
         return Err(invalid_as(
             Upload::Markup,
-            "markup must have transparent pixels: it is laid over the image, and an opaque one              would hide all of it"
+            "markup must have transparent pixels: it is laid over the image, and an opaque \
+             one would hide all of it"
                 .into(),
         ));
     }

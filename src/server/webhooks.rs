@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::{Extension, Json};
 use base64::Engine as _;
@@ -665,7 +665,7 @@ pub async fn list(
 pub async fn retrieve(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    routes::PathId(id): routes::PathId,
 ) -> Result<Json<WebhookEndpoint>, ApiError> {
     let stored = app.webhooks.get_stored(&caller.owner(), &id)?;
     Ok(Json(stored.endpoint))
@@ -676,7 +676,7 @@ pub async fn retrieve(
 pub async fn update(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    routes::PathId(id): routes::PathId,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<WebhookEndpoint>, ApiError> {
@@ -714,7 +714,7 @@ pub async fn update(
 pub async fn delete(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    routes::PathId(id): routes::PathId,
 ) -> Result<Json<Value>, ApiError> {
     app.webhooks.delete(&caller.owner(), &id)?;
     tracing::info!(endpoint = %id, "webhook endpoint deleted");
@@ -728,7 +728,7 @@ pub async fn delete(
 pub async fn rotate_secret(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    routes::PathId(id): routes::PathId,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<WithSecret>, ApiError> {
@@ -764,7 +764,7 @@ pub async fn rotate_secret(
 pub async fn test(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    routes::PathId(id): routes::PathId,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {

@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
@@ -705,7 +705,7 @@ pub async fn create(
 pub async fn retrieve(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    routes::PathId(id): routes::PathId,
 ) -> Result<Json<BatchObject>, ApiError> {
     app.batches.get(&caller.owner(), &id).map(Json)
 }
@@ -732,7 +732,7 @@ pub async fn list(
 pub async fn cancel(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
-    Path(id): Path<String>,
+    routes::PathId(id): routes::PathId,
 ) -> Result<Json<BatchObject>, ApiError> {
     let object = app.batches.cancel(&caller.owner(), &id, unix_now())?;
     tracing::info!(batch = %id, "batch cancelling");

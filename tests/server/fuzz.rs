@@ -1,0 +1,1168 @@
+//! The request fuzzer: thousands of requests, most of them wrong in one or several ways, sent
+//! to every route of the real server (the tiny model, files, batches and webhooks enabled, one
+//! key). Whatever a request sends, the server must answer it: never a dropped connection (a
+//! handler that panicked), never a 5xx, and every error in OpenAI's shape
+//! (`{"error": {"message", "type", "param", "code"}}`) as JSON. Afterwards it must still be
+//! healthy and generate.
+//!
+//! Each run draws a fresh seed and prints it; `TURBINE_FUZZ_SEED=S` replays a run and
+//! `TURBINE_FUZZ_CASES=N` (default 1500) sets its length, `TURBINE_FUZZ_VERBOSE=1` prints every
+//! case and its answer (with `--nocapture`). A failure names the case, the request and the
+//! answer, and the one before it.
+
+use std::fmt::Write as _;
+
+use rand::rngs::StdRng;
+use rand::seq::IndexedRandom;
+use rand::{Rng, SeedableRng};
+use reqwest::header::{HeaderName, HeaderValue};
+use reqwest::Method;
+use serde_json::{json, Map, Value};
+
+use super::{data_url, png_bytes, test_config, TestServer};
+use turbine::server::auth::ApiKey;
+
+const KEY: &str = "sk-fuzz";
+
+/// Every field either image endpoint knows, plus the edits' image references and a stranger.
+const FIELDS: &[&str] = &[
+    "prompt",
+    "model",
+    "n",
+    "size",
+    "quality",
+    "response_format",
+    "output_format",
+    "output_compression",
+    "background",
+    "user",
+    "safety_identifier",
+    "stream",
+    "partial_images",
+    "seed",
+    "steps",
+    "guidance_scale",
+    "negative_prompt",
+    "moderation",
+    "style",
+    "input_fidelity",
+    "strength",
+    "complexity",
+    "frame_count",
+    "svg",
+    "image",
+    "images",
+    "mask",
+    "markup",
+    "no_such_field",
+];
+
+/// Strings that mean something somewhere in the API, and strings that break things.
+fn weird_str(rng: &mut StdRng) -> String {
+    const WORDS: &[&str] = &[
+        "",
+        " ",
+        "\0",
+        "auto",
+        "64x64",
+        "128x64",
+        "64X64",
+        "0x0",
+        "64x0",
+        "-64x64",
+        "64x",
+        "x64",
+        "64x64x64",
+        "99999999999999999999x64",
+        "4294967296x64",
+        "64 x 64",
+        "６４x64",
+        "1e2x64",
+        "url",
+        "b64_json",
+        "png",
+        "jpeg",
+        "webp",
+        "gif",
+        "low",
+        "high",
+        "hd",
+        "max",
+        "transparent",
+        "batch",
+        "batch_output",
+        "24h",
+        "1h",
+        "/v1/images/generations",
+        "/v1/images/edits",
+        "/v1/chat/completions",
+        "\u{202e}gnirts",
+        "true",
+        "1.5",
+        "-1",
+        "NaN",
+        "Infinity",
+        "file-doesnotexist",
+        "../../../etc/passwd",
+        "data:image/png;base64,AAAA",
+        "data:image/png;base64,",
+        "data:,",
+        "data:image/png;base64,!!!!",
+        "http://127.0.0.1:1/hook",
+        "batch.completed",
+        "whe_0",
+        "batch_0",
+    ];
+    match rng.random_range(0..6) {
+        0 => "a".repeat(rng.random_range(0..40_000)),
+        1 => "🦊".repeat(rng.random_range(1..3_000)),
+        2 => (0..rng.random_range(1..64))
+            .map(|_| char::from_u32(rng.random_range(0..0x11_0000)).unwrap_or('\u{fffd}'))
+            .collect(),
+        _ => WORDS.choose(rng).unwrap().to_string(),
+    }
+}
+
+/// Any JSON value, biased to edges: limits, wrong types, deep nesting.
+fn weird(rng: &mut StdRng) -> Value {
+    match rng.random_range(0..11) {
+        0 => Value::Null,
+        1 => json!(rng.random_bool(0.5)),
+        2 => json!(*[
+            0i64,
+            1,
+            -1,
+            2,
+            3,
+            4,
+            8,
+            10,
+            11,
+            64,
+            100,
+            1000,
+            i64::from(i32::MAX),
+            i64::MAX,
+            i64::MIN
+        ]
+        .choose(rng)
+        .unwrap()),
+        3 => json!(u64::MAX),
+        4 => json!(*[
+            0.0f64,
+            -0.0,
+            0.5,
+            1.0,
+            1.5,
+            7.5,
+            1e308,
+            -1e308,
+            1e-300,
+            3.999_999_9
+        ]
+        .choose(rng)
+        .unwrap()),
+        5 | 6 => Value::String(weird_str(rng)),
+        7 => Value::Array((0..rng.random_range(0..4)).map(|_| small(rng)).collect()),
+        8 => {
+            let mut m = Map::new();
+            for _ in 0..rng.random_range(0..4) {
+                m.insert(weird_str(rng), small(rng));
+            }
+            Value::Object(m)
+        }
+        9 => {
+            // Deeper than serde_json's recursion limit, sometimes.
+            let mut v = json!(1);
+            for _ in 0..rng.random_range(1..300) {
+                v = json!([v]);
+            }
+            v
+        }
+        _ => json!({"image_url": weird_str(rng)}),
+    }
+}
+
+/// A scalar, so that arrays and objects of [`weird`] stay small.
+fn small(rng: &mut StdRng) -> Value {
+    match rng.random_range(0..4) {
+        0 => Value::Null,
+        1 => json!(rng.random_range(-5i64..20)),
+        2 => json!(rng.random_bool(0.5)),
+        _ => Value::String(weird_str(rng)),
+    }
+}
+
+fn prompt(rng: &mut StdRng) -> Value {
+    json!(
+        *["a red fox", "a lighthouse at dusk", "crates", "🦊 in snow"]
+            .choose(rng)
+            .unwrap()
+    )
+}
+
+/// A small valid image, RGB or RGBA, PNG or JPEG.
+fn image_file(rng: &mut StdRng) -> Vec<u8> {
+    let (w, h) = (rng.random_range(1..160), rng.random_range(1..160));
+    let seed: u8 = rng.random();
+    if rng.random_bool(0.3) {
+        let rgba = image::RgbaImage::from_fn(w, h, |x, y| {
+            let a = if (x + y) % 3 == 0 { 0 } else { 255 };
+            image::Rgba([x as u8 ^ seed, y as u8, seed, a])
+        });
+        let mut out = std::io::Cursor::new(Vec::new());
+        rgba.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        return out.into_inner();
+    }
+    let rgb = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8 ^ seed, seed]));
+    if rng.random_bool(0.3) {
+        let mut out = std::io::Cursor::new(Vec::new());
+        rgb.write_to(&mut out, image::ImageFormat::Jpeg).unwrap();
+        return out.into_inner();
+    }
+    png_bytes(&rgb)
+}
+
+/// An upload: mostly an image, sometimes a broken one or not an image at all.
+fn upload_bytes(rng: &mut StdRng) -> Vec<u8> {
+    let mut bytes = image_file(rng);
+    match rng.random_range(0..10) {
+        0 => bytes.truncate(rng.random_range(0..bytes.len())),
+        1 => {
+            let i = rng.random_range(0..bytes.len());
+            bytes[i] ^= 1 << rng.random_range(0..8);
+        }
+        2 => {
+            bytes = (0..rng.random_range(0..300))
+                .map(|_| rng.random())
+                .collect()
+        }
+        3 => bytes = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;".to_vec(),
+        _ => {}
+    }
+    bytes
+}
+
+/// A value that fits the field, so that mutations elsewhere reach the code behind it.
+fn plausible(field: &str, rng: &mut StdRng) -> Value {
+    let pick = |rng: &mut StdRng, options: &[&str]| json!(*options.choose(rng).unwrap());
+    match field {
+        "prompt" | "negative_prompt" => prompt(rng),
+        "model" => pick(
+            rng,
+            &["sdxl-turbo", "gpt-image-1", "dall-e-3", "no-such-model"],
+        ),
+        "n" => json!(rng.random_range(1..4)),
+        "size" => pick(
+            rng,
+            &["64x64", "128x64", "64x128", "96x96", "auto", "1024x1024"],
+        ),
+        "quality" => pick(rng, &["auto", "low", "standard", "medium", "high"]),
+        "response_format" => pick(rng, &["url", "b64_json"]),
+        "output_format" => pick(rng, &["png", "jpeg", "webp"]),
+        "output_compression" => json!(rng.random_range(0..=100)),
+        "background" => pick(rng, &["auto", "opaque", "transparent"]),
+        "stream" => json!(rng.random_bool(0.5)),
+        "partial_images" => json!(rng.random_range(0..=3)),
+        "seed" => json!(rng.random::<u32>()),
+        "steps" => json!(rng.random_range(1..=4)),
+        "guidance_scale" => json!(rng.random_range(0.0..3.0)),
+        "strength" => json!(rng.random_range(0.05..1.0)),
+        "moderation" => pick(rng, &["auto", "low"]),
+        "style" => pick(rng, &["vivid", "natural"]),
+        "input_fidelity" => pick(rng, &["low", "high"]),
+        "image" | "mask" | "markup" => json!({"image_url": data_url(&upload_bytes(rng))}),
+        "images" => Value::Array(
+            (0..if rng.random_bool(0.85) {
+                1
+            } else {
+                rng.random_range(0..4)
+            })
+                .map(|_| json!({"image_url": data_url(&upload_bytes(rng))}))
+                .collect(),
+        ),
+        _ => weird(rng),
+    }
+}
+
+/// An image request's fields: a valid core, then a few fields set to fitting or wild values.
+fn image_fields(rng: &mut StdRng, edit: bool) -> Map<String, Value> {
+    let mut o = Map::new();
+    o.insert("prompt".into(), prompt(rng));
+    o.insert("size".into(), json!("64x64"));
+    if edit {
+        o.insert("images".into(), plausible("images", rng));
+    }
+    for _ in 0..rng.random_range(0..5) {
+        let field = *FIELDS.choose(rng).unwrap();
+        let v = if rng.random_bool(0.6) {
+            plausible(field, rng)
+        } else {
+            weird(rng)
+        };
+        o.insert(field.into(), v);
+    }
+    if rng.random_bool(0.08) {
+        o.remove("prompt");
+    }
+    o
+}
+
+/// A JSON body, sometimes not an object, sometimes not JSON at all.
+fn json_body(rng: &mut StdRng, value: Value) -> Vec<u8> {
+    let mut bytes = match rng.random_range(0..20) {
+        0 => weird(rng).to_string().into_bytes(),
+        _ => value.to_string().into_bytes(),
+    };
+    match rng.random_range(0..14) {
+        0 if !bytes.is_empty() => bytes.truncate(rng.random_range(0..bytes.len())),
+        1 if !bytes.is_empty() => {
+            let i = rng.random_range(0..bytes.len());
+            bytes[i] = rng.random();
+        }
+        2 => bytes.splice(0..0, *b"\xef\xbb\xbf").for_each(drop),
+        3 => bytes.clear(),
+        // A duplicated key: serde_json keeps the last, other parsers refuse.
+        4 if bytes.last() == Some(&b'}') && bytes.len() > 2 => {
+            bytes.pop();
+            bytes.extend_from_slice(br#","n":2}"#);
+        }
+        _ => {}
+    }
+    bytes
+}
+
+/// One part of a form: (name, filename, content type, bytes).
+type Part = (String, Option<String>, Option<String>, Vec<u8>);
+
+/// A form body with the boundary the content type names (or, sometimes, another one).
+fn form(rng: &mut StdRng, parts: &[Part]) -> (String, Vec<u8>) {
+    let boundary = "fuzz-boundary-0c1e";
+    let mut body = Vec::new();
+    for (name, filename, ctype, bytes) in parts {
+        let mut head = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"");
+        if let Some(f) = filename {
+            let _ = write!(head, "; filename=\"{f}\"");
+        }
+        if let Some(c) = ctype {
+            let _ = write!(head, "\r\nContent-Type: {c}");
+        }
+        head.push_str("\r\n\r\n");
+        body.extend_from_slice(head.as_bytes());
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let ctype = match rng.random_range(0..16) {
+        0 => "multipart/form-data".to_string(),
+        1 => "multipart/form-data; boundary=other".to_string(),
+        2 => {
+            body.truncate(rng.random_range(0..body.len()));
+            format!("multipart/form-data; boundary={boundary}")
+        }
+        _ => format!("multipart/form-data; boundary={boundary}"),
+    };
+    (ctype, body)
+}
+
+fn text_part(name: &str, value: &Value) -> Part {
+    let text = match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    (name.into(), None, None, text.into_bytes())
+}
+
+fn file_part(name: &str, bytes: Vec<u8>) -> Part {
+    (
+        name.into(),
+        Some("upload.png".into()),
+        Some("image/png".into()),
+        bytes,
+    )
+}
+
+/// An edit as a form: its fields as text parts and its images as files.
+fn edit_form(rng: &mut StdRng) -> (String, Vec<u8>) {
+    let mut parts = Vec::new();
+    for (k, v) in image_fields(rng, false) {
+        if !matches!(k.as_str(), "image" | "images" | "mask" | "markup") {
+            parts.push(text_part(&k, &v));
+        }
+    }
+    let images = match rng.random_range(0..20) {
+        0 | 1 => 0,
+        2..=4 => rng.random_range(2..4),
+        _ => 1,
+    };
+    let name = if images > 1 || rng.random_bool(0.3) {
+        "image[]"
+    } else {
+        "image"
+    };
+    for _ in 0..images {
+        parts.push(file_part(name, upload_bytes(rng)));
+    }
+    for extra in ["mask", "markup", "file", "image"] {
+        if rng.random_bool(0.15) {
+            parts.push(file_part(extra, upload_bytes(rng)));
+        }
+    }
+    parts.shuffle_with(rng);
+    form(rng, &parts)
+}
+
+trait ShuffleWith {
+    fn shuffle_with(&mut self, rng: &mut StdRng);
+}
+
+impl<T> ShuffleWith for Vec<T> {
+    fn shuffle_with(&mut self, rng: &mut StdRng) {
+        use rand::seq::SliceRandom;
+        if rng.random_bool(0.3) {
+            self.shuffle(rng);
+        }
+    }
+}
+
+/// A batch input file: request lines, fitting or not.
+fn batch_input(rng: &mut StdRng) -> Vec<u8> {
+    // A batch has one endpoint: mostly generations, as in the batches made below.
+    let edits = rng.random_bool(0.2);
+    let mut lines = Vec::new();
+    for i in 0..rng.random_range(0..4) {
+        let (url, edit) = match rng.random_range(0..20) {
+            0 => (weird(rng), false),
+            _ if edits => (json!("/v1/images/edits"), true),
+            _ => (json!("/v1/images/generations"), false),
+        };
+        let mut line = json!({
+            "custom_id": format!("c{i}"),
+            "method": "POST",
+            "url": url,
+            "body": Value::Object(image_fields(rng, edit)),
+        });
+        if rng.random_bool(0.2) {
+            let field = *["custom_id", "method", "url", "body", "extra"]
+                .choose(rng)
+                .unwrap();
+            line[field] = weird(rng);
+        }
+        lines.push(line.to_string());
+    }
+    if rng.random_bool(0.1) {
+        lines.push(weird_str(rng));
+    }
+    lines.join("\n").into_bytes()
+}
+
+/// What the fuzzer has made so far, so that later cases can name real ids.
+#[derive(Default)]
+struct Made {
+    files: Vec<String>,
+    batches: Vec<String>,
+    webhooks: Vec<String>,
+}
+
+impl Made {
+    /// A real id of the kind most of the time, else something else.
+    fn id(&self, rng: &mut StdRng, of: &[String]) -> String {
+        match of.choose(rng) {
+            Some(id) if rng.random_bool(0.7) => id.clone(),
+            _ => {
+                let odd = [
+                    "file-abc",
+                    "batch_abc",
+                    "whe_abc",
+                    "%FF%FE",
+                    "%00",
+                    "..",
+                    "a%2Fb",
+                    "img_0",
+                    "%E2%80%AE",
+                ];
+                if rng.random_bool(0.5) {
+                    odd.choose(rng).unwrap().to_string()
+                } else {
+                    "x".repeat(rng.random_range(1..5000))
+                }
+            }
+        }
+    }
+}
+
+struct Request {
+    method: Method,
+    path: String,
+    content_type: Option<String>,
+    body: Vec<u8>,
+}
+
+impl Request {
+    fn get(path: String) -> Self {
+        Request {
+            method: Method::GET,
+            path,
+            content_type: None,
+            body: Vec::new(),
+        }
+    }
+
+    fn json(rng: &mut StdRng, method: Method, path: &str, value: Value) -> Self {
+        let content_type = match rng.random_range(0..16) {
+            0 => None,
+            1 => Some("text/plain".into()),
+            2 => Some("application/json; charset=utf-16".into()),
+            3 => Some("multipart/form-data; boundary=x".into()),
+            _ => Some("application/json".into()),
+        };
+        Request {
+            method,
+            path: path.into(),
+            content_type,
+            body: json_body(rng, value),
+        }
+    }
+
+    fn form(path: &str, (ctype, body): (String, Vec<u8>)) -> Self {
+        Request {
+            method: Method::POST,
+            path: path.into(),
+            content_type: Some(ctype),
+            body,
+        }
+    }
+}
+
+fn query(rng: &mut StdRng) -> String {
+    let mut q = Vec::new();
+    for _ in 0..rng.random_range(0..3) {
+        let k = *["limit", "after", "order", "purpose", "x", "limit"]
+            .choose(rng)
+            .unwrap();
+        let v = *[
+            "1", "0", "-1", "100", "10001", "abc", "", "%FF", "1e3", "file-x",
+        ]
+        .choose(rng)
+        .unwrap();
+        q.push(format!("{k}={v}"));
+    }
+    if q.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", q.join("&"))
+    }
+}
+
+/// The next request: every route, with what it takes mostly right and partly wrong.
+fn next_request(rng: &mut StdRng, made: &Made) -> Request {
+    match rng.random_range(0..100) {
+        0..=29 => {
+            let body = Value::Object(image_fields(rng, false));
+            Request::json(rng, Method::POST, "/v1/images/generations", body)
+        }
+        30..=41 => Request::form("/v1/images/edits", edit_form(rng)),
+        42..=49 => {
+            let body = Value::Object(image_fields(rng, true));
+            Request::json(rng, Method::POST, "/v1/images/edits", body)
+        }
+        50..=56 => {
+            let purpose = if rng.random_bool(0.8) {
+                json!("batch")
+            } else {
+                weird(rng)
+            };
+            let mut parts = vec![
+                text_part("purpose", &purpose),
+                (
+                    "file".into(),
+                    Some("in.jsonl".into()),
+                    Some("application/jsonl".into()),
+                    batch_input(rng),
+                ),
+            ];
+            if rng.random_bool(0.1) {
+                parts.push(text_part("expires_after", &weird(rng)));
+            }
+            parts.shuffle_with(rng);
+            Request::form("/v1/files", form(rng, &parts))
+        }
+        57..=63 => {
+            let endpoint = if rng.random_bool(0.8) {
+                "/v1/images/generations"
+            } else {
+                "/v1/images/edits"
+            };
+            let mut body = json!({
+                "input_file_id": made.id(rng, &made.files),
+                "endpoint": endpoint,
+                "completion_window": "24h",
+            });
+            for _ in 0..rng.random_range(0..3) {
+                let field = *[
+                    "input_file_id",
+                    "endpoint",
+                    "completion_window",
+                    "metadata",
+                    "x",
+                ]
+                .choose(rng)
+                .unwrap();
+                body[field] = weird(rng);
+            }
+            Request::json(rng, Method::POST, "/v1/batches", body)
+        }
+        64..=67 => {
+            let id = made.id(rng, &made.batches);
+            if rng.random_bool(0.5) {
+                Request::get(format!("/v1/batches/{id}"))
+            } else {
+                Request::json(
+                    rng,
+                    Method::POST,
+                    &format!("/v1/batches/{id}/cancel"),
+                    json!({}),
+                )
+            }
+        }
+        68..=71 => {
+            let id = made.id(rng, &made.files);
+            match rng.random_range(0..3) {
+                0 => Request::get(format!("/v1/files/{id}")),
+                1 => Request::get(format!("/v1/files/{id}/content")),
+                _ => Request {
+                    method: Method::DELETE,
+                    path: format!("/v1/files/{id}"),
+                    content_type: None,
+                    body: Vec::new(),
+                },
+            }
+        }
+        72..=77 => {
+            let url = if rng.random_bool(0.7) {
+                json!(format!(
+                    "http://127.0.0.1:1/{}",
+                    ["hook", "a?b=c", "%FF"].choose(rng).unwrap()
+                ))
+            } else {
+                weird(rng)
+            };
+            let mut body = json!({"name": "fuzz", "url": url, "event_types": ["batch.completed"]});
+            if rng.random_bool(0.4) {
+                let field = *["name", "event_types", "url", "x"].choose(rng).unwrap();
+                body[field] = weird(rng);
+            }
+            Request::json(rng, Method::POST, "/v1/webhook_endpoints", body)
+        }
+        78..=83 => {
+            let id = made.id(rng, &made.webhooks);
+            let path = format!("/v1/webhook_endpoints/{id}");
+            match rng.random_range(0..5) {
+                0 => Request::get(path),
+                1 => {
+                    let field = *["name", "event_types", "url", "status", "x"]
+                        .choose(rng)
+                        .unwrap();
+                    let mut body = json!({});
+                    body[field] = if field == "status" && rng.random_bool(0.5) {
+                        json!(*["enabled", "disabled"].choose(rng).unwrap())
+                    } else {
+                        weird(rng)
+                    };
+                    Request::json(rng, Method::POST, &path, body)
+                }
+                2 => {
+                    let body = json!({"keep_old_secret_active_for_24_hours": weird(rng)});
+                    Request::json(rng, Method::POST, &format!("{path}/rotate_secret"), body)
+                }
+                3 => Request::json(rng, Method::POST, &format!("{path}/test"), json!({})),
+                _ => Request {
+                    method: Method::DELETE,
+                    path,
+                    content_type: None,
+                    body: Vec::new(),
+                },
+            }
+        }
+        84..=89 => {
+            let list = *[
+                "/v1/files",
+                "/v1/batches",
+                "/v1/webhook_endpoints",
+                "/v1/webhook_event_types",
+                "/v1/models",
+            ]
+            .choose(rng)
+            .unwrap();
+            Request::get(format!("{list}{}", query(rng)))
+        }
+        90..=94 => {
+            let id = made.id(rng, &[]);
+            let path = *[
+                "/v1/models/",
+                "/v1/images/files/",
+                "/v1/",
+                "/",
+                "/v1/images/",
+            ]
+            .choose(rng)
+            .unwrap();
+            Request::get(format!("{path}{id}"))
+        }
+        _ => {
+            // A known path with the wrong method, or an odd one.
+            let path = *[
+                "/v1/images/generations",
+                "/v1/images/edits",
+                "/v1/images/variations",
+                "/v1/models",
+                "/v1/batches",
+                "/health",
+                "/metrics",
+            ]
+            .choose(rng)
+            .unwrap();
+            let method = [
+                Method::GET,
+                Method::PUT,
+                Method::PATCH,
+                Method::DELETE,
+                Method::POST,
+            ]
+            .choose(rng)
+            .unwrap()
+            .clone();
+            Request {
+                method,
+                path: path.into(),
+                content_type: None,
+                body: Vec::new(),
+            }
+        }
+    }
+}
+
+/// The Authorization header: the key mostly, else a wrong or malformed one.
+fn authorization(rng: &mut StdRng) -> Option<Vec<u8>> {
+    if rng.random_bool(0.92) {
+        return Some(format!("Bearer {KEY}").into_bytes());
+    }
+    [
+        None,
+        Some(b"Bearer".to_vec()),
+        Some(b"Bearer ".to_vec()),
+        Some(b"Bearer sk-wrong".to_vec()),
+        Some(b"bearer sk-fuzz".to_vec()),
+        Some(b"Basic c2stZnV6ejo=".to_vec()),
+        Some(b"Bearer sk-fuzz\xff".to_vec()),
+    ]
+    .choose(rng)
+    .unwrap()
+    .clone()
+}
+
+/// Checks one answer; returns its JSON body when it has one.
+fn check(case: usize, what: &str, status: u16, ctype: &str, body: &[u8]) -> Option<Value> {
+    let shown = String::from_utf8_lossy(&body[..body.len().min(600)]).into_owned();
+    assert!(
+        status < 500,
+        "case {case}: {what} -> {status} (a server error): {shown}"
+    );
+    if ctype.starts_with("text/event-stream") {
+        let text = std::str::from_utf8(body)
+            .unwrap_or_else(|e| panic!("case {case}: {what}: a stream not UTF-8: {e}"));
+        for data in text.lines().filter_map(|l| l.strip_prefix("data: ")) {
+            let event: Value = serde_json::from_str(data)
+                .unwrap_or_else(|e| panic!("case {case}: {what}: event not JSON ({e}): {data}"));
+            assert!(event["type"].is_string(), "case {case}: {what}: {data}");
+        }
+        return None;
+    }
+    if status >= 400 {
+        assert!(
+            ctype.starts_with("application/json"),
+            "case {case}: {what} -> {status} with content type {ctype:?}: {shown}"
+        );
+        let v: Value = serde_json::from_slice(body)
+            .unwrap_or_else(|e| panic!("case {case}: {what} -> {status}, not JSON ({e}): {shown}"));
+        let err = v["error"]
+            .as_object()
+            .unwrap_or_else(|| panic!("case {case}: {what} -> {status}, no error object: {shown}"));
+        for k in ["message", "type", "param", "code"] {
+            assert!(
+                err.contains_key(k),
+                "case {case}: {what}: error lacks {k}: {shown}"
+            );
+        }
+        assert!(
+            err["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "case {case}: {what}: {shown}"
+        );
+        assert!(err["type"].is_string(), "case {case}: {what}: {shown}");
+        // A message broken across source lines by mistake shows as a run of spaces.
+        assert!(
+            !err["message"].as_str().unwrap_or("").contains("   "),
+            "case {case}: {what}: {shown}"
+        );
+        return Some(v);
+    }
+    if ctype.starts_with("application/json") {
+        let v: Value = serde_json::from_slice(body)
+            .unwrap_or_else(|e| panic!("case {case}: {what} -> {status}, not JSON ({e}): {shown}"));
+        return Some(v);
+    }
+    None
+}
+
+/// A path with its ids and query left out: `/v1/files/{id}/content`.
+fn route_of(path: &str) -> String {
+    let path = path.split('?').next().unwrap_or("");
+    let segments: Vec<&str> = path.split('/').collect();
+    let known = |s: &str| {
+        s.is_empty()
+            || s == "v1"
+            || [
+                "images",
+                "generations",
+                "edits",
+                "variations",
+                "files",
+                "batches",
+                "cancel",
+                "content",
+                "models",
+                "webhook_endpoints",
+                "webhook_event_types",
+                "rotate_secret",
+                "test",
+                "health",
+                "metrics",
+            ]
+            .contains(&s)
+    };
+    segments
+        .iter()
+        .map(|s| if known(s) { *s } else { "{id}" })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// The request counters of 5xx answers.
+fn server_errors(metrics: &str) -> Vec<String> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("turbine_http_requests_total") && l.contains("status=\"5"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn no_request_can_break_the_server() {
+    let seed = std::env::var("TURBINE_FUZZ_SEED")
+        .ok()
+        .map(|s| s.parse::<u64>().expect("TURBINE_FUZZ_SEED: an integer"))
+        .unwrap_or_else(rand::random);
+    let cases = std::env::var("TURBINE_FUZZ_CASES")
+        .ok()
+        .map(|s| s.parse::<usize>().expect("TURBINE_FUZZ_CASES: an integer"))
+        .unwrap_or(1500);
+    let verbose = std::env::var_os("TURBINE_FUZZ_VERBOSE").is_some();
+    eprintln!("request fuzzer: TURBINE_FUZZ_SEED={seed} TURBINE_FUZZ_CASES={cases}");
+    let mut rng = StdRng::seed_from_u64(seed);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config();
+    // Small images and few steps: the requests that are valid stay cheap on a CPU.
+    config.limits.max_side = 128;
+    config.limits.max_steps = 4;
+    config.files.dir = Some(dir.path().to_path_buf());
+    config.auth.keys = vec![ApiKey::plain(KEY)];
+    let s = TestServer::start(config);
+    let client = reqwest::blocking::Client::builder()
+        .timeout(std::time::Duration::from_secs(120))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+
+    let before = server_errors(&s.metrics());
+    let mut made = Made::default();
+    let mut previous = String::from("none");
+    // (method, route, status) -> count: what the run reached, printed at the end.
+    let mut tally = std::collections::BTreeMap::<(String, String, u16), usize>::new();
+    for case in 0..cases {
+        let req = next_request(&mut rng, &made);
+        let what = format!(
+            "{} {} ({} bytes, {:?}) [TURBINE_FUZZ_SEED={seed}]",
+            req.method,
+            req.path.chars().take(120).collect::<String>(),
+            req.body.len(),
+            req.content_type
+        );
+        let mut r = client.request(req.method.clone(), s.url(&req.path));
+        if let Some(auth) = authorization(&mut rng) {
+            if let Ok(v) = HeaderValue::from_bytes(&auth) {
+                r = r.header(reqwest::header::AUTHORIZATION, v);
+            }
+        }
+        if let Some(ct) = &req.content_type {
+            r = r.header(reqwest::header::CONTENT_TYPE, ct);
+        }
+        if rng.random_bool(0.05) {
+            let id: String = (0..rng.random_range(0..300))
+                .map(|_| *['a', '-', '\u{e9}', ' ', '9'].choose(&mut rng).unwrap())
+                .collect();
+            if let Ok(v) = HeaderValue::from_bytes(id.as_bytes()) {
+                r = r.header(HeaderName::from_static("x-request-id"), v);
+            }
+        }
+        if !req.body.is_empty() {
+            r = r.body(req.body);
+        }
+        let resp = r
+            .send()
+            .unwrap_or_else(|e| panic!("case {case}: {what}: no answer: {e:?} (after {previous})"));
+        let status = resp.status().as_u16();
+        let ctype = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let body = resp
+            .bytes()
+            .unwrap_or_else(|e| panic!("case {case}: {what}: body broke off: {e}"));
+        *tally
+            .entry((req.method.to_string(), route_of(&req.path), status))
+            .or_default() += 1;
+        if verbose {
+            let message = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                .unwrap_or_default();
+            eprintln!("case {case}: {what} -> {status} {message}");
+        }
+        previous = format!(
+            "{what} -> {status}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(300)])
+        );
+        if let Some(v) = check(case, &what, status, &ctype, &body) {
+            if status == 200 && req.method == Method::POST {
+                let id = v["id"].as_str().unwrap_or("").to_string();
+                match req.path.as_str() {
+                    "/v1/files" => made.files.push(id),
+                    "/v1/batches" => made.batches.push(id),
+                    "/v1/webhook_endpoints" => made.webhooks.push(id),
+                    p if p.starts_with("/v1/images/") => {
+                        let data = v["data"].as_array();
+                        assert!(
+                            data.is_some_and(|d| !d.is_empty()
+                                && d.iter()
+                                    .all(|i| i["b64_json"].is_string() || i["url"].is_string())),
+                            "case {case}: {what}: 200 without images: {v}"
+                        );
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    eprintln!(
+        "request fuzzer: {cases} cases; made {} files, {} batches, {} webhook endpoints",
+        made.files.len(),
+        made.batches.len(),
+        made.webhooks.len()
+    );
+    for ((method, route, status), count) in &tally {
+        eprintln!("  {method:6} {route:40} {status} x{count}");
+    }
+
+    // Every batch it made ends, and its results are whole: a line per request, each with its
+    // custom_id and an answer.
+    let mut ended = std::collections::BTreeMap::<String, usize>::new();
+    for id in &made.batches {
+        let start = std::time::Instant::now();
+        let batch = loop {
+            let b: Value = client
+                .get(s.url(&format!("/v1/batches/{id}")))
+                .bearer_auth(KEY)
+                .send()
+                .unwrap()
+                .json()
+                .unwrap();
+            if ["completed", "failed", "cancelled", "expired"]
+                .contains(&b["status"].as_str().unwrap())
+            {
+                break b;
+            }
+            assert!(
+                start.elapsed().as_secs() < 300,
+                "batch {id} never ended: {b}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let counts = &batch["request_counts"];
+        *ended
+            .entry(format!(
+                "{} ({} requests)",
+                batch["status"], counts["total"]
+            ))
+            .or_default() += 1;
+        if verbose {
+            eprintln!("batch {id}: {batch}");
+        }
+        let mut lines = 0;
+        for file in ["output_file_id", "error_file_id"] {
+            let Some(file_id) = batch[file].as_str() else {
+                continue;
+            };
+            let text = client
+                .get(s.url(&format!("/v1/files/{file_id}/content")))
+                .bearer_auth(KEY)
+                .send()
+                .unwrap()
+                .text()
+                .unwrap();
+            for line in text.lines() {
+                let v: Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("batch {id}: {file} line not JSON ({e}): {line}"));
+                assert!(v["custom_id"].is_string(), "batch {id}: {line}");
+                assert!(
+                    v["response"]["status_code"].is_u64() || v["error"].is_object(),
+                    "batch {id}: {line}"
+                );
+                lines += 1;
+            }
+        }
+        if batch["status"] == "completed" {
+            assert_eq!(
+                counts["completed"].as_u64().unwrap() + counts["failed"].as_u64().unwrap(),
+                counts["total"].as_u64().unwrap(),
+                "batch {id}: {batch}"
+            );
+            assert_eq!(
+                lines,
+                counts["total"].as_u64().unwrap(),
+                "batch {id}: {batch}"
+            );
+        }
+    }
+
+    eprintln!("request fuzzer: the batches ended {ended:?}");
+
+    // Still serving, and no server error counted but the 503s of `/health` while it started.
+    assert_eq!(server_errors(&s.metrics()), before);
+    let r = s.client.get(s.url("/health")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let r = s
+        .client
+        .post(s.url("/v1/images/generations"))
+        .bearer_auth(KEY)
+        .json(&json!({"prompt": "after the fuzz", "size": "64x64", "seed": 1}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// One request on an open connection and its answer: (head, lowercased; body).
+fn exchange(
+    conn: &mut std::io::BufReader<std::net::TcpStream>,
+    request: &[u8],
+) -> (String, Vec<u8>) {
+    use std::io::{BufRead, Read, Write};
+    conn.get_mut().write_all(request).unwrap();
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            conn.read_line(&mut line).unwrap() > 0,
+            "closed mid-answer: {head}"
+        );
+        if line == "\r\n" {
+            break;
+        }
+        head.push_str(&line.to_ascii_lowercase());
+    }
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    let mut body = vec![0; length];
+    conn.read_exact(&mut body).unwrap();
+    (head, body)
+}
+
+/// What the fuzzer found first: a request refused before its body was read (a 415 for a large
+/// body of the wrong type) left the connection half-used; hyper dropped it without saying so,
+/// the client pooled it, and the client's next request failed. The answer now says
+/// `connection: close` (and the server closes it), while a request whose body was read keeps its
+/// connection for the next one.
+#[test]
+fn a_body_left_unread_closes_its_connection_and_says_so() {
+    use std::io::Read;
+    let s = TestServer::start(test_config());
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let open = || {
+        let stream = std::net::TcpStream::connect(&addr).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+            .unwrap();
+        std::io::BufReader::new(stream)
+    };
+    let post = |ctype: &str, body: &[u8]| {
+        let mut r = format!(
+            "POST /v1/images/generations HTTP/1.1\r\nhost: t\r\ncontent-type: {ctype}\r\n\
+             content-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        r
+    };
+
+    // Read bodies, refused or served, keep the connection: three answers on one.
+    let mut conn = open();
+    let bad = json!({"prompt": "x", "n": 99}).to_string();
+    let good = json!({"prompt": "kept alive", "size": "64x64"}).to_string();
+    for (body, want) in [(&bad, "400"), (&good, "200"), (&bad, "400")] {
+        let (head, _) = exchange(&mut conn, &post("application/json", body.as_bytes()));
+        assert!(head.starts_with(&format!("http/1.1 {want}")), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+    }
+
+    // So does an edit's form, read to its closing boundary.
+    let (ctype, form) = super::multipart(
+        &[("prompt", "kept alive"), ("size", "64x64")],
+        &[("image", &png_bytes(&super::edit_input()))],
+    );
+    let mut request = format!(
+        "POST /v1/images/edits HTTP/1.1\r\nhost: t\r\ncontent-type: {ctype}\r\n\
+         content-length: {}\r\n\r\n",
+        form.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&form);
+    for _ in 0..2 {
+        let (head, _) = exchange(&mut conn, &request);
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+    }
+
+    // A 415 answered before 256 KiB of body: said to close, and closed.
+    let mut conn = open();
+    let (head, body) = exchange(&mut conn, &post("text/plain", &vec![b'x'; 256 << 10]));
+    assert!(head.starts_with("http/1.1 415"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error");
+    let mut rest = Vec::new();
+    let _ = conn.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+
+    // A GET carries no body to leave unread.
+    let mut conn = open();
+    for _ in 0..2 {
+        let (head, _) = exchange(&mut conn, b"GET /v1/models HTTP/1.1\r\nhost: t\r\n\r\n");
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+    }
+}
