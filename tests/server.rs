@@ -3091,6 +3091,44 @@ impl ImageBackend for Slow {
     }
 }
 
+/// `turbine_http_request_duration_seconds` times a request to its response's last byte: a
+/// stream's runs to its last event (two 150 ms batches here), not to its head, which goes out
+/// at once.
+#[test]
+fn request_durations_run_to_the_last_byte() {
+    let mut config = test_config();
+    config.batching.max_batch_size = 1;
+    let s = TestServer::start_with(config, |p| Box::new(Slow(p)));
+    let route = "route=\"/v1/images/generations\"";
+    let count = format!("turbine_http_request_duration_seconds_count{{{route}}}");
+    let sum = format!("turbine_http_request_duration_seconds_sum{{{route}}}");
+    assert_eq!(s.metric(&count), 0.0);
+
+    let r = s.generate(&json!({"prompt": "timed", "n": 2, "stream": true}));
+    assert_eq!(r.status(), 200);
+    let events = sse_events(&r.text().unwrap());
+    assert_eq!(events.len(), 2);
+    // Recorded when the server drops the finished body, a moment after the client read it.
+    s.wait_metric(&count, |v| v == 1.0);
+    let streamed = s.metric(&sum);
+    assert!(streamed >= 0.3, "{streamed}");
+
+    s.generate_ok(&json!({"prompt": "timed", "seed": 3}));
+    s.wait_metric(&count, |v| v == 2.0);
+    assert!(s.metric(&sum) >= streamed + 0.15);
+
+    // Every route has its histogram; unknown paths share one.
+    s.client.get(s.url("/nowhere")).send().unwrap();
+    s.wait_metric(
+        "turbine_http_request_duration_seconds_count{route=\"unmatched\"}",
+        |v| v == 1.0,
+    );
+    let m = s.metrics();
+    assert!(m.contains(
+        "turbine_http_request_duration_seconds_bucket{route=\"/v1/images/generations\",le=\"+Inf\"} 2"
+    ));
+}
+
 /// With `--files-dir`, a restart keeps the files and resumes an unfinished batch where it
 /// stopped: every request's result exactly once, the same images as without the restart.
 #[test]

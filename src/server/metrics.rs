@@ -124,9 +124,17 @@ const SECONDS_BOUNDS: &[f64] = &[
     60.0, 120.0,
 ];
 
+/// A request's whole time: a refusal in a millisecond to a queued image's `--request-timeout`
+/// (300 s by default).
+const REQUEST_SECONDS_BOUNDS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+
 #[derive(Debug)]
 struct Inner {
     requests: BTreeMap<(String, u16), u64>,
+    /// Request durations, to the response's last byte, by route.
+    durations: BTreeMap<String, Histogram>,
     errors: BTreeMap<&'static str, u64>,
     dropped: BTreeMap<DropReason, u64>,
     batch_size: Histogram,
@@ -187,6 +195,7 @@ impl Metrics {
         Metrics {
             inner: Mutex::new(Inner {
                 requests: BTreeMap::new(),
+                durations: BTreeMap::new(),
                 errors: BTreeMap::new(),
                 dropped: BTreeMap::new(),
                 batch_size: Histogram::new(BATCH_BOUNDS),
@@ -222,6 +231,18 @@ impl Metrics {
             .requests
             .entry((route.to_string(), status))
             .or_default() += 1;
+    }
+
+    /// A request's time from its arrival to the end of its response.
+    pub fn request_duration(&self, route: &str, d: Duration) {
+        let mut inner = self.inner();
+        if let Some(h) = inner.durations.get_mut(route) {
+            h.observe(d.as_secs_f64());
+            return;
+        }
+        let mut h = Histogram::new(REQUEST_SECONDS_BOUNDS);
+        h.observe(d.as_secs_f64());
+        inner.durations.insert(route.to_string(), h);
     }
 
     pub fn error(&self, kind: &'static str) {
@@ -371,6 +392,20 @@ impl Metrics {
                 out,
                 "turbine_http_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
                 escape(route)
+            );
+        }
+        header(
+            &mut out,
+            "turbine_http_request_duration_seconds",
+            "histogram",
+            "Time from a request's arrival to the last byte of its response (a stream's last event; \
+             for a client that left, until it left), by route.",
+        );
+        for (route, h) in &inner.durations {
+            h.render(
+                &mut out,
+                "turbine_http_request_duration_seconds",
+                &format!("route=\"{}\"", escape(route)),
             );
         }
         single(
@@ -550,6 +585,8 @@ mod tests {
         m.batch_done(1, Duration::from_secs(1), 1);
         m.batch_done(4, Duration::from_secs(1), 1);
         m.stage(Stage::Unet, Duration::from_millis(30));
+        m.request_duration("/v1/images/generations", Duration::from_millis(400));
+        m.request_duration("/v1/images/generations", Duration::from_secs(400));
         for _ in 0..2 {
             m.prompts(PromptCounts {
                 encoded: 3,
@@ -576,6 +613,12 @@ mod tests {
             "turbine_stage_duration_seconds_bucket{stage=\"unet\",le=\"0.05\"} 1",
             "turbine_stage_duration_seconds_count{stage=\"unet\"} 1",
             "# TYPE turbine_batch_size histogram",
+            "# TYPE turbine_http_request_duration_seconds histogram",
+            "turbine_http_request_duration_seconds_bucket{route=\"/v1/images/generations\",le=\"0.25\"} 0",
+            "turbine_http_request_duration_seconds_bucket{route=\"/v1/images/generations\",le=\"0.5\"} 1",
+            "turbine_http_request_duration_seconds_bucket{route=\"/v1/images/generations\",le=\"300\"} 1",
+            "turbine_http_request_duration_seconds_bucket{route=\"/v1/images/generations\",le=\"+Inf\"} 2",
+            "turbine_http_request_duration_seconds_count{route=\"/v1/images/generations\"} 2",
             "turbine_prompt_embeddings_total{source=\"encoded\"} 6",
             "turbine_prompt_embeddings_total{source=\"repeated\"} 10",
             "turbine_prompt_embeddings_total{source=\"cached\"} 2",

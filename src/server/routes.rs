@@ -265,7 +265,24 @@ async fn close_unread(req: Request, next: Next) -> Response {
     response
 }
 
+/// Records a request's duration when its response body is dropped: once hyper has written its
+/// last byte, or when the client left before that.
+struct Timing {
+    app: Arc<App>,
+    route: String,
+    start: Instant,
+}
+
+impl Drop for Timing {
+    fn drop(&mut self) {
+        self.app
+            .metrics
+            .request_duration(&self.route, self.start.elapsed());
+    }
+}
+
 async fn count_requests(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -275,7 +292,14 @@ async fn count_requests(State(app): State<Arc<App>>, req: Request, next: Next) -
     if let Some(ErrorMetric(kind)) = response.extensions().get::<ErrorMetric>() {
         app.metrics.error(kind);
     }
-    response
+    let timing = Timing { app, route, start };
+    // The body owns the timing: a stream's duration runs to its last event.
+    response.map(|body| {
+        Body::new(body.map_frame(move |frame| {
+            let _ = &timing;
+            frame
+        }))
+    })
 }
 
 async fn authenticate(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
