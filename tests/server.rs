@@ -3113,7 +3113,15 @@ fn request_durations_run_to_the_last_byte() {
     let streamed = s.metric(&sum);
     assert!(streamed >= 0.3, "{streamed}");
 
-    s.generate_ok(&json!({"prompt": "timed", "seed": 3}));
+    // A sized response keeps its content-length through the timing.
+    let r = s.generate(&json!({"prompt": "timed", "seed": 3}));
+    assert_eq!(r.status(), 200);
+    let length: usize = r.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(r.bytes().unwrap().len(), length);
     s.wait_metric(&count, |v| v == 2.0);
     assert!(s.metric(&sum) >= streamed + 0.15);
 

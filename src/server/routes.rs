@@ -294,12 +294,39 @@ async fn count_requests(State(app): State<Arc<App>>, req: Request, next: Next) -
     }
     let timing = Timing { app, route, start };
     // The body owns the timing: a stream's duration runs to its last event.
-    response.map(|body| {
-        Body::new(body.map_frame(move |frame| {
-            let _ = &timing;
-            frame
-        }))
+    response.map(|inner| {
+        Body::new(Timed {
+            inner,
+            _timing: timing,
+        })
     })
+}
+
+/// A response body that holds its request's [`Timing`] until it is dropped; otherwise the body
+/// itself (its length too, so a sized response keeps its `content-length`).
+struct Timed {
+    inner: Body,
+    _timing: Timing,
+}
+
+impl http_body::Body for Timed {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 async fn authenticate(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
