@@ -11,6 +11,10 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines are written to stderr: `text`, or `json` (one object per line, for log
+    /// collectors). `RUST_LOG` sets the level (default `info`).
+    #[arg(long, env = "TURBINE_LOG_FORMAT", value_enum, default_value_t, global = true)]
+    log_format: turbine::cli::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -27,7 +31,7 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    turbine::cli::init_tracing();
+    turbine::cli::init_tracing(cli.log_format);
     let result = match cli.command {
         Command::Generate(a) => turbine::cli::generate::run(*a),
         Command::Serve(a) => turbine::cli::serve::run(a),

@@ -459,3 +459,61 @@ fn an_edits_noise_can_all_be_given() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("only an edit"), "{}", stderr(&o));
 }
+
+/// `--log-format json` (or `TURBINE_LOG_FORMAT=json`): every line on stderr is one JSON object
+/// with a timestamp, level, target and message, the event's fields beside them; a failure
+/// leaves its reason as such a line too (and still exits 2).
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fox.png");
+    let tiny = tiny();
+    let run = |extra: &[&str], env: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_turbine"));
+        c.arg("generate")
+            .args(["--model-dir", tiny.to_str().unwrap(), "--size", "64x64"])
+            .args(["--out", out.to_str().unwrap()])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env_remove("TURBINE_LOG_FORMAT");
+        if let Some(format) = env {
+            c.env("TURBINE_LOG_FORMAT", format);
+        }
+        c.output().unwrap()
+    };
+    let objects = |o: &Output| -> Vec<serde_json::Value> {
+        stderr(o)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    };
+
+    for (extra, env) in [
+        (&["--prompt", "a fox", "--log-format", "json"][..], None),
+        (&["--prompt", "a fox"][..], Some("json")),
+    ] {
+        let o = run(extra, env);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let lines = objects(&o);
+        let done = lines
+            .iter()
+            .find(|l| l["message"] == "generated 1 image(s)")
+            .unwrap_or_else(|| panic!("{lines:?}"));
+        assert_eq!(done["level"], "INFO");
+        assert_eq!(done["target"], "turbine::cli::generate");
+        assert!(done["timestamp"].as_str().unwrap().ends_with('Z'));
+        assert!(done["unet"].is_string(), "{done}");
+    }
+
+    let o = run(&["--prompt", "a fox", "--steps", "0", "--log-format", "json"], None);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let lines = objects(&o);
+    let last = lines.last().unwrap();
+    assert_eq!(last["level"], "ERROR");
+    assert!(last["error"].as_str().unwrap().contains("steps"), "{last}");
+
+    // The default stays text.
+    let o = run(&["--prompt", "a fox"], None);
+    assert!(o.status.success());
+    assert!(stderr(&o).lines().all(|l| !l.starts_with('{')), "{}", stderr(&o));
+}

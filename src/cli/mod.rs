@@ -47,14 +47,36 @@ impl KernelArgs {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, target, message, the event's fields, and
+    /// the request span's `id`), for log collectors.
+    Json,
+}
+
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
 /// Logs go to stderr; `RUST_LOG` overrides the default `info` level.
-pub fn init_tracing() {
+pub fn init_tracing(format: LogFormat) {
+    let _ = LOG_FORMAT.set(format);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
 }
 
 /// Maps a command's result to the process exit code: 0 ok, 2 usage error, 1 anything else.
@@ -62,7 +84,12 @@ pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            if LOG_FORMAT.get() == Some(&LogFormat::Json) {
+                // A collector that reads JSON lines gets the reason too.
+                tracing::error!(error = %format!("{e:#}"), "exiting");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             // Distinct codes per cause (network, token, disk...) for scripts/download_weights.sh.
             if let Some(h) = e.downcast_ref::<crate::hub::HubError>() {
                 return ExitCode::from(h.exit_code());
