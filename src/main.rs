@@ -13,7 +13,13 @@ struct Cli {
     command: Command,
     /// How log lines are written to stderr: `text`, or `json` (one object per line, for log
     /// collectors). `RUST_LOG` sets the level (default `info`).
-    #[arg(long, env = "TURBINE_LOG_FORMAT", value_enum, default_value_t, global = true)]
+    #[arg(
+        long,
+        env = "TURBINE_LOG_FORMAT",
+        value_enum,
+        default_value_t,
+        global = true
+    )]
     log_format: turbine::cli::LogFormat,
 }
 

@@ -505,7 +505,10 @@ fn json_logs_are_one_object_per_line() {
         assert!(done["unet"].is_string(), "{done}");
     }
 
-    let o = run(&["--prompt", "a fox", "--steps", "0", "--log-format", "json"], None);
+    let o = run(
+        &["--prompt", "a fox", "--steps", "0", "--log-format", "json"],
+        None,
+    );
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     let lines = objects(&o);
     let last = lines.last().unwrap();
@@ -515,5 +518,9 @@ fn json_logs_are_one_object_per_line() {
     // The default stays text.
     let o = run(&["--prompt", "a fox"], None);
     assert!(o.status.success());
-    assert!(stderr(&o).lines().all(|l| !l.starts_with('{')), "{}", stderr(&o));
+    assert!(
+        stderr(&o).lines().all(|l| !l.starts_with('{')),
+        "{}",
+        stderr(&o)
+    );
 }
