@@ -119,6 +119,11 @@ pub struct HttpArgs {
     /// fields together (larger: 413). OpenAI takes images up to 50 MB; photos are far smaller.
     #[arg(long, env = "TURBINE_MAX_UPLOAD_BYTES", default_value_t = 32 << 20)]
     pub max_upload_bytes: usize,
+    /// Seconds a request's body may go without a byte arriving (counted from its head); after
+    /// that it gets 408 and the connection closes. A client that stalls mid-upload then holds
+    /// no task, and does not hold up a shutdown's drain.
+    #[arg(long, env = "TURBINE_REQUEST_BODY_TIMEOUT", default_value_t = 60)]
+    pub request_body_timeout: u64,
     /// Seconds a generation request may take from arrival to its last image; after that it
     /// gets 503 and its images that have not started leave the queue.
     #[arg(long, env = "TURBINE_REQUEST_TIMEOUT", default_value_t = 300)]
@@ -269,6 +274,7 @@ impl Args {
                 max_guidance_scale: self.limits.max_guidance_scale,
                 max_body_bytes: self.http.max_body_bytes,
                 max_upload_bytes: self.http.max_upload_bytes,
+                body_timeout: Duration::from_secs(self.http.request_body_timeout),
                 default_response_format,
             },
             batching: BatchingConfig {

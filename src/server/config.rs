@@ -67,6 +67,8 @@ pub struct RequestLimits {
     pub max_body_bytes: usize,
     /// The same for `POST /v1/images/edits`' form uploads (the input image and the fields).
     pub max_upload_bytes: usize,
+    /// The longest a request's body may go without a byte arriving (408 after).
+    pub body_timeout: Duration,
     pub default_response_format: ResponseFormat,
 }
 
@@ -160,6 +162,7 @@ impl Default for ServerConfig {
                 max_guidance_scale: 30.0,
                 max_body_bytes: 1 << 20,
                 max_upload_bytes: 32 << 20,
+                body_timeout: Duration::from_secs(60),
                 default_response_format: ResponseFormat::B64Json,
             },
             batching: BatchingConfig {
@@ -232,6 +235,10 @@ impl ServerConfig {
             "--max-upload-bytes must be at least 1024"
         );
         ensure!(
+            l.body_timeout >= Duration::from_secs(1),
+            "--request-body-timeout must be at least 1 second"
+        );
+        ensure!(
             self.files.max_file_bytes >= 1024,
             "--max-file-bytes must be at least 1024"
         );
@@ -258,6 +265,7 @@ impl ServerConfig {
         const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
         for (name, d) in [
             ("--request-timeout", b.request_timeout),
+            ("--request-body-timeout", l.body_timeout),
             ("--max-batch-delay-ms", b.max_batch_delay),
             ("--priority-aging-secs", b.priority_aging),
             ("--image-url-ttl-secs", self.store.ttl),
@@ -322,6 +330,14 @@ mod tests {
             (
                 |c| c.batching.request_timeout = Duration::from_secs(u64::MAX),
                 "--request-timeout",
+            ),
+            (
+                |c| c.limits.body_timeout = Duration::from_secs(u64::MAX),
+                "--request-body-timeout",
+            ),
+            (
+                |c| c.limits.body_timeout = Duration::from_millis(10),
+                "--request-body-timeout",
             ),
             (|c| c.public_url = Some("ftp://x".into()), "--public-url"),
             (

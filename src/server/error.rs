@@ -81,6 +81,11 @@ pub enum ApiError {
     MethodNotAllowed { method: String, path: String },
     #[error("the request body exceeds the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    #[error(
+        "the request body stalled: nothing of it arrived for {} s; send the whole body at once",
+        after.as_secs()
+    )]
+    BodyTimeout { after: Duration },
     #[error("Content-Type must be {expected}, got {}", got.as_deref().unwrap_or("none"))]
     UnsupportedMediaType {
         got: Option<String>,
@@ -166,6 +171,12 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => {
                 row(S::PAYLOAD_TOO_LARGE, INVALID, None, "payload_too_large")
             }
+            ApiError::BodyTimeout { .. } => row(
+                S::REQUEST_TIMEOUT,
+                INVALID,
+                Some("request_body_timeout"),
+                "body_timeout",
+            ),
             ApiError::UnsupportedMediaType { .. } => row(
                 S::UNSUPPORTED_MEDIA_TYPE,
                 INVALID,

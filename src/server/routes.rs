@@ -7,11 +7,12 @@
 //! are not waited for, they resume after a restart). `/health`, `/metrics` and `/v1/images/files/{id}` need no key: probes
 //! and scrapers carry none, and file ids are unguessable, like OpenAI's signed URLs.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{MatchedPath, Path, Request, State};
@@ -112,6 +113,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(app.clone(), watch_body))
         .layer(middleware::from_fn_with_state(app.clone(), count_requests));
     // Without origins no CORS layer at all: no headers added, and OPTIONS stays a 405.
     let router = match cors(&app.config.cors_allow_origins) {
@@ -120,7 +122,6 @@ pub fn router(app: Arc<App>) -> Router {
     };
     router
         .layer(middleware::from_fn(request_id))
-        .layer(middleware::from_fn(close_unread))
         .with_state(app)
 }
 
@@ -207,13 +208,25 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     response
 }
 
-/// A request body that notes when it has been read to its end.
-struct ReadToEnd {
-    inner: Body,
-    done: Arc<AtomicBool>,
+/// What became of a request's body, as [`Watched`] saw it.
+#[derive(Default)]
+struct BodyState {
+    /// Read to its end.
+    done: AtomicBool,
+    /// Went longer than `--request-body-timeout` without a byte; the reader got an error.
+    stalled: AtomicBool,
 }
 
-impl http_body::Body for ReadToEnd {
+/// A request body that notes when it has been read to its end, and fails (once) when it goes
+/// `idle` without a frame arriving.
+struct Watched {
+    inner: Body,
+    state: Arc<BodyState>,
+    idle: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl http_body::Body for Watched {
     type Data = Bytes;
     type Error = axum::Error;
 
@@ -221,13 +234,30 @@ impl http_body::Body for ReadToEnd {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        // A reader may stop at the last frame (a form's closing boundary) without asking for
-        // the end that follows it: a body whose length is used up is read too.
-        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
-            self.done.store(true, Ordering::Relaxed);
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                // A reader may stop at the last frame (a form's closing boundary) without
+                // asking for the end that follows it: a body whose length is used up is read.
+                if frame.is_none() || self.inner.is_end_stream() {
+                    self.state.done.store(true, Ordering::Relaxed);
+                }
+                let next = tokio::time::Instant::now() + self.idle;
+                self.timer.as_mut().reset(next);
+                Poll::Ready(frame)
+            }
+            Poll::Pending => {
+                if self.state.stalled.load(Ordering::Relaxed)
+                    || self.timer.as_mut().poll(cx).is_pending()
+                {
+                    return Poll::Pending;
+                }
+                self.state.stalled.store(true, Ordering::Relaxed);
+                Poll::Ready(Some(Err(axum::Error::new(format!(
+                    "nothing of the body arrived for {} s",
+                    self.idle.as_secs()
+                )))))
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -239,25 +269,37 @@ impl http_body::Body for ReadToEnd {
     }
 }
 
-/// Closes the connection after a response to a request whose body was not read to its end (a
-/// 415, 413 or 401 answered before the body). hyper then does not keep that connection, but
-/// without `Connection: close` the client does not know it: it pools the connection, and its
-/// next request on it fails with the connection closed under it (an error the caller sees, or
-/// a retry a gateway counts against this server). HTTP/1 only: HTTP/2 has no such header and
-/// resets just the stream.
-async fn close_unread(req: Request, next: Next) -> Response {
+/// Watches each request's body.
+///
+/// A body that stalls for `--request-body-timeout` fails its reader, and whatever the handler
+/// made of that becomes a 408: the client learns why, and the handler's task and in-flight
+/// count do not wait on it for ever.
+///
+/// A response to a request whose body was not read to its end (a 415, 413 or 401 answered
+/// before the body, or a 408) closes the connection and says so. hyper does not keep such a
+/// connection, but without `Connection: close` the client does not know it: it pools the
+/// connection, and its next request on it fails with the connection closed under it (an error
+/// the caller sees, or a retry a gateway counts against this server). HTTP/1 only: HTTP/2 has
+/// no such header and resets just the stream.
+async fn watch_body(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     use http_body::Body as _;
     if req.body().is_end_stream() || req.version() > axum::http::Version::HTTP_11 {
         return next.run(req).await;
     }
-    let done = Arc::new(AtomicBool::new(false));
+    let state = Arc::new(BodyState::default());
+    let idle = app.config.limits.body_timeout;
     let (parts, inner) = req.into_parts();
-    let body = Body::new(ReadToEnd {
+    let body = Body::new(Watched {
         inner,
-        done: done.clone(),
+        state: state.clone(),
+        idle,
+        timer: Box::pin(tokio::time::sleep(idle)),
     });
     let mut response = next.run(Request::from_parts(parts, body)).await;
-    if !done.load(Ordering::Relaxed) {
+    if state.stalled.load(Ordering::Relaxed) {
+        response = ApiError::BodyTimeout { after: idle }.into_response();
+    }
+    if !state.done.load(Ordering::Relaxed) {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -1,4 +1,4 @@
-//! The request fuzzer: thousands of requests, most of them wrong in one or several ways, sent
+//! Requests that are wrong, broken off or stalled. First the request fuzzer: thousands of requests, most of them wrong in one or several ways, sent
 //! to every route of the real server (the tiny model, files, batches and webhooks enabled, one
 //! key). Whatever a request sends, the server must answer it: never a dropped connection (a
 //! handler that panicked), never a 5xx, and every error in OpenAI's shape
@@ -1308,4 +1308,89 @@ fn abandoned_requests_cost_the_others_nothing() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// A body that stops arriving fails after `--request-body-timeout` with a 408 in OpenAI's
+/// shape, whichever route reads it (JSON, an edit's form, a file upload); the connection
+/// closes and nothing stays in flight. A body that keeps arriving, however slowly, is read.
+#[test]
+fn a_stalled_body_gets_408_and_a_slow_one_is_read() {
+    use std::io::{Read, Write};
+    let mut config = test_config();
+    config.limits.body_timeout = std::time::Duration::from_secs(2);
+    let dir = tempfile::tempdir().unwrap();
+    config.files.dir = Some(dir.path().to_path_buf());
+    let s = TestServer::start(config);
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let connect = || {
+        let stream = std::net::TcpStream::connect(&addr).unwrap();
+        // A hang guard, far above the 2 s.
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(120)))
+            .unwrap();
+        stream
+    };
+    let head = |path: &str, ctype: &str, len: usize| {
+        format!(
+            "POST {path} HTTP/1.1\r\nhost: t\r\ncontent-type: {ctype}\r\ncontent-length: {len}\r\n\r\n"
+        )
+    };
+    let json_body = json!({"prompt": "slow", "size": "64x64", "seed": 5}).to_string();
+    let (form_type, form) = super::multipart(
+        &[("prompt", "slow"), ("size", "64x64")],
+        &[("image", &png_bytes(&super::edit_input()))],
+    );
+    let (file_type, file) = super::multipart(&[("purpose", "batch")], &[("file", b"{}")]);
+    let cases = [
+        (
+            "/v1/images/generations",
+            "application/json",
+            json_body.as_bytes(),
+        ),
+        ("/v1/images/edits", form_type.as_str(), &form[..]),
+        ("/v1/files", file_type.as_str(), &file[..]),
+    ];
+    for (n, (path, ctype, body)) in cases.iter().enumerate() {
+        let mut stream = connect();
+        stream
+            .write_all(head(path, ctype, body.len()).as_bytes())
+            .unwrap();
+        stream.write_all(&body[..body.len() / 2]).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        let lower = answer.to_ascii_lowercase();
+        assert!(lower.starts_with("http/1.1 408"), "{path}: {answer}");
+        assert!(lower.contains("connection: close"), "{path}: {answer}");
+        let json_start = answer.find("\r\n\r\n").unwrap() + 4;
+        let v: Value = serde_json::from_str(&answer[json_start..]).unwrap();
+        assert_eq!(v["error"]["code"], "request_body_timeout", "{path}: {v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(
+            s.metric("turbine_errors_total{type=\"body_timeout\"}"),
+            (n + 1) as f64
+        );
+        assert_eq!(
+            s.metric(&format!(
+                "turbine_http_requests_total{{route=\"{path}\",status=\"408\"}}"
+            )),
+            1.0
+        );
+    }
+    s.wait_metric("turbine_http_requests_in_flight", |v| v == 0.0);
+
+    // 20 pieces 200 ms apart: 4 s in all, twice the timeout, never 2 s without a byte.
+    for (path, ctype, body) in cases {
+        let mut stream = connect();
+        stream
+            .write_all(head(path, ctype, body.len()).as_bytes())
+            .unwrap();
+        for piece in body.chunks(body.len().div_ceil(20)) {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            stream.write_all(piece).unwrap();
+        }
+        let mut conn = std::io::BufReader::new(stream);
+        let mut status = String::new();
+        std::io::BufRead::read_line(&mut conn, &mut status).unwrap();
+        assert!(status.starts_with("HTTP/1.1 200"), "{path}: {status}");
+    }
 }
