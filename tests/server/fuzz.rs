@@ -1,14 +1,19 @@
-//! Requests that are wrong, broken off or stalled. First the request fuzzer: thousands of requests, most of them wrong in one or several ways, sent
-//! to every route of the real server (the tiny model, files, batches and webhooks enabled, one
-//! key). Whatever a request sends, the server must answer it: never a dropped connection (a
+//! Requests that are wrong, broken off or stalled.
+//!
+//! First the request fuzzer: thousands of requests, most of them wrong in one or several ways,
+//! sent to every route of the real server (the tiny model, files, batches and webhooks enabled,
+//! one key). Whatever a request sends, the server must answer it: never a dropped connection (a
 //! handler that panicked), never a 5xx, and every error in OpenAI's shape
-//! (`{"error": {"message", "type", "param", "code"}}`) as JSON. Afterwards it must still be
-//! healthy and generate.
+//! (`{"error": {"message", "type", "param", "code"}}`) as JSON. Afterwards every batch it made
+//! has ended with whole results, and the server is still healthy and generates.
 //!
 //! Each run draws a fresh seed and prints it; `TURBINE_FUZZ_SEED=S` replays a run and
 //! `TURBINE_FUZZ_CASES=N` (default 1500) sets its length, `TURBINE_FUZZ_VERBOSE=1` prints every
 //! case and its answer (with `--nocapture`). A failure names the case, the request and the
 //! answer, and the one before it.
+//!
+//! Then what the fuzzer found, and the rest of the abuse a server meets: bodies left unread,
+//! clients that leave half-way, bodies that stall.
 
 use std::fmt::Write as _;
 
