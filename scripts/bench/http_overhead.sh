@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The HTTP path's own cost: the same requests against two `turbine` binaries (say, release
+# builds of two commits), alternated over two rounds, on the tiny fixture model on the CPU.
+#
+#   scripts/bench/http_overhead.sh OLD_BINARY NEW_BINARY
+#
+# Per binary and round: GET /v1/models (no body), a POST whose JSON is read and refused (400),
+# both 20000 requests from 16 clients, and 600 one-image 64x64 generations from 8 clients.
+# Needs `hey` (apt-get install hey) and curl.
+set -u
+cd "$(dirname "$0")/../.."
+OLD=${1:?old binary}
+NEW=${2:?new binary}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+echo '{"prompt":"x","n":99}' > "$work/bad.json"
+echo '{"prompt":"a red fox","size":"64x64","seed":1}' > "$work/good.json"
+run() {
+  local bin=$1 label=$2 port=18790
+  $bin serve --model-dir tests/fixtures/tiny-sdxl --device cpu --host 127.0.0.1 --port $port \
+     --min-image-side 64 --default-size 64x64 --warmup-images 1 --max-queued-images 4096 2>/dev/null &
+  local pid=$!
+  until curl -sf http://127.0.0.1:$port/health >/dev/null; do sleep 0.2; done
+  for case in models bad good; do
+    case $case in
+      models) out=$(hey -n 20000 -c 16 http://127.0.0.1:$port/v1/models) ;;
+      bad) out=$(hey -n 20000 -c 16 -m POST -T application/json -D "$work/bad.json" http://127.0.0.1:$port/v1/images/generations) ;;
+      good) out=$(hey -n 600 -c 8 -m POST -T application/json -D "$work/good.json" http://127.0.0.1:$port/v1/images/generations) ;;
+    esac
+    rps=$(echo "$out" | awk '/Requests\/sec/{print $2}')
+    p50=$(echo "$out" | awk '/50% in/{print $3}')
+    p99=$(echo "$out" | awk '/99% in/{print $3}')
+    codes=$(echo "$out" | awk '/\[[0-9]+\]/{printf "%s%s ", $1, $2}')
+    printf "%-4s %-7s %10s req/s  p50 %s s  p99 %s s  %s\n" "$label" "$case" "$rps" "$p50" "$p99" "$codes"
+  done
+  kill $pid; wait $pid 2>/dev/null
+}
+for round in 1 2; do
+  run "$OLD" old
+  run "$NEW" new
+done
