@@ -224,6 +224,42 @@ struct Watched {
     state: Arc<BodyState>,
     idle: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// HTTP/2: what the handler left unread is read and dropped after it ([`Drop`]).
+    drain_rest: bool,
+}
+
+impl Watched {
+    fn new(inner: Body, state: Arc<BodyState>, idle: Duration, drain_rest: bool) -> Self {
+        Watched {
+            inner,
+            state,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+            drain_rest,
+        }
+    }
+}
+
+/// Over HTTP/2 a request body the handler dropped unread makes hyper reset the stream, and
+/// clients (curl, for one) then drop the response that was already on its way: a 415 for a
+/// large upload of the wrong type never arrives. So the rest is read and dropped in the
+/// background instead, up to [`DRAIN_CAP`] bytes and while it keeps arriving. HTTP/1 closes
+/// the connection instead (see [`watch_body`]).
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if !self.drain_rest
+            || self.state.done.load(Ordering::Relaxed)
+            || self.state.stalled.load(Ordering::Relaxed)
+        {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let inner = std::mem::replace(&mut self.inner, Body::empty());
+        let rest = Watched::new(inner, self.state.clone(), self.idle, false);
+        runtime.spawn(drain(Body::new(rest), 0));
+    }
 }
 
 impl http_body::Body for Watched {
@@ -279,27 +315,23 @@ impl http_body::Body for Watched {
 /// before the body, or a 408) closes the connection and says so. hyper does not keep such a
 /// connection, but without `Connection: close` the client does not know it: it pools the
 /// connection, and its next request on it fails with the connection closed under it (an error
-/// the caller sees, or a retry a gateway counts against this server). HTTP/1 only: HTTP/2 has
-/// no such header and resets just the stream.
+/// the caller sees, or a retry a gateway counts against this server). That header is HTTP/1's:
+/// over HTTP/2 the stall timeout holds as well, and hyper resets just the stream.
 async fn watch_body(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     use http_body::Body as _;
-    if req.body().is_end_stream() || req.version() > axum::http::Version::HTTP_11 {
+    if req.body().is_end_stream() {
         return next.run(req).await;
     }
+    let http1 = req.version() <= axum::http::Version::HTTP_11;
     let state = Arc::new(BodyState::default());
     let idle = app.config.limits.body_timeout;
     let (parts, inner) = req.into_parts();
-    let body = Body::new(Watched {
-        inner,
-        state: state.clone(),
-        idle,
-        timer: Box::pin(tokio::time::sleep(idle)),
-    });
+    let body = Body::new(Watched::new(inner, state.clone(), idle, !http1));
     let mut response = next.run(Request::from_parts(parts, body)).await;
     if state.stalled.load(Ordering::Relaxed) {
         response = ApiError::BodyTimeout { after: idle }.into_response();
     }
-    if !state.done.load(Ordering::Relaxed) {
+    if http1 && !state.done.load(Ordering::Relaxed) {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));

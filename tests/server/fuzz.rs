@@ -1399,3 +1399,70 @@ fn a_stalled_body_gets_408_and_a_slow_one_is_read() {
         assert!(status.starts_with("HTTP/1.1 200"), "{path}: {status}");
     }
 }
+
+/// Over HTTP/2 (prior knowledge, as a gateway may speak to its upstreams) a request refused
+/// before its body is read gets its answer, and the upload goes on to its end: the server reads
+/// and drops the rest rather than resetting the stream under the response (curl, for one, then
+/// reports the reset and drops the answer). Then the same connection generates.
+#[test]
+fn http2_refusals_let_the_upload_finish() {
+    use axum::body::Bytes;
+    use std::future::poll_fn;
+    let s = TestServer::start(test_config());
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut client = client.ready().await.unwrap();
+        let request = axum::http::Request::post(format!("http://{addr}/v1/images/generations"))
+            .header("content-type", "text/plain")
+            .body(())
+            .unwrap();
+        let (response, mut upload) = client.send_request(request, false).unwrap();
+        upload
+            .send_data(Bytes::from(vec![b'x'; 1024]), false)
+            .unwrap();
+        let response = response.await.unwrap();
+        assert_eq!(response.status(), 415);
+        // 2 MiB more, sent as the server's flow control allows: only a server that reads on
+        // grants the window for it, and a reset shows as an error here.
+        let mut left = 2 << 20;
+        while left > 0 {
+            upload.reserve_capacity(left);
+            let granted = poll_fn(|cx| upload.poll_capacity(cx))
+                .await
+                .expect("the stream ended under the upload")
+                .unwrap_or_else(|e| panic!("the upload was reset with {left} bytes left: {e}"));
+            let n = granted.min(left);
+            upload.send_data(Bytes::from(vec![b'x'; n]), false).unwrap();
+            left -= n;
+        }
+        upload.send_data(Bytes::new(), true).unwrap();
+        let mut body = response.into_body();
+        let mut text = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            text.extend_from_slice(&chunk);
+        }
+        let v: Value = serde_json::from_slice(&text).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+
+        let json = serde_json::to_vec(&json!({"prompt": "over h2", "size": "64x64"})).unwrap();
+        let request = axum::http::Request::post(format!("http://{addr}/v1/images/generations"))
+            .header("content-type", "application/json")
+            .body(())
+            .unwrap();
+        let mut client = client.ready().await.unwrap();
+        let (response, mut upload) = client.send_request(request, false).unwrap();
+        upload.send_data(Bytes::from(json), true).unwrap();
+        assert_eq!(response.await.unwrap().status(), 200);
+    });
+}
