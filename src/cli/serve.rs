@@ -124,6 +124,11 @@ pub struct HttpArgs {
     /// no task, and does not hold up a shutdown's drain.
     #[arg(long, env = "TURBINE_REQUEST_BODY_TIMEOUT", default_value_t = 60)]
     pub request_body_timeout: u64,
+    /// Seconds a connection may take to send a request's head (HTTP/1), idle keep-alive time
+    /// between requests included; after that it is closed. Bounds connections that open and
+    /// send nothing, or a head byte by byte; a request being served is not cut.
+    #[arg(long, env = "TURBINE_HEADER_READ_TIMEOUT", default_value_t = 60)]
+    pub header_read_timeout: u64,
     /// Seconds a generation request may take from arrival to its last image; after that it
     /// gets 503 and its images that have not started leave the queue.
     #[arg(long, env = "TURBINE_REQUEST_TIMEOUT", default_value_t = 300)]
@@ -275,6 +280,7 @@ impl Args {
                 max_body_bytes: self.http.max_body_bytes,
                 max_upload_bytes: self.http.max_upload_bytes,
                 body_timeout: Duration::from_secs(self.http.request_body_timeout),
+                header_timeout: Duration::from_secs(self.http.header_read_timeout),
                 default_response_format,
             },
             batching: BatchingConfig {

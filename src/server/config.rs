@@ -69,6 +69,9 @@ pub struct RequestLimits {
     pub max_upload_bytes: usize,
     /// The longest a request's body may go without a byte arriving (408 after).
     pub body_timeout: Duration,
+    /// The longest a connection may take to send a request's head, idle keep-alive time
+    /// between requests included (closed after).
+    pub header_timeout: Duration,
     pub default_response_format: ResponseFormat,
 }
 
@@ -163,6 +166,7 @@ impl Default for ServerConfig {
                 max_body_bytes: 1 << 20,
                 max_upload_bytes: 32 << 20,
                 body_timeout: Duration::from_secs(60),
+                header_timeout: Duration::from_secs(60),
                 default_response_format: ResponseFormat::B64Json,
             },
             batching: BatchingConfig {
@@ -239,6 +243,10 @@ impl ServerConfig {
             "--request-body-timeout must be at least 1 second"
         );
         ensure!(
+            l.header_timeout >= Duration::from_secs(1),
+            "--header-read-timeout must be at least 1 second"
+        );
+        ensure!(
             self.files.max_file_bytes >= 1024,
             "--max-file-bytes must be at least 1024"
         );
@@ -266,6 +274,7 @@ impl ServerConfig {
         for (name, d) in [
             ("--request-timeout", b.request_timeout),
             ("--request-body-timeout", l.body_timeout),
+            ("--header-read-timeout", l.header_timeout),
             ("--max-batch-delay-ms", b.max_batch_delay),
             ("--priority-aging-secs", b.priority_aging),
             ("--image-url-ttl-secs", self.store.ttl),
@@ -338,6 +347,10 @@ mod tests {
             (
                 |c| c.limits.body_timeout = Duration::from_millis(10),
                 "--request-body-timeout",
+            ),
+            (
+                |c| c.limits.header_timeout = Duration::from_secs(u64::MAX),
+                "--header-read-timeout",
             ),
             (|c| c.public_url = Some("ftp://x".into()), "--public-url"),
             (

@@ -40,6 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use axum::Router;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 pub use config::ServerConfig;
@@ -287,13 +288,10 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let router = routes::router(app.clone());
-    let server = tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
-            })
-            .await
-    });
+    let header_timeout = app.config.limits.header_timeout;
+    let server = tokio::spawn(serve_http(listener, router, header_timeout, async {
+        let _ = stop_rx.await;
+    }));
     tracing::info!("listening on http://{addr}");
 
     let loaded = async {
@@ -419,6 +417,95 @@ async fn every_device_failed(health: &DeviceHealth, queue: &Queue, workers: usiz
         if rx.changed().await.is_err() {
             // The sender lives in `App` as long as `serve` runs.
             std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// The HTTP server: axum's `serve` loop, with a timer given to hyper so that its header read
+/// timeout applies. A connection that does not send a whole request head within
+/// `header_timeout` is closed: one that sends its head byte by byte, one that opens and sends
+/// nothing, and a keep-alive connection left idle that long between requests. (axum's `serve`
+/// gives hyper no timer, so such connections stay open for as long as their peer likes.) A
+/// request being served is not cut: the timeout runs only while a head is awaited.
+///
+/// Shutdown as axum's: once `stop` resolves no connection is accepted, each open one finishes
+/// the requests it has and closes, and this returns when all have.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    header_timeout: Duration,
+    stop: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+
+    // Each connection holds a receiver; `closed()` on the sender resolves when all are gone.
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
+    tokio::pin!(stop);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait rather than spin. A peer that
+                    // reset before it was accepted is no reason to wait.
+                    if !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                    ) {
+                        tracing::warn!(error = %e, "accepting a connection failed");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let mut closing = closing_rx.clone();
+        tokio::spawn(async move {
+            // hyper's own timeout starts once it knows the protocol; until then it is ours.
+            if tokio::time::timeout(header_timeout, protocol_known(&stream))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            builder.http2().timer(TokioTimer::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = closing.changed() => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    let _ = closing_tx.send(true);
+    drop(closing_rx);
+    closing_tx.closed().await;
+    Ok(())
+}
+
+/// Resolves once the connection's first bytes tell HTTP/1 from HTTP/2's preface (what hyper's
+/// auto-detection waits for before any of its timeouts start), or it closed. The bytes are only
+/// peeked at: hyper reads them again.
+async fn protocol_known(stream: &tokio::net::TcpStream) {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut buf = [0u8; PREFACE.len()];
+    loop {
+        match stream.peek(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) if n == PREFACE.len() || buf[..n] != PREFACE[..n] => return,
+            // A part of the preface: `peek` answers at once until more arrives.
+            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     }
 }

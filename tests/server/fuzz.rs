@@ -1466,3 +1466,66 @@ fn http2_refusals_let_the_upload_finish() {
         assert_eq!(response.await.unwrap().status(), 200);
     });
 }
+
+/// `--header-read-timeout`: a connection that sends nothing, one that sends part of HTTP/2's
+/// preface, one that sends half a head and stalls, and a keep-alive connection left idle after
+/// its answer are all closed by the server
+/// (here after 1 s; the reads wait up to 120 s, a hang guard). A request whose answer takes
+/// longer than that (ten 150 ms batches) is not cut, and its connection serves the next.
+#[test]
+fn idle_and_stalled_connections_are_closed() {
+    use std::io::{Read, Write};
+    let mut config = test_config();
+    config.limits.header_timeout = std::time::Duration::from_secs(1);
+    config.batching.max_batch_size = 1;
+    let s = TestServer::start_with(config, |p| Box::new(super::Slow(p)));
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let connect = || {
+        let stream = std::net::TcpStream::connect(&addr).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(120)))
+            .unwrap();
+        stream
+    };
+    // Read until the server closes (a reset too: it had unread bytes); a read timeout (the
+    // hang guard) fails the test.
+    let until_closed = |stream: &mut std::net::TcpStream| {
+        let mut rest = Vec::new();
+        if let Err(e) = stream.read_to_end(&mut rest) {
+            assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset,
+                "not closed: {e}"
+            );
+        }
+    };
+
+    let mut silent = connect();
+    until_closed(&mut silent);
+    // The start of HTTP/2's preface, which leaves the protocol open.
+    let mut undecided = connect();
+    undecided.write_all(b"PRI * HTTP/2").unwrap();
+    until_closed(&mut undecided);
+
+    let mut half = connect();
+    half.write_all(b"POST /v1/images/generations HTTP/1.1\r\nhost: t\r\ncontent-")
+        .unwrap();
+    until_closed(&mut half);
+
+    // Ten images one per batch: over a second and a half of serving, then the same
+    // connection asks again and gets its answer, then it idles and is closed.
+    let body = json!({"prompt": "long", "n": 10, "size": "64x64"}).to_string();
+    let request = format!(
+        "POST /v1/images/generations HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut conn = std::io::BufReader::new(connect());
+    for _ in 0..2 {
+        let (head, answer) = exchange(&mut conn, request.as_bytes());
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        let v: Value = serde_json::from_slice(&answer).unwrap();
+        assert_eq!(v["data"].as_array().unwrap().len(), 10);
+    }
+    until_closed(conn.get_mut());
+}
