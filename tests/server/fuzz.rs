@@ -1471,7 +1471,8 @@ fn http2_refusals_let_the_upload_finish() {
 /// preface, one that sends half a head and stalls, and a keep-alive connection left idle after
 /// its answer are all closed by the server
 /// (here after 1 s; the reads wait up to 120 s, a hang guard). A request whose answer takes
-/// longer than that (ten 150 ms batches) is not cut, and its connection serves the next.
+/// longer than that (ten 150 ms batches) is not cut, and its connection serves the next; nor is
+/// a stream that long.
 #[test]
 fn idle_and_stalled_connections_are_closed() {
     use std::io::{Read, Write};
@@ -1528,4 +1529,13 @@ fn idle_and_stalled_connections_are_closed() {
         assert_eq!(v["data"].as_array().unwrap().len(), 10);
     }
     until_closed(conn.get_mut());
+
+    // A stream that outlasts the timeout as well: its events flow to the last.
+    let r = s.generate(&json!({"prompt": "long", "n": 10, "size": "64x64", "stream": true}));
+    assert_eq!(r.status(), 200);
+    let completed = super::sse_events(&r.text().unwrap())
+        .iter()
+        .filter(|(_, e)| e["type"] == "image_generation.completed")
+        .count();
+    assert_eq!(completed, 10);
 }
