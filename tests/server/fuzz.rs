@@ -7,10 +7,12 @@
 //! (`{"error": {"message", "type", "param", "code"}}`) as JSON. Afterwards every batch it made
 //! has ended with whole results, and the server is still healthy and generates.
 //!
-//! Each run draws a fresh seed and prints it; `TURBINE_FUZZ_SEED=S` replays a run and
-//! `TURBINE_FUZZ_CASES=N` (default 1500) sets its length, `TURBINE_FUZZ_VERBOSE=1` prints every
-//! case and its answer (with `--nocapture`). A failure names the case, the request and the
-//! answer, and the one before it.
+//! Each run draws a fresh seed and prints it. Two threads send at once (`TURBINE_FUZZ_THREADS`),
+//! each its own sequence from the seed; with one, `TURBINE_FUZZ_SEED=S` replays a run exactly
+//! (with two, the sequences are the same but their interleaving is not).
+//! `TURBINE_FUZZ_CASES=N` (default 1500, over all threads) sets its length,
+//! `TURBINE_FUZZ_VERBOSE=1` prints every case and its answer (with `--nocapture`). A failure
+//! names the case, the request and the answer, and the one before it.
 //!
 //! Then what the fuzzer found, and the rest of the abuse a server meets: bodies left unread,
 //! clients that leave half-way, bodies that stall.
@@ -852,6 +854,111 @@ fn route_of(path: &str) -> String {
         .join("/")
 }
 
+type Tally = std::collections::BTreeMap<(String, String, u16), usize>;
+
+/// One fuzzing thread's share: its requests, each checked, against what all threads made.
+struct Run<'a> {
+    s: &'a TestServer,
+    client: &'a reqwest::blocking::Client,
+    made: &'a std::sync::Mutex<Made>,
+    tally: &'a std::sync::Mutex<Tally>,
+    verbose: bool,
+    /// How to replay it, for the failure messages.
+    label: String,
+}
+
+impl Run<'_> {
+    fn cases(&self, mut rng: StdRng, cases: usize) {
+        let mut previous = String::from("none");
+        for case in 0..cases {
+            let req = next_request(&mut rng, &self.made.lock().unwrap());
+            let what = format!(
+                "{} {} ({} bytes, {:?}) [{}]",
+                req.method,
+                req.path.chars().take(120).collect::<String>(),
+                req.body.len(),
+                req.content_type,
+                self.label
+            );
+            let mut r = self
+                .client
+                .request(req.method.clone(), self.s.url(&req.path));
+            if let Some(auth) = authorization(&mut rng) {
+                if let Ok(v) = HeaderValue::from_bytes(&auth) {
+                    r = r.header(reqwest::header::AUTHORIZATION, v);
+                }
+            }
+            if let Some(ct) = &req.content_type {
+                r = r.header(reqwest::header::CONTENT_TYPE, ct);
+            }
+            if rng.random_bool(0.05) {
+                let id: String = (0..rng.random_range(0..300))
+                    .map(|_| *['a', '-', '\u{e9}', ' ', '9'].choose(&mut rng).unwrap())
+                    .collect();
+                if let Ok(v) = HeaderValue::from_bytes(id.as_bytes()) {
+                    r = r.header(HeaderName::from_static("x-request-id"), v);
+                }
+            }
+            if !req.body.is_empty() {
+                r = r.body(req.body);
+            }
+            let resp = r.send().unwrap_or_else(|e| {
+                panic!("case {case}: {what}: no answer: {e:?} (after {previous})")
+            });
+            let status = resp.status().as_u16();
+            let ctype = resp
+                .headers()
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            let body = resp
+                .bytes()
+                .unwrap_or_else(|e| panic!("case {case}: {what}: body broke off: {e}"));
+            *self
+                .tally
+                .lock()
+                .unwrap()
+                .entry((req.method.to_string(), route_of(&req.path), status))
+                .or_default() += 1;
+            if self.verbose {
+                let message = serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                    .unwrap_or_default();
+                eprintln!("case {case}: {what} -> {status} {message}");
+            }
+            previous = format!(
+                "{what} -> {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(300)])
+            );
+            let Some(v) = check(case, &what, status, &ctype, &body) else {
+                continue;
+            };
+            if status != 200 || req.method != Method::POST {
+                continue;
+            }
+            let id = v["id"].as_str().unwrap_or("").to_string();
+            let mut made = self.made.lock().unwrap();
+            match req.path.as_str() {
+                "/v1/files" => made.files.push(id),
+                "/v1/batches" => made.batches.push(id),
+                "/v1/webhook_endpoints" => made.webhooks.push(id),
+                p if p.starts_with("/v1/images/") => {
+                    let data = v["data"].as_array();
+                    assert!(
+                        data.is_some_and(|d| !d.is_empty()
+                            && d.iter()
+                                .all(|i| i["b64_json"].is_string() || i["url"].is_string())),
+                        "case {case}: {what}: 200 without images: {v}"
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 /// The request counters of 5xx answers.
 fn server_errors(metrics: &str) -> Vec<String> {
     metrics
@@ -871,9 +978,19 @@ fn no_request_can_break_the_server() {
         .ok()
         .map(|s| s.parse::<usize>().expect("TURBINE_FUZZ_CASES: an integer"))
         .unwrap_or(1500);
+    let threads = std::env::var("TURBINE_FUZZ_THREADS")
+        .ok()
+        .map(|s| {
+            s.parse::<usize>()
+                .expect("TURBINE_FUZZ_THREADS: an integer")
+        })
+        .unwrap_or(2)
+        .max(1);
     let verbose = std::env::var_os("TURBINE_FUZZ_VERBOSE").is_some();
-    eprintln!("request fuzzer: TURBINE_FUZZ_SEED={seed} TURBINE_FUZZ_CASES={cases}");
-    let mut rng = StdRng::seed_from_u64(seed);
+    eprintln!(
+        "request fuzzer: TURBINE_FUZZ_SEED={seed} TURBINE_FUZZ_CASES={cases} \
+         TURBINE_FUZZ_THREADS={threads}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config();
@@ -890,87 +1007,30 @@ fn no_request_can_break_the_server() {
         .unwrap();
 
     let before = server_errors(&s.metrics());
-    let mut made = Made::default();
-    let mut previous = String::from("none");
+    let made = std::sync::Mutex::new(Made::default());
     // (method, route, status) -> count: what the run reached, printed at the end.
-    let mut tally = std::collections::BTreeMap::<(String, String, u16), usize>::new();
-    for case in 0..cases {
-        let req = next_request(&mut rng, &made);
-        let what = format!(
-            "{} {} ({} bytes, {:?}) [TURBINE_FUZZ_SEED={seed}]",
-            req.method,
-            req.path.chars().take(120).collect::<String>(),
-            req.body.len(),
-            req.content_type
-        );
-        let mut r = client.request(req.method.clone(), s.url(&req.path));
-        if let Some(auth) = authorization(&mut rng) {
-            if let Ok(v) = HeaderValue::from_bytes(&auth) {
-                r = r.header(reqwest::header::AUTHORIZATION, v);
-            }
+    let tally = std::sync::Mutex::new(Tally::new());
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let (s, client, made, tally) = (&s, &client, &made, &tally);
+            let rng = StdRng::seed_from_u64(seed.wrapping_add(t as u64));
+            let label =
+                format!("TURBINE_FUZZ_SEED={seed} TURBINE_FUZZ_THREADS={threads}, thread {t}");
+            scope.spawn(move || {
+                let run = Run {
+                    s,
+                    client,
+                    made,
+                    tally,
+                    verbose,
+                    label,
+                };
+                run.cases(rng, cases / threads);
+            });
         }
-        if let Some(ct) = &req.content_type {
-            r = r.header(reqwest::header::CONTENT_TYPE, ct);
-        }
-        if rng.random_bool(0.05) {
-            let id: String = (0..rng.random_range(0..300))
-                .map(|_| *['a', '-', '\u{e9}', ' ', '9'].choose(&mut rng).unwrap())
-                .collect();
-            if let Ok(v) = HeaderValue::from_bytes(id.as_bytes()) {
-                r = r.header(HeaderName::from_static("x-request-id"), v);
-            }
-        }
-        if !req.body.is_empty() {
-            r = r.body(req.body);
-        }
-        let resp = r
-            .send()
-            .unwrap_or_else(|e| panic!("case {case}: {what}: no answer: {e:?} (after {previous})"));
-        let status = resp.status().as_u16();
-        let ctype = resp
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        let body = resp
-            .bytes()
-            .unwrap_or_else(|e| panic!("case {case}: {what}: body broke off: {e}"));
-        *tally
-            .entry((req.method.to_string(), route_of(&req.path), status))
-            .or_default() += 1;
-        if verbose {
-            let message = serde_json::from_slice::<Value>(&body)
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-                .unwrap_or_default();
-            eprintln!("case {case}: {what} -> {status} {message}");
-        }
-        previous = format!(
-            "{what} -> {status}: {}",
-            String::from_utf8_lossy(&body[..body.len().min(300)])
-        );
-        if let Some(v) = check(case, &what, status, &ctype, &body) {
-            if status == 200 && req.method == Method::POST {
-                let id = v["id"].as_str().unwrap_or("").to_string();
-                match req.path.as_str() {
-                    "/v1/files" => made.files.push(id),
-                    "/v1/batches" => made.batches.push(id),
-                    "/v1/webhook_endpoints" => made.webhooks.push(id),
-                    p if p.starts_with("/v1/images/") => {
-                        let data = v["data"].as_array();
-                        assert!(
-                            data.is_some_and(|d| !d.is_empty()
-                                && d.iter()
-                                    .all(|i| i["b64_json"].is_string() || i["url"].is_string())),
-                            "case {case}: {what}: 200 without images: {v}"
-                        );
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
+    });
+    let made = made.into_inner().unwrap();
+    let tally = tally.into_inner().unwrap();
     eprintln!(
         "request fuzzer: {cases} cases; made {} files, {} batches, {} webhook endpoints",
         made.files.len(),
