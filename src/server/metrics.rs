@@ -157,6 +157,8 @@ pub struct Metrics {
     prompts: [AtomicU64; 3],
     queue_images: AtomicI64,
     in_flight: AtomicI64,
+    /// Open HTTP connections.
+    connections: AtomicI64,
     /// Requests of the Batch API by outcome: completed, failed, not run.
     batch_api_requests: [AtomicU64; 3],
     batch_api_running: AtomicI64,
@@ -213,6 +215,7 @@ impl Metrics {
             prompts: Default::default(),
             queue_images: AtomicI64::new(0),
             in_flight: AtomicI64::new(0),
+            connections: AtomicI64::new(0),
             batch_api_requests: Default::default(),
             batch_api_running: AtomicI64::new(0),
             webhooks: Default::default(),
@@ -352,6 +355,11 @@ impl Metrics {
         self.batch_api_running.fetch_add(delta, Ordering::Relaxed);
     }
 
+    /// A connection opened (+1) or closed (-1).
+    pub fn connections(&self, delta: i64) {
+        self.connections.fetch_add(delta, Ordering::Relaxed);
+    }
+
     pub fn in_flight(&self, delta: i64) {
         self.in_flight.fetch_add(delta, Ordering::Relaxed);
     }
@@ -408,6 +416,13 @@ impl Metrics {
                 &format!("route=\"{}\"", escape(route)),
             );
         }
+        single(
+            &mut out,
+            "turbine_http_connections",
+            "gauge",
+            "Open HTTP connections (idle keep-alive ones too).",
+            &self.connections.load(Ordering::Relaxed),
+        );
         single(
             &mut out,
             "turbine_http_requests_in_flight",

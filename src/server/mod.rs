@@ -289,9 +289,15 @@ pub async fn serve(
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let router = routes::router(app.clone());
     let header_timeout = app.config.limits.header_timeout;
-    let server = tokio::spawn(serve_http(listener, router, header_timeout, async {
-        let _ = stop_rx.await;
-    }));
+    let server = tokio::spawn(serve_http(
+        listener,
+        router,
+        header_timeout,
+        app.clone(),
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
     tracing::info!("listening on http://{addr}");
 
     let loaded = async {
@@ -434,6 +440,7 @@ async fn serve_http(
     listener: tokio::net::TcpListener,
     router: Router,
     header_timeout: Duration,
+    app: Arc<App>,
     stop: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -464,7 +471,9 @@ async fn serve_http(
         };
         let service = TowerToHyperService::new(router.clone());
         let mut closing = closing_rx.clone();
+        let open = Connection::open(app.clone());
         tokio::spawn(async move {
+            let _open = open;
             // hyper's own timeout starts once it knows the protocol; until then it is ours.
             if tokio::time::timeout(header_timeout, protocol_known(&stream))
                 .await
@@ -507,5 +516,21 @@ async fn protocol_known(stream: &tokio::net::TcpStream) {
             // A part of the preface: `peek` answers at once until more arrives.
             Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }
+    }
+}
+
+/// Counts a connection in `turbine_http_connections` while it lives.
+struct Connection(Arc<App>);
+
+impl Connection {
+    fn open(app: Arc<App>) -> Self {
+        app.metrics.connections(1);
+        Connection(app)
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.0.metrics.connections(-1);
     }
 }

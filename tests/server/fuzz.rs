@@ -1561,8 +1561,12 @@ fn idle_and_stalled_connections_are_closed() {
         }
     };
 
-    let mut silent = connect();
-    until_closed(&mut silent);
+    // Three connections that send nothing are counted open, then closed.
+    let mut silent: Vec<_> = (0..3).map(|_| connect()).collect();
+    s.wait_metric("turbine_http_connections", |v| v >= 4.0);
+    for c in &mut silent {
+        until_closed(c);
+    }
     // The start of HTTP/2's preface, which leaves the protocol open.
     let mut undecided = connect();
     undecided.write_all(b"PRI * HTTP/2").unwrap();
@@ -1598,4 +1602,7 @@ fn idle_and_stalled_connections_are_closed() {
         .filter(|(_, e)| e["type"] == "image_generation.completed")
         .count();
     assert_eq!(completed, 10);
+
+    // Every connection but the scrape's own is closed once idle.
+    s.wait_metric("turbine_http_connections", |v| v == 1.0);
 }
