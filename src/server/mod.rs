@@ -474,12 +474,15 @@ async fn serve_http(
         let open = Connection::open(app.clone());
         tokio::spawn(async move {
             let _open = open;
-            // hyper's own timeout starts once it knows the protocol; until then it is ours.
-            if tokio::time::timeout(header_timeout, protocol_known(&stream))
-                .await
-                .is_err()
-            {
-                return;
+            // hyper's own timeout starts once it knows the protocol; until then it is ours,
+            // and a shutdown does not wait for a connection that has not begun a request.
+            tokio::select! {
+                known = tokio::time::timeout(header_timeout, protocol_known(&stream)) => {
+                    if known.is_err() {
+                        return;
+                    }
+                }
+                _ = closing.changed() => return,
             }
             let mut builder = Builder::new(TokioExecutor::new());
             builder
