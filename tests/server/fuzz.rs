@@ -1128,6 +1128,18 @@ fn no_request_can_break_the_server() {
     assert_eq!(r.status(), 200);
 }
 
+impl TestServer {
+    /// A raw connection to the server, whose reads give up after 120 s: a hang guard far
+    /// above any timeout these tests wait out.
+    fn raw(&self) -> std::net::TcpStream {
+        let stream = std::net::TcpStream::connect(self.base.trim_start_matches("http://")).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(120)))
+            .unwrap();
+        stream
+    }
+}
+
 /// One request on an open connection and its answer: (head, lowercased; body).
 fn exchange(
     conn: &mut std::io::BufReader<std::net::TcpStream>,
@@ -1165,14 +1177,7 @@ fn exchange(
 fn a_body_left_unread_closes_its_connection_and_says_so() {
     use std::io::Read;
     let s = TestServer::start(test_config());
-    let addr = s.base.trim_start_matches("http://").to_string();
-    let open = || {
-        let stream = std::net::TcpStream::connect(&addr).unwrap();
-        stream
-            .set_read_timeout(Some(std::time::Duration::from_secs(60)))
-            .unwrap();
-        std::io::BufReader::new(stream)
-    };
+    let open = || std::io::BufReader::new(s.raw());
     let post = |ctype: &str, body: &[u8]| {
         let mut r = format!(
             "POST /v1/images/generations HTTP/1.1\r\nhost: t\r\ncontent-type: {ctype}\r\n\
@@ -1386,15 +1391,7 @@ fn a_stalled_body_gets_408_and_a_slow_one_is_read() {
     let dir = tempfile::tempdir().unwrap();
     config.files.dir = Some(dir.path().to_path_buf());
     let s = TestServer::start(config);
-    let addr = s.base.trim_start_matches("http://").to_string();
-    let connect = || {
-        let stream = std::net::TcpStream::connect(&addr).unwrap();
-        // A hang guard, far above the 2 s.
-        stream
-            .set_read_timeout(Some(std::time::Duration::from_secs(120)))
-            .unwrap();
-        stream
-    };
+    let connect = || s.raw();
     let head = |path: &str, ctype: &str, len: usize| {
         format!(
             "POST {path} HTTP/1.1\r\nhost: t\r\ncontent-type: {ctype}\r\ncontent-length: {len}\r\n\r\n"
@@ -1540,14 +1537,7 @@ fn idle_and_stalled_connections_are_closed() {
     config.limits.header_timeout = std::time::Duration::from_secs(1);
     config.batching.max_batch_size = 1;
     let s = TestServer::start_with(config, |p| Box::new(super::Slow(p)));
-    let addr = s.base.trim_start_matches("http://").to_string();
-    let connect = || {
-        let stream = std::net::TcpStream::connect(&addr).unwrap();
-        stream
-            .set_read_timeout(Some(std::time::Duration::from_secs(120)))
-            .unwrap();
-        stream
-    };
+    let connect = || s.raw();
     // Read until the server closes (a reset too: it had unread bytes); a read timeout (the
     // hang guard) fails the test.
     let until_closed = |stream: &mut std::net::TcpStream| {
