@@ -4,8 +4,9 @@
 #
 #   scripts/bench/http_overhead.sh OLD_BINARY NEW_BINARY
 #
-# Per binary and round: GET /v1/models (no body), a POST whose JSON is read and refused (400),
-# both 20000 requests from 16 clients, and 600 one-image 64x64 generations from 8 clients.
+# Per binary and round: GET /v1/models (no body; 20000 requests from 16 clients), the same on a
+# new connection each (`fresh`: 5000), a POST whose JSON is read and refused (400; 20000), and
+# 600 one-image 64x64 generations from 8 clients.
 # Needs `hey` (apt-get install hey) and curl.
 set -u
 cd "$(dirname "$0")/../.."
@@ -21,9 +22,10 @@ run() {
      --min-image-side 64 --default-size 64x64 --warmup-images 1 --max-queued-images 4096 2>/dev/null &
   local pid=$!
   until curl -sf http://127.0.0.1:$port/health >/dev/null; do sleep 0.2; done
-  for case in models bad good; do
+  for case in models fresh bad good; do
     case $case in
       models) out=$(hey -n 20000 -c 16 http://127.0.0.1:$port/v1/models) ;;
+      fresh) out=$(hey -n 5000 -c 16 -disable-keepalive http://127.0.0.1:$port/v1/models) ;;
       bad) out=$(hey -n 20000 -c 16 -m POST -T application/json -D "$work/bad.json" http://127.0.0.1:$port/v1/images/generations) ;;
       good) out=$(hey -n 600 -c 8 -m POST -T application/json -D "$work/good.json" http://127.0.0.1:$port/v1/images/generations) ;;
     esac
