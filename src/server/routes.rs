@@ -316,7 +316,8 @@ impl http_body::Body for Watched {
 /// connection, but without `Connection: close` the client does not know it: it pools the
 /// connection, and its next request on it fails with the connection closed under it (an error
 /// the caller sees, or a retry a gateway counts against this server). That header is HTTP/1's:
-/// over HTTP/2 the stall timeout holds as well, and hyper resets just the stream.
+/// over HTTP/2 the stall timeout holds as well, and the unread rest of the body is drained
+/// rather than the stream reset (see [`Watched`]'s `Drop`).
 async fn watch_body(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     use http_body::Body as _;
     if req.body().is_end_stream() {
