@@ -288,16 +288,9 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let router = routes::router(app.clone());
-    let header_timeout = app.config.limits.header_timeout;
-    let server = tokio::spawn(serve_http(
-        listener,
-        router,
-        header_timeout,
-        app.clone(),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let server = tokio::spawn(serve_http(listener, router, app.clone(), async {
+        let _ = stop_rx.await;
+    }));
     tracing::info!("listening on http://{addr}");
 
     let loaded = async {
@@ -429,7 +422,7 @@ async fn every_device_failed(health: &DeviceHealth, queue: &Queue, workers: usiz
 
 /// The HTTP server: axum's `serve` loop, with a timer given to hyper so that its header read
 /// timeout applies. A connection that does not send a whole request head within
-/// `header_timeout` is closed: one that sends its head byte by byte, one that opens and sends
+/// `--header-read-timeout` is closed: one that sends its head byte by byte, one that opens and sends
 /// nothing, and a keep-alive connection left idle that long between requests. (axum's `serve`
 /// gives hyper no timer, so such connections stay open for as long as their peer likes.) A
 /// request being served is not cut: the timeout runs only while a head is awaited.
@@ -439,13 +432,14 @@ async fn every_device_failed(health: &DeviceHealth, queue: &Queue, workers: usiz
 async fn serve_http(
     listener: tokio::net::TcpListener,
     router: Router,
-    header_timeout: Duration,
     app: Arc<App>,
     stop: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
     use hyper_util::service::TowerToHyperService;
+
+    let header_timeout = app.config.limits.header_timeout;
 
     // Each connection holds a receiver; `closed()` on the sender resolves when all are gone.
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
