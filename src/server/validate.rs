@@ -43,7 +43,7 @@ pub const QUALITY_STEPS: &[(&str, &str, u32)] = &[
 
 /// Fields both endpoints know; anything not known to the endpoint is refused (as OpenAI does)
 /// rather than ignored, so a client never silently loses an option it believed was applied.
-const COMMON_FIELDS: &[&str] = &[
+pub const COMMON_FIELDS: &[&str] = &[
     "prompt",
     "model",
     "n",
@@ -64,7 +64,7 @@ const COMMON_FIELDS: &[&str] = &[
 ];
 
 /// What `POST /v1/images/generations` knows besides [`COMMON_FIELDS`].
-const GENERATION_FIELDS: &[&str] = &[
+pub const GENERATION_FIELDS: &[&str] = &[
     "moderation",
     "style",
     "complexity",
@@ -75,7 +75,7 @@ const GENERATION_FIELDS: &[&str] = &[
 
 /// What `POST /v1/images/edits` knows besides [`COMMON_FIELDS`] (its files, `image`, `mask`
 /// and `markup`, are read apart): the official SDK's edit parameters and `strength`.
-const EDIT_FIELDS: &[&str] = &[
+pub const EDIT_FIELDS: &[&str] = &[
     "input_fidelity",
     "strength",
     "complexity",

@@ -28,41 +28,19 @@ use serde_json::{json, Map, Value};
 
 use super::{data_url, png_bytes, test_config, TestServer};
 use turbine::server::auth::ApiKey;
+use turbine::server::validate::{COMMON_FIELDS, EDIT_FIELDS, GENERATION_FIELDS};
 
 const KEY: &str = "sk-fuzz";
 
-/// Every field either image endpoint knows, plus the edits' image references and a stranger.
-const FIELDS: &[&str] = &[
-    "prompt",
-    "model",
-    "n",
-    "size",
-    "quality",
-    "response_format",
-    "output_format",
-    "output_compression",
-    "background",
-    "user",
-    "safety_identifier",
-    "stream",
-    "partial_images",
-    "seed",
-    "steps",
-    "guidance_scale",
-    "negative_prompt",
-    "moderation",
-    "style",
-    "input_fidelity",
-    "strength",
-    "complexity",
-    "frame_count",
-    "svg",
-    "image",
-    "images",
-    "mask",
-    "markup",
-    "no_such_field",
-];
+/// Every field either image endpoint knows (the server's own lists, so that a new field is
+/// fuzzed too), plus the edits' image references and a stranger.
+static FIELDS: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
+    let mut fields: Vec<&str> = [COMMON_FIELDS, GENERATION_FIELDS, EDIT_FIELDS].concat();
+    fields.extend(["image", "images", "mask", "markup", "no_such_field"]);
+    fields.sort_unstable();
+    fields.dedup();
+    fields
+});
 
 /// Strings that mean something somewhere in the API, and strings that break things.
 fn weird_str(rng: &mut StdRng) -> String {
@@ -342,11 +320,15 @@ fn json_body(rng: &mut StdRng, value: Value) -> Vec<u8> {
 /// One part of a form: (name, filename, content type, bytes).
 type Part = (String, Option<String>, Option<String>, Vec<u8>);
 
-/// A form body with the boundary the content type names (or, sometimes, another one).
-fn form(rng: &mut StdRng, parts: &[Part]) -> (String, Vec<u8>) {
+/// A form body of `parts`, sometimes shuffled, with the boundary the content type names (or,
+/// sometimes, another one).
+fn form(rng: &mut StdRng, mut parts: Vec<Part>) -> (String, Vec<u8>) {
+    if rng.random_bool(0.3) {
+        rand::seq::SliceRandom::shuffle(&mut parts[..], rng);
+    }
     let boundary = "fuzz-boundary-0c1e";
     let mut body = Vec::new();
-    for (name, filename, ctype, bytes) in parts {
+    for (name, filename, ctype, bytes) in &parts {
         let mut head = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"");
         if let Some(f) = filename {
             let _ = write!(head, "; filename=\"{f}\"");
@@ -415,21 +397,7 @@ fn edit_form(rng: &mut StdRng) -> (String, Vec<u8>) {
             parts.push(file_part(extra, upload_bytes(rng)));
         }
     }
-    parts.shuffle_with(rng);
-    form(rng, &parts)
-}
-
-trait ShuffleWith {
-    fn shuffle_with(&mut self, rng: &mut StdRng);
-}
-
-impl<T> ShuffleWith for Vec<T> {
-    fn shuffle_with(&mut self, rng: &mut StdRng) {
-        use rand::seq::SliceRandom;
-        if rng.random_bool(0.3) {
-            self.shuffle(rng);
-        }
-    }
+    form(rng, parts)
 }
 
 /// A batch input file: request lines, fitting or not.
@@ -591,8 +559,7 @@ fn next_request(rng: &mut StdRng, made: &Made) -> Request {
             if rng.random_bool(0.1) {
                 parts.push(text_part("expires_after", &weird(rng)));
             }
-            parts.shuffle_with(rng);
-            Request::form("/v1/files", form(rng, &parts))
+            Request::form("/v1/files", form(rng, parts))
         }
         57..=63 => {
             let endpoint = if rng.random_bool(0.8) {
@@ -1140,6 +1107,22 @@ impl TestServer {
     }
 }
 
+/// The head of an HTTP/1.1 POST of `len` bytes of `ctype` to `path`, with `key` when given.
+fn post_head(path: &str, key: Option<&str>, ctype: &str, len: usize) -> String {
+    let auth = key.map_or(String::new(), |k| format!("authorization: Bearer {k}\r\n"));
+    format!(
+        "POST {path} HTTP/1.1\r\nhost: t\r\n{auth}content-type: {ctype}\r\n\
+         content-length: {len}\r\n\r\n"
+    )
+}
+
+/// A whole POST: [`post_head`] (no key) and `body`.
+fn post(path: &str, ctype: &str, body: &[u8]) -> Vec<u8> {
+    let mut request = post_head(path, None, ctype, body.len()).into_bytes();
+    request.extend_from_slice(body);
+    request
+}
+
 /// One request on an open connection and its answer: (head, lowercased; body).
 fn exchange(
     conn: &mut std::io::BufReader<std::net::TcpStream>,
@@ -1178,23 +1161,14 @@ fn a_body_left_unread_closes_its_connection_and_says_so() {
     use std::io::Read;
     let s = TestServer::start(test_config());
     let open = || std::io::BufReader::new(s.raw());
-    let post = |ctype: &str, body: &[u8]| {
-        let mut r = format!(
-            "POST /v1/images/generations HTTP/1.1\r\nhost: t\r\ncontent-type: {ctype}\r\n\
-             content-length: {}\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
-        r.extend_from_slice(body);
-        r
-    };
+    let g = "/v1/images/generations";
 
     // Read bodies, refused or served, keep the connection: three answers on one.
     let mut conn = open();
     let bad = json!({"prompt": "x", "n": 99}).to_string();
     let good = json!({"prompt": "kept alive", "size": "64x64"}).to_string();
     for (body, want) in [(&bad, "400"), (&good, "200"), (&bad, "400")] {
-        let (head, _) = exchange(&mut conn, &post("application/json", body.as_bytes()));
+        let (head, _) = exchange(&mut conn, &post(g, "application/json", body.as_bytes()));
         assert!(head.starts_with(&format!("http/1.1 {want}")), "{head}");
         assert!(!head.contains("connection: close"), "{head}");
     }
@@ -1204,13 +1178,7 @@ fn a_body_left_unread_closes_its_connection_and_says_so() {
         &[("prompt", "kept alive"), ("size", "64x64")],
         &[("image", &png_bytes(&super::edit_input()))],
     );
-    let mut request = format!(
-        "POST /v1/images/edits HTTP/1.1\r\nhost: t\r\ncontent-type: {ctype}\r\n\
-         content-length: {}\r\n\r\n",
-        form.len()
-    )
-    .into_bytes();
-    request.extend_from_slice(&form);
+    let request = post("/v1/images/edits", &ctype, &form);
     for _ in 0..2 {
         let (head, _) = exchange(&mut conn, &request);
         assert!(head.starts_with("http/1.1 200"), "{head}");
@@ -1219,7 +1187,7 @@ fn a_body_left_unread_closes_its_connection_and_says_so() {
 
     // A 415 answered before 256 KiB of body: said to close, and closed.
     let mut conn = open();
-    let (head, body) = exchange(&mut conn, &post("text/plain", &vec![b'x'; 256 << 10]));
+    let (head, body) = exchange(&mut conn, &post(g, "text/plain", &vec![b'x'; 256 << 10]));
     assert!(head.starts_with("http/1.1 415"), "{head}");
     assert!(head.contains("connection: close"), "{head}");
     let v: Value = serde_json::from_slice(&body).unwrap();
@@ -1251,22 +1219,20 @@ enum Abandon {
     MidHead,
 }
 
-fn abandon(addr: &str, how: Abandon, seed: u64) {
+fn abandon(s: &TestServer, how: Abandon, seed: u64) {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
-        .unwrap();
+    let mut stream = s.raw();
     let body = match how {
         Abandon::MidStream => json!({"prompt": "left", "n": 2, "steps": 3, "size": "128x128",
                                      "stream": true, "partial_images": 2, "seed": seed % 1000}),
         _ => json!({"prompt": "left", "n": 3, "steps": 4, "size": "128x128", "seed": seed % 1000}),
     }
     .to_string();
-    let head = format!(
-        "POST /v1/images/generations HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {KEY}\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        body.len()
+    let head = post_head(
+        "/v1/images/generations",
+        Some(KEY),
+        "application/json",
+        body.len(),
     );
     // A peer that already closed may reset these writes; the point is what the server does.
     let _ = match how {
@@ -1299,7 +1265,6 @@ fn abandoned_requests_cost_the_others_nothing() {
     config.limits.max_side = 128;
     config.auth.keys = vec![ApiKey::plain(KEY)];
     let s = std::sync::Arc::new(TestServer::start(config));
-    let addr = s.base.trim_start_matches("http://").to_string();
     let seed: u64 = rand::random();
     eprintln!("abandoned requests: seed {seed}");
 
@@ -1341,7 +1306,7 @@ fn abandoned_requests_cost_the_others_nothing() {
         }));
     }
     for t in 0..2u64 {
-        let addr = addr.clone();
+        let s = s.clone();
         threads.push(std::thread::spawn(move || {
             let mut rng = StdRng::seed_from_u64(seed ^ (100 + t));
             for i in 0..10 {
@@ -1353,7 +1318,7 @@ fn abandoned_requests_cost_the_others_nothing() {
                 ]
                 .choose(&mut rng)
                 .unwrap();
-                abandon(&addr, how, rng.random::<u64>() ^ i);
+                abandon(&s, how, rng.random::<u64>() ^ i);
                 std::thread::sleep(std::time::Duration::from_millis(rng.random_range(0..80)));
             }
             0
@@ -1392,11 +1357,7 @@ fn a_stalled_body_gets_408_and_a_slow_one_is_read() {
     config.files.dir = Some(dir.path().to_path_buf());
     let s = TestServer::start(config);
     let connect = || s.raw();
-    let head = |path: &str, ctype: &str, len: usize| {
-        format!(
-            "POST {path} HTTP/1.1\r\nhost: t\r\ncontent-type: {ctype}\r\ncontent-length: {len}\r\n\r\n"
-        )
-    };
+    let head = |path: &str, ctype: &str, len: usize| post_head(path, None, ctype, len);
     let json_body = json!({"prompt": "slow", "size": "64x64", "seed": 5}).to_string();
     let (form_type, form) = super::multipart(
         &[("prompt", "slow"), ("size", "64x64")],
@@ -1570,14 +1531,14 @@ fn idle_and_stalled_connections_are_closed() {
     // Ten images one per batch: over a second and a half of serving, then the same
     // connection asks again and gets its answer, then it idles and is closed.
     let body = json!({"prompt": "long", "n": 10, "size": "64x64"}).to_string();
-    let request = format!(
-        "POST /v1/images/generations HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n\
-         content-length: {}\r\n\r\n{body}",
-        body.len()
+    let request = post(
+        "/v1/images/generations",
+        "application/json",
+        body.as_bytes(),
     );
     let mut conn = std::io::BufReader::new(connect());
     for _ in 0..2 {
-        let (head, answer) = exchange(&mut conn, request.as_bytes());
+        let (head, answer) = exchange(&mut conn, &request);
         assert!(head.starts_with("http/1.1 200"), "{head}");
         let v: Value = serde_json::from_slice(&answer).unwrap();
         assert_eq!(v["data"].as_array().unwrap().len(), 10);
