@@ -194,6 +194,15 @@ impl Drop for TestServer {
     }
 }
 
+/// A response header that holds a whole number.
+fn header_number(r: &Response, name: &str) -> u64 {
+    let v = &r.headers()[name];
+    v.to_str()
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name}: {v:?} is not a number"))
+}
+
 fn metric_in(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| {
@@ -255,11 +264,7 @@ fn b64_json_response_has_the_openai_shape() {
     assert_eq!(r.headers()["x-request-id"], "req-abc-123");
     // OpenAI's timing header: whole milliseconds, at least the generation's (a CPU image is
     // not instant).
-    let ms: u64 = r.headers()["openai-processing-ms"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let ms = header_number(&r, "openai-processing-ms");
     assert!(ms > 0, "{ms}");
     assert!(
         r.headers().get("x-ratelimit-limit-requests").is_none(),
@@ -976,11 +981,7 @@ fn api_keys_priorities_and_rate_limits() {
     // Two more images than the bucket holds: 429 on images, with Retry-After.
     let r = post(Some("sk-limited"));
     assert_eq!(r.status(), 429);
-    let retry: u64 = r.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry = header_number(&r, "retry-after");
     assert!((1..=60).contains(&retry), "{retry}");
     assert_eq!(r.headers()["x-ratelimit-remaining-requests"], "0");
     let v = assert_openai_error(429, &r.text().unwrap(), 429, None, "images limit");
@@ -1109,11 +1110,7 @@ fn a_full_queue_answers_429_with_retry_after() {
     s.wait_metric("turbine_images_enqueued_total", |v| v >= 10.0);
     let r = s.generate(&json!({"prompt": "one too many", "n": 4}));
     assert_eq!(r.status(), 429);
-    let retry: u64 = r.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry = header_number(&r, "retry-after");
     assert!(retry >= 1);
     let v = assert_openai_error(429, &r.text().unwrap(), 429, None, "queue full");
     assert_eq!(v["error"]["code"], "queue_full");
@@ -3116,11 +3113,7 @@ fn request_durations_run_to_the_last_byte() {
     // A sized response keeps its content-length through the timing.
     let r = s.generate(&json!({"prompt": "timed", "seed": 3}));
     assert_eq!(r.status(), 200);
-    let length: usize = r.headers()["content-length"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let length = header_number(&r, "content-length") as usize;
     assert_eq!(r.bytes().unwrap().len(), length);
     s.wait_metric(&count, |v| v == 2.0);
     assert!(s.metric(&sum) >= streamed + 0.15);
