@@ -26,6 +26,8 @@ use turbine::server::{ImageBackend, ServerConfig, WorkerSpec};
 
 #[path = "server/fuzz.rs"]
 mod fuzz;
+#[path = "server/tls.rs"]
+mod tls;
 
 fn model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl")
@@ -74,6 +76,20 @@ impl TestServer {
 
     /// A server with one worker per (label, backend(the tiny model's Pipeline)).
     fn start_devices(config: ServerConfig, devices: Vec<(&'static str, MakeBackend)>) -> Self {
+        let client = Client::builder()
+            .timeout(Duration::from_secs(600))
+            .build()
+            .unwrap();
+        Self::start_as(config, devices, "http://127.0.0.1", client)
+    }
+
+    /// A server spoken to at `origin` (scheme and host; the port is added) by `client`.
+    fn start_as(
+        config: ServerConfig,
+        devices: Vec<(&'static str, MakeBackend)>,
+        origin: &str,
+        client: Client,
+    ) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
@@ -106,11 +122,8 @@ impl TestServer {
             })
         });
         let server = TestServer {
-            base: format!("http://{addr}"),
-            client: Client::builder()
-                .timeout(Duration::from_secs(600))
-                .build()
-                .unwrap(),
+            base: format!("{origin}:{}", addr.port()),
+            client,
             stop: Some(stop_tx),
             thread: Some(thread),
         };

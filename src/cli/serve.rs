@@ -16,6 +16,7 @@ use crate::server::config::{
     AuthConfig, BatchingConfig, FilesConfig, ModelIdentity, RequestLimits, ServerConfig,
     StoreConfig,
 };
+use crate::server::tls::TlsConfig;
 use crate::server::{ImageBackend, TokenCounter, WarmupSizes, WorkerSpec};
 use std::sync::Arc;
 
@@ -108,9 +109,22 @@ pub struct HttpArgs {
     #[arg(long, env = "TURBINE_PORT", default_value_t = 8000)]
     pub port: u16,
     /// Base of the URLs returned for `response_format: "url"`, e.g. https://images.example.com
-    /// behind a proxy. Default: http:// + the Host header of the request.
+    /// behind a proxy. Default: http:// (https:// with --tls-cert-file) + the Host header of the
+    /// request.
     #[arg(long, env = "TURBINE_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// Serve HTTPS with this certificate (PEM: the server's certificate, then its chain); needs
+    /// --tls-key-file. The files are read again when they change (checked every 10 s, and on
+    /// SIGHUP), so a renewed certificate needs no restart.
+    #[arg(long, env = "TURBINE_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The private key of --tls-cert-file's certificate (PEM: PKCS#8, RSA or EC).
+    #[arg(long, env = "TURBINE_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// With HTTPS, require clients to present a certificate signed by one of these CAs (PEM):
+    /// mutual TLS, e.g. for a gateway that holds a client certificate.
+    #[arg(long, env = "TURBINE_TLS_CLIENT_CA_FILE", requires = "tls_cert_file")]
+    pub tls_client_ca_file: Option<PathBuf>,
     /// Largest accepted request body in bytes (larger: 413). The default fits the longest
     /// prompt and negative prompt (32000 characters each, up to 4 bytes per character).
     #[arg(long, env = "TURBINE_MAX_BODY_BYTES", default_value_t = 1 << 20)]
@@ -309,6 +323,13 @@ impl Args {
                 priority_header: self.auth.priority_header.clone(),
             },
             public_url: self.http.public_url.clone(),
+            tls: match (&self.http.tls_cert_file, &self.http.tls_key_file) {
+                (Some(cert), Some(key)) => Some(TlsConfig {
+                    client_ca_file: self.http.tls_client_ca_file.clone(),
+                    ..TlsConfig::new(cert, key)
+                }),
+                _ => None,
+            },
             cors_allow_origins: trimmed(&self.http.cors_allow_origins),
             shutdown_grace: Duration::from_secs(self.http.shutdown_grace_secs),
             warmup_images: self.batching.warmup_images,
@@ -387,6 +408,11 @@ pub fn token_counter(model_dir: &std::path::Path) -> anyhow::Result<TokenCounter
 pub fn run(args: Args) -> anyhow::Result<()> {
     args.devices.kernels.apply();
     let config = args.config()?;
+    if let Some(tls) = &config.tls {
+        // Before the model (a download of gigabytes on a first start): a bad certificate or key
+        // stops the server at once. `serve` loads them again for good.
+        crate::server::tls::load(tls).map_err(|e| UsageError(format!("{e:#}")))?;
+    }
     // Resolved (and downloaded if missing) once here, before listening; the workers then find
     // the files in place.
     let model = args.model.resolve()?;

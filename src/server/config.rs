@@ -130,8 +130,10 @@ pub struct ServerConfig {
     pub files: FilesConfig,
     pub auth: AuthConfig,
     /// Base of the URLs returned for `response_format: "url"` (e.g. `https://img.example.com`);
-    /// `None`: `http://` + the request's `Host` header.
+    /// `None`: `http://` (`https://` with `tls`) + the request's `Host` header.
     pub public_url: Option<String>,
+    /// HTTPS: the certificate and key (`--tls-cert-file`, `--tls-key-file`); `None`: plain HTTP.
+    pub tls: Option<super::tls::TlsConfig>,
     /// After SIGTERM/SIGINT, how long queued and running work may take before the server exits.
     pub shutdown_grace: Duration,
     /// Images in the warm-up batch each worker runs before `/health` turns 200 (0: the batch
@@ -190,6 +192,7 @@ impl Default for ServerConfig {
             },
             auth: AuthConfig::default(),
             public_url: None,
+            tls: None,
             shutdown_grace: Duration::from_secs(30),
             warmup_images: 0,
             warmup_batch_sizes: WarmupSizes::Auto,

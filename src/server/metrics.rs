@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::{Display, Write};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -165,6 +165,34 @@ pub struct Metrics {
     /// Webhook delivery attempts by outcome: delivered, retried, abandoned.
     webhooks: [AtomicU64; 3],
     webhooks_pending: AtomicI64,
+    /// Whether the server speaks HTTPS (the TLS series are rendered only then).
+    tls: AtomicBool,
+    /// The certificate in use's `notAfter`, Unix seconds; `i64::MIN`: unknown.
+    tls_not_after: AtomicI64,
+    /// Certificate reloads by outcome: loaded, failed.
+    tls_reloads: [AtomicU64; 2],
+    /// Connections refused before HTTP by reason: plain HTTP, failed handshake, timeout.
+    tls_refused: [AtomicU64; 3],
+}
+
+/// What became of reloading changed certificate files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsReload {
+    Loaded,
+    /// They did not load; the previous pair stays in use.
+    Failed,
+}
+
+/// Why a connection to the HTTPS port ended before its first request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsRefusal {
+    /// It spoke plain HTTP (and was told to use https://).
+    PlainHttp,
+    /// The handshake failed: no common protocol or cipher, a client certificate missing or
+    /// refused, a client that hung up.
+    Handshake,
+    /// The handshake did not finish within `--header-read-timeout`.
+    Timeout,
 }
 
 /// What became of one attempt to deliver a webhook event.
@@ -220,6 +248,10 @@ impl Metrics {
             batch_api_running: AtomicI64::new(0),
             webhooks: Default::default(),
             webhooks_pending: AtomicI64::new(0),
+            tls: AtomicBool::new(false),
+            tls_not_after: AtomicI64::new(i64::MIN),
+            tls_reloads: Default::default(),
+            tls_refused: Default::default(),
         }
     }
 
@@ -353,6 +385,21 @@ impl Metrics {
     /// A Batch API batch started (+1) or ended (-1).
     pub fn batch_api_running(&self, delta: i64) {
         self.batch_api_running.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    /// A certificate was loaded (at start or reloaded): the server speaks HTTPS.
+    pub fn tls_not_after(&self, not_after: Option<i64>) {
+        self.tls.store(true, Ordering::Relaxed);
+        self.tls_not_after
+            .store(not_after.unwrap_or(i64::MIN), Ordering::Relaxed);
+    }
+
+    pub fn tls_reload(&self, outcome: TlsReload) {
+        self.tls_reloads[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn tls_refused(&self, why: TlsRefusal) {
+        self.tls_refused[why as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// A connection opened (+1) or closed (-1).
@@ -539,6 +586,40 @@ impl Metrics {
             "Webhook deliveries under way: not yet delivered, given up or dropped.",
             &self.webhooks_pending.load(Ordering::Relaxed),
         );
+        if self.tls.load(Ordering::Relaxed) {
+            let not_after = self.tls_not_after.load(Ordering::Relaxed);
+            if not_after != i64::MIN {
+                single(
+                    &mut out,
+                    "turbine_tls_certificate_expiry_timestamp_seconds",
+                    "gauge",
+                    "When the certificate in use expires (its notAfter), Unix seconds.",
+                    &not_after,
+                );
+            }
+            let [loaded, failed] = &self.tls_reloads;
+            labelled(
+                &mut out,
+                "turbine_tls_reloads_total",
+                "Changed certificate files read again, by outcome: loaded (new connections use \
+                 them) or failed (the previous pair stays in use).",
+                "outcome",
+                &[("loaded", loaded), ("failed", failed)],
+            );
+            let [plain_http, handshake, timeout] = &self.tls_refused;
+            labelled(
+                &mut out,
+                "turbine_tls_connections_refused_total",
+                "Connections to the HTTPS port that ended before a request, by reason: plain \
+                 HTTP, a failed handshake, or no handshake within --header-read-timeout.",
+                "reason",
+                &[
+                    ("plain_http", plain_http),
+                    ("handshake", handshake),
+                    ("timeout", timeout),
+                ],
+            );
+        }
         header(
             &mut out,
             "turbine_batch_size",

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod queue;
 pub mod routes;
 pub mod store;
+pub mod tls;
 pub mod upload;
 pub mod validate;
 pub mod webhooks;
@@ -187,6 +188,14 @@ pub async fn serve(
     let now = Instant::now();
     let metrics = Arc::new(Metrics::new());
     let b = &config.batching;
+    // Before anything else starts: a certificate that does not load stops the server here.
+    let tls = match &config.tls {
+        Some(t) => Some(Arc::new(tls::Tls::new(t.clone(), metrics.clone())?)),
+        None => None,
+    };
+    if let Some(tls) = &tls {
+        tokio::spawn(tls.clone().watch());
+    }
     let queue = Arc::new(Queue::new(
         QueuePolicy {
             capacity: b.max_queued_images,
@@ -288,10 +297,11 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let router = routes::router(app.clone());
-    let server = tokio::spawn(serve_http(listener, router, app.clone(), async {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let server = tokio::spawn(serve_http(listener, router, app.clone(), tls, async {
         let _ = stop_rx.await;
     }));
-    tracing::info!("listening on http://{addr}");
+    tracing::info!("listening on {scheme}://{addr}");
 
     let loaded = async {
         for (label, rx) in ready {
@@ -427,18 +437,18 @@ async fn every_device_failed(health: &DeviceHealth, queue: &Queue, workers: usiz
 /// gives hyper no timer, so such connections stay open for as long as their peer likes.) A
 /// request being served is not cut: the timeout runs only while a head is awaited.
 ///
+/// With `tls`, each connection is first a TLS handshake (within the same timeout), then HTTP/2
+/// or HTTP/1.1 as its ALPN chose; one that speaks plain HTTP is answered 400 `https_required`.
+///
 /// Shutdown as axum's: once `stop` resolves no connection is accepted, each open one finishes
 /// the requests it has and closes, and this returns when all have.
 async fn serve_http(
     listener: tokio::net::TcpListener,
     router: Router,
     app: Arc<App>,
+    tls: Option<Arc<tls::Tls>>,
     stop: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    use hyper_util::server::conn::auto::Builder;
-    use hyper_util::service::TowerToHyperService;
-
     let header_timeout = app.config.limits.header_timeout;
 
     // Each connection holds a receiver; `closed()` on the sender resolves when all are gone.
@@ -463,34 +473,43 @@ async fn serve_http(
             },
             () = &mut stop => break,
         };
-        let service = TowerToHyperService::new(router.clone());
+        let router = router.clone();
         let mut closing = closing_rx.clone();
         let open = Connection::open(app.clone());
+        let tls = tls.clone();
+        let app = app.clone();
         tokio::spawn(async move {
             let _open = open;
             // hyper's own timeout starts once it knows the protocol; until then it is ours,
             // and a shutdown does not wait for a connection that has not begun a request.
-            tokio::select! {
-                known = tokio::time::timeout(header_timeout, protocol_known(&stream)) => {
-                    if known.is_err() {
-                        return;
+            let Some(tls) = tls else {
+                tokio::select! {
+                    known = tokio::time::timeout(header_timeout, protocol_known(&stream)) => {
+                        if known.is_err() {
+                            return;
+                        }
+                    }
+                    _ = closing.changed() => return,
+                }
+                let io = hyper_util::rt::TokioIo::new(stream);
+                return serve_connection(io, router, None, header_timeout, closing).await;
+            };
+            let accepted = tokio::select! {
+                accepted = tokio::time::timeout(header_timeout, accept_tls(stream, &tls, &app)) => {
+                    match accepted {
+                        Ok(Some(stream)) => stream,
+                        Ok(None) => return,
+                        Err(_) => {
+                            app.metrics.tls_refused(metrics::TlsRefusal::Timeout);
+                            return;
+                        }
                     }
                 }
                 _ = closing.changed() => return,
-            }
-            let mut builder = Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout);
-            builder.http2().timer(TokioTimer::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = closing.changed() => conn.as_mut().graceful_shutdown(),
-            }
-            let _ = conn.await;
+            };
+            let h2 = accepted.get_ref().1.alpn_protocol() == Some(b"h2");
+            let io = hyper_util::rt::TokioIo::new(accepted);
+            serve_connection(io, router, Some(h2), header_timeout, closing).await;
         });
     }
     drop(listener);
@@ -498,6 +517,137 @@ async fn serve_http(
     drop(closing_rx);
     closing_tx.closed().await;
     Ok(())
+}
+
+/// Serves one connection's requests until it closes, or until `closing` changes and its
+/// requests under way are done. `h2`: the protocol its ALPN chose; `None`: told from its first
+/// bytes.
+async fn serve_connection<I>(
+    io: hyper_util::rt::TokioIo<I>,
+    router: Router,
+    h2: Option<bool>,
+    header_timeout: Duration,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::{TokioExecutor, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder = match h2 {
+        None => builder,
+        Some(true) => builder.http2_only(),
+        Some(false) => builder.http1_only(),
+    };
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder.http2().timer(TokioTimer::new());
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = closing.changed() => conn.as_mut().graceful_shutdown(),
+    }
+    let _ = conn.await;
+}
+
+/// The TLS handshake of a connection to the HTTPS port; `None` if it closed first, failed, or
+/// spoke plain HTTP (answered 400 `https_required`, so that a client configured with `http://`
+/// is told what is wrong instead of seeing its connection cut).
+async fn accept_tls(
+    stream: tokio::net::TcpStream,
+    tls: &tls::Tls,
+    app: &App,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    /// A TLS handshake record's first byte (RFC 8446 5.1, `ContentType.handshake`).
+    const HANDSHAKE: u8 = 0x16;
+    let mut first = [0u8; 1];
+    match stream.peek(&mut first).await {
+        Ok(1) => {}
+        _ => return None,
+    }
+    if first[0] != HANDSHAKE {
+        app.metrics.tls_refused(metrics::TlsRefusal::PlainHttp);
+        refuse_plain_http(stream).await;
+        return None;
+    }
+    match tls.acceptor().accept(stream).await {
+        Ok(stream) => Some(stream),
+        Err(e) => {
+            // Scanners and clients that do not trust the certificate end here: not worth more
+            // than a debug line each, and the counter.
+            tracing::debug!(error = %e, "TLS handshake failed");
+            app.metrics.tls_refused(metrics::TlsRefusal::Handshake);
+            None
+        }
+    }
+}
+
+/// Answers a plain HTTP request sent to the HTTPS port: 400 in OpenAI's error shape, naming the
+/// URL to use, then closes. The request's head is read first (up to 16 KiB) and what follows is
+/// drained for a moment after the answer, so that closing does not reset the connection under
+/// it.
+async fn refuse_plain_http(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while head.len() < 16 << 10 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&head);
+    let mut lines = text.split("\r\n");
+    let path = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .filter(|p| p.starts_with('/'))
+        .unwrap_or("/");
+    let host = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("host"))
+        .map(|(_, v)| v.trim())
+        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()));
+    let message = match host {
+        Some(host) => format!(
+            "This port speaks HTTPS: send the request to https://{host}{path} (the client was \
+             given an http:// URL)."
+        ),
+        None => "This port speaks HTTPS: use an https:// URL (the client was given an http:// \
+                 URL)."
+            .to_string(),
+    };
+    let body = serde_json::json!({"error": {
+        "message": message,
+        "type": "invalid_request_error",
+        "param": null,
+        "code": "https_required",
+    }})
+    .to_string();
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if stream.write_all(response.as_bytes()).await.is_err() {
+        return;
+    }
+    let _ = stream.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut drained = 0;
+        while drained < 1 << 20 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => drained += n,
+            }
+        }
+    })
+    .await;
 }
 
 /// Resolves once the connection's first bytes tell HTTP/1 from HTTP/2's preface (what hyper's

@@ -12,7 +12,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{MatchedPath, Path, Request, State};
@@ -318,8 +318,22 @@ impl http_body::Body for Watched {
 /// the caller sees, or a retry a gateway counts against this server). That header is HTTP/1's:
 /// over HTTP/2 the stall timeout holds as well, and the unread rest of the body is drained
 /// rather than the stream reset (see [`Watched`]'s `Drop`).
-async fn watch_body(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+async fn watch_body(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
     use http_body::Body as _;
+    // HTTP/2 sends the host as `:authority`, which hyper leaves in the URI, not as a Host
+    // header: give the request one, so that what reads Host (image URLs) finds it either way.
+    if !req.headers().contains_key(header::HOST) {
+        let host = req.uri().authority().and_then(|a| {
+            let host = match a.port() {
+                Some(port) => format!("{}:{port}", a.host()),
+                None => a.host().to_string(),
+            };
+            HeaderValue::from_str(&host).ok()
+        });
+        if let Some(host) = host {
+            req.headers_mut().insert(header::HOST, host);
+        }
+    }
     if req.body().is_end_stream() {
         return next.run(req).await;
     }
@@ -1012,7 +1026,7 @@ pub(super) async fn images_response(
     }
     let text_tokens = token_count.await.unwrap_or(0);
     Ok(ImagesResponse {
-        created: unix_secs(),
+        created: unix_now(),
         data,
         background: "opaque".into(),
         output_format: req.output_format.as_str().into(),
@@ -1405,7 +1419,7 @@ impl ImageStream {
         };
         Ok(EventImage {
             b64_json,
-            created_at: unix_secs(),
+            created_at: unix_now(),
             size: format!("{}x{}", req.width, req.height),
             quality: req.quality,
             background: "opaque",
@@ -1445,12 +1459,6 @@ fn usage(req: &ValidRequest, text_tokens: u64, n: u32) -> Usage {
         usage.total_tokens += input;
     }
     usage
-}
-
-fn unix_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Whether the request's `Content-Type` is `mime` (parameters such as `charset` aside).
@@ -1557,7 +1565,8 @@ async fn drain(mut body: Body, mut seen: usize) {
     }
 }
 
-/// `--public-url`, or `http://` + the `Host` the client used.
+/// `--public-url`, or `http://` (`https://` when the server speaks it) + the `Host` the client
+/// used.
 fn url_base(app: &App, headers: &HeaderMap) -> String {
     if let Some(base) = &app.config.public_url {
         return base.trim_end_matches('/').to_string();
@@ -1567,5 +1576,10 @@ fn url_base(app: &App, headers: &HeaderMap) -> String {
         .and_then(|v| v.to_str().ok())
         .filter(|h| !h.is_empty())
         .unwrap_or("localhost");
-    format!("http://{host}")
+    let scheme = if app.config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{host}")
 }
