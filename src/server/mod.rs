@@ -483,16 +483,17 @@ async fn serve_http(
             // hyper's own timeout starts once it knows the protocol; until then it is ours,
             // and a shutdown does not wait for a connection that has not begun a request.
             let Some(tls) = tls else {
-                tokio::select! {
+                let h2 = tokio::select! {
                     known = tokio::time::timeout(header_timeout, protocol_known(&stream)) => {
-                        if known.is_err() {
-                            return;
+                        match known {
+                            Ok(Some(h2)) => h2,
+                            Ok(None) | Err(_) => return,
                         }
                     }
                     _ = closing.changed() => return,
-                }
+                };
                 let io = hyper_util::rt::TokioIo::new(stream);
-                return serve_connection(io, router, None, header_timeout, closing).await;
+                return serve_connection(io, router, h2, header_timeout, closing).await;
             };
             let accepted = tokio::select! {
                 accepted = tokio::time::timeout(header_timeout, accept_tls(stream, &tls, &app)) => {
@@ -509,7 +510,7 @@ async fn serve_http(
             };
             let h2 = accepted.get_ref().1.alpn_protocol() == Some(b"h2");
             let io = hyper_util::rt::TokioIo::new(accepted);
-            serve_connection(io, router, Some(h2), header_timeout, closing).await;
+            serve_connection(io, router, h2, header_timeout, closing).await;
         });
     }
     drop(listener);
@@ -519,13 +520,21 @@ async fn serve_http(
     Ok(())
 }
 
-/// Serves one connection's requests until it closes, or until `closing` changes and its
-/// requests under way are done. `h2`: the protocol its ALPN chose; `None`: told from its first
-/// bytes.
+/// Serves one connection's requests, in HTTP/2 if `h2` (its preface or its ALPN said so) or
+/// HTTP/1.1, until it closes, or until `closing` changes and its requests under way are done.
+///
+/// `header_timeout` bounds idleness in both: hyper's header read timeout in HTTP/1 (a head, or
+/// keep-alive time between requests), and here, for HTTP/2, time with no request open (the
+/// connection then gets a GOAWAY and closes, as nginx's and envoy's idle timeouts do; clients
+/// open a new one when they need it). An HTTP/2 connection is also pinged every half of it, and
+/// closed if an answer takes over a third of it: a client that vanished (its host gone, no FIN)
+/// is noticed within a minute by default, and its queued images are dropped as for a client that
+/// hung up, instead of after TCP's retransmission timeout (about 15 minutes). (HTTP/1 has no
+/// ping; hyper notices a peer that closed, not one that vanished.)
 async fn serve_connection<I>(
     io: hyper_util::rt::TokioIo<I>,
     router: Router,
-    h2: Option<bool>,
+    h2: bool,
     header_timeout: Duration,
     mut closing: tokio::sync::watch::Receiver<bool>,
 ) where
@@ -534,25 +543,137 @@ async fn serve_connection<I>(
     use hyper_util::rt::{TokioExecutor, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
 
-    let service = hyper_util::service::TowerToHyperService::new(router);
+    let activity = Arc::new(Activity::default());
+    let service = hyper_util::service::TowerToHyperService::new(Tracked {
+        router,
+        activity: activity.clone(),
+    });
     let mut builder = Builder::new(TokioExecutor::new());
-    builder = match h2 {
-        None => builder,
-        Some(true) => builder.http2_only(),
-        Some(false) => builder.http1_only(),
+    builder = if h2 {
+        builder.http2_only()
+    } else {
+        builder.http1_only()
     };
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(header_timeout / 2)
+        .keep_alive_timeout(header_timeout / 3);
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
+    let idle = async {
+        if h2 {
+            activity.idle_for(header_timeout).await
+        } else {
+            std::future::pending().await
+        }
+    };
     tokio::select! {
         _ = conn.as_mut() => return,
         _ = closing.changed() => conn.as_mut().graceful_shutdown(),
+        () = idle => {
+            tracing::debug!("closing an HTTP/2 connection idle for --header-read-timeout");
+            conn.as_mut().graceful_shutdown();
+            // HTTP/2's graceful close waits for the client to answer a ping; one that does not
+            // (mute, or gone) would hold the connection until the keep-alive timeout. It is
+            // dropped once idle that long again (a request it opened meanwhile runs to its end).
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = activity.idle_for(header_timeout) => {}
+            }
+            return;
+        }
     }
     let _ = conn.await;
+}
+
+/// The requests a connection has open: from the call of the service to the drop of the
+/// response's body (its last byte sent, or the stream reset).
+#[derive(Default)]
+struct Activity {
+    open: AtomicUsize,
+    changed: Notify,
+}
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> ActiveRequest {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_waiters();
+        ActiveRequest(self.clone())
+    }
+
+    /// Resolves once no request has been open for `d`.
+    async fn idle_for(&self, d: Duration) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.open.load(Ordering::Acquire) == 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => return,
+                    _ = changed => {}
+                }
+            } else {
+                changed.await;
+            }
+        }
+    }
+}
+
+/// See [`Activity`].
+struct ActiveRequest(Arc<Activity>);
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// The router, counting the connection's open requests in its [`Activity`].
+#[derive(Clone)]
+struct Tracked {
+    router: Router,
+    activity: Arc<Activity>,
+}
+
+impl<B> tower::Service<axum::http::Request<B>> for Tracked
+where
+    B: http_body::Body<Data = axum::body::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+        use http_body_util::BodyExt as _;
+        use tower::ServiceExt as _;
+        let active = self.activity.begin();
+        let response = self.router.clone().oneshot(req);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| {
+                axum::body::Body::new(body.map_frame(move |frame| {
+                    let _open = &active;
+                    frame
+                }))
+            }))
+        })
+    }
 }
 
 /// The TLS handshake of a connection to the HTTPS port; `None` if it closed first, failed, or
@@ -650,16 +771,17 @@ async fn refuse_plain_http(mut stream: tokio::net::TcpStream) {
     .await;
 }
 
-/// Resolves once the connection's first bytes tell HTTP/1 from HTTP/2's preface (what hyper's
-/// auto-detection waits for before any of its timeouts start), or it closed. The bytes are only
-/// peeked at: hyper reads them again.
-async fn protocol_known(stream: &tokio::net::TcpStream) {
+/// Whether the connection speaks HTTP/2 (its first bytes are HTTP/2's preface) or HTTP/1, once
+/// its first bytes tell (hyper's own timeouts start only after that); `None` if it closed
+/// first. The bytes are only peeked at: hyper reads them again.
+async fn protocol_known(stream: &tokio::net::TcpStream) -> Option<bool> {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let mut buf = [0u8; PREFACE.len()];
     loop {
         match stream.peek(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) if n == PREFACE.len() || buf[..n] != PREFACE[..n] => return,
+            Ok(0) | Err(_) => return None,
+            Ok(n) if buf[..n] != PREFACE[..n] => return Some(false),
+            Ok(n) if n == PREFACE.len() => return Some(true),
             // A part of the preface: `peek` answers at once until more arrives.
             Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
         }

@@ -1485,6 +1485,134 @@ fn http2_refusals_let_the_upload_finish() {
     });
 }
 
+/// `--header-read-timeout` over HTTP/2: a connection with no request open for that long (here
+/// 1 s) gets a GOAWAY and is closed, one that sent the preface and nothing more too; a
+/// request that takes longer than that (ten 150 ms batches) is not cut, nor is the connection
+/// while it runs. The waits are hang guards of 120 s.
+#[test]
+fn http2_connections_left_idle_are_closed() {
+    use axum::body::Bytes;
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    let mut config = test_config();
+    config.limits.header_timeout = Duration::from_secs(1);
+    config.batching.max_batch_size = 1;
+    let s = TestServer::start_with(config, |p| Box::new(super::Slow(p)));
+    let addr = s.base.trim_start_matches("http://").to_string();
+
+    // The preface's magic, then silence: no SETTINGS, and no answer to the ping of the
+    // GOAWAY that closes it, so it is dropped after a second timeout.
+    let mut mute = s.raw();
+    mute.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    let mut rest = Vec::new();
+    let _ = mute.read_to_end(&mut rest);
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+        let connection = tokio::spawn(connection);
+        let json =
+            serde_json::to_vec(&json!({"prompt": "long", "n": 10, "size": "64x64"})).unwrap();
+        for _ in 0..2 {
+            let request = axum::http::Request::post(format!("http://{addr}/v1/images/generations"))
+                .header("content-type", "application/json")
+                .body(())
+                .unwrap();
+            client = client.ready().await.unwrap();
+            let (response, mut upload) = client.send_request(request, false).unwrap();
+            upload.send_data(Bytes::from(json.clone()), true).unwrap();
+            let response = response.await.unwrap();
+            assert_eq!(response.status(), 200);
+            let mut body = response.into_body();
+            let mut text = Vec::new();
+            while let Some(chunk) = body.data().await {
+                let chunk = chunk.unwrap();
+                let _ = body.flow_control().release_capacity(chunk.len());
+                text.extend_from_slice(&chunk);
+            }
+            let v: Value = serde_json::from_slice(&text).unwrap();
+            assert_eq!(v["data"].as_array().unwrap().len(), 10);
+        }
+        // Idle now: the server ends the connection (GOAWAY, then close), which ends the
+        // client's connection task.
+        let ended = tokio::time::timeout(Duration::from_secs(120), connection).await;
+        assert!(ended.is_ok(), "the idle HTTP/2 connection was not closed");
+        drop(client);
+    });
+    s.wait_metric("turbine_http_connections", |v| v == 1.0);
+}
+
+/// An HTTP/2 client that stops answering while its request is queued (its host gone, the
+/// connection never closed) is found out by the server's pings (every half of
+/// `--header-read-timeout`, here 0.5 s): the connection is closed and the request's images that
+/// have not started are dropped, as for a client that hung up.
+#[test]
+fn a_vanished_http2_client_is_found_by_pings() {
+    use axum::body::Bytes;
+    use std::time::Duration;
+    let mut config = test_config();
+    config.limits.header_timeout = Duration::from_secs(1);
+    config.batching.max_batch_size = 1;
+    let s = TestServer::start_with(config, |p| Box::new(super::Slow(p)));
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        let (vanish, vanished) = tokio::sync::oneshot::channel::<()>();
+        let connection = tokio::spawn(async move {
+            let mut connection = Box::pin(connection);
+            tokio::select! {
+                r = connection.as_mut() => panic!("the connection ended early: {r:?}"),
+                _ = vanished => {}
+            }
+            // Never polled again, never dropped: the socket stays open, and nothing on this
+            // side reads or answers what the server sends.
+            std::mem::forget(connection);
+        });
+        let mut client = client.ready().await.unwrap();
+        let request = axum::http::Request::post(format!("http://{addr}/v1/images/generations"))
+            .header("content-type", "application/json")
+            .body(())
+            .unwrap();
+        let (response, mut upload) = client.send_request(request, false).unwrap();
+        let json = json!({"prompt": "gone", "n": 10, "size": "64x64"}).to_string();
+        upload.send_data(Bytes::from(json), true).unwrap();
+        // Queued (the scrape is another connection), then the client goes quiet.
+        let enqueued = tokio::task::spawn_blocking({
+            let metrics = s.url("/metrics");
+            move || {
+                let start = std::time::Instant::now();
+                loop {
+                    let text = reqwest::blocking::get(&metrics).unwrap().text().unwrap();
+                    if super::metric_in(&text, "turbine_images_enqueued_total") >= 10.0 {
+                        return;
+                    }
+                    assert!(start.elapsed() < Duration::from_secs(300), "never queued");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        });
+        enqueued.await.unwrap();
+        vanish.send(()).unwrap();
+        connection.await.unwrap();
+        std::mem::forget((client, response, upload));
+    });
+    // A few of the ten ran before the pings gave up on the client; the rest were dropped.
+    s.wait_metric(
+        "turbine_images_dropped_total{reason=\"client_disconnected\"}",
+        |v| v >= 1.0,
+    );
+    assert!(s.metric("turbine_images_generated_total") < 10.0);
+}
+
 /// `--header-read-timeout`: a connection that sends nothing, one that sends part of HTTP/2's
 /// preface, one that sends half a head and stalls, and a keep-alive connection left idle after
 /// its answer are all closed by the server
