@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Contract test with the official `openai` SDKs as the clients: starts the real `turbine serve`
 # on a free port with the tiny fixture model on CPU, runs tests/openai_sdk_test.py (Python) and
-# then tests/openai_node_test.mjs (Node.js) against it, stops the server. Either failing fails it.
+# then tests/openai_node_test.mjs (Node.js) against it, stops the server. Then the same over
+# HTTPS (--tls-cert-file, a certificate for localhost from a CA made here with openssl) for the
+# tests that touch the transport, each SDK given the CA as its users give it: Python's an
+# `httpx` client with an SSL context, Node's NODE_EXTRA_CA_CERTS. Any failing fails it.
 #
 # The Python SDK goes into a venv under target/openai-venv, the Node SDK into
 # target/openai-node (npm), both on first use. Environment:
@@ -40,11 +43,15 @@ fi
 
 work=$(mktemp -d)
 server_pid=
-cleanup() {
+stop_server() {
     if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
         kill -TERM "$server_pid"
         wait "$server_pid" || true
     fi
+    server_pid=
+}
+cleanup() {
+    stop_server
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -55,36 +62,44 @@ sk-sdk-limited requests_per_minute=1
 sk-sdk-limited-node requests_per_minute=1
 KEYS
 
-NO_COLOR=1 RUST_LOG=info "$TURBINE_BIN" serve \
-    --model-dir tests/fixtures/tiny-sdxl --device cpu \
-    --host 127.0.0.1 --port 0 \
-    --min-image-side 64 --default-size 64x64 --warmup-images 1 \
-    --api-keys-file "$work/keys" \
-    2> "$work/server.log" &
-server_pid=$!
-
-# The server logs its address once listening; /health turns 200 after the warm-up batch.
-base=
-for _ in $(seq 1 600); do
-    base=$(grep -o 'listening on http://[0-9.:]*' "$work/server.log" | head -n1 | sed 's/listening on //' || true)
-    [ -n "$base" ] && break
-    kill -0 "$server_pid" 2>/dev/null || { cat "$work/server.log" >&2; echo "server exited" >&2; exit 1; }
-    sleep 0.1
-done
-[ -n "$base" ] || { cat "$work/server.log" >&2; echo "server never listened" >&2; exit 1; }
-"$VENV/bin/python" - "$base/health" <<'PY'
-import sys, time, urllib.request, urllib.error
+# start_server LOG [ARGS...]: the server on a free port; sets server_pid and base (its
+# http(s)://host:port, with localhost for https, the name its certificate has) once /health is 200
+# (after the warm-up batch). $CA_FILE, if set, verifies the health checks' HTTPS.
+start_server() {
+    local log=$1
+    shift
+    NO_COLOR=1 RUST_LOG=info "$TURBINE_BIN" serve \
+        --model-dir tests/fixtures/tiny-sdxl --device cpu \
+        --host 127.0.0.1 --port 0 \
+        --min-image-side 64 --default-size 64x64 --warmup-images 1 \
+        --api-keys-file "$work/keys" "$@" \
+        2> "$log" &
+    server_pid=$!
+    base=
+    for _ in $(seq 1 600); do
+        base=$(grep -o 'listening on https\?://[0-9.:]*' "$log" | head -n1 | sed 's/listening on //' || true)
+        [ -n "$base" ] && break
+        kill -0 "$server_pid" 2>/dev/null || { cat "$log" >&2; echo "server exited" >&2; exit 1; }
+        sleep 0.1
+    done
+    [ -n "$base" ] || { cat "$log" >&2; echo "server never listened" >&2; exit 1; }
+    case $base in https://*) base="https://localhost:${base##*:}" ;; esac
+    "$VENV/bin/python" - "$base/health" "${CA_FILE:-}" <<'PY'
+import ssl, sys, time, urllib.request, urllib.error
+context = ssl.create_default_context(cafile=sys.argv[2]) if sys.argv[2] else None
 for _ in range(3000):
     try:
-        if urllib.request.urlopen(sys.argv[1], timeout=5).status == 200:
+        if urllib.request.urlopen(sys.argv[1], timeout=5, context=context).status == 200:
             sys.exit(0)
     except (urllib.error.URLError, ConnectionError):
         pass
     time.sleep(0.1)
 sys.exit("server never became healthy")
 PY
+}
 
 status=0
+start_server "$work/server.log"
 "$VENV/bin/python" tests/openai_sdk_test.py --base-url "$base/v1" \
     --api-key sk-sdk-test --limited-key sk-sdk-limited || status=$?
 # The test runs from the SDK's directory, where its `import "openai"` resolves.
@@ -94,5 +109,38 @@ node "$NODE_DIR/openai_node_test.mjs" --base-url "$base/v1" \
 if [ "$status" -ne 0 ]; then
     echo "--- server log ---" >&2
     cat "$work/server.log" >&2
+fi
+stop_server
+
+# HTTPS: a CA, and a certificate it signs for localhost and 127.0.0.1 (P-256, a day), with the
+# extensions strict verifiers (Python 3.13's default context) ask for.
+command -v openssl >/dev/null || { echo "openssl is required for the HTTPS part" >&2; exit 1; }
+tls=$work/tls
+mkdir -p "$tls"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+    -subj "/CN=turbine SDK test CA" -keyout "$tls/ca.key" -out "$tls/ca.pem" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign" \
+    2> "$tls/openssl.log"
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
+    -keyout "$tls/key.pem" -out "$tls/cert.csr" 2>> "$tls/openssl.log"
+printf '%s\n' "subjectAltName=DNS:localhost,IP:127.0.0.1" "basicConstraints=critical,CA:FALSE" \
+    "keyUsage=critical,digitalSignature" "extendedKeyUsage=serverAuth" \
+    "authorityKeyIdentifier=keyid" "subjectKeyIdentifier=hash" > "$tls/leaf.ext"
+openssl x509 -req -in "$tls/cert.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" -CAcreateserial \
+    -days 1 -extfile "$tls/leaf.ext" -out "$tls/cert.pem" 2>> "$tls/openssl.log"
+
+https_status=0
+CA_FILE=$tls/ca.pem start_server "$work/server-https.log" \
+    --tls-cert-file "$tls/cert.pem" --tls-key-file "$tls/key.pem"
+echo "over HTTPS ($base):"
+transport="b64_json,url then fetch,stream,edit"
+"$VENV/bin/python" tests/openai_sdk_test.py --base-url "$base/v1" --ca-file "$tls/ca.pem" \
+    --api-key sk-sdk-test --limited-key sk-sdk-limited --only "$transport" || https_status=$?
+NODE_EXTRA_CA_CERTS=$tls/ca.pem node "$NODE_DIR/openai_node_test.mjs" --base-url "$base/v1" \
+    --api-key sk-sdk-test --limited-key sk-sdk-limited-node --only "$transport" || https_status=$?
+if [ "$https_status" -ne 0 ]; then
+    echo "--- server log (HTTPS) ---" >&2
+    cat "$work/server-https.log" >&2
+    status=$https_status
 fi
 exit "$status"

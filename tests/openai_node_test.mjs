@@ -105,6 +105,9 @@ async function testUrlThenFetch(client) {
   });
   const url = resp.data[0].url;
   assert.ok(url && url.includes("/v1/images/files/"), url);
+  // On this server, in the scheme the client used.
+  const origin = client.baseURL.replace(/\/$/, "").replace(/\/v1$/, "");
+  assert.ok(url.startsWith(`${origin}/v1/images/files/`), `${url} vs ${origin}`);
   assert.equal(resp.data[0].b64_json, undefined);
   const fetched = await fetch(url);
   assert.equal(fetched.status, 200);
@@ -330,7 +333,7 @@ async function main() {
   };
   const baseURL = arg("--base-url");
   const client = new OpenAI({ baseURL, apiKey: arg("--api-key"), maxRetries: 0, timeout: 600_000 });
-  const tests = [
+  let tests = [
     ["b64_json", () => testB64Json(client)],
     ["url then fetch", () => testUrlThenFetch(client)],
     ["n=3 seeded", () => testSeededN(client)],
@@ -342,6 +345,12 @@ async function main() {
     ["errors", () => testErrors(client, baseURL)],
     ["RateLimitError", () => testRateLimit(baseURL, arg("--limited-key"))],
   ];
+  const only = args.includes("--only") ? arg("--only").split(",") : null;
+  if (only) {
+    const unknown = only.filter((n) => !tests.some(([name]) => name === n));
+    if (unknown.length) throw new Error(`--only: no test named ${unknown}`);
+    tests = tests.filter(([name]) => only.includes(name));
+  }
   let failed = 0;
   for (const [name, fn] of tests) {
     try {

@@ -1,11 +1,14 @@
 """Contract test: the official `openai` Python SDK against a running `turbine serve`.
 
 Run by scripts/test_openai_sdk.sh, which starts the server (tiny model, CPU, 64x64 default size)
-with two API keys: a plain one and one limited to 1 request per minute.
+with two API keys: a plain one and one limited to 1 request per minute; then again over HTTPS,
+with a certificate from a private CA (`--ca-file`, given to the SDK as users give it) and the
+tests that touch the transport (`--only`).
 """
 
 import argparse
 import base64
+import ssl
 import struct
 import sys
 import traceback
@@ -19,6 +22,9 @@ from openai import OpenAI
 from openai.types import ImageModel
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+# With --ca-file: what verifies the server's certificate (the SDK's client and plain fetches).
+SSL_CONTEXT: typing.Optional[ssl.SSLContext] = None
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -82,8 +88,11 @@ def test_url_then_fetch(client: OpenAI):
     )
     url = resp.data[0].url
     assert url and "/v1/images/files/" in url and resp.data[0].b64_json is None
+    # On this server, in the scheme the client used.
+    origin = str(client.base_url).removesuffix("/").removesuffix("/v1")
+    assert url.startswith(origin + "/v1/images/files/"), (url, origin)
     # Fetched like a browser would: no API key, the id is the secret.
-    with urllib.request.urlopen(url, timeout=60) as fetched:
+    with urllib.request.urlopen(url, timeout=60, context=SSL_CONTEXT) as fetched:
         assert fetched.status == 200
         assert fetched.headers["content-type"] == "image/jpeg"
         assert fetched.read()[:3] == b"\xff\xd8\xff", "not a JPEG"
@@ -408,8 +417,21 @@ def main() -> int:
     ap.add_argument("--base-url", required=True)
     ap.add_argument("--api-key", required=True)
     ap.add_argument("--limited-key", required=True)
+    ap.add_argument("--ca-file", help="PEM CA that signed the server's HTTPS certificate")
+    ap.add_argument("--only", help="comma-separated test names to run (default: all)")
     args = ap.parse_args()
-    client = OpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0, timeout=600)
+    http_client = None
+    if args.ca_file:
+        global SSL_CONTEXT
+        SSL_CONTEXT = ssl.create_default_context(cafile=args.ca_file)
+        http_client = openai.DefaultHttpxClient(verify=SSL_CONTEXT)
+    client = OpenAI(
+        base_url=args.base_url,
+        api_key=args.api_key,
+        max_retries=0,
+        timeout=600,
+        http_client=http_client,
+    )
     tests = [
         ("b64_json", lambda: test_b64_json(client)),
         ("model alias and defaults", lambda: test_openai_model_alias_and_defaults(client)),
@@ -426,6 +448,11 @@ def main() -> int:
         ("NotFoundError", lambda: test_not_found(client)),
         ("RateLimitError", lambda: test_rate_limit(args.base_url, args.limited_key)),
     ]
+    if args.only:
+        only = args.only.split(",")
+        unknown = set(only) - {name for name, _ in tests}
+        assert not unknown, f"--only: no test named {unknown}"
+        tests = [(name, fn) for name, fn in tests if name in only]
     failed = 0
     for name, fn in tests:
         try:
