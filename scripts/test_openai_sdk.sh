@@ -114,6 +114,9 @@ stop_server
 
 # HTTPS: a CA, and a certificate it signs for localhost and 127.0.0.1 (P-256, a day), with the
 # extensions strict verifiers (Python 3.13's default context) ask for.
+if ! command -v openssl >/dev/null && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq openssl >/dev/null
+fi
 command -v openssl >/dev/null || { echo "openssl is required for the HTTPS part" >&2; exit 1; }
 tls=$work/tls
 mkdir -p "$tls"
