@@ -1418,6 +1418,76 @@ fn a_stalled_body_gets_408_and_a_slow_one_is_read() {
     }
 }
 
+/// A server whose `--header-read-timeout` is 1 s and whose batches take 150 ms (one image each),
+/// so that a request of ten images outlasts the timeout.
+fn slow_server_timing_out_in_a_second() -> TestServer {
+    let mut config = test_config();
+    config.limits.header_timeout = std::time::Duration::from_secs(1);
+    config.batching.max_batch_size = 1;
+    TestServer::start_with(config, |p| Box::new(super::Slow(p)))
+}
+
+/// Runs a test's HTTP/2 client: an HTTP/2 connection (prior knowledge) to `s`, the client half
+/// and the connection's future to drive, handed to `f` with the server's address.
+fn with_h2<F, Fut>(s: &TestServer, f: F)
+where
+    F: FnOnce(String, h2::client::SendRequest<axum::body::Bytes>, H2Connection) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let addr = s.base.trim_start_matches("http://").to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        f(addr, client, connection).await
+    });
+}
+
+type H2Connection = h2::client::Connection<tokio::net::TcpStream, axum::body::Bytes>;
+
+/// A POST of `body` (of `ctype`, the whole of it unless `more` says more follows) to
+/// `/v1/images/generations` on the HTTP/2 connection to `addr`.
+async fn h2_post(
+    client: h2::client::SendRequest<axum::body::Bytes>,
+    addr: &str,
+    ctype: &str,
+    body: Vec<u8>,
+    more: bool,
+) -> (
+    h2::client::SendRequest<axum::body::Bytes>,
+    h2::client::ResponseFuture,
+    h2::SendStream<axum::body::Bytes>,
+) {
+    let mut client = client.ready().await.unwrap();
+    let request = axum::http::Request::post(format!("http://{addr}/v1/images/generations"))
+        .header("content-type", ctype)
+        .body(())
+        .unwrap();
+    let (response, mut upload) = client.send_request(request, false).unwrap();
+    upload.send_data(body.into(), !more).unwrap();
+    (client, response, upload)
+}
+
+/// An HTTP/2 response's status and body, read to its end.
+async fn h2_body(response: h2::client::ResponseFuture) -> (u16, Vec<u8>) {
+    let response = response.await.unwrap();
+    (response.status().as_u16(), h2_read(response).await)
+}
+
+async fn h2_read(response: axum::http::Response<h2::RecvStream>) -> Vec<u8> {
+    let mut body = response.into_body();
+    let mut text = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        text.extend_from_slice(&chunk);
+    }
+    text
+}
+
 /// Over HTTP/2 (prior knowledge, as a gateway may speak to its upstreams) a request refused
 /// before its body is read gets its answer, and the upload goes on to its end: the server reads
 /// and drops the rest rather than resetting the stream under the response (curl, for one, then
@@ -1427,26 +1497,12 @@ fn http2_refusals_let_the_upload_finish() {
     use axum::body::Bytes;
     use std::future::poll_fn;
     let s = TestServer::start(test_config());
-    let addr = s.base.trim_start_matches("http://").to_string();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    with_h2(&s, |addr, client, connection| async move {
         tokio::spawn(async move {
             let _ = connection.await;
         });
-        let mut client = client.ready().await.unwrap();
-        let request = axum::http::Request::post(format!("http://{addr}/v1/images/generations"))
-            .header("content-type", "text/plain")
-            .body(())
-            .unwrap();
-        let (response, mut upload) = client.send_request(request, false).unwrap();
-        upload
-            .send_data(Bytes::from(vec![b'x'; 1024]), false)
-            .unwrap();
+        let (client, response, mut upload) =
+            h2_post(client, &addr, "text/plain", vec![b'x'; 1024], true).await;
         let response = response.await.unwrap();
         assert_eq!(response.status(), 415);
         // 2 MiB more, sent as the server's flow control allows: only a server that reads on
@@ -1463,25 +1519,12 @@ fn http2_refusals_let_the_upload_finish() {
             left -= n;
         }
         upload.send_data(Bytes::new(), true).unwrap();
-        let mut body = response.into_body();
-        let mut text = Vec::new();
-        while let Some(chunk) = body.data().await {
-            let chunk = chunk.unwrap();
-            let _ = body.flow_control().release_capacity(chunk.len());
-            text.extend_from_slice(&chunk);
-        }
-        let v: Value = serde_json::from_slice(&text).unwrap();
+        let v: Value = serde_json::from_slice(&h2_read(response).await).unwrap();
         assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
 
         let json = serde_json::to_vec(&json!({"prompt": "over h2", "size": "64x64"})).unwrap();
-        let request = axum::http::Request::post(format!("http://{addr}/v1/images/generations"))
-            .header("content-type", "application/json")
-            .body(())
-            .unwrap();
-        let mut client = client.ready().await.unwrap();
-        let (response, mut upload) = client.send_request(request, false).unwrap();
-        upload.send_data(Bytes::from(json), true).unwrap();
-        assert_eq!(response.await.unwrap().status(), 200);
+        let (_client, response, _) = h2_post(client, &addr, "application/json", json, false).await;
+        assert_eq!(h2_body(response).await.0, 200);
     });
 }
 
@@ -1491,14 +1534,9 @@ fn http2_refusals_let_the_upload_finish() {
 /// while it runs. The waits are hang guards of 120 s.
 #[test]
 fn http2_connections_left_idle_are_closed() {
-    use axum::body::Bytes;
     use std::io::{Read, Write};
     use std::time::Duration;
-    let mut config = test_config();
-    config.limits.header_timeout = Duration::from_secs(1);
-    config.batching.max_batch_size = 1;
-    let s = TestServer::start_with(config, |p| Box::new(super::Slow(p)));
-    let addr = s.base.trim_start_matches("http://").to_string();
+    let s = slow_server_timing_out_in_a_second();
 
     // The preface's magic, then silence: no SETTINGS, and no answer to the ping of the
     // GOAWAY that closes it, so it is dropped after a second timeout.
@@ -1507,33 +1545,16 @@ fn http2_connections_left_idle_are_closed() {
     let mut rest = Vec::new();
     let _ = mute.read_to_end(&mut rest);
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+    with_h2(&s, |addr, mut client, connection| async move {
         let connection = tokio::spawn(connection);
         let json =
             serde_json::to_vec(&json!({"prompt": "long", "n": 10, "size": "64x64"})).unwrap();
         for _ in 0..2 {
-            let request = axum::http::Request::post(format!("http://{addr}/v1/images/generations"))
-                .header("content-type", "application/json")
-                .body(())
-                .unwrap();
-            client = client.ready().await.unwrap();
-            let (response, mut upload) = client.send_request(request, false).unwrap();
-            upload.send_data(Bytes::from(json.clone()), true).unwrap();
-            let response = response.await.unwrap();
-            assert_eq!(response.status(), 200);
-            let mut body = response.into_body();
-            let mut text = Vec::new();
-            while let Some(chunk) = body.data().await {
-                let chunk = chunk.unwrap();
-                let _ = body.flow_control().release_capacity(chunk.len());
-                text.extend_from_slice(&chunk);
-            }
+            let (next, response, _) =
+                h2_post(client, &addr, "application/json", json.clone(), false).await;
+            client = next;
+            let (status, text) = h2_body(response).await;
+            assert_eq!(status, 200);
             let v: Value = serde_json::from_slice(&text).unwrap();
             assert_eq!(v["data"].as_array().unwrap().len(), 10);
         }
@@ -1552,20 +1573,10 @@ fn http2_connections_left_idle_are_closed() {
 /// have not started are dropped, as for a client that hung up.
 #[test]
 fn a_vanished_http2_client_is_found_by_pings() {
-    use axum::body::Bytes;
     use std::time::Duration;
-    let mut config = test_config();
-    config.limits.header_timeout = Duration::from_secs(1);
-    config.batching.max_batch_size = 1;
-    let s = TestServer::start_with(config, |p| Box::new(super::Slow(p)));
-    let addr = s.base.trim_start_matches("http://").to_string();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let s = slow_server_timing_out_in_a_second();
+    let metrics = s.url("/metrics");
+    with_h2(&s, |addr, client, connection| async move {
         let (vanish, vanished) = tokio::sync::oneshot::channel::<()>();
         let connection = tokio::spawn(async move {
             let mut connection = Box::pin(connection);
@@ -1577,33 +1588,24 @@ fn a_vanished_http2_client_is_found_by_pings() {
             // side reads or answers what the server sends.
             std::mem::forget(connection);
         });
-        let mut client = client.ready().await.unwrap();
-        let request = axum::http::Request::post(format!("http://{addr}/v1/images/generations"))
-            .header("content-type", "application/json")
-            .body(())
-            .unwrap();
-        let (response, mut upload) = client.send_request(request, false).unwrap();
         let json = json!({"prompt": "gone", "n": 10, "size": "64x64"}).to_string();
-        upload.send_data(Bytes::from(json), true).unwrap();
+        let sent = h2_post(client, &addr, "application/json", json.into_bytes(), false).await;
         // Queued (the scrape is another connection), then the client goes quiet.
-        let enqueued = tokio::task::spawn_blocking({
-            let metrics = s.url("/metrics");
-            move || {
-                let start = std::time::Instant::now();
-                loop {
-                    let text = reqwest::blocking::get(&metrics).unwrap().text().unwrap();
-                    if super::metric_in(&text, "turbine_images_enqueued_total") >= 10.0 {
-                        return;
-                    }
-                    assert!(start.elapsed() < Duration::from_secs(300), "never queued");
-                    std::thread::sleep(Duration::from_millis(5));
+        let enqueued = tokio::task::spawn_blocking(move || {
+            let start = std::time::Instant::now();
+            loop {
+                let text = reqwest::blocking::get(&metrics).unwrap().text().unwrap();
+                if super::metric_in(&text, "turbine_images_enqueued_total") >= 10.0 {
+                    return;
                 }
+                assert!(start.elapsed() < Duration::from_secs(300), "never queued");
+                std::thread::sleep(Duration::from_millis(5));
             }
         });
         enqueued.await.unwrap();
         vanish.send(()).unwrap();
         connection.await.unwrap();
-        std::mem::forget((client, response, upload));
+        std::mem::forget(sent);
     });
     // A few of the ten ran before the pings gave up on the client; the rest were dropped.
     s.wait_metric(
@@ -1622,10 +1624,7 @@ fn a_vanished_http2_client_is_found_by_pings() {
 #[test]
 fn idle_and_stalled_connections_are_closed() {
     use std::io::{Read, Write};
-    let mut config = test_config();
-    config.limits.header_timeout = std::time::Duration::from_secs(1);
-    config.batching.max_batch_size = 1;
-    let s = TestServer::start_with(config, |p| Box::new(super::Slow(p)));
+    let s = slow_server_timing_out_in_a_second();
     let connect = || s.raw();
     // Read until the server closes (a reset too: it had unread bytes); a read timeout (the
     // hang guard) fails the test.
