@@ -197,21 +197,77 @@ pub fn read_records<T: serde::de::DeserializeOwned>(
     Ok(records)
 }
 
+/// The name of a server's own files directory (without `--files-dir`) in the temporary
+/// directory: this, its process id, `-`, 8 random hex digits.
+const PRIVATE_DIR_PREFIX: &str = "turbine-files-";
+
+/// Removes the private files directories in `temp` whose server is gone: its process no longer
+/// runs (no `/proc/PID`), and the directory's lock is free. A server removes its own when it
+/// stops, but not when it is killed (SIGKILL, the OOM killer), and a directory may hold uploads
+/// and batch results of hundreds of MB: a server that crashes in a loop would fill the disk.
+/// Where there is no `/proc` nothing is removed (a live server's directory must never be).
+/// Returns how many went.
+fn remove_stale_private_dirs(temp: &Path) -> usize {
+    use fs2::FileExt;
+    if !Path::new("/proc/self").exists() {
+        return 0;
+    }
+    let Ok(entries) = std::fs::read_dir(temp) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PRIVATE_DIR_PREFIX))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A live process (this one too, whose other servers share its id; or an unrelated
+        // one that reused the id) keeps the directory.
+        if Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let path = entry.path();
+        let free = std::fs::File::open(path.join(".lock"))
+            .is_ok_and(|lock| lock.try_lock_exclusive().is_ok());
+        if free && std::fs::remove_dir_all(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 impl FileStore {
     /// Opens `dir` (`--files-dir`), reading back the files kept there, or makes a directory of
-    /// this process's own in the system's temporary directory when `dir` is `None`.
+    /// this process's own in the system's temporary directory when `dir` is `None`; directories
+    /// left there by servers that were killed go first ([`remove_stale_private_dirs`]).
     pub fn open(dir: Option<&Path>) -> anyhow::Result<Self> {
         use fs2::FileExt;
         let (root, persistent) = match dir {
             Some(d) => (d.to_path_buf(), true),
-            None => (
-                std::env::temp_dir().join(format!(
-                    "turbine-files-{}-{}",
-                    std::process::id(),
-                    &new_id("")[..8]
-                )),
-                false,
-            ),
+            None => {
+                let temp = std::env::temp_dir();
+                let n = remove_stale_private_dirs(&temp);
+                if n > 0 {
+                    tracing::info!(
+                        dirs = n,
+                        temp = %temp.display(),
+                        "removed the files directories of turbine servers that were killed"
+                    );
+                }
+                (
+                    temp.join(format!(
+                        "{PRIVATE_DIR_PREFIX}{}-{}",
+                        std::process::id(),
+                        &new_id("")[..8]
+                    )),
+                    false,
+                )
+            }
         };
         for d in [root.join("files"), root.join("batches")] {
             std::fs::create_dir_all(&d).with_context(|| {
@@ -870,6 +926,38 @@ mod tests {
         assert!(private_dir.exists());
         private.close();
         assert!(!private_dir.exists());
+    }
+
+    #[test]
+    fn directories_of_killed_servers_are_removed_and_live_ones_kept() {
+        let temp = tempfile::tempdir().unwrap();
+        // A process that has exited: its id is free (reuse within the test is improbable, and
+        // would only keep the directory).
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let make = |name: &str| {
+            let dir = temp.path().join(name);
+            std::fs::create_dir_all(dir.join("files")).unwrap();
+            std::fs::write(dir.join(".lock"), b"").unwrap();
+            std::fs::write(dir.join("files/file-x"), b"a batch's results").unwrap();
+            dir
+        };
+        let killed = make(&format!("turbine-files-{dead}-0123abcd"));
+        let live = make(&format!("turbine-files-{}-89abcdef", std::process::id()));
+        let other = make(&format!("turbine-filesystem-{dead}-x"));
+        let odd = make("turbine-files-notapid-x");
+        assert_eq!(remove_stale_private_dirs(temp.path()), 1);
+        assert!(!killed.exists());
+        for kept in [&live, &other, &odd] {
+            assert!(kept.join("files/file-x").exists(), "{}", kept.display());
+        }
+        // A dead id whose lock is held (it cannot be, but if it were): kept.
+        let locked = make(&format!("turbine-files-{dead}-feedface"));
+        let lock = std::fs::File::open(locked.join(".lock")).unwrap();
+        fs2::FileExt::try_lock_exclusive(&lock).unwrap();
+        assert_eq!(remove_stale_private_dirs(temp.path()), 0);
+        assert!(locked.exists());
     }
 
     #[test]
