@@ -473,6 +473,7 @@ async fn serve_http(
             },
             () = &mut stop => break,
         };
+        tcp_keepalive(&stream, header_timeout);
         let router = router.clone();
         let mut closing = closing_rx.clone();
         let open = Connection::open(app.clone());
@@ -788,6 +789,23 @@ async fn protocol_known(stream: &tokio::net::TcpStream) -> Option<bool> {
     }
 }
 
+/// Turns on TCP keep-alive for an accepted connection: after `after / 2` without traffic the
+/// kernel probes the peer every `after / 6` (at least a second each), and after 3 unanswered
+/// probes the connection fails. A client whose host vanished while its HTTP/1 request waited
+/// (HTTP/1 has no ping of its own) is then noticed within about `after`, and its queued images
+/// are dropped as for a client that hung up, not after TCP's retransmission timeout (~15 min)
+/// or never, if nothing is written to it meanwhile.
+fn tcp_keepalive(stream: &tokio::net::TcpStream, after: Duration) {
+    let at_least_a_second = |d: Duration| d.max(Duration::from_secs(1));
+    let params = socket2::TcpKeepalive::new()
+        .with_time(at_least_a_second(after / 2))
+        .with_interval(at_least_a_second(after / 6))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&params) {
+        tracing::debug!(error = %e, "cannot turn on TCP keep-alive");
+    }
+}
+
 /// Counts a connection in `turbine_http_connections` while it lives.
 struct Connection(Arc<App>);
 
@@ -801,5 +819,34 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.0.metrics.connections(-1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_probe_their_peer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let probe = |stream: &tokio::net::TcpStream| {
+            let s = socket2::SockRef::from(stream);
+            (
+                s.keepalive().unwrap(),
+                s.tcp_keepalive_time().unwrap(),
+                s.tcp_keepalive_interval().unwrap(),
+                s.tcp_keepalive_retries().unwrap(),
+            )
+        };
+        assert!(!probe(&stream).0);
+        tcp_keepalive(&stream, Duration::from_secs(60));
+        let secs = Duration::from_secs;
+        assert_eq!(probe(&stream), (true, secs(30), secs(10), 3));
+        // Short timeouts (the tests' 1 s) stay within what the kernel takes: whole seconds.
+        tcp_keepalive(&stream, Duration::from_secs(1));
+        assert_eq!(probe(&stream), (true, secs(1), secs(1), 3));
     }
 }
