@@ -3299,20 +3299,42 @@ struct Delivery {
     raw: String,
 }
 
+/// A connection a [`Receiver`] reads a request from and answers on.
+trait Duplex: Read + Write + Send {}
+impl<T: Read + Write + Send> Duplex for T {}
+
 impl Receiver {
     fn start(statuses: Vec<u16>) -> Self {
+        Self::start_on("http", statuses, |tcp| Box::new(tcp))
+    }
+
+    /// A receiver at `{scheme}://localhost:PORT/hooks/turbine` whose connections are
+    /// `wrap(the TCP stream)` (HTTPS: a TLS server stream).
+    fn start_on(
+        scheme: &str,
+        statuses: Vec<u16>,
+        wrap: impl Fn(std::net::TcpStream) -> Box<dyn Duplex> + Send + 'static,
+    ) -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}/hooks/turbine", listener.local_addr().unwrap());
+        let host = match scheme {
+            "http" => listener.local_addr().unwrap().to_string(),
+            _ => format!("localhost:{}", listener.local_addr().unwrap().port()),
+        };
+        let url = format!("{scheme}://{host}/hooks/turbine");
         let got = Arc::new(std::sync::Mutex::new(Vec::new()));
         let record = got.clone();
         std::thread::spawn(move || {
             let mut statuses = statuses.into_iter();
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { return };
-                let mut reader = BufReader::new(stream);
+                let mut reader = BufReader::new(wrap(stream));
                 let mut headers = Headers::new();
                 let mut line = String::new();
-                reader.read_line(&mut line).unwrap();
+                // A client that gave up on the handshake (one that does not trust the
+                // certificate) sends no request.
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
                 loop {
                     line.clear();
                     reader.read_line(&mut line).unwrap();
@@ -3337,6 +3359,7 @@ impl Receiver {
                     )
                     .as_bytes(),
                 );
+                let _ = reader.get_mut().flush();
             }
         });
         Receiver { url, got }

@@ -61,6 +61,10 @@ pub struct FilesArgs {
     /// (`output_expires_after`, 30 days by default).
     #[arg(long, env = "TURBINE_BATCH_RETENTION_DAYS", default_value_t = 30)]
     pub batch_retention_days: u64,
+    /// CA certificates (PEM) that webhook deliveries trust besides the public ones: for
+    /// receivers on an internal network whose HTTPS certificate a private CA signed.
+    #[arg(long, env = "TURBINE_WEBHOOK_CA_FILE")]
+    pub webhook_ca_file: Option<PathBuf>,
 }
 
 /// Where to run the model and what to call it.
@@ -320,6 +324,7 @@ impl Args {
                     self.files.batch_retention_days.saturating_mul(24 * 3600),
                 ),
                 webhook_retry: Default::default(),
+                webhook_ca_file: self.files.webhook_ca_file.clone(),
             },
             auth: AuthConfig {
                 keys,

@@ -110,6 +110,9 @@ pub struct FilesConfig {
     pub batch_retention: Duration,
     /// When webhook deliveries (batch events) are retried.
     pub webhook_retry: super::webhooks::RetryPolicy,
+    /// CA certificates (PEM) webhook deliveries trust besides the public ones
+    /// (`--webhook-ca-file`).
+    pub webhook_ca_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -189,6 +192,7 @@ impl Default for ServerConfig {
                 completion_window: Duration::from_secs(24 * 3600),
                 batch_retention: Duration::from_secs(30 * 24 * 3600),
                 webhook_retry: Default::default(),
+                webhook_ca_file: None,
             },
             auth: AuthConfig::default(),
             public_url: None,
@@ -312,6 +316,9 @@ impl ServerConfig {
                  or * for any"
             );
         }
+        if let Some(path) = &self.files.webhook_ca_file {
+            super::webhooks::read_ca_file(path)?;
+        }
         if let Some(url) = &self.public_url {
             ensure!(
                 url.starts_with("http://") || url.starts_with("https://"),
@@ -356,6 +363,14 @@ mod tests {
                 "--header-read-timeout",
             ),
             (|c| c.public_url = Some("ftp://x".into()), "--public-url"),
+            (
+                |c| c.files.webhook_ca_file = Some("/no/such/ca.pem".into()),
+                "--webhook-ca-file /no/such/ca.pem: cannot read it",
+            ),
+            (
+                |c| c.files.webhook_ca_file = Some("Cargo.toml".into()),
+                "--webhook-ca-file Cargo.toml: no certificate in it",
+            ),
             (
                 |c| c.files.batch_retention = Duration::ZERO,
                 "--batch-retention-days",

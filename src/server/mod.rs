@@ -242,6 +242,7 @@ pub async fn serve(
     let webhooks = Arc::new(webhooks::Webhooks::open(
         files.webhooks_dir(),
         config.files.webhook_retry,
+        config.files.webhook_ca_file.as_deref(),
         metrics.clone(),
     )?);
     let batch_slots = 2 * max_batch * workers.len();

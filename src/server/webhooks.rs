@@ -216,10 +216,34 @@ fn event_type(status: Status) -> Option<&'static str> {
     }
 }
 
+/// The certificates of `--webhook-ca-file` (PEM), for the delivery client to trust.
+pub fn read_ca_file(path: &std::path::Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    let pem = std::fs::read(path)
+        .with_context(|| format!("--webhook-ca-file {}: cannot read it", path.display()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+        anyhow::anyhow!(
+            "--webhook-ca-file {}: not a readable PEM file: {e}",
+            path.display()
+        )
+    })?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "--webhook-ca-file {}: no certificate in it (expected PEM blocks BEGIN CERTIFICATE)",
+        path.display()
+    );
+    Ok(certs)
+}
+
 impl Webhooks {
     /// Reads back the endpoints kept in `dir`, and the deliveries a restart interrupted
-    /// ([`Webhooks::resume`] goes on with them).
-    pub fn open(dir: PathBuf, retry: RetryPolicy, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+    /// ([`Webhooks::resume`] goes on with them). Deliveries trust the public CAs, and those of
+    /// `ca_file` (`--webhook-ca-file`).
+    pub fn open(
+        dir: PathBuf,
+        retry: RetryPolicy,
+        ca_file: Option<&std::path::Path>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
         let pending_dir = dir.join("pending");
         std::fs::create_dir_all(&pending_dir).with_context(|| {
             format!(
@@ -242,13 +266,17 @@ impl Webhooks {
             inner.next_seq += 1;
             inner.endpoints.insert(s.endpoint.id.clone(), (s, seq));
         }
-        let client = reqwest::Client::builder()
+        let mut client = reqwest::Client::builder()
             .timeout(retry.attempt_timeout)
             .user_agent(concat!("turbine/", env!("CARGO_PKG_VERSION")))
             // A webhook answers where it is: a redirect is a failed delivery, not a new target.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .context("cannot build the webhook client")?;
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(path) = ca_file {
+            for cert in read_ca_file(path)? {
+                client = client.add_root_certificate(cert);
+            }
+        }
+        let client = client.build().context("cannot build the webhook client")?;
         Ok(Webhooks {
             dir,
             interrupted: Mutex::new(interrupted),

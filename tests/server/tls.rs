@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use turbine::server::tls::TlsConfig;
 use turbine::server::ServerConfig;
 
-use super::{decode_b64, images, test_config, TestServer};
+use super::{decode_b64, images, test_config, Receiver, TestServer};
 
 /// A certificate authority and the files it issues, in a directory of the test's own.
 struct Pki {
@@ -404,4 +404,59 @@ fn the_binary_checks_its_certificate_first_and_reloads_it_on_sighup() {
     wait_for("SIGHUP received");
     wait_for("certificate reloaded");
     assert_eq!(health(&pki.client().build().unwrap()), Some(renewed.der));
+}
+
+/// `--webhook-ca-file`: webhook deliveries trust the CAs in it besides the public ones, so an
+/// endpoint on an internal HTTPS receiver, whose certificate a private CA signed, is reached;
+/// without it, that endpoint is unreachable.
+#[test]
+fn webhooks_reach_receivers_whose_certificate_the_webhook_ca_file_signed() {
+    use std::sync::Arc;
+    use turbine::server::auth::ApiKey;
+
+    let pki = Pki::new();
+    let issued = pki.issue(2031);
+    // The receiver speaks HTTP/1.1 only: no ALPN.
+    let mut receiver_tls = (*turbine::server::tls::load(&pki.tls_config(&issued))
+        .unwrap()
+        .config)
+        .clone();
+    receiver_tls.alpn_protocols.clear();
+    let receiver_tls = Arc::new(receiver_tls);
+    let receiver = Receiver::start_on("https", vec![], move |tcp| {
+        let conn = rustls::ServerConnection::new(receiver_tls.clone()).unwrap();
+        Box::new(rustls::StreamOwned::new(conn, tcp))
+    });
+    assert!(receiver.url.starts_with("https://localhost:"));
+
+    let ca_file = pki.write("webhook-ca.pem", &pki.ca.pem());
+    for (ca, want) in [(None, 400), (Some(ca_file), 200)] {
+        let mut config = test_config();
+        config.auth.keys = vec![ApiKey::plain("sk-a")];
+        config.files.webhook_ca_file = ca.clone();
+        let s = TestServer::start(config);
+        let (status, endpoint) = s.call(
+            "POST",
+            "/v1/webhook_endpoints",
+            Some("sk-a"),
+            Some(json!({"name": "internal", "url": receiver.url, "event_types": ["batch.completed"]})),
+        );
+        assert_eq!(status, 200, "{endpoint}");
+        let id = endpoint["id"].as_str().unwrap();
+        let (status, test) = s.call(
+            "POST",
+            &format!("/v1/webhook_endpoints/{id}/test"),
+            Some("sk-a"),
+            Some(json!({"event_type": "batch.completed"})),
+        );
+        assert_eq!(status, want, "with {ca:?}: {test}");
+        if want == 200 {
+            assert_eq!(test["status_code"], 200, "{test}");
+            let got = receiver.wait_for(1);
+            assert_eq!(got[0].event["type"], "batch.completed");
+        } else {
+            assert_eq!(test["error"]["code"], "webhook_unreachable", "{test}");
+        }
+    }
+    assert_eq!(receiver.requests().len(), 1);
 }
