@@ -497,18 +497,23 @@ async fn serve_http(
                 let io = hyper_util::rt::TokioIo::new(stream);
                 return serve_connection(io, router, h2, header_timeout, closing).await;
             };
+            let mut plain = false;
             let accepted = tokio::select! {
-                accepted = tokio::time::timeout(header_timeout, accept_tls(stream, &tls, &app)) => {
-                    match accepted {
-                        Ok(Some(stream)) => stream,
-                        Ok(None) => return,
-                        Err(_) => {
-                            app.metrics.tls_refused(metrics::TlsRefusal::Timeout);
-                            return;
-                        }
-                    }
-                }
+                accepted = tokio::time::timeout(
+                    header_timeout,
+                    accept_tls(stream, &tls, &app, &mut plain),
+                ) => accepted,
                 _ = closing.changed() => return,
+            };
+            let accepted = match accepted {
+                Ok(Some(stream)) => stream,
+                Ok(None) => return,
+                // A plain HTTP client too slow to be answered is counted as plain HTTP only.
+                Err(_) if plain => return,
+                Err(_) => {
+                    app.metrics.tls_refused(metrics::TlsRefusal::Timeout);
+                    return;
+                }
             };
             let h2 = accepted.get_ref().1.alpn_protocol() == Some(b"h2");
             let io = hyper_util::rt::TokioIo::new(accepted);
@@ -680,11 +685,12 @@ where
 
 /// The TLS handshake of a connection to the HTTPS port; `None` if it closed first, failed, or
 /// spoke plain HTTP (answered 400 `https_required`, so that a client configured with `http://`
-/// is told what is wrong instead of seeing its connection cut).
+/// is told what is wrong instead of seeing its connection cut; `plain` is set then).
 async fn accept_tls(
     stream: tokio::net::TcpStream,
     tls: &tls::Tls,
     app: &App,
+    plain: &mut bool,
 ) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
     /// A TLS handshake record's first byte (RFC 8446 5.1, `ContentType.handshake`).
     const HANDSHAKE: u8 = 0x16;
@@ -694,6 +700,7 @@ async fn accept_tls(
         _ => return None,
     }
     if first[0] != HANDSHAKE {
+        *plain = true;
         app.metrics.tls_refused(metrics::TlsRefusal::PlainHttp);
         refuse_plain_http(stream).await;
         return None;

@@ -460,3 +460,44 @@ fn webhooks_reach_receivers_whose_certificate_the_webhook_ca_file_signed() {
     }
     assert_eq!(receiver.requests().len(), 1);
 }
+
+/// The handshake has `--header-read-timeout` (here 1 s): a connection that sends nothing is
+/// closed and counted as a timeout; a plain HTTP client that stalls in its head is closed too,
+/// and counted as plain HTTP only. (The reads wait for the server to close, 120 s at most.)
+#[test]
+fn connections_that_stall_before_the_handshake_are_closed_and_counted_once() {
+    let pki = Pki::new();
+    let mut config = test_config();
+    config.limits.header_timeout = Duration::from_secs(1);
+    config.tls = Some(pki.tls_config(&pki.issue(2031)));
+    let s = start_https(config, pki.client().build().unwrap());
+    let connect = || {
+        let c = std::net::TcpStream::connect(("127.0.0.1", port(&s))).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        c
+    };
+    let until_closed = |mut c: std::net::TcpStream| {
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+    };
+    until_closed(connect());
+    let mut half = connect();
+    half.write_all(b"GET /health HTTP/1.1\r\nHost: local")
+        .unwrap();
+    until_closed(half);
+    let m = s.metrics();
+    let refused = |reason: &str| {
+        super::metric_in(
+            &m,
+            &format!("turbine_tls_connections_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(
+        (
+            refused("timeout"),
+            refused("plain_http"),
+            refused("handshake")
+        ),
+        (1.0, 1.0, 0.0)
+    );
+}
