@@ -416,11 +416,6 @@ pub fn token_counter(model_dir: &std::path::Path) -> anyhow::Result<TokenCounter
 pub fn run(args: Args) -> anyhow::Result<()> {
     args.devices.kernels.apply();
     let config = args.config()?;
-    if let Some(tls) = &config.tls {
-        // Before the model (a download of gigabytes on a first start): a bad certificate or key
-        // stops the server at once. `serve` loads them again for good.
-        crate::server::tls::load(tls).map_err(|e| UsageError(format!("{e:#}")))?;
-    }
     // Resolved (and downloaded if missing) once here, before listening; the workers then find
     // the files in place.
     let model = args.model.resolve()?;

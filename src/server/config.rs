@@ -316,6 +316,11 @@ impl ServerConfig {
                  or * for any"
             );
         }
+        // The files named are read here too, so that a bad one stops `serve` before the model
+        // loads (a download of gigabytes on a first start).
+        if let Some(tls) = &self.tls {
+            super::tls::load(tls)?;
+        }
         if let Some(path) = &self.files.webhook_ca_file {
             super::webhooks::read_ca_file(path)?;
         }

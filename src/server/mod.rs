@@ -537,7 +537,7 @@ async fn serve_http(
 /// closed if an answer takes over a third of it: a client that vanished (its host gone, no FIN)
 /// is noticed within a minute by default, and its queued images are dropped as for a client that
 /// hung up, instead of after TCP's retransmission timeout (about 15 minutes). (HTTP/1 has no
-/// ping; hyper notices a peer that closed, not one that vanished.)
+/// ping: its connections get TCP keep-alive instead, [`tcp_keepalive`].)
 async fn serve_connection<I>(
     io: hyper_util::rt::TokioIo<I>,
     router: Router,

@@ -51,12 +51,28 @@ impl TlsConfig {
             reload_interval: RELOAD_INTERVAL,
         }
     }
+}
 
-    fn files(&self) -> Vec<&Path> {
-        let mut files = vec![self.cert_file.as_path(), self.key_file.as_path()];
-        files.extend(self.client_ca_file.as_deref());
-        files
-    }
+/// What the files held when they were read: a few KB, compared whole when they are looked at
+/// again (not by modification time, which a file rewritten within the same clock tick, a few
+/// ms, may keep). Reads follow links, so a Kubernetes secret's swapped `..data` link shows as a
+/// change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Pem {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+fn read_files(config: &TlsConfig) -> anyhow::Result<Pem> {
+    Ok(Pem {
+        cert: read(&config.cert_file, "--tls-cert-file")?,
+        key: read(&config.key_file, "--tls-key-file")?,
+        client_ca: match &config.client_ca_file {
+            Some(path) => Some(read(path, "--tls-client-ca-file")?),
+            None => None,
+        },
+    })
 }
 
 /// A loaded pair: what connections are accepted with.
@@ -69,11 +85,15 @@ pub struct Loaded {
 
 /// The files loaded into a rustls configuration. Errors name the option and file at fault.
 pub fn load(config: &TlsConfig) -> anyhow::Result<Loaded> {
+    parse(config, &read_files(config)?)
+}
+
+/// [`load`] of what the files held.
+fn parse(config: &TlsConfig, pem: &Pem) -> anyhow::Result<Loaded> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let certs = read_certs(&config.cert_file, "--tls-cert-file")?;
+    let certs = parse_certs(&pem.cert, &config.cert_file, "--tls-cert-file")?;
     let not_after = not_after(&certs[0]);
-    let key_pem = read(&config.key_file, "--tls-key-file")?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
+    let key = PrivateKeyDer::from_pem_slice(&pem.key).map_err(|e| match e {
         pem::Error::NoItemsFound => anyhow::anyhow!(
             "--tls-key-file {}: no private key in it (expected a PEM block BEGIN PRIVATE KEY, \
              BEGIN RSA PRIVATE KEY or BEGIN EC PRIVATE KEY)",
@@ -87,11 +107,10 @@ pub fn load(config: &TlsConfig) -> anyhow::Result<Loaded> {
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .context("the TLS provider supports no safe protocol version (this is a bug)")?;
-    let builder = match &config.client_ca_file {
-        None => builder.with_no_client_auth(),
-        Some(path) => {
+    let builder = match (&config.client_ca_file, &pem.client_ca) {
+        (Some(path), Some(ca)) => {
             let mut roots = RootCertStore::empty();
-            for cert in read_certs(path, "--tls-client-ca-file")? {
+            for cert in parse_certs(ca, path, "--tls-client-ca-file")? {
                 roots.add(cert).map_err(|e| {
                     anyhow::anyhow!(
                         "--tls-client-ca-file {}: a certificate in it is not usable as a CA: {e}",
@@ -104,6 +123,7 @@ pub fn load(config: &TlsConfig) -> anyhow::Result<Loaded> {
                 .map_err(|e| anyhow::anyhow!("--tls-client-ca-file {}: {e}", path.display()))?;
             builder.with_client_cert_verifier(verifier)
         }
+        _ => builder.with_no_client_auth(),
     };
     let mut server = builder.with_single_cert(certs, key).map_err(|e| match e {
         rustls::Error::InconsistentKeys(_) => anyhow::anyhow!(
@@ -128,9 +148,13 @@ fn read(path: &Path, option: &str) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("{option} {}: cannot read it", path.display()))
 }
 
-fn read_certs(path: &Path, option: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let bytes = read(path, option)?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
+/// The certificates of a PEM file's `bytes` (`option`'s `path`, for the errors).
+fn parse_certs(
+    bytes: &[u8],
+    path: &Path,
+    option: &str,
+) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| {
             anyhow::anyhow!("{option} {}: not a readable PEM file: {e}", path.display())
@@ -144,33 +168,24 @@ fn read_certs(path: &Path, option: &str) -> anyhow::Result<Vec<CertificateDer<'s
     Ok(certs)
 }
 
-/// What a file held when it was last loaded (or failed to load): its bytes, a few KB. Compared
-/// whole rather than by modification time, which a file rewritten within the same clock tick
-/// (a few ms) may keep. Follows links, so that a Kubernetes secret's swapped `..data` link shows
-/// as a change.
-type Stamp = Vec<u8>;
-
-fn stamp(path: &Path) -> Option<Stamp> {
-    std::fs::read(path).ok()
-}
-
 /// The live TLS state: the pair in use, reloaded when its files change.
 pub struct Tls {
     config: TlsConfig,
     current: RwLock<Arc<rustls::ServerConfig>>,
-    stamps: Mutex<Vec<Option<Stamp>>>,
+    /// What the files held when last read (`None`: one could not be read).
+    seen: Mutex<Option<Pem>>,
     metrics: Arc<Metrics>,
 }
 
 impl Tls {
     /// Loads the files (errors as [`load`]).
     pub fn new(config: TlsConfig, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
-        let stamps = config.files().into_iter().map(stamp).collect();
-        let loaded = load(&config)?;
+        let pem = read_files(&config)?;
+        let loaded = parse(&config, &pem)?;
         report(&config, &loaded, &metrics, "HTTPS: certificate loaded");
         Ok(Tls {
             current: RwLock::new(loaded.config),
-            stamps: Mutex::new(stamps),
+            seen: Mutex::new(Some(pem)),
             config,
             metrics,
         })
@@ -185,17 +200,18 @@ impl Tls {
     /// Loads the files again if any changed since they were last looked at (`force`: in any
     /// case). Returns whether a new pair is in use.
     pub fn reload(&self, force: bool) -> bool {
-        let now: Vec<_> = self.config.files().into_iter().map(stamp).collect();
+        let read = read_files(&self.config);
         {
-            let mut stamps = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
-            if !force && *stamps == now {
+            let now = read.as_ref().ok();
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            if !force && seen.as_ref() == now {
                 return false;
             }
             // A pair that fails is not tried again until a file changes once more: one warning
             // per change, not one per tick.
-            *stamps = now;
+            *seen = now.cloned();
         }
-        match load(&self.config) {
+        match read.and_then(|pem| parse(&self.config, &pem)) {
             Ok(loaded) => {
                 report(
                     &self.config,
@@ -259,26 +275,29 @@ fn report(config: &TlsConfig, loaded: &Loaded, metrics: &Metrics, what: &str) {
         .client_ca_file
         .as_ref()
         .map(|p| p.display().to_string());
-    match loaded.not_after {
-        Some(t) if t <= now => tracing::warn!(
-            cert = %config.cert_file.display(),
-            client_ca,
-            "{what}, but it expired {} days ago: clients that check certificates will refuse it",
-            (now - t) / 86_400
+    // Whether to warn, and what to say of the expiry.
+    let (warn, expiry) = match loaded.not_after {
+        Some(t) if t <= now => (
+            true,
+            format!(
+                ", but it expired {} days ago: clients that check certificates will refuse it",
+                (now - t) / 86_400
+            ),
         ),
-        Some(t) if t - now < EXPIRY_WARNING.as_secs() as i64 => tracing::warn!(
-            cert = %config.cert_file.display(),
-            client_ca,
-            "{what}; it expires in {} hours",
-            (t - now) / 3600
+        Some(t) if t - now < EXPIRY_WARNING.as_secs() as i64 => {
+            (true, format!("; it expires in {} hours", (t - now) / 3600))
+        }
+        Some(t) => (
+            false,
+            format!("; it expires in {} days", (t - now) / 86_400),
         ),
-        Some(t) => tracing::info!(
-            cert = %config.cert_file.display(),
-            client_ca,
-            "{what}; it expires in {} days",
-            (t - now) / 86_400
-        ),
-        None => tracing::info!(cert = %config.cert_file.display(), client_ca, "{what}"),
+        None => (false, String::new()),
+    };
+    let cert = config.cert_file.display();
+    if warn {
+        tracing::warn!(cert = %cert, client_ca, "{what}{expiry}");
+    } else {
+        tracing::info!(cert = %cert, client_ca, "{what}{expiry}");
     }
 }
 
