@@ -4,12 +4,17 @@
 # then tests/openai_node_test.mjs (Node.js) against it, stops the server. Then the same over
 # HTTPS (--tls-cert-file, a certificate for localhost from a CA made here with openssl) for the
 # tests that touch the transport, each SDK given the CA as its users give it: Python's an
-# `httpx` client with an SSL context, Node's NODE_EXTRA_CA_CERTS. Any failing fails it.
+# `httpx` client with an SSL context, Node's NODE_EXTRA_CA_CERTS. Between the two, over HTTP,
+# tests/gateway_test.py puts LiteLLM (the multi-provider gateway library) in front of the server:
+# turbine as a provider, and as the fallback tier behind a rate-limited hosted API (a local
+# stand-in). Any failing fails it.
 #
-# The Python SDK goes into a venv under target/openai-venv, the Node SDK into
-# target/openai-node (npm), both on first use. Environment:
-#   PYTHON                   interpreter for the venv (default python3)
+# The Python SDK goes into a venv under target/openai-venv, LiteLLM (with the same Python SDK)
+# into target/litellm-venv, the Node SDK into target/openai-node (npm), each on first use.
+# Environment:
+#   PYTHON                   interpreter for the venvs (default python3)
 #   OPENAI_SDK_VERSION       the Python SDK's version (default: the one the test was written with)
+#   LITELLM_VERSION          LiteLLM's version (default: likewise)
 #   OPENAI_NODE_SDK_VERSION  the Node SDK's version (default: likewise; it needs `node` >= 20)
 #   TURBINE_BIN              a prebuilt turbine binary (default: `cargo build`, target/debug/turbine)
 set -euo pipefail
@@ -21,6 +26,18 @@ if ! "$VENV/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '
     echo "installing openai==$SDK_VERSION into $VENV" >&2
     "${PYTHON:-python3}" -m venv "$VENV"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "openai==$SDK_VERSION"
+fi
+
+GATEWAY_VENV=target/litellm-venv
+LITELLM_VERSION=${LITELLM_VERSION:-1.110.2}
+if ! "$GATEWAY_VENV/bin/python" -c "
+import importlib.metadata as m, sys
+sys.exit((m.version('litellm'), m.version('openai')) != ('$LITELLM_VERSION', '$SDK_VERSION'))
+" 2>/dev/null; then
+    echo "installing litellm==$LITELLM_VERSION (with openai==$SDK_VERSION) into $GATEWAY_VENV" >&2
+    "${PYTHON:-python3}" -m venv "$GATEWAY_VENV"
+    "$GATEWAY_VENV/bin/pip" install --quiet --disable-pip-version-check \
+        "litellm==$LITELLM_VERSION" "openai==$SDK_VERSION"
 fi
 
 NODE_DIR=target/openai-node
@@ -60,6 +77,7 @@ cat > "$work/keys" <<KEYS
 sk-sdk-test
 sk-sdk-limited requests_per_minute=1
 sk-sdk-limited-node requests_per_minute=1
+sk-gateway-limited requests_per_minute=1
 KEYS
 
 # start_server LOG [ARGS...]: the server on a free port; sets server_pid and base (its
@@ -102,6 +120,8 @@ status=0
 start_server "$work/server.log"
 "$VENV/bin/python" tests/openai_sdk_test.py --base-url "$base/v1" \
     --api-key sk-sdk-test --limited-key sk-sdk-limited || status=$?
+"$GATEWAY_VENV/bin/python" tests/gateway_test.py --base-url "$base/v1" \
+    --api-key sk-sdk-test --limited-key sk-gateway-limited || status=$?
 # The test runs from the SDK's directory, where its `import "openai"` resolves.
 cp tests/openai_node_test.mjs "$NODE_DIR/"
 node "$NODE_DIR/openai_node_test.mjs" --base-url "$base/v1" \
