@@ -167,6 +167,25 @@ pub struct HttpArgs {
         value_delimiter = ','
     )]
     pub cors_allow_origins: Vec<String>,
+    /// The most connections open at once (idle keep-alive ones count); past it, new ones wait
+    /// to be accepted until one closes. `auto`: what the open-file limit leaves after 256
+    /// descriptors for files and devices (`serve` first raises the soft limit to the hard one).
+    #[arg(long, env = "TURBINE_MAX_CONNECTIONS", default_value = "auto", value_parser = connection_limit)]
+    pub max_connections: ConnectionLimit,
+}
+
+/// `--max-connections`: `auto` (`None`) or a number of connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimit(pub Option<usize>);
+
+fn connection_limit(s: &str) -> Result<ConnectionLimit, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(ConnectionLimit(None));
+    }
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(ConnectionLimit(Some(n))),
+        _ => Err(format!("expected auto or a positive number, got {s:?}")),
+    }
 }
 
 /// The dynamic batcher.
@@ -339,6 +358,7 @@ impl Args {
                 _ => None,
             },
             cors_allow_origins: trimmed(&self.http.cors_allow_origins),
+            max_connections: self.http.max_connections.0,
             shutdown_grace: Duration::from_secs(self.http.shutdown_grace_secs),
             warmup_images: self.batching.warmup_images,
             warmup_batch_sizes: self.batching.warmup_batch_sizes,
@@ -416,6 +436,15 @@ pub fn token_counter(model_dir: &std::path::Path) -> anyhow::Result<TokenCounter
 pub fn run(args: Args) -> anyhow::Result<()> {
     args.devices.kernels.apply();
     let config = args.config()?;
+    // Connections are file descriptors: take the room the hard limit allows (see fds).
+    match crate::server::fds::raise_open_file_limit() {
+        Some((old, new)) if new > old => {
+            tracing::info!("open-file limit raised from {old} to {new} (its hard limit)")
+        }
+        Some((_, n)) => tracing::debug!("open-file limit: {n}"),
+        None if cfg!(unix) => tracing::warn!("cannot raise the open-file limit"),
+        None => {}
+    }
     // Resolved (and downloaded if missing) once here, before listening; the workers then find
     // the files in place.
     let model = args.model.resolve()?;
@@ -481,5 +510,21 @@ mod tests {
         let defaults = crate::server::config::ServerConfig::default();
         assert_eq!(config.model.id, defaults.model.id);
         assert_eq!(config.model.aliases, defaults.model.aliases);
+        assert_eq!(config.max_connections, defaults.max_connections);
+    }
+
+    #[test]
+    fn max_connections_is_auto_or_a_positive_number() {
+        let parse = |v: &str| {
+            Cli::try_parse_from(["turbine".to_string(), format!("--max-connections={v}")])
+                .map(|cli| cli.serve.config().unwrap().max_connections)
+        };
+        assert_eq!(parse("auto").unwrap(), None);
+        assert_eq!(parse("AUTO").unwrap(), None);
+        assert_eq!(parse("4096").unwrap(), Some(4096));
+        for bad in ["0", "-1", "lots", ""] {
+            let e = parse(bad).unwrap_err().to_string();
+            assert!(e.contains("--max-connections"), "{bad}: {e}");
+        }
     }
 }

@@ -149,6 +149,9 @@ pub struct ServerConfig {
     /// Web origins (`https://app.example.com`) whose pages may call the API from a browser
     /// (CORS); `*`: any origin; empty: no CORS headers, so browsers refuse cross-origin calls.
     pub cors_allow_origins: Vec<String>,
+    /// The most connections open at once (`--max-connections`); more wait in the listen
+    /// backlog. `None`: what the open-file limit leaves ([`super::fds::connection_limit`]).
+    pub max_connections: Option<usize>,
 }
 
 impl Default for ServerConfig {
@@ -202,6 +205,7 @@ impl Default for ServerConfig {
             warmup_batch_sizes: WarmupSizes::Auto,
             warmup_edits: false,
             cors_allow_origins: Vec::new(),
+            max_connections: None,
         }
     }
 }
@@ -237,6 +241,10 @@ impl ServerConfig {
             }
         }
         ensure!(l.max_steps >= 1, "--max-steps must be at least 1");
+        ensure!(
+            self.max_connections != Some(0),
+            "--max-connections must be at least 1 (or auto)"
+        );
         ensure!(
             l.max_body_bytes >= 1024,
             "--max-body-bytes must be at least 1024"
@@ -351,6 +359,7 @@ mod tests {
             (|c| c.limits.default_size = (520, 4), "--default-size"),
             (|c| c.batching.max_batch_size = 0, "--max-batch-size"),
             (|c| c.batching.max_queued_images = 9, "--max-queued-images"),
+            (|c| c.max_connections = Some(0), "--max-connections"),
             (
                 |c| c.batching.request_timeout = Duration::from_secs(u64::MAX),
                 "--request-timeout",

@@ -159,6 +159,10 @@ pub struct Metrics {
     in_flight: AtomicI64,
     /// Open HTTP connections.
     connections: AtomicI64,
+    /// The most connections taken at once (`--max-connections`); 0 until the server sets it.
+    connections_max: AtomicU64,
+    /// Times the server stopped accepting because that many were open.
+    connection_limit_waits: AtomicU64,
     /// Requests of the Batch API by outcome: completed, failed, not run.
     batch_api_requests: [AtomicU64; 3],
     batch_api_running: AtomicI64,
@@ -244,6 +248,8 @@ impl Metrics {
             queue_images: AtomicI64::new(0),
             in_flight: AtomicI64::new(0),
             connections: AtomicI64::new(0),
+            connections_max: AtomicU64::new(0),
+            connection_limit_waits: AtomicU64::new(0),
             batch_api_requests: Default::default(),
             batch_api_running: AtomicI64::new(0),
             webhooks: Default::default(),
@@ -407,6 +413,15 @@ impl Metrics {
         self.connections.fetch_add(delta, Ordering::Relaxed);
     }
 
+    pub fn set_connections_max(&self, n: usize) {
+        self.connections_max.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// The server stopped accepting: `--max-connections` are open.
+    pub fn connection_limit_wait(&self) {
+        self.connection_limit_waits.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn in_flight(&self, delta: i64) {
         self.in_flight.fetch_add(delta, Ordering::Relaxed);
     }
@@ -469,6 +484,21 @@ impl Metrics {
             "gauge",
             "Open HTTP connections (idle keep-alive ones too).",
             &self.connections.load(Ordering::Relaxed),
+        );
+        single(
+            &mut out,
+            "turbine_http_connections_max",
+            "gauge",
+            "The most HTTP connections open at once (--max-connections); more wait to be \
+             accepted.",
+            &self.connections_max.load(Ordering::Relaxed),
+        );
+        single(
+            &mut out,
+            "turbine_http_connection_limit_waits_total",
+            "counter",
+            "Times the server stopped accepting connections because --max-connections were open.",
+            &self.connection_limit_waits.load(Ordering::Relaxed),
         );
         single(
             &mut out,

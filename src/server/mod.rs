@@ -24,6 +24,7 @@ pub mod batches;
 pub mod config;
 pub mod encode;
 pub mod error;
+pub mod fds;
 pub mod files;
 pub mod metrics;
 pub mod queue;
@@ -299,9 +300,17 @@ pub async fn serve(
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let router = routes::router(app.clone());
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let server = tokio::spawn(serve_http(listener, router, app.clone(), tls, async {
-        let _ = stop_rx.await;
-    }));
+    let max_connections = connection_limit(&app.config);
+    let server = tokio::spawn(serve_http(
+        listener,
+        router,
+        app.clone(),
+        tls,
+        max_connections,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
     tracing::info!("listening on {scheme}://{addr}");
 
     let loaded = async {
@@ -377,6 +386,28 @@ pub async fn serve(
     Ok(())
 }
 
+/// `--max-connections` as it applies here: `auto` resolved against the open-file limit, and a
+/// warning when the number asked for leaves too little of that limit for files.
+fn connection_limit(config: &ServerConfig) -> usize {
+    let soft = fds::open_file_limits().map(|(soft, _)| soft);
+    let n = fds::connection_limit(config.max_connections, soft);
+    match (config.max_connections, soft) {
+        (Some(asked), Some(soft)) if asked as u64 > soft.saturating_sub(fds::RESERVED_FDS) => {
+            tracing::warn!(
+                "--max-connections {asked} leaves less than {} of the open-file limit ({soft}) \
+                 for files: under load, uploads, batch files and connections may fail with \
+                 \"too many open files\"",
+                fds::RESERVED_FDS
+            );
+        }
+        _ => tracing::info!(
+            "taking at most {n} connections at once (--max-connections; open-file limit {})",
+            soft.map_or("none".to_string(), |s| s.to_string())
+        ),
+    }
+    n
+}
+
 /// How often expired files leave the disk when nobody lists or reads them, and batches past
 /// their retention are forgotten.
 const FILE_SWEEP_INTERVAL: Duration = Duration::from_secs(300);
@@ -441,6 +472,10 @@ async fn every_device_failed(health: &DeviceHealth, queue: &Queue, workers: usiz
 /// With `tls`, each connection is first a TLS handshake (within the same timeout), then HTTP/2
 /// or HTTP/1.1 as its ALPN chose; one that speaks plain HTTP is answered 400 `https_required`.
 ///
+/// At most `max_connections` are open at once: at that many the loop stops accepting, and the
+/// connections that come meanwhile wait in the kernel's listen backlog (their requests are
+/// answered late, not refused) until one closes.
+///
 /// Shutdown as axum's: once `stop` resolves no connection is accepted, each open one finishes
 /// the requests it has and closes, and this returns when all have.
 async fn serve_http(
@@ -448,14 +483,38 @@ async fn serve_http(
     router: Router,
     app: Arc<App>,
     tls: Option<Arc<tls::Tls>>,
+    max_connections: usize,
     stop: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let header_timeout = app.config.limits.header_timeout;
+    app.metrics.set_connections_max(max_connections);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    // When the limit was last logged: once a minute at most, however often it is reached.
+    let mut limit_logged: Option<Instant> = None;
 
     // Each connection holds a receiver; `closed()` on the sender resolves when all are gone.
     let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(stop);
     loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                app.metrics.connection_limit_wait();
+                if limit_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    limit_logged = Some(Instant::now());
+                    tracing::warn!(
+                        "{max_connections} connections open (--max-connections): new ones wait \
+                         to be accepted until one closes"
+                    );
+                }
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => {
+                        slot.expect("the connection slots are never closed: this is a bug")
+                    }
+                    () = &mut stop => break,
+                }
+            }
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -481,7 +540,7 @@ async fn serve_http(
         let tls = tls.clone();
         let app = app.clone();
         tokio::spawn(async move {
-            let _open = open;
+            let _open = (open, slot);
             // hyper's own timeout starts once it knows the protocol; until then it is ours,
             // and a shutdown does not wait for a connection that has not begun a request.
             let Some(tls) = tls else {

@@ -26,7 +26,7 @@ use reqwest::header::{HeaderName, HeaderValue};
 use reqwest::Method;
 use serde_json::{json, Map, Value};
 
-use super::{data_url, png_bytes, test_config, TestServer};
+use super::{data_url, metric_in, png_bytes, test_config, TestServer};
 use turbine::server::auth::ApiKey;
 use turbine::server::validate::{COMMON_FIELDS, EDIT_FIELDS, GENERATION_FIELDS};
 
@@ -1683,4 +1683,57 @@ fn idle_and_stalled_connections_are_closed() {
 
     // Every connection but the scrape's own is closed once idle.
     s.wait_metric("turbine_http_connections", |v| v == 1.0);
+}
+
+/// `--max-connections`: with that many open (here 3: the test client's pooled one and two raw
+/// ones), a new connection is not accepted, so its request waits in the listen backlog, not
+/// refused; when one closes, it is accepted and answered. The metrics tell the limit and that
+/// it was reached.
+#[test]
+fn connections_past_max_connections_wait_for_one_to_close() {
+    use std::io::Write;
+    let mut config = test_config();
+    config.max_connections = Some(3);
+    let s = TestServer::start(config);
+    // The client's own connection (kept in its pool after this) is the first.
+    assert_eq!(s.metric("turbine_http_connections_max"), 3.0);
+    assert_eq!(s.metric("turbine_http_connection_limit_waits_total"), 0.0);
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: t\r\n\r\n").into_bytes();
+    let mut open: Vec<_> = (0..2)
+        .map(|_| {
+            let mut conn = std::io::BufReader::new(s.raw());
+            let (head, _) = exchange(&mut conn, &get("/health"));
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            conn
+        })
+        .collect();
+
+    // The fourth: connected (the kernel's backlog), but not accepted, so not answered.
+    let mut waiting = s.raw();
+    waiting
+        .set_read_timeout(Some(std::time::Duration::from_millis(500)))
+        .unwrap();
+    waiting.write_all(&get("/metrics")).unwrap();
+    let mut byte = [0u8; 1];
+    let e = std::io::Read::read(&mut waiting, &mut byte).unwrap_err();
+    assert!(
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "answered past the limit: {e}"
+    );
+
+    // One closes: the waiting one is accepted and its request (sent long before) answered.
+    drop(open.pop());
+    waiting
+        .set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .unwrap();
+    let mut waiting = std::io::BufReader::new(waiting);
+    let (head, body) = exchange(&mut waiting, b"");
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let metrics = String::from_utf8(body).unwrap();
+    assert!(metric_in(&metrics, "turbine_http_connection_limit_waits_total") >= 1.0);
+    assert_eq!(metric_in(&metrics, "turbine_http_connections"), 3.0);
+    assert_eq!(metric_in(&metrics, "turbine_http_connections_max"), 3.0);
 }
