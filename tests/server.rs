@@ -1647,7 +1647,22 @@ struct ServerProcess {
 }
 
 impl ServerProcess {
+    /// Started, and healthy (its warm-up done).
     fn start(extra: &[&str]) -> Self {
+        let p = Self::spawn(extra, &[]);
+        let client = Client::new();
+        while client
+            .get(format!("{}/health", p.base))
+            .send()
+            .map_or(true, |r| r.status() != 200)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    /// Started with `envs` too, and listening (not yet warmed up).
+    fn spawn(extra: &[&str], envs: &[(&str, &std::ffi::OsStr)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_turbine"))
             .args(["serve", "--model-dir"])
             .arg(model_dir())
@@ -1665,6 +1680,7 @@ impl ServerProcess {
             .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(envs.iter().copied())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -1690,19 +1706,34 @@ impl ServerProcess {
                 eprintln!("[server] {line}");
             }
         });
-        let p = ServerProcess {
+        ServerProcess {
             child,
             base: format!("http://{addr}"),
-        };
-        let client = Client::new();
-        while client
-            .get(format!("{}/health", p.base))
-            .send()
-            .map_or(true, |r| r.status() != 200)
-        {
+        }
+    }
+
+    /// SIGTERM, as systemd and Kubernetes stop a service.
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit (a hang guard of two minutes) and returns its exit code.
+    fn exit_code(&mut self) -> Option<i32> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "server did not exit"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
-        p
     }
 }
 
@@ -1792,11 +1823,7 @@ fn sigterm_stops_accepting_and_drains_queued_work_then_exits_zero() {
     while metric_in(&metrics(), "turbine_http_requests_in_flight") < 5.0 {
         std::thread::sleep(Duration::from_millis(5));
     }
-    let status = Command::new("kill")
-        .args(["-TERM", &p.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    p.terminate();
 
     while client
         .get(format!("{}/health", p.base))
@@ -1827,19 +1854,49 @@ fn sigterm_stops_accepting_and_drains_queued_work_then_exits_zero() {
     let mut response = String::new();
     partial.read_to_string(&mut response).unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response:.200}");
+    assert_eq!(p.exit_code(), Some(0));
+}
 
-    let start = Instant::now();
-    loop {
-        if let Some(status) = p.child.try_wait().unwrap() {
-            assert_eq!(status.code(), Some(0));
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "server did not exit after draining"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Under a systemd unit with `Type=notify`: the server says READY=1 when it is (its `/health`
+/// answers 200 from then on), and STOPPING=1 when SIGTERM comes, each with a STATUS line for
+/// `systemctl status`.
+#[cfg(unix)]
+#[test]
+fn systemd_is_told_when_the_server_is_ready_and_when_it_stops() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let systemd = UnixDatagram::bind(&path).unwrap();
+    systemd
+        .set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
+    let heard = || {
+        let mut buf = [0u8; 1024];
+        let n = systemd
+            .recv(&mut buf)
+            .expect("nothing heard from the server");
+        String::from_utf8(buf[..n].to_vec()).unwrap()
+    };
+    let mut p = ServerProcess::spawn(&[], &[("NOTIFY_SOCKET", path.as_os_str())]);
+    assert_eq!(heard(), "STATUS=loading the model and warming up");
+    let ready = heard();
+    assert_eq!(
+        ready,
+        format!("READY=1\nSTATUS=serving sdxl-turbo on {}", p.base)
+    );
+    // Ready means ready: no poll, the first look at /health finds it so.
+    let health = Client::new()
+        .get(format!("{}/health", p.base))
+        .send()
+        .unwrap();
+    assert_eq!(health.status(), 200);
+
+    p.terminate();
+    assert_eq!(
+        heard(),
+        "STOPPING=1\nSTATUS=shutting down: finishing 0 queued images and the running work"
+    );
+    assert_eq!(p.exit_code(), Some(0));
 }
 
 /// A `multipart/form-data` body by hand (text fields, then files), and its content type.

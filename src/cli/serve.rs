@@ -359,6 +359,8 @@ impl Args {
             },
             cors_allow_origins: trimmed(&self.http.cors_allow_origins),
             max_connections: self.http.max_connections.0,
+            // From the environment, by `run`.
+            notify_socket: None,
             shutdown_grace: Duration::from_secs(self.http.shutdown_grace_secs),
             warmup_images: self.batching.warmup_images,
             warmup_batch_sizes: self.batching.warmup_batch_sizes,
@@ -434,8 +436,13 @@ pub fn token_counter(model_dir: &std::path::Path) -> anyhow::Result<TokenCounter
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // First, before any thread: it takes the variable out of the environment.
+    let notify_socket = crate::server::notify::NotifySocket::take_from_env();
     args.devices.kernels.apply();
-    let config = args.config()?;
+    let config = ServerConfig {
+        notify_socket,
+        ..args.config()?
+    };
     // Connections are file descriptors: take the room the hard limit allows (see fds).
     match crate::server::fds::raise_open_file_limit() {
         Some((old, new)) if new > old => {
@@ -511,6 +518,50 @@ mod tests {
         assert_eq!(config.model.id, defaults.model.id);
         assert_eq!(config.model.aliases, defaults.model.aliases);
         assert_eq!(config.max_connections, defaults.max_connections);
+    }
+
+    /// The systemd unit in scripts/deploy names options and variables that exist: its
+    /// ExecStart parses as `turbine serve`'s arguments, and each TURBINE_* it sets is one of
+    /// serve's (or the global `TURBINE_LOG_FORMAT`).
+    #[test]
+    fn the_systemd_unit_names_real_options() {
+        use clap::CommandFactory;
+        let unit = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/deploy/turbine.service"
+        ))
+        .unwrap();
+        let unit = unit.replace("\\\n", " ");
+        let exec = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .expect("an ExecStart line");
+        let mut words = exec.split_whitespace();
+        assert_eq!(words.next(), Some("/usr/local/bin/turbine"));
+        assert_eq!(words.next(), Some("serve"));
+        let cli = Cli::try_parse_from(std::iter::once("turbine").chain(words))
+            .unwrap_or_else(|e| panic!("ExecStart: {e}"));
+        assert_eq!(cli.serve.http.port, 8000);
+
+        let known: Vec<String> = Cli::command()
+            .get_arguments()
+            .filter_map(|a| a.get_env())
+            .map(|e| e.to_string_lossy().into_owned())
+            .chain(["TURBINE_LOG_FORMAT".to_string()])
+            .collect();
+        let set: Vec<&str> = unit
+            .lines()
+            .filter_map(|l| l.strip_prefix("Environment="))
+            .filter_map(|kv| kv.split_once('=').map(|(k, _)| k))
+            .filter(|k| k.starts_with("TURBINE_"))
+            .collect();
+        assert!(!set.is_empty());
+        for var in set {
+            assert!(
+                known.iter().any(|k| k == var),
+                "{var} is no option's variable"
+            );
+        }
     }
 
     #[test]

@@ -152,6 +152,8 @@ pub struct ServerConfig {
     /// The most connections open at once (`--max-connections`); more wait in the listen
     /// backlog. `None`: what the open-file limit leaves ([`super::fds::connection_limit`]).
     pub max_connections: Option<usize>,
+    /// systemd's `NOTIFY_SOCKET`, told when the server is ready and when it stops.
+    pub notify_socket: Option<super::notify::NotifySocket>,
 }
 
 impl Default for ServerConfig {
@@ -206,6 +208,7 @@ impl Default for ServerConfig {
             warmup_edits: false,
             cors_allow_origins: Vec::new(),
             max_connections: None,
+            notify_socket: None,
         }
     }
 }

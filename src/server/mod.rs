@@ -27,6 +27,7 @@ pub mod error;
 pub mod fds;
 pub mod files;
 pub mod metrics;
+pub mod notify;
 pub mod queue;
 pub mod routes;
 pub mod store;
@@ -312,6 +313,12 @@ pub async fn serve(
         },
     ));
     tracing::info!("listening on {scheme}://{addr}");
+    let notify = |message: &str| {
+        if let Some(socket) = &app.config.notify_socket {
+            socket.notify(message);
+        }
+    };
+    notify("STATUS=loading the model and warming up");
 
     let loaded = async {
         for (label, rx) in ready {
@@ -333,6 +340,10 @@ pub async fn serve(
             }
             app.set_phase(Phase::Ready);
             tracing::info!("ready: serving the model as {:?}", app.config.model.id);
+            notify(&format!(
+                "READY=1\nSTATUS=serving {} on {scheme}://{addr}",
+                app.config.model.id
+            ));
             tokio::select! {
                 _ = &mut shutdown => {}
                 _ = every_device_failed(&health, &queue, n_workers) => all_failed = true,
@@ -351,6 +362,15 @@ pub async fn serve(
     } else {
         app.set_phase(Phase::ShuttingDown);
     }
+    notify(&format!(
+        "STOPPING=1\nSTATUS={}: finishing {} queued images and the running work",
+        if all_failed {
+            "every device failed"
+        } else {
+            "shutting down"
+        },
+        queue.len()
+    ));
     let grace = app.config.shutdown_grace;
     tracing::info!(
         queued_images = queue.len(),
