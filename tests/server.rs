@@ -2673,6 +2673,88 @@ impl TestServer {
     }
 }
 
+/// Keys named in the keys file (`name=`) label their requests and images in `/metrics`: direct
+/// generations, streams, edits and the Batch API's lines count as images of the key; requests
+/// by final status, a rate limit's 429 included; an unnamed key under `key-` and a fingerprint,
+/// and a request with no valid key under none.
+#[test]
+fn usage_is_counted_per_key() {
+    let mut config = test_config();
+    let keys =
+        "sk-a1 name=team-a\nsk-a2 name=team-a\nsk-b name=team-b requests_per_minute=2\nsk-anon\n";
+    config.auth.keys = turbine::server::auth::parse_keys(keys).unwrap();
+    let s = TestServer::start(config);
+    let post = |key: &str, body: Value| {
+        s.client
+            .post(s.url("/v1/images/generations"))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .unwrap()
+    };
+    // team-a, with either of its keys: 2 + 1 images, a stream of 2, an edit of 1.
+    assert_eq!(post("sk-a1", json!({"prompt": "a", "n": 2})).status(), 200);
+    assert_eq!(post("sk-a2", json!({"prompt": "a"})).status(), 200);
+    let r = post("sk-a1", json!({"prompt": "a", "n": 2, "stream": true}));
+    assert_eq!(r.status(), 200);
+    assert_eq!(sse_events(&r.text().unwrap()).len(), 2);
+    let (ct, body) = multipart(
+        &[("prompt", "a cat"), ("size", "64x64")],
+        &[("image", &png_bytes(&edit_input()))],
+    );
+    let r = s
+        .client
+        .post(s.url("/v1/images/edits"))
+        .bearer_auth("sk-a2")
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // team-b: a 200, a 400 (validated after the key), then its limit of 2 requests a minute.
+    assert_eq!(post("sk-b", json!({"prompt": "b"})).status(), 200);
+    assert_eq!(post("sk-b", json!({"prompt": "b", "n": 11})).status(), 400);
+    assert_eq!(post("sk-b", json!({"prompt": "b"})).status(), 429);
+    // No valid key: counted nowhere by key.
+    assert_eq!(post("sk-nobody", json!({"prompt": "c"})).status(), 401);
+    // The unnamed key, through the Batch API: its two lines' three images.
+    let g = "/v1/images/generations";
+    let jsonl = [
+        batch_line("one", g, json!({"prompt": "d", "n": 2})),
+        batch_line("two", g, json!({"prompt": "e"})),
+    ]
+    .join("\n");
+    let batch = s.run_batch(Some("sk-anon"), g, &jsonl);
+    assert_eq!(batch["status"], "completed", "{batch}");
+
+    let anon = {
+        use sha2::Digest;
+        format!(
+            "key-{}",
+            hex::encode(&sha2::Sha256::digest(b"sk-anon")[..4])
+        )
+    };
+    let m = s.metrics();
+    let images = |key: &str| metric_in(&m, &format!("turbine_key_images_total{{key=\"{key}\"}}"));
+    let requests = |key: &str, status: u16| {
+        metric_in(
+            &m,
+            &format!("turbine_key_requests_total{{key=\"{key}\",status=\"{status}\"}}"),
+        )
+    };
+    assert_eq!(images("team-a"), 6.0, "{m}");
+    assert_eq!(images("team-b"), 1.0, "{m}");
+    assert_eq!(images(&anon), 3.0, "{m}");
+    assert_eq!(requests("team-a", 200), 4.0, "{m}");
+    assert_eq!(requests("team-b", 200), 1.0, "{m}");
+    assert_eq!(requests("team-b", 400), 1.0, "{m}");
+    assert_eq!(requests("team-b", 429), 1.0, "{m}");
+    // The unnamed key's upload, batch creation and polls are requests of its own.
+    assert!(requests(&anon, 200) >= 3.0, "{m}");
+    assert!(!m.contains("sk-"), "a key in the metrics");
+    assert!(!m.contains("turbine_key_requests_total{key=\"\""), "{m}");
+}
+
 fn batch_line(custom_id: &str, url: &str, body: Value) -> String {
     json!({"custom_id": custom_id, "method": "POST", "url": url, "body": body}).to_string()
 }

@@ -272,8 +272,9 @@ pub struct AuthArgs {
         hide_env_values = true
     )]
     pub api_keys: Vec<String>,
-    /// File of API keys, one per line: `KEY [priority=high|normal|low]
-    /// [requests_per_minute=N] [images_per_minute=N]`; `#` starts a comment.
+    /// File of API keys, one per line: `KEY [name=NAME] [priority=high|normal|low]
+    /// [requests_per_minute=N] [images_per_minute=N]`; `#` starts a comment. NAME labels the
+    /// key's requests in the log and its usage in /metrics.
     #[arg(long, env = "TURBINE_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
     /// Header whose value (high|normal|low) sets a request's priority. Only for deployments

@@ -6,9 +6,13 @@
 //!
 //! ```text
 //! # comment
-//! sk-team-a  priority=high  requests_per_minute=600  images_per_minute=2000
-//! sk-batch   priority=low   images_per_minute=100
+//! sk-team-a  name=team-a  priority=high  requests_per_minute=600  images_per_minute=2000
+//! sk-batch   name=batch   priority=low   images_per_minute=100
 //! ```
+//!
+//! A key's `name` labels its requests in the log and its usage in the metrics (several keys may
+//! share one: a team's old and new key while it rotates them); a key without one is labelled
+//! `key-` and the first 8 hex digits of its SHA-256, which tells keys apart without showing them.
 //!
 //! Limits are token buckets refilled continuously at `limit` per minute, so a client may burst
 //! up to `limit` and then proceeds at the average rate; `x-ratelimit-reset-*` is the time until
@@ -30,6 +34,8 @@ use super::queue::Priority;
 #[derive(Clone)]
 pub struct ApiKey {
     pub key: String,
+    /// What its requests and usage are labelled with (`name=`); `None`: `key-` + a fingerprint.
+    pub name: Option<String>,
     pub priority: Priority,
     pub requests_per_minute: Option<u32>,
     pub images_per_minute: Option<u32>,
@@ -40,6 +46,7 @@ impl std::fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ApiKey")
             .field("key", &"<redacted>")
+            .field("name", &self.name)
             .field("priority", &self.priority)
             .field("requests_per_minute", &self.requests_per_minute)
             .field("images_per_minute", &self.images_per_minute)
@@ -52,6 +59,7 @@ impl ApiKey {
     pub fn plain(key: impl Into<String>) -> Self {
         ApiKey {
             key: key.into(),
+            name: None,
             priority: Priority::Normal,
             requests_per_minute: None,
             images_per_minute: None,
@@ -97,8 +105,22 @@ pub fn parse_keys(text: &str) -> anyhow::Result<Vec<ApiKey>> {
                 }
                 "requests_per_minute" => k.requests_per_minute = limit()?,
                 "images_per_minute" => k.images_per_minute = limit()?,
+                "name" => {
+                    // A metric label and a log field as it is: short, and nothing to escape.
+                    let ok = (1..=64).contains(&value.len())
+                        && value
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+                    if !ok {
+                        bail!(
+                            "line {lineno}: name must be 1 to 64 letters, digits, '.', '_' or \
+                             '-', got {value:?}"
+                        );
+                    }
+                    k.name = Some(value.to_string());
+                }
                 other => bail!(
-                    "line {lineno}: unknown setting {other:?} (expected priority, \
+                    "line {lineno}: unknown setting {other:?} (expected name, priority, \
                      requests_per_minute or images_per_minute)"
                 ),
             }
@@ -170,6 +192,8 @@ struct Limits {
 
 struct Entry {
     digest: [u8; 32],
+    /// The key's `name`, or `key-` + the first 8 hex digits of its SHA-256.
+    label: std::sync::Arc<str>,
     priority: Priority,
     limits: Mutex<Limits>,
 }
@@ -212,13 +236,21 @@ impl Authenticator {
             .transpose()?;
         let entries = keys
             .iter()
-            .map(|k| Entry {
-                digest: Sha256::digest(k.key.as_bytes()).into(),
-                priority: k.priority,
-                limits: Mutex::new(Limits {
-                    requests: k.requests_per_minute.map(|l| Bucket::new(l, now)),
-                    images: k.images_per_minute.map(|l| Bucket::new(l, now)),
-                }),
+            .map(|k| {
+                let digest: [u8; 32] = Sha256::digest(k.key.as_bytes()).into();
+                let label = match &k.name {
+                    Some(name) => name.clone(),
+                    None => format!("key-{}", hex::encode(&digest[..4])),
+                };
+                Entry {
+                    digest,
+                    label: label.into(),
+                    priority: k.priority,
+                    limits: Mutex::new(Limits {
+                        requests: k.requests_per_minute.map(|l| Bucket::new(l, now)),
+                        images: k.images_per_minute.map(|l| Bucket::new(l, now)),
+                    }),
+                }
             })
             .collect();
         Ok(Authenticator {
@@ -229,6 +261,12 @@ impl Authenticator {
 
     pub fn is_open(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// What the caller's requests and usage are labelled with: its key's name or fingerprint
+    /// label; `None` on an open server.
+    pub fn label(&self, caller: &Caller) -> Option<std::sync::Arc<str>> {
+        caller.key.map(|i| self.entries[i].label.clone())
     }
 
     /// Checks the `Authorization: Bearer KEY` header and the trusted priority header.
@@ -445,6 +483,42 @@ mod tests {
         assert_eq!(keys[1].images_per_minute, Some(5));
         assert_eq!(keys[2].priority, Priority::Normal);
         assert!(!format!("{:?}", keys[0]).contains("sk-a"));
+    }
+
+    #[test]
+    fn keys_are_labelled_by_name_or_by_fingerprint() {
+        let keys = parse_keys("sk-a name=team-a\nsk-a2 name=team-a priority=high\nsk-b\n").unwrap();
+        assert_eq!(keys[0].name.as_deref(), Some("team-a"));
+        assert!(format!("{:?}", keys[0]).contains("team-a"));
+        let auth = Authenticator::new(&keys, None, Instant::now()).unwrap();
+        let label = |key: &str| {
+            let c = auth
+                .authenticate(&headers(Some(&format!("Bearer {key}"))))
+                .unwrap();
+            auth.label(&c).unwrap().to_string()
+        };
+        // Two keys of one team (a rotation) share its label.
+        assert_eq!(label("sk-a"), "team-a");
+        assert_eq!(label("sk-a2"), "team-a");
+        // Unnamed: the first 4 bytes of the key's SHA-256, not the key.
+        let digest = Sha256::digest(b"sk-b");
+        assert_eq!(label("sk-b"), format!("key-{}", hex::encode(&digest[..4])));
+        // An open server has no labels.
+        let open = Authenticator::new(&[], None, Instant::now()).unwrap();
+        assert_eq!(
+            open.label(&open.authenticate(&headers(None)).unwrap()),
+            None
+        );
+        for bad in [
+            "name=",
+            "name=tëam",
+            "name=\"x\"",
+            "name=team/a",
+            &format!("name={}", "a".repeat(65)),
+        ] {
+            let e = parse_keys(&format!("sk-a {bad}")).unwrap_err();
+            assert!(format!("{e:#}").contains("name must be"), "{bad}: {e:#}");
+        }
     }
 
     #[test]

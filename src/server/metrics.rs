@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt::{Display, Write};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::model::pipeline::PromptCounts;
@@ -133,6 +133,9 @@ const REQUEST_SECONDS_BOUNDS: &[f64] = &[
 #[derive(Debug)]
 struct Inner {
     requests: BTreeMap<(String, u16), u64>,
+    /// Requests by key label (`name=` in the keys file) and status; images made for each.
+    key_requests: BTreeMap<(Arc<str>, u16), u64>,
+    key_images: BTreeMap<Arc<str>, u64>,
     /// Request durations, to the response's last byte, by route.
     durations: BTreeMap<String, Histogram>,
     errors: BTreeMap<&'static str, u64>,
@@ -229,6 +232,8 @@ impl Metrics {
         Metrics {
             inner: Mutex::new(Inner {
                 requests: BTreeMap::new(),
+                key_requests: BTreeMap::new(),
+                key_images: BTreeMap::new(),
                 durations: BTreeMap::new(),
                 errors: BTreeMap::new(),
                 dropped: BTreeMap::new(),
@@ -272,6 +277,20 @@ impl Metrics {
             .requests
             .entry((route.to_string(), status))
             .or_default() += 1;
+    }
+
+    /// A request of the key labelled `key` answered with `status`.
+    pub fn key_request(&self, key: &Arc<str>, status: u16) {
+        *self
+            .inner()
+            .key_requests
+            .entry((key.clone(), status))
+            .or_default() += 1;
+    }
+
+    /// `n` images made for the key labelled `key` (generations, edits, the Batch API's).
+    pub fn key_images(&self, key: &Arc<str>, n: u64) {
+        *self.inner().key_images.entry(key.clone()).or_default() += n;
     }
 
     /// A request's time from its arrival to the end of its response.
@@ -462,6 +481,32 @@ impl Metrics {
                 out,
                 "turbine_http_requests_total{{route=\"{}\",status=\"{status}\"}} {n}",
                 escape(route)
+            );
+        }
+        header(
+            &mut out,
+            "turbine_key_requests_total",
+            "counter",
+            "Requests by API key (its name in the keys file, or key- and a fingerprint) and status.",
+        );
+        for ((key, status), n) in &inner.key_requests {
+            let _ = writeln!(
+                out,
+                "turbine_key_requests_total{{key=\"{}\",status=\"{status}\"}} {n}",
+                escape(key)
+            );
+        }
+        header(
+            &mut out,
+            "turbine_key_images_total",
+            "counter",
+            "Images made for each API key: generations, edits and the Batch API's.",
+        );
+        for (key, n) in &inner.key_images {
+            let _ = writeln!(
+                out,
+                "turbine_key_images_total{{key=\"{}\"}} {n}",
+                escape(key)
             );
         }
         header(
@@ -705,6 +750,12 @@ mod tests {
         m.request("/v1/images/generations", 200);
         m.request("/v1/images/generations", 200);
         m.request("/health", 503);
+        let team: Arc<str> = "team-a".into();
+        m.key_request(&team, 200);
+        m.key_request(&team, 200);
+        m.key_request(&"key-0a1b2c3d".into(), 429);
+        m.key_images(&team, 3);
+        m.key_images(&team, 1);
         m.error("queue_full");
         m.dropped(DropReason::ClientDisconnected, 3);
         m.set_queue_images(5);
@@ -724,6 +775,9 @@ mod tests {
         for line in [
             "turbine_http_requests_total{route=\"/v1/images/generations\",status=\"200\"} 2",
             "turbine_http_requests_total{route=\"/health\",status=\"503\"} 1",
+            "turbine_key_requests_total{key=\"team-a\",status=\"200\"} 2",
+            "turbine_key_requests_total{key=\"key-0a1b2c3d\",status=\"429\"} 1",
+            "turbine_key_images_total{key=\"team-a\"} 4",
             "turbine_errors_total{type=\"queue_full\"} 1",
             "turbine_images_dropped_total{reason=\"client_disconnected\"} 3",
             "turbine_queue_images 5",

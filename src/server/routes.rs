@@ -183,7 +183,8 @@ async fn request_id(mut req: Request, next: Next) -> Response {
             hex::encode(raw)
         });
     req.extensions_mut().insert(XRequestId(id.clone()));
-    let span = tracing::info_span!("request", id = %id);
+    // `key`: the API key's label, once `authenticate` knows it.
+    let span = tracing::info_span!("request", id = %id, key = tracing::field::Empty);
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let start = Instant::now();
     let mut response = next.run(req).instrument(span.clone()).await;
@@ -370,14 +371,24 @@ impl Drop for Timing {
     }
 }
 
-async fn count_requests(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+/// Where `authenticate` leaves the label of the request's key, for [`count_requests`] to count
+/// the request under once its final status is known (a 408 from [`watch_body`] included).
+#[derive(Clone, Default)]
+struct KeySlot(Arc<std::sync::OnceLock<Arc<str>>>);
+
+async fn count_requests(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
     let start = Instant::now();
     let route = req
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let key = KeySlot::default();
+    req.extensions_mut().insert(key.clone());
     let response = next.run(req).await;
     app.metrics.request(&route, response.status().as_u16());
+    if let Some(label) = key.0.get() {
+        app.metrics.key_request(label, response.status().as_u16());
+    }
     if let Some(ErrorMetric(kind)) = response.extensions().get::<ErrorMetric>() {
         app.metrics.error(kind);
     }
@@ -423,6 +434,12 @@ async fn authenticate(State(app): State<Arc<App>>, mut req: Request, next: Next)
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
+    if let Some(label) = app.auth.label(&caller) {
+        tracing::Span::current().record("key", &*label);
+        if let Some(KeySlot(slot)) = req.extensions().get::<KeySlot>() {
+            let _ = slot.set(label);
+        }
+    }
     let mut response = match app.auth.consume(&caller, 1, 0, Instant::now()) {
         Ok(()) => {
             req.extensions_mut().insert(caller);
@@ -1145,6 +1162,7 @@ async fn generate(
     } = submit(app, caller, req, seed)?;
 
     let base64 = req.response_format == ResponseFormat::B64Json;
+    let key = app.auth.label(caller);
     let mut tasks: Vec<Option<EncodeTask>> = (0..n).map(|_| None).collect();
     let collect = async {
         let mut left = n;
@@ -1160,6 +1178,9 @@ async fn generate(
                     partial: None,
                 }) => {
                     left -= 1;
+                    if let Some(key) = &key {
+                        app.metrics.key_images(key, 1);
+                    }
                     if let Some(slot) = tasks.get_mut(index) {
                         *slot = Some(spawn_encode(
                             image,
@@ -1215,6 +1236,7 @@ fn stream_images(
     let submitted = submit(app, caller, &req, seed)?;
     let stream = ImageStream {
         app: app.clone(),
+        key: app.auth.label(caller),
         // The response outlives the handler: shutdown waits for the stream, not the handler.
         _in_flight: app.enter(),
         submitted,
@@ -1258,6 +1280,8 @@ enum TokenCount {
 /// What a streamed request still waits for.
 struct ImageStream {
     app: Arc<App>,
+    /// The label its images are counted under (`None` on an open server).
+    key: Option<Arc<str>>,
     _in_flight: super::InFlight,
     submitted: Submitted,
     /// Images not sent yet.
@@ -1316,6 +1340,9 @@ impl ImageStream {
             })) => {
                 if let Some(slot) = self.previews.get_mut(index) {
                     *slot = None;
+                }
+                if let Some(key) = &self.key {
+                    self.app.metrics.key_images(key, 1);
                 }
                 self.completed(index, image).await
             }
