@@ -54,7 +54,7 @@ pub enum LogFormat {
     #[default]
     Text,
     /// One JSON object per line (timestamp, level, target, message, the event's fields, and
-    /// the request span's `id`), for log collectors.
+    /// the request span's `id` and its API key's `key` label), for log collectors.
     Json,
 }
 
