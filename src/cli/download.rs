@@ -33,7 +33,8 @@ pub struct Args {
     pub models_root: PathBuf,
 
     /// Also fetch a replacement VAE from the manifest (fp16-fix: madebyollin/sdxl-vae-fp16-fix,
-    /// about 335 MB, into DIR/vae-fp16-fix/).
+    /// about 335 MB, into DIR/vae-fp16-fix/; taesdxl: madebyollin/taesdxl, about 10 MB, into
+    /// DIR/vae-taesdxl/).
     #[arg(long, env = "TURBINE_VAE", value_enum)]
     pub vae: Option<VaeVariant>,
 

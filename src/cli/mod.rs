@@ -17,7 +17,7 @@ use crate::model::pipeline::Pipeline;
 pub fn load_pipeline(model: &ModelArgs, device: &Device, dtype: DType) -> anyhow::Result<Pipeline> {
     let m = model.resolve()?;
     let pipeline = if m.random_weights {
-        Pipeline::random(&m.dir, device, dtype, 0)?
+        Pipeline::random_with_vae(&m.dir, m.vae_dir.as_deref(), device, dtype, 0)?
     } else {
         Pipeline::load_with_vae(&m.dir, m.vae_dir.as_deref(), device, dtype)?
     };

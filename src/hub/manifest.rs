@@ -398,6 +398,18 @@ mod tests {
         assert!(fix
             .files
             .contains(&"diffusion_pytorch_model.safetensors".to_string()));
+        // Every --vae choice has its entry.
+        for v in [
+            super::super::VaeVariant::Fp16Fix,
+            super::super::VaeVariant::Taesdxl,
+        ] {
+            assert!(m.vae.contains_key(v.key()), "{}", v.key());
+        }
+        let tiny = &m.vae["taesdxl"];
+        assert_eq!(
+            (tiny.repo.as_str(), tiny.dir.as_str()),
+            ("madebyollin/taesdxl", "vae-taesdxl")
+        );
     }
 
     #[test]

@@ -28,6 +28,11 @@ pub enum VaeVariant {
     /// not overflow (the stock VAE gives NaN, i.e. black images, in fp16 unless upcast).
     #[value(name = "fp16-fix")]
     Fp16Fix,
+    /// madebyollin/taesdxl: TAESD, a tiny decoder trained on SDXL's latents (about 10 MB):
+    /// decodes with a small fraction of the VAE's work, less faithfully in fine detail. It
+    /// replaces the decoder only; the model's VAE still encodes edits' input images.
+    #[value(name = "taesdxl")]
+    Taesdxl,
 }
 
 impl VaeVariant {
@@ -35,6 +40,7 @@ impl VaeVariant {
     pub fn key(self) -> &'static str {
         match self {
             VaeVariant::Fp16Fix => "fp16-fix",
+            VaeVariant::Taesdxl => "taesdxl",
         }
     }
 }
@@ -75,7 +81,9 @@ pub struct ModelArgs {
     pub random_weights: bool,
 
     /// Replace the model's VAE: fp16-fix (madebyollin/sdxl-vae-fp16-fix, about 335 MB, kept
-    /// in MODEL_DIR/vae-fp16-fix/) decodes in float16 without overflowing.
+    /// in MODEL_DIR/vae-fp16-fix/) decodes in float16 without overflowing; taesdxl
+    /// (madebyollin/taesdxl, about 10 MB, in MODEL_DIR/vae-taesdxl/) decodes with TAESD's tiny
+    /// decoder: far less work per image, less faithful in fine detail.
     #[arg(long, env = "TURBINE_VAE", value_enum)]
     pub vae: Option<VaeVariant>,
 }
@@ -152,9 +160,14 @@ impl ModelArgs {
                     dir.display()
                 )));
             }
+            // The replacement VAE's config, from its folder (committed for taesdxl).
+            let vae_dir = match self.vae {
+                None => None,
+                Some(v) => Some(self.extra_dir_in(&dir, v)?),
+            };
             return Ok(ResolvedModel {
                 dir,
-                vae_dir: None,
+                vae_dir,
                 random_weights: true,
                 origin: Vec::new(),
             });

@@ -271,7 +271,18 @@ impl Weights<'_> {
 
     /// Fails, naming the tensors, when the model left part of the checkpoint unread.
     pub fn ensure_all_used(&self) -> LoadResult<()> {
-        let unused = self.unused();
+        self.ensure_used_but(&[])
+    }
+
+    /// [`Weights::ensure_all_used`], but for the tensors under the `ignored` prefixes: parts
+    /// of a checkpoint the model leaves out on purpose (TAESD's encoder, when only its decoder
+    /// runs).
+    pub fn ensure_used_but(&self, ignored: &[&str]) -> LoadResult<()> {
+        let unused: Vec<String> = self
+            .unused()
+            .into_iter()
+            .filter(|name| !ignored.iter().any(|p| name.starts_with(p)))
+            .collect();
         if unused.is_empty() {
             return Ok(());
         }
@@ -301,9 +312,20 @@ pub fn build_checked<T>(
     device: &Device,
     build: impl FnOnce(VarBuilder<'_>) -> candle_core::Result<T>,
 ) -> LoadResult<T> {
+    build_checked_but(path, dtype, device, &[], build)
+}
+
+/// [`build_checked`], leaving the tensors under the `ignored` prefixes unread.
+pub fn build_checked_but<T>(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    ignored: &[&str],
+    build: impl FnOnce(VarBuilder<'_>) -> candle_core::Result<T>,
+) -> LoadResult<T> {
     let weights = Weights::open(path, dtype, device)?;
     let model = build(weights.vb.clone()).map_err(|e| weights_error(path, e))?;
-    weights.ensure_all_used()?;
+    weights.ensure_used_but(ignored)?;
     Ok(model)
 }
 

@@ -14,3 +14,4 @@ pub mod scheduler;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod vae_tiny;

@@ -29,7 +29,7 @@ use serde::Deserialize;
 use crate::model::chunks::MAX_TENSOR_ELEMENTS;
 use crate::model::clip::{ClipTextConfig, ClipTextModel};
 use crate::model::loader::{
-    build_checked, find_weights, read_json, LoadError, LoadResult, ModelDir, RandomWeights,
+    build_checked_but, find_weights, read_json, LoadError, LoadResult, ModelDir, RandomWeights,
 };
 use crate::model::noise;
 use crate::model::profile::{self, Mark};
@@ -38,6 +38,7 @@ use crate::model::scheduler::{EulerAncestralConfig, EulerAncestralScheduler};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::model::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::model::vae_tiny::{AutoencoderTinyConfig, DecoderTiny};
 use crate::ops::{self, Kernels};
 
 /// Settings shared by every image of a batch (the batch key).
@@ -290,6 +291,9 @@ pub struct Pipeline {
     unet: UNet2DConditionModel,
     vae: AutoencoderKL,
     vae_config: AutoencoderKLConfig,
+    /// `--vae taesdxl`: TAESD's decoder makes the images (and previews) instead of the VAE's,
+    /// which then only encodes edits' inputs.
+    tiny_decoder: Option<DecoderTiny>,
     scheduler_config: EulerAncestralConfig,
     force_zeros_for_empty_prompt: bool,
     latent_channels: usize,
@@ -303,7 +307,9 @@ impl Pipeline {
     }
 
     /// Like [`Pipeline::load`], with the VAE read from `vae_dir` (config.json + weights)
-    /// instead of `model_dir/vae` when given (e.g. the fp16-safe `sdxl-vae-fp16-fix`).
+    /// instead of `model_dir/vae` when given (e.g. the fp16-safe `sdxl-vae-fp16-fix`). An
+    /// `AutoencoderTiny` there (TAESD: `taesdxl`) replaces the decoder only: `model_dir/vae`
+    /// still encodes edits' input images.
     pub fn load_with_vae(
         model_dir: &Path,
         vae_dir: Option<&Path>,
@@ -317,8 +323,20 @@ impl Pipeline {
     /// The full architecture described by the configs in `config_dir` (same layout, no weights
     /// needed) with deterministic random weights: for benchmarks on machines without weights.
     pub fn random(config_dir: &Path, device: &Device, dtype: DType, seed: u64) -> LoadResult<Self> {
+        Self::random_with_vae(config_dir, None, device, dtype, seed)
+    }
+
+    /// [`Pipeline::random`] with the VAE's (or TAESD's) config from `vae_dir`, as
+    /// [`Pipeline::load_with_vae`] reads it.
+    pub fn random_with_vae(
+        config_dir: &Path,
+        vae_dir: Option<&Path>,
+        device: &Device,
+        dtype: DType,
+        seed: u64,
+    ) -> LoadResult<Self> {
         let dir = ModelDir::open(config_dir)?;
-        Self::build(&dir, None, Source::Random(seed), device, dtype)
+        Self::build(&dir, vae_dir, Source::Random(seed), device, dtype)
     }
 
     fn build(
@@ -328,9 +346,16 @@ impl Pipeline {
         device: &Device,
         dtype: DType,
     ) -> LoadResult<Self> {
-        let vae_dir = match vae_dir {
-            Some(d) => ModelDir::open(d)?.root().to_path_buf(),
-            None => dir.component("vae")?,
+        let (vae_dir, tiny_dir) = match vae_dir {
+            Some(d) => {
+                let d = ModelDir::open(d)?.root().to_path_buf();
+                if AutoencoderTinyConfig::is_tiny(&d)? {
+                    (dir.component("vae")?, Some(d))
+                } else {
+                    (d, None)
+                }
+            }
+            None => (dir.component("vae")?, None),
         };
         let index: ModelIndex = read_json(&dir.root().join("model_index.json"))?;
         let te_cfg =
@@ -386,6 +411,40 @@ impl Pipeline {
             device,
             |vb| AutoencoderKL::new(vb, &vae_cfg),
         )?;
+        let tiny_decoder = match &tiny_dir {
+            None => None,
+            Some(tiny_dir) => {
+                let path = tiny_dir.join("config.json");
+                let cfg = AutoencoderTinyConfig::from_file(&path)?;
+                if cfg.scale_factor() != vae_cfg.scale_factor()
+                    || cfg.latent_channels != vae_cfg.latent_channels
+                {
+                    return Err(LoadError::Config {
+                        path,
+                        message: format!(
+                            "this AutoencoderTiny decodes {} latent channels at scale {}, the \
+                             model's VAE {} at scale {}: not a decoder for this model",
+                            cfg.latent_channels,
+                            cfg.scale_factor(),
+                            vae_cfg.latent_channels,
+                            vae_cfg.scale_factor()
+                        ),
+                    });
+                }
+                // In the VAE's dtype, so that the images come out of either decoder alike (the
+                // device-side postprocess takes them as they are).
+                // Its encoder stays unread: the VAE encodes.
+                Some(load_component_but(
+                    tiny_dir,
+                    &source,
+                    "diffusion_pytorch_model",
+                    &["encoder."],
+                    vae_dtype,
+                    device,
+                    |vb| DecoderTiny::new(vb, &cfg),
+                )?)
+            }
+        };
         Ok(Self {
             device: device.clone(),
             dtype,
@@ -396,6 +455,7 @@ impl Pipeline {
             text_encoder_2,
             unet,
             vae,
+            tiny_decoder,
             latent_channels: unet_cfg.in_channels,
             vae_config: vae_cfg,
             scheduler_config,
@@ -1021,6 +1081,11 @@ impl Pipeline {
     /// Final latents → the VAE decoder's output `[B, 3, H, W]` (nominally in [-1, 1]), in the
     /// VAE's dtype.
     fn vae_output(&self, latents: &Tensor) -> anyhow::Result<Tensor> {
+        if let Some(tiny) = &self.tiny_decoder {
+            // TAESD decodes the UNet's latents as they are (scaling factor 1.0).
+            let z = (latents / tiny.scaling_factor())?.to_dtype(self.vae_dtype)?;
+            return Ok(tiny.decode(&z)?);
+        }
         let sf = self.vae_config.scaling_factor;
         let z = match self.latent_stats()? {
             Some((mean, std)) => latents.broadcast_mul(&(std / sf)?)?.broadcast_add(&mean)?,
@@ -1143,8 +1208,23 @@ fn load_component<T>(
     device: &Device,
     build: impl FnOnce(VarBuilder<'_>) -> candle_core::Result<T>,
 ) -> LoadResult<T> {
+    load_component_but(folder, source, stem, &[], dtype, device, build)
+}
+
+/// [`load_component`], leaving the checkpoint's tensors under the `ignored` prefixes unread.
+fn load_component_but<T>(
+    folder: &Path,
+    source: &Source,
+    stem: &str,
+    ignored: &[&str],
+    dtype: DType,
+    device: &Device,
+    build: impl FnOnce(VarBuilder<'_>) -> candle_core::Result<T>,
+) -> LoadResult<T> {
     match source {
-        Source::Files => build_checked(&find_weights(folder, stem)?, dtype, device, build),
+        Source::Files => {
+            build_checked_but(&find_weights(folder, stem)?, dtype, device, ignored, build)
+        }
         Source::Random(seed) => {
             let vb = RandomWeights::new(*seed).into_var_builder(dtype, device);
             build(vb).map_err(|e| LoadError::Weights {

@@ -11,3 +11,4 @@ mod tokenizer;
 mod unet;
 mod vae;
 mod vae_channels_last;
+mod vae_tiny;

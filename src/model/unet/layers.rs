@@ -210,9 +210,44 @@ impl Conv2d {
         padding: usize,
         stride: usize,
     ) -> Result<Self> {
+        Self::load(
+            vb,
+            [in_channels, out_channels, kernel, padding, stride],
+            true,
+        )
+    }
+
+    /// A convolution without bias (TAESD's after an upsampling): a zero bias, so that it runs
+    /// as every other convolution does.
+    pub fn new_without_bias(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        padding: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        Self::load(
+            vb,
+            [in_channels, out_channels, kernel, padding, stride],
+            false,
+        )
+    }
+
+    fn load(
+        vb: VarBuilder,
+        [cin, cout, kernel, padding, stride]: [usize; 5],
+        bias: bool,
+    ) -> Result<Self> {
+        let weight = vb.get((cout, cin, kernel, kernel), "weight")?;
+        let bias = if bias {
+            vb.get(cout, "bias")?
+        } else {
+            Tensor::zeros(cout, weight.dtype(), weight.device())?
+        };
         Ok(Self {
-            weight: vb.get((out_channels, in_channels, kernel, kernel), "weight")?,
-            bias: vb.get(out_channels, "bias")?,
+            weight,
+            bias,
             params: ConvParams {
                 padding,
                 stride,

@@ -1,0 +1,77 @@
+//! TAESD's decoder (`--vae taesdxl`) against diffusers' `AutoencoderTiny` on a tiny random one
+//! (reference: `scripts/fixtures/ref_vae_tiny.py`).
+
+use candle_core::{DType, Device};
+
+use turbine::model::loader::{find_weights, Weights};
+use turbine::model::vae_tiny::{AutoencoderTinyConfig, DecoderTiny};
+
+use crate::common;
+
+fn build(dtype: DType) -> (DecoderTiny, Weights<'static>) {
+    let dir = common::tiny_model().join("vae-taesdxl");
+    assert!(AutoencoderTinyConfig::is_tiny(&dir).unwrap());
+    assert!(!AutoencoderTinyConfig::is_tiny(&common::tiny_model().join("vae")).unwrap());
+    let cfg = AutoencoderTinyConfig::from_file(&dir.join("config.json")).unwrap();
+    assert_eq!(cfg.scale_factor(), 8);
+    let path = find_weights(&dir, "diffusion_pytorch_model").unwrap();
+    let weights = Weights::open(&path, dtype, &Device::Cpu).unwrap();
+    let decoder = DecoderTiny::new(weights.vb.clone(), &cfg).unwrap();
+    (decoder, weights)
+}
+
+#[test]
+fn tiny_decoder_matches_diffusers() {
+    let refs = common::reference("vae_tiny");
+    let (decoder, _) = build(DType::F32);
+    let out = decoder.decode(&refs["decode.z"]).unwrap();
+    common::assert_close("taesd decode f32", &out, &refs["decode.out"], 1e-5);
+    // bf16 weights and activations: within bf16's rounding over eleven layers.
+    let (decoder, _) = build(DType::BF16);
+    let out = decoder
+        .decode(&refs["decode.z"].to_dtype(DType::BF16).unwrap())
+        .unwrap();
+    common::assert_close("taesd decode bf16", &out, &refs["decode.out"], 3e-2);
+}
+
+/// The whole pipeline with `--vae taesdxl`'s layout (the tiny model's `vae-taesdxl/`): the
+/// `one_prompt` case's images are TAESD's decode of diffusers' final latents, as
+/// `StableDiffusionXLPipeline` with this `AutoencoderTiny` makes them, to the same 8-bit bounds
+/// as the full VAE's case. The VAE's own decode gives other images.
+#[test]
+fn the_pipeline_decodes_with_taesd_when_given_it() {
+    use turbine::model::pipeline::Pipeline;
+
+    use crate::pipeline::{cases, pixel_diff};
+
+    let model = common::tiny_model();
+    let p = Pipeline::load_with_vae(
+        &model,
+        Some(&model.join("vae-taesdxl")),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let case = &cases()["one_prompt"];
+    let refs = common::reference("pipeline_one_prompt");
+    let (items, noise, settings) = case.inputs(&refs);
+    let batch = p.generate(&settings, &items, Some(&noise)).unwrap();
+    let ours: Vec<u8> = batch.images[0].as_raw().to_vec();
+    let theirs: Vec<u8> = common::reference("vae_tiny")["pipeline.image_float"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|v| (v * 255.0).round_ties_even() as u8)
+        .collect();
+    let (max, mean) = pixel_diff(&ours, &theirs);
+    eprintln!("taesd one_prompt: 8-bit difference max {max}/255, mean {mean:.4}/255");
+    assert!(max <= 2 && mean <= 0.5, "max {max}, mean {mean}");
+    let full = crate::pipeline::u8_images(&refs["image_u8"]);
+    let (_, mean_vs_full) = pixel_diff(&ours, &full);
+    assert!(
+        mean_vs_full > 5.0,
+        "TAESD's images are the VAE's: {mean_vs_full}"
+    );
+}
