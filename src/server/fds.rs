@@ -23,6 +23,10 @@ pub const MIN_AUTO_CONNECTIONS: usize = 32;
 /// Without an open-file limit to read (not Unix), what `auto` gives.
 pub const DEFAULT_CONNECTIONS: usize = 10_000;
 
+/// The most any setting gives: far past what one process serves, and within what a tokio
+/// semaphore counts (an unlimited open-file limit, as macOS allows, would not be).
+pub const MAX_CONNECTIONS: usize = 1 << 24;
+
 /// The soft and hard limits on open files (RLIMIT_NOFILE); `None` where there are none to read.
 // rlim_t is u64 on Linux and macOS, not on every Unix.
 #[allow(clippy::unnecessary_cast)]
@@ -79,17 +83,16 @@ pub fn raise_open_file_limit() -> Option<(u64, u64)> {
 
 /// How many connections to take at once: `asked` (`--max-connections`), or for `auto` (`None`)
 /// what the soft open-file limit leaves after [`RESERVED_FDS`], at least
-/// [`MIN_AUTO_CONNECTIONS`].
+/// [`MIN_AUTO_CONNECTIONS`]; either way at most [`MAX_CONNECTIONS`].
 pub fn connection_limit(asked: Option<usize>, soft_open_files: Option<u64>) -> usize {
-    if let Some(n) = asked {
-        return n;
-    }
-    match soft_open_files {
-        Some(limit) => usize::try_from(limit.saturating_sub(RESERVED_FDS))
+    let n = match (asked, soft_open_files) {
+        (Some(n), _) => n,
+        (None, Some(limit)) => usize::try_from(limit.saturating_sub(RESERVED_FDS))
             .unwrap_or(usize::MAX)
             .max(MIN_AUTO_CONNECTIONS),
-        None => DEFAULT_CONNECTIONS,
-    }
+        (None, None) => DEFAULT_CONNECTIONS,
+    };
+    n.min(MAX_CONNECTIONS)
 }
 
 #[cfg(test)]
@@ -102,11 +105,10 @@ mod tests {
         assert_eq!(connection_limit(None, Some(524_288)), 524_032);
         // A limit too low for the reserve still takes a few connections.
         assert_eq!(connection_limit(None, Some(200)), MIN_AUTO_CONNECTIONS);
-        // RLIM_INFINITY (all ones) does not overflow.
-        assert_eq!(
-            connection_limit(None, Some(u64::MAX)) as u64,
-            u64::MAX - RESERVED_FDS
-        );
+        // RLIM_INFINITY (all ones) neither overflows nor makes a semaphore too large to count.
+        assert_eq!(connection_limit(None, Some(u64::MAX)), MAX_CONNECTIONS);
+        assert_eq!(connection_limit(Some(usize::MAX), None), MAX_CONNECTIONS);
+        let _ = tokio::sync::Semaphore::new(MAX_CONNECTIONS);
         assert_eq!(connection_limit(None, None), DEFAULT_CONNECTIONS);
         // Asked for: taken as it is, whatever the limit.
         assert_eq!(connection_limit(Some(5), Some(1024)), 5);
