@@ -872,10 +872,14 @@ fn describe_model(m: &ModelArgs) -> String {
         Some(d) => d.display().to_string(),
         None => m.models_root.join(&m.model).display().to_string(),
     };
-    if m.random_weights {
+    let model = if m.random_weights {
         format!("random weights from the configs in {dir}")
     } else {
         dir
+    };
+    match m.vae {
+        Some(v) => format!("{model}, with --vae {}", v.key()),
+        None => model,
     }
 }
 
@@ -1325,6 +1329,24 @@ mod tests {
         assert!((r.median_s - 0.25).abs() < 1e-12);
         assert!(summarize(1, &[]).is_none());
         assert!(summarize(0, &[sample(1)]).is_none());
+    }
+
+    #[test]
+    fn the_model_line_names_the_decoder() {
+        use crate::hub::{ModelArgs, VaeVariant};
+        let mut m = ModelArgs {
+            random_weights: true,
+            ..ModelArgs::default()
+        };
+        assert_eq!(
+            describe_model(&m),
+            "random weights from the configs in models/sdxl-turbo"
+        );
+        m.vae = Some(VaeVariant::Taesdxl);
+        assert_eq!(
+            describe_model(&m),
+            "random weights from the configs in models/sdxl-turbo, with --vae taesdxl"
+        );
     }
 
     #[test]
