@@ -16,12 +16,9 @@ import importlib.metadata
 import io
 import json
 import os
-import struct
 import sys
 import threading
-import traceback
 import urllib.request
-import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # Before litellm is imported: its bundled cost map, not a fetch from GitHub at import.
@@ -29,26 +26,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import litellm
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def png_size(data: bytes) -> tuple[int, int]:
-    """Width and height from a PNG's IHDR chunk."""
-    assert data[:8] == PNG_SIGNATURE, "not a PNG"
-    assert data[12:16] == b"IHDR"
-    return struct.unpack(">II", data[16:24])
-
-
-def png(width: int, height: int, pixel) -> bytes:
-    """An RGBA PNG whose pixel at (x, y) is pixel(x, y), four bytes."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    rows = b"".join(b"\x00" + b"".join(bytes(pixel(x, y)) for x in range(width)) for y in range(height))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
-    return PNG_SIGNATURE + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+from contract_support import png_size, rgba_png, run
 
 
 def images_of(resp) -> list[bytes]:
@@ -113,6 +91,23 @@ def refusals_of(base_url: str, api_key: str) -> int:
     return 0
 
 
+def two_tiers(first, then) -> litellm.Router:
+    """A router whose model group `first` falls back to `then`, each (group name, LiteLLM model,
+    api_base, api_key); no retries anywhere (not even the OpenAI SDK's own, which would wait out
+    a `Retry-After`), so a refusal moves on at once."""
+    return litellm.Router(
+        model_list=[
+            {
+                "model_name": name,
+                "litellm_params": {"model": model, "api_base": base, "api_key": key, "max_retries": 0},
+            }
+            for name, model, base, key in (first, then)
+        ],
+        fallbacks=[{first[0]: [then[0]]}],
+        num_retries=0,
+    )
+
+
 def test_provider(base_url: str, api_key: str):
     # turbine as one more OpenAI-compatible provider: the model is "openai/<served name>".
     kw = dict(model="openai/sdxl-turbo", api_base=base_url, api_key=api_key, max_retries=0)
@@ -154,8 +149,8 @@ def test_provider(base_url: str, api_key: str):
 def test_edit(base_url: str, api_key: str):
     # LiteLLM builds its own multipart form for edits: the image and a mask whose transparent
     # half is what to repaint.
-    image = png(64, 64, lambda x, y: (4 * x, 4 * y, 128, 255))
-    mask = png(64, 64, lambda x, y: (0, 0, 0, 0 if x < 32 else 255))
+    image = rgba_png(64, 64, lambda x, y: (4 * x, 4 * y, 128, 255))
+    mask = rgba_png(64, 64, lambda x, y: (0, 0, 0, 0 if x < 32 else 255))
     kw = dict(model="openai/gpt-image-1", api_base=base_url, api_key=api_key, max_retries=0, prompt="a cat")
 
     def edit(seed):
@@ -203,29 +198,9 @@ def test_fallback_tier(base_url: str, api_key: str):
     # The deployment the brief describes: a hosted API first, turbine behind it. The hosted one
     # refuses (rate limit), the router falls back, the caller gets turbine's images.
     hosted = HostedStandIn()
-    router = litellm.Router(
-        model_list=[
-            {
-                "model_name": "images",
-                "litellm_params": {
-                    "model": "openai/gpt-image-1",
-                    "api_base": hosted.base_url,
-                    "api_key": "sk-hosted",
-                    "max_retries": 0,
-                },
-            },
-            {
-                "model_name": "turbine",
-                "litellm_params": {
-                    "model": "openai/sdxl-turbo",
-                    "api_base": base_url,
-                    "api_key": api_key,
-                    "max_retries": 0,
-                },
-            },
-        ],
-        fallbacks=[{"images": ["turbine"]}],
-        num_retries=0,
+    router = two_tiers(
+        ("images", "openai/gpt-image-1", hosted.base_url, "sk-hosted"),
+        ("turbine", "openai/sdxl-turbo", base_url, api_key),
     )
     try:
         resp = router.image_generation(model="images", prompt="a product photo of a mug", size="64x64", n=2)
@@ -253,29 +228,9 @@ def test_fallback_tier(base_url: str, api_key: str):
 def test_turbine_first(base_url: str, api_key: str, limited_key: str):
     # turbine first: its own 429 (here a key's request limit; a full queue answers the same
     # way) moves the router to the next tier, and the caller still gets images.
-    router = litellm.Router(
-        model_list=[
-            {
-                "model_name": "turbine-first",
-                "litellm_params": {
-                    "model": "openai/sdxl-turbo",
-                    "api_base": base_url,
-                    "api_key": limited_key,
-                    "max_retries": 0,
-                },
-            },
-            {
-                "model_name": "next-tier",
-                "litellm_params": {
-                    "model": "openai/sdxl-turbo",
-                    "api_base": base_url,
-                    "api_key": api_key,
-                    "max_retries": 0,
-                },
-            },
-        ],
-        fallbacks=[{"turbine-first": ["next-tier"]}],
-        num_retries=0,
+    router = two_tiers(
+        ("turbine-first", "openai/sdxl-turbo", base_url, limited_key),
+        ("next-tier", "openai/sdxl-turbo", base_url, api_key),
     )
     before = refusals_of(base_url, api_key)
     resp = router.image_generation(
@@ -313,17 +268,7 @@ def main() -> int:
         ("fallback tier", lambda: test_fallback_tier(args.base_url, args.api_key)),
         ("turbine first", lambda: test_turbine_first(args.base_url, args.api_key, args.limited_key)),
     ]
-    failed = 0
-    for name, fn in tests:
-        try:
-            fn()
-            print(f"ok     {name}")
-        except Exception:
-            failed += 1
-            print(f"FAILED {name}")
-            traceback.print_exc()
-    print(f"litellm {importlib.metadata.version('litellm')}: {len(tests) - failed} passed, {failed} failed")
-    return 1 if failed else 0
+    return run(tests, f"litellm {importlib.metadata.version('litellm')}")
 
 
 if __name__ == "__main__":

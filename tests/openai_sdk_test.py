@@ -9,43 +9,19 @@ tests that touch the transport (`--only`).
 import argparse
 import base64
 import ssl
-import struct
 import sys
-import traceback
 import typing
 import urllib.request
 import warnings
-import zlib
 
 import openai
 from openai import OpenAI
 from openai.types import ImageModel
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+from contract_support import mask_png, png_size, run
 
 # With --ca-file: what verifies the server's certificate (the SDK's client and plain fetches).
 SSL_CONTEXT: typing.Optional[ssl.SSLContext] = None
-
-
-def png_size(data: bytes) -> tuple[int, int]:
-    """Width and height from a PNG's IHDR chunk."""
-    assert data[:8] == PNG_SIGNATURE, "not a PNG"
-    assert data[12:16] == b"IHDR"
-    return struct.unpack(">II", data[16:24])
-
-
-def rgba_png(width: int, height: int, alpha) -> bytes:
-    """A black RGBA PNG whose alpha at (x, y) is alpha(x, y): an OpenAI edit mask."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    rows = b"".join(
-        b"\x00" + b"".join(bytes([0, 0, 0, alpha(x, y)]) for x in range(width)) for y in range(height)
-    )
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
-    return PNG_SIGNATURE + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 def seed_of(image) -> int:
@@ -178,7 +154,7 @@ def test_edit(client: OpenAI):
         assert base64.b64decode(e.b64_json) == outputs[seed_of(e) - 31]
 
     # A mask: its transparent square is repainted, the opaque rest kept.
-    mask = rgba_png(64, 64, lambda x, y: 0 if 16 <= x < 48 and 16 <= y < 48 else 255)
+    mask = mask_png(64, 64, lambda x, y: 0 if 16 <= x < 48 and 16 <= y < 48 else 255)
     masked = edit(mask=("mask.png", mask, "image/png"), extra_body={"seed": 31, "strength": 0.5})
     masked_png = base64.b64decode(masked.data[0].b64_json)
     assert png_size(masked_png) == (64, 64) and masked_png != outputs[0]
@@ -193,7 +169,7 @@ def test_edit(client: OpenAI):
 
     # GPT Image 2.5's edit: a markup laid over the image (opaque bar, transparent elsewhere),
     # quality xhigh, a safety identifier echoed back.
-    markup = rgba_png(64, 64, lambda x, y: 255 if 24 <= x < 40 else 0)
+    markup = mask_png(64, 64, lambda x, y: 255 if 24 <= x < 40 else 0)
     marked = edit(
         model="gpt-image-2.5-flare",
         markup=("markup.png", markup, "image/png"),
@@ -453,17 +429,7 @@ def main() -> int:
         unknown = set(only) - {name for name, _ in tests}
         assert not unknown, f"--only: no test named {unknown}"
         tests = [(name, fn) for name, fn in tests if name in only]
-    failed = 0
-    for name, fn in tests:
-        try:
-            fn()
-            print(f"ok     {name}")
-        except Exception:
-            failed += 1
-            print(f"FAILED {name}")
-            traceback.print_exc()
-    print(f"openai {openai.__version__}: {len(tests) - failed} passed, {failed} failed")
-    return 1 if failed else 0
+    return run(tests, f"openai {openai.__version__}")
 
 
 if __name__ == "__main__":

@@ -1960,14 +1960,26 @@ fn edit_mask(w: u32, h: u32) -> Vec<u8> {
 
 impl TestServer {
     fn edit(&self, fields: &[(&str, &str)], files: &[(&str, &[u8])]) -> (u16, String) {
+        self.edit_as(None, fields, files)
+    }
+
+    /// [`TestServer::edit`] with `key` as the bearer token when given.
+    fn edit_as(
+        &self,
+        key: Option<&str>,
+        fields: &[(&str, &str)],
+        files: &[(&str, &[u8])],
+    ) -> (u16, String) {
         let (ct, body) = multipart(fields, files);
-        let r = self
+        let mut r = self
             .client
             .post(self.url("/v1/images/edits"))
             .header("content-type", ct)
-            .body(body)
-            .send()
-            .unwrap();
+            .body(body);
+        if let Some(key) = key {
+            r = r.bearer_auth(key);
+        }
+        let r = r.send().unwrap();
         (r.status().as_u16(), r.text().unwrap())
     }
 
@@ -2698,19 +2710,12 @@ fn usage_is_counted_per_key() {
     let r = post("sk-a1", json!({"prompt": "a", "n": 2, "stream": true}));
     assert_eq!(r.status(), 200);
     assert_eq!(sse_events(&r.text().unwrap()).len(), 2);
-    let (ct, body) = multipart(
+    let (status, _) = s.edit_as(
+        Some("sk-a2"),
         &[("prompt", "a cat"), ("size", "64x64")],
         &[("image", &png_bytes(&edit_input()))],
     );
-    let r = s
-        .client
-        .post(s.url("/v1/images/edits"))
-        .bearer_auth("sk-a2")
-        .header("content-type", ct)
-        .body(body)
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(status, 200);
     // team-b: a 200, a 400 (validated after the key), then its limit of 2 requests a minute.
     assert_eq!(post("sk-b", json!({"prompt": "b"})).status(), 200);
     assert_eq!(post("sk-b", json!({"prompt": "b", "n": 11})).status(), 400);

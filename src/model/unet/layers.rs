@@ -210,11 +210,9 @@ impl Conv2d {
         padding: usize,
         stride: usize,
     ) -> Result<Self> {
-        Self::load(
-            vb,
-            [in_channels, out_channels, kernel, padding, stride],
-            true,
-        )
+        let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
+        let bias = vb.get(out_channels, "bias")?;
+        Ok(Self::nchw(weight, bias, padding, stride))
     }
 
     /// A convolution without bias (TAESD's after an upsampling): a zero bias, so that it runs
@@ -227,25 +225,13 @@ impl Conv2d {
         padding: usize,
         stride: usize,
     ) -> Result<Self> {
-        Self::load(
-            vb,
-            [in_channels, out_channels, kernel, padding, stride],
-            false,
-        )
+        let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
+        let bias = Tensor::zeros(out_channels, weight.dtype(), weight.device())?;
+        Ok(Self::nchw(weight, bias, padding, stride))
     }
 
-    fn load(
-        vb: VarBuilder,
-        [cin, cout, kernel, padding, stride]: [usize; 5],
-        bias: bool,
-    ) -> Result<Self> {
-        let weight = vb.get((cout, cin, kernel, kernel), "weight")?;
-        let bias = if bias {
-            vb.get(cout, "bias")?
-        } else {
-            Tensor::zeros(cout, weight.dtype(), weight.device())?
-        };
-        Ok(Self {
+    fn nchw(weight: Tensor, bias: Tensor, padding: usize, stride: usize) -> Self {
+        Self {
             weight,
             bias,
             params: ConvParams {
@@ -253,7 +239,7 @@ impl Conv2d {
                 stride,
                 channels_last: false,
             },
-        })
+        }
     }
 
     /// The same layer for `[N, H, W, C]` input and output, its weight permuted to KRSC
