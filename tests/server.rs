@@ -10,7 +10,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -1644,6 +1644,8 @@ fn a_disconnected_streams_images_never_run() {
 struct ServerProcess {
     child: Child,
     base: String,
+    /// Its log lines so far.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl ServerProcess {
@@ -1701,15 +1703,59 @@ impl ServerProcess {
             }
         };
         // Keep draining the log so the server never blocks on a full pipe.
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let kept = log.clone();
         std::thread::spawn(move || {
             for line in lines.map_while(Result::ok) {
                 eprintln!("[server] {line}");
+                kept.lock().unwrap().push(line);
             }
         });
         ServerProcess {
             child,
             base: format!("http://{addr}"),
+            log,
         }
+    }
+
+    /// Waits (two minutes at most) for a log line containing `text` after the first `from`
+    /// lines; returns the number of lines up to and including it.
+    fn wait_for_log(&self, from: usize, text: &str) -> usize {
+        let start = Instant::now();
+        loop {
+            {
+                let log = self.log.lock().unwrap();
+                if let Some(i) = log.iter().skip(from).position(|l| l.contains(text)) {
+                    return from + i + 1;
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "no log line with {text:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn metrics(&self) -> String {
+        Client::new()
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    }
+
+    fn log_len(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
     }
 
     /// SIGTERM, as systemd and Kubernetes stop a service.
@@ -1795,14 +1841,7 @@ fn sigterm_stops_accepting_and_drains_queued_work_then_exits_zero() {
         .timeout(Duration::from_secs(600))
         .build()
         .unwrap();
-    let metrics = || {
-        client
-            .get(format!("{}/metrics", p.base))
-            .send()
-            .unwrap()
-            .text()
-            .unwrap()
-    };
+    let metrics = || p.metrics();
 
     // A request whose body is still arriving when the signal comes: it holds the drain open,
     // so the test can see the draining server answer 503 however fast the queue empties.
@@ -1897,6 +1936,159 @@ fn systemd_is_told_when_the_server_is_ready_and_when_it_stops() {
         "STOPPING=1\nSTATUS=shutting down: finishing 0 queued images and the running work"
     );
     assert_eq!(p.exit_code(), Some(0));
+}
+
+/// `systemctl reload` (SIGHUP) reads `--api-keys-file` again at once: a key added works, a
+/// key removed is refused, a file that does not load leaves the keys as they were. The server
+/// goes on serving throughout.
+#[cfg(unix)]
+#[test]
+fn sighup_reads_the_keys_file_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys");
+    std::fs::write(&path, "sk-old name=old\n").unwrap();
+    let mut p = ServerProcess::start(&["--api-keys-file", path.to_str().unwrap()]);
+    let client = Client::new();
+    let models = |key: &str| {
+        client
+            .get(format!("{}/v1/models", p.base))
+            .bearer_auth(key)
+            .send()
+            .unwrap()
+            .status()
+    };
+    let metrics = || p.metrics();
+    assert_eq!(models("sk-old"), 200);
+    assert_eq!(models("sk-new"), 401);
+
+    std::fs::write(&path, "sk-new name=new\n").unwrap();
+    let seen = p.log_len();
+    p.signal("HUP");
+    let seen = p.wait_for_log(seen, "SIGHUP received: reading the API keys file again");
+    let seen = p.wait_for_log(seen, "API keys reloaded");
+    assert_eq!(models("sk-new"), 200);
+    assert_eq!(models("sk-old"), 401);
+    let m = metrics();
+    assert!(
+        m.contains("turbine_api_key_reloads_total{outcome=\"loaded\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("turbine_api_keys 1"), "{m}");
+
+    // A line that does not parse: the keys in use stay.
+    std::fs::write(&path, "sk-new priority=urgent\n").unwrap();
+    p.signal("HUP");
+    p.wait_for_log(seen, "it does not load; the keys in use stay");
+    assert_eq!(models("sk-new"), 200);
+    assert!(metrics().contains("turbine_api_key_reloads_total{outcome=\"failed\"} 1"));
+
+    p.terminate();
+    assert_eq!(p.exit_code(), Some(0));
+}
+
+/// SIGHUP with nothing to reload (no keys file, plain HTTP) is not the end of the server:
+/// without a handler, the signal's default would kill it with every queued image.
+#[cfg(unix)]
+#[test]
+fn sighup_never_ends_the_server() {
+    let mut p = ServerProcess::start(&[]);
+    let seen = p.log_len();
+    p.signal("HUP");
+    p.wait_for_log(seen, "SIGHUP received: nothing to reload");
+    let health = Client::new()
+        .get(format!("{}/health", p.base))
+        .send()
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    p.terminate();
+    assert_eq!(p.exit_code(), Some(0));
+}
+
+/// The server looks at `--api-keys-file` every `keys_reload_interval` and uses it once it
+/// changed: keys are added and removed without a signal or a restart, and a removed key's work
+/// under way takes no more images: its running batch's lines fail with `api_key_removed`.
+#[test]
+fn a_changed_keys_file_is_used_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys");
+    std::fs::write(&path, "sk-a name=team-a\nsk-b name=team-b\n").unwrap();
+    let mut config = test_config();
+    config.auth.keys_file = Some(path.clone());
+    config.auth.keys_reload_interval = Duration::from_millis(100);
+    config.batching.max_batch_size = 1;
+    let s = TestServer::start_with(config, |p| Box::new(Slow(p)));
+    let status = |key: &str| {
+        s.client
+            .post(s.url("/v1/images/generations"))
+            .bearer_auth(key)
+            .json(&json!({"prompt": "a"}))
+            .send()
+            .unwrap()
+            .status()
+    };
+    assert_eq!(status("sk-a"), 200);
+    assert_eq!(status("sk-c"), 401);
+    // Polls until the server has taken the change (a fraction of a second in fact).
+    let until = |what: &str, done: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        while !done() {
+            assert!(start.elapsed() < Duration::from_secs(60), "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    // team-b's batch of 60 lines (150 ms an image, two at a time) is under way...
+    let g = "/v1/images/generations";
+    let jsonl: Vec<String> = (0..60)
+        .map(|i| batch_line(&format!("l{i}"), g, json!({"prompt": "b"})))
+        .collect();
+    let (code, file) = s.upload(Some("sk-b"), &jsonl.join("\n"));
+    assert_eq!(code, 200, "{file}");
+    let (code, batch) = s.call(
+        "POST",
+        "/v1/batches",
+        Some("sk-b"),
+        Some(json!({"input_file_id": file["id"], "endpoint": g, "completion_window": "24h"})),
+    );
+    assert_eq!(code, 200, "{batch}");
+    let completed = "turbine_batch_api_requests_total{outcome=\"completed\"}";
+    s.wait_metric(completed, |v| v >= 2.0);
+    // ... when team-b's key goes and team-c's comes.
+    std::fs::write(&path, "sk-a name=team-a\nsk-c name=team-c\n").unwrap();
+    until("sk-c never worked", &|| status("sk-c") == 200);
+    assert_eq!(status("sk-b"), 401);
+    assert_eq!(status("sk-a"), 200);
+    let m = s.metrics();
+    assert!(
+        m.contains("turbine_api_key_reloads_total{outcome=\"loaded\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("turbine_api_keys 2"), "{m}");
+    assert!(
+        m.contains("turbine_key_images_total{key=\"team-c\"} 1"),
+        "{m}"
+    );
+    s.wait_metric("turbine_batch_api_running", |v| v == 0.0);
+
+    // The batch ended with the lines it ran, the rest failed. Its owner sees it again once
+    // the key is back.
+    std::fs::write(&path, "sk-b name=team-b\n").unwrap();
+    until("sk-b never came back", &|| status("sk-b") == 200);
+    let batch = s.wait_batch(Some("sk-b"), batch["id"].as_str().unwrap());
+    assert_eq!(batch["status"], "completed", "{batch}");
+    let counts = &batch["request_counts"];
+    let (done, failed) = (
+        counts["completed"].as_u64().unwrap(),
+        counts["failed"].as_u64().unwrap(),
+    );
+    assert!(done >= 2 && failed >= 1 && done + failed == 60, "{batch}");
+    let errors = s.file_lines(Some("sk-b"), batch["error_file_id"].as_str().unwrap());
+    assert_eq!(errors.len() as u64, failed);
+    for e in &errors {
+        let body = &e["response"]["body"]["error"];
+        assert_eq!(body["code"], "api_key_removed", "{e}");
+        assert_eq!(e["response"]["status_code"], 401, "{e}");
+    }
 }
 
 /// A `multipart/form-data` body by hand (text fields, then files), and its content type.

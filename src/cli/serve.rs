@@ -274,7 +274,8 @@ pub struct AuthArgs {
     pub api_keys: Vec<String>,
     /// File of API keys, one per line: `KEY [name=NAME] [priority=high|normal|low]
     /// [requests_per_minute=N] [images_per_minute=N]`; `#` starts a comment. NAME labels the
-    /// key's requests in the log and its usage in /metrics.
+    /// key's requests in the log and its usage in /metrics. Read again when it changes (checked
+    /// every 10 s) and on SIGHUP: keys are added, removed or changed without a restart.
     #[arg(long, env = "TURBINE_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
     /// Header whose value (high|normal|low) sets a request's priority. Only for deployments
@@ -299,12 +300,14 @@ impl Args {
                 self.limits.default_response_format
             ))
         })?;
-        let mut keys: Vec<ApiKey> = trimmed(&self.auth.api_keys)
+        let keys: Vec<ApiKey> = trimmed(&self.auth.api_keys)
             .into_iter()
             .map(ApiKey::plain)
             .collect();
+        // Checked here, to fail before the model loads; the server reads it again at start
+        // and whenever it changes.
         if let Some(path) = &self.auth.api_keys_file {
-            keys.extend(read_keys_file(path)?);
+            read_keys_file(&keys, path).map_err(|e| UsageError(format!("{e:#}")))?;
         }
         let config = ServerConfig {
             model: ModelIdentity {
@@ -348,7 +351,9 @@ impl Args {
             },
             auth: AuthConfig {
                 keys,
+                keys_file: self.auth.api_keys_file.clone(),
                 priority_header: self.auth.priority_header.clone(),
+                ..AuthConfig::default()
             },
             public_url: self.http.public_url.clone(),
             tls: match (&self.http.tls_cert_file, &self.http.tls_key_file) {

@@ -18,8 +18,8 @@
 //! up to `limit` and then proceeds at the average rate; `x-ratelimit-reset-*` is the time until
 //! the bucket is full again (OpenAI's meaning: "until the limit resets to its initial state").
 
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -68,10 +68,11 @@ impl ApiKey {
 }
 
 /// Reads an `--api-keys-file` (format in the module doc); errors name the file and line.
-pub fn read_keys_file(path: &Path) -> anyhow::Result<Vec<ApiKey>> {
-    let text = std::fs::read_to_string(path)
+/// With the `inline` keys (`--api-key`) before the file's; an error if that makes none.
+pub fn read_keys_file(inline: &[ApiKey], path: &Path) -> anyhow::Result<Vec<ApiKey>> {
+    let bytes = std::fs::read(path)
         .with_context(|| format!("cannot read API keys file {}", path.display()))?;
-    parse_keys(&text).with_context(|| format!("in API keys file {}", path.display()))
+    file_keys(inline, path, &bytes)
 }
 
 pub fn parse_keys(text: &str) -> anyhow::Result<Vec<ApiKey>> {
@@ -190,36 +191,106 @@ struct Limits {
     images: Option<Bucket>,
 }
 
+impl Limits {
+    fn new(key: &ApiKey, now: Instant) -> Self {
+        Limits {
+            requests: key.requests_per_minute.map(|l| Bucket::new(l, now)),
+            images: key.images_per_minute.map(|l| Bucket::new(l, now)),
+        }
+    }
+
+    /// A reload changed the key's limits: what is left of each bucket carries over (at most
+    /// the new limit); a limit the key did not have starts full.
+    fn retarget(&mut self, key: &ApiKey, now: Instant) {
+        for (bucket, limit) in [
+            (&mut self.requests, key.requests_per_minute),
+            (&mut self.images, key.images_per_minute),
+        ] {
+            *bucket = match (bucket.take(), limit) {
+                (Some(mut b), Some(limit)) => {
+                    b.refill(now);
+                    b.limit = limit;
+                    b.tokens = b.tokens.min(f64::from(limit));
+                    Some(b)
+                }
+                (None, Some(limit)) => Some(Bucket::new(limit, now)),
+                (_, None) => None,
+            };
+        }
+    }
+}
+
+/// A configured key as the server holds it.
 struct Entry {
     digest: [u8; 32],
     /// The key's `name`, or `key-` + the first 8 hex digits of its SHA-256.
-    label: std::sync::Arc<str>,
+    label: Arc<str>,
     priority: Priority,
-    limits: Mutex<Limits>,
+    /// Shared by the entries successive reloads make for the same key: its quota carries over.
+    limits: Arc<Mutex<Limits>>,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Entry")
+            .field("label", &self.label)
+            .field("priority", &self.priority)
+            .finish()
+    }
+}
+
+impl Entry {
+    fn fingerprint(&self) -> [u8; 16] {
+        let mut fingerprint = [0u8; 16];
+        fingerprint.copy_from_slice(&self.digest[..16]);
+        fingerprint
+    }
 }
 
 /// Who sent a request (for an open server: nobody in particular).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Caller {
-    /// Index of the key, `None` on an open server.
-    key: Option<usize>,
-    /// The first half of the key's SHA-256: names the owner of its files and batches on disk,
-    /// the same across restarts and reordered key files, without storing the key.
-    fingerprint: Option<[u8; 16]>,
+    /// The key's entry as it was when the request came; `None` on an open server.
+    key: Option<Arc<Entry>>,
     pub priority: Priority,
 }
 
 impl Caller {
     /// Whose files and batches this caller sees: those of its key (`None` on an open server).
+    /// The first half of the key's SHA-256: the same across restarts and reordered key files,
+    /// without storing the key.
     pub fn owner(&self) -> Option<String> {
-        self.fingerprint.map(hex::encode)
+        self.key.as_ref().map(|e| hex::encode(e.fingerprint()))
     }
+}
+
+/// `--api-keys-file`: where the keys are read again from, and what was read last.
+struct KeysFile {
+    path: PathBuf,
+    /// The `--api-key` keys, which a reload keeps.
+    inline: Vec<ApiKey>,
+    /// The file's bytes when it was last looked at (`None`: it could not be read).
+    seen: Mutex<Option<Vec<u8>>>,
+}
+
+/// What became of looking at the keys file again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeysReload {
+    /// No keys file, or it has not changed.
+    Unchanged,
+    /// The new keys are in use.
+    Loaded,
+    /// The file does not load (unreadable, a bad line, no keys at all): the keys in use stay.
+    Failed,
 }
 
 /// The configured keys and their limit state.
 pub struct Authenticator {
-    entries: Vec<Entry>,
+    keys: RwLock<Arc<[Arc<Entry>]>>,
+    /// No keys at all, and no file to read them from: anyone may call.
+    open: bool,
     priority_header: Option<HeaderName>,
+    file: Option<KeysFile>,
 }
 
 impl Authenticator {
@@ -234,39 +305,70 @@ impl Authenticator {
                     .with_context(|| format!("--priority-header {h:?} is not a valid header name"))
             })
             .transpose()?;
-        let entries = keys
-            .iter()
-            .map(|k| {
-                let digest: [u8; 32] = Sha256::digest(k.key.as_bytes()).into();
-                let label = match &k.name {
-                    Some(name) => name.clone(),
-                    None => format!("key-{}", hex::encode(&digest[..4])),
-                };
-                Entry {
-                    digest,
-                    label: label.into(),
-                    priority: k.priority,
-                    limits: Mutex::new(Limits {
-                        requests: k.requests_per_minute.map(|l| Bucket::new(l, now)),
-                        images: k.images_per_minute.map(|l| Bucket::new(l, now)),
-                    }),
-                }
-            })
-            .collect();
         Ok(Authenticator {
-            entries,
+            keys: RwLock::new(entries(keys, &[], now).into()),
+            open: keys.is_empty(),
             priority_header,
+            file: None,
         })
     }
 
+    /// The `inline` keys and those of the keys file at `path`, which [`Self::reload`] reads
+    /// again. The file must hold at least one key (or `inline` some): a keys file never leaves
+    /// the API open.
+    pub fn with_keys_file(
+        inline: &[ApiKey],
+        path: &Path,
+        priority_header: Option<&str>,
+        now: Instant,
+    ) -> anyhow::Result<Self> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("cannot read API keys file {}", path.display()))?;
+        let keys = file_keys(inline, path, &bytes)?;
+        let mut auth = Self::new(&keys, priority_header, now)?;
+        auth.file = Some(KeysFile {
+            path: path.to_path_buf(),
+            inline: inline.to_vec(),
+            seen: Mutex::new(Some(bytes)),
+        });
+        Ok(auth)
+    }
+
     pub fn is_open(&self) -> bool {
-        self.entries.is_empty()
+        self.open
+    }
+
+    /// How many keys are in use.
+    pub fn key_count(&self) -> usize {
+        self.current_keys().len()
+    }
+
+    fn current_keys(&self) -> Arc<[Arc<Entry>]> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The caller's key as configured now: a reload since the request came may have changed
+    /// its limits or name. `Ok(None)` on an open server; an error if the key is gone.
+    fn current(&self, caller: &Caller) -> Result<Option<Arc<Entry>>, ApiError> {
+        let Some(held) = &caller.key else {
+            return Ok(None);
+        };
+        self.current_keys()
+            .iter()
+            .find(|e| e.digest == held.digest)
+            .cloned()
+            .map(Some)
+            .ok_or(ApiError::KeyRemoved)
     }
 
     /// What the caller's requests and usage are labelled with: its key's name or fingerprint
-    /// label; `None` on an open server.
-    pub fn label(&self, caller: &Caller) -> Option<std::sync::Arc<str>> {
-        caller.key.map(|i| self.entries[i].label.clone())
+    /// label (as configured now, or when the request came if a reload removed the key since);
+    /// `None` on an open server.
+    pub fn label(&self, caller: &Caller) -> Option<Arc<str>> {
+        match self.current(caller) {
+            Ok(entry) => entry.map(|e| e.label.clone()),
+            Err(_) => caller.key.as_ref().map(|e| e.label.clone()),
+        }
     }
 
     /// Checks the `Authorization: Bearer KEY` header and the trusted priority header.
@@ -274,7 +376,6 @@ impl Authenticator {
         let mut caller = if self.is_open() {
             Caller {
                 key: None,
-                fingerprint: None,
                 priority: Priority::Normal,
             }
         } else {
@@ -287,14 +388,10 @@ impl Authenticator {
                 })
                 .filter(|k| !k.is_empty())
                 .ok_or(ApiError::MissingApiKey)?;
-            let index = self.lookup(presented).ok_or(ApiError::InvalidApiKey)?;
-            let digest = &self.entries[index].digest;
-            let mut fingerprint = [0u8; 16];
-            fingerprint.copy_from_slice(&digest[..16]);
+            let entry = self.lookup(presented).ok_or(ApiError::InvalidApiKey)?;
             Caller {
-                key: Some(index),
-                fingerprint: Some(fingerprint),
-                priority: self.entries[index].priority,
+                priority: entry.priority,
+                key: Some(entry),
             }
         };
         if let Some(name) = &self.priority_header {
@@ -321,38 +418,36 @@ impl Authenticator {
         match owner {
             None => self.is_open().then_some(Caller {
                 key: None,
-                fingerprint: None,
                 priority: Priority::Normal,
             }),
-            Some(hex_print) => self.entries.iter().enumerate().find_map(|(i, e)| {
-                (hex::encode(&e.digest[..16]) == *hex_print).then(|| {
-                    let mut fingerprint = [0u8; 16];
-                    fingerprint.copy_from_slice(&e.digest[..16]);
-                    Caller {
-                        key: Some(i),
-                        fingerprint: Some(fingerprint),
-                        priority: Priority::Normal,
-                    }
-                })
-            }),
+            Some(hex_print) => self
+                .current_keys()
+                .iter()
+                .find(|e| hex::encode(e.fingerprint()) == *hex_print)
+                .map(|e| Caller {
+                    key: Some(e.clone()),
+                    priority: Priority::Normal,
+                }),
         }
     }
 
     /// Compares the presented key's SHA-256 with every configured key's, in constant time and
     /// without early exit, so neither timing nor key length tells how close a guess was.
-    fn lookup(&self, presented: &str) -> Option<usize> {
+    fn lookup(&self, presented: &str) -> Option<Arc<Entry>> {
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let keys = self.current_keys();
         let mut found = 0u64;
-        for (i, e) in self.entries.iter().enumerate() {
+        for (i, e) in keys.iter().enumerate() {
             let hit = e.digest.ct_eq(&digest);
             found = u64::conditional_select(&found, &(i as u64 + 1), hit);
         }
-        (found > 0).then(|| found as usize - 1)
+        (found > 0).then(|| keys[found as usize - 1].clone())
     }
 
     /// Takes `requests` requests and `images` images from the caller's buckets, or nothing if
     /// either would go below zero. The middleware takes the request (every request counts, as
-    /// at OpenAI); the handler takes the images once it knows `n`.
+    /// at OpenAI); the handler takes the images once it knows `n`. A key a reload removed since
+    /// the request came takes nothing more ([`ApiError::KeyRemoved`]).
     pub fn consume(
         &self,
         caller: &Caller,
@@ -360,10 +455,10 @@ impl Authenticator {
         images: u32,
         now: Instant,
     ) -> Result<(), ApiError> {
-        let Some(index) = caller.key else {
+        let Some(entry) = self.current(caller)? else {
             return Ok(());
         };
-        let mut limits = lock(&self.entries[index].limits);
+        let mut limits = lock(&entry.limits);
         let requests_needed = requests;
         let Limits {
             requests,
@@ -412,10 +507,10 @@ impl Authenticator {
         caller: &Caller,
         now: Instant,
     ) -> Vec<(HeaderName, HeaderValue)> {
-        let Some(index) = caller.key else {
+        let Ok(Some(entry)) = self.current(caller) else {
             return Vec::new();
         };
-        let mut limits = lock(&self.entries[index].limits);
+        let mut limits = lock(&entry.limits);
         let Limits { requests, images } = &mut *limits;
         let mut out = Vec::new();
         for (bucket, kind) in [(requests.as_mut(), "requests"), (images.as_mut(), "images")] {
@@ -436,6 +531,106 @@ impl Authenticator {
         }
         out
     }
+
+    /// Reads the keys file again and, if it changed since it was last read (`force`: in any
+    /// case), puts its keys in use: requests that arrive from then on are checked against them.
+    /// A key kept keeps what is left of its quota; one removed takes no more requests or images,
+    /// and those under way finish. A file that does not load leaves the keys in use as they are
+    /// and is not tried again until it changes once more.
+    ///
+    /// Without `force` (the periodic check) a change must read the same twice, `settle` apart,
+    /// so that a file caught half written by an editor is left for the next check.
+    pub fn reload(&self, force: bool, settle: Duration, now: Instant) -> KeysReload {
+        let Some(file) = &self.file else {
+            return KeysReload::Unchanged;
+        };
+        let mut read = std::fs::read(&file.path);
+        if !force {
+            if lock(&file.seen).as_ref() == read.as_ref().ok() {
+                return KeysReload::Unchanged;
+            }
+            std::thread::sleep(settle);
+            let again = std::fs::read(&file.path);
+            if again.as_ref().ok() != read.as_ref().ok() {
+                return KeysReload::Unchanged;
+            }
+            read = again;
+        }
+        *lock(&file.seen) = read.as_ref().ok().cloned();
+        let loaded = read
+            .with_context(|| format!("cannot read API keys file {}", file.path.display()))
+            .and_then(|bytes| file_keys(&file.inline, &file.path, &bytes));
+        let keys = match loaded {
+            Ok(keys) => keys,
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "API keys file: it does not load; the keys in use stay"
+                );
+                return KeysReload::Failed;
+            }
+        };
+        let mut table = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        let new: Arc<[Arc<Entry>]> = entries(&keys, &table, now).into();
+        let labels = |from: &[Arc<Entry>], not_in: &[Arc<Entry>]| {
+            from.iter()
+                .filter(|e| !not_in.iter().any(|o| o.digest == e.digest))
+                .map(|e| e.label.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        tracing::info!(
+            file = %file.path.display(),
+            keys = new.len(),
+            added = labels(&new, &table),
+            removed = labels(&table, &new),
+            "API keys reloaded: requests from now on are checked against them"
+        );
+        *table = new;
+        KeysReload::Loaded
+    }
+}
+
+/// The entries for `keys`, reusing the limit state of those already in `old`.
+fn entries(keys: &[ApiKey], old: &[Arc<Entry>], now: Instant) -> Vec<Arc<Entry>> {
+    keys.iter()
+        .map(|k| {
+            let digest: [u8; 32] = Sha256::digest(k.key.as_bytes()).into();
+            let label = match &k.name {
+                Some(name) => name.clone(),
+                None => format!("key-{}", hex::encode(&digest[..4])),
+            };
+            let limits = match old.iter().find(|e| e.digest == digest) {
+                Some(e) => {
+                    lock(&e.limits).retarget(k, now);
+                    e.limits.clone()
+                }
+                None => Arc::new(Mutex::new(Limits::new(k, now))),
+            };
+            Arc::new(Entry {
+                digest,
+                label: label.into(),
+                priority: k.priority,
+                limits,
+            })
+        })
+        .collect()
+}
+
+/// The `inline` keys and those of a keys file's `bytes`; an error if that makes none.
+pub fn file_keys(inline: &[ApiKey], path: &Path, bytes: &[u8]) -> anyhow::Result<Vec<ApiKey>> {
+    let text = std::str::from_utf8(bytes)
+        .with_context(|| format!("API keys file {} is not UTF-8 text", path.display()))?;
+    let mut keys = inline.to_vec();
+    keys.extend(parse_keys(text).with_context(|| format!("in API keys file {}", path.display()))?);
+    if keys.is_empty() {
+        bail!(
+            "API keys file {} has no keys: the API would be open to anyone (leave out \
+             --api-keys-file for an open server)",
+            path.display()
+        );
+    }
+    Ok(keys)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -561,12 +756,155 @@ mod tests {
             auth.authenticate(&headers(Some("Bearer sk-one-more"))),
             Err(ApiError::InvalidApiKey)
         ));
+        let owner = |key: &str| Some(hex::encode(&Sha256::digest(key.as_bytes())[..16]));
         let c = auth.authenticate(&headers(Some("Bearer sk-high"))).unwrap();
-        assert_eq!((c.key, c.priority), (Some(1), Priority::High));
+        assert_eq!((c.owner(), c.priority), (owner("sk-high"), Priority::High));
         let c = auth
             .authenticate(&headers(Some("bearer  sk-one ")))
             .unwrap();
-        assert_eq!(c.key, Some(0));
+        assert_eq!(c.owner(), owner("sk-one"));
+    }
+
+    #[test]
+    fn a_changed_keys_file_adds_removes_and_changes_keys_and_quotas_carry_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        let t0 = Instant::now();
+        let settle = Duration::ZERO;
+        std::fs::write(&path, "sk-a name=team-a requests_per_minute=2\nsk-b\n").unwrap();
+        let inline = [ApiKey::plain("sk-inline")];
+        let auth = Authenticator::with_keys_file(&inline, &path, None, t0).unwrap();
+        assert_eq!(auth.key_count(), 3);
+        let bearer = |k: &str| headers(Some(&format!("Bearer {k}")));
+        let a = auth.authenticate(&bearer("sk-a")).unwrap();
+        let b = auth.authenticate(&bearer("sk-b")).unwrap();
+        auth.consume(&a, 1, 0, t0).unwrap();
+        assert_eq!(auth.reload(false, settle, t0), KeysReload::Unchanged);
+
+        // sk-a renamed with a higher limit, sk-b gone, sk-c new.
+        std::fs::write(
+            &path,
+            "# rotated\nsk-a name=team-x requests_per_minute=5 priority=high\nsk-c name=c\n",
+        )
+        .unwrap();
+        assert_eq!(auth.reload(false, settle, t0), KeysReload::Loaded);
+        assert_eq!(auth.key_count(), 3, "sk-inline, sk-a, sk-c");
+        assert!(matches!(
+            auth.authenticate(&bearer("sk-b")),
+            Err(ApiError::InvalidApiKey)
+        ));
+        // A request of sk-b under way takes nothing more, and keeps its label.
+        assert!(matches!(
+            auth.consume(&b, 0, 1, t0),
+            Err(ApiError::KeyRemoved)
+        ));
+        let b_label = format!("key-{}", hex::encode(&Sha256::digest(b"sk-b")[..4]));
+        assert_eq!(auth.label(&b).as_deref(), Some(b_label.as_str()));
+        assert!(auth.rate_limit_headers(&b, t0).is_empty());
+        let c = auth.authenticate(&bearer("sk-c")).unwrap();
+        assert_eq!(auth.label(&c).as_deref(), Some("c"));
+        assert!(auth.authenticate(&bearer("sk-inline")).is_ok());
+        // sk-a: the new name and priority; the one request it took still counts, under the
+        // new limit, also for the request that authenticated before the reload.
+        let a2 = auth.authenticate(&bearer("sk-a")).unwrap();
+        assert_eq!(a2.priority, Priority::High);
+        assert_eq!(auth.label(&a).as_deref(), Some("team-x"));
+        assert_eq!(a.owner(), a2.owner());
+        let remaining = |caller: &Caller| {
+            auth.rate_limit_headers(caller, t0)
+                .into_iter()
+                .find(|(n, _)| n == "x-ratelimit-remaining-requests")
+                .map(|(_, v)| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(remaining(&a).as_deref(), Some("1"));
+        auth.consume(&a, 1, 0, t0).unwrap();
+        assert_eq!(remaining(&a2).as_deref(), Some("0"));
+
+        // A file that does not load leaves the keys as they are, once per change.
+        for bad in [&b"sk-a priority=urgent\n"[..], b"sk-a\xff\n"] {
+            std::fs::write(&path, bad).unwrap();
+            assert_eq!(auth.reload(false, settle, t0), KeysReload::Failed);
+            assert_eq!(auth.reload(false, settle, t0), KeysReload::Unchanged);
+            assert!(auth.authenticate(&bearer("sk-c")).is_ok());
+        }
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(auth.reload(false, settle, t0), KeysReload::Failed);
+        assert!(auth.authenticate(&bearer("sk-c")).is_ok());
+        // SIGHUP reads it in any case.
+        std::fs::write(&path, "sk-d\n").unwrap();
+        assert_eq!(auth.reload(true, settle, t0), KeysReload::Loaded);
+        assert_eq!(auth.reload(true, settle, t0), KeysReload::Loaded);
+        assert!(auth.authenticate(&bearer("sk-c")).is_err());
+        assert!(auth.authenticate(&bearer("sk-d")).is_ok());
+        assert!(!auth.is_open());
+    }
+
+    #[test]
+    fn a_keys_file_never_leaves_the_api_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, "# no keys yet\n").unwrap();
+        let now = Instant::now();
+        let e = Authenticator::with_keys_file(&[], &path, None, now)
+            .err()
+            .unwrap();
+        assert!(format!("{e:#}").contains("has no keys"), "{e:#}");
+        assert!(read_keys_file(&[], &path).is_err());
+        // Nor does a reload that would leave no keys.
+        std::fs::write(&path, "sk-a\n").unwrap();
+        let auth = Authenticator::with_keys_file(&[], &path, None, now).unwrap();
+        for empty in ["# every key commented out\n", ""] {
+            std::fs::write(&path, empty).unwrap();
+            assert_eq!(
+                auth.reload(true, Duration::ZERO, now),
+                KeysReload::Failed,
+                "{empty:?}"
+            );
+            assert!(auth.authenticate(&headers(Some("Bearer sk-a"))).is_ok());
+            assert!(matches!(
+                auth.authenticate(&headers(None)),
+                Err(ApiError::MissingApiKey)
+            ));
+        }
+        // With an --api-key besides, an empty file is fine.
+        let inline = [ApiKey::plain("sk-x")];
+        let auth = Authenticator::with_keys_file(&inline, &path, None, now).unwrap();
+        assert!(!auth.is_open());
+        assert!(matches!(
+            auth.authenticate(&headers(None)),
+            Err(ApiError::MissingApiKey)
+        ));
+        std::fs::write(&path, [0xff, 0xfe, b'\n']).unwrap();
+        let e = read_keys_file(&inline, &path).unwrap_err();
+        assert!(format!("{e:#}").contains("not UTF-8"), "{e:#}");
+    }
+
+    /// The periodic check leaves a file that changes between its two reads (an editor writing
+    /// it) for the next check.
+    #[test]
+    fn a_file_caught_while_it_changes_waits_for_the_next_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, "sk-a\n").unwrap();
+        let now = Instant::now();
+        let auth = Authenticator::with_keys_file(&[], &path, None, now).unwrap();
+        std::fs::write(&path, "sk-a\nsk-").unwrap();
+        let writer = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                std::fs::write(&path, "sk-a\nsk-b\n").unwrap();
+            })
+        };
+        // First read now ("sk-"), the second after the writer finished: they differ.
+        assert_eq!(
+            auth.reload(false, Duration::from_secs(3), now),
+            KeysReload::Unchanged
+        );
+        writer.join().unwrap();
+        assert!(auth.authenticate(&headers(Some("Bearer sk-"))).is_err());
+        assert_eq!(auth.reload(false, Duration::ZERO, now), KeysReload::Loaded);
+        assert!(auth.authenticate(&headers(Some("Bearer sk-b"))).is_ok());
     }
 
     #[test]

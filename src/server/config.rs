@@ -115,13 +115,28 @@ pub struct FilesConfig {
     pub webhook_ca_file: Option<std::path::PathBuf>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AuthConfig {
-    /// Empty: the API is open.
+    /// `--api-key`; with no `keys_file` either, the API is open.
     pub keys: Vec<ApiKey>,
+    /// `--api-keys-file`: more keys, read again when it changes (checked every
+    /// `keys_reload_interval`) and on SIGHUP.
+    pub keys_file: Option<std::path::PathBuf>,
+    pub keys_reload_interval: Duration,
     /// A header whose value (`high|normal|low`) sets a request's priority; only for
     /// deployments where a trusted proxy sets it.
     pub priority_header: Option<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            keys: Vec::new(),
+            keys_file: None,
+            keys_reload_interval: Duration::from_secs(10),
+            priority_header: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

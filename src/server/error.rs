@@ -99,6 +99,11 @@ pub enum ApiError {
     #[error("Incorrect API key provided.")]
     InvalidApiKey,
     #[error(
+        "The API key of this request is no longer configured: it was removed from the keys file \
+         while the request was under way."
+    )]
+    KeyRemoved,
+    #[error(
         "rate limit reached for {kind} per minute: limit {limit}, this request needs {needed}; \
          retry after {} s",
         retry_after.as_secs()
@@ -193,6 +198,12 @@ impl ApiError {
                 S::UNAUTHORIZED,
                 INVALID,
                 Some("invalid_api_key"),
+                "unauthorized",
+            ),
+            ApiError::KeyRemoved => row(
+                S::UNAUTHORIZED,
+                INVALID,
+                Some("api_key_removed"),
                 "unauthorized",
             ),
             ApiError::RateLimited { kind, .. } => row(
@@ -334,6 +345,7 @@ mod tests {
             (ApiError::NotAnObject("an array"), 422),
             (ApiError::MissingApiKey, 401),
             (ApiError::InvalidApiKey, 401),
+            (ApiError::KeyRemoved, 401),
             (ApiError::ModelNotFound("x".into()), 404),
             (ApiError::PayloadTooLarge { limit: 10 }, 413),
             (

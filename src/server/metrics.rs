@@ -180,6 +180,12 @@ pub struct Metrics {
     tls_reloads: [AtomicU64; 2],
     /// Connections refused before HTTP by reason: plain HTTP, failed handshake, timeout.
     tls_refused: [AtomicU64; 3],
+    /// API keys in use.
+    api_keys: AtomicU64,
+    /// Whether keys come from a file (the reload series are rendered only then).
+    keys_file: AtomicBool,
+    /// Keys file reloads by outcome: loaded, failed.
+    api_key_reloads: [AtomicU64; 2],
 }
 
 /// What became of reloading changed certificate files.
@@ -263,6 +269,9 @@ impl Metrics {
             tls_not_after: AtomicI64::new(i64::MIN),
             tls_reloads: Default::default(),
             tls_refused: Default::default(),
+            api_keys: AtomicU64::new(0),
+            keys_file: AtomicBool::new(false),
+            api_key_reloads: Default::default(),
         }
     }
 
@@ -417,6 +426,21 @@ impl Metrics {
         self.tls.store(true, Ordering::Relaxed);
         self.tls_not_after
             .store(not_after.unwrap_or(i64::MIN), Ordering::Relaxed);
+    }
+
+    /// How many API keys are in use.
+    pub fn api_keys(&self, n: usize) {
+        self.api_keys.store(n as u64, Ordering::Relaxed);
+    }
+
+    /// Keys come from `--api-keys-file`, which is read again when it changes.
+    pub fn keys_file(&self) {
+        self.keys_file.store(true, Ordering::Relaxed);
+    }
+
+    /// The keys file was read again after a change: `loaded` (its keys are in use) or not.
+    pub fn api_key_reload(&self, loaded: bool) {
+        self.api_key_reloads[usize::from(!loaded)].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn tls_reload(&self, outcome: TlsReload) {
@@ -661,6 +685,27 @@ impl Metrics {
             "Webhook deliveries under way: not yet delivered, given up or dropped.",
             &self.webhooks_pending.load(Ordering::Relaxed),
         );
+        let keys = self.api_keys.load(Ordering::Relaxed);
+        if keys > 0 {
+            single(
+                &mut out,
+                "turbine_api_keys",
+                "gauge",
+                "API keys in use (--api-key and --api-keys-file).",
+                &keys,
+            );
+        }
+        if self.keys_file.load(Ordering::Relaxed) {
+            let [loaded, failed] = &self.api_key_reloads;
+            labelled(
+                &mut out,
+                "turbine_api_key_reloads_total",
+                "The keys file read again after a change or on SIGHUP, by outcome: loaded (its \
+                 keys are in use) or failed (the keys in use stay).",
+                "outcome",
+                &[("loaded", loaded), ("failed", failed)],
+            );
+        }
         if self.tls.load(Ordering::Relaxed) {
             let not_after = self.tls_not_after.load(Ordering::Relaxed);
             if not_after != i64::MIN {

@@ -162,6 +162,76 @@ impl App {
     }
 }
 
+/// How long a changed keys file must read the same before the periodic check uses it.
+const KEYS_FILE_SETTLE: Duration = Duration::from_millis(200);
+
+/// Reads the keys file again (off the async workers: a small read, and a short settle) and
+/// counts what became of it.
+async fn reload_keys(app: &Arc<App>, force: bool) {
+    let app2 = app.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        app2.auth
+            .reload(force, KEYS_FILE_SETTLE, std::time::Instant::now())
+    })
+    .await;
+    match outcome {
+        Ok(auth::KeysReload::Loaded) => {
+            app.metrics.api_key_reload(true);
+            app.metrics.api_keys(app.auth.key_count());
+        }
+        Ok(auth::KeysReload::Failed) => app.metrics.api_key_reload(false),
+        Ok(auth::KeysReload::Unchanged) | Err(_) => {}
+    }
+}
+
+/// Looks at `--api-keys-file` every `keys_reload_interval` and uses it once it changed.
+async fn watch_keys_file(app: Arc<App>) {
+    let mut every = tokio::time::interval(app.config.auth.keys_reload_interval);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        reload_keys(&app, false).await;
+    }
+}
+
+/// SIGHUP (`systemctl reload`) reads the keys file and the certificate files again at once.
+/// Without a handler the signal would end the process, and every queued image with it.
+async fn reload_on_hangup(app: Arc<App>, tls: Option<Arc<tls::Tls>>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot handle SIGHUP: {e}");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            let mut what = Vec::new();
+            if app.config.auth.keys_file.is_some() {
+                what.push("the API keys file");
+            }
+            if tls.is_some() {
+                what.push("the certificate files");
+            }
+            if what.is_empty() {
+                tracing::info!("SIGHUP received: nothing to reload (no keys file, no HTTPS)");
+                continue;
+            }
+            tracing::info!("SIGHUP received: reading {} again", what.join(" and "));
+            reload_keys(&app, true).await;
+            if let Some(tls) = &tls {
+                let tls = tls.clone();
+                let _ = tokio::task::spawn_blocking(move || tls.reload(true)).await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (app, tls);
+}
+
 /// See [`App::enter`].
 pub struct InFlight(Arc<App>);
 
@@ -207,11 +277,23 @@ pub async fn serve(
         metrics.clone(),
     ));
     queue.set_workers(workers.len());
-    let auth = Authenticator::new(
-        &config.auth.keys,
-        config.auth.priority_header.as_deref(),
-        now,
-    )?;
+    let auth = match &config.auth.keys_file {
+        None => Authenticator::new(
+            &config.auth.keys,
+            config.auth.priority_header.as_deref(),
+            now,
+        )?,
+        Some(path) => {
+            metrics.keys_file();
+            Authenticator::with_keys_file(
+                &config.auth.keys,
+                path,
+                config.auth.priority_header.as_deref(),
+                now,
+            )?
+        }
+    };
+    metrics.api_keys(auth.key_count());
     if auth.is_open() {
         tracing::warn!("no API keys configured: the API is open to anyone who can reach it");
     }
@@ -276,6 +358,10 @@ pub async fn serve(
     batches::resume(&app);
     app.webhooks.resume();
     tokio::spawn(sweep_files_and_batches(app.clone()));
+    if app.config.auth.keys_file.is_some() {
+        tokio::spawn(watch_keys_file(app.clone()));
+    }
+    tokio::spawn(reload_on_hangup(app.clone(), tls.clone()));
 
     let n_workers = workers.len();
     let mut ready = Vec::new();

@@ -442,7 +442,7 @@ async fn authenticate(State(app): State<Arc<App>>, mut req: Request, next: Next)
     }
     let mut response = match app.auth.consume(&caller, 1, 0, Instant::now()) {
         Ok(()) => {
-            req.extensions_mut().insert(caller);
+            req.extensions_mut().insert(caller.clone());
             next.run(req).await
         }
         Err(e) => e.into_response(),

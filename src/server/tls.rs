@@ -235,35 +235,17 @@ impl Tls {
         }
     }
 
-    /// Checks the files every `reload_interval`, and at once on SIGHUP; runs until dropped.
+    /// Checks the files every `reload_interval` (SIGHUP: see `server::reload_on_hangup`); runs
+    /// until dropped.
     pub async fn watch(self: Arc<Self>) {
         let mut every = tokio::time::interval(self.config.reload_interval);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         every.tick().await;
-        #[cfg(unix)]
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         loop {
-            #[cfg(unix)]
-            let hangup = async {
-                match hup.as_mut() {
-                    Some(s) => {
-                        s.recv().await;
-                    }
-                    None => std::future::pending().await,
-                }
-            };
-            #[cfg(not(unix))]
-            let hangup = std::future::pending::<()>();
-            let force = tokio::select! {
-                _ = every.tick() => false,
-                () = hangup => {
-                    tracing::info!("SIGHUP received: reloading the certificate files");
-                    true
-                }
-            };
+            every.tick().await;
             let tls = self.clone();
             // A few small reads: off the async workers all the same.
-            let _ = tokio::task::spawn_blocking(move || tls.reload(force)).await;
+            let _ = tokio::task::spawn_blocking(move || tls.reload(false)).await;
         }
     }
 }
