@@ -216,6 +216,29 @@ struct BodyState {
     done: AtomicBool,
     /// Went longer than `--request-body-timeout` without a byte; the reader got an error.
     stalled: AtomicBool,
+    /// HTTP/1: the small rest of a body the handler dropped unread, for [`watch_body`] to read.
+    unread: std::sync::Mutex<Option<Body>>,
+}
+
+fn lock_unread(state: &BodyState) -> std::sync::MutexGuard<'_, Option<Body>> {
+    state.unread.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The most of an HTTP/1 body left unread that is read anyway to keep its connection (OpenAI's
+/// JSON requests are far smaller; an upload answered early is not worth reading).
+const KEEP_ALIVE_DRAIN: u64 = 64 << 10;
+
+/// How long the response to such a request waits for the rest of its body.
+const KEEP_ALIVE_DRAIN_WAIT: Duration = Duration::from_secs(2);
+
+/// What becomes of what the handler left of a body when it drops it unread.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Rest {
+    /// HTTP/2: read and dropped in the background.
+    Drain,
+    /// HTTP/1: kept for [`watch_body`] if small, else dropped (the connection then closes).
+    Keep,
+    Drop,
 }
 
 /// A request body that notes when it has been read to its end, and fails (once) when it goes
@@ -225,18 +248,18 @@ struct Watched {
     state: Arc<BodyState>,
     idle: Duration,
     timer: Pin<Box<tokio::time::Sleep>>,
-    /// HTTP/2: what the handler left unread is read and dropped after it ([`Drop`]).
-    drain_rest: bool,
+    /// What becomes of what the handler leaves unread ([`Drop`]).
+    rest: Rest,
 }
 
 impl Watched {
-    fn new(inner: Body, state: Arc<BodyState>, idle: Duration, drain_rest: bool) -> Self {
+    fn new(inner: Body, state: Arc<BodyState>, idle: Duration, rest: Rest) -> Self {
         Watched {
             inner,
             state,
             idle,
             timer: Box::pin(tokio::time::sleep(idle)),
-            drain_rest,
+            rest,
         }
     }
 }
@@ -244,21 +267,32 @@ impl Watched {
 /// Over HTTP/2 a request body the handler dropped unread makes hyper reset the stream, and
 /// clients (curl, for one) then drop the response that was already on its way: a 415 for a
 /// large upload of the wrong type never arrives. So the rest is read and dropped in the
-/// background instead, up to [`DRAIN_CAP`] bytes and while it keeps arriving. HTTP/1 closes
-/// the connection instead (see [`watch_body`]).
+/// background instead, up to [`DRAIN_CAP`] bytes and while it keeps arriving. HTTP/1 reads a
+/// small rest before the response, or closes the connection (see [`watch_body`]).
 impl Drop for Watched {
     fn drop(&mut self) {
-        if !self.drain_rest
+        if self.rest == Rest::Drop
             || self.state.done.load(Ordering::Relaxed)
             || self.state.stalled.load(Ordering::Relaxed)
         {
             return;
         }
+        let inner = std::mem::replace(&mut self.inner, Body::empty());
+        if self.rest == Rest::Keep {
+            use http_body::Body as _;
+            if inner
+                .size_hint()
+                .upper()
+                .is_some_and(|n| n <= KEEP_ALIVE_DRAIN)
+            {
+                *lock_unread(&self.state) = Some(inner);
+            }
+            return;
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let inner = std::mem::replace(&mut self.inner, Body::empty());
-        let rest = Watched::new(inner, self.state.clone(), self.idle, false);
+        let rest = Watched::new(inner, self.state.clone(), self.idle, Rest::Drop);
         runtime.spawn(drain(Body::new(rest), 0));
     }
 }
@@ -312,8 +346,14 @@ impl http_body::Body for Watched {
 /// made of that becomes a 408: the client learns why, and the handler's task and in-flight
 /// count do not wait on it for ever.
 ///
-/// A response to a request whose body was not read to its end (a 415, 413 or 401 answered
-/// before the body, or a 408) closes the connection and says so. hyper does not keep such a
+/// A request answered before its body was read (a 401, a 429 of the request limit, a 415)
+/// keeps its HTTP/1 connection when the rest of the body is small: the rest (at most
+/// [`KEEP_ALIVE_DRAIN`] bytes by its `Content-Length`) is read and dropped before the response
+/// goes, for at most [`KEEP_ALIVE_DRAIN_WAIT`]. A gateway retrying 429s over HTTPS then pays no
+/// new handshake per retry.
+///
+/// A response to a request whose body was still not read to its end (a larger or chunked one,
+/// or a 408) closes the connection and says so. hyper does not keep such a
 /// connection, but without `Connection: close` the client does not know it: it pools the
 /// connection, and its next request on it fails with the connection closed under it (an error
 /// the caller sees, or a retry a gateway counts against this server). That header is HTTP/1's:
@@ -342,10 +382,16 @@ async fn watch_body(State(app): State<Arc<App>>, mut req: Request, next: Next) -
     let state = Arc::new(BodyState::default());
     let idle = app.config.limits.body_timeout;
     let (parts, inner) = req.into_parts();
-    let body = Body::new(Watched::new(inner, state.clone(), idle, !http1));
+    let rest = if http1 { Rest::Keep } else { Rest::Drain };
+    let body = Body::new(Watched::new(inner, state.clone(), idle, rest));
     let mut response = next.run(Request::from_parts(parts, body)).await;
     if state.stalled.load(Ordering::Relaxed) {
         response = ApiError::BodyTimeout { after: idle }.into_response();
+    }
+    let unread = lock_unread(&state).take();
+    if let Some(unread) = unread {
+        let rest = Watched::new(unread, state.clone(), idle, Rest::Drop);
+        let _ = tokio::time::timeout(KEEP_ALIVE_DRAIN_WAIT, drain(Body::new(rest), 0)).await;
     }
     if http1 && !state.done.load(Ordering::Relaxed) {
         response

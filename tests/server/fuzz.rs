@@ -1205,6 +1205,57 @@ fn a_body_left_unread_closes_its_connection_and_says_so() {
     }
 }
 
+/// A request refused before its body was read, a 401 or a 429 of the key's request limit (what
+/// a gateway retries), keeps its connection when the body is small: the server reads the rest
+/// before it answers. A large unread body still closes it, and so does a small one that does
+/// not arrive.
+#[test]
+fn a_small_body_refused_unread_keeps_its_connection() {
+    use std::io::{Read, Write};
+    let mut config = test_config();
+    config.auth.keys = turbine::server::auth::parse_keys("sk-a requests_per_minute=2\n").unwrap();
+    let s = TestServer::start(config);
+    let g = "/v1/images/generations";
+    let body = json!({"prompt": "kept alive", "size": "64x64"}).to_string();
+    let with_key = |key: Option<&str>, ctype: &str, body: &[u8]| {
+        let mut r = post_head(g, key, ctype, body.len()).into_bytes();
+        r.extend_from_slice(body);
+        r
+    };
+    let mut conn = std::io::BufReader::new(s.raw());
+    for (key, ctype, want) in [
+        (None, "application/json", "401"),
+        (Some("sk-wrong"), "application/json", "401"),
+        (Some("sk-a"), "text/plain", "415"),
+        (Some("sk-a"), "application/json", "200"),
+        (Some("sk-a"), "application/json", "429"),
+        (Some("sk-a"), "application/json", "429"),
+    ] {
+        let (head, _) = exchange(&mut conn, &with_key(key, ctype, body.as_bytes()));
+        assert!(head.starts_with(&format!("http/1.1 {want}")), "{head}");
+        assert!(!head.contains("connection: close"), "{want}: {head}");
+    }
+
+    // 128 KiB unread: said to close, and closed.
+    let big = vec![b'x'; 128 << 10];
+    let (head, _) = exchange(&mut conn, &with_key(None, "application/json", &big));
+    assert!(head.starts_with("http/1.1 401"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let mut rest = Vec::new();
+    let _ = conn.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+
+    // A small body half sent: answered once the wait for the rest is over, and closed.
+    let mut stream = s.raw();
+    let request = with_key(None, "application/json", body.as_bytes());
+    stream.write_all(&request[..request.len() - 5]).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let lower = answer.to_ascii_lowercase();
+    assert!(lower.starts_with("http/1.1 401"), "{answer}");
+    assert!(lower.contains("connection: close"), "{answer}");
+}
+
 /// What an abandoning client does to its connection.
 #[derive(Clone, Copy, Debug)]
 enum Abandon {
