@@ -1737,6 +1737,16 @@ impl ServerProcess {
         }
     }
 
+    /// The status `/health` answers with.
+    fn health(&self) -> u16 {
+        Client::new()
+            .get(format!("{}/health", self.base))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
     fn metrics(&self) -> String {
         Client::new()
             .get(format!("{}/metrics", self.base))
@@ -1924,11 +1934,7 @@ fn systemd_is_told_when_the_server_is_ready_and_when_it_stops() {
         format!("READY=1\nSTATUS=serving sdxl-turbo on {}", p.base)
     );
     // Ready means ready: no poll, the first look at /health finds it so.
-    let health = Client::new()
-        .get(format!("{}/health", p.base))
-        .send()
-        .unwrap();
-    assert_eq!(health.status(), 200);
+    assert_eq!(p.health(), 200);
 
     p.terminate();
     assert_eq!(
@@ -1995,11 +2001,7 @@ fn sighup_never_ends_the_server() {
     let seen = p.log_len();
     p.signal("HUP");
     p.wait_for_log(seen, "SIGHUP received: nothing to reload");
-    let health = Client::new()
-        .get(format!("{}/health", p.base))
-        .send()
-        .unwrap();
-    assert_eq!(health.status(), 200);
+    assert_eq!(p.health(), 200);
     p.terminate();
     assert_eq!(p.exit_code(), Some(0));
 }
