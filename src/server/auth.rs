@@ -70,9 +70,11 @@ impl ApiKey {
 /// Reads an `--api-keys-file` (format in the module doc); errors name the file and line.
 /// With the `inline` keys (`--api-key`) before the file's; an error if that makes none.
 pub fn read_keys_file(inline: &[ApiKey], path: &Path) -> anyhow::Result<Vec<ApiKey>> {
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("cannot read API keys file {}", path.display()))?;
-    file_keys(inline, path, &bytes)
+    file_keys(inline, path, &read_bytes(path)?)
+}
+
+fn read_bytes(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read API keys file {}", path.display()))
 }
 
 pub fn parse_keys(text: &str) -> anyhow::Result<Vec<ApiKey>> {
@@ -322,8 +324,7 @@ impl Authenticator {
         priority_header: Option<&str>,
         now: Instant,
     ) -> anyhow::Result<Self> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read API keys file {}", path.display()))?;
+        let bytes = read_bytes(path)?;
         let keys = file_keys(inline, path, &bytes)?;
         let mut auth = Self::new(&keys, priority_header, now)?;
         auth.file = Some(KeysFile {
@@ -544,22 +545,20 @@ impl Authenticator {
         let Some(file) = &self.file else {
             return KeysReload::Unchanged;
         };
-        let mut read = std::fs::read(&file.path);
+        let mut read = read_bytes(&file.path);
         if !force {
             if lock(&file.seen).as_ref() == read.as_ref().ok() {
                 return KeysReload::Unchanged;
             }
             std::thread::sleep(settle);
-            let again = std::fs::read(&file.path);
+            let again = read_bytes(&file.path);
             if again.as_ref().ok() != read.as_ref().ok() {
                 return KeysReload::Unchanged;
             }
             read = again;
         }
         *lock(&file.seen) = read.as_ref().ok().cloned();
-        let loaded = read
-            .with_context(|| format!("cannot read API keys file {}", file.path.display()))
-            .and_then(|bytes| file_keys(&file.inline, &file.path, &bytes));
+        let loaded = read.and_then(|bytes| file_keys(&file.inline, &file.path, &bytes));
         let keys = match loaded {
             Ok(keys) => keys,
             Err(e) => {

@@ -184,15 +184,24 @@ async fn reload_keys(app: &Arc<App>, force: bool) {
     }
 }
 
+/// Runs `each` every `period`, the first time one period from now; a run that takes longer
+/// delays the next rather than bunching them up. Runs until dropped.
+async fn every<F: Future<Output = ()>>(period: Duration, mut each: impl FnMut() -> F) {
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        each().await;
+    }
+}
+
 /// Looks at `--api-keys-file` every `keys_reload_interval` and uses it once it changed.
 async fn watch_keys_file(app: Arc<App>) {
-    let mut every = tokio::time::interval(app.config.auth.keys_reload_interval);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    every.tick().await;
-    loop {
-        every.tick().await;
-        reload_keys(&app, false).await;
-    }
+    every(app.config.auth.keys_reload_interval, || {
+        reload_keys(&app, false)
+    })
+    .await
 }
 
 /// SIGHUP (`systemctl reload`) reads the keys file and the certificate files again at once.
@@ -223,8 +232,7 @@ async fn reload_on_hangup(app: Arc<App>, tls: Option<Arc<tls::Tls>>) {
             tracing::info!("SIGHUP received: reading {} again", what.join(" and "));
             reload_keys(&app, true).await;
             if let Some(tls) = &tls {
-                let tls = tls.clone();
-                let _ = tokio::task::spawn_blocking(move || tls.reload(true)).await;
+                tls.reload_off_thread(true).await;
             }
         }
     }

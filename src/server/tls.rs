@@ -238,15 +238,16 @@ impl Tls {
     /// Checks the files every `reload_interval` (SIGHUP: see `server::reload_on_hangup`); runs
     /// until dropped.
     pub async fn watch(self: Arc<Self>) {
-        let mut every = tokio::time::interval(self.config.reload_interval);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        every.tick().await;
-        loop {
-            every.tick().await;
-            let tls = self.clone();
-            // A few small reads: off the async workers all the same.
-            let _ = tokio::task::spawn_blocking(move || tls.reload(false)).await;
-        }
+        super::every(self.config.reload_interval, || {
+            self.reload_off_thread(false)
+        })
+        .await
+    }
+
+    /// [`Self::reload`] off the async workers (a few small reads all the same).
+    pub async fn reload_off_thread(self: &Arc<Self>, force: bool) {
+        let tls = self.clone();
+        let _ = tokio::task::spawn_blocking(move || tls.reload(force)).await;
     }
 }
 
