@@ -47,6 +47,52 @@ fn one_prompt_writes_the_png_and_prints_the_seed() {
     assert!(stdout.contains("seed=7"), "stdout: {stdout}");
 }
 
+/// `--preview-vae` (shared with `serve`) decodes previews, which `generate` does not make: it
+/// says so and neither needs nor loads the decoder (this model directory has no TAESD).
+#[test]
+fn preview_vae_is_ignored_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    for entry in std::fs::read_dir(tiny()).unwrap().flatten() {
+        if entry.file_name() != "vae-taesdxl" {
+            copy_tree(&entry.path(), &model.join(entry.file_name()));
+        }
+    }
+    let out = dir.path().join("cat.png");
+    let o = turbine(&[
+        "--model-dir",
+        model.to_str().unwrap(),
+        "--preview-vae",
+        "taesdxl",
+        "--prompt",
+        "a cat",
+        "--size",
+        "64x40",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(dims(&out), (64, 40));
+    assert!(
+        stderr(&o).contains(
+            "--preview-vae taesdxl decodes a stream's previews, and generate makes none: ignored"
+        ),
+        "{}",
+        stderr(&o)
+    );
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    if from.is_dir() {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap().flatten() {
+            copy_tree(&entry.path(), &to.join(entry.file_name()));
+        }
+    } else {
+        std::fs::copy(from, to).unwrap();
+    }
+}
+
 #[test]
 fn several_prompts_get_numbered_files_and_consecutive_seeds() {
     let dir = tempfile::tempdir().unwrap();

@@ -640,7 +640,7 @@ fn wrong_repository_revision_or_file_is_a_404_with_advice() {
     let mut m = tiny_manifest(tmp.path());
     m.files
         .push("unet/diffusion_pytorch_model.fp16.safetensors".into());
-    let plan = m.plan(&dir, None, None, true).unwrap();
+    let plan = m.plan(&dir, None, None, None, true).unwrap();
     let err = hub::download_blocking(&plan, &config(&hub)).unwrap_err();
     assert!(
         err.to_string()
@@ -764,6 +764,83 @@ fn vae_extra_resolves_to_its_folder() {
     .resolve_with(&config(&hub))
     .unwrap();
     assert_eq!(r2.vae_dir, r.vae_dir);
+}
+
+/// `--preview-vae taesdxl` fetches TAESD beside the model (and beside `--vae`'s extra), and
+/// resolves to its folder: online, offline once it is there, and through `--model-dir`, where a
+/// missing folder is a usage error naming the command that fetches it.
+#[test]
+fn preview_vae_extra_is_fetched_beside_the_vae_and_resolves_to_its_folder() {
+    let hub = FakeHub::start();
+    hub.add_repo(
+        "stabilityai/sdxl-turbo",
+        support::tiny_as_sdxl_turbo(),
+        None,
+    );
+    hub.add_repo(
+        "madebyollin/sdxl-vae-fp16-fix",
+        support::tiny_vae_fix(),
+        None,
+    );
+    hub.add_repo("madebyollin/taesdxl", support::tiny_taesd(), None);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sdxl-turbo");
+    let args = ModelArgs {
+        models_root: tmp.path().to_path_buf(),
+        vae: Some(hub::VaeVariant::Fp16Fix),
+        preview_vae: Some(hub::PreviewVae::Taesdxl),
+        ..Default::default()
+    };
+    let r = args.resolve_with(&config(&hub)).unwrap();
+    assert_eq!(r.vae_dir, Some(dir.join("vae-fp16-fix")));
+    assert_eq!(r.preview_vae_dir, Some(dir.join("vae-taesdxl")));
+    assert_eq!(r.origin.len(), 3, "{:?}", r.origin);
+    assert_eq!(
+        support::read_tree(&dir.join("vae-taesdxl")),
+        support::tiny_taesd()
+    );
+    assert!(r.to_string().ends_with(&format!(
+        "with VAE {} with previews by {}",
+        dir.join("vae-fp16-fix").display(),
+        dir.join("vae-taesdxl").display()
+    )));
+
+    // Present now: offline, the same flags resolve without a request; --preview-vae alone
+    // asks for no other extra.
+    let requests = hub.request_count();
+    let offline = ModelArgs {
+        offline: true,
+        vae: None,
+        ..args.clone()
+    };
+    let r = offline.resolve_with(&config(&hub)).unwrap();
+    assert_eq!(r.vae_dir, None);
+    assert_eq!(r.preview_vae_dir, Some(dir.join("vae-taesdxl")));
+    assert_eq!(hub.request_count(), requests);
+
+    // Through --model-dir, the folder is used as it is, or named with its command when absent.
+    let by_dir = ModelArgs {
+        model_dir: Some(dir.clone()),
+        models_root: PathBuf::from("/nonexistent"),
+        preview_vae: Some(hub::PreviewVae::Taesdxl),
+        ..Default::default()
+    };
+    let r = by_dir.resolve_with(&config(&hub)).unwrap();
+    assert_eq!(r.preview_vae_dir, Some(dir.join("vae-taesdxl")));
+    std::fs::remove_dir_all(dir.join("vae-taesdxl")).unwrap();
+    let err = by_dir.resolve_with(&config(&hub)).unwrap_err().to_string();
+    assert!(
+        err.contains("--preview-vae taesdxl with --model-dir")
+            && err.contains(&format!(
+                "turbine download --model sdxl-turbo --dir {} --preview-vae taesdxl",
+                dir.display()
+            )),
+        "{err}"
+    );
+    // Offline, the missing folder is named with the command that fetches it.
+    let err = offline.resolve_with(&config(&hub)).unwrap_err().to_string();
+    assert!(err.contains("--preview-vae taesdxl"), "{err}");
+    assert_eq!(hub.request_count(), requests);
 }
 
 #[test]

@@ -2006,6 +2006,67 @@ fn sighup_never_ends_the_server() {
     assert_eq!(p.exit_code(), Some(0));
 }
 
+/// `serve --preview-vae taesdxl`: a stream's previews are TAESD's decodes (the first one is the
+/// one-step image of a pipeline that decodes with TAESD, not the VAE's), and its image is the
+/// VAE's, the one a request without a stream gets.
+#[test]
+fn serve_decodes_previews_with_taesd_when_asked() {
+    let p = ServerProcess::start(&["--preview-vae", "taesdxl"]);
+    let client = Client::new();
+    let post = |body: Value| {
+        client
+            .post(format!("{}/v1/images/generations", p.base))
+            .json(&body)
+            .send()
+            .unwrap()
+    };
+    let prompt = "a lighthouse at dusk";
+    let one_step: Value = post(json!({"prompt": prompt, "seed": 21})).json().unwrap();
+    let four_steps: Value = post(json!({"prompt": prompt, "seed": 21, "quality": "high"}))
+        .json()
+        .unwrap();
+    let r = post(json!({
+        "prompt": prompt, "seed": 21, "quality": "high", "stream": true, "partial_images": 3
+    }));
+    let events = sse_events(&r.text().unwrap());
+    let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "image_generation.partial_image",
+            "image_generation.partial_image",
+            "image_generation.partial_image",
+            "image_generation.completed"
+        ]
+    );
+    assert_eq!(decode_b64(&events[3].1), decode_b64(&four_steps["data"][0]));
+    let taesd = Pipeline::load_with_vae(
+        &model_dir(),
+        Some(&model_dir().join("vae-taesdxl")),
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let settings = GenerationSettings {
+        width: 64,
+        height: 64,
+        steps: 1,
+        guidance_scale: 0.0,
+        init_step: None,
+    };
+    let item = ImageRequest {
+        prompt: prompt.into(),
+        negative_prompt: String::new(),
+        seed: 21,
+        init_image: None,
+        partials: None,
+    };
+    let by_taesd = taesd.generate(&settings, &[item], None).unwrap().images;
+    let preview = decode_b64(&events[0].1);
+    assert_eq!(preview, by_taesd[0], "the first preview is TAESD's");
+    assert_ne!(preview, decode_b64(&one_step["data"][0]), "not the VAE's");
+}
+
 /// The server looks at `--api-keys-file` every `keys_reload_interval` and uses it once it
 /// changed: keys are added and removed without a signal or a restart, and a removed key's work
 /// under way takes no more images: its running batch's lines fail with `api_key_removed`.

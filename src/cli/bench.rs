@@ -22,7 +22,7 @@ use crate::cli::generate::{load_init_latents, parse_size};
 use crate::cli::UsageError;
 use crate::device::{parse_device, parse_dtype};
 use crate::hub::ModelArgs;
-use crate::model::pipeline::{GenerationSettings, ImageRequest, NoiseOverride};
+use crate::model::pipeline::{GenerationSettings, ImageRequest, NoiseOverride, Partials};
 use crate::model::profile::{self, ProfileEntry};
 
 /// Prompts cycled over a batch when none are given: varied lengths, so tokenisation and the
@@ -52,6 +52,12 @@ pub struct Args {
     /// default is 1 step at 0.5). The VAE encoder's time is in the `unet` column.
     #[arg(long)]
     pub edit_strength: Option<f64>,
+    /// Previews per image, as a stream's `partial_images` asks for them (0-3 in the API; any
+    /// count here): each image is decoded after that many of the steps before its last and
+    /// handed out as an 8-bit image, as the server does before it encodes the preview. Their
+    /// decodes are timed in the `unet` column. With --preview-vae taesdxl TAESD decodes them.
+    #[arg(long, default_value_t = 0)]
+    pub partial_images: usize,
     /// f32, f16 or bf16 (default: f32 on CPU, bf16 on CUDA).
     #[arg(long)]
     pub dtype: Option<String>,
@@ -227,6 +233,9 @@ pub struct Report {
     /// `--edit-strength`: the rows are edits at this strength (`steps` run), not generations.
     #[serde(default)]
     pub edit_strength: Option<f64>,
+    /// `--partial-images`: previews decoded per image (their decodes are in `unet_ms`).
+    #[serde(default)]
+    pub partial_images: usize,
     pub warmup: usize,
     pub load_s: f64,
     pub rows: Vec<Row>,
@@ -877,10 +886,14 @@ fn describe_model(m: &ModelArgs) -> String {
     } else {
         dir
     };
-    match m.vae {
+    let mut model = match m.vae {
         Some(v) => format!("{model}, with --vae {}", v.key()),
         None => model,
+    };
+    if let Some(v) = m.preview_vae {
+        model += &format!(", with --preview-vae {}", v.key());
     }
+    model
 }
 
 /// The device in words: `cpu`, or `cuda:N (name)` from nvidia-smi when it is there.
@@ -1004,6 +1017,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let mut items = batch_items(&prompts, b, args.seed);
         for item in &mut items {
             item.init_image.clone_from(&edit_input);
+            if args.partial_images > 0 {
+                // The server's sink hands the image to an encoder thread; this one drops it.
+                item.partials = Some(Partials::new(args.partial_images, |_, image| drop(image)));
+            }
         }
         items
     };
@@ -1169,6 +1186,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         steps: args.steps,
         guidance: args.guidance,
         edit_strength: args.edit_strength,
+        partial_images: args.partial_images,
         warmup: args.warmup,
         load_s,
         rows: Vec::new(),
@@ -1229,7 +1247,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     report.conv_plans = crate::ops::conv_plans();
 
     println!(
-        "turbine bench: {} on {}, {}, {} {} step(s){}, guidance {}, kernels {}, commit {}, model {} (loaded in {:.1} s)",
+        "turbine bench: {} on {}, {}, {} {} step(s){}{}, guidance {}, kernels {}, commit {}, model {} (loaded in {:.1} s)",
         report.dtype,
         report.device,
         report.machine.cpu,
@@ -1238,6 +1256,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         report
             .edit_strength
             .map_or(String::new(), |s| format!(" of edits at strength {s}")),
+        match report.partial_images {
+            0 => String::new(),
+            n => format!(" with {n} preview(s) per image"),
+        },
         report.guidance,
         report.kernels,
         report.commit,
@@ -1347,6 +1369,12 @@ mod tests {
             describe_model(&m),
             "random weights from the configs in models/sdxl-turbo, with --vae taesdxl"
         );
+        m.vae = None;
+        m.preview_vae = Some(crate::hub::PreviewVae::Taesdxl);
+        assert_eq!(
+            describe_model(&m),
+            "random weights from the configs in models/sdxl-turbo, with --preview-vae taesdxl"
+        );
     }
 
     #[test]
@@ -1451,6 +1479,7 @@ mod tests {
             steps: 1,
             guidance: 0.0,
             edit_strength: None,
+            partial_images: 0,
             warmup: 0,
             load_s: 0.0,
             rows: Vec::new(),

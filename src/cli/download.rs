@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::hub::{self, HubConfig, HubError, Manifest, Plan, VaeVariant};
+use crate::hub::{self, HubConfig, HubError, Manifest, Plan, PreviewVae, VaeVariant};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
@@ -38,6 +38,11 @@ pub struct Args {
     #[arg(long, env = "TURBINE_VAE", value_enum)]
     pub vae: Option<VaeVariant>,
 
+    /// Also fetch the tiny decoder `serve --preview-vae` decodes stream previews with
+    /// (taesdxl: madebyollin/taesdxl, about 10 MB, into DIR/vae-taesdxl/).
+    #[arg(long, env = "TURBINE_PREVIEW_VAE", value_enum)]
+    pub preview_vae: Option<PreviewVae>,
+
     /// Do not use the network: re-hash every file against turbine-lock.json and report what
     /// is missing or corrupt. HF_HUB_OFFLINE=1 does the same.
     #[arg(long, env = "TURBINE_OFFLINE", value_parser = clap::builder::BoolishValueParser::new())]
@@ -48,10 +53,14 @@ pub struct Args {
 pub fn plan(args: &Args) -> Result<Plan, HubError> {
     match &args.repo {
         Some(repo) => {
-            if let Some(v) = args.vae {
+            let extra = match (args.vae, args.preview_vae) {
+                (Some(v), _) => Some(format!("--vae {}", v.key())),
+                (None, Some(v)) => Some(format!("--preview-vae {}", v.key())),
+                (None, None) => None,
+            };
+            if let Some(extra) = extra {
                 return Err(HubError::Usage(format!(
-                    "--vae {} comes from a model's manifest; use it with --model, not --repo",
-                    v.key()
+                    "{extra} comes from a model's manifest; use it with --model, not --repo"
                 )));
             }
             let name = repo.rsplit('/').next().unwrap_or(repo);
@@ -72,6 +81,7 @@ pub fn plan(args: &Args) -> Result<Plan, HubError> {
                 &dir,
                 args.revision.as_deref(),
                 args.vae.map(VaeVariant::key),
+                args.preview_vae.map(PreviewVae::key),
                 args.dir.is_some() || args.models_root != Path::new("models"),
             )
         }

@@ -247,8 +247,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
 
+    let mut model = args.model.clone();
+    if let Some(v) = model.preview_vae.take() {
+        // Nothing to fetch or load for it: generate makes no previews.
+        tracing::warn!(
+            "--preview-vae {} decodes a stream's previews, and generate makes none: ignored",
+            v.key()
+        );
+    }
     let started = std::time::Instant::now();
-    let pipeline = crate::cli::load_pipeline(&args.model, &device, dtype)?;
+    let pipeline = crate::cli::load_pipeline(&model, &device, dtype)?;
     tracing::info!(elapsed = ?started.elapsed(), ?dtype, "model loaded");
 
     let settings = GenerationSettings {

@@ -12,14 +12,15 @@ use candle_core::{DType, Device};
 use crate::hub::ModelArgs;
 use crate::model::pipeline::Pipeline;
 
-/// Resolves `--model/--model-dir/--random-weights/--vae` (downloading missing weights unless
+/// Resolves `--model/--model-dir/--random-weights/--vae/--preview-vae` (downloading missing weights unless
 /// offline) and loads the pipeline: the one way every command gets its model.
 pub fn load_pipeline(model: &ModelArgs, device: &Device, dtype: DType) -> anyhow::Result<Pipeline> {
     let m = model.resolve()?;
+    let (vae, preview) = (m.vae_dir.as_deref(), m.preview_vae_dir.as_deref());
     let pipeline = if m.random_weights {
-        Pipeline::random_with_vae(&m.dir, m.vae_dir.as_deref(), device, dtype, 0)?
+        Pipeline::random_with_vaes(&m.dir, vae, preview, device, dtype, 0)?
     } else {
-        Pipeline::load_with_vae(&m.dir, m.vae_dir.as_deref(), device, dtype)?
+        Pipeline::load_with_vaes(&m.dir, vae, preview, device, dtype)?
     };
     Ok(pipeline)
 }

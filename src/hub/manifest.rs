@@ -38,7 +38,7 @@ pub struct Manifest {
     pub revision: String,
     /// Paths inside the repository, in the diffusers layout the loader reads.
     pub files: Vec<String>,
-    /// Replacement VAEs, by the value `--vae` takes.
+    /// Replacement VAEs, by the value `--vae` (or `--preview-vae`) takes.
     #[serde(default)]
     pub vae: BTreeMap<String, Extra>,
 }
@@ -154,13 +154,26 @@ impl Manifest {
         Ok(())
     }
 
+    /// The manifest's VAE extra `key`, or a usage error listing the ones it has.
+    pub fn vae_extra(&self, key: &str) -> Result<&Extra, HubError> {
+        self.vae.get(key).ok_or_else(|| {
+            HubError::Usage(format!(
+                "model `{}` has no VAE `{key}` in its manifest (available: {})",
+                self.name,
+                self.vae.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })
+    }
+
     /// The plan for this model into `dir`, at `revision` (default: the manifest's), with the
-    /// VAE extra `vae` when asked for.
+    /// VAE extras `vae` (`--vae`) and `preview_vae` (`--preview-vae`) when asked for; one asked
+    /// for twice is fetched once.
     pub fn plan(
         &self,
         dir: &Path,
         revision: Option<&str>,
         vae: Option<&str>,
+        preview_vae: Option<&str>,
         explicit_dir: bool,
     ) -> Result<Plan, HubError> {
         let revision = revision.unwrap_or(&self.revision).to_string();
@@ -178,22 +191,19 @@ impl Manifest {
         if explicit_dir {
             command += &format!(" --dir {}", shell_quote(&dir.display().to_string()));
         }
-        if let Some(key) = vae {
-            let extra = self.vae.get(key).ok_or_else(|| {
-                HubError::Usage(format!(
-                    "model `{}` has no VAE `{key}` in its manifest (available: {})",
-                    self.name,
-                    self.vae.keys().cloned().collect::<Vec<_>>().join(", ")
-                ))
-            })?;
-            sources.push(Source {
-                extra: Some(extra.dir.clone()),
-                repo: extra.repo.clone(),
-                revision: extra.revision.clone(),
-                subdir: extra.dir.clone(),
-                files: Some(extra.files.clone()),
-            });
-            command += &format!(" --vae {key}");
+        for (flag, key) in [("--vae", vae), ("--preview-vae", preview_vae)] {
+            let Some(key) = key else { continue };
+            let extra = self.vae_extra(key)?;
+            if !sources.iter().any(|s| s.extra.as_ref() == Some(&extra.dir)) {
+                sources.push(Source {
+                    extra: Some(extra.dir.clone()),
+                    repo: extra.repo.clone(),
+                    revision: extra.revision.clone(),
+                    subdir: extra.dir.clone(),
+                    files: Some(extra.files.clone()),
+                });
+            }
+            command += &format!(" {flag} {key}");
         }
         Ok(Plan {
             name: self.name.clone(),
@@ -466,7 +476,13 @@ mod tests {
     fn plan_adds_the_vae_extra_and_builds_the_command() {
         let m = Manifest::find(Path::new("/nonexistent"), "sdxl-turbo").unwrap();
         let p = m
-            .plan(Path::new("/data/m"), Some("v1"), Some("fp16-fix"), true)
+            .plan(
+                Path::new("/data/m"),
+                Some("v1"),
+                Some("fp16-fix"),
+                None,
+                true,
+            )
             .unwrap();
         assert_eq!(p.sources.len(), 2);
         assert_eq!(p.sources[1].subdir, "vae-fp16-fix");
@@ -479,9 +495,44 @@ mod tests {
             "turbine download --model sdxl-turbo --revision v1 --dir /data/m --vae fp16-fix"
         );
         let err = m
-            .plan(Path::new("m"), None, Some("nope"), false)
+            .plan(Path::new("m"), None, Some("nope"), None, false)
             .unwrap_err();
         assert!(err.to_string().contains("fp16-fix"), "{err}");
+    }
+
+    #[test]
+    fn plan_adds_the_preview_vae_once() {
+        let m = Manifest::find(Path::new("/nonexistent"), "sdxl-turbo").unwrap();
+        let p = m
+            .plan(
+                Path::new("m"),
+                None,
+                Some("fp16-fix"),
+                Some("taesdxl"),
+                false,
+            )
+            .unwrap();
+        let subdirs: Vec<&str> = p.sources.iter().map(|s| s.subdir.as_str()).collect();
+        assert_eq!(subdirs, ["", "vae-fp16-fix", "vae-taesdxl"]);
+        assert_eq!(
+            p.command,
+            "turbine download --model sdxl-turbo --vae fp16-fix --preview-vae taesdxl"
+        );
+        // Asked for as both, TAESD is fetched once.
+        let p = m
+            .plan(
+                Path::new("m"),
+                None,
+                Some("taesdxl"),
+                Some("taesdxl"),
+                false,
+            )
+            .unwrap();
+        assert_eq!(p.sources.len(), 2);
+        assert_eq!(
+            p.command,
+            "turbine download --model sdxl-turbo --vae taesdxl --preview-vae taesdxl"
+        );
     }
 
     #[test]

@@ -45,6 +45,24 @@ impl VaeVariant {
     }
 }
 
+/// A decoder for stream previews only (`--preview-vae`), from the model's manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PreviewVae {
+    /// madebyollin/taesdxl: TAESD's tiny decoder decodes the previews of streamed images
+    /// (`partial_images`) while the VAE (or `--vae`) still decodes the images themselves.
+    #[value(name = "taesdxl")]
+    Taesdxl,
+}
+
+impl PreviewVae {
+    /// The key of this decoder in a manifest's `vae` table.
+    pub fn key(self) -> &'static str {
+        match self {
+            PreviewVae::Taesdxl => "taesdxl",
+        }
+    }
+}
+
 /// Which model to load, shared by `generate`, `serve` and `bench` (flatten it into their Args).
 #[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct ModelArgs {
@@ -86,6 +104,12 @@ pub struct ModelArgs {
     /// decoder: far less work per image, less faithful in fine detail.
     #[arg(long, env = "TURBINE_VAE", value_enum)]
     pub vae: Option<VaeVariant>,
+
+    /// Decode stream previews (`partial_images`) with TAESD's tiny decoder (taesdxl:
+    /// madebyollin/taesdxl, about 10 MB, in MODEL_DIR/vae-taesdxl/), a small fraction of a VAE
+    /// decode each, while the VAE (or --vae) still decodes the images themselves.
+    #[arg(long, env = "TURBINE_PREVIEW_VAE", value_enum)]
+    pub preview_vae: Option<PreviewVae>,
 }
 
 impl Default for ModelArgs {
@@ -98,6 +122,7 @@ impl Default for ModelArgs {
             offline: false,
             random_weights: false,
             vae: None,
+            preview_vae: None,
         }
     }
 }
@@ -110,6 +135,8 @@ pub struct ResolvedModel {
     pub dir: PathBuf,
     /// A VAE folder (config.json + weights) that replaces `dir/vae`, when `--vae` asked for one.
     pub vae_dir: Option<PathBuf>,
+    /// The tiny decoder's folder that decodes previews, when `--preview-vae` asked for one.
+    pub preview_vae_dir: Option<PathBuf>,
     /// Build the models with [`crate::model::loader::RandomWeights`] instead of reading weights.
     pub random_weights: bool,
     /// (repository, commit) of each source, from the lock; empty for `--model-dir`.
@@ -127,6 +154,9 @@ impl fmt::Display for ResolvedModel {
         }
         if let Some(v) = &self.vae_dir {
             write!(f, " with VAE {}", v.display())?;
+        }
+        if let Some(v) = &self.preview_vae_dir {
+            write!(f, " with previews by {}", v.display())?;
         }
         Ok(())
     }
@@ -161,13 +191,11 @@ impl ModelArgs {
                 )));
             }
             // The replacement VAE's config, from its folder (committed for taesdxl).
-            let vae_dir = match self.vae {
-                None => None,
-                Some(v) => Some(self.extra_dir_in(&dir, v)?),
-            };
+            let (vae_dir, preview_vae_dir) = self.extra_dirs_in(&dir)?;
             return Ok(ResolvedModel {
                 dir,
                 vae_dir,
+                preview_vae_dir,
                 random_weights: true,
                 origin: Vec::new(),
             });
@@ -180,10 +208,7 @@ impl ModelArgs {
                     dir.display()
                 )));
             }
-            let vae_dir = match self.vae {
-                None => None,
-                Some(v) => Some(self.extra_dir_in(dir, v)?),
-            };
+            let (vae_dir, preview_vae_dir) = self.extra_dirs_in(dir)?;
             let origin = Lock::read(dir)
                 .map(|l| {
                     std::iter::once(&l.main)
@@ -195,6 +220,7 @@ impl ModelArgs {
             return Ok(ResolvedModel {
                 dir: dir.clone(),
                 vae_dir,
+                preview_vae_dir,
                 random_weights: false,
                 origin,
             });
@@ -206,12 +232,17 @@ impl ModelArgs {
             &dir,
             self.revision.as_deref(),
             self.vae.map(VaeVariant::key),
+            self.preview_vae.map(PreviewVae::key),
             self.models_root != Path::new("models"),
         )?;
-        let vae_dir = plan
-            .sources
-            .iter()
-            .find_map(|s| s.extra.as_ref().map(|_| dir.join(&s.subdir)));
+        let extra_dir = |key: Option<&str>| -> Result<Option<PathBuf>, HubError> {
+            Ok(match key {
+                Some(key) => Some(dir.join(&manifest.vae_extra(key)?.dir)),
+                None => None,
+            })
+        };
+        let vae_dir = extra_dir(self.vae.map(VaeVariant::key))?;
+        let preview_vae_dir = extra_dir(self.preview_vae.map(PreviewVae::key))?;
         let status = local_status(&plan);
         let offline = self.offline || hub.offline;
         let origin = if status.is_complete() {
@@ -245,31 +276,36 @@ impl ModelArgs {
         Ok(ResolvedModel {
             dir,
             vae_dir,
+            preview_vae_dir,
             random_weights: false,
             origin,
         })
     }
 
-    /// The extra's folder inside a user-supplied directory.
-    fn extra_dir_in(&self, dir: &std::path::Path, v: VaeVariant) -> Result<PathBuf, HubError> {
+    /// The folders of `--vae`'s and `--preview-vae`'s extras inside a user-supplied directory.
+    fn extra_dirs_in(&self, dir: &Path) -> Result<(Option<PathBuf>, Option<PathBuf>), HubError> {
+        let vae = match self.vae {
+            Some(v) => Some(self.extra_dir_in(dir, "--vae", v.key())?),
+            None => None,
+        };
+        let preview = match self.preview_vae {
+            Some(v) => Some(self.extra_dir_in(dir, "--preview-vae", v.key())?),
+            None => None,
+        };
+        Ok((vae, preview))
+    }
+
+    /// The folder of the extra `key` (asked for by `flag`) inside a user-supplied directory.
+    fn extra_dir_in(&self, dir: &Path, flag: &str, key: &str) -> Result<PathBuf, HubError> {
         let manifest = Manifest::find(&self.models_root, &self.model)?;
-        let extra = manifest.vae.get(v.key()).ok_or_else(|| {
-            HubError::Usage(format!(
-                "model `{}` has no VAE `{}` in its manifest",
-                manifest.name,
-                v.key()
-            ))
-        })?;
-        let vae_dir = dir.join(&extra.dir);
+        let vae_dir = dir.join(&manifest.vae_extra(key)?.dir);
         if !vae_dir.join("config.json").is_file() {
             return Err(HubError::Usage(format!(
-                "--vae {} with --model-dir: {} has no config.json. Fetch it with `turbine \
-                 download --model {} --dir {} --vae {}`",
-                v.key(),
+                "{flag} {key} with --model-dir: {} has no config.json. Fetch it with `turbine \
+                 download --model {} --dir {} {flag} {key}`",
                 vae_dir.display(),
                 manifest.name,
                 manifest::shell_quote(&dir.display().to_string()),
-                v.key()
             )));
         }
         Ok(vae_dir)

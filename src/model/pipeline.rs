@@ -294,6 +294,8 @@ pub struct Pipeline {
     /// `--vae taesdxl`: TAESD's decoder makes the images (and previews) instead of the VAE's,
     /// which then only encodes edits' inputs.
     tiny_decoder: Option<DecoderTiny>,
+    /// `--preview-vae taesdxl`: TAESD's decoder makes the previews only.
+    preview_decoder: Option<DecoderTiny>,
     scheduler_config: EulerAncestralConfig,
     force_zeros_for_empty_prompt: bool,
     latent_channels: usize,
@@ -316,8 +318,20 @@ impl Pipeline {
         device: &Device,
         dtype: DType,
     ) -> LoadResult<Self> {
+        Self::load_with_vaes(model_dir, vae_dir, None, device, dtype)
+    }
+
+    /// Like [`Pipeline::load_with_vae`], with stream previews decoded by the `AutoencoderTiny`
+    /// in `preview_dir` when given (`--preview-vae taesdxl`); the images keep their decoder.
+    pub fn load_with_vaes(
+        model_dir: &Path,
+        vae_dir: Option<&Path>,
+        preview_dir: Option<&Path>,
+        device: &Device,
+        dtype: DType,
+    ) -> LoadResult<Self> {
         let dir = ModelDir::open(model_dir)?;
-        Self::build(&dir, vae_dir, Source::Files, device, dtype)
+        Self::build(&dir, vae_dir, preview_dir, Source::Files, device, dtype)
     }
 
     /// The full architecture described by the configs in `config_dir` (same layout, no weights
@@ -335,13 +349,34 @@ impl Pipeline {
         dtype: DType,
         seed: u64,
     ) -> LoadResult<Self> {
+        Self::random_with_vaes(config_dir, vae_dir, None, device, dtype, seed)
+    }
+
+    /// [`Pipeline::random_with_vae`] with a preview decoder's config from `preview_dir`, as
+    /// [`Pipeline::load_with_vaes`] reads it.
+    pub fn random_with_vaes(
+        config_dir: &Path,
+        vae_dir: Option<&Path>,
+        preview_dir: Option<&Path>,
+        device: &Device,
+        dtype: DType,
+        seed: u64,
+    ) -> LoadResult<Self> {
         let dir = ModelDir::open(config_dir)?;
-        Self::build(&dir, vae_dir, Source::Random(seed), device, dtype)
+        Self::build(
+            &dir,
+            vae_dir,
+            preview_dir,
+            Source::Random(seed),
+            device,
+            dtype,
+        )
     }
 
     fn build(
         dir: &ModelDir,
         vae_dir: Option<&Path>,
+        preview_dir: Option<&Path>,
         source: Source,
         device: &Device,
         dtype: DType,
@@ -411,39 +446,22 @@ impl Pipeline {
             device,
             |vb| AutoencoderKL::new(vb, &vae_cfg),
         )?;
-        let tiny_decoder = match &tiny_dir {
-            None => None,
-            Some(tiny_dir) => {
-                let path = tiny_dir.join("config.json");
-                let cfg = AutoencoderTinyConfig::from_file(&path)?;
-                if cfg.scale_factor() != vae_cfg.scale_factor()
-                    || cfg.latent_channels != vae_cfg.latent_channels
-                {
+        let tiny = |dir: &Path| load_tiny_decoder(dir, &source, &vae_cfg, vae_dtype, device);
+        let tiny_decoder = tiny_dir.as_deref().map(tiny).transpose()?;
+        let preview_decoder = match preview_dir {
+            Some(d) => {
+                let d = ModelDir::open(d)?.root().to_path_buf();
+                if !AutoencoderTinyConfig::is_tiny(&d)? {
                     return Err(LoadError::Config {
-                        path,
-                        message: format!(
-                            "this AutoencoderTiny decodes {} latent channels at scale {}, the \
-                             model's VAE {} at scale {}: not a decoder for this model",
-                            cfg.latent_channels,
-                            cfg.scale_factor(),
-                            vae_cfg.latent_channels,
-                            vae_cfg.scale_factor()
-                        ),
+                        path: d.join("config.json"),
+                        message: "not an AutoencoderTiny: previews are decoded by a tiny \
+                                  decoder (TAESD), which this folder does not hold"
+                            .into(),
                     });
                 }
-                // In the VAE's dtype, so that the images come out of either decoder alike (the
-                // device-side postprocess takes them as they are).
-                // Its encoder stays unread: the VAE encodes.
-                Some(load_component_but(
-                    tiny_dir,
-                    &source,
-                    "diffusion_pytorch_model",
-                    &["encoder."],
-                    vae_dtype,
-                    device,
-                    |vb| DecoderTiny::new(vb, &cfg),
-                )?)
+                Some(tiny(&d)?)
             }
+            None => None,
         };
         Ok(Self {
             device: device.clone(),
@@ -456,6 +474,7 @@ impl Pipeline {
             unet,
             vae,
             tiny_decoder,
+            preview_decoder,
             latent_channels: unet_cfg.in_channels,
             vae_config: vae_cfg,
             scheduler_config,
@@ -1051,7 +1070,8 @@ impl Pipeline {
             let index: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
             estimate.index_select(&Tensor::new(index, &self.device)?, 0)?
         };
-        let images = rgb8_images(&self.pixels(&selected)?)?;
+        let decoder = self.preview_decoder.as_ref().or(self.tiny_decoder.as_ref());
+        let images = rgb8_images(&self.pixels_by(&selected, decoder)?)?;
         for (&row, image) in rows.iter().zip(images) {
             let nth = previews[row].iter().position(|&p| p == position);
             if let (Some(partials), Some(nth)) = (&items[row].partials, nth) {
@@ -1064,7 +1084,12 @@ impl Pipeline {
     /// Latents → `[B, H, W, 3]` pixels: u8 with the device-side postprocess
     /// ([`Kernels::POSTPROCESS`]), else f32 in [0, 1] to be quantised on the host.
     fn pixels(&self, latents: &Tensor) -> anyhow::Result<Tensor> {
-        let raw = self.vae_output(latents)?;
+        self.pixels_by(latents, self.tiny_decoder.as_ref())
+    }
+
+    /// [`Self::pixels`] decoded by `tiny` (TAESD) when given, else by the VAE.
+    fn pixels_by(&self, latents: &Tensor, tiny: Option<&DecoderTiny>) -> anyhow::Result<Tensor> {
+        let raw = self.decode_by(latents, tiny)?;
         Ok(if ops::enabled(Kernels::POSTPROCESS) {
             ops::to_rgb8(&raw)?
         } else {
@@ -1081,7 +1106,12 @@ impl Pipeline {
     /// Final latents → the VAE decoder's output `[B, 3, H, W]` (nominally in [-1, 1]), in the
     /// VAE's dtype.
     fn vae_output(&self, latents: &Tensor) -> anyhow::Result<Tensor> {
-        if let Some(tiny) = &self.tiny_decoder {
+        self.decode_by(latents, self.tiny_decoder.as_ref())
+    }
+
+    /// [`Self::vae_output`] by `tiny` (TAESD) when given, else by the VAE.
+    fn decode_by(&self, latents: &Tensor, tiny: Option<&DecoderTiny>) -> anyhow::Result<Tensor> {
+        if let Some(tiny) = tiny {
             // TAESD decodes the UNet's latents as they are (scaling factor 1.0).
             let z = (latents / tiny.scaling_factor())?.to_dtype(self.vae_dtype)?;
             return Ok(tiny.decode(&z)?);
@@ -1093,6 +1123,44 @@ impl Pipeline {
         };
         Ok(self.vae.decode(&z.to_dtype(self.vae_dtype)?)?)
     }
+}
+
+/// TAESD's decoder from `dir`, checked to decode the latents of the model's VAE (`vae_cfg`),
+/// in the VAE's dtype so that the images come out of either decoder alike (the device-side
+/// postprocess takes them as they are). Its encoder stays unread: the VAE encodes.
+fn load_tiny_decoder(
+    dir: &Path,
+    source: &Source,
+    vae_cfg: &AutoencoderKLConfig,
+    vae_dtype: DType,
+    device: &Device,
+) -> LoadResult<DecoderTiny> {
+    let path = dir.join("config.json");
+    let cfg = AutoencoderTinyConfig::from_file(&path)?;
+    if cfg.scale_factor() != vae_cfg.scale_factor()
+        || cfg.latent_channels != vae_cfg.latent_channels
+    {
+        return Err(LoadError::Config {
+            path,
+            message: format!(
+                "this AutoencoderTiny decodes {} latent channels at scale {}, the model's VAE {} \
+                 at scale {}: not a decoder for this model",
+                cfg.latent_channels,
+                cfg.scale_factor(),
+                vae_cfg.latent_channels,
+                vae_cfg.scale_factor()
+            ),
+        });
+    }
+    load_component_but(
+        dir,
+        source,
+        "diffusion_pytorch_model",
+        &["encoder."],
+        vae_dtype,
+        device,
+        |vb| DecoderTiny::new(vb, &cfg),
+    )
 }
 
 /// diffusers' `(image / 2 + 0.5).clamp(0, 1)` in f32.

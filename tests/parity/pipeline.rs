@@ -189,7 +189,7 @@ fn e2e_two_steps() {
     run_case("two_steps");
 }
 
-fn req(prompt: &str, seed: u64) -> ImageRequest {
+pub fn req(prompt: &str, seed: u64) -> ImageRequest {
     ImageRequest {
         prompt: prompt.into(),
         negative_prompt: String::new(),

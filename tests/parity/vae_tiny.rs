@@ -75,3 +75,69 @@ fn the_pipeline_decodes_with_taesd_when_given_it() {
         "TAESD's images are the VAE's: {mean_vs_full}"
     );
 }
+
+/// `--preview-vae taesdxl`: a stream's previews are TAESD's decodes of the estimates (the first
+/// is the one-step image of a pipeline that decodes with TAESD), while the images stay the
+/// VAE's, bit for bit those of a pipeline without it.
+#[test]
+fn previews_decode_with_taesd_and_the_images_with_the_vae() {
+    use std::sync::{Arc, Mutex};
+    use turbine::model::pipeline::{GenerationSettings, Partials, Pipeline};
+
+    use crate::pipeline::{pipeline, req};
+
+    let model = common::tiny_model();
+    let taesd = model.join("vae-taesdxl");
+    let cpu = Device::Cpu;
+    let previewed = Pipeline::load_with_vaes(&model, None, Some(&taesd), &cpu, DType::F32).unwrap();
+    let tiny = Pipeline::load_with_vae(&model, Some(&taesd), &cpu, DType::F32).unwrap();
+    let settings = |steps| GenerationSettings {
+        width: 64,
+        height: 48,
+        steps,
+        guidance_scale: 0.0,
+        init_step: None,
+    };
+    let got: Arc<Mutex<Vec<(usize, image::RgbImage)>>> = Arc::default();
+    let mut asking = req("a lighthouse", 21);
+    let sink = got.clone();
+    asking.partials = Some(Partials::new(3, move |k, image| {
+        sink.lock().unwrap().push((k, image));
+    }));
+    let batch = vec![asking.clone(), req("a barn", 22)];
+    let images = previewed
+        .generate(&settings(4), &batch, None)
+        .unwrap()
+        .images;
+    let plain = [req("a lighthouse", 21), req("a barn", 22)];
+    assert_eq!(
+        images,
+        pipeline()
+            .generate(&settings(4), &plain, None)
+            .unwrap()
+            .images,
+        "the images are the VAE's"
+    );
+    let got = got.lock().unwrap();
+    assert_eq!(got.iter().map(|(k, _)| *k).collect::<Vec<_>>(), [0, 1, 2]);
+    let by_taesd = tiny
+        .generate(&settings(1), &plain[..1], None)
+        .unwrap()
+        .images;
+    assert_eq!(
+        got[0].1, by_taesd[0],
+        "the first preview is TAESD's one-step image"
+    );
+    let by_vae = pipeline()
+        .generate(&settings(1), &plain[..1], None)
+        .unwrap()
+        .images;
+    let (_, mean) = crate::pipeline::pixel_diff(got[0].1.as_raw(), by_vae[0].as_raw());
+    assert!(mean > 5.0, "the preview is the VAE's decode: {mean}");
+
+    // Only a tiny decoder decodes previews.
+    let err = Pipeline::load_with_vaes(&model, None, Some(&model.join("vae")), &cpu, DType::F32)
+        .err()
+        .expect("the VAE is no preview decoder");
+    assert!(err.to_string().contains("not an AutoencoderTiny"), "{err}");
+}

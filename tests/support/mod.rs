@@ -238,6 +238,11 @@ pub fn tiny_as_sdxl_turbo() -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
+/// The tiny TAESD laid out like madebyollin/taesdxl.
+pub fn tiny_taesd() -> BTreeMap<String, Vec<u8>> {
+    read_tree(&fixture_dir().join("vae-taesdxl"))
+}
+
 /// The tiny VAE laid out like madebyollin/sdxl-vae-fp16-fix.
 pub fn tiny_vae_fix() -> BTreeMap<String, Vec<u8>> {
     let t = tiny_model();
