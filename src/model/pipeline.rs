@@ -1081,6 +1081,29 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Decodes `images` latents of `settings`' size with the preview decoder, as a stream's
+    /// previews are decoded, so that its work per shape (cuDNN's plans) is done before a request
+    /// waits for it. The batches' own decode never runs it. False, doing nothing, when the
+    /// previews have no decoder of their own (`--preview-vae`).
+    pub fn warm_up_previews(
+        &self,
+        settings: &GenerationSettings,
+        images: usize,
+    ) -> anyhow::Result<bool> {
+        let Some(decoder) = &self.preview_decoder else {
+            return Ok(false);
+        };
+        let (c, h, w) = self.latent_shape(settings);
+        let latents = Tensor::zeros((images, c, h, w), DType::F32, &self.device)?;
+        let decoded = rgb8_images(&self.pixels_by(&latents, Some(decoder))?)?;
+        anyhow::ensure!(
+            decoded.len() == images,
+            "{} previews for {images}",
+            decoded.len()
+        );
+        Ok(true)
+    }
+
     /// Latents → `[B, H, W, 3]` pixels: u8 with the device-side postprocess
     /// ([`Kernels::POSTPROCESS`]), else f32 in [0, 1] to be quantised on the host.
     fn pixels(&self, latents: &Tensor) -> anyhow::Result<Tensor> {

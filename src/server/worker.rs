@@ -53,6 +53,18 @@ pub trait ImageBackend: Send + 'static {
         false
     }
 
+    /// Decodes previews of `images` images of `settings`' size on their own, where previews
+    /// have a decoder of their own (`--preview-vae`) that the warm-up's batches never run: its
+    /// per-size planning is then done before `/health` turns 200, not at a stream's first
+    /// preview. False when there is no such decoder.
+    fn warm_up_previews(
+        &mut self,
+        _settings: &GenerationSettings,
+        _images: usize,
+    ) -> anyhow::Result<bool> {
+        Ok(false)
+    }
+
     /// Queues a batch and returns what collects its images, so the worker can queue the next
     /// batch before it waits for this one. A backend that cannot queue runs the batch here.
     fn launch(
@@ -97,6 +109,14 @@ impl ImageBackend for Pipeline {
 
     fn plans_per_batch_size(&self) -> bool {
         cfg!(feature = "cudnn") && self.device().is_cuda()
+    }
+
+    fn warm_up_previews(
+        &mut self,
+        settings: &GenerationSettings,
+        images: usize,
+    ) -> anyhow::Result<bool> {
+        Pipeline::warm_up_previews(self, settings, images)
     }
 
     fn generate(
@@ -350,6 +370,28 @@ fn start(
             &format!("the warm-up batch on {label}, planned"),
         )?
     };
+    if backend.plans_per_batch_size() {
+        // The preview decoder at the warmed sizes (a stream's previews are decoded for the rows
+        // that ask, so any size up to the batch's); nothing where previews have none.
+        let t = Instant::now();
+        let mut sizes = vec![items.len()];
+        sizes.extend(smaller.clone().rev());
+        let mut warmed = false;
+        for &n in &sizes {
+            let what = format!("the preview warm-up of {n} on {label}");
+            warmed |= catch_unwind(AssertUnwindSafe(|| backend.warm_up_previews(&settings, n)))
+                .map_err(|p| anyhow::anyhow!("{what} panicked: {}", panic_message(&p)))?
+                .map_err(|e| e.context(format!("{what} failed")))?;
+        }
+        if warmed {
+            tracing::info!(
+                device = %label,
+                sizes = sizes.len(),
+                secs = t.elapsed().as_secs_f64(),
+                "warm-up of the preview decoder done (--preview-vae)"
+            );
+        }
+    }
     if ctx.warmup.edits {
         let t = Instant::now();
         let (edit, edit_items) = warmup_edit(&settings, &warmup_items("edit"))?;
@@ -1661,6 +1703,75 @@ mod tests {
             start(factory, "fake", &ctx).unwrap();
             assert_eq!(*seen.lock().unwrap(), want, "{sizes:?}, edits {edits}");
         }
+    }
+
+    /// Where the backend plans per size, its preview decoder is warmed at every warmed size,
+    /// largest first, after the generations; elsewhere, or with nothing to warm, not at all. A
+    /// failure there fails start-up, naming the size.
+    #[test]
+    fn the_preview_decoder_is_warmed_at_the_warmed_sizes() {
+        struct Previews {
+            plans: bool,
+            fail_at: Option<usize>,
+            seen: Arc<std::sync::Mutex<Vec<usize>>>,
+        }
+        impl ImageBackend for Previews {
+            fn generate(
+                &mut self,
+                s: &GenerationSettings,
+                items: &[ImageRequest],
+            ) -> anyhow::Result<GeneratedBatch> {
+                Fake.generate(s, items)
+            }
+            fn plans_per_batch_size(&self) -> bool {
+                self.plans
+            }
+            fn warm_up_previews(
+                &mut self,
+                s: &GenerationSettings,
+                images: usize,
+            ) -> anyhow::Result<bool> {
+                assert_eq!(
+                    (s.width, s.height),
+                    (KEY.width as usize, KEY.height as usize)
+                );
+                self.seen.lock().unwrap().push(images);
+                anyhow::ensure!(self.fail_at != Some(images), "no plan");
+                Ok(true)
+            }
+        }
+        let run = |sizes, plans, fail_at| {
+            let mut ctx = context();
+            ctx.warmup = Warmup {
+                key: KEY,
+                images: 3,
+                sizes,
+                edits: false,
+            };
+            let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let backend = Previews {
+                plans,
+                fail_at,
+                seen: seen.clone(),
+            };
+            let factory: BackendFactory = Box::new(move || Ok(Box::new(backend)));
+            let result = start(factory, "fake", &ctx).map(|_| ());
+            let seen = seen.lock().unwrap().clone();
+            (result, seen)
+        };
+        let (result, seen) = run(WarmupSizes::Auto, true, None);
+        assert!(result.is_ok());
+        assert_eq!(seen, [3, 2, 1]);
+        assert_eq!(run(WarmupSizes::Largest, true, None).1, [3]);
+        assert!(run(WarmupSizes::Auto, false, None).1.is_empty());
+        assert!(run(WarmupSizes::All, false, None).1.is_empty());
+        let (result, seen) = run(WarmupSizes::Auto, true, Some(2));
+        let err = format!("{:#}", result.unwrap_err());
+        assert!(
+            err.contains("the preview warm-up of 2 on fake failed"),
+            "{err}"
+        );
+        assert_eq!(seen, [3, 2]);
     }
 
     #[test]

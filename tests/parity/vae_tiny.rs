@@ -135,6 +135,10 @@ fn previews_decode_with_taesd_and_the_images_with_the_vae() {
     let (_, mean) = crate::pipeline::pixel_diff(got[0].1.as_raw(), by_vae[0].as_raw());
     assert!(mean > 5.0, "the preview is the VAE's decode: {mean}");
 
+    // The warm-up decodes previews with it, and with no preview decoder does nothing.
+    assert!(previewed.warm_up_previews(&settings(1), 2).unwrap());
+    assert!(!pipeline().warm_up_previews(&settings(1), 2).unwrap());
+
     // Only a tiny decoder decodes previews.
     let err = Pipeline::load_with_vaes(&model, None, Some(&model.join("vae")), &cpu, DType::F32)
         .err()
