@@ -728,8 +728,9 @@ fn model_dir_and_random_weights_need_no_download() {
     assert_eq!(hub.request_count(), 0);
 }
 
-#[test]
-fn vae_extra_resolves_to_its_folder() {
+/// A look-alike Hub with sdxl-turbo's repository (the tiny model under its file names) and its
+/// manifest's two VAE extras.
+fn hub_with_vaes() -> FakeHub {
     let hub = FakeHub::start();
     hub.add_repo(
         "stabilityai/sdxl-turbo",
@@ -741,6 +742,13 @@ fn vae_extra_resolves_to_its_folder() {
         support::tiny_vae_fix(),
         None,
     );
+    hub.add_repo("madebyollin/taesdxl", support::tiny_taesd(), None);
+    hub
+}
+
+#[test]
+fn vae_extra_resolves_to_its_folder() {
+    let hub = hub_with_vaes();
     let tmp = tempfile::tempdir().unwrap();
     let args = ModelArgs {
         models_root: tmp.path().to_path_buf(),
@@ -771,18 +779,7 @@ fn vae_extra_resolves_to_its_folder() {
 /// missing folder is a usage error naming the command that fetches it.
 #[test]
 fn preview_vae_extra_is_fetched_beside_the_vae_and_resolves_to_its_folder() {
-    let hub = FakeHub::start();
-    hub.add_repo(
-        "stabilityai/sdxl-turbo",
-        support::tiny_as_sdxl_turbo(),
-        None,
-    );
-    hub.add_repo(
-        "madebyollin/sdxl-vae-fp16-fix",
-        support::tiny_vae_fix(),
-        None,
-    );
-    hub.add_repo("madebyollin/taesdxl", support::tiny_taesd(), None);
+    let hub = hub_with_vaes();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("sdxl-turbo");
     let args = ModelArgs {

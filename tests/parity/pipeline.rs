@@ -235,6 +235,17 @@ fn batch_invariance() {
     }
 }
 
+/// 64x48 generations of `steps` steps without guidance: the preview tests' settings.
+pub fn preview_settings(steps: usize) -> GenerationSettings {
+    GenerationSettings {
+        width: 64,
+        height: 48,
+        steps,
+        guidance_scale: 0.0,
+        init_step: None,
+    }
+}
+
 /// Previews come for the images that ask, with their indices in order, and only for them, also
 /// from a batch where other images ask for none or for another count; the first preview is the
 /// one-step image of the same seed (every trailing schedule starts at t = 999, where the step to
@@ -244,13 +255,7 @@ fn previews_go_to_the_images_that_ask() {
     use std::sync::{Arc, Mutex};
     use turbine::model::pipeline::Partials;
     let p = pipeline();
-    let settings = |steps| GenerationSettings {
-        width: 64,
-        height: 48,
-        steps,
-        guidance_scale: 0.0,
-        init_step: None,
-    };
+    let settings = preview_settings;
     let got: Arc<Mutex<Vec<(u64, usize, image::RgbImage)>>> = Arc::default();
     let asking = |seed: u64, count: usize| {
         let got = got.clone();

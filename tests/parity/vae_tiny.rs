@@ -82,7 +82,7 @@ fn the_pipeline_decodes_with_taesd_when_given_it() {
 #[test]
 fn previews_decode_with_taesd_and_the_images_with_the_vae() {
     use std::sync::{Arc, Mutex};
-    use turbine::model::pipeline::{GenerationSettings, Partials, Pipeline};
+    use turbine::model::pipeline::{Partials, Pipeline};
 
     use crate::pipeline::{pipeline, req};
 
@@ -91,13 +91,7 @@ fn previews_decode_with_taesd_and_the_images_with_the_vae() {
     let cpu = Device::Cpu;
     let previewed = Pipeline::load_with_vaes(&model, None, Some(&taesd), &cpu, DType::F32).unwrap();
     let tiny = Pipeline::load_with_vae(&model, Some(&taesd), &cpu, DType::F32).unwrap();
-    let settings = |steps| GenerationSettings {
-        width: 64,
-        height: 48,
-        steps,
-        guidance_scale: 0.0,
-        init_step: None,
-    };
+    let settings = crate::pipeline::preview_settings;
     let got: Arc<Mutex<Vec<(usize, image::RgbImage)>>> = Arc::default();
     let mut asking = req("a lighthouse", 21);
     let sink = got.clone();
