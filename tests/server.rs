@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 use turbine::model::pipeline::{GeneratedBatch, GenerationSettings, ImageRequest, Pipeline};
 use turbine::server::auth::ApiKey;
 use turbine::server::queue::Priority;
+use turbine::server::stall::StallTimeout;
 use turbine::server::{ImageBackend, ServerConfig, WorkerSpec};
 
 #[path = "server/fuzz.rs"]
@@ -1312,6 +1313,172 @@ fn with_two_devices_one_fault_leaves_the_other_serving() {
     }
 }
 
+/// The tiny model, except that a batch prompting "hang" does not return until `release`: a
+/// device whose call never comes back, as a hung GPU's.
+struct HangingDevice {
+    inner: Pipeline,
+    release: std::sync::mpsc::Receiver<()>,
+}
+
+impl ImageBackend for HangingDevice {
+    fn generate(
+        &mut self,
+        settings: &GenerationSettings,
+        items: &[ImageRequest],
+    ) -> anyhow::Result<GeneratedBatch> {
+        if items.iter().any(|i| i.prompt == "hang") {
+            let _ = self.release.recv_timeout(Duration::from_secs(300));
+        }
+        self.inner.generate(settings, items, None)
+    }
+}
+
+/// Waits (a minute at most) for `/health` to answer `status` with a `failed_devices` list.
+fn health_with_failed_device(server: &TestServer, status: u16) -> Value {
+    let start = Instant::now();
+    loop {
+        let r = server.client.get(server.url("/health")).send().unwrap();
+        let code = r.status().as_u16();
+        let v: Value = r.json().unwrap();
+        if code == status && v.get("failed_devices").is_some() {
+            return v;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "{code} {v}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// `--device-stall-timeout`: the only device's call does not return past its bound, so the
+/// device is declared stalled. `/health` answers 503 naming it and why, requests after it get
+/// 503 `device_failed` at once, and the stall is counted. The hung request is not lost: when
+/// its call returns after all, within the drain, it gets its image. Then `serve` returns an
+/// error, and the process exits 1 for its supervisor to restart it.
+#[test]
+fn a_stalled_device_is_failed_and_the_server_stops() {
+    let (release, rx) = std::sync::mpsc::channel();
+    let mut config = test_config();
+    config.shutdown_grace = Duration::from_secs(120);
+    config.device_stall_timeout = StallTimeout::After(Duration::from_millis(300));
+    let mut server = TestServer::start_with(config, move |inner| {
+        Box::new(HangingDevice { inner, release: rx })
+    });
+    server.generate_ok(&json!({"prompt": "fine", "seed": 1}));
+    let started = Instant::now();
+    let hung = {
+        let (client, url) = (server.client.clone(), server.url("/v1/images/generations"));
+        std::thread::spawn(move || {
+            let r = client
+                .post(url)
+                .json(&json!({"prompt": "hang", "seed": 2}))
+                .send()
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().unwrap())
+        })
+    };
+    let health = health_with_failed_device(&server, 503);
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert_eq!(health["status"], "device_failed", "{health}");
+    assert_eq!(health["failed_devices"][0]["device"], "cpu", "{health}");
+    let message = health["failed_devices"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("stalled: a generation batch of 1 64x64 image(s)")
+            && message.contains("--device-stall-timeout"),
+        "{message}"
+    );
+    assert!(server.metrics().contains("turbine_device_stalls_total 1\n"));
+    let r = server.generate(&json!({"prompt": "too late"}));
+    let status = r.status().as_u16();
+    let v = assert_openai_error(status, &r.text().unwrap(), 503, None, "after the stall");
+    assert_eq!(v["error"]["code"], "device_failed");
+
+    release.send(()).unwrap();
+    let (status, body) = hung.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(images(&body).len(), 1);
+    let result = server.thread.take().unwrap().join().unwrap();
+    let err = format!("{:#}", result.unwrap_err());
+    assert!(
+        err.contains("every device became unusable") && err.contains("stalled"),
+        "{err}"
+    );
+}
+
+/// Of two devices one stalls: it is named in `/health` (200, as the other serves), and its
+/// batcher hands it nothing more, so every request after the stall is served by the other.
+#[test]
+fn with_two_devices_a_stalled_one_gets_no_more_work() {
+    let (release, rx) = std::sync::mpsc::channel();
+    let mut config = test_config();
+    config.batching.max_batch_size = 1;
+    config.device_stall_timeout = StallTimeout::After(Duration::from_millis(300));
+    let hanging: MakeBackend =
+        Box::new(move |inner| Box::new(HangingDevice { inner, release: rx }));
+    let plain: MakeBackend = Box::new(|p| Box::new(p));
+    let server = TestServer::start_devices(config, vec![("cpu:0", hanging), ("cpu:1", plain)]);
+
+    // "hang" hangs on cpu:0; on cpu:1 it is an ordinary image. Sent one at a time until one
+    // is stuck on cpu:0, so that nothing else waits for cpu:0 when it is declared stalled (its
+    // batcher holds an empty slot for it).
+    let (stuck, health) = 'found: loop {
+        let (client, url) = (server.client.clone(), server.url("/v1/images/generations"));
+        let request = std::thread::spawn(move || {
+            let r = client
+                .post(url)
+                .json(&json!({"prompt": "hang"}))
+                .send()
+                .unwrap();
+            r.status().as_u16()
+        });
+        let sent = Instant::now();
+        while !request.is_finished() {
+            let v: Value = server
+                .client
+                .get(server.url("/health"))
+                .send()
+                .unwrap()
+                .json()
+                .unwrap();
+            if v.get("failed_devices").is_some() {
+                break 'found (request, health_with_failed_device(&server, 200));
+            }
+            assert!(
+                sent.elapsed() < Duration::from_secs(60),
+                "neither served nor stalled"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(request.join().unwrap(), 200, "served by cpu:1");
+    };
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["failed_devices"][0]["device"], "cpu:0", "{health}");
+    assert!(health["failed_devices"][0]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("stalled: "));
+
+    // Several at once, while cpu:0 is still stuck: all served by cpu:1 (one handed to cpu:0
+    // would wait there for the release, which comes only after these: the time limit fails it).
+    let sent: Vec<_> = (0..6)
+        .map(|i| {
+            let (client, url) = (server.client.clone(), server.url("/v1/images/generations"));
+            std::thread::spawn(move || {
+                client
+                    .post(url)
+                    .timeout(Duration::from_secs(60))
+                    .json(&json!({"prompt": format!("after {i}"), "n": 2}))
+                    .send()
+                    .map(|r| r.status().as_u16())
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    for h in sent {
+        assert_eq!(h.join().unwrap(), Ok(200));
+    }
+    release.send(()).unwrap();
+    assert_eq!(stuck.join().unwrap(), 200);
+}
+
 /// A generation request whose body has only begun to arrive (the server counts it in flight,
 /// so a drain waits for it), and the rest of its body for the test to send when it likes.
 fn partial_request(base: &str) -> (TcpStream, String) {
@@ -1942,6 +2109,64 @@ fn systemd_is_told_when_the_server_is_ready_and_when_it_stops() {
         "STOPPING=1\nSTATUS=shutting down: finishing 0 queued images and the running work"
     );
     assert_eq!(p.exit_code(), Some(0));
+}
+
+/// Under a unit with `WatchdogSec=`: the server sends `WATCHDOG=1` twice per interval
+/// (`WATCHDOG_USEC`), from loading on and while it serves, and none for another process's
+/// watchdog (`WATCHDOG_PID`).
+#[cfg(unix)]
+#[test]
+fn systemd_watchdog_is_pinged_twice_per_interval() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let heard_for = |pid: Option<&str>| -> Vec<String> {
+        let path = dir.path().join(format!("notify-{}", pid.unwrap_or("any")));
+        let systemd = UnixDatagram::bind(&path).unwrap();
+        systemd
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let usec = std::ffi::OsString::from("400000");
+        let mut envs = vec![
+            ("NOTIFY_SOCKET", path.as_os_str()),
+            ("WATCHDOG_USEC", usec.as_os_str()),
+        ];
+        let pid = pid.map(std::ffi::OsString::from);
+        if let Some(pid) = &pid {
+            envs.push(("WATCHDOG_PID", pid.as_os_str()));
+        }
+        let mut p = ServerProcess::spawn(&[], &envs);
+        let mut heard = Vec::new();
+        let mut ready_at = None;
+        let started = Instant::now();
+        loop {
+            assert!(started.elapsed() < Duration::from_secs(300), "{heard:?}");
+            let mut buf = [0u8; 1024];
+            if let Ok(n) = systemd.recv(&mut buf) {
+                let message = String::from_utf8(buf[..n].to_vec()).unwrap();
+                if message.starts_with("READY=1") {
+                    ready_at = Some(Instant::now());
+                }
+                heard.push(message);
+            }
+            // Two seconds of serving: five intervals of 0.4 s.
+            if ready_at.is_some_and(|t| t.elapsed() > Duration::from_secs(2)) {
+                break;
+            }
+        }
+        p.terminate();
+        assert_eq!(p.exit_code(), Some(0));
+        heard
+    };
+    let heard = heard_for(None);
+    let ready = heard.iter().position(|m| m.starts_with("READY=1")).unwrap();
+    let pings_after = heard[ready..].iter().filter(|m| *m == "WATCHDOG=1").count();
+    // One each 0.2 s: about ten in two seconds (fewer on a machine busy with other tests).
+    assert!((3..=12).contains(&pings_after), "{heard:?}");
+    assert!(heard
+        .iter()
+        .all(|m| m == "WATCHDOG=1" || m.starts_with("READY=1") || m.starts_with("STATUS=")));
+    let heard = heard_for(Some("1"));
+    assert!(!heard.iter().any(|m| m == "WATCHDOG=1"), "{heard:?}");
 }
 
 /// `systemctl reload` (SIGHUP) reads `--api-keys-file` again at once: a key added works, a

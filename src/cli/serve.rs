@@ -16,6 +16,7 @@ use crate::server::config::{
     AuthConfig, BatchingConfig, FilesConfig, ModelIdentity, RequestLimits, ServerConfig,
     StoreConfig,
 };
+use crate::server::stall::StallTimeout;
 use crate::server::tls::TlsConfig;
 use crate::server::{ImageBackend, TokenCounter, WarmupSizes, WorkerSpec};
 use std::sync::Arc;
@@ -218,6 +219,13 @@ pub struct BatchingArgs {
     /// default: it lengthens the start for servers that take no edits.
     #[arg(long, env = "TURBINE_WARMUP_EDITS")]
     pub warmup_edits: bool,
+    /// When a device counts as stalled: a call into the model that runs past the longer of
+    /// this many seconds and ten times its estimated time (from the warm-up's rate) marks the
+    /// device failed, as a CUDA fault does (with no device left: the queue fails with 503 and
+    /// the process exits 1 for its supervisor to restart it). `auto`: 120 s on a GPU, off on
+    /// the CPU (where a large batch legitimately runs for many minutes); `off` (or 0); SECS.
+    #[arg(long, env = "TURBINE_DEVICE_STALL_TIMEOUT", default_value = "auto", value_parser = StallTimeout::parse)]
+    pub device_stall_timeout: StallTimeout,
 }
 
 /// Request bounds and the URL image store.
@@ -367,10 +375,12 @@ impl Args {
             max_connections: self.http.max_connections.0,
             // From the environment, by `run`.
             notify_socket: None,
+            systemd_watchdog: None,
             shutdown_grace: Duration::from_secs(self.http.shutdown_grace_secs),
             warmup_images: self.batching.warmup_images,
             warmup_batch_sizes: self.batching.warmup_batch_sizes,
             warmup_edits: self.batching.warmup_edits,
+            device_stall_timeout: self.batching.device_stall_timeout,
         };
         config.check().map_err(|e| UsageError(format!("{e:#}")))?;
         Ok(config)
@@ -444,9 +454,11 @@ pub fn token_counter(model_dir: &std::path::Path) -> anyhow::Result<TokenCounter
 pub fn run(args: Args) -> anyhow::Result<()> {
     // First, before any thread: it takes the variable out of the environment.
     let notify_socket = crate::server::notify::NotifySocket::take_from_env();
+    let systemd_watchdog = crate::server::notify::take_watchdog_from_env();
     args.devices.kernels.apply();
     let config = ServerConfig {
         notify_socket,
+        systemd_watchdog,
         ..args.config()?
     };
     // Connections are file descriptors: take the room the hard limit allows (see fds).

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, Notify};
 use super::error::{BackendError, InferError};
 use super::metrics::{DropReason, Metrics};
 use super::queue::{Batch, Entry, Next, QueuePolicy, RequestId, ShapeKey, State};
+use super::stall::Liveness;
 use crate::model::pipeline::ImageRequest;
 
 /// What travels with each queued image.
@@ -202,14 +203,20 @@ pub async fn run_batcher(
     queue: Arc<Queue>,
     to_worker: mpsc::Sender<Batch<Item>>,
     max_batch: usize,
+    liveness: Arc<Liveness>,
 ) {
     loop {
-        // Wait for the prefetch slot first, so a batch is formed as late as possible.
-        let Ok(permit) = to_worker.reserve().await else {
-            return;
+        // Wait for the prefetch slot first, so a batch is formed as late as possible. A worker
+        // declared stalled gets nothing more: the queue's images go to the other devices.
+        let permit = tokio::select! {
+            permit = to_worker.reserve() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = liveness.wait_stalled() => return,
         };
         let batch = loop {
-            if to_worker.is_closed() {
+            if to_worker.is_closed() || liveness.stalled() {
                 return;
             }
             let arrived = queue.arrivals.notified();
@@ -231,12 +238,14 @@ pub async fn run_batcher(
                         _ = tokio::time::sleep_until(t.into()) => {}
                         _ = &mut arrived => {}
                         _ = to_worker.closed() => {}
+                        _ = liveness.wait_stalled() => {}
                     }
                 }
                 Next::Empty => {
                     tokio::select! {
                         _ = &mut arrived => {}
                         _ = to_worker.closed() => {}
+                        _ = liveness.wait_stalled() => {}
                     }
                 }
             }
@@ -244,7 +253,7 @@ pub async fn run_batcher(
         // A worker whose device failed closes the channel: the batch goes back for the other
         // devices. Should it close between this look and the send, it still receives what was
         // sent until this task drops the channel, so nothing is lost either way.
-        if to_worker.is_closed() {
+        if to_worker.is_closed() || liveness.stalled() {
             queue.requeue(batch.entries);
             return;
         }
@@ -338,7 +347,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let q = Arc::new(Queue::new(policy(16), metrics.clone()));
         let (to_worker, mut from_batcher) = mpsc::channel(1);
-        tokio::spawn(run_batcher(q.clone(), to_worker, 2));
+        tokio::spawn(run_batcher(q.clone(), to_worker, 2, Default::default()));
         let (gone_tx, gone_rx) = mpsc::unbounded_channel();
         drop(gone_rx);
         let (tx, _rx) = mpsc::unbounded_channel();
@@ -422,7 +431,7 @@ mod tests {
     async fn a_batcher_whose_worker_closed_the_channel_stops_and_takes_nothing() {
         let q = Arc::new(Queue::new(policy(8), Arc::new(Metrics::new())));
         let (to_worker, mut from_batcher) = mpsc::channel(1);
-        let batcher = tokio::spawn(run_batcher(q.clone(), to_worker, 2));
+        let batcher = tokio::spawn(run_batcher(q.clone(), to_worker, 2, Default::default()));
         // Let it reserve the slot and wait for arrivals, then close as a failing worker does.
         tokio::time::sleep(Duration::from_millis(20)).await;
         from_batcher.close();

@@ -161,6 +161,9 @@ pub struct ServerConfig {
     pub warmup_batch_sizes: WarmupSizes,
     /// Whether each worker also runs edit batches at those sizes.
     pub warmup_edits: bool,
+    /// `--device-stall-timeout`: when a device whose call into the model does not return
+    /// counts as failed ([`super::stall`]).
+    pub device_stall_timeout: super::stall::StallTimeout,
     /// Web origins (`https://app.example.com`) whose pages may call the API from a browser
     /// (CORS); `*`: any origin; empty: no CORS headers, so browsers refuse cross-origin calls.
     pub cors_allow_origins: Vec<String>,
@@ -169,6 +172,9 @@ pub struct ServerConfig {
     pub max_connections: Option<usize>,
     /// systemd's `NOTIFY_SOCKET`, told when the server is ready and when it stops.
     pub notify_socket: Option<super::notify::NotifySocket>,
+    /// systemd's watchdog interval (`WatchdogSec=`, from `WATCHDOG_USEC`): with a notify
+    /// socket, `WATCHDOG=1` goes there twice per interval while the process runs.
+    pub systemd_watchdog: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -221,9 +227,11 @@ impl Default for ServerConfig {
             warmup_images: 0,
             warmup_batch_sizes: WarmupSizes::Auto,
             warmup_edits: false,
+            device_stall_timeout: Default::default(),
             cors_allow_origins: Vec::new(),
             max_connections: None,
             notify_socket: None,
+            systemd_watchdog: None,
         }
     }
 }

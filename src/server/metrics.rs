@@ -156,6 +156,8 @@ pub struct Metrics {
     partial_images: AtomicU64,
     batches_failed: AtomicU64,
     batches_split: AtomicU64,
+    /// Devices declared stalled (`--device-stall-timeout`).
+    device_stalls: AtomicU64,
     /// Prompt embeddings by where they came from: encoded, repeated, cached.
     prompts: [AtomicU64; 3],
     queue_images: AtomicI64,
@@ -255,6 +257,7 @@ impl Metrics {
             partial_images: AtomicU64::new(0),
             batches_failed: AtomicU64::new(0),
             batches_split: AtomicU64::new(0),
+            device_stalls: AtomicU64::new(0),
             prompts: Default::default(),
             queue_images: AtomicI64::new(0),
             in_flight: AtomicI64::new(0),
@@ -382,6 +385,11 @@ impl Metrics {
     /// A batch that ran out of device memory and is run again in smaller parts.
     pub fn batch_split(&self) {
         self.batches_split.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A device whose call into the model ran past its bound (`--device-stall-timeout`).
+    pub fn device_stalled(&self) {
+        self.device_stalls.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Where a finished batch's prompt embeddings came from.
@@ -630,6 +638,14 @@ impl Metrics {
             "counter",
             "Batches that ran out of device memory and were run again in smaller parts.",
             &self.batches_split.load(Ordering::Relaxed),
+        );
+        single(
+            &mut out,
+            "turbine_device_stalls_total",
+            "counter",
+            "Devices declared stalled: a call into the model ran past its bound \
+             (--device-stall-timeout), and the device took no more batches.",
+            &self.device_stalls.load(Ordering::Relaxed),
         );
         let [encoded, repeated, cached] = &self.prompts;
         labelled(

@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod notify;
 pub mod queue;
 pub mod routes;
+pub mod stall;
 pub mod store;
 pub mod tls;
 pub mod upload;
@@ -377,6 +378,7 @@ pub async fn serve(
         let (tx, rx) = mpsc::channel(1);
         let (ready_tx, ready_rx) = oneshot::channel();
         let label = spec.label.clone();
+        let liveness = Arc::new(stall::Liveness::default());
         let ctx = WorkerContext {
             queue: queue.clone(),
             metrics: metrics.clone(),
@@ -384,11 +386,18 @@ pub async fn serve(
             warmup,
             health: health.clone(),
             suspect: Default::default(),
+            stall_timeout: app.config.device_stall_timeout,
+            liveness: liveness.clone(),
         };
         worker::spawn(spec, ctx, rx, ready_tx)
             .with_context(|| format!("cannot start the worker thread for {label}"))?;
-        tokio::spawn(batcher::run_batcher(queue.clone(), tx, max_batch));
-        ready.push((label, ready_rx));
+        tokio::spawn(batcher::run_batcher(
+            queue.clone(),
+            tx,
+            max_batch,
+            liveness.clone(),
+        ));
+        ready.push((label, ready_rx, liveness));
     }
 
     let addr = listener.local_addr()?;
@@ -413,14 +422,39 @@ pub async fn serve(
         }
     };
     notify("STATUS=loading the model and warming up");
+    if let (Some(socket), Some(interval)) = (
+        app.config.notify_socket.clone(),
+        app.config.systemd_watchdog,
+    ) {
+        // From the start on (systemd watches from READY=1), for as long as the runtime runs:
+        // a process that stops answering, or hangs on its way out, goes quiet and is restarted.
+        tracing::info!(
+            interval_secs = interval.as_secs_f64(),
+            "pinging systemd's watchdog (WatchdogSec)"
+        );
+        tokio::spawn(every(notify::watchdog_period(interval), move || {
+            socket.notify("WATCHDOG=1");
+            std::future::ready(())
+        }));
+    }
 
     let loaded = async {
-        for (label, rx) in ready {
+        let mut watches = Vec::new();
+        for (label, rx, liveness) in ready {
             match rx.await {
-                Ok(Ok(_)) => {}
+                Ok(Ok(_)) => watches.push((label, liveness)),
                 Ok(Err(e)) => return Err(e.context(format!("device {label}"))),
                 Err(_) => anyhow::bail!("the worker thread for {label} exited during start-up"),
             }
+        }
+        // Watched from the end of their warm-up on (it plans every size, which takes long).
+        for (label, liveness) in watches {
+            tokio::spawn(stall::watch(
+                label,
+                liveness,
+                health.clone(),
+                metrics.clone(),
+            ));
         }
         Ok(())
     };

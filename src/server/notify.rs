@@ -2,12 +2,17 @@
 //! a datagram socket in `NOTIFY_SOCKET`, and the service says there when it is ready (`READY=1`)
 //! and when it is stopping (`STOPPING=1`), with a `STATUS=` line for `systemctl status`.
 //!
+//! With `WatchdogSec=` in the unit, systemd also expects `WATCHDOG=1` at least that often, and
+//! kills and restarts a service that goes quiet: a process wedged as a whole (a deadlock, an
+//! exit that hangs in a driver) which no check of its own can report.
+//!
 //! turbine is ready when `/health` turns 200: the weights loaded and the warm-up batches run on
 //! every device, which is minutes after the process starts on a first download. With this,
 //! `systemctl start turbine` returns then, and units ordered after it (a gateway, a load
 //! balancer's registration) start against a server that answers.
 
 use std::ffi::OsString;
+use std::time::Duration;
 
 /// Where systemd listens: a path, or `@name` for a socket in Linux's abstract namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +71,61 @@ impl NotifySocket {
             std::io::ErrorKind::Unsupported,
             "sd_notify is a Unix protocol",
         ))
+    }
+}
+
+/// systemd's watchdog interval (`WatchdogSec=`): `WATCHDOG_USEC` when `WATCHDOG_PID` is unset or
+/// names this process, as `sd_watchdog_enabled` reads them. Both leave the environment, as
+/// `NOTIFY_SOCKET` does, so that no child process takes the pings for its own.
+pub fn take_watchdog_from_env() -> Option<Duration> {
+    let usec = std::env::var("WATCHDOG_USEC").ok();
+    let pid = std::env::var("WATCHDOG_PID").ok();
+    std::env::remove_var("WATCHDOG_USEC");
+    std::env::remove_var("WATCHDOG_PID");
+    watchdog_interval(usec.as_deref(), pid.as_deref(), std::process::id())
+}
+
+fn watchdog_interval(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Duration> {
+    let usec: u64 = usec?.trim().parse().ok().filter(|&u| u > 0)?;
+    if let Some(pid) = pid {
+        if pid.trim().parse::<u32>().ok()? != me {
+            return None;
+        }
+    }
+    Some(Duration::from_micros(usec))
+}
+
+/// How often to send `WATCHDOG=1` for a watchdog of `interval`: twice per interval, as
+/// systemd's documentation advises, so one late ping is no kill.
+pub fn watchdog_period(interval: Duration) -> Duration {
+    (interval / 2).max(Duration::from_millis(1))
+}
+
+#[cfg(test)]
+mod watchdog_tests {
+    use super::*;
+
+    #[test]
+    fn the_interval_is_read_as_sd_watchdog_enabled_reads_it() {
+        let me = 4242;
+        assert_eq!(
+            watchdog_interval(Some("30000000"), None, me),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            watchdog_interval(Some("500000"), Some("4242"), me),
+            Some(Duration::from_millis(500))
+        );
+        // Another process's watchdog, none, zero or garbage: no pings.
+        assert_eq!(watchdog_interval(Some("500000"), Some("17"), me), None);
+        assert_eq!(watchdog_interval(Some("500000"), Some("x"), me), None);
+        assert_eq!(watchdog_interval(None, Some("4242"), me), None);
+        assert_eq!(watchdog_interval(Some("0"), None, me), None);
+        assert_eq!(watchdog_interval(Some("soon"), None, me), None);
+        assert_eq!(
+            watchdog_period(Duration::from_secs(60)),
+            Duration::from_secs(30)
+        );
     }
 }
 

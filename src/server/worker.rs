@@ -25,6 +25,7 @@ use super::batcher::{fail_all, Item, ItemOutcome, Queue};
 use super::error::BackendError;
 use super::metrics::{DropReason, Metrics, Stage};
 use super::queue::{Batch, Entry, ShapeKey};
+use super::stall::{work_units, Bounds, Liveness, StallTimeout};
 use crate::model::pipeline::{
     GeneratedBatch, GenerationSettings, ImageRequest, PendingBatch, Pipeline,
 };
@@ -51,6 +52,13 @@ pub trait ImageBackend: Send + 'static {
     /// every size.
     fn plans_per_batch_size(&self) -> bool {
         false
+    }
+
+    /// The least time a call into this backend may run before its device counts as stalled,
+    /// for `--device-stall-timeout auto` (see [`super::stall`]): none where a call may
+    /// legitimately run for a very long time (the CPU).
+    fn stall_timeout(&self) -> Option<Duration> {
+        None
     }
 
     /// Decodes previews of `images` images of `settings`' size on their own, where previews
@@ -117,6 +125,12 @@ impl ImageBackend for Pipeline {
         images: usize,
     ) -> anyhow::Result<bool> {
         Pipeline::warm_up_previews(self, settings, images)
+    }
+
+    fn stall_timeout(&self) -> Option<Duration> {
+        self.device()
+            .is_cuda()
+            .then_some(super::stall::DEFAULT_GPU_STALL_TIMEOUT)
     }
 
     fn generate(
@@ -236,6 +250,10 @@ pub struct WorkerContext {
     pub health: Arc<DeviceHealth>,
     /// Set when a batch failed: the worker then checks that its device is still usable.
     pub suspect: Cell<bool>,
+    /// `--device-stall-timeout`, resolved against the backend's own bound at start.
+    pub stall_timeout: StallTimeout,
+    /// The call under way, for the stall watch; shared with the batcher and the watch.
+    pub liveness: Arc<Liveness>,
 }
 
 /// A device whose worker stopped because the device became unusable.
@@ -260,8 +278,16 @@ impl DeviceHealth {
         self.0.borrow().clone()
     }
 
-    fn mark_failed(&self, device: FailedDevice) {
-        self.0.send_modify(|failed| failed.push(device));
+    /// Adds `device` to the list, unless a device of its name is there already (a device
+    /// declared stalled whose worker stops later).
+    pub(crate) fn mark_failed(&self, device: FailedDevice) {
+        self.0.send_if_modified(|failed| {
+            if failed.iter().any(|d| d.device == device.device) {
+                return false;
+            }
+            failed.push(device);
+            true
+        });
     }
 
     /// Follows the list as devices fail.
@@ -414,6 +440,23 @@ fn start(
     }
     ctx.metrics
         .calibrate(report.images, calibration, ctx.queue.workers());
+    let floor = ctx.stall_timeout.resolve(backend.stall_timeout());
+    let units = work_units(&ctx.warmup.key, report.images, &ctx.warmup.key);
+    let bounds = floor.map(|floor| Bounds {
+        floor,
+        unit: calibration.as_secs_f64() / units.max(1.0),
+    });
+    if let Some(b) = bounds {
+        tracing::info!(
+            device = %label,
+            floor_secs = b.floor.as_secs_f64(),
+            unit_secs = b.unit,
+            "a call into the model that runs past the longer of {:.0} s and ten times its \
+             estimated time counts as stalled (--device-stall-timeout)",
+            b.floor.as_secs_f64()
+        );
+    }
+    ctx.liveness.set_bounds(bounds);
     Ok((backend, report))
 }
 
@@ -493,10 +536,23 @@ fn serve(
             last_done = Some(run_in_parts(backend, label, ctx, &mut caps, parts));
         }
         if ctx.suspect.take() {
-            if let Err(message) = probe(backend) {
+            let probed = {
+                let _call = ctx
+                    .liveness
+                    .begin(0.0, || "the device check after a failed batch".into());
+                probe(backend)
+            };
+            if let Err(message) = probed {
                 stop(label, ctx, in_flight.take(), batches, message);
                 return;
             }
+        }
+        if ctx.liveness.stalled() {
+            // The call the watch gave up on returned after all: what it ran is answered, and
+            // the rest goes to the other devices.
+            let message = "declared stalled by --device-stall-timeout".to_string();
+            stop(label, ctx, in_flight.take(), batches, message);
+            return;
         }
     }
 }
@@ -525,7 +581,7 @@ fn stop(
     mut batches: mpsc::Receiver<Batch<Item>>,
     message: String,
 ) {
-    tracing::error!(device = %label, "the device is unusable after a failed batch; its worker stops: {message}");
+    tracing::error!(device = %label, "the device is unusable; its worker stops: {message}");
     let mut never_ran = Vec::new();
     if let Some(batch) = in_flight {
         let (_, parts) = finish_batch(label, ctx, batch, None);
@@ -625,6 +681,7 @@ fn launch_batch(
     let settings = batch.key.settings();
     let requests: Vec<ImageRequest> = live.iter().map(|e| e.payload.image.clone()).collect();
     let started = Instant::now();
+    let _call = begin_call(ctx, &batch.key, live.len());
     match catch_unwind(AssertUnwindSafe(|| backend.launch(&settings, &requests))) {
         Ok(Ok(launched)) => Some(Launch::Running(InFlight {
             launched,
@@ -664,7 +721,10 @@ fn finish_batch(
         live,
         started,
     } = batch;
-    let result = catch_unwind(AssertUnwindSafe(|| launched.wait()));
+    let result = {
+        let _call = begin_call(ctx, &key, live.len());
+        catch_unwind(AssertUnwindSafe(|| launched.wait()))
+    };
     let done = Instant::now();
     let busy_from = last_done.map_or(started, |t| t.max(started));
     let elapsed = done.saturating_duration_since(busy_from);
@@ -728,7 +788,10 @@ fn run_in_parts(
             continue;
         }
         let requests: Vec<ImageRequest> = part.iter().map(|e| e.payload.image.clone()).collect();
-        let result = catch_unwind(AssertUnwindSafe(|| backend.generate(&settings, &requests)));
+        let result = {
+            let _call = begin_call(ctx, &key, part.len());
+            catch_unwind(AssertUnwindSafe(|| backend.generate(&settings, &requests)))
+        };
         last_done = Instant::now();
         let failure = match result {
             Ok(Ok(out)) if out.images.len() == part.len() => {
@@ -785,6 +848,20 @@ fn split(
         "batch ran out of device memory; running it again in batches of at most {cap}, as this \
          size's batches from now on (a lower --max-batch-size avoids the retry): {cause}"
     );
+}
+
+/// Tells the stall watch that a call on `images` images of `key` runs until the guard drops.
+fn begin_call<'a>(ctx: &'a WorkerContext, key: &ShapeKey, images: usize) -> super::stall::Call<'a> {
+    let units = work_units(key, images, &ctx.warmup.key);
+    ctx.liveness.begin(units, || {
+        let (w, h, steps) = (key.width, key.height, key.steps);
+        let kind = if key.init_step.is_some() {
+            "edit"
+        } else {
+            "generation"
+        };
+        format!("a {kind} batch of {images} {w}x{h} image(s) with a {steps}-step schedule")
+    })
 }
 
 /// Sends each image of a finished batch to its request and counts the batch.
@@ -955,6 +1032,8 @@ mod tests {
                 },
                 health: Default::default(),
                 suspect: Default::default(),
+                stall_timeout: StallTimeout::Off,
+                liveness: Default::default(),
             };
             let spec = WorkerSpec {
                 label: "fake".into(),
@@ -963,7 +1042,7 @@ mod tests {
             spawn(spec, ctx, rx, ready_tx).unwrap();
             let report = ready_rx.await.unwrap().unwrap();
             assert_eq!(report.images, 2);
-            tokio::spawn(run_batcher(queue.clone(), tx, 4));
+            tokio::spawn(run_batcher(queue.clone(), tx, 4, Default::default()));
             Harness {
                 queue,
                 metrics,
@@ -1142,6 +1221,8 @@ mod tests {
             },
             health: Default::default(),
             suspect: Default::default(),
+            stall_timeout: StallTimeout::Off,
+            liveness: Default::default(),
         }
     }
 
