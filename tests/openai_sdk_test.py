@@ -318,6 +318,58 @@ def test_batch(client: OpenAI):
     expect(openai.BadRequestError, lambda: client.batches.cancel(batch.id))
 
 
+def test_upload_in_parts(client: OpenAI):
+    """A batch's input sent through the Uploads API as the SDK's `upload_file_chunked` sends a
+    large file (here in parts of 100 bytes, with its MD5), then run as a batch; and an upload
+    made part by part by hand, then cancelled."""
+    import hashlib
+    import json
+    import time
+
+    lines = [
+        {
+            "custom_id": f"part-{i}",
+            "method": "POST",
+            "url": "/v1/images/generations",
+            "body": {"prompt": f"a harbour, study {i}", "size": "64x64", "seed": 900 + i},
+        }
+        for i in range(2)
+    ]
+    data = "\n".join(json.dumps(line) for line in lines).encode()
+    assert len(data) > 200, "more than two parts"
+    upload = client.uploads.upload_file_chunked(
+        file=data,
+        filename="big.jsonl",
+        bytes=len(data),
+        mime_type="text/jsonl",
+        purpose="batch",
+        part_size=100,
+        md5=hashlib.md5(data).hexdigest(),
+    )
+    assert upload.status == "completed" and upload.file is not None, upload
+    assert (upload.file.bytes, upload.file.purpose, upload.file.filename) == (len(data), "batch", "big.jsonl")
+    assert client.files.content(upload.file.id).content == data
+
+    batch = client.batches.create(
+        input_file_id=upload.file.id, endpoint="/v1/images/generations", completion_window="24h"
+    )
+    deadline = time.monotonic() + 300
+    while batch.status not in ("completed", "failed", "cancelled", "expired"):
+        assert time.monotonic() < deadline, f"the batch never ended: {batch}"
+        time.sleep(0.05)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (2, 0)
+
+    pending = client.uploads.create(bytes=10, filename="x.png", mime_type="image/png", purpose="vision")
+    assert pending.status == "pending" and pending.expires_at == pending.created_at + 3600
+    part = client.uploads.parts.create(pending.id, data=b"12345")
+    assert part.upload_id == pending.id and part.id.startswith("part_")
+    expect(openai.BadRequestError, lambda: client.uploads.complete(pending.id, part_ids=[part.id]))
+    assert client.uploads.cancel(pending.id).status == "cancelled"
+    expect(openai.BadRequestError, lambda: client.uploads.parts.create(pending.id, data=b"x"))
+
+
 def test_webhooks(client: OpenAI):
     """Webhook endpoints as the SDK manages them, and a batch's end delivered to one: the SDK's
     `webhooks.unwrap` checks the signature with the endpoint's secret and parses the event."""
@@ -417,6 +469,7 @@ def main() -> int:
         ("edit", lambda: test_edit(client)),
         ("models", lambda: test_models(client)),
         ("batch", lambda: test_batch(client)),
+        ("upload in parts", lambda: test_upload_in_parts(client)),
         ("webhooks", lambda: test_webhooks(client)),
         ("retired variations", lambda: test_retired_variations(client)),
         ("BadRequestError", lambda: test_bad_request(client)),

@@ -3252,6 +3252,226 @@ fn results_by_id(lines: &[Value]) -> std::collections::HashMap<String, Value> {
         .collect()
 }
 
+impl TestServer {
+    /// `POST /v1/uploads/{upload}/parts` with `data` as the part, as `key`.
+    fn upload_part(&self, key: &str, upload: &Value, data: &[u8]) -> (u16, Value) {
+        let (ct, body) = multipart(&[], &[("data", data)]);
+        let path = format!("/v1/uploads/{}/parts", upload["id"].as_str().unwrap());
+        let r = self
+            .client
+            .post(self.url(&path))
+            .bearer_auth(key)
+            .header("content-type", ct)
+            .body(body)
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().unwrap())
+    }
+}
+
+/// The Uploads API: a file sent in parts, in any order, becomes a File once completed (the
+/// parts joined in the order named, their MD5 checked), which a batch then runs. Another key
+/// sees none of it; a completed or cancelled upload takes nothing more; parts that do not add
+/// up, and announcements the server cannot take, are refused in OpenAI's error shape.
+#[test]
+fn an_upload_in_parts_becomes_a_file_a_batch_runs() {
+    use md5::Digest as _;
+    let mut config = test_config();
+    config.auth.keys = turbine::server::auth::parse_keys("sk-a\nsk-b\n").unwrap();
+    config.files.max_file_bytes = 100_000;
+    let s = TestServer::start(config);
+    let g = "/v1/images/generations";
+    let jsonl = [
+        batch_line("one", g, json!({"prompt": "a red fox", "seed": 5})),
+        batch_line("two", g, json!({"prompt": "a boat", "seed": 6})),
+        batch_line("three", g, json!({"prompt": "a lighthouse", "seed": 7})),
+    ]
+    .join("\n");
+    let bytes = jsonl.as_bytes();
+    let n = bytes.len();
+    let (status, upload) = s.call(
+        "POST",
+        "/v1/uploads",
+        Some("sk-a"),
+        Some(
+            json!({"bytes": n, "filename": "jobs.jsonl", "mime_type": "text/jsonl",
+                    "purpose": "batch"}),
+        ),
+    );
+    assert_eq!(status, 200, "{upload}");
+    assert_eq!(upload["object"], "upload");
+    assert_eq!(upload["status"], "pending");
+    assert_eq!(upload["bytes"], n);
+    assert_eq!(upload["file"], Value::Null);
+    assert!(upload["id"].as_str().unwrap().starts_with("upload_"));
+    assert_eq!(
+        upload["expires_at"].as_u64().unwrap(),
+        upload["created_at"].as_u64().unwrap() + 3600
+    );
+    let id = upload["id"].as_str().unwrap().to_string();
+
+    // The parts arrive out of order.
+    let pieces = [&bytes[..10], &bytes[10..n / 2], &bytes[n / 2..]];
+    let mut part_ids = vec![String::new(); 3];
+    for i in [2, 0, 1] {
+        let (status, part) = s.upload_part("sk-a", &upload, pieces[i]);
+        assert_eq!(status, 200, "{part}");
+        assert_eq!(part["object"], "upload.part");
+        assert_eq!(part["upload_id"], id.as_str());
+        part_ids[i] = part["id"].as_str().unwrap().to_string();
+    }
+    // Another key: no such upload.
+    let (status, _) = s.upload_part("sk-b", &upload, b"x");
+    assert_eq!(status, 404);
+    let complete = |key: &str, body: Value| {
+        s.call(
+            "POST",
+            &format!("/v1/uploads/{id}/complete"),
+            Some(key),
+            Some(body),
+        )
+    };
+    let (status, _) = complete("sk-b", json!({"part_ids": part_ids}));
+    assert_eq!(status, 404);
+
+    // Refused completions leave the upload as it was.
+    let refused = |body: Value, param: &str| {
+        let (status, v) = complete("sk-a", body);
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["error"]["param"], param, "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    };
+    refused(json!({"part_ids": &part_ids[..2]}), "part_ids");
+    refused(
+        json!({"part_ids": [&part_ids[0], &part_ids[0], &part_ids[2]]}),
+        "part_ids",
+    );
+    refused(json!({"part_ids": ["part_nope"]}), "part_ids");
+    refused(json!({"part_ids": "part_nope"}), "part_ids");
+    refused(json!({}), "part_ids");
+    refused(
+        json!({"part_ids": part_ids, "md5": "0123456789abcdef0123456789abcdef"}),
+        "md5",
+    );
+    let md5 = hex::encode(md5::Md5::digest(bytes));
+    let (status, done) = complete("sk-a", json!({"part_ids": part_ids, "md5": md5}));
+    assert_eq!(status, 200, "{done}");
+    assert_eq!(done["status"], "completed");
+    let file = &done["file"];
+    assert_eq!(file["object"], "file");
+    assert_eq!(file["purpose"], "batch");
+    assert_eq!(file["bytes"], n);
+    assert_eq!(file["filename"], "jobs.jsonl");
+    let file_id = file["id"].as_str().unwrap();
+    let r = s
+        .client
+        .get(s.url(&format!("/v1/files/{file_id}/content")))
+        .bearer_auth("sk-a")
+        .send()
+        .unwrap();
+    assert_eq!(r.text().unwrap(), jsonl);
+    let (status, _) = s.call("GET", &format!("/v1/files/{file_id}"), Some("sk-b"), None);
+    assert_eq!(status, 404);
+
+    // Completed: no part, completion or cancel more.
+    let (status, v) = s.upload_part("sk-a", &upload, b"x");
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_upload_state");
+    let (status, _) = complete("sk-a", json!({"part_ids": part_ids}));
+    assert_eq!(status, 400);
+    let (status, _) = s.call(
+        "POST",
+        &format!("/v1/uploads/{id}/cancel"),
+        Some("sk-a"),
+        None,
+    );
+    assert_eq!(status, 400);
+
+    // The File is a batch's input like any uploaded file.
+    let (status, batch) = s.call(
+        "POST",
+        "/v1/batches",
+        Some("sk-a"),
+        Some(json!({"input_file_id": file_id, "endpoint": g, "completion_window": "24h"})),
+    );
+    assert_eq!(status, 200, "{batch}");
+    let batch = s.wait_batch(Some("sk-a"), batch["id"].as_str().unwrap());
+    assert_eq!(
+        batch["request_counts"],
+        json!({"total": 3, "completed": 3, "failed": 0})
+    );
+
+    // Cancelled: its parts go, and it takes nothing more; cancelling again says so again.
+    let (_, other) = s.call(
+        "POST",
+        "/v1/uploads",
+        Some("sk-a"),
+        Some(
+            json!({"bytes": 5, "filename": "a.png", "mime_type": "image/png",
+                    "purpose": "vision"}),
+        ),
+    );
+    // A part larger than the upload announced is refused.
+    let (status, v) = s.upload_part("sk-a", &other, b"123456");
+    assert_eq!((status, &v["error"]["param"]), (400, &json!("data")), "{v}");
+    let (status, part) = s.upload_part("sk-a", &other, b"12");
+    assert_eq!(status, 200, "{part}");
+    let cancel = format!("/v1/uploads/{}/cancel", other["id"].as_str().unwrap());
+    for _ in 0..2 {
+        let (status, v) = s.call("POST", &cancel, Some("sk-a"), None);
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["status"], "cancelled");
+    }
+    let (status, _) = s.upload_part("sk-a", &other, b"345");
+    assert_eq!(status, 400);
+
+    // Announcements the server cannot take.
+    let create = |body: Value, param: &str, code: &str| {
+        let (status, v) = s.call("POST", "/v1/uploads", Some("sk-a"), Some(body));
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(
+            (&v["error"]["param"], &v["error"]["code"]),
+            (&json!(param), &json!(code)),
+            "{v}"
+        );
+    };
+    let ok = json!({"bytes": 10, "filename": "f.jsonl", "mime_type": "application/jsonl",
+                    "purpose": "batch"});
+    let with = |k: &str, v: Value| {
+        let mut b = ok.clone();
+        b[k] = v;
+        b
+    };
+    create(with("bytes", json!(0)), "bytes", "invalid_value");
+    create(with("bytes", json!(100_001)), "bytes", "invalid_value");
+    create(with("bytes", json!("10")), "bytes", "invalid_value");
+    create(
+        with("purpose", json!("fine-tune")),
+        "purpose",
+        "invalid_value",
+    );
+    create(
+        with("mime_type", json!("image/png")),
+        "mime_type",
+        "invalid_value",
+    );
+    create(with("filename", json!("")), "filename", "invalid_value");
+    create(with("color", json!("red")), "color", "unknown_parameter");
+    let mut missing = ok.clone();
+    missing.as_object_mut().unwrap().remove("filename");
+    create(missing, "filename", "missing_required_parameter");
+    let (status, v) = s.call("POST", "/v1/uploads", None, Some(ok.clone()));
+    assert_eq!(status, 401, "{v}");
+    let (status, v) = s.call(
+        "POST",
+        "/v1/uploads/upload_nope/complete",
+        Some("sk-a"),
+        Some(json!({"part_ids": []})),
+    );
+    assert_eq!(status, 404, "{v}");
+}
+
 #[test]
 fn a_batch_of_generations_makes_the_same_images_as_direct_requests() {
     let s = TestServer::start(test_config());

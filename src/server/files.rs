@@ -372,6 +372,11 @@ impl FileStore {
         self.root.join("webhooks")
     }
 
+    /// Where the parts of uploads under way wait (the Uploads API).
+    pub fn uploads_dir(&self) -> PathBuf {
+        self.root.join("uploads")
+    }
+
     /// Where the contents of file `id` are (or will be) kept.
     pub fn path(&self, id: &str) -> PathBuf {
         self.root.join("files").join(id)
@@ -506,21 +511,22 @@ pub mod http {
     use crate::server::App;
 
     /// What may be uploaded: a batch's input, or an image an edit names by `file_id`.
-    const UPLOAD_PURPOSES: &[&str] = &["batch", "vision", "user_data"];
+    pub(crate) const UPLOAD_PURPOSES: &[&str] = &["batch", "vision", "user_data"];
 
     /// What a form carries besides the file: its fields and their boundaries.
-    const FORM_OVERHEAD: u64 = 64 << 10;
+    pub(crate) const FORM_OVERHEAD: u64 = 64 << 10;
     /// The longest text field this form has (`purpose`, `expires_after[...]`) is a few bytes.
     const FIELD_LIMIT: u64 = 256;
     /// OpenAI's limit on a file name.
-    const MAX_FILENAME_BYTES: usize = 255;
+    pub(crate) const MAX_FILENAME_BYTES: usize = 255;
 
     pub fn storage_error(e: impl std::fmt::Display) -> ApiError {
         InferError::Files(e.to_string()).into()
     }
 
-    /// Deletes an upload's partial contents unless it is registered.
-    struct Partial(Option<std::path::PathBuf>);
+    /// Deletes an upload's partial contents unless it is registered (also a part of the
+    /// Uploads API, and a file it is joining into).
+    pub(crate) struct Partial(pub(crate) Option<std::path::PathBuf>);
 
     impl Drop for Partial {
         fn drop(&mut self) {
@@ -530,7 +536,7 @@ pub mod http {
         }
     }
 
-    fn multipart_error(e: multer::Error, limit: u64) -> ApiError {
+    pub(crate) fn multipart_error(e: multer::Error, limit: u64) -> ApiError {
         match e {
             multer::Error::StreamSizeExceeded { .. } => ApiError::PayloadTooLarge {
                 limit: limit as usize,

@@ -34,6 +34,7 @@ pub mod stall;
 pub mod store;
 pub mod tls;
 pub mod upload;
+pub mod uploads;
 pub mod validate;
 pub mod webhooks;
 pub mod worker;
@@ -102,6 +103,8 @@ pub struct App {
     /// The Files API's files (`--files-dir`).
     pub files: files::FileStore,
     pub batches: batches::Batches,
+    /// The Uploads API's uploads under way (a file sent in parts).
+    pub uploads: uploads::Uploads,
     /// Webhook endpoints, told when their key's batches end.
     pub webhooks: Arc<webhooks::Webhooks>,
     /// Requests of all running batches in flight at once: two full batches per device, so a
@@ -332,6 +335,12 @@ pub async fn serve(
         tracing::info!(dir = %files.dir().display(), "files and batches are kept here until the server stops (--files-dir keeps them across restarts)");
     }
     let batches = batches::Batches::open(files.batches_dir())?;
+    let uploads = uploads::Uploads::open(files.uploads_dir()).with_context(|| {
+        format!(
+            "cannot make the uploads directory {}",
+            files.uploads_dir().display()
+        )
+    })?;
     let webhooks = Arc::new(webhooks::Webhooks::open(
         files.webhooks_dir(),
         config.files.webhook_retry,
@@ -353,6 +362,7 @@ pub async fn serve(
         upload_decodes: Arc::new(tokio::sync::Semaphore::new(UPLOAD_DECODE_SLOTS)),
         files,
         batches,
+        uploads,
         webhooks,
         batch_slots: Arc::new(tokio::sync::Semaphore::new(batch_slots)),
         phase: AtomicU8::new(Phase::Loading as u8),
@@ -566,6 +576,7 @@ async fn sweep_files_and_batches(app: Arc<App>) {
     loop {
         every.tick().await;
         let now = files::unix_now();
+        app.uploads.sweep(now);
         let n = app.files.remove_expired(now);
         if n > 0 {
             tracing::info!(files = n, "expired files removed");

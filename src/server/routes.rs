@@ -42,6 +42,7 @@ use super::metrics::{DropReason, Stage};
 use super::queue::{Entry, RequestId};
 use super::store::StoredImage;
 use super::upload::{EditFiles, ImageSource};
+use super::uploads;
 use super::validate::{form_value, json_kind, validate, validate_edit, ValidRequest};
 use super::webhooks;
 use super::{App, Phase};
@@ -86,6 +87,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/files", post(files::create).get(files::list))
         .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
         .route("/v1/files/{id}/content", get(files::content))
+        .route("/v1/uploads", post(uploads::create))
+        .route("/v1/uploads/{id}/parts", post(uploads::add_part))
+        .route("/v1/uploads/{id}/complete", post(uploads::complete))
+        .route("/v1/uploads/{id}/cancel", post(uploads::cancel))
         .route("/v1/batches", post(batches::create).get(batches::list))
         .route("/v1/batches/{id}", get(batches::retrieve))
         .route("/v1/batches/{id}/cancel", post(batches::cancel))

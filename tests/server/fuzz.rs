@@ -437,6 +437,8 @@ struct Made {
     files: Vec<String>,
     batches: Vec<String>,
     webhooks: Vec<String>,
+    uploads: Vec<String>,
+    parts: Vec<String>,
 }
 
 impl Made {
@@ -531,7 +533,7 @@ fn query(rng: &mut StdRng) -> String {
 
 /// The next request: every route, with what it takes mostly right and partly wrong.
 fn next_request(rng: &mut StdRng, made: &Made) -> Request {
-    match rng.random_range(0..100) {
+    match rng.random_range(0..108) {
         0..=29 => {
             let body = Value::Object(image_fields(rng, false));
             Request::json(rng, Method::POST, "/v1/images/generations", body)
@@ -682,6 +684,63 @@ fn next_request(rng: &mut StdRng, made: &Made) -> Request {
             .choose(rng)
             .unwrap();
             Request::get(format!("{path}{id}"))
+        }
+        100..=102 => {
+            let mut body = json!({
+                "bytes": rng.random_range(1..600),
+                "filename": "jobs.jsonl",
+                "mime_type": *["text/jsonl", "application/jsonl", "image/png"].choose(rng).unwrap(),
+                "purpose": *["batch", "vision", "batch"].choose(rng).unwrap(),
+            });
+            if rng.random_bool(0.4) {
+                let field = *[
+                    "bytes",
+                    "filename",
+                    "mime_type",
+                    "purpose",
+                    "expires_after",
+                    "x",
+                ]
+                .choose(rng)
+                .unwrap();
+                body[field] = weird(rng);
+            }
+            Request::json(rng, Method::POST, "/v1/uploads", body)
+        }
+        103..=105 => {
+            let id = made.id(rng, &made.uploads);
+            let len = rng.random_range(0..300);
+            let data: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            let mut parts = vec![("data".into(), Some("part".into()), None, data)];
+            if rng.random_bool(0.1) {
+                parts.push(text_part(["data", "x"].choose(rng).unwrap(), &weird(rng)));
+            }
+            Request::form(&format!("/v1/uploads/{id}/parts"), form(rng, parts))
+        }
+        106..=107 => {
+            let id = made.id(rng, &made.uploads);
+            if rng.random_bool(0.2) {
+                return Request::json(
+                    rng,
+                    Method::POST,
+                    &format!("/v1/uploads/{id}/cancel"),
+                    json!({}),
+                );
+            }
+            let ids: Vec<String> = (0..rng.random_range(0..4))
+                .map(|_| made.id(rng, &made.parts))
+                .collect();
+            let mut body = json!({"part_ids": ids});
+            if rng.random_bool(0.3) {
+                let field = *["part_ids", "md5", "x"].choose(rng).unwrap();
+                body[field] = weird(rng);
+            }
+            Request::json(
+                rng,
+                Method::POST,
+                &format!("/v1/uploads/{id}/complete"),
+                body,
+            )
         }
         _ => {
             // A known path with the wrong method, or an odd one.
@@ -911,6 +970,8 @@ impl Run<'_> {
                 "/v1/files" => made.files.push(id),
                 "/v1/batches" => made.batches.push(id),
                 "/v1/webhook_endpoints" => made.webhooks.push(id),
+                "/v1/uploads" => made.uploads.push(id),
+                p if p.ends_with("/parts") => made.parts.push(id),
                 p if p.starts_with("/v1/images/") => {
                     let data = v["data"].as_array();
                     assert!(
