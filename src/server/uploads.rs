@@ -366,9 +366,18 @@ pub async fn add_part(
             ));
         }
         partial.0 = Some(path.clone());
-        let mut out = tokio::fs::File::create(&path)
-            .await
-            .map_err(storage_error)?;
+        let mut out = match tokio::fs::File::create(&path).await {
+            Ok(out) => out,
+            Err(e) => {
+                // Cancelled or expired meanwhile: its directory went.
+                let mut index = uploads.lock();
+                let upload = uploads.get(&mut index, &owner, &upload_id, unix_now())?;
+                if upload.object.status != "pending" {
+                    return Err(not_pending(&upload.object, "take parts"));
+                }
+                return Err(storage_error(e));
+            }
+        };
         let mut n = 0u64;
         while let Some(chunk) = field.chunk().await.map_err(bad)? {
             n += chunk.len() as u64;
