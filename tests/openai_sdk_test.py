@@ -258,10 +258,21 @@ def test_rate_limit(base_url: str, limited_key: str):
     assert int(e.response.headers["retry-after"]) >= 1
 
 
+def wait_for_batch(client: OpenAI, batch):
+    """Polls `batch` until it ends (a hang guard of five minutes, not a timing check)."""
+    import time
+
+    deadline = time.monotonic() + 300
+    while batch.status not in ("completed", "failed", "cancelled", "expired"):
+        assert time.monotonic() < deadline, f"the batch never ended: {batch}"
+        time.sleep(0.05)
+        batch = client.batches.retrieve(batch.id)
+    return batch
+
+
 def test_batch(client: OpenAI):
     """The Batch API as OpenAI's batch guide uses it: upload JSONL, create, poll, read."""
     import json
-    import time
 
     lines = [
         {
@@ -287,11 +298,7 @@ def test_batch(client: OpenAI):
         metadata={"job": "sdk"},
     )
     assert batch.status == "validating" and batch.metadata == {"job": "sdk"}
-    deadline = time.monotonic() + 300
-    while batch.status not in ("completed", "failed", "cancelled", "expired"):
-        assert time.monotonic() < deadline, f"the batch never ended: {batch}"
-        time.sleep(0.05)
-        batch = client.batches.retrieve(batch.id)
+    batch = wait_for_batch(client, batch)
     assert batch.status == "completed", batch
     assert batch.request_counts.total == 4
     assert (batch.request_counts.completed, batch.request_counts.failed) == (3, 1)
@@ -324,7 +331,6 @@ def test_upload_in_parts(client: OpenAI):
     made part by part by hand, then cancelled."""
     import hashlib
     import json
-    import time
 
     lines = [
         {
@@ -353,11 +359,7 @@ def test_upload_in_parts(client: OpenAI):
     batch = client.batches.create(
         input_file_id=upload.file.id, endpoint="/v1/images/generations", completion_window="24h"
     )
-    deadline = time.monotonic() + 300
-    while batch.status not in ("completed", "failed", "cancelled", "expired"):
-        assert time.monotonic() < deadline, f"the batch never ended: {batch}"
-        time.sleep(0.05)
-        batch = client.batches.retrieve(batch.id)
+    batch = wait_for_batch(client, batch)
     assert batch.status == "completed", batch
     assert (batch.request_counts.completed, batch.request_counts.failed) == (2, 0)
 

@@ -741,6 +741,34 @@ pub mod http {
         }
     }
 
+    /// A JSON body's `expires_after`-shaped field `param` (`{"anchor": "created_at",
+    /// "seconds": N}`, the seconds as a number or text) as seconds; `None` when absent or null.
+    pub fn expires_after_json(
+        value: Option<&serde_json::Value>,
+        param: &str,
+    ) -> Result<Option<u64>, ApiError> {
+        use serde_json::Value;
+        match value {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(o)) => {
+                let text = |k: &str| match o.get(k) {
+                    Some(Value::String(s)) => Some(s.clone()),
+                    Some(Value::Number(n)) => Some(n.to_string()),
+                    _ => None,
+                };
+                expires_after(text("anchor").as_deref(), text("seconds").as_deref(), param)
+            }
+            Some(other) => Err(ApiError::invalid(
+                param,
+                "invalid_type",
+                format!(
+                    "{param} must be an object with anchor and seconds, got {}",
+                    crate::server::validate::json_kind(other)
+                ),
+            )),
+        }
+    }
+
     /// A list's `limit` (1 to `max`, `default` when absent), `after`, and `order` (`asc` or
     /// `desc`) where `others` (the list's parameters besides `limit` and `after`) has it.
     pub struct ListParams {

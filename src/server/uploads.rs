@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::auth::Caller;
 use super::error::ApiError;
 use super::files::http::{
-    expires_after, multipart_error, storage_error, Partial, FORM_OVERHEAD, MAX_FILENAME_BYTES,
+    expires_after_json, multipart_error, storage_error, Partial, FORM_OVERHEAD, MAX_FILENAME_BYTES,
     UPLOAD_PURPOSES,
 };
 use super::files::{new_id, unix_now, FileObject, Owner, DEFAULT_TTL_SECS};
@@ -269,28 +269,7 @@ pub async fn create(
             ),
         ));
     }
-    let file_ttl = match fields.get("expires_after") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(o)) => {
-            let text = |k: &str| match o.get(k) {
-                Some(Value::String(s)) => Some(s.clone()),
-                Some(Value::Number(n)) => Some(n.to_string()),
-                _ => None,
-            };
-            expires_after(
-                text("anchor").as_deref(),
-                text("seconds").as_deref(),
-                "expires_after",
-            )?
-        }
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "expires_after",
-                "invalid_type",
-                "expires_after must be an object with anchor and seconds",
-            ))
-        }
-    };
+    let file_ttl = expires_after_json(fields.get("expires_after"), "expires_after")?;
     let now = unix_now();
     let object = UploadObject {
         id: new_id("upload_"),

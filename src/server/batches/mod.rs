@@ -40,7 +40,7 @@ pub use input::{read_lines, Line};
 use super::api::Usage;
 use super::auth::Caller;
 use super::error::{ApiError, InferError};
-use super::files::http::{expires_after, storage_error, ListParams};
+use super::files::http::{expires_after_json, storage_error, ListParams};
 use super::files::{
     new_id, no_such_file, read_records, unix_now, write_record, ListPage, Owner, DEFAULT_TTL_SECS,
 };
@@ -623,31 +623,8 @@ pub async fn create(
         ));
     }
     let metadata = metadata(fields.get("metadata"))?;
-    let output_ttl = match fields.get("output_expires_after") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(o)) => {
-            let text = |k: &str| match o.get(k) {
-                Some(Value::String(s)) => Some(s.clone()),
-                Some(Value::Number(n)) => Some(n.to_string()),
-                _ => None,
-            };
-            expires_after(
-                text("anchor").as_deref(),
-                text("seconds").as_deref(),
-                "output_expires_after",
-            )?
-        }
-        Some(other) => {
-            return Err(ApiError::invalid(
-                "output_expires_after",
-                "invalid_type",
-                format!(
-                    "output_expires_after must be an object, got {}",
-                    json_kind(other)
-                ),
-            ))
-        }
-    };
+    let output_ttl =
+        expires_after_json(fields.get("output_expires_after"), "output_expires_after")?;
     let input_file_id = f.required_string("input_file_id")?;
     let now = unix_now();
     let owner = caller.owner();
