@@ -9,6 +9,7 @@
 //   node openai_node_test.mjs --base-url URL/v1 --api-key KEY --limited-key KEY
 
 import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
 import http from "node:http";
 import zlib from "node:zlib";
 
@@ -324,6 +325,45 @@ async function testBatch(client) {
   assert.equal(page.data[0].id, batch.id);
 }
 
+async function testUploadInParts(client) {
+  // An image for edits sent through the Uploads API in three parts, out of order, joined in the
+  // order named with its MD5, then edited by file_id in a JSON edit.
+  const png = b64((await client.images.generate({ prompt: "a lantern", size: "64x64", seed: 77 })).data[0]);
+  let upload = await client.uploads.create({
+    bytes: png.length,
+    filename: "lantern.png",
+    mime_type: "image/png",
+    purpose: "vision",
+  });
+  assert.equal(upload.status, "pending");
+  const cuts = [0, 100, Math.floor(png.length / 2), png.length];
+  const ids = [];
+  for (const i of [2, 0, 1]) {
+    const data = await toFile(png.subarray(cuts[i], cuts[i + 1]), "part");
+    ids[i] = (await client.uploads.parts.create(upload.id, { data })).id;
+  }
+  const md5 = createHash("md5").update(png).digest("hex");
+  upload = await client.uploads.complete(upload.id, { part_ids: ids, md5 });
+  assert.equal(upload.status, "completed");
+  assert.equal(upload.file.purpose, "vision");
+  assert.equal(upload.file.bytes, png.length);
+  const back = Buffer.from(await (await client.files.content(upload.file.id)).arrayBuffer());
+  assert.ok(back.equals(png), "the file is the parts in order");
+  const edited = await client.post("/images/edits", {
+    body: { prompt: "the lantern lit", images: [{ file_id: upload.file.id }], seed: 3 },
+  });
+  assert.deepEqual(pngSize(b64(edited.data[0])), [64, 64]);
+
+  const dropped = await client.uploads.create({
+    bytes: 10,
+    filename: "jobs.jsonl",
+    mime_type: "application/jsonl",
+    purpose: "batch",
+  });
+  assert.equal((await client.uploads.cancel(dropped.id)).status, "cancelled");
+  await expectError(OpenAI.BadRequestError, () => client.uploads.complete(dropped.id, { part_ids: [] }));
+}
+
 async function main() {
   const args = process.argv.slice(2);
   const arg = (name) => {
@@ -341,6 +381,7 @@ async function main() {
     ["edit", () => testEdit(client)],
     ["models", () => testModels(client)],
     ["batch", () => testBatch(client)],
+    ["upload in parts", () => testUploadInParts(client)],
     ["webhooks", () => testWebhooks(client)],
     ["errors", () => testErrors(client, baseURL)],
     ["RateLimitError", () => testRateLimit(baseURL, arg("--limited-key"))],
