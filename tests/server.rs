@@ -3472,6 +3472,42 @@ fn an_upload_in_parts_becomes_a_file_a_batch_runs() {
     assert_eq!(status, 404, "{v}");
 }
 
+/// `--min-free-disk-bytes`: an upload that would leave less free space on the files
+/// directory's disk is refused with 507 `insufficient_storage` in OpenAI's error shape, before
+/// anything is written: here the server keeps more free than any disk has.
+#[test]
+fn uploads_that_would_fill_the_disk_are_refused_with_507() {
+    let mut config = test_config();
+    config.files.min_free_bytes = u64::MAX / 4;
+    let s = TestServer::start(config);
+    let (status, v) = s.upload(None, "{}");
+    assert_eq!(status, 507, "{v}");
+    assert_eq!(v["error"]["code"], "insufficient_storage", "{v}");
+    assert_eq!(v["error"]["type"], "server_error", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("nearly full") && message.contains("DELETE /v1/files/{id}"),
+        "{message}"
+    );
+    let (status, v) = s.call(
+        "POST",
+        "/v1/uploads",
+        None,
+        Some(
+            json!({"bytes": 10, "filename": "f.jsonl", "mime_type": "text/jsonl",
+                    "purpose": "batch"}),
+        ),
+    );
+    assert_eq!(status, 507, "{v}");
+    let (status, v) = s.call("GET", "/v1/files", None, None);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["data"], json!([]), "nothing was stored");
+    assert_eq!(
+        metric_in(&s.metrics(), "turbine_errors_total{type=\"storage_full\"}"),
+        2.0
+    );
+}
+
 #[test]
 fn a_batch_of_generations_makes_the_same_images_as_direct_requests() {
     let s = TestServer::start(test_config());

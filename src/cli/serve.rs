@@ -54,6 +54,11 @@ pub struct FilesArgs {
     /// Largest `POST /v1/files` upload in bytes (OpenAI: 200 MB for a batch input file).
     #[arg(long, env = "TURBINE_MAX_FILE_BYTES", default_value_t = 200 << 20)]
     pub max_file_bytes: u64,
+    /// Free space to keep on the disk of the files directory: an upload (`/v1/files`,
+    /// `/v1/uploads`) that would leave less is refused with 507 `insufficient_storage`, so that
+    /// running batches can still write their results (0: no check).
+    #[arg(long, env = "TURBINE_MIN_FREE_DISK_BYTES", default_value_t = 128 << 20)]
+    pub min_free_disk_bytes: u64,
     /// Most requests (lines) in one batch (OpenAI: 50,000).
     #[arg(long, env = "TURBINE_MAX_BATCH_REQUESTS", default_value_t = 50_000)]
     pub max_batch_requests: usize,
@@ -349,6 +354,7 @@ impl Args {
             files: FilesConfig {
                 dir: self.files.files_dir.clone(),
                 max_file_bytes: self.files.max_file_bytes,
+                min_free_bytes: self.files.min_free_disk_bytes,
                 max_batch_requests: self.files.max_batch_requests,
                 completion_window: ServerConfig::default().files.completion_window,
                 batch_retention: Duration::from_secs(

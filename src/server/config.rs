@@ -102,6 +102,9 @@ pub struct FilesConfig {
     pub dir: Option<std::path::PathBuf>,
     /// The largest upload (OpenAI's limit for a batch input file: 200 MB).
     pub max_file_bytes: u64,
+    /// Uploads that would leave less free space than this on the files directory's disk are
+    /// refused with 507 (`--min-free-disk-bytes`; 0: no check).
+    pub min_free_bytes: u64,
     /// The most requests (lines) in one batch (OpenAI's: 50,000).
     pub max_batch_requests: usize,
     /// How long a batch may run before it expires (`completion_window: "24h"`).
@@ -214,6 +217,7 @@ impl Default for ServerConfig {
             files: FilesConfig {
                 dir: None,
                 max_file_bytes: 200 << 20,
+                min_free_bytes: 0,
                 max_batch_requests: 50_000,
                 completion_window: Duration::from_secs(24 * 3600),
                 batch_retention: Duration::from_secs(30 * 24 * 3600),

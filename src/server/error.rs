@@ -57,6 +57,18 @@ pub enum InferError {
     /// Reading or writing a file of the Files API (`--files-dir`) failed.
     #[error("file storage failed: {0}")]
     Files(String),
+    /// An upload would leave the files directory's disk with less free space than the server
+    /// keeps (`--min-free-disk-bytes`).
+    #[error(
+        "the server's file storage is nearly full: {available} bytes are free, and this upload \
+         of {incoming} bytes would leave less than the {keep_free} it keeps free for running \
+         batches; delete files you no longer need (DELETE /v1/files/{{id}}) or retry later"
+    )]
+    StorageFull {
+        available: u64,
+        incoming: u64,
+        keep_free: u64,
+    },
 }
 
 /// What the HTTP layer answers with.
@@ -247,6 +259,12 @@ impl ApiError {
                 InferError::Encode { .. } => row(S::INTERNAL_SERVER_ERROR, SERVER, None, "encode"),
                 InferError::Store(_) => row(S::INTERNAL_SERVER_ERROR, SERVER, None, "store"),
                 InferError::Files(_) => row(S::INTERNAL_SERVER_ERROR, SERVER, None, "files"),
+                InferError::StorageFull { .. } => row(
+                    S::INSUFFICIENT_STORAGE,
+                    SERVER,
+                    Some("insufficient_storage"),
+                    "storage_full",
+                ),
             },
         }
     }

@@ -372,6 +372,38 @@ impl FileStore {
         self.root.join("webhooks")
     }
 
+    /// Whether `incoming` more bytes leave at least `keep_free` free on the disk of the files
+    /// directory: 507 `insufficient_storage` otherwise. A disk whose free space cannot be read
+    /// is not refused for it.
+    pub fn check_space(&self, incoming: u64, keep_free: u64) -> Result<(), ApiError> {
+        if keep_free == 0 {
+            return Ok(());
+        }
+        let available = match fs2::available_space(&self.root) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(dir = %self.root.display(), "cannot read the free space: {e}");
+                return Ok(());
+            }
+        };
+        if available >= incoming.saturating_add(keep_free) {
+            return Ok(());
+        }
+        tracing::warn!(
+            available,
+            incoming,
+            keep_free,
+            dir = %self.root.display(),
+            "upload refused: the files directory's disk is nearly full (--min-free-disk-bytes)"
+        );
+        Err(super::error::InferError::StorageFull {
+            available,
+            incoming,
+            keep_free,
+        }
+        .into())
+    }
+
     /// Where the parts of uploads under way wait (the Uploads API).
     pub fn uploads_dir(&self) -> PathBuf {
         self.root.join("uploads")
@@ -581,6 +613,8 @@ pub mod http {
                 limit: limit as usize,
             });
         }
+        app.files
+            .check_space(declared.unwrap_or(0), app.config.files.min_free_bytes)?;
         let sizes = multer::SizeLimit::new()
             .whole_stream(limit + FORM_OVERHEAD)
             .for_field("purpose", FIELD_LIMIT)

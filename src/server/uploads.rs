@@ -282,6 +282,9 @@ pub async fn create(
         status: "pending",
         file: None,
     };
+    // Room for the parts, which the completion copies into the file.
+    app.files
+        .check_space(bytes, app.config.files.min_free_bytes)?;
     let uploads = &app.uploads;
     std::fs::create_dir_all(uploads.dir.join(&object.id)).map_err(storage_error)?;
     uploads.lock().insert(
@@ -316,6 +319,12 @@ pub async fn add_part(
         }
     }
     let boundary = routes::multipart_boundary(&headers, "multipart/form-data with a boundary")?;
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    app.files
+        .check_space(declared.unwrap_or(0), app.config.files.min_free_bytes)?;
     let mut form = multer::Multipart::with_constraints(
         body.into_data_stream(),
         boundary,
@@ -484,6 +493,8 @@ pub async fn complete(
                 ),
             ));
         }
+        app.files
+            .check_space(upload.object.bytes, app.config.files.min_free_bytes)?;
         upload.completing = true;
         (upload.object.clone(), upload.file_ttl)
     };
