@@ -1060,10 +1060,13 @@ fn no_request_can_break_the_server() {
     let made = made.into_inner().unwrap();
     let tally = tally.into_inner().unwrap();
     eprintln!(
-        "request fuzzer: {cases} cases; made {} files, {} batches, {} webhook endpoints",
+        "request fuzzer: {cases} cases; made {} files, {} batches, {} webhook endpoints, {} \
+         uploads with {} parts",
         made.files.len(),
         made.batches.len(),
-        made.webhooks.len()
+        made.webhooks.len(),
+        made.uploads.len(),
+        made.parts.len()
     );
     for ((method, route, status), count) in &tally {
         eprintln!("  {method:6} {route:40} {status} x{count}");
