@@ -1349,10 +1349,10 @@ fn health_with_failed_device(server: &TestServer, status: u16) -> Value {
 }
 
 /// `--device-stall-timeout`: the only device's call does not return past its bound, so the
-/// device is declared stalled. `/health` answers 503 naming it and why, requests after it get
-/// 503 `device_failed` at once, and the stall is counted. The hung request is not lost: when
-/// its call returns after all, within the drain, it gets its image. Then `serve` returns an
-/// error, and the process exits 1 for its supervisor to restart it.
+/// device is declared stalled. The hung request gets 503 `device_failed` then, without waiting
+/// for the call (a gateway tries another server), `/health` answers 503 naming the device and
+/// why, requests after it get 503 `device_failed` at once, and the stall is counted. Then
+/// `serve` returns an error, and the process exits 1 for its supervisor to restart it.
 #[test]
 fn a_stalled_device_is_failed_and_the_server_stops() {
     let (release, rx) = std::sync::mpsc::channel();
@@ -1363,18 +1363,17 @@ fn a_stalled_device_is_failed_and_the_server_stops() {
         Box::new(HangingDevice { inner, release: rx })
     });
     server.generate_ok(&json!({"prompt": "fine", "seed": 1}));
+    // A request whose body is still arriving holds the drain open, so what follows can be seen.
+    let (mut partial, tail) = partial_request(&server.base);
     let started = Instant::now();
-    let hung = {
-        let (client, url) = (server.client.clone(), server.url("/v1/images/generations"));
-        std::thread::spawn(move || {
-            let r = client
-                .post(url)
-                .json(&json!({"prompt": "hang", "seed": 2}))
-                .send()
-                .unwrap();
-            (r.status().as_u16(), r.json::<Value>().unwrap())
-        })
-    };
+    let r = server.generate(&json!({"prompt": "hang", "seed": 2}));
+    let (status, text) = (r.status().as_u16(), r.text().unwrap());
+    let v = assert_openai_error(status, &text, 503, None, "the hung request");
+    assert_eq!(v["error"]["code"], "device_failed");
+    assert!(
+        text.contains("stalled: a generation batch of 1 64x64 image(s)"),
+        "{text}"
+    );
     let health = health_with_failed_device(&server, 503);
     assert!(started.elapsed() >= Duration::from_millis(300));
     assert_eq!(health["status"], "device_failed", "{health}");
@@ -1391,10 +1390,12 @@ fn a_stalled_device_is_failed_and_the_server_stops() {
     let v = assert_openai_error(status, &r.text().unwrap(), 503, None, "after the stall");
     assert_eq!(v["error"]["code"], "device_failed");
 
+    // The call returns after all: nobody waits for its image any more.
     release.send(()).unwrap();
-    let (status, body) = hung.join().unwrap();
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(images(&body).len(), 1);
+    partial.write_all(tail.as_bytes()).unwrap();
+    let mut response = String::new();
+    partial.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 503"), "{response:.300}");
     let result = server.thread.take().unwrap().join().unwrap();
     let err = format!("{:#}", result.unwrap_err());
     assert!(
@@ -1403,8 +1404,9 @@ fn a_stalled_device_is_failed_and_the_server_stops() {
     );
 }
 
-/// Of two devices one stalls: it is named in `/health` (200, as the other serves), and its
-/// batcher hands it nothing more, so every request after the stall is served by the other.
+/// Of two devices one stalls: its request gets 503 `device_failed`, it is named in `/health`
+/// (200, as the other serves), and its batcher hands it nothing more, so every request after
+/// the stall is served by the other.
 #[test]
 fn with_two_devices_a_stalled_one_gets_no_more_work() {
     let (release, rx) = std::sync::mpsc::channel();
@@ -1417,38 +1419,21 @@ fn with_two_devices_a_stalled_one_gets_no_more_work() {
     let server = TestServer::start_devices(config, vec![("cpu:0", hanging), ("cpu:1", plain)]);
 
     // "hang" hangs on cpu:0; on cpu:1 it is an ordinary image. Sent one at a time until one
-    // is stuck on cpu:0, so that nothing else waits for cpu:0 when it is declared stalled (its
-    // batcher holds an empty slot for it).
-    let (stuck, health) = 'found: loop {
-        let (client, url) = (server.client.clone(), server.url("/v1/images/generations"));
-        let request = std::thread::spawn(move || {
-            let r = client
-                .post(url)
-                .json(&json!({"prompt": "hang"}))
-                .send()
-                .unwrap();
-            r.status().as_u16()
-        });
-        let sent = Instant::now();
-        while !request.is_finished() {
-            let v: Value = server
-                .client
-                .get(server.url("/health"))
-                .send()
-                .unwrap()
-                .json()
-                .unwrap();
-            if v.get("failed_devices").is_some() {
-                break 'found (request, health_with_failed_device(&server, 200));
-            }
-            assert!(
-                sent.elapsed() < Duration::from_secs(60),
-                "neither served nor stalled"
-            );
-            std::thread::sleep(Duration::from_millis(5));
+    // is stuck on cpu:0 (it comes back as a 503 when cpu:0 is declared stalled), so that
+    // nothing else waits for cpu:0 then (its batcher holds an empty slot for it).
+    let mut sent = 0;
+    let (status, text) = loop {
+        sent += 1;
+        assert!(sent < 200, "cpu:0 never took a \"hang\" request");
+        let r = server.generate(&json!({"prompt": "hang"}));
+        let status = r.status().as_u16();
+        if status != 200 {
+            break (status, r.text().unwrap());
         }
-        assert_eq!(request.join().unwrap(), 200, "served by cpu:1");
     };
+    let v = assert_openai_error(status, &text, 503, None, "the request stuck on cpu:0");
+    assert_eq!(v["error"]["code"], "device_failed");
+    let health = health_with_failed_device(&server, 200);
     assert_eq!(health["status"], "ok");
     assert_eq!(health["failed_devices"][0]["device"], "cpu:0", "{health}");
     assert!(health["failed_devices"][0]["message"]
@@ -1476,7 +1461,6 @@ fn with_two_devices_a_stalled_one_gets_no_more_work() {
         assert_eq!(h.join().unwrap(), Ok(200));
     }
     release.send(()).unwrap();
-    assert_eq!(stuck.join().unwrap(), 200);
 }
 
 /// A generation request whose body has only begun to arrive (the server counts it in flight,

@@ -2,23 +2,27 @@
 //! driver, a kernel that never ends) leaves the worker thread blocked, and nothing in the
 //! process fails. Without a watch, `/health` stays 200, the load balancer keeps sending, and
 //! every image waits for `--request-timeout`. With `--device-stall-timeout`, a worker whose
-//! current call has run past its bound is marked failed like a device after a CUDA fault: its
-//! batcher stops handing it batches, `/health` names it, and when no device is left the server
-//! fails the queue and exits 1 for its supervisor to start a fresh process.
+//! current call has run past its bound is marked failed like a device after a CUDA fault: the
+//! requests whose images are on it get 503 `device_failed` at once, its batcher stops handing it
+//! batches, `/health` names it, and when no device is left the server fails the queue and exits
+//! 1 for its supervisor to start a fresh process.
 //!
 //! A call's bound is the flag's seconds or ten times what the call's work should take at the
 //! rate the warm-up measured, whichever is longer: a batch of many large images with many steps
 //! legitimately runs far longer than a default one, and declaring a working device stalled
 //! would stop a healthy server.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 
+use super::batcher::{Item, ItemOutcome};
+use super::error::BackendError;
 use super::metrics::Metrics;
-use super::queue::{Guidance, ShapeKey};
+use super::queue::{Entry, Guidance, ShapeKey};
 use super::worker::{DeviceHealth, FailedDevice};
 
 /// How long one call into the model may run before its device counts as stalled.
@@ -77,7 +81,15 @@ pub struct Liveness {
     bounds: OnceLock<Option<Bounds>>,
     stalled: AtomicBool,
     stall: Notify,
+    /// The images handed to the device and not yet answered, by batch: where they go (their
+    /// requests' channels and their places there), to be told when the device is declared
+    /// stalled instead of waiting for a call that may never return.
+    on_device: Mutex<HashMap<u64, Vec<Reply>>>,
+    next_batch: AtomicU64,
 }
+
+/// Where one image's outcome goes: its request's channel and its place there.
+type Reply = (mpsc::UnboundedSender<ItemOutcome>, usize);
 
 /// A worker's stall bounds.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -138,6 +150,45 @@ impl Liveness {
     /// The bounds the worker set (`None` before it started, or when not watched).
     pub fn bounds(&self) -> Option<Bounds> {
         self.bounds.get().copied().flatten()
+    }
+
+    /// The images of `entries` are on the device until [`Self::release`] with the token this
+    /// returns.
+    pub fn hold(&self, entries: &[Entry<Item>]) -> u64 {
+        let token = self.next_batch.fetch_add(1, Ordering::Relaxed);
+        let replies = entries
+            .iter()
+            .map(|e| (e.payload.reply.clone(), e.payload.index))
+            .collect();
+        self.on_device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(token, replies);
+        token
+    }
+
+    pub fn release(&self, token: u64) {
+        self.on_device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&token);
+    }
+
+    /// Tells every image on the device that it failed with `failure`; how many were told. Their
+    /// requests answer at once (a gateway tries another server); should the device answer
+    /// after all, nobody listens any more.
+    pub fn fail_held(&self, failure: &BackendError) -> usize {
+        let held = std::mem::take(&mut *self.on_device.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut n = 0;
+        for (reply, index) in held.into_values().flatten() {
+            n += 1;
+            let _ = reply.send(ItemOutcome {
+                index,
+                result: Err(failure.clone()),
+                partial: None,
+            });
+        }
+        n
     }
 
     /// Declares the device stalled; true the first time.
@@ -203,8 +254,9 @@ pub fn check_period(timeout: Duration) -> Duration {
 }
 
 /// Watches the worker of device `label` from the time it is warmed up: once its call under way
-/// runs past its bound, declares the device stalled (its batcher stops, its worker stops once
-/// the call returns, if ever) and reports it failed, which `/health` shows and which stops the
+/// runs past its bound, declares the device stalled (the requests of the images on it are
+/// failed with `device_failed`, its batcher stops, its worker stops once the call returns, if
+/// ever) and reports it failed, which `/health` shows and which stops the
 /// server when no device is left. Returns then, when the device failed otherwise, or at once
 /// when the worker is not watched.
 pub async fn watch(
@@ -233,7 +285,12 @@ pub async fn watch(
             age.as_secs_f64(),
             allowed.as_secs_f64()
         );
-        tracing::error!(device = %label, "{message}");
+        let failure = BackendError::DeviceFailed {
+            device: label.clone(),
+            message: message.clone(),
+        };
+        let told = liveness.fail_held(&failure);
+        tracing::error!(device = %label, images_failed = told, "{message}");
         metrics.device_stalled();
         health.mark_failed(FailedDevice {
             device: label,

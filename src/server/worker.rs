@@ -644,6 +644,8 @@ struct InFlight {
     key: ShapeKey,
     live: Vec<Entry<Item>>,
     started: Instant,
+    /// Its images' token with the stall watch ([`Liveness::hold`]).
+    held: u64,
 }
 
 /// Tops the batch up from the queue (up to the shape's cap, if it has one), drops what nobody
@@ -682,12 +684,18 @@ fn launch_batch(
     let requests: Vec<ImageRequest> = live.iter().map(|e| e.payload.image.clone()).collect();
     let started = Instant::now();
     let _call = begin_call(ctx, &batch.key, live.len());
-    match catch_unwind(AssertUnwindSafe(|| backend.launch(&settings, &requests))) {
+    let held = ctx.liveness.hold(&live);
+    let launched = catch_unwind(AssertUnwindSafe(|| backend.launch(&settings, &requests)));
+    if !matches!(launched, Ok(Ok(_))) {
+        ctx.liveness.release(held);
+    }
+    match launched {
         Ok(Ok(launched)) => Some(Launch::Running(InFlight {
             launched,
             key: batch.key,
             live,
             started,
+            held,
         })),
         Ok(Err(e)) if live.len() > 1 && out_of_memory(&e) => Some(Launch::InParts(Parts {
             key: batch.key,
@@ -720,11 +728,13 @@ fn finish_batch(
         key,
         live,
         started,
+        held,
     } = batch;
     let result = {
         let _call = begin_call(ctx, &key, live.len());
         catch_unwind(AssertUnwindSafe(|| launched.wait()))
     };
+    ctx.liveness.release(held);
     let done = Instant::now();
     let busy_from = last_done.map_or(started, |t| t.max(started));
     let elapsed = done.saturating_duration_since(busy_from);
@@ -790,7 +800,10 @@ fn run_in_parts(
         let requests: Vec<ImageRequest> = part.iter().map(|e| e.payload.image.clone()).collect();
         let result = {
             let _call = begin_call(ctx, &key, part.len());
-            catch_unwind(AssertUnwindSafe(|| backend.generate(&settings, &requests)))
+            let held = ctx.liveness.hold(&part);
+            let result = catch_unwind(AssertUnwindSafe(|| backend.generate(&settings, &requests)));
+            ctx.liveness.release(held);
+            result
         };
         last_done = Instant::now();
         let failure = match result {
