@@ -1463,6 +1463,59 @@ fn with_two_devices_a_stalled_one_gets_no_more_work() {
     release.send(()).unwrap();
 }
 
+/// A Batch API line whose images were on a device declared stalled is not reported failed: it
+/// runs again on the other device, with its seed, and the batch completes whole.
+#[test]
+fn a_batch_line_on_a_stalled_device_runs_again_on_another() {
+    let (release, rx) = std::sync::mpsc::channel();
+    let mut config = test_config();
+    config.batching.max_batch_size = 1;
+    config.device_stall_timeout = StallTimeout::After(Duration::from_millis(300));
+    let hanging: MakeBackend =
+        Box::new(move |inner| Box::new(HangingDevice { inner, release: rx }));
+    let plain: MakeBackend = Box::new(|p| Box::new(p));
+    let server = TestServer::start_devices(config, vec![("cpu:0", hanging), ("cpu:1", plain)]);
+    let g = "/v1/images/generations";
+    // Twenty lines over two devices: cpu:0 takes one of them (and hangs on it) all but surely.
+    let jsonl = (0..20)
+        .map(|i| {
+            batch_line(
+                &format!("line-{i}"),
+                g,
+                json!({"prompt": "hang", "seed": i}),
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let batch = server.run_batch(None, g, &jsonl);
+    let health = health_with_failed_device(&server, 200);
+    assert!(
+        health["failed_devices"][0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("stalled: "),
+        "{health}"
+    );
+    assert_eq!(batch["status"], "completed", "{batch}");
+    assert_eq!(
+        batch["request_counts"],
+        json!({"total": 20, "completed": 20, "failed": 0}),
+        "{batch}"
+    );
+    let out = server.file_lines(None, batch["output_file_id"].as_str().unwrap());
+    let mut seeds: Vec<u64> = out
+        .iter()
+        .map(|l| l["response"]["body"]["data"][0]["seed"].as_u64().unwrap())
+        .collect();
+    seeds.sort();
+    assert_eq!(
+        seeds,
+        (0..20).collect::<Vec<u64>>(),
+        "each line with its own seed"
+    );
+    release.send(()).unwrap();
+}
+
 /// A generation request whose body has only begun to arrive (the server counts it in flight,
 /// so a drain waits for it), and the rest of its body for the test to send when it likes.
 fn partial_request(base: &str) -> (TcpStream, String) {

@@ -257,6 +257,8 @@ pub async fn run_batcher(
             queue.requeue(batch.entries);
             return;
         }
+        let mut batch = batch;
+        batch.parked = Some(liveness.hold(&batch.entries));
         permit.send(batch);
     }
 }

@@ -142,6 +142,9 @@ pub struct Entry<T> {
 pub struct Batch<T> {
     pub key: ShapeKey,
     pub entries: Vec<Entry<T>>,
+    /// Its token with the stall watch while it waits for its worker (set by the batcher), so
+    /// that its images are told when that device is declared stalled.
+    pub parked: Option<u64>,
 }
 
 /// What the batcher should do next.
@@ -252,6 +255,7 @@ impl<T> State<T> {
         Next::Batch(Batch {
             key,
             entries: self.take_key(&key, max),
+            parked: None,
         })
     }
 

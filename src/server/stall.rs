@@ -81,9 +81,10 @@ pub struct Liveness {
     bounds: OnceLock<Option<Bounds>>,
     stalled: AtomicBool,
     stall: Notify,
-    /// The images handed to the device and not yet answered, by batch: where they go (their
-    /// requests' channels and their places there), to be told when the device is declared
-    /// stalled instead of waiting for a call that may never return.
+    /// The images handed to the device and not yet answered, and those of the batch waiting
+    /// for the worker, by batch: where they go (their requests' channels and their places
+    /// there), to be told when the device is declared stalled instead of waiting for a call
+    /// that may never return.
     on_device: Mutex<HashMap<u64, Vec<Reply>>>,
     next_batch: AtomicU64,
 }
@@ -172,6 +173,15 @@ impl Liveness {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&token);
+    }
+
+    /// Lets go of every image held (the worker is gone: their requests see their channels
+    /// close).
+    pub fn forget_held(&self) {
+        self.on_device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Tells every image on the device that it failed with `failure`; how many were told. Their

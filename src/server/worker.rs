@@ -296,6 +296,15 @@ impl DeviceHealth {
     }
 }
 
+/// See `spawn`.
+struct ForgetHeld(Arc<Liveness>);
+
+impl Drop for ForgetHeld {
+    fn drop(&mut self) {
+        self.0.forget_held();
+    }
+}
+
 /// Starts the worker thread. `ready` gets the warm-up's result (or why loading failed).
 pub fn spawn(
     spec: WorkerSpec,
@@ -317,6 +326,9 @@ pub fn spawn(
                     return;
                 }
             };
+            // However the worker ends, the stall watch lets go of its images' channels: a
+            // request whose images it never answered then sees it gone.
+            let _forget = ForgetHeld(ctx.liveness.clone());
             serve(&mut *backend, &label, &ctx, batches);
             tracing::debug!(device = %label, "worker stopped");
         })
@@ -590,6 +602,9 @@ fn stop(
     // The batcher sees the channel closed and lets go of it; whatever it sent before is here.
     batches.close();
     while let Some(batch) = batches.blocking_recv() {
+        if let Some(token) = batch.parked {
+            ctx.liveness.release(token);
+        }
         never_ran.extend(batch.entries);
     }
     ctx.queue.requeue(never_ran);
@@ -659,6 +674,9 @@ fn launch_batch(
     caps: &BatchCaps,
     mut batch: Batch<Item>,
 ) -> Option<Launch> {
+    if let Some(token) = batch.parked.take() {
+        ctx.liveness.release(token);
+    }
     let cap = caps.get(&batch.key);
     let most = cap.map_or(ctx.max_batch, |c| c.min(ctx.max_batch));
     let room = most.saturating_sub(batch.entries.len());
@@ -1033,6 +1051,7 @@ mod tests {
             let queue = Arc::new(Queue::new(policy, metrics.clone()));
             let (tx, rx) = mpsc::channel(1);
             let (ready_tx, ready_rx) = oneshot::channel();
+            let liveness = Arc::new(Liveness::default());
             let ctx = WorkerContext {
                 queue: queue.clone(),
                 metrics: metrics.clone(),
@@ -1046,7 +1065,7 @@ mod tests {
                 health: Default::default(),
                 suspect: Default::default(),
                 stall_timeout: StallTimeout::Off,
-                liveness: Default::default(),
+                liveness: liveness.clone(),
             };
             let spec = WorkerSpec {
                 label: "fake".into(),
@@ -1055,7 +1074,8 @@ mod tests {
             spawn(spec, ctx, rx, ready_tx).unwrap();
             let report = ready_rx.await.unwrap().unwrap();
             assert_eq!(report.images, 2);
-            tokio::spawn(run_batcher(queue.clone(), tx, 4, Default::default()));
+            // Shared, as in the server: what the batcher parks, the worker releases.
+            tokio::spawn(run_batcher(queue.clone(), tx, 4, liveness));
             Harness {
                 queue,
                 metrics,
@@ -1212,7 +1232,14 @@ mod tests {
     fn batch(prompt: &str) -> (Batch<Item>, mpsc::UnboundedReceiver<ItemOutcome>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let entries = vec![entry(1, 0, prompt, prompt.len() as u64, tx)];
-        (Batch { key: KEY, entries }, rx)
+        (
+            Batch {
+                key: KEY,
+                entries,
+                parked: None,
+            },
+            rx,
+        )
     }
 
     fn context() -> WorkerContext {
@@ -1298,7 +1325,14 @@ mod tests {
                 (e, rx)
             })
             .unzip();
-        (Batch { key: KEY, entries }, replies)
+        (
+            Batch {
+                key: KEY,
+                entries,
+                parked: None,
+            },
+            replies,
+        )
     }
 
     /// Each request's one outcome: its image's seed (the fake paints it), or its error.

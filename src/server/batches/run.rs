@@ -22,7 +22,7 @@ use super::input::{read_lines, Line};
 use super::{BatchUsage, Ending, Endpoint, LineError, Record, Status};
 use crate::server::api::{ImagesResponse, ResponseFormat, Usage};
 use crate::server::auth::Caller;
-use crate::server::error::{ApiError, InferError};
+use crate::server::error::{ApiError, BackendError, InferError};
 use crate::server::files::{new_id, unix_now, FileObject};
 use crate::server::metrics::BatchRequestOutcome;
 use crate::server::queue::Priority;
@@ -241,8 +241,8 @@ struct Run {
 
 impl Run {
     /// Runs one request until it made its images or failed, retrying what the load caused (a
-    /// full queue, a timeout in it) and waiting for the key's image quota, until the batch is
-    /// cancelled or its window ends.
+    /// full queue, a timeout in it) and what a failed device did to it while others serve, and
+    /// waiting for the key's image quota, until the batch is cancelled or its window ends.
     async fn execute(&self, body: Value, seed: &mut Option<u64>) -> Outcome {
         let app = &self.app;
         let mut req = match self.prepare(body).await {
@@ -287,6 +287,15 @@ impl Run {
                 }
                 Err(ApiError::Infer(InferError::Timeout { .. } | InferError::NotReady)) => {}
                 Err(ApiError::Infer(InferError::ShuttingDown)) => return Outcome::Stopped,
+                // The device it ran on failed (a fault, a stall): another device runs it again,
+                // or, with none left, the server after its restart (the batch resumes there).
+                Err(ApiError::Infer(InferError::Backend(BackendError::DeviceFailed {
+                    ..
+                }))) => {
+                    if app.phase() != Phase::Ready {
+                        return Outcome::Stopped;
+                    }
+                }
                 Err(e) => return Outcome::Failed(e),
             }
         }
