@@ -1190,7 +1190,7 @@ fn a_device_left_unusable_fails_fast_and_stops_the_server() {
     assert_eq!(images(&served).len(), 1);
 
     // A request whose body is still arriving holds the drain open, so /health can be seen.
-    let (mut partial, tail) = partial_request(&server.base);
+    let (partial, tail) = partial_request(&server.base);
 
     let send = |prompt: &'static str, size: &'static str| {
         let (client, url) = (server.client.clone(), server.url("/v1/images/generations"));
@@ -1239,14 +1239,11 @@ fn a_device_left_unusable_fails_fast_and_stops_the_server() {
     assert_eq!(v["error"]["code"], "device_failed");
 
     // The request that began before the fault is refused at once, not left to time out.
-    partial.write_all(tail.as_bytes()).unwrap();
-    let mut response = String::new();
-    partial.read_to_string(&mut response).unwrap();
+    let response = finish_partial(partial, &tail);
     assert!(response.starts_with("HTTP/1.1 503"), "{response:.300}");
     assert!(response.contains("device_failed"), "{response:.300}");
 
-    let result = server.thread.take().unwrap().join().unwrap();
-    let err = format!("{:#}", result.unwrap_err());
+    let err = server.exit_error();
     assert!(
         err.contains("every device became unusable") && err.contains("cpu"),
         "{err}"
@@ -1364,7 +1361,7 @@ fn a_stalled_device_is_failed_and_the_server_stops() {
     });
     server.generate_ok(&json!({"prompt": "fine", "seed": 1}));
     // A request whose body is still arriving holds the drain open, so what follows can be seen.
-    let (mut partial, tail) = partial_request(&server.base);
+    let (partial, tail) = partial_request(&server.base);
     let started = Instant::now();
     let r = server.generate(&json!({"prompt": "hang", "seed": 2}));
     let (status, text) = (r.status().as_u16(), r.text().unwrap());
@@ -1392,12 +1389,9 @@ fn a_stalled_device_is_failed_and_the_server_stops() {
 
     // The call returns after all: nobody waits for its image any more.
     release.send(()).unwrap();
-    partial.write_all(tail.as_bytes()).unwrap();
-    let mut response = String::new();
-    partial.read_to_string(&mut response).unwrap();
+    let response = finish_partial(partial, &tail);
     assert!(response.starts_with("HTTP/1.1 503"), "{response:.300}");
-    let result = server.thread.take().unwrap().join().unwrap();
-    let err = format!("{:#}", result.unwrap_err());
+    let err = server.exit_error();
     assert!(
         err.contains("every device became unusable") && err.contains("stalled"),
         "{err}"
@@ -1530,6 +1524,22 @@ fn partial_request(base: &str) -> (TcpStream, String) {
     .unwrap();
     partial.flush().unwrap();
     (partial, tail.to_string())
+}
+
+/// Sends the rest of a [`partial_request`]'s body and reads its whole response.
+fn finish_partial(mut partial: TcpStream, tail: &str) -> String {
+    partial.write_all(tail.as_bytes()).unwrap();
+    let mut response = String::new();
+    partial.read_to_string(&mut response).unwrap();
+    response
+}
+
+impl TestServer {
+    /// Waits for `serve` to end with an error, and returns it with its causes.
+    fn exit_error(&mut self) -> String {
+        let result = self.thread.take().unwrap().join().unwrap();
+        format!("{:#}", result.unwrap_err())
+    }
 }
 
 fn raw_request(addr: &str, body: &Value) -> TcpStream {
@@ -2059,7 +2069,7 @@ fn sigterm_stops_accepting_and_drains_queued_work_then_exits_zero() {
 
     // A request whose body is still arriving when the signal comes: it holds the drain open,
     // so the test can see the draining server answer 503 however fast the queue empties.
-    let (mut partial, tail) = partial_request(&p.base);
+    let (partial, tail) = partial_request(&p.base);
 
     let queued: Vec<_> = (0..4)
         .map(|i| {
@@ -2103,9 +2113,7 @@ fn sigterm_stops_accepting_and_drains_queued_work_then_exits_zero() {
         assert_eq!(v["data"].as_array().unwrap().len(), 2);
     }
     // The request that began before the signal is still served.
-    partial.write_all(tail.as_bytes()).unwrap();
-    let mut response = String::new();
-    partial.read_to_string(&mut response).unwrap();
+    let response = finish_partial(partial, &tail);
     assert!(response.starts_with("HTTP/1.1 200"), "{response:.200}");
     assert_eq!(p.exit_code(), Some(0));
 }

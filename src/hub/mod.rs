@@ -284,32 +284,41 @@ impl ModelArgs {
 
     /// The folders of `--vae`'s and `--preview-vae`'s extras inside a user-supplied directory.
     fn extra_dirs_in(&self, dir: &Path) -> Result<(Option<PathBuf>, Option<PathBuf>), HubError> {
+        if self.vae.is_none() && self.preview_vae.is_none() {
+            return Ok((None, None));
+        }
+        let manifest = Manifest::find(&self.models_root, &self.model)?;
         let vae = match self.vae {
-            Some(v) => Some(self.extra_dir_in(dir, "--vae", v.key())?),
+            Some(v) => Some(extra_dir_in(&manifest, dir, "--vae", v.key())?),
             None => None,
         };
         let preview = match self.preview_vae {
-            Some(v) => Some(self.extra_dir_in(dir, "--preview-vae", v.key())?),
+            Some(v) => Some(extra_dir_in(&manifest, dir, "--preview-vae", v.key())?),
             None => None,
         };
         Ok((vae, preview))
     }
+}
 
-    /// The folder of the extra `key` (asked for by `flag`) inside a user-supplied directory.
-    fn extra_dir_in(&self, dir: &Path, flag: &str, key: &str) -> Result<PathBuf, HubError> {
-        let manifest = Manifest::find(&self.models_root, &self.model)?;
-        let vae_dir = dir.join(&manifest.vae_extra(key)?.dir);
-        if !vae_dir.join("config.json").is_file() {
-            return Err(HubError::Usage(format!(
-                "{flag} {key} with --model-dir: {} has no config.json. Fetch it with `turbine \
-                 download --model {} --dir {} {flag} {key}`",
-                vae_dir.display(),
-                manifest.name,
-                manifest::shell_quote(&dir.display().to_string()),
-            )));
-        }
-        Ok(vae_dir)
+/// The folder of `manifest`'s extra `key` (asked for by `flag`) inside a user-supplied
+/// directory.
+fn extra_dir_in(
+    manifest: &Manifest,
+    dir: &Path,
+    flag: &str,
+    key: &str,
+) -> Result<PathBuf, HubError> {
+    let vae_dir = dir.join(&manifest.vae_extra(key)?.dir);
+    if !vae_dir.join("config.json").is_file() {
+        return Err(HubError::Usage(format!(
+            "{flag} {key} with --model-dir: {} has no config.json. Fetch it with `turbine \
+             download --model {} --dir {} {flag} {key}`",
+            vae_dir.display(),
+            manifest.name,
+            manifest::shell_quote(&dir.display().to_string()),
+        )));
     }
+    Ok(vae_dir)
 }
 
 #[cfg(test)]

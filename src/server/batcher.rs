@@ -215,7 +215,7 @@ pub async fn run_batcher(
             },
             _ = liveness.wait_stalled() => return,
         };
-        let batch = loop {
+        let mut batch = loop {
             if to_worker.is_closed() || liveness.stalled() {
                 return;
             }
@@ -257,7 +257,6 @@ pub async fn run_batcher(
             queue.requeue(batch.entries);
             return;
         }
-        let mut batch = batch;
         batch.parked = Some(liveness.hold(&batch.entries));
         permit.send(batch);
     }

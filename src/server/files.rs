@@ -604,10 +604,7 @@ pub mod http {
             &headers,
             "multipart/form-data with a boundary",
         )?;
-        let declared = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+        let declared = crate::server::routes::declared_length(&headers);
         if declared.is_some_and(|n| n > limit + FORM_OVERHEAD) {
             return Err(ApiError::PayloadTooLarge {
                 limit: limit as usize,

@@ -1603,16 +1603,21 @@ pub(super) async fn json_object(
 /// still sending receives the 413 instead of a connection reset; past it the connection closes.
 const DRAIN_CAP: usize = 16 << 20;
 
+/// The body's length as its `Content-Length` declares it, if it does.
+pub(super) fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 /// Reads at most `limit` bytes: a larger declared or actual body is a 413, never buffered.
 pub(super) async fn read_body(
     mut body: Body,
     headers: &HeaderMap,
     limit: usize,
 ) -> Result<Bytes, ApiError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(headers);
     if declared.is_some_and(|len| len > limit as u64) {
         if declared.is_some_and(|len| len <= DRAIN_CAP as u64) {
             drain(body, 0).await;

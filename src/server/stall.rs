@@ -132,17 +132,6 @@ impl Liveness {
         Call(self)
     }
 
-    /// The call under way: how long it has run at `now`, what it is, and its work.
-    pub fn running(&self, now: Instant) -> Option<(Duration, String, f64)> {
-        self.call
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|(since, what, units)| {
-                (now.saturating_duration_since(*since), what.clone(), *units)
-            })
-    }
-
     /// The worker's bounds, once (`None`: not watched).
     pub fn set_bounds(&self, bounds: Option<Bounds>) {
         let _ = self.bounds.set(bounds);
@@ -161,34 +150,29 @@ impl Liveness {
             .iter()
             .map(|e| (e.payload.reply.clone(), e.payload.index))
             .collect();
-        self.on_device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(token, replies);
+        self.held().insert(token, replies);
         token
     }
 
     pub fn release(&self, token: u64) {
-        self.on_device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&token);
+        self.held().remove(&token);
     }
 
     /// Lets go of every image held (the worker is gone: their requests see their channels
     /// close).
     pub fn forget_held(&self) {
-        self.on_device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.held().clear();
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Vec<Reply>>> {
+        self.on_device.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Tells every image on the device that it failed with `failure`; how many were told. Their
     /// requests answer at once (a gateway tries another server); should the device answer
     /// after all, nobody listens any more.
     pub fn fail_held(&self, failure: &BackendError) -> usize {
-        let held = std::mem::take(&mut *self.on_device.lock().unwrap_or_else(|e| e.into_inner()));
+        let held = std::mem::take(&mut *self.held());
         let mut n = 0;
         for (reply, index) in held.into_values().flatten() {
             n += 1;
@@ -231,9 +215,13 @@ impl Liveness {
     /// its bound).
     pub fn overdue(&self, now: Instant) -> Option<(Duration, String, Duration)> {
         let bounds = self.bounds()?;
-        let (age, what, units) = self.running(now)?;
-        let allowed = bounds.allowed(units);
-        (age > allowed).then_some((age, what, allowed))
+        let call = self.call.lock().unwrap_or_else(|e| e.into_inner());
+        let (since, what, units) = call.as_ref()?;
+        let (age, allowed) = (
+            now.saturating_duration_since(*since),
+            bounds.allowed(*units),
+        );
+        (age > allowed).then(|| (age, what.clone(), allowed))
     }
 }
 
@@ -404,7 +392,6 @@ mod tests {
             assert_eq!(l.overdue(t0 + Duration::from_secs(15)), None);
             assert!(l.overdue(t0 + Duration::from_secs(25)).is_some());
         }
-        assert_eq!(l.running(Instant::now()), None);
         assert_eq!(l.overdue(t0 + Duration::from_secs(1000)), None);
         assert_eq!(
             check_period(Duration::from_secs(120)),

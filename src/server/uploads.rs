@@ -106,8 +106,19 @@ impl Uploads {
         self.dir.join(upload).join(part)
     }
 
-    /// The upload `id` of `owner`, with a pending one past its hour turned `expired` (its parts
-    /// removed) first.
+    /// Turns a pending upload past its hour `expired` and removes its parts.
+    fn expire_if_due(&self, upload: &mut Upload, now: u64) {
+        if upload.object.status == "pending"
+            && !upload.completing
+            && now >= upload.object.expires_at
+        {
+            upload.object.status = "expired";
+            upload.parts.clear();
+            let _ = std::fs::remove_dir_all(self.dir.join(&upload.object.id));
+        }
+    }
+
+    /// The upload `id` of `owner`, expired first if it is due.
     fn get<'a>(
         &self,
         index: &'a mut HashMap<String, Upload>,
@@ -119,13 +130,22 @@ impl Uploads {
             .get_mut(id)
             .filter(|u| &u.owner == owner)
             .ok_or_else(|| ApiError::NotFound(format!("No such Upload object: {id}")))?;
-        if upload.object.status == "pending"
-            && !upload.completing
-            && now >= upload.object.expires_at
-        {
-            upload.object.status = "expired";
-            upload.parts.clear();
-            let _ = std::fs::remove_dir_all(self.dir.join(id));
+        self.expire_if_due(upload, now);
+        Ok(upload)
+    }
+
+    /// [`Self::get`], when the upload can still `action` (take parts, be completed): pending
+    /// and not being completed.
+    fn pending<'a>(
+        &self,
+        index: &'a mut HashMap<String, Upload>,
+        owner: &Owner,
+        id: &str,
+        action: &str,
+    ) -> Result<&'a mut Upload, ApiError> {
+        let upload = self.get(index, owner, id, unix_now())?;
+        if upload.object.status != "pending" || upload.completing {
+            return Err(not_pending(&upload.object, action));
         }
         Ok(upload)
     }
@@ -134,12 +154,8 @@ impl Uploads {
     /// many were forgotten. The server's sweep runs this every few minutes.
     pub fn sweep(&self, now: u64) -> usize {
         let mut index = self.lock();
-        let ids: Vec<(String, Owner)> = index
-            .iter()
-            .map(|(id, u)| (id.clone(), u.owner.clone()))
-            .collect();
-        for (id, owner) in &ids {
-            let _ = self.get(&mut index, owner, id, now);
+        for upload in index.values_mut() {
+            self.expire_if_due(upload, now);
         }
         let before = index.len();
         index.retain(|_, u| {
@@ -311,18 +327,9 @@ pub async fn add_part(
 ) -> Result<Json<PartObject>, ApiError> {
     let uploads = &app.uploads;
     let owner = caller.owner();
-    {
-        let mut index = uploads.lock();
-        let upload = uploads.get(&mut index, &owner, &upload_id, unix_now())?;
-        if upload.object.status != "pending" || upload.completing {
-            return Err(not_pending(&upload.object, "take parts"));
-        }
-    }
+    uploads.pending(&mut uploads.lock(), &owner, &upload_id, "take parts")?;
     let boundary = routes::multipart_boundary(&headers, "multipart/form-data with a boundary")?;
-    let declared = headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = routes::declared_length(&headers);
     app.files
         .check_space(declared.unwrap_or(0), app.config.files.min_free_bytes)?;
     let mut form = multer::Multipart::with_constraints(
@@ -386,12 +393,8 @@ pub async fn add_part(
             "data is required: the part's bytes, as a file field named data",
         )
     })?;
-    let now = unix_now();
     let mut index = uploads.lock();
-    let upload = uploads.get(&mut index, &owner, &upload_id, now)?;
-    if upload.object.status != "pending" || upload.completing {
-        return Err(not_pending(&upload.object, "take parts"));
-    }
+    let upload = uploads.pending(&mut index, &owner, &upload_id, "take parts")?;
     let received: u64 = upload.parts.values().sum();
     if received + bytes > upload.object.bytes {
         return Err(ApiError::invalid(
@@ -409,7 +412,7 @@ pub async fn add_part(
     Ok(Json(PartObject {
         id,
         object: "upload.part",
-        created_at: now,
+        created_at: unix_now(),
         upload_id,
     }))
 }
@@ -457,10 +460,7 @@ pub async fn complete(
     let owner = caller.owner();
     let (object, file_ttl) = {
         let mut index = uploads.lock();
-        let upload = uploads.get(&mut index, &owner, &upload_id, unix_now())?;
-        if upload.object.status != "pending" || upload.completing {
-            return Err(not_pending(&upload.object, "be completed"));
-        }
+        let upload = uploads.pending(&mut index, &owner, &upload_id, "be completed")?;
         let mut seen = std::collections::HashSet::new();
         let mut total = 0u64;
         for id in &part_ids {

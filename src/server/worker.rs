@@ -408,12 +408,12 @@ fn start(
             &format!("the warm-up batch on {label}, planned"),
         )?
     };
+    // Every batch size warmed, largest first.
+    let sizes: Vec<usize> = std::iter::once(items.len()).chain(smaller.rev()).collect();
     if backend.plans_per_batch_size() {
         // The preview decoder at the warmed sizes (a stream's previews are decoded for the rows
         // that ask, so any size up to the batch's); nothing where previews have none.
         let t = Instant::now();
-        let mut sizes = vec![items.len()];
-        sizes.extend(smaller.clone().rev());
         let mut warmed = false;
         for &n in &sizes {
             let what = format!("the preview warm-up of {n} on {label}");
@@ -433,8 +433,6 @@ fn start(
     if ctx.warmup.edits {
         let t = Instant::now();
         let (edit, edit_items) = warmup_edit(&settings, &warmup_items("edit"))?;
-        let mut sizes: Vec<usize> = vec![edit_items.len()];
-        sizes.extend(smaller.rev());
         for &n in &sizes {
             warm_up_batch(
                 &mut *backend,
