@@ -4207,6 +4207,100 @@ fn a_batch_past_its_completion_window_expires() {
     assert!(errors.iter().all(|e| e["error"]["code"] == "batch_expired"));
 }
 
+/// Generates only while its gate is open: a test holds the device's work back until it has set
+/// the stage for it.
+struct Gated(Pipeline, Arc<std::sync::atomic::AtomicBool>);
+
+impl ImageBackend for Gated {
+    fn generate(
+        &mut self,
+        settings: &GenerationSettings,
+        items: &[ImageRequest],
+    ) -> anyhow::Result<GeneratedBatch> {
+        while !self.1.load(std::sync::atomic::Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.0.generate(settings, items, None)
+    }
+}
+
+/// A full disk pauses a batch instead of losing its results: a result that cannot be written
+/// (ENOSPC: the batch's output file is `/dev/full` here) is not counted done, and is written
+/// again until it can be; once there is room the batch ends with every result in its output,
+/// each once and whole, the images those of direct requests.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_disk_pauses_a_batch_and_loses_no_result() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config();
+    config.batching.max_batch_size = 1;
+    config.files.dir = Some(dir.path().to_path_buf());
+    let gate = Arc::new(AtomicBool::new(true));
+    let s = {
+        let gate = gate.clone();
+        TestServer::start_with(config, move |p| Box::new(Gated(p, gate)))
+    };
+    gate.store(false, Ordering::Release);
+    let enqueued = s.metric("turbine_images_enqueued_total");
+    let g = "/v1/images/generations";
+    let body = |i: u64| json!({"prompt": format!("jar {i}"), "seed": 70 + i});
+    let jsonl: Vec<String> = (0..4)
+        .map(|i| batch_line(&format!("j{i}"), g, body(i)))
+        .collect();
+    let (_, file) = s.upload(None, &jsonl.join("\n"));
+    let (status, batch) = s.call(
+        "POST",
+        "/v1/batches",
+        None,
+        Some(json!({"input_file_id": file["id"], "endpoint": g, "completion_window": "24h"})),
+    );
+    assert_eq!(status, 200, "{batch}");
+    let id = batch["id"].as_str().unwrap().to_string();
+    // Its first image waits at the gate, so the batch has looked for results of an earlier
+    // run (none); then the disk fills up: every write of the output fails with ENOSPC.
+    s.wait_metric("turbine_images_enqueued_total", |v| v > enqueued);
+    let output = dir.path().join(format!("batches/{id}.output.jsonl"));
+    std::os::unix::fs::symlink("/dev/full", &output).unwrap();
+    gate.store(true, Ordering::Release);
+    s.wait_metric("turbine_batch_api_write_errors_total", |v| v >= 2.0);
+    let (_, paused) = s.call("GET", &format!("/v1/batches/{id}"), None, None);
+    assert_eq!(paused["status"], "in_progress", "{paused}");
+    assert_eq!(paused["request_counts"]["completed"], 0, "{paused}");
+    assert_eq!(
+        s.metric("turbine_batch_api_requests_total{outcome=\"completed\"}"),
+        0.0
+    );
+    // Room again.
+    std::fs::remove_file(&output).unwrap();
+    let batch = s.wait_batch(None, &id);
+    assert_eq!(batch["status"], "completed", "{batch}");
+    assert_eq!(
+        batch["request_counts"],
+        json!({"total": 4, "completed": 4, "failed": 0})
+    );
+    assert!(batch["error_file_id"].is_null(), "{batch}");
+    let lines = s.file_lines(None, batch["output_file_id"].as_str().unwrap());
+    let mut ids: Vec<&str> = lines
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["j0", "j1", "j2", "j3"]);
+    for line in &lines {
+        let i: u64 = line["custom_id"].as_str().unwrap()[1..].parse().unwrap();
+        let direct = s.generate_ok(&body(i));
+        assert!(
+            decode_b64(&line["response"]["body"]["data"][0]) == decode_b64(&direct["data"][0]),
+            "j{i}: the image differs from the same request sent directly"
+        );
+    }
+    assert_eq!(
+        s.metric("turbine_batch_api_requests_total{outcome=\"completed\"}"),
+        4.0
+    );
+}
+
 /// A webhook receiver on 127.0.0.1: records each request's headers (lower-cased names) and body,
 /// and answers each with the next of its statuses (200 once they run out).
 struct Receiver {

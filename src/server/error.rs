@@ -69,6 +69,12 @@ pub enum InferError {
         incoming: u64,
         keep_free: u64,
     },
+    /// A write to the files directory failed for want of space (its disk or quota is full).
+    #[error(
+        "the server's file storage is full ({0}); delete files you no longer need \
+         (DELETE /v1/files/{{id}}) or retry later"
+    )]
+    DiskFull(String),
 }
 
 /// What the HTTP layer answers with.
@@ -259,7 +265,7 @@ impl ApiError {
                 InferError::Encode { .. } => row(S::INTERNAL_SERVER_ERROR, SERVER, None, "encode"),
                 InferError::Store(_) => row(S::INTERNAL_SERVER_ERROR, SERVER, None, "store"),
                 InferError::Files(_) => row(S::INTERNAL_SERVER_ERROR, SERVER, None, "files"),
-                InferError::StorageFull { .. } => row(
+                InferError::StorageFull { .. } | InferError::DiskFull(_) => row(
                     S::INSUFFICIENT_STORAGE,
                     SERVER,
                     Some("insufficient_storage"),

@@ -168,10 +168,15 @@ fn write_json(path: &Path, value: &impl Serialize, private: bool) -> std::io::Re
     }
     #[cfg(not(unix))]
     let _ = private;
-    let mut file = options.open(&tmp)?;
-    file.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
-    drop(file);
-    std::fs::rename(&tmp, path)
+    let written = options.open(&tmp).and_then(|mut file| {
+        file.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)
+    });
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+        // Half a record (a full disk) takes room and is of no use.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// The JSON records (`*.json`) in `dir`, in no order; one that cannot be read or parsed is
@@ -552,8 +557,23 @@ pub mod http {
     /// OpenAI's limit on a file name.
     pub(crate) const MAX_FILENAME_BYTES: usize = 255;
 
-    pub fn storage_error(e: impl std::fmt::Display) -> ApiError {
-        InferError::Files(e.to_string()).into()
+    /// A failed read or write of the files directory; a full disk (or quota) is a 507
+    /// `insufficient_storage`, as when `--min-free-disk-bytes` refuses an upload beforehand.
+    pub fn storage_error(e: std::io::Error) -> ApiError {
+        if is_disk_full(&e) {
+            tracing::warn!("a write to the files directory failed: its disk is full ({e})");
+            InferError::DiskFull(e.to_string()).into()
+        } else {
+            InferError::Files(e.to_string()).into()
+        }
+    }
+
+    /// Whether `e` says the disk (or the user's quota on it) has no room left.
+    pub fn is_disk_full(e: &std::io::Error) -> bool {
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        )
     }
 
     /// Deletes an upload's partial contents unless it is registered (also a part of the
@@ -1041,5 +1061,20 @@ mod tests {
             let page = ListPage::of(items.clone(), |s| s, Some(after), 2);
             assert!(page.data.is_empty() && page.first_id.is_none() && !page.has_more);
         }
+    }
+
+    /// A write that finds the disk (or quota) full is a 507 `insufficient_storage` telling the
+    /// client what to do; any other failure of the files directory stays a 500.
+    #[test]
+    fn a_full_disk_is_insufficient_storage() {
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            let e = http::storage_error(std::io::Error::from_raw_os_error(errno));
+            let info = e.info();
+            assert_eq!(info.status.as_u16(), 507, "{e}");
+            assert_eq!(info.code, Some("insufficient_storage"));
+            assert!(e.to_string().contains("DELETE /v1/files/{id}"), "{e}");
+        }
+        let e = http::storage_error(std::io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(e.info().status.as_u16(), 500, "{e}");
     }
 }

@@ -170,6 +170,8 @@ pub struct Metrics {
     connection_limit_waits: AtomicU64,
     /// Requests of the Batch API by outcome: completed, failed, not run.
     batch_api_requests: [AtomicU64; 3],
+    /// Failed tries to write a Batch API result (a full disk): each is tried again.
+    batch_api_write_errors: AtomicU64,
     batch_api_running: AtomicI64,
     /// Webhook delivery attempts by outcome: delivered, retried, abandoned.
     webhooks: [AtomicU64; 3],
@@ -265,6 +267,7 @@ impl Metrics {
             connections_max: AtomicU64::new(0),
             connection_limit_waits: AtomicU64::new(0),
             batch_api_requests: Default::default(),
+            batch_api_write_errors: AtomicU64::new(0),
             batch_api_running: AtomicI64::new(0),
             webhooks: Default::default(),
             webhooks_pending: AtomicI64::new(0),
@@ -413,6 +416,10 @@ impl Metrics {
 
     pub fn batch_api_request(&self, outcome: BatchRequestOutcome) {
         self.batch_api_requests[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn batch_api_write_error(&self) {
+        self.batch_api_write_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn webhook(&self, outcome: WebhookOutcome) {
@@ -673,6 +680,14 @@ impl Metrics {
                 ("failed", failed),
                 ("not_run", not_run),
             ],
+        );
+        single(
+            &mut out,
+            "turbine_batch_api_write_errors_total",
+            "counter",
+            "Failed tries to write a Batch API result to its output or error file (a full disk): \
+             the batch pauses and tries again until it can.",
+            &self.batch_api_write_errors.load(Ordering::Relaxed),
         );
         single(
             &mut out,

@@ -23,11 +23,19 @@ use super::{BatchUsage, Ending, Endpoint, LineError, Record, Status};
 use crate::server::api::{ImagesResponse, ResponseFormat, Usage};
 use crate::server::auth::Caller;
 use crate::server::error::{ApiError, BackendError, InferError};
+use crate::server::files::http::is_disk_full;
 use crate::server::files::{new_id, unix_now, FileObject};
 use crate::server::metrics::BatchRequestOutcome;
 use crate::server::queue::Priority;
 use crate::server::validate::{validate, ValidRequest};
 use crate::server::{routes, App, Phase};
+
+/// The first wait before a result that could not be written is written again; each failure
+/// doubles it, up to [`WRITE_RETRY_MAX`].
+const WRITE_RETRY_FIRST: Duration = Duration::from_secs(1);
+/// The longest wait between two tries to write a result: how long a batch may stay paused
+/// after its disk has room again.
+const WRITE_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// One line of the output or error file.
 #[derive(Debug, Serialize)]
@@ -166,6 +174,8 @@ struct Writer {
     file: Option<tokio::fs::File>,
     lines: u64,
     bytes: u64,
+    /// What [`Writer::finish`] made of the results, once it has.
+    finished: Option<Option<String>>,
 }
 
 impl Writer {
@@ -175,46 +185,85 @@ impl Writer {
             file: None,
             lines: scanned.custom_ids.len() as u64,
             bytes: scanned.bytes,
+            finished: None,
         }
     }
 
-    /// Appends a line and flushes it: what a crash leaves behind is every finished result.
+    /// Appends a line and flushes it: what a crash leaves behind is every finished result. A
+    /// write that fails (a full disk) leaves the file as it was: the part of the line that got
+    /// in is cut off again, so that the next line does not follow half of this one.
     async fn write(&mut self, line: &OutputLine) -> std::io::Result<()> {
-        if self.file.is_none() {
-            let file = tokio::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-                .await?;
-            self.file = Some(file);
-        }
         let mut text = serde_json::to_vec(line).map_err(std::io::Error::other)?;
         text.push(b'\n');
-        if let Some(f) = self.file.as_mut() {
-            f.write_all(&text).await?;
-            f.flush().await?;
+        if let Err(e) = self.append(&text).await {
+            self.recover().await;
+            return Err(e);
         }
         self.lines += 1;
         self.bytes += text.len() as u64;
         Ok(())
     }
 
-    /// Makes the results a file of the Files API if there are any; returns its id.
+    /// After a failed write: cuts off what got in of the line, and lets the next write open
+    /// the file again (the handle's state after a failed write is not known).
+    async fn recover(&mut self) {
+        self.file = None;
+        if let Err(e) = self.cut_back().await {
+            tracing::error!(path = %self.path.display(), "cannot cut a half-written result off: {e}");
+        }
+    }
+
+    async fn append(&mut self, text: &[u8]) -> std::io::Result<()> {
+        let file = match &mut self.file {
+            Some(f) => f,
+            None => self.file.insert(
+                tokio::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.path)
+                    .await?,
+            ),
+        };
+        file.write_all(text).await?;
+        file.flush().await
+    }
+
+    /// Cuts the file back to the lines written whole (shrinking a file takes no space).
+    async fn cut_back(&self) -> std::io::Result<()> {
+        let file = match tokio::fs::OpenOptions::new()
+            .write(true)
+            .open(&self.path)
+            .await
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        file.set_len(self.bytes).await
+    }
+
+    /// Makes the results a file of the Files API if there are any; returns its id. Can be
+    /// called again after it failed (a full disk): the results are then where they were.
     async fn finish(
         &mut self,
         app: &App,
         record: &Record,
         filename: String,
     ) -> std::io::Result<Option<String>> {
+        if let Some(done) = &self.finished {
+            return Ok(done.clone());
+        }
         if let Some(f) = self.file.take() {
             f.sync_all().await?;
         }
         if self.lines == 0 {
             let _ = tokio::fs::remove_file(&self.path).await;
+            self.finished = Some(None);
             return Ok(None);
         }
         let id = new_id("file-");
-        tokio::fs::rename(&self.path, app.files.path(&id)).await?;
+        let path = app.files.path(&id);
+        tokio::fs::rename(&self.path, &path).await?;
         let object = FileObject::new(
             id.clone(),
             filename,
@@ -222,7 +271,13 @@ impl Writer {
             self.bytes,
             record.output_ttl,
         );
-        app.files.insert(object, record.owner.clone())?;
+        if let Err(e) = app.files.insert(object, record.owner.clone()) {
+            // The file's record could not be written: the results go back, for the next try
+            // or, after a restart, the resumed batch's.
+            tokio::fs::rename(&path, &self.path).await?;
+            return Err(e);
+        }
+        self.finished = Some(Some(id.clone()));
         Ok(Some(id))
     }
 }
@@ -409,15 +464,68 @@ impl Run {
             response,
             error,
         };
-        self.app.metrics.batch_api_request(kind);
-        let writer = if ok { &self.output } else { &self.errors };
-        if let Err(e) = writer.lock().await.write(&record).await {
-            tracing::error!(batch = %self.id, "cannot write a batch result: {e}");
+        if !self.write_result(ok, &record).await {
+            // Not in the files, so not counted: after a stop, the request runs again when the
+            // batch resumes.
+            return !matches!(self.ended(), Some(Outcome::Stopped));
         }
+        self.app.metrics.batch_api_request(kind);
         self.app.batches.update(&self.id, |b| {
             b.record(ok, usage.as_ref());
         });
         true
+    }
+
+    /// Writes a request's result, again and again while that fails (a full disk), until it is
+    /// in its file (true) or the batch ends or the server stops first (false). The batch's
+    /// other results queue behind it meanwhile: a full disk pauses the batch, where writing on
+    /// would lose one finished result after another while the batch still counted them done.
+    async fn write_result(&self, ok: bool, line: &OutputLine) -> bool {
+        let mut writer = if ok { &self.output } else { &self.errors }.lock().await;
+        let mut delay = WRITE_RETRY_FIRST;
+        let mut failures = 0u32;
+        loop {
+            let e = match writer.write(line).await {
+                Ok(()) => {
+                    if failures > 0 {
+                        tracing::info!(batch = %self.id, custom_id = %line.custom_id, failures, "a batch result was written after all: the batch goes on");
+                    }
+                    return true;
+                }
+                Err(e) => e,
+            };
+            failures += 1;
+            self.app.metrics.batch_api_write_error();
+            if failures == 1 {
+                tracing::error!(batch = %self.id, custom_id = %line.custom_id, "cannot write a batch result ({e}): the batch waits and tries again (every {} s at most) until it can, is cancelled or expires; free space on the files directory's disk", WRITE_RETRY_MAX.as_secs());
+            } else {
+                tracing::debug!(batch = %self.id, custom_id = %line.custom_id, failures, "a batch result still cannot be written: {e}");
+            }
+            if let Some(out) = self.wait(delay).await {
+                if !matches!(out, Outcome::Stopped) {
+                    tracing::warn!(batch = %self.id, custom_id = %line.custom_id, "the batch ended before a result of it could be written: that result is lost");
+                }
+                return false;
+            }
+            delay = (delay * 2).min(WRITE_RETRY_MAX);
+        }
+    }
+
+    /// The output and error files' ids, as the Files API's files the results became.
+    async fn finish_files(
+        &self,
+        record: &Record,
+    ) -> std::io::Result<(Option<String>, Option<String>)> {
+        let id = &self.id;
+        let mut output = self.output.lock().await;
+        let output = output
+            .finish(&self.app, record, format!("{id}_output.jsonl"))
+            .await?;
+        let mut errors = self.errors.lock().await;
+        let errors = errors
+            .finish(&self.app, record, format!("{id}_error.jsonl"))
+            .await?;
+        Ok((output, errors))
     }
 }
 
@@ -611,14 +719,28 @@ async fn run_requests(
         Ending::Done
     };
     app.batches.transition(&id, |b| b.finalizing(unix_now()));
-    let mut output = run.output.lock().await;
-    let output = output
-        .finish(&app, &record, format!("{id}_output.jsonl"))
-        .await?;
-    let mut errors = run.errors.lock().await;
-    let errors = errors
-        .finish(&app, &record, format!("{id}_error.jsonl"))
-        .await?;
+    let (mut delay, mut failures) = (WRITE_RETRY_FIRST, 0u32);
+    let (output, errors) = loop {
+        let e = match run.finish_files(&record).await {
+            Ok(files) => break files,
+            Err(e) if is_disk_full(&e) => e,
+            Err(e) => return Err(e.into()),
+        };
+        // As a result that cannot be written: the batch waits for room (a stop leaves it
+        // finalizing, and it ends after the restart).
+        app.metrics.batch_api_write_error();
+        failures += 1;
+        if failures == 1 {
+            tracing::error!(batch = %id, "cannot make the batch's results files ({e}): the batch waits and tries again (every {} s at most) until it can; free space on the files directory's disk", WRITE_RETRY_MAX.as_secs());
+        } else {
+            tracing::debug!(batch = %id, failures, "the batch's results files still cannot be made: {e}");
+        }
+        tokio::time::sleep(delay).await;
+        if matches!(app.phase(), Phase::ShuttingDown | Phase::Failed) {
+            return Ok(());
+        }
+        delay = (delay * 2).min(WRITE_RETRY_MAX);
+    };
     let _ = tokio::fs::remove_file(&paths.input).await;
     app.batches.transition(&id, |b| {
         b.output_file_id = output;
@@ -637,6 +759,8 @@ async fn run_requests(
 
 #[cfg(test)]
 mod tests {
+    use std::io::Write as _;
+
     use super::*;
 
     #[test]
@@ -675,5 +799,51 @@ mod tests {
             .unwrap()
             .custom_ids
             .is_empty());
+    }
+
+    fn output_line(custom_id: &str) -> OutputLine {
+        OutputLine {
+            id: new_id("batch_req_"),
+            custom_id: custom_id.into(),
+            response: None,
+            error: Some(NotRun::of(Ending::Cancelled)),
+        }
+    }
+
+    /// A write a full disk cut short leaves the start of a line; the writer cuts it off before
+    /// the next line, which would otherwise follow it on the same line and garble both.
+    #[tokio::test]
+    async fn a_result_written_in_part_is_cut_off_before_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.error.jsonl");
+        let mut w = Writer::new(path.clone(), &Scanned::default());
+        w.write(&output_line("a")).await.unwrap();
+        let whole = std::fs::read(&path).unwrap();
+        let mut torn = serde_json::to_vec(&output_line("b")).unwrap();
+        torn.truncate(torn.len() / 2);
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&torn)
+            .unwrap();
+        w.recover().await;
+        assert_eq!(std::fs::read(&path).unwrap(), whole);
+        w.write(&output_line("c")).await.unwrap();
+        let scanned = scan(&path).unwrap();
+        assert_eq!(scanned.custom_ids, ["a", "c"]);
+        assert_eq!((w.lines, w.bytes), (2, scanned.bytes));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), scanned.bytes);
+    }
+
+    /// A result that cannot be written at all (ENOSPC: `/dev/full`) is an error, not counted.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_result_that_cannot_be_written_is_an_error_and_not_counted() {
+        let mut w = Writer::new("/dev/full".into(), &Scanned::default());
+        let e = w.write(&output_line("a")).await.unwrap_err();
+        assert!(crate::server::files::http::is_disk_full(&e), "{e:?}");
+        assert_eq!((w.lines, w.bytes), (0, 0));
+        assert!(w.file.is_none());
     }
 }
