@@ -570,11 +570,21 @@ fn connection_limit(config: &ServerConfig) -> usize {
 /// their retention are forgotten.
 const FILE_SWEEP_INTERVAL: Duration = Duration::from_secs(300);
 
+/// How often batch records that a full disk kept from being written are tried again.
+const RECORD_RETRY_INTERVAL: Duration = Duration::from_secs(5);
+
 async fn sweep_files_and_batches(app: Arc<App>) {
     let mut every = tokio::time::interval(FILE_SWEEP_INTERVAL);
+    let mut records = tokio::time::interval(RECORD_RETRY_INTERVAL);
     let retention = app.config.files.batch_retention.as_secs();
     loop {
-        every.tick().await;
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = records.tick() => {
+                app.batches.save_unsaved();
+                continue;
+            }
+        }
         let now = files::unix_now();
         app.uploads.sweep(now);
         let n = app.files.remove_expired(now);
@@ -599,6 +609,9 @@ impl Drop for CloseFilesOnExit {
         // --files-dir, resume after a restart.
         if self.0.phase() != Phase::Failed {
             self.0.set_phase(Phase::ShuttingDown);
+        }
+        if self.0.batches.save_unsaved() > 0 {
+            tracing::error!("some batch records could not be written before the stop: those batches resume from their last written status");
         }
         self.0.files.close();
     }

@@ -338,6 +338,9 @@ struct Entry {
     record: Record,
     seq: u64,
     cancel: CancellationToken,
+    /// A change of its record could not be written (a full disk): [`Batches::save_unsaved`]
+    /// tries again, so that a restart does not find an older status than the batch had.
+    unsaved: bool,
 }
 
 /// Every batch, by id, and the directory of their records.
@@ -385,6 +388,7 @@ impl Batches {
                 record,
                 seq,
                 cancel,
+                unsaved: false,
             },
         );
     }
@@ -439,9 +443,36 @@ impl Batches {
         let mut inner = self.lock();
         let Some(e) = inner.0.get_mut(id) else { return };
         f(&mut e.record.object);
-        if let Err(err) = self.save(&e.record) {
-            tracing::error!(batch = %id, "cannot write the batch's record: {err}");
+        self.save_entry(id, e);
+    }
+
+    /// Writes `e`'s record, or marks it to be written again.
+    fn save_entry(&self, id: &str, e: &mut Entry) {
+        match self.save(&e.record) {
+            Ok(()) => e.unsaved = false,
+            Err(err) => {
+                if !e.unsaved {
+                    tracing::error!(batch = %id, "cannot write the batch's record (tried again every few seconds): {err}");
+                }
+                e.unsaved = true;
+            }
         }
+    }
+
+    /// Writes again the records whose last change could not be written; how many are still
+    /// unwritten. The server runs this every few seconds and as it stops.
+    pub fn save_unsaved(&self) -> usize {
+        let mut inner = self.lock();
+        let mut left = 0;
+        for (id, e) in inner.0.iter_mut().filter(|(_, e)| e.unsaved) {
+            self.save_entry(id, e);
+            if e.unsaved {
+                left += 1;
+            } else {
+                tracing::info!(batch = %id, "the batch's record was written after all");
+            }
+        }
+        left
     }
 
     pub fn cancel(&self, owner: &Owner, id: &str, now: u64) -> Result<BatchObject, ApiError> {
@@ -453,8 +484,9 @@ impl Batches {
             .ok_or_else(|| ApiError::NotFound(format!("No such Batch object: {id}")))?;
         entry.record.object.cancel(now)?;
         entry.cancel.cancel();
-        // Under the lock, as in `transition`.
-        self.save(&entry.record).map_err(storage_error)?;
+        // Under the lock, as in `transition`. The cancel took effect, so a record the disk has
+        // no room for is written later, not the cancel refused.
+        self.save_entry(id, entry);
         Ok(entry.record.object.clone())
     }
 
@@ -469,9 +501,7 @@ impl Batches {
         }
         webhooks.batch_ended(&e.record.owner, &e.record.object);
         e.record.notified = true;
-        if let Err(err) = self.save(&e.record) {
-            tracing::error!(batch = %id, "cannot write the batch's record: {err}");
-        }
+        self.save_entry(id, e);
     }
 
     /// The batches that ended but whose webhook events were never queued (the server stopped
@@ -864,5 +894,70 @@ mod tests {
         b.start(2, 3);
         b.finish(7, Ending::Expired);
         assert_eq!((b.status, b.expired_at), (Status::Expired, Some(7)));
+    }
+
+    /// A status change the disk had no room for is written once there is: a restart must not
+    /// find the batch where it was before (a finished batch back in `in_progress`).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_record_a_full_disk_refused_is_written_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Batches::open(dir.path().to_path_buf()).unwrap();
+        let mut object = batch();
+        object.status = Status::InProgress;
+        let record = Record {
+            object,
+            owner: Some("k".into()),
+            endpoint: Endpoint::Generations,
+            output_ttl: 3600,
+            notified: false,
+        };
+        store.insert(record, CancellationToken::new()).unwrap();
+        let on_disk = || {
+            let r: Record =
+                serde_json::from_slice(&std::fs::read(dir.path().join("batch_1.json")).unwrap())
+                    .unwrap();
+            r.object.status
+        };
+        // The record's temporary file is /dev/full: its write fails with ENOSPC (and the failed
+        // write removes it, so the next try has room).
+        let full = || {
+            std::os::unix::fs::symlink("/dev/full", dir.path().join("batch_1.json.tmp")).unwrap()
+        };
+        full();
+        store.transition("batch_1", |b| b.finalizing(5));
+        assert_eq!(on_disk(), Status::InProgress);
+        full();
+        assert_eq!(store.save_unsaved(), 1);
+        assert_eq!(on_disk(), Status::InProgress);
+        assert_eq!(store.save_unsaved(), 0);
+        assert_eq!(on_disk(), Status::Finalizing);
+        // A cancel the disk cannot record still takes effect, and is written later.
+        let mut object = batch();
+        object.id = "batch_2".into();
+        object.status = Status::InProgress;
+        let cancel = CancellationToken::new();
+        store
+            .insert(
+                Record {
+                    object,
+                    owner: Some("k".into()),
+                    endpoint: Endpoint::Generations,
+                    output_ttl: 3600,
+                    notified: false,
+                },
+                cancel.clone(),
+            )
+            .unwrap();
+        std::os::unix::fs::symlink("/dev/full", dir.path().join("batch_2.json.tmp")).unwrap();
+        let got = store.cancel(&Some("k".into()), "batch_2", 6).unwrap();
+        assert_eq!(got.status, Status::Cancelling);
+        assert!(cancel.is_cancelled());
+        assert_eq!(store.save_unsaved(), 0);
+        let r: Record =
+            serde_json::from_slice(&std::fs::read(dir.path().join("batch_2.json")).unwrap())
+                .unwrap();
+        assert_eq!(r.object.status, Status::Cancelling);
+        assert!(!dir.path().join("batch_2.json.tmp").exists());
     }
 }
