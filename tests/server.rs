@@ -1398,11 +1398,9 @@ fn a_stalled_device_is_failed_and_the_server_stops() {
     );
 }
 
-/// Of two devices one stalls: its request gets 503 `device_failed`, it is named in `/health`
-/// (200, as the other serves), and its batcher hands it nothing more, so every request after
-/// the stall is served by the other.
-#[test]
-fn with_two_devices_a_stalled_one_gets_no_more_work() {
+/// A server on two devices, one image per batch, stalls declared after 300 ms: cpu:0 hangs on
+/// a "hang" prompt until the sender releases it, cpu:1 serves everything.
+fn two_devices_one_hanging() -> (TestServer, std::sync::mpsc::Sender<()>) {
     let (release, rx) = std::sync::mpsc::channel();
     let mut config = test_config();
     config.batching.max_batch_size = 1;
@@ -1411,6 +1409,15 @@ fn with_two_devices_a_stalled_one_gets_no_more_work() {
         Box::new(move |inner| Box::new(HangingDevice { inner, release: rx }));
     let plain: MakeBackend = Box::new(|p| Box::new(p));
     let server = TestServer::start_devices(config, vec![("cpu:0", hanging), ("cpu:1", plain)]);
+    (server, release)
+}
+
+/// Of two devices one stalls: its request gets 503 `device_failed`, it is named in `/health`
+/// (200, as the other serves), and its batcher hands it nothing more, so every request after
+/// the stall is served by the other.
+#[test]
+fn with_two_devices_a_stalled_one_gets_no_more_work() {
+    let (server, release) = two_devices_one_hanging();
 
     // "hang" hangs on cpu:0; on cpu:1 it is an ordinary image. Sent one at a time until one
     // is stuck on cpu:0 (it comes back as a 503 when cpu:0 is declared stalled), so that
@@ -1461,14 +1468,7 @@ fn with_two_devices_a_stalled_one_gets_no_more_work() {
 /// runs again on the other device, with its seed, and the batch completes whole.
 #[test]
 fn a_batch_line_on_a_stalled_device_runs_again_on_another() {
-    let (release, rx) = std::sync::mpsc::channel();
-    let mut config = test_config();
-    config.batching.max_batch_size = 1;
-    config.device_stall_timeout = StallTimeout::After(Duration::from_millis(300));
-    let hanging: MakeBackend =
-        Box::new(move |inner| Box::new(HangingDevice { inner, release: rx }));
-    let plain: MakeBackend = Box::new(|p| Box::new(p));
-    let server = TestServer::start_devices(config, vec![("cpu:0", hanging), ("cpu:1", plain)]);
+    let (server, release) = two_devices_one_hanging();
     let g = "/v1/images/generations";
     // Twenty lines over two devices: cpu:0 takes one of them (and hangs on it) all but surely.
     let jsonl = (0..20)

@@ -561,7 +561,6 @@ pub mod http {
     /// `insufficient_storage`, as when `--min-free-disk-bytes` refuses an upload beforehand.
     pub fn storage_error(e: std::io::Error) -> ApiError {
         if is_disk_full(&e) {
-            tracing::warn!("a write to the files directory failed: its disk is full ({e})");
             InferError::DiskFull(e.to_string()).into()
         } else {
             InferError::Files(e.to_string()).into()

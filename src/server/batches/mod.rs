@@ -762,22 +762,24 @@ mod tests {
         )
     }
 
+    /// Key `k`'s batch `id` in `status`.
+    fn record(id: &str, status: Status) -> Record {
+        let mut object = batch();
+        object.id = id.into();
+        object.status = status;
+        Record {
+            object,
+            owner: Some("k".into()),
+            endpoint: Endpoint::Generations,
+            output_ttl: 3600,
+            notified: false,
+        }
+    }
+
     #[test]
     fn records_are_read_back_and_ended_batches_leave_no_working_files() {
         let dir = tempfile::tempdir().unwrap();
         let store = Batches::open(dir.path().to_path_buf()).unwrap();
-        let record = |id: &str, status: Status| {
-            let mut object = batch();
-            object.id = id.into();
-            object.status = status;
-            Record {
-                object,
-                owner: Some("k".into()),
-                endpoint: Endpoint::Generations,
-                output_ttl: 3600,
-                notified: false,
-            }
-        };
         store
             .insert(
                 record("batch_done", Status::Completed),
@@ -903,16 +905,12 @@ mod tests {
     fn a_record_a_full_disk_refused_is_written_later() {
         let dir = tempfile::tempdir().unwrap();
         let store = Batches::open(dir.path().to_path_buf()).unwrap();
-        let mut object = batch();
-        object.status = Status::InProgress;
-        let record = Record {
-            object,
-            owner: Some("k".into()),
-            endpoint: Endpoint::Generations,
-            output_ttl: 3600,
-            notified: false,
-        };
-        store.insert(record, CancellationToken::new()).unwrap();
+        store
+            .insert(
+                record("batch_1", Status::InProgress),
+                CancellationToken::new(),
+            )
+            .unwrap();
         let on_disk = || {
             let r: Record =
                 serde_json::from_slice(&std::fs::read(dir.path().join("batch_1.json")).unwrap())
@@ -933,21 +931,9 @@ mod tests {
         assert_eq!(store.save_unsaved(), 0);
         assert_eq!(on_disk(), Status::Finalizing);
         // A cancel the disk cannot record still takes effect, and is written later.
-        let mut object = batch();
-        object.id = "batch_2".into();
-        object.status = Status::InProgress;
         let cancel = CancellationToken::new();
         store
-            .insert(
-                Record {
-                    object,
-                    owner: Some("k".into()),
-                    endpoint: Endpoint::Generations,
-                    output_ttl: 3600,
-                    notified: false,
-                },
-                cancel.clone(),
-            )
+            .insert(record("batch_2", Status::InProgress), cancel.clone())
             .unwrap();
         std::os::unix::fs::symlink("/dev/full", dir.path().join("batch_2.json.tmp")).unwrap();
         let got = store.cancel(&Some("k".into()), "batch_2", 6).unwrap();

@@ -37,6 +37,32 @@ const WRITE_RETRY_FIRST: Duration = Duration::from_secs(1);
 /// after its disk has room again.
 const WRITE_RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// The tries of a write that failed (a full disk): the wait before each next one, and how
+/// many failed so far.
+struct Retries {
+    delay: Duration,
+    failures: u32,
+}
+
+impl Retries {
+    fn new() -> Self {
+        Retries {
+            delay: WRITE_RETRY_FIRST,
+            failures: 0,
+        }
+    }
+
+    /// Counts a failed try (and `turbine_batch_api_write_errors_total`); the wait before the
+    /// next.
+    fn failed(&mut self, app: &App) -> Duration {
+        self.failures += 1;
+        app.metrics.batch_api_write_error();
+        let delay = self.delay;
+        self.delay = (delay * 2).min(WRITE_RETRY_MAX);
+        delay
+    }
+}
+
 /// One line of the output or error file.
 #[derive(Debug, Serialize)]
 struct OutputLine {
@@ -482,24 +508,22 @@ impl Run {
     /// would lose one finished result after another while the batch still counted them done.
     async fn write_result(&self, ok: bool, line: &OutputLine) -> bool {
         let mut writer = if ok { &self.output } else { &self.errors }.lock().await;
-        let mut delay = WRITE_RETRY_FIRST;
-        let mut failures = 0u32;
+        let mut retries = Retries::new();
         loop {
             let e = match writer.write(line).await {
                 Ok(()) => {
-                    if failures > 0 {
-                        tracing::info!(batch = %self.id, custom_id = %line.custom_id, failures, "a batch result was written after all: the batch goes on");
+                    if retries.failures > 0 {
+                        tracing::info!(batch = %self.id, custom_id = %line.custom_id, failures = retries.failures, "a batch result was written after all: the batch goes on");
                     }
                     return true;
                 }
                 Err(e) => e,
             };
-            failures += 1;
-            self.app.metrics.batch_api_write_error();
-            if failures == 1 {
+            let delay = retries.failed(&self.app);
+            if retries.failures == 1 {
                 tracing::error!(batch = %self.id, custom_id = %line.custom_id, "cannot write a batch result ({e}): the batch waits and tries again (every {} s at most) until it can, is cancelled or expires; free space on the files directory's disk", WRITE_RETRY_MAX.as_secs());
             } else {
-                tracing::debug!(batch = %self.id, custom_id = %line.custom_id, failures, "a batch result still cannot be written: {e}");
+                tracing::debug!(batch = %self.id, custom_id = %line.custom_id, failures = retries.failures, "a batch result still cannot be written: {e}");
             }
             if let Some(out) = self.wait(delay).await {
                 if !matches!(out, Outcome::Stopped) {
@@ -507,7 +531,6 @@ impl Run {
                 }
                 return false;
             }
-            delay = (delay * 2).min(WRITE_RETRY_MAX);
         }
     }
 
@@ -719,7 +742,7 @@ async fn run_requests(
         Ending::Done
     };
     app.batches.transition(&id, |b| b.finalizing(unix_now()));
-    let (mut delay, mut failures) = (WRITE_RETRY_FIRST, 0u32);
+    let mut retries = Retries::new();
     let (output, errors) = loop {
         let e = match run.finish_files(&record).await {
             Ok(files) => break files,
@@ -728,18 +751,16 @@ async fn run_requests(
         };
         // As a result that cannot be written: the batch waits for room (a stop leaves it
         // finalizing, and it ends after the restart).
-        app.metrics.batch_api_write_error();
-        failures += 1;
-        if failures == 1 {
+        let delay = retries.failed(&app);
+        if retries.failures == 1 {
             tracing::error!(batch = %id, "cannot make the batch's results files ({e}): the batch waits and tries again (every {} s at most) until it can; free space on the files directory's disk", WRITE_RETRY_MAX.as_secs());
         } else {
-            tracing::debug!(batch = %id, failures, "the batch's results files still cannot be made: {e}");
+            tracing::debug!(batch = %id, failures = retries.failures, "the batch's results files still cannot be made: {e}");
         }
         tokio::time::sleep(delay).await;
         if matches!(app.phase(), Phase::ShuttingDown | Phase::Failed) {
             return Ok(());
         }
-        delay = (delay * 2).min(WRITE_RETRY_MAX);
     };
     let _ = tokio::fs::remove_file(&paths.input).await;
     app.batches.transition(&id, |b| {
