@@ -4766,3 +4766,64 @@ fn webhook_deliveries_go_on_after_a_restart() {
     assert_eq!(record["notified"], true);
     assert_eq!(hooks.requests().len(), 3);
 }
+
+/// A delivery whose record the disk refused (here its directory is a file: every write of it
+/// fails) is still made, and written down at its next retry once it can be: a restart after
+/// that does not lose it.
+#[test]
+fn a_webhook_delivery_the_disk_refused_is_written_down_at_a_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config();
+    config.files.dir = Some(dir.path().to_path_buf());
+    config.files.webhook_retry.first_delay = Duration::from_millis(200);
+    config.files.webhook_retry.max_delay = Duration::from_millis(400);
+    let failing = Receiver::start(vec![500; 10_000]);
+    let gen = "/v1/images/generations";
+    let pending_dir = dir.path().join("webhooks/pending");
+    let (endpoint_id, event_id) = {
+        let s = TestServer::start(config.clone());
+        let (status, endpoint) = s.call(
+            "POST",
+            "/v1/webhook_endpoints",
+            None,
+            Some(json!({"name": "n", "url": failing.url, "event_types": ["batch.completed"]})),
+        );
+        assert_eq!(status, 200, "{endpoint}");
+        std::fs::remove_dir(&pending_dir).unwrap();
+        std::fs::write(&pending_dir, b"").unwrap();
+        let line = batch_line("one", gen, json!({"prompt": "a mill", "seed": 9}));
+        s.run_batch(None, gen, &line);
+        let got = failing.wait_for(2);
+        assert!(pending_dir.is_file(), "nothing could be written down");
+        // Room again: the next retry writes the delivery down.
+        std::fs::remove_file(&pending_dir).unwrap();
+        std::fs::create_dir(&pending_dir).unwrap();
+        let start = Instant::now();
+        while std::fs::read_dir(&pending_dir).unwrap().count() == 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the delivery is never written down"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(s.metric("turbine_webhook_deliveries_pending"), 1.0);
+        (
+            endpoint["id"].as_str().unwrap().to_string(),
+            got[0].headers["webhook-id"].clone(),
+        )
+    };
+
+    // After a restart the delivery goes on, the same event, to the endpoint's new URL.
+    let hooks = Receiver::start(vec![]);
+    let s = TestServer::start(config);
+    let (status, body) = s.call(
+        "POST",
+        &format!("/v1/webhook_endpoints/{endpoint_id}"),
+        None,
+        Some(json!({"url": hooks.url})),
+    );
+    assert_eq!(status, 200, "{body}");
+    let got = hooks.wait_for(1);
+    assert_eq!(got[0].headers["webhook-id"], event_id);
+    s.wait_metric("turbine_webhook_deliveries_pending", |v| v == 0.0);
+}

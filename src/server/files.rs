@@ -146,7 +146,8 @@ pub fn new_id(prefix: &str) -> String {
 }
 
 /// Writes `value` as JSON to `path` through a temporary file and a rename, so a crash leaves
-/// the old record or the new one, never half of one.
+/// the old record or the new one, never half of one; once it returns, the record is on the disk
+/// (a power cut or a kernel panic right after keeps it).
 pub fn write_record(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
     write_json(path, value, false)
 }
@@ -158,6 +159,28 @@ pub fn write_private_record(path: &Path, value: &impl Serialize) -> std::io::Res
 }
 
 fn write_json(path: &Path, value: &impl Serialize, private: bool) -> std::io::Result<()> {
+    blocking(|| {
+        write_json_now(path, value, private)?;
+        // And the name itself: a request is answered once its record is written, and what it
+        // was told must hold after a crash.
+        sync_dir_now(path)
+    })
+}
+
+/// Runs `f`, which blocks on the disk (an fsync: milliseconds on a local SSD, up to seconds on a
+/// throttled network volume), so that the async runtime's other tasks do not wait behind it: on
+/// a worker of the multi-threaded runtime (the server's), the worker's tasks move to another
+/// thread first ([`tokio::task::block_in_place`]); anywhere else it just runs.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+fn write_json_now(path: &Path, value: &impl Serialize, private: bool) -> std::io::Result<()> {
     use std::io::Write as _;
     let tmp = path.with_extension("json.tmp");
     let mut options = std::fs::OpenOptions::new();
@@ -168,14 +191,39 @@ fn write_json(path: &Path, value: &impl Serialize, private: bool) -> std::io::Re
     }
     #[cfg(not(unix))]
     let _ = private;
+    // The contents reach the disk before the name does: without it, a crash can leave the name
+    // on an empty file (the journal holds the rename; the data was still in memory).
     let written = options.open(&tmp).and_then(|mut file| {
-        file.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)
+        file.write_all(&serde_json::to_vec(value).map_err(std::io::Error::other)?)?;
+        file.sync_all()
     });
     if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
         // Half a record (a full disk) takes room and is of no use.
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
+    Ok(())
+}
+
+/// Makes the entries of the directory that holds `path` durable: a file created, renamed into
+/// it or removed from it stays so after a crash (fsync of the directory; a no-op where there is
+/// no such thing, off Unix).
+pub fn sync_dir_of(path: &Path) -> std::io::Result<()> {
+    blocking(|| sync_dir_now(path))
+}
+
+fn sync_dir_now(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    if let Some(dir) = path.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    #[cfg(not(unix))]
+    let _ = path;
     Ok(())
 }
 
@@ -427,8 +475,9 @@ impl FileStore {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a file whose contents are already at [`FileStore::path`]`(id)`: its record is
-    /// written first, so a listed file is a kept one.
+    /// Registers a file whose contents are already at [`FileStore::path`]`(id)`, and on the
+    /// disk (synced): its record is written first, so a listed file is a kept one, a crash
+    /// included.
     pub fn insert(&self, object: FileObject, owner: Owner) -> std::io::Result<FileObject> {
         let stored = Stored {
             object: object.clone(),
@@ -510,6 +559,11 @@ impl FileStore {
         let mut index = self.lock();
         let object = Self::find(&index, owner, id, now)?;
         self.remove(&mut index, id);
+        drop(index);
+        // A deleted file must not come back after a crash.
+        if let Err(e) = sync_dir_of(&self.record_path(id)) {
+            tracing::warn!(file = %id, "the file is deleted, but its removal could not be made durable: {e}");
+        }
         Ok(object)
     }
 
@@ -677,6 +731,8 @@ pub mod http {
                         out.write_all(&chunk).await.map_err(storage_error)?;
                     }
                     out.flush().await.map_err(storage_error)?;
+                    // On the disk before its record names it (`FileStore::insert`).
+                    out.sync_all().await.map_err(storage_error)?;
                     file = Some((filename, bytes));
                 }
                 "purpose" | "expires_after[anchor]" | "expires_after[seconds]" => {
@@ -1075,5 +1131,49 @@ mod tests {
         }
         let e = http::storage_error(std::io::Error::from_raw_os_error(libc::EIO));
         assert_eq!(e.info().status.as_u16(), 500, "{e}");
+    }
+
+    /// A record is written (and synced) wherever the server writes one: in the multi-threaded
+    /// runtime's `block_on` and on its workers (moved aside for the fsync), on its blocking
+    /// pool, on a current-thread runtime (where that move would panic) and outside any runtime;
+    /// it leaves no temporary file behind, and replaces the one before.
+    #[test]
+    fn records_are_written_from_any_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.json");
+        let read = || -> u32 { serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap() };
+        let multi = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let p = path.clone();
+        multi.block_on(async move {
+            write_record(&p, &0u32).unwrap();
+            let worker = tokio::spawn({
+                let p = p.clone();
+                async move { write_record(&p, &1u32) }
+            });
+            worker.await.unwrap().unwrap();
+            tokio::task::spawn_blocking(move || write_record(&p, &2u32))
+                .await
+                .unwrap()
+                .unwrap();
+        });
+        assert_eq!(read(), 2);
+        let current = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        current
+            .block_on(async { write_record(&path, &3u32) })
+            .unwrap();
+        assert_eq!(read(), 3);
+        write_record(&path, &4u32).unwrap();
+        assert_eq!(read(), 4);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["r.json"]);
+        sync_dir_of(&path).unwrap();
     }
 }

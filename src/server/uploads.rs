@@ -545,6 +545,8 @@ async fn join_parts(
         }
     }
     out.flush().await.map_err(storage_error)?;
+    // On the disk before its record names it (`FileStore::insert`).
+    out.sync_all().await.map_err(storage_error)?;
     if let Some(expected) = md5 {
         let got = hex::encode(hash.finalize());
         if got != expected {

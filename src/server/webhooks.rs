@@ -37,7 +37,8 @@ use super::batches::{BatchObject, Status};
 use super::error::ApiError;
 use super::files::http::{storage_error, ListParams};
 use super::files::{
-    new_id, read_records, unix_now, write_private_record, write_record, ListPage, Owner,
+    new_id, read_records, sync_dir_of, unix_now, write_private_record, write_record, ListPage,
+    Owner,
 };
 use super::metrics::{Metrics, WebhookOutcome};
 use super::routes;
@@ -313,7 +314,7 @@ impl Webhooks {
         }
         for p in interrupted {
             let this = self.clone();
-            tokio::spawn(async move { this.deliver(p).await });
+            tokio::spawn(async move { this.deliver(p, true).await });
         }
     }
 
@@ -426,7 +427,12 @@ impl Webhooks {
             return Err(no_such_endpoint(id));
         }
         match std::fs::remove_file(self.path(id)) {
-            Ok(()) => {}
+            // A deleted endpoint must not come back after a crash, and hear of batches again.
+            Ok(()) => {
+                if let Err(e) = sync_dir_of(&self.path(id)) {
+                    tracing::warn!(endpoint = %id, "the endpoint is deleted, but its removal could not be made durable: {e}");
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(storage_error(e)),
         }
@@ -456,26 +462,33 @@ impl Webhooks {
                 since_ms: unix_ms(),
             };
             // Written down first: a restart before it is delivered makes it then.
-            if let Err(e) = write_record(&self.pending_path(&pending), &pending) {
-                tracing::error!(event = %pending.event_id, "cannot write down a webhook delivery (it is made, but not after a restart): {e}");
-            }
+            let written = match write_record(&self.pending_path(&pending), &pending) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(event = %pending.event_id, "cannot write down a webhook delivery (a full disk?): it is made, and written down at each retry until it can be; until then a restart loses it: {e}");
+                    false
+                }
+            };
             tracing::debug!(batch = %batch.id, endpoint = %pending.endpoint, event = %pending.event_id, kind, "webhook queued");
             let this = self.clone();
-            tokio::spawn(async move { this.deliver(pending).await });
+            tokio::spawn(async move { this.deliver(pending, written).await });
         }
     }
 
     /// Sends the event until the endpoint answers 2xx, the retries run out, or the endpoint is
     /// deleted, then forgets it. Each attempt reads the endpoint afresh: a new URL or secret
     /// applies at once.
-    async fn deliver(&self, pending: Pending) {
+    async fn deliver(&self, pending: Pending, written: bool) {
         self.metrics.webhooks_pending(1);
-        self.attempt_until_done(&pending).await;
+        self.attempt_until_done(&pending, written).await;
         let _ = std::fs::remove_file(self.pending_path(&pending));
         self.metrics.webhooks_pending(-1);
     }
 
-    async fn attempt_until_done(&self, pending: &Pending) {
+    /// `written`: whether `pending` is on the disk; if not (a full disk), writing it is tried
+    /// again before each retry, so that a delivery that waits for its endpoint survives a
+    /// restart once there is room.
+    async fn attempt_until_done(&self, pending: &Pending, mut written: bool) {
         let Pending {
             endpoint: endpoint_id,
             event_id,
@@ -512,6 +525,12 @@ impl Webhooks {
             }
             self.metrics.webhook(WebhookOutcome::Retried);
             tracing::warn!(endpoint = %endpoint_id, event = %event_id, attempts, retry_in_s = delay.as_secs_f64(), "webhook delivery failed: {failure}");
+            if !written {
+                written = write_record(&self.pending_path(pending), pending).is_ok();
+                if written {
+                    tracing::info!(event = %event_id, "the webhook delivery was written down after all");
+                }
+            }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(self.retry.max_delay);
         }

@@ -63,6 +63,16 @@ impl Retries {
     }
 }
 
+/// What the operator can do about a write to the files directory that failed with `e`.
+fn remedy(e: &std::io::Error) -> &'static str {
+    if is_disk_full(e) {
+        "free space on the files directory's disk"
+    } else {
+        "check the files directory's disk (the kernel's log tells of an I/O error or a \
+         read-only remount)"
+    }
+}
+
 /// One line of the output or error file.
 #[derive(Debug, Serialize)]
 struct OutputLine {
@@ -521,7 +531,7 @@ impl Run {
             };
             let delay = retries.failed(&self.app);
             if retries.failures == 1 {
-                tracing::error!(batch = %self.id, custom_id = %line.custom_id, "cannot write a batch result ({e}): the batch waits and tries again (every {} s at most) until it can, is cancelled or expires; free space on the files directory's disk", WRITE_RETRY_MAX.as_secs());
+                tracing::error!(batch = %self.id, custom_id = %line.custom_id, "cannot write a batch result ({e}): the batch waits and tries again (every {} s at most) until it can, is cancelled or expires; {}", WRITE_RETRY_MAX.as_secs(), remedy(&e));
             } else {
                 tracing::debug!(batch = %self.id, custom_id = %line.custom_id, failures = retries.failures, "a batch result still cannot be written: {e}");
             }
@@ -753,7 +763,7 @@ async fn run_requests(
         // finalizing, and it ends after the restart).
         let delay = retries.failed(&app);
         if retries.failures == 1 {
-            tracing::error!(batch = %id, "cannot make the batch's results files ({e}): the batch waits and tries again (every {} s at most) until it can; free space on the files directory's disk", WRITE_RETRY_MAX.as_secs());
+            tracing::error!(batch = %id, "cannot make the batch's results files ({e}): the batch waits and tries again (every {} s at most) until it can; {}", WRITE_RETRY_MAX.as_secs(), remedy(&e));
         } else {
             tracing::debug!(batch = %id, failures = retries.failures, "the batch's results files still cannot be made: {e}");
         }

@@ -1,0 +1,231 @@
+#!/usr/bin/env bash
+# A power cut under a running server: what it answered 200 for must be there after it. The files
+# directory is on a real ext4 filesystem (a loop device; needs root and Linux), and the cut is
+# the filesystem shut down without writing its journal (EXT4_IOC_SHUTDOWN with NOLOGFLUSH,
+# the "godown" that xfstests uses to test crash consistency): what had not reached the disk is
+# lost, as in a kernel panic or a power cut; then the server is killed (SIGKILL), the
+# filesystem mounted again (its journal replayed) and the server started on it. Not run by
+# .ci/run (root, loop devices).
+#
+#   bash scripts/crash_check.sh [BINARY]     (default target/debug/turbine; the tiny model)
+#
+# The filesystem is mounted with `commit=60`: its journal is written every 60 s instead of 5, so
+# what the server did not make durable itself is lost every time, not only when the cut falls
+# in the last 5 s (what a real crash loses: the same, in a shorter window).
+#
+# Before the cut, all within a few seconds: a file uploaded (Files API), a file sent in parts
+# (Uploads API), a webhook endpoint created, a batch that completed (its webhook delivery to a
+# receiver that does not answer still pending), a batch just created, a file deleted. After
+# it, each must be as the server said: the files there with their bytes, the deleted one gone,
+# the completed batch completed with all its results and its delivery still pending, the new
+# batch there (and then completing), the endpoint there.
+# Exits non-zero, naming the check, if anything differs. Prints what it saw.
+set -euo pipefail
+BIN=$(realpath "${1:-target/debug/turbine}")
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+WORK=$(mktemp -d /tmp/turbine-crash.XXXXXX)
+MNT="$WORK/mnt"
+IMG="$WORK/disk.img"
+PORT=${PORT:-18792}
+PID=
+mkdir "$MNT"
+cleanup() {
+  [ -n "$PID" ] && kill -9 "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
+  mountpoint -q "$MNT" && umount "$MNT"
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+truncate -s 256M "$IMG"
+mkfs.ext4 -q "$IMG"
+mount -o loop,commit=60 "$IMG" "$MNT"
+
+serve() {
+  "$BIN" serve --model-dir tests/fixtures/tiny-sdxl --device cpu --host 127.0.0.1 --port "$PORT" \
+    --min-image-side 64 --max-image-side 512 --default-size 64x64 --warmup-images 1 \
+    --files-dir "$MNT/files" --min-free-disk-bytes 0 --max-batch-size 4 >>"$WORK/server.log" 2>&1 &
+  PID=$!
+  for _ in $(seq 100); do
+    curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && return
+    sleep 0.2
+  done
+  echo "the server did not start: $(tail -5 "$WORK/server.log")" >&2
+  exit 1
+}
+
+step() {
+  python3 - "$@" <<'PY'
+import fcntl, hashlib, json, os, struct, sys, time, urllib.error, urllib.request
+
+step, mnt, port, state = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+base = f"http://127.0.0.1:{port}"
+
+
+def call(method, path, body=None, raw=None, ctype="application/json"):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(base + path, data=data, method=method,
+                                 headers={"Content-Type": ctype} if data else {})
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def content(fid):
+    try:
+        return urllib.request.urlopen(f"{base}/v1/files/{fid}/content").read()
+    except urllib.error.HTTPError as e:
+        return None
+
+
+def form(fields, name, data):
+    b = "TURBINEBOUNDARY"
+    out = b"".join(f'--{b}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                   for k, v in fields.items())
+    out += (f'--{b}\r\nContent-Disposition: form-data; name="{name}"; filename="f.bin"\r\n\r\n'
+            .encode() + data + f"\r\n--{b}--\r\n".encode())
+    return out, f"multipart/form-data; boundary={b}"
+
+
+failed = []
+
+
+def check(ok, what, fatal=True):
+    print(("ok   " if ok else "FAIL ") + what)
+    if not ok:
+        failed.append(what)
+        if fatal:
+            sys.exit(1)
+
+
+def upload(purpose, data):
+    raw, ctype = form({"purpose": purpose}, "file", data)
+    status, f = call("POST", "/v1/files", raw=raw, ctype=ctype)
+    check(status == 200, f"a {len(data)}-byte file uploaded ({status})")
+    return f["id"]
+
+
+def batch(n, tag):
+    lines = "\n".join(json.dumps({"custom_id": f"{tag}{i}", "method": "POST",
+                                  "url": "/v1/images/generations",
+                                  "body": {"prompt": f"jar {i}", "size": "64x64", "seed": i}})
+                      for i in range(n))
+    fid = upload("batch", lines.encode())
+    status, b = call("POST", "/v1/batches", {"input_file_id": fid, "completion_window": "24h",
+                                             "endpoint": "/v1/images/generations"})
+    check(status == 200, f"batch {b.get('id')} created ({status})")
+    return b["id"]
+
+
+def wait_end(bid, limit):
+    t0 = time.time()
+    while time.time() - t0 < limit:
+        _, b = call("GET", f"/v1/batches/{bid}")
+        if b.get("status") in ("completed", "failed", "cancelled", "expired"):
+            return b
+        time.sleep(0.2)
+    return b
+
+
+def metric(name):
+    m = urllib.request.urlopen(f"{base}/metrics").read().decode()
+    return float(next((l.split()[-1] for l in m.splitlines() if l.startswith(name + " ")), 0))
+
+
+def custom_ids(raw):
+    return sorted(json.loads(l)["custom_id"] for l in raw.split(b"\n") if l.strip())
+
+
+if step == "before":
+    # What is older than the cut by far: made durable by the filesystem itself (sync).
+    gone = upload("user_data", os.urandom(50_000))
+    os.sync()
+    t0 = time.time()
+    status, hook = call("POST", "/v1/webhook_endpoints",
+                        {"name": "crash", "url": "http://127.0.0.1:9/hook",
+                         "event_types": ["batch.completed"]})
+    check(status == 200, f"a webhook endpoint created ({status})")
+    data = os.urandom(300_000)
+    plain = upload("user_data", data)
+    status, up = call("POST", "/v1/uploads", {"bytes": len(data), "filename": "parts.bin",
+                                              "mime_type": "application/octet-stream",
+                                              "purpose": "user_data"})
+    check(status == 200, f"an upload started ({status})")
+    parts = []
+    for chunk in (data[:200_000], data[200_000:]):
+        raw, ctype = form({}, "data", chunk)
+        status, p = call("POST", f"/v1/uploads/{up['id']}/parts", raw=raw, ctype=ctype)
+        check(status == 200, f"a {len(chunk)}-byte part added ({status})")
+        parts.append(p["id"])
+    status, up = call("POST", f"/v1/uploads/{up['id']}/complete", {"part_ids": parts})
+    check(status == 200 and up["status"] == "completed", f"the upload completed ({status})")
+    done = batch(3, "d")
+    b = wait_end(done, 60)
+    check(b["status"] == "completed", f"batch {done} completed")
+    t1 = time.time()
+    while metric("turbine_webhook_deliveries_pending") < 1 and time.time() - t1 < 10:
+        time.sleep(0.1)
+    check(metric("turbine_webhook_deliveries_pending") == 1,
+          "its webhook delivery is pending (the receiver does not answer)")
+    fresh = batch(4, "f")
+    status, _ = call("DELETE", f"/v1/files/{gone}")
+    check(status == 200, "a file deleted")
+    json.dump({"gone": gone, "hook": hook["id"], "plain": plain, "parts": up["file"]["id"],
+               "digest": hashlib.sha256(data).hexdigest(), "done": done,
+               "output": b["output_file_id"], "fresh": fresh}, open(state, "w"))
+    # The cut: nothing more reaches the disk, as when the machine stops.
+    fd = os.open(mnt, os.O_RDONLY)
+    fcntl.ioctl(fd, 0x8004587D, struct.pack("I", 2))  # EXT4_IOC_SHUTDOWN, NOLOGFLUSH
+    os.close(fd)
+    print(f"     the power cut {time.time() - t0:.1f} s after the first of these answers")
+else:
+    # Every check is made (a failure does not stop the others), then the step fails if any did.
+    s = json.load(open(state))
+    for key, what in (("plain", "the uploaded file"), ("parts", "the file sent in parts")):
+        raw = content(s[key])
+        check(raw is not None and hashlib.sha256(raw).hexdigest() == s["digest"],
+              f"{what} is there with its bytes ({'missing' if raw is None else len(raw)})", False)
+    check(call("GET", f"/v1/files/{s['gone']}")[0] == 404, "the deleted file stays deleted", False)
+    check(call("GET", f"/v1/webhook_endpoints/{s['hook']}")[0] == 200,
+          "the webhook endpoint is there", False)
+    status, b = call("GET", f"/v1/batches/{s['done']}")
+    check(status == 200 and b["status"] == "completed", f"the completed batch: {status} "
+          f"{b.get('status', b.get('error'))}", False)
+    raw = content(b["output_file_id"]) if b.get("output_file_id") else None
+    check(raw is not None and custom_ids(raw) == ["d0", "d1", "d2"],
+          f"its output is there with its 3 results ({'missing' if raw is None else len(raw)})",
+          False)
+    status, b = call("GET", f"/v1/batches/{s['fresh']}")
+    check(status == 200, f"the batch created just before the cut is there ({status})", False)
+    if status == 200:
+        b = wait_end(s["fresh"], 60)
+        raw = content(b["output_file_id"]) if b.get("output_file_id") else None
+        check(b["status"] == "completed" and raw is not None
+              and custom_ids(raw) == ["f0", "f1", "f2", "f3"],
+              f"and it completes with its 4 results ({b['status']}, {b['request_counts']})",
+              False)
+    want = 1 + (status == 200)
+    t0 = time.time()
+    while metric("turbine_webhook_deliveries_pending") < want and time.time() - t0 < 10:
+        time.sleep(0.1)
+    pending = metric("turbine_webhook_deliveries_pending")
+    check(pending == want, f"webhook deliveries pending: {pending:g} of {want} (the completed "
+          "batch's, still, and the new batch's)", False)
+    if failed:
+        sys.exit(f"{len(failed)} checks failed")
+PY
+}
+
+echo "== before the power cut"
+serve
+step before "$MNT" "$PORT" "$WORK/state.json"
+kill -9 "$PID"
+wait "$PID" 2>/dev/null || true
+PID=
+umount "$MNT"
+echo "== after it (the journal replayed, the server started again)"
+mount -o loop,commit=60 "$IMG" "$MNT"
+serve
+step after "$MNT" "$PORT" "$WORK/state.json"
+echo "crash check: all passed ($(basename "$BIN"))"
