@@ -4,8 +4,8 @@
 # the filesystem shut down without writing its journal (EXT4_IOC_SHUTDOWN with NOLOGFLUSH,
 # the "godown" that xfstests uses to test crash consistency): what had not reached the disk is
 # lost, as in a kernel panic or a power cut; then the server is killed (SIGKILL), the
-# filesystem mounted again (its journal replayed) and the server started on it. Not run by
-# .ci/run (root, loop devices).
+# filesystem mounted again (its journal replayed) and the server started on it. .ci/run runs it
+# where its machine allows the mount (root, a loop device).
 #
 #   bash scripts/crash_check.sh [BINARY]     (default target/debug/turbine; the tiny model)
 #

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A real full disk under a running server: the files directory on a small tmpfs (needs root and
-# Linux; not run by .ci/run, whose in-process test `a_full_disk_pauses_a_batch_and_loses_no_result`
-# stands a /dev/full in for the batch's output file instead).
+# Linux; .ci/run runs it where its machine allows the mount, and the in-process test
+# `a_full_disk_pauses_a_batch_and_loses_no_result` stands a /dev/full in for the batch's output
+# file everywhere).
 #
 #   bash scripts/full_disk_check.sh [BINARY]     (default target/debug/turbine; the tiny model)
 #
