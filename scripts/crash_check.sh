@@ -30,6 +30,7 @@ PORT=${PORT:-18792}
 PID=
 mkdir "$MNT"
 cleanup() {
+  set +e # every step, whatever the one before did
   [ -n "$PID" ] && kill -9 "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
   mountpoint -q "$MNT" && umount "$MNT"
   rm -rf "$WORK"

@@ -23,6 +23,7 @@ MNT=$(mktemp -d /tmp/turbine-full-disk.XXXXXX)
 PORT=${PORT:-18791}
 PID=
 cleanup() {
+  set +e # every step, whatever the one before did
   [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
   mountpoint -q "$MNT" && umount "$MNT"
   rmdir "$MNT"
