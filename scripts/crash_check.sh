@@ -19,6 +19,12 @@
 # it, each must be as the server said: the files there with their bytes, the deleted one gone,
 # the completed batch completed with all its results and its delivery still pending, the new
 # batch there (and then completing), the endpoint there.
+#
+# Then a process crash at the worst moment of a batch's end: the server runs under strace, which
+# holds every rename 2 s before it happens, and is killed (SIGKILL) while the batch's results are
+# in the Files API's directory without their record yet. After a restart the batch must end
+# `completed` with all 3 results (it used to end `completed` with no output file: the results
+# had been moved there, and the start removed them as an upload cut off). Needs strace.
 # Exits non-zero, naming the check, if anything differs. Prints what it saw.
 set -euo pipefail
 BIN=$(realpath "${1:-target/debug/turbine}")
@@ -31,6 +37,7 @@ PID=
 mkdir "$MNT"
 cleanup() {
   set +e # every step, whatever the one before did
+  [ -n "$PID" ] && pkill -9 -P "$PID" # a server under strace
   [ -n "$PID" ] && kill -9 "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
   mountpoint -q "$MNT" && umount "$MNT"
   rm -rf "$WORK"
@@ -41,8 +48,10 @@ truncate -s 256M "$IMG"
 mkfs.ext4 -q "$IMG"
 mount -o loop,commit=60 "$IMG" "$MNT"
 
+# WRAP: a command the server runs under (strace, in part 2).
+WRAP=()
 serve() {
-  "$BIN" serve --model-dir tests/fixtures/tiny-sdxl --device cpu --host 127.0.0.1 --port "$PORT" \
+  "${WRAP[@]}" "$BIN" serve --model-dir tests/fixtures/tiny-sdxl --device cpu --host 127.0.0.1 --port "$PORT" \
     --min-image-side 64 --max-image-side 512 --default-size 64x64 --warmup-images 1 \
     --files-dir "$MNT/files" --min-free-disk-bytes 0 --max-batch-size 4 >>"$WORK/server.log" 2>&1 &
   PID=$!
@@ -138,7 +147,31 @@ def custom_ids(raw):
     return sorted(json.loads(l)["custom_id"] for l in raw.split(b"\n") if l.strip())
 
 
-if step == "before":
+if step == "finalize":
+    # Killed as the batch's results become a file of the Files API: every rename the server
+    # makes is held 2 s before it happens (strace), and the kill comes while a results file in
+    # files/ has no record yet (the record's own rename is the one held).
+    bid = batch(3, "r")
+    files = os.path.join(mnt, "files", "files")
+    known = set(os.listdir(files))
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        names = set(os.listdir(files))
+        fresh = [n for n in names - known if "." not in n and n + ".json" not in names]
+        if fresh:
+            break
+        time.sleep(0.02)
+    check(bool(fresh), "a results file without its record yet: the moment of the kill")
+    json.dump({"batch": bid}, open(state, "w"))
+elif step == "finalized":
+    bid = json.load(open(state))["batch"]
+    b = wait_end(bid, 60)
+    raw = content(b["output_file_id"]) if b.get("output_file_id") else None
+    check(b["status"] == "completed" and raw is not None
+          and custom_ids(raw) == ["r0", "r1", "r2"],
+          f"after a restart the batch ends {b['status']} with its 3 results "
+          f"({b['request_counts']}, output {b.get('output_file_id')})")
+elif step == "before":
     # What is older than the cut by far: made durable by the filesystem itself (sync).
     gone = upload("user_data", os.urandom(50_000))
     os.sync()
@@ -228,5 +261,24 @@ umount "$MNT"
 echo "== after it (the journal replayed, the server started again)"
 mount -o loop,commit=60 "$IMG" "$MNT"
 serve
-step after "$MNT" "$PORT" "$WORK/state.json"
+failed=0
+step after "$MNT" "$PORT" "$WORK/state.json" || failed=1
+kill "$PID"
+wait "$PID" 2>/dev/null || true
+PID=
+
+echo "== killed (SIGKILL) as a batch's results become a file"
+WRAP=(strace -f -qq -o /dev/null --seccomp-bpf -e trace=rename,renameat,renameat2
+  -e inject=rename,renameat,renameat2:delay_enter=2000000)
+serve
+step finalize "$MNT" "$PORT" "$WORK/state.json"
+kill -9 "$(pgrep -P "$PID")" # the server, strace's child; strace ends with it
+wait "$PID" 2>/dev/null || true
+WRAP=()
+serve
+step finalized "$MNT" "$PORT" "$WORK/state.json" || failed=1
+if [ "$failed" != 0 ]; then
+  echo "crash check: FAILED ($(basename "$BIN"))"
+  exit 1
+fi
 echo "crash check: all passed ($(basename "$BIN"))"

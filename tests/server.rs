@@ -4767,6 +4767,120 @@ fn webhook_deliveries_go_on_after_a_restart() {
     assert_eq!(hooks.requests().len(), 3);
 }
 
+/// The states a crash (or a stop) can leave a batch in as its results become a file of the
+/// Files API, made on disk from two batches that completed: each record set back to
+/// `finalizing`, the batch's own names of its input and results back in place (as the server
+/// keeps them until the ended record is written), and for one of them the results' File
+/// already written down (the crash came after it), for the other only its contents (it came
+/// before the File's record: a leftover the next start removes). Both batches end `completed`
+/// after the restart with every result: the first with the File it had made (not a second
+/// one), the other with a new one; the batch directory then holds only their records.
+#[test]
+fn a_batch_a_crash_left_finalizing_ends_with_its_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config();
+    config.files.dir = Some(dir.path().to_path_buf());
+    let gen = "/v1/images/generations";
+    let path = |p: String| dir.path().join(p);
+    let mut batches = Vec::new();
+    {
+        let s = TestServer::start(config.clone());
+        for tag in ["after", "before"] {
+            let lines: Vec<String> = (0..3)
+                .map(|i| {
+                    batch_line(
+                        &format!("{tag}{i}"),
+                        gen,
+                        json!({"prompt": "a barn", "seed": i}),
+                    )
+                })
+                .collect();
+            let done = s.run_batch(None, gen, &lines.join("\n"));
+            assert_eq!(done["status"], "completed", "{done}");
+            batches.push((tag, done));
+        }
+    }
+    let mut outputs = Vec::new();
+    for (tag, done) in &batches {
+        let id = done["id"].as_str().unwrap();
+        let output = done["output_file_id"].as_str().unwrap();
+        let input = done["input_file_id"].as_str().unwrap();
+        let record_path = path(format!("batches/{id}.json"));
+        let mut record: Value =
+            serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
+        for field in ["completed_at", "output_file_id"] {
+            record["object"][field] = Value::Null;
+        }
+        record["object"]["status"] = json!("finalizing");
+        record["notified"] = json!(false);
+        std::fs::write(&record_path, record.to_string()).unwrap();
+        std::fs::hard_link(
+            path(format!("files/{input}")),
+            path(format!("batches/{id}.input.jsonl")),
+        )
+        .unwrap();
+        std::fs::hard_link(
+            path(format!("files/{output}")),
+            path(format!("batches/{id}.output.jsonl")),
+        )
+        .unwrap();
+        if *tag == "before" {
+            std::fs::remove_file(path(format!("files/{output}.json"))).unwrap();
+        }
+        outputs.push(std::fs::read(path(format!("files/{output}"))).unwrap());
+    }
+
+    let s = TestServer::start(config);
+    for ((tag, done), before) in batches.iter().zip(&outputs) {
+        let id = done["id"].as_str().unwrap();
+        let old = done["output_file_id"].as_str().unwrap();
+        let b = s.wait_batch(None, id);
+        assert_eq!(b["status"], "completed", "{tag}: {b}");
+        assert_eq!(
+            b["request_counts"],
+            json!({"total": 3, "completed": 3, "failed": 0})
+        );
+        let output = b["output_file_id"].as_str().unwrap();
+        let r = s
+            .client
+            .get(s.url(&format!("/v1/files/{output}/content")))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(&r.bytes().unwrap()[..], &before[..], "{tag}: the results");
+        if *tag == "after" {
+            assert_eq!(
+                output, old,
+                "the File made before the crash is the batch's output"
+            );
+        } else {
+            assert_ne!(output, old);
+            let (status, _) = s.call("GET", &format!("/v1/files/{old}"), None, None);
+            assert_eq!(
+                status, 404,
+                "a File without its record is removed at the start"
+            );
+        }
+    }
+    let (_, files) = s.call("GET", "/v1/files?purpose=batch_output", None, None);
+    assert_eq!(
+        files["data"].as_array().unwrap().len(),
+        2,
+        "no second File: {files}"
+    );
+    let mut left: Vec<String> = std::fs::read_dir(path("batches".into()))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    let mut want: Vec<String> = batches
+        .iter()
+        .map(|(_, b)| format!("{}.json", b["id"].as_str().unwrap()))
+        .collect();
+    want.sort();
+    assert_eq!(left, want);
+}
+
 /// A delivery whose record the disk refused (here its directory is a file: every write of it
 /// fails) is still made, and written down at its next retry once it can be: a restart after
 /// that does not lose it.

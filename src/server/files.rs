@@ -513,6 +513,43 @@ impl FileStore {
         expired.len()
     }
 
+    /// The id of the owner's file whose contents are the very file at `path` (the same inode:
+    /// another name of it, on Unix), named `filename`, of `purpose`: what a batch that a crash
+    /// stopped as it ended already made of its results.
+    pub fn same_contents(
+        &self,
+        owner: &Owner,
+        filename: &str,
+        purpose: &str,
+        path: &Path,
+    ) -> Option<String> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            let key = |m: std::fs::Metadata| (m.dev(), m.ino());
+            let want = key(std::fs::metadata(path).ok()?);
+            let candidates: Vec<String> = self
+                .lock()
+                .files
+                .values()
+                .filter(|(f, _)| {
+                    &f.owner == owner
+                        && f.object.filename == filename
+                        && f.object.purpose == purpose
+                })
+                .map(|(f, _)| f.object.id.clone())
+                .collect();
+            candidates
+                .into_iter()
+                .find(|id| std::fs::metadata(self.path(id)).ok().map(key) == Some(want))
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = (owner, filename, purpose, path);
+            None
+        }
+    }
+
     /// The owner's file `id`, if it exists and has not expired.
     pub fn get(&self, owner: &Owner, id: &str, now: u64) -> Result<FileObject, ApiError> {
         Self::find(&self.lock(), owner, id, now)

@@ -343,6 +343,14 @@ struct Entry {
     unsaved: bool,
 }
 
+/// Removes batch `id`'s input, output and error files from the batches directory `dir` (its
+/// results, if any, are files of the Files API by then: other names of the same contents).
+fn remove_working_files(dir: &std::path::Path, id: &str) {
+    for kind in ["input", "output", "error"] {
+        let _ = std::fs::remove_file(dir.join(format!("{id}.{kind}.jsonl")));
+    }
+}
+
 /// Every batch, by id, and the directory of their records.
 pub struct Batches {
     dir: PathBuf,
@@ -356,13 +364,10 @@ impl Batches {
         records.sort_by(|a, b| {
             (a.object.created_at, &a.object.id).cmp(&(b.object.created_at, &b.object.id))
         });
-        // What an ended batch left behind (it ended while its working files were being
-        // removed): its record is all that stays.
+        // What an ended batch left behind (the server stopped before they went): its record is
+        // all that stays.
         for record in records.iter().filter(|r| !r.object.status.running()) {
-            for kind in ["input", "output", "error"] {
-                let _ =
-                    std::fs::remove_file(dir.join(format!("{}.{kind}.jsonl", record.object.id)));
-            }
+            remove_working_files(&dir, &record.object.id);
         }
         let batches = Batches {
             dir,
@@ -446,10 +451,17 @@ impl Batches {
         self.save_entry(id, e);
     }
 
-    /// Writes `e`'s record, or marks it to be written again.
+    /// Writes `e`'s record, or marks it to be written again. Once the record of an ended
+    /// batch is on the disk, its working files go: not before, so that a batch that a crash
+    /// leaves `finalizing` still finds its input and results when it resumes.
     fn save_entry(&self, id: &str, e: &mut Entry) {
         match self.save(&e.record) {
-            Ok(()) => e.unsaved = false,
+            Ok(()) => {
+                e.unsaved = false;
+                if !e.record.object.status.running() {
+                    remove_working_files(&self.dir, id);
+                }
+            }
             Err(err) => {
                 if !e.unsaved {
                     tracing::error!(batch = %id, "cannot write the batch's record (tried again every few seconds): {err}");

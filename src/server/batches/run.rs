@@ -297,9 +297,22 @@ impl Writer {
             self.finished = Some(None);
             return Ok(None);
         }
+        // A crash (or a stop) after the File was written down and before the batch's record
+        // said so: that File is these results, under another name.
+        if let Some(id) =
+            app.files
+                .same_contents(&record.owner, &filename, "batch_output", &self.path)
+        {
+            self.finished = Some(Some(id.clone()));
+            return Ok(Some(id));
+        }
         let id = new_id("file-");
         let path = app.files.path(&id);
-        tokio::fs::rename(&self.path, &path).await?;
+        // A second name for the results, not a move: the batch's own stays where a resumed
+        // batch reads them until its record says it ended (the batches store removes it then).
+        // A crash or a stop anywhere in here costs nothing: a moved file whose record was not
+        // written yet would be removed at the next start as an upload cut off, results and all.
+        link_or_copy(&self.path, &path).await?;
         let object = FileObject::new(
             id.clone(),
             filename,
@@ -308,14 +321,32 @@ impl Writer {
             record.output_ttl,
         );
         if let Err(e) = app.files.insert(object, record.owner.clone()) {
-            // The file's record could not be written: the results go back, for the next try
-            // or, after a restart, the resumed batch's.
-            tokio::fs::rename(&path, &self.path).await?;
+            // The file's record could not be written: the next try (or, after a restart, the
+            // resumed batch) makes another.
+            let _ = tokio::fs::remove_file(&path).await;
             return Err(e);
         }
         self.finished = Some(Some(id.clone()));
         Ok(Some(id))
     }
+}
+
+/// Gives the (synced) contents at `from` the name `to` as well: a hard link, or where the
+/// filesystem has none, a synced copy (removed again if it could not be made whole).
+async fn link_or_copy(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    let (from, to) = (from.to_path_buf(), to.to_path_buf());
+    tokio::task::spawn_blocking(move || {
+        if std::fs::hard_link(&from, &to).is_ok() {
+            return Ok(());
+        }
+        let copied = std::fs::copy(&from, &to).and_then(|_| std::fs::File::open(&to)?.sync_all());
+        if copied.is_err() {
+            let _ = std::fs::remove_file(&to);
+        }
+        copied
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// A running batch: what it needs to run a request and write down what became of it.
@@ -772,7 +803,7 @@ async fn run_requests(
             return Ok(());
         }
     };
-    let _ = tokio::fs::remove_file(&paths.input).await;
+    // The input and results go with the ended record (`Batches::save_entry`).
     app.batches.transition(&id, |b| {
         b.output_file_id = output;
         b.error_file_id = errors;
