@@ -27,6 +27,7 @@
 # had been moved there, and the start removed them as an upload cut off). Needs strace.
 # Exits non-zero, naming the check, if anything differs. Prints what it saw.
 set -euo pipefail
+command -v strace >/dev/null || { echo "crash_check.sh needs strace (apt-get install strace)" >&2; exit 1; }
 BIN=$(realpath "${1:-target/debug/turbine}")
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 WORK=$(mktemp -d /tmp/turbine-crash.XXXXXX)
