@@ -213,13 +213,15 @@ impl Tls {
         }
         match read.and_then(|pem| parse(&self.config, &pem)) {
             Ok(loaded) => {
+                // In use before it is said to be: a client that connects on reading the log
+                // line gets the new certificate.
+                *self.current.write().unwrap_or_else(|p| p.into_inner()) = loaded.config.clone();
                 report(
                     &self.config,
                     &loaded,
                     &self.metrics,
                     "HTTPS: certificate reloaded; new connections use it",
                 );
-                *self.current.write().unwrap_or_else(|p| p.into_inner()) = loaded.config;
                 self.metrics.tls_reload(TlsReload::Loaded);
                 true
             }
