@@ -215,11 +215,6 @@ pub fn sync_dir_of(path: &Path) -> std::io::Result<()> {
 fn sync_dir_now(path: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
     if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
         std::fs::File::open(dir)?.sync_all()?;
     }
     #[cfg(not(unix))]

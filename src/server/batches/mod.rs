@@ -691,13 +691,11 @@ pub async fn create(
     // The batch's own link to the input: deleting the file later does not take it away.
     let paths = run::Paths::of(&app, &id);
     let source = app.files.path(&input.id);
-    if std::fs::hard_link(&source, &paths.input).is_err() {
-        // A copy's bytes are on the disk before the batch's record (which makes the link's
-        // name durable too) says there is a batch.
-        std::fs::copy(&source, &paths.input)
-            .and_then(|_| std::fs::File::open(&paths.input)?.sync_all())
-            .map_err(storage_error)?;
-    }
+    // A copy's bytes are on the disk before the batch's record (which makes the link's name
+    // durable too) says there is a batch.
+    run::link_or_copy(&source, &paths.input)
+        .await
+        .map_err(storage_error)?;
     let window = app.config.files.completion_window;
     let object = BatchObject::new(
         id.clone(),

@@ -333,7 +333,10 @@ impl Writer {
 
 /// Gives the (synced) contents at `from` the name `to` as well: a hard link, or where the
 /// filesystem has none, a synced copy (removed again if it could not be made whole).
-async fn link_or_copy(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+pub(super) async fn link_or_copy(
+    from: &std::path::Path,
+    to: &std::path::Path,
+) -> std::io::Result<()> {
     let (from, to) = (from.to_path_buf(), to.to_path_buf());
     tokio::task::spawn_blocking(move || {
         if std::fs::hard_link(&from, &to).is_ok() {
