@@ -171,7 +171,7 @@ fn write_json(path: &Path, value: &impl Serialize, private: bool) -> std::io::Re
 /// throttled network volume), so that the async runtime's other tasks do not wait behind it: on
 /// a worker of the multi-threaded runtime (the server's), the worker's tasks move to another
 /// thread first ([`tokio::task::block_in_place`]); anywhere else it just runs.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(f)

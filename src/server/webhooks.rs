@@ -37,8 +37,8 @@ use super::batches::{BatchObject, Status};
 use super::error::ApiError;
 use super::files::http::{storage_error, ListParams};
 use super::files::{
-    new_id, read_records, sync_dir_of, unix_now, write_private_record, write_record, ListPage,
-    Owner,
+    blocking, new_id, read_records, sync_dir_of, unix_now, write_private_record, write_record,
+    ListPage, Owner,
 };
 use super::metrics::{Metrics, WebhookOutcome};
 use super::routes;
@@ -157,6 +157,10 @@ pub struct Webhooks {
     /// Deliveries read back at start-up, until [`Webhooks::resume`] starts them.
     interrupted: Mutex<Vec<Pending>>,
     inner: Mutex<Inner>,
+    /// Held by each change of the endpoints (create, update, delete) for its whole length, its
+    /// write to the disk included, so that the changes take turns; `inner` is held only to read
+    /// and to apply them, so that deliveries and reads do not wait for the disk.
+    changes: Mutex<()>,
     client: reqwest::Client,
     retry: RetryPolicy,
     metrics: Arc<Metrics>,
@@ -282,6 +286,7 @@ impl Webhooks {
             dir,
             interrupted: Mutex::new(interrupted),
             inner: Mutex::new(inner),
+            changes: Mutex::new(()),
             client,
             retry,
             metrics,
@@ -340,18 +345,21 @@ impl Webhooks {
         id: &str,
         f: impl FnOnce(&mut Stored) -> bool,
     ) -> Result<Stored, ApiError> {
-        let mut inner = self.lock();
-        let (stored, _) = inner
-            .endpoints
-            .get_mut(id)
-            .filter(|(s, _)| &s.owner == owner)
-            .ok_or_else(|| no_such_endpoint(id))?;
-        let mut changed = stored.clone();
+        let _turn = self.change();
+        let mut changed = self.get_stored(owner, id)?;
         if f(&mut changed) {
             self.save(&changed).map_err(storage_error)?;
-            *stored = changed;
+            if let Some((stored, _)) = self.lock().endpoints.get_mut(id) {
+                *stored = changed.clone();
+            }
         }
-        Ok(stored.clone())
+        Ok(changed)
+    }
+
+    /// The turn of one change of the endpoints (`changes`), waited for off the async runtime's
+    /// workers.
+    fn change(&self) -> std::sync::MutexGuard<'_, ()> {
+        blocking(|| self.changes.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn create(
@@ -361,8 +369,9 @@ impl Webhooks {
         url: String,
         event_types: Vec<String>,
     ) -> Result<WithSecret, ApiError> {
-        let mut inner = self.lock();
-        let mine = inner
+        let _turn = self.change();
+        let mine = self
+            .lock()
             .endpoints
             .values()
             .filter(|(s, _)| s.owner == owner)
@@ -396,6 +405,7 @@ impl Webhooks {
             old_secret: None,
         };
         self.save(&stored).map_err(storage_error)?;
+        let mut inner = self.lock();
         let seq = inner.next_seq;
         inner.next_seq += 1;
         inner.endpoints.insert(endpoint.id.clone(), (stored, seq));
@@ -418,14 +428,8 @@ impl Webhooks {
     }
 
     fn delete(&self, owner: &Owner, id: &str) -> Result<(), ApiError> {
-        let mut inner = self.lock();
-        if inner
-            .endpoints
-            .get(id)
-            .is_none_or(|(s, _)| &s.owner != owner)
-        {
-            return Err(no_such_endpoint(id));
-        }
+        let _turn = self.change();
+        self.get_stored(owner, id)?;
         match std::fs::remove_file(self.path(id)) {
             // A deleted endpoint must not come back after a crash, and hear of batches again.
             Ok(()) => {
@@ -436,7 +440,7 @@ impl Webhooks {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(storage_error(e)),
         }
-        inner.endpoints.remove(id);
+        self.lock().endpoints.remove(id);
         Ok(())
     }
 

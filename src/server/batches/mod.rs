@@ -42,7 +42,8 @@ use super::auth::Caller;
 use super::error::{ApiError, InferError};
 use super::files::http::{expires_after_json, storage_error, ListParams};
 use super::files::{
-    new_id, no_such_file, read_records, unix_now, write_record, ListPage, Owner, DEFAULT_TTL_SECS,
+    blocking, new_id, no_such_file, read_records, unix_now, write_record, ListPage, Owner,
+    DEFAULT_TTL_SECS,
 };
 use super::validate::{json_kind, Fields};
 use super::webhooks::Webhooks;
@@ -338,9 +339,19 @@ struct Entry {
     record: Record,
     seq: u64,
     cancel: CancellationToken,
-    /// A change of its record could not be written (a full disk): [`Batches::save_unsaved`]
-    /// tries again, so that a restart does not find an older status than the batch had.
+    /// Bumped by each change of `record` that is to be written; `written` is the last one that
+    /// reached the disk. Written outside the index's lock (an fsync takes up to seconds on a
+    /// throttled network volume, and every request that reads a batch would wait behind it),
+    /// one write at a time per batch through `writer`, each of the record as it is when its
+    /// turn comes: the last write holds the last change.
+    version: u64,
+    written: u64,
+    writer: Arc<Mutex<()>>,
+    /// The last write failed (a full disk): [`Batches::save_unsaved`] tries again, so that a
+    /// restart does not find an older status than the batch had.
     unsaved: bool,
+    /// Its webhook events are being queued ([`Batches::notify_ended`]).
+    notifying: bool,
 }
 
 /// Removes batch `id`'s input, output and error files from the batches directory `dir` (its
@@ -393,7 +404,11 @@ impl Batches {
                 record,
                 seq,
                 cancel,
+                version: 0,
+                written: 0,
+                writer: Arc::default(),
                 unsaved: false,
+                notifying: false,
             },
         );
     }
@@ -441,24 +456,49 @@ impl Batches {
         }
     }
 
-    /// Changes batch `id`'s status and writes its record. The record is written under the lock,
-    /// so two changes at once (a cancel as the batch ends) reach the disk in the order they
-    /// were made.
+    /// Changes batch `id`'s status and writes its record (returning once it is written, or
+    /// marked to be written again).
     fn transition(&self, id: &str, f: impl FnOnce(&mut BatchObject)) {
-        let mut inner = self.lock();
-        let Some(e) = inner.0.get_mut(id) else { return };
-        f(&mut e.record.object);
-        self.save_entry(id, e);
+        {
+            let mut inner = self.lock();
+            let Some(e) = inner.0.get_mut(id) else { return };
+            f(&mut e.record.object);
+            e.version += 1;
+        }
+        self.persist(id);
     }
 
-    /// Writes `e`'s record, or marks it to be written again. Once the record of an ended
-    /// batch is on the disk, its working files go: not before, so that a batch that a crash
-    /// leaves `finalizing` still finds its input and results when it resumes.
-    fn save_entry(&self, id: &str, e: &mut Entry) {
-        match self.save(&e.record) {
+    /// Writes batch `id`'s record as it is now, unless a write since its last change already
+    /// did; a write that fails marks it to be written again. Once the record of an ended batch
+    /// is on the disk, its working files go: not before, so that a batch that a crash leaves
+    /// `finalizing` still finds its input and results when it resumes.
+    ///
+    /// The index's lock is held only to copy the record and to note the outcome: requests that
+    /// read batches, and the runs that count their lines, do not wait for the disk. Writes of
+    /// one batch take turns (`Entry::writer`, waited for off the async runtime's workers), so
+    /// two changes at once (a cancel as the batch ends) reach the disk in the order they were
+    /// made.
+    fn persist(&self, id: &str) {
+        let Some(writer) = self.lock().0.get(id).map(|e| e.writer.clone()) else {
+            return;
+        };
+        let _turn = blocking(|| writer.lock().unwrap_or_else(|p| p.into_inner()));
+        let (record, version) = {
+            let inner = self.lock();
+            match inner.0.get(id) {
+                Some(e) if e.written != e.version => (e.record.clone(), e.version),
+                _ => return,
+            }
+        };
+        let saved = self.save(&record);
+        let mut inner = self.lock();
+        let Some(e) = inner.0.get_mut(id) else { return };
+        match saved {
             Ok(()) => {
+                e.written = version;
                 e.unsaved = false;
-                if !e.record.object.status.running() {
+                drop(inner);
+                if !record.object.status.running() {
                     remove_working_files(&self.dir, id);
                 }
             }
@@ -474,46 +514,69 @@ impl Batches {
     /// Writes again the records whose last change could not be written; how many are still
     /// unwritten. The server runs this every few seconds and as it stops.
     pub fn save_unsaved(&self) -> usize {
-        let mut inner = self.lock();
+        let ids: Vec<String> = self
+            .lock()
+            .0
+            .iter()
+            .filter(|(_, e)| e.unsaved)
+            .map(|(id, _)| id.clone())
+            .collect();
         let mut left = 0;
-        for (id, e) in inner.0.iter_mut().filter(|(_, e)| e.unsaved) {
-            self.save_entry(id, e);
-            if e.unsaved {
-                left += 1;
-            } else {
-                tracing::info!(batch = %id, "the batch's record was written after all");
+        for id in ids {
+            self.persist(&id);
+            match self.lock().0.get(&id) {
+                Some(e) if e.unsaved => left += 1,
+                Some(_) => {
+                    tracing::info!(batch = %id, "the batch's record was written after all")
+                }
+                None => {}
             }
         }
         left
     }
 
     pub fn cancel(&self, owner: &Owner, id: &str, now: u64) -> Result<BatchObject, ApiError> {
-        let mut inner = self.lock();
-        let entry = inner
-            .0
-            .get_mut(id)
-            .filter(|e| &e.record.owner == owner)
-            .ok_or_else(|| ApiError::NotFound(format!("No such Batch object: {id}")))?;
-        entry.record.object.cancel(now)?;
-        entry.cancel.cancel();
-        // Under the lock, as in `transition`. The cancel took effect, so a record the disk has
-        // no room for is written later, not the cancel refused.
-        self.save_entry(id, entry);
-        Ok(entry.record.object.clone())
+        let object = {
+            let mut inner = self.lock();
+            let entry = inner
+                .0
+                .get_mut(id)
+                .filter(|e| &e.record.owner == owner)
+                .ok_or_else(|| ApiError::NotFound(format!("No such Batch object: {id}")))?;
+            entry.record.object.cancel(now)?;
+            entry.cancel.cancel();
+            entry.version += 1;
+            entry.record.object.clone()
+        };
+        // The cancel took effect, so a record the disk has no room for is written later, not
+        // the cancel refused.
+        self.persist(id);
+        Ok(object)
     }
 
     /// Tells `owner`'s webhook endpoints that batch `id` ended, once: queues the events (kept
     /// on disk with the webhooks) and then marks the batch's record told. A no-op for a batch
     /// still running or already told.
     pub fn notify_ended(&self, id: &str, webhooks: &Arc<Webhooks>) {
-        let mut inner = self.lock();
-        let Some(e) = inner.0.get_mut(id) else { return };
-        if e.record.notified || e.record.object.ended_at().is_none() {
-            return;
+        let (owner, object) = {
+            let mut inner = self.lock();
+            let Some(e) = inner.0.get_mut(id) else { return };
+            if e.record.notified || e.notifying || e.record.object.ended_at().is_none() {
+                return;
+            }
+            e.notifying = true;
+            (e.record.owner.clone(), e.record.object.clone())
+        };
+        // Outside the lock: the events are written down, each with its fsync.
+        webhooks.batch_ended(&owner, &object);
+        {
+            let mut inner = self.lock();
+            let Some(e) = inner.0.get_mut(id) else { return };
+            e.notifying = false;
+            e.record.notified = true;
+            e.version += 1;
         }
-        webhooks.batch_ended(&e.record.owner, &e.record.object);
-        e.record.notified = true;
-        self.save_entry(id, e);
+        self.persist(id);
     }
 
     /// The batches that ended but whose webhook events were never queued (the server stopped
@@ -959,5 +1022,101 @@ mod tests {
                 .unwrap();
         assert_eq!(r.object.status, Status::Cancelling);
         assert!(!dir.path().join("batch_2.json.tmp").exists());
+    }
+
+    /// A batch's record is written without the index's lock: while a write waits for the disk
+    /// (here: for its turn, held by the test), the batch reads with its new status, other
+    /// batches change, and the change reaches the disk once the write goes on.
+    #[test]
+    fn reads_do_not_wait_for_a_record_being_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Batches::open(dir.path().to_path_buf()).unwrap());
+        let owner: Owner = Some("k".into());
+        for id in ["batch_1", "batch_2"] {
+            store
+                .insert(record(id, Status::InProgress), CancellationToken::new())
+                .unwrap();
+        }
+        let on_disk = |id: &str| {
+            let r: Record = serde_json::from_slice(
+                &std::fs::read(dir.path().join(format!("{id}.json"))).unwrap(),
+            )
+            .unwrap();
+            (r.object.status, r.object.request_counts.completed)
+        };
+        let writer = store.lock().0["batch_1"].writer.clone();
+        let turn = writer.lock().unwrap();
+        let changing = {
+            let store = store.clone();
+            std::thread::spawn(move || store.transition("batch_1", |b| b.finalizing(5)))
+        };
+        let t0 = std::time::Instant::now();
+        while store.get(&owner, "batch_1").unwrap().status != Status::Finalizing {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(10),
+                "the change never showed"
+            );
+            std::thread::yield_now();
+        }
+        assert_eq!(store.list(&owner).len(), 2);
+        // Counted meanwhile: the waiting write writes the record as its turn finds it.
+        store.update("batch_1", |b| b.record(true, None));
+        store.transition("batch_2", |b| b.finalizing(6));
+        assert_eq!(on_disk("batch_2"), (Status::Finalizing, 0));
+        assert_eq!(
+            on_disk("batch_1"),
+            (Status::InProgress, 0),
+            "its write waits"
+        );
+        assert!(!changing.is_finished());
+        drop(turn);
+        changing.join().unwrap();
+        assert_eq!(on_disk("batch_1"), (Status::Finalizing, 1));
+    }
+
+    /// Changes of one batch made from many threads at once: the record on the disk ends as the
+    /// last of them left it, though each is written outside the index's lock.
+    #[test]
+    fn the_last_change_of_a_batch_is_the_one_on_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Batches::open(dir.path().to_path_buf()).unwrap());
+        store
+            .insert(
+                record("batch_1", Status::InProgress),
+                CancellationToken::new(),
+            )
+            .unwrap();
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let store = store.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..25 {
+                        store.transition("batch_1", |b| b.record(true, None));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let owner: Owner = Some("k".into());
+        assert_eq!(
+            store
+                .get(&owner, "batch_1")
+                .unwrap()
+                .request_counts
+                .completed,
+            200
+        );
+        drop(store);
+        let store = Batches::open(dir.path().to_path_buf()).unwrap();
+        assert_eq!(
+            store
+                .get(&owner, "batch_1")
+                .unwrap()
+                .request_counts
+                .completed,
+            200
+        );
     }
 }

@@ -806,7 +806,7 @@ async fn run_requests(
             return Ok(());
         }
     };
-    // The input and results go with the ended record (`Batches::save_entry`).
+    // The input and results go with the ended record (`Batches::persist`).
     app.batches.transition(&id, |b| {
         b.output_file_id = output;
         b.error_file_id = errors;
