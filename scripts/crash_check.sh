@@ -60,18 +60,8 @@ mount -o "$MOUNT_OPTS" "$IMG" "$MNT"
 
 # WRAP: a command the server runs under (strace, in part 2).
 WRAP=()
-serve() {
-  "${WRAP[@]}" "$BIN" serve --model-dir tests/fixtures/tiny-sdxl --device cpu --host 127.0.0.1 --port "$PORT" \
-    --min-image-side 64 --max-image-side 512 --default-size 64x64 --warmup-images 1 \
-    --files-dir "$MNT/files" --min-free-disk-bytes 0 --max-batch-size 4 >>"$WORK/server.log" 2>&1 &
-  PID=$!
-  for _ in $(seq 100); do
-    curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && return
-    sleep 0.2
-  done
-  echo "the server did not start: $(tail -5 "$WORK/server.log")" >&2
-  exit 1
-}
+# shellcheck source=lib/tiny_server.sh
+source scripts/lib/tiny_server.sh
 
 step() {
   python3 - "$@" <<'PY'
@@ -262,7 +252,7 @@ PY
 }
 
 echo "== before the power cut"
-serve
+serve "$MNT/files" "$WORK/server.log"
 step before "$MNT" "$PORT" "$WORK/state.json"
 kill -9 "$PID"
 wait "$PID" 2>/dev/null || true
@@ -270,7 +260,7 @@ PID=
 umount "$MNT"
 echo "== after it (the journal replayed, the server started again)"
 mount -o "$MOUNT_OPTS" "$IMG" "$MNT"
-serve
+serve "$MNT/files" "$WORK/server.log"
 failed=0
 step after "$MNT" "$PORT" "$WORK/state.json" || failed=1
 kill "$PID"
@@ -280,12 +270,12 @@ PID=
 echo "== killed (SIGKILL) as a batch's results become a file"
 WRAP=(strace -f -qq -o /dev/null --seccomp-bpf -e trace=rename,renameat,renameat2
   -e inject=rename,renameat,renameat2:delay_enter=2000000)
-serve
+serve "$MNT/files" "$WORK/server.log"
 step finalize "$MNT" "$PORT" "$WORK/state.json"
 kill -9 "$(pgrep -P "$PID")" # the server, strace's child; strace ends with it
 wait "$PID" 2>/dev/null || true
 WRAP=()
-serve
+serve "$MNT/files" "$WORK/server.log"
 step finalized "$MNT" "$PORT" "$WORK/state.json" || failed=1
 if [ "$failed" != 0 ]; then
   echo "crash check: FAILED ($(basename "$BIN"), $FS)"

@@ -30,18 +30,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-serve() {
-  "$BIN" serve --model-dir tests/fixtures/tiny-sdxl --device cpu --host 127.0.0.1 --port "$PORT" \
-    --min-image-side 64 --max-image-side 512 --default-size 64x64 --warmup-images 1 \
-    --files-dir "$MNT/files" --min-free-disk-bytes 0 --max-batch-size 4 >"$MNT.log" 2>&1 &
-  PID=$!
-  for _ in $(seq 100); do
-    curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && return
-    sleep 0.2
-  done
-  echo "the server did not start: $(tail -5 "$MNT.log")" >&2
-  exit 1
-}
+# shellcheck source=lib/tiny_server.sh
+source scripts/lib/tiny_server.sh
 stop() {
   kill "$PID" && wait "$PID" 2>/dev/null || true
   PID=
@@ -189,13 +179,13 @@ PY
 echo "== 1. a full disk while results are written"
 mount -t tmpfs -o size=4m tmpfs "$MNT"
 dd if=/dev/urandom of="$MNT/filler" bs=1M count=3 status=none
-serve
+serve "$MNT/files" "$MNT.log"
 step results "$MNT" "$PORT"
 stop
 
 echo "== 2. a full disk as the results files are made"
 mount -t tmpfs -o size=16m tmpfs "$MNT"
-serve
+serve "$MNT/files" "$MNT.log"
 step finalize "$MNT" "$PORT"
 stop
 echo "full disk check: all passed ($(basename "$BIN"), log in $MNT.log)"

@@ -37,18 +37,8 @@ cleanup() {
 trap cleanup EXIT
 
 WRAP=()
-serve() {
-  "${WRAP[@]}" "$BIN" serve --model-dir tests/fixtures/tiny-sdxl --device cpu --host 127.0.0.1 --port "$PORT" \
-    --min-image-side 64 --max-image-side 512 --default-size 64x64 --warmup-images 1 \
-    --files-dir "$WORK/files" --min-free-disk-bytes 0 --max-batch-size 4 >>"$WORK/server.log" 2>&1 &
-  PID=$!
-  for _ in $(seq 150); do
-    curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && return
-    sleep 0.2
-  done
-  echo "the server did not start: $(tail -5 "$WORK/server.log")" >&2
-  exit 1
-}
+# shellcheck source=lib/tiny_server.sh
+source scripts/lib/tiny_server.sh
 
 step() {
   python3 - "$@" <<'PY'
@@ -237,7 +227,7 @@ PY
 echo "== fsync and fdatasync held ${FSYNC_US} us each"
 WRAP=(strace -f -qq -o /dev/null --seccomp-bpf -e trace=fsync,fdatasync
   -e "inject=fsync,fdatasync:delay_enter=$FSYNC_US")
-serve
+serve "$WORK/files" "$WORK/server.log"
 failed=0
 step load "$PORT" "$WORK/state.json" "$FSYNC_US" || failed=1
 kill "$(pgrep -P "$PID")" # the server, strace's child: a graceful stop
@@ -245,7 +235,7 @@ wait "$PID" 2>/dev/null || true
 PID=
 echo "== restarted on the same files directory (no strace)"
 WRAP=()
-serve
+serve "$WORK/files" "$WORK/server.log"
 step after "$PORT" "$WORK/state.json" || failed=1
 kill "$PID"
 wait "$PID" 2>/dev/null || true

@@ -853,6 +853,11 @@ mod tests {
         }
     }
 
+    /// Batch `id`'s record as it is on the disk in `dir`.
+    fn on_disk(dir: &std::path::Path, id: &str) -> Record {
+        serde_json::from_slice(&std::fs::read(dir.join(format!("{id}.json"))).unwrap()).unwrap()
+    }
+
     #[test]
     fn records_are_read_back_and_ended_batches_leave_no_working_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -988,12 +993,7 @@ mod tests {
                 CancellationToken::new(),
             )
             .unwrap();
-        let on_disk = || {
-            let r: Record =
-                serde_json::from_slice(&std::fs::read(dir.path().join("batch_1.json")).unwrap())
-                    .unwrap();
-            r.object.status
-        };
+        let status = || on_disk(dir.path(), "batch_1").object.status;
         // The record's temporary file is /dev/full: its write fails with ENOSPC (and the failed
         // write removes it, so the next try has room).
         let full = || {
@@ -1001,12 +1001,12 @@ mod tests {
         };
         full();
         store.transition("batch_1", |b| b.finalizing(5));
-        assert_eq!(on_disk(), Status::InProgress);
+        assert_eq!(status(), Status::InProgress);
         full();
         assert_eq!(store.save_unsaved(), 1);
-        assert_eq!(on_disk(), Status::InProgress);
+        assert_eq!(status(), Status::InProgress);
         assert_eq!(store.save_unsaved(), 0);
-        assert_eq!(on_disk(), Status::Finalizing);
+        assert_eq!(status(), Status::Finalizing);
         // A cancel the disk cannot record still takes effect, and is written later.
         let cancel = CancellationToken::new();
         store
@@ -1017,10 +1017,10 @@ mod tests {
         assert_eq!(got.status, Status::Cancelling);
         assert!(cancel.is_cancelled());
         assert_eq!(store.save_unsaved(), 0);
-        let r: Record =
-            serde_json::from_slice(&std::fs::read(dir.path().join("batch_2.json")).unwrap())
-                .unwrap();
-        assert_eq!(r.object.status, Status::Cancelling);
+        assert_eq!(
+            on_disk(dir.path(), "batch_2").object.status,
+            Status::Cancelling
+        );
         assert!(!dir.path().join("batch_2.json.tmp").exists());
     }
 
@@ -1038,10 +1038,7 @@ mod tests {
                 .unwrap();
         }
         let on_disk = |id: &str| {
-            let r: Record = serde_json::from_slice(
-                &std::fs::read(dir.path().join(format!("{id}.json"))).unwrap(),
-            )
-            .unwrap();
+            let r = on_disk(dir.path(), id);
             (r.object.status, r.object.request_counts.completed)
         };
         let writer = store.lock().0["batch_1"].writer.clone();
@@ -1099,23 +1096,14 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        let owner: Owner = Some("k".into());
-        assert_eq!(
-            store
-                .get(&owner, "batch_1")
-                .unwrap()
-                .request_counts
-                .completed,
-            200
-        );
+        let counted = |store: &Batches| {
+            let batch = store.get(&Some("k".into()), "batch_1").unwrap();
+            batch.request_counts.completed
+        };
+        assert_eq!(counted(&store), 200);
         drop(store);
-        let store = Batches::open(dir.path().to_path_buf()).unwrap();
         assert_eq!(
-            store
-                .get(&owner, "batch_1")
-                .unwrap()
-                .request_counts
-                .completed,
+            counted(&Batches::open(dir.path().to_path_buf()).unwrap()),
             200
         );
     }
