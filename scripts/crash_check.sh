@@ -67,19 +67,11 @@ step() {
   python3 - "$@" <<'PY'
 import fcntl, hashlib, json, os, struct, sys, time, urllib.error, urllib.request
 
+sys.path.insert(0, "scripts/lib")
+from checks import call, check, failed, form, use_port, wait_end
+
 step, mnt, port, state = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-base = f"http://127.0.0.1:{port}"
-
-
-def call(method, path, body=None, raw=None, ctype="application/json"):
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(base + path, data=data, method=method,
-                                 headers={"Content-Type": ctype} if data else {})
-    try:
-        with urllib.request.urlopen(req) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+base = use_port(port)
 
 
 def content(fid):
@@ -87,26 +79,6 @@ def content(fid):
         return urllib.request.urlopen(f"{base}/v1/files/{fid}/content").read()
     except urllib.error.HTTPError as e:
         return None
-
-
-def form(fields, name, data):
-    b = "TURBINEBOUNDARY"
-    out = b"".join(f'--{b}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-                   for k, v in fields.items())
-    out += (f'--{b}\r\nContent-Disposition: form-data; name="{name}"; filename="f.bin"\r\n\r\n'
-            .encode() + data + f"\r\n--{b}--\r\n".encode())
-    return out, f"multipart/form-data; boundary={b}"
-
-
-failed = []
-
-
-def check(ok, what, fatal=True):
-    print(("ok   " if ok else "FAIL ") + what)
-    if not ok:
-        failed.append(what)
-        if fatal:
-            sys.exit(1)
 
 
 def upload(purpose, data):
@@ -126,16 +98,6 @@ def batch(n, tag):
                                              "endpoint": "/v1/images/generations"})
     check(status == 200, f"batch {b.get('id')} created ({status})")
     return b["id"]
-
-
-def wait_end(bid, limit):
-    t0 = time.time()
-    while time.time() - t0 < limit:
-        _, b = call("GET", f"/v1/batches/{bid}")
-        if b.get("status") in ("completed", "failed", "cancelled", "expired"):
-            return b
-        time.sleep(0.2)
-    return b
 
 
 def metric(name):

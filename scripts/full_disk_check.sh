@@ -40,34 +40,13 @@ stop() {
 
 step() {
   python3 - "$@" <<'PY'
-import json, os, subprocess, sys, time, urllib.error, urllib.request
+import json, os, subprocess, sys, time, urllib.request
+
+sys.path.insert(0, "scripts/lib")
+from checks import call, check, form, use_port, wait_end
 
 step, mnt, port = sys.argv[1], sys.argv[2], sys.argv[3]
-base = f"http://127.0.0.1:{port}"
-
-
-def call(method, path, body=None, raw=None, ctype="application/json"):
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(base + path, data=data, method=method,
-                                 headers={"Content-Type": ctype} if data else {})
-    try:
-        with urllib.request.urlopen(req) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def form(purpose, name, content):
-    b = "TURBINEBOUNDARY"
-    head = (f'--{b}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n{purpose}\r\n'
-            f'--{b}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n\r\n')
-    return head.encode() + content + f"\r\n--{b}--\r\n".encode(), f"multipart/form-data; boundary={b}"
-
-
-def check(ok, what):
-    print(("ok   " if ok else "FAIL ") + what)
-    if not ok:
-        sys.exit(1)
+base = use_port(port)
 
 
 def start_batch(n, size):
@@ -75,23 +54,13 @@ def start_batch(n, size):
                                   "url": "/v1/images/generations",
                                   "body": {"prompt": f"jar {i}", "size": size, "seed": 100 + i}})
                       for i in range(n))
-    raw, ctype = form("batch", "in.jsonl", lines.encode())
+    raw, ctype = form({"purpose": "batch"}, "file", lines.encode(), "in.jsonl")
     status, f = call("POST", "/v1/files", raw=raw, ctype=ctype)
     check(status == 200, f"the batch's input uploaded ({status})")
     status, b = call("POST", "/v1/batches", {"input_file_id": f["id"], "completion_window": "24h",
                                              "endpoint": "/v1/images/generations"})
     check(status == 200, f"the batch created ({status})")
     return b["id"]
-
-
-def wait_end(bid, limit):
-    t0 = time.time()
-    while time.time() - t0 < limit:
-        _, b = call("GET", f"/v1/batches/{bid}")
-        if b["status"] in ("completed", "failed", "cancelled", "expired"):
-            return b
-        time.sleep(0.5)
-    return b
 
 
 def output_ids(b):
@@ -128,7 +97,7 @@ if step == "results":
     check(b["status"] == "in_progress" and 0 < done < 30, "the batch paused part-way")
     check(text.endswith(b"\n") and text.count(b"\n") == done,
           "its output holds exactly the results it counted, each whole")
-    raw, ctype = form("user_data", "big.bin", os.urandom(600_000))
+    raw, ctype = form({"purpose": "user_data"}, "file", os.urandom(600_000), "big.bin")
     status, e = call("POST", "/v1/files", raw=raw, ctype=ctype)
     check(status == 507 and e["error"]["code"] == "insufficient_storage",
           f"an upload on the full disk: {status} {e.get('error', {}).get('code')}")

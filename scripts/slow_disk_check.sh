@@ -42,53 +42,17 @@ source scripts/lib/tiny_server.sh
 
 step() {
   python3 - "$@" <<'PY'
-import http.server, json, sys, threading, time, urllib.error, urllib.request
+import functools, http.server, json, sys, threading, time, urllib.request
+
+sys.path.insert(0, "scripts/lib")
+import checks
+from checks import call, failed, form, use_port, wait_end
 
 step, port, state = sys.argv[1], sys.argv[2], sys.argv[3]
-base = f"http://127.0.0.1:{port}"
+base = use_port(port)
+# Every check is made (a failure does not stop the others), then the step fails if any did.
+check = functools.partial(checks.check, fatal=False)
 BOUND_S = 0.5
-
-
-def call(method, path, body=None, raw=None, ctype="application/json"):
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(base + path, data=data, method=method,
-                                 headers={"Content-Type": ctype} if data else {})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
-def form(fields, name, data):
-    b = "TURBINEBOUNDARY"
-    out = b"".join(f'--{b}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-                   for k, v in fields.items())
-    out += (f'--{b}\r\nContent-Disposition: form-data; name="{name}"; filename="in.jsonl"\r\n\r\n'
-            .encode() + data + f"\r\n--{b}--\r\n".encode())
-    return out, f"multipart/form-data; boundary={b}"
-
-
-failed = []
-
-
-def check(ok, what):
-    print(("ok   " if ok else "FAIL ") + what)
-    if not ok:
-        failed.append(what)
-
-
-ENDED = ("completed", "failed", "cancelled", "expired")
-
-
-def wait_end(bid, limit):
-    t0 = time.time()
-    while time.time() - t0 < limit:
-        _, b = call("GET", f"/v1/batches/{bid}")
-        if b.get("status") in ENDED:
-            return b
-        time.sleep(0.2)
-    return b
 
 
 if step == "load":
@@ -137,7 +101,7 @@ if step == "load":
                                           "url": "/v1/images/generations",
                                           "body": {"prompt": f"jar {j}", "size": "64x64"}})
                               for j in range(3))
-            raw, ctype = form({"purpose": "batch"}, "file", lines.encode())
+            raw, ctype = form({"purpose": "batch"}, "file", lines.encode(), "in.jsonl")
             status, f = call("POST", "/v1/files", raw=raw, ctype=ctype)
             if status != 200:
                 errors.append(f"upload: {status}")
