@@ -1,6 +1,7 @@
 # Sourced by the checks that run the real binary on the tiny fixture model (full_disk_check.sh,
-# crash_check.sh, slow_disk_check.sh). They set BIN, PORT and, where the server runs under
-# another command (strace), the array WRAP.
+# crash_check.sh, slow_disk_check.sh, memory_limit_check.sh). They set BIN, PORT and, where the
+# server runs under another command (strace, a cgroup), the array WRAP; the array EXTRA holds
+# options of their own.
 #
 # serve FILES_DIR LOG: starts the server with its files directory at FILES_DIR, its output
 # appended to LOG, and sets PID; returns once /health answers, or exits 1 with the log's tail.
@@ -9,7 +10,7 @@ serve() {
   ${WRAP[@]+"${WRAP[@]}"} "$BIN" serve --model-dir tests/fixtures/tiny-sdxl --device cpu \
     --host 127.0.0.1 --port "$PORT" --min-image-side 64 --max-image-side 512 \
     --default-size 64x64 --warmup-images 1 --files-dir "$files" --min-free-disk-bytes 0 \
-    --max-batch-size 4 >>"$log" 2>&1 &
+    --max-batch-size 4 ${EXTRA[@]+"${EXTRA[@]}"} >>"$log" 2>&1 &
   PID=$!
   for _ in $(seq 150); do
     curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && return

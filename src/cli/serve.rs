@@ -178,6 +178,21 @@ pub struct HttpArgs {
     /// descriptors for files and devices (`serve` first raises the soft limit to the hard one).
     #[arg(long, env = "TURBINE_MAX_CONNECTIONS", default_value = "auto", value_parser = connection_limit)]
     pub max_connections: ConnectionLimit,
+    /// The most bytes of request bodies (an edit's upload, a generation's JSON) and of the
+    /// image files edits name, held in memory at once; past it, new requests wait with their
+    /// bodies unread, and one that waits --request-body-timeout gets 503. `auto`: a quarter of
+    /// the memory the process may use (its cgroup's limit, or the machine's), at least four
+    /// times --max-upload-bytes.
+    #[arg(long, env = "TURBINE_MAX_BUFFERED_INPUT_BYTES", default_value = "auto", value_parser = byte_budget)]
+    pub max_buffered_input_bytes: ByteBudget,
+}
+
+/// `--max-buffered-input-bytes`: `auto` (`None`) or a number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteBudget(pub Option<u64>);
+
+fn byte_budget(s: &str) -> Result<ByteBudget, String> {
+    auto_or_positive(s, "a positive number of bytes").map(ByteBudget)
 }
 
 /// `--max-connections`: `auto` (`None`) or a number of connections.
@@ -185,12 +200,20 @@ pub struct HttpArgs {
 pub struct ConnectionLimit(pub Option<usize>);
 
 fn connection_limit(s: &str) -> Result<ConnectionLimit, String> {
+    auto_or_positive(s, "a positive number").map(ConnectionLimit)
+}
+
+/// `auto` (`None`), or a number above 0 (`what` names it in the error).
+fn auto_or_positive<T: std::str::FromStr + Default + PartialOrd>(
+    s: &str,
+    what: &str,
+) -> Result<Option<T>, String> {
     if s.eq_ignore_ascii_case("auto") {
-        return Ok(ConnectionLimit(None));
+        return Ok(None);
     }
-    match s.parse::<usize>() {
-        Ok(n) if n > 0 => Ok(ConnectionLimit(Some(n))),
-        _ => Err(format!("expected auto or a positive number, got {s:?}")),
+    match s.parse::<T>() {
+        Ok(n) if n > T::default() => Ok(Some(n)),
+        _ => Err(format!("expected auto or {what}, got {s:?}")),
     }
 }
 
@@ -379,6 +402,7 @@ impl Args {
             },
             cors_allow_origins: trimmed(&self.http.cors_allow_origins),
             max_connections: self.http.max_connections.0,
+            max_buffered_input: self.http.max_buffered_input_bytes.0,
             // From the environment, by `run`.
             notify_socket: None,
             systemd_watchdog: None,
@@ -542,6 +566,7 @@ mod tests {
         assert_eq!(config.model.id, defaults.model.id);
         assert_eq!(config.model.aliases, defaults.model.aliases);
         assert_eq!(config.max_connections, defaults.max_connections);
+        assert_eq!(config.max_buffered_input, defaults.max_buffered_input);
     }
 
     /// The systemd unit in scripts/deploy names options and variables that exist: its
@@ -601,5 +626,49 @@ mod tests {
             let e = parse(bad).unwrap_err().to_string();
             assert!(e.contains("--max-connections"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn max_buffered_input_bytes_is_auto_or_room_for_one_edit() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["turbine"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv)
+                .map_err(|e| e.to_string())
+                .and_then(|cli| {
+                    cli.serve
+                        .config()
+                        .map(|c| c.max_buffered_input)
+                        .map_err(|e| e.to_string())
+                })
+        };
+        assert_eq!(parse(&[]).unwrap(), None);
+        assert_eq!(
+            parse(&["--max-buffered-input-bytes", "auto"]).unwrap(),
+            None
+        );
+        let gib = (1u64 << 30).to_string();
+        assert_eq!(
+            parse(&["--max-buffered-input-bytes", &gib]).unwrap(),
+            Some(1 << 30)
+        );
+        for bad in ["0", "-1", "lots"] {
+            let arg = format!("--max-buffered-input-bytes={bad}");
+            let e = parse(&[&arg]).unwrap_err();
+            assert!(e.contains("--max-buffered-input-bytes"), "{bad}: {e}");
+        }
+        // Less than one edit with the files it names (4 x 32 MiB) could never be read.
+        let e = parse(&["--max-buffered-input-bytes", "100000000"]).unwrap_err();
+        assert!(e.contains("at least 134217728"), "{e}");
+        assert_eq!(
+            parse(&[
+                "--max-buffered-input-bytes",
+                "100000000",
+                "--max-upload-bytes",
+                "1000000"
+            ])
+            .unwrap(),
+            Some(100_000_000)
+        );
     }
 }

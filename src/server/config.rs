@@ -173,6 +173,10 @@ pub struct ServerConfig {
     /// The most connections open at once (`--max-connections`); more wait in the listen
     /// backlog. `None`: what the open-file limit leaves ([`super::fds::connection_limit`]).
     pub max_connections: Option<usize>,
+    /// The most bytes of request bodies and edit images held in memory at once
+    /// (`--max-buffered-input-bytes`); more wait. `None`: a quarter of the memory the process
+    /// may use ([`super::inputs::input_budget`]).
+    pub max_buffered_input: Option<u64>,
     /// systemd's `NOTIFY_SOCKET`, told when the server is ready and when it stops.
     pub notify_socket: Option<super::notify::NotifySocket>,
     /// systemd's watchdog interval (`WatchdogSec=`, from `WATCHDOG_USEC`): with a notify
@@ -234,6 +238,7 @@ impl Default for ServerConfig {
             device_stall_timeout: Default::default(),
             cors_allow_origins: Vec::new(),
             max_connections: None,
+            max_buffered_input: None,
             notify_socket: None,
             systemd_watchdog: None,
         }
@@ -283,6 +288,20 @@ impl ServerConfig {
             l.max_upload_bytes >= 1024,
             "--max-upload-bytes must be at least 1024"
         );
+        if let Some(n) = self.max_buffered_input {
+            let least = super::inputs::input_budget(
+                Some(0),
+                None,
+                l.max_upload_bytes as u64,
+                l.max_body_bytes as u64,
+            );
+            ensure!(
+                n >= least,
+                "--max-buffered-input-bytes must be at least {least} (or auto): one edit's body \
+                 and the files it names may take {} times --max-upload-bytes",
+                super::inputs::LARGEST_REQUEST_UPLOADS
+            );
+        }
         ensure!(
             l.body_timeout >= Duration::from_secs(1),
             "--request-body-timeout must be at least 1 second"

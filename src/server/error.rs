@@ -43,6 +43,17 @@ pub enum InferError {
     Timeout { after: Duration },
     #[error("the model is still loading; retry shortly")]
     NotReady,
+    /// `--max-buffered-input-bytes` stayed taken by other requests' bodies for as long as a
+    /// body may stall (`--request-body-timeout`).
+    #[error(
+        "the server is overloaded: other requests' bodies and images fill the {} MiB it holds \
+         in memory at once, and this request's body could not be read within {} s; retry \
+         after {} s",
+        max_bytes >> 20,
+        waited.as_secs(),
+        super::inputs::RETRY_AFTER.as_secs()
+    )]
+    InputMemoryFull { max_bytes: u64, waited: Duration },
     #[error("the server is shutting down and accepts no new requests")]
     ShuttingDown,
     #[error(transparent)]
@@ -246,6 +257,12 @@ impl ApiError {
                     Some("model_loading"),
                     "not_ready",
                 ),
+                InferError::InputMemoryFull { .. } => row(
+                    S::SERVICE_UNAVAILABLE,
+                    SERVER,
+                    Some("server_overloaded"),
+                    "input_memory_full",
+                ),
                 InferError::ShuttingDown => row(
                     S::SERVICE_UNAVAILABLE,
                     SERVER,
@@ -289,6 +306,7 @@ impl ApiError {
             ApiError::RateLimited { retry_after, .. }
             | ApiError::Infer(InferError::QueueFull { retry_after, .. }) => Some(*retry_after),
             ApiError::Infer(InferError::NotReady) => Some(Duration::from_secs(1)),
+            ApiError::Infer(InferError::InputMemoryFull { .. }) => Some(super::inputs::RETRY_AFTER),
             _ => None,
         }
     }
@@ -409,6 +427,14 @@ mod tests {
             ),
             (InferError::ShuttingDown.into(), 503),
             (InferError::NotReady.into(), 503),
+            (
+                InferError::InputMemoryFull {
+                    max_bytes: 1 << 30,
+                    waited: Duration::from_secs(60),
+                }
+                .into(),
+                503,
+            ),
         ];
         for (err, status) in cases {
             assert_eq!(err.info().status.as_u16(), status, "{err:?}");

@@ -168,6 +168,11 @@ pub struct Metrics {
     connections_max: AtomicU64,
     /// Times the server stopped accepting because that many were open.
     connection_limit_waits: AtomicU64,
+    /// Bytes of request bodies and edit images held in memory (`--max-buffered-input-bytes`).
+    buffered_input: AtomicI64,
+    buffered_input_max: AtomicU64,
+    /// Times a request waited for that budget.
+    buffered_input_waits: AtomicU64,
     /// Requests of the Batch API by outcome: completed, failed, not run.
     batch_api_requests: [AtomicU64; 3],
     /// Failed tries to write a Batch API result (a full disk): each is tried again.
@@ -266,6 +271,9 @@ impl Metrics {
             connections: AtomicI64::new(0),
             connections_max: AtomicU64::new(0),
             connection_limit_waits: AtomicU64::new(0),
+            buffered_input: AtomicI64::new(0),
+            buffered_input_max: AtomicU64::new(0),
+            buffered_input_waits: AtomicU64::new(0),
             batch_api_requests: Default::default(),
             batch_api_write_errors: AtomicU64::new(0),
             batch_api_running: AtomicI64::new(0),
@@ -480,6 +488,20 @@ impl Metrics {
         self.connection_limit_waits.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Bytes of request inputs taken (positive) or given back (negative).
+    pub fn buffered_input(&self, delta: i64) {
+        self.buffered_input.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    pub fn set_buffered_input_max(&self, bytes: u64) {
+        self.buffered_input_max.store(bytes, Ordering::Relaxed);
+    }
+
+    /// A request waited for the input budget.
+    pub fn buffered_input_wait(&self) {
+        self.buffered_input_waits.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn in_flight(&self, delta: i64) {
         self.in_flight.fetch_add(delta, Ordering::Relaxed);
     }
@@ -583,6 +605,28 @@ impl Metrics {
             "counter",
             "Times the server stopped accepting connections because --max-connections were open.",
             &self.connection_limit_waits.load(Ordering::Relaxed),
+        );
+        single(
+            &mut out,
+            "turbine_buffered_input_bytes",
+            "gauge",
+            "Bytes of request bodies and edit images held in memory.",
+            &self.buffered_input.load(Ordering::Relaxed),
+        );
+        single(
+            &mut out,
+            "turbine_buffered_input_max_bytes",
+            "gauge",
+            "The most bytes of request bodies and edit images held in memory at once \
+             (--max-buffered-input-bytes); more wait.",
+            &self.buffered_input_max.load(Ordering::Relaxed),
+        );
+        single(
+            &mut out,
+            "turbine_buffered_input_waits_total",
+            "counter",
+            "Times a request waited for --max-buffered-input-bytes before its body was read.",
+            &self.buffered_input_waits.load(Ordering::Relaxed),
         );
         single(
             &mut out,

@@ -26,6 +26,7 @@ pub mod encode;
 pub mod error;
 pub mod fds;
 pub mod files;
+pub mod inputs;
 pub mod metrics;
 pub mod notify;
 pub mod queue;
@@ -100,6 +101,8 @@ pub struct App {
     /// Edit uploads decoded at once ([`UPLOAD_DECODE_SLOTS`]): a small file may claim a large
     /// image, and each decode holds up to [`upload::MAX_INPUT_ALLOC`] plus its copies.
     pub upload_decodes: Arc<tokio::sync::Semaphore>,
+    /// Request bodies and edit images held in memory (`--max-buffered-input-bytes`).
+    pub inputs: inputs::InputMemory,
     /// The Files API's files (`--files-dir`).
     pub files: files::FileStore,
     pub batches: batches::Batches,
@@ -348,6 +351,7 @@ pub async fn serve(
         metrics.clone(),
     )?);
     let batch_slots = 2 * max_batch * workers.len();
+    let inputs = input_memory(&config, metrics.clone());
     let app = Arc::new(App {
         store: Mutex::new(ImageStore::new(config.store.ttl, config.store.max_bytes)),
         config,
@@ -360,6 +364,7 @@ pub async fn serve(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         upload_decodes: Arc::new(tokio::sync::Semaphore::new(UPLOAD_DECODE_SLOTS)),
+        inputs,
         files,
         batches,
         uploads,
@@ -542,6 +547,29 @@ pub async fn serve(
     }
     tracing::info!("shut down");
     Ok(())
+}
+
+/// `--max-buffered-input-bytes` as it applies here: `auto` resolved against the memory the
+/// process may use, and said.
+fn input_memory(config: &ServerConfig, metrics: Arc<Metrics>) -> inputs::InputMemory {
+    let l = &config.limits;
+    let memory = inputs::memory_limit();
+    let budget = inputs::input_budget(
+        config.max_buffered_input,
+        memory,
+        l.max_upload_bytes as u64,
+        l.max_body_bytes as u64,
+    );
+    let of = match (config.max_buffered_input, memory) {
+        (None, Some(m)) => format!(": a quarter of the {} MiB this process may use", m >> 20),
+        _ => String::new(),
+    };
+    tracing::info!(
+        "holding at most {} MiB of request bodies and edit images in memory at once \
+         (--max-buffered-input-bytes{of})",
+        budget >> 20
+    );
+    inputs::InputMemory::new(budget, l.body_timeout, metrics)
 }
 
 /// `--max-connections` as it applies here: `auto` resolved against the open-file limit, and a

@@ -38,6 +38,7 @@ use super::encode::{spawn_encode, EncodeTask, Encoded};
 use super::error::{ApiError, BackendError, ErrorMetric, InferError};
 use super::files::http as files;
 use super::files::{unix_now, Owner};
+use super::inputs;
 use super::metrics::{DropReason, Stage};
 use super::queue::{Entry, RequestId};
 use super::store::StoredImage;
@@ -628,9 +629,10 @@ async fn generations(
 ) -> Result<Response, ApiError> {
     check_serving(&app)?;
     check_json_content_type(&headers)?;
-    let bytes = read_body(body, &headers, app.config.limits.max_body_bytes).await?;
-    let value = parse_json(&bytes)?;
+    let body = read_body(&app, body, &headers, app.config.limits.max_body_bytes).await?;
+    let value = parse_json(&body.bytes)?;
     let req = validate(&value, &app.config.limits, &app.config.model)?;
+    drop((value, body));
     app.auth.consume(&caller, 0, req.n, Instant::now())?;
     run_request(&app, &caller, &headers, req).await
 }
@@ -647,25 +649,32 @@ async fn edits(
 ) -> Result<Response, ApiError> {
     check_serving(&app)?;
     let limit = app.config.limits.max_upload_bytes;
-    let EditInput { fields, uploads } = if content_type_is(&headers, "application/json") {
-        let bytes = read_body(body, &headers, limit).await?;
-        JsonEdit::parse(parse_json(&bytes)?)?
-            .resolve(&app, &caller.owner())
-            .await?
+    // The body's share of the input budget is kept until its image is decoded.
+    let (input, _body_share) = if content_type_is(&headers, "application/json") {
+        let body = read_body(&app, body, &headers, limit).await?;
+        let edit = JsonEdit::parse(parse_json(&body.bytes)?)?;
+        (edit.resolve(&app, &caller.owner()).await?, body.share)
     } else {
         let boundary = multipart_boundary(
             &headers,
             "multipart/form-data with a boundary, or application/json",
         )?;
-        let bytes = read_body(body, &headers, limit).await?;
-        EditForm::parse(bytes, boundary).await?.into_input()?
+        let body = read_body(&app, body, &headers, limit).await?;
+        let form = EditForm::parse(body.bytes, boundary).await?;
+        (form.into_input()?, body.share)
     };
+    let EditInput {
+        fields,
+        uploads,
+        shares: _file_shares,
+    } = input;
     let req = prepare_edit(&app, fields, uploads, |req| {
         // The key's image quota before the decoding work, as for a generation before its
         // queueing.
         app.auth.consume(&caller, 0, req.n, Instant::now())
     })
     .await?;
+    drop((_body_share, _file_shares));
     run_request(&app, &caller, &headers, req).await
 }
 
@@ -714,6 +723,9 @@ pub(super) async fn prepare_edit(
 pub(super) struct EditInput {
     pub(super) fields: serde_json::Map<String, serde_json::Value>,
     pub(super) uploads: EditUploads,
+    /// The shares of the input budget taken by the files it names: keep them until `uploads`
+    /// is decoded.
+    pub(super) shares: Vec<inputs::Held>,
 }
 
 /// An edit's files as received: its image, and its mask or markup.
@@ -800,7 +812,8 @@ impl JsonEdit {
     /// Reads the references that name files: the owner's, of purpose vision or user_data, at
     /// most `--max-upload-bytes` (as an upload would be).
     pub(super) async fn resolve(self, app: &App, owner: &Owner) -> Result<EditInput, ApiError> {
-        let read = |param: &'static str, source: ImageSource| async move {
+        let mut shares = Vec::new();
+        let mut read = async |param: &'static str, source: ImageSource| {
             let id = match source {
                 ImageSource::Inline(bytes) => return Ok(Bytes::from(bytes)),
                 ImageSource::File(id) => id,
@@ -824,6 +837,7 @@ impl JsonEdit {
                     file.bytes
                 )));
             }
+            shares.push(app.inputs.hold(file.bytes).await?);
             tokio::fs::read(app.files.path(&id))
                 .await
                 .map(Bytes::from)
@@ -845,6 +859,7 @@ impl JsonEdit {
                 mask,
                 markup,
             },
+            shares,
         })
     }
 }
@@ -935,6 +950,7 @@ impl EditForm {
                 markup: at_most_one("markup", &self.markups)?,
             },
             fields: self.fields,
+            shares: Vec::new(),
         })
     }
 
@@ -1574,17 +1590,18 @@ pub(super) fn parse_json(bytes: &[u8]) -> Result<serde_json::Value, ApiError> {
 /// `known` (anything else is refused, as OpenAI does, rather than ignored). An empty body is
 /// an empty object: a POST whose fields are all optional may send none.
 pub(super) async fn json_object(
+    app: &App,
     headers: &HeaderMap,
     body: Body,
     limit: usize,
     known: &[&str],
 ) -> Result<serde_json::Map<String, serde_json::Value>, ApiError> {
-    let bytes = read_body(body, headers, limit).await?;
-    if bytes.is_empty() {
+    let body = read_body(app, body, headers, limit).await?;
+    if body.bytes.is_empty() {
         return Ok(serde_json::Map::new());
     }
     check_json_content_type(headers)?;
-    let value = parse_json(&bytes)?;
+    let value = parse_json(&body.bytes)?;
     let serde_json::Value::Object(fields) = value else {
         return Err(ApiError::NotAnObject(json_kind(&value)));
     };
@@ -1611,12 +1628,23 @@ pub(super) fn declared_length(headers: &HeaderMap) -> Option<u64> {
         .and_then(|v| v.parse::<u64>().ok())
 }
 
+/// A request's body read whole, with its share of `--max-buffered-input-bytes`: keep the
+/// share for as long as what was read (or made of it) is held.
+pub(super) struct Buffered {
+    pub(super) bytes: Bytes,
+    pub(super) share: inputs::Held,
+}
+
 /// Reads at most `limit` bytes: a larger declared or actual body is a 413, never buffered.
+/// Before a byte is read, the body takes its share of the input budget ([`inputs`]): what its
+/// `Content-Length` declares, or `limit` when it declares none (a chunked body).
 pub(super) async fn read_body(
+    app: &App,
     mut body: Body,
     headers: &HeaderMap,
     limit: usize,
-) -> Result<Bytes, ApiError> {
+) -> Result<Buffered, ApiError> {
+    use http_body::Body as _;
     let declared = declared_length(headers);
     if declared.is_some_and(|len| len > limit as u64) {
         if declared.is_some_and(|len| len <= DRAIN_CAP as u64) {
@@ -1624,7 +1652,14 @@ pub(super) async fn read_body(
         }
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    let mut buf = Vec::new();
+    let expected = if body.is_end_stream() {
+        0
+    } else {
+        declared.unwrap_or(limit as u64)
+    };
+    let share = app.inputs.hold(expected).await?;
+    // Its whole length at once: growing by doubling would hold up to twice it meanwhile.
+    let mut buf = Vec::with_capacity(declared.map_or(0, |n| n as usize));
     while let Some(frame) = body.frame().await {
         let frame = frame
             .map_err(|e| ApiError::InvalidJson(format!("could not read the request body: {e}")))?;
@@ -1636,7 +1671,10 @@ pub(super) async fn read_body(
             buf.extend_from_slice(&data);
         }
     }
-    Ok(Bytes::from(buf))
+    Ok(Buffered {
+        bytes: Bytes::from(buf),
+        share,
+    })
 }
 
 async fn drain(mut body: Body, mut seen: usize) {

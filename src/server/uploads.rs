@@ -216,8 +216,14 @@ pub async fn create(
     body: Body,
 ) -> Result<Json<UploadObject>, ApiError> {
     const FIELDS: &[&str] = &["bytes", "filename", "mime_type", "purpose", "expires_after"];
-    let fields =
-        routes::json_object(&headers, body, app.config.limits.max_body_bytes, FIELDS).await?;
+    let fields = routes::json_object(
+        &app,
+        &headers,
+        body,
+        app.config.limits.max_body_bytes,
+        FIELDS,
+    )
+    .await?;
     let f = Fields(&fields);
     let limit = app.config.files.max_file_bytes;
     let bytes = match fields.get("bytes") {
@@ -426,6 +432,7 @@ pub async fn complete(
     body: Body,
 ) -> Result<Json<UploadObject>, ApiError> {
     let fields = routes::json_object(
+        &app,
         &headers,
         body,
         app.config.limits.max_body_bytes,

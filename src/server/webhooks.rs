@@ -675,6 +675,22 @@ pub async fn event_types() -> Json<Value> {
     Json(json!({"object": "list", "data": EVENT_TYPES}))
 }
 
+/// The JSON fields of an endpoint's creation or change.
+async fn endpoint_fields(
+    app: &App,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Map<String, Value>, ApiError> {
+    routes::json_object(
+        app,
+        headers,
+        body,
+        limit(app),
+        &["name", "url", "event_types"],
+    )
+    .await
+}
+
 /// `POST /v1/webhook_endpoints`: `{name, url, event_types}`; the answer holds the signing
 /// secret, which is shown this once.
 pub async fn create(
@@ -683,8 +699,7 @@ pub async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<WithSecret>, ApiError> {
-    let fields: Map<String, Value> =
-        routes::json_object(&headers, body, limit(&app), &["name", "url", "event_types"]).await?;
+    let fields = endpoint_fields(&app, &headers, body).await?;
     let f = Fields(&fields);
     let name = check_name(f.required_string("name")?)?;
     let url = check_url(f.required_string("url")?)?;
@@ -731,8 +746,7 @@ pub async fn update(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<WebhookEndpoint>, ApiError> {
-    let fields =
-        routes::json_object(&headers, body, limit(&app), &["name", "url", "event_types"]).await?;
+    let fields = endpoint_fields(&app, &headers, body).await?;
     let f = Fields(&fields);
     let name = f.string("name")?.map(check_name).transpose()?;
     let url = f.string("url")?.map(check_url).transpose()?;
@@ -784,6 +798,7 @@ pub async fn rotate_secret(
     body: Body,
 ) -> Result<Json<WithSecret>, ApiError> {
     let fields = routes::json_object(
+        &app,
         &headers,
         body,
         limit(&app),
@@ -819,7 +834,7 @@ pub async fn test(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let fields = routes::json_object(&headers, body, limit(&app), &["event_type"]).await?;
+    let fields = routes::json_object(&app, &headers, body, limit(&app), &["event_type"]).await?;
     let kind = Fields(&fields).required_string("event_type")?;
     if !EVENT_TYPES.contains(&kind) {
         return Err(ApiError::invalid(

@@ -1852,3 +1852,149 @@ fn connections_past_max_connections_wait_for_one_to_close() {
     assert_eq!(metric_in(&metrics, "turbine_http_connections"), 3.0);
     assert_eq!(metric_in(&metrics, "turbine_http_connections_max"), 3.0);
 }
+
+/// `--max-buffered-input-bytes`: a body takes its share of the budget (its `Content-Length`)
+/// before it is read, and an edit's file named by `file_id` its own before it is read. With four
+/// edits' bodies half sent (and trickling, so none stalls), a fifth edit does not fit, nor does
+/// the file of a JSON edit (whose small body does not wait behind the form): each waits, its
+/// body unread, and past `--request-body-timeout` gets 503 `server_overloaded` with
+/// `Retry-After`, while requests without a body are answered. One that waits while a holder
+/// finishes gets that share and is served; every share comes back.
+#[test]
+fn bodies_past_the_input_budget_wait_unread_and_are_refused_past_the_body_timeout() {
+    use std::io::{BufReader, Write};
+    use std::time::{Duration, Instant};
+    let mut config = test_config();
+    config.limits.max_upload_bytes = 64 << 10;
+    config.limits.max_body_bytes = 64 << 10;
+    config.max_buffered_input = Some(256 << 10);
+    config.limits.body_timeout = Duration::from_secs(2);
+    let s = TestServer::start(config);
+    assert_eq!(
+        s.metric("turbine_buffered_input_max_bytes"),
+        (256 << 10) as f64
+    );
+    let mut rng = StdRng::seed_from_u64(rand::random());
+    let noise = image::RgbImage::from_fn(140, 140, |_, _| image::Rgb(rng.random()));
+    let (ctype, form) = super::multipart(
+        &[("prompt", "held"), ("size", "64x64")],
+        &[("image", &png_bytes(&noise))],
+    );
+    // Four fit in the 240 KiB of the budget for large shares (16 are kept for small ones), a
+    // fifth does not.
+    assert!(
+        form.len() > 48 << 10 && form.len() <= 60 << 10,
+        "{}",
+        form.len()
+    );
+    let share = (form.len().div_ceil(1024) * 1024) as f64;
+    // The same image as a file that JSON edits name: reading it takes its share too.
+    let (status, file) = s.upload_as(None, "vision", &png_bytes(&noise));
+    assert_eq!(status, 200, "{file}");
+    let by_id = json!({"prompt": "held", "size": "64x64", "images": [{"file_id": file["id"]}]});
+    let head = post_head("/v1/images/edits", None, &ctype, form.len());
+    let whole = [head.as_bytes(), &form].concat();
+    let mut holders: Vec<(BufReader<std::net::TcpStream>, usize)> = (0..4)
+        .map(|_| {
+            let mut conn = s.raw();
+            conn.write_all(head.as_bytes()).unwrap();
+            conn.write_all(&form[..form.len() / 2]).unwrap();
+            (BufReader::new(conn), form.len() / 2)
+        })
+        .collect();
+    s.wait_metric("turbine_buffered_input_bytes", |v| v == 4.0 * share);
+    let trickle = |holders: &mut Vec<(BufReader<std::net::TcpStream>, usize)>| {
+        for (conn, sent) in holders.iter_mut() {
+            conn.get_mut().write_all(&form[*sent..*sent + 1]).unwrap();
+            *sent += 1;
+        }
+    };
+    let by_id_whole = post(
+        "/v1/images/edits",
+        "application/json",
+        by_id.to_string().as_bytes(),
+    );
+    let send = |request: &[u8]| {
+        let mut conn = BufReader::new(s.raw());
+        let request = request.to_vec();
+        std::thread::spawn(move || exchange(&mut conn, &request))
+    };
+    // A batch's edit by that file id waits too; refused, it tries again later rather than fail.
+    let line = super::batch_line("held", "/v1/images/edits", by_id.clone());
+    let (status, input) = s.upload(None, &line);
+    assert_eq!(status, 200, "{input}");
+    let (status, batch) = s.call(
+        "POST",
+        "/v1/batches",
+        None,
+        Some(
+            json!({"input_file_id": input["id"], "endpoint": "/v1/images/edits",
+                    "completion_window": "24h"}),
+        ),
+    );
+    assert_eq!(status, 200, "{batch}");
+    while s.metric("turbine_buffered_input_waits_total") < 1.0 {
+        trickle(&mut holders);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // An edit's form, and a JSON edit whose small body fits but whose file does not.
+    let refused = [send(&whole), send(&by_id_whole)];
+    let t0 = Instant::now();
+    while refused.iter().any(|r| !r.is_finished()) {
+        trickle(&mut holders);
+        // A request without a body takes no share.
+        let health = s.client.get(s.url("/health")).send().unwrap();
+        assert_eq!(health.status(), 200);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(t0.elapsed() < Duration::from_secs(60), "never answered");
+    }
+    assert!(t0.elapsed() >= Duration::from_secs(2), "{:?}", t0.elapsed());
+    for refused in refused {
+        let (answer, body) = refused.join().unwrap();
+        assert!(answer.starts_with("http/1.1 503"), "{answer}");
+        assert!(answer.contains("retry-after: 5\r\n"), "{answer}");
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "server_overloaded", "{v}");
+        assert_eq!(v["error"]["type"], "server_error");
+    }
+    // The JSON edit's small body did not wait behind the form: its file did.
+    assert_eq!(s.metric("turbine_buffered_input_waits_total"), 3.0);
+    assert_eq!(
+        s.metric("turbine_errors_total{type=\"input_memory_full\"}"),
+        2.0
+    );
+    assert_eq!(s.metric("turbine_buffered_input_bytes"), 4.0 * share);
+
+    // The next waits too, until the first holder's body is whole: then it has that share.
+    let served = send(&whole);
+    for _ in 0..3 {
+        trickle(&mut holders);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!served.is_finished());
+    assert_eq!(s.metric("turbine_buffered_input_waits_total"), 4.0);
+    let finish = |(mut conn, sent): (BufReader<std::net::TcpStream>, usize)| {
+        let (answer, body) = exchange(&mut conn, &form[sent..]);
+        assert!(answer.starts_with("http/1.1 200"), "{answer}");
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["data"].as_array().unwrap().len(), 1, "{v}");
+    };
+    finish(holders.remove(0));
+    let (answer, _) = served.join().unwrap();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    for holder in holders {
+        finish(holder);
+    }
+    s.wait_metric("turbine_buffered_input_bytes", |v| v == 0.0);
+    s.wait_metric("turbine_http_requests_in_flight", |v| v == 0.0);
+    // With the room back, the edit by file id is served, and the batch's when it tries again.
+    let (answer, _) = send(&by_id_whole).join().unwrap();
+    assert!(answer.starts_with("http/1.1 200"), "{answer}");
+    let batch = s.wait_batch(None, batch["id"].as_str().unwrap());
+    assert_eq!(batch["status"], "completed", "{batch}");
+    assert_eq!(
+        batch["request_counts"],
+        json!({"total": 1, "completed": 1, "failed": 0})
+    );
+    assert_eq!(s.metric("turbine_buffered_input_bytes"), 0.0);
+}

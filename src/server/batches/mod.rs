@@ -706,7 +706,7 @@ pub async fn create(
         "output_expires_after",
     ];
     let limit = app.config.limits.max_body_bytes;
-    let fields = routes::json_object(&headers, body, limit, FIELDS).await?;
+    let fields = routes::json_object(&app, &headers, body, limit, FIELDS).await?;
     let f = Fields(&fields);
     let endpoint_name = f.required_string("endpoint")?;
     let endpoint = Endpoint::parse(endpoint_name).ok_or_else(|| {

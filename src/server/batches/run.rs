@@ -366,13 +366,21 @@ struct Run {
 
 impl Run {
     /// Runs one request until it made its images or failed, retrying what the load caused (a
-    /// full queue, a timeout in it) and what a failed device did to it while others serve, and
+    /// full queue, a timeout in it, the memory for inputs taken) and what a failed device did to it while others serve, and
     /// waiting for the key's image quota, until the batch is cancelled or its window ends.
     async fn execute(&self, body: Value, seed: &mut Option<u64>) -> Outcome {
         let app = &self.app;
-        let mut req = match self.prepare(body).await {
-            Ok(req) => req,
-            Err(e) => return Outcome::Failed(e),
+        let mut req = loop {
+            match self.prepare(body.clone()).await {
+                Ok(req) => break req,
+                // Other requests' bodies filled the memory for inputs: background work waits.
+                Err(e @ ApiError::Infer(InferError::InputMemoryFull { .. })) => {
+                    if let Some(out) = self.wait(e.retry_after().unwrap_or_default()).await {
+                        return out;
+                    }
+                }
+                Err(e) => return Outcome::Failed(e),
+            }
         };
         loop {
             match app.auth.consume(&self.caller, 0, req.n, Instant::now()) {
@@ -446,7 +454,11 @@ impl Run {
                     .resolve(app, &self.caller.owner())
                     .await?;
                 // The key's quota is waited for afterwards (as background work, not refused).
-                routes::prepare_edit(app, input.fields, input.uploads, |_| Ok(())).await?
+                // The files' shares of the input budget are held until they are decoded.
+                let req =
+                    routes::prepare_edit(app, input.fields, input.uploads, |_| Ok(())).await?;
+                drop(input.shares);
+                req
             }
         };
         req.response_format = ResponseFormat::B64Json;
