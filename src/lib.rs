@@ -9,12 +9,14 @@
 //! - [`server`]: the OpenAI Images API over HTTP, with a dynamic batcher feeding one model
 //!   thread per device.
 //! - [`ops`]: fused GroupNorm(+SiLU), GEGLU and attention: our CUDA kernels, CPU references.
+//! - [`logging`]: log lines to stderr through a queue that never blocks the code that logs.
 //! - [`hub`]: model manifests, `turbine download` from the Hugging Face Hub or a mirror, and
 //!   [`hub::ModelArgs`], which finds (or fetches) the model directory to load.
 
 pub mod cli;
 pub mod device;
 pub mod hub;
+pub mod logging;
 pub mod model;
 pub mod ops;
 pub mod server;

@@ -21,6 +21,16 @@ struct Cli {
         global = true
     )]
     log_format: turbine::cli::LogFormat,
+    /// Bytes of log lines that may wait for stderr while its reader is slow or blocked (a
+    /// Docker log driver, journald); past them, lines are dropped and counted
+    /// (`turbine_log_lines_dropped_total`) rather than the server waiting.
+    #[arg(
+        long,
+        env = "TURBINE_LOG_BUFFER_BYTES",
+        default_value_t = turbine::logging::DEFAULT_BUFFER_BYTES,
+        global = true
+    )]
+    log_buffer_bytes: usize,
 }
 
 #[derive(Subcommand)]
@@ -38,7 +48,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     limit_malloc_arenas();
     let cli = Cli::parse();
-    turbine::cli::init_tracing(cli.log_format);
+    turbine::cli::init_tracing(cli.log_format, cli.log_buffer_bytes);
     let result = match cli.command {
         Command::Generate(a) => turbine::cli::generate::run(*a),
         Command::Serve(a) => turbine::cli::serve::run(a),

@@ -1860,6 +1860,8 @@ struct ServerProcess {
     base: String,
     /// Its log lines so far.
     log: Arc<Mutex<Vec<String>>>,
+    /// While set, its log is not read (as a log reader that stopped).
+    log_paused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ServerProcess {
@@ -1916,19 +1918,25 @@ impl ServerProcess {
                 break addr.parse().unwrap();
             }
         };
-        // Keep draining the log so the server never blocks on a full pipe.
+        // Keep draining the log, unless a test pauses it.
         let log = Arc::new(Mutex::new(Vec::new()));
-        let kept = log.clone();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                eprintln!("[server] {line}");
-                kept.lock().unwrap().push(line);
+        let log_paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (kept, paused) = (log.clone(), log_paused.clone());
+        std::thread::spawn(move || loop {
+            while paused.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(10));
             }
+            let Some(Ok(line)) = lines.next() else {
+                return;
+            };
+            eprintln!("[server] {line}");
+            kept.lock().unwrap().push(line);
         });
         ServerProcess {
             child,
             base: format!("http://{addr}"),
             log,
+            log_paused,
         }
     }
 
@@ -4940,4 +4948,48 @@ fn a_webhook_delivery_the_disk_refused_is_written_down_at_a_retry() {
     let got = hooks.wait_for(1);
     assert_eq!(got[0].headers["webhook-id"], event_id);
     s.wait_metric("turbine_webhook_deliveries_pending", |v| v == 0.0);
+}
+
+/// A log reader that stops reading (Docker's log driver on a full disk, a stalled journald, a
+/// `| tee` onto a full disk) no longer stops the server. Before, every request's log line waited
+/// for the full pipe (64 KiB) to drain, and after a few hundred requests nothing was answered,
+/// `/health` included. Now the lines past `--log-buffer-bytes` are dropped and counted, every
+/// request is answered, and once the log is read again a warning says how many were lost and
+/// new lines follow.
+#[test]
+fn a_blocked_log_reader_does_not_stop_the_server() {
+    use std::sync::atomic::Ordering;
+    let p = ServerProcess::start(&["--log-buffer-bytes", "65536"]);
+    p.log_paused.store(true, Ordering::Relaxed);
+    let client = Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    // Each logs a line of about 200 bytes: the pipe and the queue hold a few hundred.
+    for i in 0..2000 {
+        let r = client
+            .get(format!("{}/v1/models", p.base))
+            .send()
+            .unwrap_or_else(|e| panic!("request {i} was not answered: {e}"));
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(p.health(), 200);
+    let metrics = client
+        .get(format!("{}/metrics", p.base))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let dropped = metric_in(&metrics, "turbine_log_lines_dropped_total");
+    assert!(dropped >= 500.0, "{dropped} lines dropped");
+
+    let from = p.log.lock().unwrap().len();
+    p.log_paused.store(false, Ordering::Relaxed);
+    p.wait_for_log(from, "log lines were dropped");
+    let r = client
+        .get(format!("{}/v1/models/logged-again", p.base))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    p.wait_for_log(from, "logged-again");
 }

@@ -6,6 +6,7 @@ pub mod generate;
 pub mod serve;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use candle_core::{DType, Device};
 
@@ -61,14 +62,15 @@ pub enum LogFormat {
 
 static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
 
-/// Logs go to stderr; `RUST_LOG` overrides the default `info` level.
-pub fn init_tracing(format: LogFormat) {
+/// Logs go to stderr, through a queue of at most `buffer_bytes` that never blocks the code
+/// that logs ([`crate::logging`]); `RUST_LOG` overrides the default `info` level.
+pub fn init_tracing(format: LogFormat, buffer_bytes: usize) {
     let _ = LOG_FORMAT.set(format);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(crate::logging::QueuedStderr::start(buffer_bytes));
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder
@@ -80,15 +82,25 @@ pub fn init_tracing(format: LogFormat) {
     };
 }
 
+/// The longest the process waits at exit for its queued log lines to be written: stderr may be
+/// the one that stopped reading.
+pub const EXIT_FLUSH: Duration = Duration::from_secs(5);
+
 /// Maps a command's result to the process exit code: 0 ok, 2 usage error, 1 anything else.
+/// The log lines still queued are written first (for at most [`EXIT_FLUSH`]).
 pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            crate::logging::flush(EXIT_FLUSH);
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             if LOG_FORMAT.get() == Some(&LogFormat::Json) {
                 // A collector that reads JSON lines gets the reason too.
                 tracing::error!(error = %format!("{e:#}"), "exiting");
+                crate::logging::flush(EXIT_FLUSH);
             } else {
+                crate::logging::flush(EXIT_FLUSH);
                 eprintln!("error: {e:#}");
             }
             // Distinct codes per cause (network, token, disk...) for scripts/download_weights.sh.

@@ -630,6 +630,13 @@ impl Metrics {
         );
         single(
             &mut out,
+            "turbine_log_lines_dropped_total",
+            "counter",
+            "Log lines dropped because stderr did not take them (--log-buffer-bytes were waiting).",
+            &crate::logging::dropped(),
+        );
+        single(
+            &mut out,
             "turbine_http_requests_in_flight",
             "gauge",
             "Image generation requests being served.",
