@@ -153,7 +153,8 @@ pub struct HttpArgs {
     /// connections that open and send nothing, or a head byte by byte; a request being served
     /// is not cut. HTTP/2 connections with no request open that long are closed too, and those
     /// with requests open are pinged every half of it; HTTP/1 ones get TCP keep-alive probes
-    /// (a vanished client is dropped within about this).
+    /// (a vanished client is dropped within about this). On Linux, a client that takes none of
+    /// its response for this long is disconnected too (TCP_USER_TIMEOUT).
     #[arg(long, env = "TURBINE_HEADER_READ_TIMEOUT", default_value_t = 60)]
     pub header_read_timeout: u64,
     /// Seconds a generation request may take from arrival to its last image; after that it

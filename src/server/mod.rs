@@ -1062,14 +1062,27 @@ async fn protocol_known(stream: &tokio::net::TcpStream) -> Option<bool> {
 /// (HTTP/1 has no ping of its own) is then noticed within about `after`, and its queued images
 /// are dropped as for a client that hung up, not after TCP's retransmission timeout (~15 min)
 /// or never, if nothing is written to it meanwhile.
+///
+/// On Linux, `TCP_USER_TIMEOUT` bounds the other way a peer can hold a connection for ever:
+/// one that is alive but reads nothing of its response (a client stuck in a deadlock or a
+/// debugger, a gateway's leaked connection). Its receive window stays shut, the kernel's window
+/// probes are answered, and the response (megabytes of base64 images) waited in memory for as
+/// long as the process ran. Now, when what was written is neither taken nor acknowledged for
+/// `after`, the connection fails, as nginx's `send_timeout` (60 s) does; a reader that is slow
+/// but reading takes some of it every round trip and is not cut.
 fn tcp_keepalive(stream: &tokio::net::TcpStream, after: Duration) {
     let at_least_a_second = |d: Duration| d.max(Duration::from_secs(1));
     let params = socket2::TcpKeepalive::new()
         .with_time(at_least_a_second(after / 2))
         .with_interval(at_least_a_second(after / 6))
         .with_retries(3);
-    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&params) {
+    let socket = socket2::SockRef::from(stream);
+    if let Err(e) = socket.set_tcp_keepalive(&params) {
         tracing::debug!(error = %e, "cannot turn on TCP keep-alive");
+    }
+    #[cfg(target_os = "linux")]
+    if let Err(e) = socket.set_tcp_user_timeout(Some(at_least_a_second(after))) {
+        tracing::debug!(error = %e, "cannot set TCP_USER_TIMEOUT");
     }
 }
 
@@ -1109,9 +1122,17 @@ mod tests {
             )
         };
         assert!(!probe(&stream).0);
+        #[cfg(target_os = "linux")]
+        let unread = |stream: &tokio::net::TcpStream| {
+            socket2::SockRef::from(stream).tcp_user_timeout().unwrap()
+        };
+        #[cfg(target_os = "linux")]
+        assert_eq!(unread(&stream), None);
         tcp_keepalive(&stream, Duration::from_secs(60));
         let secs = Duration::from_secs;
         assert_eq!(probe(&stream), (true, secs(30), secs(10), 3));
+        #[cfg(target_os = "linux")]
+        assert_eq!(unread(&stream), Some(secs(60)));
         // Short timeouts (the tests' 1 s) stay within what the kernel takes: whole seconds.
         tcp_keepalive(&stream, Duration::from_secs(1));
         assert_eq!(probe(&stream), (true, secs(1), secs(1), 3));

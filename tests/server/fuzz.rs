@@ -1998,3 +1998,43 @@ fn bodies_past_the_input_budget_wait_unread_and_are_refused_past_the_body_timeou
     );
     assert_eq!(s.metric("turbine_buffered_input_bytes"), 0.0);
 }
+
+/// A client that reads nothing of its response (stuck, but its host alive: it answers TCP's
+/// window probes) is disconnected once what the server wrote has gone untaken for
+/// `--header-read-timeout` (TCP_USER_TIMEOUT), instead of holding the response, megabytes of
+/// base64 images, for as long as the server runs. The response here is larger than the
+/// kernel's buffers can take, so its writer waits on the client.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_client_that_reads_nothing_of_its_response_is_disconnected() {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    let mut config = test_config();
+    config.limits.header_timeout = Duration::from_secs(2);
+    let s = TestServer::start(config);
+    let open = s.metric("turbine_http_connections");
+    // A small receive buffer, set before connecting, keeps the window small.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let addr: std::net::SocketAddr = s.base.trim_start_matches("http://").parse().unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let mut stuck: std::net::TcpStream = socket.into();
+    let body = json!({"prompt": "never read", "n": 10, "size": "512x512"}).to_string();
+    stuck
+        .write_all(&post(
+            "/v1/images/generations",
+            "application/json",
+            body.as_bytes(),
+        ))
+        .unwrap();
+    s.wait_metric("turbine_images_generated_total", |v| v >= 10.0);
+    let t0 = Instant::now();
+    s.wait_metric("turbine_http_connections", |v| {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the unread connection is still open"
+        );
+        v == open
+    });
+    drop(stuck);
+}
