@@ -13,7 +13,7 @@
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 /// The default `--log-buffer-bytes`.
@@ -26,8 +26,7 @@ static DROPPED: AtomicU64 = AtomicU64::new(0);
 static QUEUE: OnceLock<Queue> = OnceLock::new();
 
 struct Queue {
-    /// `Sender` is `Sync` (Rust 1.72+), but the `Mutex` keeps this building on older ones too.
-    tx: Mutex<Sender<Message>>,
+    tx: Sender<Message>,
     /// Bytes of lines sent and not yet written, and the most there may be.
     queued: AtomicUsize,
     limit: usize,
@@ -62,7 +61,7 @@ impl QueuedStderr {
                 eprintln!("cannot start the log writer thread: {e}");
             }
             Queue {
-                tx: Mutex::new(tx),
+                tx,
                 queued: AtomicUsize::new(0),
                 limit,
             }
@@ -138,8 +137,7 @@ fn send(line: Vec<u8>) {
         DROPPED.fetch_add(1, Ordering::Relaxed);
         return;
     }
-    let tx = q.tx.lock().unwrap_or_else(|e| e.into_inner());
-    if let Err(mpsc::SendError(Message::Line(line))) = tx.send(Message::Line(line)) {
+    if let Err(mpsc::SendError(Message::Line(line))) = q.tx.send(Message::Line(line)) {
         // No writer thread: write it here.
         q.queued.fetch_sub(len, Ordering::Relaxed);
         let _ = std::io::stderr().write_all(&line);
@@ -161,11 +159,7 @@ pub fn flush(limit: Duration) {
         return;
     };
     let (done_tx, done_rx) = mpsc::channel();
-    let sent =
-        q.tx.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(Message::Flush(done_tx));
-    if sent.is_ok() {
+    if q.tx.send(Message::Flush(done_tx)).is_ok() {
         let _ = done_rx.recv_timeout(limit);
     }
 }

@@ -95,12 +95,13 @@ pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            if LOG_FORMAT.get() == Some(&LogFormat::Json) {
+            let json = LOG_FORMAT.get() == Some(&LogFormat::Json);
+            if json {
                 // A collector that reads JSON lines gets the reason too.
                 tracing::error!(error = %format!("{e:#}"), "exiting");
-                crate::logging::flush(EXIT_FLUSH);
-            } else {
-                crate::logging::flush(EXIT_FLUSH);
+            }
+            crate::logging::flush(EXIT_FLUSH);
+            if !json {
                 eprintln!("error: {e:#}");
             }
             // Distinct codes per cause (network, token, disk...) for scripts/download_weights.sh.

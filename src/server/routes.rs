@@ -649,8 +649,7 @@ async fn edits(
 ) -> Result<Response, ApiError> {
     check_serving(&app)?;
     let limit = app.config.limits.max_upload_bytes;
-    // The body's share of the input budget is kept until its image is decoded.
-    let (input, _body_share) = if content_type_is(&headers, "application/json") {
+    let (mut input, body_share) = if content_type_is(&headers, "application/json") {
         let body = read_body(&app, body, &headers, limit).await?;
         let edit = JsonEdit::parse(parse_json(&body.bytes)?)?;
         (edit.resolve(&app, &caller.owner()).await?, body.share)
@@ -663,18 +662,14 @@ async fn edits(
         let form = EditForm::parse(body.bytes, boundary).await?;
         (form.into_input()?, body.share)
     };
-    let EditInput {
-        fields,
-        uploads,
-        shares: _file_shares,
-    } = input;
-    let req = prepare_edit(&app, fields, uploads, |req| {
+    // The body's share of the input budget is kept until its image is decoded.
+    input.shares.push(body_share);
+    let req = prepare_edit(&app, input, |req| {
         // The key's image quota before the decoding work, as for a generation before its
         // queueing.
         app.auth.consume(&caller, 0, req.n, Instant::now())
     })
     .await?;
-    drop((_body_share, _file_shares));
     run_request(&app, &caller, &headers, req).await
 }
 
@@ -684,10 +679,15 @@ async fn edits(
 /// once the upload is decoded (moved into the blocking task), not held while queued.
 pub(super) async fn prepare_edit(
     app: &App,
-    fields: serde_json::Map<String, serde_json::Value>,
-    uploads: EditUploads,
+    input: EditInput,
     admit: impl FnOnce(&ValidRequest) -> Result<(), ApiError>,
 ) -> Result<ValidRequest, ApiError> {
+    // Its shares of the input budget are given back when this returns: the upload decoded.
+    let EditInput {
+        fields,
+        uploads,
+        shares: _shares,
+    } = input;
     let dims = uploads.files().check()?;
     let mut req = validate_edit(
         &serde_json::Value::Object(fields),
@@ -723,8 +723,8 @@ pub(super) async fn prepare_edit(
 pub(super) struct EditInput {
     pub(super) fields: serde_json::Map<String, serde_json::Value>,
     pub(super) uploads: EditUploads,
-    /// The shares of the input budget taken by the files it names: keep them until `uploads`
-    /// is decoded.
+    /// The shares of the input budget taken by its body and the files it names, held until
+    /// [`prepare_edit`] has decoded `uploads`.
     pub(super) shares: Vec<inputs::Held>,
 }
 

@@ -366,12 +366,13 @@ struct Run {
 
 impl Run {
     /// Runs one request until it made its images or failed, retrying what the load caused (a
-    /// full queue, a timeout in it, the memory for inputs taken) and what a failed device did to it while others serve, and
-    /// waiting for the key's image quota, until the batch is cancelled or its window ends.
+    /// full queue, a timeout in it, the memory for inputs taken) and what a failed device did
+    /// to it while others serve, and waiting for the key's image quota, until the batch is
+    /// cancelled or its window ends.
     async fn execute(&self, body: Value, seed: &mut Option<u64>) -> Outcome {
         let app = &self.app;
         let mut req = loop {
-            match self.prepare(body.clone()).await {
+            match self.prepare(&body).await {
                 Ok(req) => break req,
                 // Other requests' bodies filled the memory for inputs: background work waits.
                 Err(e @ ApiError::Infer(InferError::InputMemoryFull { .. })) => {
@@ -434,8 +435,9 @@ impl Run {
         }
     }
 
-    /// The line's body as a request (an edit's image decoded).
-    async fn prepare(&self, body: Value) -> Result<ValidRequest, ApiError> {
+    /// The line's body as a request (an edit's image decoded). Borrowed, so that a request
+    /// refused for want of room in the input budget can be prepared again.
+    async fn prepare(&self, body: &Value) -> Result<ValidRequest, ApiError> {
         let app = &self.app;
         // A batch's images come back in its output file, never as URLs: a batch's worth of
         // images would push everyone's URL images out of the store long before anyone read them.
@@ -448,17 +450,13 @@ impl Run {
             ));
         }
         let mut req = match self.endpoint {
-            Endpoint::Generations => validate(&body, &app.config.limits, &app.config.model)?,
+            Endpoint::Generations => validate(body, &app.config.limits, &app.config.model)?,
             Endpoint::Edits => {
-                let input = routes::JsonEdit::parse(body)?
+                let input = routes::JsonEdit::parse(body.clone())?
                     .resolve(app, &self.caller.owner())
                     .await?;
                 // The key's quota is waited for afterwards (as background work, not refused).
-                // The files' shares of the input budget are held until they are decoded.
-                let req =
-                    routes::prepare_edit(app, input.fields, input.uploads, |_| Ok(())).await?;
-                drop(input.shares);
-                req
+                routes::prepare_edit(app, input, |_| Ok(())).await?
             }
         };
         req.response_format = ResponseFormat::B64Json;
