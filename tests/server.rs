@@ -1894,7 +1894,11 @@ impl ServerProcess {
                 "--min-image-side",
                 "64",
             ])
-            .args(["--default-size", "64x64", "--warmup-images", "1"])
+            .args(if extra.contains(&"--default-size") {
+                &["--warmup-images", "1"][..]
+            } else {
+                &["--default-size", "64x64", "--warmup-images", "1"][..]
+            })
             .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
@@ -2019,6 +2023,77 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The number after `key=` in the first of `p`'s log lines that has it.
+fn logged_number(p: &ServerProcess, key: &str) -> f64 {
+    let line = p.wait_for_log(0, key);
+    let log = p.log.lock().unwrap();
+    let rest = log[line - 1].split(key).nth(1).unwrap();
+    let n: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    n.parse().unwrap()
+}
+
+/// A server whose process is stopped while its device is in a call (`docker pause`, a frozen
+/// cgroup, SIGSTOP, a virtual machine held by its host) has not seen its device stall: on
+/// waking, the call under way is not charged for the pause, its request is answered, and the
+/// server goes on. Before, the call looked as old as the pause, so the server declared its only
+/// device stalled, failed its requests and exited.
+#[test]
+fn a_paused_server_does_not_declare_its_device_stalled() {
+    for attempt in 1.. {
+        // One 256x256 image per call; the bound is the longer of 0.5 s and ten times the
+        // warm-up's (the same work as each call), and the pause is longer than that.
+        let p = ServerProcess::start(&[
+            "--default-size",
+            "256x256",
+            "--max-image-side",
+            "256",
+            "--max-batch-size",
+            "1",
+            "--device-stall-timeout",
+            "0.5",
+        ]);
+        let unit = logged_number(&p, "unit_secs=");
+        let bound = (10.0 * unit).max(0.5);
+        let pause = Duration::from_secs_f64(bound + 1.5);
+        let base = p.base.clone();
+        let request = std::thread::spawn(move || {
+            Client::builder()
+                .timeout(Duration::from_secs(600))
+                .build()
+                .unwrap()
+                .post(format!("{base}/v1/images/generations"))
+                .json(&json!({"prompt": "paused", "n": 8, "seed": 3}))
+                .send()
+                .unwrap()
+        });
+        // Into the calls (eight, one after another), then stopped for longer than the bound.
+        std::thread::sleep(Duration::from_secs_f64(unit * 2.5));
+        p.signal("STOP");
+        std::thread::sleep(pause);
+        p.signal("CONT");
+        let r = request.join().unwrap();
+        assert_eq!(r.status(), 200, "the paused request");
+        let v: Value = r.json().unwrap();
+        assert_eq!(v["data"].as_array().unwrap().len(), 8);
+        let excused = logged_number(&p, "call_excused_secs=");
+        let log = p.log.lock().unwrap().join("\n");
+        assert!(log.contains("turbine did not run for"), "{log}");
+        assert!(!log.contains("stalled:"), "{log}");
+        drop(log);
+        assert_eq!(p.health(), 200);
+        assert!(p.metrics().contains("turbine_device_stalls_total 0\n"));
+        if excused > bound {
+            // The stop came during a call that it would have made overdue.
+            return;
+        }
+        // It came between two calls: nothing was tested.
+        assert!(attempt < 3, "the stop never came during a call");
     }
 }
 

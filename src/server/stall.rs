@@ -211,6 +211,19 @@ impl Liveness {
         }
     }
 
+    /// The process did not run from `from` to `to` (it was paused, or starved of CPU): the
+    /// call under way is not charged for the part of that time it spent under way, as if it
+    /// had begun that much later. Returns how much was taken off (zero without a call).
+    pub fn excuse(&self, from: Instant, to: Instant) -> Duration {
+        let mut call = self.call.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((since, _, _)) = call.as_mut() else {
+            return Duration::ZERO;
+        };
+        let lost = to.saturating_duration_since(from.max(*since));
+        *since += lost;
+        lost
+    }
+
     /// The call under way at `now` if it has run past its bound: (how long it ran, what it is,
     /// its bound).
     pub fn overdue(&self, now: Instant) -> Option<(Duration, String, Duration)> {
@@ -257,6 +270,13 @@ pub fn check_period(timeout: Duration) -> Duration {
 /// ever) and reports it failed, which `/health` shows and which stops the
 /// server when no device is left. Returns then, when the device failed otherwise, or at once
 /// when the worker is not watched.
+///
+/// Time the whole process did not run is not a stall: a process stopped (`docker pause`, a
+/// frozen cgroup, SIGSTOP, a debugger) or a virtual machine held by its host stops the worker
+/// and its device's call with it, and on waking the call would look as old as the pause. So a
+/// look that comes more than a period late takes the time it was late off the call under way,
+/// as the pause monitors of JVM servers do, rather than failing a healthy device (and with the
+/// last one, the server and every request queued on it).
 pub async fn watch(
     label: String,
     liveness: Arc<Liveness>,
@@ -266,12 +286,32 @@ pub async fn watch(
     let Some(bounds) = liveness.bounds() else {
         return;
     };
-    let mut tick = tokio::time::interval(check_period(bounds.floor));
+    let period = check_period(bounds.floor);
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = Instant::now();
     loop {
         tick.tick().await;
+        let now = Instant::now();
+        let due = last + period;
+        last = now;
         if liveness.stalled() || health.failed().iter().any(|d| d.device == label) {
             return;
+        }
+        if let Some(late) = now
+            .checked_duration_since(due)
+            .filter(|late| *late > period)
+        {
+            let excused = liveness.excuse(due, now);
+            tracing::warn!(
+                device = %label,
+                secs = late.as_secs_f64(),
+                call_excused_secs = excused.as_secs_f64(),
+                "turbine did not run for {:.1} s (its process was paused or starved of CPU); \
+                 the device's call under way is not charged for that time \
+                 (--device-stall-timeout)",
+                late.as_secs_f64()
+            );
         }
         let Some((age, what, allowed)) = liveness.overdue(Instant::now()) else {
             continue;
@@ -405,6 +445,47 @@ mod tests {
             check_period(Duration::from_millis(100)),
             Duration::from_millis(50)
         );
+    }
+
+    /// Time the process did not run is taken off the call under way: the part of it after the
+    /// call began, once.
+    #[test]
+    fn a_pause_is_not_charged_to_the_call_under_way() {
+        let s = Duration::from_secs;
+        let l = Liveness::default();
+        let t0 = Instant::now();
+        assert_eq!(l.excuse(t0, t0 + s(5)), Duration::ZERO, "no call");
+        l.set_bounds(Some(Bounds {
+            floor: s(10),
+            unit: 0.0,
+        }));
+        {
+            let began = Instant::now();
+            let _call = l.begin(1.0, || "a batch".into());
+            // Paused from 2 s to 32 s into the call: at 35 s it has run for 5 s.
+            assert!(l.overdue(began + s(35)).is_some());
+            assert_eq!(l.excuse(began + s(2), began + s(32)), s(30));
+            assert_eq!(l.overdue(began + s(35)), None);
+            let (age, _, _) = l.overdue(began + s(41)).unwrap();
+            assert!(
+                age > Duration::from_millis(10_900) && age <= s(11),
+                "{age:?}"
+            );
+        }
+        {
+            // A pause that began before the call (its start was late) counts from its start.
+            let began = Instant::now();
+            let _call = l.begin(1.0, || "another".into());
+            let lost = l.excuse(began - s(3), began + s(4));
+            assert!(
+                lost > Duration::from_millis(3_900) && lost <= s(4),
+                "{lost:?}"
+            );
+            assert_eq!(l.overdue(began + s(13)), None);
+            assert!(l.overdue(began + s(15)).is_some());
+            // One that ended before the call began takes nothing off.
+            assert_eq!(l.excuse(began - s(3), began - s(1)), Duration::ZERO);
+        }
     }
 
     #[tokio::test]
