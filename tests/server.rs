@@ -362,6 +362,115 @@ fn url_responses_serve_the_image_with_its_content_type() {
     assert_openai_error(status, &r.text().unwrap(), 404, None, "unknown file id");
 }
 
+/// `--image-store-max-bytes` full: the images already fetched make room first, so a client that
+/// fetches its URLs late keeps them while others fetch theirs at once. Those that must go
+/// unfetched answer 404 saying why, and are counted; `Cache-Control` says how long an image
+/// stays.
+#[test]
+fn a_full_url_store_evicts_fetched_images_before_unfetched_ones() {
+    // The PNG of one default image (every seed's is about the same size).
+    let probe = TestServer::start(test_config());
+    let v = probe.generate_ok(&json!({"prompt": "a lighthouse", "n": 4, "seed": 1}));
+    let size = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            base64::engine::general_purpose::STANDARD
+                .decode(d["b64_json"].as_str().unwrap())
+                .unwrap()
+                .len()
+        })
+        .max()
+        .unwrap();
+    drop(probe);
+    // Room for about ten.
+    let mut config = test_config();
+    config.store.max_bytes = size * 21 / 2;
+    let s = TestServer::start(config);
+    let urls = |seed: u64, n: u64| -> Vec<String> {
+        let v = s.generate_ok(
+            &json!({"prompt": "a lighthouse", "response_format": "url", "n": n, "seed": seed}),
+        );
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["url"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let fetch = |url: &str| s.client.get(url).send().unwrap();
+    let slow = urls(1000, 3);
+    // Thirty fetched at once by another client: two stores' worth.
+    for seed in 0..30 {
+        for url in urls(seed, 1) {
+            let r = fetch(&url);
+            assert_eq!(r.status(), 200);
+            let cache = r.headers()["cache-control"].to_str().unwrap().to_string();
+            assert!(
+                [
+                    "private, max-age=3600, immutable",
+                    "private, max-age=3599, immutable"
+                ]
+                .contains(&cache.as_str()),
+                "{cache}"
+            );
+        }
+    }
+    // The slow client's images were not the ones to go.
+    for url in &slow {
+        assert_eq!(fetch(url).status(), 200, "a late fetch");
+    }
+    let m = s.metrics();
+    assert_eq!(
+        metric_in(
+            &m,
+            "turbine_image_store_evictions_total{reason=\"unfetched\"}"
+        ),
+        0.0,
+        "{m}"
+    );
+    assert!(
+        metric_in(
+            &m,
+            "turbine_image_store_evictions_total{reason=\"fetched\"}"
+        ) >= 20.0
+    );
+    // Thirty that nobody fetches: the oldest of them have to go.
+    let gathered: Vec<String> = (100..130).flat_map(|seed| urls(seed, 1)).collect();
+    let r = fetch(&gathered[0]);
+    let status = r.status().as_u16();
+    let text = r.text().unwrap();
+    assert_openai_error(status, &text, 404, None, "an image evicted unfetched");
+    assert!(
+        text.contains("evicted before anyone fetched it")
+            && text.contains("--image-store-max-bytes"),
+        "{text}"
+    );
+    assert_eq!(fetch(gathered.last().unwrap()).status(), 200);
+    let m = s.metrics();
+    let lost = metric_in(
+        &m,
+        "turbine_image_store_evictions_total{reason=\"unfetched\"}",
+    );
+    assert!((18.0..=22.0).contains(&lost), "{lost} {m}");
+    let (bytes, max) = (
+        metric_in(&m, "turbine_image_store_bytes"),
+        metric_in(&m, "turbine_image_store_max_bytes"),
+    );
+    assert!(
+        bytes <= max && max == (size * 21 / 2) as f64,
+        "{bytes} {max}"
+    );
+    assert!((9.0..=11.0).contains(&metric_in(&m, "turbine_image_store_images")));
+    // An id never given out says so.
+    let r = fetch(&s.url("/v1/images/files/img_00000000000000000000000000000000"));
+    let status = r.status().as_u16();
+    let text = r.text().unwrap();
+    assert_openai_error(status, &text, 404, None, "unknown image id");
+    assert!(text.contains("expire after 3600 s"), "{text}");
+}
+
 #[test]
 fn seeded_images_are_reproducible_and_distinct() {
     let s = TestServer::start(test_config());

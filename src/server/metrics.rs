@@ -173,6 +173,10 @@ pub struct Metrics {
     buffered_input_max: AtomicU64,
     /// Times a request waited for that budget.
     buffered_input_waits: AtomicU64,
+    /// The images behind `url` responses: bytes, count, the byte bound, and evictions by
+    /// reason (expired, fetched, unfetched).
+    image_store: [AtomicU64; 3],
+    image_store_evictions: [AtomicU64; 3],
     /// Requests of the Batch API by outcome: completed, failed, not run.
     batch_api_requests: [AtomicU64; 3],
     /// Failed tries to write a Batch API result (a full disk): each is tried again.
@@ -274,6 +278,8 @@ impl Metrics {
             buffered_input: AtomicI64::new(0),
             buffered_input_max: AtomicU64::new(0),
             buffered_input_waits: AtomicU64::new(0),
+            image_store: Default::default(),
+            image_store_evictions: Default::default(),
             batch_api_requests: Default::default(),
             batch_api_write_errors: AtomicU64::new(0),
             batch_api_running: AtomicI64::new(0),
@@ -498,6 +504,25 @@ impl Metrics {
     }
 
     /// A request waited for the input budget.
+    /// The URL image store as it is now.
+    pub fn image_store(&self, store: &crate::server::store::ImageStore) {
+        let e = store.evictions();
+        for (gauge, v) in
+            self.image_store
+                .iter()
+                .zip([store.bytes(), store.len(), store.max_bytes()])
+        {
+            gauge.store(v as u64, Ordering::Relaxed);
+        }
+        for (counter, v) in
+            self.image_store_evictions
+                .iter()
+                .zip([e.expired, e.fetched, e.unfetched])
+        {
+            counter.store(v, Ordering::Relaxed);
+        }
+    }
+
     pub fn buffered_input_wait(&self) {
         self.buffered_input_waits.fetch_add(1, Ordering::Relaxed);
     }
@@ -627,6 +652,41 @@ impl Metrics {
             "counter",
             "Times a request waited for --max-buffered-input-bytes before its body was read.",
             &self.buffered_input_waits.load(Ordering::Relaxed),
+        );
+        for (gauge, (name, help)) in self.image_store.iter().zip([
+            (
+                "turbine_image_store_bytes",
+                "Bytes of images kept for url responses.",
+            ),
+            (
+                "turbine_image_store_images",
+                "Images kept for url responses.",
+            ),
+            (
+                "turbine_image_store_max_bytes",
+                "The most bytes of images kept for url responses (--image-store-max-bytes).",
+            ),
+        ]) {
+            single(
+                &mut out,
+                name,
+                "gauge",
+                help,
+                &gauge.load(Ordering::Relaxed),
+            );
+        }
+        labelled(
+            &mut out,
+            "turbine_image_store_evictions_total",
+            "Images behind url responses that left the store: their time was up (expired), or \
+             room was needed for newer ones after they were fetched (fetched) or before anyone \
+             fetched them (unfetched: URLs that answered 404 within --image-url-ttl-secs).",
+            "reason",
+            &[
+                ("expired", &self.image_store_evictions[0]),
+                ("fetched", &self.image_store_evictions[1]),
+                ("unfetched", &self.image_store_evictions[2]),
+            ],
         );
         single(
             &mut out,

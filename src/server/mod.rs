@@ -352,8 +352,10 @@ pub async fn serve(
     )?);
     let batch_slots = 2 * max_batch * workers.len();
     let inputs = input_memory(&config, metrics.clone());
+    let store = ImageStore::new(config.store.ttl, config.store.max_bytes);
+    metrics.image_store(&store);
     let app = Arc::new(App {
-        store: Mutex::new(ImageStore::new(config.store.ttl, config.store.max_bytes)),
+        store: Mutex::new(store),
         config,
         queue: queue.clone(),
         metrics: metrics.clone(),

@@ -41,7 +41,7 @@ use super::files::{unix_now, Owner};
 use super::inputs;
 use super::metrics::{DropReason, Stage};
 use super::queue::{Entry, RequestId};
-use super::store::StoredImage;
+use super::store::{Lookup, StoredImage};
 use super::upload::{EditFiles, ImageSource};
 use super::uploads;
 use super::validate::{form_value, json_kind, validate, validate_edit, ValidRequest};
@@ -573,18 +573,70 @@ async fn get_model(
     }
 }
 
-async fn get_file(State(app): State<Arc<App>>, PathId(id): PathId) -> Result<Response, ApiError> {
-    let found = app
-        .store
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&id, Instant::now());
-    let image = found
-        .ok_or_else(|| ApiError::NotFound(format!("no image with id {id:?} (images expire)")))?;
+/// Keeps `image` for a `url` response; its id. Images that had to go unfetched to make room
+/// are counted, and said in a warning at most once a minute.
+fn store_url_image(app: &App, image: StoredImage, now: Instant) -> Result<String, ApiError> {
+    let mut store = app.store.lock().unwrap_or_else(|p| p.into_inner());
+    let (id, made) = store
+        .insert(image, now)
+        .map_err(|e| InferError::Store(e.to_string()))?;
+    app.metrics.image_store(&store);
+    if made.unfetched > 0 && store.warning_due(now) {
+        let lost = store.evictions().unfetched;
+        let kept = made.kept_for.unwrap_or_default().as_secs_f64();
+        drop(store);
+        tracing::warn!(
+            images_lost = lost,
+            kept_secs = kept,
+            "images behind url responses were evicted before anyone fetched them, after \
+             {kept:.1} s of the {} s their URLs promise: --image-store-max-bytes ({} MiB) \
+             holds no more at this rate. Raise it, fetch url images sooner, or ask for \
+             b64_json ({lost} lost so far)",
+            app.config.store.ttl.as_secs(),
+            app.config.store.max_bytes >> 20,
+        );
+    }
+    Ok(id)
+}
+
+async fn get_file(
+    State(app): State<Arc<App>>,
+    method: Method,
+    PathId(id): PathId,
+) -> Result<Response, ApiError> {
+    let found = {
+        let mut store = app.store.lock().unwrap_or_else(|p| p.into_inner());
+        let found = store.get(&id, Instant::now(), method != Method::HEAD);
+        app.metrics.image_store(&store);
+        found
+    };
+    let (image, left) = match found {
+        Lookup::Found(image, left) => (image, left),
+        Lookup::Evicted => {
+            return Err(ApiError::NotFound(format!(
+                "image {id:?} is gone: it was evicted before anyone fetched it, within its \
+                 time, to make room for newer images (--image-store-max-bytes is full at this \
+                 rate). Fetch url images as they come, or ask for b64_json"
+            )))
+        }
+        Lookup::Missing => {
+            return Err(ApiError::NotFound(format!(
+                "no image with id {id:?} (images behind url responses expire after {} s)",
+                app.config.store.ttl.as_secs()
+            )))
+        }
+    };
+    let cache = format!("private, max-age={}, immutable", left.as_secs());
     Ok((
         [
-            (header::CONTENT_TYPE, image.content_type),
-            (header::CACHE_CONTROL, "private, max-age=3600, immutable"),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(image.content_type),
+            ),
+            (
+                header::CACHE_CONTROL,
+                HeaderValue::from_str(&cache).expect("an ASCII header value"),
+            ),
         ],
         image.bytes,
     )
@@ -1086,12 +1138,7 @@ pub(super) async fn images_response(
                     bytes: Bytes::from(bytes),
                     content_type: req.output_format.content_type(),
                 };
-                let id = app
-                    .store
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(image, now)
-                    .map_err(|e| InferError::Store(e.to_string()))?;
+                let id = store_url_image(app, image, now)?;
                 (None, Some(format!("{base}/v1/images/files/{id}")))
             }
             (Encoded::Bytes(_), None) => {
