@@ -510,6 +510,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("turbine-http")
+        .thread_keep_alive(crate::server::BLOCKING_THREAD_KEEP_ALIVE)
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {

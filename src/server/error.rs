@@ -143,9 +143,26 @@ pub enum ApiError {
         needed: u32,
         retry_after: Duration,
     },
+    /// The runtime could not start a thread for the request (the process is at its limit on
+    /// threads: a container's pids limit, `ulimit -u`).
+    #[error(
+        "the server could not start a thread for this request: its process is at its limit on \
+         threads or processes (a container's pids limit, ulimit -u); retry after {} s",
+        NO_THREADS_RETRY_AFTER.as_secs()
+    )]
+    NoThreads,
+    /// The request's handler panicked: a bug, answered rather than left as a closed connection.
+    #[error(
+        "the server failed while handling this request ({0}); this is a bug in turbine, please \
+         report it with the x-request-id"
+    )]
+    Panicked(String),
     #[error(transparent)]
     Infer(#[from] InferError),
 }
+
+/// How long a request refused for want of threads is asked to wait.
+pub const NO_THREADS_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 impl From<BackendError> for ApiError {
     fn from(e: BackendError) -> Self {
@@ -241,6 +258,13 @@ impl ApiError {
                 Some("rate_limit_exceeded"),
                 "rate_limited",
             ),
+            ApiError::NoThreads => row(
+                S::SERVICE_UNAVAILABLE,
+                SERVER,
+                Some("server_overloaded"),
+                "no_threads",
+            ),
+            ApiError::Panicked(_) => row(S::INTERNAL_SERVER_ERROR, SERVER, None, "panic"),
             ApiError::Infer(e) => match e {
                 InferError::QueueFull { .. } => row(
                     S::TOO_MANY_REQUESTS,
@@ -306,6 +330,7 @@ impl ApiError {
             ApiError::RateLimited { retry_after, .. }
             | ApiError::Infer(InferError::QueueFull { retry_after, .. }) => Some(*retry_after),
             ApiError::Infer(InferError::NotReady) => Some(Duration::from_secs(1)),
+            ApiError::NoThreads => Some(NO_THREADS_RETRY_AFTER),
             ApiError::Infer(InferError::InputMemoryFull { .. }) => Some(super::inputs::RETRY_AFTER),
             _ => None,
         }

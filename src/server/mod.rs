@@ -203,6 +203,30 @@ async fn every<F: Future<Output = ()>>(period: Duration, mut each: impl FnMut() 
     }
 }
 
+/// How long an idle thread of the runtime's blocking pool lives before it exits (tokio's
+/// default, set explicitly on `serve`'s runtime).
+pub const BLOCKING_THREAD_KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+/// Keeps at least one thread in the runtime's blocking pool (which encodes images, tokenises
+/// prompts and waits on the disk). When the process is at its limit on threads (a container's
+/// pids limit, `ulimit -u`), tokio queues a blocking task on the threads it has, but panics
+/// when it has none, and an idle server's pool empties after [`BLOCKING_THREAD_KEEP_ALIVE`]: the
+/// next request would then fail. A no-op task more often than that keeps one thread alive.
+async fn keep_a_blocking_thread() {
+    let keep = || {
+        let spawned = std::panic::catch_unwind(|| drop(tokio::task::spawn_blocking(|| {})));
+        if spawned.is_err() {
+            tracing::warn!(
+                "cannot start a thread: the process is at its limit on threads or processes \
+                 (a container's pids limit, ulimit -u)"
+            );
+        }
+        std::future::ready(())
+    };
+    keep().await;
+    every(BLOCKING_THREAD_KEEP_ALIVE / 3, keep).await
+}
+
 /// Looks at `--api-keys-file` every `keys_reload_interval` and uses it once it changed.
 async fn watch_keys_file(app: Arc<App>) {
     every(app.config.auth.keys_reload_interval, || {
@@ -388,6 +412,7 @@ pub async fn serve(
         tokio::spawn(watch_keys_file(app.clone()));
     }
     tokio::spawn(reload_on_hangup(app.clone(), tls.clone()));
+    tokio::spawn(keep_a_blocking_thread());
 
     let n_workers = workers.len();
     let mut ready = Vec::new();

@@ -119,6 +119,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(catch_panic))
         .layer(middleware::from_fn_with_state(app.clone(), watch_body))
         .layer(middleware::from_fn_with_state(app.clone(), count_requests));
     // Without origins no CORS layer at all: no headers added, and OPTIONS stays a 405.
@@ -173,6 +174,46 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
         )
         .max_age(std::time::Duration::from_secs(600));
     Some(layer)
+}
+
+/// A handler that panics still answers, in OpenAI's shape, rather than closing its connection
+/// with no response: 503 with `Retry-After` when the panic is the runtime failing to start a
+/// thread (the process at its pids or thread limit: tokio panics where it has no thread at all
+/// to run a blocking task on), 500 for anything else (a bug). Other requests are not affected
+/// either way.
+async fn catch_panic(req: Request, next: Next) -> Response {
+    match CatchUnwind(Box::pin(next.run(req))).await {
+        Ok(response) => response,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            if message.contains("can't spawn worker thread") {
+                tracing::warn!("{message}: refused the request with 503");
+                ApiError::NoThreads.into_response()
+            } else {
+                ApiError::Panicked(message.to_string()).into_response()
+            }
+        }
+    }
+}
+
+/// A future that gives a panic of its poll back as an error.
+struct CatchUnwind<F>(Pin<Box<F>>);
+
+impl<F: std::future::Future> std::future::Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn std::any::Any + Send>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
 }
 
 async fn request_id(mut req: Request, next: Next) -> Response {
@@ -1750,4 +1791,70 @@ fn url_base(app: &App, headers: &HeaderMap) -> String {
         "http"
     };
     format!("{scheme}://{host}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt as _;
+
+    /// A handler that panics is answered in OpenAI's shape: 503 with `Retry-After` when the
+    /// runtime could not start a thread, 500 naming the panic otherwise.
+    #[tokio::test]
+    async fn a_panicking_handler_still_answers() {
+        let app = Router::new()
+            .route(
+                "/threads",
+                get(|| async {
+                    if true {
+                        panic!("OS can't spawn worker thread: Resource temporarily unavailable")
+                    }
+                    "unreached"
+                }),
+            )
+            .route(
+                "/bug",
+                get(|| async {
+                    if true {
+                        panic!("index out of bounds")
+                    }
+                    "unreached"
+                }),
+            )
+            .route("/fine", get(|| async { "fine" }))
+            .layer(middleware::from_fn(catch_panic));
+        let call = |path: &'static str| {
+            let app = app.clone();
+            async move {
+                let r = app
+                    .oneshot(Request::get(path).body(Body::empty()).unwrap())
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let retry = r
+                    .headers()
+                    .get(header::RETRY_AFTER)
+                    .map(|v| v.to_str().unwrap().to_string());
+                let body = r.into_body().collect().await.unwrap().to_bytes();
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                (status, retry, v)
+            }
+        };
+        let (status, retry, v) = call("/threads").await;
+        assert_eq!((status, retry.as_deref()), (503, Some("1")), "{v}");
+        assert_eq!(v["error"]["code"], "server_overloaded");
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limit on threads"));
+        let (status, retry, v) = call("/bug").await;
+        assert_eq!((status, retry), (500, None), "{v}");
+        assert_eq!(v["error"]["type"], "server_error");
+        assert!(v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("(index out of bounds)"));
+        let (status, _, _) = call("/fine").await;
+        assert_eq!(status, 200);
+    }
 }
