@@ -148,15 +148,21 @@ pub struct HttpArgs {
     /// no task, and does not hold up a shutdown's drain.
     #[arg(long, env = "TURBINE_REQUEST_BODY_TIMEOUT", default_value_t = 60)]
     pub request_body_timeout: u64,
-    /// Seconds a connection may take to send a request's head (HTTP/1), idle keep-alive time
-    /// between requests included, or a TLS handshake; after that it is closed. Bounds
-    /// connections that open and send nothing, or a head byte by byte; a request being served
-    /// is not cut. HTTP/2 connections with no request open that long are closed too, and those
-    /// with requests open are pinged every half of it; HTTP/1 ones get TCP keep-alive probes
-    /// (a vanished client is dropped within about this). On Linux, a client that takes none of
-    /// its response for this long is disconnected too (TCP_USER_TIMEOUT).
+    /// Seconds a connection may take to send a request's head (HTTP/1), from its start or from
+    /// the head's first byte, or a TLS handshake; after that it is closed. Bounds connections
+    /// that open and send nothing, or a head byte by byte; a request being served is not cut.
+    /// HTTP/2 connections with requests open are pinged every half of it; HTTP/1 ones get TCP
+    /// keep-alive probes (a vanished client is dropped within about this). On Linux, a client
+    /// that takes none of its response for this long is disconnected too (TCP_USER_TIMEOUT).
     #[arg(long, env = "TURBINE_HEADER_READ_TIMEOUT", default_value_t = 60)]
     pub header_read_timeout: u64,
+    /// Seconds a keep-alive connection may stay idle between requests (HTTP/1), or with no
+    /// request open (HTTP/2), before the server closes it. Longer than the idle timeout of
+    /// what sits in front (AWS ALB: 60 s; nginx upstream keep-alive: 60 s; Google Cloud's load
+    /// balancers want over 600 s), so that the balancer, not the server, closes an idle
+    /// connection.
+    #[arg(long, env = "TURBINE_KEEP_ALIVE_TIMEOUT", default_value_t = 75)]
+    pub keep_alive_timeout: u64,
     /// Seconds a generation request may take from arrival to its last image; after that it
     /// gets 503 and its images that have not started leave the queue.
     #[arg(long, env = "TURBINE_REQUEST_TIMEOUT", default_value_t = 300)]
@@ -362,6 +368,7 @@ impl Args {
                 max_upload_bytes: self.http.max_upload_bytes,
                 body_timeout: Duration::from_secs(self.http.request_body_timeout),
                 header_timeout: Duration::from_secs(self.http.header_read_timeout),
+                keep_alive_timeout: Duration::from_secs(self.http.keep_alive_timeout),
                 default_response_format,
             },
             batching: BatchingConfig {
@@ -671,6 +678,33 @@ mod tests {
             ])
             .unwrap(),
             Some(100_000_000)
+        );
+    }
+
+    #[test]
+    fn keep_alive_timeout_is_apart_from_the_header_read_timeout() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["turbine"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv)
+                .map_err(|e| e.to_string())
+                .and_then(|cli| {
+                    cli.serve
+                        .config()
+                        .map(|c| (c.limits.header_timeout, c.limits.keep_alive_timeout))
+                        .map_err(|e| e.to_string())
+                })
+        };
+        let s = std::time::Duration::from_secs;
+        assert_eq!(parse(&[]).unwrap(), (s(60), s(75)));
+        assert_eq!(
+            parse(&["--keep-alive-timeout", "620"]).unwrap(),
+            (s(60), s(620))
+        );
+        let e = parse(&["--keep-alive-timeout", "0"]).unwrap_err();
+        assert!(
+            e.contains("--keep-alive-timeout must be at least 1 second"),
+            "{e}"
         );
     }
 }

@@ -69,9 +69,11 @@ pub struct RequestLimits {
     pub max_upload_bytes: usize,
     /// The longest a request's body may go without a byte arriving (408 after).
     pub body_timeout: Duration,
-    /// The longest a connection may take to send a request's head, idle keep-alive time
-    /// between requests included (closed after).
+    /// The longest a connection may take to send a request's head, from its start or from the
+    /// head's first byte (closed after).
     pub header_timeout: Duration,
+    /// The longest a keep-alive connection may stay idle between requests (closed after).
+    pub keep_alive_timeout: Duration,
     pub default_response_format: ResponseFormat,
 }
 
@@ -205,6 +207,7 @@ impl Default for ServerConfig {
                 max_upload_bytes: 32 << 20,
                 body_timeout: Duration::from_secs(60),
                 header_timeout: Duration::from_secs(60),
+                keep_alive_timeout: Duration::from_secs(75),
                 default_response_format: ResponseFormat::B64Json,
             },
             batching: BatchingConfig {
@@ -311,6 +314,10 @@ impl ServerConfig {
             "--header-read-timeout must be at least 1 second"
         );
         ensure!(
+            l.keep_alive_timeout >= Duration::from_secs(1),
+            "--keep-alive-timeout must be at least 1 second"
+        );
+        ensure!(
             self.files.max_file_bytes >= 1024,
             "--max-file-bytes must be at least 1024"
         );
@@ -339,6 +346,7 @@ impl ServerConfig {
             ("--request-timeout", b.request_timeout),
             ("--request-body-timeout", l.body_timeout),
             ("--header-read-timeout", l.header_timeout),
+            ("--keep-alive-timeout", l.keep_alive_timeout),
             ("--max-batch-delay-ms", b.max_batch_delay),
             ("--priority-aging-secs", b.priority_aging),
             ("--image-url-ttl-secs", self.store.ttl),

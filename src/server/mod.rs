@@ -714,6 +714,10 @@ async fn serve_http(
     stop: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let header_timeout = app.config.limits.header_timeout;
+    let timeouts = Timeouts {
+        head: header_timeout,
+        keep_alive: app.config.limits.keep_alive_timeout,
+    };
     app.metrics.set_connections_max(max_connections);
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     // When the limit was last logged: once a minute at most, however often it is reached.
@@ -780,8 +784,7 @@ async fn serve_http(
                     }
                     _ = closing.changed() => return,
                 };
-                let io = hyper_util::rt::TokioIo::new(stream);
-                return serve_connection(io, router, h2, header_timeout, closing).await;
+                return serve_connection(stream, router, h2, timeouts, closing).await;
             };
             let mut plain = false;
             let accepted = tokio::select! {
@@ -802,8 +805,7 @@ async fn serve_http(
                 }
             };
             let h2 = accepted.get_ref().1.alpn_protocol() == Some(b"h2");
-            let io = hyper_util::rt::TokioIo::new(accepted);
-            serve_connection(io, router, h2, header_timeout, closing).await;
+            serve_connection(accepted, router, h2, timeouts, closing).await;
         });
     }
     drop(listener);
@@ -813,22 +815,39 @@ async fn serve_http(
     Ok(())
 }
 
+/// A connection's timers: `--header-read-timeout` and `--keep-alive-timeout`.
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    /// The longest a request's head may take, from the connection's start or from the first
+    /// byte after it was idle.
+    head: Duration,
+    /// The longest a connection may stay idle (no request open, nothing sent) after a request.
+    keep_alive: Duration,
+}
+
 /// Serves one connection's requests, in HTTP/2 if `h2` (its preface or its ALPN said so) or
 /// HTTP/1.1, until it closes, or until `closing` changes and its requests under way are done.
 ///
-/// `header_timeout` bounds idleness in both: hyper's header read timeout in HTTP/1 (a head, or
-/// keep-alive time between requests), and here, for HTTP/2, time with no request open (the
-/// connection then gets a GOAWAY and closes, as nginx's and envoy's idle timeouts do; clients
-/// open a new one when they need it). An HTTP/2 connection is also pinged every half of it, and
-/// closed if an answer takes over a third of it: a client that vanished (its host gone, no FIN)
-/// is noticed within a minute by default, and its queued images are dropped as for a client that
-/// hung up, instead of after TCP's retransmission timeout (about 15 minutes). (HTTP/1 has no
-/// ping: its connections get TCP keep-alive instead, [`tcp_keepalive`].)
+/// Idle time and a head's time are bounded apart, as nginx's `keepalive_timeout` and
+/// `client_header_timeout` (and Go's `IdleTimeout` and `ReadHeaderTimeout`) are. A keep-alive
+/// connection may idle between requests for `keep_alive` (longer than the load balancers'
+/// own idle timeouts by default, so that they, not the server, close an idle connection: a
+/// server that closes first races the balancer's next request on it, which the balancer then
+/// answers 502); a request's head must come whole within `head` of the connection's start or
+/// of its first byte (a connection that sends nothing, or a head byte by byte, is closed). In
+/// HTTP/1 both are this function's ([`h1_expired`]; hyper's own header timer counts idle time
+/// as head time); in HTTP/2 a connection with no request open for `keep_alive` gets a GOAWAY and
+/// closes, as nginx's and envoy's idle timeouts do (clients open a new one when they need it).
+/// An HTTP/2 connection is also pinged every half of `head`, and closed if an answer takes over
+/// a third of it: a client that vanished (its host gone, no FIN) is noticed within a minute by
+/// default, and its queued images are dropped as for a client that hung up, instead of after
+/// TCP's retransmission timeout (about 15 minutes). (HTTP/1 has no ping: its connections get
+/// TCP keep-alive instead, [`tcp_keepalive`].)
 async fn serve_connection<I>(
-    io: hyper_util::rt::TokioIo<I>,
+    stream: I,
     router: Router,
     h2: bool,
-    header_timeout: Duration,
+    timeouts: Timeouts,
     mut closing: tokio::sync::watch::Receiver<bool>,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -837,6 +856,10 @@ async fn serve_connection<I>(
     use hyper_util::server::conn::auto::Builder;
 
     let activity = Arc::new(Activity::default());
+    let io = hyper_util::rt::TokioIo::new(Reads {
+        inner: stream,
+        activity: activity.clone(),
+    });
     let service = hyper_util::service::TowerToHyperService::new(Tracked {
         router,
         activity: activity.clone(),
@@ -850,33 +873,41 @@ async fn serve_connection<I>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(None);
     builder
         .http2()
         .timer(TokioTimer::new())
-        .keep_alive_interval(header_timeout / 2)
-        .keep_alive_timeout(header_timeout / 3);
+        .keep_alive_interval(timeouts.head / 2)
+        .keep_alive_timeout(timeouts.head / 3);
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    let idle = async {
-        if h2 {
-            activity.idle_for(header_timeout).await
-        } else {
-            std::future::pending().await
+    if !h2 {
+        // After a shutdown began too: a head that stalls does not hold up the drain.
+        let expired = activity.h1_expired(timeouts);
+        tokio::pin!(expired);
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            () = &mut expired => return,
+            _ = closing.changed() => conn.as_mut().graceful_shutdown(),
         }
-    };
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            () = expired => {}
+        }
+        return;
+    }
     tokio::select! {
         _ = conn.as_mut() => return,
         _ = closing.changed() => conn.as_mut().graceful_shutdown(),
-        () = idle => {
-            tracing::debug!("closing an HTTP/2 connection idle for --header-read-timeout");
+        () = activity.idle_for(timeouts.keep_alive) => {
+            tracing::debug!("closing an HTTP/2 connection idle for --keep-alive-timeout");
             conn.as_mut().graceful_shutdown();
             // HTTP/2's graceful close waits for the client to answer a ping; one that does not
             // (mute, or gone) would hold the connection until the keep-alive timeout. It is
             // dropped once idle that long again (a request it opened meanwhile runs to its end).
             tokio::select! {
                 _ = conn.as_mut() => {}
-                () = activity.idle_for(header_timeout) => {}
+                () = activity.idle_for(timeouts.head) => {}
             }
             return;
         }
@@ -884,19 +915,137 @@ async fn serve_connection<I>(
     let _ = conn.await;
 }
 
+/// A connection's transport, telling its [`Activity`] of the bytes read.
+struct Reads<I> {
+    inner: I,
+    activity: Arc<Activity>,
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Reads<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.activity.read();
+        }
+        polled
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Reads<I> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// The requests a connection has open: from the call of the service to the drop of the
 /// response's body (its last byte sent, or the stream reset).
-#[derive(Default)]
 struct Activity {
     open: AtomicUsize,
     changed: Notify,
+    /// Since when the connection has had no request open (its start, at first), and since when
+    /// the bytes of a next request have been arriving (`None`: none since).
+    times: std::sync::Mutex<(Instant, Option<Instant>)>,
+    /// Whether it has had a request (its idle time is then keep-alive time).
+    served: std::sync::atomic::AtomicBool,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            open: AtomicUsize::new(0),
+            changed: Notify::new(),
+            times: std::sync::Mutex::new((Instant::now(), None)),
+            served: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
 }
 
 impl Activity {
     fn begin(self: &Arc<Self>) -> ActiveRequest {
         self.open.fetch_add(1, Ordering::AcqRel);
+        self.served.store(true, Ordering::Release);
+        self.times().1 = None;
         self.changed.notify_waiters();
         ActiveRequest(self.clone())
+    }
+
+    fn times(&self) -> std::sync::MutexGuard<'_, (Instant, Option<Instant>)> {
+        self.times.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes arrived: with no request open, a next request's head has begun.
+    fn read(&self) {
+        if self.open.load(Ordering::Acquire) == 0 {
+            let mut times = self.times();
+            if times.1.is_none() {
+                times.1 = Some(Instant::now());
+                drop(times);
+                self.changed.notify_waiters();
+            }
+        }
+    }
+
+    /// Resolves once an HTTP/1 connection should be closed: a head not whole within
+    /// `timeouts.head` of the connection's start (its first head) or of its first byte (a later
+    /// one), or no request within `timeouts.keep_alive` of the last one's end. Never while a
+    /// request is open.
+    async fn h1_expired(&self, timeouts: Timeouts) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.open.load(Ordering::Acquire) > 0 {
+                changed.await;
+                continue;
+            }
+            let (idle_since, head_since) = *self.times();
+            // A new connection's first head counts from its start; a later one from its first
+            // byte, after keep-alive time.
+            let deadline = match head_since {
+                _ if !self.served.load(Ordering::Acquire) => idle_since + timeouts.head,
+                Some(t) => t + timeouts.head,
+                None => idle_since + timeouts.keep_alive,
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline.into()) => return,
+                _ = changed => {}
+            }
+        }
     }
 
     /// Resolves once no request has been open for `d`.
@@ -922,7 +1071,11 @@ struct ActiveRequest(Arc<Activity>);
 
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
-        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        let mut times = self.0.times();
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *times = (Instant::now(), None);
+        }
+        drop(times);
         self.0.changed.notify_waiters();
     }
 }

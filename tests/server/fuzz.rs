@@ -1533,11 +1533,12 @@ fn a_stalled_body_gets_408_and_a_slow_one_is_read() {
     }
 }
 
-/// A server whose `--header-read-timeout` is 1 s and whose batches take 150 ms (one image each),
-/// so that a request of ten images outlasts the timeout.
+/// A server whose `--header-read-timeout` and `--keep-alive-timeout` are 1 s and whose batches
+/// take 150 ms (one image each), so that a request of ten images outlasts the timeouts.
 fn slow_server_timing_out_in_a_second() -> TestServer {
     let mut config = test_config();
     config.limits.header_timeout = std::time::Duration::from_secs(1);
+    config.limits.keep_alive_timeout = std::time::Duration::from_secs(1);
     config.batching.max_batch_size = 1;
     TestServer::start_with(config, |p| Box::new(super::Slow(p)))
 }
@@ -1798,6 +1799,84 @@ fn idle_and_stalled_connections_are_closed() {
 
     // Every connection but the scrape's own is closed once idle.
     s.wait_metric("turbine_http_connections", |v| v == 1.0);
+}
+
+/// `--keep-alive-timeout` apart from `--header-read-timeout` (here 3 s and 1 s): a keep-alive
+/// connection idle for longer than the head's bound but within its own serves its next request
+/// (a load balancer whose idle timeout is the server's head bound would otherwise race the
+/// server's close with its next request, and answer 502); one idle past it is closed; a head
+/// begun after idling must still come whole within 1 s of its first byte, and a new connection
+/// that sends nothing is closed after 1 s. Over HTTP/2, the GOAWAY comes after the keep-alive
+/// time too.
+#[test]
+fn keep_alive_idle_time_is_bounded_apart_from_a_heads_time() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let mut config = test_config();
+    config.limits.header_timeout = Duration::from_secs(1);
+    config.limits.keep_alive_timeout = Duration::from_secs(3);
+    let s = TestServer::start(config);
+    let closed_after = |stream: &mut std::net::TcpStream, since: Instant| {
+        let mut rest = Vec::new();
+        if let Err(e) = stream.read_to_end(&mut rest) {
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+        }
+        since.elapsed()
+    };
+    let get = b"GET /health HTTP/1.1\r\nhost: t\r\n\r\n";
+
+    // Idle 2 s between requests: past the head's bound, within keep-alive. Served.
+    let mut conn = std::io::BufReader::new(s.raw());
+    let (head, _) = exchange(&mut conn, get);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    std::thread::sleep(Duration::from_secs(2));
+    let (head, _) = exchange(&mut conn, get);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    // Then half a head, after a short idle: closed about 1 s after its first byte.
+    std::thread::sleep(Duration::from_millis(500));
+    conn.get_mut()
+        .write_all(b"GET /health HTTP/1.1\r\nhost:")
+        .unwrap();
+    let took = closed_after(conn.get_mut(), Instant::now());
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
+
+    // Idle after its answer: closed once the keep-alive time is up.
+    let mut conn = std::io::BufReader::new(s.raw());
+    let (head, _) = exchange(&mut conn, get);
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let took = closed_after(conn.get_mut(), Instant::now());
+    assert!(
+        took >= Duration::from_millis(2900) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+
+    // A new connection that sends nothing: the head's bound.
+    let started = Instant::now();
+    let took = closed_after(&mut s.raw(), started);
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
+
+    // HTTP/2: idle after its request, the GOAWAY comes after the keep-alive time.
+    with_h2(&s, |addr, client, connection| async move {
+        let connection = tokio::spawn(connection);
+        let json = serde_json::to_vec(&json!({"prompt": "h2", "size": "64x64"})).unwrap();
+        let (client, response, _) = h2_post(client, &addr, "application/json", json, false).await;
+        assert_eq!(h2_body(response).await.0, 200);
+        let idle = Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(120), connection).await;
+        assert!(ended.is_ok(), "the idle HTTP/2 connection was not closed");
+        let took = idle.elapsed();
+        assert!(
+            took >= Duration::from_millis(2900) && took < Duration::from_secs(10),
+            "{took:?}"
+        );
+        drop(client);
+    });
 }
 
 /// `--max-connections`: with that many open (here 3: the test client's pooled one and two raw
