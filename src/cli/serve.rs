@@ -637,20 +637,18 @@ mod tests {
         }
     }
 
+    /// `turbine ARGS`' server config, or the error that stops it.
+    fn config_of(args: &[&str]) -> Result<crate::server::ServerConfig, String> {
+        let mut argv = vec!["turbine"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())
+            .and_then(|cli| cli.serve.config().map_err(|e| e.to_string()))
+    }
+
     #[test]
     fn max_buffered_input_bytes_is_auto_or_room_for_one_edit() {
-        let parse = |args: &[&str]| {
-            let mut argv = vec!["turbine"];
-            argv.extend_from_slice(args);
-            Cli::try_parse_from(argv)
-                .map_err(|e| e.to_string())
-                .and_then(|cli| {
-                    cli.serve
-                        .config()
-                        .map(|c| c.max_buffered_input)
-                        .map_err(|e| e.to_string())
-                })
-        };
+        let parse = |args: &[&str]| config_of(args).map(|c| c.max_buffered_input);
         assert_eq!(parse(&[]).unwrap(), None);
         assert_eq!(
             parse(&["--max-buffered-input-bytes", "auto"]).unwrap(),
@@ -684,16 +682,7 @@ mod tests {
     #[test]
     fn keep_alive_timeout_is_apart_from_the_header_read_timeout() {
         let parse = |args: &[&str]| {
-            let mut argv = vec!["turbine"];
-            argv.extend_from_slice(args);
-            Cli::try_parse_from(argv)
-                .map_err(|e| e.to_string())
-                .and_then(|cli| {
-                    cli.serve
-                        .config()
-                        .map(|c| (c.limits.header_timeout, c.limits.keep_alive_timeout))
-                        .map_err(|e| e.to_string())
-                })
+            config_of(args).map(|c| (c.limits.header_timeout, c.limits.keep_alive_timeout))
         };
         let s = std::time::Duration::from_secs;
         assert_eq!(parse(&[]).unwrap(), (s(60), s(75)));
