@@ -2310,6 +2310,33 @@ fn sigterm_stops_accepting_and_drains_queued_work_then_exits_zero() {
     assert_eq!(p.exit_code(), Some(0));
 }
 
+/// A shutdown is not held up by connections with no request open: an idle keep-alive one closes
+/// at once, and one whose head is still on its way (a stalled or slow client) gets 2 s for it.
+/// Before, a stalled head held the drain for the whole `--shutdown-grace-secs`.
+#[test]
+fn a_stalled_head_does_not_hold_up_a_shutdown() {
+    let mut p = ServerProcess::start(&["--shutdown-grace-secs", "120"]);
+    let addr = p.base.trim_start_matches("http://").to_string();
+    let mut idle = TcpStream::connect(&addr).unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nhost: t\r\n\r\n")
+        .unwrap();
+    let mut answer = [0u8; 12];
+    idle.read_exact(&mut answer).unwrap();
+    assert_eq!(&answer, b"HTTP/1.1 200");
+    let mut half = TcpStream::connect(&addr).unwrap();
+    half.write_all(b"POST /v1/images/generations HTTP/1.1\r\nhost: t\r\ncontent-")
+        .unwrap();
+    // Both accepted (the scrape's own connection is the third).
+    while metric_in(&p.metrics(), "turbine_http_connections") < 3.0 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let signalled = Instant::now();
+    p.terminate();
+    assert_eq!(p.exit_code(), Some(0));
+    let took = signalled.elapsed();
+    assert!(took < Duration::from_secs(20), "the shutdown took {took:?}");
+}
+
 /// Under a systemd unit with `Type=notify`: the server says READY=1 when it is (its `/health`
 /// answers 200 from then on), and STOPPING=1 when SIGTERM comes, each with a STATUS line for
 /// `systemctl status`.

@@ -815,6 +815,10 @@ async fn serve_http(
     Ok(())
 }
 
+/// Once a shutdown began, how long an HTTP/1 connection with no request open may still take to
+/// send the head it began.
+const SHUTDOWN_HEAD_WAIT: Duration = Duration::from_secs(2);
+
 /// A connection's timers: `--header-read-timeout` and `--keep-alive-timeout`.
 #[derive(Debug, Clone, Copy)]
 struct Timeouts {
@@ -835,7 +839,7 @@ struct Timeouts {
 /// server that closes first races the balancer's next request on it, which the balancer then
 /// answers 502); a request's head must come whole within `head` of the connection's start or
 /// of its first byte (a connection that sends nothing, or a head byte by byte, is closed). In
-/// HTTP/1 both are this function's ([`h1_expired`]; hyper's own header timer counts idle time
+/// HTTP/1 both are this function's ([`Activity::h1_expired`]; hyper's own header timer counts idle time
 /// as head time); in HTTP/2 a connection with no request open for `keep_alive` gets a GOAWAY and
 /// closes, as nginx's and envoy's idle timeouts do (clients open a new one when they need it).
 /// An HTTP/2 connection is also pinged every half of `head`, and closed if an answer takes over
@@ -882,7 +886,6 @@ async fn serve_connection<I>(
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
     if !h2 {
-        // After a shutdown began too: a head that stalls does not hold up the drain.
         let expired = activity.h1_expired(timeouts);
         tokio::pin!(expired);
         tokio::select! {
@@ -890,9 +893,14 @@ async fn serve_connection<I>(
             () = &mut expired => return,
             _ = closing.changed() => conn.as_mut().graceful_shutdown(),
         }
+        // Shutting down: a request open runs to its end; a connection with none open (hyper
+        // closes an idle one at once) whose head is still on its way gets
+        // [`SHUTDOWN_HEAD_WAIT`] for it, not the rest of its head's time: a stalled client must
+        // not hold up the drain for the whole grace.
         tokio::select! {
             _ = conn.as_mut() => {}
             () = expired => {}
+            () = activity.idle_for(SHUTDOWN_HEAD_WAIT) => {}
         }
         return;
     }
