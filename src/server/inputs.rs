@@ -124,8 +124,7 @@ impl InputMemory {
         self.metrics.buffered_input_wait();
         {
             let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
-            if logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                *logged = Some(Instant::now());
+            if super::warning_due(&mut logged, Instant::now()) {
                 tracing::warn!(
                     "{} MiB of request bodies and edit images are in memory \
                      (--max-buffered-input-bytes): new requests wait before their bodies are read",

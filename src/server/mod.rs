@@ -203,6 +203,16 @@ async fn every<F: Future<Output = ()>>(period: Duration, mut each: impl FnMut() 
     }
 }
 
+/// Whether a warning last given at `last` may be given again at `now` (at most one a minute, so
+/// that a condition that lasts does not flood the log); if so, `last` becomes `now`.
+pub(crate) fn warning_due(last: &mut Option<Instant>, now: Instant) -> bool {
+    let due = last.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(60));
+    if due {
+        *last = Some(now);
+    }
+    due
+}
+
 /// How long an idle thread of the runtime's blocking pool lives before it exits (tokio's
 /// default, set explicitly on `serve`'s runtime).
 pub const BLOCKING_THREAD_KEEP_ALIVE: Duration = Duration::from_secs(10);
@@ -731,8 +741,7 @@ async fn serve_http(
             Ok(slot) => slot,
             Err(_) => {
                 app.metrics.connection_limit_wait();
-                if limit_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                    limit_logged = Some(Instant::now());
+                if warning_due(&mut limit_logged, Instant::now()) {
                     tracing::warn!(
                         "{max_connections} connections open (--max-connections): new ones wait \
                          to be accepted until one closes"
@@ -986,19 +995,18 @@ struct Activity {
     open: AtomicUsize,
     changed: Notify,
     /// Since when the connection has had no request open (its start, at first), and since when
-    /// the bytes of a next request have been arriving (`None`: none since).
+    /// the head of its next request has been due (`None`: no byte of it since; a new
+    /// connection's first head is due from its start).
     times: std::sync::Mutex<(Instant, Option<Instant>)>,
-    /// Whether it has had a request (its idle time is then keep-alive time).
-    served: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Activity {
     fn default() -> Self {
+        let start = Instant::now();
         Activity {
             open: AtomicUsize::new(0),
             changed: Notify::new(),
-            times: std::sync::Mutex::new((Instant::now(), None)),
-            served: std::sync::atomic::AtomicBool::new(false),
+            times: std::sync::Mutex::new((start, Some(start))),
         }
     }
 }
@@ -1006,7 +1014,6 @@ impl Default for Activity {
 impl Activity {
     fn begin(self: &Arc<Self>) -> ActiveRequest {
         self.open.fetch_add(1, Ordering::AcqRel);
-        self.served.store(true, Ordering::Release);
         self.times().1 = None;
         self.changed.notify_waiters();
         ActiveRequest(self.clone())
@@ -1041,13 +1048,9 @@ impl Activity {
                 changed.await;
                 continue;
             }
-            let (idle_since, head_since) = *self.times();
-            // A new connection's first head counts from its start; a later one from its first
-            // byte, after keep-alive time.
-            let deadline = match head_since {
-                _ if !self.served.load(Ordering::Acquire) => idle_since + timeouts.head,
-                Some(t) => t + timeouts.head,
-                None => idle_since + timeouts.keep_alive,
+            let deadline = match *self.times() {
+                (_, Some(head_since)) => head_since + timeouts.head,
+                (idle_since, None) => idle_since + timeouts.keep_alive,
             };
             tokio::select! {
                 () = tokio::time::sleep_until(deadline.into()) => return,

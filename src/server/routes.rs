@@ -185,16 +185,12 @@ async fn catch_panic(req: Request, next: Next) -> Response {
     match CatchUnwind(Box::pin(next.run(req))).await {
         Ok(response) => response,
         Err(panic) => {
-            let message = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("a panic");
+            let message = super::worker::panic_message(&panic);
             if message.contains("can't spawn worker thread") {
                 tracing::warn!("{message}: refused the request with 503");
                 ApiError::NoThreads.into_response()
             } else {
-                ApiError::Panicked(message.to_string()).into_response()
+                ApiError::Panicked(message).into_response()
             }
         }
     }
@@ -1800,27 +1796,19 @@ mod tests {
 
     /// A handler that panics is answered in OpenAI's shape: 503 with `Retry-After` when the
     /// runtime could not start a thread, 500 naming the panic otherwise.
+    async fn no_thread() -> &'static str {
+        panic!("OS can't spawn worker thread: Resource temporarily unavailable")
+    }
+
+    async fn bug() -> &'static str {
+        panic!("index out of bounds")
+    }
+
     #[tokio::test]
     async fn a_panicking_handler_still_answers() {
         let app = Router::new()
-            .route(
-                "/threads",
-                get(|| async {
-                    if true {
-                        panic!("OS can't spawn worker thread: Resource temporarily unavailable")
-                    }
-                    "unreached"
-                }),
-            )
-            .route(
-                "/bug",
-                get(|| async {
-                    if true {
-                        panic!("index out of bounds")
-                    }
-                    "unreached"
-                }),
-            )
+            .route("/threads", get(no_thread))
+            .route("/bug", get(bug))
             .route("/fine", get(|| async { "fine" }))
             .layer(middleware::from_fn(catch_panic));
         let call = |path: &'static str| {

@@ -203,13 +203,7 @@ impl ImageStore {
 
     /// Whether a warning about images evicted unfetched is due at `now` (at most one a minute).
     pub fn warning_due(&mut self, now: Instant) -> bool {
-        let due = self
-            .warned_at
-            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(60));
-        if due {
-            self.warned_at = Some(now);
-        }
-        due
+        super::warning_due(&mut self.warned_at, now)
     }
 
     fn purge_expired(&mut self, now: Instant) {
