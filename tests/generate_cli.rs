@@ -570,3 +570,91 @@ fn json_logs_are_one_object_per_line() {
         stderr(&o)
     );
 }
+
+/// Text logs carry colours only for a person at a terminal. Written to a pipe or a file (a
+/// supervisor, journald, `docker logs`) they are plain text: an escape code makes journald keep a
+/// line as bytes (`journalctl` shows `[N blob data]`) and is noise in every collector. `NO_COLOR`
+/// turns them off at a terminal too.
+#[test]
+fn text_logs_are_coloured_only_at_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fox.png");
+    let tiny = tiny();
+    let command = |no_color: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_turbine"));
+        c.arg("generate")
+            .args(["--model-dir", tiny.to_str().unwrap(), "--size", "64x64"])
+            .args(["--prompt", "a fox", "--out", out.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .env_remove("TURBINE_LOG_FORMAT")
+            .env_remove("NO_COLOR");
+        if let Some(v) = no_color {
+            c.env("NO_COLOR", v);
+        }
+        c
+    };
+    let logged = |text: &str| {
+        assert!(text.contains("generated 1 image(s)"), "{text}");
+        text.contains('\x1b')
+    };
+
+    // To a pipe: no escapes, with or without NO_COLOR.
+    for no_color in [None, Some("1")] {
+        let o = command(no_color).output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(!logged(&stderr(&o)), "{:?}", stderr(&o));
+    }
+
+    // To a terminal (a pseudo-terminal here): coloured, unless NO_COLOR is set and not empty.
+    for (no_color, coloured) in [(None, true), (Some(""), true), (Some("1"), false)] {
+        let text = on_a_terminal(command(no_color));
+        assert_eq!(logged(&text), coloured, "NO_COLOR={no_color:?}: {text:?}");
+    }
+}
+
+/// Runs `c` with its stderr on a new pseudo-terminal and returns what it wrote there.
+fn on_a_terminal(mut c: Command) -> String {
+    use std::io::Read;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut primary, secondary) = {
+        let (mut p, mut s) = (-1, -1);
+        // SAFETY: openpty writes two new descriptors into p and s; the name, termios and
+        // window size are optional and not asked for.
+        let rc = unsafe {
+            libc::openpty(
+                &mut p,
+                &mut s,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both descriptors are open and owned by nothing else.
+        unsafe { (std::fs::File::from_raw_fd(p), OwnedFd::from_raw_fd(s)) }
+    };
+    let mut child = c
+        .stdout(std::process::Stdio::null())
+        .stderr(secondary)
+        .spawn()
+        .unwrap();
+    // The command's copy of the secondary end went with it: once it exits, reading the primary
+    // end ends (EIO) after what it wrote.
+    drop(c);
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match primary.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => break,
+            Err(e) => panic!("reading the terminal: {e}"),
+        }
+    }
+    assert!(
+        child.wait().unwrap().success(),
+        "{}",
+        String::from_utf8_lossy(&text)
+    );
+    String::from_utf8_lossy(&text).into_owned()
+}

@@ -5,6 +5,7 @@ pub mod download;
 pub mod generate;
 pub mod serve;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -70,6 +71,10 @@ pub fn init_tracing(format: LogFormat, buffer_bytes: usize) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour_logs(
+            std::io::stderr().is_terminal(),
+            std::env::var_os("NO_COLOR"),
+        ))
         .with_writer(crate::logging::QueuedStderr::start(buffer_bytes));
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -80,6 +85,14 @@ pub fn init_tracing(format: LogFormat, buffer_bytes: usize) {
             .with_span_list(false)
             .try_init(),
     };
+}
+
+/// Whether text logs carry colours (ANSI escapes): only on a terminal, and not with
+/// `NO_COLOR` set to anything (<https://no-color.org>). Elsewhere the escapes are noise: journald
+/// stores such a line as a byte array (`journalctl` shows `[N blob data]`), and `docker logs`,
+/// `kubectl logs` and the collectors behind them keep the bytes in every line.
+fn colour_logs(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// The longest the process waits at exit for its queued log lines to be written: stderr may be
