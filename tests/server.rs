@@ -58,7 +58,8 @@ type MakeBackend = Box<dyn FnOnce(Pipeline) -> Box<dyn ImageBackend> + Send>;
 struct TestServer {
     base: String,
     client: Client,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Each message is a stop signal (a second ends the drain at once).
+    stop: Option<tokio::sync::mpsc::UnboundedSender<()>>,
     thread: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
@@ -94,7 +95,7 @@ impl TestServer {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (stop_tx, mut stop_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -116,10 +117,8 @@ impl TestServer {
                         }
                     })
                     .collect();
-                turbine::server::serve(config, listener, specs, Some(tokens), async {
-                    let _ = stop_rx.await;
-                })
-                .await
+                let stop = futures_util::stream::poll_fn(move |cx| stop_rx.poll_recv(cx));
+                turbine::server::serve(config, listener, specs, Some(tokens), stop).await
             })
         });
         let server = TestServer {
@@ -2310,6 +2309,40 @@ fn sigterm_stops_accepting_and_drains_queued_work_then_exits_zero() {
     assert_eq!(p.exit_code(), Some(0));
 }
 
+/// Ctrl-C twice: the first drains, the second stops the process at once (not after the
+/// `--shutdown-grace-secs` of 600 here), answering the request under way 503.
+#[test]
+fn a_second_ctrl_c_stops_the_server_at_once() {
+    let mut p = ServerProcess::start(&["--shutdown-grace-secs", "600", "--max-image-side", "512"]);
+    let base = p.base.clone();
+    // Tens of seconds of work for the tiny model on a CPU.
+    let request = std::thread::spawn(move || {
+        let r = Client::builder()
+            .timeout(Duration::from_secs(600))
+            .build()
+            .unwrap()
+            .post(format!("{base}/v1/images/generations"))
+            .json(&json!({"prompt": "interrupted", "n": 4, "size": "512x512", "steps": 50}))
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    });
+    while metric_in(&p.metrics(), "turbine_http_requests_in_flight") < 1.0 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    p.signal("INT");
+    while p.health() != 503 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    p.signal("INT");
+    let (status, body) = request.join().unwrap();
+    let v = assert_openai_error(status, &body, 503, None, "after a second Ctrl-C");
+    assert_eq!(v["error"]["code"], "shutting_down");
+    assert_eq!(p.exit_code(), Some(0));
+    let log = p.log.lock().unwrap().join("\n");
+    assert!(log.contains("a second stop signal"), "{log}");
+}
+
 /// A shutdown is not held up by connections with no request open: an idle keep-alive one closes
 /// at once, and one whose head is still on its way (a stalled or slow client) gets 2 s for it.
 /// Before, a stalled head held the drain for the whole `--shutdown-grace-secs`.
@@ -4243,6 +4276,97 @@ impl ImageBackend for Slow {
         std::thread::sleep(Duration::from_millis(150));
         self.0.generate(settings, items, None)
     }
+}
+
+/// A server whose batches after the warm-up's wait at the [`Gated`] gate it returns, shut.
+fn gated_server(config: ServerConfig) -> (TestServer, Arc<std::sync::atomic::AtomicBool>) {
+    let gate = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let s = {
+        let gate = gate.clone();
+        TestServer::start_with(config, move |p| Box::new(Gated(p, gate)))
+    };
+    gate.store(false, std::sync::atomic::Ordering::Release);
+    (s, gate)
+}
+
+/// Stop signals the test sends itself; returns once the server's `serve` has returned.
+impl TestServer {
+    fn signal_stop(&self) {
+        self.stop.as_ref().unwrap().send(()).unwrap();
+    }
+
+    fn wait_stopped(&mut self) {
+        let result = self.thread.take().unwrap().join().unwrap();
+        result.unwrap();
+    }
+}
+
+/// Sends a generation (plain or streamed) from a thread; returns its status and body.
+fn send_in_background(s: &TestServer, body: Value) -> JoinHandle<(u16, String)> {
+    let (client, url) = (s.client.clone(), s.url("/v1/images/generations"));
+    std::thread::spawn(move || {
+        let r = client.post(url).json(&body).send().unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    })
+}
+
+/// When the shutdown's grace runs out, the requests still waiting for images are answered: 503
+/// `shutting_down` for a plain request, an `error` event ending a stream. Before, the process
+/// left with their connections closed unanswered, which a client cannot tell from a crash and
+/// most will not retry for a POST. The server stops while the batch still runs.
+#[test]
+fn requests_left_when_the_grace_runs_out_are_answered() {
+    let mut config = test_config();
+    config.shutdown_grace = Duration::from_secs(2);
+    let (mut s, gate) = gated_server(config);
+    let plain = send_in_background(&s, json!({"prompt": "left", "n": 2}));
+    let streamed = send_in_background(&s, json!({"prompt": "left", "stream": true}));
+    s.wait_metric("turbine_http_requests_in_flight", |v| v == 2.0);
+    s.signal_stop();
+    // The batch never runs: the gate stays shut until the server has stopped.
+    s.wait_stopped();
+
+    let (status, body) = plain.join().unwrap();
+    let v = assert_openai_error(status, &body, 503, None, "left by the shutdown");
+    assert_eq!(v["error"]["code"], "shutting_down");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("stopped before"),
+        "{v}"
+    );
+    let (status, body) = streamed.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    let events = sse_events(&body);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].0, "error");
+    assert_eq!(events[0].1["error"]["code"], "shutting_down");
+    gate.store(true, std::sync::atomic::Ordering::Release);
+}
+
+/// A second stop signal (a second Ctrl-C, `systemctl kill`, a supervisor that signals again)
+/// ends the drain at once instead of after the whole `--shutdown-grace-secs`: the requests
+/// under way are answered 503 and the server stops.
+#[test]
+fn a_second_stop_signal_ends_the_drain() {
+    let mut config = test_config();
+    config.shutdown_grace = Duration::from_secs(3600);
+    let (mut s, gate) = gated_server(config);
+    let plain = send_in_background(&s, json!({"prompt": "second"}));
+    s.wait_metric("turbine_http_requests_in_flight", |v| v == 1.0);
+    s.signal_stop();
+    // Draining: the request waits for its batch.
+    while s.client.get(s.url("/health")).send().unwrap().status() != 503 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(!plain.is_finished());
+    s.signal_stop();
+    s.wait_stopped();
+    let (status, body) = plain.join().unwrap();
+    let v = assert_openai_error(status, &body, 503, None, "after a second stop signal");
+    assert_eq!(v["error"]["code"], "shutting_down");
+    gate.store(true, std::sync::atomic::Ordering::Release);
 }
 
 /// `turbine_http_request_duration_seconds` times a request to its response's last byte: a

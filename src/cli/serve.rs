@@ -525,36 +525,53 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(&addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
-        crate::server::serve(config, listener, workers, Some(tokens), shutdown_signal()).await
+        crate::server::serve(config, listener, workers, Some(tokens), stop_signals()).await
     })
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// SIGINT (Ctrl-C) and SIGTERM, an item each time one comes: the first stops the server, a
+/// second ends its drain at once (as a second Ctrl-C is expected to). Listening starts here,
+/// so a signal that comes before the server polls the stream is kept.
+fn stop_signals() -> impl futures_util::Stream<Item = ()> + Send + 'static {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, Signal, SignalKind};
+        let listen = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("cannot listen for {name}: {e}");
+                None
+            }
+        };
+        async fn next(s: &mut Option<Signal>) -> Option<()> {
+            match s {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        }
+        let signals = (
+            listen(SignalKind::interrupt(), "SIGINT"),
+            listen(SignalKind::terminate(), "SIGTERM"),
+        );
+        futures_util::stream::unfold(signals, |(mut int, mut term)| async move {
+            let name = tokio::select! {
+                Some(()) = next(&mut int) => "SIGINT",
+                Some(()) = next(&mut term) => "SIGTERM",
+                else => return None,
+            };
+            tracing::info!("{name} received");
+            Some(((), (int, term)))
+        })
+    }
+    #[cfg(not(unix))]
+    futures_util::stream::unfold((), |()| async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::warn!("cannot listen for Ctrl-C: {e}");
-            std::future::pending::<()>().await;
+            return None;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!("cannot listen for SIGTERM: {e}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => tracing::info!("SIGINT received"),
-        _ = term => tracing::info!("SIGTERM received"),
-    }
+        tracing::info!("Ctrl-C received");
+        Some(((), ()))
+    })
 }
 
 #[cfg(test)]

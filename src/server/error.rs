@@ -56,6 +56,12 @@ pub enum InferError {
     InputMemoryFull { max_bytes: u64, waited: Duration },
     #[error("the server is shutting down and accepts no new requests")]
     ShuttingDown,
+    /// The shutdown stopped waiting for the work under way (its grace ran out, or a second
+    /// stop signal came) before this request's images were done.
+    #[error(
+        "the server is shutting down and stopped before this request's images were done; retry"
+    )]
+    StoppedFirst,
     #[error(transparent)]
     Backend(#[from] BackendError),
     #[error("encoding the image as {format} failed: {message}")]
@@ -287,7 +293,7 @@ impl ApiError {
                     Some("server_overloaded"),
                     "input_memory_full",
                 ),
-                InferError::ShuttingDown => row(
+                InferError::ShuttingDown | InferError::StoppedFirst => row(
                     S::SERVICE_UNAVAILABLE,
                     SERVER,
                     Some("shutting_down"),
@@ -451,6 +457,7 @@ mod tests {
                 503,
             ),
             (InferError::ShuttingDown.into(), 503),
+            (InferError::StoppedFirst.into(), 503),
             (InferError::NotReady.into(), 503),
             (
                 InferError::InputMemoryFull {

@@ -48,6 +48,8 @@ pub enum DropReason {
     RequestFailed,
     /// The device that was to run it became unusable (the request got `device_failed`).
     DeviceFailed,
+    /// The server's shutdown stopped waiting for it (the request got `shutting_down`).
+    Shutdown,
 }
 
 impl DropReason {
@@ -57,6 +59,7 @@ impl DropReason {
             DropReason::Timeout => "timeout",
             DropReason::RequestFailed => "request_failed",
             DropReason::DeviceFailed => "device_failed",
+            DropReason::Shutdown => "shutdown",
         }
     }
 }

@@ -41,6 +41,8 @@ pub mod webhooks;
 pub mod worker;
 
 use std::future::Future;
+
+use futures_util::{Stream, StreamExt};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -114,6 +116,10 @@ pub struct App {
     /// device finds the next batch queued while one runs, and the rest of the queue's capacity
     /// stays with interactive requests.
     pub batch_slots: Arc<tokio::sync::Semaphore>,
+    /// Cancelled when a shutdown stops waiting for the work under way (its grace ran out, or a
+    /// second stop signal came): requests still waiting for their images answer 503
+    /// `shutting_down` then, rather than losing their connection unanswered.
+    pub abandoned: tokio_util::sync::CancellationToken,
     phase: AtomicU8,
     next_request: AtomicU64,
     in_flight: AtomicUsize,
@@ -293,16 +299,18 @@ impl Drop for InFlight {
     }
 }
 
-/// Serves until `shutdown` resolves, then drains (see [`Phase::ShuttingDown`]) for at most
-/// `config.shutdown_grace` and returns. The listener accepts from the start, so `/health`
-/// answers 503 while the workers load their models and run their warm-up batch. Fails if a
-/// worker cannot load its model.
+/// Serves until `stop` yields (a stop signal), then drains (see [`Phase::ShuttingDown`]) for at
+/// most `config.shutdown_grace` and returns; a second item from `stop` ends the drain at once.
+/// Requests still waiting for images when the drain ends are answered 503 `shutting_down`
+/// within [`answer_time`] of it. The listener accepts from the start, so `/health` answers 503
+/// while the workers load their models and run their warm-up batch. Fails if a worker cannot
+/// load its model.
 pub async fn serve(
     config: ServerConfig,
     listener: tokio::net::TcpListener,
     workers: Vec<WorkerSpec>,
     tokens: Option<TokenCounter>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    stop: impl Stream<Item = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     config.check()?;
     anyhow::ensure!(!workers.is_empty(), "no device to serve from");
@@ -406,6 +414,7 @@ pub async fn serve(
         uploads,
         webhooks,
         batch_slots: Arc::new(tokio::sync::Semaphore::new(batch_slots)),
+        abandoned: tokio_util::sync::CancellationToken::new(),
         phase: AtomicU8::new(Phase::Loading as u8),
         next_request: AtomicU64::new(0),
         in_flight: AtomicUsize::new(0),
@@ -510,7 +519,7 @@ pub async fn serve(
         }
         Ok(())
     };
-    tokio::pin!(shutdown);
+    let mut stop = std::pin::pin!(stop);
     let mut all_failed = false;
     tokio::select! {
         r = loaded => {
@@ -525,11 +534,11 @@ pub async fn serve(
                 app.config.model.id
             ));
             tokio::select! {
-                _ = &mut shutdown => {}
+                Some(()) = stop.next() => {}
                 _ = every_device_failed(&health, &queue, n_workers) => all_failed = true,
             }
         }
-        _ = &mut shutdown => {}
+        Some(()) = stop.next() => {}
     }
 
     if all_failed {
@@ -558,14 +567,38 @@ pub async fn serve(
         "shutting down: finishing queued and running work"
     );
     let deadline = Instant::now() + grace;
-    if tokio::time::timeout(grace, app.wait_idle()).await.is_err() {
-        tracing::warn!("shutdown grace period over with requests still running; exiting anyway");
-    }
+    let answer = answer_time(grace);
+    // The work under way gets the grace but for the time to answer what it leaves.
+    let hurried = tokio::select! {
+        idle = tokio::time::timeout_at((deadline - answer).into(), app.wait_idle()) => {
+            if idle.is_err() {
+                tracing::warn!(
+                    requests = app.in_flight.load(Ordering::Acquire),
+                    "shutdown grace period over with requests still running: answering them 503 \
+                     and exiting"
+                );
+            }
+            false
+        }
+        Some(()) = stop.next() => {
+            tracing::warn!(
+                requests = app.in_flight.load(Ordering::Acquire),
+                "a second stop signal: not waiting for the running work; answering its requests \
+                 503 and exiting"
+            );
+            true
+        }
+    };
+    app.abandoned.cancel();
     let _ = stop_tx.send(());
-    // Idle keep-alive connections close at once; bound what is left by the grace period.
-    let rest = deadline
-        .saturating_duration_since(Instant::now())
-        .max(Duration::from_millis(100));
+    // The abandoned requests' answers go out, idle keep-alive connections close at once; what is
+    // left is bounded by the grace period (by the time to answer after a second signal).
+    let rest = if hurried {
+        answer
+    } else {
+        deadline.saturating_duration_since(Instant::now())
+    }
+    .max(Duration::from_millis(100));
     match tokio::time::timeout(rest, server).await {
         Ok(Ok(Ok(()))) | Err(_) => {}
         Ok(Ok(Err(e))) => return Err(anyhow::Error::new(e).context("HTTP server failed")),
@@ -584,6 +617,12 @@ pub async fn serve(
     }
     tracing::info!("shut down");
     Ok(())
+}
+
+/// The part of a shutdown's grace kept for answering the requests the drain gives up on (their
+/// 503 to write, their connections to close): a second, or a quarter of a shorter grace.
+pub fn answer_time(grace: Duration) -> Duration {
+    (grace / 4).min(Duration::from_secs(1))
 }
 
 /// `--max-buffered-input-bytes` as it applies here: `auto` resolved against the memory the

@@ -1348,7 +1348,14 @@ async fn generate(
         }
         Ok(())
     };
-    match tokio::time::timeout_at(deadline.into(), collect).await {
+    let collected = tokio::select! {
+        collected = tokio::time::timeout_at(deadline.into(), collect) => collected,
+        () = app.abandoned.cancelled() => {
+            guard.reason = Some(DropReason::Shutdown);
+            return Err(InferError::StoppedFirst.into());
+        }
+    };
+    match collected {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             guard.reason = Some(DropReason::RequestFailed);
@@ -1459,7 +1466,16 @@ impl ImageStream {
         let deadline = self.submitted.deadline;
         let timeout = self.app.config.batching.request_timeout;
         let outcome = loop {
-            let outcome = tokio::time::timeout_at(deadline.into(), self.submitted.rx.recv()).await;
+            let outcome = tokio::select! {
+                outcome = tokio::time::timeout_at(deadline.into(), self.submitted.rx.recv()) => {
+                    outcome
+                }
+                () = self.app.abandoned.cancelled() => {
+                    self.ended = true;
+                    self.submitted.guard.reason = Some(DropReason::Shutdown);
+                    return Some(self.error_event(&InferError::StoppedFirst.into()));
+                }
+            };
             if let Ok(Some(ItemOutcome {
                 index,
                 result: Ok(_),

@@ -420,7 +420,9 @@ impl Run {
                     }
                 }
                 Err(ApiError::Infer(InferError::Timeout { .. } | InferError::NotReady)) => {}
-                Err(ApiError::Infer(InferError::ShuttingDown)) => return Outcome::Stopped,
+                Err(ApiError::Infer(InferError::ShuttingDown | InferError::StoppedFirst)) => {
+                    return Outcome::Stopped
+                }
                 // The device it ran on failed (a fault, a stall): another device runs it again,
                 // or, with none left, the server after its restart (the batch resumes there).
                 Err(ApiError::Infer(InferError::Backend(BackendError::DeviceFailed {
