@@ -314,6 +314,70 @@ fn b64_json_response_has_the_openai_shape() {
     assert_eq!(images(&again)[0], img);
 }
 
+/// Behind a proxy that terminates HTTPS (a peer of `--forwarded-allow-ips`, by default one on
+/// the same host), image URLs are the ones the client can fetch: the proxy's scheme, host and
+/// path prefix, and after the prefix the server's own path. A peer not in the list cannot
+/// change them.
+#[test]
+fn image_urls_follow_a_trusted_proxys_forwarding_headers() {
+    let url_of = |s: &TestServer, headers: &[(&str, &str)]| -> String {
+        let mut r = s
+            .client
+            .post(s.url("/v1/images/generations"))
+            .json(&json!({"prompt": "proxied", "response_format": "url"}));
+        for (name, value) in headers {
+            r = r.header(*name, *value);
+        }
+        let v: Value = r.send().unwrap().json().unwrap();
+        v["data"][0]["url"].as_str().unwrap().to_string()
+    };
+    let s = TestServer::start(test_config());
+    let url = url_of(
+        &s,
+        &[
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "img.example.com"),
+            ("x-forwarded-prefix", "/turbine"),
+        ],
+    );
+    let path = url
+        .strip_prefix("https://img.example.com/turbine")
+        .unwrap_or_else(|| panic!("{url}"));
+    // What the proxy passes on once it has taken its prefix off is the image's own URL here.
+    let r = s.client.get(s.url(path)).send().unwrap();
+    assert_eq!(r.status(), 200, "{path}");
+    assert_eq!(r.headers()["content-type"], "image/png");
+    let url = url_of(
+        &s,
+        &[(
+            "forwarded",
+            "for=198.51.100.7;proto=https;host=img.example.com",
+        )],
+    );
+    assert!(
+        url.starts_with("https://img.example.com/v1/images/files/img_"),
+        "{url}"
+    );
+    let own = format!("{}/v1/images/files/img_", s.base);
+    assert!(url_of(&s, &[]).starts_with(&own));
+    drop(s);
+
+    let mut config = test_config();
+    config.forwarded_allow = turbine::server::config::ForwardedAllow::parse("10.0.0.0/8").unwrap();
+    let s = TestServer::start(config);
+    let own = format!("{}/v1/images/files/img_", s.base);
+    let url = url_of(
+        &s,
+        &[
+            ("forwarded", "proto=https;host=img.example.com"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "img.example.com"),
+            ("x-forwarded-prefix", "/turbine"),
+        ],
+    );
+    assert!(url.starts_with(&own), "{url}");
+}
+
 #[test]
 fn url_responses_serve_the_image_with_its_content_type() {
     let s = TestServer::start(test_config());

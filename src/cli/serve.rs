@@ -120,9 +120,21 @@ pub struct HttpArgs {
     pub port: u16,
     /// Base of the URLs returned for `response_format: "url"`, e.g. https://images.example.com
     /// behind a proxy. Default: http:// (https:// with --tls-cert-file) + the Host header of the
-    /// request.
+    /// request, or what a proxy of --forwarded-allow-ips says in its forwarding headers.
     #[arg(long, env = "TURBINE_PUBLIC_URL")]
     pub public_url: Option<String>,
+    /// Proxies whose forwarding headers (`Forwarded`, or `X-Forwarded-Proto`, `X-Forwarded-Host`
+    /// and `X-Forwarded-Prefix`) say how clients reached the server, for the URLs of
+    /// `response_format: "url"` behind a proxy that terminates HTTPS: addresses and networks,
+    /// comma-separated (10.0.0.0/8,::1), or * for any peer. Other peers' such headers are
+    /// ignored.
+    #[arg(
+        long,
+        env = "TURBINE_FORWARDED_ALLOW_IPS",
+        default_value = "127.0.0.1,::1",
+        value_parser = crate::server::config::ForwardedAllow::parse
+    )]
+    pub forwarded_allow_ips: crate::server::config::ForwardedAllow,
     /// Serve HTTPS with this certificate (PEM: the server's certificate, then its chain); needs
     /// --tls-key-file. The files are read again when they change (checked every 10 s, and on
     /// SIGHUP), so a renewed certificate needs no restart.
@@ -401,6 +413,7 @@ impl Args {
                 ..AuthConfig::default()
             },
             public_url: self.http.public_url.clone(),
+            forwarded_allow: self.http.forwarded_allow_ips.clone(),
             tls: match (&self.http.tls_cert_file, &self.http.tls_key_file) {
                 (Some(cert), Some(key)) => Some(TlsConfig {
                     client_ca_file: self.http.tls_client_ca_file.clone(),
@@ -593,6 +606,23 @@ mod tests {
         assert_eq!(config.model.aliases, defaults.model.aliases);
         assert_eq!(config.max_connections, defaults.max_connections);
         assert_eq!(config.max_buffered_input, defaults.max_buffered_input);
+        assert_eq!(config.forwarded_allow, defaults.forwarded_allow);
+    }
+
+    #[test]
+    fn forwarded_allow_ips_parse_from_the_command_line() {
+        use crate::server::config::ForwardedAllow;
+        let parse = |args: &[&str]| config_of(args).map(|c| c.forwarded_allow);
+        assert_eq!(
+            parse(&["--forwarded-allow-ips", "*"]).unwrap(),
+            ForwardedAllow::Any
+        );
+        assert_eq!(
+            parse(&["--forwarded-allow-ips", "10.0.0.0/8,::1"]).unwrap(),
+            ForwardedAllow::parse("10.0.0.0/8, ::1").unwrap()
+        );
+        let e = parse(&["--forwarded-allow-ips", "10.0.0.0/33"]).unwrap_err();
+        assert!(e.contains("--forwarded-allow-ips"), "{e}");
     }
 
     /// The systemd unit in scripts/deploy names options and variables that exist: its

@@ -153,8 +153,12 @@ pub struct ServerConfig {
     pub files: FilesConfig,
     pub auth: AuthConfig,
     /// Base of the URLs returned for `response_format: "url"` (e.g. `https://img.example.com`);
-    /// `None`: `http://` (`https://` with `tls`) + the request's `Host` header.
+    /// `None`: `http://` (`https://` with `tls`) + the request's `Host` header, or what a
+    /// proxy in `forwarded_allow` says in its forwarding headers.
     pub public_url: Option<String>,
+    /// The peers whose `Forwarded` / `X-Forwarded-Proto`, `-Host` and `-Prefix` headers are
+    /// believed (`--forwarded-allow-ips`); everyone else's are removed from their requests.
+    pub forwarded_allow: ForwardedAllow,
     /// HTTPS: the certificate and key (`--tls-cert-file`, `--tls-key-file`); `None`: plain HTTP.
     pub tls: Option<super::tls::TlsConfig>,
     /// After SIGTERM/SIGINT, how long queued and running work may take before the server exits.
@@ -233,6 +237,7 @@ impl Default for ServerConfig {
             },
             auth: AuthConfig::default(),
             public_url: None,
+            forwarded_allow: ForwardedAllow::default(),
             tls: None,
             shutdown_grace: Duration::from_secs(30),
             warmup_images: 0,
@@ -399,9 +404,87 @@ impl ServerConfig {
     }
 }
 
+/// The peers whose forwarding headers say how clients reached the server
+/// (`--forwarded-allow-ips`): `*`, or addresses and networks. As uvicorn's and gunicorn's
+/// option of the same name, the default is a proxy on the same host (127.0.0.1, ::1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardedAllow {
+    Any,
+    Nets(Vec<ipnet::IpNet>),
+}
+
+impl Default for ForwardedAllow {
+    fn default() -> Self {
+        Self::parse("127.0.0.1,::1").expect("the default parses: this is a bug")
+    }
+}
+
+impl ForwardedAllow {
+    /// `*`, or a comma-separated list of addresses (`10.0.0.5`, `::1`) and networks
+    /// (`10.0.0.0/8`); an empty list trusts no one.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.trim() == "*" {
+            return Ok(Self::Any);
+        }
+        let nets = s
+            .split(',')
+            .map(str::trim)
+            .filter(|item| !item.is_empty())
+            .map(|item| {
+                item.parse::<ipnet::IpNet>()
+                    .or_else(|_| item.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        format!(
+                            "{item:?} is not an IP address or network (e.g. 10.0.0.5, \
+                             10.0.0.0/8, ::1), nor *"
+                        )
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self::Nets(nets))
+    }
+
+    /// Whether a connection from `peer` may say how the client reached the server (an IPv4
+    /// peer on an IPv6 socket, `::ffff:a.b.c.d`, counts as its IPv4 address).
+    pub fn allows(&self, peer: std::net::IpAddr) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Nets(nets) => {
+                let peer = peer.to_canonical();
+                nets.iter().any(|n| n.contains(&peer))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarded_allow_ips_take_addresses_networks_or_any() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let default = ForwardedAllow::default();
+        assert!(default.allows(ip("127.0.0.1")));
+        assert!(default.allows(ip("::1")));
+        // An IPv4 client of a socket bound to `::`.
+        assert!(default.allows(ip("::ffff:127.0.0.1")));
+        assert!(!default.allows(ip("10.0.0.5")));
+
+        let nets = ForwardedAllow::parse(" 10.0.0.0/8, 192.168.1.7 ,fd00::/8").unwrap();
+        assert!(nets.allows(ip("10.200.3.4")));
+        assert!(nets.allows(ip("192.168.1.7")));
+        assert!(!nets.allows(ip("192.168.1.8")));
+        assert!(nets.allows(ip("fd12::5")));
+        assert!(!nets.allows(ip("127.0.0.1")));
+
+        assert_eq!(ForwardedAllow::parse("*").unwrap(), ForwardedAllow::Any);
+        assert!(ForwardedAllow::Any.allows(ip("203.0.113.9")));
+        let none = ForwardedAllow::parse("").unwrap();
+        assert!(!none.allows(ip("127.0.0.1")));
+        let e = ForwardedAllow::parse("10.0.0.0/8,proxy.internal").unwrap_err();
+        assert!(e.contains("\"proxy.internal\""), "{e}");
+    }
 
     #[test]
     fn defaults_pass_and_bad_settings_name_their_option() {

@@ -794,9 +794,9 @@ async fn serve_http(
                 }
             }
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors and the like: wait rather than spin. A peer that
                     // reset before it was accepted is no reason to wait.
@@ -813,6 +813,7 @@ async fn serve_http(
             () = &mut stop => break,
         };
         tcp_keepalive(&stream, header_timeout);
+        let forwarded = app.config.forwarded_allow.allows(peer.ip());
         let router = router.clone();
         let mut closing = closing_rx.clone();
         let open = Connection::open(app.clone());
@@ -832,7 +833,7 @@ async fn serve_http(
                     }
                     _ = closing.changed() => return,
                 };
-                return serve_connection(stream, router, h2, timeouts, closing).await;
+                return serve_connection(stream, router, h2, forwarded, timeouts, closing).await;
             };
             let mut plain = false;
             let accepted = tokio::select! {
@@ -853,7 +854,7 @@ async fn serve_http(
                 }
             };
             let h2 = accepted.get_ref().1.alpn_protocol() == Some(b"h2");
-            serve_connection(accepted, router, h2, timeouts, closing).await;
+            serve_connection(accepted, router, h2, forwarded, timeouts, closing).await;
         });
     }
     drop(listener);
@@ -879,6 +880,8 @@ struct Timeouts {
 
 /// Serves one connection's requests, in HTTP/2 if `h2` (its preface or its ALPN said so) or
 /// HTTP/1.1, until it closes, or until `closing` changes and its requests under way are done.
+/// Unless `forwarded` (its peer is in `--forwarded-allow-ips`), its requests' forwarding headers
+/// are removed.
 ///
 /// Idle time and a head's time are bounded apart, as nginx's `keepalive_timeout` and
 /// `client_header_timeout` (and Go's `IdleTimeout` and `ReadHeaderTimeout`) are. A keep-alive
@@ -899,6 +902,7 @@ async fn serve_connection<I>(
     stream: I,
     router: Router,
     h2: bool,
+    forwarded: bool,
     timeouts: Timeouts,
     mut closing: tokio::sync::watch::Receiver<bool>,
 ) where
@@ -915,6 +919,7 @@ async fn serve_connection<I>(
     let service = hyper_util::service::TowerToHyperService::new(Tracked {
         router,
         activity: activity.clone(),
+        forwarded,
     });
     let mut builder = Builder::new(TokioExecutor::new());
     builder = if h2 {
@@ -1135,6 +1140,9 @@ impl Drop for ActiveRequest {
 struct Tracked {
     router: Router,
     activity: Arc<Activity>,
+    /// Whether the peer may say how the client reached the server; if not, what its requests
+    /// say so is removed ([`routes::FORWARDING_HEADERS`]).
+    forwarded: bool,
 }
 
 impl<B> tower::Service<axum::http::Request<B>> for Tracked
@@ -1155,9 +1163,14 @@ where
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: axum::http::Request<B>) -> Self::Future {
         use http_body_util::BodyExt as _;
         use tower::ServiceExt as _;
+        if !self.forwarded {
+            for name in routes::FORWARDING_HEADERS {
+                req.headers_mut().remove(name);
+            }
+        }
         let active = self.activity.begin();
         let response = self.router.clone().oneshot(req);
         Box::pin(async move {

@@ -1786,29 +1786,183 @@ async fn drain(mut body: Body, mut seen: usize) {
     }
 }
 
-/// `--public-url`, or `http://` (`https://` when the server speaks it) + the `Host` the client
-/// used.
+/// The headers in which a proxy says how the client reached the server: RFC 7239's, and the
+/// de-facto `X-Forwarded-*` ones. Requests keep them only from a peer of
+/// `--forwarded-allow-ips`.
+pub(crate) const FORWARDING_HEADERS: [&str; 4] = [
+    "forwarded",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-forwarded-prefix",
+];
+
+/// How the client reached the server, as the proxy nearest to it says (the first element or
+/// value of each header: later ones are added by the proxies after it). A value that is not a
+/// scheme, a host or a path is not used.
+#[derive(Debug, Default, PartialEq)]
+struct Forwarding {
+    proto: Option<&'static str>,
+    host: Option<String>,
+    /// The path the proxy serves the API under (`/images`), without a trailing slash.
+    prefix: Option<String>,
+}
+
+impl Forwarding {
+    /// RFC 7239's `Forwarded` (`proto=` and `host=` of its first element) if it says either,
+    /// else `X-Forwarded-Proto` and `X-Forwarded-Host`; `X-Forwarded-Prefix` either way.
+    fn of(headers: &HeaderMap) -> Self {
+        let first = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(',').next())
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+        };
+        let proto = |v: &str| match v.to_ascii_lowercase().as_str() {
+            "http" => Some("http"),
+            "https" => Some("https"),
+            _ => None,
+        };
+        let host = |v: &str| {
+            let ok = v.len() <= 261
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-_:[]".contains(&b));
+            ok.then(|| v.to_string())
+        };
+        let (mut f_proto, mut f_host) = (None, None);
+        if let Some(element) = first("forwarded") {
+            for pair in element.split(';') {
+                let Some((key, value)) = pair.split_once('=') else {
+                    continue;
+                };
+                let value = value.trim().trim_matches('"');
+                match key.trim().to_ascii_lowercase().as_str() {
+                    "proto" => f_proto = proto(value),
+                    "host" => f_host = host(value),
+                    _ => {}
+                }
+            }
+        }
+        let (proto, host) = if f_proto.is_some() || f_host.is_some() {
+            (f_proto, f_host)
+        } else {
+            (
+                first("x-forwarded-proto").and_then(proto),
+                first("x-forwarded-host").and_then(host),
+            )
+        };
+        let prefix = first("x-forwarded-prefix")
+            .filter(|p| {
+                p.starts_with('/')
+                    && p.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-._~/%".contains(&b))
+            })
+            .map(|p| p.trim_end_matches('/').to_string())
+            .filter(|p| !p.is_empty());
+        Forwarding {
+            proto,
+            host,
+            prefix,
+        }
+    }
+}
+
+/// `--public-url`; or the scheme and host the client used (as a trusted proxy says, else
+/// `http://`, `https://` when the server speaks it, and the `Host` header), with the proxy's
+/// path prefix.
 fn url_base(app: &App, headers: &HeaderMap) -> String {
     if let Some(base) = &app.config.public_url {
         return base.trim_end_matches('/').to_string();
     }
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .filter(|h| !h.is_empty())
-        .unwrap_or("localhost");
-    let scheme = if app.config.tls.is_some() {
+    let forwarding = Forwarding::of(headers);
+    let host = forwarding.host.unwrap_or_else(|| {
+        headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .filter(|h| !h.is_empty())
+            .unwrap_or("localhost")
+            .to_string()
+    });
+    let scheme = forwarding.proto.unwrap_or(if app.config.tls.is_some() {
         "https"
     } else {
         "http"
-    };
-    format!("{scheme}://{host}")
+    });
+    let prefix = forwarding.prefix.unwrap_or_default();
+    format!("{scheme}://{host}{prefix}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use tower::ServiceExt as _;
+
+    fn forwarding(pairs: &[(&'static str, &str)]) -> Forwarding {
+        let mut headers = HeaderMap::new();
+        for (name, value) in pairs {
+            headers.append(*name, value.parse().unwrap());
+        }
+        Forwarding::of(&headers)
+    }
+
+    /// What a proxy says of how the client reached the server: the nearest proxy's word (the
+    /// first element or value), RFC 7239 before `X-Forwarded-*`, and nothing that is not a
+    /// scheme, a host or a path.
+    #[test]
+    fn forwarding_headers_are_read_as_the_nearest_proxy_wrote_them() {
+        let f =
+            |proto: Option<&'static str>, host: Option<&str>, prefix: Option<&str>| Forwarding {
+                proto,
+                host: host.map(String::from),
+                prefix: prefix.map(String::from),
+            };
+        assert_eq!(forwarding(&[]), Forwarding::default());
+        assert_eq!(
+            forwarding(&[
+                ("x-forwarded-proto", "https, http"),
+                ("x-forwarded-host", "img.example.com, 10.0.0.7:8000"),
+                ("x-forwarded-prefix", "/images/"),
+            ]),
+            f(Some("https"), Some("img.example.com"), Some("/images"))
+        );
+        assert_eq!(
+            forwarding(&[
+                (
+                    "forwarded",
+                    "for=192.0.2.60;Proto=HTTPS;host=\"img.example.com:8443\", for=10.0.0.1"
+                ),
+                ("x-forwarded-proto", "http"),
+                ("x-forwarded-host", "other.example.com"),
+            ]),
+            f(Some("https"), Some("img.example.com:8443"), None)
+        );
+        // A Forwarded that says neither leaves the X-Forwarded-* headers their say.
+        assert_eq!(
+            forwarding(&[
+                ("forwarded", "for=192.0.2.60"),
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-host", "[2001:db8::1]:443"),
+            ]),
+            f(Some("https"), Some("[2001:db8::1]:443"), None)
+        );
+        assert_eq!(
+            forwarding(&[
+                ("x-forwarded-proto", "javascript"),
+                ("x-forwarded-host", "evil.example.com/path?x"),
+                ("x-forwarded-prefix", "images"),
+            ]),
+            Forwarding::default()
+        );
+        assert_eq!(
+            forwarding(&[("x-forwarded-prefix", "/a b")]),
+            Forwarding::default()
+        );
+        assert_eq!(
+            forwarding(&[("x-forwarded-prefix", "/")]),
+            Forwarding::default()
+        );
+    }
 
     /// A handler that panics is answered in OpenAI's shape: 503 with `Retry-After` when the
     /// runtime could not start a thread, 500 naming the panic otherwise.
