@@ -41,14 +41,13 @@ pub mod webhooks;
 pub mod worker;
 
 use std::future::Future;
-
-use futures_util::{Stream, StreamExt};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use axum::Router;
+use futures_util::{Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 pub use config::ServerConfig;
@@ -621,7 +620,7 @@ pub async fn serve(
 
 /// The part of a shutdown's grace kept for answering the requests the drain gives up on (their
 /// 503 to write, their connections to close): a second, or a quarter of a shorter grace.
-pub fn answer_time(grace: Duration) -> Duration {
+fn answer_time(grace: Duration) -> Duration {
     (grace / 4).min(Duration::from_secs(1))
 }
 
