@@ -670,6 +670,60 @@ fn unreachable_endpoint_suggests_a_mirror() {
     );
 }
 
+/// A mirror (or a proxy that inspects HTTPS) whose certificate a company CA signed: refused,
+/// with what to do, while this machine does not trust the CA; downloaded from once
+/// `SSL_CERT_FILE` names it, as for the machine's other tools. Before, only the bundled public
+/// roots were trusted: no setting could make such a mirror work.
+#[test]
+fn a_mirror_signed_by_a_company_ca_is_trusted_through_ssl_cert_file() {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let hub = FakeHub::start_https(&cert.pem(), &key.serialize_pem());
+    hub.add_repo(TINY, support::tiny_model(), None);
+    let tmp = tempfile::tempdir().unwrap();
+    let ca_file = tmp.path().join("company-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let dir = tmp.path().join("tiny");
+    let download = |ca: Option<&Path>| {
+        let mut c = turbine();
+        c.args(["download", "--repo", TINY, "--dir"])
+            .arg(&dir)
+            .env("HF_ENDPOINT", &hub.endpoint)
+            .env("HF_HOME", tmp.path().join("hf-home"))
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("SSL_CERT_DIR");
+        if let Some(ca) = ca {
+            c.env("SSL_CERT_FILE", ca);
+        }
+        c.output().unwrap()
+    };
+
+    let out = download(None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("localhost showed a certificate this machine does not trust")
+            && stderr.contains("SSL_CERT_FILE"),
+        "{stderr}"
+    );
+    assert_eq!(hub.request_count(), 0, "nothing reached the hub");
+
+    let out = download(Some(&ca_file));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_downloaded(&dir, &support::tiny_model());
+}
+
 #[cfg(target_os = "linux")]
 #[test]
 fn a_full_disk_is_reported_and_nothing_looks_complete() {

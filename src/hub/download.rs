@@ -724,10 +724,22 @@ impl<'a> Hub<'a> {
     }
 
     fn transport_error(&self, e: &reqwest::Error, what: &str) -> HubError {
+        let detail = error_chain(e);
+        // rustls' refusal of the certificate, as the I/O error that carries it says.
+        if detail.contains("invalid peer certificate") {
+            return HubError::Untrusted {
+                host: e
+                    .url()
+                    .and_then(|u| u.host_str())
+                    .map_or_else(|| self.cfg.endpoint.clone(), str::to_string),
+                what: what.to_string(),
+                detail,
+            };
+        }
         HubError::Unreachable {
             endpoint: self.cfg.endpoint.clone(),
             what: what.to_string(),
-            detail: error_chain(e),
+            detail,
         }
     }
 

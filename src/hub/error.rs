@@ -63,6 +63,18 @@ pub enum HubError {
     },
 
     #[error(
+        "{host} showed a certificate this machine does not trust ({detail}) while fetching \
+         {what}. A mirror, or a proxy that inspects HTTPS, signed by a company CA needs that CA: \
+         add it to the system's trust store (update-ca-certificates) or point SSL_CERT_FILE at \
+         its PEM file (SSL_CERT_DIR at a directory of them)."
+    )]
+    Untrusted {
+        host: String,
+        what: String,
+        detail: String,
+    },
+
+    #[error(
         "the download of {file} stopped after {got} of {total} bytes ({detail}). The bytes so far \
          are kept in {partial}; run the same command again to resume from there. If this keeps \
          happening, the connection or the mirror is unstable: try another HF_ENDPOINT.",
@@ -157,6 +169,7 @@ impl HubError {
         match self {
             HubError::Usage(_) => 2,
             HubError::Unreachable { .. }
+            | HubError::Untrusted { .. }
             | HubError::Interrupted { .. }
             | HubError::Server { .. }
             | HubError::BadResponse { .. } => 3,

@@ -82,6 +82,29 @@ struct App {
 
 impl FakeHub {
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// The Hub over HTTPS (its CDN stays plain HTTP), with this certificate and key (PEM) for
+    /// `localhost`: `endpoint` is `https://localhost:PORT`.
+    pub fn start_https(cert: &str, key: &str) -> Self {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_slice_iter(cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        Self::start_with(Some(Arc::new(config)))
+    }
+
+    fn start_with(tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -91,14 +114,24 @@ impl FakeHub {
         let (endpoint, cdn) = runtime.block_on(async {
             let hub = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let cdn = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let endpoint = format!("http://{}", hub.local_addr().unwrap());
+            let endpoint = match &tls {
+                Some(_) => format!("https://localhost:{}", hub.local_addr().unwrap().port()),
+                None => format!("http://{}", hub.local_addr().unwrap()),
+            };
             let cdn_url = format!("http://{}", cdn.local_addr().unwrap());
             for (listener, server) in [(hub, "hub"), (cdn, "cdn")] {
                 let app = Router::new().fallback(handle).with_state(App {
                     shared: shared.clone(),
                     server,
                 });
-                tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+                match (&tls, server) {
+                    (Some(config), "hub") => {
+                        tokio::spawn(serve_tls(listener, app, config.clone()));
+                    }
+                    _ => {
+                        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+                    }
+                }
             }
             (endpoint, cdn_url)
         });
@@ -263,6 +296,34 @@ fn status(code: StatusCode, error_code: &str, message: &str) -> Response<Body> {
         .header("x-error-message", message)
         .body(Body::from(format!("{{\"error\":\"{message}\"}}")))
         .unwrap()
+}
+
+/// `app` over TLS: each connection's handshake, then HTTP/1.1 or HTTP/2 as it chose.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    config: Arc<rustls::ServerConfig>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            // A client that refuses the certificate ends here.
+            let Ok(tls) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(
+                        hyper_util::rt::TokioIo::new(tls),
+                        hyper_util::service::TowerToHyperService::new(app),
+                    )
+                    .await;
+        });
+    }
 }
 
 fn percent_decode(s: &str) -> String {
