@@ -2210,6 +2210,36 @@ fn logged_number(p: &ServerProcess, key: &str) -> f64 {
     n.parse().unwrap()
 }
 
+/// Each request's log lines name its client: the address a proxy of `--forwarded-allow-ips`
+/// gives in `X-Forwarded-For` (or `Forwarded: for=`), else the connection's own.
+#[test]
+fn request_logs_name_the_client() {
+    let client = Client::new();
+    let logged_client = |p: &ServerProcess, id: &str, headers: &[(&str, &str)]| {
+        let mut r = client
+            .get(format!("{}/v1/models", p.base))
+            .header("x-request-id", id);
+        for (name, value) in headers {
+            r = r.header(*name, *value);
+        }
+        assert_eq!(r.send().unwrap().status(), 200);
+        let line = p.wait_for_log(0, &format!("id={id}"));
+        let log = p.log.lock().unwrap();
+        let rest = log[line - 1].split("client=").nth(1).unwrap_or_default();
+        rest.split([' ', '}']).next().unwrap().to_string()
+    };
+    let p = ServerProcess::start(&[]);
+    let xff = [("x-forwarded-for", "203.0.113.9, 10.0.0.2")];
+    assert_eq!(logged_client(&p, "direct", &[]), "127.0.0.1");
+    assert_eq!(logged_client(&p, "proxied", &xff), "203.0.113.9");
+    let forwarded = [("forwarded", "for=\"[2001:db8::1]:4711\"")];
+    assert_eq!(logged_client(&p, "rfc7239", &forwarded), "2001:db8::1");
+    drop(p);
+    // From a peer outside the list, the header is not believed.
+    let p = ServerProcess::start(&["--forwarded-allow-ips", "10.0.0.0/8"]);
+    assert_eq!(logged_client(&p, "untrusted", &xff), "127.0.0.1");
+}
+
 /// A server whose process is stopped while its device is in a call (`docker pause`, a frozen
 /// cgroup, SIGSTOP, a virtual machine held by its host) has not seen its device stall: on
 /// waking, the call under way is not charged for the pause, its request is answered, and the

@@ -812,7 +812,10 @@ async fn serve_http(
             () = &mut stop => break,
         };
         tcp_keepalive(&stream, header_timeout);
-        let forwarded = app.config.forwarded_allow.allows(peer.ip());
+        let peer = Peer {
+            ip: peer.ip().to_canonical(),
+            forwarded: app.config.forwarded_allow.allows(peer.ip()),
+        };
         let router = router.clone();
         let mut closing = closing_rx.clone();
         let open = Connection::open(app.clone());
@@ -832,7 +835,7 @@ async fn serve_http(
                     }
                     _ = closing.changed() => return,
                 };
-                return serve_connection(stream, router, h2, forwarded, timeouts, closing).await;
+                return serve_connection(stream, router, h2, peer, timeouts, closing).await;
             };
             let mut plain = false;
             let accepted = tokio::select! {
@@ -853,7 +856,7 @@ async fn serve_http(
                 }
             };
             let h2 = accepted.get_ref().1.alpn_protocol() == Some(b"h2");
-            serve_connection(accepted, router, h2, forwarded, timeouts, closing).await;
+            serve_connection(accepted, router, h2, peer, timeouts, closing).await;
         });
     }
     drop(listener);
@@ -879,8 +882,8 @@ struct Timeouts {
 
 /// Serves one connection's requests, in HTTP/2 if `h2` (its preface or its ALPN said so) or
 /// HTTP/1.1, until it closes, or until `closing` changes and its requests under way are done.
-/// Unless `forwarded` (its peer is in `--forwarded-allow-ips`), its requests' forwarding headers
-/// are removed.
+/// Its requests carry `peer`'s address; unless the peer is in `--forwarded-allow-ips`, their
+/// forwarding headers are removed.
 ///
 /// Idle time and a head's time are bounded apart, as nginx's `keepalive_timeout` and
 /// `client_header_timeout` (and Go's `IdleTimeout` and `ReadHeaderTimeout`) are. A keep-alive
@@ -901,7 +904,7 @@ async fn serve_connection<I>(
     stream: I,
     router: Router,
     h2: bool,
-    forwarded: bool,
+    peer: Peer,
     timeouts: Timeouts,
     mut closing: tokio::sync::watch::Receiver<bool>,
 ) where
@@ -918,7 +921,7 @@ async fn serve_connection<I>(
     let service = hyper_util::service::TowerToHyperService::new(Tracked {
         router,
         activity: activity.clone(),
-        forwarded,
+        peer,
     });
     let mut builder = Builder::new(TokioExecutor::new());
     builder = if h2 {
@@ -1139,8 +1142,16 @@ impl Drop for ActiveRequest {
 struct Tracked {
     router: Router,
     activity: Arc<Activity>,
-    /// Whether the peer may say how the client reached the server; if not, what its requests
-    /// say so is removed ([`routes::FORWARDING_HEADERS`]).
+    peer: Peer,
+}
+
+/// Where a connection comes from.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    ip: std::net::IpAddr,
+    /// Whether it may say who the client is and how it reached the server (a proxy of
+    /// `--forwarded-allow-ips`); if not, what its requests say so is removed
+    /// ([`routes::FORWARDING_HEADERS`]).
     forwarded: bool,
 }
 
@@ -1165,11 +1176,12 @@ where
     fn call(&mut self, mut req: axum::http::Request<B>) -> Self::Future {
         use http_body_util::BodyExt as _;
         use tower::ServiceExt as _;
-        if !self.forwarded {
+        if !self.peer.forwarded {
             for name in routes::FORWARDING_HEADERS {
                 req.headers_mut().remove(name);
             }
         }
+        req.extensions_mut().insert(routes::Peer(self.peer.ip));
         let active = self.activity.begin();
         let response = self.router.clone().oneshot(req);
         Box::pin(async move {

@@ -226,8 +226,20 @@ async fn request_id(mut req: Request, next: Next) -> Response {
             hex::encode(raw)
         });
     req.extensions_mut().insert(XRequestId(id.clone()));
-    // `key`: the API key's label, once `authenticate` knows it.
-    let span = tracing::info_span!("request", id = %id, key = tracing::field::Empty);
+    // `key`: the API key's label, once `authenticate` knows it. `client`: the address the
+    // request came from, as a proxy of `--forwarded-allow-ips` says, else the connection's.
+    let span = tracing::info_span!(
+        "request",
+        id = %id,
+        client = tracing::field::Empty,
+        key = tracing::field::Empty
+    );
+    let client = Forwarding::of(req.headers())
+        .client
+        .or_else(|| req.extensions().get::<Peer>().map(|p| p.0));
+    if let Some(client) = client {
+        span.record("client", tracing::field::display(client));
+    }
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let start = Instant::now();
     let mut response = next.run(req).instrument(span.clone()).await;
@@ -1786,21 +1798,28 @@ async fn drain(mut body: Body, mut seen: usize) {
     }
 }
 
-/// The headers in which a proxy says how the client reached the server: RFC 7239's, and the
-/// de-facto `X-Forwarded-*` ones. Requests keep them only from a peer of
+/// The headers in which a proxy says who the client is and how it reached the server: RFC
+/// 7239's, and the de-facto `X-Forwarded-*` ones. Requests keep them only from a peer of
 /// `--forwarded-allow-ips`.
-pub(crate) const FORWARDING_HEADERS: [&str; 4] = [
+pub(crate) const FORWARDING_HEADERS: [&str; 5] = [
     "forwarded",
+    "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",
     "x-forwarded-prefix",
 ];
+
+/// The address a connection came from (a request extension).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Peer(pub std::net::IpAddr);
 
 /// How the client reached the server, as the proxy nearest to it says (the first element or
 /// value of each header: later ones are added by the proxies after it). A value that is not a
 /// scheme, a host or a path is not used.
 #[derive(Debug, Default, PartialEq)]
 struct Forwarding {
+    /// The client's address, for the log (an obfuscated or `unknown` one is not used).
+    client: Option<std::net::IpAddr>,
     proto: Option<&'static str>,
     host: Option<String>,
     /// The path the proxy serves the API under (`/images`), without a trailing slash.
@@ -1808,8 +1827,8 @@ struct Forwarding {
 }
 
 impl Forwarding {
-    /// RFC 7239's `Forwarded` (`proto=` and `host=` of its first element) if it says either,
-    /// else `X-Forwarded-Proto` and `X-Forwarded-Host`; `X-Forwarded-Prefix` either way.
+    /// RFC 7239's `Forwarded` (`for=`, `proto=` and `host=` of its first element) where it
+    /// says them, else `X-Forwarded-For`, `-Proto` and `-Host`; `X-Forwarded-Prefix` either way.
     fn of(headers: &HeaderMap) -> Self {
         let first = |name: &str| {
             headers
@@ -1830,7 +1849,17 @@ impl Forwarding {
                     .all(|b| b.is_ascii_alphanumeric() || b".-_:[]".contains(&b));
             ok.then(|| v.to_string())
         };
-        let (mut f_proto, mut f_host) = (None, None);
+        // `203.0.113.9`, `203.0.113.9:4711`, `"[2001:db8::1]:4711"`, `2001:db8::1`.
+        let node = |v: &str| {
+            let v = v.trim_matches('"');
+            let ip = match v.strip_prefix('[') {
+                Some(rest) => rest.split(']').next().unwrap_or_default(),
+                None if v.matches(':').count() == 1 => v.split(':').next().unwrap_or_default(),
+                None => v,
+            };
+            ip.parse::<std::net::IpAddr>().ok()
+        };
+        let (mut f_client, mut f_proto, mut f_host) = (None, None, None);
         if let Some(element) = first("forwarded") {
             for pair in element.split(';') {
                 let Some((key, value)) = pair.split_once('=') else {
@@ -1838,6 +1867,7 @@ impl Forwarding {
                 };
                 let value = value.trim().trim_matches('"');
                 match key.trim().to_ascii_lowercase().as_str() {
+                    "for" => f_client = node(value),
                     "proto" => f_proto = proto(value),
                     "host" => f_host = host(value),
                     _ => {}
@@ -1861,6 +1891,7 @@ impl Forwarding {
             .map(|p| p.trim_end_matches('/').to_string())
             .filter(|p| !p.is_empty());
         Forwarding {
+            client: f_client.or_else(|| first("x-forwarded-for").and_then(node)),
             proto,
             host,
             prefix,
@@ -1898,12 +1929,20 @@ mod tests {
     use super::*;
     use tower::ServiceExt as _;
 
-    fn forwarding(pairs: &[(&'static str, &str)]) -> Forwarding {
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut headers = HeaderMap::new();
         for (name, value) in pairs {
             headers.append(*name, value.parse().unwrap());
         }
-        Forwarding::of(&headers)
+        headers
+    }
+
+    /// What makes the URLs (the client is checked apart).
+    fn forwarding(pairs: &[(&'static str, &str)]) -> Forwarding {
+        Forwarding {
+            client: None,
+            ..Forwarding::of(&headers(pairs))
+        }
     }
 
     /// What a proxy says of how the client reached the server: the nearest proxy's word (the
@@ -1913,6 +1952,7 @@ mod tests {
     fn forwarding_headers_are_read_as_the_nearest_proxy_wrote_them() {
         let f =
             |proto: Option<&'static str>, host: Option<&str>, prefix: Option<&str>| Forwarding {
+                client: None,
                 proto,
                 host: host.map(String::from),
                 prefix: prefix.map(String::from),
@@ -1962,6 +2002,38 @@ mod tests {
             forwarding(&[("x-forwarded-prefix", "/")]),
             Forwarding::default()
         );
+
+        // The client, for the log.
+        let client = |pairs: &[(&'static str, &str)]| Forwarding::of(&headers(pairs)).client;
+        let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+        assert_eq!(
+            client(&[("x-forwarded-for", "203.0.113.9, 10.0.0.2")]),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            client(&[("x-forwarded-for", "203.0.113.9:4711")]),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            client(&[("x-forwarded-for", "2001:db8::1")]),
+            ip("2001:db8::1")
+        );
+        assert_eq!(
+            client(&[
+                ("forwarded", "for=\"[2001:db8::1]:4711\";proto=https"),
+                ("x-forwarded-for", "198.51.100.1")
+            ]),
+            ip("2001:db8::1")
+        );
+        // An obfuscated or unknown node says nothing; X-Forwarded-For then may.
+        assert_eq!(
+            client(&[
+                ("forwarded", "for=_hidden"),
+                ("x-forwarded-for", "198.51.100.1")
+            ]),
+            ip("198.51.100.1")
+        );
+        assert_eq!(client(&[("x-forwarded-for", "unknown")]), None);
     }
 
     /// A handler that panics is answered in OpenAI's shape: 503 with `Retry-After` when the
