@@ -925,6 +925,22 @@ impl Run<'_> {
                     r = r.header(HeaderName::from_static("x-request-id"), v);
                 }
             }
+            if rng.random_bool(0.1) {
+                // What a proxy says of the client (this client, on 127.0.0.1, is a trusted
+                // peer by default): any value, for the image URLs and the log.
+                let name = *[
+                    "forwarded",
+                    "x-forwarded-for",
+                    "x-forwarded-proto",
+                    "x-forwarded-host",
+                    "x-forwarded-prefix",
+                ]
+                .choose(&mut rng)
+                .unwrap();
+                if let Ok(v) = HeaderValue::from_bytes(weird_str(&mut rng).as_bytes()) {
+                    r = r.header(HeaderName::from_static(name), v);
+                }
+            }
             if !req.body.is_empty() {
                 r = r.body(req.body);
             }
