@@ -812,9 +812,10 @@ async fn serve_http(
             () = &mut stop => break,
         };
         tcp_keepalive(&stream, header_timeout);
-        let peer = Peer {
-            ip: peer.ip().to_canonical(),
-            forwarded: app.config.forwarded_allow.allows(peer.ip()),
+        let ip = peer.ip().to_canonical();
+        let peer = routes::Peer {
+            ip,
+            forwarded: app.config.forwarded_allow.allows(ip),
         };
         let router = router.clone();
         let mut closing = closing_rx.clone();
@@ -904,7 +905,7 @@ async fn serve_connection<I>(
     stream: I,
     router: Router,
     h2: bool,
-    peer: Peer,
+    peer: routes::Peer,
     timeouts: Timeouts,
     mut closing: tokio::sync::watch::Receiver<bool>,
 ) where
@@ -1142,17 +1143,7 @@ impl Drop for ActiveRequest {
 struct Tracked {
     router: Router,
     activity: Arc<Activity>,
-    peer: Peer,
-}
-
-/// Where a connection comes from.
-#[derive(Debug, Clone, Copy)]
-struct Peer {
-    ip: std::net::IpAddr,
-    /// Whether it may say who the client is and how it reached the server (a proxy of
-    /// `--forwarded-allow-ips`); if not, what its requests say so is removed
-    /// ([`routes::FORWARDING_HEADERS`]).
-    forwarded: bool,
+    peer: routes::Peer,
 }
 
 impl<B> tower::Service<axum::http::Request<B>> for Tracked
@@ -1181,7 +1172,7 @@ where
                 req.headers_mut().remove(name);
             }
         }
-        req.extensions_mut().insert(routes::Peer(self.peer.ip));
+        req.extensions_mut().insert(self.peer);
         let active = self.activity.begin();
         let response = self.router.clone().oneshot(req);
         Box::pin(async move {

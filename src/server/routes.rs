@@ -236,7 +236,7 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     );
     let client = Forwarding::of(req.headers())
         .client
-        .or_else(|| req.extensions().get::<Peer>().map(|p| p.0));
+        .or_else(|| req.extensions().get::<Peer>().map(|p| p.ip));
     if let Some(client) = client {
         span.record("client", tracing::field::display(client));
     }
@@ -1809,9 +1809,16 @@ pub(crate) const FORWARDING_HEADERS: [&str; 5] = [
     "x-forwarded-prefix",
 ];
 
-/// The address a connection came from (a request extension).
+/// Where a connection comes from; each of its requests carries it as an extension.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Peer(pub std::net::IpAddr);
+pub(crate) struct Peer {
+    /// Its address (an IPv4 peer of an IPv6 socket as its IPv4 address).
+    pub ip: std::net::IpAddr,
+    /// Whether it may say who the client is and how it reached the server (a proxy of
+    /// `--forwarded-allow-ips`); if not, what its requests say so is removed
+    /// ([`FORWARDING_HEADERS`]).
+    pub forwarded: bool,
+}
 
 /// How the client reached the server, as the proxy nearest to it says (the first element or
 /// value of each header: later ones are added by the proxies after it). A value that is not a
