@@ -123,11 +123,11 @@ pub struct HttpArgs {
     /// request, or what a proxy of --forwarded-allow-ips says in its forwarding headers.
     #[arg(long, env = "TURBINE_PUBLIC_URL")]
     pub public_url: Option<String>,
-    /// Proxies whose forwarding headers (`Forwarded`, or `X-Forwarded-Proto`, `X-Forwarded-Host`
-    /// and `X-Forwarded-Prefix`) say how clients reached the server, for the URLs of
-    /// `response_format: "url"` behind a proxy that terminates HTTPS: addresses and networks,
-    /// comma-separated (10.0.0.0/8,::1), or * for any peer. Other peers' such headers are
-    /// ignored.
+    /// Proxies whose forwarding headers (`Forwarded`, or `X-Forwarded-For`, `X-Forwarded-Proto`,
+    /// `X-Forwarded-Host` and `X-Forwarded-Prefix`) say who the client is (for the log) and how
+    /// it reached the server (for the URLs of `response_format: "url"` behind a proxy that
+    /// terminates HTTPS): addresses and networks, comma-separated (10.0.0.0/8,::1), or * for any
+    /// peer. Other peers' such headers are ignored.
     #[arg(
         long,
         env = "TURBINE_FORWARDED_ALLOW_IPS",

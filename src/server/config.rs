@@ -156,8 +156,8 @@ pub struct ServerConfig {
     /// `None`: `http://` (`https://` with `tls`) + the request's `Host` header, or what a
     /// proxy in `forwarded_allow` says in its forwarding headers.
     pub public_url: Option<String>,
-    /// The peers whose `Forwarded` / `X-Forwarded-Proto`, `-Host` and `-Prefix` headers are
-    /// believed (`--forwarded-allow-ips`); everyone else's are removed from their requests.
+    /// The peers whose `Forwarded` / `X-Forwarded-For`, `-Proto`, `-Host` and `-Prefix` headers
+    /// are believed (`--forwarded-allow-ips`); everyone else's are removed from their requests.
     pub forwarded_allow: ForwardedAllow,
     /// HTTPS: the certificate and key (`--tls-cert-file`, `--tls-key-file`); `None`: plain HTTP.
     pub tls: Option<super::tls::TlsConfig>,
