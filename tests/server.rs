@@ -2053,19 +2053,17 @@ impl ServerProcess {
 
     /// Started with `envs` too, and listening (not yet warmed up).
     fn spawn(extra: &[&str], envs: &[(&str, &std::ffi::OsStr)]) -> Self {
+        Self::spawn_on(Some("127.0.0.1"), extra, envs)
+    }
+
+    /// As `spawn`, listening on `host` (None: the default, `--host` not given). `base` is on
+    /// 127.0.0.1 when it listens on every address.
+    fn spawn_on(host: Option<&str>, extra: &[&str], envs: &[(&str, &std::ffi::OsStr)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_turbine"))
             .args(["serve", "--model-dir"])
             .arg(model_dir())
-            .args([
-                "--device",
-                "cpu",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--min-image-side",
-                "64",
-            ])
+            .args(["--device", "cpu", "--port", "0", "--min-image-side", "64"])
+            .args(host.map(|h| ["--host", h]).iter().flatten())
             .args(if extra.contains(&"--default-size") {
                 &["--warmup-images", "1"][..]
             } else {
@@ -2080,22 +2078,29 @@ impl ServerProcess {
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let mut lines = BufReader::new(stderr).lines();
+        let mut early = Vec::new();
         let addr: SocketAddr = loop {
             let line = lines
                 .next()
                 .expect("server exited before listening")
                 .unwrap();
             eprintln!("[server] {line}");
+            early.push(line.clone());
             if let Some(rest) = line.split("listening on http://").nth(1) {
                 let addr: String = rest
                     .chars()
-                    .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+                    .take_while(|c| c.is_ascii_hexdigit() || ".:[]".contains(*c))
                     .collect();
-                break addr.parse().unwrap();
+                let addr: SocketAddr = addr.parse().unwrap();
+                break if addr.ip().is_unspecified() {
+                    SocketAddr::from(([127, 0, 0, 1], addr.port()))
+                } else {
+                    addr
+                };
             }
         };
         // Keep draining the log, unless a test pauses it.
-        let log = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::new(Mutex::new(early));
         let log_paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (kept, paused) = (log.clone(), log_paused.clone());
         std::thread::spawn(move || loop {
@@ -2238,6 +2243,67 @@ fn request_logs_name_the_client() {
     // From a peer outside the list, the header is not believed.
     let p = ServerProcess::start(&["--forwarded-allow-ips", "10.0.0.0/8"]);
     assert_eq!(logged_client(&p, "untrusted", &xff), "127.0.0.1");
+}
+
+/// By default the server listens on every address of both families: an IPv6-only network
+/// (an IPv6-only Kubernetes cluster's pods have no IPv4 address) reaches it, and so does a
+/// client that resolves `localhost` to ::1. IPv4 clients arrive IPv4-mapped on that socket and
+/// are still who they are: 127.0.0.1 is in the log and is the trusted proxy of the default
+/// `--forwarded-allow-ips`. Before, the default was 0.0.0.0, and nothing over IPv6 connected.
+#[test]
+fn the_default_host_listens_on_ipv6_and_ipv4() {
+    let p = ServerProcess::spawn_on(None, &[], &[]);
+    let port = p.base.rsplit(':').next().unwrap().to_string();
+    let listening = p.wait_for_log(0, "listening on http://");
+    let line = p.log.lock().unwrap()[listening - 1].clone();
+    let ipv6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+    if ipv6 {
+        assert!(
+            line.contains(&format!("listening on http://[::]:{port}")),
+            "{line}"
+        );
+    } else {
+        // A kernel without IPv6 gets 0.0.0.0 (the unit tests check the choice); a container
+        // whose loopback has no ::1 still listens on [::].
+        eprintln!("no IPv6 loopback on this machine: connections over IPv6 are not checked");
+    }
+    let client = Client::new();
+    let mut origins = vec![format!("http://127.0.0.1:{port}")];
+    if ipv6 {
+        origins.push(format!("http://[::1]:{port}"));
+    }
+    for (i, origin) in origins.iter().enumerate() {
+        while client
+            .get(format!("{origin}/health"))
+            .send()
+            .map_or(true, |r| r.status() != 200)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let r: Value = client
+            .post(format!("{origin}/v1/images/generations"))
+            .header("x-forwarded-proto", "https")
+            .header("x-request-id", format!("family-{i}"))
+            .json(&json!({"prompt": "both families", "response_format": "url"}))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        // From this machine the peer is a trusted proxy, so its scheme is believed.
+        let url = r["data"][0]["url"].as_str().unwrap();
+        assert!(
+            url.starts_with(&format!("https://{}/v1/images/files/", &origin[7..])),
+            "{url}"
+        );
+        let logged = p.wait_for_log(0, &format!("id=family-{i} "));
+        let line = p.log.lock().unwrap()[logged - 1].clone();
+        let want = if origin.contains('[') {
+            "::1"
+        } else {
+            "127.0.0.1"
+        };
+        assert!(line.contains(&format!("client={want}}}")), "{line}");
+    }
 }
 
 /// A server whose process is stopped while its device is in a call (`docker pause`, a frozen

@@ -112,8 +112,9 @@ pub struct DeviceArgs {
 #[derive(Debug, clap::Args)]
 #[command(next_help_heading = "HTTP")]
 pub struct HttpArgs {
-    /// Address to listen on.
-    #[arg(long, env = "TURBINE_HOST", default_value = "0.0.0.0")]
+    /// Address to listen on: `::` (every IPv6 and IPv4 address; 0.0.0.0 on a host without
+    /// IPv6), 0.0.0.0 (every IPv4 address), 127.0.0.1 or ::1 (this machine only), or a name.
+    #[arg(long, env = "TURBINE_HOST", default_value = "::")]
     pub host: String,
     /// Port to listen on (0: any free port; the log says which).
     #[arg(long, env = "TURBINE_PORT", default_value_t = 8000)]
@@ -534,10 +535,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let addr = format!("{}:{}", args.http.host, args.http.port);
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
+        let listener = crate::server::listen::listen(&args.http.host, args.http.port).await?;
         crate::server::serve(config, listener, workers, Some(tokens), stop_signals()).await
     })
 }

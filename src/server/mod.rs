@@ -27,6 +27,7 @@ pub mod error;
 pub mod fds;
 pub mod files;
 pub mod inputs;
+pub mod listen;
 pub mod metrics;
 pub mod notify;
 pub mod queue;
