@@ -4529,6 +4529,61 @@ fn a_second_stop_signal_ends_the_drain() {
     gate.store(true, std::sync::atomic::Ordering::Release);
 }
 
+/// Requests whose bodies are still arriving, or that wait for room in the input budget
+/// (`--max-buffered-input-bytes`) before reading them, are answered 503 too when the drain
+/// ends, not cut off: a slow upload over a poor link is a request under way like any other.
+#[test]
+fn bodies_still_arriving_when_the_drain_ends_are_answered() {
+    let mut config = test_config();
+    config.shutdown_grace = Duration::from_secs(3600);
+    config.limits.max_upload_bytes = 64 << 10;
+    config.limits.max_body_bytes = 64 << 10;
+    // The least budget: four uploads' worth, 15/16 of it for shares as large as these.
+    config.max_buffered_input = Some(256 << 10);
+    let mut s = TestServer::start(config);
+    // Each declares a whole upload and sends a byte of it.
+    let stalled_edit = || {
+        let mut c = TcpStream::connect(s.base.trim_start_matches("http://")).unwrap();
+        write!(
+            c,
+            "POST /v1/images/edits HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\
+             content-type: multipart/form-data; boundary=b\r\ncontent-length: {}\r\n\r\n-",
+            64 << 10
+        )
+        .unwrap();
+        c.flush().unwrap();
+        c
+    };
+    let mut stalled: Vec<TcpStream> = (0..3).map(|_| stalled_edit()).collect();
+    s.wait_metric("turbine_buffered_input_bytes", |v| {
+        v == (3 * (64 << 10)) as f64
+    });
+    // A fourth finds no room and waits, its body unread; a generation's body is arriving.
+    stalled.push(stalled_edit());
+    s.wait_metric("turbine_buffered_input_waits_total", |v| v == 1.0);
+    let (partial, _) = partial_request(&s.base);
+    stalled.push(partial);
+    s.wait_metric("turbine_http_requests_in_flight", |v| v == 5.0);
+    s.signal_stop();
+    while s.client.get(s.url("/health")).send().unwrap().status() != 503 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    s.signal_stop();
+    s.wait_stopped();
+    for (i, mut c) in stalled.into_iter().enumerate() {
+        let mut response = String::new();
+        let _ = c.read_to_string(&mut response);
+        assert!(
+            response.starts_with("HTTP/1.1 503"),
+            "request {i}: {response:?}"
+        );
+        assert!(
+            response.contains("\"shutting_down\""),
+            "request {i}: {response}"
+        );
+    }
+}
+
 /// `turbine_http_request_duration_seconds` times a request to its response's last byte: a
 /// stream's runs to its last event (two 150 ms batches here), not to its head, which goes out
 /// at once.

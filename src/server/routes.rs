@@ -444,9 +444,15 @@ async fn watch_body(State(app): State<Arc<App>>, mut req: Request, next: Next) -
         response = ApiError::BodyTimeout { after: idle }.into_response();
     }
     let unread = lock_unread(&state).take();
-    if let Some(unread) = unread {
+    // A server shutting down closes the connection after this response anyway: the response
+    // goes at once (the 503s of a drain that gave up have only a moment to go out).
+    let going_on = matches!(app.phase(), Phase::Loading | Phase::Ready);
+    if let Some(unread) = unread.filter(|_| going_on) {
         let rest = Watched::new(unread, state.clone(), idle, Rest::Drop);
-        let _ = tokio::time::timeout(KEEP_ALIVE_DRAIN_WAIT, drain(Body::new(rest), 0)).await;
+        tokio::select! {
+            _ = tokio::time::timeout(KEEP_ALIVE_DRAIN_WAIT, drain(Body::new(rest), 0)) => {}
+            () = app.abandoned.cancelled() => {}
+        }
     }
     if http1 && !state.done.load(Ordering::Relaxed) {
         response
@@ -802,12 +808,11 @@ pub(super) async fn prepare_edit(
         format: "the input image",
         message: e,
     };
-    let slot = app
-        .upload_decodes
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|e| decode_failed(e.to_string()))?;
+    let slot = unless_abandoned(app, async {
+        let slot = app.upload_decodes.clone().acquire_owned().await;
+        slot.map_err(|e| decode_failed(e.to_string()).into())
+    })
+    .await?;
     let init = tokio::task::spawn_blocking(move || {
         let _slot = slot;
         uploads.files().init_image(dims, w, h)
@@ -938,7 +943,7 @@ impl JsonEdit {
                     file.bytes
                 )));
             }
-            shares.push(app.inputs.hold(file.bytes).await?);
+            shares.push(unless_abandoned(app, app.inputs.hold(file.bytes)).await?);
             tokio::fs::read(app.files.path(&id))
                 .await
                 .map(Bytes::from)
@@ -1747,10 +1752,32 @@ pub(super) struct Buffered {
     pub(super) share: inputs::Held,
 }
 
+/// `work`, unless a shutdown gives up on the requests under way first (its grace ran out, or a
+/// second stop signal came): then the 503 that says so, in the time kept for answering.
+pub(super) async fn unless_abandoned<T>(
+    app: &App,
+    work: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    tokio::select! {
+        done = work => done,
+        () = app.abandoned.cancelled() => Err(InferError::StoppedFirst.into()),
+    }
+}
+
 /// Reads at most `limit` bytes: a larger declared or actual body is a 413, never buffered.
 /// Before a byte is read, the body takes its share of the input budget ([`inputs`]): what its
-/// `Content-Length` declares, or `limit` when it declares none (a chunked body).
+/// `Content-Length` declares, or `limit` when it declares none (a chunked body). A body still
+/// arriving, or waiting for its share, when a shutdown gives up is answered 503 then.
 pub(super) async fn read_body(
+    app: &App,
+    body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<Buffered, ApiError> {
+    unless_abandoned(app, read_body_whole(app, body, headers, limit)).await
+}
+
+async fn read_body_whole(
     app: &App,
     mut body: Body,
     headers: &HeaderMap,
