@@ -999,3 +999,191 @@ fn two_downloads_into_one_directory_take_turns() {
     assert!(reports.iter().any(|r| r.already_present == n));
     assert_downloaded(&plan.dir, &support::tiny_model());
 }
+
+/// `turbine serve` started on an empty models root: its server process, its address once it
+/// listens, and its log (read on).
+struct Serving {
+    child: std::process::Child,
+    base: String,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve_from(hub: &FakeHub, models_root: &Path, extra: &[&str]) -> Serving {
+    use std::io::BufRead;
+    let mut child = turbine()
+        .args(["serve", "--models-root"])
+        .arg(models_root)
+        .args(["--device", "cpu", "--host", "127.0.0.1", "--port", "0"])
+        .args(["--min-image-side", "64", "--default-size", "64x64"])
+        .args(["--warmup-images", "1"])
+        .args(extra)
+        .env("HF_ENDPOINT", &hub.endpoint)
+        .env("HF_HOME", models_root.join("hf-home"))
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let base = loop {
+        let Some(Ok(line)) = lines.next() else {
+            let _ = child.kill();
+            panic!(
+                "the server exited before listening: {:?}",
+                log.lock().unwrap()
+            );
+        };
+        eprintln!("[server] {line}");
+        log.lock().unwrap().push(line.clone());
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let kept = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            eprintln!("[server] {line}");
+            kept.lock().unwrap().push(line);
+        }
+    });
+    Serving { child, base, log }
+}
+
+/// `turbine serve --model sdxl-turbo` whose weights are missing listens at once and downloads
+/// them meanwhile: `/livez` answers 200 (`loading`) the whole time, `/health` and generations
+/// 503, until the weights are in and warmed up. Before, the download came before listening,
+/// so a liveness check (a Kubernetes `livenessProbe` gives up after 30 s by default; the real
+/// weights take minutes) found nothing listening and restarted the server mid-download, over
+/// and over.
+#[test]
+fn serve_listens_while_it_downloads_the_weights() {
+    let hub = FakeHub::start();
+    hub.add_repo(
+        "stabilityai/sdxl-turbo",
+        support::tiny_as_sdxl_turbo(),
+        None,
+    );
+    hub.hold_files();
+    let tmp = tempfile::tempdir().unwrap();
+    let s = serve_from(&hub, tmp.path(), &[]);
+    let client = reqwest::blocking::Client::new();
+    let get = |path: &str| {
+        let r = client.get(format!("{}{path}", s.base)).send().unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<serde_json::Value>().unwrap())
+    };
+    // The download is under way (its files are asked for and held).
+    let start = std::time::Instant::now();
+    while !hub.requests().iter().any(|r| r.server == "cdn") {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no download began"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, body) = get("/livez");
+    assert_eq!(
+        (status, &body["status"]),
+        (200, &"loading".into()),
+        "{body}"
+    );
+    let (status, body) = get("/health");
+    assert_eq!(
+        (status, &body["status"]),
+        (503, &"loading".into()),
+        "{body}"
+    );
+    let generate = || {
+        client
+            .post(format!("{}/v1/images/generations", s.base))
+            .json(&serde_json::json!({"prompt": "a lighthouse at dusk"}))
+            .send()
+            .unwrap()
+    };
+    let r = generate();
+    assert_eq!(r.status(), 503);
+    let body: serde_json::Value = r.json().unwrap();
+    assert_eq!(body["error"]["code"], "model_loading", "{body}");
+
+    hub.release_files();
+    while get("/health").0 != 200 {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get("/livez"), (200, serde_json::json!({"status": "ok"})));
+    let r = generate();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().unwrap();
+    assert_eq!(body["data"].as_array().unwrap().len(), 1);
+    // The prompt's tokens are counted once a worker has loaded the tokenizer it downloaded.
+    let tokens = body["usage"]["input_tokens"].as_u64().unwrap();
+    assert!(tokens >= 5, "{body}");
+    let log = s.log.lock().unwrap().join("\n");
+    assert!(log.contains("model: "), "{log}");
+}
+
+/// A download that fails now fails a server that is already listening: it still exits with
+/// the download's exit code (3) and its message, as `turbine download` would; and a port that
+/// is taken is said before any download begins.
+#[test]
+fn serve_exits_with_the_downloads_error() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = turbine()
+        .args(["serve", "--models-root"])
+        .arg(tmp.path())
+        .args(["--device", "cpu", "--host", "127.0.0.1", "--port", "0"])
+        .env("HF_ENDPOINT", &endpoint)
+        .env("HF_HOME", tmp.path().join("hf-home"))
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("listening on http://127.0.0.1:"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&endpoint) && stderr.contains("HF_ENDPOINT"),
+        "{stderr}"
+    );
+
+    let hub = FakeHub::start();
+    hub.add_repo(
+        "stabilityai/sdxl-turbo",
+        support::tiny_as_sdxl_turbo(),
+        None,
+    );
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let out = turbine()
+        .args(["serve", "--models-root"])
+        .arg(tmp.path())
+        .args(["--device", "cpu", "--host", "127.0.0.1", "--port", &port])
+        .env("HF_ENDPOINT", &hub.endpoint)
+        .env("HF_HOME", tmp.path().join("hf-home"))
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    assert_eq!(hub.request_count(), 0, "no download before listening");
+}

@@ -17,7 +17,15 @@ use crate::model::pipeline::Pipeline;
 /// Resolves `--model/--model-dir/--random-weights/--vae/--preview-vae` (downloading missing weights unless
 /// offline) and loads the pipeline: the one way every command gets its model.
 pub fn load_pipeline(model: &ModelArgs, device: &Device, dtype: DType) -> anyhow::Result<Pipeline> {
-    let m = model.resolve()?;
+    load_resolved(&model.resolve()?, device, dtype)
+}
+
+/// The pipeline of a model already resolved.
+pub fn load_resolved(
+    m: &crate::hub::ResolvedModel,
+    device: &Device,
+    dtype: DType,
+) -> anyhow::Result<Pipeline> {
     let (vae, preview) = (m.vae_dir.as_deref(), m.preview_vae_dir.as_deref());
     let pipeline = if m.random_weights {
         Pipeline::random_with_vaes(&m.dir, vae, preview, device, dtype, 0)?

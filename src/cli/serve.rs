@@ -456,7 +456,15 @@ fn trimmed(values: &[String]) -> Vec<String> {
         .collect()
 }
 
-pub fn worker_specs(model: &ModelArgs, devices: &DeviceArgs) -> anyhow::Result<Vec<WorkerSpec>> {
+/// The server's workers. Each resolves the model (downloading what is missing: one worker at a
+/// time, the others then find it in place) and loads it on its device; the first to resolve it
+/// fills `tokens`, the token counter for `usage`, if given (requests are refused until a
+/// worker is ready, so none is counted without it).
+pub fn worker_specs(
+    model: &ModelArgs,
+    devices: &DeviceArgs,
+    tokens: Option<Arc<std::sync::OnceLock<TokenCounter>>>,
+) -> anyhow::Result<Vec<WorkerSpec>> {
     let labels = if devices.devices.is_empty() {
         vec![if candle_core::utils::cuda_is_available() {
             "cuda:0"
@@ -474,10 +482,15 @@ pub fn worker_specs(model: &ModelArgs, devices: &DeviceArgs) -> anyhow::Result<V
                 .map_err(|e| UsageError(format!("--device: {e:#}")))?;
             let dtype = crate::device::parse_dtype(devices.dtype.as_deref(), &device)
                 .map_err(|e| UsageError(format!("--dtype: {e:#}")))?;
-            let model = model.clone();
+            let (model, tokens) = (model.clone(), tokens.clone());
             let prompt_cache_entries = devices.prompt_cache_entries;
             let factory: crate::server::BackendFactory = Box::new(move || {
-                let mut pipeline = crate::cli::load_pipeline(&model, &device, dtype)?;
+                let resolved = model.resolve()?;
+                if let Some(tokens) = tokens.filter(|t| t.get().is_none()) {
+                    tracing::info!("model: {resolved}; kernels: {}", crate::ops::kernels());
+                    let _ = tokens.set(token_counter(&resolved.dir)?);
+                }
+                let mut pipeline = crate::cli::load_resolved(&resolved, &device, dtype)?;
                 pipeline.set_prompt_cache_entries(prompt_cache_entries);
                 Ok(Box::new(pipeline) as Box<dyn ImageBackend>)
             });
@@ -522,12 +535,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         None if cfg!(unix) => tracing::warn!("cannot raise the open-file limit"),
         None => {}
     }
-    // Resolved (and downloaded if missing) once here, before listening; the workers then find
-    // the files in place.
-    let model = args.model.resolve()?;
-    tracing::info!("model: {model}; kernels: {}", crate::ops::kernels());
-    let tokens = token_counter(&model.dir)?;
-    let workers = worker_specs(&args.model, &args.devices)?;
+    // The model is resolved (and its missing files downloaded, which can take many minutes)
+    // by the workers as they load it, while the server listens: `/livez` answers 200 and
+    // `/health` 503 meanwhile, so a liveness check does not restart the server mid-download.
+    let counter = Arc::new(std::sync::OnceLock::new());
+    let workers = worker_specs(&args.model, &args.devices, Some(counter.clone()))?;
+    let tokens: crate::server::TokenCounter =
+        Arc::new(move |text: &str| counter.get().map_or(0, |count: &TokenCounter| count(text)));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("turbine-http")
@@ -535,6 +549,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        // First: a port already taken is said at once, not after a download.
         let listener = crate::server::listen::listen(&args.http.host, args.http.port).await?;
         crate::server::serve(config, listener, workers, Some(tokens), stop_signals()).await
     })

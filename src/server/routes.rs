@@ -116,6 +116,7 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(authed)
         .route("/v1/images/files/{id}", get(get_file))
         .route("/health", get(health))
+        .route("/livez", get(livez))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -565,13 +566,24 @@ async fn track_in_flight(State(app): State<Arc<App>>, req: Request, next: Next) 
     next.run(req).await
 }
 
+/// `/health`'s word for each phase.
+fn phase_status(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Ready => "ok",
+        Phase::Loading => "loading",
+        Phase::ShuttingDown => "shutting_down",
+        Phase::Failed => "device_failed",
+    }
+}
+
+/// Readiness: 200 only while the server takes requests.
 async fn health(State(app): State<Arc<App>>) -> Response {
-    let (status, text) = match app.phase() {
-        Phase::Ready => (StatusCode::OK, "ok"),
-        Phase::Loading => (StatusCode::SERVICE_UNAVAILABLE, "loading"),
-        Phase::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
-        Phase::Failed => (StatusCode::SERVICE_UNAVAILABLE, "device_failed"),
+    let phase = app.phase();
+    let status = match phase {
+        Phase::Ready => StatusCode::OK,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
     };
+    let text = phase_status(phase);
     let mut body = serde_json::json!({ "status": text });
     // With several devices the server keeps serving on the others; it says which stopped.
     let failed = app.health.failed();
@@ -582,6 +594,23 @@ async fn health(State(app): State<Arc<App>>) -> Response {
             .collect();
     }
     (status, Json(body)).into_response()
+}
+
+/// Liveness: 200 while the process does what it should, loading (a download of the weights
+/// included) and draining too, so that a liveness check (Kubernetes' `livenessProbe`, a
+/// container health check) does not restart a server for being busy starting or stopping;
+/// 503 once every device failed (the server is exiting to be restarted anyway).
+async fn livez(State(app): State<Arc<App>>) -> Response {
+    let phase = app.phase();
+    let status = match phase {
+        Phase::Failed => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::OK,
+    };
+    (
+        status,
+        Json(serde_json::json!({ "status": phase_status(phase) })),
+    )
+        .into_response()
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {

@@ -51,6 +51,8 @@ struct Faults {
     drop_half_once: HashSet<String>,
     /// Files served with one byte flipped (the advertised hash stays the true one).
     corrupt: HashSet<String>,
+    /// The CDN answers nothing until released (a download under way).
+    held: bool,
 }
 
 /// (repository path, bytes) of an LFS file.
@@ -64,6 +66,8 @@ struct Shared {
     log: Mutex<Vec<Logged>>,
     faults: Mutex<Faults>,
     cdn: Mutex<String>,
+    /// Notified when held downloads are released.
+    released: tokio::sync::Notify,
 }
 
 pub struct FakeHub {
@@ -193,6 +197,16 @@ impl FakeHub {
             .unwrap()
             .corrupt
             .insert(file.to_string());
+    }
+
+    /// Holds the CDN's answers (the files' bytes) until [`FakeHub::release_files`].
+    pub fn hold_files(&self) {
+        self.shared.faults.lock().unwrap().held = true;
+    }
+
+    pub fn release_files(&self) {
+        self.shared.faults.lock().unwrap().held = false;
+        self.shared.released.notify_waiters();
     }
 
     pub fn clear_faults(&self) {
@@ -348,6 +362,13 @@ async fn handle(State(app): State<App>, req: Request<Body>) -> Response<Body> {
         authorization: get(header::AUTHORIZATION),
     });
     if app.server == "cdn" {
+        loop {
+            let released = app.shared.released.notified();
+            if !app.shared.faults.lock().unwrap().held {
+                break;
+            }
+            released.await;
+        }
         return cdn(&app.shared, &method, &headers, &path);
     }
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
