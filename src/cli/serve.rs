@@ -128,11 +128,12 @@ pub struct HttpArgs {
     /// `X-Forwarded-Host` and `X-Forwarded-Prefix`) say who the client is (for the log) and how
     /// it reached the server (for the URLs of `response_format: "url"` behind a proxy that
     /// terminates HTTPS): addresses and networks, comma-separated (10.0.0.0/8,::1), or * for any
-    /// peer. Other peers' such headers are ignored.
+    /// peer. Other peers' such headers are ignored. The default: the loopback addresses (a proxy
+    /// or sidecar on the same host).
     #[arg(
         long,
         env = "TURBINE_FORWARDED_ALLOW_IPS",
-        default_value = "127.0.0.1,::1",
+        default_value = crate::server::config::DEFAULT_FORWARDED_ALLOW,
         value_parser = crate::server::config::ForwardedAllow::parse
     )]
     pub forwarded_allow_ips: crate::server::config::ForwardedAllow,

@@ -404,9 +404,14 @@ impl ServerConfig {
     }
 }
 
+/// `--forwarded-allow-ips`' default: the loopback addresses.
+pub const DEFAULT_FORWARDED_ALLOW: &str = "127.0.0.0/8,::1";
+
 /// The peers whose forwarding headers say how clients reached the server
 /// (`--forwarded-allow-ips`): `*`, or addresses and networks. As uvicorn's and gunicorn's
-/// option of the same name, the default is a proxy on the same host (127.0.0.1, ::1).
+/// option of the same name, the default is a proxy on the same host: any loopback address
+/// (127.0.0.0/8, ::1), as a sidecar may connect from another one than 127.0.0.1 (Istio's
+/// passthrough comes from 127.0.0.6); only the host's own processes have those.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ForwardedAllow {
     Any,
@@ -415,7 +420,7 @@ pub enum ForwardedAllow {
 
 impl Default for ForwardedAllow {
     fn default() -> Self {
-        Self::parse("127.0.0.1,::1").expect("the default parses: this is a bug")
+        Self::parse(DEFAULT_FORWARDED_ALLOW).expect("the default parses: this is a bug")
     }
 }
 
@@ -467,6 +472,11 @@ mod tests {
         let default = ForwardedAllow::default();
         assert!(default.allows(ip("127.0.0.1")));
         assert!(default.allows(ip("::1")));
+        // A sidecar's other loopback address (Istio's passthrough), IPv4-mapped too.
+        assert!(default.allows(ip("127.0.0.6")));
+        assert!(default.allows(ip("::ffff:127.0.0.6")));
+        assert!(!default.allows(ip("10.0.0.1")));
+        assert!(!default.allows(ip("::2")));
         // An IPv4 client of a socket bound to `::`.
         assert!(default.allows(ip("::ffff:127.0.0.1")));
         assert!(!default.allows(ip("10.0.0.5")));
