@@ -378,6 +378,76 @@ fn image_urls_follow_a_trusted_proxys_forwarding_headers() {
     assert!(url.starts_with(&own), "{url}");
 }
 
+/// Servers behind one load balancer that share `--image-store-dir` answer each other's URLs,
+/// and a restarted server its predecessor's. Before, a URL fetched through the balancer from
+/// another server than the one that made it was a 404, and a restart lost every URL; a lone
+/// server's 404 now says what to do.
+#[test]
+fn servers_sharing_an_image_store_dir_answer_each_others_urls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = || {
+        let mut c = test_config();
+        c.store.dir = Some(tmp.path().to_path_buf());
+        c
+    };
+    let a = TestServer::start(config());
+    let b = TestServer::start(config());
+    let mut made = Vec::new();
+    for (format, mime) in [("png", "image/png"), ("webp", "image/webp")] {
+        let v = a.generate_ok(
+            &json!({"prompt": "shared", "response_format": "url", "n": 2, "output_format": format}),
+        );
+        for item in v["data"].as_array().unwrap() {
+            let url = item["url"].as_str().unwrap();
+            let path = url.strip_prefix(&a.base).unwrap().to_string();
+            let direct = a.client.get(url).send().unwrap().bytes().unwrap();
+            let r = b.client.get(b.url(&path)).send().unwrap();
+            assert_eq!(r.status(), 200, "{path}");
+            assert_eq!(r.headers()["content-type"], mime);
+            let age = r.headers()["cache-control"].to_str().unwrap().to_string();
+            let secs: u64 = age
+                .split("max-age=")
+                .nth(1)
+                .unwrap()
+                .split(',')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((3500..=3600).contains(&secs), "{age}");
+            assert_eq!(r.bytes().unwrap(), direct);
+            made.push((path, direct));
+        }
+    }
+    drop(a);
+    // A restart: the new process has none of them in memory.
+    let c = TestServer::start(config());
+    for (path, bytes) in &made {
+        let r = c.client.get(c.url(path)).send().unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(&r.bytes().unwrap(), bytes);
+    }
+    // Without the directory, the other server cannot have it, and its 404 says so.
+    let lone = TestServer::start(test_config());
+    let r = lone.client.get(lone.url(&made[0].0)).send().unwrap();
+    let status = r.status().as_u16();
+    let v = assert_openai_error(status, &r.text().unwrap(), 404, None, "elsewhere");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--image-store-dir"),
+        "{v}"
+    );
+    // Ids that are not images' name no file.
+    let r = c
+        .client
+        .get(c.url("/v1/images/files/..%2F..%2Fetc%2Fpasswd"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
 #[test]
 fn url_responses_serve_the_image_with_its_content_type() {
     let s = TestServer::start(test_config());

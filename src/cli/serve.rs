@@ -314,6 +314,15 @@ pub struct LimitArgs {
     /// Bytes of encoded images kept for `url` responses; the oldest go first.
     #[arg(long, env = "TURBINE_IMAGE_STORE_MAX_BYTES", default_value_t = 512 << 20)]
     pub image_store_max_bytes: usize,
+    /// Also write the images behind `url` responses to this directory, and answer URLs from
+    /// it: servers behind one load balancer that share it (a volume each replica mounts)
+    /// answer each other's URLs, and a restarted server its predecessor's. Files expire with
+    /// their URLs.
+    #[arg(long, env = "TURBINE_IMAGE_STORE_DIR")]
+    pub image_store_dir: Option<PathBuf>,
+    /// The most bytes this server keeps written to --image-store-dir (its oldest go first).
+    #[arg(long, env = "TURBINE_IMAGE_STORE_DIR_MAX_BYTES", default_value_t = 8 << 30)]
+    pub image_store_dir_max_bytes: u64,
 }
 
 /// API keys.
@@ -395,6 +404,8 @@ impl Args {
             store: StoreConfig {
                 ttl: Duration::from_secs(self.limits.image_url_ttl_secs),
                 max_bytes: self.limits.image_store_max_bytes,
+                dir: self.limits.image_store_dir.clone(),
+                dir_max_bytes: self.limits.image_store_dir_max_bytes,
             },
             files: FilesConfig {
                 dir: self.files.files_dir.clone(),

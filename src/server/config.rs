@@ -94,6 +94,11 @@ pub struct BatchingConfig {
 pub struct StoreConfig {
     pub ttl: Duration,
     pub max_bytes: usize,
+    /// `--image-store-dir`: where the images are written as well, for every server using it
+    /// to answer their URLs ([`super::image_dir`]).
+    pub dir: Option<std::path::PathBuf>,
+    /// `--image-store-dir-max-bytes`: the most this server keeps written there.
+    pub dir_max_bytes: u64,
 }
 
 /// OpenAI's Files and Batch APIs (`/v1/files`, `/v1/batches`).
@@ -224,6 +229,8 @@ impl Default for ServerConfig {
             store: StoreConfig {
                 ttl: Duration::from_secs(3600),
                 max_bytes: 512 << 20,
+                dir: None,
+                dir_max_bytes: 8 << 30,
             },
             files: FilesConfig {
                 dir: None,
@@ -256,6 +263,11 @@ impl Default for ServerConfig {
 impl ServerConfig {
     /// Rejects inconsistent settings at start-up, naming the option at fault.
     pub fn check(&self) -> anyhow::Result<()> {
+        ensure!(
+            self.store.dir.is_none() || self.store.dir_max_bytes >= 64 << 20,
+            "--image-store-dir-max-bytes must be at least 64 MiB (a few large images), got {}",
+            self.store.dir_max_bytes
+        );
         let l = &self.limits;
         for (name, v) in [
             ("--min-image-side", l.min_side),
@@ -554,6 +566,13 @@ mod tests {
             (
                 |c| c.cors_allow_origins = vec!["app.example.com".into()],
                 "--cors-allow-origin",
+            ),
+            (
+                |c| {
+                    c.store.dir = Some("/tmp".into());
+                    c.store.dir_max_bytes = 1 << 20;
+                },
+                "--image-store-dir-max-bytes must be at least 64 MiB",
             ),
         ];
         for (tweak, fragment) in cases {

@@ -26,6 +26,7 @@ pub mod encode;
 pub mod error;
 pub mod fds;
 pub mod files;
+pub mod image_dir;
 pub mod inputs;
 pub mod listen;
 pub mod metrics;
@@ -95,6 +96,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub auth: Authenticator,
     pub store: Mutex<ImageStore>,
+    /// `--image-store-dir`: the URL images' copies every server using it reads.
+    pub image_dir: Option<Arc<image_dir::ImageDir>>,
     pub tokens: Option<TokenCounter>,
     /// The devices whose workers stopped (`/health` lists them).
     pub health: Arc<DeviceHealth>,
@@ -396,8 +399,22 @@ pub async fn serve(
     let inputs = input_memory(&config, metrics.clone());
     let store = ImageStore::new(config.store.ttl, config.store.max_bytes);
     metrics.image_store(&store);
+    let image_dir = match &config.store.dir {
+        Some(dir) => {
+            let dir = Arc::new(image_dir::ImageDir::open(
+                dir,
+                config.store.ttl,
+                config.store.dir_max_bytes,
+            )?);
+            tracing::info!(dir = %dir.dir().display(), "images behind url responses are written here too, for every server using it");
+            tokio::spawn(sweep_images(dir.clone()));
+            Some(dir)
+        }
+        None => None,
+    };
     let app = Arc::new(App {
         store: Mutex::new(store),
+        image_dir,
         config,
         queue: queue.clone(),
         metrics: metrics.clone(),
@@ -617,6 +634,21 @@ pub async fn serve(
     }
     tracing::info!("shut down");
     Ok(())
+}
+
+/// Sweeps `--image-store-dir` of expired images now and then, for as long as the runtime runs.
+async fn sweep_images(dir: Arc<image_dir::ImageDir>) {
+    let mut every = tokio::time::interval(dir.sweep_period());
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let swept = dir.clone();
+        match tokio::task::spawn_blocking(move || swept.sweep()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(removed = n, "expired images swept from --image-store-dir"),
+            Err(e) => tracing::warn!(error = %e, "sweeping --image-store-dir failed"),
+        }
+    }
 }
 
 /// The part of a shutdown's grace kept for answering the requests the drain gives up on (their

@@ -658,8 +658,22 @@ async fn get_model(
 }
 
 /// Keeps `image` for a `url` response; its id. Images that had to go unfetched to make room
-/// are counted, and said in a warning at most once a minute.
-fn store_url_image(app: &App, image: StoredImage, now: Instant) -> Result<String, ApiError> {
+/// are counted, and said in a warning at most once a minute. With `--image-store-dir` it is
+/// written there too before its URL goes out (a failure there is warned about, not the
+/// request's: this server still has it).
+async fn store_url_image(app: &App, image: StoredImage, now: Instant) -> Result<String, ApiError> {
+    let copy = app
+        .image_dir
+        .as_ref()
+        .map(|dir| (dir, image.content_type, image.bytes.clone()));
+    let id = keep_url_image(app, image, now)?;
+    if let Some((dir, content_type, bytes)) = copy {
+        let _ = dir.put(&id, content_type, bytes).await;
+    }
+    Ok(id)
+}
+
+fn keep_url_image(app: &App, image: StoredImage, now: Instant) -> Result<String, ApiError> {
     let mut store = app.store.lock().unwrap_or_else(|p| p.into_inner());
     let (id, made) = store
         .insert(image, now)
@@ -694,20 +708,39 @@ async fn get_file(
         app.metrics.image_store(&store);
         found
     };
-    let (image, left) = match found {
-        Lookup::Found(image, left) => (image, left),
-        Lookup::Evicted => {
+    // Not here: another server's (or an earlier process's), or evicted from memory, but in
+    // --image-store-dir.
+    let from_dir = match (&found, &app.image_dir) {
+        (Lookup::Found(..), _) | (_, None) => None,
+        (_, Some(dir)) => dir.get(&id).await,
+    };
+    let (image, left) = match (found, from_dir) {
+        (_, Some(f)) => (
+            StoredImage {
+                bytes: f.bytes,
+                content_type: f.content_type,
+            },
+            f.left,
+        ),
+        (Lookup::Found(image, left), None) => (image, left),
+        (Lookup::Evicted, None) => {
             return Err(ApiError::NotFound(format!(
                 "image {id:?} is gone: it was evicted before anyone fetched it, within its \
                  time, to make room for newer images (--image-store-max-bytes is full at this \
                  rate). Fetch url images as they come, or ask for b64_json"
             )))
         }
-        Lookup::Missing => {
+        (Lookup::Missing, None) => {
+            let elsewhere = if app.image_dir.is_some() {
+                ""
+            } else {
+                "; behind a load balancer, only the server that made an image has it, unless \
+                 the servers share --image-store-dir"
+            };
             return Err(ApiError::NotFound(format!(
-                "no image with id {id:?} (images behind url responses expire after {} s)",
+                "no image with id {id:?} (images behind url responses expire after {} s{elsewhere})",
                 app.config.store.ttl.as_secs()
-            )))
+            )));
         }
     };
     let cache = format!("private, max-age={}, immutable", left.as_secs());
@@ -1221,7 +1254,7 @@ pub(super) async fn images_response(
                     bytes: Bytes::from(bytes),
                     content_type: req.output_format.content_type(),
                 };
-                let id = store_url_image(app, image, now)?;
+                let id = store_url_image(app, image, now).await?;
                 (None, Some(format!("{base}/v1/images/files/{id}")))
             }
             (Encoded::Bytes(_), None) => {
