@@ -419,6 +419,17 @@ fn servers_sharing_an_image_store_dir_answer_each_others_urls() {
             made.push((path, direct));
         }
     }
+    assert_eq!(
+        a.metric("turbine_image_dir_writes_total{outcome=\"written\"}"),
+        4.0
+    );
+    assert_eq!(
+        a.metric("turbine_image_dir_writes_total{outcome=\"failed\"}"),
+        0.0
+    );
+    // a had them in memory; b read every one from the directory.
+    assert_eq!(a.metric("turbine_image_dir_reads_total"), 0.0);
+    assert_eq!(b.metric("turbine_image_dir_reads_total"), 4.0);
     drop(a);
     // A restart: the new process has none of them in memory.
     let c = TestServer::start(config());

@@ -18,11 +18,13 @@
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use axum::body::Bytes;
+
+use super::metrics::Metrics;
 
 /// The formats an image may have, by file extension.
 const FORMATS: [(&str, &str); 3] = [
@@ -42,6 +44,7 @@ pub struct ImageDir {
     written: Mutex<Written>,
     /// When a failed write was last warned about: once a minute at most.
     warned: Mutex<Option<Instant>>,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Default)]
@@ -59,7 +62,12 @@ pub struct Found {
 
 impl ImageDir {
     /// Opens (making it if needed) `dir`, and checks that this server can write to it.
-    pub fn open(dir: &Path, ttl: Duration, max_bytes: u64) -> anyhow::Result<Self> {
+    pub fn open(
+        dir: &Path,
+        ttl: Duration,
+        max_bytes: u64,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| {
             format!(
                 "cannot make the URL image directory {} (--image-store-dir)",
@@ -81,6 +89,7 @@ impl ImageDir {
             max_bytes,
             written: Mutex::new(Written::default()),
             warned: Mutex::new(None),
+            metrics,
         })
     }
 
@@ -113,6 +122,7 @@ impl ImageDir {
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
         };
+        self.metrics.image_dir_write(written.is_ok());
         if let Err(e) = &written {
             let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
             if super::warning_due(&mut warned, Instant::now()) {
@@ -160,7 +170,7 @@ impl ImageDir {
             .map(|(format, content_type)| (self.path(id, format), *content_type))
             .collect();
         let ttl = self.ttl;
-        tokio::task::spawn_blocking(move || {
+        let found = tokio::task::spawn_blocking(move || {
             for (path, content_type) in candidates {
                 let Ok(meta) = std::fs::metadata(&path) else {
                     continue;
@@ -185,7 +195,11 @@ impl ImageDir {
         })
         .await
         .ok()
-        .flatten()
+        .flatten();
+        if found.is_some() {
+            self.metrics.image_dir_read();
+        }
+        found
     }
 
     /// Removes expired images and stale temporary files, whoever wrote them; returns how many.
@@ -252,6 +266,10 @@ fn is_image_id(id: &str) -> bool {
 mod tests {
     use super::*;
 
+    fn metrics() -> Arc<Metrics> {
+        Arc::new(Metrics::new())
+    }
+
     #[test]
     fn only_image_ids_name_files() {
         let id = super::super::store::ImageStore::new_id();
@@ -269,7 +287,8 @@ mod tests {
     #[tokio::test]
     async fn images_are_read_back_until_their_time_is_up() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = ImageDir::open(tmp.path(), Duration::from_secs(3600), 1 << 20).unwrap();
+        let dir =
+            ImageDir::open(tmp.path(), Duration::from_secs(3600), 1 << 20, metrics()).unwrap();
         let id = super::super::store::ImageStore::new_id();
         dir.put(&id, "image/webp", Bytes::from_static(b"webp bytes"))
             .await
@@ -283,15 +302,35 @@ mod tests {
             .await
             .is_none());
         // Another server's view of the same directory, whose URLs last no time: gone.
-        let other = ImageDir::open(tmp.path(), Duration::ZERO, 1 << 20).unwrap();
+        let other = ImageDir::open(tmp.path(), Duration::ZERO, 1 << 20, metrics()).unwrap();
         assert!(other.get(&id).await.is_none());
         assert!(!tmp.path().join(format!("{id}.webp")).exists());
     }
 
     #[tokio::test]
+    async fn a_failed_write_is_counted_and_returned() {
+        let tmp = tempfile::tempdir().unwrap();
+        let gone = tmp.path().join("gone");
+        let m = metrics();
+        let dir = ImageDir::open(&gone, Duration::from_secs(3600), 1 << 20, m.clone()).unwrap();
+        std::fs::remove_dir(&gone).unwrap();
+        let id = super::super::store::ImageStore::new_id();
+        assert!(dir
+            .put(&id, "image/png", Bytes::from_static(b"png"))
+            .await
+            .is_err());
+        let text = m.render();
+        assert!(
+            text.contains("turbine_image_dir_writes_total{outcome=\"failed\"} 1"),
+            "{text}"
+        );
+        assert!(std::fs::read_dir(tmp.path()).unwrap().next().is_none());
+    }
+
+    #[tokio::test]
     async fn a_server_keeps_what_it_wrote_within_its_bound() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = ImageDir::open(tmp.path(), Duration::from_secs(3600), 25).unwrap();
+        let dir = ImageDir::open(tmp.path(), Duration::from_secs(3600), 25, metrics()).unwrap();
         let ids: Vec<String> = (0..3)
             .map(|_| super::super::store::ImageStore::new_id())
             .collect();
@@ -315,7 +354,8 @@ mod tests {
     #[tokio::test]
     async fn the_sweep_removes_expired_images_and_crashed_writes_only() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = ImageDir::open(tmp.path(), Duration::from_secs(3600), 1 << 20).unwrap();
+        let dir =
+            ImageDir::open(tmp.path(), Duration::from_secs(3600), 1 << 20, metrics()).unwrap();
         let (old, new) = (
             super::super::store::ImageStore::new_id(),
             super::super::store::ImageStore::new_id(),

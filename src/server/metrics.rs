@@ -180,6 +180,8 @@ pub struct Metrics {
     /// reason (expired, fetched, unfetched).
     image_store: [AtomicU64; 3],
     image_store_evictions: [AtomicU64; 3],
+    /// `--image-store-dir`: images written there, writes that failed, and URLs answered from it.
+    image_dir: [AtomicU64; 3],
     /// Requests of the Batch API by outcome: completed, failed, not run.
     batch_api_requests: [AtomicU64; 3],
     /// Failed tries to write a Batch API result (a full disk): each is tried again.
@@ -283,6 +285,7 @@ impl Metrics {
             buffered_input_waits: AtomicU64::new(0),
             image_store: Default::default(),
             image_store_evictions: Default::default(),
+            image_dir: Default::default(),
             batch_api_requests: Default::default(),
             batch_api_write_errors: AtomicU64::new(0),
             batch_api_running: AtomicI64::new(0),
@@ -524,6 +527,16 @@ impl Metrics {
         {
             counter.store(v, Ordering::Relaxed);
         }
+    }
+
+    /// An image written to `--image-store-dir` (`ok`), or a write there that failed.
+    pub fn image_dir_write(&self, ok: bool) {
+        self.image_dir[usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A URL answered from `--image-store-dir` (the image was not in this server's memory).
+    pub fn image_dir_read(&self) {
+        self.image_dir[2].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn buffered_input_wait(&self) {
@@ -809,6 +822,23 @@ impl Metrics {
             "gauge",
             "Batch API batches validating or running.",
             &self.batch_api_running.load(Ordering::Relaxed),
+        );
+        let [written, failed, read] = &self.image_dir;
+        labelled(
+            &mut out,
+            "turbine_image_dir_writes_total",
+            "Images behind url responses written to --image-store-dir, by outcome (a failed one \
+             is answered by its own server only).",
+            "outcome",
+            &[("written", written), ("failed", failed)],
+        );
+        single(
+            &mut out,
+            "turbine_image_dir_reads_total",
+            "counter",
+            "URLs answered from --image-store-dir: images this server did not hold (another \
+             server's, an earlier process's, or evicted from memory).",
+            &read.load(Ordering::Relaxed),
         );
         let [delivered, retried, abandoned] = &self.webhooks;
         labelled(

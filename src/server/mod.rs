@@ -405,6 +405,7 @@ pub async fn serve(
                 dir,
                 config.store.ttl,
                 config.store.dir_max_bytes,
+                metrics.clone(),
             )?);
             tracing::info!(dir = %dir.dir().display(), "images behind url responses are written here too, for every server using it");
             tokio::spawn(sweep_images(dir.clone()));
