@@ -152,6 +152,20 @@ pub enum HubError {
         command: String,
     },
 
+    #[error(
+        "cannot write to {path} ({cause}). The weights go under --models-root \
+         (TURBINE_MODELS_ROOT), or where `turbine download --dir` says; a relative path is taken \
+         from the working directory. Point it at a directory this user can write to (in a \
+         container, a mounted volume), or copy the weights there from elsewhere and start with \
+         --model-dir DIR.",
+        path = path.display()
+    )]
+    NotWritable {
+        path: PathBuf,
+        /// Not a `source`: the message says it, once.
+        cause: std::io::Error,
+    },
+
     #[error("{path}: {source}", path = path.display())]
     Io {
         path: PathBuf,
@@ -178,7 +192,7 @@ impl HubError {
             HubError::DiskFull { .. } => 6,
             HubError::Checksum { .. } => 7,
             HubError::Offline { .. } => 8,
-            HubError::Io { .. } => 1,
+            HubError::Io { .. } | HubError::NotWritable { .. } => 1,
         }
     }
 
@@ -192,6 +206,17 @@ impl HubError {
                 dir,
                 needed: None,
                 available,
+            };
+        }
+        if matches!(
+            source.kind(),
+            std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
+        ) {
+            // Said in full: a relative path means little in a container's log.
+            let path = std::path::absolute(&path).unwrap_or(path);
+            return HubError::NotWritable {
+                path,
+                cause: source,
             };
         }
         HubError::Io { path, source }
@@ -271,4 +296,39 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = s.source();
     }
     parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A models root this user cannot write to (a container's working directory `/`, a
+    /// read-only root filesystem) is said once, with the whole path and what to set. It read
+    /// `models/sdxl-turbo: Permission denied (os error 13): Permission denied (os error 13)`.
+    #[test]
+    fn an_unwritable_models_root_says_where_and_what_to_set() {
+        for kind in [
+            std::io::ErrorKind::PermissionDenied,
+            std::io::ErrorKind::ReadOnlyFilesystem,
+        ] {
+            let e = HubError::io("models/sdxl-turbo", std::io::Error::from(kind));
+            assert!(matches!(e, HubError::NotWritable { .. }), "{e}");
+            assert_eq!(e.exit_code(), 1);
+            let said = format!("{:#}", anyhow::Error::from(e));
+            let whole = std::env::current_dir().unwrap().join("models/sdxl-turbo");
+            assert!(
+                said.starts_with(&format!("cannot write to {}", whole.display())),
+                "{said}"
+            );
+            assert!(
+                said.contains("--models-root") && said.contains("--model-dir"),
+                "{said}"
+            );
+            let cause = std::io::Error::from(kind).to_string();
+            assert_eq!(said.matches(&cause).count(), 1, "{said}");
+        }
+        // Other failures stay as they were.
+        let e = HubError::io("x", std::io::Error::from(std::io::ErrorKind::NotFound));
+        assert!(matches!(e, HubError::Io { .. }));
+    }
 }

@@ -522,6 +522,8 @@ pub async fn serve(
         for (label, rx, liveness) in ready {
             match rx.await {
                 Ok(Ok(_)) => watches.push((label, liveness)),
+                // Getting the model (its download) is no device's doing: said as it is.
+                Ok(Err(e)) if e.downcast_ref::<crate::hub::HubError>().is_some() => return Err(e),
                 Ok(Err(e)) => return Err(e.context(format!("device {label}"))),
                 Err(_) => anyhow::bail!("the worker thread for {label} exited during start-up"),
             }
