@@ -1161,6 +1161,8 @@ fn serve_exits_with_the_downloads_error() {
         stderr.contains(&endpoint) && stderr.contains("HF_ENDPOINT"),
         "{stderr}"
     );
+    // The download is no device's doing.
+    assert!(stderr.contains("error: cannot reach"), "{stderr}");
 
     let hub = FakeHub::start();
     hub.add_repo(
