@@ -378,6 +378,50 @@ fn image_urls_follow_a_trusted_proxys_forwarding_headers() {
     assert!(url.starts_with(&own), "{url}");
 }
 
+/// A compressed request body (`Content-Encoding: gzip`, as some HTTP clients and gateways
+/// send) is refused as such: 415 `unsupported_content_encoding` with `Accept-Encoding:
+/// identity` (RFC 7694), on any route, and the connection serves the next request. Before,
+/// the gzip bytes were parsed as JSON: a 400 saying the JSON could not be parsed.
+#[test]
+fn compressed_request_bodies_are_refused_as_such() {
+    let s = TestServer::start(test_config());
+    let body = json!({"prompt": "compressed"}).to_string();
+    let gzipped = {
+        use std::io::Write as _;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(body.as_bytes()).unwrap();
+        gz.finish().unwrap()
+    };
+    for path in ["/v1/images/generations", "/v1/images/edits", "/v1/files"] {
+        let r = s
+            .client
+            .post(s.url(path))
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .body(gzipped.clone())
+            .send()
+            .unwrap();
+        assert_eq!(r.headers()["accept-encoding"], "identity");
+        let status = r.status().as_u16();
+        let v = assert_openai_error(status, &r.text().unwrap(), 415, None, path);
+        assert_eq!(v["error"]["code"], "unsupported_content_encoding", "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("gzip"),
+            "{v}"
+        );
+    }
+    // `identity` is no encoding, and the pooled connection still serves.
+    let r = s
+        .client
+        .post(s.url("/v1/images/generations"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "identity")
+        .body(body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
 /// Servers behind one load balancer that share `--image-store-dir` answer each other's URLs,
 /// and a restarted server its predecessor's. Before, a URL fetched through the balancer from
 /// another server than the one that made it was a 404, and a restart lost every URL; a lone

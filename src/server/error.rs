@@ -121,6 +121,12 @@ pub enum ApiError {
         after.as_secs()
     )]
     BodyTimeout { after: Duration },
+    /// A compressed request body (`Content-Encoding: gzip` and the like).
+    #[error(
+        "Content-Encoding {0} is not supported: send the request body uncompressed (without a \
+         Content-Encoding header)"
+    )]
+    UnsupportedEncoding(String),
     #[error("Content-Type must be {expected}, got {}", got.as_deref().unwrap_or("none"))]
     UnsupportedMediaType {
         got: Option<String>,
@@ -239,6 +245,12 @@ impl ApiError {
                 INVALID,
                 None,
                 "unsupported_media_type",
+            ),
+            ApiError::UnsupportedEncoding(_) => row(
+                S::UNSUPPORTED_MEDIA_TYPE,
+                INVALID,
+                Some("unsupported_content_encoding"),
+                "unsupported_encoding",
             ),
             ApiError::MissingApiKey => row(
                 S::UNAUTHORIZED,
@@ -421,6 +433,7 @@ mod tests {
             (ApiError::KeyRemoved, 401),
             (ApiError::ModelNotFound("x".into()), 404),
             (ApiError::PayloadTooLarge { limit: 10 }, 413),
+            (ApiError::UnsupportedEncoding("gzip".into()), 415),
             (
                 ApiError::UnsupportedMediaType {
                     got: None,

@@ -440,7 +440,26 @@ async fn watch_body(State(app): State<Arc<App>>, mut req: Request, next: Next) -
     let (parts, inner) = req.into_parts();
     let rest = if http1 { Rest::Keep } else { Rest::Drain };
     let body = Body::new(Watched::new(inner, state.clone(), idle, rest));
-    let mut response = next.run(Request::from_parts(parts, body)).await;
+    // No route reads a compressed body: refused as such (a 415, RFC 7694), not as the JSON or
+    // form it does not look like. Its rest is then drained or the connection closed, as for
+    // any body answered unread.
+    let encoded = parts
+        .headers
+        .get(header::CONTENT_ENCODING)
+        .filter(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let mut response = match encoded {
+        Some(coding) => {
+            drop(body);
+            let mut refused = ApiError::UnsupportedEncoding(coding).into_response();
+            refused.headers_mut().insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+            refused
+        }
+        None => next.run(Request::from_parts(parts, body)).await,
+    };
     if state.stalled.load(Ordering::Relaxed) {
         response = ApiError::BodyTimeout { after: idle }.into_response();
     }
