@@ -17,7 +17,7 @@
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hf_hub::api::tokio::{Api, ApiBuilder, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
@@ -930,6 +930,7 @@ impl<'a> Hub<'a> {
                 .map_err(|e| failed(HubError::io(partial, e)))?;
             // Large writes: one syscall per 4 MiB instead of per network chunk.
             let mut out = std::io::BufWriter::with_capacity(4 << 20, file);
+            let since = (Instant::now(), written);
             loop {
                 match response.chunk().await {
                     Ok(Some(bytes)) => {
@@ -938,6 +939,7 @@ impl<'a> Hub<'a> {
                         hashes.update(&bytes);
                         written += bytes.len() as u64;
                         bar.set_position(written);
+                        ui.advanced(&task.local, written, task.remote.size, since);
                     }
                     Ok(None) => break,
                     Err(e) => {
@@ -1181,10 +1183,54 @@ fn verify_existing(task: &Task, ui: &Progress) -> Result<Option<LockedFile>, Hub
     }))
 }
 
-/// Progress bars on stderr when it is a terminal; log lines otherwise.
+/// Progress bars on stderr when it is a terminal; log lines otherwise: one per file when it
+/// is done, and one every [`PROGRESS_LOG_EVERY`] while a file is on its way (the UNet alone is
+/// 5 GB: minutes without a word in a container's log read as a hang).
 struct Progress {
     multi: MultiProgress,
     visible: bool,
+    /// When the last progress line was logged (hidden bars only).
+    logged: std::sync::Mutex<Option<Instant>>,
+}
+
+/// How often a download without a terminal says how far it is.
+const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// The progress line of `name`, `written` of `total` bytes, `since` (when this transfer began,
+/// and the bytes it began with), at `now`; `None` when the last line is less than
+/// [`PROGRESS_LOG_EVERY`] old (the first comes that long after the transfer began).
+fn progress_line(
+    name: &str,
+    written: u64,
+    total: Option<u64>,
+    since: (Instant, u64),
+    last: &mut Option<Instant>,
+    now: Instant,
+) -> Option<String> {
+    let previous = last.unwrap_or(since.0).max(since.0);
+    if now.duration_since(previous) < PROGRESS_LOG_EVERY {
+        return None;
+    }
+    *last = Some(now);
+    let secs = now.duration_since(since.0).as_secs_f64().max(1e-3);
+    let rate = written.saturating_sub(since.1) as f64 / secs;
+    let mut line = format!("fetching {name}: {}", human_bytes(written));
+    if let Some(total) = total.filter(|&t| t > 0) {
+        line += &format!(
+            " of {} ({:.0}%)",
+            human_bytes(total),
+            100.0 * written as f64 / total as f64
+        );
+        if rate >= 1.0 {
+            let left = total.saturating_sub(written) as f64 / rate;
+            line += &format!(
+                ", about {} left",
+                indicatif::HumanDuration(Duration::from_secs_f64(left))
+            );
+        }
+    }
+    line += &format!(", {}/s", human_bytes(rate as u64));
+    Some(line)
 }
 
 impl Progress {
@@ -1197,6 +1243,18 @@ impl Progress {
         Self {
             multi: MultiProgress::with_draw_target(target),
             visible,
+            logged: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Says how far a file's transfer is, now and then, where there are no bars to show it.
+    fn advanced(&self, name: &str, written: u64, total: Option<u64>, since: (Instant, u64)) {
+        if self.visible {
+            return;
+        }
+        let mut last = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(line) = progress_line(name, written, total, since, &mut last, Instant::now()) {
+            tracing::info!("{line}");
         }
     }
 
@@ -1242,6 +1300,37 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_download_without_a_terminal_says_how_far_it_is_every_30_s() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut last = None;
+        let name = "unet/diffusion_pytorch_model.fp16.safetensors";
+        let total = Some(5_000_000_000);
+        // Resumed at 1 GB: the rate counts this transfer's bytes only.
+        let since = (t0, 1_000_000_000);
+        assert_eq!(
+            progress_line(name, 1_500_000_000, total, since, &mut last, at(29)),
+            None
+        );
+        let line = progress_line(name, 1_600_000_000, total, since, &mut last, at(30)).unwrap();
+        assert_eq!(
+            line,
+            "fetching unet/diffusion_pytorch_model.fp16.safetensors: 1.49 GiB of 4.66 GiB (32%), \
+             about 3 minutes left, 19.07 MiB/s"
+        );
+        // Not again for another 30 s.
+        assert_eq!(
+            progress_line(name, 1_700_000_000, total, since, &mut last, at(59)),
+            None
+        );
+        assert!(progress_line(name, 1_900_000_000, total, since, &mut last, at(60)).is_some());
+        // A file of unknown size, and a stalled one, still get their line.
+        let mut last = None;
+        let line = progress_line("x", 10, None, (t0, 10), &mut last, at(31)).unwrap();
+        assert_eq!(line, "fetching x: 10 B, 0 B/s");
+    }
 
     #[test]
     fn git_blob_sha1_matches_git() {
