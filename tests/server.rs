@@ -4630,6 +4630,55 @@ fn requests_left_when_the_grace_runs_out_are_answered() {
     gate.store(true, std::sync::atomic::Ordering::Release);
 }
 
+/// `--shutdown-delay-secs`: after a stop signal `/health` answers 503 at once, so that load
+/// balancers stop sending requests, while the requests still sent are served, each HTTP/1
+/// connection closed after its response so that pooled clients reconnect elsewhere; the usual
+/// drain follows the delay, and a second signal cuts it short. Without it, the requests of the
+/// seconds a Kubernetes Service's endpoints take to follow a pod's deletion got 503.
+#[test]
+fn a_shutdown_delay_serves_while_the_balancers_catch_up() {
+    let mut config = test_config();
+    config.shutdown_delay = Duration::from_secs(3600);
+    let mut s = TestServer::start(config);
+    s.signal_stop();
+    loop {
+        let r = s.client.get(s.url("/health")).send().unwrap();
+        if r.status() == 503 {
+            assert_eq!(r.json::<Value>().unwrap()["status"], "shutting_down");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(s.client.get(s.url("/livez")).send().unwrap().status(), 200);
+    let r = s.generate(&json!({"prompt": "still served", "seed": 5}));
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["connection"], "close");
+    assert_eq!(
+        r.json::<Value>().unwrap()["data"].as_array().unwrap().len(),
+        1
+    );
+    let r = s.client.get(s.url("/v1/models")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["connection"], "close");
+    // A second signal does not wait out the hour.
+    s.signal_stop();
+    s.wait_stopped();
+
+    // A short delay, then the drain as usual: the server stops once idle.
+    let mut config = test_config();
+    config.shutdown_delay = Duration::from_secs(1);
+    let mut s = TestServer::start(config);
+    let start = Instant::now();
+    s.signal_stop();
+    assert_eq!(s.generate(&json!({"prompt": "in the delay"})).status(), 200);
+    s.wait_stopped();
+    assert!(
+        start.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
 /// A second stop signal (a second Ctrl-C, `systemctl kill`, a supervisor that signals again)
 /// ends the drain at once instead of after the whole `--shutdown-grace-secs`: the requests
 /// under way are answered 503 and the server stops.

@@ -185,6 +185,12 @@ pub struct HttpArgs {
     /// before exiting.
     #[arg(long, env = "TURBINE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
+    /// After SIGTERM/SIGINT and before the drain: seconds of serving as usual with /health
+    /// answering 503, so that load balancers (a Kubernetes Service's endpoints, which follow
+    /// the pod's deletion a few seconds late) stop sending requests before new ones are
+    /// refused. A second signal cuts it short. 0: the drain starts at once.
+    #[arg(long, env = "TURBINE_SHUTDOWN_DELAY_SECS", default_value_t = 0)]
+    pub shutdown_delay_secs: u64,
     /// A web origin (https://app.example.com) whose pages may call the API from a browser
     /// (CORS: preflights answered without a key, the responses readable by the page); repeat
     /// it, or `*` for any origin. None: no CORS headers.
@@ -441,6 +447,7 @@ impl Args {
             notify_socket: None,
             systemd_watchdog: None,
             shutdown_grace: Duration::from_secs(self.http.shutdown_grace_secs),
+            shutdown_delay: Duration::from_secs(self.http.shutdown_delay_secs),
             warmup_images: self.batching.warmup_images,
             warmup_batch_sizes: self.batching.warmup_batch_sizes,
             warmup_edits: self.batching.warmup_edits,

@@ -168,6 +168,9 @@ pub struct ServerConfig {
     pub tls: Option<super::tls::TlsConfig>,
     /// After SIGTERM/SIGINT, how long queued and running work may take before the server exits.
     pub shutdown_grace: Duration,
+    /// `--shutdown-delay-secs`: after SIGTERM/SIGINT and before the drain, how long the server
+    /// goes on serving with `/health` 503 (for load balancers to stop sending it requests).
+    pub shutdown_delay: Duration,
     /// Images in the warm-up batch each worker runs before `/health` turns 200 (0: the batch
     /// size limit, which also proves the largest batch fits in device memory).
     pub warmup_images: usize,
@@ -247,6 +250,7 @@ impl Default for ServerConfig {
             forwarded_allow: ForwardedAllow::default(),
             tls: None,
             shutdown_grace: Duration::from_secs(30),
+            shutdown_delay: Duration::ZERO,
             warmup_images: 0,
             warmup_batch_sizes: WarmupSizes::Auto,
             warmup_edits: false,

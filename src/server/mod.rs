@@ -81,6 +81,10 @@ pub enum Phase {
     /// server drains, then `serve` returns an error (the process exits 1, so a supervisor
     /// restarts it with fresh CUDA contexts).
     Failed = 3,
+    /// SIGTERM/SIGINT received with `--shutdown-delay-secs`: `/health` 503, so that load
+    /// balancers stop sending requests, while the requests still sent are served as before;
+    /// the drain ([`Phase::ShuttingDown`]) follows the delay.
+    Leaving = 4,
 }
 
 /// How many edit uploads are decoded at once. A 1024x1024 upload takes 14-18 ms of a CPU core
@@ -135,6 +139,7 @@ impl App {
             0 => Phase::Loading,
             1 => Phase::Ready,
             2 => Phase::ShuttingDown,
+            4 => Phase::Leaving,
             _ => Phase::Failed,
         }
     }
@@ -561,6 +566,28 @@ pub async fn serve(
         Some(()) = stop.next() => {}
     }
 
+    // With --shutdown-delay-secs, the server first leaves its balancers (`/health` 503) while
+    // it goes on serving what they still send; a second signal cuts the delay and the drain.
+    let mut cut_short = false;
+    let delay = app.config.shutdown_delay;
+    if !all_failed && !delay.is_zero() && app.phase() == Phase::Ready {
+        app.set_phase(Phase::Leaving);
+        notify(&format!(
+            "STATUS=leaving: /health answers 503, serving {} s more before the drain",
+            delay.as_secs()
+        ));
+        tracing::info!(
+            delay_secs = delay.as_secs_f64(),
+            "stop signal: /health answers 503 so that load balancers stop sending requests; \
+             serving the requests still sent until the delay is over, then draining"
+        );
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            Some(()) = stop.next() => cut_short = true,
+            _ = every_device_failed(&health, &queue, n_workers) => all_failed = true,
+        }
+    }
+
     if all_failed {
         app.set_phase(Phase::Failed);
         let queued = queue.close(app.device_failed());
@@ -589,26 +616,27 @@ pub async fn serve(
     let deadline = Instant::now() + grace;
     let answer = answer_time(grace);
     // The work under way gets the grace but for the time to answer what it leaves.
-    let hurried = tokio::select! {
-        idle = tokio::time::timeout_at((deadline - answer).into(), app.wait_idle()) => {
-            if idle.is_err() {
+    let hurried = cut_short
+        || tokio::select! {
+            idle = tokio::time::timeout_at((deadline - answer).into(), app.wait_idle()) => {
+                if idle.is_err() {
+                    tracing::warn!(
+                        requests = app.in_flight.load(Ordering::Acquire),
+                        "shutdown grace period over with requests still running: answering them 503 \
+                         and exiting"
+                    );
+                }
+                false
+            }
+            Some(()) = stop.next() => {
                 tracing::warn!(
                     requests = app.in_flight.load(Ordering::Acquire),
-                    "shutdown grace period over with requests still running: answering them 503 \
-                     and exiting"
+                    "a second stop signal: not waiting for the running work; answering its requests \
+                     503 and exiting"
                 );
+                true
             }
-            false
-        }
-        Some(()) = stop.next() => {
-            tracing::warn!(
-                requests = app.in_flight.load(Ordering::Acquire),
-                "a second stop signal: not waiting for the running work; answering its requests \
-                 503 and exiting"
-            );
-            true
-        }
-    };
+        };
     app.abandoned.cancel();
     let _ = stop_tx.send(());
     // The abandoned requests' answers go out, idle keep-alive connections close at once; what is

@@ -431,10 +431,19 @@ async fn watch_body(State(app): State<Arc<App>>, mut req: Request, next: Next) -
             req.headers_mut().insert(header::HOST, host);
         }
     }
-    if req.body().is_end_stream() {
-        return next.run(req).await;
-    }
     let http1 = req.version() <= axum::http::Version::HTTP_11;
+    // A server leaving its balancers (`--shutdown-delay-secs`) closes its HTTP/1 connections
+    // after each response, so that pooled clients reconnect, through the balancer, elsewhere.
+    let leaving = http1 && app.phase() == Phase::Leaving;
+    if req.body().is_end_stream() {
+        let mut response = next.run(req).await;
+        if leaving {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        return response;
+    }
     let state = Arc::new(BodyState::default());
     let idle = app.config.limits.body_timeout;
     let (parts, inner) = req.into_parts();
@@ -466,7 +475,7 @@ async fn watch_body(State(app): State<Arc<App>>, mut req: Request, next: Next) -
     let unread = lock_unread(&state).take();
     // A server shutting down closes the connection after this response anyway: the response
     // goes at once (the 503s of a drain that gave up have only a moment to go out).
-    let going_on = matches!(app.phase(), Phase::Loading | Phase::Ready);
+    let going_on = matches!(app.phase(), Phase::Loading | Phase::Ready | Phase::Leaving);
     if let Some(unread) = unread.filter(|_| going_on) {
         let rest = Watched::new(unread, state.clone(), idle, Rest::Drop);
         tokio::select! {
@@ -474,7 +483,7 @@ async fn watch_body(State(app): State<Arc<App>>, mut req: Request, next: Next) -
             () = app.abandoned.cancelled() => {}
         }
     }
-    if http1 && !state.done.load(Ordering::Relaxed) {
+    if leaving || (http1 && !state.done.load(Ordering::Relaxed)) {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -590,7 +599,7 @@ fn phase_status(phase: Phase) -> &'static str {
     match phase {
         Phase::Ready => "ok",
         Phase::Loading => "loading",
-        Phase::ShuttingDown => "shutting_down",
+        Phase::ShuttingDown | Phase::Leaving => "shutting_down",
         Phase::Failed => "device_failed",
     }
 }
@@ -802,7 +811,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 /// Requests are refused before their body is read unless the server is serving.
 fn check_serving(app: &App) -> Result<(), ApiError> {
     match app.phase() {
-        Phase::Ready => Ok(()),
+        Phase::Ready | Phase::Leaving => Ok(()),
         Phase::Loading => Err(InferError::NotReady.into()),
         Phase::ShuttingDown => Err(InferError::ShuttingDown.into()),
         Phase::Failed => Err(app.device_failed().into()),

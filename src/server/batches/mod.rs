@@ -696,7 +696,7 @@ pub async fn create(
     match app.phase() {
         Phase::ShuttingDown => return Err(InferError::ShuttingDown.into()),
         Phase::Failed => return Err(app.device_failed().into()),
-        Phase::Loading | Phase::Ready => {}
+        Phase::Loading | Phase::Ready | Phase::Leaving => {}
     }
     const FIELDS: &[&str] = &[
         "input_file_id",

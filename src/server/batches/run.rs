@@ -428,7 +428,7 @@ impl Run {
                 Err(ApiError::Infer(InferError::Backend(BackendError::DeviceFailed {
                     ..
                 }))) => {
-                    if app.phase() != Phase::Ready {
+                    if !matches!(app.phase(), Phase::Ready | Phase::Leaving) {
                         return Outcome::Stopped;
                     }
                 }
