@@ -77,6 +77,12 @@ fn no_incomplete_files(dir: &Path) -> bool {
         .any(|k| k.ends_with(".incomplete"))
 }
 
+/// An endpoint nobody listens on.
+fn dead_endpoint() -> String {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("http://{}", closed.local_addr().unwrap())
+}
+
 fn turbine() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_turbine"));
     for v in [
@@ -218,9 +224,7 @@ fn script_downloads_the_sdxl_turbo_manifest_with_the_vae_extra() {
     );
 
     // The same script against an endpoint nobody listens on: exit code 3 and the hint.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
+    let dead = dead_endpoint();
     let out = Command::new("bash")
         .arg(&script)
         .args(["sdxl-turbo", "--dir"])
@@ -655,9 +659,7 @@ fn wrong_repository_revision_or_file_is_a_404_with_advice() {
 
 #[test]
 fn unreachable_endpoint_suggests_a_mirror() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let endpoint = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
+    let endpoint = dead_endpoint();
     let tmp = tempfile::tempdir().unwrap();
     let mut cfg = HubConfig::for_endpoint(&endpoint);
     cfg.retries = 0;
@@ -1015,18 +1017,25 @@ impl Drop for Serving {
     }
 }
 
+/// `turbine serve` on the CPU at 127.0.0.1:`port` with the weights under `models_root`, fetched
+/// from `endpoint`.
+fn serve_command(models_root: &Path, endpoint: &str, port: &str) -> Command {
+    let mut c = turbine();
+    c.args(["serve", "--models-root"])
+        .arg(models_root)
+        .args(["--device", "cpu", "--host", "127.0.0.1", "--port", port])
+        .env("HF_ENDPOINT", endpoint)
+        .env("HF_HOME", models_root.join("hf-home"))
+        .env("NO_COLOR", "1");
+    c
+}
+
 fn serve_from(hub: &FakeHub, models_root: &Path, extra: &[&str]) -> Serving {
     use std::io::BufRead;
-    let mut child = turbine()
-        .args(["serve", "--models-root"])
-        .arg(models_root)
-        .args(["--device", "cpu", "--host", "127.0.0.1", "--port", "0"])
+    let mut child = serve_command(models_root, &hub.endpoint, "0")
         .args(["--min-image-side", "64", "--default-size", "64x64"])
         .args(["--warmup-images", "1"])
         .args(extra)
-        .env("HF_ENDPOINT", &hub.endpoint)
-        .env("HF_HOME", models_root.join("hf-home"))
-        .env("NO_COLOR", "1")
         .env("RUST_LOG", "info")
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -1138,19 +1147,9 @@ fn serve_listens_while_it_downloads_the_weights() {
 /// is taken is said before any download begins.
 #[test]
 fn serve_exits_with_the_downloads_error() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let endpoint = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
+    let endpoint = dead_endpoint();
     let tmp = tempfile::tempdir().unwrap();
-    let out = turbine()
-        .args(["serve", "--models-root"])
-        .arg(tmp.path())
-        .args(["--device", "cpu", "--host", "127.0.0.1", "--port", "0"])
-        .env("HF_ENDPOINT", &endpoint)
-        .env("HF_HOME", tmp.path().join("hf-home"))
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
+    let out = serve_command(tmp.path(), &endpoint, "0").output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(
@@ -1172,13 +1171,7 @@ fn serve_exits_with_the_downloads_error() {
     );
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();
-    let out = turbine()
-        .args(["serve", "--models-root"])
-        .arg(tmp.path())
-        .args(["--device", "cpu", "--host", "127.0.0.1", "--port", &port])
-        .env("HF_ENDPOINT", &hub.endpoint)
-        .env("HF_HOME", tmp.path().join("hf-home"))
-        .env("NO_COLOR", "1")
+    let out = serve_command(tmp.path(), &hub.endpoint, &port)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -24,14 +24,8 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use axum::body::Bytes;
 
+use super::api::OutputFormat;
 use super::metrics::Metrics;
-
-/// The formats an image may have, by file extension.
-const FORMATS: [(&str, &str); 3] = [
-    ("png", "image/png"),
-    ("jpeg", "image/jpeg"),
-    ("webp", "image/webp"),
-];
 
 /// Temporary files older than this are a crashed write's, and swept.
 const STALE_TEMPORARY: Duration = Duration::from_secs(600);
@@ -93,21 +87,23 @@ impl ImageDir {
         })
     }
 
-    /// The file of image `id` in `format` (an extension of [`FORMATS`]).
-    fn path(&self, id: &str, format: &str) -> PathBuf {
-        self.dir.join(format!("{id}.{format}"))
+    /// The file of image `id` in `format` (its `output_format` name is the extension).
+    fn path(&self, id: &str, format: OutputFormat) -> PathBuf {
+        self.dir.join(format!("{id}.{}", format.as_str()))
     }
 
-    /// Writes image `id` (`content_type` is its format's); a failure is warned about and
-    /// returned, and the caller goes on without the copy.
-    pub async fn put(&self, id: &str, content_type: &str, bytes: Bytes) -> std::io::Result<()> {
-        let Some((format, _)) = FORMATS.iter().find(|(_, t)| *t == content_type) else {
-            return Err(std::io::Error::other(format!(
-                "no file extension for {content_type}"
-            )));
-        };
+    /// The formats an image may have.
+    fn formats() -> impl Iterator<Item = OutputFormat> {
+        OutputFormat::NAMES
+            .iter()
+            .filter_map(|n| OutputFormat::parse(n))
+    }
+
+    /// Writes image `id` in `format`; a failure is warned about and returned, and the caller
+    /// goes on without the copy.
+    pub async fn put(&self, id: &str, format: OutputFormat, bytes: Bytes) -> std::io::Result<()> {
         let path = self.path(id, format);
-        let temporary = self.dir.join(format!(".{id}.{format}.tmp"));
+        let temporary = self.dir.join(format!(".{id}.{}.tmp", format.as_str()));
         let size = bytes.len() as u64;
         let written = {
             let (path, temporary) = (path.clone(), temporary.clone());
@@ -165,9 +161,8 @@ impl ImageDir {
         if !is_image_id(id) {
             return None;
         }
-        let candidates: Vec<(PathBuf, &'static str)> = FORMATS
-            .iter()
-            .map(|(format, content_type)| (self.path(id, format), *content_type))
+        let candidates: Vec<(PathBuf, &'static str)> = Self::formats()
+            .map(|format| (self.path(id, format), format.content_type()))
             .collect();
         let ttl = self.ttl;
         let found = tokio::task::spawn_blocking(move || {
@@ -216,7 +211,7 @@ impl ImageDir {
                 STALE_TEMPORARY
             } else if name
                 .rsplit_once('.')
-                .is_some_and(|(id, ext)| is_image_id(id) && FORMATS.iter().any(|(f, _)| *f == ext))
+                .is_some_and(|(id, ext)| is_image_id(id) && OutputFormat::parse(ext).is_some())
             {
                 self.ttl
             } else {
@@ -290,7 +285,7 @@ mod tests {
         let dir =
             ImageDir::open(tmp.path(), Duration::from_secs(3600), 1 << 20, metrics()).unwrap();
         let id = super::super::store::ImageStore::new_id();
-        dir.put(&id, "image/webp", Bytes::from_static(b"webp bytes"))
+        dir.put(&id, OutputFormat::Webp, Bytes::from_static(b"webp bytes"))
             .await
             .unwrap();
         let found = dir.get(&id).await.unwrap();
@@ -316,7 +311,7 @@ mod tests {
         std::fs::remove_dir(&gone).unwrap();
         let id = super::super::store::ImageStore::new_id();
         assert!(dir
-            .put(&id, "image/png", Bytes::from_static(b"png"))
+            .put(&id, OutputFormat::Png, Bytes::from_static(b"png"))
             .await
             .is_err());
         let text = m.render();
@@ -335,7 +330,7 @@ mod tests {
             .map(|_| super::super::store::ImageStore::new_id())
             .collect();
         for id in &ids {
-            dir.put(id, "image/png", Bytes::from(vec![7u8; 10]))
+            dir.put(id, OutputFormat::Png, Bytes::from(vec![7u8; 10]))
                 .await
                 .unwrap();
         }
@@ -361,7 +356,7 @@ mod tests {
             super::super::store::ImageStore::new_id(),
         );
         for id in [&old, &new] {
-            dir.put(id, "image/png", Bytes::from_static(b"png"))
+            dir.put(id, OutputFormat::Png, Bytes::from_static(b"png"))
                 .await
                 .unwrap();
         }

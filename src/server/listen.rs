@@ -69,10 +69,11 @@ fn no_ipv6(e: &io::Error) -> bool {
     #[cfg(unix)]
     if matches!(
         e.raw_os_error(),
-        Some(libc::EAFNOSUPPORT | libc::EPROTONOSUPPORT | libc::EADDRNOTAVAIL)
+        Some(libc::EAFNOSUPPORT | libc::EPROTONOSUPPORT)
     ) {
         return true;
     }
+    // EADDRNOTAVAIL, and its like elsewhere.
     e.kind() == io::ErrorKind::AddrNotAvailable
 }
 

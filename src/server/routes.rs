@@ -28,8 +28,8 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::api::{
-    EventImage, ImageData, ImagesResponse, Model, ModelList, PartialImage, ResponseFormat,
-    StreamedImage, Usage,
+    EventImage, ImageData, ImagesResponse, Model, ModelList, OutputFormat, PartialImage,
+    ResponseFormat, StreamedImage, Usage,
 };
 use super::auth::Caller;
 use super::batcher::{Item, ItemOutcome, Queue};
@@ -435,14 +435,15 @@ async fn watch_body(State(app): State<Arc<App>>, mut req: Request, next: Next) -
     // A server leaving its balancers (`--shutdown-delay-secs`) closes its HTTP/1 connections
     // after each response, so that pooled clients reconnect, through the balancer, elsewhere.
     let leaving = http1 && app.phase() == Phase::Leaving;
+    let close = |mut response: Response| {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
+    };
     if req.body().is_end_stream() {
-        let mut response = next.run(req).await;
-        if leaving {
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        return response;
+        let response = next.run(req).await;
+        return if leaving { close(response) } else { response };
     }
     let state = Arc::new(BodyState::default());
     let idle = app.config.limits.body_timeout;
@@ -484,9 +485,7 @@ async fn watch_body(State(app): State<Arc<App>>, mut req: Request, next: Next) -
         }
     }
     if leaving || (http1 && !state.done.load(Ordering::Relaxed)) {
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return close(response);
     }
     response
 }
@@ -689,14 +688,19 @@ async fn get_model(
 /// are counted, and said in a warning at most once a minute. With `--image-store-dir` it is
 /// written there too before its URL goes out (a failure there is warned about, not the
 /// request's: this server still has it).
-async fn store_url_image(app: &App, image: StoredImage, now: Instant) -> Result<String, ApiError> {
-    let copy = app
-        .image_dir
-        .as_ref()
-        .map(|dir| (dir, image.content_type, image.bytes.clone()));
+async fn store_url_image(
+    app: &App,
+    bytes: Bytes,
+    format: OutputFormat,
+    now: Instant,
+) -> Result<String, ApiError> {
+    let image = StoredImage {
+        bytes: bytes.clone(),
+        content_type: format.content_type(),
+    };
     let id = keep_url_image(app, image, now)?;
-    if let Some((dir, content_type, bytes)) = copy {
-        let _ = dir.put(&id, content_type, bytes).await;
+    if let Some(dir) = &app.image_dir {
+        let _ = dir.put(&id, format, bytes).await;
     }
     Ok(id)
 }
@@ -1278,11 +1282,7 @@ pub(super) async fn images_response(
         let (b64_json, url) = match (out, url_base) {
             (Encoded::Base64(text), _) => (Some(text), None),
             (Encoded::Bytes(bytes), Some(base)) => {
-                let image = StoredImage {
-                    bytes: Bytes::from(bytes),
-                    content_type: req.output_format.content_type(),
-                };
-                let id = store_url_image(app, image, now).await?;
+                let id = store_url_image(app, Bytes::from(bytes), req.output_format, now).await?;
                 (None, Some(format!("{base}/v1/images/files/{id}")))
             }
             (Encoded::Bytes(_), None) => {
