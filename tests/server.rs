@@ -1966,6 +1966,9 @@ fn a_streamed_request_sends_each_image_as_an_event() {
     assert_eq!(r.status(), 200);
     let ct = r.headers()["content-type"].to_str().unwrap().to_string();
     assert!(ct.starts_with("text/event-stream"), "{ct}");
+    // Not held by a buffering proxy (nginx) until the first image.
+    assert_eq!(r.headers()["x-accel-buffering"], "no");
+    assert_eq!(r.headers()["cache-control"], "no-cache");
     let events = sse_events(&r.text().unwrap());
     assert_eq!(events.len(), 3, "{events:?}");
     let mut seeds = Vec::new();

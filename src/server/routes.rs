@@ -1517,9 +1517,17 @@ fn stream_images(
         let event = s.next_event().await?;
         Some((Ok::<_, std::convert::Infallible>(event), s))
     });
-    Ok(Sse::new(events)
+    let mut response = Sse::new(events)
         .keep_alive(KeepAlive::default())
-        .into_response())
+        .into_response();
+    // nginx (and proxies that follow it) hold a proxied response's small writes until a buffer
+    // fills: the headers and the keep-alive comments would reach the client only with the first
+    // image, and a client or balancer in front with a read timeout shorter than the queue's wait
+    // gives up on a stream that is alive. This header turns that buffering off for the response.
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
 }
 
 /// A server-sent event named `kind` with `body` as its JSON data.
