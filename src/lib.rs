@@ -10,6 +10,7 @@
 //!   thread per device.
 //! - [`ops`]: fused GroupNorm(+SiLU), GEGLU and attention: our CUDA kernels, CPU references.
 //! - [`logging`]: log lines to stderr through a queue that never blocks the code that logs.
+//! - [`telemetry`]: traces of the requests to an OpenTelemetry collector (`--otlp-endpoint`).
 //! - [`hub`]: model manifests, `turbine download` from the Hugging Face Hub or a mirror, and
 //!   [`hub::ModelArgs`], which finds (or fetches) the model directory to load.
 
@@ -20,3 +21,4 @@ pub mod logging;
 pub mod model;
 pub mod ops;
 pub mod server;
+pub mod telemetry;

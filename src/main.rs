@@ -31,6 +31,21 @@ struct Cli {
         global = true
     )]
     log_buffer_bytes: usize,
+    /// An OpenTelemetry collector to send traces to, over OTLP/HTTP (`http://collector:4318`;
+    /// `/v1/traces` is appended unless the URL ends with it). Each request is a span, the
+    /// child of the caller's when it sends a W3C `traceparent`, with a child span per image
+    /// for its batch on the device (queue wait, batch size, stage times). Headers for the
+    /// collector: `OTEL_EXPORTER_OTLP_HEADERS`. Unset: no traces.
+    #[arg(long, env = "TURBINE_OTLP_ENDPOINT", global = true)]
+    otlp_endpoint: Option<String>,
+    /// The `service.name` the traces carry.
+    #[arg(
+        long,
+        env = "TURBINE_OTLP_SERVICE_NAME",
+        default_value = "turbine",
+        global = true
+    )]
+    otlp_service_name: String,
 }
 
 #[derive(Subcommand)]
@@ -48,7 +63,14 @@ enum Command {
 fn main() -> std::process::ExitCode {
     limit_malloc_arenas();
     let cli = Cli::parse();
-    turbine::cli::init_tracing(cli.log_format, cli.log_buffer_bytes);
+    let otlp = cli.otlp_endpoint.map(|endpoint| turbine::cli::Otlp {
+        endpoint,
+        service_name: cli.otlp_service_name,
+    });
+    if let Err(e) = turbine::cli::init_tracing(cli.log_format, cli.log_buffer_bytes, otlp.as_ref())
+    {
+        return turbine::cli::exit_code(Err(e));
+    }
     let result = match cli.command {
         Command::Generate(a) => turbine::cli::generate::run(*a),
         Command::Serve(a) => turbine::cli::serve::run(a),

@@ -27,6 +27,8 @@ use turbine::server::{ImageBackend, ServerConfig, WorkerSpec};
 
 #[path = "server/fuzz.rs"]
 mod fuzz;
+#[path = "server/otel.rs"]
+mod otel;
 #[path = "server/tls.rs"]
 mod tls;
 
@@ -2167,7 +2169,12 @@ struct ServerProcess {
 impl ServerProcess {
     /// Started, and healthy (its warm-up done).
     fn start(extra: &[&str]) -> Self {
-        let p = Self::spawn(extra, &[]);
+        Self::start_with(extra, &[])
+    }
+
+    /// As `start`, with `envs` too.
+    fn start_with(extra: &[&str], envs: &[(&str, &std::ffi::OsStr)]) -> Self {
+        let p = Self::spawn(extra, envs);
         let client = Client::new();
         while client
             .get(format!("{}/health", p.base))

@@ -4,6 +4,8 @@
 #
 #   scripts/bench/http_overhead.sh OLD_BINARY NEW_BINARY
 #   scripts/bench/http_overhead.sh --tls BINARY    # the same binary, HTTP (old) vs HTTPS (new)
+#   scripts/bench/http_overhead.sh --otlp BINARY   # the same binary, without traces (old) and
+#                                                  # with --otlp-endpoint (new)
 #
 # Per binary and round: GET /v1/models (no body; 20000 requests from 16 clients), the same on a
 # new connection each (`fresh`: 5000), a POST whose JSON is read and refused (400; 20000), and
@@ -12,18 +14,30 @@
 # hey does not verify it): `fresh` then pays a TLS handshake per request. They are served on
 # port 443 (so run as root) at https://localhost/: hey sends the URL's host *with its port* as
 # the TLS server name, which is not a valid name, and rustls, rightly, refuses the handshake.
+# With --otlp the new rows export every request's spans to scripts/bench/otlp_sink.py (a
+# collector stand-in on this machine that answers each export 200 and counts its bytes), every
+# second (OTEL_BSP_SCHEDULE_DELAY=1000), so that the exports happen during the runs.
 # Needs `hey` (apt-get install hey), curl and, for --tls, openssl.
 set -u
 cd "$(dirname "$0")/../.."
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 NEW_TLS=()
+NEW_OTLP=()
 if [ "${1:-}" = "--tls" ]; then
   OLD=${2:?binary}
   NEW=$OLD
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=localhost \
     -addext subjectAltName=DNS:localhost,IP:127.0.0.1 -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
   NEW_TLS=(--tls-cert-file "$work/cert.pem" --tls-key-file "$work/key.pem")
+elif [ "${1:-}" = "--otlp" ]; then
+  OLD=${2:?binary}
+  NEW=$OLD
+  python3 scripts/bench/otlp_sink.py 18791 &
+  sink=$!
+  trap 'kill $sink; wait $sink; rm -rf "$work"' EXIT
+  export OTEL_BSP_SCHEDULE_DELAY=1000
+  NEW_OTLP=(--otlp-endpoint http://127.0.0.1:18791)
 else
   OLD=${1:?old binary}
   NEW=${2:?new binary}
@@ -33,7 +47,7 @@ echo '{"prompt":"a red fox","size":"64x64","seed":1}' > "$work/good.json"
 run() {
   local bin=$1 label=$2 port=18790 base=http://127.0.0.1:18790
   shift 2
-  if [ $# -gt 0 ]; then
+  if [ "${1:-}" = --tls-cert-file ]; then
     port=443
     base=https://localhost
   fi
@@ -58,5 +72,5 @@ run() {
 }
 for round in 1 2; do
   run "$OLD" old
-  run "$NEW" new "${NEW_TLS[@]}"
+  run "$NEW" new "${NEW_TLS[@]}" "${NEW_OTLP[@]}"
 done

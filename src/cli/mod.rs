@@ -73,26 +73,63 @@ static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
 
 /// Logs go to stderr, through a queue of at most `buffer_bytes` that never blocks the code
 /// that logs ([`crate::logging`]); `RUST_LOG` overrides the default `info` level.
-pub fn init_tracing(format: LogFormat, buffer_bytes: usize) {
+pub fn init_tracing(
+    format: LogFormat,
+    buffer_bytes: usize,
+    otlp: Option<&Otlp>,
+) -> anyhow::Result<()> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let _ = LOG_FORMAT.set(format);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let lines = tracing_subscriber::fmt::layer()
         .with_ansi(colour_logs(
             std::io::stderr().is_terminal(),
             std::env::var_os("NO_COLOR"),
         ))
         .with_writer(crate::logging::QueuedStderr::start(buffer_bytes));
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder
+    let lines = match format {
+        LogFormat::Text => lines.boxed(),
+        LogFormat::Json => lines
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
-            .try_init(),
+            .boxed(),
     };
+    // RUST_LOG sets what the log shows; the collector gets turbine's own spans and events at
+    // `info` and above, whatever the log's level (not hyper's or the HTTP client's).
+    let (traces, failed) = match otlp {
+        Some(o) => match crate::telemetry::layer(&o.endpoint, &o.service_name) {
+            Ok(layer) => (
+                Some(
+                    layer.with_filter(
+                        tracing_subscriber::filter::Targets::new()
+                            .with_target("turbine", tracing::Level::INFO),
+                    ),
+                ),
+                None,
+            ),
+            Err(e) => (None, Some(e)),
+        },
+        None => (None, None),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(lines.with_filter(filter))
+        .with(traces)
+        .try_init();
+    match failed {
+        Some(e) => Err(UsageError(format!("{e:#}")).into()),
+        None => Ok(()),
+    }
+}
+
+/// Where traces go (`--otlp-endpoint`, `--otlp-service-name`).
+pub struct Otlp {
+    pub endpoint: String,
+    pub service_name: String,
 }
 
 /// Whether text logs carry colours (ANSI escapes): only on a terminal, and not with
@@ -108,8 +145,10 @@ fn colour_logs(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
 pub const EXIT_FLUSH: Duration = Duration::from_secs(5);
 
 /// Maps a command's result to the process exit code: 0 ok, 2 usage error, 1 anything else.
-/// The log lines still queued are written first (for at most [`EXIT_FLUSH`]).
+/// The spans and log lines still queued are written first (for at most [`EXIT_FLUSH`] each).
 pub fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    // The spans of the last requests, still queued for the collector.
+    crate::telemetry::shutdown(EXIT_FLUSH);
     match result {
         Ok(()) => {
             crate::logging::flush(EXIT_FLUSH);

@@ -27,6 +27,9 @@ pub struct Item {
     pub reply: mpsc::UnboundedSender<ItemOutcome>,
     /// The request's span, so the worker's logs carry the request id across the thread hop.
     pub span: tracing::Span,
+    /// The image's own span while its batch runs on the device (its request's child), with
+    /// `--otlp-endpoint`; none before and otherwise.
+    pub run: tracing::Span,
 }
 
 /// One image's result, sent back to its request.
@@ -189,6 +192,7 @@ impl Queue {
 /// Answers each image with `error` (a request that is gone is skipped).
 pub(crate) fn fail_all(entries: Vec<Entry<Item>>, error: &BackendError) {
     for e in entries {
+        crate::telemetry::fail(&e.payload.run, error.to_string());
         let _ = e.payload.reply.send(ItemOutcome {
             index: e.payload.index,
             result: Err(error.clone()),
@@ -300,6 +304,7 @@ mod tests {
                 },
                 reply: reply.clone(),
                 span: tracing::Span::none(),
+                run: tracing::Span::none(),
             },
         }
     }

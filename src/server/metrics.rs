@@ -704,6 +704,14 @@ impl Metrics {
                 ("unfetched", &self.image_store_evictions[2]),
             ],
         );
+        let (exports, failed) = crate::telemetry::exports();
+        labelled(
+            &mut out,
+            "turbine_trace_exports_total",
+            "Batches of spans sent to --otlp-endpoint, by outcome (a failed one's spans are lost).",
+            "outcome",
+            &[("ok", exports), ("failed", failed)],
+        );
         single(
             &mut out,
             "turbine_log_lines_dropped_total",

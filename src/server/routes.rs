@@ -229,25 +229,43 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     req.extensions_mut().insert(XRequestId(id.clone()));
     // `key`: the API key's label, once `authenticate` knows it. `client`: the address the
     // request came from, as a proxy of `--forwarded-allow-ips` says, else the connection's.
-    let span = tracing::info_span!(
-        "request",
-        id = %id,
-        client = tracing::field::Empty,
-        key = tracing::field::Empty
-    );
+    // `trace_id` and the `otel.*` fields: only with --otlp-endpoint (`crate::telemetry`).
+    macro_rules! request_span {
+        ($level:expr) => {
+            tracing::span!(
+                $level,
+                "request",
+                id = %id,
+                client = tracing::field::Empty,
+                key = tracing::field::Empty,
+                trace_id = tracing::field::Empty,
+                otel.name = tracing::field::Empty,
+                otel.kind = tracing::field::Empty,
+            )
+        };
+    }
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    // Probes and scrapers poll (a liveness and a readiness probe every few seconds, each
+    // scrape): their spans are at `debug`, so that neither the log's lines nor the collector's
+    // traces drown the API's.
+    let probe = matches!(path.as_str(), "/health" | "/livez" | "/metrics");
+    let span = if probe {
+        request_span!(tracing::Level::DEBUG)
+    } else {
+        request_span!(tracing::Level::INFO)
+    };
     let client = Forwarding::of(req.headers())
         .client
         .or_else(|| req.extensions().get::<Peer>().map(|p| p.ip));
     if let Some(client) = client {
         span.record("client", tracing::field::display(client));
     }
-    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    crate::telemetry::start_request(&span, req.headers(), method.as_str(), &path);
     let start = Instant::now();
     let mut response = next.run(req).instrument(span.clone()).await;
     let (status, secs) = (response.status().as_u16(), start.elapsed().as_secs_f64());
     span.in_scope(|| {
-        // Probes and scrapers poll: their lines would drown the API's.
-        if path == "/health" || path == "/metrics" {
+        if probe {
             tracing::debug!(%method, path, status, secs, "request done")
         } else {
             tracing::info!(%method, path, status, secs, "request done")
@@ -519,7 +537,14 @@ async fn count_requests(State(app): State<Arc<App>>, mut req: Request, next: Nex
         .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
     let key = KeySlot::default();
     req.extensions_mut().insert(key.clone());
+    let span = tracing::Span::current();
+    crate::telemetry::route_request(
+        &span,
+        req.method().as_str(),
+        req.extensions().get::<MatchedPath>().map(|m| m.as_str()),
+    );
     let response = next.run(req).await;
+    crate::telemetry::finish_request(&span, response.status().as_u16());
     app.metrics.request(&route, response.status().as_u16());
     if let Some(label) = key.0.get() {
         app.metrics.key_request(label, response.status().as_u16());
@@ -1386,6 +1411,7 @@ fn submit(
                 },
                 reply: tx.clone(),
                 span: tracing::Span::current(),
+                run: tracing::Span::none(),
             },
         })
         .collect();

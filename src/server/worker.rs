@@ -680,7 +680,7 @@ fn launch_batch(
     let room = most.saturating_sub(batch.entries.len());
     batch.entries.extend(ctx.queue.top_up(&batch.key, room));
     let now = Instant::now();
-    let live = drop_unwanted(batch.entries, now, &ctx.metrics);
+    let mut live = drop_unwanted(batch.entries, now, &ctx.metrics);
     if live.is_empty() {
         return None;
     }
@@ -696,6 +696,7 @@ fn launch_batch(
             .stage(Stage::QueueWait, now.saturating_duration_since(e.enqueued));
         tracing::debug!(parent: &e.payload.span, device = %label, batch = live.len(), "image started");
     }
+    start_runs(&mut live, label, &batch.key, now);
     let settings = batch.key.settings();
     let requests: Vec<ImageRequest> = live.iter().map(|e| e.payload.image.clone()).collect();
     let started = Instant::now();
@@ -796,6 +797,7 @@ fn run_in_parts(
                 ctx.metrics
                     .stage(Stage::QueueWait, now.saturating_duration_since(e.enqueued));
             }
+            start_runs(&mut live, label, &key, now);
         }
     }
     let settings = key.settings();
@@ -893,6 +895,44 @@ fn begin_call<'a>(ctx: &'a WorkerContext, key: &ShapeKey, images: usize) -> supe
     })
 }
 
+/// With `--otlp-endpoint`: opens each image's span for its run on the device, the child of its
+/// request's span (images of background work without one get none). An image that runs again
+/// after an out-of-memory split keeps the span it has.
+fn start_runs(live: &mut [Entry<Item>], label: &str, key: &ShapeKey, now: Instant) {
+    if !crate::telemetry::enabled() {
+        return;
+    }
+    let batch = live.len() as i64;
+    for e in live {
+        if e.payload.span.is_none() || !e.payload.run.is_none() {
+            continue;
+        }
+        let run = tracing::info_span!(parent: &e.payload.span, "image");
+        let kind = if key.init_step.is_some() {
+            "edit"
+        } else {
+            "generation"
+        };
+        let queued = now.saturating_duration_since(e.enqueued);
+        for (name, value) in [
+            (
+                "turbine.device",
+                opentelemetry::Value::from(label.to_string()),
+            ),
+            ("turbine.kind", kind.into()),
+            ("turbine.index", (e.payload.index as i64).into()),
+            ("turbine.width", i64::from(key.width).into()),
+            ("turbine.height", i64::from(key.height).into()),
+            ("turbine.steps", (key.steps as i64).into()),
+            ("turbine.batch_size", batch.into()),
+            ("turbine.queue_wait_ms", (queued.as_secs_f64() * 1e3).into()),
+        ] {
+            crate::telemetry::attribute(&run, name, value);
+        }
+        e.payload.run = run;
+    }
+}
+
 /// Sends each image of a finished batch to its request and counts the batch.
 fn answer(
     label: &str,
@@ -910,6 +950,15 @@ fn answer(
     ctx.metrics.prompts(out.prompts);
     tracing::debug!(device = %label, images = live.len(), secs = elapsed.as_secs_f64(), "batch done");
     for (e, image) in live.into_iter().zip(out.images) {
+        let run = &e.payload.run;
+        for (name, d) in [
+            ("turbine.text_encode_ms", out.timings.text_encode),
+            ("turbine.unet_ms", out.timings.unet),
+            ("turbine.vae_decode_ms", out.timings.vae_decode),
+            ("turbine.batch_ms", elapsed),
+        ] {
+            crate::telemetry::attribute(run, name, d.as_secs_f64() * 1e3);
+        }
         // A closed channel means the request is gone; nothing to do.
         let _ = e.payload.reply.send(ItemOutcome {
             index: e.payload.index,
@@ -1221,6 +1270,7 @@ mod tests {
                 },
                 reply,
                 span: tracing::Span::none(),
+                run: tracing::Span::none(),
             },
         }
     }

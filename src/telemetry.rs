@@ -1,0 +1,285 @@
+//! Traces to an OpenTelemetry collector (`--otlp-endpoint`): each HTTP request is a server span,
+//! the child of the caller's span when the request carries a W3C `traceparent` (a gateway's, an
+//! SDK's instrumented client), and each of its images a child span covering its batch on the
+//! device, with the queue wait, the batch and the stage times as attributes. Spans go out over
+//! OTLP/HTTP (protobuf) from the SDK's own thread in batches; a collector that is slow or gone
+//! costs the requests nothing (spans past the SDK's queue of 2048 are dropped).
+//!
+//! Without `--otlp-endpoint` nothing here runs and the logs are as they were: the fields this
+//! module adds to the request span are recorded only while traces are exported.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use axum::http::HeaderMap;
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// Whether spans are exported (set once, when the layer is made).
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Exports (batches of spans) the collector took, and those that failed.
+static EXPORTED: AtomicU64 = AtomicU64::new(0);
+static FAILED: AtomicU64 = AtomicU64::new(0);
+
+/// When a failed export was last warned about, in seconds since [`start`]'s epoch + 1 (0:
+/// never).
+static WARNED: AtomicU64 = AtomicU64::new(0);
+
+/// A failed export is warned about at most this often: a collector that is down fails every
+/// export (one each 5 s by default).
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// The provider, for [`shutdown`] to export what is still queued.
+static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+
+/// How long one export may take before it is given up (the SDK's default is 10 s): the
+/// collector is usually on the same machine or network, and the process waits for the last
+/// export at exit.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Whether spans are exported to a collector.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
+/// Exports the collector took so far, and those that failed (`turbine_trace_exports_total`).
+pub fn exports() -> (&'static AtomicU64, &'static AtomicU64) {
+    (&EXPORTED, &FAILED)
+}
+
+/// The OTLP exporter, counting its exports and warning (at most once a minute) when the
+/// collector refuses them or cannot be reached: otherwise a collector that is down or
+/// misaddressed would lose every trace without a word.
+#[derive(Debug)]
+struct Reporting<E>(E);
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for Reporting<E>
+{
+    async fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        let spans = batch.len();
+        let result = self.0.export(batch).await;
+        if result.is_ok() {
+            EXPORTED.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Err(e) = &result {
+            FAILED.fetch_add(1, Ordering::Relaxed);
+            static EPOCH: OnceLock<Instant> = OnceLock::new();
+            let now = EPOCH.get_or_init(Instant::now).elapsed().as_secs() + 1;
+            let last = WARNED.load(Ordering::Relaxed);
+            if (last == 0 || now >= last + WARN_EVERY.as_secs())
+                && WARNED
+                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(
+                    spans,
+                    "traces: an export to --otlp-endpoint failed, its spans are lost (said at \
+                     most once a minute; turbine_trace_exports_total counts them): {e}"
+                );
+            }
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(
+        &mut self,
+        timeout: Duration,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&mut self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.0.set_resource(resource)
+    }
+}
+
+/// The collector's URL for spans: `endpoint` as given when it already ends in `/v1/traces`,
+/// else with `/v1/traces` appended (OTLP/HTTP's path; collectors listen on port 4318).
+pub fn traces_url(endpoint: &str) -> anyhow::Result<String> {
+    let endpoint = endpoint.trim();
+    let url = reqwest::Url::parse(endpoint)
+        .with_context(|| format!("--otlp-endpoint is not a URL: {endpoint:?}"))?;
+    anyhow::ensure!(
+        matches!(url.scheme(), "http" | "https") && url.host_str().is_some(),
+        "--otlp-endpoint must be an http:// or https:// URL of a collector (OTLP/HTTP, usually \
+         port 4318), got {endpoint:?}"
+    );
+    if url.path().trim_end_matches('/').ends_with("/v1/traces") {
+        return Ok(endpoint.to_string());
+    }
+    Ok(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+}
+
+/// The layer that turns spans into OpenTelemetry spans exported to `endpoint`, named
+/// `service_name`. Headers for the collector (an API key) come from
+/// `OTEL_EXPORTER_OTLP_HEADERS` (`key=value,key2=value2`), as for any OpenTelemetry SDK.
+pub fn layer<S>(
+    endpoint: &str,
+    service_name: &str,
+) -> anyhow::Result<tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let url = traces_url(endpoint)?;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpBinary)
+        .with_endpoint(url)
+        .with_timeout(EXPORT_TIMEOUT)
+        .build()
+        .context("cannot make the OTLP exporter for --otlp-endpoint")?;
+    let resource = Resource::builder()
+        .with_service_name(service_name.to_string())
+        .with_attribute(opentelemetry::KeyValue::new(
+            "service.version",
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .build();
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(Reporting(exporter))
+        .with_resource(resource)
+        .build();
+    let tracer = provider.tracer("turbine");
+    let _ = PROVIDER.set(provider);
+    ENABLED.store(true, Ordering::Relaxed);
+    Ok(tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        // Entering a span would start it, and a started span's name is fixed: the request's
+        // is named only once routing knows its route ([`route_request`]).
+        .with_context_activation(false)
+        .with_tracked_inactivity(false)
+        .with_threads(false)
+        .with_location(false))
+}
+
+/// Exports the spans still queued, for at most `limit`, before the process exits.
+pub fn shutdown(limit: Duration) {
+    if let Some(provider) = PROVIDER.get() {
+        if let Err(e) = provider.shutdown_with_timeout(limit) {
+            eprintln!("traces: the last spans were not all exported: {e}");
+        }
+    }
+}
+
+/// The request headers as the propagator reads them.
+struct Headers<'a>(&'a HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Makes `span` (a request's) a server span and, when the request carries a valid W3C
+/// `traceparent`, the child of the caller's span. Nothing without `--otlp-endpoint`.
+pub fn start_request(span: &tracing::Span, headers: &HeaderMap, method: &str, path: &str) {
+    if !enabled() {
+        return;
+    }
+    let parent = TraceContextPropagator::new().extract(&Headers(headers));
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+    span.record("otel.kind", "server");
+    span.set_attribute("http.request.method", method.to_string());
+    span.set_attribute("url.path", path.to_string());
+}
+
+/// Names the request's span by its route once routing found it (`POST /v1/images/generations`,
+/// ids left out; the method alone for a path no route has, as OpenTelemetry's HTTP conventions
+/// say), and records the trace id on it, so that JSON logs carry it beside the request id.
+/// Called before anything starts the span: a span's name is fixed when it starts (which the
+/// layer does lazily, as its context activation is off). Nothing without `--otlp-endpoint`.
+pub fn route_request(span: &tracing::Span, method: &str, route: Option<&str>) {
+    if !enabled() {
+        return;
+    }
+    match route {
+        Some(route) => {
+            span.record("otel.name", format!("{method} {route}"));
+            span.set_attribute("http.route", route.to_string());
+        }
+        None => {
+            span.record("otel.name", method.to_string());
+        }
+    }
+    let trace_id = span.context().span().span_context().trace_id();
+    span.record("trace_id", tracing::field::display(trace_id));
+}
+
+/// Records the request's status; a 5xx marks its span as failed. Nothing without
+/// `--otlp-endpoint`.
+pub fn finish_request(span: &tracing::Span, status: u16) {
+    if !enabled() {
+        return;
+    }
+    span.set_attribute("http.response.status_code", i64::from(status));
+    if status >= 500 {
+        span.set_status(opentelemetry::trace::Status::error(format!(
+            "answered {status}"
+        )));
+    }
+}
+
+/// Sets an attribute on `span` for the collector only (logs don't show it).
+pub fn attribute(span: &tracing::Span, key: &'static str, value: impl Into<opentelemetry::Value>) {
+    if enabled() {
+        span.set_attribute(key, value);
+    }
+}
+
+/// Marks `span` as failed with `message`.
+pub fn fail(span: &tracing::Span, message: String) {
+    if enabled() {
+        span.set_status(opentelemetry::trace::Status::error(message));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_traces_path_is_appended_unless_given() {
+        assert_eq!(
+            traces_url("http://collector:4318").unwrap(),
+            "http://collector:4318/v1/traces"
+        );
+        assert_eq!(
+            traces_url("https://otel.example.com/").unwrap(),
+            "https://otel.example.com/v1/traces"
+        );
+        assert_eq!(
+            traces_url("http://collector:4318/v1/traces").unwrap(),
+            "http://collector:4318/v1/traces"
+        );
+        assert_eq!(
+            traces_url("http://gw:8080/otlp").unwrap(),
+            "http://gw:8080/otlp/v1/traces"
+        );
+        for bad in ["collector:4318", "grpc://collector:4317", "http://", ""] {
+            let e = traces_url(bad).unwrap_err().to_string();
+            assert!(e.contains("--otlp-endpoint"), "{bad}: {e}");
+        }
+    }
+}
