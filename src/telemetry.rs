@@ -126,6 +126,18 @@ pub fn traces_url(endpoint: &str) -> anyhow::Result<String> {
     Ok(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
 }
 
+/// What to warn about `endpoint` once the log is up: OTLP/gRPC's port, which this exporter
+/// (OTLP/HTTP) cannot speak to; every export would fail.
+pub fn endpoint_warning(endpoint: &str) -> Option<String> {
+    let url = reqwest::Url::parse(endpoint.trim()).ok()?;
+    (url.port() == Some(4317)).then(|| {
+        format!(
+            "--otlp-endpoint {endpoint} has port 4317, OTLP/gRPC's; turbine sends OTLP/HTTP \
+             (protobuf), which collectors take on port 4318"
+        )
+    })
+}
+
 /// The layer that turns spans into OpenTelemetry spans exported to `endpoint`, named
 /// `service_name`. Headers for the collector (an API key) come from
 /// `OTEL_EXPORTER_OTLP_HEADERS` (`key=value,key2=value2`), as for any OpenTelemetry SDK.
@@ -277,6 +289,11 @@ mod tests {
             traces_url("http://gw:8080/otlp").unwrap(),
             "http://gw:8080/otlp/v1/traces"
         );
+        assert!(endpoint_warning("http://collector:4317")
+            .unwrap()
+            .contains("port 4318"));
+        assert_eq!(endpoint_warning("http://collector:4318"), None);
+        assert_eq!(endpoint_warning("https://otel.example.com"), None);
         for bad in ["collector:4318", "grpc://collector:4317", "http://", ""] {
             let e = traces_url(bad).unwrap_err().to_string();
             assert!(e.contains("--otlp-endpoint"), "{bad}: {e}");

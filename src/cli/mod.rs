@@ -120,6 +120,9 @@ pub fn init_tracing(
         .with(lines.with_filter(filter))
         .with(traces)
         .try_init();
+    if let Some(warning) = otlp.and_then(|o| crate::telemetry::endpoint_warning(&o.endpoint)) {
+        tracing::warn!("{warning}");
+    }
     match failed {
         Some(e) => Err(UsageError(format!("{e:#}")).into()),
         None => Ok(()),
