@@ -797,7 +797,6 @@ fn run_in_parts(
                 ctx.metrics
                     .stage(Stage::QueueWait, now.saturating_duration_since(e.enqueued));
             }
-            start_runs(&mut live, label, &key, now);
         }
     }
     let settings = key.settings();
@@ -811,10 +810,11 @@ fn run_in_parts(
     let mut last_done = Instant::now();
     while let Some(part) = todo.pop_front() {
         let now = Instant::now();
-        let part = drop_unwanted(part, now, &ctx.metrics);
+        let mut part = drop_unwanted(part, now, &ctx.metrics);
         if part.is_empty() {
             continue;
         }
+        start_runs(&mut part, label, &key, now);
         let requests: Vec<ImageRequest> = part.iter().map(|e| e.payload.image.clone()).collect();
         let result = {
             let _call = begin_call(ctx, &key, part.len());
@@ -896,8 +896,8 @@ fn begin_call<'a>(ctx: &'a WorkerContext, key: &ShapeKey, images: usize) -> supe
 }
 
 /// With `--otlp-endpoint`: opens each image's span for its run on the device, the child of its
-/// request's span (images of background work without one get none). An image that runs again
-/// after an out-of-memory split keeps the span it has.
+/// request's span (images of background work without one get none), with `live`'s size as
+/// the batch's. An image that runs again after an out-of-memory split keeps the span it has.
 fn start_runs(live: &mut [Entry<Item>], label: &str, key: &ShapeKey, now: Instant) {
     if !crate::telemetry::enabled() {
         return;
