@@ -9,7 +9,7 @@
 //! module adds to the request span are recorded only while traces are exported.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -29,13 +29,9 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 static EXPORTED: AtomicU64 = AtomicU64::new(0);
 static FAILED: AtomicU64 = AtomicU64::new(0);
 
-/// When a failed export was last warned about, in seconds since [`start`]'s epoch + 1 (0:
-/// never).
-static WARNED: AtomicU64 = AtomicU64::new(0);
-
-/// A failed export is warned about at most this often: a collector that is down fails every
-/// export (one each 5 s by default).
-const WARN_EVERY: Duration = Duration::from_secs(60);
+/// When a failed export was last warned about: once a minute at most, as a collector that is
+/// down fails every export (one each 5 s by default).
+static WARNED: Mutex<Option<Instant>> = Mutex::new(None);
 
 /// The provider, for [`shutdown`] to export what is still queued.
 static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
@@ -70,24 +66,20 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanEx
     ) -> opentelemetry_sdk::error::OTelSdkResult {
         let spans = batch.len();
         let result = self.0.export(batch).await;
-        if result.is_ok() {
-            EXPORTED.fetch_add(1, Ordering::Relaxed);
-        }
-        if let Err(e) = &result {
-            FAILED.fetch_add(1, Ordering::Relaxed);
-            static EPOCH: OnceLock<Instant> = OnceLock::new();
-            let now = EPOCH.get_or_init(Instant::now).elapsed().as_secs() + 1;
-            let last = WARNED.load(Ordering::Relaxed);
-            if (last == 0 || now >= last + WARN_EVERY.as_secs())
-                && WARNED
-                    .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                    .is_ok()
-            {
-                tracing::warn!(
-                    spans,
-                    "traces: an export to --otlp-endpoint failed, its spans are lost (said at \
+        match &result {
+            Ok(()) => {
+                EXPORTED.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                FAILED.fetch_add(1, Ordering::Relaxed);
+                let mut warned = WARNED.lock().unwrap_or_else(|p| p.into_inner());
+                if crate::server::warning_due(&mut warned, Instant::now()) {
+                    tracing::warn!(
+                        spans,
+                        "traces: an export to --otlp-endpoint failed, its spans are lost (said at \
                      most once a minute; turbine_trace_exports_total counts them): {e}"
-                );
+                    );
+                }
             }
         }
         result

@@ -5052,6 +5052,27 @@ struct Receiver {
 
 type Headers = std::collections::HashMap<String, String>;
 
+/// The rest of an HTTP/1.1 request whose request line was read: its headers (names in lower
+/// case) and its `content-length` bytes of body.
+fn read_head_and_body(reader: &mut impl BufRead) -> (Headers, Vec<u8>) {
+    let mut headers = Headers::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (k, v) = l.split_once(':').unwrap();
+        headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+    }
+    let len: usize = headers["content-length"].parse().unwrap();
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).unwrap();
+    (headers, body)
+}
+
 /// One request a [`Receiver`] got: its headers, its body's JSON, and the body as sent (what is
 /// signed).
 struct Delivery {
@@ -5089,26 +5110,13 @@ impl Receiver {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { return };
                 let mut reader = BufReader::new(wrap(stream));
-                let mut headers = Headers::new();
                 let mut line = String::new();
                 // A client that gave up on the handshake (one that does not trust the
                 // certificate) sends no request.
                 if reader.read_line(&mut line).is_err() {
                     continue;
                 }
-                loop {
-                    line.clear();
-                    reader.read_line(&mut line).unwrap();
-                    let l = line.trim_end();
-                    if l.is_empty() {
-                        break;
-                    }
-                    let (k, v) = l.split_once(':').unwrap();
-                    headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-                }
-                let len: usize = headers["content-length"].parse().unwrap();
-                let mut body = vec![0u8; len];
-                reader.read_exact(&mut body).unwrap();
+                let (headers, body) = read_head_and_body(&mut reader);
                 record
                     .lock()
                     .unwrap()

@@ -531,18 +531,15 @@ struct KeySlot(Arc<std::sync::OnceLock<Arc<str>>>);
 
 async fn count_requests(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
     let start = Instant::now();
-    let route = req
+    let matched = req
         .extensions()
         .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+        .map(|m| m.as_str().to_string());
+    let span = tracing::Span::current();
+    crate::telemetry::route_request(&span, req.method().as_str(), matched.as_deref());
+    let route = matched.unwrap_or_else(|| "unmatched".to_string());
     let key = KeySlot::default();
     req.extensions_mut().insert(key.clone());
-    let span = tracing::Span::current();
-    crate::telemetry::route_request(
-        &span,
-        req.method().as_str(),
-        req.extensions().get::<MatchedPath>().map(|m| m.as_str()),
-    );
     let response = next.run(req).await;
     crate::telemetry::finish_request(&span, response.status().as_u16());
     app.metrics.request(&route, response.status().as_u16());

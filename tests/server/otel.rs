@@ -2,7 +2,7 @@
 //! look-alike here takes OTLP/HTTP exports and decodes them with the protocol's own types.
 
 use std::collections::HashMap;
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -109,20 +109,7 @@ fn serve(stream: std::net::TcpStream, exports: Arc<Mutex<Vec<Export>>>) {
             .nth(1)
             .unwrap_or_default()
             .to_string();
-        let mut headers = HashMap::new();
-        loop {
-            let mut h = String::new();
-            reader.read_line(&mut h).unwrap();
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            let (name, value) = h.split_once(':').unwrap();
-            headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
-        }
-        let len: usize = headers["content-length"].parse().unwrap();
-        let mut body = vec![0; len];
-        reader.read_exact(&mut body).unwrap();
+        let (headers, body) = super::read_head_and_body(&mut reader);
         assert_eq!(path, "/v1/traces");
         assert_eq!(headers["content-type"], "application/x-protobuf");
         let request = ExportTraceServiceRequest::decode(&body[..]).unwrap();
