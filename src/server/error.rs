@@ -19,6 +19,10 @@ pub enum BackendError {
     Panicked { device: String, message: String },
     #[error("the model worker stopped before generating this image")]
     WorkerGone,
+    /// The image ran out of the device's memory in a batch of its own: sent again, it would
+    /// fail the same way (and, batched with others, make their batch run out of memory first).
+    #[error("image generation failed on {device}: {message}")]
+    DoesNotFit { device: String, message: String },
     /// Every device failed in a way that leaves it unusable (a CUDA fault poisons its context
     /// until the process exits): the image never ran and the server is stopping.
     #[error("no device of this server is usable any more ({device}: {message}); retry on another server or after this one restarts")]
@@ -320,6 +324,9 @@ impl ApiError {
                 InferError::Backend(BackendError::Panicked { .. }) => {
                     row(S::INTERNAL_SERVER_ERROR, SERVER, None, "backend_panic")
                 }
+                InferError::Backend(BackendError::DoesNotFit { .. }) => {
+                    row(S::INTERNAL_SERVER_ERROR, SERVER, None, "does_not_fit")
+                }
                 InferError::Backend(_) => row(S::INTERNAL_SERVER_ERROR, SERVER, None, "backend"),
                 InferError::Encode { .. } => row(S::INTERNAL_SERVER_ERROR, SERVER, None, "encode"),
                 InferError::Store(_) => row(S::INTERNAL_SERVER_ERROR, SERVER, None, "store"),
@@ -350,6 +357,24 @@ impl ApiError {
             ApiError::Infer(InferError::NotReady) => Some(Duration::from_secs(1)),
             ApiError::NoThreads => Some(NO_THREADS_RETRY_AFTER),
             ApiError::Infer(InferError::InputMemoryFull { .. }) => Some(super::inputs::RETRY_AFTER),
+            _ => None,
+        }
+    }
+
+    /// What `x-should-retry` says, where the status alone would mislead a client. OpenAI's
+    /// SDKs (and the gateways built on them) retry every 5xx, 408, 409 and 429, twice by
+    /// default with backoff, unless the response's `x-should-retry` is `false`; these errors
+    /// would come back the same on a retry, which only costs: an upload sent again in full, or
+    /// an image that does not fit run again (batched with others, it makes their batch run out
+    /// of memory and split first).
+    pub fn should_retry(&self) -> Option<bool> {
+        match self {
+            ApiError::Panicked(_)
+            | ApiError::Infer(
+                InferError::Backend(BackendError::DoesNotFit { .. })
+                | InferError::StorageFull { .. }
+                | InferError::DiskFull(_),
+            ) => Some(false),
             _ => None,
         }
     }
@@ -403,6 +428,12 @@ impl IntoResponse for ApiError {
             headers.insert(
                 "retry-after-ms",
                 HeaderValue::from(after.as_millis().max(1) as u64),
+            );
+        }
+        if let Some(retry) = self.should_retry() {
+            response.headers_mut().insert(
+                "x-should-retry",
+                HeaderValue::from_static(if retry { "true" } else { "false" }),
             );
         }
         if matches!(self, ApiError::PayloadTooLarge { .. }) {
@@ -513,5 +544,72 @@ mod tests {
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(response.headers()["retry-after"], "2");
         assert_eq!(response.headers()["retry-after-ms"], "1200");
+    }
+
+    /// `x-should-retry: false` on the errors a retry cannot fix, none elsewhere: the SDKs then
+    /// go by the status (they retry 408, 409, 429 and 5xx).
+    #[test]
+    fn errors_a_retry_cannot_fix_say_so() {
+        let header = |e: ApiError| {
+            let response = e.into_response();
+            let value = response.headers().get("x-should-retry").cloned();
+            (response.status().as_u16(), value)
+        };
+        let no = Some(HeaderValue::from_static("false"));
+        let does_not_fit = BackendError::DoesNotFit {
+            device: "cuda:0".into(),
+            message: "one 1536x1536 image does not fit in cuda:0's free memory: \
+                      CUDA_ERROR_OUT_OF_MEMORY"
+                .into(),
+        };
+        assert_eq!(header(does_not_fit.into()), (500, no.clone()));
+        assert_eq!(header(ApiError::Panicked("boom".into())), (500, no.clone()));
+        let full = InferError::StorageFull {
+            available: 1,
+            incoming: 2,
+            keep_free: 3,
+        };
+        assert_eq!(header(full.into()), (507, no.clone()));
+        assert_eq!(
+            header(InferError::DiskFull("ENOSPC".into()).into()),
+            (507, no)
+        );
+        // Worth retrying, on this server or another: the status says it.
+        let failed = BackendError::Failed {
+            device: "cuda:0".into(),
+            message: "device lost".into(),
+        };
+        let device_failed = BackendError::DeviceFailed {
+            device: "cuda:0".into(),
+            message: "CUDA_ERROR_ILLEGAL_ADDRESS".into(),
+        };
+        let queue_full = InferError::QueueFull {
+            queued: 1,
+            requested: 1,
+            capacity: 1,
+            retry_after: Duration::from_secs(3),
+        };
+        for (e, status) in [
+            (failed.into(), 500),
+            (device_failed.into(), 503),
+            (queue_full.into(), 429),
+            (
+                InferError::Timeout {
+                    after: Duration::from_secs(300),
+                }
+                .into(),
+                503,
+            ),
+            (InferError::ShuttingDown.into(), 503),
+            (
+                ApiError::BodyTimeout {
+                    after: Duration::from_secs(60),
+                },
+                408,
+            ),
+            (ApiError::invalid("n", "integer_above_max_value", "n"), 400),
+        ] {
+            assert_eq!(header(e), (status, None));
+        }
     }
 }

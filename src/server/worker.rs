@@ -975,10 +975,15 @@ fn wrong_count(label: &str, images: usize, batch: usize) -> BackendError {
     }
 }
 
+/// The failure of a batch; one that ran out of memory is an image alone (a larger batch runs
+/// again in parts instead), which does not fit.
 fn failed(label: &str, e: anyhow::Error) -> BackendError {
-    BackendError::Failed {
-        device: label.to_string(),
-        message: format!("{e:#}"),
+    let device = label.to_string();
+    let message = format!("{e:#}");
+    if out_of_memory(&e) {
+        BackendError::DoesNotFit { device, message }
+    } else {
+        BackendError::Failed { device, message }
     }
 }
 
@@ -1485,6 +1490,46 @@ mod tests {
         let m = ctx.metrics.render();
         assert!(m.contains("turbine_batches_split_total 2"), "{m}");
         assert!(m.contains("turbine_batches_failed_total 1"), "{m}");
+    }
+
+    /// An image that runs out of memory alone, in a batch of its own or in the last part of a
+    /// split one, fails as one that does not fit (answered with `x-should-retry: false`); any
+    /// other failure, and an out-of-memory in a batch that can still be split, does not.
+    #[test]
+    fn an_image_alone_out_of_memory_does_not_fit() {
+        let (tx, rx) = mpsc::channel(8);
+        let (b1, mut r1) = batch_of(1, &["huge"]);
+        let (b2, mut r2) = batch_of(2, &["a", "huge"]);
+        tx.try_send(b1).ok().unwrap();
+        tx.try_send(b2).ok().unwrap();
+        drop(tx);
+        let ctx = context();
+        let mut backend = Tight {
+            fits: 4,
+            sizes: Vec::new(),
+        };
+        serve(&mut backend, "fake", &ctx, rx);
+        let mut results: Vec<_> = r1
+            .iter_mut()
+            .chain(r2.iter_mut())
+            .map(|r| r.try_recv().expect("every image gets an outcome").result)
+            .collect();
+        // Batch 2's "a" (seed 10) is made.
+        let a = results.remove(1).unwrap();
+        assert_eq!(a.get_pixel(0, 0)[0], 10);
+        for huge in results {
+            match huge {
+                Err(BackendError::DoesNotFit { device, message }) => {
+                    assert_eq!(device, "fake");
+                    assert!(message.contains("CUDA_ERROR_OUT_OF_MEMORY"), "{message}");
+                }
+                other => panic!("{:?}", other.map(|_| "an image")),
+            }
+        }
+        // Alone, then 2 split into 1 + 1.
+        assert_eq!(backend.sizes, [1, 2, 1, 1]);
+        let wrong = failed("fake", anyhow::anyhow!("device lost"));
+        assert!(matches!(wrong, BackendError::Failed { .. }), "{wrong:?}");
     }
 
     /// A queued batch that runs out of memory when collected (OVERLAP) runs again in parts once
