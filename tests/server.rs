@@ -120,7 +120,7 @@ impl TestServer {
                     })
                     .collect();
                 let stop = futures_util::stream::poll_fn(move |cx| stop_rx.poll_recv(cx));
-                turbine::server::serve(config, listener, specs, Some(tokens), stop).await
+                turbine::server::serve(config, listener.into(), specs, Some(tokens), stop).await
             })
         });
         let server = TestServer {

@@ -315,7 +315,7 @@ impl Drop for InFlight {
 /// load its model.
 pub async fn serve(
     config: ServerConfig,
-    listener: tokio::net::TcpListener,
+    listener: listen::Listener,
     workers: Vec<WorkerSpec>,
     tokens: Option<TokenCounter>,
     stop: impl Stream<Item = ()> + Send + 'static,
@@ -488,6 +488,11 @@ pub async fn serve(
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let router = routes::router(app.clone());
     let scheme = if tls.is_some() { "https" } else { "http" };
+    // A name's other addresses (`localhost`: `::1`, then `127.0.0.1`).
+    let also: String = listener.local_addrs()?[1..]
+        .iter()
+        .map(|a| format!(" and {scheme}://{a}"))
+        .collect();
     let max_connections = connection_limit(&app.config);
     let server = tokio::spawn(serve_http(
         listener,
@@ -499,7 +504,7 @@ pub async fn serve(
             let _ = stop_rx.await;
         },
     ));
-    tracing::info!("listening on {scheme}://{addr}");
+    tracing::info!("listening on {scheme}://{addr}{also}");
     let notify = |message: &str| {
         if let Some(socket) = &app.config.notify_socket {
             socket.notify(message);
@@ -818,7 +823,7 @@ async fn every_device_failed(health: &DeviceHealth, queue: &Queue, workers: usiz
 /// Shutdown as axum's: once `stop` resolves no connection is accepted, each open one finishes
 /// the requests it has and closes, and this returns when all have.
 async fn serve_http(
-    listener: tokio::net::TcpListener,
+    listener: listen::Listener,
     router: Router,
     app: Arc<App>,
     tls: Option<Arc<tls::Tls>>,
