@@ -4103,6 +4103,103 @@ fn uploads_that_would_fill_the_disk_are_refused_with_507() {
     );
 }
 
+/// A temporary directory that cannot be written (a container's read-only root filesystem with
+/// nothing mounted at /tmp; here TMPDIR names a file, which no one, root included, can make a
+/// directory in) no longer stops the server: it warns, serves images, and the routes that need
+/// the files directory answer 503 `files_unavailable` with `x-should-retry: false`, after the
+/// key. Before, it exited 1 at start. An unusable `--files-dir`, asked for, still stops it.
+#[test]
+fn a_temporary_directory_that_cannot_be_written_leaves_images_served() {
+    let not_a_dir = tempfile::NamedTempFile::new().unwrap();
+    let tmpdir = not_a_dir.path().as_os_str();
+    let p = ServerProcess::start_with(&["--api-key", "sk-a"], &[("TMPDIR", tmpdir)]);
+    let warned = p.wait_for_log(0, "the temporary directory cannot be written");
+    let line = p.log.lock().unwrap()[warned - 1].clone();
+    assert!(
+        line.contains("--files-dir") && !line.contains("(--files-dir)"),
+        "{line}"
+    );
+    let client = Client::new();
+    let r = client
+        .post(format!("{}/v1/images/generations", p.base))
+        .bearer_auth("sk-a")
+        .json(&json!({"prompt": "a fox", "size": "64x64"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client
+        .get(format!("{}/v1/webhook_event_types", p.base))
+        .bearer_auth("sk-a")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200, "a fixed list, no directory needed");
+    for (method, path) in [
+        ("GET", "/v1/files"),
+        ("POST", "/v1/files"),
+        ("GET", "/v1/files/file-abc/content"),
+        ("POST", "/v1/uploads"),
+        ("POST", "/v1/batches"),
+        ("GET", "/v1/batches/batch_abc"),
+        ("GET", "/v1/webhook_endpoints"),
+        ("POST", "/v1/webhook_endpoints/we_abc/test"),
+    ] {
+        let url = format!("{}{path}", p.base);
+        let r = client
+            .request(method.parse().unwrap(), &url)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 401, "{method} {path}: the key first");
+        let r = client
+            .request(method.parse().unwrap(), &url)
+            .bearer_auth("sk-a")
+            .json(&json!({}))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 503, "{method} {path}");
+        assert_eq!(r.headers()["x-should-retry"], "false");
+        let v: Value = r.json().unwrap();
+        assert_eq!(v["error"]["code"], "files_unavailable", "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("--files-dir"),
+            "{v}"
+        );
+    }
+    assert_eq!(
+        metric_in(
+            &client
+                .get(format!("{}/metrics", p.base))
+                .send()
+                .unwrap()
+                .text()
+                .unwrap(),
+            "turbine_errors_total{type=\"files_unavailable\"}"
+        ),
+        8.0
+    );
+    drop(p);
+
+    // Asked for by name, a files directory that cannot be made stops the server.
+    let dir = not_a_dir.path().join("files");
+    let out = Command::new(env!("CARGO_BIN_EXE_turbine"))
+        .args(["serve", "--model-dir"])
+        .arg(model_dir())
+        .args(["--device", "cpu", "--host", "127.0.0.1", "--port", "0"])
+        .arg("--files-dir")
+        .arg(&dir)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot make the files directory") && stderr.contains("(--files-dir)"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn a_batch_of_generations_makes_the_same_images_as_direct_requests() {
     let s = TestServer::start(test_config());

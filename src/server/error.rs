@@ -167,6 +167,14 @@ pub enum ApiError {
         NO_THREADS_RETRY_AFTER.as_secs()
     )]
     NoThreads,
+    /// The files directory could not be made (the server's temporary directory is not
+    /// writable, and `--files-dir` was not given): the routes that need it answer this.
+    #[error(
+        "the Files, Uploads, Batches and webhook endpoints APIs are unavailable on this server: \
+         it has no writable directory for them (its operator can set --files-dir); image \
+         generations and edits are served"
+    )]
+    FilesUnavailable,
     /// The request's handler panicked: a bug, answered rather than left as a closed connection.
     #[error(
         "the server failed while handling this request ({0}); this is a bug in turbine, please \
@@ -286,6 +294,12 @@ impl ApiError {
                 Some("server_overloaded"),
                 "no_threads",
             ),
+            ApiError::FilesUnavailable => row(
+                S::SERVICE_UNAVAILABLE,
+                SERVER,
+                Some("files_unavailable"),
+                "files_unavailable",
+            ),
             ApiError::Panicked(_) => row(S::INTERNAL_SERVER_ERROR, SERVER, None, "panic"),
             ApiError::Infer(e) => match e {
                 InferError::QueueFull { .. } => row(
@@ -370,6 +384,7 @@ impl ApiError {
     pub fn should_retry(&self) -> Option<bool> {
         match self {
             ApiError::Panicked(_)
+            | ApiError::FilesUnavailable
             | ApiError::Infer(
                 InferError::Backend(BackendError::DoesNotFit { .. })
                 | InferError::StorageFull { .. }
@@ -564,6 +579,7 @@ mod tests {
         };
         assert_eq!(header(does_not_fit.into()), (500, no.clone()));
         assert_eq!(header(ApiError::Panicked("boom".into())), (500, no.clone()));
+        assert_eq!(header(ApiError::FilesUnavailable), (503, no.clone()));
         let full = InferError::StorageFull {
             available: 1,
             incoming: 2,

@@ -93,8 +93,9 @@ pub struct FileStore {
     /// Whether the directory outlives the process (`--files-dir`).
     persistent: bool,
     index: Mutex<Index>,
-    /// Held open while the server runs: its exclusive lock keeps other servers out.
-    _lock: std::fs::File,
+    /// Held open while the server runs: its exclusive lock keeps other servers out. `None`:
+    /// the store has no directory ([`FileStore::without_disk`]).
+    _lock: Option<std::fs::File>,
 }
 
 /// One page of a list: OpenAI's `{"object": "list", "data", "first_id", "last_id", "has_more"}`.
@@ -317,12 +318,10 @@ impl FileStore {
                 )
             }
         };
+        let flag = if persistent { " (--files-dir)" } else { "" };
         for d in [root.join("files"), root.join("batches")] {
             std::fs::create_dir_all(&d).with_context(|| {
-                format!(
-                    "cannot make the files directory {} (--files-dir)",
-                    d.display()
-                )
+                format!("cannot make the files directory {}{flag}", d.display())
             })?;
         }
         let lock_path = root.join(".lock");
@@ -338,10 +337,24 @@ impl FileStore {
             root,
             persistent,
             index: Mutex::new(Index::default()),
-            _lock: lock,
+            _lock: Some(lock),
         };
-        store.load()?;
+        if let Err(e) = store.load() {
+            store.close();
+            return Err(e);
+        }
         Ok(store)
+    }
+
+    /// An empty store with no directory: the server's temporary directory could not be
+    /// written, and nothing reaches the store (the routes that would answer 503 first).
+    pub fn without_disk(root: PathBuf) -> Self {
+        FileStore {
+            root,
+            persistent: false,
+            index: Mutex::new(Index::default()),
+            _lock: None,
+        }
     }
 
     /// Reads the records back, oldest first; contents without a record (an upload cut off by a
@@ -601,7 +614,7 @@ impl FileStore {
 
     /// At shutdown: removes the directory of a server without `--files-dir`.
     pub fn close(&self) {
-        if self.persistent {
+        if self.persistent || self._lock.is_none() {
             return;
         }
         self.lock().files.clear();

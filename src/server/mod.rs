@@ -114,6 +114,10 @@ pub struct App {
     pub inputs: inputs::InputMemory,
     /// The Files API's files (`--files-dir`).
     pub files: files::FileStore,
+    /// Whether the files, uploads, batches and webhook endpoints have their directory: without
+    /// `--files-dir`, a temporary directory that could not be written (a container's read-only
+    /// root filesystem) leaves the server serving images and those routes answering 503.
+    pub files_available: bool,
     pub batches: batches::Batches,
     /// The Uploads API's uploads under way (a file sent in parts).
     pub uploads: uploads::Uploads,
@@ -307,6 +311,91 @@ impl Drop for InFlight {
     }
 }
 
+/// The Files, Uploads, Batches and webhook endpoints APIs' state, and whether it has its
+/// directory.
+struct Storage {
+    files: files::FileStore,
+    batches: batches::Batches,
+    uploads: uploads::Uploads,
+    webhooks: Arc<webhooks::Webhooks>,
+    available: bool,
+}
+
+/// Opens the files directory (`--files-dir`, else one of this process's own in the system's
+/// temporary directory) and what lives in it. A `--files-dir` that cannot be used stops the
+/// server; a temporary directory that cannot be written (a container with a read-only root
+/// filesystem and nothing mounted at /tmp) does not: images are what the server is for, and
+/// only the routes that need the directory answer 503 `files_unavailable`, as the warning says.
+fn open_storage(config: &ServerConfig, metrics: Arc<Metrics>) -> anyhow::Result<Storage> {
+    let f = &config.files;
+    let on_disk = || -> anyhow::Result<Storage> {
+        let files = files::FileStore::open(f.dir.as_deref())?;
+        let rest = || -> anyhow::Result<_> {
+            let batches = batches::Batches::open(files.batches_dir())?;
+            let uploads = uploads::Uploads::open(files.uploads_dir()).with_context(|| {
+                format!(
+                    "cannot make the uploads directory {}",
+                    files.uploads_dir().display()
+                )
+            })?;
+            let webhooks = webhooks::Webhooks::open(
+                files.webhooks_dir(),
+                f.webhook_retry,
+                f.webhook_ca_file.as_deref(),
+                metrics.clone(),
+            )?;
+            Ok((batches, uploads, webhooks))
+        };
+        match rest() {
+            Ok((batches, uploads, webhooks)) => Ok(Storage {
+                files,
+                batches,
+                uploads,
+                webhooks: Arc::new(webhooks),
+                available: true,
+            }),
+            Err(e) => {
+                files.close();
+                Err(e)
+            }
+        }
+    };
+    let storage = match on_disk() {
+        Ok(storage) => storage,
+        Err(e) if f.dir.is_none() => {
+            let temp = std::env::temp_dir();
+            tracing::warn!(
+                temp = %temp.display(),
+                "the temporary directory cannot be written ({e:#}): the Files, Uploads, Batches \
+                 and webhook endpoints APIs answer 503 files_unavailable; images are served as \
+                 usual. Set --files-dir (TURBINE_FILES_DIR) to a writable directory (a volume, \
+                 an emptyDir), or TMPDIR, to have them"
+            );
+            let root = temp.join("turbine-files-unavailable");
+            return Ok(Storage {
+                files: files::FileStore::without_disk(root.clone()),
+                batches: batches::Batches::without_disk(root.join("batches")),
+                uploads: uploads::Uploads::without_disk(root.join("uploads")),
+                webhooks: Arc::new(webhooks::Webhooks::without_disk(
+                    root.join("webhooks"),
+                    f.webhook_retry,
+                    f.webhook_ca_file.as_deref(),
+                    metrics,
+                )?),
+                available: false,
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    let dir = storage.files.dir().display();
+    if storage.files.persistent() {
+        tracing::info!(%dir, "files and batches are kept here across restarts");
+    } else {
+        tracing::info!(%dir, "files and batches are kept here until the server stops (--files-dir keeps them across restarts)");
+    }
+    Ok(storage)
+}
+
 /// Serves until `stop` yields (a stop signal), then drains (see [`Phase::ShuttingDown`]) for at
 /// most `config.shutdown_grace` and returns; a second item from `stop` ends the drain at once.
 /// Requests still waiting for images when the drain ends are answered 503 `shutting_down`
@@ -381,25 +470,13 @@ pub async fn serve(
     };
     let max_batch = b.max_batch_size;
     let health = Arc::new(DeviceHealth::default());
-    let files = files::FileStore::open(config.files.dir.as_deref())?;
-    if files.persistent() {
-        tracing::info!(dir = %files.dir().display(), "files and batches are kept here across restarts");
-    } else {
-        tracing::info!(dir = %files.dir().display(), "files and batches are kept here until the server stops (--files-dir keeps them across restarts)");
-    }
-    let batches = batches::Batches::open(files.batches_dir())?;
-    let uploads = uploads::Uploads::open(files.uploads_dir()).with_context(|| {
-        format!(
-            "cannot make the uploads directory {}",
-            files.uploads_dir().display()
-        )
-    })?;
-    let webhooks = Arc::new(webhooks::Webhooks::open(
-        files.webhooks_dir(),
-        config.files.webhook_retry,
-        config.files.webhook_ca_file.as_deref(),
-        metrics.clone(),
-    )?);
+    let Storage {
+        files,
+        batches,
+        uploads,
+        webhooks,
+        available: files_available,
+    } = open_storage(&config, metrics.clone())?;
     let batch_slots = 2 * max_batch * workers.len();
     let inputs = input_memory(&config, metrics.clone());
     let store = ImageStore::new(config.store.ttl, config.store.max_bytes);
@@ -433,6 +510,7 @@ pub async fn serve(
         upload_decodes: Arc::new(tokio::sync::Semaphore::new(UPLOAD_DECODE_SLOTS)),
         inputs,
         files,
+        files_available,
         batches,
         uploads,
         webhooks,

@@ -76,15 +76,21 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PathId {
 #[derive(Debug, Clone)]
 pub struct XRequestId(pub String);
 
+/// Answers 503 `files_unavailable` for the routes that need the files directory when the
+/// server has none (after the key is checked: a caller without one learns nothing of it).
+async fn require_files(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    if !app.files_available {
+        return ApiError::FilesUnavailable.into_response();
+    }
+    next.run(req).await
+}
+
 pub fn router(app: Arc<App>) -> Router {
     let generations =
         post(generations).layer(middleware::from_fn_with_state(app.clone(), track_in_flight));
     let edits = post(edits).layer(middleware::from_fn_with_state(app.clone(), track_in_flight));
-    let authed = Router::new()
-        .route("/v1/images/generations", generations)
-        .route("/v1/images/edits", edits)
-        .route("/v1/models", get(list_models))
-        .route("/v1/models/{id}", get(get_model))
+    // The routes that need the files directory (see `App::files_available`).
+    let stored = Router::new()
         .route("/v1/files", post(files::create).get(files::list))
         .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
         .route("/v1/files/{id}/content", get(files::content))
@@ -95,7 +101,6 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/batches", post(batches::create).get(batches::list))
         .route("/v1/batches/{id}", get(batches::retrieve))
         .route("/v1/batches/{id}/cancel", post(batches::cancel))
-        .route("/v1/webhook_event_types", get(webhooks::event_types))
         .route(
             "/v1/webhook_endpoints",
             post(webhooks::create).get(webhooks::list),
@@ -111,6 +116,14 @@ pub fn router(app: Arc<App>) -> Router {
             post(webhooks::rotate_secret),
         )
         .route("/v1/webhook_endpoints/{id}/test", post(webhooks::test))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_files));
+    let authed = Router::new()
+        .route("/v1/images/generations", generations)
+        .route("/v1/images/edits", edits)
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{id}", get(get_model))
+        .route("/v1/webhook_event_types", get(webhooks::event_types))
+        .merge(stored)
         .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
     let router = Router::new()
         .merge(authed)

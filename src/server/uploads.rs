@@ -98,6 +98,14 @@ impl Uploads {
         })
     }
 
+    /// No uploads and no directory (see [`super::files::FileStore::without_disk`]).
+    pub fn without_disk(dir: PathBuf) -> Self {
+        Uploads {
+            dir,
+            index: Mutex::new(HashMap::new()),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Upload>> {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -249,16 +249,40 @@ impl Webhooks {
         ca_file: Option<&std::path::Path>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
-        let pending_dir = dir.join("pending");
-        std::fs::create_dir_all(&pending_dir).with_context(|| {
-            format!(
-                "cannot make the webhooks directory {}",
-                pending_dir.display()
-            )
-        })?;
-        let mut interrupted: Vec<Pending> = read_records(&pending_dir, "webhook delivery")?;
+        Self::open_in(dir, true, retry, ca_file, metrics)
+    }
+
+    /// No endpoints and no directory (see [`super::files::FileStore::without_disk`]); the
+    /// CA file is still read, so that a bad one is said at start all the same.
+    pub fn without_disk(
+        dir: PathBuf,
+        retry: RetryPolicy,
+        ca_file: Option<&std::path::Path>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        Self::open_in(dir, false, retry, ca_file, metrics)
+    }
+
+    fn open_in(
+        dir: PathBuf,
+        on_disk: bool,
+        retry: RetryPolicy,
+        ca_file: Option<&std::path::Path>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let (mut interrupted, mut stored): (Vec<Pending>, Vec<Stored>) = (Vec::new(), Vec::new());
+        if on_disk {
+            let pending_dir = dir.join("pending");
+            std::fs::create_dir_all(&pending_dir).with_context(|| {
+                format!(
+                    "cannot make the webhooks directory {}",
+                    pending_dir.display()
+                )
+            })?;
+            interrupted = read_records(&pending_dir, "webhook delivery")?;
+            stored = read_records(&dir, "webhook endpoint")?;
+        }
         interrupted.sort_by_key(|p| p.since_ms);
-        let mut stored: Vec<Stored> = read_records(&dir, "webhook endpoint")?;
         stored.sort_by(|a, b| {
             (a.endpoint.created_at, &a.endpoint.id).cmp(&(b.endpoint.created_at, &b.endpoint.id))
         });

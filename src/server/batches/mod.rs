@@ -390,6 +390,14 @@ impl Batches {
         Ok(batches)
     }
 
+    /// No batches and no directory (see [`super::files::FileStore::without_disk`]).
+    pub fn without_disk(dir: PathBuf) -> Self {
+        Batches {
+            dir,
+            inner: Mutex::new((HashMap::new(), 0)),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, (HashMap<String, Entry>, u64)> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
