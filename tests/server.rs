@@ -4107,7 +4107,9 @@ fn uploads_that_would_fill_the_disk_are_refused_with_507() {
 /// nothing mounted at /tmp; here TMPDIR names a file, which no one, root included, can make a
 /// directory in) no longer stops the server: it warns, serves images, and the routes that need
 /// the files directory answer 503 `files_unavailable` with `x-should-retry: false`, after the
-/// key. Before, it exited 1 at start. An unusable `--files-dir`, asked for, still stops it.
+/// key. Before, it exited 1 at start. A files directory with less free space than
+/// `--min-free-disk-bytes` (a small tmpfs) is warned about at start, as every upload will be
+/// refused. An unusable `--files-dir`, asked for, still stops it.
 #[test]
 fn a_temporary_directory_that_cannot_be_written_leaves_images_served() {
     let not_a_dir = tempfile::NamedTempFile::new().unwrap();
@@ -4179,6 +4181,14 @@ fn a_temporary_directory_that_cannot_be_written_leaves_images_served() {
         ),
         8.0
     );
+    drop(p);
+
+    // A filesystem with less free space than --min-free-disk-bytes (a small tmpfs at /tmp)
+    // refuses every upload: the start says so.
+    let p = ServerProcess::start(&["--min-free-disk-bytes", "1000000000000000000"]);
+    let warned = p.wait_for_log(0, "less free space than --min-free-disk-bytes");
+    let line = p.log.lock().unwrap()[warned - 1].clone();
+    assert!(line.contains("every upload is refused"), "{line}");
     drop(p);
 
     // Asked for by name, a files directory that cannot be made stops the server.

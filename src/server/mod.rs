@@ -393,6 +393,22 @@ fn open_storage(config: &ServerConfig, metrics: Arc<Metrics>) -> anyhow::Result<
     } else {
         tracing::info!(%dir, "files and batches are kept here until the server stops (--files-dir keeps them across restarts)");
     }
+    // A small filesystem (a container's `--tmpfs /tmp:size=64m`) under --min-free-disk-bytes
+    // refuses every upload, however small: say so now, not at the first 507.
+    if let Ok(free) = fs2::available_space(storage.files.dir()) {
+        if free < f.min_free_bytes {
+            let total = fs2::total_space(storage.files.dir()).unwrap_or(0);
+            tracing::warn!(
+                %dir,
+                free_bytes = free,
+                total_bytes = total,
+                min_free_bytes = f.min_free_bytes,
+                "the files directory's filesystem has less free space than \
+                 --min-free-disk-bytes: every upload is refused (507) until it has more; give \
+                 --files-dir a larger volume, or lower --min-free-disk-bytes"
+            );
+        }
+    }
     Ok(storage)
 }
 
