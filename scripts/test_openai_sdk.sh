@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Contract test with the official `openai` SDKs as the clients: starts the real `turbine serve`
-# on a free port with the tiny fixture model on CPU, runs tests/openai_sdk_test.py (Python) and
-# then tests/openai_node_test.mjs (Node.js) against it, stops the server. Then the same over
+# on a free port with the tiny fixture model on CPU, runs tests/openai_sdk_test.py (Python),
+# tests/openai_node_test.mjs (Node.js) and tests/ai_sdk_test.mjs (the Vercel AI SDK's
+# generateImage, with @ai-sdk/openai and @ai-sdk/openai-compatible) against it, stops the server. Then the same over
 # HTTPS (--tls-cert-file, a certificate for localhost from a CA made here with openssl) for the
 # tests that touch the transport, each SDK given the CA as its users give it: Python's an
 # `httpx` client with an SSL context, Node's NODE_EXTRA_CA_CERTS. Between the two, over HTTP,
@@ -10,12 +11,15 @@
 # stand-in). Any failing fails it.
 #
 # The Python SDK goes into a venv under target/openai-venv, LiteLLM (with the same Python SDK)
-# into target/litellm-venv, the Node SDK into target/openai-node (npm), each on first use.
+# into target/litellm-venv, the Node SDK into target/openai-node (npm), the AI SDK into
+# target/ai-sdk (npm), each on first use.
 # Environment:
 #   PYTHON                   interpreter for the venvs (default python3)
 #   OPENAI_SDK_VERSION       the Python SDK's version (default: the one the test was written with)
 #   LITELLM_VERSION          LiteLLM's version (default: likewise)
 #   OPENAI_NODE_SDK_VERSION  the Node SDK's version (default: likewise; it needs `node` >= 20)
+#   AI_SDK_VERSION, AI_SDK_OPENAI_VERSION, AI_SDK_OPENAI_COMPATIBLE_VERSION
+#                            `ai`, `@ai-sdk/openai`, `@ai-sdk/openai-compatible` (likewise)
 #   TURBINE_BIN              a prebuilt turbine binary (default: `cargo build`, target/debug/turbine)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -51,6 +55,18 @@ if [ "$(node -p "try { require('./$NODE_DIR/node_modules/openai/package.json').v
     # File): the test is the proof.
     npm install --prefix "$NODE_DIR" --no-audit --no-fund --loglevel=error --engine-strict=false \
         "openai@$NODE_SDK_VERSION"
+fi
+
+# The Vercel AI SDK (`ai`'s generateImage) with its two providers a turbine user would pick.
+AI_SDK_DIR=target/ai-sdk
+AI_SDK_PACKAGES="ai@${AI_SDK_VERSION:-6.0.326} @ai-sdk/openai@${AI_SDK_OPENAI_VERSION:-3.0.141} @ai-sdk/openai-compatible@${AI_SDK_OPENAI_COMPATIBLE_VERSION:-2.0.92}"
+installed_ai_sdk=$(node -p "try { ['ai', '@ai-sdk/openai', '@ai-sdk/openai-compatible'].map((p) => p + '@' + require('./$AI_SDK_DIR/node_modules/' + p + '/package.json').version).join(' ') } catch { '' }")
+if [ "$installed_ai_sdk" != "$AI_SDK_PACKAGES" ]; then
+    echo "installing $AI_SDK_PACKAGES (npm) into $AI_SDK_DIR" >&2
+    mkdir -p "$AI_SDK_DIR"
+    [ -f "$AI_SDK_DIR/package.json" ] || echo '{"private": true}' > "$AI_SDK_DIR/package.json"
+    # shellcheck disable=SC2086 # three package specs
+    npm install --prefix "$AI_SDK_DIR" --no-audit --no-fund --loglevel=error $AI_SDK_PACKAGES
 fi
 
 if [ -z "${TURBINE_BIN:-}" ]; then
@@ -122,10 +138,12 @@ start_server "$work/server.log"
     --api-key sk-sdk-test --limited-key sk-sdk-limited || status=$?
 "$GATEWAY_VENV/bin/python" tests/gateway_test.py --base-url "$base/v1" \
     --api-key sk-sdk-test --limited-key sk-gateway-limited || status=$?
-# The test runs from the SDK's directory, where its `import "openai"` resolves.
-cp tests/openai_node_test.mjs "$NODE_DIR/"
+# The tests run from their SDK's directory, where their imports resolve.
+cp tests/openai_node_test.mjs tests/png_helpers.mjs "$NODE_DIR/"
 node "$NODE_DIR/openai_node_test.mjs" --base-url "$base/v1" \
     --api-key sk-sdk-test --limited-key sk-sdk-limited-node || status=$?
+cp tests/ai_sdk_test.mjs tests/png_helpers.mjs "$AI_SDK_DIR/"
+node "$AI_SDK_DIR/ai_sdk_test.mjs" --base-url "$base/v1" --api-key sk-sdk-test || status=$?
 if [ "$status" -ne 0 ]; then
     echo "--- server log ---" >&2
     cat "$work/server.log" >&2

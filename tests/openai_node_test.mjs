@@ -11,57 +11,11 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import http from "node:http";
-import zlib from "node:zlib";
 
 import OpenAI, { toFile } from "openai";
 import { VERSION } from "openai/version";
 
-const PNG_SIGNATURE = Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]);
-
-function pngSize(buf) {
-  assert.ok(buf.subarray(0, 8).equals(PNG_SIGNATURE), "not a PNG");
-  assert.equal(buf.subarray(12, 16).toString("latin1"), "IHDR");
-  return [buf.readUInt32BE(16), buf.readUInt32BE(20)];
-}
-
-const CRC_TABLE = Array.from({ length: 256 }, (_, n) => {
-  let c = n;
-  for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
-  return c >>> 0;
-});
-
-function crc32(buf) {
-  let c = 0xffffffff;
-  for (const b of buf) c = CRC_TABLE[(c ^ b) & 0xff] ^ (c >>> 8);
-  return (c ^ 0xffffffff) >>> 0;
-}
-
-/** A black RGBA PNG whose alpha at (x, y) is alpha(x, y): an OpenAI edit mask or markup. */
-function rgbaPng(width, height, alpha) {
-  const chunk = (kind, data) => {
-    const body = Buffer.concat([Buffer.from(kind, "latin1"), data]);
-    const len = Buffer.alloc(4);
-    len.writeUInt32BE(data.length);
-    const crc = Buffer.alloc(4);
-    crc.writeUInt32BE(crc32(body));
-    return Buffer.concat([len, body, crc]);
-  };
-  const rows = [];
-  for (let y = 0; y < height; y++) {
-    rows.push(Buffer.from([0]));
-    for (let x = 0; x < width; x++) rows.push(Buffer.from([0, 0, 0, alpha(x, y)]));
-  }
-  const ihdr = Buffer.alloc(13);
-  ihdr.writeUInt32BE(width, 0);
-  ihdr.writeUInt32BE(height, 4);
-  ihdr.set([8, 6, 0, 0, 0], 8);
-  return Buffer.concat([
-    PNG_SIGNATURE,
-    chunk("IHDR", ihdr),
-    chunk("IDAT", zlib.deflateSync(Buffer.concat(rows))),
-    chunk("IEND", Buffer.alloc(0)),
-  ]);
-}
+import { pngSize, rgbaPng } from "./png_helpers.mjs";
 
 const b64 = (image) => Buffer.from(image.b64_json, "base64");
 
