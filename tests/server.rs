@@ -120,7 +120,8 @@ impl TestServer {
                     })
                     .collect();
                 let stop = futures_util::stream::poll_fn(move |cx| stop_rx.poll_recv(cx));
-                turbine::server::serve(config, listener.into(), specs, Some(tokens), stop).await
+                turbine::server::serve(config, listener.into(), None, specs, Some(tokens), stop)
+                    .await
             })
         });
         let server = TestServer {
@@ -2378,6 +2379,64 @@ fn request_logs_name_the_client() {
     // From a peer outside the list, the header is not believed.
     let p = ServerProcess::start(&["--forwarded-allow-ips", "10.0.0.0/8"]);
     assert_eq!(logged_client(&p, "untrusted", &xff), "127.0.0.1");
+}
+
+/// `--metrics-port`: `/metrics` on a port of its own (for a scraper on the inside), and no longer
+/// on the API's port, where anyone who reached the API read every key's name and use: here a
+/// caller without a key saw `turbine_key_requests_total{key="acme-corp",...}`.
+#[test]
+fn metrics_on_a_port_of_their_own_leave_the_apis_port() {
+    let keys = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(keys.path(), "sk-a name=acme-corp\n").unwrap();
+    let keys = keys.path().to_str().unwrap();
+    let p = ServerProcess::start(&["--api-keys-file", keys, "--metrics-port", "0"]);
+    let at = p.wait_for_log(0, "metrics on http://");
+    let line = p.log.lock().unwrap()[at - 1].clone();
+    let metrics_url = line
+        .split("metrics on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    assert!(metrics_url.ends_with("/metrics"), "{line}");
+    let client = Client::new();
+    let r = client
+        .post(format!("{}/v1/images/generations", p.base))
+        .bearer_auth("sk-a")
+        .json(&json!({"prompt": "a fox", "size": "64x64"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let r = client.get(format!("{}/metrics", p.base)).send().unwrap();
+    assert_eq!(r.status(), 404);
+    let body = r.text().unwrap();
+    assert!(
+        body.contains("--metrics-port") && !body.contains("acme-corp"),
+        "{body}"
+    );
+
+    let r = client.get(&metrics_url).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().unwrap();
+    assert_eq!(
+        metric_in(
+            &text,
+            "turbine_key_requests_total{key=\"acme-corp\",status=\"200\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    // Only the metrics there: not the API, with or without a key.
+    let base = metrics_url.trim_end_matches("/metrics");
+    for path in ["/v1/models", "/health", "/"] {
+        let r = client
+            .get(format!("{base}{path}"))
+            .bearer_auth("sk-a")
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 404, "{path}");
+    }
 }
 
 /// By default the server listens on every address of both families: an IPv6-only network

@@ -119,6 +119,11 @@ pub struct HttpArgs {
     /// Port to listen on (0: any free port; the log says which).
     #[arg(long, env = "TURBINE_PORT", default_value_t = 8000)]
     pub port: u16,
+    /// Serve `GET /metrics` on this port instead (on --host, plain HTTP, no API key), and not on
+    /// the API's port, where whoever reaches the API would read every key's name and use; for a
+    /// scraper on the inside (0: any free port; the log says which).
+    #[arg(long, env = "TURBINE_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
     /// Base of the URLs returned for `response_format: "url"`, e.g. https://images.example.com
     /// behind a proxy. Default: http:// (https:// with --tls-cert-file) + the Host header of the
     /// request, or what a proxy of --forwarded-allow-ips says in its forwarding headers.
@@ -432,6 +437,7 @@ impl Args {
                 ..AuthConfig::default()
             },
             public_url: self.http.public_url.clone(),
+            metrics_port: self.http.metrics_port,
             forwarded_allow: self.http.forwarded_allow_ips.clone(),
             tls: match (&self.http.tls_cert_file, &self.http.tls_key_file) {
                 (Some(cert), Some(key)) => Some(TlsConfig {
@@ -570,7 +576,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     runtime.block_on(async move {
         // First: a port already taken is said at once, not after a download.
         let listener = crate::server::listen::listen(&args.http.host, args.http.port).await?;
-        crate::server::serve(config, listener, workers, Some(tokens), stop_signals()).await
+        let metrics_listener = match args.http.metrics_port {
+            Some(port) => Some(
+                crate::server::listen::listen(&args.http.host, port)
+                    .await
+                    .context("--metrics-port")?,
+            ),
+            None => None,
+        };
+        crate::server::serve(
+            config,
+            listener,
+            metrics_listener,
+            workers,
+            Some(tokens),
+            stop_signals(),
+        )
+        .await
     })
 }
 

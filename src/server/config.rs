@@ -161,6 +161,9 @@ pub struct ServerConfig {
     /// `None`: `http://` (`https://` with `tls`) + the request's `Host` header, or what a
     /// proxy in `forwarded_allow` says in its forwarding headers.
     pub public_url: Option<String>,
+    /// `--metrics-port`: `/metrics` is served there (plain HTTP, no key), and not on the API's
+    /// port. `None`: on the API's port.
+    pub metrics_port: Option<u16>,
     /// The peers whose `Forwarded` / `X-Forwarded-For`, `-Proto`, `-Host` and `-Prefix` headers
     /// are believed (`--forwarded-allow-ips`); everyone else's are removed from their requests.
     pub forwarded_allow: ForwardedAllow,
@@ -247,6 +250,7 @@ impl Default for ServerConfig {
             },
             auth: AuthConfig::default(),
             public_url: None,
+            metrics_port: None,
             forwarded_allow: ForwardedAllow::default(),
             tls: None,
             shutdown_grace: Duration::from_secs(30),

@@ -421,6 +421,7 @@ fn open_storage(config: &ServerConfig, metrics: Arc<Metrics>) -> anyhow::Result<
 pub async fn serve(
     config: ServerConfig,
     listener: listen::Listener,
+    metrics_listener: Option<listen::Listener>,
     workers: Vec<WorkerSpec>,
     tokens: Option<TokenCounter>,
     stop: impl Stream<Item = ()> + Send + 'static,
@@ -599,6 +600,19 @@ pub async fn serve(
         },
     ));
     tracing::info!("listening on {scheme}://{addr}{also}");
+    // Stopped when `serve` returns, however it returns.
+    let _metrics_server = match metrics_listener {
+        Some(l) => {
+            let urls: Vec<String> = l
+                .local_addrs()?
+                .iter()
+                .map(|a| format!("http://{a}/metrics"))
+                .collect();
+            tracing::info!("metrics on {} (--metrics-port)", urls.join(" and "));
+            Some(AbortOnDrop(tokio::spawn(serve_metrics(l, app.clone()))))
+        }
+        None => None,
+    };
     let notify = |message: &str| {
         if let Some(socket) = &app.config.notify_socket {
             socket.notify(message);
@@ -1033,6 +1047,62 @@ async fn serve_http(
 /// Once a shutdown began, how long an HTTP/1 connection with no request open may still take to
 /// send the head it began.
 const SHUTDOWN_HEAD_WAIT: Duration = Duration::from_secs(2);
+
+/// At most this many connections on the metrics port at once: it is for scrapers.
+const METRICS_CONNECTIONS: usize = 16;
+
+/// A task stopped when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Serves `GET /metrics` on the metrics port (`--metrics-port`), plain HTTP/1, with the API's
+/// header and keep-alive timeouts and at most [`METRICS_CONNECTIONS`] connections; until
+/// aborted.
+async fn serve_metrics(listener: listen::Listener, app: Arc<App>) {
+    let router = routes::metrics_router(app.clone());
+    let timeouts = Timeouts {
+        head: app.config.limits.header_timeout,
+        keep_alive: app.config.limits.keep_alive_timeout,
+    };
+    // Never changed: the connections end with their requests, or with the process.
+    let (_closing_tx, closing) = tokio::sync::watch::channel(false);
+    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
+    loop {
+        let slot = slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the metrics connection slots are never closed: this is a bug");
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                ) {
+                    tracing::warn!(error = %e, "accepting a connection on the metrics port failed");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                continue;
+            }
+        };
+        tcp_keepalive(&stream, timeouts.head);
+        let peer = routes::Peer {
+            ip: peer.ip().to_canonical(),
+            forwarded: false,
+        };
+        let (router, closing) = (router.clone(), closing.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            serve_connection(stream, router, false, peer, timeouts, closing).await;
+        });
+    }
+}
 
 /// A connection's timers: `--header-read-timeout` and `--keep-alive-timeout`.
 #[derive(Debug, Clone, Copy)]

@@ -130,7 +130,14 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/images/files/{id}", get(get_file))
         .route("/health", get(health))
         .route("/livez", get(livez))
-        .route("/metrics", get(metrics))
+        .route(
+            "/metrics",
+            if app.config.metrics_port.is_some() {
+                get(metrics_elsewhere)
+            } else {
+                get(metrics)
+            },
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn(catch_panic))
@@ -684,6 +691,25 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         app.metrics.render(),
     )
         .into_response()
+}
+
+/// `/metrics` on the API's port when `--metrics-port` serves them: not here, where whoever
+/// reaches the API would read every key's name and use.
+async fn metrics_elsewhere() -> ApiError {
+    ApiError::NotFound(
+        "metrics are served on the metrics port (--metrics-port), not on the API's".into(),
+    )
+}
+
+/// The metrics port's (`--metrics-port`) router: `GET /metrics`, and nothing else.
+pub fn metrics_router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(catch_panic))
+        .layer(middleware::from_fn(request_id))
+        .with_state(app)
 }
 
 fn model_object(app: &App, id: &str) -> Model {
