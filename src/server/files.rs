@@ -657,10 +657,15 @@ pub mod http {
     pub(crate) const MAX_FILENAME_BYTES: usize = 255;
 
     /// A failed read or write of the files directory; a full disk (or quota) is a 507
-    /// `insufficient_storage`, as when `--min-free-disk-bytes` refuses an upload beforehand.
+    /// `insufficient_storage`, as when `--min-free-disk-bytes` refuses an upload beforehand. A
+    /// filesystem that turned read-only (ext4's `errors=remount-ro` after a disk error) is a
+    /// 503 `files_unavailable`, which says not to retry: it stays so until its operator acts.
     pub fn storage_error(e: std::io::Error) -> ApiError {
         if is_disk_full(&e) {
             InferError::DiskFull(e.to_string()).into()
+        } else if e.kind() == std::io::ErrorKind::ReadOnlyFilesystem {
+            tracing::error!(error = %e, "the files directory's filesystem is read-only: uploads, batches and webhook endpoints cannot be written");
+            ApiError::FilesUnavailable
         } else {
             InferError::Files(e.to_string()).into()
         }
@@ -1053,6 +1058,34 @@ pub mod http {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// How a failed write of the files directory is answered: a full disk 507, a filesystem
+    /// turned read-only 503 `files_unavailable` (with `x-should-retry: false`: the SDKs would
+    /// send an upload twice more, for nothing), anything else 500.
+    #[cfg(unix)]
+    #[test]
+    fn storage_errors_are_answered_by_their_cause() {
+        use axum::response::IntoResponse;
+        use std::io::{Error, ErrorKind};
+        let answer = |e: Error| {
+            let r = http::storage_error(e).into_response();
+            let retry = r.headers().get("x-should-retry").cloned();
+            (
+                r.status().as_u16(),
+                retry.map(|v| v.to_str().unwrap().to_string()),
+            )
+        };
+        let no = Some("false".to_string());
+        assert_eq!(
+            answer(Error::from(ErrorKind::StorageFull)),
+            (507, no.clone())
+        );
+        assert_eq!(answer(Error::from_raw_os_error(libc::EROFS)), (503, no));
+        assert_eq!(
+            answer(Error::from(ErrorKind::PermissionDenied)),
+            (500, None)
+        );
+    }
 
     fn object(id: &str, purpose: &str, expires_at: Option<u64>) -> FileObject {
         let mut f = FileObject::new(id.into(), "in.jsonl".into(), purpose, 3, 0);
