@@ -1959,6 +1959,31 @@ fn sse_events(body: &str) -> Vec<(String, Value)> {
 
 /// `stream: true`: one `image_generation.completed` event per image, with OpenAI's fields and
 /// the seed, carrying the image the same request gives without streaming.
+/// A prompt longer than CLIP reads (75 tokens) is cut off, as diffusers cuts it; the images'
+/// `revised_prompt` (OpenAI's "prompt that was used to generate the image") is the part read,
+/// so that a client sees it, and `turbine_prompts_truncated_total` counts it. Before, it was
+/// always null and the cut was silent. A prompt read whole keeps it null.
+#[test]
+fn a_prompt_longer_than_clip_reads_comes_back_as_the_part_read() {
+    let s = TestServer::start(test_config());
+    let read = vec!["fox"; 75].join(" ");
+    let long = format!("{read} in the snow, at dusk, with a lantern");
+    let v = s.generate_ok(&json!({"prompt": long, "n": 2, "size": "64x64", "seed": 3}));
+    for image in v["data"].as_array().unwrap() {
+        assert_eq!(image["revised_prompt"], read.as_str(), "{image}");
+    }
+    assert_eq!(v["usage"]["input_tokens_details"]["text_tokens"], 77 * 2);
+    // The part read makes the same images as the whole prompt.
+    let same = s.generate_ok(&json!({"prompt": read, "n": 2, "size": "64x64", "seed": 3}));
+    assert_eq!(same["data"][0]["revised_prompt"], Value::Null);
+    assert_eq!(same["data"][0]["b64_json"], v["data"][0]["b64_json"]);
+    assert_eq!(same["data"][1]["b64_json"], v["data"][1]["b64_json"]);
+    assert_eq!(
+        metric_in(&s.metrics(), "turbine_prompts_truncated_total"),
+        1.0
+    );
+}
+
 #[test]
 fn a_streamed_request_sends_each_image_as_an_event() {
     let s = TestServer::start(test_config());

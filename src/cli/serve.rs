@@ -528,16 +528,22 @@ pub fn worker_specs(
 }
 
 /// Counts a prompt's tokens as the first CLIP tokenizer sees them (BOS, the prompt's tokens
-/// after truncation to 77, EOS), for `usage`. That tokenizer pads with EOS, so the count is the
-/// position of the first pad id plus one, or the full length when nothing is padded.
+/// after truncation to 77, EOS), for `usage`, and where the part it reads ends when the rest is
+/// cut off. That tokenizer pads with EOS, so the count is the position of the first pad id plus
+/// one, or the full length when nothing is padded.
 pub fn token_counter(model_dir: &std::path::Path) -> anyhow::Result<TokenCounter> {
     let tokenizer = ClipTokenizer::from_dir(&model_dir.join("tokenizer"))?;
-    Ok(Arc::new(move |text: &str| match tokenizer.encode(text) {
-        Ok(ids) => ids
-            .iter()
-            .position(|&id| id == tokenizer.pad_id())
-            .map_or(ids.len(), |i| i + 1),
-        Err(_) => 0,
+    Ok(Arc::new(move |text: &str| {
+        match tokenizer.encode_reading(text) {
+            Ok((ids, read_up_to)) => crate::server::PromptTokens {
+                count: ids
+                    .iter()
+                    .position(|&id| id == tokenizer.pad_id())
+                    .map_or(ids.len(), |i| i + 1),
+                read_up_to,
+            },
+            Err(_) => crate::server::PromptTokens::default(),
+        }
     }))
 }
 
@@ -565,8 +571,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // `/health` 503 meanwhile, so a liveness check does not restart the server mid-download.
     let counter = Arc::new(std::sync::OnceLock::new());
     let workers = worker_specs(&args.model, &args.devices, Some(counter.clone()))?;
-    let tokens: crate::server::TokenCounter =
-        Arc::new(move |text: &str| counter.get().map_or(0, |count: &TokenCounter| count(text)));
+    let tokens: crate::server::TokenCounter = Arc::new(move |text: &str| {
+        counter
+            .get()
+            .map_or_else(Default::default, |count: &TokenCounter| count(text))
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("turbine-http")

@@ -171,6 +171,17 @@ impl ClipTokenizer {
 
     /// Exactly `max_length` ids: BOS, the prompt's tokens (truncated), EOS, padding.
     pub fn encode(&self, text: &str) -> candle_core::Result<Vec<u32>> {
+        Ok(self.encode_reading(text)?.0)
+    }
+
+    /// Where the part of `text` this tokenizer reads ends, in bytes, when the rest is cut off
+    /// (its tokens past `max_length - 2`); `None` when all of it is read.
+    pub fn read_up_to(&self, text: &str) -> candle_core::Result<Option<usize>> {
+        Ok(self.encode_reading(text)?.1)
+    }
+
+    /// [`Self::encode`] and [`Self::read_up_to`] from one tokenisation.
+    pub fn encode_reading(&self, text: &str) -> candle_core::Result<(Vec<u32>, Option<usize>)> {
         let encoding = self.tokenizer.encode(text, true).map_err(|e| {
             candle_core::Error::Msg(format!(
                 "tokenizer {}: cannot encode the prompt: {e}",
@@ -187,7 +198,26 @@ impl ClipTokenizer {
                 self.max_length
             )));
         }
-        Ok(ids.to_vec())
+        let read_up_to = if encoding.get_overflowing().is_empty() {
+            None
+        } else {
+            // The end of the last token kept that is the prompt's own (not BOS, EOS, padding).
+            let end = encoding
+                .get_offsets()
+                .iter()
+                .zip(encoding.get_special_tokens_mask())
+                .filter(|(_, &special)| special == 0)
+                .map(|(&(_, end), _)| end)
+                .max()
+                .unwrap_or(0);
+            // Offsets are bytes of `text`; keep to a character boundary all the same.
+            let mut end = end.min(text.len());
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            Some(end)
+        };
+        Ok((ids.to_vec(), read_up_to))
     }
 
     /// A `u32` tensor `[texts.len(), max_length]` on `device`.
@@ -431,6 +461,31 @@ fn special_tokens_to_add(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fixture() -> ClipTokenizer {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny-sdxl/tokenizer");
+        ClipTokenizer::from_dir(&dir).unwrap()
+    }
+
+    /// A prompt past CLIP's 75 tokens is read up to the end of its 75th; the part read is
+    /// itself read whole.
+    #[test]
+    fn the_part_of_a_long_prompt_that_is_read() {
+        let t = fixture();
+        assert_eq!(t.read_up_to("a red fox in the snow").unwrap(), None);
+        let seventy_five = vec!["fox"; 75].join(" ");
+        assert_eq!(t.read_up_to(&seventy_five).unwrap(), None);
+        let long = format!("{seventy_five} and a hare in a field");
+        let end = t.read_up_to(&long).unwrap().unwrap();
+        assert_eq!(&long[..end], seventy_five);
+        assert_eq!(t.read_up_to(&long[..end]).unwrap(), None);
+        // Multi-byte text: the end is a character boundary of the prompt.
+        let accents = vec!["café"; 120].join(" ");
+        let end = t.read_up_to(&accents).unwrap().unwrap();
+        assert!(accents.is_char_boundary(end) && end < accents.len());
+        assert!(accents[..end].ends_with("café"), "{}", &accents[..end]);
+    }
 
     fn tok(content: &str, normalized: bool) -> AddedToken {
         AddedToken::from(content, true).normalized(normalized)

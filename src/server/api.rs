@@ -86,7 +86,8 @@ pub struct ImageData {
     pub b64_json: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub url: Option<String>,
-    /// Always null: prompts are used as given.
+    /// Null when the prompt was read whole; when it is longer than CLIP reads (75 tokens), the
+    /// part that was read, which made the image (the rest was cut off).
     pub revised_prompt: Option<String>,
     /// Generating the same prompt and settings with this seed (and `n = 1`) gives this image.
     pub seed: u64,

@@ -171,6 +171,7 @@ pub struct Metrics {
     connections_max: AtomicU64,
     /// Times the server stopped accepting because that many were open.
     connection_limit_waits: AtomicU64,
+    prompts_truncated: AtomicU64,
     /// Bytes of request bodies and edit images held in memory (`--max-buffered-input-bytes`).
     buffered_input: AtomicI64,
     buffered_input_max: AtomicU64,
@@ -280,6 +281,7 @@ impl Metrics {
             connections: AtomicI64::new(0),
             connections_max: AtomicU64::new(0),
             connection_limit_waits: AtomicU64::new(0),
+            prompts_truncated: AtomicU64::new(0),
             buffered_input: AtomicI64::new(0),
             buffered_input_max: AtomicU64::new(0),
             buffered_input_waits: AtomicU64::new(0),
@@ -496,6 +498,11 @@ impl Metrics {
     }
 
     /// The server stopped accepting: `--max-connections` are open.
+    /// A prompt longer than CLIP reads: its rest was cut off.
+    pub fn prompt_truncated(&self) {
+        self.prompts_truncated.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn connection_limit_wait(&self) {
         self.connection_limit_waits.fetch_add(1, Ordering::Relaxed);
     }
@@ -639,6 +646,13 @@ impl Metrics {
             "The most HTTP connections open at once (--max-connections); more wait to be \
              accepted.",
             &self.connections_max.load(Ordering::Relaxed),
+        );
+        single(
+            &mut out,
+            "turbine_prompts_truncated_total",
+            "counter",
+            "Prompts longer than CLIP reads (75 tokens): the rest was cut off, and the images' revised_prompt is the part read.",
+            &self.prompts_truncated.load(Ordering::Relaxed),
         );
         single(
             &mut out,

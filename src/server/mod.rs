@@ -65,8 +65,18 @@ use queue::{Guidance, QueuePolicy, ShapeKey};
 use store::ImageStore;
 use worker::{Warmup, WorkerContext};
 
-/// Counts a prompt's CLIP tokens (for `usage`); `None` in the server means "unknown" (0).
-pub type TokenCounter = Arc<dyn Fn(&str) -> usize + Send + Sync>;
+/// Counts a prompt's CLIP tokens (for `usage`) and says where CLIP stops reading it; `None` in
+/// the server means "unknown" (0 tokens, all read).
+pub type TokenCounter = Arc<dyn Fn(&str) -> PromptTokens + Send + Sync>;
+
+/// What the first CLIP tokenizer makes of a prompt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PromptTokens {
+    /// Its tokens as CLIP reads them: BOS, the prompt's own (at most 75), EOS.
+    pub count: usize,
+    /// Where the part CLIP reads ends, in bytes of the prompt, when the rest is cut off.
+    pub read_up_to: Option<usize>,
+}
 
 /// Where the server is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

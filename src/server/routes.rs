@@ -1288,7 +1288,7 @@ pub(super) fn start_request(
     app: &App,
     caller: &Caller,
     req: &ValidRequest,
-) -> (u64, tokio::task::JoinHandle<u64>) {
+) -> (u64, tokio::task::JoinHandle<ReadPrompt>) {
     // 32-bit random seeds: easy to read back and type in again.
     let seed = req
         .seed
@@ -1311,17 +1311,36 @@ pub(super) fn start_request(
     );
     // Tokenising a 32000-character prompt takes milliseconds: off the async workers.
     let tokens = app.tokens.clone();
+    let metrics = app.metrics.clone();
     let (prompt, negative) = (req.prompt.clone(), req.negative_prompt.clone());
-    let token_count = tokio::task::spawn_blocking(move || {
-        let count = |s: &str| tokens.as_ref().map_or(0, |t| t(s) as u64);
-        count(&prompt)
-            + if negative.is_empty() {
-                0
-            } else {
-                count(&negative)
-            }
+    let read = tokio::task::spawn_blocking(move || {
+        let read = |s: &str| tokens.as_ref().map_or_else(Default::default, |t| t(s));
+        let positive = read(&prompt);
+        let negative = if negative.is_empty() {
+            Default::default()
+        } else {
+            read(&negative)
+        };
+        let revised_prompt = positive.read_up_to.map(|end| prompt[..end].to_string());
+        if revised_prompt.is_some() {
+            metrics.prompt_truncated();
+        }
+        ReadPrompt {
+            tokens: (positive.count + negative.count) as u64,
+            revised_prompt,
+        }
     });
-    (seed, token_count)
+    (seed, read)
+}
+
+/// A request's prompts as CLIP reads them: their tokens (for `usage`), and, when the prompt is
+/// longer than CLIP reads (75 tokens), the part it read: the images' `revised_prompt`, OpenAI's
+/// field for "the prompt that was used to generate the image", so that a client sees what was
+/// cut off. diffusers cuts the same way, with a warning in its log.
+#[derive(Debug, Clone, Default)]
+pub(super) struct ReadPrompt {
+    pub(super) tokens: u64,
+    pub(super) revised_prompt: Option<String>,
 }
 
 /// Generates a (non-streamed) request's images and makes its response: base64 images, or with
@@ -1331,10 +1350,11 @@ pub(super) async fn images_response(
     caller: &Caller,
     req: &ValidRequest,
     seed: u64,
-    token_count: tokio::task::JoinHandle<u64>,
+    read: tokio::task::JoinHandle<ReadPrompt>,
     url_base: Option<&str>,
 ) -> Result<ImagesResponse, ApiError> {
     let encoded = generate(app, caller, req, seed).await?;
+    let read = read.await.unwrap_or_default();
     let now = Instant::now();
     let mut data = Vec::with_capacity(encoded.len());
     for (i, task) in encoded.into_iter().enumerate() {
@@ -1356,11 +1376,11 @@ pub(super) async fn images_response(
         data.push(ImageData {
             b64_json,
             url,
-            revised_prompt: None,
+            revised_prompt: read.revised_prompt.clone(),
             seed: seed + i as u64,
         });
     }
-    let text_tokens = token_count.await.unwrap_or(0);
+    let text_tokens = read.tokens;
     Ok(ImagesResponse {
         created: unix_now(),
         data,
@@ -1558,7 +1578,7 @@ fn stream_images(
     caller: &Caller,
     req: ValidRequest,
     seed: u64,
-    token_count: tokio::task::JoinHandle<u64>,
+    token_count: tokio::task::JoinHandle<ReadPrompt>,
 ) -> Result<Response, ApiError> {
     let submitted = submit(app, caller, &req, seed)?;
     let stream = ImageStream {
@@ -1608,7 +1628,7 @@ fn event(kind: &str, body: &impl serde::Serialize) -> Result<Event, (DropReason,
 
 /// The prompt's token count for `usage`, counted alongside the generation.
 enum TokenCount {
-    Pending(tokio::task::JoinHandle<u64>),
+    Pending(tokio::task::JoinHandle<ReadPrompt>),
     Done(u64),
 }
 
@@ -1742,7 +1762,7 @@ impl ImageStream {
         let text_tokens = match &mut self.token_count {
             TokenCount::Done(n) => *n,
             TokenCount::Pending(handle) => {
-                let n = handle.await.unwrap_or(0);
+                let n = handle.await.map_or(0, |read| read.tokens);
                 self.token_count = TokenCount::Done(n);
                 n
             }
