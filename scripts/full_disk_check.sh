@@ -85,7 +85,8 @@ if step == "results":
     bid = start_batch(30, "256x256")
     t0 = time.time()
     while write_errors() < 2 and time.time() - t0 < 30:
-        if call("GET", f"/v1/batches/{bid}")[1]["status"] != "in_progress":
+        # A batch is `validating` until its run starts, a moment after it is created.
+        if call("GET", f"/v1/batches/{bid}")[1]["status"] not in ("validating", "in_progress"):
             break
         time.sleep(0.5)
     _, b = call("GET", f"/v1/batches/{bid}")
