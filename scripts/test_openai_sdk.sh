@@ -139,10 +139,10 @@ start_server "$work/server.log"
 "$GATEWAY_VENV/bin/python" tests/gateway_test.py --base-url "$base/v1" \
     --api-key sk-sdk-test --limited-key sk-gateway-limited || status=$?
 # The tests run from their SDK's directory, where their imports resolve.
-cp tests/openai_node_test.mjs tests/png_helpers.mjs "$NODE_DIR/"
+cp tests/openai_node_test.mjs tests/node_test_helpers.mjs "$NODE_DIR/"
 node "$NODE_DIR/openai_node_test.mjs" --base-url "$base/v1" \
     --api-key sk-sdk-test --limited-key sk-sdk-limited-node || status=$?
-cp tests/ai_sdk_test.mjs tests/png_helpers.mjs "$AI_SDK_DIR/"
+cp tests/ai_sdk_test.mjs tests/node_test_helpers.mjs "$AI_SDK_DIR/"
 node "$AI_SDK_DIR/ai_sdk_test.mjs" --base-url "$base/v1" --api-key sk-sdk-test || status=$?
 if [ "$status" -ne 0 ]; then
     echo "--- server log ---" >&2

@@ -16,7 +16,7 @@ import { createOpenAI } from "@ai-sdk/openai";
 import { createOpenAICompatible } from "@ai-sdk/openai-compatible";
 import { APICallError, generateImage } from "ai";
 
-import { pngSize, rgbaPng } from "./png_helpers.mjs";
+import { argument, pngSize, rgbaPng, runTests } from "./node_test_helpers.mjs";
 
 const bytes = (image) => Buffer.from(image.uint8Array);
 
@@ -140,35 +140,17 @@ async function testErrors(openai, baseURL) {
 
 async function main() {
   const args = process.argv.slice(2);
-  const arg = (name) => {
-    const i = args.indexOf(name);
-    if (i < 0 || i + 1 >= args.length) throw new Error(`missing ${name}`);
-    return args[i + 1];
-  };
-  const baseURL = arg("--base-url");
-  const apiKey = arg("--api-key");
+  const baseURL = argument(args, "--base-url");
+  const apiKey = argument(args, "--api-key");
   globalThis.AI_SDK_LOG_WARNINGS = false;
   const openai = createOpenAI({ baseURL, apiKey });
   const turbine = createOpenAICompatible({ name: "turbine", baseURL, apiKey });
-  const tests = [
+  await runTests("ai sdk", [
     ["@ai-sdk/openai generateImage", () => testOpenAIProvider(openai)],
     ["@ai-sdk/openai-compatible seeded", () => testCompatibleProvider(turbine)],
     ["edit with a mask", () => testEdit(openai)],
     ["errors", () => testErrors(openai, baseURL)],
-  ];
-  let failed = 0;
-  for (const [name, fn] of tests) {
-    try {
-      await fn();
-      console.log(`ok     ${name}`);
-    } catch (e) {
-      failed += 1;
-      console.log(`FAILED ${name}`);
-      console.log(e?.stack ?? e);
-    }
-  }
-  console.log(`ai sdk: ${tests.length - failed} passed, ${failed} failed`);
-  process.exit(failed ? 1 : 0);
+  ]);
 }
 
 await main();

@@ -15,7 +15,7 @@ import http from "node:http";
 import OpenAI, { toFile } from "openai";
 import { VERSION } from "openai/version";
 
-import { pngSize, rgbaPng } from "./png_helpers.mjs";
+import { argument, pngSize, rgbaPng, runTests } from "./node_test_helpers.mjs";
 
 const b64 = (image) => Buffer.from(image.b64_json, "base64");
 
@@ -320,11 +320,7 @@ async function testUploadInParts(client) {
 
 async function main() {
   const args = process.argv.slice(2);
-  const arg = (name) => {
-    const i = args.indexOf(name);
-    if (i < 0 || i + 1 >= args.length) throw new Error(`missing ${name}`);
-    return args[i + 1];
-  };
+  const arg = (name) => argument(args, name);
   const baseURL = arg("--base-url");
   const client = new OpenAI({ baseURL, apiKey: arg("--api-key"), maxRetries: 0, timeout: 600_000 });
   let tests = [
@@ -346,19 +342,7 @@ async function main() {
     if (unknown.length) throw new Error(`--only: no test named ${unknown}`);
     tests = tests.filter(([name]) => only.includes(name));
   }
-  let failed = 0;
-  for (const [name, fn] of tests) {
-    try {
-      await fn();
-      console.log(`ok     ${name}`);
-    } catch (e) {
-      failed += 1;
-      console.log(`FAILED ${name}`);
-      console.log(e?.stack ?? e);
-    }
-  }
-  console.log(`openai (node) ${VERSION}: ${tests.length - failed} passed, ${failed} failed`);
-  process.exit(failed ? 1 : 0);
+  await runTests(`openai (node) ${VERSION}`, tests);
 }
 
 await main();

@@ -174,13 +174,8 @@ impl ClipTokenizer {
         Ok(self.encode_reading(text)?.0)
     }
 
-    /// Where the part of `text` this tokenizer reads ends, in bytes, when the rest is cut off
-    /// (its tokens past `max_length - 2`); `None` when all of it is read.
-    pub fn read_up_to(&self, text: &str) -> candle_core::Result<Option<usize>> {
-        Ok(self.encode_reading(text)?.1)
-    }
-
-    /// [`Self::encode`] and [`Self::read_up_to`] from one tokenisation.
+    /// [`Self::encode`], and where the part of `text` this tokenizer reads ends, in bytes,
+    /// when the rest is cut off (its tokens past `max_length - 2`; `None` when all is read).
     pub fn encode_reading(&self, text: &str) -> candle_core::Result<(Vec<u32>, Option<usize>)> {
         let encoding = self.tokenizer.encode(text, true).map_err(|e| {
             candle_core::Error::Msg(format!(
@@ -473,16 +468,17 @@ mod tests {
     #[test]
     fn the_part_of_a_long_prompt_that_is_read() {
         let t = fixture();
-        assert_eq!(t.read_up_to("a red fox in the snow").unwrap(), None);
+        let read_up_to = |text: &str| t.encode_reading(text).unwrap().1;
+        assert_eq!(read_up_to("a red fox in the snow"), None);
         let seventy_five = vec!["fox"; 75].join(" ");
-        assert_eq!(t.read_up_to(&seventy_five).unwrap(), None);
+        assert_eq!(read_up_to(&seventy_five), None);
         let long = format!("{seventy_five} and a hare in a field");
-        let end = t.read_up_to(&long).unwrap().unwrap();
+        let end = read_up_to(&long).unwrap();
         assert_eq!(&long[..end], seventy_five);
-        assert_eq!(t.read_up_to(&long[..end]).unwrap(), None);
+        assert_eq!(read_up_to(&long[..end]), None);
         // Multi-byte text: the end is a character boundary of the prompt.
         let accents = vec!["café"; 120].join(" ");
-        let end = t.read_up_to(&accents).unwrap().unwrap();
+        let end = read_up_to(&accents).unwrap();
         assert!(accents.is_char_boundary(end) && end < accents.len());
         assert!(accents[..end].ends_with("café"), "{}", &accents[..end]);
     }

@@ -375,23 +375,23 @@ impl ApiError {
         }
     }
 
-    /// What `x-should-retry` says, where the status alone would mislead a client. OpenAI's
-    /// SDKs (and the gateways built on them) retry every 5xx, 408, 409 and 429, twice by
-    /// default with backoff, unless the response's `x-should-retry` is `false`; these errors
-    /// would come back the same on a retry, which only costs: an upload sent again in full, or
-    /// an image that does not fit run again (batched with others, it makes their batch run out
-    /// of memory and split first).
-    pub fn should_retry(&self) -> Option<bool> {
-        match self {
+    /// Whether a retry would come back the same, so the response says `x-should-retry: false`
+    /// where the status alone would mislead a client. OpenAI's SDKs (and the gateways built on
+    /// them) retry every 5xx, 408, 409 and 429, twice by default with backoff, unless told so;
+    /// for these a retry only costs: an upload sent again in full, or an image that does not
+    /// fit run again (batched with others, it makes their batch run out of memory and split
+    /// first).
+    pub fn retry_is_futile(&self) -> bool {
+        matches!(
+            self,
             ApiError::Panicked(_)
-            | ApiError::FilesUnavailable
-            | ApiError::Infer(
-                InferError::Backend(BackendError::DoesNotFit { .. })
-                | InferError::StorageFull { .. }
-                | InferError::DiskFull(_),
-            ) => Some(false),
-            _ => None,
-        }
+                | ApiError::FilesUnavailable
+                | ApiError::Infer(
+                    InferError::Backend(BackendError::DoesNotFit { .. })
+                        | InferError::StorageFull { .. }
+                        | InferError::DiskFull(_),
+                )
+        )
     }
 
     pub fn body(&self) -> ErrorBody {
@@ -445,11 +445,10 @@ impl IntoResponse for ApiError {
                 HeaderValue::from(after.as_millis().max(1) as u64),
             );
         }
-        if let Some(retry) = self.should_retry() {
-            response.headers_mut().insert(
-                "x-should-retry",
-                HeaderValue::from_static(if retry { "true" } else { "false" }),
-            );
+        if self.retry_is_futile() {
+            response
+                .headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
         }
         if matches!(self, ApiError::PayloadTooLarge { .. }) {
             // The unread rest of the body makes the connection unusable: tell the client not

@@ -347,7 +347,8 @@ impl FileStore {
     }
 
     /// An empty store with no directory: the server's temporary directory could not be
-    /// written, and nothing reaches the store (the routes that would answer 503 first).
+    /// written (a container's read-only root filesystem), and nothing reaches the store: the
+    /// routes that would answer 503 first ([`FileStore::available`]).
     pub fn without_disk(root: PathBuf) -> Self {
         FileStore {
             root,
@@ -417,6 +418,11 @@ impl FileStore {
 
     pub fn dir(&self) -> &Path {
         &self.root
+    }
+
+    /// Whether the store has its directory (see [`FileStore::without_disk`]).
+    pub fn available(&self) -> bool {
+        self._lock.is_some()
     }
 
     pub fn persistent(&self) -> bool {
@@ -614,7 +620,7 @@ impl FileStore {
 
     /// At shutdown: removes the directory of a server without `--files-dir`.
     pub fn close(&self) {
-        if self.persistent || self._lock.is_none() {
+        if self.persistent || !self.available() {
             return;
         }
         self.lock().files.clear();

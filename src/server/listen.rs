@@ -54,6 +54,25 @@ impl Listener {
         self.sockets.iter().map(|s| s.local_addr()).collect()
     }
 
+    /// The next connection, or `None` when accepting one failed: out of file descriptors and
+    /// the like, after a second's wait rather than a spin (a peer that reset before it was
+    /// accepted is no reason to wait). `what` names the port in the warning's `on`.
+    pub async fn next(&self, what: &str) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+        match self.accept().await {
+            Ok(accepted) => Some(accepted),
+            Err(e) => {
+                if !matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+                ) {
+                    tracing::warn!(error = %e, on = what, "accepting a connection failed");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                None
+            }
+        }
+    }
+
     /// The next connection on any of the sockets (cancel-safe, as tokio's `accept`).
     pub async fn accept(&self) -> io::Result<(tokio::net::TcpStream, SocketAddr)> {
         std::future::poll_fn(|cx| {

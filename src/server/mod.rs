@@ -124,10 +124,6 @@ pub struct App {
     pub inputs: inputs::InputMemory,
     /// The Files API's files (`--files-dir`).
     pub files: files::FileStore,
-    /// Whether the files, uploads, batches and webhook endpoints have their directory: without
-    /// `--files-dir`, a temporary directory that could not be written (a container's read-only
-    /// root filesystem) leaves the server serving images and those routes answering 503.
-    pub files_available: bool,
     pub batches: batches::Batches,
     /// The Uploads API's uploads under way (a file sent in parts).
     pub uploads: uploads::Uploads,
@@ -321,26 +317,23 @@ impl Drop for InFlight {
     }
 }
 
-/// The Files, Uploads, Batches and webhook endpoints APIs' state, and whether it has its
-/// directory.
+/// The Files, Uploads, Batches and webhook endpoints APIs' state.
 struct Storage {
     files: files::FileStore,
     batches: batches::Batches,
     uploads: uploads::Uploads,
     webhooks: Arc<webhooks::Webhooks>,
-    available: bool,
 }
 
-/// Opens the files directory (`--files-dir`, else one of this process's own in the system's
-/// temporary directory) and what lives in it. A `--files-dir` that cannot be used stops the
-/// server; a temporary directory that cannot be written (a container with a read-only root
-/// filesystem and nothing mounted at /tmp) does not: images are what the server is for, and
-/// only the routes that need the directory answer 503 `files_unavailable`, as the warning says.
-fn open_storage(config: &ServerConfig, metrics: Arc<Metrics>) -> anyhow::Result<Storage> {
-    let f = &config.files;
-    let on_disk = || -> anyhow::Result<Storage> {
-        let files = files::FileStore::open(f.dir.as_deref())?;
-        let rest = || -> anyhow::Result<_> {
+impl Storage {
+    /// What lives in the directory of `files`, read back (or made there); on failure the
+    /// directory is closed (a private one removed).
+    fn open_in(
+        files: files::FileStore,
+        f: &config::FilesConfig,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let rest = (|| -> anyhow::Result<_> {
             let batches = batches::Batches::open(files.batches_dir())?;
             let uploads = uploads::Uploads::open(files.uploads_dir()).with_context(|| {
                 format!(
@@ -350,50 +343,65 @@ fn open_storage(config: &ServerConfig, metrics: Arc<Metrics>) -> anyhow::Result<
             })?;
             let webhooks = webhooks::Webhooks::open(
                 files.webhooks_dir(),
+                true,
                 f.webhook_retry,
                 f.webhook_ca_file.as_deref(),
-                metrics.clone(),
+                metrics,
             )?;
             Ok((batches, uploads, webhooks))
-        };
-        match rest() {
+        })();
+        match rest {
             Ok((batches, uploads, webhooks)) => Ok(Storage {
                 files,
                 batches,
                 uploads,
                 webhooks: Arc::new(webhooks),
-                available: true,
             }),
             Err(e) => {
                 files.close();
                 Err(e)
             }
         }
-    };
-    let storage = match on_disk() {
+    }
+
+    /// Empty, with no directory (see [`files::FileStore::without_disk`]).
+    fn without_disk(f: &config::FilesConfig, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
+        let root = std::env::temp_dir().join("turbine-files-unavailable");
+        Ok(Storage {
+            batches: batches::Batches::without_disk(root.join("batches")),
+            uploads: uploads::Uploads::without_disk(root.join("uploads")),
+            webhooks: Arc::new(webhooks::Webhooks::open(
+                root.join("webhooks"),
+                false,
+                f.webhook_retry,
+                f.webhook_ca_file.as_deref(),
+                metrics,
+            )?),
+            files: files::FileStore::without_disk(root),
+        })
+    }
+}
+
+/// Opens the files directory (`--files-dir`, else one of this process's own in the system's
+/// temporary directory) and what lives in it. A `--files-dir` that cannot be used stops the
+/// server; a temporary directory that cannot be written (a container with a read-only root
+/// filesystem and nothing mounted at /tmp) does not: images are what the server is for, and
+/// only the routes that need the directory answer 503 `files_unavailable`, as the warning says.
+fn open_storage(config: &ServerConfig, metrics: Arc<Metrics>) -> anyhow::Result<Storage> {
+    let f = &config.files;
+    let opened = files::FileStore::open(f.dir.as_deref())
+        .and_then(|files| Storage::open_in(files, f, metrics.clone()));
+    let storage = match opened {
         Ok(storage) => storage,
         Err(e) if f.dir.is_none() => {
-            let temp = std::env::temp_dir();
             tracing::warn!(
-                temp = %temp.display(),
+                temp = %std::env::temp_dir().display(),
                 "the temporary directory cannot be written ({e:#}): the Files, Uploads, Batches \
                  and webhook endpoints APIs answer 503 files_unavailable; images are served as \
                  usual. Set --files-dir (TURBINE_FILES_DIR) to a writable directory (a volume, \
                  an emptyDir), or TMPDIR, to have them"
             );
-            let root = temp.join("turbine-files-unavailable");
-            return Ok(Storage {
-                files: files::FileStore::without_disk(root.clone()),
-                batches: batches::Batches::without_disk(root.join("batches")),
-                uploads: uploads::Uploads::without_disk(root.join("uploads")),
-                webhooks: Arc::new(webhooks::Webhooks::without_disk(
-                    root.join("webhooks"),
-                    f.webhook_retry,
-                    f.webhook_ca_file.as_deref(),
-                    metrics,
-                )?),
-                available: false,
-            });
+            return Storage::without_disk(f, metrics);
         }
         Err(e) => return Err(e),
     };
@@ -502,7 +510,6 @@ pub async fn serve(
         batches,
         uploads,
         webhooks,
-        available: files_available,
     } = open_storage(&config, metrics.clone())?;
     let batch_slots = 2 * max_batch * workers.len();
     let inputs = input_memory(&config, metrics.clone());
@@ -537,7 +544,6 @@ pub async fn serve(
         upload_decodes: Arc::new(tokio::sync::Semaphore::new(UPLOAD_DECODE_SLOTS)),
         inputs,
         files,
-        files_available,
         batches,
         uploads,
         webhooks,
@@ -949,10 +955,7 @@ async fn serve_http(
     stop: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let header_timeout = app.config.limits.header_timeout;
-    let timeouts = Timeouts {
-        head: header_timeout,
-        keep_alive: app.config.limits.keep_alive_timeout,
-    };
+    let timeouts = Timeouts::of(&app.config);
     app.metrics.set_connections_max(max_connections);
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     // When the limit was last logged: once a minute at most, however often it is reached.
@@ -981,20 +984,9 @@ async fn serve_http(
             }
         };
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait rather than spin. A peer that
-                    // reset before it was accepted is no reason to wait.
-                    if !matches!(
-                        e.kind(),
-                        std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
-                    ) {
-                        tracing::warn!(error = %e, "accepting a connection failed");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                    continue;
-                }
+            accepted = listener.next("the API's port") => match accepted {
+                Some(accepted) => accepted,
+                None => continue,
             },
             () = &mut stop => break,
         };
@@ -1075,10 +1067,7 @@ impl Drop for AbortOnDrop {
 /// aborted.
 async fn serve_metrics(listener: listen::Listener, app: Arc<App>) {
     let router = routes::metrics_router(app.clone());
-    let timeouts = Timeouts {
-        head: app.config.limits.header_timeout,
-        keep_alive: app.config.limits.keep_alive_timeout,
-    };
+    let timeouts = Timeouts::of(&app.config);
     // Never changed: the connections end with their requests, or with the process.
     let (_closing_tx, closing) = tokio::sync::watch::channel(false);
     let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
@@ -1088,18 +1077,8 @@ async fn serve_metrics(listener: listen::Listener, app: Arc<App>) {
             .acquire_owned()
             .await
             .expect("the metrics connection slots are never closed: this is a bug");
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                if !matches!(
-                    e.kind(),
-                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
-                ) {
-                    tracing::warn!(error = %e, "accepting a connection on the metrics port failed");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                continue;
-            }
+        let Some((stream, peer)) = listener.next("the metrics port").await else {
+            continue;
         };
         tcp_keepalive(&stream, timeouts.head);
         let peer = routes::Peer {
@@ -1122,6 +1101,15 @@ struct Timeouts {
     head: Duration,
     /// The longest a connection may stay idle (no request open, nothing sent) after a request.
     keep_alive: Duration,
+}
+
+impl Timeouts {
+    fn of(config: &ServerConfig) -> Self {
+        Timeouts {
+            head: config.limits.header_timeout,
+            keep_alive: config.limits.keep_alive_timeout,
+        }
+    }
 }
 
 /// Serves one connection's requests, in HTTP/2 if `h2` (its preface or its ALPN said so) or

@@ -79,7 +79,7 @@ pub struct XRequestId(pub String);
 /// Answers 503 `files_unavailable` for the routes that need the files directory when the
 /// server has none (after the key is checked: a caller without one learns nothing of it).
 async fn require_files(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
-    if !app.files_available {
+    if !app.files.available() {
         return ApiError::FilesUnavailable.into_response();
     }
     next.run(req).await
@@ -89,7 +89,7 @@ pub fn router(app: Arc<App>) -> Router {
     let generations =
         post(generations).layer(middleware::from_fn_with_state(app.clone(), track_in_flight));
     let edits = post(edits).layer(middleware::from_fn_with_state(app.clone(), track_in_flight));
-    // The routes that need the files directory (see `App::files_available`).
+    // The routes that need the files directory (see `FileStore::available`).
     let stored = Router::new()
         .route("/v1/files", post(files::create).get(files::list))
         .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))

@@ -242,28 +242,10 @@ pub fn read_ca_file(path: &std::path::Path) -> anyhow::Result<Vec<reqwest::Certi
 impl Webhooks {
     /// Reads back the endpoints kept in `dir`, and the deliveries a restart interrupted
     /// ([`Webhooks::resume`] goes on with them). Deliveries trust the public CAs, and those of
-    /// `ca_file` (`--webhook-ca-file`).
+    /// `ca_file` (`--webhook-ca-file`), which is read (a bad one said at start) even without
+    /// `on_disk`: then there is no directory (see [`super::files::FileStore::without_disk`]),
+    /// nothing is read back and no endpoint is ever made.
     pub fn open(
-        dir: PathBuf,
-        retry: RetryPolicy,
-        ca_file: Option<&std::path::Path>,
-        metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Self> {
-        Self::open_in(dir, true, retry, ca_file, metrics)
-    }
-
-    /// No endpoints and no directory (see [`super::files::FileStore::without_disk`]); the
-    /// CA file is still read, so that a bad one is said at start all the same.
-    pub fn without_disk(
-        dir: PathBuf,
-        retry: RetryPolicy,
-        ca_file: Option<&std::path::Path>,
-        metrics: Arc<Metrics>,
-    ) -> anyhow::Result<Self> {
-        Self::open_in(dir, false, retry, ca_file, metrics)
-    }
-
-    fn open_in(
         dir: PathBuf,
         on_disk: bool,
         retry: RetryPolicy,

@@ -1,5 +1,6 @@
-// PNG helpers for the Node.js contract tests (tests/openai_node_test.mjs, tests/ai_sdk_test.mjs):
-// reading a PNG's size, and making the RGBA PNGs an OpenAI edit takes as its mask or markup.
+// Helpers for the Node.js contract tests (tests/openai_node_test.mjs, tests/ai_sdk_test.mjs):
+// their command line and their run, reading a PNG's size, and making the RGBA PNGs an OpenAI
+// edit takes as its mask or markup.
 
 import assert from "node:assert/strict";
 import zlib from "node:zlib";
@@ -49,4 +50,31 @@ export function rgbaPng(width, height, alpha) {
     chunk("IDAT", zlib.deflateSync(Buffer.concat(rows))),
     chunk("IEND", Buffer.alloc(0)),
   ]);
+}
+
+/** The value after `name` in the command line `args`; throws if it is missing. */
+export function argument(args, name) {
+  const i = args.indexOf(name);
+  if (i < 0 || i + 1 >= args.length) throw new Error(`missing ${name}`);
+  return args[i + 1];
+}
+
+/**
+ * Runs each `[name, fn]` of `tests` in turn, printing `ok` or `FAILED` (with the error) for
+ * each, then `${label}: N passed, M failed`; exits 1 if any failed, else 0.
+ */
+export async function runTests(label, tests) {
+  let failed = 0;
+  for (const [name, fn] of tests) {
+    try {
+      await fn();
+      console.log(`ok     ${name}`);
+    } catch (e) {
+      failed += 1;
+      console.log(`FAILED ${name}`);
+      console.log(e?.stack ?? e);
+    }
+  }
+  console.log(`${label}: ${tests.length - failed} passed, ${failed} failed`);
+  process.exit(failed ? 1 : 0);
 }
