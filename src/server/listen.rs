@@ -29,6 +29,8 @@ const PORT_DRAWS: usize = 8;
 /// The sockets the server accepts connections on: one, or one per address of a name.
 #[derive(Debug)]
 pub struct Listener {
+    /// Never empty: made from one socket, or from the addresses that were bound (none is an
+    /// error of `listen`).
     sockets: Vec<tokio::net::TcpListener>,
     /// The socket to look at first on the next accept, so that none is starved.
     next: AtomicUsize,
