@@ -74,6 +74,19 @@ def test_url_then_fetch(client: OpenAI):
         assert fetched.read()[:3] == b"\xff\xd8\xff", "not a JPEG"
 
 
+def test_dall_e_quickstart_reads_url(client: OpenAI):
+    # OpenAI's DALL·E quickstart (and LangChain's DallEAPIWrapper): no response_format, then
+    # `data[0].url`, OpenAI's default for the DALL·E models. It used to be None here.
+    resp = client.images.generate(model="dall-e-3", prompt="a white siamese cat", n=1)
+    url = resp.data[0].url
+    assert url and resp.data[0].b64_json is None, resp.data[0]
+    with urllib.request.urlopen(url, timeout=60, context=SSL_CONTEXT) as fetched:
+        assert png_size(fetched.read()) == (64, 64)
+    # The GPT image models keep their base64.
+    resp = client.images.generate(model="gpt-image-1", prompt="a white siamese cat")
+    assert resp.data[0].url is None and resp.data[0].b64_json
+
+
 def test_n3_seeded_distinct_and_reproducible(client: OpenAI):
     def run():
         return client.images.generate(prompt="three moons", n=3, extra_body={"seed": 500})
@@ -466,6 +479,7 @@ def main() -> int:
         ("b64_json", lambda: test_b64_json(client)),
         ("model alias and defaults", lambda: test_openai_model_alias_and_defaults(client)),
         ("url then fetch", lambda: test_url_then_fetch(client)),
+        ("dall-e quickstart", lambda: test_dall_e_quickstart_reads_url(client)),
         ("n=3 seeded", lambda: test_n3_seeded_distinct_and_reproducible(client)),
         ("stream", lambda: test_stream(client)),
         ("edit", lambda: test_edit(client)),

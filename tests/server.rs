@@ -506,6 +506,67 @@ fn servers_sharing_an_image_store_dir_answer_each_others_urls() {
     assert_eq!(r.status(), 404);
 }
 
+/// Clients written for DALL·E (OpenAI's quickstart, LangChain's `DallEAPIWrapper`) send no
+/// `response_format` and read `data[0].url`, OpenAI's default for those models; they got
+/// `url: null` and failed. They now get URLs, at DALL·E 3's wide size too, while the GPT image
+/// models' clients keep base64.
+#[test]
+fn dall_e_clients_get_urls_at_their_sizes() {
+    let mut config = test_config();
+    let defaults = ServerConfig::default().limits;
+    (config.limits.max_side, config.limits.max_pixels) = (defaults.max_side, defaults.max_pixels);
+    let s = TestServer::start(config);
+    let fetch = |item: &Value| {
+        let url = item["url"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no url: {item}"));
+        assert!(item.get("b64_json").is_none(), "{item}");
+        let r = s.client.get(url).send().unwrap();
+        assert_eq!(r.status(), 200, "{url}");
+        image::load_from_memory(&r.bytes().unwrap()).unwrap()
+    };
+    let v = s.generate_ok(
+        &json!({"prompt": "a white siamese cat", "model": "dall-e-3", "size": "1792x1024"}),
+    );
+    assert_eq!(v["size"], "1792x1024");
+    assert_eq!(fetch(&v["data"][0]).dimensions(), (1792, 1024));
+    let v = s.generate_ok(&json!({"prompt": "a white siamese cat", "model": "dall-e-2", "n": 2}));
+    for item in v["data"].as_array().unwrap() {
+        assert_eq!(fetch(item).dimensions(), (64, 64));
+    }
+    // DALL·E 2's edits too.
+    let png = png_bytes(&edit_input());
+    let fields = [
+        ("prompt", "in winter"),
+        ("model", "dall-e-2"),
+        ("size", "64x64"),
+    ];
+    let v = s.edit_ok(&fields, &[("image", &png)]);
+    assert_eq!(fetch(&v["data"][0]).dimensions(), (64, 64));
+    // Asked for base64, or a GPT image model: base64.
+    for body in [
+        json!({"prompt": "p", "model": "dall-e-3", "response_format": "b64_json"}),
+        json!({"prompt": "p", "model": "gpt-image-1"}),
+        json!({"prompt": "p"}),
+    ] {
+        let v = s.generate_ok(&body);
+        assert!(v["data"][0].get("url").is_none(), "{body}");
+        decode_b64(&v["data"][0]);
+    }
+    // Past the pixel bound: the sides alone would pass.
+    let r = s.generate(&json!({"prompt": "p", "model": "dall-e-3", "size": "1792x1792"}));
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().unwrap();
+    assert_eq!(e["error"]["param"], "size");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 2359296 pixels"),
+        "{e}"
+    );
+}
+
 #[test]
 fn url_responses_serve_the_image_with_its_content_type() {
     let s = TestServer::start(test_config());

@@ -10,11 +10,11 @@ use anyhow::Context;
 use crate::cli::UsageError;
 use crate::hub::ModelArgs;
 use crate::model::tokenizer::ClipTokenizer;
-use crate::server::api::ResponseFormat;
+use crate::server::api::DefaultResponseFormat;
 use crate::server::auth::{read_keys_file, ApiKey};
 use crate::server::config::{
     AuthConfig, BatchingConfig, FilesConfig, ModelIdentity, RequestLimits, ServerConfig,
-    StoreConfig,
+    StoreConfig, DEFAULT_MAX_IMAGE_PIXELS,
 };
 use crate::server::stall::StallTimeout;
 use crate::server::tls::TlsConfig;
@@ -295,11 +295,17 @@ pub struct LimitArgs {
     /// Smallest image side in pixels (a multiple of 8).
     #[arg(long, env = "TURBINE_MIN_IMAGE_SIDE", default_value_t = 256)]
     pub min_image_side: u32,
-    /// Largest image side in pixels (a multiple of 8). Batches of large images are split to
-    /// keep every tensor under 2^31 elements, but one image must fit: SDXL's VAE decoder holds
-    /// square images up to 2896 pixels a side; a larger one fails with a message that says so.
-    #[arg(long, env = "TURBINE_MAX_IMAGE_SIDE", default_value_t = 1536)]
+    /// Largest image side in pixels (a multiple of 8): by default 1792, for DALL·E 3's
+    /// 1792x1024 and 1024x1792. Batches of large images are split to keep every tensor under
+    /// 2^31 elements, but one image must fit: SDXL's VAE decoder holds square images up to 2896
+    /// pixels a side; a larger one fails with a message that says so.
+    #[arg(long, env = "TURBINE_MAX_IMAGE_SIDE", default_value_t = 1792)]
     pub max_image_side: u32,
+    /// Most pixels (width x height) an image may have, which is what its memory and time grow
+    /// with; by default 1536x1536's, so that the largest image is as large as when the sides
+    /// were bounded at 1536 (1792x1024 fits, 1792x1792 does not).
+    #[arg(long, env = "TURBINE_MAX_IMAGE_PIXELS", default_value_t = DEFAULT_MAX_IMAGE_PIXELS)]
+    pub max_image_pixels: u64,
     /// What `size: "auto"` (or no size) means, WIDTHxHEIGHT; also the warm-up batch's size.
     #[arg(long, env = "TURBINE_DEFAULT_SIZE", default_value = "512x512")]
     pub default_size: String,
@@ -312,12 +318,11 @@ pub struct LimitArgs {
     /// Largest `guidance_scale` a request may ask for.
     #[arg(long, env = "TURBINE_MAX_GUIDANCE_SCALE", default_value_t = 30.0)]
     pub max_guidance_scale: f64,
-    /// `response_format` when a request gives none: b64_json or url.
-    #[arg(
-        long,
-        env = "TURBINE_DEFAULT_RESPONSE_FORMAT",
-        default_value = "b64_json"
-    )]
+    /// `response_format` when a request gives none: `auto` (OpenAI's default for the model
+    /// the request names: `url` for `dall-e-2` and `dall-e-3`, whose clients read
+    /// `data[].url`; `b64_json` for the GPT image models and for a request that names none),
+    /// `b64_json` or `url` (every request).
+    #[arg(long, env = "TURBINE_DEFAULT_RESPONSE_FORMAT", default_value = "auto")]
     pub default_response_format: String,
     /// Seconds an image behind a `url` response stays available (OpenAI: 60 minutes).
     #[arg(long, env = "TURBINE_IMAGE_URL_TTL_SECS", default_value_t = 3600)]
@@ -370,10 +375,12 @@ impl Args {
                 self.limits.default_size
             ))
         })?;
-        let default_response_format = ResponseFormat::parse(&self.limits.default_response_format)
-            .ok_or_else(|| {
+        let default_response_format = DefaultResponseFormat::parse(
+            &self.limits.default_response_format,
+        )
+        .ok_or_else(|| {
             UsageError(format!(
-                "--default-response-format must be b64_json or url, got {:?}",
+                "--default-response-format must be auto, b64_json or url, got {:?}",
                 self.limits.default_response_format
             ))
         })?;
@@ -394,6 +401,7 @@ impl Args {
             limits: RequestLimits {
                 min_side: self.limits.min_image_side,
                 max_side: self.limits.max_image_side,
+                max_pixels: self.limits.max_image_pixels,
                 default_size,
                 max_prompt_chars: self.limits.max_prompt_chars,
                 max_steps: self.limits.max_steps,

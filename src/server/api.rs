@@ -26,6 +26,38 @@ impl ResponseFormat {
     }
 }
 
+/// `--default-response-format`: what a request that names no `response_format` gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultResponseFormat {
+    /// OpenAI's own default for the model the request names: `url` for the DALL·E models
+    /// (`dall-e-2`, `dall-e-3`), whose clients read `data[].url`; `b64_json` for the GPT image
+    /// models and for a request that names none.
+    Auto,
+    /// The same for every request.
+    Fixed(ResponseFormat),
+}
+
+impl DefaultResponseFormat {
+    pub const NAMES: &'static [&'static str] = &["auto", "b64_json", "url"];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(Self::Auto),
+            other => ResponseFormat::parse(other).map(Self::Fixed),
+        }
+    }
+
+    /// The format for a request that named `model` (as sent, before alias matching) and no
+    /// `response_format`.
+    pub fn for_model(self, model: Option<&str>) -> ResponseFormat {
+        match self {
+            Self::Fixed(f) => f,
+            Self::Auto if model.is_some_and(|m| m.starts_with("dall-e")) => ResponseFormat::Url,
+            Self::Auto => ResponseFormat::B64Json,
+        }
+    }
+}
+
 /// `output_format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutputFormat {

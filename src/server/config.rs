@@ -5,9 +5,13 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure};
 
-use super::api::ResponseFormat;
+use super::api::DefaultResponseFormat;
 use super::auth::ApiKey;
 use super::worker::WarmupSizes;
+
+/// `--max-image-pixels`' default: 1536x1536, gpt-image-1's largest sizes and DALL·E 3's
+/// 1792x1024 fit under it.
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 1536 * 1536;
 
 /// The most images one request may ask for (OpenAI's bound for `n`).
 pub const MAX_N: u32 = 10;
@@ -58,6 +62,9 @@ pub struct RequestLimits {
     /// Smallest and largest image side in pixels (multiples of 8: the VAE's scale factor).
     pub min_side: u32,
     pub max_side: u32,
+    /// Most pixels (width x height) an image may have: what bounds an image's memory, while
+    /// the side bounds allow DALL·E 3's 1792x1024 and its like.
+    pub max_pixels: u64,
     /// What `size: "auto"` (or no size) means.
     pub default_size: (u32, u32),
     pub max_prompt_chars: usize,
@@ -74,7 +81,7 @@ pub struct RequestLimits {
     pub header_timeout: Duration,
     /// The longest a keep-alive connection may stay idle between requests (closed after).
     pub keep_alive_timeout: Duration,
-    pub default_response_format: ResponseFormat,
+    pub default_response_format: DefaultResponseFormat,
 }
 
 /// The batcher's knobs.
@@ -213,7 +220,8 @@ impl Default for ServerConfig {
             },
             limits: RequestLimits {
                 min_side: 256,
-                max_side: 1536,
+                max_side: 1792,
+                max_pixels: DEFAULT_MAX_IMAGE_PIXELS,
                 default_size: (512, 512),
                 max_prompt_chars: 32_000,
                 max_steps: 50,
@@ -223,7 +231,7 @@ impl Default for ServerConfig {
                 body_timeout: Duration::from_secs(60),
                 header_timeout: Duration::from_secs(60),
                 keep_alive_timeout: Duration::from_secs(75),
-                default_response_format: ResponseFormat::B64Json,
+                default_response_format: DefaultResponseFormat::Auto,
             },
             batching: BatchingConfig {
                 max_batch_size: 8,
@@ -292,7 +300,19 @@ impl ServerConfig {
             l.min_side,
             l.max_side
         );
+        ensure!(
+            l.max_pixels >= u64::from(l.min_side) * u64::from(l.min_side),
+            "--max-image-pixels ({}) must allow at least a --min-image-side square ({}x{})",
+            l.max_pixels,
+            l.min_side,
+            l.min_side
+        );
         let (w, h) = l.default_size;
+        ensure!(
+            u64::from(w) * u64::from(h) <= l.max_pixels,
+            "--default-size {w}x{h} has more than --max-image-pixels ({}) pixels",
+            l.max_pixels
+        );
         for side in [w, h] {
             if !side.is_multiple_of(8) || side < l.min_side || side > l.max_side {
                 bail!(
@@ -527,6 +547,14 @@ mod tests {
                 "--min-image-side (2048) must not exceed",
             ),
             (|c| c.limits.default_size = (520, 4), "--default-size"),
+            (
+                |c| c.limits.max_pixels = 255 * 255,
+                "--max-image-pixels (65025) must allow at least a --min-image-side square",
+            ),
+            (
+                |c| c.limits.default_size = (1792, 1792),
+                "--default-size 1792x1792 has more than --max-image-pixels (2359296)",
+            ),
             (|c| c.batching.max_batch_size = 0, "--max-batch-size"),
             (|c| c.batching.max_queued_images = 9, "--max-queued-images"),
             (|c| c.max_connections = Some(0), "--max-connections"),

@@ -211,7 +211,21 @@ pub fn auto_edit_size((w, h): (u32, u32), limits: &RequestLimits) -> (u32, u32) 
         let r = ((f64::from(v) * scale / 8.0).round() as u32).saturating_mul(8);
         r.clamp(limits.min_side, limits.max_side)
     };
-    (side(w), side(h))
+    let (mut w, mut h) = (side(w), side(h));
+    // A side raised to the smallest allowed can leave the other's product over the pixel
+    // bound (a very long, thin input): the longer side gives way.
+    if u64::from(w) * u64::from(h) > limits.max_pixels {
+        let longest = |other: u32| {
+            let fit = (limits.max_pixels / u64::from(other) / 8 * 8) as u32;
+            fit.max(limits.min_side)
+        };
+        if w >= h {
+            w = longest(h);
+        } else {
+            h = longest(w);
+        }
+    }
+    (w, h)
 }
 
 fn validate_fields(
@@ -245,7 +259,8 @@ fn validate_fields(
     }
     let f = Fields(obj);
 
-    if let Some(name) = f.string("model")? {
+    let model_name = f.string("model")?;
+    if let Some(name) = model_name {
         if !model.matches(name) {
             return Err(ApiError::ModelNotFound(name.to_string()));
         }
@@ -295,10 +310,11 @@ fn validate_fields(
                 "streamed images are sent inline as b64_json: use response_format \"b64_json\" \
                  (or omit it) with stream, or \"url\" without stream",
             )),
-            Some(s) => ResponseFormat::parse(s).unwrap_or(limits.default_response_format),
+            Some(s) => ResponseFormat::parse(s)
+                .unwrap_or_else(|| limits.default_response_format.for_model(model_name)),
             // A stream carries its images inline whatever the server's default.
             None if stream => ResponseFormat::B64Json,
-            None => limits.default_response_format,
+            None => limits.default_response_format.for_model(model_name),
         };
 
     let output_format = match f.get("output_format") {
@@ -572,9 +588,10 @@ fn parse_size(size: Option<&str>, limits: &RequestLimits) -> Result<(u32, u32), 
             "invalid_value",
             format!(
                 "size must be \"auto\" or WIDTHxHEIGHT with both sides multiples of 8 between \
-                 {} and {}, got {}",
+                 {} and {} and at most {} pixels in all, got {}",
                 limits.min_side,
                 limits.max_side,
+                limits.max_pixels,
                 show(&Value::String(s.to_string()))
             ),
         )
@@ -590,7 +607,11 @@ fn parse_size(size: Option<&str>, limits: &RequestLimits) -> Result<(u32, u32), 
         }
         Ok(v)
     };
-    Ok((side(w)?, side(h)?))
+    let (w, h) = (side(w)?, side(h)?);
+    if u64::from(w) * u64::from(h) > limits.max_pixels {
+        return Err(bad());
+    }
+    Ok((w, h))
 }
 
 fn type_error(name: &str, expected: &str, got: &Value) -> ApiError {
@@ -631,6 +652,7 @@ fn show(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::api::DefaultResponseFormat;
     use crate::server::config::ServerConfig;
     use serde_json::json;
 
@@ -785,8 +807,92 @@ mod tests {
         assert_eq!(auto_edit_size((4000, 3000), &limits), (592, 440));
         assert_eq!(auto_edit_size((1920, 1080), &limits), (680, 384));
         // A very wide image: the short side stops at --min-image-side.
-        assert_eq!(auto_edit_size((8000, 100), &limits), (1536, 256));
+        assert_eq!(auto_edit_size((8000, 100), &limits), (1792, 256));
+        assert_eq!(auto_edit_size((100, 8000), &limits), (256, 1792));
         assert_eq!(auto_edit_size((1, 1), &limits), (512, 512));
+        // Where that would leave more pixels than allowed, the long side gives way.
+        let tight = RequestLimits {
+            min_side: 512,
+            max_pixels: 512 * 1000,
+            ..limits
+        };
+        assert_eq!(auto_edit_size((8000, 100), &tight), (1000, 512));
+        assert_eq!(auto_edit_size((100, 8000), &tight), (512, 1000));
+    }
+
+    #[test]
+    fn every_size_of_openais_image_models_is_accepted_and_the_pixels_are_bounded() {
+        // DALL·E 2, DALL·E 3 and the GPT image models' sizes.
+        for size in [
+            "256x256",
+            "512x512",
+            "1024x1024",
+            "1792x1024",
+            "1024x1792",
+            "1536x1024",
+            "1024x1536",
+        ] {
+            let v = check(json!({"prompt": "p", "size": size})).unwrap();
+            assert_eq!(format!("{}x{}", v.width, v.height), size);
+        }
+        check(json!({"prompt": "p", "size": "1536x1536"})).unwrap();
+        for size in ["1792x1792", "1792x1328", "1800x1024"] {
+            let (status, param, msg) = err(json!({"prompt": "p", "size": size}));
+            assert_eq!((status, param.as_deref()), (400, Some("size")), "{size}");
+            assert!(
+                msg.contains("between 256 and 1792 and at most 2359296 pixels"),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn dall_e_requests_get_urls_unless_they_ask_otherwise() {
+        // OpenAI's default for the DALL·E models is `url`, and their clients read it.
+        for model in ["dall-e-2", "dall-e-3"] {
+            let v = check(json!({"prompt": "p", "model": model})).unwrap();
+            assert_eq!(v.response_format, ResponseFormat::Url, "{model}");
+            let body = json!({"prompt": "p", "model": model, "response_format": "b64_json"});
+            assert_eq!(
+                check(body).unwrap().response_format,
+                ResponseFormat::B64Json
+            );
+            let body = json!({"prompt": "p", "model": model, "stream": true});
+            assert_eq!(
+                check(body).unwrap().response_format,
+                ResponseFormat::B64Json
+            );
+        }
+        // DALL·E 2's edits too.
+        let v = edit(&[("prompt", "p"), ("model", "dall-e-2")]).unwrap();
+        assert_eq!(v.response_format, ResponseFormat::Url);
+        let v = edit(&[("prompt", "p"), ("model", "gpt-image-1")]).unwrap();
+        assert_eq!(v.response_format, ResponseFormat::B64Json);
+        // The GPT image models, the served name and no name: base64.
+        for body in [
+            json!({"prompt": "p", "model": "gpt-image-1"}),
+            json!({"prompt": "p", "model": "sdxl-turbo"}),
+            json!({"prompt": "p"}),
+        ] {
+            assert_eq!(
+                check(body).unwrap().response_format,
+                ResponseFormat::B64Json
+            );
+        }
+        // A fixed default applies to every model.
+        let mut cfg = ServerConfig::default();
+        for (fixed, want) in [
+            ("b64_json", ResponseFormat::B64Json),
+            ("url", ResponseFormat::Url),
+        ] {
+            cfg.limits.default_response_format = DefaultResponseFormat::parse(fixed).unwrap();
+            for model in ["dall-e-3", "gpt-image-1"] {
+                let body = json!({"prompt": "p", "model": model});
+                let v = validate(&body, &cfg.limits, &cfg.model).unwrap();
+                assert_eq!(v.response_format, want, "{fixed} {model}");
+            }
+        }
+        assert_eq!(DefaultResponseFormat::parse("png"), None);
     }
 
     #[test]
@@ -823,7 +929,7 @@ mod tests {
         assert_eq!(v.response_format, ResponseFormat::B64Json);
         // Whatever the server's default for responses that are not streamed.
         let mut cfg = ServerConfig::default();
-        cfg.limits.default_response_format = ResponseFormat::Url;
+        cfg.limits.default_response_format = DefaultResponseFormat::Fixed(ResponseFormat::Url);
         let body = json!({"prompt": "a cat", "stream": true});
         let v = validate(&body, &cfg.limits, &cfg.model).unwrap();
         assert_eq!(
@@ -921,7 +1027,7 @@ mod tests {
                 json!({"prompt": "p", "size": "513x512"}),
                 400,
                 Some("size"),
-                "multiples of 8 between 256 and 1536",
+                "multiples of 8 between 256 and 1792",
             ),
             (
                 json!({"prompt": "p", "size": "0x0"}),
