@@ -87,6 +87,29 @@ def test_dall_e_quickstart_reads_url(client: OpenAI):
     assert resp.data[0].url is None and resp.data[0].b64_json
 
 
+def test_azure_openai_client(base_url: str, api_key: str, http_client):
+    # Code written for Azure OpenAI's image deployments: AzureOpenAI posts to
+    # /openai/deployments/{model}/images/... with the key as `api-key`.
+    from openai import AzureOpenAI
+
+    endpoint = base_url.removesuffix("/").removesuffix("/v1")
+    az = AzureOpenAI(
+        azure_endpoint=endpoint, api_key=api_key, api_version="2024-10-21", max_retries=0, http_client=http_client
+    )
+    resp = az.images.generate(model="dall-e-3", prompt="a white siamese cat", n=1)
+    with urllib.request.urlopen(resp.data[0].url, timeout=60, context=SSL_CONTEXT) as fetched:
+        assert png_size(fetched.read()) == (64, 64)
+    resp = az.images.generate(model="gpt-image-1", prompt="a white siamese cat", extra_body={"seed": 9})
+    made = base64.b64decode(resp.data[0].b64_json)
+    resp = az.images.edit(model="gpt-image-1", image=("cat.png", made, "image/png"), prompt="at night", size="64x64")
+    assert png_size(base64.b64decode(resp.data[0].b64_json)) == (64, 64)
+    bad = AzureOpenAI(
+        azure_endpoint=endpoint, api_key="sk-wrong", api_version="2024-10-21", max_retries=0, http_client=http_client
+    )
+    expect(openai.AuthenticationError, lambda: bad.images.generate(model="dall-e-3", prompt="x"), code="invalid_api_key")
+    expect(openai.NotFoundError, lambda: az.images.generate(model="my-sdxl", prompt="x"), code="model_not_found")
+
+
 def test_n3_seeded_distinct_and_reproducible(client: OpenAI):
     def run():
         return client.images.generate(prompt="three moons", n=3, extra_body={"seed": 500})
@@ -480,6 +503,7 @@ def main() -> int:
         ("model alias and defaults", lambda: test_openai_model_alias_and_defaults(client)),
         ("url then fetch", lambda: test_url_then_fetch(client)),
         ("dall-e quickstart", lambda: test_dall_e_quickstart_reads_url(client)),
+        ("azure", lambda: test_azure_openai_client(args.base_url, args.api_key, http_client)),
         ("n=3 seeded", lambda: test_n3_seeded_distinct_and_reproducible(client)),
         ("stream", lambda: test_stream(client)),
         ("edit", lambda: test_edit(client)),

@@ -567,6 +567,94 @@ fn dall_e_clients_get_urls_at_their_sizes() {
     );
 }
 
+/// Azure OpenAI's paths and key header, as its SDK clients (`AzureOpenAI`) send them: the
+/// deployment in the path names the model, the key comes as `api-key`, and its v1 API is this
+/// API under `/openai`. They were all 404 `no route`.
+#[test]
+fn azure_openai_clients_reach_the_images_api() {
+    let mut config = test_config();
+    config.auth.keys = vec![ApiKey::plain("sk-az")];
+    config.model.aliases.push("dalle3".into());
+    let s = TestServer::start(config);
+    let post = |path: &str, key: Option<&str>, body: &Value| {
+        let mut r = s
+            .client
+            .post(s.url(&format!("{path}?api-version=2024-10-21")))
+            .json(body);
+        if let Some(key) = key {
+            r = r.header("api-key", key);
+        }
+        let r = r.send().unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<Value>().unwrap())
+    };
+    let generations =
+        |deployment: &str| format!("/openai/deployments/{deployment}/images/generations");
+    // The deployment is the model: its name, not the body's, decides, and a DALL·E deployment
+    // answers with a URL as Azure's does.
+    let body = json!({"prompt": "a white siamese cat", "model": "gpt-image-1", "seed": 3});
+    let (status, v) = post(&generations("dalle3"), Some("sk-az"), &body);
+    assert_eq!(status, 200, "{v}");
+    let url = v["data"][0]["url"].as_str().unwrap();
+    assert_eq!(s.client.get(url).send().unwrap().status(), 200);
+    let (status, v) = post(&generations("gpt-image-1"), Some("sk-az"), &body);
+    assert_eq!(status, 200, "{v}");
+    let azure = decode_b64(&v["data"][0]);
+    // The same image as the OpenAI path makes.
+    let r = s
+        .client
+        .post(s.url("/v1/images/generations"))
+        .bearer_auth("sk-az")
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(decode_b64(&r.json::<Value>().unwrap()["data"][0]), azure);
+    // A deployment that is not the served model or an alias.
+    let (status, v) = post(&generations("my-sdxl"), Some("sk-az"), &body);
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("model_not_found")),
+        "{v}"
+    );
+    // The key is checked as ever.
+    let (status, v) = post(&generations("dalle3"), Some("sk-wrong"), &body);
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (401, Some("invalid_api_key")),
+        "{v}"
+    );
+    let (status, _) = post(&generations("dalle3"), None, &body);
+    assert_eq!(status, 401);
+    // Edits, as the SDK's multipart form.
+    let png = png_bytes(&edit_input());
+    let (ct, form) = multipart(
+        &[("prompt", "in winter"), ("size", "64x64")],
+        &[("image", &png)],
+    );
+    let r = s
+        .client
+        .post(s.url("/openai/deployments/gpt-image-1/images/edits?api-version=2025-04-01-preview"))
+        .header("api-key", "sk-az")
+        .header("content-type", ct)
+        .body(form)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    decode_b64(&r.json::<Value>().unwrap()["data"][0]);
+    // Azure's v1 API: the OpenAI paths under /openai.
+    let (status, v) = post("/openai/v1/images/generations", Some("sk-az"), &body);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(decode_b64(&v["data"][0]), azure);
+    let r = s
+        .client
+        .get(s.url("/openai/v1/models"))
+        .header("api-key", "sk-az")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().unwrap()["data"][0]["id"], "sdxl-turbo");
+}
+
 #[test]
 fn url_responses_serve_the_image_with_its_content_type() {
     let s = TestServer::start(test_config());

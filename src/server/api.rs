@@ -30,8 +30,9 @@ impl ResponseFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DefaultResponseFormat {
     /// OpenAI's own default for the model the request names: `url` for the DALL·E models
-    /// (`dall-e-2`, `dall-e-3`), whose clients read `data[].url`; `b64_json` for the GPT image
-    /// models and for a request that names none.
+    /// (`dall-e-2`, `dall-e-3`; and Azure deployments named after them, `dalle3` or `DALL-E-3`),
+    /// whose clients read `data[].url`; `b64_json` for the GPT image models and for a request
+    /// that names none.
     Auto,
     /// The same for every request.
     Fixed(ResponseFormat),
@@ -52,10 +53,21 @@ impl DefaultResponseFormat {
     pub fn for_model(self, model: Option<&str>) -> ResponseFormat {
         match self {
             Self::Fixed(f) => f,
-            Self::Auto if model.is_some_and(|m| m.starts_with("dall-e")) => ResponseFormat::Url,
+            Self::Auto if model.is_some_and(is_dall_e) => ResponseFormat::Url,
             Self::Auto => ResponseFormat::B64Json,
         }
     }
+}
+
+/// A DALL·E model's name, or an Azure deployment's named after one: `dall-e-3`, `dalle3`,
+/// `DALL-E-2-prod`.
+fn is_dall_e(model: &str) -> bool {
+    let letters: String = model
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(5)
+        .collect();
+    letters.eq_ignore_ascii_case("dalle")
 }
 
 /// `output_format`.

@@ -372,7 +372,8 @@ impl Authenticator {
         }
     }
 
-    /// Checks the `Authorization: Bearer KEY` header and the trusted priority header.
+    /// Checks the key (`Authorization: Bearer KEY`, or Azure OpenAI's `api-key: KEY`, which its
+    /// clients send instead) and the trusted priority header.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
         let mut caller = if self.is_open() {
             Caller {
@@ -388,6 +389,10 @@ impl Authenticator {
                     scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
                 })
                 .filter(|k| !k.is_empty())
+                .or_else(|| {
+                    let key = headers.get("api-key")?.to_str().ok()?.trim();
+                    (!key.is_empty()).then_some(key)
+                })
                 .ok_or(ApiError::MissingApiKey)?;
             let entry = self.lookup(presented).ok_or(ApiError::InvalidApiKey)?;
             Caller {
@@ -762,6 +767,31 @@ mod tests {
             .authenticate(&headers(Some("bearer  sk-one ")))
             .unwrap();
         assert_eq!(c.owner(), owner("sk-one"));
+        // Azure OpenAI's clients send the key as `api-key`; a bearer key, when sent, is the one
+        // checked.
+        let api_key = |auth_header: Option<&str>, key: &str| {
+            let mut h = headers(auth_header);
+            h.insert("api-key", HeaderValue::from_str(key).unwrap());
+            h
+        };
+        let c = auth.authenticate(&api_key(None, "sk-high")).unwrap();
+        assert_eq!((c.owner(), c.priority), (owner("sk-high"), Priority::High));
+        let c = auth
+            .authenticate(&api_key(Some("Basic x"), " sk-one"))
+            .unwrap();
+        assert_eq!(c.owner(), owner("sk-one"));
+        assert!(matches!(
+            auth.authenticate(&api_key(None, "sk-on")),
+            Err(ApiError::InvalidApiKey)
+        ));
+        assert!(matches!(
+            auth.authenticate(&api_key(None, " ")),
+            Err(ApiError::MissingApiKey)
+        ));
+        assert!(matches!(
+            auth.authenticate(&api_key(Some("Bearer sk-on"), "sk-one")),
+            Err(ApiError::InvalidApiKey)
+        ));
     }
 
     #[test]

@@ -118,12 +118,24 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/webhook_endpoints/{id}/test", post(webhooks::test))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_files));
     let authed = Router::new()
-        .route("/v1/images/generations", generations)
-        .route("/v1/images/edits", edits)
+        .route("/v1/images/generations", generations.clone())
+        .route("/v1/images/edits", edits.clone())
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
         .route("/v1/webhook_event_types", get(webhooks::event_types))
-        .merge(stored)
+        .merge(stored);
+    // Azure OpenAI's paths, for clients written for its image deployments (the SDKs'
+    // `AzureOpenAI`): `/openai/deployments/{deployment}/images/...`, where the deployment
+    // names the model, and its v1 API, the same API as here under `/openai`.
+    let azure = Router::new()
+        .route(
+            "/openai/deployments/{deployment}/images/generations",
+            generations,
+        )
+        .route("/openai/deployments/{deployment}/images/edits", edits)
+        .nest("/openai", authed.clone());
+    let authed = authed
+        .merge(azure)
         .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
     let router = Router::new()
         .merge(authed)
@@ -886,13 +898,17 @@ fn check_serving(app: &App) -> Result<(), ApiError> {
 async fn generations(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
+    deployment: Option<Path<String>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     check_serving(&app)?;
     check_json_content_type(&headers)?;
     let body = read_body(&app, body, &headers, app.config.limits.max_body_bytes).await?;
-    let value = parse_json(&body.bytes)?;
+    let mut value = parse_json(&body.bytes)?;
+    if let (Some(Path(deployment)), Some(fields)) = (deployment, value.as_object_mut()) {
+        fields.insert("model".into(), deployment.into());
+    }
     let req = validate(&value, &app.config.limits, &app.config.model)?;
     drop((value, body));
     app.auth.consume(&caller, 0, req.n, Instant::now())?;
@@ -906,6 +922,7 @@ async fn generations(
 async fn edits(
     State(app): State<Arc<App>>,
     Extension(caller): Extension<Caller>,
+    deployment: Option<Path<String>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -926,6 +943,9 @@ async fn edits(
     };
     // The body's share of the input budget is kept until its image is decoded.
     input.shares.push(body_share);
+    if let Some(Path(deployment)) = deployment {
+        input.fields.insert("model".into(), deployment.into());
+    }
     let req = prepare_edit(&app, input, |req| {
         // The key's image quota before the decoding work, as for a generation before its
         // queueing.

@@ -879,6 +879,31 @@ mod tests {
                 ResponseFormat::B64Json
             );
         }
+        // Azure deployments named after DALL·E (the deployment is the model there).
+        for name in ["dalle3", "DALL-E-3", "dall_e_2_prod", "Dalle-3"] {
+            let mut cfg = ServerConfig::default();
+            cfg.model.aliases.push(name.into());
+            let v = validate(
+                &json!({"prompt": "p", "model": name}),
+                &cfg.limits,
+                &cfg.model,
+            );
+            assert_eq!(v.unwrap().response_format, ResponseFormat::Url, "{name}");
+        }
+        let mut cfg = ServerConfig::default();
+        cfg.model.aliases.push("*".into());
+        for name in ["dall", "images-dalle", "gpt-image-1-dalle"] {
+            let v = validate(
+                &json!({"prompt": "p", "model": name}),
+                &cfg.limits,
+                &cfg.model,
+            );
+            assert_eq!(
+                v.unwrap().response_format,
+                ResponseFormat::B64Json,
+                "{name}"
+            );
+        }
         // A fixed default applies to every model.
         let mut cfg = ServerConfig::default();
         for (fixed, want) in [
