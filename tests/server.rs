@@ -18,6 +18,7 @@ use base64::Engine as _;
 use candle_core::{DType, Device};
 use image::{GenericImageView, RgbImage};
 use reqwest::blocking::{Client, Response};
+use reqwest::Method;
 use serde_json::{json, Value};
 use turbine::model::pipeline::{GeneratedBatch, GenerationSettings, ImageRequest, Pipeline};
 use turbine::server::auth::ApiKey;
@@ -1021,6 +1022,15 @@ fn models_health_metrics_and_unknown_routes() {
     let r = s.client.get(s.url("/health")).send().unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().unwrap()["status"], "ok");
+    // `/` answers as `/health`: what load balancers check when not told otherwise (GET / for
+    // AWS's, Google Cloud's and Azure's; OPTIONS / for HAProxy's `option httpchk`).
+    for method in [Method::GET, Method::HEAD, Method::OPTIONS] {
+        let r = s.client.request(method.clone(), s.url("/")).send().unwrap();
+        assert_eq!(r.status(), 200, "{method}");
+        if method != Method::HEAD {
+            assert_eq!(r.json::<Value>().unwrap()["status"], "ok", "{method}");
+        }
+    }
 
     let r = s
         .client
@@ -5001,6 +5011,11 @@ fn a_shutdown_delay_serves_while_the_balancers_catch_up() {
             break;
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+    // A balancer's default check of `/` sees it too.
+    for method in [Method::GET, Method::OPTIONS] {
+        let r = s.client.request(method, s.url("/")).send().unwrap();
+        assert_eq!(r.status(), 503);
     }
     assert_eq!(s.client.get(s.url("/livez")).send().unwrap().status(), 200);
     let r = s.generate(&json!({"prompt": "still served", "seed": 5}));

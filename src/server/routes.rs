@@ -141,6 +141,9 @@ pub fn router(app: Arc<App>) -> Router {
         .merge(authed)
         .route("/v1/images/files/{id}", get(get_file))
         .route("/health", get(health))
+        // What load balancers check when not told otherwise: AWS's ALB, Google Cloud's and
+        // Azure's Application Gateway `GET /`, HAProxy's `option httpchk` `OPTIONS /`.
+        .route("/", get(health).options(health))
         .route("/livez", get(livez))
         .route(
             "/metrics",
