@@ -35,17 +35,16 @@ struct Cli {
     /// `/v1/traces` is appended unless the URL ends with it). Each request is a span, the
     /// child of the caller's when it sends a W3C `traceparent`, with a child span per image
     /// for its batch on the device (queue wait, batch size, stage times). Headers for the
-    /// collector: `OTEL_EXPORTER_OTLP_HEADERS`. Unset: no traces.
+    /// collector: `OTEL_EXPORTER_OTLP_HEADERS`, resource attributes: `OTEL_RESOURCE_ATTRIBUTES`.
+    /// Unset: `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (as is) or `OTEL_EXPORTER_OTLP_ENDPOINT` (with
+    /// `/v1/traces`), as any OpenTelemetry SDK reads them (not with `OTEL_SDK_DISABLED=true`);
+    /// none of them: no traces.
     #[arg(long, env = "TURBINE_OTLP_ENDPOINT", global = true)]
     otlp_endpoint: Option<String>,
-    /// The `service.name` the traces carry.
-    #[arg(
-        long,
-        env = "TURBINE_OTLP_SERVICE_NAME",
-        default_value = "turbine",
-        global = true
-    )]
-    otlp_service_name: String,
+    /// The `service.name` the traces carry (default: `OTEL_SERVICE_NAME`, or the `service.name`
+    /// of `OTEL_RESOURCE_ATTRIBUTES`, else `turbine`).
+    #[arg(long, env = "TURBINE_OTLP_SERVICE_NAME", global = true)]
+    otlp_service_name: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -63,10 +62,16 @@ enum Command {
 fn main() -> std::process::ExitCode {
     limit_malloc_arenas();
     let cli = Cli::parse();
-    let otlp = cli.otlp_endpoint.map(|endpoint| turbine::cli::Otlp {
-        endpoint,
-        service_name: cli.otlp_service_name,
-    });
+    let otlp = match turbine::telemetry::destination(
+        cli.otlp_endpoint.as_deref(),
+        cli.otlp_service_name.as_deref(),
+        |name| std::env::var(name).ok(),
+    ) {
+        Ok(otlp) => otlp,
+        Err(e) => {
+            return turbine::cli::exit_code(Err(turbine::cli::UsageError(format!("{e:#}")).into()))
+        }
+    };
     if let Err(e) = turbine::cli::init_tracing(cli.log_format, cli.log_buffer_bytes, otlp.as_ref())
     {
         return turbine::cli::exit_code(Err(e));

@@ -76,7 +76,7 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanEx
                 if crate::server::warning_due(&mut warned, Instant::now()) {
                     tracing::warn!(
                         spans,
-                        "traces: an export to --otlp-endpoint failed, its spans are lost (said at \
+                        "traces: an export to the OTLP collector failed, its spans are lost (said at \
                      most once a minute; turbine_trace_exports_total counts them): {e}"
                     );
                 }
@@ -101,55 +101,134 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanEx
     }
 }
 
-/// The collector's URL for spans: `endpoint` as given when it already ends in `/v1/traces`,
-/// else with `/v1/traces` appended (OTLP/HTTP's path; collectors listen on port 4318).
-pub fn traces_url(endpoint: &str) -> anyhow::Result<String> {
+/// Where spans go, and under which service name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Destination {
+    /// The collector's URL for spans.
+    pub url: String,
+    /// What set it, for messages: `--otlp-endpoint`, `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    pub source: &'static str,
+    /// `service.name`; `None` where `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES` gives it
+    /// (the SDK reads them).
+    pub service_name: Option<String>,
+    /// What to warn about once the log is up.
+    pub warnings: Vec<String>,
+}
+
+/// Where traces go: `--otlp-endpoint` (and `--otlp-service-name`) when given, else the
+/// variables every OpenTelemetry SDK reads, which platforms set for the services they run (the
+/// OpenTelemetry Operator's injection, a namespace's shared settings):
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (the URL as is), `OTEL_EXPORTER_OTLP_ENDPOINT` (a base,
+/// `/v1/traces` appended), `OTEL_SDK_DISABLED=true` (none of them), `OTEL_SERVICE_NAME` and the
+/// `service.name` of `OTEL_RESOURCE_ATTRIBUTES` (else `turbine`), and the protocol variables
+/// (`grpc` is warned about: this exporter speaks OTLP/HTTP). `env` reads a variable.
+pub fn destination(
+    endpoint: Option<&str>,
+    service_name: Option<&str>,
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<Option<Destination>> {
+    let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+    let (url, source) = match endpoint {
+        Some(e) => (traces_url(e, "--otlp-endpoint", true)?, "--otlp-endpoint"),
+        None if env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) => {
+            return Ok(None)
+        }
+        None => match (
+            env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+            env("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        ) {
+            (Some(e), _) => {
+                let name = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
+                (traces_url(&e, name, false)?, name)
+            }
+            (None, Some(e)) => {
+                let name = "OTEL_EXPORTER_OTLP_ENDPOINT";
+                (traces_url(&e, name, true)?, name)
+            }
+            (None, None) => return Ok(None),
+        },
+    };
+    let named_by_env = env("OTEL_SERVICE_NAME").is_some()
+        || env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|attrs| {
+            attrs.split(',').any(|kv| {
+                kv.split_once('=')
+                    .is_some_and(|(k, _)| k.trim() == "service.name")
+            })
+        });
+    let service_name = match service_name {
+        Some(name) => Some(name.to_string()),
+        None if named_by_env => None,
+        None => Some("turbine".to_string()),
+    };
+    let mut warnings = Vec::new();
+    if reqwest::Url::parse(&url).is_ok_and(|u| u.port() == Some(4317)) {
+        warnings.push(format!(
+            "{source} {url} has port 4317, OTLP/gRPC's; turbine sends OTLP/HTTP (protobuf), \
+             which collectors take on port 4318"
+        ));
+    }
+    for name in [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ] {
+        if let Some(p) = env(name) {
+            if p.trim() == "grpc" {
+                warnings.push(format!(
+                    "{name}=grpc: turbine sends OTLP/HTTP (protobuf) to {url} whatever it says; \
+                     a collector takes that on its OTLP/HTTP port (4318)"
+                ));
+            }
+            break;
+        }
+    }
+    Ok(Some(Destination {
+        url,
+        source,
+        service_name,
+        warnings,
+    }))
+}
+
+/// The collector's URL for spans from `endpoint` (set by `source`): as given when `append` is
+/// false or it already ends in `/v1/traces`, else with `/v1/traces` appended (OTLP/HTTP's path;
+/// collectors listen on port 4318).
+fn traces_url(endpoint: &str, source: &str, append: bool) -> anyhow::Result<String> {
     let endpoint = endpoint.trim();
     let url = reqwest::Url::parse(endpoint)
-        .with_context(|| format!("--otlp-endpoint is not a URL: {endpoint:?}"))?;
+        .with_context(|| format!("{source} is not a URL: {endpoint:?}"))?;
     anyhow::ensure!(
         matches!(url.scheme(), "http" | "https") && url.host_str().is_some(),
-        "--otlp-endpoint must be an http:// or https:// URL of a collector (OTLP/HTTP, usually \
-         port 4318), got {endpoint:?}"
+        "{source} must be an http:// or https:// URL of a collector (OTLP/HTTP, usually port \
+         4318), got {endpoint:?}"
     );
-    if url.path().trim_end_matches('/').ends_with("/v1/traces") {
+    if !append || url.path().trim_end_matches('/').ends_with("/v1/traces") {
         return Ok(endpoint.to_string());
     }
     Ok(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
 }
 
-/// What to warn about `endpoint` once the log is up: OTLP/gRPC's port, which this exporter
-/// (OTLP/HTTP) cannot speak to; every export would fail.
-pub fn endpoint_warning(endpoint: &str) -> Option<String> {
-    let url = reqwest::Url::parse(endpoint.trim()).ok()?;
-    (url.port() == Some(4317)).then(|| {
-        format!(
-            "--otlp-endpoint {endpoint} has port 4317, OTLP/gRPC's; turbine sends OTLP/HTTP \
-             (protobuf), which collectors take on port 4318"
-        )
-    })
-}
-
-/// The layer that turns spans into OpenTelemetry spans exported to `endpoint`, named
-/// `service_name`. Headers for the collector (an API key) come from
-/// `OTEL_EXPORTER_OTLP_HEADERS` (`key=value,key2=value2`), as for any OpenTelemetry SDK.
+/// The layer that turns spans into OpenTelemetry spans exported to `to`. Headers for the
+/// collector (an API key) come from `OTEL_EXPORTER_OTLP_HEADERS` (`key=value,key2=value2`), and
+/// resource attributes from `OTEL_RESOURCE_ATTRIBUTES`, as for any OpenTelemetry SDK.
 pub fn layer<S>(
-    endpoint: &str,
-    service_name: &str,
+    to: &Destination,
 ) -> anyhow::Result<tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
-    let url = traces_url(endpoint)?;
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(Protocol::HttpBinary)
-        .with_endpoint(url)
+        .with_endpoint(to.url.clone())
         .with_timeout(EXPORT_TIMEOUT)
         .build()
-        .context("cannot make the OTLP exporter for --otlp-endpoint")?;
-    let resource = Resource::builder()
-        .with_service_name(service_name.to_string())
+        .with_context(|| format!("cannot make the OTLP exporter for {}", to.source))?;
+    let mut resource = Resource::builder();
+    if let Some(name) = &to.service_name {
+        resource = resource.with_service_name(name.clone());
+    }
+    let resource = resource
         .with_attribute(opentelemetry::KeyValue::new(
             "service.version",
             env!("CARGO_PKG_VERSION"),
@@ -265,30 +344,125 @@ mod tests {
 
     #[test]
     fn the_traces_path_is_appended_unless_given() {
+        let flag = |e: &str| destination(Some(e), None, |_| None);
+        let url = |e: &str| flag(e).unwrap().unwrap().url;
         assert_eq!(
-            traces_url("http://collector:4318").unwrap(),
+            url("http://collector:4318"),
             "http://collector:4318/v1/traces"
         );
         assert_eq!(
-            traces_url("https://otel.example.com/").unwrap(),
+            url("https://otel.example.com/"),
             "https://otel.example.com/v1/traces"
         );
         assert_eq!(
-            traces_url("http://collector:4318/v1/traces").unwrap(),
+            url("http://collector:4318/v1/traces"),
             "http://collector:4318/v1/traces"
         );
-        assert_eq!(
-            traces_url("http://gw:8080/otlp").unwrap(),
-            "http://gw:8080/otlp/v1/traces"
-        );
-        assert!(endpoint_warning("http://collector:4317")
-            .unwrap()
-            .contains("port 4318"));
-        assert_eq!(endpoint_warning("http://collector:4318"), None);
-        assert_eq!(endpoint_warning("https://otel.example.com"), None);
+        assert_eq!(url("http://gw:8080/otlp"), "http://gw:8080/otlp/v1/traces");
+        let warnings = |e: &str| flag(e).unwrap().unwrap().warnings;
+        assert!(warnings("http://collector:4317")[0].contains("port 4318"));
+        assert!(warnings("http://collector:4318").is_empty());
+        assert!(warnings("https://otel.example.com").is_empty());
         for bad in ["collector:4318", "grpc://collector:4317", "http://", ""] {
-            let e = traces_url(bad).unwrap_err().to_string();
+            let e = flag(bad).unwrap_err().to_string();
             assert!(e.contains("--otlp-endpoint"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn the_opentelemetry_variables_are_read_when_the_flags_are_not_given() {
+        let with = |vars: &[(&str, &str)], endpoint: Option<&str>, service: Option<&str>| {
+            let vars: Vec<(String, String)> = vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            destination(endpoint, service, move |name| {
+                vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+            })
+        };
+        // Nothing set: no traces.
+        assert_eq!(with(&[], None, None).unwrap(), None);
+        assert_eq!(
+            with(&[("OTEL_EXPORTER_OTLP_ENDPOINT", " ")], None, None).unwrap(),
+            None
+        );
+        // The base endpoint gets the signal's path; the traces endpoint is used as it is.
+        let d = with(
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318")],
+            None,
+            None,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (d.url.as_str(), d.source, d.service_name.as_deref()),
+            (
+                "http://c:4318/v1/traces",
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                Some("turbine")
+            )
+        );
+        let both = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:4318/custom"),
+        ];
+        let d = with(&both, None, None).unwrap().unwrap();
+        assert_eq!(
+            (d.url.as_str(), d.source),
+            ("http://t:4318/custom", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        );
+        // The flag wins over the variables.
+        let d = with(&both, Some("http://f:4318"), Some("mine"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(d.url, "http://f:4318/v1/traces");
+        assert_eq!(d.service_name.as_deref(), Some("mine"));
+        // OTEL_SDK_DISABLED turns the variables off, not the flag.
+        let off = [both[0], ("OTEL_SDK_DISABLED", "TRUE")];
+        assert_eq!(with(&off, None, None).unwrap(), None);
+        assert!(with(&off, Some("http://f:4318"), None).unwrap().is_some());
+        // A service name from the environment is left to the SDK.
+        for named in [
+            ("OTEL_SERVICE_NAME", "imagegen"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "k8s.pod.name=p-1, service.name=imagegen",
+            ),
+        ] {
+            let d = with(&[both[0], named], None, None).unwrap().unwrap();
+            assert_eq!(d.service_name, None, "{named:?}");
+        }
+        let d = with(
+            &[both[0], ("OTEL_RESOURCE_ATTRIBUTES", "k8s.pod.name=p-1")],
+            None,
+            None,
+        );
+        assert_eq!(d.unwrap().unwrap().service_name.as_deref(), Some("turbine"));
+        // gRPC asked for: warned about, not failed.
+        let grpc = [both[0], ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")];
+        let d = with(&grpc, None, None).unwrap().unwrap();
+        assert!(
+            d.warnings[0].contains("OTEL_EXPORTER_OTLP_PROTOCOL=grpc"),
+            "{:?}",
+            d.warnings
+        );
+        let grpc = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ];
+        let d = with(&grpc, None, None).unwrap().unwrap();
+        assert_eq!(d.warnings.len(), 1, "{:?}", d.warnings);
+        assert!(d.warnings[0]
+            .contains("OTEL_EXPORTER_OTLP_ENDPOINT http://c:4317/v1/traces has port 4317"));
+        // A bad URL names the variable it came from.
+        let e = with(
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")],
+            None,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{e}");
     }
 }

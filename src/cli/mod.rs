@@ -76,7 +76,7 @@ static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
 pub fn init_tracing(
     format: LogFormat,
     buffer_bytes: usize,
-    otlp: Option<&Otlp>,
+    otlp: Option<&crate::telemetry::Destination>,
 ) -> anyhow::Result<()> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
@@ -102,7 +102,7 @@ pub fn init_tracing(
     // RUST_LOG sets what the log shows; the collector gets turbine's own spans and events at
     // `info` and above, whatever the log's level (not hyper's or the HTTP client's).
     let (traces, failed) = match otlp {
-        Some(o) => match crate::telemetry::layer(&o.endpoint, &o.service_name) {
+        Some(o) => match crate::telemetry::layer(o) {
             Ok(layer) => (
                 Some(
                     layer.with_filter(
@@ -120,19 +120,16 @@ pub fn init_tracing(
         .with(lines.with_filter(filter))
         .with(traces)
         .try_init();
-    if let Some(warning) = otlp.and_then(|o| crate::telemetry::endpoint_warning(&o.endpoint)) {
+    for warning in otlp.iter().flat_map(|o| &o.warnings) {
         tracing::warn!("{warning}");
+    }
+    if let Some(o) = otlp {
+        tracing::info!(url = %o.url, set_by = o.source, "traces go to an OTLP collector");
     }
     match failed {
         Some(e) => Err(UsageError(format!("{e:#}")).into()),
         None => Ok(()),
     }
-}
-
-/// Where traces go (`--otlp-endpoint`, `--otlp-service-name`).
-pub struct Otlp {
-    pub endpoint: String,
-    pub service_name: String,
 }
 
 /// Whether text logs carry colours (ANSI escapes): only on a terminal, and not with

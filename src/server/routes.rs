@@ -282,8 +282,8 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     // Probes and scrapers poll (a liveness and a readiness probe every few seconds, each
     // scrape): their spans are at `debug`, so that neither the log's lines nor the collector's
-    // traces drown the API's.
-    let probe = matches!(path.as_str(), "/health" | "/livez" | "/metrics");
+    // traces drown the API's. `/` is a load balancer's default check.
+    let probe = matches!(path.as_str(), "/health" | "/livez" | "/metrics" | "/");
     let span = if probe {
         request_span!(tracing::Level::DEBUG)
     } else {

@@ -35,6 +35,8 @@ struct Seen {
     parent_span_id: String,
     attributes: HashMap<String, AnyValue>,
     status: i32,
+    /// Its resource's attributes (service.name among them).
+    resource: HashMap<String, AnyValue>,
 }
 
 /// An OTLP/HTTP collector on a free port: `POST /v1/traces` with a protobuf body, answered 200.
@@ -86,6 +88,7 @@ impl Collector {
                             parent_span_id: hex(&span.parent_span_id),
                             attributes: attributes(&span.attributes),
                             status: span.status.as_ref().map_or(0, |s| s.code),
+                            resource: attrs.clone(),
                         });
                     }
                 }
@@ -200,7 +203,7 @@ fn requests_are_traced_to_an_otlp_collector() {
     );
     // Probes and scrapes (start_with polled /health until it was ready): neither spans nor
     // `info` lines.
-    for probe in ["/livez", "/metrics", "/health"] {
+    for probe in ["/livez", "/metrics", "/health", "/"] {
         assert_eq!(
             client
                 .get(format!("{}{probe}", p.base))
@@ -323,7 +326,7 @@ fn a_collector_that_is_down_or_misnamed() {
     }
     assert_eq!(p.health(), 200);
     // Said once (not at every export), and counted.
-    p.wait_for_log(0, "an export to --otlp-endpoint failed");
+    p.wait_for_log(0, "an export to the OTLP collector failed");
     let failed = "turbine_trace_exports_total{outcome=\"failed\"}";
     while super::metric_in(&p.metrics(), failed) < 2.0 {
         std::thread::sleep(Duration::from_millis(20));
@@ -333,7 +336,7 @@ fn a_collector_that_is_down_or_misnamed() {
         .lock()
         .unwrap()
         .iter()
-        .filter(|l| l.contains("an export to --otlp-endpoint failed"))
+        .filter(|l| l.contains("an export to the OTLP collector failed"))
         .count();
     assert_eq!(warned, 1);
     p.terminate();
@@ -349,4 +352,66 @@ fn a_collector_that_is_down_or_misnamed() {
         err.contains("--otlp-endpoint must be an http:// or https:// URL"),
         "{err}"
     );
+}
+
+/// With no `--otlp-endpoint`, the variables every OpenTelemetry SDK reads (what the
+/// OpenTelemetry Operator and shared namespace settings give a pod) send the traces: the
+/// endpoint, the service's name and the resource's attributes. Before, they were ignored and
+/// nothing was traced.
+#[test]
+fn the_opentelemetry_variables_send_traces_without_the_flags() {
+    let collector = Collector::start();
+    let endpoint = std::ffi::OsString::from(&collector.url);
+    let name = std::ffi::OsString::from("imagegen");
+    let attrs = std::ffi::OsString::from("k8s.pod.name=imagegen-7f9c,deployment.environment=prod");
+    let delay = std::ffi::OsString::from("600000");
+    let mut p = ServerProcess::start_with(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_SERVICE_NAME", &name),
+            ("OTEL_RESOURCE_ATTRIBUTES", &attrs),
+            ("OTEL_BSP_SCHEDULE_DELAY", &delay),
+        ],
+    );
+    let r = Client::new()
+        .post(format!("{}/v1/images/generations", p.base))
+        .json(&json!({"prompt": "a fox seen by the operator"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    p.wait_for_log(0, "traces go to an OTLP collector");
+    p.terminate();
+    assert_eq!(p.exit_code(), Some(0));
+    let spans = collector.spans();
+    let request = spans
+        .iter()
+        .find(|s| s.name == "POST /v1/images/generations")
+        .unwrap_or_else(|| panic!("no request span: {spans:#?}"));
+    assert_eq!(request.service, "imagegen");
+    assert_eq!(text(request.resource.get("k8s.pod.name")), "imagegen-7f9c");
+    assert_eq!(text(request.resource.get("deployment.environment")), "prod");
+    assert!(
+        spans.iter().any(|s| s.name != request.name),
+        "no image span: {spans:#?}"
+    );
+
+    // OTEL_SDK_DISABLED turns them off.
+    let off = std::ffi::OsString::from("true");
+    let mut p = ServerProcess::start_with(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_SDK_DISABLED", &off),
+        ],
+    );
+    assert_eq!(p.health(), 200);
+    assert!(!p
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("traces go to")));
+    p.terminate();
+    assert_eq!(p.exit_code(), Some(0));
 }
