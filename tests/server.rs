@@ -2623,6 +2623,46 @@ fn metrics_on_a_port_of_their_own_leave_the_apis_port() {
     }
 }
 
+/// Without `--port`, the port is `PORT` when the environment sets it: Cloud Run, Knative and
+/// other platforms that run containers set it and wait for the server there (Cloud Run's
+/// deployment fails when nothing listens on it). Before, the server took 8000 regardless.
+#[test]
+fn the_platforms_port_variable_is_the_default_port() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_turbine"))
+        .args(["serve", "--model-dir"])
+        .arg(model_dir())
+        .args([
+            "--device",
+            "cpu",
+            "--host",
+            "127.0.0.1",
+            "--min-image-side",
+            "64",
+        ])
+        .args(["--default-size", "64x64", "--warmup-images", "1"])
+        .env("PORT", port.to_string())
+        .env("NO_COLOR", "1")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let listening = stderr
+        .lines()
+        .map(Result::unwrap)
+        .find(|l| l.contains("listening on http://"))
+        .expect("server exited before listening");
+    assert!(
+        listening.contains(&format!("http://127.0.0.1:{port}")),
+        "{listening}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 /// By default the server listens on every address of both families: an IPv6-only network
 /// (an IPv6-only Kubernetes cluster's pods have no IPv4 address) reaches it, and so does a
 /// client that resolves `localhost` to ::1. IPv4 clients arrive IPv4-mapped on that socket and

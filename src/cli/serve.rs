@@ -116,9 +116,11 @@ pub struct HttpArgs {
     /// IPv6), 0.0.0.0 (every IPv4 address), 127.0.0.1 or ::1 (this machine only), or a name.
     #[arg(long, env = "TURBINE_HOST", default_value = "::")]
     pub host: String,
-    /// Port to listen on (0: any free port; the log says which).
-    #[arg(long, env = "TURBINE_PORT", default_value_t = 8000)]
-    pub port: u16,
+    /// Port to listen on (0: any free port; the log says which). Default: `PORT` when the
+    /// environment sets it, as Cloud Run, Knative and other platforms that run containers do
+    /// (and expect the server on it), else 8000.
+    #[arg(long, env = "TURBINE_PORT")]
+    pub port: Option<u16>,
     /// Serve `GET /metrics` on this port instead (on --host, plain HTTP, no API key), and not on
     /// the API's port, where whoever reaches the API would read every key's name and use; for a
     /// scraper on the inside (0: any free port; the log says which).
@@ -592,7 +594,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         // First: a port already taken is said at once, not after a download.
-        let listener = crate::server::listen::listen(&args.http.host, args.http.port).await?;
+        let port = listen_port(args.http.port, std::env::var("PORT").ok())?;
+        let listener = crate::server::listen::listen(&args.http.host, port).await?;
         let metrics_listener = match args.http.metrics_port {
             Some(port) => Some(
                 crate::server::listen::listen(&args.http.host, port)
@@ -658,8 +661,23 @@ fn stop_signals() -> impl futures_util::Stream<Item = ()> + Send + 'static {
     })
 }
 
+/// The API's port: `--port` (`TURBINE_PORT`), else `PORT` (`env_port`) as platforms that run
+/// containers set it (Cloud Run, Knative, and others after Heroku), else 8000.
+fn listen_port(flag: Option<u16>, env_port: Option<String>) -> Result<u16, UsageError> {
+    match (flag, env_port.as_deref().map(str::trim)) {
+        (Some(port), _) => Ok(port),
+        (None, None | Some("")) => Ok(8000),
+        (None, Some(text)) => text.parse().map_err(|_| {
+            UsageError(format!(
+                "PORT must be a port number (0-65535), got {text:?}; or give --port"
+            ))
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::listen_port;
     use clap::Parser;
 
     #[derive(Parser)]
@@ -717,7 +735,7 @@ mod tests {
         assert_eq!(words.next(), Some("serve"));
         let cli = Cli::try_parse_from(std::iter::once("turbine").chain(words))
             .unwrap_or_else(|e| panic!("ExecStart: {e}"));
-        assert_eq!(cli.serve.http.port, 8000);
+        assert_eq!(listen_port(cli.serve.http.port, None).unwrap(), 8000);
 
         let known: Vec<String> = Cli::command()
             .get_arguments()
@@ -736,6 +754,22 @@ mod tests {
             assert!(
                 known.iter().any(|k| k == var),
                 "{var} is no option's variable"
+            );
+        }
+    }
+
+    #[test]
+    fn the_port_is_the_flag_then_the_platforms_port_then_8000() {
+        assert_eq!(listen_port(Some(9000), Some("8080".into())).unwrap(), 9000);
+        assert_eq!(listen_port(None, Some("8080".into())).unwrap(), 8080);
+        assert_eq!(listen_port(None, Some(" 8080\n".into())).unwrap(), 8080);
+        assert_eq!(listen_port(None, Some(String::new())).unwrap(), 8000);
+        assert_eq!(listen_port(None, None).unwrap(), 8000);
+        for bad in ["http", "70000", "-1"] {
+            let e = listen_port(None, Some(bad.into())).unwrap_err().to_string();
+            assert!(
+                e.contains("PORT must be a port number") && e.contains(bad),
+                "{e}"
             );
         }
     }
