@@ -146,6 +146,29 @@ def test_provider(base_url: str, api_key: str):
     assert len(images_of(resp)) == 1
 
 
+def test_azure_provider(base_url: str, api_key: str):
+    # turbine behind a gateway's Azure OpenAI provider ("azure/<deployment>"): the routes and the
+    # api-key header Azure's clients use. A DALL·E deployment answers with a URL, as Azure's does.
+    endpoint = base_url.removesuffix("/").removesuffix("/v1")
+    kw = dict(api_base=endpoint, api_key=api_key, api_version="2024-10-21", max_retries=0)
+    resp = litellm.image_generation(model="azure/dall-e-3", prompt="a red fox in snow", **kw)
+    assert resp.data[0].url and "/v1/images/files/" in resp.data[0].url, resp.data[0]
+    resp = litellm.image_generation(
+        model="azure/gpt-image-1", prompt="a red fox in snow", extra_body={"seed": 5}, **kw
+    )
+    (azure,) = images_of(resp)
+    # The same image as through the OpenAI provider.
+    same = litellm.image_generation(
+        model="openai/sdxl-turbo",
+        api_base=base_url,
+        api_key=api_key,
+        max_retries=0,
+        prompt="a red fox in snow",
+        extra_body={"seed": 5},
+    )
+    assert images_of(same) == [azure]
+
+
 def test_edit(base_url: str, api_key: str):
     # LiteLLM builds its own multipart form for edits: the image and a mask whose transparent
     # half is what to repaint.
@@ -264,6 +287,7 @@ def main() -> int:
     tests = [
         ("provider", lambda: test_provider(args.base_url, args.api_key)),
         ("edit", lambda: test_edit(args.base_url, args.api_key)),
+        ("azure provider", lambda: test_azure_provider(args.base_url, args.api_key)),
         ("errors", lambda: test_errors(args.base_url, args.api_key, args.limited_key)),
         ("fallback tier", lambda: test_fallback_tier(args.base_url, args.api_key)),
         ("turbine first", lambda: test_turbine_first(args.base_url, args.api_key, args.limited_key)),
