@@ -112,7 +112,10 @@ pub enum ApiError {
     InvalidJson(String),
     #[error("the request body must be a JSON object, got {0}")]
     NotAnObject(&'static str),
-    #[error("The model `{0}` does not exist or you do not have access to it.")]
+    #[error(
+        "The model `{}` does not exist or you do not have access to it.",
+        super::validate::echoed(.0)
+    )]
     ModelNotFound(String),
     #[error("{0}")]
     NotFound(String),

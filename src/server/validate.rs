@@ -175,6 +175,15 @@ pub fn validate_edit(
     validate_fields(fields, limits, model, Some(image_size))
 }
 
+/// A name the client sent, as an error echoes it: at most 64 characters (a body may be
+/// megabytes, and a path kilobytes).
+pub fn echoed(name: &str) -> String {
+    match name.char_indices().nth(64) {
+        Some((cut, _)) => format!("{}…", &name[..cut]),
+        None => name.to_string(),
+    }
+}
+
 /// A multipart text field's value as the JSON type its field has: integers, numbers and
 /// booleans parsed (`"2"` → 2, `"true"` → true); anything that does not parse stays a string,
 /// for the validator to refuse with the field's bound.
@@ -246,11 +255,7 @@ fn validate_fields(
     // A form sends the `svg` object as `svg[model]`, `svg[reasoning][effort]`: refused below.
     let known = |k: &str| COMMON_FIELDS.contains(&k) || own.contains(&k) || k.starts_with("svg[");
     if let Some(unknown) = obj.keys().find(|k| !known(k)) {
-        // A name is echoed back at most 64 characters long (the body may be megabytes).
-        let name: String = match unknown.char_indices().nth(64) {
-            Some((cut, _)) => format!("{}…", &unknown[..cut]),
-            None => unknown.clone(),
-        };
+        let name = echoed(unknown);
         return Err(ApiError::invalid(
             &name,
             "unknown_parameter",
@@ -1186,6 +1191,11 @@ mod tests {
         assert!(msg.contains("at most 32000 characters, got 40000"), "{msg}");
         let (_, _, msg) = err(json!({"prompt": "p", "style": "x".repeat(10_000)}));
         assert!(msg.len() < 200, "{msg}");
+        // An unknown model's name (900 KB of it came back whole before).
+        let (status, _, msg) = err(json!({"prompt": "p", "model": "é".repeat(900_000)}));
+        assert_eq!(status, 404);
+        assert!(msg.contains(&format!("`{}…`", "é".repeat(64))), "{msg}");
+        assert!(msg.len() < 250, "{}", msg.len());
     }
 
     #[test]
