@@ -397,6 +397,25 @@ impl ApiError {
         )
     }
 
+    /// A 5xx that says what state the server is in (loading, draining, at a limit it keeps),
+    /// not that something failed: logged as a warning. Under a rolling update or a burst, every
+    /// request answered so logged an error, and alerts on error lines fired for servers doing
+    /// what they should.
+    pub fn is_expected_state(&self) -> bool {
+        matches!(
+            self,
+            ApiError::NoThreads
+                | ApiError::FilesUnavailable
+                | ApiError::Infer(
+                    InferError::NotReady
+                        | InferError::ShuttingDown
+                        | InferError::StoppedFirst
+                        | InferError::InputMemoryFull { .. }
+                        | InferError::Timeout { .. },
+                )
+        )
+    }
+
     pub fn body(&self) -> ErrorBody {
         let info = self.info();
         ErrorBody {
@@ -432,7 +451,9 @@ pub struct ErrorMetric(pub &'static str);
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let info = self.info();
-        if info.status.is_server_error() {
+        if info.status.is_server_error() && self.is_expected_state() {
+            tracing::warn!(status = info.status.as_u16(), "{self}");
+        } else if info.status.is_server_error() {
             tracing::error!(status = info.status.as_u16(), "{self}");
         } else {
             tracing::debug!(status = info.status.as_u16(), "{self}");
@@ -531,6 +552,38 @@ mod tests {
         ];
         for (err, status) in cases {
             assert_eq!(err.info().status.as_u16(), status, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn the_server_errors_of_a_state_are_warnings_and_failures_errors() {
+        let states: Vec<ApiError> = vec![
+            InferError::NotReady.into(),
+            InferError::ShuttingDown.into(),
+            InferError::StoppedFirst.into(),
+            InferError::InputMemoryFull {
+                max_bytes: 1 << 30,
+                waited: Duration::from_secs(60),
+            }
+            .into(),
+            ApiError::NoThreads,
+            ApiError::FilesUnavailable,
+        ];
+        for err in states {
+            assert!(err.info().status.is_server_error(), "{err:?}");
+            assert!(err.is_expected_state(), "{err:?}");
+        }
+        let failures: Vec<ApiError> = vec![
+            BackendError::WorkerGone.into(),
+            BackendError::DeviceFailed {
+                device: "cuda:0".into(),
+                message: "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS)".into(),
+            }
+            .into(),
+            ApiError::Panicked("boom".into()),
+        ];
+        for err in failures {
+            assert!(!err.is_expected_state(), "{err:?}");
         }
     }
 
