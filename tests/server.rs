@@ -656,6 +656,58 @@ fn azure_openai_clients_reach_the_images_api() {
     assert_eq!(r.json::<Value>().unwrap()["data"][0]["id"], "sdxl-turbo");
 }
 
+/// SageMaker's model-container routes, as TGI and vLLM serve them: `GET /ping` is the health
+/// check, `POST /invocations` takes what `InvokeEndpoint` (and its async variant) sends, a JSON
+/// generation (often labelled `application/octet-stream`) or an edit, JSON or multipart. Both
+/// were 404 `no route`.
+#[test]
+fn sagemaker_clients_reach_the_images_api() {
+    let s = TestServer::start(test_config());
+    let r = s.client.get(s.url("/ping")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().unwrap()["status"], "ok");
+    let invoke = |content_type: &str, body: Vec<u8>| {
+        let r = s
+            .client
+            .post(s.url("/invocations"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<Value>().unwrap())
+    };
+    // A generation: the same image as the OpenAI route's.
+    let body = json!({"prompt": "a lighthouse", "seed": 4});
+    let own = decode_b64(&s.generate_ok(&body)["data"][0]);
+    for content_type in ["application/json", "application/octet-stream"] {
+        let (status, v) = invoke(content_type, body.to_string().into_bytes());
+        assert_eq!(status, 200, "{content_type}: {v}");
+        assert_eq!(decode_b64(&v["data"][0]), own, "{content_type}");
+    }
+    // An edit, as JSON with its image inline, and as a form: the same image either way.
+    let png = png_bytes(&edit_input());
+    let edit = json!({"prompt": "in winter", "size": "64x64", "seed": 2,
+                      "images": [{"image_url": data_url(&png)}]});
+    let (status, v) = invoke("application/json", edit.to_string().into_bytes());
+    assert_eq!(status, 200, "{v}");
+    let json_edit = decode_b64(&v["data"][0]);
+    let (ct, form) = multipart(
+        &[("prompt", "in winter"), ("size", "64x64"), ("seed", "2")],
+        &[("image", &png)],
+    );
+    let (status, v) = invoke(&ct, form);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(decode_b64(&v["data"][0]), json_edit);
+    assert_ne!(json_edit, own);
+    // A generation is held to its own bound, an edit's JSON to the uploads'.
+    let big = json!({"prompt": "p", "negative_prompt": "x".repeat(2 << 20)});
+    let (status, v) = invoke("application/json", big.to_string().into_bytes());
+    assert_eq!(status, 413, "{v}");
+    let (status, v) = invoke("application/json", b"{not json".to_vec());
+    assert_eq!(status, 400, "{v}");
+}
+
 #[test]
 fn url_responses_serve_the_image_with_its_content_type() {
     let s = TestServer::start(test_config());

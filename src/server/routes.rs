@@ -124,6 +124,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/models/{id}", get(get_model))
         .route("/v1/webhook_event_types", get(webhooks::event_types))
         .merge(stored);
+    // SageMaker's route for a model container's requests (see `invocations`).
+    let sagemaker = Router::new().route(
+        "/invocations",
+        post(invocations).layer(middleware::from_fn_with_state(app.clone(), track_in_flight)),
+    );
     // Azure OpenAI's paths, for clients written for its image deployments (the SDKs'
     // `AzureOpenAI`): `/openai/deployments/{deployment}/images/...`, where the deployment
     // names the model, and its v1 API, the same API as here under `/openai`.
@@ -136,6 +141,7 @@ pub fn router(app: Arc<App>) -> Router {
         .nest("/openai", authed.clone());
     let authed = authed
         .merge(azure)
+        .merge(sagemaker)
         .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
     let router = Router::new()
         .merge(authed)
@@ -144,6 +150,8 @@ pub fn router(app: Arc<App>) -> Router {
         // What load balancers check when not told otherwise: AWS's ALB, Google Cloud's and
         // Azure's Application Gateway `GET /`, HAProxy's `option httpchk` `OPTIONS /`.
         .route("/", get(health).options(health))
+        // SageMaker's health check of a model container.
+        .route("/ping", get(health))
         .route("/livez", get(livez))
         .route(
             "/metrics",
@@ -283,7 +291,10 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     // Probes and scrapers poll (a liveness and a readiness probe every few seconds, each
     // scrape): their spans are at `debug`, so that neither the log's lines nor the collector's
     // traces drown the API's. `/` is a load balancer's default check.
-    let probe = matches!(path.as_str(), "/health" | "/livez" | "/metrics" | "/");
+    let probe = matches!(
+        path.as_str(),
+        "/health" | "/livez" | "/metrics" | "/" | "/ping"
+    );
     let span = if probe {
         request_span!(tracing::Level::DEBUG)
     } else {
@@ -908,14 +919,66 @@ async fn generations(
     check_serving(&app)?;
     check_json_content_type(&headers)?;
     let body = read_body(&app, body, &headers, app.config.limits.max_body_bytes).await?;
-    let mut value = parse_json(&body.bytes)?;
-    if let (Some(Path(deployment)), Some(fields)) = (deployment, value.as_object_mut()) {
+    let value = parse_json(&body.bytes)?;
+    generation(&app, &caller, &headers, value, deployment.map(|Path(d)| d)).await
+}
+
+/// A generation's JSON body (read, its share of the input budget dropped after validation)
+/// run; `deployment` (Azure's path) names the model over the body's `model`.
+async fn generation(
+    app: &Arc<App>,
+    caller: &Caller,
+    headers: &HeaderMap,
+    mut value: serde_json::Value,
+    deployment: Option<String>,
+) -> Result<Response, ApiError> {
+    if let (Some(deployment), Some(fields)) = (deployment, value.as_object_mut()) {
         fields.insert("model".into(), deployment.into());
     }
     let req = validate(&value, &app.config.limits, &app.config.model)?;
-    drop((value, body));
-    app.auth.consume(&caller, 0, req.n, Instant::now())?;
-    run_request(&app, &caller, &headers, req).await
+    drop(value);
+    app.auth.consume(caller, 0, req.n, Instant::now())?;
+    run_request(app, caller, headers, req).await
+}
+
+/// SageMaker's inference route (`POST /invocations`, what `InvokeEndpoint` and its async
+/// variant call; no key comes with it unless the server has keys and the caller sends one): a
+/// multipart body is an edit, a JSON body with `image` or `images` an edit, any other JSON body
+/// a generation (SageMaker's clients often label JSON `application/octet-stream`).
+async fn invocations(
+    State(app): State<Arc<App>>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    if content_type_is(&headers, "multipart/form-data") {
+        return edits(State(app), Extension(caller), None, headers, body).await;
+    }
+    check_serving(&app)?;
+    let limits = &app.config.limits;
+    // An edit's JSON carries its image: read up to the uploads' bound, then hold a generation
+    // to its own.
+    let body = read_body(
+        &app,
+        body,
+        &headers,
+        limits.max_upload_bytes.max(limits.max_body_bytes),
+    )
+    .await?;
+    let value = parse_json(&body.bytes)?;
+    if value.get("image").is_some() || value.get("images").is_some() {
+        let input = JsonEdit::parse(value)?
+            .resolve(&app, &caller.owner())
+            .await?;
+        return edit(&app, &caller, &headers, input, body.share, None).await;
+    }
+    if body.bytes.len() > limits.max_body_bytes {
+        return Err(ApiError::PayloadTooLarge {
+            limit: limits.max_body_bytes,
+        });
+    }
+    drop(body);
+    generation(&app, &caller, &headers, value, None).await
 }
 
 /// `POST /v1/images/edits`: OpenAI's multipart form (`image`, `prompt`, and the generation
@@ -931,7 +994,7 @@ async fn edits(
 ) -> Result<Response, ApiError> {
     check_serving(&app)?;
     let limit = app.config.limits.max_upload_bytes;
-    let (mut input, body_share) = if content_type_is(&headers, "application/json") {
+    let (input, body_share) = if content_type_is(&headers, "application/json") {
         let body = read_body(&app, body, &headers, limit).await?;
         let edit = JsonEdit::parse(parse_json(&body.bytes)?)?;
         (edit.resolve(&app, &caller.owner()).await?, body.share)
@@ -944,18 +1007,38 @@ async fn edits(
         let form = EditForm::parse(body.bytes, boundary).await?;
         (form.into_input()?, body.share)
     };
-    // The body's share of the input budget is kept until its image is decoded.
+    edit(
+        &app,
+        &caller,
+        &headers,
+        input,
+        body_share,
+        deployment.map(|Path(d)| d),
+    )
+    .await
+}
+
+/// An edit's input (its body's share of the input budget kept until its image is decoded)
+/// run; `deployment` (Azure's path) names the model over the fields' `model`.
+async fn edit(
+    app: &Arc<App>,
+    caller: &Caller,
+    headers: &HeaderMap,
+    mut input: EditInput,
+    body_share: inputs::Held,
+    deployment: Option<String>,
+) -> Result<Response, ApiError> {
     input.shares.push(body_share);
-    if let Some(Path(deployment)) = deployment {
+    if let Some(deployment) = deployment {
         input.fields.insert("model".into(), deployment.into());
     }
-    let req = prepare_edit(&app, input, |req| {
+    let req = prepare_edit(app, input, |req| {
         // The key's image quota before the decoding work, as for a generation before its
         // queueing.
-        app.auth.consume(&caller, 0, req.n, Instant::now())
+        app.auth.consume(caller, 0, req.n, Instant::now())
     })
     .await?;
-    run_request(&app, &caller, &headers, req).await
+    run_request(app, caller, headers, req).await
 }
 
 /// An edit's fields and files made a request: the files' headers checked, the fields
