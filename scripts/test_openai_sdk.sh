@@ -59,13 +59,13 @@ fi
 
 # The Vercel AI SDK (`ai`'s generateImage) with its two providers a turbine user would pick.
 AI_SDK_DIR=target/ai-sdk
-AI_SDK_PACKAGES="ai@${AI_SDK_VERSION:-6.0.326} @ai-sdk/openai@${AI_SDK_OPENAI_VERSION:-3.0.141} @ai-sdk/openai-compatible@${AI_SDK_OPENAI_COMPATIBLE_VERSION:-2.0.92}"
-installed_ai_sdk=$(node -p "try { ['ai', '@ai-sdk/openai', '@ai-sdk/openai-compatible'].map((p) => p + '@' + require('./$AI_SDK_DIR/node_modules/' + p + '/package.json').version).join(' ') } catch { '' }")
+AI_SDK_PACKAGES="ai@${AI_SDK_VERSION:-6.0.326} @ai-sdk/openai@${AI_SDK_OPENAI_VERSION:-3.0.141} @ai-sdk/openai-compatible@${AI_SDK_OPENAI_COMPATIBLE_VERSION:-2.0.92} @ai-sdk/azure@${AI_SDK_AZURE_VERSION:-3.0.128}"
+installed_ai_sdk=$(node -p "try { ['ai', '@ai-sdk/openai', '@ai-sdk/openai-compatible', '@ai-sdk/azure'].map((p) => p + '@' + require('./$AI_SDK_DIR/node_modules/' + p + '/package.json').version).join(' ') } catch { '' }")
 if [ "$installed_ai_sdk" != "$AI_SDK_PACKAGES" ]; then
     echo "installing $AI_SDK_PACKAGES (npm) into $AI_SDK_DIR" >&2
     mkdir -p "$AI_SDK_DIR"
     [ -f "$AI_SDK_DIR/package.json" ] || echo '{"private": true}' > "$AI_SDK_DIR/package.json"
-    # shellcheck disable=SC2086 # three package specs
+    # shellcheck disable=SC2086 # four package specs
     npm install --prefix "$AI_SDK_DIR" --no-audit --no-fund --loglevel=error $AI_SDK_PACKAGES
 fi
 

@@ -1,6 +1,7 @@
 // Contract test: the Vercel AI SDK (`ai`'s generateImage) against a running `turbine serve`,
 // through both of its providers a turbine user would pick: `@ai-sdk/openai` (OpenAI's own, with
-// a baseURL) and `@ai-sdk/openai-compatible` (the one for OpenAI-compatible servers). The AI SDK
+// a baseURL) and `@ai-sdk/openai-compatible` (the one for OpenAI-compatible servers), and
+// `@ai-sdk/azure` for code written against Azure OpenAI. The AI SDK
 // builds its own requests: a fixed list of body fields for `@ai-sdk/openai` (so `seed` cannot
 // be sent through it: the SDK drops it with a warning), everything in `providerOptions` for
 // `@ai-sdk/openai-compatible`, and one request per image unless `maxImagesPerCall` says more.
@@ -12,6 +13,7 @@
 
 import assert from "node:assert/strict";
 
+import { createAzure } from "@ai-sdk/azure";
 import { createOpenAI } from "@ai-sdk/openai";
 import { createOpenAICompatible } from "@ai-sdk/openai-compatible";
 import { APICallError, generateImage } from "ai";
@@ -138,6 +140,27 @@ async function testErrors(openai, baseURL) {
   await expectCallError(401, () => generateImage({ model: wrongKey.image("sdxl-turbo"), prompt: "x", maxRetries: 0 }));
 }
 
+async function testAzureProvider(baseURL, apiKey) {
+  // @ai-sdk/azure, for code written against an Azure OpenAI image deployment: Azure's v1 API
+  // (`/openai/v1/...`) and its deployment URLs (`/openai/deployments/{model}/...`), the key in
+  // an `api-key` header.
+  const origin = baseURL.replace(/\/v1\/?$/, "");
+  const v1 = createAzure({ baseURL: `${origin}/openai/v1`, apiKey });
+  const deployments = createAzure({
+    baseURL: `${origin}/openai`,
+    apiKey,
+    useDeploymentBasedUrls: true,
+    apiVersion: "2025-04-01-preview",
+  });
+  for (const azure of [v1, deployments]) {
+    const r = await generateImage({ model: azure.image("gpt-image-1"), prompt: "a watercolor fox", size: "64x64" });
+    assert.equal(r.images.length, 1);
+    assert.deepEqual(pngSize(bytes(r.images[0])), [64, 64]);
+  }
+  const wrongKey = createAzure({ baseURL: `${origin}/openai/v1`, apiKey: "sk-wrong" });
+  await expectCallError(401, () => generateImage({ model: wrongKey.image("gpt-image-1"), prompt: "x", maxRetries: 0 }));
+}
+
 async function main() {
   const args = process.argv.slice(2);
   const baseURL = argument(args, "--base-url");
@@ -150,6 +173,7 @@ async function main() {
     ["@ai-sdk/openai-compatible seeded", () => testCompatibleProvider(turbine)],
     ["edit with a mask", () => testEdit(openai)],
     ["errors", () => testErrors(openai, baseURL)],
+    ["@ai-sdk/azure", () => testAzureProvider(baseURL, apiKey)],
   ]);
 }
 
