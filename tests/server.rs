@@ -5050,6 +5050,42 @@ fn send_in_background(s: &TestServer, body: Value) -> JoinHandle<(u16, String)> 
     })
 }
 
+/// A request's body (its bytes and its share of `--max-buffered-input-bytes`) is let go once the
+/// request is validated (an edit's once its image is decoded), whichever route it came by: the
+/// requests waiting for images hold none of the budget.
+#[test]
+fn requests_waiting_for_images_hold_none_of_the_input_budget() {
+    let (s, gate) = gated_server(test_config());
+    let post = |path: &str, body: Value| {
+        let (client, url) = (s.client.clone(), s.url(path));
+        std::thread::spawn(move || {
+            let r = client.post(url).json(&body).send().unwrap();
+            (r.status().as_u16(), r.text().unwrap())
+        })
+    };
+    let png = png_bytes(&edit_input());
+    let waiting = [
+        post("/v1/images/generations", json!({"prompt": "one"})),
+        post(
+            "/openai/deployments/gpt-image-1/images/generations",
+            json!({"prompt": "two"}),
+        ),
+        post("/invocations", json!({"prompt": "three"})),
+        post(
+            "/invocations",
+            json!({"prompt": "four", "images": [{"image_url": data_url(&png)}]}),
+        ),
+    ];
+    s.wait_metric("turbine_images_enqueued_total", |v| v >= 4.0);
+    assert_eq!(s.metric("turbine_http_requests_in_flight"), 4.0);
+    assert_eq!(s.metric("turbine_buffered_input_bytes"), 0.0);
+    gate.store(true, std::sync::atomic::Ordering::Release);
+    for w in waiting {
+        let (status, text) = w.join().unwrap();
+        assert_eq!(status, 200, "{text}");
+    }
+}
+
 /// When the shutdown's grace runs out, the requests still waiting for images are answered: 503
 /// `shutting_down` for a plain request, an `error` event ending a stream. Before, the process
 /// left with their connections closed unanswered, which a client cannot tell from a crash and

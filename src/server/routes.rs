@@ -920,23 +920,31 @@ async fn generations(
     check_json_content_type(&headers)?;
     let body = read_body(&app, body, &headers, app.config.limits.max_body_bytes).await?;
     let value = parse_json(&body.bytes)?;
-    generation(&app, &caller, &headers, value, deployment.map(|Path(d)| d)).await
+    generation(
+        &app,
+        &caller,
+        &headers,
+        (value, body),
+        deployment.map(|Path(d)| d),
+    )
+    .await
 }
 
-/// A generation's JSON body (read, its share of the input budget dropped after validation)
-/// run; `deployment` (Azure's path) names the model over the body's `model`.
+/// A generation run from its JSON body, parsed and as read: both (the bytes and their share of
+/// the input budget) are let go once it is validated, not held while its images are made.
+/// `deployment` (Azure's path) names the model over the body's `model`.
 async fn generation(
     app: &Arc<App>,
     caller: &Caller,
     headers: &HeaderMap,
-    mut value: serde_json::Value,
+    (mut value, body): (serde_json::Value, Buffered),
     deployment: Option<String>,
 ) -> Result<Response, ApiError> {
     if let (Some(deployment), Some(fields)) = (deployment, value.as_object_mut()) {
         fields.insert("model".into(), deployment.into());
     }
     let req = validate(&value, &app.config.limits, &app.config.model)?;
-    drop(value);
+    drop((value, body));
     app.auth.consume(caller, 0, req.n, Instant::now())?;
     run_request(app, caller, headers, req).await
 }
@@ -967,18 +975,19 @@ async fn invocations(
     .await?;
     let value = parse_json(&body.bytes)?;
     if value.get("image").is_some() || value.get("images").is_some() {
+        let Buffered { bytes, share } = body;
+        drop(bytes);
         let input = JsonEdit::parse(value)?
             .resolve(&app, &caller.owner())
             .await?;
-        return edit(&app, &caller, &headers, input, body.share, None).await;
+        return edit(&app, &caller, &headers, input, share, None).await;
     }
     if body.bytes.len() > limits.max_body_bytes {
         return Err(ApiError::PayloadTooLarge {
             limit: limits.max_body_bytes,
         });
     }
-    drop(body);
-    generation(&app, &caller, &headers, value, None).await
+    generation(&app, &caller, &headers, (value, body), None).await
 }
 
 /// `POST /v1/images/edits`: OpenAI's multipart form (`image`, `prompt`, and the generation
