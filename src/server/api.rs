@@ -39,8 +39,6 @@ pub enum DefaultResponseFormat {
 }
 
 impl DefaultResponseFormat {
-    pub const NAMES: &'static [&'static str] = &["auto", "b64_json", "url"];
-
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "auto" => Some(Self::Auto),
