@@ -134,20 +134,19 @@ pub fn destination(
         None if env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) => {
             return Ok(None)
         }
-        None => match (
-            env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
-            env("OTEL_EXPORTER_OTLP_ENDPOINT"),
-        ) {
-            (Some(e), _) => {
-                let name = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
-                (traces_url(&e, name, false)?, name)
-            }
-            (None, Some(e)) => {
-                let name = "OTEL_EXPORTER_OTLP_ENDPOINT";
-                (traces_url(&e, name, true)?, name)
-            }
-            (None, None) => return Ok(None),
-        },
+        None => {
+            // The signal's own variable is a whole URL; the general one a base.
+            let set = [
+                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", false),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", true),
+            ]
+            .into_iter()
+            .find_map(|(name, append)| env(name).map(|e| (name, e, append)));
+            let Some((name, e, append)) = set else {
+                return Ok(None);
+            };
+            (traces_url(&e, name, append)?, name)
+        }
     };
     let named_by_env = env("OTEL_SERVICE_NAME").is_some()
         || env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|attrs| {
@@ -168,19 +167,18 @@ pub fn destination(
              which collectors take on port 4318"
         ));
     }
-    for name in [
+    // The signal's own protocol variable, else the general one.
+    let protocol = [
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
         "OTEL_EXPORTER_OTLP_PROTOCOL",
-    ] {
-        if let Some(p) = env(name) {
-            if p.trim() == "grpc" {
-                warnings.push(format!(
-                    "{name}=grpc: turbine sends OTLP/HTTP (protobuf) to {url} whatever it says; \
-                     a collector takes that on its OTLP/HTTP port (4318)"
-                ));
-            }
-            break;
-        }
+    ]
+    .into_iter()
+    .find_map(|name| env(name).map(|p| (name, p)));
+    if let Some((name, _)) = protocol.filter(|(_, p)| p.trim() == "grpc") {
+        warnings.push(format!(
+            "{name}=grpc: turbine sends OTLP/HTTP (protobuf) to {url} whatever it says; a \
+             collector takes that on its OTLP/HTTP port (4318)"
+        ));
     }
     Ok(Some(Destination {
         url,
