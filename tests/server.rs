@@ -556,16 +556,10 @@ fn dall_e_clients_get_urls_at_their_sizes() {
     }
     // Past the pixel bound: the sides alone would pass.
     let r = s.generate(&json!({"prompt": "p", "model": "dall-e-3", "size": "1792x1792"}));
-    assert_eq!(r.status(), 400);
-    let e: Value = r.json().unwrap();
-    assert_eq!(e["error"]["param"], "size");
-    assert!(
-        e["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("at most 2359296 pixels"),
-        "{e}"
-    );
+    let status = r.status().as_u16();
+    let e = assert_openai_error(status, &r.text().unwrap(), 400, Some("size"), "1792x1792");
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(message.contains("at most 2359296 pixels"), "{e}");
 }
 
 /// Azure OpenAI's paths and key header, as its SDK clients (`AzureOpenAI`) send them: the
@@ -5043,7 +5037,12 @@ impl TestServer {
 
 /// Sends a generation (plain or streamed) from a thread; returns its status and body.
 fn send_in_background(s: &TestServer, body: Value) -> JoinHandle<(u16, String)> {
-    let (client, url) = (s.client.clone(), s.url("/v1/images/generations"));
+    send_in_background_to(s, "/v1/images/generations", body)
+}
+
+/// [`send_in_background`] to the route at `path`.
+fn send_in_background_to(s: &TestServer, path: &str, body: Value) -> JoinHandle<(u16, String)> {
+    let (client, url) = (s.client.clone(), s.url(path));
     std::thread::spawn(move || {
         let r = client.post(url).json(&body).send().unwrap();
         (r.status().as_u16(), r.text().unwrap())
@@ -5056,13 +5055,7 @@ fn send_in_background(s: &TestServer, body: Value) -> JoinHandle<(u16, String)> 
 #[test]
 fn requests_waiting_for_images_hold_none_of_the_input_budget() {
     let (s, gate) = gated_server(test_config());
-    let post = |path: &str, body: Value| {
-        let (client, url) = (s.client.clone(), s.url(path));
-        std::thread::spawn(move || {
-            let r = client.post(url).json(&body).send().unwrap();
-            (r.status().as_u16(), r.text().unwrap())
-        })
-    };
+    let post = |path: &str, body: Value| send_in_background_to(&s, path, body);
     let png = png_bytes(&edit_input());
     let waiting = [
         post("/v1/images/generations", json!({"prompt": "one"})),
