@@ -3,6 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[path = "support/checkpoint.rs"]
+mod tiny_checkpoint;
+
 fn tiny() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl")
 }
@@ -657,4 +660,67 @@ fn on_a_terminal(mut c: Command) -> String {
         String::from_utf8_lossy(&text)
     );
     String::from_utf8_lossy(&text).into_owned()
+}
+
+/// `--checkpoint`: the weights from one single-file checkpoint, the configs and tokenizers from
+/// a directory that holds no weights at all.
+#[test]
+fn a_single_file_checkpoint_makes_the_image_with_configs_from_a_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let configs = dir.path().join("configs");
+    copy_tree(&tiny(), &configs);
+    for entry in walk(&configs) {
+        if entry.extension().is_some_and(|e| e == "safetensors") {
+            std::fs::remove_file(entry).unwrap();
+        }
+    }
+    let checkpoint = tiny_checkpoint::tiny_checkpoint();
+    let out = dir.path().join("ck.png");
+    let o = turbine(&[
+        "--model-dir",
+        configs.to_str().unwrap(),
+        "--checkpoint",
+        checkpoint.to_str().unwrap(),
+        "--prompt",
+        "a cat",
+        "--size",
+        "64x64",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(dims(&out), (64, 64));
+
+    // Without --model-dir the configs are the real SDXL-Turbo's (models/sdxl-turbo), which the
+    // tiny checkpoint does not fit: a clear error, no image.
+    let out = dir.path().join("none.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_turbine"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["generate", "--offline", "--checkpoint"])
+        .arg(checkpoint)
+        .args(["--prompt", "a cat", "--out"])
+        .arg(&out)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("tiny_sdxl_turbo_fp16.safetensors") && err.contains("the config implies"),
+        "{err}"
+    );
+    assert!(!out.exists());
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

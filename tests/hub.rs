@@ -784,6 +784,120 @@ fn model_dir_and_random_weights_need_no_download() {
     assert_eq!(hub.request_count(), 0);
 }
 
+#[test]
+fn a_checkpoint_fetches_the_configs_and_tokenizers_but_no_weights() {
+    use candle_core::{DType, Device};
+    use turbine::model::pipeline::{GenerationSettings, ImageRequest, Pipeline};
+
+    // `--checkpoint` with the sdxl-turbo manifest on a fresh models root: the configs and
+    // tokenizers come from the Hub, the 7 GB of diffusers weights do not.
+    let hub = FakeHub::start();
+    hub.add_repo(
+        "stabilityai/sdxl-turbo",
+        support::tiny_as_sdxl_turbo(),
+        None,
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let checkpoint = support::checkpoint::tiny_checkpoint().to_path_buf();
+    let args = ModelArgs {
+        models_root: tmp.path().to_path_buf(),
+        checkpoint: Some(checkpoint.clone()),
+        ..Default::default()
+    };
+    let resolved = args.resolve_with(&config(&hub)).unwrap();
+    assert_eq!(resolved.checkpoint.as_deref(), Some(checkpoint.as_path()));
+    let on_disk = support::read_tree(&resolved.dir);
+    assert!(
+        on_disk.keys().all(|f| !f.ends_with(".safetensors")),
+        "weights were downloaded: {:?}",
+        on_disk.keys().collect::<Vec<_>>()
+    );
+    for f in [
+        "model_index.json",
+        "unet/config.json",
+        "vae/config.json",
+        "tokenizer_2/vocab.json",
+        "scheduler/scheduler_config.json",
+    ] {
+        assert!(on_disk.contains_key(f), "{f} was not fetched");
+    }
+    assert!(hub
+        .requests()
+        .iter()
+        .all(|r| !r.path.ends_with(".safetensors")));
+    assert!(
+        resolved.to_string().contains("with weights from"),
+        "{resolved}"
+    );
+
+    // The directory is complete for a checkpoint: offline, no request.
+    let before = hub.request_count();
+    let again = ModelArgs {
+        offline: true,
+        ..args.clone()
+    }
+    .resolve_with(&config(&hub))
+    .unwrap();
+    assert_eq!(again, resolved);
+    assert_eq!(hub.request_count(), before);
+
+    // And it makes images: the checkpoint's weights with the fetched configs and tokenizers.
+    let p = Pipeline::load_checkpoint(
+        &resolved.dir,
+        &checkpoint,
+        None,
+        None,
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let settings = GenerationSettings {
+        width: 64,
+        height: 64,
+        steps: 1,
+        guidance_scale: 0.0,
+        init_step: None,
+    };
+    let item = ImageRequest {
+        prompt: "a lighthouse at dusk".into(),
+        negative_prompt: String::new(),
+        seed: 7,
+        init_image: None,
+        partials: None,
+    };
+    let images = p.generate(&settings, &[item], None).unwrap().images;
+    let pixels = images[0].as_raw();
+    assert!(pixels.iter().any(|&v| v != pixels[0]));
+
+    // A checkpoint path that is not a file, and --model-dir without configs, are usage errors.
+    let err = ModelArgs {
+        checkpoint: Some(tmp.path().join("absent.safetensors")),
+        ..args.clone()
+    }
+    .resolve_with(&config(&hub))
+    .unwrap_err();
+    assert!(err.to_string().contains("is not a file"), "{err}");
+    let err = ModelArgs {
+        model_dir: Some(tmp.path().to_path_buf()),
+        ..args
+    }
+    .resolve_with(&config(&hub))
+    .unwrap_err();
+    assert!(err.to_string().contains("no model_index.json"), "{err}");
+
+    // The repository's committed sdxl-turbo configs (no lock) are used without the network.
+    let before = hub.request_count();
+    let r = ModelArgs {
+        models_root: Path::new(env!("CARGO_MANIFEST_DIR")).join("models"),
+        checkpoint: Some(checkpoint),
+        ..Default::default()
+    }
+    .resolve_with(&HubConfig::for_endpoint(&dead_endpoint()))
+    .unwrap();
+    assert!(r.dir.ends_with("models/sdxl-turbo"));
+    assert_eq!(hub.request_count(), before);
+}
+
 /// A look-alike Hub with sdxl-turbo's repository (the tiny model under its file names) and its
 /// manifest's two VAE extras.
 fn hub_with_vaes() -> FakeHub {
@@ -1140,6 +1254,59 @@ fn serve_listens_while_it_downloads_the_weights() {
     assert!(tokens >= 5, "{body}");
     let log = s.log.lock().unwrap().join("\n");
     assert!(log.contains("model: "), "{log}");
+}
+
+/// `turbine serve --checkpoint FILE` on an empty models root fetches the configs and
+/// tokenizers only, loads the checkpoint's weights, and serves images from them; the log says
+/// where the weights came from.
+#[test]
+fn serve_runs_a_single_file_checkpoint() {
+    let hub = FakeHub::start();
+    hub.add_repo(
+        "stabilityai/sdxl-turbo",
+        support::tiny_as_sdxl_turbo(),
+        None,
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let checkpoint = support::checkpoint::tiny_checkpoint().to_path_buf();
+    let s = serve_from(
+        &hub,
+        tmp.path(),
+        &["--checkpoint", checkpoint.to_str().unwrap()],
+    );
+    let client = reqwest::blocking::Client::new();
+    let start = std::time::Instant::now();
+    while client
+        .get(format!("{}/health", s.base))
+        .send()
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "never became ready: {:?}",
+            s.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = client
+        .post(format!("{}/v1/images/generations", s.base))
+        .json(&serde_json::json!({"prompt": "a lighthouse at dusk", "seed": 3}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().unwrap();
+    assert!(body["data"][0]["b64_json"].as_str().unwrap().len() > 100);
+    assert!(hub
+        .requests()
+        .iter()
+        .all(|r| !r.path.ends_with(".safetensors")));
+    let log = s.log.lock().unwrap().join("\n");
+    assert!(
+        log.contains("with weights from") && log.contains("tiny_sdxl_turbo_fp16.safetensors"),
+        "{log}"
+    );
 }
 
 /// A download that fails now fails a server that is already listening: it still exits with

@@ -14,7 +14,7 @@ use candle_core::{DType, Device};
 use crate::hub::ModelArgs;
 use crate::model::pipeline::Pipeline;
 
-/// Resolves `--model/--model-dir/--random-weights/--vae/--preview-vae` (downloading missing weights unless
+/// Resolves `--model/--model-dir/--checkpoint/--random-weights/--vae/--preview-vae` (downloading missing weights unless
 /// offline) and loads the pipeline: the one way every command gets its model.
 pub fn load_pipeline(model: &ModelArgs, device: &Device, dtype: DType) -> anyhow::Result<Pipeline> {
     load_resolved(&model.resolve()?, device, dtype)
@@ -29,6 +29,8 @@ pub fn load_resolved(
     let (vae, preview) = (m.vae_dir.as_deref(), m.preview_vae_dir.as_deref());
     let pipeline = if m.random_weights {
         Pipeline::random_with_vaes(&m.dir, vae, preview, device, dtype, 0)?
+    } else if let Some(checkpoint) = &m.checkpoint {
+        Pipeline::load_checkpoint(&m.dir, checkpoint, vae, preview, device, dtype)?
     } else {
         Pipeline::load_with_vaes(&m.dir, vae, preview, device, dtype)?
     };

@@ -241,6 +241,22 @@ impl Plan {
     }
 }
 
+/// Whether a repository file holds weights rather than configs or tokenizer files (what
+/// `--checkpoint` leaves undownloaded).
+pub fn is_weights_file(path: &str) -> bool {
+    const WEIGHTS: [&str; 8] = [
+        ".safetensors",
+        ".bin",
+        ".ckpt",
+        ".pt",
+        ".pth",
+        ".onnx",
+        ".msgpack",
+        ".h5",
+    ];
+    WEIGHTS.iter().any(|ext| path.ends_with(ext))
+}
+
 /// Names of the models with a manifest (built in, or on disk under `models_root`).
 pub fn known_models(models_root: &Path) -> Vec<String> {
     let mut names: Vec<String> = BUILTIN.iter().map(|(n, _)| n.to_string()).collect();

@@ -105,6 +105,13 @@ pub struct ModelArgs {
     #[arg(long, env = "TURBINE_VAE", value_enum)]
     pub vae: Option<VaeVariant>,
 
+    /// Load the weights from this single-file checkpoint (one .safetensors in the original
+    /// layout: Stability AI's sd_xl_turbo_1.0_fp16.safetensors, or an SDXL model shared for
+    /// A1111 / ComfyUI / Civitai) with the configs and tokenizers of --model-dir, else
+    /// MODELS_ROOT/NAME, whose weights are neither read nor downloaded.
+    #[arg(long, env = "TURBINE_CHECKPOINT", conflicts_with = "random_weights")]
+    pub checkpoint: Option<PathBuf>,
+
     /// Decode stream previews (`partial_images`) with TAESD's tiny decoder (taesdxl:
     /// madebyollin/taesdxl, about 10 MB, in MODEL_DIR/vae-taesdxl/), a small fraction of a VAE
     /// decode each, while the VAE (or --vae) still decodes the images themselves.
@@ -123,6 +130,7 @@ impl Default for ModelArgs {
             random_weights: false,
             vae: None,
             preview_vae: None,
+            checkpoint: None,
         }
     }
 }
@@ -139,6 +147,8 @@ pub struct ResolvedModel {
     pub preview_vae_dir: Option<PathBuf>,
     /// Build the models with [`crate::model::loader::RandomWeights`] instead of reading weights.
     pub random_weights: bool,
+    /// A single-file checkpoint the weights come from (`dir` then gives configs and tokenizers).
+    pub checkpoint: Option<PathBuf>,
     /// (repository, commit) of each source, from the lock; empty for `--model-dir`.
     pub origin: Vec<(String, String)>,
 }
@@ -148,6 +158,9 @@ impl fmt::Display for ResolvedModel {
         write!(f, "{}", self.dir.display())?;
         if self.random_weights {
             write!(f, " (configs only: random weights)")?;
+        }
+        if let Some(c) = &self.checkpoint {
+            write!(f, " (configs) with weights from {}", c.display())?;
         }
         for (repo, commit) in &self.origin {
             write!(f, " [{repo}@{}]", &commit[..commit.len().min(12)])?;
@@ -197,8 +210,13 @@ impl ModelArgs {
                 vae_dir,
                 preview_vae_dir,
                 random_weights: true,
+                checkpoint: None,
                 origin: Vec::new(),
             });
+        }
+
+        if let Some(checkpoint) = &self.checkpoint {
+            return self.resolve_checkpoint(checkpoint, hub);
         }
 
         if let Some(dir) = &self.model_dir {
@@ -222,6 +240,7 @@ impl ModelArgs {
                 vae_dir,
                 preview_vae_dir,
                 random_weights: false,
+                checkpoint: None,
                 origin,
             });
         }
@@ -243,7 +262,106 @@ impl ModelArgs {
         };
         let vae_dir = extra_dir(self.vae.map(VaeVariant::key))?;
         let preview_vae_dir = extra_dir(self.preview_vae.map(PreviewVae::key))?;
+        let origin = self.fetch_missing(&plan, hub)?;
+        Ok(ResolvedModel {
+            dir,
+            vae_dir,
+            preview_vae_dir,
+            random_weights: false,
+            checkpoint: None,
+            origin,
+        })
+    }
+
+    /// `--checkpoint FILE`: the weights from FILE, the configs and tokenizers from `--model-dir`
+    /// as is, else from MODELS_ROOT/NAME, fetching the missing ones but none of the model's
+    /// weights (a `--vae` or `--preview-vae` is fetched whole, as without a checkpoint).
+    fn resolve_checkpoint(
+        &self,
+        checkpoint: &Path,
+        hub: &HubConfig,
+    ) -> Result<ResolvedModel, HubError> {
+        if !checkpoint.is_file() {
+            return Err(HubError::Usage(format!(
+                "--checkpoint {} is not a file",
+                checkpoint.display()
+            )));
+        }
+        if let Some(dir) = &self.model_dir {
+            if !dir.join("model_index.json").is_file() && !dir.join("unet").is_dir() {
+                return Err(HubError::Usage(format!(
+                    "--checkpoint takes its configs and tokenizers from --model-dir, but {} has \
+                     no model_index.json or unet/ (a diffusers-layout directory; its weights are \
+                     not needed)",
+                    dir.display()
+                )));
+            }
+            let (vae_dir, preview_vae_dir) = self.extra_dirs_in(dir)?;
+            return Ok(ResolvedModel {
+                dir: dir.clone(),
+                vae_dir,
+                preview_vae_dir,
+                random_weights: false,
+                checkpoint: Some(checkpoint.to_path_buf()),
+                origin: Vec::new(),
+            });
+        }
+        let manifest = Manifest::find(&self.models_root, &self.model)?;
+        let dir = self.models_root.join(&manifest.name);
+        let mut plan = manifest.plan(
+            &dir,
+            self.revision.as_deref(),
+            self.vae.map(VaeVariant::key),
+            self.preview_vae.map(PreviewVae::key),
+            self.models_root != Path::new("models"),
+        )?;
+        for source in plan.sources.iter_mut().filter(|s| s.extra.is_none()) {
+            if let Some(files) = &mut source.files {
+                files.retain(|f| !manifest::is_weights_file(f));
+            }
+        }
+        let extra_dir = |key: Option<&str>| -> Result<Option<PathBuf>, HubError> {
+            Ok(match key {
+                Some(key) => Some(dir.join(&manifest.vae_extra(key)?.dir)),
+                None => None,
+            })
+        };
+        let vae_dir = extra_dir(self.vae.map(VaeVariant::key))?;
+        let preview_vae_dir = extra_dir(self.preview_vae.map(PreviewVae::key))?;
+        // Configs already on disk are used as they are, recorded in the lock or not (the
+        // repository's own models/sdxl-turbo holds them committed): a checkpoint needs no
+        // network unless a file is missing or another revision is asked for.
         let status = local_status(&plan);
+        let present = status.missing.is_empty()
+            && status.other_revision.is_empty()
+            && self.revision.is_none()
+            && self.vae.is_none()
+            && self.preview_vae.is_none();
+        let origin = if present {
+            status.commits
+        } else {
+            self.fetch_missing(&plan, hub)?
+        };
+        Ok(ResolvedModel {
+            dir,
+            vae_dir,
+            preview_vae_dir,
+            random_weights: false,
+            checkpoint: Some(checkpoint.to_path_buf()),
+            origin,
+        })
+    }
+
+    /// The plan's files on disk: those complete and recorded in the lock are used as they are;
+    /// missing or unverified ones are downloaded, or with `--offline` an error lists them.
+    /// Returns the (repository, commit) of each source.
+    fn fetch_missing(
+        &self,
+        plan: &Plan,
+        hub: &HubConfig,
+    ) -> Result<Vec<(String, String)>, HubError> {
+        let dir = &plan.dir;
+        let status = local_status(plan);
         let offline = self.offline || hub.offline;
         let origin = if status.is_complete() {
             status.commits
@@ -271,15 +389,9 @@ impl ModelArgs {
                 status.problems().join("; "),
                 hub.endpoint
             );
-            download_blocking(&plan, hub)?.commits
+            download_blocking(plan, hub)?.commits
         };
-        Ok(ResolvedModel {
-            dir,
-            vae_dir,
-            preview_vae_dir,
-            random_weights: false,
-            origin,
-        })
+        Ok(origin)
     }
 
     /// The folders of `--vae`'s and `--preview-vae`'s extras inside a user-supplied directory.

@@ -136,7 +136,7 @@ pub fn find_weights(dir: &Path, stem: &str) -> LoadResult<PathBuf> {
 pub struct Requested(Arc<Mutex<BTreeMap<String, Vec<usize>>>>);
 
 impl Requested {
-    fn record(&self, name: &str, shape: &Shape) {
+    pub(crate) fn record(&self, name: &str, shape: &Shape) {
         if let Ok(mut m) = self.0.lock() {
             m.insert(name.to_string(), shape.dims().to_vec());
         }

@@ -3,6 +3,7 @@
 //! One concept per file; struct and field names follow the checkpoint's tensor names so
 //! `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` maps to code directly.
 
+pub mod checkpoint;
 pub mod chunks;
 pub mod clip;
 pub mod loader;

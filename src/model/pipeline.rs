@@ -26,10 +26,12 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use crate::model::checkpoint::{Checkpoint, Layout, Part};
 use crate::model::chunks::MAX_TENSOR_ELEMENTS;
 use crate::model::clip::{ClipTextConfig, ClipTextModel};
 use crate::model::loader::{
-    build_checked_but, find_weights, read_json, LoadError, LoadResult, ModelDir, RandomWeights,
+    build_checked_but, find_weights, read_json, weights_error, LoadError, LoadResult, ModelDir,
+    RandomWeights,
 };
 use crate::model::noise;
 use crate::model::profile::{self, Mark};
@@ -277,6 +279,9 @@ enum Source {
     Files,
     /// Deterministic random weights from this seed (configs and tokenizers still from disk).
     Random(u64),
+    /// The four components from one single-file checkpoint (configs and tokenizers still from
+    /// the directory; a `--vae` and TAESD from their folders).
+    Checkpoint(Arc<Checkpoint>),
 }
 
 /// Loaded SDXL-Turbo models on one device.
@@ -332,6 +337,31 @@ impl Pipeline {
     ) -> LoadResult<Self> {
         let dir = ModelDir::open(model_dir)?;
         Self::build(&dir, vae_dir, preview_dir, Source::Files, device, dtype)
+    }
+
+    /// The weights of a single-file checkpoint (the original SGM layout of
+    /// `sd_xl_turbo_1.0_fp16.safetensors`, A1111 and ComfyUI; see [`crate::model::checkpoint`])
+    /// with the configs and tokenizers of the diffusers-layout `config_dir` (its weights, if
+    /// any, are not read). `vae_dir` and `preview_dir` as in [`Pipeline::load_with_vaes`]: a
+    /// full VAE there replaces the checkpoint's.
+    pub fn load_checkpoint(
+        config_dir: &Path,
+        checkpoint: &Path,
+        vae_dir: Option<&Path>,
+        preview_dir: Option<&Path>,
+        device: &Device,
+        dtype: DType,
+    ) -> LoadResult<Self> {
+        let dir = ModelDir::open(config_dir)?;
+        let checkpoint = Arc::new(Checkpoint::open(checkpoint)?);
+        Self::build(
+            &dir,
+            vae_dir,
+            preview_dir,
+            Source::Checkpoint(checkpoint),
+            device,
+            dtype,
+        )
     }
 
     /// The full architecture described by the configs in `config_dir` (same layout, no weights
@@ -405,6 +435,15 @@ impl Pipeline {
         )?;
         let tokenizer = ClipTokenizer::from_dir(&dir.component("tokenizer")?)?;
         let tokenizer_2 = ClipTokenizer::from_dir(&dir.component("tokenizer_2")?)?;
+        // A replacement VAE (`--vae fp16-fix`) is read from its folder, not the checkpoint.
+        let own_vae = tiny_dir.is_some() || vae_dir == dir.component("vae")?;
+        let layout = match &source {
+            Source::Checkpoint(checkpoint) => {
+                Some(checkpoint_layout(checkpoint, &unet_cfg, &vae_cfg, own_vae)?)
+            }
+            _ => None,
+        };
+        let part = |part: Part| layout.as_ref().map(|l| (part, l));
 
         // The SDXL VAE overflows in f16 (diffusers upcasts it when `force_upcast` is set), so an
         // f16 run decodes in f32; bf16 has f32's range and is safe.
@@ -417,6 +456,7 @@ impl Pipeline {
         let text_encoder = load_component(
             &dir.component("text_encoder")?,
             &source,
+            part(Part::TextEncoder),
             "model",
             dtype,
             device,
@@ -425,6 +465,7 @@ impl Pipeline {
         let text_encoder_2 = load_component(
             &dir.component("text_encoder_2")?,
             &source,
+            part(Part::TextEncoder2),
             "model",
             dtype,
             device,
@@ -433,6 +474,7 @@ impl Pipeline {
         let unet = load_component(
             &dir.component("unet")?,
             &source,
+            part(Part::Unet),
             "diffusion_pytorch_model",
             dtype,
             device,
@@ -441,6 +483,7 @@ impl Pipeline {
         let vae = load_component(
             &vae_dir,
             &source,
+            if own_vae { part(Part::Vae) } else { None },
             "diffusion_pytorch_model",
             vae_dtype,
             device,
@@ -463,6 +506,19 @@ impl Pipeline {
             }
             None => None,
         };
+        if let Source::Checkpoint(checkpoint) = &source {
+            let skip: &[Part] = if own_vae { &[] } else { &[Part::Vae] };
+            let other = checkpoint.ensure_used(skip)?;
+            if !other.is_empty() {
+                tracing::info!(
+                    "{}: {} tensor(s) outside the pipeline's four components left unread \
+                     (for example {})",
+                    checkpoint.path().display(),
+                    other.len(),
+                    other[0]
+                );
+            }
+        }
         Ok(Self {
             device: device.clone(),
             dtype,
@@ -1178,6 +1234,7 @@ fn load_tiny_decoder(
     load_component_but(
         dir,
         source,
+        None,
         "diffusion_pytorch_model",
         &["encoder."],
         vae_dtype,
@@ -1289,34 +1346,63 @@ impl StageClock {
     }
 }
 
+/// What the checkpoint's names depend on, from the configs; refuses what the original layout
+/// cannot hold, and a checkpoint without the VAE the model needs.
+fn checkpoint_layout(
+    checkpoint: &Checkpoint,
+    unet: &UNet2DConditionConfig,
+    vae: &AutoencoderKLConfig,
+    own_vae: bool,
+) -> LoadResult<Layout> {
+    if own_vae && !checkpoint.has_vae() {
+        return Err(LoadError::Weights {
+            path: checkpoint.path().to_path_buf(),
+            message: "the checkpoint has no VAE (no first_stage_model.* tensors); give one \
+                      with --vae fp16-fix"
+                .into(),
+        });
+    }
+    Layout::from_configs(unet, vae).map_err(|message| LoadError::Weights {
+        path: checkpoint.path().to_path_buf(),
+        message,
+    })
+}
+
 /// Reads one component's weights (or draws random ones) and builds it, naming the file on error
 /// and refusing a checkpoint whose tensors the model did not all read.
 fn load_component<T>(
     folder: &Path,
     source: &Source,
+    part: Option<(Part, &Layout)>,
     stem: &str,
     dtype: DType,
     device: &Device,
     build: impl FnOnce(VarBuilder<'_>) -> candle_core::Result<T>,
 ) -> LoadResult<T> {
-    load_component_but(folder, source, stem, &[], dtype, device, build)
+    load_component_but(folder, source, part, stem, &[], dtype, device, build)
 }
 
 /// [`load_component`], leaving the checkpoint's tensors under the `ignored` prefixes unread.
+#[allow(clippy::too_many_arguments)]
 fn load_component_but<T>(
     folder: &Path,
     source: &Source,
+    part: Option<(Part, &Layout)>,
     stem: &str,
     ignored: &[&str],
     dtype: DType,
     device: &Device,
     build: impl FnOnce(VarBuilder<'_>) -> candle_core::Result<T>,
 ) -> LoadResult<T> {
-    match source {
-        Source::Files => {
+    match (source, part) {
+        (Source::Checkpoint(checkpoint), Some((part, layout))) => {
+            let vb = checkpoint.var_builder(part, layout, dtype, device);
+            build(vb).map_err(|e| weights_error(checkpoint.path(), e))
+        }
+        (Source::Files | Source::Checkpoint(_), _) => {
             build_checked_but(&find_weights(folder, stem)?, dtype, device, ignored, build)
         }
-        Source::Random(seed) => {
+        (Source::Random(seed), _) => {
             let vb = RandomWeights::new(*seed).into_var_builder(dtype, device);
             build(vb).map_err(|e| LoadError::Weights {
                 path: folder.to_path_buf(),

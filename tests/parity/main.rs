@@ -7,6 +7,9 @@ mod img2img;
 mod kernels;
 mod pipeline;
 mod scheduler;
+mod single_file;
+#[path = "../support/checkpoint.rs"]
+mod tiny_checkpoint;
 mod tokenizer;
 mod unet;
 mod vae;

@@ -95,9 +95,14 @@ pub fn pixel_diff(ours: &[u8], theirs: &[u8]) -> (u8, f64) {
 }
 
 fn run_case(name: &str) {
+    run_case_on(pipeline(), name, &format!("pipeline_{name}"));
+}
+
+/// Runs `case` of pipeline_cases.json on `p` against the reference file `reference_name`:
+/// the prompt embeddings within 1e-4, the 8-bit images within 2/255 max and 0.5/255 mean.
+pub fn run_case_on(p: &Pipeline, name: &str, reference_name: &str) {
     let case = &cases()[name];
-    let refs = reference(&format!("pipeline_{name}"));
-    let p = pipeline();
+    let refs = reference(reference_name);
     let n = case.prompts.len();
     let (items, noise, settings) = case.inputs(&refs);
 

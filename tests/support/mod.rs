@@ -17,6 +17,8 @@
 
 #![allow(dead_code)]
 
+pub mod checkpoint;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
