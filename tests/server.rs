@@ -897,6 +897,32 @@ fn seeded_images_are_reproducible_and_distinct() {
     assert_eq!(images(&again)[0], images(&drawn)[1]);
 }
 
+/// `--default-steps` and `--default-guidance-scale`: a client that sends only the OpenAI fields
+/// (as the SDKs do) gets the steps and guidance the server was started with, the image a
+/// default server makes when asked for them explicitly; fields a request does send still win.
+#[test]
+fn the_servers_default_steps_and_guidance_apply_to_plain_requests() {
+    let plain = TestServer::start(test_config());
+    let mut config = test_config();
+    config.limits.default_steps = 2;
+    config.limits.default_guidance_scale = 3.0;
+    let tuned = TestServer::start(config);
+    let body = json!({"prompt": "a castle at dusk", "seed": 9});
+    let got = tuned.generate_ok(&body);
+    assert_eq!(got["quality"], "medium", "{got}");
+    let explicit = plain.generate_ok(
+        &json!({"prompt": "a castle at dusk", "seed": 9, "steps": 2, "guidance_scale": 3.0}),
+    );
+    assert_eq!(images(&got), images(&explicit));
+    assert_ne!(images(&got), images(&plain.generate_ok(&body)));
+    // A request's own quality and guidance override the server's.
+    let own = tuned.generate_ok(
+        &json!({"prompt": "a castle at dusk", "seed": 9, "quality": "low", "guidance_scale": 0}),
+    );
+    assert_eq!(own["quality"], "low");
+    assert_eq!(images(&own), images(&plain.generate_ok(&body)));
+}
+
 #[test]
 fn sixteen_concurrent_requests_batch_and_match_images_generated_alone() {
     let mut config = test_config();

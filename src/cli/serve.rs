@@ -320,6 +320,17 @@ pub struct LimitArgs {
     /// Largest `guidance_scale` a request may ask for.
     #[arg(long, env = "TURBINE_MAX_GUIDANCE_SCALE", default_value_t = 30.0)]
     pub max_guidance_scale: f64,
+    /// Denoising steps of a request that asks for none (no `steps`, `quality` absent or
+    /// `auto`): 1 for SDXL-Turbo; a fine-tune made for more steps (a --checkpoint from
+    /// Civitai that recommends 6, say) sets its own, so that clients sending only the OpenAI
+    /// fields get good images. Also the warm-up's steps.
+    #[arg(long, env = "TURBINE_DEFAULT_STEPS", default_value_t = 1)]
+    pub default_steps: u32,
+    /// `guidance_scale` of a request that gives none: 0 for SDXL-Turbo (no classifier-free
+    /// guidance); above 1 runs it, as some fine-tunes want (at twice the UNet work). Also the
+    /// warm-up's.
+    #[arg(long, env = "TURBINE_DEFAULT_GUIDANCE_SCALE", default_value_t = 0.0)]
+    pub default_guidance_scale: f64,
     /// `response_format` when a request gives none: `auto` (OpenAI's default for the model
     /// the request names: `url` for `dall-e-2` and `dall-e-3`, whose clients read
     /// `data[].url`; `b64_json` for the GPT image models and for a request that names none),
@@ -408,6 +419,8 @@ impl Args {
                 max_prompt_chars: self.limits.max_prompt_chars,
                 max_steps: self.limits.max_steps,
                 max_guidance_scale: self.limits.max_guidance_scale,
+                default_steps: self.limits.default_steps,
+                default_guidance_scale: self.limits.default_guidance_scale,
                 max_body_bytes: self.http.max_body_bytes,
                 max_upload_bytes: self.http.max_upload_bytes,
                 body_timeout: Duration::from_secs(self.http.request_body_timeout),

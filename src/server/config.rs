@@ -70,6 +70,11 @@ pub struct RequestLimits {
     pub max_prompt_chars: usize,
     pub max_steps: u32,
     pub max_guidance_scale: f64,
+    /// The steps of a request that names neither `steps` nor a `quality` (or `quality:
+    /// "auto"`): 1, as SDXL-Turbo runs; a fine-tune made for more sets more.
+    pub default_steps: u32,
+    /// The `guidance_scale` of a request that gives none: 0, as SDXL-Turbo runs.
+    pub default_guidance_scale: f64,
     /// Request bodies above this are refused with 413 before parsing.
     pub max_body_bytes: usize,
     /// The same for `POST /v1/images/edits`' form uploads (the input image and the fields).
@@ -226,6 +231,8 @@ impl Default for ServerConfig {
                 max_prompt_chars: 32_000,
                 max_steps: 50,
                 max_guidance_scale: 30.0,
+                default_steps: 1,
+                default_guidance_scale: 0.0,
                 max_body_bytes: 1 << 20,
                 max_upload_bytes: 32 << 20,
                 body_timeout: Duration::from_secs(60),
@@ -324,6 +331,18 @@ impl ServerConfig {
             }
         }
         ensure!(l.max_steps >= 1, "--max-steps must be at least 1");
+        ensure!(
+            (1..=l.max_steps).contains(&l.default_steps),
+            "--default-steps must be from 1 to --max-steps ({}), got {}",
+            l.max_steps,
+            l.default_steps
+        );
+        ensure!(
+            (0.0..=l.max_guidance_scale).contains(&l.default_guidance_scale),
+            "--default-guidance-scale must be from 0 to --max-guidance-scale ({}), got {}",
+            l.max_guidance_scale,
+            l.default_guidance_scale
+        );
         ensure!(
             self.max_connections != Some(0),
             "--max-connections must be at least 1 (or auto)"
@@ -554,6 +573,19 @@ mod tests {
             (
                 |c| c.limits.default_size = (1792, 1792),
                 "--default-size 1792x1792 has more than --max-image-pixels (2359296)",
+            ),
+            (
+                |c| c.limits.default_steps = 0,
+                "--default-steps must be from 1 to --max-steps (50), got 0",
+            ),
+            (|c| c.limits.default_steps = 51, "--default-steps"),
+            (
+                |c| c.limits.default_guidance_scale = 31.0,
+                "--default-guidance-scale must be from 0 to --max-guidance-scale (30), got 31",
+            ),
+            (
+                |c| c.limits.default_guidance_scale = f64::NAN,
+                "--default-guidance-scale",
             ),
             (|c| c.batching.max_batch_size = 0, "--max-batch-size"),
             (|c| c.batching.max_queued_images = 9, "--max-queued-images"),

@@ -487,12 +487,13 @@ pub async fn serve(
         tracing::warn!("no API keys configured: the API is open to anyone who can reach it");
     }
     let (w, h) = config.limits.default_size;
+    // The warm-up runs what a request that asks for nothing runs.
     let warmup = Warmup {
         key: ShapeKey {
             width: w,
             height: h,
-            steps: 1,
-            guidance: Guidance::Off,
+            steps: config.limits.default_steps,
+            guidance: Guidance::from_scale(config.limits.default_guidance_scale),
             init_step: None,
         },
         images: if config.warmup_images == 0 {

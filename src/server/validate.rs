@@ -41,6 +41,16 @@ pub const QUALITY_STEPS: &[(&str, &str, u32)] = &[
     ("max", "max", 8),
 ];
 
+/// The quality level a step count reaches: the highest whose steps it has (1 → `low`, 2 and 3
+/// → `medium`, 4 and 5 → `high`, ...).
+pub fn quality_of_steps(steps: u32) -> &'static str {
+    QUALITY_STEPS
+        .iter()
+        .filter(|q| q.2 <= steps)
+        .max_by_key(|q| q.2)
+        .map_or("low", |q| q.1)
+}
+
 /// Fields both endpoints know; anything not known to the endpoint is refused (as OpenAI does)
 /// rather than ignored, so a client never silently loses an option it believed was applied.
 pub const COMMON_FIELDS: &[&str] = &[
@@ -300,11 +310,15 @@ fn validate_fields(
 
     let quality_names: Vec<&str> = QUALITY_STEPS.iter().map(|q| q.0).collect();
     let quality = f.one_of("quality", &quality_names)?.unwrap_or("auto");
-    let (reported_quality, quality_steps) = QUALITY_STEPS
-        .iter()
-        .find(|q| q.0 == quality)
-        .map(|q| (q.1, q.2))
-        .unwrap_or(("low", 1));
+    let (reported_quality, quality_steps) = match quality {
+        // No quality asked for: the server's default steps, reported as the level they reach.
+        "auto" => (quality_of_steps(limits.default_steps), limits.default_steps),
+        _ => QUALITY_STEPS
+            .iter()
+            .find(|q| q.0 == quality)
+            .map(|q| (q.1, q.2))
+            .unwrap_or(("low", 1)),
+    };
 
     let stream = f.boolean("stream")? == Some(true);
     let response_format =
@@ -392,7 +406,7 @@ fn validate_fields(
         .map_or(quality_steps.min(limits.max_steps), |s| s as u32);
     let guidance_scale = f
         .number("guidance_scale", 0.0, limits.max_guidance_scale)?
-        .unwrap_or(0.0);
+        .unwrap_or(limits.default_guidance_scale);
     // Image i gets seed + i, so the last image's seed must stay within bounds too.
     let max_seed = MAX_SEED - u64::from(n - 1);
     let seed = f
@@ -990,6 +1004,41 @@ mod tests {
         assert_eq!(v.negative_prompt, "blurry");
         assert_eq!(v.user.as_deref(), Some("u1"));
         assert_eq!(v.key().guidance, Guidance::from_scale(2.5));
+    }
+
+    #[test]
+    fn the_server_defaults_apply_to_requests_that_ask_for_nothing() {
+        let limits = RequestLimits {
+            default_steps: 6,
+            default_guidance_scale: 2.0,
+            ..ServerConfig::default().limits
+        };
+        let model = ServerConfig::default().model;
+        let v = |body: Value| validate(&body, &limits, &model).unwrap();
+        let plain = v(json!({"prompt": "p"}));
+        assert_eq!(
+            (plain.steps, plain.quality, plain.guidance_scale),
+            (6, "xhigh", 2.0)
+        );
+        assert_eq!(plain.key().guidance, Guidance::from_scale(2.0));
+        assert_eq!(v(json!({"prompt": "p", "quality": "auto"})).steps, 6);
+        // What a request names still wins: a quality, steps, a guidance scale (0 included).
+        let low = v(json!({"prompt": "p", "quality": "low"}));
+        assert_eq!((low.steps, low.quality), (1, "low"));
+        assert_eq!(v(json!({"prompt": "p", "steps": 3})).steps, 3);
+        let off = v(json!({"prompt": "p", "guidance_scale": 0}));
+        assert_eq!(off.key().guidance, Guidance::Off);
+        // The defaults unchanged: SDXL-Turbo's one step without guidance, reported as low.
+        let turbo = check(json!({"prompt": "p"})).unwrap();
+        assert_eq!(
+            (turbo.steps, turbo.quality, turbo.guidance_scale),
+            (1, "low", 0.0)
+        );
+        let levels: Vec<_> = (1..=9).map(quality_of_steps).collect();
+        assert_eq!(
+            levels,
+            ["low", "medium", "medium", "high", "high", "xhigh", "xhigh", "max", "max"]
+        );
     }
 
     #[test]
