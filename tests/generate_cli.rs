@@ -724,3 +724,57 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// `--lora FILE:SCALE`: fused in at load (the log says so), a different image than without it;
+/// a file that is not a LoRA stops the command with the reason.
+#[test]
+fn a_lora_is_fused_in_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let lora = tiny().with_file_name("reference/lora_kohya.safetensors");
+    let model = tiny();
+    let run = |extra: &[&str], out: &Path| {
+        let mut args = vec![
+            "--model-dir",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a cat",
+            "--size",
+            "64x64",
+            "--seed",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        Command::new(env!("CARGO_BIN_EXE_turbine"))
+            .arg("generate")
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap()
+    };
+    let (with, without) = (dir.path().join("with.png"), dir.path().join("without.png"));
+    let spec = format!("{}:0.8", lora.display());
+    let o = run(&["--lora", &spec], &with);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("lora_kohya.safetensors: 217 modules fused"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(run(&[], &without).status.success());
+    assert!(std::fs::read(&with).unwrap() != std::fs::read(&without).unwrap());
+
+    let not_a_lora = tiny().join("unet/diffusion_pytorch_model.safetensors");
+    let o = run(
+        &["--lora", not_a_lora.to_str().unwrap()],
+        &dir.path().join("x.png"),
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("not a LoRA this server reads"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -26,15 +26,15 @@ pub fn load_resolved(
     device: &Device,
     dtype: DType,
 ) -> anyhow::Result<Pipeline> {
-    let (vae, preview) = (m.vae_dir.as_deref(), m.preview_vae_dir.as_deref());
-    let pipeline = if m.random_weights {
-        Pipeline::random_with_vaes(&m.dir, vae, preview, device, dtype, 0)?
-    } else if let Some(checkpoint) = &m.checkpoint {
-        Pipeline::load_checkpoint(&m.dir, checkpoint, vae, preview, device, dtype)?
-    } else {
-        Pipeline::load_with_vaes(&m.dir, vae, preview, device, dtype)?
+    let spec = crate::model::pipeline::LoadSpec {
+        dir: m.dir.clone(),
+        checkpoint: m.checkpoint.clone(),
+        vae_dir: m.vae_dir.clone(),
+        preview_dir: m.preview_vae_dir.clone(),
+        loras: m.loras.clone(),
+        random_seed: m.random_weights.then_some(0),
     };
-    Ok(pipeline)
+    Ok(Pipeline::load_spec(&spec, device, dtype)?)
 }
 
 /// `--kernels`, shared by every command that runs the model.

@@ -112,6 +112,14 @@ pub struct ModelArgs {
     #[arg(long, env = "TURBINE_CHECKPOINT", conflicts_with = "random_weights")]
     pub checkpoint: Option<PathBuf>,
 
+    /// Fuse a LoRA into the weights as they load: FILE or FILE:SCALE (default scale 1), in
+    /// kohya's layout (A1111, ComfyUI, Civitai: lora_unet_..., lora_te1_..., lora_te2_...) or
+    /// diffusers' (unet.*.lora_A/lora_B); repeat it (or separate with commas) for several.
+    /// Every module of the file must fit the model, or the model does not load.
+    #[arg(long = "lora", env = "TURBINE_LORA", value_delimiter = ',',
+          value_parser = crate::model::lora::LoraSpec::parse)]
+    pub loras: Vec<crate::model::lora::LoraSpec>,
+
     /// Decode stream previews (`partial_images`) with TAESD's tiny decoder (taesdxl:
     /// madebyollin/taesdxl, about 10 MB, in MODEL_DIR/vae-taesdxl/), a small fraction of a VAE
     /// decode each, while the VAE (or --vae) still decodes the images themselves.
@@ -131,6 +139,7 @@ impl Default for ModelArgs {
             vae: None,
             preview_vae: None,
             checkpoint: None,
+            loras: Vec::new(),
         }
     }
 }
@@ -149,6 +158,8 @@ pub struct ResolvedModel {
     pub random_weights: bool,
     /// A single-file checkpoint the weights come from (`dir` then gives configs and tokenizers).
     pub checkpoint: Option<PathBuf>,
+    /// LoRAs fused into the weights as they load (`--lora`).
+    pub loras: Vec<crate::model::lora::LoraSpec>,
     /// (repository, commit) of each source, from the lock; empty for `--model-dir`.
     pub origin: Vec<(String, String)>,
 }
@@ -161,6 +172,9 @@ impl fmt::Display for ResolvedModel {
         }
         if let Some(c) = &self.checkpoint {
             write!(f, " (configs) with weights from {}", c.display())?;
+        }
+        for l in &self.loras {
+            write!(f, " + LoRA {} at {}", l.path.display(), l.scale)?;
         }
         for (repo, commit) in &self.origin {
             write!(f, " [{repo}@{}]", &commit[..commit.len().min(12)])?;
@@ -211,6 +225,7 @@ impl ModelArgs {
                 preview_vae_dir,
                 random_weights: true,
                 checkpoint: None,
+                loras: self.loras.clone(),
                 origin: Vec::new(),
             });
         }
@@ -241,6 +256,7 @@ impl ModelArgs {
                 preview_vae_dir,
                 random_weights: false,
                 checkpoint: None,
+                loras: self.loras.clone(),
                 origin,
             });
         }
@@ -269,6 +285,7 @@ impl ModelArgs {
             preview_vae_dir,
             random_weights: false,
             checkpoint: None,
+            loras: self.loras.clone(),
             origin,
         })
     }
@@ -303,6 +320,7 @@ impl ModelArgs {
                 preview_vae_dir,
                 random_weights: false,
                 checkpoint: Some(checkpoint.to_path_buf()),
+                loras: self.loras.clone(),
                 origin: Vec::new(),
             });
         }
@@ -348,6 +366,7 @@ impl ModelArgs {
             preview_vae_dir,
             random_weights: false,
             checkpoint: Some(checkpoint.to_path_buf()),
+            loras: self.loras.clone(),
             origin,
         })
     }

@@ -24,7 +24,6 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
-use candle_nn::VarBuilder;
 
 use super::loader::{LoadError, LoadResult, Requested};
 use super::unet::UNet2DConditionConfig;
@@ -358,10 +357,23 @@ fn open_clip(name: &str) -> Option<Read> {
         .then(|| Read::Third(format!("{block}attn.in_proj_{leaf}"), third))
 }
 
-/// A memory-mapped single-file checkpoint.
+/// Maps a single-file checkpoint read-only.
+fn map(path: &Path) -> LoadResult<candle_core::safetensors::MmapedSafetensors> {
+    // SAFETY: mapped read-only, as the component files are (see loader.rs).
+    unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| {
+        LoadError::Weights {
+            path: path.to_path_buf(),
+            message: format!(
+                "not a readable safetensors file: {e} (single-file checkpoints are read in the \
+                 safetensors format only; a .ckpt or .pt pickle is not loaded)"
+            ),
+        }
+    })
+}
+
+/// A single-file checkpoint: its tensors' names and shapes, and what the model read.
 pub struct Checkpoint {
     path: PathBuf,
-    inner: Arc<candle_core::safetensors::MmapedSafetensors>,
     shapes: BTreeMap<String, Vec<usize>>,
     vae_prefix: &'static str,
     requested: Requested,
@@ -386,17 +398,7 @@ impl Checkpoint {
                 what: "checkpoint file not found".into(),
             });
         }
-        // SAFETY: mapped read-only, as the component files are (see loader.rs).
-        let inner =
-            unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| {
-                LoadError::Weights {
-                    path: path.to_path_buf(),
-                    message: format!(
-                        "not a readable safetensors file: {e} (single-file checkpoints are read \
-                         in the safetensors format only; a .ckpt or .pt pickle is not loaded)"
-                    ),
-                }
-            })?;
+        let inner = map(path)?;
         let shapes: BTreeMap<String, Vec<usize>> = inner
             .tensors()
             .into_iter()
@@ -408,7 +410,6 @@ impl Checkpoint {
             .unwrap_or(VAE_PREFIXES[0]);
         let checkpoint = Self {
             path: path.to_path_buf(),
-            inner: Arc::new(inner),
             shapes,
             vae_prefix,
             requested: Requested::default(),
@@ -487,27 +488,20 @@ impl Checkpoint {
         ))
     }
 
-    /// The `VarBuilder` that builds `part` from this file (cast to `dtype` on `device`).
-    pub fn var_builder(
-        &self,
-        part: Part,
-        layout: &Layout,
-        dtype: DType,
-        device: &Device,
-    ) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(self.backend(part, layout)), dtype, device.clone())
-    }
-
-    pub fn backend(&self, part: Part, layout: &Layout) -> ComponentBackend {
-        ComponentBackend {
+    /// `part`'s view of the file. Each maps the file anew, and the mapping goes with the
+    /// component's builder: the pages one component read leave the process's memory once it is
+    /// built, as they do with a directory's one file per component (one mapping for the whole
+    /// load held every page read until the end: 1.9 GB more peak RSS for SDXL in bf16).
+    pub fn backend(&self, part: Part, layout: &Layout) -> LoadResult<ComponentBackend> {
+        Ok(ComponentBackend {
             path: self.path.clone(),
-            inner: self.inner.clone(),
+            inner: Arc::new(map(&self.path)?),
             shapes: self.shapes.clone(),
             part,
             layout: layout.clone(),
             vae_prefix: self.vae_prefix,
             requested: self.requested.clone(),
-        }
+        })
     }
 
     /// Fails, naming the tensors, when a component's tensors went unread (the file and the

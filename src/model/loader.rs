@@ -248,12 +248,23 @@ pub struct Weights<'a> {
 impl Weights<'_> {
     /// Memory-maps `path`; tensors are cast to `dtype` and placed on `device` when read.
     pub fn open(path: &Path, dtype: DType, device: &Device) -> LoadResult<Self> {
+        Self::open_wrapped(path, dtype, device, |b| b)
+    }
+
+    /// [`Weights::open`] with the file's backend wrapped by `wrap` (LoRAs fused in as tensors
+    /// are read: [`crate::model::lora::LoraBackend`]).
+    pub fn open_wrapped(
+        path: &Path,
+        dtype: DType,
+        device: &Device,
+        wrap: impl FnOnce(Box<dyn SimpleBackend>) -> Box<dyn SimpleBackend>,
+    ) -> LoadResult<Self> {
         let backend = SafetensorsBackend::open(path)?;
         let all = backend.tensor_shapes();
         let requested = backend.requested();
         Ok(Self {
             path: path.to_path_buf(),
-            vb: VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
+            vb: VarBuilder::from_backend(wrap(Box::new(backend)), dtype, device.clone()),
             all,
             requested,
         })
@@ -323,7 +334,19 @@ pub fn build_checked_but<T>(
     ignored: &[&str],
     build: impl FnOnce(VarBuilder<'_>) -> candle_core::Result<T>,
 ) -> LoadResult<T> {
-    let weights = Weights::open(path, dtype, device)?;
+    build_checked_wrapped(path, dtype, device, ignored, |b| b, build)
+}
+
+/// [`build_checked_but`] with the file's backend wrapped by `wrap` ([`Weights::open_wrapped`]).
+pub fn build_checked_wrapped<T>(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+    ignored: &[&str],
+    wrap: impl FnOnce(Box<dyn SimpleBackend>) -> Box<dyn SimpleBackend>,
+    build: impl FnOnce(VarBuilder<'_>) -> candle_core::Result<T>,
+) -> LoadResult<T> {
+    let weights = Weights::open_wrapped(path, dtype, device, wrap)?;
     let model = build(weights.vb.clone()).map_err(|e| weights_error(path, e))?;
     weights.ensure_used_but(ignored)?;
     Ok(model)

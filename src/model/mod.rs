@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod chunks;
 pub mod clip;
 pub mod loader;
+pub mod lora;
 pub mod noise;
 pub mod pipeline;
 pub mod profile;

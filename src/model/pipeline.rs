@@ -18,7 +18,7 @@
 //! CPU; on CUDA to a rounding step, since cuBLAS and cuDNN choose kernels, and so summation
 //! orders, by the batch's shape).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,9 +30,10 @@ use crate::model::checkpoint::{Checkpoint, Layout, Part};
 use crate::model::chunks::MAX_TENSOR_ELEMENTS;
 use crate::model::clip::{ClipTextConfig, ClipTextModel};
 use crate::model::loader::{
-    build_checked_but, find_weights, read_json, weights_error, LoadError, LoadResult, ModelDir,
+    build_checked_wrapped, find_weights, read_json, weights_error, LoadError, LoadResult, ModelDir,
     RandomWeights,
 };
+use crate::model::lora::{Lora, LoraBackend, LoraSpec};
 use crate::model::noise;
 use crate::model::profile::{self, Mark};
 use crate::model::prompt_cache::PromptCache;
@@ -42,6 +43,7 @@ use crate::model::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::model::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::model::vae_tiny::{AutoencoderTinyConfig, DecoderTiny};
 use crate::ops::{self, Kernels};
+use candle_nn::var_builder::SimpleBackend;
 
 /// Settings shared by every image of a batch (the batch key).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -284,6 +286,24 @@ enum Source {
     Checkpoint(Arc<Checkpoint>),
 }
 
+/// Where a pipeline's parts come from ([`Pipeline::load_spec`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadSpec {
+    /// The diffusers-layout directory: configs and tokenizers, and the weights unless
+    /// `checkpoint` or `random_seed` says otherwise.
+    pub dir: PathBuf,
+    /// A single-file checkpoint the four components' weights come from.
+    pub checkpoint: Option<PathBuf>,
+    /// A VAE (or TAESD) folder, as [`Pipeline::load_with_vae`] takes it.
+    pub vae_dir: Option<PathBuf>,
+    /// TAESD's folder for the previews, as [`Pipeline::load_with_vaes`] takes it.
+    pub preview_dir: Option<PathBuf>,
+    /// LoRAs fused into the weights as they load, in order.
+    pub loras: Vec<LoraSpec>,
+    /// Deterministic random weights from this seed instead of the directory's.
+    pub random_seed: Option<u64>,
+}
+
 /// Loaded SDXL-Turbo models on one device.
 pub struct Pipeline {
     device: Device,
@@ -336,7 +356,35 @@ impl Pipeline {
         dtype: DType,
     ) -> LoadResult<Self> {
         let dir = ModelDir::open(model_dir)?;
-        Self::build(&dir, vae_dir, preview_dir, Source::Files, device, dtype)
+        Self::build(
+            &dir,
+            vae_dir,
+            preview_dir,
+            Source::Files,
+            &[],
+            device,
+            dtype,
+        )
+    }
+
+    /// The pipeline `spec` describes: everything `--model-dir`, `--checkpoint`, `--vae`,
+    /// `--preview-vae`, `--lora` and `--random-weights` resolve to.
+    pub fn load_spec(spec: &LoadSpec, device: &Device, dtype: DType) -> LoadResult<Self> {
+        let dir = ModelDir::open(&spec.dir)?;
+        let source = match (&spec.checkpoint, spec.random_seed) {
+            (Some(checkpoint), _) => Source::Checkpoint(Arc::new(Checkpoint::open(checkpoint)?)),
+            (None, Some(seed)) => Source::Random(seed),
+            (None, None) => Source::Files,
+        };
+        Self::build(
+            &dir,
+            spec.vae_dir.as_deref(),
+            spec.preview_dir.as_deref(),
+            source,
+            &spec.loras,
+            device,
+            dtype,
+        )
     }
 
     /// The weights of a single-file checkpoint (the original SGM layout of
@@ -359,6 +407,7 @@ impl Pipeline {
             vae_dir,
             preview_dir,
             Source::Checkpoint(checkpoint),
+            &[],
             device,
             dtype,
         )
@@ -398,6 +447,7 @@ impl Pipeline {
             vae_dir,
             preview_dir,
             Source::Random(seed),
+            &[],
             device,
             dtype,
         )
@@ -408,6 +458,7 @@ impl Pipeline {
         vae_dir: Option<&Path>,
         preview_dir: Option<&Path>,
         source: Source,
+        loras: &[LoraSpec],
         device: &Device,
         dtype: DType,
     ) -> LoadResult<Self> {
@@ -437,13 +488,23 @@ impl Pipeline {
         let tokenizer_2 = ClipTokenizer::from_dir(&dir.component("tokenizer_2")?)?;
         // A replacement VAE (`--vae fp16-fix`) is read from its folder, not the checkpoint.
         let own_vae = tiny_dir.is_some() || vae_dir == dir.component("vae")?;
+        let loras = loras
+            .iter()
+            .map(|spec| Lora::open(spec).map(Arc::new))
+            .collect::<LoadResult<Vec<_>>>()?;
         let layout = match &source {
             Source::Checkpoint(checkpoint) => {
                 Some(checkpoint_layout(checkpoint, &unet_cfg, &vae_cfg, own_vae)?)
             }
+            // kohya's SDXL LoRAs name the UNet's modules as the original layout does.
+            _ if !loras.is_empty() => Layout::from_configs(&unet_cfg, &vae_cfg).ok(),
             _ => None,
         };
-        let part = |part: Part| layout.as_ref().map(|l| (part, l));
+        let ctx = Adapt {
+            layout: layout.as_ref(),
+            loras: &loras,
+        };
+        let part = |part: Part| Some((part, &ctx));
 
         // The SDXL VAE overflows in f16 (diffusers upcasts it when `force_upcast` is set), so an
         // f16 run decodes in f32; bf16 has f32's range and is safe.
@@ -518,6 +579,14 @@ impl Pipeline {
                     other[0]
                 );
             }
+        }
+        for lora in &loras {
+            lora.ensure_used()?;
+            tracing::info!(
+                "LoRA {}: {} modules fused",
+                lora.path().display(),
+                lora.module_count()
+            );
         }
         Ok(Self {
             device: device.clone(),
@@ -1368,12 +1437,21 @@ fn checkpoint_layout(
     })
 }
 
+/// What every component is adapted with: the layout of the original names (a checkpoint's,
+/// kohya's LoRAs'), and the LoRAs fused in.
+struct Adapt<'a> {
+    layout: Option<&'a Layout>,
+    loras: &'a [Arc<Lora>],
+}
+
 /// Reads one component's weights (or draws random ones) and builds it, naming the file on error
-/// and refusing a checkpoint whose tensors the model did not all read.
+/// and refusing a checkpoint whose tensors the model did not all read. `part`: which of the
+/// pipeline's components this is (`None` for one read from its own folder as is, a `--vae` or
+/// TAESD), with what adapts it.
 fn load_component<T>(
     folder: &Path,
     source: &Source,
-    part: Option<(Part, &Layout)>,
+    part: Option<(Part, &Adapt)>,
     stem: &str,
     dtype: DType,
     device: &Device,
@@ -1387,26 +1465,41 @@ fn load_component<T>(
 fn load_component_but<T>(
     folder: &Path,
     source: &Source,
-    part: Option<(Part, &Layout)>,
+    part: Option<(Part, &Adapt)>,
     stem: &str,
     ignored: &[&str],
     dtype: DType,
     device: &Device,
     build: impl FnOnce(VarBuilder<'_>) -> candle_core::Result<T>,
 ) -> LoadResult<T> {
+    let wrap = |b: Box<dyn SimpleBackend>| match part {
+        Some((p, adapt)) => LoraBackend::wrap(b, p, adapt.loras, adapt.layout),
+        None => b,
+    };
     match (source, part) {
-        (Source::Checkpoint(checkpoint), Some((part, layout))) => {
-            let vb = checkpoint.var_builder(part, layout, dtype, device);
+        (Source::Checkpoint(checkpoint), Some((p, adapt))) => {
+            let layout = adapt.layout.ok_or_else(|| LoadError::Weights {
+                path: checkpoint.path().to_path_buf(),
+                message: "no layout for the checkpoint's names".into(),
+            })?;
+            let backend = wrap(Box::new(checkpoint.backend(p, layout)?));
+            let vb = VarBuilder::from_backend(backend, dtype, device.clone());
             build(vb).map_err(|e| weights_error(checkpoint.path(), e))
         }
-        (Source::Files | Source::Checkpoint(_), _) => {
-            build_checked_but(&find_weights(folder, stem)?, dtype, device, ignored, build)
-        }
+        (Source::Files | Source::Checkpoint(_), _) => build_checked_wrapped(
+            &find_weights(folder, stem)?,
+            dtype,
+            device,
+            ignored,
+            wrap,
+            build,
+        ),
         (Source::Random(seed), _) => {
-            let vb = RandomWeights::new(*seed).into_var_builder(dtype, device);
+            let backend = wrap(Box::new(RandomWeights::new(*seed)));
+            let vb = VarBuilder::from_backend(backend, dtype, device.clone());
             build(vb).map_err(|e| LoadError::Weights {
                 path: folder.to_path_buf(),
-                message: format!("building random weights: {e}"),
+                message: format!("building weights (random, with the LoRAs): {e}"),
             })
         }
     }

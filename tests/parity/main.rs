@@ -5,6 +5,7 @@ mod clip;
 mod common;
 mod img2img;
 mod kernels;
+mod lora;
 mod pipeline;
 mod scheduler;
 mod single_file;

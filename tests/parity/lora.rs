@@ -1,0 +1,200 @@
+//! LoRAs (`--lora`): the tiny model with a kohya-layout LoRA (the UNet's modules under their
+//! original SGM names, alpha = r/2, at scale 0.8) and with a diffusers-layout one (written by
+//! diffusers' `save_lora_weights`) gives diffusers' images with `load_lora_weights` +
+//! `fuse_lora` (scripts/fixtures/ref_lora.py); files that are not such a LoRA, or not one for
+//! this model, are refused with what is wrong.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+use turbine::model::lora::LoraSpec;
+use turbine::model::pipeline::{LoadSpec, Pipeline};
+
+use crate::common::{fixtures, tiny_model};
+use crate::pipeline::run_case_on;
+
+#[derive(Deserialize)]
+struct Case {
+    scale: f64,
+}
+
+fn lora_file(name: &str) -> PathBuf {
+    fixtures().join(format!("reference/lora_{name}.safetensors"))
+}
+
+fn with_loras(loras: Vec<LoraSpec>) -> Result<Pipeline, String> {
+    load(loras)
+}
+
+/// The error loading the tiny model with `loras` gives.
+fn load_err(loras: Vec<LoraSpec>) -> String {
+    match load(loras) {
+        Ok(_) => panic!("the LoRA was accepted"),
+        Err(e) => e,
+    }
+}
+
+fn load(loras: Vec<LoraSpec>) -> Result<Pipeline, String> {
+    let spec = LoadSpec {
+        dir: tiny_model(),
+        loras,
+        ..Default::default()
+    };
+    Pipeline::load_spec(&spec, &Device::Cpu, DType::F32).map_err(|e| e.to_string())
+}
+
+fn run(name: &str) {
+    let cases: HashMap<String, Case> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("reference/lora_cases.json")).unwrap(),
+    )
+    .unwrap();
+    let spec = LoraSpec {
+        path: lora_file(name),
+        scale: cases[name].scale,
+    };
+    let p = with_loras(vec![spec]).unwrap();
+    run_case_on(&p, "one_prompt", &format!("lora_{name}_one_prompt"));
+}
+
+#[test]
+fn a_kohya_lora_matches_diffusers_fuse_lora() {
+    run("kohya");
+}
+
+#[test]
+fn a_diffusers_lora_matches_diffusers_fuse_lora() {
+    run("diffusers");
+}
+
+fn image(p: &Pipeline) -> Vec<u8> {
+    use turbine::model::pipeline::{GenerationSettings, ImageRequest};
+    let settings = GenerationSettings {
+        width: 64,
+        height: 64,
+        steps: 1,
+        guidance_scale: 0.0,
+        init_step: None,
+    };
+    let item = ImageRequest {
+        prompt: "a red bicycle".into(),
+        negative_prompt: String::new(),
+        seed: 11,
+        init_image: None,
+        partials: None,
+    };
+    p.generate(&settings, &[item], None).unwrap().images[0]
+        .as_raw()
+        .clone()
+}
+
+#[test]
+fn scale_zero_is_the_model_itself_and_loras_change_the_image() {
+    let base = image(&Pipeline::load(&tiny_model(), &Device::Cpu, DType::F32).unwrap());
+    let spec = |name: &str, scale: f64| LoraSpec {
+        path: lora_file(name),
+        scale,
+    };
+    let zero = with_loras(vec![spec("kohya", 0.0)]).unwrap();
+    assert!(image(&zero) == base);
+    let one = image(&with_loras(vec![spec("kohya", 0.8)]).unwrap());
+    assert!(one != base);
+    // Two LoRAs add up: both at once differ from either alone.
+    let both = image(&with_loras(vec![spec("kohya", 0.8), spec("diffusers", 1.0)]).unwrap());
+    let other = image(&with_loras(vec![spec("diffusers", 1.0)]).unwrap());
+    assert!(both != one && both != other);
+}
+
+fn tensors(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(lora_file(name), &Device::Cpu).unwrap()
+}
+
+fn write(dir: &Path, name: &str, t: &HashMap<String, Tensor>) -> LoraSpec {
+    let path = dir.join(name);
+    candle_core::safetensors::save(t, &path).unwrap();
+    LoraSpec { path, scale: 1.0 }
+}
+
+#[test]
+fn loras_that_do_not_fit_are_refused_saying_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = |t: &HashMap<String, Tensor>, name: &str| load_err(vec![write(tmp.path(), name, t)]);
+
+    // A module the model does not have (an SD 1.5 LoRA's, say): named, nothing half applied.
+    let mut other = tensors("kohya");
+    let stem = "lora_unet_down_blocks_0_attentions_1_transformer_blocks_0_attn1_to_q";
+    let t = Tensor::ones((2, 8), DType::F16, &Device::Cpu).unwrap();
+    other.insert(format!("{stem}.lora_down.weight"), t.clone());
+    other.insert(format!("{stem}.lora_up.weight"), t.t().unwrap());
+    let e = err(&other, "other.safetensors");
+    assert!(
+        e.contains("1 of the LoRA's") && e.contains(stem) && e.contains("another model"),
+        "{e}"
+    );
+
+    // A module whose shape is not the model's.
+    let mut wide = tensors("kohya");
+    let key = "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight";
+    let rank = wide[key].dim(0).unwrap();
+    wide.insert(
+        key.into(),
+        Tensor::ones((rank, 999), DType::F16, &Device::Cpu).unwrap(),
+    );
+    let e = err(&wide, "wide.safetensors");
+    assert!(
+        e.contains("lora_te1_text_model_encoder_layers_0_mlp_fc1") && e.contains("does not fit"),
+        "{e}"
+    );
+
+    // Half a module.
+    let mut half = tensors("kohya");
+    half.remove("lora_te2_text_model_encoder_layers_1_self_attn_q_proj.lora_up.weight");
+    let e = err(&half, "half.safetensors");
+    assert!(e.contains("lacks its down or its up weight"), "{e}");
+
+    // LyCORIS' LoHa, and files that are no LoRA.
+    let loha: HashMap<String, Tensor> = [(
+        "lora_unet_input_blocks_4_1_proj_in.hada_w1_a".to_string(),
+        t.clone(),
+    )]
+    .into();
+    let e = err(&loha, "loha.safetensors");
+    assert!(e.contains("LoHa") && e.contains("plain LoRAs"), "{e}");
+    let model = tiny_model().join("vae/diffusion_pytorch_model.safetensors");
+    let e = load_err(vec![LoraSpec {
+        path: model,
+        scale: 1.0,
+    }]);
+    assert!(e.contains("not a LoRA this server reads"), "{e}");
+    let e = load_err(vec![LoraSpec {
+        path: tmp.path().join("absent.safetensors"),
+        scale: 1.0,
+    }]);
+    assert!(e.contains("LoRA file not found"), "{e}");
+}
+
+/// A LoRA applies to a single-file checkpoint's weights as to a directory's.
+#[test]
+fn a_lora_on_a_single_file_checkpoint() {
+    let spec = LoadSpec {
+        dir: tiny_model(),
+        checkpoint: Some(crate::tiny_checkpoint::tiny_checkpoint().to_path_buf()),
+        loras: vec![LoraSpec {
+            path: lora_file("kohya"),
+            scale: 0.8,
+        }],
+        ..Default::default()
+    };
+    let with = Pipeline::load_spec(&spec, &Device::Cpu, DType::F32).unwrap();
+    let without = Pipeline::load_spec(
+        &LoadSpec {
+            loras: Vec::new(),
+            ..spec
+        },
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    assert!(image(&with) != image(&without));
+}
