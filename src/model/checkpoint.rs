@@ -491,7 +491,7 @@ impl Checkpoint {
     /// `part`'s view of the file. Each maps the file anew, and the mapping goes with the
     /// component's builder: the pages one component read leave the process's memory once it is
     /// built, as they do with a directory's one file per component (one mapping for the whole
-    /// load held every page read until the end: 1.9 GB more peak RSS for SDXL in bf16).
+    /// load held every page read until the end: 1.85 GiB more peak RSS for SDXL in bf16).
     pub fn backend(&self, part: Part, layout: &Layout) -> LoadResult<ComponentBackend> {
         Ok(ComponentBackend {
             path: self.path.clone(),
