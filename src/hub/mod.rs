@@ -261,23 +261,7 @@ impl ModelArgs {
             });
         }
 
-        let manifest = Manifest::find(&self.models_root, &self.model)?;
-        let dir = self.models_root.join(&manifest.name);
-        let plan = manifest.plan(
-            &dir,
-            self.revision.as_deref(),
-            self.vae.map(VaeVariant::key),
-            self.preview_vae.map(PreviewVae::key),
-            self.models_root != Path::new("models"),
-        )?;
-        let extra_dir = |key: Option<&str>| -> Result<Option<PathBuf>, HubError> {
-            Ok(match key {
-                Some(key) => Some(dir.join(&manifest.vae_extra(key)?.dir)),
-                None => None,
-            })
-        };
-        let vae_dir = extra_dir(self.vae.map(VaeVariant::key))?;
-        let preview_vae_dir = extra_dir(self.preview_vae.map(PreviewVae::key))?;
+        let (dir, plan, vae_dir, preview_vae_dir) = self.manifest_plan()?;
         let origin = self.fetch_missing(&plan, hub)?;
         Ok(ResolvedModel {
             dir,
@@ -324,28 +308,12 @@ impl ModelArgs {
                 origin: Vec::new(),
             });
         }
-        let manifest = Manifest::find(&self.models_root, &self.model)?;
-        let dir = self.models_root.join(&manifest.name);
-        let mut plan = manifest.plan(
-            &dir,
-            self.revision.as_deref(),
-            self.vae.map(VaeVariant::key),
-            self.preview_vae.map(PreviewVae::key),
-            self.models_root != Path::new("models"),
-        )?;
+        let (dir, mut plan, vae_dir, preview_vae_dir) = self.manifest_plan()?;
         for source in plan.sources.iter_mut().filter(|s| s.extra.is_none()) {
             if let Some(files) = &mut source.files {
                 files.retain(|f| !manifest::is_weights_file(f));
             }
         }
-        let extra_dir = |key: Option<&str>| -> Result<Option<PathBuf>, HubError> {
-            Ok(match key {
-                Some(key) => Some(dir.join(&manifest.vae_extra(key)?.dir)),
-                None => None,
-            })
-        };
-        let vae_dir = extra_dir(self.vae.map(VaeVariant::key))?;
-        let preview_vae_dir = extra_dir(self.preview_vae.map(PreviewVae::key))?;
         // Configs already on disk are used as they are, recorded in the lock or not (the
         // repository's own models/sdxl-turbo holds them committed): a checkpoint needs no
         // network unless a file is missing or another revision is asked for.
@@ -369,6 +337,29 @@ impl ModelArgs {
             loras: self.loras.clone(),
             origin,
         })
+    }
+
+    /// MODELS_ROOT/NAME from the manifest: the directory, the plan that fills it (with the
+    /// extras `--vae` and `--preview-vae` ask for) and those extras' folders.
+    fn manifest_plan(&self) -> Result<(PathBuf, Plan, Option<PathBuf>, Option<PathBuf>), HubError> {
+        let manifest = Manifest::find(&self.models_root, &self.model)?;
+        let dir = self.models_root.join(&manifest.name);
+        let plan = manifest.plan(
+            &dir,
+            self.revision.as_deref(),
+            self.vae.map(VaeVariant::key),
+            self.preview_vae.map(PreviewVae::key),
+            self.models_root != Path::new("models"),
+        )?;
+        let extra_dir = |key: Option<&str>| -> Result<Option<PathBuf>, HubError> {
+            Ok(match key {
+                Some(key) => Some(dir.join(&manifest.vae_extra(key)?.dir)),
+                None => None,
+            })
+        };
+        let vae_dir = extra_dir(self.vae.map(VaeVariant::key))?;
+        let preview_vae_dir = extra_dir(self.preview_vae.map(PreviewVae::key))?;
+        Ok((dir, plan, vae_dir, preview_vae_dir))
     }
 
     /// The plan's files on disk: those complete and recorded in the lock are used as they are;

@@ -462,6 +462,7 @@ impl Pipeline {
         device: &Device,
         dtype: DType,
     ) -> LoadResult<Self> {
+        let replaced_vae = vae_dir.is_some();
         let (vae_dir, tiny_dir) = match vae_dir {
             Some(d) => {
                 let d = ModelDir::open(d)?.root().to_path_buf();
@@ -486,8 +487,9 @@ impl Pipeline {
         )?;
         let tokenizer = ClipTokenizer::from_dir(&dir.component("tokenizer")?)?;
         let tokenizer_2 = ClipTokenizer::from_dir(&dir.component("tokenizer_2")?)?;
-        // A replacement VAE (`--vae fp16-fix`) is read from its folder, not the checkpoint.
-        let own_vae = tiny_dir.is_some() || vae_dir == dir.component("vae")?;
+        // A replacement VAE (`--vae fp16-fix`) is read from its folder, not the checkpoint;
+        // with TAESD (`--vae taesdxl`) the model's own VAE still encodes.
+        let own_vae = !replaced_vae || tiny_dir.is_some();
         let loras = loras
             .iter()
             .map(|spec| Lora::open(spec).map(Arc::new))

@@ -52,3 +52,26 @@ pub fn assert_close(what: &str, ours: &Tensor, theirs: &Tensor, tol: f32) {
     eprintln!("{what}: relative error {e:.3e} (tolerance {tol:.0e})");
     assert!(e <= tol, "{what}: relative error {e:.3e} > {tol:.0e}");
 }
+
+/// The 8-bit pixels of one 64x64 one-step image of "a red bicycle" (seed 11) from `p`: for
+/// tests that compare what two ways of loading weights make.
+pub fn bicycle(p: &turbine::model::pipeline::Pipeline) -> Vec<u8> {
+    use turbine::model::pipeline::{GenerationSettings, ImageRequest};
+    let settings = GenerationSettings {
+        width: 64,
+        height: 64,
+        steps: 1,
+        guidance_scale: 0.0,
+        init_step: None,
+    };
+    let item = ImageRequest {
+        prompt: "a red bicycle".into(),
+        negative_prompt: String::new(),
+        seed: 11,
+        init_image: None,
+        partials: None,
+    };
+    p.generate(&settings, &[item], None).unwrap().images[0]
+        .as_raw()
+        .clone()
+}

@@ -69,24 +69,7 @@ fn a_diffusers_lora_matches_diffusers_fuse_lora() {
 }
 
 fn image(p: &Pipeline) -> Vec<u8> {
-    use turbine::model::pipeline::{GenerationSettings, ImageRequest};
-    let settings = GenerationSettings {
-        width: 64,
-        height: 64,
-        steps: 1,
-        guidance_scale: 0.0,
-        init_step: None,
-    };
-    let item = ImageRequest {
-        prompt: "a red bicycle".into(),
-        negative_prompt: String::new(),
-        seed: 11,
-        init_image: None,
-        partials: None,
-    };
-    p.generate(&settings, &[item], None).unwrap().images[0]
-        .as_raw()
-        .clone()
+    crate::common::bicycle(p)
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
-use turbine::model::pipeline::{GenerationSettings, ImageRequest, Pipeline};
+use turbine::model::pipeline::Pipeline;
 
 use crate::common::tiny_model;
 use crate::pipeline::run_case_on;
@@ -67,23 +67,7 @@ fn load_err(config_dir: &Path, file: &Path, vae_dir: Option<&Path>) -> String {
 }
 
 fn image(p: &Pipeline) -> Vec<u8> {
-    let settings = GenerationSettings {
-        width: 64,
-        height: 64,
-        steps: 1,
-        guidance_scale: 0.0,
-        init_step: None,
-    };
-    let item = ImageRequest {
-        prompt: "a red bicycle".into(),
-        negative_prompt: String::new(),
-        seed: 11,
-        init_image: None,
-        partials: None,
-    };
-    p.generate(&settings, &[item], None).unwrap().images[0]
-        .as_raw()
-        .clone()
+    crate::common::bicycle(p)
 }
 
 #[test]
