@@ -25,7 +25,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 
-use super::loader::{LoadError, LoadResult, Requested};
+use super::loader::{map_safetensors, LoadError, LoadResult, Requested};
 use super::unet::UNet2DConditionConfig;
 use super::vae::AutoencoderKLConfig;
 
@@ -359,22 +359,17 @@ fn open_clip(name: &str) -> Option<Read> {
 
 /// Maps a single-file checkpoint read-only.
 fn map(path: &Path) -> LoadResult<candle_core::safetensors::MmapedSafetensors> {
-    // SAFETY: mapped read-only, as the component files are (see loader.rs).
-    unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| {
-        LoadError::Weights {
-            path: path.to_path_buf(),
-            message: format!(
-                "not a readable safetensors file: {e} (single-file checkpoints are read in the \
-                 safetensors format only; a .ckpt or .pt pickle is not loaded)"
-            ),
-        }
-    })
+    map_safetensors(
+        path,
+        " (single-file checkpoints are read in the safetensors format only; a .ckpt or .pt \
+         pickle is not loaded)",
+    )
 }
 
 /// A single-file checkpoint: its tensors' names and shapes, and what the model read.
 pub struct Checkpoint {
     path: PathBuf,
-    shapes: BTreeMap<String, Vec<usize>>,
+    shapes: Arc<BTreeMap<String, Vec<usize>>>,
     vae_prefix: &'static str,
     requested: Requested,
 }
@@ -410,7 +405,7 @@ impl Checkpoint {
             .unwrap_or(VAE_PREFIXES[0]);
         let checkpoint = Self {
             path: path.to_path_buf(),
-            shapes,
+            shapes: Arc::new(shapes),
             vae_prefix,
             requested: Requested::default(),
         };
@@ -553,7 +548,7 @@ impl Checkpoint {
 pub struct ComponentBackend {
     path: PathBuf,
     inner: Arc<candle_core::safetensors::MmapedSafetensors>,
-    shapes: BTreeMap<String, Vec<usize>>,
+    shapes: Arc<BTreeMap<String, Vec<usize>>>,
     part: Part,
     layout: Layout,
     vae_prefix: &'static str,
@@ -588,6 +583,14 @@ impl ComponentBackend {
         Ok((read, shape))
     }
 
+    /// Notes that the model read `read`'s stored tensor (found by [`Self::locate`]).
+    fn record(&self, read: &Read) {
+        if let Some(stored) = self.shapes.get(read.source()) {
+            self.requested
+                .record(read.source(), &Shape::from(stored.as_slice()));
+        }
+    }
+
     fn read(&self, read: &Read, dev: &Device) -> candle_core::Result<Tensor> {
         let t = self.inner.load(read.source(), dev)?;
         Ok(match read {
@@ -615,10 +618,7 @@ impl SimpleBackend for ComponentBackend {
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let (read, shape) = self.locate(name)?;
-        self.requested.record(
-            read.source(),
-            &Shape::from(self.shapes[read.source()].clone()),
-        );
+        self.record(&read);
         if shape != s.dims() {
             return Err(candle_core::Error::Msg(format!(
                 "tensor `{}` in {} gives the {:?}'s `{name}` shape {shape:?}, but the config \
@@ -634,10 +634,7 @@ impl SimpleBackend for ComponentBackend {
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let (read, _) = self.locate(name)?;
-        self.requested.record(
-            read.source(),
-            &Shape::from(self.shapes[read.source()].clone()),
-        );
+        self.record(&read);
         self.read(&read, dev)?.to_dtype(dtype)
     }
 

@@ -148,6 +148,22 @@ impl Requested {
     }
 }
 
+/// Maps the safetensors file `path` read-only; a file that is not one is an error naming it,
+/// its message ending with `hint`.
+pub(crate) fn map_safetensors(
+    path: &Path,
+    hint: &str,
+) -> LoadResult<candle_core::safetensors::MmapedSafetensors> {
+    // SAFETY: the file is mapped read-only; turbine never writes model files while serving
+    // them, and a user truncating weights under a running server is outside what we guard.
+    unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| {
+        LoadError::Weights {
+            path: path.to_path_buf(),
+            message: format!("not a readable safetensors file: {e}{hint}"),
+        }
+    })
+}
+
 /// Memory-mapped safetensors files, recording which tensors were read.
 pub struct SafetensorsBackend {
     path: PathBuf,
@@ -163,15 +179,7 @@ impl SafetensorsBackend {
                 what: "weights file not found".into(),
             });
         }
-        // SAFETY: the file is mapped read-only; turbine never writes model files while serving
-        // them, and a user truncating weights under a running server is outside what we guard.
-        let inner =
-            unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }.map_err(|e| {
-                LoadError::Weights {
-                    path: path.to_path_buf(),
-                    message: format!("not a readable safetensors file: {e}"),
-                }
-            })?;
+        let inner = map_safetensors(path, "")?;
         Ok(Self {
             path: path.to_path_buf(),
             inner,

@@ -253,6 +253,19 @@ impl Lora {
         }
     }
 
+    /// The module (and its name in the file) that adapts `part`'s weight `name`, if any.
+    fn module(
+        &self,
+        part: Part,
+        name: &str,
+        layout: Option<&Layout>,
+    ) -> Option<(&String, &Module)> {
+        let module = name.strip_suffix(".weight")?;
+        Self::candidates(part, module, layout)
+            .into_iter()
+            .find_map(|c| self.modules.get_key_value(&c))
+    }
+
     /// `scale * alpha / rank * up @ down` for the weight `name` of `part` (shape `shape`), in
     /// f32 on the CPU; `None` when this LoRA does not adapt it.
     fn delta(
@@ -262,13 +275,7 @@ impl Lora {
         shape: &[usize],
         layout: Option<&Layout>,
     ) -> candle_core::Result<Option<Tensor>> {
-        let Some(module) = name.strip_suffix(".weight") else {
-            return Ok(None);
-        };
-        let Some((stem, m)) = Self::candidates(part, module, layout)
-            .into_iter()
-            .find_map(|c| self.modules.get_key_value(&c))
-        else {
+        let Some((stem, m)) = self.module(part, name, layout) else {
             return Ok(None);
         };
         let rank = m.down.dim(0)?;
@@ -296,9 +303,8 @@ impl Lora {
         Ok(Some(delta))
     }
 
-    /// Fails, naming them, when modules of the LoRA found no weight in the model (`parts`: the
-    /// parts that were built with it; a LoRA's modules for a part loaded without it, as none
-    /// is, would be listed too).
+    /// Fails, naming them, when modules of the LoRA found no weight in the model (call it once
+    /// every component is built).
     pub fn ensure_used(&self) -> LoadResult<()> {
         let used = self.used.lock().map(|u| u.clone()).unwrap_or_default();
         let unused: Vec<&String> = self.modules.keys().filter(|k| !used.contains(*k)).collect();
@@ -389,6 +395,14 @@ impl SimpleBackend for LoraBackend {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let layout = self.layout.as_ref();
+        let adapted = self
+            .loras
+            .iter()
+            .any(|l| l.module(self.part, name, layout).is_some());
+        if !adapted {
+            return self.inner.get_unchecked(name, dtype, dev);
+        }
         let w = self.inner.get_unchecked(name, DType::F32, dev)?;
         match self.deltas(name, w.dims())? {
             None => w.to_dtype(dtype),
