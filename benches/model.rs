@@ -113,6 +113,7 @@ fn stages(c: &mut Criterion) {
         steps: 1,
         guidance_scale: 0.0,
         init_step: None,
+        adapter: None,
     };
     let (lc, lh, lw) = p.latent_shape(&settings);
 
@@ -209,6 +210,7 @@ fn pipeline(c: &mut Criterion) {
         steps: 1,
         guidance_scale: 0.0,
         init_step: None,
+        adapter: None,
     };
     batch_scaling(c, &s, "pipeline", &settings, None);
 

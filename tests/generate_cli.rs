@@ -463,6 +463,7 @@ fn an_edits_noise_can_all_be_given() {
         steps,
         guidance_scale: 0.0,
         init_step: Some(start),
+        adapter: None,
     };
     let items: Vec<ImageRequest> = ["a photo of a cat", "snow"]
         .iter()

@@ -857,6 +857,7 @@ fn a_checkpoint_fetches_the_configs_and_tokenizers_but_no_weights() {
         steps: 1,
         guidance_scale: 0.0,
         init_step: None,
+        adapter: None,
     };
     let item = ImageRequest {
         prompt: "a lighthouse at dusk".into(),
@@ -1068,6 +1069,7 @@ fn an_image_is_generated_from_the_downloaded_directory() {
         steps: 2,
         guidance_scale: 0.0,
         init_step: None,
+        adapter: None,
     };
     let items = [ImageRequest {
         prompt: "a lighthouse at dusk".into(),
@@ -1307,6 +1309,80 @@ fn serve_runs_a_single_file_checkpoint() {
         log.contains("with weights from") && log.contains("tiny_sdxl_turbo_fp16.safetensors"),
         "{log}"
     );
+}
+
+/// `serve --lora-modules NAME=FILE:SCALE` (and its environment variable) serves the LoRA under
+/// NAME next to the model; a NAME that is already the model's is refused before anything loads.
+#[test]
+fn serve_serves_lora_modules_by_name() {
+    let hub = FakeHub::start();
+    hub.add_repo(
+        "stabilityai/sdxl-turbo",
+        support::tiny_as_sdxl_turbo(),
+        None,
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let lora = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/reference/lora_kohya.safetensors");
+    let module = format!("ink={}:0.8", lora.display());
+    let s = serve_from(&hub, tmp.path(), &["--lora-modules", &module]);
+    let client = reqwest::blocking::Client::new();
+    let start = std::time::Instant::now();
+    while client
+        .get(format!("{}/health", s.base))
+        .send()
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "never became ready: {:?}",
+            s.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let models: serde_json::Value = client
+        .get(format!("{}/v1/models", s.base))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&"ink") && ids.contains(&"sdxl-turbo"),
+        "{models}"
+    );
+    let image = |model: &str| -> String {
+        let r = client
+            .post(format!("{}/v1/images/generations", s.base))
+            .json(&serde_json::json!({"prompt": "a lighthouse at dusk", "seed": 3, "model": model}))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let body: serde_json::Value = r.json().unwrap();
+        body["data"][0]["b64_json"].as_str().unwrap().to_string()
+    };
+    assert_ne!(image("ink"), image("sdxl-turbo"));
+    assert_eq!(image("sdxl-turbo"), image("gpt-image-1"));
+    let log = s.log.lock().unwrap().join("\n");
+    assert!(log.contains("adapter ink"), "{log}");
+
+    let out = serve_command(tmp.path(), &hub.endpoint, "0")
+        .env(
+            "TURBINE_LORA_MODULES",
+            format!("sdxl-turbo={}", lora.display()),
+        )
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--lora-modules sdxl-turbo"), "{stderr}");
 }
 
 /// A download that fails now fails a server that is already listening: it still exits with

@@ -2594,6 +2594,7 @@ fn image_edits_on_cuda_match_the_cpu() {
         steps: 4,
         guidance_scale: 0.0,
         init_step: Some(2),
+        adapter: None,
     };
     let model = tiny_model();
     let reference = Pipeline::load(&model, &Device::Cpu, DType::F32)

@@ -923,6 +923,123 @@ fn the_servers_default_steps_and_guidance_apply_to_plain_requests() {
     assert_eq!(images(&own), images(&plain.generate_ok(&body)));
 }
 
+/// `--lora-modules`: a LoRA served under its own name. `GET /v1/models` lists it with the model
+/// it adapts; a request naming it gets the image of the model with the LoRA fused, one naming
+/// the model (or an alias) the model's own, and requests for both at once are batched apart
+/// and still get exactly those.
+#[test]
+fn a_lora_module_is_served_under_its_own_name() {
+    use turbine::model::lora::{AdapterSpec, LoraSpec};
+    use turbine::model::pipeline::LoadSpec;
+    let lora = LoraSpec {
+        path: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/reference/lora_kohya.safetensors"),
+        scale: 0.8,
+    };
+    let spec = LoadSpec {
+        dir: model_dir(),
+        adapters: vec![AdapterSpec {
+            name: "ink".into(),
+            loras: vec![lora.clone()],
+        }],
+        ..Default::default()
+    };
+    let mut config = test_config();
+    config.model.adapters = vec!["ink".into()];
+    config.batching.max_batch_size = 8;
+    config.batching.max_batch_delay = Duration::from_millis(100);
+    let load = spec.clone();
+    let backend: MakeBackend =
+        Box::new(move |_| Box::new(Pipeline::load_spec(&load, &Device::Cpu, DType::F32).unwrap()));
+    let s = Arc::new(TestServer::start_devices(config, vec![("cpu", backend)]));
+
+    let models: Value = s
+        .client
+        .get(s.url("/v1/models"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let ink = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "ink")
+        .unwrap_or_else(|| panic!("{models}"));
+    assert_eq!(ink["parent"], "sdxl-turbo");
+    assert!(models["data"][0].get("parent").is_none(), "{models}");
+    let one = s.client.get(s.url("/v1/models/ink")).send().unwrap();
+    assert_eq!(one.status(), 200);
+    assert_eq!(one.json::<Value>().unwrap()["parent"], "sdxl-turbo");
+
+    // What the library makes: the model, and the model loaded with `--lora`.
+    let expected = |loras: Vec<LoraSpec>| -> Vec<RgbImage> {
+        let spec = LoadSpec {
+            dir: model_dir(),
+            loras,
+            ..Default::default()
+        };
+        let p = Pipeline::load_spec(&spec, &Device::Cpu, DType::F32).unwrap();
+        let settings = GenerationSettings {
+            width: 64,
+            height: 64,
+            steps: 1,
+            guidance_scale: 0.0,
+            init_step: None,
+            adapter: None,
+        };
+        (0..4)
+            .map(|i| {
+                let item = ImageRequest {
+                    prompt: format!("a harbour, print {i}"),
+                    negative_prompt: String::new(),
+                    seed: 50 + i,
+                    init_image: None,
+                    partials: None,
+                };
+                p.generate(&settings, &[item], None)
+                    .unwrap()
+                    .images
+                    .remove(0)
+            })
+            .collect()
+    };
+    let (own, fused) = (expected(Vec::new()), expected(vec![lora]));
+
+    let batches_before = s.metric("turbine_batch_size_count");
+    let barrier = Arc::new(Barrier::new(8));
+    let handles: Vec<_> = (0..8u64)
+        .map(|k| {
+            let (s, barrier) = (s.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let (i, model) = (k % 4, ["ink", "dall-e-3"][(k / 4) as usize]);
+                let body = json!({"prompt": format!("a harbour, print {i}"), "seed": 50 + i,
+                                  "model": model, "response_format": "b64_json"});
+                barrier.wait();
+                images(&s.generate_ok(&body)).remove(0)
+            })
+        })
+        .collect();
+    let got: Vec<RgbImage> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for i in 0..4 {
+        assert!(got[i] == fused[i], "ink image {i} is not the fused model's");
+        assert!(
+            got[4 + i] == own[i],
+            "model image {i} is not the model's own"
+        );
+        assert!(fused[i] != own[i]);
+    }
+    // Eight images of two models: at least two batches; the adapter's four counted as its.
+    assert!(s.metric("turbine_batch_size_count") - batches_before >= 2.0);
+    assert_eq!(s.metric("turbine_adapter_images_total{model=\"ink\"}"), 4.0);
+
+    // A name that is neither: 404 in OpenAI's shape.
+    let r = s.generate(&json!({"prompt": "p", "model": "inks"}));
+    assert_eq!(r.status(), 404);
+    let body: Value = r.json().unwrap();
+    assert_eq!(body["error"]["code"], "model_not_found", "{body}");
+}
+
 #[test]
 fn sixteen_concurrent_requests_batch_and_match_images_generated_alone() {
     let mut config = test_config();
@@ -3225,6 +3342,7 @@ fn serve_decodes_previews_with_taesd_when_asked() {
         steps: 1,
         guidance_scale: 0.0,
         init_step: None,
+        adapter: None,
     };
     let item = ImageRequest {
         prompt: prompt.into(),
@@ -3465,6 +3583,7 @@ fn edits_take_a_multipart_image_and_match_the_pipeline() {
         steps,
         guidance_scale: 0.0,
         init_step: Some(start),
+        adapter: None,
     };
     let items: Vec<ImageRequest> = (11..13)
         .map(|seed| ImageRequest {
@@ -3654,6 +3773,7 @@ fn edits_read_photos_upright_and_lay_markups_over_them() {
             steps: schedule,
             guidance_scale: 0.0,
             init_step: Some(start),
+            adapter: None,
         };
         let item = ImageRequest {
             prompt: prompt.into(),

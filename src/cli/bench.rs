@@ -997,6 +997,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         steps: schedule_steps,
         guidance_scale: args.guidance,
         init_step,
+        adapter: None,
     };
     // Edits: one input image for every image, smooth gradients (a photo's statistics matter
     // little to the encoder's time).

@@ -265,6 +265,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         steps: schedule_steps,
         guidance_scale: args.guidance,
         init_step,
+        adapter: None,
     };
     pipeline
         .validate(&settings, n)

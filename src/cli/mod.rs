@@ -17,12 +17,13 @@ use crate::model::pipeline::Pipeline;
 /// Resolves `--model/--model-dir/--checkpoint/--random-weights/--vae/--preview-vae` (downloading missing weights unless
 /// offline) and loads the pipeline: the one way every command gets its model.
 pub fn load_pipeline(model: &ModelArgs, device: &Device, dtype: DType) -> anyhow::Result<Pipeline> {
-    load_resolved(&model.resolve()?, device, dtype)
+    load_resolved(&model.resolve()?, &[], device, dtype)
 }
 
-/// The pipeline of a model already resolved.
+/// The pipeline of a model already resolved, with `adapters` (`--lora-modules`) next to it.
 pub fn load_resolved(
     m: &crate::hub::ResolvedModel,
+    adapters: &[crate::model::lora::AdapterSpec],
     device: &Device,
     dtype: DType,
 ) -> anyhow::Result<Pipeline> {
@@ -33,6 +34,7 @@ pub fn load_resolved(
         preview_dir: m.preview_vae_dir.clone(),
         loras: m.loras.clone(),
         random_seed: m.random_weights.then_some(0),
+        adapters: adapters.to_vec(),
     };
     Ok(Pipeline::load_spec(&spec, device, dtype)?)
 }

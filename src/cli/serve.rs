@@ -106,6 +106,22 @@ pub struct DeviceArgs {
         default_value = "gpt-image-*,chatgpt-image-*,dall-e-2,dall-e-3"
     )]
     pub model_aliases: Vec<String>,
+    /// Serve a LoRA under its own model name next to the model, as NAME=FILE or
+    /// NAME=FILE:SCALE (vLLM's flag): a request whose `model` is NAME gets images with the LoRA,
+    /// other requests the model's own. Repeat it (or separate with commas) for more; one NAME
+    /// given twice stacks both LoRAs. Each adapter is fused in at load into its own copy of the
+    /// weights its LoRAs adapt (device memory about their size; no cost per image) and shares
+    /// the rest; a batch holds one adapter's images.
+    #[arg(long = "lora-modules", env = "TURBINE_LORA_MODULES", value_delimiter = ',',
+          value_parser = crate::model::lora::AdapterSpec::parse)]
+    pub lora_modules: Vec<crate::model::lora::AdapterSpec>,
+}
+
+impl DeviceArgs {
+    /// `--lora-modules`, one adapter per name.
+    pub fn adapters(&self) -> Vec<crate::model::lora::AdapterSpec> {
+        crate::model::lora::AdapterSpec::merged(&self.lora_modules)
+    }
 }
 
 /// Listening and request lifetime.
@@ -410,6 +426,12 @@ impl Args {
             model: ModelIdentity {
                 id: self.devices.served_model_name.clone(),
                 aliases: trimmed(&self.devices.model_aliases),
+                adapters: self
+                    .devices
+                    .adapters()
+                    .into_iter()
+                    .map(|a| a.name)
+                    .collect(),
             },
             limits: RequestLimits {
                 min_side: self.limits.min_image_side,
@@ -532,13 +554,14 @@ pub fn worker_specs(
                 .map_err(|e| UsageError(format!("--dtype: {e:#}")))?;
             let (model, tokens) = (model.clone(), tokens.clone());
             let prompt_cache_entries = devices.prompt_cache_entries;
+            let adapters = devices.adapters();
             let factory: crate::server::BackendFactory = Box::new(move || {
                 let resolved = model.resolve()?;
                 if let Some(tokens) = tokens.filter(|t| t.get().is_none()) {
                     tracing::info!("model: {resolved}; kernels: {}", crate::ops::kernels());
                     let _ = tokens.set(token_counter(&resolved.dir)?);
                 }
-                let mut pipeline = crate::cli::load_resolved(&resolved, &device, dtype)?;
+                let mut pipeline = crate::cli::load_resolved(&resolved, &adapters, &device, dtype)?;
                 pipeline.set_prompt_cache_entries(prompt_cache_entries);
                 Ok(Box::new(pipeline) as Box<dyn ImageBackend>)
             });

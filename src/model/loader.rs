@@ -499,6 +499,182 @@ impl SimpleBackend for RecordingBackend {
     }
 }
 
+thread_local! {
+    static DERIVED: std::cell::RefCell<Option<DerivedMemo>> = const { std::cell::RefCell::new(None) };
+}
+
+type DerivedMemo = std::collections::HashMap<(Vec<candle_core::TensorId>, String), Tensor>;
+
+/// While alive, tensors that layers derive from their weights at build time on this thread
+/// ([`derived`]: a transposed copy, a scaled one) are remembered, so that a second build from
+/// the same weights (a `--lora-modules` adapter's, served from [`Kept`]) shares the first's
+/// copies instead of making its own.
+pub struct SharedDerivations(());
+
+impl SharedDerivations {
+    pub fn start() -> Self {
+        DERIVED.with(|d| *d.borrow_mut() = Some(Default::default()));
+        Self(())
+    }
+}
+
+impl Drop for SharedDerivations {
+    fn drop(&mut self) {
+        DERIVED.with(|d| *d.borrow_mut() = None);
+    }
+}
+
+/// `make()`, a tensor derived from `from` as `how` says; while [`SharedDerivations`] is alive,
+/// the one made earlier from the very same tensors the same way, if any.
+pub fn derived(
+    from: &[&Tensor],
+    how: impl Into<String>,
+    make: impl FnOnce() -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let sharing = DERIVED.with(|d| d.borrow().is_some());
+    if !sharing {
+        return make();
+    }
+    let key = (from.iter().map(|t| t.id()).collect::<Vec<_>>(), how.into());
+    if let Some(t) = DERIVED.with(|d| d.borrow().as_ref().and_then(|m| m.get(&key).cloned())) {
+        return Ok(t);
+    }
+    let t = make()?;
+    DERIVED.with(|d| {
+        if let Some(m) = d.borrow_mut().as_mut() {
+            m.insert(key, t.clone());
+        }
+    });
+    Ok(t)
+}
+
+/// The tensors a component was built from, by name, as the model received them: another build
+/// of the component (a `--lora-modules` adapter's) is served from these, sharing their memory,
+/// instead of reading the weights again and holding a second copy.
+#[derive(Clone, Default)]
+pub struct Kept(Arc<Mutex<BTreeMap<String, Tensor>>>);
+
+impl Kept {
+    /// `inner`, with every tensor it hands out kept here. With `transposed_matrices`, each
+    /// matrix is handed out (and kept) as a view of its transpose laid out contiguously: what
+    /// the UNet's linear layers hold ([`crate::model::unet::layers::Linear`]), which then take
+    /// it as it is instead of keeping a transposed copy beside the kept original.
+    pub fn keeping(
+        &self,
+        inner: Box<dyn SimpleBackend>,
+        transposed_matrices: bool,
+    ) -> Box<dyn SimpleBackend> {
+        Box::new(KeepBackend {
+            inner,
+            kept: self.clone(),
+            transposed_matrices,
+        })
+    }
+
+    /// A backend that hands out the kept tensors, and fails on a name that was not kept.
+    pub fn backend(&self) -> Box<dyn SimpleBackend> {
+        Box::new(KeptBackend(self.clone()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().map(|k| k.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn insert(&self, name: &str, t: &Tensor) {
+        if let Ok(mut kept) = self.0.lock() {
+            kept.insert(name.to_string(), t.clone());
+        }
+    }
+
+    fn get(&self, name: &str) -> candle_core::Result<Tensor> {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|k| k.get(name).cloned())
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "`{name}` was not read by the model's own build (this is a bug)"
+                ))
+            })
+    }
+}
+
+struct KeepBackend {
+    inner: Box<dyn SimpleBackend>,
+    kept: Kept,
+    transposed_matrices: bool,
+}
+
+impl KeepBackend {
+    fn keep(&self, name: &str, t: Tensor) -> candle_core::Result<Tensor> {
+        let t = if self.transposed_matrices && t.rank() == 2 && t.stride().iter().all(|&s| s > 0) {
+            t.t()?.contiguous()?.t()?
+        } else {
+            t
+        };
+        self.kept.insert(name, &t);
+        Ok(t)
+    }
+}
+
+impl SimpleBackend for KeepBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.inner.get(s, name, init, dtype, dev)?;
+        self.keep(name, t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.inner.get_unchecked(name, dtype, dev)?;
+        self.keep(name, t)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
+}
+
+struct KeptBackend(Kept);
+
+impl SimpleBackend for KeptBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.0.get(name)?;
+        if t.shape() != &s {
+            return Err(candle_core::Error::Msg(format!(
+                "`{name}` was kept as {:?}, asked for as {:?} (this is a bug)",
+                t.dims(),
+                s.dims()
+            )));
+        }
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.get(name)?.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0 .0.lock().is_ok_and(|k| k.contains_key(name))
+    }
+}
+
 /// Names that appear in exactly one of two tensor lists, or with different shapes.
 pub fn diff_tensor_lists(
     ours: &BTreeMap<String, Vec<usize>>,

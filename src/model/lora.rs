@@ -60,6 +60,54 @@ impl LoraSpec {
     }
 }
 
+/// `--lora-modules NAME=FILE[:SCALE]`: a LoRA served under its own model name, next to the
+/// model itself (vLLM's flag). Several specs with one name stack their LoRAs in one adapter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterSpec {
+    /// The model name requests give in `model` to get images with these LoRAs.
+    pub name: String,
+    pub loras: Vec<LoraSpec>,
+}
+
+impl AdapterSpec {
+    /// `NAME=FILE` or `NAME=FILE:SCALE`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let usage = "--lora-modules takes NAME=FILE or NAME=FILE:SCALE";
+        let (name, lora) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{usage}, got {s:?}"))?;
+        let name = name.trim();
+        if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!(
+                "{usage}: the name {name:?} must be non-empty, without spaces"
+            ));
+        }
+        if name.ends_with('*') {
+            return Err(format!(
+                "--lora-modules {s}: a name ending in `*` would read as a prefix; name it plainly"
+            ));
+        }
+        let lora = LoraSpec::parse(lora).map_err(|e| e.replace("--lora", "--lora-modules"))?;
+        Ok(Self {
+            name: name.to_string(),
+            loras: vec![lora],
+        })
+    }
+
+    /// One adapter per name, in the order the names first appear, each with its specs' LoRAs
+    /// in order.
+    pub fn merged(specs: &[AdapterSpec]) -> Vec<AdapterSpec> {
+        let mut out: Vec<AdapterSpec> = Vec::new();
+        for spec in specs {
+            match out.iter_mut().find(|a| a.name == spec.name) {
+                Some(a) => a.loras.extend(spec.loras.iter().cloned()),
+                None => out.push(spec.clone()),
+            }
+        }
+        out
+    }
+}
+
 /// One adapted module: `up @ down`, scaled by `alpha / rank`.
 struct Module {
     down: Tensor,
@@ -212,6 +260,11 @@ impl Lora {
 
     pub fn module_count(&self) -> usize {
         self.modules.len()
+    }
+
+    /// How many of the LoRA's modules the model has taken so far.
+    pub fn used_count(&self) -> usize {
+        self.used.lock().map(|u| u.len()).unwrap_or(0)
     }
 
     /// The names a LoRA may give `part`'s module `module` (a diffusers name without
@@ -436,6 +489,43 @@ mod tests {
         );
         assert!(LoraSpec::parse("a.safetensors:inf").is_err());
         assert!(LoraSpec::parse("").is_err());
+    }
+
+    #[test]
+    fn an_adapter_is_a_name_and_a_lora() {
+        let a = AdapterSpec::parse("pixel-art=loras/pixel.safetensors:0.7").unwrap();
+        assert_eq!(a.name, "pixel-art");
+        assert_eq!(
+            a.loras,
+            [LoraSpec {
+                path: "loras/pixel.safetensors".into(),
+                scale: 0.7
+            }]
+        );
+        // An `=` in the path is the path's.
+        let a = AdapterSpec::parse("x=dir/a=b.safetensors").unwrap();
+        assert_eq!((a.name.as_str(), a.loras[0].scale), ("x", 1.0));
+        assert_eq!(a.loras[0].path, Path::new("dir/a=b.safetensors"));
+        for bad in [
+            "pixel.safetensors",
+            "=a.safetensors",
+            "my style=a.safetensors",
+            "x=",
+        ] {
+            let e = AdapterSpec::parse(bad).unwrap_err();
+            assert!(e.contains("--lora-modules"), "{bad}: {e}");
+        }
+        assert!(AdapterSpec::parse("gpt-*=a.safetensors").is_err());
+        // One name given twice stacks; the order of first appearance is kept.
+        let specs: Vec<AdapterSpec> = ["b=1.safetensors", "a=2.safetensors", "b=3.safetensors:0.5"]
+            .iter()
+            .map(|s| AdapterSpec::parse(s).unwrap())
+            .collect();
+        let merged = AdapterSpec::merged(&specs);
+        let names: Vec<&str> = merged.iter().map(|a| a.name.as_str()).collect();
+        assert_eq!(names, ["b", "a"]);
+        assert_eq!(merged[0].loras.len(), 2);
+        assert_eq!(merged[0].loras[1].scale, 0.5);
     }
 
     #[test]

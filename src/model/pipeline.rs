@@ -30,10 +30,10 @@ use crate::model::checkpoint::{Checkpoint, Layout, Part};
 use crate::model::chunks::MAX_TENSOR_ELEMENTS;
 use crate::model::clip::{ClipTextConfig, ClipTextModel};
 use crate::model::loader::{
-    build_checked_wrapped, find_weights, read_json, weights_error, LoadError, LoadResult, ModelDir,
-    RandomWeights,
+    build_checked_wrapped, find_weights, read_json, weights_error, Kept, LoadError, LoadResult,
+    ModelDir, RandomWeights, SharedDerivations,
 };
-use crate::model::lora::{Lora, LoraBackend, LoraSpec};
+use crate::model::lora::{AdapterSpec, Lora, LoraBackend, LoraSpec};
 use crate::model::noise;
 use crate::model::profile::{self, Mark};
 use crate::model::prompt_cache::PromptCache;
@@ -58,6 +58,9 @@ pub struct GenerationSettings {
     /// `steps`-step schedule (diffusers' `t_start`, [`img2img_start`]), and run the steps from
     /// there. `None`: text-to-image from pure noise.
     pub init_step: Option<usize>,
+    /// The `--lora-modules` adapter the images are made with (an index into
+    /// [`Pipeline::adapter_names`]); `None`: the model as loaded.
+    pub adapter: Option<usize>,
 }
 
 impl GenerationSettings {
@@ -302,6 +305,23 @@ pub struct LoadSpec {
     pub loras: Vec<LoraSpec>,
     /// Deterministic random weights from this seed instead of the directory's.
     pub random_seed: Option<u64>,
+    /// LoRAs served under their own names next to the model (`--lora-modules`), each fused
+    /// into its own copy of the weights it adapts; the rest is shared with the model.
+    pub adapters: Vec<AdapterSpec>,
+}
+
+/// The LoRAs of a load: fused into the model, and served next to it.
+#[derive(Clone, Copy)]
+struct Loras<'a> {
+    fused: &'a [LoraSpec],
+    adapters: &'a [AdapterSpec],
+}
+
+impl Loras<'_> {
+    const NONE: Self = Loras {
+        fused: &[],
+        adapters: &[],
+    };
 }
 
 /// Loaded SDXL-Turbo models on one device.
@@ -325,6 +345,26 @@ pub struct Pipeline {
     force_zeros_for_empty_prompt: bool,
     latent_channels: usize,
     prompt_cache: PromptCache,
+    adapters: Vec<Adapter>,
+}
+
+/// A `--lora-modules` adapter: the text encoders and UNet with its LoRAs fused in, sharing
+/// every tensor they leave alone with the model's own (see [`Kept`]).
+struct Adapter {
+    name: String,
+    /// Its own text encoders (and prompt cache) when its LoRAs adapt either; else the model's.
+    text: Option<(ClipTextModel, ClipTextModel, PromptCache)>,
+    /// Its own UNet when its LoRAs adapt it; else the model's.
+    unet: Option<UNet2DConditionModel>,
+}
+
+/// What one batch runs through: the model's own parts or an adapter's.
+#[derive(Clone, Copy)]
+struct Parts<'a> {
+    text_encoder: &'a ClipTextModel,
+    text_encoder_2: &'a ClipTextModel,
+    prompt_cache: &'a PromptCache,
+    unet: &'a UNet2DConditionModel,
 }
 
 impl Pipeline {
@@ -361,7 +401,7 @@ impl Pipeline {
             vae_dir,
             preview_dir,
             Source::Files,
-            &[],
+            Loras::NONE,
             device,
             dtype,
         )
@@ -381,7 +421,10 @@ impl Pipeline {
             spec.vae_dir.as_deref(),
             spec.preview_dir.as_deref(),
             source,
-            &spec.loras,
+            Loras {
+                fused: &spec.loras,
+                adapters: &spec.adapters,
+            },
             device,
             dtype,
         )
@@ -407,7 +450,7 @@ impl Pipeline {
             vae_dir,
             preview_dir,
             Source::Checkpoint(checkpoint),
-            &[],
+            Loras::NONE,
             device,
             dtype,
         )
@@ -447,7 +490,7 @@ impl Pipeline {
             vae_dir,
             preview_dir,
             Source::Random(seed),
-            &[],
+            Loras::NONE,
             device,
             dtype,
         )
@@ -458,10 +501,14 @@ impl Pipeline {
         vae_dir: Option<&Path>,
         preview_dir: Option<&Path>,
         source: Source,
-        loras: &[LoraSpec],
+        loras: Loras<'_>,
         device: &Device,
         dtype: DType,
     ) -> LoadResult<Self> {
+        let Loras {
+            fused: loras,
+            adapters,
+        } = loras;
         let replaced_vae = vae_dir.is_some();
         let (vae_dir, tiny_dir) = match vae_dir {
             Some(d) => {
@@ -499,12 +546,19 @@ impl Pipeline {
                 Some(checkpoint_layout(checkpoint, &unet_cfg, &vae_cfg, own_vae)?)
             }
             // kohya's SDXL LoRAs name the UNet's modules as the original layout does.
-            _ if !loras.is_empty() => Layout::from_configs(&unet_cfg, &vae_cfg).ok(),
+            _ if !loras.is_empty() || !adapters.is_empty() => {
+                Layout::from_configs(&unet_cfg, &vae_cfg).ok()
+            }
             _ => None,
         };
+        // With adapters, the model's text encoders and UNet keep what they were built from,
+        // for the adapters' builds to share (see `Adapter`).
+        let kept = (!adapters.is_empty()).then(KeptParts::default);
+        let _sharing = kept.is_some().then(SharedDerivations::start);
         let ctx = Adapt {
             layout: layout.as_ref(),
             loras: &loras,
+            kept: kept.as_ref(),
         };
         let part = |part: Part| Some((part, &ctx));
 
@@ -590,6 +644,24 @@ impl Pipeline {
                 lora.module_count()
             );
         }
+        let adapters = match &kept {
+            Some(kept) => {
+                let build = AdapterBuild {
+                    kept,
+                    layout: layout.as_ref(),
+                    te_cfg: &te_cfg,
+                    te2_cfg: &te2_cfg,
+                    unet_cfg: &unet_cfg,
+                    dtype,
+                    device,
+                };
+                adapters
+                    .iter()
+                    .map(|spec| build.adapter(spec))
+                    .collect::<LoadResult<Vec<_>>>()?
+            }
+            None => Vec::new(),
+        };
         Ok(Self {
             device: device.clone(),
             dtype,
@@ -607,6 +679,42 @@ impl Pipeline {
             scheduler_config,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
             prompt_cache: PromptCache::new(0),
+            adapters,
+        })
+    }
+
+    /// The `--lora-modules` adapters' names, in the order [`GenerationSettings::adapter`]
+    /// indexes them.
+    pub fn adapter_names(&self) -> impl Iterator<Item = &str> {
+        self.adapters.iter().map(|a| a.name.as_str())
+    }
+
+    /// The parts a batch with `adapter` runs through.
+    fn parts(&self, adapter: Option<usize>) -> Result<Parts<'_>, InvalidInput> {
+        let own = Parts {
+            text_encoder: &self.text_encoder,
+            text_encoder_2: &self.text_encoder_2,
+            prompt_cache: &self.prompt_cache,
+            unet: &self.unet,
+        };
+        let Some(i) = adapter else {
+            return Ok(own);
+        };
+        let a = self.adapters.get(i).ok_or_else(|| {
+            InvalidInput(format!(
+                "adapter {i} does not exist: this pipeline has {}",
+                self.adapters.len()
+            ))
+        })?;
+        let (text_encoder, text_encoder_2, prompt_cache) = match &a.text {
+            Some((te, te2, cache)) => (te, te2, cache),
+            None => (own.text_encoder, own.text_encoder_2, own.prompt_cache),
+        };
+        Ok(Parts {
+            text_encoder,
+            text_encoder_2,
+            prompt_cache,
+            unet: a.unet.as_ref().unwrap_or(own.unet),
         })
     }
 
@@ -652,6 +760,7 @@ impl Pipeline {
         if settings.steps == 0 {
             return Err(InvalidInput("steps must be at least 1, got 0".into()));
         }
+        self.parts(settings.adapter)?;
         // A batch is split into runs that fit 32-bit element counts (`model::chunks`), but
         // one image must fit on its own.
         let (_, lh, lw) = self.latent_shape(settings);
@@ -697,6 +806,11 @@ impl Pipeline {
     /// values in the run dtype (about 318 KB for SDXL in bf16). Replaces what was kept.
     pub fn set_prompt_cache_entries(&mut self, entries: usize) {
         self.prompt_cache = PromptCache::new(entries);
+        for a in &mut self.adapters {
+            if let Some((_, _, cache)) = &mut a.text {
+                *cache = PromptCache::new(entries);
+            }
+        }
     }
 
     /// How many prompts' embeddings are kept now.
@@ -710,16 +824,27 @@ impl Pipeline {
     /// [`Self::encode_prompts_uncached`]'s, to the rounding a different batch shape may bring
     /// on CUDA (bit for bit on the CPU).
     pub fn encode_prompts(&self, prompts: &[&str]) -> anyhow::Result<(Tensor, Tensor)> {
-        self.encode_prompts_counted(prompts)
+        self.encode_prompts_for(None, prompts)
+    }
+
+    /// [`Self::encode_prompts`] with the text encoders of `adapter`
+    /// ([`GenerationSettings::adapter`]).
+    pub fn encode_prompts_for(
+        &self,
+        adapter: Option<usize>,
+        prompts: &[&str],
+    ) -> anyhow::Result<(Tensor, Tensor)> {
+        self.encode_prompts_counted(self.parts(adapter)?, prompts)
             .map(|(embeds, pooled, _)| (embeds, pooled))
     }
 
     fn encode_prompts_counted(
         &self,
+        parts: Parts<'_>,
         prompts: &[&str],
     ) -> anyhow::Result<(Tensor, Tensor, PromptCounts)> {
         if prompts.is_empty() {
-            let (embeds, pooled) = self.encode_prompts_uncached(prompts)?;
+            let (embeds, pooled) = self.encode_with(parts, prompts)?;
             return Ok((embeds, pooled, PromptCounts::default()));
         }
         // The distinct prompts in first-seen order, and each prompt's index among them.
@@ -735,7 +860,7 @@ impl Pipeline {
             })
             .collect();
         let kept: Vec<Option<(Tensor, Tensor)>> =
-            distinct.iter().map(|p| self.prompt_cache.get(p)).collect();
+            distinct.iter().map(|p| parts.prompt_cache.get(p)).collect();
         let missing: Vec<&str> = distinct
             .iter()
             .zip(&kept)
@@ -750,11 +875,11 @@ impl Pipeline {
         let fresh = if missing.is_empty() {
             None
         } else {
-            let (embeds, pooled) = self.encode_prompts_uncached(&missing)?;
-            if self.prompt_cache.capacity() > 0 {
+            let (embeds, pooled) = self.encode_with(parts, &missing)?;
+            if parts.prompt_cache.capacity() > 0 {
                 for (i, p) in missing.iter().enumerate() {
                     // Copies, so that a kept row does not keep its whole batch alive.
-                    self.prompt_cache.insert(
+                    parts.prompt_cache.insert(
                         p,
                         (
                             embeds.narrow(0, i, 1)?.copy()?,
@@ -805,14 +930,18 @@ impl Pipeline {
     /// Encodes every prompt with both text encoders, repeats included, as one batch: `([B, S,
     /// H1+H2], pooled [B, P])` in run dtype.
     pub fn encode_prompts_uncached(&self, prompts: &[&str]) -> anyhow::Result<(Tensor, Tensor)> {
+        self.encode_with(self.parts(None)?, prompts)
+    }
+
+    fn encode_with(&self, parts: Parts<'_>, prompts: &[&str]) -> anyhow::Result<(Tensor, Tensor)> {
         // The ids stay on the host for the pooling positions: reading them back from the GPU
         // would wait for the batch still running there (see `ClipTextModel::forward_ids`).
         let n = prompts.len();
         let ids = self.tokenizer.encode_ids(prompts)?;
         let ids_2 = self.tokenizer_2.encode_ids(prompts)?;
         // SDXL reads the first encoder's penultimate layer only (its pooled output is unused).
-        let penultimate = self.text_encoder.penultimate_ids(&ids, n, &self.device)?;
-        let out_2 = self.text_encoder_2.forward_ids(&ids_2, n, &self.device)?;
+        let penultimate = parts.text_encoder.penultimate_ids(&ids, n, &self.device)?;
+        let out_2 = parts.text_encoder_2.forward_ids(&ids_2, n, &self.device)?;
         let embeds = Tensor::cat(&[&penultimate, &out_2.penultimate], D::Minus1)?;
         Ok((embeds, out_2.pooled))
     }
@@ -821,17 +950,18 @@ impl Pipeline {
     /// guidance runs, as diffusers concatenates them.
     fn text_conditioning(
         &self,
+        parts: Parts<'_>,
         items: &[ImageRequest],
         guidance: bool,
     ) -> anyhow::Result<(Tensor, Tensor, PromptCounts)> {
         let prompts: Vec<&str> = items.iter().map(|i| i.prompt.as_str()).collect();
-        let (embeds, pooled, mut counts) = self.encode_prompts_counted(&prompts)?;
+        let (embeds, pooled, mut counts) = self.encode_prompts_counted(parts, &prompts)?;
         if !guidance {
             return Ok((embeds, pooled, counts));
         }
         let negatives: Vec<&str> = items.iter().map(|i| i.negative_prompt.as_str()).collect();
         let (mut neg_embeds, mut neg_pooled, neg_counts) =
-            self.encode_prompts_counted(&negatives)?;
+            self.encode_prompts_counted(parts, &negatives)?;
         counts.add(neg_counts);
         if self.force_zeros_for_empty_prompt {
             // Per image: an empty negative prompt means zero embeddings (diffusers'
@@ -896,7 +1026,8 @@ impl Pipeline {
         };
 
         let mut clock = StageClock::start(&self.device)?;
-        let (embeds, pooled, prompts) = self.text_conditioning(items, guidance)?;
+        let parts = self.parts(settings.adapter)?;
+        let (embeds, pooled, prompts) = self.text_conditioning(parts, items, guidance)?;
         let rows = if guidance { 2 * n } else { n };
         let (h, w) = (settings.height as f32, settings.width as f32);
         let time_ids = Tensor::new(&[h, w, 0.0, 0.0, h, w], &self.device)?
@@ -990,7 +1121,7 @@ impl Pipeline {
             let model_in = scheduler
                 .scale_model_input(&model_in, i)?
                 .to_dtype(self.dtype)?;
-            let pred = self
+            let pred = parts
                 .unet
                 .forward(&model_in, t, &embeds, &pooled, &time_ids)?
                 .to_dtype(DType::F32)?;
@@ -1444,6 +1575,93 @@ fn checkpoint_layout(
 struct Adapt<'a> {
     layout: Option<&'a Layout>,
     loras: &'a [Arc<Lora>],
+    /// Where the text encoders and UNet keep what they are built from, when adapters will
+    /// share it.
+    kept: Option<&'a KeptParts>,
+}
+
+/// What the model's text encoders and UNet were built from ([`Kept`]).
+#[derive(Default)]
+struct KeptParts {
+    text_encoder: Kept,
+    text_encoder_2: Kept,
+    unet: Kept,
+}
+
+impl KeptParts {
+    fn of(&self, part: Part) -> Option<&Kept> {
+        match part {
+            Part::TextEncoder => Some(&self.text_encoder),
+            Part::TextEncoder2 => Some(&self.text_encoder_2),
+            Part::Unet => Some(&self.unet),
+            Part::Vae => None,
+        }
+    }
+}
+
+/// Builds `--lora-modules` adapters from the model's kept tensors.
+struct AdapterBuild<'a> {
+    kept: &'a KeptParts,
+    layout: Option<&'a Layout>,
+    te_cfg: &'a ClipTextConfig,
+    te2_cfg: &'a ClipTextConfig,
+    unet_cfg: &'a UNet2DConditionConfig,
+    dtype: DType,
+    device: &'a Device,
+}
+
+impl AdapterBuild<'_> {
+    fn adapter(&self, spec: &AdapterSpec) -> LoadResult<Adapter> {
+        let loras = spec
+            .loras
+            .iter()
+            .map(|l| Lora::open(l).map(Arc::new))
+            .collect::<LoadResult<Vec<_>>>()?;
+        let used = || loras.iter().map(|l| l.used_count()).sum::<usize>();
+        let fail = |e: candle_core::Error| LoadError::Weights {
+            path: spec
+                .loras
+                .first()
+                .map(|l| l.path.clone())
+                .unwrap_or_default(),
+            message: format!("building the adapter {:?}: {e}", spec.name),
+        };
+        let vb = |part: Part| {
+            let kept = self
+                .kept
+                .of(part)
+                .expect("the kept parts hold every LoRA target");
+            let backend = LoraBackend::wrap(kept.backend(), part, &loras, self.layout);
+            VarBuilder::from_backend(backend, self.dtype, self.device.clone())
+        };
+        let before = used();
+        let te = ClipTextModel::new(vb(Part::TextEncoder), self.te_cfg, false).map_err(fail)?;
+        let te2 = ClipTextModel::new(vb(Part::TextEncoder2), self.te2_cfg, true).map_err(fail)?;
+        let text = (used() > before).then(|| (te, te2, PromptCache::new(0)));
+        let before = used();
+        let unet = UNet2DConditionModel::new(vb(Part::Unet), self.unet_cfg).map_err(fail)?;
+        let unet = (used() > before).then_some(unet);
+        for lora in &loras {
+            lora.ensure_used()?;
+        }
+        let modules: usize = loras.iter().map(|l| l.module_count()).sum();
+        tracing::info!(
+            "adapter {}: {modules} LoRA modules fused ({}{}{})",
+            spec.name,
+            if text.is_some() { "text encoders" } else { "" },
+            if text.is_some() && unet.is_some() {
+                ", "
+            } else {
+                ""
+            },
+            if unet.is_some() { "UNet" } else { "" },
+        );
+        Ok(Adapter {
+            name: spec.name.clone(),
+            text,
+            unet,
+        })
+    }
 }
 
 /// Reads one component's weights (or draws random ones) and builds it, naming the file on error
@@ -1475,7 +1693,14 @@ fn load_component_but<T>(
     build: impl FnOnce(VarBuilder<'_>) -> candle_core::Result<T>,
 ) -> LoadResult<T> {
     let wrap = |b: Box<dyn SimpleBackend>| match part {
-        Some((p, adapt)) => LoraBackend::wrap(b, p, adapt.loras, adapt.layout),
+        Some((p, adapt)) => {
+            let b = LoraBackend::wrap(b, p, adapt.loras, adapt.layout);
+            match adapt.kept.and_then(|k| k.of(p)) {
+                // The UNet's linear layers hold their weights transposed; CLIP's as they are.
+                Some(kept) => kept.keeping(b, p == Part::Unet),
+                None => b,
+            }
+        }
         None => b,
     };
     match (source, part) {

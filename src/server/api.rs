@@ -224,6 +224,9 @@ pub struct Model {
     pub object: String,
     pub created: u64,
     pub owned_by: String,
+    /// An adapter's (`--lora-modules`): the model it adapts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 /// `GET /v1/models`.

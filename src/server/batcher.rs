@@ -289,6 +289,7 @@ mod tests {
                 steps: 1,
                 guidance: Guidance::Off,
                 init_step: None,
+                adapter: None,
             },
             priority: Priority::Normal,
             enqueued: now,

@@ -33,9 +33,24 @@ pub struct ModelIdentity {
     /// ending in `*` is a prefix: it matches every name that starts with what comes before the
     /// `*` (`*` alone: any name).
     pub aliases: Vec<String>,
+    /// The `--lora-modules` adapters' names, in the pipeline's order
+    /// ([`crate::model::pipeline::Pipeline::adapter_names`]).
+    pub adapters: Vec<String>,
 }
 
 impl ModelIdentity {
+    /// What `model` selects: `Some(None)` the model itself, `Some(Some(i))` adapter `i`, `None`
+    /// nothing served here. An adapter's exact name wins over an alias's prefix.
+    pub fn resolve(&self, name: &str) -> Option<Option<u16>> {
+        if name == self.id {
+            return Some(None);
+        }
+        if let Some(i) = self.adapters.iter().position(|a| a == name) {
+            return Some(Some(i as u16));
+        }
+        self.matches(name).then_some(None)
+    }
+
     pub fn matches(&self, name: &str) -> bool {
         self.id == name
             || self.aliases.iter().any(|a| match a.strip_suffix('*') {
@@ -222,6 +237,7 @@ impl Default for ServerConfig {
                     .iter()
                     .map(|a| a.to_string())
                     .collect(),
+                adapters: Vec::new(),
             },
             limits: RequestLimits {
                 min_side: 256,
@@ -286,6 +302,18 @@ impl Default for ServerConfig {
 impl ServerConfig {
     /// Rejects inconsistent settings at start-up, naming the option at fault.
     pub fn check(&self) -> anyhow::Result<()> {
+        let m = &self.model;
+        for (i, name) in m.adapters.iter().enumerate() {
+            ensure!(
+                *name != m.id && !m.aliases.contains(name),
+                "--lora-modules {name}: the name is already the served model's \
+                 (--served-model-name, --model-alias); give the adapter its own"
+            );
+            ensure!(
+                !m.adapters[..i].contains(name),
+                "--lora-modules {name}: named twice (this is a bug: the names are merged)"
+            );
+        }
         ensure!(
             self.store.dir.is_none() || self.store.dir_max_bytes >= 64 << 20,
             "--image-store-dir-max-bytes must be at least 64 MiB (a few large images), got {}",
@@ -652,6 +680,27 @@ mod tests {
     }
 
     #[test]
+    fn a_model_name_selects_the_model_or_an_adapter() {
+        let mut c = ServerConfig::default();
+        c.model.adapters = vec!["pixel".into(), "gpt-image-ink".into()];
+        let m = &c.model;
+        assert_eq!(m.resolve("sdxl-turbo"), Some(None));
+        assert_eq!(m.resolve("dall-e-3"), Some(None));
+        assert_eq!(m.resolve("pixel"), Some(Some(0)));
+        // An adapter's exact name wins over the `gpt-image-*` prefix.
+        assert_eq!(m.resolve("gpt-image-ink"), Some(Some(1)));
+        assert_eq!(m.resolve("gpt-image-1"), Some(None));
+        assert_eq!(m.resolve("pixels"), None);
+        c.check().unwrap();
+        for clash in ["sdxl-turbo", "dall-e-2"] {
+            let mut c = ServerConfig::default();
+            c.model.adapters = vec![clash.into()];
+            let e = c.check().unwrap_err().to_string();
+            assert!(e.contains("--lora-modules") && e.contains(clash), "{e}");
+        }
+    }
+
+    #[test]
     fn aliases_are_names_or_prefixes() {
         let model = ServerConfig::default().model;
         for name in [
@@ -672,6 +721,7 @@ mod tests {
         let any = ModelIdentity {
             id: "m".into(),
             aliases: vec!["*".into()],
+            adapters: Vec::new(),
         };
         assert!(any.matches("anything at all") && any.matches(""));
         assert_eq!(any.listed().collect::<Vec<_>>(), ["m"]);

@@ -139,6 +139,8 @@ struct Inner {
     /// Requests by key label (`name=` in the keys file) and status; images made for each.
     key_requests: BTreeMap<(Arc<str>, u16), u64>,
     key_images: BTreeMap<Arc<str>, u64>,
+    /// Images made by each `--lora-modules` adapter, in the pipeline's order: (name, count).
+    adapter_images: Vec<(String, u64)>,
     /// Request durations, to the response's last byte, by route.
     durations: BTreeMap<String, Histogram>,
     errors: BTreeMap<&'static str, u64>,
@@ -259,6 +261,7 @@ impl Metrics {
                 requests: BTreeMap::new(),
                 key_requests: BTreeMap::new(),
                 key_images: BTreeMap::new(),
+                adapter_images: Vec::new(),
                 durations: BTreeMap::new(),
                 errors: BTreeMap::new(),
                 dropped: BTreeMap::new(),
@@ -328,6 +331,20 @@ impl Metrics {
     /// `n` images made for the key labelled `key` (generations, edits, the Batch API's).
     pub fn key_images(&self, key: &Arc<str>, n: u64) {
         *self.inner().key_images.entry(key.clone()).or_default() += n;
+    }
+
+    /// The `--lora-modules` adapters' names, in the pipeline's order (counted from 0 each).
+    pub fn set_adapters(&self, names: &[String]) {
+        self.inner().adapter_images = names.iter().map(|n| (n.clone(), 0)).collect();
+    }
+
+    /// `n` images made by adapter `adapter` (`None`: the model itself, not counted here).
+    pub fn adapter_images(&self, adapter: Option<u16>, n: usize) {
+        if let Some(i) = adapter {
+            if let Some((_, count)) = self.inner().adapter_images.get_mut(usize::from(i)) {
+                *count += n as u64;
+            }
+        }
     }
 
     /// A request's time from its arrival to the end of its response.
@@ -616,6 +633,19 @@ impl Metrics {
                 out,
                 "turbine_key_images_total{{key=\"{}\"}} {n}",
                 escape(key)
+            );
+        }
+        header(
+            &mut out,
+            "turbine_adapter_images_total",
+            "counter",
+            "Images made by each --lora-modules adapter, by the model name requests give it.",
+        );
+        for (name, n) in &inner.adapter_images {
+            let _ = writeln!(
+                out,
+                "turbine_adapter_images_total{{model=\"{}\"}} {n}",
+                escape(name)
             );
         }
         header(

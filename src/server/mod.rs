@@ -448,6 +448,7 @@ pub async fn serve(
     anyhow::ensure!(!workers.is_empty(), "no device to serve from");
     let now = Instant::now();
     let metrics = Arc::new(Metrics::new());
+    metrics.set_adapters(&config.model.adapters);
     let b = &config.batching;
     // Before anything else starts: a certificate that does not load stops the server here.
     let tls = match &config.tls {
@@ -495,6 +496,7 @@ pub async fn serve(
             steps: config.limits.default_steps,
             guidance: Guidance::from_scale(config.limits.default_guidance_scale),
             init_step: None,
+            adapter: None,
         },
         images: if config.warmup_images == 0 {
             b.max_batch_size

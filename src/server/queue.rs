@@ -63,6 +63,8 @@ pub struct ShapeKey {
     pub guidance: Guidance,
     /// Edits: the schedule step the images start from ([`GenerationSettings::init_step`]).
     pub init_step: Option<u32>,
+    /// The `--lora-modules` adapter `model` named ([`GenerationSettings::adapter`]).
+    pub adapter: Option<u16>,
 }
 
 impl ShapeKey {
@@ -73,6 +75,7 @@ impl ShapeKey {
             steps: self.steps as usize,
             guidance_scale: self.guidance.scale(),
             init_step: self.init_step.map(|s| s as usize),
+            adapter: self.adapter.map(usize::from),
         }
     }
 }
@@ -323,6 +326,7 @@ mod tests {
             steps: 1,
             guidance: Guidance::Off,
             init_step: None,
+            adapter: None,
         }
     }
 

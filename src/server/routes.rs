@@ -738,20 +738,24 @@ pub fn metrics_router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
+/// `id`'s model object; an adapter's (`--lora-modules`) names the model it adapts as its
+/// `parent`, as vLLM lists its LoRA modules.
 fn model_object(app: &App, id: &str) -> Model {
+    let model = &app.config.model;
     Model {
         id: id.to_string(),
         object: "model".into(),
         created: app.started,
         owned_by: "turbine".into(),
+        parent: matches!(model.resolve(id), Some(Some(_))).then(|| model.id.clone()),
     }
 }
 
 async fn list_models(State(app): State<Arc<App>>) -> Json<ModelList> {
-    let data = app
-        .config
-        .model
+    let model = &app.config.model;
+    let data = model
         .listed()
+        .chain(model.adapters.iter().map(String::as_str))
         .map(|id| model_object(&app, id))
         .collect();
     Json(ModelList {
@@ -764,7 +768,7 @@ async fn get_model(
     State(app): State<Arc<App>>,
     PathId(id): PathId,
 ) -> Result<Json<Model>, ApiError> {
-    if app.config.model.matches(&id) {
+    if app.config.model.resolve(&id).is_some() {
         Ok(Json(model_object(&app, &id)))
     } else {
         Err(ApiError::ModelNotFound(id))

@@ -388,6 +388,7 @@ mod tests {
             steps: 1,
             guidance: Guidance::Off,
             init_step: None,
+            adapter: None,
         };
         assert_eq!(work_units(&base, 1, &base), 1.0);
         assert_eq!(work_units(&base, 8, &base), 8.0);
@@ -397,6 +398,7 @@ mod tests {
             steps: 4,
             guidance: Guidance::from_scale(5.0),
             init_step: None,
+            adapter: None,
         };
         // 4 steps x 2 for guidance x 4^1.5 for the size.
         assert_eq!(work_units(&big, 2, &base), 2.0 * 8.0 * 8.0);

@@ -150,6 +150,8 @@ pub struct ValidRequest {
     pub partial_images: u8,
     /// `POST /v1/images/edits`; `steps` is then the number of steps run.
     pub edit: Option<EditSettings>,
+    /// The `--lora-modules` adapter `model` named; `None`: the model itself.
+    pub adapter: Option<u16>,
 }
 
 impl ValidRequest {
@@ -160,6 +162,7 @@ impl ValidRequest {
             steps: self.edit.as_ref().map_or(self.steps, |e| e.schedule_steps),
             guidance: Guidance::from_scale(self.guidance_scale),
             init_step: self.edit.as_ref().map(|e| e.start_step),
+            adapter: self.adapter,
         }
     }
 }
@@ -275,11 +278,12 @@ fn validate_fields(
     let f = Fields(obj);
 
     let model_name = f.string("model")?;
-    if let Some(name) = model_name {
-        if !model.matches(name) {
-            return Err(ApiError::ModelNotFound(name.to_string()));
-        }
-    }
+    let adapter = match model_name {
+        Some(name) => model
+            .resolve(name)
+            .ok_or_else(|| ApiError::ModelNotFound(name.to_string()))?,
+        None => None,
+    };
 
     let prompt = match f.get("prompt") {
         None => {
@@ -456,6 +460,7 @@ fn validate_fields(
         stream,
         partial_images,
         edit,
+        adapter,
     })
 }
 
@@ -961,6 +966,7 @@ mod tests {
                 stream: false,
                 partial_images: 0,
                 edit: None,
+                adapter: None,
             }
         );
     }

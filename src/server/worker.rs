@@ -757,7 +757,7 @@ fn finish_batch(
     let elapsed = done.saturating_duration_since(busy_from);
     let failure = match result {
         Ok(Ok(out)) if out.images.len() == live.len() => {
-            answer(label, ctx, live, out, elapsed);
+            answer(label, ctx, &key, live, out, elapsed);
             return (done, None);
         }
         Ok(Ok(out)) => wrong_count(label, out.images.len(), live.len()),
@@ -829,6 +829,7 @@ fn run_in_parts(
                 answer(
                     label,
                     ctx,
+                    &key,
                     part,
                     out,
                     last_done.saturating_duration_since(now),
@@ -937,12 +938,14 @@ fn start_runs(live: &mut [Entry<Item>], label: &str, key: &ShapeKey, now: Instan
 fn answer(
     label: &str,
     ctx: &WorkerContext,
+    key: &ShapeKey,
     live: Vec<Entry<Item>>,
     out: GeneratedBatch,
     elapsed: Duration,
 ) {
     ctx.metrics
         .batch_done(live.len(), elapsed, ctx.queue.workers());
+    ctx.metrics.adapter_images(key.adapter, live.len());
     ctx.metrics
         .stage(Stage::TextEncode, out.timings.text_encode);
     ctx.metrics.stage(Stage::Unet, out.timings.unet);
@@ -1084,6 +1087,7 @@ mod tests {
         steps: 1,
         guidance: Guidance::Off,
         init_step: None,
+        adapter: None,
     };
 
     struct Harness {

@@ -56,6 +56,11 @@ pub fn assert_close(what: &str, ours: &Tensor, theirs: &Tensor, tol: f32) {
 /// The 8-bit pixels of one 64x64 one-step image of "a red bicycle" (seed 11) from `p`: for
 /// tests that compare what two ways of loading weights make.
 pub fn bicycle(p: &turbine::model::pipeline::Pipeline) -> Vec<u8> {
+    bicycle_for(p, None)
+}
+
+/// [`bicycle`] with `p`'s `--lora-modules` adapter `adapter`.
+pub fn bicycle_for(p: &turbine::model::pipeline::Pipeline, adapter: Option<usize>) -> Vec<u8> {
     use turbine::model::pipeline::{GenerationSettings, ImageRequest};
     let settings = GenerationSettings {
         width: 64,
@@ -63,6 +68,7 @@ pub fn bicycle(p: &turbine::model::pipeline::Pipeline) -> Vec<u8> {
         steps: 1,
         guidance_scale: 0.0,
         init_step: None,
+        adapter,
     };
     let item = ImageRequest {
         prompt: "a red bicycle".into(),

@@ -66,6 +66,7 @@ fn settings(case: &Case) -> GenerationSettings {
         steps: case.num_inference_steps,
         guidance_scale: case.guidance_scale,
         init_step: Some(img2img_start(case.num_inference_steps, case.strength)),
+        adapter: None,
     }
 }
 

@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
-use turbine::model::lora::LoraSpec;
+use turbine::model::lora::{AdapterSpec, LoraSpec};
 use turbine::model::pipeline::{LoadSpec, Pipeline};
 
 use crate::common::{fixtures, tiny_model};
-use crate::pipeline::run_case_on;
+use crate::pipeline::{run_case_for, run_case_on};
 
 #[derive(Deserialize)]
 struct Case {
@@ -66,6 +66,116 @@ fn a_kohya_lora_matches_diffusers_fuse_lora() {
 #[test]
 fn a_diffusers_lora_matches_diffusers_fuse_lora() {
     run("diffusers");
+}
+
+fn case_spec(name: &str) -> LoraSpec {
+    let cases: HashMap<String, Case> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("reference/lora_cases.json")).unwrap(),
+    )
+    .unwrap();
+    LoraSpec {
+        path: lora_file(name),
+        scale: cases[name].scale,
+    }
+}
+
+/// `--lora-modules kohya=... diffusers=...`: the tiny model with both LoRAs served next to it.
+fn with_adapters() -> Pipeline {
+    let spec = LoadSpec {
+        dir: tiny_model(),
+        adapters: ["kohya", "diffusers"]
+            .map(|name| AdapterSpec {
+                name: name.into(),
+                loras: vec![case_spec(name)],
+            })
+            .into(),
+        ..Default::default()
+    };
+    Pipeline::load_spec(&spec, &Device::Cpu, DType::F32).unwrap()
+}
+
+/// One pipeline, three models: each adapter gives diffusers' `fuse_lora` images and
+/// embeddings, and the model itself still gives its own.
+#[test]
+fn lora_modules_match_diffusers_fuse_lora_next_to_the_model_itself() {
+    let p = with_adapters();
+    assert_eq!(
+        p.adapter_names().collect::<Vec<_>>(),
+        ["kohya", "diffusers"]
+    );
+    run_case_for(&p, Some(0), "one_prompt", "lora_kohya_one_prompt");
+    run_case_for(&p, Some(1), "one_prompt", "lora_diffusers_one_prompt");
+    run_case_for(&p, None, "one_prompt", "pipeline_one_prompt");
+}
+
+/// An adapter is exactly the model loaded with `--lora` (same fused weights, bit for bit on the
+/// CPU), whatever ran before it; one name given twice stacks its LoRAs; an adapter that does
+/// not exist is refused.
+#[test]
+fn an_adapter_is_the_model_with_the_lora_fused() {
+    let p = with_adapters();
+    let base = image(&Pipeline::load(&tiny_model(), &Device::Cpu, DType::F32).unwrap());
+    let kohya = image(&with_loras(vec![case_spec("kohya")]).unwrap());
+    let diffusers = image(&with_loras(vec![case_spec("diffusers")]).unwrap());
+    for _ in 0..2 {
+        assert!(crate::common::bicycle_for(&p, Some(0)) == kohya);
+        assert!(crate::common::bicycle_for(&p, None) == base);
+        assert!(crate::common::bicycle_for(&p, Some(1)) == diffusers);
+    }
+    assert!(kohya != base && diffusers != base);
+
+    let stacked = AdapterSpec::merged(&[
+        AdapterSpec::parse(&format!("both={}:0.8", lora_file("kohya").display())).unwrap(),
+        AdapterSpec::parse(&format!("both={}", lora_file("diffusers").display())).unwrap(),
+    ]);
+    assert_eq!(stacked.len(), 1);
+    let spec = LoadSpec {
+        dir: tiny_model(),
+        adapters: stacked,
+        ..Default::default()
+    };
+    let both = Pipeline::load_spec(&spec, &Device::Cpu, DType::F32).unwrap();
+    let fused = with_loras(vec![case_spec("kohya"), case_spec("diffusers")]).unwrap();
+    assert!(crate::common::bicycle_for(&both, Some(0)) == image(&fused));
+
+    let settings = turbine::model::pipeline::GenerationSettings {
+        width: 64,
+        height: 64,
+        steps: 1,
+        guidance_scale: 0.0,
+        init_step: None,
+        adapter: Some(2),
+    };
+    let e = p.validate(&settings, 1).unwrap_err().to_string();
+    assert!(e.contains("adapter 2 does not exist"), "{e}");
+}
+
+/// An adapter's LoRA that does not fit the model fails the load, naming the adapter's file.
+#[test]
+fn an_adapter_that_does_not_fit_fails_the_load() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut other = tensors("kohya");
+    let stem = "lora_unet_down_blocks_0_attentions_1_transformer_blocks_0_attn1_to_q";
+    let t = Tensor::ones((2, 8), DType::F16, &Device::Cpu).unwrap();
+    other.insert(format!("{stem}.lora_down.weight"), t.clone());
+    other.insert(format!("{stem}.lora_up.weight"), t.t().unwrap());
+    let lora = write(tmp.path(), "other.safetensors", &other);
+    let spec = LoadSpec {
+        dir: tiny_model(),
+        adapters: vec![AdapterSpec {
+            name: "other".into(),
+            loras: vec![lora],
+        }],
+        ..Default::default()
+    };
+    let e = match Pipeline::load_spec(&spec, &Device::Cpu, DType::F32) {
+        Ok(_) => panic!("the adapter was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("other.safetensors") && e.contains(stem) && e.contains("another model"),
+        "{e}"
+    );
 }
 
 fn image(p: &Pipeline) -> Vec<u8> {

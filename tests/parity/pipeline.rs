@@ -62,6 +62,7 @@ impl Case {
             steps: self.steps,
             guidance_scale: self.guidance_scale,
             init_step: None,
+            adapter: None,
         };
         (items, noise, settings)
     }
@@ -101,13 +102,19 @@ fn run_case(name: &str) {
 /// Runs `case` of pipeline_cases.json on `p` against the reference file `reference_name`:
 /// the prompt embeddings within 1e-4, the 8-bit images within 2/255 max and 0.5/255 mean.
 pub fn run_case_on(p: &Pipeline, name: &str, reference_name: &str) {
+    run_case_for(p, None, name, reference_name)
+}
+
+/// [`run_case_on`] with the `--lora-modules` adapter `adapter` of `p`.
+pub fn run_case_for(p: &Pipeline, adapter: Option<usize>, name: &str, reference_name: &str) {
     let case = &cases()[name];
     let refs = reference(reference_name);
     let n = case.prompts.len();
-    let (items, noise, settings) = case.inputs(&refs);
+    let (items, noise, mut settings) = case.inputs(&refs);
+    settings.adapter = adapter;
 
     let prompts: Vec<&str> = case.prompts.iter().map(String::as_str).collect();
-    let (embeds, pooled) = p.encode_prompts(&prompts).unwrap();
+    let (embeds, pooled) = p.encode_prompts_for(adapter, &prompts).unwrap();
     assert_close(
         &format!("{name}/prompt_embeds"),
         &embeds,
@@ -122,7 +129,7 @@ pub fn run_case_on(p: &Pipeline, name: &str, reference_name: &str) {
     );
     if let Some(neg) = &case.negative_prompts {
         let neg: Vec<&str> = neg.iter().map(String::as_str).collect();
-        let (e, p2) = p.encode_prompts(&neg).unwrap();
+        let (e, p2) = p.encode_prompts_for(adapter, &neg).unwrap();
         assert_close(
             &format!("{name}/negative_embeds"),
             &e,
@@ -216,6 +223,7 @@ fn batch_invariance() {
             steps,
             guidance_scale: guidance,
             init_step: None,
+            adapter: None,
         };
         let batch = vec![
             req("a red cube", 11),
@@ -248,6 +256,7 @@ pub fn preview_settings(steps: usize) -> GenerationSettings {
         steps,
         guidance_scale: 0.0,
         init_step: None,
+        adapter: None,
     }
 }
 
@@ -316,6 +325,7 @@ fn half_precision_close_to_f32() {
         steps: 2,
         guidance_scale: 0.0,
         init_step: None,
+        adapter: None,
     };
     let items = vec![req("a lighthouse at dusk", 5), req("a bowl of fruit", 6)];
     let reference = pipeline().generate(&settings, &items, None).unwrap().images;
@@ -345,6 +355,7 @@ fn too_large_an_image_is_invalid_input() {
         steps: 1,
         guidance_scale: 0.0,
         init_step: None,
+        adapter: None,
     };
     let err = p.validate(&settings, 1).unwrap_err().to_string();
     assert!(
@@ -366,6 +377,7 @@ fn settings_64(steps: usize, guidance_scale: f64) -> GenerationSettings {
         steps,
         guidance_scale,
         init_step: None,
+        adapter: None,
     }
 }
 

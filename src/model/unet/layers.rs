@@ -10,6 +10,7 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::model::loader::derived;
 use crate::model::profile::span;
 use crate::ops::{self, ConvParams, Kernels};
 
@@ -71,7 +72,7 @@ fn transposed(w: &Tensor) -> Result<Tensor> {
     if w.stride().iter().all(|&s| s == 0) {
         w.t()
     } else {
-        w.t()?.contiguous()
+        derived(&[w], "t", || w.t()?.contiguous())
     }
 }
 
@@ -90,13 +91,11 @@ impl Linear {
     /// The same layer with weight and bias multiplied by `scale` (folds a constant factor on
     /// the output into the weights, for free at run time).
     pub fn scaled(&self, scale: f64) -> Result<Self> {
+        let how = format!("x{scale}");
+        let scaled = |t: &Tensor| derived(&[t], how.as_str(), || t.affine(scale, 0.0));
         Ok(Self {
-            weight_t: self.weight_t.affine(scale, 0.0)?,
-            bias: self
-                .bias
-                .as_ref()
-                .map(|b| b.affine(scale, 0.0))
-                .transpose()?,
+            weight_t: scaled(&self.weight_t)?,
+            bias: self.bias.as_ref().map(scaled).transpose()?,
         })
     }
 }
@@ -337,8 +336,10 @@ impl UpsampleConv {
             );
         }
         let phases = if ops::enabled(Kernels::UPSAMPLE_CONV) {
-            let (weight, bias) =
-                ops::upsample_conv_phases(&conv.weight, &conv.bias, p.channels_last)?;
+            let from = [&conv.weight, &conv.bias];
+            let phases = || ops::upsample_conv_phases(&conv.weight, &conv.bias, p.channels_last);
+            let weight = derived(&from, "phases.weight", || Ok(phases()?.0))?;
+            let bias = derived(&from, "phases.bias", || Ok(phases()?.1))?;
             Some(Conv2d {
                 weight,
                 bias,
@@ -501,6 +502,58 @@ mod tests {
     use super::*;
     use candle_core::Device;
     use std::collections::HashMap;
+
+    /// Where a CPU tensor's data starts.
+    fn data(t: &Tensor) -> usize {
+        let (storage, layout) = t.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(s) => {
+                s.as_slice::<f32>().unwrap()[layout.start_offset()..].as_ptr() as usize
+            }
+            _ => unreachable!("a CPU test"),
+        }
+    }
+
+    /// A second build from kept weights (a `--lora-modules` adapter's) holds the very data of
+    /// the first: a linear layer's weight kept as the transposed view it holds, and its scaled
+    /// copy (the attention's `to_q`) shared while derivations are.
+    #[test]
+    fn a_build_from_kept_weights_shares_the_first_builds_data() {
+        use crate::model::loader::{Kept, RandomWeights, SharedDerivations};
+        let vb = |b| VarBuilder::from_backend(b, DType::F32, Device::Cpu);
+        let twice = |transposed: bool| -> (Linear, Linear) {
+            let kept = Kept::default();
+            let random = Box::new(RandomWeights::new(7));
+            let first = Linear::new(vb(kept.keeping(random, transposed)), 4, 3, true).unwrap();
+            let second = Linear::new(vb(kept.backend()), 4, 3, true).unwrap();
+            (first, second)
+        };
+        let (a, b) = twice(false);
+        assert_ne!(data(&a.weight_t), data(&b.weight_t));
+        let (a, b) = twice(true);
+        assert_eq!(data(&a.weight_t), data(&b.weight_t));
+        assert_eq!(
+            a.weight_t.to_vec2::<f32>().unwrap(),
+            b.weight_t.to_vec2::<f32>().unwrap()
+        );
+        assert!(a.weight_t.is_contiguous() && a.weight_t.dims() == [4, 3]);
+        let (x, y) = (a.scaled(0.125).unwrap(), b.scaled(0.125).unwrap());
+        assert_ne!(data(&x.weight_t), data(&y.weight_t));
+
+        let sharing = SharedDerivations::start();
+        let (a, b) = twice(true);
+        let (x, y) = (a.scaled(0.125).unwrap(), b.scaled(0.125).unwrap());
+        assert_eq!(data(&x.weight_t), data(&y.weight_t));
+        let bias = |l: &Linear| data(l.bias.as_ref().unwrap());
+        assert_eq!(bias(&x), bias(&y));
+        drop(sharing);
+        // A name the first build did not read is a bug, said as one.
+        let e = Linear::new(vb(Kept::default().backend()), 4, 3, true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("was not read by the model's own build"), "{e}");
+    }
 
     /// A `kernel` x `kernel` convolution (padding 1) of `cin` → `cout` channels with random
     /// weights, NCHW.
