@@ -1126,6 +1126,27 @@ struct Serving {
     log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
+impl Serving {
+    /// Waits (up to 5 minutes) until `/health` answers 200.
+    fn wait_ready(&self, client: &reqwest::blocking::Client) {
+        let start = std::time::Instant::now();
+        while client
+            .get(format!("{}/health", self.base))
+            .send()
+            .unwrap()
+            .status()
+            != 200
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(300),
+                "never became ready: {:?}",
+                self.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 impl Drop for Serving {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -1277,21 +1298,7 @@ fn serve_runs_a_single_file_checkpoint() {
         &["--checkpoint", checkpoint.to_str().unwrap()],
     );
     let client = reqwest::blocking::Client::new();
-    let start = std::time::Instant::now();
-    while client
-        .get(format!("{}/health", s.base))
-        .send()
-        .unwrap()
-        .status()
-        != 200
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "never became ready: {:?}",
-            s.log.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    s.wait_ready(&client);
     let r = client
         .post(format!("{}/v1/images/generations", s.base))
         .json(&serde_json::json!({"prompt": "a lighthouse at dusk", "seed": 3}))
@@ -1327,21 +1334,7 @@ fn serve_serves_lora_modules_by_name() {
     let module = format!("ink={}:0.8", lora.display());
     let s = serve_from(&hub, tmp.path(), &["--lora-modules", &module]);
     let client = reqwest::blocking::Client::new();
-    let start = std::time::Instant::now();
-    while client
-        .get(format!("{}/health", s.base))
-        .send()
-        .unwrap()
-        .status()
-        != 200
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "never became ready: {:?}",
-            s.log.lock().unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    s.wait_ready(&client);
     let models: serde_json::Value = client
         .get(format!("{}/v1/models", s.base))
         .send()

@@ -948,7 +948,7 @@ fn a_lora_module_is_served_under_its_own_name() {
     config.model.adapters = vec!["ink".into()];
     config.batching.max_batch_size = 8;
     config.batching.max_batch_delay = Duration::from_millis(100);
-    let load = spec.clone();
+    let load = spec;
     let backend: MakeBackend =
         Box::new(move |_| Box::new(Pipeline::load_spec(&load, &Device::Cpu, DType::F32).unwrap()));
     let s = Arc::new(TestServer::start_devices(config, vec![("cpu", backend)]));

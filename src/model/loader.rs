@@ -499,6 +499,16 @@ impl SimpleBackend for RecordingBackend {
     }
 }
 
+/// Hands the memory malloc keeps from freed allocations back to the system (glibc's
+/// `malloc_trim`): after a load, whose temporaries would otherwise stay resident.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory of malloc's own heaps to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 thread_local! {
     static DERIVED: std::cell::RefCell<Option<DerivedMemo>> = const { std::cell::RefCell::new(None) };
 }

@@ -381,6 +381,8 @@ impl Lora {
 /// A component's weights with LoRAs fused in as they are read.
 pub struct LoraBackend {
     inner: Box<dyn SimpleBackend>,
+    /// Where the weights the LoRAs adapt are read from, when not from `inner`.
+    original: Option<Box<dyn SimpleBackend>>,
     part: Part,
     loras: Vec<Arc<Lora>>,
     layout: Option<Layout>,
@@ -398,10 +400,38 @@ impl LoraBackend {
         }
         Box::new(Self {
             inner,
+            original: None,
             part,
             loras: loras.to_vec(),
             layout: layout.cloned(),
         })
+    }
+
+    /// [`Self::wrap`], fusing into the weights as `original` reads them (the weights file's,
+    /// before any rounding to the run dtype) while `inner` gives every other weight (a
+    /// `--lora-modules` adapter: the model's own tensors, shared).
+    pub fn wrap_reading(
+        inner: Box<dyn SimpleBackend>,
+        original: Box<dyn SimpleBackend>,
+        part: Part,
+        loras: &[Arc<Lora>],
+        layout: Option<&Layout>,
+    ) -> Box<dyn SimpleBackend> {
+        if loras.is_empty() {
+            return inner;
+        }
+        Box::new(Self {
+            inner,
+            original: Some(original),
+            part,
+            loras: loras.to_vec(),
+            layout: layout.cloned(),
+        })
+    }
+
+    /// Where a weight a LoRA adapts is read from.
+    fn adapted_source(&self) -> &dyn SimpleBackend {
+        self.original.as_deref().unwrap_or(self.inner.as_ref())
     }
 
     /// The sum of the LoRAs' deltas for `name`, if any adapts it.
@@ -441,7 +471,7 @@ impl SimpleBackend for LoraBackend {
         match self.deltas(name, s.dims())? {
             None => self.inner.get(s, name, init, dtype, dev),
             Some(delta) => {
-                let w = self.inner.get(s, name, init, DType::F32, dev)?;
+                let w = self.adapted_source().get(s, name, init, DType::F32, dev)?;
                 self.fuse(w, delta, dtype, dev)
             }
         }
@@ -456,7 +486,7 @@ impl SimpleBackend for LoraBackend {
         if !adapted {
             return self.inner.get_unchecked(name, dtype, dev);
         }
-        let w = self.inner.get_unchecked(name, DType::F32, dev)?;
+        let w = self.adapted_source().get_unchecked(name, DType::F32, dev)?;
         match self.deltas(name, w.dims())? {
             None => w.to_dtype(dtype),
             Some(delta) => self.fuse(w, delta, dtype, dev),

@@ -108,21 +108,53 @@ fn lora_modules_match_diffusers_fuse_lora_next_to_the_model_itself() {
     run_case_for(&p, None, "one_prompt", "pipeline_one_prompt");
 }
 
-/// An adapter is exactly the model loaded with `--lora` (same fused weights, bit for bit on the
-/// CPU), whatever ran before it; one name given twice stacks its LoRAs; an adapter that does
-/// not exist is refused.
+/// An adapter is exactly the model loaded with `--lora` (the LoRA fused into the file's weights,
+/// not into the model's rounded ones: bit for bit on the CPU, in bf16 too), whatever ran before
+/// it; one name given twice stacks its LoRAs; an adapter that does not exist is refused.
 #[test]
 fn an_adapter_is_the_model_with_the_lora_fused() {
-    let p = with_adapters();
-    let base = image(&Pipeline::load(&tiny_model(), &Device::Cpu, DType::F32).unwrap());
-    let kohya = image(&with_loras(vec![case_spec("kohya")]).unwrap());
-    let diffusers = image(&with_loras(vec![case_spec("diffusers")]).unwrap());
-    for _ in 0..2 {
-        assert!(crate::common::bicycle_for(&p, Some(0)) == kohya);
-        assert!(crate::common::bicycle_for(&p, None) == base);
-        assert!(crate::common::bicycle_for(&p, Some(1)) == diffusers);
+    for dtype in [DType::F32, DType::BF16] {
+        let load = |loras: Vec<LoraSpec>, adapters: Vec<AdapterSpec>| {
+            let spec = LoadSpec {
+                dir: tiny_model(),
+                loras,
+                adapters,
+                ..Default::default()
+            };
+            Pipeline::load_spec(&spec, &Device::Cpu, dtype).unwrap()
+        };
+        let adapter = |name: &str| AdapterSpec {
+            name: name.into(),
+            loras: vec![case_spec(name)],
+        };
+        let p = load(Vec::new(), vec![adapter("kohya"), adapter("diffusers")]);
+        let base = image(&load(Vec::new(), Vec::new()));
+        let kohya = image(&load(vec![case_spec("kohya")], Vec::new()));
+        let diffusers = image(&load(vec![case_spec("diffusers")], Vec::new()));
+        for _ in 0..2 {
+            assert!(crate::common::bicycle_for(&p, Some(0)) == kohya, "{dtype:?}");
+            assert!(crate::common::bicycle_for(&p, None) == base, "{dtype:?}");
+            assert!(crate::common::bicycle_for(&p, Some(1)) == diffusers, "{dtype:?}");
+        }
+        assert!(kohya != base && diffusers != base);
+        // With `--lora` fused into the model too, an adapter adds its LoRA on top.
+        let both = load(vec![case_spec("diffusers")], vec![adapter("kohya")]);
+        let fused_both = load(vec![case_spec("diffusers"), case_spec("kohya")], Vec::new());
+        assert!(crate::common::bicycle_for(&both, None) == diffusers, "{dtype:?}");
+        let on_top = crate::common::bicycle_for(&both, Some(0));
+        assert!(on_top != diffusers && on_top != kohya, "{dtype:?}");
+        if dtype == DType::F32 {
+            // The same sum in another order: within a rounding of the LoRAs at once.
+            let d = on_top
+                .iter()
+                .zip(image(&fused_both).iter())
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap();
+            assert!(d <= 1, "{d}");
+        }
     }
-    assert!(kohya != base && diffusers != base);
+    let p = with_adapters();
 
     let stacked = AdapterSpec::merged(&[
         AdapterSpec::parse(&format!("both={}:0.8", lora_file("kohya").display())).unwrap(),
