@@ -12,7 +12,7 @@ use serde::Deserialize;
 use turbine::model::lora::{AdapterSpec, LoraSpec};
 use turbine::model::pipeline::{LoadSpec, Pipeline};
 
-use crate::common::{fixtures, tiny_model};
+use crate::common::{bicycle_for, fixtures, tiny_model};
 use crate::pipeline::{run_case_for, run_case_on};
 
 #[derive(Deserialize)]
@@ -132,16 +132,16 @@ fn an_adapter_is_the_model_with_the_lora_fused() {
         let kohya = image(&load(vec![case_spec("kohya")], Vec::new()));
         let diffusers = image(&load(vec![case_spec("diffusers")], Vec::new()));
         for _ in 0..2 {
-            assert!(crate::common::bicycle_for(&p, Some(0)) == kohya, "{dtype:?}");
-            assert!(crate::common::bicycle_for(&p, None) == base, "{dtype:?}");
-            assert!(crate::common::bicycle_for(&p, Some(1)) == diffusers, "{dtype:?}");
+            assert!(bicycle_for(&p, Some(0)) == kohya, "{dtype:?}");
+            assert!(bicycle_for(&p, None) == base, "{dtype:?}");
+            assert!(bicycle_for(&p, Some(1)) == diffusers, "{dtype:?}");
         }
         assert!(kohya != base && diffusers != base);
         // With `--lora` fused into the model too, an adapter adds its LoRA on top.
         let both = load(vec![case_spec("diffusers")], vec![adapter("kohya")]);
         let fused_both = load(vec![case_spec("diffusers"), case_spec("kohya")], Vec::new());
-        assert!(crate::common::bicycle_for(&both, None) == diffusers, "{dtype:?}");
-        let on_top = crate::common::bicycle_for(&both, Some(0));
+        assert!(bicycle_for(&both, None) == diffusers, "{dtype:?}");
+        let on_top = bicycle_for(&both, Some(0));
         assert!(on_top != diffusers && on_top != kohya, "{dtype:?}");
         if dtype == DType::F32 {
             // The same sum in another order: within a rounding of the LoRAs at once.
@@ -168,7 +168,7 @@ fn an_adapter_is_the_model_with_the_lora_fused() {
     };
     let both = Pipeline::load_spec(&spec, &Device::Cpu, DType::F32).unwrap();
     let fused = with_loras(vec![case_spec("kohya"), case_spec("diffusers")]).unwrap();
-    assert!(crate::common::bicycle_for(&both, Some(0)) == image(&fused));
+    assert!(bicycle_for(&both, Some(0)) == image(&fused));
 
     let settings = turbine::model::pipeline::GenerationSettings {
         width: 64,
@@ -315,11 +315,31 @@ fn a_lora_on_a_single_file_checkpoint() {
     let without = Pipeline::load_spec(
         &LoadSpec {
             loras: Vec::new(),
-            ..spec
+            ..spec.clone()
         },
         &Device::Cpu,
         DType::F32,
     )
     .unwrap();
     assert!(image(&with) != image(&without));
+    // Served as an adapter next to the checkpoint's own weights: the same image, bit for bit
+    // in bf16 too (the adapter reads the weights it adapts from the checkpoint again).
+    for dtype in [DType::F32, DType::BF16] {
+        let load = |spec: &LoadSpec| Pipeline::load_spec(spec, &Device::Cpu, dtype).unwrap();
+        let served = load(&LoadSpec {
+            loras: Vec::new(),
+            adapters: vec![AdapterSpec {
+                name: "kohya".into(),
+                loras: spec.loras.clone(),
+            }],
+            ..spec.clone()
+        });
+        let fused = load(&spec);
+        let own = load(&LoadSpec {
+            loras: Vec::new(),
+            ..spec.clone()
+        });
+        assert!(bicycle_for(&served, Some(0)) == image(&fused), "{dtype:?}");
+        assert!(bicycle_for(&served, None) == image(&own), "{dtype:?}");
+    }
 }
