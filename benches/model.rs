@@ -20,8 +20,9 @@ use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use turbine::cli::generate::parse_size;
 use turbine::device::{parse_device, parse_dtype};
+use turbine::model::lora::{AdapterSpec, LoraSpec};
 use turbine::model::pipeline::{
-    edit_schedule, GenerationSettings, ImageRequest, InitImage, Pipeline,
+    edit_schedule, GenerationSettings, ImageRequest, InitImage, LoadSpec, Pipeline,
 };
 
 /// The SDXL-Turbo timestep of a 1-step run (trailing spacing: the last of 1000 training steps).
@@ -29,6 +30,8 @@ const TURBO_TIMESTEP: f64 = 999.0;
 
 struct Setup {
     prefix: &'static str,
+    /// The tiny fixture model (whose fixture LoRAs fit it).
+    tiny: bool,
     device: Device,
     dtype: DType,
     pipeline: Pipeline,
@@ -68,6 +71,7 @@ fn setup() -> Setup {
     );
     Setup {
         prefix,
+        tiny,
         device,
         dtype,
         pipeline,
@@ -212,7 +216,30 @@ fn pipeline(c: &mut Criterion) {
         init_step: None,
         adapter: None,
     };
-    batch_scaling(c, &s, "pipeline", &settings, None);
+    batch_scaling(c, &s, &s.pipeline, "pipeline", &settings, None);
+
+    // The same through a `--lora-modules` adapter (the fixture kohya LoRA, on the tiny model):
+    // fused at load, so the same work per image as `pipeline`.
+    if s.tiny {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let spec = LoadSpec {
+            dir: root.join("tests/fixtures/tiny-sdxl"),
+            adapters: vec![AdapterSpec {
+                name: "kohya".into(),
+                loras: vec![LoraSpec {
+                    path: root.join("tests/fixtures/reference/lora_kohya.safetensors"),
+                    scale: 0.8,
+                }],
+            }],
+            ..Default::default()
+        };
+        let served = Pipeline::load_spec(&spec, &s.device, s.dtype).expect("loading the adapter");
+        let adapter = GenerationSettings {
+            adapter: Some(0),
+            ..settings
+        };
+        batch_scaling(c, &s, &served, "pipeline_adapter", &adapter, None);
+    }
 
     // Edits (POST /v1/images/edits' default: one step at strength 0.5, the second of a
     // two-step schedule): the same work plus the VAE encoder and its posterior sample, per
@@ -228,14 +255,15 @@ fn pipeline(c: &mut Criterion) {
         s.height as u32,
         |x, y| image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8]),
     ));
-    batch_scaling(c, &s, "edit", &edit, Some(&input));
+    batch_scaling(c, &s, &s.pipeline, "edit", &edit, Some(&input));
 }
 
-/// `{device}/{name}/bs{1,2,4,8}`: one `generate` call per batch of distinct prompts, each image
-/// editing `input` when given.
+/// `{device}/{name}/bs{1,2,4,8}`: one `generate` call of `pipeline` per batch of distinct
+/// prompts, each image editing `input` when given.
 fn batch_scaling(
     c: &mut Criterion,
     s: &Setup,
+    pipeline: &Pipeline,
     name: &str,
     settings: &GenerationSettings,
     input: Option<&InitImage>,
@@ -257,9 +285,7 @@ fn batch_scaling(
         g.bench_function(BenchmarkId::from_parameter(format!("bs{bs}")), |b| {
             b.iter_custom(|iters| {
                 timed(&s.device, iters, || {
-                    s.pipeline
-                        .generate(settings, &items, None)
-                        .expect("generate")
+                    pipeline.generate(settings, &items, None).expect("generate")
                 })
             })
         });
