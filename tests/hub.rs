@@ -1365,6 +1365,8 @@ fn serve_serves_lora_modules_by_name() {
     assert_eq!(image("sdxl-turbo"), image("gpt-image-1"));
     let log = s.log.lock().unwrap().join("\n");
     assert!(log.contains("adapter ink"), "{log}");
+    // The request's log line names the adapter it ran.
+    assert!(log.contains("adapter=ink"), "{log}");
 
     let out = serve_command(tmp.path(), &hub.endpoint, "0")
         .env(

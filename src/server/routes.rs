@@ -272,6 +272,7 @@ async fn request_id(mut req: Request, next: Next) -> Response {
     req.extensions_mut().insert(XRequestId(id.clone()));
     // `key`: the API key's label, once `authenticate` knows it. `client`: the address the
     // request came from, as a proxy of `--forwarded-allow-ips` says, else the connection's.
+    // `adapter`: the `--lora-modules` adapter a request's `model` named, once validated.
     // `trace_id` and the `otel.*` fields: only with --otlp-endpoint (`crate::telemetry`).
     macro_rules! request_span {
         ($level:expr) => {
@@ -281,6 +282,7 @@ async fn request_id(mut req: Request, next: Next) -> Response {
                 id = %id,
                 client = tracing::field::Empty,
                 key = tracing::field::Empty,
+                adapter = tracing::field::Empty,
                 trace_id = tracing::field::Empty,
                 otel.name = tracing::field::Empty,
                 otel.kind = tracing::field::Empty,
@@ -1392,6 +1394,12 @@ async fn run_request(
     headers: &HeaderMap,
     req: ValidRequest,
 ) -> Result<Response, ApiError> {
+    if let Some(name) = req
+        .adapter
+        .and_then(|i| app.config.model.adapters.get(usize::from(i)))
+    {
+        tracing::Span::current().record("adapter", tracing::field::display(name));
+    }
     let (seed, token_count) = start_request(app, caller, &req);
     if req.stream {
         return stream_images(app, caller, req, seed, token_count);
