@@ -395,16 +395,7 @@ impl LoraBackend {
         loras: &[Arc<Lora>],
         layout: Option<&Layout>,
     ) -> Box<dyn SimpleBackend> {
-        if loras.is_empty() {
-            return inner;
-        }
-        Box::new(Self {
-            inner,
-            original: None,
-            part,
-            loras: loras.to_vec(),
-            layout: layout.cloned(),
-        })
+        Self::boxed(inner, None, part, loras, layout)
     }
 
     /// [`Self::wrap`], fusing into the weights as `original` reads them (the weights file's,
@@ -417,12 +408,22 @@ impl LoraBackend {
         loras: &[Arc<Lora>],
         layout: Option<&Layout>,
     ) -> Box<dyn SimpleBackend> {
+        Self::boxed(inner, Some(original), part, loras, layout)
+    }
+
+    fn boxed(
+        inner: Box<dyn SimpleBackend>,
+        original: Option<Box<dyn SimpleBackend>>,
+        part: Part,
+        loras: &[Arc<Lora>],
+        layout: Option<&Layout>,
+    ) -> Box<dyn SimpleBackend> {
         if loras.is_empty() {
             return inner;
         }
         Box::new(Self {
             inner,
-            original: Some(original),
+            original,
             part,
             loras: loras.to_vec(),
             layout: layout.cloned(),
