@@ -1004,7 +1004,7 @@ fn a_lora_module_is_served_under_its_own_name() {
             })
             .collect()
     };
-    let (own, fused) = (expected(Vec::new()), expected(vec![lora]));
+    let (own, fused) = (expected(Vec::new()), expected(vec![lora.clone()]));
 
     let batches_before = s.metric("turbine_batch_size_count");
     let barrier = Arc::new(Barrier::new(8));
@@ -1032,6 +1032,73 @@ fn a_lora_module_is_served_under_its_own_name() {
     // Eight images of two models: at least two batches; the adapter's four counted as its.
     assert!(s.metric("turbine_batch_size_count") - batches_before >= 2.0);
     assert_eq!(s.metric("turbine_adapter_images_total{model=\"ink\"}"), 4.0);
+
+    // Edits and the Batch API's lines choose the adapter by `model` too: the same images as
+    // the same requests made directly.
+    let png = png_bytes(&edit_input());
+    let edit = |model: &str| {
+        let fields = [
+            ("prompt", "in winter"),
+            ("model", model),
+            ("seed", "4"),
+            ("size", "64x64"),
+        ];
+        images(&s.edit_ok(&fields, &[("image", &png)])).remove(0)
+    };
+    // The library's edit with the LoRA fused (1 step at the default strength 0.5).
+    let fused_edit = {
+        use turbine::model::pipeline::{edit_schedule, InitImage};
+        let spec = LoadSpec {
+            dir: model_dir(),
+            loras: vec![lora.clone()],
+            ..Default::default()
+        };
+        let p = Pipeline::load_spec(&spec, &Device::Cpu, DType::F32).unwrap();
+        let (steps, start) = edit_schedule(1, 0.5).unwrap();
+        let settings = GenerationSettings {
+            width: 64,
+            height: 64,
+            steps,
+            guidance_scale: 0.0,
+            init_step: Some(start),
+            adapter: None,
+        };
+        let item = ImageRequest {
+            prompt: "in winter".into(),
+            negative_prompt: String::new(),
+            seed: 4,
+            init_image: Some(InitImage::new(
+                turbine::server::upload::decode(&png, 64, 64).unwrap(),
+            )),
+            partials: None,
+        };
+        p.generate(&settings, &[item], None)
+            .unwrap()
+            .images
+            .remove(0)
+    };
+    assert!(
+        edit("ink") == fused_edit,
+        "the ink edit is not the fused model's"
+    );
+    assert!(edit("sdxl-turbo") != fused_edit);
+    let g = "/v1/images/generations";
+    let body = |i: usize, model: &str| json!({"prompt": format!("a harbour, print {i}"), "seed": 50 + i, "model": model});
+    let jsonl = [
+        batch_line("ink", g, body(0, "ink")),
+        batch_line("own", g, body(0, "sdxl-turbo")),
+    ]
+    .join("\n");
+    let batch = s.run_batch(None, g, &jsonl);
+    assert_eq!(batch["status"], "completed", "{batch}");
+    let output = s.file_lines(None, batch["output_file_id"].as_str().unwrap());
+    let output = results_by_id(&output);
+    let batched = |id: &str| images(&output[id]["response"]["body"]).remove(0);
+    assert!(
+        batched("ink") == fused[0],
+        "the batch's ink image is not the fused model's"
+    );
+    assert!(batched("own") == own[0]);
 
     // A name that is neither: 404 in OpenAI's shape.
     let r = s.generate(&json!({"prompt": "p", "model": "inks"}));
