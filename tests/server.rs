@@ -33,6 +33,25 @@ mod otel;
 #[path = "server/tls.rs"]
 mod tls;
 
+/// 64x64, one step, no guidance: a generation of the test server's default, or with `edit`,
+/// `POST /v1/images/edits`' default (1 step at strength 0.5: diffusers' 2 steps at 0.5).
+fn tiny_settings(edit: bool) -> GenerationSettings {
+    let (steps, init_step) = if edit {
+        let (steps, start) = turbine::model::pipeline::edit_schedule(1, 0.5).unwrap();
+        (steps, Some(start))
+    } else {
+        (1, None)
+    };
+    GenerationSettings {
+        width: 64,
+        height: 64,
+        steps,
+        guidance_scale: 0.0,
+        init_step,
+        adapter: None,
+    }
+}
+
 fn model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl")
 }
@@ -973,21 +992,17 @@ fn a_lora_module_is_served_under_its_own_name() {
     assert_eq!(one.json::<Value>().unwrap()["parent"], "sdxl-turbo");
 
     // What the library makes: the model, and the model loaded with `--lora`.
-    let expected = |loras: Vec<LoraSpec>| -> Vec<RgbImage> {
+    let load = |loras: Vec<LoraSpec>| {
         let spec = LoadSpec {
             dir: model_dir(),
             loras,
             ..Default::default()
         };
-        let p = Pipeline::load_spec(&spec, &Device::Cpu, DType::F32).unwrap();
-        let settings = GenerationSettings {
-            width: 64,
-            height: 64,
-            steps: 1,
-            guidance_scale: 0.0,
-            init_step: None,
-            adapter: None,
-        };
+        Pipeline::load_spec(&spec, &Device::Cpu, DType::F32).unwrap()
+    };
+    let with_lora = load(vec![lora]);
+    let expected = |p: &Pipeline| -> Vec<RgbImage> {
+        let settings = tiny_settings(false);
         (0..4)
             .map(|i| {
                 let item = ImageRequest {
@@ -1004,7 +1019,7 @@ fn a_lora_module_is_served_under_its_own_name() {
             })
             .collect()
     };
-    let (own, fused) = (expected(Vec::new()), expected(vec![lora.clone()]));
+    let (own, fused) = (expected(&load(Vec::new())), expected(&with_lora));
 
     let batches_before = s.metric("turbine_batch_size_count");
     let barrier = Arc::new(Barrier::new(8));
@@ -1047,32 +1062,17 @@ fn a_lora_module_is_served_under_its_own_name() {
     };
     // The library's edit with the LoRA fused (1 step at the default strength 0.5).
     let fused_edit = {
-        use turbine::model::pipeline::{edit_schedule, InitImage};
-        let spec = LoadSpec {
-            dir: model_dir(),
-            loras: vec![lora.clone()],
-            ..Default::default()
-        };
-        let p = Pipeline::load_spec(&spec, &Device::Cpu, DType::F32).unwrap();
-        let (steps, start) = edit_schedule(1, 0.5).unwrap();
-        let settings = GenerationSettings {
-            width: 64,
-            height: 64,
-            steps,
-            guidance_scale: 0.0,
-            init_step: Some(start),
-            adapter: None,
-        };
         let item = ImageRequest {
             prompt: "in winter".into(),
             negative_prompt: String::new(),
             seed: 4,
-            init_image: Some(InitImage::new(
+            init_image: Some(turbine::model::pipeline::InitImage::new(
                 turbine::server::upload::decode(&png, 64, 64).unwrap(),
             )),
             partials: None,
         };
-        p.generate(&settings, &[item], None)
+        with_lora
+            .generate(&tiny_settings(true), &[item], None)
             .unwrap()
             .images
             .remove(0)
@@ -3403,14 +3403,7 @@ fn serve_decodes_previews_with_taesd_when_asked() {
         DType::F32,
     )
     .unwrap();
-    let settings = GenerationSettings {
-        width: 64,
-        height: 64,
-        steps: 1,
-        guidance_scale: 0.0,
-        init_step: None,
-        adapter: None,
-    };
+    let settings = tiny_settings(false);
     let item = ImageRequest {
         prompt: prompt.into(),
         negative_prompt: String::new(),
@@ -3606,7 +3599,7 @@ impl TestServer {
 /// the images are the library's image-to-image of the same input, prompt, seed and strength.
 #[test]
 fn edits_take_a_multipart_image_and_match_the_pipeline() {
-    use turbine::model::pipeline::{edit_schedule, InitImage};
+    use turbine::model::pipeline::InitImage;
 
     // With the edits' warm-up: the real pipeline's edit batches before /health turns 200.
     let mut config = test_config();
@@ -3643,15 +3636,7 @@ fn edits_take_a_multipart_image_and_match_the_pipeline() {
     // The library's edit: 1 step at the default strength 0.5 (diffusers' 2 steps at 0.5), of
     // the input resized by the server's own decoder.
     let init = InitImage::new(turbine::server::upload::decode(&png, 64, 64).unwrap());
-    let (steps, start) = edit_schedule(1, 0.5).unwrap();
-    let settings = GenerationSettings {
-        width: 64,
-        height: 64,
-        steps,
-        guidance_scale: 0.0,
-        init_step: Some(start),
-        adapter: None,
-    };
+    let settings = tiny_settings(true);
     let items: Vec<ImageRequest> = (11..13)
         .map(|seed| ImageRequest {
             prompt: "the same scene in winter".into(),

@@ -586,14 +586,6 @@ impl Kept {
         Box::new(KeptBackend(self.clone()))
     }
 
-    pub fn len(&self) -> usize {
-        self.0.lock().map(|k| k.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn insert(&self, name: &str, t: &Tensor) {
         if let Ok(mut kept) = self.0.lock() {
             kept.insert(name.to_string(), t.clone());

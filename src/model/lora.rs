@@ -40,6 +40,11 @@ impl LoraSpec {
     /// `FILE` (scale 1) or `FILE:SCALE`; a path that itself holds a `:` is taken whole unless
     /// what follows the last `:` is a number.
     pub fn parse(s: &str) -> Result<Self, String> {
+        Self::parse_in(s, "--lora", "--lora FILE or --lora FILE:SCALE")
+    }
+
+    /// [`Self::parse`], its errors naming `flag` and its `usage`.
+    fn parse_in(s: &str, flag: &str, usage: &str) -> Result<Self, String> {
         let (path, scale) = match s.rsplit_once(':') {
             Some((path, scale)) if !path.is_empty() => match scale.trim().parse::<f64>() {
                 Ok(v) => (path, v),
@@ -48,10 +53,10 @@ impl LoraSpec {
             _ => (s, 1.0),
         };
         if !scale.is_finite() {
-            return Err(format!("--lora {s}: the scale must be a finite number"));
+            return Err(format!("{flag} {s}: the scale must be a finite number"));
         }
         if path.is_empty() {
-            return Err("--lora needs a file: --lora FILE or --lora FILE:SCALE".into());
+            return Err(format!("{flag} needs a file: {usage}"));
         }
         Ok(Self {
             path: PathBuf::from(path),
@@ -72,10 +77,10 @@ pub struct AdapterSpec {
 impl AdapterSpec {
     /// `NAME=FILE` or `NAME=FILE:SCALE`.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let usage = "--lora-modules takes NAME=FILE or NAME=FILE:SCALE";
+        let usage = "--lora-modules NAME=FILE or --lora-modules NAME=FILE:SCALE";
         let (name, lora) = s
             .split_once('=')
-            .ok_or_else(|| format!("{usage}, got {s:?}"))?;
+            .ok_or_else(|| format!("--lora-modules needs a name: {usage}, got {s:?}"))?;
         let name = name.trim();
         if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(format!(
@@ -87,7 +92,7 @@ impl AdapterSpec {
                 "--lora-modules {s}: a name ending in `*` would read as a prefix; name it plainly"
             ));
         }
-        let lora = LoraSpec::parse(lora).map_err(|e| e.replace("--lora", "--lora-modules"))?;
+        let lora = LoraSpec::parse_in(lora, "--lora-modules", usage)?;
         Ok(Self {
             name: name.to_string(),
             loras: vec![lora],

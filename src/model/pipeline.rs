@@ -26,7 +26,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::model::checkpoint::{Checkpoint, Layout, Part};
+use crate::model::checkpoint::{Checkpoint, ComponentBackend, Layout, Part};
 use crate::model::chunks::MAX_TENSOR_ELEMENTS;
 use crate::model::clip::{ClipTextConfig, ClipTextModel};
 use crate::model::loader::{
@@ -570,29 +570,30 @@ impl Pipeline {
             dtype
         };
 
+        let folder_of = |part: Part| dir.component(component_weights(part).0);
         let text_encoder = load_component(
-            &dir.component("text_encoder")?,
+            &folder_of(Part::TextEncoder)?,
             &source,
             part(Part::TextEncoder),
-            "model",
+            component_weights(Part::TextEncoder).1,
             dtype,
             device,
             |vb| ClipTextModel::new(vb, &te_cfg, false),
         )?;
         let text_encoder_2 = load_component(
-            &dir.component("text_encoder_2")?,
+            &folder_of(Part::TextEncoder2)?,
             &source,
             part(Part::TextEncoder2),
-            "model",
+            component_weights(Part::TextEncoder2).1,
             dtype,
             device,
             |vb| ClipTextModel::new(vb, &te2_cfg, true),
         )?;
         let unet = load_component(
-            &dir.component("unet")?,
+            &folder_of(Part::Unet)?,
             &source,
             part(Part::Unet),
-            "diffusion_pytorch_model",
+            component_weights(Part::Unet).1,
             dtype,
             device,
             |vb| UNet2DConditionModel::new(vb, &unet_cfg),
@@ -1671,16 +1672,14 @@ impl AdapterBuild<'_> {
             lora.ensure_used()?;
         }
         let modules: usize = loras.iter().map(|l| l.module_count()).sum();
+        let adapted: Vec<&str> = [(text.is_some(), "text encoders"), (unet.is_some(), "UNet")]
+            .into_iter()
+            .filter_map(|(own, what)| own.then_some(what))
+            .collect();
         tracing::info!(
-            "adapter {}: {modules} LoRA modules fused ({}{}{})",
+            "adapter {}: {modules} LoRA modules fused ({})",
             spec.name,
-            if text.is_some() { "text encoders" } else { "" },
-            if text.is_some() && unet.is_some() {
-                ", "
-            } else {
-                ""
-            },
-            if unet.is_some() { "UNet" } else { "" },
+            adapted.join(", ")
         );
         Ok(Adapter {
             name: spec.name.clone(),
@@ -1693,24 +1692,40 @@ impl AdapterBuild<'_> {
     fn original(&self, part: Part) -> LoadResult<Box<dyn SimpleBackend>> {
         let raw: Box<dyn SimpleBackend> = match self.source {
             Source::Checkpoint(checkpoint) => {
-                let layout = self.layout.ok_or_else(|| LoadError::Weights {
-                    path: checkpoint.path().to_path_buf(),
-                    message: "no layout for the checkpoint's names".into(),
-                })?;
-                Box::new(checkpoint.backend(part, layout)?)
+                Box::new(checkpoint_backend(checkpoint, part, self.layout)?)
             }
             Source::Random(seed) => Box::new(RandomWeights::new(*seed)),
             Source::Files => {
-                let (folder, stem) = match part {
-                    Part::TextEncoder => ("text_encoder", "model"),
-                    Part::TextEncoder2 => ("text_encoder_2", "model"),
-                    Part::Unet | Part::Vae => ("unet", "diffusion_pytorch_model"),
-                };
+                let (folder, stem) = component_weights(part);
                 let path = find_weights(&self.dir.component(folder)?, stem)?;
                 Box::new(SafetensorsBackend::open(&path)?)
             }
         };
         Ok(LoraBackend::wrap(raw, part, self.fused, self.layout))
+    }
+}
+
+/// `part`'s weights in a single-file checkpoint, under their diffusers names.
+fn checkpoint_backend(
+    checkpoint: &Checkpoint,
+    part: Part,
+    layout: Option<&Layout>,
+) -> LoadResult<ComponentBackend> {
+    let layout = layout.ok_or_else(|| LoadError::Weights {
+        path: checkpoint.path().to_path_buf(),
+        message: "no layout for the checkpoint's names".into(),
+    })?;
+    checkpoint.backend(part, layout)
+}
+
+/// The component folder and weights file stem of one of the pipeline's parts in the diffusers
+/// layout (the VAE's folder may be `--vae`'s instead).
+fn component_weights(part: Part) -> (&'static str, &'static str) {
+    match part {
+        Part::TextEncoder => ("text_encoder", "model"),
+        Part::TextEncoder2 => ("text_encoder_2", "model"),
+        Part::Unet => ("unet", "diffusion_pytorch_model"),
+        Part::Vae => ("vae", "diffusion_pytorch_model"),
     }
 }
 
@@ -1755,11 +1770,7 @@ fn load_component_but<T>(
     };
     match (source, part) {
         (Source::Checkpoint(checkpoint), Some((p, adapt))) => {
-            let layout = adapt.layout.ok_or_else(|| LoadError::Weights {
-                path: checkpoint.path().to_path_buf(),
-                message: "no layout for the checkpoint's names".into(),
-            })?;
-            let backend = wrap(Box::new(checkpoint.backend(p, layout)?));
+            let backend = wrap(Box::new(checkpoint_backend(checkpoint, p, adapt.layout)?));
             let vb = VarBuilder::from_backend(backend, dtype, device.clone());
             build(vb).map_err(|e| weights_error(checkpoint.path(), e))
         }
