@@ -35,6 +35,7 @@ pub fn load_resolved(
         loras: m.loras.clone(),
         random_seed: m.random_weights.then_some(0),
         adapters: adapters.to_vec(),
+        runtime_adapters: false,
     };
     Ok(Pipeline::load_spec(&spec, device, dtype)?)
 }

@@ -521,10 +521,24 @@ type DerivedMemo = std::collections::HashMap<(Vec<candle_core::TensorId>, String
 /// copies instead of making its own.
 pub struct SharedDerivations(());
 
+/// What a build derived, by the tensors it derived them from ([`SharedDerivations::snapshot`]).
+#[derive(Clone, Default)]
+pub struct Derivations(DerivedMemo);
+
 impl SharedDerivations {
     pub fn start() -> Self {
-        DERIVED.with(|d| *d.borrow_mut() = Some(Default::default()));
+        Self::resume(Derivations::default())
+    }
+
+    /// Shares what `earlier` holds, as if derived on this thread since a `start`.
+    pub fn resume(earlier: Derivations) -> Self {
+        DERIVED.with(|d| *d.borrow_mut() = Some(earlier.0));
         Self(())
+    }
+
+    /// What has been derived so far on this thread while sharing (none when not sharing).
+    pub fn snapshot() -> Derivations {
+        Derivations(DERIVED.with(|d| d.borrow().clone().unwrap_or_default()))
     }
 }
 

@@ -30,8 +30,9 @@ use crate::model::checkpoint::{Checkpoint, ComponentBackend, Layout, Part};
 use crate::model::chunks::MAX_TENSOR_ELEMENTS;
 use crate::model::clip::{ClipTextConfig, ClipTextModel};
 use crate::model::loader::{
-    build_checked_wrapped, find_weights, read_json, release_freed_memory, weights_error, Kept,
-    LoadError, LoadResult, ModelDir, RandomWeights, SafetensorsBackend, SharedDerivations,
+    build_checked_wrapped, find_weights, read_json, release_freed_memory, weights_error,
+    Derivations, Kept, LoadError, LoadResult, ModelDir, RandomWeights, SafetensorsBackend,
+    SharedDerivations,
 };
 use crate::model::lora::{AdapterSpec, Lora, LoraBackend, LoraSpec};
 use crate::model::noise;
@@ -279,6 +280,7 @@ fn default_true() -> bool {
 }
 
 /// Where component weights come from.
+#[derive(Clone)]
 enum Source {
     /// The component weights files of the model directory.
     Files,
@@ -308,6 +310,9 @@ pub struct LoadSpec {
     /// LoRAs served under their own names next to the model (`--lora-modules`), each fused
     /// into its own copy of the weights it adapts; the rest is shared with the model.
     pub adapters: Vec<AdapterSpec>,
+    /// Keep what adapters are built from, so that more can be built while serving
+    /// ([`Pipeline::load_adapter`], `--allow-runtime-lora-updating`).
+    pub runtime_adapters: bool,
 }
 
 /// The LoRAs of a load: fused into the model, and served next to it.
@@ -315,12 +320,15 @@ pub struct LoadSpec {
 struct Loras<'a> {
     fused: &'a [LoraSpec],
     adapters: &'a [AdapterSpec],
+    /// [`LoadSpec::runtime_adapters`].
+    runtime: bool,
 }
 
 impl Loras<'_> {
     const NONE: Self = Loras {
         fused: &[],
         adapters: &[],
+        runtime: false,
     };
 }
 
@@ -345,7 +353,13 @@ pub struct Pipeline {
     force_zeros_for_empty_prompt: bool,
     latent_channels: usize,
     prompt_cache: PromptCache,
-    adapters: Vec<Adapter>,
+    /// The entries each prompt cache keeps ([`Pipeline::set_prompt_cache_entries`]).
+    prompt_cache_entries: usize,
+    /// The adapters by slot ([`GenerationSettings::adapter`]); `None`: a slot unloaded.
+    adapters: Vec<Option<Adapter>>,
+    /// What adapters are built from, kept for those loaded while serving
+    /// ([`LoadSpec::runtime_adapters`]).
+    adapter_builder: Option<AdapterBuilder>,
 }
 
 /// A `--lora-modules` adapter: the text encoders and UNet with its LoRAs fused in, sharing
@@ -424,6 +438,7 @@ impl Pipeline {
             Loras {
                 fused: &spec.loras,
                 adapters: &spec.adapters,
+                runtime: spec.runtime_adapters,
             },
             device,
             dtype,
@@ -508,6 +523,7 @@ impl Pipeline {
         let Loras {
             fused: loras,
             adapters,
+            runtime,
         } = loras;
         let replaced_vae = vae_dir.is_some();
         let (vae_dir, tiny_dir) = match vae_dir {
@@ -546,14 +562,14 @@ impl Pipeline {
                 Some(checkpoint_layout(checkpoint, &unet_cfg, &vae_cfg, own_vae)?)
             }
             // kohya's SDXL LoRAs name the UNet's modules as the original layout does.
-            _ if !loras.is_empty() || !adapters.is_empty() => {
+            _ if !loras.is_empty() || !adapters.is_empty() || runtime => {
                 Layout::from_configs(&unet_cfg, &vae_cfg).ok()
             }
             _ => None,
         };
         // With adapters, the model's text encoders and UNet keep what they were built from,
         // for the adapters' builds to share (see `Adapter`).
-        let kept = (!adapters.is_empty()).then(KeptParts::default);
+        let kept = (!adapters.is_empty() || runtime).then(KeptParts::default);
         let _sharing = kept.is_some().then(SharedDerivations::start);
         let ctx = Adapt {
             layout: layout.as_ref(),
@@ -645,31 +661,33 @@ impl Pipeline {
                 lora.module_count()
             );
         }
-        let adapters = match &kept {
-            Some(kept) => {
-                let build = AdapterBuild {
-                    kept,
-                    source: &source,
-                    dir,
-                    fused: &loras,
-                    layout: layout.as_ref(),
-                    te_cfg: &te_cfg,
-                    te2_cfg: &te2_cfg,
-                    unet_cfg: &unet_cfg,
-                    dtype,
-                    device,
-                };
-                adapters
-                    .iter()
-                    .map(|spec| build.adapter(spec))
-                    .collect::<LoadResult<Vec<_>>>()?
-            }
+        let builder = kept.map(|kept| AdapterBuilder {
+            kept,
+            source: source.clone(),
+            dir: dir.clone(),
+            fused: loras,
+            layout,
+            te_cfg,
+            te2_cfg,
+            unet_cfg: unet_cfg.clone(),
+            dtype,
+            device: device.clone(),
+            // What the model's build derived, for the adapters built while serving: their
+            // own derivations stay out of it, so that unloading one frees them.
+            derivations: SharedDerivations::snapshot(),
+        });
+        let adapters = match &builder {
+            Some(build) => adapters
+                .iter()
+                .map(|spec| build.adapter(spec).map(Some))
+                .collect::<LoadResult<Vec<_>>>()?,
             None => Vec::new(),
         };
-        // What the adapters were built from, and the f32 temporaries of fusing: freed now,
-        // and handed back to the system rather than kept in malloc's heap (about 1 GiB of the
-        // resident memory of one adapter's load on the CPU).
-        drop(kept);
+        // What the adapters were built from, and the f32 temporaries of fusing: freed now
+        // unless more adapters may be built while serving, and handed back to the system rather
+        // than kept in malloc's heap (about 1 GiB of the resident memory of one adapter's load
+        // on the CPU).
+        let adapter_builder = builder.filter(|_| runtime);
         drop(_sharing);
         release_freed_memory();
         Ok(Self {
@@ -689,14 +707,70 @@ impl Pipeline {
             scheduler_config,
             force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
             prompt_cache: PromptCache::new(0),
+            prompt_cache_entries: 0,
             adapters,
+            adapter_builder,
         })
     }
 
-    /// The `--lora-modules` adapters' names, in the order [`GenerationSettings::adapter`]
-    /// indexes them.
-    pub fn adapter_names(&self) -> impl Iterator<Item = &str> {
-        self.adapters.iter().map(|a| a.name.as_str())
+    /// The adapters' names by slot, in the order [`GenerationSettings::adapter`] indexes them
+    /// (`None`: a slot unloaded): the `--lora-modules` ones first, in their order.
+    pub fn adapter_names(&self) -> impl Iterator<Item = Option<&str>> {
+        self.adapters
+            .iter()
+            .map(|a| a.as_ref().map(|a| a.name.as_str()))
+    }
+
+    /// Whether [`Pipeline::load_adapter`] can build adapters ([`LoadSpec::runtime_adapters`]).
+    pub fn loads_adapters(&self) -> bool {
+        self.adapter_builder.is_some()
+    }
+
+    /// Builds the adapter `spec` describes into `slot` (a free one: unloaded, or past the
+    /// last), as a `--lora-modules` adapter is built at load: the model's LoRAs (`--lora`) and
+    /// its own fused into copies of the weights they adapt, the rest shared with the model.
+    /// Needs a pipeline loaded with [`LoadSpec::runtime_adapters`].
+    ///
+    /// A LoRA file at fault is a [`LoadError`]; a pipeline that cannot build adapters here,
+    /// or a slot already taken, is the caller's error, and fails otherwise.
+    pub fn load_adapter(&mut self, slot: usize, spec: &AdapterSpec) -> anyhow::Result<()> {
+        let Some(builder) = &self.adapter_builder else {
+            anyhow::bail!(
+                "this pipeline was loaded without runtime_adapters: it cannot build adapters"
+            );
+        };
+        if self.adapters.get(slot).is_some_and(Option::is_some) {
+            anyhow::bail!("adapter slot {slot} is taken (this is a bug)");
+        }
+        let built = {
+            let _sharing = SharedDerivations::resume(builder.derivations.clone());
+            builder.adapter(spec)
+        };
+        // The f32 temporaries of fusing, handed back to the system.
+        release_freed_memory();
+        let mut adapter = built?;
+        if let Some((_, _, cache)) = &mut adapter.text {
+            *cache = PromptCache::new(self.prompt_cache_entries);
+        }
+        if self.adapters.len() <= slot {
+            self.adapters.resize_with(slot + 1, || None);
+        }
+        self.adapters[slot] = Some(adapter);
+        Ok(())
+    }
+
+    /// Frees the adapter in `slot` (its copies of the weights it adapts, its prompt cache);
+    /// `false` if there was none.
+    pub fn unload_adapter(&mut self, slot: usize) -> bool {
+        let Some(adapter) = self.adapters.get_mut(slot).and_then(Option::take) else {
+            return false;
+        };
+        drop(adapter);
+        while self.adapters.last().is_some_and(Option::is_none) {
+            self.adapters.pop();
+        }
+        release_freed_memory();
+        true
     }
 
     /// The parts a batch with `adapter` runs through.
@@ -710,12 +784,11 @@ impl Pipeline {
         let Some(i) = adapter else {
             return Ok(own);
         };
-        let a = self.adapters.get(i).ok_or_else(|| {
-            InvalidInput(format!(
-                "adapter {i} does not exist: this pipeline has {}",
-                self.adapters.len()
-            ))
-        })?;
+        let a = self
+            .adapters
+            .get(i)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| InvalidInput(format!("adapter {i} is not loaded")))?;
         let (text_encoder, text_encoder_2, prompt_cache) = match &a.text {
             Some((te, te2, cache)) => (te, te2, cache),
             None => (own.text_encoder, own.text_encoder_2, own.prompt_cache),
@@ -816,7 +889,8 @@ impl Pipeline {
     /// values in the run dtype (about 318 KB for SDXL in bf16). Replaces what was kept.
     pub fn set_prompt_cache_entries(&mut self, entries: usize) {
         self.prompt_cache = PromptCache::new(entries);
-        for a in &mut self.adapters {
+        self.prompt_cache_entries = entries;
+        for a in self.adapters.iter_mut().flatten() {
             if let Some((_, _, cache)) = &mut a.text {
                 *cache = PromptCache::new(entries);
             }
@@ -1609,25 +1683,29 @@ impl KeptParts {
     }
 }
 
-/// Builds `--lora-modules` adapters from the model's kept tensors.
-struct AdapterBuild<'a> {
-    kept: &'a KeptParts,
+/// Builds adapters (`--lora-modules`, and those loaded while serving) from the model's kept
+/// tensors.
+struct AdapterBuilder {
+    kept: KeptParts,
     /// Where the model's weights came from, and its folder: the weights an adapter's LoRAs
     /// adapt are read from there again, so that they fuse into the file's values as `--lora`
     /// does (the kept ones are already rounded to the run dtype).
-    source: &'a Source,
-    dir: &'a ModelDir,
+    source: Source,
+    dir: ModelDir,
     /// `--lora`: fused into the model, so into every adapter too.
-    fused: &'a [Arc<Lora>],
-    layout: Option<&'a Layout>,
-    te_cfg: &'a ClipTextConfig,
-    te2_cfg: &'a ClipTextConfig,
-    unet_cfg: &'a UNet2DConditionConfig,
+    fused: Vec<Arc<Lora>>,
+    layout: Option<Layout>,
+    te_cfg: ClipTextConfig,
+    te2_cfg: ClipTextConfig,
+    unet_cfg: UNet2DConditionConfig,
     dtype: DType,
-    device: &'a Device,
+    device: Device,
+    /// What the model's build derived from its weights ([`SharedDerivations`]), shared by
+    /// the adapters built while serving.
+    derivations: Derivations,
 }
 
-impl AdapterBuild<'_> {
+impl AdapterBuilder {
     fn adapter(&self, spec: &AdapterSpec) -> LoadResult<Adapter> {
         let loras = spec
             .loras
@@ -1645,28 +1723,33 @@ impl AdapterBuild<'_> {
         };
         let vb = |part: Part, kept: &Kept| -> LoadResult<VarBuilder<'static>> {
             let original = self.original(part)?;
-            let backend =
-                LoraBackend::wrap_reading(kept.backend(), original, part, &loras, self.layout);
+            let backend = LoraBackend::wrap_reading(
+                kept.backend(),
+                original,
+                part,
+                &loras,
+                self.layout.as_ref(),
+            );
             Ok(VarBuilder::from_backend(
                 backend,
                 self.dtype,
                 self.device.clone(),
             ))
         };
-        let k = self.kept;
+        let k = &self.kept;
         let before = used();
-        let te = ClipTextModel::new(vb(Part::TextEncoder, &k.text_encoder)?, self.te_cfg, false)
+        let te = ClipTextModel::new(vb(Part::TextEncoder, &k.text_encoder)?, &self.te_cfg, false)
             .map_err(fail)?;
         let te2 = ClipTextModel::new(
             vb(Part::TextEncoder2, &k.text_encoder_2)?,
-            self.te2_cfg,
+            &self.te2_cfg,
             true,
         )
         .map_err(fail)?;
         let text = (used() > before).then(|| (te, te2, PromptCache::new(0)));
         let before = used();
         let unet =
-            UNet2DConditionModel::new(vb(Part::Unet, &k.unet)?, self.unet_cfg).map_err(fail)?;
+            UNet2DConditionModel::new(vb(Part::Unet, &k.unet)?, &self.unet_cfg).map_err(fail)?;
         let unet = (used() > before).then_some(unet);
         for lora in &loras {
             lora.ensure_used()?;
@@ -1690,9 +1773,9 @@ impl AdapterBuild<'_> {
 
     /// `part`'s weights as the model's build read them, `--lora` fused in (in f32).
     fn original(&self, part: Part) -> LoadResult<Box<dyn SimpleBackend>> {
-        let raw: Box<dyn SimpleBackend> = match self.source {
+        let raw: Box<dyn SimpleBackend> = match &self.source {
             Source::Checkpoint(checkpoint) => {
-                Box::new(checkpoint_backend(checkpoint, part, self.layout)?)
+                Box::new(checkpoint_backend(checkpoint, part, self.layout.as_ref())?)
             }
             Source::Random(seed) => Box::new(RandomWeights::new(*seed)),
             Source::Files => {
@@ -1701,7 +1784,12 @@ impl AdapterBuild<'_> {
                 Box::new(SafetensorsBackend::open(&path)?)
             }
         };
-        Ok(LoraBackend::wrap(raw, part, self.fused, self.layout))
+        Ok(LoraBackend::wrap(
+            raw,
+            part,
+            &self.fused,
+            self.layout.as_ref(),
+        ))
     }
 }
 

@@ -101,7 +101,7 @@ fn lora_modules_match_diffusers_fuse_lora_next_to_the_model_itself() {
     let p = with_adapters();
     assert_eq!(
         p.adapter_names().collect::<Vec<_>>(),
-        ["kohya", "diffusers"]
+        [Some("kohya"), Some("diffusers")]
     );
     run_case_for(&p, Some(0), "one_prompt", "lora_kohya_one_prompt");
     run_case_for(&p, Some(1), "one_prompt", "lora_diffusers_one_prompt");
@@ -179,7 +179,107 @@ fn an_adapter_is_the_model_with_the_lora_fused() {
         adapter: Some(2),
     };
     let e = p.validate(&settings, 1).unwrap_err().to_string();
-    assert!(e.contains("adapter 2 does not exist"), "{e}");
+    assert!(e.contains("adapter 2 is not loaded"), "{e}");
+}
+
+/// Adapters built while serving (`--allow-runtime-lora-updating`) are the `--lora-modules`
+/// ones bit for bit (f32 and bf16; over a directory and a single-file checkpoint; with `--lora`
+/// fused into the model too); an unloaded slot serves nothing until a later load takes it; a
+/// LoRA that does not load leaves the pipeline as it was; a pipeline loaded without the option
+/// refuses to build any.
+#[test]
+fn adapters_loaded_while_serving_are_those_loaded_at_start() {
+    let adapter = |name: &str| AdapterSpec {
+        name: name.into(),
+        loras: vec![case_spec(name)],
+    };
+    let checkpoint = crate::tiny_checkpoint::tiny_checkpoint().to_path_buf();
+    for (dtype, checkpoint, fused) in [
+        (DType::F32, None, Vec::new()),
+        (DType::BF16, None, Vec::new()),
+        (DType::F32, None, vec![case_spec("diffusers")]),
+        (DType::BF16, Some(checkpoint), Vec::new()),
+    ] {
+        let case = format!(
+            "{dtype:?}, checkpoint {}, --lora {}",
+            checkpoint.is_some(),
+            fused.len()
+        );
+        let load = |adapters: Vec<AdapterSpec>, runtime_adapters: bool| {
+            let spec = LoadSpec {
+                dir: tiny_model(),
+                checkpoint: checkpoint.clone(),
+                loras: fused.clone(),
+                adapters,
+                runtime_adapters,
+                ..Default::default()
+            };
+            Pipeline::load_spec(&spec, &Device::Cpu, dtype).unwrap()
+        };
+        let at_start = load(vec![adapter("kohya"), adapter("diffusers")], false);
+        let (kohya, diffusers) = (
+            bicycle_for(&at_start, Some(0)),
+            bicycle_for(&at_start, Some(1)),
+        );
+        let own = bicycle_for(&at_start, None);
+
+        let mut p = load(Vec::new(), true);
+        assert!(p.loads_adapters() && !at_start.loads_adapters());
+        p.load_adapter(0, &adapter("kohya")).unwrap();
+        p.load_adapter(1, &adapter("diffusers")).unwrap();
+        assert!(bicycle_for(&p, Some(0)) == kohya, "{case}");
+        assert!(bicycle_for(&p, Some(1)) == diffusers, "{case}");
+        assert!(bicycle_for(&p, None) == own, "{case}");
+
+        assert!(p.unload_adapter(0) && !p.unload_adapter(0));
+        let settings = turbine::model::pipeline::GenerationSettings {
+            width: 64,
+            height: 64,
+            steps: 1,
+            guidance_scale: 0.0,
+            init_step: None,
+            adapter: Some(0),
+        };
+        let e = p.validate(&settings, 1).unwrap_err().to_string();
+        assert!(e.contains("adapter 0 is not loaded"), "{e}");
+        assert_eq!(
+            p.adapter_names().collect::<Vec<_>>(),
+            [None, Some("diffusers")]
+        );
+        assert!(bicycle_for(&p, Some(1)) == diffusers, "{case}");
+        // The freed slot takes the next adapter; a taken one is refused.
+        p.load_adapter(0, &adapter("diffusers")).unwrap();
+        assert!(bicycle_for(&p, Some(0)) == diffusers, "{case}");
+        let e = p
+            .load_adapter(1, &adapter("kohya"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("slot 1 is taken"), "{e}");
+        // A LoRA that does not load changes nothing.
+        let missing = AdapterSpec {
+            name: "missing".into(),
+            loras: vec![LoraSpec {
+                path: fixtures().join("reference/absent.safetensors"),
+                scale: 1.0,
+            }],
+        };
+        let e = p.load_adapter(2, &missing).unwrap_err().to_string();
+        assert!(e.contains("LoRA file not found"), "{e}");
+        assert_eq!(
+            p.adapter_names().collect::<Vec<_>>(),
+            [Some("diffusers"), Some("diffusers")]
+        );
+        assert!(bicycle_for(&p, None) == own, "{case}");
+        // Unloading the last slots shrinks the table.
+        assert!(p.unload_adapter(1) && p.unload_adapter(0));
+        assert_eq!(p.adapter_names().count(), 0);
+    }
+    let mut plain = Pipeline::load(&tiny_model(), &Device::Cpu, DType::F32).unwrap();
+    let e = plain
+        .load_adapter(0, &adapter("kohya"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("without runtime_adapters"), "{e}");
 }
 
 /// An adapter's LoRA that does not fit the model fails the load, naming the adapter's file.
