@@ -1320,6 +1320,8 @@ fn serve_runs_a_single_file_checkpoint() {
 
 /// `serve --lora-modules NAME=FILE:SCALE` (and its environment variable) serves the LoRA under
 /// NAME next to the model; a NAME that is already the model's is refused before anything loads.
+/// With `--allow-runtime-lora-updating` and `--max-lora-modules`, adapters are loaded and
+/// unloaded while serving (the `--lora-modules` one included), up to the limit.
 #[test]
 fn serve_serves_lora_modules_by_name() {
     let hub = FakeHub::start();
@@ -1332,7 +1334,17 @@ fn serve_serves_lora_modules_by_name() {
     let lora = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/reference/lora_kohya.safetensors");
     let module = format!("ink={}:0.8", lora.display());
-    let s = serve_from(&hub, tmp.path(), &["--lora-modules", &module]);
+    let s = serve_from(
+        &hub,
+        tmp.path(),
+        &[
+            "--lora-modules",
+            &module,
+            "--allow-runtime-lora-updating",
+            "--max-lora-modules",
+            "2",
+        ],
+    );
     let client = reqwest::blocking::Client::new();
     s.wait_ready(&client);
     let models: serde_json::Value = client
@@ -1367,6 +1379,48 @@ fn serve_serves_lora_modules_by_name() {
     assert!(log.contains("adapter ink"), "{log}");
     // The request's log line names the adapter it ran.
     assert!(log.contains("adapter=ink"), "{log}");
+
+    let post = |path: &str, body: serde_json::Value| {
+        let r = client
+            .post(format!("{}{path}", s.base))
+            .json(&body)
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    let wash = lora.with_file_name("lora_diffusers.safetensors");
+    let (status, text) = post(
+        "/v1/load_lora_adapter",
+        serde_json::json!({"lora_name": "wash", "lora_path": wash}),
+    );
+    assert_eq!(
+        (status, text.as_str()),
+        (200, "Success: LoRA adapter 'wash' added successfully.")
+    );
+    let washed = image("wash");
+    assert_ne!(washed, image("sdxl-turbo"));
+    assert_ne!(washed, image("ink"));
+    let (status, text) = post(
+        "/v1/load_lora_adapter",
+        serde_json::json!({"lora_name": "third", "lora_path": wash}),
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("too_many_lora_adapters"), "{text}");
+    let (status, text) = post(
+        "/v1/unload_lora_adapter",
+        serde_json::json!({"lora_name": "ink"}),
+    );
+    assert_eq!(
+        (status, text.as_str()),
+        (200, "Success: LoRA adapter 'ink' removed successfully.")
+    );
+    let r = client
+        .post(format!("{}/v1/images/generations", s.base))
+        .json(&serde_json::json!({"prompt": "a lighthouse at dusk", "model": "ink"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(image("wash"), washed);
 
     let out = serve_command(tmp.path(), &hub.endpoint, "0")
         .env(

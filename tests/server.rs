@@ -21,6 +21,7 @@ use reqwest::blocking::{Client, Response};
 use reqwest::Method;
 use serde_json::{json, Value};
 use turbine::model::pipeline::{GeneratedBatch, GenerationSettings, ImageRequest, Pipeline};
+use turbine::server::adapters::Adapters;
 use turbine::server::auth::ApiKey;
 use turbine::server::queue::Priority;
 use turbine::server::stall::StallTimeout;
@@ -942,6 +943,312 @@ fn the_servers_default_steps_and_guidance_apply_to_plain_requests() {
     assert_eq!(images(&own), images(&plain.generate_ok(&body)));
 }
 
+/// `--allow-runtime-lora-updating`: vLLM's `POST /v1/load_lora_adapter` serves a LoRA under a
+/// new name (the library's image with the LoRA fused), `/v1/unload_lora_adapter` stops serving
+/// it while a request that named it before still gets its image, and frees its slot once that
+/// request is done; bad loads are refused with what is wrong and change nothing.
+#[test]
+fn loras_are_loaded_and_unloaded_while_serving() {
+    use turbine::model::lora::LoraSpec;
+    use turbine::model::pipeline::LoadSpec;
+    let fixture = |name: &str| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("tests/fixtures/reference/lora_{name}.safetensors"))
+    };
+    let mut config = test_config();
+    config.runtime_lora_updating = true;
+    config.max_lora_modules = 2;
+    // Long enough that a lone request is still queued when the unload below arrives.
+    config.batching.max_batch_delay = Duration::from_millis(1500);
+    let spec = LoadSpec {
+        dir: model_dir(),
+        runtime_adapters: true,
+        ..Default::default()
+    };
+    let backend: MakeBackend =
+        Box::new(move |_| Box::new(Pipeline::load_spec(&spec, &Device::Cpu, DType::F32).unwrap()));
+    let s = Arc::new(TestServer::start_devices(config, vec![("cpu", backend)]));
+    let post = |path: &str, body: Value| {
+        let r = s.client.post(s.url(path)).json(&body).send().unwrap();
+        let status = r.status().as_u16();
+        (status, r.text().unwrap())
+    };
+    let error = |(status, text): (u16, String)| -> (u16, Value) {
+        let v: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{text}"));
+        (status, v["error"].clone())
+    };
+    let listed = || -> Vec<String> {
+        let models: Value = s
+            .client
+            .get(s.url("/v1/models"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|m| m["parent"] == "sdxl-turbo")
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let load = |name: &str, lora: &str| {
+        post(
+            "/v1/load_lora_adapter",
+            json!({"lora_name": name, "lora_path": fixture(lora), "scale": 0.8}),
+        )
+    };
+
+    let (status, text) = load("ink", "kohya");
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(text, "Success: LoRA adapter 'ink' added successfully.");
+    assert_eq!(listed(), ["ink"]);
+
+    // The library's image with the LoRA fused at load.
+    let fused = {
+        let spec = LoadSpec {
+            dir: model_dir(),
+            loras: vec![LoraSpec {
+                path: fixture("kohya"),
+                scale: 0.8,
+            }],
+            ..Default::default()
+        };
+        let p = Pipeline::load_spec(&spec, &Device::Cpu, DType::F32).unwrap();
+        let item = ImageRequest {
+            prompt: "a harbour".into(),
+            negative_prompt: String::new(),
+            seed: 7,
+            init_image: None,
+            partials: None,
+        };
+        p.generate(&tiny_settings(false), &[item], None)
+            .unwrap()
+            .images
+            .remove(0)
+    };
+    let body = |model: &str| json!({"prompt": "a harbour", "seed": 7, "model": model, "response_format": "b64_json"});
+    assert!(images(&s.generate_ok(&body("ink"))).remove(0) == fused);
+    assert!(images(&s.generate_ok(&body("sdxl-turbo"))).remove(0) != fused);
+    assert_eq!(s.metric("turbine_adapter_images_total{model=\"ink\"}"), 1.0);
+
+    // Refused, changing nothing: the name taken, the model's own name, a file that is not
+    // there, a LoRA for another model, fields missing or unknown.
+    let (status, e) = error(load("ink", "diffusers"));
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (400, Some("lora_adapter_exists")),
+        "{e}"
+    );
+    let (status, e) = error(load("dall-e-3", "diffusers"));
+    assert_eq!(
+        (status, e["param"].as_str()),
+        (400, Some("lora_name")),
+        "{e}"
+    );
+    let (status, e) = error(post(
+        "/v1/load_lora_adapter",
+        json!({"lora_name": "gone", "lora_path": fixture("absent")}),
+    ));
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (400, Some("invalid_lora_adapter")),
+        "{e}"
+    );
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("LoRA file not found"),
+        "{e}"
+    );
+    let (status, e) = error(post(
+        "/v1/load_lora_adapter",
+        json!({"lora_name": "model", "lora_path": model_dir().join("unet/diffusion_pytorch_model.safetensors")}),
+    ));
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (400, Some("invalid_lora_adapter")),
+        "{e}"
+    );
+    let (status, e) = error(post("/v1/load_lora_adapter", json!({"lora_name": "x"})));
+    assert_eq!(
+        (status, e["param"].as_str()),
+        (400, Some("lora_path")),
+        "{e}"
+    );
+    let (status, e) = error(post(
+        "/v1/load_lora_adapter",
+        json!({"lora_name": "x", "lora_path": fixture("kohya"), "alpha": 1}),
+    ));
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (400, Some("unknown_parameter")),
+        "{e}"
+    );
+    assert_eq!(listed(), ["ink"]);
+    assert_eq!(
+        s.metric("turbine_adapter_updates_total{action=\"load\",outcome=\"failed\"}"),
+        2.0
+    );
+
+    // Two held: a third waits for a slot.
+    let (status, text) = load("wash", "diffusers");
+    assert_eq!(status, 200, "{text}");
+    let (status, e) = error(load("third", "kohya"));
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (400, Some("too_many_lora_adapters")),
+        "{e}"
+    );
+
+    // An unload while a request for the adapter waits in the queue: the request gets its
+    // image, later ones get 404, and the slot is freed once the request is done.
+    let waiting = {
+        let s = s.clone();
+        let body = body("ink");
+        std::thread::spawn(move || images(&s.generate_ok(&body)).remove(0))
+    };
+    s.wait_metric("turbine_queue_images", |n| n >= 1.0);
+    let (status, text) = post("/v1/unload_lora_adapter", json!({"lora_name": "ink"}));
+    assert_eq!(
+        (status, text.as_str()),
+        (200, "Success: LoRA adapter 'ink' removed successfully.")
+    );
+    assert_eq!(listed(), ["wash"]);
+    let r = s.generate(&body("ink"));
+    assert_eq!(r.status(), 404);
+    assert!(
+        waiting.join().unwrap() == fused,
+        "the queued ink image is not the fused model's"
+    );
+    let (status, e) = error(post("/v1/unload_lora_adapter", json!({"lora_name": "ink"})));
+    assert_eq!(status, 404, "{e}");
+    let start = Instant::now();
+    let reloaded = loop {
+        let (status, text) = load("ink", "kohya");
+        if status == 200 || start.elapsed() > Duration::from_secs(60) {
+            break (status, text);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(reloaded.0, 200, "{}", reloaded.1);
+    assert!(images(&s.generate_ok(&body("ink"))).remove(0) == fused);
+    assert_eq!(s.metric("turbine_adapter_images_total{model=\"ink\"}"), 3.0);
+    assert_eq!(
+        s.metric("turbine_adapter_updates_total{action=\"unload\",outcome=\"ok\"}"),
+        1.0
+    );
+}
+
+/// A backend whose device runs out of memory building any adapter, as CUDA reports it inside a
+/// weights error.
+struct AdapterOutOfMemory(Pipeline);
+
+impl ImageBackend for AdapterOutOfMemory {
+    fn generate(
+        &mut self,
+        settings: &GenerationSettings,
+        items: &[ImageRequest],
+    ) -> anyhow::Result<GeneratedBatch> {
+        self.0.generate(settings, items, None)
+    }
+
+    fn load_adapter(
+        &mut self,
+        _slot: usize,
+        spec: &turbine::model::lora::AdapterSpec,
+    ) -> anyhow::Result<()> {
+        Err(turbine::model::loader::LoadError::Weights {
+            path: spec.loras[0].path.clone(),
+            message: "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+        }
+        .into())
+    }
+}
+
+/// An adapter the device cannot build (out of memory; or a backend that builds none) is the
+/// server's 500 `lora_adapter_not_built`, not the file's 400, and leaves nothing behind: the
+/// name is free again, not listed, and the model still serves.
+#[test]
+fn an_adapter_the_device_cannot_build_is_a_500_that_leaves_nothing_behind() {
+    let fixture = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/reference/lora_kohya.safetensors");
+    let body = json!({"lora_name": "ink", "lora_path": fixture});
+    let config = || {
+        let mut c = test_config();
+        c.runtime_lora_updating = true;
+        c.max_lora_modules = 1;
+        c
+    };
+    let out_of_memory = TestServer::start_with(config(), |p| Box::new(AdapterOutOfMemory(p)));
+    // Loaded without what runtime builds need.
+    let cannot = TestServer::start(config());
+    for (s, says) in [
+        (&out_of_memory, "CUDA_ERROR_OUT_OF_MEMORY"),
+        (&cannot, "cannot build adapters"),
+    ] {
+        // Twice: the first attempt left neither the name taken nor the one slot held.
+        for _ in 0..2 {
+            let r = s
+                .client
+                .post(s.url("/v1/load_lora_adapter"))
+                .json(&body)
+                .send()
+                .unwrap();
+            assert_eq!(r.status(), 500);
+            let e: Value = r.json().unwrap();
+            assert_eq!(e["error"]["code"], "lora_adapter_not_built", "{e}");
+            assert_eq!(e["error"]["type"], "server_error", "{e}");
+            assert!(
+                e["error"]["message"].as_str().unwrap().contains(says),
+                "{e}"
+            );
+        }
+        let models: Value = s
+            .client
+            .get(s.url("/v1/models"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        assert!(!models.to_string().contains("\"ink\""), "{models}");
+        assert_eq!(
+            s.generate(&json!({"prompt": "x", "model": "ink"})).status(),
+            404
+        );
+        s.generate_ok(&json!({"prompt": "still serving"}));
+        assert_eq!(
+            s.metric("turbine_adapter_updates_total{action=\"load\",outcome=\"failed\"}"),
+            2.0
+        );
+    }
+}
+
+/// Without `--allow-runtime-lora-updating` the endpoints answer 404 saying how to turn them on.
+#[test]
+fn runtime_lora_updating_is_off_by_default() {
+    let s = TestServer::start(test_config());
+    for path in ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"] {
+        let r = s
+            .client
+            .post(s.url(path))
+            .json(&json!({"lora_name": "ink", "lora_path": "/tmp/ink.safetensors"}))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 404);
+        let e: Value = r.json().unwrap();
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("--allow-runtime-lora-updating"),
+            "{e}"
+        );
+    }
+}
+
 /// `--lora-modules`: a LoRA served under its own name. `GET /v1/models` lists it with the model
 /// it adapts; a request naming it gets the image of the model with the LoRA fused, one naming
 /// the model (or an alias) the model's own, and requests for both at once are batched apart
@@ -964,7 +1271,7 @@ fn a_lora_module_is_served_under_its_own_name() {
         ..Default::default()
     };
     let mut config = test_config();
-    config.model.adapters = vec!["ink".into()];
+    config.model.adapters = Adapters::new(vec!["ink".into()]);
     config.batching.max_batch_size = 8;
     config.batching.max_batch_delay = Duration::from_millis(100);
     let load = spec;

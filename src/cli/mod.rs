@@ -17,13 +17,15 @@ use crate::model::pipeline::Pipeline;
 /// Resolves `--model/--model-dir/--checkpoint/--random-weights/--vae/--preview-vae` (downloading missing weights unless
 /// offline) and loads the pipeline: the one way every command gets its model.
 pub fn load_pipeline(model: &ModelArgs, device: &Device, dtype: DType) -> anyhow::Result<Pipeline> {
-    load_resolved(&model.resolve()?, &[], device, dtype)
+    load_resolved(&model.resolve()?, &[], false, device, dtype)
 }
 
-/// The pipeline of a model already resolved, with `adapters` (`--lora-modules`) next to it.
+/// The pipeline of a model already resolved, with `adapters` (`--lora-modules`) next to it;
+/// with `runtime_adapters`, able to build more while serving (`--allow-runtime-lora-updating`).
 pub fn load_resolved(
     m: &crate::hub::ResolvedModel,
     adapters: &[crate::model::lora::AdapterSpec],
+    runtime_adapters: bool,
     device: &Device,
     dtype: DType,
 ) -> anyhow::Result<Pipeline> {
@@ -35,7 +37,7 @@ pub fn load_resolved(
         loras: m.loras.clone(),
         random_seed: m.random_weights.then_some(0),
         adapters: adapters.to_vec(),
-        runtime_adapters: false,
+        runtime_adapters,
     };
     Ok(Pipeline::load_spec(&spec, device, dtype)?)
 }

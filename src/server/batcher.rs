@@ -2,7 +2,9 @@
 //! to and cancel from, and one batcher task per device that forms batches and hands them to
 //! that device's worker thread through a channel of capacity one. The channel is the prefetch:
 //! while the device runs batch k, the batcher forms k+1 and parks it there (TEI's design); the
-//! worker then tops k+1 up with entries of its key that arrived meanwhile.
+//! worker then tops k+1 up with entries of its key that arrived meanwhile. Changes to the
+//! device's adapters (`POST /v1/load_lora_adapter`) pass through the same slot, between
+//! batches.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -13,8 +15,9 @@ use tokio::sync::{mpsc, Notify};
 
 use super::error::{BackendError, InferError};
 use super::metrics::{DropReason, Metrics};
-use super::queue::{Batch, Entry, Next, QueuePolicy, RequestId, ShapeKey, State};
+use super::queue::{Entry, Next, QueuePolicy, RequestId, ShapeKey, State};
 use super::stall::Liveness;
+use super::worker::{AdapterCommand, Work};
 use crate::model::pipeline::ImageRequest;
 
 /// What travels with each queued image.
@@ -203,12 +206,19 @@ pub(crate) fn fail_all(entries: Vec<Entry<Item>>, error: &BackendError) {
 
 /// Forms batches for one device until its worker is gone (it closes the channel when its
 /// device fails: then a batch formed meanwhile goes back to the queue, for the other devices).
+///
+/// Changes to the device's adapters (`commands`) go to the worker through the same slot, ahead
+/// of the next batch: the batcher holds the slot while it waits for images, so nothing else
+/// could get into the channel, and the worker runs them between batches in the order sent.
 pub async fn run_batcher(
     queue: Arc<Queue>,
-    to_worker: mpsc::Sender<Batch<Item>>,
+    to_worker: mpsc::Sender<Work>,
+    mut commands: mpsc::UnboundedReceiver<AdapterCommand>,
     max_batch: usize,
     liveness: Arc<Liveness>,
 ) {
+    // Once the App (the commands' only sender) is gone, no more come.
+    let mut commands_open = true;
     loop {
         // Wait for the prefetch slot first, so a batch is formed as late as possible. A worker
         // declared stalled gets nothing more: the queue's images go to the other devices.
@@ -219,7 +229,7 @@ pub async fn run_batcher(
             },
             _ = liveness.wait_stalled() => return,
         };
-        let mut batch = loop {
+        let work = loop {
             if to_worker.is_closed() || liveness.stalled() {
                 return;
             }
@@ -227,6 +237,22 @@ pub async fn run_batcher(
             tokio::pin!(arrived);
             // Registered before looking at the queue, so no arrival is missed in between.
             arrived.as_mut().enable();
+            // A command waiting goes first: it is answered once the batch before it is done.
+            let command = if commands_open {
+                match commands.try_recv() {
+                    Ok(command) => Some(command),
+                    Err(mpsc::error::TryRecvError::Empty) => None,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        commands_open = false;
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            if let Some(command) = command {
+                break Work::Adapter(command);
+            }
             let next = {
                 let now = Instant::now();
                 let mut state = queue.lock();
@@ -235,23 +261,39 @@ pub async fn run_batcher(
                 queue.metrics.set_queue_images(state.len());
                 next
             };
-            match next {
-                Next::Batch(batch) => break batch,
-                Next::WaitUntil(t) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(t.into()) => {}
-                        _ = &mut arrived => {}
-                        _ = to_worker.closed() => {}
-                        _ = liveness.wait_stalled() => {}
-                    }
+            let until = match next {
+                Next::Batch(batch) => break Work::Batch(batch),
+                Next::WaitUntil(t) => Some(t),
+                Next::Empty => None,
+            };
+            let sleep = async {
+                match until {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
                 }
-                Next::Empty => {
-                    tokio::select! {
-                        _ = &mut arrived => {}
-                        _ = to_worker.closed() => {}
-                        _ = liveness.wait_stalled() => {}
+            };
+            let command = tokio::select! {
+                _ = sleep => None,
+                _ = &mut arrived => None,
+                _ = to_worker.closed() => None,
+                _ = liveness.wait_stalled() => None,
+                command = commands.recv(), if commands_open => match command {
+                    Some(command) => Some(command),
+                    None => {
+                        commands_open = false;
+                        None
                     }
-                }
+                },
+            };
+            if let Some(command) = command {
+                break Work::Adapter(command);
+            }
+        };
+        let mut batch = match work {
+            Work::Batch(batch) => batch,
+            command => {
+                permit.send(command);
+                continue;
             }
         };
         // A worker whose device failed closes the channel: the batch goes back for the other
@@ -262,14 +304,23 @@ pub async fn run_batcher(
             return;
         }
         batch.parked = Some(liveness.hold(&batch.entries));
-        permit.send(batch);
+        permit.send(Work::Batch(batch));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::queue::{Guidance, Priority};
+    use crate::server::queue::{Batch, Guidance, Priority};
+
+    /// The next batch a batcher hands its worker (it sends nothing else).
+    async fn next_batch(rx: &mut mpsc::Receiver<Work>) -> Batch<Item> {
+        match rx.recv().await {
+            Some(Work::Batch(b)) => b,
+            Some(Work::Adapter(_)) => panic!("a batcher sent an adapter command"),
+            None => panic!("the batcher stopped"),
+        }
+    }
 
     fn policy(capacity: usize) -> QueuePolicy {
         QueuePolicy {
@@ -354,7 +405,14 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let q = Arc::new(Queue::new(policy(16), metrics.clone()));
         let (to_worker, mut from_batcher) = mpsc::channel(1);
-        tokio::spawn(run_batcher(q.clone(), to_worker, 2, Default::default()));
+        let (_commands, commands_rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_batcher(
+            q.clone(),
+            to_worker,
+            commands_rx,
+            2,
+            Default::default(),
+        ));
         let (gone_tx, gone_rx) = mpsc::unbounded_channel();
         drop(gone_rx);
         let (tx, _rx) = mpsc::unbounded_channel();
@@ -367,15 +425,15 @@ mod tests {
             entry(6, &tx),
         ])
         .unwrap();
-        let first = from_batcher.recv().await.unwrap();
+        let first = next_batch(&mut from_batcher).await;
         let seeds: Vec<u64> = first.entries.iter().map(|e| e.payload.image.seed).collect();
         assert_eq!(seeds, [2, 3]);
         // The worker has not taken another batch: exactly one more is formed and parked.
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(q.len(), 1);
-        let second = from_batcher.recv().await.unwrap();
+        let second = next_batch(&mut from_batcher).await;
         assert_eq!(second.entries.len(), 2);
-        let third = from_batcher.recv().await.unwrap();
+        let third = next_batch(&mut from_batcher).await;
         assert_eq!(third.entries.len(), 1);
         assert!(metrics
             .render()
@@ -438,7 +496,14 @@ mod tests {
     async fn a_batcher_whose_worker_closed_the_channel_stops_and_takes_nothing() {
         let q = Arc::new(Queue::new(policy(8), Arc::new(Metrics::new())));
         let (to_worker, mut from_batcher) = mpsc::channel(1);
-        let batcher = tokio::spawn(run_batcher(q.clone(), to_worker, 2, Default::default()));
+        let (_commands, commands_rx) = mpsc::unbounded_channel();
+        let batcher = tokio::spawn(run_batcher(
+            q.clone(),
+            to_worker,
+            commands_rx,
+            2,
+            Default::default(),
+        ));
         // Let it reserve the slot and wait for arrivals, then close as a failing worker does.
         tokio::time::sleep(Duration::from_millis(20)).await;
         from_batcher.close();
@@ -450,5 +515,65 @@ mod tests {
         q.submit(vec![entry(1, &tx)]).unwrap();
         assert_eq!(q.len(), 1);
         assert!(from_batcher.recv().await.is_none());
+    }
+
+    /// A change to the adapters reaches the worker through the slot the batcher holds while
+    /// the queue is empty, and goes ahead of images that are waiting; once the server drops
+    /// the commands' sender, batches still flow.
+    #[tokio::test]
+    async fn adapter_commands_pass_through_the_batchers_slot_ahead_of_waiting_images() {
+        let q = Arc::new(Queue::new(policy(8), Arc::new(Metrics::new())));
+        let (to_worker, mut from_batcher) = mpsc::channel(1);
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        tokio::spawn(run_batcher(
+            q.clone(),
+            to_worker,
+            commands_rx,
+            2,
+            Default::default(),
+        ));
+        let unload = |slot| {
+            let (done, _) = tokio::sync::oneshot::channel();
+            AdapterCommand::Unload { slot, done }
+        };
+        let slot_of = |work: Option<Work>| match work {
+            Some(Work::Adapter(AdapterCommand::Unload { slot, .. })) => slot,
+            Some(Work::Adapter(_)) => panic!("another command"),
+            Some(Work::Batch(_)) => panic!("a batch, not the command"),
+            None => panic!("the batcher stopped"),
+        };
+        // Idle: the batcher holds the slot, waiting for images.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        commands.send(unload(3)).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), from_batcher.recv())
+            .await
+            .expect("the command reaches the worker");
+        assert_eq!(slot_of(got), 3);
+
+        // Images and a command both waiting when the slot frees: the command first.
+        let (tx, _rx) = mpsc::unbounded_channel();
+        q.submit(vec![entry(1, &tx), entry(2, &tx)]).unwrap();
+        let first = next_batch(&mut from_batcher).await;
+        assert_eq!(first.entries.len(), 2);
+        // Sent together (nothing runs in between on this runtime): the command goes first.
+        q.submit(vec![entry(3, &tx), entry(4, &tx)]).unwrap();
+        commands.send(unload(5)).unwrap();
+        assert_eq!(slot_of(from_batcher.recv().await), 5);
+        let seeds: Vec<u64> = next_batch(&mut from_batcher)
+            .await
+            .entries
+            .iter()
+            .map(|e| e.payload.image.seed)
+            .collect();
+        assert_eq!(seeds, [3, 4]);
+
+        commands.send(unload(6)).unwrap();
+        q.submit(vec![entry(7, &tx)]).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(slot_of(from_batcher.recv().await), 6);
+        drop(commands);
+        assert_eq!(next_batch(&mut from_batcher).await.entries.len(), 1);
+        q.submit(vec![entry(8, &tx)]).unwrap();
+        assert_eq!(next_batch(&mut from_batcher).await.entries.len(), 1);
     }
 }

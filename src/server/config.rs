@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure};
 
+pub use super::adapters::{AdapterLease, Adapters};
 use super::api::DefaultResponseFormat;
 use super::auth::ApiKey;
 use super::worker::WarmupSizes;
@@ -12,6 +13,10 @@ use super::worker::WarmupSizes;
 /// `--max-image-pixels`' default: 1536x1536, gpt-image-1's largest sizes and DALL·E 3's
 /// 1792x1024 fit under it.
 pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 1536 * 1536;
+
+/// The longest adapter name (`--lora-modules`, `lora_name`): a model name clients send and
+/// `/v1/models` lists.
+pub const MAX_ADAPTER_NAME_BYTES: usize = 256;
 
 /// The most images one request may ask for (OpenAI's bound for `n`).
 pub const MAX_N: u32 = 10;
@@ -33,22 +38,49 @@ pub struct ModelIdentity {
     /// ending in `*` is a prefix: it matches every name that starts with what comes before the
     /// `*` (`*` alone: any name).
     pub aliases: Vec<String>,
-    /// The `--lora-modules` adapters' names, in the pipeline's order
-    /// ([`crate::model::pipeline::Pipeline::adapter_names`]).
-    pub adapters: Vec<String>,
+    /// The LoRA adapters served next to it (`--lora-modules`, and those loaded while serving),
+    /// shared by every clone.
+    pub adapters: Adapters,
 }
 
 impl ModelIdentity {
-    /// What `model` selects: `Some(None)` the model itself, `Some(Some(i))` adapter `i`, `None`
-    /// nothing served here. An adapter's exact name wins over an alias's prefix.
-    pub fn resolve(&self, name: &str) -> Option<Option<u16>> {
+    /// What `model` selects: `Some(None)` the model itself, `Some(Some(a))` the adapter `a`
+    /// holds, `None` nothing served here. An adapter's exact name wins over an alias's prefix.
+    pub fn resolve(&self, name: &str) -> Option<Option<AdapterLease>> {
         if name == self.id {
             return Some(None);
         }
-        if let Some(i) = self.adapters.iter().position(|a| a == name) {
-            return Some(Some(i as u16));
+        if let Some(lease) = self.adapters.resolve(name) {
+            return Some(Some(lease));
         }
         self.matches(name).then_some(None)
+    }
+
+    /// Why `name` cannot name an adapter (`what`: the flag or field that gave it), if it
+    /// cannot: it must not be the model's own name or an exact alias, nor read as a prefix.
+    pub fn adapter_name_problem(&self, name: &str, what: &str) -> Option<String> {
+        if name.is_empty()
+            || name.len() > MAX_ADAPTER_NAME_BYTES
+            || name.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Some(format!(
+                "{what} {:?}: a name must be 1 to {MAX_ADAPTER_NAME_BYTES} bytes, without \
+                 spaces",
+                super::validate::echoed(name)
+            ));
+        }
+        if name.ends_with('*') {
+            return Some(format!(
+                "{what} {name}: a name ending in `*` would read as a prefix; name it plainly"
+            ));
+        }
+        if name == self.id || self.aliases.iter().any(|a| a == name) {
+            return Some(format!(
+                "{what} {name}: the name is already the served model's (--served-model-name, \
+                 --model-alias); give the adapter its own"
+            ));
+        }
+        None
     }
 
     pub fn matches(&self, name: &str) -> bool {
@@ -226,7 +258,16 @@ pub struct ServerConfig {
     /// systemd's watchdog interval (`WatchdogSec=`, from `WATCHDOG_USEC`): with a notify
     /// socket, `WATCHDOG=1` goes there twice per interval while the process runs.
     pub systemd_watchdog: Option<Duration>,
+    /// `--allow-runtime-lora-updating`: `POST /v1/load_lora_adapter` and
+    /// `/v1/unload_lora_adapter` add and remove adapters while serving.
+    pub runtime_lora_updating: bool,
+    /// `--max-lora-modules`: the most adapters held at once (each holds its own copy of the
+    /// weights its LoRAs adapt), those still finishing their requests after an unload included.
+    pub max_lora_modules: usize,
 }
+
+/// `--max-lora-modules`' default.
+pub const DEFAULT_MAX_LORA_MODULES: usize = 8;
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -237,7 +278,7 @@ impl Default for ServerConfig {
                     .iter()
                     .map(|a| a.to_string())
                     .collect(),
-                adapters: Vec::new(),
+                adapters: Adapters::default(),
             },
             limits: RequestLimits {
                 min_side: 256,
@@ -295,6 +336,8 @@ impl Default for ServerConfig {
             max_buffered_input: None,
             notify_socket: None,
             systemd_watchdog: None,
+            runtime_lora_updating: false,
+            max_lora_modules: DEFAULT_MAX_LORA_MODULES,
         }
     }
 }
@@ -303,17 +346,22 @@ impl ServerConfig {
     /// Rejects inconsistent settings at start-up, naming the option at fault.
     pub fn check(&self) -> anyhow::Result<()> {
         let m = &self.model;
-        for (i, name) in m.adapters.iter().enumerate() {
+        let names = m.adapters.names();
+        for (i, name) in names.iter().enumerate() {
+            if let Some(problem) = m.adapter_name_problem(name, "--lora-modules") {
+                bail!("{problem}");
+            }
             ensure!(
-                *name != m.id && !m.aliases.contains(name),
-                "--lora-modules {name}: the name is already the served model's \
-                 (--served-model-name, --model-alias); give the adapter its own"
-            );
-            ensure!(
-                !m.adapters[..i].contains(name),
+                !names[..i].contains(name),
                 "--lora-modules {name}: named twice (this is a bug: the names are merged)"
             );
         }
+        ensure!(
+            names.len() <= self.max_lora_modules,
+            "--lora-modules names {} adapters, over --max-lora-modules {}",
+            names.len(),
+            self.max_lora_modules
+        );
         ensure!(
             self.store.dir.is_none() || self.store.dir_max_bytes >= 64 << 20,
             "--image-store-dir-max-bytes must be at least 64 MiB (a few large images), got {}",
@@ -682,19 +730,23 @@ mod tests {
     #[test]
     fn a_model_name_selects_the_model_or_an_adapter() {
         let mut c = ServerConfig::default();
-        c.model.adapters = vec!["pixel".into(), "gpt-image-ink".into()];
+        c.model.adapters = Adapters::new(vec!["pixel".into(), "gpt-image-ink".into()]);
         let m = &c.model;
-        assert_eq!(m.resolve("sdxl-turbo"), Some(None));
-        assert_eq!(m.resolve("dall-e-3"), Some(None));
-        assert_eq!(m.resolve("pixel"), Some(Some(0)));
+        let slot = |name| m.resolve(name).map(|a| a.map(|l| l.slot()));
+        assert_eq!(slot("sdxl-turbo"), Some(None));
+        assert_eq!(slot("dall-e-3"), Some(None));
+        assert_eq!(slot("pixel"), Some(Some(0)));
         // An adapter's exact name wins over the `gpt-image-*` prefix.
-        assert_eq!(m.resolve("gpt-image-ink"), Some(Some(1)));
-        assert_eq!(m.resolve("gpt-image-1"), Some(None));
-        assert_eq!(m.resolve("pixels"), None);
+        assert_eq!(slot("gpt-image-ink"), Some(Some(1)));
+        assert_eq!(slot("gpt-image-1"), Some(None));
+        assert_eq!(slot("pixels"), None);
         c.check().unwrap();
-        for clash in ["sdxl-turbo", "dall-e-2"] {
+        c.max_lora_modules = 1;
+        let e = c.check().unwrap_err().to_string();
+        assert!(e.contains("--max-lora-modules 1"), "{e}");
+        for clash in ["sdxl-turbo", "dall-e-2", "ink*", "a b", ""] {
             let mut c = ServerConfig::default();
-            c.model.adapters = vec![clash.into()];
+            c.model.adapters = Adapters::new(vec![clash.into()]);
             let e = c.check().unwrap_err().to_string();
             assert!(e.contains("--lora-modules") && e.contains(clash), "{e}");
         }
@@ -721,7 +773,7 @@ mod tests {
         let any = ModelIdentity {
             id: "m".into(),
             aliases: vec!["*".into()],
-            adapters: Vec::new(),
+            adapters: Adapters::default(),
         };
         assert!(any.matches("anything at all") && any.matches(""));
         assert_eq!(any.listed().collect::<Vec<_>>(), ["m"]);

@@ -184,6 +184,10 @@ pub enum ApiError {
          report it with the x-request-id"
     )]
     Panicked(String),
+    /// A LoRA adapter could not be built on the devices for a reason not in the request (out of
+    /// device memory, a device failed): `POST /v1/load_lora_adapter`.
+    #[error("{0}")]
+    AdapterNotBuilt(String),
     #[error(transparent)]
     Infer(#[from] InferError),
 }
@@ -304,6 +308,12 @@ impl ApiError {
                 "files_unavailable",
             ),
             ApiError::Panicked(_) => row(S::INTERNAL_SERVER_ERROR, SERVER, None, "panic"),
+            ApiError::AdapterNotBuilt(_) => row(
+                S::INTERNAL_SERVER_ERROR,
+                SERVER,
+                Some("lora_adapter_not_built"),
+                "lora_adapter_not_built",
+            ),
             ApiError::Infer(e) => match e {
                 InferError::QueueFull { .. } => row(
                     S::TOO_MANY_REQUESTS,

@@ -139,8 +139,12 @@ struct Inner {
     /// Requests by key label (`name=` in the keys file) and status; images made for each.
     key_requests: BTreeMap<(Arc<str>, u16), u64>,
     key_images: BTreeMap<Arc<str>, u64>,
-    /// Images made by each `--lora-modules` adapter, in the pipeline's order: (name, count).
+    /// The adapters' names by slot (`None`: a free slot).
+    adapter_slots: Vec<Option<String>>,
+    /// Images made by each adapter ever served, by name, in the order they were first served.
     adapter_images: Vec<(String, u64)>,
+    /// `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter`, by action and outcome.
+    adapter_updates: BTreeMap<(&'static str, &'static str), u64>,
     /// Request durations, to the response's last byte, by route.
     durations: BTreeMap<String, Histogram>,
     errors: BTreeMap<&'static str, u64>,
@@ -261,7 +265,9 @@ impl Metrics {
                 requests: BTreeMap::new(),
                 key_requests: BTreeMap::new(),
                 key_images: BTreeMap::new(),
+                adapter_slots: Vec::new(),
                 adapter_images: Vec::new(),
+                adapter_updates: BTreeMap::new(),
                 durations: BTreeMap::new(),
                 errors: BTreeMap::new(),
                 dropped: BTreeMap::new(),
@@ -333,17 +339,52 @@ impl Metrics {
         *self.inner().key_images.entry(key.clone()).or_default() += n;
     }
 
-    /// The `--lora-modules` adapters' names, in the pipeline's order (counted from 0 each).
+    /// The `--lora-modules` adapters' names, in slot order (counted from 0 each).
     pub fn set_adapters(&self, names: &[String]) {
-        self.inner().adapter_images = names.iter().map(|n| (n.clone(), 0)).collect();
+        let mut inner = self.inner();
+        inner.adapter_slots = names.iter().cloned().map(Some).collect();
+        inner.adapter_images = names.iter().map(|n| (n.clone(), 0)).collect();
     }
 
-    /// `n` images made by adapter `adapter` (`None`: the model itself, not counted here).
+    /// The adapter `name` is served from `slot` (a name served before goes on counting).
+    pub fn adapter_loaded(&self, slot: u16, name: &str) {
+        let mut inner = self.inner();
+        let i = usize::from(slot);
+        if inner.adapter_slots.len() <= i {
+            inner.adapter_slots.resize(i + 1, None);
+        }
+        inner.adapter_slots[i] = Some(name.to_string());
+        if !inner.adapter_images.iter().any(|(n, _)| n == name) {
+            inner.adapter_images.push((name.to_string(), 0));
+        }
+    }
+
+    /// `slot` is free: its adapter unloaded and its last images made.
+    pub fn adapter_slot_freed(&self, slot: u16) {
+        if let Some(s) = self.inner().adapter_slots.get_mut(usize::from(slot)) {
+            *s = None;
+        }
+    }
+
+    /// One `action` (`load`, `unload`) on the adapters, with its `outcome` (`ok`, `failed`).
+    pub fn adapter_update(&self, action: &'static str, outcome: &'static str) {
+        *self
+            .inner()
+            .adapter_updates
+            .entry((action, outcome))
+            .or_default() += 1;
+    }
+
+    /// `n` images made by the adapter in slot `adapter` (`None`: the model itself, not
+    /// counted here).
     pub fn adapter_images(&self, adapter: Option<u16>, n: usize) {
-        if let Some(i) = adapter {
-            if let Some((_, count)) = self.inner().adapter_images.get_mut(usize::from(i)) {
-                *count += n as u64;
-            }
+        let Some(slot) = adapter else { return };
+        let mut inner = self.inner();
+        let Some(Some(name)) = inner.adapter_slots.get(usize::from(slot)).cloned() else {
+            return;
+        };
+        if let Some((_, count)) = inner.adapter_images.iter_mut().find(|(n, _)| *n == name) {
+            *count += n as u64;
         }
     }
 
@@ -639,13 +680,27 @@ impl Metrics {
             &mut out,
             "turbine_adapter_images_total",
             "counter",
-            "Images made by each --lora-modules adapter, by the model name requests give it.",
+            "Images made by each LoRA adapter (--lora-modules, or loaded while serving), by the \
+             model name requests give it.",
         );
         for (name, n) in &inner.adapter_images {
             let _ = writeln!(
                 out,
                 "turbine_adapter_images_total{{model=\"{}\"}} {n}",
                 escape(name)
+            );
+        }
+        header(
+            &mut out,
+            "turbine_adapter_updates_total",
+            "counter",
+            "POST /v1/load_lora_adapter (action=load) and /v1/unload_lora_adapter (action=unload) \
+             by outcome (ok, failed).",
+        );
+        for ((action, outcome), n) in &inner.adapter_updates {
+            let _ = writeln!(
+                out,
+                "turbine_adapter_updates_total{{action=\"{action}\",outcome=\"{outcome}\"}} {n}"
             );
         }
         header(

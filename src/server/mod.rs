@@ -17,6 +17,7 @@
 //! [`batches`], whose requests go through the same queue at low priority, and [`webhooks`]
 //! that tell a key's endpoints when its batches end.
 
+pub mod adapters;
 pub mod api;
 pub mod auth;
 pub mod batcher;
@@ -29,6 +30,7 @@ pub mod files;
 pub mod image_dir;
 pub mod inputs;
 pub mod listen;
+pub mod lora_updates;
 pub mod metrics;
 pub mod notify;
 pub mod queue;
@@ -141,9 +143,23 @@ pub struct App {
     next_request: AtomicU64,
     in_flight: AtomicUsize,
     idle: Notify,
+    /// Each device's batcher, which passes changes to its adapters ([`lora_updates`]) on to
+    /// its worker between batches.
+    workers: std::sync::OnceLock<Vec<mpsc::UnboundedSender<worker::AdapterCommand>>>,
 }
 
 impl App {
+    /// The devices' workers still running, to send changes to their adapters.
+    pub fn adapter_workers(&self) -> Vec<mpsc::UnboundedSender<worker::AdapterCommand>> {
+        self.workers
+            .get()
+            .into_iter()
+            .flatten()
+            .filter(|tx| !tx.is_closed())
+            .cloned()
+            .collect()
+    }
+
     pub fn phase(&self) -> Phase {
         match self.phase.load(Ordering::Acquire) {
             0 => Phase::Loading,
@@ -448,7 +464,7 @@ pub async fn serve(
     anyhow::ensure!(!workers.is_empty(), "no device to serve from");
     let now = Instant::now();
     let metrics = Arc::new(Metrics::new());
-    metrics.set_adapters(&config.model.adapters);
+    metrics.set_adapters(&config.model.adapters.names());
     let b = &config.batching;
     // Before anything else starts: a certificate that does not load stops the server here.
     let tls = match &config.tls {
@@ -556,6 +572,7 @@ pub async fn serve(
         next_request: AtomicU64::new(0),
         in_flight: AtomicUsize::new(0),
         idle: Notify::new(),
+        workers: Default::default(),
     });
 
     // However `serve` returns, the batches stop (to resume after a restart with --files-dir)
@@ -572,8 +589,11 @@ pub async fn serve(
 
     let n_workers = workers.len();
     let mut ready = Vec::new();
+    let mut senders = Vec::new();
     for spec in workers {
         let (tx, rx) = mpsc::channel(1);
+        let (commands_tx, commands) = mpsc::unbounded_channel();
+        senders.push(commands_tx);
         let (ready_tx, ready_rx) = oneshot::channel();
         let label = spec.label.clone();
         let liveness = Arc::new(stall::Liveness::default());
@@ -592,11 +612,13 @@ pub async fn serve(
         tokio::spawn(batcher::run_batcher(
             queue.clone(),
             tx,
+            commands,
             max_batch,
             liveness.clone(),
         ));
         ready.push((label, ready_rx, liveness));
     }
+    let _ = app.workers.set(senders);
 
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();

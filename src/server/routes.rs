@@ -46,7 +46,7 @@ use super::upload::{EditFiles, ImageSource};
 use super::uploads;
 use super::validate::{form_value, json_kind, validate, validate_edit, ValidRequest};
 use super::webhooks;
-use super::{App, Phase};
+use super::{lora_updates, App, Phase};
 use crate::model::pipeline::{ImageRequest, Partials};
 
 /// The `{id}` of a route. axum's own `Path` answers an id that is not UTF-8 once
@@ -142,6 +142,9 @@ pub fn router(app: Arc<App>) -> Router {
     let authed = authed
         .merge(azure)
         .merge(sagemaker)
+        // vLLM's (`--allow-runtime-lora-updating`).
+        .route("/v1/load_lora_adapter", post(lora_updates::load))
+        .route("/v1/unload_lora_adapter", post(lora_updates::unload))
         .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
     let router = Router::new()
         .merge(authed)
@@ -740,8 +743,8 @@ pub fn metrics_router(app: Arc<App>) -> Router {
         .with_state(app)
 }
 
-/// `id`'s model object; an adapter's (`--lora-modules`) names the model it adapts as its
-/// `parent`, as vLLM lists its LoRA modules.
+/// `id`'s model object; an adapter's (`--lora-modules`, or loaded while serving) names the
+/// model it adapts as its `parent`, as vLLM lists its LoRA modules.
 fn model_object(app: &App, id: &str) -> Model {
     let model = &app.config.model;
     Model {
@@ -755,9 +758,10 @@ fn model_object(app: &App, id: &str) -> Model {
 
 async fn list_models(State(app): State<Arc<App>>) -> Json<ModelList> {
     let model = &app.config.model;
+    let adapters = model.adapters.names();
     let data = model
         .listed()
-        .chain(model.adapters.iter().map(String::as_str))
+        .chain(adapters.iter().map(String::as_str))
         .map(|id| model_object(&app, id))
         .collect();
     Json(ModelList {
@@ -1396,7 +1400,8 @@ async fn run_request(
 ) -> Result<Response, ApiError> {
     if let Some(name) = req
         .adapter
-        .and_then(|i| app.config.model.adapters.get(usize::from(i)))
+        .as_ref()
+        .and_then(|a| app.config.model.adapters.name_of(a.slot()))
     {
         tracing::Span::current().record("adapter", tracing::field::display(name));
     }

@@ -18,7 +18,7 @@
 use serde_json::{Map, Value};
 
 use super::api::{OutputFormat, ResponseFormat};
-use super::config::{ModelIdentity, RequestLimits, MAX_N};
+use super::config::{AdapterLease, ModelIdentity, RequestLimits, MAX_N};
 use super::error::ApiError;
 use super::queue::{Guidance, ShapeKey};
 use crate::model::pipeline::{edit_schedule, InitImage};
@@ -150,8 +150,9 @@ pub struct ValidRequest {
     pub partial_images: u8,
     /// `POST /v1/images/edits`; `steps` is then the number of steps run.
     pub edit: Option<EditSettings>,
-    /// The `--lora-modules` adapter `model` named; `None`: the model itself.
-    pub adapter: Option<u16>,
+    /// The adapter `model` named (`--lora-modules`, or loaded while serving), held while the
+    /// request lives; `None`: the model itself.
+    pub adapter: Option<AdapterLease>,
 }
 
 impl ValidRequest {
@@ -162,7 +163,7 @@ impl ValidRequest {
             steps: self.edit.as_ref().map_or(self.steps, |e| e.schedule_steps),
             guidance: Guidance::from_scale(self.guidance_scale),
             init_step: self.edit.as_ref().map(|e| e.start_step),
-            adapter: self.adapter,
+            adapter: self.adapter.as_ref().map(AdapterLease::slot),
         }
     }
 }

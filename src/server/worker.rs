@@ -26,6 +26,7 @@ use super::error::BackendError;
 use super::metrics::{DropReason, Metrics, Stage};
 use super::queue::{Batch, Entry, ShapeKey};
 use super::stall::{work_units, Bounds, Liveness, StallTimeout};
+use crate::model::lora::AdapterSpec;
 use crate::model::pipeline::{
     GeneratedBatch, GenerationSettings, ImageRequest, PendingBatch, Pipeline,
 };
@@ -82,6 +83,37 @@ pub trait ImageBackend: Send + 'static {
     ) -> anyhow::Result<Launched> {
         self.generate(settings, items).map(Launched::Done)
     }
+
+    /// Builds the LoRA adapter `spec` describes into `slot` (a free one), for batches whose
+    /// [`GenerationSettings::adapter`] names it.
+    fn load_adapter(&mut self, _slot: usize, _spec: &AdapterSpec) -> anyhow::Result<()> {
+        anyhow::bail!("this backend cannot load adapters")
+    }
+
+    /// Frees the adapter in `slot`; `false` if there was none.
+    fn unload_adapter(&mut self, _slot: usize) -> bool {
+        false
+    }
+}
+
+/// What a worker takes from its channel: batches from its batcher, and changes to its adapters
+/// (run between batches, once the batch before them is collected).
+pub enum Work {
+    Batch(Batch<Item>),
+    Adapter(AdapterCommand),
+}
+
+/// A change to a worker's adapters ([`super::adapters`]), answered on `done`.
+pub enum AdapterCommand {
+    Load {
+        slot: u16,
+        spec: AdapterSpec,
+        done: oneshot::Sender<anyhow::Result<()>>,
+    },
+    Unload {
+        slot: u16,
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// A batch handed to a backend: done, or still running on its device.
@@ -152,6 +184,14 @@ impl ImageBackend for Pipeline {
         } else {
             Launched::Done(pending.wait()?)
         })
+    }
+
+    fn load_adapter(&mut self, slot: usize, spec: &AdapterSpec) -> anyhow::Result<()> {
+        Pipeline::load_adapter(self, slot, spec)
+    }
+
+    fn unload_adapter(&mut self, slot: usize) -> bool {
+        Pipeline::unload_adapter(self, slot)
     }
 }
 
@@ -309,7 +349,7 @@ impl Drop for ForgetHeld {
 pub fn spawn(
     spec: WorkerSpec,
     ctx: WorkerContext,
-    batches: mpsc::Receiver<Batch<Item>>,
+    batches: mpsc::Receiver<Work>,
     ready: oneshot::Sender<anyhow::Result<WarmupReport>>,
 ) -> std::io::Result<JoinHandle<()>> {
     let label = spec.label.clone();
@@ -513,22 +553,28 @@ fn serve(
     backend: &mut dyn ImageBackend,
     label: &str,
     ctx: &WorkerContext,
-    mut batches: mpsc::Receiver<Batch<Item>>,
+    mut batches: mpsc::Receiver<Work>,
 ) {
     let mut in_flight: Option<InFlight> = None;
     let mut last_done: Option<Instant> = None;
     let mut caps = BatchCaps::default();
     loop {
-        let next = match &in_flight {
+        let received = match &in_flight {
             Some(InFlight {
                 launched: Launched::Queued(_),
                 ..
             }) => batches.try_recv().ok(),
             Some(_) => None,
             None => match batches.blocking_recv() {
-                Some(batch) => Some(batch),
+                Some(work) => Some(work),
                 None => break,
             },
+        };
+        // A change to the adapters waits for the batch in flight, collected below.
+        let (next, command) = match received {
+            Some(Work::Batch(batch)) => (Some(batch), None),
+            Some(Work::Adapter(command)) => (None, Some(command)),
+            None => (None, None),
         };
         let launched = next.and_then(|batch| launch_batch(backend, label, ctx, &caps, batch));
         let mut retry = Vec::new();
@@ -544,6 +590,9 @@ fn serve(
         }
         for parts in retry {
             last_done = Some(run_in_parts(backend, label, ctx, &mut caps, parts));
+        }
+        if let Some(command) = command {
+            change_adapters(backend, label, command);
         }
         if ctx.suspect.take() {
             let probed = {
@@ -563,6 +612,48 @@ fn serve(
             let message = "declared stalled by --device-stall-timeout".to_string();
             stop(label, ctx, in_flight.take(), batches, message);
             return;
+        }
+    }
+}
+
+/// Runs `command` on the worker's thread (where its model's weights live). A build is not
+/// watched for stalls: it reads the adapted weights from disk, which may legitimately take
+/// longer than any batch.
+fn change_adapters(backend: &mut dyn ImageBackend, label: &str, command: AdapterCommand) {
+    match command {
+        AdapterCommand::Load { slot, spec, done } => {
+            let t = Instant::now();
+            let built = catch_unwind(AssertUnwindSafe(|| {
+                backend.load_adapter(usize::from(slot), &spec)
+            }))
+            .unwrap_or_else(|p| {
+                Err(anyhow::anyhow!(
+                    "building the adapter {:?} panicked: {}",
+                    spec.name,
+                    panic_message(&p)
+                ))
+            });
+            match &built {
+                Ok(()) => tracing::info!(
+                    device = %label,
+                    adapter = %spec.name,
+                    slot,
+                    secs = t.elapsed().as_secs_f64(),
+                    "adapter loaded"
+                ),
+                Err(e) => tracing::warn!(
+                    device = %label,
+                    adapter = %spec.name,
+                    "adapter not loaded: {e:#}"
+                ),
+            }
+            let _ = done.send(built);
+        }
+        AdapterCommand::Unload { slot, done } => {
+            if backend.unload_adapter(usize::from(slot)) {
+                tracing::info!(device = %label, slot, "adapter unloaded");
+            }
+            let _ = done.send(());
         }
     }
 }
@@ -588,7 +679,7 @@ fn stop(
     label: &str,
     ctx: &WorkerContext,
     in_flight: Option<InFlight>,
-    mut batches: mpsc::Receiver<Batch<Item>>,
+    mut batches: mpsc::Receiver<Work>,
     message: String,
 ) {
     tracing::error!(device = %label, "the device is unusable; its worker stops: {message}");
@@ -599,11 +690,17 @@ fn stop(
     }
     // The batcher sees the channel closed and lets go of it; whatever it sent before is here.
     batches.close();
-    while let Some(batch) = batches.blocking_recv() {
-        if let Some(token) = batch.parked {
-            ctx.liveness.release(token);
+    while let Some(work) = batches.blocking_recv() {
+        match work {
+            Work::Batch(batch) => {
+                if let Some(token) = batch.parked {
+                    ctx.liveness.release(token);
+                }
+                never_ran.extend(batch.entries);
+            }
+            // Dropped unanswered: the server sees this device gone.
+            Work::Adapter(_) => {}
         }
-        never_ran.extend(batch.entries);
     }
     ctx.queue.requeue(never_ran);
     ctx.health.mark_failed(FailedDevice {
@@ -1131,7 +1228,8 @@ mod tests {
             let report = ready_rx.await.unwrap().unwrap();
             assert_eq!(report.images, 2);
             // Shared, as in the server: what the batcher parks, the worker releases.
-            tokio::spawn(run_batcher(queue.clone(), tx, 4, liveness));
+            let (_, commands) = mpsc::unbounded_channel();
+            tokio::spawn(run_batcher(queue.clone(), tx, commands, 4, liveness));
             Harness {
                 queue,
                 metrics,
@@ -1333,7 +1431,7 @@ mod tests {
         let mut replies = Vec::new();
         for prompt in ["a", "fail-wait", "ccc"] {
             let (b, r) = batch(prompt);
-            tx.try_send(b).ok().unwrap();
+            tx.try_send(Work::Batch(b)).ok().unwrap();
             replies.push(r);
         }
         drop(tx);
@@ -1450,8 +1548,8 @@ mod tests {
         let (tx, rx) = mpsc::channel(8);
         let (b1, mut r1) = batch_of(1, &["a", "b", "c", "d"]);
         let (b2, mut r2) = batch_of(5, &["e", "f", "g"]);
-        tx.try_send(b1).ok().unwrap();
-        tx.try_send(b2).ok().unwrap();
+        tx.try_send(Work::Batch(b1)).ok().unwrap();
+        tx.try_send(Work::Batch(b2)).ok().unwrap();
         drop(tx);
         let ctx = context();
         let mut backend = Tight {
@@ -1474,7 +1572,7 @@ mod tests {
     fn an_image_that_does_not_fit_alone_fails_alone() {
         let (tx, rx) = mpsc::channel(8);
         let (b, mut r) = batch_of(1, &["a", "huge", "b", "c"]);
-        tx.try_send(b).ok().unwrap();
+        tx.try_send(Work::Batch(b)).ok().unwrap();
         drop(tx);
         let ctx = context();
         let mut backend = Tight {
@@ -1504,8 +1602,8 @@ mod tests {
         let (tx, rx) = mpsc::channel(8);
         let (b1, mut r1) = batch_of(1, &["huge"]);
         let (b2, mut r2) = batch_of(2, &["a", "huge"]);
-        tx.try_send(b1).ok().unwrap();
-        tx.try_send(b2).ok().unwrap();
+        tx.try_send(Work::Batch(b1)).ok().unwrap();
+        tx.try_send(Work::Batch(b2)).ok().unwrap();
         drop(tx);
         let ctx = context();
         let mut backend = Tight {
@@ -1546,7 +1644,7 @@ mod tests {
         let (b2, mut r2) = batch_of(2, &["oom-wait", "oom-wait"]);
         let (b3, mut r3) = batch_of(4, &["ccc"]);
         for b in [b1, b2, b3] {
-            tx.try_send(b).ok().unwrap();
+            tx.try_send(Work::Batch(b)).ok().unwrap();
         }
         drop(tx);
         let ctx = context();
@@ -1613,7 +1711,7 @@ mod tests {
         let mut replies = Vec::new();
         for prompt in ["fine", "fail", "fault", "after"] {
             let (b, r) = batch_of(replies.len() as u64 + 1, &[prompt]);
-            tx.try_send(b).ok().unwrap();
+            tx.try_send(Work::Batch(b)).ok().unwrap();
             replies.push(r);
         }
         let ctx = context();
@@ -1693,8 +1791,8 @@ mod tests {
         let (tx, rx) = mpsc::channel(8);
         let (b1, mut r1) = batch("a");
         let (b2, mut r2) = batch("bb");
-        tx.try_send(b1).ok().unwrap();
-        tx.try_send(b2).ok().unwrap();
+        tx.try_send(Work::Batch(b1)).ok().unwrap();
+        tx.try_send(Work::Batch(b2)).ok().unwrap();
         drop(tx);
         let ctx = context();
         let mut backend = Counting(ctx.metrics.clone(), Vec::new());
