@@ -189,6 +189,16 @@ impl TestServer {
         serde_json::from_str(&text).unwrap()
     }
 
+    /// `GET /v1/models`.
+    fn models(&self) -> Value {
+        self.client
+            .get(self.url("/v1/models"))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
     fn metrics(&self) -> String {
         self.client
             .get(self.url("/metrics"))
@@ -978,13 +988,7 @@ fn loras_are_loaded_and_unloaded_while_serving() {
         (status, v["error"].clone())
     };
     let listed = || -> Vec<String> {
-        let models: Value = s
-            .client
-            .get(s.url("/v1/models"))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
+        let models = s.models();
         models["data"]
             .as_array()
             .unwrap()
@@ -1206,13 +1210,7 @@ fn an_adapter_the_device_cannot_build_is_a_500_that_leaves_nothing_behind() {
                 "{e}"
             );
         }
-        let models: Value = s
-            .client
-            .get(s.url("/v1/models"))
-            .send()
-            .unwrap()
-            .json()
-            .unwrap();
+        let models = s.models();
         assert!(!models.to_string().contains("\"ink\""), "{models}");
         assert_eq!(
             s.generate(&json!({"prompt": "x", "model": "ink"})).status(),
@@ -1279,13 +1277,7 @@ fn a_lora_module_is_served_under_its_own_name() {
         Box::new(move |_| Box::new(Pipeline::load_spec(&load, &Device::Cpu, DType::F32).unwrap()));
     let s = Arc::new(TestServer::start_devices(config, vec![("cpu", backend)]));
 
-    let models: Value = s
-        .client
-        .get(s.url("/v1/models"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let models = s.models();
     let ink = models["data"]
         .as_array()
         .unwrap()
@@ -1528,13 +1520,7 @@ fn idle_request_overhead_is_measured() {
 #[test]
 fn models_health_metrics_and_unknown_routes() {
     let s = TestServer::start(test_config());
-    let v: Value = s
-        .client
-        .get(s.url("/v1/models"))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let v = s.models();
     assert_eq!(v["object"], "list");
     let ids: Vec<&str> = v["data"]
         .as_array()

@@ -43,6 +43,17 @@ fn enabled(app: &App) -> Result<(), ApiError> {
     }
 }
 
+/// The request's JSON object, fields other than `known` refused; once the flag is checked.
+async fn fields(
+    app: &Arc<App>,
+    headers: &HeaderMap,
+    body: Body,
+    known: &[&str],
+) -> Result<serde_json::Map<String, Value>, ApiError> {
+    enabled(app)?;
+    routes::json_object(app, headers, body, app.config.limits.max_body_bytes, known).await
+}
+
 fn success(message: String) -> Response {
     (
         StatusCode::OK,
@@ -83,12 +94,10 @@ pub async fn load(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    enabled(&app)?;
-    let fields = routes::json_object(
+    let fields = fields(
         &app,
         &headers,
         body,
-        app.config.limits.max_body_bytes,
         &["lora_name", "lora_path", "scale", "load_inplace"],
     )
     .await?;
@@ -243,15 +252,7 @@ pub async fn unload(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    enabled(&app)?;
-    let fields = routes::json_object(
-        &app,
-        &headers,
-        body,
-        app.config.limits.max_body_bytes,
-        &["lora_name", "lora_int_id"],
-    )
-    .await?;
+    let fields = fields(&app, &headers, body, &["lora_name", "lora_int_id"]).await?;
     let name = Fields(&fields).required_string("lora_name")?.to_string();
     let Some(retired) = app.config.model.adapters.retire(&name) else {
         app.metrics.adapter_update("unload", "failed");

@@ -59,17 +59,22 @@ pub fn bicycle(p: &turbine::model::pipeline::Pipeline) -> Vec<u8> {
     bicycle_for(p, None)
 }
 
-/// [`bicycle`] with `p`'s `--lora-modules` adapter `adapter`.
-pub fn bicycle_for(p: &turbine::model::pipeline::Pipeline, adapter: Option<usize>) -> Vec<u8> {
-    use turbine::model::pipeline::{GenerationSettings, ImageRequest};
-    let settings = GenerationSettings {
+/// [`bicycle_for`]'s settings: 64x64, one step, no guidance, through `adapter`.
+pub fn bicycle_settings(adapter: Option<usize>) -> turbine::model::pipeline::GenerationSettings {
+    turbine::model::pipeline::GenerationSettings {
         width: 64,
         height: 64,
         steps: 1,
         guidance_scale: 0.0,
         init_step: None,
         adapter,
-    };
+    }
+}
+
+/// [`bicycle`] with `p`'s `--lora-modules` adapter `adapter`.
+pub fn bicycle_for(p: &turbine::model::pipeline::Pipeline, adapter: Option<usize>) -> Vec<u8> {
+    use turbine::model::pipeline::ImageRequest;
+    let settings = bicycle_settings(adapter);
     let item = ImageRequest {
         prompt: "a red bicycle".into(),
         negative_prompt: String::new(),

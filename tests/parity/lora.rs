@@ -12,7 +12,7 @@ use serde::Deserialize;
 use turbine::model::lora::{AdapterSpec, LoraSpec};
 use turbine::model::pipeline::{LoadSpec, Pipeline};
 
-use crate::common::{bicycle_for, fixtures, tiny_model};
+use crate::common::{bicycle_for, bicycle_settings, fixtures, tiny_model};
 use crate::pipeline::{run_case_for, run_case_on};
 
 #[derive(Deserialize)]
@@ -170,15 +170,10 @@ fn an_adapter_is_the_model_with_the_lora_fused() {
     let fused = with_loras(vec![case_spec("kohya"), case_spec("diffusers")]).unwrap();
     assert!(bicycle_for(&both, Some(0)) == image(&fused));
 
-    let settings = turbine::model::pipeline::GenerationSettings {
-        width: 64,
-        height: 64,
-        steps: 1,
-        guidance_scale: 0.0,
-        init_step: None,
-        adapter: Some(2),
-    };
-    let e = p.validate(&settings, 1).unwrap_err().to_string();
+    let e = p
+        .validate(&bicycle_settings(Some(2)), 1)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("adapter 2 is not loaded"), "{e}");
 }
 
@@ -232,15 +227,10 @@ fn adapters_loaded_while_serving_are_those_loaded_at_start() {
         assert!(bicycle_for(&p, None) == own, "{case}");
 
         assert!(p.unload_adapter(0) && !p.unload_adapter(0));
-        let settings = turbine::model::pipeline::GenerationSettings {
-            width: 64,
-            height: 64,
-            steps: 1,
-            guidance_scale: 0.0,
-            init_step: None,
-            adapter: Some(0),
-        };
-        let e = p.validate(&settings, 1).unwrap_err().to_string();
+        let e = p
+            .validate(&bicycle_settings(Some(0)), 1)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("adapter 0 is not loaded"), "{e}");
         assert_eq!(
             p.adapter_names().collect::<Vec<_>>(),
