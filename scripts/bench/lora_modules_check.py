@@ -10,12 +10,19 @@ attention and feed-forward module of the UNet's transformer blocks and of both t
    once loaded and its peak (VmRSS, VmHWM from /proc), and one image;
 2. `turbine serve --lora-modules style=LORA`: the same, the image of the model and the image of
    `model: "style"`;
-3. `turbine generate --lora LORA`: the image of the model with the LoRA fused at load.
+3. `turbine generate --lora LORA`: the image of the model with the LoRA fused at load;
+4. `turbine serve --allow-runtime-lora-updating` of the model alone: its memory (what the flag
+   keeps for building adapters later); then `POST /v1/load_lora_adapter` of the same LoRA as
+   `style` (its time and the memory after), the image of `model: "style"`, and `POST
+   /v1/unload_lora_adapter` (the memory after: the adapter's weights freed).
 
 It checks that the model's image is the same pixels with and without the adapter beside it,
-that the adapter's image is the pixels of `generate --lora` (the same fused weights), and that
-the LoRA changed the image; and it prints the memory an adapter costs next to what it predicts:
-the bytes of the weights the LoRA adapts, in the run dtype.
+that the adapter's image is the pixels of `generate --lora` (the same fused weights), loaded at
+start or while serving, and that the LoRA changed the image; and it prints the memory an adapter
+costs next to what it predicts, the bytes of the weights the LoRA adapts in the run dtype, and
+what the flag costs next to its prediction: the UNet's `to_q` weights, which the model holds
+only with the attention's scale folded in (on the CPU; a CUDA build keeps the upsamplers'
+convolutions too).
 
 Needs torch (target/fixtures-venv), Pillow, about 15 GB of disk and 20 GB of memory.
 
@@ -32,6 +39,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -70,6 +78,25 @@ def adapted_bytes(lora: Path, dtype: str) -> int:
     return total
 
 
+def kept_bytes(dtype: str) -> int:
+    """What --allow-runtime-lora-updating keeps on the CPU beyond the model: the UNet's unscaled
+    `to_q` weights (the model holds them scaled by 1/8), in the run dtype."""
+    listing = read_json(REAL / "tensors.json")
+    size = {"f32": 4, "bf16": 2, "f16": 2}[dtype]
+    return sum(s[0] * s[1] for name, s in listing["unet"].items()
+               if name.endswith("to_q.weight")) * size
+
+
+def post(base: str, path: str, body: dict) -> tuple:
+    req = urllib.request.Request(base + path, json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=3600) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
 def diff(x: bytes, y: bytes) -> list:
     """Largest and mean absolute difference of two images' 8-bit values."""
     d = [abs(p - q) for p, q in zip(x, y)]
@@ -87,13 +114,14 @@ def status_kib(pid: int, field: str) -> int:
     return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M)[1])
 
 
-def serve(turbine: str, common: list, extra: list, models: list, size: str, logs: Path) -> dict:
+def serve(turbine: str, common: list, extra: list, models: list, size: str, logs: Path,
+          runtime_lora: Path = None) -> dict:
     port = free_port()
     cmd = [turbine, "serve", "--offline", *common, "--device", "cpu", "--host", "127.0.0.1",
            "--port", str(port), "--min-image-side", "64", "--default-size", "64x64",
            "--warmup-images", "1", *extra]
     env = {**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"}
-    log = open(logs / f"serve-{len(extra)}.log", "w")
+    log = open(logs / f"serve-{'runtime' if runtime_lora else len(extra)}.log", "w")
     start = time.monotonic()
     p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -112,6 +140,14 @@ def serve(turbine: str, common: list, extra: list, models: list, size: str, logs
         out = {"ready_s": round(ready_s, 1),
                "rss_gib": round(status_kib(p.pid, "VmRSS") / 2**20, 2),
                "peak_rss_gib": round(status_kib(p.pid, "VmHWM") / 2**20, 2), "images": {}}
+        if runtime_lora:
+            t = time.monotonic()
+            status, text = post(base, "/v1/load_lora_adapter",
+                                {"lora_name": "style", "lora_path": str(runtime_lora)})
+            if status != 200:
+                sys.exit(f"load_lora_adapter: {status} {text}")
+            out["load_s"] = round(time.monotonic() - t, 1)
+            out["rss_loaded_gib"] = round(status_kib(p.pid, "VmRSS") / 2**20, 2)
         for model in models:
             body = json.dumps({"prompt": PROMPT, "seed": SEED, "model": model, "size": size,
                                "response_format": "b64_json"}).encode()
@@ -125,6 +161,13 @@ def serve(turbine: str, common: list, extra: list, models: list, size: str, logs
             out["images"][model] = Image.open(io.BytesIO(png)).convert("RGB").tobytes()
         out["rss_after_gib"] = round(status_kib(p.pid, "VmRSS") / 2**20, 2)
         out["peak_rss_after_gib"] = round(status_kib(p.pid, "VmHWM") / 2**20, 2)
+        if runtime_lora:
+            status, text = post(base, "/v1/unload_lora_adapter", {"lora_name": "style"})
+            if status != 200:
+                sys.exit(f"unload_lora_adapter: {status} {text}")
+            # Freed on the worker once its last request is done (none is left here).
+            time.sleep(2)
+            out["rss_unloaded_gib"] = round(status_kib(p.pid, "VmRSS") / 2**20, 2)
         return out
     finally:
         p.terminate()
@@ -153,6 +196,9 @@ def main() -> None:
     adapter = serve(a.turbine, common, ["--lora-modules", f"style={lora}"],
                     ["sdxl-turbo", "style"], a.size, out)
     print({k: v for k, v in adapter.items() if k != "images"}, flush=True)
+    runtime = serve(a.turbine, common, ["--allow-runtime-lora-updating"], ["sdxl-turbo", "style"],
+                    a.size, out, runtime_lora=lora)
+    print({k: v for k, v in runtime.items() if k != "images"}, flush=True)
     fused = run(a.turbine, [*common, "--lora", str(lora), a.size], out / "fused.png")
     fused_pixels = Image.open(out / "fused.png").convert("RGB").tobytes()
     style, own = adapter["images"]["style"], adapter["images"]["sdxl-turbo"]
@@ -166,15 +212,22 @@ def main() -> None:
         # run dtype once), so the same pixels.
         "adapter_image_is_generate_lora": style == fused_pixels,
         "lora_changed_the_image": style != own,
+        "runtime_adapter_image_is_generate_lora": runtime["images"]["style"] == fused_pixels,
+        "model_image_unchanged_by_the_flag": runtime["images"]["sdxl-turbo"] == own,
     }
-    for r in (alone, adapter):
+    for r in (alone, adapter, runtime):
         del r["images"]
     print(json.dumps({"size": a.size, "dtype": a.dtype,
                       "adapter_vs_generate_lora_max_mean_diff": to_fused,
                       "model_vs_generate_lora_max_mean_diff": own_to_fused,
                       "predicted_adapter_gib": round(predicted / 2**30, 2),
                       "adapter_rss_gib": round(adapter["rss_gib"] - alone["rss_gib"], 2),
+                      "predicted_flag_gib": round(kept_bytes(a.dtype) / 2**30, 2),
+                      "flag_rss_gib": round(runtime["rss_gib"] - alone["rss_gib"], 2),
+                      "runtime_adapter_rss_gib": round(runtime["rss_loaded_gib"]
+                                                       - runtime["rss_gib"], 2),
                       "model_alone": alone, "with_adapter": adapter,
+                      "runtime_loaded": runtime,
                       "generate_lora": fused, **checks}, indent=1))
     sys.exit(0 if all(checks.values()) else 1)
 
