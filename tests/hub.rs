@@ -1388,7 +1388,14 @@ fn serve_serves_lora_modules_by_name() {
             .unwrap();
         (r.status().as_u16(), r.text().unwrap())
     };
-    let wash = lora.with_file_name("lora_diffusers.safetensors");
+    // A folder, as diffusers saves a LoRA and as vLLM's clients name one.
+    let wash = tmp.path().join("wash-lora");
+    std::fs::create_dir(&wash).unwrap();
+    std::fs::copy(
+        lora.with_file_name("lora_diffusers.safetensors"),
+        wash.join("pytorch_lora_weights.safetensors"),
+    )
+    .unwrap();
     let (status, text) = post(
         "/v1/load_lora_adapter",
         serde_json::json!({"lora_name": "wash", "lora_path": wash}),

@@ -164,19 +164,68 @@ fn parse_key(key: &str) -> Option<(&str, Half)> {
         .find_map(|(suffix, half)| key.strip_suffix(suffix).map(|stem| (stem, half)))
 }
 
+/// The file name diffusers' `save_lora_weights` writes in its folder (and many LoRAs on the
+/// Hub carry).
+pub const DIFFUSERS_LORA_FILE: &str = "pytorch_lora_weights.safetensors";
+
+/// The LoRA file `path` names: the file itself, or in a folder (as diffusers saves a LoRA, and
+/// as vLLM's `lora_path` names one) [`DIFFUSERS_LORA_FILE`], else its only `.safetensors` file.
+pub fn lora_file(path: &Path) -> LoadResult<PathBuf> {
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if !path.is_dir() {
+        return Err(LoadError::MissingFile {
+            path: path.to_path_buf(),
+            what: "LoRA file not found".into(),
+        });
+    }
+    let named = path.join(DIFFUSERS_LORA_FILE);
+    if named.is_file() {
+        return Ok(named);
+    }
+    let entries = std::fs::read_dir(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut found: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(LoadError::MissingFile {
+            path: path.to_path_buf(),
+            what: format!(
+                "a folder without a LoRA: no {DIFFUSERS_LORA_FILE} nor any other .safetensors \
+                 file in it"
+            ),
+        }),
+        _ => Err(LoadError::Config {
+            path: path.to_path_buf(),
+            message: format!(
+                "a folder of {} .safetensors files ({}) and no {DIFFUSERS_LORA_FILE}: name the \
+                 LoRA's file",
+                found.len(),
+                found
+                    .iter()
+                    .filter_map(|p| p.file_name())
+                    .map(|n| n.to_string_lossy())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+    }
+}
+
 impl Lora {
     pub fn open(spec: &LoraSpec) -> LoadResult<Self> {
-        let path = &spec.path;
+        let path = &lora_file(&spec.path)?;
         let fail = |message: String| LoadError::Weights {
             path: path.clone(),
             message,
         };
-        if !path.is_file() {
-            return Err(LoadError::MissingFile {
-                path: path.clone(),
-                what: "LoRA file not found".into(),
-            });
-        }
         let tensors = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| {
             fail(format!(
                 "not a readable safetensors file: {e} (LoRAs are read in the safetensors format)"

@@ -389,6 +389,44 @@ fn loras_that_do_not_fit_are_refused_saying_why() {
     assert!(e.contains("LoRA file not found"), "{e}");
 }
 
+/// A folder names its LoRA as diffusers' `save_lora_weights` writes it
+/// (`pytorch_lora_weights.safetensors`), or by being its only `.safetensors` file; the same
+/// image as the file named. An empty folder, or one of several other files, is refused saying so.
+#[test]
+fn a_folder_names_its_lora_file() {
+    let by_file = image(&with_loras(vec![case_spec("diffusers")]).unwrap());
+    let scale = case_spec("diffusers").scale;
+    let folder = |files: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        for name in files {
+            std::fs::copy(lora_file("diffusers"), dir.path().join(name)).unwrap();
+        }
+        dir
+    };
+    let spec = |dir: &tempfile::TempDir| LoraSpec {
+        path: dir.path().to_path_buf(),
+        scale,
+    };
+    for files in [
+        &["pytorch_lora_weights.safetensors", "other.safetensors"][..],
+        &["style.safetensors"][..],
+    ] {
+        let dir = folder(files);
+        std::fs::write(dir.path().join("README.md"), "a LoRA").unwrap();
+        let p = with_loras(vec![spec(&dir)]).unwrap();
+        assert!(image(&p) == by_file, "{files:?}");
+    }
+    let empty = folder(&[]);
+    let e = load_err(vec![spec(&empty)]);
+    assert!(e.contains("a folder without a LoRA"), "{e}");
+    let two = folder(&["a.safetensors", "b.safetensors"]);
+    let e = load_err(vec![spec(&two)]);
+    assert!(
+        e.contains("2 .safetensors files (a.safetensors, b.safetensors)"),
+        "{e}"
+    );
+}
+
 /// A LoRA applies to a single-file checkpoint's weights as to a directory's.
 #[test]
 fn a_lora_on_a_single_file_checkpoint() {
