@@ -189,6 +189,11 @@ impl TestServer {
         serde_json::from_str(&text).unwrap()
     }
 
+    /// `POST path` with the JSON `body`.
+    fn post_json(&self, path: &str, body: &Value) -> Response {
+        self.client.post(self.url(path)).json(body).send().unwrap()
+    }
+
     /// `GET /v1/models`.
     fn models(&self) -> Value {
         self.client
@@ -979,7 +984,7 @@ fn loras_are_loaded_and_unloaded_while_serving() {
         Box::new(move |_| Box::new(Pipeline::load_spec(&spec, &Device::Cpu, DType::F32).unwrap()));
     let s = Arc::new(TestServer::start_devices(config, vec![("cpu", backend)]));
     let post = |path: &str, body: Value| {
-        let r = s.client.post(s.url(path)).json(&body).send().unwrap();
+        let r = s.post_json(path, &body);
         let status = r.status().as_u16();
         (status, r.text().unwrap())
     };
@@ -1195,12 +1200,7 @@ fn an_adapter_the_device_cannot_build_is_a_500_that_leaves_nothing_behind() {
     ] {
         // Twice: the first attempt left neither the name taken nor the one slot held.
         for _ in 0..2 {
-            let r = s
-                .client
-                .post(s.url("/v1/load_lora_adapter"))
-                .json(&body)
-                .send()
-                .unwrap();
+            let r = s.post_json("/v1/load_lora_adapter", &body);
             assert_eq!(r.status(), 500);
             let e: Value = r.json().unwrap();
             assert_eq!(e["error"]["code"], "lora_adapter_not_built", "{e}");
@@ -1229,12 +1229,10 @@ fn an_adapter_the_device_cannot_build_is_a_500_that_leaves_nothing_behind() {
 fn runtime_lora_updating_is_off_by_default() {
     let s = TestServer::start(test_config());
     for path in ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"] {
-        let r = s
-            .client
-            .post(s.url(path))
-            .json(&json!({"lora_name": "ink", "lora_path": "/tmp/ink.safetensors"}))
-            .send()
-            .unwrap();
+        let r = s.post_json(
+            path,
+            &json!({"lora_name": "ink", "lora_path": "/tmp/ink.safetensors"}),
+        );
         assert_eq!(r.status(), 404);
         let e: Value = r.json().unwrap();
         assert!(

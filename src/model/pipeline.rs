@@ -762,10 +762,9 @@ impl Pipeline {
     /// Frees the adapter in `slot` (its copies of the weights it adapts, its prompt cache);
     /// `false` if there was none.
     pub fn unload_adapter(&mut self, slot: usize) -> bool {
-        let Some(adapter) = self.adapters.get_mut(slot).and_then(Option::take) else {
+        if self.adapters.get_mut(slot).and_then(Option::take).is_none() {
             return false;
-        };
-        drop(adapter);
+        }
         while self.adapters.last().is_some_and(Option::is_none) {
             self.adapters.pop();
         }

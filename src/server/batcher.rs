@@ -322,6 +322,25 @@ mod tests {
         }
     }
 
+    /// A batcher for `q` sending to `to_worker`, and the sender of its adapter commands.
+    fn spawn_batcher(
+        q: &Arc<Queue>,
+        to_worker: mpsc::Sender<Work>,
+    ) -> (
+        mpsc::UnboundedSender<AdapterCommand>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let batcher = tokio::spawn(run_batcher(
+            q.clone(),
+            to_worker,
+            commands_rx,
+            2,
+            Default::default(),
+        ));
+        (commands, batcher)
+    }
+
     fn policy(capacity: usize) -> QueuePolicy {
         QueuePolicy {
             capacity,
@@ -405,14 +424,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let q = Arc::new(Queue::new(policy(16), metrics.clone()));
         let (to_worker, mut from_batcher) = mpsc::channel(1);
-        let (_commands, commands_rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_batcher(
-            q.clone(),
-            to_worker,
-            commands_rx,
-            2,
-            Default::default(),
-        ));
+        let _batcher = spawn_batcher(&q, to_worker);
         let (gone_tx, gone_rx) = mpsc::unbounded_channel();
         drop(gone_rx);
         let (tx, _rx) = mpsc::unbounded_channel();
@@ -496,14 +508,7 @@ mod tests {
     async fn a_batcher_whose_worker_closed_the_channel_stops_and_takes_nothing() {
         let q = Arc::new(Queue::new(policy(8), Arc::new(Metrics::new())));
         let (to_worker, mut from_batcher) = mpsc::channel(1);
-        let (_commands, commands_rx) = mpsc::unbounded_channel();
-        let batcher = tokio::spawn(run_batcher(
-            q.clone(),
-            to_worker,
-            commands_rx,
-            2,
-            Default::default(),
-        ));
+        let (_commands, batcher) = spawn_batcher(&q, to_worker);
         // Let it reserve the slot and wait for arrivals, then close as a failing worker does.
         tokio::time::sleep(Duration::from_millis(20)).await;
         from_batcher.close();
@@ -524,14 +529,7 @@ mod tests {
     async fn adapter_commands_pass_through_the_batchers_slot_ahead_of_waiting_images() {
         let q = Arc::new(Queue::new(policy(8), Arc::new(Metrics::new())));
         let (to_worker, mut from_batcher) = mpsc::channel(1);
-        let (commands, commands_rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_batcher(
-            q.clone(),
-            to_worker,
-            commands_rx,
-            2,
-            Default::default(),
-        ));
+        let (commands, _batcher) = spawn_batcher(&q, to_worker);
         let unload = |slot| {
             let (done, _) = tokio::sync::oneshot::channel();
             AdapterCommand::Unload { slot, done }

@@ -165,31 +165,15 @@ pub async fn load(
 /// Builds `spec` into `slot` on every device, and serves it; or frees the slot again.
 async fn build_everywhere(app: Arc<App>, slot: u16, spec: AdapterSpec) -> Result<(), ApiError> {
     let adapters = &app.config.model.adapters;
-    let workers = app.adapter_workers();
-    let mut replies = Vec::new();
-    for tx in &workers {
-        let (done, reply) = oneshot::channel();
-        let command = AdapterCommand::Load {
-            slot,
-            spec: spec.clone(),
-            done,
-        };
-        if tx.send(command).is_ok() {
-            replies.push(reply);
-        }
-    }
-    let mut built = 0;
-    let mut failure: Option<anyhow::Error> = None;
-    for reply in replies {
-        match reply.await {
-            Ok(Ok(())) => built += 1,
-            Ok(Err(e)) => {
-                failure.get_or_insert(e);
-            }
-            // The device failed meanwhile: it serves nothing more.
-            Err(_) => {}
-        }
-    }
+    let workers = app.adapter_commands();
+    let results = on_every_device(&workers, |done| AdapterCommand::Load {
+        slot,
+        spec: spec.clone(),
+        done,
+    })
+    .await;
+    let built = results.iter().filter(|r| r.is_ok()).count();
+    let failure = results.into_iter().find_map(Result::err);
     let outcome = match failure {
         None if built > 0 => Ok(()),
         None => Err(ApiError::AdapterNotBuilt(
@@ -232,16 +216,30 @@ async fn build_everywhere(app: Arc<App>, slot: u16, spec: AdapterSpec) -> Result
 
 /// Frees `slot` on every device.
 async fn unload_everywhere(workers: &[mpsc::UnboundedSender<AdapterCommand>], slot: u16) {
+    on_every_device(workers, |done| AdapterCommand::Unload { slot, done }).await;
+}
+
+/// Sends `command` to every device's batcher (which passes it on to the worker between
+/// batches) and waits for the answers; a device that failed meanwhile answers nothing and
+/// serves nothing more.
+async fn on_every_device<T>(
+    workers: &[mpsc::UnboundedSender<AdapterCommand>],
+    command: impl Fn(oneshot::Sender<T>) -> AdapterCommand,
+) -> Vec<T> {
     let mut replies = Vec::new();
     for tx in workers {
         let (done, reply) = oneshot::channel();
-        if tx.send(AdapterCommand::Unload { slot, done }).is_ok() {
+        if tx.send(command(done)).is_ok() {
             replies.push(reply);
         }
     }
+    let mut answers = Vec::new();
     for reply in replies {
-        let _ = reply.await;
+        if let Ok(answer) = reply.await {
+            answers.push(answer);
+        }
     }
+    answers
 }
 
 /// `POST /v1/unload_lora_adapter`: `{"lora_name": NAME}` stops serving the adapter NAME (a
@@ -275,7 +273,7 @@ async fn free_when_drained(app: Arc<App>, retired: Retired) {
         tokio::time::sleep(DRAIN_CHECK).await;
     }
     let slot = retired.slot;
-    unload_everywhere(&app.adapter_workers(), slot).await;
+    unload_everywhere(&app.adapter_commands(), slot).await;
     app.metrics.adapter_slot_freed(slot);
     app.config.model.adapters.release(slot);
     tracing::debug!(slot, "an unloaded LoRA adapter's weights freed");

@@ -145,13 +145,13 @@ pub struct App {
     idle: Notify,
     /// Each device's batcher, which passes changes to its adapters ([`lora_updates`]) on to
     /// its worker between batches.
-    workers: std::sync::OnceLock<Vec<mpsc::UnboundedSender<worker::AdapterCommand>>>,
+    adapter_commands: std::sync::OnceLock<Vec<mpsc::UnboundedSender<worker::AdapterCommand>>>,
 }
 
 impl App {
-    /// The devices' workers still running, to send changes to their adapters.
-    pub fn adapter_workers(&self) -> Vec<mpsc::UnboundedSender<worker::AdapterCommand>> {
-        self.workers
+    /// Where to send changes to the adapters of the devices still running (their batchers).
+    pub fn adapter_commands(&self) -> Vec<mpsc::UnboundedSender<worker::AdapterCommand>> {
+        self.adapter_commands
             .get()
             .into_iter()
             .flatten()
@@ -572,7 +572,7 @@ pub async fn serve(
         next_request: AtomicU64::new(0),
         in_flight: AtomicUsize::new(0),
         idle: Notify::new(),
-        workers: Default::default(),
+        adapter_commands: Default::default(),
     });
 
     // However `serve` returns, the batches stop (to resume after a restart with --files-dir)
@@ -618,7 +618,7 @@ pub async fn serve(
         ));
         ready.push((label, ready_rx, liveness));
     }
-    let _ = app.workers.set(senders);
+    let _ = app.adapter_commands.set(senders);
 
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
