@@ -646,6 +646,18 @@ fn azure_openai_clients_reach_the_images_api() {
         (404, Some("model_not_found")),
         "{v}"
     );
+    // The body's `model` is still checked as on the other routes (found by schemathesis:
+    // `{}` was taken, overwritten by the deployment).
+    let (status, v) = post(
+        &generations("dalle3"),
+        Some("sk-az"),
+        &json!({"prompt": "a cat", "model": {}}),
+    );
+    assert_eq!(
+        (status, v["error"]["param"].as_str()),
+        (400, Some("model")),
+        "{v}"
+    );
     // The key is checked as ever.
     let (status, v) = post(&generations("dalle3"), Some("sk-wrong"), &body);
     assert_eq!(
@@ -6381,6 +6393,38 @@ fn webhooks_tell_a_key_when_its_batches_end() {
         (400, &json!("webhook_unreachable")),
         "{e}"
     );
+    // A test the endpoint answers with an error is not a success (it was, whatever the
+    // status, until the OpenAPI work looked at it).
+    let failing = Receiver::start(vec![500]);
+    let (_, down) = s.call(
+        "POST",
+        "/v1/webhook_endpoints",
+        a,
+        Some(json!({"name": "down", "url": failing.url, "event_types": ["batch.completed"]})),
+    );
+    let (status, test) = s.call(
+        "POST",
+        &format!(
+            "/v1/webhook_endpoints/{}/test",
+            down["id"].as_str().unwrap()
+        ),
+        a,
+        Some(json!({"event_type": "batch.completed"})),
+    );
+    assert_eq!(status, 200, "{test}");
+    assert_eq!(
+        (&test["status_code"], &test["success"]),
+        (&json!(500), &json!(false)),
+        "{test}"
+    );
+    // Gone before the batch below, whose event it would otherwise be sent.
+    let (status, _) = s.call(
+        "DELETE",
+        &format!("/v1/webhook_endpoints/{}", down["id"].as_str().unwrap()),
+        a,
+        None,
+    );
+    assert_eq!(status, 200);
     s.run_batch(a, gen, &line);
     s.wait_metric(
         "turbine_webhook_deliveries_total{outcome=\"abandoned\"}",
@@ -6702,4 +6746,145 @@ fn a_blocked_log_reader_does_not_stop_the_server() {
         .unwrap();
     assert_eq!(r.status(), 404);
     p.wait_for_log(from, "logged-again");
+}
+
+/// The `$ref`s in `v` that do not resolve in `doc` (JSON pointers into the document).
+fn unresolved_refs(doc: &Value, v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(map) => {
+            if let Some(Value::String(r)) = map.get("$ref") {
+                let pointer = r.strip_prefix('#').unwrap_or(r);
+                if doc.pointer(pointer).is_none() {
+                    out.push(r.clone());
+                }
+            }
+            map.values().for_each(|v| unresolved_refs(doc, v, out));
+        }
+        Value::Array(items) => items.iter().for_each(|v| unresolved_refs(doc, v, out)),
+        _ => {}
+    }
+}
+
+/// The paths of the router's `.route(...)` calls, read from its source: what the OpenAPI
+/// document must list.
+fn routed_paths() -> Vec<String> {
+    let source = include_str!("../src/server/routes.rs");
+    let router = &source[source.find("pub fn router(").unwrap()..];
+    let router = &router[..router.find("\n}\n").unwrap()];
+    router
+        .split(".route(")
+        .skip(1)
+        .map(|call| {
+            let call = call.trim_start();
+            assert!(
+                call.starts_with('"'),
+                "a route path that is not a literal: {call:.60}"
+            );
+            call[1..call[1..].find('"').unwrap() + 1].to_string()
+        })
+        .collect()
+}
+
+/// `GET /openapi.json` (no key) is an OpenAPI 3.1 document of this server: every route of the
+/// router is in it (the LoRA routes only with `--allow-runtime-lora-updating`, as they are 404
+/// without it), every operation in it is routed (neither the fallback's 404 nor a 405), every
+/// `$ref` resolves, operation ids are unique, and the bounds it states are the configuration's.
+/// `scripts/test_openapi.sh` checks the schemas against the server's answers (schemathesis).
+#[test]
+fn the_openapi_document_describes_every_route_as_configured() {
+    let mut config = test_config();
+    config.auth.keys = vec![ApiKey::plain("sk-doc")];
+    config.limits.max_steps = 6;
+    config.limits.max_prompt_chars = 500;
+    let s = TestServer::start(config);
+    let r = s.client.get(s.url("/openapi.json")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
+    let doc: Value = r.json().unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
+    let mut missing = Vec::new();
+    unresolved_refs(&doc, &doc, &mut missing);
+    assert!(missing.is_empty(), "unresolved: {missing:?}");
+
+    let paths = doc["paths"].as_object().unwrap();
+    for path in routed_paths() {
+        let lora = path.contains("lora_adapter");
+        assert_eq!(paths.contains_key(&path), !lora, "{path} in the document");
+    }
+    let mut ids = std::collections::HashSet::new();
+    for (path, item) in paths {
+        for (method, op) in item.as_object().unwrap() {
+            let id = op["operationId"].as_str().unwrap();
+            assert!(ids.insert(id.to_string()), "operationId {id} twice");
+            assert!(op["responses"].as_object().is_some_and(|r| !r.is_empty()));
+            // The operation is routed: whatever it answers to an empty request, it is not the
+            // fallback's "no route" nor a method the route lacks.
+            let url = s.url(
+                &path
+                    .replace("{deployment}", "sdxl-turbo")
+                    .replace("{id}", "nothing-has-this-id"),
+            );
+            let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let r = s
+                .client
+                .request(method.clone(), url)
+                .bearer_auth("sk-doc")
+                .send()
+                .unwrap();
+            let status = r.status();
+            let text = r.text().unwrap();
+            assert_ne!(status, 405, "{method} {path}: {text}");
+            assert!(!text.contains("no route for"), "{method} {path}: {text}");
+        }
+    }
+    // Security: a key is asked for (the server has keys), except where none is needed.
+    assert_eq!(doc["security"], json!([{"bearer": []}, {"api_key": []}]));
+    for open in [
+        "/health",
+        "/livez",
+        "/openapi.json",
+        "/v1/images/files/{id}",
+    ] {
+        assert_eq!(paths[open]["get"]["security"], json!([]), "{open}");
+    }
+    assert!(paths["/v1/images/generations"]["post"]
+        .get("security")
+        .is_none());
+
+    // The configuration's bounds.
+    let request = &doc["components"]["schemas"]["CreateImageRequest"];
+    assert_eq!(request["additionalProperties"], false);
+    assert_eq!(request["required"], json!(["prompt"]));
+    let props = &request["properties"];
+    assert_eq!(props["steps"]["maximum"], 6);
+    assert_eq!(props["prompt"]["maxLength"], 500);
+    assert_eq!(props["n"]["maximum"], 10);
+    assert_eq!(props["n"]["type"], json!(["integer", "null"]));
+    let size = props["size"]["description"].as_str().unwrap();
+    assert!(size.contains("from 64 to 512"), "{size}");
+    let form = &doc["components"]["schemas"]["EditImageForm"];
+    assert_eq!(form["properties"]["strength"]["type"], "number");
+    assert_eq!(form["properties"]["image"]["format"], "binary");
+
+    // With the flag the LoRA routes are in it.
+    drop(s);
+    let mut config = test_config();
+    config.runtime_lora_updating = true;
+    let s = TestServer::start(config);
+    let doc: Value = s
+        .client
+        .get(s.url("/openapi.json"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    for path in routed_paths() {
+        assert!(doc["paths"].get(&path).is_some(), "{path} in the document");
+    }
+    // No keys: no security asked for.
+    assert!(doc.get("security").is_none());
 }

@@ -33,6 +33,7 @@ pub mod listen;
 pub mod lora_updates;
 pub mod metrics;
 pub mod notify;
+pub mod openapi;
 pub mod queue;
 pub mod routes;
 pub mod stall;

@@ -4,7 +4,7 @@
 //! metrics (by route and status, errors by type), then per route: API-key check and rate
 //! limits (`/v1/images/generations`, `/v1/images/edits`, `/v1/models*`, `/v1/files*`,
 //! `/v1/batches*`), in-flight tracking for images (what shutdown waits for; a batch's requests
-//! are not waited for, they resume after a restart). `/health`, `/metrics` and `/v1/images/files/{id}` need no key: probes
+//! are not waited for, they resume after a restart). `/health`, `/metrics`, `/openapi.json` and `/v1/images/files/{id}` need no key: probes
 //! and scrapers carry none, and file ids are unguessable, like OpenAI's signed URLs.
 
 use std::future::Future as _;
@@ -156,6 +156,8 @@ pub fn router(app: Arc<App>) -> Router {
         // SageMaker's health check of a model container.
         .route("/ping", get(health))
         .route("/livez", get(livez))
+        // This server's API as an OpenAPI document (see `openapi`): no key, as the probes'.
+        .route("/openapi.json", get(openapi_document))
         .route(
             "/metrics",
             if app.config.metrics_port.is_some() {
@@ -713,6 +715,10 @@ async fn livez(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
+async fn openapi_document(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
+    Json(super::openapi::document(&app))
+}
+
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     (
         [(
@@ -951,12 +957,23 @@ async fn generation(
     deployment: Option<String>,
 ) -> Result<Response, ApiError> {
     if let (Some(deployment), Some(fields)) = (deployment, value.as_object_mut()) {
-        fields.insert("model".into(), deployment.into());
+        name_deployment(fields, deployment)?;
     }
     let req = validate(&value, &app.config.limits, &app.config.model)?;
     drop((value, body));
     app.auth.consume(caller, 0, req.n, Instant::now())?;
     run_request(app, caller, headers, req).await
+}
+
+/// Azure's deployment as the request's `model`, over the body's, which must still be a string
+/// (or null) as on the other routes: a client sending something else has a bug to hear of.
+fn name_deployment(
+    fields: &mut serde_json::Map<String, serde_json::Value>,
+    deployment: String,
+) -> Result<(), ApiError> {
+    super::validate::Fields(fields).string("model")?;
+    fields.insert("model".into(), deployment.into());
+    Ok(())
 }
 
 /// SageMaker's inference route (`POST /invocations`, what `InvokeEndpoint` and its async
@@ -1049,7 +1066,7 @@ async fn edit(
 ) -> Result<Response, ApiError> {
     input.shares.push(body_share);
     if let Some(deployment) = deployment {
-        input.fields.insert("model".into(), deployment.into());
+        name_deployment(&mut input.fields, deployment)?;
     }
     let req = prepare_edit(app, input, |req| {
         // The key's image quota before the decoding work, as for a generation before its

@@ -592,7 +592,7 @@ fn check_name(name: &str) -> Result<String, ApiError> {
     Ok(name.to_string())
 }
 
-/// `url`: an absolute http(s) URL with a host and no credentials, at most 2048 characters.
+/// `url`: an absolute http(s) URL with a host and no credentials, at most 2048 bytes.
 /// OpenAI takes HTTPS only; a self-hosted server's receivers are often on its own network, so
 /// plain HTTP is taken too.
 fn check_url(url: &str) -> Result<String, ApiError> {
@@ -607,7 +607,7 @@ fn check_url(url: &str) -> Result<String, ApiError> {
         )
     };
     if url.len() > 2048 {
-        return Err(bad("at most 2048 characters"));
+        return Err(bad("at most 2048 bytes"));
     }
     let parsed = reqwest::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
     if !matches!(parsed.scheme(), "http" | "https") {
@@ -875,7 +875,8 @@ pub async fn test(
         "webhook_endpoint_id": id,
         "event_type": kind,
         "status_code": status.as_u16(),
-        "success": true,
+        // Delivered and taken: a receiver that answers an error did not take it.
+        "success": status.is_success(),
     })))
 }
 

@@ -752,6 +752,7 @@ fn next_request(rng: &mut StdRng, made: &Made) -> Request {
                 "/v1/batches",
                 "/health",
                 "/metrics",
+                "/openapi.json",
             ]
             .choose(rng)
             .unwrap();

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The OpenAPI document against the real server: starts `turbine serve` on a free port with the
+# tiny fixture model on CPU (a key, the LoRA routes on, small bounds so generated requests stay
+# cheap), and runs schemathesis on its own `GET /openapi.json`. For every operation it sends the
+# document's examples, its boundary values (the coverage phase) and random requests, valid and
+# not (the fuzzing phase), and fails on:
+#   - a 5xx (not_a_server_error),
+#   - a status, content type or body the document does not describe (status_code_conformance,
+#     content_type_conformance, response_schema_conformance),
+#   - a request the document calls invalid that the server took (negative_data_rejection),
+#   - an operation that answered without the key (ignored_auth).
+# So the document and the validators are checked against each other from both sides. Before
+# it, scripts/openapi_walk.py takes every operation to a success (a batch run to its end, an
+# upload completed, an adapter loaded) and checks those answers against the document too.
+#
+# Environment:
+#   PYTHON                  interpreter for the venv (default python3)
+#   SCHEMATHESIS_VERSION    schemathesis' version (default: the one this was written with)
+#   OPENAPI_SEED            the run's seed (default: a fresh one, printed, to replay a failure)
+#   OPENAPI_MAX_EXAMPLES    fuzzing cases per operation (default 25)
+#   TURBINE_BIN             a prebuilt turbine binary (default: `cargo build`, target/debug/turbine)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=target/openapi-venv
+VERSION=${SCHEMATHESIS_VERSION:-4.32.5}
+if ! "$VENV/bin/python" -c "
+import importlib.metadata as m, sys
+sys.exit(m.version('schemathesis') != '$VERSION')
+" 2>/dev/null; then
+    echo "installing schemathesis==$VERSION into $VENV" >&2
+    "${PYTHON:-python3}" -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$VERSION"
+fi
+
+if [ -z "${TURBINE_BIN:-}" ]; then
+    cargo build --quiet --bin turbine
+    TURBINE_BIN=target/debug/turbine
+fi
+
+work=$(mktemp -d)
+server_pid=
+cleanup() {
+    if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
+        kill -TERM "$server_pid"
+        wait "$server_pid" || true
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+NO_COLOR=1 RUST_LOG=info "$TURBINE_BIN" serve \
+    --model-dir tests/fixtures/tiny-sdxl --device cpu --host 127.0.0.1 --port 0 \
+    --min-image-side 64 --max-image-side 128 --default-size 64x64 --max-steps 2 \
+    --warmup-images 1 --api-key sk-openapi --files-dir "$work/files" \
+    --allow-runtime-lora-updating --max-queued-images 64 \
+    2> "$work/server.log" &
+server_pid=$!
+base=
+for _ in $(seq 1 600); do
+    base=$(grep -o 'listening on http://[0-9.:]*' "$work/server.log" | head -n1 | sed 's/listening on //' || true)
+    [ -n "$base" ] && break
+    kill -0 "$server_pid" 2>/dev/null || { cat "$work/server.log" >&2; echo "server exited" >&2; exit 1; }
+    sleep 0.1
+done
+[ -n "$base" ] || { cat "$work/server.log" >&2; echo "server never listened" >&2; exit 1; }
+for _ in $(seq 1 3000); do
+    curl -sf "$base/health" >/dev/null && break
+    sleep 0.1
+done
+curl -sf "$base/health" >/dev/null || { cat "$work/server.log" >&2; echo "never healthy" >&2; exit 1; }
+
+status=0
+# First the walk through every route's success (scripts/openapi_walk.py), which made-up requests
+# rarely reach: a finished batch, a completed upload, a loaded adapter.
+"$VENV/bin/python" scripts/openapi_walk.py --base-url "$base" --api-key sk-openapi \
+    --lora tests/fixtures/reference/lora_kohya.safetensors || status=$?
+
+seed=${OPENAPI_SEED:-$((RANDOM * 32768 + RANDOM))}
+echo "schemathesis against $base/openapi.json, seed $seed (OPENAPI_SEED=$seed replays it)"
+# From the scratch directory: schemathesis keeps a cache of its own in the directory it runs in.
+(cd "$work" && "$OLDPWD/$VENV/bin/schemathesis" run "$base/openapi.json" \
+    --header "Authorization: Bearer sk-openapi" \
+    --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,negative_data_rejection,ignored_auth \
+    --phases examples,coverage,fuzzing,stateful \
+    --max-examples "${OPENAPI_MAX_EXAMPLES:-25}" --seed "$seed" \
+    --workers 2 --request-timeout 120 --no-color \
+    --suppress-health-check all --generation-database none \
+    --report junit --report-dir "$work/report") || status=$?
+if [ "$status" -ne 0 ]; then
+    echo "--- server log (last 200 lines) ---" >&2
+    tail -n 200 "$work/server.log" >&2
+fi
+exit "$status"
