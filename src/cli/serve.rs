@@ -312,6 +312,13 @@ pub struct BatchingArgs {
     /// default: it lengthens the start for servers that take no edits.
     #[arg(long, env = "TURBINE_WARMUP_EDITS")]
     pub warmup_edits: bool,
+    /// Image sizes (WxH, comma-separated) warmed besides --default-size, each at every warmed
+    /// batch size (and with --warmup-edits, as edits): cuDNN plans each image size's
+    /// convolutions at its first batch too, so the first requests of a size the clients use
+    /// (OpenAI's default 1024x1024, say) would wait seconds for it. Each size lengthens the
+    /// start by a warm-up of its own.
+    #[arg(long, env = "TURBINE_WARMUP_IMAGE_SIZES", value_delimiter = ',')]
+    pub warmup_image_sizes: Vec<String>,
     /// When a device counts as stalled: a call into the model that runs past the longer of
     /// this many seconds and ten times its estimated time (from the warm-up's rate) marks the
     /// device failed, as a CUDA fault does (with no device left: the queue fails with 503 and
@@ -419,6 +426,16 @@ impl Args {
                 self.limits.default_size
             ))
         })?;
+        let warmup_image_sizes = trimmed(&self.batching.warmup_image_sizes)
+            .iter()
+            .map(|s| {
+                parse_size(s).ok_or_else(|| {
+                    UsageError(format!(
+                        "--warmup-image-sizes takes WIDTHxHEIGHT sizes, got {s:?}"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let default_response_format = DefaultResponseFormat::parse(
             &self.limits.default_response_format,
         )
@@ -518,6 +535,7 @@ impl Args {
             warmup_images: self.batching.warmup_images,
             warmup_batch_sizes: self.batching.warmup_batch_sizes,
             warmup_edits: self.batching.warmup_edits,
+            warmup_image_sizes,
             runtime_lora_updating: self.devices.allow_runtime_lora_updating,
             max_lora_modules: self.devices.max_lora_modules,
             device_stall_timeout: self.batching.device_stall_timeout,
@@ -857,6 +875,32 @@ mod tests {
         Cli::try_parse_from(argv)
             .map_err(|e| e.to_string())
             .and_then(|cli| cli.serve.config().map_err(|e| e.to_string()))
+    }
+
+    #[test]
+    fn warmup_image_sizes_are_sizes_a_request_could_ask_for() {
+        let parse = |args: &[&str]| config_of(args).map(|c| c.warmup_image_sizes);
+        assert_eq!(parse(&[]).unwrap(), vec![]);
+        assert_eq!(parse(&["--warmup-image-sizes", ""]).unwrap(), vec![]);
+        assert_eq!(
+            parse(&["--warmup-image-sizes", "1024x1024, 768x1344"]).unwrap(),
+            vec![(1024, 1024), (768, 1344)]
+        );
+        for (bad, says) in [
+            ("1024", "takes WIDTHxHEIGHT sizes, got \"1024\""),
+            (
+                "1024x1020",
+                "1024x1020 must have sides that are multiples of 8",
+            ),
+            ("128x128", "between 256 and 1792"),
+            ("1792x1792", "more than --max-image-pixels"),
+        ] {
+            let e = parse(&["--warmup-image-sizes", bad]).unwrap_err();
+            assert!(
+                e.contains("--warmup-image-sizes") && e.contains(says),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -136,6 +136,27 @@ pub struct RequestLimits {
     pub default_response_format: DefaultResponseFormat,
 }
 
+impl RequestLimits {
+    /// An error naming `option` unless a request could ask for `size` (width, height): sides
+    /// multiples of 8 within the side bounds, pixels within the pixel bound.
+    fn check_size(&self, option: &str, (w, h): (u32, u32)) -> anyhow::Result<()> {
+        ensure!(
+            u64::from(w) * u64::from(h) <= self.max_pixels,
+            "{option} {w}x{h} has more than --max-image-pixels ({}) pixels",
+            self.max_pixels
+        );
+        for side in [w, h] {
+            ensure!(
+                side.is_multiple_of(8) && side >= self.min_side && side <= self.max_side,
+                "{option} {w}x{h} must have sides that are multiples of 8 between {} and {}",
+                self.min_side,
+                self.max_side
+            );
+        }
+        Ok(())
+    }
+}
+
 /// The batcher's knobs.
 #[derive(Debug, Clone)]
 pub struct BatchingConfig {
@@ -240,6 +261,9 @@ pub struct ServerConfig {
     pub warmup_batch_sizes: WarmupSizes,
     /// Whether each worker also runs edit batches at those sizes.
     pub warmup_edits: bool,
+    /// Image sizes (width, height) each worker also warms, at every warmed batch size
+    /// (`--warmup-image-sizes`); the default size is always warmed.
+    pub warmup_image_sizes: Vec<(u32, u32)>,
     /// `--device-stall-timeout`: when a device whose call into the model does not return
     /// counts as failed ([`super::stall`]).
     pub device_stall_timeout: super::stall::StallTimeout,
@@ -330,6 +354,7 @@ impl Default for ServerConfig {
             warmup_images: 0,
             warmup_batch_sizes: WarmupSizes::Auto,
             warmup_edits: false,
+            warmup_image_sizes: Vec::new(),
             device_stall_timeout: Default::default(),
             cors_allow_origins: Vec::new(),
             max_connections: None,
@@ -390,21 +415,9 @@ impl ServerConfig {
             l.min_side,
             l.min_side
         );
-        let (w, h) = l.default_size;
-        ensure!(
-            u64::from(w) * u64::from(h) <= l.max_pixels,
-            "--default-size {w}x{h} has more than --max-image-pixels ({}) pixels",
-            l.max_pixels
-        );
-        for side in [w, h] {
-            if !side.is_multiple_of(8) || side < l.min_side || side > l.max_side {
-                bail!(
-                    "--default-size {w}x{h} must have sides that are multiples of 8 between \
-                     {} and {}",
-                    l.min_side,
-                    l.max_side
-                );
-            }
+        l.check_size("--default-size", l.default_size)?;
+        for &size in &self.warmup_image_sizes {
+            l.check_size("--warmup-image-sizes", size)?;
         }
         ensure!(l.max_steps >= 1, "--max-steps must be at least 1");
         ensure!(
@@ -642,6 +655,14 @@ mod tests {
                 "--min-image-side (2048) must not exceed",
             ),
             (|c| c.limits.default_size = (520, 4), "--default-size"),
+            (
+                |c| c.warmup_image_sizes = vec![(1024, 1024), (1024, 1028)],
+                "--warmup-image-sizes 1024x1028 must have sides that are multiples of 8",
+            ),
+            (
+                |c| c.warmup_image_sizes = vec![(1792, 1792)],
+                "--warmup-image-sizes 1792x1792 has more than --max-image-pixels",
+            ),
             (
                 |c| c.limits.max_pixels = 255 * 255,
                 "--max-image-pixels (65025) must allow at least a --min-image-side square",

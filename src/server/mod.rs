@@ -522,6 +522,12 @@ pub async fn serve(
         },
         sizes: config.warmup_batch_sizes,
         edits: config.warmup_edits,
+        image_sizes: config
+            .warmup_image_sizes
+            .iter()
+            .copied()
+            .filter(|&size| size != (w, h))
+            .collect(),
     };
     let max_batch = b.max_batch_size;
     let health = Arc::new(DeviceHealth::default());
@@ -602,7 +608,7 @@ pub async fn serve(
             queue: queue.clone(),
             metrics: metrics.clone(),
             max_batch,
-            warmup,
+            warmup: warmup.clone(),
             health: health.clone(),
             suspect: Default::default(),
             stall_timeout: app.config.device_stall_timeout,

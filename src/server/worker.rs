@@ -206,7 +206,7 @@ pub struct WorkerSpec {
 }
 
 /// The warm-up batch every worker runs before the server reports healthy.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Warmup {
     pub key: ShapeKey,
     pub images: usize,
@@ -215,6 +215,9 @@ pub struct Warmup {
     /// Edits too (`--warmup-edits`): an edit batch at each warmed size (SDXL-Turbo's one step at
     /// strength 0.5), so that the first edits do not plan the VAE encoder's convolutions.
     pub edits: bool,
+    /// Image sizes (width, height) warmed after the key's (`--warmup-image-sizes`), each at
+    /// every warmed batch size: a size's convolutions are planned per image size too.
+    pub image_sizes: Vec<(u32, u32)>,
 }
 
 /// The warm-up's edit batches: `steps` run at strength 0.5 from a mid-grey image.
@@ -450,42 +453,37 @@ fn start(
     };
     // Every batch size warmed, largest first.
     let sizes: Vec<usize> = std::iter::once(items.len()).chain(smaller.rev()).collect();
-    if backend.plans_per_batch_size() {
-        // The preview decoder at the warmed sizes (a stream's previews are decoded for the rows
-        // that ask, so any size up to the batch's); nothing where previews have none.
+    warm_up_previews_and_edits(&mut *backend, &settings, &sizes, label, ctx, || {
+        warmup_items("edit")
+    })?;
+    // The other image sizes asked for, each as the default one: its batch sizes, largest
+    // first (which also proves the largest fits in memory), then its previews and edits.
+    for &(width, height) in &ctx.warmup.image_sizes {
         let t = Instant::now();
-        let mut warmed = false;
-        for &n in &sizes {
-            let what = format!("the preview warm-up of {n} on {label}");
-            warmed |= catch_unwind(AssertUnwindSafe(|| backend.warm_up_previews(&settings, n)))
-                .map_err(|p| anyhow::anyhow!("{what} panicked: {}", panic_message(&p)))?
-                .map_err(|e| e.context(format!("{what} failed")))?;
-        }
-        if warmed {
-            tracing::info!(
-                device = %label,
-                sizes = sizes.len(),
-                secs = t.elapsed().as_secs_f64(),
-                "warm-up of the preview decoder done (--preview-vae)"
-            );
-        }
-    }
-    if ctx.warmup.edits {
-        let t = Instant::now();
-        let (edit, edit_items) = warmup_edit(&settings, &warmup_items("edit"))?;
+        let other = GenerationSettings {
+            width: width as usize,
+            height: height as usize,
+            ..settings
+        };
+        let other_items = warmup_items(&format!("{width}x{height}"));
         for &n in &sizes {
             warm_up_batch(
                 &mut *backend,
-                &edit,
-                &edit_items[..n],
-                &format!("the warm-up edit batch of {n} on {label}"),
+                &other,
+                &other_items[..n],
+                &format!("the warm-up batch of {n} at {width}x{height} on {label}"),
             )?;
         }
+        warm_up_previews_and_edits(&mut *backend, &other, &sizes, label, ctx, || {
+            warmup_items(&format!("{width}x{height} edit"))
+        })?;
         tracing::info!(
             device = %label,
+            width,
+            height,
             batches = sizes.len(),
             secs = t.elapsed().as_secs_f64(),
-            "warm-up of edits done (--warmup-edits)"
+            "warm-up of another image size done (--warmup-image-sizes)"
         );
     }
     ctx.metrics
@@ -510,6 +508,64 @@ fn start(
     Ok((backend, report))
 }
 
+/// The preview decoder (where it plans per batch size) and, with `--warmup-edits`, an edit
+/// batch at each of `sizes` batch sizes of `settings`' image size, on the device `label`;
+/// `items` makes the edit batch's requests.
+fn warm_up_previews_and_edits(
+    backend: &mut dyn ImageBackend,
+    settings: &GenerationSettings,
+    sizes: &[usize],
+    label: &str,
+    ctx: &WorkerContext,
+    items: impl FnOnce() -> Vec<ImageRequest>,
+) -> anyhow::Result<()> {
+    let (width, height) = (settings.width, settings.height);
+    let at = format!("{width}x{height} on {label}");
+    if backend.plans_per_batch_size() {
+        // The preview decoder at the warmed sizes (a stream's previews are decoded for the rows
+        // that ask, so any size up to the batch's); nothing where previews have none.
+        let t = Instant::now();
+        let mut warmed = false;
+        for &n in sizes {
+            let what = format!("the preview warm-up of {n} at {at}");
+            warmed |= catch_unwind(AssertUnwindSafe(|| backend.warm_up_previews(settings, n)))
+                .map_err(|p| anyhow::anyhow!("{what} panicked: {}", panic_message(&p)))?
+                .map_err(|e| e.context(format!("{what} failed")))?;
+        }
+        if warmed {
+            tracing::info!(
+                device = %label,
+                width,
+                height,
+                sizes = sizes.len(),
+                secs = t.elapsed().as_secs_f64(),
+                "warm-up of the preview decoder done (--preview-vae)"
+            );
+        }
+    }
+    if ctx.warmup.edits {
+        let t = Instant::now();
+        let (edit, edit_items) = warmup_edit(settings, &items())?;
+        for &n in sizes {
+            warm_up_batch(
+                backend,
+                &edit,
+                &edit_items[..n],
+                &format!("the warm-up edit batch of {n} at {at}"),
+            )?;
+        }
+        tracing::info!(
+            device = %label,
+            width,
+            height,
+            batches = sizes.len(),
+            secs = t.elapsed().as_secs_f64(),
+            "warm-up of edits done (--warmup-edits)"
+        );
+    }
+    Ok(())
+}
+
 /// One warm-up batch of `items`, named `what` in its errors; returns how long it took. Out of
 /// memory gets the flags that size the warm-up in its message.
 fn warm_up_batch(
@@ -526,7 +582,8 @@ fn warm_up_batch(
             let hint = if out_of_memory(&e) {
                 format!(
                     " (out of memory: {n} images of {}x{} at once; lower --max-batch-size, which \
-                     sets the warm-up's size unless --warmup-images does)",
+                     sets the warm-up's size unless --warmup-images does, or warm a smaller \
+                     image size: --default-size, --warmup-image-sizes)",
                     settings.width, settings.height
                 )
             } else {
@@ -1214,6 +1271,7 @@ mod tests {
                     images: 2,
                     sizes: WarmupSizes::Auto,
                     edits: false,
+                    image_sizes: Vec::new(),
                 },
                 health: Default::default(),
                 suspect: Default::default(),
@@ -1413,6 +1471,7 @@ mod tests {
                 images: 1,
                 sizes: WarmupSizes::Auto,
                 edits: false,
+                image_sizes: Vec::new(),
             },
             health: Default::default(),
             suspect: Default::default(),
@@ -1871,6 +1930,7 @@ mod tests {
                 images: 4,
                 sizes,
                 edits: false,
+                image_sizes: Vec::new(),
             };
             let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
             let backend = Sizes {
@@ -1910,6 +1970,7 @@ mod tests {
                 images: 4,
                 sizes,
                 edits: false,
+                image_sizes: Vec::new(),
             };
             let factory: BackendFactory = Box::new(|| Ok(Box::new(Planning(Default::default()))));
             let (_, report) = start(factory, "fake", &ctx).unwrap();
@@ -1951,6 +2012,7 @@ mod tests {
             images: 3,
             sizes: WarmupSizes::All,
             edits: false,
+            image_sizes: Vec::new(),
         };
         let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
         let backend = Prompts(seen.clone());
@@ -2019,12 +2081,84 @@ mod tests {
                 images: 3,
                 sizes,
                 edits,
+                image_sizes: Vec::new(),
             };
             let seen: Seen = Default::default();
             let backend = Edits(seen.clone());
             let factory: BackendFactory = Box::new(move || Ok(Box::new(backend)));
             start(factory, "fake", &ctx).unwrap();
             assert_eq!(*seen.lock().unwrap(), want, "{sizes:?}, edits {edits}");
+        }
+    }
+
+    /// `--warmup-image-sizes`: after the default size's warm-up, each other image size at every
+    /// warmed batch size, largest first, then its edits when those are warmed.
+    #[test]
+    fn other_image_sizes_are_warmed_at_every_batch_size_when_asked() {
+        type Seen = Arc<std::sync::Mutex<Vec<(usize, usize, usize, bool)>>>;
+        struct Shapes(Seen);
+        impl ImageBackend for Shapes {
+            fn generate(
+                &mut self,
+                s: &GenerationSettings,
+                items: &[ImageRequest],
+            ) -> anyhow::Result<GeneratedBatch> {
+                self.0.lock().unwrap().push((
+                    items.len(),
+                    s.width,
+                    s.height,
+                    s.init_step.is_some(),
+                ));
+                Fake.generate(s, items)
+            }
+        }
+        for (edits, want) in [
+            (
+                false,
+                vec![
+                    (2, 8, 8, false),
+                    (1, 8, 8, false),
+                    (2, 8, 8, false),
+                    (2, 16, 8, false),
+                    (1, 16, 8, false),
+                    (2, 24, 32, false),
+                    (1, 24, 32, false),
+                ],
+            ),
+            (
+                true,
+                vec![
+                    (2, 8, 8, false),
+                    (1, 8, 8, false),
+                    (2, 8, 8, false),
+                    (2, 8, 8, true),
+                    (1, 8, 8, true),
+                    (2, 16, 8, false),
+                    (1, 16, 8, false),
+                    (2, 16, 8, true),
+                    (1, 16, 8, true),
+                    (2, 24, 32, false),
+                    (1, 24, 32, false),
+                    (2, 24, 32, true),
+                    (1, 24, 32, true),
+                ],
+            ),
+        ] {
+            let mut ctx = context();
+            ctx.warmup = Warmup {
+                key: KEY,
+                images: 2,
+                sizes: WarmupSizes::All,
+                edits,
+                image_sizes: vec![(16, 8), (24, 32)],
+            };
+            let seen: Seen = Default::default();
+            let backend = Shapes(seen.clone());
+            let factory: BackendFactory = Box::new(move || Ok(Box::new(backend)));
+            let (_, report) = start(factory, "fake", &ctx).unwrap();
+            assert_eq!(*seen.lock().unwrap(), want, "edits {edits}");
+            // The throughput estimate is still the default size's.
+            assert_eq!(report.images, 2);
         }
     }
 
@@ -2070,6 +2204,7 @@ mod tests {
                 images: 3,
                 sizes,
                 edits: false,
+                image_sizes: Vec::new(),
             };
             let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
             let backend = Previews {
@@ -2091,7 +2226,7 @@ mod tests {
         let (result, seen) = run(WarmupSizes::Auto, true, Some(2));
         let err = format!("{:#}", result.unwrap_err());
         assert!(
-            err.contains("the preview warm-up of 2 on fake failed"),
+            err.contains("the preview warm-up of 2 at 8x8 on fake failed"),
             "{err}"
         );
         assert_eq!(seen, [3, 2]);
@@ -2105,6 +2240,7 @@ mod tests {
             images: 3,
             sizes: WarmupSizes::All,
             edits: false,
+            image_sizes: Vec::new(),
         };
         let backend = Sizes {
             plans: false,

@@ -135,7 +135,7 @@ pub(super) fn schemas(max_file_bytes: u64) -> Map<String, Value> {
             ("deleted", json!({ "const": true })),
         ]),
     );
-    s.insert("CreateFileForm".into(), create_file_form());
+    s.insert("CreateFileForm".into(), create_file_form(max_file_bytes));
     // Uploads.
     s.insert("Upload".into(), upload_object());
     s.insert(
@@ -582,15 +582,15 @@ fn file_object() -> Value {
     schema
 }
 
-fn create_file_form() -> Value {
+fn create_file_form(max_file_bytes: u64) -> Value {
     let mut schema = object(
         vec![
             (
                 "file",
                 json!({
                     "type": "string", "format": "binary",
-                    "description": format!("The contents, at most `--max-file-bytes` (200 MiB \
-                        by default; 413 beyond). The part's filename is the file's \
+                    "description": format!("The contents, at most {max_file_bytes} bytes \
+                        (`--max-file-bytes`; 413 beyond). The part's filename is the file's \
                         `filename` (`upload.jsonl` without one), cut to \
                         {MAX_FILENAME_BYTES} bytes"),
                 }),
