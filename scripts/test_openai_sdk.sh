@@ -74,6 +74,8 @@ if [ -z "${TURBINE_BIN:-}" ]; then
     TURBINE_BIN=target/debug/turbine
 fi
 
+# shellcheck source=lib/tiny_server.sh
+source scripts/lib/tiny_server.sh
 work=$(mktemp -d)
 server_pid=
 stop_server() {
@@ -109,14 +111,7 @@ start_server() {
         --api-keys-file "$work/keys" "$@" \
         2> "$log" &
     server_pid=$!
-    base=
-    for _ in $(seq 1 600); do
-        base=$(grep -o 'listening on https\?://[0-9.:]*' "$log" | head -n1 | sed 's/listening on //' || true)
-        [ -n "$base" ] && break
-        kill -0 "$server_pid" 2>/dev/null || { cat "$log" >&2; echo "server exited" >&2; exit 1; }
-        sleep 0.1
-    done
-    [ -n "$base" ] || { cat "$log" >&2; echo "server never listened" >&2; exit 1; }
+    listening_base "$log" "$server_pid"
     case $base in https://*) base="https://localhost:${base##*:}" ;; esac
     "$VENV/bin/python" - "$base/health" "${CA_FILE:-}" <<'PY'
 import ssl, sys, time, urllib.request, urllib.error

@@ -56,14 +56,9 @@ NO_COLOR=1 RUST_LOG=info "$TURBINE_BIN" serve \
     --allow-runtime-lora-updating --max-queued-images 64 \
     2> "$work/server.log" &
 server_pid=$!
-base=
-for _ in $(seq 1 600); do
-    base=$(grep -o 'listening on http://[0-9.:]*' "$work/server.log" | head -n1 | sed 's/listening on //' || true)
-    [ -n "$base" ] && break
-    kill -0 "$server_pid" 2>/dev/null || { cat "$work/server.log" >&2; echo "server exited" >&2; exit 1; }
-    sleep 0.1
-done
-[ -n "$base" ] || { cat "$work/server.log" >&2; echo "server never listened" >&2; exit 1; }
+# shellcheck source=lib/tiny_server.sh
+source scripts/lib/tiny_server.sh
+listening_base "$work/server.log" "$server_pid"
 for _ in $(seq 1 3000); do
     curl -sf "$base/health" >/dev/null && break
     sleep 0.1

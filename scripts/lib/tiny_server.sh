@@ -19,3 +19,21 @@ serve() {
   echo "the server did not start: $(tail -5 "$log")" >&2
   exit 1
 }
+
+# listening_base LOG PID: waits until the server PID (started with --port 0, its log in LOG)
+# says where it listens, and sets `base` to that http(s)://host:port; exits 1 with the log if
+# it exits or never listens (the SDK contract test and the OpenAPI check, whose servers take
+# a free port).
+listening_base() {
+  local log=$1 pid=$2
+  base=
+  for _ in $(seq 1 600); do
+    base=$(grep -o 'listening on https\?://[0-9.:]*' "$log" | head -n1 | sed 's/listening on //' || true)
+    [ -n "$base" ] && return
+    kill -0 "$pid" 2>/dev/null || { cat "$log" >&2; echo "server exited" >&2; exit 1; }
+    sleep 0.1
+  done
+  cat "$log" >&2
+  echo "server never listened" >&2
+  exit 1
+}
