@@ -1,22 +1,24 @@
 #!/usr/bin/env bash
-# The OpenAPI document against the real server: starts `turbine serve` on a free port with the
+# The OpenAPI document against the real server. Starts `turbine serve` on a free port with the
 # tiny fixture model on CPU (a key, the LoRA routes on, small bounds so generated requests stay
-# cheap), and runs schemathesis on its own `GET /openapi.json`. For every operation it sends the
-# document's examples, its boundary values (the coverage phase) and random requests, valid and
-# not (the fuzzing phase), and fails on:
-#   - a 5xx (not_a_server_error),
-#   - a status, content type or body the document does not describe (status_code_conformance,
-#     content_type_conformance, response_schema_conformance),
-#   - a request the document calls invalid that the server took (negative_data_rejection),
-#   - an operation that answered without the key (ignored_auth).
-# So the document and the validators are checked against each other from both sides. Before
-# it, scripts/openapi_walk.py takes every operation to a success (a batch run to its end, an
-# upload completed, an adapter loaded) and checks those answers against the document too.
+# cheap), then, on its own `GET /openapi.json`:
+#   1. openapi-spec-validator: the document is valid OpenAPI 3.1;
+#   2. scripts/openapi_walk.py: every operation taken to a success (a batch run to its end, an
+#      upload completed, a webhook delivered, an adapter loaded), each answer checked against
+#      what the document says of it;
+#   3. schemathesis: for every operation the document's examples, boundary values (the coverage
+#      phase), random requests valid and not (fuzzing) and linked sequences (stateful), failing
+#      on a 5xx (not_a_server_error); a status, content type or body the document does not
+#      describe (status_code_conformance, content_type_conformance,
+#      response_schema_conformance); a request the document calls invalid that the server took
+#      (negative_data_rejection); an operation that answered without the key (ignored_auth).
+# So the document and the validators are checked against each other from both sides.
 #
 # Environment:
 #   PYTHON                  interpreter for the venv (default python3)
-#   SCHEMATHESIS_VERSION    schemathesis' version (default: the one this was written with)
-#   OPENAPI_SEED            the run's seed (default: a fresh one, printed, to replay a failure)
+#   SCHEMATHESIS_VERSION, OPENAPI_SPEC_VALIDATOR_VERSION
+#                           their versions (default: the ones this was written with)
+#   OPENAPI_SEED            schemathesis' seed (default: a fresh one, printed, to replay a failure)
 #   OPENAPI_MAX_EXAMPLES    fuzzing cases per operation (default 25)
 #   TURBINE_BIN             a prebuilt turbine binary (default: `cargo build`, target/debug/turbine)
 set -euo pipefail
@@ -24,13 +26,17 @@ cd "$(dirname "$0")/.."
 
 VENV=target/openapi-venv
 VERSION=${SCHEMATHESIS_VERSION:-4.32.5}
+VALIDATOR_VERSION=${OPENAPI_SPEC_VALIDATOR_VERSION:-0.9.0}
 if ! "$VENV/bin/python" -c "
 import importlib.metadata as m, sys
-sys.exit(m.version('schemathesis') != '$VERSION')
+sys.exit((m.version('schemathesis'), m.version('openapi-spec-validator'))
+         != ('$VERSION', '$VALIDATOR_VERSION'))
 " 2>/dev/null; then
-    echo "installing schemathesis==$VERSION into $VENV" >&2
+    echo "installing schemathesis==$VERSION and openapi-spec-validator==$VALIDATOR_VERSION" \
+        "into $VENV" >&2
     "${PYTHON:-python3}" -m venv "$VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$VERSION"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$VERSION" \
+        "openapi-spec-validator==$VALIDATOR_VERSION"
 fi
 
 if [ -z "${TURBINE_BIN:-}" ]; then
@@ -66,8 +72,10 @@ done
 curl -sf "$base/health" >/dev/null || { cat "$work/server.log" >&2; echo "never healthy" >&2; exit 1; }
 
 status=0
-# First the walk through every route's success (scripts/openapi_walk.py), which made-up requests
-# rarely reach: a finished batch, a completed upload, a loaded adapter.
+# The document against OpenAPI 3.1's own schema, then the walk through the successes that
+# made-up requests rarely reach.
+curl -sf "$base/openapi.json" -o "$work/openapi.json"
+"$VENV/bin/openapi-spec-validator" "$work/openapi.json" || status=$?
 "$VENV/bin/python" scripts/openapi_walk.py --base-url "$base" --api-key sk-openapi \
     --lora tests/fixtures/reference/lora_kohya.safetensors || status=$?
 

@@ -89,7 +89,10 @@ pub fn document(app: &App) -> Value {
                 pixels = images.max_pixels,
                 steps = images.max_steps,
             ),
-            "license": { "name": "see the repository" },
+            "license": {
+                "name": env!("CARGO_PKG_LICENSE"),
+                "identifier": env!("CARGO_PKG_LICENSE"),
+            },
         },
         "tags": [
             { "name": "Images", "description": "OpenAI's image generations and edits" },
