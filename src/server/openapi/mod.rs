@@ -13,6 +13,7 @@ mod stored;
 
 use serde_json::{json, Map, Value};
 
+use super::config::RequestLimits;
 use super::validate::{MAX_SEED, QUALITY_STEPS};
 use super::App;
 use crate::server::config::MAX_N;
@@ -21,7 +22,7 @@ use crate::server::config::MAX_N;
 pub fn document(app: &App) -> Value {
     let config = &app.config;
     let mut paths = Map::new();
-    let images = ImageBounds::of(app);
+    let limits = &config.limits;
     paths.insert(
         "/v1/images/generations".into(),
         json!({ "post": generations_operation(None) }),
@@ -67,7 +68,7 @@ pub fn document(app: &App) -> Value {
     }
     paths.insert("/openapi.json".into(), json!({ "get": openapi() }));
 
-    let mut schemas = core_schemas(&images);
+    let mut schemas = core_schemas(limits, &config.model.id);
     schemas.extend(stored::schemas(config.files.max_file_bytes));
     let mut doc = json!({
         "openapi": "3.1.0",
@@ -84,10 +85,10 @@ pub fn document(app: &App) -> Value {
                  have OpenAI's shape. Every `/v1/...` route is also served under `/openai` \
                  (Azure OpenAI's v1 API), with the same key.",
                 model = config.model.id,
-                min = images.min_side,
-                max = images.max_side,
-                pixels = images.max_pixels,
-                steps = images.max_steps,
+                min = limits.min_side,
+                max = limits.max_side,
+                pixels = limits.max_pixels,
+                steps = limits.max_steps,
             ),
             "license": {
                 "name": env!("CARGO_PKG_LICENSE"),
@@ -153,34 +154,6 @@ pub fn document(app: &App) -> Value {
     doc
 }
 
-/// What the image routes' schemas bound, from the configuration.
-struct ImageBounds {
-    model: String,
-    min_side: u32,
-    max_side: u32,
-    max_pixels: u64,
-    default_size: (u32, u32),
-    max_prompt_chars: usize,
-    max_steps: u32,
-    max_guidance_scale: f64,
-}
-
-impl ImageBounds {
-    fn of(app: &App) -> Self {
-        let l = &app.config.limits;
-        ImageBounds {
-            model: app.config.model.id.clone(),
-            min_side: l.min_side,
-            max_side: l.max_side,
-            max_pixels: l.max_pixels,
-            default_size: l.default_size,
-            max_prompt_chars: l.max_prompt_chars,
-            max_steps: l.max_steps,
-            max_guidance_scale: l.max_guidance_scale,
-        }
-    }
-}
-
 /// `schema` that may also be `null` (not given).
 fn nullable(mut schema: Value) -> Value {
     match schema.get("type").cloned() {
@@ -194,9 +167,9 @@ fn nullable(mut schema: Value) -> Value {
     schema
 }
 
-/// The fields of a generation or an edit (`edit`), as JSON schemas; `form`: as multipart text
-/// fields, where nothing is `null`.
-fn image_fields(b: &ImageBounds, edit: bool, form: bool) -> Map<String, Value> {
+/// The fields of a generation or an edit (`edit`) under `b`'s bounds for the served `model`, as
+/// JSON schemas; `form`: as multipart text fields, where nothing is `null`.
+fn image_fields(b: &RequestLimits, model: &str, edit: bool, form: bool) -> Map<String, Value> {
     let qualities: Vec<&str> = QUALITY_STEPS.iter().map(|q| q.0).collect();
     let (dw, dh) = b.default_size;
     let mut fields = vec![
@@ -213,7 +186,7 @@ fn image_fields(b: &ImageBounds, edit: bool, form: bool) -> Map<String, Value> {
             json!({
                 "type": "string",
                 "description": format!("`{}`, one of its aliases (`GET /v1/models`) or an \
-                    adapter's name; anything else is a 404 `model_not_found`", b.model),
+                    adapter's name; anything else is a 404 `model_not_found`", model),
             }),
         ),
         (
@@ -355,16 +328,21 @@ fn closed_object(properties: Map<String, Value>, required: &[&str]) -> Value {
     })
 }
 
+/// A reference to the component schema `name`.
+fn schema_ref(name: &str) -> Value {
+    json!({ "$ref": format!("#/components/schemas/{name}") })
+}
+
 /// A response whose body is `schema` (a component's name) as JSON.
 fn json_response(description: &str, schema: &str) -> Value {
     json!({
         "description": description,
         "headers": { "x-request-id": { "$ref": "#/components/headers/x-request-id" } },
-        "content": { "application/json": { "schema": {
-            "$ref": format!("#/components/schemas/{schema}") } } },
+        "content": { "application/json": { "schema": schema_ref(schema) } },
     })
 }
 
+/// Every operation's answer besides its successes: OpenAI's error body.
 fn error_response() -> Value {
     json!({ "$ref": "#/components/responses/Error" })
 }
@@ -629,8 +607,8 @@ fn openapi() -> Value {
     })
 }
 
-/// The schemas of the image, model and health routes.
-fn core_schemas(b: &ImageBounds) -> Map<String, Value> {
+/// The schemas of the image, model and health routes, under `b`'s bounds for the served `model`.
+fn core_schemas(b: &RequestLimits, model: &str) -> Map<String, Value> {
     let mut s = Map::new();
     s.insert(
         "Error".into(),
@@ -652,7 +630,7 @@ fn core_schemas(b: &ImageBounds) -> Map<String, Value> {
     );
     s.insert(
         "CreateImageRequest".into(),
-        closed_object(image_fields(b, false, false), &["prompt"]),
+        closed_object(image_fields(b, model, false, false), &["prompt"]),
     );
     let reference = json!({
         "description": "An image: a base64 `data:` URL (no web URLs are fetched), or the id \
@@ -673,7 +651,7 @@ fn core_schemas(b: &ImageBounds) -> Map<String, Value> {
     });
     s.insert("ImageReference".into(), reference);
     let reference = json!({ "$ref": "#/components/schemas/ImageReference" });
-    let mut edit = image_fields(b, true, false);
+    let mut edit = image_fields(b, model, true, false);
     edit.insert(
         "images".into(),
         json!({ "type": "array", "items": reference, "minItems": 1, "maxItems": 1,
@@ -690,7 +668,7 @@ fn core_schemas(b: &ImageBounds) -> Map<String, Value> {
         closed_object(edit, &["prompt", "images"]),
     );
     let file = |description: &str| json!({ "type": "string", "format": "binary", "description": description });
-    let mut form = image_fields(b, true, true);
+    let mut form = image_fields(b, model, true, true);
     form.insert(
         "image".into(),
         file("One PNG, JPEG or WebP, at most 8192 pixels a side"),

@@ -8,6 +8,8 @@
 
 use serde_json::{json, Map, Value};
 
+use super::{error_response, json_response, path_parameter, schema_ref};
+
 use crate::server::files::http::{MAX_FILENAME_BYTES, UPLOAD_PURPOSES};
 use crate::server::files::{DEFAULT_TTL_SECS, MAX_TTL_SECS, MIN_TTL_SECS};
 use crate::server::uploads::{MAX_PART_BYTES, UPLOAD_TTL_SECS};
@@ -364,32 +366,14 @@ fn linked(mut op: Value, targets: &[&str]) -> Value {
     op
 }
 
-fn schema_ref(name: &str) -> Value {
-    json!({ "$ref": format!("#/components/schemas/{name}") })
-}
-
-fn error_response() -> Value {
-    json!({ "$ref": "#/components/responses/Error" })
-}
-
 /// The 200 whose body is the component `schema` as JSON, and the error shape for the rest.
 fn json_responses(description: &str, schema: &str) -> Value {
-    json!({
-        "200": {
-            "description": description,
-            "headers": { "x-request-id": { "$ref": "#/components/headers/x-request-id" } },
-            "content": { "application/json": { "schema": schema_ref(schema) } },
-        },
-        "default": error_response(),
-    })
+    json!({ "200": json_response(description, schema), "default": error_response() })
 }
 
 /// The path parameter `id`.
 fn id_parameter(description: &str) -> Value {
-    json!({
-        "name": "id", "in": "path", "required": true, "description": description,
-        "schema": { "type": "string" },
-    })
+    path_parameter("id", description)
 }
 
 fn query_parameter(name: &str, description: &str, schema: Value) -> Value {
