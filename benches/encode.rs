@@ -1,5 +1,5 @@
-//! `cpu/encode/{png,jpeg,webp,jpeg-80,webp-80}`: the server's own image encoder on one 512x512
-//! image; and
+//! `cpu/encode/{png,jpeg,webp,jpeg-80,webp-80,png-no-metadata}`: the server's own image encoder
+//! on one 512x512 image, with its default metadata but for the last; and
 //! `cpu/decode/...`: an edit's upload made ready for the pipeline (`EditFiles::init_image`: the
 //! decode, the EXIF turn, a markup's compositing, the resize to 512x512) from a 1024x1024 file.
 //!
@@ -11,6 +11,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use turbine::server::api::OutputFormat;
 use turbine::server::encode::encode;
+use turbine::server::provenance::{ImageFacts, ImageMetadata, Marks, SourceType};
 use turbine::server::upload::EditFiles;
 
 /// A deterministic photo-like 512x512 image. Compression cost depends on content (noise is the
@@ -47,19 +48,38 @@ fn encoders(c: &mut Criterion) {
     let img = test_image();
     let mut g = c.benchmark_group("cpu/encode");
     g.throughput(Throughput::Elements(1));
+    // The server's default metadata (`--image-metadata provenance`) in every file.
+    let facts = ImageFacts {
+        model: "sdxl-turbo",
+        adapter: None,
+        source: SourceType::TrainedAlgorithmicMedia,
+        prompt: "a photo of a red fox in the snow",
+        negative_prompt: "",
+        seed: 42,
+        steps: 1,
+        guidance_scale: 0.0,
+        width: 512,
+        height: 512,
+        strength: None,
+    };
+    let marks = Marks::new(ImageMetadata::Provenance, &facts);
     // At OpenAI's default output_compression (100): PNG, JPEG at quality 100, lossless WebP;
-    // then lossy WebP and JPEG at 80, what a client asks for to save bytes.
-    for (name, format, compression) in [
-        ("png", OutputFormat::Png, 100),
-        ("jpeg", OutputFormat::Jpeg, 100),
-        ("webp", OutputFormat::Webp, 100),
-        ("jpeg-80", OutputFormat::Jpeg, 80),
-        ("webp-80", OutputFormat::Webp, 80),
+    // then lossy WebP and JPEG at 80, what a client asks for to save bytes; and PNG without
+    // the metadata (`--image-metadata none`), what writing it costs.
+    for (name, format, compression, marks) in [
+        ("png", OutputFormat::Png, 100, marks.as_ref()),
+        ("jpeg", OutputFormat::Jpeg, 100, marks.as_ref()),
+        ("webp", OutputFormat::Webp, 100, marks.as_ref()),
+        ("jpeg-80", OutputFormat::Jpeg, 80, marks.as_ref()),
+        ("webp-80", OutputFormat::Webp, 80, marks.as_ref()),
+        ("png-no-metadata", OutputFormat::Png, 100, None),
     ] {
-        let bytes = encode(&img, format, compression).expect("encoding the test image");
+        let bytes = encode(&img, format, compression, marks).expect("encoding the test image");
         eprintln!("{name}: {} KiB", bytes.len() / 1024);
         g.bench_function(name, |b| {
-            b.iter(|| black_box(encode(black_box(&img), format, compression).expect("encode")))
+            b.iter(|| {
+                black_box(encode(black_box(&img), format, compression, marks).expect("encode"))
+            })
         });
     }
     g.finish();

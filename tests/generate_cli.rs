@@ -50,6 +50,71 @@ fn one_prompt_writes_the_png_and_prints_the_seed() {
     assert!(stdout.contains("seed=7"), "stdout: {stdout}");
 }
 
+/// The XMP packet in a PNG, as the `image` crate's decoder finds it.
+fn xmp(p: &Path) -> Option<String> {
+    use image::ImageDecoder;
+    let file = std::io::BufReader::new(std::fs::File::open(p).unwrap());
+    let mut decoder = image::codecs::png::PngDecoder::new(file).unwrap();
+    decoder
+        .xmp_metadata()
+        .unwrap()
+        .map(|x| String::from_utf8(x).unwrap())
+}
+
+/// The PNG says a model made it (IPTC's digital source type), and with `--image-metadata
+/// parameters` the prompt too; `none` writes no metadata, and the pixels are the same.
+#[test]
+fn the_png_says_a_model_made_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |level: Option<&str>, name: &str| {
+        let out = dir.path().join(name);
+        let mut args = vec![
+            "--model-dir",
+            tiny().to_str().unwrap(),
+            "--prompt",
+            "a cat",
+            "--size",
+            "64x40",
+            "--seed",
+            "7",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        if let Some(level) = level {
+            args.extend(["--image-metadata".to_string(), level.to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = turbine(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        out
+    };
+    let default = run(None, "default.png");
+    let xmp_default = xmp(&default).expect("XMP in the default PNG");
+    assert!(
+        xmp_default.contains(
+            "<Iptc4xmpExt:DigitalSourceType>http://cv.iptc.org/newscodes/digitalsourcetype/\
+             trainedAlgorithmicMedia</Iptc4xmpExt:DigitalSourceType>"
+        ),
+        "{xmp_default}"
+    );
+    assert!(!xmp_default.contains("a cat"), "{xmp_default}");
+    let parameters = run(Some("parameters"), "parameters.png");
+    let xmp_parameters = xmp(&parameters).unwrap();
+    assert!(
+        xmp_parameters
+            .contains("<Iptc4xmpExt:AIPromptInformation>a cat</Iptc4xmpExt:AIPromptInformation>"),
+        "{xmp_parameters}"
+    );
+    let none = run(Some("none"), "none.png");
+    assert_eq!(xmp(&none), None);
+    let pixels = |p: &Path| image::open(p).unwrap().to_rgb8();
+    assert_eq!(pixels(&default), pixels(&none));
+    assert_eq!(pixels(&parameters), pixels(&none));
+}
+
 /// `--preview-vae` (shared with `serve`) decodes previews, which `generate` does not make: it
 /// says so and neither needs nor loads the decoder (this model directory has no TAESD).
 #[test]

@@ -749,6 +749,25 @@ fn sagemaker_clients_reach_the_images_api() {
     assert_eq!(status, 400, "{v}");
 }
 
+/// The XMP packet in an image file, as the `image` crate's decoder for `format` reads it.
+fn xmp_of(bytes: &[u8], format: image::ImageFormat) -> String {
+    use image::ImageDecoder;
+    let cursor = std::io::Cursor::new(bytes);
+    let xmp = match format {
+        image::ImageFormat::Png => image::codecs::png::PngDecoder::new(cursor)
+            .unwrap()
+            .xmp_metadata(),
+        image::ImageFormat::Jpeg => image::codecs::jpeg::JpegDecoder::new(cursor)
+            .unwrap()
+            .xmp_metadata(),
+        image::ImageFormat::WebP => image::codecs::webp::WebPDecoder::new(cursor)
+            .unwrap()
+            .xmp_metadata(),
+        other => panic!("{other:?}"),
+    };
+    String::from_utf8(xmp.unwrap().expect("an XMP packet")).unwrap()
+}
+
 #[test]
 fn url_responses_serve_the_image_with_its_content_type() {
     let s = TestServer::start(test_config());
@@ -781,9 +800,21 @@ fn url_responses_serve_the_image_with_its_content_type() {
                 (64, 64)
             );
             if format == "webp" {
-                // output_compression 80: lossy WebP (a `VP8 ` chunk; lossless is `VP8L`).
-                assert_eq!(&bytes[12..16], b"VP8 ");
+                // output_compression 80: lossy WebP (a `VP8 ` chunk; lossless is `VP8L`),
+                // after the `VP8X` chunk the XMP needs.
+                assert_eq!(&bytes[12..16], b"VP8X");
+                assert_eq!(&bytes[30..34], b"VP8 ");
             }
+            // Each file says a model made it, and which (`--image-metadata provenance`, the
+            // default), as the image crate's decoder for its format reads it.
+            let xmp = xmp_of(&bytes, fmt);
+            for part in [
+                "digitalsourcetype/trainedAlgorithmicMedia</Iptc4xmpExt:DigitalSourceType>",
+                "<Iptc4xmpExt:AISystemUsed>sdxl-turbo</Iptc4xmpExt:AISystemUsed>",
+            ] {
+                assert!(xmp.contains(part), "{format}: {xmp}");
+            }
+            assert!(!xmp.contains("a lighthouse"), "no prompt by default: {xmp}");
         }
         assert_ne!(urls[0], urls[1]);
     }

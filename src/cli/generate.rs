@@ -11,6 +11,8 @@ use crate::hub::ModelArgs;
 use crate::model::pipeline::{
     edit_schedule, GenerationSettings, ImageRequest, InitImage, NoiseOverride,
 };
+use crate::server::api::OutputFormat;
+use crate::server::provenance::{ImageFacts, ImageMetadata, Marks, SourceType};
 use crate::server::upload;
 
 #[derive(Debug, clap::Args)]
@@ -69,6 +71,11 @@ pub struct Args {
     /// Output PNG path; with several prompts, `-0`, `-1`, ... go before the extension.
     #[arg(long)]
     pub out: PathBuf,
+    /// What each PNG states about itself, as `serve --image-metadata` (`provenance`: that a
+    /// generative model made it, and which; `parameters`: also the prompts, seed and
+    /// settings; `none`).
+    #[arg(long, env = "TURBINE_IMAGE_METADATA", value_enum, default_value_t)]
+    pub image_metadata: ImageMetadata,
 }
 
 /// Parses `WIDTHxHEIGHT`.
@@ -293,8 +300,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
         }
-        img.save_with_format(&path, image::ImageFormat::Png)
-            .with_context(|| format!("writing {}", path.display()))?;
+        let facts = ImageFacts {
+            model: &args.model.model,
+            adapter: None,
+            source: match &init_image {
+                Some(init) if init.mask().is_some() => {
+                    SourceType::CompositeWithTrainedAlgorithmicMedia
+                }
+                _ => SourceType::TrainedAlgorithmicMedia,
+            },
+            prompt: &item.prompt,
+            negative_prompt: &item.negative_prompt,
+            seed: item.seed,
+            steps: schedule_steps as u32,
+            guidance_scale: args.guidance,
+            width: width as u32,
+            height: height as u32,
+            strength: init_image.as_ref().map(|_| args.strength),
+        };
+        let marks = Marks::new(args.image_metadata, &facts);
+        let png = crate::server::encode::encode(img, OutputFormat::Png, 100, marks.as_ref())
+            .with_context(|| format!("encoding {}", path.display()))?;
+        std::fs::write(&path, png).with_context(|| format!("writing {}", path.display()))?;
         println!("{} seed={}", path.display(), item.seed);
     }
     Ok(())

@@ -375,6 +375,14 @@ pub struct LimitArgs {
     /// `b64_json` or `url` (every request).
     #[arg(long, env = "TURBINE_DEFAULT_RESPONSE_FORMAT", default_value = "auto")]
     pub default_response_format: String,
+    /// What each image file states about itself, as XMP metadata: `provenance` (that a
+    /// generative model made it, and which: IPTC's digital source type
+    /// `trainedAlgorithmicMedia`, the model's name, turbine's version; what image platforms
+    /// read to label AI images); `parameters` (that, plus the prompts, and in PNGs the
+    /// `parameters` text Stable Diffusion tools read back: prompt, seed, steps, guidance,
+    /// size); `none` (no metadata).
+    #[arg(long, env = "TURBINE_IMAGE_METADATA", value_enum, default_value_t)]
+    pub image_metadata: crate::server::provenance::ImageMetadata,
     /// Seconds an image behind a `url` response stays available (OpenAI: 60 minutes).
     #[arg(long, env = "TURBINE_IMAGE_URL_TTL_SECS", default_value_t = 3600)]
     pub image_url_ttl_secs: u64,
@@ -536,6 +544,7 @@ impl Args {
             warmup_batch_sizes: self.batching.warmup_batch_sizes,
             warmup_edits: self.batching.warmup_edits,
             warmup_image_sizes,
+            image_metadata: self.limits.image_metadata,
             runtime_lora_updating: self.devices.allow_runtime_lora_updating,
             max_lora_modules: self.devices.max_lora_modules,
             device_stall_timeout: self.batching.device_stall_timeout,

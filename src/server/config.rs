@@ -288,6 +288,8 @@ pub struct ServerConfig {
     /// `--max-lora-modules`: the most adapters held at once (each holds its own copy of the
     /// weights its LoRAs adapt), those still finishing their requests after an unload included.
     pub max_lora_modules: usize,
+    /// `--image-metadata`: what each image file states about itself.
+    pub image_metadata: super::provenance::ImageMetadata,
 }
 
 /// `--max-lora-modules`' default.
@@ -363,6 +365,7 @@ impl Default for ServerConfig {
             systemd_watchdog: None,
             runtime_lora_updating: false,
             max_lora_modules: DEFAULT_MAX_LORA_MODULES,
+            image_metadata: Default::default(),
         }
     }
 }

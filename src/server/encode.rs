@@ -12,11 +12,30 @@ use image::{ExtendedColorType, ImageEncoder, RgbImage};
 
 use super::api::OutputFormat;
 use super::error::InferError;
+use super::provenance::{self, Marks};
 
-/// Encodes one image. `compression` is OpenAI's `output_compression` (0–100, higher keeps more
-/// quality): the JPEG quality (0 is clamped to 1, the encoder's floor), and for WebP lossless
-/// at 100 (the default) or libwebp's lossy quality below it. PNG ignores it.
+/// Encodes one image, with `marks` in the file (`--image-metadata`). `compression` is OpenAI's
+/// `output_compression` (0–100, higher keeps more quality): the JPEG quality (0 is clamped to
+/// 1, the encoder's floor), and for WebP lossless at 100 (the default) or libwebp's lossy
+/// quality below it. PNG ignores it.
 pub fn encode(
+    image: &RgbImage,
+    format: OutputFormat,
+    compression: u8,
+    marks: Option<&Marks>,
+) -> Result<Vec<u8>, InferError> {
+    let bytes = encode_pixels(image, format, compression)?;
+    let Some(marks) = marks else {
+        return Ok(bytes);
+    };
+    let (w, h) = image.dimensions();
+    provenance::embed(bytes, format, w, h, marks).map_err(|e| InferError::Encode {
+        format: format.as_str(),
+        message: e.to_string(),
+    })
+}
+
+fn encode_pixels(
     image: &RgbImage,
     format: OutputFormat,
     compression: u8,
@@ -67,13 +86,14 @@ pub fn spawn_encode(
     image: RgbImage,
     format: OutputFormat,
     compression: u8,
+    marks: Option<Marks>,
     base64: bool,
 ) -> EncodeTask {
     EncodeTask {
         format,
         handle: tokio::task::spawn_blocking(move || {
             let start = Instant::now();
-            let bytes = encode(&image, format, compression)?;
+            let bytes = encode(&image, format, compression, marks.as_ref())?;
             let out = if base64 {
                 use base64::Engine as _;
                 Encoded::Base64(base64::engine::general_purpose::STANDARD.encode(&bytes))
@@ -117,7 +137,7 @@ mod tests {
             (OutputFormat::Png, image::ImageFormat::Png),
             (OutputFormat::Webp, image::ImageFormat::WebP),
         ] {
-            let bytes = encode(&img, format, 100).unwrap();
+            let bytes = encode(&img, format, 100, None).unwrap();
             assert_eq!(image::guess_format(&bytes).unwrap(), fmt);
             let back = image::load_from_memory(&bytes).unwrap().to_rgb8();
             assert_eq!(back, img, "{format:?}");
@@ -139,9 +159,9 @@ mod tests {
     #[test]
     fn webp_is_lossy_below_100_and_smaller_as_compression_drops() {
         let img = textured(128, 96);
-        let lossless = encode(&img, OutputFormat::Webp, 100).unwrap();
-        let high = encode(&img, OutputFormat::Webp, 90).unwrap();
-        let low = encode(&img, OutputFormat::Webp, 20).unwrap();
+        let lossless = encode(&img, OutputFormat::Webp, 100, None).unwrap();
+        let high = encode(&img, OutputFormat::Webp, 90, None).unwrap();
+        let low = encode(&img, OutputFormat::Webp, 20, None).unwrap();
         for bytes in [&lossless, &high, &low] {
             assert_eq!(
                 image::guess_format(bytes).unwrap(),
@@ -172,8 +192,8 @@ mod tests {
     #[test]
     fn jpeg_quality_follows_output_compression() {
         let img = gradient();
-        let best = encode(&img, OutputFormat::Jpeg, 100).unwrap();
-        let small = encode(&img, OutputFormat::Jpeg, 0).unwrap();
+        let best = encode(&img, OutputFormat::Jpeg, 100, None).unwrap();
+        let small = encode(&img, OutputFormat::Jpeg, 0, None).unwrap();
         assert_eq!(
             image::guess_format(&best).unwrap(),
             image::ImageFormat::Jpeg
@@ -191,7 +211,7 @@ mod tests {
     #[tokio::test]
     async fn encodes_on_the_blocking_pool_as_bytes_or_base64() {
         use base64::Engine as _;
-        let (out, _took) = spawn_encode(gradient(), OutputFormat::Png, 100, false)
+        let (out, _took) = spawn_encode(gradient(), OutputFormat::Png, 100, None, false)
             .finish()
             .await
             .unwrap();
@@ -202,7 +222,7 @@ mod tests {
             image::load_from_memory(&bytes).unwrap().to_rgb8(),
             gradient()
         );
-        let (out, _took) = spawn_encode(gradient(), OutputFormat::Png, 100, true)
+        let (out, _took) = spawn_encode(gradient(), OutputFormat::Png, 100, None, true)
             .finish()
             .await
             .unwrap();

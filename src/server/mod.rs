@@ -34,6 +34,7 @@ pub mod lora_updates;
 pub mod metrics;
 pub mod notify;
 pub mod openapi;
+pub mod provenance;
 pub mod queue;
 pub mod routes;
 pub mod stall;

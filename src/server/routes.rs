@@ -40,6 +40,7 @@ use super::files::http as files;
 use super::files::{unix_now, Owner};
 use super::inputs;
 use super::metrics::{DropReason, Stage};
+use super::provenance::{ImageFacts, ImageMetadata, Marks, SourceType};
 use super::queue::{Entry, RequestId};
 use super::store::{Lookup, StoredImage};
 use super::upload::{EditFiles, ImageSource};
@@ -1574,6 +1575,41 @@ struct Submitted {
     deadline: Instant,
 }
 
+/// What image `seed` of `req` states about itself in its file (`--image-metadata`).
+fn image_marks(app: &App, req: &ValidRequest, seed: u64) -> Option<Marks> {
+    let level = app.config.image_metadata;
+    if level == ImageMetadata::None {
+        return None;
+    }
+    let adapter = req
+        .adapter
+        .as_ref()
+        .and_then(|a| app.config.model.adapters.name_of(a.slot()));
+    let inpainted = req
+        .edit
+        .as_ref()
+        .and_then(|e| e.image.as_ref())
+        .is_some_and(|init| init.mask().is_some());
+    let facts = ImageFacts {
+        model: &app.config.model.id,
+        adapter: adapter.as_deref(),
+        source: if inpainted {
+            SourceType::CompositeWithTrainedAlgorithmicMedia
+        } else {
+            SourceType::TrainedAlgorithmicMedia
+        },
+        prompt: &req.prompt,
+        negative_prompt: &req.negative_prompt,
+        seed,
+        steps: req.edit.as_ref().map_or(req.steps, |e| e.schedule_steps),
+        guidance_scale: req.guidance_scale,
+        width: req.width,
+        height: req.height,
+        strength: req.edit.as_ref().map(|e| e.strength),
+    };
+    Marks::new(level, &facts)
+}
+
 /// Queues the request's `n` images (image i seeded `seed + i`).
 fn submit(
     app: &Arc<App>,
@@ -1675,6 +1711,7 @@ async fn generate(
                             image,
                             req.output_format,
                             req.output_compression,
+                            image_marks(app, req, seed + index as u64),
                             base64,
                         ));
                     }
@@ -1943,10 +1980,17 @@ impl ImageStream {
     ) -> Result<EventImage, (DropReason, ApiError)> {
         let failed = |e: ApiError| (DropReason::RequestFailed, e);
         let req = &self.req;
-        let (out, took) = spawn_encode(image, req.output_format, req.output_compression, true)
-            .finish()
-            .await
-            .map_err(|e| failed(e.into()))?;
+        let marks = image_marks(&self.app, req, self.seed + index as u64);
+        let (out, took) = spawn_encode(
+            image,
+            req.output_format,
+            req.output_compression,
+            marks,
+            true,
+        )
+        .finish()
+        .await
+        .map_err(|e| failed(e.into()))?;
         self.app.metrics.stage(Stage::ImageEncode, took);
         let Encoded::Base64(b64_json) = out else {
             return Err(failed(
