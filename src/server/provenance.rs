@@ -8,7 +8,7 @@
 //! Act's article 50(2) asks of a system that generates images: that its outputs are "marked in a
 //! machine-readable format and detectable as artificially generated". `parameters` adds what
 //! the request asked for: its prompts as IPTC's `AIPromptInformation`, and in PNGs the
-//! `parameters` text that Stable Diffusion tools (AUTOMATIC1111, Forge, ComfyUI's loaders,
+//! `parameters` text that Stable Diffusion tools (AUTOMATIC1111, Forge, ComfyUI,
 //! Civitai) read back into a prompt, seed and settings. `none` leaves the encoder's bytes alone.
 //!
 //! The packet goes where each format keeps XMP: a PNG's `iTXt` chunk `XML:com.adobe.xmp`, a
