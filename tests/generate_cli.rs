@@ -68,9 +68,10 @@ fn the_png_says_a_model_made_it() {
     let dir = tempfile::tempdir().unwrap();
     let run = |level: Option<&str>, name: &str| {
         let out = dir.path().join(name);
+        let (model, file) = (tiny(), out.to_str().unwrap().to_string());
         let mut args = vec![
             "--model-dir",
-            tiny().to_str().unwrap(),
+            model.to_str().unwrap(),
             "--prompt",
             "a cat",
             "--size",
@@ -78,15 +79,11 @@ fn the_png_says_a_model_made_it() {
             "--seed",
             "7",
             "--out",
-            out.to_str().unwrap(),
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect::<Vec<_>>();
+            &file,
+        ];
         if let Some(level) = level {
-            args.extend(["--image-metadata".to_string(), level.to_string()]);
+            args.extend(["--image-metadata", level]);
         }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let o = turbine(&args);
         assert!(o.status.success(), "{}", stderr(&o));
         out

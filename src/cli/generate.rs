@@ -303,12 +303,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let facts = ImageFacts {
             model: &args.model.model,
             adapter: None,
-            source: match &init_image {
-                Some(init) if init.mask().is_some() => {
-                    SourceType::CompositeWithTrainedAlgorithmicMedia
-                }
-                _ => SourceType::TrainedAlgorithmicMedia,
-            },
+            source: SourceType::of(init_image.as_ref()),
             prompt: &item.prompt,
             negative_prompt: &item.negative_prompt,
             seed: item.seed,

@@ -17,6 +17,7 @@
 //! request: the same seed gives the same file.
 
 use super::api::OutputFormat;
+use crate::model::pipeline::InitImage;
 
 /// `--image-metadata`: what each image file states about itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -45,6 +46,15 @@ pub enum SourceType {
 }
 
 impl SourceType {
+    /// An image made from `init` (an edit's input; `None`: a generation): a composite when a
+    /// mask keeps part of the input.
+    pub fn of(init: Option<&InitImage>) -> Self {
+        match init {
+            Some(init) if init.mask().is_some() => Self::CompositeWithTrainedAlgorithmicMedia,
+            _ => Self::TrainedAlgorithmicMedia,
+        }
+    }
+
     pub fn uri(self) -> &'static str {
         match self {
             Self::TrainedAlgorithmicMedia => {
@@ -211,7 +221,7 @@ fn sd_parameters(facts: &ImageFacts) -> String {
     let mut settings = vec![
         ("Steps", facts.steps.to_string()),
         ("Sampler", "Euler a".to_string()),
-        ("CFG scale", trim_float(facts.guidance_scale)),
+        ("CFG scale", facts.guidance_scale.to_string()),
         ("Seed", facts.seed.to_string()),
         ("Size", format!("{}x{}", facts.width, facts.height)),
         ("Model", facts.model.to_string()),
@@ -220,7 +230,7 @@ fn sd_parameters(facts: &ImageFacts) -> String {
         settings.push(("Lora", adapter.to_string()));
     }
     if let Some(strength) = facts.strength {
-        settings.push(("Denoising strength", trim_float(strength)));
+        settings.push(("Denoising strength", strength.to_string()));
     }
     settings.push(("Version", creator_tool()));
     out.push('\n');
@@ -230,11 +240,6 @@ fn sd_parameters(facts: &ImageFacts) -> String {
         .collect();
     out.push_str(&settings.join(", "));
     out
-}
-
-/// A number as its shortest text: `0`, `1.5`.
-fn trim_float(x: f64) -> String {
-    format!("{x}")
 }
 
 /// A setting's value as the tools' parser reads it back: as it is, unless a comma, colon,

@@ -1585,19 +1585,10 @@ fn image_marks(app: &App, req: &ValidRequest, seed: u64) -> Option<Marks> {
         .adapter
         .as_ref()
         .and_then(|a| app.config.model.adapters.name_of(a.slot()));
-    let inpainted = req
-        .edit
-        .as_ref()
-        .and_then(|e| e.image.as_ref())
-        .is_some_and(|init| init.mask().is_some());
     let facts = ImageFacts {
         model: &app.config.model.id,
         adapter: adapter.as_deref(),
-        source: if inpainted {
-            SourceType::CompositeWithTrainedAlgorithmicMedia
-        } else {
-            SourceType::TrainedAlgorithmicMedia
-        },
+        source: SourceType::of(req.edit.as_ref().and_then(|e| e.image.as_ref())),
         prompt: &req.prompt,
         negative_prompt: &req.negative_prompt,
         seed,
