@@ -12,8 +12,11 @@
 # Environment:
 #   EXIFTOOL_VERSION   the exiftool-vendored.pl version (default: the one this was written with)
 #   TURBINE_BIN        a prebuilt turbine binary (default: `cargo build`, target/debug/turbine)
+# `--install-only` installs ExifTool and stops (.ci/run fetches it while cargo compiles).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+INSTALL_ONLY=0
+[ "${1:-}" = "--install-only" ] && INSTALL_ONLY=1
 
 VERSION=${EXIFTOOL_VERSION:-13.59.3}
 DIR=target/exiftool
@@ -25,6 +28,7 @@ if [ "$(node -p "require('./$DIR/node_modules/exiftool-vendored.pl/package.json'
     npm install --silent --no-audit --no-fund --prefix "$DIR" "exiftool-vendored.pl@$VERSION"
 fi
 echo "ExifTool $(perl "$EXIFTOOL" -ver)"
+[ "$INSTALL_ONLY" = 0 ] || exit 0
 
 if [ -z "${TURBINE_BIN:-}" ]; then
     cargo build --quiet --bin turbine

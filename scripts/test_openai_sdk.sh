@@ -21,8 +21,11 @@
 #   AI_SDK_VERSION, AI_SDK_OPENAI_VERSION, AI_SDK_OPENAI_COMPATIBLE_VERSION
 #                            `ai`, `@ai-sdk/openai`, `@ai-sdk/openai-compatible` (likewise)
 #   TURBINE_BIN              a prebuilt turbine binary (default: `cargo build`, target/debug/turbine)
+# `--install-only` installs the SDKs and stops (.ci/run fetches them while cargo compiles).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+INSTALL_ONLY=0
+[ "${1:-}" = "--install-only" ] && INSTALL_ONLY=1
 
 VENV=target/openai-venv
 SDK_VERSION=${OPENAI_SDK_VERSION:-3.57.0}
@@ -68,6 +71,7 @@ if [ "$installed_ai_sdk" != "$AI_SDK_PACKAGES" ]; then
     # shellcheck disable=SC2086 # four package specs
     npm install --prefix "$AI_SDK_DIR" --no-audit --no-fund --loglevel=error $AI_SDK_PACKAGES
 fi
+[ "$INSTALL_ONLY" = 0 ] || exit 0
 
 if [ -z "${TURBINE_BIN:-}" ]; then
     cargo build --quiet --bin turbine

@@ -22,8 +22,12 @@
 #   OPENAPI_SEED            schemathesis' seed (default: a fresh one, printed, to replay a failure)
 #   OPENAPI_MAX_EXAMPLES    fuzzing cases per operation (default 25)
 #   TURBINE_BIN             a prebuilt turbine binary (default: `cargo build`, target/debug/turbine)
+# `--install-only` installs schemathesis and the validator and stops (.ci/run fetches them while
+# cargo compiles).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+INSTALL_ONLY=0
+[ "${1:-}" = "--install-only" ] && INSTALL_ONLY=1
 
 VENV=target/openapi-venv
 VERSION=${SCHEMATHESIS_VERSION:-4.32.5}
@@ -39,6 +43,7 @@ sys.exit((m.version('schemathesis'), m.version('openapi-spec-validator'))
     "$VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$VERSION" \
         "openapi-spec-validator==$VALIDATOR_VERSION"
 fi
+[ "$INSTALL_ONLY" = 0 ] || exit 0
 
 if [ -z "${TURBINE_BIN:-}" ]; then
     cargo build --quiet --bin turbine
