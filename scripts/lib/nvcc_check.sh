@@ -13,15 +13,10 @@
 set -euo pipefail
 real=${TURBINE_REAL_NVCC:?set TURBINE_REAL_NVCC to the real nvcc}
 object=0
-for arg in "$@"; do
-  [ "$arg" = -c ] && object=1
-done
-if [ "$object" = 0 ]; then
-  exec "$real" "$@"
-fi
 args=()
 for arg in "$@"; do
   case $arg in
+    -c) object=1 ;;
     # -gencode=arch=compute_90a,code=sm_90a -> code=compute_90a: PTX in the object, no ptxas.
     -gencode=arch=*,code=*)
       arch=${arg#-gencode=arch=}
@@ -31,4 +26,7 @@ for arg in "$@"; do
   esac
   args+=("$arg")
 done
+if [ "$object" = 0 ]; then
+  exec "$real" "$@"
+fi
 exec "$real" "${args[@]}" -Xcicc -O0
