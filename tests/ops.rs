@@ -1266,6 +1266,59 @@ fn conv2d_in_sub_batches_matches_cpu_reference() {
     }
 }
 
+/// The bound on cuDNN plans (`ops::MAX_CONV_PLANS`, here 2): a third shape drops the least
+/// recently used plan; that shape, run again, is planned again and still matches the CPU
+/// reference, and a shape still held is not planned again.
+#[test]
+fn conv2d_plans_over_the_limit_drop_the_least_recently_used() {
+    let mut rng = rng("conv2d plan limit");
+    let Some(dev) = devices("conv2d plan limit")
+        .into_iter()
+        .find(|d| d.is_cuda())
+    else {
+        return;
+    };
+    let cases = &CONV_CASES[..3];
+    let inputs: Vec<_> = cases.iter().map(|c| conv_inputs(&mut rng, c)).collect();
+    let tol = cuda_conv_tolerance(DType::BF16);
+    let run = |i: usize, label: &str| {
+        check_conv(&dev, &inputs[i], &cases[i], DType::BF16, false, tol, label)
+    };
+    ops::with_conv_plan_limit(2, || {
+        run(0, "plan limit: 0");
+        run(1, "plan limit: 1");
+        // 0 is the least recently used: dropped for 2.
+        run(2, "plan limit: 2");
+        // 0 again: planned again, which drops 1; then 2, still held.
+        run(0, "plan limit: 0 again");
+        run(2, "plan limit: 2 again");
+    });
+    let plans = ops::conv_plans();
+    for p in &plans {
+        let _ = writeln!(std::io::stderr(), "conv2d plan: {p}");
+    }
+    let shape = |i: usize| {
+        let c = &cases[i];
+        format!("BF16 NCHW x[n={} c={} h={} w={}]", c.n, c.c, c.h, c.w)
+    };
+    let built: Vec<&String> = plans
+        .iter()
+        .filter(|p| !ops::is_conv_plan_followup(p))
+        .collect();
+    assert_eq!(built.len(), 4, "plans built: {built:?}");
+    for (p, i) in built.iter().zip([0, 1, 2, 0]) {
+        assert!(p.starts_with(&shape(i)), "plan of case {i}: {p}");
+    }
+    let dropped: Vec<&String> = plans
+        .iter()
+        .filter(|p| p.contains(ops::CONV_PLAN_EVICTED))
+        .collect();
+    assert_eq!(dropped.len(), 2, "plans dropped: {dropped:?}");
+    for (p, i) in dropped.iter().zip([0, 1]) {
+        assert!(p.starts_with(&shape(i)), "dropped plan of case {i}: {p}");
+    }
+}
+
 fn conv2d_cuda_legacy(mut rng: rand::rngs::StdRng, dev: Device) {
     let modes = [
         ops::ConvEpilogue::Measure,

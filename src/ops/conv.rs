@@ -27,6 +27,7 @@ use super::select::with_thread_value;
 
 #[cfg(feature = "cudnn")]
 mod cudnn;
+mod plan_cache;
 
 /// How a convolution is laid out and strided. Dilation is 1 and groups 1 everywhere in SDXL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -77,8 +78,9 @@ fn conv_epilogue() -> ConvEpilogue {
 }
 
 /// One line per cuDNN plan this thread has built (shape, algorithm, epilogue, measured times,
-/// or [`CONV_FALLBACK`] and why for a shape cuDNN could not plan), for tests and benchmarks to
-/// print; empty without the `cudnn` feature.
+/// or [`CONV_FALLBACK`] and why for a shape cuDNN could not plan) and follow-up lines
+/// ([`is_conv_plan_followup`]), the newest `2 * MAX_CONV_PLANS` of them, for tests and
+/// benchmarks to print; empty without the `cudnn` feature.
 pub fn conv_plans() -> Vec<String> {
     #[cfg(feature = "cudnn")]
     {
@@ -107,13 +109,52 @@ pub const CONV_GRAPH_FAILED_LATER: &str = "legacy from now on";
 /// each sub-batch has a plan line of its own.
 pub const CONV_SUB_BATCHES: &str = "in sub-batches of";
 
+/// Marks a [`conv_plans`] line of a plan dropped to keep the plans of a device within
+/// [`MAX_CONV_PLANS`] (the least recently used goes): its shape plans again if it comes back.
+pub const CONV_PLAN_EVICTED: &str = "plan dropped, least recently used";
+
 /// Whether a [`conv_plans`] line is not a plan of its own: a second line about a plan already
-/// listed (its first call failed, or its graph plan failed later), or a batch shape's split into
-/// sub-batches ([`CONV_SUB_BATCHES`]).
+/// listed (its first call failed, or its graph plan failed later, or it was dropped), or a batch
+/// shape's split into sub-batches ([`CONV_SUB_BATCHES`]).
 pub fn is_conv_plan_followup(line: &str) -> bool {
     line.contains(CONV_FIRST_CALL_FAILED)
         || line.contains(CONV_GRAPH_FAILED_LATER)
         || line.contains(CONV_SUB_BATCHES)
+        || line.contains(CONV_PLAN_EVICTED)
+}
+
+/// The most cuDNN plans a device's worker keeps (and as many sub-batch decisions): one plan per
+/// convolution shape, and SDXL-Turbo has about 44 shapes per (image size, batch size) (the H200
+/// run's 222 plans for five batch sizes at 512x512), so a server that sees every batch size up to
+/// 32 at one image size holds about 1400, and 4096 covers that at three sizes. Without a bound a
+/// client that walks through image sizes (any multiple of 8 within the limits) grows the plans,
+/// their cuDNN descriptors and graph-API execution plans, for as long as the server runs. Over
+/// the bound the least recently used plan is dropped ([`CONV_PLAN_EVICTED`]); its shape pays the
+/// algorithm search again if it returns. PyTorch bounds its cuDNN execution-plan cache the same
+/// way (`TORCH_CUDNN_V8_API_LRU_CACHE_LIMIT`, 10000).
+pub const MAX_CONV_PLANS: usize = 4096;
+
+/// Lines kept for [`conv_plans`] per device and thread, the oldest dropped first: a plan line
+/// and a follow-up for each of [`MAX_CONV_PLANS`].
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+const MAX_CONV_PLAN_LINES: usize = 2 * MAX_CONV_PLANS;
+
+thread_local! {
+    static PLAN_LIMIT: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with this thread's bound on cuDNN plans set to `plans` (restored afterwards, also on
+/// panic) instead of [`MAX_CONV_PLANS`], so that tests reach eviction with a few shapes. Without
+/// the `cudnn` feature there are no plans and this changes nothing.
+pub fn with_conv_plan_limit<R>(plans: usize, f: impl FnOnce() -> R) -> R {
+    with_thread_value(&PLAN_LIMIT, Some(plans), f)
+}
+
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+fn conv_plan_limit() -> usize {
+    PLAN_LIMIT
+        .with(std::cell::Cell::get)
+        .unwrap_or(MAX_CONV_PLANS)
 }
 
 thread_local! {

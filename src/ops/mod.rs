@@ -47,8 +47,9 @@ pub use attention::{
 pub use bias_residual::{bias_residual, BiasResidualOp};
 pub use conv::{
     conv2d, conv2d_composed, conv_plans, is_conv_plan_followup, with_conv_epilogue,
-    with_conv_sub_batch_cap, ConvEpilogue, ConvParams, CONV_FALLBACK, CONV_FIRST_CALL_FAILED,
-    CONV_GRAPH_FAILED_LATER, CONV_SUB_BATCHES,
+    with_conv_plan_limit, with_conv_sub_batch_cap, ConvEpilogue, ConvParams, CONV_FALLBACK,
+    CONV_FIRST_CALL_FAILED, CONV_GRAPH_FAILED_LATER, CONV_PLAN_EVICTED, CONV_SUB_BATCHES,
+    MAX_CONV_PLANS,
 };
 pub use flash::{flash_attention, flash_launches, FlashAttentionOp, FLASH_HEAD_DIM};
 pub use geglu::{geglu, geglu_bias, GegluBiasOp, GegluOp};

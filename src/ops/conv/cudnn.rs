@@ -72,11 +72,11 @@
 
 use std::cell::RefCell;
 use std::collections::hash_map::Entry;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
+use candle_core::backend::{BackendDevice, BackendStorage};
 use candle_core::cuda_backend::cudarc::cudnn::{result as dnn, sys, CudnnError};
 use candle_core::cuda_backend::cudarc::driver::result::memset_d8_async;
 use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
@@ -88,10 +88,12 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{bail, CudaStorage, DType, Layout, Result, Storage, Tensor, WithDType};
 
+use super::plan_cache::PlanCache;
 use super::{
-    aligned, conv_epilogue, disagreement, probe_ranges, sub_batch, sub_batch_cap, sub_batches,
-    ConvEpilogue, ConvParams, Geometry, CONV_FALLBACK as FALLBACK, CONV_FIRST_CALL_FAILED,
-    CONV_GRAPH_FAILED_LATER, CONV_SUB_BATCHES,
+    aligned, conv_epilogue, conv_plan_limit, disagreement, probe_ranges, sub_batch, sub_batch_cap,
+    sub_batches, ConvEpilogue, ConvParams, Geometry, CONV_FALLBACK as FALLBACK,
+    CONV_FIRST_CALL_FAILED, CONV_GRAPH_FAILED_LATER, CONV_PLAN_EVICTED, CONV_SUB_BATCHES,
+    MAX_CONV_PLAN_LINES,
 };
 use crate::ops::cuda::{contiguous_view, to_i32, to_u32};
 use crate::ops::select::{enabled, Kernels};
@@ -429,12 +431,14 @@ struct PlanKey {
 /// One device's cuDNN state on this thread. Fields drop in declaration order: the plans (whose
 /// graph-API execution plans were built on the handle) before the handle.
 struct DeviceState {
-    /// `None`: cuDNN could not plan the shape; it runs candle's ops.
-    plans: HashMap<PlanKey, Option<Plan>>,
+    /// `None`: cuDNN could not plan the shape; it runs candle's ops. At most
+    /// [`conv_plan_limit`] plans, the least recently used dropped first.
+    plans: PlanCache<PlanKey, Option<Plan>>,
     /// Images per call of a batch shape, for the sub-batch cap it was decided under
-    /// ([`DeviceState::sub_batch`]).
-    splits: HashMap<(PlanKey, usize), usize>,
-    summaries: Vec<String>,
+    /// ([`DeviceState::sub_batch`]); bounded as the plans are.
+    splits: PlanCache<(PlanKey, usize), usize>,
+    /// The [`plan_summaries`] lines, at most [`MAX_CONV_PLAN_LINES`] (the oldest dropped).
+    summaries: Summaries,
     /// Grows to the largest workspace any plan needs; never shrinks.
     workspace: Option<CudaSlice<u8>>,
     handle: Handle,
@@ -442,6 +446,23 @@ struct DeviceState {
 
 thread_local! {
     static STATE: RefCell<HashMap<DeviceId, DeviceState>> = RefCell::new(HashMap::new());
+}
+
+/// Plan summary lines, the newest [`MAX_CONV_PLAN_LINES`] of them.
+#[derive(Default)]
+struct Summaries(VecDeque<String>);
+
+impl Summaries {
+    fn push(&mut self, line: String) {
+        if self.0.len() >= MAX_CONV_PLAN_LINES {
+            self.0.pop_front();
+        }
+        self.0.push_back(line);
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &String> {
+        self.0.iter()
+    }
 }
 
 pub(super) fn plan_summaries() -> Vec<String> {
@@ -566,9 +587,9 @@ fn run<T: CudaDType + DeviceRepr + WithDType>(
             Entry::Vacant(e) => e.insert(DeviceState {
                 handle: Handle::new(&stream)?,
                 workspace: None,
-                plans: HashMap::new(),
-                splits: HashMap::new(),
-                summaries: Vec::new(),
+                plans: PlanCache::new(),
+                splits: PlanCache::new(),
+                summaries: Summaries::default(),
             }),
         };
         let per_call = st.sub_batch(&key);
@@ -618,29 +639,39 @@ impl DeviceState {
         if n <= 1 {
             return n;
         }
-        *self.splits.entry((*key, cap)).or_insert_with(|| {
-            let bytes = match precomp_gemm_workspace(&self.handle, key) {
-                Ok(b) => b,
-                // Nothing to go by: the plan decides for the whole batch, as without a split.
-                Err(e) => {
-                    tracing::debug!("conv2d: {}: no workspace query: {e}", describe(key));
-                    return n;
-                }
-            };
-            let per_call = sub_batch(n, bytes, cap);
-            if per_call < n {
-                let summary = format!(
-                    "{}: {CONV_SUB_BATCHES} {per_call} (implicit precomputed GEMM asks {} KiB \
-                     of workspace for {n} images, the cap is {} KiB)",
-                    describe(key),
-                    bytes >> 10,
-                    cap >> 10
-                );
-                tracing::debug!("conv2d plan: {summary}");
-                self.summaries.push(summary);
+        if let Some(per_call) = self.splits.get_mut(&(*key, cap)) {
+            return *per_call;
+        }
+        let per_call = self.decide_sub_batch(key, cap);
+        // A dropped decision is made again (a workspace query) if its shape returns.
+        self.splits.insert((*key, cap), per_call, conv_plan_limit());
+        per_call
+    }
+
+    /// [`DeviceState::sub_batch`]'s decision for a shape it has not seen under `cap`.
+    fn decide_sub_batch(&mut self, key: &PlanKey, cap: usize) -> usize {
+        let n = key.geometry.n;
+        let bytes = match precomp_gemm_workspace(&self.handle, key) {
+            Ok(b) => b,
+            // Nothing to go by: the plan decides for the whole batch, as without a split.
+            Err(e) => {
+                tracing::debug!("conv2d: {}: no workspace query: {e}", describe(key));
+                return n;
             }
-            per_call
-        })
+        };
+        let per_call = sub_batch(n, bytes, cap);
+        if per_call < n {
+            let summary = format!(
+                "{}: {CONV_SUB_BATCHES} {per_call} (implicit precomputed GEMM asks {} KiB of \
+                 workspace for {n} images, the cap is {} KiB)",
+                describe(key),
+                bytes >> 10,
+                cap >> 10
+            );
+            tracing::debug!("conv2d plan: {summary}");
+            self.summaries.push(summary);
+        }
+        per_call
     }
 }
 
@@ -710,45 +741,60 @@ fn call<T: CudaDType + DeviceRepr + WithDType>(
     } = st;
     let (g, params) = (&key.geometry, key.params);
     let stream = dev.cuda_stream();
-    // Whether this call built the plan (its first call is the one below).
-    let mut fresh = false;
-    let plan = match plans.entry(key) {
-        Entry::Occupied(e) => e.into_mut(),
-        Entry::Vacant(e) => {
-            fresh = true;
-            let planned = Descriptors::new(T::DTYPE, g, &params).and_then(|desc| {
-                let (choice, graph, note) = choose(dev, handle, &desc, &key, ops, y, workspace)?;
-                Ok(Plan {
-                    desc,
-                    choice,
-                    graph,
-                    note,
-                })
-            });
-            let plan = match planned {
-                // Out of memory says nothing about the shape: no verdict is kept, the batch
-                // fails (the server runs it again in smaller parts) and the next call of this
-                // shape plans again.
-                Err(err) if crate::device::is_out_of_memory(&err.to_string()) => {
-                    return Err(err);
-                }
-                Ok(plan) => {
-                    let summary = format!("{}: {}", describe(&key), plan.describe());
-                    tracing::debug!("conv2d plan: {summary}");
-                    summaries.push(summary);
-                    Some(plan)
-                }
-                Err(err) => {
-                    let summary = format!("{}: {FALLBACK}: {err}", describe(&key));
-                    tracing::warn!("conv2d plan: {summary}");
-                    summaries.push(summary);
-                    None
-                }
-            };
-            e.insert(plan)
+    // Whether this call builds the plan (its first call is the one below).
+    let fresh = !plans.contains(&key);
+    let plan = if !fresh {
+        plans.get_mut(&key)
+    } else {
+        let planned = Descriptors::new(T::DTYPE, g, &params).and_then(|desc| {
+            let (choice, graph, note) = choose(dev, handle, &desc, &key, ops, y, workspace)?;
+            Ok(Plan {
+                desc,
+                choice,
+                graph,
+                note,
+            })
+        });
+        let plan = match planned {
+            // Out of memory says nothing about the shape: no verdict is kept, the batch
+            // fails (the server runs it again in smaller parts) and the next call of this
+            // shape plans again.
+            Err(err) if crate::device::is_out_of_memory(&err.to_string()) => {
+                return Err(err);
+            }
+            Ok(plan) => {
+                let summary = format!("{}: {}", describe(&key), plan.describe());
+                tracing::debug!("conv2d plan: {summary}");
+                summaries.push(summary);
+                Some(plan)
+            }
+            Err(err) => {
+                let summary = format!("{}: {FALLBACK}: {err}", describe(&key));
+                tracing::warn!("conv2d plan: {summary}");
+                summaries.push(summary);
+                None
+            }
+        };
+        let limit = conv_plan_limit();
+        let first_eviction = plans.evicted() == 0;
+        let (plan, dropped) = plans.insert(key, plan, limit);
+        if first_eviction && !dropped.is_empty() {
+            tracing::info!(
+                "conv2d: {limit} cuDNN plans held on {:?}; from now on the least recently \
+                 used is dropped for each new shape (a shape that returns is planned again)",
+                dev.location()
+            );
         }
+        for old in dropped {
+            let summary = format!("{}: {CONV_PLAN_EVICTED} (limit {limit})", describe(&old));
+            tracing::debug!("conv2d plan: {summary}");
+            summaries.push(summary);
+        }
+        Some(plan)
     };
-    let Some(plan) = plan else {
+    // The outer `None` cannot happen (the key was found, or just inserted, and an insertion
+    // keeps its own entry); the inner one is a shape cuDNN could not plan.
+    let Some(Some(plan)) = plan else {
         return Ok(false);
     };
     if let Some(gp) = &plan.graph {
@@ -796,7 +842,7 @@ fn call<T: CudaDType + DeviceRepr + WithDType>(
             );
             tracing::warn!("conv2d plan: {summary}");
             summaries.push(summary);
-            plans.insert(key, None);
+            plans.insert(key, None, conv_plan_limit());
             Ok(false)
         }
         Err(err) => Err(err),
