@@ -507,11 +507,16 @@ def conv_plan_summary(plans):
     weighed graph-API engines (the conv-graph lever), how many run one; None without plans."""
     if not plans:
         return None
-    # Lines about a plan already listed: a graph plan that failed later, or a plan whose first
-    # call failed (src/ops/conv.rs CONV_GRAPH_FAILED_LATER, CONV_FIRST_CALL_FAILED).
+    # Lines that are not a plan of their own (src/ops/conv.rs is_conv_plan_followup): a graph
+    # plan that failed later, a plan whose first call failed, a batch shape run in sub-batches
+    # (each has its own plan line), a plan dropped over MAX_CONV_PLANS (CONV_GRAPH_FAILED_LATER,
+    # CONV_FIRST_CALL_FAILED, CONV_SUB_BATCHES, CONV_PLAN_EVICTED).
     later = [p for p in plans if "legacy from now on" in p]
     first = [p for p in plans if "the plan's first call failed" in p]
-    built = [p for p in plans if p not in later and p not in first]
+    split = [p for p in plans if "in sub-batches of" in p]
+    dropped = [p for p in plans if "plan dropped, least recently used" in p]
+    followups = later + first + split + dropped
+    built = [p for p in plans if p not in followups]
     weighed = [p for p in built if " graph=true" in p and "mode=Measure" in p]
     won = sum(": Graph engine" in p for p in weighed)
     line = (f"cuDNN plans: {len(built)} built; graph-API engines weighed for {len(weighed)}, "
@@ -520,6 +525,10 @@ def conv_plan_summary(plans):
         line += f"; {len(later)} graph plan(s) failed after being chosen (legacy from then on)"
     if first:
         line += f"; {len(first)} plan(s) failed at their first call (candle's ops from then on)"
+    if split:
+        line += f"; {len(split)} batch shape(s) run in sub-batches"
+    if dropped:
+        line += f"; {len(dropped)} plan(s) dropped over the limit of plans held"
     return line + " (every plan line is in gpu_check.json, turbine.conv_plans)"
 
 

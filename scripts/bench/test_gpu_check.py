@@ -60,6 +60,15 @@ class ConvPlans(unittest.TestCase):
         self.assertTrue(line.startswith("cuDNN plans: 3 built; graph-API engines weighed for 2, faster than "
                                         "the legacy algorithm (so chosen) for 1; 1 graph plan(s) failed"), line)
         self.assertIn("; 1 plan(s) failed at their first call (candle's ops from then on)", line)
+        self.assertNotIn("sub-batches", line)
+        self.assertNotIn("dropped", line)
+        plans += [
+            f"{key} mode=Measure graph=true: in sub-batches of 4 (implicit precomputed GEMM asks ...)",
+            f"{key} mode=Measure graph=false: plan dropped, least recently used (limit 4096)",
+        ]
+        line = g.conv_plan_summary(plans)
+        self.assertTrue(line.startswith("cuDNN plans: 3 built;"), line)
+        self.assertIn("; 1 batch shape(s) run in sub-batches; 1 plan(s) dropped over the limit", line)
 
 
 class Levers(unittest.TestCase):
