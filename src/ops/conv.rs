@@ -126,7 +126,7 @@ pub fn is_conv_plan_followup(line: &str) -> bool {
 /// The most cuDNN plans a device's worker keeps (and as many sub-batch decisions): one plan per
 /// convolution shape, and SDXL-Turbo has about 44 shapes per (image size, batch size) (the H200
 /// run's 222 plans for five batch sizes at 512x512), so a server that sees every batch size up to
-/// 32 at one image size holds about 1400, and 4096 covers that at three sizes. Without a bound a
+/// 32 at one image size holds about 1400, and 4096 is nearly three times that. Without a bound a
 /// client that walks through image sizes (any multiple of 8 within the limits) grows the plans,
 /// their cuDNN descriptors and graph-API execution plans, for as long as the server runs. Over
 /// the bound the least recently used plan is dropped ([`CONV_PLAN_EVICTED`]); its shape pays the
